@@ -1,0 +1,22 @@
+//! Baton's MQTT contract: topic names, message types and the postcard codec.
+//!
+//! This crate is the only code the agent and the controller share. It does no
+//! I/O and knows nothing of tokio or MQTT client libraries: it turns typed
+//! messages into bytes and bytes (from anyone, possibly hostile) into typed
+//! messages or a typed error. See `README.md` beside this crate for the contract.
+
+pub mod codec;
+pub mod message;
+pub mod samples;
+pub mod spec;
+pub mod topic;
+
+pub use codec::{decode, encode, DecodeError, Envelope, MessageKind};
+pub use message::*;
+pub use topic::{DeviceId, InvalidDeviceId, TopicKind};
+
+/// Major version: bumped only for changes old peers cannot read. It is also in
+/// the topic root (`baton/v1/`), so a v2 fleet can share a broker with v1.
+pub const PROTOCOL_MAJOR: u8 = 1;
+/// Minor version: bumped when fields are appended (see `codec` for the rule).
+pub const PROTOCOL_MINOR: u8 = 0;

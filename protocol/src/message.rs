@@ -1,0 +1,189 @@
+//! The messages carried on each topic. Field order is part of the wire format:
+//! see `codec` for how fields may be added without breaking older peers.
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::WorkloadSpec;
+
+/// `presence`: retained; the broker publishes the agent's Last Will
+/// (`state: Offline`) when its connection dies.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub state: PresenceState,
+    pub agent_version: String,
+    /// `/proc/sys/kernel/random/boot_id`: tells a reboot from a reconnect.
+    pub boot_id: String,
+    /// Unix seconds when this agent process started (0 in the Last Will).
+    pub started_at: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceState {
+    Offline,
+    Online,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CgroupVersion {
+    #[default]
+    Unknown,
+    V1,
+    Hybrid,
+    V2,
+}
+
+/// `inventory`: retained; what the device is. Republished on every connect.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Inventory {
+    pub agent_version: String,
+    /// Rust target-arch name (`aarch64`, `arm`, `x86_64`).
+    pub arch: String,
+    /// OCI platform variant where it matters (`v7` for 32-bit ARM), else empty.
+    pub arch_variant: String,
+    /// `PRETTY_NAME` from /etc/os-release.
+    pub os: String,
+    pub kernel: String,
+    pub hostname: String,
+    pub cpus: u16,
+    pub memory_bytes: u64,
+    /// Size and free space of the filesystem holding the agent's data dir.
+    pub disk_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub cgroup: CgroupVersion,
+    /// Labels from the agent's config, sorted by key.
+    pub labels: Vec<(String, String)>,
+    /// Non-loopback IP addresses, for service discovery.
+    pub addresses: Vec<String>,
+}
+
+/// `heartbeat`: QoS 0, every `heartbeat_interval`. Kept small: it is most of
+/// the fleet's steady-state traffic (target ≤ 64 bytes encoded).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Heartbeat {
+    pub seq: u32,
+    pub uptime_s: u32,
+    /// 1-minute load average × 100.
+    pub load1_centi: u32,
+    pub mem_used_kib: u64,
+    pub mem_total_kib: u64,
+    pub disk_free_mib: u64,
+    /// CPU temperature in milli-°C, where the device has a thermal zone.
+    pub temp_milli_c: Option<i32>,
+    pub applied_generation: u64,
+}
+
+/// `report`: observed state of every workload, sent when it changes.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Report {
+    /// The desired generation the agent has applied.
+    pub generation: u64,
+    pub workloads: Vec<WorkloadStatus>,
+    /// Set when a desired document was refused (bad signature, bad spec…).
+    pub refused: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct WorkloadStatus {
+    pub name: String,
+    pub revision: u64,
+    pub phase: Phase,
+    pub health: Health,
+    pub restarts: u32,
+    pub last_exit_code: Option<i32>,
+    pub last_error: Option<String>,
+    pub cpu_usage_ns: u64,
+    pub memory_bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    #[default]
+    Pending,
+    Pulling,
+    Starting,
+    Running,
+    BackingOff,
+    Exited,
+    Failed,
+    RolledBack,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Health {
+    #[default]
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+/// `desired`: retained; the whole truth for one device, never a delta.
+/// Agents ignore a generation lower than the one they applied.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Desired {
+    pub generation: u64,
+    pub workloads: Vec<WorkloadSpec>,
+}
+
+/// `cmd`: a request to one device, answered on `cmd/res` with the same id.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// Correlation id chosen by the controller, unique per device.
+    pub id: u64,
+    /// Unix milliseconds after which the agent drops the request unanswered.
+    pub deadline_ms: u64,
+    pub action: CommandAction,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum CommandAction {
+    Logs {
+        workload: String,
+        tail: u32,
+        follow: bool,
+    },
+    Exec {
+        workload: String,
+        argv: Vec<String>,
+    },
+    Restart {
+        workload: String,
+    },
+    Diagnostics,
+    /// Ends a `follow` stream early.
+    Cancel {
+        id: u64,
+    },
+}
+
+/// `cmd/res`: one response message; a request may get several (`seq` orders them).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CommandResult {
+    pub id: u64,
+    pub seq: u32,
+    pub body: CommandOutput,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum CommandOutput {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// Final message of an exec: the exit code.
+    Exit(i32),
+    /// Final message of a successful request with no exit code.
+    Done,
+    /// Final message of a failed request.
+    Error(String),
+    Text(String),
+}
+
+/// Every message of the contract, tagged by kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Presence(Presence),
+    Inventory(Inventory),
+    Heartbeat(Heartbeat),
+    Report(Report),
+    Desired(Desired),
+    Command(Command),
+    CommandResult(CommandResult),
+}

@@ -1,0 +1,173 @@
+//! One realistic message of every kind. Fixtures, tests and the size benchmark
+//! use them; keep them stable: the committed fixtures are their encodings.
+
+use crate::message::*;
+use crate::spec::*;
+
+pub fn presence() -> Presence {
+    Presence {
+        state: PresenceState::Online,
+        agent_version: "0.1.0".into(),
+        boot_id: "0b7f3c1e-6a58-4c8e-9d55-2f0a7e6d9b41".into(),
+        started_at: 1_795_000_000,
+    }
+}
+
+pub fn inventory() -> Inventory {
+    Inventory {
+        agent_version: "0.1.0".into(),
+        arch: "aarch64".into(),
+        arch_variant: String::new(),
+        os: "Debian GNU/Linux 12 (bookworm)".into(),
+        kernel: "6.6.31+rpt-rpi-v8".into(),
+        hostname: "pi-kitchen".into(),
+        cpus: 4,
+        memory_bytes: 4_124_000_000,
+        disk_bytes: 31_000_000_000,
+        disk_free_bytes: 22_000_000_000,
+        cgroup: CgroupVersion::V2,
+        labels: vec![
+            ("site".into(), "lyon".into()),
+            ("role".into(), "sensor".into()),
+        ],
+        addresses: vec!["192.0.2.17".into()],
+    }
+}
+
+pub fn heartbeat() -> Heartbeat {
+    Heartbeat {
+        seq: 1234,
+        uptime_s: 86_400,
+        load1_centi: 37,
+        mem_used_kib: 412_000,
+        mem_total_kib: 3_900_000,
+        disk_free_mib: 21_000,
+        temp_milli_c: Some(48_312),
+        applied_generation: 17,
+    }
+}
+
+pub fn report() -> Report {
+    Report {
+        generation: 17,
+        workloads: vec![WorkloadStatus {
+            name: "sensor-reader".into(),
+            revision: 4,
+            phase: Phase::Running,
+            health: Health::Healthy,
+            restarts: 1,
+            last_exit_code: Some(137),
+            last_error: Some("OOM-killed".into()),
+            cpu_usage_ns: 12_000_000_000,
+            memory_bytes: 3_200_000,
+        }],
+        refused: None,
+    }
+}
+
+pub fn desired() -> Desired {
+    Desired {
+        generation: 17,
+        workloads: vec![WorkloadSpec {
+            name: "sensor-reader".into(),
+            revision: 4,
+            image: "registry.local:5000/sensor:1.4".into(),
+            image_digest: "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+                .into(),
+            health_deadline_s: 120,
+            container: ContainerSpec {
+                command: vec!["/bin/sensor".into()],
+                args: vec!["--bus".into(), "1".into()],
+                env: vec![("LOG".into(), "info".into())],
+                working_dir: Some("/data".into()),
+                user: Some(User {
+                    uid: 1000,
+                    gid: 1000,
+                }),
+                hostname: None,
+                resources: Resources {
+                    memory_bytes: Some(64 << 20),
+                    cpu_millis: Some(500),
+                    cpu_shares: None,
+                    pids: Some(64),
+                },
+                restart: RestartPolicy::Always,
+                backoff_cap_s: 300,
+                mounts: vec![
+                    Mount {
+                        target: "/data".into(),
+                        source: MountSource::Volume("sensor-data".into()),
+                        read_only: false,
+                    },
+                    Mount {
+                        target: "/tmp".into(),
+                        source: MountSource::Tmpfs(8 << 20),
+                        read_only: false,
+                    },
+                ],
+                devices: vec![DeviceMount {
+                    host_path: "/dev/i2c-1".into(),
+                    container_path: String::new(),
+                    permissions: "rw".into(),
+                }],
+                network: NetworkMode::Host,
+                ports: vec![Port {
+                    name: "metrics".into(),
+                    port: 9100,
+                    protocol: PortProtocol::Tcp,
+                }],
+                read_only_rootfs: true,
+                security: Security::default(),
+                liveness: Some(Probe {
+                    check: ProbeCheck::Http {
+                        port: 9100,
+                        path: "/healthz".into(),
+                    },
+                    interval_s: 10,
+                    timeout_s: 2,
+                    failure_threshold: 3,
+                    initial_delay_s: 5,
+                }),
+                readiness: None,
+                files: vec![File {
+                    path: "/etc/sensor.toml".into(),
+                    mode: 0o444,
+                    contents: b"rate = 10\n".to_vec(),
+                }],
+            },
+        }],
+    }
+}
+
+pub fn command() -> Command {
+    Command {
+        id: 99,
+        deadline_ms: 1_795_000_030_000,
+        action: CommandAction::Logs {
+            workload: "sensor-reader".into(),
+            tail: 100,
+            follow: true,
+        },
+    }
+}
+
+pub fn command_result() -> CommandResult {
+    CommandResult {
+        id: 99,
+        seq: 0,
+        body: CommandOutput::Stdout(b"2026-11-27T09:00:00Z reading=21.5\n".to_vec()),
+    }
+}
+
+/// One sample of every message kind, in `MessageKind::ALL` order.
+pub fn all() -> Vec<Message> {
+    vec![
+        Message::Presence(presence()),
+        Message::Inventory(inventory()),
+        Message::Heartbeat(heartbeat()),
+        Message::Report(report()),
+        Message::Desired(desired()),
+        Message::Command(command()),
+        Message::CommandResult(command_result()),
+    ]
+}

@@ -1,0 +1,150 @@
+//! What a device is asked to run: workload and container specs inside a
+//! `Desired` document. The controller validates manifests into these; the
+//! agent still checks them, since it trusts no input.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct WorkloadSpec {
+    pub name: String,
+    /// Increases with every change of the spec; reports echo it.
+    pub revision: u64,
+    /// Image reference as written by the operator (`registry/repo:tag`).
+    pub image: String,
+    /// Manifest digest the controller resolved (`sha256:…`); the fleet runs these bytes.
+    pub image_digest: String,
+    pub container: ContainerSpec,
+    /// Seconds a new revision has to become healthy before the device rolls back.
+    pub health_deadline_s: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct ContainerSpec {
+    /// Replaces the image's entrypoint when not empty.
+    pub command: Vec<String>,
+    /// Replaces the image's cmd when not empty.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub user: Option<User>,
+    pub hostname: Option<String>,
+    pub resources: Resources,
+    pub restart: RestartPolicy,
+    /// Cap of the exponential restart backoff, seconds (0 = default 300).
+    pub backoff_cap_s: u32,
+    pub mounts: Vec<Mount>,
+    pub devices: Vec<DeviceMount>,
+    pub network: NetworkMode,
+    pub ports: Vec<Port>,
+    pub read_only_rootfs: bool,
+    pub security: Security,
+    pub liveness: Option<Probe>,
+    pub readiness: Option<Probe>,
+    /// Files (config, secrets) written under the container, read-only.
+    pub files: Vec<File>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Resources {
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in thousandths of a CPU (cgroup quota over a 100 ms period).
+    pub cpu_millis: Option<u32>,
+    pub cpu_shares: Option<u32>,
+    pub pids: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RestartPolicy {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub target: String,
+    pub source: MountSource,
+    pub read_only: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum MountSource {
+    /// Persistent directory under the agent's data dir, kept across revisions.
+    Volume(String),
+    /// A path on the host.
+    Bind(String),
+    /// A memory filesystem of at most this many bytes.
+    Tmpfs(u64),
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DeviceMount {
+    /// Host device node, e.g. `/dev/ttyUSB0`.
+    pub host_path: String,
+    /// Path inside the container; empty means the same as `host_path`.
+    pub container_path: String,
+    /// cgroup permissions, a subset of `rwm`.
+    pub permissions: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    #[default]
+    Host,
+    None,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    pub name: String,
+    pub port: u16,
+    pub protocol: PortProtocol,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PortProtocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Security {
+    /// All capabilities, no seccomp, no masked paths. Off by default.
+    pub privileged: bool,
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    /// Turns off the default seccomp profile.
+    pub seccomp_unconfined: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub check: ProbeCheck,
+    pub interval_s: u32,
+    pub timeout_s: u32,
+    pub failure_threshold: u32,
+    pub initial_delay_s: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ProbeCheck {
+    Exec(Vec<String>),
+    Tcp { port: u16 },
+    Http { port: u16, path: String },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct File {
+    /// Absolute path inside the container.
+    pub path: String,
+    pub mode: u32,
+    pub contents: Vec<u8>,
+}

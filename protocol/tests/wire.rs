@@ -1,0 +1,125 @@
+//! The wire contract as bytes: committed fixtures every later version must still
+//! read, and property tests that decoding never panics.
+//!
+//! `BATON_BLESS=1 cargo test -p baton-protocol --test wire` rewrites the
+//! fixtures of the *current* version only; older versions' fixtures are frozen.
+
+use std::path::PathBuf;
+
+use baton_protocol::{decode, encode, samples, MessageKind, PROTOCOL_MAJOR, PROTOCOL_MINOR};
+use proptest::prelude::*;
+
+fn fixture_dir(major: u8, minor: u8) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/v{major}.{minor}"))
+}
+
+#[test]
+fn current_encoding_matches_committed_fixtures() {
+    let dir = fixture_dir(PROTOCOL_MAJOR, PROTOCOL_MINOR);
+    let bless = std::env::var_os("BATON_BLESS").is_some();
+    for msg in samples::all() {
+        let path = dir.join(format!("{}.bin", msg.kind().name()));
+        let bytes = encode(&msg).unwrap();
+        if bless {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(
+            bytes,
+            committed,
+            "{} changed on the wire; that needs a version bump",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn every_committed_fixture_of_every_version_still_decodes() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut seen = 0;
+    for version in std::fs::read_dir(&root).unwrap() {
+        let version = version.unwrap().path();
+        for kind in MessageKind::ALL {
+            let path = version.join(format!("{}.bin", kind.name()));
+            let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let (env, msg) = decode(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(env.kind, kind);
+            // Fields a later minor appended read as defaults, so the samples of the
+            // fixture's own version are what it must decode to; for v1.0 that is today's.
+            if version.ends_with("v1.0") {
+                let sample = samples::all()
+                    .into_iter()
+                    .find(|m| m.kind() == kind)
+                    .unwrap();
+                assert_eq!(msg, sample, "{}", path.display());
+            }
+            seen += 1;
+        }
+    }
+    assert!(
+        seen >= MessageKind::ALL.len(),
+        "no fixtures found under {}",
+        root.display()
+    );
+}
+
+#[test]
+fn heartbeat_fits_in_64_bytes() {
+    let bytes = encode(&baton_protocol::Message::Heartbeat(samples::heartbeat())).unwrap();
+    assert!(bytes.len() <= 64, "heartbeat is {} bytes", bytes.len());
+}
+
+fn valid_encodings() -> Vec<Vec<u8>> {
+    samples::all().iter().map(|m| encode(m).unwrap()).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    #[test]
+    fn decoding_random_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn decoding_random_bodies_behind_a_valid_header_never_panics(
+        kind in 1u8..=7,
+        minor in 0u8..3,
+        body in proptest::collection::vec(any::<u8>(), 0..1024),
+    ) {
+        let mut bytes = vec![PROTOCOL_MAJOR, minor, kind];
+        bytes.extend(body);
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn decoding_mutated_messages_never_panics(
+        which in 0usize..7,
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
+    ) {
+        let mut bytes = valid_encodings().swap_remove(which);
+        for (at, byte, op) in edits {
+            if bytes.is_empty() { break; }
+            let i = at.index(bytes.len());
+            match op {
+                0 => bytes[i] = byte,
+                1 => { bytes.truncate(i); }
+                _ => bytes.insert(i, byte),
+            }
+        }
+        if let Ok((_, msg)) = decode(&bytes) {
+            // Whatever decoded is a real value: it re-encodes and decodes to itself.
+            if let Ok(again) = encode(&msg) {
+                prop_assert_eq!(decode(&again).map(|(_, m)| m), Ok(msg));
+            }
+        }
+    }
+
+    #[test]
+    fn samples_round_trip(which in 0usize..7) {
+        let msg = samples::all().swap_remove(which);
+        let (_, back) = decode(&encode(&msg).unwrap()).unwrap();
+        prop_assert_eq!(back, msg);
+    }
+}
