@@ -5,12 +5,16 @@
 //! messages into bytes and bytes (from anyone, possibly hostile) into typed
 //! messages or a typed error. See `README.md` beside this crate for the contract.
 
+pub mod broker_url;
 pub mod codec;
+pub mod label;
 pub mod message;
 pub mod samples;
 pub mod spec;
 pub mod topic;
 
+pub use broker_url::{BrokerUrl, InvalidBrokerUrl};
+pub use label::validate_label;
 pub use codec::{decode, encode, DecodeError, Envelope, MessageKind};
 pub use message::*;
 pub use topic::{DeviceId, InvalidDeviceId, TopicKind};

@@ -1,0 +1,222 @@
+//! Agent configuration: `/etc/baton/agent.toml`, then command-line overrides.
+//! Everything is validated here, once, into types that cannot hold bad values.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baton_protocol::{validate_label, BrokerUrl, DeviceId};
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/baton/agent.toml";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/baton/agent";
+
+/// The file as written by people. Unknown keys are errors: a typo must not
+/// silently fall back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub broker: Option<String>,
+    pub device_id: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub heartbeat_interval_s: Option<u64>,
+    pub keepalive_s: Option<u64>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Values given on the command line; each wins over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub broker: Option<String>,
+    pub device_id: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub heartbeat_interval_s: Option<u64>,
+    pub keepalive_s: Option<u64>,
+    /// `key=value` pairs, added to (and overriding) the file's labels.
+    pub labels: Vec<String>,
+}
+
+/// The validated configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub broker: BrokerUrl,
+    pub device_id: DeviceId,
+    pub data_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub keepalive: Duration,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// toml's message names the line, column and field.
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+    #[error("no device_id configured and {path} is unreadable ({source}); set device_id in the config or pass --device-id")]
+    NoMachineId { path: PathBuf, source: std::io::Error },
+}
+
+impl FileConfig {
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+    }
+
+    /// Reads `path`. A missing file at the default path means "all defaults";
+    /// a missing file the operator named is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(path, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read { path: path.to_owned(), source }),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Merges file and overrides; `machine_id` is read only when no id is configured.
+    pub fn resolve(
+        file: FileConfig,
+        file_path: &Path,
+        cli: Overrides,
+        machine_id: &Path,
+    ) -> Result<Self, ConfigError> {
+        let origin = |field: &str, from_cli: bool| {
+            if from_cli {
+                format!("command line --{}", field.replace('_', "-"))
+            } else {
+                format!("config file {}: field `{field}`", file_path.display())
+            }
+        };
+        let invalid = |field: &str, from_cli: bool, message: String| ConfigError::Invalid {
+            origin: origin(field, from_cli),
+            message,
+        };
+
+        let broker_cli = cli.broker.is_some();
+        let broker = cli.broker.or(file.broker).unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
+        let broker = broker.parse().map_err(|e: baton_protocol::InvalidBrokerUrl| {
+            invalid("broker", broker_cli, e.to_string())
+        })?;
+
+        let id_cli = cli.device_id.is_some();
+        let device_id = match cli.device_id.or(file.device_id) {
+            Some(id) => DeviceId::new(id).map_err(|e| invalid("device_id", id_cli, e.to_string()))?,
+            None => device_id_from_machine_id(machine_id)?,
+        };
+
+        let seconds = |field: &str, cli_v: Option<u64>, file_v: Option<u64>, default: u64, max: u64| {
+            let v = cli_v.or(file_v).unwrap_or(default);
+            if v == 0 || v > max {
+                Err(invalid(field, cli_v.is_some(), format!("must be between 1 and {max} seconds, got {v}")))
+            } else {
+                Ok(Duration::from_secs(v))
+            }
+        };
+        let heartbeat_interval =
+            seconds("heartbeat_interval_s", cli.heartbeat_interval_s, file.heartbeat_interval_s, 15, 3600)?;
+        let keepalive = seconds("keepalive_s", cli.keepalive_s, file.keepalive_s, 30, 3600)?;
+
+        let mut labels = file.labels;
+        for (k, v) in &labels {
+            validate_label(k, v).map_err(|m| invalid("labels", false, m))?;
+        }
+        for pair in cli.labels {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| invalid("label", true, format!("{pair:?} is not key=value")))?;
+            validate_label(k, v).map_err(|m| invalid("label", true, m))?;
+            labels.insert(k.to_string(), v.to_string());
+        }
+
+        Ok(Self {
+            broker,
+            device_id,
+            data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            heartbeat_interval,
+            keepalive,
+            labels,
+        })
+    }
+}
+
+/// `dev-` and the first 16 hex digits of the machine id: stable across
+/// reboots and agent reinstalls, distinct between devices.
+fn device_id_from_machine_id(path: &Path) -> Result<DeviceId, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::NoMachineId { path: path.to_owned(), source })?;
+    let hex: String = text.trim().chars().filter(char::is_ascii_hexdigit).take(16).collect();
+    if hex.len() < 8 {
+        return Err(ConfigError::NoMachineId {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a machine id"),
+        });
+    }
+    DeviceId::new(format!("dev-{hex}")).map_err(|e| ConfigError::Invalid {
+        origin: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(toml: &str, cli: Overrides) -> Result<AgentConfig, ConfigError> {
+        let path = Path::new("/etc/baton/agent.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let mid = dir.path().join("machine-id");
+        std::fs::write(&mid, "4f1c0b7e9d2a4c6b8e0f1a2b3c4d5e6f\n").unwrap();
+        AgentConfig::resolve(FileConfig::parse(path, toml)?, path, cli, &mid)
+    }
+
+    #[test]
+    fn defaults_and_machine_id_derived_device_id() {
+        let c = resolve("", Overrides::default()).unwrap();
+        assert_eq!(c.device_id.as_str(), "dev-4f1c0b7e9d2a4c6b");
+        assert_eq!(c.broker.to_string(), "mqtt://127.0.0.1:1883");
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn command_line_wins_over_file() {
+        let toml = "broker = \"mqtt://10.0.0.1\"\ndevice_id = \"pi-1\"\n[labels]\nsite = \"lyon\"\nrole = \"x\"\n";
+        let cli = Overrides {
+            device_id: Some("pi-2".into()),
+            labels: vec!["role=sensor".into()],
+            heartbeat_interval_s: Some(5),
+            ..Default::default()
+        };
+        let c = resolve(toml, cli).unwrap();
+        assert_eq!(c.device_id.as_str(), "pi-2");
+        assert_eq!(c.broker.host, "10.0.0.1");
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(c.labels["site"], "lyon");
+        assert_eq!(c.labels["role"], "sensor");
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let e = resolve("broker = \"mqtt://x\"\nheartbeat_intervl_s = 5\n", Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/etc/baton/agent.toml"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("heartbeat_intervl_s"), "{e}");
+
+        let e = resolve("heartbeat_interval_s = 0\n", Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("field `heartbeat_interval_s`") && e.contains("between 1 and 3600"), "{e}");
+
+        let e = resolve("", Overrides { broker: Some("http://x".into()), ..Default::default() })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--broker") && e.contains("unknown scheme"), "{e}");
+
+        let e = resolve("[labels]\n\"bad key\" = \"v\"\n", Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("labels") && e.contains("bad key"), "{e}");
+    }
+}

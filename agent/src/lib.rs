@@ -1,0 +1,7 @@
+//! The Baton device agent as a library: `baton-agent` is a thin `main` over it,
+//! and end-to-end tests drive the same code.
+
+pub mod backoff;
+pub mod config;
+pub mod link;
+pub mod node;

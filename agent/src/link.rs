@@ -1,0 +1,237 @@
+//! The agent's MQTT session: presence (with a Last Will), inventory, heartbeats,
+//! and the device's own `desired` and `cmd` topics.
+//!
+//! One task owns the rumqttc event loop and does everything through
+//! non-blocking `try_*` calls, so a full request queue can never deadlock the
+//! loop that drains it. The session reconnects forever with jittered backoff.
+
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use baton_protocol::{
+    codec::decode_on, encode, Command, CommandAction, CommandOutput, CommandResult, Message, Presence,
+    PresenceState, TopicKind,
+};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::AgentConfig;
+use crate::node::{self, HeartbeatSampler};
+
+/// Requests the session may queue while the broker is unreachable; beyond
+/// that, heartbeats are dropped rather than memory grown.
+const REQUEST_QUEUE: usize = 64;
+const MAX_INCOMING_PACKET: usize = 300 * 1024;
+const MAX_OUTGOING_PACKET: usize = 96 * 1024;
+
+pub struct Link {
+    config: AgentConfig,
+    client: AsyncClient,
+    boot_id: String,
+    started_at: u64,
+    heartbeat: HeartbeatSampler,
+    /// Highest desired generation seen (applying it belongs to the reconcile loop).
+    desired_generation: u64,
+    applied_generation: u64,
+}
+
+fn qos(kind: TopicKind) -> QoS {
+    if kind.qos() == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+impl Link {
+    /// Runs the session until `shutdown` resolves, then says goodbye: a retained
+    /// offline presence and a clean MQTT disconnect. Never gives up on the broker.
+    pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let id = config.device_id.clone();
+        let will = Presence {
+            state: PresenceState::Offline,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            boot_id: boot_id.clone(),
+            started_at: 0,
+        };
+        let mut opts = MqttOptions::new(id.as_str(), config.broker.host.clone(), config.broker.port);
+        opts.set_keep_alive(config.keepalive)
+            .set_clean_session(false)
+            .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
+            .set_request_channel_capacity(REQUEST_QUEUE)
+            .set_inflight(16);
+        if let Ok(payload) = encode(&Message::Presence(will)) {
+            opts.set_last_will(LastWill::new(id.topic(TopicKind::Presence), payload, QoS::AtLeastOnce, true));
+        }
+        let (client, mut events) = AsyncClient::new(opts, REQUEST_QUEUE);
+        let mut link = Link {
+            config,
+            client,
+            boot_id,
+            started_at: unix_now().as_secs(),
+            heartbeat: HeartbeatSampler::default(),
+            desired_generation: 0,
+            applied_generation: 0,
+        };
+
+        let mut backoff = Backoff::with_entropy(Duration::from_millis(500), Duration::from_secs(60));
+        let mut ticker = tokio::time::interval(link.config.heartbeat_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut connected = false;
+        tokio::pin!(shutdown);
+        info!(device = %id, broker = %link.config.broker, "agent link starting");
+
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = ticker.tick(), if connected => link.send_heartbeat(),
+                event = events.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        info!(session_present = ack.session_present, "connected to broker");
+                        connected = true;
+                        backoff.reset();
+                        link.on_connect();
+                        ticker.reset_immediately();
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => link.on_publish(&p.topic, &p.payload),
+                    Ok(_) => {}
+                    Err(e) => {
+                        let delay = backoff.next_delay();
+                        if connected {
+                            warn!(error = %e, "lost the broker; reconnecting");
+                        } else {
+                            warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the broker");
+                        }
+                        connected = false;
+                        tokio::select! {
+                            () = &mut shutdown => break,
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                },
+            }
+        }
+
+        if connected {
+            link.say_goodbye(&mut events).await;
+        }
+        info!("agent link stopped");
+    }
+
+    fn publish(&self, kind: TopicKind, msg: &Message) {
+        let payload = match encode(msg) {
+            Ok(p) => p,
+            Err(e) => return warn!(error = %e, "not sending an unencodable message"),
+        };
+        let topic = self.config.device_id.topic(kind);
+        if let Err(e) = self.client.try_publish(topic, qos(kind), kind.retained(), payload) {
+            debug!(error = %e, kind = kind.suffix(), "request queue full; message dropped");
+        }
+    }
+
+    fn presence(&self, state: PresenceState) -> Message {
+        Message::Presence(Presence {
+            state,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            boot_id: self.boot_id.clone(),
+            started_at: self.started_at,
+        })
+    }
+
+    fn on_connect(&mut self) {
+        self.publish(TopicKind::Presence, &self.presence(PresenceState::Online));
+        self.publish(TopicKind::Inventory, &Message::Inventory(node::inventory(&self.config)));
+        // Subscribing again is harmless when the broker kept the session, and
+        // needed when it did not (a restarted embedded broker keeps nothing).
+        for kind in [TopicKind::Desired, TopicKind::Cmd] {
+            if let Err(e) = self.client.try_subscribe(self.config.device_id.topic(kind), QoS::AtLeastOnce) {
+                warn!(error = %e, "cannot queue subscription");
+            }
+        }
+    }
+
+    fn send_heartbeat(&mut self) {
+        let hb = self.heartbeat.sample(&self.config.data_dir, self.applied_generation);
+        self.publish(TopicKind::Heartbeat, &Message::Heartbeat(hb));
+    }
+
+    fn on_publish(&mut self, topic: &str, payload: &[u8]) {
+        let Some((device, kind)) = TopicKind::parse(topic) else {
+            return warn!(topic, "message on a foreign topic ignored");
+        };
+        if device != self.config.device_id {
+            return warn!(topic, "message for another device ignored");
+        }
+        match decode_on(kind, payload) {
+            Ok((_, Message::Desired(d))) => {
+                if d.generation < self.desired_generation {
+                    info!(generation = d.generation, current = self.desired_generation, "older desired document ignored");
+                } else {
+                    self.desired_generation = d.generation;
+                    info!(generation = d.generation, workloads = d.workloads.len(), "desired document received");
+                }
+            }
+            Ok((_, Message::Command(cmd))) => self.on_command(cmd),
+            Ok((_, other)) => debug!(kind = ?other.kind(), "ignoring message"),
+            Err(e) => warn!(topic, error = %e, len = payload.len(), "undecodable message ignored"),
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        if cmd.deadline_ms != 0 && (unix_now().as_millis() as u64) > cmd.deadline_ms {
+            return info!(id = cmd.id, "command past its deadline dropped");
+        }
+        let body = match &cmd.action {
+            CommandAction::Diagnostics => {
+                let inv = node::inventory(&self.config);
+                let hb = self.heartbeat.sample(&self.config.data_dir, self.applied_generation);
+                CommandOutput::Text(format!(
+                    "device {}\nagent {} (started {})\nboot {}\n{} {} {}\nuptime {}s load {:.2} mem {}/{} KiB disk free {} MiB\ndesired generation {} applied {}\n",
+                    self.config.device_id,
+                    inv.agent_version,
+                    self.started_at,
+                    self.boot_id,
+                    inv.os,
+                    inv.kernel,
+                    inv.arch,
+                    hb.uptime_s,
+                    f64::from(hb.load1_centi) / 100.0,
+                    hb.mem_used_kib,
+                    hb.mem_total_kib,
+                    hb.disk_free_mib,
+                    self.desired_generation,
+                    self.applied_generation,
+                ))
+            }
+            other => CommandOutput::Error(format!("{other:?} is not supported by agent {}", env!("CARGO_PKG_VERSION"))),
+        };
+        let res = CommandResult { id: cmd.id, seq: 0, body };
+        self.publish(TopicKind::CmdRes, &Message::CommandResult(res));
+    }
+
+    /// Marks the device offline on purpose (the broker would only publish the
+    /// Will on an unclean loss) and disconnects, waiting briefly for the bytes to leave.
+    async fn say_goodbye(&mut self, events: &mut rumqttc::EventLoop) {
+        self.publish(TopicKind::Presence, &self.presence(PresenceState::Offline));
+        let _ = self.client.try_disconnect();
+        let drain = async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(3), drain).await.is_err() {
+            warn!("broker did not take the goodbye within 3 s");
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! `baton-agent`: the device daemon. Thin: parses flags, loads config, runs the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use baton_agent::config::{AgentConfig, FileConfig, Overrides, DEFAULT_CONFIG_PATH};
+use baton_agent::link::Link;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "baton-agent", version, about = "Baton device agent: runs workloads, reports to the controller over MQTT")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent (the default).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Default)]
+struct RunArgs {
+    /// Config file; a missing file at the default path means defaults.
+    #[arg(long, short = 'c', env = "BATON_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// MQTT broker, mqtt://HOST[:PORT].
+    #[arg(long)]
+    broker: Option<String>,
+    /// Device id (default: derived from /etc/machine-id).
+    #[arg(long)]
+    device_id: Option<String>,
+    /// Directory for the agent's state, images and logs.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Seconds between heartbeats (default 15).
+    #[arg(long)]
+    heartbeat_interval: Option<u64>,
+    /// MQTT keepalive in seconds (default 30); the broker declares the device offline after 1.5×.
+    #[arg(long)]
+    keepalive: Option<u64>,
+    /// Label key=value (repeatable); adds to and overrides the config file's labels.
+    #[arg(long = "label", short = 'l')]
+    labels: Vec<String>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Cmd::Run(args)) => args,
+        None => cli.run,
+    };
+    init_logging(args.log_json);
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("baton-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let explicit = args.config.is_some();
+    let path = args.config.unwrap_or_else(|| DEFAULT_CONFIG_PATH.into());
+    let file = FileConfig::load(&path, explicit)?;
+    let overrides = Overrides {
+        broker: args.broker,
+        device_id: args.device_id,
+        data_dir: args.data_dir,
+        heartbeat_interval_s: args.heartbeat_interval,
+        keepalive_s: args.keepalive,
+        labels: args.labels,
+    };
+    let config = AgentConfig::resolve(file, &path, overrides, "/etc/machine-id".as_ref())?;
+
+    // One thread: the agent's work is I/O-bound and small, and every extra
+    // worker thread costs stack and RSS on a 512 MB device.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(Link::run(config, shutdown_signal()));
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

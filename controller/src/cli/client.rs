@@ -1,0 +1,66 @@
+//! The CLI's HTTP client: every operator verb goes through the API, and every
+//! failure says what went wrong and what to do about it.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::view::ApiError;
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        Self { base: base.trim_end_matches('/').to_string(), agent }
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let res = self.agent.get(format!("{}{path}", self.base)).call();
+        self.finish(res)
+    }
+
+    pub fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        let res = self.agent.patch(format!("{}{path}", self.base)).send_json(body);
+        self.finish(res)
+    }
+
+    fn finish<T: DeserializeOwned>(
+        &self,
+        res: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<T> {
+        let mut res = res.map_err(|e| self.unreachable(e))?;
+        let status = res.status();
+        if status.is_success() {
+            return res
+                .body_mut()
+                .read_json()
+                .map_err(|e| anyhow::anyhow!("the controller at {} sent a response this CLI cannot read: {e} (are the CLI and controller versions compatible?)", self.base));
+        }
+        let msg = res
+            .body_mut()
+            .read_json::<ApiError>()
+            .map(|e| e.error)
+            .unwrap_or_else(|_| status.canonical_reason().unwrap_or("error").to_string());
+        anyhow::bail!("{msg} (HTTP {})", status.as_u16())
+    }
+
+    fn unreachable(&self, e: ureq::Error) -> anyhow::Error {
+        anyhow::anyhow!(
+            "cannot reach the Baton controller at {}: {e}\n\
+             Start one with `baton server` (or `baton up` for a controller plus a local agent),\n\
+             or point the CLI at yours with --server URL or BATON_SERVER=URL.",
+            self.base
+        )
+    }
+}

@@ -1,0 +1,229 @@
+//! The `baton` command line: `server` and `up` run a controller; every other
+//! verb is an HTTP client of one (`--server`, `BATON_SERVER`).
+
+pub mod client;
+pub mod output;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+use crate::controller::now_ms;
+use crate::server::{BrokerMode, ServerConfig};
+use crate::view::{DeviceView, LabelChange};
+use client::{Client, DEFAULT_SERVER};
+use output::Format;
+
+#[derive(Parser)]
+#[command(name = "baton", version, about = "Baton: orchestrate containers on fleets of small Linux devices")]
+pub struct Cli {
+    /// Controller API URL.
+    #[arg(long, global = true, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
+    pub server: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the controller (embedded MQTT broker and SQLite store by default).
+    Server(ServerArgs),
+    /// Run a controller and an agent on this machine: the quickest way to a fleet of one.
+    Up(up::UpArgs),
+    /// List resources.
+    Get {
+        resource: Resource,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Show one resource in detail.
+    Describe {
+        resource: Resource,
+        id: String,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Set (key=value) or remove (key-) operator labels on a device.
+    Label {
+        resource: Resource,
+        id: String,
+        /// key=value to set, key- to remove.
+        #[arg(required = true)]
+        changes: Vec<String>,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion { shell: clap_complete::Shell },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Resource {
+    #[value(alias = "device")]
+    Devices,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ServerArgs {
+    /// HTTP API listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Embedded MQTT broker listen address (ignored with --broker).
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub mqtt_listen: SocketAddr,
+    /// Use this external MQTT broker (mqtt://HOST[:PORT]) instead of the embedded one.
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// Where the store lives (default /var/lib/baton/controller as root, else ~/.local/share/baton/controller).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Seconds of silence after which an online device is reported stale.
+    #[arg(long, default_value_t = 60)]
+    pub stale_after: u64,
+    /// Seconds between writes of heartbeat-only changes to the store.
+    #[arg(long, default_value_t = 30)]
+    pub flush_every: u64,
+    /// Connections the embedded broker accepts (devices + operators).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_devices: usize,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+impl ServerArgs {
+    pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
+        let broker = match &self.broker {
+            Some(url) => BrokerMode::External(url.parse().context("--broker")?),
+            None => BrokerMode::Embedded(self.mqtt_listen),
+        };
+        anyhow::ensure!(self.stale_after > 0, "--stale-after must be at least 1 second");
+        anyhow::ensure!(self.flush_every > 0, "--flush-every must be at least 1 second");
+        Ok(ServerConfig {
+            http_listen: self.listen,
+            broker,
+            data_dir: self.data_dir.clone().unwrap_or_else(|| default_data_dir().join("controller")),
+            stale_after: Duration::from_secs(self.stale_after),
+            flush_every: Duration::from_secs(self.flush_every),
+            max_devices: self.max_devices,
+        })
+    }
+}
+
+/// `/var/lib/baton` for root, `$XDG_DATA_HOME/baton` (or `~/.local/share/baton`) otherwise.
+pub fn default_data_dir() -> PathBuf {
+    let is_root = std::env::var_os("HOME").is_none_or(|h| h == "/root") || std::env::var("USER").is_ok_and(|u| u == "root");
+    if is_root {
+        return PathBuf::from("/var/lib/baton");
+    }
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("baton")
+}
+
+/// Runs one CLI invocation; the binary's `main` only prints the error.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = || Client::new(&cli.server);
+    match cli.command {
+        Command::Server(args) => {
+            init_logging(args.log_json);
+            let cfg = args.to_config()?;
+            runtime()?.block_on(crate::server::serve(cfg, shutdown_signal(), None))
+        }
+        Command::Up(args) => up::run(args),
+        Command::Get { resource: Resource::Devices, output } => {
+            let devices: Vec<DeviceView> = client().get("/api/v1/devices")?;
+            print(output, &devices, || {
+                if devices.is_empty() {
+                    "No devices yet. Start an agent with `baton-agent --broker mqtt://CONTROLLER:1883`.\n".into()
+                } else {
+                    output::devices_table(&devices, now_ms())
+                }
+            })
+        }
+        Command::Describe { resource: Resource::Devices, id, output } => {
+            let device: DeviceView = client().get(&format!("/api/v1/devices/{id}"))?;
+            print(output, &device, || output::device_description(&device, now_ms()))
+        }
+        Command::Label { resource: Resource::Devices, id, changes, output } => {
+            let change = parse_label_changes(&changes)?;
+            let device: DeviceView = client().patch(&format!("/api/v1/devices/{id}/labels"), &change)?;
+            print(output, &device, || format!("device/{} labeled: {}\n", device.id, output::labels(&device.labels)))
+        }
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "baton", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+fn print<T: serde::Serialize>(format: Format, value: &T, table: impl FnOnce() -> String) -> anyhow::Result<()> {
+    let text = output::structured(format, value)?.unwrap_or_else(table);
+    print!("{text}");
+    Ok(())
+}
+
+/// `key=value` sets, `key-` removes; anything else is an error naming the argument.
+pub fn parse_label_changes(args: &[String]) -> anyhow::Result<LabelChange> {
+    let mut change = LabelChange::default();
+    for arg in args {
+        if let Some((k, v)) = arg.split_once('=') {
+            baton_protocol::validate_label(k, v).map_err(anyhow::Error::msg)?;
+            change.set.insert(k.to_string(), v.to_string());
+        } else if let Some(k) = arg.strip_suffix('-') {
+            baton_protocol::validate_label(k, "").map_err(anyhow::Error::msg)?;
+            change.remove.push(k.to_string());
+        } else {
+            anyhow::bail!("{arg:?}: expected key=value to set a label or key- to remove one");
+        }
+    }
+    Ok(change)
+}
+
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+}
+
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+pub fn init_logging(json: bool) {
+    // rumqttd logs every ordinary disconnect at ERROR; its own log is opt-in
+    // (BATON_LOG=info,rumqttd=info), the controller reports broker trouble itself.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| "info,rumqttd=off".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_arguments() {
+        let c = parse_label_changes(&["site=lyon".into(), "role-".into()]).unwrap();
+        assert_eq!(c.set["site"], "lyon");
+        assert_eq!(c.remove, vec!["role".to_string()]);
+        assert!(parse_label_changes(&["site".into()]).unwrap_err().to_string().contains("key=value"));
+        assert!(parse_label_changes(&["bad key=x".into()]).is_err());
+    }
+}

@@ -1,0 +1,164 @@
+//! Rendering for people (`table`) and for programs (`json`, `yaml`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::fleet::Millis;
+use crate::view::DeviceView;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+    Yaml,
+}
+
+/// JSON or YAML of any value; `None` for `table`, which each verb renders itself.
+pub fn structured<T: Serialize>(format: Format, value: &T) -> anyhow::Result<Option<String>> {
+    Ok(match format {
+        Format::Table => None,
+        Format::Json => Some(serde_json::to_string_pretty(value)? + "\n"),
+        Format::Yaml => Some(serde_yaml::to_string(value)?),
+    })
+}
+
+/// Left-aligned columns separated by three spaces, as kubectl prints them.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.zip(&widths).enumerate() {
+            if i + 1 == widths.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}   ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+pub fn ago(now: Millis, then: Millis) -> String {
+    if then == 0 {
+        return "never".into();
+    }
+    let s = now.saturating_sub(then) / 1000;
+    match s {
+        0..=119 => format!("{s}s ago"),
+        120..=7199 => format!("{}m ago", s / 60),
+        7200..=172_799 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+pub fn labels(l: &BTreeMap<String, String>) -> String {
+    if l.is_empty() {
+        return "<none>".into();
+    }
+    l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+pub fn devices_table(devices: &[DeviceView], now: Millis) -> String {
+    let rows: Vec<Vec<String>> = devices
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.clone(),
+                d.status.as_str().into(),
+                if d.arch.is_empty() { "-".into() } else { d.arch.clone() },
+                labels(&d.labels),
+                ago(now, d.last_seen_ms),
+                d.agent_version.clone(),
+            ]
+        })
+        .collect();
+    table(&["ID", "STATUS", "ARCH", "LABELS", "LAST SEEN", "AGENT"], &rows)
+}
+
+pub fn device_description(d: &DeviceView, now: Millis) -> String {
+    let mut o = String::new();
+    let mut kv = |k: &str, v: String| {
+        let _ = writeln!(o, "{:<15}{v}", format!("{k}:"));
+    };
+    kv("ID", d.id.clone());
+    kv("Status", d.status.as_str().into());
+    kv("Agent", d.agent_version.clone());
+    kv("Boot ID", d.presence.boot_id.clone());
+    kv("First seen", ago(now, d.first_seen_ms));
+    kv("Last seen", ago(now, d.last_seen_ms));
+    if let Some(i) = &d.inventory {
+        let arch = if i.arch_variant.is_empty() { i.arch.clone() } else { format!("{}/{}", i.arch, i.arch_variant) };
+        kv("Arch", arch);
+        kv("OS", i.os.clone());
+        kv("Kernel", i.kernel.clone());
+        kv("Hostname", i.hostname.clone());
+        kv("CPUs", i.cpus.to_string());
+        kv("Memory", bytes(i.memory_bytes));
+        kv("Disk", format!("{} free of {}", bytes(i.disk_free_bytes), bytes(i.disk_bytes)));
+        kv("Cgroup", format!("{:?}", i.cgroup));
+        kv("Addresses", if i.addresses.is_empty() { "<none>".into() } else { i.addresses.join(", ") });
+    }
+    let marked: BTreeMap<String, String> = d
+        .labels
+        .iter()
+        .map(|(k, v)| {
+            let who = if d.operator_labels.contains_key(k) { " (operator)" } else { "" };
+            (format!("{k}{who}"), v.clone())
+        })
+        .collect();
+    kv("Labels", labels(&marked));
+    if let Some(h) = &d.heartbeat {
+        kv("Uptime", format!("{}s", h.uptime_s));
+        kv("Load", format!("{:.2}", f64::from(h.load1_centi) / 100.0));
+        kv("Memory used", format!("{} of {}", bytes(h.mem_used_kib * 1024), bytes(h.mem_total_kib * 1024)));
+        kv("Temperature", h.temp_milli_c.map_or("-".into(), |t| format!("{:.1} °C", f64::from(t) / 1000.0)));
+        kv("Generation", h.applied_generation.to_string());
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(&["ID", "STATUS"], &[vec!["pi-long-name".into(), "online".into()], vec!["a".into(), "x".into()]]);
+        assert_eq!(t, "ID             STATUS\npi-long-name   online\na              x\n");
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(ago(10_000, 7_000), "3s ago");
+        assert_eq!(ago(10_000_000, 1), "2h ago");
+        assert_eq!(ago(5, 0), "never");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(3 << 30), "3.0 GiB");
+    }
+}

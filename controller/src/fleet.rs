@@ -1,0 +1,252 @@
+//! The device registry: what the controller knows of each device, and the
+//! rules that turn messages and time into a status. Pure: no MQTT, no HTTP, no
+//! SQL; the shell feeds it events with a timestamp and persists what it says changed.
+
+use std::collections::BTreeMap;
+
+use baton_protocol::{DeviceId, Heartbeat, Inventory, Presence, PresenceState};
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch; the core never reads a clock itself.
+pub type Millis = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Connected, and heard from within the stale window.
+    Online,
+    /// Presence says online but nothing arrived within the stale window:
+    /// a half-open connection, a wedged agent, or a broker that lost it.
+    Stale,
+    /// Said goodbye, or the broker published its Last Will.
+    Offline,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "online",
+            Self::Stale => "stale",
+            Self::Offline => "offline",
+        }
+    }
+}
+
+/// Everything known about one device; the store persists it as is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    pub id: String,
+    pub first_seen: Millis,
+    /// Last time any message from the device arrived.
+    pub last_seen: Millis,
+    pub presence: Presence,
+    pub inventory: Option<Inventory>,
+    pub heartbeat: Option<Heartbeat>,
+    /// Labels set by operators; they override the agent's labels of the same key.
+    pub operator_labels: BTreeMap<String, String>,
+}
+
+impl Device {
+    pub fn status(&self, now: Millis, stale_after_ms: Millis) -> Status {
+        match self.presence.state {
+            PresenceState::Offline => Status::Offline,
+            PresenceState::Online if now.saturating_sub(self.last_seen) > stale_after_ms => Status::Stale,
+            PresenceState::Online => Status::Online,
+        }
+    }
+
+    /// Agent labels overlaid with operator labels.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        let mut labels: BTreeMap<String, String> =
+            self.inventory.iter().flat_map(|i| i.labels.iter().cloned()).collect();
+        labels.extend(self.operator_labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        labels
+    }
+}
+
+/// What happened on a device topic, already decoded and checked.
+#[derive(Debug, Clone)]
+pub enum FleetEvent {
+    Presence(Presence),
+    Inventory(Inventory),
+    Heartbeat(Heartbeat),
+    /// Any other message from the device (report, command result): proof of life.
+    Seen,
+}
+
+/// What applying an event did; the shell persists on `Persist`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Nothing the store keeps changed (e.g. a heartbeat: only `last_seen` moved).
+    InMemory,
+    /// A durable field changed; write the device.
+    Persist,
+    /// The device is not registered and this event cannot register it.
+    UnknownDevice,
+}
+
+#[derive(Debug, Default)]
+pub struct Fleet {
+    devices: BTreeMap<DeviceId, Device>,
+}
+
+impl Fleet {
+    pub fn from_devices(devices: impl IntoIterator<Item = (DeviceId, Device)>) -> Self {
+        Self { devices: devices.into_iter().collect() }
+    }
+
+    pub fn get(&self, id: &DeviceId) -> Option<&Device> {
+        self.devices.get(id)
+    }
+
+    pub fn devices(&self) -> impl Iterator<Item = &Device> {
+        self.devices.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// Applies one event. A device is registered by its first online presence
+    /// or inventory (both retained, so they arrive whatever the order); other
+    /// messages from unregistered ids change nothing.
+    pub fn apply(&mut self, id: &DeviceId, event: FleetEvent, now: Millis) -> Change {
+        let Some(device) = self.devices.get_mut(id) else {
+            let presence = match &event {
+                FleetEvent::Presence(p) if p.state == PresenceState::Online => p.clone(),
+                FleetEvent::Inventory(inv) => Presence {
+                    state: PresenceState::Online,
+                    agent_version: inv.agent_version.clone(),
+                    boot_id: String::new(),
+                    started_at: 0,
+                },
+                _ => return Change::UnknownDevice,
+            };
+            let inventory = match event {
+                FleetEvent::Inventory(inv) => Some(inv),
+                _ => None,
+            };
+            let device = Device {
+                id: id.to_string(),
+                first_seen: now,
+                last_seen: now,
+                presence,
+                inventory,
+                heartbeat: None,
+                operator_labels: BTreeMap::new(),
+            };
+            self.devices.insert(id.clone(), device);
+            return Change::Persist;
+        };
+
+        let changed = match event {
+            FleetEvent::Presence(p) => {
+                let changed = device.presence != p;
+                device.presence = p;
+                changed
+            }
+            FleetEvent::Inventory(inv) => {
+                let changed = device.inventory.as_ref() != Some(&inv);
+                device.inventory = Some(inv);
+                changed
+            }
+            FleetEvent::Heartbeat(hb) => {
+                device.heartbeat = Some(hb);
+                false
+            }
+            FleetEvent::Seen => false,
+        };
+        // A message that is not the Will proves the device is alive right now.
+        if device.presence.state == PresenceState::Online {
+            device.last_seen = now;
+        }
+        if changed {
+            Change::Persist
+        } else {
+            Change::InMemory
+        }
+    }
+
+    /// Sets and removes operator labels; `None` when the device is unknown.
+    pub fn relabel(&mut self, id: &DeviceId, set: &BTreeMap<String, String>, remove: &[String]) -> Option<&Device> {
+        let device = self.devices.get_mut(id)?;
+        for key in remove {
+            device.operator_labels.remove(key);
+        }
+        device.operator_labels.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Some(device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::new(s).unwrap()
+    }
+
+    fn presence(state: PresenceState) -> Presence {
+        Presence { state, agent_version: "0.1.0".into(), boot_id: "b".into(), started_at: 1 }
+    }
+
+    #[test]
+    fn online_presence_registers_and_heartbeats_only_touch_memory() {
+        let mut f = Fleet::default();
+        assert_eq!(f.apply(&id("a"), FleetEvent::Presence(presence(PresenceState::Online)), 1000), Change::Persist);
+        assert_eq!(f.apply(&id("a"), FleetEvent::Heartbeat(Heartbeat::default()), 2000), Change::InMemory);
+        assert_eq!(f.get(&id("a")).unwrap().last_seen, 2000);
+        // The same retained presence again (a controller resubscribe) persists nothing.
+        assert_eq!(f.apply(&id("a"), FleetEvent::Presence(presence(PresenceState::Online)), 3000), Change::InMemory);
+    }
+
+    #[test]
+    fn unknown_devices_are_not_created_by_heartbeats_or_wills() {
+        let mut f = Fleet::default();
+        for ev in [
+            FleetEvent::Heartbeat(Heartbeat::default()),
+            FleetEvent::Seen,
+            FleetEvent::Presence(presence(PresenceState::Offline)),
+        ] {
+            assert_eq!(f.apply(&id("ghost"), ev, 1), Change::UnknownDevice);
+        }
+        assert!(f.is_empty());
+        assert_eq!(f.apply(&id("ghost"), FleetEvent::Inventory(Inventory::default()), 1), Change::Persist);
+        assert_eq!(f.len(), 1);
+    }
+
+    #[test]
+    fn status_follows_presence_and_silence() {
+        let mut f = Fleet::default();
+        let a = id("a");
+        f.apply(&a, FleetEvent::Presence(presence(PresenceState::Online)), 1_000);
+        let d = f.get(&a).unwrap();
+        assert_eq!(d.status(1_000 + 60_000, 60_000), Status::Online);
+        assert_eq!(d.status(1_000 + 60_001, 60_000), Status::Stale);
+        f.apply(&a, FleetEvent::Heartbeat(Heartbeat::default()), 61_500);
+        assert_eq!(f.get(&a).unwrap().status(62_000, 60_000), Status::Online);
+        assert_eq!(f.apply(&a, FleetEvent::Presence(presence(PresenceState::Offline)), 63_000), Change::Persist);
+        assert_eq!(f.get(&a).unwrap().status(63_000, 60_000), Status::Offline);
+        // A Will does not count as being heard from.
+        assert_eq!(f.get(&a).unwrap().last_seen, 61_500);
+    }
+
+    #[test]
+    fn operator_labels_override_agent_labels() {
+        let mut f = Fleet::default();
+        let a = id("a");
+        let inv = Inventory { labels: vec![("site".into(), "lyon".into()), ("role".into(), "x".into())], ..Default::default() };
+        f.apply(&a, FleetEvent::Inventory(inv), 1);
+        let set = BTreeMap::from([("role".to_string(), "gateway".to_string()), ("tier".into(), "1".into())]);
+        f.relabel(&a, &set, &[]).unwrap();
+        let l = f.get(&a).unwrap().labels();
+        assert_eq!((l["site"].as_str(), l["role"].as_str(), l["tier"].as_str()), ("lyon", "gateway", "1"));
+        f.relabel(&a, &BTreeMap::new(), &["role".into()]).unwrap();
+        assert_eq!(f.get(&a).unwrap().labels()["role"], "x");
+        assert!(f.relabel(&id("nope"), &set, &[]).is_none());
+    }
+}

@@ -1,0 +1,143 @@
+//! MQTT → controller: subscribes to every device's upstream topics, turns
+//! each publish into a checked `FleetEvent`, and counts what it refuses.
+//! Thin translation; the decisions live in `fleet`.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_protocol::{codec::decode_on, DecodeError, Message, TopicKind, BrokerUrl};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tracing::{debug, info, warn};
+
+use crate::controller::{now_ms, Controller};
+use crate::fleet::FleetEvent;
+use crate::metrics::Rejection;
+
+/// Topics the controller reads: everything agents publish.
+pub const UPSTREAM: [TopicKind; 5] =
+    [TopicKind::Presence, TopicKind::Inventory, TopicKind::Heartbeat, TopicKind::Report, TopicKind::CmdRes];
+
+/// Larger than any broker limit we configure, so an oversize publish is
+/// refused by the codec, never by a broken controller connection.
+const MAX_PACKET: usize = 1024 * 1024;
+
+/// Turns one publish into an event, or says why not. Pure.
+pub fn classify(topic: &str, payload: &[u8]) -> Result<(baton_protocol::DeviceId, TopicKind, FleetEvent), Rejection> {
+    let (id, kind) = TopicKind::parse(topic).ok_or(Rejection::BadTopic)?;
+    let (_, msg) = decode_on(kind, payload).map_err(|e| match e {
+        DecodeError::TooLarge { .. } => Rejection::Oversize,
+        DecodeError::UnsupportedMajor(_) => Rejection::WrongVersion,
+        _ => Rejection::Malformed,
+    })?;
+    let event = match msg {
+        Message::Presence(p) => FleetEvent::Presence(p),
+        Message::Inventory(i) => FleetEvent::Inventory(i),
+        Message::Heartbeat(h) => FleetEvent::Heartbeat(h),
+        Message::Report(_) | Message::CommandResult(_) => FleetEvent::Seen,
+        // decode_on only returns the kind the topic carries, and we do not
+        // subscribe to desired or cmd; reaching here means a misrouted message.
+        Message::Desired(_) | Message::Command(_) => return Err(Rejection::BadTopic),
+    };
+    Ok((id, kind, event))
+}
+
+/// Warns at most once per `every` per reason; the rest go to debug. A
+/// misbehaving device must not be able to flood the controller's log.
+struct LogLimiter {
+    last: [Option<Instant>; 5],
+    every: Duration,
+}
+
+impl LogLimiter {
+    fn allow(&mut self, why: Rejection) -> bool {
+        let slot = &mut self.last[why as usize];
+        let now = Instant::now();
+        if slot.is_some_and(|t| now.duration_since(t) < self.every) {
+            return false;
+        }
+        *slot = Some(now);
+        true
+    }
+}
+
+/// Runs until `shutdown` resolves. Reconnects forever; the API keeps serving
+/// the last known fleet meanwhile.
+pub async fn run(controller: Arc<Controller>, broker: BrokerUrl, client_id: String, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+        .set_inflight(1000);
+    let (client, mut events) = AsyncClient::new(opts, 1024);
+    let mut limiter = LogLimiter { last: [None; 5], every: Duration::from_secs(10) };
+    let mut failures = 0u32;
+    info!(%broker, "ingest connecting");
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.changed() => break,
+            e = events.poll() => e,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                info!(%broker, "ingest connected");
+                failures = 0;
+                controller.broker_connected.store(true, Relaxed);
+                controller.metrics.broker_connects.fetch_add(1, Relaxed);
+                let filters = UPSTREAM.map(|k| rumqttc::SubscribeFilter::new(k.filter_all_devices(), QoS::AtLeastOnce));
+                if let Err(e) = client.try_subscribe_many(filters) {
+                    warn!(error = %e, "cannot queue subscriptions");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => match classify(&p.topic, &p.payload) {
+                Ok((id, kind, event)) => {
+                    controller.metrics.received(kind);
+                    controller.apply(&id, event, now_ms());
+                }
+                Err(why) => {
+                    controller.metrics.rejected(why);
+                    if limiter.allow(why) {
+                        warn!(topic = %p.topic, len = p.payload.len(), reason = why.as_str(), "refused a device message (further ones logged at debug for 10 s)");
+                    } else {
+                        debug!(topic = %p.topic, len = p.payload.len(), reason = why.as_str(), "refused a device message");
+                    }
+                }
+            },
+            Ok(_) => {}
+            Err(e) => {
+                controller.broker_connected.store(false, Relaxed);
+                failures = failures.saturating_add(1);
+                let delay = Duration::from_millis(200u64.saturating_mul(1 << failures.min(5)));
+                warn!(%broker, error = %e, retry_in_ms = delay.as_millis() as u64, "ingest lost the broker");
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    let _ = client.try_disconnect();
+    controller.broker_connected.store(false, Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_protocol::{encode, samples};
+
+    #[test]
+    fn classifies_good_and_bad_publishes() {
+        let hb = encode(&Message::Heartbeat(samples::heartbeat())).unwrap();
+        let pres = encode(&Message::Presence(samples::presence())).unwrap();
+        assert!(matches!(classify("baton/v1/dev/a/heartbeat", &hb), Ok((_, TopicKind::Heartbeat, FleetEvent::Heartbeat(_)))));
+        assert_eq!(classify("baton/v1/dev/a b/heartbeat", &hb).err(), Some(Rejection::BadTopic));
+        assert_eq!(classify("baton/v1/dev/a/presence", &hb).err(), Some(Rejection::Malformed));
+        assert_eq!(classify("baton/v1/dev/a/heartbeat", &[0xde, 0xad]).err(), Some(Rejection::Malformed));
+        let mut v2 = pres.clone();
+        v2[0] = 2;
+        assert_eq!(classify("baton/v1/dev/a/presence", &v2).err(), Some(Rejection::WrongVersion));
+        let mut big = hb.clone();
+        big.resize(10_000, 0);
+        assert_eq!(classify("baton/v1/dev/a/heartbeat", &big).err(), Some(Rejection::Oversize));
+    }
+}

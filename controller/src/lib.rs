@@ -1,0 +1,13 @@
+//! The Baton controller as a library: the `baton` binary (server and CLI) is a
+//! thin `main` over it, and end-to-end tests drive the same code.
+
+pub mod api;
+pub mod broker;
+pub mod cli;
+pub mod controller;
+pub mod fleet;
+pub mod ingest;
+pub mod metrics;
+pub mod server;
+pub mod store;
+pub mod view;

@@ -1,0 +1,115 @@
+//! `baton server`: assembles broker, store, ingest, API, and shuts them down in order.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use baton_protocol::BrokerUrl;
+
+use crate::controller::{now_ms, Controller};
+use crate::store::Store;
+use crate::{api, broker, ingest};
+
+#[derive(Debug, Clone)]
+pub enum BrokerMode {
+    /// Run rumqttd in-process, listening here.
+    Embedded(SocketAddr),
+    /// Use a broker someone else runs.
+    External(BrokerUrl),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub http_listen: SocketAddr,
+    pub broker: BrokerMode,
+    pub data_dir: PathBuf,
+    /// A device online but silent for longer is reported `stale`.
+    pub stale_after: Duration,
+    /// How often heartbeat-only changes (`last_seen`) are written to the store.
+    pub flush_every: Duration,
+    pub max_devices: usize,
+}
+
+impl ServerConfig {
+    /// The URL agents on this machine use to reach the broker.
+    pub fn broker_url(&self) -> BrokerUrl {
+        match &self.broker {
+            BrokerMode::Embedded(addr) => {
+                let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+                BrokerUrl { host, port: addr.port() }
+            }
+            BrokerMode::External(url) => url.clone(),
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves. Returns the bound HTTP
+/// address through `ready` as soon as it serves.
+pub async fn serve(
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let db = cfg.data_dir.join("baton.db");
+    let store = Store::open(&db)?;
+    let controller = Arc::new(Controller::new(store, cfg.stale_after.as_millis() as u64)?);
+
+    if let BrokerMode::Embedded(addr) = cfg.broker {
+        broker::start(addr, cfg.max_devices + 16)?;
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.http_listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {} (use --listen ADDR)", cfg.http_listen))?;
+    let http_addr = listener.local_addr()?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let client_id = format!("baton-controller-{}", std::process::id());
+    let ingest = tokio::spawn(ingest::run(controller.clone(), cfg.broker_url(), client_id, stop_rx.clone()));
+    let flusher = tokio::spawn(flush_loop(controller.clone(), cfg.flush_every, stop_rx.clone()));
+
+    tracing::info!(http = %http_addr, broker = %cfg.broker_url(), data = %cfg.data_dir.display(), "controller serving");
+    if let Some(ready) = ready {
+        let _ = ready.send(http_addr);
+    }
+    let mut http_stop = stop_rx.clone();
+    let http = axum::serve(listener, api::router(controller.clone()))
+        .with_graceful_shutdown(async move {
+            let _ = http_stop.changed().await;
+        });
+    let http = tokio::spawn(async move { http.await });
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = ingest.await;
+    let _ = flusher.await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+    // Whatever heartbeats moved since the last flush.
+    controller.flush_seen(0)?;
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+async fn flush_loop(controller: Arc<Controller>, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut since = now_ms();
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let started = now_ms();
+        match controller.flush_seen(since) {
+            Ok(n) => {
+                since = started;
+                tracing::debug!(devices = n, "flushed last_seen");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot flush last_seen; will retry"),
+        }
+    }
+}

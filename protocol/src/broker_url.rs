@@ -1,0 +1,81 @@
+//! `mqtt://host[:port]` addresses of brokers, parsed once at the edge.
+//! Pure string handling; both agent and controller take it from config.
+
+use std::fmt;
+
+pub const DEFAULT_MQTT_PORT: u16 = 1883;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid broker URL {url:?}: {reason} (expected mqtt://HOST[:PORT], e.g. mqtt://127.0.0.1:1883)")]
+pub struct InvalidBrokerUrl {
+    pub url: String,
+    pub reason: &'static str,
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = InvalidBrokerUrl;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        let bad = |reason| InvalidBrokerUrl { url: url.to_string(), reason };
+        let rest = match url.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => rest,
+            Some(("mqtts" | "ssl", _)) => return Err(bad("TLS brokers are not supported yet")),
+            Some(_) => return Err(bad("unknown scheme")),
+            None => url,
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') || rest.contains('@') {
+            return Err(bad("paths and credentials do not belong in the URL"));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, tail) = v6.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+            (host, tail.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("missing host"));
+        }
+        let port = match port {
+            Some(p) => p.parse().ok().filter(|p| *p != 0).ok_or_else(|| bad("port must be 1-65535"))?,
+            None => DEFAULT_MQTT_PORT,
+        };
+        Ok(Self { host: host.to_string(), port })
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "mqtt://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_forms_operators_write() {
+        let p = |s: &str| s.parse::<BrokerUrl>().map(|u| (u.host, u.port));
+        assert_eq!(p("mqtt://127.0.0.1:1884"), Ok(("127.0.0.1".into(), 1884)));
+        assert_eq!(p("mqtt://broker.lan"), Ok(("broker.lan".into(), 1883)));
+        assert_eq!(p("broker.lan:2000"), Ok(("broker.lan".into(), 2000)));
+        assert_eq!(p("tcp://[::1]:1885/"), Ok(("::1".into(), 1885)));
+        for bad in ["http://x", "mqtt://", "mqtt://x:0", "mqtt://x:99999", "mqtt://u:p@x", "mqtts://x"] {
+            assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
+        }
+    }
+}
