@@ -51,19 +51,28 @@ pub struct AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// toml's message names the line, column and field.
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{origin}: {message}")]
     Invalid { origin: String, message: String },
     #[error("no device_id configured and {path} is unreadable ({source}); set device_id in the config or pass --device-id")]
-    NoMachineId { path: PathBuf, source: std::io::Error },
+    NoMachineId {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl FileConfig {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
     }
 
     /// Reads `path`. A missing file at the default path means "all defaults";
@@ -72,7 +81,10 @@ impl FileConfig {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(path, &text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
-            Err(source) => Err(ConfigError::Read { path: path.to_owned(), source }),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
         }
     }
 }
@@ -98,27 +110,44 @@ impl AgentConfig {
         };
 
         let broker_cli = cli.broker.is_some();
-        let broker = cli.broker.or(file.broker).unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
-        let broker = broker.parse().map_err(|e: baton_protocol::InvalidBrokerUrl| {
-            invalid("broker", broker_cli, e.to_string())
-        })?;
+        let broker = cli
+            .broker
+            .or(file.broker)
+            .unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
+        let broker = broker
+            .parse()
+            .map_err(|e: baton_protocol::InvalidBrokerUrl| {
+                invalid("broker", broker_cli, e.to_string())
+            })?;
 
         let id_cli = cli.device_id.is_some();
         let device_id = match cli.device_id.or(file.device_id) {
-            Some(id) => DeviceId::new(id).map_err(|e| invalid("device_id", id_cli, e.to_string()))?,
+            Some(id) => {
+                DeviceId::new(id).map_err(|e| invalid("device_id", id_cli, e.to_string()))?
+            }
             None => device_id_from_machine_id(machine_id)?,
         };
 
-        let seconds = |field: &str, cli_v: Option<u64>, file_v: Option<u64>, default: u64, max: u64| {
-            let v = cli_v.or(file_v).unwrap_or(default);
-            if v == 0 || v > max {
-                Err(invalid(field, cli_v.is_some(), format!("must be between 1 and {max} seconds, got {v}")))
-            } else {
-                Ok(Duration::from_secs(v))
-            }
-        };
-        let heartbeat_interval =
-            seconds("heartbeat_interval_s", cli.heartbeat_interval_s, file.heartbeat_interval_s, 15, 3600)?;
+        let seconds =
+            |field: &str, cli_v: Option<u64>, file_v: Option<u64>, default: u64, max: u64| {
+                let v = cli_v.or(file_v).unwrap_or(default);
+                if v == 0 || v > max {
+                    Err(invalid(
+                        field,
+                        cli_v.is_some(),
+                        format!("must be between 1 and {max} seconds, got {v}"),
+                    ))
+                } else {
+                    Ok(Duration::from_secs(v))
+                }
+            };
+        let heartbeat_interval = seconds(
+            "heartbeat_interval_s",
+            cli.heartbeat_interval_s,
+            file.heartbeat_interval_s,
+            15,
+            3600,
+        )?;
         let keepalive = seconds("keepalive_s", cli.keepalive_s, file.keepalive_s, 30, 3600)?;
 
         let mut labels = file.labels;
@@ -136,7 +165,10 @@ impl AgentConfig {
         Ok(Self {
             broker,
             device_id,
-            data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            data_dir: cli
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             heartbeat_interval,
             keepalive,
             labels,
@@ -147,9 +179,16 @@ impl AgentConfig {
 /// `dev-` and the first 16 hex digits of the machine id: stable across
 /// reboots and agent reinstalls, distinct between devices.
 fn device_id_from_machine_id(path: &Path) -> Result<DeviceId, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::NoMachineId { path: path.to_owned(), source })?;
-    let hex: String = text.trim().chars().filter(char::is_ascii_hexdigit).take(16).collect();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::NoMachineId {
+        path: path.to_owned(),
+        source,
+    })?;
+    let hex: String = text
+        .trim()
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(16)
+        .collect();
     if hex.len() < 8 {
         return Err(ConfigError::NoMachineId {
             path: path.to_owned(),
@@ -201,22 +240,41 @@ mod tests {
 
     #[test]
     fn errors_name_file_line_and_field() {
-        let e = resolve("broker = \"mqtt://x\"\nheartbeat_intervl_s = 5\n", Overrides::default())
-            .unwrap_err()
-            .to_string();
+        let e = resolve(
+            "broker = \"mqtt://x\"\nheartbeat_intervl_s = 5\n",
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("/etc/baton/agent.toml"), "{e}");
         assert!(e.contains("line 2"), "{e}");
         assert!(e.contains("heartbeat_intervl_s"), "{e}");
 
-        let e = resolve("heartbeat_interval_s = 0\n", Overrides::default()).unwrap_err().to_string();
-        assert!(e.contains("field `heartbeat_interval_s`") && e.contains("between 1 and 3600"), "{e}");
-
-        let e = resolve("", Overrides { broker: Some("http://x".into()), ..Default::default() })
+        let e = resolve("heartbeat_interval_s = 0\n", Overrides::default())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("--broker") && e.contains("unknown scheme"), "{e}");
+        assert!(
+            e.contains("field `heartbeat_interval_s`") && e.contains("between 1 and 3600"),
+            "{e}"
+        );
 
-        let e = resolve("[labels]\n\"bad key\" = \"v\"\n", Overrides::default()).unwrap_err().to_string();
+        let e = resolve(
+            "",
+            Overrides {
+                broker: Some("http://x".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--broker") && e.contains("unknown scheme"),
+            "{e}"
+        );
+
+        let e = resolve("[labels]\n\"bad key\" = \"v\"\n", Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("labels") && e.contains("bad key"), "{e}");
     }
 }

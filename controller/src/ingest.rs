@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_protocol::{codec::decode_on, DecodeError, Message, TopicKind, BrokerUrl};
+use baton_protocol::{codec::decode_on, BrokerUrl, DecodeError, Message, TopicKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tracing::{debug, info, warn};
 
@@ -15,15 +15,23 @@ use crate::fleet::FleetEvent;
 use crate::metrics::Rejection;
 
 /// Topics the controller reads: everything agents publish.
-pub const UPSTREAM: [TopicKind; 5] =
-    [TopicKind::Presence, TopicKind::Inventory, TopicKind::Heartbeat, TopicKind::Report, TopicKind::CmdRes];
+pub const UPSTREAM: [TopicKind; 5] = [
+    TopicKind::Presence,
+    TopicKind::Inventory,
+    TopicKind::Heartbeat,
+    TopicKind::Report,
+    TopicKind::CmdRes,
+];
 
 /// Larger than any broker limit we configure, so an oversize publish is
 /// refused by the codec, never by a broken controller connection.
 const MAX_PACKET: usize = 1024 * 1024;
 
 /// Turns one publish into an event, or says why not. Pure.
-pub fn classify(topic: &str, payload: &[u8]) -> Result<(baton_protocol::DeviceId, TopicKind, FleetEvent), Rejection> {
+pub fn classify(
+    topic: &str,
+    payload: &[u8],
+) -> Result<(baton_protocol::DeviceId, TopicKind, FleetEvent), Rejection> {
     let (id, kind) = TopicKind::parse(topic).ok_or(Rejection::BadTopic)?;
     let (_, msg) = decode_on(kind, payload).map_err(|e| match e {
         DecodeError::TooLarge { .. } => Rejection::Oversize,
@@ -63,14 +71,22 @@ impl LogLimiter {
 
 /// Runs until `shutdown` resolves. Reconnects forever; the API keeps serving
 /// the last known fleet meanwhile.
-pub async fn run(controller: Arc<Controller>, broker: BrokerUrl, client_id: String, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(
+    controller: Arc<Controller>,
+    broker: BrokerUrl,
+    client_id: String,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
     opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)
         .set_inflight(1000);
     let (client, mut events) = AsyncClient::new(opts, 1024);
-    let mut limiter = LogLimiter { last: [None; 5], every: Duration::from_secs(10) };
+    let mut limiter = LogLimiter {
+        last: [None; 5],
+        every: Duration::from_secs(10),
+    };
     let mut failures = 0u32;
     info!(%broker, "ingest connecting");
     loop {
@@ -84,7 +100,9 @@ pub async fn run(controller: Arc<Controller>, broker: BrokerUrl, client_id: Stri
                 failures = 0;
                 controller.broker_connected.store(true, Relaxed);
                 controller.metrics.broker_connects.fetch_add(1, Relaxed);
-                let filters = UPSTREAM.map(|k| rumqttc::SubscribeFilter::new(k.filter_all_devices(), QoS::AtLeastOnce));
+                let filters = UPSTREAM.map(|k| {
+                    rumqttc::SubscribeFilter::new(k.filter_all_devices(), QoS::AtLeastOnce)
+                });
                 if let Err(e) = client.try_subscribe_many(filters) {
                     warn!(error = %e, "cannot queue subscriptions");
                 }
@@ -129,15 +147,33 @@ mod tests {
     fn classifies_good_and_bad_publishes() {
         let hb = encode(&Message::Heartbeat(samples::heartbeat())).unwrap();
         let pres = encode(&Message::Presence(samples::presence())).unwrap();
-        assert!(matches!(classify("baton/v1/dev/a/heartbeat", &hb), Ok((_, TopicKind::Heartbeat, FleetEvent::Heartbeat(_)))));
-        assert_eq!(classify("baton/v1/dev/a b/heartbeat", &hb).err(), Some(Rejection::BadTopic));
-        assert_eq!(classify("baton/v1/dev/a/presence", &hb).err(), Some(Rejection::Malformed));
-        assert_eq!(classify("baton/v1/dev/a/heartbeat", &[0xde, 0xad]).err(), Some(Rejection::Malformed));
+        assert!(matches!(
+            classify("baton/v1/dev/a/heartbeat", &hb),
+            Ok((_, TopicKind::Heartbeat, FleetEvent::Heartbeat(_)))
+        ));
+        assert_eq!(
+            classify("baton/v1/dev/a b/heartbeat", &hb).err(),
+            Some(Rejection::BadTopic)
+        );
+        assert_eq!(
+            classify("baton/v1/dev/a/presence", &hb).err(),
+            Some(Rejection::Malformed)
+        );
+        assert_eq!(
+            classify("baton/v1/dev/a/heartbeat", &[0xde, 0xad]).err(),
+            Some(Rejection::Malformed)
+        );
         let mut v2 = pres.clone();
         v2[0] = 2;
-        assert_eq!(classify("baton/v1/dev/a/presence", &v2).err(), Some(Rejection::WrongVersion));
+        assert_eq!(
+            classify("baton/v1/dev/a/presence", &v2).err(),
+            Some(Rejection::WrongVersion)
+        );
         let mut big = hb.clone();
         big.resize(10_000, 0);
-        assert_eq!(classify("baton/v1/dev/a/heartbeat", &big).err(), Some(Rejection::Oversize));
+        assert_eq!(
+            classify("baton/v1/dev/a/heartbeat", &big).err(),
+            Some(Rejection::Oversize)
+        );
     }
 }

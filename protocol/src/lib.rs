@@ -14,8 +14,8 @@ pub mod spec;
 pub mod topic;
 
 pub use broker_url::{BrokerUrl, InvalidBrokerUrl};
-pub use label::validate_label;
 pub use codec::{decode, encode, DecodeError, Envelope, MessageKind};
+pub use label::validate_label;
 pub use message::*;
 pub use topic::{DeviceId, InvalidDeviceId, TopicKind};
 

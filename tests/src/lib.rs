@@ -1,0 +1,393 @@
+//! Harness for end-to-end tests: real `baton` and `baton-agent` processes,
+//! real brokers, each test in its own temp dir with its own ports. Waits are
+//! polls with deadlines, never bare sleeps.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use baton_controller::view::DeviceView;
+
+pub mod mqtt;
+
+/// Where cargo put the workspace binaries: next to the test executable's `deps/`.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("BATON_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("current_exe");
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_path_buf()
+        });
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo test --workspace` (or `cargo build --workspace --bins`)",
+        path.display()
+    );
+    path
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed when dropped; its output goes to a log file.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Proc {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .env("BATON_LOG", "debug,rumqttd=warn,rumqttc=info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+        Proc {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no goodbye, as when a device loses power or the agent crashes.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One test's world: a temp dir for data and logs; logs are printed if the test fails.
+pub struct World {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl World {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("baton-e2e-")
+                .tempdir()
+                .expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.path()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                eprintln!(
+                    "----- {} (last {} lines) -----",
+                    e.path().display(),
+                    tail.len()
+                );
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+/// The broker a test's controller and agents use.
+#[derive(Clone, Copy, Debug)]
+pub enum BrokerKind {
+    Embedded,
+    Mosquitto,
+}
+
+/// How a `baton server` is launched: kept so a test can restart it identically.
+struct ServerSpec {
+    http: u16,
+    mqtt: u16,
+    external: bool,
+    data_dir: PathBuf,
+    log_dir: PathBuf,
+    extra: Vec<String>,
+}
+
+impl ServerSpec {
+    fn launch(&self) -> Proc {
+        let mut args = vec![
+            "server".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", self.http),
+            "--data-dir".into(),
+            self.data_dir.display().to_string(),
+        ];
+        if self.external {
+            args.extend(["--broker".into(), format!("mqtt://127.0.0.1:{}", self.mqtt)]);
+        } else {
+            args.extend(["--mqtt-listen".into(), format!("127.0.0.1:{}", self.mqtt)]);
+        }
+        args.extend(self.extra.iter().cloned());
+        let proc = Proc::spawn("controller", &bin("baton"), &args, &self.log_dir);
+        let http = self.http;
+        wait_for("controller health", Duration::from_secs(20), || {
+            get_json::<serde_json::Value>(http, "/healthz")
+                .ok()
+                .filter(|h| h["broker_connected"] == true)
+        });
+        proc
+    }
+}
+
+/// A running `baton server`.
+pub struct Controller {
+    pub proc: Proc,
+    pub http: u16,
+    pub mqtt: u16,
+    spec: ServerSpec,
+}
+
+impl Controller {
+    /// Starts `baton server`; with `mqtt_external`, uses that broker port instead of embedding one.
+    pub fn start(world: &World, mqtt_external: Option<u16>, extra: &[&str]) -> Controller {
+        let spec = ServerSpec {
+            http: free_port(),
+            mqtt: mqtt_external.unwrap_or_else(free_port),
+            external: mqtt_external.is_some(),
+            data_dir: world.path().join("controller"),
+            log_dir: world.path().to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        Controller {
+            proc: spec.launch(),
+            http: spec.http,
+            mqtt: spec.mqtt,
+            spec,
+        }
+    }
+
+    /// Stops the server (SIGTERM, clean) and starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        assert_eq!(
+            self.proc.terminate(),
+            Some(0),
+            "controller did not exit cleanly"
+        );
+        self.proc = self.spec.launch();
+    }
+
+    pub fn broker_url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.mqtt)
+    }
+
+    pub fn devices(&self) -> Vec<DeviceView> {
+        get_json(self.http, "/api/v1/devices").expect("list devices")
+    }
+
+    pub fn device(&self, id: &str) -> Option<DeviceView> {
+        get_json(self.http, &format!("/api/v1/devices/{id}")).ok()
+    }
+
+    /// The value of one Prometheus sample line, e.g. `baton_mqtt_rejected_total{reason="malformed"}`.
+    pub fn metric(&self, series: &str) -> u64 {
+        let text = get_text(self.http, "/metrics").expect("metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    }
+
+    pub fn server_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http)
+    }
+}
+
+/// Starts `baton-agent` for device `id` against `broker`.
+pub fn start_agent(world: &World, id: &str, broker: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "--config".to_string(),
+        world
+            .path()
+            .join("no-such-agent.toml")
+            .display()
+            .to_string(),
+        "--broker".into(),
+        broker.into(),
+        "--device-id".into(),
+        id.into(),
+        "--data-dir".into(),
+        world
+            .path()
+            .join(format!("agent-{id}"))
+            .display()
+            .to_string(),
+    ];
+    if !extra.contains(&"--heartbeat-interval") {
+        args.extend(["--heartbeat-interval".into(), "1".into()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    // The config file is named explicitly: write an empty one so only flags apply.
+    std::fs::write(world.path().join("no-such-agent.toml"), "").expect("empty config");
+    Proc::spawn(
+        &format!("agent-{id}"),
+        &bin("baton-agent"),
+        &args,
+        world.path(),
+    )
+}
+
+/// A Mosquitto broker on a free loopback port, configured as Baton documents.
+pub struct Mosquitto {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Mosquitto {
+    pub fn start(world: &World) -> Mosquitto {
+        let port = free_port();
+        let conf = world.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 100000\nmax_inflight_messages 1000\nlog_dest stderr\n"
+            ),
+        )
+        .expect("mosquitto.conf");
+        let mosquitto = which("mosquitto")
+            .expect("mosquitto is not installed: .ci/run installs it (apt-get install mosquitto)");
+        let proc = Proc::spawn(
+            "mosquitto",
+            &mosquitto,
+            &["-c".into(), conf.display().to_string()],
+            world.path(),
+        );
+        wait_for("mosquitto listening", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Mosquitto { proc, port }
+    }
+}
+
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(true)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into()
+}
+
+pub fn get_json<T: serde::de::DeserializeOwned>(port: u16, path: &str) -> anyhow::Result<T> {
+    Ok(agent()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .call()?
+        .body_mut()
+        .read_json()?)
+}
+
+pub fn get_text(port: u16, path: &str) -> anyhow::Result<String> {
+    Ok(agent()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .call()?
+        .body_mut()
+        .read_to_string()?)
+}
+
+/// Runs the `baton` CLI against `server`; returns (exit ok, stdout, stderr).
+pub fn baton_cli(server: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("baton"))
+        .args(args)
+        .env("BATON_SERVER", server)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run baton");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}

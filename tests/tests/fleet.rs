@@ -1,0 +1,220 @@
+//! A controller and three agents as separate processes: registration,
+//! presence through crashes and restarts, with the embedded broker and with Mosquitto.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use baton_controller::fleet::Status;
+use baton_tests::*;
+
+const IDS: [&str; 3] = ["pi-a", "pi-b", "pi-c"];
+
+fn statuses(c: &Controller) -> Vec<(String, Status)> {
+    c.devices().into_iter().map(|d| (d.id, d.status)).collect()
+}
+
+fn all_online_with_inventory(c: &Controller) -> bool {
+    let devices = c.devices();
+    devices.len() == IDS.len()
+        && devices
+            .iter()
+            .all(|d| d.status == Status::Online && d.inventory.as_ref().is_some_and(|i| i.cpus > 0))
+}
+
+fn presence_scenario(broker: BrokerKind) {
+    let world = World::new();
+    let mosquitto = matches!(broker, BrokerKind::Mosquitto).then(|| Mosquitto::start(&world));
+    let mut controller = Controller::start(&world, mosquitto.as_ref().map(|m| m.port), &[]);
+    let url = controller.broker_url();
+    let mut agents: Vec<Proc> = IDS
+        .iter()
+        .map(|id| start_agent(&world, id, &url, &["--label", "site=lab"]))
+        .collect();
+
+    wait_for(
+        "3 devices online with inventory",
+        Duration::from_secs(20),
+        || all_online_with_inventory(&controller).then_some(()),
+    );
+    let d = controller.device("pi-a").expect("pi-a");
+    assert_eq!(d.labels.get("site").map(String::as_str), Some("lab"));
+    assert_eq!(d.arch, std::env::consts::ARCH);
+    wait_for("a heartbeat from pi-a", Duration::from_secs(10), || {
+        controller.device("pi-a")?.heartbeat
+    });
+
+    // A crash: no goodbye. The broker sees the socket close and publishes the Will.
+    agents[1].kill9();
+    wait_for(
+        "pi-b offline after kill -9",
+        Duration::from_secs(10),
+        || (controller.device("pi-b")?.status == Status::Offline).then_some(()),
+    );
+    assert_eq!(
+        controller.device("pi-a").map(|d| d.status),
+        Some(Status::Online)
+    );
+
+    // Same id again: the same device comes back, no duplicate.
+    let first_seen = controller.device("pi-b").expect("pi-b").first_seen_ms;
+    agents[1] = start_agent(&world, "pi-b", &url, &[]);
+    wait_for("pi-b online again", Duration::from_secs(20), || {
+        (controller.device("pi-b")?.status == Status::Online).then_some(())
+    });
+    let ids: BTreeSet<String> = controller.devices().into_iter().map(|d| d.id).collect();
+    assert_eq!(ids, IDS.iter().map(|s| s.to_string()).collect());
+    assert_eq!(
+        controller.device("pi-b").expect("pi-b").first_seen_ms,
+        first_seen
+    );
+
+    // Controller restart: the fleet comes back from SQLite at once, and
+    // presence recovers from the agents (embedded) or retained messages (Mosquitto).
+    let before_restart = baton_controller::controller::now_ms();
+    controller.restart();
+    let listed: BTreeSet<String> = controller.devices().into_iter().map(|d| d.id).collect();
+    assert_eq!(
+        listed.len(),
+        IDS.len(),
+        "devices missing right after restart: {listed:?}"
+    );
+    wait_for(
+        "every device heard from after the restart",
+        Duration::from_secs(20),
+        || {
+            let devices = controller.devices();
+            (devices.len() == IDS.len()
+                && devices
+                    .iter()
+                    .all(|d| d.status == Status::Online && d.last_seen_ms > before_restart))
+            .then_some(())
+        },
+    );
+    for a in &mut agents {
+        assert!(a.is_running(), "{} died", a.name);
+    }
+
+    // A clean agent stop marks the device offline on purpose.
+    assert_eq!(agents[2].terminate(), Some(0));
+    wait_for(
+        "pi-c offline after SIGTERM",
+        Duration::from_secs(10),
+        || (controller.device("pi-c")?.status == Status::Offline).then_some(()),
+    );
+    assert_eq!(
+        controller.devices().len(),
+        IDS.len(),
+        "{:?}",
+        statuses(&controller)
+    );
+}
+
+#[test]
+fn three_agents_presence_crash_restart_with_embedded_broker() {
+    presence_scenario(BrokerKind::Embedded);
+}
+
+#[test]
+fn three_agents_presence_crash_restart_with_mosquitto() {
+    presence_scenario(BrokerKind::Mosquitto);
+}
+
+#[test]
+fn silent_device_turns_stale_then_recovers() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &["--stale-after", "2"]);
+    let mut agent = start_agent(
+        &world,
+        "quiet",
+        &controller.broker_url(),
+        &["--heartbeat-interval", "60"],
+    );
+    wait_for("quiet online", Duration::from_secs(20), || {
+        (controller.device("quiet")?.status == Status::Online).then_some(())
+    });
+    // Connected but silent (heartbeats every 60 s): stale after 2 s.
+    wait_for("quiet stale", Duration::from_secs(10), || {
+        (controller.device("quiet")?.status == Status::Stale).then_some(())
+    });
+    agent.kill9();
+    wait_for("quiet offline", Duration::from_secs(10), || {
+        (controller.device("quiet")?.status == Status::Offline).then_some(())
+    });
+}
+
+#[test]
+fn cli_lists_describes_and_labels_devices() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let _agent = start_agent(
+        &world,
+        "cli-dev",
+        &controller.broker_url(),
+        &["--label", "role=sensor"],
+    );
+    wait_for("cli-dev online", Duration::from_secs(20), || {
+        (controller.device("cli-dev")?.status == Status::Online).then_some(())
+    });
+    let server = controller.server_url();
+
+    let (ok, out, err) = baton_cli(&server, &["get", "devices"]);
+    assert!(ok, "{err}");
+    let mut lines = out.lines();
+    let header = lines.next().unwrap_or_default();
+    for col in ["ID", "STATUS", "ARCH", "LABELS", "LAST SEEN", "AGENT"] {
+        assert!(header.contains(col), "missing {col} in {header:?}");
+    }
+    let row = lines.next().unwrap_or_default();
+    assert!(
+        row.starts_with("cli-dev") && row.contains("online") && row.contains("role=sensor"),
+        "{row:?}"
+    );
+
+    let (ok, out, err) = baton_cli(
+        &server,
+        &["label", "device", "cli-dev", "tier=edge", "role-"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("tier=edge"), "{out}");
+    // Removing the operator label falls back to the agent's own.
+    let d = controller.device("cli-dev").expect("cli-dev");
+    assert_eq!(
+        d.operator_labels.get("tier").map(String::as_str),
+        Some("edge")
+    );
+    assert_eq!(d.labels.get("role").map(String::as_str), Some("sensor"));
+
+    let (ok, out, _) = baton_cli(&server, &["get", "devices", "-o", "json"]);
+    assert!(ok);
+    let parsed: serde_json::Value = serde_json::from_str(&out).expect("json output");
+    assert_eq!(parsed[0]["id"], "cli-dev");
+    let (ok, out, _) = baton_cli(&server, &["describe", "device", "cli-dev", "-o", "yaml"]);
+    assert!(ok && out.contains("id: cli-dev"), "{out}");
+    let (ok, out, _) = baton_cli(&server, &["describe", "device", "cli-dev"]);
+    assert!(
+        ok && out.contains("Kernel:") && out.contains("tier (operator)=edge"),
+        "{out}"
+    );
+
+    let (ok, _, err) = baton_cli(&server, &["describe", "device", "nope"]);
+    assert!(!ok && err.contains("device nope not found"), "{err}");
+    let (ok, _, err) = baton_cli(&server, &["label", "device", "cli-dev", "bad key=x"]);
+    assert!(!ok && err.contains("label key"), "{err}");
+}
+
+#[test]
+fn cli_without_a_controller_says_how_to_point_at_one() {
+    let port = free_port();
+    let (ok, _, err) = baton_cli(&format!("http://127.0.0.1:{port}"), &["get", "devices"]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "cannot reach the Baton controller at http://127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("--server") && err.contains("BATON_SERVER"),
+        "{err}"
+    );
+}
