@@ -16,28 +16,19 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration, seed: u64) -> Self {
-        Self {
-            base,
-            cap,
-            attempt: 0,
-            rng: seed | 1,
-        }
+        Self { base, cap, attempt: 0, rng: seed | 1 }
     }
 
     /// A backoff seeded from the clock and pid, so devices do not share a sequence.
     pub fn with_entropy(base: Duration, cap: Duration) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         Self::new(base, cap, nanos ^ (u64::from(std::process::id()) << 32))
     }
 
     /// The delay before the next attempt: in [step/2, step], step = min(cap, base·2^n).
     pub fn next_delay(&mut self) -> Duration {
-        let step = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.cap);
+        let step = self.base.saturating_mul(1u32 << self.attempt.min(20)).min(self.cap);
         self.attempt = self.attempt.saturating_add(1);
         let half = step / 2;
         let jitter_ns = self.next_rand() % (half.as_nanos() as u64 + 1);
@@ -71,11 +62,7 @@ mod tests {
         for n in 0..40u32 {
             let step = base.saturating_mul(1 << n.min(20)).min(cap);
             let d = b.next_delay();
-            assert!(
-                d >= step / 2 && d <= step,
-                "attempt {n}: {d:?} outside [{:?}, {step:?}]",
-                step / 2
-            );
+            assert!(d >= step / 2 && d <= step, "attempt {n}: {d:?} outside [{:?}, {step:?}]", step / 2);
         }
     }
 

@@ -51,28 +51,21 @@ pub struct AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     /// toml's message names the line, column and field.
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{origin}: {message}")]
     Invalid { origin: String, message: String },
-    #[error("no device_id configured and {path} is unreadable ({source}); set device_id in the config or pass --device-id")]
-    NoMachineId {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(
+        "no device_id configured and {path} is unreadable ({source}); set device_id in the config or pass --device-id"
+    )]
+    NoMachineId { path: PathBuf, source: std::io::Error },
 }
 
 impl FileConfig {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
     }
 
     /// Reads `path`. A missing file at the default path means "all defaults";
@@ -81,22 +74,14 @@ impl FileConfig {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(path, &text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
-            Err(source) => Err(ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            }),
+            Err(source) => Err(ConfigError::Read { path: path.to_owned(), source }),
         }
     }
 }
 
 impl AgentConfig {
     /// Merges file and overrides; `machine_id` is read only when no id is configured.
-    pub fn resolve(
-        file: FileConfig,
-        file_path: &Path,
-        cli: Overrides,
-        machine_id: &Path,
-    ) -> Result<Self, ConfigError> {
+    pub fn resolve(file: FileConfig, file_path: &Path, cli: Overrides, machine_id: &Path) -> Result<Self, ConfigError> {
         let origin = |field: &str, from_cli: bool| {
             if from_cli {
                 format!("command line --{}", field.replace('_', "-"))
@@ -110,44 +95,27 @@ impl AgentConfig {
         };
 
         let broker_cli = cli.broker.is_some();
-        let broker = cli
-            .broker
-            .or(file.broker)
-            .unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
+        let broker = cli.broker.or(file.broker).unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
         let broker = broker
             .parse()
-            .map_err(|e: baton_protocol::InvalidBrokerUrl| {
-                invalid("broker", broker_cli, e.to_string())
-            })?;
+            .map_err(|e: baton_protocol::InvalidBrokerUrl| invalid("broker", broker_cli, e.to_string()))?;
 
         let id_cli = cli.device_id.is_some();
         let device_id = match cli.device_id.or(file.device_id) {
-            Some(id) => {
-                DeviceId::new(id).map_err(|e| invalid("device_id", id_cli, e.to_string()))?
-            }
+            Some(id) => DeviceId::new(id).map_err(|e| invalid("device_id", id_cli, e.to_string()))?,
             None => device_id_from_machine_id(machine_id)?,
         };
 
-        let seconds =
-            |field: &str, cli_v: Option<u64>, file_v: Option<u64>, default: u64, max: u64| {
-                let v = cli_v.or(file_v).unwrap_or(default);
-                if v == 0 || v > max {
-                    Err(invalid(
-                        field,
-                        cli_v.is_some(),
-                        format!("must be between 1 and {max} seconds, got {v}"),
-                    ))
-                } else {
-                    Ok(Duration::from_secs(v))
-                }
-            };
-        let heartbeat_interval = seconds(
-            "heartbeat_interval_s",
-            cli.heartbeat_interval_s,
-            file.heartbeat_interval_s,
-            15,
-            3600,
-        )?;
+        let seconds = |field: &str, cli_v: Option<u64>, file_v: Option<u64>, default: u64, max: u64| {
+            let v = cli_v.or(file_v).unwrap_or(default);
+            if v == 0 || v > max {
+                Err(invalid(field, cli_v.is_some(), format!("must be between 1 and {max} seconds, got {v}")))
+            } else {
+                Ok(Duration::from_secs(v))
+            }
+        };
+        let heartbeat_interval =
+            seconds("heartbeat_interval_s", cli.heartbeat_interval_s, file.heartbeat_interval_s, 15, 3600)?;
         let keepalive = seconds("keepalive_s", cli.keepalive_s, file.keepalive_s, 30, 3600)?;
 
         let mut labels = file.labels;
@@ -155,9 +123,8 @@ impl AgentConfig {
             validate_label(k, v).map_err(|m| invalid("labels", false, m))?;
         }
         for pair in cli.labels {
-            let (k, v) = pair
-                .split_once('=')
-                .ok_or_else(|| invalid("label", true, format!("{pair:?} is not key=value")))?;
+            let (k, v) =
+                pair.split_once('=').ok_or_else(|| invalid("label", true, format!("{pair:?} is not key=value")))?;
             validate_label(k, v).map_err(|m| invalid("label", true, m))?;
             labels.insert(k.to_string(), v.to_string());
         }
@@ -165,10 +132,7 @@ impl AgentConfig {
         Ok(Self {
             broker,
             device_id,
-            data_dir: cli
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             heartbeat_interval,
             keepalive,
             labels,
@@ -179,26 +143,17 @@ impl AgentConfig {
 /// `dev-` and the first 16 hex digits of the machine id: stable across
 /// reboots and agent reinstalls, distinct between devices.
 fn device_id_from_machine_id(path: &Path) -> Result<DeviceId, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::NoMachineId {
-        path: path.to_owned(),
-        source,
-    })?;
-    let hex: String = text
-        .trim()
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .take(16)
-        .collect();
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::NoMachineId { path: path.to_owned(), source })?;
+    let hex: String = text.trim().chars().filter(char::is_ascii_hexdigit).take(16).collect();
     if hex.len() < 8 {
         return Err(ConfigError::NoMachineId {
             path: path.to_owned(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a machine id"),
         });
     }
-    DeviceId::new(format!("dev-{hex}")).map_err(|e| ConfigError::Invalid {
-        origin: path.display().to_string(),
-        message: e.to_string(),
-    })
+    DeviceId::new(format!("dev-{hex}"))
+        .map_err(|e| ConfigError::Invalid { origin: path.display().to_string(), message: e.to_string() })
 }
 
 #[cfg(test)]
@@ -240,41 +195,20 @@ mod tests {
 
     #[test]
     fn errors_name_file_line_and_field() {
-        let e = resolve(
-            "broker = \"mqtt://x\"\nheartbeat_intervl_s = 5\n",
-            Overrides::default(),
-        )
-        .unwrap_err()
-        .to_string();
+        let e =
+            resolve("broker = \"mqtt://x\"\nheartbeat_intervl_s = 5\n", Overrides::default()).unwrap_err().to_string();
         assert!(e.contains("/etc/baton/agent.toml"), "{e}");
         assert!(e.contains("line 2"), "{e}");
         assert!(e.contains("heartbeat_intervl_s"), "{e}");
 
-        let e = resolve("heartbeat_interval_s = 0\n", Overrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("field `heartbeat_interval_s`") && e.contains("between 1 and 3600"),
-            "{e}"
-        );
+        let e = resolve("heartbeat_interval_s = 0\n", Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("field `heartbeat_interval_s`") && e.contains("between 1 and 3600"), "{e}");
 
-        let e = resolve(
-            "",
-            Overrides {
-                broker: Some("http://x".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("--broker") && e.contains("unknown scheme"),
-            "{e}"
-        );
+        let e =
+            resolve("", Overrides { broker: Some("http://x".into()), ..Default::default() }).unwrap_err().to_string();
+        assert!(e.contains("--broker") && e.contains("unknown scheme"), "{e}");
 
-        let e = resolve("[labels]\n\"bad key\" = \"v\"\n", Overrides::default())
-            .unwrap_err()
-            .to_string();
+        let e = resolve("[labels]\n\"bad key\" = \"v\"\n", Overrides::default()).unwrap_err().to_string();
         assert!(e.contains("labels") && e.contains("bad key"), "{e}");
     }
 }

@@ -9,8 +9,8 @@ use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use baton_protocol::{
-    codec::decode_on, encode, Command, CommandAction, CommandOutput, CommandResult, Message,
-    Presence, PresenceState, TopicKind,
+    codec::decode_on, encode, Command, CommandAction, CommandOutput, CommandResult, Message, Presence, PresenceState,
+    TopicKind,
 };
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tracing::{debug, info, warn};
@@ -45,9 +45,7 @@ fn qos(kind: TopicKind) -> QoS {
 }
 
 fn unix_now() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
 impl Link {
@@ -64,20 +62,14 @@ impl Link {
             boot_id: boot_id.clone(),
             started_at: 0,
         };
-        let mut opts =
-            MqttOptions::new(id.as_str(), config.broker.host.clone(), config.broker.port);
+        let mut opts = MqttOptions::new(id.as_str(), config.broker.host.clone(), config.broker.port);
         opts.set_keep_alive(config.keepalive)
             .set_clean_session(false)
             .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
             .set_request_channel_capacity(REQUEST_QUEUE)
             .set_inflight(16);
         if let Ok(payload) = encode(&Message::Presence(will)) {
-            opts.set_last_will(LastWill::new(
-                id.topic(TopicKind::Presence),
-                payload,
-                QoS::AtLeastOnce,
-                true,
-            ));
+            opts.set_last_will(LastWill::new(id.topic(TopicKind::Presence), payload, QoS::AtLeastOnce, true));
         }
         let (client, mut events) = AsyncClient::new(opts, REQUEST_QUEUE);
         let mut link = Link {
@@ -90,8 +82,7 @@ impl Link {
             applied_generation: 0,
         };
 
-        let mut backoff =
-            Backoff::with_entropy(Duration::from_millis(500), Duration::from_secs(60));
+        let mut backoff = Backoff::with_entropy(Duration::from_millis(500), Duration::from_secs(60));
         let mut ticker = tokio::time::interval(link.config.heartbeat_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut connected = false;
@@ -141,10 +132,7 @@ impl Link {
             Err(e) => return warn!(error = %e, "not sending an unencodable message"),
         };
         let topic = self.config.device_id.topic(kind);
-        if let Err(e) = self
-            .client
-            .try_publish(topic, qos(kind), kind.retained(), payload)
-        {
+        if let Err(e) = self.client.try_publish(topic, qos(kind), kind.retained(), payload) {
             debug!(error = %e, kind = kind.suffix(), "request queue full; message dropped");
         }
     }
@@ -160,26 +148,18 @@ impl Link {
 
     fn on_connect(&mut self) {
         self.publish(TopicKind::Presence, &self.presence(PresenceState::Online));
-        self.publish(
-            TopicKind::Inventory,
-            &Message::Inventory(node::inventory(&self.config)),
-        );
+        self.publish(TopicKind::Inventory, &Message::Inventory(node::inventory(&self.config)));
         // Subscribing again is harmless when the broker kept the session, and
         // needed when it did not (a restarted embedded broker keeps nothing).
         for kind in [TopicKind::Desired, TopicKind::Cmd] {
-            if let Err(e) = self
-                .client
-                .try_subscribe(self.config.device_id.topic(kind), QoS::AtLeastOnce)
-            {
+            if let Err(e) = self.client.try_subscribe(self.config.device_id.topic(kind), QoS::AtLeastOnce) {
                 warn!(error = %e, "cannot queue subscription");
             }
         }
     }
 
     fn send_heartbeat(&mut self) {
-        let hb = self
-            .heartbeat
-            .sample(&self.config.data_dir, self.applied_generation);
+        let hb = self.heartbeat.sample(&self.config.data_dir, self.applied_generation);
         self.publish(TopicKind::Heartbeat, &Message::Heartbeat(hb));
     }
 
@@ -200,11 +180,7 @@ impl Link {
                     );
                 } else {
                     self.desired_generation = d.generation;
-                    info!(
-                        generation = d.generation,
-                        workloads = d.workloads.len(),
-                        "desired document received"
-                    );
+                    info!(generation = d.generation, workloads = d.workloads.len(), "desired document received");
                 }
             }
             Ok((_, Message::Command(cmd))) => self.on_command(cmd),
@@ -220,9 +196,7 @@ impl Link {
         let body = match &cmd.action {
             CommandAction::Diagnostics => {
                 let inv = node::inventory(&self.config);
-                let hb = self
-                    .heartbeat
-                    .sample(&self.config.data_dir, self.applied_generation);
+                let hb = self.heartbeat.sample(&self.config.data_dir, self.applied_generation);
                 CommandOutput::Text(format!(
                     "device {}\nagent {} (started {})\nboot {}\n{} {} {}\nuptime {}s load {:.2} mem {}/{} KiB disk free {} MiB\ndesired generation {} applied {}\n",
                     self.config.device_id,
@@ -241,16 +215,9 @@ impl Link {
                     self.applied_generation,
                 ))
             }
-            other => CommandOutput::Error(format!(
-                "{other:?} is not supported by agent {}",
-                env!("CARGO_PKG_VERSION")
-            )),
+            other => CommandOutput::Error(format!("{other:?} is not supported by agent {}", env!("CARGO_PKG_VERSION"))),
         };
-        let res = CommandResult {
-            id: cmd.id,
-            seq: 0,
-            body,
-        };
+        let res = CommandResult { id: cmd.id, seq: 0, body };
         self.publish(TopicKind::CmdRes, &Message::CommandResult(res));
     }
 
@@ -267,10 +234,7 @@ impl Link {
                 }
             }
         };
-        if tokio::time::timeout(Duration::from_secs(3), drain)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(3), drain).await.is_err() {
             warn!("broker did not take the goodbye within 3 s");
         }
     }

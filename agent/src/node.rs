@@ -10,30 +10,20 @@ use crate::config::AgentConfig;
 
 /// Reads the inventory once per connect: it changes rarely.
 pub fn inventory(config: &AgentConfig) -> Inventory {
-    let (disk_bytes, disk_free_bytes) = disk_usage(&config.data_dir).unwrap_or((0, 0));
+    let disk_bytes = disk_usage(&config.data_dir).map_or(0, |(size, _)| size);
     let meminfo = read("/proc/meminfo");
     Inventory {
         agent_version: env!("CARGO_PKG_VERSION").into(),
         arch: std::env::consts::ARCH.into(),
-        arch_variant: if std::env::consts::ARCH == "arm" {
-            "v7".into()
-        } else {
-            String::new()
-        },
+        arch_variant: if std::env::consts::ARCH == "arm" { "v7".into() } else { String::new() },
         os: os_pretty_name(&read("/etc/os-release")).unwrap_or_else(|| "Linux".into()),
         kernel: read("/proc/sys/kernel/osrelease").trim().into(),
         hostname: read("/proc/sys/kernel/hostname").trim().into(),
-        cpus: std::thread::available_parallelism()
-            .map_or(1, |n| n.get().min(u16::MAX as usize) as u16),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get().min(u16::MAX as usize) as u16),
         memory_bytes: meminfo_kib(&meminfo, "MemTotal").unwrap_or(0) * 1024,
         disk_bytes,
-        disk_free_bytes,
         cgroup: cgroup_version(Path::new("/sys/fs/cgroup")),
-        labels: config
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        labels: config.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         addresses: addresses(),
     }
 }
@@ -46,10 +36,7 @@ pub struct HeartbeatSampler {
 
 impl Default for HeartbeatSampler {
     fn default() -> Self {
-        Self {
-            seq: 0,
-            started: Instant::now(),
-        }
+        Self { seq: 0, started: Instant::now() }
     }
 }
 
@@ -59,13 +46,11 @@ impl HeartbeatSampler {
         let meminfo = read("/proc/meminfo");
         let total = meminfo_kib(&meminfo, "MemTotal").unwrap_or(0);
         let available = meminfo_kib(&meminfo, "MemAvailable").unwrap_or(total);
-        let uptime =
-            first_f64(&read("/proc/uptime")).map_or(self.started.elapsed().as_secs(), |s| s as u64);
+        let uptime = first_f64(&read("/proc/uptime")).map_or(self.started.elapsed().as_secs(), |s| s as u64);
         Heartbeat {
             seq: self.seq,
             uptime_s: uptime.min(u64::from(u32::MAX)) as u32,
-            load1_centi: first_f64(&read("/proc/loadavg"))
-                .map_or(0, |l| (l * 100.0).round() as u32),
+            load1_centi: first_f64(&read("/proc/loadavg")).map_or(0, |l| (l * 100.0).round() as u32),
             mem_used_kib: total.saturating_sub(available),
             mem_total_kib: total,
             disk_free_mib: disk_usage(data_dir).map_or(0, |(_, free)| free >> 20),
@@ -94,11 +79,7 @@ pub fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
 }
 
 fn first_f64(s: &str) -> Option<f64> {
-    s.split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-        .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+    s.split_whitespace().next()?.parse().ok().filter(|v: &f64| v.is_finite() && *v >= 0.0)
 }
 
 pub fn cgroup_version(root: &Path) -> CgroupVersion {
@@ -118,10 +99,7 @@ pub fn cpu_temperature(thermal: &Path) -> Option<i32> {
     let mut first = None;
     for entry in std::fs::read_dir(thermal).ok()?.flatten() {
         let zone = entry.path();
-        let Some(t) = std::fs::read_to_string(zone.join("temp"))
-            .ok()
-            .and_then(|t| t.trim().parse::<i32>().ok())
-        else {
+        let Some(t) = std::fs::read_to_string(zone.join("temp")).ok().and_then(|t| t.trim().parse::<i32>().ok()) else {
             continue;
         };
         let kind = std::fs::read_to_string(zone.join("type")).unwrap_or_default();
@@ -202,14 +180,12 @@ mod tests {
 
     #[test]
     fn parses_proc_and_etc_files() {
-        let meminfo =
-            "MemTotal:        3900000 kB\nMemFree:  100 kB\nMemAvailable:    3000000 kB\n";
+        let meminfo = "MemTotal:        3900000 kB\nMemFree:  100 kB\nMemAvailable:    3000000 kB\n";
         assert_eq!(meminfo_kib(meminfo, "MemTotal"), Some(3_900_000));
         assert_eq!(meminfo_kib(meminfo, "MemAvailable"), Some(3_000_000));
         assert_eq!(meminfo_kib(meminfo, "Mem"), None);
         assert_eq!(
-            os_pretty_name("ID=debian\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n")
-                .as_deref(),
+            os_pretty_name("ID=debian\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n").as_deref(),
             Some("Debian GNU/Linux 12 (bookworm)")
         );
         assert_eq!(first_f64("0.37 0.20 0.10 1/100 42"), Some(0.37));
@@ -220,10 +196,7 @@ mod tests {
     #[test]
     fn thermal_zone_prefers_cpu() {
         let dir = tempfile::tempdir().unwrap();
-        for (zone, kind, temp) in [
-            ("thermal_zone0", "acpitz", "30000"),
-            ("thermal_zone1", "cpu-thermal", "51234"),
-        ] {
+        for (zone, kind, temp) in [("thermal_zone0", "acpitz", "30000"), ("thermal_zone1", "cpu-thermal", "51234")] {
             std::fs::create_dir(dir.path().join(zone)).unwrap();
             std::fs::write(dir.path().join(zone).join("type"), kind).unwrap();
             std::fs::write(dir.path().join(zone).join("temp"), temp).unwrap();

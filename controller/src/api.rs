@@ -43,20 +43,14 @@ async fn health(State(c): State<Arc<Controller>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(c): State<Arc<Controller>>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        c.render_metrics(now_ms()),
-    )
+    ([("content-type", "text/plain; version=0.0.4")], c.render_metrics(now_ms()))
 }
 
 async fn list_devices(State(c): State<Arc<Controller>>) -> impl IntoResponse {
     Json(c.devices(now_ms()))
 }
 
-async fn get_device(
-    State(c): State<Arc<Controller>>,
-    Path(id): Path<String>,
-) -> Result<impl IntoResponse, OpError> {
+async fn get_device(State(c): State<Arc<Controller>>, Path(id): Path<String>) -> Result<impl IntoResponse, OpError> {
     c.device(&id, now_ms()).map(Json)
 }
 
@@ -66,7 +60,5 @@ async fn relabel(
     body: Result<Json<LabelChange>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, Response> {
     let Json(change) = body.map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))?;
-    c.relabel(&id, &change, now_ms())
-        .map(Json)
-        .map_err(IntoResponse::into_response)
+    c.relabel(&id, &change, now_ms()).map(Json).map_err(IntoResponse::into_response)
 }

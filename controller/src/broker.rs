@@ -18,10 +18,7 @@ pub const MAX_PAYLOAD: usize = 300 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot listen for MQTT on {addr}: {source} (another broker running? use --mqtt-listen ADDR, or --broker URL to use it)")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("embedded broker did not start listening on {0} within 10 s")]
     NotListening(SocketAddr),
     #[error("cannot start the embedded broker thread: {0}")]
@@ -40,13 +37,8 @@ fn config(listen: SocketAddr, max_connections: usize) -> Config {
         external_auth: None,
         dynamic_filters: true,
     };
-    let server = ServerSettings {
-        name: "baton-v4".into(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections,
-    };
+    let server =
+        ServerSettings { name: "baton-v4".into(), listen, tls: None, next_connection_delay_ms: 0, connections };
     Config {
         id: 0,
         router: RouterConfig {
@@ -68,10 +60,7 @@ fn config(listen: SocketAddr, max_connections: usize) -> Config {
 /// It lives until the process exits (rumqttd has no shutdown).
 pub fn start(listen: SocketAddr, max_connections: usize) -> Result<(), BrokerError> {
     // rumqttd only logs a failed bind from its own thread; check first to say why.
-    std::net::TcpListener::bind(listen).map_err(|source| BrokerError::Bind {
-        addr: listen,
-        source,
-    })?;
+    std::net::TcpListener::bind(listen).map_err(|source| BrokerError::Bind { addr: listen, source })?;
     let mut broker = rumqttd::Broker::new(config(listen, max_connections));
     std::thread::Builder::new()
         .name("mqtt-broker".into())

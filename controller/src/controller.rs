@@ -15,9 +15,7 @@ use crate::store::{Store, StoreError};
 use crate::view::{DeviceView, Health, LabelChange};
 
 pub fn now_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +60,7 @@ impl Controller {
         let (change, snapshot) = {
             let mut fleet = lock(&self.fleet);
             let change = fleet.apply(id, event, now);
-            let snapshot = (change == Change::Persist)
-                .then(|| fleet.get(id).cloned())
-                .flatten();
+            let snapshot = (change == Change::Persist).then(|| fleet.get(id).cloned()).flatten();
             (change, snapshot)
         };
         match change {
@@ -95,11 +91,7 @@ impl Controller {
     /// `since`: heartbeats move them in memory only, so the store is written
     /// in one batch per flush period, not once per heartbeat.
     pub fn flush_seen(&self, since: Millis) -> Result<usize, StoreError> {
-        let devices: Vec<Device> = lock(&self.fleet)
-            .devices()
-            .filter(|d| d.last_seen >= since)
-            .cloned()
-            .collect();
+        let devices: Vec<Device> = lock(&self.fleet).devices().filter(|d| d.last_seen >= since).cloned().collect();
         if devices.is_empty() {
             return Ok(0);
         }
@@ -109,27 +101,17 @@ impl Controller {
     }
 
     pub fn devices(&self, now: Millis) -> Vec<DeviceView> {
-        lock(&self.fleet)
-            .devices()
-            .map(|d| DeviceView::new(d, now, self.stale_after_ms))
-            .collect()
+        lock(&self.fleet).devices().map(|d| DeviceView::new(d, now, self.stale_after_ms)).collect()
     }
 
     pub fn device(&self, id: &str, now: Millis) -> Result<DeviceView, OpError> {
         let id = parse_id(id)?;
         let fleet = lock(&self.fleet);
-        let d = fleet
-            .get(&id)
-            .ok_or_else(|| OpError::NotFound(format!("device {id} not found")))?;
+        let d = fleet.get(&id).ok_or_else(|| OpError::NotFound(format!("device {id} not found")))?;
         Ok(DeviceView::new(d, now, self.stale_after_ms))
     }
 
-    pub fn relabel(
-        &self,
-        id: &str,
-        change: &LabelChange,
-        now: Millis,
-    ) -> Result<DeviceView, OpError> {
+    pub fn relabel(&self, id: &str, change: &LabelChange, now: Millis) -> Result<DeviceView, OpError> {
         let id = parse_id(id)?;
         for (k, v) in &change.set {
             validate_label(k, v).map_err(OpError::Invalid)?;
@@ -149,9 +131,7 @@ impl Controller {
     pub fn status_counts(&self, now: Millis) -> BTreeMap<&'static str, usize> {
         let mut counts = BTreeMap::from([("online", 0), ("stale", 0), ("offline", 0)]);
         for d in lock(&self.fleet).devices() {
-            *counts
-                .entry(d.status(now, self.stale_after_ms).as_str())
-                .or_default() += 1;
+            *counts.entry(d.status(now, self.stale_after_ms).as_str()).or_default() += 1;
         }
         counts
     }

@@ -50,25 +50,16 @@ impl Device {
     pub fn status(&self, now: Millis, stale_after_ms: Millis) -> Status {
         match self.presence.state {
             PresenceState::Offline => Status::Offline,
-            PresenceState::Online if now.saturating_sub(self.last_seen) > stale_after_ms => {
-                Status::Stale
-            }
+            PresenceState::Online if now.saturating_sub(self.last_seen) > stale_after_ms => Status::Stale,
             PresenceState::Online => Status::Online,
         }
     }
 
     /// Agent labels overlaid with operator labels.
     pub fn labels(&self) -> BTreeMap<String, String> {
-        let mut labels: BTreeMap<String, String> = self
-            .inventory
-            .iter()
-            .flat_map(|i| i.labels.iter().cloned())
-            .collect();
-        labels.extend(
-            self.operator_labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone())),
-        );
+        let mut labels: BTreeMap<String, String> =
+            self.inventory.iter().flat_map(|i| i.labels.iter().cloned()).collect();
+        labels.extend(self.operator_labels.iter().map(|(k, v)| (k.clone(), v.clone())));
         labels
     }
 }
@@ -101,9 +92,7 @@ pub struct Fleet {
 
 impl Fleet {
     pub fn from_devices(devices: impl IntoIterator<Item = (DeviceId, Device)>) -> Self {
-        Self {
-            devices: devices.into_iter().collect(),
-        }
+        Self { devices: devices.into_iter().collect() }
     }
 
     pub fn get(&self, id: &DeviceId) -> Option<&Device> {
@@ -183,19 +172,12 @@ impl Fleet {
     }
 
     /// Sets and removes operator labels; `None` when the device is unknown.
-    pub fn relabel(
-        &mut self,
-        id: &DeviceId,
-        set: &BTreeMap<String, String>,
-        remove: &[String],
-    ) -> Option<&Device> {
+    pub fn relabel(&mut self, id: &DeviceId, set: &BTreeMap<String, String>, remove: &[String]) -> Option<&Device> {
         let device = self.devices.get_mut(id)?;
         for key in remove {
             device.operator_labels.remove(key);
         }
-        device
-            .operator_labels
-            .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        device.operator_labels.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
         Some(device)
     }
 }
@@ -209,39 +191,17 @@ mod tests {
     }
 
     fn presence(state: PresenceState) -> Presence {
-        Presence {
-            state,
-            agent_version: "0.1.0".into(),
-            boot_id: "b".into(),
-            started_at: 1,
-        }
+        Presence { state, agent_version: "0.1.0".into(), boot_id: "b".into(), started_at: 1 }
     }
 
     #[test]
     fn online_presence_registers_and_heartbeats_only_touch_memory() {
         let mut f = Fleet::default();
-        assert_eq!(
-            f.apply(
-                &id("a"),
-                FleetEvent::Presence(presence(PresenceState::Online)),
-                1000
-            ),
-            Change::Persist
-        );
-        assert_eq!(
-            f.apply(&id("a"), FleetEvent::Heartbeat(Heartbeat::default()), 2000),
-            Change::InMemory
-        );
+        assert_eq!(f.apply(&id("a"), FleetEvent::Presence(presence(PresenceState::Online)), 1000), Change::Persist);
+        assert_eq!(f.apply(&id("a"), FleetEvent::Heartbeat(Heartbeat::default()), 2000), Change::InMemory);
         assert_eq!(f.get(&id("a")).unwrap().last_seen, 2000);
         // The same retained presence again (a controller resubscribe) persists nothing.
-        assert_eq!(
-            f.apply(
-                &id("a"),
-                FleetEvent::Presence(presence(PresenceState::Online)),
-                3000
-            ),
-            Change::InMemory
-        );
+        assert_eq!(f.apply(&id("a"), FleetEvent::Presence(presence(PresenceState::Online)), 3000), Change::InMemory);
     }
 
     #[test]
@@ -255,10 +215,7 @@ mod tests {
             assert_eq!(f.apply(&id("ghost"), ev, 1), Change::UnknownDevice);
         }
         assert!(f.is_empty());
-        assert_eq!(
-            f.apply(&id("ghost"), FleetEvent::Inventory(Inventory::default()), 1),
-            Change::Persist
-        );
+        assert_eq!(f.apply(&id("ghost"), FleetEvent::Inventory(Inventory::default()), 1), Change::Persist);
         assert_eq!(f.len(), 1);
     }
 
@@ -266,24 +223,13 @@ mod tests {
     fn status_follows_presence_and_silence() {
         let mut f = Fleet::default();
         let a = id("a");
-        f.apply(
-            &a,
-            FleetEvent::Presence(presence(PresenceState::Online)),
-            1_000,
-        );
+        f.apply(&a, FleetEvent::Presence(presence(PresenceState::Online)), 1_000);
         let d = f.get(&a).unwrap();
         assert_eq!(d.status(1_000 + 60_000, 60_000), Status::Online);
         assert_eq!(d.status(1_000 + 60_001, 60_000), Status::Stale);
         f.apply(&a, FleetEvent::Heartbeat(Heartbeat::default()), 61_500);
         assert_eq!(f.get(&a).unwrap().status(62_000, 60_000), Status::Online);
-        assert_eq!(
-            f.apply(
-                &a,
-                FleetEvent::Presence(presence(PresenceState::Offline)),
-                63_000
-            ),
-            Change::Persist
-        );
+        assert_eq!(f.apply(&a, FleetEvent::Presence(presence(PresenceState::Offline)), 63_000), Change::Persist);
         assert_eq!(f.get(&a).unwrap().status(63_000, 60_000), Status::Offline);
         // A Will does not count as being heard from.
         assert_eq!(f.get(&a).unwrap().last_seen, 61_500);
@@ -298,16 +244,10 @@ mod tests {
             ..Default::default()
         };
         f.apply(&a, FleetEvent::Inventory(inv), 1);
-        let set = BTreeMap::from([
-            ("role".to_string(), "gateway".to_string()),
-            ("tier".into(), "1".into()),
-        ]);
+        let set = BTreeMap::from([("role".to_string(), "gateway".to_string()), ("tier".into(), "1".into())]);
         f.relabel(&a, &set, &[]).unwrap();
         let l = f.get(&a).unwrap().labels();
-        assert_eq!(
-            (l["site"].as_str(), l["role"].as_str(), l["tier"].as_str()),
-            ("lyon", "gateway", "1")
-        );
+        assert_eq!((l["site"].as_str(), l["role"].as_str(), l["tier"].as_str()), ("lyon", "gateway", "1"));
         f.relabel(&a, &BTreeMap::new(), &["role".into()]).unwrap();
         assert_eq!(f.get(&a).unwrap().labels()["role"], "x");
         assert!(f.relabel(&id("nope"), &set, &[]).is_none());

@@ -15,23 +15,15 @@ use crate::fleet::FleetEvent;
 use crate::metrics::Rejection;
 
 /// Topics the controller reads: everything agents publish.
-pub const UPSTREAM: [TopicKind; 5] = [
-    TopicKind::Presence,
-    TopicKind::Inventory,
-    TopicKind::Heartbeat,
-    TopicKind::Report,
-    TopicKind::CmdRes,
-];
+pub const UPSTREAM: [TopicKind; 5] =
+    [TopicKind::Presence, TopicKind::Inventory, TopicKind::Heartbeat, TopicKind::Report, TopicKind::CmdRes];
 
 /// Larger than any broker limit we configure, so an oversize publish is
 /// refused by the codec, never by a broken controller connection.
 const MAX_PACKET: usize = 1024 * 1024;
 
 /// Turns one publish into an event, or says why not. Pure.
-pub fn classify(
-    topic: &str,
-    payload: &[u8],
-) -> Result<(baton_protocol::DeviceId, TopicKind, FleetEvent), Rejection> {
+pub fn classify(topic: &str, payload: &[u8]) -> Result<(baton_protocol::DeviceId, TopicKind, FleetEvent), Rejection> {
     let (id, kind) = TopicKind::parse(topic).ok_or(Rejection::BadTopic)?;
     let (_, msg) = decode_on(kind, payload).map_err(|e| match e {
         DecodeError::TooLarge { .. } => Rejection::Oversize,
@@ -83,10 +75,7 @@ pub async fn run(
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)
         .set_inflight(1000);
     let (client, mut events) = AsyncClient::new(opts, 1024);
-    let mut limiter = LogLimiter {
-        last: [None; 5],
-        every: Duration::from_secs(10),
-    };
+    let mut limiter = LogLimiter { last: [None; 5], every: Duration::from_secs(10) };
     let mut failures = 0u32;
     info!(%broker, "ingest connecting");
     loop {
@@ -100,9 +89,7 @@ pub async fn run(
                 failures = 0;
                 controller.broker_connected.store(true, Relaxed);
                 controller.metrics.broker_connects.fetch_add(1, Relaxed);
-                let filters = UPSTREAM.map(|k| {
-                    rumqttc::SubscribeFilter::new(k.filter_all_devices(), QoS::AtLeastOnce)
-                });
+                let filters = UPSTREAM.map(|k| rumqttc::SubscribeFilter::new(k.filter_all_devices(), QoS::AtLeastOnce));
                 if let Err(e) = client.try_subscribe_many(filters) {
                     warn!(error = %e, "cannot queue subscriptions");
                 }
@@ -151,29 +138,14 @@ mod tests {
             classify("baton/v1/dev/a/heartbeat", &hb),
             Ok((_, TopicKind::Heartbeat, FleetEvent::Heartbeat(_)))
         ));
-        assert_eq!(
-            classify("baton/v1/dev/a b/heartbeat", &hb).err(),
-            Some(Rejection::BadTopic)
-        );
-        assert_eq!(
-            classify("baton/v1/dev/a/presence", &hb).err(),
-            Some(Rejection::Malformed)
-        );
-        assert_eq!(
-            classify("baton/v1/dev/a/heartbeat", &[0xde, 0xad]).err(),
-            Some(Rejection::Malformed)
-        );
+        assert_eq!(classify("baton/v1/dev/a b/heartbeat", &hb).err(), Some(Rejection::BadTopic));
+        assert_eq!(classify("baton/v1/dev/a/presence", &hb).err(), Some(Rejection::Malformed));
+        assert_eq!(classify("baton/v1/dev/a/heartbeat", &[0xde, 0xad]).err(), Some(Rejection::Malformed));
         let mut v2 = pres.clone();
         v2[0] = 2;
-        assert_eq!(
-            classify("baton/v1/dev/a/presence", &v2).err(),
-            Some(Rejection::WrongVersion)
-        );
+        assert_eq!(classify("baton/v1/dev/a/presence", &v2).err(), Some(Rejection::WrongVersion));
         let mut big = hb.clone();
         big.resize(10_000, 0);
-        assert_eq!(
-            classify("baton/v1/dev/a/heartbeat", &big).err(),
-            Some(Rejection::Oversize)
-        );
+        assert_eq!(classify("baton/v1/dev/a/heartbeat", &big).err(), Some(Rejection::Oversize));
     }
 }

@@ -22,13 +22,8 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 5] = [
-        Self::BadTopic,
-        Self::Oversize,
-        Self::WrongVersion,
-        Self::Malformed,
-        Self::UnknownDevice,
-    ];
+    pub const ALL: [Rejection; 5] =
+        [Self::BadTopic, Self::Oversize, Self::WrongVersion, Self::Malformed, Self::UnknownDevice];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -77,49 +72,23 @@ impl Metrics {
         out.push_str("# HELP baton_mqtt_messages_total Device messages accepted, by topic kind.\n");
         out.push_str("# TYPE baton_mqtt_messages_total counter\n");
         for kind in TopicKind::ALL {
-            let _ = writeln!(
-                out,
-                "baton_mqtt_messages_total{{kind=\"{}\"}} {}",
-                kind.suffix(),
-                self.received_count(kind)
-            );
+            let _ =
+                writeln!(out, "baton_mqtt_messages_total{{kind=\"{}\"}} {}", kind.suffix(), self.received_count(kind));
         }
         out.push_str("# HELP baton_mqtt_rejected_total Device messages refused, by reason.\n");
         out.push_str("# TYPE baton_mqtt_rejected_total counter\n");
         for why in Rejection::ALL {
-            let _ = writeln!(
-                out,
-                "baton_mqtt_rejected_total{{reason=\"{}\"}} {}",
-                why.as_str(),
-                self.rejected_count(why)
-            );
+            let _ =
+                writeln!(out, "baton_mqtt_rejected_total{{reason=\"{}\"}} {}", why.as_str(), self.rejected_count(why));
         }
         for (name, help, v) in [
-            (
-                "baton_store_writes_total",
-                "Rows written to the store.",
-                &self.store_writes,
-            ),
-            (
-                "baton_store_errors_total",
-                "Failed store writes.",
-                &self.store_errors,
-            ),
-            (
-                "baton_broker_connects_total",
-                "Connections the controller made to the broker.",
-                &self.broker_connects,
-            ),
+            ("baton_store_writes_total", "Rows written to the store.", &self.store_writes),
+            ("baton_store_errors_total", "Failed store writes.", &self.store_errors),
+            ("baton_broker_connects_total", "Connections the controller made to the broker.", &self.broker_connects),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Relaxed)
-            );
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
         }
-        out.push_str(
-            "# HELP baton_devices Devices known, by status.\n# TYPE baton_devices gauge\n",
-        );
+        out.push_str("# HELP baton_devices Devices known, by status.\n# TYPE baton_devices gauge\n");
         for (status, n) in devices {
             let _ = writeln!(out, "baton_devices{{status=\"{status}\"}} {n}");
         }

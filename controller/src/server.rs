@@ -37,15 +37,8 @@ impl ServerConfig {
     pub fn broker_url(&self) -> BrokerUrl {
         match &self.broker {
             BrokerMode::Embedded(addr) => {
-                let host = if addr.ip().is_unspecified() {
-                    "127.0.0.1".to_string()
-                } else {
-                    addr.ip().to_string()
-                };
-                BrokerUrl {
-                    host,
-                    port: addr.port(),
-                }
+                let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+                BrokerUrl { host, port: addr.port() }
             }
             BrokerMode::External(url) => url.clone(),
         }
@@ -70,37 +63,22 @@ pub async fn serve(
     }
     let listener = tokio::net::TcpListener::bind(cfg.http_listen)
         .await
-        .with_context(|| {
-            format!(
-                "cannot listen for HTTP on {} (use --listen ADDR)",
-                cfg.http_listen
-            )
-        })?;
+        .with_context(|| format!("cannot listen for HTTP on {} (use --listen ADDR)", cfg.http_listen))?;
     let http_addr = listener.local_addr()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let client_id = format!("baton-controller-{}", std::process::id());
-    let ingest = tokio::spawn(ingest::run(
-        controller.clone(),
-        cfg.broker_url(),
-        client_id,
-        stop_rx.clone(),
-    ));
-    let flusher = tokio::spawn(flush_loop(
-        controller.clone(),
-        cfg.flush_every,
-        stop_rx.clone(),
-    ));
+    let ingest = tokio::spawn(ingest::run(controller.clone(), cfg.broker_url(), client_id, stop_rx.clone()));
+    let flusher = tokio::spawn(flush_loop(controller.clone(), cfg.flush_every, stop_rx.clone()));
 
     tracing::info!(http = %http_addr, broker = %cfg.broker_url(), data = %cfg.data_dir.display(), "controller serving");
     if let Some(ready) = ready {
         let _ = ready.send(http_addr);
     }
     let mut http_stop = stop_rx.clone();
-    let http =
-        axum::serve(listener, api::router(controller.clone())).with_graceful_shutdown(async move {
-            let _ = http_stop.changed().await;
-        });
+    let http = axum::serve(listener, api::router(controller.clone())).with_graceful_shutdown(async move {
+        let _ = http_stop.changed().await;
+    });
     let http = tokio::spawn(async move { http.await });
 
     shutdown.await;
@@ -115,11 +93,7 @@ pub async fn serve(
     Ok(())
 }
 
-async fn flush_loop(
-    controller: Arc<Controller>,
-    every: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+async fn flush_loop(controller: Arc<Controller>, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut since = now_ms();
     let mut tick = tokio::time::interval(every);
     tick.tick().await;

@@ -22,23 +22,15 @@ const MIGRATIONS: &[&str] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database {path}: {source}")]
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
-    #[error("database {path} has schema version {found}, newer than this controller's {known}; upgrade the controller")]
-    TooNew {
-        path: String,
-        found: usize,
-        known: usize,
-    },
+    Open { path: String, source: rusqlite::Error },
+    #[error(
+        "database {path} has schema version {found}, newer than this controller's {known}; upgrade the controller"
+    )]
+    TooNew { path: String, found: usize, known: usize },
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("stored device {id} is unreadable: {source}")]
-    Corrupt {
-        id: String,
-        source: serde_json::Error,
-    },
+    Corrupt { id: String, source: serde_json::Error },
 }
 
 pub struct Store {
@@ -47,38 +39,26 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let open_err = |source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        };
+        let open_err = |source| StoreError::Open { path: path.display().to_string(), source };
         let conn = Connection::open(path).map_err(open_err)?;
         // WAL: readers never block the ingest writer; NORMAL is durable across
         // process crashes, and at worst loses the last commit on power loss.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
         let mut store = Self { conn };
         store.migrate(path)?;
         Ok(store)
     }
 
     pub fn schema_version(&self) -> Result<usize, StoreError> {
-        Ok(self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize)
+        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize)
     }
 
     fn migrate(&mut self, path: &Path) -> Result<(), StoreError> {
         let found = self.schema_version()?;
         if found > MIGRATIONS.len() {
-            return Err(StoreError::TooNew {
-                path: path.display().to_string(),
-                found,
-                known: MIGRATIONS.len(),
-            });
+            return Err(StoreError::TooNew { path: path.display().to_string(), found, known: MIGRATIONS.len() });
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(found) {
             let tx = self.conn.transaction()?;
@@ -91,10 +71,8 @@ impl Store {
     }
 
     pub fn save_device(&self, device: &Device) -> Result<(), StoreError> {
-        let doc = serde_json::to_string(device).map_err(|source| StoreError::Corrupt {
-            id: device.id.clone(),
-            source,
-        })?;
+        let doc =
+            serde_json::to_string(device).map_err(|source| StoreError::Corrupt { id: device.id.clone(), source })?;
         self.conn.execute(
             "INSERT INTO devices (id, doc, updated_at) VALUES (?1, ?2, ?3)
              ON CONFLICT(id) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
@@ -104,10 +82,7 @@ impl Store {
     }
 
     /// Writes many devices in one transaction (the periodic `last_seen` flush).
-    pub fn save_devices<'a>(
-        &mut self,
-        devices: impl IntoIterator<Item = &'a Device>,
-    ) -> Result<usize, StoreError> {
+    pub fn save_devices<'a>(&mut self, devices: impl IntoIterator<Item = &'a Device>) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
         let mut n = 0;
         {
@@ -116,10 +91,8 @@ impl Store {
                  ON CONFLICT(id) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
             )?;
             for device in devices {
-                let doc = serde_json::to_string(device).map_err(|source| StoreError::Corrupt {
-                    id: device.id.clone(),
-                    source,
-                })?;
+                let doc = serde_json::to_string(device)
+                    .map_err(|source| StoreError::Corrupt { id: device.id.clone(), source })?;
                 stmt.execute(params![device.id, doc, device.last_seen as i64])?;
                 n += 1;
             }
@@ -129,38 +102,22 @@ impl Store {
     }
 
     pub fn load_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
-        let doc: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT doc FROM devices WHERE id = ?1",
-                [id.as_str()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        doc.map(|d| {
-            serde_json::from_str(&d).map_err(|source| StoreError::Corrupt {
-                id: id.to_string(),
-                source,
-            })
-        })
-        .transpose()
+        let doc: Option<String> =
+            self.conn.query_row("SELECT doc FROM devices WHERE id = ?1", [id.as_str()], |r| r.get(0)).optional()?;
+        doc.map(|d| serde_json::from_str(&d).map_err(|source| StoreError::Corrupt { id: id.to_string(), source }))
+            .transpose()
     }
 
     /// Every stored device. A row that no longer parses is an error naming it,
     /// not a silently shorter fleet.
     pub fn load_devices(&self) -> Result<Vec<(DeviceId, Device)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id, doc FROM devices ORDER BY id")?;
+        let mut stmt = self.conn.prepare("SELECT id, doc FROM devices ORDER BY id")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
         let mut out = Vec::new();
         for row in rows {
             let (id, doc) = row?;
             let device: Device =
-                serde_json::from_str(&doc).map_err(|source| StoreError::Corrupt {
-                    id: id.clone(),
-                    source,
-                })?;
+                serde_json::from_str(&doc).map_err(|source| StoreError::Corrupt { id: id.clone(), source })?;
             let Ok(device_id) = DeviceId::new(id.clone()) else {
                 return Err(StoreError::Corrupt {
                     id,
@@ -212,21 +169,14 @@ mod tests {
         let all = s.load_devices().unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[1].1.last_seen, 99);
-        assert_eq!(
-            s.load_device(&DeviceId::new("a").unwrap()).unwrap(),
-            Some(device("a"))
-        );
+        assert_eq!(s.load_device(&DeviceId::new("a").unwrap()).unwrap(), Some(device("a")));
     }
 
     #[test]
     fn refuses_a_database_from_a_newer_controller() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("baton.db");
-        Store::open(&path)
-            .unwrap()
-            .conn
-            .pragma_update(None, "user_version", 999)
-            .unwrap();
+        Store::open(&path).unwrap().conn.pragma_update(None, "user_version", 999).unwrap();
         let e = Store::open(&path).err().unwrap().to_string();
         assert!(e.contains("schema version 999"), "{e}");
     }
@@ -235,9 +185,7 @@ mod tests {
     fn a_corrupt_row_is_an_error_naming_the_device() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("baton.db")).unwrap();
-        s.conn
-            .execute("INSERT INTO devices VALUES ('x', '{not json', 0)", [])
-            .unwrap();
+        s.conn.execute("INSERT INTO devices VALUES ('x', '{not json', 0)", []).unwrap();
         let e = s.load_devices().unwrap_err().to_string();
         assert!(e.contains("stored device x"), "{e}");
     }

@@ -29,11 +29,7 @@ impl DeviceView {
             id: d.id.clone(),
             status: d.status(now, stale_after_ms),
             agent_version: d.presence.agent_version.clone(),
-            arch: d
-                .inventory
-                .as_ref()
-                .map(|i| i.arch.clone())
-                .unwrap_or_default(),
+            arch: d.inventory.as_ref().map(|i| i.arch.clone()).unwrap_or_default(),
             labels: d.labels(),
             operator_labels: d.operator_labels.clone(),
             first_seen_ms: d.first_seen,

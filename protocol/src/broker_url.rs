@@ -22,10 +22,7 @@ impl std::str::FromStr for BrokerUrl {
     type Err = InvalidBrokerUrl;
 
     fn from_str(url: &str) -> Result<Self, Self::Err> {
-        let bad = |reason| InvalidBrokerUrl {
-            url: url.to_string(),
-            reason,
-        };
+        let bad = |reason| InvalidBrokerUrl { url: url.to_string(), reason };
         let rest = match url.split_once("://") {
             Some(("mqtt" | "tcp", rest)) => rest,
             Some(("mqtts" | "ssl", _)) => return Err(bad("TLS brokers are not supported yet")),
@@ -49,17 +46,10 @@ impl std::str::FromStr for BrokerUrl {
             return Err(bad("missing host"));
         }
         let port = match port {
-            Some(p) => p
-                .parse()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| bad("port must be 1-65535"))?,
+            Some(p) => p.parse().ok().filter(|p| *p != 0).ok_or_else(|| bad("port must be 1-65535"))?,
             None => DEFAULT_MQTT_PORT,
         };
-        Ok(Self {
-            host: host.to_string(),
-            port,
-        })
+        Ok(Self { host: host.to_string(), port })
     }
 }
 
@@ -84,14 +74,7 @@ mod tests {
         assert_eq!(p("mqtt://broker.lan"), Ok(("broker.lan".into(), 1883)));
         assert_eq!(p("broker.lan:2000"), Ok(("broker.lan".into(), 2000)));
         assert_eq!(p("tcp://[::1]:1885/"), Ok(("::1".into(), 1885)));
-        for bad in [
-            "http://x",
-            "mqtt://",
-            "mqtt://x:0",
-            "mqtt://x:99999",
-            "mqtt://u:p@x",
-            "mqtts://x",
-        ] {
+        for bad in ["http://x", "mqtt://", "mqtt://x:0", "mqtt://x:99999", "mqtt://u:p@x", "mqtts://x"] {
             assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
         }
     }

@@ -121,11 +121,7 @@ pub struct Envelope {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("message of {len} bytes exceeds the {max}-byte limit for {kind}")]
-    TooLarge {
-        len: usize,
-        max: usize,
-        kind: &'static str,
-    },
+    TooLarge { len: usize, max: usize, kind: &'static str },
     #[error("message of {0} bytes is shorter than the {HEADER_LEN}-byte envelope")]
     Truncated(usize),
     #[error("protocol major version {0} is not supported (this build speaks {PROTOCOL_MAJOR})")]
@@ -133,32 +129,19 @@ pub enum DecodeError {
     #[error("unknown message kind {0}")]
     UnknownKind(u8),
     #[error("bad {kind} body: {error}")]
-    Body {
-        kind: &'static str,
-        error: postcard::Error,
-    },
+    Body { kind: &'static str, error: postcard::Error },
     #[error("{1} body has {0} unexpected trailing bytes")]
     TrailingBytes(usize, &'static str),
     #[error("expected a {expected} message on this topic, got {got}")]
-    WrongKind {
-        expected: &'static str,
-        got: &'static str,
-    },
+    WrongKind { expected: &'static str, got: &'static str },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EncodeError {
     #[error("encoded {kind} is {len} bytes, over its {max}-byte limit")]
-    TooLarge {
-        len: usize,
-        max: usize,
-        kind: &'static str,
-    },
+    TooLarge { len: usize, max: usize, kind: &'static str },
     #[error("cannot encode {kind}: {error}")]
-    Serialize {
-        kind: &'static str,
-        error: postcard::Error,
-    },
+    Serialize { kind: &'static str, error: postcard::Error },
 }
 
 /// Encodes `msg` with the current protocol version.
@@ -174,16 +157,9 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
         Message::Command(m) => append(header, m),
         Message::CommandResult(m) => append(header, m),
     }
-    .map_err(|error| EncodeError::Serialize {
-        kind: kind.name(),
-        error,
-    })?;
+    .map_err(|error| EncodeError::Serialize { kind: kind.name(), error })?;
     if out.len() > kind.max_size() {
-        return Err(EncodeError::TooLarge {
-            len: out.len(),
-            max: kind.max_size(),
-            kind: kind.name(),
-        });
+        return Err(EncodeError::TooLarge { len: out.len(), max: kind.max_size(), kind: kind.name() });
     }
     Ok(out)
 }
@@ -195,11 +171,7 @@ fn append<T: Serialize>(header: Vec<u8>, body: &T) -> Result<Vec<u8>, postcard::
 /// Reads and checks the envelope without decoding the body.
 pub fn peek(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     if bytes.len() > MAX_MESSAGE_BYTES {
-        return Err(DecodeError::TooLarge {
-            len: bytes.len(),
-            max: MAX_MESSAGE_BYTES,
-            kind: "any",
-        });
+        return Err(DecodeError::TooLarge { len: bytes.len(), max: MAX_MESSAGE_BYTES, kind: "any" });
     }
     let [major, minor, kind, ..] = *bytes else {
         return Err(DecodeError::Truncated(bytes.len()));
@@ -209,11 +181,7 @@ pub fn peek(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     }
     let kind = MessageKind::from_byte(kind).ok_or(DecodeError::UnknownKind(kind))?;
     if bytes.len() > kind.max_size() {
-        return Err(DecodeError::TooLarge {
-            len: bytes.len(),
-            max: kind.max_size(),
-            kind: kind.name(),
-        });
+        return Err(DecodeError::TooLarge { len: bytes.len(), max: kind.max_size(), kind: kind.name() });
     }
     Ok(Envelope { major, minor, kind })
 }
@@ -238,14 +206,8 @@ pub fn decode(bytes: &[u8]) -> Result<(Envelope, Message), DecodeError> {
 pub fn decode_on(topic: TopicKind, bytes: &[u8]) -> Result<(Envelope, Message), DecodeError> {
     let env = peek(bytes)?;
     if env.kind.topic() != topic {
-        let expected = MessageKind::ALL
-            .into_iter()
-            .find(|k| k.topic() == topic)
-            .map_or("none", MessageKind::name);
-        return Err(DecodeError::WrongKind {
-            expected,
-            got: env.kind.name(),
-        });
+        let expected = MessageKind::ALL.into_iter().find(|k| k.topic() == topic).map_or("none", MessageKind::name);
+        return Err(DecodeError::WrongKind { expected, got: env.kind.name() });
     }
     decode(bytes)
 }
@@ -255,11 +217,7 @@ fn decode_body<T: DeserializeOwned>(env: Envelope, body: &[u8]) -> Result<T, Dec
 }
 
 /// `decode_body` as a build speaking minor version `ours` would run it.
-fn decode_body_as_minor<T: DeserializeOwned>(
-    env: Envelope,
-    body: &[u8],
-    ours: u8,
-) -> Result<T, DecodeError> {
+fn decode_body_as_minor<T: DeserializeOwned>(env: Envelope, body: &[u8], ours: u8) -> Result<T, DecodeError> {
     let kind = env.kind.name();
     let body_err = |error| DecodeError::Body { kind, error };
     if env.minor < ours {
@@ -267,9 +225,7 @@ fn decode_body_as_minor<T: DeserializeOwned>(
         let mut padded = Vec::with_capacity(body.len() + OLD_MINOR_PADDING);
         padded.extend_from_slice(body);
         padded.resize(body.len() + OLD_MINOR_PADDING, 0);
-        return postcard::take_from_bytes(&padded)
-            .map(|(v, _)| v)
-            .map_err(body_err);
+        return postcard::take_from_bytes(&padded).map(|(v, _)| v).map_err(body_err);
     }
     let (value, rest) = postcard::take_from_bytes(body).map_err(body_err)?;
     if env.minor == ours && !rest.is_empty() {
@@ -326,11 +282,7 @@ mod tests {
             throttled: Some(1),
             zones: vec!["cpu".into()],
         };
-        let mut bytes = vec![
-            PROTOCOL_MAJOR,
-            PROTOCOL_MINOR + 1,
-            MessageKind::Heartbeat as u8,
-        ];
+        let mut bytes = vec![PROTOCOL_MAJOR, PROTOCOL_MINOR + 1, MessageKind::Heartbeat as u8];
         bytes.extend(postcard::to_allocvec(&newer).unwrap());
         let (env, msg) = decode(&bytes).unwrap();
         assert_eq!(env.minor, PROTOCOL_MINOR + 1);
@@ -344,10 +296,7 @@ mod tests {
         let body = &old[HEADER_LEN..];
         // A v1.1 build decoding this v1.0 body: the appended fields read as defaults.
         let v: HeartbeatV1_1 = decode_body_as_minor(env, body, PROTOCOL_MINOR + 1).unwrap();
-        assert_eq!(
-            (v.seq, v.applied_generation, v.throttled, v.zones.len()),
-            (7, 3, None, 0)
-        );
+        assert_eq!((v.seq, v.applied_generation, v.throttled, v.zones.len()), (7, 3, None, 0));
         // Without the version difference the short body is an error, not a guess.
         assert!(decode_body_as_minor::<HeartbeatV1_1>(env, body, PROTOCOL_MINOR).is_err());
     }
@@ -356,20 +305,14 @@ mod tests {
     fn same_minor_trailing_bytes_are_refused() {
         let mut bytes = encode(&Message::Heartbeat(hb())).unwrap();
         bytes.push(0);
-        assert!(matches!(
-            decode(&bytes),
-            Err(DecodeError::TrailingBytes(1, "heartbeat"))
-        ));
+        assert!(matches!(decode(&bytes), Err(DecodeError::TrailingBytes(1, "heartbeat"))));
     }
 
     #[test]
     fn oversize_is_refused_before_decoding() {
         let mut bytes = vec![PROTOCOL_MAJOR, PROTOCOL_MINOR, MessageKind::Heartbeat as u8];
         bytes.resize(513, 0);
-        assert!(matches!(
-            decode(&bytes),
-            Err(DecodeError::TooLarge { max: 512, .. })
-        ));
+        assert!(matches!(decode(&bytes), Err(DecodeError::TooLarge { max: 512, .. })));
         let huge = vec![0u8; MAX_MESSAGE_BYTES + 1];
         assert!(matches!(decode(&huge), Err(DecodeError::TooLarge { .. })));
     }
@@ -382,10 +325,7 @@ mod tests {
         let hb = encode(&Message::Heartbeat(hb())).unwrap();
         assert!(matches!(
             decode_on(TopicKind::Presence, &hb),
-            Err(DecodeError::WrongKind {
-                expected: "presence",
-                got: "heartbeat"
-            })
+            Err(DecodeError::WrongKind { expected: "presence", got: "heartbeat" })
         ));
     }
 
@@ -393,14 +333,8 @@ mod tests {
     fn encode_refuses_messages_over_their_kind_limit() {
         let big = Desired {
             generation: 1,
-            workloads: vec![crate::spec::WorkloadSpec {
-                name: "x".repeat(MAX_MESSAGE_BYTES),
-                ..Default::default()
-            }],
+            workloads: vec![crate::spec::WorkloadSpec { name: "x".repeat(MAX_MESSAGE_BYTES), ..Default::default() }],
         };
-        assert!(matches!(
-            encode(&Message::Desired(big)),
-            Err(EncodeError::TooLarge { .. })
-        ));
+        assert!(matches!(encode(&Message::Desired(big)), Err(EncodeError::TooLarge { .. })));
     }
 }

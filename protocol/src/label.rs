@@ -4,19 +4,12 @@
 
 /// Keys: 1-63 characters, values: 0-63 characters, both of `[A-Za-z0-9._-/]`.
 pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
-    let ok_chars = |s: &str| {
-        s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
-    };
+    let ok_chars = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
     if key.is_empty() || key.len() > 63 || !ok_chars(key) {
-        return Err(format!(
-            "label key {key:?} must be 1-63 characters of A-Z a-z 0-9 . _ - /"
-        ));
+        return Err(format!("label key {key:?} must be 1-63 characters of A-Z a-z 0-9 . _ - /"));
     }
     if value.len() > 63 || !ok_chars(value) {
-        return Err(format!(
-            "label value {value:?} for {key:?} must be 0-63 characters of A-Z a-z 0-9 . _ - /"
-        ));
+        return Err(format!("label value {value:?} for {key:?} must be 0-63 characters of A-Z a-z 0-9 . _ - /"));
     }
     Ok(())
 }
@@ -29,13 +22,7 @@ mod tests {
     fn label_syntax() {
         assert!(validate_label("site", "lyon-2").is_ok());
         assert!(validate_label("example.com/role", "").is_ok());
-        for (k, v) in [
-            ("", "x"),
-            ("a b", "x"),
-            ("k", "x y"),
-            ("k", "é"),
-            (&*"k".repeat(64), "x"),
-        ] {
+        for (k, v) in [("", "x"), ("a b", "x"), ("k", "x y"), ("k", "é"), (&*"k".repeat(64), "x")] {
             assert!(validate_label(k, v).is_err(), "{k:?}={v:?}");
         }
     }

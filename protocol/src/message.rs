@@ -46,9 +46,10 @@ pub struct Inventory {
     pub hostname: String,
     pub cpus: u16,
     pub memory_bytes: u64,
-    /// Size and free space of the filesystem holding the agent's data dir.
+    /// Size of the filesystem holding the agent's data dir (free space is in
+    /// heartbeats: inventory holds only what rarely changes, so a reconnect
+    /// does not rewrite the controller's store).
     pub disk_bytes: u64,
-    pub disk_free_bytes: u64,
     pub cgroup: CgroupVersion,
     /// Labels from the agent's config, sorted by key.
     pub labels: Vec<(String, String)>,

@@ -24,12 +24,8 @@ pub fn inventory() -> Inventory {
         cpus: 4,
         memory_bytes: 4_124_000_000,
         disk_bytes: 31_000_000_000,
-        disk_free_bytes: 22_000_000_000,
         cgroup: CgroupVersion::V2,
-        labels: vec![
-            ("site".into(), "lyon".into()),
-            ("role".into(), "sensor".into()),
-        ],
+        labels: vec![("site".into(), "lyon".into()), ("role".into(), "sensor".into())],
         addresses: vec!["192.0.2.17".into()],
     }
 }
@@ -72,18 +68,14 @@ pub fn desired() -> Desired {
             name: "sensor-reader".into(),
             revision: 4,
             image: "registry.local:5000/sensor:1.4".into(),
-            image_digest: "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
-                .into(),
+            image_digest: "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae".into(),
             health_deadline_s: 120,
             container: ContainerSpec {
                 command: vec!["/bin/sensor".into()],
                 args: vec!["--bus".into(), "1".into()],
                 env: vec![("LOG".into(), "info".into())],
                 working_dir: Some("/data".into()),
-                user: Some(User {
-                    uid: 1000,
-                    gid: 1000,
-                }),
+                user: Some(User { uid: 1000, gid: 1000 }),
                 hostname: None,
                 resources: Resources {
                     memory_bytes: Some(64 << 20),
@@ -99,11 +91,7 @@ pub fn desired() -> Desired {
                         source: MountSource::Volume("sensor-data".into()),
                         read_only: false,
                     },
-                    Mount {
-                        target: "/tmp".into(),
-                        source: MountSource::Tmpfs(8 << 20),
-                        read_only: false,
-                    },
+                    Mount { target: "/tmp".into(), source: MountSource::Tmpfs(8 << 20), read_only: false },
                 ],
                 devices: vec![DeviceMount {
                     host_path: "/dev/i2c-1".into(),
@@ -111,29 +99,18 @@ pub fn desired() -> Desired {
                     permissions: "rw".into(),
                 }],
                 network: NetworkMode::Host,
-                ports: vec![Port {
-                    name: "metrics".into(),
-                    port: 9100,
-                    protocol: PortProtocol::Tcp,
-                }],
+                ports: vec![Port { name: "metrics".into(), port: 9100, protocol: PortProtocol::Tcp }],
                 read_only_rootfs: true,
                 security: Security::default(),
                 liveness: Some(Probe {
-                    check: ProbeCheck::Http {
-                        port: 9100,
-                        path: "/healthz".into(),
-                    },
+                    check: ProbeCheck::Http { port: 9100, path: "/healthz".into() },
                     interval_s: 10,
                     timeout_s: 2,
                     failure_threshold: 3,
                     initial_delay_s: 5,
                 }),
                 readiness: None,
-                files: vec![File {
-                    path: "/etc/sensor.toml".into(),
-                    mode: 0o444,
-                    contents: b"rate = 10\n".to_vec(),
-                }],
+                files: vec![File { path: "/etc/sensor.toml".into(), mode: 0o444, contents: b"rate = 10\n".to_vec() }],
             },
         }],
     }
@@ -143,20 +120,12 @@ pub fn command() -> Command {
     Command {
         id: 99,
         deadline_ms: 1_795_000_030_000,
-        action: CommandAction::Logs {
-            workload: "sensor-reader".into(),
-            tail: 100,
-            follow: true,
-        },
+        action: CommandAction::Logs { workload: "sensor-reader".into(), tail: 100, follow: true },
     }
 }
 
 pub fn command_result() -> CommandResult {
-    CommandResult {
-        id: 99,
-        seq: 0,
-        body: CommandOutput::Stdout(b"2026-11-27T09:00:00Z reading=21.5\n".to_vec()),
-    }
+    CommandResult { id: 99, seq: 0, body: CommandOutput::Stdout(b"2026-11-27T09:00:00Z reading=21.5\n".to_vec()) }
 }
 
 /// One sample of every message kind, in `MessageKind::ALL` order.

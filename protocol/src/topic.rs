@@ -13,9 +13,7 @@ pub const ROOT: &str = "baton/v1";
 pub struct DeviceId(String);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid device id {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ - (not starting with . or -)"
-)]
+#[error("invalid device id {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ - (not starting with . or -)")]
 pub struct InvalidDeviceId(pub String);
 
 impl DeviceId {
@@ -26,9 +24,7 @@ impl DeviceId {
         let ok = !id.is_empty()
             && id.len() <= Self::MAX_LEN
             && !id.starts_with(['.', '-'])
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
         if ok {
             Ok(Self(id))
         } else {
@@ -79,15 +75,8 @@ pub enum TopicKind {
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 7] = [
-        Self::Presence,
-        Self::Inventory,
-        Self::Heartbeat,
-        Self::Report,
-        Self::Desired,
-        Self::Cmd,
-        Self::CmdRes,
-    ];
+    pub const ALL: [TopicKind; 7] =
+        [Self::Presence, Self::Inventory, Self::Heartbeat, Self::Report, Self::Desired, Self::Cmd, Self::CmdRes];
 
     pub fn suffix(self) -> &'static str {
         match self {
@@ -144,18 +133,7 @@ mod tests {
 
     #[test]
     fn device_ids_that_would_break_topics_or_paths_are_refused() {
-        for bad in [
-            "",
-            "a/b",
-            "+",
-            "#",
-            "-x",
-            ".x",
-            "..",
-            "a b",
-            "é",
-            &"x".repeat(65),
-        ] {
+        for bad in ["", "a/b", "+", "#", "-x", ".x", "..", "a b", "é", &"x".repeat(65)] {
             assert!(DeviceId::new(bad).is_err(), "{bad:?} accepted");
         }
         assert!(DeviceId::new("x".repeat(64)).is_ok());

@@ -25,12 +25,7 @@ fn current_encoding_matches_committed_fixtures() {
             std::fs::write(&path, &bytes).unwrap();
         }
         let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(
-            bytes,
-            committed,
-            "{} changed on the wire; that needs a version bump",
-            path.display()
-        );
+        assert_eq!(bytes, committed, "{} changed on the wire; that needs a version bump", path.display());
     }
 }
 
@@ -48,20 +43,13 @@ fn every_committed_fixture_of_every_version_still_decodes() {
             // Fields a later minor appended read as defaults, so the samples of the
             // fixture's own version are what it must decode to; for v1.0 that is today's.
             if version.ends_with("v1.0") {
-                let sample = samples::all()
-                    .into_iter()
-                    .find(|m| m.kind() == kind)
-                    .unwrap();
+                let sample = samples::all().into_iter().find(|m| m.kind() == kind).unwrap();
                 assert_eq!(msg, sample, "{}", path.display());
             }
             seen += 1;
         }
     }
-    assert!(
-        seen >= MessageKind::ALL.len(),
-        "no fixtures found under {}",
-        root.display()
-    );
+    assert!(seen >= MessageKind::ALL.len(), "no fixtures found under {}", root.display());
 }
 
 #[test]
@@ -71,7 +59,7 @@ fn heartbeat_fits_in_64_bytes() {
 }
 
 fn valid_encodings() -> Vec<Vec<u8>> {
-    samples::all().iter().map(|m| encode(m).unwrap()).collect()
+    samples::all().iter().map(|m| encode(m).expect("samples encode")).collect()
 }
 
 proptest! {

@@ -14,15 +14,10 @@ pub mod mqtt;
 
 /// Where cargo put the workspace binaries: next to the test executable's `deps/`.
 pub fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("BATON_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let exe = std::env::current_exe().expect("current_exe");
-            exe.parent()
-                .and_then(Path::parent)
-                .expect("target dir")
-                .to_path_buf()
-        });
+    let dir = std::env::var_os("BATON_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let exe = std::env::current_exe().expect("current_exe");
+        exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    });
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -34,10 +29,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout` naming `what`.
@@ -47,10 +39,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -65,11 +54,7 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Proc {
         let log = log_dir.join(format!("{name}.log"));
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
+        let out = File::options().create(true).append(true).open(&log).expect("log file");
         let child = Command::new(program)
             .args(args)
             .env("BATON_LOG", "debug,rumqttd=warn,rumqttc=info")
@@ -78,11 +63,7 @@ impl Proc {
             .stderr(out)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
-        Proc {
-            name: name.into(),
-            child,
-            log,
-        }
+        Proc { name: name.into(), child, log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -135,12 +116,7 @@ impl Default for World {
 
 impl World {
     pub fn new() -> Self {
-        Self {
-            dir: tempfile::Builder::new()
-                .prefix("baton-e2e-")
-                .tempdir()
-                .expect("tempdir"),
-        }
+        Self { dir: tempfile::Builder::new().prefix("baton-e2e-").tempdir().expect("tempdir") }
     }
 
     pub fn path(&self) -> &Path {
@@ -160,11 +136,7 @@ impl Drop for World {
             if e.path().extension().is_some_and(|x| x == "log") {
                 let text = std::fs::read_to_string(e.path()).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(60).collect();
-                eprintln!(
-                    "----- {} (last {} lines) -----",
-                    e.path().display(),
-                    tail.len()
-                );
+                eprintln!("----- {} (last {} lines) -----", e.path().display(), tail.len());
                 for l in tail.iter().rev() {
                     eprintln!("{l}");
                 }
@@ -208,9 +180,7 @@ impl ServerSpec {
         let proc = Proc::spawn("controller", &bin("baton"), &args, &self.log_dir);
         let http = self.http;
         wait_for("controller health", Duration::from_secs(20), || {
-            get_json::<serde_json::Value>(http, "/healthz")
-                .ok()
-                .filter(|h| h["broker_connected"] == true)
+            get_json::<serde_json::Value>(http, "/healthz").ok().filter(|h| h["broker_connected"] == true)
         });
         proc
     }
@@ -235,21 +205,12 @@ impl Controller {
             log_dir: world.path().to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
-        Controller {
-            proc: spec.launch(),
-            http: spec.http,
-            mqtt: spec.mqtt,
-            spec,
-        }
+        Controller { proc: spec.launch(), http: spec.http, mqtt: spec.mqtt, spec }
     }
 
     /// Stops the server (SIGTERM, clean) and starts it again on the same ports and data.
     pub fn restart(&mut self) {
-        assert_eq!(
-            self.proc.terminate(),
-            Some(0),
-            "controller did not exit cleanly"
-        );
+        assert_eq!(self.proc.terminate(), Some(0), "controller did not exit cleanly");
         self.proc = self.spec.launch();
     }
 
@@ -282,21 +243,13 @@ impl Controller {
 pub fn start_agent(world: &World, id: &str, broker: &str, extra: &[&str]) -> Proc {
     let mut args = vec![
         "--config".to_string(),
-        world
-            .path()
-            .join("no-such-agent.toml")
-            .display()
-            .to_string(),
+        world.path().join("no-such-agent.toml").display().to_string(),
         "--broker".into(),
         broker.into(),
         "--device-id".into(),
         id.into(),
         "--data-dir".into(),
-        world
-            .path()
-            .join(format!("agent-{id}"))
-            .display()
-            .to_string(),
+        world.path().join(format!("agent-{id}")).display().to_string(),
     ];
     if !extra.contains(&"--heartbeat-interval") {
         args.extend(["--heartbeat-interval".into(), "1".into()]);
@@ -304,12 +257,7 @@ pub fn start_agent(world: &World, id: &str, broker: &str, extra: &[&str]) -> Pro
     args.extend(extra.iter().map(|s| s.to_string()));
     // The config file is named explicitly: write an empty one so only flags apply.
     std::fs::write(world.path().join("no-such-agent.toml"), "").expect("empty config");
-    Proc::spawn(
-        &format!("agent-{id}"),
-        &bin("baton-agent"),
-        &args,
-        world.path(),
-    )
+    Proc::spawn(&format!("agent-{id}"), &bin("baton-agent"), &args, world.path())
 }
 
 /// A Mosquitto broker on a free loopback port, configured as Baton documents.
@@ -330,14 +278,9 @@ impl Mosquitto {
             ),
         )
         .expect("mosquitto.conf");
-        let mosquitto = which("mosquitto")
-            .expect("mosquitto is not installed: .ci/run installs it (apt-get install mosquitto)");
-        let proc = Proc::spawn(
-            "mosquitto",
-            &mosquitto,
-            &["-c".into(), conf.display().to_string()],
-            world.path(),
-        );
+        let mosquitto =
+            which("mosquitto").expect("mosquitto is not installed: .ci/run installs it (apt-get install mosquitto)");
+        let proc = Proc::spawn("mosquitto", &mosquitto, &["-c".into(), conf.display().to_string()], world.path());
         wait_for("mosquitto listening", Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
@@ -347,34 +290,19 @@ impl Mosquitto {
 
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(name))
-        .find(|p| p.exists())
+    std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]).map(|d| d.join(name)).find(|p| p.exists())
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(true)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into()
+    ureq::Agent::config_builder().http_status_as_error(true).timeout_global(Some(Duration::from_secs(5))).build().into()
 }
 
 pub fn get_json<T: serde::de::DeserializeOwned>(port: u16, path: &str) -> anyhow::Result<T> {
-    Ok(agent()
-        .get(format!("http://127.0.0.1:{port}{path}"))
-        .call()?
-        .body_mut()
-        .read_json()?)
+    Ok(agent().get(format!("http://127.0.0.1:{port}{path}")).call()?.body_mut().read_json()?)
 }
 
 pub fn get_text(port: u16, path: &str) -> anyhow::Result<String> {
-    Ok(agent()
-        .get(format!("http://127.0.0.1:{port}{path}"))
-        .call()?
-        .body_mut()
-        .read_to_string()?)
+    Ok(agent().get(format!("http://127.0.0.1:{port}{path}")).call()?.body_mut().read_to_string()?)
 }
 
 /// Runs the `baton` CLI against `server`; returns (exit ok, stdout, stderr).
@@ -385,9 +313,5 @@ pub fn baton_cli(server: &str, args: &[&str]) -> (bool, String, String) {
         .stdin(Stdio::null())
         .output()
         .expect("run baton");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }

@@ -1,6 +1,6 @@
 //! A raw MQTT client for tests that play a misbehaving device or watch the wire.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Connection, Event, MqttOptions, Packet, QoS};
 
@@ -12,8 +12,7 @@ pub struct RawClient {
 impl RawClient {
     pub fn connect(port: u16, id: &str) -> RawClient {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut conn) = Client::new(opts, 64);
         for ev in conn.iter() {
             match ev {
@@ -27,33 +26,42 @@ impl RawClient {
 
     /// Publishes at QoS 1 and waits for the broker's ack, so the message is in.
     pub fn publish(&mut self, topic: &str, payload: Vec<u8>, retain: bool) {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, retain, payload)
-            .expect("queue publish");
+        if let Err(e) = self.try_publish(topic, payload, retain) {
+            panic!("publish to {topic} failed: {e}");
+        }
+    }
+
+    /// As `publish`, but returns the connection error (e.g. a broker refusing the size).
+    pub fn try_publish(&mut self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), String> {
+        self.client.publish(topic, QoS::AtLeastOnce, retain, payload).map_err(|e| e.to_string())?;
         for ev in self.conn.iter() {
             match ev {
-                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
                 Ok(_) => {}
-                Err(e) => panic!("publish to {topic} failed: {e}"),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("connection ended".into())
+    }
+
+    /// Subscribes and returns once the broker acknowledged it.
+    pub fn subscribe(&mut self, filter: &str) {
+        self.client.subscribe(filter, QoS::AtLeastOnce).expect("subscribe");
+        for ev in self.conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::SubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("subscribe to {filter} failed: {e}"),
             }
         }
     }
 
-    /// Subscribes and returns the first publish on `filter` within `timeout`.
-    pub fn first_message(
-        &mut self,
-        filter: &str,
-        timeout: Duration,
-    ) -> Option<(String, Vec<u8>, bool)> {
-        self.client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .expect("subscribe");
-        let deadline = std::time::Instant::now() + timeout;
-        while std::time::Instant::now() < deadline {
+    /// The next publish received within `timeout` (subscribe first): (topic, payload, retain).
+    pub fn next_message(&mut self, timeout: Duration) -> Option<(String, Vec<u8>, bool)> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
             match self.conn.recv_timeout(Duration::from_millis(100)) {
-                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                    return Some((p.topic, p.payload.to_vec(), p.retain))
-                }
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => return Some((p.topic, p.payload.to_vec(), p.retain)),
                 Ok(Ok(_)) | Err(_) => {}
                 Ok(Err(e)) => panic!("test client lost the broker: {e}"),
             }

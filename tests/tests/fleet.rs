@@ -16,9 +16,7 @@ fn statuses(c: &Controller) -> Vec<(String, Status)> {
 fn all_online_with_inventory(c: &Controller) -> bool {
     let devices = c.devices();
     devices.len() == IDS.len()
-        && devices
-            .iter()
-            .all(|d| d.status == Status::Online && d.inventory.as_ref().is_some_and(|i| i.cpus > 0))
+        && devices.iter().all(|d| d.status == Status::Online && d.inventory.as_ref().is_some_and(|i| i.cpus > 0))
 }
 
 fn presence_scenario(broker: BrokerKind) {
@@ -26,34 +24,22 @@ fn presence_scenario(broker: BrokerKind) {
     let mosquitto = matches!(broker, BrokerKind::Mosquitto).then(|| Mosquitto::start(&world));
     let mut controller = Controller::start(&world, mosquitto.as_ref().map(|m| m.port), &[]);
     let url = controller.broker_url();
-    let mut agents: Vec<Proc> = IDS
-        .iter()
-        .map(|id| start_agent(&world, id, &url, &["--label", "site=lab"]))
-        .collect();
+    let mut agents: Vec<Proc> = IDS.iter().map(|id| start_agent(&world, id, &url, &["--label", "site=lab"])).collect();
 
-    wait_for(
-        "3 devices online with inventory",
-        Duration::from_secs(20),
-        || all_online_with_inventory(&controller).then_some(()),
-    );
+    wait_for("3 devices online with inventory", Duration::from_secs(20), || {
+        all_online_with_inventory(&controller).then_some(())
+    });
     let d = controller.device("pi-a").expect("pi-a");
     assert_eq!(d.labels.get("site").map(String::as_str), Some("lab"));
     assert_eq!(d.arch, std::env::consts::ARCH);
-    wait_for("a heartbeat from pi-a", Duration::from_secs(10), || {
-        controller.device("pi-a")?.heartbeat
-    });
+    wait_for("a heartbeat from pi-a", Duration::from_secs(10), || controller.device("pi-a")?.heartbeat);
 
     // A crash: no goodbye. The broker sees the socket close and publishes the Will.
     agents[1].kill9();
-    wait_for(
-        "pi-b offline after kill -9",
-        Duration::from_secs(10),
-        || (controller.device("pi-b")?.status == Status::Offline).then_some(()),
-    );
-    assert_eq!(
-        controller.device("pi-a").map(|d| d.status),
-        Some(Status::Online)
-    );
+    wait_for("pi-b offline after kill -9", Duration::from_secs(10), || {
+        (controller.device("pi-b")?.status == Status::Offline).then_some(())
+    });
+    assert_eq!(controller.device("pi-a").map(|d| d.status), Some(Status::Online));
 
     // Same id again: the same device comes back, no duplicate.
     let first_seen = controller.device("pi-b").expect("pi-b").first_seen_ms;
@@ -63,50 +49,30 @@ fn presence_scenario(broker: BrokerKind) {
     });
     let ids: BTreeSet<String> = controller.devices().into_iter().map(|d| d.id).collect();
     assert_eq!(ids, IDS.iter().map(|s| s.to_string()).collect());
-    assert_eq!(
-        controller.device("pi-b").expect("pi-b").first_seen_ms,
-        first_seen
-    );
+    assert_eq!(controller.device("pi-b").expect("pi-b").first_seen_ms, first_seen);
 
     // Controller restart: the fleet comes back from SQLite at once, and
     // presence recovers from the agents (embedded) or retained messages (Mosquitto).
     let before_restart = baton_controller::controller::now_ms();
     controller.restart();
     let listed: BTreeSet<String> = controller.devices().into_iter().map(|d| d.id).collect();
-    assert_eq!(
-        listed.len(),
-        IDS.len(),
-        "devices missing right after restart: {listed:?}"
-    );
-    wait_for(
-        "every device heard from after the restart",
-        Duration::from_secs(20),
-        || {
-            let devices = controller.devices();
-            (devices.len() == IDS.len()
-                && devices
-                    .iter()
-                    .all(|d| d.status == Status::Online && d.last_seen_ms > before_restart))
-            .then_some(())
-        },
-    );
+    assert_eq!(listed.len(), IDS.len(), "devices missing right after restart: {listed:?}");
+    wait_for("every device heard from after the restart", Duration::from_secs(20), || {
+        let devices = controller.devices();
+        (devices.len() == IDS.len()
+            && devices.iter().all(|d| d.status == Status::Online && d.last_seen_ms > before_restart))
+        .then_some(())
+    });
     for a in &mut agents {
         assert!(a.is_running(), "{} died", a.name);
     }
 
     // A clean agent stop marks the device offline on purpose.
     assert_eq!(agents[2].terminate(), Some(0));
-    wait_for(
-        "pi-c offline after SIGTERM",
-        Duration::from_secs(10),
-        || (controller.device("pi-c")?.status == Status::Offline).then_some(()),
-    );
-    assert_eq!(
-        controller.devices().len(),
-        IDS.len(),
-        "{:?}",
-        statuses(&controller)
-    );
+    wait_for("pi-c offline after SIGTERM", Duration::from_secs(10), || {
+        (controller.device("pi-c")?.status == Status::Offline).then_some(())
+    });
+    assert_eq!(controller.devices().len(), IDS.len(), "{:?}", statuses(&controller));
 }
 
 #[test]
@@ -123,12 +89,7 @@ fn three_agents_presence_crash_restart_with_mosquitto() {
 fn silent_device_turns_stale_then_recovers() {
     let world = World::new();
     let controller = Controller::start(&world, None, &["--stale-after", "2"]);
-    let mut agent = start_agent(
-        &world,
-        "quiet",
-        &controller.broker_url(),
-        &["--heartbeat-interval", "60"],
-    );
+    let mut agent = start_agent(&world, "quiet", &controller.broker_url(), &["--heartbeat-interval", "60"]);
     wait_for("quiet online", Duration::from_secs(20), || {
         (controller.device("quiet")?.status == Status::Online).then_some(())
     });
@@ -146,12 +107,7 @@ fn silent_device_turns_stale_then_recovers() {
 fn cli_lists_describes_and_labels_devices() {
     let world = World::new();
     let controller = Controller::start(&world, None, &[]);
-    let _agent = start_agent(
-        &world,
-        "cli-dev",
-        &controller.broker_url(),
-        &["--label", "role=sensor"],
-    );
+    let _agent = start_agent(&world, "cli-dev", &controller.broker_url(), &["--label", "role=sensor"]);
     wait_for("cli-dev online", Duration::from_secs(20), || {
         (controller.device("cli-dev")?.status == Status::Online).then_some(())
     });
@@ -165,23 +121,14 @@ fn cli_lists_describes_and_labels_devices() {
         assert!(header.contains(col), "missing {col} in {header:?}");
     }
     let row = lines.next().unwrap_or_default();
-    assert!(
-        row.starts_with("cli-dev") && row.contains("online") && row.contains("role=sensor"),
-        "{row:?}"
-    );
+    assert!(row.starts_with("cli-dev") && row.contains("online") && row.contains("role=sensor"), "{row:?}");
 
-    let (ok, out, err) = baton_cli(
-        &server,
-        &["label", "device", "cli-dev", "tier=edge", "role-"],
-    );
+    let (ok, out, err) = baton_cli(&server, &["label", "device", "cli-dev", "tier=edge", "role-"]);
     assert!(ok, "{err}");
     assert!(out.contains("tier=edge"), "{out}");
     // Removing the operator label falls back to the agent's own.
     let d = controller.device("cli-dev").expect("cli-dev");
-    assert_eq!(
-        d.operator_labels.get("tier").map(String::as_str),
-        Some("edge")
-    );
+    assert_eq!(d.operator_labels.get("tier").map(String::as_str), Some("edge"));
     assert_eq!(d.labels.get("role").map(String::as_str), Some("sensor"));
 
     let (ok, out, _) = baton_cli(&server, &["get", "devices", "-o", "json"]);
@@ -191,10 +138,7 @@ fn cli_lists_describes_and_labels_devices() {
     let (ok, out, _) = baton_cli(&server, &["describe", "device", "cli-dev", "-o", "yaml"]);
     assert!(ok && out.contains("id: cli-dev"), "{out}");
     let (ok, out, _) = baton_cli(&server, &["describe", "device", "cli-dev"]);
-    assert!(
-        ok && out.contains("Kernel:") && out.contains("tier (operator)=edge"),
-        "{out}"
-    );
+    assert!(ok && out.contains("Kernel:") && out.contains("tier (operator)=edge"), "{out}");
 
     let (ok, _, err) = baton_cli(&server, &["describe", "device", "nope"]);
     assert!(!ok && err.contains("device nope not found"), "{err}");
@@ -207,14 +151,6 @@ fn cli_without_a_controller_says_how_to_point_at_one() {
     let port = free_port();
     let (ok, _, err) = baton_cli(&format!("http://127.0.0.1:{port}"), &["get", "devices"]);
     assert!(!ok);
-    assert!(
-        err.contains(&format!(
-            "cannot reach the Baton controller at http://127.0.0.1:{port}"
-        )),
-        "{err}"
-    );
-    assert!(
-        err.contains("--server") && err.contains("BATON_SERVER"),
-        "{err}"
-    );
+    assert!(err.contains(&format!("cannot reach the Baton controller at http://127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("--server") && err.contains("BATON_SERVER"), "{err}");
 }

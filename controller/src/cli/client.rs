@@ -22,10 +22,7 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .into();
-        Self {
-            base: base.trim_end_matches('/').to_string(),
-            agent,
-        }
+        Self { base: base.trim_end_matches('/').to_string(), agent }
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
@@ -33,15 +30,8 @@ impl Client {
         self.finish(res)
     }
 
-    pub fn patch<B: Serialize, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> anyhow::Result<T> {
-        let res = self
-            .agent
-            .patch(format!("{}{path}", self.base))
-            .send_json(body);
+    pub fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        let res = self.agent.patch(format!("{}{path}", self.base)).send_json(body);
         self.finish(res)
     }
 

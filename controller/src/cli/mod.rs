@@ -19,11 +19,7 @@ use client::{Client, DEFAULT_SERVER};
 use output::Format;
 
 #[derive(Parser)]
-#[command(
-    name = "baton",
-    version,
-    about = "Baton: orchestrate containers on fleets of small Linux devices"
-)]
+#[command(name = "baton", version, about = "Baton: orchestrate containers on fleets of small Linux devices")]
 pub struct Cli {
     /// Controller API URL.
     #[arg(long, global = true, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
@@ -105,21 +101,12 @@ impl ServerArgs {
             Some(url) => BrokerMode::External(url.parse().context("--broker")?),
             None => BrokerMode::Embedded(self.mqtt_listen),
         };
-        anyhow::ensure!(
-            self.stale_after > 0,
-            "--stale-after must be at least 1 second"
-        );
-        anyhow::ensure!(
-            self.flush_every > 0,
-            "--flush-every must be at least 1 second"
-        );
+        anyhow::ensure!(self.stale_after > 0, "--stale-after must be at least 1 second");
+        anyhow::ensure!(self.flush_every > 0, "--flush-every must be at least 1 second");
         Ok(ServerConfig {
             http_listen: self.listen,
             broker,
-            data_dir: self
-                .data_dir
-                .clone()
-                .unwrap_or_else(|| default_data_dir().join("controller")),
+            data_dir: self.data_dir.clone().unwrap_or_else(|| default_data_dir().join("controller")),
             stale_after: Duration::from_secs(self.stale_after),
             flush_every: Duration::from_secs(self.flush_every),
             max_devices: self.max_devices,
@@ -129,8 +116,8 @@ impl ServerArgs {
 
 /// `/var/lib/baton` for root, `$XDG_DATA_HOME/baton` (or `~/.local/share/baton`) otherwise.
 pub fn default_data_dir() -> PathBuf {
-    let is_root = std::env::var_os("HOME").is_none_or(|h| h == "/root")
-        || std::env::var("USER").is_ok_and(|u| u == "root");
+    let is_root =
+        std::env::var_os("HOME").is_none_or(|h| h == "/root") || std::env::var("USER").is_ok_and(|u| u == "root");
     if is_root {
         return PathBuf::from("/var/lib/baton");
     }
@@ -151,10 +138,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(crate::server::serve(cfg, shutdown_signal(), None))
         }
         Command::Up(args) => up::run(args),
-        Command::Get {
-            resource: Resource::Devices,
-            output,
-        } => {
+        Command::Get { resource: Resource::Devices, output } => {
             let devices: Vec<DeviceView> = client().get("/api/v1/devices")?;
             print(output, &devices, || {
                 if devices.is_empty() {
@@ -164,32 +148,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             })
         }
-        Command::Describe {
-            resource: Resource::Devices,
-            id,
-            output,
-        } => {
+        Command::Describe { resource: Resource::Devices, id, output } => {
             let device: DeviceView = client().get(&format!("/api/v1/devices/{id}"))?;
-            print(output, &device, || {
-                output::device_description(&device, now_ms())
-            })
+            print(output, &device, || output::device_description(&device, now_ms()))
         }
-        Command::Label {
-            resource: Resource::Devices,
-            id,
-            changes,
-            output,
-        } => {
+        Command::Label { resource: Resource::Devices, id, changes, output } => {
             let change = parse_label_changes(&changes)?;
-            let device: DeviceView =
-                client().patch(&format!("/api/v1/devices/{id}/labels"), &change)?;
-            print(output, &device, || {
-                format!(
-                    "device/{} labeled: {}\n",
-                    device.id,
-                    output::labels(&device.labels)
-                )
-            })
+            let device: DeviceView = client().patch(&format!("/api/v1/devices/{id}/labels"), &change)?;
+            print(output, &device, || format!("device/{} labeled: {}\n", device.id, output::labels(&device.labels)))
         }
         Command::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "baton", &mut std::io::stdout());
@@ -198,11 +164,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn print<T: serde::Serialize>(
-    format: Format,
-    value: &T,
-    table: impl FnOnce() -> String,
-) -> anyhow::Result<()> {
+fn print<T: serde::Serialize>(format: Format, value: &T, table: impl FnOnce() -> String) -> anyhow::Result<()> {
     let text = output::structured(format, value)?.unwrap_or_else(table);
     print!("{text}");
     Ok(())
@@ -226,18 +188,12 @@ pub fn parse_label_changes(args: &[String]) -> anyhow::Result<LabelChange> {
 }
 
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
 }
 
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return std::future::pending().await;
     };
     tokio::select! {
@@ -249,13 +205,9 @@ pub async fn shutdown_signal() {
 pub fn init_logging(json: bool) {
     // rumqttd logs every ordinary disconnect at ERROR; its own log is opt-in
     // (BATON_LOG=info,rumqttd=info), the controller reports broker trouble itself.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
-        .unwrap_or_else(|_| "info,rumqttd=off".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| "info,rumqttd=off".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if json {
         builder.json().init();
     } else {
@@ -272,10 +224,7 @@ mod tests {
         let c = parse_label_changes(&["site=lyon".into(), "role-".into()]).unwrap();
         assert_eq!(c.set["site"], "lyon");
         assert_eq!(c.remove, vec!["role".to_string()]);
-        assert!(parse_label_changes(&["site".into()])
-            .unwrap_err()
-            .to_string()
-            .contains("key=value"));
+        assert!(parse_label_changes(&["site".into()]).unwrap_err().to_string().contains("key=value"));
         assert!(parse_label_changes(&["bad key=x".into()]).is_err());
     }
 }

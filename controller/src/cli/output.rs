@@ -70,10 +70,7 @@ pub fn labels(l: &BTreeMap<String, String>) -> String {
     if l.is_empty() {
         return "<none>".into();
     }
-    l.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 pub fn bytes(n: u64) -> String {
@@ -98,21 +95,14 @@ pub fn devices_table(devices: &[DeviceView], now: Millis) -> String {
             vec![
                 d.id.clone(),
                 d.status.as_str().into(),
-                if d.arch.is_empty() {
-                    "-".into()
-                } else {
-                    d.arch.clone()
-                },
+                if d.arch.is_empty() { "-".into() } else { d.arch.clone() },
                 labels(&d.labels),
                 ago(now, d.last_seen_ms),
                 d.agent_version.clone(),
             ]
         })
         .collect();
-    table(
-        &["ID", "STATUS", "ARCH", "LABELS", "LAST SEEN", "AGENT"],
-        &rows,
-    )
+    table(&["ID", "STATUS", "ARCH", "LABELS", "LAST SEEN", "AGENT"], &rows)
 }
 
 pub fn device_description(d: &DeviceView, now: Millis) -> String {
@@ -127,44 +117,23 @@ pub fn device_description(d: &DeviceView, now: Millis) -> String {
     kv("First seen", ago(now, d.first_seen_ms));
     kv("Last seen", ago(now, d.last_seen_ms));
     if let Some(i) = &d.inventory {
-        let arch = if i.arch_variant.is_empty() {
-            i.arch.clone()
-        } else {
-            format!("{}/{}", i.arch, i.arch_variant)
-        };
+        let arch = if i.arch_variant.is_empty() { i.arch.clone() } else { format!("{}/{}", i.arch, i.arch_variant) };
         kv("Arch", arch);
         kv("OS", i.os.clone());
         kv("Kernel", i.kernel.clone());
         kv("Hostname", i.hostname.clone());
         kv("CPUs", i.cpus.to_string());
         kv("Memory", bytes(i.memory_bytes));
-        kv(
-            "Disk",
-            format!(
-                "{} free of {}",
-                bytes(i.disk_free_bytes),
-                bytes(i.disk_bytes)
-            ),
-        );
+        let free = d.heartbeat.as_ref().map_or("?".into(), |h| bytes(h.disk_free_mib << 20));
+        kv("Disk", format!("{free} free of {}", bytes(i.disk_bytes)));
         kv("Cgroup", format!("{:?}", i.cgroup));
-        kv(
-            "Addresses",
-            if i.addresses.is_empty() {
-                "<none>".into()
-            } else {
-                i.addresses.join(", ")
-            },
-        );
+        kv("Addresses", if i.addresses.is_empty() { "<none>".into() } else { i.addresses.join(", ") });
     }
     let marked: BTreeMap<String, String> = d
         .labels
         .iter()
         .map(|(k, v)| {
-            let who = if d.operator_labels.contains_key(k) {
-                " (operator)"
-            } else {
-                ""
-            };
+            let who = if d.operator_labels.contains_key(k) { " (operator)" } else { "" };
             (format!("{k}{who}"), v.clone())
         })
         .collect();
@@ -172,19 +141,8 @@ pub fn device_description(d: &DeviceView, now: Millis) -> String {
     if let Some(h) = &d.heartbeat {
         kv("Uptime", format!("{}s", h.uptime_s));
         kv("Load", format!("{:.2}", f64::from(h.load1_centi) / 100.0));
-        kv(
-            "Memory used",
-            format!(
-                "{} of {}",
-                bytes(h.mem_used_kib * 1024),
-                bytes(h.mem_total_kib * 1024)
-            ),
-        );
-        kv(
-            "Temperature",
-            h.temp_milli_c
-                .map_or("-".into(), |t| format!("{:.1} °C", f64::from(t) / 1000.0)),
-        );
+        kv("Memory used", format!("{} of {}", bytes(h.mem_used_kib * 1024), bytes(h.mem_total_kib * 1024)));
+        kv("Temperature", h.temp_milli_c.map_or("-".into(), |t| format!("{:.1} °C", f64::from(t) / 1000.0)));
         kv("Generation", h.applied_generation.to_string());
     }
     o
@@ -196,17 +154,8 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let t = table(
-            &["ID", "STATUS"],
-            &[
-                vec!["pi-long-name".into(), "online".into()],
-                vec!["a".into(), "x".into()],
-            ],
-        );
-        assert_eq!(
-            t,
-            "ID             STATUS\npi-long-name   online\na              x\n"
-        );
+        let t = table(&["ID", "STATUS"], &[vec!["pi-long-name".into(), "online".into()], vec!["a".into(), "x".into()]]);
+        assert_eq!(t, "ID             STATUS\npi-long-name   online\na              x\n");
     }
 
     #[test]

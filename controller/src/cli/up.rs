@@ -38,10 +38,7 @@ fn agent_binary(explicit: Option<PathBuf>) -> PathBuf {
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     init_logging(args.server.log_json);
     let cfg = args.server.to_config()?;
-    let agent_dir = cfg
-        .data_dir
-        .parent()
-        .map_or_else(|| cfg.data_dir.join("agent"), |p| p.join("agent"));
+    let agent_dir = cfg.data_dir.parent().map_or_else(|| cfg.data_dir.join("agent"), |p| p.join("agent"));
     let bin = agent_binary(args.agent_bin);
     runtime()?.block_on(async move {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

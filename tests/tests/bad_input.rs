@@ -1,0 +1,141 @@
+//! Hostile and broken input on device topics: the controller counts and logs
+//! it, keeps serving, and its stored state does not change. Agents survive
+//! garbage on their own topics and still answer real commands.
+
+use std::time::Duration;
+
+use baton_controller::fleet::Status;
+use baton_controller::view::DeviceView;
+use baton_protocol::{
+    decode, encode, samples, Command, CommandAction, CommandOutput, Message, MessageKind, PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
+};
+use baton_tests::mqtt::RawClient;
+use baton_tests::*;
+
+/// What must not change: everything but the liveness fields heartbeats move.
+fn durable(devices: Vec<DeviceView>) -> Vec<String> {
+    devices
+        .into_iter()
+        .map(|d| {
+            format!(
+                "{} {:?} {:?} {:?} {:?} {}",
+                d.id, d.presence, d.inventory, d.operator_labels, d.labels, d.first_seen_ms
+            )
+        })
+        .collect()
+}
+
+/// Random bytes behind a valid envelope header, so they reach the body decoder.
+fn garbage_body(kind: MessageKind, n: usize, seed: u64) -> Vec<u8> {
+    let mut bytes = vec![PROTOCOL_MAJOR, PROTOCOL_MINOR, kind as u8];
+    bytes.extend(pseudo_random(n, seed));
+    bytes
+}
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn garbage_on_device_topics_is_counted_and_changes_nothing() {
+    let world = World::new();
+    let mut controller = Controller::start(&world, None, &[]);
+    let _agent = start_agent(&world, "pi-good", &controller.broker_url(), &[]);
+    wait_for("pi-good online", Duration::from_secs(20), || {
+        (controller.device("pi-good")?.inventory.is_some()).then_some(())
+    });
+    let before = durable(controller.devices());
+
+    let mut evil = RawClient::connect(controller.mqtt, "evil");
+    let hb = encode(&Message::Heartbeat(samples::heartbeat())).expect("encode");
+    let mut wrong_major = encode(&Message::Presence(samples::presence())).expect("encode");
+    wrong_major[0] = PROTOCOL_MAJOR + 1;
+    let mut oversize = vec![PROTOCOL_MAJOR, PROTOCOL_MINOR, MessageKind::Heartbeat as u8];
+    oversize.resize(200 * 1024, 0xAB);
+
+    let cases: Vec<(&str, String, Vec<u8>, bool)> = vec![
+        ("malformed", "baton/v1/dev/pi-good/heartbeat".into(), garbage_body(MessageKind::Heartbeat, 40, 1), false),
+        // Retained: it will be delivered again after the controller restarts.
+        ("malformed", "baton/v1/dev/pi-good/inventory".into(), garbage_body(MessageKind::Inventory, 300, 2), true),
+        ("wrong_version", "baton/v1/dev/pi-good/heartbeat".into(), vec![0xff; 40], false),
+        ("malformed", "baton/v1/dev/pi-good/presence".into(), hb.clone(), false),
+        ("malformed", "baton/v1/dev/pi-good/report".into(), Vec::new(), false),
+        ("oversize", "baton/v1/dev/pi-good/heartbeat".into(), oversize, false),
+        ("wrong_version", "baton/v1/dev/pi-good/presence".into(), wrong_major, false),
+        ("unknown_device", "baton/v1/dev/ghost/heartbeat".into(), hb.clone(), false),
+        ("bad_topic", "baton/v1/dev/not an id/heartbeat".into(), hb.clone(), false),
+        ("bad_topic", format!("baton/v1/dev/{}/heartbeat", "x".repeat(65)), hb.clone(), false),
+    ];
+    let mut expected = std::collections::BTreeMap::<&str, u64>::new();
+    for (reason, topic, payload, retain) in cases {
+        evil.publish(&topic, payload, retain);
+        *expected.entry(reason).or_default() += 1;
+    }
+    for (reason, n) in &expected {
+        let series = format!("baton_mqtt_rejected_total{{reason=\"{reason}\"}}");
+        wait_for(&format!("{n} {reason} rejections counted"), Duration::from_secs(10), || {
+            (controller.metric(&series) >= *n).then_some(())
+        });
+    }
+
+    // Bigger than the broker allows: the sender is cut off, nobody else notices.
+    let mut huge_sender = RawClient::connect(controller.mqtt, "huge");
+    assert!(huge_sender.try_publish("baton/v1/dev/pi-good/heartbeat", vec![0; 400 * 1024], false).is_err());
+
+    assert!(controller.device("ghost").is_none(), "an unknown device was created");
+    assert_eq!(durable(controller.devices()), before);
+    let last_seen = controller.device("pi-good").expect("pi-good").last_seen_ms;
+    wait_for("pi-good still heard from", Duration::from_secs(10), || {
+        let d = controller.device("pi-good")?;
+        (d.status == Status::Online && d.last_seen_ms > last_seen).then_some(())
+    });
+
+    let restarted_at = baton_controller::controller::now_ms();
+    controller.restart();
+    assert_eq!(durable(controller.devices()), before, "stored state changed");
+    // The embedded broker kept no retained messages across the restart; the
+    // agent reconnects and republishes, and the result is the same device.
+    wait_for("pi-good heard from after restart", Duration::from_secs(20), || {
+        (controller.device("pi-good")?.last_seen_ms > restarted_at).then_some(())
+    });
+    assert_eq!(durable(controller.devices()), before);
+}
+
+#[test]
+fn agent_survives_garbage_and_answers_commands_by_correlation_id() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let mut agent = start_agent(&world, "pi-cmd", &controller.broker_url(), &[]);
+    wait_for("pi-cmd online", Duration::from_secs(20), || {
+        (controller.device("pi-cmd")?.status == Status::Online).then_some(())
+    });
+
+    let mut op = RawClient::connect(controller.mqtt, "operator");
+    for (i, topic) in ["baton/v1/dev/pi-cmd/desired", "baton/v1/dev/pi-cmd/cmd"].into_iter().enumerate() {
+        op.publish(topic, pseudo_random(64, i as u64 + 7), false);
+        op.publish(topic, Vec::new(), false);
+    }
+    let cmd = Command { id: 4242, deadline_ms: 0, action: CommandAction::Diagnostics };
+    let mut watcher = RawClient::connect(controller.mqtt, "watcher");
+    watcher.subscribe("baton/v1/dev/pi-cmd/cmd/res");
+    op.publish("baton/v1/dev/pi-cmd/cmd", encode(&Message::Command(cmd)).expect("encode"), false);
+    let (_, payload, _) = watcher.next_message(Duration::from_secs(10)).expect("no answer to the diagnostics command");
+    match decode(&payload).expect("decodable answer").1 {
+        Message::CommandResult(r) => {
+            assert_eq!(r.id, 4242);
+            assert!(matches!(&r.body, CommandOutput::Text(t) if t.contains("device pi-cmd")), "{:?}", r.body);
+        }
+        other => panic!("unexpected answer {other:?}"),
+    }
+    assert!(agent.is_running(), "agent died on garbage");
+    assert_eq!(controller.device("pi-cmd").map(|d| d.status), Some(Status::Online));
+}
