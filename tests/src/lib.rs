@@ -15,8 +15,10 @@ pub mod mqtt;
 /// Where cargo put the workspace binaries: next to the test executable's `deps/`.
 pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("BATON_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        // Test executables live in target/<profile>/deps, binaries one level up.
         let exe = std::env::current_exe().expect("current_exe");
-        exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+        let dir = exe.parent().expect("exe dir");
+        if dir.ends_with("deps") { dir.parent().expect("profile dir") } else { dir }.to_path_buf()
     });
     let path = dir.join(name);
     assert!(
