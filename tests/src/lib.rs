@@ -276,7 +276,7 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_queued_messages 100000\nmax_inflight_messages 1000\nlog_dest stderr\n"
+                 max_queued_messages 100000\nmax_inflight_messages 1000\nmessage_size_limit 307200\nlog_dest stderr\n"
             ),
         )
         .expect("mosquitto.conf");
