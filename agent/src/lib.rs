@@ -5,3 +5,4 @@ pub mod backoff;
 pub mod config;
 pub mod link;
 pub mod node;
+pub mod runtime;

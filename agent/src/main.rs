@@ -24,6 +24,27 @@ struct Cli {
 enum Cmd {
     /// Run the agent (the default).
     Run(RunArgs),
+    /// Own one container (started by the agent; not for people).
+    #[command(hide = true)]
+    Shim(ShimCli),
+}
+
+#[derive(clap::Args)]
+struct ShimCli {
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    bundle: PathBuf,
+    #[arg(long)]
+    root: PathBuf,
+    #[arg(long)]
+    state: PathBuf,
+    #[arg(long, default_value_t = 10_000)]
+    stop_grace_ms: u64,
+    #[arg(long, default_value_t = 1 << 20)]
+    log_max_bytes: u64,
+    #[arg(long, default_value_t = 1000)]
+    log_flush_ms: u64,
 }
 
 #[derive(clap::Args, Default)]
@@ -58,6 +79,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Cmd::Run(args)) => args,
+        // No tokio, no threads, no logging subscriber: the shim must stay single-threaded.
+        Some(Cmd::Shim(s)) => {
+            let code = baton_agent::runtime::shim::launch(baton_agent::runtime::shim::ShimArgs {
+                id: s.id,
+                bundle: s.bundle,
+                root: s.root,
+                state: s.state,
+                stop_grace: std::time::Duration::from_millis(s.stop_grace_ms),
+                log_max_bytes: s.log_max_bytes,
+                log_flush: std::time::Duration::from_millis(s.log_flush_ms),
+            });
+            return ExitCode::from(code.clamp(0, 255) as u8);
+        }
         None => cli.run,
     };
     init_logging(args.log_json);

@@ -1,0 +1,81 @@
+//! Where container state lives. Flash (`data_dir`) holds what must survive a
+//! reboot or an agent upgrade: specs, exit records, logs, volumes. tmpfs
+//! (`run_dir`) holds libcontainer's own state, which is meaningless after a reboot.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(data_dir: impl Into<PathBuf>, run_dir: impl Into<PathBuf>) -> Self {
+        Self { data_dir: data_dir.into(), run_dir: run_dir.into() }
+    }
+
+    pub fn containers(&self) -> PathBuf {
+        self.data_dir.join("containers")
+    }
+
+    /// The OCI bundle (config.json) and the shim's files for one container.
+    pub fn container(&self, id: &str) -> PathBuf {
+        self.containers().join(id)
+    }
+
+    /// Named volumes: kept across container replacement and agent upgrades.
+    pub fn volume(&self, name: &str) -> PathBuf {
+        self.data_dir.join("volumes").join(name)
+    }
+
+    /// libcontainer's state root.
+    pub fn youki_root(&self) -> PathBuf {
+        self.run_dir.join("youki")
+    }
+
+    /// Absolute cgroup path of a container, under Baton's one parent.
+    pub fn cgroup(id: &str) -> String {
+        format!("/baton/{id}")
+    }
+}
+
+/// Files inside a container directory.
+pub mod files {
+    pub const CONFIG: &str = "config.json";
+    pub const SHIM_PID: &str = "shim.pid";
+    pub const RUNNING: &str = "running.json";
+    pub const EXIT: &str = "exit.json";
+    pub const LOG: &str = "container.log";
+    pub const SHIM_LOG: &str = "shim.log";
+}
+
+/// Writes `bytes` to `path` so that a reader sees the old or the new file,
+/// never a torn one, even across power loss: temp file, fsync, rename, fsync dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("exit.json");
+        write_atomic(&p, b"first").unwrap();
+        write_atomic(&p, b"second").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"second");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temp file left behind");
+    }
+}

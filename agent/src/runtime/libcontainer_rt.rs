@@ -1,0 +1,217 @@
+//! The real [`ContainerRuntime`]: each container gets a bundle directory and a
+//! `baton-agent shim` process (see `shim`). This side never calls libcontainer;
+//! it writes the bundle, launches the shim, and reads what the shim records.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::layout::{files, write_atomic, Layout};
+use super::{
+    oci, validate_id, ContainerRuntime, ContainerState, CreateRequest, ExitStatus, Running, RuntimeError, Usage,
+};
+
+pub struct LibcontainerRuntime {
+    layout: Layout,
+    /// The executable that provides `shim` (the agent binary itself).
+    shim_exe: PathBuf,
+    pub stop_grace: Duration,
+    pub log_max_bytes: u64,
+    pub log_flush: Duration,
+}
+
+impl LibcontainerRuntime {
+    pub fn new(layout: Layout, shim_exe: PathBuf) -> Self {
+        Self {
+            layout,
+            shim_exe,
+            stop_grace: Duration::from_secs(10),
+            log_max_bytes: 1 << 20,
+            log_flush: Duration::from_secs(1),
+        }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Per-container run state on tmpfs: shim.pid, running.json, shim.log.
+    fn run_state(&self, id: &str) -> PathBuf {
+        self.layout.run_dir.join("containers").join(id)
+    }
+
+    fn cleanup(&self, id: &str) {
+        let _ = std::fs::remove_dir_all(self.layout.container(id));
+        let _ = std::fs::remove_dir_all(self.run_state(id));
+    }
+
+    /// The live shim of `id`, if any: its recorded pid must still be a
+    /// `baton-agent shim` for this id (pids get reused after a reboot).
+    fn live_shim(&self, id: &str) -> Option<Pid> {
+        let pid: i32 = std::fs::read_to_string(self.run_state(id).join(files::SHIM_PID)).ok()?.trim().parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_ours =
+            args.iter().any(|a| *a == b"shim") && args.windows(2).any(|w| w[0] == b"--id" && w[1] == id.as_bytes());
+        // A zombie shim has exited: only the exit record counts then.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let zombie = status.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'));
+        (is_ours && !zombie).then_some(Pid::from_raw(pid))
+    }
+
+    fn signal_shim(&self, id: &str, sig: Signal) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        match self.live_shim(id) {
+            Some(pid) => kill(pid, sig).map_err(|e| RuntimeError::Io {
+                context: format!("signal shim of {id}"),
+                source: std::io::Error::from(e),
+            }),
+            None if self.layout.container(id).exists() => Ok(()), // already ended
+            None => Err(RuntimeError::NotFound(id.to_string())),
+        }
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+impl ContainerRuntime for LibcontainerRuntime {
+    fn create(&self, req: &CreateRequest<'_>) -> Result<(), RuntimeError> {
+        let id = req.id;
+        validate_id(id)?;
+        let bundle = self.layout.container(id);
+        if bundle.exists() {
+            return Err(RuntimeError::Exists(id.to_string()));
+        }
+        oci::validate(req.spec).map_err(RuntimeError::InvalidSpec)?;
+        oci::check_host(req.spec).map_err(RuntimeError::InvalidSpec)?;
+        let devices = oci::resolve_devices(req.spec).map_err(RuntimeError::InvalidSpec)?;
+        if !req.rootfs.is_dir() {
+            return Err(RuntimeError::InvalidSpec(format!("rootfs {} is not a directory", req.rootfs.display())));
+        }
+        for m in &req.spec.mounts {
+            if let baton_protocol::spec::MountSource::Volume(name) = &m.source {
+                let dir = self.layout.volume(name);
+                std::fs::create_dir_all(&dir).map_err(RuntimeError::io(format!("create volume {}", dir.display())))?;
+            }
+        }
+        let config = oci::config_json(id, req.spec, &req.rootfs, &self.layout, &devices);
+        let state = self.run_state(id);
+        let prepared = std::fs::create_dir_all(&bundle)
+            .and_then(|()| std::fs::create_dir_all(&state))
+            .and_then(|()| std::fs::create_dir_all(self.layout.youki_root()))
+            .and_then(|()| write_atomic(&bundle.join(files::CONFIG), config.to_string().as_bytes()));
+        if let Err(e) = prepared {
+            self.cleanup(id);
+            return Err(RuntimeError::io(format!("prepare bundle {}", bundle.display()))(e));
+        }
+        let out = Command::new(&self.shim_exe)
+            .arg("shim")
+            .args(["--id", id])
+            .arg("--bundle")
+            .arg(&bundle)
+            .arg("--root")
+            .arg(self.layout.youki_root())
+            .arg("--state")
+            .arg(&state)
+            .args(["--stop-grace-ms", &self.stop_grace.as_millis().to_string()])
+            .args(["--log-max-bytes", &self.log_max_bytes.to_string()])
+            .args(["--log-flush-ms", &self.log_flush.as_millis().to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(RuntimeError::io(format!("run shim {}", self.shim_exe.display())));
+        match out {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => {
+                self.cleanup(id);
+                let reason = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                Err(RuntimeError::Start { id: id.to_string(), reason })
+            }
+            Err(e) => {
+                self.cleanup(id);
+                Err(e)
+            }
+        }
+    }
+
+    fn state(&self, id: &str) -> Result<ContainerState, RuntimeError> {
+        validate_id(id)?;
+        let bundle = self.layout.container(id);
+        if let Some(exit) = read_json::<ExitStatus>(&bundle.join(files::EXIT)) {
+            return Ok(ContainerState::Exited(exit));
+        }
+        if !bundle.exists() {
+            return Ok(ContainerState::Missing);
+        }
+        if self.live_shim(id).is_some() {
+            if let Some(running) = read_json::<Running>(&self.run_state(id).join(files::RUNNING)) {
+                return Ok(ContainerState::Running(running));
+            }
+        }
+        // The shim may have written its exit record between our two reads.
+        Ok(match read_json::<ExitStatus>(&bundle.join(files::EXIT)) {
+            Some(exit) => ContainerState::Exited(exit),
+            None => ContainerState::Lost,
+        })
+    }
+
+    fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        self.signal_shim(id, Signal::SIGTERM)
+    }
+
+    fn kill(&self, id: &str) -> Result<(), RuntimeError> {
+        self.signal_shim(id, Signal::SIGINT)
+    }
+
+    fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        match self.state(id)? {
+            ContainerState::Running(_) => Err(RuntimeError::StillRunning(id.to_string())),
+            ContainerState::Missing => Err(RuntimeError::NotFound(id.to_string())),
+            ContainerState::Exited(_) | ContainerState::Lost => {
+                // A lost container may have left libcontainer state and a cgroup.
+                if let Ok(mut c) = libcontainer::container::Container::load(self.layout.youki_root().join(id)) {
+                    let _ = c.delete(true);
+                }
+                self.cleanup(id);
+                Ok(())
+            }
+        }
+    }
+
+    fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        let dir = self.layout.containers();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(RuntimeError::io(format!("list {}", dir.display()))(e)),
+        };
+        let mut ids: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| validate_id(n).is_ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn usage(&self, id: &str) -> Option<Usage> {
+        validate_id(id).ok()?;
+        let cg = Layout::cgroup(id);
+        let read_u64 = |p: String| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
+        // cgroup v2 first (Raspberry Pi OS), then v1 (hybrid hosts).
+        if let Some(mem) = read_u64(format!("/sys/fs/cgroup{cg}/memory.current")) {
+            let stat = std::fs::read_to_string(format!("/sys/fs/cgroup{cg}/cpu.stat")).unwrap_or_default();
+            let usec: u64 = stat.lines().find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok()).unwrap_or(0);
+            return Some(Usage { cpu_ns: usec * 1000, memory_bytes: mem });
+        }
+        let mem = read_u64(format!("/sys/fs/cgroup/memory{cg}/memory.usage_in_bytes"))?;
+        let cpu = read_u64(format!("/sys/fs/cgroup/cpuacct{cg}/cpuacct.usage"))
+            .or_else(|| read_u64(format!("/sys/fs/cgroup/cpu,cpuacct{cg}/cpuacct.usage")))
+            .unwrap_or(0);
+        Some(Usage { cpu_ns: cpu, memory_bytes: mem })
+    }
+}

@@ -1,0 +1,137 @@
+//! Containers on the device. The rest of the agent sees only the
+//! [`ContainerRuntime`] trait; the libcontainer implementation runs every
+//! container under its own `baton-agent shim` process, so containers outlive
+//! the agent and a restarted agent re-adopts them from the files the shims keep.
+
+pub mod layout;
+pub mod libcontainer_rt;
+pub mod logs;
+pub mod oci;
+pub mod shim;
+
+use std::path::PathBuf;
+
+use baton_protocol::spec::ContainerSpec;
+use serde::{Deserialize, Serialize};
+
+pub use layout::Layout;
+pub use libcontainer_rt::LibcontainerRuntime;
+
+/// How a container ended, recorded durably by its shim (`exit.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// The exit code, or 128 + signal number when killed by a signal.
+    pub code: i32,
+    pub signal: Option<i32>,
+    /// The kernel's OOM killer acted inside the container's cgroup.
+    pub oom_killed: bool,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+}
+
+/// Written by the shim once the container runs (`running.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Running {
+    pub pid: i32,
+    pub shim_pid: i32,
+    pub started_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerState {
+    /// Its shim is alive and the container runs.
+    Running(Running),
+    /// Ended; the exit status survived whatever happened to the agent.
+    Exited(ExitStatus),
+    /// A directory without a live shim or an exit record: the device rebooted
+    /// or the shim was killed. The exit status is unknown.
+    Lost,
+    /// No such container.
+    Missing,
+}
+
+/// CPU and memory use from the container's cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub cpu_ns: u64,
+    pub memory_bytes: u64,
+}
+
+/// What to run: the spec from the desired document and an unpacked rootfs.
+#[derive(Debug, Clone)]
+pub struct CreateRequest<'a> {
+    pub id: &'a str,
+    pub spec: &'a ContainerSpec,
+    /// The image's unpacked filesystem.
+    pub rootfs: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("invalid container id {0:?}: use 1-100 characters of a-z 0-9 . _ -")]
+    InvalidId(String),
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    #[error("container {0} already exists")]
+    Exists(String),
+    #[error("container {0} not found")]
+    NotFound(String),
+    #[error("container {0} is still running")]
+    StillRunning(String),
+    #[error("cannot start container {id}: {reason}")]
+    Start { id: String, reason: String },
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+}
+
+impl RuntimeError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+        let context = context.into();
+        move |source| RuntimeError::Io { context, source }
+    }
+}
+
+/// Container ids become directory names, cgroup names and libcontainer ids.
+pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
+    let ok = !id.is_empty()
+        && id.len() <= 100
+        && !id.starts_with(['.', '-'])
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::InvalidId(id.to_string()))
+    }
+}
+
+/// The agent's view of running containers; reconcile code talks only to this.
+pub trait ContainerRuntime {
+    /// Creates and starts a container. On error nothing of it is left behind.
+    fn create(&self, req: &CreateRequest<'_>) -> Result<(), RuntimeError>;
+    fn state(&self, id: &str) -> Result<ContainerState, RuntimeError>;
+    /// Asks the container to stop: SIGTERM, then SIGKILL after its grace period.
+    fn stop(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Kills the container at once.
+    fn kill(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Forgets an exited (or lost) container: its directory and logs go.
+    fn remove(&self, id: &str) -> Result<(), RuntimeError>;
+    fn list(&self) -> Result<Vec<String>, RuntimeError>;
+    fn usage(&self, id: &str) -> Option<Usage>;
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids_are_safe_names() {
+        assert!(validate_id("web.1_rev-3").is_ok());
+        for bad in ["", "Web", "a/b", "..", "-x", "a b", &"x".repeat(101)] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

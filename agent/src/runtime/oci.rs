@@ -1,0 +1,525 @@
+//! A Baton `ContainerSpec` → an OCI runtime `config.json`.
+//!
+//! `validate` and `config_json` are pure; `resolve_devices` and `check_host`
+//! look at the host (device nodes, bind sources) so a bad spec is refused
+//! before anything is created. Hardening is on by default: Docker's default
+//! capability set, no_new_privileges, masked and read-only /proc paths, a
+//! device allowlist. `privileged` turns it off.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use baton_protocol::spec::{ContainerSpec, MountSource, NetworkMode};
+use serde_json::{json, Value};
+
+use super::layout::Layout;
+
+/// Docker's default capability set.
+pub const DEFAULT_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+const MASKED_PATHS: [&str; 10] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+];
+
+const READONLY_PATHS: [&str; 5] = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+
+const MIN_MEMORY: u64 = 4 << 20;
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A host device node to pass through, as found on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedDevice {
+    pub container_path: String,
+    /// `c` or `b`.
+    pub kind: &'static str,
+    pub major: u64,
+    pub minor: u64,
+    pub file_mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub access: String,
+}
+
+fn is_clean_absolute(p: &str) -> bool {
+    p.starts_with('/') && !p.split('/').any(|c| c == "..") && !p.contains('\0')
+}
+
+fn valid_volume_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && !n.starts_with(['.', '-'])
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Checks what can be checked without looking at the host; errors name the field.
+pub fn validate(spec: &ContainerSpec) -> Result<(), String> {
+    if spec.command.is_empty() && spec.args.is_empty() {
+        return Err("command: nothing to run (set command or args)".into());
+    }
+    for (i, a) in spec.command.iter().chain(&spec.args).enumerate() {
+        if a.contains('\0') {
+            return Err(format!("command/args[{i}]: contains a NUL byte"));
+        }
+    }
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+            return Err(format!("env: invalid variable name {k:?}"));
+        }
+    }
+    if let Some(dir) = &spec.working_dir {
+        if !is_clean_absolute(dir) {
+            return Err(format!("working_dir: {dir:?} must be an absolute path without '..'"));
+        }
+    }
+    let r = &spec.resources;
+    if let Some(m) = r.memory_bytes {
+        if m < MIN_MEMORY {
+            return Err(format!("resources.memory: {m} bytes is below the 4 MiB minimum"));
+        }
+    }
+    if let Some(c) = r.cpu_millis {
+        if c == 0 || c > 1024 * 1000 {
+            return Err(format!("resources.cpu: {c} millicpus is out of range (1-1024000)"));
+        }
+    }
+    if let Some(s) = r.cpu_shares {
+        if !(2..=262_144).contains(&s) {
+            return Err(format!("resources.cpu_shares: {s} is out of range (2-262144)"));
+        }
+    }
+    if r.pids == Some(0) {
+        return Err("resources.pids: must be at least 1".into());
+    }
+    for (i, m) in spec.mounts.iter().enumerate() {
+        if !is_clean_absolute(&m.target) || m.target == "/" {
+            return Err(format!(
+                "mounts[{i}].target: {:?} must be an absolute path other than /, without '..'",
+                m.target
+            ));
+        }
+        match &m.source {
+            MountSource::Volume(name) if !valid_volume_name(name) => {
+                return Err(format!("mounts[{i}].volume: {name:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+            }
+            MountSource::Bind(src) if !is_clean_absolute(src) => {
+                return Err(format!("mounts[{i}].bind: {src:?} must be an absolute path without '..'"));
+            }
+            MountSource::Tmpfs(0) => return Err(format!("mounts[{i}].tmpfs: size must be at least 1 byte")),
+            _ => {}
+        }
+    }
+    for (i, d) in spec.devices.iter().enumerate() {
+        if !is_clean_absolute(&d.host_path) || !d.host_path.starts_with("/dev/") {
+            return Err(format!("devices[{i}]: {:?} must be a path under /dev/", d.host_path));
+        }
+        if !d.container_path.is_empty() && !is_clean_absolute(&d.container_path) {
+            return Err(format!("devices[{i}].container_path: {:?} must be absolute", d.container_path));
+        }
+        if d.permissions.is_empty() || !d.permissions.chars().all(|c| "rwm".contains(c)) {
+            return Err(format!("devices[{i}].permissions: {:?} must be a non-empty subset of rwm", d.permissions));
+        }
+    }
+    if !spec.files.is_empty() {
+        return Err("files: config files and secrets are not supported by this agent yet".into());
+    }
+    Ok(())
+}
+
+/// Looks up each passed-through device node on this host.
+pub fn resolve_devices(spec: &ContainerSpec) -> Result<Vec<ResolvedDevice>, String> {
+    spec.devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let meta = std::fs::metadata(&d.host_path)
+                .map_err(|e| format!("devices[{i}]: {} does not exist on this device ({e})", d.host_path))?;
+            let kind = if meta.file_type().is_char_device() {
+                "c"
+            } else if meta.file_type().is_block_device() {
+                "b"
+            } else {
+                return Err(format!("devices[{i}]: {} is not a device node", d.host_path));
+            };
+            let rdev = meta.rdev();
+            Ok(ResolvedDevice {
+                container_path: if d.container_path.is_empty() {
+                    d.host_path.clone()
+                } else {
+                    d.container_path.clone()
+                },
+                kind,
+                major: libc::major(rdev) as u64,
+                minor: libc::minor(rdev) as u64,
+                file_mode: meta.mode() & 0o7777,
+                uid: meta.uid(),
+                gid: meta.gid(),
+                access: d.permissions.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Checks bind-mount sources exist (volumes are created on demand).
+pub fn check_host(spec: &ContainerSpec) -> Result<(), String> {
+    for (i, m) in spec.mounts.iter().enumerate() {
+        if let MountSource::Bind(src) = &m.source {
+            if !Path::new(src).exists() {
+                return Err(format!("mounts[{i}].bind: {src} does not exist on this device"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The OCI runtime config for `spec`. Pure.
+pub fn config_json(
+    id: &str,
+    spec: &ContainerSpec,
+    rootfs: &Path,
+    layout: &Layout,
+    devices: &[ResolvedDevice],
+) -> Value {
+    let privileged = spec.security.privileged;
+    let mut args: Vec<&str> = spec.command.iter().chain(&spec.args).map(String::as_str).collect();
+    if args.is_empty() {
+        args.push("/bin/sh");
+    }
+    let mut env = vec![DEFAULT_PATH.to_string()];
+    for (k, v) in &spec.env {
+        env.retain(|e| !e.starts_with(&format!("{k}=")));
+        env.push(format!("{k}={v}"));
+    }
+    let caps: Vec<String> = if privileged {
+        all_capabilities()
+    } else {
+        let mut caps: Vec<String> = DEFAULT_CAPS.iter().map(|c| c.to_string()).collect();
+        let norm =
+            |c: &String| if c.starts_with("CAP_") { c.to_uppercase() } else { format!("CAP_{}", c.to_uppercase()) };
+        let drop: Vec<String> = spec.security.cap_drop.iter().map(norm).collect();
+        caps.retain(|c| !drop.contains(c) && !drop.iter().any(|d| d == "CAP_ALL"));
+        for c in spec.security.cap_add.iter().map(norm) {
+            if !caps.contains(&c) {
+                caps.push(c);
+            }
+        }
+        caps
+    };
+    let user = spec.user.unwrap_or_default();
+
+    let mut namespaces =
+        vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"})];
+    if spec.network == NetworkMode::None {
+        namespaces.push(json!({"type": "network"}));
+    }
+
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    ];
+    for m in &spec.mounts {
+        let rw = if m.read_only { "ro" } else { "rw" };
+        mounts.push(match &m.source {
+            MountSource::Volume(name) => json!({
+                "destination": m.target, "type": "bind", "source": layout.volume(name),
+                "options": ["rbind", rw, "nosuid", "nodev"],
+            }),
+            MountSource::Bind(src) => json!({
+                "destination": m.target, "type": "bind", "source": src, "options": ["rbind", rw],
+            }),
+            MountSource::Tmpfs(size) => json!({
+                "destination": m.target, "type": "tmpfs", "source": "tmpfs",
+                "options": ["nosuid", "nodev", rw, format!("size={size}"), "mode=1777"],
+            }),
+        });
+    }
+
+    // Deny every device, then allow the ones every container needs, then the passthrough.
+    let mut device_rules = if privileged {
+        vec![json!({"allow": true, "access": "rwm"})]
+    } else {
+        let mut rules = vec![json!({"allow": false, "access": "rwm"})];
+        for (major, minor) in [(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 2)] {
+            rules.push(json!({"allow": true, "type": "c", "major": major, "minor": minor, "access": "rwm"}));
+        }
+        rules.push(json!({"allow": true, "type": "c", "major": 136, "access": "rwm"}));
+        rules
+    };
+    let mut linux_devices = Vec::new();
+    for d in devices {
+        device_rules
+            .push(json!({"allow": true, "type": d.kind, "major": d.major, "minor": d.minor, "access": d.access}));
+        linux_devices.push(json!({
+            "path": d.container_path, "type": d.kind, "major": d.major, "minor": d.minor,
+            "fileMode": d.file_mode, "uid": d.uid, "gid": d.gid,
+        }));
+    }
+
+    let mut resources = json!({"devices": device_rules});
+    let r = &spec.resources;
+    if let Some(limit) = r.memory_bytes {
+        resources["memory"] = json!({"limit": limit});
+    }
+    if r.cpu_millis.is_some() || r.cpu_shares.is_some() {
+        let mut cpu = json!({});
+        if let Some(m) = r.cpu_millis {
+            cpu["quota"] = json!(i64::from(m) * 100);
+            cpu["period"] = json!(100_000);
+        }
+        if let Some(s) = r.cpu_shares {
+            cpu["shares"] = json!(s);
+        }
+        resources["cpu"] = cpu;
+    }
+    if let Some(p) = r.pids {
+        resources["pids"] = json!({"limit": p});
+    }
+
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": user.uid, "gid": user.gid},
+            "args": args,
+            "env": env,
+            "cwd": spec.working_dir.as_deref().unwrap_or("/"),
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "noNewPrivileges": !privileged,
+        },
+        "root": {"path": rootfs, "readonly": spec.read_only_rootfs},
+        "hostname": spec.hostname.as_deref().unwrap_or(id),
+        "mounts": mounts,
+        "linux": {
+            "cgroupsPath": Layout::cgroup(id),
+            "namespaces": namespaces,
+            "resources": resources,
+            "devices": linux_devices,
+            "maskedPaths": if privileged { vec![] } else { MASKED_PATHS.to_vec() },
+            "readonlyPaths": if privileged { vec![] } else { READONLY_PATHS.to_vec() },
+        },
+    })
+}
+
+fn all_capabilities() -> Vec<String> {
+    // The capabilities of Linux 5.9+, in kernel order.
+    [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
+    ]
+    .iter()
+    .map(|c| format!("CAP_{c}"))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_protocol::spec::*;
+
+    fn spec() -> ContainerSpec {
+        ContainerSpec { command: vec!["/bin/sh".into(), "-c".into(), "true".into()], ..Default::default() }
+    }
+
+    fn parse(v: &Value) -> libcontainer::oci_spec::runtime::Spec {
+        serde_json::from_value(v.clone()).expect("a valid OCI runtime spec")
+    }
+
+    #[test]
+    fn default_spec_is_hardened_and_valid_oci() {
+        let layout = Layout::new("/data", "/run/baton");
+        let v = config_json("web", &spec(), Path::new("/rootfs"), &layout, &[]);
+        let oci = parse(&v);
+        let process = oci.process().as_ref().unwrap();
+        assert_eq!(process.no_new_privileges(), Some(true));
+        let caps = process.capabilities().as_ref().unwrap().bounding().as_ref().unwrap();
+        assert_eq!(caps.len(), DEFAULT_CAPS.len());
+        assert_eq!(v["linux"]["cgroupsPath"], "/baton/web");
+        assert_eq!(v["linux"]["maskedPaths"].as_array().unwrap().len(), MASKED_PATHS.len());
+        assert_eq!(v["linux"]["resources"]["devices"][0], json!({"allow": false, "access": "rwm"}));
+        // Host network by default: no network namespace.
+        assert!(!v["linux"]["namespaces"].as_array().unwrap().contains(&json!({"type": "network"})));
+        assert_eq!(v["hostname"], "web");
+    }
+
+    #[test]
+    fn limits_mounts_devices_and_network_translate() {
+        let mut s = spec();
+        s.resources =
+            Resources { memory_bytes: Some(64 << 20), cpu_millis: Some(500), cpu_shares: Some(512), pids: Some(32) };
+        s.network = NetworkMode::None;
+        s.read_only_rootfs = true;
+        s.env = vec![("PATH".into(), "/bin".into()), ("A".into(), "1".into())];
+        s.mounts = vec![
+            Mount { target: "/data".into(), source: MountSource::Volume("db".into()), read_only: false },
+            Mount { target: "/tmp".into(), source: MountSource::Tmpfs(1 << 20), read_only: false },
+        ];
+        s.security.cap_drop = vec!["net_raw".into()];
+        s.security.cap_add = vec!["SYS_TIME".into()];
+        let dev = ResolvedDevice {
+            container_path: "/dev/ttyUSB0".into(),
+            kind: "c",
+            major: 188,
+            minor: 0,
+            file_mode: 0o660,
+            uid: 0,
+            gid: 20,
+            access: "rw".into(),
+        };
+        let layout = Layout::new("/data", "/run/baton");
+        let v = config_json("db", &s, Path::new("/rootfs"), &layout, &[dev]);
+        parse(&v);
+        let r = &v["linux"]["resources"];
+        assert_eq!(r["memory"]["limit"], 64 << 20);
+        assert_eq!((r["cpu"]["quota"].as_i64(), r["cpu"]["shares"].as_i64()), (Some(50_000), Some(512)));
+        assert_eq!(r["pids"]["limit"], 32);
+        assert!(r["devices"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"allow": true, "type": "c", "major": 188, "minor": 0, "access": "rw"})));
+        assert!(v["linux"]["namespaces"].as_array().unwrap().contains(&json!({"type": "network"})));
+        assert_eq!(v["root"]["readonly"], true);
+        assert_eq!(v["process"]["env"], json!(["PATH=/bin", "A=1"]));
+        let mounts = v["mounts"].as_array().unwrap();
+        assert!(mounts.iter().any(|m| m["destination"] == "/data" && m["source"] == "/data/volumes/db"));
+        let caps = v["process"]["capabilities"]["bounding"].as_array().unwrap();
+        assert!(caps.contains(&json!("CAP_SYS_TIME")) && !caps.contains(&json!("CAP_NET_RAW")));
+    }
+
+    #[test]
+    fn bad_specs_are_refused_naming_the_field() {
+        let cases: Vec<(ContainerSpec, &str)> = vec![
+            (ContainerSpec::default(), "command"),
+            (
+                ContainerSpec { resources: Resources { memory_bytes: Some(1000), ..Default::default() }, ..spec() },
+                "resources.memory",
+            ),
+            (
+                ContainerSpec { resources: Resources { pids: Some(0), ..Default::default() }, ..spec() },
+                "resources.pids",
+            ),
+            (
+                ContainerSpec { resources: Resources { cpu_millis: Some(0), ..Default::default() }, ..spec() },
+                "resources.cpu",
+            ),
+            (
+                ContainerSpec {
+                    mounts: vec![Mount { target: "/x/../etc".into(), source: MountSource::Tmpfs(1), read_only: false }],
+                    ..spec()
+                },
+                "mounts[0].target",
+            ),
+            (
+                ContainerSpec {
+                    mounts: vec![Mount {
+                        target: "/x".into(),
+                        source: MountSource::Volume("../up".into()),
+                        read_only: false,
+                    }],
+                    ..spec()
+                },
+                "mounts[0].volume",
+            ),
+            (
+                ContainerSpec {
+                    devices: vec![DeviceMount {
+                        host_path: "/etc/passwd".into(),
+                        container_path: String::new(),
+                        permissions: "rw".into(),
+                    }],
+                    ..spec()
+                },
+                "devices[0]",
+            ),
+            (ContainerSpec { env: vec![("A=B".into(), "x".into())], ..spec() }, "env"),
+        ];
+        for (s, field) in cases {
+            let e = validate(&s).unwrap_err();
+            assert!(e.starts_with(field), "{field}: {e}");
+        }
+        let missing = ContainerSpec {
+            devices: vec![DeviceMount {
+                host_path: "/dev/baton-nope".into(),
+                container_path: String::new(),
+                permissions: "rw".into(),
+            }],
+            ..spec()
+        };
+        assert!(resolve_devices(&missing).unwrap_err().contains("does not exist"));
+        let null = ContainerSpec {
+            devices: vec![DeviceMount {
+                host_path: "/dev/null".into(),
+                container_path: "/dev/mynull".into(),
+                permissions: "rw".into(),
+            }],
+            ..spec()
+        };
+        let d = resolve_devices(&null).unwrap();
+        assert_eq!((d[0].kind, d[0].major, d[0].minor), ("c", 1, 3));
+    }
+}

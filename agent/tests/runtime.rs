@@ -1,0 +1,241 @@
+//! Real containers through shims and libcontainer, from a busybox-static rootfs.
+//! Root only; CI runs as root.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use baton_agent::runtime::{ContainerRuntime, ContainerState, CreateRequest, RuntimeError};
+use baton_protocol::spec::*;
+use common::*;
+
+const T: Duration = Duration::from_secs(20);
+
+fn create(fx: &Fixture, rt: &dyn ContainerRuntime, id: &str, spec: &ContainerSpec) -> Result<(), RuntimeError> {
+    rt.create(&CreateRequest { id, spec, rootfs: fx.rootfs.clone() })
+}
+
+fn cgroup_exists(id: &str) -> bool {
+    ["/sys/fs/cgroup/memory/baton", "/sys/fs/cgroup/pids/baton", "/sys/fs/cgroup/baton"]
+        .iter()
+        .any(|p| Path::new(p).join(id).exists())
+}
+
+#[test]
+fn runs_to_completion_with_exit_code_and_logs_then_removes_cleanly() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let id = cid("exit");
+    create(&fx, &rt, &id, &sh("echo hello out; echo hello err >&2; exit 3")).unwrap();
+    let exit = wait_exit(&rt, &id, T);
+    assert_eq!((exit.code, exit.signal, exit.oom_killed), (3, None, false));
+    let log = fx.log(&id);
+    assert!(log.contains(" stdout hello out\n") && log.contains(" stderr hello err\n"), "{log}");
+    assert!(!cgroup_exists(&id), "cgroup left after exit");
+    assert_eq!(rt.list().unwrap(), vec![id.clone()]);
+    rt.remove(&id).unwrap();
+    assert_eq!(rt.state(&id).unwrap(), ContainerState::Missing);
+    assert!(rt.list().unwrap().is_empty());
+}
+
+#[test]
+fn container_outlives_the_agent_and_is_readopted_without_restart() {
+    let fx = Fixture::new();
+    let id = cid("adopt");
+    let running = {
+        let rt = fx.runtime();
+        create(&fx, &rt, &id, &sh("trap 'echo bye; exit 0' TERM; while true; do sleep 0.1; done")).unwrap();
+        match rt.state(&id).unwrap() {
+            ContainerState::Running(r) => r,
+            other => panic!("not running: {other:?}"),
+        }
+        // `rt` is dropped here, as an agent that died would be.
+    };
+    let rt = fx.runtime();
+    match rt.state(&id).unwrap() {
+        ContainerState::Running(r) => assert_eq!(r, running, "re-adopted a different container"),
+        other => panic!("lost the container: {other:?}"),
+    }
+    assert!(Path::new(&format!("/proc/{}", running.pid)).exists());
+    let usage = rt.usage(&id).expect("usage from cgroup");
+    assert!(usage.memory_bytes > 0, "{usage:?}");
+    rt.stop(&id).unwrap();
+    let exit = wait_exit(&rt, &id, T);
+    assert_eq!(exit.code, 0, "trap should exit 0 on SIGTERM");
+    assert_eq!(exit.started_at_ms, running.started_at_ms);
+    wait_until("bye in the log", T, || fx.log(&id).contains("stdout bye"));
+    rt.remove(&id).unwrap();
+}
+
+#[test]
+fn exit_while_nobody_watches_is_recorded() {
+    let fx = Fixture::new();
+    let id = cid("unwatched");
+    create(&fx, &fx.runtime(), &id, &sh("sleep 0.3; exit 7")).unwrap();
+    // No runtime object exists while the container runs and exits.
+    let exit_file = fx.layout.container(&id).join("exit.json");
+    wait_until("exit record", T, || exit_file.exists());
+    let exit = wait_exit(&fx.runtime(), &id, T);
+    assert_eq!(exit.code, 7);
+}
+
+#[test]
+fn stop_escalates_to_sigkill_and_kill_is_immediate() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    // PID 1 without a TERM handler ignores SIGTERM: stop must escalate after the grace period.
+    let stubborn = cid("stubborn");
+    create(&fx, &rt, &stubborn, &sh("while true; do sleep 0.1; done")).unwrap();
+    rt.stop(&stubborn).unwrap();
+    let exit = wait_exit(&rt, &stubborn, T);
+    assert_eq!((exit.code, exit.signal), (137, Some(9)));
+    let doomed = cid("doomed");
+    create(&fx, &rt, &doomed, &sh("trap '' TERM; while true; do sleep 0.1; done")).unwrap();
+    rt.kill(&doomed).unwrap();
+    assert_eq!(wait_exit(&rt, &doomed, T).code, 137);
+}
+
+#[test]
+fn memory_limit_oom_kill_is_reported() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let id = cid("oom");
+    let mut spec = sh("a=xxxxxxxxxxxxxxxx; while true; do a=\"$a$a\"; done");
+    spec.resources.memory_bytes = Some(16 << 20);
+    create(&fx, &rt, &id, &spec).unwrap();
+    let exit = wait_exit(&rt, &id, T);
+    assert_eq!(exit.code, 137, "{exit:?}");
+    assert!(exit.oom_killed, "OOM kill not detected: {exit:?}");
+}
+
+#[test]
+fn pids_limit_stops_fork_bombs() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let id = cid("pids");
+    let mut spec = sh("for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 5 & done; echo forked");
+    spec.resources.pids = Some(4);
+    create(&fx, &rt, &id, &spec).unwrap();
+    wait_until("a refused fork", T, || fx.log(&id).contains("can't fork"));
+    rt.kill(&id).unwrap();
+    wait_exit(&rt, &id, T);
+}
+
+#[test]
+fn volume_data_survives_replacing_the_container() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let volume = Mount { target: "/data".into(), source: MountSource::Volume(cid("vol")), read_only: false };
+    let first = cid("writer");
+    let mut spec = sh("echo persisted-$((6*7)) > /data/f");
+    spec.mounts = vec![volume.clone()];
+    create(&fx, &rt, &first, &spec).unwrap();
+    assert_eq!(wait_exit(&rt, &first, T).code, 0);
+    rt.remove(&first).unwrap();
+
+    let second = cid("reader");
+    let mut spec = sh("cat /data/f");
+    spec.mounts = vec![volume];
+    create(&fx, &rt, &second, &spec).unwrap();
+    assert_eq!(wait_exit(&rt, &second, T).code, 0);
+    assert!(fx.log(&second).contains("stdout persisted-42"), "{}", fx.log(&second));
+}
+
+#[test]
+fn read_only_rootfs_refuses_writes_but_tmpfs_accepts_them() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let id = cid("ro");
+    let mut spec = sh("touch /tmp/ok && echo tmpfs-ok; touch /bin/x || exit 9");
+    spec.read_only_rootfs = true;
+    spec.mounts = vec![Mount { target: "/tmp".into(), source: MountSource::Tmpfs(1 << 20), read_only: false }];
+    create(&fx, &rt, &id, &spec).unwrap();
+    assert_eq!(wait_exit(&rt, &id, T).code, 9);
+    let log = fx.log(&id);
+    assert!(log.contains("tmpfs-ok") && log.contains("Read-only file system"), "{log}");
+}
+
+#[test]
+fn passed_through_device_works_and_others_are_denied() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    // A stand-in for /dev/ttyUSB0: a null device node the test creates.
+    let node = format!("/dev/baton-test-{}", std::process::id());
+    nix::sys::stat::mknod(
+        Path::new(&node),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    let id = cid("dev");
+    let mut spec = sh("echo x > /dev/sensor && echo sensor-ok; mknod /tmp/mem c 1 1; cat /tmp/mem || echo mem-denied");
+    spec.devices =
+        vec![DeviceMount { host_path: node.clone(), container_path: "/dev/sensor".into(), permissions: "rw".into() }];
+    create(&fx, &rt, &id, &spec).unwrap();
+    wait_exit(&rt, &id, T);
+    let _ = std::fs::remove_file(&node);
+    let log = fx.log(&id);
+    assert!(log.contains("stdout sensor-ok"), "{log}");
+    assert!(log.contains("stdout mem-denied") && log.contains("Operation not permitted"), "{log}");
+}
+
+#[test]
+fn network_none_has_only_loopback_and_host_sees_host_interfaces() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let isolated = cid("netnone");
+    let mut spec = sh("ls /sys/class/net");
+    spec.network = NetworkMode::None;
+    create(&fx, &rt, &isolated, &spec).unwrap();
+    wait_exit(&rt, &isolated, T);
+    let lines: Vec<String> =
+        fx.log(&isolated).lines().map(|l| l.rsplit(' ').next().unwrap_or("").to_string()).collect();
+    assert_eq!(lines, vec!["lo".to_string()]);
+
+    let host = cid("nethost");
+    create(&fx, &rt, &host, &sh("ls /sys/class/net")).unwrap();
+    wait_exit(&rt, &host, T);
+    assert!(fx.log(&host).lines().count() > 1, "host network shows only lo: {}", fx.log(&host));
+}
+
+#[test]
+fn bad_specs_are_refused_and_leave_nothing_behind() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let missing_exe = cid("noexe");
+    let spec = ContainerSpec { command: vec!["/bin/does-not-exist".into()], ..Default::default() };
+    let err = create(&fx, &rt, &missing_exe, &spec).unwrap_err().to_string();
+    assert!(err.contains("does-not-exist"), "{err}");
+
+    let bad_mount = cid("nomount");
+    let mut spec = sh("true");
+    spec.mounts =
+        vec![Mount { target: "/x".into(), source: MountSource::Bind("/nonexistent/src".into()), read_only: true }];
+    let err = create(&fx, &rt, &bad_mount, &spec).unwrap_err().to_string();
+    assert!(err.contains("mounts[0].bind") && err.contains("does not exist"), "{err}");
+
+    let no_device = cid("nodev");
+    let mut spec = sh("true");
+    spec.devices = vec![DeviceMount {
+        host_path: "/dev/ttyUSB99".into(),
+        container_path: String::new(),
+        permissions: "rw".into(),
+    }];
+    let err = create(&fx, &rt, &no_device, &spec).unwrap_err().to_string();
+    assert!(err.contains("devices[0]") && err.contains("does not exist"), "{err}");
+
+    let bad_limit = cid("nolimit");
+    let mut spec = sh("true");
+    spec.resources.memory_bytes = Some(1024);
+    let err = create(&fx, &rt, &bad_limit, &spec).unwrap_err().to_string();
+    assert!(err.contains("resources.memory"), "{err}");
+
+    for id in [&missing_exe, &bad_mount, &no_device, &bad_limit] {
+        assert_eq!(rt.state(id).unwrap(), ContainerState::Missing, "{id} left state");
+        assert!(!cgroup_exists(id), "{id} left a cgroup");
+        assert!(!fx.layout.youki_root().join(id).exists(), "{id} left libcontainer state");
+    }
+    assert!(rt.list().unwrap().is_empty());
+}
