@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use baton_controller::view::DeviceView;
 
+pub mod fixtures;
 pub mod mqtt;
 
 /// Where cargo put the workspace binaries: next to the test executable's `deps/`.

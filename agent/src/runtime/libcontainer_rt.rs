@@ -9,7 +9,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::layout::{files, write_atomic, Layout};
+use super::layout::{files, Layout};
 use super::{
     oci, validate_id, ContainerRuntime, ContainerState, CreateRequest, ExitStatus, Running, RuntimeError, Usage,
 };
@@ -104,7 +104,9 @@ impl ContainerRuntime for LibcontainerRuntime {
         let prepared = std::fs::create_dir_all(&bundle)
             .and_then(|()| std::fs::create_dir_all(&state))
             .and_then(|()| std::fs::create_dir_all(self.layout.youki_root()))
-            .and_then(|()| write_atomic(&bundle.join(files::CONFIG), config.to_string().as_bytes()));
+            // No fsync: after a power loss a half-written bundle is a lost
+            // container, which reconcile recreates; only exit records must be durable.
+            .and_then(|()| std::fs::write(bundle.join(files::CONFIG), config.to_string()));
         if let Err(e) = prepared {
             self.cleanup(id);
             return Err(RuntimeError::io(format!("prepare bundle {}", bundle.display()))(e));
