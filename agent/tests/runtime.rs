@@ -239,3 +239,23 @@ fn bad_specs_are_refused_and_leave_nothing_behind() {
     }
     assert!(rt.list().unwrap().is_empty());
 }
+
+#[test]
+fn default_seccomp_profile_blocks_a_denied_syscall_and_can_be_opted_out() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    // unshare(CLONE_NEWUSER) needs no capability: only seccomp stands in its way.
+    let confined = cid("seccomp");
+    create(&fx, &rt, &confined, &sh("unshare -U true && echo unshared")).unwrap();
+    let exit = wait_exit(&rt, &confined, T);
+    let log = fx.log(&confined);
+    assert_ne!(exit.code, 0, "{log}");
+    assert!(log.contains("Operation not permitted") && !log.contains("stdout unshared"), "{log}");
+
+    let unconfined = cid("noseccomp");
+    let mut spec = sh("unshare -U true && echo unshared");
+    spec.security.seccomp_unconfined = true;
+    create(&fx, &rt, &unconfined, &spec).unwrap();
+    assert_eq!(wait_exit(&rt, &unconfined, T).code, 0, "{}", fx.log(&unconfined));
+    assert!(fx.log(&unconfined).contains("stdout unshared"));
+}
