@@ -5,4 +5,6 @@ pub mod backoff;
 pub mod config;
 pub mod link;
 pub mod node;
+pub mod restart;
 pub mod runtime;
+pub mod supervisor;

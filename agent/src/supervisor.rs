@@ -1,0 +1,455 @@
+//! Keeps each workload's container running under its restart policy.
+//!
+//! One workload = a series of container instances `<name>-<n>`: a restart
+//! starts instance n+1 and keeps instance n (its log and exit record) until
+//! n+2 starts. Driven by `tick(now)`; talks to containers only through
+//! [`ContainerRuntime`], so its logic is tested with a fake runtime and its
+//! real behaviour with real containers. After an agent restart, `ensure`
+//! re-adopts what the shims kept: a running container is left alone.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use baton_protocol::spec::ContainerSpec;
+use baton_protocol::{Health, Phase, WorkloadStatus};
+use tracing::{info, warn};
+
+use crate::restart::{decide, Backoff, Decision};
+use crate::runtime::{ContainerRuntime, ContainerState, CreateRequest, ExitStatus};
+
+pub fn container_id(name: &str, instance: u32) -> String {
+    format!("{name}-{instance}")
+}
+
+/// The instance number of `id` if it belongs to workload `name`.
+fn instance_of(name: &str, id: &str) -> Option<u32> {
+    id.strip_prefix(name)?.strip_prefix('-')?.parse().ok()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum UnitState {
+    Running,
+    /// Waiting to start the next instance at this time.
+    BackingOff {
+        until_ms: u64,
+    },
+    /// The policy is satisfied; nothing more to do.
+    Done,
+    /// Stopping for removal.
+    Stopping,
+}
+
+#[derive(Debug)]
+struct Unit {
+    spec: ContainerSpec,
+    rootfs: PathBuf,
+    revision: u64,
+    /// The newest instance created (meaningful once one was).
+    instance: u32,
+    /// The instance the next start creates; advances only when a create succeeds.
+    next_instance: u32,
+    failures: u32,
+    /// An operator asked for a restart: the next exit restarts whatever the policy.
+    restart_requested: bool,
+    state: UnitState,
+    last_exit: Option<ExitStatus>,
+    last_error: Option<String>,
+}
+
+pub struct Supervisor<R: ContainerRuntime> {
+    rt: R,
+    units: BTreeMap<String, Unit>,
+    /// Backoff base; the cap comes from each spec. Tests shorten it.
+    pub backoff_base: Duration,
+}
+
+impl<R: ContainerRuntime> Supervisor<R> {
+    pub fn new(rt: R) -> Self {
+        Self { rt, units: BTreeMap::new(), backoff_base: crate::restart::DEFAULT_BASE }
+    }
+
+    pub fn runtime(&self) -> &R {
+        &self.rt
+    }
+
+    fn backoff(&self, spec: &ContainerSpec) -> Backoff {
+        let b = Backoff::from_spec_cap(spec.backoff_cap_s);
+        Backoff { base: self.backoff_base.min(b.cap), cap: b.cap }
+    }
+
+    /// Supervises `name`: adopts its newest container if one exists, else starts one.
+    pub fn ensure(&mut self, name: &str, revision: u64, spec: ContainerSpec, rootfs: PathBuf, now_ms: u64) {
+        if self.units.contains_key(name) {
+            return;
+        }
+        let mut instances: Vec<u32> =
+            self.rt.list().unwrap_or_default().iter().filter_map(|id| instance_of(name, id)).collect();
+        instances.sort_unstable();
+        let newest = instances.last().copied();
+        let mut unit = Unit {
+            spec,
+            rootfs,
+            revision,
+            instance: newest.unwrap_or(0),
+            next_instance: newest.map_or(0, |n| n + 1),
+            failures: 0,
+            restart_requested: false,
+            state: UnitState::BackingOff { until_ms: now_ms },
+            last_exit: None,
+            last_error: None,
+        };
+        if let Some(n) = newest {
+            let id = container_id(name, n);
+            match self.rt.state(&id) {
+                Ok(ContainerState::Running(_)) => {
+                    info!(workload = name, container = %id, "re-adopted running container");
+                    unit.state = UnitState::Running;
+                }
+                Ok(ContainerState::Exited(exit)) => {
+                    info!(workload = name, container = %id, code = exit.code, "found exited container");
+                    unit.state = self.after_exit(name, &mut unit, exit, now_ms);
+                }
+                // Lost (e.g. after a reboot) or vanished: start the next instance now.
+                _ => {}
+            }
+        }
+        self.units.insert(name.to_string(), unit);
+        self.tick_unit(name, now_ms);
+    }
+
+    /// Stops and forgets a workload; its containers are removed once stopped.
+    pub fn remove(&mut self, name: &str) {
+        if let Some(unit) = self.units.get_mut(name) {
+            let _ = self.rt.stop(&container_id(name, unit.instance));
+            unit.state = UnitState::Stopping;
+        }
+    }
+
+    pub fn is_supervising(&self, name: &str) -> bool {
+        self.units.contains_key(name)
+    }
+
+    /// Restarts a workload's container now (an operator's `baton restart`).
+    pub fn restart_now(&mut self, name: &str) -> bool {
+        let Some(unit) = self.units.get_mut(name) else { return false };
+        unit.restart_requested = true;
+        match unit.state {
+            UnitState::Running => {
+                let _ = self.rt.stop(&container_id(name, unit.instance));
+            }
+            UnitState::Stopping => return false,
+            UnitState::BackingOff { .. } | UnitState::Done => unit.state = UnitState::BackingOff { until_ms: 0 },
+        }
+        true
+    }
+
+    /// Observes every container and starts whatever is due.
+    pub fn tick(&mut self, now_ms: u64) {
+        let names: Vec<String> = self.units.keys().cloned().collect();
+        for name in names {
+            self.tick_unit(&name, now_ms);
+        }
+    }
+
+    fn tick_unit(&mut self, name: &str, now_ms: u64) {
+        let Some(mut unit) = self.units.remove(name) else { return };
+        let id = container_id(name, unit.instance);
+        let keep = match unit.state.clone() {
+            UnitState::Running => {
+                match self.rt.state(&id) {
+                    Ok(ContainerState::Running(_)) => {}
+                    Ok(ContainerState::Exited(exit)) => unit.state = self.after_exit(name, &mut unit, exit, now_ms),
+                    Ok(ContainerState::Lost | ContainerState::Missing) => {
+                        warn!(workload = name, container = %id, "container lost; starting a new one");
+                        unit.last_error = Some("container lost (shim gone without an exit record)".into());
+                        unit.state = UnitState::BackingOff { until_ms: now_ms };
+                    }
+                    Err(e) => warn!(workload = name, error = %e, "cannot read container state"),
+                }
+                true
+            }
+            UnitState::BackingOff { until_ms } if now_ms >= until_ms => {
+                self.start_next(name, &mut unit, now_ms);
+                true
+            }
+            UnitState::BackingOff { .. } | UnitState::Done => true,
+            UnitState::Stopping => match self.rt.state(&id) {
+                Ok(ContainerState::Running(_)) => true,
+                _ => {
+                    for old in self.rt.list().unwrap_or_default().iter().filter(|c| instance_of(name, c).is_some()) {
+                        let _ = self.rt.remove(old);
+                    }
+                    false
+                }
+            },
+        };
+        if keep {
+            self.units.insert(name.to_string(), unit);
+        }
+    }
+
+    fn after_exit(&self, name: &str, unit: &mut Unit, exit: ExitStatus, now_ms: u64) -> UnitState {
+        if std::mem::take(&mut unit.restart_requested) {
+            info!(workload = name, code = exit.code, "restarting on request");
+            unit.last_exit = Some(exit);
+            unit.failures = 0;
+            return UnitState::BackingOff { until_ms: now_ms };
+        }
+        let decision = decide(unit.spec.restart, &exit, unit.failures, self.backoff(&unit.spec));
+        info!(workload = name, code = exit.code, oom = exit.oom_killed, ?decision, "container exited");
+        unit.last_exit = Some(exit);
+        match decision {
+            Decision::Restart { after, failures } => {
+                unit.failures = failures;
+                UnitState::BackingOff { until_ms: now_ms + after.as_millis() as u64 }
+            }
+            Decision::Done => UnitState::Done,
+        }
+    }
+
+    fn start_next(&mut self, name: &str, unit: &mut Unit, now_ms: u64) {
+        let n = unit.next_instance;
+        let id = container_id(name, n);
+        // Keep the previous instance for its log; drop the one before it.
+        if n >= 2 {
+            let _ = self.rt.remove(&container_id(name, n - 2));
+        }
+        match self.rt.create(&CreateRequest { id: &id, spec: &unit.spec, rootfs: unit.rootfs.clone() }) {
+            Ok(()) => {
+                info!(workload = name, container = %id, restarts = n, "container started");
+                unit.instance = n;
+                unit.next_instance = n + 1;
+                unit.last_error = None;
+                unit.state = UnitState::Running;
+            }
+            Err(e) => {
+                // A device may be plugged in later, a disk freed: retry with backoff, forever.
+                let after = self.backoff(&unit.spec).delay(unit.failures);
+                unit.failures = unit.failures.saturating_add(1);
+                warn!(workload = name, error = %e, retry_in_ms = after.as_millis() as u64, "cannot start container");
+                unit.last_error = Some(e.to_string());
+                unit.state = UnitState::BackingOff { until_ms: now_ms + after.as_millis() as u64 };
+            }
+        }
+    }
+
+    /// What the device reports for each workload.
+    pub fn status(&self) -> Vec<WorkloadStatus> {
+        self.units
+            .iter()
+            .map(|(name, u)| {
+                let usage = self.rt.usage(&container_id(name, u.instance)).unwrap_or_default();
+                let phase = match (&u.state, &u.last_exit) {
+                    (UnitState::Running, _) => Phase::Running,
+                    (UnitState::BackingOff { .. }, _) if u.last_error.is_some() => Phase::Failed,
+                    (UnitState::BackingOff { .. }, Some(_)) => Phase::BackingOff,
+                    (UnitState::BackingOff { .. }, None) => Phase::Starting,
+                    (UnitState::Done, Some(e)) if e.code != 0 => Phase::Failed,
+                    (UnitState::Done, _) | (UnitState::Stopping, _) => Phase::Exited,
+                };
+                WorkloadStatus {
+                    name: name.clone(),
+                    revision: u.revision,
+                    phase,
+                    health: Health::Unknown,
+                    // Instance n is the n-th restart of the workload.
+                    restarts: u.instance,
+                    last_exit_code: u.last_exit.as_ref().map(|e| e.code),
+                    last_error: u
+                        .last_error
+                        .clone()
+                        .or_else(|| u.last_exit.as_ref().filter(|e| e.oom_killed).map(|_| "OOM-killed".to_string())),
+                    cpu_usage_ns: usage.cpu_ns,
+                    memory_bytes: usage.memory_bytes,
+                }
+            })
+            .collect()
+    }
+
+    /// The container whose log `baton logs` shows: the current instance.
+    pub fn current_container(&self, name: &str) -> Option<String> {
+        self.units.get(name).map(|u| container_id(name, u.instance))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::runtime::{Running, RuntimeError, Usage};
+    use baton_protocol::spec::RestartPolicy;
+
+    /// Containers as a map; `exit` makes one exit as if its process ended.
+    #[derive(Default)]
+    struct Fake {
+        containers: RefCell<BTreeMap<String, ContainerState>>,
+        refuse: RefCell<Option<String>>,
+    }
+
+    impl Fake {
+        fn exit(&self, id: &str, code: i32, at: u64) {
+            self.containers.borrow_mut().insert(
+                id.into(),
+                ContainerState::Exited(ExitStatus {
+                    code,
+                    signal: None,
+                    oom_killed: false,
+                    started_at_ms: at - 10,
+                    finished_at_ms: at,
+                }),
+            );
+        }
+        fn ids(&self) -> Vec<String> {
+            self.containers.borrow().keys().cloned().collect()
+        }
+    }
+
+    impl ContainerRuntime for &Fake {
+        fn create(&self, req: &CreateRequest<'_>) -> Result<(), RuntimeError> {
+            if let Some(reason) = self.refuse.borrow().clone() {
+                return Err(RuntimeError::Start { id: req.id.into(), reason });
+            }
+            let running = ContainerState::Running(Running { pid: 1, shim_pid: 2, started_at_ms: 0 });
+            self.containers.borrow_mut().insert(req.id.into(), running);
+            Ok(())
+        }
+        fn state(&self, id: &str) -> Result<ContainerState, RuntimeError> {
+            Ok(self.containers.borrow().get(id).cloned().unwrap_or(ContainerState::Missing))
+        }
+        fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+            self.exit(id, 143, 1_000_000);
+            Ok(())
+        }
+        fn kill(&self, id: &str) -> Result<(), RuntimeError> {
+            self.stop(id)
+        }
+        fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+            self.containers.borrow_mut().remove(id);
+            Ok(())
+        }
+        fn list(&self) -> Result<Vec<String>, RuntimeError> {
+            Ok(self.ids())
+        }
+        fn usage(&self, _: &str) -> Option<Usage> {
+            None
+        }
+    }
+
+    fn spec(policy: RestartPolicy) -> ContainerSpec {
+        ContainerSpec { command: vec!["x".into()], restart: policy, ..Default::default() }
+    }
+
+    #[test]
+    fn restarts_with_backoff_keeping_one_previous_instance() {
+        let fake = Fake::default();
+        let mut sup = Supervisor::new(&fake);
+        sup.ensure("web", 1, spec(RestartPolicy::Always), "/r".into(), 0);
+        assert_eq!(fake.ids(), vec!["web-0"]);
+        let mut now = 100;
+        for (n, expected_delay) in [(0, 1000), (1, 2000), (2, 4000)] {
+            fake.exit(&container_id("web", n), 1, now);
+            sup.tick(now);
+            assert_eq!(sup.status()[0].phase, Phase::BackingOff);
+            sup.tick(now + expected_delay - 1);
+            assert_eq!((&fake).state(&container_id("web", n + 1)).unwrap(), ContainerState::Missing, "started early");
+            now += expected_delay;
+            sup.tick(now);
+            assert!(matches!((&fake).state(&container_id("web", n + 1)).unwrap(), ContainerState::Running(_)));
+        }
+        assert_eq!(fake.ids(), vec!["web-2", "web-3"]);
+        let st = &sup.status()[0];
+        assert_eq!((st.restarts, st.phase, st.last_exit_code), (3, Phase::Running, Some(1)));
+    }
+
+    #[test]
+    fn on_failure_and_never_policies_stop_when_satisfied() {
+        let fake = Fake::default();
+        let mut sup = Supervisor::new(&fake);
+        sup.ensure("job", 1, spec(RestartPolicy::OnFailure), "/r".into(), 0);
+        fake.exit("job-0", 0, 50);
+        sup.tick(50);
+        sup.tick(1_000_000);
+        assert_eq!(fake.ids(), vec!["job-0"]);
+        assert_eq!(sup.status()[0].phase, Phase::Exited);
+
+        sup.ensure("once", 1, spec(RestartPolicy::Never), "/r".into(), 0);
+        fake.exit("once-0", 2, 50);
+        sup.tick(1_000_000);
+        let st = sup.status().into_iter().find(|s| s.name == "once").unwrap();
+        assert_eq!((st.phase, st.restarts), (Phase::Failed, 0));
+    }
+
+    #[test]
+    fn start_failures_are_retried_forever_with_backoff() {
+        let fake = Fake::default();
+        *fake.refuse.borrow_mut() = Some("devices[0]: /dev/ttyUSB0 does not exist".into());
+        let mut sup = Supervisor::new(&fake);
+        sup.ensure("serial", 1, spec(RestartPolicy::Always), "/r".into(), 0);
+        let st = &sup.status()[0];
+        assert_eq!(st.phase, Phase::Failed);
+        assert!(st.last_error.as_deref().unwrap_or("").contains("ttyUSB0"));
+        for t in [1_000, 3_000, 7_000, 1_000_000] {
+            sup.tick(t);
+        }
+        assert!(fake.ids().is_empty());
+        *fake.refuse.borrow_mut() = None; // the device was plugged in
+        sup.tick(10_000_000);
+        assert_eq!(sup.status()[0].phase, Phase::Running);
+    }
+
+    #[test]
+    fn readopts_running_containers_and_resumes_exited_ones() {
+        let fake = Fake::default();
+        {
+            let mut sup = Supervisor::new(&fake);
+            sup.ensure("web", 1, spec(RestartPolicy::Always), "/r".into(), 0);
+            fake.exit("web-0", 1, 10);
+            sup.tick(10);
+            sup.tick(2_000);
+            sup.ensure("db", 1, spec(RestartPolicy::Always), "/r".into(), 0);
+        } // the agent dies
+        fake.exit("db-0", 3, 5_000);
+        let before = fake.ids();
+        let mut sup = Supervisor::new(&fake);
+        sup.ensure("web", 1, spec(RestartPolicy::Always), "/r".into(), 6_000);
+        assert_eq!(fake.ids(), before, "re-adoption touched a running container");
+        let web = sup.status().into_iter().find(|s| s.name == "web").unwrap();
+        assert_eq!((web.phase, web.restarts), (Phase::Running, 1));
+        sup.ensure("db", 1, spec(RestartPolicy::Always), "/r".into(), 6_000);
+        let db = sup.status().into_iter().find(|s| s.name == "db").unwrap();
+        assert_eq!((db.phase, db.last_exit_code), (Phase::BackingOff, Some(3)));
+        sup.tick(7_000);
+        assert!(matches!((&fake).state("db-1").unwrap(), ContainerState::Running(_)));
+    }
+
+    #[test]
+    fn operator_restart_overrides_the_policy_once() {
+        let fake = Fake::default();
+        let mut sup = Supervisor::new(&fake);
+        sup.ensure("once", 1, spec(RestartPolicy::Never), "/r".into(), 0);
+        assert!(sup.restart_now("once"));
+        sup.tick(10);
+        sup.tick(20);
+        assert!(matches!((&fake).state("once-1").unwrap(), ContainerState::Running(_)));
+        fake.exit("once-1", 0, 30);
+        sup.tick(30);
+        sup.tick(1_000_000);
+        assert_eq!((&fake).state("once-2").unwrap(), ContainerState::Missing, "policy never: no second restart");
+        assert!(sup.restart_now("once"));
+        sup.tick(1_000_001);
+        assert!(matches!((&fake).state("once-2").unwrap(), ContainerState::Running(_)));
+    }
+
+    #[test]
+    fn remove_stops_then_deletes_every_instance() {
+        let fake = Fake::default();
+        let mut sup = Supervisor::new(&fake);
+        sup.ensure("web", 1, spec(RestartPolicy::Always), "/r".into(), 0);
+        sup.remove("web");
+        sup.tick(1);
+        assert!(fake.ids().is_empty());
+        assert!(!sup.is_supervising("web"));
+    }
+}

@@ -1,0 +1,74 @@
+//! The supervisor over real containers: crash loops restart with backoff and
+//! never give up; logs of the previous instance survive; a new supervisor
+//! (a restarted agent) re-adopts without restarting.
+
+mod common;
+
+use std::time::Duration;
+
+use baton_agent::runtime::{now_ms, ContainerRuntime, ContainerState};
+use baton_agent::supervisor::Supervisor;
+use baton_protocol::spec::RestartPolicy;
+use baton_protocol::Phase;
+use common::*;
+
+#[test]
+fn crash_loop_restarts_with_backoff_and_keeps_the_previous_log() {
+    let fx = Fixture::new();
+    let mut sup = Supervisor::new(fx.runtime());
+    sup.backoff_base = Duration::from_millis(20);
+    let name = cid("crashy");
+    let mut spec = sh("echo started; exit 4");
+    spec.restart = RestartPolicy::Always;
+    spec.backoff_cap_s = 1;
+    sup.ensure(&name, 1, spec, fx.rootfs.clone(), now_ms());
+    wait_until("4 restarts", Duration::from_secs(30), || {
+        sup.tick(now_ms());
+        sup.status()[0].restarts >= 4
+    });
+    let st = &sup.status()[0];
+    assert_eq!(st.last_exit_code, Some(4));
+    assert!(matches!(st.phase, Phase::Running | Phase::BackingOff), "{st:?}");
+    let current = st.restarts;
+    let containers = sup.runtime().list().unwrap();
+    // Only the current and the previous instance are kept.
+    assert!(containers.len() <= 2, "{containers:?}");
+    let previous = format!("{name}-{}", current - 1);
+    assert!(fx.log(&previous).contains("stdout started"), "previous instance's log is gone");
+    sup.remove(&name);
+    wait_until("removal", Duration::from_secs(20), || {
+        sup.tick(now_ms());
+        !sup.is_supervising(&name)
+    });
+    assert!(sup.runtime().list().unwrap().is_empty());
+}
+
+#[test]
+fn restarted_agent_readopts_a_running_workload_without_restarting_it() {
+    let fx = Fixture::new();
+    let name = cid("steady");
+    let spec = sh("while true; do sleep 0.1; done");
+    let pid = {
+        let mut sup = Supervisor::new(fx.runtime());
+        sup.ensure(&name, 1, spec.clone(), fx.rootfs.clone(), now_ms());
+        match sup.runtime().state(&format!("{name}-0")).unwrap() {
+            ContainerState::Running(r) => r.pid,
+            other => panic!("{other:?}"),
+        }
+    };
+    let mut sup = Supervisor::new(fx.runtime());
+    sup.ensure(&name, 1, spec, fx.rootfs.clone(), now_ms());
+    sup.tick(now_ms());
+    let st = &sup.status()[0];
+    assert_eq!((st.phase, st.restarts), (Phase::Running, 0));
+    match sup.runtime().state(&format!("{name}-0")).unwrap() {
+        ContainerState::Running(r) => assert_eq!(r.pid, pid, "a different process: it was restarted"),
+        other => panic!("{other:?}"),
+    }
+    assert!(st.memory_bytes > 0, "usage not reported: {st:?}");
+    sup.remove(&name);
+    wait_until("removal", Duration::from_secs(20), || {
+        sup.tick(now_ms());
+        !sup.is_supervising(&name)
+    });
+}
