@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod config;
 pub mod link;
 pub mod node;
+pub mod probe;
 pub mod restart;
 pub mod runtime;
 pub mod supervisor;

@@ -27,6 +27,21 @@ enum Cmd {
     /// Own one container (started by the agent; not for people).
     #[command(hide = true)]
     Shim(ShimCli),
+    /// Run a command inside a running container (used by the agent).
+    #[command(hide = true)]
+    Exec(ExecCli),
+}
+
+#[derive(clap::Args)]
+struct ExecCli {
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    root: PathBuf,
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    #[arg(last = true, required = true)]
+    argv: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -89,6 +104,15 @@ fn main() -> ExitCode {
                 stop_grace: std::time::Duration::from_millis(s.stop_grace_ms),
                 log_max_bytes: s.log_max_bytes,
                 log_flush: std::time::Duration::from_millis(s.log_flush_ms),
+            });
+            return ExitCode::from(code.clamp(0, 255) as u8);
+        }
+        Some(Cmd::Exec(e)) => {
+            let code = baton_agent::runtime::exec::run(baton_agent::runtime::exec::ExecArgs {
+                id: e.id,
+                root: e.root,
+                timeout: std::time::Duration::from_millis(e.timeout_ms),
+                argv: e.argv,
             });
             return ExitCode::from(code.clamp(0, 255) as u8);
         }

@@ -9,12 +9,15 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 use std::time::Duration;
 
 use baton_protocol::spec::ContainerSpec;
 use baton_protocol::{Health, Phase, WorkloadStatus};
 use tracing::{info, warn};
 
+use crate::probe::{Outcome, Prober, Tracker};
 use crate::restart::{decide, Backoff, Decision};
 use crate::runtime::{ContainerRuntime, ContainerState, CreateRequest, ExitStatus};
 
@@ -54,7 +57,35 @@ struct Unit {
     restart_requested: bool,
     state: UnitState,
     last_exit: Option<ExitStatus>,
+    /// The most recent error (a failed start, a failed liveness probe); kept
+    /// after recovery so a report says why the last restart happened.
     last_error: Option<String>,
+    /// The last start attempt failed (phase `Failed` while backing off).
+    start_failed: bool,
+    /// Probes of the current instance; reset when a new instance starts.
+    liveness: Option<Tracker>,
+    readiness: Option<Tracker>,
+}
+
+impl Unit {
+    fn arm_probes(&mut self, started_ms: u64) {
+        self.liveness = self.spec.liveness.clone().map(|p| Tracker::new(p, started_ms));
+        self.readiness = self.spec.readiness.clone().map(|p| Tracker::new(p, started_ms));
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeKind {
+    Liveness,
+    Readiness,
+}
+
+/// A finished probe run, sent back from its thread.
+struct ProbeResult {
+    name: String,
+    instance: u32,
+    kind: ProbeKind,
+    outcome: Outcome,
 }
 
 pub struct Supervisor<R: ContainerRuntime> {
@@ -62,11 +93,28 @@ pub struct Supervisor<R: ContainerRuntime> {
     units: BTreeMap<String, Unit>,
     /// Backoff base; the cap comes from each spec. Tests shorten it.
     pub backoff_base: Duration,
+    prober: Option<Arc<dyn Prober>>,
+    results_tx: Sender<ProbeResult>,
+    results_rx: Receiver<ProbeResult>,
 }
 
 impl<R: ContainerRuntime> Supervisor<R> {
     pub fn new(rt: R) -> Self {
-        Self { rt, units: BTreeMap::new(), backoff_base: crate::restart::DEFAULT_BASE }
+        let (results_tx, results_rx) = channel();
+        Self {
+            rt,
+            units: BTreeMap::new(),
+            backoff_base: crate::restart::DEFAULT_BASE,
+            prober: None,
+            results_tx,
+            results_rx,
+        }
+    }
+
+    /// Enables health probes; without a prober, probes in specs are not run.
+    pub fn with_prober(mut self, prober: Arc<dyn Prober>) -> Self {
+        self.prober = Some(prober);
+        self
     }
 
     pub fn runtime(&self) -> &R {
@@ -98,13 +146,17 @@ impl<R: ContainerRuntime> Supervisor<R> {
             state: UnitState::BackingOff { until_ms: now_ms },
             last_exit: None,
             last_error: None,
+            start_failed: false,
+            liveness: None,
+            readiness: None,
         };
         if let Some(n) = newest {
             let id = container_id(name, n);
             match self.rt.state(&id) {
-                Ok(ContainerState::Running(_)) => {
+                Ok(ContainerState::Running(r)) => {
                     info!(workload = name, container = %id, "re-adopted running container");
                     unit.state = UnitState::Running;
+                    unit.arm_probes(r.started_at_ms);
                 }
                 Ok(ContainerState::Exited(exit)) => {
                     info!(workload = name, container = %id, code = exit.code, "found exited container");
@@ -144,11 +196,62 @@ impl<R: ContainerRuntime> Supervisor<R> {
         true
     }
 
-    /// Observes every container and starts whatever is due.
+    /// Takes probe results, observes every container, starts whatever is due,
+    /// and launches the probes that are due.
     pub fn tick(&mut self, now_ms: u64) {
+        while let Ok(result) = self.results_rx.try_recv() {
+            self.on_probe_result(result, now_ms);
+        }
         let names: Vec<String> = self.units.keys().cloned().collect();
         for name in names {
             self.tick_unit(&name, now_ms);
+        }
+        self.launch_probes(now_ms);
+    }
+
+    fn on_probe_result(&mut self, r: ProbeResult, now_ms: u64) {
+        let Some(unit) = self.units.get_mut(&r.name) else { return };
+        if unit.instance != r.instance || unit.state != UnitState::Running {
+            return; // a result about an instance that is gone
+        }
+        let tracker = match r.kind {
+            ProbeKind::Liveness => unit.liveness.as_mut(),
+            ProbeKind::Readiness => unit.readiness.as_mut(),
+        };
+        let Some(tracker) = tracker else { return };
+        let turned_unhealthy = tracker.record(r.outcome, now_ms);
+        if turned_unhealthy && r.kind == ProbeKind::Liveness {
+            let why = tracker.last_failure.clone().unwrap_or_default();
+            warn!(workload = %r.name, reason = %why, "liveness probe failed; stopping the container");
+            unit.last_error = Some(format!("liveness probe failed: {why}"));
+            let _ = self.rt.stop(&container_id(&r.name, unit.instance));
+        }
+    }
+
+    fn launch_probes(&mut self, now_ms: u64) {
+        let Some(prober) = self.prober.clone() else { return };
+        for (name, unit) in &mut self.units {
+            if unit.state != UnitState::Running {
+                continue;
+            }
+            for (kind, tracker) in
+                [(ProbeKind::Liveness, unit.liveness.as_mut()), (ProbeKind::Readiness, unit.readiness.as_mut())]
+            {
+                let Some(tracker) = tracker else { continue };
+                if !tracker.start_if_due(now_ms) {
+                    continue;
+                }
+                let (prober, tx, check, timeout) =
+                    (prober.clone(), self.results_tx.clone(), tracker.probe.check.clone(), tracker.timeout());
+                let (name, instance) = (name.clone(), unit.instance);
+                let spawned = std::thread::Builder::new().name("probe".into()).spawn(move || {
+                    let outcome = prober.probe(&container_id(&name, instance), &check, timeout);
+                    let _ = tx.send(ProbeResult { name, instance, kind, outcome });
+                });
+                if let Err(e) = spawned {
+                    tracker.record(Outcome::Failure(format!("cannot start probe thread: {e}")), now_ms);
+                }
+            }
         }
     }
 
@@ -220,8 +323,9 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 info!(workload = name, container = %id, restarts = n, "container started");
                 unit.instance = n;
                 unit.next_instance = n + 1;
-                unit.last_error = None;
+                unit.start_failed = false;
                 unit.state = UnitState::Running;
+                unit.arm_probes(now_ms);
             }
             Err(e) => {
                 // A device may be plugged in later, a disk freed: retry with backoff, forever.
@@ -229,6 +333,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 unit.failures = unit.failures.saturating_add(1);
                 warn!(workload = name, error = %e, retry_in_ms = after.as_millis() as u64, "cannot start container");
                 unit.last_error = Some(e.to_string());
+                unit.start_failed = true;
                 unit.state = UnitState::BackingOff { until_ms: now_ms + after.as_millis() as u64 };
             }
         }
@@ -242,7 +347,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 let usage = self.rt.usage(&container_id(name, u.instance)).unwrap_or_default();
                 let phase = match (&u.state, &u.last_exit) {
                     (UnitState::Running, _) => Phase::Running,
-                    (UnitState::BackingOff { .. }, _) if u.last_error.is_some() => Phase::Failed,
+                    (UnitState::BackingOff { .. }, _) if u.start_failed => Phase::Failed,
                     (UnitState::BackingOff { .. }, Some(_)) => Phase::BackingOff,
                     (UnitState::BackingOff { .. }, None) => Phase::Starting,
                     (UnitState::Done, Some(e)) if e.code != 0 => Phase::Failed,
@@ -252,7 +357,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                     name: name.clone(),
                     revision: u.revision,
                     phase,
-                    health: Health::Unknown,
+                    health: health(u),
                     // Instance n is the n-th restart of the workload.
                     restarts: u.instance,
                     last_exit_code: u.last_exit.as_ref().map(|e| e.code),
@@ -270,6 +375,24 @@ impl<R: ContainerRuntime> Supervisor<R> {
     /// The container whose log `baton logs` shows: the current instance.
     pub fn current_container(&self, name: &str) -> Option<String> {
         self.units.get(name).map(|u| container_id(name, u.instance))
+    }
+}
+
+/// Readiness decides when there is a readiness probe; else a failed liveness
+/// probe; else a running container counts as healthy.
+fn health(u: &Unit) -> Health {
+    if u.state != UnitState::Running {
+        return if matches!(u.state, UnitState::BackingOff { .. }) { Health::Unhealthy } else { Health::Unknown };
+    }
+    let verdict = match (&u.readiness, &u.liveness) {
+        (Some(r), _) => r.healthy,
+        (None, Some(l)) if l.healthy == Some(false) => Some(false),
+        (None, _) => Some(true),
+    };
+    match verdict {
+        Some(true) => Health::Healthy,
+        Some(false) => Health::Unhealthy,
+        None => Health::Unknown,
     }
 }
 
@@ -334,6 +457,9 @@ mod tests {
         }
         fn usage(&self, _: &str) -> Option<Usage> {
             None
+        }
+        fn exec(&self, _: &str, _: &[String], _: Duration) -> Result<crate::runtime::ExecOutput, RuntimeError> {
+            Err(RuntimeError::InvalidSpec("fake".into()))
         }
     }
 
@@ -440,6 +566,61 @@ mod tests {
         assert!(sup.restart_now("once"));
         sup.tick(1_000_001);
         assert!(matches!((&fake).state("once-2").unwrap(), ContainerState::Running(_)));
+    }
+
+    /// Answers every probe with the outcome currently scripted.
+    struct Scripted(std::sync::Mutex<Outcome>);
+
+    impl Prober for Scripted {
+        fn probe(&self, _: &str, _: &baton_protocol::spec::ProbeCheck, _: Duration) -> Outcome {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    /// Ticks with simulated time moving `step_ms` per tick until `done`; returns the time reached.
+    fn tick_until(
+        sup: &mut Supervisor<&Fake>,
+        mut now: u64,
+        step_ms: u64,
+        done: impl Fn(&Supervisor<&Fake>) -> bool,
+    ) -> u64 {
+        for _ in 0..2000 {
+            sup.tick(now);
+            if done(sup) {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(1)); // let probe threads answer
+            now += step_ms;
+        }
+        panic!("condition not reached by simulated time {now}");
+    }
+
+    #[test]
+    fn failing_liveness_restarts_and_readiness_sets_health() {
+        use baton_protocol::spec::{Probe, ProbeCheck};
+        let fake = Fake::default();
+        let scripted = Arc::new(Scripted(std::sync::Mutex::new(Outcome::Success)));
+        let mut sup = Supervisor::new(&fake).with_prober(scripted.clone());
+        let probe = Probe {
+            check: ProbeCheck::Tcp { port: 1 },
+            interval_s: 1,
+            timeout_s: 1,
+            failure_threshold: 2,
+            initial_delay_s: 0,
+        };
+        let mut s = spec(RestartPolicy::Always);
+        s.liveness = Some(probe.clone());
+        s.readiness = Some(probe);
+        sup.ensure("web", 1, s, "/r".into(), 0);
+        assert_eq!(sup.status()[0].health, Health::Unknown, "healthy before any readiness result");
+        let now = tick_until(&mut sup, 0, 0, |s| s.status()[0].health == Health::Healthy);
+
+        *scripted.0.lock().unwrap() = Outcome::Failure("connection refused".into());
+        let now =
+            tick_until(&mut sup, now, 100, |_| matches!((&fake).state("web-0").unwrap(), ContainerState::Exited(_)));
+        let st = &sup.status()[0];
+        assert!(st.last_error.as_deref().unwrap_or("").contains("liveness probe failed: connection refused"), "{st:?}");
+        tick_until(&mut sup, now, 100, |_| matches!((&fake).state("web-1").unwrap(), ContainerState::Running(_)));
     }
 
     #[test]

@@ -259,3 +259,25 @@ fn default_seccomp_profile_blocks_a_denied_syscall_and_can_be_opted_out() {
     assert_eq!(wait_exit(&rt, &unconfined, T).code, 0, "{}", fx.log(&unconfined));
     assert!(fx.log(&unconfined).contains("stdout unshared"));
 }
+
+#[test]
+fn exec_runs_inside_the_container_and_returns_output_and_code() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let id = cid("exec");
+    let mut spec = sh("echo inside > /tmp/marker; while true; do sleep 0.1; done");
+    spec.hostname = Some("box".into());
+    create(&fx, &rt, &id, &spec).unwrap();
+    wait_until("marker", T, || rt.exec(&id, &["/bin/cat".into(), "/tmp/marker".into()], T).is_ok_and(|o| o.code == 0));
+    let out = rt
+        .exec(&id, &["/bin/sh".into(), "-c".into(), "hostname; cat /tmp/marker; echo oops >&2; exit 5".into()], T)
+        .unwrap();
+    assert_eq!(out.code, 5);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "box\ninside\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+    let slow = rt.exec(&id, &["/bin/sleep".into(), "30".into()], Duration::from_millis(300)).unwrap();
+    assert_eq!(slow.code, 137, "timeout not enforced");
+    rt.kill(&id).unwrap();
+    wait_exit(&rt, &id, T);
+    assert!(rt.exec(&id, &["/bin/true".into()], T).is_err(), "exec into an exited container");
+}

@@ -72,3 +72,56 @@ fn restarted_agent_readopts_a_running_workload_without_restarting_it() {
         !sup.is_supervising(&name)
     });
 }
+
+fn probe(check: baton_protocol::spec::ProbeCheck) -> baton_protocol::spec::Probe {
+    baton_protocol::spec::Probe { check, interval_s: 1, timeout_s: 2, failure_threshold: 1, initial_delay_s: 0 }
+}
+
+#[test]
+fn failing_exec_liveness_probe_restarts_the_container() {
+    use baton_protocol::spec::ProbeCheck;
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let mut sup = Supervisor::new(rt.clone()).with_prober(std::sync::Arc::new(baton_agent::probe::RuntimeProber(rt)));
+    let name = cid("liveness");
+    // Alive for a moment, then the file the probe checks disappears.
+    let mut spec = sh("touch /tmp/alive; sleep 1.5; rm /tmp/alive; while true; do sleep 0.1; done");
+    spec.liveness = Some(probe(ProbeCheck::Exec(vec!["/bin/cat".into(), "/tmp/alive".into()])));
+    sup.ensure(&name, 1, spec, fx.rootfs.clone(), now_ms());
+    wait_until("a restart after the liveness probe failed", Duration::from_secs(30), || {
+        sup.tick(now_ms());
+        sup.status()[0].restarts >= 1
+    });
+    let st = &sup.status()[0];
+    assert!(st.last_error.as_deref().unwrap_or("").contains("liveness probe failed"), "{st:?}");
+    sup.remove(&name);
+    wait_until("removal", Duration::from_secs(20), || {
+        sup.tick(now_ms());
+        !sup.is_supervising(&name)
+    });
+}
+
+#[test]
+fn http_readiness_probe_reports_healthy_once_the_server_answers() {
+    use baton_protocol::spec::ProbeCheck;
+    use baton_protocol::Health;
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let mut sup = Supervisor::new(rt.clone()).with_prober(std::sync::Arc::new(baton_agent::probe::RuntimeProber(rt)));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let name = cid("ready");
+    let mut spec =
+        sh(&format!("sleep 0.5; mkdir -p /tmp/www && echo ok > /tmp/www/index.html && exec httpd -f -p 127.0.0.1:{port} -h /tmp/www"));
+    spec.readiness = Some(probe(ProbeCheck::Http { port, path: "/index.html".into() }));
+    sup.ensure(&name, 1, spec, fx.rootfs.clone(), now_ms());
+    wait_until("healthy", Duration::from_secs(30), || {
+        sup.tick(now_ms());
+        sup.status()[0].health == Health::Healthy
+    });
+    assert_eq!(sup.status()[0].restarts, 0, "readiness must never restart");
+    sup.remove(&name);
+    wait_until("removal", Duration::from_secs(20), || {
+        sup.tick(now_ms());
+        !sup.is_supervising(&name)
+    });
+}

@@ -11,9 +11,11 @@ use nix::unistd::Pid;
 
 use super::layout::{files, Layout};
 use super::{
-    oci, validate_id, ContainerRuntime, ContainerState, CreateRequest, ExitStatus, Running, RuntimeError, Usage,
+    oci, validate_id, ContainerRuntime, ContainerState, CreateRequest, ExecOutput, ExitStatus, Running, RuntimeError,
+    Usage, EXEC_OUTPUT_CAP,
 };
 
+#[derive(Debug, Clone)]
 pub struct LibcontainerRuntime {
     layout: Layout,
     /// The executable that provides `shim` (the agent binary itself).
@@ -198,6 +200,30 @@ impl ContainerRuntime for LibcontainerRuntime {
             .collect();
         ids.sort();
         Ok(ids)
+    }
+
+    fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecOutput, RuntimeError> {
+        if argv.is_empty() {
+            return Err(RuntimeError::InvalidSpec("exec: empty command".into()));
+        }
+        if !matches!(self.state(id)?, ContainerState::Running(_)) {
+            return Err(RuntimeError::Start { id: id.to_string(), reason: "exec: container is not running".into() });
+        }
+        let out = Command::new(&self.shim_exe)
+            .arg("exec")
+            .args(["--id", id])
+            .arg("--root")
+            .arg(self.layout.youki_root())
+            .args(["--timeout-ms", &timeout.as_millis().to_string(), "--"])
+            .args(argv)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(RuntimeError::io(format!("run exec helper {}", self.shim_exe.display())))?;
+        let cap = |mut v: Vec<u8>| {
+            v.truncate(EXEC_OUTPUT_CAP);
+            v
+        };
+        Ok(ExecOutput { code: out.status.code().unwrap_or(255), stdout: cap(out.stdout), stderr: cap(out.stderr) })
     }
 
     fn usage(&self, id: &str) -> Option<Usage> {

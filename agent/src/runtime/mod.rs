@@ -3,6 +3,7 @@
 //! container under its own `baton-agent shim` process, so containers outlive
 //! the agent and a restarted agent re-adopts them from the files the shims keep.
 
+pub mod exec;
 pub mod layout;
 pub mod libcontainer_rt;
 pub mod logs;
@@ -56,6 +57,18 @@ pub struct Usage {
     pub cpu_ns: u64,
     pub memory_bytes: u64,
 }
+
+/// The result of a command run inside a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub code: i32,
+    /// At most `EXEC_OUTPUT_CAP` bytes of each stream.
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Output kept from an exec; a probe or an operator's command is not a data channel.
+pub const EXEC_OUTPUT_CAP: usize = 64 * 1024;
 
 /// What to run: the spec from the desired document and an unpacked rootfs.
 #[derive(Debug, Clone)]
@@ -117,6 +130,8 @@ pub trait ContainerRuntime {
     fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     fn list(&self) -> Result<Vec<String>, RuntimeError>;
     fn usage(&self, id: &str) -> Option<Usage>;
+    /// Runs `argv` inside the running container `id`, killing it after `timeout`.
+    fn exec(&self, id: &str, argv: &[String], timeout: std::time::Duration) -> Result<ExecOutput, RuntimeError>;
 }
 
 pub fn now_ms() -> u64 {

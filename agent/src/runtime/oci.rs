@@ -10,7 +10,7 @@
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use baton_protocol::spec::{ContainerSpec, MountSource, NetworkMode};
+use baton_protocol::spec::{ContainerSpec, MountSource, NetworkMode, ProbeCheck};
 use serde_json::{json, Value};
 
 use super::layout::Layout;
@@ -228,6 +228,24 @@ pub fn validate(spec: &ContainerSpec) -> Result<(), String> {
         }
         if d.permissions.is_empty() || !d.permissions.chars().all(|c| "rwm".contains(c)) {
             return Err(format!("devices[{i}].permissions: {:?} must be a non-empty subset of rwm", d.permissions));
+        }
+    }
+    for (field, probe) in [("liveness", &spec.liveness), ("readiness", &spec.readiness)] {
+        let Some(p) = probe else { continue };
+        if p.interval_s == 0 || p.timeout_s == 0 || p.failure_threshold == 0 {
+            return Err(format!("{field}: interval, timeout and failure threshold must be at least 1"));
+        }
+        match &p.check {
+            ProbeCheck::Exec(argv) if argv.is_empty() => return Err(format!("{field}.exec: empty command")),
+            ProbeCheck::Tcp { .. } | ProbeCheck::Http { .. } if spec.network == NetworkMode::None => {
+                return Err(format!(
+                    "{field}: tcp and http probes reach the container from the host and need host networking; with network: none use an exec probe"
+                ));
+            }
+            ProbeCheck::Http { path, .. } if !path.starts_with('/') || path.contains(char::is_whitespace) => {
+                return Err(format!("{field}.http.path: {path:?} must start with / and contain no spaces"));
+            }
+            _ => {}
         }
     }
     if !spec.files.is_empty() {

@@ -19,7 +19,7 @@ pub fn busybox_rootfs(dir: &Path) -> PathBuf {
     std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "sleep", "echo", "cat", "true", "false", "ls", "touch", "head", "yes", "seq", "wc", "id", "hostname",
-        "env", "mknod", "dd", "grep", "kill", "mkdir", "rm", "unshare",
+        "env", "mknod", "dd", "grep", "kill", "mkdir", "rm", "unshare", "httpd",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }

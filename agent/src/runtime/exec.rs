@@ -1,0 +1,69 @@
+//! `baton-agent exec`: runs one command inside a running container, for exec
+//! probes and operators' `baton exec`. A separate single-threaded process for
+//! the same reason as the shim: libcontainer's tenant builder forks and
+//! changes process-wide state.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+
+#[derive(Debug, Clone)]
+pub struct ExecArgs {
+    pub id: String,
+    pub root: PathBuf,
+    pub timeout: Duration,
+    pub argv: Vec<String>,
+}
+
+/// Exit code of the command (128 + signal if killed, 137 on timeout); the
+/// command's output goes to this process's stdout and stderr.
+pub fn run(args: ExecArgs) -> i32 {
+    let dup = |fd: i32| {
+        nix::unistd::dup(fd).map(|raw| {
+            // SAFETY: `dup` just returned this descriptor; we are its only owner.
+            unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) }
+        })
+    };
+    let (stdin, stdout, stderr) = match (std::fs::File::open("/dev/null"), dup(1), dup(2)) {
+        (Ok(i), Ok(o), Ok(e)) => (OwnedFd::from(i), o, e),
+        _ => {
+            eprintln!("exec: cannot set up stdio");
+            return 126;
+        }
+    };
+    let built = ContainerBuilder::new(args.id.clone(), SyscallType::default())
+        .with_root_path(&args.root)
+        .map(|b| b.with_stdin(stdin).with_stdout(stdout).with_stderr(stderr).as_tenant())
+        .and_then(|b| b.with_container_args(args.argv.clone()).with_detach(true).build());
+    let pid = match built {
+        Ok(pid) => pid,
+        Err(e) => {
+            eprintln!("exec in {}: {e}", args.id);
+            return 126;
+        }
+    };
+    let deadline = Instant::now() + args.timeout;
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("exec: wait: {e}");
+                return 126;
+            }
+        }
+        if Instant::now() >= deadline {
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+            eprintln!("exec: timed out after {:?}", args.timeout);
+            return 137;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
