@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod image;
 pub mod link;
 pub mod node;
 pub mod probe;

@@ -45,9 +45,14 @@ impl LibcontainerRuntime {
         self.layout.run_dir.join("containers").join(id)
     }
 
-    fn cleanup(&self, id: &str) {
-        let _ = std::fs::remove_dir_all(self.layout.container(id));
+    /// Deletes a container's directories, unmounting its rootfs first; if the
+    /// unmount fails, the bundle stays (deleting through a live mount is never safe).
+    fn cleanup(&self, id: &str) -> Result<(), RuntimeError> {
+        let bundle = self.layout.container(id);
+        super::rootfs::release(&bundle).map_err(RuntimeError::io(format!("unmount rootfs of {id}")))?;
+        let _ = std::fs::remove_dir_all(&bundle);
         let _ = std::fs::remove_dir_all(self.run_state(id));
+        Ok(())
     }
 
     /// The live shim of `id`, if any: its recorded pid must still be a
@@ -101,8 +106,13 @@ impl ContainerRuntime for LibcontainerRuntime {
                 std::fs::create_dir_all(&dir).map_err(RuntimeError::io(format!("create volume {}", dir.display())))?;
             }
         }
-        let config = oci::config_json(id, req.spec, &req.rootfs, &self.layout, &devices);
         let state = self.run_state(id);
+        let prepared = std::fs::create_dir_all(&bundle).and_then(|()| super::rootfs::prepare(&req.rootfs, &bundle));
+        if let Err(e) = prepared {
+            let _ = self.cleanup(id);
+            return Err(RuntimeError::io(format!("prepare the rootfs of {id}"))(e));
+        }
+        let config = oci::config_json(id, req.spec, &super::rootfs::merged(&bundle), &self.layout, &devices);
         let prepared = std::fs::create_dir_all(&bundle)
             .and_then(|()| std::fs::create_dir_all(&state))
             .and_then(|()| std::fs::create_dir_all(self.layout.youki_root()))
@@ -110,7 +120,7 @@ impl ContainerRuntime for LibcontainerRuntime {
             // container, which reconcile recreates; only exit records must be durable.
             .and_then(|()| std::fs::write(bundle.join(files::CONFIG), config.to_string()));
         if let Err(e) = prepared {
-            self.cleanup(id);
+            let _ = self.cleanup(id);
             return Err(RuntimeError::io(format!("prepare bundle {}", bundle.display()))(e));
         }
         let out = Command::new(&self.shim_exe)
@@ -131,12 +141,12 @@ impl ContainerRuntime for LibcontainerRuntime {
         match out {
             Ok(out) if out.status.success() => Ok(()),
             Ok(out) => {
-                self.cleanup(id);
+                let _ = self.cleanup(id);
                 let reason = String::from_utf8_lossy(&out.stderr).trim().to_string();
                 Err(RuntimeError::Start { id: id.to_string(), reason })
             }
             Err(e) => {
-                self.cleanup(id);
+                let _ = self.cleanup(id);
                 Err(e)
             }
         }
@@ -180,8 +190,7 @@ impl ContainerRuntime for LibcontainerRuntime {
                 if let Ok(mut c) = libcontainer::container::Container::load(self.layout.youki_root().join(id)) {
                     let _ = c.delete(true);
                 }
-                self.cleanup(id);
-                Ok(())
+                self.cleanup(id)
             }
         }
     }

@@ -8,6 +8,7 @@ pub mod layout;
 pub mod libcontainer_rt;
 pub mod logs;
 pub mod oci;
+pub mod rootfs;
 pub mod shim;
 
 use std::path::PathBuf;
@@ -75,7 +76,8 @@ pub const EXEC_OUTPUT_CAP: usize = 64 * 1024;
 pub struct CreateRequest<'a> {
     pub id: &'a str,
     pub spec: &'a ContainerSpec,
-    /// The image's unpacked filesystem.
+    /// The image's unpacked filesystem; used read-only (each container gets
+    /// its own writable layer over it).
     pub rootfs: PathBuf,
 }
 

@@ -56,6 +56,22 @@ impl Fixture {
     }
 }
 
+/// Containers a test leaves behind are killed and removed, so no overlay
+/// mount or cgroup outlives the test.
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let rt = self.runtime();
+        for id in rt.list().unwrap_or_default() {
+            let _ = rt.kill(&id);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(rt.state(&id), Ok(ContainerState::Running(_))) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = rt.remove(&id);
+        }
+    }
+}
+
 /// A container id unique to this test process.
 pub fn cid(name: &str) -> String {
     format!("t{}-{name}", std::process::id())
@@ -84,5 +100,100 @@ pub fn sh(script: &str) -> baton_protocol::spec::ContainerSpec {
     baton_protocol::spec::ContainerSpec {
         command: vec!["/bin/sh".into(), "-c".into(), script.into()],
         ..Default::default()
+    }
+}
+
+/// Writes an OCI image layout for testing: each image is a list of layers,
+/// each layer a list of (path, contents) files (`None` contents = whiteout
+/// marker file created as given). Returns the layout dir.
+pub mod layout {
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+
+    use sha2::Digest as _;
+
+    pub struct Blob {
+        pub digest: String,
+        pub size: u64,
+    }
+
+    pub fn put(dir: &Path, bytes: &[u8]) -> Blob {
+        let hex: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        std::fs::write(dir.join("blobs/sha256").join(&hex), bytes).unwrap();
+        Blob { digest: format!("sha256:{hex}"), size: bytes.len() as u64 }
+    }
+
+    /// A gzipped tar layer from a directory tree on disk plus extra files.
+    pub fn layer_from(base: Option<&Path>, files: &[(&str, &[u8])]) -> Vec<u8> {
+        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut b = tar::Builder::new(gz);
+        b.follow_symlinks(false);
+        if let Some(base) = base {
+            b.append_dir_all(".", base).unwrap();
+        }
+        for (path, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_path(path).unwrap();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        let mut gz = b.into_inner().unwrap();
+        gz.flush().unwrap();
+        gz.finish().unwrap()
+    }
+
+    /// Stores config + manifest for `layers` (already stored blobs); returns the manifest blob.
+    pub fn image(dir: &Path, arch: &str, layers: &[&Blob]) -> Blob {
+        let config = serde_json::json!({
+            "architecture": arch, "os": "linux",
+            "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": []},
+        });
+        let config = put(dir, config.to_string().as_bytes());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.digest, "size": config.size},
+            "layers": layers.iter().map(|l| serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": l.digest, "size": l.size,
+            })).collect::<Vec<_>>(),
+        });
+        put(dir, manifest.to_string().as_bytes())
+    }
+
+    /// index.json naming `manifests` (with platforms when given) under `name`.
+    pub fn index(dir: &Path, name: &str, manifests: &[(&Blob, Option<&str>)]) -> PathBuf {
+        let entries: Vec<serde_json::Value> = manifests
+            .iter()
+            .map(|(m, arch)| {
+                let mut d = serde_json::json!({
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": m.digest, "size": m.size,
+                    "annotations": {"org.opencontainers.image.ref.name": name},
+                });
+                if let Some(arch) = arch {
+                    d["platform"] = serde_json::json!({"architecture": arch, "os": "linux"});
+                }
+                d
+            })
+            .collect();
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        std::fs::write(
+            dir.join("index.json"),
+            serde_json::json!({"schemaVersion": 2, "manifests": entries}).to_string(),
+        )
+        .unwrap();
+        dir.to_path_buf()
+    }
+
+    /// The OCI architecture name of this machine.
+    pub fn here() -> &'static str {
+        match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        }
     }
 }

@@ -1,0 +1,261 @@
+//! The local image store: `blobs/sha256/<hex>` (every blob verified against
+//! its digest before it is kept), `images.json` (what was imported, under
+//! which reference), and `rootfs/<manifest hex>/` (each image unpacked once,
+//! built in a temp dir and renamed into place, so a crash never leaves a
+//! half-unpacked rootfs that looks complete).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::manifest::{self, Descriptor, Document, ImageConfig, Platform, ANNOTATION_REF_NAME};
+use super::unpack::apply_layer;
+use super::{Digest, ImageError};
+use crate::runtime::layout::write_atomic;
+
+/// Manifests, indexes and configs are small; anything bigger is refused unread.
+const MAX_DOCUMENT: u64 = 4 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The name it was imported under (`registry/repo:tag`, or what the layout said).
+    pub reference: String,
+    pub manifest: Digest,
+    pub config: ImageConfig,
+    pub layers: Vec<Digest>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Catalog {
+    /// Manifest digest → record.
+    images: BTreeMap<String, ImageRecord>,
+}
+
+pub struct ImageStore {
+    root: PathBuf,
+    platform: Platform,
+}
+
+impl ImageStore {
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
+        let root = root.into();
+        for d in ["blobs/sha256", "rootfs", "tmp"] {
+            fs::create_dir_all(root.join(d)).map_err(ImageError::io(format!("create {}", root.join(d).display())))?;
+        }
+        Ok(Self { root, platform: Platform::current() })
+    }
+
+    /// For tests and tools that handle another device's images.
+    pub fn with_platform(mut self, platform: Platform) -> Self {
+        self.platform = platform;
+        self
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(d.hex())
+    }
+
+    pub fn has_blob(&self, d: &Digest) -> bool {
+        self.blob_path(d).is_file()
+    }
+
+    fn temp_path(&self, what: &str) -> PathBuf {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        self.root.join("tmp").join(format!("{what}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    /// Streams `reader` into the store, hashing as it goes; keeps it only if
+    /// it matches `expected` (and `size`, when known). A blob already present
+    /// is not written again.
+    pub fn put_blob(&self, mut reader: impl Read, expected: &Digest, size: Option<u64>) -> Result<u64, ImageError> {
+        let dest = self.blob_path(expected);
+        if dest.is_file() {
+            return Ok(0);
+        }
+        let tmp = self.temp_path("blob");
+        let result = (|| {
+            let mut f = fs::File::create(&tmp).map_err(ImageError::io(format!("create {}", tmp.display())))?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut written = 0u64;
+            loop {
+                let n = reader.read(&mut buf).map_err(ImageError::io(format!("read blob {expected}")))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                f.write_all(&buf[..n]).map_err(ImageError::io(format!("write {}", tmp.display())))?;
+                written += n as u64;
+                if size.is_some_and(|s| written > s) {
+                    return Err(ImageError::SizeMismatch {
+                        digest: expected.clone(),
+                        expected: size.unwrap_or(0),
+                        actual: written,
+                    });
+                }
+            }
+            let actual = Digest::from_sha256(&hasher.finalize());
+            if &actual != expected {
+                return Err(ImageError::DigestMismatch { expected: expected.clone(), actual });
+            }
+            if let Some(s) = size.filter(|s| *s != written) {
+                return Err(ImageError::SizeMismatch { digest: expected.clone(), expected: s, actual: written });
+            }
+            f.sync_all().map_err(ImageError::io(format!("sync {}", tmp.display())))?;
+            fs::rename(&tmp, &dest).map_err(ImageError::io(format!("store {}", dest.display())))?;
+            Ok(written)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn read_document(&self, d: &Digest) -> Result<Vec<u8>, ImageError> {
+        let path = self.blob_path(d);
+        let f = fs::File::open(&path).map_err(ImageError::io(format!("open {}", path.display())))?;
+        let mut bytes = Vec::new();
+        f.take(MAX_DOCUMENT + 1).read_to_end(&mut bytes).map_err(ImageError::io(format!("read {}", path.display())))?;
+        if bytes.len() as u64 > MAX_DOCUMENT {
+            return Err(ImageError::Invalid(format!("{d} is larger than {MAX_DOCUMENT} bytes: not a manifest")));
+        }
+        Ok(bytes)
+    }
+
+    fn catalog(&self) -> Catalog {
+        fs::read(self.root.join("images.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    pub fn images(&self) -> Vec<ImageRecord> {
+        self.catalog().images.into_values().collect()
+    }
+
+    fn record(&self, record: &ImageRecord) -> Result<(), ImageError> {
+        let mut catalog = self.catalog();
+        // One reference names one image: a re-import under the same name replaces it.
+        catalog.images.retain(|_, r| r.reference != record.reference || r.manifest == record.manifest);
+        catalog.images.insert(record.manifest.hex().to_string(), record.clone());
+        let bytes = serde_json::to_vec_pretty(&catalog).map_err(|e| ImageError::Invalid(e.to_string()))?;
+        write_atomic(&self.root.join("images.json"), &bytes).map_err(ImageError::io("write images.json"))
+    }
+
+    /// Finds an imported image by manifest digest (preferred) or reference.
+    pub fn resolve(&self, reference: &str, digest: Option<&str>) -> Result<ImageRecord, ImageError> {
+        let catalog = self.catalog();
+        if let Some(d) = digest.filter(|d| !d.is_empty()) {
+            let d = Digest::parse(d)?;
+            if let Some(r) = catalog.images.get(d.hex()) {
+                return Ok(r.clone());
+            }
+            return Err(ImageError::NotFound(format!("{reference}@{d}")));
+        }
+        catalog
+            .images
+            .into_values()
+            .find(|r| r.reference == reference)
+            .ok_or_else(|| ImageError::NotFound(reference.into()))
+    }
+
+    /// Imports an OCI image layout: a directory, or a tarball of one
+    /// (`baton-agent image load`). `name` overrides the layout's ref name.
+    pub fn import_layout(&self, path: &Path, name: Option<&str>) -> Result<ImageRecord, ImageError> {
+        if path.is_file() {
+            let tmp = self.temp_path("layout");
+            fs::create_dir_all(&tmp).map_err(ImageError::io(format!("create {}", tmp.display())))?;
+            let result = fs::File::open(path)
+                .map_err(ImageError::io(format!("open {}", path.display())))
+                .and_then(|f| apply_layer(f, &tmp).map(|_| ()))
+                .and_then(|()| self.import_layout(&tmp, name));
+            let _ = fs::remove_dir_all(&tmp);
+            return result;
+        }
+        let index_bytes = fs::read(path.join("index.json"))
+            .map_err(ImageError::io(format!("{} is not an OCI image layout (index.json)", path.display())))?;
+        let index: manifest::Index = serde_json::from_slice(&index_bytes)
+            .map_err(|e| ImageError::Invalid(format!("{}/index.json: {e}", path.display())))?;
+        let top = manifest::select_platform(&index, &self.platform, &format!("{}/index.json", path.display()))?;
+        let reference =
+            name.map(str::to_string).or_else(|| top.annotations.get(ANNOTATION_REF_NAME).cloned()).ok_or_else(
+                || ImageError::Invalid("the layout names no image (ref.name annotation): pass a name".into()),
+            )?;
+
+        let from_layout = |d: &Descriptor| -> Result<(), ImageError> {
+            let src = path.join("blobs/sha256").join(d.digest.hex());
+            let f = fs::File::open(&src).map_err(ImageError::io(format!("layout blob {}", d.digest)))?;
+            self.put_blob(f, &d.digest, Some(d.size)).map(|_| ())
+        };
+        // Follow nested indexes down to this platform's manifest.
+        let mut desc = top.clone();
+        let manifest = loop {
+            if desc.size > MAX_DOCUMENT {
+                return Err(ImageError::Invalid(format!("{} is {} bytes: not a manifest", desc.digest, desc.size)));
+            }
+            from_layout(&desc)?;
+            match manifest::parse_document(&desc.media_type, &self.read_document(&desc.digest)?)? {
+                Document::Manifest(m) => break m,
+                Document::Index(i) => {
+                    desc = manifest::select_platform(&i, &self.platform, desc.digest.as_str())?.clone()
+                }
+            }
+        };
+        from_layout(&manifest.config)?;
+        let config: ImageConfig = serde_json::from_slice(&self.read_document(&manifest.config.digest)?)
+            .map_err(|e| ImageError::Invalid(format!("image config {}: {e}", manifest.config.digest)))?;
+        // An index already chose by platform; a lone manifest is checked by its config.
+        if !config.architecture.is_empty() && config.architecture != self.platform.architecture {
+            return Err(ImageError::NoPlatform {
+                platform: self.platform.to_string(),
+                what: reference,
+                available: format!("{}/{}", config.os, config.architecture),
+            });
+        }
+        for layer in &manifest.layers {
+            from_layout(layer)?;
+        }
+        let record = ImageRecord {
+            reference,
+            manifest: desc.digest,
+            config,
+            layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
+        };
+        self.record(&record)?;
+        Ok(record)
+    }
+
+    /// The unpacked filesystem of `image`, unpacking it on first use.
+    pub fn rootfs(&self, image: &ImageRecord) -> Result<PathBuf, ImageError> {
+        let dest = self.root.join("rootfs").join(image.manifest.hex());
+        if dest.is_dir() {
+            return Ok(dest);
+        }
+        let tmp = self.temp_path("rootfs");
+        fs::create_dir_all(&tmp).map_err(ImageError::io(format!("create {}", tmp.display())))?;
+        let result = (|| {
+            for layer in &image.layers {
+                let path = self.blob_path(layer);
+                let mut f = fs::File::open(&path).map_err(ImageError::io(format!("open layer {layer}")))?;
+                let mut magic = [0u8; 4];
+                let n = f.read(&mut magic).map_err(ImageError::io(format!("read layer {layer}")))?;
+                let f = fs::File::open(&path).map_err(ImageError::io(format!("open layer {layer}")))?;
+                match &magic[..n] {
+                    [0x1f, 0x8b, ..] => apply_layer(flate2::read::GzDecoder::new(std::io::BufReader::new(f)), &tmp)?,
+                    [0x28, 0xb5, 0x2f, 0xfd] => {
+                        return Err(ImageError::Invalid(format!("layer {layer} is zstd-compressed, not supported yet")))
+                    }
+                    _ => apply_layer(std::io::BufReader::new(f), &tmp)?,
+                };
+            }
+            fs::rename(&tmp, &dest).map_err(ImageError::io(format!("store rootfs {}", dest.display())))
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        Ok(dest)
+    }
+}

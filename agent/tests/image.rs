@@ -1,0 +1,126 @@
+//! Importing OCI image layouts into the store and running containers from them.
+
+mod common;
+
+use std::time::Duration;
+
+use baton_agent::image::{ImageError, ImageStore};
+use baton_agent::runtime::{ContainerRuntime, CreateRequest};
+use common::layout::*;
+use common::*;
+
+fn blob_count(store_root: &std::path::Path) -> usize {
+    std::fs::read_dir(store_root.join("blobs/sha256")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn load_a_layout_unpack_once_and_run_a_container_from_it() {
+    let fx = Fixture::new();
+    let layout_dir = fx.dir.path().join("layout");
+    let base = put(&layout_dir, &layer_from(Some(&fx.rootfs), &[]));
+    let extra = put(&layout_dir, &layer_from(None, &[("etc/motd", b"from the second layer\n")]));
+    let manifest = image(&layout_dir, here(), &[&base, &extra]);
+    index(&layout_dir, "registry.local/busybox:1", &[(&manifest, None)]);
+
+    let store_root = fx.dir.path().join("images");
+    let store = ImageStore::open(&store_root).unwrap();
+    let record = store.import_layout(&layout_dir, None).unwrap();
+    assert_eq!(record.reference, "registry.local/busybox:1");
+    assert_eq!(record.layers.len(), 2);
+    assert_eq!(record.config.config.cmd.as_deref(), Some(&["/bin/sh".to_string()][..]));
+    let blobs = blob_count(&store_root);
+    assert_eq!(blobs, 4, "2 layers + config + manifest");
+
+    // Importing again stores nothing new and keeps the same record.
+    let again = store.import_layout(&layout_dir, None).unwrap();
+    assert_eq!(again, record);
+    assert_eq!(blob_count(&store_root), blobs);
+    assert_eq!(store.resolve("registry.local/busybox:1", None).unwrap(), record);
+    assert_eq!(store.resolve("anything", Some(record.manifest.as_str())).unwrap(), record);
+
+    let rootfs = store.rootfs(&record).unwrap();
+    assert_eq!(store.rootfs(&record).unwrap(), rootfs, "unpacked twice");
+    let rt = fx.runtime();
+    let id = cid("fromimage");
+    rt.create(&CreateRequest { id: &id, spec: &sh("cat /etc/motd; touch /written"), rootfs: rootfs.clone() }).unwrap();
+    assert_eq!(wait_exit(&rt, &id, Duration::from_secs(20)).code, 0);
+    assert!(fx.log(&id).contains("stdout from the second layer"), "{}", fx.log(&id));
+    assert!(!rootfs.join("written").exists(), "a container wrote into the shared image rootfs");
+    rt.remove(&id).unwrap();
+}
+
+#[test]
+fn multi_arch_index_picks_this_platform_and_names_what_it_has_when_not() {
+    let fx = Fixture::new();
+    let dir = fx.dir.path().join("layout");
+    let mut manifests = Vec::new();
+    for arch in ["amd64", "arm64", "arm"] {
+        let l = put(&dir, &layer_from(None, &[("arch", arch.as_bytes())]));
+        manifests.push((image(&dir, arch, &[&l]), arch));
+    }
+    let entries: Vec<_> = manifests.iter().map(|(m, a)| (m, Some(*a))).collect();
+    index(&dir, "multi:1", &entries);
+    let store = ImageStore::open(fx.dir.path().join("images")).unwrap();
+    let record = store.import_layout(&dir, None).unwrap();
+    let rootfs = store.rootfs(&record).unwrap();
+    assert_eq!(std::fs::read_to_string(rootfs.join("arch")).unwrap(), here());
+
+    let only_other = fx.dir.path().join("other");
+    let l = put(&only_other, &layer_from(None, &[("x", b"x")]));
+    let m = image(&only_other, "riscv64", &[&l]);
+    index(&only_other, "other:1", &[(&m, Some("riscv64"))]);
+    let e = store.import_layout(&only_other, None).unwrap_err().to_string();
+    assert!(e.contains("no image for platform linux/") && e.contains("linux/riscv64"), "{e}");
+}
+
+#[test]
+fn corrupt_blobs_are_refused_and_nothing_of_them_is_kept() {
+    let fx = Fixture::new();
+    let dir = fx.dir.path().join("layout");
+    let l = put(&dir, &layer_from(None, &[("f", b"good")]));
+    let m = image(&dir, here(), &[&l]);
+    index(&dir, "corrupt:1", &[(&m, None)]);
+    let layer_file = dir.join("blobs/sha256").join(&l.digest[7..]);
+    let mut bytes = std::fs::read(&layer_file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&layer_file, &bytes).unwrap();
+
+    let root = fx.dir.path().join("images");
+    let store = ImageStore::open(&root).unwrap();
+    let e = store.import_layout(&dir, None).unwrap_err();
+    assert!(matches!(e, ImageError::DigestMismatch { .. }), "{e}");
+    assert!(!root.join("blobs/sha256").join(&l.digest[7..]).exists(), "corrupt layer kept");
+    assert!(store.resolve("corrupt:1", None).is_err(), "image recorded despite a corrupt layer");
+    assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0, "temp files left");
+}
+
+#[test]
+fn a_layout_tarball_loads_and_a_shared_layer_is_stored_once() {
+    let fx = Fixture::new();
+    let dir = fx.dir.path().join("layout");
+    let shared = put(&dir, &layer_from(Some(&fx.rootfs), &[]));
+    let a = put(&dir, &layer_from(None, &[("app", b"a")]));
+    let m = image(&dir, here(), &[&shared, &a]);
+    index(&dir, "app-a:1", &[(&m, None)]);
+    let tarball = fx.dir.path().join("app-a.tar");
+    {
+        let mut b = tar::Builder::new(std::fs::File::create(&tarball).unwrap());
+        b.append_dir_all(".", &dir).unwrap();
+        b.finish().unwrap();
+    }
+    let root = fx.dir.path().join("images");
+    let store = ImageStore::open(&root).unwrap();
+    store.import_layout(&tarball, None).unwrap();
+    let before = blob_count(&root);
+
+    let dir_b = fx.dir.path().join("layout-b");
+    let shared_b = put(&dir_b, &layer_from(Some(&fx.rootfs), &[]));
+    assert_eq!(shared_b.digest, shared.digest, "fixture layers must be reproducible");
+    let b = put(&dir_b, &layer_from(None, &[("app", b"b")]));
+    let m_b = image(&dir_b, here(), &[&shared_b, &b]);
+    index(&dir_b, "app-b:1", &[(&m_b, None)]);
+    store.import_layout(&dir_b, None).unwrap();
+    // The configs are byte-identical, so only the new layer and the manifest are new.
+    assert_eq!(blob_count(&root), before + 2);
+}
