@@ -10,6 +10,8 @@ use serde::Deserialize;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/baton/agent.toml";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/baton/agent";
+/// Runtime state that must not outlive a reboot: on tmpfs.
+pub const DEFAULT_RUN_DIR: &str = "/run/baton";
 
 /// The file as written by people. Unknown keys are errors: a typo must not
 /// silently fall back to a default.
@@ -19,6 +21,7 @@ pub struct FileConfig {
     pub broker: Option<String>,
     pub device_id: Option<String>,
     pub data_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
     pub heartbeat_interval_s: Option<u64>,
     pub keepalive_s: Option<u64>,
     #[serde(default)]
@@ -31,6 +34,7 @@ pub struct Overrides {
     pub broker: Option<String>,
     pub device_id: Option<String>,
     pub data_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
     pub heartbeat_interval_s: Option<u64>,
     pub keepalive_s: Option<u64>,
     /// `key=value` pairs, added to (and overriding) the file's labels.
@@ -43,6 +47,7 @@ pub struct AgentConfig {
     pub broker: BrokerUrl,
     pub device_id: DeviceId,
     pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub keepalive: Duration,
     pub labels: BTreeMap<String, String>,
@@ -133,6 +138,7 @@ impl AgentConfig {
             broker,
             device_id,
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            run_dir: cli.run_dir.or(file.run_dir).unwrap_or_else(|| DEFAULT_RUN_DIR.into()),
             heartbeat_interval,
             keepalive,
             labels,

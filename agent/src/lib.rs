@@ -3,10 +3,12 @@
 
 pub mod backoff;
 pub mod config;
+pub mod engine;
 pub mod image;
 pub mod link;
 pub mod node;
 pub mod probe;
+pub mod reconcile;
 pub mod restart;
 pub mod runtime;
 pub mod supervisor;

@@ -17,7 +17,9 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::AgentConfig;
+use crate::engine::{EngineHandle, Input};
 use crate::node::{self, HeartbeatSampler};
+use crate::runtime::layout::write_atomic;
 
 /// Requests the session may queue while the broker is unreachable; beyond
 /// that, heartbeats are dropped rather than memory grown.
@@ -31,9 +33,12 @@ pub struct Link {
     boot_id: String,
     started_at: u64,
     heartbeat: HeartbeatSampler,
-    /// Highest desired generation seen (applying it belongs to the reconcile loop).
+    /// Generation of the desired document in force (persisted, handed to the engine).
     desired_generation: u64,
+    /// The encoded document in force, to recognise a redelivery of it.
+    desired_bytes: Vec<u8>,
     applied_generation: u64,
+    engine: Option<EngineHandle>,
 }
 
 fn qos(kind: TopicKind) -> QoS {
@@ -51,7 +56,7 @@ fn unix_now() -> Duration {
 impl Link {
     /// Runs the session until `shutdown` resolves, then says goodbye: a retained
     /// offline presence and a clean MQTT disconnect. Never gives up on the broker.
-    pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) {
+    pub async fn run(config: AgentConfig, engine: Option<EngineHandle>, shutdown: impl Future<Output = ()>) {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
@@ -72,6 +77,7 @@ impl Link {
             opts.set_last_will(LastWill::new(id.topic(TopicKind::Presence), payload, QoS::AtLeastOnce, true));
         }
         let (client, mut events) = AsyncClient::new(opts, REQUEST_QUEUE);
+        let desired_bytes = std::fs::read(crate::engine::desired_path(&config.data_dir)).unwrap_or_default();
         let mut link = Link {
             config,
             client,
@@ -79,8 +85,13 @@ impl Link {
             started_at: unix_now().as_secs(),
             heartbeat: HeartbeatSampler::default(),
             desired_generation: 0,
+            desired_bytes,
             applied_generation: 0,
+            engine,
         };
+        if let Ok((_, Message::Desired(d))) = baton_protocol::decode(&link.desired_bytes) {
+            link.desired_generation = d.generation;
+        }
 
         let mut backoff = Backoff::with_entropy(Duration::from_millis(500), Duration::from_secs(60));
         let mut ticker = tokio::time::interval(link.config.heartbeat_interval);
@@ -89,16 +100,30 @@ impl Link {
         tokio::pin!(shutdown);
         info!(device = %id, broker = %link.config.broker, "agent link starting");
 
+        // A receiver that never changes when there is no engine (presence-only agents).
+        let (_idle_tx, idle_rx) = tokio::sync::watch::channel(baton_protocol::Report::default());
+        let mut reports = link.engine.as_ref().map_or(idle_rx, |e| e.reports.clone());
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = ticker.tick(), if connected => link.send_heartbeat(),
+                Ok(()) = reports.changed() => {
+                    let report = reports.borrow_and_update().clone();
+                    link.applied_generation = report.generation;
+                    if connected {
+                        link.publish(TopicKind::Report, &Message::Report(report));
+                    }
+                }
                 event = events.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         info!(session_present = ack.session_present, "connected to broker");
                         connected = true;
                         backoff.reset();
                         link.on_connect();
+                        if link.engine.is_some() {
+                            // Whatever changed while we were away: the latest state, once.
+                            link.publish(TopicKind::Report, &Message::Report(reports.borrow().clone()));
+                        }
                         ticker.reset_immediately();
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => link.on_publish(&p.topic, &p.payload),
@@ -171,22 +196,50 @@ impl Link {
             return warn!(topic, "message for another device ignored");
         }
         match decode_on(kind, payload) {
-            Ok((_, Message::Desired(d))) => {
-                if d.generation < self.desired_generation {
-                    info!(
-                        generation = d.generation,
-                        current = self.desired_generation,
-                        "older desired document ignored"
-                    );
-                } else {
-                    self.desired_generation = d.generation;
-                    info!(generation = d.generation, workloads = d.workloads.len(), "desired document received");
-                }
-            }
+            Ok((_, Message::Desired(d))) => self.on_desired(d, payload),
             Ok((_, Message::Command(cmd))) => self.on_command(cmd),
             Ok((_, other)) => debug!(kind = ?other.kind(), "ignoring message"),
             Err(e) => warn!(topic, error = %e, len = payload.len(), "undecodable message ignored"),
         }
+    }
+
+    /// A document older than the one in force is ignored; the same one again
+    /// (a retained redelivery) changes nothing and writes nothing; a new one
+    /// is validated, persisted (offline first), then handed to the engine.
+    fn on_desired(&mut self, d: baton_protocol::Desired, payload: &[u8]) {
+        if d.generation < self.desired_generation {
+            return info!(
+                generation = d.generation,
+                current = self.desired_generation,
+                "older desired document ignored"
+            );
+        }
+        if payload == self.desired_bytes.as_slice() {
+            return debug!(generation = d.generation, "desired document unchanged");
+        }
+        if let Err(why) = crate::reconcile::validate(&d) {
+            warn!(generation = d.generation, error = %why, "desired document refused");
+            let refused = baton_protocol::Report {
+                generation: self.applied_generation,
+                workloads: Vec::new(),
+                refused: Some(why),
+            };
+            return self.publish(TopicKind::Report, &Message::Report(refused));
+        }
+        let Some(engine) = &self.engine else {
+            return info!(generation = d.generation, "desired document received; this agent runs no workloads");
+        };
+        let path = crate::engine::desired_path(&self.config.data_dir);
+        let persisted =
+            path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| write_atomic(&path, payload));
+        if let Err(e) = persisted {
+            // Still apply it: running the new state beats running the old one; it
+            // just will not survive a reboot without the network.
+            warn!(error = %e, "cannot persist the desired document");
+        }
+        self.desired_generation = d.generation;
+        self.desired_bytes = payload.to_vec();
+        let _ = engine.tx.send(Input::Desired(d));
     }
 
     fn on_command(&mut self, cmd: Command) {

@@ -30,6 +30,32 @@ enum Cmd {
     /// Run a command inside a running container (used by the agent).
     #[command(hide = true)]
     Exec(ExecCli),
+    /// Manage the local image store (air-gapped devices load images from files).
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Import an OCI image layout (directory or tarball).
+    Load {
+        file: PathBuf,
+        /// The name to store it under (default: the layout's ref.name annotation).
+        #[arg(long)]
+        name: Option<String>,
+        /// The agent's data dir (default from the config file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+    },
+    /// List imported images.
+    Ls {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -76,6 +102,12 @@ struct RunArgs {
     /// Directory for the agent's state, images and logs.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Directory for runtime state that must not outlive a reboot (tmpfs; default /run/baton).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Report presence and inventory only; run no workloads (no root needed).
+    #[arg(long)]
+    no_workloads: bool,
     /// Seconds between heartbeats (default 15).
     #[arg(long)]
     heartbeat_interval: Option<u64>,
@@ -116,6 +148,15 @@ fn main() -> ExitCode {
             });
             return ExitCode::from(code.clamp(0, 255) as u8);
         }
+        Some(Cmd::Image(cmd)) => {
+            return match image_command(cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("baton-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         None => cli.run,
     };
     init_logging(args.log_json);
@@ -136,6 +177,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         broker: args.broker,
         device_id: args.device_id,
         data_dir: args.data_dir,
+        run_dir: args.run_dir,
         heartbeat_interval_s: args.heartbeat_interval,
         keepalive_s: args.keepalive,
         labels: args.labels,
@@ -144,8 +186,54 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
 
     // One thread: the agent's work is I/O-bound and small, and every extra
     // worker thread costs stack and RSS on a 512 MB device.
+    let engine = if args.no_workloads { None } else { Some(start_engine(&config)?) };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(Link::run(config, shutdown_signal()));
+    rt.block_on(Link::run(config, engine, shutdown_signal()));
+    Ok(())
+}
+
+/// The workloads engine, started with the persisted desired document so the
+/// device runs its last known state with no network and no controller.
+fn start_engine(config: &AgentConfig) -> Result<baton_agent::engine::EngineHandle, Box<dyn std::error::Error>> {
+    use baton_agent::runtime::{Layout, LibcontainerRuntime};
+    let shim = std::env::current_exe()?;
+    let runtime = LibcontainerRuntime::new(Layout::new(&config.data_dir, &config.run_dir), shim);
+    let prober = std::sync::Arc::new(baton_agent::probe::RuntimeProber(runtime.clone()));
+    let supervisor = baton_agent::supervisor::Supervisor::new(runtime).with_prober(prober);
+    let images = baton_agent::image::ImageStore::open(config.data_dir.join("images"))?;
+    let initial = baton_agent::engine::load_desired(&config.data_dir).unwrap_or_default();
+    if initial.generation > 0 {
+        tracing::info!(generation = initial.generation, "starting the persisted desired state");
+    }
+    Ok(baton_agent::engine::spawn(supervisor, images, initial)?)
+}
+
+/// The data dir an image command works on: flag, else config file, else default.
+fn data_dir_for(data_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    if let Some(d) = data_dir {
+        return Ok(d);
+    }
+    let explicit = config.is_some();
+    let path = config.unwrap_or_else(|| DEFAULT_CONFIG_PATH.into());
+    let file = FileConfig::load(&path, explicit)?;
+    Ok(file.data_dir.unwrap_or_else(|| baton_agent::config::DEFAULT_DATA_DIR.into()))
+}
+
+fn image_command(cmd: ImageCmd) -> Result<(), Box<dyn std::error::Error>> {
+    match cmd {
+        ImageCmd::Load { file, name, data_dir, config } => {
+            let store = baton_agent::image::ImageStore::open(data_dir_for(data_dir, config)?.join("images"))?;
+            let record = store.import_layout(&file, name.as_deref())?;
+            store.rootfs(&record)?;
+            println!("loaded {} ({}, {} layers)", record.reference, record.manifest, record.layers.len());
+        }
+        ImageCmd::Ls { data_dir, config } => {
+            let store = baton_agent::image::ImageStore::open(data_dir_for(data_dir, config)?.join("images"))?;
+            for r in store.images() {
+                println!("{}\t{}\t{} layers", r.reference, r.manifest, r.layers.len());
+            }
+        }
+    }
     Ok(())
 }
 

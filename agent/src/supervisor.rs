@@ -178,6 +178,18 @@ impl<R: ContainerRuntime> Supervisor<R> {
         }
     }
 
+    /// What reconcile compares the desired document with.
+    pub fn observed(&self) -> Vec<crate::reconcile::Observed> {
+        self.units
+            .iter()
+            .map(|(name, u)| crate::reconcile::Observed {
+                name: name.clone(),
+                revision: u.revision,
+                stopping: u.state == UnitState::Stopping,
+            })
+            .collect()
+    }
+
     pub fn is_supervising(&self, name: &str) -> bool {
         self.units.contains_key(name)
     }

@@ -127,8 +127,43 @@ impl World {
     }
 }
 
+impl World {
+    /// Containers outlive agents by design; a test's must not outlive the test.
+    /// Kills the shims started under this world (which kills their containers)
+    /// and unmounts the overlays beneath it.
+    fn reap_containers(&self) {
+        let root = self.path().display().to_string();
+        let mut shims = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains("\0shim\0") && cmd.contains(&root) {
+                // SAFETY: kill(2) on a shim this test's agents started.
+                unsafe { libc::kill(pid, libc::SIGINT) };
+                shims.push(pid);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shims.iter().any(|p| Path::new(&format!("/proc/{p}")).exists()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut targets: Vec<&str> =
+            mounts.lines().filter_map(|l| l.split(' ').nth(1)).filter(|m| m.starts_with(&root)).collect();
+        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        for t in targets {
+            if let Ok(c) = std::ffi::CString::new(t) {
+                // SAFETY: umount2(2) with a valid C string.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
 impl Drop for World {
     fn drop(&mut self) {
+        self.reap_containers();
         if !std::thread::panicking() {
             return;
         }
@@ -253,6 +288,8 @@ pub fn start_agent(world: &World, id: &str, broker: &str, extra: &[&str]) -> Pro
         id.into(),
         "--data-dir".into(),
         world.path().join(format!("agent-{id}")).display().to_string(),
+        "--run-dir".into(),
+        world.path().join(format!("run-{id}")).display().to_string(),
     ];
     if !extra.contains(&"--heartbeat-interval") {
         args.extend(["--heartbeat-interval".into(), "1".into()]);

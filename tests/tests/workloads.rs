@@ -1,0 +1,162 @@
+//! The agent daemon running real containers from desired documents: apply,
+//! survive `kill -9` of the agent without restarts, boot offline into the
+//! persisted state, roll a new revision, remove. Root only (CI is root).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use baton_protocol::spec::{ContainerSpec, WorkloadSpec};
+use baton_protocol::{decode, encode, Desired, Message, Phase, Report};
+use baton_tests::mqtt::RawClient;
+use baton_tests::*;
+
+const DEVICE: &str = "pi-w";
+
+fn desired(generation: u64, workloads: Vec<WorkloadSpec>) -> Vec<u8> {
+    encode(&Message::Desired(Desired { generation, workloads })).expect("encode")
+}
+
+fn web(revision: u64, script: &str) -> WorkloadSpec {
+    WorkloadSpec {
+        name: "web".into(),
+        revision,
+        image: "busybox:e2e".into(),
+        container: ContainerSpec { command: vec!["/bin/sh".into(), "-c".into(), script.into()], ..Default::default() },
+        ..Default::default()
+    }
+}
+
+/// Waits for a report on the device's report topic that satisfies `ok`.
+fn wait_report(watch: &mut RawClient, what: &str, ok: impl Fn(&Report) -> bool) -> Report {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some((_, payload, _)) = watch.next_message(Duration::from_millis(500)) {
+            if let Ok((_, Message::Report(r))) = decode(&payload) {
+                if ok(&r) {
+                    return r;
+                }
+                last = Some(r);
+            }
+        }
+    }
+    panic!("no report with {what} within 30 s; last: {last:?}");
+}
+
+fn running_pid(run_dir: &Path, container: &str) -> Option<i32> {
+    let bytes = std::fs::read(run_dir.join("containers").join(container).join("running.json")).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["pid"].as_i64().map(|p| p as i32)
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+}
+
+fn is_web(r: &Report, revision: u64, phase: Phase) -> bool {
+    r.workloads.iter().any(|w| w.name == "web" && w.revision == revision && w.phase == phase)
+}
+
+#[test]
+fn agent_runs_desired_workloads_survives_kill_9_and_boots_offline() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let data = world.path().join(format!("agent-{DEVICE}"));
+    let run: PathBuf = world.path().join(format!("run-{DEVICE}"));
+
+    // Air-gapped image load through the CLI.
+    let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");
+    let layout =
+        baton_tests::fixtures::oci_layout(&world.path().join("layout"), &rootfs, "busybox:e2e").expect("layout");
+    let out = std::process::Command::new(bin("baton-agent"))
+        .args(["image", "load"])
+        .arg(&layout)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .expect("image load");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("loaded busybox:e2e"));
+
+    let mut agent = start_agent(&world, DEVICE, &controller.broker_url(), &[]);
+    let mut watch = RawClient::connect(controller.mqtt, "watch");
+    watch.subscribe(&format!("baton/v1/dev/{DEVICE}/report"));
+    let mut op = RawClient::connect(controller.mqtt, "operator");
+    let topic = format!("baton/v1/dev/{DEVICE}/desired");
+    op.publish(&topic, desired(1, vec![web(1, "echo serving; while true; do sleep 0.2; done")]), true);
+    let r = wait_report(&mut watch, "web running", |r| r.generation == 1 && is_web(r, 1, Phase::Running));
+    assert_eq!(r.workloads[0].restarts, 0);
+    let pid = wait_for("web-0 pid", Duration::from_secs(10), || running_pid(&run, "web-0"));
+    assert!(data.join("state/desired.bin").exists(), "desired document not persisted");
+
+    // The agent crashes: the container does not notice.
+    agent.kill9();
+    assert!(alive(pid), "container died with the agent");
+    agent = start_agent(&world, DEVICE, &controller.broker_url(), &[]);
+    let r = wait_report(&mut watch, "web re-adopted", |r| is_web(r, 1, Phase::Running));
+    assert_eq!(r.workloads[0].restarts, 0, "re-adoption restarted the container");
+    assert_eq!(running_pid(&run, "web-0"), Some(pid));
+    assert!(alive(pid));
+
+    // Offline boot: the agent is down, its container dies, the broker is unreachable;
+    // the agent starts the persisted state anyway.
+    agent.kill9();
+    // SAFETY: kill(2) on the container's pid, which this test observed running.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for("exit record of web-0", Duration::from_secs(10), || {
+        data.join("containers/web-0/exit.json").exists().then_some(())
+    });
+    let dead_broker = format!("mqtt://127.0.0.1:{}", free_port());
+    agent = start_agent(&world, DEVICE, &dead_broker, &[]);
+    let new_pid = wait_for("web-1 started offline", Duration::from_secs(20), || running_pid(&run, "web-1"));
+    assert!(alive(new_pid));
+    agent.kill9();
+
+    // Back online: a new revision replaces the old, then removal stops everything.
+    agent = start_agent(&world, DEVICE, &controller.broker_url(), &[]);
+    wait_report(&mut watch, "web back", |r| is_web(r, 1, Phase::Running));
+    op.publish(&topic, desired(2, vec![web(2, "echo v2; while true; do sleep 0.2; done")]), true);
+    wait_report(&mut watch, "revision 2 running", |r| r.generation == 2 && is_web(r, 2, Phase::Running));
+    assert!(!alive(new_pid), "old revision still running");
+    // Logs are written in batches (at most once a second): poll for the line.
+    wait_for("v2 in the new container's log", Duration::from_secs(10), || {
+        let log = std::fs::read_dir(data.join("containers"))
+            .ok()?
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("container.log")).ok())
+            .collect::<String>();
+        log.contains("stdout v2").then_some(())
+    });
+    op.publish(&topic, desired(3, vec![]), true);
+    wait_report(&mut watch, "no workloads", |r| r.generation == 3 && r.workloads.is_empty());
+    wait_for("containers removed", Duration::from_secs(20), || {
+        std::fs::read_dir(data.join("containers")).map(|d| d.count() == 0).unwrap_or(true).then_some(())
+    });
+    assert!(agent.is_running());
+}
+
+#[test]
+fn missing_image_and_bad_documents_are_reported_not_fatal() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let agent = start_agent(&world, "pi-x", &controller.broker_url(), &[]);
+    let mut watch = RawClient::connect(controller.mqtt, "watch");
+    watch.subscribe("baton/v1/dev/pi-x/report");
+    let mut op = RawClient::connect(controller.mqtt, "operator");
+    let mut w = web(1, "true");
+    w.image = "not-loaded:1".into();
+    op.publish("baton/v1/dev/pi-x/desired", desired(1, vec![w]), true);
+    let r = wait_report(&mut watch, "a pending workload with a reason", |r| {
+        r.workloads
+            .iter()
+            .any(|w| w.phase == Phase::Pending && w.last_error.as_deref().unwrap_or("").contains("not-loaded:1"))
+    });
+    assert_eq!(r.generation, 1);
+    let mut bad = web(1, "true");
+    bad.name = "Bad Name".into();
+    op.publish("baton/v1/dev/pi-x/desired", desired(2, vec![bad]), true);
+    let r = wait_report(&mut watch, "a refusal", |r| r.refused.is_some());
+    assert!(r.refused.as_deref().unwrap_or("").contains("workloads[0].name"), "{r:?}");
+    let mut a = agent;
+    assert!(a.is_running());
+}
