@@ -22,6 +22,7 @@ pub struct FileConfig {
     pub device_id: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub run_dir: Option<PathBuf>,
+    pub cgroup_parent: Option<String>,
     pub heartbeat_interval_s: Option<u64>,
     pub keepalive_s: Option<u64>,
     #[serde(default)]
@@ -35,6 +36,7 @@ pub struct Overrides {
     pub device_id: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub run_dir: Option<PathBuf>,
+    pub cgroup_parent: Option<String>,
     pub heartbeat_interval_s: Option<u64>,
     pub keepalive_s: Option<u64>,
     /// `key=value` pairs, added to (and overriding) the file's labels.
@@ -48,6 +50,7 @@ pub struct AgentConfig {
     pub device_id: DeviceId,
     pub data_dir: PathBuf,
     pub run_dir: PathBuf,
+    pub cgroup_parent: String,
     pub heartbeat_interval: Duration,
     pub keepalive: Duration,
     pub labels: BTreeMap<String, String>,
@@ -123,6 +126,20 @@ impl AgentConfig {
             seconds("heartbeat_interval_s", cli.heartbeat_interval_s, file.heartbeat_interval_s, 15, 3600)?;
         let keepalive = seconds("keepalive_s", cli.keepalive_s, file.keepalive_s, 30, 3600)?;
 
+        let cgroup_cli = cli.cgroup_parent.is_some();
+        let cgroup_parent = cli.cgroup_parent.or(file.cgroup_parent).unwrap_or_else(|| "/baton".into());
+        let clean = cgroup_parent.starts_with('/')
+            && cgroup_parent.len() > 1
+            && cgroup_parent.split('/').all(|c| c != ".." && c != ".")
+            && cgroup_parent.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b));
+        if !clean {
+            return Err(invalid(
+                "cgroup_parent",
+                cgroup_cli,
+                format!("{cgroup_parent:?} must be an absolute cgroup path like /baton (A-Z a-z 0-9 / . _ -)"),
+            ));
+        }
+
         let mut labels = file.labels;
         for (k, v) in &labels {
             validate_label(k, v).map_err(|m| invalid("labels", false, m))?;
@@ -139,6 +156,7 @@ impl AgentConfig {
             device_id,
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             run_dir: cli.run_dir.or(file.run_dir).unwrap_or_else(|| DEFAULT_RUN_DIR.into()),
+            cgroup_parent,
             heartbeat_interval,
             keepalive,
             labels,

@@ -28,6 +28,8 @@ pub enum Input {
 pub struct EngineHandle {
     pub tx: Sender<Input>,
     pub reports: tokio::sync::watch::Receiver<Report>,
+    /// For operators' `exec` (run off the engine thread, which must keep ticking).
+    pub runtime: Option<std::sync::Arc<dyn ContainerRuntime + Send + Sync>>,
 }
 
 struct Engine<R: ContainerRuntime> {
@@ -75,7 +77,7 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
             }
         }
     })?;
-    Ok(EngineHandle { tx, reports })
+    Ok(EngineHandle { tx, reports, runtime: None })
 }
 
 /// Usage moves every tick; a report is sent when anything else changes.

@@ -39,6 +39,8 @@ pub struct Link {
     desired_bytes: Vec<u8>,
     applied_generation: u64,
     engine: Option<EngineHandle>,
+    /// Long-running commands (log follows), by id, for `Cancel`.
+    running: std::collections::HashMap<u64, tokio::sync::watch::Sender<bool>>,
 }
 
 fn qos(kind: TopicKind) -> QoS {
@@ -88,6 +90,7 @@ impl Link {
             desired_bytes,
             applied_generation: 0,
             engine,
+            running: std::collections::HashMap::new(),
         };
         if let Ok((_, Message::Desired(d))) = baton_protocol::decode(&link.desired_bytes) {
             link.desired_generation = d.generation;
@@ -268,10 +271,29 @@ impl Link {
                     self.applied_generation,
                 ))
             }
-            other => CommandOutput::Error(format!("{other:?} is not supported by agent {}", env!("CARGO_PKG_VERSION"))),
+            CommandAction::Cancel { id } => {
+                if let Some(stop) = self.running.remove(id) {
+                    let _ = stop.send(true);
+                }
+                CommandOutput::Done
+            }
+            _ => return self.spawn_command(cmd),
         };
         let res = CommandResult { id: cmd.id, seq: 0, body };
         self.publish(TopicKind::CmdRes, &Message::CommandResult(res));
+    }
+
+    /// Logs, exec and restart run on their own tasks and answer as they go.
+    fn spawn_command(&mut self, cmd: Command) {
+        self.running.retain(|_, stop| !stop.is_closed());
+        let (stop, cancel) = tokio::sync::watch::channel(false);
+        self.running.insert(cmd.id, stop);
+        let ctx = crate::commands::Context {
+            data_dir: self.config.data_dir.clone(),
+            runtime: self.engine.as_ref().and_then(|e| e.runtime.clone()),
+            engine: self.engine.as_ref().map(|e| e.tx.clone()),
+        };
+        tokio::spawn(crate::commands::run(cmd, ctx, self.client.clone(), self.config.device_id.clone(), cancel));
     }
 
     /// Marks the device offline on purpose (the broker would only publish the

@@ -80,6 +80,8 @@ struct ShimCli {
     root: PathBuf,
     #[arg(long)]
     state: PathBuf,
+    #[arg(long)]
+    cgroup: String,
     #[arg(long, default_value_t = 10_000)]
     stop_grace_ms: u64,
     #[arg(long, default_value_t = 1 << 20)]
@@ -105,6 +107,9 @@ struct RunArgs {
     /// Directory for runtime state that must not outlive a reboot (tmpfs; default /run/baton).
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Parent cgroup of this agent's containers (default /baton); agents sharing a host need distinct ones.
+    #[arg(long)]
+    cgroup_parent: Option<String>,
     /// Report presence and inventory only; run no workloads (no root needed).
     #[arg(long)]
     no_workloads: bool,
@@ -133,6 +138,7 @@ fn main() -> ExitCode {
                 bundle: s.bundle,
                 root: s.root,
                 state: s.state,
+                cgroup: s.cgroup,
                 stop_grace: std::time::Duration::from_millis(s.stop_grace_ms),
                 log_max_bytes: s.log_max_bytes,
                 log_flush: std::time::Duration::from_millis(s.log_flush_ms),
@@ -178,6 +184,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         device_id: args.device_id,
         data_dir: args.data_dir,
         run_dir: args.run_dir,
+        cgroup_parent: args.cgroup_parent,
         heartbeat_interval_s: args.heartbeat_interval,
         keepalive_s: args.keepalive,
         labels: args.labels,
@@ -197,15 +204,19 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
 fn start_engine(config: &AgentConfig) -> Result<baton_agent::engine::EngineHandle, Box<dyn std::error::Error>> {
     use baton_agent::runtime::{Layout, LibcontainerRuntime};
     let shim = std::env::current_exe()?;
-    let runtime = LibcontainerRuntime::new(Layout::new(&config.data_dir, &config.run_dir), shim);
+    let layout = Layout::new(&config.data_dir, &config.run_dir).with_cgroup_parent(config.cgroup_parent.clone());
+    let runtime = LibcontainerRuntime::new(layout, shim);
     let prober = std::sync::Arc::new(baton_agent::probe::RuntimeProber(runtime.clone()));
+    let exec_runtime = runtime.clone();
     let supervisor = baton_agent::supervisor::Supervisor::new(runtime).with_prober(prober);
     let images = baton_agent::image::ImageStore::open(config.data_dir.join("images"))?;
     let initial = baton_agent::engine::load_desired(&config.data_dir).unwrap_or_default();
     if initial.generation > 0 {
         tracing::info!(generation = initial.generation, "starting the persisted desired state");
     }
-    Ok(baton_agent::engine::spawn(supervisor, images, initial)?)
+    let mut handle = baton_agent::engine::spawn(supervisor, images, initial)?;
+    handle.runtime = Some(std::sync::Arc::new(exec_runtime));
+    Ok(handle)
 }
 
 /// The data dir an image command works on: flag, else config file, else default.

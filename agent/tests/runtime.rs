@@ -16,10 +16,11 @@ fn create(fx: &Fixture, rt: &dyn ContainerRuntime, id: &str, spec: &ContainerSpe
     rt.create(&CreateRequest { id, spec, rootfs: fx.rootfs.clone() })
 }
 
-fn cgroup_exists(id: &str) -> bool {
-    ["/sys/fs/cgroup/memory/baton", "/sys/fs/cgroup/pids/baton", "/sys/fs/cgroup/baton"]
+fn cgroup_exists(fx: &Fixture, id: &str) -> bool {
+    let cg = fx.layout.cgroup(id);
+    ["/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids", "/sys/fs/cgroup"]
         .iter()
-        .any(|p| Path::new(p).join(id).exists())
+        .any(|p| Path::new(&format!("{p}{cg}")).exists())
 }
 
 #[test]
@@ -32,7 +33,7 @@ fn runs_to_completion_with_exit_code_and_logs_then_removes_cleanly() {
     assert_eq!((exit.code, exit.signal, exit.oom_killed), (3, None, false));
     let log = fx.log(&id);
     assert!(log.contains(" stdout hello out\n") && log.contains(" stderr hello err\n"), "{log}");
-    assert!(!cgroup_exists(&id), "cgroup left after exit");
+    assert!(!cgroup_exists(&fx, &id), "cgroup left after exit");
     assert_eq!(rt.list().unwrap(), vec![id.clone()]);
     rt.remove(&id).unwrap();
     assert_eq!(rt.state(&id).unwrap(), ContainerState::Missing);
@@ -234,7 +235,7 @@ fn bad_specs_are_refused_and_leave_nothing_behind() {
 
     for id in [&missing_exe, &bad_mount, &no_device, &bad_limit] {
         assert_eq!(rt.state(id).unwrap(), ContainerState::Missing, "{id} left state");
-        assert!(!cgroup_exists(id), "{id} left a cgroup");
+        assert!(!cgroup_exists(&fx, id), "{id} left a cgroup");
         assert!(!fx.layout.youki_root().join(id).exists(), "{id} left libcontainer state");
     }
     assert!(rt.list().unwrap().is_empty());

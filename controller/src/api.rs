@@ -2,15 +2,20 @@
 //! `Controller` operation with plain values, and render its answer.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch};
+use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 
+use baton_protocol::{CommandAction, CommandOutput, CommandResult, DeviceId};
+use tokio::sync::mpsc::UnboundedReceiver;
+
 use crate::controller::{now_ms, Controller, OpError};
-use crate::view::{ApiError, LabelChange};
+use crate::fleet::Status;
+use crate::view::{ApiError, ExecRequest, ExecResponse, LabelChange};
 
 pub fn router(controller: Arc<Controller>) -> Router {
     Router::new()
@@ -19,6 +24,9 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/labels", patch(relabel))
+        .route("/api/v1/devices/{id}/logs/{workload}", get(logs))
+        .route("/api/v1/devices/{id}/exec", post(exec))
+        .route("/api/v1/devices/{id}/workloads/{workload}/restart", post(restart))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API endpoint".into()) })
         .with_state(controller)
 }
@@ -29,12 +37,27 @@ fn error(status: StatusCode, error: String) -> Response {
 
 impl IntoResponse for OpError {
     fn into_response(self) -> Response {
-        let status = match &self {
+        Failure::from(self).into_response()
+    }
+}
+
+/// A failed request: small to pass around, rendered as `{"error": …}`.
+struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+impl From<OpError> for Failure {
+    fn from(e: OpError) -> Self {
+        let status = match &e {
             OpError::NotFound(_) => StatusCode::NOT_FOUND,
             OpError::Invalid(_) => StatusCode::BAD_REQUEST,
             OpError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        error(status, self.to_string())
+        Failure(status, e.to_string())
     }
 }
 
@@ -61,4 +84,127 @@ async fn relabel(
 ) -> Result<impl IntoResponse, Response> {
     let Json(change) = body.map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))?;
     c.relabel(&id, &change, now_ms()).map(Json).map_err(IntoResponse::into_response)
+}
+
+/// How long a device has to give its first answer.
+const FIRST_ANSWER: Duration = Duration::from_secs(15);
+
+/// The device must be known and online before we ask it anything.
+fn online_device(c: &Controller, id: &str) -> Result<DeviceId, Failure> {
+    let device = c.device(id, now_ms())?;
+    if device.status == Status::Offline {
+        return Err(Failure(StatusCode::CONFLICT, format!("device {id} is offline")));
+    }
+    DeviceId::new(id).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+/// The next answer, or a gateway error when the device is silent for `within`.
+async fn answer(
+    answers: &mut UnboundedReceiver<CommandResult>,
+    device: &str,
+    within: Duration,
+) -> Result<CommandResult, Failure> {
+    match tokio::time::timeout(within, answers.recv()).await {
+        Ok(Some(CommandResult { body: CommandOutput::Error(e), .. })) => {
+            Err(Failure(StatusCode::BAD_GATEWAY, format!("device {device}: {e}")))
+        }
+        Ok(Some(r)) => Ok(r),
+        _ => Err(Failure(StatusCode::GATEWAY_TIMEOUT, format!("device {device} did not answer within {within:?}"))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    tail: Option<u32>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// Streams a workload's log from a device. The response starts when the
+/// device first answers (so errors are HTTP errors); closing it cancels a follow.
+async fn logs(
+    State(c): State<Arc<Controller>>,
+    Path((id, workload)): Path<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
+) -> Result<Response, Failure> {
+    let device = online_device(&c, &id)?;
+    let deadline = now_ms() + if q.follow { 12 * 3600 * 1000 } else { 60_000 };
+    let action = CommandAction::Logs { workload, tail: q.tail.unwrap_or(100), follow: q.follow };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Result<(), Failure>>();
+    // The relay task owns the pending request; when the client goes away the
+    // send fails, the request is dropped, and that cancels the device's follow.
+    tokio::spawn(async move {
+        let mut pending = c.commands.send(device.clone(), action, deadline);
+        let mut next = match answer(&mut pending.answers, device.as_str(), FIRST_ANSWER).await {
+            Ok(first) => {
+                let _ = first_tx.send(Ok(()));
+                Some(first)
+            }
+            Err(f) => {
+                let _ = first_tx.send(Err(f));
+                None
+            }
+        };
+        while let Some(r) = next.take() {
+            let chunk = match r.body {
+                CommandOutput::Stdout(b) | CommandOutput::Stderr(b) => b,
+                CommandOutput::Text(t) => t.into_bytes(),
+                CommandOutput::Error(e) => format!("error from device: {e}\n").into_bytes(),
+                CommandOutput::Done | CommandOutput::Exit(_) => break,
+            };
+            if tx.send(Ok(chunk)).await.is_err() {
+                break;
+            }
+            next = pending.answers.recv().await;
+        }
+    });
+    match first_rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(f)) => return Err(f),
+        Err(_) => return Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, "log relay failed".into())),
+    }
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    Ok(([("content-type", "text/plain; charset=utf-8")], axum::body::Body::from_stream(stream)).into_response())
+}
+
+async fn exec(
+    State(c): State<Arc<Controller>>,
+    Path(id): Path<String>,
+    body: Result<Json<ExecRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<ExecResponse>, Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if req.argv.is_empty() {
+        return Err(Failure(StatusCode::BAD_REQUEST, "argv: nothing to run".into()));
+    }
+    let device = online_device(&c, &id)?;
+    let action = CommandAction::Exec { workload: req.workload, argv: req.argv };
+    let mut pending = c.commands.send(device, action, now_ms() + 90_000);
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    loop {
+        // The agent's exec timeout is 60 s: allow for it plus the round trip.
+        match answer(&mut pending.answers, &id, Duration::from_secs(75)).await?.body {
+            CommandOutput::Stdout(b) => stdout.extend(b),
+            CommandOutput::Stderr(b) => stderr.extend(b),
+            CommandOutput::Exit(code) => {
+                return Ok(Json(ExecResponse {
+                    exit_code: code,
+                    stdout: String::from_utf8_lossy(&stdout).into(),
+                    stderr: String::from_utf8_lossy(&stderr).into(),
+                }))
+            }
+            CommandOutput::Done | CommandOutput::Text(_) | CommandOutput::Error(_) => {}
+        }
+    }
+}
+
+async fn restart(
+    State(c): State<Arc<Controller>>,
+    Path((id, workload)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, Failure> {
+    let device = online_device(&c, &id)?;
+    let mut pending = c.commands.send(device, CommandAction::Restart { workload: workload.clone() }, now_ms() + 30_000);
+    answer(&mut pending.answers, &id, FIRST_ANSWER).await?;
+    Ok(Json(serde_json::json!({"device": id, "workload": workload, "status": "restarting"})))
 }

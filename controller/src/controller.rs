@@ -29,6 +29,7 @@ pub enum OpError {
 }
 
 pub struct Controller {
+    pub commands: crate::commands::CommandRouter,
     fleet: Mutex<Fleet>,
     store: Mutex<Store>,
     pub metrics: Metrics,
@@ -43,10 +44,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Controller {
     /// Loads every stored device: the fleet is known before the broker says anything.
-    pub fn new(store: Store, stale_after_ms: Millis) -> Result<Self, StoreError> {
+    pub fn new(
+        store: Store,
+        stale_after_ms: Millis,
+        commands: crate::commands::CommandRouter,
+    ) -> Result<Self, StoreError> {
         let fleet = Fleet::from_devices(store.load_devices()?);
         tracing::info!(devices = fleet.len(), "fleet loaded from store");
         Ok(Self {
+            commands,
             fleet: Mutex::new(fleet),
             store: Mutex::new(store),
             metrics: Metrics::default(),

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_protocol::{codec::decode_on, BrokerUrl, DecodeError, Message, TopicKind};
+use baton_protocol::{codec::decode_on, encode, BrokerUrl, Command, DecodeError, DeviceId, Message, TopicKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tracing::{debug, info, warn};
 
@@ -22,24 +22,29 @@ pub const UPSTREAM: [TopicKind; 5] =
 /// refused by the codec, never by a broken controller connection.
 const MAX_PACKET: usize = 1024 * 1024;
 
-/// Turns one publish into an event, or says why not. Pure.
-pub fn classify(topic: &str, payload: &[u8]) -> Result<(baton_protocol::DeviceId, TopicKind, FleetEvent), Rejection> {
+/// Checks a publish: a Baton device topic and a message of the kind it carries. Pure.
+pub fn classify(topic: &str, payload: &[u8]) -> Result<(DeviceId, TopicKind, Message), Rejection> {
     let (id, kind) = TopicKind::parse(topic).ok_or(Rejection::BadTopic)?;
     let (_, msg) = decode_on(kind, payload).map_err(|e| match e {
         DecodeError::TooLarge { .. } => Rejection::Oversize,
         DecodeError::UnsupportedMajor(_) => Rejection::WrongVersion,
         _ => Rejection::Malformed,
     })?;
-    let event = match msg {
-        Message::Presence(p) => FleetEvent::Presence(p),
-        Message::Inventory(i) => FleetEvent::Inventory(i),
-        Message::Heartbeat(h) => FleetEvent::Heartbeat(h),
-        Message::Report(_) | Message::CommandResult(_) => FleetEvent::Seen,
-        // decode_on only returns the kind the topic carries, and we do not
-        // subscribe to desired or cmd; reaching here means a misrouted message.
-        Message::Desired(_) | Message::Command(_) => return Err(Rejection::BadTopic),
-    };
-    Ok((id, kind, event))
+    // We subscribe to neither desired nor cmd; a message of theirs here was misrouted.
+    if matches!(msg, Message::Desired(_) | Message::Command(_)) {
+        return Err(Rejection::BadTopic);
+    }
+    Ok((id, kind, msg))
+}
+
+/// What a device message means for the fleet registry.
+pub fn fleet_event(msg: &Message) -> FleetEvent {
+    match msg {
+        Message::Presence(p) => FleetEvent::Presence(p.clone()),
+        Message::Inventory(i) => FleetEvent::Inventory(i.clone()),
+        Message::Heartbeat(h) => FleetEvent::Heartbeat(h.clone()),
+        _ => FleetEvent::Seen,
+    }
 }
 
 /// Warns at most once per `every` per reason; the rest go to debug. A
@@ -67,6 +72,7 @@ pub async fn run(
     controller: Arc<Controller>,
     broker: BrokerUrl,
     client_id: String,
+    mut outbox: tokio::sync::mpsc::UnboundedReceiver<(DeviceId, Command)>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
@@ -81,6 +87,17 @@ pub async fn run(
     loop {
         let event = tokio::select! {
             _ = shutdown.changed() => break,
+            Some((device, cmd)) = outbox.recv() => {
+                match encode(&Message::Command(cmd)) {
+                    Ok(bytes) => {
+                        if let Err(e) = client.try_publish(device.topic(TopicKind::Cmd), QoS::AtLeastOnce, false, bytes) {
+                            warn!(%device, error = %e, "cannot queue a command");
+                        }
+                    }
+                    Err(e) => warn!(%device, error = %e, "cannot encode a command"),
+                }
+                continue;
+            }
             e = events.poll() => e,
         };
         match event {
@@ -95,9 +112,14 @@ pub async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => match classify(&p.topic, &p.payload) {
-                Ok((id, kind, event)) => {
+                Ok((id, kind, msg)) => {
                     controller.metrics.received(kind);
-                    controller.apply(&id, event, now_ms());
+                    controller.apply(&id, fleet_event(&msg), now_ms());
+                    if let Message::CommandResult(result) = msg {
+                        if !controller.commands.deliver(&id, result) {
+                            debug!(device = %id, "answer to no pending request (late, cancelled, or not for this device)");
+                        }
+                    }
                 }
                 Err(why) => {
                     controller.metrics.rejected(why);
@@ -136,7 +158,7 @@ mod tests {
         let pres = encode(&Message::Presence(samples::presence())).unwrap();
         assert!(matches!(
             classify("baton/v1/dev/a/heartbeat", &hb),
-            Ok((_, TopicKind::Heartbeat, FleetEvent::Heartbeat(_)))
+            Ok((_, TopicKind::Heartbeat, Message::Heartbeat(_)))
         ));
         assert_eq!(classify("baton/v1/dev/a b/heartbeat", &hb).err(), Some(Rejection::BadTopic));
         assert_eq!(classify("baton/v1/dev/a/presence", &hb).err(), Some(Rejection::Malformed));

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod broker;
 pub mod cli;
+pub mod commands;
 pub mod controller;
 pub mod fleet;
 pub mod ingest;

@@ -56,7 +56,8 @@ pub async fn serve(
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let db = cfg.data_dir.join("baton.db");
     let store = Store::open(&db)?;
-    let controller = Arc::new(Controller::new(store, cfg.stale_after.as_millis() as u64)?);
+    let (commands, outbox) = crate::commands::CommandRouter::new();
+    let controller = Arc::new(Controller::new(store, cfg.stale_after.as_millis() as u64, commands)?);
 
     if let BrokerMode::Embedded(addr) = cfg.broker {
         broker::start(addr, cfg.max_devices + 16)?;
@@ -68,7 +69,7 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let client_id = format!("baton-controller-{}", std::process::id());
-    let ingest = tokio::spawn(ingest::run(controller.clone(), cfg.broker_url(), client_id, stop_rx.clone()));
+    let ingest = tokio::spawn(ingest::run(controller.clone(), cfg.broker_url(), client_id, outbox, stop_rx.clone()));
     let flusher = tokio::spawn(flush_loop(controller.clone(), cfg.flush_every, stop_rx.clone()));
 
     tracing::info!(http = %http_addr, broker = %cfg.broker_url(), data = %cfg.data_dir.display(), "controller serving");

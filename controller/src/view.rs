@@ -62,3 +62,17 @@ pub struct Health {
 pub struct ApiError {
     pub error: String,
 }
+
+/// Body of `POST /api/v1/devices/{id}/exec`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub workload: String,
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecResponse {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}

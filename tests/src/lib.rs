@@ -125,6 +125,12 @@ impl World {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Agents of this world put their containers under cgroups named with this
+    /// prefix: parallel tests reuse container names and must not share cgroups.
+    pub fn cgroup_prefix(&self) -> String {
+        self.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
 }
 
 impl World {
@@ -156,6 +162,19 @@ impl World {
             if let Ok(c) = std::ffi::CString::new(t) {
                 // SAFETY: umount2(2) with a valid C string.
                 unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let prefix = self.cgroup_prefix();
+        for controller in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            for parent in std::fs::read_dir(controller.path()).into_iter().flatten().flatten() {
+                if !prefix.is_empty() && parent.file_name().to_string_lossy().starts_with(&prefix) {
+                    for child in std::fs::read_dir(parent.path()).into_iter().flatten().flatten() {
+                        if child.path().is_dir() {
+                            let _ = std::fs::remove_dir(child.path());
+                        }
+                    }
+                    let _ = std::fs::remove_dir(parent.path());
+                }
             }
         }
     }
@@ -290,6 +309,8 @@ pub fn start_agent(world: &World, id: &str, broker: &str, extra: &[&str]) -> Pro
         world.path().join(format!("agent-{id}")).display().to_string(),
         "--run-dir".into(),
         world.path().join(format!("run-{id}")).display().to_string(),
+        "--cgroup-parent".into(),
+        format!("/{}-{id}", world.cgroup_prefix()),
     ];
     if !extra.contains(&"--heartbeat-interval") {
         args.extend(["--heartbeat-interval".into(), "1".into()]);

@@ -160,3 +160,81 @@ fn missing_image_and_bad_documents_are_reported_not_fatal() {
     let mut a = agent;
     assert!(a.is_running());
 }
+
+#[test]
+fn operators_read_logs_exec_and_restart_through_the_controller() {
+    use std::io::BufRead;
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let device = "pi-l";
+    let data = world.path().join(format!("agent-{device}"));
+    let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");
+    let layout =
+        baton_tests::fixtures::oci_layout(&world.path().join("layout"), &rootfs, "busybox:e2e").expect("layout");
+    let load = std::process::Command::new(bin("baton-agent"))
+        .args(["image", "load"])
+        .arg(&layout)
+        .arg("--data-dir")
+        .arg(&data)
+        .output();
+    assert!(load.expect("image load").status.success());
+    let mut agent = start_agent(&world, device, &controller.broker_url(), &[]);
+    let mut watch = RawClient::connect(controller.mqtt, "watch");
+    watch.subscribe(&format!("baton/v1/dev/{device}/report"));
+    let mut op = RawClient::connect(controller.mqtt, "operator");
+    let counter = "i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.2; done";
+    let mut job = web(1, "echo job-finished");
+    job.name = "job".into();
+    job.container.restart = baton_protocol::spec::RestartPolicy::Never;
+    op.publish(&format!("baton/v1/dev/{device}/desired"), desired(1, vec![web(1, counter), job]), true);
+    wait_report(&mut watch, "web running, job exited", |r| {
+        is_web(r, 1, Phase::Running) && r.workloads.iter().any(|w| w.name == "job" && w.phase == Phase::Exited)
+    });
+    let server = controller.server_url();
+
+    let tail = wait_for("two log lines", Duration::from_secs(15), || {
+        let (ok, out, _) = baton_cli(&server, &["logs", "web", "--device", device, "--tail", "2"]);
+        (ok && out.lines().count() == 2).then_some(out)
+    });
+    assert!(tail.lines().all(|l| l.contains(" stdout line-")), "{tail}");
+    let (ok, out, err) = baton_cli(&server, &["logs", "job", "--device", device]);
+    assert!(ok && out.contains("stdout job-finished"), "logs of an exited container: {out} {err}");
+
+    // Follow: new lines keep arriving on a live stream.
+    let mut follow = std::process::Command::new(bin("baton"))
+        .args(["logs", "web", "--device", device, "--tail", "1", "-f"])
+        .env("BATON_SERVER", &server)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("baton logs -f");
+    let mut lines = std::io::BufReader::new(follow.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a first line").expect("utf-8");
+    let n = |l: &str| l.rsplit("line-").next().and_then(|n| n.trim().parse::<u64>().ok()).unwrap_or(0);
+    let later = lines.nth(3).expect("more lines while following").expect("utf-8");
+    assert!(n(&later) > n(&first), "{first} then {later}");
+    let _ = follow.kill();
+    let _ = follow.wait();
+
+    let out = std::process::Command::new(bin("baton"))
+        .args(["exec", "--device", device, "web", "--", "/bin/sh", "-c", "echo inside $(hostname); exit 3"])
+        .env("BATON_SERVER", &server)
+        .output()
+        .expect("baton exec");
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "inside web-0\n");
+
+    let (ok, out, err) = baton_cli(&server, &["restart", "web", "--device", device]);
+    assert!(ok && out.contains("restarting"), "{out} {err}");
+    wait_report(&mut watch, "a restart", |r| {
+        r.workloads.iter().any(|w| w.name == "web" && w.restarts == 1 && w.phase == Phase::Running)
+    });
+
+    let (ok, _, err) = baton_cli(&server, &["logs", "nope", "--device", device]);
+    assert!(!ok && err.contains("workload nope has no containers"), "{err}");
+    agent.kill9();
+    wait_for("pi-l offline", Duration::from_secs(10), || {
+        (controller.device(device)?.status == baton_controller::fleet::Status::Offline).then_some(())
+    });
+    let (ok, _, err) = baton_cli(&server, &["logs", "web", "--device", device]);
+    assert!(!ok && err.contains("device pi-l is offline"), "{err}");
+}

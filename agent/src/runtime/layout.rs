@@ -8,11 +8,22 @@ use std::path::{Path, PathBuf};
 pub struct Layout {
     pub data_dir: PathBuf,
     pub run_dir: PathBuf,
+    /// The cgroup every container of this agent lives under. Two agents on
+    /// one host (tests, simulations) must not share it: deleting a container
+    /// kills every process in its cgroup.
+    pub cgroup_parent: String,
 }
+
+pub const DEFAULT_CGROUP_PARENT: &str = "/baton";
 
 impl Layout {
     pub fn new(data_dir: impl Into<PathBuf>, run_dir: impl Into<PathBuf>) -> Self {
-        Self { data_dir: data_dir.into(), run_dir: run_dir.into() }
+        Self { data_dir: data_dir.into(), run_dir: run_dir.into(), cgroup_parent: DEFAULT_CGROUP_PARENT.into() }
+    }
+
+    pub fn with_cgroup_parent(mut self, parent: impl Into<String>) -> Self {
+        self.cgroup_parent = parent.into();
+        self
     }
 
     pub fn containers(&self) -> PathBuf {
@@ -34,9 +45,9 @@ impl Layout {
         self.run_dir.join("youki")
     }
 
-    /// Absolute cgroup path of a container, under Baton's one parent.
-    pub fn cgroup(id: &str) -> String {
-        format!("/baton/{id}")
+    /// Absolute cgroup path of a container, under this agent's parent.
+    pub fn cgroup(&self, id: &str) -> String {
+        format!("{}/{id}", self.cgroup_parent.trim_end_matches('/'))
     }
 }
 

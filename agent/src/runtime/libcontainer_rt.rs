@@ -132,6 +132,7 @@ impl ContainerRuntime for LibcontainerRuntime {
             .arg(self.layout.youki_root())
             .arg("--state")
             .arg(&state)
+            .args(["--cgroup", &self.layout.cgroup(id)])
             .args(["--stop-grace-ms", &self.stop_grace.as_millis().to_string()])
             .args(["--log-max-bytes", &self.log_max_bytes.to_string()])
             .args(["--log-flush-ms", &self.log_flush.as_millis().to_string()])
@@ -237,7 +238,7 @@ impl ContainerRuntime for LibcontainerRuntime {
 
     fn usage(&self, id: &str) -> Option<Usage> {
         validate_id(id).ok()?;
-        let cg = Layout::cgroup(id);
+        let cg = self.layout.cgroup(id);
         let read_u64 = |p: String| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
         // cgroup v2 first (Raspberry Pi OS), then v1 (hybrid hosts).
         if let Some(mem) = read_u64(format!("/sys/fs/cgroup{cg}/memory.current")) {

@@ -424,7 +424,7 @@ pub fn config_json(
         "hostname": spec.hostname.as_deref().unwrap_or(id),
         "mounts": mounts,
         "linux": {
-            "cgroupsPath": Layout::cgroup(id),
+            "cgroupsPath": layout.cgroup(id),
             "namespaces": namespaces,
             "resources": resources,
             "devices": linux_devices,

@@ -42,6 +42,8 @@ pub struct ShimArgs {
     pub root: PathBuf,
     /// The shim's own run-state directory (tmpfs): shim.pid, running.json.
     pub state: PathBuf,
+    /// The container's cgroup path (where the OOM counter is read).
+    pub cgroup: String,
     pub stop_grace: Duration,
     pub log_max_bytes: u64,
     pub log_flush: Duration,
@@ -197,7 +199,7 @@ fn supervise(args: &ShimArgs, ready: File) -> i32 {
 
     let mut log = LogWriter::new(&args.bundle.join(files::LOG), args.log_max_bytes, args.log_flush.as_millis() as u64);
     let status = pump(pid, &out_r, &err_r, &mut sigfd, &mut log, args.stop_grace);
-    let oom_killed = oom_kills(&args.id) > 0;
+    let oom_killed = oom_kills(&args.cgroup) > 0;
     let _ = log.finish(now_ms());
     if let Err(e) = container.delete(true) {
         eprintln!("shim {}: delete: {e}", args.id);
@@ -345,8 +347,7 @@ fn read_stream(fd: &OwnedFd, i: usize, open: &mut [bool; 2], buf: &mut [u8], log
 }
 
 /// OOM kills recorded by the container's memory cgroup (v1 or v2).
-fn oom_kills(id: &str) -> u64 {
-    let cgroup = super::Layout::cgroup(id);
+fn oom_kills(cgroup: &str) -> u64 {
     let v1 = format!("/sys/fs/cgroup/memory{cgroup}/memory.oom_control");
     let v2 = format!("/sys/fs/cgroup{cgroup}/memory.events");
     [v1, v2]

@@ -39,7 +39,11 @@ impl Fixture {
         assert!(nix::unistd::geteuid().is_root(), "container tests need root (CI runs them as root)");
         let dir = tempfile::Builder::new().prefix("baton-rt-").tempdir().unwrap();
         let rootfs = busybox_rootfs(dir.path());
-        let layout = Layout::new(dir.path().join("data"), dir.path().join("run"));
+        // A cgroup parent of its own: tests run in parallel and reuse container names.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let parent =
+            format!("/baton-test-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let layout = Layout::new(dir.path().join("data"), dir.path().join("run")).with_cgroup_parent(parent);
         Fixture { dir, rootfs, layout }
     }
 
@@ -68,6 +72,9 @@ impl Drop for Fixture {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = rt.remove(&id);
+        }
+        for controller in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            let _ = std::fs::remove_dir(controller.path().join(self.layout.cgroup_parent.trim_start_matches('/')));
         }
     }
 }

@@ -30,6 +30,33 @@ impl Client {
         self.finish(res)
     }
 
+    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        let res = self.agent.post(format!("{}{path}", self.base)).send_json(body);
+        self.finish(res)
+    }
+
+    /// Copies a streamed response to `out` as it arrives (no overall timeout:
+    /// `baton logs -f` runs until interrupted).
+    pub fn stream(&self, path: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut res = agent.get(format!("{}{path}", self.base)).call().map_err(|e| self.unreachable(e))?;
+        if !res.status().is_success() {
+            let status = res.status();
+            let msg = res.body_mut().read_json::<ApiError>().map(|e| e.error).unwrap_or_else(|_| status.to_string());
+            anyhow::bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        let mut reader = res.body_mut().as_reader();
+        let mut buf = [0u8; 8192];
+        loop {
+            let n = std::io::Read::read(&mut reader, &mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            out.write_all(&buf[..n])?;
+            out.flush()?;
+        }
+    }
+
     pub fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
         let res = self.agent.patch(format!("{}{path}", self.base)).send_json(body);
         self.finish(res)

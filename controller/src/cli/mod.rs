@@ -57,6 +57,32 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t)]
         output: Format,
     },
+    /// Print a workload's log from a device (works after the container exited too).
+    Logs {
+        workload: String,
+        #[arg(long, short)]
+        device: String,
+        /// Lines from the end (0 = everything kept on the device).
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+        /// Keep streaming new lines until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Run a command inside a workload's container on a device (non-interactive).
+    Exec {
+        #[arg(long, short)]
+        device: String,
+        workload: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Restart a workload's container on a device, whatever its restart policy.
+    Restart {
+        workload: String,
+        #[arg(long, short)]
+        device: String,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
 }
@@ -156,6 +182,26 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let change = parse_label_changes(&changes)?;
             let device: DeviceView = client().patch(&format!("/api/v1/devices/{id}/labels"), &change)?;
             print(output, &device, || format!("device/{} labeled: {}\n", device.id, output::labels(&device.labels)))
+        }
+        Command::Logs { workload, device, tail, follow } => {
+            let path = format!("/api/v1/devices/{device}/logs/{workload}?tail={tail}&follow={follow}");
+            client().stream(&path, &mut std::io::stdout().lock())
+        }
+        Command::Exec { device, workload, command } => {
+            let req = crate::view::ExecRequest { workload, argv: command };
+            let res: crate::view::ExecResponse = client().post(&format!("/api/v1/devices/{device}/exec"), &req)?;
+            print!("{}", res.stdout);
+            eprint!("{}", res.stderr);
+            if res.exit_code != 0 {
+                std::process::exit(res.exit_code.clamp(1, 255));
+            }
+            Ok(())
+        }
+        Command::Restart { workload, device } => {
+            let _: serde_json::Value = client()
+                .post(&format!("/api/v1/devices/{device}/workloads/{workload}/restart"), &serde_json::json!({}))?;
+            println!("workload/{workload} on {device} restarting");
+            Ok(())
         }
         Command::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "baton", &mut std::io::stdout());

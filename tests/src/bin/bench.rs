@@ -254,7 +254,8 @@ fn runtime(iters: usize) {
     let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");
     // As on a device: state on tmpfs (/run), bundles and exit records on disk.
     let run_dir = PathBuf::from(format!("/run/baton-bench-{}", std::process::id()));
-    let layout = Layout::new(world.path().join("data"), &run_dir);
+    let layout = Layout::new(world.path().join("data"), &run_dir)
+        .with_cgroup_parent(format!("/baton-bench-{}", std::process::id()));
     let mut rt = LibcontainerRuntime::new(layout.clone(), bin("baton-agent"));
     rt.log_flush = Duration::from_millis(0);
     let spec = ContainerSpec { command: vec!["/bin/true".into()], ..Default::default() };

@@ -1,0 +1,96 @@
+//! Requests to devices (logs, exec, restart) and their answers, matched by
+//! correlation id. Transport-free: ingest publishes the outbox and delivers
+//! what arrives on `cmd/res`; the API waits on the answers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use baton_protocol::{Command, CommandAction, CommandResult, DeviceId};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+pub struct CommandRouter {
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, (DeviceId, UnboundedSender<CommandResult>)>>,
+    outbox: UnboundedSender<(DeviceId, Command)>,
+}
+
+/// An answer stream; dropping it forgets the request (and cancels a follow).
+pub struct Pending<'a> {
+    router: &'a CommandRouter,
+    pub device: DeviceId,
+    pub id: u64,
+    pub answers: UnboundedReceiver<CommandResult>,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.router.forget(self.id) {
+            // Still open from our side: tell the device to stop (log follows).
+            let cancel =
+                Command { id: self.router.fresh_id(), deadline_ms: 0, action: CommandAction::Cancel { id: self.id } };
+            let _ = self.router.outbox.send((self.device.clone(), cancel));
+        }
+    }
+}
+
+impl CommandRouter {
+    pub fn new() -> (Self, UnboundedReceiver<(DeviceId, Command)>) {
+        let (outbox, rx) = unbounded_channel();
+        // Ids start from the clock so a restarted controller does not reuse
+        // ids that a device may still be answering.
+        let start = crate::controller::now_ms() << 16;
+        (Self { next_id: AtomicU64::new(start), pending: Mutex::new(HashMap::new()), outbox }, rx)
+    }
+
+    fn fresh_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn forget(&self, id: u64) -> bool {
+        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id).is_some()
+    }
+
+    /// Queues `action` for `device`; answers arrive on the returned stream.
+    pub fn send(&self, device: DeviceId, action: CommandAction, deadline_ms: u64) -> Pending<'_> {
+        let id = self.fresh_id();
+        let (tx, answers) = unbounded_channel();
+        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, (device.clone(), tx));
+        let _ = self.outbox.send((device.clone(), Command { id, deadline_ms, action }));
+        Pending { router: self, device, id, answers }
+    }
+
+    /// Routes an answer; false when nobody waits for it or it came from the
+    /// wrong device (a device cannot answer another device's request).
+    pub fn deliver(&self, from: &DeviceId, result: CommandResult) -> bool {
+        let pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match pending.get(&result.id) {
+            Some((device, tx)) if device == from => tx.send(result).is_ok(),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_protocol::CommandOutput;
+
+    #[test]
+    fn answers_are_routed_by_id_and_device_and_dropping_cancels() {
+        let (router, mut outbox) = CommandRouter::new();
+        let a = DeviceId::new("a").unwrap();
+        let b = DeviceId::new("b").unwrap();
+        let mut p = router.send(a.clone(), CommandAction::Diagnostics, 0);
+        let (to, cmd) = outbox.try_recv().unwrap();
+        assert_eq!((to, cmd.id), (a.clone(), p.id));
+        let answer = |seq| CommandResult { id: cmd.id, seq, body: CommandOutput::Done };
+        assert!(!router.deliver(&b, answer(0)), "accepted an answer from the wrong device");
+        assert!(router.deliver(&a, answer(1)));
+        assert_eq!(p.answers.try_recv().unwrap().seq, 1);
+        drop(p);
+        let (_, cancel) = outbox.try_recv().unwrap();
+        assert_eq!(cancel.action, CommandAction::Cancel { id: cmd.id });
+        assert!(!router.deliver(&a, answer(2)), "delivered after the request was dropped");
+    }
+}
