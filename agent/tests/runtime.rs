@@ -282,3 +282,33 @@ fn exec_runs_inside_the_container_and_returns_output_and_code() {
     wait_exit(&rt, &id, T);
     assert!(rt.exec(&id, &["/bin/true".into()], T).is_err(), "exec into an exited container");
 }
+
+#[test]
+fn user_workdir_env_hostname_and_cpu_limit_are_applied() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let id = cid("identity");
+    let mut spec = sh(
+        "echo uid=$(id -u) gid=$(id -g) cwd=$(pwd) greeting=$GREETING host=$(hostname); while true; do sleep 0.1; done",
+    );
+    spec.user = Some(User { uid: 1000, gid: 1000 });
+    spec.working_dir = Some("/tmp".into());
+    spec.env = vec![("GREETING".into(), "hello".into())];
+    spec.hostname = Some("sensor-1".into());
+    spec.resources.cpu_millis = Some(250);
+    create(&fx, &rt, &id, &spec).unwrap();
+    wait_until("identity line", T, || fx.log(&id).contains("uid="));
+    let log = fx.log(&id);
+    assert!(log.contains("uid=1000 gid=1000 cwd=/tmp greeting=hello host=sensor-1"), "{log}");
+    // A quarter CPU: 25 ms of every 100 ms, in whichever cgroup version the host has.
+    let cg = fx.layout.cgroup(&id);
+    let v1 = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu{cg}/cpu.cfs_quota_us")).ok();
+    let v2 = std::fs::read_to_string(format!("/sys/fs/cgroup{cg}/cpu.max")).ok();
+    match (v1, v2) {
+        (Some(q), _) => assert_eq!(q.trim(), "25000"),
+        (None, Some(max)) => assert_eq!(max.trim(), "25000 100000"),
+        (None, None) => panic!("no cpu controller file for {cg}"),
+    }
+    rt.kill(&id).unwrap();
+    wait_exit(&rt, &id, T);
+}
