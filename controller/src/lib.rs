@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod view;
+pub mod workload;

@@ -1,0 +1,510 @@
+//! Workload manifests: YAML as operators write it → validated `WorkloadSpec`s.
+//! Pure. Every error names the file, the document and the field path, and a
+//! file with any bad document yields no workloads at all.
+//!
+//! A minimal manifest is two lines:
+//! ```yaml
+//! name: web
+//! image: registry.local/web:1.2
+//! ```
+
+use std::collections::BTreeMap;
+
+use baton_protocol::spec::{
+    ContainerSpec, DeviceMount, Mount, MountSource, NetworkMode, Port, PortProtocol, Probe, ProbeCheck, Resources,
+    RestartPolicy, Security, User, WorkloadSpec,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    pub image: String,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<String>,
+    /// `uid` or `uid:gid`.
+    pub user: Option<String>,
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub restart: RestartName,
+    /// Seconds; the cap of the restart backoff (default 300).
+    pub restart_backoff_cap: Option<u32>,
+    #[serde(default)]
+    pub resources: ResourcesManifest,
+    #[serde(default)]
+    pub ports: Vec<PortManifest>,
+    #[serde(default)]
+    pub volumes: Vec<VolumeManifest>,
+    #[serde(default)]
+    pub devices: Vec<String>,
+    #[serde(default)]
+    pub network: NetworkName,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub privileged: bool,
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+    #[serde(default)]
+    pub cap_drop: Vec<String>,
+    #[serde(default)]
+    pub seccomp_unconfined: bool,
+    pub liveness: Option<ProbeManifest>,
+    pub readiness: Option<ProbeManifest>,
+    /// Seconds a new revision has to become healthy on a device.
+    pub health_deadline: Option<u32>,
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartName {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkName {
+    #[default]
+    Host,
+    None,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesManifest {
+    /// `64Mi`, `1G`, `500000` (bytes).
+    pub memory: Option<String>,
+    /// `500m` or `0.5` or `2` CPUs.
+    pub cpu: Option<String>,
+    pub cpu_shares: Option<u32>,
+    pub pids: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PortManifest {
+    pub name: String,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeManifest {
+    /// Where it appears in the container.
+    pub path: String,
+    /// A named volume (kept across revisions) …
+    pub name: Option<String>,
+    /// … or a host path …
+    pub host_path: Option<String>,
+    /// … or a memory filesystem of this size (`16Mi`).
+    pub tmpfs: Option<String>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeManifest {
+    pub exec: Option<Vec<String>>,
+    pub tcp: Option<u16>,
+    pub http: Option<HttpProbe>,
+    #[serde(default = "default_interval")]
+    pub interval: u32,
+    #[serde(default = "default_timeout")]
+    pub timeout: u32,
+    #[serde(default = "default_threshold")]
+    pub failure_threshold: u32,
+    #[serde(default)]
+    pub initial_delay: u32,
+}
+
+fn default_interval() -> u32 {
+    10
+}
+fn default_timeout() -> u32 {
+    2
+}
+fn default_threshold() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProbe {
+    pub port: u16,
+    #[serde(default = "default_path")]
+    pub path: String,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+
+/// Where a workload runs. Today: one instance on every device that matches.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Labels a device must have (all of them).
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// OCI architectures allowed (`arm64`, `arm`, `amd64`); empty = any.
+    #[serde(default)]
+    pub arch: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: document {doc}: {field}: {message}")]
+pub struct ManifestError {
+    pub file: String,
+    /// 1-based, in the order the documents appear.
+    pub doc: usize,
+    pub field: String,
+    pub message: String,
+}
+
+/// A validated workload: the spec devices get (revision 0 until stored) and its placement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    pub manifest: Manifest,
+    pub spec: WorkloadSpec,
+}
+
+/// Parses every YAML document of `text` (named `file` in errors).
+pub fn parse(file: &str, text: &str) -> Result<Vec<Validated>, ManifestError> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let n = i + 1;
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| err(file, n, "(yaml)", e.to_string()))?;
+        if value.is_null() {
+            continue; // an empty document (a trailing `---`)
+        }
+        let manifest: Manifest =
+            serde_yaml::from_value(value).map_err(|e| err(file, n, &field_of(&e.to_string()), e.to_string()))?;
+        let spec = validate(&manifest).map_err(|(field, message)| err(file, n, &field, message))?;
+        if out.iter().any(|v: &Validated| v.manifest.name == manifest.name) {
+            return Err(err(file, n, "name", format!("{:?} is defined twice", manifest.name)));
+        }
+        out.push(Validated { manifest, spec });
+    }
+    if out.is_empty() {
+        return Err(err(file, 1, "(file)", "no workload documents".into()));
+    }
+    Ok(out)
+}
+
+fn err(file: &str, doc: usize, field: &str, message: String) -> ManifestError {
+    ManifestError { file: file.into(), doc, field: field.into(), message }
+}
+
+/// serde names the offending field in its message: "unknown field `x`" / "missing field `x`".
+fn field_of(message: &str) -> String {
+    message.split('`').nth(1).map_or_else(|| "(document)".into(), str::to_string)
+}
+
+/// `64Mi`, `1G`, `512k`, `1000` → bytes.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "k" | "K" => 1000,
+        "M" => 1000u64.pow(2),
+        "G" => 1000u64.pow(3),
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return None,
+    };
+    let bytes = n * mult as f64;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+/// `500m`, `0.5`, `2` → thousandths of a CPU.
+pub fn parse_cpu(s: &str) -> Option<u32> {
+    let s = s.trim();
+    let millis = match s.strip_suffix('m') {
+        Some(m) => m.parse::<f64>().ok()?,
+        None => s.parse::<f64>().ok()? * 1000.0,
+    };
+    (millis.is_finite() && millis >= 1.0 && millis <= 1_024_000.0).then_some(millis.round() as u32)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn probe(field: &str, p: &ProbeManifest) -> Result<Probe, (String, String)> {
+    let checks = [p.exec.is_some(), p.tcp.is_some(), p.http.is_some()].iter().filter(|b| **b).count();
+    if checks != 1 {
+        return Err((field.into(), "set exactly one of exec, tcp, http".into()));
+    }
+    let check = if let Some(argv) = &p.exec {
+        if argv.is_empty() {
+            return Err((format!("{field}.exec"), "empty command".into()));
+        }
+        ProbeCheck::Exec(argv.clone())
+    } else if let Some(port) = p.tcp {
+        ProbeCheck::Tcp { port }
+    } else if let Some(h) = &p.http {
+        if !h.path.starts_with('/') {
+            return Err((format!("{field}.http.path"), format!("{:?} must start with /", h.path)));
+        }
+        ProbeCheck::Http { port: h.port, path: h.path.clone() }
+    } else {
+        unreachable!("exactly one check is set")
+    };
+    for (name, v) in [("interval", p.interval), ("timeout", p.timeout), ("failure_threshold", p.failure_threshold)] {
+        if v == 0 {
+            return Err((format!("{field}.{name}"), "must be at least 1".into()));
+        }
+    }
+    Ok(Probe {
+        check,
+        interval_s: p.interval,
+        timeout_s: p.timeout,
+        failure_threshold: p.failure_threshold,
+        initial_delay_s: p.initial_delay,
+    })
+}
+
+/// Checks a manifest and builds the device-side spec. Errors are (field, message).
+pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
+    let bad = |field: &str, msg: String| Err((field.to_string(), msg));
+    if !valid_name(&m.name) {
+        return bad("name", format!("{:?}: use 1-63 characters of a-z 0-9 - (not starting with -)", m.name));
+    }
+    if m.image.trim().is_empty() || m.image.contains(char::is_whitespace) {
+        return bad("image", format!("{:?} is not an image reference", m.image));
+    }
+    for k in m.env.keys() {
+        if k.is_empty() || k.contains(['=', '\0']) {
+            return bad(&format!("env.{k}"), "invalid variable name".into());
+        }
+    }
+    let user = match &m.user {
+        None => None,
+        Some(u) => {
+            let (uid, gid) = u.split_once(':').unwrap_or((u, u));
+            match (uid.parse(), gid.parse()) {
+                (Ok(uid), Ok(gid)) => Some(User { uid, gid }),
+                _ => return bad("user", format!("{u:?}: expected a numeric uid or uid:gid")),
+            }
+        }
+    };
+    let r = &m.resources;
+    let memory_bytes = match &r.memory {
+        None => None,
+        Some(s) => match parse_bytes(s) {
+            Some(b) if b >= 4 << 20 => Some(b),
+            Some(_) => return bad("resources.memory", format!("{s:?} is below the 4Mi minimum")),
+            None => return bad("resources.memory", format!("{s:?}: use bytes or a unit: 64Mi, 1Gi, 500M")),
+        },
+    };
+    let cpu_millis = match &r.cpu {
+        None => None,
+        Some(s) => Some(
+            parse_cpu(s).ok_or_else(|| ("resources.cpu".to_string(), format!("{s:?}: use 500m, 0.5 or 2 (CPUs)")))?,
+        ),
+    };
+    if r.pids == Some(0) {
+        return bad("resources.pids", "must be at least 1".into());
+    }
+    let mut mounts = Vec::new();
+    for (i, v) in m.volumes.iter().enumerate() {
+        let field = format!("volumes[{i}]");
+        if !v.path.starts_with('/') || v.path.split('/').any(|c| c == "..") || v.path == "/" {
+            return bad(
+                &format!("{field}.path"),
+                format!("{:?} must be an absolute path other than / without '..'", v.path),
+            );
+        }
+        let source = match (&v.name, &v.host_path, &v.tmpfs) {
+            (Some(n), None, None) => MountSource::Volume(n.clone()),
+            (None, Some(h), None) => MountSource::Bind(h.clone()),
+            (None, None, Some(size)) => MountSource::Tmpfs(
+                parse_bytes(size)
+                    .filter(|b| *b > 0)
+                    .ok_or_else(|| (format!("{field}.tmpfs"), format!("{size:?} is not a size")))?,
+            ),
+            _ => return bad(&field, "set exactly one of name, host_path, tmpfs".into()),
+        };
+        mounts.push(Mount { target: v.path.clone(), source, read_only: v.read_only });
+    }
+    let devices = m
+        .devices
+        .iter()
+        .map(|d| DeviceMount { host_path: d.clone(), container_path: String::new(), permissions: "rwm".into() })
+        .collect();
+    let mut ports = Vec::new();
+    for (i, p) in m.ports.iter().enumerate() {
+        let protocol = match p.protocol.as_deref() {
+            None | Some("tcp") => PortProtocol::Tcp,
+            Some("udp") => PortProtocol::Udp,
+            Some(other) => return bad(&format!("ports[{i}].protocol"), format!("{other:?}: use tcp or udp")),
+        };
+        ports.push(Port { name: p.name.clone(), port: p.port, protocol });
+    }
+    let network = match m.network {
+        NetworkName::Host => NetworkMode::Host,
+        NetworkName::None => NetworkMode::None,
+    };
+    let liveness = m.liveness.as_ref().map(|p| probe("liveness", p)).transpose()?;
+    let readiness = m.readiness.as_ref().map(|p| probe("readiness", p)).transpose()?;
+    for (field, p) in [("liveness", &liveness), ("readiness", &readiness)] {
+        if network == NetworkMode::None
+            && matches!(p, Some(Probe { check: ProbeCheck::Tcp { .. } | ProbeCheck::Http { .. }, .. }))
+        {
+            return bad(field, "tcp and http probes need network: host; use an exec probe".into());
+        }
+    }
+    Ok(WorkloadSpec {
+        name: m.name.clone(),
+        revision: 0,
+        image: m.image.clone(),
+        image_digest: String::new(),
+        health_deadline_s: m.health_deadline.unwrap_or(120),
+        container: ContainerSpec {
+            command: m.command.clone(),
+            args: m.args.clone(),
+            env: m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            working_dir: m.working_dir.clone(),
+            user,
+            hostname: m.hostname.clone(),
+            resources: Resources { memory_bytes, cpu_millis, cpu_shares: r.cpu_shares, pids: r.pids },
+            restart: match m.restart {
+                RestartName::Always => RestartPolicy::Always,
+                RestartName::OnFailure => RestartPolicy::OnFailure,
+                RestartName::Never => RestartPolicy::Never,
+            },
+            backoff_cap_s: m.restart_backoff_cap.unwrap_or(0),
+            mounts,
+            devices,
+            network,
+            ports,
+            read_only_rootfs: m.read_only,
+            security: Security {
+                privileged: m.privileged,
+                cap_add: m.cap_add.clone(),
+                cap_drop: m.cap_drop.clone(),
+                seccomp_unconfined: m.seccomp_unconfined,
+            },
+            liveness,
+            readiness,
+            files: Vec::new(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_two_line_manifest_gets_every_default() {
+        let v = parse("web.yaml", "name: web\nimage: registry.local/web:1\n").unwrap();
+        let spec = &v[0].spec;
+        assert_eq!((spec.name.as_str(), spec.image.as_str()), ("web", "registry.local/web:1"));
+        assert_eq!(spec.container.restart, RestartPolicy::Always);
+        assert_eq!(spec.container.network, NetworkMode::Host);
+        assert!(v[0].manifest.placement.selector.is_empty(), "placed on every device by default");
+    }
+
+    #[test]
+    fn a_full_manifest_translates() {
+        let yaml = r#"
+name: sensor
+image: reg/sensor:2
+command: [/bin/sensor]
+env: {LOG: debug}
+user: "1000:20"
+restart: on-failure
+resources: {memory: 64Mi, cpu: 500m, pids: 32}
+volumes:
+  - {path: /data, name: sensor-data}
+  - {path: /tmp, tmpfs: 8Mi}
+  - {path: /etc/host, host_path: /etc/hostname, read_only: true}
+devices: [/dev/i2c-1]
+ports: [{name: metrics, port: 9100}]
+liveness: {http: {port: 9100, path: /healthz}, interval: 5}
+placement: {selector: {site: lyon}, arch: [arm64]}
+---
+name: other
+image: reg/other:1
+"#;
+        let v = parse("f.yaml", yaml).unwrap();
+        assert_eq!(v.len(), 2);
+        let c = &v[0].spec.container;
+        assert_eq!(
+            c.resources,
+            Resources { memory_bytes: Some(64 << 20), cpu_millis: Some(500), cpu_shares: None, pids: Some(32) }
+        );
+        assert_eq!(c.user, Some(User { uid: 1000, gid: 20 }));
+        assert_eq!(c.restart, RestartPolicy::OnFailure);
+        assert_eq!(c.mounts.len(), 3);
+        assert_eq!(c.liveness.as_ref().map(|p| p.interval_s), Some(5));
+        assert_eq!(v[0].manifest.placement.arch, vec!["arm64".to_string()]);
+    }
+
+    #[test]
+    fn bad_manifests_name_file_document_and_field() {
+        let cases = [
+            ("name: web\n", "missing field `image`", "image", 1),
+            ("name: web\nimage: x\nimgae: y\n", "unknown field `imgae`", "imgae", 1),
+            ("name: Web\nimage: x\n", "a-z 0-9", "name", 1),
+            (
+                "name: a\nimage: x\n---\nname: b\nimage: x\nresources: {memory: lots}\n",
+                "use bytes",
+                "resources.memory",
+                2,
+            ),
+            ("name: a\nimage: x\nresources: {memory: 1Mi}\n", "4Mi minimum", "resources.memory", 1),
+            ("name: a\nimage: x\nresources: {cpu: fast}\n", "500m", "resources.cpu", 1),
+            ("name: a\nimage: x\nrestart: sometimes\n", "unknown variant `sometimes`", "sometimes", 1),
+            ("name: a\nimage: x\nvolumes: [{path: /d}]\n", "exactly one of name", "volumes[0]", 1),
+            ("name: a\nimage: x\nvolumes: [{path: ../d, name: v}]\n", "absolute path", "volumes[0].path", 1),
+            ("name: a\nimage: x\nuser: root\n", "numeric uid", "user", 1),
+            ("name: a\nimage: x\nliveness: {tcp: 80, exec: [x]}\n", "exactly one of exec", "liveness", 1),
+            ("name: a\nimage: x\nnetwork: none\nreadiness: {tcp: 80}\n", "exec probe", "readiness", 1),
+            ("name: a\nimage: x\n---\nname: a\nimage: y\n", "defined twice", "name", 2),
+            ("", "no workload documents", "(file)", 1),
+            ("name: [\n", "", "(yaml)", 1),
+        ];
+        for (yaml, message, field, doc) in cases {
+            let e = parse("bad.yaml", yaml).expect_err(yaml);
+            assert_eq!((e.file.as_str(), e.doc, e.field.as_str()), ("bad.yaml", doc, field), "{yaml}: {e}");
+            assert!(e.message.contains(message), "{yaml}: {e}");
+            assert!(e.to_string().starts_with(&format!("bad.yaml: document {doc}: {field}:")), "{e}");
+        }
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_bytes("64Mi"), Some(64 << 20));
+        assert_eq!(parse_bytes("1G"), Some(1_000_000_000));
+        assert_eq!(parse_bytes("1.5Ki"), Some(1536));
+        assert_eq!(parse_bytes("12"), Some(12));
+        assert_eq!(parse_bytes("12 parsecs"), None);
+        assert_eq!(parse_cpu("500m"), Some(500));
+        assert_eq!(parse_cpu("0.25"), Some(250));
+        assert_eq!(parse_cpu("2"), Some(2000));
+        assert_eq!(parse_cpu("0"), None);
+    }
+}
