@@ -15,7 +15,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::controller::{now_ms, Controller, OpError};
 use crate::fleet::Status;
-use crate::view::{ApiError, ExecRequest, ExecResponse, LabelChange};
+use crate::view::{ApiError, ApplyRequest, ExecRequest, ExecResponse, LabelChange};
 
 pub fn router(controller: Arc<Controller>) -> Router {
     Router::new()
@@ -24,6 +24,8 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/labels", patch(relabel))
+        .route("/api/v1/workloads", get(list_workloads).post(apply_workloads))
+        .route("/api/v1/workloads/{name}", get(get_workload).delete(delete_workload))
         .route("/api/v1/devices/{id}/logs/{workload}", get(logs))
         .route("/api/v1/devices/{id}/exec", post(exec))
         .route("/api/v1/devices/{id}/workloads/{workload}/restart", post(restart))
@@ -207,4 +209,49 @@ async fn restart(
     let mut pending = c.commands.send(device, CommandAction::Restart { workload: workload.clone() }, now_ms() + 30_000);
     answer(&mut pending.answers, &id, FIRST_ANSWER).await?;
     Ok(Json(serde_json::json!({"device": id, "workload": workload, "status": "restarting"})))
+}
+
+/// Validates every document of every file first; stores only if all are valid.
+async fn apply_workloads(
+    State(c): State<Arc<Controller>>,
+    body: Result<Json<ApplyRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let mut validated = Vec::new();
+    for file in &req.files {
+        let docs = crate::workload::parse(&file.name, &file.text)
+            .map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
+        for v in docs {
+            if validated.iter().any(|o: &crate::workload::Validated| o.spec.name == v.spec.name) {
+                return Err(Failure(
+                    StatusCode::BAD_REQUEST,
+                    format!("{}: workload {:?} is defined in more than one document", file.name, v.spec.name),
+                ));
+            }
+            validated.push(v);
+        }
+    }
+    if validated.is_empty() {
+        return Err(Failure(StatusCode::BAD_REQUEST, "no workloads to apply".into()));
+    }
+    Ok(Json(c.apply_workloads(validated, now_ms())?))
+}
+
+async fn list_workloads(State(c): State<Arc<Controller>>) -> impl IntoResponse {
+    Json(c.workloads(now_ms()))
+}
+
+async fn get_workload(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(c.workload(&name, now_ms())?))
+}
+
+async fn delete_workload(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    c.delete_workload(&name)?;
+    Ok(Json(serde_json::json!({"deleted": name})))
 }

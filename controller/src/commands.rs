@@ -6,13 +6,22 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use baton_protocol::{Command, CommandAction, CommandResult, DeviceId};
+use baton_protocol::{Command, CommandAction, CommandResult, Desired, DeviceId};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// What the controller publishes to devices; ingest's MQTT loop sends it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    /// QoS 1 on `cmd`.
+    Command(DeviceId, Command),
+    /// QoS 1, retained, on `desired`.
+    Desired(DeviceId, Desired),
+}
 
 pub struct CommandRouter {
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, (DeviceId, UnboundedSender<CommandResult>)>>,
-    outbox: UnboundedSender<(DeviceId, Command)>,
+    outbox: UnboundedSender<Outgoing>,
 }
 
 /// An answer stream; dropping it forgets the request (and cancels a follow).
@@ -29,18 +38,17 @@ impl Drop for Pending<'_> {
             // Still open from our side: tell the device to stop (log follows).
             let cancel =
                 Command { id: self.router.fresh_id(), deadline_ms: 0, action: CommandAction::Cancel { id: self.id } };
-            let _ = self.router.outbox.send((self.device.clone(), cancel));
+            let _ = self.router.outbox.send(Outgoing::Command(self.device.clone(), cancel));
         }
     }
 }
 
 impl CommandRouter {
-    pub fn new() -> (Self, UnboundedReceiver<(DeviceId, Command)>) {
-        let (outbox, rx) = unbounded_channel();
+    pub fn new(outbox: UnboundedSender<Outgoing>) -> Self {
         // Ids start from the clock so a restarted controller does not reuse
         // ids that a device may still be answering.
         let start = crate::controller::now_ms() << 16;
-        (Self { next_id: AtomicU64::new(start), pending: Mutex::new(HashMap::new()), outbox }, rx)
+        Self { next_id: AtomicU64::new(start), pending: Mutex::new(HashMap::new()), outbox }
     }
 
     fn fresh_id(&self) -> u64 {
@@ -56,7 +64,7 @@ impl CommandRouter {
         let id = self.fresh_id();
         let (tx, answers) = unbounded_channel();
         self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, (device.clone(), tx));
-        let _ = self.outbox.send((device.clone(), Command { id, deadline_ms, action }));
+        let _ = self.outbox.send(Outgoing::Command(device.clone(), Command { id, deadline_ms, action }));
         Pending { router: self, device, id, answers }
     }
 
@@ -78,18 +86,19 @@ mod tests {
 
     #[test]
     fn answers_are_routed_by_id_and_device_and_dropping_cancels() {
-        let (router, mut outbox) = CommandRouter::new();
+        let (tx, mut outbox) = unbounded_channel();
+        let router = CommandRouter::new(tx);
         let a = DeviceId::new("a").unwrap();
         let b = DeviceId::new("b").unwrap();
         let mut p = router.send(a.clone(), CommandAction::Diagnostics, 0);
-        let (to, cmd) = outbox.try_recv().unwrap();
+        let Outgoing::Command(to, cmd) = outbox.try_recv().unwrap() else { panic!("not a command") };
         assert_eq!((to, cmd.id), (a.clone(), p.id));
         let answer = |seq| CommandResult { id: cmd.id, seq, body: CommandOutput::Done };
         assert!(!router.deliver(&b, answer(0)), "accepted an answer from the wrong device");
         assert!(router.deliver(&a, answer(1)));
         assert_eq!(p.answers.try_recv().unwrap().seq, 1);
         drop(p);
-        let (_, cancel) = outbox.try_recv().unwrap();
+        let Outgoing::Command(_, cancel) = outbox.try_recv().unwrap() else { panic!("not a command") };
         assert_eq!(cancel.action, CommandAction::Cancel { id: cmd.id });
         assert!(!router.deliver(&a, answer(2)), "delivered after the request was dropped");
     }

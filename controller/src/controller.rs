@@ -9,10 +9,26 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use baton_protocol::{validate_label, DeviceId};
 
+use baton_protocol::spec::WorkloadSpec;
+use baton_protocol::Desired;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::commands::Outgoing;
 use crate::fleet::{Change, Device, Fleet, FleetEvent, Millis};
 use crate::metrics::{Metrics, Rejection};
+use crate::schedule::{fits, place, DeviceFacts, Placed};
 use crate::store::{Store, StoreError};
-use crate::view::{DeviceView, Health, LabelChange};
+use crate::view::{ApplyResult, DeviceView, Health, LabelChange, WorkloadOnDevice, WorkloadView};
+use crate::workload::{Manifest, Validated};
+
+/// What placement sees of a device.
+fn facts_of(d: &Device) -> DeviceFacts {
+    DeviceFacts {
+        id: d.id.clone(),
+        labels: d.labels(),
+        arch: d.inventory.as_ref().map(|i| i.arch.clone()).unwrap_or_default(),
+    }
+}
 
 pub fn now_ms() -> Millis {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -30,7 +46,12 @@ pub enum OpError {
 
 pub struct Controller {
     pub commands: crate::commands::CommandRouter,
+    outbox: UnboundedSender<Outgoing>,
     fleet: Mutex<Fleet>,
+    /// Name → (manifest, spec with its revision); the store has the same.
+    workloads: Mutex<BTreeMap<String, (Manifest, WorkloadSpec)>>,
+    /// Device → (generation, workloads) last published.
+    desired: Mutex<BTreeMap<String, (u64, Vec<WorkloadSpec>)>>,
     store: Mutex<Store>,
     pub metrics: Metrics,
     pub stale_after_ms: Millis,
@@ -48,11 +69,18 @@ impl Controller {
         store: Store,
         stale_after_ms: Millis,
         commands: crate::commands::CommandRouter,
+        outbox: UnboundedSender<Outgoing>,
     ) -> Result<Self, StoreError> {
         let fleet = Fleet::from_devices(store.load_devices()?);
-        tracing::info!(devices = fleet.len(), "fleet loaded from store");
+        let workloads: BTreeMap<String, (Manifest, WorkloadSpec)> =
+            store.load_workloads()?.into_iter().map(|(m, s)| (s.name.clone(), (m, s))).collect();
+        let desired = store.load_desired()?;
+        tracing::info!(devices = fleet.len(), workloads = workloads.len(), "fleet loaded from store");
         Ok(Self {
             commands,
+            outbox,
+            workloads: Mutex::new(workloads),
+            desired: Mutex::new(desired),
             fleet: Mutex::new(fleet),
             store: Mutex::new(store),
             metrics: Metrics::default(),
@@ -63,6 +91,7 @@ impl Controller {
 
     /// Applies a decoded device event and persists it when durable state changed.
     pub fn apply(&self, id: &DeviceId, event: FleetEvent, now: Millis) -> Change {
+        let placement_relevant = matches!(event, FleetEvent::Presence(_) | FleetEvent::Inventory(_));
         let (change, snapshot) = {
             let mut fleet = lock(&self.fleet);
             let change = fleet.apply(id, event, now);
@@ -74,6 +103,10 @@ impl Controller {
             Change::Persist => {
                 if let Some(device) = snapshot {
                     self.persist(&device);
+                }
+                // A new device, or new labels or architecture: placement may change.
+                if placement_relevant {
+                    self.sync_desired();
                 }
             }
             Change::InMemory => {}
@@ -131,7 +164,119 @@ impl Controller {
         };
         lock(&self.store).save_device(&device)?;
         self.metrics.store_writes.fetch_add(1, Relaxed);
+        self.sync_desired();
         Ok(DeviceView::new(&device, now, self.stale_after_ms))
+    }
+
+    /// Stores validated workloads (the caller validated every document first,
+    /// so an invalid file stores nothing). A revision changes only when the
+    /// spec or the placement did: applying the same file twice changes nothing.
+    pub fn apply_workloads(&self, validated: Vec<Validated>, now: Millis) -> Result<Vec<ApplyResult>, OpError> {
+        let mut results = Vec::new();
+        {
+            let mut workloads = lock(&self.workloads);
+            let store = lock(&self.store);
+            for v in validated {
+                let (revision, action) = match workloads.get(&v.spec.name) {
+                    None => (1, "created"),
+                    Some((old_manifest, old)) => {
+                        let same = WorkloadSpec { revision: old.revision, ..v.spec.clone() } == *old
+                            && old_manifest.placement == v.manifest.placement;
+                        if same {
+                            (old.revision, "unchanged")
+                        } else {
+                            (old.revision + 1, "updated")
+                        }
+                    }
+                };
+                let spec = WorkloadSpec { revision, ..v.spec };
+                if action != "unchanged" {
+                    store.save_workload(&v.manifest, &spec, now)?;
+                    self.metrics.store_writes.fetch_add(1, Relaxed);
+                }
+                results.push(ApplyResult { name: spec.name.clone(), revision, action: action.into() });
+                workloads.insert(spec.name.clone(), (v.manifest, spec));
+            }
+        }
+        self.sync_desired();
+        Ok(results)
+    }
+
+    pub fn delete_workload(&self, name: &str) -> Result<(), OpError> {
+        if lock(&self.workloads).remove(name).is_none() {
+            return Err(OpError::NotFound(format!("workload {name} not found")));
+        }
+        lock(&self.store).delete_workload(name)?;
+        self.sync_desired();
+        Ok(())
+    }
+
+    /// Recomputes every device's desired document; stores and publishes the
+    /// ones that changed, each with the next generation.
+    pub fn sync_desired(&self) {
+        let facts: Vec<DeviceFacts> = lock(&self.fleet).devices().map(facts_of).collect();
+        let placed: Vec<Placed> = lock(&self.workloads)
+            .values()
+            .map(|(m, s)| Placed { spec: s.clone(), placement: m.placement.clone() })
+            .collect();
+        let mut desired = lock(&self.desired);
+        let store = lock(&self.store);
+        for (device, workloads) in place(&facts, &placed) {
+            if desired.get(&device).is_some_and(|(_, w)| *w == workloads) {
+                continue;
+            }
+            let generation = desired.get(&device).map_or(1, |(g, _)| g + 1);
+            if let Err(e) = store.save_desired(&device, generation, &workloads) {
+                self.metrics.store_errors.fetch_add(1, Relaxed);
+                tracing::error!(%device, error = %e, "cannot store a desired document; not publishing it");
+                continue;
+            }
+            tracing::info!(%device, generation, workloads = workloads.len(), "desired document changed");
+            if let Ok(id) = DeviceId::new(device.clone()) {
+                let _ = self.outbox.send(Outgoing::Desired(id, Desired { generation, workloads: workloads.clone() }));
+            }
+            desired.insert(device, (generation, workloads));
+        }
+    }
+
+    /// Publishes every stored desired document again (after a (re)connect:
+    /// an embedded broker keeps no retained messages across a restart).
+    pub fn republish_desired(&self) {
+        for (device, (generation, workloads)) in lock(&self.desired).iter() {
+            if let Ok(id) = DeviceId::new(device.clone()) {
+                let doc = Desired { generation: *generation, workloads: workloads.clone() };
+                let _ = self.outbox.send(Outgoing::Desired(id, doc));
+            }
+        }
+    }
+
+    pub fn workloads(&self, now: Millis) -> Vec<WorkloadView> {
+        let names: Vec<String> = lock(&self.workloads).keys().cloned().collect();
+        names.iter().filter_map(|n| self.workload(n, now).ok()).collect()
+    }
+
+    pub fn workload(&self, name: &str, now: Millis) -> Result<WorkloadView, OpError> {
+        let (manifest, spec) = lock(&self.workloads)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
+        let devices = lock(&self.fleet)
+            .devices()
+            .filter(|d| fits(&manifest.placement, &facts_of(d)))
+            .map(|d| WorkloadOnDevice {
+                device: d.id.clone(),
+                device_status: d.status(now, self.stale_after_ms),
+                reported: d.report.as_ref().and_then(|r| r.workloads.iter().find(|w| w.name == name).cloned()),
+            })
+            .collect();
+        Ok(WorkloadView {
+            name: spec.name.clone(),
+            revision: spec.revision,
+            image: spec.image.clone(),
+            placement: manifest.placement.clone(),
+            devices,
+            manifest,
+        })
     }
 
     pub fn status_counts(&self, now: Millis) -> BTreeMap<&'static str, usize> {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use baton_protocol::{DeviceId, Heartbeat, Inventory, Presence, PresenceState};
+use baton_protocol::{DeviceId, Heartbeat, Inventory, Presence, PresenceState, Report};
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch; the core never reads a clock itself.
@@ -44,6 +44,9 @@ pub struct Device {
     pub heartbeat: Option<Heartbeat>,
     /// Labels set by operators; they override the agent's labels of the same key.
     pub operator_labels: BTreeMap<String, String>,
+    /// The device's last report of its workloads.
+    #[serde(default)]
+    pub report: Option<Report>,
 }
 
 impl Device {
@@ -70,7 +73,8 @@ pub enum FleetEvent {
     Presence(Presence),
     Inventory(Inventory),
     Heartbeat(Heartbeat),
-    /// Any other message from the device (report, command result): proof of life.
+    Report(Report),
+    /// Any other message from the device (a command result): proof of life.
     Seen,
 }
 
@@ -138,6 +142,7 @@ impl Fleet {
                 inventory,
                 heartbeat: None,
                 operator_labels: BTreeMap::new(),
+                report: None,
             };
             self.devices.insert(id.clone(), device);
             return Change::Persist;
@@ -157,6 +162,11 @@ impl Fleet {
             FleetEvent::Heartbeat(hb) => {
                 device.heartbeat = Some(hb);
                 false
+            }
+            FleetEvent::Report(r) => {
+                let changed = device.report.as_ref() != Some(&r);
+                device.report = Some(r);
+                changed
             }
             FleetEvent::Seen => false,
         };

@@ -6,10 +6,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_protocol::{codec::decode_on, encode, BrokerUrl, Command, DecodeError, DeviceId, Message, TopicKind};
+use baton_protocol::{codec::decode_on, encode, BrokerUrl, DecodeError, DeviceId, Message, TopicKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tracing::{debug, info, warn};
 
+use crate::commands::Outgoing;
 use crate::controller::{now_ms, Controller};
 use crate::fleet::FleetEvent;
 use crate::metrics::Rejection;
@@ -43,6 +44,7 @@ pub fn fleet_event(msg: &Message) -> FleetEvent {
         Message::Presence(p) => FleetEvent::Presence(p.clone()),
         Message::Inventory(i) => FleetEvent::Inventory(i.clone()),
         Message::Heartbeat(h) => FleetEvent::Heartbeat(h.clone()),
+        Message::Report(r) => FleetEvent::Report(r.clone()),
         _ => FleetEvent::Seen,
     }
 }
@@ -72,7 +74,7 @@ pub async fn run(
     controller: Arc<Controller>,
     broker: BrokerUrl,
     client_id: String,
-    mut outbox: tokio::sync::mpsc::UnboundedReceiver<(DeviceId, Command)>,
+    mut outbox: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
@@ -87,14 +89,18 @@ pub async fn run(
     loop {
         let event = tokio::select! {
             _ = shutdown.changed() => break,
-            Some((device, cmd)) = outbox.recv() => {
-                match encode(&Message::Command(cmd)) {
+            Some(out) = outbox.recv() => {
+                let (topic, retain, msg) = match out {
+                    Outgoing::Command(device, cmd) => (device.topic(TopicKind::Cmd), false, Message::Command(cmd)),
+                    Outgoing::Desired(device, doc) => (device.topic(TopicKind::Desired), true, Message::Desired(doc)),
+                };
+                match encode(&msg) {
                     Ok(bytes) => {
-                        if let Err(e) = client.try_publish(device.topic(TopicKind::Cmd), QoS::AtLeastOnce, false, bytes) {
-                            warn!(%device, error = %e, "cannot queue a command");
+                        if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, retain, bytes) {
+                            warn!(topic, error = %e, "cannot queue a message to a device");
                         }
                     }
-                    Err(e) => warn!(%device, error = %e, "cannot encode a command"),
+                    Err(e) => warn!(topic, error = %e, "cannot encode a message to a device"),
                 }
                 continue;
             }
@@ -110,6 +116,9 @@ pub async fn run(
                 if let Err(e) = client.try_subscribe_many(filters) {
                     warn!(error = %e, "cannot queue subscriptions");
                 }
+                // The store is the truth; retained desired documents are its cache
+                // in the broker, which an embedded broker loses on restart.
+                controller.republish_desired();
             }
             Ok(Event::Incoming(Packet::Publish(p))) => match classify(&p.topic, &p.payload) {
                 Ok((id, kind, msg)) => {

@@ -56,8 +56,9 @@ pub async fn serve(
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let db = cfg.data_dir.join("baton.db");
     let store = Store::open(&db)?;
-    let (commands, outbox) = crate::commands::CommandRouter::new();
-    let controller = Arc::new(Controller::new(store, cfg.stale_after.as_millis() as u64, commands)?);
+    let (outbox_tx, outbox) = tokio::sync::mpsc::unbounded_channel();
+    let commands = crate::commands::CommandRouter::new(outbox_tx.clone());
+    let controller = Arc::new(Controller::new(store, cfg.stale_after.as_millis() as u64, commands, outbox_tx)?);
 
     if let BrokerMode::Embedded(addr) = cfg.broker {
         broker::start(addr, cfg.max_devices + 16)?;

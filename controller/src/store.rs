@@ -4,10 +4,14 @@
 
 use std::path::Path;
 
+use std::collections::BTreeMap;
+
+use baton_protocol::spec::WorkloadSpec;
 use baton_protocol::DeviceId;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::fleet::Device;
+use crate::workload::Manifest;
 
 /// Append only: never edit a migration that has shipped.
 const MIGRATIONS: &[&str] = &[
@@ -16,6 +20,19 @@ const MIGRATIONS: &[&str] = &[
         id TEXT PRIMARY KEY NOT NULL,
         doc TEXT NOT NULL,
         updated_at INTEGER NOT NULL
+    ) STRICT;",
+    // 2: workloads (manifest and the device-side spec, as JSON), and the
+    // desired document each device was last given (its generation and workloads).
+    "CREATE TABLE workloads (
+        name TEXT PRIMARY KEY NOT NULL,
+        manifest TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE desired (
+        device TEXT PRIMARY KEY NOT NULL,
+        generation INTEGER NOT NULL,
+        workloads TEXT NOT NULL
     ) STRICT;",
 ];
 
@@ -101,6 +118,63 @@ impl Store {
         Ok(n)
     }
 
+    pub fn save_workload(&self, manifest: &Manifest, spec: &WorkloadSpec, now: u64) -> Result<(), StoreError> {
+        let json = |v: Result<String, serde_json::Error>| {
+            v.map_err(|source| StoreError::Corrupt { id: spec.name.clone(), source })
+        };
+        self.conn.execute(
+            "INSERT INTO workloads (name, manifest, spec, updated_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO UPDATE SET manifest = excluded.manifest, spec = excluded.spec, updated_at = excluded.updated_at",
+            params![spec.name, json(serde_json::to_string(manifest))?, json(serde_json::to_string(spec))?, now as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_workload(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.conn.execute("DELETE FROM workloads WHERE name = ?1", [name])? > 0)
+    }
+
+    pub fn load_workloads(&self) -> Result<Vec<(Manifest, WorkloadSpec)>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT name, manifest, spec FROM workloads ORDER BY name")?;
+        let rows =
+            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, manifest, spec) = row?;
+            let corrupt = |source| StoreError::Corrupt { id: format!("workload {name}"), source };
+            out.push((
+                serde_json::from_str(&manifest).map_err(corrupt)?,
+                serde_json::from_str(&spec).map_err(corrupt)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn save_desired(&self, device: &str, generation: u64, workloads: &[WorkloadSpec]) -> Result<(), StoreError> {
+        let json =
+            serde_json::to_string(workloads).map_err(|source| StoreError::Corrupt { id: device.into(), source })?;
+        self.conn.execute(
+            "INSERT INTO desired (device, generation, workloads) VALUES (?1, ?2, ?3)
+             ON CONFLICT(device) DO UPDATE SET generation = excluded.generation, workloads = excluded.workloads",
+            params![device, generation as i64, json],
+        )?;
+        Ok(())
+    }
+
+    /// Device → (generation, workloads) as last published.
+    pub fn load_desired(&self) -> Result<BTreeMap<String, (u64, Vec<WorkloadSpec>)>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT device, generation, workloads FROM desired")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (device, generation, workloads) = row?;
+            let w = serde_json::from_str(&workloads)
+                .map_err(|source| StoreError::Corrupt { id: format!("desired {device}"), source })?;
+            out.insert(device, (generation as u64, w));
+        }
+        Ok(out)
+    }
+
     pub fn load_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
         let doc: Option<String> =
             self.conn.query_row("SELECT doc FROM devices WHERE id = ?1", [id.as_str()], |r| r.get(0)).optional()?;
@@ -149,6 +223,7 @@ mod tests {
             inventory: None,
             heartbeat: None,
             operator_labels: [("k".to_string(), "v".to_string())].into(),
+            report: None,
         }
     }
 

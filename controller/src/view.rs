@@ -21,6 +21,7 @@ pub struct DeviceView {
     pub presence: Presence,
     pub inventory: Option<Inventory>,
     pub heartbeat: Option<Heartbeat>,
+    pub report: Option<baton_protocol::Report>,
 }
 
 impl DeviceView {
@@ -37,6 +38,7 @@ impl DeviceView {
             presence: d.presence.clone(),
             inventory: d.inventory.clone(),
             heartbeat: d.heartbeat.clone(),
+            report: d.report.clone(),
         }
     }
 }
@@ -75,4 +77,71 @@ pub struct ExecResponse {
     pub exit_code: i32,
     pub stdout: String,
     pub stderr: String,
+}
+
+/// One manifest file sent by `baton apply`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestFile {
+    pub name: String,
+    pub text: String,
+}
+
+/// Body of `POST /api/v1/workloads`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    pub files: Vec<ManifestFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApplyResult {
+    pub name: String,
+    pub revision: u64,
+    /// `created`, `updated` or `unchanged`.
+    pub action: String,
+}
+
+/// A workload and how it is doing on each device it is placed on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkloadView {
+    pub name: String,
+    pub revision: u64,
+    pub image: String,
+    pub placement: crate::workload::Placement,
+    pub devices: Vec<WorkloadOnDevice>,
+    pub manifest: crate::workload::Manifest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkloadOnDevice {
+    pub device: String,
+    pub device_status: Status,
+    /// What the device last reported for this workload (None: nothing yet).
+    pub reported: Option<baton_protocol::WorkloadStatus>,
+}
+
+impl WorkloadView {
+    /// Devices reporting the current revision running.
+    pub fn running(&self) -> usize {
+        self.devices
+            .iter()
+            .filter(|d| {
+                d.reported
+                    .as_ref()
+                    .is_some_and(|r| r.revision == self.revision && r.phase == baton_protocol::Phase::Running)
+            })
+            .count()
+    }
+
+    pub fn healthy(&self) -> usize {
+        self.devices
+            .iter()
+            .filter(|d| {
+                d.reported.as_ref().is_some_and(|r| {
+                    r.revision == self.revision
+                        && r.phase == baton_protocol::Phase::Running
+                        && r.health == baton_protocol::Health::Healthy
+                })
+            })
+            .count()
+    }
 }

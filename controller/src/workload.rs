@@ -241,7 +241,7 @@ pub fn parse_cpu(s: &str) -> Option<u32> {
         Some(m) => m.parse::<f64>().ok()?,
         None => s.parse::<f64>().ok()? * 1000.0,
     };
-    (millis.is_finite() && millis >= 1.0 && millis <= 1_024_000.0).then_some(millis.round() as u32)
+    (1.0..=1_024_000.0).contains(&millis).then_some(millis.round() as u32)
 }
 
 fn valid_name(name: &str) -> bool {

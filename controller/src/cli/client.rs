@@ -57,6 +57,11 @@ impl Client {
         }
     }
 
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let res = self.agent.delete(format!("{}{path}", self.base)).call();
+        self.finish(res)
+    }
+
     pub fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
         let res = self.agent.patch(format!("{}{path}", self.base)).send_json(body);
         self.finish(res)

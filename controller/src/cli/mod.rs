@@ -47,6 +47,16 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t)]
         output: Format,
     },
+    /// Create or update workloads from manifest files (YAML, several documents per file).
+    Apply {
+        /// A manifest file, or a directory of *.yaml / *.yml files.
+        #[arg(long, short = 'f', required = true)]
+        file: Vec<PathBuf>,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Delete a workload: every device stops and removes it.
+    Delete { resource: Resource, name: String },
     /// Set (key=value) or remove (key-) operator labels on a device.
     Label {
         resource: Resource,
@@ -91,6 +101,8 @@ pub enum Command {
 pub enum Resource {
     #[value(alias = "device")]
     Devices,
+    #[value(alias = "workload")]
+    Workloads,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -174,6 +186,41 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             })
         }
+        Command::Get { resource: Resource::Workloads, output } => {
+            let workloads: Vec<crate::view::WorkloadView> = client().get("/api/v1/workloads")?;
+            print(output, &workloads, || {
+                if workloads.is_empty() {
+                    "No workloads. Create one with `baton apply -f manifest.yaml`.\n".into()
+                } else {
+                    output::workloads_table(&workloads)
+                }
+            })
+        }
+        Command::Describe { resource: Resource::Workloads, id, output } => {
+            let w: crate::view::WorkloadView = client().get(&format!("/api/v1/workloads/{id}"))?;
+            print(output, &w, || output::workload_description(&w))
+        }
+        Command::Apply { file, output } => {
+            let files = read_manifests(&file)?;
+            let results: Vec<crate::view::ApplyResult> =
+                client().post("/api/v1/workloads", &crate::view::ApplyRequest { files })?;
+            print(output, &results, || {
+                results
+                    .iter()
+                    .map(|r| format!("workload/{} {} (revision {})\n", r.name, r.action, r.revision))
+                    .collect()
+            })
+        }
+        Command::Delete { resource: Resource::Workloads, name } => {
+            let _: serde_json::Value = client().delete(&format!("/api/v1/workloads/{name}"))?;
+            println!("workload/{name} deleted");
+            Ok(())
+        }
+        Command::Delete { resource: Resource::Devices, .. } | Command::Label { resource: Resource::Workloads, .. } => {
+            anyhow::bail!(
+                "not supported: devices leave the fleet when their agent is uninstalled; labels are for devices"
+            )
+        }
         Command::Describe { resource: Resource::Devices, id, output } => {
             let device: DeviceView = client().get(&format!("/api/v1/devices/{id}"))?;
             print(output, &device, || output::device_description(&device, now_ms()))
@@ -214,6 +261,30 @@ fn print<T: serde::Serialize>(format: Format, value: &T, table: impl FnOnce() ->
     let text = output::structured(format, value)?.unwrap_or_else(table);
     print!("{text}");
     Ok(())
+}
+
+/// Reads manifest files; a directory contributes its *.yaml and *.yml files, sorted.
+fn read_manifests(paths: &[PathBuf]) -> anyhow::Result<Vec<crate::view::ManifestFile>> {
+    let mut files = Vec::new();
+    for path in paths {
+        let mut batch: Vec<PathBuf> = if path.is_dir() {
+            std::fs::read_dir(path)
+                .with_context(|| format!("cannot read directory {}", path.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+                .collect()
+        } else {
+            vec![path.clone()]
+        };
+        batch.sort();
+        for p in batch {
+            let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            files.push(crate::view::ManifestFile { name: p.display().to_string(), text });
+        }
+    }
+    anyhow::ensure!(!files.is_empty(), "no manifest files found in {paths:?}");
+    Ok(files)
 }
 
 /// `key=value` sets, `key-` removes; anything else is an error naming the argument.

@@ -148,6 +148,66 @@ pub fn device_description(d: &DeviceView, now: Millis) -> String {
     o
 }
 
+pub fn workloads_table(workloads: &[crate::view::WorkloadView]) -> String {
+    let rows: Vec<Vec<String>> = workloads
+        .iter()
+        .map(|w| {
+            vec![
+                w.name.clone(),
+                w.revision.to_string(),
+                w.image.clone(),
+                w.devices.len().to_string(),
+                format!("{}/{}", w.running(), w.devices.len()),
+                format!("{}/{}", w.healthy(), w.devices.len()),
+            ]
+        })
+        .collect();
+    table(&["NAME", "REVISION", "IMAGE", "DEVICES", "RUNNING", "HEALTHY"], &rows)
+}
+
+pub fn workload_description(w: &crate::view::WorkloadView) -> String {
+    let mut o = format!("Name:          {}\nRevision:      {}\nImage:         {}\n", w.name, w.revision, w.image);
+    let _ = writeln!(
+        o,
+        "Placement:     {}",
+        if w.placement.selector.is_empty() {
+            "every device".into()
+        } else {
+            format!("devices with {}", labels(&w.placement.selector))
+        }
+    );
+    if !w.placement.arch.is_empty() {
+        let _ = writeln!(o, "Architectures: {}", w.placement.arch.join(", "));
+    }
+    let _ = writeln!(o, "Running:       {}/{} on revision {}\n", w.running(), w.devices.len(), w.revision);
+    let rows: Vec<Vec<String>> = w
+        .devices
+        .iter()
+        .map(|d| match &d.reported {
+            Some(r) => vec![
+                d.device.clone(),
+                d.device_status.as_str().into(),
+                r.revision.to_string(),
+                format!("{:?}", r.phase).to_lowercase(),
+                format!("{:?}", r.health).to_lowercase(),
+                r.restarts.to_string(),
+                r.last_error.clone().unwrap_or_default(),
+            ],
+            None => vec![
+                d.device.clone(),
+                d.device_status.as_str().into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                String::new(),
+            ],
+        })
+        .collect();
+    o.push_str(&table(&["DEVICE", "STATUS", "REVISION", "PHASE", "HEALTH", "RESTARTS", "LAST ERROR"], &rows));
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
