@@ -222,7 +222,12 @@ impl Controller {
         let mut desired = lock(&self.desired);
         let store = lock(&self.store);
         for (device, workloads) in place(&facts, &placed) {
-            if desired.get(&device).is_some_and(|(_, w)| *w == workloads) {
+            // Unchanged, or nothing to say to a device that never had a document.
+            let unchanged = match desired.get(&device) {
+                Some((_, w)) => *w == workloads,
+                None => workloads.is_empty(),
+            };
+            if unchanged {
                 continue;
             }
             let generation = desired.get(&device).map_or(1, |(g, _)| g + 1);
