@@ -27,6 +27,19 @@ pub struct FileConfig {
     pub keepalive_s: Option<u64>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Registries spoken to over plain HTTP (loopback ones always are).
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// Registry host → credentials.
+    #[serde(default)]
+    pub registry_auth: BTreeMap<String, RegistryAuth>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
 }
 
 /// Values given on the command line; each wins over the file.
@@ -54,6 +67,8 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     pub keepalive: Duration,
     pub labels: BTreeMap<String, String>,
+    pub insecure_registries: Vec<String>,
+    pub registry_auth: BTreeMap<String, RegistryAuth>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +172,8 @@ impl AgentConfig {
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             run_dir: cli.run_dir.or(file.run_dir).unwrap_or_else(|| DEFAULT_RUN_DIR.into()),
             cgroup_parent,
+            insecure_registries: file.insecure_registries.clone(),
+            registry_auth: file.registry_auth.clone(),
             heartbeat_interval,
             keepalive,
             labels,

@@ -2,17 +2,20 @@
 //! desired documents from the link, reconciles, ticks the supervisor, and
 //! hands back a `Report` whenever observed state changes. A thread, not a
 //! tokio task: runtime calls block (they launch shims and read files), and
-//! keeping them off the runtime keeps the MQTT session responsive.
+//! keeping them off the runtime keeps the MQTT session responsive. Image
+//! pulls run on a second thread so a slow registry never stalls supervision.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::time::Duration;
 
 use baton_protocol::{Desired, Health, Phase, Report, WorkloadStatus};
 use tracing::{info, warn};
 
-use crate::image::ImageStore;
+use crate::image::registry::Registry;
+use crate::image::{ImageError, ImageStore};
 use crate::reconcile::{container_spec, plan, Action};
 use crate::runtime::{now_ms, ContainerRuntime};
 use crate::supervisor::Supervisor;
@@ -29,27 +32,69 @@ pub struct EngineHandle {
     pub tx: Sender<Input>,
     pub reports: tokio::sync::watch::Receiver<Report>,
     /// For operators' `exec` (run off the engine thread, which must keep ticking).
-    pub runtime: Option<std::sync::Arc<dyn ContainerRuntime + Send + Sync>>,
+    pub runtime: Option<Arc<dyn ContainerRuntime + Send + Sync>>,
+}
+
+/// Pulls images (and unpacks them) on its own thread.
+struct Puller {
+    requests: Sender<(String, Option<String>)>,
+    results: Receiver<(String, Result<(), String>)>,
+    /// Image → (earliest retry time, failures so far) after a failed pull.
+    backoff: BTreeMap<String, (u64, u32)>,
+    in_flight: BTreeSet<String>,
+}
+
+impl Puller {
+    fn spawn(store: Arc<ImageStore>, registry: Registry) -> std::io::Result<Self> {
+        let (requests, rx) = channel::<(String, Option<String>)>();
+        let (tx, results) = channel();
+        std::thread::Builder::new().name("image-pull".into()).spawn(move || {
+            let platform = crate::image::manifest::Platform::current();
+            for (image, digest) in rx {
+                // A resolved digest pins the bytes; the reference names where to get them.
+                let reference = match &digest {
+                    Some(d) => format!("{}@{d}", image.split('@').next().unwrap_or(&image)),
+                    None => image.clone(),
+                };
+                let pulled = registry.pull(&store, &reference, &platform).and_then(|(record, stats)| {
+                    info!(%image, blobs = stats.blobs_fetched, bytes = stats.bytes_downloaded, "pulled");
+                    // Record it under the name workloads use, then unpack it here, off the engine thread.
+                    let record = crate::image::ImageRecord { reference: image.clone(), ..record };
+                    store.record_image(&record)?;
+                    store.rootfs(&record).map(|_| ())
+                });
+                if tx.send((image, pulled.map_err(|e| e.to_string()))).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(Self { requests, results, backoff: BTreeMap::new(), in_flight: BTreeSet::new() })
+    }
 }
 
 struct Engine<R: ContainerRuntime> {
     sup: Supervisor<R>,
-    images: ImageStore,
+    images: Arc<ImageStore>,
     desired: Desired,
-    /// Workloads that cannot start because their image is not available.
-    image_errors: BTreeMap<String, String>,
+    /// Workloads waiting for their image: (phase to report, reason).
+    waiting: BTreeMap<String, (Phase, String)>,
+    puller: Option<Puller>,
 }
 
 /// Starts the engine with `initial` (the persisted document: offline first).
+/// Without a registry, images must be loaded locally.
 pub fn spawn<R: ContainerRuntime + Send + 'static>(
     sup: Supervisor<R>,
     images: ImageStore,
+    registry: Option<Registry>,
     initial: Desired,
 ) -> std::io::Result<EngineHandle> {
     let (tx, rx) = channel();
     let (report_tx, reports) =
         tokio::sync::watch::channel(Report { generation: initial.generation, ..Default::default() });
-    let mut engine = Engine { sup, images, desired: initial, image_errors: BTreeMap::new() };
+    let images = Arc::new(images);
+    let puller = registry.map(|r| Puller::spawn(images.clone(), r)).transpose()?;
+    let mut engine = Engine { sup, images, desired: initial, waiting: BTreeMap::new(), puller };
     std::thread::Builder::new().name("workloads".into()).spawn(move || {
         let mut last = None;
         loop {
@@ -66,6 +111,7 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             let now = now_ms();
+            engine.take_pull_results(now);
             engine.reconcile(now);
             engine.sup.tick(now);
             let report = engine.report();
@@ -91,6 +137,42 @@ fn without_usage(r: &Report) -> Report {
 }
 
 impl<R: ContainerRuntime> Engine<R> {
+    fn take_pull_results(&mut self, now: u64) {
+        let Some(p) = self.puller.as_mut() else { return };
+        while let Ok((image, result)) = p.results.try_recv() {
+            p.in_flight.remove(&image);
+            match result {
+                Ok(()) => {
+                    p.backoff.remove(&image);
+                }
+                Err(e) => {
+                    let failures = p.backoff.get(&image).map_or(0, |(_, f)| *f) + 1;
+                    let delay = crate::restart::Backoff::default().delay(failures - 1);
+                    warn!(%image, error = %e, retry_in_s = delay.as_secs(), "pull failed");
+                    p.backoff.insert(image.clone(), (now + delay.as_millis() as u64, failures));
+                    for w in self.desired.workloads.iter().filter(|w| w.image == image) {
+                        self.waiting.insert(w.name.clone(), (Phase::Failed, format!("pull {image}: {e}")));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks for `image` unless it is being pulled or waiting to retry; true
+    /// when a pull is (now) under way.
+    fn request_pull(&mut self, image: &str, digest: Option<&str>, now: u64) -> bool {
+        let Some(p) = self.puller.as_mut() else { return false };
+        if p.in_flight.contains(image) {
+            return true;
+        }
+        if p.backoff.get(image).is_some_and(|(until, _)| now < *until) {
+            return false;
+        }
+        p.in_flight.insert(image.to_string());
+        let _ = p.requests.send((image.to_string(), digest.map(str::to_string)));
+        true
+    }
+
     fn reconcile(&mut self, now: u64) {
         for action in plan(&self.desired.workloads, &self.sup.observed()) {
             match action {
@@ -98,36 +180,44 @@ impl<R: ContainerRuntime> Engine<R> {
                     info!(workload = %name, "stopping");
                     self.sup.remove(&name);
                 }
-                Action::Start(name) => {
-                    let Some(w) = self.desired.workloads.iter().find(|w| w.name == name) else { continue };
-                    let digest = Some(w.image_digest.as_str()).filter(|d| !d.is_empty());
-                    let resolved = self
-                        .images
-                        .resolve(&w.image, digest)
-                        .and_then(|img| self.images.rootfs(&img).map(|r| (img, r)));
-                    match resolved {
-                        Ok((image, rootfs)) => {
-                            self.image_errors.remove(&name);
-                            self.sup.ensure(&name, w.revision, container_spec(w, &image.config), rootfs, now);
-                        }
-                        Err(e) => {
-                            let msg = format!(
-                                "{e} (registry pulls are not implemented yet: load it with `baton-agent image load`)"
-                            );
-                            if self.image_errors.insert(name.clone(), msg.clone()).as_ref() != Some(&msg) {
-                                warn!(workload = %name, error = %msg, "cannot start");
-                            }
-                        }
-                    }
+                Action::Start(name) => self.start(name, now),
+            }
+        }
+        self.waiting.retain(|name, _| self.desired.workloads.iter().any(|w| &w.name == name));
+    }
+
+    fn start(&mut self, name: String, now: u64) {
+        let Some(w) = self.desired.workloads.iter().find(|w| w.name == name).cloned() else { return };
+        let digest = Some(w.image_digest.as_str()).filter(|d| !d.is_empty());
+        let resolved = self.images.resolve(&w.image, digest).and_then(|img| self.images.rootfs(&img).map(|r| (img, r)));
+        match resolved {
+            Ok((image, rootfs)) => {
+                self.waiting.remove(&name);
+                self.sup.ensure(&name, w.revision, container_spec(&w, &image.config), rootfs, now);
+            }
+            Err(ImageError::NotFound(_)) => {
+                if self.request_pull(&w.image, digest, now) {
+                    self.waiting.insert(name, (Phase::Pulling, format!("pulling {}", w.image)));
+                } else if self.puller.is_none() {
+                    let why =
+                        format!("image {} is not in the local store; load it with `baton-agent image load`", w.image);
+                    self.waiting.insert(name, (Phase::Pending, why));
+                }
+                // Otherwise: waiting to retry a failed pull; its error stays reported.
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self.waiting.insert(name.clone(), (Phase::Failed, msg.clone())).map(|(_, m)| m) != Some(msg.clone())
+                {
+                    warn!(workload = %name, error = %msg, "cannot start");
                 }
             }
         }
-        self.image_errors.retain(|name, _| self.desired.workloads.iter().any(|w| &w.name == name));
     }
 
     fn report(&self) -> Report {
         let mut workloads = self.sup.status();
-        for (name, error) in &self.image_errors {
+        for (name, (phase, reason)) in &self.waiting {
             if workloads.iter().any(|w| &w.name == name) {
                 continue;
             }
@@ -135,9 +225,9 @@ impl<R: ContainerRuntime> Engine<R> {
             workloads.push(WorkloadStatus {
                 name: name.clone(),
                 revision,
-                phase: Phase::Pending,
+                phase: *phase,
                 health: Health::Unknown,
-                last_error: Some(error.clone()),
+                last_error: Some(reason.clone()),
                 ..Default::default()
             });
         }

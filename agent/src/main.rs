@@ -214,7 +214,15 @@ fn start_engine(config: &AgentConfig) -> Result<baton_agent::engine::EngineHandl
     if initial.generation > 0 {
         tracing::info!(generation = initial.generation, "starting the persisted desired state");
     }
-    let mut handle = baton_agent::engine::spawn(supervisor, images, initial)?;
+    let registry = baton_agent::image::registry::Registry::new(baton_agent::image::registry::RegistryConfig {
+        insecure: config.insecure_registries.clone(),
+        credentials: config
+            .registry_auth
+            .iter()
+            .map(|(h, a)| (h.clone(), (a.username.clone(), a.password.clone())))
+            .collect(),
+    });
+    let mut handle = baton_agent::engine::spawn(supervisor, images, Some(registry), initial)?;
     handle.runtime = Some(std::sync::Arc::new(exec_runtime));
     Ok(handle)
 }

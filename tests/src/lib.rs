@@ -349,6 +349,46 @@ impl Mosquitto {
     }
 }
 
+/// Debian's docker-registry (the CNCF distribution registry) on a free
+/// loopback port, storing under the world's temp dir.
+pub struct RegistryServer {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl RegistryServer {
+    pub fn start(world: &World) -> RegistryServer {
+        let port = free_port();
+        let storage = world.path().join("registry-storage");
+        let conf = world.path().join("registry.yml");
+        std::fs::write(
+            &conf,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                storage.display()
+            ),
+        )
+        .expect("registry.yml");
+        let exe = which("docker-registry")
+            .expect("docker-registry is not installed: .ci/run installs it (apt-get install docker-registry)");
+        let proc = Proc::spawn("registry", &exe, &["serve".into(), conf.display().to_string()], world.path());
+        wait_for("registry answering /v2/", Duration::from_secs(20), || get_text(port, "/v2/").ok());
+        RegistryServer { proc, port }
+    }
+
+    /// Pushes the image named `name` in an OCI layout to `repo:tag` with skopeo.
+    pub fn push(&self, layout: &Path, name: &str, repo_tag: &str) {
+        let skopeo = which("skopeo").expect("skopeo is not installed: .ci/run installs it");
+        let out = Command::new(skopeo)
+            .args(["copy", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{name}", layout.display()))
+            .arg(format!("docker://127.0.0.1:{}/{repo_tag}", self.port))
+            .output()
+            .expect("skopeo");
+        assert!(out.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]).map(|d| d.join(name)).find(|p| p.exists())

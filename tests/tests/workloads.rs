@@ -143,13 +143,14 @@ fn missing_image_and_bad_documents_are_reported_not_fatal() {
     let mut watch = RawClient::connect(controller.mqtt, "watch");
     watch.subscribe("baton/v1/dev/pi-x/report");
     let mut op = RawClient::connect(controller.mqtt, "operator");
+    // An image nobody serves: a loopback registry port with no listener (tests
+    // never reach outside this machine), so the pull fails at once.
+    let missing = format!("127.0.0.1:{}/nowhere/app:1", free_port());
     let mut w = web(1, "true");
-    w.image = "not-loaded:1".into();
+    w.image = missing.clone();
     op.publish("baton/v1/dev/pi-x/desired", desired(1, vec![w]), true);
-    let r = wait_report(&mut watch, "a pending workload with a reason", |r| {
-        r.workloads
-            .iter()
-            .any(|w| w.phase == Phase::Pending && w.last_error.as_deref().unwrap_or("").contains("not-loaded:1"))
+    let r = wait_report(&mut watch, "a failed pull with its reason", |r| {
+        r.workloads.iter().any(|w| w.phase == Phase::Failed && w.last_error.as_deref().unwrap_or("").contains(&missing))
     });
     assert_eq!(r.generation, 1);
     let mut bad = web(1, "true");

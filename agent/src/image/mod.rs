@@ -6,6 +6,7 @@
 //! Registry pulls build on the same store (see the images issue).
 
 pub mod manifest;
+pub mod registry;
 pub mod store;
 pub mod unpack;
 

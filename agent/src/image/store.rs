@@ -116,6 +116,105 @@ impl ImageStore {
         result
     }
 
+    /// Downloads a blob that may arrive in pieces: `fetch(offset)` opens the
+    /// source at `offset` and says whether it honoured the offset (an HTTP
+    /// 206) or starts over (a 200). Bytes already on disk are never fetched
+    /// again, across retries *and* across agent restarts (the partial file
+    /// stays in `tmp/`). The digest is checked over the whole file before it
+    /// is kept. Returns the bytes downloaded now.
+    pub fn put_blob_resumable(
+        &self,
+        expected: &Digest,
+        size: u64,
+        mut fetch: impl FnMut(u64) -> Result<(bool, Box<dyn Read>), ImageError>,
+    ) -> Result<u64, ImageError> {
+        let dest = self.blob_path(expected);
+        if dest.is_file() {
+            return Ok(0);
+        }
+        let partial = self.root.join("tmp").join(format!("{}.partial", expected.hex()));
+        let mut downloaded = 0u64;
+        let mut failures = 0u32;
+        loop {
+            let offset = fs::metadata(&partial).map_or(0, |m| m.len());
+            if offset > size {
+                let _ = fs::remove_file(&partial);
+                continue;
+            }
+            if offset == size {
+                break;
+            }
+            // Where this attempt's bytes start: `offset` when the source resumed, 0 when it started over.
+            let mut base = offset;
+            let attempt = (|| -> Result<u64, ImageError> {
+                let (honoured, mut reader) = fetch(offset)?;
+                if !honoured {
+                    base = 0;
+                }
+                let mut f = fs::OpenOptions::new()
+                    .create(true)
+                    .append(honoured)
+                    .write(true)
+                    .truncate(!honoured)
+                    .open(&partial)
+                    .map_err(ImageError::io(format!("open {}", partial.display())))?;
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut n_total = 0;
+                loop {
+                    let n = reader.read(&mut buf).map_err(ImageError::io(format!("download {expected}")))?;
+                    if n == 0 {
+                        return Ok(n_total);
+                    }
+                    f.write_all(&buf[..n]).map_err(ImageError::io(format!("write {}", partial.display())))?;
+                    n_total += n as u64;
+                }
+            })();
+            // Count what reached the disk, whether the attempt finished or broke.
+            let now = fs::metadata(&partial).map_or(0, |m| m.len());
+            downloaded += now.saturating_sub(base);
+            match attempt {
+                Ok(n) => {
+                    if now < size && n == 0 {
+                        failures += 1; // the source ended early and gave nothing new
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(blob = %expected, error = %e, failures, "download interrupted; resuming");
+                    if failures >= 6 {
+                        return Err(e);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200 * u64::from(1u32 << failures.min(5))));
+                }
+            }
+            if failures >= 6 {
+                return Err(ImageError::Invalid(format!("{expected}: the source keeps ending before {size} bytes")));
+            }
+        }
+        // Verify the whole file (earlier attempts' bytes included), then keep it
+        // by renaming: a layer is written to flash once.
+        let mut f = fs::File::open(&partial).map_err(ImageError::io(format!("open {}", partial.display())))?;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut f, &mut hasher).map_err(ImageError::io(format!("hash {}", partial.display())))?;
+        let actual = Digest::from_sha256(&hasher.finalize());
+        if &actual != expected {
+            let _ = fs::remove_file(&partial);
+            return Err(ImageError::DigestMismatch { expected: expected.clone(), actual });
+        }
+        f.sync_all().map_err(ImageError::io(format!("sync {}", partial.display())))?;
+        fs::rename(&partial, &dest).map_err(ImageError::io(format!("store {}", dest.display())))?;
+        Ok(downloaded)
+    }
+
+    /// Records an image whose blobs are all in the store.
+    pub fn record_image(&self, record: &ImageRecord) -> Result<(), ImageError> {
+        self.record(record)
+    }
+
+    pub fn read_blob_document(&self, d: &Digest) -> Result<Vec<u8>, ImageError> {
+        self.read_document(d)
+    }
+
     fn read_document(&self, d: &Digest) -> Result<Vec<u8>, ImageError> {
         let path = self.blob_path(d);
         let f = fs::File::open(&path).map_err(ImageError::io(format!("open {}", path.display())))?;
