@@ -358,29 +358,53 @@ pub struct RegistryServer {
 
 impl RegistryServer {
     pub fn start(world: &World) -> RegistryServer {
+        Self::start_with(world, None)
+    }
+
+    /// A registry that requires this user and password (htpasswd, bcrypt).
+    pub fn start_with_auth(world: &World, user: &str, password: &str) -> RegistryServer {
+        Self::start_with(world, Some((user, password)))
+    }
+
+    fn start_with(world: &World, auth: Option<(&str, &str)>) -> RegistryServer {
         let port = free_port();
         let storage = world.path().join("registry-storage");
         let conf = world.path().join("registry.yml");
-        std::fs::write(
-            &conf,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                storage.display()
-            ),
-        )
-        .expect("registry.yml");
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        );
+        if let Some((user, password)) = auth {
+            let htpasswd = which("htpasswd").expect("htpasswd is not installed: .ci/run installs apache2-utils");
+            let out = Command::new(htpasswd).args(["-Bbn", user, password]).output().expect("htpasswd");
+            let file = world.path().join("htpasswd");
+            std::fs::write(&file, &out.stdout).expect("htpasswd file");
+            yaml.push_str(&format!("auth:\n  htpasswd:\n    realm: baton-test\n    path: {}\n", file.display()));
+        }
+        std::fs::write(&conf, yaml).expect("registry.yml");
         let exe = which("docker-registry")
             .expect("docker-registry is not installed: .ci/run installs it (apt-get install docker-registry)");
         let proc = Proc::spawn("registry", &exe, &["serve".into(), conf.display().to_string()], world.path());
-        wait_for("registry answering /v2/", Duration::from_secs(20), || get_text(port, "/v2/").ok());
+        // /v2/ answers 200, or 401 when auth is on: either way it is up.
+        wait_for("registry listening", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
         RegistryServer { proc, port }
     }
 
     /// Pushes the image named `name` in an OCI layout to `repo:tag` with skopeo.
     pub fn push(&self, layout: &Path, name: &str, repo_tag: &str) {
+        self.push_as(layout, name, repo_tag, None)
+    }
+
+    pub fn push_as(&self, layout: &Path, name: &str, repo_tag: &str, creds: Option<&str>) {
         let skopeo = which("skopeo").expect("skopeo is not installed: .ci/run installs it");
-        let out = Command::new(skopeo)
-            .args(["copy", "--dest-tls-verify=false"])
+        let mut cmd = Command::new(skopeo);
+        cmd.args(["copy", "--dest-tls-verify=false"]);
+        if let Some(c) = creds {
+            cmd.args(["--dest-creds", c]);
+        }
+        let out = cmd
             .arg(format!("oci:{}:{name}", layout.display()))
             .arg(format!("docker://127.0.0.1:{}/{repo_tag}", self.port))
             .output()

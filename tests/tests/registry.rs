@@ -42,24 +42,34 @@ fn pull_verifies_unpacks_and_a_second_pull_downloads_nothing() {
     assert!(e.contains("test/nope"), "{e}");
 }
 
-/// A loopback proxy that cuts the first response carrying more than `cut`
-/// bytes after sending `cut` of them; later connections pass through.
-fn cutting_proxy(upstream: u16, cut: u64) -> (u16, Arc<AtomicU64>) {
+#[derive(Clone, Copy)]
+enum Sabotage {
+    /// Close the connection after this many response bytes.
+    Cut(u64),
+    /// Flip the byte at this offset of the response.
+    Flip(u64),
+}
+
+/// A loopback proxy that sabotages the first response longer than the
+/// offset; later connections pass through untouched.
+fn sabotaging_proxy(upstream: u16, sabotage: Sabotage) -> (u16, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let cuts = Arc::new(AtomicU64::new(0));
-    let cuts2 = cuts.clone();
+    let done = Arc::new(AtomicU64::new(0));
+    let done2 = done.clone();
     std::thread::spawn(move || {
         for client in listener.incoming().take(64) {
             let Ok(mut client) = client else { continue };
             let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
-            let cut_this = cuts2.load(Ordering::SeqCst) == 0;
             let (mut c2, mut s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
             std::thread::spawn(move || {
                 let _ = std::io::copy(&mut c2, &mut s2);
             });
-            let cuts3 = cuts2.clone();
+            let done3 = done2.clone();
             std::thread::spawn(move || {
+                let at = match sabotage {
+                    Sabotage::Cut(n) | Sabotage::Flip(n) => n,
+                };
                 let mut sent = 0u64;
                 let mut buf = [0u8; 16 * 1024];
                 loop {
@@ -67,11 +77,19 @@ fn cutting_proxy(upstream: u16, cut: u64) -> (u16, Arc<AtomicU64>) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
-                    if cut_this && sent + n as u64 > cut && cuts3.fetch_add(1, Ordering::SeqCst) == 0 {
-                        let keep = (cut - sent) as usize;
-                        let _ = client.write_all(&buf[..keep]);
-                        let _ = client.shutdown(std::net::Shutdown::Both);
-                        return;
+                    if sent + n as u64 > at
+                        && done3.load(Ordering::SeqCst) == 0
+                        && done3.fetch_add(1, Ordering::SeqCst) == 0
+                    {
+                        let i = (at - sent) as usize;
+                        match sabotage {
+                            Sabotage::Cut(_) => {
+                                let _ = client.write_all(&buf[..i]);
+                                let _ = client.shutdown(std::net::Shutdown::Both);
+                                return;
+                            }
+                            Sabotage::Flip(_) => buf[i] ^= 0xff,
+                        }
                     }
                     if client.write_all(&buf[..n]).is_err() {
                         break;
@@ -82,7 +100,7 @@ fn cutting_proxy(upstream: u16, cut: u64) -> (u16, Arc<AtomicU64>) {
             });
         }
     });
-    (port, cuts)
+    (port, done)
 }
 
 #[test]
@@ -90,7 +108,7 @@ fn a_connection_cut_mid_layer_resumes_without_downloading_a_byte_twice() {
     let world = World::new();
     let registry = RegistryServer::start(&world);
     pushed_busybox(&world, &registry, "test/busybox:1");
-    let (proxy, cuts) = cutting_proxy(registry.port, 300_000);
+    let (proxy, cuts) = sabotaging_proxy(registry.port, Sabotage::Cut(300_000));
     let store = ImageStore::open(world.path().join("images")).expect("store");
     let client = Registry::new(RegistryConfig::default());
     let (record, stats) = client
@@ -139,4 +157,54 @@ fn an_applied_workload_is_pulled_by_the_agent_and_runs() {
         (ok && out.contains("pulled-and-running")).then_some(())
     });
     assert!(agent.is_running());
+}
+
+#[test]
+fn a_blob_corrupted_in_transit_is_refused_and_nothing_of_it_is_kept() {
+    let world = World::new();
+    let registry = RegistryServer::start(&world);
+    pushed_busybox(&world, &registry, "test/busybox:1");
+    let (proxy, flips) = sabotaging_proxy(registry.port, Sabotage::Flip(200_000));
+    let store = ImageStore::open(world.path().join("images")).expect("store");
+    let client = Registry::new(RegistryConfig::default());
+    let reference = format!("127.0.0.1:{proxy}/test/busybox:1");
+    let e = client.pull(&store, &reference, &Platform::current()).expect_err("a corrupt layer was accepted");
+    assert_eq!(flips.load(Ordering::SeqCst), 1, "the proxy never corrupted anything: the test proves nothing");
+    assert!(matches!(e, baton_agent::image::ImageError::DigestMismatch { .. }), "{e}");
+    assert_eq!(std::fs::read_dir(world.path().join("images/tmp")).expect("tmp").count(), 0, "corrupt bytes kept");
+    assert!(store.images().is_empty(), "an image was recorded");
+    // The next attempt (the proxy is honest now) succeeds.
+    let (record, _) = client.pull(&store, &reference, &Platform::current()).expect("retry");
+    assert!(store.rootfs(&record).expect("rootfs").join("bin/busybox").is_file());
+}
+
+#[test]
+fn a_registry_with_htpasswd_auth_needs_and_accepts_credentials() {
+    let world = World::new();
+    let registry = RegistryServer::start_with_auth(&world, "fleet", "s3cret");
+    let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");
+    let layout = baton_tests::fixtures::oci_layout(&world.path().join("layout"), &rootfs, "e2e").expect("layout");
+    registry.push_as(&layout, "e2e", "private/busybox:1", Some("fleet:s3cret"));
+    let reference = format!("127.0.0.1:{}/private/busybox:1", registry.port);
+    let store = ImageStore::open(world.path().join("images")).expect("store");
+
+    let e = Registry::new(RegistryConfig::default())
+        .pull(&store, &reference, &Platform::current())
+        .expect_err("pulled anonymously");
+    assert!(e.to_string().contains("username and password"), "{e}");
+    let wrong = RegistryConfig {
+        credentials: [(format!("127.0.0.1:{}", registry.port), ("fleet".to_string(), "nope".to_string()))].into(),
+        ..Default::default()
+    };
+    let e =
+        Registry::new(wrong).pull(&store, &reference, &Platform::current()).expect_err("pulled with a wrong password");
+    assert!(e.to_string().contains("access denied"), "{e}");
+    let right = RegistryConfig {
+        credentials: [(format!("127.0.0.1:{}", registry.port), ("fleet".to_string(), "s3cret".to_string()))].into(),
+        ..Default::default()
+    };
+    let (record, stats) =
+        Registry::new(right).pull(&store, &reference, &Platform::current()).expect("pull with credentials");
+    assert_eq!(stats.blobs_fetched, 2);
+    assert!(store.rootfs(&record).expect("rootfs").join("bin/busybox").is_file());
 }
