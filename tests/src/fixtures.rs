@@ -17,9 +17,20 @@ pub fn busybox_rootfs(dir: &Path) -> std::io::Result<PathBuf> {
     Ok(root)
 }
 
+/// One layer of a fixture image: a directory tree, or loose files.
+pub enum Layer<'a> {
+    Dir(&'a Path),
+    Files(Vec<(&'a str, Vec<u8>)>),
+}
+
 /// An OCI image layout holding one image: one gzipped layer with `rootfs`,
 /// named `name`, for this machine's architecture. Returns the layout dir.
 pub fn oci_layout(dir: &Path, rootfs: &Path, name: &str) -> std::io::Result<PathBuf> {
+    oci_layout_layers(dir, &[Layer::Dir(rootfs)], name)
+}
+
+/// An OCI image layout holding one image made of `layers` (gzipped, in order).
+pub fn oci_layout_layers(dir: &Path, layers: &[Layer<'_>], name: &str) -> std::io::Result<PathBuf> {
     use sha2::Digest as _;
     use std::io::Write;
     let put = |bytes: &[u8]| -> std::io::Result<(String, usize)> {
@@ -28,12 +39,28 @@ pub fn oci_layout(dir: &Path, rootfs: &Path, name: &str) -> std::io::Result<Path
         std::fs::write(dir.join("blobs/sha256").join(&hex), bytes)?;
         Ok((format!("sha256:{hex}"), bytes.len()))
     };
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-    tar.follow_symlinks(false);
-    tar.append_dir_all(".", rootfs)?;
-    let mut gz = tar.into_inner()?;
-    gz.flush()?;
-    let layer = put(&gz.finish()?)?;
+    let mut descriptors = Vec::new();
+    for layer in layers {
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        tar.follow_symlinks(false);
+        match layer {
+            Layer::Dir(d) => tar.append_dir_all(".", d)?,
+            Layer::Files(files) => {
+                for (path, data) in files {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_path(path)?;
+                    h.set_size(data.len() as u64);
+                    h.set_mode(0o644);
+                    h.set_cksum();
+                    tar.append(&h, &data[..])?;
+                }
+            }
+        }
+        let mut gz = tar.into_inner()?;
+        gz.flush()?;
+        let (digest, size) = put(&gz.finish()?)?;
+        descriptors.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size}));
+    }
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -46,7 +73,7 @@ pub fn oci_layout(dir: &Path, rootfs: &Path, name: &str) -> std::io::Result<Path
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.0, "size": config.1},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer.0, "size": layer.1}],
+        "layers": descriptors,
     })
     .to_string()
     .as_bytes())?;

@@ -27,14 +27,16 @@ fn main() {
         "footprint" => footprint(secs("BENCH_IDLE_SECS", 60)),
         "ingest" => ingest(secs("BENCH_DEVICES", 200) as usize, secs("BENCH_SECS", 10)),
         "runtime" => runtime(secs("BENCH_ITERS", 50) as usize),
+        "pull" => pull(secs("BENCH_PULLS", 5) as usize),
         "all" => {
             sizes();
             footprint(secs("BENCH_IDLE_SECS", 60));
             ingest(secs("BENCH_DEVICES", 200) as usize, secs("BENCH_SECS", 10));
             runtime(secs("BENCH_ITERS", 50) as usize);
+            pull(secs("BENCH_PULLS", 5) as usize);
         }
         other => {
-            eprintln!("usage: bench [sizes|footprint|ingest|runtime|all] (got {other:?})");
+            eprintln!("usage: bench [sizes|footprint|ingest|runtime|pull|all] (got {other:?})");
             std::process::exit(2);
         }
     }
@@ -387,4 +389,106 @@ fn runtime(iters: usize) {
         let _ = rt.remove(&id);
     }
     let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+fn dir_bytes(path: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(path).into_iter().flatten().flatten() {
+        let Ok(m) = e.metadata() else { continue };
+        total += if m.is_dir() { dir_bytes(&e.path()) } else { m.len() };
+    }
+    total
+}
+
+/// Pulling a 3-layer image from a local registry: Baton's registry client
+/// into a fresh store vs `skopeo copy` into a fresh OCI directory, then an
+/// update that changes one layer, both runs interleaved.
+fn pull(runs: usize) {
+    use baton_agent::image::manifest::Platform;
+    use baton_agent::image::registry::{Registry, RegistryConfig};
+    use baton_agent::image::ImageStore;
+    use baton_tests::fixtures::{oci_layout_layers, Layer};
+
+    let world = World::new();
+    let registry = RegistryServer::start(&world);
+    let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");
+    // Incompressible data, so sizes mean something: a 4 MiB "runtime" layer.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let blob: Vec<u8> = (0..4 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    for (tag, app) in [("1", "app v1"), ("2", "app v2")] {
+        let layers = [
+            Layer::Dir(&rootfs),
+            Layer::Files(vec![("opt/runtime.bin", blob.clone())]),
+            Layer::Files(vec![("opt/app.txt", app.as_bytes().to_vec())]),
+        ];
+        let layout = oci_layout_layers(&world.path().join(format!("layout-{tag}")), &layers, "app").expect("layout");
+        registry.push(&layout, "app", &format!("bench/app:{tag}"));
+    }
+    let skopeo = which("skopeo").expect("skopeo");
+    let src = |tag: &str| format!("docker://127.0.0.1:{}/bench/app:{tag}", registry.port);
+    let reference = |tag: &str| format!("127.0.0.1:{}/bench/app:{tag}", registry.port);
+    let client = Registry::new(RegistryConfig::default());
+
+    let (mut ours, mut theirs, mut ours_update, mut theirs_update) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ours_bytes, mut ours_update_bytes, mut ours_stored, mut theirs_stored, mut theirs_update_written) =
+        (0, 0, 0, 0, 0);
+    for i in 0..runs {
+        let store_dir = world.path().join(format!("store-{i}"));
+        let store = ImageStore::open(&store_dir).expect("store");
+        let t = Instant::now();
+        let (_, stats) = client.pull(&store, &reference("1"), &Platform::current()).expect("pull");
+        ours.push(t.elapsed().as_secs_f64() * 1000.0);
+        ours_bytes = stats.bytes_downloaded;
+        ours_stored = dir_bytes(&store_dir.join("blobs"));
+        let t = Instant::now();
+        let (_, stats) = client.pull(&store, &reference("2"), &Platform::current()).expect("pull v2");
+        ours_update.push(t.elapsed().as_secs_f64() * 1000.0);
+        ours_update_bytes = stats.bytes_downloaded;
+
+        let oci_dir = world.path().join(format!("oci-{i}"));
+        let copy = |tag: &str| {
+            let t = Instant::now();
+            let ok = std::process::Command::new(&skopeo)
+                .args(["copy", "--src-tls-verify=false", &src(tag)])
+                .arg(format!("oci:{}:app-{tag}", oci_dir.display()))
+                .output()
+                .expect("skopeo")
+                .status
+                .success();
+            assert!(ok, "skopeo copy failed");
+            t.elapsed().as_secs_f64() * 1000.0
+        };
+        theirs.push(copy("1"));
+        theirs_stored = dir_bytes(&oci_dir.join("blobs"));
+        theirs_update.push(copy("2"));
+        theirs_update_written = dir_bytes(&oci_dir.join("blobs")) - theirs_stored;
+    }
+    for v in [&mut ours, &mut theirs, &mut ours_update, &mut theirs_update] {
+        v.sort_by(f64::total_cmp);
+    }
+    let med = |v: &Vec<f64>| percentile(v, 0.5);
+    println!("## Image pull from a local registry: 3 layers (busybox, 4 MiB incompressible, a small app file), {runs} runs\n");
+    println!("| | Baton (pull, verify, store) | skopeo copy to an OCI dir | skopeo / Baton |\n|---|---|---|---|");
+    println!(
+        "| first pull, median | {:.0} ms | {:.0} ms | {:.2} |",
+        med(&ours),
+        med(&theirs),
+        med(&theirs) / med(&ours)
+    );
+    println!("| bytes stored (blobs) | {ours_stored} | {theirs_stored} | |");
+    println!(
+        "| update changing the app layer, median | {:.0} ms | {:.0} ms | {:.2} |",
+        med(&ours_update),
+        med(&theirs_update),
+        med(&theirs_update) / med(&ours_update)
+    );
+    println!("| bytes downloaded (Baton) / written (skopeo) by the update | {ours_update_bytes} | {theirs_update_written} | |\n");
+    println!("Baton's first pull downloaded {ours_bytes} bytes of blobs (config + layers; manifests not counted).\n");
 }
