@@ -33,6 +33,8 @@ pub struct FileConfig {
     /// Registry host → credentials.
     #[serde(default)]
     pub registry_auth: BTreeMap<String, RegistryAuth>,
+    /// Disk the image store may use before unused images are removed (MiB, default 2048).
+    pub image_budget_mb: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +71,7 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     pub insecure_registries: Vec<String>,
     pub registry_auth: BTreeMap<String, RegistryAuth>,
+    pub image_budget_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +177,7 @@ impl AgentConfig {
             cgroup_parent,
             insecure_registries: file.insecure_registries.clone(),
             registry_auth: file.registry_auth.clone(),
+            image_budget_bytes: file.image_budget_mb.unwrap_or(2048).saturating_mul(1 << 20),
             heartbeat_interval,
             keepalive,
             labels,

@@ -21,6 +21,8 @@ use crate::runtime::{now_ms, ContainerRuntime};
 use crate::supervisor::Supervisor;
 
 const TICK: Duration = Duration::from_millis(500);
+/// How often the image store is checked against its budget.
+const GC_EVERY_MS: u64 = 60_000;
 
 pub enum Input {
     Desired(Desired),
@@ -79,6 +81,9 @@ struct Engine<R: ContainerRuntime> {
     /// Workloads waiting for their image: (phase to report, reason).
     waiting: BTreeMap<String, (Phase, String)>,
     puller: Option<Puller>,
+    /// Bytes the image store may hold before unused images are collected.
+    image_budget: u64,
+    next_gc_ms: u64,
 }
 
 /// Starts the engine with `initial` (the persisted document: offline first).
@@ -87,6 +92,7 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
     sup: Supervisor<R>,
     images: ImageStore,
     registry: Option<Registry>,
+    image_budget: u64,
     initial: Desired,
 ) -> std::io::Result<EngineHandle> {
     let (tx, rx) = channel();
@@ -94,7 +100,8 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
         tokio::sync::watch::channel(Report { generation: initial.generation, ..Default::default() });
     let images = Arc::new(images);
     let puller = registry.map(|r| Puller::spawn(images.clone(), r)).transpose()?;
-    let mut engine = Engine { sup, images, desired: initial, waiting: BTreeMap::new(), puller };
+    let mut engine =
+        Engine { sup, images, desired: initial, waiting: BTreeMap::new(), puller, image_budget, next_gc_ms: 0 };
     std::thread::Builder::new().name("workloads".into()).spawn(move || {
         let mut last = None;
         loop {
@@ -114,6 +121,7 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
             engine.take_pull_results(now);
             engine.reconcile(now);
             engine.sup.tick(now);
+            engine.collect_images(now);
             let report = engine.report();
             if last.as_ref() != Some(&without_usage(&report)) {
                 last = Some(without_usage(&report));
@@ -171,6 +179,25 @@ impl<R: ContainerRuntime> Engine<R> {
         p.in_flight.insert(image.to_string());
         let _ = p.requests.send((image.to_string(), digest.map(str::to_string)));
         true
+    }
+
+    /// Keeps the store under budget without touching what the desired document
+    /// names or what a supervised container stands on.
+    fn collect_images(&mut self, now: u64) {
+        if now < self.next_gc_ms {
+            return;
+        }
+        self.next_gc_ms = now + GC_EVERY_MS;
+        let keep: BTreeSet<String> = self
+            .desired
+            .workloads
+            .iter()
+            .flat_map(|w| [w.image.clone(), w.image_digest.clone()])
+            .filter(|s| !s.is_empty())
+            .collect();
+        if let Err(e) = self.images.gc(&keep, &self.sup.rootfs_in_use(), self.image_budget) {
+            warn!(error = %e, "image GC failed");
+        }
     }
 
     fn reconcile(&mut self, now: u64) {

@@ -222,7 +222,8 @@ fn start_engine(config: &AgentConfig) -> Result<baton_agent::engine::EngineHandl
             .map(|(h, a)| (h.clone(), (a.username.clone(), a.password.clone())))
             .collect(),
     });
-    let mut handle = baton_agent::engine::spawn(supervisor, images, Some(registry), initial)?;
+    let mut handle =
+        baton_agent::engine::spawn(supervisor, images, Some(registry), config.image_budget_bytes, initial)?;
     handle.runtime = Some(std::sync::Arc::new(exec_runtime));
     Ok(handle)
 }

@@ -178,6 +178,12 @@ impl<R: ContainerRuntime> Supervisor<R> {
         }
     }
 
+    /// Image root filesystems under supervised containers (current instances,
+    /// and those still stopping): image GC must not touch them.
+    pub fn rootfs_in_use(&self) -> std::collections::BTreeSet<PathBuf> {
+        self.units.values().map(|u| u.rootfs.clone()).collect()
+    }
+
     /// What reconcile compares the desired document with.
     pub fn observed(&self) -> Vec<crate::reconcile::Observed> {
         self.units

@@ -31,12 +31,16 @@ fn load_a_layout_unpack_once_and_run_a_container_from_it() {
     let blobs = blob_count(&store_root);
     assert_eq!(blobs, 4, "2 layers + config + manifest");
 
-    // Importing again stores nothing new and keeps the same record.
+    // Importing again stores nothing new and names the same image (only its
+    // import time moves, which is what GC's "oldest unused first" wants).
+    let same = |r: &baton_agent::image::ImageRecord| {
+        (r.reference.clone(), r.manifest.clone(), r.layers.clone(), r.config_digest.clone())
+    };
     let again = store.import_layout(&layout_dir, None).unwrap();
-    assert_eq!(again, record);
+    assert_eq!(same(&again), same(&record));
     assert_eq!(blob_count(&store_root), blobs);
-    assert_eq!(store.resolve("registry.local/busybox:1", None).unwrap(), record);
-    assert_eq!(store.resolve("anything", Some(record.manifest.as_str())).unwrap(), record);
+    assert_eq!(same(&store.resolve("registry.local/busybox:1", None).unwrap()), same(&record));
+    assert_eq!(same(&store.resolve("anything", Some(record.manifest.as_str())).unwrap()), same(&record));
 
     let rootfs = store.rootfs(&record).unwrap();
     assert_eq!(store.rootfs(&record).unwrap(), rootfs, "unpacked twice");
@@ -123,4 +127,45 @@ fn a_layout_tarball_loads_and_a_shared_layer_is_stored_once() {
     store.import_layout(&dir_b, None).unwrap();
     // The configs are byte-identical, so only the new layer and the manifest are new.
     assert_eq!(blob_count(&root), before + 2);
+}
+
+#[test]
+fn gc_over_budget_removes_only_unused_images_and_their_own_blobs() {
+    let fx = Fixture::new();
+    let root = fx.dir.path().join("images");
+    let store = ImageStore::open(&root).unwrap();
+    let dir = fx.dir.path().join("layouts");
+    let shared = layer_from(Some(&fx.rootfs), &[]);
+    let mut records = Vec::new();
+    for name in ["wanted", "running", "old-unused", "new-unused"] {
+        let d = dir.join(name);
+        let base = put(&d, &shared);
+        let own = put(&d, &layer_from(None, &[("name", name.as_bytes())]));
+        let m = image(&d, here(), &[&base, &own]);
+        index(&d, name, &[(&m, None)]);
+        let r = store.import_layout(&d, None).unwrap();
+        store.rootfs(&r).unwrap();
+        records.push((r, own.digest));
+        std::thread::sleep(Duration::from_millis(5)); // distinct import times: "oldest first" needs an order
+    }
+    let keep: std::collections::BTreeSet<String> = ["wanted".to_string()].into();
+    let in_use: std::collections::BTreeSet<std::path::PathBuf> = [store.rootfs(&records[1].0).unwrap()].into();
+
+    // Under budget: nothing goes.
+    assert!(store.gc(&keep, &in_use, u64::MAX).unwrap().images_removed.is_empty());
+    // Over any budget: every unused image goes, oldest first; the others stay whole.
+    let stats = store.gc(&keep, &in_use, 0).unwrap();
+    assert_eq!(stats.images_removed, vec!["old-unused".to_string(), "new-unused".to_string()]);
+    let names: Vec<String> = store.images().into_iter().map(|r| r.reference).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    for (r, own) in &records[..2] {
+        assert!(store.rootfs(r).unwrap().join("bin/busybox").exists());
+        assert!(store.has_blob(&baton_agent::image::Digest::parse(own).unwrap()));
+        assert!(r.layers.iter().all(|l| store.has_blob(l)), "a kept image lost a layer");
+    }
+    for (_, own) in &records[2..] {
+        assert!(!store.has_blob(&baton_agent::image::Digest::parse(own).unwrap()), "an unused layer survived");
+    }
+    // Each removed image had its own layer and manifest; configs are identical here, so shared and kept.
+    assert_eq!(stats.blobs_removed, 2 * 2);
 }

@@ -10,7 +10,7 @@ pub mod registry;
 pub mod store;
 pub mod unpack;
 
-pub use store::{ImageRecord, ImageStore};
+pub use store::{GcStats, ImageRecord, ImageStore};
 
 use std::fmt;
 

@@ -306,6 +306,8 @@ impl Registry {
             manifest: digest,
             config,
             layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
+            config_digest: Some(manifest.config.digest.clone()),
+            imported_at: crate::runtime::now_ms(),
         };
         store.record_image(&record)?;
         Ok((record, stats))

@@ -4,7 +4,7 @@
 //! built in a temp dir and renamed into place, so a crash never leaves a
 //! half-unpacked rootfs that looks complete).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -27,6 +27,20 @@ pub struct ImageRecord {
     pub manifest: Digest,
     pub config: ImageConfig,
     pub layers: Vec<Digest>,
+    /// The config blob (kept by GC while the image is).
+    #[serde(default)]
+    pub config_digest: Option<Digest>,
+    /// Unix ms of the import or pull; GC removes the oldest unused image first.
+    #[serde(default)]
+    pub imported_at: u64,
+}
+
+/// What a garbage collection removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcStats {
+    pub images_removed: Vec<String>,
+    pub blobs_removed: u32,
+    pub bytes_freed: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -321,14 +335,94 @@ impl ImageStore {
             manifest: desc.digest,
             config,
             layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
+            config_digest: Some(manifest.config.digest.clone()),
+            imported_at: crate::runtime::now_ms(),
         };
         self.record(&record)?;
         Ok(record)
     }
 
+    fn rootfs_path(&self, image: &ImageRecord) -> PathBuf {
+        self.root.join("rootfs").join(image.manifest.hex())
+    }
+
+    /// Bytes the store holds (blobs and unpacked rootfs).
+    pub fn size(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(&self.root.join("blobs")) + walk(&self.root.join("rootfs"))
+    }
+
+    /// Frees space while the store is over `budget` bytes: removes the oldest
+    /// images that are neither `keep` (named by the desired document) nor
+    /// `in_use` (a container's lower layer: running, or the previous revision
+    /// kept for rollback), then every blob no remaining image references.
+    pub fn gc(&self, keep: &BTreeSet<String>, in_use: &BTreeSet<PathBuf>, budget: u64) -> Result<GcStats, ImageError> {
+        let mut stats = GcStats::default();
+        let mut size = self.size();
+        if size <= budget {
+            return Ok(stats);
+        }
+        let mut catalog = self.catalog();
+        let mut candidates: Vec<ImageRecord> = catalog
+            .images
+            .values()
+            .filter(|r| {
+                !keep.contains(&r.reference)
+                    && !keep.contains(r.manifest.as_str())
+                    && !in_use.contains(&self.rootfs_path(r))
+            })
+            .cloned()
+            .collect();
+        candidates.sort_by_key(|r| r.imported_at);
+        for victim in candidates {
+            if size <= budget {
+                break;
+            }
+            catalog.images.remove(victim.manifest.hex());
+            let rootfs = self.rootfs_path(&victim);
+            let _ = fs::remove_dir_all(&rootfs);
+            stats.images_removed.push(victim.reference.clone());
+            size = self.size();
+        }
+        if stats.images_removed.is_empty() {
+            return Ok(stats);
+        }
+        let bytes = serde_json::to_vec_pretty(&catalog).map_err(|e| ImageError::Invalid(e.to_string()))?;
+        write_atomic(&self.root.join("images.json"), &bytes).map_err(ImageError::io("write images.json"))?;
+        let referenced: BTreeSet<String> = catalog
+            .images
+            .values()
+            .flat_map(|r| std::iter::once(&r.manifest).chain(&r.config_digest).chain(&r.layers))
+            .map(|d| d.hex().to_string())
+            .collect();
+        for blob in fs::read_dir(self.root.join("blobs/sha256")).into_iter().flatten().flatten() {
+            let name = blob.file_name().to_string_lossy().into_owned();
+            if !referenced.contains(&name) {
+                let len = blob.metadata().map_or(0, |m| m.len());
+                if fs::remove_file(blob.path()).is_ok() {
+                    stats.blobs_removed += 1;
+                    stats.bytes_freed += len;
+                }
+            }
+        }
+        tracing::info!(images = ?stats.images_removed, blobs = stats.blobs_removed, freed = stats.bytes_freed, "image GC");
+        Ok(stats)
+    }
+
     /// The unpacked filesystem of `image`, unpacking it on first use.
     pub fn rootfs(&self, image: &ImageRecord) -> Result<PathBuf, ImageError> {
-        let dest = self.root.join("rootfs").join(image.manifest.hex());
+        let dest = self.rootfs_path(image);
         if dest.is_dir() {
             return Ok(dest);
         }
