@@ -312,3 +312,19 @@ fn user_workdir_env_hostname_and_cpu_limit_are_applied() {
     rt.kill(&id).unwrap();
     wait_exit(&rt, &id, T);
 }
+
+#[test]
+fn a_chatty_container_log_rotates_at_its_cap() {
+    let fx = Fixture::new();
+    let mut rt = fx.runtime();
+    rt.log_max_bytes = 8192;
+    let id = cid("chatty");
+    create(&fx, &rt, &id, &sh("i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done")).unwrap();
+    assert_eq!(wait_exit(&rt, &id, T).code, 0);
+    let dir = fx.layout.container(&id);
+    let current = std::fs::metadata(dir.join("container.log")).unwrap().len();
+    let rotated = std::fs::metadata(dir.join("container.log.1")).unwrap().len();
+    assert!(current <= 8192 && rotated <= 8192, "{current} {rotated}");
+    assert!(fx.log(&id).contains("stdout line-1999"), "the last line is in the current file");
+    assert!(!dir.join("container.log.2").exists(), "more than one old file kept");
+}

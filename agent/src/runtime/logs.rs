@@ -116,6 +116,18 @@ impl LogWriter {
         if self.pending.is_empty() {
             return Ok(());
         }
+        if self.pending.len() as u64 > self.max_bytes {
+            // More output than a file holds arrived between two flushes: keep
+            // the newest whole lines that fit; the rest would be rotated away anyway.
+            let excess = self.pending.len() - self.max_bytes as usize;
+            let cut =
+                self.pending[excess..].iter().position(|b| *b == b'\n').map_or(self.pending.len(), |p| excess + p + 1);
+            self.pending.drain(..cut);
+            if self.pending.is_empty() {
+                self.pending_since_ms = None;
+                return Ok(());
+            }
+        }
         if self.size > 0 && self.size + self.pending.len() as u64 > self.max_bytes {
             self.file = None;
             let mut rotated = self.path.clone().into_os_string();
@@ -190,6 +202,28 @@ mod tests {
         w.push(Stream::Stdout, b"no newline", 2000);
         w.finish(2000).unwrap();
         assert!(std::fs::read_to_string(&path).unwrap().ends_with("stdout no newline\n"));
+    }
+
+    #[test]
+    fn a_burst_bigger_than_the_cap_keeps_the_newest_lines_within_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let mut w = LogWriter::new(&path, 4096, 1000);
+        for i in 0..1000 {
+            w.push(Stream::Stdout, format!("line {i}\n").as_bytes(), 0);
+        }
+        w.flush().unwrap();
+        w.push(Stream::Stdout, b"after\n", 1);
+        w.finish(1).unwrap();
+        let total: u64 = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        assert!(total <= 2 * 4096, "{total} bytes on disk for a 4096-byte cap");
+        let all = std::fs::read_to_string(dir.path().join("c.log.1")).unwrap_or_default()
+            + &std::fs::read_to_string(&path).unwrap();
+        assert!(
+            all.contains("stdout line 999\n") && all.ends_with("stdout after\n") && !all.contains("stdout line 0\n"),
+            "{all}"
+        );
+        assert!(all.lines().all(|l| l.contains(" stdout ")), "a line was cut in half");
     }
 
     #[test]
