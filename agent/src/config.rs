@@ -145,7 +145,10 @@ impl AgentConfig {
         let keepalive = seconds("keepalive_s", cli.keepalive_s, file.keepalive_s, 30, 3600)?;
 
         let cgroup_cli = cli.cgroup_parent.is_some();
-        let cgroup_parent = cli.cgroup_parent.or(file.cgroup_parent).unwrap_or_else(|| "/baton".into());
+        let cgroup_parent = cli
+            .cgroup_parent
+            .or(file.cgroup_parent)
+            .unwrap_or_else(|| crate::runtime::layout::DEFAULT_CGROUP_PARENT.into());
         let clean = cgroup_parent.starts_with('/')
             && cgroup_parent.len() > 1
             && cgroup_parent.split('/').all(|c| c != ".." && c != ".")

@@ -430,6 +430,20 @@ pub fn get_text(port: u16, path: &str) -> anyhow::Result<String> {
     Ok(agent().get(format!("http://127.0.0.1:{port}{path}")).call()?.body_mut().read_to_string()?)
 }
 
+/// Loads an OCI layout into an agent's data dir the way an air-gapped device
+/// does (`baton-agent image load`); panics with its stderr on failure, returns its stdout.
+pub fn load_image(data_dir: &Path, layout: &Path) -> String {
+    let out = Command::new(bin("baton-agent"))
+        .args(["image", "load"])
+        .arg(layout)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("run baton-agent image load");
+    assert!(out.status.success(), "image load: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs the `baton` CLI against `server`; returns (exit ok, stdout, stderr).
 pub fn baton_cli(server: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin("baton"))

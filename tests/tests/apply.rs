@@ -35,14 +35,7 @@ fn apply_places_runs_updates_survives_restart_and_deletes() {
             "busybox:e2e",
         )
         .expect("layout");
-        let out = std::process::Command::new(bin("baton-agent"))
-            .args(["image", "load"])
-            .arg(&layout)
-            .arg("--data-dir")
-            .arg(&data)
-            .output()
-            .expect("image load");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        load_image(&data, &layout);
         agents.push(start_agent(&world, device, &controller.broker_url(), &["--label", &format!("site={site}")]));
     }
     wait_for("two devices", Duration::from_secs(20), || (controller.devices().len() == 2).then_some(()));

@@ -68,15 +68,7 @@ fn agent_runs_desired_workloads_survives_kill_9_and_boots_offline() {
     let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");
     let layout =
         baton_tests::fixtures::oci_layout(&world.path().join("layout"), &rootfs, "busybox:e2e").expect("layout");
-    let out = std::process::Command::new(bin("baton-agent"))
-        .args(["image", "load"])
-        .arg(&layout)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .expect("image load");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("loaded busybox:e2e"));
+    assert!(load_image(&data, &layout).contains("loaded busybox:e2e"));
 
     let mut agent = start_agent(&world, DEVICE, &controller.broker_url(), &[]);
     let mut watch = RawClient::connect(controller.mqtt, "watch");
@@ -172,13 +164,7 @@ fn operators_read_logs_exec_and_restart_through_the_controller() {
     let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");
     let layout =
         baton_tests::fixtures::oci_layout(&world.path().join("layout"), &rootfs, "busybox:e2e").expect("layout");
-    let load = std::process::Command::new(bin("baton-agent"))
-        .args(["image", "load"])
-        .arg(&layout)
-        .arg("--data-dir")
-        .arg(&data)
-        .output();
-    assert!(load.expect("image load").status.success());
+    load_image(&data, &layout);
     let mut agent = start_agent(&world, device, &controller.broker_url(), &[]);
     let mut watch = RawClient::connect(controller.mqtt, "watch");
     watch.subscribe(&format!("baton/v1/dev/{device}/report"));

@@ -296,7 +296,7 @@ impl Registry {
             }
         };
         self.fetch_blob(store, &r, &manifest.config.digest, manifest.config.size, &mut stats)?;
-        let config: ImageConfig = serde_json::from_slice(&store.read_blob_document(&manifest.config.digest)?)
+        let config: ImageConfig = serde_json::from_slice(&store.read_document(&manifest.config.digest)?)
             .map_err(|e| ImageError::Invalid(format!("image config {}: {e}", manifest.config.digest)))?;
         for layer in &manifest.layers {
             self.fetch_blob(store, &r, &layer.digest, layer.size, &mut stats)?;

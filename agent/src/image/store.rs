@@ -220,16 +220,8 @@ impl ImageStore {
         Ok(downloaded)
     }
 
-    /// Records an image whose blobs are all in the store.
-    pub fn record_image(&self, record: &ImageRecord) -> Result<(), ImageError> {
-        self.record(record)
-    }
-
-    pub fn read_blob_document(&self, d: &Digest) -> Result<Vec<u8>, ImageError> {
-        self.read_document(d)
-    }
-
-    fn read_document(&self, d: &Digest) -> Result<Vec<u8>, ImageError> {
+    /// A small blob (manifest, index, config), refused unread past 4 MiB.
+    pub fn read_document(&self, d: &Digest) -> Result<Vec<u8>, ImageError> {
         let path = self.blob_path(d);
         let f = fs::File::open(&path).map_err(ImageError::io(format!("open {}", path.display())))?;
         let mut bytes = Vec::new();
@@ -248,7 +240,8 @@ impl ImageStore {
         self.catalog().images.into_values().collect()
     }
 
-    fn record(&self, record: &ImageRecord) -> Result<(), ImageError> {
+    /// Records an image whose blobs are all in the store.
+    pub fn record_image(&self, record: &ImageRecord) -> Result<(), ImageError> {
         let mut catalog = self.catalog();
         // One reference names one image: a re-import under the same name replaces it.
         catalog.images.retain(|_, r| r.reference != record.reference || r.manifest == record.manifest);
@@ -338,7 +331,7 @@ impl ImageStore {
             config_digest: Some(manifest.config.digest.clone()),
             imported_at: crate::runtime::now_ms(),
         };
-        self.record(&record)?;
+        self.record_image(&record)?;
         Ok(record)
     }
 
