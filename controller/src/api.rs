@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
@@ -15,7 +15,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::controller::{now_ms, Controller, OpError};
 use crate::fleet::Status;
-use crate::view::{ApiError, ApplyRequest, ExecRequest, ExecResponse, LabelChange};
+use crate::view::{ApiError, ApplyRequest, ExecRequest, ExecResponse, LabelChange, ScaleRequest};
 
 pub fn router(controller: Arc<Controller>) -> Router {
     Router::new()
@@ -26,6 +26,10 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/devices/{id}/labels", patch(relabel))
         .route("/api/v1/workloads", get(list_workloads).post(apply_workloads))
         .route("/api/v1/workloads/{name}", get(get_workload).delete(delete_workload))
+        .route("/api/v1/workloads/{name}/scale", post(scale))
+        .route("/api/v1/workloads/{name}/rollout", get(get_rollout))
+        .route("/api/v1/workloads/{name}/rollout/{action}", post(rollout_action))
+        .route("/api/v1/events", get(events))
         .route("/api/v1/devices/{id}/logs/{workload}", get(logs))
         .route("/api/v1/devices/{id}/exec", post(exec))
         .route("/api/v1/devices/{id}/workloads/{workload}/restart", post(restart))
@@ -252,6 +256,36 @@ async fn delete_workload(
     State(c): State<Arc<Controller>>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    c.delete_workload(&name)?;
+    c.delete_workload(&name, now_ms())?;
     Ok(Json(serde_json::json!({"deleted": name})))
+}
+
+async fn scale(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    body: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    Ok(Json(c.scale(&name, req.replicas, now_ms())?))
+}
+
+async fn get_rollout(State(c): State<Arc<Controller>>, Path(name): Path<String>) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(c.rollout(&name)?))
+}
+
+async fn rollout_action(
+    State(c): State<Arc<Controller>>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(c.rollout_action(&name, &action, now_ms())?))
+}
+
+#[derive(serde::Deserialize)]
+struct EventQuery {
+    subject: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn events(State(c): State<Arc<Controller>>, Query(q): Query<EventQuery>) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(c.events(q.subject.as_deref(), q.limit.unwrap_or(100).min(10_000))?))
 }

@@ -2,32 +2,75 @@
 //! API and MQTT ingest call these with plain values. Owns the fleet (in
 //! memory, behind a short-held lock) and the store (the durable truth).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use baton_protocol::{validate_label, DeviceId};
+use baton_protocol::{validate_label, DeviceId, PresenceState};
 
 use baton_protocol::spec::WorkloadSpec;
 use baton_protocol::Desired;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::commands::Outgoing;
-use crate::fleet::{Change, Device, Fleet, FleetEvent, Millis};
+use crate::fleet::{Change, Device, Fleet, FleetEvent, Millis, Status};
 use crate::metrics::{Metrics, Rejection};
-use crate::schedule::{fits, place, DeviceFacts, Placed};
-use crate::store::{Store, StoreError};
-use crate::view::{ApplyResult, DeviceView, Health, LabelChange, WorkloadOnDevice, WorkloadView};
+use crate::rollout::{Observation, Rollout, State as RolloutState};
+use crate::schedule::{schedule, DeviceFacts, Placed, Schedule};
+use crate::store::{Store, StoreError, REVISION_HISTORY};
+use crate::view::{
+    ApplyResult, DeviceView, Event, Health, LabelChange, RevisionView, RolloutView, WorkloadOnDevice, WorkloadView,
+};
 use crate::workload::{Manifest, Validated};
 
 /// What placement sees of a device.
-fn facts_of(d: &Device) -> DeviceFacts {
+fn facts_of(d: &Device, now: Millis, stale_after_ms: Millis, grace_ms: Millis) -> DeviceFacts {
+    let status = d.status(now, stale_after_ms);
+    let inv = d.inventory.as_ref();
     DeviceFacts {
         id: d.id.clone(),
         labels: d.labels(),
-        arch: d.inventory.as_ref().map(|i| i.arch.clone()).unwrap_or_default(),
+        arch: inv.map(|i| i.arch.clone()).unwrap_or_default(),
+        memory_bytes: inv.map_or(0, |i| i.memory_bytes),
+        cpu_millis: inv.map_or(0, |i| u64::from(i.cpus) * 1000),
+        reachable: status != Status::Offline,
+        gone: status == Status::Offline && now.saturating_sub(d.last_seen) > grace_ms,
     }
+}
+
+/// One workload as the controller holds it.
+#[derive(Debug, Clone)]
+struct Entry {
+    manifest: Manifest,
+    revisions: BTreeMap<u64, WorkloadSpec>,
+    latest: u64,
+    stable: u64,
+    rollout: Option<Rollout>,
+}
+
+impl Entry {
+    fn active_rollout(&self) -> Option<&Rollout> {
+        self.rollout.as_ref().filter(|r| r.state.active())
+    }
+
+    /// Revisions the history must keep.
+    fn pinned(&self) -> Vec<u64> {
+        let mut keep = vec![self.stable, self.latest];
+        keep.extend(self.rollout.iter().flat_map(|r| [r.from, r.to]));
+        keep
+    }
+}
+
+/// Workloads, where they run, and what each device was last given.
+#[derive(Default)]
+struct State {
+    workloads: BTreeMap<String, Entry>,
+    schedule: Schedule,
+    /// Device → (generation, workloads) last published.
+    desired: BTreeMap<String, (u64, Vec<WorkloadSpec>)>,
+    /// Devices gone past the grace period when placement last ran.
+    gone: BTreeSet<String>,
 }
 
 pub fn now_ms() -> Millis {
@@ -47,14 +90,14 @@ pub enum OpError {
 pub struct Controller {
     pub commands: crate::commands::CommandRouter,
     outbox: UnboundedSender<Outgoing>,
+    /// Lock order: fleet, then state, then store.
     fleet: Mutex<Fleet>,
-    /// Name → (manifest, spec with its revision); the store has the same.
-    workloads: Mutex<BTreeMap<String, (Manifest, WorkloadSpec)>>,
-    /// Device → (generation, workloads) last published.
-    desired: Mutex<BTreeMap<String, (u64, Vec<WorkloadSpec>)>>,
+    state: Mutex<State>,
     store: Mutex<Store>,
     pub metrics: Metrics,
     pub stale_after_ms: Millis,
+    /// An offline device's `replicas` workloads move elsewhere after this long.
+    pub reschedule_after_ms: Millis,
     pub broker_connected: AtomicBool,
 }
 
@@ -72,19 +115,38 @@ impl Controller {
         outbox: UnboundedSender<Outgoing>,
     ) -> Result<Self, StoreError> {
         let fleet = Fleet::from_devices(store.load_devices()?);
-        let workloads: BTreeMap<String, (Manifest, WorkloadSpec)> =
-            store.load_workloads()?.into_iter().map(|(m, s)| (s.name.clone(), (m, s))).collect();
+        let workloads: BTreeMap<String, Entry> = store
+            .load_workloads()?
+            .into_iter()
+            .map(|w| {
+                let entry = Entry {
+                    manifest: w.manifest,
+                    revisions: w.revisions,
+                    latest: w.latest,
+                    stable: w.stable,
+                    rollout: w.rollout,
+                };
+                (entry.manifest.name.clone(), entry)
+            })
+            .collect();
         let desired = store.load_desired()?;
+        // Replicas stay where the last documents put them.
+        let mut schedule = Schedule::default();
+        for (device, (_, specs)) in &desired {
+            for s in specs {
+                schedule.assignment.entry(s.name.clone()).or_default().insert(device.clone());
+            }
+        }
         tracing::info!(devices = fleet.len(), workloads = workloads.len(), "fleet loaded from store");
         Ok(Self {
             commands,
             outbox,
-            workloads: Mutex::new(workloads),
-            desired: Mutex::new(desired),
+            state: Mutex::new(State { workloads, schedule, desired, gone: BTreeSet::new() }),
             fleet: Mutex::new(fleet),
             store: Mutex::new(store),
             metrics: Metrics::default(),
             stale_after_ms,
+            reschedule_after_ms: 300_000,
             broker_connected: AtomicBool::new(false),
         })
     }
@@ -92,9 +154,22 @@ impl Controller {
     /// Applies a decoded device event and persists it when durable state changed.
     pub fn apply(&self, id: &DeviceId, event: FleetEvent, now: Millis) -> Change {
         let placement_relevant = matches!(event, FleetEvent::Presence(_) | FleetEvent::Inventory(_));
+        let new_presence = match &event {
+            FleetEvent::Presence(p) => Some(p.state),
+            _ => None,
+        };
         let (change, snapshot) = {
             let mut fleet = lock(&self.fleet);
+            let before = fleet.get(id).map(|d| d.presence.state);
             let change = fleet.apply(id, event, now);
+            if let Some(after) = new_presence.filter(|s| change == Change::Persist && before != Some(*s)) {
+                let what = match (before, after) {
+                    (None, _) => "registered".to_string(),
+                    (_, PresenceState::Online) => "online".to_string(),
+                    (_, PresenceState::Offline) => "offline".to_string(),
+                };
+                self.event(&lock(&self.store), "device", id.as_str(), what, now);
+            }
             let snapshot = (change == Change::Persist).then(|| fleet.get(id).cloned()).flatten();
             (change, snapshot)
         };
@@ -106,7 +181,7 @@ impl Controller {
                 }
                 // A new device, or new labels or architecture: placement may change.
                 if placement_relevant {
-                    self.sync_desired();
+                    self.sync_desired(now);
                 }
             }
             Change::InMemory => {}
@@ -164,90 +239,375 @@ impl Controller {
         };
         lock(&self.store).save_device(&device)?;
         self.metrics.store_writes.fetch_add(1, Relaxed);
-        self.sync_desired();
+        self.sync_desired(now);
         Ok(DeviceView::new(&device, now, self.stale_after_ms))
     }
 
-    /// Stores validated workloads (the caller validated every document first,
-    /// so an invalid file stores nothing). A revision changes only when the
-    /// spec or the placement did: applying the same file twice changes nothing.
-    pub fn apply_workloads(&self, validated: Vec<Validated>, now: Millis) -> Result<Vec<ApplyResult>, OpError> {
-        let mut results = Vec::new();
-        {
-            let mut workloads = lock(&self.workloads);
-            let store = lock(&self.store);
-            for v in validated {
-                let (revision, action) = match workloads.get(&v.spec.name) {
-                    None => (1, "created"),
-                    Some((old_manifest, old)) => {
-                        let same = WorkloadSpec { revision: old.revision, ..v.spec.clone() } == *old
-                            && old_manifest.placement == v.manifest.placement;
-                        if same {
-                            (old.revision, "unchanged")
-                        } else {
-                            (old.revision + 1, "updated")
-                        }
-                    }
-                };
-                let spec = WorkloadSpec { revision, ..v.spec };
-                if action != "unchanged" {
-                    store.save_workload(&v.manifest, &spec, now)?;
-                    self.metrics.store_writes.fetch_add(1, Relaxed);
-                }
-                results.push(ApplyResult { name: spec.name.clone(), revision, action: action.into() });
-                workloads.insert(spec.name.clone(), (v.manifest, spec));
-            }
+    /// Records an event: the store's log and the controller's own.
+    fn event(&self, store: &Store, kind: &str, subject: &str, message: String, now: Millis) {
+        tracing::info!(kind, subject, "{message}");
+        let e = Event { at_ms: now, kind: kind.into(), subject: subject.into(), message };
+        if let Err(err) = store.add_event(&e) {
+            self.metrics.store_errors.fetch_add(1, Relaxed);
+            tracing::error!(error = %err, "cannot record an event");
         }
-        self.sync_desired();
+    }
+
+    pub fn events(&self, subject: Option<&str>, limit: usize) -> Result<Vec<Event>, OpError> {
+        Ok(lock(&self.store).load_events(subject, limit)?)
+    }
+
+    fn facts(&self, now: Millis) -> Vec<DeviceFacts> {
+        let fleet = lock(&self.fleet);
+        fleet.devices().map(|d| facts_of(d, now, self.stale_after_ms, self.reschedule_after_ms)).collect()
+    }
+
+    /// Stores validated workloads (the caller validated every document first,
+    /// so an invalid file stores nothing). A spec change makes a new revision
+    /// and starts its rollout; a change of placement, replicas or strategy
+    /// alone moves no container; applying the same file twice changes nothing.
+    pub fn apply_workloads(&self, validated: Vec<Validated>, now: Millis) -> Result<Vec<ApplyResult>, OpError> {
+        let facts = self.facts(now);
+        let mut results = Vec::new();
+        let mut st = lock(&self.state);
+        let store = lock(&self.store);
+        // Workloads whose revision must now reach the fleet: (name, from, to).
+        let mut roll = Vec::new();
+        for v in validated {
+            let name = v.spec.name.clone();
+            let Some(e) = st.workloads.get_mut(&name) else {
+                let spec = WorkloadSpec { revision: 1, ..v.spec };
+                store.save_workload(&v.manifest, &spec, 1, now)?;
+                store.save_revision(&spec, &[], now)?;
+                self.event(&store, "workload", &name, format!("created with image {}", spec.image), now);
+                let entry = Entry {
+                    manifest: v.manifest,
+                    revisions: BTreeMap::from([(1, spec)]),
+                    latest: 1,
+                    stable: 1,
+                    rollout: None,
+                };
+                st.workloads.insert(name.clone(), entry);
+                results.push(ApplyResult { name, revision: 1, action: "created".into() });
+                continue;
+            };
+            let same_spec = e.revisions.get(&e.latest).is_some_and(|old| {
+                WorkloadSpec { revision: e.latest, ..v.spec.clone() } == *old
+            });
+            let action = if same_spec {
+                let manifest_changed = e.manifest != v.manifest;
+                e.manifest = v.manifest;
+                // The newest revision was rolled back or aborted: applying it again retries it.
+                let retry = e.latest != e.stable && e.active_rollout().is_none();
+                if manifest_changed {
+                    store.save_workload(&e.manifest, &e.revisions[&e.latest], e.stable, now)?;
+                }
+                if retry {
+                    roll.push((name.clone(), e.stable, e.latest));
+                    "retried"
+                } else if manifest_changed {
+                    "configured"
+                } else {
+                    "unchanged"
+                }
+            } else {
+                let revision = e.latest + 1;
+                let spec = WorkloadSpec { revision, ..v.spec };
+                e.manifest = v.manifest;
+                e.latest = revision;
+                if let Some(r) = e.rollout.as_mut().filter(|r| r.state.active()) {
+                    r.supersede(revision, now);
+                    store.save_rollout(r)?;
+                }
+                store.save_workload(&e.manifest, &spec, e.stable, now)?;
+                store.save_revision(&spec, &e.pinned(), now)?;
+                e.revisions.insert(revision, spec);
+                let keep = e.pinned();
+                while e.revisions.len() > REVISION_HISTORY + keep.len() {
+                    let Some(oldest) = e.revisions.keys().copied().find(|r| !keep.contains(r)) else { break };
+                    e.revisions.remove(&oldest);
+                }
+                roll.push((name.clone(), e.stable, revision));
+                "updated"
+            };
+            results.push(ApplyResult { name, revision: e.latest, action: action.into() });
+        }
+        let schedule = self.compute_schedule(&st, &facts);
+        for (name, from, to) in roll {
+            self.start_rollout(&mut st, &store, &schedule, &facts, &name, from, to, now)?;
+        }
+        drop(store);
+        self.publish(&mut st, schedule, &facts);
         Ok(results)
     }
 
-    pub fn delete_workload(&self, name: &str) -> Result<(), OpError> {
-        if lock(&self.workloads).remove(name).is_none() {
-            return Err(OpError::NotFound(format!("workload {name} not found")));
+    /// Starts moving `name`'s devices from revision `from` to `to`: the
+    /// devices placed now, reachable ones first (a canary that is away would
+    /// hold the first wave), then by id.
+    #[allow(clippy::too_many_arguments)]
+    fn start_rollout(
+        &self,
+        st: &mut State,
+        store: &Store,
+        schedule: &Schedule,
+        facts: &[DeviceFacts],
+        name: &str,
+        from: u64,
+        to: u64,
+        now: Millis,
+    ) -> Result<(), OpError> {
+        let Some(e) = st.workloads.get_mut(name) else { return Ok(()) };
+        let placed = schedule.assignment.get(name).cloned().unwrap_or_default();
+        let mut devices: Vec<&DeviceFacts> = facts.iter().filter(|d| placed.contains(&d.id)).collect();
+        devices.sort_by(|a, b| (!a.reachable, &a.id).cmp(&(!b.reachable, &b.id)));
+        if devices.is_empty() || from == to {
+            // Nobody runs it: nothing to roll; the new revision is simply the one in force.
+            e.stable = to;
+            store.save_workload(&e.manifest, &e.revisions[&e.latest], e.stable, now)?;
+            self.event(store, "rollout", name, format!("revision {to} in force (no device runs {name} yet)"), now);
+            return Ok(());
         }
-        lock(&self.store).delete_workload(name)?;
-        self.sync_desired();
+        let strategy = crate::workload::strategy(&e.manifest).unwrap_or_default();
+        let ids = devices.iter().map(|d| d.id.clone()).collect();
+        let r = Rollout::new(name, from, to, ids, strategy, now);
+        store.save_rollout(&r)?;
+        self.event(
+            store,
+            "rollout",
+            name,
+            format!(
+                "rollout of revision {to} (from {from}) started: {} devices in {} waves, first wave {}",
+                r.devices.len(),
+                r.wave_ends.len(),
+                r.released()
+            ),
+            now,
+        );
+        e.rollout = Some(r);
         Ok(())
     }
 
-    /// Recomputes every device's desired document; stores and publishes the
-    /// ones that changed, each with the next generation.
-    pub fn sync_desired(&self) {
-        let facts: Vec<DeviceFacts> = lock(&self.fleet).devices().map(facts_of).collect();
-        let placed: Vec<Placed> = lock(&self.workloads)
-            .values()
-            .map(|(m, s)| Placed { spec: s.clone(), placement: m.placement.clone() })
-            .collect();
-        let mut desired = lock(&self.desired);
+    pub fn delete_workload(&self, name: &str, now: Millis) -> Result<(), OpError> {
+        {
+            let mut st = lock(&self.state);
+            if st.workloads.remove(name).is_none() {
+                return Err(OpError::NotFound(format!("workload {name} not found")));
+            }
+            let store = lock(&self.store);
+            store.delete_workload(name)?;
+            self.event(&store, "workload", name, "deleted".into(), now);
+        }
+        self.sync_desired(now);
+        Ok(())
+    }
+
+    /// `baton scale`: the number of devices a workload runs on.
+    pub fn scale(&self, name: &str, replicas: u32, now: Millis) -> Result<WorkloadView, OpError> {
+        if replicas == 0 {
+            return Err(OpError::Invalid("replicas must be at least 1 (delete the workload to run it nowhere)".into()));
+        }
+        {
+            let mut st = lock(&self.state);
+            let e = st.workloads.get_mut(name).ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
+            let before = e.manifest.replicas;
+            e.manifest.replicas = Some(replicas);
+            let store = lock(&self.store);
+            store.save_workload(&e.manifest, &e.revisions[&e.latest], e.stable, now)?;
+            let was = before.map_or_else(|| "every device".to_string(), |n| n.to_string());
+            self.event(&store, "workload", name, format!("scaled from {was} to {replicas} replicas"), now);
+        }
+        self.sync_desired(now);
+        self.workload(name, now)
+    }
+
+    /// `baton rollout pause|resume|abort|undo`.
+    pub fn rollout_action(&self, name: &str, action: &str, now: Millis) -> Result<RolloutView, OpError> {
+        let facts = self.facts(now);
+        let mut st = lock(&self.state);
         let store = lock(&self.store);
-        for (device, workloads) in place(&facts, &placed) {
+        let e = st.workloads.get_mut(name).ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
+        let no_rollout = || OpError::Invalid(format!("workload {name} has no rollout"));
+        let message = match action {
+            "pause" | "resume" | "abort" => {
+                let r = e.rollout.as_mut().ok_or_else(no_rollout)?;
+                match action {
+                    "pause" => r.pause(),
+                    "resume" => r.resume(),
+                    _ => r.abort(now),
+                }
+                .map_err(OpError::Invalid)?;
+                store.save_rollout(r)?;
+                match action {
+                    "pause" => format!("rollout of revision {} paused", r.to),
+                    "resume" => format!("rollout of revision {} resumed", r.to),
+                    _ => format!("rollout of revision {} aborted: devices go back to revision {}", r.to, r.from),
+                }
+            }
+            "undo" => {
+                if let Some(r) = e.rollout.as_mut().filter(|r| r.state.active()) {
+                    r.abort(now).map_err(OpError::Invalid)?;
+                    store.save_rollout(r)?;
+                    format!("rollout of revision {} undone: back to revision {}", r.to, r.from)
+                } else {
+                    let previous = e
+                        .revisions
+                        .range(..e.stable)
+                        .next_back()
+                        .map(|(_, s)| s.clone())
+                        .ok_or_else(|| OpError::Invalid(format!("workload {name} has no revision before {}", e.stable)))?;
+                    let revision = e.latest + 1;
+                    let spec = WorkloadSpec { revision, ..previous.clone() };
+                    e.latest = revision;
+                    store.save_workload(&e.manifest, &spec, e.stable, now)?;
+                    store.save_revision(&spec, &e.pinned(), now)?;
+                    e.revisions.insert(revision, spec);
+                    let from = e.stable;
+                    let schedule = self.compute_schedule(&st, &facts);
+                    self.start_rollout(&mut st, &store, &schedule, &facts, name, from, revision, now)?;
+                    format!("undo: revision {revision} restores the spec of revision {}", previous.revision)
+                }
+            }
+            other => return Err(OpError::Invalid(format!("unknown rollout action {other:?}"))),
+        };
+        self.event(&store, "rollout", name, message, now);
+        drop(store);
+        let view = st.workloads.get(name).and_then(|e| e.rollout.as_ref()).map(RolloutView::new);
+        let schedule = self.compute_schedule(&st, &facts);
+        self.publish(&mut st, schedule, &facts);
+        view.ok_or_else(|| OpError::Invalid(format!("workload {name} has no rollout")))
+    }
+
+    /// Advances every rollout on what devices reported, and moves replicas
+    /// off devices gone past the grace period. Called about once a second.
+    pub fn tick(&self, now: Millis) {
+        let mut changed = false;
+        {
+            let fleet = lock(&self.fleet);
+            let devices: std::collections::HashMap<&str, &Device> = fleet.devices().map(|d| (d.id.as_str(), d)).collect();
+            let mut st = lock(&self.state);
+            let store = lock(&self.store);
+            for (name, e) in st.workloads.iter_mut() {
+                let Some(r) = e.rollout.as_mut().filter(|r| r.state.active()) else { continue };
+                let observe = |id: &str| -> Observation {
+                    let Some(d) = devices.get(id) else { return Observation::default() };
+                    Observation {
+                        online: d.status(now, self.stale_after_ms) == Status::Online,
+                        status: d.report.as_ref().and_then(|r| r.workloads.iter().find(|w| &w.name == name).cloned()),
+                    }
+                };
+                let events = r.step(now, observe);
+                if events.is_empty() {
+                    continue;
+                }
+                changed = true;
+                if let Err(err) = store.save_rollout(r) {
+                    tracing::error!(workload = %name, error = %err, "cannot store rollout progress");
+                }
+                if r.state == RolloutState::Succeeded {
+                    e.stable = r.to;
+                    if let Err(err) = store.save_workload(&e.manifest, &e.revisions[&e.latest], e.stable, now) {
+                        tracing::error!(workload = %name, error = %err, "cannot store the stable revision");
+                    }
+                }
+                for message in events {
+                    self.event(&store, "rollout", name, message, now);
+                }
+            }
+            let gone: BTreeSet<String> = fleet
+                .devices()
+                .filter(|d| facts_of(d, now, self.stale_after_ms, self.reschedule_after_ms).gone)
+                .map(|d| d.id.clone())
+                .collect();
+            if gone != st.gone {
+                changed = true;
+            }
+        }
+        if changed {
+            self.sync_desired(now);
+        }
+    }
+
+    fn compute_schedule(&self, st: &State, facts: &[DeviceFacts]) -> Schedule {
+        let placed: Vec<Placed> = st
+            .workloads
+            .values()
+            .map(|e| Placed {
+                spec: e.revisions[&e.latest].clone(),
+                placement: e.manifest.placement.clone(),
+                replicas: e.manifest.replicas,
+            })
+            .collect();
+        schedule(facts, &placed, &st.schedule.assignment)
+    }
+
+    /// Recomputes placement and every device's desired document; stores and
+    /// publishes the ones that changed, each with the next generation.
+    pub fn sync_desired(&self, now: Millis) {
+        let facts = self.facts(now);
+        let mut st = lock(&self.state);
+        let schedule = self.compute_schedule(&st, &facts);
+        self.publish(&mut st, schedule, &facts);
+    }
+
+    fn publish(&self, st: &mut State, schedule: Schedule, facts: &[DeviceFacts]) {
+        for (name, n) in &schedule.unplaced {
+            if st.schedule.unplaced.get(name) != Some(n) {
+                tracing::warn!(workload = %name, replicas = n, "replicas fit on no device");
+            }
+        }
+        // Which devices each active rollout has released.
+        let released: BTreeMap<&str, BTreeSet<&str>> = st
+            .workloads
+            .iter()
+            .filter_map(|(n, e)| e.active_rollout().map(|r| (n.as_str(), r.released_set())))
+            .collect();
+        let by_device = schedule.by_device();
+        let mut docs = Vec::new();
+        for d in facts {
+            let mut specs = Vec::new();
+            for name in by_device.get(d.id.as_str()).into_iter().flatten() {
+                let Some(e) = st.workloads.get(*name) else { continue };
+                let revision = match e.active_rollout() {
+                    Some(r) => r.revision_for(released.get(name).is_some_and(|s| s.contains(d.id.as_str()))),
+                    None => e.stable,
+                };
+                if let Some(spec) = e.revisions.get(&revision).or_else(|| e.revisions.get(&e.latest)) {
+                    specs.push(spec.clone());
+                }
+            }
+            specs.sort_by(|a, b| a.name.cmp(&b.name));
+            docs.push((d.id.clone(), specs));
+        }
+        st.gone = facts.iter().filter(|d| d.gone).map(|d| d.id.clone()).collect();
+        st.schedule = schedule;
+        let store = lock(&self.store);
+        for (device, workloads) in docs {
             // Unchanged, or nothing to say to a device that never had a document.
-            let unchanged = match desired.get(&device) {
+            let unchanged = match st.desired.get(&device) {
                 Some((_, w)) => *w == workloads,
                 None => workloads.is_empty(),
             };
             if unchanged {
                 continue;
             }
-            let generation = desired.get(&device).map_or(1, |(g, _)| g + 1);
+            let generation = st.desired.get(&device).map_or(1, |(g, _)| g + 1);
             if let Err(e) = store.save_desired(&device, generation, &workloads) {
                 self.metrics.store_errors.fetch_add(1, Relaxed);
                 tracing::error!(%device, error = %e, "cannot store a desired document; not publishing it");
                 continue;
             }
-            tracing::info!(%device, generation, workloads = workloads.len(), "desired document changed");
+            tracing::debug!(%device, generation, workloads = workloads.len(), "desired document changed");
             if let Ok(id) = DeviceId::new(device.clone()) {
                 let _ = self.outbox.send(Outgoing::Desired(id, Desired { generation, workloads: workloads.clone() }));
             }
-            desired.insert(device, (generation, workloads));
+            st.desired.insert(device, (generation, workloads));
         }
     }
 
     /// Publishes every stored desired document again (after a (re)connect:
     /// an embedded broker keeps no retained messages across a restart).
     pub fn republish_desired(&self) {
-        for (device, (generation, workloads)) in lock(&self.desired).iter() {
+        for (device, (generation, workloads)) in lock(&self.state).desired.iter() {
             if let Ok(id) = DeviceId::new(device.clone()) {
                 let doc = Desired { generation: *generation, workloads: workloads.clone() };
                 let _ = self.outbox.send(Outgoing::Desired(id, doc));
@@ -256,32 +616,53 @@ impl Controller {
     }
 
     pub fn workloads(&self, now: Millis) -> Vec<WorkloadView> {
-        let names: Vec<String> = lock(&self.workloads).keys().cloned().collect();
+        let names: Vec<String> = lock(&self.state).workloads.keys().cloned().collect();
         names.iter().filter_map(|n| self.workload(n, now).ok()).collect()
     }
 
     pub fn workload(&self, name: &str, now: Millis) -> Result<WorkloadView, OpError> {
-        let (manifest, spec) = lock(&self.workloads)
-            .get(name)
-            .cloned()
-            .ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
-        let devices = lock(&self.fleet)
+        let fleet = lock(&self.fleet);
+        let st = lock(&self.state);
+        let e = st.workloads.get(name).ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
+        let latest = &e.revisions[&e.latest];
+        let placed = st.schedule.assignment.get(name);
+        let released = e.active_rollout().map(Rollout::released_set).unwrap_or_default();
+        let devices = fleet
             .devices()
-            .filter(|d| fits(&manifest.placement, &facts_of(d)))
+            .filter(|d| placed.is_some_and(|p| p.contains(&d.id)))
             .map(|d| WorkloadOnDevice {
                 device: d.id.clone(),
                 device_status: d.status(now, self.stale_after_ms),
+                desired_revision: e
+                    .active_rollout()
+                    .map_or(e.stable, |r| r.revision_for(released.contains(d.id.as_str()))),
                 reported: d.report.as_ref().and_then(|r| r.workloads.iter().find(|w| w.name == name).cloned()),
             })
             .collect();
         Ok(WorkloadView {
-            name: spec.name.clone(),
-            revision: spec.revision,
-            image: spec.image.clone(),
-            placement: manifest.placement.clone(),
+            name: name.to_string(),
+            revision: e.latest,
+            stable_revision: e.stable,
+            image: latest.image.clone(),
+            placement: e.manifest.placement.clone(),
+            replicas: e.manifest.replicas,
+            unplaced: st.schedule.unplaced.get(name).copied().unwrap_or(0),
+            revisions: e
+                .revisions
+                .values()
+                .rev()
+                .map(|s| RevisionView { revision: s.revision, image: s.image.clone() })
+                .collect(),
+            rollout: e.rollout.as_ref().map(RolloutView::new),
             devices,
-            manifest,
+            manifest: e.manifest.clone(),
         })
+    }
+
+    pub fn rollout(&self, name: &str) -> Result<RolloutView, OpError> {
+        let st = lock(&self.state);
+        let e = st.workloads.get(name).ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
+        e.rollout.as_ref().map(RolloutView::new).ok_or_else(|| OpError::NotFound(format!("workload {name} has had no rollout")))
     }
 
     pub fn status_counts(&self, now: Millis) -> BTreeMap<&'static str, usize> {

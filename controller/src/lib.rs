@@ -9,6 +9,7 @@ pub mod controller;
 pub mod fleet;
 pub mod ingest;
 pub mod metrics;
+pub mod rollout;
 pub mod schedule;
 pub mod server;
 pub mod store;

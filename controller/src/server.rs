@@ -30,6 +30,8 @@ pub struct ServerConfig {
     /// How often heartbeat-only changes (`last_seen`) are written to the store.
     pub flush_every: Duration,
     pub max_devices: usize,
+    /// An offline device's `replicas` workloads move elsewhere after this long.
+    pub reschedule_after: Duration,
 }
 
 impl ServerConfig {
@@ -58,7 +60,9 @@ pub async fn serve(
     let store = Store::open(&db)?;
     let (outbox_tx, outbox) = tokio::sync::mpsc::unbounded_channel();
     let commands = crate::commands::CommandRouter::new(outbox_tx.clone());
-    let controller = Arc::new(Controller::new(store, cfg.stale_after.as_millis() as u64, commands, outbox_tx)?);
+    let mut controller = Controller::new(store, cfg.stale_after.as_millis() as u64, commands, outbox_tx)?;
+    controller.reschedule_after_ms = cfg.reschedule_after.as_millis() as u64;
+    let controller = Arc::new(controller);
 
     if let BrokerMode::Embedded(addr) = cfg.broker {
         broker::start(addr, cfg.max_devices + 16)?;
@@ -72,6 +76,7 @@ pub async fn serve(
     let client_id = format!("baton-controller-{}", std::process::id());
     let ingest = tokio::spawn(ingest::run(controller.clone(), cfg.broker_url(), client_id, outbox, stop_rx.clone()));
     let flusher = tokio::spawn(flush_loop(controller.clone(), cfg.flush_every, stop_rx.clone()));
+    let ticker = tokio::spawn(tick_loop(controller.clone(), stop_rx.clone()));
 
     tracing::info!(http = %http_addr, broker = %cfg.broker_url(), data = %cfg.data_dir.display(), "controller serving");
     if let Some(ready) = ready {
@@ -88,6 +93,7 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     let _ = ingest.await;
     let _ = flusher.await;
+    let _ = ticker.await;
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
     // Whatever heartbeats moved since the last flush.
     controller.flush_seen(0)?;
@@ -112,5 +118,20 @@ async fn flush_loop(controller: Arc<Controller>, every: Duration, mut stop: toki
             }
             Err(e) => tracing::error!(error = %e, "cannot flush last_seen; will retry"),
         }
+    }
+}
+
+/// Rollout gates and grace periods are judged on the clock, twice a second.
+async fn tick_loop(controller: Arc<Controller>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        // Placement and rollout steps take locks and may write SQLite: off the async workers.
+        let c = controller.clone();
+        let _ = tokio::task::spawn_blocking(move || c.tick(now_ms())).await;
     }
 }

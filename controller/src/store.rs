@@ -11,6 +11,8 @@ use baton_protocol::DeviceId;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::fleet::Device;
+use crate::rollout::Rollout;
+use crate::view::Event;
 use crate::workload::Manifest;
 
 /// Append only: never edit a migration that has shipped.
@@ -34,7 +36,45 @@ const MIGRATIONS: &[&str] = &[
         generation INTEGER NOT NULL,
         workloads TEXT NOT NULL
     ) STRICT;",
+    // 3: revision history, the revision the fleet settled on (`stable`),
+    // rollouts in progress or finished (one JSON document per workload), and
+    // the event log.
+    "CREATE TABLE revisions (
+        workload TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        spec TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (workload, revision)
+    ) STRICT;
+    ALTER TABLE workloads ADD COLUMN stable INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE rollouts (
+        workload TEXT PRIMARY KEY NOT NULL,
+        doc TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        message TEXT NOT NULL
+    ) STRICT;",
 ];
+
+/// Revisions kept per workload besides the stable one and those of its rollout.
+pub const REVISION_HISTORY: usize = 10;
+/// Events kept; older ones are dropped as new ones arrive.
+const EVENT_HISTORY: i64 = 10_000;
+
+/// A stored workload: its manifest, every kept revision, the newest and the
+/// one the fleet settled on, and its last rollout.
+#[derive(Debug, Clone)]
+pub struct StoredWorkload {
+    pub manifest: Manifest,
+    pub revisions: BTreeMap<u64, WorkloadSpec>,
+    pub latest: u64,
+    pub stable: u64,
+    pub rollout: Option<Rollout>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -118,35 +158,121 @@ impl Store {
         Ok(n)
     }
 
-    pub fn save_workload(&self, manifest: &Manifest, spec: &WorkloadSpec, now: u64) -> Result<(), StoreError> {
-        let json = |v: Result<String, serde_json::Error>| {
-            v.map_err(|source| StoreError::Corrupt { id: spec.name.clone(), source })
-        };
+    fn json<T: serde::Serialize>(id: &str, v: &T) -> Result<String, StoreError> {
+        serde_json::to_string(v).map_err(|source| StoreError::Corrupt { id: id.into(), source })
+    }
+
+    /// Writes the manifest, the newest spec and the stable revision number.
+    pub fn save_workload(
+        &self,
+        manifest: &Manifest,
+        latest: &WorkloadSpec,
+        stable: u64,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let id = &latest.name;
         self.conn.execute(
-            "INSERT INTO workloads (name, manifest, spec, updated_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(name) DO UPDATE SET manifest = excluded.manifest, spec = excluded.spec, updated_at = excluded.updated_at",
-            params![spec.name, json(serde_json::to_string(manifest))?, json(serde_json::to_string(spec))?, now as i64],
+            "INSERT INTO workloads (name, manifest, spec, updated_at, stable) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(name) DO UPDATE SET manifest = excluded.manifest, spec = excluded.spec,
+                updated_at = excluded.updated_at, stable = excluded.stable",
+            params![id, Self::json(id, manifest)?, Self::json(id, latest)?, now as i64, stable as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Records a revision, and forgets the oldest beyond the history kept
+    /// (never one named in `keep`).
+    pub fn save_revision(&self, spec: &WorkloadSpec, keep: &[u64], now: u64) -> Result<(), StoreError> {
+        let id = &spec.name;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO revisions (workload, revision, spec, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id, spec.revision as i64, Self::json(id, spec)?, now as i64],
+        )?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT revision FROM revisions WHERE workload = ?1 ORDER BY revision DESC LIMIT -1 OFFSET ?2",
+        )?;
+        let old: Vec<i64> =
+            stmt.query_map(params![id, REVISION_HISTORY as i64], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        for rev in old.into_iter().filter(|r| !keep.contains(&(*r as u64))) {
+            self.conn.execute("DELETE FROM revisions WHERE workload = ?1 AND revision = ?2", params![id, rev])?;
+        }
+        Ok(())
+    }
+
+    pub fn save_rollout(&self, rollout: &Rollout) -> Result<(), StoreError> {
+        let id = &rollout.workload;
+        self.conn.execute(
+            "INSERT INTO rollouts (workload, doc) VALUES (?1, ?2) ON CONFLICT(workload) DO UPDATE SET doc = excluded.doc",
+            params![id, Self::json(id, rollout)?],
         )?;
         Ok(())
     }
 
     pub fn delete_workload(&self, name: &str) -> Result<bool, StoreError> {
+        self.conn.execute("DELETE FROM revisions WHERE workload = ?1", [name])?;
+        self.conn.execute("DELETE FROM rollouts WHERE workload = ?1", [name])?;
         Ok(self.conn.execute("DELETE FROM workloads WHERE name = ?1", [name])? > 0)
     }
 
-    pub fn load_workloads(&self) -> Result<Vec<(Manifest, WorkloadSpec)>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT name, manifest, spec FROM workloads ORDER BY name")?;
-        let rows =
-            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
+    pub fn load_workloads(&self) -> Result<Vec<StoredWorkload>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT name, manifest, spec, stable FROM workloads ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+        })?;
+        let mut revs = self.conn.prepare("SELECT spec FROM revisions WHERE workload = ?1")?;
+        let mut rollouts = self.conn.prepare("SELECT doc FROM rollouts WHERE workload = ?1")?;
         let mut out = Vec::new();
         for row in rows {
-            let (name, manifest, spec) = row?;
+            let (name, manifest, spec, stable) = row?;
             let corrupt = |source| StoreError::Corrupt { id: format!("workload {name}"), source };
-            out.push((
-                serde_json::from_str(&manifest).map_err(corrupt)?,
-                serde_json::from_str(&spec).map_err(corrupt)?,
-            ));
+            let latest: WorkloadSpec = serde_json::from_str(&spec).map_err(corrupt)?;
+            let mut revisions = BTreeMap::new();
+            for doc in revs.query_map([&name], |r| r.get::<_, String>(0))? {
+                let s: WorkloadSpec = serde_json::from_str(&doc?).map_err(corrupt)?;
+                revisions.insert(s.revision, s);
+            }
+            let rollout = rollouts
+                .query_row([&name], |r| r.get::<_, String>(0))
+                .optional()?
+                .map(|doc| serde_json::from_str(&doc).map_err(corrupt))
+                .transpose()?;
+            // A database from before revisions were kept: the newest is the stable one.
+            let stable = if stable == 0 { latest.revision } else { stable as u64 };
+            let latest_rev = latest.revision;
+            revisions.entry(latest_rev).or_insert(latest);
+            out.push(StoredWorkload {
+                manifest: serde_json::from_str(&manifest).map_err(corrupt)?,
+                revisions,
+                latest: latest_rev,
+                stable,
+                rollout,
+            });
         }
+        Ok(out)
+    }
+
+    pub fn add_event(&self, e: &Event) -> Result<(), StoreError> {
+        let id: i64 = self.conn.query_row(
+            "INSERT INTO events (at, kind, subject, message) VALUES (?1, ?2, ?3, ?4) RETURNING id",
+            params![e.at_ms as i64, e.kind, e.subject, e.message],
+            |r| r.get(0),
+        )?;
+        if id % 1000 == 0 {
+            self.conn.execute("DELETE FROM events WHERE id <= ?1", [id - EVENT_HISTORY])?;
+        }
+        Ok(())
+    }
+
+    /// The newest `limit` events about `subject` (all when None), oldest first.
+    pub fn load_events(&self, subject: Option<&str>, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT at, kind, subject, message FROM events WHERE ?1 IS NULL OR subject = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![subject, limit as i64], |r| {
+            Ok(Event { at_ms: r.get::<_, i64>(0)? as u64, kind: r.get(1)?, subject: r.get(2)?, message: r.get(3)? })
+        })?;
+        let mut out: Vec<Event> = rows.collect::<Result<_, _>>()?;
+        out.reverse();
         Ok(out)
     }
 

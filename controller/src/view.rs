@@ -104,30 +104,106 @@ pub struct ApplyResult {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkloadView {
     pub name: String,
+    /// The newest revision.
     pub revision: u64,
+    /// The revision the fleet settled on (differs from `revision` while a
+    /// rollout runs, or after one was rolled back).
+    pub stable_revision: u64,
     pub image: String,
     pub placement: crate::workload::Placement,
+    /// `None`: every matching device.
+    pub replicas: Option<u32>,
+    /// Replicas that fit on no device.
+    pub unplaced: u32,
+    pub revisions: Vec<RevisionView>,
+    pub rollout: Option<RolloutView>,
     pub devices: Vec<WorkloadOnDevice>,
     pub manifest: crate::workload::Manifest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevisionView {
+    pub revision: u64,
+    pub image: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkloadOnDevice {
     pub device: String,
     pub device_status: Status,
+    /// The revision this device is asked to run.
+    pub desired_revision: u64,
     /// What the device last reported for this workload (None: nothing yet).
     pub reported: Option<baton_protocol::WorkloadStatus>,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutView {
+    pub workload: String,
+    pub from: u64,
+    pub to: u64,
+    pub state: crate::rollout::State,
+    /// 1-based number of the wave released last, and how many there are.
+    pub wave: usize,
+    pub waves: usize,
+    pub counts: crate::rollout::Counts,
+    pub started_ms: Millis,
+    pub finished_ms: Option<Millis>,
+    pub reason: Option<String>,
+    /// Devices that failed the new revision, with why.
+    pub failed: Vec<(String, String)>,
+}
+
+impl RolloutView {
+    pub fn new(r: &crate::rollout::Rollout) -> Self {
+        Self {
+            workload: r.workload.clone(),
+            from: r.from,
+            to: r.to,
+            state: r.state,
+            wave: if r.wave_ends.is_empty() { 0 } else { r.wave + 1 },
+            waves: r.wave_ends.len(),
+            counts: r.counts(),
+            started_ms: r.started_ms,
+            finished_ms: r.finished_ms,
+            reason: r.reason.clone(),
+            failed: r
+                .progress
+                .iter()
+                .filter_map(|(d, p)| match &p.outcome {
+                    crate::rollout::Outcome::Failed(why) => Some((d.clone(), why.clone())),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One entry of the event log (`baton get events`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Event {
+    pub at_ms: Millis,
+    /// `workload`, `rollout`, `device`.
+    pub kind: String,
+    pub subject: String,
+    pub message: String,
+}
+
+/// Body of `POST /api/v1/workloads/{name}/scale`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScaleRequest {
+    pub replicas: u32,
+}
+
 impl WorkloadView {
-    /// Devices reporting the current revision running.
+    /// Devices reporting the revision they are asked to run, running.
     pub fn running(&self) -> usize {
         self.devices
             .iter()
             .filter(|d| {
                 d.reported
                     .as_ref()
-                    .is_some_and(|r| r.revision == self.revision && r.phase == baton_protocol::Phase::Running)
+                    .is_some_and(|r| r.revision == d.desired_revision && r.phase == baton_protocol::Phase::Running)
             })
             .count()
     }
@@ -137,7 +213,7 @@ impl WorkloadView {
             .iter()
             .filter(|d| {
                 d.reported.as_ref().is_some_and(|r| {
-                    r.revision == self.revision
+                    r.revision == d.desired_revision
                         && r.phase == baton_protocol::Phase::Running
                         && r.health == baton_protocol::Health::Healthy
                 })

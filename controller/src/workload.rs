@@ -16,6 +16,8 @@ use baton_protocol::spec::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::rollout::{Strategy, Wave};
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -61,7 +63,82 @@ pub struct Manifest {
     pub health_deadline: Option<u32>,
     #[serde(default)]
     pub placement: Placement,
+    /// How many devices run it; absent = every device that matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// How a new revision reaches the devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutManifest>,
 }
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutManifest {
+    /// Cumulative wave sizes: device counts or percentages (`[1, 10%, 50%, 100%]`).
+    #[serde(default)]
+    pub waves: Vec<Quantity>,
+    /// Seconds a device must run the new revision healthy to count (default 10).
+    pub min_ready: Option<u32>,
+    /// Share of updated devices allowed to fail before everything rolls back (`10%`, default).
+    pub max_failures: Option<Quantity>,
+}
+
+/// A number or a string in YAML (`3`, `25%`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Quantity {
+    Number(u64),
+    Text(String),
+}
+
+impl std::fmt::Display for Quantity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Quantity::Number(n) => write!(f, "{n}"),
+            Quantity::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+/// The rollout strategy of a validated manifest.
+pub fn strategy(m: &Manifest) -> Result<Strategy, (String, String)> {
+    let mut s = Strategy::default();
+    let deadline_s = u64::from(m.health_deadline.unwrap_or(DEFAULT_HEALTH_DEADLINE_S));
+    let Some(r) = &m.rollout else {
+        s.deadline_ms = (deadline_s + 60) * 1000 + s.min_ready_ms;
+        return Ok(s);
+    };
+    if !r.waves.is_empty() {
+        s.waves = Vec::new();
+        for (i, w) in r.waves.iter().enumerate() {
+            let wave = Wave::parse(&w.to_string()).ok_or_else(|| {
+                (format!("rollout.waves[{i}]"), format!("{:?}: use a device count (3) or a percentage (25%)", w.to_string()))
+            })?;
+            s.waves.push(wave);
+        }
+    }
+    if let Some(m) = r.min_ready {
+        s.min_ready_ms = u64::from(m) * 1000;
+    }
+    if let Some(q) = &r.max_failures {
+        let text = q.to_string();
+        s.max_failure_pct = text
+            .strip_suffix('%')
+            .unwrap_or(&text)
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| *p <= 100)
+            .ok_or_else(|| ("rollout.max_failures".to_string(), format!("{text:?}: use a percentage, 0% to 100%")))?;
+    }
+    // The device rolls back by itself after the health deadline; the
+    // controller gives it a minute more to say so over a slow link.
+    s.deadline_ms = (deadline_s + 60) * 1000 + s.min_ready_ms;
+    Ok(s)
+}
+
+/// Seconds a new revision has to become healthy on a device.
+pub const DEFAULT_HEALTH_DEADLINE_S: u32 = 120;
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -163,6 +240,9 @@ pub struct Placement {
     /// OCI architectures allowed (`arm64`, `arm`, `amd64`); empty = any.
     #[serde(default)]
     pub arch: Vec<String>,
+    /// With `replicas`: spread them across the values of this device label (`site`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -366,6 +446,13 @@ pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
         NetworkName::Host => NetworkMode::Host,
         NetworkName::None => NetworkMode::None,
     };
+    if m.replicas == Some(0) {
+        return bad("replicas", "must be at least 1 (delete the workload to run it nowhere)".into());
+    }
+    if m.placement.spread_by.is_some() && m.replicas.is_none() {
+        return bad("placement.spread_by", "only with replicas: a workload on every device is spread already".into());
+    }
+    strategy(m)?;
     let liveness = m.liveness.as_ref().map(|p| probe("liveness", p)).transpose()?;
     let readiness = m.readiness.as_ref().map(|p| probe("readiness", p)).transpose()?;
     for (field, p) in [("liveness", &liveness), ("readiness", &readiness)] {
@@ -380,7 +467,7 @@ pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
         revision: 0,
         image: m.image.clone(),
         image_digest: String::new(),
-        health_deadline_s: m.health_deadline.unwrap_or(120),
+        health_deadline_s: m.health_deadline.unwrap_or(DEFAULT_HEALTH_DEADLINE_S),
         container: ContainerSpec {
             command: m.command.clone(),
             args: m.args.clone(),
@@ -486,6 +573,11 @@ image: reg/other:1
             ("name: a\nimage: x\n---\nname: a\nimage: y\n", "defined twice", "name", 2),
             ("", "no workload documents", "(file)", 1),
             ("name: [\n", "", "(yaml)", 1),
+            ("name: a\nimage: x\nreplicas: 0\n", "at least 1", "replicas", 1),
+            ("name: a\nimage: x\nplacement: {spread_by: site}\n", "only with replicas", "placement.spread_by", 1),
+            ("name: a\nimage: x\nrollout: {waves: [1, 0%]}\n", "a percentage (25%)", "rollout.waves[1]", 1),
+            ("name: a\nimage: x\nrollout: {max_failures: lots}\n", "0% to 100%", "rollout.max_failures", 1),
+            ("name: a\nimage: x\nrollout: {wave: [1]}\n", "unknown field `wave`", "wave", 1),
         ];
         for (yaml, message, field, doc) in cases {
             let e = parse("bad.yaml", yaml).expect_err(yaml);

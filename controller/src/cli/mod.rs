@@ -93,8 +93,38 @@ pub enum Command {
         #[arg(long, short)]
         device: String,
     },
+    /// Watch and steer a workload's rollout.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
+    /// Set how many devices run a workload.
+    Scale {
+        workload: String,
+        #[arg(long)]
+        replicas: u32,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+pub enum RolloutCmd {
+    /// Show the latest rollout: waves, devices updated, healthy, failed.
+    Status {
+        workload: String,
+        /// Follow it until it finishes (a progress bar on a terminal, a line per change otherwise).
+        #[arg(long, short)]
+        watch: bool,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Hold the rollout at its current wave.
+    Pause { workload: String },
+    /// Continue a paused rollout.
+    Resume { workload: String },
+    /// Stop the rollout and send every updated device back to the previous revision.
+    Abort { workload: String },
+    /// Abort a running rollout, or roll out the revision before the current one.
+    Undo { workload: String },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -103,6 +133,8 @@ pub enum Resource {
     Devices,
     #[value(alias = "workload")]
     Workloads,
+    #[value(alias = "event")]
+    Events,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -128,6 +160,9 @@ pub struct ServerArgs {
     /// Connections the embedded broker accepts (devices + operators).
     #[arg(long, default_value_t = 10_000)]
     pub max_devices: usize,
+    /// Seconds a device may stay offline before its `replicas` workloads move to other devices.
+    #[arg(long, default_value_t = 300)]
+    pub reschedule_after: u64,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -148,6 +183,7 @@ impl ServerArgs {
             stale_after: Duration::from_secs(self.stale_after),
             flush_every: Duration::from_secs(self.flush_every),
             max_devices: self.max_devices,
+            reschedule_after: Duration::from_secs(self.reschedule_after),
         })
     }
 }
@@ -196,6 +232,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             })
         }
+        Command::Get { resource: Resource::Events, output } => {
+            let events: Vec<crate::view::Event> = client().get("/api/v1/events?limit=200")?;
+            print(output, &events, || output::events_table(&events, now_ms()))
+        }
+        Command::Describe { resource: Resource::Events, .. } => {
+            anyhow::bail!("events have no details; `baton get events` lists them")
+        }
+        Command::Rollout(cmd) => rollout(&client(), cmd),
+        Command::Scale { workload, replicas } => {
+            let req = crate::view::ScaleRequest { replicas };
+            let w: crate::view::WorkloadView = client().post(&format!("/api/v1/workloads/{workload}/scale"), &req)?;
+            println!("workload/{} scaled to {} replicas ({} unplaced)", w.name, replicas, w.unplaced);
+            Ok(())
+        }
         Command::Describe { resource: Resource::Workloads, id, output } => {
             let w: crate::view::WorkloadView = client().get(&format!("/api/v1/workloads/{id}"))?;
             print(output, &w, || output::workload_description(&w))
@@ -216,7 +266,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("workload/{name} deleted");
             Ok(())
         }
-        Command::Delete { resource: Resource::Devices, .. } | Command::Label { resource: Resource::Workloads, .. } => {
+        Command::Delete { resource: Resource::Devices | Resource::Events, .. }
+        | Command::Label { resource: Resource::Workloads | Resource::Events, .. } => {
             anyhow::bail!(
                 "not supported: devices leave the fleet when their agent is uninstalled; labels are for devices"
             )
@@ -255,6 +306,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn rollout(client: &Client, cmd: RolloutCmd) -> anyhow::Result<()> {
+    use crate::view::RolloutView;
+    let (name, action) = match cmd {
+        RolloutCmd::Status { workload, watch, output } => {
+            let path = format!("/api/v1/workloads/{workload}/rollout");
+            let r: RolloutView = client.get(&path)?;
+            if !watch {
+                return print(output, &r, || output::rollout_status(&r));
+            }
+            return output::watch_rollout(r, || client.get(&path));
+        }
+        RolloutCmd::Pause { workload } => (workload, "pause"),
+        RolloutCmd::Resume { workload } => (workload, "resume"),
+        RolloutCmd::Abort { workload } => (workload, "abort"),
+        RolloutCmd::Undo { workload } => (workload, "undo"),
+    };
+    let r: RolloutView = client.post(&format!("/api/v1/workloads/{name}/rollout/{action}"), &serde_json::json!({}))?;
+    print!("{}", output::rollout_status(&r));
+    Ok(())
 }
 
 fn print<T: serde::Serialize>(format: Format, value: &T, table: impl FnOnce() -> String) -> anyhow::Result<()> {

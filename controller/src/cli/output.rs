@@ -6,7 +6,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::fleet::Millis;
-use crate::view::DeviceView;
+use crate::view::{DeviceView, Event, RolloutView};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum Format {
@@ -159,10 +159,93 @@ pub fn workloads_table(workloads: &[crate::view::WorkloadView]) -> String {
                 w.devices.len().to_string(),
                 format!("{}/{}", w.running(), w.devices.len()),
                 format!("{}/{}", w.healthy(), w.devices.len()),
+                w.rollout.as_ref().map_or("-".into(), |r| format!("{} → {} {}", r.from, r.to, state_name(r.state))),
             ]
         })
         .collect();
-    table(&["NAME", "REVISION", "IMAGE", "DEVICES", "RUNNING", "HEALTHY"], &rows)
+    table(&["NAME", "REVISION", "IMAGE", "DEVICES", "RUNNING", "HEALTHY", "ROLLOUT"], &rows)
+}
+
+fn state_name(s: crate::rollout::State) -> String {
+    serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+/// One line of rollout progress, as `rollout status` prints it.
+pub fn rollout_line(r: &RolloutView) -> String {
+    let c = &r.counts;
+    format!(
+        "{}: revision {} → {} {} · wave {}/{} · {} of {} devices updated, {} ready, {} failed",
+        r.workload,
+        r.from,
+        r.to,
+        state_name(r.state),
+        r.wave,
+        r.waves,
+        c.released,
+        c.devices,
+        c.ready,
+        c.failed
+    )
+}
+
+pub fn rollout_status(r: &RolloutView) -> String {
+    let mut o = rollout_line(r) + "\n";
+    if let Some(why) = &r.reason {
+        let _ = writeln!(o, "  {why}");
+    }
+    for (device, why) in &r.failed {
+        let _ = writeln!(o, "  failed: {device}: {why}");
+    }
+    o
+}
+
+/// `rollout status --watch`: a redrawn progress bar on a terminal, one line
+/// per change otherwise; returns when the rollout is no longer active.
+pub fn watch_rollout(
+    mut r: RolloutView,
+    mut fetch: impl FnMut() -> anyhow::Result<RolloutView>,
+) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write as _};
+    let tty = std::io::stdout().is_terminal();
+    let mut last = String::new();
+    loop {
+        let line = rollout_line(&r);
+        if tty {
+            let c = &r.counts;
+            let width = 30;
+            let filled = if c.devices == 0 { width } else { (c.ready + c.failed) * width / c.devices };
+            let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
+            print!("\r\x1b[2K[{bar}] {line}");
+            std::io::stdout().flush()?;
+        } else if line != last {
+            println!("{line}");
+        }
+        last = line;
+        if !r.state.active() {
+            if tty {
+                println!();
+            }
+            print!("{}", rollout_status(&r).split_once('\n').map_or("", |(_, rest)| rest));
+            return if matches!(r.state, crate::rollout::State::Succeeded) {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("rollout of revision {} {}", r.to, state_name(r.state)))
+            };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        r = fetch()?;
+    }
+}
+
+pub fn events_table(events: &[Event], now: Millis) -> String {
+    if events.is_empty() {
+        return "No events.\n".into();
+    }
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| vec![ago(now, e.at_ms), e.kind.clone(), e.subject.clone(), e.message.clone()])
+        .collect();
+    table(&["AGE", "KIND", "SUBJECT", "MESSAGE"], &rows)
 }
 
 pub fn workload_description(w: &crate::view::WorkloadView) -> String {
@@ -179,7 +262,21 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
     if !w.placement.arch.is_empty() {
         let _ = writeln!(o, "Architectures: {}", w.placement.arch.join(", "));
     }
-    let _ = writeln!(o, "Running:       {}/{} on revision {}\n", w.running(), w.devices.len(), w.revision);
+    if let Some(spread) = &w.placement.spread_by {
+        let _ = writeln!(o, "Spread by:     {spread}");
+    }
+    let replicas = w.replicas.map_or("every matching device".into(), |n| format!("{n} ({} unplaced)", w.unplaced));
+    let _ = writeln!(o, "Replicas:      {replicas}");
+    let _ = writeln!(o, "Stable:        revision {}", w.stable_revision);
+    let history: Vec<String> = w.revisions.iter().map(|r| format!("{} ({})", r.revision, r.image)).collect();
+    let _ = writeln!(o, "History:       {}", history.join(", "));
+    if let Some(r) = &w.rollout {
+        let _ = writeln!(o, "Rollout:       {}", rollout_line(r));
+        if let Some(why) = &r.reason {
+            let _ = writeln!(o, "               {why}");
+        }
+    }
+    let _ = writeln!(o, "Running:       {}/{} as asked\n", w.running(), w.devices.len());
     let rows: Vec<Vec<String>> = w
         .devices
         .iter()
@@ -187,6 +284,7 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
             Some(r) => vec![
                 d.device.clone(),
                 d.device_status.as_str().into(),
+                d.desired_revision.to_string(),
                 r.revision.to_string(),
                 format!("{:?}", r.phase).to_lowercase(),
                 format!("{:?}", r.health).to_lowercase(),
@@ -196,6 +294,7 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
             None => vec![
                 d.device.clone(),
                 d.device_status.as_str().into(),
+                d.desired_revision.to_string(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -204,7 +303,7 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
             ],
         })
         .collect();
-    o.push_str(&table(&["DEVICE", "STATUS", "REVISION", "PHASE", "HEALTH", "RESTARTS", "LAST ERROR"], &rows));
+    o.push_str(&table(&["DEVICE", "STATUS", "DESIRED", "RUNS", "PHASE", "HEALTH", "RESTARTS", "LAST ERROR"], &rows));
     o
 }
 

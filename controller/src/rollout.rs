@@ -1,0 +1,468 @@
+//! Fleet rollouts: moving a workload's devices from one revision to another
+//! in waves, gated on health, rolled back automatically when too many devices
+//! fail. Pure: the controller feeds it what devices report and the time, and
+//! asks it which revision each device should run. Its whole state is plain
+//! data, stored as one JSON document, so a restarted controller resumes it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use baton_protocol::{Health, Phase, WorkloadStatus};
+use serde::{Deserialize, Serialize};
+
+/// How much of the fleet a wave covers, cumulatively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Wave {
+    Devices(u32),
+    Percent(u32),
+}
+
+impl Wave {
+    /// `3` (devices) or `25%`.
+    pub fn parse(s: &str) -> Option<Wave> {
+        let s = s.trim();
+        match s.strip_suffix('%') {
+            Some(p) => p.trim().parse().ok().filter(|p| (1..=100).contains(p)).map(Wave::Percent),
+            None => s.parse().ok().filter(|n| *n >= 1).map(Wave::Devices),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Strategy {
+    pub waves: Vec<Wave>,
+    /// A device counts once it has run the new revision healthy this long.
+    pub min_ready_ms: u64,
+    /// More failed devices than this share of those updated rolls everything back.
+    pub max_failure_pct: u32,
+    /// A device not healthy this long after it was given the revision has failed.
+    pub deadline_ms: u64,
+}
+
+impl Default for Strategy {
+    fn default() -> Self {
+        Self {
+            waves: vec![Wave::Devices(1), Wave::Percent(25), Wave::Percent(100)],
+            min_ready_ms: 10_000,
+            max_failure_pct: 10,
+            deadline_ms: 180_000,
+        }
+    }
+}
+
+/// Cumulative device counts at the end of each wave; the last is `n`.
+pub fn wave_ends(waves: &[Wave], n: usize) -> Vec<usize> {
+    let mut ends: Vec<usize> = Vec::new();
+    for w in waves {
+        let upto = match *w {
+            Wave::Devices(d) => d as usize,
+            Wave::Percent(p) => (n * p as usize).div_ceil(100),
+        }
+        .min(n);
+        if upto > ends.last().copied().unwrap_or(0) {
+            ends.push(upto);
+        }
+    }
+    if ends.last().copied().unwrap_or(0) < n {
+        ends.push(n);
+    }
+    ends
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Progressing,
+    Paused,
+    Succeeded,
+    /// Too many devices failed: every device went back to `from`.
+    RolledBack,
+    /// Stopped by the operator: every device went back to `from`.
+    Aborted,
+    /// A newer revision was applied before this one finished.
+    Superseded,
+}
+
+impl State {
+    pub fn active(self) -> bool {
+        matches!(self, State::Progressing | State::Paused)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Pending,
+    Ready,
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceProgress {
+    /// When the device was given the new revision (moved while it is away).
+    pub released_ms: u64,
+    pub healthy_since_ms: Option<u64>,
+    pub outcome: Outcome,
+}
+
+/// What the controller knows of one device for this workload.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    pub online: bool,
+    pub status: Option<WorkloadStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub workload: String,
+    pub from: u64,
+    pub to: u64,
+    /// In release order.
+    pub devices: Vec<String>,
+    pub wave_ends: Vec<usize>,
+    /// Index of the wave released last.
+    pub wave: usize,
+    pub state: State,
+    pub strategy: Strategy,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub reason: Option<String>,
+    pub progress: BTreeMap<String, DeviceProgress>,
+}
+
+/// What a step changed, for the event log; empty when nothing did.
+pub type Events = Vec<String>;
+
+impl Rollout {
+    pub fn new(workload: &str, from: u64, to: u64, devices: Vec<String>, strategy: Strategy, now: u64) -> Self {
+        let ends = wave_ends(&strategy.waves, devices.len());
+        let mut r = Rollout {
+            workload: workload.into(),
+            from,
+            to,
+            wave_ends: ends,
+            devices,
+            wave: 0,
+            state: State::Progressing,
+            strategy,
+            started_ms: now,
+            finished_ms: None,
+            reason: None,
+            progress: BTreeMap::new(),
+        };
+        r.release(now);
+        r
+    }
+
+    pub fn released(&self) -> usize {
+        self.wave_ends.get(self.wave).copied().unwrap_or(0)
+    }
+
+    fn release(&mut self, now: u64) {
+        for d in &self.devices[..self.released()] {
+            self.progress.entry(d.clone()).or_insert(DeviceProgress {
+                released_ms: now,
+                healthy_since_ms: None,
+                outcome: Outcome::Pending,
+            });
+        }
+    }
+
+    /// Devices currently meant to run `to`.
+    pub fn released_set(&self) -> BTreeSet<&str> {
+        self.devices[..self.released()].iter().map(String::as_str).collect()
+    }
+
+    /// The revision `device` should run, given whether it was released.
+    pub fn revision_for(&self, released: bool) -> u64 {
+        match self.state {
+            State::Progressing | State::Paused if released => self.to,
+            State::Succeeded => self.to,
+            _ => self.from,
+        }
+    }
+
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts { devices: self.devices.len(), released: self.released(), ..Default::default() };
+        for p in self.progress.values() {
+            match p.outcome {
+                Outcome::Pending => c.pending += 1,
+                Outcome::Ready => c.ready += 1,
+                Outcome::Failed(_) => c.failed += 1,
+            }
+        }
+        c
+    }
+
+    fn finish(&mut self, state: State, reason: Option<String>, now: u64) {
+        self.state = state;
+        self.reason = reason;
+        self.finished_ms = Some(now);
+    }
+
+    pub fn pause(&mut self) -> Result<(), String> {
+        match self.state {
+            State::Progressing | State::Paused => {
+                self.state = State::Paused;
+                Ok(())
+            }
+            s => Err(format!("the rollout is {s:?}, not progressing").to_lowercase()),
+        }
+    }
+
+    pub fn resume(&mut self) -> Result<(), String> {
+        match self.state {
+            State::Paused | State::Progressing => {
+                self.state = State::Progressing;
+                Ok(())
+            }
+            s => Err(format!("the rollout is {s:?}, not paused").to_lowercase()),
+        }
+    }
+
+    pub fn abort(&mut self, now: u64) -> Result<(), String> {
+        if !self.state.active() {
+            return Err(format!("the rollout is already {:?}", self.state).to_lowercase());
+        }
+        self.finish(State::Aborted, Some("aborted by the operator".into()), now);
+        Ok(())
+    }
+
+    pub fn supersede(&mut self, by: u64, now: u64) {
+        if self.state.active() {
+            self.finish(State::Superseded, Some(format!("superseded by revision {by}")), now);
+        }
+    }
+
+    /// Judges every released device, trips the failure threshold, and
+    /// releases the next wave once this one is done.
+    pub fn step(&mut self, now: u64, observe: impl Fn(&str) -> Observation) -> Events {
+        let mut events = Vec::new();
+        if !self.state.active() {
+            return events;
+        }
+        let s = &self.strategy;
+        let (to, min_ready, deadline) = (self.to, s.min_ready_ms, s.deadline_ms);
+        let mut wave_done = true;
+        for d in &self.devices[..self.released()] {
+            let Some(p) = self.progress.get_mut(d) else { continue };
+            if p.outcome != Outcome::Pending {
+                continue;
+            }
+            let o = observe(d);
+            if !o.online {
+                // Away: not judged, not blocking, and its deadline waits for it.
+                p.released_ms = now;
+                p.healthy_since_ms = None;
+                continue;
+            }
+            let st = o.status.as_ref();
+            let healthy = st.is_some_and(|s| s.revision == to && s.phase == Phase::Running && s.health == Health::Healthy);
+            if healthy {
+                let since = *p.healthy_since_ms.get_or_insert(now);
+                if now.saturating_sub(since) >= min_ready {
+                    p.outcome = Outcome::Ready;
+                    continue;
+                }
+            } else {
+                p.healthy_since_ms = None;
+                if let Some(s) = st.filter(|s| s.phase == Phase::RolledBack) {
+                    let why = s.last_error.clone().unwrap_or_else(|| "rolled back on the device".into());
+                    events.push(format!("device {d} failed revision {to}: {why}"));
+                    p.outcome = Outcome::Failed(why);
+                    continue;
+                }
+                if now.saturating_sub(p.released_ms) > deadline {
+                    let why = match st {
+                        Some(s) if s.revision == to => format!(
+                            "not healthy within {}s ({:?}{})",
+                            deadline / 1000,
+                            s.phase,
+                            s.last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                        ),
+                        _ => format!("did not run revision {to} within {}s", deadline / 1000),
+                    };
+                    events.push(format!("device {d} failed revision {to}: {why}"));
+                    p.outcome = Outcome::Failed(why);
+                    continue;
+                }
+            }
+            wave_done = false;
+        }
+
+        let c = self.counts();
+        if c.failed > 0 && c.failed * 100 > self.strategy.max_failure_pct as usize * c.released {
+            let why = format!(
+                "{} of {} updated devices failed (threshold {}%); rolled back to revision {}",
+                c.failed, c.released, self.strategy.max_failure_pct, self.from
+            );
+            events.push(format!("rollout of revision {to} stopped: {why}"));
+            self.finish(State::RolledBack, Some(why), now);
+            return events;
+        }
+        // A wave is done when every reachable device in it is judged, and at
+        // least one device has proven the revision.
+        if wave_done && self.state == State::Progressing && (c.ready > 0 || c.released == 0) {
+            if self.wave + 1 < self.wave_ends.len() {
+                self.wave += 1;
+                self.release(now);
+                events.push(format!(
+                    "wave {}/{} released: {} of {} devices get revision {to}",
+                    self.wave + 1,
+                    self.wave_ends.len(),
+                    self.released(),
+                    self.devices.len()
+                ));
+            } else {
+                self.finish(State::Succeeded, None, now);
+                events.push(format!("rollout of revision {to} succeeded on {} devices", c.ready));
+            }
+        }
+        events
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub devices: usize,
+    pub released: usize,
+    pub pending: usize,
+    pub ready: usize,
+    pub failed: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn devices(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("d{i:02}")).collect()
+    }
+
+    fn strategy(waves: &[&str]) -> Strategy {
+        Strategy {
+            waves: waves.iter().map(|w| Wave::parse(w).unwrap()).collect(),
+            min_ready_ms: 1000,
+            max_failure_pct: 20,
+            deadline_ms: 5000,
+        }
+    }
+
+    fn running(revision: u64, health: Health) -> Observation {
+        Observation {
+            online: true,
+            status: Some(WorkloadStatus { revision, phase: Phase::Running, health, ..Default::default() }),
+        }
+    }
+
+    #[test]
+    fn wave_sizes() {
+        let w = |s: &[&str], n| wave_ends(&strategy(s).waves, n);
+        assert_eq!(w(&["1", "10%", "50%", "100%"], 100), vec![1, 10, 50, 100]);
+        assert_eq!(w(&["1", "10%", "50%"], 5), vec![1, 3, 5]);
+        assert_eq!(w(&["2"], 10), vec![2, 10], "the last wave always covers everyone");
+        assert_eq!(w(&["50%", "3"], 4), vec![2, 3, 4]);
+        assert_eq!(w(&["1", "100%"], 0), Vec::<usize>::new());
+        assert_eq!(Wave::parse("0"), None);
+        assert_eq!(Wave::parse("120%"), None);
+    }
+
+    #[test]
+    fn waves_advance_only_after_min_ready() {
+        let mut r = Rollout::new("w", 1, 2, devices(10), strategy(&["1", "50%"]), 0);
+        assert_eq!(r.released(), 1);
+        // Healthy at t=0, but min_ready is 1 s.
+        assert!(r.step(0, |_| running(2, Health::Healthy)).is_empty());
+        assert!(r.step(500, |_| running(2, Health::Healthy)).is_empty());
+        let ev = r.step(1000, |_| running(2, Health::Healthy));
+        assert_eq!(r.released(), 5, "{ev:?}");
+        // Still on the old revision: wave 2 waits.
+        r.step(2000, |d| if d == "d00" { running(2, Health::Healthy) } else { running(1, Health::Healthy) });
+        assert_eq!(r.released(), 5);
+        r.step(3000, |_| running(2, Health::Healthy));
+        r.step(4000, |_| running(2, Health::Healthy));
+        assert_eq!(r.released(), 10);
+        r.step(5000, |_| running(2, Health::Healthy));
+        r.step(6000, |_| running(2, Health::Healthy));
+        assert_eq!(r.state, State::Succeeded);
+        assert_eq!(r.counts().ready, 10);
+    }
+
+    #[test]
+    fn unhealthy_blinks_reset_the_ready_clock() {
+        let mut r = Rollout::new("w", 1, 2, devices(2), strategy(&["1"]), 0);
+        r.step(0, |_| running(2, Health::Healthy));
+        r.step(600, |_| running(2, Health::Unhealthy));
+        r.step(1200, |_| running(2, Health::Healthy));
+        assert_eq!(r.released(), 1, "healthy for 0 ms only");
+        r.step(2200, |_| running(2, Health::Healthy));
+        assert_eq!(r.released(), 2);
+    }
+
+    #[test]
+    fn a_device_rollback_trips_the_threshold_and_rolls_everyone_back() {
+        let mut r = Rollout::new("w", 1, 2, devices(10), strategy(&["1", "100%"]), 0);
+        let rolled_back = Observation {
+            online: true,
+            status: Some(WorkloadStatus {
+                revision: 1,
+                phase: Phase::RolledBack,
+                last_error: Some("revision 2 not healthy within 30s".into()),
+                ..Default::default()
+            }),
+        };
+        let ev = r.step(100, |_| rolled_back.clone());
+        assert_eq!(r.state, State::RolledBack, "{ev:?}");
+        assert!(r.reason.as_deref().unwrap().contains("1 of 1 updated devices failed"));
+        assert_eq!(r.revision_for(true), 1);
+        assert_eq!(r.revision_for(false), 1);
+    }
+
+    #[test]
+    fn failures_under_the_threshold_do_not_stop_the_rollout() {
+        let mut r = Rollout::new("w", 1, 2, devices(10), strategy(&["100%"]), 0);
+        // d00 never runs revision 2; 1 of 10 failing is under 20 %.
+        let obs = |d: &str| if d == "d00" { running(1, Health::Healthy) } else { running(2, Health::Healthy) };
+        r.step(0, obs);
+        r.step(1000, obs);
+        assert_eq!(r.state, State::Progressing, "d00 is still within its deadline");
+        r.step(5001, obs);
+        assert_eq!(r.state, State::Succeeded);
+        assert_eq!(r.counts().failed, 1);
+        assert!(matches!(&r.progress["d00"].outcome, Outcome::Failed(w) if w.contains("did not run revision 2")));
+    }
+
+    #[test]
+    fn offline_devices_neither_block_nor_fail() {
+        let mut r = Rollout::new("w", 1, 2, devices(3), strategy(&["2", "100%"]), 0);
+        let obs = |d: &str| if d == "d01" { Observation::default() } else { running(2, Health::Healthy) };
+        r.step(0, obs);
+        r.step(1000, obs);
+        assert_eq!(r.released(), 3, "d01 is away: wave 1 completes without it");
+        r.step(10_000, obs);
+        r.step(11_000, obs);
+        assert_eq!(r.state, State::Succeeded);
+        assert_eq!(r.progress["d01"].outcome, Outcome::Pending, "away the whole time: never judged");
+    }
+
+    #[test]
+    fn paused_rollouts_hold_their_wave_and_abort_reverts() {
+        let mut r = Rollout::new("w", 1, 2, devices(4), strategy(&["1", "100%"]), 0);
+        r.pause().unwrap();
+        r.step(0, |_| running(2, Health::Healthy));
+        r.step(5000, |_| running(2, Health::Healthy));
+        assert_eq!((r.released(), r.counts().ready), (1, 1), "judged, not advanced");
+        r.resume().unwrap();
+        r.step(5001, |_| running(2, Health::Healthy));
+        assert_eq!(r.released(), 4);
+        r.abort(6000).unwrap();
+        assert_eq!((r.state, r.revision_for(true)), (State::Aborted, 1));
+        assert!(r.resume().is_err());
+    }
+
+    #[test]
+    fn state_survives_a_json_round_trip() {
+        let mut r = Rollout::new("w", 3, 4, devices(5), Strategy::default(), 7);
+        r.step(8, |_| running(4, Health::Healthy));
+        let back: Rollout = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+}
