@@ -11,12 +11,14 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+use baton_protocol::spec::WorkloadSpec;
 use baton_protocol::{Desired, Health, Phase, Report, WorkloadStatus};
 use tracing::{info, warn};
 
 use crate::image::registry::Registry;
 use crate::image::{ImageError, ImageStore};
 use crate::reconcile::{container_spec, plan, Action};
+use crate::rollback::Guard;
 use crate::runtime::{now_ms, ContainerRuntime};
 use crate::supervisor::Supervisor;
 
@@ -78,6 +80,10 @@ struct Engine<R: ContainerRuntime> {
     sup: Supervisor<R>,
     images: Arc<ImageStore>,
     desired: Desired,
+    /// Device-level rollback; `effective` is what it says to run.
+    guard: Guard,
+    effective: Vec<WorkloadSpec>,
+    proven_path: PathBuf,
     /// Workloads waiting for their image: (phase to report, reason).
     waiting: BTreeMap<String, (Phase, String)>,
     puller: Option<Puller>,
@@ -86,22 +92,40 @@ struct Engine<R: ContainerRuntime> {
     next_gc_ms: u64,
 }
 
-/// Starts the engine with `initial` (the persisted document: offline first).
-/// Without a registry, images must be loaded locally.
+/// Starts the engine with the desired document persisted in `data_dir`
+/// (offline first: the device runs its last known state with no network and
+/// no controller) and the revisions proven healthy here. Without a registry,
+/// images must be loaded locally.
 pub fn spawn<R: ContainerRuntime + Send + 'static>(
     sup: Supervisor<R>,
     images: ImageStore,
     registry: Option<Registry>,
     image_budget: u64,
-    initial: Desired,
+    data_dir: &std::path::Path,
 ) -> std::io::Result<EngineHandle> {
+    let initial = load_desired(data_dir).unwrap_or_default();
+    if initial.generation > 0 {
+        info!(generation = initial.generation, "starting the persisted desired state");
+    }
+    let proven_path = proven_path(data_dir);
+    let guard = Guard::with_proven(load_doc(&proven_path).map(|d| d.workloads).unwrap_or_default());
     let (tx, rx) = channel();
     let (report_tx, reports) =
         tokio::sync::watch::channel(Report { generation: initial.generation, ..Default::default() });
     let images = Arc::new(images);
     let puller = registry.map(|r| Puller::spawn(images.clone(), r)).transpose()?;
-    let mut engine =
-        Engine { sup, images, desired: initial, waiting: BTreeMap::new(), puller, image_budget, next_gc_ms: 0 };
+    let mut engine = Engine {
+        sup,
+        images,
+        effective: guard.effective(&initial.workloads),
+        desired: initial,
+        guard,
+        proven_path,
+        waiting: BTreeMap::new(),
+        puller,
+        image_budget,
+        next_gc_ms: 0,
+    };
     std::thread::Builder::new().name("workloads".into()).spawn(move || {
         let mut last = None;
         loop {
@@ -119,8 +143,10 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
             }
             let now = now_ms();
             engine.take_pull_results(now);
+            engine.effective = engine.guard.effective(&engine.desired.workloads);
             engine.reconcile(now);
             engine.sup.tick(now);
+            engine.judge(now);
             engine.collect_images(now);
             let report = engine.report();
             if last.as_ref() != Some(&without_usage(&report)) {
@@ -145,6 +171,23 @@ fn without_usage(r: &Report) -> Report {
 }
 
 impl<R: ContainerRuntime> Engine<R> {
+    /// Proves healthy revisions and rolls back those past their deadline;
+    /// the proven set is written to flash only when it changes.
+    fn judge(&mut self, now: u64) {
+        if self.guard.observe(&self.desired.workloads, &self.sup.status(), now) {
+            let doc = Desired { generation: 0, workloads: self.guard.proven() };
+            let written = baton_protocol::encode(&baton_protocol::Message::Desired(doc))
+                .map_err(|e| std::io::Error::other(e.to_string()))
+                .and_then(|bytes| {
+                    self.proven_path.parent().map_or(Ok(()), std::fs::create_dir_all)?;
+                    crate::runtime::layout::write_atomic(&self.proven_path, &bytes)
+                });
+            if let Err(e) = written {
+                warn!(error = %e, "cannot persist the proven revisions");
+            }
+        }
+    }
+
     fn take_pull_results(&mut self, now: u64) {
         let Some(p) = self.puller.as_mut() else { return };
         while let Ok((image, result)) = p.results.try_recv() {
@@ -158,7 +201,7 @@ impl<R: ContainerRuntime> Engine<R> {
                     let delay = crate::restart::Backoff::default().delay(failures - 1);
                     warn!(%image, error = %e, retry_in_s = delay.as_secs(), "pull failed");
                     p.backoff.insert(image.clone(), (now + delay.as_millis() as u64, failures));
-                    for w in self.desired.workloads.iter().filter(|w| w.image == image) {
+                    for w in self.effective.iter().filter(|w| w.image == image) {
                         self.waiting.insert(w.name.clone(), (Phase::Failed, format!("pull {image}: {e}")));
                     }
                 }
@@ -188,10 +231,12 @@ impl<R: ContainerRuntime> Engine<R> {
             return;
         }
         self.next_gc_ms = now + GC_EVERY_MS;
+        // The proven revisions' images too: a rollback must not need the network.
         let keep: BTreeSet<String> = self
-            .desired
-            .workloads
+            .effective
             .iter()
+            .chain(self.desired.workloads.iter())
+            .chain(self.guard.proven().iter())
             .flat_map(|w| [w.image.clone(), w.image_digest.clone()])
             .filter(|s| !s.is_empty())
             .collect();
@@ -201,7 +246,7 @@ impl<R: ContainerRuntime> Engine<R> {
     }
 
     fn reconcile(&mut self, now: u64) {
-        for action in plan(&self.desired.workloads, &self.sup.observed()) {
+        for action in plan(&self.effective, &self.sup.observed()) {
             match action {
                 Action::Stop(name) => {
                     info!(workload = %name, "stopping");
@@ -210,11 +255,11 @@ impl<R: ContainerRuntime> Engine<R> {
                 Action::Start(name) => self.start(name, now),
             }
         }
-        self.waiting.retain(|name, _| self.desired.workloads.iter().any(|w| &w.name == name));
+        self.waiting.retain(|name, _| self.effective.iter().any(|w| &w.name == name));
     }
 
     fn start(&mut self, name: String, now: u64) {
-        let Some(w) = self.desired.workloads.iter().find(|w| w.name == name).cloned() else { return };
+        let Some(w) = self.effective.iter().find(|w| w.name == name).cloned() else { return };
         let digest = Some(w.image_digest.as_str()).filter(|d| !d.is_empty());
         let resolved = self.images.resolve(&w.image, digest).and_then(|img| self.images.rootfs(&img).map(|r| (img, r)));
         match resolved {
@@ -248,7 +293,7 @@ impl<R: ContainerRuntime> Engine<R> {
             if workloads.iter().any(|w| &w.name == name) {
                 continue;
             }
-            let revision = self.desired.workloads.iter().find(|w| &w.name == name).map_or(0, |w| w.revision);
+            let revision = self.effective.iter().find(|w| &w.name == name).map_or(0, |w| w.revision);
             workloads.push(WorkloadStatus {
                 name: name.clone(),
                 revision,
@@ -259,6 +304,7 @@ impl<R: ContainerRuntime> Engine<R> {
             });
         }
         workloads.sort_by(|a, b| a.name.cmp(&b.name));
+        self.guard.annotate(&mut workloads);
         Report { generation: self.desired.generation, workloads, refused: None }
     }
 }
@@ -268,13 +314,22 @@ pub fn desired_path(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("state").join("desired.bin")
 }
 
+/// Where the specs proven healthy on this device are kept (for rollbacks).
+pub fn proven_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("state").join("proven.bin")
+}
+
 /// The persisted document, if there is a readable one.
 pub fn load_desired(data_dir: &std::path::Path) -> Option<Desired> {
-    let bytes = std::fs::read(desired_path(data_dir)).ok()?;
+    load_doc(&desired_path(data_dir))
+}
+
+fn load_doc(path: &std::path::Path) -> Option<Desired> {
+    let bytes = std::fs::read(path).ok()?;
     match baton_protocol::decode(&bytes) {
         Ok((_, baton_protocol::Message::Desired(d))) => Some(d),
         Ok(_) | Err(_) => {
-            warn!("persisted desired document is unreadable; starting with none");
+            warn!(path = %path.display(), "persisted document is unreadable; ignoring it");
             None
         }
     }

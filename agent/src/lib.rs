@@ -11,5 +11,7 @@ pub mod node;
 pub mod probe;
 pub mod reconcile;
 pub mod restart;
+pub mod rollback;
 pub mod runtime;
+pub mod simulate;
 pub mod supervisor;

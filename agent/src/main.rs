@@ -33,6 +33,50 @@ enum Cmd {
     /// Manage the local image store (air-gapped devices load images from files).
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Stand in for a fleet: N devices with the real MQTT link and reconcile, fake containers.
+    Simulate(SimCli),
+}
+
+#[derive(clap::Args)]
+struct SimCli {
+    /// How many devices.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// MQTT broker, mqtt://HOST[:PORT].
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// Device ids are PREFIX-0000, PREFIX-0001, …
+    #[arg(long, default_value = "sim")]
+    prefix: String,
+    /// Where the devices keep their state (default /tmp/baton-sim-PREFIX).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Label key=value for every device (repeatable).
+    #[arg(long = "label", short = 'l')]
+    labels: Vec<String>,
+    /// KEY=V1,V2,…: device n gets KEY=V(n mod count), e.g. site=lyon,paris,rome.
+    #[arg(long)]
+    label_cycle: Option<String>,
+    /// Workloads whose image reference contains this run but never turn healthy.
+    #[arg(long)]
+    unhealthy_image: Option<String>,
+    /// Workloads whose image reference contains this fail to start.
+    #[arg(long)]
+    failing_image: Option<String>,
+    /// Apply --unhealthy-image / --failing-image only to the first N devices.
+    #[arg(long)]
+    knob_devices: Option<usize>,
+    /// Milliseconds a simulated container takes to start.
+    #[arg(long, default_value_t = 200)]
+    start_ms: u64,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 15)]
+    heartbeat_interval: u64,
+    /// MQTT keepalive, seconds.
+    #[arg(long, default_value_t = 30)]
+    keepalive: u64,
+    #[arg(long)]
+    log_json: bool,
 }
 
 #[derive(Subcommand)]
@@ -163,6 +207,16 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Cmd::Simulate(sim)) => {
+            init_logging(sim.log_json);
+            return match simulate(sim) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("baton-agent simulate: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         None => cli.run,
     };
     init_logging(args.log_json);
@@ -199,6 +253,43 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+fn simulate(args: SimCli) -> Result<(), Box<dyn std::error::Error>> {
+    let overrides = Overrides {
+        broker: Some(args.broker),
+        device_id: Some(format!("{}-0000", args.prefix)),
+        heartbeat_interval_s: Some(args.heartbeat_interval),
+        keepalive_s: Some(args.keepalive),
+        labels: args.labels,
+        ..Overrides::default()
+    };
+    let base = AgentConfig::resolve(FileConfig::default(), "(none)".as_ref(), overrides, "/etc/machine-id".as_ref())?;
+    let label_cycle = match args.label_cycle {
+        None => None,
+        Some(spec) => {
+            let (key, values) = spec.split_once('=').ok_or("--label-cycle: expected KEY=V1,V2,…")?;
+            let values: Vec<String> = values.split(',').map(str::to_string).collect();
+            for v in &values {
+                baton_protocol::validate_label(key, v).map_err(|e| format!("--label-cycle: {e}"))?;
+            }
+            Some((key.to_string(), values))
+        }
+    };
+    let cfg = baton_agent::simulate::SimConfig {
+        base,
+        devices: args.devices,
+        data_dir: args.data_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("baton-sim-{}", args.prefix))),
+        prefix: args.prefix,
+        label_cycle,
+        unhealthy_image: args.unhealthy_image,
+        failing_image: args.failing_image,
+        knob_devices: args.knob_devices,
+        start_ms: args.start_ms,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(baton_agent::simulate::run(cfg, shutdown_signal()))?;
+    Ok(())
+}
+
 /// The workloads engine, started with the persisted desired document so the
 /// device runs its last known state with no network and no controller.
 fn start_engine(config: &AgentConfig) -> Result<baton_agent::engine::EngineHandle, Box<dyn std::error::Error>> {
@@ -210,10 +301,6 @@ fn start_engine(config: &AgentConfig) -> Result<baton_agent::engine::EngineHandl
     let exec_runtime = runtime.clone();
     let supervisor = baton_agent::supervisor::Supervisor::new(runtime).with_prober(prober);
     let images = baton_agent::image::ImageStore::open(config.data_dir.join("images"))?;
-    let initial = baton_agent::engine::load_desired(&config.data_dir).unwrap_or_default();
-    if initial.generation > 0 {
-        tracing::info!(generation = initial.generation, "starting the persisted desired state");
-    }
     let registry = baton_agent::image::registry::Registry::new(baton_agent::image::registry::RegistryConfig {
         insecure: config.insecure_registries.clone(),
         credentials: config
@@ -223,7 +310,7 @@ fn start_engine(config: &AgentConfig) -> Result<baton_agent::engine::EngineHandl
             .collect(),
     });
     let mut handle =
-        baton_agent::engine::spawn(supervisor, images, Some(registry), config.image_budget_bytes, initial)?;
+        baton_agent::engine::spawn(supervisor, images, Some(registry), config.image_budget_bytes, &config.data_dir)?;
     handle.runtime = Some(std::sync::Arc::new(exec_runtime));
     Ok(handle)
 }

@@ -291,9 +291,10 @@ impl Controller {
                 results.push(ApplyResult { name, revision: 1, action: "created".into() });
                 continue;
             };
-            let same_spec = e.revisions.get(&e.latest).is_some_and(|old| {
-                WorkloadSpec { revision: e.latest, ..v.spec.clone() } == *old
-            });
+            let same_spec = e
+                .revisions
+                .get(&e.latest)
+                .is_some_and(|old| WorkloadSpec { revision: e.latest, ..v.spec.clone() } == *old);
             let action = if same_spec {
                 let manifest_changed = e.manifest != v.manifest;
                 e.manifest = v.manifest;
@@ -408,7 +409,8 @@ impl Controller {
         }
         {
             let mut st = lock(&self.state);
-            let e = st.workloads.get_mut(name).ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
+            let e =
+                st.workloads.get_mut(name).ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
             let before = e.manifest.replicas;
             e.manifest.replicas = Some(replicas);
             let store = lock(&self.store);
@@ -449,12 +451,10 @@ impl Controller {
                     store.save_rollout(r)?;
                     format!("rollout of revision {} undone: back to revision {}", r.to, r.from)
                 } else {
-                    let previous = e
-                        .revisions
-                        .range(..e.stable)
-                        .next_back()
-                        .map(|(_, s)| s.clone())
-                        .ok_or_else(|| OpError::Invalid(format!("workload {name} has no revision before {}", e.stable)))?;
+                    let previous =
+                        e.revisions.range(..e.stable).next_back().map(|(_, s)| s.clone()).ok_or_else(|| {
+                            OpError::Invalid(format!("workload {name} has no revision before {}", e.stable))
+                        })?;
                     let revision = e.latest + 1;
                     let spec = WorkloadSpec { revision, ..previous.clone() };
                     e.latest = revision;
@@ -483,7 +483,8 @@ impl Controller {
         let mut changed = false;
         {
             let fleet = lock(&self.fleet);
-            let devices: std::collections::HashMap<&str, &Device> = fleet.devices().map(|d| (d.id.as_str(), d)).collect();
+            let devices: std::collections::HashMap<&str, &Device> =
+                fleet.devices().map(|d| (d.id.as_str(), d)).collect();
             let mut st = lock(&self.state);
             let store = lock(&self.store);
             for (name, e) in st.workloads.iter_mut() {
@@ -662,7 +663,10 @@ impl Controller {
     pub fn rollout(&self, name: &str) -> Result<RolloutView, OpError> {
         let st = lock(&self.state);
         let e = st.workloads.get(name).ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
-        e.rollout.as_ref().map(RolloutView::new).ok_or_else(|| OpError::NotFound(format!("workload {name} has had no rollout")))
+        e.rollout
+            .as_ref()
+            .map(RolloutView::new)
+            .ok_or_else(|| OpError::NotFound(format!("workload {name} has had no rollout")))
     }
 
     pub fn status_counts(&self, now: Millis) -> BTreeMap<&'static str, usize> {

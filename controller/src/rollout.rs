@@ -255,7 +255,8 @@ impl Rollout {
                 continue;
             }
             let st = o.status.as_ref();
-            let healthy = st.is_some_and(|s| s.revision == to && s.phase == Phase::Running && s.health == Health::Healthy);
+            let healthy =
+                st.is_some_and(|s| s.revision == to && s.phase == Phase::Running && s.health == Health::Healthy);
             if healthy {
                 let since = *p.healthy_since_ms.get_or_insert(now);
                 if now.saturating_sub(since) >= min_ready {

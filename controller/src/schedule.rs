@@ -110,7 +110,7 @@ impl Load {
     /// Lower is emptier: the larger of the memory and CPU fractions allocated
     /// (in millionths), then the instance count.
     fn score(&self, d: &DeviceFacts) -> (u64, u32) {
-        let frac = |used: u64, cap: u64| if cap == 0 { 0 } else { used.saturating_mul(1_000_000) / cap };
+        let frac = |used: u64, cap: u64| used.saturating_mul(1_000_000).checked_div(cap).unwrap_or(0);
         (frac(self.memory, d.memory_bytes).max(frac(self.cpu, d.cpu_millis)), self.instances)
     }
 }
@@ -270,8 +270,10 @@ mod tests {
     fn replicated(name: &str, n: u32, memory_mib: u64) -> Placed {
         let mut w = wl(name, &[], &[]);
         w.replicas = Some(n);
-        w.spec.container =
-            ContainerSpec { resources: Resources { memory_bytes: Some(memory_mib << 20), ..Default::default() }, ..Default::default() };
+        w.spec.container = ContainerSpec {
+            resources: Resources { memory_bytes: Some(memory_mib << 20), ..Default::default() },
+            ..Default::default()
+        };
         w
     }
 
@@ -301,7 +303,8 @@ mod tests {
 
     #[test]
     fn a_device_with_unknown_arch_gets_only_arch_free_workloads() {
-        let s = schedule(&[dev("new", "", &[])], &[wl("any", &[], &[]), wl("pinned", &[], &["arm64"])], &Assignment::new());
+        let s =
+            schedule(&[dev("new", "", &[])], &[wl("any", &[], &[]), wl("pinned", &[], &["arm64"])], &Assignment::new());
         assert_eq!(s.by_device()["new"], vec!["any"]);
     }
 

@@ -112,7 +112,10 @@ pub fn strategy(m: &Manifest) -> Result<Strategy, (String, String)> {
         s.waves = Vec::new();
         for (i, w) in r.waves.iter().enumerate() {
             let wave = Wave::parse(&w.to_string()).ok_or_else(|| {
-                (format!("rollout.waves[{i}]"), format!("{:?}: use a device count (3) or a percentage (25%)", w.to_string()))
+                (
+                    format!("rollout.waves[{i}]"),
+                    format!("{:?}: use a device count (3) or a percentage (25%)", w.to_string()),
+                )
             })?;
             s.waves.push(wave);
         }
@@ -122,14 +125,10 @@ pub fn strategy(m: &Manifest) -> Result<Strategy, (String, String)> {
     }
     if let Some(q) = &r.max_failures {
         let text = q.to_string();
-        s.max_failure_pct = text
-            .strip_suffix('%')
-            .unwrap_or(&text)
-            .trim()
-            .parse()
-            .ok()
-            .filter(|p| *p <= 100)
-            .ok_or_else(|| ("rollout.max_failures".to_string(), format!("{text:?}: use a percentage, 0% to 100%")))?;
+        s.max_failure_pct =
+            text.strip_suffix('%').unwrap_or(&text).trim().parse().ok().filter(|p| *p <= 100).ok_or_else(|| {
+                ("rollout.max_failures".to_string(), format!("{text:?}: use a percentage, 0% to 100%"))
+            })?;
     }
     // The device rolls back by itself after the health deadline; the
     // controller gives it a minute more to say so over a slow link.

@@ -47,6 +47,20 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Polls `f` every 50 ms until it returns `Some`, or returns `None` after `timeout`.
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A child process killed when dropped; its output goes to a log file.
 pub struct Proc {
     pub name: String,
@@ -319,6 +333,25 @@ pub fn start_agent(world: &World, id: &str, broker: &str, extra: &[&str]) -> Pro
     // The config file is named explicitly: write an empty one so only flags apply.
     std::fs::write(world.path().join("no-such-agent.toml"), "").expect("empty config");
     Proc::spawn(&format!("agent-{id}"), &bin("baton-agent"), &args, world.path())
+}
+
+/// Starts `baton-agent simulate`: `devices` fake devices named `{prefix}-0000`…
+pub fn start_simulator(world: &World, prefix: &str, devices: usize, broker: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "simulate".to_string(),
+        "--devices".into(),
+        devices.to_string(),
+        "--prefix".into(),
+        prefix.into(),
+        "--broker".into(),
+        broker.into(),
+        "--data-dir".into(),
+        world.path().join(format!("sim-{prefix}")).display().to_string(),
+        "--heartbeat-interval".into(),
+        "2".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Proc::spawn(&format!("sim-{prefix}"), &bin("baton-agent"), &args, world.path())
 }
 
 /// A Mosquitto broker on a free loopback port, configured as Baton documents.

@@ -201,10 +201,7 @@ pub fn rollout_status(r: &RolloutView) -> String {
 
 /// `rollout status --watch`: a redrawn progress bar on a terminal, one line
 /// per change otherwise; returns when the rollout is no longer active.
-pub fn watch_rollout(
-    mut r: RolloutView,
-    mut fetch: impl FnMut() -> anyhow::Result<RolloutView>,
-) -> anyhow::Result<()> {
+pub fn watch_rollout(mut r: RolloutView, mut fetch: impl FnMut() -> anyhow::Result<RolloutView>) -> anyhow::Result<()> {
     use std::io::{IsTerminal, Write as _};
     let tty = std::io::stdout().is_terminal();
     let mut last = String::new();
@@ -213,7 +210,7 @@ pub fn watch_rollout(
         if tty {
             let c = &r.counts;
             let width = 30;
-            let filled = if c.devices == 0 { width } else { (c.ready + c.failed) * width / c.devices };
+            let filled = ((c.ready + c.failed) * width).checked_div(c.devices).unwrap_or(width).min(width);
             let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
             print!("\r\x1b[2K[{bar}] {line}");
             std::io::stdout().flush()?;
@@ -241,10 +238,8 @@ pub fn events_table(events: &[Event], now: Millis) -> String {
     if events.is_empty() {
         return "No events.\n".into();
     }
-    let rows: Vec<Vec<String>> = events
-        .iter()
-        .map(|e| vec![ago(now, e.at_ms), e.kind.clone(), e.subject.clone(), e.message.clone()])
-        .collect();
+    let rows: Vec<Vec<String>> =
+        events.iter().map(|e| vec![ago(now, e.at_ms), e.kind.clone(), e.subject.clone(), e.message.clone()]).collect();
     table(&["AGE", "KIND", "SUBJECT", "MESSAGE"], &rows)
 }
 
