@@ -347,9 +347,10 @@ pub fn start_simulator(world: &World, prefix: &str, devices: usize, broker: &str
         broker.into(),
         "--data-dir".into(),
         world.path().join(format!("sim-{prefix}")).display().to_string(),
-        "--heartbeat-interval".into(),
-        "2".into(),
     ];
+    if !extra.contains(&"--heartbeat-interval") {
+        args.extend(["--heartbeat-interval".into(), "2".into()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::spawn(&format!("sim-{prefix}"), &bin("baton-agent"), &args, world.path())
 }

@@ -8,7 +8,9 @@
 //!
 //! Sections: `sizes` (encoded message sizes), `footprint` (agent binary size,
 //! RSS/PSS after 60 s connected), `ingest` (heartbeats/s the controller
-//! absorbs through the embedded broker and through Mosquitto, same run).
+//! absorbs through the embedded broker and through Mosquitto, same run),
+//! `runtime`, `pull`, `schedule` (placing 100,000 instances on 10,000
+//! devices), `rollout` (a 4-wave rollout to 1,000 simulated devices).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -28,15 +30,19 @@ fn main() {
         "ingest" => ingest(secs("BENCH_DEVICES", 200) as usize, secs("BENCH_SECS", 10)),
         "runtime" => runtime(secs("BENCH_ITERS", 50) as usize),
         "pull" => pull(secs("BENCH_PULLS", 5) as usize),
+        "schedule" => schedule(secs("BENCH_SCHED_DEVICES", 10_000) as usize, secs("BENCH_INSTANCES", 100_000) as usize),
+        "rollout" => rollout(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5)),
         "all" => {
             sizes();
             footprint(secs("BENCH_IDLE_SECS", 60));
             ingest(secs("BENCH_DEVICES", 200) as usize, secs("BENCH_SECS", 10));
             runtime(secs("BENCH_ITERS", 50) as usize);
             pull(secs("BENCH_PULLS", 5) as usize);
+            schedule(secs("BENCH_SCHED_DEVICES", 10_000) as usize, secs("BENCH_INSTANCES", 100_000) as usize);
+            rollout(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5));
         }
         other => {
-            eprintln!("usage: bench [sizes|footprint|ingest|runtime|pull|all] (got {other:?})");
+            eprintln!("usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|all] (got {other:?})");
             std::process::exit(2);
         }
     }
@@ -491,4 +497,153 @@ fn pull(runs: usize) {
     );
     println!("| bytes downloaded (Baton) / written (skopeo) by the update | {ours_update_bytes} | {theirs_update_written} | |\n");
     println!("Baton's first pull downloaded {ours_bytes} bytes of blobs (config + layers; manifests not counted).\n");
+}
+
+/// The scheduler alone, on plain data: `instances` replicas over `devices`
+/// devices (1,000-replica workloads, half spread across 20 sites), then the
+/// same inputs again (nothing moves), then after 1 % of devices are gone.
+fn schedule(devices: usize, instances: usize) {
+    use baton_controller::schedule::{schedule, Assignment, DeviceFacts, Placed};
+    use baton_controller::workload::Placement;
+    use baton_protocol::spec::{ContainerSpec, Resources, WorkloadSpec};
+    println!("## Scheduler: {instances} replicas on {devices} devices\n");
+    let mut facts: Vec<DeviceFacts> = (0..devices)
+        .map(|i| DeviceFacts {
+            id: format!("dev-{i:05}"),
+            labels: [("site".to_string(), format!("site-{}", i % 20))].into(),
+            arch: "aarch64".into(),
+            memory_bytes: 4 << 30,
+            cpu_millis: 4000,
+            reachable: true,
+            gone: false,
+        })
+        .collect();
+    let per_workload = 1000.min(instances);
+    let workloads: Vec<Placed> = (0..instances / per_workload)
+        .map(|i| Placed {
+            spec: WorkloadSpec {
+                name: format!("w-{i:04}"),
+                container: ContainerSpec {
+                    resources: Resources { memory_bytes: Some(16 << 20), cpu_millis: Some(50), ..Default::default() },
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            placement: Placement { spread_by: (i % 2 == 0).then(|| "site".to_string()), ..Default::default() },
+            replicas: Some(per_workload as u32),
+        })
+        .collect();
+    let time = |prev: &Assignment, facts: &[DeviceFacts]| {
+        let t = Instant::now();
+        let s = schedule(facts, &workloads, prev);
+        (t.elapsed(), s)
+    };
+    let (cold, first) = time(&Assignment::new(), &facts);
+    let placed: usize = first.assignment.values().map(|d| d.len()).sum();
+    let (warm, second) = time(&first.assignment, &facts);
+    assert_eq!(first, second, "rescheduling the same inputs moved replicas");
+    for f in facts.iter_mut().step_by(100) {
+        f.reachable = false;
+        f.gone = true;
+    }
+    let (moved_t, third) = time(&first.assignment, &facts);
+    let moved: usize = third.assignment.iter().map(|(w, d)| d.difference(&first.assignment[w]).count()).sum();
+    println!("| run | time | replicas placed |\n|---|---|---|");
+    println!("| from nothing | {:.0} ms | {placed} |", cold.as_secs_f64() * 1000.0);
+    println!("| again, same inputs (nothing moves) | {:.0} ms | {placed} |", warm.as_secs_f64() * 1000.0);
+    println!(
+        "| 1 % of devices gone (their replicas move) | {:.0} ms | {moved} moved |\n",
+        moved_t.as_secs_f64() * 1000.0
+    );
+}
+
+/// CPU ticks (user + system) and RSS of a process.
+fn cpu_and_rss(pid: u32) -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    (ticks, kib_field(&status, "VmRSS:"), kib_field(&status, "VmHWM:"))
+}
+
+/// A rollout of a new revision to `devices` simulated devices in 4 waves
+/// (1, 10 %, 50 %, 100 %), each gated on `gate_s` seconds of health: wall
+/// time against the floor (4 gates), controller CPU and memory, and the bytes
+/// each device saw on the wire (desired documents in, reports out).
+fn rollout(devices: usize, gate_s: u64) {
+    use baton_controller::view::RolloutView;
+    println!("## Rollout: {devices} simulated devices, waves [1, 10%, 50%, 100%], min_ready {gate_s} s\n");
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let _sim = start_simulator(&world, "sim", devices, &controller.broker_url(), &["--heartbeat-interval", "15"]);
+    wait_for("simulated fleet", Duration::from_secs(120), || (controller.devices().len() == devices).then_some(()));
+    let manifest = |tag: &str| {
+        format!(
+            "name: app\nimage: 127.0.0.1:9/app:{tag}\nrollout: {{waves: [1, 10%, 50%, 100%], min_ready: {gate_s}}}\n"
+        )
+    };
+    let path = world.path().join("app.yaml");
+    let apply = |tag: &str| {
+        std::fs::write(&path, manifest(tag)).expect("manifest");
+        let (ok, _, err) = baton_cli(&server, &["apply", "-f", path.to_str().expect("utf-8")]);
+        assert!(ok, "{err}");
+    };
+    apply("1");
+    wait_for("revision 1 everywhere", Duration::from_secs(120), || {
+        let w: baton_controller::view::WorkloadView = get_json(controller.http, "/api/v1/workloads/app").ok()?;
+        (w.healthy() == devices).then_some(())
+    });
+
+    // Count what crosses the broker for the devices while revision 2 rolls.
+    let mut tap = baton_tests::mqtt::RawClient::connect(controller.mqtt, "bench-tap");
+    tap.subscribe("baton/v1/dev/+/desired");
+    tap.subscribe("baton/v1/dev/+/report");
+    while tap.next_message(Duration::from_millis(500)).is_some() {} // the retained documents
+    let (ticks0, _, _) = cpu_and_rss(controller.proc.pid());
+    let started = Instant::now();
+    apply("2");
+    let mut desired_bytes = 0u64;
+    let mut report_bytes = 0u64;
+    let mut peak_rss = 0;
+    let done: RolloutView = loop {
+        while let Some((topic, payload, _)) = tap.next_message(Duration::from_millis(100)) {
+            if topic.ends_with("/desired") {
+                desired_bytes += (payload.len() + topic.len()) as u64;
+            } else {
+                report_bytes += (payload.len() + topic.len()) as u64;
+            }
+        }
+        peak_rss = peak_rss.max(cpu_and_rss(controller.proc.pid()).1);
+        let r: RolloutView = get_json(controller.http, "/api/v1/workloads/app/rollout").expect("rollout");
+        if r.to == 2 && !r.state.active() {
+            break r;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "rollout did not finish: {r:?}");
+    };
+    let wall = started.elapsed().as_secs_f64();
+    // Reports still in flight from the last devices.
+    while let Some((topic, payload, _)) = tap.next_message(Duration::from_millis(500)) {
+        if topic.ends_with("/report") {
+            report_bytes += (payload.len() + topic.len()) as u64;
+        }
+    }
+    let (ticks1, _, hwm) = cpu_and_rss(controller.proc.pid());
+    let hz = 100.0; // USER_HZ on Linux
+    let cpu_s = (ticks1 - ticks0) as f64 / hz;
+    let floor = 4.0 * gate_s as f64;
+    println!("| measure | value |\n|---|---|");
+    println!("| outcome | {:?}, {} of {} devices ready |", done.state, done.counts.ready, devices);
+    println!("| wall time, apply → succeeded | {wall:.1} s |");
+    println!("| floor (4 waves × {gate_s} s gate) | {floor:.0} s |");
+    println!("| wall / floor | {:.2} |", wall / floor);
+    println!("| controller CPU during the rollout | {cpu_s:.2} s ({:.0} % of one core) |", cpu_s / wall * 100.0);
+    println!("| controller RSS, peak during / high-water mark | {} / {} KiB |", peak_rss, hwm);
+    println!(
+        "| bytes per device (MQTT payload + topic): desired in / reports out | {} / {} |\n",
+        desired_bytes / devices as u64,
+        report_bytes / devices as u64
+    );
 }
