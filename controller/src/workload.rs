@@ -587,6 +587,17 @@ image: reg/other:1
     }
 
     #[test]
+    fn the_manifests_in_the_readme_are_valid() {
+        let readme = include_str!("../../README.md");
+        let blocks: Vec<&str> =
+            readme.split("```yaml\n").skip(1).filter_map(|b| b.split_once("```").map(|(yaml, _)| yaml)).collect();
+        assert!(blocks.len() >= 2, "README lost its manifest examples");
+        for yaml in blocks {
+            parse("README.md", yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        }
+    }
+
+    #[test]
     fn quantities() {
         assert_eq!(parse_bytes("64Mi"), Some(64 << 20));
         assert_eq!(parse_bytes("1G"), Some(1_000_000_000));
