@@ -158,6 +158,34 @@ fn read_only_rootfs_refuses_writes_but_tmpfs_accepts_them() {
 }
 
 #[test]
+fn config_files_are_mounted_read_only_and_kept_off_flash() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let id = cid("files");
+    let mut spec = sh("cat /etc/app/app.conf; ls -l /etc/app/app.conf; echo more >> /etc/app/app.conf || echo refused");
+    spec.read_only_rootfs = true;
+    spec.files = vec![baton_protocol::spec::File {
+        path: "/etc/app/app.conf".into(),
+        mode: 0o640,
+        contents: b"level = debug\n".to_vec(),
+    }];
+    create(&fx, &rt, &id, &spec).unwrap();
+    assert_eq!(wait_exit(&rt, &id, T).code, 0);
+    let log = fx.log(&id);
+    assert!(log.contains("stdout level = debug"), "{log}");
+    assert!(log.contains("-rw-r-----"), "mode not kept: {log}");
+    assert!(log.contains("stdout refused") && log.contains("Read-only file system"), "{log}");
+    // The content lives on the run dir (tmpfs), nowhere under the data dir (flash).
+    let on_flash = std::process::Command::new("grep")
+        .args(["-r", "-l", "level = debug"])
+        .arg(&fx.layout.data_dir)
+        .output()
+        .unwrap();
+    let hits = String::from_utf8_lossy(&on_flash.stdout);
+    assert!(hits.lines().all(|l| l.ends_with("container.log")), "{hits}");
+}
+
+#[test]
 fn passed_through_device_works_and_others_are_denied() {
     let fx = Fixture::new();
     let rt = fx.runtime();

@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 
 use baton_protocol::spec::{
-    ContainerSpec, DeviceMount, Mount, MountSource, NetworkMode, Port, PortProtocol, Probe, ProbeCheck, Resources,
-    RestartPolicy, Security, User, WorkloadSpec,
+    ContainerSpec, DeviceMount, File, Mount, MountSource, NetworkMode, Port, PortProtocol, Probe, ProbeCheck,
+    Resources, RestartPolicy, Security, User, WorkloadSpec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -61,6 +61,9 @@ pub struct Manifest {
     pub readiness: Option<ProbeManifest>,
     /// Seconds a new revision has to become healthy on a device.
     pub health_deadline: Option<u32>,
+    /// Files mounted read-only into the container; part of the revision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileManifest>,
     #[serde(default)]
     pub placement: Placement,
     /// How many devices run it; absent = every device that matches.
@@ -70,6 +73,19 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutManifest>,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileManifest {
+    /// Absolute path inside the container.
+    pub path: String,
+    pub content: String,
+    /// Octal permission bits as a string (`"0640"`); default `"0644"`.
+    pub mode: Option<String>,
+}
+
+/// What one workload's files may weigh in all (they travel in desired documents).
+pub const MAX_FILES_BYTES: usize = 128 * 1024;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -452,6 +468,29 @@ pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
         return bad("placement.spread_by", "only with replicas: a workload on every device is spread already".into());
     }
     strategy(m)?;
+    let mut files = Vec::new();
+    for (i, f) in m.files.iter().enumerate() {
+        let field = format!("files[{i}]");
+        if !f.path.starts_with('/') || f.path.ends_with('/') || f.path.split('/').any(|c| c == "..") {
+            return bad(&format!("{field}.path"), format!("{:?} must be an absolute file path without '..'", f.path));
+        }
+        if m.files[..i].iter().any(|o| o.path == f.path) {
+            return bad(&format!("{field}.path"), format!("{:?} appears twice", f.path));
+        }
+        let mode = match &f.mode {
+            None => 0o644,
+            Some(s) => {
+                u32::from_str_radix(s.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o7777).ok_or_else(|| {
+                    (format!("{field}.mode"), format!("{s:?}: use octal permission bits such as \"0640\""))
+                })?
+            }
+        };
+        files.push(File { path: f.path.clone(), mode, contents: f.content.clone().into_bytes() });
+    }
+    let total: usize = files.iter().map(|f| f.contents.len()).sum();
+    if total > MAX_FILES_BYTES {
+        return bad("files", format!("{total} bytes in all; files travel to devices inside desired documents, keep them under {MAX_FILES_BYTES}"));
+    }
     let liveness = m.liveness.as_ref().map(|p| probe("liveness", p)).transpose()?;
     let readiness = m.readiness.as_ref().map(|p| probe("readiness", p)).transpose()?;
     for (field, p) in [("liveness", &liveness), ("readiness", &readiness)] {
@@ -494,7 +533,7 @@ pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
             },
             liveness,
             readiness,
-            files: Vec::new(),
+            files,
         },
     })
 }
@@ -577,6 +616,8 @@ image: reg/other:1
             ("name: a\nimage: x\nrollout: {waves: [1, 0%]}\n", "a percentage (25%)", "rollout.waves[1]", 1),
             ("name: a\nimage: x\nrollout: {max_failures: lots}\n", "0% to 100%", "rollout.max_failures", 1),
             ("name: a\nimage: x\nrollout: {wave: [1]}\n", "unknown field `wave`", "wave", 1),
+            ("name: a\nimage: x\nfiles: [{path: etc/x, content: y}]\n", "absolute file path", "files[0].path", 1),
+            ("name: a\nimage: x\nfiles: [{path: /x, content: y, mode: rw}]\n", "octal", "files[0].mode", 1),
         ];
         for (yaml, message, field, doc) in cases {
             let e = parse("bad.yaml", yaml).expect_err(yaml);

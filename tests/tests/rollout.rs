@@ -241,7 +241,7 @@ fn a_revision_that_never_turns_healthy_is_rolled_back_on_the_device() {
 
     let manifest = |version: &str, readiness: &str| {
         format!(
-            "name: rb\nimage: busybox:rb\ncommand: [/bin/sh, -c, 'echo {version}; while true; do sleep 0.2; done']\nhealth_deadline: 4\nrollout: {{min_ready: 1}}\n{readiness}"
+            "name: rb\nimage: busybox:rb\ncommand: [/bin/sh, -c, 'cat /etc/rb.conf; while true; do sleep 0.2; done']\nfiles: [{{path: /etc/rb.conf, content: \"version {version}\\n\"}}]\nhealth_deadline: 4\nrollout: {{min_ready: 1}}\n{readiness}"
         )
     };
     apply(&server, &world, "rb.yaml", &manifest("v1", ""));
@@ -250,7 +250,8 @@ fn a_revision_that_never_turns_healthy_is_rolled_back_on_the_device() {
     let proven = baton_agent::engine::proven_path(&data);
     wait_for("revision 1 proven on the device", Duration::from_secs(30), || proven.exists().then_some(()));
 
-    // Revision 2's readiness probe never passes.
+    // Revision 2 changes the config file (a change like any other: a new
+    // revision), and its readiness probe never passes.
     apply(&server, &world, "rb.yaml", &manifest("v2", "readiness: {exec: [/bin/sh, -c, 'exit 1'], interval: 1}\n"));
     let r = wait_for("rollout of revision 2 to stop", Duration::from_secs(60), || {
         let r = rollout(&server, "rb");
@@ -263,7 +264,7 @@ fn a_revision_that_never_turns_healthy_is_rolled_back_on_the_device() {
     assert_eq!((w.revision, w.stable_revision), (2, 1));
     wait_for("revision 1's log", Duration::from_secs(10), || {
         let (ok, logs, _) = baton_cli(&server, &["logs", "rb", "--device", "pi-rb", "--tail", "1"]);
-        (ok && logs.contains("v1")).then_some(())
+        (ok && logs.contains("version v1")).then_some(())
     });
     assert!(agent.is_running(), "agent died");
 }

@@ -40,6 +40,17 @@ impl Layout {
         self.data_dir.join("volumes").join(name)
     }
 
+    /// A container's state that must not outlive a reboot (tmpfs).
+    pub fn run_state(&self, id: &str) -> PathBuf {
+        self.run_dir.join("containers").join(id)
+    }
+
+    /// The files a spec asks for (config files, later secrets), one per index,
+    /// bind-mounted read-only: on tmpfs, so nothing of them reaches flash.
+    pub fn container_files(&self, id: &str) -> PathBuf {
+        self.run_state(id).join("files")
+    }
+
     /// libcontainer's state root.
     pub fn youki_root(&self) -> PathBuf {
         self.run_dir.join("youki")

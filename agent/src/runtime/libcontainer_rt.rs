@@ -42,7 +42,23 @@ impl LibcontainerRuntime {
 
     /// Per-container run state on tmpfs: shim.pid, running.json, shim.log.
     fn run_state(&self, id: &str) -> PathBuf {
-        self.layout.run_dir.join("containers").join(id)
+        self.layout.run_state(id)
+    }
+
+    /// Writes the spec's files where its bind mounts expect them.
+    fn write_files(&self, id: &str, spec: &baton_protocol::spec::ContainerSpec) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if spec.files.is_empty() {
+            return Ok(());
+        }
+        let dir = self.layout.container_files(id);
+        std::fs::create_dir_all(&dir)?;
+        for (i, f) in spec.files.iter().enumerate() {
+            let path = dir.join(i.to_string());
+            std::fs::write(&path, &f.contents)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode & 0o7777))?;
+        }
+        Ok(())
     }
 
     /// Deletes a container's directories, unmounting its rootfs first; if the
@@ -116,6 +132,7 @@ impl ContainerRuntime for LibcontainerRuntime {
         let prepared = std::fs::create_dir_all(&bundle)
             .and_then(|()| std::fs::create_dir_all(&state))
             .and_then(|()| std::fs::create_dir_all(self.layout.youki_root()))
+            .and_then(|()| self.write_files(id, req.spec))
             // No fsync: after a power loss a half-written bundle is a lost
             // container, which reconcile recreates; only exit records must be durable.
             .and_then(|()| std::fs::write(bundle.join(files::CONFIG), config.to_string()));

@@ -151,6 +151,9 @@ pub struct ResolvedDevice {
     pub access: String,
 }
 
+/// Config files travel inside desired documents: keep them small.
+pub const MAX_FILES_BYTES: usize = 128 * 1024;
+
 fn is_clean_absolute(p: &str) -> bool {
     p.starts_with('/') && !p.split('/').any(|c| c == "..") && !p.contains('\0')
 }
@@ -248,8 +251,21 @@ pub fn validate(spec: &ContainerSpec) -> Result<(), String> {
             _ => {}
         }
     }
-    if !spec.files.is_empty() {
-        return Err("files: config files and secrets are not supported by this agent yet".into());
+    let mut total = 0usize;
+    for (i, f) in spec.files.iter().enumerate() {
+        if !is_clean_absolute(&f.path) || f.path.ends_with('/') || f.path == "/" {
+            return Err(format!("files[{i}].path: {:?} must be an absolute file path without '..'", f.path));
+        }
+        if spec.files[..i].iter().any(|o| o.path == f.path) {
+            return Err(format!("files[{i}].path: {:?} appears twice", f.path));
+        }
+        if f.mode > 0o7777 {
+            return Err(format!("files[{i}].mode: {:o} is not a permission mode", f.mode));
+        }
+        total += f.contents.len();
+    }
+    if total > MAX_FILES_BYTES {
+        return Err(format!("files: {total} bytes in all, more than the {MAX_FILES_BYTES}-byte limit"));
     }
     Ok(())
 }
@@ -364,6 +380,13 @@ pub fn config_json(
                 "options": ["nosuid", "nodev", rw, format!("size={size}"), "mode=1777"],
             }),
         });
+    }
+
+    for (i, f) in spec.files.iter().enumerate() {
+        mounts.push(json!({
+            "destination": f.path, "type": "bind", "source": layout.container_files(id).join(i.to_string()),
+            "options": ["bind", "ro", "nosuid", "nodev"],
+        }));
     }
 
     // Deny every device, then allow the ones every container needs, then the passthrough.
