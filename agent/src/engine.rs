@@ -11,8 +11,8 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_protocol::spec::WorkloadSpec;
-use baton_protocol::{Desired, Health, Phase, Report, WorkloadStatus};
+use baton_protocol::spec::{ContainerSpec, Mount, MountSource, WorkloadSpec};
+use baton_protocol::{Desired, Health, Phase, Report, ServiceEndpoints, WorkloadStatus};
 use tracing::{info, warn};
 
 use crate::image::registry::Registry;
@@ -84,6 +84,9 @@ struct Engine<R: ContainerRuntime> {
     guard: Guard,
     effective: Vec<WorkloadSpec>,
     proven_path: PathBuf,
+    /// `run_dir/services`: one directory per consuming workload, bind-mounted
+    /// read-only at `/run/baton/services` (None: no service discovery).
+    services_dir: Option<PathBuf>,
     /// Workloads waiting for their image: (phase to report, reason).
     waiting: BTreeMap<String, (Phase, String)>,
     puller: Option<Puller>,
@@ -102,6 +105,7 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
     registry: Option<Registry>,
     image_budget: u64,
     data_dir: &std::path::Path,
+    services_dir: Option<PathBuf>,
 ) -> std::io::Result<EngineHandle> {
     let initial = load_desired(data_dir).unwrap_or_default();
     if initial.generation > 0 {
@@ -121,11 +125,13 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
         desired: initial,
         guard,
         proven_path,
+        services_dir,
         waiting: BTreeMap::new(),
         puller,
         image_budget,
         next_gc_ms: 0,
     };
+    engine.write_services();
     std::thread::Builder::new().name("workloads".into()).spawn(move || {
         let mut last = None;
         loop {
@@ -133,8 +139,11 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
                 Ok(Input::Desired(d)) => {
                     info!(generation = d.generation, workloads = d.workloads.len(), "applying desired document");
                     engine.desired = d;
+                    engine.write_services();
+                    engine.refresh_consumers();
                 }
                 Ok(Input::Restart(name)) => {
+                    engine.refresh_spec(&name);
                     engine.sup.restart_now(&name);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -170,12 +179,85 @@ fn without_usage(r: &Report) -> Report {
     r
 }
 
+/// `BATON_SERVICE_<SERVICE>_<PORT>`: upper case, anything else than A-Z 0-9 → `_`.
+fn service_env_name(service: &str, port: &str) -> String {
+    format!("BATON_SERVICE_{service}_{port}")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .collect()
+}
+
+/// One line per endpoint: `ADDRESS:PORT PORT_NAME DEVICE`.
+fn service_file(s: &ServiceEndpoints) -> String {
+    s.endpoints.iter().map(|e| format!("{}:{} {} {}\n", e.address, e.port, e.port_name, e.device)).collect()
+}
+
 impl<R: ContainerRuntime> Engine<R> {
+    /// Brings `services_dir/<consumer>/<service>` in line with the desired
+    /// document: changed files rewritten (atomically: a reader sees the old
+    /// or the new list), stale ones removed. tmpfs, so no flash wear.
+    fn write_services(&self) {
+        let Some(dir) = &self.services_dir else { return };
+        let mut want: BTreeMap<PathBuf, String> = BTreeMap::new();
+        for s in &self.desired.services {
+            for c in &s.consumers {
+                want.insert(dir.join(c).join(&s.name), service_file(s));
+            }
+        }
+        for consumer in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            for file in std::fs::read_dir(consumer.path()).into_iter().flatten().flatten() {
+                if !want.contains_key(&file.path()) {
+                    let _ = std::fs::remove_file(file.path());
+                }
+            }
+        }
+        for (path, text) in want {
+            if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+                continue;
+            }
+            let written = path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| crate::runtime::layout::write_atomic(&path, text.as_bytes()));
+            if let Err(e) = written {
+                warn!(path = %path.display(), error = %e, "cannot write service endpoints");
+            }
+        }
+    }
+
+    /// The service mount and environment of a consuming workload.
+    fn add_services(&self, name: &str, spec: &mut ContainerSpec) {
+        let Some(dir) = &self.services_dir else { return };
+        let used: Vec<&ServiceEndpoints> =
+            self.desired.services.iter().filter(|s| s.consumers.iter().any(|c| c == name)).collect();
+        if used.is_empty() {
+            return;
+        }
+        let mine = dir.join(name);
+        if let Err(e) = std::fs::create_dir_all(&mine) {
+            return warn!(workload = %name, error = %e, "cannot create the services directory");
+        }
+        spec.mounts.push(Mount {
+            target: "/run/baton/services".into(),
+            source: MountSource::Bind(mine.display().to_string()),
+            read_only: true,
+        });
+        for s in used {
+            let mut by_port: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for e in &s.endpoints {
+                by_port.entry(&e.port_name).or_default().push(format!("{}:{}", e.address, e.port));
+            }
+            for (port, addrs) in by_port {
+                spec.env.push((service_env_name(&s.name, port), addrs.join(",")));
+            }
+        }
+    }
+
     /// Proves healthy revisions and rolls back those past their deadline;
     /// the proven set is written to flash only when it changes.
     fn judge(&mut self, now: u64) {
         if self.guard.observe(&self.desired.workloads, &self.sup.status(), now) {
-            let doc = Desired { generation: 0, workloads: self.guard.proven() };
+            let doc = Desired { generation: 0, workloads: self.guard.proven(), services: Vec::new() };
             let written = baton_protocol::encode(&baton_protocol::Message::Desired(doc))
                 .map_err(|e| std::io::Error::other(e.to_string()))
                 .and_then(|bytes| {
@@ -258,14 +340,45 @@ impl<R: ContainerRuntime> Engine<R> {
         self.waiting.retain(|name, _| self.effective.iter().any(|w| &w.name == name));
     }
 
+    /// The container spec of `w` on this device (image config, services) and its rootfs.
+    fn spec_for(&self, w: &WorkloadSpec) -> Result<(ContainerSpec, PathBuf), ImageError> {
+        let digest = Some(w.image_digest.as_str()).filter(|d| !d.is_empty());
+        let image = self.images.resolve(&w.image, digest)?;
+        let rootfs = self.images.rootfs(&image)?;
+        let mut spec = container_spec(w, &image.config);
+        self.add_services(&w.name, &mut spec);
+        Ok((spec, rootfs))
+    }
+
+    /// Gives a supervised workload's next instance a spec built from what is
+    /// known now (the service environment moves; the revision does not).
+    fn refresh_spec(&mut self, name: &str) {
+        let Some(w) = self.effective.iter().find(|w| w.name == name).cloned() else { return };
+        if let Ok((spec, _)) = self.spec_for(&w) {
+            self.sup.set_next_spec(name, spec);
+        }
+    }
+
+    fn refresh_consumers(&mut self) {
+        let consumers: BTreeSet<String> = self
+            .desired
+            .services
+            .iter()
+            .flat_map(|s| s.consumers.iter().cloned())
+            .filter(|n| self.sup.is_supervising(n))
+            .collect();
+        for name in &consumers {
+            self.refresh_spec(name);
+        }
+    }
+
     fn start(&mut self, name: String, now: u64) {
         let Some(w) = self.effective.iter().find(|w| w.name == name).cloned() else { return };
         let digest = Some(w.image_digest.as_str()).filter(|d| !d.is_empty());
-        let resolved = self.images.resolve(&w.image, digest).and_then(|img| self.images.rootfs(&img).map(|r| (img, r)));
-        match resolved {
-            Ok((image, rootfs)) => {
+        match self.spec_for(&w) {
+            Ok((spec, rootfs)) => {
                 self.waiting.remove(&name);
-                self.sup.ensure(&name, w.revision, container_spec(&w, &image.config), rootfs, now);
+                self.sup.ensure(&name, w.revision, spec, rootfs, now);
             }
             Err(ImageError::NotFound(_)) => {
                 if self.request_pull(&w.image, digest, now) {

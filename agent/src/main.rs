@@ -309,8 +309,14 @@ fn start_engine(config: &AgentConfig) -> Result<baton_agent::engine::EngineHandl
             .map(|(h, a)| (h.clone(), (a.username.clone(), a.password.clone())))
             .collect(),
     });
-    let mut handle =
-        baton_agent::engine::spawn(supervisor, images, Some(registry), config.image_budget_bytes, &config.data_dir)?;
+    let mut handle = baton_agent::engine::spawn(
+        supervisor,
+        images,
+        Some(registry),
+        config.image_budget_bytes,
+        &config.data_dir,
+        Some(config.run_dir.join("services")),
+    )?;
     handle.runtime = Some(std::sync::Arc::new(exec_runtime));
     Ok(handle)
 }

@@ -132,9 +132,9 @@ mod tests {
 
     #[test]
     fn validation_names_the_bad_workload() {
-        let bad = Desired { generation: 1, workloads: vec![w("ok", 1), w("Bad_Name", 1)] };
+        let bad = Desired { generation: 1, workloads: vec![w("ok", 1), w("Bad_Name", 1)], services: vec![] };
         assert!(validate(&bad).unwrap_err().starts_with("workloads[1].name"));
-        let dup = Desired { generation: 1, workloads: vec![w("a", 1), w("a", 2)] };
+        let dup = Desired { generation: 1, workloads: vec![w("a", 1), w("a", 2)], services: vec![] };
         assert!(validate(&dup).unwrap_err().contains("twice"));
     }
 

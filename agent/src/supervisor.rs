@@ -200,6 +200,15 @@ impl<R: ContainerRuntime> Supervisor<R> {
         self.units.contains_key(name)
     }
 
+    /// The spec the workload's next instance starts with (same revision: a
+    /// service endpoint list in its environment moved). Running containers
+    /// are not touched.
+    pub fn set_next_spec(&mut self, name: &str, spec: ContainerSpec) {
+        if let Some(unit) = self.units.get_mut(name) {
+            unit.spec = spec;
+        }
+    }
+
     /// Restarts a workload's container now (an operator's `baton restart`).
     pub fn restart_now(&mut self, name: &str) -> bool {
         let Some(unit) = self.units.get_mut(name) else { return false };

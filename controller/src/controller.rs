@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use baton_protocol::{validate_label, DeviceId, PresenceState};
 
 use baton_protocol::spec::WorkloadSpec;
-use baton_protocol::Desired;
+use baton_protocol::{Desired, Endpoint, ServiceEndpoints};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::commands::Outgoing;
@@ -37,6 +37,15 @@ fn facts_of(d: &Device, now: Millis, stale_after_ms: Millis, grace_ms: Millis) -
         reachable: status != Status::Offline,
         gone: status == Status::Offline && now.saturating_sub(d.last_seen) > grace_ms,
     }
+}
+
+/// Healthy running instances of each workload: (device, address, revision).
+type Serving = BTreeMap<String, Vec<(String, String, u64)>>;
+
+/// What placement and service discovery need from the fleet, taken in one lock.
+struct Snapshot {
+    facts: Vec<DeviceFacts>,
+    serving: Serving,
 }
 
 /// One workload as the controller holds it.
@@ -67,8 +76,10 @@ impl Entry {
 struct State {
     workloads: BTreeMap<String, Entry>,
     schedule: Schedule,
-    /// Device → (generation, workloads) last published.
-    desired: BTreeMap<String, (u64, Vec<WorkloadSpec>)>,
+    /// Device → the document last published.
+    desired: BTreeMap<String, Desired>,
+    /// The endpoints last published (only services someone uses matter).
+    serving: Serving,
     /// Devices gone past the grace period when placement last ran.
     gone: BTreeSet<String>,
 }
@@ -129,10 +140,14 @@ impl Controller {
                 (entry.manifest.name.clone(), entry)
             })
             .collect();
-        let desired = store.load_desired()?;
+        let desired: BTreeMap<String, Desired> = store
+            .load_desired()?
+            .into_iter()
+            .map(|(device, (generation, workloads))| (device, Desired { generation, workloads, services: Vec::new() }))
+            .collect();
         // Replicas stay where the last documents put them.
         let mut schedule = Schedule::default();
-        for (device, (_, specs)) in &desired {
+        for (device, Desired { workloads: specs, .. }) in &desired {
             for s in specs {
                 schedule.assignment.entry(s.name.clone()).or_default().insert(device.clone());
             }
@@ -141,7 +156,7 @@ impl Controller {
         Ok(Self {
             commands,
             outbox,
-            state: Mutex::new(State { workloads, schedule, desired, gone: BTreeSet::new() }),
+            state: Mutex::new(State { workloads, schedule, desired, serving: Serving::new(), gone: BTreeSet::new() }),
             fleet: Mutex::new(fleet),
             store: Mutex::new(store),
             metrics: Metrics::default(),
@@ -257,9 +272,28 @@ impl Controller {
         Ok(lock(&self.store).load_events(subject, limit)?)
     }
 
-    fn facts(&self, now: Millis) -> Vec<DeviceFacts> {
+    fn snapshot(&self, now: Millis) -> Snapshot {
         let fleet = lock(&self.fleet);
-        fleet.devices().map(|d| facts_of(d, now, self.stale_after_ms, self.reschedule_after_ms)).collect()
+        let mut serving = Serving::new();
+        for d in fleet.devices() {
+            if d.status(now, self.stale_after_ms) == Status::Offline {
+                continue;
+            }
+            let address = d.inventory.as_ref().and_then(|i| i.addresses.first().cloned()).unwrap_or_default();
+            for w in d.report.iter().flat_map(|r| &r.workloads) {
+                if w.phase == baton_protocol::Phase::Running && w.health == baton_protocol::Health::Healthy {
+                    serving.entry(w.name.clone()).or_default().push((d.id.clone(), address.clone(), w.revision));
+                }
+            }
+        }
+        let facts = fleet.devices().map(|d| facts_of(d, now, self.stale_after_ms, self.reschedule_after_ms)).collect();
+        Snapshot { facts, serving }
+    }
+
+    /// The endpoints of the services some workload uses.
+    fn used_serving(st: &State, serving: &Serving) -> Serving {
+        let used: BTreeSet<&String> = st.workloads.values().flat_map(|e| &e.manifest.uses).collect();
+        serving.iter().filter(|(name, _)| used.contains(name)).map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// Stores validated workloads (the caller validated every document first,
@@ -267,7 +301,8 @@ impl Controller {
     /// and starts its rollout; a change of placement, replicas or strategy
     /// alone moves no container; applying the same file twice changes nothing.
     pub fn apply_workloads(&self, validated: Vec<Validated>, now: Millis) -> Result<Vec<ApplyResult>, OpError> {
-        let facts = self.facts(now);
+        let snap = self.snapshot(now);
+        let facts = &snap.facts;
         let mut results = Vec::new();
         let mut st = lock(&self.state);
         let store = lock(&self.store);
@@ -333,12 +368,12 @@ impl Controller {
             };
             results.push(ApplyResult { name, revision: e.latest, action: action.into() });
         }
-        let schedule = self.compute_schedule(&st, &facts);
+        let schedule = self.compute_schedule(&st, facts);
         for (name, from, to) in roll {
-            self.start_rollout(&mut st, &store, &schedule, &facts, &name, from, to, now)?;
+            self.start_rollout(&mut st, &store, &schedule, facts, &name, from, to, now)?;
         }
         drop(store);
-        self.publish(&mut st, schedule, &facts);
+        self.publish(&mut st, schedule, &snap);
         Ok(results)
     }
 
@@ -424,7 +459,8 @@ impl Controller {
 
     /// `baton rollout pause|resume|abort|undo`.
     pub fn rollout_action(&self, name: &str, action: &str, now: Millis) -> Result<RolloutView, OpError> {
-        let facts = self.facts(now);
+        let snap = self.snapshot(now);
+        let facts = &snap.facts;
         let mut st = lock(&self.state);
         let store = lock(&self.store);
         let e = st.workloads.get_mut(name).ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
@@ -462,8 +498,8 @@ impl Controller {
                     store.save_revision(&spec, &e.pinned(), now)?;
                     e.revisions.insert(revision, spec);
                     let from = e.stable;
-                    let schedule = self.compute_schedule(&st, &facts);
-                    self.start_rollout(&mut st, &store, &schedule, &facts, name, from, revision, now)?;
+                    let schedule = self.compute_schedule(&st, facts);
+                    self.start_rollout(&mut st, &store, &schedule, facts, name, from, revision, now)?;
                     format!("undo: revision {revision} restores the spec of revision {}", previous.revision)
                 }
             }
@@ -472,8 +508,8 @@ impl Controller {
         self.event(&store, "rollout", name, message, now);
         drop(store);
         let view = st.workloads.get(name).and_then(|e| e.rollout.as_ref()).map(RolloutView::new);
-        let schedule = self.compute_schedule(&st, &facts);
-        self.publish(&mut st, schedule, &facts);
+        let schedule = self.compute_schedule(&st, facts);
+        self.publish(&mut st, schedule, &snap);
         view.ok_or_else(|| OpError::Invalid(format!("workload {name} has no rollout")))
     }
 
@@ -522,6 +558,15 @@ impl Controller {
             if gone != st.gone {
                 changed = true;
             }
+            drop(store);
+            drop(st);
+            drop(fleet);
+            // Endpoints moved (an instance turned healthy or stopped being so).
+            let snap = self.snapshot(now);
+            let st = lock(&self.state);
+            if Self::used_serving(&st, &snap.serving) != st.serving {
+                changed = true;
+            }
         }
         if changed {
             self.sync_desired(now);
@@ -544,13 +589,43 @@ impl Controller {
     /// Recomputes placement and every device's desired document; stores and
     /// publishes the ones that changed, each with the next generation.
     pub fn sync_desired(&self, now: Millis) {
-        let facts = self.facts(now);
+        let snap = self.snapshot(now);
         let mut st = lock(&self.state);
-        let schedule = self.compute_schedule(&st, &facts);
-        self.publish(&mut st, schedule, &facts);
+        let schedule = self.compute_schedule(&st, &snap.facts);
+        self.publish(&mut st, schedule, &snap);
     }
 
-    fn publish(&self, st: &mut State, schedule: Schedule, facts: &[DeviceFacts]) {
+    /// Each used service's endpoints: its healthy instances on devices it is
+    /// placed on, one per named port of the revision they run.
+    fn endpoints(st: &State, schedule: &Schedule, serving: &Serving) -> BTreeMap<String, Vec<Endpoint>> {
+        let mut out = BTreeMap::new();
+        for (name, instances) in serving {
+            let Some(e) = st.workloads.get(name) else { continue };
+            let placed = schedule.assignment.get(name);
+            let mut endpoints = Vec::new();
+            for (device, address, revision) in instances {
+                if !placed.is_some_and(|p| p.contains(device)) {
+                    continue;
+                }
+                let spec = e.revisions.get(revision).or_else(|| e.revisions.get(&e.latest));
+                for p in spec.iter().flat_map(|s| &s.container.ports) {
+                    endpoints.push(Endpoint {
+                        device: device.clone(),
+                        address: address.clone(),
+                        port_name: p.name.clone(),
+                        port: p.port,
+                    });
+                }
+            }
+            out.insert(name.clone(), endpoints);
+        }
+        out
+    }
+
+    fn publish(&self, st: &mut State, schedule: Schedule, snap: &Snapshot) {
+        let facts = &snap.facts;
+        let serving = Self::used_serving(st, &snap.serving);
+        let endpoints = Self::endpoints(st, &schedule, &serving);
         for (name, n) in &schedule.unplaced {
             if st.schedule.unplaced.get(name) != Some(n) {
                 tracing::warn!(workload = %name, replicas = n, "replicas fit on no device");
@@ -577,41 +652,54 @@ impl Controller {
                 }
             }
             specs.sort_by(|a, b| a.name.cmp(&b.name));
-            docs.push((d.id.clone(), specs));
+            let mut services: BTreeMap<&str, ServiceEndpoints> = BTreeMap::new();
+            for spec in &specs {
+                let uses = st.workloads.get(&spec.name).map(|e| e.manifest.uses.as_slice()).unwrap_or_default();
+                for service in uses {
+                    let entry = services.entry(service.as_str()).or_insert_with(|| ServiceEndpoints {
+                        name: service.clone(),
+                        consumers: Vec::new(),
+                        endpoints: endpoints.get(service).cloned().unwrap_or_default(),
+                    });
+                    entry.consumers.push(spec.name.clone());
+                }
+            }
+            docs.push((d.id.clone(), specs, services.into_values().collect::<Vec<_>>()));
         }
+        st.serving = serving;
         st.gone = facts.iter().filter(|d| d.gone).map(|d| d.id.clone()).collect();
         st.schedule = schedule;
         let store = lock(&self.store);
-        for (device, workloads) in docs {
+        for (device, workloads, services) in docs {
             // Unchanged, or nothing to say to a device that never had a document.
             let unchanged = match st.desired.get(&device) {
-                Some((_, w)) => *w == workloads,
+                Some(d) => d.workloads == workloads && d.services == services,
                 None => workloads.is_empty(),
             };
             if unchanged {
                 continue;
             }
-            let generation = st.desired.get(&device).map_or(1, |(g, _)| g + 1);
+            let generation = st.desired.get(&device).map_or(1, |d| d.generation + 1);
             if let Err(e) = store.save_desired(&device, generation, &workloads) {
                 self.metrics.store_errors.fetch_add(1, Relaxed);
                 tracing::error!(%device, error = %e, "cannot store a desired document; not publishing it");
                 continue;
             }
             tracing::debug!(%device, generation, workloads = workloads.len(), "desired document changed");
+            let doc = Desired { generation, workloads, services };
             if let Ok(id) = DeviceId::new(device.clone()) {
-                let _ = self.outbox.send(Outgoing::Desired(id, Desired { generation, workloads: workloads.clone() }));
+                let _ = self.outbox.send(Outgoing::Desired(id, doc.clone()));
             }
-            st.desired.insert(device, (generation, workloads));
+            st.desired.insert(device, doc);
         }
     }
 
     /// Publishes every stored desired document again (after a (re)connect:
     /// an embedded broker keeps no retained messages across a restart).
     pub fn republish_desired(&self) {
-        for (device, (generation, workloads)) in lock(&self.state).desired.iter() {
+        for (device, doc) in lock(&self.state).desired.iter() {
             if let Ok(id) = DeviceId::new(device.clone()) {
-                let doc = Desired { generation: *generation, workloads: workloads.clone() };
-                let _ = self.outbox.send(Outgoing::Desired(id, doc));
+                let _ = self.outbox.send(Outgoing::Desired(id, doc.clone()));
             }
         }
     }

@@ -61,6 +61,10 @@ pub struct Manifest {
     pub readiness: Option<ProbeManifest>,
     /// Seconds a new revision has to become healthy on a device.
     pub health_deadline: Option<u32>,
+    /// Workloads this one talks to: their healthy endpoints are delivered to
+    /// it (`/run/baton/services/NAME`, and `BATON_SERVICE_NAME` at start).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uses: Vec<String>,
     /// Files mounted read-only into the container; part of the revision.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileManifest>,
@@ -468,6 +472,11 @@ pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
         return bad("placement.spread_by", "only with replicas: a workload on every device is spread already".into());
     }
     strategy(m)?;
+    for (i, u) in m.uses.iter().enumerate() {
+        if !valid_name(u) || *u == m.name {
+            return bad(&format!("uses[{i}]"), format!("{u:?}: name another workload (a-z 0-9 -)"));
+        }
+    }
     let mut files = Vec::new();
     for (i, f) in m.files.iter().enumerate() {
         let field = format!("files[{i}]");
@@ -616,6 +625,7 @@ image: reg/other:1
             ("name: a\nimage: x\nrollout: {waves: [1, 0%]}\n", "a percentage (25%)", "rollout.waves[1]", 1),
             ("name: a\nimage: x\nrollout: {max_failures: lots}\n", "0% to 100%", "rollout.max_failures", 1),
             ("name: a\nimage: x\nrollout: {wave: [1]}\n", "unknown field `wave`", "wave", 1),
+            ("name: a\nimage: x\nuses: [a]\n", "another workload", "uses[0]", 1),
             ("name: a\nimage: x\nfiles: [{path: etc/x, content: y}]\n", "absolute file path", "files[0].path", 1),
             ("name: a\nimage: x\nfiles: [{path: /x, content: y, mode: rw}]\n", "octal", "files[0].mode", 1),
         ];

@@ -332,6 +332,7 @@ mod tests {
     #[test]
     fn encode_refuses_messages_over_their_kind_limit() {
         let big = Desired {
+            services: Vec::new(),
             generation: 1,
             workloads: vec![crate::spec::WorkloadSpec { name: "x".repeat(MAX_MESSAGE_BYTES), ..Default::default() }],
         };

@@ -123,6 +123,28 @@ pub enum Health {
 pub struct Desired {
     pub generation: u64,
     pub workloads: Vec<WorkloadSpec>,
+    /// Since 1.1: the endpoints of the services this device's workloads use.
+    pub services: Vec<ServiceEndpoints>,
+}
+
+/// Where a service (a workload with named ports) can be reached right now:
+/// its healthy instances.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceEndpoints {
+    /// The workload that serves.
+    pub name: String,
+    /// Workloads on this device that use it.
+    pub consumers: Vec<String>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Endpoint {
+    pub device: String,
+    /// The device's address (from its inventory).
+    pub address: String,
+    pub port_name: String,
+    pub port: u16,
 }
 
 /// `cmd`: a request to one device, answered on `cmd/res` with the same id.

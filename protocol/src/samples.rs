@@ -113,6 +113,16 @@ pub fn desired() -> Desired {
                 files: vec![File { path: "/etc/sensor.toml".into(), mode: 0o444, contents: b"rate = 10\n".to_vec() }],
             },
         }],
+        services: vec![ServiceEndpoints {
+            name: "broker".into(),
+            consumers: vec!["sensor-reader".into()],
+            endpoints: vec![Endpoint {
+                device: "pi-gateway".into(),
+                address: "192.168.1.20".into(),
+                port_name: "mqtt".into(),
+                port: 1884,
+            }],
+        }],
     }
 }
 

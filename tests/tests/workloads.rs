@@ -13,7 +13,7 @@ use baton_tests::*;
 const DEVICE: &str = "pi-w";
 
 fn desired(generation: u64, workloads: Vec<WorkloadSpec>) -> Vec<u8> {
-    encode(&Message::Desired(Desired { generation, workloads })).expect("encode")
+    encode(&Message::Desired(Desired { generation, workloads, services: Vec::new() })).expect("encode")
 }
 
 fn web(revision: u64, script: &str) -> WorkloadSpec {
