@@ -1,0 +1,140 @@
+#!/bin/sh
+# Installs (or upgrades, or removes) the Baton agent on a device: the binary,
+# /etc/baton/agent.toml, a systemd unit and the data directory. Idempotent:
+# run it again to upgrade; the config and data are kept.
+#
+#   install.sh --binary ./baton-agent --broker mqtt://controller.lan:1883 [--device-id ID] [--label k=v]…
+#   install.sh --uninstall [--purge]
+#
+#   --binary PATH     the agent to install (default: ./baton-agent, or the one for this CPU in ./<target>/)
+#   --broker URL      written to a new agent.toml (an existing one is kept unless --force-config)
+#   --device-id ID    default: derived from /etc/machine-id by the agent
+#   --label k=v       repeatable
+#   --force-config    rewrite agent.toml even if it exists
+#   --root DIR        install under DIR instead of / (image building, tests); no systemctl
+#   --uninstall       stop and remove the service and binary; keeps config, data and running containers
+#   --purge           with --uninstall: also stop every container and delete config and data
+set -eu
+
+root=""
+binary=""
+broker=""
+device_id=""
+labels=""
+force_config=false
+uninstall=false
+purge=false
+while [ $# -gt 0 ]; do
+  case $1 in
+    --binary) binary=$2; shift 2 ;;
+    --broker) broker=$2; shift 2 ;;
+    --device-id) device_id=$2; shift 2 ;;
+    --label) labels="$labels$2
+"; shift 2 ;;
+    --force-config) force_config=true; shift ;;
+    --root) root=$2; shift 2 ;;
+    --uninstall) uninstall=true; shift ;;
+    --purge) purge=true; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+bin_path=$root/usr/local/bin/baton-agent
+conf_dir=$root/etc/baton
+unit_path=$root/etc/systemd/system/baton-agent.service
+data_dir=/var/lib/baton/agent
+systemd=false
+if [ -z "$root" ] && [ -d /run/systemd/system ]; then systemd=true; fi
+
+if $uninstall; then
+  if $systemd; then
+    systemctl disable --now baton-agent.service 2>/dev/null || true
+  fi
+  if $purge && [ -z "$root" ]; then
+    # Each shim stops its container (SIGTERM, then SIGKILL after its grace) and exits.
+    pkill -TERM -f '^/usr/local/bin/baton-agent shim' 2>/dev/null || true
+    i=0
+    while pgrep -f '^/usr/local/bin/baton-agent shim' >/dev/null 2>&1 && [ $i -lt 30 ]; do sleep 1; i=$((i + 1)); done
+  fi
+  if $purge; then
+    rm -rf "$conf_dir" "$root$data_dir" "$root/run/baton"
+  fi
+  rm -f "$unit_path" "$bin_path"
+  if $systemd; then systemctl daemon-reload; fi
+  echo "baton-agent removed$($purge && echo ', with its config, data and containers' || echo '; config, data and containers kept')"
+  exit 0
+fi
+
+if [ -z "$binary" ]; then
+  case $(uname -m) in
+    aarch64) guess=aarch64-unknown-linux-musl ;;
+    armv7l|armv8l) guess=armv7-unknown-linux-gnueabihf ;;
+    *) guess=none ;;
+  esac
+  for b in ./baton-agent "./$guess/baton-agent"; do
+    if [ -f "$b" ]; then binary=$b; break; fi
+  done
+fi
+[ -n "$binary" ] && [ -f "$binary" ] || { echo "install.sh: no agent binary (use --binary PATH)" >&2; exit 1; }
+
+mkdir -p "$(dirname "$bin_path")" "$conf_dir" "$(dirname "$unit_path")" "$root$data_dir"
+chmod 700 "$root$data_dir"
+# Replace the binary atomically: a running agent keeps its old inode.
+cp "$binary" "$bin_path.new"
+chmod 755 "$bin_path.new"
+mv -f "$bin_path.new" "$bin_path"
+
+if [ ! -f "$conf_dir/agent.toml" ] || $force_config; then
+  [ -n "$broker" ] || { echo "install.sh: --broker mqtt://HOST:PORT is needed for a new agent.toml" >&2; exit 1; }
+  {
+    echo "# Baton agent. Every key is documented in Baton's README."
+    echo "broker = \"$broker\""
+    [ -n "$device_id" ] && echo "device_id = \"$device_id\""
+    echo "data_dir = \"$data_dir\""
+    if [ -n "$labels" ]; then
+      echo "[labels]"
+      printf '%s' "$labels" | while IFS='=' read -r k v; do
+        [ -n "$k" ] && echo "$k = \"$v\""
+      done
+    fi
+  } >"$conf_dir/agent.toml.new"
+  mv -f "$conf_dir/agent.toml.new" "$conf_dir/agent.toml"
+fi
+
+cat >"$unit_path.new" <<'UNIT'
+[Unit]
+Description=Baton device agent
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+ExecStart=/usr/local/bin/baton-agent --config /etc/baton/agent.toml
+Restart=always
+RestartSec=5
+# Stopping or upgrading the agent must never stop containers: only the agent
+# process is signalled; each container's shim (and the container) carries on
+# and the next agent re-adopts them.
+KillMode=process
+# The agent and its shims; containers live in their own cgroups (/baton/…).
+MemoryMax=128M
+TasksMax=4096
+LimitNOFILE=65536
+# Under memory pressure the kernel should pick a container, not the agent.
+OOMScoreAdjust=-900
+Environment=BATON_LOG=info
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+mv -f "$unit_path.new" "$unit_path"
+
+if $systemd; then
+  systemctl daemon-reload
+  systemctl enable baton-agent.service >/dev/null 2>&1
+  # A restart re-adopts running containers; nothing they run is interrupted.
+  systemctl restart baton-agent.service
+  echo "baton-agent installed and running ($("$bin_path" --version))"
+else
+  echo "baton-agent installed under ${root:-/} ($("$bin_path" --version 2>/dev/null || echo "$(basename "$binary")"))"
+fi
