@@ -331,6 +331,13 @@ impl<R: ContainerRuntime> Engine<R> {
         for action in plan(&self.effective, &self.sup.observed()) {
             match action {
                 Action::Stop(name) => {
+                    // A replacement waits for its image: the old revision keeps
+                    // running while the new one downloads (and if it never does).
+                    if let Some(next) = self.effective.iter().find(|w| w.name == name).cloned() {
+                        if !self.image_ready(&next, now) {
+                            continue;
+                        }
+                    }
                     info!(workload = %name, "stopping");
                     self.sup.remove(&name);
                 }
@@ -338,6 +345,27 @@ impl<R: ContainerRuntime> Engine<R> {
             }
         }
         self.waiting.retain(|name, _| self.effective.iter().any(|w| &w.name == name));
+    }
+
+    /// Whether `w`'s image is in the store; if not, asks for it and records
+    /// that the workload waits for it.
+    fn image_ready(&mut self, w: &WorkloadSpec, now: u64) -> bool {
+        let digest = Some(w.image_digest.as_str()).filter(|d| !d.is_empty());
+        match self.images.resolve(&w.image, digest) {
+            Ok(_) => true,
+            Err(ImageError::NotFound(_)) => {
+                if self.request_pull(&w.image, digest, now) {
+                    self.waiting.insert(w.name.clone(), (Phase::Pulling, format!("pulling {}", w.image)));
+                } else if self.puller.is_none() {
+                    let why =
+                        format!("image {} is not in the local store; load it with `baton-agent image load`", w.image);
+                    self.waiting.insert(w.name.clone(), (Phase::Pending, why));
+                }
+                false
+            }
+            // Anything else (a broken record) is the start's to report.
+            Err(_) => true,
+        }
     }
 
     /// The container spec of `w` on this device (image config, services) and its rootfs.
@@ -402,6 +430,15 @@ impl<R: ContainerRuntime> Engine<R> {
 
     fn report(&self) -> Report {
         let mut workloads = self.sup.status();
+        // An old revision still running while the new one waits (for its image): say why.
+        for st in &mut workloads {
+            let next = self.effective.iter().find(|w| w.name == st.name).map(|w| w.revision);
+            if let (Some(rev), Some((_, reason))) = (next, self.waiting.get(&st.name)) {
+                if rev != st.revision {
+                    st.last_error = Some(format!("revision {rev}: {reason}"));
+                }
+            }
+        }
         for (name, (phase, reason)) in &self.waiting {
             if workloads.iter().any(|w| &w.name == name) {
                 continue;

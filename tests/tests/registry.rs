@@ -14,8 +14,9 @@ use baton_agent::image::ImageStore;
 use baton_tests::*;
 
 fn pushed_busybox(world: &World, registry: &RegistryServer, repo_tag: &str) {
-    let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");
-    let layout = baton_tests::fixtures::oci_layout(&world.path().join("layout"), &rootfs, "e2e").expect("layout");
+    let dir = world.path().join(repo_tag.replace(['/', ':'], "_"));
+    let rootfs = baton_tests::fixtures::busybox_rootfs(&dir).expect("rootfs");
+    let layout = baton_tests::fixtures::oci_layout(&dir.join("layout"), &rootfs, "e2e").expect("layout");
     registry.push(&layout, "e2e", repo_tag);
 }
 
@@ -155,6 +156,38 @@ fn an_applied_workload_is_pulled_by_the_agent_and_runs() {
     wait_for("its log", Duration::from_secs(10), || {
         let (ok, out, _) = baton_cli(&server, &["logs", "app", "--device", "pi-pull"]);
         (ok && out.contains("pulled-and-running")).then_some(())
+    });
+
+    // Revision 2 names a tag the registry does not have yet: revision 1 keeps
+    // running (the old container is stopped only once the new image is here),
+    // and the device says why it waits.
+    let report = |server: &str| -> Option<baton_protocol::WorkloadStatus> {
+        let (_, out, _) = baton_cli(server, &["describe", "workload", "app", "-o", "json"]);
+        let w: baton_controller::view::WorkloadView = serde_json::from_str(&out).ok()?;
+        w.devices.first()?.reported.clone()
+    };
+    std::fs::write(
+        &manifest,
+        format!(
+            "name: app\nimage: 127.0.0.1:{}/apps/busybox:2\ncommand: [/bin/sh, -c, 'echo pulled-and-running; while true; do sleep 0.2; done']\nhealth_deadline: 600\n",
+            registry.port
+        ),
+    )
+    .expect("manifest");
+    let (ok, _, err) = baton_cli(&server, &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    assert!(ok, "{err}");
+    let waiting = wait_for("the device to report the missing image", Duration::from_secs(60), || {
+        report(&server).filter(|r| r.last_error.as_deref().is_some_and(|e| e.starts_with("revision 2:")))
+    });
+    assert_eq!(
+        (waiting.revision, waiting.phase, waiting.restarts),
+        (1, baton_protocol::Phase::Running, 0),
+        "{waiting:?}"
+    );
+    // Once the tag exists, the retried pull succeeds and revision 2 replaces revision 1.
+    pushed_busybox(&world, &registry, "apps/busybox:2");
+    wait_for("revision 2 running", Duration::from_secs(90), || {
+        report(&server).filter(|r| r.revision == 2 && r.phase == baton_protocol::Phase::Running)
     });
     assert!(agent.is_running());
 }
