@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::image::registry::Registry;
 use crate::image::{ImageError, ImageStore};
-use crate::reconcile::{container_spec, plan, Action};
+use crate::reconcile::{container_spec, plan, replace_start_first, Action};
 use crate::rollback::Guard;
 use crate::runtime::{now_ms, ContainerRuntime};
 use crate::supervisor::Supervisor;
@@ -331,15 +331,28 @@ impl<R: ContainerRuntime> Engine<R> {
         for action in plan(&self.effective, &self.sup.observed()) {
             match action {
                 Action::Stop(name) => {
-                    // A replacement waits for its image: the old revision keeps
-                    // running while the new one downloads (and if it never does).
-                    if let Some(next) = self.effective.iter().find(|w| w.name == name).cloned() {
-                        if !self.image_ready(&next, now) {
-                            continue;
-                        }
-                    }
                     info!(workload = %name, "stopping");
                     self.sup.remove(&name);
+                }
+                Action::Replace(name) => {
+                    // A replacement waits for its image: the old revision keeps
+                    // running while the new one downloads (and if it never does).
+                    let Some(next) = self.effective.iter().find(|w| w.name == name).cloned() else { continue };
+                    if !self.image_ready(&next, now) {
+                        continue;
+                    }
+                    match self.spec_for(&next) {
+                        Ok((spec, rootfs))
+                            if self.sup.spec_of(&name).is_some_and(|old| replace_start_first(old, &spec)) =>
+                        {
+                            self.sup.replace(&name, next.revision, spec, rootfs, now);
+                        }
+                        // Ports, devices or a volume held: stop first; the start follows once it is gone.
+                        _ => {
+                            info!(workload = %name, "stopping for replacement");
+                            self.sup.remove(&name);
+                        }
+                    }
                 }
                 Action::Start(name) => self.start(name, now),
             }

@@ -1,10 +1,10 @@
 //! Desired document vs what the supervisor runs → what to do. Pure: plain
-//! data in, actions out. A changed revision is replaced stop-first (health-
-//! gated start-first replacement comes with rollouts).
+//! data in, actions out. `replace_start_first` decides how a new revision
+//! takes over.
 
 use std::collections::BTreeSet;
 
-use baton_protocol::spec::{ContainerSpec, WorkloadSpec};
+use baton_protocol::spec::{ContainerSpec, MountSource, NetworkMode, WorkloadSpec};
 use baton_protocol::Desired;
 
 use crate::image::manifest::ImageConfig;
@@ -21,6 +21,8 @@ pub struct Observed {
 pub enum Action {
     Start(String),
     Stop(String),
+    /// A new revision of a running workload.
+    Replace(String),
 }
 
 /// Workload names become container ids and directory names.
@@ -49,8 +51,8 @@ pub fn plan(desired: &[WorkloadSpec], observed: &[Observed]) -> Vec<Action> {
     for o in observed.iter().filter(|o| !o.stopping) {
         match desired.iter().find(|w| w.name == o.name) {
             Some(w) if w.revision == o.revision => {}
-            // Gone from the document, or a new revision: stop it (a new one starts once it is gone).
-            _ => actions.push(Action::Stop(o.name.clone())),
+            Some(_) => actions.push(Action::Replace(o.name.clone())),
+            None => actions.push(Action::Stop(o.name.clone())),
         }
     }
     for w in desired {
@@ -59,6 +61,19 @@ pub fn plan(desired: &[WorkloadSpec], observed: &[Observed]) -> Vec<Action> {
         }
     }
     actions
+}
+
+/// Whether a new revision may start next to the old one: not when either
+/// binds host ports, passes through devices or writes a named volume (two
+/// writers, or a port or device held by the old one). Otherwise the new one
+/// starts first and the old stops once the new is healthy.
+pub fn replace_start_first(old: &ContainerSpec, new: &ContainerSpec) -> bool {
+    let exclusive = |s: &ContainerSpec| {
+        (s.network == NetworkMode::Host && !s.ports.is_empty())
+            || !s.devices.is_empty()
+            || s.mounts.iter().any(|m| matches!(m.source, MountSource::Volume(_)) && !m.read_only)
+    };
+    !exclusive(old) && !exclusive(new)
 }
 
 /// The container to run: the workload's spec, with the image's entrypoint,
@@ -109,7 +124,7 @@ mod tests {
             (vec![w("a", 1)], vec![], vec![Start("a".into())]),
             (vec![w("a", 1)], vec![o("a", 1, false)], vec![]),
             (vec![], vec![o("a", 1, false)], vec![Stop("a".into())]),
-            (vec![w("a", 2)], vec![o("a", 1, false)], vec![Stop("a".into())]),
+            (vec![w("a", 2)], vec![o("a", 1, false)], vec![Replace("a".into())]),
             // Still stopping the old revision: wait, do not start a second one.
             (vec![w("a", 2)], vec![o("a", 1, true)], vec![]),
             (

@@ -80,7 +80,8 @@ impl SimDevice {
             .collect();
         for action in plan(&effective, &observed) {
             match action {
-                Action::Stop(name) => {
+                // Fake containers free nothing: a replacement is a stop then a start.
+                Action::Stop(name) | Action::Replace(name) => {
                     self.units.remove(&name);
                 }
                 Action::Start(name) => {

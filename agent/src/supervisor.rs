@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::probe::{Outcome, Prober, Tracker};
 use crate::restart::{decide, Backoff, Decision};
-use crate::runtime::{ContainerRuntime, ContainerState, CreateRequest, ExitStatus};
+use crate::runtime::{ContainerRuntime, ContainerState, CreateRequest, ExitStatus, RuntimeError};
 
 pub fn container_id(name: &str, instance: u32) -> String {
     format!("{name}-{instance}")
@@ -65,6 +65,20 @@ struct Unit {
     /// Probes of the current instance; reset when a new instance starts.
     liveness: Option<Tracker>,
     readiness: Option<Tracker>,
+    /// Start-first replacement: the previous revision's container, running
+    /// until the current instance is healthy.
+    retiring: Option<Retiring>,
+    /// Instances to delete once they have stopped (a new revision dropped in a rollback).
+    discard: Vec<u32>,
+}
+
+#[derive(Debug)]
+struct Retiring {
+    instance: u32,
+    revision: u64,
+    spec: ContainerSpec,
+    /// Kept from image GC while the container runs.
+    rootfs: PathBuf,
 }
 
 impl Unit {
@@ -134,13 +148,25 @@ impl<R: ContainerRuntime> Supervisor<R> {
         let mut instances: Vec<u32> =
             self.rt.list().unwrap_or_default().iter().filter_map(|id| instance_of(name, id)).collect();
         instances.sort_unstable();
-        let newest = instances.last().copied();
+        // Adopt the newest running instance (else the newest): one more still
+        // running was being replaced when the previous agent stopped.
+        let running: Vec<u32> = instances
+            .iter()
+            .copied()
+            .filter(|n| matches!(self.rt.state(&container_id(name, *n)), Ok(ContainerState::Running(_))))
+            .collect();
+        let newest = running.last().or(instances.last()).copied();
+        for other in running.iter().filter(|n| Some(**n) != newest) {
+            let id = container_id(name, *other);
+            info!(workload = name, container = %id, "stopping a replaced instance left running");
+            let _ = self.rt.stop(&id);
+        }
         let mut unit = Unit {
             spec,
             rootfs,
             revision,
             instance: newest.unwrap_or(0),
-            next_instance: newest.map_or(0, |n| n + 1),
+            next_instance: instances.last().map_or(0, |n| n + 1),
             failures: 0,
             restart_requested: false,
             state: UnitState::BackingOff { until_ms: now_ms },
@@ -149,6 +175,8 @@ impl<R: ContainerRuntime> Supervisor<R> {
             start_failed: false,
             liveness: None,
             readiness: None,
+            retiring: None,
+            discard: Vec::new(),
         };
         if let Some(n) = newest {
             let id = container_id(name, n);
@@ -174,14 +202,72 @@ impl<R: ContainerRuntime> Supervisor<R> {
     pub fn remove(&mut self, name: &str) {
         if let Some(unit) = self.units.get_mut(name) {
             let _ = self.rt.stop(&container_id(name, unit.instance));
+            if let Some(r) = unit.retiring.take() {
+                let _ = self.rt.stop(&container_id(name, r.instance));
+            }
             unit.state = UnitState::Stopping;
         }
+    }
+
+    /// Start-first replacement: starts `revision` as the next instance now and
+    /// stops the running one only once the new one is healthy. With nothing
+    /// running, it simply becomes the spec of the next start. A replacement
+    /// of a replacement stops the older retiring container first.
+    pub fn replace(&mut self, name: &str, revision: u64, spec: ContainerSpec, rootfs: PathBuf, now_ms: u64) {
+        let Some(unit) = self.units.get_mut(name) else {
+            return self.ensure(name, revision, spec, rootfs, now_ms);
+        };
+        if let Some(r) = unit.retiring.take() {
+            let old_id = container_id(name, r.instance);
+            if r.revision == revision && matches!(self.rt.state(&old_id), Ok(ContainerState::Running(_))) {
+                // Back to the revision still serving (a rollback): keep it, drop the new one.
+                info!(workload = name, container = %old_id, "keeping the previous revision; stopping the new one");
+                // Judged failed: no grace period, and gone at the next tick.
+                let _ = self.rt.kill(&container_id(name, unit.instance));
+                unit.discard.push(unit.instance);
+                unit.instance = r.instance;
+                unit.revision = r.revision;
+                unit.spec = r.spec;
+                unit.rootfs = r.rootfs;
+                unit.failures = 0;
+                unit.state = UnitState::Running;
+                unit.arm_probes(now_ms);
+                return;
+            }
+            let _ = self.rt.stop(&old_id);
+        }
+        if unit.state == UnitState::Running {
+            unit.retiring = Some(Retiring {
+                instance: unit.instance,
+                revision: unit.revision,
+                spec: unit.spec.clone(),
+                rootfs: unit.rootfs.clone(),
+            });
+        } else if unit.state == UnitState::Stopping {
+            return;
+        }
+        info!(workload = name, from = unit.revision, to = revision, "replacing start-first");
+        unit.spec = spec;
+        unit.rootfs = rootfs;
+        unit.revision = revision;
+        unit.failures = 0;
+        unit.last_error = None;
+        unit.state = UnitState::BackingOff { until_ms: now_ms };
+        self.tick_unit(name, now_ms);
+    }
+
+    /// The spec a workload's containers run with now.
+    pub fn spec_of(&self, name: &str) -> Option<&ContainerSpec> {
+        self.units.get(name).map(|u| &u.spec)
     }
 
     /// Image root filesystems under supervised containers (current instances,
     /// and those still stopping): image GC must not touch them.
     pub fn rootfs_in_use(&self) -> std::collections::BTreeSet<PathBuf> {
-        self.units.values().map(|u| u.rootfs.clone()).collect()
+        self.units
+            .values()
+            .flat_map(|u| std::iter::once(u.rootfs.clone()).chain(u.retiring.iter().map(|r| r.rootfs.clone())))
+            .collect()
     }
 
     /// What reconcile compares the desired document with.
@@ -284,11 +370,29 @@ impl<R: ContainerRuntime> Supervisor<R> {
 
     fn tick_unit(&mut self, name: &str, now_ms: u64) {
         let Some(mut unit) = self.units.remove(name) else { return };
+        // `baton logs` and `exec` go to the newest instance on disk: a dropped one must go.
+        unit.discard.retain(|n| match self.rt.remove(&container_id(name, *n)) {
+            Err(RuntimeError::StillRunning(_)) => true,
+            Ok(()) | Err(RuntimeError::NotFound(_)) => false,
+            Err(e) => {
+                warn!(workload = name, error = %e, "cannot delete a dropped instance");
+                false
+            }
+        });
         let id = container_id(name, unit.instance);
         let keep = match unit.state.clone() {
             UnitState::Running => {
                 match self.rt.state(&id) {
-                    Ok(ContainerState::Running(_)) => {}
+                    Ok(ContainerState::Running(_)) => {
+                        // The new revision is healthy: the old one can go.
+                        if unit.retiring.is_some() && health(&unit) == Health::Healthy {
+                            if let Some(r) = unit.retiring.take() {
+                                let old = container_id(name, r.instance);
+                                info!(workload = name, container = %old, "new revision healthy; stopping the previous one");
+                                let _ = self.rt.stop(&old);
+                            }
+                        }
+                    }
                     Ok(ContainerState::Exited(exit)) => unit.state = self.after_exit(name, &mut unit, exit, now_ms),
                     Ok(ContainerState::Lost | ContainerState::Missing) => {
                         warn!(workload = name, container = %id, "container lost; starting a new one");
@@ -648,6 +752,70 @@ mod tests {
         let st = &sup.status()[0];
         assert!(st.last_error.as_deref().unwrap_or("").contains("liveness probe failed: connection refused"), "{st:?}");
         tick_until(&mut sup, now, 100, |_| matches!((&fake).state("web-1").unwrap(), ContainerState::Running(_)));
+    }
+
+    #[test]
+    fn start_first_replacement_keeps_the_old_revision_until_the_new_one_is_ready() {
+        use baton_protocol::spec::{Probe, ProbeCheck};
+        let running = |fake: &Fake, id: &str| matches!((&fake).state(id).unwrap(), ContainerState::Running(_));
+        let fake = Fake::default();
+        let scripted = Arc::new(Scripted(std::sync::Mutex::new(Outcome::Failure("not yet".into()))));
+        let mut sup = Supervisor::new(&fake).with_prober(scripted.clone());
+        sup.ensure("web", 1, spec(RestartPolicy::Always), "/r1".into(), 0);
+        let mut v2 = spec(RestartPolicy::Always);
+        v2.readiness = Some(Probe {
+            check: ProbeCheck::Tcp { port: 1 },
+            interval_s: 1,
+            timeout_s: 1,
+            failure_threshold: 1,
+            initial_delay_s: 0,
+        });
+        sup.replace("web", 2, v2, "/r2".into(), 10);
+        // Both run; the old one's rootfs is still in use.
+        assert!(running(&fake, "web-0") && running(&fake, "web-1"));
+        assert_eq!(sup.observed()[0].revision, 2);
+        assert!(sup.rootfs_in_use().contains(std::path::Path::new("/r1")));
+        let now = tick_until(&mut sup, 10, 100, |s| s.status()[0].health == Health::Unhealthy);
+        assert!(running(&fake, "web-0"), "the old revision stopped before the new one was ready");
+        *scripted.0.lock().unwrap() = Outcome::Success;
+        tick_until(&mut sup, now, 100, |_| !running(&fake, "web-0"));
+        assert!(running(&fake, "web-1"));
+        assert!(!sup.rootfs_in_use().contains(std::path::Path::new("/r1")));
+    }
+
+    #[test]
+    fn rolling_back_during_a_replacement_keeps_the_old_container() {
+        let fake = Fake::default();
+        let mut sup = Supervisor::new(&fake);
+        sup.ensure("web", 1, spec(RestartPolicy::Always), "/r1".into(), 0);
+        let mut v2 = spec(RestartPolicy::Always);
+        v2.command = vec!["v2".into()];
+        sup.replace("web", 2, v2, "/r2".into(), 10);
+        fake.exit("web-1", 1, 20); // the new revision crashes
+        sup.tick(20);
+        sup.replace("web", 1, spec(RestartPolicy::Always), "/r1".into(), 30);
+        assert_eq!(sup.observed()[0].revision, 1);
+        assert!(
+            matches!((&fake).state("web-0").unwrap(), ContainerState::Running(_)),
+            "the old container was restarted"
+        );
+        assert_eq!(sup.current_container("web").as_deref(), Some("web-0"));
+        sup.tick(40);
+        assert_eq!(fake.ids(), vec!["web-0"], "a third container was started, or the dropped one kept");
+    }
+
+    #[test]
+    fn an_agent_restart_mid_replacement_stops_the_older_instance() {
+        let fake = Fake::default();
+        let mut sup = Supervisor::new(&fake);
+        sup.ensure("web", 1, spec(RestartPolicy::Always), "/r1".into(), 0);
+        sup.replace("web", 2, spec(RestartPolicy::Always), "/r2".into(), 10);
+        drop(sup);
+        // A new agent adopts the newest instance and stops the one it replaced.
+        let mut sup = Supervisor::new(&fake);
+        sup.ensure("web", 2, spec(RestartPolicy::Always), "/r2".into(), 20);
+        assert!(matches!((&fake).state("web-1").unwrap(), ContainerState::Running(_)));
+        assert!(matches!((&fake).state("web-0").unwrap(), ContainerState::Exited(_)));
     }
 
     #[test]

@@ -262,9 +262,21 @@ fn a_revision_that_never_turns_healthy_is_rolled_back_on_the_device() {
     // Revision 1 runs again: a fresh container of it, healthy.
     let w = wait_for("revision 1 again", Duration::from_secs(30), || settled(&server, "rb", 1, 1));
     assert_eq!((w.revision, w.stable_revision), (2, 1));
-    wait_for("revision 1's log", Duration::from_secs(10), || {
-        let (ok, logs, _) = baton_cli(&server, &["logs", "rb", "--device", "pi-rb", "--tail", "1"]);
+    // Revision 2 was started next to revision 1 (no ports, devices or volumes),
+    // so revision 1 never stopped: the rollback kept its container.
+    let r = w.devices[0].reported.as_ref().expect("report");
+    assert_eq!(r.restarts, 0, "revision 1's container was replaced: {r:?}");
+    let mut last = String::new();
+    let logged = wait_until(Duration::from_secs(10), || {
+        let (ok, logs, err) = baton_cli(&server, &["logs", "rb", "--device", "pi-rb", "--tail", "1"]);
+        last = format!("{logs}{err}");
         (ok && logs.contains("version v1")).then_some(())
     });
+    let dirs: Vec<_> = std::fs::read_dir(data.join("containers"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let agent_log = std::fs::read_to_string(world.path().join("agent-pi-rb.log")).unwrap_or_default();
+    let tail: Vec<&str> = agent_log.lines().filter(|l| l.contains("supervisor") || l.contains("engine")).collect();
+    assert!(logged.is_some(), "revision 1's log: {last} {dirs:?} {}", tail[tail.len().saturating_sub(15)..].join("\n"));
     assert!(agent.is_running(), "agent died");
 }

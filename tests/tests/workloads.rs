@@ -109,7 +109,9 @@ fn agent_runs_desired_workloads_survives_kill_9_and_boots_offline() {
     wait_report(&mut watch, "web back", |r| is_web(r, 1, Phase::Running));
     op.publish(&topic, desired(2, vec![web(2, "echo v2; while true; do sleep 0.2; done")]), true);
     wait_report(&mut watch, "revision 2 running", |r| r.generation == 2 && is_web(r, 2, Phase::Running));
-    assert!(!alive(new_pid), "old revision still running");
+    // Start-first (no ports, devices or volumes): the old revision stops once
+    // the new one is healthy — a running container without probes is.
+    wait_for("the old revision to stop", Duration::from_secs(20), || (!alive(new_pid)).then_some(()));
     // Logs are written in batches (at most once a second): poll for the line.
     wait_for("v2 in the new container's log", Duration::from_secs(10), || {
         let log = std::fs::read_dir(data.join("containers"))
