@@ -744,7 +744,7 @@ impl Controller {
                 .collect(),
             rollout: e.rollout.as_ref().map(RolloutView::new),
             devices,
-            manifest: e.manifest.clone(),
+            manifest: e.manifest.redacted(),
         })
     }
 

@@ -68,6 +68,10 @@ pub struct Manifest {
     /// Files mounted read-only into the container; part of the revision.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileManifest>,
+    /// Like files, mode 0400 by default, and never shown by the API. Plain
+    /// text for now (stored and sent as is; sealing comes with the security work).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretManifest>,
     #[serde(default)]
     pub placement: Placement,
     /// How many devices run it; absent = every device that matches.
@@ -86,6 +90,27 @@ pub struct FileManifest {
     pub content: String,
     /// Octal permission bits as a string (`"0640"`); default `"0644"`.
     pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretManifest {
+    /// Absolute path inside the container, e.g. `/run/secrets/db-password`.
+    pub path: String,
+    pub value: String,
+    /// Octal permission bits as a string; default `"0400"`.
+    pub mode: Option<String>,
+}
+
+impl Manifest {
+    /// The manifest as the API shows it: secret values replaced.
+    pub fn redacted(&self) -> Manifest {
+        let mut m = self.clone();
+        for s in &mut m.secrets {
+            s.value = "(redacted)".into();
+        }
+        m
+    }
 }
 
 /// What one workload's files may weigh in all (they travel in desired documents).
@@ -478,12 +503,25 @@ pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
         }
     }
     let mut files = Vec::new();
-    for (i, f) in m.files.iter().enumerate() {
-        let field = format!("files[{i}]");
+    let secrets = m.secrets.iter().map(|s| FileManifest {
+        path: s.path.clone(),
+        content: s.value.clone(),
+        mode: Some(s.mode.clone().unwrap_or_else(|| "0400".into())),
+    });
+    let all: Vec<(String, FileManifest)> = m
+        .files
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, f)| (format!("files[{i}]"), f))
+        .chain(secrets.enumerate().map(|(i, f)| (format!("secrets[{i}]"), f)))
+        .collect();
+    for (i, (field, f)) in all.iter().enumerate() {
+        let field = field.clone();
         if !f.path.starts_with('/') || f.path.ends_with('/') || f.path.split('/').any(|c| c == "..") {
             return bad(&format!("{field}.path"), format!("{:?} must be an absolute file path without '..'", f.path));
         }
-        if m.files[..i].iter().any(|o| o.path == f.path) {
+        if all[..i].iter().any(|(_, o)| o.path == f.path) {
             return bad(&format!("{field}.path"), format!("{:?} appears twice", f.path));
         }
         let mode = match &f.mode {
@@ -635,6 +673,21 @@ image: reg/other:1
             assert!(e.message.contains(message), "{yaml}: {e}");
             assert!(e.to_string().starts_with(&format!("bad.yaml: document {doc}: {field}:")), "{e}");
         }
+    }
+
+    #[test]
+    fn secrets_become_owner_only_files_and_the_api_never_shows_them() {
+        let yaml = "name: a\nimage: x\nsecrets: [{path: /run/secrets/db, value: hunter2}]\nfiles: [{path: /etc/a.conf, content: x}]\n";
+        let v = parse("s.yaml", yaml).unwrap();
+        let f = &v[0].spec.container.files;
+        assert_eq!(
+            (f[1].path.as_str(), f[1].mode, f[1].contents.as_slice()),
+            ("/run/secrets/db", 0o400, &b"hunter2"[..])
+        );
+        assert_eq!(f[0].mode, 0o644);
+        assert!(!serde_json::to_string(&v[0].manifest.redacted()).unwrap().contains("hunter2"));
+        let dup = "name: a\nimage: x\nsecrets: [{path: /a, value: s}]\nfiles: [{path: /a, content: x}]\n";
+        assert_eq!(parse("d.yaml", dup).unwrap_err().field, "secrets[0].path");
     }
 
     #[test]
