@@ -69,6 +69,15 @@ struct SimCli {
     /// Milliseconds a simulated container takes to start.
     #[arg(long, default_value_t = 200)]
     start_ms: u64,
+    /// Take the first N devices offline (a clean disconnect) during the run.
+    #[arg(long, default_value_t = 0)]
+    offline_devices: usize,
+    /// Seconds into the run when they go offline.
+    #[arg(long, default_value_t = 30)]
+    offline_after: u64,
+    /// Seconds they stay offline (0: until the simulator stops).
+    #[arg(long, default_value_t = 0)]
+    offline_for: u64,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 15)]
     heartbeat_interval: u64,
@@ -284,6 +293,11 @@ fn simulate(args: SimCli) -> Result<(), Box<dyn std::error::Error>> {
         failing_image: args.failing_image,
         knob_devices: args.knob_devices,
         start_ms: args.start_ms,
+        offline: (args.offline_devices > 0).then(|| baton_agent::simulate::Offline {
+            devices: args.offline_devices,
+            after: std::time::Duration::from_secs(args.offline_after),
+            duration: (args.offline_for > 0).then(|| std::time::Duration::from_secs(args.offline_for)),
+        }),
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(baton_agent::simulate::run(cfg, shutdown_signal()))?;

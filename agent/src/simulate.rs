@@ -38,6 +38,16 @@ pub struct SimConfig {
     pub knob_devices: Option<usize>,
     /// How long a simulated container takes to start.
     pub start_ms: u64,
+    /// The first `devices` go offline (a clean goodbye) `after` into the run,
+    /// for `duration` (None: until the end), then reconnect.
+    pub offline: Option<Offline>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Offline {
+    pub devices: usize,
+    pub after: Duration,
+    pub duration: Option<Duration>,
 }
 
 struct Unit {
@@ -133,6 +143,50 @@ impl SimDevice {
     }
 }
 
+/// One device's MQTT session, with an outage when the knobs ask for one.
+async fn device_link(
+    config: AgentConfig,
+    tx: std::sync::mpsc::Sender<Input>,
+    reports: tokio::sync::watch::Receiver<Report>,
+    offline: Option<Offline>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let handle = || EngineHandle { tx: tx.clone(), reports: reports.clone(), runtime: None };
+    let Some(o) = offline else {
+        let mut s = stop.clone();
+        return Link::run(config, Some(handle()), async move {
+            let _ = s.changed().await;
+        })
+        .await;
+    };
+    let mut s = stop.clone();
+    Link::run(config.clone(), Some(handle()), async move {
+        tokio::select! {
+            _ = s.changed() => {}
+            () = tokio::time::sleep(o.after) => {}
+        }
+    })
+    .await;
+    if *stop.borrow() {
+        return;
+    }
+    tracing::info!(device = %config.device_id, "simulated outage");
+    match o.duration {
+        Some(d) => tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(d) => {}
+        },
+        None => {
+            let _ = stop.changed().await;
+            return;
+        }
+    }
+    Link::run(config, Some(handle()), async move {
+        let _ = stop.changed().await;
+    })
+    .await;
+}
+
 /// Runs the simulated fleet until `shutdown` resolves.
 pub async fn run(cfg: SimConfig, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
     let mut devices = Vec::with_capacity(cfg.devices);
@@ -161,11 +215,9 @@ pub async fn run(cfg: SimConfig, shutdown: impl std::future::Future<Output = ()>
             units: BTreeMap::new(),
             last: None,
         });
-        let handle = EngineHandle { tx, reports, runtime: None };
-        let mut stop = stop_rx.clone();
-        links.spawn(Link::run(config, Some(handle), async move {
-            let _ = stop.changed().await;
-        }));
+        let offline = cfg.offline.filter(|o| index < o.devices);
+        let stop = stop_rx.clone();
+        links.spawn(device_link(config, tx, reports, offline, stop));
         // Connect at a pace the broker takes without a thundering herd.
         if index % 50 == 49 {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -280,3 +280,32 @@ fn a_revision_that_never_turns_healthy_is_rolled_back_on_the_device() {
     assert!(logged.is_some(), "revision 1's log: {last} {dirs:?} {}", tail[tail.len().saturating_sub(15)..].join("\n"));
     assert!(agent.is_running(), "agent died");
 }
+
+#[test]
+fn devices_away_during_a_rollout_neither_block_nor_fail_it_and_catch_up() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let n = 40;
+    // The first 4 devices go away 8 s into the run, for 20 s.
+    let knobs = ["--offline-devices", "4", "--offline-after", "8", "--offline-for", "20"];
+    let _sim = start_simulator(&world, "flaky", n, &controller.broker_url(), &knobs);
+    wait_for("40 devices", Duration::from_secs(30), || (controller.devices().len() == n).then_some(()));
+    let spec =
+        |tag: &str| format!("name: app\nimage: 127.0.0.1:9/app:{tag}\nrollout: {{waves: [2, 50%], min_ready: 1}}\n");
+    apply(&server, &world, "app.yaml", &spec("1"));
+    wait_for("revision 1", Duration::from_secs(30), || settled(&server, "app", 1, n));
+    let offline = || controller.devices().iter().filter(|d| d.status.as_str() == "offline").count();
+    wait_for("4 devices away", Duration::from_secs(30), || (offline() == 4).then_some(()));
+
+    apply(&server, &world, "app.yaml", &spec("2"));
+    let r = wait_for("rollout of 2 done", Duration::from_secs(30), || {
+        let r = rollout(&server, "app");
+        (!r.state.active()).then_some(r)
+    });
+    assert_eq!(r.state, State::Succeeded, "{r:?}");
+    assert_eq!((r.counts.ready, r.counts.failed), (n - 4, 0), "{r:?}");
+    assert!(offline() == 4, "the rollout outlasted the outage: the test proves nothing");
+    // Back: they run what the fleet runs now.
+    wait_for("everyone on revision 2", Duration::from_secs(60), || settled(&server, "app", 2, n));
+}
