@@ -238,7 +238,19 @@ async fn apply_workloads(
     if validated.is_empty() {
         return Err(Failure(StatusCode::BAD_REQUEST, "no workloads to apply".into()));
     }
-    Ok(Json(c.apply_workloads(validated, now_ms())?))
+    // Tag → digest over HTTP: blocking, off the async workers.
+    let results = tokio::task::spawn_blocking(move || {
+        let notes = c.pin_digests(&mut validated);
+        c.apply_workloads(validated, now_ms()).map(|mut results| {
+            for (r, note) in results.iter_mut().zip(notes) {
+                r.note = note;
+            }
+            results
+        })
+    })
+    .await
+    .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(results))
 }
 
 async fn list_workloads(State(c): State<Arc<Controller>>) -> impl IntoResponse {

@@ -109,6 +109,8 @@ pub struct Controller {
     pub stale_after_ms: Millis,
     /// An offline device's `replicas` workloads move elsewhere after this long.
     pub reschedule_after_ms: Millis,
+    /// Resolves image tags to digests at apply (None: devices pull tags).
+    pub registry: Option<baton_registry::Client>,
     pub broker_connected: AtomicBool,
 }
 
@@ -162,6 +164,7 @@ impl Controller {
             metrics: Metrics::default(),
             stale_after_ms,
             reschedule_after_ms: 300_000,
+            registry: None,
             broker_connected: AtomicBool::new(false),
         })
     }
@@ -296,6 +299,51 @@ impl Controller {
         serving.iter().filter(|(name, _)| used.contains(name)).map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
+    /// Pins each workload's image to the digest its tag names now, so every
+    /// device of a revision runs the same bytes. Blocking (registry HTTP): call
+    /// off the async workers. A registry that cannot answer does not fail the
+    /// apply: the digest already pinned for the same image is kept, else
+    /// devices pull the tag; the returned note says which.
+    pub fn pin_digests(&self, validated: &mut [Validated]) -> Vec<Option<String>> {
+        let mut notes = Vec::new();
+        for v in validated.iter_mut() {
+            let spec = &mut v.spec;
+            if let Some((_, digest)) = spec.image.split_once('@') {
+                spec.image_digest = digest.to_string();
+                notes.push(None);
+                continue;
+            }
+            let Some(client) = &self.registry else {
+                notes.push(None);
+                continue;
+            };
+            let note = match client.resolve(&spec.image) {
+                Ok(digest) => {
+                    let note = format!("{} → {digest}", spec.image);
+                    spec.image_digest = digest;
+                    note
+                }
+                Err(e) => {
+                    let known = lock(&self.state).workloads.get(&spec.name).and_then(|e| {
+                        let latest = &e.revisions[&e.latest];
+                        (latest.image == spec.image && !latest.image_digest.is_empty())
+                            .then(|| latest.image_digest.clone())
+                    });
+                    match known {
+                        Some(d) => {
+                            let note = format!("cannot resolve {} ({e}); keeping {d}", spec.image);
+                            spec.image_digest = d;
+                            note
+                        }
+                        None => format!("cannot resolve {} ({e}); devices pull the tag", spec.image),
+                    }
+                }
+            };
+            notes.push(Some(note));
+        }
+        notes
+    }
+
     /// Stores validated workloads (the caller validated every document first,
     /// so an invalid file stores nothing). A spec change makes a new revision
     /// and starts its rollout; a change of placement, replicas or strategy
@@ -323,7 +371,7 @@ impl Controller {
                     rollout: None,
                 };
                 st.workloads.insert(name.clone(), entry);
-                results.push(ApplyResult { name, revision: 1, action: "created".into() });
+                results.push(ApplyResult { name, revision: 1, action: "created".into(), note: None });
                 continue;
             };
             let same_spec = e
@@ -366,7 +414,7 @@ impl Controller {
                 roll.push((name.clone(), e.stable, revision));
                 "updated"
             };
-            results.push(ApplyResult { name, revision: e.latest, action: action.into() });
+            results.push(ApplyResult { name, revision: e.latest, action: action.into(), note: None });
         }
         let schedule = self.compute_schedule(&st, facts);
         for (name, from, to) in roll {
@@ -740,7 +788,7 @@ impl Controller {
                 .revisions
                 .values()
                 .rev()
-                .map(|s| RevisionView { revision: s.revision, image: s.image.clone() })
+                .map(|s| RevisionView { revision: s.revision, image: s.image.clone(), digest: s.image_digest.clone() })
                 .collect(),
             rollout: e.rollout.as_ref().map(RolloutView::new),
             devices,

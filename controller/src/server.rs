@@ -32,6 +32,9 @@ pub struct ServerConfig {
     pub max_devices: usize,
     /// An offline device's `replicas` workloads move elsewhere after this long.
     pub reschedule_after: Duration,
+    /// Pin image tags to digests at apply.
+    pub resolve_digests: bool,
+    pub insecure_registries: Vec<String>,
 }
 
 impl ServerConfig {
@@ -62,6 +65,12 @@ pub async fn serve(
     let commands = crate::commands::CommandRouter::new(outbox_tx.clone());
     let mut controller = Controller::new(store, cfg.stale_after.as_millis() as u64, commands, outbox_tx)?;
     controller.reschedule_after_ms = cfg.reschedule_after.as_millis() as u64;
+    if cfg.resolve_digests {
+        controller.registry = Some(baton_registry::Client::new(baton_registry::RegistryConfig {
+            insecure: cfg.insecure_registries.clone(),
+            ..Default::default()
+        }));
+    }
     let controller = Arc::new(controller);
 
     if let BrokerMode::Embedded(addr) = cfg.broker {

@@ -96,8 +96,11 @@ pub struct ApplyRequest {
 pub struct ApplyResult {
     pub name: String,
     pub revision: u64,
-    /// `created`, `updated` or `unchanged`.
+    /// `created`, `updated`, `configured`, `retried` or `unchanged`.
     pub action: String,
+    /// The digest its image tag was pinned to, and anything worth saying about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// A workload and how it is doing on each device it is placed on.
@@ -125,6 +128,8 @@ pub struct WorkloadView {
 pub struct RevisionView {
     pub revision: u64,
     pub image: String,
+    /// The digest the image was pinned to at apply (empty: devices pull the tag).
+    pub digest: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -247,6 +247,12 @@ impl ServerSpec {
         } else {
             args.extend(["--mqtt-listen".into(), format!("127.0.0.1:{}", self.mqtt)]);
         }
+        // Tests name images that exist only in devices' local stores (loaded
+        // from files) or in a loopback registry: only tests that ask resolve
+        // digests, so nothing ever looks up Docker Hub.
+        if !self.extra.iter().any(|a| a == "--resolve-digests") {
+            args.extend(["--resolve-digests".into(), "false".into()]);
+        }
         args.extend(self.extra.iter().cloned());
         let proc = Proc::spawn("controller", &bin("baton"), &args, &self.log_dir);
         let http = self.http;

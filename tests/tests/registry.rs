@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -134,7 +135,7 @@ fn an_applied_workload_is_pulled_by_the_agent_and_runs() {
     let world = World::new();
     let registry = RegistryServer::start(&world);
     pushed_busybox(&world, &registry, "apps/busybox:1");
-    let controller = Controller::start(&world, None, &[]);
+    let controller = Controller::start(&world, None, &["--resolve-digests", "true"]);
     let mut agent = start_agent(&world, "pi-pull", &controller.broker_url(), &[]);
     let manifest = world.path().join("app.yaml");
     std::fs::write(
@@ -146,8 +147,8 @@ fn an_applied_workload_is_pulled_by_the_agent_and_runs() {
     )
     .expect("manifest");
     let server = controller.server_url();
-    let (ok, _, err) = baton_cli(&server, &["apply", "-f", manifest.to_str().expect("utf-8")]);
-    assert!(ok, "{err}");
+    let (ok, out, err) = baton_cli(&server, &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    assert!(ok && out.contains("apps/busybox:1 → sha256:"), "the tag was not pinned: {out}{err}");
     wait_for("app running from the registry", Duration::from_secs(60), || {
         let (_, out, _) = baton_cli(&server, &["get", "workloads", "-o", "json"]);
         let w: Vec<baton_controller::view::WorkloadView> = serde_json::from_str(&out).ok()?;
@@ -157,6 +158,20 @@ fn an_applied_workload_is_pulled_by_the_agent_and_runs() {
         let (ok, out, _) = baton_cli(&server, &["logs", "app", "--device", "pi-pull"]);
         (ok && out.contains("pulled-and-running")).then_some(())
     });
+    // The device pulled exactly the pinned manifest.
+    let (_, out, _) = baton_cli(&server, &["describe", "workload", "app", "-o", "json"]);
+    let w: baton_controller::view::WorkloadView = serde_json::from_str(&out).expect("json");
+    let pinned = w.revisions[0].digest.clone();
+    let ls = Command::new(bin("baton-agent"))
+        .args(["image", "ls", "--data-dir"])
+        .arg(world.path().join("agent-pi-pull"))
+        .output()
+        .expect("image ls");
+    let ls = String::from_utf8_lossy(&ls.stdout);
+    assert!(pinned.starts_with("sha256:") && ls.contains(&pinned), "pinned {pinned}, device has:\n{ls}");
+    // Applying again resolves to the same digest: nothing changes.
+    let (ok, out, _) = baton_cli(&server, &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    assert!(ok && out.contains("unchanged (revision 1)"), "{out}");
 
     // Revision 2 names a tag the registry does not have yet: revision 1 keeps
     // running (the old container is stopped only once the new image is here),
@@ -174,8 +189,8 @@ fn an_applied_workload_is_pulled_by_the_agent_and_runs() {
         ),
     )
     .expect("manifest");
-    let (ok, _, err) = baton_cli(&server, &["apply", "-f", manifest.to_str().expect("utf-8")]);
-    assert!(ok, "{err}");
+    let (ok, out, err) = baton_cli(&server, &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    assert!(ok && out.contains("cannot resolve") && out.contains("devices pull the tag"), "{out}{err}");
     let waiting = wait_for("the device to report the missing image", Duration::from_secs(60), || {
         report(&server).filter(|r| r.last_error.as_deref().is_some_and(|e| e.starts_with("revision 2:")))
     });

@@ -1,66 +1,29 @@
-//! Pulling images from OCI distribution registries (the Docker Registry v2
-//! API): anonymous, basic and bearer-token auth, HTTPS (web PKI roots) and
-//! plain HTTP for loopback or configured-insecure registries, platform choice
-//! from indexes, and blob downloads that resume where they broke (HTTP Range)
-//! and are verified before use. Blocking: pulls run on their own thread.
+//! Pulling images into the local store through `baton-registry` (the
+//! registry protocol and auth live there, shared with the controller):
+//! platform choice from indexes, and blob downloads that resume where they
+//! broke (HTTP Range) and are verified before use. Blocking: pulls run on
+//! their own thread.
 
-use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
-use std::sync::Mutex;
-use std::time::Duration;
+
+pub use baton_registry::{Reference, RegistryConfig, RegistryError};
 
 use super::manifest::{self, Document, ImageConfig, Platform};
 use super::{Digest, ImageError, ImageRecord, ImageStore};
 
-const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
-const MAX_MANIFEST: u64 = 4 << 20;
-
-/// `registry/repository[:tag][@digest]`, with Docker Hub's defaults.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reference {
-    /// Host (and port) to talk to.
-    pub registry: String,
-    pub repository: String,
-    pub tag: String,
-    pub digest: Option<Digest>,
-}
-
-impl Reference {
-    pub fn parse(s: &str) -> Result<Self, ImageError> {
-        let bad = |why: &str| ImageError::Invalid(format!("image reference {s:?}: {why}"));
-        let (name, digest) = match s.split_once('@') {
-            Some((n, d)) => (n, Some(Digest::parse(d)?)),
-            None => (s, None),
-        };
-        let (name, tag) = match name.rsplit_once(':') {
-            Some((n, t)) if !t.contains('/') => (n, t.to_string()),
-            _ => (name, "latest".to_string()),
-        };
-        let (registry, repository) = match name.split_once('/') {
-            Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => {
-                (first.to_string(), rest.to_string())
+impl From<RegistryError> for ImageError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::NotFound(what) => ImageError::NotFound(what),
+            RegistryError::DigestMismatch { expected, actual } => {
+                match (Digest::parse(&expected), Digest::parse(&actual)) {
+                    (Ok(expected), Ok(actual)) => ImageError::DigestMismatch { expected, actual },
+                    _ => ImageError::Invalid(format!("manifest {expected} hashes to {actual}")),
+                }
             }
-            _ => ("registry-1.docker.io".to_string(), name.to_string()),
-        };
-        let repository = if registry == "registry-1.docker.io" && !repository.contains('/') {
-            format!("library/{repository}")
-        } else {
-            repository
-        };
-        let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c);
-        if repository.is_empty() || !repository.chars().all(ok) {
-            return Err(bad("the repository must be lowercase a-z 0-9 . _ - /"));
+            RegistryError::Invalid(why) => ImageError::Invalid(why),
+            RegistryError::Io { context, source } => ImageError::Io { context, source },
         }
-        if tag.is_empty() || !tag.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-            return Err(bad("bad tag"));
-        }
-        Ok(Self { registry, repository, tag, digest })
-    }
-
-    /// The tag or digest to ask the registry for.
-    fn reference(&self) -> String {
-        self.digest.as_ref().map_or_else(|| self.tag.clone(), |d| d.to_string())
     }
 }
 
@@ -71,157 +34,13 @@ pub struct PullStats {
     pub bytes_downloaded: u64,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct RegistryConfig {
-    /// Hosts spoken to over plain HTTP (loopback ones always are, as Docker does).
-    pub insecure: Vec<String>,
-    /// Host → (username, password).
-    pub credentials: BTreeMap<String, (String, String)>,
-}
-
 pub struct Registry {
-    http: ureq::Agent,
-    config: RegistryConfig,
-    /// (registry, repository) → bearer token.
-    tokens: Mutex<HashMap<(String, String), String>>,
+    client: baton_registry::Client,
 }
-
-fn is_loopback(host: &str) -> bool {
-    let h = host.rsplit_once(':').map_or(host, |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host });
-    let h = h.trim_start_matches('[').trim_end_matches(']');
-    h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-/// `Bearer realm="…",service="…",scope="…"` → its parameters.
-fn parse_challenge(header: &str) -> (String, BTreeMap<String, String>) {
-    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
-    let mut params = BTreeMap::new();
-    for part in rest.split(',') {
-        if let Some((k, v)) = part.trim().split_once('=') {
-            params.insert(k.trim().to_lowercase(), v.trim().trim_matches('"').to_string());
-        }
-    }
-    (scheme.to_lowercase(), params)
-}
-
-fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-type Response = ureq::http::Response<ureq::Body>;
 
 impl Registry {
     pub fn new(config: RegistryConfig) -> Self {
-        let http = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(15)))
-            // A stalled transfer fails and resumes rather than hanging forever.
-            .timeout_recv_body(Some(Duration::from_secs(60)))
-            .timeout_recv_response(Some(Duration::from_secs(30)))
-            .build()
-            .into();
-        Self { http, config, tokens: Mutex::new(HashMap::new()) }
-    }
-
-    fn url(&self, r: &Reference, path: &str) -> String {
-        let scheme = if is_loopback(&r.registry) || self.config.insecure.iter().any(|h| h == &r.registry) {
-            "http"
-        } else {
-            "https"
-        };
-        format!("{scheme}://{}/v2/{}/{path}", r.registry, r.repository)
-    }
-
-    fn basic(&self, registry: &str) -> Option<String> {
-        self.config.credentials.get(registry).map(|(u, p)| format!("Basic {}", base64(format!("{u}:{p}").as_bytes())))
-    }
-
-    fn token(&self, r: &Reference) -> Option<String> {
-        self.tokens.lock().ok()?.get(&(r.registry.clone(), r.repository.clone())).cloned()
-    }
-
-    /// Answers an auth challenge: fetches a bearer token, or settles on basic auth.
-    fn authenticate(&self, r: &Reference, challenge: &str) -> Result<String, ImageError> {
-        let (scheme, params) = parse_challenge(challenge);
-        let header = match scheme.as_str() {
-            "basic" => self.basic(&r.registry).ok_or_else(|| {
-                ImageError::Invalid(format!("{} wants a username and password; none configured", r.registry))
-            })?,
-            "bearer" => {
-                let realm =
-                    params.get("realm").ok_or_else(|| ImageError::Invalid("auth challenge without realm".into()))?;
-                let mut req = self.http.get(realm);
-                if let Some(service) = params.get("service") {
-                    req = req.query("service", service);
-                }
-                req = req.query("scope", format!("repository:{}:pull", r.repository));
-                if let Some(basic) = self.basic(&r.registry) {
-                    req = req.header("Authorization", &basic);
-                }
-                let mut res = req.call().map_err(|e| ImageError::Invalid(format!("token from {realm}: {e}")))?;
-                if !res.status().is_success() {
-                    return Err(ImageError::Invalid(format!("{} refused a pull token ({})", r.registry, res.status())));
-                }
-                let text =
-                    res.body_mut().read_to_string().map_err(|e| ImageError::Invalid(format!("token response: {e}")))?;
-                let body: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| ImageError::Invalid(format!("token response: {e}")))?;
-                let token = body["token"].as_str().or(body["access_token"].as_str()).unwrap_or_default();
-                format!("Bearer {token}")
-            }
-            other => return Err(ImageError::Invalid(format!("{}: unsupported auth scheme {other:?}", r.registry))),
-        };
-        if let Ok(mut t) = self.tokens.lock() {
-            t.insert((r.registry.clone(), r.repository.clone()), header.clone());
-        }
-        Ok(header)
-    }
-
-    /// GET with auth (challenge answered once) and optional Range.
-    fn get(&self, r: &Reference, path: &str, accept: Option<&str>, from: u64) -> Result<Response, ImageError> {
-        let send = |auth: Option<&str>| {
-            let mut req = self.http.get(self.url(r, path));
-            if let Some(a) = accept {
-                req = req.header("Accept", a);
-            }
-            if let Some(a) = auth {
-                req = req.header("Authorization", a);
-            }
-            if from > 0 {
-                req = req.header("Range", &format!("bytes={from}-"));
-            }
-            req.call().map_err(|e| ImageError::Invalid(format!("{}: {e}", r.registry)))
-        };
-        let mut res = send(self.token(r).as_deref())?;
-        if res.status() == 401 {
-            let challenge =
-                res.headers().get("www-authenticate").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-            let auth = self.authenticate(r, &challenge)?;
-            res = send(Some(&auth))?;
-        }
-        let status = res.status();
-        if status.is_success() {
-            return Ok(res);
-        }
-        let what = format!("{}/{}", r.registry, r.repository);
-        Err(match status.as_u16() {
-            401 | 403 => ImageError::Invalid(format!("{what}: access denied (check the registry credentials)")),
-            404 => ImageError::NotFound(format!("{what}/{path}")),
-            code => ImageError::Invalid(format!("{what}/{path}: HTTP {code}")),
-        })
+        Self { client: baton_registry::Client::new(config) }
     }
 
     /// Fetches a manifest or index, verifies it (against the digest asked
@@ -232,26 +51,10 @@ impl Registry {
         r: &Reference,
         reference: &str,
     ) -> Result<(Digest, String, Vec<u8>), ImageError> {
-        let mut res = self.get(r, &format!("manifests/{reference}"), Some(ACCEPT_MANIFESTS), 0)?;
-        let media_type = res.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let mut bytes = Vec::new();
-        res.body_mut()
-            .as_reader()
-            .take(MAX_MANIFEST + 1)
-            .read_to_end(&mut bytes)
-            .map_err(ImageError::io(format!("read manifest {reference}")))?;
-        if bytes.len() as u64 > MAX_MANIFEST {
-            return Err(ImageError::Invalid(format!("{reference}: manifest larger than {MAX_MANIFEST} bytes")));
-        }
-        use sha2::Digest as _;
-        let digest = Digest::from_sha256(&sha2::Sha256::digest(&bytes));
-        if let Ok(asked) = Digest::parse(reference) {
-            if asked != digest {
-                return Err(ImageError::DigestMismatch { expected: asked, actual: digest });
-            }
-        }
-        store.put_blob(&bytes[..], &digest, Some(bytes.len() as u64))?;
-        Ok((digest, media_type, bytes))
+        let fetched = self.client.manifest(r, reference)?;
+        let digest = Digest::parse(&fetched.digest)?;
+        store.put_blob(&fetched.bytes[..], &digest, Some(fetched.bytes.len() as u64))?;
+        Ok((digest, fetched.media_type, fetched.bytes))
     }
 
     fn fetch_blob(
@@ -267,7 +70,7 @@ impl Registry {
         }
         let path = format!("blobs/{d}");
         let n = store.put_blob_resumable(d, size, |from| {
-            let res = self.get(r, &path, None, from)?;
+            let res = self.client.get(r, &path, None, from)?;
             let honoured = res.status().as_u16() == 206;
             Ok((honoured, Box::new(res.into_body().into_reader()) as Box<dyn Read>))
         })?;
@@ -319,30 +122,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn references_parse_with_docker_hub_defaults() {
-        let r = Reference::parse("busybox").unwrap();
-        assert_eq!(
-            (r.registry.as_str(), r.repository.as_str(), r.tag.as_str()),
-            ("registry-1.docker.io", "library/busybox", "latest")
-        );
-        let r = Reference::parse("127.0.0.1:5000/team/app:1.2").unwrap();
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.tag.as_str()), ("127.0.0.1:5000", "team/app", "1.2"));
-        let d = format!("sha256:{}", "a".repeat(64));
-        let r = Reference::parse(&format!("ghcr.io/o/app@{d}")).unwrap();
-        assert_eq!((r.tag.as_str(), r.reference()), ("latest", d));
-        assert!(Reference::parse("Bad/Upper").is_err());
-        assert!(is_loopback("127.0.0.1:5000") && is_loopback("localhost") && !is_loopback("registry.lan:5000"));
-    }
-
-    #[test]
-    fn challenges_and_basic_auth() {
-        let (scheme, p) = parse_challenge(
-            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#,
-        );
-        assert_eq!(scheme, "bearer");
-        assert_eq!(p["realm"], "https://auth.docker.io/token");
-        assert_eq!(p["service"], "registry.docker.io");
-        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
-        assert_eq!(base64(b"a"), "YQ==");
+    fn registry_errors_keep_their_meaning() {
+        let e: ImageError = RegistryError::NotFound("r/x".into()).into();
+        assert!(matches!(e, ImageError::NotFound(_)));
+        let (a, b) = (format!("sha256:{}", "a".repeat(64)), format!("sha256:{}", "b".repeat(64)));
+        let e: ImageError = RegistryError::DigestMismatch { expected: a, actual: b }.into();
+        assert!(matches!(e, ImageError::DigestMismatch { .. }));
     }
 }

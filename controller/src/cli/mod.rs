@@ -160,6 +160,13 @@ pub struct ServerArgs {
     /// Connections the embedded broker accepts (devices + operators).
     #[arg(long, default_value_t = 10_000)]
     pub max_devices: usize,
+    /// Pin image tags to digests when workloads are applied, so a fleet runs identical bytes
+    /// (`false`: devices pull tags; for registries the controller cannot reach).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub resolve_digests: bool,
+    /// Registry spoken to over plain HTTP when resolving digests (repeatable; loopback always is).
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
     /// Seconds a device may stay offline before its `replicas` workloads move to other devices.
     #[arg(long, default_value_t = 300)]
     pub reschedule_after: u64,
@@ -184,6 +191,8 @@ impl ServerArgs {
             flush_every: Duration::from_secs(self.flush_every),
             max_devices: self.max_devices,
             reschedule_after: Duration::from_secs(self.reschedule_after),
+            resolve_digests: self.resolve_digests,
+            insecure_registries: self.insecure_registries.clone(),
         })
     }
 }
@@ -257,7 +266,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print(output, &results, || {
                 results
                     .iter()
-                    .map(|r| format!("workload/{} {} (revision {})\n", r.name, r.action, r.revision))
+                    .map(|r| {
+                        let note = r.note.as_ref().map(|n| format!(": {n}")).unwrap_or_default();
+                        format!("workload/{} {} (revision {}){note}\n", r.name, r.action, r.revision)
+                    })
                     .collect()
             })
         }
