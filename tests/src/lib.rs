@@ -318,6 +318,12 @@ impl Controller {
 
 /// Starts `baton-agent` for device `id` against `broker`.
 pub fn start_agent(world: &World, id: &str, broker: &str, extra: &[&str]) -> Proc {
+    Proc::spawn(&format!("agent-{id}"), &bin("baton-agent"), &agent_args(world, id, broker, extra), world.path())
+}
+
+/// The flags `start_agent` runs an agent with: this world's dirs and cgroup
+/// parent, an empty config file, heartbeats every second unless `extra` says.
+pub fn agent_args(world: &World, id: &str, broker: &str, extra: &[&str]) -> Vec<String> {
     let mut args = vec![
         "--config".to_string(),
         world.path().join("no-such-agent.toml").display().to_string(),
@@ -338,7 +344,7 @@ pub fn start_agent(world: &World, id: &str, broker: &str, extra: &[&str]) -> Pro
     args.extend(extra.iter().map(|s| s.to_string()));
     // The config file is named explicitly: write an empty one so only flags apply.
     std::fs::write(world.path().join("no-such-agent.toml"), "").expect("empty config");
-    Proc::spawn(&format!("agent-{id}"), &bin("baton-agent"), &args, world.path())
+    args
 }
 
 /// Starts `baton-agent simulate`: `devices` fake devices named `{prefix}-0000`…
@@ -482,6 +488,15 @@ pub fn load_image(data_dir: &Path, layout: &Path) -> String {
         .expect("run baton-agent image load");
     assert!(out.status.success(), "image load: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Gives device `device` (an agent started with `start_agent`) a busybox
+/// image named `reference` in its local store, as `baton-agent image load` would.
+pub fn give_busybox(world: &World, device: &str, reference: &str) {
+    let dir = world.path().join(format!("img-{device}"));
+    let rootfs = fixtures::busybox_rootfs(&dir).expect("busybox rootfs");
+    let layout = fixtures::oci_layout(&dir.join("layout"), &rootfs, reference).expect("OCI layout");
+    load_image(&world.path().join(format!("agent-{device}")), &layout);
 }
 
 /// Runs the `baton` CLI against `server`; returns (exit ok, stdout, stderr).

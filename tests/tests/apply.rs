@@ -26,16 +26,7 @@ fn apply_places_runs_updates_survives_restart_and_deletes() {
     let server = controller.server_url();
     let mut agents = Vec::new();
     for (device, site) in [("pi-lyon", "lyon"), ("pi-paris", "paris")] {
-        let data = world.path().join(format!("agent-{device}"));
-        let rootfs =
-            baton_tests::fixtures::busybox_rootfs(&world.path().join(format!("img-{device}"))).expect("rootfs");
-        let layout = baton_tests::fixtures::oci_layout(
-            &world.path().join(format!("img-{device}/layout")),
-            &rootfs,
-            "busybox:e2e",
-        )
-        .expect("layout");
-        load_image(&data, &layout);
+        give_busybox(&world, device, "busybox:e2e");
         agents.push(start_agent(&world, device, &controller.broker_url(), &["--label", &format!("site={site}")]));
     }
     wait_for("two devices", Duration::from_secs(20), || (controller.devices().len() == 2).then_some(()));

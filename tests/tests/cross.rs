@@ -43,25 +43,8 @@ fn cross_built_agents_come_online_under_qemu() {
         assert!(file.contains("statically linked"), "{target}: {file}");
 
         let id = format!("qemu-{arch}");
-        let config = world.path().join("empty.toml");
-        std::fs::write(&config, "").expect("config");
-        let args: Vec<String> = vec![
-            agent.display().to_string(),
-            "--config".into(),
-            config.display().to_string(),
-            "--broker".into(),
-            controller.broker_url(),
-            "--device-id".into(),
-            id.clone(),
-            "--data-dir".into(),
-            world.path().join(format!("data-{arch}")).display().to_string(),
-            "--run-dir".into(),
-            world.path().join(format!("run-{arch}")).display().to_string(),
-            "--cgroup-parent".into(),
-            format!("/{}-{arch}", world.cgroup_prefix()),
-            "--heartbeat-interval".into(),
-            "1".into(),
-        ];
+        let mut args = vec![agent.display().to_string()];
+        args.extend(agent_args(&world, &id, &controller.broker_url(), &[]));
         let mut proc = Proc::spawn(&id, &qemu, &args, world.path());
         let device = wait_for(&format!("{target} online with heartbeats"), Duration::from_secs(60), || {
             controller

@@ -232,10 +232,7 @@ fn a_revision_that_never_turns_healthy_is_rolled_back_on_the_device() {
     let controller = Controller::start(&world, None, &[]);
     let server = controller.server_url();
     let data = world.path().join("agent-pi-rb");
-    let rootfs = baton_tests::fixtures::busybox_rootfs(&world.path().join("img")).expect("rootfs");
-    let layout =
-        baton_tests::fixtures::oci_layout(&world.path().join("img/layout"), &rootfs, "busybox:rb").expect("layout");
-    load_image(&data, &layout);
+    give_busybox(&world, "pi-rb", "busybox:rb");
     let mut agent = start_agent(&world, "pi-rb", &controller.broker_url(), &[]);
     wait_for("device", Duration::from_secs(20), || (controller.devices().len() == 1).then_some(()));
 

@@ -25,15 +25,7 @@ fn a_consumer_sees_the_healthy_endpoints_of_what_it_uses_and_follows_them() {
     let server = controller.server_url();
     let mut agents = Vec::new();
     for (device, role) in [("pi-api", "api"), ("pi-client", "client")] {
-        let rootfs =
-            baton_tests::fixtures::busybox_rootfs(&world.path().join(format!("img-{device}"))).expect("rootfs");
-        let layout = baton_tests::fixtures::oci_layout(
-            &world.path().join(format!("img-{device}/layout")),
-            &rootfs,
-            "busybox:sd",
-        )
-        .expect("layout");
-        load_image(&world.path().join(format!("agent-{device}")), &layout);
+        give_busybox(&world, device, "busybox:sd");
         agents.push(start_agent(&world, device, &controller.broker_url(), &["--label", &format!("role={role}")]));
     }
     wait_for("two devices", Duration::from_secs(20), || (controller.devices().len() == 2).then_some(()));
