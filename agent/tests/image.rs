@@ -169,3 +169,32 @@ fn gc_over_budget_removes_only_unused_images_and_their_own_blobs() {
     // Each removed image had its own layer and manifest; configs are identical here, so shared and kept.
     assert_eq!(stats.blobs_removed, 2 * 2);
 }
+
+#[test]
+fn zstd_layers_unpack_and_a_corrupt_one_is_refused_cleanly() {
+    let fx = Fixture::new();
+    let dir = fx.dir.path().join("layout");
+    let base = put(&dir, &layer_from(Some(&fx.rootfs), &[]));
+    let app = put(&dir, &zstd_layer(&[("etc/app.conf", b"compressed with zstd\n")]));
+    let m = image(&dir, here(), &[&base, &app]);
+    index(&dir, "zstd-app:1", &[(&m, None)]);
+    let store = ImageStore::open(fx.dir.path().join("images")).unwrap();
+    let record = store.import_layout(&dir, None).unwrap();
+    let rootfs = store.rootfs(&record).unwrap();
+    assert_eq!(std::fs::read_to_string(rootfs.join("etc/app.conf")).unwrap(), "compressed with zstd\n");
+    assert!(rootfs.join("bin/busybox").is_file());
+
+    // Valid zstd magic, garbage after it: an error naming the layer, no rootfs.
+    let dir = fx.dir.path().join("layout-bad");
+    let mut bad = zstd_layer(&[("x", b"y")]);
+    let n = bad.len();
+    bad[8..n].iter_mut().for_each(|b| *b = b.wrapping_mul(31).wrapping_add(7));
+    let bad = put(&dir, &bad);
+    let m = image(&dir, here(), &[&bad]);
+    index(&dir, "zstd-bad:1", &[(&m, None)]);
+    let record = store.import_layout(&dir, None).unwrap();
+    let e = store.rootfs(&record).expect_err("a corrupt zstd layer unpacked");
+    assert!(e.to_string().contains(&bad.digest), "the error does not name the layer: {e}");
+    let leftovers: Vec<_> = std::fs::read_dir(fx.dir.path().join("images/tmp")).unwrap().flatten().collect();
+    assert!(leftovers.is_empty(), "a half-unpacked rootfs was left: {leftovers:?}");
+}

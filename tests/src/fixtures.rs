@@ -31,14 +31,72 @@ pub fn oci_layout(dir: &Path, rootfs: &Path, name: &str) -> std::io::Result<Path
 
 /// An OCI image layout holding one image made of `layers` (gzipped, in order).
 pub fn oci_layout_layers(dir: &Path, layers: &[Layer<'_>], name: &str) -> std::io::Result<PathBuf> {
-    use sha2::Digest as _;
-    use std::io::Write;
-    let put = |bytes: &[u8]| -> std::io::Result<(String, usize)> {
-        let hex: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
-        std::fs::create_dir_all(dir.join("blobs/sha256"))?;
-        std::fs::write(dir.join("blobs/sha256").join(&hex), bytes)?;
-        Ok((format!("sha256:{hex}"), bytes.len()))
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
     };
+    let (digest, size) = write_image(dir, layers, arch, None)?;
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": size,
+        "annotations": {"org.opencontainers.image.ref.name": name},
+    }]});
+    std::fs::write(dir.join("index.json"), index.to_string())?;
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    Ok(dir.to_path_buf())
+}
+
+/// An OCI image layout whose `name` is a multi-platform index: one image per
+/// `(architecture, variant, layers)`. `skopeo copy --all` pushes all of it.
+pub fn oci_multiarch_layout(
+    dir: &Path,
+    images: &[(&str, Option<&str>, Vec<Layer<'_>>)],
+    name: &str,
+) -> std::io::Result<PathBuf> {
+    let mut manifests = Vec::new();
+    for (arch, variant, layers) in images {
+        let (digest, size) = write_image(dir, layers, arch, *variant)?;
+        let mut platform = serde_json::json!({"architecture": arch, "os": "linux"});
+        if let Some(v) = variant {
+            platform["variant"] = serde_json::json!(v);
+        }
+        manifests.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": size, "platform": platform,
+        }));
+    }
+    let (digest, size) = put_blob(
+        dir,
+        serde_json::json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests,
+        })
+        .to_string()
+        .as_bytes(),
+    )?;
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest, "size": size,
+        "annotations": {"org.opencontainers.image.ref.name": name},
+    }]});
+    std::fs::write(dir.join("index.json"), index.to_string())?;
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    Ok(dir.to_path_buf())
+}
+
+fn put_blob(dir: &Path, bytes: &[u8]) -> std::io::Result<(String, usize)> {
+    use sha2::Digest as _;
+    let hex: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::create_dir_all(dir.join("blobs/sha256"))?;
+    std::fs::write(dir.join("blobs/sha256").join(&hex), bytes)?;
+    Ok((format!("sha256:{hex}"), bytes.len()))
+}
+
+/// Writes the layers, config and manifest of one image; returns the manifest's (digest, size).
+fn write_image(
+    dir: &Path,
+    layers: &[Layer<'_>],
+    arch: &str,
+    variant: Option<&str>,
+) -> std::io::Result<(String, usize)> {
+    use std::io::Write;
     let mut descriptors = Vec::new();
     for layer in layers {
         let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
@@ -58,30 +116,23 @@ pub fn oci_layout_layers(dir: &Path, layers: &[Layer<'_>], name: &str) -> std::i
         }
         let mut gz = tar.into_inner()?;
         gz.flush()?;
-        let (digest, size) = put(&gz.finish()?)?;
+        let (digest, size) = put_blob(dir, &gz.finish()?)?;
         descriptors.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size}));
     }
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    let config = put(serde_json::json!({"architecture": arch, "os": "linux", "config": {"Env": ["PATH=/bin"]}})
+    let mut config = serde_json::json!({"architecture": arch, "os": "linux", "config": {"Env": ["PATH=/bin"]}});
+    if let Some(v) = variant {
+        config["variant"] = serde_json::json!(v);
+    }
+    let config = put_blob(dir, config.to_string().as_bytes())?;
+    put_blob(
+        dir,
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.0, "size": config.1},
+            "layers": descriptors,
+        })
         .to_string()
-        .as_bytes())?;
-    let manifest = put(serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.0, "size": config.1},
-        "layers": descriptors,
-    })
-    .to_string()
-    .as_bytes())?;
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest.0, "size": manifest.1,
-        "annotations": {"org.opencontainers.image.ref.name": name},
-    }]});
-    std::fs::write(dir.join("index.json"), index.to_string())?;
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    Ok(dir.to_path_buf())
+        .as_bytes(),
+    )
 }

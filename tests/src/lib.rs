@@ -446,7 +446,8 @@ impl RegistryServer {
     pub fn push_as(&self, layout: &Path, name: &str, repo_tag: &str, creds: Option<&str>) {
         let skopeo = which("skopeo").expect("skopeo is not installed: .ci/run installs it");
         let mut cmd = Command::new(skopeo);
-        cmd.args(["copy", "--dest-tls-verify=false"]);
+        // --all: an index is pushed whole, every platform's image with it.
+        cmd.args(["copy", "--all", "--dest-tls-verify=false"]);
         if let Some(c) = creds {
             cmd.args(["--dest-creds", c]);
         }

@@ -256,3 +256,32 @@ fn a_registry_with_htpasswd_auth_needs_and_accepts_credentials() {
     assert_eq!(stats.blobs_fetched, 2);
     assert!(store.rootfs(&record).expect("rootfs").join("bin/busybox").is_file());
 }
+
+#[test]
+fn a_multi_arch_index_in_a_registry_gives_each_device_its_platform() {
+    use baton_tests::fixtures::{oci_multiarch_layout, Layer};
+    let world = World::new();
+    let registry = RegistryServer::start(&world);
+    let images = [("amd64", None), ("arm64", None), ("arm", Some("v7"))].map(|(arch, variant)| {
+        (arch, variant, vec![Layer::Files(vec![("platform", format!("{arch}{}", variant.unwrap_or("")).into_bytes())])])
+    });
+    let layout = oci_multiarch_layout(&world.path().join("multi"), &images, "multi").expect("layout");
+    registry.push(&layout, "multi", "apps/multi:1");
+    let reference = format!("127.0.0.1:{}/apps/multi:1", registry.port);
+    let client = Registry::new(RegistryConfig::default());
+    let platform = |arch: &str, variant: Option<&str>| Platform {
+        architecture: arch.into(),
+        os: "linux".into(),
+        variant: variant.map(str::to_string),
+    };
+    for (arch, variant, expect) in [("amd64", None, "amd64"), ("arm64", None, "arm64"), ("arm", Some("v7"), "armv7")] {
+        let store = ImageStore::open(world.path().join(format!("images-{expect}"))).expect("store");
+        let (record, _) = client.pull(&store, &reference, &platform(arch, variant)).expect("pull");
+        let rootfs = store.rootfs(&record).expect("rootfs");
+        assert_eq!(std::fs::read_to_string(rootfs.join("platform")).expect("platform file"), expect);
+    }
+    let store = ImageStore::open(world.path().join("images-riscv")).expect("store");
+    let e = client.pull(&store, &reference, &platform("riscv64", None)).expect_err("pulled for a missing platform");
+    assert!(matches!(e, baton_agent::image::ImageError::NoPlatform { .. }), "{e}");
+    assert!(e.to_string().contains("arm64"), "the error does not say what the index has: {e}");
+}

@@ -428,12 +428,23 @@ impl ImageStore {
                 let mut magic = [0u8; 4];
                 let n = f.read(&mut magic).map_err(ImageError::io(format!("read layer {layer}")))?;
                 let f = fs::File::open(&path).map_err(ImageError::io(format!("open layer {layer}")))?;
-                match &magic[..n] {
-                    [0x1f, 0x8b, ..] => apply_layer(flate2::read::GzDecoder::new(std::io::BufReader::new(f)), &tmp)?,
-                    [0x28, 0xb5, 0x2f, 0xfd] => {
-                        return Err(ImageError::Invalid(format!("layer {layer} is zstd-compressed, not supported yet")))
+                // Say which layer broke, whatever broke in it.
+                let named = |e: ImageError| match e {
+                    ImageError::Io { context, source } => {
+                        ImageError::Io { context: format!("layer {layer}: {context}"), source }
                     }
-                    _ => apply_layer(std::io::BufReader::new(f), &tmp)?,
+                    other => other,
+                };
+                match &magic[..n] {
+                    [0x1f, 0x8b, ..] => {
+                        apply_layer(flate2::read::GzDecoder::new(std::io::BufReader::new(f)), &tmp).map_err(named)?
+                    }
+                    [0x28, 0xb5, 0x2f, 0xfd] => {
+                        let zstd = ruzstd::decoding::StreamingDecoder::new(std::io::BufReader::new(f))
+                            .map_err(|e| ImageError::Invalid(format!("layer {layer}: zstd: {e}")))?;
+                        apply_layer(zstd, &tmp).map_err(named)?
+                    }
+                    _ => apply_layer(std::io::BufReader::new(f), &tmp).map_err(named)?,
                 };
             }
             fs::rename(&tmp, &dest).map_err(ImageError::io(format!("store rootfs {}", dest.display())))

@@ -152,6 +152,21 @@ pub mod layout {
         gz.finish().unwrap()
     }
 
+    /// A zstd-compressed tar layer holding `files`.
+    pub fn zstd_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_path(path).unwrap();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        ruzstd::encoding::compress_to_vec(&tar[..], ruzstd::encoding::CompressionLevel::Fastest)
+    }
+
     /// Stores config + manifest for `layers` (already stored blobs); returns the manifest blob.
     pub fn image(dir: &Path, arch: &str, layers: &[&Blob]) -> Blob {
         let config = serde_json::json!({
