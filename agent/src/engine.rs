@@ -155,9 +155,11 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
             engine.effective = engine.guard.effective(&engine.desired.workloads);
             engine.reconcile(now);
             engine.sup.tick(now);
-            engine.judge(now);
+            // One status per tick (it reads every container's cgroup usage).
+            let status = engine.sup.status();
+            engine.judge(&status, now);
             engine.collect_images(now);
-            let report = engine.report();
+            let report = engine.report(status);
             if last.as_ref() != Some(&without_usage(&report)) {
                 last = Some(without_usage(&report));
                 if report_tx.send(report).is_err() {
@@ -255,8 +257,8 @@ impl<R: ContainerRuntime> Engine<R> {
 
     /// Proves healthy revisions and rolls back those past their deadline;
     /// the proven set is written to flash only when it changes.
-    fn judge(&mut self, now: u64) {
-        if self.guard.observe(&self.desired.workloads, &self.sup.status(), now) {
+    fn judge(&mut self, status: &[WorkloadStatus], now: u64) {
+        if self.guard.observe(&self.desired.workloads, status, now) {
             let doc = Desired { generation: 0, workloads: self.guard.proven(), services: Vec::new() };
             let written = baton_protocol::encode(&baton_protocol::Message::Desired(doc))
                 .map_err(|e| std::io::Error::other(e.to_string()))
@@ -441,8 +443,7 @@ impl<R: ContainerRuntime> Engine<R> {
         }
     }
 
-    fn report(&self) -> Report {
-        let mut workloads = self.sup.status();
+    fn report(&self, mut workloads: Vec<WorkloadStatus>) -> Report {
         // An old revision still running while the new one waits (for its image): say why.
         for st in &mut workloads {
             let next = self.effective.iter().find(|w| w.name == st.name).map(|w| w.revision);

@@ -37,6 +37,9 @@ pub struct Link {
     desired_generation: u64,
     /// The encoded document in force, to recognise a redelivery of it.
     desired_bytes: Vec<u8>,
+    /// The workloads of the document on flash: a new document that changes
+    /// only service endpoints is applied but not written again.
+    persisted_workloads: Vec<baton_protocol::spec::WorkloadSpec>,
     applied_generation: u64,
     engine: Option<EngineHandle>,
     /// Long-running commands (log follows), by id, for `Cancel`.
@@ -88,12 +91,14 @@ impl Link {
             heartbeat: HeartbeatSampler::default(),
             desired_generation: 0,
             desired_bytes,
+            persisted_workloads: Vec::new(),
             applied_generation: 0,
             engine,
             running: std::collections::HashMap::new(),
         };
         if let Ok((_, Message::Desired(d))) = baton_protocol::decode(&link.desired_bytes) {
             link.desired_generation = d.generation;
+            link.persisted_workloads = d.workloads;
         }
 
         let mut backoff = Backoff::with_entropy(Duration::from_millis(500), Duration::from_secs(60));
@@ -232,13 +237,18 @@ impl Link {
         let Some(engine) = &self.engine else {
             return info!(generation = d.generation, "desired document received; this agent runs no workloads");
         };
-        let path = crate::engine::desired_path(&self.config.data_dir);
-        let persisted =
-            path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| write_atomic(&path, payload));
-        if let Err(e) = persisted {
-            // Still apply it: running the new state beats running the old one; it
-            // just will not survive a reboot without the network.
-            warn!(error = %e, "cannot persist the desired document");
+        // Endpoints move far more often than workloads; a boot with stale
+        // endpoints gets fresh ones with the next document anyway.
+        if d.workloads != self.persisted_workloads {
+            let path = crate::engine::desired_path(&self.config.data_dir);
+            let persisted =
+                path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| write_atomic(&path, payload));
+            match persisted {
+                Ok(()) => self.persisted_workloads = d.workloads.clone(),
+                // Still apply it: running the new state beats running the old one; it
+                // just will not survive a reboot without the network.
+                Err(e) => warn!(error = %e, "cannot persist the desired document"),
+            }
         }
         self.desired_generation = d.generation;
         self.desired_bytes = payload.to_vec();

@@ -35,8 +35,13 @@ fn facts_of(d: &Device, now: Millis, stale_after_ms: Millis, grace_ms: Millis) -
         memory_bytes: inv.map_or(0, |i| i.memory_bytes),
         cpu_millis: inv.map_or(0, |i| u64::from(i.cpus) * 1000),
         reachable: status != Status::Offline,
-        gone: status == Status::Offline && now.saturating_sub(d.last_seen) > grace_ms,
+        gone: is_gone(d, now, stale_after_ms, grace_ms),
     }
+}
+
+/// Offline for longer than the grace period: its replicas move elsewhere.
+fn is_gone(d: &Device, now: Millis, stale_after_ms: Millis, grace_ms: Millis) -> bool {
+    d.status(now, stale_after_ms) == Status::Offline && now.saturating_sub(d.last_seen) > grace_ms
 }
 
 /// Healthy running instances of each workload: (device, address, revision).
@@ -277,6 +282,11 @@ impl Controller {
 
     fn snapshot(&self, now: Millis) -> Snapshot {
         let fleet = lock(&self.fleet);
+        let facts = fleet.devices().map(|d| facts_of(d, now, self.stale_after_ms, self.reschedule_after_ms)).collect();
+        Snapshot { facts, serving: self.serving_of(&fleet, now) }
+    }
+
+    fn serving_of(&self, fleet: &Fleet, now: Millis) -> Serving {
         let mut serving = Serving::new();
         for d in fleet.devices() {
             if d.status(now, self.stale_after_ms) == Status::Offline {
@@ -289,8 +299,7 @@ impl Controller {
                 }
             }
         }
-        let facts = fleet.devices().map(|d| facts_of(d, now, self.stale_after_ms, self.reschedule_after_ms)).collect();
-        Snapshot { facts, serving }
+        serving
     }
 
     /// The endpoints of the services some workload uses.
@@ -567,11 +576,12 @@ impl Controller {
         let mut changed = false;
         {
             let fleet = lock(&self.fleet);
-            let devices: std::collections::HashMap<&str, &Device> =
-                fleet.devices().map(|d| (d.id.as_str(), d)).collect();
             let mut st = lock(&self.state);
+            let rolling = st.workloads.values().any(|e| e.active_rollout().is_some());
+            let devices: std::collections::HashMap<&str, &Device> =
+                if rolling { fleet.devices().map(|d| (d.id.as_str(), d)).collect() } else { Default::default() };
             let store = lock(&self.store);
-            for (name, e) in st.workloads.iter_mut() {
+            for (name, e) in st.workloads.iter_mut().filter(|(_, e)| e.active_rollout().is_some()) {
                 let Some(r) = e.rollout.as_mut().filter(|r| r.state.active()) else { continue };
                 let observe = |id: &str| -> Observation {
                     let Some(d) = devices.get(id) else { return Observation::default() };
@@ -598,22 +608,17 @@ impl Controller {
                     self.event(&store, "rollout", name, message, now);
                 }
             }
+            drop(store);
             let gone: BTreeSet<String> = fleet
                 .devices()
-                .filter(|d| facts_of(d, now, self.stale_after_ms, self.reschedule_after_ms).gone)
+                .filter(|d| is_gone(d, now, self.stale_after_ms, self.reschedule_after_ms))
                 .map(|d| d.id.clone())
                 .collect();
-            if gone != st.gone {
-                changed = true;
-            }
-            drop(store);
-            drop(st);
-            drop(fleet);
-            // Endpoints moved (an instance turned healthy or stopped being so).
-            let snap = self.snapshot(now);
-            let st = lock(&self.state);
-            if Self::used_serving(&st, &snap.serving) != st.serving {
-                changed = true;
+            changed |= gone != st.gone;
+            // Endpoints moved (an instance turned healthy or stopped being so),
+            // for services some workload uses.
+            if st.workloads.values().any(|e| !e.manifest.uses.is_empty()) {
+                changed |= Self::used_serving(&st, &self.serving_of(&fleet, now)) != st.serving;
             }
         }
         if changed {

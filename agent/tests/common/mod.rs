@@ -139,22 +139,14 @@ pub mod layout {
         if let Some(base) = base {
             b.append_dir_all(".", base).unwrap();
         }
-        for (path, data) in files {
-            let mut h = tar::Header::new_gnu();
-            h.set_path(path).unwrap();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            b.append(&h, *data).unwrap();
-        }
+        append_files(&mut b, files);
         let mut gz = b.into_inner().unwrap();
         gz.flush().unwrap();
         gz.finish().unwrap()
     }
 
-    /// A zstd-compressed tar layer holding `files`.
-    pub fn zstd_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
+    /// Regular files (mode 0644) into a tar stream.
+    fn append_files<W: Write>(b: &mut tar::Builder<W>, files: &[(&str, &[u8])]) {
         for (path, data) in files {
             let mut h = tar::Header::new_gnu();
             h.set_path(path).unwrap();
@@ -163,6 +155,12 @@ pub mod layout {
             h.set_cksum();
             b.append(&h, *data).unwrap();
         }
+    }
+
+    /// A zstd-compressed tar layer holding `files`.
+    pub fn zstd_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        append_files(&mut b, files);
         let tar = b.into_inner().unwrap();
         ruzstd::encoding::compress_to_vec(&tar[..], ruzstd::encoding::CompressionLevel::Fastest)
     }
