@@ -35,6 +35,10 @@ pub struct FileConfig {
     pub registry_auth: BTreeMap<String, RegistryAuth>,
     /// Disk the image store may use before unused images are removed (MiB, default 2048).
     pub image_budget_mb: Option<u64>,
+    /// Ed25519 keys (`ed25519:` + 64 hex digits, from `baton trust`) whose
+    /// signed desired documents this agent applies. Empty: the first signer is pinned.
+    #[serde(default)]
+    pub controller_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -56,6 +60,8 @@ pub struct Overrides {
     pub keepalive_s: Option<u64>,
     /// `key=value` pairs, added to (and overriding) the file's labels.
     pub labels: Vec<String>,
+    /// Replace the file's `controller_keys` when not empty.
+    pub controller_keys: Vec<String>,
 }
 
 /// The validated configuration the agent runs with.
@@ -72,6 +78,7 @@ pub struct AgentConfig {
     pub insecure_registries: Vec<String>,
     pub registry_auth: BTreeMap<String, RegistryAuth>,
     pub image_budget_bytes: u64,
+    pub controller_keys: Vec<[u8; 32]>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,9 +179,18 @@ impl AgentConfig {
             labels.insert(k.to_string(), v.to_string());
         }
 
+        let keys_cli = !cli.controller_keys.is_empty();
+        let controller_keys = if keys_cli { cli.controller_keys } else { file.controller_keys.clone() }
+            .iter()
+            .map(|k| {
+                baton_protocol::crypto::parse_key(k).map_err(|e| invalid("controller_keys", keys_cli, e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
         Ok(Self {
             broker,
             device_id,
+            controller_keys,
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             run_dir: cli.run_dir.or(file.run_dir).unwrap_or_else(|| DEFAULT_RUN_DIR.into()),
             cgroup_parent,

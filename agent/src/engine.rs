@@ -483,9 +483,13 @@ pub fn proven_path(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("state").join("proven.bin")
 }
 
-/// The persisted document, if there is a readable one.
+/// The persisted document (secrets still sealed), if there is a readable one.
 pub fn load_desired(data_dir: &std::path::Path) -> Option<Desired> {
-    load_doc(&desired_path(data_dir))
+    let path = desired_path(data_dir);
+    let bytes = std::fs::read(&path).ok()?;
+    crate::trust::read_persisted(&bytes)
+        .map_err(|e| warn!(path = %path.display(), error = %e, "persisted document unusable; ignoring it"))
+        .ok()
 }
 
 fn load_doc(path: &std::path::Path) -> Option<Desired> {

@@ -15,3 +15,4 @@ pub mod rollback;
 pub mod runtime;
 pub mod simulate;
 pub mod supervisor;
+pub mod trust;

@@ -37,11 +37,16 @@ pub struct Link {
     desired_generation: u64,
     /// The encoded document in force, to recognise a redelivery of it.
     desired_bytes: Vec<u8>,
-    /// The workloads of the document on flash: a new document that changes
-    /// only service endpoints is applied but not written again.
-    persisted_workloads: Vec<baton_protocol::spec::WorkloadSpec>,
+    /// The workloads of the document on flash (None: nothing there yet): a
+    /// new document that changes only service endpoints is applied but not
+    /// written again.
+    persisted_workloads: Option<Vec<baton_protocol::spec::WorkloadSpec>>,
     applied_generation: u64,
     engine: Option<EngineHandle>,
+    /// Controller keys whose documents are applied.
+    trust: crate::trust::Trust,
+    /// This device's key (None only when it could not be created: secrets then cannot be opened).
+    identity: Option<baton_protocol::crypto::DeviceKey>,
     /// Long-running commands (log follows), by id, for `Cancel`.
     running: std::collections::HashMap<u64, tokio::sync::watch::Sender<bool>>,
 }
@@ -83,6 +88,15 @@ impl Link {
         }
         let (client, mut events) = AsyncClient::new(opts, REQUEST_QUEUE);
         let desired_bytes = std::fs::read(crate::engine::desired_path(&config.data_dir)).unwrap_or_default();
+        let identity = match crate::trust::load_or_create_identity(&config.data_dir) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                warn!(error = %e, "no device identity key: documents with secrets will be refused");
+                None
+            }
+        };
+        let trust = crate::trust::Trust::load(config.controller_keys.clone(), &config.data_dir);
+        let persisted = crate::trust::read_persisted(&desired_bytes).ok();
         let mut link = Link {
             config,
             client,
@@ -91,14 +105,16 @@ impl Link {
             heartbeat: HeartbeatSampler::default(),
             desired_generation: 0,
             desired_bytes,
-            persisted_workloads: Vec::new(),
+            persisted_workloads: None,
             applied_generation: 0,
             engine,
+            trust,
+            identity,
             running: std::collections::HashMap::new(),
         };
-        if let Ok((_, Message::Desired(d))) = baton_protocol::decode(&link.desired_bytes) {
+        if let Some(d) = persisted {
             link.desired_generation = d.generation;
-            link.persisted_workloads = d.workloads;
+            link.persisted_workloads = Some(d.workloads);
         }
 
         let mut backoff = Backoff::with_entropy(Duration::from_millis(500), Duration::from_secs(60));
@@ -181,7 +197,9 @@ impl Link {
 
     fn on_connect(&mut self) {
         self.publish(TopicKind::Presence, &self.presence(PresenceState::Online));
-        self.publish(TopicKind::Inventory, &Message::Inventory(node::inventory(&self.config)));
+        let mut inventory = node::inventory(&self.config);
+        inventory.sealing_key = self.identity.as_ref().map(|k| k.public().to_vec()).unwrap_or_default();
+        self.publish(TopicKind::Inventory, &Message::Inventory(inventory));
         // Subscribing again is harmless when the broker kept the session, and
         // needed when it did not (a restarted embedded broker keeps nothing).
         for kind in [TopicKind::Desired, TopicKind::Cmd] {
@@ -203,48 +221,55 @@ impl Link {
         if device != self.config.device_id {
             return warn!(topic, "message for another device ignored");
         }
+        if kind == TopicKind::Desired {
+            return self.on_desired(payload);
+        }
         match decode_on(kind, payload) {
-            Ok((_, Message::Desired(d))) => self.on_desired(d, payload),
             Ok((_, Message::Command(cmd))) => self.on_command(cmd),
             Ok((_, other)) => debug!(kind = ?other.kind(), "ignoring message"),
             Err(e) => warn!(topic, error = %e, len = payload.len(), "undecodable message ignored"),
         }
     }
 
-    /// A document older than the one in force is ignored; the same one again
-    /// (a retained redelivery) changes nothing and writes nothing; a new one
-    /// is validated, persisted (offline first), then handed to the engine.
-    fn on_desired(&mut self, d: baton_protocol::Desired, payload: &[u8]) {
-        if d.generation < self.desired_generation {
-            return info!(
-                generation = d.generation,
-                current = self.desired_generation,
-                "older desired document ignored"
-            );
-        }
+    /// A document is applied only when signed by a trusted controller key, for
+    /// this device, and newer than the one in force; the same one again (a
+    /// retained redelivery) changes nothing and writes nothing. Anything else
+    /// is refused and the refusal reported. A new document is validated,
+    /// persisted as received (signed, secrets sealed: offline first, and no
+    /// plaintext on flash), then handed to the engine with its secrets opened.
+    fn on_desired(&mut self, payload: &[u8]) {
         if payload == self.desired_bytes.as_slice() {
-            return debug!(generation = d.generation, "desired document unchanged");
+            return debug!(generation = self.desired_generation, "desired document unchanged");
         }
+        let device = self.config.device_id.as_str().to_owned();
+        let opened = crate::trust::open_signed(&mut self.trust, &device, payload).and_then(|d| {
+            if d.generation <= self.desired_generation {
+                return Err(crate::trust::Refusal::Stale {
+                    generation: d.generation,
+                    current: self.desired_generation,
+                });
+            }
+            crate::trust::check_secrets(self.identity.as_ref(), &device, &d)?;
+            Ok(d)
+        });
+        let d = match opened {
+            Ok(d) => d,
+            Err(why) => return self.refuse(why.to_string()),
+        };
         if let Err(why) = crate::reconcile::validate(&d) {
-            warn!(generation = d.generation, error = %why, "desired document refused");
-            let refused = baton_protocol::Report {
-                generation: self.applied_generation,
-                workloads: Vec::new(),
-                refused: Some(why),
-            };
-            return self.publish(TopicKind::Report, &Message::Report(refused));
+            return self.refuse(format!("generation {}: {why}", d.generation));
         }
         let Some(engine) = &self.engine else {
             return info!(generation = d.generation, "desired document received; this agent runs no workloads");
         };
         // Endpoints move far more often than workloads; a boot with stale
         // endpoints gets fresh ones with the next document anyway.
-        if d.workloads != self.persisted_workloads {
+        if self.persisted_workloads.as_ref() != Some(&d.workloads) {
             let path = crate::engine::desired_path(&self.config.data_dir);
             let persisted =
                 path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| write_atomic(&path, payload));
             match persisted {
-                Ok(()) => self.persisted_workloads = d.workloads.clone(),
+                Ok(()) => self.persisted_workloads = Some(d.workloads.clone()),
                 // Still apply it: running the new state beats running the old one; it
                 // just will not survive a reboot without the network.
                 Err(e) => warn!(error = %e, "cannot persist the desired document"),
@@ -253,6 +278,13 @@ impl Link {
         self.desired_generation = d.generation;
         self.desired_bytes = payload.to_vec();
         let _ = engine.tx.send(Input::Desired(d));
+    }
+
+    fn refuse(&self, why: String) {
+        warn!(error = %why, "desired document refused");
+        let refused =
+            baton_protocol::Report { generation: self.applied_generation, workloads: Vec::new(), refused: Some(why) };
+        self.publish(TopicKind::Report, &Message::Report(refused));
     }
 
     fn on_command(&mut self, cmd: Command) {

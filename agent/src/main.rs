@@ -175,6 +175,9 @@ struct RunArgs {
     /// Label key=value (repeatable); adds to and overrides the config file's labels.
     #[arg(long = "label", short = 'l')]
     labels: Vec<String>,
+    /// Controller signing key to trust (ed25519:HEX, from `baton trust`; repeatable).
+    #[arg(long = "controller-key")]
+    controller_keys: Vec<String>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -251,6 +254,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         heartbeat_interval_s: args.heartbeat_interval,
         keepalive_s: args.keepalive,
         labels: args.labels,
+        controller_keys: args.controller_keys,
     };
     let config = AgentConfig::resolve(file, &path, overrides, "/etc/machine-id".as_ref())?;
 
@@ -313,7 +317,16 @@ fn start_engine(config: &AgentConfig) -> Result<baton_agent::engine::EngineHandl
     let runtime = LibcontainerRuntime::new(layout, shim);
     let prober = std::sync::Arc::new(baton_agent::probe::RuntimeProber(runtime.clone()));
     let exec_runtime = runtime.clone();
-    let supervisor = baton_agent::supervisor::Supervisor::new(runtime).with_prober(prober);
+    // Secrets are opened only to be written under run_dir: it must be memory.
+    let identity = match baton_agent::trust::load_or_create_identity(&config.data_dir) {
+        Err(e) => Err(format!("device key unusable: {e}")),
+        Ok(_) if !baton_agent::runtime::layout::is_tmpfs(&config.run_dir) => {
+            tracing::warn!(run_dir = %config.run_dir.display(), "run_dir is not a tmpfs: workloads with secrets will not start");
+            Err(format!("run_dir {} is not a tmpfs; secrets are never written to disk", config.run_dir.display()))
+        }
+        Ok(key) => Ok((config.device_id.as_str().to_owned(), std::sync::Arc::new(key))),
+    };
+    let supervisor = baton_agent::supervisor::Supervisor::new(runtime).with_prober(prober).with_identity(identity);
     let images = baton_agent::image::ImageStore::open(config.data_dir.join("images"))?;
     let registry = baton_agent::image::registry::Registry::new(baton_agent::image::registry::RegistryConfig {
         insecure: config.insecure_registries.clone(),

@@ -25,6 +25,8 @@ pub fn inventory(config: &AgentConfig) -> Inventory {
         cgroup: cgroup_version(Path::new("/sys/fs/cgroup")),
         labels: config.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         addresses: addresses(),
+        // Filled in by the link, which holds the device key.
+        sealing_key: Vec::new(),
     }
 }
 

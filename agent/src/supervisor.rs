@@ -110,6 +110,9 @@ pub struct Supervisor<R: ContainerRuntime> {
     prober: Option<Arc<dyn Prober>>,
     results_tx: Sender<ProbeResult>,
     results_rx: Receiver<ProbeResult>,
+    /// The device id and key that open sealed files at container creation,
+    /// or why this device cannot hold secrets.
+    identity: Result<(String, Arc<baton_protocol::crypto::DeviceKey>), String>,
 }
 
 impl<R: ContainerRuntime> Supervisor<R> {
@@ -122,7 +125,24 @@ impl<R: ContainerRuntime> Supervisor<R> {
             prober: None,
             results_tx,
             results_rx,
+            identity: Err("this agent has no device key".into()),
         }
+    }
+
+    /// Lets the supervisor open sealed (secret) files when it creates containers.
+    pub fn with_identity(mut self, identity: Result<(String, Arc<baton_protocol::crypto::DeviceKey>), String>) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    /// The spec to create a container from: sealed files opened, in memory only.
+    fn opened(&self, name: &str, spec: &ContainerSpec) -> Result<Option<ContainerSpec>, String> {
+        if !spec.files.iter().any(baton_protocol::spec::File::is_sealed) {
+            return Ok(None);
+        }
+        let (device, key) = self.identity.as_ref().map_err(|why| format!("cannot hold secrets: {why}"))?;
+        let files = crate::trust::open_files(Some(key), device, name, &spec.files).map_err(|e| e.to_string())?;
+        Ok(Some(ContainerSpec { files, ..spec.clone() }))
     }
 
     /// Enables health probes; without a prober, probes in specs are not run.
@@ -449,7 +469,14 @@ impl<R: ContainerRuntime> Supervisor<R> {
         if n >= 2 {
             let _ = self.rt.remove(&container_id(name, n - 2));
         }
-        match self.rt.create(&CreateRequest { id: &id, spec: &unit.spec, rootfs: unit.rootfs.clone() }) {
+        let created = match self.opened(name, &unit.spec) {
+            Ok(opened) => {
+                let spec = opened.as_ref().unwrap_or(&unit.spec);
+                self.rt.create(&CreateRequest { id: &id, spec, rootfs: unit.rootfs.clone() })
+            }
+            Err(reason) => Err(RuntimeError::Start { id: id.clone(), reason }),
+        };
+        match created {
             Ok(()) => {
                 info!(workload = name, container = %id, restarts = n, "container started");
                 unit.instance = n;

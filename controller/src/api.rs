@@ -30,6 +30,9 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/workloads/{name}/rollout", get(get_rollout))
         .route("/api/v1/workloads/{name}/rollout/{action}", post(rollout_action))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/secrets", get(list_secrets))
+        .route("/api/v1/secrets/{name}", axum::routing::put(put_secret).delete(delete_secret))
+        .route("/api/v1/trust", get(trust))
         .route("/api/v1/devices/{id}/logs/{workload}", get(logs))
         .route("/api/v1/devices/{id}/exec", post(exec))
         .route("/api/v1/devices/{id}/workloads/{workload}/restart", post(restart))
@@ -300,4 +303,32 @@ struct EventQuery {
 
 async fn events(State(c): State<Arc<Controller>>, Query(q): Query<EventQuery>) -> Result<impl IntoResponse, Failure> {
     Ok(Json(c.events(q.subject.as_deref(), q.limit.unwrap_or(100).min(10_000))?))
+}
+
+async fn list_secrets(State(c): State<Arc<Controller>>) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(c.secrets()?))
+}
+
+/// The body is the secret's value, as raw bytes.
+async fn put_secret(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, Failure> {
+    let view = tokio::task::spawn_blocking(move || c.put_secret(&name, &body, now_ms()))
+        .await
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(view))
+}
+
+async fn delete_secret(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    c.delete_secret(&name, now_ms())?;
+    Ok(Json(serde_json::json!({"deleted": name})))
+}
+
+async fn trust(State(c): State<Arc<Controller>>) -> impl IntoResponse {
+    Json(crate::view::TrustView { signing_key: c.keys.signing_public() })
 }

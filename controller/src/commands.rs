@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use baton_protocol::{Command, CommandAction, CommandResult, Desired, DeviceId};
+use baton_protocol::{Command, CommandAction, CommandResult, DeviceId};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 /// What the controller publishes to devices; ingest's MQTT loop sends it.
@@ -14,8 +14,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 pub enum Outgoing {
     /// QoS 1 on `cmd`.
     Command(DeviceId, Command),
-    /// QoS 1, retained, on `desired`.
-    Desired(DeviceId, Desired),
+    /// QoS 1, retained, on `desired`: an encoded, signed document.
+    Desired(DeviceId, Vec<u8>),
 }
 
 pub struct CommandRouter {

@@ -9,18 +9,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use baton_protocol::{validate_label, DeviceId, PresenceState};
 
-use baton_protocol::spec::WorkloadSpec;
-use baton_protocol::{Desired, Endpoint, ServiceEndpoints};
+use baton_protocol::spec::{File, WorkloadSpec};
+use baton_protocol::{crypto, encode, Desired, Endpoint, Message, ServiceEndpoints};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::commands::Outgoing;
 use crate::fleet::{Change, Device, Fleet, FleetEvent, Millis, Status};
+use crate::keys::Keys;
 use crate::metrics::{Metrics, Rejection};
 use crate::rollout::{Observation, Rollout, State as RolloutState};
 use crate::schedule::{schedule, DeviceFacts, Placed, Schedule};
 use crate::store::{Store, StoreError, REVISION_HISTORY};
 use crate::view::{
-    ApplyResult, DeviceView, Event, Health, LabelChange, RevisionView, RolloutView, WorkloadOnDevice, WorkloadView,
+    ApplyResult, DeviceView, Event, Health, LabelChange, RevisionView, RolloutView, SecretView, WorkloadOnDevice,
+    WorkloadView,
 };
 use crate::workload::{Manifest, Validated};
 
@@ -51,6 +53,29 @@ type Serving = BTreeMap<String, Vec<(String, String, u64)>>;
 struct Snapshot {
     facts: Vec<DeviceFacts>,
     serving: Serving,
+    /// Each device's X25519 key (from its inventory), for sealing secrets.
+    sealing: BTreeMap<String, [u8; 32]>,
+}
+
+/// Sealed file contents by (device, workload, revision, path), with the device
+/// key they were sealed to: a seal is reused until one of those changes, so
+/// documents do not change (and containers do not restart) for nothing.
+type SealCache = BTreeMap<(String, String, u64, String), ([u8; 32], Vec<u8>)>;
+
+/// The contents a secret file has in a revision: which secret, which version.
+pub fn secret_reference(name: &str, version: u64) -> Vec<u8> {
+    format!("baton-secret:{name}:{version}").into_bytes()
+}
+
+/// Binds a stored secret ciphertext to its name and version.
+fn secret_aad(name: &str, version: u64) -> Vec<u8> {
+    format!("baton secret {name} v{version}").into_bytes()
+}
+
+fn parse_secret_reference(contents: &[u8]) -> Option<(&str, u64)> {
+    let text = std::str::from_utf8(contents).ok()?.strip_prefix("baton-secret:")?;
+    let (name, version) = text.rsplit_once(':')?;
+    Some((name, version.parse().ok()?))
 }
 
 /// One workload as the controller holds it.
@@ -87,6 +112,7 @@ struct State {
     serving: Serving,
     /// Devices gone past the grace period when placement last ran.
     gone: BTreeSet<String>,
+    sealed: SealCache,
 }
 
 pub fn now_ms() -> Millis {
@@ -117,6 +143,8 @@ pub struct Controller {
     /// Resolves image tags to digests at apply (None: devices pull tags).
     pub registry: Option<baton_registry::Client>,
     pub broker_connected: AtomicBool,
+    /// Signs every desired document; encrypts secrets at rest.
+    pub keys: Keys,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -131,6 +159,7 @@ impl Controller {
         stale_after_ms: Millis,
         commands: crate::commands::CommandRouter,
         outbox: UnboundedSender<Outgoing>,
+        keys: Keys,
     ) -> Result<Self, StoreError> {
         let fleet = Fleet::from_devices(store.load_devices()?);
         let workloads: BTreeMap<String, Entry> = store
@@ -147,11 +176,37 @@ impl Controller {
                 (entry.manifest.name.clone(), entry)
             })
             .collect();
-        let desired: BTreeMap<String, Desired> = store
-            .load_desired()?
-            .into_iter()
-            .map(|(device, (generation, workloads))| (device, Desired { generation, workloads, services: Vec::new() }))
-            .collect();
+        // The documents as published (services included), and the seals in them.
+        let mut desired: BTreeMap<String, Desired> = BTreeMap::new();
+        let mut sealed = SealCache::new();
+        for (device, stored) in store.load_desired()? {
+            let published = stored.payload.as_deref().and_then(|p| match baton_protocol::decode(p) {
+                Ok((_, Message::SignedDesired(s))) => match baton_protocol::decode(&s.document) {
+                    Ok((_, Message::Desired(d))) => Some(d),
+                    _ => None,
+                },
+                _ => None,
+            });
+            let doc = published.unwrap_or(Desired {
+                generation: stored.generation,
+                workloads: stored.workloads,
+                services: Vec::new(),
+            });
+            let key = fleet
+                .devices()
+                .find(|d| d.id == device)
+                .and_then(|d| d.inventory.as_ref())
+                .and_then(|i| <[u8; 32]>::try_from(i.sealing_key.as_slice()).ok());
+            for w in &doc.workloads {
+                for f in w.container.files.iter().filter(|f| f.is_sealed()) {
+                    if let Some(key) = key {
+                        let at = (device.clone(), w.name.clone(), w.revision, f.path.clone());
+                        sealed.insert(at, (key, f.contents.clone()));
+                    }
+                }
+            }
+            desired.insert(device, doc);
+        }
         // Replicas stay where the last documents put them.
         let mut schedule = Schedule::default();
         for (device, Desired { workloads: specs, .. }) in &desired {
@@ -163,7 +218,14 @@ impl Controller {
         Ok(Self {
             commands,
             outbox,
-            state: Mutex::new(State { workloads, schedule, desired, serving: Serving::new(), gone: BTreeSet::new() }),
+            state: Mutex::new(State {
+                workloads,
+                schedule,
+                desired,
+                serving: Serving::new(),
+                gone: BTreeSet::new(),
+                sealed,
+            }),
             fleet: Mutex::new(fleet),
             store: Mutex::new(store),
             metrics: Metrics::default(),
@@ -171,6 +233,7 @@ impl Controller {
             reschedule_after_ms: 300_000,
             registry: None,
             broker_connected: AtomicBool::new(false),
+            keys,
         })
     }
 
@@ -283,7 +346,14 @@ impl Controller {
     fn snapshot(&self, now: Millis) -> Snapshot {
         let fleet = lock(&self.fleet);
         let facts = fleet.devices().map(|d| facts_of(d, now, self.stale_after_ms, self.reschedule_after_ms)).collect();
-        Snapshot { facts, serving: self.serving_of(&fleet, now) }
+        let sealing = fleet
+            .devices()
+            .filter_map(|d| {
+                let key = d.inventory.as_ref().and_then(|i| <[u8; 32]>::try_from(i.sealing_key.as_slice()).ok())?;
+                Some((d.id.clone(), key))
+            })
+            .collect();
+        Snapshot { facts, serving: self.serving_of(&fleet, now), sealing }
     }
 
     fn serving_of(&self, fleet: &Fleet, now: Millis) -> Serving {
@@ -363,6 +433,10 @@ impl Controller {
         let mut results = Vec::new();
         let mut st = lock(&self.state);
         let store = lock(&self.store);
+        let mut validated = validated;
+        for v in &mut validated {
+            Self::pin_secret_versions(&store, &mut v.spec)?;
+        }
         // Workloads whose revision must now reach the fleet: (name, from, to).
         let mut roll = Vec::new();
         for v in validated {
@@ -477,6 +551,98 @@ impl Controller {
             now,
         );
         e.rollout = Some(r);
+        Ok(())
+    }
+
+    /// Points every secret file of a spec at its secret's current version, so
+    /// a new secret version is a new revision (and rolls out like one).
+    fn pin_secret_versions(store: &Store, spec: &mut WorkloadSpec) -> Result<(), OpError> {
+        let versions: BTreeMap<String, u64> = store.list_secrets()?.into_iter().map(|(n, v, _)| (n, v)).collect();
+        for f in spec.container.files.iter_mut().filter(|f| f.is_sealed()) {
+            let name = parse_secret_reference(&f.contents)
+                .map(|(n, _)| n.to_string())
+                .ok_or_else(|| OpError::Invalid(format!("{}: malformed secret reference", f.path)))?;
+            let version = versions.get(&name).ok_or_else(|| {
+                OpError::Invalid(format!(
+                    "workload {}: secret {name} does not exist; create it with `baton secret create {name} --from-file FILE`",
+                    spec.name
+                ))
+            })?;
+            f.contents = secret_reference(&name, *version);
+        }
+        Ok(())
+    }
+
+    /// `baton secret create`: stores a new version (encrypted) and rolls every
+    /// workload that uses the secret to a new revision.
+    pub fn put_secret(&self, name: &str, value: &[u8], now: Millis) -> Result<SecretView, OpError> {
+        if !crate::workload::valid_name(name) {
+            return Err(OpError::Invalid(format!("{name:?}: secret names are 1-63 characters of a-z 0-9 -")));
+        }
+        if value.len() > crate::workload::MAX_FILES_BYTES {
+            return Err(OpError::Invalid(format!(
+                "secret of {} bytes; secrets travel inside desired documents, keep them under {}",
+                value.len(),
+                crate::workload::MAX_FILES_BYTES
+            )));
+        }
+        let users: Vec<Validated> = {
+            let st = lock(&self.state);
+            let mut store = lock(&self.store);
+            let latest = store.list_secrets()?.into_iter().find(|(n, _, _)| n == name).map_or(0, |(_, v, _)| v);
+            let data = crypto::encrypt(&self.keys.secrets, &secret_aad(name, latest + 1), value)
+                .map_err(|e| OpError::Invalid(e.to_string()))?;
+            let version = store.put_secret(name, &data, now)?;
+            self.event(&store, "secret", name, format!("version {version} set"), now);
+            st.workloads
+                .values()
+                .filter(|e| e.manifest.secrets.iter().any(|s| s.name == name))
+                .map(|e| Validated { manifest: e.manifest.clone(), spec: e.revisions[&e.latest].clone() })
+                .collect()
+        };
+        if !users.is_empty() {
+            for r in self.apply_workloads(users, now)? {
+                tracing::info!(workload = %r.name, revision = r.revision, action = %r.action, secret = name, "secret changed");
+            }
+        }
+        self.secrets()?.into_iter().find(|s| s.name == name).ok_or_else(|| OpError::NotFound(name.into()))
+    }
+
+    /// Every secret: name, version, when set, and the workloads using it. Never values.
+    pub fn secrets(&self) -> Result<Vec<SecretView>, OpError> {
+        let st = lock(&self.state);
+        let list = lock(&self.store).list_secrets()?;
+        Ok(list
+            .into_iter()
+            .map(|(name, version, updated_at_ms)| SecretView {
+                used_by: st
+                    .workloads
+                    .values()
+                    .filter(|e| e.manifest.secrets.iter().any(|s| s.name == name))
+                    .map(|e| e.manifest.name.clone())
+                    .collect(),
+                name,
+                version,
+                updated_at_ms,
+            })
+            .collect())
+    }
+
+    /// Deletes a secret no workload uses.
+    pub fn delete_secret(&self, name: &str, now: Millis) -> Result<(), OpError> {
+        let users: Vec<String> =
+            self.secrets()?.into_iter().find(|s| s.name == name).map(|s| s.used_by).unwrap_or_default();
+        if !users.is_empty() {
+            return Err(OpError::Invalid(format!(
+                "secret {name} is used by {}; change or delete them first",
+                users.join(", ")
+            )));
+        }
+        let store = lock(&self.store);
+        if !store.delete_secret(name)? {
+            return Err(OpError::NotFound(format!("secret {name} not found")));
+        }
+        self.event(&store, "secret", name, "deleted".into(), now);
         Ok(())
     }
 
@@ -723,7 +889,10 @@ impl Controller {
         st.gone = facts.iter().filter(|d| d.gone).map(|d| d.id.clone()).collect();
         st.schedule = schedule;
         let store = lock(&self.store);
+        let mut cache = std::mem::take(&mut st.sealed);
+        let mut sealed = SealCache::new();
         for (device, workloads, services) in docs {
+            let workloads = self.seal(&store, &mut cache, &mut sealed, &device, snap.sealing.get(&device), workloads);
             // Unchanged, or nothing to say to a device that never had a document.
             let unchanged = match st.desired.get(&device) {
                 Some(d) => d.workloads == workloads && d.services == services,
@@ -733,26 +902,108 @@ impl Controller {
                 continue;
             }
             let generation = st.desired.get(&device).map_or(1, |d| d.generation + 1);
-            if let Err(e) = store.save_desired(&device, generation, &workloads) {
+            let doc = Desired { generation, workloads, services };
+            let payload = match self.sign(&device, &doc) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(%device, error = %e, "cannot encode a desired document; not publishing it");
+                    continue;
+                }
+            };
+            if let Err(e) = store.save_desired(&device, generation, &doc.workloads, &payload) {
                 self.metrics.store_errors.fetch_add(1, Relaxed);
                 tracing::error!(%device, error = %e, "cannot store a desired document; not publishing it");
                 continue;
             }
-            tracing::debug!(%device, generation, workloads = workloads.len(), "desired document changed");
-            let doc = Desired { generation, workloads, services };
+            tracing::debug!(%device, generation, workloads = doc.workloads.len(), "desired document changed");
             if let Ok(id) = DeviceId::new(device.clone()) {
-                let _ = self.outbox.send(Outgoing::Desired(id, doc.clone()));
+                let _ = self.outbox.send(Outgoing::Desired(id, payload));
             }
             st.desired.insert(device, doc);
         }
+        // Seals of documents no longer published are dropped.
+        st.sealed = sealed;
+    }
+
+    /// The document as it travels: encoded, then signed for `device`.
+    fn sign(&self, device: &str, doc: &Desired) -> Result<Vec<u8>, baton_protocol::codec::EncodeError> {
+        let inner = encode(&Message::Desired(doc.clone()))?;
+        encode(&Message::SignedDesired(self.keys.signing.sign_desired(device, inner)))
+    }
+
+    /// Seals every secret file of `specs` to `device`'s key, reusing earlier
+    /// seals. A workload whose secrets cannot be sealed (the device never
+    /// reported a key, or the secret version is gone) is left out of the
+    /// device's document, with a warning: it never runs without its secrets.
+    fn seal(
+        &self,
+        store: &Store,
+        cache: &mut SealCache,
+        used: &mut SealCache,
+        device: &str,
+        key: Option<&[u8; 32]>,
+        specs: Vec<WorkloadSpec>,
+    ) -> Vec<WorkloadSpec> {
+        let mut out = Vec::with_capacity(specs.len());
+        'spec: for mut spec in specs {
+            for i in 0..spec.container.files.len() {
+                let file = &spec.container.files[i];
+                if !file.is_sealed() {
+                    continue;
+                }
+                let at = (device.to_string(), spec.name.clone(), spec.revision, file.path.clone());
+                let Some(key) = key else {
+                    tracing::warn!(%device, workload = %spec.name, "device reported no sealing key (agent too old?): workload with secrets not sent");
+                    continue 'spec;
+                };
+                let contents = match cache.remove(&at).filter(|(k, _)| k == key) {
+                    Some((_, c)) => c,
+                    None => match self.seal_file(store, device, &spec.name, file, key) {
+                        Ok(c) => c,
+                        Err(why) => {
+                            tracing::warn!(%device, workload = %spec.name, path = %file.path, %why, "cannot seal a secret: workload not sent");
+                            continue 'spec;
+                        }
+                    },
+                };
+                used.insert(at, (*key, contents.clone()));
+                spec.container.files[i].contents = contents;
+            }
+            out.push(spec);
+        }
+        out
+    }
+
+    fn seal_file(
+        &self,
+        store: &Store,
+        device: &str,
+        workload: &str,
+        file: &File,
+        key: &[u8; 32],
+    ) -> Result<Vec<u8>, String> {
+        let (name, version) =
+            parse_secret_reference(&file.contents).ok_or_else(|| "malformed secret reference".to_string())?;
+        let value = self.secret_value(store, name, version)?;
+        crypto::seal(key, &crypto::secret_context(device, workload, &file.path), &value).map_err(|e| e.to_string())
+    }
+
+    fn secret_value(&self, store: &Store, name: &str, version: u64) -> Result<Vec<u8>, String> {
+        let data = store
+            .secret(name, version)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("secret {name} version {version} no longer exists"))?;
+        crypto::decrypt(&self.keys.secrets, &secret_aad(name, version), &data)
+            .map_err(|_| format!("secret {name} version {version} does not decrypt with this controller's secrets key"))
     }
 
     /// Publishes every stored desired document again (after a (re)connect:
     /// an embedded broker keeps no retained messages across a restart).
     pub fn republish_desired(&self) {
         for (device, doc) in lock(&self.state).desired.iter() {
-            if let Ok(id) = DeviceId::new(device.clone()) {
-                let _ = self.outbox.send(Outgoing::Desired(id, doc.clone()));
+            // Ed25519 and postcard are deterministic: the same bytes as first published.
+            if let (Ok(id), Ok(payload)) = (DeviceId::new(device.clone()), self.sign(device, doc)) {
+                let _ = self.outbox.send(Outgoing::Desired(id, payload));
             }
         }
     }
@@ -797,7 +1048,7 @@ impl Controller {
                 .collect(),
             rollout: e.rollout.as_ref().map(RolloutView::new),
             devices,
-            manifest: e.manifest.redacted(),
+            manifest: e.manifest.clone(),
         })
     }
 

@@ -154,7 +154,15 @@ impl Fleet {
                 device.presence = p;
                 changed
             }
-            FleetEvent::Inventory(inv) => {
+            FleetEvent::Inventory(mut inv) => {
+                // The first sealing key a device reports is its identity: a
+                // different one later is refused (a clone or an impostor
+                // would otherwise get secrets sealed to it).
+                let pinned = device.inventory.as_ref().map(|i| &i.sealing_key).filter(|k| !k.is_empty());
+                if let Some(pinned) = pinned.filter(|k| **k != inv.sealing_key) {
+                    tracing::warn!(device = %device.id, "device reported a different sealing key; keeping the first one (see SECURITY.md: re-keying a device)");
+                    inv.sealing_key = pinned.clone();
+                }
                 let changed = device.inventory.as_ref() != Some(&inv);
                 device.inventory = Some(inv);
                 changed

@@ -90,11 +90,11 @@ pub async fn run(
         let event = tokio::select! {
             _ = shutdown.changed() => break,
             Some(out) = outbox.recv() => {
-                let (topic, retain, msg) = match out {
-                    Outgoing::Command(device, cmd) => (device.topic(TopicKind::Cmd), false, Message::Command(cmd)),
-                    Outgoing::Desired(device, doc) => (device.topic(TopicKind::Desired), true, Message::Desired(doc)),
+                let (topic, retain, encoded) = match out {
+                    Outgoing::Command(device, cmd) => (device.topic(TopicKind::Cmd), false, encode(&Message::Command(cmd))),
+                    Outgoing::Desired(device, payload) => (device.topic(TopicKind::Desired), true, Ok(payload)),
                 };
-                match encode(&msg) {
+                match encoded {
                     Ok(bytes) => {
                         if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, retain, bytes) {
                             warn!(topic, error = %e, "cannot queue a message to a device");

@@ -8,6 +8,7 @@ pub mod commands;
 pub mod controller;
 pub mod fleet;
 pub mod ingest;
+pub mod keys;
 pub mod metrics;
 pub mod rollout;
 pub mod schedule;

@@ -35,6 +35,9 @@ pub struct ServerConfig {
     /// Pin image tags to digests at apply.
     pub resolve_digests: bool,
     pub insecure_registries: Vec<String>,
+    /// Seed files of the signing and secrets keys (default: created in the data dir).
+    pub signing_key: Option<PathBuf>,
+    pub secrets_key: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -63,7 +66,9 @@ pub async fn serve(
     let store = Store::open(&db)?;
     let (outbox_tx, outbox) = tokio::sync::mpsc::unbounded_channel();
     let commands = crate::commands::CommandRouter::new(outbox_tx.clone());
-    let mut controller = Controller::new(store, cfg.stale_after.as_millis() as u64, commands, outbox_tx)?;
+    let keys = crate::keys::Keys::load(&cfg.data_dir, cfg.signing_key.as_deref(), cfg.secrets_key.as_deref())?;
+    tracing::info!(signing_key = %keys.signing_public(), "desired documents are signed with this key (agents: controller_keys)");
+    let mut controller = Controller::new(store, cfg.stale_after.as_millis() as u64, commands, outbox_tx, keys)?;
     controller.reschedule_after_ms = cfg.reschedule_after.as_millis() as u64;
     if cfg.resolve_digests {
         controller.registry = Some(baton_registry::Client::new(baton_registry::RegistryConfig {

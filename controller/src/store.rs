@@ -58,7 +58,21 @@ const MIGRATIONS: &[&str] = &[
         subject TEXT NOT NULL,
         message TEXT NOT NULL
     ) STRICT;",
+    // 4: each device's document exactly as signed and published (so a
+    // restarted controller republishes the same bytes), and secrets: every
+    // kept version encrypted at rest (`crypto::encrypt` with the secrets key).
+    "ALTER TABLE desired ADD COLUMN payload BLOB;
+    CREATE TABLE secrets (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+    ) STRICT;",
 ];
+
+/// Versions kept per secret (revisions in history may still name older ones).
+pub const SECRET_HISTORY: i64 = 10;
 
 /// Revisions kept per workload besides the stable one and those of its rollout.
 pub const REVISION_HISTORY: usize = 10;
@@ -74,6 +88,14 @@ pub struct StoredWorkload {
     pub latest: u64,
     pub stable: u64,
     pub rollout: Option<Rollout>,
+}
+
+/// A device's last published document as stored.
+#[derive(Debug, Clone)]
+pub struct StoredDesired {
+    pub generation: u64,
+    pub workloads: Vec<WorkloadSpec>,
+    pub payload: Option<Vec<u8>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,29 +298,81 @@ impl Store {
         Ok(out)
     }
 
-    pub fn save_desired(&self, device: &str, generation: u64, workloads: &[WorkloadSpec]) -> Result<(), StoreError> {
+    /// What a device was given: its workloads and the signed payload as published.
+    pub fn save_desired(
+        &self,
+        device: &str,
+        generation: u64,
+        workloads: &[WorkloadSpec],
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
         let json =
             serde_json::to_string(workloads).map_err(|source| StoreError::Corrupt { id: device.into(), source })?;
         self.conn.execute(
-            "INSERT INTO desired (device, generation, workloads) VALUES (?1, ?2, ?3)
-             ON CONFLICT(device) DO UPDATE SET generation = excluded.generation, workloads = excluded.workloads",
-            params![device, generation as i64, json],
+            "INSERT INTO desired (device, generation, workloads, payload) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(device) DO UPDATE SET generation = excluded.generation, workloads = excluded.workloads,
+             payload = excluded.payload",
+            params![device, generation as i64, json, payload],
         )?;
         Ok(())
     }
 
-    /// Device → (generation, workloads) as last published.
-    pub fn load_desired(&self) -> Result<BTreeMap<String, (u64, Vec<WorkloadSpec>)>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT device, generation, workloads FROM desired")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
+    /// Device → (generation, workloads, payload) as last published (no
+    /// payload for documents stored before documents were signed).
+    pub fn load_desired(&self) -> Result<BTreeMap<String, StoredDesired>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT device, generation, workloads, payload FROM desired")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, Option<Vec<u8>>>(3)?))
+        })?;
         let mut out = BTreeMap::new();
         for row in rows {
-            let (device, generation, workloads) = row?;
-            let w = serde_json::from_str(&workloads)
+            let (device, generation, workloads, payload) = row?;
+            let workloads = serde_json::from_str(&workloads)
                 .map_err(|source| StoreError::Corrupt { id: format!("desired {device}"), source })?;
-            out.insert(device, (generation as u64, w));
+            out.insert(device, StoredDesired { generation: generation as u64, workloads, payload });
         }
         Ok(out)
+    }
+
+    /// Stores a new version of a secret (already encrypted) and returns its
+    /// number; keeps the last `SECRET_HISTORY` versions.
+    pub fn put_secret(&mut self, name: &str, data: &[u8], now: u64) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let latest: i64 =
+            tx.query_row("SELECT COALESCE(MAX(version), 0) FROM secrets WHERE name = ?1", [name], |r| r.get(0))?;
+        let version = latest + 1;
+        tx.execute(
+            "INSERT INTO secrets (name, version, data, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![name, version, data, now as i64],
+        )?;
+        tx.execute("DELETE FROM secrets WHERE name = ?1 AND version <= ?2", params![name, version - SECRET_HISTORY])?;
+        tx.commit()?;
+        Ok(version as u64)
+    }
+
+    /// One version's encrypted value.
+    pub fn secret(&self, name: &str, version: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT data FROM secrets WHERE name = ?1 AND version = ?2",
+                params![name, version as i64],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Every secret: (name, latest version, when it was set).
+    pub fn list_secrets(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT name, MAX(version), MAX(created_at) FROM secrets GROUP BY name ORDER BY name")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn delete_secret(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.conn.execute("DELETE FROM secrets WHERE name = ?1", [name])? > 0)
     }
 
     pub fn load_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {

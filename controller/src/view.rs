@@ -92,6 +92,22 @@ pub struct ApplyRequest {
     pub files: Vec<ManifestFile>,
 }
 
+/// A secret as the API shows it: never its value.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SecretView {
+    pub name: String,
+    pub version: u64,
+    pub updated_at_ms: u64,
+    pub used_by: Vec<String>,
+}
+
+/// The controller's public signing key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TrustView {
+    /// `ed25519:HEX`: what agents put in `controller_keys`.
+    pub signing_key: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApplyResult {
     pub name: String,

@@ -68,8 +68,8 @@ pub struct Manifest {
     /// Files mounted read-only into the container; part of the revision.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileManifest>,
-    /// Like files, mode 0400 by default, and never shown by the API. Plain
-    /// text for now (stored and sent as is; sealing comes with the security work).
+    /// Secrets (`baton secret create`) mounted as files, mode 0400 by
+    /// default: sealed to each device's key, opened only on its tmpfs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<SecretManifest>,
     #[serde(default)]
@@ -95,22 +95,22 @@ pub struct FileManifest {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SecretManifest {
+    /// The stored secret (`baton secret create NAME`).
+    #[serde(default)]
+    pub name: String,
     /// Absolute path inside the container, e.g. `/run/secrets/db-password`.
     pub path: String,
-    pub value: String,
     /// Octal permission bits as a string; default `"0400"`.
     pub mode: Option<String>,
+    /// Refused: a value in a manifest would be stored and sent in plain text.
+    #[serde(default, skip_serializing)]
+    pub value: Option<String>,
 }
 
-impl Manifest {
-    /// The manifest as the API shows it: secret values replaced.
-    pub fn redacted(&self) -> Manifest {
-        let mut m = self.clone();
-        for s in &mut m.secrets {
-            s.value = "(redacted)".into();
-        }
-        m
-    }
+/// What a secret file holds in a revision before the controller pins the
+/// version: the secret's name and version 0.
+pub fn unversioned_secret(name: &str) -> Vec<u8> {
+    format!("baton-secret:{name}:0").into_bytes()
 }
 
 /// What one workload's files may weigh in all (they travel in desired documents).
@@ -368,7 +368,7 @@ pub fn parse_cpu(s: &str) -> Option<u32> {
     (1.0..=1_024_000.0).contains(&millis).then_some(millis.round() as u32)
 }
 
-fn valid_name(name: &str) -> bool {
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && !name.starts_with('-')
@@ -503,9 +503,20 @@ pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
         }
     }
     let mut files = Vec::new();
+    for (i, sec) in m.secrets.iter().enumerate() {
+        if sec.value.is_some() {
+            return bad(
+                &format!("secrets[{i}].value"),
+                "values are not written in manifests (they would be stored and sent in plain text): run `baton secret create NAME --from-file FILE` and give `name: NAME` here".into(),
+            );
+        }
+        if !valid_name(&sec.name) {
+            return bad(&format!("secrets[{i}].name"), format!("{:?}: name a secret (a-z 0-9 -)", sec.name));
+        }
+    }
     let secrets = m.secrets.iter().map(|s| FileManifest {
         path: s.path.clone(),
-        content: s.value.clone(),
+        content: String::new(),
         mode: Some(s.mode.clone().unwrap_or_else(|| "0400".into())),
     });
     let all: Vec<(String, FileManifest)> = m
@@ -532,7 +543,13 @@ pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
                 })?
             }
         };
-        files.push(File { path: f.path.clone(), mode, contents: f.content.clone().into_bytes() });
+        let secret = i.checked_sub(m.files.len()).map(|j| &m.secrets[j]);
+        files.push(match secret {
+            Some(sec) => {
+                File { path: f.path.clone(), mode: mode | File::SEALED, contents: unversioned_secret(&sec.name) }
+            }
+            None => File { path: f.path.clone(), mode, contents: f.content.clone().into_bytes() },
+        });
     }
     let total: usize = files.iter().map(|f| f.contents.len()).sum();
     if total > MAX_FILES_BYTES {
@@ -676,17 +693,23 @@ image: reg/other:1
     }
 
     #[test]
-    fn secrets_become_owner_only_files_and_the_api_never_shows_them() {
-        let yaml = "name: a\nimage: x\nsecrets: [{path: /run/secrets/db, value: hunter2}]\nfiles: [{path: /etc/a.conf, content: x}]\n";
+    fn secrets_are_sealed_owner_only_references_and_values_are_refused() {
+        let yaml = "name: a\nimage: x\nsecrets: [{name: db-pw, path: /run/secrets/db}]\nfiles: [{path: /etc/a.conf, content: x}]\n";
         let v = parse("s.yaml", yaml).unwrap();
         let f = &v[0].spec.container.files;
         assert_eq!(
-            (f[1].path.as_str(), f[1].mode, f[1].contents.as_slice()),
-            ("/run/secrets/db", 0o400, &b"hunter2"[..])
+            (f[1].path.as_str(), f[1].permissions(), f[1].is_sealed(), f[1].contents.as_slice()),
+            ("/run/secrets/db", 0o400, true, &b"baton-secret:db-pw:0"[..])
         );
+        assert!(!f[0].is_sealed());
         assert_eq!(f[0].mode, 0o644);
-        assert!(!serde_json::to_string(&v[0].manifest.redacted()).unwrap().contains("hunter2"));
-        let dup = "name: a\nimage: x\nsecrets: [{path: /a, value: s}]\nfiles: [{path: /a, content: x}]\n";
+        let inline = "name: a\nimage: x\nsecrets: [{name: s, path: /a, value: hunter2}]\n";
+        let e = parse("i.yaml", inline).unwrap_err();
+        assert_eq!(e.field, "secrets[0].value");
+        assert!(e.message.contains("baton secret create"), "{e}");
+        let unnamed = "name: a\nimage: x\nsecrets: [{path: /a}]\n";
+        assert_eq!(parse("n.yaml", unnamed).unwrap_err().field, "secrets[0].name");
+        let dup = "name: a\nimage: x\nsecrets: [{name: s, path: /a}]\nfiles: [{path: /a, content: x}]\n";
         assert_eq!(parse("d.yaml", dup).unwrap_err().field, "secrets[0].path");
     }
 

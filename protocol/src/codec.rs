@@ -42,10 +42,12 @@ pub enum MessageKind {
     Desired = 5,
     Command = 6,
     CommandResult = 7,
+    /// Since 1.2.
+    SignedDesired = 8,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 7] = [
+    pub const ALL: [MessageKind; 8] = [
         Self::Presence,
         Self::Inventory,
         Self::Heartbeat,
@@ -53,7 +55,16 @@ impl MessageKind {
         Self::Desired,
         Self::Command,
         Self::CommandResult,
+        Self::SignedDesired,
     ];
+
+    /// The minor version that introduced this kind.
+    pub fn since_minor(self) -> u8 {
+        match self {
+            Self::SignedDesired => 2,
+            _ => 0,
+        }
+    }
 
     pub fn from_byte(b: u8) -> Option<Self> {
         Self::ALL.into_iter().find(|k| *k as u8 == b)
@@ -66,7 +77,9 @@ impl MessageKind {
             Self::Heartbeat => 512,
             Self::Inventory | Self::Command => 16 * 1024,
             Self::Report | Self::CommandResult => 64 * 1024,
-            Self::Desired => MAX_MESSAGE_BYTES,
+            // Room for the signature wrapper around a desired document.
+            Self::Desired => MAX_MESSAGE_BYTES - 1024,
+            Self::SignedDesired => MAX_MESSAGE_BYTES,
         }
     }
 
@@ -77,7 +90,7 @@ impl MessageKind {
             Self::Inventory => TopicKind::Inventory,
             Self::Heartbeat => TopicKind::Heartbeat,
             Self::Report => TopicKind::Report,
-            Self::Desired => TopicKind::Desired,
+            Self::Desired | Self::SignedDesired => TopicKind::Desired,
             Self::Command => TopicKind::Cmd,
             Self::CommandResult => TopicKind::CmdRes,
         }
@@ -92,6 +105,7 @@ impl MessageKind {
             Self::Desired => "desired",
             Self::Command => "command",
             Self::CommandResult => "command-result",
+            Self::SignedDesired => "signed-desired",
         }
     }
 }
@@ -106,6 +120,7 @@ impl Message {
             Self::Desired(_) => MessageKind::Desired,
             Self::Command(_) => MessageKind::Command,
             Self::CommandResult(_) => MessageKind::CommandResult,
+            Self::SignedDesired(_) => MessageKind::SignedDesired,
         }
     }
 }
@@ -156,6 +171,7 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
         Message::Desired(m) => append(header, m),
         Message::Command(m) => append(header, m),
         Message::CommandResult(m) => append(header, m),
+        Message::SignedDesired(m) => append(header, m),
     }
     .map_err(|error| EncodeError::Serialize { kind: kind.name(), error })?;
     if out.len() > kind.max_size() {
@@ -198,6 +214,7 @@ pub fn decode(bytes: &[u8]) -> Result<(Envelope, Message), DecodeError> {
         MessageKind::Desired => Message::Desired(decode_body(env, body)?),
         MessageKind::Command => Message::Command(decode_body(env, body)?),
         MessageKind::CommandResult => Message::CommandResult(decode_body(env, body)?),
+        MessageKind::SignedDesired => Message::SignedDesired(decode_body(env, body)?),
     };
     Ok((env, msg))
 }

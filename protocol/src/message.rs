@@ -55,6 +55,8 @@ pub struct Inventory {
     pub labels: Vec<(String, String)>,
     /// Non-loopback IP addresses, for service discovery.
     pub addresses: Vec<String>,
+    /// Since 1.2: the device's X25519 public key; secrets are sealed to it.
+    pub sealing_key: Vec<u8>,
 }
 
 /// `heartbeat`: QoS 0, every `heartbeat_interval`. Kept small: it is most of
@@ -125,6 +127,18 @@ pub struct Desired {
     pub workloads: Vec<WorkloadSpec>,
     /// Since 1.1: the endpoints of the services this device's workloads use.
     pub services: Vec<ServiceEndpoints>,
+}
+
+/// Since 1.2, what travels on `desired`: an encoded [`Desired`] message and the
+/// controller's Ed25519 signature over it and the device id (see `crypto`).
+/// Agents refuse unsigned, unknown-key, forged and older documents.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct SignedDesired {
+    /// The signer's Ed25519 public key (32 bytes); it must be one the agent trusts.
+    pub key: Vec<u8>,
+    pub signature: Vec<u8>,
+    /// A whole encoded `Desired` message (envelope included).
+    pub document: Vec<u8>,
 }
 
 /// Where a service (a workload with named ports) can be reached right now:
@@ -209,4 +223,5 @@ pub enum Message {
     Desired(Desired),
     Command(Command),
     CommandResult(CommandResult),
+    SignedDesired(SignedDesired),
 }

@@ -27,6 +27,7 @@ pub fn inventory() -> Inventory {
         cgroup: CgroupVersion::V2,
         labels: vec![("site".into(), "lyon".into()), ("role".into(), "sensor".into())],
         addresses: vec!["192.0.2.17".into()],
+        sealing_key: crate::crypto::DeviceKey::from_seed(&[1; 32]).public().to_vec(),
     }
 }
 
@@ -110,7 +111,15 @@ pub fn desired() -> Desired {
                     initial_delay_s: 5,
                 }),
                 readiness: None,
-                files: vec![File { path: "/etc/sensor.toml".into(), mode: 0o444, contents: b"rate = 10\n".to_vec() }],
+                files: vec![
+                    File { path: "/etc/sensor.toml".into(), mode: 0o444, contents: b"rate = 10\n".to_vec() },
+                    // Since 1.2. A fixed stand-in: real seals use a fresh ephemeral key.
+                    File {
+                        path: "/run/secrets/token".into(),
+                        mode: File::SEALED | 0o400,
+                        contents: (0u8..55).collect(),
+                    },
+                ],
             },
         }],
         services: vec![ServiceEndpoints {
@@ -124,6 +133,13 @@ pub fn desired() -> Desired {
             }],
         }],
     }
+}
+
+/// `desired()` signed for device `pi-kitchen` by the key with seed `[7; 32]`
+/// (Ed25519 signatures are deterministic, so the fixture is stable).
+pub fn signed_desired() -> SignedDesired {
+    let document = crate::codec::encode(&Message::Desired(desired())).expect("the sample encodes");
+    crate::crypto::SigningKey::from_seed(&[7; 32]).sign_desired("pi-kitchen", document)
 }
 
 pub fn command() -> Command {
@@ -148,5 +164,6 @@ pub fn all() -> Vec<Message> {
         Message::Desired(desired()),
         Message::Command(command()),
         Message::CommandResult(command_result()),
+        Message::SignedDesired(signed_desired()),
     ]
 }

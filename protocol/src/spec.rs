@@ -145,6 +145,24 @@ pub enum ProbeCheck {
 pub struct File {
     /// Absolute path inside the container.
     pub path: String,
+    /// Permission bits; with [`File::SEALED`] set (since 1.2), `contents` is
+    /// sealed to the device (`crypto::seal` under
+    /// `crypto::secret_context(device, workload, path)`) and is opened only
+    /// in memory, just before the file is written to tmpfs.
     pub mode: u32,
     pub contents: Vec<u8>,
+}
+
+impl File {
+    /// The mode flag of a secret: contents sealed to the device's key.
+    pub const SEALED: u32 = 1 << 31;
+
+    pub fn is_sealed(&self) -> bool {
+        self.mode & Self::SEALED != 0
+    }
+
+    /// The permission bits, without flags.
+    pub fn permissions(&self) -> u32 {
+        self.mode & 0o7777
+    }
 }

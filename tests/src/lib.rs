@@ -510,3 +510,20 @@ pub fn baton_cli(server: &str, args: &[&str]) -> (bool, String, String) {
         .expect("run baton");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
+
+/// The signing key tests use when they act as the controller themselves.
+pub const TEST_SIGNING_SEED: [u8; 32] = [42; 32];
+
+/// `ed25519:HEX` of [`TEST_SIGNING_SEED`]: what such tests pass as `--controller-key`.
+pub fn test_controller_key() -> String {
+    let key = baton_protocol::crypto::SigningKey::from_seed(&TEST_SIGNING_SEED);
+    format!("ed25519:{}", baton_protocol::crypto::hex(&key.public()))
+}
+
+/// A desired document for `device`, encoded and signed as a controller would.
+pub fn signed_desired(device: &str, doc: &baton_protocol::Desired, seed: &[u8; 32]) -> Vec<u8> {
+    use baton_protocol::{encode, Message};
+    let inner = encode(&Message::Desired(doc.clone())).expect("encode");
+    let signed = baton_protocol::crypto::SigningKey::from_seed(seed).sign_desired(device, inner);
+    encode(&Message::SignedDesired(signed)).expect("encode")
+}

@@ -6,14 +6,19 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use baton_protocol::spec::{ContainerSpec, WorkloadSpec};
-use baton_protocol::{decode, encode, Desired, Message, Phase, Report};
+use baton_protocol::{decode, Desired, Message, Phase, Report};
 use baton_tests::mqtt::RawClient;
 use baton_tests::*;
 
 const DEVICE: &str = "pi-w";
 
+/// Signed as the test's own controller key, which the agents are told to trust.
+fn desired_for(device: &str, generation: u64, workloads: Vec<WorkloadSpec>) -> Vec<u8> {
+    signed_desired(device, &Desired { generation, workloads, services: Vec::new() }, &TEST_SIGNING_SEED)
+}
+
 fn desired(generation: u64, workloads: Vec<WorkloadSpec>) -> Vec<u8> {
-    encode(&Message::Desired(Desired { generation, workloads, services: Vec::new() })).expect("encode")
+    desired_for(DEVICE, generation, workloads)
 }
 
 fn web(revision: u64, script: &str) -> WorkloadSpec {
@@ -142,14 +147,14 @@ fn missing_image_and_bad_documents_are_reported_not_fatal() {
     let missing = format!("127.0.0.1:{}/nowhere/app:1", free_port());
     let mut w = web(1, "true");
     w.image = missing.clone();
-    op.publish("baton/v1/dev/pi-x/desired", desired(1, vec![w]), true);
+    op.publish("baton/v1/dev/pi-x/desired", desired_for("pi-x", 1, vec![w]), true);
     let r = wait_report(&mut watch, "a failed pull with its reason", |r| {
         r.workloads.iter().any(|w| w.phase == Phase::Failed && w.last_error.as_deref().unwrap_or("").contains(&missing))
     });
     assert_eq!(r.generation, 1);
     let mut bad = web(1, "true");
     bad.name = "Bad Name".into();
-    op.publish("baton/v1/dev/pi-x/desired", desired(2, vec![bad]), true);
+    op.publish("baton/v1/dev/pi-x/desired", desired_for("pi-x", 2, vec![bad]), true);
     let r = wait_report(&mut watch, "a refusal", |r| r.refused.is_some());
     assert!(r.refused.as_deref().unwrap_or("").contains("workloads[0].name"), "{r:?}");
     let mut a = agent;
@@ -175,7 +180,7 @@ fn operators_read_logs_exec_and_restart_through_the_controller() {
     let mut job = web(1, "echo job-finished");
     job.name = "job".into();
     job.container.restart = baton_protocol::spec::RestartPolicy::Never;
-    op.publish(&format!("baton/v1/dev/{device}/desired"), desired(1, vec![web(1, counter), job]), true);
+    op.publish(&format!("baton/v1/dev/{device}/desired"), desired_for(device, 1, vec![web(1, counter), job]), true);
     wait_report(&mut watch, "web running, job exited", |r| {
         is_web(r, 1, Phase::Running) && r.workloads.iter().any(|w| w.name == "job" && w.phase == Phase::Exited)
     });

@@ -72,6 +72,12 @@ pub mod files {
     pub const SHIM_LOG: &str = "shim.log";
 }
 
+/// Whether `dir` (created if missing) is on a memory filesystem.
+pub fn is_tmpfs(dir: &Path) -> bool {
+    std::fs::create_dir_all(dir).is_ok()
+        && nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
 /// Writes `bytes` to `path` so that a reader sees the old or the new file,
 /// never a torn one, even across power loss: temp file, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

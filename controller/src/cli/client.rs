@@ -57,6 +57,12 @@ impl Client {
         }
     }
 
+    /// PUT with a raw body (secret values: never JSON-encoded, never logged).
+    pub fn put_bytes<T: DeserializeOwned>(&self, path: &str, body: &[u8]) -> anyhow::Result<T> {
+        let res = self.agent.put(format!("{}{path}", self.base)).content_type("application/octet-stream").send(body);
+        self.finish(res)
+    }
+
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let res = self.agent.delete(format!("{}{path}", self.base)).call();
         self.finish(res)

@@ -102,6 +102,11 @@ pub enum Command {
         #[arg(long)]
         replicas: u32,
     },
+    /// Manage secrets: stored encrypted, sealed to each device, never shown.
+    #[command(subcommand)]
+    Secret(SecretCmd),
+    /// Print the controller's signing key (agents' `controller_keys`).
+    Trust,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
 }
@@ -125,6 +130,29 @@ pub enum RolloutCmd {
     Abort { workload: String },
     /// Abort a running rollout, or roll out the revision before the current one.
     Undo { workload: String },
+}
+
+#[derive(Subcommand)]
+pub enum SecretCmd {
+    /// Create a secret, or set a new version (workloads using it roll out).
+    #[command(alias = "set")]
+    Create {
+        name: String,
+        /// Read the value from this file ("-" for stdin).
+        #[arg(long, conflicts_with = "from_literal", required_unless_present = "from_literal")]
+        from_file: Option<PathBuf>,
+        /// The value itself (beware: shell history).
+        #[arg(long)]
+        from_literal: Option<String>,
+    },
+    /// List secrets: versions and the workloads using them, never values.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Delete a secret no workload uses.
+    Delete { name: String },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -170,6 +198,14 @@ pub struct ServerArgs {
     /// Seconds a device may stay offline before its `replicas` workloads move to other devices.
     #[arg(long, default_value_t = 300)]
     pub reschedule_after: u64,
+    /// File with the Ed25519 seed (64 hex digits) desired documents are signed with
+    /// (default: DATA_DIR/signing.key, created on first start).
+    #[arg(long)]
+    pub signing_key: Option<PathBuf>,
+    /// File with the key secrets are encrypted with at rest (64 hex digits;
+    /// default: DATA_DIR/secrets.key, created on first start).
+    #[arg(long)]
+    pub secrets_key: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -193,6 +229,8 @@ impl ServerArgs {
             reschedule_after: Duration::from_secs(self.reschedule_after),
             resolve_digests: self.resolve_digests,
             insecure_registries: self.insecure_registries.clone(),
+            signing_key: self.signing_key.clone(),
+            secrets_key: self.secrets_key.clone(),
         })
     }
 }
@@ -313,8 +351,46 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("workload/{workload} on {device} restarting");
             Ok(())
         }
+        Command::Secret(cmd) => secret(&client(), cmd),
+        Command::Trust => {
+            let t: crate::view::TrustView = client().get("/api/v1/trust")?;
+            println!("{}", t.signing_key);
+            Ok(())
+        }
         Command::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "baton", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+fn secret(client: &Client, cmd: SecretCmd) -> anyhow::Result<()> {
+    use crate::view::SecretView;
+    match cmd {
+        SecretCmd::Create { name, from_file, from_literal } => {
+            let value = match (from_file, from_literal) {
+                (_, Some(v)) => v.into_bytes(),
+                (Some(p), None) if p.as_os_str() == "-" => {
+                    let mut v = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;
+                    v
+                }
+                (Some(p), None) => std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?,
+                (None, None) => anyhow::bail!("give --from-file FILE or --from-literal VALUE"),
+            };
+            let s: SecretView = client.put_bytes(&format!("/api/v1/secrets/{name}"), &value)?;
+            let users =
+                if s.used_by.is_empty() { String::new() } else { format!("; rolling out {}", s.used_by.join(", ")) };
+            println!("secret/{} version {}{users}", s.name, s.version);
+            Ok(())
+        }
+        SecretCmd::List { output } => {
+            let list: Vec<SecretView> = client.get("/api/v1/secrets")?;
+            print(output, &list, || output::secrets_table(&list, now_ms()))
+        }
+        SecretCmd::Delete { name } => {
+            let _: serde_json::Value = client.delete(&format!("/api/v1/secrets/{name}"))?;
+            println!("secret/{name} deleted");
             Ok(())
         }
     }

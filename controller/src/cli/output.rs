@@ -243,6 +243,20 @@ pub fn events_table(events: &[Event], now: Millis) -> String {
     table(&["AGE", "KIND", "SUBJECT", "MESSAGE"], &rows)
 }
 
+pub fn secrets_table(secrets: &[crate::view::SecretView], now: Millis) -> String {
+    if secrets.is_empty() {
+        return "No secrets. Create one with `baton secret create NAME --from-file FILE`.\n".into();
+    }
+    let rows: Vec<Vec<String>> = secrets
+        .iter()
+        .map(|s| {
+            let users = if s.used_by.is_empty() { "-".to_string() } else { s.used_by.join(",") };
+            vec![s.name.clone(), s.version.to_string(), ago(now, s.updated_at_ms), users]
+        })
+        .collect();
+    table(&["NAME", "VERSION", "SET", "USED BY"], &rows)
+}
+
 pub fn workload_description(w: &crate::view::WorkloadView) -> String {
     let mut o = format!("Name:          {}\nRevision:      {}\nImage:         {}\n", w.name, w.revision, w.image);
     let _ = writeln!(

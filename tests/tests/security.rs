@@ -1,0 +1,246 @@
+//! Integrity and secrecy end to end: agents apply only documents their
+//! controller signed, and a secret's plaintext never appears on the device's
+//! disk, in the controller's store, or on the wire. Root (real containers).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use baton_protocol::spec::{ContainerSpec, WorkloadSpec};
+use baton_protocol::{decode, encode, Desired, Message, Report};
+use baton_tests::mqtt::RawClient;
+use baton_tests::*;
+
+fn doc(generation: u64) -> Desired {
+    Desired { generation, ..Default::default() }
+}
+
+/// The next report from the device that satisfies `ok`.
+fn wait_report(watch: &mut RawClient, what: &str, ok: impl Fn(&Report) -> bool) -> Report {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some((_, payload, _)) = watch.next_message(Duration::from_millis(500)) {
+            if let Ok((_, Message::Report(r))) = decode(&payload) {
+                if ok(&r) {
+                    return r;
+                }
+                last = Some(r);
+            }
+        }
+    }
+    panic!("no report with {what} within 30 s; last: {last:?}");
+}
+
+fn refused_with(watch: &mut RawClient, needle: &str) {
+    let r = wait_report(watch, &format!("a refusal mentioning {needle:?}"), |r| {
+        r.refused.as_deref().is_some_and(|why| why.contains(needle))
+    });
+    assert_eq!(r.generation, 2, "a refused document must not change what is applied");
+}
+
+#[test]
+fn agents_refuse_unsigned_forged_misaddressed_and_replayed_documents() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    const DEVICE: &str = "pi-sig";
+    let key = test_controller_key();
+    let mut agent = start_agent(&world, DEVICE, &controller.broker_url(), &["--controller-key", &key]);
+    let mut watch = RawClient::connect(controller.mqtt, "watch");
+    watch.subscribe(&format!("baton/v1/dev/{DEVICE}/report"));
+    let mut op = RawClient::connect(controller.mqtt, "forger");
+    let topic = format!("baton/v1/dev/{DEVICE}/desired");
+
+    let gen1 = signed_desired(DEVICE, &doc(1), &TEST_SIGNING_SEED);
+    op.publish(&topic, gen1.clone(), true);
+    wait_report(&mut watch, "generation 1 applied", |r| r.generation == 1 && r.refused.is_none());
+    op.publish(&topic, signed_desired(DEVICE, &doc(2), &TEST_SIGNING_SEED), true);
+    wait_report(&mut watch, "generation 2 applied", |r| r.generation == 2 && r.refused.is_none());
+
+    // Unsigned, as a 1.1 controller (or anyone on the broker) would send it.
+    op.publish(&topic, encode(&Message::Desired(doc(3))).expect("encode"), true);
+    refused_with(&mut watch, "unsigned");
+    // Signed, but by a key this agent was not told to trust.
+    op.publish(&topic, signed_desired(DEVICE, &doc(4), &[7; 32]), true);
+    refused_with(&mut watch, "untrusted key");
+    // Signed by the right key for another device, replayed here.
+    op.publish(&topic, signed_desired("pi-other", &doc(5), &TEST_SIGNING_SEED), true);
+    refused_with(&mut watch, "bad signature");
+    // A valid document with one byte changed (generation 6 → 7).
+    let mut forged = signed_desired(DEVICE, &doc(6), &TEST_SIGNING_SEED);
+    let at = forged.iter().rposition(|b| *b == 6).expect("generation byte");
+    forged[at] = 7;
+    op.publish(&topic, forged, true);
+    refused_with(&mut watch, "bad signature");
+    // A genuine older document, replayed.
+    op.publish(&topic, gen1, true);
+    refused_with(&mut watch, "not newer");
+
+    // The refusals were survivable: the next genuine document applies, and a
+    // restarted agent keeps what it had (generation 8, from flash: documents
+    // are written when their workloads change, so this one brings one).
+    let mut eight = doc(8);
+    eight.workloads.push(WorkloadSpec {
+        name: "w".into(),
+        revision: 1,
+        image: "127.0.0.1:1/nothing:here".into(),
+        container: ContainerSpec { command: vec!["/bin/true".into()], ..Default::default() },
+        ..Default::default()
+    });
+    op.publish(&topic, signed_desired(DEVICE, &eight, &TEST_SIGNING_SEED), true);
+    wait_report(&mut watch, "generation 8 applied", |r| r.generation == 8 && r.refused.is_none());
+    agent.terminate();
+    let _agent = start_agent(&world, DEVICE, &controller.broker_url(), &["--controller-key", &key]);
+    wait_report(&mut watch, "generation 8 after restart", |r| r.generation == 8 && r.refused.is_none());
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                if let Ok(bytes) = std::fs::read(&path) {
+                    if bytes.windows(needle.len()).any(|w| w == needle) {
+                        hits.push(path.display().to_string());
+                    }
+                }
+            }
+        }
+    }
+    hits
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("sha256sum");
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), bytes).expect("write");
+    let out = child.wait_with_output().expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn secrets_reach_the_container_sealed_and_their_plaintext_is_nowhere_else() {
+    let world = World::new();
+    let mut controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    const DEVICE: &str = "pi-sec";
+    // Everything on the wire, from before the first secret to the end.
+    let wire = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let mut tap = RawClient::connect(controller.mqtt, "tap");
+    tap.subscribe("#");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tapper = {
+        let (wire, stop) = (wire.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some((topic, payload, _)) = tap.next_message(Duration::from_millis(200)) {
+                    let mut w = wire.lock().expect("wire");
+                    w.extend_from_slice(topic.as_bytes());
+                    w.extend_from_slice(&payload);
+                }
+            }
+        })
+    };
+
+    // The device's run dir is memory, as /run is on a real device.
+    let run = world.path().join(format!("run-{DEVICE}"));
+    std::fs::create_dir_all(&run).expect("run dir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&run)
+        .status()
+        .expect("mount");
+    assert!(mounted.success(), "cannot mount a tmpfs (tests run as root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(run.clone());
+
+    give_busybox(&world, DEVICE, "busybox:sec");
+    let _agent = start_agent(&world, DEVICE, &controller.broker_url(), &[]);
+    wait_for("device online with a sealing key", Duration::from_secs(30), || {
+        controller.device(DEVICE).filter(|d| d.inventory.as_ref().is_some_and(|i| i.sealing_key.len() == 32))
+    });
+
+    let first = format!("pw-{}-first", std::process::id());
+    let second = format!("pw-{}-second", std::process::id());
+    let (ok, out, err) = baton_cli(&server, &["secret", "create", "db-pw", "--from-literal", &first]);
+    assert!(ok, "secret create: {err}");
+    assert!(out.contains("secret/db-pw version 1"), "{out}");
+    // A manifest naming a secret that does not exist is refused.
+    let manifest = world.path().join("db.yaml");
+    std::fs::write(&manifest, "name: db\nimage: busybox:sec\nsecrets: [{name: nope, path: /run/secrets/pw}]\n")
+        .expect("manifest");
+    let (ok, _, err) = baton_cli(&server, &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    assert!(!ok && err.contains("secret nope does not exist"), "{err}");
+
+    // The container proves it has the value by its hash (its log is on flash).
+    std::fs::write(
+        &manifest,
+        "name: db\nimage: busybox:sec\nsecrets: [{name: db-pw, path: /run/secrets/pw}]\ncommand:\n  - /bin/sh\n  - -c\n  - |\n    while true; do echo \"hash $(sha256sum /run/secrets/pw | cut -d' ' -f1) $(stat -c %a /run/secrets/pw)\"; sleep 0.3; done\n",
+    )
+    .expect("manifest");
+    let (ok, _, err) = baton_cli(&server, &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    assert!(ok, "apply: {err}");
+    let logs = |want: &str| {
+        wait_until(Duration::from_secs(60), || {
+            let (ok, out, _) = baton_cli(&server, &["logs", "db", "--device", DEVICE, "--tail", "3"]);
+            (ok && out.contains(want)).then_some(out)
+        })
+    };
+    let want = format!("hash {} 400", sha256_hex(first.as_bytes()));
+    assert!(logs(&want).is_some(), "the container never saw the secret (want {want:?})");
+
+    // A new version rolls the workload to a new revision with the new value.
+    let (ok, out, err) = baton_cli(&server, &["secret", "create", "db-pw", "--from-literal", &second]);
+    assert!(ok, "secret update: {err}");
+    assert!(out.contains("version 2") && out.contains("rolling out db"), "{out}");
+    let want = format!("hash {} 400", sha256_hex(second.as_bytes()));
+    assert!(logs(&want).is_some(), "the new secret version never reached the container");
+    let (_, list, _) = baton_cli(&server, &["secret", "list", "-o", "json"]);
+    assert!(list.contains("\"version\": 2") && list.contains("\"db\""), "{list}");
+    assert!(!list.contains(&second), "the API showed a secret value");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = tapper.join();
+    let wire = wire.lock().expect("wire");
+    assert!(wire.len() > 1000, "the tap saw almost nothing ({} bytes)", wire.len());
+    for plain in [&first, &second] {
+        let needle = plain.as_bytes();
+        assert!(!wire.windows(needle.len()).any(|w| w == needle), "{plain} crossed the broker in clear");
+        let device_disk = files_containing(&world.path().join(format!("agent-{DEVICE}")), needle);
+        assert!(device_disk.is_empty(), "{plain} on the device's disk: {device_disk:?}");
+        let store = files_containing(&world.path().join("controller"), needle);
+        assert!(store.is_empty(), "{plain} in the controller's data dir: {store:?}");
+    }
+    // Positive control: the value does exist, on the device's tmpfs only.
+    assert!(!files_containing(&run, second.as_bytes()).is_empty(), "the grep cannot find the file the container reads");
+    drop(wire);
+
+    // A controller restart republishes the same bytes: no new generation, no restart.
+    let generation = |c: &Controller| c.device(DEVICE).and_then(|d| d.report).map(|r| r.generation);
+    let before = generation(&controller);
+    let restarts = describe_restarts(&server);
+    controller.restart();
+    let changed = wait_until(Duration::from_secs(5), || generation(&controller).filter(|g| Some(*g) != before));
+    assert_eq!(changed, None, "a controller restart gave the device a new document");
+    assert_eq!(describe_restarts(&server), restarts, "the workload restarted");
+}
+
+/// Restarts of workload `db` on the device, from `baton describe`.
+fn describe_restarts(server: &str) -> u64 {
+    let (ok, out, err) = baton_cli(server, &["describe", "workload", "db", "-o", "json"]);
+    assert!(ok, "describe: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    v["devices"].as_array().and_then(|d| d.first()).and_then(|d| d["reported"]["restarts"].as_u64()).unwrap_or(u64::MAX)
+}
