@@ -3,11 +3,13 @@
 # /etc/baton/agent.toml, a systemd unit and the data directory. Idempotent:
 # run it again to upgrade; the config and data are kept.
 #
-#   install.sh --binary ./baton-agent --broker mqtt://controller.lan:1883 [--device-id ID] [--label k=v]…
+#   install.sh --binary ./baton-agent --broker mqtt://controller.lan:1883 --controller-key ed25519:HEX [--device-id ID] [--label k=v]…
 #   install.sh --uninstall [--purge]
 #
 #   --binary PATH     the agent to install (default: ./baton-agent, or the one for this CPU in ./<target>/)
 #   --broker URL      written to a new agent.toml (an existing one is kept unless --force-config)
+#   --controller-key K  the controller's signing key (`baton trust`); without it the agent
+#                     trusts the first signer it hears from (trust on first use)
 #   --device-id ID    default: derived from /etc/machine-id by the agent
 #   --label k=v       repeatable
 #   --force-config    rewrite agent.toml even if it exists
@@ -20,6 +22,7 @@ root=""
 binary=""
 broker=""
 device_id=""
+controller_key=""
 labels=""
 force_config=false
 uninstall=false
@@ -29,13 +32,14 @@ while [ $# -gt 0 ]; do
     --binary) binary=$2; shift 2 ;;
     --broker) broker=$2; shift 2 ;;
     --device-id) device_id=$2; shift 2 ;;
+    --controller-key) controller_key=$2; shift 2 ;;
     --label) labels="$labels$2
 "; shift 2 ;;
     --force-config) force_config=true; shift ;;
     --root) root=$2; shift 2 ;;
     --uninstall) uninstall=true; shift ;;
     --purge) purge=true; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -91,6 +95,7 @@ if [ ! -f "$conf_dir/agent.toml" ] || $force_config; then
     echo "# Baton agent. Every key is documented in Baton's README."
     echo "broker = \"$broker\""
     [ -n "$device_id" ] && echo "device_id = \"$device_id\""
+    [ -n "$controller_key" ] && echo "controller_keys = [\"$controller_key\"]"
     echo "data_dir = \"$data_dir\""
     if [ -n "$labels" ]; then
       echo "[labels]"

@@ -182,7 +182,15 @@ impl Controller {
         for (device, stored) in store.load_desired()? {
             let published = stored.payload.as_deref().and_then(|p| match baton_protocol::decode(p) {
                 Ok((_, Message::SignedDesired(s))) => match baton_protocol::decode(&s.document) {
-                    Ok((_, Message::Desired(d))) => Some(d),
+                    // Signed with another key (rotated): the same document
+                    // again would be "not newer" to agents, so it is one
+                    // generation on, signed with today's key.
+                    Ok((_, Message::Desired(mut d))) => {
+                        if s.key.as_slice() != keys.signing.public().as_slice() {
+                            d.generation += 1;
+                        }
+                        Some(d)
+                    }
                     _ => None,
                 },
                 _ => None,

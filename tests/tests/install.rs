@@ -25,6 +25,10 @@ fn install_upgrade_uninstall_and_purge_in_a_staging_root() {
     let agent = bin("baton-agent");
     let agent_s = agent.to_str().expect("utf-8");
     let broker = controller.broker_url();
+    // The controller's signing key, as an operator gets it.
+    let (ok, key, err) = baton_cli(&controller.server_url(), &["trust"]);
+    assert!(ok && key.starts_with("ed25519:"), "baton trust: {key}{err}");
+    let key = key.trim();
     install(&[
         "--root",
         root_s,
@@ -32,6 +36,8 @@ fn install_upgrade_uninstall_and_purge_in_a_staging_root() {
         agent_s,
         "--broker",
         &broker,
+        "--controller-key",
+        key,
         "--device-id",
         "pi-inst",
         "--label",
@@ -45,6 +51,7 @@ fn install_upgrade_uninstall_and_purge_in_a_staging_root() {
     let config_path = root.join("etc/baton/agent.toml");
     let config = std::fs::read_to_string(&config_path).expect("config");
     assert!(root.join("usr/local/bin/baton-agent").exists() && root.join("var/lib/baton/agent").is_dir());
+    assert!(config.contains(&format!("controller_keys = [\"{key}\"]")), "{config}");
 
     // Again, with another broker: the binary is replaced, the config kept.
     install(&["--root", root_s, "--binary", agent_s, "--broker", "mqtt://elsewhere:1883"]);
