@@ -291,6 +291,13 @@ impl Controller {
         self.proc = self.spec.launch();
     }
 
+    /// As `restart`, with these extra flags instead of the first start's.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        assert_eq!(self.proc.terminate(), Some(0), "controller did not exit cleanly");
+        self.spec.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.proc = self.spec.launch();
+    }
+
     pub fn broker_url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.mqtt)
     }

@@ -244,3 +244,43 @@ fn describe_restarts(server: &str) -> u64 {
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     v["devices"].as_array().and_then(|d| d.first()).and_then(|d| d["reported"]["restarts"].as_u64()).unwrap_or(u64::MAX)
 }
+
+#[test]
+fn a_controller_restarted_with_a_new_signing_key_reaches_agents_trusting_both() {
+    use baton_protocol::crypto::{hex, SigningKey};
+    let world = World::new();
+    let seed_file = |name: &str, seed: u8| {
+        let path = world.path().join(name);
+        std::fs::write(&path, hex(&[seed; 32])).expect("key file");
+        (path.display().to_string(), format!("ed25519:{}", hex(&SigningKey::from_seed(&[seed; 32]).public())))
+    };
+    let (old_file, old_key) = seed_file("old.key", 1);
+    let (new_file, new_key) = seed_file("new.key", 2);
+    let mut controller = Controller::start(&world, None, &["--signing-key", &old_file]);
+    const DEVICE: &str = "pi-rot";
+    let args = ["--controller-key", old_key.as_str(), "--controller-key", new_key.as_str()];
+    let _agent = start_agent(&world, DEVICE, &controller.broker_url(), &args);
+    wait_for("device online", Duration::from_secs(30), || controller.device(DEVICE));
+    let manifest = world.path().join("w.yaml");
+    // The image is never pulled (nothing listens there): only documents matter here.
+    std::fs::write(&manifest, "name: w\nimage: 127.0.0.1:1/nothing:here\n").expect("manifest");
+    let (ok, _, err) = baton_cli(&controller.server_url(), &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    assert!(ok, "apply: {err}");
+    let applied =
+        |c: &Controller| c.device(DEVICE).and_then(|d| d.report).filter(|r| r.refused.is_none()).map(|r| r.generation);
+    let before =
+        wait_for("the first document applied", Duration::from_secs(30), || applied(&controller).filter(|g| *g > 0));
+
+    controller.restart_with(&["--signing-key", &new_file]);
+    let after = wait_for("the re-signed document applied", Duration::from_secs(30), || {
+        applied(&controller).filter(|g| *g > before)
+    });
+    assert_eq!(after, before + 1);
+    let mut watch = RawClient::connect(controller.mqtt, "watch");
+    watch.subscribe(&format!("baton/v1/dev/{DEVICE}/desired"));
+    let (_, payload, _) = watch.next_message(Duration::from_secs(10)).expect("the retained document");
+    match decode(&payload) {
+        Ok((_, Message::SignedDesired(s))) => assert_eq!(format!("ed25519:{}", hex(&s.key)), new_key),
+        other => panic!("not a signed document: {other:?}"),
+    }
+}
