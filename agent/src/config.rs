@@ -39,6 +39,10 @@ pub struct FileConfig {
     /// signed desired documents this agent applies. Empty: the first signer is pinned.
     #[serde(default)]
     pub controller_keys: Vec<String>,
+    /// MQTT username (default: the device id, when a password is given).
+    pub mqtt_username: Option<String>,
+    /// File holding this device's MQTT password (brokers with per-device credentials).
+    pub mqtt_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +66,7 @@ pub struct Overrides {
     pub labels: Vec<String>,
     /// Replace the file's `controller_keys` when not empty.
     pub controller_keys: Vec<String>,
+    pub mqtt_password_file: Option<PathBuf>,
 }
 
 /// The validated configuration the agent runs with.
@@ -79,6 +84,8 @@ pub struct AgentConfig {
     pub registry_auth: BTreeMap<String, RegistryAuth>,
     pub image_budget_bytes: u64,
     pub controller_keys: Vec<[u8; 32]>,
+    /// MQTT (username, password), when the broker wants them.
+    pub mqtt_credentials: Option<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,8 +194,21 @@ impl AgentConfig {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
+        let password_cli = cli.mqtt_password_file.is_some();
+        let mqtt_credentials = match cli.mqtt_password_file.or(file.mqtt_password_file) {
+            None => None,
+            Some(path) => {
+                let password = std::fs::read_to_string(&path).map_err(|e| {
+                    invalid("mqtt_password_file", password_cli, format!("cannot read {}: {e}", path.display()))
+                })?;
+                let user = file.mqtt_username.clone().unwrap_or_else(|| device_id.as_str().to_owned());
+                Some((user, password.trim_end_matches(['\n', '\r']).to_owned()))
+            }
+        };
+
         Ok(Self {
             broker,
+            mqtt_credentials,
             device_id,
             controller_keys,
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),

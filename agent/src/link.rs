@@ -83,6 +83,9 @@ impl Link {
             .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
             .set_request_channel_capacity(REQUEST_QUEUE)
             .set_inflight(16);
+        if let Some((user, password)) = &config.mqtt_credentials {
+            opts.set_credentials(user.clone(), password.clone());
+        }
         if let Ok(payload) = encode(&Message::Presence(will)) {
             opts.set_last_will(LastWill::new(id.topic(TopicKind::Presence), payload, QoS::AtLeastOnce, true));
         }

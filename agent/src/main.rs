@@ -178,6 +178,9 @@ struct RunArgs {
     /// Controller signing key to trust (ed25519:HEX, from `baton trust`; repeatable).
     #[arg(long = "controller-key")]
     controller_keys: Vec<String>,
+    /// File with this device's MQTT password (the username is the device id).
+    #[arg(long)]
+    mqtt_password_file: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -255,6 +258,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         keepalive_s: args.keepalive,
         labels: args.labels,
         controller_keys: args.controller_keys,
+        mqtt_password_file: args.mqtt_password_file,
     };
     let config = AgentConfig::resolve(file, &path, overrides, "/etc/machine-id".as_ref())?;
 

@@ -73,6 +73,7 @@ impl LogLimiter {
 pub async fn run(
     controller: Arc<Controller>,
     broker: BrokerUrl,
+    credentials: Option<(String, String)>,
     client_id: String,
     mut outbox: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -82,6 +83,9 @@ pub async fn run(
         .set_clean_session(true)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)
         .set_inflight(1000);
+    if let Some((user, password)) = credentials {
+        opts.set_credentials(user, password);
+    }
     let (client, mut events) = AsyncClient::new(opts, 1024);
     let mut limiter = LogLimiter { last: [None; 5], every: Duration::from_secs(10) };
     let mut failures = 0u32;

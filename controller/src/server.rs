@@ -38,6 +38,8 @@ pub struct ServerConfig {
     /// Seed files of the signing and secrets keys (default: created in the data dir).
     pub signing_key: Option<PathBuf>,
     pub secrets_key: Option<PathBuf>,
+    /// (username, password) for an external broker that wants them.
+    pub broker_credentials: Option<(String, String)>,
 }
 
 impl ServerConfig {
@@ -88,7 +90,14 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let client_id = format!("baton-controller-{}", std::process::id());
-    let ingest = tokio::spawn(ingest::run(controller.clone(), cfg.broker_url(), client_id, outbox, stop_rx.clone()));
+    let ingest = tokio::spawn(ingest::run(
+        controller.clone(),
+        cfg.broker_url(),
+        cfg.broker_credentials.clone(),
+        client_id,
+        outbox,
+        stop_rx.clone(),
+    ));
     let flusher = tokio::spawn(flush_loop(controller.clone(), cfg.flush_every, stop_rx.clone()));
     let ticker = tokio::spawn(tick_loop(controller.clone(), stop_rx.clone()));
 

@@ -382,12 +382,17 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(world: &World) -> Mosquitto {
+        Self::start_with(world, "allow_anonymous true\n")
+    }
+
+    /// Starts Mosquitto with `auth` lines (allow_anonymous, password_file, acl_file…).
+    pub fn start_with(world: &World, auth: &str) -> Mosquitto {
         let port = free_port();
         let conf = world.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                "listener {port} 127.0.0.1\n{auth}persistence false\n\
                  max_queued_messages 100000\nmax_inflight_messages 1000\nmessage_size_limit 307200\nlog_dest stderr\n"
             ),
         )

@@ -11,17 +11,41 @@ pub struct RawClient {
 
 impl RawClient {
     pub fn connect(port: u16, id: &str) -> RawClient {
+        Self::try_connect(port, id, None)
+            .unwrap_or_else(|e| panic!("test client cannot connect to 127.0.0.1:{port}: {e}"))
+    }
+
+    /// Connects with optional (username, password); the broker's refusal is an error.
+    pub fn try_connect(port: u16, id: &str, credentials: Option<(&str, &str)>) -> Result<RawClient, String> {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+        if let Some((user, password)) = credentials {
+            opts.set_credentials(user, password);
+        }
         let (client, mut conn) = Client::new(opts, 64);
         for ev in conn.iter() {
             match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(RawClient { client, conn }),
                 Ok(_) => {}
-                Err(e) => panic!("test client cannot connect to 127.0.0.1:{port}: {e}"),
+                Err(e) => return Err(e.to_string()),
             }
         }
-        RawClient { client, conn }
+        Err("connection ended".into())
+    }
+
+    /// Subscribes and returns the broker's answer: true if granted.
+    pub fn try_subscribe(&mut self, filter: &str) -> bool {
+        self.client.subscribe(filter, QoS::AtLeastOnce).expect("subscribe");
+        for ev in self.conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    return ack.return_codes.iter().all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                }
+                Ok(_) => {}
+                Err(e) => panic!("subscribe to {filter} failed: {e}"),
+            }
+        }
+        false
     }
 
     /// Publishes at QoS 1 and waits for the broker's ack, so the message is in.

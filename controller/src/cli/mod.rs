@@ -202,6 +202,12 @@ pub struct ServerArgs {
     /// (default: DATA_DIR/signing.key, created on first start).
     #[arg(long)]
     pub signing_key: Option<PathBuf>,
+    /// Username for an external broker with per-client credentials (see `deploy/mosquitto/`).
+    #[arg(long, requires = "broker_password_file")]
+    pub broker_username: Option<String>,
+    /// File holding that user's password.
+    #[arg(long, requires = "broker_username")]
+    pub broker_password_file: Option<PathBuf>,
     /// File with the key secrets are encrypted with at rest (64 hex digits;
     /// default: DATA_DIR/secrets.key, created on first start).
     #[arg(long)]
@@ -229,6 +235,14 @@ impl ServerArgs {
             reschedule_after: Duration::from_secs(self.reschedule_after),
             resolve_digests: self.resolve_digests,
             insecure_registries: self.insecure_registries.clone(),
+            broker_credentials: match (&self.broker_username, &self.broker_password_file) {
+                (Some(user), Some(path)) => {
+                    let password = std::fs::read_to_string(path)
+                        .with_context(|| format!("--broker-password-file {}", path.display()))?;
+                    Some((user.clone(), password.trim_end_matches(['\n', '\r']).to_owned()))
+                }
+                _ => None,
+            },
             signing_key: self.signing_key.clone(),
             secrets_key: self.secrets_key.clone(),
         })
