@@ -33,6 +33,8 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/secrets", get(list_secrets))
         .route("/api/v1/secrets/{name}", axum::routing::put(put_secret).delete(delete_secret))
         .route("/api/v1/trust", get(trust))
+        .route("/api/v1/devices/{id}/credentials", post(issue_credentials))
+        .route("/api/v1/devices/{id}/revoke", post(revoke_device))
         .route("/api/v1/devices/{id}/logs/{workload}", get(logs))
         .route("/api/v1/devices/{id}/exec", post(exec))
         .route("/api/v1/devices/{id}/workloads/{workload}/restart", post(restart))
@@ -331,4 +333,17 @@ async fn delete_secret(
 
 async fn trust(State(c): State<Arc<Controller>>) -> impl IntoResponse {
     Json(crate::view::TrustView { signing_key: c.keys.signing_public() })
+}
+
+async fn issue_credentials(
+    State(c): State<Arc<Controller>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    let password = c.issue_credentials(&id, now_ms())?;
+    Ok(Json(crate::view::CredentialsView { device: id, password }))
+}
+
+async fn revoke_device(State(c): State<Arc<Controller>>, Path(id): Path<String>) -> Result<impl IntoResponse, Failure> {
+    c.revoke_device(&id, now_ms())?;
+    Ok(Json(serde_json::json!({"revoked": id})))
 }

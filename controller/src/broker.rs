@@ -25,7 +25,8 @@ pub enum BrokerError {
     Thread(std::io::Error),
 }
 
-fn config(listen: SocketAddr, max_connections: usize) -> Config {
+/// `auth`: the one (username, password) the broker accepts; None = anyone.
+fn config(listen: SocketAddr, max_connections: usize, auth: Option<(String, String)>) -> Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: 10_000,
         max_payload_size: MAX_PAYLOAD,
@@ -33,7 +34,7 @@ fn config(listen: SocketAddr, max_connections: usize) -> Config {
         // has free inflight slots and drops the rest, so the controller's
         // subscription to every device's retained presence needs a wide window.
         max_inflight_count: u16::MAX as usize,
-        auth: None,
+        auth: auth.map(|(u, p)| HashMap::from([(u, p)])),
         external_auth: None,
         dynamic_filters: true,
     };
@@ -58,10 +59,10 @@ fn config(listen: SocketAddr, max_connections: usize) -> Config {
 
 /// Starts the broker and returns once it accepts connections.
 /// It lives until the process exits (rumqttd has no shutdown).
-pub fn start(listen: SocketAddr, max_connections: usize) -> Result<(), BrokerError> {
+pub fn start(listen: SocketAddr, max_connections: usize, auth: Option<(String, String)>) -> Result<(), BrokerError> {
     // rumqttd only logs a failed bind from its own thread; check first to say why.
     std::net::TcpListener::bind(listen).map_err(|source| BrokerError::Bind { addr: listen, source })?;
-    let mut broker = rumqttd::Broker::new(config(listen, max_connections));
+    let mut broker = rumqttd::Broker::new(config(listen, max_connections, auth));
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {

@@ -145,6 +145,10 @@ pub struct Controller {
     pub broker_connected: AtomicBool,
     /// Signs every desired document; encrypts secrets at rest.
     pub keys: Keys,
+    /// Device → SHA-256 of its MQTT password (checked by the gateway).
+    credentials: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// The gateway in front of the embedded broker, when `--mqtt-auth` is on.
+    pub gateway: std::sync::OnceLock<std::sync::Arc<crate::gateway::Gateway>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -222,6 +226,7 @@ impl Controller {
                 schedule.assignment.entry(s.name.clone()).or_default().insert(device.clone());
             }
         }
+        let credentials = store.load_credentials()?;
         tracing::info!(devices = fleet.len(), workloads = workloads.len(), "fleet loaded from store");
         Ok(Self {
             commands,
@@ -242,6 +247,8 @@ impl Controller {
             registry: None,
             broker_connected: AtomicBool::new(false),
             keys,
+            credentials: Mutex::new(credentials),
+            gateway: std::sync::OnceLock::new(),
         })
     }
 
@@ -634,6 +641,42 @@ impl Controller {
                 updated_at_ms,
             })
             .collect())
+    }
+
+    /// `baton device credentials ID`: a new MQTT password for a device (the
+    /// old one stops working, and its connections are cut). Returned once;
+    /// only its hash is kept.
+    pub fn issue_credentials(&self, id: &str, now: Millis) -> Result<String, OpError> {
+        let id = parse_id(id)?;
+        let password = crypto::hex(&crypto::random_seed().map_err(|e| OpError::Invalid(e.to_string()))?);
+        let hash = ring::digest::digest(&ring::digest::SHA256, password.as_bytes()).as_ref().to_vec();
+        let store = lock(&self.store);
+        store.save_credentials(id.as_str(), &hash, now)?;
+        self.event(&store, "device", id.as_str(), "credentials issued".into(), now);
+        drop(store);
+        lock(&self.credentials).insert(id.as_str().to_owned(), hash);
+        if let Some(g) = self.gateway.get() {
+            g.disconnect(id.as_str());
+        }
+        Ok(password)
+    }
+
+    /// `baton device revoke ID`: the device can no longer connect, and its
+    /// open connections are cut.
+    pub fn revoke_device(&self, id: &str, now: Millis) -> Result<(), OpError> {
+        let id = parse_id(id)?;
+        let store = lock(&self.store);
+        let had = store.revoke(id.as_str(), now)?;
+        self.event(&store, "device", id.as_str(), "revoked".into(), now);
+        drop(store);
+        lock(&self.credentials).remove(id.as_str());
+        if let Some(g) = self.gateway.get() {
+            g.disconnect(id.as_str());
+        }
+        if !had {
+            tracing::info!(device = %id, "revoked a device that had no credentials");
+        }
+        Ok(())
     }
 
     /// Deletes a secret no workload uses.
@@ -1088,10 +1131,49 @@ impl Controller {
 
     pub fn render_metrics(&self, now: Millis) -> String {
         let counts: Vec<(&str, usize)> = self.status_counts(now).into_iter().collect();
-        self.metrics.render(&counts)
+        let mut out = self.metrics.render(&counts);
+        if let Some(g) = self.gateway.get() {
+            use std::fmt::Write;
+            for (name, help, v) in [
+                ("baton_gateway_refused_total", "MQTT connections refused by the gateway.", &g.refused_connects),
+                (
+                    "baton_gateway_denied_total",
+                    "Devices disconnected for stepping outside their topics.",
+                    &g.denied_packets,
+                ),
+            ] {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+            }
+        }
+        out
     }
 }
 
 fn parse_id(id: &str) -> Result<DeviceId, OpError> {
     DeviceId::new(id).map_err(|e| OpError::Invalid(e.to_string()))
+}
+
+impl crate::gateway::Authority for Controller {
+    /// A device connects with client id = username = its id, and the password
+    /// issued for it.
+    fn authenticate(&self, c: &crate::gateway::wire::Connect) -> Result<crate::gateway::Identity, u8> {
+        use crate::gateway::wire::{BAD_CREDENTIALS, NOT_AUTHORIZED};
+        let (Some(user), Some(password)) = (&c.username, &c.password) else { return Err(NOT_AUTHORIZED) };
+        if *user != c.client_id {
+            return Err(NOT_AUTHORIZED);
+        }
+        let id = DeviceId::new(user.clone()).map_err(|_| BAD_CREDENTIALS)?;
+        let hash = ring::digest::digest(&ring::digest::SHA256, password);
+        let known = lock(&self.credentials);
+        let stored = known.get(id.as_str()).ok_or(BAD_CREDENTIALS)?;
+        // Compare every byte: no early exit on the first difference.
+        let diff = stored
+            .iter()
+            .zip(hash.as_ref())
+            .fold(stored.len() ^ hash.as_ref().len(), |acc, (a, b)| acc | usize::from(a ^ b));
+        if diff != 0 {
+            return Err(BAD_CREDENTIALS);
+        }
+        Ok(crate::gateway::Identity::Device(id))
+    }
 }

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod commands;
 pub mod controller;
 pub mod fleet;
+pub mod gateway;
 pub mod ingest;
 pub mod keys;
 pub mod metrics;

@@ -40,6 +40,9 @@ pub struct ServerConfig {
     pub secrets_key: Option<PathBuf>,
     /// (username, password) for an external broker that wants them.
     pub broker_credentials: Option<(String, String)>,
+    /// Embedded broker: every client authenticates (device credentials) and
+    /// stays on its own topics, through the gateway.
+    pub mqtt_auth: bool,
 }
 
 impl ServerConfig {
@@ -79,21 +82,42 @@ pub async fn serve(
         }));
     }
     let controller = Arc::new(controller);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
-    if let BrokerMode::Embedded(addr) = cfg.broker {
-        broker::start(addr, cfg.max_devices + 16)?;
-    }
+    // Where the controller's own client connects, and as whom.
+    let (ingest_broker, ingest_credentials) = match &cfg.broker {
+        BrokerMode::Embedded(addr) if cfg.mqtt_auth => {
+            // rumqttd on a loopback port with one internal account; devices reach it through the gateway.
+            let internal_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            let password = baton_protocol::crypto::hex(&baton_protocol::crypto::random_seed()?);
+            let internal = ("baton-internal".to_string(), password);
+            broker::start(internal_addr, cfg.max_devices + 16, Some(internal.clone()))?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for MQTT on {addr} (use --mqtt-listen ADDR)"))?;
+            let authority: Arc<dyn crate::gateway::Authority> = controller.clone();
+            let gateway = Arc::new(crate::gateway::Gateway::new(internal_addr, internal.clone(), authority));
+            let _ = controller.gateway.set(gateway.clone());
+            tokio::spawn(gateway.serve(listener, stop_rx.clone()));
+            tracing::info!(%addr, "MQTT gateway: devices authenticate and stay on their own topics");
+            (BrokerUrl { host: "127.0.0.1".into(), port: internal_addr.port() }, Some(internal))
+        }
+        BrokerMode::Embedded(addr) => {
+            broker::start(*addr, cfg.max_devices + 16, None)?;
+            (cfg.broker_url(), None)
+        }
+        BrokerMode::External(url) => (url.clone(), cfg.broker_credentials.clone()),
+    };
     let listener = tokio::net::TcpListener::bind(cfg.http_listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {} (use --listen ADDR)", cfg.http_listen))?;
     let http_addr = listener.local_addr()?;
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let client_id = format!("baton-controller-{}", std::process::id());
     let ingest = tokio::spawn(ingest::run(
         controller.clone(),
-        cfg.broker_url(),
-        cfg.broker_credentials.clone(),
+        ingest_broker,
+        ingest_credentials,
         client_id,
         outbox,
         stop_rx.clone(),

@@ -69,6 +69,17 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         PRIMARY KEY (name, version)
     ) STRICT;",
+    // 5: per-device MQTT credentials (SHA-256 of a random password, checked
+    // by the gateway in front of the embedded broker) and revoked devices.
+    "CREATE TABLE credentials (
+        device TEXT PRIMARY KEY NOT NULL,
+        hash BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE revoked (
+        device TEXT PRIMARY KEY NOT NULL,
+        at INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 /// Versions kept per secret (revisions in history may still name older ones).
@@ -369,6 +380,33 @@ impl Store {
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn save_credentials(&self, device: &str, hash: &[u8], now: u64) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM revoked WHERE device = ?1", [device])?;
+        self.conn.execute(
+            "INSERT INTO credentials (device, hash, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(device) DO UPDATE SET hash = excluded.hash, created_at = excluded.created_at",
+            params![device, hash, now as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Device → password hash.
+    pub fn load_credentials(&self) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT device, hash FROM credentials")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Removes a device's credentials and records the revocation.
+    pub fn revoke(&self, device: &str, now: u64) -> Result<bool, StoreError> {
+        let had = self.conn.execute("DELETE FROM credentials WHERE device = ?1", [device])? > 0;
+        self.conn.execute(
+            "INSERT INTO revoked (device, at) VALUES (?1, ?2) ON CONFLICT(device) DO UPDATE SET at = excluded.at",
+            params![device, now as i64],
+        )?;
+        Ok(had)
     }
 
     pub fn delete_secret(&self, name: &str) -> Result<bool, StoreError> {

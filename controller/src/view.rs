@@ -101,6 +101,14 @@ pub struct SecretView {
     pub used_by: Vec<String>,
 }
 
+/// A device's newly issued MQTT password (shown once).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CredentialsView {
+    pub device: String,
+    /// The MQTT username is the device id.
+    pub password: String,
+}
+
 /// The controller's public signing key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TrustView {

@@ -110,3 +110,81 @@ fn devices_speak_only_for_themselves_read_only_their_documents_and_revoked_ones_
     // A is unaffected.
     assert!(RawClient::try_connect(mosquitto.port, "pi-a-2", Some(("pi-a", "a-pw"))).is_ok());
 }
+
+/// The embedded broker behind the gateway (`--mqtt-auth`): the same promises,
+/// with credentials issued and revoked through `baton device`.
+#[test]
+fn with_the_embedded_broker_the_gateway_keeps_devices_apart_and_revocation_cuts_them_off() {
+    let world = World::new();
+    let dir = world.path();
+    let controller = Controller::start(&world, None, &["--mqtt-auth"]);
+    let server = controller.server_url();
+    let broker = controller.broker_url();
+    let mut passwords = std::collections::BTreeMap::new();
+    let mut agents = Vec::new();
+    for id in ["pi-a", "pi-b"] {
+        let (ok, out, err) = baton_cli(&server, &["device", "credentials", id]);
+        assert!(ok && out.trim().len() == 64, "credentials for {id}: {out}{err}");
+        let file = dir.join(format!("{id}.pw"));
+        std::fs::write(&file, &out).expect("password file");
+        passwords.insert(id, out.trim().to_string());
+        let file = file.display().to_string();
+        agents.push(start_agent(&world, id, &broker, &["--no-workloads", "--mqtt-password-file", &file]));
+    }
+    for id in ["pi-a", "pi-b"] {
+        wait_for(&format!("{id} online through the gateway"), Duration::from_secs(30), || {
+            controller.device(id).filter(|d| d.status == Status::Online)
+        });
+    }
+    let (a_pw, b_pw) = (passwords["pi-a"].as_str(), passwords["pi-b"].as_str());
+    let port = controller.mqtt;
+    assert!(RawClient::try_connect(port, "anon", None).is_err(), "an anonymous client got in");
+    assert!(RawClient::try_connect(port, "pi-a", Some(("pi-a", b_pw))).is_err(), "B's password opened A");
+    assert!(
+        RawClient::try_connect(port, "pi-a", Some(("pi-b", b_pw))).is_err(),
+        "a client id other than the user got in"
+    );
+
+    let manifest = dir.join("w.yaml");
+    std::fs::write(&manifest, "name: w\nimage: 127.0.0.1:1/nothing:here\n").expect("manifest");
+    let (ok, _, err) = baton_cli(&server, &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    assert!(ok, "apply: {err}");
+
+    // B (a second session of its identity) reads its own document…
+    let mut rogue = RawClient::try_connect(port, "pi-b", Some(("pi-b", b_pw))).expect("B's identity");
+    assert!(rogue.try_subscribe("baton/v1/dev/pi-b/desired"));
+    assert!(rogue.next_message(Duration::from_secs(10)).is_some_and(|(t, _, _)| t == "baton/v1/dev/pi-b/desired"));
+    // …and is cut off when it reaches for A's, directly or by wildcard.
+    assert!(!rogue.try_subscribe("baton/v1/dev/pi-a/desired"), "B subscribed to A's document");
+    let mut rogue = RawClient::try_connect(port, "pi-b", Some(("pi-b", b_pw))).expect("B again");
+    assert!(!rogue.try_subscribe("baton/v1/dev/+/desired"), "B subscribed with a wildcard");
+
+    // B claiming A is offline is refused; the same message for itself goes through.
+    let offline =
+        Presence { state: PresenceState::Offline, agent_version: "x".into(), boot_id: "x".into(), started_at: 0 };
+    let forged = encode(&Message::Presence(offline)).expect("encode");
+    let mut rogue = RawClient::try_connect(port, "pi-b", Some(("pi-b", b_pw))).expect("B again");
+    assert!(rogue.try_publish("baton/v1/dev/pi-a/presence", forged.clone(), true).is_err(), "B published as A");
+    let mut rogue = RawClient::try_connect(port, "pi-b", Some(("pi-b", b_pw))).expect("B again");
+    rogue.publish("baton/v1/dev/pi-b/presence", forged, true);
+    wait_for("B's own offline presence", Duration::from_secs(10), || {
+        controller.device("pi-b").filter(|d| d.status == Status::Offline)
+    });
+    assert_eq!(controller.device("pi-a").map(|d| d.status), Some(Status::Online), "B spoke for A");
+    assert!(controller.metric("baton_gateway_denied_total") >= 3);
+
+    // Revoke B: its connections are cut and it cannot come back; A is untouched.
+    let (ok, _, err) = baton_cli(&server, &["device", "revoke", "pi-b"]);
+    assert!(ok, "revoke: {err}");
+    assert!(RawClient::try_connect(port, "pi-b", Some(("pi-b", b_pw))).is_err(), "a revoked device connected");
+    assert!(rogue.try_publish("baton/v1/dev/pi-b/heartbeat", vec![1], false).is_err(), "a revoked session stayed open");
+    assert!(
+        RawClient::try_connect(port, "pi-a-check", Some(("pi-a", a_pw))).is_err(),
+        "client id must be the device id"
+    );
+    wait_for("A still online", Duration::from_secs(5), || {
+        controller.device("pi-a").filter(|d| d.status == Status::Online)
+    });
+    let (ok, out, _) = baton_cli(&server, &["get", "events", "-o", "json"]);
+    assert!(ok && out.contains("revoked"), "{out}");
+}

@@ -107,6 +107,9 @@ pub enum Command {
     Secret(SecretCmd),
     /// Print the controller's signing key (agents' `controller_keys`).
     Trust,
+    /// Device identities on the broker: credentials and revocation.
+    #[command(subcommand)]
+    Device(DeviceCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
 }
@@ -130,6 +133,14 @@ pub enum RolloutCmd {
     Abort { workload: String },
     /// Abort a running rollout, or roll out the revision before the current one.
     Undo { workload: String },
+}
+
+#[derive(Subcommand)]
+pub enum DeviceCmd {
+    /// Issue (or replace) a device's MQTT password; printed once, only its hash is kept.
+    Credentials { id: String },
+    /// Revoke a device: it can no longer connect, and its open connections are cut.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -202,6 +213,10 @@ pub struct ServerArgs {
     /// (default: DATA_DIR/signing.key, created on first start).
     #[arg(long)]
     pub signing_key: Option<PathBuf>,
+    /// Embedded broker: require every client to authenticate with the credentials
+    /// issued by `baton device credentials ID`, and keep each device on its own topics.
+    #[arg(long)]
+    pub mqtt_auth: bool,
     /// Username for an external broker with per-client credentials (see `deploy/mosquitto/`).
     #[arg(long, requires = "broker_password_file")]
     pub broker_username: Option<String>,
@@ -243,6 +258,7 @@ impl ServerArgs {
                 }
                 _ => None,
             },
+            mqtt_auth: self.mqtt_auth,
             signing_key: self.signing_key.clone(),
             secrets_key: self.secrets_key.clone(),
         })
@@ -366,6 +382,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Secret(cmd) => secret(&client(), cmd),
+        Command::Device(DeviceCmd::Credentials { id }) => {
+            let c: crate::view::CredentialsView =
+                client().post(&format!("/api/v1/devices/{id}/credentials"), &serde_json::json!({}))?;
+            println!("{}", c.password);
+            Ok(())
+        }
+        Command::Device(DeviceCmd::Revoke { id }) => {
+            let _: serde_json::Value =
+                client().post(&format!("/api/v1/devices/{id}/revoke"), &serde_json::json!({}))?;
+            println!("device/{id} revoked");
+            Ok(())
+        }
         Command::Trust => {
             let t: crate::view::TrustView = client().get("/api/v1/trust")?;
             println!("{}", t.signing_key);

@@ -38,6 +38,10 @@ fn agent_binary(explicit: Option<PathBuf>) -> PathBuf {
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     init_logging(args.server.log_json);
     let cfg = args.server.to_config()?;
+    anyhow::ensure!(
+        !cfg.mqtt_auth,
+        "baton up runs its agent without credentials: use `baton server --mqtt-auth` and give the agent `baton device credentials ID`"
+    );
     let agent_dir = cfg.data_dir.parent().map_or_else(|| cfg.data_dir.join("agent"), |p| p.join("agent"));
     let bin = agent_binary(args.agent_bin);
     runtime()?.block_on(async move {
