@@ -195,7 +195,10 @@ impl AgentConfig {
             .collect::<Result<Vec<_>, _>>()?;
 
         let password_cli = cli.mqtt_password_file.is_some();
-        let mqtt_credentials = match cli.mqtt_password_file.or(file.mqtt_password_file) {
+        let data_dir = cli.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+        // The password `baton-agent join` received, unless one is configured.
+        let joined = Some(crate::join::password_path(&data_dir)).filter(|p| p.exists());
+        let mqtt_credentials = match cli.mqtt_password_file.or(file.mqtt_password_file).or(joined) {
             None => None,
             Some(path) => {
                 let password = std::fs::read_to_string(&path).map_err(|e| {
@@ -211,7 +214,7 @@ impl AgentConfig {
             mqtt_credentials,
             device_id,
             controller_keys,
-            data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            data_dir,
             run_dir: cli.run_dir.or(file.run_dir).unwrap_or_else(|| DEFAULT_RUN_DIR.into()),
             cgroup_parent,
             insecure_registries: file.insecure_registries.clone(),

@@ -6,6 +6,7 @@ pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod image;
+pub mod join;
 pub mod link;
 pub mod node;
 pub mod probe;

@@ -35,6 +35,12 @@ enum Cmd {
     Image(ImageCmd),
     /// Stand in for a fleet: N devices with the real MQTT link and reconcile, fake containers.
     Simulate(SimCli),
+    /// Enroll this device with a join token (`baton token create`), once.
+    Join {
+        token: String,
+        #[command(flatten)]
+        run: RunArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -222,6 +228,19 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Cmd::Join { token, run }) => {
+            init_logging(run.log_json);
+            return match join(&token, run) {
+                Ok(id) => {
+                    println!("joined as {id}; start the agent (systemctl start baton-agent)");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("baton-agent join: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Cmd::Simulate(sim)) => {
             init_logging(sim.log_json);
             return match simulate(sim) {
@@ -244,7 +263,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+fn join(token: &str, args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
+    let token: baton_agent::join::Token = token.parse()?;
+    let config = resolve_config(args)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(baton_agent::join::join(&config, &token, std::time::Duration::from_secs(30)))?;
+    Ok(config.device_id.to_string())
+}
+
+fn resolve_config(args: RunArgs) -> Result<AgentConfig, Box<dyn std::error::Error>> {
     let explicit = args.config.is_some();
     let path = args.config.unwrap_or_else(|| DEFAULT_CONFIG_PATH.into());
     let file = FileConfig::load(&path, explicit)?;
@@ -260,11 +287,16 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         controller_keys: args.controller_keys,
         mqtt_password_file: args.mqtt_password_file,
     };
-    let config = AgentConfig::resolve(file, &path, overrides, "/etc/machine-id".as_ref())?;
+    Ok(AgentConfig::resolve(file, &path, overrides, "/etc/machine-id".as_ref())?)
+}
+
+fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let no_workloads = args.no_workloads;
+    let config = resolve_config(args)?;
 
     // One thread: the agent's work is I/O-bound and small, and every extra
     // worker thread costs stack and RSS on a 512 MB device.
-    let engine = if args.no_workloads { None } else { Some(start_engine(&config)?) };
+    let engine = if no_workloads { None } else { Some(start_engine(&config)?) };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(Link::run(config, engine, shutdown_signal()));
     Ok(())

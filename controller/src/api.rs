@@ -34,6 +34,8 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/secrets/{name}", axum::routing::put(put_secret).delete(delete_secret))
         .route("/api/v1/trust", get(trust))
         .route("/api/v1/devices/{id}/credentials", post(issue_credentials))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(delete_token))
         .route("/api/v1/devices/{id}/revoke", post(revoke_device))
         .route("/api/v1/devices/{id}/logs/{workload}", get(logs))
         .route("/api/v1/devices/{id}/exec", post(exec))
@@ -346,4 +348,22 @@ async fn issue_credentials(
 async fn revoke_device(State(c): State<Arc<Controller>>, Path(id): Path<String>) -> Result<impl IntoResponse, Failure> {
     c.revoke_device(&id, now_ms())?;
     Ok(Json(serde_json::json!({"revoked": id})))
+}
+
+async fn create_token(
+    State(c): State<Arc<Controller>>,
+    body: Result<Json<crate::view::TokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let (token, info) = c.create_token(req.ttl_s, req.uses, req.labels, now_ms())?;
+    Ok(Json(crate::view::TokenView { token, info }))
+}
+
+async fn list_tokens(State(c): State<Arc<Controller>>) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(c.tokens()?))
+}
+
+async fn delete_token(State(c): State<Arc<Controller>>, Path(id): Path<String>) -> Result<impl IntoResponse, Failure> {
+    c.delete_token(&id, now_ms())?;
+    Ok(Json(serde_json::json!({"deleted": id})))
 }

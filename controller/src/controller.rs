@@ -647,6 +647,15 @@ impl Controller {
     /// old one stops working, and its connections are cut). Returned once;
     /// only its hash is kept.
     pub fn issue_credentials(&self, id: &str, now: Millis) -> Result<String, OpError> {
+        let password = self.new_credentials(id, now)?;
+        if let Some(g) = self.gateway.get() {
+            g.disconnect(id);
+        }
+        Ok(password)
+    }
+
+    /// Stores a new password for a device and returns it.
+    fn new_credentials(&self, id: &str, now: Millis) -> Result<String, OpError> {
         let id = parse_id(id)?;
         let password = crypto::hex(&crypto::random_seed().map_err(|e| OpError::Invalid(e.to_string()))?);
         let hash = ring::digest::digest(&ring::digest::SHA256, password.as_bytes()).as_ref().to_vec();
@@ -655,10 +664,119 @@ impl Controller {
         self.event(&store, "device", id.as_str(), "credentials issued".into(), now);
         drop(store);
         lock(&self.credentials).insert(id.as_str().to_owned(), hash);
-        if let Some(g) = self.gateway.get() {
-            g.disconnect(id.as_str());
-        }
         Ok(password)
+    }
+
+    /// `baton token create`: a join token. Returned once as
+    /// `baton1.<id>.<secret>.<controller signing key>`; only the secret's hash is kept.
+    pub fn create_token(
+        &self,
+        ttl_s: u64,
+        uses: u32,
+        labels: BTreeMap<String, String>,
+        now: Millis,
+    ) -> Result<(String, crate::store::StoredToken), OpError> {
+        if uses == 0 || ttl_s == 0 {
+            return Err(OpError::Invalid("a token needs at least one use and a lifetime".into()));
+        }
+        for (k, v) in &labels {
+            validate_label(k, v).map_err(OpError::Invalid)?;
+        }
+        let random = crypto::random_seed().map_err(|e| OpError::Invalid(e.to_string()))?;
+        let id = crypto::hex(&random[..8]);
+        let secret = crypto::hex(&crypto::random_seed().map_err(|e| OpError::Invalid(e.to_string()))?);
+        let hash = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+        let t = crate::store::StoredToken {
+            id: id.clone(),
+            expires_at: now.saturating_add(ttl_s.saturating_mul(1000)),
+            uses_left: uses,
+            labels,
+            created_at: now,
+        };
+        let store = lock(&self.store);
+        store.save_token(&t, hash.as_ref())?;
+        self.event(&store, "token", &id, format!("created: {uses} use(s), expires in {ttl_s} s"), now);
+        Ok((format!("baton1.{id}.{secret}.{}", crypto::hex(&self.keys.signing.public())), t))
+    }
+
+    pub fn tokens(&self) -> Result<Vec<crate::store::StoredToken>, OpError> {
+        Ok(lock(&self.store).tokens()?)
+    }
+
+    pub fn delete_token(&self, id: &str, now: Millis) -> Result<(), OpError> {
+        let store = lock(&self.store);
+        if !store.delete_token(id)? {
+            return Err(OpError::NotFound(format!("token {id} not found")));
+        }
+        self.event(&store, "token", id, "deleted".into(), now);
+        Ok(())
+    }
+
+    /// A token that admits a join right now: known, this secret, unexpired, uses left.
+    fn valid_token(&self, id: &str, secret: &[u8], now: Millis) -> Result<crate::store::StoredToken, String> {
+        let (t, hash) = lock(&self.store).token(id).map_err(|e| e.to_string())?.ok_or("unknown token")?;
+        if !same_hash(&hash, ring::digest::digest(&ring::digest::SHA256, secret).as_ref()) {
+            return Err("wrong token secret".into());
+        }
+        if now >= t.expires_at {
+            return Err("token expired".into());
+        }
+        if t.uses_left == 0 {
+            return Err("token used up".into());
+        }
+        Ok(t)
+    }
+
+    /// A device joining with a token (`enroll` topic): spends one use, issues
+    /// its MQTT password sealed to the key it sent, registers it with the
+    /// token's labels and that key. Every refusal is answered with its reason.
+    pub fn enroll(
+        &self,
+        id: &DeviceId,
+        req: &baton_protocol::EnrollRequest,
+        now: Millis,
+    ) -> baton_protocol::EnrollResponse {
+        let refuse = |why: String| {
+            tracing::warn!(device = %id, %why, "enrollment refused");
+            baton_protocol::EnrollResponse { sealed_password: Vec::new(), error: Some(why) }
+        };
+        let token = match self.valid_token(&req.token_id, req.token_secret.as_bytes(), now) {
+            Ok(t) => t,
+            Err(why) => return refuse(why),
+        };
+        let Ok(key) = <[u8; 32]>::try_from(req.sealing_key.as_slice()) else {
+            return refuse("the request carries no 32-byte sealing key".into());
+        };
+        if lock(&self.credentials).contains_key(id.as_str()) {
+            return refuse(format!(
+                "device {id} is already enrolled; `baton device revoke {id}` first to enroll it again"
+            ));
+        }
+        match lock(&self.store).spend_token(&token.id) {
+            Ok(true) => {}
+            Ok(false) => return refuse("token used up".into()),
+            Err(e) => return refuse(e.to_string()),
+        }
+        // Not `issue_credentials`: that would cut this very (join) session.
+        let password = match self.new_credentials(id.as_str(), now) {
+            Ok(p) => p,
+            Err(e) => return refuse(e.to_string()),
+        };
+        let sealed =
+            match crypto::seal(&key, &crypto::secret_context(id.as_str(), "enroll", "password"), password.as_bytes()) {
+                Ok(s) => s,
+                Err(e) => return refuse(e.to_string()),
+            };
+        let device = {
+            let mut fleet = lock(&self.fleet);
+            fleet.enroll(id, req.sealing_key.clone(), token.labels.clone(), now);
+            fleet.get(id).cloned()
+        };
+        if let Some(d) = device {
+            self.persist(&d);
+        }
+        self.event(&lock(&self.store), "device", id.as_str(), format!("enrolled with token {}", token.id), now);
+        baton_protocol::EnrollResponse { sealed_password: sealed, error: None }
     }
 
     /// `baton device revoke ID`: the device can no longer connect, and its
@@ -1159,6 +1277,17 @@ impl crate::gateway::Authority for Controller {
     fn authenticate(&self, c: &crate::gateway::wire::Connect) -> Result<crate::gateway::Identity, u8> {
         use crate::gateway::wire::{BAD_CREDENTIALS, NOT_AUTHORIZED};
         let (Some(user), Some(password)) = (&c.username, &c.password) else { return Err(NOT_AUTHORIZED) };
+        // A join session: username `join:<token id>`, the token secret as password.
+        if let Some(token) = user.strip_prefix("join:") {
+            let id = DeviceId::new(c.client_id.clone()).map_err(|_| NOT_AUTHORIZED)?;
+            return match self.valid_token(token, password, now_ms()) {
+                Ok(_) => Ok(crate::gateway::Identity::Joining(id)),
+                Err(why) => {
+                    tracing::info!(device = %id, %why, "join refused");
+                    Err(BAD_CREDENTIALS)
+                }
+            };
+        }
         if *user != c.client_id {
             return Err(NOT_AUTHORIZED);
         }
@@ -1166,14 +1295,14 @@ impl crate::gateway::Authority for Controller {
         let hash = ring::digest::digest(&ring::digest::SHA256, password);
         let known = lock(&self.credentials);
         let stored = known.get(id.as_str()).ok_or(BAD_CREDENTIALS)?;
-        // Compare every byte: no early exit on the first difference.
-        let diff = stored
-            .iter()
-            .zip(hash.as_ref())
-            .fold(stored.len() ^ hash.as_ref().len(), |acc, (a, b)| acc | usize::from(a ^ b));
-        if diff != 0 {
+        if !same_hash(stored, hash.as_ref()) {
             return Err(BAD_CREDENTIALS);
         }
         Ok(crate::gateway::Identity::Device(id))
     }
+}
+
+/// Compares every byte: no early exit on the first difference.
+fn same_hash(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

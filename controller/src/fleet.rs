@@ -115,6 +115,28 @@ impl Fleet {
         self.devices.is_empty()
     }
 
+    /// Registers a device that just enrolled: offline until it connects, its
+    /// sealing key already known (the one it enrolled with is the one kept),
+    /// with the operator labels its token carried.
+    pub fn enroll(&mut self, id: &DeviceId, sealing_key: Vec<u8>, labels: BTreeMap<String, String>, now: Millis) {
+        let device = Device {
+            id: id.to_string(),
+            first_seen: now,
+            last_seen: now,
+            presence: Presence {
+                state: PresenceState::Offline,
+                agent_version: String::new(),
+                boot_id: String::new(),
+                started_at: 0,
+            },
+            inventory: Some(Inventory { sealing_key, ..Default::default() }),
+            heartbeat: None,
+            operator_labels: labels,
+            report: None,
+        };
+        self.devices.insert(id.clone(), device);
+    }
+
     /// Applies one event. A device is registered by its first online presence
     /// or inventory (both retained, so they arrive whatever the order); other
     /// messages from unregistered ids change nothing.

@@ -16,8 +16,14 @@ use crate::fleet::FleetEvent;
 use crate::metrics::Rejection;
 
 /// Topics the controller reads: everything agents publish.
-pub const UPSTREAM: [TopicKind; 5] =
-    [TopicKind::Presence, TopicKind::Inventory, TopicKind::Heartbeat, TopicKind::Report, TopicKind::CmdRes];
+pub const UPSTREAM: [TopicKind; 6] = [
+    TopicKind::Presence,
+    TopicKind::Inventory,
+    TopicKind::Heartbeat,
+    TopicKind::Report,
+    TopicKind::CmdRes,
+    TopicKind::Enroll,
+];
 
 /// Larger than any broker limit we configure, so an oversize publish is
 /// refused by the codec, never by a broken controller connection.
@@ -32,7 +38,8 @@ pub fn classify(topic: &str, payload: &[u8]) -> Result<(DeviceId, TopicKind, Mes
         _ => Rejection::Malformed,
     })?;
     // We subscribe to neither desired nor cmd; a message of theirs here was misrouted.
-    if matches!(msg, Message::Desired(_) | Message::Command(_)) {
+    if matches!(msg, Message::Desired(_) | Message::SignedDesired(_) | Message::Command(_) | Message::EnrollResponse(_))
+    {
         return Err(Rejection::BadTopic);
     }
     Ok((id, kind, msg))
@@ -125,6 +132,20 @@ pub async fn run(
                 controller.republish_desired();
             }
             Ok(Event::Incoming(Packet::Publish(p))) => match classify(&p.topic, &p.payload) {
+                Ok((id, kind, Message::EnrollRequest(req))) => {
+                    controller.metrics.received(kind);
+                    let res = controller.enroll(&id, &req, now_ms());
+                    match encode(&Message::EnrollResponse(res)) {
+                        Ok(bytes) => {
+                            if let Err(e) =
+                                client.try_publish(id.topic(TopicKind::EnrollRes), QoS::AtLeastOnce, false, bytes)
+                            {
+                                warn!(device = %id, error = %e, "cannot queue an enrollment answer");
+                            }
+                        }
+                        Err(e) => warn!(device = %id, error = %e, "cannot encode an enrollment answer"),
+                    }
+                }
                 Ok((id, kind, msg)) => {
                     controller.metrics.received(kind);
                     controller.apply(&id, fleet_event(&msg), now_ms());

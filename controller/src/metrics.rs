@@ -38,7 +38,7 @@ impl Rejection {
 
 #[derive(Default)]
 pub struct Metrics {
-    received: [AtomicU64; 7],
+    received: [AtomicU64; TopicKind::ALL.len()],
     rejected: [AtomicU64; 5],
     pub store_writes: AtomicU64,
     pub store_errors: AtomicU64,

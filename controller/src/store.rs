@@ -80,6 +80,16 @@ const MIGRATIONS: &[&str] = &[
         device TEXT PRIMARY KEY NOT NULL,
         at INTEGER NOT NULL
     ) STRICT;",
+    // 6: join tokens (SHA-256 of the secret), with expiry, uses left and the
+    // operator labels a device joining with them gets.
+    "CREATE TABLE tokens (
+        id TEXT PRIMARY KEY NOT NULL,
+        hash BLOB NOT NULL,
+        expires_at INTEGER NOT NULL,
+        uses_left INTEGER NOT NULL,
+        labels TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 /// Versions kept per secret (revisions in history may still name older ones).
@@ -99,6 +109,16 @@ pub struct StoredWorkload {
     pub latest: u64,
     pub stable: u64,
     pub rollout: Option<Rollout>,
+}
+
+/// A join token as stored (its secret only as a hash).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredToken {
+    pub id: String,
+    pub expires_at: u64,
+    pub uses_left: u32,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: u64,
 }
 
 /// A device's last published document as stored.
@@ -407,6 +427,71 @@ impl Store {
             params![device, now as i64],
         )?;
         Ok(had)
+    }
+
+    pub fn save_token(&self, t: &StoredToken, hash: &[u8]) -> Result<(), StoreError> {
+        let labels =
+            serde_json::to_string(&t.labels).map_err(|source| StoreError::Corrupt { id: t.id.clone(), source })?;
+        self.conn.execute(
+            "INSERT INTO tokens (id, hash, expires_at, uses_left, labels, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![t.id, hash, t.expires_at as i64, i64::from(t.uses_left), labels, t.created_at as i64],
+        )?;
+        Ok(())
+    }
+
+    /// A token and its secret's hash.
+    pub fn token(&self, id: &str) -> Result<Option<(StoredToken, Vec<u8>)>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT id, hash, expires_at, uses_left, labels, created_at FROM tokens WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, i64>(5)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((id, hash, expires_at, uses_left, labels, created_at)) = row else { return Ok(None) };
+        let labels = serde_json::from_str(&labels).map_err(|source| StoreError::Corrupt { id: id.clone(), source })?;
+        let t = StoredToken {
+            id,
+            expires_at: expires_at as u64,
+            uses_left: uses_left.clamp(0, i64::from(u32::MAX)) as u32,
+            labels,
+            created_at: created_at as u64,
+        };
+        Ok(Some((t, hash)))
+    }
+
+    pub fn tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
+        let ids: Vec<String> = {
+            let mut stmt = self.conn.prepare("SELECT id FROM tokens ORDER BY created_at")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some((t, _)) = self.token(&id)? {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Spends one use of a token; false when none is left.
+    pub fn spend_token(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?1 AND uses_left > 0", [id])? == 1)
+    }
+
+    pub fn delete_token(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn.execute("DELETE FROM tokens WHERE id = ?1", [id])? > 0)
     }
 
     pub fn delete_secret(&self, name: &str) -> Result<bool, StoreError> {

@@ -101,6 +101,23 @@ pub struct SecretView {
     pub used_by: Vec<String>,
 }
 
+/// `POST /api/v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRequest {
+    pub ttl_s: u64,
+    pub uses: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A new join token: the whole `token` is shown once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenView {
+    pub token: String,
+    #[serde(flatten)]
+    pub info: crate::store::StoredToken,
+}
+
 /// A device's newly issued MQTT password (shown once).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CredentialsView {

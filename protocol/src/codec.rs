@@ -44,10 +44,14 @@ pub enum MessageKind {
     CommandResult = 7,
     /// Since 1.2.
     SignedDesired = 8,
+    /// Since 1.2.
+    EnrollRequest = 9,
+    /// Since 1.2.
+    EnrollResponse = 10,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 8] = [
+    pub const ALL: [MessageKind; 10] = [
         Self::Presence,
         Self::Inventory,
         Self::Heartbeat,
@@ -56,12 +60,14 @@ impl MessageKind {
         Self::Command,
         Self::CommandResult,
         Self::SignedDesired,
+        Self::EnrollRequest,
+        Self::EnrollResponse,
     ];
 
     /// The minor version that introduced this kind.
     pub fn since_minor(self) -> u8 {
         match self {
-            Self::SignedDesired => 2,
+            Self::SignedDesired | Self::EnrollRequest | Self::EnrollResponse => 2,
             _ => 0,
         }
     }
@@ -80,6 +86,7 @@ impl MessageKind {
             // Room for the signature wrapper around a desired document.
             Self::Desired => MAX_MESSAGE_BYTES - 1024,
             Self::SignedDesired => MAX_MESSAGE_BYTES,
+            Self::EnrollRequest | Self::EnrollResponse => 1024,
         }
     }
 
@@ -93,6 +100,8 @@ impl MessageKind {
             Self::Desired | Self::SignedDesired => TopicKind::Desired,
             Self::Command => TopicKind::Cmd,
             Self::CommandResult => TopicKind::CmdRes,
+            Self::EnrollRequest => TopicKind::Enroll,
+            Self::EnrollResponse => TopicKind::EnrollRes,
         }
     }
 
@@ -106,6 +115,8 @@ impl MessageKind {
             Self::Command => "command",
             Self::CommandResult => "command-result",
             Self::SignedDesired => "signed-desired",
+            Self::EnrollRequest => "enroll-request",
+            Self::EnrollResponse => "enroll-response",
         }
     }
 }
@@ -121,6 +132,8 @@ impl Message {
             Self::Command(_) => MessageKind::Command,
             Self::CommandResult(_) => MessageKind::CommandResult,
             Self::SignedDesired(_) => MessageKind::SignedDesired,
+            Self::EnrollRequest(_) => MessageKind::EnrollRequest,
+            Self::EnrollResponse(_) => MessageKind::EnrollResponse,
         }
     }
 }
@@ -172,6 +185,8 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
         Message::Command(m) => append(header, m),
         Message::CommandResult(m) => append(header, m),
         Message::SignedDesired(m) => append(header, m),
+        Message::EnrollRequest(m) => append(header, m),
+        Message::EnrollResponse(m) => append(header, m),
     }
     .map_err(|error| EncodeError::Serialize { kind: kind.name(), error })?;
     if out.len() > kind.max_size() {
@@ -215,6 +230,8 @@ pub fn decode(bytes: &[u8]) -> Result<(Envelope, Message), DecodeError> {
         MessageKind::Command => Message::Command(decode_body(env, body)?),
         MessageKind::CommandResult => Message::CommandResult(decode_body(env, body)?),
         MessageKind::SignedDesired => Message::SignedDesired(decode_body(env, body)?),
+        MessageKind::EnrollRequest => Message::EnrollRequest(decode_body(env, body)?),
+        MessageKind::EnrollResponse => Message::EnrollResponse(decode_body(env, body)?),
     };
     Ok((env, msg))
 }

@@ -213,6 +213,26 @@ pub enum CommandOutput {
     Text(String),
 }
 
+/// `enroll` (since 1.2): a device joining with a token. Sent from a session
+/// the broker admitted with the token (username `join:<id>`), and carrying it
+/// again so the controller can spend one of its uses.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct EnrollRequest {
+    pub token_id: String,
+    pub token_secret: String,
+    /// The device's X25519 public key: the password comes back sealed to it,
+    /// and it is the key the controller keeps for this device.
+    pub sealing_key: Vec<u8>,
+}
+
+/// `enroll/res` (since 1.2): the device's MQTT password, sealed to its key
+/// under `crypto::secret_context(device, "enroll", "password")`, or why not.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct EnrollResponse {
+    pub sealed_password: Vec<u8>,
+    pub error: Option<String>,
+}
+
 /// Every message of the contract, tagged by kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -224,4 +244,6 @@ pub enum Message {
     Command(Command),
     CommandResult(CommandResult),
     SignedDesired(SignedDesired),
+    EnrollRequest(EnrollRequest),
+    EnrollResponse(EnrollResponse),
 }

@@ -165,5 +165,11 @@ pub fn all() -> Vec<Message> {
         Message::Command(command()),
         Message::CommandResult(command_result()),
         Message::SignedDesired(signed_desired()),
+        Message::EnrollRequest(EnrollRequest {
+            token_id: "3f9c2a7d1b6e4f08".into(),
+            token_secret: "9d".repeat(32),
+            sealing_key: crate::crypto::DeviceKey::from_seed(&[1; 32]).public().to_vec(),
+        }),
+        Message::EnrollResponse(EnrollResponse { sealed_password: (0u8..112).collect(), error: None }),
     ]
 }

@@ -72,11 +72,25 @@ pub enum TopicKind {
     Cmd,
     /// agent → controller, QoS 1: responses to `Cmd`.
     CmdRes,
+    /// agent → controller, QoS 1, since 1.2: a join request (`EnrollRequest`),
+    /// from a session authenticated with a join token.
+    Enroll,
+    /// controller → agent, QoS 1, since 1.2: the answer (`EnrollResponse`).
+    EnrollRes,
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 7] =
-        [Self::Presence, Self::Inventory, Self::Heartbeat, Self::Report, Self::Desired, Self::Cmd, Self::CmdRes];
+    pub const ALL: [TopicKind; 9] = [
+        Self::Presence,
+        Self::Inventory,
+        Self::Heartbeat,
+        Self::Report,
+        Self::Desired,
+        Self::Cmd,
+        Self::CmdRes,
+        Self::Enroll,
+        Self::EnrollRes,
+    ];
 
     pub fn suffix(self) -> &'static str {
         match self {
@@ -87,6 +101,8 @@ impl TopicKind {
             Self::Desired => "desired",
             Self::Cmd => "cmd",
             Self::CmdRes => "cmd/res",
+            Self::Enroll => "enroll",
+            Self::EnrollRes => "enroll/res",
         }
     }
 

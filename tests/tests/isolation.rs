@@ -188,3 +188,76 @@ fn with_the_embedded_broker_the_gateway_keeps_devices_apart_and_revocation_cuts_
     let (ok, out, _) = baton_cli(&server, &["get", "events", "-o", "json"]);
     assert!(ok && out.contains("revoked"), "{out}");
 }
+
+/// `baton-agent join TOKEN` as a device would run it; (success, stdout + stderr).
+fn join(world: &World, id: &str, broker: &str, token: &str) -> (bool, String) {
+    std::fs::write(world.path().join("empty.toml"), "").expect("config");
+    let out = Command::new(bin("baton-agent"))
+        .args(["join", token, "--config"])
+        .arg(world.path().join("empty.toml"))
+        .args(["--broker", broker, "--device-id", id, "--data-dir"])
+        .arg(world.path().join(format!("agent-{id}")))
+        .output()
+        .expect("baton-agent join");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_device_joins_with_a_token_once_and_a_revoked_one_stays_out() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &["--mqtt-auth"]);
+    let server = controller.server_url();
+    let broker = controller.broker_url();
+    let (ok, token, err) =
+        baton_cli(&server, &["token", "create", "--ttl", "1h", "--uses", "1", "--label", "site=lyon"]);
+    assert!(ok && token.starts_with("baton1."), "token create: {token}{err}");
+    let token = token.trim();
+
+    let (ok, out) = join(&world, "pi-j", &broker, token);
+    assert!(ok && out.contains("joined as pi-j"), "{out}");
+    let data = world.path().join("agent-pi-j");
+    let pw = std::fs::metadata(data.join("state/mqtt.pw")).expect("password kept");
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&pw.permissions()) & 0o777, 0o600);
+    let (_, key, _) = baton_cli(&server, &["trust"]);
+    let pinned = std::fs::read_to_string(data.join("state/controller.pub")).expect("pinned key");
+    assert_eq!(pinned.trim(), key.trim(), "the token's controller key is the one pinned");
+    // The password never crossed the broker in clear: it is nowhere but in the file.
+    let (_, events, _) = baton_cli(&server, &["get", "events", "-o", "json"]);
+    assert!(events.contains("enrolled with token"), "{events}");
+
+    // One use only; a second device is turned away, as is a made-up token.
+    let (ok, out) = join(&world, "pi-k", &broker, token);
+    assert!(!ok && out.contains("refused"), "a used-up token enrolled another device: {out}");
+    let mut fake = token.split('.').map(str::to_string).collect::<Vec<_>>();
+    fake[2] = "00".repeat(32);
+    let (ok2, out2) = join(&world, "pi-k", &broker, &fake.join("."));
+    assert!(!ok2 && out2.contains("refused"), "a wrong secret enrolled: {out2}");
+
+    // An expired token cannot enroll.
+    let (ok, short, err) = baton_cli(&server, &["token", "create", "--ttl", "1s"]);
+    assert!(ok, "{err}");
+    wait_for("the short token expired", Duration::from_secs(10), || {
+        let (_, list, _) = baton_cli(&server, &["token", "list"]);
+        list.contains("expired").then_some(())
+    });
+    let (ok, out) = join(&world, "pi-x", &broker, short.trim());
+    assert!(!ok && out.contains("refused"), "an expired token enrolled: {out}");
+
+    // The joined agent runs with what it received: online, with the token's label.
+    let _agent = start_agent(&world, "pi-j", &broker, &["--no-workloads"]);
+    let d = wait_for("pi-j online", Duration::from_secs(30), || {
+        controller.device("pi-j").filter(|d| d.status == Status::Online)
+    });
+    assert_eq!(d.labels.get("site").map(String::as_str), Some("lyon"));
+
+    // Revoked: cut off now, and it does not come back.
+    let (ok, _, err) = baton_cli(&server, &["device", "revoke", "pi-j"]);
+    assert!(ok, "revoke: {err}");
+    wait_for("pi-j offline after revocation", Duration::from_secs(30), || {
+        controller.device("pi-j").filter(|d| d.status == Status::Offline)
+    });
+    let back = wait_until(Duration::from_secs(5), || controller.device("pi-j").filter(|d| d.status == Status::Online));
+    assert!(back.is_none(), "a revoked device came back online");
+    assert!(controller.metric("baton_gateway_refused_total") >= 1);
+}

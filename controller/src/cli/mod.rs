@@ -107,6 +107,9 @@ pub enum Command {
     Secret(SecretCmd),
     /// Print the controller's signing key (agents' `controller_keys`).
     Trust,
+    /// Join tokens: a device enrolls once with `baton-agent join TOKEN`.
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Device identities on the broker: credentials and revocation.
     #[command(subcommand)]
     Device(DeviceCmd),
@@ -133,6 +136,46 @@ pub enum RolloutCmd {
     Abort { workload: String },
     /// Abort a running rollout, or roll out the revision before the current one.
     Undo { workload: String },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create a join token (printed once).
+    Create {
+        /// Lifetime: 90s, 30m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// Devices that may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Operator label key=value given to devices that join with it (repeatable).
+        #[arg(long = "label", short = 'l')]
+        labels: Vec<String>,
+    },
+    /// List tokens: uses left and expiry, never secrets.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Delete a token: no device can join with it any more.
+    Delete { id: String },
+}
+
+/// Seconds in `90s`, `30m`, `24h`, `7d` (or a bare number of seconds).
+pub fn parse_duration(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = digits.parse().map_err(|_| anyhow::anyhow!("{text:?}: use a number with s, m, h or d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => anyhow::bail!("{text:?}: use a number with s, m, h or d"),
+    };
+    anyhow::ensure!(n > 0, "{text:?}: must be more than zero");
+    Ok(n.saturating_mul(mult))
 }
 
 #[derive(Subcommand)]
@@ -382,6 +425,26 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Secret(cmd) => secret(&client(), cmd),
+        Command::Token(TokenCmd::Create { ttl, uses, labels }) => {
+            let mut map = std::collections::BTreeMap::new();
+            for pair in &labels {
+                let (k, v) = pair.split_once('=').ok_or_else(|| anyhow::anyhow!("{pair:?} is not key=value"))?;
+                map.insert(k.to_string(), v.to_string());
+            }
+            let req = crate::view::TokenRequest { ttl_s: parse_duration(&ttl)?, uses, labels: map };
+            let t: crate::view::TokenView = client().post("/api/v1/tokens", &req)?;
+            println!("{}", t.token);
+            Ok(())
+        }
+        Command::Token(TokenCmd::List { output }) => {
+            let list: Vec<crate::store::StoredToken> = client().get("/api/v1/tokens")?;
+            print(output, &list, || output::tokens_table(&list, now_ms()))
+        }
+        Command::Token(TokenCmd::Delete { id }) => {
+            let _: serde_json::Value = client().delete(&format!("/api/v1/tokens/{id}"))?;
+            println!("token/{id} deleted");
+            Ok(())
+        }
         Command::Device(DeviceCmd::Credentials { id }) => {
             let c: crate::view::CredentialsView =
                 client().post(&format!("/api/v1/devices/{id}/credentials"), &serde_json::json!({}))?;

@@ -243,6 +243,25 @@ pub fn events_table(events: &[Event], now: Millis) -> String {
     table(&["AGE", "KIND", "SUBJECT", "MESSAGE"], &rows)
 }
 
+pub fn tokens_table(tokens: &[crate::store::StoredToken], now: Millis) -> String {
+    if tokens.is_empty() {
+        return "No tokens. Create one with `baton token create`.\n".into();
+    }
+    let rows: Vec<Vec<String>> = tokens
+        .iter()
+        .map(|t| {
+            let expires = if t.expires_at <= now {
+                "expired".to_string()
+            } else {
+                format!("in {}s", (t.expires_at - now) / 1000)
+            };
+            let labels = t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+            vec![t.id.clone(), t.uses_left.to_string(), expires, if labels.is_empty() { "-".into() } else { labels }]
+        })
+        .collect();
+    table(&["ID", "USES LEFT", "EXPIRES", "LABELS"], &rows)
+}
+
 pub fn secrets_table(secrets: &[crate::view::SecretView], now: Millis) -> String {
     if secrets.is_empty() {
         return "No secrets. Create one with `baton secret create NAME --from-file FILE`.\n".into();

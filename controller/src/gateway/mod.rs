@@ -31,6 +31,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
     Device(DeviceId),
+    /// Admitted with a join token: may only ask to enroll, and hear the answer.
+    Joining(DeviceId),
+}
+
+impl Identity {
+    pub fn device(&self) -> &DeviceId {
+        match self {
+            Self::Device(d) | Self::Joining(d) => d,
+        }
+    }
 }
 
 /// Decides who may connect.
@@ -41,17 +51,29 @@ pub trait Authority: Send + Sync + 'static {
 
 /// Topics a device publishes on: its own state, nothing else.
 pub fn may_publish(identity: &Identity, topic: &str) -> bool {
-    let Identity::Device(id) = identity;
-    matches!(TopicKind::parse(topic), Some((d, kind)) if d == *id && matches!(
-        kind,
-        TopicKind::Presence | TopicKind::Inventory | TopicKind::Heartbeat | TopicKind::Report | TopicKind::CmdRes
-    ))
+    let Some((d, kind)) = TopicKind::parse(topic) else { return false };
+    match identity {
+        Identity::Device(id) => {
+            d == *id
+                && matches!(
+                    kind,
+                    TopicKind::Presence
+                        | TopicKind::Inventory
+                        | TopicKind::Heartbeat
+                        | TopicKind::Report
+                        | TopicKind::CmdRes
+                )
+        }
+        Identity::Joining(id) => d == *id && kind == TopicKind::Enroll,
+    }
 }
 
 /// Filters a device subscribes to: exactly its own documents and commands (no wildcards).
 pub fn may_subscribe(identity: &Identity, filter: &str) -> bool {
-    let Identity::Device(id) = identity;
-    filter == id.topic(TopicKind::Desired) || filter == id.topic(TopicKind::Cmd)
+    match identity {
+        Identity::Device(id) => filter == id.topic(TopicKind::Desired) || filter == id.topic(TopicKind::Cmd),
+        Identity::Joining(id) => filter == id.topic(TopicKind::EnrollRes),
+    }
 }
 
 pub struct Gateway {
@@ -121,7 +143,7 @@ impl Gateway {
                 return Err(format!("client {:?} refused (CONNACK {code})", connect.client_id));
             }
         };
-        let Identity::Device(device) = &identity;
+        let device = identity.device();
         let mut upstream = TcpStream::connect(self.upstream).await.map_err(|e| format!("broker: {e}"))?;
         let inner = Connect {
             username: Some(self.internal.0.clone()),
@@ -199,7 +221,7 @@ impl Gateway {
                 };
                 if let Err(what) = allowed {
                     self.denied_packets.fetch_add(1, Relaxed);
-                    let Identity::Device(d) = identity;
+                    let d = identity.device();
                     tracing::warn!(device = %d, %what, "device stepped outside its topics; disconnected");
                     return Err(format!("denied: {what}"));
                 }
