@@ -40,7 +40,10 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/devices/{id}/logs/{workload}", get(logs))
         .route("/api/v1/devices/{id}/exec", post(exec))
         .route("/api/v1/devices/{id}/workloads/{workload}/restart", post(restart))
+        .route("/api/v1/apitokens", get(list_api_tokens).post(create_api_token))
+        .route("/api/v1/apitokens/{id}", axum::routing::delete(delete_api_token))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
 }
 
@@ -366,4 +369,59 @@ async fn list_tokens(State(c): State<Arc<Controller>>) -> Result<impl IntoRespon
 async fn delete_token(State(c): State<Arc<Controller>>, Path(id): Path<String>) -> Result<impl IntoResponse, Failure> {
     c.delete_token(&id, now_ms())?;
     Ok(Json(serde_json::json!({"deleted": id})))
+}
+
+/// With `--api-auth`: every request but `/healthz` and `/metrics` carries
+/// `Authorization: Bearer <token>`; a read-only token may only read.
+async fn authenticate(
+    State(c): State<Arc<Controller>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !c.api_auth || matches!(req.uri().path(), "/healthz" | "/metrics") {
+        return next.run(req).await;
+    }
+    let bearer = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match c.authorize(bearer) {
+        Err(why) => error(StatusCode::UNAUTHORIZED, why),
+        Ok(role)
+            if role != crate::controller::ROLE_ADMIN
+                && !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD) =>
+        {
+            error(StatusCode::FORBIDDEN, format!("a {role} token cannot change anything"))
+        }
+        Ok(_) => next.run(req).await,
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ApiTokenRequest {
+    role: String,
+    #[serde(default)]
+    name: String,
+}
+
+async fn create_api_token(
+    State(c): State<Arc<Controller>>,
+    body: Result<Json<ApiTokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let (token, info) = c.create_api_token(&req.role, &req.name, now_ms())?;
+    Ok(Json(serde_json::json!({"token": token, "id": info.id, "role": info.role, "name": info.name})))
+}
+
+async fn list_api_tokens(State(c): State<Arc<Controller>>) -> impl IntoResponse {
+    Json(c.api_token_list())
+}
+
+async fn delete_api_token(
+    State(c): State<Arc<Controller>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    c.delete_api_token(&id, now_ms())?;
+    Ok(Json(serde_json::json!({"revoked": id})))
 }

@@ -147,6 +147,10 @@ pub struct Controller {
     pub keys: Keys,
     /// Device → SHA-256 of its MQTT password (checked by the gateway).
     credentials: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Operator tokens required on the API (`--api-auth`).
+    pub api_auth: bool,
+    /// API tokens and their secrets' hashes.
+    api_tokens: Mutex<Vec<(crate::store::ApiToken, Vec<u8>)>>,
     /// The gateway in front of the embedded broker, when `--mqtt-auth` is on.
     pub gateway: std::sync::OnceLock<std::sync::Arc<crate::gateway::Gateway>>,
 }
@@ -227,6 +231,7 @@ impl Controller {
             }
         }
         let credentials = store.load_credentials()?;
+        let api_tokens = store.api_tokens()?;
         tracing::info!(devices = fleet.len(), workloads = workloads.len(), "fleet loaded from store");
         Ok(Self {
             commands,
@@ -248,6 +253,8 @@ impl Controller {
             broker_connected: AtomicBool::new(false),
             keys,
             credentials: Mutex::new(credentials),
+            api_auth: false,
+            api_tokens: Mutex::new(api_tokens),
             gateway: std::sync::OnceLock::new(),
         })
     }
@@ -665,6 +672,78 @@ impl Controller {
         drop(store);
         lock(&self.credentials).insert(id.as_str().to_owned(), hash);
         Ok(password)
+    }
+
+    /// `baton apitoken create`: an operator token (`admin` or `read-only`),
+    /// `baton-api.<id>.<secret>`, shown once.
+    pub fn create_api_token(
+        &self,
+        role: &str,
+        name: &str,
+        now: Millis,
+    ) -> Result<(String, crate::store::ApiToken), OpError> {
+        if role != ROLE_ADMIN && role != ROLE_READ_ONLY {
+            return Err(OpError::Invalid(format!("role {role:?}: use {ROLE_ADMIN} or {ROLE_READ_ONLY}")));
+        }
+        let random = crypto::random_seed().map_err(|e| OpError::Invalid(e.to_string()))?;
+        let id = crypto::hex(&random[..8]);
+        let secret = crypto::hex(&crypto::random_seed().map_err(|e| OpError::Invalid(e.to_string()))?);
+        let hash = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref().to_vec();
+        let t = crate::store::ApiToken { id: id.clone(), role: role.into(), name: name.into(), created_at: now };
+        let store = lock(&self.store);
+        store.save_api_token(&t, &hash)?;
+        self.event(&store, "apitoken", &id, format!("{role} token {name:?} created"), now);
+        drop(store);
+        lock(&self.api_tokens).push((t.clone(), hash));
+        Ok((format!("baton-api.{id}.{secret}"), t))
+    }
+
+    pub fn api_token_list(&self) -> Vec<crate::store::ApiToken> {
+        lock(&self.api_tokens).iter().map(|(t, _)| t.clone()).collect()
+    }
+
+    pub fn delete_api_token(&self, id: &str, now: Millis) -> Result<(), OpError> {
+        let store = lock(&self.store);
+        if !store.delete_api_token(id)? {
+            return Err(OpError::NotFound(format!("API token {id} not found")));
+        }
+        self.event(&store, "apitoken", id, "revoked".into(), now);
+        drop(store);
+        lock(&self.api_tokens).retain(|(t, _)| t.id != id);
+        Ok(())
+    }
+
+    /// The role of a bearer token, or why it is not accepted.
+    pub fn authorize(&self, bearer: Option<&str>) -> Result<String, String> {
+        let token = bearer.ok_or("this controller requires an API token: pass --token or set BATON_TOKEN")?;
+        let mut parts = token.trim().split('.');
+        let (Some("baton-api"), Some(id), Some(secret), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err("malformed API token".into());
+        };
+        let hash = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+        lock(&self.api_tokens)
+            .iter()
+            .find(|(t, h)| t.id == id && same_hash(h, hash.as_ref()))
+            .map(|(t, _)| t.role.clone())
+            .ok_or_else(|| "unknown or revoked API token".into())
+    }
+
+    /// With `--api-auth` and no admin token yet: makes one and writes it to
+    /// `path` (0600), so the operator on this machine can start.
+    pub fn ensure_admin_token(&self, path: &std::path::Path, now: Millis) -> anyhow::Result<()> {
+        if lock(&self.api_tokens).iter().any(|(t, _)| t.role == ROLE_ADMIN) {
+            return Ok(());
+        }
+        let (token, _) = self.create_api_token(ROLE_ADMIN, "first admin", now).map_err(|e| anyhow::anyhow!("{e}"))?;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(path);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+        f.write_all(format!("{token}\n").as_bytes())?;
+        tracing::warn!(path = %path.display(), "created the first admin API token (BATON_TOKEN=$(cat FILE))");
+        Ok(())
     }
 
     /// `baton token create`: a join token. Returned once as
@@ -1301,6 +1380,9 @@ impl crate::gateway::Authority for Controller {
         Ok(crate::gateway::Identity::Device(id))
     }
 }
+
+pub const ROLE_ADMIN: &str = "admin";
+pub const ROLE_READ_ONLY: &str = "read-only";
 
 /// Compares every byte: no early exit on the first difference.
 fn same_hash(a: &[u8], b: &[u8]) -> bool {

@@ -43,6 +43,8 @@ pub struct ServerConfig {
     /// Embedded broker: every client authenticates (device credentials) and
     /// stays on its own topics, through the gateway.
     pub mqtt_auth: bool,
+    /// Operator API tokens required.
+    pub api_auth: bool,
 }
 
 impl ServerConfig {
@@ -80,6 +82,10 @@ pub async fn serve(
             insecure: cfg.insecure_registries.clone(),
             ..Default::default()
         }));
+    }
+    controller.api_auth = cfg.api_auth;
+    if cfg.api_auth {
+        controller.ensure_admin_token(&cfg.data_dir.join("admin.token"), now_ms())?;
     }
     let controller = Arc::new(controller);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

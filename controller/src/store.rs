@@ -90,6 +90,14 @@ const MIGRATIONS: &[&str] = &[
         labels TEXT NOT NULL,
         created_at INTEGER NOT NULL
     ) STRICT;",
+    // 7: operator API tokens (SHA-256 of the secret) with their role.
+    "CREATE TABLE api_tokens (
+        id TEXT PRIMARY KEY NOT NULL,
+        hash BLOB NOT NULL,
+        role TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 /// Versions kept per secret (revisions in history may still name older ones).
@@ -109,6 +117,16 @@ pub struct StoredWorkload {
     pub latest: u64,
     pub stable: u64,
     pub rollout: Option<Rollout>,
+}
+
+/// An operator API token as stored (its secret only as a hash).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ApiToken {
+    pub id: String,
+    /// `admin` or `read-only`.
+    pub role: String,
+    pub name: String,
+    pub created_at: u64,
 }
 
 /// A join token as stored (its secret only as a hash).
@@ -492,6 +510,31 @@ impl Store {
 
     pub fn delete_token(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self.conn.execute("DELETE FROM tokens WHERE id = ?1", [id])? > 0)
+    }
+
+    pub fn save_api_token(&self, t: &ApiToken, hash: &[u8]) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO api_tokens (id, hash, role, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![t.id, hash, t.role, t.name, t.created_at as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Every API token with its secret's hash.
+    pub fn api_tokens(&self) -> Result<Vec<(ApiToken, Vec<u8>)>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT id, hash, role, name, created_at FROM api_tokens ORDER BY created_at")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                ApiToken { id: r.get(0)?, role: r.get(2)?, name: r.get(3)?, created_at: r.get::<_, i64>(4)? as u64 },
+                r.get::<_, Vec<u8>>(1)?,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn delete_api_token(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn.execute("DELETE FROM api_tokens WHERE id = ?1", [id])? > 0)
     }
 
     pub fn delete_secret(&self, name: &str) -> Result<bool, StoreError> {

@@ -514,12 +514,17 @@ pub fn give_busybox(world: &World, device: &str, reference: &str) {
 
 /// Runs the `baton` CLI against `server`; returns (exit ok, stdout, stderr).
 pub fn baton_cli(server: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin("baton"))
-        .args(args)
-        .env("BATON_SERVER", server)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run baton");
+    baton_cli_as(server, None, args)
+}
+
+/// `baton_cli` with an API token (`BATON_TOKEN`).
+pub fn baton_cli_as(server: &str, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new(bin("baton"));
+    cmd.args(args).env("BATON_SERVER", server).env_remove("BATON_TOKEN").stdin(Stdio::null());
+    if let Some(t) = token {
+        cmd.env("BATON_TOKEN", t);
+    }
+    let out = cmd.output().expect("run baton");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 

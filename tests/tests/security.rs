@@ -284,3 +284,60 @@ fn a_controller_restarted_with_a_new_signing_key_reaches_agents_trusting_both() 
         other => panic!("not a signed document: {other:?}"),
     }
 }
+
+#[test]
+fn api_tokens_gate_the_api_and_read_only_ones_change_nothing() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &["--api-auth"]);
+    let server = controller.server_url();
+    let admin = std::fs::read_to_string(world.path().join("controller/admin.token")).expect("first admin token");
+    let admin = admin.trim();
+    let meta = std::fs::metadata(world.path().join("controller/admin.token")).expect("token file");
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o600);
+
+    // No token, a made-up one: refused, and the error says what to do.
+    let (ok, _, err) = baton_cli(&server, &["get", "devices"]);
+    assert!(!ok && err.contains("API token") && err.contains("401"), "{err}");
+    let fake = format!("baton-api.{}.{}", "ab".repeat(8), "cd".repeat(32));
+    let (ok, _, err) = baton_cli_as(&server, Some(&fake), &["get", "devices"]);
+    assert!(!ok && err.contains("401"), "{err}");
+    // /healthz stays open for probes.
+    assert!(get_text(controller.http, "/healthz").is_ok());
+
+    let (ok, _, err) = baton_cli_as(&server, Some(admin), &["get", "devices"]);
+    assert!(ok, "{err}");
+    let (ok, reader, err) =
+        baton_cli_as(&server, Some(admin), &["apitoken", "create", "--role", "read-only", "--name", "dash"]);
+    assert!(ok && reader.starts_with("baton-api."), "{reader}{err}");
+    let reader = reader.trim();
+
+    // A read-only token reads…
+    for args in [&["get", "devices"][..], &["get", "workloads"], &["secret", "list"], &["get", "events"]] {
+        let (ok, _, err) = baton_cli_as(&server, Some(reader), args);
+        assert!(ok, "read-only {args:?}: {err}");
+    }
+    // …and changes nothing.
+    let manifest = world.path().join("w.yaml");
+    std::fs::write(&manifest, "name: w\nimage: 127.0.0.1:1/nothing:here\n").expect("manifest");
+    let m = manifest.to_str().expect("utf-8");
+    for args in [
+        &["apply", "-f", m][..],
+        &["secret", "create", "s", "--from-literal", "x"],
+        &["token", "create"],
+        &["apitoken", "create", "--role", "admin"],
+        &["device", "revoke", "pi-x"],
+        &["label", "device", "pi-x", "a=b"],
+    ] {
+        let (ok, _, err) = baton_cli_as(&server, Some(reader), args);
+        assert!(!ok && err.contains("403"), "read-only {args:?} was allowed: {err}");
+    }
+    let (_, list, _) = baton_cli_as(&server, Some(admin), &["get", "workloads", "-o", "json"]);
+    assert_eq!(list.trim(), "[]", "a read-only token created a workload");
+
+    // Revoked, it stops working.
+    let id = reader.split('.').nth(1).expect("token id");
+    let (ok, _, err) = baton_cli_as(&server, Some(admin), &["apitoken", "revoke", id]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = baton_cli_as(&server, Some(reader), &["get", "devices"]);
+    assert!(!ok && err.contains("401"), "a revoked token still reads: {err}");
+}

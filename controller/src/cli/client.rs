@@ -13,25 +13,31 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    /// `Authorization` header value, when the controller wants a token.
+    auth: Option<String>,
 }
 
 impl Client {
+    pub fn with_token(base: &str, token: Option<&str>) -> Self {
+        Self { auth: token.map(|t| format!("Bearer {}", t.trim())), ..Self::new(base) }
+    }
+
     pub fn new(base: &str) -> Self {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .into();
-        Self { base: base.trim_end_matches('/').to_string(), agent }
+        Self { base: base.trim_end_matches('/').to_string(), agent, auth: None }
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let res = self.agent.get(format!("{}{path}", self.base)).call();
+        let res = self.authed(self.agent.get(format!("{}{path}", self.base))).call();
         self.finish(res)
     }
 
     pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
-        let res = self.agent.post(format!("{}{path}", self.base)).send_json(body);
+        let res = self.authed(self.agent.post(format!("{}{path}", self.base))).send_json(body);
         self.finish(res)
     }
 
@@ -39,7 +45,7 @@ impl Client {
     /// `baton logs -f` runs until interrupted).
     pub fn stream(&self, path: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        let mut res = agent.get(format!("{}{path}", self.base)).call().map_err(|e| self.unreachable(e))?;
+        let mut res = self.authed(agent.get(format!("{}{path}", self.base))).call().map_err(|e| self.unreachable(e))?;
         if !res.status().is_success() {
             let status = res.status();
             let msg = res.body_mut().read_json::<ApiError>().map(|e| e.error).unwrap_or_else(|_| status.to_string());
@@ -59,18 +65,28 @@ impl Client {
 
     /// PUT with a raw body (secret values: never JSON-encoded, never logged).
     pub fn put_bytes<T: DeserializeOwned>(&self, path: &str, body: &[u8]) -> anyhow::Result<T> {
-        let res = self.agent.put(format!("{}{path}", self.base)).content_type("application/octet-stream").send(body);
+        let res = self
+            .authed(self.agent.put(format!("{}{path}", self.base)))
+            .content_type("application/octet-stream")
+            .send(body);
         self.finish(res)
     }
 
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let res = self.agent.delete(format!("{}{path}", self.base)).call();
+        let res = self.authed(self.agent.delete(format!("{}{path}", self.base))).call();
         self.finish(res)
     }
 
     pub fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
-        let res = self.agent.patch(format!("{}{path}", self.base)).send_json(body);
+        let res = self.authed(self.agent.patch(format!("{}{path}", self.base))).send_json(body);
         self.finish(res)
+    }
+
+    fn authed<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.auth {
+            Some(a) => req.header("Authorization", a),
+            None => req,
+        }
     }
 
     fn finish<T: DeserializeOwned>(

@@ -24,6 +24,9 @@ pub struct Cli {
     /// Controller API URL.
     #[arg(long, global = true, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
+    /// API token, for a controller started with --api-auth.
+    #[arg(long, global = true, env = "BATON_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -110,6 +113,9 @@ pub enum Command {
     /// Join tokens: a device enrolls once with `baton-agent join TOKEN`.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Operator API tokens (admin, read-only), for a controller started with --api-auth.
+    #[command(subcommand)]
+    Apitoken(ApiTokenCmd),
     /// Device identities on the broker: credentials and revocation.
     #[command(subcommand)]
     Device(DeviceCmd),
@@ -136,6 +142,26 @@ pub enum RolloutCmd {
     Abort { workload: String },
     /// Abort a running rollout, or roll out the revision before the current one.
     Undo { workload: String },
+}
+
+#[derive(Subcommand)]
+pub enum ApiTokenCmd {
+    /// Create a token (printed once).
+    Create {
+        /// admin or read-only.
+        #[arg(long, default_value = "read-only")]
+        role: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List tokens (never secrets).
+    #[command(alias = "ls")]
+    List {
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Revoke a token.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -256,6 +282,10 @@ pub struct ServerArgs {
     /// (default: DATA_DIR/signing.key, created on first start).
     #[arg(long)]
     pub signing_key: Option<PathBuf>,
+    /// Require operator API tokens (`baton apitoken`); the first admin token is
+    /// written to DATA_DIR/admin.token.
+    #[arg(long)]
+    pub api_auth: bool,
     /// Embedded broker: require every client to authenticate with the credentials
     /// issued by `baton device credentials ID`, and keep each device on its own topics.
     #[arg(long)]
@@ -302,6 +332,7 @@ impl ServerArgs {
                 _ => None,
             },
             mqtt_auth: self.mqtt_auth,
+            api_auth: self.api_auth,
             signing_key: self.signing_key.clone(),
             secrets_key: self.secrets_key.clone(),
         })
@@ -324,7 +355,7 @@ pub fn default_data_dir() -> PathBuf {
 
 /// Runs one CLI invocation; the binary's `main` only prints the error.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = || Client::new(&cli.server);
+    let client = || Client::with_token(&cli.server, cli.token.as_deref());
     match cli.command {
         Command::Server(args) => {
             init_logging(args.log_json);
@@ -434,6 +465,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let req = crate::view::TokenRequest { ttl_s: parse_duration(&ttl)?, uses, labels: map };
             let t: crate::view::TokenView = client().post("/api/v1/tokens", &req)?;
             println!("{}", t.token);
+            Ok(())
+        }
+        Command::Apitoken(ApiTokenCmd::Create { role, name }) => {
+            let v: serde_json::Value =
+                client().post("/api/v1/apitokens", &serde_json::json!({"role": role, "name": name}))?;
+            println!("{}", v["token"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        Command::Apitoken(ApiTokenCmd::List { output }) => {
+            let list: Vec<crate::store::ApiToken> = client().get("/api/v1/apitokens")?;
+            print(output, &list, || {
+                let rows: Vec<Vec<String>> =
+                    list.iter().map(|t| vec![t.id.clone(), t.role.clone(), t.name.clone()]).collect();
+                output::table(&["ID", "ROLE", "NAME"], &rows)
+            })
+        }
+        Command::Apitoken(ApiTokenCmd::Revoke { id }) => {
+            let _: serde_json::Value = client().delete(&format!("/api/v1/apitokens/{id}"))?;
+            println!("apitoken/{id} revoked");
             Ok(())
         }
         Command::Token(TokenCmd::List { output }) => {
