@@ -43,6 +43,9 @@ pub struct FileConfig {
     pub mqtt_username: Option<String>,
     /// File holding this device's MQTT password (brokers with per-device credentials).
     pub mqtt_password_file: Option<PathBuf>,
+    /// PEM CA for an mqtts:// broker that is not a Baton gateway (default: the
+    /// gateway's CA is recognised by the trusted controller key).
+    pub mqtt_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,6 +89,7 @@ pub struct AgentConfig {
     pub controller_keys: Vec<[u8; 32]>,
     /// MQTT (username, password), when the broker wants them.
     pub mqtt_credentials: Option<(String, String)>,
+    pub mqtt_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +216,7 @@ impl AgentConfig {
         Ok(Self {
             broker,
             mqtt_credentials,
+            mqtt_ca_file: file.mqtt_ca_file.clone(),
             device_id,
             controller_keys,
             data_dir,

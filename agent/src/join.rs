@@ -76,6 +76,11 @@ pub async fn join(config: &AgentConfig, token: &Token, timeout: Duration) -> Res
     opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
         .set_credentials(format!("join:{}", token.id), token.secret.clone());
+    // Over TLS, the gateway must prove it holds the key the token names.
+    opts.set_transport(
+        crate::tls::transport(&config.broker, &[token.controller_key], config.mqtt_ca_file.as_deref())
+            .map_err(JoinError::Other)?,
+    );
     let (client, mut events) = AsyncClient::new(opts, 8);
     let request = encode(&Message::EnrollRequest(EnrollRequest {
         token_id: token.id.clone(),

@@ -16,4 +16,5 @@ pub mod rollback;
 pub mod runtime;
 pub mod simulate;
 pub mod supervisor;
+pub mod tls;
 pub mod trust;

@@ -77,7 +77,14 @@ impl Link {
             boot_id: boot_id.clone(),
             started_at: 0,
         };
+        let trust = crate::trust::Trust::load(config.controller_keys.clone(), &config.data_dir);
         let mut opts = MqttOptions::new(id.as_str(), config.broker.host.clone(), config.broker.port);
+        match crate::tls::transport(&config.broker, &trust.keys(), config.mqtt_ca_file.as_deref()) {
+            Ok(t) => {
+                opts.set_transport(t);
+            }
+            Err(e) => warn!(error = %e, "no TLS configuration; the broker will be unreachable"),
+        }
         opts.set_keep_alive(config.keepalive)
             .set_clean_session(false)
             .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
@@ -98,7 +105,6 @@ impl Link {
                 None
             }
         };
-        let trust = crate::trust::Trust::load(config.controller_keys.clone(), &config.data_dir);
         let persisted = crate::trust::read_persisted(&desired_bytes).ok();
         let mut link = Link {
             config,

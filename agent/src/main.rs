@@ -293,6 +293,9 @@ fn resolve_config(args: RunArgs) -> Result<AgentConfig, Box<dyn std::error::Erro
 fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let no_workloads = args.no_workloads;
     let config = resolve_config(args)?;
+    // An mqtts:// broker with nothing to trust is a configuration error: say so now.
+    let trust = baton_agent::trust::Trust::load(config.controller_keys.clone(), &config.data_dir);
+    baton_agent::tls::transport(&config.broker, &trust.keys(), config.mqtt_ca_file.as_deref())?;
 
     // One thread: the agent's work is I/O-bound and small, and every extra
     // worker thread costs stack and RSS on a 512 MB device.

@@ -86,7 +86,8 @@ impl Trust {
         Self { configured, pinned, pin_path }
     }
 
-    fn keys(&self) -> Vec<[u8; 32]> {
+    /// The keys documents (and the TLS gateway's CA) must carry.
+    pub fn keys(&self) -> Vec<[u8; 32]> {
         if self.configured.is_empty() {
             self.pinned.into_iter().collect()
         } else {

@@ -40,6 +40,8 @@ pub fn load_or_create(path: &Path, create: bool) -> anyhow::Result<[u8; 32]> {
 
 pub struct Keys {
     pub signing: crypto::SigningKey,
+    /// The signing key's seed: the TLS CA is made from it (`tls`).
+    pub signing_seed: [u8; 32],
     pub secrets: [u8; 32],
 }
 
@@ -54,12 +56,16 @@ impl Keys {
             Some(p) => load_or_create(p, false)?,
             None => load_or_create(&data_dir.join("secrets.key"), true)?,
         };
-        Ok(Self { signing: crypto::SigningKey::from_seed(&signing), secrets })
+        Ok(Self { signing: crypto::SigningKey::from_seed(&signing), signing_seed: signing, secrets })
     }
 
     /// For tests and tools: fixed keys.
     pub fn fixed(seed: u8) -> Self {
-        Self { signing: crypto::SigningKey::from_seed(&[seed; 32]), secrets: [seed.wrapping_add(1); 32] }
+        Self {
+            signing: crypto::SigningKey::from_seed(&[seed; 32]),
+            signing_seed: [seed; 32],
+            secrets: [seed.wrapping_add(1); 32],
+        }
     }
 
     /// `ed25519:HEX`, as agents are configured with it.

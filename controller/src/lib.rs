@@ -15,5 +15,6 @@ pub mod rollout;
 pub mod schedule;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod view;
 pub mod workload;

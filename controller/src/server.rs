@@ -45,6 +45,10 @@ pub struct ServerConfig {
     pub mqtt_auth: bool,
     /// Operator API tokens required.
     pub api_auth: bool,
+    /// The gateway speaks MQTT over TLS (certificates from the controller's own CA).
+    pub mqtt_tls: bool,
+    /// Extra names the MQTT server certificate is valid for.
+    pub tls_names: Vec<String>,
 }
 
 impl ServerConfig {
@@ -53,7 +57,7 @@ impl ServerConfig {
         match &self.broker {
             BrokerMode::Embedded(addr) => {
                 let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
-                BrokerUrl { host, port: addr.port() }
+                BrokerUrl { host, port: addr.port(), tls: self.mqtt_tls }
             }
             BrokerMode::External(url) => url.clone(),
         }
@@ -102,11 +106,15 @@ pub async fn serve(
                 .await
                 .with_context(|| format!("cannot listen for MQTT on {addr} (use --mqtt-listen ADDR)"))?;
             let authority: Arc<dyn crate::gateway::Authority> = controller.clone();
-            let gateway = Arc::new(crate::gateway::Gateway::new(internal_addr, internal.clone(), authority));
+            let mut gateway = crate::gateway::Gateway::new(internal_addr, internal.clone(), authority);
+            if cfg.mqtt_tls {
+                gateway = gateway.with_tls(crate::tls::server_config(&controller.keys.signing_seed, &cfg.tls_names)?);
+            }
+            let gateway = Arc::new(gateway);
             let _ = controller.gateway.set(gateway.clone());
             tokio::spawn(gateway.serve(listener, stop_rx.clone()));
             tracing::info!(%addr, "MQTT gateway: devices authenticate and stay on their own topics");
-            (BrokerUrl { host: "127.0.0.1".into(), port: internal_addr.port() }, Some(internal))
+            (BrokerUrl { host: "127.0.0.1".into(), port: internal_addr.port(), tls: false }, Some(internal))
         }
         BrokerMode::Embedded(addr) => {
             broker::start(*addr, cfg.max_devices + 16, None)?;

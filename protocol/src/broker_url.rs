@@ -1,18 +1,21 @@
-//! `mqtt://host[:port]` addresses of brokers, parsed once at the edge.
+//! `mqtt://host[:port]` and `mqtts://host[:port]` (TLS) addresses of brokers, parsed once at the edge.
 //! Pure string handling; both agent and controller take it from config.
 
 use std::fmt;
 
 pub const DEFAULT_MQTT_PORT: u16 = 1883;
+pub const DEFAULT_MQTTS_PORT: u16 = 8883;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     pub host: String,
     pub port: u16,
+    /// `mqtts://`: MQTT over TLS.
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid broker URL {url:?}: {reason} (expected mqtt://HOST[:PORT], e.g. mqtt://127.0.0.1:1883)")]
+#[error("invalid broker URL {url:?}: {reason} (expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT], e.g. mqtt://127.0.0.1:1883)")]
 pub struct InvalidBrokerUrl {
     pub url: String,
     pub reason: &'static str,
@@ -23,11 +26,11 @@ impl std::str::FromStr for BrokerUrl {
 
     fn from_str(url: &str) -> Result<Self, Self::Err> {
         let bad = |reason| InvalidBrokerUrl { url: url.to_string(), reason };
-        let rest = match url.split_once("://") {
-            Some(("mqtt" | "tcp", rest)) => rest,
-            Some(("mqtts" | "ssl", _)) => return Err(bad("TLS brokers are not supported yet")),
+        let (rest, tls) = match url.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => (rest, false),
+            Some(("mqtts" | "ssl", rest)) => (rest, true),
             Some(_) => return Err(bad("unknown scheme")),
-            None => url,
+            None => (url, false),
         };
         let rest = rest.trim_end_matches('/');
         if rest.contains('/') || rest.contains('@') {
@@ -47,18 +50,20 @@ impl std::str::FromStr for BrokerUrl {
         }
         let port = match port {
             Some(p) => p.parse().ok().filter(|p| *p != 0).ok_or_else(|| bad("port must be 1-65535"))?,
+            None if tls => DEFAULT_MQTTS_PORT,
             None => DEFAULT_MQTT_PORT,
         };
-        Ok(Self { host: host.to_string(), port })
+        Ok(Self { host: host.to_string(), port, tls })
     }
 }
 
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
         if self.host.contains(':') {
-            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "mqtt://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
@@ -74,7 +79,9 @@ mod tests {
         assert_eq!(p("mqtt://broker.lan"), Ok(("broker.lan".into(), 1883)));
         assert_eq!(p("broker.lan:2000"), Ok(("broker.lan".into(), 2000)));
         assert_eq!(p("tcp://[::1]:1885/"), Ok(("::1".into(), 1885)));
-        for bad in ["http://x", "mqtt://", "mqtt://x:0", "mqtt://x:99999", "mqtt://u:p@x", "mqtts://x"] {
+        let tls = "mqtts://broker.lan".parse::<BrokerUrl>().unwrap();
+        assert_eq!((tls.port, tls.tls, tls.to_string().as_str()), (8883, true, "mqtts://broker.lan:8883"));
+        for bad in ["http://x", "mqtt://", "mqtt://x:0", "mqtt://x:99999", "mqtt://u:p@x", "mqtts://"] {
             assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
         }
     }

@@ -261,3 +261,39 @@ fn a_device_joins_with_a_token_once_and_a_revoked_one_stays_out() {
     assert!(back.is_none(), "a revoked device came back online");
     assert!(controller.metric("baton_gateway_refused_total") >= 1);
 }
+
+#[test]
+fn over_tls_the_gateway_proves_it_holds_the_controller_key_and_plain_mqtt_is_refused() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &["--mqtt-auth", "--mqtt-tls"]);
+    let server = controller.server_url();
+    let tls_broker = format!("mqtts://127.0.0.1:{}", controller.mqtt);
+    let (ok, token, err) = baton_cli(&server, &["token", "create", "--uses", "2"]);
+    assert!(ok, "{err}");
+    let token = token.trim();
+
+    // A token naming another controller key: the gateway cannot prove it holds it.
+    let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+    parts[3] = "11".repeat(32);
+    let (ok, out) = join(&world, "pi-t0", &tls_broker, &parts.join("."));
+    assert!(!ok && out.to_lowercase().contains("certificate"), "joined a gateway it cannot trust: {out}");
+
+    // The real token: join and run over TLS.
+    let (ok, out) = join(&world, "pi-t", &tls_broker, token);
+    assert!(ok, "join over TLS: {out}");
+    let _agent = start_agent(&world, "pi-t", &tls_broker, &["--no-workloads"]);
+    wait_for("pi-t online over TLS", Duration::from_secs(30), || {
+        controller.device("pi-t").filter(|d| d.status == Status::Online)
+    });
+
+    // Plain MQTT to the TLS port gets nowhere, credentials or not.
+    let pw = std::fs::read_to_string(world.path().join("agent-pi-t/state/mqtt.pw")).expect("password");
+    assert!(RawClient::try_connect(controller.mqtt, "pi-t", Some(("pi-t", pw.trim()))).is_err());
+    // An agent with nothing to trust refuses to start against an mqtts:// broker.
+    let out = Command::new(bin("baton-agent"))
+        .args(agent_args(&world, "pi-none", &tls_broker, &["--no-workloads"]))
+        .output()
+        .expect("baton-agent");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("trust anchor"), "{text}");
+}

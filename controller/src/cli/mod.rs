@@ -282,6 +282,13 @@ pub struct ServerArgs {
     /// (default: DATA_DIR/signing.key, created on first start).
     #[arg(long)]
     pub signing_key: Option<PathBuf>,
+    /// MQTT over TLS on the gateway (needs --mqtt-auth): a CA is created in
+    /// DATA_DIR/tls on first start; join tokens carry its fingerprint.
+    #[arg(long, requires = "mqtt_auth")]
+    pub mqtt_tls: bool,
+    /// Another name (DNS or IP) devices use to reach this controller, for its certificate (repeatable).
+    #[arg(long = "tls-name")]
+    pub tls_names: Vec<String>,
     /// Require operator API tokens (`baton apitoken`); the first admin token is
     /// written to DATA_DIR/admin.token.
     #[arg(long)]
@@ -333,6 +340,8 @@ impl ServerArgs {
             },
             mqtt_auth: self.mqtt_auth,
             api_auth: self.api_auth,
+            mqtt_tls: self.mqtt_tls,
+            tls_names: self.tls_names.clone(),
             signing_key: self.signing_key.clone(),
             secrets_key: self.secrets_key.clone(),
         })

@@ -85,6 +85,8 @@ pub struct Gateway {
     live: Mutex<HashMap<String, Vec<tokio::sync::watch::Sender<bool>>>>,
     pub refused_connects: AtomicU64,
     pub denied_packets: AtomicU64,
+    /// MQTT over TLS when set.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Gateway {
@@ -96,7 +98,14 @@ impl Gateway {
             live: Mutex::new(HashMap::new()),
             refused_connects: AtomicU64::new(0),
             denied_packets: AtomicU64::new(0),
+            tls: None,
         }
+    }
+
+    /// Speak MQTT over TLS with this configuration.
+    pub fn with_tls(mut self, config: rustls::ServerConfig) -> Self {
+        self.tls = Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)));
+        self
     }
 
     /// Closes every connection of `device` (after its credentials were revoked).
@@ -123,14 +132,25 @@ impl Gateway {
             };
             let gw = self.clone();
             tokio::spawn(async move {
-                if let Err(why) = gw.connection(stream).await {
+                let result = match gw.tls.clone() {
+                    Some(tls) => match tokio::time::timeout(CONNECT_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok(s)) => gw.connection(s).await,
+                        Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                        Err(_) => Err("no TLS handshake within 10 s".into()),
+                    },
+                    None => gw.connection(stream).await,
+                };
+                if let Err(why) = result {
                     tracing::info!(%peer, %why, "MQTT connection closed by the gateway");
                 }
             });
         }
     }
 
-    async fn connection(self: Arc<Self>, mut client: TcpStream) -> Result<(), String> {
+    async fn connection<S>(self: Arc<Self>, mut client: S) -> Result<(), String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
         let mut buf = Vec::with_capacity(512);
         let (connect_len, connect) = tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut client, &mut buf))
             .await
@@ -160,7 +180,7 @@ impl Gateway {
             .entry(device.as_str().to_owned())
             .or_default()
             .push(stop_tx);
-        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_client, mut to_client) = tokio::io::split(client);
         let (mut from_broker, mut to_broker) = upstream.into_split();
         let down = tokio::io::copy(&mut from_broker, &mut to_client);
         let up = self.forward(&identity, &mut from_client, &mut to_broker, buf);
@@ -192,7 +212,7 @@ impl Gateway {
     async fn forward(
         &self,
         identity: &Identity,
-        from: &mut tokio::net::tcp::OwnedReadHalf,
+        from: &mut (impl tokio::io::AsyncRead + Unpin),
         to: &mut tokio::net::tcp::OwnedWriteHalf,
         mut buf: Vec<u8>,
     ) -> Result<(), String> {
@@ -238,7 +258,10 @@ impl Gateway {
 }
 
 /// Reads until a whole first packet is in `buf`; it must be a CONNECT.
-async fn read_connect(client: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(usize, Connect), String> {
+async fn read_connect(
+    client: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> Result<(usize, Connect), String> {
     let mut chunk = [0u8; 1024];
     loop {
         match wire::frame(buf, 64 * 1024) {

@@ -1,0 +1,77 @@
+//! MQTT over TLS on the gateway (`--mqtt-tls`). The certificate authority is
+//! made from the controller's Ed25519 signing key, so the one key an agent
+//! trusts for documents is also its TLS trust anchor: an agent accepts the
+//! gateway's certificate when it chains to a CA whose key is a controller key
+//! it trusts (`baton-agent`'s `tls` module). The CA certificate is
+//! deterministic (fixed fields, deterministic Ed25519 signature), so it is the
+//! same bytes on every start; the server certificate (ECDSA P-256) is made
+//! fresh at each start for the configured names.
+
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
+
+/// PKCS#8 v1 (RFC 8410) for an Ed25519 seed.
+fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
+    let mut der = vec![0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+    der.extend_from_slice(seed);
+    der
+}
+
+/// The CA certificate and key for a signing seed.
+pub fn ca(signing_seed: &[u8; 32]) -> anyhow::Result<(rcgen::Certificate, KeyPair)> {
+    let key = KeyPair::try_from(ed25519_pkcs8(signing_seed).as_slice())?;
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, "Baton controller CA");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.not_before = rcgen::date_time_ymd(2025, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2125, 1, 1);
+    p.serial_number = Some(rcgen::SerialNumber::from(vec![1]));
+    Ok((p.self_signed(&key)?, key))
+}
+
+/// The gateway's TLS configuration: a fresh server certificate for `names`
+/// (plus localhost and the loopback addresses), sent with the CA.
+pub fn server_config(signing_seed: &[u8; 32], names: &[String]) -> anyhow::Result<rustls::ServerConfig> {
+    let (ca_cert, ca_key) = ca(signing_seed)?;
+    let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    sans.extend(names.iter().cloned());
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, "Baton MQTT gateway");
+    for n in &sans {
+        p.subject_alt_names.push(match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(n.clone().try_into()?),
+        });
+    }
+    p.not_before = rcgen::date_time_ymd(2025, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2125, 1, 1);
+    let key = KeyPair::generate()?;
+    let cert = p.signed_by(&key, &ca_cert, &ca_key)?;
+    let chain = vec![cert.der().clone(), ca_cert.der().clone()];
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ca_is_the_same_bytes_every_time_and_holds_the_signing_key() {
+        let seed = [5u8; 32];
+        let (a, _) = ca(&seed).unwrap();
+        let (b, _) = ca(&seed).unwrap();
+        assert_eq!(a.der(), b.der());
+        let public = baton_protocol::crypto::SigningKey::from_seed(&seed).public();
+        assert!(a.der().windows(32).any(|w| w == public), "the CA's key is the signing key");
+        assert!(server_config(&seed, &["broker.lan".into(), "10.0.0.5".into()]).is_ok());
+    }
+}
