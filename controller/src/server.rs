@@ -47,8 +47,10 @@ pub struct ServerConfig {
     pub api_auth: bool,
     /// The gateway speaks MQTT over TLS (certificates from the controller's own CA).
     pub mqtt_tls: bool,
-    /// Extra names the MQTT server certificate is valid for.
+    /// Extra names the MQTT and API server certificates are valid for.
     pub tls_names: Vec<String>,
+    /// The API over HTTPS (certificate from the same CA).
+    pub api_tls: bool,
 }
 
 impl ServerConfig {
@@ -71,6 +73,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cfg.api_tls || cfg.http_listen.ip().is_loopback(),
+        "the API on {} would be plain HTTP off this machine: add --api-tls (and --api-auth), or listen on 127.0.0.1",
+        cfg.http_listen
+    );
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let db = cfg.data_dir.join("baton.db");
@@ -122,10 +129,19 @@ pub async fn serve(
         }
         BrokerMode::External(url) => (url.clone(), cfg.broker_credentials.clone()),
     };
+    if cfg.mqtt_tls || cfg.api_tls {
+        let ca = crate::tls::ca_pem(&controller.keys.signing_seed)?;
+        std::fs::write(cfg.data_dir.join("ca.crt"), ca).context("cannot write ca.crt")?;
+    }
     let listener = tokio::net::TcpListener::bind(cfg.http_listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {} (use --listen ADDR)", cfg.http_listen))?;
     let http_addr = listener.local_addr()?;
+    let tls_config = if cfg.api_tls {
+        Some(crate::tls::server_config(&controller.keys.signing_seed, &cfg.tls_names)?)
+    } else {
+        None
+    };
 
     let client_id = format!("baton-controller-{}", std::process::id());
     let ingest = tokio::spawn(ingest::run(
@@ -144,10 +160,17 @@ pub async fn serve(
         let _ = ready.send(http_addr);
     }
     let mut http_stop = stop_rx.clone();
-    let http = axum::serve(listener, api::router(controller.clone())).with_graceful_shutdown(async move {
+    let router = api::router(controller.clone());
+    let stopped = async move {
         let _ = http_stop.changed().await;
-    });
-    let http = tokio::spawn(async move { http.await });
+    };
+    let http = match tls_config {
+        Some(config) => {
+            let listener = crate::tls::TlsListener::new(listener, config)?;
+            tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(stopped).await })
+        }
+        None => tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(stopped).await }),
+    };
 
     shutdown.await;
     tracing::info!("shutting down");

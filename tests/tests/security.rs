@@ -341,3 +341,49 @@ fn api_tokens_gate_the_api_and_read_only_ones_change_nothing() {
     let (ok, _, err) = baton_cli_as(&server, Some(reader), &["get", "devices"]);
     assert!(!ok && err.contains("401"), "a revoked token still reads: {err}");
 }
+
+#[test]
+fn the_api_over_https_is_trusted_through_the_controller_ca_and_plain_http_stays_on_loopback() {
+    let world = World::new();
+    let data = world.path().join("controller");
+    let (http, mqtt) = (free_port(), free_port());
+    let args: Vec<String> = [
+        "server",
+        "--listen",
+        &format!("127.0.0.1:{http}"),
+        "--mqtt-listen",
+        &format!("127.0.0.1:{mqtt}"),
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--resolve-digests",
+        "false",
+        "--api-tls",
+        "--api-auth",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _server = Proc::spawn("controller", &bin("baton"), &args, world.path());
+    let url = format!("https://127.0.0.1:{http}");
+    let ca = data.join("ca.crt");
+    let token = wait_for("the HTTPS API answering", Duration::from_secs(20), || {
+        let token = std::fs::read_to_string(data.join("admin.token")).ok()?;
+        let (ok, _, _) = baton_cli_as(&url, Some(token.trim()), &["--ca-file", ca.to_str()?, "get", "devices"]);
+        ok.then_some(token)
+    });
+    let token = token.trim();
+    // Without the CA the CLI refuses the certificate; plain HTTP gets no answer.
+    let (ok, _, err) = baton_cli_as(&url, Some(token), &["get", "devices"]);
+    assert!(!ok && err.to_lowercase().contains("certificate"), "{err}");
+    let (ok, _, _) = baton_cli_as(&format!("http://127.0.0.1:{http}"), Some(token), &["get", "devices"]);
+    assert!(!ok, "plain HTTP was answered on the HTTPS port");
+
+    // Off loopback, plain HTTP is refused at start.
+    let out = std::process::Command::new(bin("baton"))
+        .args(["server", "--listen", "0.0.0.0:0", "--mqtt-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(world.path().join("other"))
+        .output()
+        .expect("baton server");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("--api-tls"), "{text}");
+}

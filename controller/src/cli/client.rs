@@ -18,16 +18,37 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn with_token(base: &str, token: Option<&str>) -> Self {
-        Self { auth: token.map(|t| format!("Bearer {}", t.trim())), ..Self::new(base) }
+    /// A client sending `token`, trusting `ca_file` (PEM) for https:// servers.
+    /// An unreadable CA file leaves the system roots (the request then says why it failed).
+    pub fn with_options(base: &str, token: Option<&str>, ca_file: Option<&std::path::Path>) -> Self {
+        let mut c = Self::new(base);
+        c.auth = token.map(|t| format!("Bearer {}", t.trim()));
+        if let Some(path) = ca_file {
+            match std::fs::read(path) {
+                Ok(pem) => {
+                    let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                        .filter_map(|i| match i {
+                            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.to_owned()),
+                            _ => None,
+                        })
+                        .collect();
+                    let tls = ureq::tls::TlsConfig::builder()
+                        .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+                        .build();
+                    c.agent = Self::builder().tls_config(tls).build().into();
+                }
+                Err(e) => eprintln!("baton: cannot read --ca-file {}: {e}", path.display()),
+            }
+        }
+        c
+    }
+
+    fn builder() -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
+        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(30)))
     }
 
     pub fn new(base: &str) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
+        let agent = Self::builder().build().into();
         Self { base: base.trim_end_matches('/').to_string(), agent, auth: None }
     }
 

@@ -27,6 +27,9 @@ pub struct Cli {
     /// API token, for a controller started with --api-auth.
     #[arg(long, global = true, env = "BATON_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// server (the controller's DATA_DIR/ca.crt).
+    #[arg(long, global = true, env = "BATON_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -286,7 +289,11 @@ pub struct ServerArgs {
     /// DATA_DIR/tls on first start; join tokens carry its fingerprint.
     #[arg(long, requires = "mqtt_auth")]
     pub mqtt_tls: bool,
-    /// Another name (DNS or IP) devices use to reach this controller, for its certificate (repeatable).
+    /// The API over HTTPS, with a certificate from the controller's CA
+    /// (DATA_DIR/ca.crt; the CLI takes it with --ca-file). Required off loopback.
+    #[arg(long)]
+    pub api_tls: bool,
+    /// Another name (DNS or IP) devices and operators use to reach this controller, for its certificates (repeatable).
     #[arg(long = "tls-name")]
     pub tls_names: Vec<String>,
     /// Require operator API tokens (`baton apitoken`); the first admin token is
@@ -341,6 +348,7 @@ impl ServerArgs {
             mqtt_auth: self.mqtt_auth,
             api_auth: self.api_auth,
             mqtt_tls: self.mqtt_tls,
+            api_tls: self.api_tls,
             tls_names: self.tls_names.clone(),
             signing_key: self.signing_key.clone(),
             secrets_key: self.secrets_key.clone(),
@@ -364,7 +372,7 @@ pub fn default_data_dir() -> PathBuf {
 
 /// Runs one CLI invocation; the binary's `main` only prints the error.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = || Client::with_token(&cli.server, cli.token.as_deref());
+    let client = || Client::with_options(&cli.server, cli.token.as_deref(), cli.ca_file.as_deref());
     match cli.command {
         Command::Server(args) => {
             init_logging(args.log_json);
