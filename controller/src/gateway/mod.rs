@@ -305,4 +305,30 @@ mod tests {
             assert!(!may_subscribe(&a, f), "{f}");
         }
     }
+
+    #[test]
+    fn a_joining_device_may_only_ask_to_enroll_and_hear_the_answer() {
+        let j = Identity::Joining(DeviceId::new("pi-j").unwrap());
+        assert!(may_publish(&j, "baton/v1/dev/pi-j/enroll"));
+        assert!(may_subscribe(&j, "baton/v1/dev/pi-j/enroll/res"));
+        for t in [
+            "baton/v1/dev/pi-j/presence",
+            "baton/v1/dev/pi-j/report",
+            "baton/v1/dev/pi-k/enroll",
+            "baton/v1/dev/pi-j/enroll/res",
+        ] {
+            assert!(!may_publish(&j, t), "{t}");
+        }
+        for f in [
+            "baton/v1/dev/pi-j/desired",
+            "baton/v1/dev/pi-j/cmd",
+            "baton/v1/dev/+/enroll/res",
+            "baton/v1/dev/pi-k/enroll/res",
+        ] {
+            assert!(!may_subscribe(&j, f), "{f}");
+        }
+        // An enrolled device no longer speaks on the enrollment topics.
+        let d = Identity::Device(DeviceId::new("pi-j").unwrap());
+        assert!(!may_publish(&d, "baton/v1/dev/pi-j/enroll") && !may_subscribe(&d, "baton/v1/dev/pi-j/enroll/res"));
+    }
 }
