@@ -12,7 +12,7 @@
 //! `runtime`, `pull`, `schedule` (placing 100,000 instances on 10,000
 //! devices), `rollout` (a 4-wave rollout to 1,000 simulated devices).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -90,12 +90,34 @@ fn footprint(idle_secs: u64) {
     }
     println!();
 
+    let agent_bin = small.filter(|p| p.exists()).unwrap_or(release);
+
+    // Plain MQTT to the embedded broker.
     let world = World::new();
     let controller = Controller::start(&world, None, &[]);
-    let agent_bin = small.filter(|p| p.exists()).unwrap_or(release);
+    idle(&world, &controller, &agent_bin, &controller.broker_url(), "plain MQTT", idle_secs);
+
+    // MQTT over TLS through the gateway, enrolled with a join token.
+    let world = World::new();
+    let controller = Controller::start(&world, None, &["--mqtt-auth", "--mqtt-tls"]);
+    let (ok, token, err) = baton_cli(&controller.server_url(), &["token", "create"]);
+    assert!(ok, "token create: {err}");
+    let broker = format!("mqtts://127.0.0.1:{}", controller.mqtt);
+    let out = std::process::Command::new(&agent_bin)
+        .args(["join", token.trim(), "--broker", &broker, "--device-id", "bench-idle", "--data-dir"])
+        .arg(world.path().join("agent"))
+        .args(["--config", "/dev/null"])
+        .output()
+        .expect("join");
+    assert!(out.status.success(), "join: {}", String::from_utf8_lossy(&out.stderr));
+    idle(&world, &controller, &agent_bin, &broker, "MQTT over TLS (gateway, enrolled)", idle_secs);
+}
+
+/// Runs the agent against `broker` for `idle_secs` and prints its memory.
+fn idle(world: &World, controller: &Controller, agent_bin: &Path, broker: &str, what: &str, idle_secs: u64) {
     let mut args = vec![
         "--broker".to_string(),
-        controller.broker_url(),
+        broker.to_string(),
         "--device-id".into(),
         "bench-idle".into(),
         "--data-dir".into(),
@@ -106,7 +128,7 @@ fn footprint(idle_secs: u64) {
     let cfg = world.path().join("agent.toml");
     std::fs::write(&cfg, "").expect("config");
     args.extend(["--config".into(), cfg.display().to_string()]);
-    let agent = Proc::spawn("agent", &agent_bin, &args, world.path());
+    let agent = Proc::spawn("agent", agent_bin, &args, world.path());
     wait_for("agent online", Duration::from_secs(20), || {
         controller.device("bench-idle").filter(|d| d.heartbeat.is_some())
     });
@@ -116,7 +138,7 @@ fn footprint(idle_secs: u64) {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
     let private = kib_field(&rollup, "Private_Clean:") + kib_field(&rollup, "Private_Dirty:");
     println!(
-        "Agent `{}` after {idle_secs} s connected, heartbeat every 1 s: RSS {} KiB, PSS {} KiB, private {} KiB, peak RSS {} KiB, threads {}.\n",
+        "Agent `{}`, {what}, after {idle_secs} s connected, heartbeat every 1 s: RSS {} KiB, PSS {} KiB, private {} KiB, peak RSS {} KiB, threads {}.\n",
         agent_bin.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
         kib_field(&status, "VmRSS:"),
         kib_field(&rollup, "Pss:"),
