@@ -35,6 +35,8 @@ pub struct ServerConfig {
     /// Pin image tags to digests at apply.
     pub resolve_digests: bool,
     pub insecure_registries: Vec<String>,
+    /// Registry host → (username, password), for resolving private images.
+    pub registry_credentials: std::collections::BTreeMap<String, (String, String)>,
     /// Seed files of the signing and secrets keys (default: created in the data dir).
     pub signing_key: Option<PathBuf>,
     pub secrets_key: Option<PathBuf>,
@@ -91,7 +93,7 @@ pub async fn serve(
     if cfg.resolve_digests {
         controller.registry = Some(baton_registry::Client::new(baton_registry::RegistryConfig {
             insecure: cfg.insecure_registries.clone(),
-            ..Default::default()
+            credentials: cfg.registry_credentials.clone(),
         }));
     }
     controller.api_auth = cfg.api_auth;

@@ -285,3 +285,36 @@ fn a_multi_arch_index_in_a_registry_gives_each_device_its_platform() {
     assert!(matches!(e, baton_agent::image::ImageError::NoPlatform { .. }), "{e}");
     assert!(e.to_string().contains("arm64"), "the error does not say what the index has: {e}");
 }
+
+#[test]
+fn the_controller_pins_private_images_with_registry_credentials() {
+    let world = World::new();
+    let registry = RegistryServer::start_with_auth(&world, "fleet", "s3cret");
+    let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");
+    let layout = baton_tests::fixtures::oci_layout(&world.path().join("layout"), &rootfs, "e2e").expect("layout");
+    registry.push_as(&layout, "e2e", "private/busybox:1", Some("fleet:s3cret"));
+    let manifest = world.path().join("app.yaml");
+    std::fs::write(&manifest, format!("name: app\nimage: 127.0.0.1:{}/private/busybox:1\n", registry.port))
+        .expect("manifest");
+    let apply = |c: &Controller| baton_cli(&c.server_url(), &["apply", "-f", manifest.to_str().expect("utf-8")]);
+
+    // Without credentials the tag cannot be pinned, and the apply says so.
+    let elsewhere = World::new();
+    let anonymous = Controller::start(&elsewhere, None, &["--resolve-digests", "true"]);
+    let (ok, out, err) = apply(&anonymous);
+    assert!(ok && out.contains("cannot resolve"), "{out}{err}");
+
+    let pw = world.path().join("registry.pw");
+    std::fs::write(&pw, "s3cret\n").expect("password file");
+    let auth = format!("127.0.0.1:{}=fleet:{}", registry.port, pw.display());
+    let controller = Controller::start(&world, None, &["--resolve-digests", "true", "--registry-auth", &auth]);
+    let (ok, out, err) = apply(&controller);
+    assert!(ok && out.contains("private/busybox:1 → sha256:"), "the private tag was not pinned: {out}{err}");
+    // A bad argument is a clear start-up error.
+    let out = Command::new(bin("baton"))
+        .args(["server", "--registry-auth", "no-equals-sign", "--data-dir"])
+        .arg(world.path().join("x"))
+        .output()
+        .expect("baton server");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HOST=USER:PASSWORD_FILE"));
+}

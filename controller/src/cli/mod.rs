@@ -191,6 +191,21 @@ pub enum TokenCmd {
     Delete { id: String },
 }
 
+/// `HOST=USER:PASSWORD_FILE` pairs → host → (user, password).
+pub fn parse_registry_auth(args: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, (String, String)>> {
+    let mut out = std::collections::BTreeMap::new();
+    for a in args {
+        let bad = || anyhow::anyhow!("--registry-auth {a:?}: use HOST=USER:PASSWORD_FILE");
+        let (host, rest) = a.split_once('=').ok_or_else(bad)?;
+        let (user, file) = rest.split_once(':').ok_or_else(bad)?;
+        anyhow::ensure!(!host.is_empty() && !user.is_empty() && !file.is_empty(), bad());
+        let password =
+            std::fs::read_to_string(file).with_context(|| format!("--registry-auth {host}: cannot read {file}"))?;
+        out.insert(host.to_string(), (user.to_string(), password.trim_end_matches(['\n', '\r']).to_string()));
+    }
+    Ok(out)
+}
+
 /// Seconds in `90s`, `30m`, `24h`, `7d` (or a bare number of seconds).
 pub fn parse_duration(text: &str) -> anyhow::Result<u64> {
     let t = text.trim();
@@ -278,6 +293,10 @@ pub struct ServerArgs {
     /// Registry spoken to over plain HTTP when resolving digests (repeatable; loopback always is).
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
+    /// Credentials for resolving digests in a private registry:
+    /// HOST=USER:PASSWORD_FILE (repeatable; the password is read from the file).
+    #[arg(long = "registry-auth")]
+    pub registry_auth: Vec<String>,
     /// Seconds a device may stay offline before its `replicas` workloads move to other devices.
     #[arg(long, default_value_t = 300)]
     pub reschedule_after: u64,
@@ -337,6 +356,7 @@ impl ServerArgs {
             reschedule_after: Duration::from_secs(self.reschedule_after),
             resolve_digests: self.resolve_digests,
             insecure_registries: self.insecure_registries.clone(),
+            registry_credentials: parse_registry_auth(&self.registry_auth)?,
             broker_credentials: match (&self.broker_username, &self.broker_password_file) {
                 (Some(user), Some(path)) => {
                     let password = std::fs::read_to_string(path)
