@@ -126,25 +126,10 @@ pub async fn join(config: &AgentConfig, token: &Token, timeout: Duration) -> Res
     let password = key
         .unseal(&crypto::secret_context(id.as_str(), "enroll", "password"), &answer.sealed_password)
         .map_err(|e| JoinError::Other(format!("cannot open the issued password: {e}")))?;
-    write_private(&pw_path, &password)?;
+    crate::runtime::layout::write_private(&pw_path, &password)?;
     let pin = format!("ed25519:{}\n", crypto::hex(&token.controller_key));
     crate::runtime::layout::write_atomic(&crate::trust::pinned_key_path(&config.data_dir), pin.as_bytes())?;
     Ok(())
-}
-
-/// Writes an owner-only file atomically.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("new");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use baton_protocol::crypto::{self, CryptoError, DeviceKey};
 use baton_protocol::{codec, Desired, Message, SignedDesired, TopicKind};
 use tracing::warn;
 
-use crate::runtime::layout::write_atomic;
+use crate::runtime::layout::{write_atomic, write_private};
 
 pub fn identity_path(data_dir: &Path) -> PathBuf {
     data_dir.join("state").join("identity.key")
@@ -32,20 +32,7 @@ pub fn load_or_create_identity(data_dir: &Path) -> std::io::Result<DeviceKey> {
         return Ok(key);
     }
     let seed = crypto::random_seed().map_err(std::io::Error::other)?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        // create_new: two processes racing to create it cannot both win.
-        let tmp = path.with_extension("new");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        f.write_all(crypto::hex(&seed).as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-    }
+    write_private(&path, crypto::hex(&seed).as_bytes())?;
     Ok(DeviceKey::from_seed(&seed))
 }
 

@@ -664,8 +664,7 @@ impl Controller {
     /// Stores a new password for a device and returns it.
     fn new_credentials(&self, id: &str, now: Millis) -> Result<String, OpError> {
         let id = parse_id(id)?;
-        let password = crypto::hex(&crypto::random_seed().map_err(|e| OpError::Invalid(e.to_string()))?);
-        let hash = ring::digest::digest(&ring::digest::SHA256, password.as_bytes()).as_ref().to_vec();
+        let (_, password, hash) = crate::keys::new_secret().map_err(|e| OpError::Invalid(e.to_string()))?;
         let store = lock(&self.store);
         store.save_credentials(id.as_str(), &hash, now)?;
         self.event(&store, "device", id.as_str(), "credentials issued".into(), now);
@@ -685,10 +684,7 @@ impl Controller {
         if role != ROLE_ADMIN && role != ROLE_READ_ONLY {
             return Err(OpError::Invalid(format!("role {role:?}: use {ROLE_ADMIN} or {ROLE_READ_ONLY}")));
         }
-        let random = crypto::random_seed().map_err(|e| OpError::Invalid(e.to_string()))?;
-        let id = crypto::hex(&random[..8]);
-        let secret = crypto::hex(&crypto::random_seed().map_err(|e| OpError::Invalid(e.to_string()))?);
-        let hash = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref().to_vec();
+        let (id, secret, hash) = crate::keys::new_secret().map_err(|e| OpError::Invalid(e.to_string()))?;
         let t = crate::store::ApiToken { id: id.clone(), role: role.into(), name: name.into(), created_at: now };
         let store = lock(&self.store);
         store.save_api_token(&t, &hash)?;
@@ -722,10 +718,10 @@ impl Controller {
         else {
             return Err("malformed API token".into());
         };
-        let hash = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+        let hash = crate::keys::sha256(secret.as_bytes());
         lock(&self.api_tokens)
             .iter()
-            .find(|(t, h)| t.id == id && same_hash(h, hash.as_ref()))
+            .find(|(t, h)| t.id == id && same_hash(h, &hash))
             .map(|(t, _)| t.role.clone())
             .ok_or_else(|| "unknown or revoked API token".into())
     }
@@ -737,11 +733,7 @@ impl Controller {
             return Ok(());
         }
         let (token, _) = self.create_api_token(ROLE_ADMIN, "first admin", now).map_err(|e| anyhow::anyhow!("{e}"))?;
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let _ = std::fs::remove_file(path);
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-        f.write_all(format!("{token}\n").as_bytes())?;
+        crate::keys::write_private(path, format!("{token}\n").as_bytes())?;
         tracing::warn!(path = %path.display(), "created the first admin API token (BATON_TOKEN=$(cat FILE))");
         Ok(())
     }
@@ -761,10 +753,7 @@ impl Controller {
         for (k, v) in &labels {
             validate_label(k, v).map_err(OpError::Invalid)?;
         }
-        let random = crypto::random_seed().map_err(|e| OpError::Invalid(e.to_string()))?;
-        let id = crypto::hex(&random[..8]);
-        let secret = crypto::hex(&crypto::random_seed().map_err(|e| OpError::Invalid(e.to_string()))?);
-        let hash = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+        let (id, secret, hash) = crate::keys::new_secret().map_err(|e| OpError::Invalid(e.to_string()))?;
         let t = crate::store::StoredToken {
             id: id.clone(),
             expires_at: now.saturating_add(ttl_s.saturating_mul(1000)),
@@ -773,7 +762,7 @@ impl Controller {
             created_at: now,
         };
         let store = lock(&self.store);
-        store.save_token(&t, hash.as_ref())?;
+        store.save_token(&t, &hash)?;
         self.event(&store, "token", &id, format!("created: {uses} use(s), expires in {ttl_s} s"), now);
         Ok((format!("baton1.{id}.{secret}.{}", crypto::hex(&self.keys.signing.public())), t))
     }
@@ -794,7 +783,7 @@ impl Controller {
     /// A token that admits a join right now: known, this secret, unexpired, uses left.
     fn valid_token(&self, id: &str, secret: &[u8], now: Millis) -> Result<crate::store::StoredToken, String> {
         let (t, hash) = lock(&self.store).token(id).map_err(|e| e.to_string())?.ok_or("unknown token")?;
-        if !same_hash(&hash, ring::digest::digest(&ring::digest::SHA256, secret).as_ref()) {
+        if !same_hash(&hash, &crate::keys::sha256(secret)) {
             return Err("wrong token secret".into());
         }
         if now >= t.expires_at {
@@ -1371,10 +1360,10 @@ impl crate::gateway::Authority for Controller {
             return Err(NOT_AUTHORIZED);
         }
         let id = DeviceId::new(user.clone()).map_err(|_| BAD_CREDENTIALS)?;
-        let hash = ring::digest::digest(&ring::digest::SHA256, password);
+        let hash = crate::keys::sha256(password);
         let known = lock(&self.credentials);
         let stored = known.get(id.as_str()).ok_or(BAD_CREDENTIALS)?;
-        if !same_hash(stored, hash.as_ref()) {
+        if !same_hash(stored, &hash) {
             return Err(BAD_CREDENTIALS);
         }
         Ok(crate::gateway::Identity::Device(id))

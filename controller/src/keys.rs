@@ -20,22 +20,40 @@ pub fn load_or_create(path: &Path, create: bool) -> anyhow::Result<[u8; 32]> {
         Ok(text) => Ok(crypto::parse_key(&text).with_context(|| format!("key file {}", path.display()))?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
             let seed = crypto::random_seed()?;
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
+            write_private(path, format!("{}\n", crypto::hex(&seed)).as_bytes())
                 .with_context(|| format!("cannot create key file {}", path.display()))?;
-            f.write_all(format!("{}\n", crypto::hex(&seed)).as_bytes())?;
-            f.sync_all()?;
             tracing::info!(path = %path.display(), "created a new key");
             Ok(seed)
         }
         Err(e) => Err(e).with_context(|| format!("cannot read key file {}", path.display())),
     }
+}
+
+/// Writes an owner-only file (keys, tokens) atomically: the temp file is
+/// created 0600, so the bytes are never readable by others, even briefly.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// A fresh credential: (id, secret, SHA-256 of the secret). The id is 16 hex
+/// digits, the secret 64; only the hash is ever stored.
+pub fn new_secret() -> Result<(String, String, Vec<u8>), crypto::CryptoError> {
+    let id = crypto::hex(&crypto::random_seed()?[..8]);
+    let secret = crypto::hex(&crypto::random_seed()?);
+    let hash = sha256(secret.as_bytes());
+    Ok((id, secret, hash))
+}
+
+pub fn sha256(bytes: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().to_vec()
 }
 
 pub struct Keys {

@@ -72,6 +72,22 @@ pub mod files {
     pub const SHIM_LOG: &str = "shim.log";
 }
 
+/// `write_atomic` for owner-only files (keys, passwords): the temp file is
+/// created 0600, so the bytes are never readable by others, even briefly.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Whether `dir` (created if missing) is on a memory filesystem.
 pub fn is_tmpfs(dir: &Path) -> bool {
     std::fs::create_dir_all(dir).is_ok()
