@@ -456,8 +456,10 @@ impl Controller {
         let mut st = lock(&self.state);
         let store = lock(&self.store);
         let mut validated = validated;
+        // Read once: every workload of this apply pins against the same versions.
+        let versions: BTreeMap<String, u64> = store.list_secrets()?.into_iter().map(|(n, v, _)| (n, v)).collect();
         for v in &mut validated {
-            Self::pin_secret_versions(&store, &mut v.spec)?;
+            Self::pin_secret_versions(&versions, &mut v.spec)?;
         }
         // Workloads whose revision must now reach the fleet: (name, from, to).
         let mut roll = Vec::new();
@@ -578,8 +580,7 @@ impl Controller {
 
     /// Points every secret file of a spec at its secret's current version, so
     /// a new secret version is a new revision (and rolls out like one).
-    fn pin_secret_versions(store: &Store, spec: &mut WorkloadSpec) -> Result<(), OpError> {
-        let versions: BTreeMap<String, u64> = store.list_secrets()?.into_iter().map(|(n, v, _)| (n, v)).collect();
+    fn pin_secret_versions(versions: &BTreeMap<String, u64>, spec: &mut WorkloadSpec) -> Result<(), OpError> {
         for f in spec.container.files.iter_mut().filter(|f| f.is_sealed()) {
             let name = parse_secret_reference(&f.contents)
                 .map(|(n, _)| n.to_string())
@@ -611,10 +612,10 @@ impl Controller {
         let users: Vec<Validated> = {
             let st = lock(&self.state);
             let mut store = lock(&self.store);
-            let latest = store.list_secrets()?.into_iter().find(|(n, _, _)| n == name).map_or(0, |(_, v, _)| v);
-            let data = crypto::encrypt(&self.keys.secrets, &secret_aad(name, latest + 1), value)
+            let version = store.secret_version(name)? + 1;
+            let data = crypto::encrypt(&self.keys.secrets, &secret_aad(name, version), value)
                 .map_err(|e| OpError::Invalid(e.to_string()))?;
-            let version = store.put_secret(name, &data, now)?;
+            store.put_secret(name, version, &data, now)?;
             self.event(&store, "secret", name, format!("version {version} set"), now);
             st.workloads
                 .values()

@@ -383,20 +383,27 @@ impl Store {
         Ok(out)
     }
 
-    /// Stores a new version of a secret (already encrypted) and returns its
-    /// number; keeps the last `SECRET_HISTORY` versions.
-    pub fn put_secret(&mut self, name: &str, data: &[u8], now: u64) -> Result<u64, StoreError> {
+    /// Stores version `version` of a secret (already encrypted with that
+    /// version in its associated data; see `secret_version`); keeps the last
+    /// `SECRET_HISTORY` versions.
+    pub fn put_secret(&mut self, name: &str, version: u64, data: &[u8], now: u64) -> Result<(), StoreError> {
+        let version = version as i64;
         let tx = self.conn.transaction()?;
-        let latest: i64 =
-            tx.query_row("SELECT COALESCE(MAX(version), 0) FROM secrets WHERE name = ?1", [name], |r| r.get(0))?;
-        let version = latest + 1;
         tx.execute(
             "INSERT INTO secrets (name, version, data, created_at) VALUES (?1, ?2, ?3, ?4)",
             params![name, version, data, now as i64],
         )?;
         tx.execute("DELETE FROM secrets WHERE name = ?1 AND version <= ?2", params![name, version - SECRET_HISTORY])?;
         tx.commit()?;
-        Ok(version as u64)
+        Ok(())
+    }
+
+    /// A secret's latest version (0: none).
+    pub fn secret_version(&self, name: &str) -> Result<u64, StoreError> {
+        let v: i64 =
+            self.conn
+                .query_row("SELECT COALESCE(MAX(version), 0) FROM secrets WHERE name = ?1", [name], |r| r.get(0))?;
+        Ok(v as u64)
     }
 
     /// One version's encrypted value.

@@ -189,11 +189,15 @@ impl Gateway {
             r = down => r.map(|_| ()).map_err(|e| e.to_string()),
             _ = stop_rx.changed() => Err("credentials revoked".into()),
         };
-        self.live
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(device.as_str().to_owned())
-            .and_modify(|v| v.retain(|s| !s.is_closed()));
+        // This session's receiver goes first, so its sender reads as closed.
+        drop(stop_rx);
+        let mut live = self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(v) = live.get_mut(device.as_str()) {
+            v.retain(|s| !s.is_closed());
+            if v.is_empty() {
+                live.remove(device.as_str());
+            }
+        }
         result
     }
 
