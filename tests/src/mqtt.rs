@@ -94,3 +94,25 @@ impl RawClient {
         None
     }
 }
+
+/// Waits (30 s at most) for a report from a device, on a client subscribed to
+/// its report topic, that satisfies `ok`; panics with the last one seen.
+pub fn wait_report(
+    watch: &mut RawClient,
+    what: &str,
+    ok: impl Fn(&baton_protocol::Report) -> bool,
+) -> baton_protocol::Report {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some((_, payload, _)) = watch.next_message(Duration::from_millis(500)) {
+            if let Ok((_, baton_protocol::Message::Report(r))) = baton_protocol::decode(&payload) {
+                if ok(&r) {
+                    return r;
+                }
+                last = Some(r);
+            }
+        }
+    }
+    panic!("no report with {what} within 30 s; last: {last:?}");
+}

@@ -15,10 +15,15 @@ use baton_agent::image::ImageStore;
 use baton_tests::*;
 
 fn pushed_busybox(world: &World, registry: &RegistryServer, repo_tag: &str) {
+    pushed_busybox_as(world, registry, repo_tag, None);
+}
+
+/// As `pushed_busybox`, with `user:password` for a registry that wants them.
+fn pushed_busybox_as(world: &World, registry: &RegistryServer, repo_tag: &str, creds: Option<&str>) {
     let dir = world.path().join(repo_tag.replace(['/', ':'], "_"));
     let rootfs = baton_tests::fixtures::busybox_rootfs(&dir).expect("rootfs");
     let layout = baton_tests::fixtures::oci_layout(&dir.join("layout"), &rootfs, "e2e").expect("layout");
-    registry.push(&layout, "e2e", repo_tag);
+    registry.push_as(&layout, "e2e", repo_tag, creds);
 }
 
 #[test]
@@ -230,9 +235,7 @@ fn a_blob_corrupted_in_transit_is_refused_and_nothing_of_it_is_kept() {
 fn a_registry_with_htpasswd_auth_needs_and_accepts_credentials() {
     let world = World::new();
     let registry = RegistryServer::start_with_auth(&world, "fleet", "s3cret");
-    let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");
-    let layout = baton_tests::fixtures::oci_layout(&world.path().join("layout"), &rootfs, "e2e").expect("layout");
-    registry.push_as(&layout, "e2e", "private/busybox:1", Some("fleet:s3cret"));
+    pushed_busybox_as(&world, &registry, "private/busybox:1", Some("fleet:s3cret"));
     let reference = format!("127.0.0.1:{}/private/busybox:1", registry.port);
     let store = ImageStore::open(world.path().join("images")).expect("store");
 
@@ -290,9 +293,7 @@ fn a_multi_arch_index_in_a_registry_gives_each_device_its_platform() {
 fn the_controller_pins_private_images_with_registry_credentials() {
     let world = World::new();
     let registry = RegistryServer::start_with_auth(&world, "fleet", "s3cret");
-    let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");
-    let layout = baton_tests::fixtures::oci_layout(&world.path().join("layout"), &rootfs, "e2e").expect("layout");
-    registry.push_as(&layout, "e2e", "private/busybox:1", Some("fleet:s3cret"));
+    pushed_busybox_as(&world, &registry, "private/busybox:1", Some("fleet:s3cret"));
     let manifest = world.path().join("app.yaml");
     std::fs::write(&manifest, format!("name: app\nimage: 127.0.0.1:{}/private/busybox:1\n", registry.port))
         .expect("manifest");

@@ -4,32 +4,15 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use baton_protocol::spec::{ContainerSpec, WorkloadSpec};
-use baton_protocol::{decode, encode, Desired, Message, Report};
-use baton_tests::mqtt::RawClient;
+use baton_protocol::{decode, encode, Desired, Message};
+use baton_tests::mqtt::{wait_report, RawClient};
 use baton_tests::*;
 
 fn doc(generation: u64) -> Desired {
     Desired { generation, ..Default::default() }
-}
-
-/// The next report from the device that satisfies `ok`.
-fn wait_report(watch: &mut RawClient, what: &str, ok: impl Fn(&Report) -> bool) -> Report {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = None;
-    while Instant::now() < deadline {
-        if let Some((_, payload, _)) = watch.next_message(Duration::from_millis(500)) {
-            if let Ok((_, Message::Report(r))) = decode(&payload) {
-                if ok(&r) {
-                    return r;
-                }
-                last = Some(r);
-            }
-        }
-    }
-    panic!("no report with {what} within 30 s; last: {last:?}");
 }
 
 fn refused_with(watch: &mut RawClient, needle: &str) {

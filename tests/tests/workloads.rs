@@ -3,11 +3,11 @@
 //! persisted state, roll a new revision, remove. Root only (CI is root).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use baton_protocol::spec::{ContainerSpec, WorkloadSpec};
-use baton_protocol::{decode, Desired, Message, Phase, Report};
-use baton_tests::mqtt::RawClient;
+use baton_protocol::{Desired, Phase, Report};
+use baton_tests::mqtt::{wait_report, RawClient};
 use baton_tests::*;
 
 const DEVICE: &str = "pi-w";
@@ -29,23 +29,6 @@ fn web(revision: u64, script: &str) -> WorkloadSpec {
         container: ContainerSpec { command: vec!["/bin/sh".into(), "-c".into(), script.into()], ..Default::default() },
         ..Default::default()
     }
-}
-
-/// Waits for a report on the device's report topic that satisfies `ok`.
-fn wait_report(watch: &mut RawClient, what: &str, ok: impl Fn(&Report) -> bool) -> Report {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = None;
-    while Instant::now() < deadline {
-        if let Some((_, payload, _)) = watch.next_message(Duration::from_millis(500)) {
-            if let Ok((_, Message::Report(r))) = decode(&payload) {
-                if ok(&r) {
-                    return r;
-                }
-                last = Some(r);
-            }
-        }
-    }
-    panic!("no report with {what} within 30 s; last: {last:?}");
 }
 
 fn running_pid(run_dir: &Path, container: &str) -> Option<i32> {
