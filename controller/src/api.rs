@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
@@ -15,6 +15,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::controller::{now_ms, Controller, OpError};
 use crate::fleet::Status;
+use crate::tenant::Scope;
 use crate::view::{ApiError, ApplyRequest, ExecRequest, ExecResponse, LabelChange, ScaleRequest};
 
 pub fn router(controller: Arc<Controller>) -> Router {
@@ -24,6 +25,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/labels", patch(relabel))
+        .route("/api/v1/devices/{id}/tenant", axum::routing::put(assign_device))
         .route("/api/v1/workloads", get(list_workloads).post(apply_workloads))
         .route("/api/v1/workloads/{name}", get(get_workload).delete(delete_workload))
         .route("/api/v1/workloads/{name}/scale", post(scale))
@@ -71,6 +73,7 @@ impl From<OpError> for Failure {
         let status = match &e {
             OpError::NotFound(_) => StatusCode::NOT_FOUND,
             OpError::Invalid(_) => StatusCode::BAD_REQUEST,
+            OpError::Forbidden(_) => StatusCode::FORBIDDEN,
             OpError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Failure(status, e.to_string())
@@ -85,29 +88,49 @@ async fn metrics(State(c): State<Arc<Controller>>) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], c.render_metrics(now_ms()))
 }
 
-async fn list_devices(State(c): State<Arc<Controller>>) -> impl IntoResponse {
-    Json(c.devices(now_ms()))
+async fn list_devices(State(c): State<Arc<Controller>>, Extension(scope): Extension<Scope>) -> impl IntoResponse {
+    Json(c.devices(now_ms(), &scope))
 }
 
-async fn get_device(State(c): State<Arc<Controller>>, Path(id): Path<String>) -> Result<impl IntoResponse, OpError> {
-    c.device(&id, now_ms()).map(Json)
+async fn get_device(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, OpError> {
+    c.device(&id, now_ms(), &scope).map(Json)
 }
 
 async fn relabel(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
     body: Result<Json<LabelChange>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, Response> {
     let Json(change) = body.map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))?;
-    c.relabel(&id, &change, now_ms()).map(Json).map_err(IntoResponse::into_response)
+    c.relabel(&id, &change, now_ms(), &scope).map(Json).map_err(IntoResponse::into_response)
+}
+
+#[derive(serde::Deserialize)]
+struct AssignRequest {
+    tenant: String,
+}
+
+async fn assign_device(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+    body: Result<Json<AssignRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    Ok(Json(c.assign_device(&id, &req.tenant, now_ms(), &scope)?))
 }
 
 /// How long a device has to give its first answer.
 const FIRST_ANSWER: Duration = Duration::from_secs(15);
 
-/// The device must be known and online before we ask it anything.
-fn online_device(c: &Controller, id: &str) -> Result<DeviceId, Failure> {
-    let device = c.device(id, now_ms())?;
+/// The device must be known (to this tenant) and online before we ask it anything.
+fn online_device(c: &Controller, id: &str, scope: &Scope) -> Result<DeviceId, Failure> {
+    let device = c.device(id, now_ms(), scope)?;
     if device.status == Status::Offline {
         return Err(Failure(StatusCode::CONFLICT, format!("device {id} is offline")));
     }
@@ -141,10 +164,11 @@ struct LogsQuery {
 /// device first answers (so errors are HTTP errors); closing it cancels a follow.
 async fn logs(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     Path((id, workload)): Path<(String, String)>,
     axum::extract::Query(q): axum::extract::Query<LogsQuery>,
 ) -> Result<Response, Failure> {
-    let device = online_device(&c, &id)?;
+    let device = online_device(&c, &id, &scope)?;
     let deadline = now_ms() + if q.follow { 12 * 3600 * 1000 } else { 60_000 };
     let action = CommandAction::Logs { workload, tail: q.tail.unwrap_or(100), follow: q.follow };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
@@ -187,6 +211,7 @@ async fn logs(
 
 async fn exec(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
     body: Result<Json<ExecRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<ExecResponse>, Failure> {
@@ -194,7 +219,7 @@ async fn exec(
     if req.argv.is_empty() {
         return Err(Failure(StatusCode::BAD_REQUEST, "argv: nothing to run".into()));
     }
-    let device = online_device(&c, &id)?;
+    let device = online_device(&c, &id, &scope)?;
     let action = CommandAction::Exec { workload: req.workload, argv: req.argv };
     let mut pending = c.commands.send(device, action, now_ms() + 90_000);
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -217,9 +242,10 @@ async fn exec(
 
 async fn restart(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     Path((id, workload)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, Failure> {
-    let device = online_device(&c, &id)?;
+    let device = online_device(&c, &id, &scope)?;
     let mut pending = c.commands.send(device, CommandAction::Restart { workload: workload.clone() }, now_ms() + 30_000);
     answer(&mut pending.answers, &id, FIRST_ANSWER).await?;
     Ok(Json(serde_json::json!({"device": id, "workload": workload, "status": "restarting"})))
@@ -228,6 +254,7 @@ async fn restart(
 /// Validates every document of every file first; stores only if all are valid.
 async fn apply_workloads(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     body: Result<Json<ApplyRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, Failure> {
     let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
@@ -251,7 +278,7 @@ async fn apply_workloads(
     // Tag → digest over HTTP: blocking, off the async workers.
     let results = tokio::task::spawn_blocking(move || {
         let notes = c.pin_digests(&mut validated);
-        c.apply_workloads(validated, now_ms()).map(|mut results| {
+        c.apply_workloads(validated, now_ms(), &scope).map(|mut results| {
             for (r, note) in results.iter_mut().zip(notes) {
                 r.note = note;
             }
@@ -263,43 +290,51 @@ async fn apply_workloads(
     Ok(Json(results))
 }
 
-async fn list_workloads(State(c): State<Arc<Controller>>) -> impl IntoResponse {
-    Json(c.workloads(now_ms()))
+async fn list_workloads(State(c): State<Arc<Controller>>, Extension(scope): Extension<Scope>) -> impl IntoResponse {
+    Json(c.workloads(now_ms(), &scope))
 }
 
 async fn get_workload(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    Ok(Json(c.workload(&name, now_ms())?))
+    Ok(Json(c.workload(&name, now_ms(), &scope)?))
 }
 
 async fn delete_workload(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    c.delete_workload(&name, now_ms())?;
+    c.delete_workload(&name, now_ms(), &scope)?;
     Ok(Json(serde_json::json!({"deleted": name})))
 }
 
 async fn scale(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     Path(name): Path<String>,
     body: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, Failure> {
     let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
-    Ok(Json(c.scale(&name, req.replicas, now_ms())?))
+    Ok(Json(c.scale(&name, req.replicas, now_ms(), &scope)?))
 }
 
-async fn get_rollout(State(c): State<Arc<Controller>>, Path(name): Path<String>) -> Result<impl IntoResponse, Failure> {
-    Ok(Json(c.rollout(&name)?))
+async fn get_rollout(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(c.rollout(&name, &scope)?))
 }
 
 async fn rollout_action(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     Path((name, action)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, Failure> {
-    Ok(Json(c.rollout_action(&name, &action, now_ms())?))
+    Ok(Json(c.rollout_action(&name, &action, now_ms(), &scope)?))
 }
 
 #[derive(serde::Deserialize)]
@@ -308,21 +343,29 @@ struct EventQuery {
     limit: Option<usize>,
 }
 
-async fn events(State(c): State<Arc<Controller>>, Query(q): Query<EventQuery>) -> Result<impl IntoResponse, Failure> {
-    Ok(Json(c.events(q.subject.as_deref(), q.limit.unwrap_or(100).min(10_000))?))
+async fn events(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Query(q): Query<EventQuery>,
+) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(c.events(q.subject.as_deref(), q.limit.unwrap_or(100).min(10_000), &scope)?))
 }
 
-async fn list_secrets(State(c): State<Arc<Controller>>) -> Result<impl IntoResponse, Failure> {
-    Ok(Json(c.secrets()?))
+async fn list_secrets(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(c.secrets(&scope)?))
 }
 
 /// The body is the secret's value, as raw bytes.
 async fn put_secret(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, Failure> {
-    let view = tokio::task::spawn_blocking(move || c.put_secret(&name, &body, now_ms()))
+    let view = tokio::task::spawn_blocking(move || c.put_secret(&name, &body, now_ms(), &scope))
         .await
         .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(Json(view))
@@ -330,9 +373,10 @@ async fn put_secret(
 
 async fn delete_secret(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    c.delete_secret(&name, now_ms())?;
+    c.delete_secret(&name, now_ms(), &scope)?;
     Ok(Json(serde_json::json!({"deleted": name})))
 }
 
@@ -342,59 +386,90 @@ async fn trust(State(c): State<Arc<Controller>>) -> impl IntoResponse {
 
 async fn issue_credentials(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    let password = c.issue_credentials(&id, now_ms())?;
+    let password = c.issue_credentials(&id, now_ms(), &scope)?;
     Ok(Json(crate::view::CredentialsView { device: id, password }))
 }
 
-async fn revoke_device(State(c): State<Arc<Controller>>, Path(id): Path<String>) -> Result<impl IntoResponse, Failure> {
-    c.revoke_device(&id, now_ms())?;
+async fn revoke_device(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    c.revoke_device(&id, now_ms(), &scope)?;
     Ok(Json(serde_json::json!({"revoked": id})))
 }
 
 async fn create_token(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     body: Result<Json<crate::view::TokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, Failure> {
     let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let (token, info) = c.create_token(req.ttl_s, req.uses, req.labels, now_ms())?;
+    let (token, info) = c.create_token(req.ttl_s, req.uses, req.labels, now_ms(), &scope)?;
     Ok(Json(crate::view::TokenView { token, info }))
 }
 
-async fn list_tokens(State(c): State<Arc<Controller>>) -> Result<impl IntoResponse, Failure> {
-    Ok(Json(c.tokens()?))
+async fn list_tokens(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(c.tokens(&scope)?))
 }
 
-async fn delete_token(State(c): State<Arc<Controller>>, Path(id): Path<String>) -> Result<impl IntoResponse, Failure> {
-    c.delete_token(&id, now_ms())?;
+async fn delete_token(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    c.delete_token(&id, now_ms(), &scope)?;
     Ok(Json(serde_json::json!({"deleted": id})))
 }
 
-/// With `--api-auth`: every request but `/healthz` and `/metrics` carries
-/// `Authorization: Bearer <token>`; a read-only token may only read.
+/// Gives every request its `Scope`. With `--api-auth`, every request but
+/// `/healthz` and `/metrics` carries `Authorization: Bearer <token>`; a
+/// read-only token may only read, a tenant's token acts for its tenant only.
+/// The `baton-tenant` header narrows a fleet-wide caller to one tenant.
 async fn authenticate(
     State(c): State<Arc<Controller>>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if !c.api_auth || matches!(req.uri().path(), "/healthz" | "/metrics") {
+    if matches!(req.uri().path(), "/healthz" | "/metrics") {
         return next.run(req).await;
     }
-    let bearer = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match c.authorize(bearer) {
-        Err(why) => error(StatusCode::UNAUTHORIZED, why),
-        Ok(role)
-            if role != crate::controller::ROLE_ADMIN
-                && !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD) =>
-        {
-            error(StatusCode::FORBIDDEN, format!("a {role} token cannot change anything"))
+    let headers = req.headers();
+    let named = match headers.get(crate::tenant::HEADER).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(t)) => Some(t.to_string()),
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "the tenant header is not text".into()),
+    };
+    let token_tenant = if c.api_auth {
+        let bearer = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match c.authorize(bearer) {
+            Err(why) => return error(StatusCode::UNAUTHORIZED, why),
+            Ok((role, _))
+                if role != crate::controller::ROLE_ADMIN
+                    && !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD) =>
+            {
+                return error(StatusCode::FORBIDDEN, format!("a {role} token cannot change anything"));
+            }
+            Ok((_, tenant)) => tenant,
         }
-        Ok(_) => next.run(req).await,
+    } else {
+        None
+    };
+    match Scope::of(token_tenant.as_deref(), named.as_deref()) {
+        Ok(scope) => {
+            req.extensions_mut().insert(scope);
+            next.run(req).await
+        }
+        Err(why) => error(StatusCode::FORBIDDEN, why),
     }
 }
 
@@ -407,21 +482,25 @@ struct ApiTokenRequest {
 
 async fn create_api_token(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     body: Result<Json<ApiTokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, Failure> {
     let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let (token, info) = c.create_api_token(&req.role, &req.name, now_ms())?;
-    Ok(Json(serde_json::json!({"token": token, "id": info.id, "role": info.role, "name": info.name})))
+    let (token, info) = c.create_api_token(&req.role, &req.name, now_ms(), &scope)?;
+    Ok(Json(serde_json::json!({
+        "token": token, "id": info.id, "role": info.role, "name": info.name, "tenant": info.tenant
+    })))
 }
 
-async fn list_api_tokens(State(c): State<Arc<Controller>>) -> impl IntoResponse {
-    Json(c.api_token_list())
+async fn list_api_tokens(State(c): State<Arc<Controller>>, Extension(scope): Extension<Scope>) -> impl IntoResponse {
+    Json(c.api_token_list(&scope))
 }
 
 async fn delete_api_token(
     State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    c.delete_api_token(&id, now_ms())?;
+    c.delete_api_token(&id, now_ms(), &scope)?;
     Ok(Json(serde_json::json!({"revoked": id})))
 }

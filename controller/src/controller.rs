@@ -20,6 +20,7 @@ use crate::metrics::{Metrics, Rejection};
 use crate::rollout::{Observation, Rollout, State as RolloutState};
 use crate::schedule::{schedule, DeviceFacts, Placed, Schedule};
 use crate::store::{Store, StoreError, REVISION_HISTORY};
+use crate::tenant::Scope;
 use crate::view::{
     ApplyResult, DeviceView, Event, Health, LabelChange, RevisionView, RolloutView, SecretView, WorkloadOnDevice,
     WorkloadView,
@@ -32,6 +33,7 @@ fn facts_of(d: &Device, now: Millis, stale_after_ms: Millis, grace_ms: Millis) -
     let inv = d.inventory.as_ref();
     DeviceFacts {
         id: d.id.clone(),
+        tenant: d.tenant.clone(),
         labels: d.labels(),
         arch: inv.map(|i| i.arch.clone()).unwrap_or_default(),
         memory_bytes: inv.map_or(0, |i| i.memory_bytes),
@@ -81,6 +83,7 @@ fn parse_secret_reference(contents: &[u8]) -> Option<(&str, u64)> {
 /// One workload as the controller holds it.
 #[derive(Debug, Clone)]
 struct Entry {
+    tenant: String,
     manifest: Manifest,
     revisions: BTreeMap<u64, WorkloadSpec>,
     latest: u64,
@@ -125,6 +128,8 @@ pub enum OpError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -175,6 +180,7 @@ impl Controller {
             .into_iter()
             .map(|w| {
                 let entry = Entry {
+                    tenant: w.tenant,
                     manifest: w.manifest,
                     revisions: w.revisions,
                     latest: w.latest,
@@ -276,7 +282,8 @@ impl Controller {
                     (_, PresenceState::Online) => "online".to_string(),
                     (_, PresenceState::Offline) => "offline".to_string(),
                 };
-                self.event(&lock(&self.store), "device", id.as_str(), what, now);
+                let tenant = fleet.get(id).map_or(crate::tenant::DEFAULT, |d| d.tenant.as_str());
+                self.event(&lock(&self.store), tenant, "device", id.as_str(), what, now);
             }
             let snapshot = (change == Change::Persist).then(|| fleet.get(id).cloned()).flatten();
             (change, snapshot)
@@ -322,24 +329,42 @@ impl Controller {
         Ok(n)
     }
 
-    pub fn devices(&self, now: Millis) -> Vec<DeviceView> {
-        lock(&self.fleet).devices().map(|d| DeviceView::new(d, now, self.stale_after_ms)).collect()
+    pub fn devices(&self, now: Millis, scope: &Scope) -> Vec<DeviceView> {
+        lock(&self.fleet)
+            .devices()
+            .filter(|d| scope.sees(&d.tenant))
+            .map(|d| DeviceView::new(d, now, self.stale_after_ms))
+            .collect()
     }
 
-    pub fn device(&self, id: &str, now: Millis) -> Result<DeviceView, OpError> {
+    pub fn device(&self, id: &str, now: Millis, scope: &Scope) -> Result<DeviceView, OpError> {
         let id = parse_id(id)?;
         let fleet = lock(&self.fleet);
-        let d = fleet.get(&id).ok_or_else(|| OpError::NotFound(format!("device {id} not found")))?;
+        let d = Self::visible_device(&fleet, &id, scope)?;
         Ok(DeviceView::new(d, now, self.stale_after_ms))
     }
 
-    pub fn relabel(&self, id: &str, change: &LabelChange, now: Millis) -> Result<DeviceView, OpError> {
+    /// A device `scope` may see; another tenant's device is "not found", as an unknown one.
+    fn visible_device<'f>(fleet: &'f Fleet, id: &DeviceId, scope: &Scope) -> Result<&'f Device, OpError> {
+        fleet
+            .get(id)
+            .filter(|d| scope.sees(&d.tenant))
+            .ok_or_else(|| OpError::NotFound(format!("device {id} not found")))
+    }
+
+    /// The tenant of a known device.
+    fn device_tenant(&self, id: &DeviceId) -> Option<String> {
+        lock(&self.fleet).get(id).map(|d| d.tenant.clone())
+    }
+
+    pub fn relabel(&self, id: &str, change: &LabelChange, now: Millis, scope: &Scope) -> Result<DeviceView, OpError> {
         let id = parse_id(id)?;
         for (k, v) in &change.set {
             validate_label(k, v).map_err(OpError::Invalid)?;
         }
         let device = {
             let mut fleet = lock(&self.fleet);
+            Self::visible_device(&fleet, &id, scope)?;
             fleet
                 .relabel(&id, &change.set, &change.remove)
                 .cloned()
@@ -351,18 +376,45 @@ impl Controller {
         Ok(DeviceView::new(&device, now, self.stale_after_ms))
     }
 
-    /// Records an event: the store's log and the controller's own.
-    fn event(&self, store: &Store, kind: &str, subject: &str, message: String, now: Millis) {
-        tracing::info!(kind, subject, "{message}");
-        let e = Event { at_ms: now, kind: kind.into(), subject: subject.into(), message };
+    /// `baton device assign ID TENANT`: moves a device to another tenant; its
+    /// workloads leave it and the new tenant's arrive. Fleet-wide operators only.
+    pub fn assign_device(&self, id: &str, tenant: &str, now: Millis, scope: &Scope) -> Result<DeviceView, OpError> {
+        if *scope != Scope::All {
+            return Err(OpError::Forbidden("only a fleet-wide token, acting for no tenant, moves devices".into()));
+        }
+        let id = parse_id(id)?;
+        crate::tenant::validate(tenant).map_err(OpError::Invalid)?;
+        let (device, from) = {
+            let mut fleet = lock(&self.fleet);
+            let from = fleet.get(&id).map(|d| d.tenant.clone());
+            let device = fleet.assign(&id, tenant).cloned();
+            (device.ok_or_else(|| OpError::NotFound(format!("device {id} not found")))?, from.unwrap_or_default())
+        };
+        let store = lock(&self.store);
+        store.save_device(&device)?;
+        self.event(&store, tenant, "device", id.as_str(), format!("moved from tenant {from} to tenant {tenant}"), now);
+        drop(store);
+        self.sync_desired(now);
+        Ok(DeviceView::new(&device, now, self.stale_after_ms))
+    }
+
+    /// Records an event: the store's log and the controller's own. `tenant`
+    /// is the subject's (empty for fleet-wide subjects).
+    fn event(&self, store: &Store, tenant: &str, kind: &str, subject: &str, message: String, now: Millis) {
+        tracing::info!(kind, subject, tenant, "{message}");
+        let e = Event { at_ms: now, kind: kind.into(), subject: subject.into(), message, tenant: tenant.into() };
         if let Err(err) = store.add_event(&e) {
             self.metrics.store_errors.fetch_add(1, Relaxed);
             tracing::error!(error = %err, "cannot record an event");
         }
     }
 
-    pub fn events(&self, subject: Option<&str>, limit: usize) -> Result<Vec<Event>, OpError> {
-        Ok(lock(&self.store).load_events(subject, limit)?)
+    pub fn events(&self, subject: Option<&str>, limit: usize, scope: &Scope) -> Result<Vec<Event>, OpError> {
+        let tenant = match scope {
+            Scope::All => None,
+            Scope::Tenant(t) => Some(t.as_str()),
+        };
+        Ok(lock(&self.store).load_events(subject, tenant, limit)?)
     }
 
     fn snapshot(&self, now: Millis) -> Snapshot {
@@ -449,15 +501,35 @@ impl Controller {
     /// so an invalid file stores nothing). A spec change makes a new revision
     /// and starts its rollout; a change of placement, replicas or strategy
     /// alone moves no container; applying the same file twice changes nothing.
-    pub fn apply_workloads(&self, validated: Vec<Validated>, now: Millis) -> Result<Vec<ApplyResult>, OpError> {
+    pub fn apply_workloads(
+        &self,
+        validated: Vec<Validated>,
+        now: Millis,
+        scope: &Scope,
+    ) -> Result<Vec<ApplyResult>, OpError> {
         let snap = self.snapshot(now);
         let facts = &snap.facts;
         let mut results = Vec::new();
         let mut st = lock(&self.state);
         let store = lock(&self.store);
+        let tenant = scope.owner();
         let mut validated = validated;
-        // Read once: every workload of this apply pins against the same versions.
-        let versions: BTreeMap<String, u64> = store.list_secrets()?.into_iter().map(|(n, v, _)| (n, v)).collect();
+        // Names are unique across tenants: one taken elsewhere refuses the whole apply.
+        for v in &validated {
+            if let Some(e) = st.workloads.get(&v.spec.name).filter(|e| e.tenant != tenant) {
+                return Err(OpError::Invalid(match scope {
+                    Scope::All => format!(
+                        "workload {} belongs to tenant {}: apply it with --tenant {}",
+                        v.spec.name, e.tenant, e.tenant
+                    ),
+                    Scope::Tenant(_) => format!("workload name {} is taken by another tenant", v.spec.name),
+                }));
+            }
+        }
+        // Read once: every workload of this apply pins against the same
+        // versions, of this tenant's secrets only.
+        let versions: BTreeMap<String, u64> =
+            store.list_secrets()?.into_iter().filter(|s| s.tenant == tenant).map(|s| (s.name, s.version)).collect();
         for v in &mut validated {
             Self::pin_secret_versions(&versions, &mut v.spec)?;
         }
@@ -467,10 +539,11 @@ impl Controller {
             let name = v.spec.name.clone();
             let Some(e) = st.workloads.get_mut(&name) else {
                 let spec = WorkloadSpec { revision: 1, ..v.spec };
-                store.save_workload(&v.manifest, &spec, 1, now)?;
+                store.save_workload(tenant, &v.manifest, &spec, 1, now)?;
                 store.save_revision(&spec, &[], now)?;
-                self.event(&store, "workload", &name, format!("created with image {}", spec.image), now);
+                self.event(&store, tenant, "workload", &name, format!("created with image {}", spec.image), now);
                 let entry = Entry {
+                    tenant: tenant.into(),
                     manifest: v.manifest,
                     revisions: BTreeMap::from([(1, spec)]),
                     latest: 1,
@@ -491,7 +564,7 @@ impl Controller {
                 // The newest revision was rolled back or aborted: applying it again retries it.
                 let retry = e.latest != e.stable && e.active_rollout().is_none();
                 if manifest_changed {
-                    store.save_workload(&e.manifest, &e.revisions[&e.latest], e.stable, now)?;
+                    store.save_workload(&e.tenant, &e.manifest, &e.revisions[&e.latest], e.stable, now)?;
                 }
                 if retry {
                     roll.push((name.clone(), e.stable, e.latest));
@@ -510,7 +583,7 @@ impl Controller {
                     r.supersede(revision, now);
                     store.save_rollout(r)?;
                 }
-                store.save_workload(&e.manifest, &spec, e.stable, now)?;
+                store.save_workload(&e.tenant, &e.manifest, &spec, e.stable, now)?;
                 store.save_revision(&spec, &e.pinned(), now)?;
                 e.revisions.insert(revision, spec);
                 let keep = e.pinned();
@@ -554,8 +627,9 @@ impl Controller {
         if devices.is_empty() || from == to {
             // Nobody runs it: nothing to roll; the new revision is simply the one in force.
             e.stable = to;
-            store.save_workload(&e.manifest, &e.revisions[&e.latest], e.stable, now)?;
-            self.event(store, "rollout", name, format!("revision {to} in force (no device runs {name} yet)"), now);
+            store.save_workload(&e.tenant, &e.manifest, &e.revisions[&e.latest], e.stable, now)?;
+            let message = format!("revision {to} in force (no device runs {name} yet)");
+            self.event(store, &e.tenant, "rollout", name, message, now);
             return Ok(());
         }
         let strategy = crate::workload::strategy(&e.manifest).unwrap_or_default();
@@ -564,6 +638,7 @@ impl Controller {
         store.save_rollout(&r)?;
         self.event(
             store,
+            &e.tenant,
             "rollout",
             name,
             format!(
@@ -598,7 +673,7 @@ impl Controller {
 
     /// `baton secret create`: stores a new version (encrypted) and rolls every
     /// workload that uses the secret to a new revision.
-    pub fn put_secret(&self, name: &str, value: &[u8], now: Millis) -> Result<SecretView, OpError> {
+    pub fn put_secret(&self, name: &str, value: &[u8], now: Millis, scope: &Scope) -> Result<SecretView, OpError> {
         if !crate::workload::valid_name(name) {
             return Err(OpError::Invalid(format!("{name:?}: secret names are 1-63 characters of a-z 0-9 -")));
         }
@@ -609,44 +684,56 @@ impl Controller {
                 crate::workload::MAX_FILES_BYTES
             )));
         }
+        let tenant = scope.owner();
         let users: Vec<Validated> = {
             let st = lock(&self.state);
             let mut store = lock(&self.store);
+            if let Some(other) = store.list_secrets()?.into_iter().find(|s| s.name == name && s.tenant != tenant) {
+                return Err(OpError::Invalid(match scope {
+                    Scope::All => {
+                        format!("secret {name} belongs to tenant {0}: set it with --tenant {0}", other.tenant)
+                    }
+                    Scope::Tenant(_) => format!("secret name {name} is taken by another tenant"),
+                }));
+            }
             let version = store.secret_version(name)? + 1;
             let data = crypto::encrypt(&self.keys.secrets, &secret_aad(name, version), value)
                 .map_err(|e| OpError::Invalid(e.to_string()))?;
-            store.put_secret(name, version, &data, now)?;
-            self.event(&store, "secret", name, format!("version {version} set"), now);
+            store.put_secret(tenant, name, version, &data, now)?;
+            self.event(&store, tenant, "secret", name, format!("version {version} set"), now);
             st.workloads
                 .values()
-                .filter(|e| e.manifest.secrets.iter().any(|s| s.name == name))
+                .filter(|e| e.tenant == tenant && e.manifest.secrets.iter().any(|s| s.name == name))
                 .map(|e| Validated { manifest: e.manifest.clone(), spec: e.revisions[&e.latest].clone() })
                 .collect()
         };
         if !users.is_empty() {
-            for r in self.apply_workloads(users, now)? {
+            for r in self.apply_workloads(users, now, &Scope::Tenant(tenant.into()))? {
                 tracing::info!(workload = %r.name, revision = r.revision, action = %r.action, secret = name, "secret changed");
             }
         }
-        self.secrets()?.into_iter().find(|s| s.name == name).ok_or_else(|| OpError::NotFound(name.into()))
+        self.secrets(scope)?.into_iter().find(|s| s.name == name).ok_or_else(|| OpError::NotFound(name.into()))
     }
 
-    /// Every secret: name, version, when set, and the workloads using it. Never values.
-    pub fn secrets(&self) -> Result<Vec<SecretView>, OpError> {
+    /// Every secret `scope` sees: name, version, when set, and the workloads
+    /// using it. Never values.
+    pub fn secrets(&self, scope: &Scope) -> Result<Vec<SecretView>, OpError> {
         let st = lock(&self.state);
         let list = lock(&self.store).list_secrets()?;
         Ok(list
             .into_iter()
-            .map(|(name, version, updated_at_ms)| SecretView {
+            .filter(|s| scope.sees(&s.tenant))
+            .map(|s| SecretView {
                 used_by: st
                     .workloads
                     .values()
-                    .filter(|e| e.manifest.secrets.iter().any(|s| s.name == name))
+                    .filter(|e| e.tenant == s.tenant && e.manifest.secrets.iter().any(|m| m.name == s.name))
                     .map(|e| e.manifest.name.clone())
                     .collect(),
-                name,
-                version,
-                updated_at_ms,
+                name: s.name,
+                tenant: s.tenant,
+                version: s.version,
+                updated_at_ms: s.updated_at,
             })
             .collect())
     }
@@ -654,7 +741,26 @@ impl Controller {
     /// `baton device credentials ID`: a new MQTT password for a device (the
     /// old one stops working, and its connections are cut). Returned once;
     /// only its hash is kept.
-    pub fn issue_credentials(&self, id: &str, now: Millis) -> Result<String, OpError> {
+    /// A device not known yet is registered (offline) in the caller's tenant;
+    /// another tenant's device is "not found".
+    pub fn issue_credentials(&self, id: &str, now: Millis, scope: &Scope) -> Result<String, OpError> {
+        let device = parse_id(id)?;
+        let registered = {
+            let mut fleet = lock(&self.fleet);
+            match fleet.get(&device) {
+                Some(_) => {
+                    Self::visible_device(&fleet, &device, scope)?;
+                    None
+                }
+                None => {
+                    fleet.register(&device, Vec::new(), BTreeMap::new(), scope.owner(), now);
+                    fleet.get(&device).cloned()
+                }
+            }
+        };
+        if let Some(d) = registered {
+            self.persist(&d);
+        }
         let password = self.new_credentials(id, now)?;
         if let Some(g) = self.gateway.get() {
             g.disconnect(id);
@@ -666,9 +772,10 @@ impl Controller {
     fn new_credentials(&self, id: &str, now: Millis) -> Result<String, OpError> {
         let id = parse_id(id)?;
         let (_, password, hash) = crate::keys::new_secret().map_err(|e| OpError::Invalid(e.to_string()))?;
+        let tenant = self.device_tenant(&id).unwrap_or_else(crate::tenant::default_tenant);
         let store = lock(&self.store);
         store.save_credentials(id.as_str(), &hash, now)?;
-        self.event(&store, "device", id.as_str(), "credentials issued".into(), now);
+        self.event(&store, &tenant, "device", id.as_str(), "credentials issued".into(), now);
         drop(store);
         lock(&self.credentials).insert(id.as_str().to_owned(), hash);
         Ok(password)
@@ -676,42 +783,58 @@ impl Controller {
 
     /// `baton apitoken create`: an operator token (`admin` or `read-only`),
     /// `baton-api.<id>.<secret>`, shown once.
+    /// The token acts for the caller's tenant; a fleet-wide caller acting
+    /// for no tenant makes a fleet-wide token.
     pub fn create_api_token(
         &self,
         role: &str,
         name: &str,
         now: Millis,
+        scope: &Scope,
     ) -> Result<(String, crate::store::ApiToken), OpError> {
         if role != ROLE_ADMIN && role != ROLE_READ_ONLY {
             return Err(OpError::Invalid(format!("role {role:?}: use {ROLE_ADMIN} or {ROLE_READ_ONLY}")));
         }
         let (id, secret, hash) = crate::keys::new_secret().map_err(|e| OpError::Invalid(e.to_string()))?;
-        let t = crate::store::ApiToken { id: id.clone(), role: role.into(), name: name.into(), created_at: now };
+        let tenant = match scope {
+            Scope::All => None,
+            Scope::Tenant(t) => Some(t.clone()),
+        };
+        let t =
+            crate::store::ApiToken { id: id.clone(), role: role.into(), name: name.into(), created_at: now, tenant };
         let store = lock(&self.store);
         store.save_api_token(&t, &hash)?;
-        self.event(&store, "apitoken", &id, format!("{role} token {name:?} created"), now);
+        let tenant = t.tenant.as_deref().unwrap_or_default();
+        self.event(&store, tenant, "apitoken", &id, format!("{role} token {name:?} created"), now);
         drop(store);
         lock(&self.api_tokens).push((t.clone(), hash));
         Ok((format!("baton-api.{id}.{secret}"), t))
     }
 
-    pub fn api_token_list(&self) -> Vec<crate::store::ApiToken> {
-        lock(&self.api_tokens).iter().map(|(t, _)| t.clone()).collect()
+    /// A tenant's tokens, or (fleet-wide) every token.
+    pub fn api_token_list(&self, scope: &Scope) -> Vec<crate::store::ApiToken> {
+        lock(&self.api_tokens).iter().filter(|(t, _)| api_token_visible(t, scope)).map(|(t, _)| t.clone()).collect()
     }
 
-    pub fn delete_api_token(&self, id: &str, now: Millis) -> Result<(), OpError> {
+    pub fn delete_api_token(&self, id: &str, now: Millis, scope: &Scope) -> Result<(), OpError> {
+        let not_found = || OpError::NotFound(format!("API token {id} not found"));
+        let tenant = lock(&self.api_tokens)
+            .iter()
+            .find(|(t, _)| t.id == id && api_token_visible(t, scope))
+            .map(|(t, _)| t.tenant.clone().unwrap_or_default())
+            .ok_or_else(not_found)?;
         let store = lock(&self.store);
         if !store.delete_api_token(id)? {
-            return Err(OpError::NotFound(format!("API token {id} not found")));
+            return Err(not_found());
         }
-        self.event(&store, "apitoken", id, "revoked".into(), now);
+        self.event(&store, &tenant, "apitoken", id, "revoked".into(), now);
         drop(store);
         lock(&self.api_tokens).retain(|(t, _)| t.id != id);
         Ok(())
     }
 
-    /// The role of a bearer token, or why it is not accepted.
-    pub fn authorize(&self, bearer: Option<&str>) -> Result<String, String> {
+    /// The role and tenant (`None`: fleet-wide) of a bearer token, or why it is not accepted.
+    pub fn authorize(&self, bearer: Option<&str>) -> Result<(String, Option<String>), String> {
         let token = bearer.ok_or("this controller requires an API token: pass --token or set BATON_TOKEN")?;
         let mut parts = token.trim().split('.');
         let (Some("baton-api"), Some(id), Some(secret), None) =
@@ -723,17 +846,18 @@ impl Controller {
         lock(&self.api_tokens)
             .iter()
             .find(|(t, h)| t.id == id && same_hash(h, &hash))
-            .map(|(t, _)| t.role.clone())
+            .map(|(t, _)| (t.role.clone(), t.tenant.clone()))
             .ok_or_else(|| "unknown or revoked API token".into())
     }
 
     /// With `--api-auth` and no admin token yet: makes one and writes it to
     /// `path` (0600), so the operator on this machine can start.
     pub fn ensure_admin_token(&self, path: &std::path::Path, now: Millis) -> anyhow::Result<()> {
-        if lock(&self.api_tokens).iter().any(|(t, _)| t.role == ROLE_ADMIN) {
+        if lock(&self.api_tokens).iter().any(|(t, _)| t.role == ROLE_ADMIN && t.tenant.is_none()) {
             return Ok(());
         }
-        let (token, _) = self.create_api_token(ROLE_ADMIN, "first admin", now).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (token, _) =
+            self.create_api_token(ROLE_ADMIN, "first admin", now, &Scope::All).map_err(|e| anyhow::anyhow!("{e}"))?;
         crate::keys::write_private(path, format!("{token}\n").as_bytes())?;
         tracing::warn!(path = %path.display(), "created the first admin API token (BATON_TOKEN=$(cat FILE))");
         Ok(())
@@ -747,6 +871,7 @@ impl Controller {
         uses: u32,
         labels: BTreeMap<String, String>,
         now: Millis,
+        scope: &Scope,
     ) -> Result<(String, crate::store::StoredToken), OpError> {
         if uses == 0 || ttl_s == 0 {
             return Err(OpError::Invalid("a token needs at least one use and a lifetime".into()));
@@ -761,23 +886,26 @@ impl Controller {
             uses_left: uses,
             labels,
             created_at: now,
+            tenant: scope.owner().into(),
         };
         let store = lock(&self.store);
         store.save_token(&t, &hash)?;
-        self.event(&store, "token", &id, format!("created: {uses} use(s), expires in {ttl_s} s"), now);
+        self.event(&store, &t.tenant, "token", &id, format!("created: {uses} use(s), expires in {ttl_s} s"), now);
         Ok((format!("baton1.{id}.{secret}.{}", crypto::hex(&self.keys.signing.public())), t))
     }
 
-    pub fn tokens(&self) -> Result<Vec<crate::store::StoredToken>, OpError> {
-        Ok(lock(&self.store).tokens()?)
+    pub fn tokens(&self, scope: &Scope) -> Result<Vec<crate::store::StoredToken>, OpError> {
+        Ok(lock(&self.store).tokens()?.into_iter().filter(|t| scope.sees(&t.tenant)).collect())
     }
 
-    pub fn delete_token(&self, id: &str, now: Millis) -> Result<(), OpError> {
+    pub fn delete_token(&self, id: &str, now: Millis, scope: &Scope) -> Result<(), OpError> {
         let store = lock(&self.store);
+        let not_found = || OpError::NotFound(format!("token {id} not found"));
+        let (t, _) = store.token(id)?.filter(|(t, _)| scope.sees(&t.tenant)).ok_or_else(not_found)?;
         if !store.delete_token(id)? {
-            return Err(OpError::NotFound(format!("token {id} not found")));
+            return Err(not_found());
         }
-        self.event(&store, "token", id, "deleted".into(), now);
+        self.event(&store, &t.tenant, "token", id, "deleted".into(), now);
         Ok(())
     }
 
@@ -821,6 +949,10 @@ impl Controller {
                 "device {id} is already enrolled; `baton device revoke {id}` first to enroll it again"
             ));
         }
+        // A token of one tenant cannot take over another tenant's device.
+        if self.device_tenant(id).is_some_and(|t| t != token.tenant) {
+            return refuse(format!("device id {id} is taken"));
+        }
         match lock(&self.store).spend_token(&token.id) {
             Ok(true) => {}
             Ok(false) => return refuse("token used up".into()),
@@ -838,23 +970,31 @@ impl Controller {
             };
         let device = {
             let mut fleet = lock(&self.fleet);
-            fleet.enroll(id, req.sealing_key.clone(), token.labels.clone(), now);
+            fleet.register(id, req.sealing_key.clone(), token.labels.clone(), &token.tenant, now);
             fleet.get(id).cloned()
         };
         if let Some(d) = device {
             self.persist(&d);
         }
-        self.event(&lock(&self.store), "device", id.as_str(), format!("enrolled with token {}", token.id), now);
+        let message = format!("enrolled with token {}", token.id);
+        self.event(&lock(&self.store), &token.tenant, "device", id.as_str(), message, now);
         baton_protocol::EnrollResponse { sealed_password: sealed, error: None }
     }
 
     /// `baton device revoke ID`: the device can no longer connect, and its
     /// open connections are cut.
-    pub fn revoke_device(&self, id: &str, now: Millis) -> Result<(), OpError> {
+    /// A tenant may revoke only its own devices; a fleet-wide operator any
+    /// id, known or not.
+    pub fn revoke_device(&self, id: &str, now: Millis, scope: &Scope) -> Result<(), OpError> {
         let id = parse_id(id)?;
+        let tenant = match (self.device_tenant(&id), scope) {
+            (Some(t), s) if s.sees(&t) => t,
+            (None, Scope::All) => crate::tenant::default_tenant(),
+            _ => return Err(OpError::NotFound(format!("device {id} not found"))),
+        };
         let store = lock(&self.store);
         let had = store.revoke(id.as_str(), now)?;
-        self.event(&store, "device", id.as_str(), "revoked".into(), now);
+        self.event(&store, &tenant, "device", id.as_str(), "revoked".into(), now);
         drop(store);
         lock(&self.credentials).remove(id.as_str());
         if let Some(g) = self.gateway.get() {
@@ -867,9 +1007,13 @@ impl Controller {
     }
 
     /// Deletes a secret no workload uses.
-    pub fn delete_secret(&self, name: &str, now: Millis) -> Result<(), OpError> {
-        let users: Vec<String> =
-            self.secrets()?.into_iter().find(|s| s.name == name).map(|s| s.used_by).unwrap_or_default();
+    pub fn delete_secret(&self, name: &str, now: Millis, scope: &Scope) -> Result<(), OpError> {
+        let secret = self
+            .secrets(scope)?
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| OpError::NotFound(format!("secret {name} not found")))?;
+        let users = secret.used_by;
         if !users.is_empty() {
             return Err(OpError::Invalid(format!(
                 "secret {name} is used by {}; change or delete them first",
@@ -880,51 +1024,51 @@ impl Controller {
         if !store.delete_secret(name)? {
             return Err(OpError::NotFound(format!("secret {name} not found")));
         }
-        self.event(&store, "secret", name, "deleted".into(), now);
+        self.event(&store, &secret.tenant, "secret", name, "deleted".into(), now);
         Ok(())
     }
 
-    pub fn delete_workload(&self, name: &str, now: Millis) -> Result<(), OpError> {
+    pub fn delete_workload(&self, name: &str, now: Millis, scope: &Scope) -> Result<(), OpError> {
         {
             let mut st = lock(&self.state);
-            if st.workloads.remove(name).is_none() {
-                return Err(OpError::NotFound(format!("workload {name} not found")));
-            }
+            let tenant = Self::visible_workload(&st, name, scope)?.tenant.clone();
+            st.workloads.remove(name);
             let store = lock(&self.store);
             store.delete_workload(name)?;
-            self.event(&store, "workload", name, "deleted".into(), now);
+            self.event(&store, &tenant, "workload", name, "deleted".into(), now);
         }
         self.sync_desired(now);
         Ok(())
     }
 
     /// `baton scale`: the number of devices a workload runs on.
-    pub fn scale(&self, name: &str, replicas: u32, now: Millis) -> Result<WorkloadView, OpError> {
+    pub fn scale(&self, name: &str, replicas: u32, now: Millis, scope: &Scope) -> Result<WorkloadView, OpError> {
         if replicas == 0 {
             return Err(OpError::Invalid("replicas must be at least 1 (delete the workload to run it nowhere)".into()));
         }
         {
             let mut st = lock(&self.state);
-            let e =
-                st.workloads.get_mut(name).ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
+            Self::visible_workload(&st, name, scope)?;
+            let Some(e) = st.workloads.get_mut(name) else { unreachable!("checked above") };
             let before = e.manifest.replicas;
             e.manifest.replicas = Some(replicas);
             let store = lock(&self.store);
-            store.save_workload(&e.manifest, &e.revisions[&e.latest], e.stable, now)?;
+            store.save_workload(&e.tenant, &e.manifest, &e.revisions[&e.latest], e.stable, now)?;
             let was = before.map_or_else(|| "every device".to_string(), |n| n.to_string());
-            self.event(&store, "workload", name, format!("scaled from {was} to {replicas} replicas"), now);
+            self.event(&store, &e.tenant, "workload", name, format!("scaled from {was} to {replicas} replicas"), now);
         }
         self.sync_desired(now);
-        self.workload(name, now)
+        self.workload(name, now, scope)
     }
 
     /// `baton rollout pause|resume|abort|undo`.
-    pub fn rollout_action(&self, name: &str, action: &str, now: Millis) -> Result<RolloutView, OpError> {
+    pub fn rollout_action(&self, name: &str, action: &str, now: Millis, scope: &Scope) -> Result<RolloutView, OpError> {
         let snap = self.snapshot(now);
         let facts = &snap.facts;
         let mut st = lock(&self.state);
         let store = lock(&self.store);
-        let e = st.workloads.get_mut(name).ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
+        let tenant = Self::visible_workload(&st, name, scope)?.tenant.clone();
+        let Some(e) = st.workloads.get_mut(name) else { unreachable!("checked above") };
         let no_rollout = || OpError::Invalid(format!("workload {name} has no rollout"));
         let message = match action {
             "pause" | "resume" | "abort" => {
@@ -955,7 +1099,7 @@ impl Controller {
                     let revision = e.latest + 1;
                     let spec = WorkloadSpec { revision, ..previous.clone() };
                     e.latest = revision;
-                    store.save_workload(&e.manifest, &spec, e.stable, now)?;
+                    store.save_workload(&e.tenant, &e.manifest, &spec, e.stable, now)?;
                     store.save_revision(&spec, &e.pinned(), now)?;
                     e.revisions.insert(revision, spec);
                     let from = e.stable;
@@ -966,7 +1110,7 @@ impl Controller {
             }
             other => return Err(OpError::Invalid(format!("unknown rollout action {other:?}"))),
         };
-        self.event(&store, "rollout", name, message, now);
+        self.event(&store, &tenant, "rollout", name, message, now);
         drop(store);
         let view = st.workloads.get(name).and_then(|e| e.rollout.as_ref()).map(RolloutView::new);
         let schedule = self.compute_schedule(&st, facts);
@@ -1004,12 +1148,14 @@ impl Controller {
                 }
                 if r.state == RolloutState::Succeeded {
                     e.stable = r.to;
-                    if let Err(err) = store.save_workload(&e.manifest, &e.revisions[&e.latest], e.stable, now) {
+                    if let Err(err) =
+                        store.save_workload(&e.tenant, &e.manifest, &e.revisions[&e.latest], e.stable, now)
+                    {
                         tracing::error!(workload = %name, error = %err, "cannot store the stable revision");
                     }
                 }
                 for message in events {
-                    self.event(&store, "rollout", name, message, now);
+                    self.event(&store, &e.tenant, "rollout", name, message, now);
                 }
             }
             drop(store);
@@ -1035,6 +1181,7 @@ impl Controller {
             .workloads
             .values()
             .map(|e| Placed {
+                tenant: e.tenant.clone(),
                 spec: e.revisions[&e.latest].clone(),
                 placement: e.manifest.placement.clone(),
                 replicas: e.manifest.replicas,
@@ -1111,12 +1258,14 @@ impl Controller {
             specs.sort_by(|a, b| a.name.cmp(&b.name));
             let mut services: BTreeMap<&str, ServiceEndpoints> = BTreeMap::new();
             for spec in &specs {
-                let uses = st.workloads.get(&spec.name).map(|e| e.manifest.uses.as_slice()).unwrap_or_default();
-                for service in uses {
+                let Some(consumer) = st.workloads.get(&spec.name) else { continue };
+                for service in &consumer.manifest.uses {
+                    // Another tenant's workload of that name is not a service of this one.
+                    let own = st.workloads.get(service).is_some_and(|e| e.tenant == consumer.tenant);
                     let entry = services.entry(service.as_str()).or_insert_with(|| ServiceEndpoints {
                         name: service.clone(),
                         consumers: Vec::new(),
-                        endpoints: endpoints.get(service).cloned().unwrap_or_default(),
+                        endpoints: endpoints.get(service).filter(|_| own).cloned().unwrap_or_default(),
                     });
                     entry.consumers.push(spec.name.clone());
                 }
@@ -1246,15 +1395,24 @@ impl Controller {
         }
     }
 
-    pub fn workloads(&self, now: Millis) -> Vec<WorkloadView> {
-        let names: Vec<String> = lock(&self.state).workloads.keys().cloned().collect();
-        names.iter().filter_map(|n| self.workload(n, now).ok()).collect()
+    pub fn workloads(&self, now: Millis, scope: &Scope) -> Vec<WorkloadView> {
+        let names: Vec<String> =
+            lock(&self.state).workloads.iter().filter(|(_, e)| scope.sees(&e.tenant)).map(|(n, _)| n.clone()).collect();
+        names.iter().filter_map(|n| self.workload(n, now, scope).ok()).collect()
     }
 
-    pub fn workload(&self, name: &str, now: Millis) -> Result<WorkloadView, OpError> {
+    /// A workload `scope` may see; another tenant's is "not found", as an unknown one.
+    fn visible_workload<'s>(st: &'s State, name: &str, scope: &Scope) -> Result<&'s Entry, OpError> {
+        st.workloads
+            .get(name)
+            .filter(|e| scope.sees(&e.tenant))
+            .ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))
+    }
+
+    pub fn workload(&self, name: &str, now: Millis, scope: &Scope) -> Result<WorkloadView, OpError> {
         let fleet = lock(&self.fleet);
         let st = lock(&self.state);
-        let e = st.workloads.get(name).ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
+        let e = Self::visible_workload(&st, name, scope)?;
         let latest = &e.revisions[&e.latest];
         let placed = st.schedule.assignment.get(name);
         let released = e.active_rollout().map(Rollout::released_set).unwrap_or_default();
@@ -1272,6 +1430,7 @@ impl Controller {
             .collect();
         Ok(WorkloadView {
             name: name.to_string(),
+            tenant: e.tenant.clone(),
             revision: e.latest,
             stable_revision: e.stable,
             image: latest.image.clone(),
@@ -1290,9 +1449,9 @@ impl Controller {
         })
     }
 
-    pub fn rollout(&self, name: &str) -> Result<RolloutView, OpError> {
+    pub fn rollout(&self, name: &str, scope: &Scope) -> Result<RolloutView, OpError> {
         let st = lock(&self.state);
-        let e = st.workloads.get(name).ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))?;
+        let e = Self::visible_workload(&st, name, scope)?;
         e.rollout
             .as_ref()
             .map(RolloutView::new)
@@ -1368,6 +1527,13 @@ impl crate::gateway::Authority for Controller {
             return Err(BAD_CREDENTIALS);
         }
         Ok(crate::gateway::Identity::Device(id))
+    }
+}
+
+fn api_token_visible(t: &crate::store::ApiToken, scope: &Scope) -> bool {
+    match scope {
+        Scope::All => true,
+        Scope::Tenant(s) => t.tenant.as_deref() == Some(s.as_str()),
     }
 }
 

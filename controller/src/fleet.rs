@@ -47,6 +47,10 @@ pub struct Device {
     /// The device's last report of its workloads.
     #[serde(default)]
     pub report: Option<Report>,
+    /// The tenant it belongs to (`tenant::DEFAULT` until an operator moves it
+    /// or it joins with a tenant's token).
+    #[serde(default = "crate::tenant::default_tenant")]
+    pub tenant: String,
 }
 
 impl Device {
@@ -115,10 +119,18 @@ impl Fleet {
         self.devices.is_empty()
     }
 
-    /// Registers a device that just enrolled: offline until it connects, its
-    /// sealing key already known (the one it enrolled with is the one kept),
-    /// with the operator labels its token carried.
-    pub fn enroll(&mut self, id: &DeviceId, sealing_key: Vec<u8>, labels: BTreeMap<String, String>, now: Millis) {
+    /// Registers a device before it connects (it just enrolled, or an
+    /// operator issued its credentials): offline, in `tenant`, with the
+    /// operator labels given and its sealing key when known (the one it
+    /// enrolled with is the one kept). A known device is replaced.
+    pub fn register(
+        &mut self,
+        id: &DeviceId,
+        sealing_key: Vec<u8>,
+        labels: BTreeMap<String, String>,
+        tenant: &str,
+        now: Millis,
+    ) {
         let device = Device {
             id: id.to_string(),
             first_seen: now,
@@ -129,10 +141,11 @@ impl Fleet {
                 boot_id: String::new(),
                 started_at: 0,
             },
-            inventory: Some(Inventory { sealing_key, ..Default::default() }),
+            inventory: (!sealing_key.is_empty()).then(|| Inventory { sealing_key, ..Default::default() }),
             heartbeat: None,
             operator_labels: labels,
             report: None,
+            tenant: tenant.into(),
         };
         self.devices.insert(id.clone(), device);
     }
@@ -165,6 +178,7 @@ impl Fleet {
                 heartbeat: None,
                 operator_labels: BTreeMap::new(),
                 report: None,
+                tenant: crate::tenant::DEFAULT.into(),
             };
             self.devices.insert(id.clone(), device);
             return Change::Persist;
@@ -209,6 +223,13 @@ impl Fleet {
         } else {
             Change::InMemory
         }
+    }
+
+    /// Moves a device to another tenant; `None` when the device is unknown.
+    pub fn assign(&mut self, id: &DeviceId, tenant: &str) -> Option<&Device> {
+        let device = self.devices.get_mut(id)?;
+        device.tenant = tenant.into();
+        Some(device)
     }
 
     /// Sets and removes operator labels; `None` when the device is unknown.

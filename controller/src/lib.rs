@@ -15,6 +15,7 @@ pub mod rollout;
 pub mod schedule;
 pub mod server;
 pub mod store;
+pub mod tenant;
 pub mod tls;
 pub mod view;
 pub mod workload;

@@ -22,6 +22,8 @@ use crate::workload::Placement;
 #[derive(Debug, Clone, Default)]
 pub struct DeviceFacts {
     pub id: String,
+    /// A workload goes only to devices of its own tenant.
+    pub tenant: String,
     pub labels: BTreeMap<String, String>,
     /// Rust arch name from the inventory (`aarch64`, `arm`, `x86_64`); empty if unknown.
     pub arch: String,
@@ -37,6 +39,7 @@ pub struct DeviceFacts {
 /// A stored workload: the spec (with its revision) and where it goes.
 #[derive(Debug, Clone)]
 pub struct Placed {
+    pub tenant: String,
     pub spec: WorkloadSpec,
     pub placement: Placement,
     /// `None`: every matching device.
@@ -75,10 +78,12 @@ pub fn oci_arch(rust_arch: &str) -> &str {
     }
 }
 
-pub fn fits(p: &Placement, d: &DeviceFacts) -> bool {
+/// Whether `w` may run on `d`: same tenant, selector and architecture match.
+pub fn fits(w: &Placed, d: &DeviceFacts) -> bool {
+    let p = &w.placement;
     let labels_ok = p.selector.iter().all(|(k, v)| d.labels.get(k) == Some(v));
     let arch_ok = p.arch.is_empty() || p.arch.iter().any(|a| a == oci_arch(&d.arch));
-    labels_ok && arch_ok
+    w.tenant == d.tenant && labels_ok && arch_ok
 }
 
 /// Requests of one replica: (memory bytes, CPU millis).
@@ -127,7 +132,7 @@ pub fn schedule(devices: &[DeviceFacts], workloads: &[Placed], previous: &Assign
         let req = request(&w.spec);
         let mut set = BTreeSet::new();
         for (i, d) in devices.iter().enumerate() {
-            if fits(&w.placement, d) {
+            if fits(w, d) {
                 load[i].add(req);
                 set.insert(d.id.clone());
             }
@@ -149,7 +154,7 @@ pub fn schedule(devices: &[DeviceFacts], workloads: &[Placed], previous: &Assign
             .into_iter()
             .flatten()
             .filter_map(|id| index.get(id.as_str()).copied())
-            .filter(|&i| fits(&w.placement, &devices[i]) && !devices[i].gone && load[i].room_for(&devices[i], req))
+            .filter(|&i| fits(w, &devices[i]) && !devices[i].gone && load[i].room_for(&devices[i], req))
             .collect();
         // Scaled down: drop replicas from the most crowded domain, then the most loaded device.
         while kept.len() > want {
@@ -174,7 +179,7 @@ pub fn schedule(devices: &[DeviceFacts], workloads: &[Placed], previous: &Assign
             let mut candidates: Vec<usize> = (0..devices.len())
                 .filter(|&i| {
                     let d = &devices[i];
-                    d.reachable && !chosen.contains(&i) && fits(&w.placement, d) && load[i].room_for(d, req)
+                    d.reachable && !chosen.contains(&i) && fits(w, d) && load[i].room_for(d, req)
                 })
                 .collect();
             let key = |i: usize| (load[i].score(&devices[i]), i);
@@ -257,6 +262,7 @@ mod tests {
 
     fn wl(name: &str, selector: &[(&str, &str)], arch: &[&str]) -> Placed {
         Placed {
+            tenant: String::new(),
             spec: WorkloadSpec { name: name.into(), ..Default::default() },
             placement: Placement {
                 selector: selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
@@ -279,6 +285,28 @@ mod tests {
 
     fn names(s: &Schedule, w: &str) -> Vec<String> {
         s.assignment[w].iter().cloned().collect()
+    }
+
+    #[test]
+    fn workloads_go_only_to_devices_of_their_tenant() {
+        let of = |tenant: &str, d: DeviceFacts| DeviceFacts { tenant: tenant.into(), ..d };
+        let devices = [
+            of("acme", sized("a1", 1024, "lyon")),
+            of("acme", sized("a2", 1024, "paris")),
+            of("globex", sized("g1", 8192, "lyon")),
+        ];
+        let daemon = Placed { tenant: "acme".into(), ..wl("web", &[], &[]) };
+        let spread = Placed { tenant: "globex".into(), ..replicated("db", 2, 64) };
+        let s = schedule(&devices, &[daemon, spread], &Assignment::new());
+        assert_eq!(names(&s, "web"), ["a1", "a2"]);
+        // Two replicas wanted, one device in the tenant: the second fits nowhere
+        // rather than on another tenant's device.
+        assert_eq!(names(&s, "db"), ["g1"]);
+        assert_eq!(s.unplaced.get("db"), Some(&1));
+        // A replica placed earlier on a device now in another tenant moves.
+        let previous = Assignment::from([("db".to_string(), BTreeSet::from(["a1".to_string()]))]);
+        let spread = Placed { tenant: "globex".into(), ..replicated("db", 1, 64) };
+        assert_eq!(names(&schedule(&devices, &[spread], &previous), "db"), ["g1"]);
     }
 
     #[test]

@@ -98,6 +98,14 @@ const MIGRATIONS: &[&str] = &[
         name TEXT NOT NULL,
         created_at INTEGER NOT NULL
     ) STRICT;",
+    // 8: tenants. Everything from before belongs to the default tenant; an
+    // API token with an empty tenant is fleet-wide; an event's tenant is the
+    // one of its subject ('' for fleet-wide subjects).
+    "ALTER TABLE workloads ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE secrets ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE tokens ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE api_tokens ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
+    ALTER TABLE events ADD COLUMN tenant TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Versions kept per secret (revisions in history may still name older ones).
@@ -112,6 +120,7 @@ const EVENT_HISTORY: i64 = 10_000;
 /// one the fleet settled on, and its last rollout.
 #[derive(Debug, Clone)]
 pub struct StoredWorkload {
+    pub tenant: String,
     pub manifest: Manifest,
     pub revisions: BTreeMap<u64, WorkloadSpec>,
     pub latest: u64,
@@ -127,6 +136,9 @@ pub struct ApiToken {
     pub role: String,
     pub name: String,
     pub created_at: u64,
+    /// The tenant it acts for; `None`: fleet-wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// A join token as stored (its secret only as a hash).
@@ -137,6 +149,18 @@ pub struct StoredToken {
     pub uses_left: u32,
     pub labels: BTreeMap<String, String>,
     pub created_at: u64,
+    /// The tenant a device joining with it belongs to.
+    #[serde(default = "crate::tenant::default_tenant")]
+    pub tenant: String,
+}
+
+/// A secret's latest version, as listed (never its value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSecret {
+    pub name: String,
+    pub version: u64,
+    pub updated_at: u64,
+    pub tenant: String,
 }
 
 /// A device's last published document as stored.
@@ -234,8 +258,10 @@ impl Store {
     }
 
     /// Writes the manifest, the newest spec and the stable revision number.
+    /// `tenant` is written when the workload is created and never changes.
     pub fn save_workload(
         &self,
+        tenant: &str,
         manifest: &Manifest,
         latest: &WorkloadSpec,
         stable: u64,
@@ -243,10 +269,10 @@ impl Store {
     ) -> Result<(), StoreError> {
         let id = &latest.name;
         self.conn.execute(
-            "INSERT INTO workloads (name, manifest, spec, updated_at, stable) VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO workloads (name, manifest, spec, updated_at, stable, tenant) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(name) DO UPDATE SET manifest = excluded.manifest, spec = excluded.spec,
                 updated_at = excluded.updated_at, stable = excluded.stable",
-            params![id, Self::json(id, manifest)?, Self::json(id, latest)?, now as i64, stable as i64],
+            params![id, Self::json(id, manifest)?, Self::json(id, latest)?, now as i64, stable as i64, tenant],
         )?;
         Ok(())
     }
@@ -286,15 +312,21 @@ impl Store {
     }
 
     pub fn load_workloads(&self) -> Result<Vec<StoredWorkload>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT name, manifest, spec, stable FROM workloads ORDER BY name")?;
+        let mut stmt = self.conn.prepare("SELECT name, manifest, spec, stable, tenant FROM workloads ORDER BY name")?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+            ))
         })?;
         let mut revs = self.conn.prepare("SELECT spec FROM revisions WHERE workload = ?1")?;
         let mut rollouts = self.conn.prepare("SELECT doc FROM rollouts WHERE workload = ?1")?;
         let mut out = Vec::new();
         for row in rows {
-            let (name, manifest, spec, stable) = row?;
+            let (name, manifest, spec, stable, tenant) = row?;
             let corrupt = |source| StoreError::Corrupt { id: format!("workload {name}"), source };
             let latest: WorkloadSpec = serde_json::from_str(&spec).map_err(corrupt)?;
             let mut revisions = BTreeMap::new();
@@ -312,6 +344,7 @@ impl Store {
             let latest_rev = latest.revision;
             revisions.entry(latest_rev).or_insert(latest);
             out.push(StoredWorkload {
+                tenant,
                 manifest: serde_json::from_str(&manifest).map_err(corrupt)?,
                 revisions,
                 latest: latest_rev,
@@ -324,8 +357,8 @@ impl Store {
 
     pub fn add_event(&self, e: &Event) -> Result<(), StoreError> {
         let id: i64 = self.conn.query_row(
-            "INSERT INTO events (at, kind, subject, message) VALUES (?1, ?2, ?3, ?4) RETURNING id",
-            params![e.at_ms as i64, e.kind, e.subject, e.message],
+            "INSERT INTO events (at, kind, subject, message, tenant) VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
+            params![e.at_ms as i64, e.kind, e.subject, e.message, e.tenant],
             |r| r.get(0),
         )?;
         if id % 1000 == 0 {
@@ -334,13 +367,26 @@ impl Store {
         Ok(())
     }
 
-    /// The newest `limit` events about `subject` (all when None), oldest first.
-    pub fn load_events(&self, subject: Option<&str>, limit: usize) -> Result<Vec<Event>, StoreError> {
+    /// The newest `limit` events about `subject` (all when None) of
+    /// `tenant` (every tenant's when None), oldest first.
+    pub fn load_events(
+        &self,
+        subject: Option<&str>,
+        tenant: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT at, kind, subject, message FROM events WHERE ?1 IS NULL OR subject = ?1 ORDER BY id DESC LIMIT ?2",
+            "SELECT at, kind, subject, message, tenant FROM events
+             WHERE (?1 IS NULL OR subject = ?1) AND (?2 IS NULL OR tenant = ?2) ORDER BY id DESC LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![subject, limit as i64], |r| {
-            Ok(Event { at_ms: r.get::<_, i64>(0)? as u64, kind: r.get(1)?, subject: r.get(2)?, message: r.get(3)? })
+        let rows = stmt.query_map(params![subject, tenant, limit as i64], |r| {
+            Ok(Event {
+                at_ms: r.get::<_, i64>(0)? as u64,
+                kind: r.get(1)?,
+                subject: r.get(2)?,
+                message: r.get(3)?,
+                tenant: r.get(4)?,
+            })
         })?;
         let mut out: Vec<Event> = rows.collect::<Result<_, _>>()?;
         out.reverse();
@@ -386,12 +432,19 @@ impl Store {
     /// Stores version `version` of a secret (already encrypted with that
     /// version in its associated data; see `secret_version`); keeps the last
     /// `SECRET_HISTORY` versions.
-    pub fn put_secret(&mut self, name: &str, version: u64, data: &[u8], now: u64) -> Result<(), StoreError> {
+    pub fn put_secret(
+        &mut self,
+        tenant: &str,
+        name: &str,
+        version: u64,
+        data: &[u8],
+        now: u64,
+    ) -> Result<(), StoreError> {
         let version = version as i64;
         let tx = self.conn.transaction()?;
         tx.execute(
-            "INSERT INTO secrets (name, version, data, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![name, version, data, now as i64],
+            "INSERT INTO secrets (name, version, data, created_at, tenant) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, version, data, now as i64, tenant],
         )?;
         tx.execute("DELETE FROM secrets WHERE name = ?1 AND version <= ?2", params![name, version - SECRET_HISTORY])?;
         tx.commit()?;
@@ -418,12 +471,19 @@ impl Store {
             .optional()?)
     }
 
-    /// Every secret: (name, latest version, when it was set).
-    pub fn list_secrets(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
-        let mut stmt =
-            self.conn.prepare("SELECT name, MAX(version), MAX(created_at) FROM secrets GROUP BY name ORDER BY name")?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))?;
+    /// Every secret: name, latest version, when it was set, its tenant.
+    pub fn list_secrets(&self) -> Result<Vec<StoredSecret>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT name, MAX(version), MAX(created_at), MAX(tenant) FROM secrets GROUP BY name ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(StoredSecret {
+                name: r.get(0)?,
+                version: r.get::<_, i64>(1)? as u64,
+                updated_at: r.get::<_, i64>(2)? as u64,
+                tenant: r.get(3)?,
+            })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -458,8 +518,9 @@ impl Store {
         let labels =
             serde_json::to_string(&t.labels).map_err(|source| StoreError::Corrupt { id: t.id.clone(), source })?;
         self.conn.execute(
-            "INSERT INTO tokens (id, hash, expires_at, uses_left, labels, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![t.id, hash, t.expires_at as i64, i64::from(t.uses_left), labels, t.created_at as i64],
+            "INSERT INTO tokens (id, hash, expires_at, uses_left, labels, created_at, tenant)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![t.id, hash, t.expires_at as i64, i64::from(t.uses_left), labels, t.created_at as i64, t.tenant],
         )?;
         Ok(())
     }
@@ -469,7 +530,7 @@ impl Store {
         let row = self
             .conn
             .query_row(
-                "SELECT id, hash, expires_at, uses_left, labels, created_at FROM tokens WHERE id = ?1",
+                "SELECT id, hash, expires_at, uses_left, labels, created_at, tenant FROM tokens WHERE id = ?1",
                 [id],
                 |r| {
                     Ok((
@@ -479,11 +540,12 @@ impl Store {
                         r.get::<_, i64>(3)?,
                         r.get::<_, String>(4)?,
                         r.get::<_, i64>(5)?,
+                        r.get::<_, String>(6)?,
                     ))
                 },
             )
             .optional()?;
-        let Some((id, hash, expires_at, uses_left, labels, created_at)) = row else { return Ok(None) };
+        let Some((id, hash, expires_at, uses_left, labels, created_at, tenant)) = row else { return Ok(None) };
         let labels = serde_json::from_str(&labels).map_err(|source| StoreError::Corrupt { id: id.clone(), source })?;
         let t = StoredToken {
             id,
@@ -491,6 +553,7 @@ impl Store {
             uses_left: uses_left.clamp(0, i64::from(u32::MAX)) as u32,
             labels,
             created_at: created_at as u64,
+            tenant,
         };
         Ok(Some((t, hash)))
     }
@@ -521,8 +584,8 @@ impl Store {
 
     pub fn save_api_token(&self, t: &ApiToken, hash: &[u8]) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT INTO api_tokens (id, hash, role, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![t.id, hash, t.role, t.name, t.created_at as i64],
+            "INSERT INTO api_tokens (id, hash, role, name, created_at, tenant) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![t.id, hash, t.role, t.name, t.created_at as i64, t.tenant.as_deref().unwrap_or("")],
         )?;
         Ok(())
     }
@@ -530,10 +593,17 @@ impl Store {
     /// Every API token with its secret's hash.
     pub fn api_tokens(&self) -> Result<Vec<(ApiToken, Vec<u8>)>, StoreError> {
         let mut stmt =
-            self.conn.prepare("SELECT id, hash, role, name, created_at FROM api_tokens ORDER BY created_at")?;
+            self.conn.prepare("SELECT id, hash, role, name, created_at, tenant FROM api_tokens ORDER BY created_at")?;
         let rows = stmt.query_map([], |r| {
+            let tenant: String = r.get(5)?;
             Ok((
-                ApiToken { id: r.get(0)?, role: r.get(2)?, name: r.get(3)?, created_at: r.get::<_, i64>(4)? as u64 },
+                ApiToken {
+                    id: r.get(0)?,
+                    role: r.get(2)?,
+                    name: r.get(3)?,
+                    created_at: r.get::<_, i64>(4)? as u64,
+                    tenant: (!tenant.is_empty()).then_some(tenant),
+                },
                 r.get::<_, Vec<u8>>(1)?,
             ))
         })?;
@@ -597,6 +667,7 @@ mod tests {
             heartbeat: None,
             operator_labels: [("k".to_string(), "v".to_string())].into(),
             report: None,
+            tenant: "acme".into(),
         }
     }
 
@@ -618,6 +689,85 @@ mod tests {
         assert_eq!(all.len(), 2);
         assert_eq!(all[1].1.last_seen, 99);
         assert_eq!(s.load_device(&DeviceId::new("a").unwrap()).unwrap(), Some(device("a")));
+    }
+
+    #[test]
+    fn a_database_from_before_tenants_puts_everything_in_the_default_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("baton.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..7] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 7).unwrap();
+            let mut doc = serde_json::to_value(device("old")).unwrap();
+            doc.as_object_mut().unwrap().remove("tenant");
+            conn.execute("INSERT INTO devices VALUES ('old', ?1, 0)", [doc.to_string()]).unwrap();
+            let spec = WorkloadSpec { name: "web".into(), revision: 1, ..Default::default() };
+            let manifest = serde_json::json!({"name": "web", "image": "x"});
+            conn.execute(
+                "INSERT INTO workloads (name, manifest, spec, updated_at) VALUES ('web', ?1, ?2, 0)",
+                [
+                    serde_json::from_value::<Manifest>(manifest).map(|m| serde_json::to_string(&m).unwrap()).unwrap(),
+                    serde_json::to_string(&spec).unwrap(),
+                ],
+            )
+            .unwrap();
+            conn.execute("INSERT INTO secrets VALUES ('s', 1, x'00', 0)", []).unwrap();
+            conn.execute("INSERT INTO tokens VALUES ('t', x'00', 9, 1, '{}', 0)", []).unwrap();
+            conn.execute("INSERT INTO api_tokens VALUES ('a', x'00', 'admin', 'first', 0)", []).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.load_devices().unwrap()[0].1.tenant, crate::tenant::DEFAULT);
+        assert_eq!(s.load_workloads().unwrap()[0].tenant, crate::tenant::DEFAULT);
+        assert_eq!(s.list_secrets().unwrap()[0].tenant, crate::tenant::DEFAULT);
+        assert_eq!(s.tokens().unwrap()[0].tenant, crate::tenant::DEFAULT);
+        // The admin token from before is fleet-wide.
+        assert_eq!(s.api_tokens().unwrap()[0].0.tenant, None);
+    }
+
+    #[test]
+    fn tenants_round_trip_and_filter_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("baton.db")).unwrap();
+        s.put_secret("acme", "db-password", 1, b"sealed", 5).unwrap();
+        assert_eq!(s.list_secrets().unwrap()[0].tenant, "acme");
+        let t = StoredToken {
+            id: "t1".into(),
+            expires_at: 9,
+            uses_left: 1,
+            labels: BTreeMap::new(),
+            created_at: 1,
+            tenant: "acme".into(),
+        };
+        s.save_token(&t, b"h").unwrap();
+        assert_eq!(s.token("t1").unwrap().unwrap().0, t);
+        let a = ApiToken {
+            id: "a1".into(),
+            role: "admin".into(),
+            name: "n".into(),
+            created_at: 1,
+            tenant: Some("acme".into()),
+        };
+        s.save_api_token(&a, b"h").unwrap();
+        assert_eq!(s.api_tokens().unwrap()[0].0, a);
+        for (tenant, subject) in [("acme", "web"), ("globex", "db"), ("", "first-admin")] {
+            let e = Event {
+                at_ms: 1,
+                kind: "k".into(),
+                subject: subject.into(),
+                message: "m".into(),
+                tenant: tenant.into(),
+            };
+            s.add_event(&e).unwrap();
+        }
+        let subjects = |tenant| -> Vec<String> {
+            s.load_events(None, tenant, 10).unwrap().into_iter().map(|e| e.subject).collect()
+        };
+        assert_eq!(subjects(Some("acme")), ["web"]);
+        assert_eq!(subjects(Some("globex")), ["db"]);
+        assert_eq!(subjects(None), ["web", "db", "first-admin"]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::fleet::{Device, Millis, Status};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceView {
     pub id: String,
+    pub tenant: String,
     pub status: Status,
     pub agent_version: String,
     pub arch: String,
@@ -28,6 +29,7 @@ impl DeviceView {
     pub fn new(d: &Device, now: Millis, stale_after_ms: Millis) -> Self {
         Self {
             id: d.id.clone(),
+            tenant: d.tenant.clone(),
             status: d.status(now, stale_after_ms),
             agent_version: d.presence.agent_version.clone(),
             arch: d.inventory.as_ref().map(|i| i.arch.clone()).unwrap_or_default(),
@@ -96,6 +98,7 @@ pub struct ApplyRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SecretView {
     pub name: String,
+    pub tenant: String,
     pub version: u64,
     pub updated_at_ms: u64,
     pub used_by: Vec<String>,
@@ -148,6 +151,7 @@ pub struct ApplyResult {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkloadView {
     pub name: String,
+    pub tenant: String,
     /// The newest revision.
     pub revision: u64,
     /// The revision the fleet settled on (differs from `revision` while a
@@ -233,6 +237,9 @@ pub struct Event {
     pub kind: String,
     pub subject: String,
     pub message: String,
+    /// The subject's tenant; empty for fleet-wide subjects.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
 }
 
 /// Body of `POST /api/v1/workloads/{name}/scale`.

@@ -15,14 +15,23 @@ pub struct Client {
     agent: ureq::Agent,
     /// `Authorization` header value, when the controller wants a token.
     auth: Option<String>,
+    /// The tenant a fleet-wide operator acts for (`--tenant`).
+    tenant: Option<String>,
 }
 
 impl Client {
-    /// A client sending `token`, trusting `ca_file` (PEM) for https:// servers.
-    /// An unreadable CA file leaves the system roots (the request then says why it failed).
-    pub fn with_options(base: &str, token: Option<&str>, ca_file: Option<&std::path::Path>) -> Self {
+    /// A client sending `token` and acting for `tenant`, trusting `ca_file`
+    /// (PEM) for https:// servers. An unreadable CA file leaves the system
+    /// roots (the request then says why it failed).
+    pub fn with_options(
+        base: &str,
+        token: Option<&str>,
+        tenant: Option<&str>,
+        ca_file: Option<&std::path::Path>,
+    ) -> Self {
         let mut c = Self::new(base);
         c.auth = token.map(|t| format!("Bearer {}", t.trim()));
+        c.tenant = tenant.map(str::to_string);
         if let Some(path) = ca_file {
             match std::fs::read(path) {
                 Ok(pem) => {
@@ -49,7 +58,7 @@ impl Client {
 
     pub fn new(base: &str) -> Self {
         let agent = Self::builder().build().into();
-        Self { base: base.trim_end_matches('/').to_string(), agent, auth: None }
+        Self { base: base.trim_end_matches('/').to_string(), agent, auth: None, tenant: None }
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
@@ -93,6 +102,11 @@ impl Client {
         self.finish(res)
     }
 
+    pub fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        let res = self.authed(self.agent.put(format!("{}{path}", self.base))).send_json(body);
+        self.finish(res)
+    }
+
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let res = self.authed(self.agent.delete(format!("{}{path}", self.base))).call();
         self.finish(res)
@@ -104,8 +118,12 @@ impl Client {
     }
 
     fn authed<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
-        match &self.auth {
+        let req = match &self.auth {
             Some(a) => req.header("Authorization", a),
+            None => req,
+        };
+        match &self.tenant {
+            Some(t) => req.header(crate::tenant::HEADER, t),
             None => req,
         }
     }

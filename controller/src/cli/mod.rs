@@ -27,6 +27,10 @@ pub struct Cli {
     /// API token, for a controller started with --api-auth.
     #[arg(long, global = true, env = "BATON_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Act for this tenant (a fleet-wide token's view narrowed to it; what
+    /// you create goes to it). A tenant's own token needs no flag.
+    #[arg(long, global = true, env = "BATON_TENANT")]
+    pub tenant: Option<String>,
     /// CA certificate (PEM) to trust for an https:// server (the controller's DATA_DIR/ca.crt).
     #[arg(long, global = true, env = "BATON_CA_FILE")]
     pub ca_file: Option<PathBuf>,
@@ -228,6 +232,14 @@ pub enum DeviceCmd {
     Credentials { id: String },
     /// Revoke a device: it can no longer connect, and its open connections are cut.
     Revoke { id: String },
+    /// Move a device to a tenant (fleet-wide token only): its workloads leave
+    /// it, the tenant's arrive.
+    Assign {
+        id: String,
+        /// (Not named `tenant`: that is the global --tenant.)
+        #[arg(value_name = "TENANT")]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -392,7 +404,8 @@ pub fn default_data_dir() -> PathBuf {
 
 /// Runs one CLI invocation; the binary's `main` only prints the error.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = || Client::with_options(&cli.server, cli.token.as_deref(), cli.ca_file.as_deref());
+    let client =
+        || Client::with_options(&cli.server, cli.token.as_deref(), cli.tenant.as_deref(), cli.ca_file.as_deref());
     match cli.command {
         Command::Server(args) => {
             init_logging(args.log_json);
@@ -513,9 +526,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apitoken(ApiTokenCmd::List { output }) => {
             let list: Vec<crate::store::ApiToken> = client().get("/api/v1/apitokens")?;
             print(output, &list, || {
-                let rows: Vec<Vec<String>> =
-                    list.iter().map(|t| vec![t.id.clone(), t.role.clone(), t.name.clone()]).collect();
-                output::table(&["ID", "ROLE", "NAME"], &rows)
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|t| {
+                        let tenant = t.tenant.clone().unwrap_or_else(|| "(fleet-wide)".into());
+                        vec![t.id.clone(), t.role.clone(), tenant, t.name.clone()]
+                    })
+                    .collect();
+                output::table(&["ID", "ROLE", "TENANT", "NAME"], &rows)
             })
         }
         Command::Apitoken(ApiTokenCmd::Revoke { id }) => {
@@ -542,6 +560,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let _: serde_json::Value =
                 client().post(&format!("/api/v1/devices/{id}/revoke"), &serde_json::json!({}))?;
             println!("device/{id} revoked");
+            Ok(())
+        }
+        Command::Device(DeviceCmd::Assign { id, to }) => {
+            let d: DeviceView =
+                client().put(&format!("/api/v1/devices/{id}/tenant"), &serde_json::json!({ "tenant": to }))?;
+            println!("device/{} now in tenant {}", d.id, d.tenant);
             Ok(())
         }
         Command::Trust => {

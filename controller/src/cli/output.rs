@@ -102,7 +102,21 @@ pub fn devices_table(devices: &[DeviceView], now: Millis) -> String {
             ]
         })
         .collect();
-    table(&["ID", "STATUS", "ARCH", "LABELS", "LAST SEEN", "AGENT"], &rows)
+    let tenants: Vec<&str> = devices.iter().map(|d| d.tenant.as_str()).collect();
+    tenant_table(&["ID", "STATUS", "ARCH", "LABELS", "LAST SEEN", "AGENT"], rows, &tenants)
+}
+
+/// A table with a TENANT column first when some row is outside the default
+/// tenant (so a single-tenant fleet reads as before).
+fn tenant_table(header: &[&str], mut rows: Vec<Vec<String>>, tenants: &[&str]) -> String {
+    if tenants.iter().all(|t| *t == crate::tenant::DEFAULT) {
+        return table(header, &rows);
+    }
+    let header: Vec<&str> = std::iter::once("TENANT").chain(header.iter().copied()).collect();
+    for (row, tenant) in rows.iter_mut().zip(tenants) {
+        row.insert(0, tenant.to_string());
+    }
+    table(&header, &rows)
 }
 
 pub fn device_description(d: &DeviceView, now: Millis) -> String {
@@ -111,6 +125,7 @@ pub fn device_description(d: &DeviceView, now: Millis) -> String {
         let _ = writeln!(o, "{:<15}{v}", format!("{k}:"));
     };
     kv("ID", d.id.clone());
+    kv("Tenant", d.tenant.clone());
     kv("Status", d.status.as_str().into());
     kv("Agent", d.agent_version.clone());
     kv("Boot ID", d.presence.boot_id.clone());
@@ -163,7 +178,8 @@ pub fn workloads_table(workloads: &[crate::view::WorkloadView]) -> String {
             ]
         })
         .collect();
-    table(&["NAME", "REVISION", "IMAGE", "DEVICES", "RUNNING", "HEALTHY", "ROLLOUT"], &rows)
+    let tenants: Vec<&str> = workloads.iter().map(|w| w.tenant.as_str()).collect();
+    tenant_table(&["NAME", "REVISION", "IMAGE", "DEVICES", "RUNNING", "HEALTHY", "ROLLOUT"], rows, &tenants)
 }
 
 fn state_name(s: crate::rollout::State) -> String {
@@ -259,7 +275,8 @@ pub fn tokens_table(tokens: &[crate::store::StoredToken], now: Millis) -> String
             vec![t.id.clone(), t.uses_left.to_string(), expires, if labels.is_empty() { "-".into() } else { labels }]
         })
         .collect();
-    table(&["ID", "USES LEFT", "EXPIRES", "LABELS"], &rows)
+    let tenants: Vec<&str> = tokens.iter().map(|t| t.tenant.as_str()).collect();
+    tenant_table(&["ID", "USES LEFT", "EXPIRES", "LABELS"], rows, &tenants)
 }
 
 pub fn secrets_table(secrets: &[crate::view::SecretView], now: Millis) -> String {
@@ -273,11 +290,15 @@ pub fn secrets_table(secrets: &[crate::view::SecretView], now: Millis) -> String
             vec![s.name.clone(), s.version.to_string(), ago(now, s.updated_at_ms), users]
         })
         .collect();
-    table(&["NAME", "VERSION", "SET", "USED BY"], &rows)
+    let tenants: Vec<&str> = secrets.iter().map(|s| s.tenant.as_str()).collect();
+    tenant_table(&["NAME", "VERSION", "SET", "USED BY"], rows, &tenants)
 }
 
 pub fn workload_description(w: &crate::view::WorkloadView) -> String {
-    let mut o = format!("Name:          {}\nRevision:      {}\nImage:         {}\n", w.name, w.revision, w.image);
+    let mut o = format!(
+        "Name:          {}\nTenant:        {}\nRevision:      {}\nImage:         {}\n",
+        w.name, w.tenant, w.revision, w.image
+    );
     let _ = writeln!(
         o,
         "Placement:     {}",
@@ -338,6 +359,13 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tenant_column_appears_only_when_a_row_is_outside_the_default_tenant() {
+        let rows = || vec![vec!["a".to_string()], vec!["b".to_string()]];
+        assert_eq!(tenant_table(&["ID"], rows(), &["default", "default"]), "ID\na\nb\n");
+        assert_eq!(tenant_table(&["ID"], rows(), &["default", "acme"]), "TENANT    ID\ndefault   a\nacme      b\n");
+    }
 
     #[test]
     fn table_aligns_columns() {

@@ -532,6 +532,7 @@ fn schedule(devices: usize, instances: usize) {
     let mut facts: Vec<DeviceFacts> = (0..devices)
         .map(|i| DeviceFacts {
             id: format!("dev-{i:05}"),
+            tenant: "default".into(),
             labels: [("site".to_string(), format!("site-{}", i % 20))].into(),
             arch: "aarch64".into(),
             memory_bytes: 4 << 30,
@@ -543,6 +544,7 @@ fn schedule(devices: usize, instances: usize) {
     let per_workload = 1000.min(instances);
     let workloads: Vec<Placed> = (0..instances / per_workload)
         .map(|i| Placed {
+            tenant: "default".into(),
             spec: WorkloadSpec {
                 name: format!("w-{i:04}"),
                 container: ContainerSpec {
