@@ -384,7 +384,7 @@ impl<R: ContainerRuntime> Engine<R> {
     }
 
     /// The container spec of `w` on this device (image config, services) and its rootfs.
-    fn spec_for(&self, w: &WorkloadSpec) -> Result<(ContainerSpec, PathBuf), ImageError> {
+    fn spec_for(&self, w: &WorkloadSpec) -> Result<(ContainerSpec, crate::runtime::rootfs::Rootfs), ImageError> {
         let digest = Some(w.image_digest.as_str()).filter(|d| !d.is_empty());
         let image = self.images.resolve(&w.image, digest)?;
         let rootfs = self.images.rootfs(&image)?;

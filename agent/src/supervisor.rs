@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::probe::{Outcome, Prober, Tracker};
 use crate::restart::{decide, Backoff, Decision};
+use crate::runtime::rootfs::Rootfs;
 use crate::runtime::{ContainerRuntime, ContainerState, CreateRequest, ExitStatus, RuntimeError};
 
 pub fn container_id(name: &str, instance: u32) -> String {
@@ -46,7 +47,7 @@ enum UnitState {
 #[derive(Debug)]
 struct Unit {
     spec: ContainerSpec,
-    rootfs: PathBuf,
+    rootfs: Rootfs,
     revision: u64,
     /// The newest instance created (meaningful once one was).
     instance: u32,
@@ -78,7 +79,7 @@ struct Retiring {
     revision: u64,
     spec: ContainerSpec,
     /// Kept from image GC while the container runs.
-    rootfs: PathBuf,
+    rootfs: Rootfs,
 }
 
 impl Unit {
@@ -161,7 +162,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
     }
 
     /// Supervises `name`: adopts its newest container if one exists, else starts one.
-    pub fn ensure(&mut self, name: &str, revision: u64, spec: ContainerSpec, rootfs: PathBuf, now_ms: u64) {
+    pub fn ensure(&mut self, name: &str, revision: u64, spec: ContainerSpec, rootfs: Rootfs, now_ms: u64) {
         if self.units.contains_key(name) {
             return;
         }
@@ -233,7 +234,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
     /// stops the running one only once the new one is healthy. With nothing
     /// running, it simply becomes the spec of the next start. A replacement
     /// of a replacement stops the older retiring container first.
-    pub fn replace(&mut self, name: &str, revision: u64, spec: ContainerSpec, rootfs: PathBuf, now_ms: u64) {
+    pub fn replace(&mut self, name: &str, revision: u64, spec: ContainerSpec, rootfs: Rootfs, now_ms: u64) {
         let Some(unit) = self.units.get_mut(name) else {
             return self.ensure(name, revision, spec, rootfs, now_ms);
         };
@@ -281,12 +282,13 @@ impl<R: ContainerRuntime> Supervisor<R> {
         self.units.get(name).map(|u| &u.spec)
     }
 
-    /// Image root filesystems under supervised containers (current instances,
-    /// and those still stopping): image GC must not touch them.
+    /// Image layers under supervised containers (current instances, and
+    /// those still stopping): image GC must not touch them.
     pub fn rootfs_in_use(&self) -> std::collections::BTreeSet<PathBuf> {
         self.units
             .values()
-            .flat_map(|u| std::iter::once(u.rootfs.clone()).chain(u.retiring.iter().map(|r| r.rootfs.clone())))
+            .flat_map(|u| std::iter::once(&u.rootfs).chain(u.retiring.iter().map(|r| &r.rootfs)))
+            .flat_map(|r| r.layers.iter().cloned())
             .collect()
     }
 

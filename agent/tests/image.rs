@@ -49,7 +49,7 @@ fn load_a_layout_unpack_once_and_run_a_container_from_it() {
     rt.create(&CreateRequest { id: &id, spec: &sh("cat /etc/motd; touch /written"), rootfs: rootfs.clone() }).unwrap();
     assert_eq!(wait_exit(&rt, &id, Duration::from_secs(20)).code, 0);
     assert!(fx.log(&id).contains("stdout from the second layer"), "{}", fx.log(&id));
-    assert!(!rootfs.join("written").exists(), "a container wrote into the shared image rootfs");
+    assert!(rootfs.layers.iter().all(|l| !l.join("written").exists()), "a container wrote into a shared layer");
     rt.remove(&id).unwrap();
 }
 
@@ -67,7 +67,7 @@ fn multi_arch_index_picks_this_platform_and_names_what_it_has_when_not() {
     let store = ImageStore::open(fx.dir.path().join("images")).unwrap();
     let record = store.import_layout(&dir, None).unwrap();
     let rootfs = store.rootfs(&record).unwrap();
-    assert_eq!(std::fs::read_to_string(rootfs.join("arch")).unwrap(), here());
+    assert_eq!(std::fs::read_to_string(rootfs.lookup("arch").unwrap()).unwrap(), here());
 
     let only_other = fx.dir.path().join("other");
     let l = put(&only_other, &layer_from(None, &[("x", b"x")]));
@@ -149,7 +149,8 @@ fn gc_over_budget_removes_only_unused_images_and_their_own_blobs() {
         std::thread::sleep(Duration::from_millis(5)); // distinct import times: "oldest first" needs an order
     }
     let keep: std::collections::BTreeSet<String> = ["wanted".to_string()].into();
-    let in_use: std::collections::BTreeSet<std::path::PathBuf> = [store.rootfs(&records[1].0).unwrap()].into();
+    let in_use: std::collections::BTreeSet<std::path::PathBuf> =
+        store.rootfs(&records[1].0).unwrap().layers.into_iter().collect();
 
     // Under budget: nothing goes.
     assert!(store.gc(&keep, &in_use, u64::MAX).unwrap().images_removed.is_empty());
@@ -159,12 +160,16 @@ fn gc_over_budget_removes_only_unused_images_and_their_own_blobs() {
     let names: Vec<String> = store.images().into_iter().map(|r| r.reference).collect();
     assert_eq!(names.len(), 2, "{names:?}");
     for (r, own) in &records[..2] {
-        assert!(store.rootfs(r).unwrap().join("bin/busybox").exists());
+        // Checked before `rootfs`, which would unpack a missing layer again.
+        assert!(r.layers.iter().all(|l| store.layer_path(l).is_dir()), "a kept image lost an unpacked layer");
+        assert!(store.rootfs(r).unwrap().lookup("bin/busybox").is_some());
         assert!(store.has_blob(&baton_agent::image::Digest::parse(own).unwrap()));
         assert!(r.layers.iter().all(|l| store.has_blob(l)), "a kept image lost a layer");
     }
     for (_, own) in &records[2..] {
-        assert!(!store.has_blob(&baton_agent::image::Digest::parse(own).unwrap()), "an unused layer survived");
+        let own = baton_agent::image::Digest::parse(own).unwrap();
+        assert!(!store.has_blob(&own), "an unused layer survived");
+        assert!(!store.layer_path(&own).exists(), "an unused unpacked layer survived");
     }
     // Each removed image had its own layer and manifest; configs are identical here, so shared and kept.
     assert_eq!(stats.blobs_removed, 2 * 2);
@@ -181,8 +186,8 @@ fn zstd_layers_unpack_and_a_corrupt_one_is_refused_cleanly() {
     let store = ImageStore::open(fx.dir.path().join("images")).unwrap();
     let record = store.import_layout(&dir, None).unwrap();
     let rootfs = store.rootfs(&record).unwrap();
-    assert_eq!(std::fs::read_to_string(rootfs.join("etc/app.conf")).unwrap(), "compressed with zstd\n");
-    assert!(rootfs.join("bin/busybox").is_file());
+    assert_eq!(std::fs::read_to_string(rootfs.lookup("etc/app.conf").unwrap()).unwrap(), "compressed with zstd\n");
+    assert!(rootfs.lookup("bin/busybox").is_some_and(|p| p.is_file()));
 
     // Valid zstd magic, garbage after it: an error naming the layer, no rootfs.
     let dir = fx.dir.path().join("layout-bad");
@@ -196,5 +201,53 @@ fn zstd_layers_unpack_and_a_corrupt_one_is_refused_cleanly() {
     let e = store.rootfs(&record).expect_err("a corrupt zstd layer unpacked");
     assert!(e.to_string().contains(&bad.digest), "the error does not name the layer: {e}");
     let leftovers: Vec<_> = std::fs::read_dir(fx.dir.path().join("images/tmp")).unwrap().flatten().collect();
-    assert!(leftovers.is_empty(), "a half-unpacked rootfs was left: {leftovers:?}");
+    assert!(leftovers.is_empty(), "a half-unpacked layer was left: {leftovers:?}");
+}
+
+#[test]
+fn images_sharing_a_layer_unpack_it_once_and_whiteouts_work_through_overlayfs() {
+    let fx = Fixture::new();
+    let root = fx.dir.path().join("images");
+    let store = ImageStore::open(&root).unwrap();
+    let base = layer_from(Some(&fx.rootfs), &[]);
+    let tops: [(&str, Vec<u8>); 3] = [
+        ("app-a", layer_from(None, &[("app", b"a")])),
+        // A whiteout of a base file, and an opaque /etc holding one new file.
+        (
+            "app-b",
+            layer_from(None, &[("app", b"b"), ("bin/.wh.cat", b""), ("etc/.wh..wh..opq", b""), ("etc/only", b"o")]),
+        ),
+        ("app-c", layer_from(None, &[("app", b"c")])),
+    ];
+    let mut rootfs = Vec::new();
+    for (name, top) in &tops {
+        let d = fx.dir.path().join(name);
+        let (b, t) = (put(&d, &base), put(&d, top));
+        let m = image(&d, here(), &[&b, &t]);
+        index(&d, name, &[(&m, None)]);
+        rootfs.push(store.rootfs(&store.import_layout(&d, None).unwrap()).unwrap());
+    }
+    // One base layer on disk for three images: the same directory, unpacked once.
+    assert!(rootfs.iter().all(|r| r.layers[0] == rootfs[0].layers[0]));
+    assert_eq!(std::fs::read_dir(root.join("layers")).unwrap().count(), 4, "base + 3 tops");
+
+    let rt = fx.runtime();
+    let script = "cat /app; echo; test -e /bin/cat && echo has-cat; ls /etc | tr '\n' ' '; echo";
+    for (i, (name, _)) in tops.iter().enumerate() {
+        let id = cid(name);
+        rt.create(&CreateRequest { id: &id, spec: &sh(script), rootfs: rootfs[i].clone() }).unwrap();
+        assert_eq!(wait_exit(&rt, &id, Duration::from_secs(20)).code, 0, "{}", fx.log(&id));
+        let log = fx.log(&id);
+        let own = name.trim_start_matches("app-");
+        assert!(log.contains(&format!("stdout {own}")), "{name}: {log}");
+        if *name == "app-b" {
+            assert!(!log.contains("has-cat"), "the whiteout did not hide /bin/cat: {log}");
+            assert!(log.contains("stdout only"), "the opaque /etc shows lower files: {log}");
+        } else {
+            assert!(log.contains("has-cat") && log.contains("passwd"), "{name}: {log}");
+        }
+        rt.remove(&id).unwrap();
+    }
+    // The shared layer is as it was unpacked: nothing of b's whiteouts reached it.
+    assert!(rootfs[0].layers[0].join("bin/cat").exists() && rootfs[0].layers[0].join("etc/passwd").exists());
 }

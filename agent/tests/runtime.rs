@@ -13,7 +13,7 @@ use common::*;
 const T: Duration = Duration::from_secs(20);
 
 fn create(fx: &Fixture, rt: &dyn ContainerRuntime, id: &str, spec: &ContainerSpec) -> Result<(), RuntimeError> {
-    rt.create(&CreateRequest { id, spec, rootfs: fx.rootfs.clone() })
+    rt.create(&CreateRequest { id, spec, rootfs: fx.rootfs.clone().into() })
 }
 
 fn cgroup_exists(fx: &Fixture, id: &str) -> bool {
@@ -287,6 +287,77 @@ fn default_seccomp_profile_blocks_a_denied_syscall_and_can_be_opted_out() {
     create(&fx, &rt, &unconfined, &spec).unwrap();
     assert_eq!(wait_exit(&rt, &unconfined, T).code, 0, "{}", fx.log(&unconfined));
     assert!(fx.log(&unconfined).contains("stdout unshared"));
+}
+
+/// A static C program in the container: `probe NR` makes raw syscall NR
+/// (arguments 0) and prints the errno; `probe thread` starts a thread (glibc
+/// tries clone3 first and falls back to clone only on ENOSYS).
+const PROBE_C: &str = r#"
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+static void *run(void *arg) { return arg; }
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "thread") == 0) {
+        pthread_t t;
+        int e = pthread_create(&t, NULL, run, NULL);
+        if (e == 0) pthread_join(t, NULL);
+        printf("thread %d\n", e);
+        return 0;
+    }
+    long nr = strtol(argv[1], NULL, 10);
+    long r = syscall(nr, 0, 0, 0, 0);
+    printf("syscall %ld errno %d\n", nr, r < 0 ? errno : 0);
+    return 0;
+}
+"#;
+
+/// Compiles the probe statically into the fixture's rootfs.
+fn install_probe(fx: &Fixture) {
+    let src = fx.dir.path().join("probe.c");
+    std::fs::write(&src, PROBE_C).expect("write probe.c");
+    let out = std::process::Command::new("cc")
+        .args(["-static", "-O2", "-pthread", "-o"])
+        .arg(fx.rootfs.join("bin/probe"))
+        .arg(&src)
+        .output()
+        .expect("cc (gcc and libc6-dev: .ci/run installs them)");
+    assert!(out.status.success(), "cc: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn default_seccomp_profile_is_an_allowlist_that_keeps_libc_working() {
+    let fx = Fixture::new();
+    install_probe(&fx);
+    let rt = fx.runtime();
+    // 1000: no such syscall anywhere; 425: io_uring_setup (same number on
+    // x86_64, aarch64 and arm), which Docker's profile refuses; 435: clone3.
+    let script = "/bin/probe 1000; /bin/probe 425; /bin/probe 435; /bin/probe thread";
+    let confined = cid("allowlist");
+    create(&fx, &rt, &confined, &sh(script)).unwrap();
+    assert_eq!(wait_exit(&rt, &confined, T).code, 0, "{}", fx.log(&confined));
+    let log = fx.log(&confined);
+    // Unnamed syscalls get EPERM, not the kernel's ENOSYS: nothing reaches it.
+    assert!(log.contains(&format!("syscall 1000 errno {}", libc::EPERM)), "{log}");
+    assert!(log.contains(&format!("syscall 425 errno {}", libc::EPERM)), "{log}");
+    // clone3 says "not implemented", so glibc falls back to clone and threads work.
+    assert!(log.contains(&format!("syscall 435 errno {}", libc::ENOSYS)), "{log}");
+    assert!(log.contains("thread 0"), "{log}");
+
+    // The same probes unconfined reach the kernel (positive control).
+    let free = cid("noallowlist");
+    let mut spec = sh(script);
+    spec.security.seccomp_unconfined = true;
+    create(&fx, &rt, &free, &spec).unwrap();
+    assert_eq!(wait_exit(&rt, &free, T).code, 0, "{}", fx.log(&free));
+    let log = fx.log(&free);
+    assert!(log.contains(&format!("syscall 1000 errno {}", libc::ENOSYS)), "{log}");
+    assert!(!log.contains(&format!("syscall 435 errno {}", libc::ENOSYS)), "{log}");
+    assert!(log.contains("thread 0"), "{log}");
 }
 
 #[test]

@@ -21,7 +21,7 @@ fn crash_loop_restarts_with_backoff_and_keeps_the_previous_log() {
     let mut spec = sh("echo started; exit 4");
     spec.restart = RestartPolicy::Always;
     spec.backoff_cap_s = 1;
-    sup.ensure(&name, 1, spec, fx.rootfs.clone(), now_ms());
+    sup.ensure(&name, 1, spec, fx.rootfs.clone().into(), now_ms());
     wait_until("4 restarts", Duration::from_secs(30), || {
         sup.tick(now_ms());
         sup.status()[0].restarts >= 4
@@ -50,14 +50,14 @@ fn restarted_agent_readopts_a_running_workload_without_restarting_it() {
     let spec = sh("while true; do sleep 0.1; done");
     let pid = {
         let mut sup = Supervisor::new(fx.runtime());
-        sup.ensure(&name, 1, spec.clone(), fx.rootfs.clone(), now_ms());
+        sup.ensure(&name, 1, spec.clone(), fx.rootfs.clone().into(), now_ms());
         match sup.runtime().state(&format!("{name}-0")).unwrap() {
             ContainerState::Running(r) => r.pid,
             other => panic!("{other:?}"),
         }
     };
     let mut sup = Supervisor::new(fx.runtime());
-    sup.ensure(&name, 1, spec, fx.rootfs.clone(), now_ms());
+    sup.ensure(&name, 1, spec, fx.rootfs.clone().into(), now_ms());
     sup.tick(now_ms());
     let st = &sup.status()[0];
     assert_eq!((st.phase, st.restarts), (Phase::Running, 0));
@@ -87,7 +87,7 @@ fn failing_exec_liveness_probe_restarts_the_container() {
     // Alive for a moment, then the file the probe checks disappears.
     let mut spec = sh("touch /tmp/alive; sleep 1.5; rm /tmp/alive; while true; do sleep 0.1; done");
     spec.liveness = Some(probe(ProbeCheck::Exec(vec!["/bin/cat".into(), "/tmp/alive".into()])));
-    sup.ensure(&name, 1, spec, fx.rootfs.clone(), now_ms());
+    sup.ensure(&name, 1, spec, fx.rootfs.clone().into(), now_ms());
     wait_until("a restart after the liveness probe failed", Duration::from_secs(30), || {
         sup.tick(now_ms());
         sup.status()[0].restarts >= 1
@@ -113,7 +113,7 @@ fn http_readiness_probe_reports_healthy_once_the_server_answers() {
     let mut spec =
         sh(&format!("sleep 0.5; mkdir -p /tmp/www && echo ok > /tmp/www/index.html && exec httpd -f -p 127.0.0.1:{port} -h /tmp/www"));
     spec.readiness = Some(probe(ProbeCheck::Http { port, path: "/index.html".into() }));
-    sup.ensure(&name, 1, spec, fx.rootfs.clone(), now_ms());
+    sup.ensure(&name, 1, spec, fx.rootfs.clone().into(), now_ms());
     wait_until("healthy", Duration::from_secs(30), || {
         sup.tick(now_ms());
         sup.status()[0].health == Health::Healthy

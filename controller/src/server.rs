@@ -53,9 +53,40 @@ pub struct ServerConfig {
     pub tls_names: Vec<String>,
     /// The API over HTTPS (certificate from the same CA).
     pub api_tls: bool,
+    /// Let the embedded broker listen off loopback without `mqtt_auth` and
+    /// `mqtt_tls` (a lab network the operator trusts).
+    pub allow_insecure_mqtt: bool,
 }
 
 impl ServerConfig {
+    /// Secure by default: what listens off this machine authenticates its
+    /// clients and speaks TLS; plain HTTP and plain MQTT stay on loopback.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        let api_secure = self.api_tls && self.api_auth;
+        if !(self.http_listen.ip().is_loopback() || api_secure) {
+            return Err(format!(
+                "the API on {} would be reachable from other machines without {}: add --api-tls --api-auth, or listen on 127.0.0.1",
+                self.http_listen,
+                match (self.api_tls, self.api_auth) {
+                    (false, false) => "TLS or tokens",
+                    (false, true) => "TLS",
+                    _ => "tokens",
+                }
+            ));
+        }
+        if let BrokerMode::Embedded(addr) = &self.broker {
+            let mqtt_secure = self.mqtt_auth && self.mqtt_tls;
+            if !(addr.ip().is_loopback() || mqtt_secure || self.allow_insecure_mqtt) {
+                return Err(format!(
+                    "the embedded MQTT broker on {addr} would let any machine that reaches it {}: add --mqtt-auth --mqtt-tls \
+                     (devices join with `baton token create`), or --allow-insecure-mqtt on a network you trust",
+                    if self.mqtt_auth { "read the traffic" } else { "speak for any device" }
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The URL agents on this machine use to reach the broker.
     pub fn broker_url(&self) -> BrokerUrl {
         match &self.broker {
@@ -75,11 +106,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        cfg.api_tls || cfg.http_listen.ip().is_loopback(),
-        "the API on {} would be plain HTTP off this machine: add --api-tls (and --api-auth), or listen on 127.0.0.1",
-        cfg.http_listen
-    );
+    cfg.check_exposure().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let db = cfg.data_dir.join("baton.db");
@@ -219,5 +246,62 @@ async fn tick_loop(controller: Arc<Controller>, mut stop: tokio::sync::watch::Re
         // Placement and rollout steps take locks and may write SQLite: off the async workers.
         let c = controller.clone();
         let _ = tokio::task::spawn_blocking(move || c.tick(now_ms())).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(http: &str, mqtt: &str) -> ServerConfig {
+        ServerConfig {
+            http_listen: http.parse().unwrap(),
+            broker: BrokerMode::Embedded(mqtt.parse().unwrap()),
+            data_dir: PathBuf::from("/nonexistent"),
+            stale_after: Duration::from_secs(60),
+            flush_every: Duration::from_secs(30),
+            max_devices: 10,
+            reschedule_after: Duration::from_secs(300),
+            resolve_digests: false,
+            insecure_registries: Vec::new(),
+            registry_credentials: Default::default(),
+            signing_key: None,
+            secrets_key: None,
+            broker_credentials: None,
+            mqtt_auth: false,
+            api_auth: false,
+            mqtt_tls: false,
+            tls_names: Vec::new(),
+            api_tls: false,
+            allow_insecure_mqtt: false,
+        }
+    }
+
+    #[test]
+    fn loopback_may_be_plain_and_the_network_needs_tls_and_authentication() {
+        assert_eq!(config("127.0.0.1:8080", "127.0.0.1:1883").check_exposure(), Ok(()));
+        assert_eq!(config("[::1]:8080", "[::1]:1883").check_exposure(), Ok(()));
+
+        let e = config("0.0.0.0:8080", "127.0.0.1:1883").check_exposure().unwrap_err();
+        assert!(e.contains("--api-tls --api-auth"), "{e}");
+        let tls_only = ServerConfig { api_tls: true, ..config("0.0.0.0:8443", "127.0.0.1:1883") };
+        assert!(tls_only.check_exposure().unwrap_err().contains("without tokens"));
+        let api = ServerConfig { api_tls: true, api_auth: true, ..config("0.0.0.0:8443", "127.0.0.1:1883") };
+        assert_eq!(api.check_exposure(), Ok(()));
+
+        let e = config("127.0.0.1:8080", "0.0.0.0:1883").check_exposure().unwrap_err();
+        assert!(e.contains("speak for any device") && e.contains("--mqtt-auth --mqtt-tls"), "{e}");
+        let auth_only = ServerConfig { mqtt_auth: true, ..config("127.0.0.1:8080", "0.0.0.0:1883") };
+        assert!(auth_only.check_exposure().unwrap_err().contains("read the traffic"));
+        let secure = ServerConfig { mqtt_auth: true, mqtt_tls: true, ..config("127.0.0.1:8080", "0.0.0.0:1883") };
+        assert_eq!(secure.check_exposure(), Ok(()));
+        let lab = ServerConfig { allow_insecure_mqtt: true, ..config("127.0.0.1:8080", "0.0.0.0:1883") };
+        assert_eq!(lab.check_exposure(), Ok(()));
+        // An external broker is the operator's to secure: the controller only connects to it.
+        let external = ServerConfig {
+            broker: BrokerMode::External("mqtt://10.0.0.1:1883".parse().unwrap()),
+            ..config("127.0.0.1:8080", "0.0.0.0:1")
+        };
+        assert_eq!(external.check_exposure(), Ok(()));
     }
 }

@@ -326,7 +326,7 @@ fn api_tokens_gate_the_api_and_read_only_ones_change_nothing() {
 }
 
 #[test]
-fn the_api_over_https_is_trusted_through_the_controller_ca_and_plain_http_stays_on_loopback() {
+fn the_api_over_https_is_trusted_through_the_controller_ca_and_plain_listeners_stay_on_loopback() {
     let world = World::new();
     let data = world.path().join("controller");
     let (http, mqtt) = (free_port(), free_port());
@@ -369,4 +369,12 @@ fn the_api_over_https_is_trusted_through_the_controller_ca_and_plain_http_stays_
         .expect("baton server");
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("--api-tls"), "{text}");
+    // So is an embedded broker open to the network without authentication and TLS.
+    let out = std::process::Command::new(bin("baton"))
+        .args(["server", "--listen", "127.0.0.1:0", "--mqtt-listen", "0.0.0.0:0", "--data-dir"])
+        .arg(world.path().join("other"))
+        .output()
+        .expect("baton server");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("--mqtt-auth --mqtt-tls"), "{text}");
 }

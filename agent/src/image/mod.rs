@@ -1,7 +1,8 @@
 //! OCI images on the device: a content-addressed blob store where every byte
 //! is verified against its digest before use, import of OCI image layouts
-//! (directory or tarball, for air-gapped devices), and one unpacked rootfs per
-//! image that containers use read-only (each gets its own writable layer).
+//! (directory or tarball, for air-gapped devices), and each layer unpacked
+//! once, shared by the images that have it, which containers use read-only
+//! (each gets its own writable layer).
 //!
 //! Registry pulls build on the same store (see the images issue).
 

@@ -1,8 +1,11 @@
 //! The local image store: `blobs/sha256/<hex>` (every blob verified against
 //! its digest before it is kept), `images.json` (what was imported, under
-//! which reference), and `rootfs/<manifest hex>/` (each image unpacked once,
-//! built in a temp dir and renamed into place, so a crash never leaves a
-//! half-unpacked rootfs that looks complete).
+//! which reference), and `layers/<layer blob hex>/` (each layer unpacked once,
+//! in overlayfs's format, and shared by every image that has it; built in a
+//! temp dir and renamed into place, so a crash never leaves a half-unpacked
+//! layer that looks complete). `rootfs/<manifest hex>/` holds whole-image
+//! trees unpacked by agents before layers were shared; GC removes them with
+//! their image.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -13,9 +16,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::manifest::{self, Descriptor, Document, ImageConfig, Platform, ANNOTATION_REF_NAME};
-use super::unpack::apply_layer;
+use super::unpack::{apply_layer, unpack, Target};
 use super::{Digest, ImageError};
 use crate::runtime::layout::write_atomic;
+use crate::runtime::rootfs::Rootfs;
 
 /// Manifests, indexes and configs are small; anything bigger is refused unread.
 const MAX_DOCUMENT: u64 = 4 << 20;
@@ -57,7 +61,7 @@ pub struct ImageStore {
 impl ImageStore {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
         let root = root.into();
-        for d in ["blobs/sha256", "rootfs", "tmp"] {
+        for d in ["blobs/sha256", "layers", "tmp"] {
             fs::create_dir_all(root.join(d)).map_err(ImageError::io(format!("create {}", root.join(d).display())))?;
         }
         Ok(Self { root, platform: Platform::current() })
@@ -335,11 +339,16 @@ impl ImageStore {
         Ok(record)
     }
 
-    fn rootfs_path(&self, image: &ImageRecord) -> PathBuf {
+    /// Where an image was unpacked whole by an agent from before shared layers.
+    fn legacy_rootfs_path(&self, image: &ImageRecord) -> PathBuf {
         self.root.join("rootfs").join(image.manifest.hex())
     }
 
-    /// Bytes the store holds (blobs and unpacked rootfs).
+    pub fn layer_path(&self, layer: &Digest) -> PathBuf {
+        self.root.join("layers").join(layer.hex())
+    }
+
+    /// Bytes the store holds (blobs, unpacked layers and legacy rootfs trees).
     pub fn size(&self) -> u64 {
         fn walk(p: &Path) -> u64 {
             fs::read_dir(p)
@@ -353,13 +362,14 @@ impl ImageStore {
                 })
                 .sum()
         }
-        walk(&self.root.join("blobs")) + walk(&self.root.join("rootfs"))
+        ["blobs", "layers", "rootfs"].iter().map(|d| walk(&self.root.join(d))).sum()
     }
 
     /// Frees space while the store is over `budget` bytes: removes the oldest
     /// images that are neither `keep` (named by the desired document) nor
-    /// `in_use` (a container's lower layer: running, or the previous revision
-    /// kept for rollback), then every blob no remaining image references.
+    /// `in_use` (one of their layers is under a container: running, or the
+    /// previous revision kept for rollback), then every blob and unpacked
+    /// layer no remaining image references and no container uses.
     pub fn gc(&self, keep: &BTreeSet<String>, in_use: &BTreeSet<PathBuf>, budget: u64) -> Result<GcStats, ImageError> {
         let mut stats = GcStats::default();
         let mut size = self.size();
@@ -371,9 +381,12 @@ impl ImageStore {
             .images
             .values()
             .filter(|r| {
+                // A container runs on exactly its image's layers (other images may share some).
+                let running = !r.layers.is_empty() && r.layers.iter().all(|l| in_use.contains(&self.layer_path(l)));
                 !keep.contains(&r.reference)
                     && !keep.contains(r.manifest.as_str())
-                    && !in_use.contains(&self.rootfs_path(r))
+                    && !in_use.contains(&self.legacy_rootfs_path(r))
+                    && !running
             })
             .cloned()
             .collect();
@@ -383,8 +396,15 @@ impl ImageStore {
                 break;
             }
             catalog.images.remove(victim.manifest.hex());
-            let rootfs = self.rootfs_path(&victim);
-            let _ = fs::remove_dir_all(&rootfs);
+            let _ = fs::remove_dir_all(self.legacy_rootfs_path(&victim));
+            // Its layers that no remaining image shares and no container uses.
+            for layer in &victim.layers {
+                let path = self.layer_path(layer);
+                let shared = catalog.images.values().any(|r| r.layers.contains(layer));
+                if !shared && !in_use.contains(&path) {
+                    let _ = fs::remove_dir_all(&path);
+                }
+            }
             stats.images_removed.push(victim.reference.clone());
             size = self.size();
         }
@@ -413,46 +433,64 @@ impl ImageStore {
         Ok(stats)
     }
 
-    /// The unpacked filesystem of `image`, unpacking it on first use.
-    pub fn rootfs(&self, image: &ImageRecord) -> Result<PathBuf, ImageError> {
-        let dest = self.rootfs_path(image);
-        if dest.is_dir() {
-            return Ok(dest);
+    /// The filesystem of `image`: its layers, each unpacked on first use
+    /// (once for every image that shares it).
+    pub fn rootfs(&self, image: &ImageRecord) -> Result<Rootfs, ImageError> {
+        let mut layers: Vec<PathBuf> = Vec::with_capacity(image.layers.len());
+        for layer in &image.layers {
+            let dest = self.layer_path(layer);
+            if !dest.is_dir() {
+                // The layers below, top first: a hard link to one of their files becomes a copy.
+                let lowers: Vec<PathBuf> = layers.iter().rev().cloned().collect();
+                self.unpack_layer(layer, &dest, &lowers)?;
+            }
+            layers.push(dest);
         }
-        let tmp = self.temp_path("rootfs");
+        Ok(Rootfs { layers })
+    }
+
+    /// Unpacks one layer blob (gzip, zstd or plain tar) into `dest`, through
+    /// a temp dir: a failed unpack leaves nothing that looks complete.
+    fn unpack_layer(&self, layer: &Digest, dest: &Path, lowers: &[PathBuf]) -> Result<(), ImageError> {
+        let tmp = self.temp_path("layer");
         fs::create_dir_all(&tmp).map_err(ImageError::io(format!("create {}", tmp.display())))?;
         let result = (|| {
-            for layer in &image.layers {
-                let path = self.blob_path(layer);
-                let mut f = fs::File::open(&path).map_err(ImageError::io(format!("open layer {layer}")))?;
-                let mut magic = [0u8; 4];
-                let n = f.read(&mut magic).map_err(ImageError::io(format!("read layer {layer}")))?;
-                let f = fs::File::open(&path).map_err(ImageError::io(format!("open layer {layer}")))?;
-                // Say which layer broke, whatever broke in it.
-                let named = |e: ImageError| match e {
-                    ImageError::Io { context, source } => {
-                        ImageError::Io { context: format!("layer {layer}: {context}"), source }
-                    }
-                    other => other,
-                };
-                match &magic[..n] {
-                    [0x1f, 0x8b, ..] => {
-                        apply_layer(flate2::read::GzDecoder::new(std::io::BufReader::new(f)), &tmp).map_err(named)?
-                    }
-                    [0x28, 0xb5, 0x2f, 0xfd] => {
-                        let zstd = ruzstd::decoding::StreamingDecoder::new(std::io::BufReader::new(f))
-                            .map_err(|e| ImageError::Invalid(format!("layer {layer}: zstd: {e}")))?;
-                        apply_layer(zstd, &tmp).map_err(named)?
-                    }
-                    _ => apply_layer(std::io::BufReader::new(f), &tmp).map_err(named)?,
-                };
+            let path = self.blob_path(layer);
+            let mut f = fs::File::open(&path).map_err(ImageError::io(format!("open layer {layer}")))?;
+            let mut magic = [0u8; 4];
+            let n = f.read(&mut magic).map_err(ImageError::io(format!("read layer {layer}")))?;
+            let f = fs::File::open(&path).map_err(ImageError::io(format!("open layer {layer}")))?;
+            // Say which layer broke, whatever broke in it.
+            let named = |e: ImageError| match e {
+                ImageError::Io { context, source } => {
+                    ImageError::Io { context: format!("layer {layer}: {context}"), source }
+                }
+                other => other,
+            };
+            let target = Target::Layer { lowers };
+            match &magic[..n] {
+                [0x1f, 0x8b, ..] => {
+                    unpack(flate2::read::GzDecoder::new(std::io::BufReader::new(f)), &tmp, target).map_err(named)?
+                }
+                [0x28, 0xb5, 0x2f, 0xfd] => {
+                    let zstd = ruzstd::decoding::StreamingDecoder::new(std::io::BufReader::new(f))
+                        .map_err(|e| ImageError::Invalid(format!("layer {layer}: zstd: {e}")))?;
+                    unpack(zstd, &tmp, target).map_err(named)?
+                }
+                _ => unpack(std::io::BufReader::new(f), &tmp, target).map_err(named)?,
+            };
+            match fs::rename(&tmp, dest) {
+                // Another thread unpacked the same layer meanwhile: theirs is as good.
+                Err(_) if dest.is_dir() => {
+                    let _ = fs::remove_dir_all(&tmp);
+                    Ok(())
+                }
+                r => r.map_err(ImageError::io(format!("store layer {}", dest.display()))),
             }
-            fs::rename(&tmp, &dest).map_err(ImageError::io(format!("store rootfs {}", dest.display())))
         })();
-        if let Err(e) = result {
+        if result.is_err() {
             let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
         }
-        Ok(dest)
+        result
     }
 }

@@ -1,5 +1,11 @@
-//! Applies image layers (tar streams) onto a rootfs directory, refusing
-//! anything that could write outside it.
+//! Applies image layers (tar streams) onto a directory, refusing anything
+//! that could write outside it. Two targets: `Target::Merged` applies a layer
+//! onto the layers below it in one tree (tarball extraction, tests);
+//! `Target::Layer` unpacks a layer into a directory of its own, in
+//! overlayfs's format, so images that share a layer share its unpacked files:
+//! a whiteout becomes a 0:0 character device, an opaque marker the
+//! `trusted.overlay.opaque` xattr, and a hard link to a file of a lower layer
+//! a copy of it (the lower layers are given, top first, for that).
 //!
 //! Rules: entry paths are normalised and `..` is refused; extraction never
 //! follows a symlink (each parent component is checked with lstat, files are
@@ -11,7 +17,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::ImageError;
@@ -80,8 +86,77 @@ fn remove_any(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Applies one uncompressed layer onto `root`.
+/// Where a layer's files go.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// Onto a tree holding the layers below.
+    Merged,
+    /// Into a directory of its own; `lowers` are the unpacked layers below, top first.
+    Layer { lowers: &'a [PathBuf] },
+}
+
+/// overlayfs marks a directory whose lower contents are hidden with this xattr.
+pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// Sets an extended attribute on `path` itself (never through a symlink).
+pub fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let n = std::ffi::CString::new(name)?;
+    // SAFETY: both strings are NUL-terminated and live across the call; the value is a valid slice.
+    let r = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether `path` carries overlayfs's opaque marker.
+pub fn is_opaque(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(p), Ok(n)) = (std::ffi::CString::new(path.as_os_str().as_bytes()), std::ffi::CString::new(OPAQUE_XATTR))
+    else {
+        return false;
+    };
+    let mut buf = [0u8; 4];
+    // SAFETY: NUL-terminated strings and a buffer of the length given.
+    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    r == 1 && buf[0] == b'y'
+}
+
+/// Whether `meta` is overlayfs's whiteout: a 0:0 character device.
+pub fn is_whiteout(meta: &fs::Metadata) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+/// `rel` in the first of `lowers` that has it, reached without passing
+/// through a symlink (nothing outside the layers is ever read).
+fn find_in_lowers(lowers: &[PathBuf], rel: &Path) -> Option<PathBuf> {
+    'layer: for lower in lowers {
+        let mut cur = lower.clone();
+        let parts: Vec<_> = rel.components().collect();
+        for (i, part) in parts.iter().enumerate() {
+            cur.push(part);
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if is_whiteout(&m) => return None,
+                Ok(m) if i + 1 == parts.len() => return (!m.is_dir() && !m.file_type().is_symlink()).then_some(cur),
+                Ok(m) if m.is_dir() => {}
+                _ => continue 'layer,
+            }
+        }
+    }
+    None
+}
+
+/// Applies one uncompressed layer onto `root` (see `Target`).
 pub fn apply_layer(reader: impl Read, root: &Path) -> Result<LayerStats, ImageError> {
+    unpack(reader, root, Target::Merged)
+}
+
+/// Unpacks one uncompressed layer into `root` for `target`.
+pub fn unpack(reader: impl Read, root: &Path, target: Target<'_>) -> Result<LayerStats, ImageError> {
     let mut archive = tar::Archive::new(reader);
     let mut stats = LayerStats::default();
     // Paths this layer created: an opaque marker hides lower layers only.
@@ -99,6 +174,11 @@ pub fn apply_layer(reader: impl Read, root: &Path) -> Result<LayerStats, ImageEr
             stats.whiteouts += 1;
             let dir = rel.parent().unwrap_or(Path::new(""));
             ensure_parents(root, &rel)?;
+            if let Target::Layer { .. } = target {
+                set_xattr(&root.join(dir), OPAQUE_XATTR, b"y")
+                    .map_err(ImageError::io(format!("mark {} opaque", dir.display())))?;
+                continue;
+            }
             if let Ok(children) = fs::read_dir(root.join(dir)) {
                 for child in children.flatten() {
                     if !created.contains(&dir.join(child.file_name())) {
@@ -111,9 +191,20 @@ pub fn apply_layer(reader: impl Read, root: &Path) -> Result<LayerStats, ImageEr
         if let Some(hidden) = name.strip_prefix(WHITEOUT) {
             stats.whiteouts += 1;
             ensure_parents(root, &rel)?;
-            let target = rel.with_file_name(hidden);
-            normalise(&target)?;
-            remove_any(&root.join(&target)).map_err(ImageError::io(format!("whiteout {}", target.display())))?;
+            let hidden = rel.with_file_name(hidden);
+            normalise(&hidden)?;
+            remove_any(&root.join(&hidden)).map_err(ImageError::io(format!("whiteout {}", hidden.display())))?;
+            if let Target::Layer { .. } = target {
+                let dev = nix::sys::stat::makedev(0, 0);
+                nix::sys::stat::mknod(
+                    &root.join(&hidden),
+                    nix::sys::stat::SFlag::S_IFCHR,
+                    nix::sys::stat::Mode::empty(),
+                    dev,
+                )
+                .map_err(|e| ImageError::io(format!("whiteout {}", hidden.display()))(e.into()))?;
+                created.insert(hidden);
+            }
             continue;
         }
 
@@ -162,6 +253,20 @@ pub fn apply_layer(reader: impl Read, root: &Path) -> Result<LayerStats, ImageEr
                     .ok_or_else(|| ImageError::UnsafeLayer(format!("hard link {} to the root", rel.display())))?;
                 ensure_parents(root, &src_rel)?;
                 let src = root.join(&src_rel);
+                let lower = match target {
+                    Target::Layer { lowers } if fs::symlink_metadata(&src).is_err() => find_in_lowers(lowers, &src_rel),
+                    _ => None,
+                };
+                if let Some(lower) = lower {
+                    // The source is in a layer below: this layer gets its own copy.
+                    stats.bytes +=
+                        fs::copy(&lower, &dest).map_err(ImageError::io(format!("copy {}", dest.display())))?;
+                    let m = fs::metadata(&lower).map_err(ImageError::io(format!("stat {}", lower.display())))?;
+                    std::os::unix::fs::lchown(&dest, Some(m.uid()), Some(m.gid()))
+                        .map_err(ImageError::io(format!("chown {}", dest.display())))?;
+                    created.insert(rel);
+                    continue;
+                }
                 match fs::symlink_metadata(&src) {
                     Ok(m) if !m.is_dir() => {}
                     _ => {
@@ -260,6 +365,44 @@ mod tests {
         assert_eq!(fs::read_to_string(root.join("etc/b")).unwrap(), "22");
         assert!(!root.join("opt/x/old").exists() && root.join("opt/x/new").exists());
         assert_eq!(fs::read_to_string(root.join("bin/ash")).unwrap(), "sh");
+    }
+
+    #[test]
+    fn a_layer_of_its_own_keeps_whiteouts_opaque_dirs_and_lower_links_in_overlay_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, top) = (dir.path().join("base"), dir.path().join("top"));
+        fs::create_dir_all(&base).unwrap();
+        fs::create_dir_all(&top).unwrap();
+        let lowers = [base.clone()];
+        unpack(
+            &layer(&[("etc/a", F, "1"), ("opt/x/old", F, "o"), ("bin/sh", F, "sh")])[..],
+            &base,
+            Target::Layer { lowers: &[] },
+        )
+        .unwrap();
+        let stats = unpack(
+            &layer(&[
+                ("etc/.wh.a", F, ""),
+                ("opt/x/.wh..wh..opq", F, ""),
+                ("opt/x/new", F, "n"),
+                ("bin/ash", H, "bin/sh"),
+            ])[..],
+            &top,
+            Target::Layer { lowers: &lowers },
+        )
+        .unwrap();
+        assert_eq!(stats.whiteouts, 2);
+        // The lower layer is untouched; the upper one says what it hides.
+        assert!(base.join("etc/a").is_file() && base.join("opt/x/old").is_file());
+        assert!(is_whiteout(&fs::symlink_metadata(top.join("etc/a")).unwrap()));
+        assert!(is_opaque(&top.join("opt/x")) && !is_opaque(&base.join("opt/x")));
+        assert_eq!(fs::read_to_string(top.join("opt/x/new")).unwrap(), "n");
+        // A link to a file below is a copy in this layer, not a link out of it.
+        assert_eq!(fs::read_to_string(top.join("bin/ash")).unwrap(), "sh");
+        assert_ne!(fs::metadata(top.join("bin/ash")).unwrap().ino(), fs::metadata(base.join("bin/sh")).unwrap().ino());
+        // A link to something no layer has is still refused.
+        let e = unpack(&layer(&[("x", H, "nowhere")])[..], &top, Target::Layer { lowers: &lowers }).unwrap_err();
+        assert!(matches!(e, ImageError::UnsafeLayer(_)), "{e}");
     }
 
     #[test]

@@ -113,8 +113,8 @@ impl ContainerRuntime for LibcontainerRuntime {
         oci::validate(req.spec).map_err(RuntimeError::InvalidSpec)?;
         oci::check_host(req.spec).map_err(RuntimeError::InvalidSpec)?;
         let devices = oci::resolve_devices(req.spec).map_err(RuntimeError::InvalidSpec)?;
-        if !req.rootfs.is_dir() {
-            return Err(RuntimeError::InvalidSpec(format!("rootfs {} is not a directory", req.rootfs.display())));
+        if let Some(missing) = req.rootfs.layers.iter().find(|l| !l.is_dir()) {
+            return Err(RuntimeError::InvalidSpec(format!("rootfs layer {} is not a directory", missing.display())));
         }
         for m in &req.spec.mounts {
             if let baton_protocol::spec::MountSource::Volume(name) = &m.source {

@@ -9,9 +9,8 @@ pub mod libcontainer_rt;
 pub mod logs;
 pub mod oci;
 pub mod rootfs;
+pub mod seccomp;
 pub mod shim;
-
-use std::path::PathBuf;
 
 use baton_protocol::spec::ContainerSpec;
 use serde::{Deserialize, Serialize};
@@ -76,9 +75,9 @@ pub const EXEC_OUTPUT_CAP: usize = 64 * 1024;
 pub struct CreateRequest<'a> {
     pub id: &'a str,
     pub spec: &'a ContainerSpec,
-    /// The image's unpacked filesystem; used read-only (each container gets
-    /// its own writable layer over it).
-    pub rootfs: PathBuf,
+    /// The image's unpacked layers; used read-only (each container gets
+    /// its own writable layer over them).
+    pub rootfs: rootfs::Rootfs,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 //! look at the host (device nodes, bind sources) so a bad spec is refused
 //! before anything is created. Hardening is on by default: Docker's default
 //! capability set, no_new_privileges, masked and read-only /proc paths, a
-//! device allowlist, a seccomp denylist modelled on Docker's default profile.
+//! device allowlist, Docker's default seccomp profile (`super::seccomp`).
 //! `privileged` turns all of it off; `seccomp_unconfined` only the seccomp part.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -50,91 +50,6 @@ const READONLY_PATHS: [&str; 5] = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/
 
 const MIN_MEMORY: u64 = 4 << 20;
 
-/// Syscalls the default seccomp profile refuses (EPERM), as Docker's default
-/// profile does, grouped by the capability that lifts the refusal (Docker's
-/// rule too: adding the capability means you meant it). Names unknown on the
-/// running architecture are skipped by libcontainer.
-const DENIED_SYSCALLS: &[(&str, &[&str])] = &[
-    (
-        "",
-        &[
-            "acct",
-            "add_key",
-            "bpf",
-            "get_kernel_syms",
-            "keyctl",
-            "kcmp",
-            "lookup_dcookie",
-            "nfsservctl",
-            "perf_event_open",
-            "query_module",
-            "request_key",
-            "uselib",
-            "userfaultfd",
-            "ustat",
-            "sysfs",
-            "_sysctl",
-            "vm86",
-            "vm86old",
-            "create_module",
-        ],
-    ),
-    (
-        "CAP_SYS_ADMIN",
-        &[
-            "mount",
-            "umount",
-            "umount2",
-            "pivot_root",
-            "unshare",
-            "setns",
-            "name_to_handle_at",
-            "open_by_handle_at",
-            "quotactl",
-            "fsopen",
-            "fsconfig",
-            "fsmount",
-            "fspick",
-            "move_mount",
-            "open_tree",
-            "swapon",
-            "swapoff",
-            "mbind",
-            "set_mempolicy",
-            "get_mempolicy",
-            "move_pages",
-        ],
-    ),
-    ("CAP_SYS_MODULE", &["init_module", "finit_module", "delete_module"]),
-    ("CAP_SYS_BOOT", &["reboot", "kexec_load", "kexec_file_load"]),
-    ("CAP_SYS_TIME", &["settimeofday", "stime", "clock_settime", "clock_adjtime", "adjtimex"]),
-    ("CAP_SYS_PTRACE", &["ptrace", "process_vm_readv", "process_vm_writev"]),
-    ("CAP_SYS_RAWIO", &["iopl", "ioperm"]),
-];
-
-/// The ABIs a process on this host can use; listing them all keeps a 32-bit
-/// binary from slipping past a 64-bit-only filter.
-fn seccomp_architectures() -> Vec<&'static str> {
-    match std::env::consts::ARCH {
-        "x86_64" => vec!["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-        "aarch64" => vec!["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
-        "arm" => vec!["SCMP_ARCH_ARM"],
-        _ => vec![],
-    }
-}
-
-fn seccomp_profile(caps: &[String]) -> Value {
-    let names: Vec<&str> = DENIED_SYSCALLS
-        .iter()
-        .filter(|(cap, _)| cap.is_empty() || !caps.iter().any(|c| c == cap))
-        .flat_map(|(_, names)| names.iter().copied())
-        .collect();
-    json!({
-        "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": seccomp_architectures(),
-        "syscalls": [{"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}],
-    })
-}
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// A host device node to pass through, as found on this host.
@@ -430,7 +345,11 @@ pub fn config_json(
         resources["pids"] = json!({"limit": p});
     }
 
-    let seccomp = if privileged || spec.security.seccomp_unconfined { Value::Null } else { seccomp_profile(&caps) };
+    let seccomp = if privileged || spec.security.seccomp_unconfined {
+        Value::Null
+    } else {
+        super::seccomp::profile(&caps, std::env::consts::ARCH)
+    };
 
     json!({
         "ociVersion": "1.0.2",
@@ -536,8 +455,9 @@ mod tests {
         // Host network by default: no network namespace.
         assert!(!v["linux"]["namespaces"].as_array().unwrap().contains(&json!({"type": "network"})));
         assert_eq!(v["hostname"], "web");
-        let denied = v["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap();
-        assert!(denied.contains(&json!("unshare")) && denied.contains(&json!("kexec_load")));
+        let allowed = v["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap();
+        assert_eq!(v["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+        assert!(allowed.contains(&json!("read")) && !allowed.contains(&json!("unshare")));
     }
 
     #[test]
@@ -546,8 +466,8 @@ mod tests {
         let mut s = spec();
         s.security.cap_add = vec!["SYS_TIME".into()];
         let v = config_json("t", &s, Path::new("/r"), &layout, &[]);
-        let denied = v["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap();
-        assert!(!denied.contains(&json!("settimeofday")) && denied.contains(&json!("mount")));
+        let allowed = v["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap();
+        assert!(allowed.contains(&json!("settimeofday")) && !allowed.contains(&json!("mount")));
         s.security.seccomp_unconfined = true;
         assert!(config_json("t", &s, Path::new("/r"), &layout, &[])["linux"]["seccomp"].is_null());
         let privileged = ContainerSpec { security: Security { privileged: true, ..Default::default() }, ..spec() };

@@ -335,6 +335,10 @@ pub struct ServerArgs {
     /// issued by `baton device credentials ID`, and keep each device on its own topics.
     #[arg(long)]
     pub mqtt_auth: bool,
+    /// Let the embedded broker listen off loopback without --mqtt-auth --mqtt-tls
+    /// (any machine that reaches it can then speak for any device: a lab network only).
+    #[arg(long)]
+    pub allow_insecure_mqtt: bool,
     /// Username for an external broker with per-client credentials (see `deploy/mosquitto/`).
     #[arg(long, requires = "broker_password_file")]
     pub broker_username: Option<String>,
@@ -381,6 +385,7 @@ impl ServerArgs {
             api_auth: self.api_auth,
             mqtt_tls: self.mqtt_tls,
             api_tls: self.api_tls,
+            allow_insecure_mqtt: self.allow_insecure_mqtt,
             tls_names: self.tls_names.clone(),
             signing_key: self.signing_key.clone(),
             secrets_key: self.secrets_key.clone(),

@@ -339,7 +339,7 @@ fn runtime(iters: usize) {
     for i in 0..iters {
         let id = format!("bench-{i}");
         let t = Instant::now();
-        rt.create(&CreateRequest { id: &id, spec: &spec, rootfs: rootfs.clone() }).expect("create");
+        rt.create(&CreateRequest { id: &id, spec: &spec, rootfs: rootfs.clone().into() }).expect("create");
         loop {
             match rt.state(&id).expect("state") {
                 ContainerState::Exited(e) => {
@@ -384,7 +384,8 @@ fn runtime(iters: usize) {
     println!("## Shim memory with {n} containers running `sleep`\n");
     let sleeper = ContainerSpec { command: vec!["/bin/sleep".into(), "600".into()], ..Default::default() };
     for i in 0..n {
-        rt.create(&CreateRequest { id: &format!("mem-{i}"), spec: &sleeper, rootfs: rootfs.clone() }).expect("create");
+        rt.create(&CreateRequest { id: &format!("mem-{i}"), spec: &sleeper, rootfs: rootfs.clone().into() })
+            .expect("create");
     }
     std::thread::sleep(Duration::from_secs(2)); // let the shims settle before sampling
     let mut rows = Vec::new();
@@ -467,18 +468,30 @@ fn pull(runs: usize) {
     let (mut ours, mut theirs, mut ours_update, mut theirs_update) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut ours_bytes, mut ours_update_bytes, mut ours_stored, mut theirs_stored, mut theirs_update_written) =
         (0, 0, 0, 0, 0);
+    let (mut unpack_first, mut unpack_update) = (Vec::new(), Vec::new());
+    let (mut unpacked_first, mut unpacked_update, mut whole_update) = (0, 0, 0);
     for i in 0..runs {
         let store_dir = world.path().join(format!("store-{i}"));
         let store = ImageStore::open(&store_dir).expect("store");
         let t = Instant::now();
-        let (_, stats) = client.pull(&store, &reference("1"), &Platform::current()).expect("pull");
+        let (first, stats) = client.pull(&store, &reference("1"), &Platform::current()).expect("pull");
         ours.push(t.elapsed().as_secs_f64() * 1000.0);
         ours_bytes = stats.bytes_downloaded;
         ours_stored = dir_bytes(&store_dir.join("blobs"));
         let t = Instant::now();
-        let (_, stats) = client.pull(&store, &reference("2"), &Platform::current()).expect("pull v2");
+        let (second, stats) = client.pull(&store, &reference("2"), &Platform::current()).expect("pull v2");
         ours_update.push(t.elapsed().as_secs_f64() * 1000.0);
         ours_update_bytes = stats.bytes_downloaded;
+        // Unpacking (off the timings above): each layer once, shared by both tags.
+        let t = Instant::now();
+        store.rootfs(&first).expect("unpack v1");
+        unpack_first.push(t.elapsed().as_secs_f64() * 1000.0);
+        unpacked_first = dir_bytes(&store_dir.join("layers"));
+        let t = Instant::now();
+        let rootfs = store.rootfs(&second).expect("unpack v2");
+        unpack_update.push(t.elapsed().as_secs_f64() * 1000.0);
+        unpacked_update = dir_bytes(&store_dir.join("layers")) - unpacked_first;
+        whole_update = rootfs.layers.iter().map(|l| dir_bytes(l)).sum::<u64>();
 
         let oci_dir = world.path().join(format!("oci-{i}"));
         let copy = |tag: &str| {
@@ -498,7 +511,7 @@ fn pull(runs: usize) {
         theirs_update.push(copy("2"));
         theirs_update_written = dir_bytes(&oci_dir.join("blobs")) - theirs_stored;
     }
-    for v in [&mut ours, &mut theirs, &mut ours_update, &mut theirs_update] {
+    for v in [&mut ours, &mut theirs, &mut ours_update, &mut theirs_update, &mut unpack_first, &mut unpack_update] {
         v.sort_by(f64::total_cmp);
     }
     let med = |v: &Vec<f64>| percentile(v, 0.5);
@@ -519,6 +532,10 @@ fn pull(runs: usize) {
     );
     println!("| bytes downloaded (Baton) / written (skopeo) by the update | {ours_update_bytes} | {theirs_update_written} | |\n");
     println!("Baton's first pull downloaded {ours_bytes} bytes of blobs (config + layers; manifests not counted).\n");
+    println!("| unpacking (layers shared between images) | median | bytes written |\n|---|---|---|");
+    println!("| tag 1, every layer | {:.0} ms | {unpacked_first} |", med(&unpack_first));
+    println!("| tag 2, only its new layer | {:.1} ms | {unpacked_update} |", med(&unpack_update));
+    println!("| (tag 2 unpacked whole, as one tree per image would) | | {whole_update} |\n");
 }
 
 /// The scheduler alone, on plain data: `instances` replicas over `devices`
