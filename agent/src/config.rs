@@ -33,6 +33,10 @@ pub struct FileConfig {
     /// Registry host → credentials.
     #[serde(default)]
     pub registry_auth: BTreeMap<String, RegistryAuth>,
+    /// Registry host → a PEM file of the CA its HTTPS certificate chains to
+    /// (a registry with a private CA; the web PKI roots are not used for it).
+    #[serde(default)]
+    pub registry_ca: BTreeMap<String, PathBuf>,
     /// Disk the image store may use before unused images are removed (MiB, default 2048).
     pub image_budget_mb: Option<u64>,
     /// Ed25519 keys (`ed25519:` + 64 hex digits, from `baton trust`) whose
@@ -85,6 +89,8 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     pub insecure_registries: Vec<String>,
     pub registry_auth: BTreeMap<String, RegistryAuth>,
+    /// Registry host → the CA certificates (PEM) read from `registry_ca`.
+    pub registry_ca: BTreeMap<String, Vec<u8>>,
     pub image_budget_bytes: u64,
     pub controller_keys: Vec<[u8; 32]>,
     /// MQTT (username, password), when the broker wants them.
@@ -213,9 +219,19 @@ impl AgentConfig {
             }
         };
 
+        let mut registry_ca = BTreeMap::new();
+        for (host, path) in &file.registry_ca {
+            let pem = std::fs::read(path)
+                .map_err(|e| invalid("registry_ca", false, format!("{host}: cannot read {}: {e}", path.display())))?;
+            baton_registry::parse_ca(&pem)
+                .map_err(|e| invalid("registry_ca", false, format!("{host}: {}: {e}", path.display())))?;
+            registry_ca.insert(host.clone(), pem);
+        }
+
         Ok(Self {
             broker,
             mqtt_credentials,
+            registry_ca,
             mqtt_ca_file: file.mqtt_ca_file.clone(),
             device_id,
             controller_keys,
@@ -302,5 +318,17 @@ mod tests {
 
         let e = resolve("[labels]\n\"bad key\" = \"v\"\n", Overrides::default()).unwrap_err().to_string();
         assert!(e.contains("labels") && e.contains("bad key"), "{e}");
+
+        // A registry CA that is missing, or holds no certificate, is named at start.
+        let e = resolve("[registry_ca]\n\"r.lan:5000\" = \"/nonexistent/ca.pem\"\n", Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registry_ca") && e.contains("r.lan:5000") && e.contains("cannot read"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let toml = format!("[registry_ca]\n\"r.lan:5000\" = \"{}\"\n", not_pem.display());
+        let e = resolve(&toml, Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("registry_ca") && e.contains("no PEM certificate"), "{e}");
     }
 }

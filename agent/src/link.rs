@@ -49,6 +49,8 @@ pub struct Link {
     identity: Option<baton_protocol::crypto::DeviceKey>,
     /// Long-running commands (log follows), by id, for `Cancel`.
     running: std::collections::HashMap<u64, tokio::sync::watch::Sender<bool>>,
+    /// Ids of commands accepted, until their deadline: a replay is refused.
+    accepted: crate::trust::SeenCommands,
 }
 
 fn qos(kind: TopicKind) -> QoS {
@@ -120,6 +122,7 @@ impl Link {
             trust,
             identity,
             running: std::collections::HashMap::new(),
+            accepted: crate::trust::SeenCommands::default(),
         };
         if let Some(d) = persisted {
             link.desired_generation = d.generation;
@@ -296,9 +299,20 @@ impl Link {
         self.publish(TopicKind::Report, &Message::Report(refused));
     }
 
+    /// Only commands the controller signed for this device, before their
+    /// deadline and never twice, are carried out; a refusal is answered
+    /// (the operator sees why) and logged.
     fn on_command(&mut self, cmd: Command) {
-        if cmd.deadline_ms != 0 && (unix_now().as_millis() as u64) > cmd.deadline_ms {
+        let now = unix_now().as_millis() as u64;
+        if cmd.deadline_ms != 0 && now > cmd.deadline_ms {
             return info!(id = cmd.id, "command past its deadline dropped");
+        }
+        let checked = crate::trust::check_command(&self.trust.keys(), self.config.device_id.as_str(), &cmd, now)
+            .and_then(|()| self.accepted.admit(&cmd, now));
+        if let Err(why) = checked {
+            warn!(id = cmd.id, error = %why, "command refused");
+            let res = CommandResult { id: cmd.id, seq: 0, body: CommandOutput::Error(format!("refused: {why}")) };
+            return self.publish(TopicKind::CmdRes, &Message::CommandResult(res));
         }
         let body = match &cmd.action {
             CommandAction::Diagnostics => {

@@ -374,6 +374,7 @@ fn start_engine(config: &AgentConfig) -> Result<baton_agent::engine::EngineHandl
             .iter()
             .map(|(h, a)| (h.clone(), (a.username.clone(), a.password.clone())))
             .collect(),
+        ca_pem: config.registry_ca.clone(),
     });
     let mut handle = baton_agent::engine::spawn(
         supervisor,

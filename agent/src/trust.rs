@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use baton_protocol::crypto::{self, CryptoError, DeviceKey};
-use baton_protocol::{codec, Desired, Message, SignedDesired, TopicKind};
+use baton_protocol::{codec, Command, Desired, Message, SignedDesired, TopicKind};
 use tracing::warn;
 
 use crate::runtime::layout::{write_atomic, write_private};
@@ -106,6 +106,53 @@ impl Trust {
     }
 }
 
+/// How far ahead a command's deadline may be (the controller's longest is a
+/// 12 h log follow): it bounds how long a command id must be remembered.
+pub const MAX_COMMAND_WINDOW_MS: u64 = 24 * 3600 * 1000;
+
+/// A command signed by a trusted key for this device, with a deadline (a
+/// `Cancel`, which only ends a follow, may have none) no further than
+/// `MAX_COMMAND_WINDOW_MS` ahead.
+pub fn check_command(trusted: &[[u8; 32]], device: &str, cmd: &Command, now_ms: u64) -> Result<(), String> {
+    if trusted.is_empty() {
+        return Err("no controller key is trusted yet (none configured, no document received)".into());
+    }
+    crypto::verify_command(trusted, device, cmd).map_err(|e| e.to_string())?;
+    let cancel = matches!(cmd.action, baton_protocol::CommandAction::Cancel { .. });
+    if !cancel && (cmd.deadline_ms == 0 || cmd.deadline_ms > now_ms.saturating_add(MAX_COMMAND_WINDOW_MS)) {
+        return Err(format!("deadline {} is not within 24 h", cmd.deadline_ms));
+    }
+    Ok(())
+}
+
+/// Command ids accepted, kept until their deadline: the same signed command
+/// is carried out once (a listener that captured it cannot replay it while
+/// it is still valid). Bounded: the oldest deadlines go first past `CAP`.
+#[derive(Debug, Default)]
+pub struct SeenCommands {
+    by_id: std::collections::HashMap<u64, u64>,
+}
+
+impl SeenCommands {
+    const CAP: usize = 4096;
+
+    pub fn admit(&mut self, cmd: &Command, now_ms: u64) -> Result<(), String> {
+        self.by_id.retain(|_, deadline| *deadline >= now_ms);
+        if self.by_id.contains_key(&cmd.id) {
+            return Err(format!("command {} was already carried out (replayed)", cmd.id));
+        }
+        if self.by_id.len() >= Self::CAP {
+            if let Some(oldest) = self.by_id.iter().min_by_key(|(_, d)| **d).map(|(id, _)| *id) {
+                self.by_id.remove(&oldest);
+            }
+        }
+        // A `Cancel` without a deadline is remembered for the longest window.
+        let deadline = if cmd.deadline_ms == 0 { now_ms + MAX_COMMAND_WINDOW_MS } else { cmd.deadline_ms };
+        self.by_id.insert(cmd.id, deadline);
+        Ok(())
+    }
+}
+
 /// Why a desired document was not applied (reported to the controller).
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
@@ -189,6 +236,33 @@ mod tests {
     use baton_protocol::crypto::SigningKey;
     use baton_protocol::encode;
     use baton_protocol::spec::{ContainerSpec, File, WorkloadSpec};
+
+    #[test]
+    fn commands_need_a_trusted_signature_a_near_deadline_and_run_once() {
+        use baton_protocol::CommandAction;
+        let key = SigningKey::from_seed(&[5; 32]);
+        let now = 1_000_000;
+        let cmd = |id, deadline_ms, action| {
+            key.sign_command("pi-a", Command { id, deadline_ms, action, key: Vec::new(), signature: Vec::new() })
+        };
+        let exec = cmd(1, now + 90_000, CommandAction::Exec { workload: "w".into(), argv: vec!["id".into()] });
+        assert_eq!(check_command(&[key.public()], "pi-a", &exec, now), Ok(()));
+        assert!(check_command(&[], "pi-a", &exec, now).unwrap_err().contains("no controller key"));
+        assert!(check_command(&[[9; 32]], "pi-a", &exec, now).unwrap_err().contains("untrusted key"));
+        assert!(check_command(&[key.public()], "pi-b", &exec, now).unwrap_err().contains("bad signature"));
+        let forever = cmd(2, 0, CommandAction::Restart { workload: "w".into() });
+        assert!(check_command(&[key.public()], "pi-a", &forever, now).unwrap_err().contains("deadline"));
+        let far = cmd(3, now + MAX_COMMAND_WINDOW_MS + 1, CommandAction::Diagnostics);
+        assert!(check_command(&[key.public()], "pi-a", &far, now).unwrap_err().contains("deadline"));
+        let cancel = cmd(4, 0, CommandAction::Cancel { id: 1 });
+        assert_eq!(check_command(&[key.public()], "pi-a", &cancel, now), Ok(()));
+
+        let mut seen = SeenCommands::default();
+        assert_eq!(seen.admit(&exec, now), Ok(()));
+        assert!(seen.admit(&exec, now + 1).unwrap_err().contains("replayed"));
+        // Past its deadline it is forgotten (and the deadline check refuses it anyway).
+        assert_eq!(seen.admit(&exec, now + 90_001), Ok(()));
+    }
 
     fn doc(generation: u64) -> Desired {
         Desired {

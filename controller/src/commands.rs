@@ -16,10 +16,16 @@ pub enum Outgoing {
     Command(DeviceId, Command),
     /// QoS 1, retained, on `desired`: an encoded, signed document.
     Desired(DeviceId, Vec<u8>),
+    /// QoS 1 on Mosquitto's dynamic-security control topic (`dynsec`).
+    Dynsec(Vec<u8>),
+    /// QoS 1, retained, on this topic (a presence said for a revoked device).
+    Retained(String, Vec<u8>),
 }
 
 pub struct CommandRouter {
     next_id: AtomicU64,
+    /// Every command is signed for its device (agents refuse unsigned ones).
+    signer: baton_protocol::crypto::SigningKey,
     pending: Mutex<HashMap<u64, (DeviceId, UnboundedSender<CommandResult>)>>,
     outbox: UnboundedSender<Outgoing>,
 }
@@ -37,18 +43,23 @@ impl Drop for Pending<'_> {
         if self.router.forget(self.id) {
             // Still open from our side: tell the device to stop (log follows).
             let cancel =
-                Command { id: self.router.fresh_id(), deadline_ms: 0, action: CommandAction::Cancel { id: self.id } };
+                self.router.signed(&self.device, self.router.fresh_id(), 0, CommandAction::Cancel { id: self.id });
             let _ = self.router.outbox.send(Outgoing::Command(self.device.clone(), cancel));
         }
     }
 }
 
 impl CommandRouter {
-    pub fn new(outbox: UnboundedSender<Outgoing>) -> Self {
+    pub fn new(outbox: UnboundedSender<Outgoing>, signer: baton_protocol::crypto::SigningKey) -> Self {
         // Ids start from the clock so a restarted controller does not reuse
-        // ids that a device may still be answering.
+        // ids that a device may still be answering (or remembers as used).
         let start = crate::controller::now_ms() << 16;
-        Self { next_id: AtomicU64::new(start), pending: Mutex::new(HashMap::new()), outbox }
+        Self { next_id: AtomicU64::new(start), signer, pending: Mutex::new(HashMap::new()), outbox }
+    }
+
+    fn signed(&self, device: &DeviceId, id: u64, deadline_ms: u64, action: CommandAction) -> Command {
+        let cmd = Command { id, deadline_ms, action, key: Vec::new(), signature: Vec::new() };
+        self.signer.sign_command(device.as_str(), cmd)
     }
 
     fn fresh_id(&self) -> u64 {
@@ -64,7 +75,7 @@ impl CommandRouter {
         let id = self.fresh_id();
         let (tx, answers) = unbounded_channel();
         self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, (device.clone(), tx));
-        let _ = self.outbox.send(Outgoing::Command(device.clone(), Command { id, deadline_ms, action }));
+        let _ = self.outbox.send(Outgoing::Command(device.clone(), self.signed(&device, id, deadline_ms, action)));
         Pending { router: self, device, id, answers }
     }
 
@@ -87,12 +98,15 @@ mod tests {
     #[test]
     fn answers_are_routed_by_id_and_device_and_dropping_cancels() {
         let (tx, mut outbox) = unbounded_channel();
-        let router = CommandRouter::new(tx);
+        let key = baton_protocol::crypto::SigningKey::from_seed(&[3; 32]);
+        let trusted = [key.public()];
+        let router = CommandRouter::new(tx, key);
         let a = DeviceId::new("a").unwrap();
         let b = DeviceId::new("b").unwrap();
         let mut p = router.send(a.clone(), CommandAction::Diagnostics, 0);
         let Outgoing::Command(to, cmd) = outbox.try_recv().unwrap() else { panic!("not a command") };
         assert_eq!((to, cmd.id), (a.clone(), p.id));
+        assert_eq!(baton_protocol::crypto::verify_command(&trusted, "a", &cmd), Ok(()), "sent unsigned");
         let answer = |seq| CommandResult { id: cmd.id, seq, body: CommandOutput::Done };
         assert!(!router.deliver(&b, answer(0)), "accepted an answer from the wrong device");
         assert!(router.deliver(&a, answer(1)));
@@ -100,6 +114,7 @@ mod tests {
         drop(p);
         let Outgoing::Command(_, cancel) = outbox.try_recv().unwrap() else { panic!("not a command") };
         assert_eq!(cancel.action, CommandAction::Cancel { id: cmd.id });
+        assert_eq!(baton_protocol::crypto::verify_command(&trusted, "a", &cancel), Ok(()), "cancel sent unsigned");
         assert!(!router.deliver(&a, answer(2)), "delivered after the request was dropped");
     }
 }

@@ -154,6 +154,12 @@ pub struct Controller {
     credentials: Mutex<BTreeMap<String, Vec<u8>>>,
     /// Operator tokens required on the API (`--api-auth`).
     pub api_auth: bool,
+    /// Device and join accounts kept on an external Mosquitto through its
+    /// dynamic-security plugin (`--broker-dynsec`).
+    pub dynsec: bool,
+    /// Join tokens whose Mosquitto account was removed (used up or expired),
+    /// and when tokens were last looked at for that.
+    swept_tokens: Mutex<(BTreeSet<String>, Millis)>,
     /// API tokens and their secrets' hashes.
     api_tokens: Mutex<Vec<(crate::store::ApiToken, Vec<u8>)>>,
     /// The gateway in front of the embedded broker, when `--mqtt-auth` is on.
@@ -260,6 +266,8 @@ impl Controller {
             keys,
             credentials: Mutex::new(credentials),
             api_auth: false,
+            dynsec: false,
+            swept_tokens: Mutex::new((BTreeSet::new(), 0)),
             api_tokens: Mutex::new(api_tokens),
             gateway: std::sync::OnceLock::new(),
         })
@@ -778,6 +786,7 @@ impl Controller {
         self.event(&store, &tenant, "device", id.as_str(), "credentials issued".into(), now);
         drop(store);
         lock(&self.credentials).insert(id.as_str().to_owned(), hash);
+        self.dynsec_send(|| crate::dynsec::device(id.as_str(), &password));
         Ok(password)
     }
 
@@ -891,6 +900,8 @@ impl Controller {
         let store = lock(&self.store);
         store.save_token(&t, &hash)?;
         self.event(&store, &t.tenant, "token", &id, format!("created: {uses} use(s), expires in {ttl_s} s"), now);
+        drop(store);
+        self.dynsec_send(|| crate::dynsec::join_token(&id, &secret));
         Ok((format!("baton1.{id}.{secret}.{}", crypto::hex(&self.keys.signing.public())), t))
     }
 
@@ -906,7 +917,38 @@ impl Controller {
             return Err(not_found());
         }
         self.event(&store, &t.tenant, "token", id, "deleted".into(), now);
+        self.dynsec_send(|| crate::dynsec::remove_join(id));
         Ok(())
+    }
+
+    /// Queues a dynamic-security batch when Mosquitto keeps the accounts.
+    fn dynsec_send(&self, batch: impl FnOnce() -> Vec<u8>) {
+        if self.dynsec {
+            let _ = self.outbox.send(Outgoing::Dynsec(batch()));
+        }
+    }
+
+    /// With `--broker-dynsec`, every 30 s: join accounts of tokens used up or
+    /// expired are removed (not at the join itself: the joining session must
+    /// still receive its answer).
+    fn sweep_join_accounts(&self, now: Millis) {
+        if !self.dynsec {
+            return;
+        }
+        let mut swept = lock(&self.swept_tokens);
+        if now.saturating_sub(swept.1) < 30_000 {
+            return;
+        }
+        swept.1 = now;
+        let tokens = match lock(&self.store).tokens() {
+            Ok(t) => t,
+            Err(e) => return tracing::warn!(error = %e, "cannot list join tokens"),
+        };
+        for t in tokens.iter().filter(|t| t.uses_left == 0 || now >= t.expires_at) {
+            if swept.0.insert(t.id.clone()) {
+                let _ = self.outbox.send(Outgoing::Dynsec(crate::dynsec::remove_join(&t.id)));
+            }
+        }
     }
 
     /// A token that admits a join right now: known, this secret, unexpired, uses left.
@@ -999,6 +1041,17 @@ impl Controller {
         lock(&self.credentials).remove(id.as_str());
         if let Some(g) = self.gateway.get() {
             g.disconnect(id.as_str());
+        }
+        self.dynsec_send(|| crate::dynsec::remove_device(id.as_str()));
+        // Its Last Will may never come (a broker drops it once the account is
+        // gone): the controller says "offline" for it, retained, as the Will would.
+        let last = lock(&self.fleet).get(&id).map(|d| d.presence.clone());
+        if let Some(p) = last.filter(|p| p.state == PresenceState::Online) {
+            let offline = baton_protocol::Presence { state: PresenceState::Offline, ..p };
+            if let Ok(bytes) = encode(&Message::Presence(offline.clone())) {
+                let _ = self.outbox.send(Outgoing::Retained(id.topic(baton_protocol::TopicKind::Presence), bytes));
+            }
+            self.apply(&id, FleetEvent::Presence(offline), now);
         }
         if !had {
             tracing::info!(device = %id, "revoked a device that had no credentials");
@@ -1121,6 +1174,7 @@ impl Controller {
     /// Advances every rollout on what devices reported, and moves replicas
     /// off devices gone past the grace period. Called about once a second.
     pub fn tick(&self, now: Millis) {
+        self.sweep_join_accounts(now);
         let mut changed = false;
         {
             let fleet = lock(&self.fleet);

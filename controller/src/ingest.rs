@@ -75,6 +75,24 @@ impl LogLimiter {
     }
 }
 
+/// Queues one outgoing message on the client (QoS 1).
+fn publish(client: &AsyncClient, out: Outgoing) {
+    let (topic, retain, encoded) = match out {
+        Outgoing::Command(device, cmd) => (device.topic(TopicKind::Cmd), false, encode(&Message::Command(cmd))),
+        Outgoing::Desired(device, payload) => (device.topic(TopicKind::Desired), true, Ok(payload)),
+        Outgoing::Dynsec(batch) => (crate::dynsec::TOPIC.to_string(), false, Ok(batch)),
+        Outgoing::Retained(topic, bytes) => (topic, true, Ok(bytes)),
+    };
+    match encoded {
+        Ok(bytes) => {
+            if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, retain, bytes) {
+                warn!(topic, error = %e, "cannot queue a message to a device");
+            }
+        }
+        Err(e) => warn!(topic, error = %e, "cannot encode a message to a device"),
+    }
+}
+
 /// Runs until `shutdown` resolves. Reconnects forever; the API keeps serving
 /// the last known fleet meanwhile.
 pub async fn run(
@@ -90,6 +108,7 @@ pub async fn run(
         .set_clean_session(true)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)
         .set_inflight(1000);
+    let user = credentials.as_ref().map(|(u, _)| u.clone()).unwrap_or_default();
     if let Some((user, password)) = credentials {
         opts.set_credentials(user, password);
     }
@@ -101,18 +120,7 @@ pub async fn run(
         let event = tokio::select! {
             _ = shutdown.changed() => break,
             Some(out) = outbox.recv() => {
-                let (topic, retain, encoded) = match out {
-                    Outgoing::Command(device, cmd) => (device.topic(TopicKind::Cmd), false, encode(&Message::Command(cmd))),
-                    Outgoing::Desired(device, payload) => (device.topic(TopicKind::Desired), true, Ok(payload)),
-                };
-                match encoded {
-                    Ok(bytes) => {
-                        if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, retain, bytes) {
-                            warn!(topic, error = %e, "cannot queue a message to a device");
-                        }
-                    }
-                    Err(e) => warn!(topic, error = %e, "cannot encode a message to a device"),
-                }
+                publish(&client, out);
                 continue;
             }
             e = events.poll() => e,
@@ -123,6 +131,18 @@ pub async fn run(
                 failures = 0;
                 controller.broker_connected.store(true, Relaxed);
                 controller.metrics.broker_connects.fetch_add(1, Relaxed);
+                if controller.dynsec {
+                    // Our own role first: Mosquitto handles a client's packets in order,
+                    // so the subscriptions below are checked against it.
+                    if let Err(e) =
+                        client.try_publish(crate::dynsec::TOPIC, QoS::AtLeastOnce, false, crate::dynsec::setup(&user))
+                    {
+                        warn!(error = %e, "cannot queue the dynamic-security setup");
+                    }
+                    if let Err(e) = client.try_subscribe(crate::dynsec::RESPONSES, QoS::AtLeastOnce) {
+                        warn!(error = %e, "cannot subscribe to dynamic-security answers");
+                    }
+                }
                 let filters = UPSTREAM.map(|k| rumqttc::SubscribeFilter::new(k.filter_all_devices(), QoS::AtLeastOnce));
                 if let Err(e) = client.try_subscribe_many(filters) {
                     warn!(error = %e, "cannot queue subscriptions");
@@ -131,10 +151,19 @@ pub async fn run(
                 // in the broker, which an embedded broker loses on restart.
                 controller.republish_desired();
             }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == crate::dynsec::RESPONSES => {
+                for failure in crate::dynsec::failures(&p.payload) {
+                    warn!(%failure, "Mosquitto's dynamic-security plugin refused a change");
+                }
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => match classify(&p.topic, &p.payload) {
                 Ok((id, kind, Message::EnrollRequest(req))) => {
                     controller.metrics.received(kind);
                     let res = controller.enroll(&id, &req, now_ms());
+                    // What the enrollment queued (the device's Mosquitto account) goes out before the answer.
+                    while let Ok(out) = outbox.try_recv() {
+                        publish(&client, out);
+                    }
                     match encode(&Message::EnrollResponse(res)) {
                         Ok(bytes) => {
                             if let Err(e) =

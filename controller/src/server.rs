@@ -37,6 +37,8 @@ pub struct ServerConfig {
     pub insecure_registries: Vec<String>,
     /// Registry host → (username, password), for resolving private images.
     pub registry_credentials: std::collections::BTreeMap<String, (String, String)>,
+    /// Registry host → the CA (PEM) its certificate chains to.
+    pub registry_ca: std::collections::BTreeMap<String, Vec<u8>>,
     /// Seed files of the signing and secrets keys (default: created in the data dir).
     pub signing_key: Option<PathBuf>,
     pub secrets_key: Option<PathBuf>,
@@ -56,6 +58,9 @@ pub struct ServerConfig {
     /// Let the embedded broker listen off loopback without `mqtt_auth` and
     /// `mqtt_tls` (a lab network the operator trusts).
     pub allow_insecure_mqtt: bool,
+    /// An external Mosquitto whose dynamic-security plugin the controller
+    /// keeps device and join accounts in.
+    pub broker_dynsec: bool,
 }
 
 impl ServerConfig {
@@ -112,8 +117,9 @@ pub async fn serve(
     let db = cfg.data_dir.join("baton.db");
     let store = Store::open(&db)?;
     let (outbox_tx, outbox) = tokio::sync::mpsc::unbounded_channel();
-    let commands = crate::commands::CommandRouter::new(outbox_tx.clone());
     let keys = crate::keys::Keys::load(&cfg.data_dir, cfg.signing_key.as_deref(), cfg.secrets_key.as_deref())?;
+    let signer = baton_protocol::crypto::SigningKey::from_seed(&keys.signing_seed);
+    let commands = crate::commands::CommandRouter::new(outbox_tx.clone(), signer);
     tracing::info!(signing_key = %keys.signing_public(), "desired documents are signed with this key (agents: controller_keys)");
     let mut controller = Controller::new(store, cfg.stale_after.as_millis() as u64, commands, outbox_tx, keys)?;
     controller.reschedule_after_ms = cfg.reschedule_after.as_millis() as u64;
@@ -121,9 +127,11 @@ pub async fn serve(
         controller.registry = Some(baton_registry::Client::new(baton_registry::RegistryConfig {
             insecure: cfg.insecure_registries.clone(),
             credentials: cfg.registry_credentials.clone(),
+            ca_pem: cfg.registry_ca.clone(),
         }));
     }
     controller.api_auth = cfg.api_auth;
+    controller.dynsec = cfg.broker_dynsec;
     if cfg.api_auth {
         controller.ensure_admin_token(&cfg.data_dir.join("admin.token"), now_ms())?;
     }
@@ -265,6 +273,7 @@ mod tests {
             resolve_digests: false,
             insecure_registries: Vec::new(),
             registry_credentials: Default::default(),
+            registry_ca: Default::default(),
             signing_key: None,
             secrets_key: None,
             broker_credentials: None,
@@ -274,6 +283,7 @@ mod tests {
             tls_names: Vec::new(),
             api_tls: false,
             allow_insecure_mqtt: false,
+            broker_dynsec: false,
         }
     }
 

@@ -21,7 +21,7 @@ use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{self, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
-use crate::message::SignedDesired;
+use crate::message::{Command, SignedDesired};
 
 /// Domain separation for desired-document signatures.
 const DESIRED_CONTEXT: &[u8] = b"baton/v1 desired document\0";
@@ -34,9 +34,11 @@ pub const SEAL_OVERHEAD: usize = 32 + 16;
 pub enum CryptoError {
     #[error("unsigned desired document")]
     Unsigned,
-    #[error("desired document signed by untrusted key ed25519:{0}")]
+    #[error("unsigned command (a controller older than protocol 1.3, or not the controller)")]
+    UnsignedCommand,
+    #[error("signed by untrusted key ed25519:{0}")]
     UnknownKey(String),
-    #[error("bad signature on desired document (forged or damaged)")]
+    #[error("bad signature (forged or damaged)")]
     BadSignature,
     #[error("key is not 32 bytes (got {0})")]
     KeyLength(usize),
@@ -86,6 +88,35 @@ fn desired_message(device: &str, document: &[u8]) -> Vec<u8> {
     m
 }
 
+/// What a command signature covers: a context of its own (a desired
+/// document's signature can never pass for a command's), the device id, and
+/// the command's id, deadline and action as postcard encodes them.
+fn command_message(device: &str, cmd: &Command) -> Vec<u8> {
+    let fields = postcard::to_allocvec(&(cmd.id, cmd.deadline_ms, &cmd.action)).unwrap_or_default();
+    let mut m = Vec::with_capacity(COMMAND_CONTEXT.len() + device.len() + 1 + fields.len());
+    m.extend_from_slice(COMMAND_CONTEXT);
+    m.extend_from_slice(device.as_bytes());
+    m.push(0);
+    m.extend_from_slice(&fields);
+    m
+}
+
+const COMMAND_CONTEXT: &[u8] = b"baton command v1\0";
+
+/// Checks that `cmd` was signed for `device` by one of `trusted`.
+pub fn verify_command(trusted: &[[u8; 32]], device: &str, cmd: &Command) -> Result<(), CryptoError> {
+    if cmd.signature.is_empty() {
+        return Err(CryptoError::UnsignedCommand);
+    }
+    let key = trusted
+        .iter()
+        .find(|k| k.as_slice() == cmd.key.as_slice())
+        .ok_or_else(|| CryptoError::UnknownKey(hex(&cmd.key)))?;
+    UnparsedPublicKey::new(&signature::ED25519, key)
+        .verify(&command_message(device, cmd), &cmd.signature)
+        .map_err(|_| CryptoError::BadSignature)
+}
+
 /// The controller's Ed25519 signing key.
 pub struct SigningKey {
     pair: Ed25519KeyPair,
@@ -109,6 +140,13 @@ impl SigningKey {
 
     pub fn public(&self) -> [u8; 32] {
         self.public
+    }
+
+    /// Signs `cmd` for `device` (fills its `key` and `signature`).
+    pub fn sign_command(&self, device: &str, mut cmd: Command) -> Command {
+        cmd.signature = self.pair.sign(&command_message(device, &cmd)).as_ref().to_vec();
+        cmd.key = self.public.to_vec();
+        cmd
     }
 
     /// Signs an encoded `Desired` message for `device`.
@@ -260,6 +298,34 @@ pub fn decrypt(key: &[u8; 32], aad: &[u8], data: &[u8]) -> Result<Vec<u8>, Crypt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_signatures_bind_key_device_and_every_field() {
+        use crate::message::CommandAction;
+        let key = SigningKey::from_seed(&[1; 32]);
+        let trusted = [key.public()];
+        let cmd = Command {
+            id: 7,
+            deadline_ms: 1_000,
+            action: CommandAction::Exec { workload: "w".into(), argv: vec!["id".into()] },
+            key: Vec::new(),
+            signature: Vec::new(),
+        };
+        assert_eq!(verify_command(&trusted, "pi-a", &cmd), Err(CryptoError::UnsignedCommand));
+        let signed = key.sign_command("pi-a", cmd.clone());
+        assert_eq!(verify_command(&trusted, "pi-a", &signed), Ok(()));
+        // Another device, another key, any changed field: refused.
+        assert_eq!(verify_command(&trusted, "pi-b", &signed), Err(CryptoError::BadSignature));
+        let other = SigningKey::from_seed(&[2; 32]).sign_command("pi-a", cmd.clone());
+        assert!(matches!(verify_command(&trusted, "pi-a", &other), Err(CryptoError::UnknownKey(_))));
+        let argv =
+            Command { action: CommandAction::Exec { workload: "w".into(), argv: vec!["sh".into()] }, ..signed.clone() };
+        assert_eq!(verify_command(&trusted, "pi-a", &argv), Err(CryptoError::BadSignature));
+        let later = Command { deadline_ms: 2_000, ..signed.clone() };
+        assert_eq!(verify_command(&trusted, "pi-a", &later), Err(CryptoError::BadSignature));
+        let id = Command { id: 8, ..signed };
+        assert_eq!(verify_command(&trusted, "pi-a", &id), Err(CryptoError::BadSignature));
+    }
 
     #[test]
     fn a_signed_document_verifies_only_for_its_device_key_and_bytes() {

@@ -169,6 +169,11 @@ pub struct Command {
     /// Unix milliseconds after which the agent drops the request unanswered.
     pub deadline_ms: u64,
     pub action: CommandAction,
+    /// Since 1.3: the signer's Ed25519 public key and its signature over the
+    /// device id, `id`, `deadline_ms` and `action` (`crypto::sign_command`).
+    /// Agents refuse commands that are unsigned or not signed by a key they trust.
+    pub key: Vec<u8>,
+    pub signature: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

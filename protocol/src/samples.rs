@@ -143,11 +143,14 @@ pub fn signed_desired() -> SignedDesired {
 }
 
 pub fn command() -> Command {
-    Command {
+    let unsigned = Command {
         id: 99,
         deadline_ms: 1_795_000_030_000,
         action: CommandAction::Logs { workload: "sensor-reader".into(), tail: 100, follow: true },
-    }
+        key: Vec::new(),
+        signature: Vec::new(),
+    };
+    crate::crypto::SigningKey::from_seed(&[7; 32]).sign_command("pi-kitchen", unsigned)
 }
 
 pub fn command_result() -> CommandResult {

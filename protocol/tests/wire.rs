@@ -76,6 +76,20 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             i.sealing_key.clear();
             Message::Inventory(i)
         }
+        // The signed document inside carries its sender's version in its
+        // envelope (the signature covers it).
+        Message::SignedDesired(s) if minor < PROTOCOL_MINOR => {
+            let mut document = s.document;
+            document[1] = minor;
+            let key = baton_protocol::crypto::SigningKey::from_seed(&[7; 32]);
+            Message::SignedDesired(key.sign_desired("pi-kitchen", document))
+        }
+        // 1.3 appended the signature.
+        Message::Command(mut c) if minor < 3 => {
+            c.key.clear();
+            c.signature.clear();
+            Message::Command(c)
+        }
         other => other,
     }
 }

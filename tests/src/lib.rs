@@ -412,26 +412,76 @@ impl Mosquitto {
 pub struct RegistryServer {
     pub proc: Proc,
     pub port: u16,
+    /// `address:port` clients use (`127.0.0.1:port` unless started with TLS).
+    pub host: String,
+}
+
+/// This machine's first non-loopback IPv4 address (the route a packet to a
+/// documentation address would take; nothing is sent).
+pub fn host_address() -> std::net::IpAddr {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+    s.connect("198.51.100.1:9").expect("this test needs a non-loopback IPv4 route");
+    let ip = s.local_addr().expect("local address").ip();
+    assert!(!ip.is_loopback() && !ip.is_unspecified(), "no non-loopback IPv4 address ({ip})");
+    ip
+}
+
+/// A fresh CA and a server certificate for `ip` signed by it, as PEM files
+/// in `dir`: (ca.pem, cert.pem, key.pem).
+pub fn test_certificates(dir: &Path, ip: std::net::IpAddr) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+    let key = KeyPair::generate().expect("server key");
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("server params");
+    p.subject_alt_names.push(SanType::IpAddress(ip));
+    let cert = p.signed_by(&key, &ca_cert, &ca_key).expect("server certificate");
+    let paths = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&paths.0, ca_cert.pem()).expect("ca.pem");
+    std::fs::write(&paths.1, cert.pem()).expect("cert.pem");
+    std::fs::write(&paths.2, key.serialize_pem()).expect("key.pem");
+    paths
 }
 
 impl RegistryServer {
     pub fn start(world: &World) -> RegistryServer {
-        Self::start_with(world, None)
+        Self::start_with(world, None, None)
     }
 
     /// A registry that requires this user and password (htpasswd, bcrypt).
     pub fn start_with_auth(world: &World, user: &str, password: &str) -> RegistryServer {
-        Self::start_with(world, Some((user, password)))
+        Self::start_with(world, Some((user, password)), None)
     }
 
-    fn start_with(world: &World, auth: Option<(&str, &str)>) -> RegistryServer {
+    /// A registry on this machine's network address (not loopback, so
+    /// clients speak HTTPS to it) with a certificate from a CA of its own;
+    /// returns it and the CA's PEM file.
+    pub fn start_tls(world: &World) -> (RegistryServer, PathBuf) {
+        let dir = world.path().join("registry-tls");
+        std::fs::create_dir_all(&dir).expect("tls dir");
+        let ip = host_address();
+        let (ca, cert, key) = test_certificates(&dir, ip);
+        (Self::start_with(world, None, Some((ip, &cert, &key))), ca)
+    }
+
+    fn start_with(
+        world: &World,
+        auth: Option<(&str, &str)>,
+        tls: Option<(std::net::IpAddr, &Path, &Path)>,
+    ) -> RegistryServer {
         let port = free_port();
         let storage = world.path().join("registry-storage");
         let conf = world.path().join("registry.yml");
+        let ip = tls.map_or_else(|| "127.0.0.1".to_string(), |(ip, _, _)| ip.to_string());
         let mut yaml = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {ip}:{port}\n",
             storage.display()
         );
+        if let Some((_, cert, key)) = tls {
+            yaml.push_str(&format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()));
+        }
         if let Some((user, password)) = auth {
             let htpasswd = which("htpasswd").expect("htpasswd is not installed: .ci/run installs apache2-utils");
             let out = Command::new(htpasswd).args(["-Bbn", user, password]).output().expect("htpasswd");
@@ -444,10 +494,9 @@ impl RegistryServer {
             .expect("docker-registry is not installed: .ci/run installs it (apt-get install docker-registry)");
         let proc = Proc::spawn("registry", &exe, &["serve".into(), conf.display().to_string()], world.path());
         // /v2/ answers 200, or 401 when auth is on: either way it is up.
-        wait_for("registry listening", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        RegistryServer { proc, port }
+        let host = format!("{ip}:{port}");
+        wait_for("registry listening", Duration::from_secs(20), || std::net::TcpStream::connect(&host).ok());
+        RegistryServer { proc, port, host }
     }
 
     /// Pushes the image named `name` in an OCI layout to `repo:tag` with skopeo.
@@ -465,7 +514,7 @@ impl RegistryServer {
         }
         let out = cmd
             .arg(format!("oci:{}:{name}", layout.display()))
-            .arg(format!("docker://127.0.0.1:{}/{repo_tag}", self.port))
+            .arg(format!("docker://{}/{repo_tag}", self.host))
             .output()
             .expect("skopeo");
         assert!(out.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&out.stderr));
@@ -535,6 +584,15 @@ pub const TEST_SIGNING_SEED: [u8; 32] = [42; 32];
 pub fn test_controller_key() -> String {
     let key = baton_protocol::crypto::SigningKey::from_seed(&TEST_SIGNING_SEED);
     format!("ed25519:{}", baton_protocol::crypto::hex(&key.public()))
+}
+
+/// A key file holding [`TEST_SIGNING_SEED`], for a controller that signs as
+/// the tests do (`--signing-key`): its commands reach agents that pinned the
+/// test key from documents the test published itself.
+pub fn test_signing_key_file(world: &World) -> PathBuf {
+    let path = world.path().join("test-signing.key");
+    std::fs::write(&path, format!("{}\n", baton_protocol::crypto::hex(&TEST_SIGNING_SEED))).expect("key file");
+    path
 }
 
 /// A desired document for `device`, encoded and signed as a controller would.

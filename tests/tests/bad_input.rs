@@ -111,10 +111,12 @@ fn garbage_on_device_topics_is_counted_and_changes_nothing() {
 }
 
 #[test]
-fn agent_survives_garbage_and_answers_commands_by_correlation_id() {
+fn agent_survives_garbage_and_answers_only_commands_its_controller_signed() {
     let world = World::new();
     let controller = Controller::start(&world, None, &[]);
-    let mut agent = start_agent(&world, "pi-cmd", &controller.broker_url(), &[]);
+    // The test signs commands itself, as the controller whose key the agent trusts.
+    let mut agent =
+        start_agent(&world, "pi-cmd", &controller.broker_url(), &["--controller-key", &test_controller_key()]);
     wait_for("pi-cmd online", Duration::from_secs(20), || {
         (controller.device("pi-cmd")?.status == Status::Online).then_some(())
     });
@@ -124,18 +126,40 @@ fn agent_survives_garbage_and_answers_commands_by_correlation_id() {
         op.publish(topic, pseudo_random(64, i as u64 + 7), false);
         op.publish(topic, Vec::new(), false);
     }
-    let cmd = Command { id: 4242, deadline_ms: 0, action: CommandAction::Diagnostics };
     let mut watcher = RawClient::connect(controller.mqtt, "watcher");
     watcher.subscribe("baton/v1/dev/pi-cmd/cmd/res");
-    op.publish("baton/v1/dev/pi-cmd/cmd", encode(&Message::Command(cmd)).expect("encode"), false);
-    let (_, payload, _) = watcher.next_message(Duration::from_secs(10)).expect("no answer to the diagnostics command");
-    match decode(&payload).expect("decodable answer").1 {
-        Message::CommandResult(r) => {
-            assert_eq!(r.id, 4242);
-            assert!(matches!(&r.body, CommandOutput::Text(t) if t.contains("device pi-cmd")), "{:?}", r.body);
+    let mut ask = |cmd: Command| -> CommandOutput {
+        op.publish("baton/v1/dev/pi-cmd/cmd", encode(&Message::Command(cmd.clone())).expect("encode"), false);
+        let (_, payload, _) = watcher.next_message(Duration::from_secs(10)).expect("no answer to a command");
+        match decode(&payload).expect("decodable answer").1 {
+            Message::CommandResult(r) => {
+                assert_eq!(r.id, cmd.id, "answered under another id");
+                r.body
+            }
+            other => panic!("unexpected answer {other:?}"),
         }
-        other => panic!("unexpected answer {other:?}"),
-    }
+    };
+    let deadline = baton_controller::controller::now_ms() + 60_000;
+    let unsigned =
+        Command { id: 4242, deadline_ms: deadline, action: CommandAction::Diagnostics, key: vec![], signature: vec![] };
+    let key = baton_protocol::crypto::SigningKey::from_seed(&TEST_SIGNING_SEED);
+    let refused = |body: &CommandOutput, why: &str| matches!(body, CommandOutput::Error(e) if e.contains(why));
+
+    // Anyone on the broker can publish on `cmd`: unsigned, forged or misaddressed commands are refused.
+    let body = ask(unsigned.clone());
+    assert!(refused(&body, "unsigned command"), "{body:?}");
+    let other_key = baton_protocol::crypto::SigningKey::from_seed(&[9; 32]).sign_command("pi-cmd", unsigned.clone());
+    assert!(refused(&ask(other_key), "untrusted key"));
+    let for_another = key.sign_command("pi-other", Command { id: 4243, ..unsigned.clone() });
+    assert!(refused(&ask(for_another), "bad signature"));
+    let mut forged = key.sign_command("pi-cmd", Command { id: 4244, ..unsigned.clone() });
+    forged.deadline_ms += 1;
+    assert!(refused(&ask(forged), "bad signature"));
+    // Signed for this device: answered, once.
+    let genuine = key.sign_command("pi-cmd", Command { id: 4245, ..unsigned });
+    let body = ask(genuine.clone());
+    assert!(matches!(&body, CommandOutput::Text(t) if t.contains("device pi-cmd")), "{body:?}");
+    assert!(refused(&ask(genuine), "replayed"));
     assert!(agent.is_running(), "agent died on garbage");
     assert_eq!(controller.device("pi-cmd").map(|d| d.status), Some(Status::Online));
 }

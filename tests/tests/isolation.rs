@@ -301,3 +301,108 @@ fn over_tls_the_gateway_proves_it_holds_the_controller_key_and_plain_mqtt_is_ref
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("trust anchor"), "{text}");
 }
+
+/// Mosquitto's dynamic-security plugin, wherever Debian put it.
+fn dynsec_plugin() -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .expect("/usr/lib")
+        .flatten()
+        .map(|d| d.path().join("mosquitto_dynamic_security.so"))
+        .chain([Path::new("/usr/lib/mosquitto_dynamic_security.so").to_path_buf()])
+        .find(|p| p.exists())
+        .expect("mosquitto_dynamic_security.so (package mosquitto, 2.0)")
+}
+
+#[test]
+fn devices_join_through_mosquitto_whose_accounts_the_controller_keeps() {
+    let world = World::new();
+    let dir = world.path();
+    // The operator's one step: make the controller's account an admin of the plugin.
+    let dynsec = dir.join("dynamic-security.json");
+    let out = Command::new(which("mosquitto_ctrl").expect("mosquitto_ctrl (package mosquitto)"))
+        .args(["dynsec", "init"])
+        .arg(&dynsec)
+        .args(["baton-controller", "controller-pw"])
+        .output()
+        .expect("mosquitto_ctrl");
+    assert!(out.status.success(), "dynsec init: {}", String::from_utf8_lossy(&out.stderr));
+    let mosquitto = Mosquitto::start_with(
+        &world,
+        &format!(
+            "allow_anonymous false\nplugin {}\nplugin_opt_config_file {}\n",
+            dynsec_plugin().display(),
+            dynsec.display()
+        ),
+    );
+    std::fs::write(dir.join("controller.pw"), "controller-pw\n").expect("password file");
+    let controller_pw = dir.join("controller.pw").display().to_string();
+    let controller = Controller::start(
+        &world,
+        Some(mosquitto.port),
+        &["--broker-username", "baton-controller", "--broker-password-file", &controller_pw, "--broker-dynsec"],
+    );
+    wait_for("the controller on Mosquitto", Duration::from_secs(20), || {
+        get_json::<baton_controller::view::Health>(controller.http, "/healthz").ok().filter(|h| h.broker_connected)
+    });
+    let (server, broker) = (controller.server_url(), controller.broker_url());
+    let (ok, token, err) = baton_cli(&server, &["token", "create", "--uses", "2", "--label", "site=lab"]);
+    assert!(ok, "{err}");
+    let token = token.trim();
+
+    // Two devices join with it, through Mosquitto, and run with what they got.
+    let mut agents = Vec::new();
+    for id in ["pi-a", "pi-b"] {
+        let (ok, out) = join(&world, id, &broker, token);
+        assert!(ok && out.contains(&format!("joined as {id}")), "{out}");
+        agents.push(start_agent(&world, id, &broker, &["--no-workloads"]));
+    }
+    for id in ["pi-a", "pi-b"] {
+        let d = wait_for(&format!("{id} online"), Duration::from_secs(30), || {
+            controller.device(id).filter(|d| d.status == Status::Online)
+        });
+        assert_eq!(d.labels.get("site").map(String::as_str), Some("lab"));
+    }
+    // Used up: a third device is refused.
+    let (ok, out) = join(&world, "pi-c", &broker, token);
+    assert!(!ok && out.contains("refused"), "a used-up token enrolled: {out}");
+
+    // B's account reaches its own documents only, under its own client id only.
+    let b_pw = std::fs::read_to_string(dir.join("agent-pi-b/state/mqtt.pw")).expect("pi-b's password");
+    let b_pw = b_pw.trim();
+    drop(agents.pop()); // pi-b's agent, so its session is ours to take
+    assert!(
+        RawClient::try_connect(mosquitto.port, "not-pi-b", Some(("pi-b", b_pw))).is_err(),
+        "another client id got in"
+    );
+    let mut b = RawClient::try_connect(mosquitto.port, "pi-b", Some(("pi-b", b_pw))).expect("pi-b's account");
+    assert!(b.try_subscribe("baton/v1/dev/pi-b/desired"), "pi-b cannot read its own document");
+    assert!(!b.try_subscribe("baton/v1/dev/pi-a/desired"), "pi-b reads pi-a's document");
+    assert!(!b.try_subscribe("baton/v1/dev/+/desired"), "pi-b reads every document");
+    drop(b);
+
+    // Revoked: pi-a is cut off, and its password no longer opens anything.
+    let a_pw = std::fs::read_to_string(dir.join("agent-pi-a/state/mqtt.pw")).expect("pi-a's password");
+    let (ok, _, err) = baton_cli(&server, &["device", "revoke", "pi-a"]);
+    assert!(ok, "{err}");
+    wait_for("pi-a offline after revocation", Duration::from_secs(30), || {
+        controller.device("pi-a").filter(|d| d.status == Status::Offline)
+    });
+    // (The broker applies the revocation when the controller's message reaches it.)
+    wait_for("pi-a's account gone", Duration::from_secs(10), || {
+        RawClient::try_connect(mosquitto.port, "pi-a", Some(("pi-a", a_pw.trim()))).err()
+    });
+
+    // A join account lives as long as its token.
+    let (_, second, _) = baton_cli(&server, &["token", "create"]);
+    let parts: Vec<&str> = second.trim().split('.').collect();
+    let (id, secret) = (parts[1], parts[2]);
+    let user = format!("join:{id}");
+    wait_for("the join account", Duration::from_secs(10), || {
+        RawClient::try_connect(mosquitto.port, "pi-j", Some((&user, secret))).ok()
+    });
+    let (ok, _, err) = baton_cli(&server, &["token", "delete", id]);
+    assert!(ok, "{err}");
+    wait_for("the join account gone", Duration::from_secs(10), || {
+        RawClient::try_connect(mosquitto.port, "pi-j2", Some((&user, secret))).err()
+    });
+}

@@ -322,3 +322,50 @@ fn the_controller_pins_private_images_with_registry_credentials() {
         .expect("baton server");
     assert!(String::from_utf8_lossy(&out.stderr).contains("HOST=USER:PASSWORD_FILE"));
 }
+
+#[test]
+fn a_registry_with_a_private_ca_is_trusted_through_its_configured_ca_only() {
+    let world = World::new();
+    let (registry, ca) = RegistryServer::start_tls(&world);
+    pushed_busybox(&world, &registry, "tls/busybox:1");
+    let reference = format!("{}/tls/busybox:1", registry.host);
+    let store = ImageStore::open(world.path().join("images")).expect("store");
+
+    // Not loopback, so HTTPS; the web PKI roots do not know this CA.
+    let e = Registry::new(RegistryConfig::default())
+        .pull(&store, &reference, &Platform::current())
+        .expect_err("pulled through a CA nobody configured")
+        .to_string();
+    assert!(e.to_lowercase().contains("certificate") || e.contains("UnknownIssuer"), "{e}");
+    // A CA configured for another registry does not help this one.
+    let pem = std::fs::read(&ca).expect("ca.pem");
+    let elsewhere =
+        RegistryConfig { ca_pem: [("registry.lan:5000".to_string(), pem.clone())].into(), ..Default::default() };
+    assert!(Registry::new(elsewhere).pull(&store, &reference, &Platform::current()).is_err());
+    // Configured for it (agent.toml `registry_ca`): pulled and verified over TLS.
+    let config = RegistryConfig { ca_pem: [(registry.host.clone(), pem)].into(), ..Default::default() };
+    let (record, stats) = Registry::new(config).pull(&store, &reference, &Platform::current()).expect("pull over TLS");
+    assert_eq!(stats.blobs_fetched, 2);
+    assert!(store.rootfs(&record).expect("rootfs").lookup("bin/busybox").is_some());
+
+    // The controller pins the tag with --registry-ca, and cannot without it.
+    let manifest = world.path().join("app.yaml");
+    std::fs::write(&manifest, format!("name: app\nimage: {reference}\n")).expect("manifest");
+    let apply = |c: &Controller| baton_cli(&c.server_url(), &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    let other = World::new();
+    let (ok, out, err) = apply(&Controller::start(&other, None, &["--resolve-digests", "true"]));
+    assert!(ok && out.contains("cannot resolve"), "{out}{err}");
+    let flag = format!("{}={}", registry.host, ca.display());
+    let controller = Controller::start(&world, None, &["--resolve-digests", "true", "--registry-ca", &flag]);
+    let (ok, out, err) = apply(&controller);
+    assert!(ok && out.contains(&format!("{reference} → sha256:")), "the tag was not pinned over TLS: {out}{err}");
+    // A file with no certificate is a clear start-up error.
+    let bad = format!("{}={}", registry.host, manifest.display());
+    let out = Command::new(bin("baton"))
+        .args(["server", "--registry-ca", &bad, "--data-dir"])
+        .arg(world.path().join("x"))
+        .output()
+        .expect("baton server");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("no PEM certificate"), "{text}");
+}

@@ -148,7 +148,9 @@ fn missing_image_and_bad_documents_are_reported_not_fatal() {
 fn operators_read_logs_exec_and_restart_through_the_controller() {
     use std::io::BufRead;
     let world = World::new();
-    let controller = Controller::start(&world, None, &[]);
+    // The test publishes the documents; the controller relays commands, signed with the same key.
+    let key = test_signing_key_file(&world);
+    let controller = Controller::start(&world, None, &["--signing-key", key.to_str().expect("utf-8")]);
     let device = "pi-l";
     let data = world.path().join(format!("agent-{device}"));
     let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");

@@ -1,8 +1,9 @@
 //! The OCI distribution (Docker Registry v2) client Baton's agent pulls with
 //! and its controller resolves tags with: image references with Docker Hub's
-//! defaults, anonymous, basic and bearer-token auth, HTTPS (web PKI roots) or
-//! plain HTTP for loopback and configured-insecure registries, and manifests
-//! verified against their digest. Blocking: callers run it off async threads.
+//! defaults, anonymous, basic and bearer-token auth, HTTPS (web PKI roots, or
+//! a CA configured for the registry) or plain HTTP for loopback and
+//! configured-insecure registries, and manifests verified against their
+//! digest. Blocking: callers run it off async threads.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -108,10 +109,30 @@ pub struct RegistryConfig {
     pub insecure: Vec<String>,
     /// Host → (username, password).
     pub credentials: BTreeMap<String, (String, String)>,
+    /// Host → the CA certificates (PEM) its HTTPS certificate chains to,
+    /// instead of the web PKI roots (a registry with a private CA). Check
+    /// them with `parse_ca` when the configuration is read.
+    pub ca_pem: BTreeMap<String, Vec<u8>>,
+}
+
+/// The certificates in a PEM file; an error when there are none.
+pub fn parse_ca(pem: &[u8]) -> Result<Vec<ureq::tls::Certificate<'static>>, RegistryError> {
+    let certs: Vec<_> = ureq::tls::parse_pem(pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.to_owned()),
+            _ => None,
+        })
+        .collect();
+    if certs.is_empty() {
+        return Err(RegistryError::Invalid("no PEM certificate found".into()));
+    }
+    Ok(certs)
 }
 
 pub struct Client {
     http: ureq::Agent,
+    /// Host → a client trusting only that registry's configured CA.
+    private: HashMap<String, ureq::Agent>,
     config: RegistryConfig,
     /// (registry, repository) → bearer token.
     tokens: Mutex<HashMap<(String, String), String>>,
@@ -156,15 +177,32 @@ pub type Response = ureq::http::Response<ureq::Body>;
 
 impl Client {
     pub fn new(config: RegistryConfig) -> Self {
-        let http = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(15)))
-            // A stalled transfer fails and resumes rather than hanging forever.
-            .timeout_recv_body(Some(Duration::from_secs(60)))
-            .timeout_recv_response(Some(Duration::from_secs(30)))
-            .build()
-            .into();
-        Self { http, config, tokens: Mutex::new(HashMap::new()) }
+        let builder = || {
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_connect(Some(Duration::from_secs(15)))
+                // A stalled transfer fails and resumes rather than hanging forever.
+                .timeout_recv_body(Some(Duration::from_secs(60)))
+                .timeout_recv_response(Some(Duration::from_secs(30)))
+        };
+        let http = builder().build().into();
+        let private = config
+            .ca_pem
+            .iter()
+            .map(|(host, pem)| {
+                // An unparsable CA trusts nothing: that registry's requests fail and say so.
+                let certs = parse_ca(pem).unwrap_or_default();
+                let tls =
+                    ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build();
+                (host.clone(), builder().tls_config(tls).build().into())
+            })
+            .collect();
+        Self { http, private, config, tokens: Mutex::new(HashMap::new()) }
+    }
+
+    /// The client for requests to `host` (`host[:port]`).
+    fn agent(&self, host: &str) -> &ureq::Agent {
+        self.private.get(host).unwrap_or(&self.http)
     }
 
     fn url(&self, r: &Reference, path: &str) -> String {
@@ -194,7 +232,10 @@ impl Client {
             "bearer" => {
                 let realm =
                     params.get("realm").ok_or_else(|| RegistryError::Invalid("auth challenge without realm".into()))?;
-                let mut req = self.http.get(realm);
+                // The token service may live elsewhere; a private CA applies to its host too.
+                let realm_host = realm.split_once("://").map_or(realm.as_str(), |(_, rest)| rest);
+                let realm_host = realm_host.split('/').next().unwrap_or_default();
+                let mut req = self.agent(realm_host).get(realm);
                 if let Some(service) = params.get("service") {
                     req = req.query("service", service);
                 }
@@ -230,7 +271,7 @@ impl Client {
     /// GET with auth (challenge answered once) and optional Range.
     pub fn get(&self, r: &Reference, path: &str, accept: Option<&str>, from: u64) -> Result<Response, RegistryError> {
         let send = |auth: Option<&str>| {
-            let mut req = self.http.get(self.url(r, path));
+            let mut req = self.agent(&r.registry).get(self.url(r, path));
             if let Some(a) = accept {
                 req = req.header("Accept", a);
             }

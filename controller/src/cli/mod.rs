@@ -210,6 +210,21 @@ pub fn parse_registry_auth(args: &[String]) -> anyhow::Result<std::collections::
     Ok(out)
 }
 
+/// `HOST=CA_FILE` pairs → host → the CA's PEM (checked to hold a certificate).
+pub fn parse_registry_ca(args: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, Vec<u8>>> {
+    let mut out = std::collections::BTreeMap::new();
+    for a in args {
+        let (host, file) = a
+            .split_once('=')
+            .filter(|(h, f)| !h.is_empty() && !f.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("--registry-ca {a:?}: use HOST=CA_FILE"))?;
+        let pem = std::fs::read(file).with_context(|| format!("--registry-ca {host}: cannot read {file}"))?;
+        baton_registry::parse_ca(&pem).with_context(|| format!("--registry-ca {host}: {file}"))?;
+        out.insert(host.to_string(), pem);
+    }
+    Ok(out)
+}
+
 /// Seconds in `90s`, `30m`, `24h`, `7d` (or a bare number of seconds).
 pub fn parse_duration(text: &str) -> anyhow::Result<u64> {
     let t = text.trim();
@@ -309,6 +324,10 @@ pub struct ServerArgs {
     /// HOST=USER:PASSWORD_FILE (repeatable; the password is read from the file).
     #[arg(long = "registry-auth")]
     pub registry_auth: Vec<String>,
+    /// The CA (PEM file) a private registry's HTTPS certificate chains to,
+    /// instead of the web PKI roots: HOST=CA_FILE (repeatable).
+    #[arg(long = "registry-ca")]
+    pub registry_ca: Vec<String>,
     /// Seconds a device may stay offline before its `replicas` workloads move to other devices.
     #[arg(long, default_value_t = 300)]
     pub reschedule_after: u64,
@@ -339,6 +358,11 @@ pub struct ServerArgs {
     /// (any machine that reaches it can then speak for any device: a lab network only).
     #[arg(long)]
     pub allow_insecure_mqtt: bool,
+    /// The external broker is Mosquitto with its dynamic-security plugin, and
+    /// --broker-username is an admin of it: the controller keeps device and
+    /// join accounts there (`baton token create`, `baton-agent join`, revoke).
+    #[arg(long, requires_all = ["broker", "broker_username"])]
+    pub broker_dynsec: bool,
     /// Username for an external broker with per-client credentials (see `deploy/mosquitto/`).
     #[arg(long, requires = "broker_password_file")]
     pub broker_username: Option<String>,
@@ -373,6 +397,7 @@ impl ServerArgs {
             resolve_digests: self.resolve_digests,
             insecure_registries: self.insecure_registries.clone(),
             registry_credentials: parse_registry_auth(&self.registry_auth)?,
+            registry_ca: parse_registry_ca(&self.registry_ca)?,
             broker_credentials: match (&self.broker_username, &self.broker_password_file) {
                 (Some(user), Some(path)) => {
                     let password = std::fs::read_to_string(path)
@@ -386,6 +411,7 @@ impl ServerArgs {
             mqtt_tls: self.mqtt_tls,
             api_tls: self.api_tls,
             allow_insecure_mqtt: self.allow_insecure_mqtt,
+            broker_dynsec: self.broker_dynsec,
             tls_names: self.tls_names.clone(),
             signing_key: self.signing_key.clone(),
             secrets_key: self.secrets_key.clone(),
