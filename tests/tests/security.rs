@@ -361,20 +361,17 @@ fn the_api_over_https_is_trusted_through_the_controller_ca_and_plain_listeners_s
     let (ok, _, _) = baton_cli_as(&format!("http://127.0.0.1:{http}"), Some(token), &["get", "devices"]);
     assert!(!ok, "plain HTTP was answered on the HTTPS port");
 
-    // Off loopback, plain HTTP is refused at start.
-    let out = std::process::Command::new(bin("baton"))
-        .args(["server", "--listen", "0.0.0.0:0", "--mqtt-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(world.path().join("other"))
-        .output()
-        .expect("baton server");
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && text.contains("--api-tls"), "{text}");
-    // So is an embedded broker open to the network without authentication and TLS.
-    let out = std::process::Command::new(bin("baton"))
-        .args(["server", "--listen", "127.0.0.1:0", "--mqtt-listen", "0.0.0.0:0", "--data-dir"])
-        .arg(world.path().join("other"))
-        .output()
-        .expect("baton server");
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && text.contains("--mqtt-auth --mqtt-tls"), "{text}");
+    // Off loopback, plain HTTP is refused at start, and so is an embedded
+    // broker open to the network without authentication and TLS.
+    for (http, mqtt, says) in
+        [("0.0.0.0:0", "127.0.0.1:0", "--api-tls"), ("127.0.0.1:0", "0.0.0.0:0", "--mqtt-auth --mqtt-tls")]
+    {
+        let out = std::process::Command::new(bin("baton"))
+            .args(["server", "--listen", http, "--mqtt-listen", mqtt, "--data-dir"])
+            .arg(world.path().join("other"))
+            .output()
+            .expect("baton server");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && text.contains(says), "{text}");
+    }
 }

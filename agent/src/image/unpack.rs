@@ -77,7 +77,8 @@ fn ensure_parents(root: &Path, rel: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
-fn remove_any(path: &Path) -> std::io::Result<()> {
+/// Removes whatever is at `path` (a tree, a file, a link); nothing there is fine.
+pub fn remove_any(path: &Path) -> std::io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),

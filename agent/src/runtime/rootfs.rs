@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-use crate::image::unpack::{is_opaque, is_whiteout};
+use crate::image::unpack::{is_opaque, is_whiteout, remove_any};
 
 /// An image's filesystem: its unpacked layers, bottom first, in overlayfs's
 /// format (whiteouts are 0:0 character devices, opaque directories carry
@@ -112,15 +112,6 @@ pub fn release(bundle: &Path) -> std::io::Result<()> {
     match umount2(&merged(bundle), MntFlags::empty()) {
         Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => Ok(()),
         Err(e) => Err(std::io::Error::from(e)),
-    }
-}
-
-fn remove_any(path: &Path) -> std::io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
     }
 }
 
