@@ -430,3 +430,56 @@ fn a_chatty_container_log_rotates_at_its_cap() {
     assert!(fx.log(&id).contains("stdout line-1999"), "the last line is in the current file");
     assert!(!dir.join("container.log.2").exists(), "more than one old file kept");
 }
+
+/// Tests that need no cgroup v2 controller: this host's v2 tree has none
+/// but hugetlb (its memory, pids and cpu controllers are bound to v1).
+const ON_CGROUP_V2: [&str; 9] = [
+    "runs_to_completion_with_exit_code_and_logs_then_removes_cleanly",
+    "exit_while_nobody_watches_is_recorded",
+    "stop_escalates_to_sigkill_and_kill_is_immediate",
+    "bad_specs_are_refused_and_leave_nothing_behind",
+    "passed_through_device_works_and_others_are_denied",
+    "volume_data_survives_replacing_the_container",
+    "read_only_rootfs_refuses_writes_but_tmpfs_accepts_them",
+    "exec_runs_inside_the_container_and_returns_output_and_code",
+    "default_seccomp_profile_is_an_allowlist_that_keeps_libc_working",
+];
+
+/// Raspberry Pi OS mounts cgroup v2 only. This host is hybrid, so the same
+/// tests run again in a mount namespace whose /sys/fs/cgroup is the v2 tree:
+/// containers are created, run and removed there, device rules hold (an eBPF
+/// program: `devfilter`), and no cgroup is left behind.
+#[test]
+fn on_cgroup_v2_containers_run_device_rules_hold_and_cgroups_are_removed() {
+    assert!(nix::unistd::geteuid().is_root(), "container tests need root (CI runs them as root)");
+    let exe = std::env::current_exe().expect("this test binary");
+    let script = format!(
+        "mount --make-rprivate / && umount -l /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup \
+         && [ \"$(stat -fc %T /sys/fs/cgroup)\" = cgroup2fs ] && exec {} --exact --test-threads 2 {}",
+        exe.display(),
+        ON_CGROUP_V2.join(" ")
+    );
+    let child = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("unshare (util-linux)");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("the v2 run");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "on cgroup v2:\n{text}");
+    assert!(text.contains(&format!("test result: ok. {} passed", ON_CGROUP_V2.len())), "{text}");
+    // The tests' cgroups were made in the host's v2 tree; none is left.
+    let prefix = format!("baton-test-{pid}-");
+    for tree in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let left: Vec<_> = std::fs::read_dir(tree)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "cgroups left behind: {left:?}");
+    }
+}

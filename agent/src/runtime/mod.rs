@@ -3,6 +3,7 @@
 //! container under its own `baton-agent shim` process, so containers outlive
 //! the agent and a restarted agent re-adopts them from the files the shims keep.
 
+pub mod devfilter;
 pub mod exec;
 pub mod layout;
 pub mod libcontainer_rt;

@@ -156,6 +156,23 @@ fn supervise(args: &ShimArgs, ready: File) -> i32 {
             return 1;
         }
     };
+    // On cgroup v2 the device rules are an eBPF program, attached before the
+    // container's own code runs (libcontainer's needs libbpf; see devfilter).
+    if super::devfilter::cgroup_v2() {
+        let attached = std::fs::read(args.bundle.join(files::CONFIG))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .ok_or_else(|| std::io::Error::other("config.json unreadable"))
+            .and_then(|config| {
+                let prog = super::devfilter::program(&super::devfilter::rules(&config));
+                super::devfilter::attach(Path::new(&format!("/sys/fs/cgroup{}", args.cgroup)), &prog)
+            });
+        if let Err(e) = attached {
+            let _ = container.delete(true);
+            report(&mut ready, &format!("cannot apply the device rules (cgroup v2): {e}"));
+            return 1;
+        }
+    }
     // A failed start leaves init blocked on the notify socket: force-delete.
     if let Err(e) = container.start() {
         let _ = container.delete(true);

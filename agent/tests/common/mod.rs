@@ -73,9 +73,12 @@ impl Drop for Fixture {
             }
             let _ = rt.remove(&id);
         }
+        let parent = self.layout.cgroup_parent.trim_start_matches('/');
         for controller in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
-            let _ = std::fs::remove_dir(controller.path().join(self.layout.cgroup_parent.trim_start_matches('/')));
+            let _ = std::fs::remove_dir(controller.path().join(parent));
         }
+        // cgroup v2: one tree, the parent right under the root.
+        let _ = std::fs::remove_dir(std::path::Path::new("/sys/fs/cgroup").join(parent));
     }
 }
 
