@@ -362,9 +362,17 @@ fn devices_join_through_mosquitto_whose_accounts_the_controller_keeps() {
         });
         assert_eq!(d.labels.get("site").map(String::as_str), Some("lab"));
     }
-    // Used up: a third device is refused.
+    // Used up: a third device is refused; so is an expired token.
     let (ok, out) = join(&world, "pi-c", &broker, token);
     assert!(!ok && out.contains("refused"), "a used-up token enrolled: {out}");
+    let (ok, short, err) = baton_cli(&server, &["token", "create", "--ttl", "1s"]);
+    assert!(ok, "{err}");
+    wait_for("the short token expired", Duration::from_secs(10), || {
+        let (_, list, _) = baton_cli(&server, &["token", "list"]);
+        list.contains("expired").then_some(())
+    });
+    let (ok, out) = join(&world, "pi-x", &broker, short.trim());
+    assert!(!ok && out.contains("refused"), "an expired token enrolled: {out}");
 
     // B's account reaches its own documents only, under its own client id only.
     let b_pw = std::fs::read_to_string(dir.join("agent-pi-b/state/mqtt.pw")).expect("pi-b's password");
