@@ -43,6 +43,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         "baton up runs its agent without credentials: use `baton server --mqtt-auth` and give the agent `baton device credentials ID`"
     );
     let agent_dir = cfg.data_dir.parent().map_or_else(|| cfg.data_dir.join("agent"), |p| p.join("agent"));
+    let signing_key = cfg.signing_key.clone().unwrap_or_else(|| cfg.data_dir.join("signing.key"));
     let bin = agent_binary(args.agent_bin);
     runtime()?.block_on(async move {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -55,8 +56,13 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             Err(_) => return server.await.context("controller task")?,
         };
 
+        // The local agent trusts this controller's key from the start (no trust on first use).
+        let seed = crate::keys::load_or_create(&signing_key, false)?;
+        let key = baton_protocol::crypto::SigningKey::from_seed(&seed).public();
         let mut cmd = tokio::process::Command::new(&bin);
-        cmd.arg("--broker")
+        cmd.arg("--controller-key")
+            .arg(format!("ed25519:{}", baton_protocol::crypto::hex(&key)))
+            .arg("--broker")
             .arg(broker.to_string())
             .arg("--data-dir")
             .arg(&agent_dir)
