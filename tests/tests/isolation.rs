@@ -207,6 +207,18 @@ fn join(world: &World, id: &str, broker: &str, token: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// A token made to last one second, once expired, does not let a device join.
+fn an_expired_token_cannot_join(world: &World, server: &str, broker: &str) {
+    let (ok, short, err) = baton_cli(server, &["token", "create", "--ttl", "1s"]);
+    assert!(ok, "{err}");
+    wait_for("the short token expired", Duration::from_secs(10), || {
+        let (_, list, _) = baton_cli(server, &["token", "list"]);
+        list.contains("expired").then_some(())
+    });
+    let (ok, out) = join(world, "pi-x", broker, short.trim());
+    assert!(!ok && out.contains("refused"), "an expired token enrolled: {out}");
+}
+
 #[test]
 fn a_device_joins_with_a_token_once_and_a_revoked_one_stays_out() {
     let world = World::new();
@@ -239,14 +251,7 @@ fn a_device_joins_with_a_token_once_and_a_revoked_one_stays_out() {
     assert!(!ok2 && out2.contains("refused"), "a wrong secret enrolled: {out2}");
 
     // An expired token cannot enroll.
-    let (ok, short, err) = baton_cli(&server, &["token", "create", "--ttl", "1s"]);
-    assert!(ok, "{err}");
-    wait_for("the short token expired", Duration::from_secs(10), || {
-        let (_, list, _) = baton_cli(&server, &["token", "list"]);
-        list.contains("expired").then_some(())
-    });
-    let (ok, out) = join(&world, "pi-x", &broker, short.trim());
-    assert!(!ok && out.contains("refused"), "an expired token enrolled: {out}");
+    an_expired_token_cannot_join(&world, &server, &broker);
 
     // The joined agent runs with what it received: online, with the token's label.
     let _agent = start_agent(&world, "pi-j", &broker, &["--no-workloads"]);
@@ -365,14 +370,7 @@ fn devices_join_through_mosquitto_whose_accounts_the_controller_keeps() {
     // Used up: a third device is refused; so is an expired token.
     let (ok, out) = join(&world, "pi-c", &broker, token);
     assert!(!ok && out.contains("refused"), "a used-up token enrolled: {out}");
-    let (ok, short, err) = baton_cli(&server, &["token", "create", "--ttl", "1s"]);
-    assert!(ok, "{err}");
-    wait_for("the short token expired", Duration::from_secs(10), || {
-        let (_, list, _) = baton_cli(&server, &["token", "list"]);
-        list.contains("expired").then_some(())
-    });
-    let (ok, out) = join(&world, "pi-x", &broker, short.trim());
-    assert!(!ok && out.contains("refused"), "an expired token enrolled: {out}");
+    an_expired_token_cannot_join(&world, &server, &broker);
 
     // B's account reaches its own documents only, under its own client id only.
     let b_pw = std::fs::read_to_string(dir.join("agent-pi-b/state/mqtt.pw")).expect("pi-b's password");
