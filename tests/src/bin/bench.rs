@@ -335,13 +335,14 @@ fn runtime(iters: usize) {
         ]
     });
 
-    let (mut ours, mut t_runc, mut t_crun) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..iters {
-        let id = format!("bench-{i}");
+    // The same container without its seccomp filter: what the filter costs a start.
+    let mut unconfined_spec = spec.clone();
+    unconfined_spec.security.seccomp_unconfined = true;
+    let ours_run = |id: &str, spec: &ContainerSpec| -> f64 {
         let t = Instant::now();
-        rt.create(&CreateRequest { id: &id, spec: &spec, rootfs: rootfs.clone().into() }).expect("create");
+        rt.create(&CreateRequest { id, spec, rootfs: rootfs.clone().into() }).expect("create");
         loop {
-            match rt.state(&id).expect("state") {
+            match rt.state(id).expect("state") {
                 ContainerState::Exited(e) => {
                     assert_eq!(e.code, 0);
                     break;
@@ -349,8 +350,13 @@ fn runtime(iters: usize) {
                 _ => std::thread::sleep(Duration::from_micros(200)),
             }
         }
-        rt.remove(&id).expect("remove");
-        ours.push(t.elapsed().as_secs_f64() * 1000.0);
+        rt.remove(id).expect("remove");
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    let (mut ours, mut t_runc, mut t_crun, mut t_unconfined) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..iters {
+        ours.push(ours_run(&format!("bench-{i}"), &spec));
+        t_unconfined.push(ours_run(&format!("bench-u-{i}"), &unconfined_spec));
         if let Some(ms) = runc.as_ref().and_then(|a| run_peer(a)) {
             t_runc.push(ms);
         }
@@ -364,6 +370,7 @@ fn runtime(iters: usize) {
         ("Baton (shim + libcontainer)", &mut ours),
         ("runc run", &mut t_runc),
         ("crun run (in unshare -m)", &mut t_crun),
+        ("Baton, seccomp off (`seccomp_unconfined`)", &mut t_unconfined),
     ] {
         if v.is_empty() {
             println!("| {name} | not installed or failed | | |");
