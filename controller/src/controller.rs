@@ -1101,8 +1101,7 @@ impl Controller {
         }
         {
             let mut st = lock(&self.state);
-            Self::visible_workload(&st, name, scope)?;
-            let Some(e) = st.workloads.get_mut(name) else { unreachable!("checked above") };
+            let e = Self::visible_workload_mut(&mut st, name, scope)?;
             let before = e.manifest.replicas;
             e.manifest.replicas = Some(replicas);
             let store = lock(&self.store);
@@ -1120,8 +1119,8 @@ impl Controller {
         let facts = &snap.facts;
         let mut st = lock(&self.state);
         let store = lock(&self.store);
-        let tenant = Self::visible_workload(&st, name, scope)?.tenant.clone();
-        let Some(e) = st.workloads.get_mut(name) else { unreachable!("checked above") };
+        let e = Self::visible_workload_mut(&mut st, name, scope)?;
+        let tenant = e.tenant.clone();
         let no_rollout = || OpError::Invalid(format!("workload {name} has no rollout"));
         let message = match action {
             "pause" | "resume" | "abort" => {
@@ -1459,6 +1458,13 @@ impl Controller {
     fn visible_workload<'s>(st: &'s State, name: &str, scope: &Scope) -> Result<&'s Entry, OpError> {
         st.workloads
             .get(name)
+            .filter(|e| scope.sees(&e.tenant))
+            .ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))
+    }
+
+    fn visible_workload_mut<'s>(st: &'s mut State, name: &str, scope: &Scope) -> Result<&'s mut Entry, OpError> {
+        st.workloads
+            .get_mut(name)
             .filter(|e| scope.sees(&e.tenant))
             .ok_or_else(|| OpError::NotFound(format!("workload {name} not found")))
     }
