@@ -50,6 +50,9 @@ pub struct FileConfig {
     /// PEM CA for an mqtts:// broker that is not a Baton gateway (default: the
     /// gateway's CA is recognised by the trusted controller key).
     pub mqtt_ca_file: Option<PathBuf>,
+    /// A join token (`baton token create`): the agent enrolls with it at start
+    /// when it has no credentials yet, as `baton-agent join` would.
+    pub join_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +99,8 @@ pub struct AgentConfig {
     /// MQTT (username, password), when the broker wants them.
     pub mqtt_credentials: Option<(String, String)>,
     pub mqtt_ca_file: Option<PathBuf>,
+    /// Enroll with this token at start when not enrolled yet.
+    pub join_token: Option<crate::join::Token>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +224,12 @@ impl AgentConfig {
             }
         };
 
+        let join_token = file
+            .join_token
+            .as_deref()
+            .map(str::parse::<crate::join::Token>)
+            .transpose()
+            .map_err(|e| invalid("join_token", false, e))?;
         let mut registry_ca = BTreeMap::new();
         for (host, path) in &file.registry_ca {
             let pem = std::fs::read(path)
@@ -233,6 +244,7 @@ impl AgentConfig {
             mqtt_credentials,
             registry_ca,
             mqtt_ca_file: file.mqtt_ca_file.clone(),
+            join_token,
             device_id,
             controller_keys,
             data_dir,
@@ -318,6 +330,9 @@ mod tests {
 
         let e = resolve("[labels]\n\"bad key\" = \"v\"\n", Overrides::default()).unwrap_err().to_string();
         assert!(e.contains("labels") && e.contains("bad key"), "{e}");
+
+        let e = resolve("join_token = \"baton1.nope\"\n", Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("join_token") && e.contains("not a Baton join token"), "{e}");
 
         // A registry CA that is missing, or holds no certificate, is named at start.
         let e = resolve("[registry_ca]\n\"r.lan:5000\" = \"/nonexistent/ca.pem\"\n", Overrides::default())

@@ -20,11 +20,18 @@ pub fn password_path(data_dir: &Path) -> PathBuf {
 }
 
 /// A parsed join token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Token {
     pub id: String,
     pub secret: String,
     pub controller_key: [u8; 32],
+}
+
+/// The secret stays out of logs and error messages.
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token({}, secret hidden)", self.id)
+    }
 }
 
 impl std::str::FromStr for Token {

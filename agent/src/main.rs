@@ -149,7 +149,7 @@ struct ShimCli {
     log_flush_ms: u64,
 }
 
-#[derive(clap::Args, Default)]
+#[derive(clap::Args, Default, Clone)]
 struct RunArgs {
     /// Config file; a missing file at the default path means defaults.
     #[arg(long, short = 'c', env = "BATON_AGENT_CONFIG")]
@@ -292,7 +292,18 @@ fn resolve_config(args: RunArgs) -> Result<AgentConfig, Box<dyn std::error::Erro
 
 fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let no_workloads = args.no_workloads;
-    let config = resolve_config(args)?;
+    let mut config = resolve_config(args.clone())?;
+    // `join_token` in agent.toml: enroll once, at the first start, then run
+    // with what the join gave (the configuration is read again for it).
+    if let Some(token) = config.join_token.clone() {
+        if !baton_agent::join::password_path(&config.data_dir).exists() {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(baton_agent::join::join(&config, &token, std::time::Duration::from_secs(30)))
+                .map_err(|e| format!("join_token: {e}"))?;
+            tracing::info!(device = %config.device_id, "joined with the token in the configuration");
+            config = resolve_config(args)?;
+        }
+    }
     // An mqtts:// broker with nothing to trust is a configuration error: say so now.
     let trust = baton_agent::trust::Trust::load(config.controller_keys.clone(), &config.data_dir);
     baton_agent::tls::transport(&config.broker, &trust.keys(), config.mqtt_ca_file.as_deref())?;

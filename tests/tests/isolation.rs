@@ -412,3 +412,41 @@ fn devices_join_through_mosquitto_whose_accounts_the_controller_keeps() {
         RawClient::try_connect(mosquitto.port, "pi-j2", Some((&user, secret))).err()
     });
 }
+
+#[test]
+fn a_join_token_in_agent_toml_enrolls_at_the_first_start_only() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &["--mqtt-auth"]);
+    let (ok, token, err) = baton_cli(&controller.server_url(), &["token", "create", "--uses", "1"]);
+    assert!(ok, "{err}");
+    let config = world.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "broker = \"{}\"\ndevice_id = \"pi-cfg\"\ndata_dir = \"{}\"\nrun_dir = \"{}\"\njoin_token = \"{}\"\n",
+            controller.broker_url(),
+            world.path().join("agent-pi-cfg").display(),
+            world.path().join("run-pi-cfg").display(),
+            token.trim()
+        ),
+    )
+    .expect("agent.toml");
+    let args = vec!["--config".to_string(), config.display().to_string(), "--no-workloads".into()];
+    let online = || {
+        wait_for("pi-cfg online", Duration::from_secs(30), || {
+            controller.device("pi-cfg").filter(|d| d.status == Status::Online)
+        })
+    };
+    let mut agent = Proc::spawn("agent-pi-cfg", &bin("baton-agent"), &args, world.path());
+    online();
+    assert!(world.path().join("agent-pi-cfg/state/mqtt.pw").is_file(), "the join's password is kept");
+    // Restarted with the same file: it runs with what it got (the one-use token
+    // is spent, so a second join would fail and stop the agent).
+    assert_eq!(agent.terminate(), Some(0));
+    wait_for("pi-cfg offline", Duration::from_secs(30), || {
+        controller.device("pi-cfg").filter(|d| d.status == Status::Offline)
+    });
+    let mut again = Proc::spawn("agent-pi-cfg-2", &bin("baton-agent"), &args, world.path());
+    online();
+    assert!(again.is_running());
+}
