@@ -72,6 +72,16 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         if let Some(id) = &args.device_id {
             cmd.arg("--device-id").arg(id);
         }
+        // If `baton up` itself dies (SIGKILL, a crash), its agent goes too.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut agent = cmd.spawn().with_context(|| {
             format!("cannot start the agent {} (build it with `cargo build --release`, or pass --agent-bin)", bin.display())
         })?;

@@ -425,6 +425,21 @@ fn runtime(iters: usize) {
         let _ = rt.remove(&id);
     }
     let _ = std::fs::remove_dir_all(&run_dir);
+    // The peers leave the cgroup parent behind (runc in every hierarchy, the unified one included).
+    let parent = format!("baton-bench-{}", std::process::id());
+    for tree in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        remove_cgroup_tree(&tree.path().join(&parent));
+    }
+}
+
+/// Removes an (empty) cgroup and its children: cgroup directories go with rmdir only.
+fn remove_cgroup_tree(dir: &std::path::Path) {
+    for child in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if child.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&child.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 fn dir_bytes(path: &std::path::Path) -> u64 {
