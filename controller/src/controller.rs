@@ -418,11 +418,7 @@ impl Controller {
     }
 
     pub fn events(&self, subject: Option<&str>, limit: usize, scope: &Scope) -> Result<Vec<Event>, OpError> {
-        let tenant = match scope {
-            Scope::All => None,
-            Scope::Tenant(t) => Some(t.as_str()),
-        };
-        Ok(lock(&self.store).load_events(subject, tenant, limit)?)
+        Ok(lock(&self.store).load_events(subject, scope.tenant(), limit)?)
     }
 
     fn snapshot(&self, now: Millis) -> Snapshot {
@@ -696,7 +692,8 @@ impl Controller {
         let users: Vec<Validated> = {
             let st = lock(&self.state);
             let mut store = lock(&self.store);
-            if let Some(other) = store.list_secrets()?.into_iter().find(|s| s.name == name && s.tenant != tenant) {
+            let latest = store.secret_latest(name)?;
+            if let Some(other) = latest.as_ref().filter(|s| s.tenant != tenant) {
                 return Err(OpError::Invalid(match scope {
                     Scope::All => {
                         format!("secret {name} belongs to tenant {0}: set it with --tenant {0}", other.tenant)
@@ -704,7 +701,7 @@ impl Controller {
                     Scope::Tenant(_) => format!("secret name {name} is taken by another tenant"),
                 }));
             }
-            let version = store.secret_version(name)? + 1;
+            let version = latest.map_or(0, |s| s.version) + 1;
             let data = crypto::encrypt(&self.keys.secrets, &secret_aad(name, version), value)
                 .map_err(|e| OpError::Invalid(e.to_string()))?;
             store.put_secret(tenant, name, version, &data, now)?;
@@ -753,37 +750,32 @@ impl Controller {
     /// another tenant's device is "not found".
     pub fn issue_credentials(&self, id: &str, now: Millis, scope: &Scope) -> Result<String, OpError> {
         let device = parse_id(id)?;
-        let registered = {
+        let (tenant, registered) = {
             let mut fleet = lock(&self.fleet);
             match fleet.get(&device) {
-                Some(_) => {
-                    Self::visible_device(&fleet, &device, scope)?;
-                    None
-                }
+                Some(_) => (Self::visible_device(&fleet, &device, scope)?.tenant.clone(), None),
                 None => {
                     fleet.register(&device, Vec::new(), BTreeMap::new(), scope.owner(), now);
-                    fleet.get(&device).cloned()
+                    (scope.owner().to_string(), fleet.get(&device).cloned())
                 }
             }
         };
         if let Some(d) = registered {
             self.persist(&d);
         }
-        let password = self.new_credentials(id, now)?;
+        let password = self.new_credentials(&device, &tenant, now)?;
         if let Some(g) = self.gateway.get() {
             g.disconnect(id);
         }
         Ok(password)
     }
 
-    /// Stores a new password for a device and returns it.
-    fn new_credentials(&self, id: &str, now: Millis) -> Result<String, OpError> {
-        let id = parse_id(id)?;
+    /// Stores a new password for a device of `tenant` and returns it.
+    fn new_credentials(&self, id: &DeviceId, tenant: &str, now: Millis) -> Result<String, OpError> {
         let (_, password, hash) = crate::keys::new_secret().map_err(|e| OpError::Invalid(e.to_string()))?;
-        let tenant = self.device_tenant(&id).unwrap_or_else(crate::tenant::default_tenant);
         let store = lock(&self.store);
         store.save_credentials(id.as_str(), &hash, now)?;
-        self.event(&store, &tenant, "device", id.as_str(), "credentials issued".into(), now);
+        self.event(&store, tenant, "device", id.as_str(), "credentials issued".into(), now);
         drop(store);
         lock(&self.credentials).insert(id.as_str().to_owned(), hash);
         self.dynsec_send(|| crate::dynsec::device(id.as_str(), &password));
@@ -805,10 +797,7 @@ impl Controller {
             return Err(OpError::Invalid(format!("role {role:?}: use {ROLE_ADMIN} or {ROLE_READ_ONLY}")));
         }
         let (id, secret, hash) = crate::keys::new_secret().map_err(|e| OpError::Invalid(e.to_string()))?;
-        let tenant = match scope {
-            Scope::All => None,
-            Scope::Tenant(t) => Some(t.clone()),
-        };
+        let tenant = scope.tenant().map(str::to_string);
         let t =
             crate::store::ApiToken { id: id.clone(), role: role.into(), name: name.into(), created_at: now, tenant };
         let store = lock(&self.store);
@@ -1001,7 +990,7 @@ impl Controller {
             Err(e) => return refuse(e.to_string()),
         }
         // Not `issue_credentials`: that would cut this very (join) session.
-        let password = match self.new_credentials(id.as_str(), now) {
+        let password = match self.new_credentials(id, &token.tenant, now) {
             Ok(p) => p,
             Err(e) => return refuse(e.to_string()),
         };

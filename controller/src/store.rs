@@ -430,7 +430,7 @@ impl Store {
     }
 
     /// Stores version `version` of a secret (already encrypted with that
-    /// version in its associated data; see `secret_version`); keeps the last
+    /// version in its associated data; see `secret_latest`); keeps the last
     /// `SECRET_HISTORY` versions.
     pub fn put_secret(
         &mut self,
@@ -451,12 +451,9 @@ impl Store {
         Ok(())
     }
 
-    /// A secret's latest version (0: none).
-    pub fn secret_version(&self, name: &str) -> Result<u64, StoreError> {
-        let v: i64 =
-            self.conn
-                .query_row("SELECT COALESCE(MAX(version), 0) FROM secrets WHERE name = ?1", [name], |r| r.get(0))?;
-        Ok(v as u64)
+    /// A secret's latest version, as listed; `None` when there is none.
+    pub fn secret_latest(&self, name: &str) -> Result<Option<StoredSecret>, StoreError> {
+        Ok(self.secrets_named(Some(name))?.pop())
     }
 
     /// One version's encrypted value.
@@ -473,10 +470,16 @@ impl Store {
 
     /// Every secret: name, latest version, when it was set, its tenant.
     pub fn list_secrets(&self) -> Result<Vec<StoredSecret>, StoreError> {
+        self.secrets_named(None)
+    }
+
+    /// The secret called `name` (every secret when `None`), latest versions.
+    fn secrets_named(&self, name: Option<&str>) -> Result<Vec<StoredSecret>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT name, MAX(version), MAX(created_at), MAX(tenant) FROM secrets GROUP BY name ORDER BY name",
+            "SELECT name, MAX(version), MAX(created_at), MAX(tenant) FROM secrets WHERE ?1 IS NULL OR name = ?1
+             GROUP BY name ORDER BY name",
         )?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map([name], |r| {
             Ok(StoredSecret {
                 name: r.get(0)?,
                 version: r.get::<_, i64>(1)? as u64,

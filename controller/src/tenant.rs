@@ -33,6 +33,14 @@ impl Scope {
         }
     }
 
+    /// The one tenant this scope is narrowed to; `None`: every tenant.
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Self::All => None,
+            Self::Tenant(t) => Some(t),
+        }
+    }
+
     /// The tenant new objects go to.
     pub fn owner(&self) -> &str {
         match self {
