@@ -16,8 +16,10 @@
 # Profile `release-small` (see Cargo.toml). Writes target/cross/<target>/baton-agent,
 # target/cross/SHA256SUMS, and prints each binary's size and `file` line.
 #
-# Usage: cross/build.sh [--setup] [TARGET…]
+# Usage: cross/build.sh [--setup] [--prune] [TARGET…]
 #   --setup   install what is missing first (apt packages, rustup targets, zig, cargo-zigbuild); needs root
+#   --prune   afterwards, delete the build trees (about 1.5 GB) and keep only target/cross's binaries
+#             and toolchains; a later run rebuilds from scratch (CI uses it: disk is shared)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,11 +29,13 @@ SECCOMP_VERSION=2.5.4
 ALL_TARGETS=(aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf)
 
 setup=false
+prune=false
 targets=()
 for a in "$@"; do
   case $a in
     --setup) setup=true ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --prune) prune=true ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) targets+=("$a") ;;
   esac
 done
@@ -167,3 +171,10 @@ for t in "${targets[@]}"; do
   printf "%-32s %6.2f MiB  %s\n" "$t" "$(awk "BEGIN{print $size/1048576}")" "$(file -b "$t/baton-agent" | grep -o 'statically linked' || echo 'NOT STATIC')"
 done
 echo "checksums: $OUT/SHA256SUMS"
+
+if $prune; then
+  # Cargo's trees for the targets and for the host side of cross builds
+  # (build scripts, proc macros under release-small), and libseccomp's build trees.
+  rm -rf "${targets[@]/#/$ROOT/target/}" "$ROOT/target/release-small" "$OUT"/*/seccomp-build "$OUT"/libseccomp-*/ "$OUT/src-download"
+  log "pruned build trees: $(du -sh "$ROOT/target" | cut -f1) left in target/"
+fi
