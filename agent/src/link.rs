@@ -49,7 +49,7 @@ pub struct Link {
     identity: Option<baton_protocol::crypto::DeviceKey>,
     /// Long-running commands (log follows), by id, for `Cancel`.
     running: std::collections::HashMap<u64, tokio::sync::watch::Sender<bool>>,
-    /// Ids of commands accepted, until their deadline: a replay is refused.
+    /// Ids of commands accepted, until their deadline (kept in `state/commands.seen`): a replay is refused.
     accepted: crate::trust::SeenCommands,
 }
 
@@ -108,6 +108,10 @@ impl Link {
             }
         };
         let persisted = crate::trust::read_persisted(&desired_bytes).ok();
+        let accepted = crate::trust::SeenCommands::load(
+            &crate::trust::seen_commands_path(&config.data_dir),
+            unix_now().as_millis() as u64,
+        );
         let mut link = Link {
             config,
             client,
@@ -122,7 +126,7 @@ impl Link {
             trust,
             identity,
             running: std::collections::HashMap::new(),
-            accepted: crate::trust::SeenCommands::default(),
+            accepted,
         };
         if let Some(d) = persisted {
             link.desired_generation = d.generation;
@@ -308,7 +312,9 @@ impl Link {
             return info!(id = cmd.id, "command past its deadline dropped");
         }
         let checked = crate::trust::check_command(&self.trust.keys(), self.config.device_id.as_str(), &cmd, now)
-            .and_then(|()| self.accepted.admit(&cmd, now));
+            .and_then(|()| {
+                self.accepted.admit_and_save(&cmd, now, &crate::trust::seen_commands_path(&self.config.data_dir))
+            });
         if let Err(why) = checked {
             warn!(id = cmd.id, error = %why, "command refused");
             let res = CommandResult { id: cmd.id, seq: 0, body: CommandOutput::Error(format!("refused: {why}")) };

@@ -125,9 +125,15 @@ pub fn check_command(trusted: &[[u8; 32]], device: &str, cmd: &Command, now_ms: 
     Ok(())
 }
 
+pub fn seen_commands_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("state").join("commands.seen")
+}
+
 /// Command ids accepted, kept until their deadline: the same signed command
 /// is carried out once (a listener that captured it cannot replay it while
-/// it is still valid). Bounded: the oldest deadlines go first past `CAP`.
+/// it is still valid), also across agent restarts: the set is saved in
+/// `state/commands.seen` (16 bytes per id) each time a command is accepted.
+/// Bounded: the oldest deadlines go first past `CAP`.
 #[derive(Debug, Default)]
 pub struct SeenCommands {
     by_id: std::collections::HashMap<u64, u64>,
@@ -135,6 +141,56 @@ pub struct SeenCommands {
 
 impl SeenCommands {
     const CAP: usize = 4096;
+
+    /// The saved set, without what expired by `now_ms`. A missing file is an
+    /// empty set; a damaged one is read as far as it is whole (a torn tail
+    /// cannot happen with `write_atomic`, but the file is not trusted to be whole).
+    pub fn load(path: &Path, now_ms: u64) -> Self {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "accepted-command ids unreadable: starting with none");
+                Vec::new()
+            }
+        };
+        Self::decode(&bytes, now_ms)
+    }
+
+    fn decode(bytes: &[u8], now_ms: u64) -> Self {
+        let mut by_id = std::collections::HashMap::new();
+        for entry in bytes.chunks_exact(16).take(Self::CAP) {
+            let (id, deadline) = entry.split_at(8);
+            let id = u64::from_le_bytes(id.try_into().unwrap_or_default());
+            let deadline = u64::from_le_bytes(deadline.try_into().unwrap_or_default());
+            if deadline >= now_ms {
+                by_id.insert(id, deadline);
+            }
+        }
+        Self { by_id }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.by_id.len() * 16);
+        for (id, deadline) in &self.by_id {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&deadline.to_le_bytes());
+        }
+        out
+    }
+
+    /// `admit`, then the set saved to `path`. A set that cannot be saved
+    /// (full disk) does not stop the command: it is logged, and the id is
+    /// still refused again until this agent restarts.
+    pub fn admit_and_save(&mut self, cmd: &Command, now_ms: u64, path: &Path) -> Result<(), String> {
+        self.admit(cmd, now_ms)?;
+        let saved =
+            path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| write_atomic(path, &self.encode()));
+        if let Err(e) = saved {
+            warn!(path = %path.display(), error = %e, "accepted-command ids not saved: a replay after a restart would not be recognised");
+        }
+        Ok(())
+    }
 
     pub fn admit(&mut self, cmd: &Command, now_ms: u64) -> Result<(), String> {
         self.by_id.retain(|_, deadline| *deadline >= now_ms);
@@ -262,6 +318,39 @@ mod tests {
         assert!(seen.admit(&exec, now + 1).unwrap_err().contains("replayed"));
         // Past its deadline it is forgotten (and the deadline check refuses it anyway).
         assert_eq!(seen.admit(&exec, now + 90_001), Ok(()));
+    }
+
+    #[test]
+    fn accepted_commands_are_remembered_across_restarts_until_their_deadline() {
+        use baton_protocol::CommandAction;
+        let dir = tempfile::tempdir().unwrap();
+        let path = seen_commands_path(dir.path());
+        let now = 1_000_000;
+        let cmd = |id, deadline_ms| Command {
+            id,
+            deadline_ms,
+            action: CommandAction::Diagnostics,
+            key: Vec::new(),
+            signature: Vec::new(),
+        };
+        let mut seen = SeenCommands::load(&path, now);
+        assert_eq!(seen.admit_and_save(&cmd(1, now + 1000), now, &path), Ok(()));
+        assert_eq!(seen.admit_and_save(&cmd(2, now + 5000), now, &path), Ok(()));
+
+        let mut restarted = SeenCommands::load(&path, now + 10);
+        assert!(restarted.admit(&cmd(1, now + 1000), now + 10).unwrap_err().contains("replayed"));
+        // Expired ids are dropped at load.
+        let later = SeenCommands::load(&path, now + 2000);
+        assert_eq!(later.by_id.keys().copied().collect::<Vec<_>>(), vec![2]);
+
+        // A damaged file (a torn entry, garbage) never panics and keeps what is whole.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(&[0xff; 7]);
+        assert_eq!(SeenCommands::decode(&bytes, now).by_id.len(), 2);
+        assert!(SeenCommands::decode(&[1, 2, 3], now).by_id.is_empty());
+        std::fs::write(&path, [7u8; 160]).unwrap();
+        let garbage = SeenCommands::load(&path, now);
+        assert!(garbage.by_id.len() <= 1);
     }
 
     fn doc(generation: u64) -> Desired {

@@ -429,15 +429,16 @@ async fn delete_token(
 }
 
 /// Gives every request its `Scope`. With `--api-auth`, every request but
-/// `/healthz` and `/metrics` carries `Authorization: Bearer <token>`; a
-/// read-only token may only read, a tenant's token acts for its tenant only.
+/// `/healthz` carries `Authorization: Bearer <token>`; a read-only token may
+/// only read, a tenant's token acts for its tenant only, and `/metrics`
+/// (counts over the whole fleet) needs a fleet-wide token.
 /// The `baton-tenant` header narrows a fleet-wide caller to one tenant.
 async fn authenticate(
     State(c): State<Arc<Controller>>,
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if matches!(req.uri().path(), "/healthz" | "/metrics") {
+    if req.uri().path() == "/healthz" {
         return next.run(req).await;
     }
     let headers = req.headers();
@@ -458,6 +459,12 @@ async fn authenticate(
                     && !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD) =>
             {
                 return error(StatusCode::FORBIDDEN, format!("a {role} token cannot change anything"));
+            }
+            Ok((_, Some(tenant))) if req.uri().path() == "/metrics" => {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    format!("/metrics counts the whole fleet: a token of tenant {tenant} cannot read it"),
+                );
             }
             Ok((_, tenant)) => tenant,
         }

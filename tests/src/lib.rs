@@ -535,7 +535,16 @@ pub fn get_json<T: serde::de::DeserializeOwned>(port: u16, path: &str) -> anyhow
 }
 
 pub fn get_text(port: u16, path: &str) -> anyhow::Result<String> {
-    Ok(agent().get(format!("http://127.0.0.1:{port}{path}")).call()?.body_mut().read_to_string()?)
+    get_text_as(port, path, None)
+}
+
+/// `get_text` with `Authorization: Bearer <token>` when a token is given.
+pub fn get_text_as(port: u16, path: &str, token: Option<&str>) -> anyhow::Result<String> {
+    let mut req = agent().get(format!("http://127.0.0.1:{port}{path}"));
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    Ok(req.call()?.body_mut().read_to_string()?)
 }
 
 /// Loads an OCI layout into an agent's data dir the way an air-gapped device

@@ -159,7 +159,24 @@ fn agent_survives_garbage_and_answers_only_commands_its_controller_signed() {
     let genuine = key.sign_command("pi-cmd", Command { id: 4245, ..unsigned });
     let body = ask(genuine.clone());
     assert!(matches!(&body, CommandOutput::Text(t) if t.contains("device pi-cmd")), "{body:?}");
-    assert!(refused(&ask(genuine), "replayed"));
+    assert!(refused(&ask(genuine.clone()), "replayed"));
     assert!(agent.is_running(), "agent died on garbage");
     assert_eq!(controller.device("pi-cmd").map(|d| d.status), Some(Status::Online));
+
+    // A restarted agent still remembers what it carried out: the replay stays refused.
+    let before_restart = controller.device("pi-cmd").expect("pi-cmd").last_seen_ms;
+    agent.terminate();
+    agent = start_agent(&world, "pi-cmd", &controller.broker_url(), &["--controller-key", &test_controller_key()]);
+    wait_for("pi-cmd back online", Duration::from_secs(20), || {
+        let d = controller.device("pi-cmd")?;
+        (d.status == Status::Online && d.last_seen_ms > before_restart).then_some(())
+    });
+    let body = ask(genuine);
+    assert!(refused(&body, "replayed"), "replayed after a restart: {body:?}");
+    let fresh =
+        Command { id: 4246, deadline_ms: deadline, action: CommandAction::Diagnostics, key: vec![], signature: vec![] };
+    let fresh = key.sign_command("pi-cmd", fresh);
+    let body = ask(fresh);
+    assert!(matches!(&body, CommandOutput::Text(t) if t.contains("device pi-cmd")), "{body:?}");
+    assert!(agent.is_running());
 }

@@ -284,8 +284,10 @@ fn api_tokens_gate_the_api_and_read_only_ones_change_nothing() {
     let fake = format!("baton-api.{}.{}", "ab".repeat(8), "cd".repeat(32));
     let (ok, _, err) = baton_cli_as(&server, Some(&fake), &["get", "devices"]);
     assert!(!ok && err.contains("401"), "{err}");
-    // /healthz stays open for probes.
+    // /healthz stays open for probes; /metrics needs a token.
     assert!(get_text(controller.http, "/healthz").is_ok());
+    let err = get_text(controller.http, "/metrics").expect_err("metrics without a token");
+    assert!(err.to_string().contains("401"), "{err}");
 
     let (ok, _, err) = baton_cli_as(&server, Some(admin), &["get", "devices"]);
     assert!(ok, "{err}");
@@ -299,6 +301,17 @@ fn api_tokens_gate_the_api_and_read_only_ones_change_nothing() {
         let (ok, _, err) = baton_cli_as(&server, Some(reader), args);
         assert!(ok, "read-only {args:?}: {err}");
     }
+    // (a fleet-wide one reads the metrics; a tenant's does not: they count the whole fleet)
+    let metrics = get_text_as(controller.http, "/metrics", Some(reader)).expect("metrics with a read-only token");
+    assert!(metrics.contains("baton_devices"), "{metrics}");
+    let (ok, tenant_reader, err) = baton_cli_as(
+        &server,
+        Some(admin),
+        &["--tenant", "acme", "apitoken", "create", "--role", "read-only", "--name", "acme-dash"],
+    );
+    assert!(ok, "{err}");
+    let err = get_text_as(controller.http, "/metrics", Some(tenant_reader.trim())).expect_err("a tenant reads metrics");
+    assert!(err.to_string().contains("403"), "{err}");
     // …and changes nothing.
     let manifest = world.path().join("w.yaml");
     std::fs::write(&manifest, "name: w\nimage: 127.0.0.1:1/nothing:here\n").expect("manifest");
