@@ -137,10 +137,15 @@ fn idle(world: &World, controller: &Controller, agent_bin: &Path, broker: &str, 
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
     let private = kib_field(&rollup, "Private_Clean:") + kib_field(&rollup, "Private_Dirty:");
+    // RSS = anonymous memory (heap, stacks, .data/.bss: what the agent really
+    // holds) + pages of mapped files (its own text and rodata, the libraries):
+    // clean, shared with the page cache, and dropped again under memory pressure.
+    let anonymous = kib_field(&rollup, "Anonymous:");
+    let rss = kib_field(&status, "VmRSS:");
     println!(
-        "Agent `{}`, {what}, after {idle_secs} s connected, heartbeat every 1 s: RSS {} KiB, PSS {} KiB, private {} KiB, peak RSS {} KiB, threads {}.\n",
+        "Agent `{}`, {what}, after {idle_secs} s connected, heartbeat every 1 s: RSS {rss} KiB (anonymous {anonymous} KiB, file-backed {} KiB), PSS {} KiB, private {} KiB, peak RSS {} KiB, threads {}.\n",
         agent_bin.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
-        kib_field(&status, "VmRSS:"),
+        rss.saturating_sub(anonymous),
         kib_field(&rollup, "Pss:"),
         private,
         kib_field(&status, "VmHWM:"),
