@@ -125,3 +125,11 @@ fn http_readiness_probe_reports_healthy_once_the_server_answers() {
         !sup.is_supervising(&name)
     });
 }
+
+/// The same on cgroup v2 with its controllers, as on Raspberry Pi OS:
+/// restarts, re-adoption and probes (`common::vm`).
+#[test]
+fn in_a_cgroup_v2_vm_restarts_readoption_and_probes_work() {
+    let Some(out) = vm::run_this_binary_in_a_cgroup_v2_vm(&["in_a_cgroup_v2_vm"]) else { return };
+    assert!(out.contains("test result: ok. 4 passed"), "{out}");
+}

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use baton_agent::runtime::{ContainerRuntime, ContainerState, ExitStatus, Layout, LibcontainerRuntime};
 
+pub mod vm;
+
 pub const BUSYBOX: &str = "/bin/busybox";
 
 /// Builds a minimal rootfs from Debian's busybox-static.
