@@ -312,9 +312,7 @@ impl Link {
             return info!(id = cmd.id, "command past its deadline dropped");
         }
         let checked = crate::trust::check_command(&self.trust.keys(), self.config.device_id.as_str(), &cmd, now)
-            .and_then(|()| {
-                self.accepted.admit_and_save(&cmd, now, &crate::trust::seen_commands_path(&self.config.data_dir))
-            });
+            .and_then(|()| self.accepted.admit(&cmd, now));
         if let Err(why) = checked {
             warn!(id = cmd.id, error = %why, "command refused");
             let res = CommandResult { id: cmd.id, seq: 0, body: CommandOutput::Error(format!("refused: {why}")) };

@@ -137,6 +137,8 @@ pub fn seen_commands_path(data_dir: &Path) -> PathBuf {
 #[derive(Debug, Default)]
 pub struct SeenCommands {
     by_id: std::collections::HashMap<u64, u64>,
+    /// Where `load` found the set, and `admit` saves it (`None`: memory only).
+    saved_at: Option<PathBuf>,
 }
 
 impl SeenCommands {
@@ -154,7 +156,7 @@ impl SeenCommands {
                 Vec::new()
             }
         };
-        Self::decode(&bytes, now_ms)
+        Self { saved_at: Some(path.to_path_buf()), ..Self::decode(&bytes, now_ms) }
     }
 
     fn decode(bytes: &[u8], now_ms: u64) -> Self {
@@ -167,29 +169,16 @@ impl SeenCommands {
                 by_id.insert(id, deadline);
             }
         }
-        Self { by_id }
+        Self { by_id, saved_at: None }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.by_id.len() * 16);
         for (id, deadline) in &self.by_id {
             out.extend_from_slice(&id.to_le_bytes());
             out.extend_from_slice(&deadline.to_le_bytes());
         }
         out
-    }
-
-    /// `admit`, then the set saved to `path`. A set that cannot be saved
-    /// (full disk) does not stop the command: it is logged, and the id is
-    /// still refused again until this agent restarts.
-    pub fn admit_and_save(&mut self, cmd: &Command, now_ms: u64, path: &Path) -> Result<(), String> {
-        self.admit(cmd, now_ms)?;
-        let saved =
-            path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| write_atomic(path, &self.encode()));
-        if let Err(e) = saved {
-            warn!(path = %path.display(), error = %e, "accepted-command ids not saved: a replay after a restart would not be recognised");
-        }
-        Ok(())
     }
 
     pub fn admit(&mut self, cmd: &Command, now_ms: u64) -> Result<(), String> {
@@ -205,7 +194,19 @@ impl SeenCommands {
         // A `Cancel` without a deadline is remembered for the longest window.
         let deadline = if cmd.deadline_ms == 0 { now_ms + MAX_COMMAND_WINDOW_MS } else { cmd.deadline_ms };
         self.by_id.insert(cmd.id, deadline);
+        self.save();
         Ok(())
+    }
+
+    /// A set that cannot be saved (full disk) does not stop the command: it
+    /// is logged, and the id is still refused again until this agent restarts.
+    fn save(&self) {
+        let Some(path) = &self.saved_at else { return };
+        let saved =
+            path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| write_atomic(path, &self.encode()));
+        if let Err(e) = saved {
+            warn!(path = %path.display(), error = %e, "accepted-command ids not saved: a replay after a restart would not be recognised");
+        }
     }
 }
 
@@ -334,8 +335,8 @@ mod tests {
             signature: Vec::new(),
         };
         let mut seen = SeenCommands::load(&path, now);
-        assert_eq!(seen.admit_and_save(&cmd(1, now + 1000), now, &path), Ok(()));
-        assert_eq!(seen.admit_and_save(&cmd(2, now + 5000), now, &path), Ok(()));
+        assert_eq!(seen.admit(&cmd(1, now + 1000), now), Ok(()));
+        assert_eq!(seen.admit(&cmd(2, now + 5000), now), Ok(()));
 
         let mut restarted = SeenCommands::load(&path, now + 10);
         assert!(restarted.admit(&cmd(1, now + 1000), now + 10).unwrap_err().contains("replayed"));

@@ -106,24 +106,25 @@ impl Vm {
         let modules = find(kernel_dir.join("lib/modules"), "").join("kernel");
         let dir = tempfile::Builder::new().prefix("baton-vm-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let root = dir.path().join("initramfs");
-        for d in ["bin", "dev", "proc", "newroot", "modules"] {
+        let mut entries = vec!["bin".to_string(), "dev".into(), "proc".into(), "newroot".into(), "modules".into()];
+        for d in &entries {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
         std::fs::copy(super::BUSYBOX, root.join("bin/busybox")).unwrap();
+        entries.extend(["bin/busybox".into(), "init".into()]);
         // A module missing from the package is built into that kernel;
         // if it is not, the VM's own output says what failed to mount.
         for (i, m) in MODULES.iter().enumerate() {
             let from = modules.join(format!("{m}.ko"));
-            let name = format!("{i:02}-{}.ko", m.rsplit('/').next().unwrap_or(m));
+            let name = format!("modules/{i:02}-{}.ko", m.rsplit('/').next().unwrap_or(m));
             if from.exists() {
-                std::fs::copy(&from, root.join("modules").join(name)).unwrap();
+                std::fs::copy(&from, root.join(&name)).unwrap();
+                entries.push(name);
             }
         }
         std::fs::write(root.join("init"), INIT).unwrap();
         std::fs::set_permissions(root.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         // An uncompressed newc archive, made by busybox's cpio.
-        let mut files: Vec<String> = walk(&root).iter().map(|p| format!(".{}", p.display())).collect();
-        files.sort();
         let cpio = std::fs::File::create(dir.path().join("initramfs.cpio")).unwrap();
         let mut child = Command::new(super::BUSYBOX)
             .args(["cpio", "-o", "-H", "newc"])
@@ -133,7 +134,7 @@ impl Vm {
             .stderr(Stdio::null())
             .spawn()
             .expect("busybox cpio");
-        child.stdin.take().unwrap().write_all(files.join("\n").as_bytes()).unwrap();
+        child.stdin.take().unwrap().write_all(entries.join("\n").as_bytes()).unwrap();
         assert!(child.wait().unwrap().success(), "cpio failed");
         Vm { dir, kernel }
     }
@@ -179,19 +180,4 @@ impl Vm {
         assert!(status.success(), "qemu failed ({status}): {stderr}\n{out}");
         out
     }
-}
-
-fn walk(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        for e in std::fs::read_dir(root.join(&rel)).unwrap().flatten() {
-            let rel = rel.join(e.file_name());
-            if e.file_type().unwrap().is_dir() {
-                stack.push(rel.clone());
-            }
-            out.push(PathBuf::from("/").join(rel));
-        }
-    }
-    out
 }
