@@ -17,10 +17,15 @@ use tracing::{info, warn};
 
 use crate::image::registry::Registry;
 use crate::image::{ImageError, ImageStore};
-use crate::reconcile::{container_spec, plan, replace_start_first, Action};
+use crate::reconcile::{container_spec, fingerprint, plan, replace_start_first, Action};
 use crate::rollback::Guard;
 use crate::runtime::{now_ms, ContainerRuntime};
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Supervisor, Version};
+
+/// The version a workload spec's containers are created and reported as.
+fn version_of(w: &WorkloadSpec) -> Version {
+    Version { revision: w.revision, fingerprint: fingerprint(w) }
+}
 
 const TICK: Duration = Duration::from_millis(500);
 /// How often the image store is checked against its budget.
@@ -347,7 +352,7 @@ impl<R: ContainerRuntime> Engine<R> {
                         Ok((spec, rootfs))
                             if self.sup.spec_of(&name).is_some_and(|old| replace_start_first(old, &spec)) =>
                         {
-                            self.sup.replace(&name, next.revision, spec, rootfs, now);
+                            self.sup.replace(&name, version_of(&next), spec, rootfs, now);
                         }
                         // Ports, devices or a volume held: stop first; the start follows once it is gone.
                         _ => {
@@ -357,6 +362,11 @@ impl<R: ContainerRuntime> Engine<R> {
                     }
                 }
                 Action::Start(name) => self.start(name, now),
+                Action::Relabel(name) => {
+                    if let Some(w) = self.effective.iter().find(|w| w.name == name) {
+                        self.sup.relabel(&name, version_of(w));
+                    }
+                }
             }
         }
         self.waiting.retain(|name, _| self.effective.iter().any(|w| &w.name == name));
@@ -421,7 +431,7 @@ impl<R: ContainerRuntime> Engine<R> {
         match self.spec_for(&w) {
             Ok((spec, rootfs)) => {
                 self.waiting.remove(&name);
-                self.sup.ensure(&name, w.revision, spec, rootfs, now);
+                self.sup.ensure(&name, version_of(&w), spec, rootfs, now);
             }
             Err(ImageError::NotFound(_)) => {
                 if self.request_pull(&w.image, digest, now) {

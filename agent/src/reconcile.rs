@@ -1,5 +1,8 @@
 //! Desired document vs what the supervisor runs → what to do. Pure: plain
-//! data in, actions out. `replace_start_first` decides how a new revision
+//! data in, actions out. What runs is compared by `fingerprint` (what the
+//! spec says), not only by revision number: a restored controller may send
+//! a revision number again for another spec, or a new number for the spec
+//! that already runs. `replace_start_first` decides how a new revision
 //! takes over.
 
 use std::collections::BTreeSet;
@@ -14,6 +17,9 @@ use crate::image::manifest::ImageConfig;
 pub struct Observed {
     pub name: String,
     pub revision: u64,
+    /// `fingerprint` of the spec it runs; empty when unknown (a container
+    /// adopted from an agent that did not record it).
+    pub fingerprint: String,
     pub stopping: bool,
 }
 
@@ -21,8 +27,21 @@ pub struct Observed {
 pub enum Action {
     Start(String),
     Stop(String),
-    /// A new revision of a running workload.
+    /// Another spec for a running workload: a new container.
     Replace(String),
+    /// The spec that runs, under another revision number: only the label moves.
+    Relabel(String),
+}
+
+/// What identifies a workload's spec whatever its revision number: a hash of
+/// the spec as the desired document gives it, revision left out. Stable
+/// across agent versions of one protocol major (the encoding is postcard's).
+pub fn fingerprint(w: &WorkloadSpec) -> String {
+    use sha2::Digest;
+    let unnumbered = WorkloadSpec { revision: 0, ..w.clone() };
+    let bytes = postcard::to_allocvec(&unnumbered).unwrap_or_default();
+    let digest = sha2::Sha256::digest(&bytes);
+    digest[..12].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Workload names become container ids and directory names.
@@ -49,10 +68,17 @@ pub fn validate(desired: &Desired) -> Result<(), String> {
 pub fn plan(desired: &[WorkloadSpec], observed: &[Observed]) -> Vec<Action> {
     let mut actions = Vec::new();
     for o in observed.iter().filter(|o| !o.stopping) {
-        match desired.iter().find(|w| w.name == o.name) {
-            Some(w) if w.revision == o.revision => {}
-            Some(_) => actions.push(Action::Replace(o.name.clone())),
-            None => actions.push(Action::Stop(o.name.clone())),
+        let Some(w) = desired.iter().find(|w| w.name == o.name) else {
+            actions.push(Action::Stop(o.name.clone()));
+            continue;
+        };
+        // Unknown fingerprint: only the revision number can tell.
+        let same_spec =
+            if o.fingerprint.is_empty() { w.revision == o.revision } else { fingerprint(w) == o.fingerprint };
+        match (same_spec, w.revision == o.revision) {
+            (true, true) => {}
+            (true, false) => actions.push(Action::Relabel(o.name.clone())),
+            (false, _) => actions.push(Action::Replace(o.name.clone())),
         }
     }
     for w in desired {
@@ -114,7 +140,12 @@ mod tests {
     }
 
     fn o(name: &str, revision: u64, stopping: bool) -> Observed {
-        Observed { name: name.into(), revision, stopping }
+        Observed { name: name.into(), revision, fingerprint: String::new(), stopping }
+    }
+
+    /// Observed running `w`'s spec, under revision `revision`.
+    fn running(w: &WorkloadSpec, revision: u64) -> Observed {
+        Observed { name: w.name.clone(), revision, fingerprint: fingerprint(w), stopping: false }
     }
 
     #[test]
@@ -136,6 +167,27 @@ mod tests {
         for (desired, observed, expected) in cases {
             assert_eq!(plan(&desired, &observed), expected, "{desired:?} / {observed:?}");
         }
+    }
+
+    #[test]
+    fn what_runs_is_compared_by_spec_not_only_by_revision_number() {
+        use Action::*;
+        let v2 = WorkloadSpec { image: "img:2".into(), ..w("a", 2) };
+        let v3 = WorkloadSpec { image: "img:3".into(), ..w("a", 3) };
+        // Runs revision 2's spec, labelled 3 (an agent restarted across an update): replaced.
+        assert_eq!(plan(std::slice::from_ref(&v3), &[running(&v2, 3)]), vec![Replace("a".into())]);
+        // A restored controller sends revision 2 again, for another spec: replaced.
+        let other2 = WorkloadSpec { image: "img:other".into(), ..w("a", 2) };
+        assert_eq!(plan(&[other2], &[running(&v2, 2)]), vec![Replace("a".into())]);
+        // The same spec under a new number: relabelled, never restarted.
+        let renumbered = WorkloadSpec { revision: 7, ..v2.clone() };
+        assert_eq!(plan(&[renumbered], &[running(&v2, 2)]), vec![Relabel("a".into())]);
+        assert!(plan(std::slice::from_ref(&v2), &[running(&v2, 2)]).is_empty());
+        // The fingerprint ignores the revision number and sees every other field.
+        assert_eq!(fingerprint(&v2), fingerprint(&WorkloadSpec { revision: 9, ..v2.clone() }));
+        let mut env = v2.clone();
+        env.container.env.push(("X".into(), "1".into()));
+        assert_ne!(fingerprint(&v2), fingerprint(&env));
     }
 
     #[test]

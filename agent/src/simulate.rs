@@ -52,6 +52,7 @@ pub struct Offline {
 
 struct Unit {
     revision: u64,
+    fingerprint: String,
     image: String,
     started_ms: u64,
     restarts: u32,
@@ -86,7 +87,12 @@ impl SimDevice {
         let observed: Vec<Observed> = self
             .units
             .iter()
-            .map(|(name, u)| Observed { name: name.clone(), revision: u.revision, stopping: false })
+            .map(|(name, u)| Observed {
+                name: name.clone(),
+                revision: u.revision,
+                fingerprint: u.fingerprint.clone(),
+                stopping: false,
+            })
             .collect();
         for action in plan(&effective, &observed) {
             match action {
@@ -96,8 +102,19 @@ impl SimDevice {
                 }
                 Action::Start(name) => {
                     if let Some(w) = effective.iter().find(|w| w.name == name) {
-                        let unit = Unit { revision: w.revision, image: w.image.clone(), started_ms: now, restarts: 0 };
+                        let unit = Unit {
+                            revision: w.revision,
+                            fingerprint: crate::reconcile::fingerprint(w),
+                            image: w.image.clone(),
+                            started_ms: now,
+                            restarts: 0,
+                        };
                         self.units.insert(name, unit);
+                    }
+                }
+                Action::Relabel(name) => {
+                    if let (Some(u), Some(w)) = (self.units.get_mut(&name), effective.iter().find(|w| w.name == name)) {
+                        u.revision = w.revision;
                     }
                 }
             }

@@ -5,7 +5,9 @@
 //! n+2 starts. Driven by `tick(now)`; talks to containers only through
 //! [`ContainerRuntime`], so its logic is tested with a fake runtime and its
 //! real behaviour with real containers. After an agent restart, `ensure`
-//! re-adopts what the shims kept: a running container is left alone.
+//! re-adopts what the shims kept: a running container is left alone — and
+//! reported as what it runs (its recorded `Provenance`), so a container of
+//! an older spec is replaced rather than relabelled as the new revision.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,7 +22,36 @@ use tracing::{info, warn};
 use crate::probe::{Outcome, Prober, Tracker};
 use crate::restart::{decide, Backoff, Decision};
 use crate::runtime::rootfs::Rootfs;
-use crate::runtime::{ContainerRuntime, ContainerState, CreateRequest, ExitStatus, RuntimeError};
+use crate::runtime::{ContainerRuntime, ContainerState, CreateRequest, ExitStatus, Provenance, RuntimeError};
+
+/// An error stays in the report until the instance has been healthy this long.
+const ERROR_CLEARS_AFTER_MS: u64 = 10_000;
+
+/// Which spec a workload's container runs: the revision number the
+/// controller gave it and the spec's `reconcile::fingerprint` (empty:
+/// unknown, only the number counts).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Version {
+    pub revision: u64,
+    pub fingerprint: String,
+}
+
+impl From<u64> for Version {
+    fn from(revision: u64) -> Self {
+        Self { revision, fingerprint: String::new() }
+    }
+}
+
+impl Version {
+    /// Whether a container of `other` runs this spec.
+    fn same_spec(&self, other: &Version) -> bool {
+        if self.fingerprint.is_empty() || other.fingerprint.is_empty() {
+            self.revision == other.revision
+        } else {
+            self.fingerprint == other.fingerprint
+        }
+    }
+}
 
 pub fn container_id(name: &str, instance: u32) -> String {
     format!("{name}-{instance}")
@@ -48,7 +79,12 @@ enum UnitState {
 struct Unit {
     spec: ContainerSpec,
     rootfs: Rootfs,
-    revision: u64,
+    version: Version,
+    /// Restarts of the current revision (policy, liveness, operator); a
+    /// replacement by a new revision is not one.
+    restarts: u32,
+    /// When the current instance started (its probes' clock too).
+    running_since_ms: u64,
     /// The newest instance created (meaningful once one was).
     instance: u32,
     /// The instance the next start creates; advances only when a create succeeds.
@@ -76,14 +112,15 @@ struct Unit {
 #[derive(Debug)]
 struct Retiring {
     instance: u32,
-    revision: u64,
-    spec: ContainerSpec,
+    version: Version,
+    restarts: u32,
     /// Kept from image GC while the container runs.
     rootfs: Rootfs,
 }
 
 impl Unit {
     fn arm_probes(&mut self, started_ms: u64) {
+        self.running_since_ms = started_ms;
         self.liveness = self.spec.liveness.clone().map(|p| Tracker::new(p, started_ms));
         self.readiness = self.spec.readiness.clone().map(|p| Tracker::new(p, started_ms));
     }
@@ -161,8 +198,18 @@ impl<R: ContainerRuntime> Supervisor<R> {
         Backoff { base: self.backoff_base.min(b.cap), cap: b.cap }
     }
 
-    /// Supervises `name`: adopts its newest container if one exists, else starts one.
-    pub fn ensure(&mut self, name: &str, revision: u64, spec: ContainerSpec, rootfs: Rootfs, now_ms: u64) {
+    /// Supervises `name`: adopts its newest container if one exists, else
+    /// starts one. A running container is reported as the version it was
+    /// created for; reconcile replaces it if that is not the one desired.
+    pub fn ensure(
+        &mut self,
+        name: &str,
+        version: impl Into<Version>,
+        spec: ContainerSpec,
+        rootfs: Rootfs,
+        now_ms: u64,
+    ) {
+        let version = version.into();
         if self.units.contains_key(name) {
             return;
         }
@@ -185,7 +232,9 @@ impl<R: ContainerRuntime> Supervisor<R> {
         let mut unit = Unit {
             spec,
             rootfs,
-            revision,
+            version,
+            restarts: 0,
+            running_since_ms: now_ms,
             instance: newest.unwrap_or(0),
             next_instance: instances.last().map_or(0, |n| n + 1),
             failures: 0,
@@ -201,9 +250,21 @@ impl<R: ContainerRuntime> Supervisor<R> {
         };
         if let Some(n) = newest {
             let id = container_id(name, n);
+            let recorded = self.rt.provenance(&id);
+            // Containers from agents that kept no record: their instance number.
+            unit.restarts = recorded.as_ref().map_or(n, |p| p.restarts);
             match self.rt.state(&id) {
                 Ok(ContainerState::Running(r)) => {
-                    info!(workload = name, container = %id, "re-adopted running container");
+                    if let Some(p) = recorded.filter(|p| !p.fingerprint.is_empty()) {
+                        let runs = Version { revision: p.revision, fingerprint: p.fingerprint };
+                        if !runs.same_spec(&unit.version) {
+                            warn!(workload = name, container = %id, runs = runs.revision, desired = unit.version.revision,
+                                "re-adopted a container of another spec; it will be replaced");
+                            unit.restarts = 0;
+                        }
+                        unit.version = runs;
+                    }
+                    info!(workload = name, container = %id, revision = unit.version.revision, "re-adopted running container");
                     unit.state = UnitState::Running;
                     unit.arm_probes(r.started_at_ms);
                 }
@@ -234,21 +295,30 @@ impl<R: ContainerRuntime> Supervisor<R> {
     /// stops the running one only once the new one is healthy. With nothing
     /// running, it simply becomes the spec of the next start. A replacement
     /// of a replacement stops the older retiring container first.
-    pub fn replace(&mut self, name: &str, revision: u64, spec: ContainerSpec, rootfs: Rootfs, now_ms: u64) {
+    pub fn replace(
+        &mut self,
+        name: &str,
+        version: impl Into<Version>,
+        spec: ContainerSpec,
+        rootfs: Rootfs,
+        now_ms: u64,
+    ) {
+        let version = version.into();
         let Some(unit) = self.units.get_mut(name) else {
-            return self.ensure(name, revision, spec, rootfs, now_ms);
+            return self.ensure(name, version, spec, rootfs, now_ms);
         };
         if let Some(r) = unit.retiring.take() {
             let old_id = container_id(name, r.instance);
-            if r.revision == revision && matches!(self.rt.state(&old_id), Ok(ContainerState::Running(_))) {
+            if r.version.same_spec(&version) && matches!(self.rt.state(&old_id), Ok(ContainerState::Running(_))) {
                 // Back to the revision still serving (a rollback): keep it, drop the new one.
                 info!(workload = name, container = %old_id, "keeping the previous revision; stopping the new one");
                 // Judged failed: no grace period, and gone at the next tick.
                 let _ = self.rt.kill(&container_id(name, unit.instance));
                 unit.discard.push(unit.instance);
                 unit.instance = r.instance;
-                unit.revision = r.revision;
-                unit.spec = r.spec;
+                unit.version = version;
+                unit.restarts = r.restarts;
+                unit.spec = spec;
                 unit.rootfs = r.rootfs;
                 unit.failures = 0;
                 unit.state = UnitState::Running;
@@ -260,21 +330,36 @@ impl<R: ContainerRuntime> Supervisor<R> {
         if unit.state == UnitState::Running {
             unit.retiring = Some(Retiring {
                 instance: unit.instance,
-                revision: unit.revision,
-                spec: unit.spec.clone(),
+                version: unit.version.clone(),
+                restarts: unit.restarts,
                 rootfs: unit.rootfs.clone(),
             });
         } else if unit.state == UnitState::Stopping {
             return;
         }
-        info!(workload = name, from = unit.revision, to = revision, "replacing start-first");
+        info!(workload = name, from = unit.version.revision, to = version.revision, "replacing start-first");
         unit.spec = spec;
         unit.rootfs = rootfs;
-        unit.revision = revision;
+        unit.version = version;
+        unit.restarts = 0;
         unit.failures = 0;
         unit.last_error = None;
         unit.state = UnitState::BackingOff { until_ms: now_ms };
         self.tick_unit(name, now_ms);
+    }
+
+    /// The running spec is the one desired, under another revision number
+    /// (a restored controller renumbered it): only the label changes.
+    pub fn relabel(&mut self, name: &str, version: Version) {
+        if let Some(unit) = self.units.get_mut(name) {
+            info!(
+                workload = name,
+                from = unit.version.revision,
+                to = version.revision,
+                "same spec, new revision number"
+            );
+            unit.version = version;
+        }
     }
 
     /// The spec a workload's containers run with now.
@@ -298,7 +383,8 @@ impl<R: ContainerRuntime> Supervisor<R> {
             .iter()
             .map(|(name, u)| crate::reconcile::Observed {
                 name: name.clone(),
-                revision: u.revision,
+                revision: u.version.revision,
+                fingerprint: u.version.fingerprint.clone(),
                 stopping: u.state == UnitState::Stopping,
             })
             .collect()
@@ -406,8 +492,13 @@ impl<R: ContainerRuntime> Supervisor<R> {
             UnitState::Running => {
                 match self.rt.state(&id) {
                     Ok(ContainerState::Running(_)) => {
+                        let healthy = health(&unit) == Health::Healthy;
+                        // Healthy for a while: whatever went wrong before is history.
+                        if healthy && now_ms.saturating_sub(unit.running_since_ms) >= ERROR_CLEARS_AFTER_MS {
+                            unit.last_error = None;
+                        }
                         // The new revision is healthy: the old one can go.
-                        if unit.retiring.is_some() && health(&unit) == Health::Healthy {
+                        if unit.retiring.is_some() && healthy {
                             if let Some(r) = unit.retiring.take() {
                                 let old = container_id(name, r.instance);
                                 info!(workload = name, container = %old, "new revision healthy; stopping the previous one");
@@ -419,6 +510,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                     Ok(ContainerState::Lost | ContainerState::Missing) => {
                         warn!(workload = name, container = %id, "container lost; starting a new one");
                         unit.last_error = Some("container lost (shim gone without an exit record)".into());
+                        unit.restarts = unit.restarts.saturating_add(1);
                         unit.state = UnitState::BackingOff { until_ms: now_ms };
                     }
                     Err(e) => warn!(workload = name, error = %e, "cannot read container state"),
@@ -450,6 +542,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
             info!(workload = name, code = exit.code, "restarting on request");
             unit.last_exit = Some(exit);
             unit.failures = 0;
+            unit.restarts = unit.restarts.saturating_add(1);
             return UnitState::BackingOff { until_ms: now_ms };
         }
         let decision = decide(unit.spec.restart, &exit, unit.failures, self.backoff(&unit.spec));
@@ -458,6 +551,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
         match decision {
             Decision::Restart { after, failures } => {
                 unit.failures = failures;
+                unit.restarts = unit.restarts.saturating_add(1);
                 UnitState::BackingOff { until_ms: now_ms + after.as_millis() as u64 }
             }
             Decision::Done => UnitState::Done,
@@ -474,13 +568,18 @@ impl<R: ContainerRuntime> Supervisor<R> {
         let created = match self.opened(name, &unit.spec) {
             Ok(opened) => {
                 let spec = opened.as_ref().unwrap_or(&unit.spec);
-                self.rt.create(&CreateRequest { id: &id, spec, rootfs: unit.rootfs.clone() })
+                let provenance = Provenance {
+                    revision: unit.version.revision,
+                    fingerprint: unit.version.fingerprint.clone(),
+                    restarts: unit.restarts,
+                };
+                self.rt.create(&CreateRequest { id: &id, spec, rootfs: unit.rootfs.clone(), provenance })
             }
             Err(reason) => Err(RuntimeError::Start { id: id.clone(), reason }),
         };
         match created {
             Ok(()) => {
-                info!(workload = name, container = %id, restarts = n, "container started");
+                info!(workload = name, container = %id, restarts = unit.restarts, "container started");
                 unit.instance = n;
                 unit.next_instance = n + 1;
                 unit.start_failed = false;
@@ -515,11 +614,10 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 };
                 WorkloadStatus {
                     name: name.clone(),
-                    revision: u.revision,
+                    revision: u.version.revision,
                     phase,
                     health: health(u),
-                    // Instance n is the n-th restart of the workload.
-                    restarts: u.instance,
+                    restarts: u.restarts,
                     last_exit_code: u.last_exit.as_ref().map(|e| e.code),
                     last_error: u
                         .last_error
@@ -568,6 +666,7 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         containers: RefCell<BTreeMap<String, ContainerState>>,
+        provenance: RefCell<BTreeMap<String, Provenance>>,
         refuse: RefCell<Option<String>>,
     }
 
@@ -596,6 +695,7 @@ mod tests {
             }
             let running = ContainerState::Running(Running { pid: 1, shim_pid: 2, started_at_ms: 0 });
             self.containers.borrow_mut().insert(req.id.into(), running);
+            self.provenance.borrow_mut().insert(req.id.into(), req.provenance.clone());
             Ok(())
         }
         fn state(&self, id: &str) -> Result<ContainerState, RuntimeError> {
@@ -614,6 +714,9 @@ mod tests {
         }
         fn list(&self) -> Result<Vec<String>, RuntimeError> {
             Ok(self.ids())
+        }
+        fn provenance(&self, id: &str) -> Option<Provenance> {
+            self.provenance.borrow().get(id).cloned()
         }
         fn usage(&self, _: &str) -> Option<Usage> {
             None
@@ -845,6 +948,67 @@ mod tests {
         sup.ensure("web", 2, spec(RestartPolicy::Always), "/r2".into(), 20);
         assert!(matches!((&fake).state("web-1").unwrap(), ContainerState::Running(_)));
         assert!(matches!((&fake).state("web-0").unwrap(), ContainerState::Exited(_)));
+    }
+
+    fn version(revision: u64, fingerprint: &str) -> Version {
+        Version { revision, fingerprint: fingerprint.into() }
+    }
+
+    #[test]
+    fn a_readopted_container_of_another_spec_is_reported_as_what_it_runs() {
+        let fake = Fake::default();
+        let mut sup = Supervisor::new(&fake);
+        sup.ensure("web", version(2, "spec-two"), spec(RestartPolicy::Always), "/r2".into(), 0);
+        fake.exit("web-0", 1, 10);
+        sup.tick(10);
+        sup.tick(2_000);
+        assert_eq!(sup.status()[0].restarts, 1);
+        drop(sup); // the agent dies; revision 3 is applied meanwhile
+        let mut sup = Supervisor::new(&fake);
+        sup.ensure("web", version(3, "spec-three"), spec(RestartPolicy::Always), "/r3".into(), 5_000);
+        assert!(matches!((&fake).state("web-1").unwrap(), ContainerState::Running(_)), "restarted on adoption");
+        let observed = &sup.observed()[0];
+        assert_eq!((observed.revision, observed.fingerprint.as_str()), (2, "spec-two"), "labelled as desired");
+        assert_eq!(sup.status()[0].revision, 2);
+        // What reconcile then asks for: the new spec replaces it, with its own restart count.
+        sup.replace("web", version(3, "spec-three"), spec(RestartPolicy::Always), "/r3".into(), 6_000);
+        assert_eq!((sup.status()[0].revision, sup.status()[0].restarts), (3, 0));
+        assert_eq!(
+            fake.provenance.borrow()["web-2"],
+            Provenance { revision: 3, fingerprint: "spec-three".into(), restarts: 0 }
+        );
+
+        // The same spec adopted again keeps its restart count and is left alone.
+        drop(sup);
+        let mut sup = Supervisor::new(&fake);
+        sup.ensure("web", version(3, "spec-three"), spec(RestartPolicy::Always), "/r3".into(), 7_000);
+        assert_eq!(sup.current_container("web").as_deref(), Some("web-2"));
+        assert_eq!((sup.observed()[0].revision, sup.status()[0].restarts), (3, 0));
+    }
+
+    #[test]
+    fn replacements_are_not_restarts_and_old_errors_clear_once_healthy() {
+        let fake = Fake::default();
+        let mut sup = Supervisor::new(&fake);
+        sup.ensure("web", 1, spec(RestartPolicy::Always), "/r1".into(), 0);
+        fake.exit("web-0", 1, 10);
+        sup.tick(10);
+        sup.tick(2_000);
+        let st = &sup.status()[0];
+        assert_eq!((st.restarts, st.phase), (1, Phase::Running));
+        sup.restart_now("web");
+        sup.tick(2_100);
+        sup.tick(2_200);
+        assert_eq!(sup.status()[0].restarts, 2, "an operator restart is a restart");
+        sup.replace("web", 2, spec(RestartPolicy::Always), "/r2".into(), 3_000);
+        sup.tick(3_000);
+        assert_eq!(sup.status()[0].restarts, 0, "a new revision is not a restart");
+        // An error stays while it is recent, and goes once the container has been healthy a while.
+        sup.units.get_mut("web").unwrap().last_error = Some("liveness probe failed".into());
+        sup.tick(3_000 + ERROR_CLEARS_AFTER_MS - 1);
+        assert!(sup.status()[0].last_error.is_some());
+        sup.tick(3_000 + ERROR_CLEARS_AFTER_MS);
+        assert_eq!(sup.status()[0].last_error, None);
     }
 
     #[test]

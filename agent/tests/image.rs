@@ -46,7 +46,13 @@ fn load_a_layout_unpack_once_and_run_a_container_from_it() {
     assert_eq!(store.rootfs(&record).unwrap(), rootfs, "unpacked twice");
     let rt = fx.runtime();
     let id = cid("fromimage");
-    rt.create(&CreateRequest { id: &id, spec: &sh("cat /etc/motd; touch /written"), rootfs: rootfs.clone() }).unwrap();
+    rt.create(&CreateRequest {
+        id: &id,
+        spec: &sh("cat /etc/motd; touch /written"),
+        rootfs: rootfs.clone(),
+        provenance: Default::default(),
+    })
+    .unwrap();
     assert_eq!(wait_exit(&rt, &id, Duration::from_secs(20)).code, 0);
     assert!(fx.log(&id).contains("stdout from the second layer"), "{}", fx.log(&id));
     assert!(rootfs.layers.iter().all(|l| !l.join("written").exists()), "a container wrote into a shared layer");
@@ -235,7 +241,13 @@ fn images_sharing_a_layer_unpack_it_once_and_whiteouts_work_through_overlayfs() 
     let script = "cat /app; echo; test -e /bin/cat && echo has-cat; ls /etc | tr '\n' ' '; echo";
     for (i, (name, _)) in tops.iter().enumerate() {
         let id = cid(name);
-        rt.create(&CreateRequest { id: &id, spec: &sh(script), rootfs: rootfs[i].clone() }).unwrap();
+        rt.create(&CreateRequest {
+            id: &id,
+            spec: &sh(script),
+            rootfs: rootfs[i].clone(),
+            provenance: Default::default(),
+        })
+        .unwrap();
         assert_eq!(wait_exit(&rt, &id, Duration::from_secs(20)).code, 0, "{}", fx.log(&id));
         let log = fx.log(&id);
         let own = name.trim_start_matches("app-");

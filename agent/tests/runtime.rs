@@ -13,7 +13,7 @@ use common::*;
 const T: Duration = Duration::from_secs(20);
 
 fn create(fx: &Fixture, rt: &dyn ContainerRuntime, id: &str, spec: &ContainerSpec) -> Result<(), RuntimeError> {
-    rt.create(&CreateRequest { id, spec, rootfs: fx.rootfs.clone().into() })
+    rt.create(&CreateRequest { id, spec, rootfs: fx.rootfs.clone().into(), provenance: Default::default() })
 }
 
 fn cgroup_exists(fx: &Fixture, id: &str) -> bool {

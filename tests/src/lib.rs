@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use baton_controller::view::DeviceView;
+use baton_controller::view::{DeviceView, WorkloadView};
 
 pub mod fixtures;
 pub mod mqtt;
@@ -610,4 +610,58 @@ pub fn signed_desired(device: &str, doc: &baton_protocol::Desired, seed: &[u8; 3
     let inner = encode(&Message::Desired(doc.clone())).expect("encode");
     let signed = baton_protocol::crypto::SigningKey::from_seed(seed).sign_desired(device, inner);
     encode(&Message::SignedDesired(signed)).expect("encode")
+}
+
+/// `baton apply -f` of `yaml`, written to `file` in the world's dir; panics
+/// with the CLI's stderr when refused, returns its stdout.
+pub fn apply_yaml(server: &str, world: &World, file: &str, yaml: &str) -> String {
+    let path = world.path().join(file);
+    std::fs::write(&path, yaml).expect("manifest");
+    let (ok, out, err) = baton_cli(server, &["apply", "-f", path.to_str().expect("utf-8")]);
+    assert!(ok, "apply {file}: {err}");
+    out
+}
+
+/// `baton describe workload NAME -o json`, or None when the CLI fails.
+pub fn describe_workload(server: &str, name: &str) -> Option<WorkloadView> {
+    let (ok, out, _) = baton_cli(server, &["describe", "workload", name, "-o", "json"]);
+    ok.then(|| serde_json::from_str(&out).expect("describe workload: json"))
+}
+
+/// The workload once each of its `devices` placed devices is asked for and
+/// reports `revision` running and healthy.
+pub fn settled(server: &str, name: &str, revision: u64, devices: usize) -> Option<WorkloadView> {
+    let w = describe_workload(server, name)?;
+    let ok = w.devices.len() == devices
+        && w.devices.iter().all(|d| {
+            d.desired_revision == revision
+                && d.reported.as_ref().is_some_and(|r| {
+                    r.revision == revision
+                        && r.phase == baton_protocol::Phase::Running
+                        && r.health == baton_protocol::Health::Healthy
+                })
+        });
+    ok.then_some(w)
+}
+
+/// The pid of a running container, from the record its shim keeps in `run_dir`.
+pub fn running_pid(run_dir: &Path, container: &str) -> Option<i32> {
+    let bytes = std::fs::read(run_dir.join("containers").join(container).join("running.json")).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["pid"].as_i64().map(|p| p as i32)
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+}
+
+/// Every container log of an agent's data dir, concatenated.
+pub fn container_logs(data_dir: &Path) -> String {
+    std::fs::read_dir(data_dir.join("containers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("container.log")).ok())
+        .collect()
 }

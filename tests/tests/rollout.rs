@@ -11,38 +11,10 @@ use baton_controller::rollout::State;
 use baton_controller::view::{Event, RolloutView, WorkloadView};
 use baton_tests::*;
 
-fn workload(server: &str, name: &str) -> Option<WorkloadView> {
-    let (ok, out, _) = baton_cli(server, &["describe", "workload", name, "-o", "json"]);
-    ok.then(|| serde_json::from_str(&out).expect("json"))
-}
-
 fn rollout(server: &str, name: &str) -> RolloutView {
     let (ok, out, err) = baton_cli(server, &["rollout", "status", name, "-o", "json"]);
     assert!(ok, "{err}");
     serde_json::from_str(&out).expect("json")
-}
-
-/// Every placed device reports `revision` running healthy.
-fn settled(server: &str, name: &str, revision: u64, devices: usize) -> Option<WorkloadView> {
-    let w = workload(server, name)?;
-    let ok = w.devices.len() == devices
-        && w.devices.iter().all(|d| {
-            d.desired_revision == revision
-                && d.reported.as_ref().is_some_and(|r| {
-                    r.revision == revision
-                        && r.phase == baton_protocol::Phase::Running
-                        && r.health == baton_protocol::Health::Healthy
-                })
-        });
-    ok.then_some(w)
-}
-
-fn apply(server: &str, world: &World, file: &str, yaml: &str) -> String {
-    let path = world.path().join(file);
-    std::fs::write(&path, yaml).expect("manifest");
-    let (ok, out, err) = baton_cli(server, &["apply", "-f", path.to_str().expect("utf-8")]);
-    assert!(ok, "{err}");
-    out
 }
 
 fn web(image: &str) -> String {
@@ -60,17 +32,17 @@ fn waves_gate_on_health_and_a_failing_revision_rolls_the_fleet_back() {
     let _sim = start_simulator(&world, "sim", n, &controller.broker_url(), &["--unhealthy-image", "bad"]);
     wait_for("300 simulated devices", Duration::from_secs(60), || (controller.devices().len() == n).then_some(()));
 
-    apply(&server, &world, "web.yaml", &web("1"));
+    apply_yaml(&server, &world, "web.yaml", &web("1"));
     wait_for("revision 1 everywhere", Duration::from_secs(60), || settled(&server, "web", 1, n));
 
     // Revision 2: watch every wave. A device is asked to run 2 only once its
     // wave is released, and a wave is released only when every device of the
     // waves before it proved the revision.
-    let out = apply(&server, &world, "web.yaml", &web("2"));
+    let out = apply_yaml(&server, &world, "web.yaml", &web("2"));
     assert!(out.contains("workload/web updated (revision 2)"), "{out}");
     let mut waves_seen = Vec::new();
     let done = wait_for("rollout of revision 2", Duration::from_secs(90), || {
-        let w = workload(&server, "web")?;
+        let w = describe_workload(&server, "web")?;
         let r = w.rollout.clone()?;
         let asked: Vec<&str> =
             w.devices.iter().filter(|d| d.desired_revision == 2).map(|d| d.device.as_str()).collect();
@@ -93,7 +65,7 @@ fn waves_gate_on_health_and_a_failing_revision_rolls_the_fleet_back() {
     // Revision 3 never turns healthy: the first device rolls itself back
     // after its health deadline, which trips the threshold (10%), and the
     // controller sends every touched device back to revision 2.
-    apply(&server, &world, "web.yaml", &web("bad3"));
+    apply_yaml(&server, &world, "web.yaml", &web("bad3"));
     let r = wait_for("rollout of revision 3 to stop", Duration::from_secs(60), || {
         let r = rollout(&server, "web");
         (r.to == 3 && !r.state.active()).then_some(r)
@@ -121,12 +93,12 @@ fn pause_resume_abort_undo_and_a_controller_restart_mid_rollout() {
     wait_for("100 simulated devices", Duration::from_secs(60), || (controller.devices().len() == n).then_some(()));
     let spec =
         |tag: &str| format!("name: app\nimage: 127.0.0.1:9/app:{tag}\nrollout: {{waves: [1, 50%], min_ready: 1}}\n");
-    apply(&server, &world, "app.yaml", &spec("1"));
+    apply_yaml(&server, &world, "app.yaml", &spec("1"));
     wait_for("revision 1", Duration::from_secs(60), || settled(&server, "app", 1, n));
 
     // Paused at the canary: it is judged, nothing more is released, and the
     // pause survives a controller restart.
-    apply(&server, &world, "app.yaml", &spec("2"));
+    apply_yaml(&server, &world, "app.yaml", &spec("2"));
     let (ok, out, err) = baton_cli(&server, &["rollout", "pause", "app"]);
     assert!(ok && out.contains("paused"), "{out}{err}");
     wait_for("canary ready", Duration::from_secs(30), || (rollout(&server, "app").counts.ready == 1).then_some(()));
@@ -161,13 +133,13 @@ fn pause_resume_abort_undo_and_a_controller_restart_mid_rollout() {
     assert_eq!(w.image, "127.0.0.1:9/app:1", "undo did not restore revision 1's spec");
 
     // Abort in the middle: every device goes back to the stable revision.
-    apply(&server, &world, "app.yaml", &spec("4"));
+    apply_yaml(&server, &world, "app.yaml", &spec("4"));
     wait_for("canary of 4", Duration::from_secs(30), || (rollout(&server, "app").counts.released >= 1).then_some(()));
     let (ok, out, err) = baton_cli(&server, &["rollout", "abort", "app"]);
     assert!(ok && out.contains("aborted"), "{out}{err}");
     assert_eq!(rollout(&server, "app").state, State::Aborted);
     let back = wait_until(Duration::from_secs(30), || settled(&server, "app", 3, n));
-    assert!(back.is_some(), "not back on revision 3: {:#?}", workload(&server, "app").map(|w| w.devices));
+    assert!(back.is_some(), "not back on revision 3: {:#?}", describe_workload(&server, "app").map(|w| w.devices));
     let (ok, _, err) = baton_cli(&server, &["rollout", "resume", "app"]);
     assert!(!ok && err.contains("aborted"), "{err}");
 }
@@ -180,7 +152,7 @@ fn replicas_spread_move_only_after_the_grace_period_and_scale() {
     let broker = controller.broker_url();
     let mut first = start_simulator(&world, "a", 3, &broker, &["--label", "pool=edge", "--label-cycle", "site=x,y,z"]);
     wait_for("group a", Duration::from_secs(30), || (controller.devices().len() == 3).then_some(()));
-    apply(
+    apply_yaml(
         &server,
         &world,
         "api.yaml",
@@ -241,7 +213,7 @@ fn a_revision_that_never_turns_healthy_is_rolled_back_on_the_device() {
             "name: rb\nimage: busybox:rb\ncommand: [/bin/sh, -c, 'cat /etc/rb.conf; while true; do sleep 0.2; done']\nfiles: [{{path: /etc/rb.conf, content: \"version {version}\\n\"}}]\nhealth_deadline: 4\nrollout: {{min_ready: 1}}\n{readiness}"
         )
     };
-    apply(&server, &world, "rb.yaml", &manifest("v1", ""));
+    apply_yaml(&server, &world, "rb.yaml", &manifest("v1", ""));
     wait_for("revision 1 running", Duration::from_secs(30), || settled(&server, "rb", 1, 1));
     // The device proves a revision after it ran healthy for a while, and keeps it on flash.
     let proven = baton_agent::engine::proven_path(&data);
@@ -249,7 +221,12 @@ fn a_revision_that_never_turns_healthy_is_rolled_back_on_the_device() {
 
     // Revision 2 changes the config file (a change like any other: a new
     // revision), and its readiness probe never passes.
-    apply(&server, &world, "rb.yaml", &manifest("v2", "readiness: {exec: [/bin/sh, -c, 'exit 1'], interval: 1}\n"));
+    apply_yaml(
+        &server,
+        &world,
+        "rb.yaml",
+        &manifest("v2", "readiness: {exec: [/bin/sh, -c, 'exit 1'], interval: 1}\n"),
+    );
     let r = wait_for("rollout of revision 2 to stop", Duration::from_secs(60), || {
         let r = rollout(&server, "rb");
         (r.to == 2 && !r.state.active()).then_some(r)
@@ -290,12 +267,12 @@ fn devices_away_during_a_rollout_neither_block_nor_fail_it_and_catch_up() {
     wait_for("40 devices", Duration::from_secs(30), || (controller.devices().len() == n).then_some(()));
     let spec =
         |tag: &str| format!("name: app\nimage: 127.0.0.1:9/app:{tag}\nrollout: {{waves: [2, 50%], min_ready: 1}}\n");
-    apply(&server, &world, "app.yaml", &spec("1"));
+    apply_yaml(&server, &world, "app.yaml", &spec("1"));
     wait_for("revision 1", Duration::from_secs(30), || settled(&server, "app", 1, n));
     let offline = || controller.devices().iter().filter(|d| d.status.as_str() == "offline").count();
     wait_for("4 devices away", Duration::from_secs(30), || (offline() == 4).then_some(()));
 
-    apply(&server, &world, "app.yaml", &spec("2"));
+    apply_yaml(&server, &world, "app.yaml", &spec("2"));
     let r = wait_for("rollout of 2 done", Duration::from_secs(30), || {
         let r = rollout(&server, "app");
         (!r.state.active()).then_some(r)

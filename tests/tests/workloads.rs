@@ -2,7 +2,7 @@
 //! survive `kill -9` of the agent without restarts, boot offline into the
 //! persisted state, roll a new revision, remove. Root only (CI is root).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use baton_protocol::spec::{ContainerSpec, WorkloadSpec};
@@ -29,16 +29,6 @@ fn web(revision: u64, script: &str) -> WorkloadSpec {
         container: ContainerSpec { command: vec!["/bin/sh".into(), "-c".into(), script.into()], ..Default::default() },
         ..Default::default()
     }
-}
-
-fn running_pid(run_dir: &Path, container: &str) -> Option<i32> {
-    let bytes = std::fs::read(run_dir.join("containers").join(container).join("running.json")).ok()?;
-    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["pid"].as_i64().map(|p| p as i32)
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
 }
 
 fn is_web(r: &Report, revision: u64, phase: Phase) -> bool {

@@ -68,6 +68,7 @@ pub mod files {
     pub const SHIM_PID: &str = "shim.pid";
     pub const RUNNING: &str = "running.json";
     pub const EXIT: &str = "exit.json";
+    pub const PROVENANCE: &str = "provenance.json";
     pub const LOG: &str = "container.log";
     pub const SHIM_LOG: &str = "shim.log";
 }

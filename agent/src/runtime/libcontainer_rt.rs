@@ -135,7 +135,11 @@ impl ContainerRuntime for LibcontainerRuntime {
             .and_then(|()| self.write_files(id, req.spec))
             // No fsync: after a power loss a half-written bundle is a lost
             // container, which reconcile recreates; only exit records must be durable.
-            .and_then(|()| std::fs::write(bundle.join(files::CONFIG), config.to_string()));
+            .and_then(|()| std::fs::write(bundle.join(files::CONFIG), config.to_string()))
+            .and_then(|()| {
+                let provenance = serde_json::to_vec(&req.provenance).map_err(std::io::Error::other)?;
+                std::fs::write(bundle.join(files::PROVENANCE), provenance)
+            });
         if let Err(e) = prepared {
             let _ = self.cleanup(id);
             return Err(RuntimeError::io(format!("prepare bundle {}", bundle.display()))(e));
@@ -227,6 +231,11 @@ impl ContainerRuntime for LibcontainerRuntime {
             .collect();
         ids.sort();
         Ok(ids)
+    }
+
+    fn provenance(&self, id: &str) -> Option<super::Provenance> {
+        validate_id(id).ok()?;
+        read_json(&self.layout.container(id).join(files::PROVENANCE))
     }
 
     fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecOutput, RuntimeError> {

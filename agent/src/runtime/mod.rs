@@ -52,6 +52,22 @@ pub enum ContainerState {
     Missing,
 }
 
+/// What the agent records with each container it creates (`provenance.json`
+/// in the bundle), so that after a restart it knows what a running container
+/// runs instead of assuming it runs what is desired now.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The workload revision the container was created for.
+    pub revision: u64,
+    /// `reconcile::fingerprint` of the workload spec it was created from:
+    /// what decides whether it still runs what is desired (revision numbers
+    /// alone do not: a restored controller may reuse them).
+    pub fingerprint: String,
+    /// Restarts of the workload before this instance (replacements by a new
+    /// revision are not restarts).
+    pub restarts: u32,
+}
+
 /// CPU and memory use from the container's cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
@@ -79,6 +95,8 @@ pub struct CreateRequest<'a> {
     /// The image's unpacked layers; used read-only (each container gets
     /// its own writable layer over them).
     pub rootfs: rootfs::Rootfs,
+    /// Kept with the container; read back by [`ContainerRuntime::provenance`].
+    pub provenance: Provenance,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +149,9 @@ pub trait ContainerRuntime {
     /// Forgets an exited (or lost) container: its directory and logs go.
     fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     fn list(&self) -> Result<Vec<String>, RuntimeError>;
+    /// What `id` was created for (None: unknown, e.g. made by an agent
+    /// that did not record it).
+    fn provenance(&self, id: &str) -> Option<Provenance>;
     fn usage(&self, id: &str) -> Option<Usage>;
     /// Runs `argv` inside the running container `id`, killing it after `timeout`.
     fn exec(&self, id: &str, argv: &[String], timeout: std::time::Duration) -> Result<ExecOutput, RuntimeError>;

@@ -345,7 +345,8 @@ fn runtime(iters: usize) {
     unconfined_spec.security.seccomp_unconfined = true;
     let ours_run = |id: &str, spec: &ContainerSpec| -> f64 {
         let t = Instant::now();
-        rt.create(&CreateRequest { id, spec, rootfs: rootfs.clone().into() }).expect("create");
+        rt.create(&CreateRequest { id, spec, rootfs: rootfs.clone().into(), provenance: Default::default() })
+            .expect("create");
         loop {
             match rt.state(id).expect("state") {
                 ContainerState::Exited(e) => {
@@ -396,8 +397,13 @@ fn runtime(iters: usize) {
     println!("## Shim memory with {n} containers running `sleep`\n");
     let sleeper = ContainerSpec { command: vec!["/bin/sleep".into(), "600".into()], ..Default::default() };
     for i in 0..n {
-        rt.create(&CreateRequest { id: &format!("mem-{i}"), spec: &sleeper, rootfs: rootfs.clone().into() })
-            .expect("create");
+        rt.create(&CreateRequest {
+            id: &format!("mem-{i}"),
+            spec: &sleeper,
+            rootfs: rootfs.clone().into(),
+            provenance: Default::default(),
+        })
+        .expect("create");
     }
     std::thread::sleep(Duration::from_secs(2)); // let the shims settle before sampling
     let mut rows = Vec::new();
