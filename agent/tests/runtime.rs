@@ -34,6 +34,15 @@ fn runs_to_completion_with_exit_code_and_logs_then_removes_cleanly() {
     let log = fx.log(&id);
     assert!(log.contains(" stdout hello out\n") && log.contains(" stderr hello err\n"), "{log}");
     assert!(!cgroup_exists(&fx, &id), "cgroup left after exit");
+    // Kept for its log and exit record only: no mount, no writable layer, no run state.
+    // (The shim records the exit first, then releases the rest.)
+    let bundle = fx.layout.container(&id);
+    let rootfs = bundle.join("rootfs").display().to_string();
+    wait_until("the rootfs unmounted, the writable layer and run state gone", T, || {
+        !std::fs::read_to_string("/proc/self/mounts").unwrap().contains(&rootfs)
+            && !bundle.join("upper").exists()
+            && !fx.layout.run_state(&id).exists()
+    });
     assert_eq!(rt.list().unwrap(), vec![id.clone()]);
     rt.remove(&id).unwrap();
     assert_eq!(rt.state(&id).unwrap(), ContainerState::Missing);
@@ -432,6 +441,36 @@ fn a_chatty_container_log_rotates_at_its_cap() {
     assert!(current + rotated < 2000 * 20, "nothing was dropped: the cap was not applied");
     assert!(fx.log(&id).contains("stdout line-1999"), "the last line is in the current file");
     assert!(!dir.join("container.log.2").exists(), "more than one old file kept");
+}
+
+/// A create that fails half-way, after libcontainer wrote its state (seen
+/// with cgroups unreadable, as under `ip netns exec`, which remounts /sys),
+/// leaves nothing behind: the same id is created once cgroups are back.
+/// Before, every retry failed with "container already exists".
+#[test]
+fn a_create_that_fails_half_way_leaves_nothing_and_the_id_works_again() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fixture::new();
+    // The shim, run where /sys/fs/cgroup is an empty read-only tmpfs.
+    let wrapper = fx.dir.path().join("shim-without-cgroups");
+    let script = format!(
+        "#!/bin/sh\nexec unshare -m --propagation private sh -c 'umount -l /sys/fs/cgroup && exec \"$0\" \"$@\"' {} \"$@\"\n",
+        env!("CARGO_BIN_EXE_baton-agent")
+    );
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let broken = baton_agent::runtime::LibcontainerRuntime::new(fx.layout.clone(), wrapper);
+    let id = cid("halfway");
+    let err = create(&fx, &broken, &id, &sh("sleep 30")).unwrap_err();
+    assert!(matches!(err, RuntimeError::Start { .. }), "{err}");
+    assert!(!fx.layout.youki_root().join(&id).exists(), "libcontainer's state of the failed create is left");
+    assert_eq!(broken.state(&id).unwrap(), ContainerState::Missing);
+
+    let rt = fx.runtime();
+    create(&fx, &rt, &id, &sh("echo second try; sleep 30")).unwrap();
+    wait_until("the second try running", T, || fx.log(&id).contains("second try"));
+    rt.kill(&id).unwrap();
+    wait_exit(&rt, &id, T);
 }
 
 /// Tests that need no cgroup v2 controller: this host's v2 tree has none

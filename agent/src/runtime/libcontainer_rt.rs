@@ -1,6 +1,8 @@
 //! The real [`ContainerRuntime`]: each container gets a bundle directory and a
-//! `baton-agent shim` process (see `shim`). This side never calls libcontainer;
-//! it writes the bundle, launches the shim, and reads what the shim records.
+//! `baton-agent shim` process (see `shim`). This side never creates or starts
+//! a container through libcontainer: it writes the bundle, launches the
+//! shim, and reads what the shim records; it only deletes libcontainer's
+//! state of containers whose shim is gone.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -68,7 +70,30 @@ impl LibcontainerRuntime {
         super::rootfs::release(&bundle).map_err(RuntimeError::io(format!("unmount rootfs of {id}")))?;
         let _ = std::fs::remove_dir_all(&bundle);
         let _ = std::fs::remove_dir_all(self.run_state(id));
+        self.forget_libcontainer_state(id);
         Ok(())
+    }
+
+    /// libcontainer's own state of a container that has no shim: a create
+    /// that failed half-way can leave it (its cleanup fails too when, say,
+    /// cgroups cannot be detected), and then every create of the same id
+    /// would fail with "container already exists". Its empty cgroups go too.
+    fn forget_libcontainer_state(&self, id: &str) {
+        let state = self.layout.youki_root().join(id);
+        if state.exists() {
+            if let Ok(mut c) = libcontainer::container::Container::load(state.clone()) {
+                let _ = c.delete(true);
+            }
+            if let Err(e) = std::fs::remove_dir_all(&state) {
+                tracing::warn!(container = id, error = %e, "cannot remove libcontainer state");
+            }
+        }
+        let cgroup = self.layout.cgroup(id);
+        let v1 = std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|c| c.path());
+        for hierarchy in v1.chain([PathBuf::from("/sys/fs/cgroup")]) {
+            // rmdir: only an empty cgroup goes; one with processes stays.
+            let _ = std::fs::remove_dir(hierarchy.join(cgroup.trim_start_matches('/')));
+        }
     }
 
     /// The live shim of `id`, if any: its recorded pid must still be a
@@ -110,6 +135,8 @@ impl ContainerRuntime for LibcontainerRuntime {
         if bundle.exists() {
             return Err(RuntimeError::Exists(id.to_string()));
         }
+        // No bundle, so no container of ours: whatever libcontainer kept is stale.
+        self.forget_libcontainer_state(id);
         oci::validate(req.spec).map_err(RuntimeError::InvalidSpec)?;
         oci::check_host(req.spec).map_err(RuntimeError::InvalidSpec)?;
         let devices = oci::resolve_devices(req.spec).map_err(RuntimeError::InvalidSpec)?;
@@ -207,13 +234,8 @@ impl ContainerRuntime for LibcontainerRuntime {
         match self.state(id)? {
             ContainerState::Running(_) => Err(RuntimeError::StillRunning(id.to_string())),
             ContainerState::Missing => Err(RuntimeError::NotFound(id.to_string())),
-            ContainerState::Exited(_) | ContainerState::Lost => {
-                // A lost container may have left libcontainer state and a cgroup.
-                if let Ok(mut c) = libcontainer::container::Container::load(self.layout.youki_root().join(id)) {
-                    let _ = c.delete(true);
-                }
-                self.cleanup(id)
-            }
+            // A lost container may have left libcontainer state and a cgroup: cleanup removes them.
+            ContainerState::Exited(_) | ContainerState::Lost => self.cleanup(id),
         }
     }
 

@@ -115,6 +115,20 @@ pub fn release(bundle: &Path) -> std::io::Result<()> {
     }
 }
 
+/// After the container exited: unmounts its rootfs and deletes its writable
+/// layer (and a merged copy), keeping the rest of the bundle (exit record,
+/// log). Nothing is deleted through a mount that would not go.
+pub fn discard(bundle: &Path) -> std::io::Result<()> {
+    release(bundle)?;
+    for dir in [merged(bundle), bundle.join("upper"), bundle.join("work")] {
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Copies one layer over `to` as overlayfs would show it: whiteouts delete,
 /// opaque directories replace, everything else overwrites (the fallback).
 /// Preserves symlinks, modes and ownership.

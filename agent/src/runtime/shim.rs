@@ -245,7 +245,14 @@ fn supervise(args: &ShimArgs, ready: File) -> i32 {
             }
         }
     }
-    let _ = std::fs::remove_file(args.state.join(files::RUNNING));
+    // Nothing runs on the rootfs any more: unmount it and free its writable
+    // layer now, not when the instance is removed (it is kept for its log
+    // and exit record); the run state on tmpfs (pid, config files and
+    // secrets) goes too.
+    if let Err(e) = super::rootfs::discard(&args.bundle) {
+        eprintln!("shim {}: cannot release the rootfs: {e}", args.id);
+    }
+    let _ = std::fs::remove_dir_all(&args.state);
     0
 }
 
