@@ -14,7 +14,7 @@ use baton_protocol::{crypto, encode, Desired, Endpoint, Message, ServiceEndpoint
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::commands::Outgoing;
-use crate::fleet::{Change, Device, Fleet, FleetEvent, Millis, Status};
+use crate::fleet::{Change, Delivery, Device, Fleet, FleetEvent, Liveness, Millis, Status};
 use crate::keys::Keys;
 use crate::metrics::{Metrics, Rejection};
 use crate::rollout::{Observation, Rollout, State as RolloutState};
@@ -28,8 +28,8 @@ use crate::view::{
 use crate::workload::{Manifest, Validated};
 
 /// What placement sees of a device.
-fn facts_of(d: &Device, now: Millis, stale_after_ms: Millis, grace_ms: Millis) -> DeviceFacts {
-    let status = d.status(now, stale_after_ms);
+fn facts_of(d: &Device, now: Millis, liveness: &Liveness, grace_ms: Millis) -> DeviceFacts {
+    let status = d.status(now, liveness);
     let inv = d.inventory.as_ref();
     DeviceFacts {
         id: d.id.clone(),
@@ -38,14 +38,15 @@ fn facts_of(d: &Device, now: Millis, stale_after_ms: Millis, grace_ms: Millis) -
         arch: inv.map(|i| i.arch.clone()).unwrap_or_default(),
         memory_bytes: inv.map_or(0, |i| i.memory_bytes),
         cpu_millis: inv.map_or(0, |i| u64::from(i.cpus) * 1000),
-        reachable: status != Status::Offline,
-        gone: is_gone(d, now, stale_after_ms, grace_ms),
+        reachable: status == Status::Online,
+        gone: is_gone(d, now, grace_ms),
     }
 }
 
-/// Offline for longer than the grace period: its replicas move elsewhere.
-fn is_gone(d: &Device, now: Millis, stale_after_ms: Millis, grace_ms: Millis) -> bool {
-    d.status(now, stale_after_ms) == Status::Offline && now.saturating_sub(d.last_seen) > grace_ms
+/// Offline for longer than the grace period (counted from going offline,
+/// not from its last message): its replicas move elsewhere.
+fn is_gone(d: &Device, now: Millis, grace_ms: Millis) -> bool {
+    d.offline_for(now) > grace_ms
 }
 
 /// Healthy running instances of each workload: (device, address, revision).
@@ -142,7 +143,8 @@ pub struct Controller {
     state: Mutex<State>,
     store: Mutex<Store>,
     pub metrics: Metrics,
-    pub stale_after_ms: Millis,
+    /// When a silent device is stale, and when offline (`fleet::Liveness`).
+    pub liveness: Liveness,
     /// An offline device's `replicas` workloads move elsewhere after this long.
     pub reschedule_after_ms: Millis,
     /// Resolves image tags to digests at apply (None: devices pull tags).
@@ -175,7 +177,7 @@ impl Controller {
     /// Loads every stored device: the fleet is known before the broker says anything.
     pub fn new(
         store: Store,
-        stale_after_ms: Millis,
+        liveness: Liveness,
         commands: crate::commands::CommandRouter,
         outbox: UnboundedSender<Outgoing>,
         keys: Keys,
@@ -259,7 +261,7 @@ impl Controller {
             fleet: Mutex::new(fleet),
             store: Mutex::new(store),
             metrics: Metrics::default(),
-            stale_after_ms,
+            liveness,
             reschedule_after_ms: 300_000,
             registry: None,
             broker_connected: AtomicBool::new(false),
@@ -274,21 +276,21 @@ impl Controller {
     }
 
     /// Applies a decoded device event and persists it when durable state changed.
-    pub fn apply(&self, id: &DeviceId, event: FleetEvent, now: Millis) -> Change {
-        let placement_relevant = matches!(event, FleetEvent::Presence(_) | FleetEvent::Inventory(_));
-        let new_presence = match &event {
-            FleetEvent::Presence(p) => Some(p.state),
-            _ => None,
-        };
+    pub fn apply(&self, id: &DeviceId, event: FleetEvent, delivery: Delivery, now: Millis) -> Change {
+        let is_presence = matches!(event, FleetEvent::Presence(_));
+        let mut placement_relevant = matches!(event, FleetEvent::Presence(_) | FleetEvent::Inventory(_));
         let (change, snapshot) = {
             let mut fleet = lock(&self.fleet);
             let before = fleet.get(id).map(|d| d.presence.state);
-            let change = fleet.apply(id, event, now);
-            if let Some(after) = new_presence.filter(|s| change == Change::Persist && before != Some(*s)) {
+            let change = fleet.apply(id, event, delivery, now);
+            let after = fleet.get(id).map(|d| d.presence.state);
+            if change == Change::Persist && before != after {
+                placement_relevant = true;
                 let what = match (before, after) {
                     (None, _) => "registered".to_string(),
-                    (_, PresenceState::Online) => "online".to_string(),
-                    (_, PresenceState::Offline) => "offline".to_string(),
+                    (_, Some(PresenceState::Online)) if is_presence => "online".to_string(),
+                    (_, Some(PresenceState::Online)) => "online again (heard from it without a new connection)".into(),
+                    (_, _) => "offline".to_string(),
                 };
                 let tenant = fleet.get(id).map_or(crate::tenant::DEFAULT, |d| d.tenant.as_str());
                 self.event(&lock(&self.store), tenant, "device", id.as_str(), what, now);
@@ -341,7 +343,7 @@ impl Controller {
         lock(&self.fleet)
             .devices()
             .filter(|d| scope.sees(&d.tenant))
-            .map(|d| DeviceView::new(d, now, self.stale_after_ms))
+            .map(|d| DeviceView::new(d, now, &self.liveness))
             .collect()
     }
 
@@ -349,7 +351,7 @@ impl Controller {
         let id = parse_id(id)?;
         let fleet = lock(&self.fleet);
         let d = Self::visible_device(&fleet, &id, scope)?;
-        Ok(DeviceView::new(d, now, self.stale_after_ms))
+        Ok(DeviceView::new(d, now, &self.liveness))
     }
 
     /// A device `scope` may see; another tenant's device is "not found", as an unknown one.
@@ -381,7 +383,7 @@ impl Controller {
         lock(&self.store).save_device(&device)?;
         self.metrics.store_writes.fetch_add(1, Relaxed);
         self.sync_desired(now);
-        Ok(DeviceView::new(&device, now, self.stale_after_ms))
+        Ok(DeviceView::new(&device, now, &self.liveness))
     }
 
     /// `baton device assign ID TENANT`: moves a device to another tenant; its
@@ -403,7 +405,7 @@ impl Controller {
         self.event(&store, tenant, "device", id.as_str(), format!("moved from tenant {from} to tenant {tenant}"), now);
         drop(store);
         self.sync_desired(now);
-        Ok(DeviceView::new(&device, now, self.stale_after_ms))
+        Ok(DeviceView::new(&device, now, &self.liveness))
     }
 
     /// Records an event: the store's log and the controller's own. `tenant`
@@ -423,7 +425,7 @@ impl Controller {
 
     fn snapshot(&self, now: Millis) -> Snapshot {
         let fleet = lock(&self.fleet);
-        let facts = fleet.devices().map(|d| facts_of(d, now, self.stale_after_ms, self.reschedule_after_ms)).collect();
+        let facts = fleet.devices().map(|d| facts_of(d, now, &self.liveness, self.reschedule_after_ms)).collect();
         let sealing = fleet
             .devices()
             .filter_map(|d| {
@@ -437,7 +439,7 @@ impl Controller {
     fn serving_of(&self, fleet: &Fleet, now: Millis) -> Serving {
         let mut serving = Serving::new();
         for d in fleet.devices() {
-            if d.status(now, self.stale_after_ms) == Status::Offline {
+            if d.status(now, &self.liveness) == Status::Offline {
                 continue;
             }
             let address = d.inventory.as_ref().and_then(|i| i.addresses.first().cloned()).unwrap_or_default();
@@ -1040,7 +1042,7 @@ impl Controller {
             if let Ok(bytes) = encode(&Message::Presence(offline.clone())) {
                 let _ = self.outbox.send(Outgoing::Retained(id.topic(baton_protocol::TopicKind::Presence), bytes));
             }
-            self.apply(&id, FleetEvent::Presence(offline), now);
+            self.apply(&id, FleetEvent::Presence(offline), Delivery::Live, now);
         }
         if !had {
             tracing::info!(device = %id, "revoked a device that had no credentials");
@@ -1163,7 +1165,7 @@ impl Controller {
     /// off devices gone past the grace period. Called about once a second.
     pub fn tick(&self, now: Millis) {
         self.sweep_join_accounts(now);
-        let mut changed = false;
+        let mut changed = self.expire_silent(now);
         {
             let fleet = lock(&self.fleet);
             let mut st = lock(&self.state);
@@ -1176,7 +1178,7 @@ impl Controller {
                 let observe = |id: &str| -> Observation {
                     let Some(d) = devices.get(id) else { return Observation::default() };
                     Observation {
-                        online: d.status(now, self.stale_after_ms) == Status::Online,
+                        online: d.status(now, &self.liveness) == Status::Online,
                         status: d.report.as_ref().and_then(|r| r.workloads.iter().find(|w| &w.name == name).cloned()),
                     }
                 };
@@ -1201,11 +1203,8 @@ impl Controller {
                 }
             }
             drop(store);
-            let gone: BTreeSet<String> = fleet
-                .devices()
-                .filter(|d| is_gone(d, now, self.stale_after_ms, self.reschedule_after_ms))
-                .map(|d| d.id.clone())
-                .collect();
+            let gone: BTreeSet<String> =
+                fleet.devices().filter(|d| is_gone(d, now, self.reschedule_after_ms)).map(|d| d.id.clone()).collect();
             changed |= gone != st.gone;
             // Endpoints moved (an instance turned healthy or stopped being so),
             // for services some workload uses.
@@ -1216,6 +1215,19 @@ impl Controller {
         if changed {
             self.sync_desired(now);
         }
+    }
+
+    /// Devices silent past `offline_after` are offline, whatever the broker
+    /// said (it may have lost their Last Will): stored, and recorded as an event.
+    fn expire_silent(&self, now: Millis) -> bool {
+        let expired = lock(&self.fleet).expire_silent(now, &self.liveness);
+        for d in &expired {
+            self.persist(d);
+            let silent_s = now.saturating_sub(d.last_seen.max(self.liveness.since_ms)) / 1000;
+            let why = format!("offline: silent for {silent_s} s (no goodbye and no Last Will received)");
+            self.event(&lock(&self.store), &d.tenant, "device", &d.id, why, now);
+        }
+        !expired.is_empty()
     }
 
     fn compute_schedule(&self, st: &State, facts: &[DeviceFacts]) -> Schedule {
@@ -1470,7 +1482,7 @@ impl Controller {
             .filter(|d| placed.is_some_and(|p| p.contains(&d.id)))
             .map(|d| WorkloadOnDevice {
                 device: d.id.clone(),
-                device_status: d.status(now, self.stale_after_ms),
+                device_status: d.status(now, &self.liveness),
                 desired_revision: e
                     .active_rollout()
                     .map_or(e.stable, |r| r.revision_for(released.contains(d.id.as_str()))),
@@ -1510,7 +1522,7 @@ impl Controller {
     pub fn status_counts(&self, now: Millis) -> BTreeMap<&'static str, usize> {
         let mut counts = BTreeMap::from([("online", 0), ("stale", 0), ("offline", 0)]);
         for d in lock(&self.fleet).devices() {
-            *counts.entry(d.status(now, self.stale_after_ms).as_str()).or_default() += 1;
+            *counts.entry(d.status(now, &self.liveness).as_str()).or_default() += 1;
         }
         counts
     }

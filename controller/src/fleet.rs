@@ -10,6 +10,40 @@ use serde::{Deserialize, Serialize};
 /// Milliseconds since the Unix epoch; the core never reads a clock itself.
 pub type Millis = u64;
 
+/// What a device's status means, one rule for every consumer:
+/// - `online`: connected, and heard from within `stale_after`. Only online
+///   devices are given new replicas, lead a rollout's waves, and are judged
+///   by rollouts.
+/// - `stale`: presence says online but the device has been silent past
+///   `stale_after`: a half-open connection, a wedged agent, a partition. It
+///   keeps what it runs (placement and service endpoints), but a rollout
+///   treats it as away (neither judged nor blocking) and it is no canary.
+/// - `offline`: it said goodbye, the broker published its Last Will, or the
+///   controller heard nothing for `offline_after` (whatever the broker did).
+///   Its `replicas` move elsewhere `--reschedule-after` after it went offline.
+///
+/// For `offline`, silence is counted from the later of the device's last
+/// message and the controller's start: a restarted controller heard nothing
+/// while it was down, and must not declare the whole fleet offline for it.
+/// (It shows devices it has not heard from since as `stale` meanwhile.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    pub stale_after_ms: Millis,
+    pub offline_after_ms: Millis,
+    /// When this controller started listening.
+    pub since_ms: Millis,
+}
+
+impl Liveness {
+    /// Defaults: stale after 60 s of silence, offline after 120 s.
+    pub const DEFAULT: Liveness = Liveness { stale_after_ms: 60_000, offline_after_ms: 120_000, since_ms: 0 };
+
+    /// Silence that counts towards `offline`.
+    fn silence(&self, d: &Device, now: Millis) -> Millis {
+        now.saturating_sub(d.last_seen.max(self.since_ms))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -18,7 +52,8 @@ pub enum Status {
     /// Presence says online but nothing arrived within the stale window:
     /// a half-open connection, a wedged agent, or a broker that lost it.
     Stale,
-    /// Said goodbye, or the broker published its Last Will.
+    /// Said goodbye, the broker published its Last Will, or silent past
+    /// `offline_after`.
     Offline,
 }
 
@@ -51,14 +86,26 @@ pub struct Device {
     /// or it joins with a tenant's token).
     #[serde(default = "crate::tenant::default_tenant")]
     pub tenant: String,
+    /// When it went offline (None while online, and for devices stored
+    /// before this was kept: their last message stands in).
+    #[serde(default)]
+    pub offline_since: Option<Millis>,
 }
 
 impl Device {
-    pub fn status(&self, now: Millis, stale_after_ms: Millis) -> Status {
+    pub fn status(&self, now: Millis, liveness: &Liveness) -> Status {
         match self.presence.state {
             PresenceState::Offline => Status::Offline,
-            PresenceState::Online if now.saturating_sub(self.last_seen) > stale_after_ms => Status::Stale,
+            PresenceState::Online if now.saturating_sub(self.last_seen) > liveness.stale_after_ms => Status::Stale,
             PresenceState::Online => Status::Online,
+        }
+    }
+
+    /// How long it has been offline (0 when it is not).
+    pub fn offline_for(&self, now: Millis) -> Millis {
+        match self.presence.state {
+            PresenceState::Online => 0,
+            PresenceState::Offline => now.saturating_sub(self.offline_since.unwrap_or(self.last_seen)),
         }
     }
 
@@ -80,6 +127,15 @@ pub enum FleetEvent {
     Report(Report),
     /// Any other message from the device (a command result): proof of life.
     Seen,
+}
+
+/// How a message reached the controller. A retained one (delivered because
+/// the controller subscribed) is old news: it says what the device last
+/// published, not that it is alive now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Live,
+    Retained,
 }
 
 /// What applying an event did; the shell persists on `Persist`.
@@ -146,14 +202,17 @@ impl Fleet {
             operator_labels: labels,
             report: None,
             tenant: tenant.into(),
+            offline_since: Some(now),
         };
         self.devices.insert(id.clone(), device);
     }
 
     /// Applies one event. A device is registered by its first online presence
     /// or inventory (both retained, so they arrive whatever the order); other
-    /// messages from unregistered ids change nothing.
-    pub fn apply(&mut self, id: &DeviceId, event: FleetEvent, now: Millis) -> Change {
+    /// messages from unregistered ids change nothing. A live message other
+    /// than a goodbye proves the device alive now (and online again, if it
+    /// was taken for offline); a retained one does not.
+    pub fn apply(&mut self, id: &DeviceId, event: FleetEvent, delivery: Delivery, now: Millis) -> Change {
         let Some(device) = self.devices.get_mut(id) else {
             let presence = match &event {
                 FleetEvent::Presence(p) if p.state == PresenceState::Online => p.clone(),
@@ -179,14 +238,23 @@ impl Fleet {
                 operator_labels: BTreeMap::new(),
                 report: None,
                 tenant: crate::tenant::DEFAULT.into(),
+                offline_since: None,
             };
             self.devices.insert(id.clone(), device);
             return Change::Persist;
         };
 
-        let changed = match event {
+        let was = device.presence.state;
+        let goodbye = matches!(&event, FleetEvent::Presence(p) if p.state == PresenceState::Offline);
+        let mut changed = match event {
             FleetEvent::Presence(p) => {
                 let changed = device.presence != p;
+                // A retained "online" for a device taken for offline: it
+                // connected while we were not listening. Its silence counts
+                // from now (a live heartbeat follows within one interval).
+                if delivery == Delivery::Retained && was == PresenceState::Offline && p.state == PresenceState::Online {
+                    device.last_seen = now;
+                }
                 device.presence = p;
                 changed
             }
@@ -214,15 +282,47 @@ impl Fleet {
             }
             FleetEvent::Seen => false,
         };
-        // A message that is not the Will proves the device is alive right now.
-        if device.presence.state == PresenceState::Online {
+        if delivery == Delivery::Live && !goodbye {
             device.last_seen = now;
+            // Heard from without a new session (a partition healed, or the
+            // controller's silence rule was early): online again.
+            if device.presence.state == PresenceState::Offline {
+                device.presence.state = PresenceState::Online;
+                changed = true;
+            }
+        }
+        match (was, device.presence.state) {
+            (PresenceState::Online, PresenceState::Offline) => {
+                device.offline_since = Some(now);
+                changed = true;
+            }
+            (PresenceState::Offline, PresenceState::Online) => {
+                device.offline_since = None;
+                changed = true;
+            }
+            _ => {}
         }
         if changed {
             Change::Persist
         } else {
             Change::InMemory
         }
+    }
+
+    /// Takes devices silent for longer than `offline_after` for offline (as
+    /// their Last Will would have: a broker may have lost it, e.g. an embedded
+    /// one restarted with the controller). Returns them: the shell persists
+    /// them and records why.
+    pub fn expire_silent(&mut self, now: Millis, liveness: &Liveness) -> Vec<Device> {
+        let mut expired = Vec::new();
+        for d in self.devices.values_mut() {
+            if d.presence.state == PresenceState::Online && liveness.silence(d, now) > liveness.offline_after_ms {
+                d.presence.state = PresenceState::Offline;
+                d.offline_since = Some(now);
+                expired.push(d.clone());
+            }
+        }
+        expired
     }
 
     /// Moves a device to another tenant; `None` when the device is unknown.
@@ -247,6 +347,8 @@ impl Fleet {
 mod tests {
     use super::*;
 
+    const LIVENESS: Liveness = Liveness::DEFAULT;
+
     fn id(s: &str) -> DeviceId {
         DeviceId::new(s).unwrap()
     }
@@ -258,11 +360,20 @@ mod tests {
     #[test]
     fn online_presence_registers_and_heartbeats_only_touch_memory() {
         let mut f = Fleet::default();
-        assert_eq!(f.apply(&id("a"), FleetEvent::Presence(presence(PresenceState::Online)), 1000), Change::Persist);
-        assert_eq!(f.apply(&id("a"), FleetEvent::Heartbeat(Heartbeat::default()), 2000), Change::InMemory);
+        assert_eq!(
+            f.apply(&id("a"), FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Live, 1000),
+            Change::Persist
+        );
+        assert_eq!(
+            f.apply(&id("a"), FleetEvent::Heartbeat(Heartbeat::default()), Delivery::Live, 2000),
+            Change::InMemory
+        );
         assert_eq!(f.get(&id("a")).unwrap().last_seen, 2000);
         // The same retained presence again (a controller resubscribe) persists nothing.
-        assert_eq!(f.apply(&id("a"), FleetEvent::Presence(presence(PresenceState::Online)), 3000), Change::InMemory);
+        assert_eq!(
+            f.apply(&id("a"), FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Live, 3000),
+            Change::InMemory
+        );
     }
 
     #[test]
@@ -273,10 +384,13 @@ mod tests {
             FleetEvent::Seen,
             FleetEvent::Presence(presence(PresenceState::Offline)),
         ] {
-            assert_eq!(f.apply(&id("ghost"), ev, 1), Change::UnknownDevice);
+            assert_eq!(f.apply(&id("ghost"), ev, Delivery::Live, 1), Change::UnknownDevice);
         }
         assert!(f.is_empty());
-        assert_eq!(f.apply(&id("ghost"), FleetEvent::Inventory(Inventory::default()), 1), Change::Persist);
+        assert_eq!(
+            f.apply(&id("ghost"), FleetEvent::Inventory(Inventory::default()), Delivery::Live, 1),
+            Change::Persist
+        );
         assert_eq!(f.len(), 1);
     }
 
@@ -284,14 +398,17 @@ mod tests {
     fn status_follows_presence_and_silence() {
         let mut f = Fleet::default();
         let a = id("a");
-        f.apply(&a, FleetEvent::Presence(presence(PresenceState::Online)), 1_000);
+        f.apply(&a, FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Live, 1_000);
         let d = f.get(&a).unwrap();
-        assert_eq!(d.status(1_000 + 60_000, 60_000), Status::Online);
-        assert_eq!(d.status(1_000 + 60_001, 60_000), Status::Stale);
-        f.apply(&a, FleetEvent::Heartbeat(Heartbeat::default()), 61_500);
-        assert_eq!(f.get(&a).unwrap().status(62_000, 60_000), Status::Online);
-        assert_eq!(f.apply(&a, FleetEvent::Presence(presence(PresenceState::Offline)), 63_000), Change::Persist);
-        assert_eq!(f.get(&a).unwrap().status(63_000, 60_000), Status::Offline);
+        assert_eq!(d.status(1_000 + 60_000, &LIVENESS), Status::Online);
+        assert_eq!(d.status(1_000 + 60_001, &LIVENESS), Status::Stale);
+        f.apply(&a, FleetEvent::Heartbeat(Heartbeat::default()), Delivery::Live, 61_500);
+        assert_eq!(f.get(&a).unwrap().status(62_000, &LIVENESS), Status::Online);
+        assert_eq!(
+            f.apply(&a, FleetEvent::Presence(presence(PresenceState::Offline)), Delivery::Live, 63_000),
+            Change::Persist
+        );
+        assert_eq!(f.get(&a).unwrap().status(63_000, &LIVENESS), Status::Offline);
         // A Will does not count as being heard from.
         assert_eq!(f.get(&a).unwrap().last_seen, 61_500);
     }
@@ -304,7 +421,7 @@ mod tests {
             labels: vec![("site".into(), "lyon".into()), ("role".into(), "x".into())],
             ..Default::default()
         };
-        f.apply(&a, FleetEvent::Inventory(inv), 1);
+        f.apply(&a, FleetEvent::Inventory(inv), Delivery::Live, 1);
         let set = BTreeMap::from([("role".to_string(), "gateway".to_string()), ("tier".into(), "1".into())]);
         f.relabel(&a, &set, &[]).unwrap();
         let l = f.get(&a).unwrap().labels();
@@ -312,5 +429,51 @@ mod tests {
         f.relabel(&a, &BTreeMap::new(), &["role".into()]).unwrap();
         assert_eq!(f.get(&a).unwrap().labels()["role"], "x");
         assert!(f.relabel(&id("nope"), &set, &[]).is_none());
+    }
+
+    #[test]
+    fn silence_ends_in_offline_in_bounded_time_and_a_live_message_brings_it_back() {
+        let mut f = Fleet::default();
+        let a = id("a");
+        f.apply(&a, FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Live, 1_000);
+        // Its Last Will never comes (the broker lost it): the controller decides.
+        assert!(f.expire_silent(1_000 + 120_000, &LIVENESS).is_empty());
+        let expired = f.expire_silent(1_000 + 120_001, &LIVENESS);
+        assert_eq!(expired.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["a"]);
+        let d = f.get(&a).unwrap();
+        assert_eq!((d.status(121_001, &LIVENESS), d.offline_for(121_001 + 5_000)), (Status::Offline, 5_000));
+        assert!(f.expire_silent(500_000, &LIVENESS).is_empty(), "expired twice");
+        // A partition heals without a new session: its next heartbeat is proof enough.
+        assert_eq!(f.apply(&a, FleetEvent::Heartbeat(Heartbeat::default()), Delivery::Live, 600_000), Change::Persist);
+        let d = f.get(&a).unwrap();
+        assert_eq!((d.status(600_000, &LIVENESS), d.offline_since), (Status::Online, None));
+    }
+
+    #[test]
+    fn retained_messages_are_old_news_and_the_grace_counts_from_going_offline() {
+        let mut f = Fleet::default();
+        let a = id("a");
+        f.apply(&a, FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Live, 1_000);
+        // A controller restarted at 500 s gets the retained online presence of a
+        // device that died meanwhile: that proves nothing, silence counts from
+        // the controller's start.
+        let restarted = Liveness { since_ms: 500_000, ..LIVENESS };
+        f.apply(&a, FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Retained, 500_000);
+        assert_eq!(f.get(&a).unwrap().last_seen, 1_000, "a retained message moved last_seen");
+        assert_eq!(f.get(&a).unwrap().status(500_000 + 60_001, &restarted), Status::Stale);
+        assert!(f.expire_silent(500_000 + 120_000, &restarted).is_empty());
+        assert_eq!(f.expire_silent(500_000 + 120_001, &restarted).len(), 1);
+
+        // A Will: offline from the moment it arrives, however long ago its last heartbeat was.
+        let b = id("b");
+        f.apply(&b, FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Live, 1_000);
+        f.apply(&b, FleetEvent::Presence(presence(PresenceState::Offline)), Delivery::Live, 60_000);
+        let d = f.get(&b).unwrap();
+        assert_eq!((d.offline_since, d.last_seen, d.offline_for(65_000)), (Some(60_000), 1_000, 5_000));
+        // It reconnected while the controller was away: a retained online
+        // presence is believed, and its silence counts from now.
+        f.apply(&b, FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Retained, 90_000);
+        let d = f.get(&b).unwrap();
+        assert_eq!((d.status(90_000, &LIVENESS), d.last_seen, d.offline_since), (Status::Online, 90_000, None));
     }
 }

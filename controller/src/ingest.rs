@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::commands::Outgoing;
 use crate::controller::{now_ms, Controller};
-use crate::fleet::FleetEvent;
+use crate::fleet::{Delivery, FleetEvent};
 use crate::metrics::Rejection;
 
 /// Topics the controller reads: everything agents publish.
@@ -177,7 +177,8 @@ pub async fn run(
                 }
                 Ok((id, kind, msg)) => {
                     controller.metrics.received(kind);
-                    controller.apply(&id, fleet_event(&msg), now_ms());
+                    let delivery = if p.retain { Delivery::Retained } else { Delivery::Live };
+                    controller.apply(&id, fleet_event(&msg), delivery, now_ms());
                     if let Message::CommandResult(result) = msg {
                         if !controller.commands.deliver(&id, result) {
                             debug!(device = %id, "answer to no pending request (late, cancelled, or not for this device)");

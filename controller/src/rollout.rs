@@ -101,6 +101,9 @@ pub struct DeviceProgress {
     pub released_ms: u64,
     pub healthy_since_ms: Option<u64>,
     pub outcome: Outcome,
+    /// Since when it has been away (not online), while pending.
+    #[serde(default)]
+    pub away_since_ms: Option<u64>,
 }
 
 /// What the controller knows of one device for this workload.
@@ -126,6 +129,10 @@ pub struct Rollout {
     pub finished_ms: Option<u64>,
     pub reason: Option<String>,
     pub progress: BTreeMap<String, DeviceProgress>,
+    /// Why an active rollout cannot move on right now (every device it could
+    /// judge is away), for `rollout status`.
+    #[serde(default)]
+    pub waiting: Option<String>,
 }
 
 /// What a step changed, for the event log; empty when nothing did.
@@ -147,9 +154,16 @@ impl Rollout {
             finished_ms: None,
             reason: None,
             progress: BTreeMap::new(),
+            waiting: None,
         };
         r.release(now);
         r
+    }
+
+    /// How long a released device may be away before another device takes
+    /// its place in the wave: long enough for a reboot, short next to the deadline.
+    fn away_grace_ms(&self) -> u64 {
+        (self.strategy.deadline_ms / 3).clamp(1_000, 60_000)
     }
 
     pub fn released(&self) -> usize {
@@ -162,6 +176,7 @@ impl Rollout {
                 released_ms: now,
                 healthy_since_ms: None,
                 outcome: Outcome::Pending,
+                away_since_ms: None,
             });
         }
     }
@@ -241,8 +256,11 @@ impl Rollout {
         }
         let s = &self.strategy;
         let (to, min_ready, deadline) = (self.to, s.min_ready_ms, s.deadline_ms);
+        let away_grace = self.away_grace_ms();
         let mut wave_done = true;
-        for d in &self.devices[..self.released()] {
+        // Released devices away for longer than the grace: another device takes their place.
+        let mut long_away = Vec::new();
+        for (i, d) in self.devices[..self.released()].iter().enumerate() {
             let Some(p) = self.progress.get_mut(d) else { continue };
             if p.outcome != Outcome::Pending {
                 continue;
@@ -252,8 +270,12 @@ impl Rollout {
                 // Away: not judged, not blocking, and its deadline waits for it.
                 p.released_ms = now;
                 p.healthy_since_ms = None;
+                if now.saturating_sub(*p.away_since_ms.get_or_insert(now)) >= away_grace {
+                    long_away.push(i);
+                }
                 continue;
             }
+            p.away_since_ms = None;
             let st = o.status.as_ref();
             let healthy =
                 st.is_some_and(|s| s.revision == to && s.phase == Phase::Running && s.health == Health::Healthy);
@@ -289,6 +311,29 @@ impl Rollout {
             wave_done = false;
         }
 
+        for i in long_away {
+            let Some(j) = (self.released()..self.devices.len()).find(|&j| observe(&self.devices[j]).online) else {
+                break;
+            };
+            let (gone, stand_in) = (self.devices[i].clone(), self.devices[j].clone());
+            self.devices.swap(i, j);
+            self.progress.remove(&gone);
+            self.progress.insert(
+                stand_in.clone(),
+                DeviceProgress {
+                    released_ms: now,
+                    healthy_since_ms: None,
+                    outcome: Outcome::Pending,
+                    away_since_ms: None,
+                },
+            );
+            events.push(format!(
+                "device {gone} is away: {stand_in} takes its place in wave {} (it gets revision {to} with a later wave)",
+                self.wave + 1
+            ));
+            wave_done = false;
+        }
+
         let c = self.counts();
         if c.failed > 0 && c.failed * 100 > self.strategy.max_failure_pct as usize * c.released {
             let why = format!(
@@ -298,6 +343,20 @@ impl Rollout {
             events.push(format!("rollout of revision {to} stopped: {why}"));
             self.finish(State::RolledBack, Some(why), now);
             return events;
+        }
+        // Every device that could prove the revision is away, and none could
+        // stand in for them: say so, once.
+        let stuck = wave_done
+            && c.ready == 0
+            && c.released > 0
+            && !self.devices[self.released()..].iter().any(|d| observe(d).online);
+        let waiting = stuck
+            .then(|| format!("waiting for a device to come online: none of the {} released devices is", c.released));
+        if waiting != self.waiting {
+            if let Some(w) = &waiting {
+                events.push(format!("rollout of revision {to} {w}"));
+            }
+            self.waiting = waiting;
         }
         // A wave is done when every reachable device in it is judged, and at
         // least one device has proven the revision.
@@ -313,8 +372,17 @@ impl Rollout {
                     self.devices.len()
                 ));
             } else {
-                self.finish(State::Succeeded, None, now);
-                events.push(format!("rollout of revision {to} succeeded on {} devices", c.ready));
+                let away = c.pending;
+                let why = (away > 0).then(|| {
+                    format!("{away} device(s) away during the rollout never reported it: they get it when they return")
+                });
+                events.push(format!(
+                    "rollout of revision {to} succeeded: {} of {} devices run it{}",
+                    c.ready,
+                    c.devices,
+                    why.as_ref().map(|w| format!("; {w}")).unwrap_or_default()
+                ));
+                self.finish(State::Succeeded, why, now);
             }
         }
         events
@@ -442,6 +510,41 @@ mod tests {
         r.step(11_000, obs);
         assert_eq!(r.state, State::Succeeded);
         assert_eq!(r.progress["d01"].outcome, Outcome::Pending, "away the whole time: never judged");
+    }
+
+    #[test]
+    fn a_canary_that_stays_away_hands_its_place_to_an_online_device() {
+        // deadline 5 s: a device away for 1.666 s is replaced in its wave.
+        let mut r = Rollout::new("w", 1, 2, devices(4), strategy(&["1", "100%"]), 0);
+        let obs = |d: &str| if d == "d00" { Observation::default() } else { running(2, Health::Healthy) };
+        assert!(r.step(0, obs).is_empty());
+        assert!(r.step(1_000, obs).is_empty(), "replaced before its grace");
+        let ev = r.step(2_000, obs);
+        assert!(ev.iter().any(|e| e.contains("device d00 is away: d01 takes its place in wave 1")), "{ev:?}");
+        assert_eq!(r.released_set().into_iter().collect::<Vec<_>>(), ["d01"]);
+        assert!(!r.progress.contains_key("d00"), "the away device stays asked for the new revision");
+        r.step(2_000, obs);
+        r.step(3_000, obs);
+        assert_eq!(r.released(), 4, "the stand-in proved the revision: the next wave goes");
+        r.step(5_000, obs);
+        let ev = r.step(6_000, obs);
+        assert_eq!(r.state, State::Succeeded, "{ev:?}");
+        // Counted as updated only when it said so: d00 never did.
+        assert_eq!((r.counts().ready, r.counts().pending), (3, 1));
+        assert!(ev.iter().any(|e| e.contains("succeeded: 3 of 4 devices run it; 1 device(s) away")), "{ev:?}");
+        assert!(r.reason.as_deref().unwrap_or("").contains("get it when they return"));
+    }
+
+    #[test]
+    fn a_rollout_with_every_device_away_says_it_waits_and_resumes_when_one_returns() {
+        let mut r = Rollout::new("w", 1, 2, devices(2), strategy(&["1", "100%"]), 0);
+        let ev = r.step(0, |_| Observation::default());
+        assert!(ev.iter().any(|e| e.contains("waiting for a device to come online")), "{ev:?}");
+        assert!(r.waiting.is_some() && r.state == State::Progressing);
+        assert!(r.step(10_000, |_| Observation::default()).is_empty(), "the waiting event repeated");
+        r.step(20_000, |_| running(2, Health::Healthy));
+        r.step(21_000, |_| running(2, Health::Healthy));
+        assert_eq!((r.waiting.as_deref(), r.released()), (None, 2));
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// A device online but silent for longer is reported `stale`.
     pub stale_after: Duration,
+    /// A device silent for longer is `offline`, Last Will or not.
+    pub offline_after: Duration,
     /// How often heartbeat-only changes (`last_seen`) are written to the store.
     pub flush_every: Duration,
     pub max_devices: usize,
@@ -121,7 +123,12 @@ pub async fn serve(
     let signer = baton_protocol::crypto::SigningKey::from_seed(&keys.signing_seed);
     let commands = crate::commands::CommandRouter::new(outbox_tx.clone(), signer);
     tracing::info!(signing_key = %keys.signing_public(), "desired documents are signed with this key (agents: controller_keys)");
-    let mut controller = Controller::new(store, cfg.stale_after.as_millis() as u64, commands, outbox_tx, keys)?;
+    let liveness = crate::fleet::Liveness {
+        stale_after_ms: cfg.stale_after.as_millis() as u64,
+        offline_after_ms: cfg.offline_after.as_millis() as u64,
+        since_ms: now_ms(),
+    };
+    let mut controller = Controller::new(store, liveness, commands, outbox_tx, keys)?;
     controller.reschedule_after_ms = cfg.reschedule_after.as_millis() as u64;
     if cfg.resolve_digests {
         controller.registry = Some(baton_registry::Client::new(baton_registry::RegistryConfig {
@@ -267,6 +274,7 @@ mod tests {
             broker: BrokerMode::Embedded(mqtt.parse().unwrap()),
             data_dir: PathBuf::from("/nonexistent"),
             stale_after: Duration::from_secs(60),
+            offline_after: Duration::from_secs(120),
             flush_every: Duration::from_secs(30),
             max_devices: 10,
             reschedule_after: Duration::from_secs(300),

@@ -671,6 +671,7 @@ mod tests {
             operator_labels: [("k".to_string(), "v".to_string())].into(),
             report: None,
             tenant: "acme".into(),
+            offline_since: None,
         }
     }
 

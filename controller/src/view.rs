@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use baton_protocol::{Heartbeat, Inventory, Presence};
 use serde::{Deserialize, Serialize};
 
-use crate::fleet::{Device, Millis, Status};
+use crate::fleet::{Device, Liveness, Millis, Status};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceView {
@@ -26,11 +26,11 @@ pub struct DeviceView {
 }
 
 impl DeviceView {
-    pub fn new(d: &Device, now: Millis, stale_after_ms: Millis) -> Self {
+    pub fn new(d: &Device, now: Millis, liveness: &Liveness) -> Self {
         Self {
             id: d.id.clone(),
             tenant: d.tenant.clone(),
-            status: d.status(now, stale_after_ms),
+            status: d.status(now, liveness),
             agent_version: d.presence.agent_version.clone(),
             arch: d.inventory.as_ref().map(|i| i.arch.clone()).unwrap_or_default(),
             labels: d.labels(),
@@ -200,6 +200,9 @@ pub struct RolloutView {
     pub started_ms: Millis,
     pub finished_ms: Option<Millis>,
     pub reason: Option<String>,
+    /// Why it cannot move on right now (every device it could judge is away).
+    #[serde(default)]
+    pub waiting: Option<String>,
     /// Devices that failed the new revision, with why.
     pub failed: Vec<(String, String)>,
 }
@@ -217,6 +220,7 @@ impl RolloutView {
             started_ms: r.started_ms,
             finished_ms: r.finished_ms,
             reason: r.reason.clone(),
+            waiting: r.waiting.clone(),
             failed: r
                 .progress
                 .iter()

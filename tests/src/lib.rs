@@ -291,6 +291,12 @@ impl Controller {
         self.proc = self.spec.launch();
     }
 
+    /// Starts it again on the same ports and data, after the test stopped it.
+    pub fn restart_after_stop(&mut self) {
+        assert!(!self.proc.is_running(), "the controller is still running");
+        self.proc = self.spec.launch();
+    }
+
     /// As `restart`, with these extra flags instead of the first start's.
     pub fn restart_with(&mut self, extra: &[&str]) {
         assert_eq!(self.proc.terminate(), Some(0), "controller did not exit cleanly");

@@ -49,3 +49,49 @@ fn an_agent_down_during_an_update_runs_the_new_revision_when_it_returns() {
         (r.state == baton_controller::rollout::State::Succeeded && r.counts.ready == 1).then_some(())
     });
 }
+
+/// Symptom: a device that died while the controller was restarting (its
+/// embedded broker lost the Last Will) stayed `stale` forever, was chosen as
+/// the canary of the next rollout and held it in wave 1 forever; rollouts
+/// counted devices as updated that never ran the revision.
+#[test]
+fn a_device_that_died_while_the_controller_was_down_goes_offline_and_holds_no_rollout() {
+    let world = World::new();
+    let mut controller =
+        Controller::start(&world, None, &["--stale-after", "3", "--offline-after", "8", "--reschedule-after", "600"]);
+    let server = controller.server_url();
+    let broker = controller.broker_url();
+    // `a-0000` sorts first: the canary of any rollout, if it were taken for reachable.
+    let mut doomed = start_simulator(&world, "a", 1, &broker, &["--heartbeat-interval", "1"]);
+    let _alive = start_simulator(&world, "b", 2, &broker, &["--heartbeat-interval", "1"]);
+    wait_for("3 devices", Duration::from_secs(30), || (controller.devices().len() == 3).then_some(()));
+    let manifest =
+        |tag: &str| format!("name: app\nimage: 127.0.0.1:9/app:{tag}\nrollout: {{waves: [1, 100%], min_ready: 1}}\n");
+    apply_yaml(&server, &world, "app.yaml", &manifest("1"));
+    wait_for("revision 1 on 3 devices", Duration::from_secs(30), || settled(&server, "app", 1, 3));
+
+    // The controller (and its embedded broker) goes down; meanwhile a-0000 loses power.
+    assert_eq!(controller.proc.terminate(), Some(0));
+    doomed.kill9();
+    controller.restart_after_stop();
+    let status = |id: &str| controller.device(id).map(|d| d.status);
+    use baton_controller::fleet::Status;
+    wait_for("the others online, a-0000 stale", Duration::from_secs(30), || {
+        let online = status("b-0000") == Some(Status::Online) && status("b-0001") == Some(Status::Online);
+        (online && status("a-0000") == Some(Status::Stale)).then_some(())
+    });
+
+    // A rollout now does not wait for it: another device leads.
+    apply_yaml(&server, &world, "app.yaml", &manifest("2"));
+    let r = wait_for("the rollout to finish", Duration::from_secs(60), || {
+        describe_workload(&server, "app")?.rollout.filter(|r| !r.state.active())
+    });
+    assert_eq!(r.state, baton_controller::rollout::State::Succeeded, "{r:?}");
+    assert_eq!((r.counts.ready, r.counts.devices), (2, 3), "a device counted as updated that never ran it: {r:?}");
+    assert!(r.reason.as_deref().unwrap_or("").contains("get it when they return"), "{r:?}");
+
+    // Silent past --offline-after: offline, whatever the broker said, with an event saying why.
+    wait_for("a-0000 offline", Duration::from_secs(30), || (status("a-0000") == Some(Status::Offline)).then_some(()));
+    let (ok, events, _) = baton_cli(&server, &["get", "events"]);
+    assert!(ok && events.contains("no goodbye and no Last Will received"), "{events}");
+}

@@ -307,6 +307,10 @@ pub struct ServerArgs {
     /// Seconds of silence after which an online device is reported stale.
     #[arg(long, default_value_t = 60)]
     pub stale_after: u64,
+    /// Seconds of silence after which a device is offline, whether or not the
+    /// broker published its Last Will (at least --stale-after).
+    #[arg(long, default_value_t = 120)]
+    pub offline_after: u64,
     /// Seconds between writes of heartbeat-only changes to the store.
     #[arg(long, default_value_t = 30)]
     pub flush_every: u64,
@@ -385,12 +389,19 @@ impl ServerArgs {
             None => BrokerMode::Embedded(self.mqtt_listen),
         };
         anyhow::ensure!(self.stale_after > 0, "--stale-after must be at least 1 second");
+        anyhow::ensure!(
+            self.offline_after >= self.stale_after,
+            "--offline-after ({} s) must be at least --stale-after ({} s): a silent device is stale before it is offline",
+            self.offline_after,
+            self.stale_after
+        );
         anyhow::ensure!(self.flush_every > 0, "--flush-every must be at least 1 second");
         Ok(ServerConfig {
             http_listen: self.listen,
             broker,
             data_dir: self.data_dir.clone().unwrap_or_else(|| default_data_dir().join("controller")),
             stale_after: Duration::from_secs(self.stale_after),
+            offline_after: Duration::from_secs(self.offline_after),
             flush_every: Duration::from_secs(self.flush_every),
             max_devices: self.max_devices,
             reschedule_after: Duration::from_secs(self.reschedule_after),

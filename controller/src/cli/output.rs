@@ -189,24 +189,26 @@ fn state_name(s: crate::rollout::State) -> String {
 /// One line of rollout progress, as `rollout status` prints it.
 pub fn rollout_line(r: &RolloutView) -> String {
     let c = &r.counts;
+    // Updated = reported the new revision healthy; released devices that
+    // have not (yet) are "in progress", whether they work on it or are away.
     format!(
-        "{}: revision {} → {} {} · wave {}/{} · {} of {} devices updated, {} ready, {} failed",
+        "{}: revision {} → {} {} · wave {}/{} · {} of {} devices updated, {} failed, {} in progress",
         r.workload,
         r.from,
         r.to,
         state_name(r.state),
         r.wave,
         r.waves,
-        c.released,
-        c.devices,
         c.ready,
-        c.failed
+        c.devices,
+        c.failed,
+        c.pending
     )
 }
 
 pub fn rollout_status(r: &RolloutView) -> String {
     let mut o = rollout_line(r) + "\n";
-    if let Some(why) = &r.reason {
+    for why in r.reason.iter().chain(&r.waiting) {
         let _ = writeln!(o, "  {why}");
     }
     for (device, why) in &r.failed {
