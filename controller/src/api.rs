@@ -44,6 +44,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/devices/{id}/workloads/{workload}/restart", post(restart))
         .route("/api/v1/apitokens", get(list_api_tokens).post(create_api_token))
         .route("/api/v1/apitokens/{id}", axum::routing::delete(delete_api_token))
+        .route("/api/v1/backup", post(backup))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
@@ -478,6 +479,15 @@ async fn authenticate(
         }
         Err(why) => error(StatusCode::FORBIDDEN, why),
     }
+}
+
+/// A POST, so a read-only token cannot take it: the copy holds every
+/// token's hash and every (encrypted) secret.
+async fn backup(State(c): State<Arc<Controller>>, Extension(scope): Extension<Scope>) -> Result<Response, Failure> {
+    let bytes = tokio::task::spawn_blocking(move || c.backup(&scope))
+        .await
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(([("content-type", "application/vnd.sqlite3")], bytes).into_response())
 }
 
 #[derive(serde::Deserialize)]

@@ -58,6 +58,10 @@ struct Snapshot {
     serving: Serving,
     /// Each device's X25519 key (from its inventory), for sealing secrets.
     sealing: BTreeMap<String, [u8; 32]>,
+    /// The generation each device says it has in force.
+    applied: BTreeMap<String, u64>,
+    /// When it was taken.
+    now: Millis,
 }
 
 /// Sealed file contents by (device, workload, revision, path), with the device
@@ -117,6 +121,8 @@ struct State {
     /// Devices gone past the grace period when placement last ran.
     gone: BTreeSet<String>,
     sealed: SealCache,
+    /// When a device's document was last published again over a foreign one.
+    reasserted: BTreeMap<String, Millis>,
 }
 
 pub fn now_ms() -> Millis {
@@ -257,6 +263,7 @@ impl Controller {
                 serving: Serving::new(),
                 gone: BTreeSet::new(),
                 sealed,
+                reasserted: BTreeMap::new(),
             }),
             fleet: Mutex::new(fleet),
             store: Mutex::new(store),
@@ -282,8 +289,22 @@ impl Controller {
         let (change, snapshot) = {
             let mut fleet = lock(&self.fleet);
             let before = fleet.get(id).map(|d| d.presence.state);
+            let refused_before = fleet.get(id).and_then(|d| d.refusal.clone());
             let change = fleet.apply(id, event, delivery, now);
             let after = fleet.get(id).map(|d| d.presence.state);
+            if let Some(d) = fleet.get(id) {
+                // A device that refuses its document says so to the operator, not
+                // only in its own log: an event when the reason is new (or old news
+                // from more than 10 minutes ago).
+                let refused = d.refusal.as_ref().filter(|r| r.at_ms == now);
+                let news = refused.is_some_and(|r| {
+                    refused_before.as_ref().is_none_or(|b| b.reason != r.reason || now - b.at_ms > 600_000)
+                });
+                if let Some(r) = refused.filter(|_| news) {
+                    let message = format!("refused its desired document: {}", r.reason);
+                    self.event(&lock(&self.store), &d.tenant, "device", id.as_str(), message, now);
+                }
+            }
             if change == Change::Persist && before != after {
                 placement_relevant = true;
                 let what = match (before, after) {
@@ -433,7 +454,8 @@ impl Controller {
                 Some((d.id.clone(), key))
             })
             .collect();
-        Snapshot { facts, serving: self.serving_of(&fleet, now), sealing }
+        let applied = fleet.devices().map(|d| (d.id.clone(), d.applied_generation())).collect();
+        Snapshot { facts, serving: self.serving_of(&fleet, now), sealing, applied, now }
     }
 
     fn serving_of(&self, fleet: &Fleet, now: Millis) -> Serving {
@@ -1206,6 +1228,10 @@ impl Controller {
             let gone: BTreeSet<String> =
                 fleet.devices().filter(|d| is_gone(d, now, self.reschedule_after_ms)).map(|d| d.id.clone()).collect();
             changed |= gone != st.gone;
+            // A device ahead of the document this controller issued it (see `publish`).
+            changed |= fleet
+                .devices()
+                .any(|d| st.desired.get(&d.id).is_some_and(|doc| d.applied_generation() > doc.generation));
             // Endpoints moved (an instance turned healthy or stopped being so),
             // for services some workload uses.
             if st.workloads.values().any(|e| !e.manifest.uses.is_empty()) {
@@ -1334,15 +1360,31 @@ impl Controller {
         let mut sealed = SealCache::new();
         for (device, workloads, services) in docs {
             let workloads = self.seal(&store, &mut cache, &mut sealed, &device, snap.sealing.get(&device), workloads);
-            // Unchanged, or nothing to say to a device that never had a document.
+            let stored = st.desired.get(&device).map_or(0, |d| d.generation);
+            // A device with a newer generation in force than the last this
+            // controller issued it: the store was restored from a backup (or
+            // rebuilt with the same key). It would refuse anything numbered
+            // below, so its document is issued again past its generation.
+            let applied = snap.applied.get(&device).copied().unwrap_or(0);
+            let ahead = applied > stored;
+            // Unchanged, or nothing to say to a device that never had a
+            // document (a rebuilt store does not empty a device it knows nothing of).
             let unchanged = match st.desired.get(&device) {
-                Some(d) => d.workloads == workloads && d.services == services,
+                Some(d) => d.workloads == workloads && d.services == services && !ahead,
                 None => workloads.is_empty(),
             };
             if unchanged {
                 continue;
             }
-            let generation = st.desired.get(&device).map_or(1, |d| d.generation + 1);
+            let generation = stored.max(applied).saturating_add(1);
+            if ahead {
+                let tenant = snap.facts.iter().find(|f| f.id == device).map_or("", |f| f.tenant.as_str());
+                let message = format!(
+                    "has generation {applied} in force, newer than the {stored} this controller issued \
+                     (store restored from a backup?): its document is issued again as generation {generation}"
+                );
+                self.event(&store, tenant, "device", &device, message, snap.now);
+            }
             let doc = Desired { generation, workloads, services };
             let payload = match self.sign(&device, &doc) {
                 Ok(p) => p,
@@ -1438,6 +1480,37 @@ impl Controller {
             .map_err(|_| format!("secret {name} version {version} does not decrypt with this controller's secrets key"))
     }
 
+    /// What the broker holds on a device's `desired` topic (the controller
+    /// subscribes to them): if it is not the document this controller issued
+    /// (garbage, a forgery, a copy from another store), it is published again,
+    /// at most once every 10 s per device (two publishers would otherwise
+    /// fight over the topic as fast as the broker goes).
+    pub fn check_desired(&self, id: &DeviceId, payload: &[u8], now: Millis) {
+        let mut st = lock(&self.state);
+        let Some(doc) = st.desired.get(id.as_str()) else { return };
+        let Ok(ours) = self.sign(id.as_str(), doc) else { return };
+        if ours == payload || self.own_older_document(id.as_str(), payload, doc.generation) {
+            return;
+        }
+        let last = st.reasserted.get(id.as_str()).copied().unwrap_or(0);
+        if now.saturating_sub(last) < 10_000 {
+            return;
+        }
+        st.reasserted.insert(id.to_string(), now);
+        tracing::warn!(device = %id, len = payload.len(), "the broker held a desired document this controller did not issue; publishing its own again");
+        let _ = self.outbox.send(Outgoing::Desired(id.clone(), ours));
+    }
+
+    /// Whether `payload` is one of this controller's own documents for
+    /// `device`, older than `generation`: the echo of a publish that a newer
+    /// one is already replacing.
+    fn own_older_document(&self, device: &str, payload: &[u8], generation: u64) -> bool {
+        let Ok((_, Message::SignedDesired(signed))) = baton_protocol::decode(payload) else { return false };
+        let ours = [self.keys.signing.public()];
+        let Ok(document) = crypto::verify_desired(&ours, device, &signed) else { return false };
+        matches!(baton_protocol::decode(document), Ok((_, Message::Desired(d))) if d.generation < generation)
+    }
+
     /// Publishes every stored desired document again (after a (re)connect:
     /// an embedded broker keeps no retained messages across a restart).
     pub fn republish_desired(&self) {
@@ -1447,6 +1520,15 @@ impl Controller {
                 let _ = self.outbox.send(Outgoing::Desired(id, payload));
             }
         }
+    }
+
+    /// `baton backup`: a consistent copy of the store (fleet-wide operators
+    /// only: it holds every tenant). Blocking: call off the async workers.
+    pub fn backup(&self, scope: &Scope) -> Result<Vec<u8>, OpError> {
+        if *scope != Scope::All {
+            return Err(OpError::Forbidden("only a fleet-wide token, acting for no tenant, backs up the store".into()));
+        }
+        Ok(lock(&self.store).backup()?)
     }
 
     pub fn workloads(&self, now: Millis, scope: &Scope) -> Vec<WorkloadView> {
@@ -1487,6 +1569,11 @@ impl Controller {
                     .active_rollout()
                     .map_or(e.stable, |r| r.revision_for(released.contains(d.id.as_str()))),
                 reported: d.report.as_ref().and_then(|r| r.workloads.iter().find(|w| w.name == name).cloned()),
+                refused: d
+                    .refusal
+                    .as_ref()
+                    .filter(|_| st.desired.get(&d.id).is_some_and(|doc| d.applied_generation() < doc.generation))
+                    .map(|r| r.reason.clone()),
             })
             .collect();
         Ok(WorkloadView {

@@ -90,6 +90,16 @@ pub struct Device {
     /// before this was kept: their last message stands in).
     #[serde(default)]
     pub offline_since: Option<Millis>,
+    /// The last desired document it refused, and why (kept: a refusal is
+    /// for the operator to see, not only in the device's own log).
+    #[serde(default)]
+    pub refusal: Option<Refusal>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub at_ms: Millis,
+    pub reason: String,
 }
 
 impl Device {
@@ -99,6 +109,12 @@ impl Device {
             PresenceState::Online if now.saturating_sub(self.last_seen) > liveness.stale_after_ms => Status::Stale,
             PresenceState::Online => Status::Online,
         }
+    }
+
+    /// The generation of the desired document it has in force, as it last said.
+    pub fn applied_generation(&self) -> u64 {
+        let reported = self.report.as_ref().map_or(0, |r| r.generation);
+        reported.max(self.heartbeat.as_ref().map_or(0, |h| h.applied_generation))
     }
 
     /// How long it has been offline (0 when it is not).
@@ -203,6 +219,7 @@ impl Fleet {
             report: None,
             tenant: tenant.into(),
             offline_since: Some(now),
+            refusal: None,
         };
         self.devices.insert(id.clone(), device);
     }
@@ -239,6 +256,7 @@ impl Fleet {
                 report: None,
                 tenant: crate::tenant::DEFAULT.into(),
                 offline_since: None,
+                refusal: None,
             };
             self.devices.insert(id.clone(), device);
             return Change::Persist;
@@ -274,6 +292,12 @@ impl Fleet {
             FleetEvent::Heartbeat(hb) => {
                 device.heartbeat = Some(hb);
                 false
+            }
+            // A refusal carries no workloads: what the device runs is still its last report.
+            FleetEvent::Report(Report { refused: Some(reason), .. }) => {
+                let changed = device.refusal.as_ref().is_none_or(|r| r.reason != reason);
+                device.refusal = Some(Refusal { at_ms: now, reason });
+                changed
             }
             FleetEvent::Report(r) => {
                 let changed = device.report.as_ref() != Some(&r);
@@ -447,6 +471,23 @@ mod tests {
         assert_eq!(f.apply(&a, FleetEvent::Heartbeat(Heartbeat::default()), Delivery::Live, 600_000), Change::Persist);
         let d = f.get(&a).unwrap();
         assert_eq!((d.status(600_000, &LIVENESS), d.offline_since), (Status::Online, None));
+    }
+
+    #[test]
+    fn a_refusal_is_kept_beside_the_last_report_of_what_runs() {
+        let mut f = Fleet::default();
+        let a = id("a");
+        f.apply(&a, FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Live, 1);
+        let runs = Report { generation: 3, workloads: vec![Default::default()], refused: None };
+        f.apply(&a, FleetEvent::Report(runs.clone()), Delivery::Live, 2);
+        let refused = Report { generation: 3, workloads: vec![], refused: Some("generation 2 is not newer".into()) };
+        assert_eq!(f.apply(&a, FleetEvent::Report(refused.clone()), Delivery::Live, 3), Change::Persist);
+        let d = f.get(&a).unwrap();
+        assert_eq!(d.report.as_ref(), Some(&runs), "a refusal erased what the device runs");
+        assert_eq!(d.refusal, Some(Refusal { at_ms: 3, reason: "generation 2 is not newer".into() }));
+        assert_eq!(d.applied_generation(), 3);
+        // The same refusal again is not news for the store.
+        assert_eq!(f.apply(&a, FleetEvent::Report(refused), Delivery::Live, 4), Change::InMemory);
     }
 
     #[test]

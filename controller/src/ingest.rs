@@ -143,13 +143,25 @@ pub async fn run(
                         warn!(error = %e, "cannot subscribe to dynamic-security answers");
                     }
                 }
-                let filters = UPSTREAM.map(|k| rumqttc::SubscribeFilter::new(k.filter_all_devices(), QoS::AtLeastOnce));
+                let filters = UPSTREAM
+                    .into_iter()
+                    .chain([TopicKind::Desired])
+                    .map(|k| rumqttc::SubscribeFilter::new(k.filter_all_devices(), QoS::AtLeastOnce));
                 if let Err(e) = client.try_subscribe_many(filters) {
                     warn!(error = %e, "cannot queue subscriptions");
                 }
                 // The store is the truth; retained desired documents are its cache
                 // in the broker, which an embedded broker loses on restart.
                 controller.republish_desired();
+            }
+            // The controller's own documents, as the broker holds them: one
+            // that is not ours (garbage, a forgery, a stale copy) is replaced.
+            Ok(Event::Incoming(Packet::Publish(p)))
+                if TopicKind::parse(&p.topic).is_some_and(|(_, k)| k == TopicKind::Desired) =>
+            {
+                if let Some((id, _)) = TopicKind::parse(&p.topic) {
+                    controller.check_desired(&id, &p.payload, now_ms());
+                }
             }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == crate::dynsec::RESPONSES => {
                 for failure in crate::dynsec::failures(&p.payload) {

@@ -6,6 +6,7 @@ pub mod broker;
 pub mod cli;
 pub mod commands;
 pub mod controller;
+pub mod datadir;
 pub mod dynsec;
 pub mod fleet;
 pub mod gateway;

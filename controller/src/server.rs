@@ -116,6 +116,7 @@ pub async fn serve(
     cfg.check_exposure().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let _lock = crate::datadir::DataDirLock::take(&cfg.data_dir)?;
     let db = cfg.data_dir.join("baton.db");
     let store = Store::open(&db)?;
     let (outbox_tx, outbox) = tokio::sync::mpsc::unbounded_channel();

@@ -181,12 +181,16 @@ pub enum StoreError {
     TooNew { path: String, found: usize, known: usize },
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("backup through {path}: {source}")]
+    Backup { path: String, source: std::io::Error },
     #[error("stored device {id} is unreadable: {source}")]
     Corrupt { id: String, source: serde_json::Error },
 }
 
 pub struct Store {
     conn: Connection,
+    /// The database file (backups are written beside it first).
+    path: std::path::PathBuf,
 }
 
 impl Store {
@@ -198,9 +202,46 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
-        let mut store = Self { conn };
+        let mut store = Self { conn, path: path.to_path_buf() };
         store.migrate(path)?;
         Ok(store)
+    }
+
+    /// A consistent copy of the whole database, taken while it serves
+    /// (SQLite's `VACUUM INTO`: one read transaction, so no half-done apply is
+    /// in it). Restoring it is copying it over `baton.db` of a stopped controller.
+    pub fn backup(&self) -> Result<Vec<u8>, StoreError> {
+        let copy = self.path.with_extension(format!("backup-{}", std::process::id()));
+        let _ = std::fs::remove_file(&copy);
+        let io = |source: std::io::Error| StoreError::Backup { path: copy.display().to_string(), source };
+        let taken = self.conn.execute("VACUUM INTO ?1", [copy.display().to_string()]);
+        let bytes = taken.map_err(StoreError::from).and_then(|_| std::fs::read(&copy).map_err(io));
+        let _ = std::fs::remove_file(&copy);
+        bytes
+    }
+
+    /// Puts a backup in place of the database at `db` (the controller
+    /// stopped: hold its `DataDirLock`). The backup is checked first by opening
+    /// a copy as a store (an older schema is migrated, a newer one refused);
+    /// the write-ahead log of the database it replaces is removed with it, or
+    /// SQLite would replay it onto the restored file.
+    pub fn restore(backup: &Path, db: &Path) -> Result<(), StoreError> {
+        let staged = db.with_extension("restoring");
+        let io = |source: std::io::Error| StoreError::Backup { path: staged.display().to_string(), source };
+        std::fs::copy(backup, &staged).map_err(io)?;
+        if let Err(e) = Store::open(&staged) {
+            let _ = std::fs::remove_file(&staged);
+            return Err(e);
+        }
+        for suffix in ["-wal", "-shm"] {
+            let mut side = db.as_os_str().to_owned();
+            side.push(suffix);
+            match std::fs::remove_file(&side) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                _ => {}
+            }
+        }
+        std::fs::rename(&staged, db).map_err(io)
     }
 
     pub fn schema_version(&self) -> Result<usize, StoreError> {
@@ -672,7 +713,28 @@ mod tests {
             report: None,
             tenant: "acme".into(),
             offline_since: None,
+            refusal: None,
         }
+    }
+
+    #[test]
+    fn a_backup_opens_as_a_store_with_everything_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("baton.db")).unwrap();
+        store.save_device(&device("a")).unwrap();
+        let bytes = store.backup().unwrap();
+        store.save_device(&device("b")).unwrap();
+        let restored = dir.path().join("restored.db");
+        std::fs::write(&restored, bytes).unwrap();
+        let back = Store::open(&restored).unwrap();
+        let ids: Vec<String> = back.load_devices().unwrap().into_iter().map(|(id, _)| id.to_string()).collect();
+        assert_eq!(ids, ["a"], "the backup is the store as it was when taken");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("backup"))
+            .collect();
+        assert!(left.is_empty(), "a temporary copy was left behind: {left:?}");
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct DeviceView {
     pub inventory: Option<Inventory>,
     pub heartbeat: Option<Heartbeat>,
     pub report: Option<baton_protocol::Report>,
+    /// The last desired document it refused, and why.
+    #[serde(default)]
+    pub refusal: Option<crate::fleet::Refusal>,
 }
 
 impl DeviceView {
@@ -41,6 +44,7 @@ impl DeviceView {
             inventory: d.inventory.clone(),
             heartbeat: d.heartbeat.clone(),
             report: d.report.clone(),
+            refusal: d.refusal.clone(),
         }
     }
 }
@@ -185,6 +189,10 @@ pub struct WorkloadOnDevice {
     pub desired_revision: u64,
     /// What the device last reported for this workload (None: nothing yet).
     pub reported: Option<baton_protocol::WorkloadStatus>,
+    /// Why the device refused the document that asks it for this workload,
+    /// while that document is not in force there.
+    #[serde(default)]
+    pub refused: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

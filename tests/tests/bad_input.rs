@@ -180,3 +180,39 @@ fn agent_survives_garbage_and_answers_only_commands_its_controller_signed() {
     assert!(matches!(&body, CommandOutput::Text(t) if t.contains("device pi-cmd")), "{body:?}");
     assert!(agent.is_running());
 }
+
+/// Symptom: garbage published (retained) on a device's `desired` topic was
+/// refused by the device, but only its own log said so, and the broker kept
+/// the garbage for every later (re)subscribe. Now the refusal is an event and
+/// part of `describe device`, and the controller publishes its own document again.
+#[test]
+fn a_foreign_desired_document_is_refused_visibly_and_replaced_by_the_controllers() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let _sim = start_simulator(&world, "g", 1, &controller.broker_url(), &[]);
+    wait_for("the device", Duration::from_secs(30), || (controller.devices().len() == 1).then_some(()));
+    apply_yaml(&server, &world, "app.yaml", "name: app\nimage: 127.0.0.1:9/app:1\n");
+    wait_for("revision 1", Duration::from_secs(30), || settled(&server, "app", 1, 1));
+
+    let topic = "baton/v1/dev/g-0000/desired";
+    let mut attacker = RawClient::connect(controller.mqtt, "attacker");
+    attacker.publish(topic, garbage_body(MessageKind::SignedDesired, 64, 7), true);
+
+    wait_for("the refusal as an event", Duration::from_secs(20), || {
+        let (_, out, _) = baton_cli(&server, &["get", "events"]);
+        out.contains("refused its desired document").then_some(())
+    });
+    let (ok, described, _) = baton_cli(&server, &["describe", "device", "g-0000"]);
+    assert!(ok && described.contains("Last refusal:"), "{described}");
+    // What the broker holds again is the controller's own, signed document.
+    let mut fresh = RawClient::connect(controller.mqtt, "late-subscriber");
+    fresh.subscribe(topic);
+    let (_, payload, retained) = fresh.next_message(Duration::from_secs(10)).expect("a retained document");
+    assert!(retained);
+    let Ok((_, Message::SignedDesired(signed))) = decode(&payload) else { panic!("not a signed document") };
+    let trust = baton_cli(&server, &["trust"]).1;
+    assert!(trust.trim().ends_with(&baton_protocol::crypto::hex(&signed.key)), "signed by another key");
+    // The device never stopped running what it ran.
+    assert!(settled(&server, "app", 1, 1).is_some());
+}

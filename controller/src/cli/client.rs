@@ -93,6 +93,19 @@ impl Client {
         }
     }
 
+    /// POST with no body; the answer's raw bytes (a backup).
+    pub fn post_for_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut res =
+            self.authed(agent.post(format!("{}{path}", self.base))).send_empty().map_err(|e| self.unreachable(e))?;
+        if !res.status().is_success() {
+            let status = res.status();
+            let msg = res.body_mut().read_json::<ApiError>().map(|e| e.error).unwrap_or_else(|_| status.to_string());
+            anyhow::bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        Ok(res.body_mut().with_config().limit(u64::MAX).read_to_vec()?)
+    }
+
     /// PUT with a raw body (secret values: never JSON-encoded, never logged).
     pub fn put_bytes<T: DeserializeOwned>(&self, path: &str, body: &[u8]) -> anyhow::Result<T> {
         let res = self

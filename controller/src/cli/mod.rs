@@ -117,6 +117,21 @@ pub enum Command {
     Secret(SecretCmd),
     /// Print the controller's signing key (agents' `controller_keys`).
     Trust,
+    /// Copy the controller's store, consistently, while it serves.
+    Backup {
+        /// Where to write the copy.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+    /// Put a backup in place of a stopped controller's store (then start it:
+    /// its devices follow the restored state).
+    Restore {
+        /// A file written by `baton backup`.
+        backup: PathBuf,
+        /// The controller's data dir (default as for `baton server`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Join tokens: a device enrolls once with `baton-agent join TOKEN`.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -613,6 +628,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trust => {
             let t: crate::view::TrustView = client().get("/api/v1/trust")?;
             println!("{}", t.signing_key);
+            Ok(())
+        }
+        Command::Restore { backup, data_dir } => {
+            let dir = data_dir.unwrap_or_else(|| default_data_dir().join("controller"));
+            let _lock = crate::datadir::DataDirLock::take(&dir)?;
+            let db = dir.join("baton.db");
+            crate::store::Store::restore(&backup, &db)
+                .with_context(|| format!("cannot restore {} into {}", backup.display(), db.display()))?;
+            println!(
+                "restored {} into {}; start the controller: devices that ran newer documents are given the restored ones",
+                backup.display(),
+                db.display()
+            );
+            Ok(())
+        }
+        Command::Backup { output } => {
+            let bytes = client().post_for_bytes("/api/v1/backup")?;
+            let tmp = output.with_extension("partial");
+            std::fs::write(&tmp, &bytes)
+                .and_then(|()| std::fs::rename(&tmp, &output))
+                .with_context(|| format!("cannot write {}", output.display()))?;
+            println!(
+                "store backed up to {} ({}); keep the controller's signing.key and secrets.key with it \
+                 (they are not in the store, and never change)",
+                output.display(),
+                output::bytes(bytes.len() as u64)
+            );
             Ok(())
         }
         Command::Completion { shell } => {

@@ -160,6 +160,9 @@ pub fn device_description(d: &DeviceView, now: Millis) -> String {
         kv("Temperature", h.temp_milli_c.map_or("-".into(), |t| format!("{:.1} °C", f64::from(t) / 1000.0)));
         kv("Generation", h.applied_generation.to_string());
     }
+    if let Some(r) = &d.refusal {
+        kv("Last refusal", format!("{}: {}", ago(now, r.at_ms), r.reason));
+    }
     o
 }
 
@@ -331,7 +334,11 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
     let rows: Vec<Vec<String>> = w
         .devices
         .iter()
-        .map(|d| match &d.reported {
+        .map(|d| {
+            let refused = d.refused.as_ref().map(|why| format!("document refused: {why}"));
+            (d, refused)
+        })
+        .map(|(d, refused)| match &d.reported {
             Some(r) => vec![
                 d.device.clone(),
                 d.device_status.as_str().into(),
@@ -340,7 +347,7 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
                 format!("{:?}", r.phase).to_lowercase(),
                 format!("{:?}", r.health).to_lowercase(),
                 r.restarts.to_string(),
-                r.last_error.clone().unwrap_or_default(),
+                refused.or_else(|| r.last_error.clone()).unwrap_or_default(),
             ],
             None => vec![
                 d.device.clone(),
@@ -350,7 +357,7 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
                 "-".into(),
                 "-".into(),
                 "-".into(),
-                String::new(),
+                refused.unwrap_or_default(),
             ],
         })
         .collect();
