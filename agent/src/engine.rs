@@ -264,7 +264,7 @@ impl<R: ContainerRuntime> Engine<R> {
     /// the proven set is written to flash only when it changes.
     fn judge(&mut self, status: &[WorkloadStatus], now: u64) {
         if self.guard.observe(&self.desired.workloads, status, now) {
-            let doc = Desired { generation: 0, workloads: self.guard.proven(), services: Vec::new() };
+            let doc = Desired { workloads: self.guard.proven(), ..Default::default() };
             let written = baton_protocol::encode(&baton_protocol::Message::Desired(doc))
                 .map_err(|e| std::io::Error::other(e.to_string()))
                 .and_then(|bytes| {

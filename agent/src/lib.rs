@@ -2,6 +2,7 @@
 //! and end-to-end tests drive the same code.
 
 pub mod backoff;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod engine;

@@ -51,6 +51,11 @@ pub struct Link {
     running: std::collections::HashMap<u64, tokio::sync::watch::Sender<bool>>,
     /// Ids of commands accepted, until their deadline (kept in `state/commands.seen`): a replay is refused.
     accepted: crate::trust::SeenCommands,
+    /// The controller's time as learned from its signed messages: command
+    /// deadlines are judged by it, not by this device's wall clock.
+    clock: crate::clock::ControllerClock,
+    /// The origin of the monotonic milliseconds the clock is kept in.
+    mono_origin: std::time::Instant,
 }
 
 fn qos(kind: TopicKind) -> QoS {
@@ -112,6 +117,8 @@ impl Link {
             &crate::trust::seen_commands_path(&config.data_dir),
             unix_now().as_millis() as u64,
         );
+        // Where the controller's time stood when this device last knew it.
+        let floor = accepted.floor_ms.max(persisted.as_ref().map_or(0, |d| d.issued_ms));
         let mut link = Link {
             config,
             client,
@@ -127,6 +134,8 @@ impl Link {
             identity,
             running: std::collections::HashMap::new(),
             accepted,
+            clock: crate::clock::ControllerClock::starting_at(floor, 0),
+            mono_origin: std::time::Instant::now(),
         };
         if let Some(d) = persisted {
             link.desired_generation = d.generation;
@@ -189,6 +198,10 @@ impl Link {
             link.say_goodbye(&mut events).await;
         }
         info!("agent link stopped");
+    }
+
+    fn mono_ms(&self) -> u64 {
+        self.mono_origin.elapsed().as_millis() as u64
     }
 
     fn publish(&self, kind: TopicKind, msg: &Message) {
@@ -293,6 +306,7 @@ impl Link {
         }
         self.desired_generation = d.generation;
         self.desired_bytes = payload.to_vec();
+        self.clock.learn(d.issued_ms, self.mono_ms());
         let _ = engine.tx.send(Input::Desired(d));
     }
 
@@ -307,12 +321,13 @@ impl Link {
     /// deadline and never twice, are carried out; a refusal is answered
     /// (the operator sees why) and logged.
     fn on_command(&mut self, cmd: Command) {
-        let now = unix_now().as_millis() as u64;
-        if cmd.deadline_ms != 0 && now > cmd.deadline_ms {
-            return info!(id = cmd.id, "command past its deadline dropped");
-        }
-        let checked = crate::trust::check_command(&self.trust.keys(), self.config.device_id.as_str(), &cmd, now)
-            .and_then(|()| self.accepted.admit(&cmd, now));
+        let (mono, wall) = (self.mono_ms(), unix_now().as_millis() as u64);
+        let checked = crate::trust::check_command(&self.trust.keys(), self.config.device_id.as_str(), &cmd)
+            .and_then(|issued| self.clock.judge(&cmd, issued, mono, wall))
+            .and_then(|now| {
+                self.accepted.floor_ms = self.clock.now(mono).unwrap_or(0);
+                self.accepted.admit(&cmd, now)
+            });
         if let Err(why) = checked {
             warn!(id = cmd.id, error = %why, "command refused");
             let res = CommandResult { id: cmd.id, seq: 0, body: CommandOutput::Error(format!("refused: {why}")) };

@@ -58,6 +58,7 @@ impl HeartbeatSampler {
             disk_free_mib: disk_usage(data_dir).map_or(0, |(_, free)| free >> 20),
             temp_milli_c: cpu_temperature(Path::new("/sys/class/thermal")),
             applied_generation,
+            unix_ms: crate::runtime::now_ms(),
         }
     }
 }

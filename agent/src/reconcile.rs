@@ -199,9 +199,9 @@ mod tests {
 
     #[test]
     fn validation_names_the_bad_workload() {
-        let bad = Desired { generation: 1, workloads: vec![w("ok", 1), w("Bad_Name", 1)], services: vec![] };
+        let bad = Desired { generation: 1, workloads: vec![w("ok", 1), w("Bad_Name", 1)], ..Default::default() };
         assert!(validate(&bad).unwrap_err().starts_with("workloads[1].name"));
-        let dup = Desired { generation: 1, workloads: vec![w("a", 1), w("a", 2)], services: vec![] };
+        let dup = Desired { generation: 1, workloads: vec![w("a", 1), w("a", 2)], ..Default::default() };
         assert!(validate(&dup).unwrap_err().contains("twice"));
     }
 

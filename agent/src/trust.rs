@@ -106,23 +106,17 @@ impl Trust {
     }
 }
 
-/// How far ahead a command's deadline may be (the controller's longest is a
-/// 12 h log follow): it bounds how long a command id must be remembered.
-pub const MAX_COMMAND_WINDOW_MS: u64 = 24 * 3600 * 1000;
+pub use crate::clock::MAX_COMMAND_WINDOW_MS;
 
-/// A command signed by a trusted key for this device, with a deadline (a
-/// `Cancel`, which only ends a follow, may have none) no further than
-/// `MAX_COMMAND_WINDOW_MS` ahead.
-pub fn check_command(trusted: &[[u8; 32]], device: &str, cmd: &Command, now_ms: u64) -> Result<(), String> {
+/// A command signed by a trusted key for this device. Returns the
+/// controller's time it carries, signed (None: from a controller older than
+/// 1.4); whether it is fresh is `ControllerClock::judge`'s to say.
+pub fn check_command(trusted: &[[u8; 32]], device: &str, cmd: &Command) -> Result<Option<u64>, String> {
     if trusted.is_empty() {
         return Err("no controller key is trusted yet (none configured, no document received)".into());
     }
     crypto::verify_command(trusted, device, cmd).map_err(|e| e.to_string())?;
-    let cancel = matches!(cmd.action, baton_protocol::CommandAction::Cancel { .. });
-    if !cancel && (cmd.deadline_ms == 0 || cmd.deadline_ms > now_ms.saturating_add(MAX_COMMAND_WINDOW_MS)) {
-        return Err(format!("deadline {} is not within 24 h", cmd.deadline_ms));
-    }
-    Ok(())
+    crypto::command_issued_at(device, cmd).map_err(|e| format!("its time: {e}"))
 }
 
 pub fn seen_commands_path(data_dir: &Path) -> PathBuf {
@@ -132,11 +126,17 @@ pub fn seen_commands_path(data_dir: &Path) -> PathBuf {
 /// Command ids accepted, kept until their deadline: the same signed command
 /// is carried out once (a listener that captured it cannot replay it while
 /// it is still valid), also across agent restarts: the set is saved in
-/// `state/commands.seen` (16 bytes per id) each time a command is accepted.
-/// Bounded: the oldest deadlines go first past `CAP`.
+/// `state/commands.seen` each time a command is accepted, with the newest
+/// controller time known then (`floor_ms`, where `ControllerClock` restarts
+/// from). Bounded: the oldest deadlines go first past `CAP`.
+///
+/// File: `BSC2`, the floor (8 bytes), then 16 bytes per id (id, deadline);
+/// files of agents before 1.4 hold only the ids (a multiple of 16 bytes).
 #[derive(Debug, Default)]
 pub struct SeenCommands {
     by_id: std::collections::HashMap<u64, u64>,
+    /// The newest controller time known (saved with the ids).
+    pub floor_ms: u64,
     /// Where `load` found the set, and `admit` saves it (`None`: memory only).
     saved_at: Option<PathBuf>,
 }
@@ -159,7 +159,16 @@ impl SeenCommands {
         Self { saved_at: Some(path.to_path_buf()), ..Self::decode(&bytes, now_ms) }
     }
 
+    const MAGIC: &'static [u8; 4] = b"BSC2";
+
     fn decode(bytes: &[u8], now_ms: u64) -> Self {
+        let (floor_ms, bytes) = match bytes.split_at_checked(12) {
+            // (An old file starting with these 4 bytes is one chance in 2^32: its ids would be lost, nothing worse.)
+            Some((head, rest)) if head.starts_with(Self::MAGIC) => {
+                (u64::from_le_bytes(head[4..12].try_into().unwrap_or_default()), rest)
+            }
+            _ => (0, bytes),
+        };
         let mut by_id = std::collections::HashMap::new();
         for entry in bytes.chunks_exact(16).take(Self::CAP) {
             let (id, deadline) = entry.split_at(8);
@@ -169,11 +178,13 @@ impl SeenCommands {
                 by_id.insert(id, deadline);
             }
         }
-        Self { by_id, saved_at: None }
+        Self { by_id, floor_ms, saved_at: None }
     }
 
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.by_id.len() * 16);
+        let mut out = Vec::with_capacity(12 + self.by_id.len() * 16);
+        out.extend_from_slice(Self::MAGIC);
+        out.extend_from_slice(&self.floor_ms.to_le_bytes());
         for (id, deadline) in &self.by_id {
             out.extend_from_slice(&id.to_le_bytes());
             out.extend_from_slice(&deadline.to_le_bytes());
@@ -300,19 +311,30 @@ mod tests {
         let key = SigningKey::from_seed(&[5; 32]);
         let now = 1_000_000;
         let cmd = |id, deadline_ms, action| {
-            key.sign_command("pi-a", Command { id, deadline_ms, action, key: Vec::new(), signature: Vec::new() })
+            key.sign_command(
+                "pi-a",
+                Command {
+                    id,
+                    deadline_ms,
+                    action,
+                    key: Vec::new(),
+                    signature: Vec::new(),
+                    issued_ms: 0,
+                    time_signature: Vec::new(),
+                },
+            )
         };
         let exec = cmd(1, now + 90_000, CommandAction::Exec { workload: "w".into(), argv: vec!["id".into()] });
-        assert_eq!(check_command(&[key.public()], "pi-a", &exec, now), Ok(()));
-        assert!(check_command(&[], "pi-a", &exec, now).unwrap_err().contains("no controller key"));
-        assert!(check_command(&[[9; 32]], "pi-a", &exec, now).unwrap_err().contains("untrusted key"));
-        assert!(check_command(&[key.public()], "pi-b", &exec, now).unwrap_err().contains("bad signature"));
-        let forever = cmd(2, 0, CommandAction::Restart { workload: "w".into() });
-        assert!(check_command(&[key.public()], "pi-a", &forever, now).unwrap_err().contains("deadline"));
-        let far = cmd(3, now + MAX_COMMAND_WINDOW_MS + 1, CommandAction::Diagnostics);
-        assert!(check_command(&[key.public()], "pi-a", &far, now).unwrap_err().contains("deadline"));
-        let cancel = cmd(4, 0, CommandAction::Cancel { id: 1 });
-        assert_eq!(check_command(&[key.public()], "pi-a", &cancel, now), Ok(()));
+        assert_eq!(check_command(&[key.public()], "pi-a", &exec), Ok(None));
+        assert!(check_command(&[], "pi-a", &exec).unwrap_err().contains("no controller key"));
+        assert!(check_command(&[[9; 32]], "pi-a", &exec).unwrap_err().contains("untrusted key"));
+        assert!(check_command(&[key.public()], "pi-b", &exec).unwrap_err().contains("bad signature"));
+        // A 1.4 command carries the controller's time, signed.
+        let timed =
+            key.sign_command("pi-a", Command { issued_ms: now, ..cmd(5, now + 90_000, CommandAction::Diagnostics) });
+        assert_eq!(check_command(&[key.public()], "pi-a", &timed), Ok(Some(now)));
+        let moved = Command { issued_ms: now + 1, ..timed };
+        assert!(check_command(&[key.public()], "pi-a", &moved).unwrap_err().contains("its time"));
 
         let mut seen = SeenCommands::default();
         assert_eq!(seen.admit(&exec, now), Ok(()));
@@ -333,13 +355,21 @@ mod tests {
             action: CommandAction::Diagnostics,
             key: Vec::new(),
             signature: Vec::new(),
+            issued_ms: 0,
+            time_signature: Vec::new(),
         };
         let mut seen = SeenCommands::load(&path, now);
+        seen.floor_ms = now;
         assert_eq!(seen.admit(&cmd(1, now + 1000), now), Ok(()));
         assert_eq!(seen.admit(&cmd(2, now + 5000), now), Ok(()));
 
         let mut restarted = SeenCommands::load(&path, now + 10);
+        assert_eq!(restarted.floor_ms, now, "the controller time known was not kept");
         assert!(restarted.admit(&cmd(1, now + 1000), now + 10).unwrap_err().contains("replayed"));
+        // A file of an agent before 1.4 (ids only) is still read.
+        let old: Vec<u8> = [7u64, now + 1000].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let decoded = SeenCommands::decode(&old, now);
+        assert_eq!((decoded.by_id.get(&7).copied(), decoded.floor_ms), (Some(now + 1000), 0));
         // Expired ids are dropped at load.
         let later = SeenCommands::load(&path, now + 2000);
         assert_eq!(later.by_id.keys().copied().collect::<Vec<_>>(), vec![2]);

@@ -58,7 +58,18 @@ impl CommandRouter {
     }
 
     fn signed(&self, device: &DeviceId, id: u64, deadline_ms: u64, action: CommandAction) -> Command {
-        let cmd = Command { id, deadline_ms, action, key: Vec::new(), signature: Vec::new() };
+        // The controller's clock, signed: a device judges the deadline by it
+        // (its own clock may be days off), and learns that time from it.
+        let issued_ms = crate::controller::now_ms();
+        let cmd = Command {
+            id,
+            deadline_ms,
+            action,
+            key: Vec::new(),
+            signature: Vec::new(),
+            issued_ms,
+            time_signature: Vec::new(),
+        };
         self.signer.sign_command(device.as_str(), cmd)
     }
 

@@ -210,11 +210,12 @@ impl Controller {
         for (device, stored) in store.load_desired()? {
             let published = stored.payload.as_deref().and_then(|p| match baton_protocol::decode(p) {
                 Ok((_, Message::SignedDesired(s))) => match baton_protocol::decode(&s.document) {
-                    // Signed with another key (rotated): the same document
-                    // again would be "not newer" to agents, so it is one
-                    // generation on, signed with today's key.
+                    // Republished today it would be other bytes (signed with
+                    // another key after a rotation, or encoded by an older
+                    // protocol version): the same generation in other bytes is
+                    // "not newer" to agents, so it is one generation on.
                     Ok((_, Message::Desired(mut d))) => {
-                        if s.key.as_slice() != keys.signing.public().as_slice() {
+                        if sign_desired(&keys, &device, &d).is_ok_and(|again| again != p) {
                             d.generation += 1;
                         }
                         Some(d)
@@ -226,7 +227,7 @@ impl Controller {
             let doc = published.unwrap_or(Desired {
                 generation: stored.generation,
                 workloads: stored.workloads,
-                services: Vec::new(),
+                ..Default::default()
             });
             let key = fleet
                 .devices()
@@ -1385,7 +1386,7 @@ impl Controller {
                 );
                 self.event(&store, tenant, "device", &device, message, snap.now);
             }
-            let doc = Desired { generation, workloads, services };
+            let doc = Desired { generation, workloads, services, issued_ms: snap.now };
             let payload = match self.sign(&device, &doc) {
                 Ok(p) => p,
                 Err(e) => {
@@ -1410,8 +1411,7 @@ impl Controller {
 
     /// The document as it travels: encoded, then signed for `device`.
     fn sign(&self, device: &str, doc: &Desired) -> Result<Vec<u8>, baton_protocol::codec::EncodeError> {
-        let inner = encode(&Message::Desired(doc.clone()))?;
-        encode(&Message::SignedDesired(self.keys.signing.sign_desired(device, inner)))
+        sign_desired(&self.keys, device, doc)
     }
 
     /// Seals every secret file of `specs` to `device`'s key, reusing earlier
@@ -1641,6 +1641,12 @@ impl Controller {
         }
         out
     }
+}
+
+/// A desired document as it travels: encoded, then signed for `device`.
+fn sign_desired(keys: &Keys, device: &str, doc: &Desired) -> Result<Vec<u8>, baton_protocol::codec::EncodeError> {
+    let inner = encode(&Message::Desired(doc.clone()))?;
+    encode(&Message::SignedDesired(keys.signing.sign_desired(device, inner)))
 }
 
 fn parse_id(id: &str) -> Result<DeviceId, OpError> {

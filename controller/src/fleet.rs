@@ -94,6 +94,10 @@ pub struct Device {
     /// for the operator to see, not only in the device's own log).
     #[serde(default)]
     pub refusal: Option<Refusal>,
+    /// How far its wall clock is from the controller's (device − controller,
+    /// ms), from its last heartbeat (agents from 1.4 on). Shown, never relied on.
+    #[serde(default)]
+    pub clock_offset_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,6 +224,7 @@ impl Fleet {
             tenant: tenant.into(),
             offline_since: Some(now),
             refusal: None,
+            clock_offset_ms: None,
         };
         self.devices.insert(id.clone(), device);
     }
@@ -257,6 +262,7 @@ impl Fleet {
                 tenant: crate::tenant::DEFAULT.into(),
                 offline_since: None,
                 refusal: None,
+                clock_offset_ms: None,
             };
             self.devices.insert(id.clone(), device);
             return Change::Persist;
@@ -290,6 +296,9 @@ impl Fleet {
                 changed
             }
             FleetEvent::Heartbeat(hb) => {
+                if hb.unix_ms != 0 && delivery == Delivery::Live {
+                    device.clock_offset_ms = Some(hb.unix_ms as i64 - now as i64);
+                }
                 device.heartbeat = Some(hb);
                 false
             }

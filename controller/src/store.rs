@@ -714,6 +714,7 @@ mod tests {
             tenant: "acme".into(),
             offline_since: None,
             refusal: None,
+            clock_offset_ms: None,
         }
     }
 

@@ -18,6 +18,15 @@ fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
     der
 }
 
+/// Valid from the Unix epoch: a device without a real-time clock may boot at
+/// its image's build date, or at 1970, and must still reach its controller
+/// (a certificate "not yet valid" there would cut it off until NTP syncs,
+/// which on an isolated network is never). What it trusts is the key.
+fn valid_from_the_epoch(p: &mut CertificateParams) {
+    p.not_before = rcgen::date_time_ymd(1970, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2125, 1, 1);
+}
+
 /// The CA certificate and key for a signing seed.
 pub fn ca(signing_seed: &[u8; 32]) -> anyhow::Result<(rcgen::Certificate, KeyPair)> {
     let key = KeyPair::try_from(ed25519_pkcs8(signing_seed).as_slice())?;
@@ -26,8 +35,7 @@ pub fn ca(signing_seed: &[u8; 32]) -> anyhow::Result<(rcgen::Certificate, KeyPai
     p.distinguished_name.push(DnType::CommonName, "Baton controller CA");
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    p.not_before = rcgen::date_time_ymd(2025, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2125, 1, 1);
+    valid_from_the_epoch(&mut p);
     p.serial_number = Some(rcgen::SerialNumber::from(vec![1]));
     Ok((p.self_signed(&key)?, key))
 }
@@ -47,8 +55,7 @@ pub fn server_config(signing_seed: &[u8; 32], names: &[String]) -> anyhow::Resul
             Err(_) => SanType::DnsName(n.clone().try_into()?),
         });
     }
-    p.not_before = rcgen::date_time_ymd(2025, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2125, 1, 1);
+    valid_from_the_epoch(&mut p);
     let key = KeyPair::generate()?;
     let cert = p.signed_by(&key, &ca_cert, &ca_key)?;
     let chain = vec![cert.der().clone(), ca_cert.der().clone()];

@@ -26,6 +26,9 @@ pub struct DeviceView {
     /// The last desired document it refused, and why.
     #[serde(default)]
     pub refusal: Option<crate::fleet::Refusal>,
+    /// How far the device's clock is from the controller's (ms, device − controller).
+    #[serde(default)]
+    pub clock_offset_ms: Option<i64>,
 }
 
 impl DeviceView {
@@ -45,6 +48,7 @@ impl DeviceView {
             heartbeat: d.heartbeat.clone(),
             report: d.report.clone(),
             refusal: d.refusal.clone(),
+            clock_offset_ms: d.clock_offset_ms,
         }
     }
 }

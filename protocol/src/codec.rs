@@ -284,7 +284,8 @@ mod tests {
         disk_free_mib: u64,
         temp_milli_c: Option<i32>,
         applied_generation: u64,
-        // Appended in the imaginary v1.1:
+        unix_ms: u64,
+        // Appended in the imaginary next minor:
         throttled: Option<u32>,
         zones: Vec<String>,
     }
@@ -299,6 +300,7 @@ mod tests {
             disk_free_mib: 5000,
             temp_milli_c: Some(51_000),
             applied_generation: 3,
+            unix_ms: 1_700_000_000_000,
         }
     }
 
@@ -313,6 +315,7 @@ mod tests {
             disk_free_mib: 5000,
             temp_milli_c: Some(51_000),
             applied_generation: 3,
+            unix_ms: 1_700_000_000_000,
             throttled: Some(1),
             zones: vec!["cpu".into()],
         };
@@ -367,6 +370,7 @@ mod tests {
     fn encode_refuses_messages_over_their_kind_limit() {
         let big = Desired {
             services: Vec::new(),
+            issued_ms: 0,
             generation: 1,
             workloads: vec![crate::spec::WorkloadSpec { name: "x".repeat(MAX_MESSAGE_BYTES), ..Default::default() }],
         };

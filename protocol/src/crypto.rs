@@ -102,6 +102,32 @@ fn command_message(device: &str, cmd: &Command) -> Vec<u8> {
 }
 
 const COMMAND_CONTEXT: &[u8] = b"baton command v1\0";
+const TIMED_COMMAND_CONTEXT: &[u8] = b"baton command v2\0";
+
+/// What the 1.4 signature covers: everything the 1.3 one does, and `issued_ms`.
+fn timed_command_message(device: &str, cmd: &Command) -> Vec<u8> {
+    let fields = postcard::to_allocvec(&(cmd.id, cmd.deadline_ms, &cmd.action, cmd.issued_ms)).unwrap_or_default();
+    let mut m = Vec::with_capacity(TIMED_COMMAND_CONTEXT.len() + device.len() + 1 + fields.len());
+    m.extend_from_slice(TIMED_COMMAND_CONTEXT);
+    m.extend_from_slice(device.as_bytes());
+    m.push(0);
+    m.extend_from_slice(&fields);
+    m
+}
+
+/// The controller time a command carries, if it is signed (1.4): `None` for
+/// a command of an older controller. Check `verify_command` first; this
+/// checks the signature over the time with the same key.
+pub fn command_issued_at(device: &str, cmd: &Command) -> Result<Option<u64>, CryptoError> {
+    if cmd.time_signature.is_empty() {
+        return Ok(None);
+    }
+    let key = <[u8; 32]>::try_from(cmd.key.as_slice()).map_err(|_| CryptoError::BadSignature)?;
+    UnparsedPublicKey::new(&signature::ED25519, key)
+        .verify(&timed_command_message(device, cmd), &cmd.time_signature)
+        .map_err(|_| CryptoError::BadSignature)?;
+    Ok(Some(cmd.issued_ms))
+}
 
 /// Checks that `cmd` was signed for `device` by one of `trusted`.
 pub fn verify_command(trusted: &[[u8; 32]], device: &str, cmd: &Command) -> Result<(), CryptoError> {
@@ -142,10 +168,16 @@ impl SigningKey {
         self.public
     }
 
-    /// Signs `cmd` for `device` (fills its `key` and `signature`).
+    /// Signs `cmd` for `device` (fills its `key` and `signature`, and its
+    /// `time_signature` when it carries an `issued_ms`).
     pub fn sign_command(&self, device: &str, mut cmd: Command) -> Command {
         cmd.signature = self.pair.sign(&command_message(device, &cmd)).as_ref().to_vec();
         cmd.key = self.public.to_vec();
+        cmd.time_signature = if cmd.issued_ms == 0 {
+            Vec::new()
+        } else {
+            self.pair.sign(&timed_command_message(device, &cmd)).as_ref().to_vec()
+        };
         cmd
     }
 
@@ -310,6 +342,8 @@ mod tests {
             action: CommandAction::Exec { workload: "w".into(), argv: vec!["id".into()] },
             key: Vec::new(),
             signature: Vec::new(),
+            issued_ms: 0,
+            time_signature: Vec::new(),
         };
         assert_eq!(verify_command(&trusted, "pi-a", &cmd), Err(CryptoError::UnsignedCommand));
         let signed = key.sign_command("pi-a", cmd.clone());
@@ -325,6 +359,34 @@ mod tests {
         assert_eq!(verify_command(&trusted, "pi-a", &later), Err(CryptoError::BadSignature));
         let id = Command { id: 8, ..signed };
         assert_eq!(verify_command(&trusted, "pi-a", &id), Err(CryptoError::BadSignature));
+    }
+
+    #[test]
+    fn the_controller_time_of_a_command_is_signed_with_it() {
+        use crate::message::CommandAction;
+        let key = SigningKey::from_seed(&[1; 32]);
+        let cmd = Command {
+            id: 7,
+            deadline_ms: 61_000,
+            action: CommandAction::Diagnostics,
+            key: Vec::new(),
+            signature: Vec::new(),
+            issued_ms: 1_000,
+            time_signature: Vec::new(),
+        };
+        let signed = key.sign_command("pi-a", cmd.clone());
+        // A 1.3 agent checks the first signature only: still valid.
+        assert_eq!(verify_command(&[key.public()], "pi-a", &signed), Ok(()));
+        assert_eq!(command_issued_at("pi-a", &signed), Ok(Some(1_000)));
+        // The time cannot be moved, nor the time signature borrowed by another device.
+        let moved = Command { issued_ms: 50_000, ..signed.clone() };
+        assert_eq!(command_issued_at("pi-a", &moved), Err(CryptoError::BadSignature));
+        assert_eq!(command_issued_at("pi-b", &signed), Err(CryptoError::BadSignature));
+        // Stripped (as by a 1.3 controller, or on the way): no time, old rules.
+        let stripped = Command { issued_ms: 0, time_signature: Vec::new(), ..signed };
+        assert_eq!(command_issued_at("pi-a", &stripped), Ok(None));
+        let untimed = key.sign_command("pi-a", Command { issued_ms: 0, ..cmd });
+        assert!(untimed.time_signature.is_empty());
     }
 
     #[test]

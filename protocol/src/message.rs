@@ -73,6 +73,9 @@ pub struct Heartbeat {
     /// CPU temperature in milli-°C, where the device has a thermal zone.
     pub temp_milli_c: Option<i32>,
     pub applied_generation: u64,
+    /// Since 1.4: the device's wall clock when it sampled this (Unix ms), so
+    /// the controller can show how far off it is. Nothing depends on it.
+    pub unix_ms: u64,
 }
 
 /// `report`: observed state of every workload, sent when it changes.
@@ -127,6 +130,10 @@ pub struct Desired {
     pub workloads: Vec<WorkloadSpec>,
     /// Since 1.1: the endpoints of the services this device's workloads use.
     pub services: Vec<ServiceEndpoints>,
+    /// Since 1.4: the controller's clock when it issued the document (Unix
+    /// ms; signed with it): a lower bound on the controller's time for a
+    /// device whose own clock cannot be trusted (see `Command::issued_ms`).
+    pub issued_ms: u64,
 }
 
 /// Since 1.2, what travels on `desired`: an encoded [`Desired`] message and the
@@ -174,6 +181,13 @@ pub struct Command {
     /// Agents refuse commands that are unsigned or not signed by a key they trust.
     pub key: Vec<u8>,
     pub signature: Vec<u8>,
+    /// Since 1.4: the controller's clock when it signed the command (Unix
+    /// ms), and `key`'s signature over the whole command with it
+    /// (`crypto::sign_command`). A 1.4 agent judges `deadline_ms` against the
+    /// controller's time it learned from these, never against its own wall
+    /// clock, which may be days off on a device without an RTC.
+    pub issued_ms: u64,
+    pub time_signature: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -41,6 +41,7 @@ pub fn heartbeat() -> Heartbeat {
         disk_free_mib: 21_000,
         temp_milli_c: Some(48_312),
         applied_generation: 17,
+        unix_ms: 1_795_000_000_000,
     }
 }
 
@@ -132,6 +133,7 @@ pub fn desired() -> Desired {
                 port: 1884,
             }],
         }],
+        issued_ms: 1_795_000_000_000,
     }
 }
 
@@ -149,6 +151,8 @@ pub fn command() -> Command {
         action: CommandAction::Logs { workload: "sensor-reader".into(), tail: 100, follow: true },
         key: Vec::new(),
         signature: Vec::new(),
+        issued_ms: 1_795_000_000_000,
+        time_signature: Vec::new(),
     };
     crate::crypto::SigningKey::from_seed(&[7; 32]).sign_command("pi-kitchen", unsigned)
 }

@@ -334,6 +334,23 @@ pub fn start_agent(world: &World, id: &str, broker: &str, extra: &[&str]) -> Pro
     Proc::spawn(&format!("agent-{id}"), &bin("baton-agent"), &agent_args(world, id, broker, extra), world.path())
 }
 
+/// Starts `baton-agent` for device `id` with its wall clock shifted by
+/// `offset` (libfaketime's relative syntax: `-3d`, `+3d`), as a Raspberry Pi
+/// without a real-time clock or NTP would run. Monotonic time is left alone.
+pub fn start_agent_at_clock(world: &World, id: &str, broker: &str, extra: &[&str], offset: &str) -> Proc {
+    let mut args = faketime_args(offset);
+    args.push(bin("baton-agent").display().to_string());
+    args.extend(agent_args(world, id, broker, extra));
+    Proc::spawn(&format!("agent-{id}"), Path::new("/usr/bin/env"), &args, world.path())
+}
+
+/// `env` arguments that run the next program under `faketime -f OFFSET`.
+pub fn faketime_args(offset: &str) -> Vec<String> {
+    let faketime =
+        which("faketime").expect("faketime is not installed: .ci/run installs it (apt-get install faketime)");
+    vec!["FAKETIME_DONT_FAKE_MONOTONIC=1".into(), faketime.display().to_string(), "-f".into(), offset.into()]
+}
+
 /// The flags `start_agent` runs an agent with: this world's dirs and cgroup
 /// parent, an empty config file, heartbeats every second unless `extra` says.
 pub fn agent_args(world: &World, id: &str, broker: &str, extra: &[&str]) -> Vec<String> {

@@ -140,8 +140,15 @@ fn agent_survives_garbage_and_answers_only_commands_its_controller_signed() {
         }
     };
     let deadline = baton_controller::controller::now_ms() + 60_000;
-    let unsigned =
-        Command { id: 4242, deadline_ms: deadline, action: CommandAction::Diagnostics, key: vec![], signature: vec![] };
+    let unsigned = Command {
+        id: 4242,
+        deadline_ms: deadline,
+        action: CommandAction::Diagnostics,
+        key: vec![],
+        signature: vec![],
+        issued_ms: 0,
+        time_signature: vec![],
+    };
     let key = baton_protocol::crypto::SigningKey::from_seed(&TEST_SIGNING_SEED);
     let refused = |body: &CommandOutput, why: &str| matches!(body, CommandOutput::Error(e) if e.contains(why));
 
@@ -173,8 +180,15 @@ fn agent_survives_garbage_and_answers_only_commands_its_controller_signed() {
     });
     let body = ask(genuine);
     assert!(refused(&body, "replayed"), "replayed after a restart: {body:?}");
-    let fresh =
-        Command { id: 4246, deadline_ms: deadline, action: CommandAction::Diagnostics, key: vec![], signature: vec![] };
+    let fresh = Command {
+        id: 4246,
+        deadline_ms: deadline,
+        action: CommandAction::Diagnostics,
+        key: vec![],
+        signature: vec![],
+        issued_ms: 0,
+        time_signature: vec![],
+    };
     let fresh = key.sign_command("pi-cmd", fresh);
     let body = ask(fresh);
     assert!(matches!(&body, CommandOutput::Text(t) if t.contains("device pi-cmd")), "{body:?}");

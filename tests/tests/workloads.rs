@@ -14,7 +14,7 @@ const DEVICE: &str = "pi-w";
 
 /// Signed as the test's own controller key, which the agents are told to trust.
 fn desired_for(device: &str, generation: u64, workloads: Vec<WorkloadSpec>) -> Vec<u8> {
-    signed_desired(device, &Desired { generation, workloads, services: Vec::new() }, &TEST_SIGNING_SEED)
+    signed_desired(device, &Desired { generation, workloads, ..Default::default() }, &TEST_SIGNING_SEED)
 }
 
 fn desired(generation: u64, workloads: Vec<WorkloadSpec>) -> Vec<u8> {

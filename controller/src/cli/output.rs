@@ -88,13 +88,36 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// A device clock further off than this is flagged in `get devices`.
+pub const CLOCK_WARN_MS: i64 = 60_000;
+
+/// `3d 2h behind`, `45s ahead of`: how far a device's clock is from the controller's.
+pub fn clock_offset(offset_ms: i64) -> String {
+    format!("{} {}", offset_size(offset_ms), if offset_ms < 0 { "behind" } else { "ahead of" })
+}
+
+/// `3d 2h`, to the nearest second (the heartbeat's transit is in the offset).
+fn offset_size(offset_ms: i64) -> String {
+    let s = (offset_ms.unsigned_abs() + 500) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
 pub fn devices_table(devices: &[DeviceView], now: Millis) -> String {
     let rows: Vec<Vec<String>> = devices
         .iter()
         .map(|d| {
+            let status = match d.clock_offset_ms.filter(|o| o.abs() > CLOCK_WARN_MS) {
+                Some(o) => format!("{} (clock {}{})", d.status.as_str(), if o < 0 { "-" } else { "+" }, offset_size(o)),
+                None => d.status.as_str().into(),
+            };
             vec![
                 d.id.clone(),
-                d.status.as_str().into(),
+                status,
                 if d.arch.is_empty() { "-".into() } else { d.arch.clone() },
                 labels(&d.labels),
                 ago(now, d.last_seen_ms),
@@ -159,6 +182,10 @@ pub fn device_description(d: &DeviceView, now: Millis) -> String {
         kv("Memory used", format!("{} of {}", bytes(h.mem_used_kib * 1024), bytes(h.mem_total_kib * 1024)));
         kv("Temperature", h.temp_milli_c.map_or("-".into(), |t| format!("{:.1} °C", f64::from(t) / 1000.0)));
         kv("Generation", h.applied_generation.to_string());
+    }
+    if let Some(offset) = d.clock_offset_ms {
+        let note = if offset.abs() > CLOCK_WARN_MS { " (no NTP? commands and documents still work)" } else { "" };
+        kv("Clock", format!("{} the controller{note}", clock_offset(offset)));
     }
     if let Some(r) = &d.refusal {
         kv("Last refusal", format!("{}: {}", ago(now, r.at_ms), r.reason));

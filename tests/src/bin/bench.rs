@@ -65,6 +65,7 @@ fn sizes() {
         disk_free_mib: u64::MAX,
         temp_milli_c: Some(i32::MIN),
         applied_generation: u64::MAX,
+        unix_ms: u64::MAX,
     };
     let worst = encode(&Message::Heartbeat(worst)).map(|b| b.len()).unwrap_or(0);
     println!("| heartbeat, every field at its maximum | {worst} |\n");
