@@ -39,6 +39,9 @@ pub struct FileConfig {
     pub registry_ca: BTreeMap<String, PathBuf>,
     /// Disk the image store may use before unused images are removed (MiB, default 2048).
     pub image_budget_mb: Option<u64>,
+    /// Free disk a pull or unpack never takes: room for the agent's own state
+    /// (MiB, default 64).
+    pub disk_reserve_mb: Option<u64>,
     /// Ed25519 keys (`ed25519:` + 64 hex digits, from `baton trust`) whose
     /// signed desired documents this agent applies. Empty: the first signer is pinned.
     #[serde(default)]
@@ -95,6 +98,7 @@ pub struct AgentConfig {
     /// Registry host → the CA certificates (PEM) read from `registry_ca`.
     pub registry_ca: BTreeMap<String, Vec<u8>>,
     pub image_budget_bytes: u64,
+    pub disk_reserve_bytes: u64,
     pub controller_keys: Vec<[u8; 32]>,
     /// MQTT (username, password), when the broker wants them.
     pub mqtt_credentials: Option<(String, String)>,
@@ -253,6 +257,7 @@ impl AgentConfig {
             insecure_registries: file.insecure_registries.clone(),
             registry_auth: file.registry_auth.clone(),
             image_budget_bytes: file.image_budget_mb.unwrap_or(2048).saturating_mul(1 << 20),
+            disk_reserve_bytes: file.disk_reserve_mb.unwrap_or(64).saturating_mul(1 << 20),
             heartbeat_interval,
             keepalive,
             labels,

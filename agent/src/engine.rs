@@ -47,7 +47,8 @@ pub struct EngineHandle {
 /// Pulls images (and unpacks them) on its own thread.
 struct Puller {
     requests: Sender<(String, Option<String>)>,
-    results: Receiver<(String, Result<(), String>)>,
+    /// (image, outcome, whether it failed for want of disk space).
+    results: Receiver<(String, Result<(), String>, bool)>,
     /// Image → (earliest retry time, failures so far) after a failed pull.
     backoff: BTreeMap<String, (u64, u32)>,
     in_flight: BTreeSet<String>,
@@ -67,12 +68,28 @@ impl Puller {
                 };
                 let pulled = registry.pull(&store, &reference, &platform).and_then(|(record, stats)| {
                     info!(%image, blobs = stats.blobs_fetched, bytes = stats.bytes_downloaded, "pulled");
-                    // Record it under the name workloads use, then unpack it here, off the engine thread.
+                    // Unpack it here, off the engine thread, then record it under the
+                    // name workloads use: a recorded image is one that can run.
                     let record = crate::image::ImageRecord { reference: image.clone(), ..record };
-                    store.record_image(&record)?;
-                    store.rootfs(&record).map(|_| ())
+                    match store.rootfs(&record) {
+                        Ok(_) => store.record_image(&record),
+                        Err(e) => {
+                            if matches!(e, ImageError::NoSpace { .. }) {
+                                let blobs: Vec<_> = record
+                                    .layers
+                                    .iter()
+                                    .chain(&record.config_digest)
+                                    .chain([&record.manifest])
+                                    .cloned()
+                                    .collect();
+                                store.forget_unreferenced(&blobs);
+                            }
+                            Err(e)
+                        }
+                    }
                 });
-                if tx.send((image, pulled.map_err(|e| e.to_string()))).is_err() {
+                let full = matches!(pulled, Err(ImageError::NoSpace { .. }));
+                if tx.send((image, pulled.map_err(|e| e.to_string()), full)).is_err() {
                     return;
                 }
             }
@@ -144,6 +161,10 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
                 Ok(Input::Desired(d)) => {
                     info!(generation = d.generation, workloads = d.workloads.len(), "applying desired document");
                     engine.desired = d;
+                    // A new document is the operator asking again: failed pulls retry now.
+                    if let Some(p) = engine.puller.as_mut() {
+                        p.backoff.clear();
+                    }
                     engine.write_services();
                     engine.refresh_consumers();
                 }
@@ -279,8 +300,10 @@ impl<R: ContainerRuntime> Engine<R> {
 
     fn take_pull_results(&mut self, now: u64) {
         let Some(p) = self.puller.as_mut() else { return };
-        while let Ok((image, result)) = p.results.try_recv() {
+        let mut full = false;
+        while let Ok((image, result, no_space)) = p.results.try_recv() {
             p.in_flight.remove(&image);
+            full |= no_space;
             match result {
                 Ok(()) => {
                     p.backoff.remove(&image);
@@ -295,6 +318,12 @@ impl<R: ContainerRuntime> Engine<R> {
                     }
                 }
             }
+        }
+        // The disk is full: images nothing here needs go now, not at the next
+        // periodic collection; the pull is retried with its backoff.
+        if full {
+            info!("disk full for a pull: removing every image no workload needs");
+            self.gc(0);
         }
     }
 
@@ -320,6 +349,11 @@ impl<R: ContainerRuntime> Engine<R> {
             return;
         }
         self.next_gc_ms = now + GC_EVERY_MS;
+        self.gc(self.image_budget);
+    }
+
+    /// Removes unused images until the store is under `budget` bytes.
+    fn gc(&mut self, budget: u64) {
         // The proven revisions' images too: a rollback must not need the network.
         let keep: BTreeSet<String> = self
             .effective
@@ -329,7 +363,7 @@ impl<R: ContainerRuntime> Engine<R> {
             .flat_map(|w| [w.image.clone(), w.image_digest.clone()])
             .filter(|s| !s.is_empty())
             .collect();
-        if let Err(e) = self.images.gc(&keep, &self.sup.rootfs_in_use(), self.image_budget) {
+        if let Err(e) = self.images.gc(&keep, &self.sup.rootfs_in_use(), budget) {
             warn!(error = %e, "image GC failed");
         }
     }
@@ -355,9 +389,19 @@ impl<R: ContainerRuntime> Engine<R> {
                             self.sup.replace(&name, version_of(&next), spec, rootfs, now);
                         }
                         // Ports, devices or a volume held: stop first; the start follows once it is gone.
-                        _ => {
+                        Ok(_) => {
                             info!(workload = %name, "stopping for replacement");
                             self.sup.remove(&name);
+                        }
+                        // The new revision cannot be made (its image will not unpack):
+                        // what runs keeps running, and the report says why.
+                        Err(e) => {
+                            let msg = e.to_string();
+                            if self.waiting.insert(name.clone(), (Phase::Failed, msg.clone())).map(|(_, m)| m)
+                                != Some(msg.clone())
+                            {
+                                warn!(workload = %name, error = %msg, "cannot replace; the running revision stays");
+                            }
                         }
                     }
                 }

@@ -377,7 +377,8 @@ fn start_engine(config: &AgentConfig) -> Result<baton_agent::engine::EngineHandl
         Ok(key) => Ok((config.device_id.as_str().to_owned(), std::sync::Arc::new(key))),
     };
     let supervisor = baton_agent::supervisor::Supervisor::new(runtime).with_prober(prober).with_identity(identity);
-    let images = baton_agent::image::ImageStore::open(config.data_dir.join("images"))?;
+    let images =
+        baton_agent::image::ImageStore::open(config.data_dir.join("images"))?.with_reserve(config.disk_reserve_bytes);
     let registry = baton_agent::image::registry::Registry::new(baton_agent::image::registry::RegistryConfig {
         insecure: config.insecure_registries.clone(),
         credentials: config

@@ -17,10 +17,12 @@ pub fn busybox_rootfs(dir: &Path) -> std::io::Result<PathBuf> {
     Ok(root)
 }
 
-/// One layer of a fixture image: a directory tree, or loose files.
+/// One layer of a fixture image: a directory tree, or loose files (both
+/// tarred and gzipped), or a blob made elsewhere with its media type.
 pub enum Layer<'a> {
     Dir(&'a Path),
     Files(Vec<(&'a str, Vec<u8>)>),
+    Raw(&'a str, Vec<u8>),
 }
 
 /// An OCI image layout holding one image: one gzipped layer with `rootfs`,
@@ -99,6 +101,11 @@ fn write_image(
     use std::io::Write;
     let mut descriptors = Vec::new();
     for layer in layers {
+        if let Layer::Raw(media_type, bytes) = layer {
+            let (digest, size) = put_blob(dir, bytes)?;
+            descriptors.push(serde_json::json!({"mediaType": media_type, "digest": digest, "size": size}));
+            continue;
+        }
         let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
         tar.follow_symlinks(false);
         match layer {
@@ -113,6 +120,7 @@ fn write_image(
                     tar.append(&h, &data[..])?;
                 }
             }
+            Layer::Raw(..) => unreachable!("raw layers are stored as they are"),
         }
         let mut gz = tar.into_inner()?;
         gz.flush()?;

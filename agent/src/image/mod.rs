@@ -8,6 +8,7 @@
 
 pub mod manifest;
 pub mod registry;
+pub mod space;
 pub mod store;
 pub mod unpack;
 
@@ -83,11 +84,28 @@ pub enum ImageError {
     UnsafeLayer(String),
     #[error("image {0} is not in the local store")]
     NotFound(String),
+    #[error(
+        "no space on the data disk for {what}: it needs {} MiB, {} MiB are free and {} MiB of them are kept for the agent's own state (free space, or lower what runs here)",
+        mib(*needed), mib(*free), mib(*reserve)
+    )]
+    NoSpace { what: String, needed: u64, free: u64, reserve: u64 },
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
 }
 
+fn mib(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
+}
+
 impl ImageError {
+    /// An I/O error with `context` where it had none.
+    fn within(self, context: &str) -> Self {
+        match self {
+            ImageError::Io { context: c, source } if c.is_empty() => ImageError::Io { context: context.into(), source },
+            other => other,
+        }
+    }
+
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
         let context = context.into();
         move |source| ImageError::Io { context, source }

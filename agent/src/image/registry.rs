@@ -79,7 +79,8 @@ impl Registry {
         Ok(())
     }
 
-    /// Pulls `reference` for `platform` into `store` (only what it lacks) and records it.
+    /// Pulls `reference` for `platform` into `store` (only what it lacks);
+    /// the caller unpacks and records it (an image is recorded only once usable).
     pub fn pull(
         &self,
         store: &ImageStore,
@@ -98,12 +99,29 @@ impl Registry {
                 }
             }
         };
-        self.fetch_blob(store, &r, &manifest.config.digest, manifest.config.size, &mut stats)?;
+        // Fail before downloading a byte when the image cannot fit: what is
+        // missing, plus (at least) as much again to unpack the layers.
+        let blobs = || std::iter::once(&manifest.config).chain(&manifest.layers);
+        let missing: u64 = blobs().filter(|d| !store.has_blob(&d.digest)).map(|d| d.size).sum();
+        let to_unpack: u64 =
+            manifest.layers.iter().filter(|l| !store.layer_path(&l.digest).is_dir()).map(|l| l.size).sum();
+        store.room(missing.saturating_add(to_unpack), &format!("image {reference}"))?;
+        let written: Vec<Digest> = blobs().filter(|d| !store.has_blob(&d.digest)).map(|d| d.digest.clone()).collect();
+        let fetched = (|| {
+            self.fetch_blob(store, &r, &manifest.config.digest, manifest.config.size, &mut stats)?;
+            for layer in &manifest.layers {
+                self.fetch_blob(store, &r, &layer.digest, layer.size, &mut stats)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = fetched {
+            if matches!(e, ImageError::NoSpace { .. }) {
+                store.forget_unreferenced(&written);
+            }
+            return Err(e);
+        }
         let config: ImageConfig = serde_json::from_slice(&store.read_document(&manifest.config.digest)?)
             .map_err(|e| ImageError::Invalid(format!("image config {}: {e}", manifest.config.digest)))?;
-        for layer in &manifest.layers {
-            self.fetch_blob(store, &r, &layer.digest, layer.size, &mut stats)?;
-        }
         let record = ImageRecord {
             reference: reference.to_string(),
             manifest: digest,
@@ -112,7 +130,6 @@ impl Registry {
             config_digest: Some(manifest.config.digest.clone()),
             imported_at: crate::runtime::now_ms(),
         };
-        store.record_image(&record)?;
         Ok((record, stats))
     }
 }

@@ -56,15 +56,65 @@ struct Catalog {
 pub struct ImageStore {
     root: PathBuf,
     platform: Platform,
+    /// Free bytes the store never takes (the agent's own state needs them).
+    reserve: u64,
 }
 
+/// A partial download untouched this long is abandoned (GC removes it).
+const ABANDONED_PARTIAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 impl ImageStore {
+    /// Opens (or creates) the store. What a process that died left in `tmp/`
+    /// goes (temp names carry their writer's pid); partial downloads stay,
+    /// for the next pull to resume.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
         let root = root.into();
         for d in ["blobs/sha256", "layers", "tmp"] {
             fs::create_dir_all(root.join(d)).map_err(ImageError::io(format!("create {}", root.join(d).display())))?;
         }
-        Ok(Self { root, platform: Platform::current() })
+        for left in fs::read_dir(root.join("tmp")).into_iter().flatten().flatten() {
+            let name = left.file_name().to_string_lossy().into_owned();
+            let writer = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+            if writer.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = super::unpack::remove_any(&left.path());
+            }
+        }
+        Ok(Self { root, platform: Platform::current(), reserve: 0 })
+    }
+
+    /// Keeps `bytes` free on the data disk: what does not fit is refused.
+    pub fn with_reserve(mut self, bytes: u64) -> Self {
+        self.reserve = bytes;
+        self
+    }
+
+    /// `Ok` when `needed` more bytes fit, leaving the reserve free.
+    pub fn room(&self, needed: u64, what: &str) -> Result<(), ImageError> {
+        super::space::check(&self.root, needed, self.reserve, what)
+    }
+
+    /// The error for a write that met a full disk (`Io` otherwise).
+    fn write_error(&self, e: std::io::Error, needed: u64, what: &str, context: String) -> ImageError {
+        if super::space::is_full(&e) {
+            super::space::full(&self.root, needed, self.reserve, what)
+        } else {
+            ImageError::Io { context, source: e }
+        }
+    }
+
+    /// Removes blobs a failed pull wrote that no recorded image references:
+    /// a pull that cannot fit frees what it took.
+    pub fn forget_unreferenced(&self, blobs: &[Digest]) {
+        let catalog = self.catalog();
+        for d in blobs {
+            let used = catalog
+                .images
+                .values()
+                .any(|r| r.manifest == *d || r.config_digest.as_ref() == Some(d) || r.layers.contains(d));
+            if !used {
+                let _ = fs::remove_file(self.blob_path(d));
+            }
+        }
     }
 
     /// For tests and tools that handle another device's images.
@@ -107,7 +157,14 @@ impl ImageStore {
                     break;
                 }
                 hasher.update(&buf[..n]);
-                f.write_all(&buf[..n]).map_err(ImageError::io(format!("write {}", tmp.display())))?;
+                f.write_all(&buf[..n]).map_err(|e| {
+                    self.write_error(
+                        e,
+                        size.unwrap_or(0),
+                        &format!("blob {expected}"),
+                        format!("write {}", tmp.display()),
+                    )
+                })?;
                 written += n as u64;
                 if size.is_some_and(|s| written > s) {
                     return Err(ImageError::SizeMismatch {
@@ -151,6 +208,9 @@ impl ImageStore {
             return Ok(0);
         }
         let partial = self.root.join("tmp").join(format!("{}.partial", expected.hex()));
+        let what = format!("blob {expected}");
+        let have = fs::metadata(&partial).map_or(0, |m| m.len());
+        self.room(size.saturating_sub(have), &what)?;
         let mut downloaded = 0u64;
         let mut failures = 0u32;
         loop {
@@ -183,7 +243,9 @@ impl ImageStore {
                     if n == 0 {
                         return Ok(n_total);
                     }
-                    f.write_all(&buf[..n]).map_err(ImageError::io(format!("write {}", partial.display())))?;
+                    f.write_all(&buf[..n]).map_err(|e| {
+                        self.write_error(e, size.saturating_sub(have), &what, format!("write {}", partial.display()))
+                    })?;
                     n_total += n as u64;
                 }
             })();
@@ -195,6 +257,11 @@ impl ImageStore {
                     if now < size && n == 0 {
                         failures += 1; // the source ended early and gave nothing new
                     }
+                }
+                // A full disk does not get better by retrying: free what this wrote.
+                Err(e @ ImageError::NoSpace { .. }) => {
+                    let _ = fs::remove_file(&partial);
+                    return Err(e);
                 }
                 Err(e) => {
                     failures += 1;
@@ -372,6 +439,15 @@ impl ImageStore {
     /// layer no remaining image references and no container uses.
     pub fn gc(&self, keep: &BTreeSet<String>, in_use: &BTreeSet<PathBuf>, budget: u64) -> Result<GcStats, ImageError> {
         let mut stats = GcStats::default();
+        // Downloads abandoned for a day (a workload changed its mind) go whatever the budget.
+        for partial in fs::read_dir(self.root.join("tmp")).into_iter().flatten().flatten() {
+            let old = partial.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+            if partial.file_name().to_string_lossy().ends_with(".partial")
+                && old.is_some_and(|age| age > ABANDONED_PARTIAL)
+            {
+                let _ = fs::remove_file(partial.path());
+            }
+        }
         let mut size = self.size();
         if size <= budget {
             return Ok(stats);
@@ -452,32 +528,53 @@ impl ImageStore {
     /// Unpacks one layer blob (gzip, zstd or plain tar) into `dest`, through
     /// a temp dir: a failed unpack leaves nothing that looks complete.
     fn unpack_layer(&self, layer: &Digest, dest: &Path, lowers: &[PathBuf]) -> Result<(), ImageError> {
+        let path = self.blob_path(layer);
+        let mut magic = [0u8; 4];
+        let n = fs::File::open(&path)
+            .and_then(|mut f| f.read(&mut magic))
+            .map_err(ImageError::io(format!("read layer {layer}")))?;
+        let compression = match &magic[..n] {
+            [0x1f, 0x8b, ..] => super::space::Compression::Gzip,
+            [0x28, 0xb5, 0x2f, 0xfd] => super::space::Compression::Zstd,
+            _ => super::space::Compression::None,
+        };
+        let what = format!("unpacking layer {layer}");
+        let estimate = super::space::unpacked_estimate(&path, compression);
+        self.room(estimate, &what)?;
         let tmp = self.temp_path("layer");
         fs::create_dir_all(&tmp).map_err(ImageError::io(format!("create {}", tmp.display())))?;
         let result = (|| {
-            let path = self.blob_path(layer);
-            let mut f = fs::File::open(&path).map_err(ImageError::io(format!("open layer {layer}")))?;
-            let mut magic = [0u8; 4];
-            let n = f.read(&mut magic).map_err(ImageError::io(format!("read layer {layer}")))?;
             let f = fs::File::open(&path).map_err(ImageError::io(format!("open layer {layer}")))?;
-            // Say which layer broke, whatever broke in it.
+            // Say which layer broke, whatever broke in it; a full disk says so.
             let named = |e: ImageError| match e {
+                ImageError::Io { source, .. } if super::space::is_full(&source) => {
+                    super::space::full(&self.root, estimate, self.reserve, &what)
+                }
                 ImageError::Io { context, source } => {
                     ImageError::Io { context: format!("layer {layer}: {context}"), source }
                 }
                 other => other,
             };
             let target = Target::Layer { lowers };
-            match &magic[..n] {
-                [0x1f, 0x8b, ..] => {
-                    unpack(flate2::read::GzDecoder::new(std::io::BufReader::new(f)), &tmp, target).map_err(named)?
+            // An estimate can be wrong (a zstd stream does not say its size):
+            // the unpack stops where the reserve begins, not at a full disk.
+            let guard = |written: u64| {
+                self.room(0, &what)
+                    .map_err(|_| super::space::full(&self.root, written.max(estimate), self.reserve, &what))
+            };
+            match compression {
+                super::space::Compression::Gzip => {
+                    unpack(flate2::read::GzDecoder::new(std::io::BufReader::new(f)), &tmp, target, &guard)
+                        .map_err(named)?
                 }
-                [0x28, 0xb5, 0x2f, 0xfd] => {
+                super::space::Compression::Zstd => {
                     let zstd = ruzstd::decoding::StreamingDecoder::new(std::io::BufReader::new(f))
                         .map_err(|e| ImageError::Invalid(format!("layer {layer}: zstd: {e}")))?;
-                    unpack(zstd, &tmp, target).map_err(named)?
+                    unpack(zstd, &tmp, target, &guard).map_err(named)?
                 }
-                _ => unpack(std::io::BufReader::new(f), &tmp, target).map_err(named)?,
+                super::space::Compression::None => {
+                    unpack(std::io::BufReader::new(f), &tmp, target, &guard).map_err(named)?
+                }
             };
             match fs::rename(&tmp, dest) {
                 // Another thread unpacked the same layer meanwhile: theirs is as good.

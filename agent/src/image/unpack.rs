@@ -153,11 +153,21 @@ fn find_in_lowers(lowers: &[PathBuf], rel: &Path) -> Option<PathBuf> {
 
 /// Applies one uncompressed layer onto `root` (see `Target`).
 pub fn apply_layer(reader: impl Read, root: &Path) -> Result<LayerStats, ImageError> {
-    unpack(reader, root, Target::Merged)
+    unpack(reader, root, Target::Merged, &|_| Ok(()))
 }
 
-/// Unpacks one uncompressed layer into `root` for `target`.
-pub fn unpack(reader: impl Read, root: &Path, target: Target<'_>) -> Result<LayerStats, ImageError> {
+/// How often (bytes written) an unpack asks its guard whether it may go on.
+const GUARD_EVERY: u64 = 4 << 20;
+
+/// Unpacks one uncompressed layer into `root` for `target`. `guard` is asked,
+/// with the bytes written so far, every few MiB; its error stops the unpack
+/// (the disk is about to be full: see `space`).
+pub fn unpack(
+    reader: impl Read,
+    root: &Path,
+    target: Target<'_>,
+    guard: &dyn Fn(u64) -> Result<(), ImageError>,
+) -> Result<LayerStats, ImageError> {
     let mut archive = tar::Archive::new(reader);
     let mut stats = LayerStats::default();
     // Paths this layer created: an opaque marker hides lower layers only.
@@ -232,8 +242,8 @@ pub fn unpack(reader: impl Read, root: &Path, target: Target<'_>) -> Result<Laye
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&dest)
                     .map_err(ImageError::io(format!("create {}", dest.display())))?;
-                stats.bytes +=
-                    std::io::copy(&mut entry, &mut f).map_err(ImageError::io(format!("write {}", dest.display())))?;
+                copy_guarded(&mut entry, &mut f, &mut stats.bytes, guard)
+                    .map_err(|e| e.within(&format!("write {}", dest.display())))?;
             }
             tar::EntryType::Symlink => {
                 let target = entry
@@ -302,6 +312,32 @@ pub fn unpack(reader: impl Read, root: &Path, target: Target<'_>) -> Result<Laye
         created.insert(rel);
     }
     Ok(stats)
+}
+
+/// Copies a file's bytes, asking `guard` each time the layer's total crosses
+/// another `GUARD_EVERY`.
+fn copy_guarded(
+    from: &mut impl Read,
+    to: &mut fs::File,
+    total: &mut u64,
+    guard: &dyn Fn(u64) -> Result<(), ImageError>,
+) -> Result<(), ImageError> {
+    use std::io::Write;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ImageError::Io { context: "read layer".into(), source: e }),
+        };
+        to.write_all(&buf[..n]).map_err(|e| ImageError::Io { context: String::new(), source: e })?;
+        let before = *total;
+        *total += n as u64;
+        if before / GUARD_EVERY != *total / GUARD_EVERY {
+            guard(*total)?;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -379,6 +415,7 @@ mod tests {
             &layer(&[("etc/a", F, "1"), ("opt/x/old", F, "o"), ("bin/sh", F, "sh")])[..],
             &base,
             Target::Layer { lowers: &[] },
+            &|_| Ok(()),
         )
         .unwrap();
         let stats = unpack(
@@ -390,6 +427,7 @@ mod tests {
             ])[..],
             &top,
             Target::Layer { lowers: &lowers },
+            &|_| Ok(()),
         )
         .unwrap();
         assert_eq!(stats.whiteouts, 2);
@@ -402,7 +440,8 @@ mod tests {
         assert_eq!(fs::read_to_string(top.join("bin/ash")).unwrap(), "sh");
         assert_ne!(fs::metadata(top.join("bin/ash")).unwrap().ino(), fs::metadata(base.join("bin/sh")).unwrap().ino());
         // A link to something no layer has is still refused.
-        let e = unpack(&layer(&[("x", H, "nowhere")])[..], &top, Target::Layer { lowers: &lowers }).unwrap_err();
+        let e = unpack(&layer(&[("x", H, "nowhere")])[..], &top, Target::Layer { lowers: &lowers }, &|_| Ok(()))
+            .unwrap_err();
         assert!(matches!(e, ImageError::UnsafeLayer(_)), "{e}");
     }
 
