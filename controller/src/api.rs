@@ -75,6 +75,7 @@ impl From<OpError> for Failure {
             OpError::NotFound(_) => StatusCode::NOT_FOUND,
             OpError::Invalid(_) => StatusCode::BAD_REQUEST,
             OpError::Forbidden(_) => StatusCode::FORBIDDEN,
+            OpError::Store(crate::store::StoreError::Full) => StatusCode::INSUFFICIENT_STORAGE,
             OpError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Failure(status, e.to_string())

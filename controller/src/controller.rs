@@ -538,7 +538,6 @@ impl Controller {
     ) -> Result<Vec<ApplyResult>, OpError> {
         let snap = self.snapshot(now);
         let facts = &snap.facts;
-        let mut results = Vec::new();
         let mut st = lock(&self.state);
         let store = lock(&self.store);
         let tenant = scope.owner();
@@ -562,6 +561,38 @@ impl Controller {
         for v in &mut validated {
             Self::pin_secret_versions(&versions, &mut v.spec)?;
         }
+        // One transaction, and the in-memory state only changes with it: an
+        // apply that cannot be stored whole (a full disk) leaves nothing of itself.
+        let before = st.workloads.clone();
+        let batch = store.batch()?;
+        let stored = self
+            .store_applied(&mut st, &store, validated, tenant, facts, now)
+            .and_then(|applied| Ok(batch.commit().map(|()| applied)?));
+        let (results, schedule) = match stored {
+            Ok(applied) => applied,
+            Err(e) => {
+                st.workloads = before;
+                return Err(e);
+            }
+        };
+        drop(store);
+        self.publish(&mut st, schedule, &snap);
+        Ok(results)
+    }
+
+    /// The stores and state changes of `apply_workloads` (in its transaction):
+    /// new revisions, changed manifests, rollouts started. Returns what
+    /// happened to each workload and the placement that follows.
+    fn store_applied(
+        &self,
+        st: &mut State,
+        store: &Store,
+        validated: Vec<Validated>,
+        tenant: &str,
+        facts: &[DeviceFacts],
+        now: Millis,
+    ) -> Result<(Vec<ApplyResult>, Schedule), OpError> {
+        let mut results = Vec::new();
         // Workloads whose revision must now reach the fleet: (name, from, to).
         let mut roll = Vec::new();
         for v in validated {
@@ -625,13 +656,11 @@ impl Controller {
             };
             results.push(ApplyResult { name, revision: e.latest, action: action.into(), note: None });
         }
-        let schedule = self.compute_schedule(&st, facts);
+        let schedule = self.compute_schedule(st, facts);
         for (name, from, to) in roll {
-            self.start_rollout(&mut st, &store, &schedule, facts, &name, from, to, now)?;
+            self.start_rollout(st, store, &schedule, facts, &name, from, to, now)?;
         }
-        drop(store);
-        self.publish(&mut st, schedule, &snap);
-        Ok(results)
+        Ok((results, schedule))
     }
 
     /// Starts moving `name`'s devices from revision `from` to `to`: the

@@ -180,11 +180,31 @@ pub enum StoreError {
     )]
     TooNew { path: String, found: usize, known: usize },
     #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(rusqlite::Error),
+    #[error("the controller's data disk is full: nothing of this was stored (free space on it and retry)")]
+    Full,
     #[error("backup through {path}: {source}")]
     Backup { path: String, source: std::io::Error },
     #[error("stored device {id} is unreadable: {source}")]
     Corrupt { id: String, source: serde_json::Error },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full,
+            _ => StoreError::Sql(e),
+        }
+    }
+}
+
+/// Writes that land together or not at all: dropped without `commit`, none of them did.
+pub struct Batch<'a>(rusqlite::Transaction<'a>);
+
+impl Batch<'_> {
+    pub fn commit(self) -> Result<(), StoreError> {
+        Ok(self.0.commit()?)
+    }
 }
 
 pub struct Store {
@@ -205,6 +225,12 @@ impl Store {
         let mut store = Self { conn, path: path.to_path_buf() };
         store.migrate(path)?;
         Ok(store)
+    }
+
+    /// Starts writes that must all land or none: every write through this
+    /// store until the batch is committed belongs to it.
+    pub fn batch(&self) -> Result<Batch<'_>, StoreError> {
+        Ok(Batch(self.conn.unchecked_transaction()?))
     }
 
     /// A consistent copy of the whole database, taken while it serves

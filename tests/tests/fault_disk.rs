@@ -187,3 +187,41 @@ fn nix_free(dir: &Path) -> u64 {
     let out = Command::new("df").args(["--output=avail", "-B1"]).arg(dir).output().expect("df");
     String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap_or(0)
 }
+
+/// The controller's data dir full: an apply is refused with a clear error
+/// and stores nothing of itself (in memory either); once space is freed,
+/// the same apply works.
+#[test]
+fn a_full_controller_disk_refuses_an_apply_clearly_and_stores_nothing_half() {
+    let world = World::new();
+    let data = world.path().join("controller");
+    mount_tmpfs(&data, "8m");
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let _sim = start_simulator(&world, "c", 2, &controller.broker_url(), &[]);
+    wait_for("2 devices", Duration::from_secs(30), || (controller.devices().len() == 2).then_some(()));
+    apply_yaml(&server, &world, "one.yaml", "name: one\nimage: 127.0.0.1:9/one:1\n");
+
+    // Fill the disk.
+    let filler = data.join("filler");
+    let mut f = std::fs::File::create(&filler).expect("filler");
+    let chunk = vec![1u8; 1 << 16];
+    while f.write_all(&chunk).is_ok() {}
+    drop(f);
+
+    let manifest = world.path().join("two.yaml");
+    let text: String = (0..20).map(|i| format!("---\nname: two-{i}\nimage: 127.0.0.1:9/two:1\n")).collect();
+    std::fs::write(&manifest, text).expect("manifest");
+    let (ok, out, err) = baton_cli(&server, &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    assert!(!ok, "applied on a full disk: {out}");
+    assert!(err.contains("data disk is full") && err.contains("nothing of this was stored"), "{err}");
+    let (_, list, _) = baton_cli(&server, &["get", "workloads"]);
+    assert!(!list.contains("two-"), "half an apply is visible: {list}");
+    assert_eq!(get_json::<serde_json::Value>(controller.http, "/healthz").expect("healthz")["status"], "ok");
+
+    std::fs::remove_file(&filler).expect("free space");
+    let (ok, out, err) = baton_cli(&server, &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    assert!(ok, "{out}{err}");
+    let (_, list, _) = baton_cli(&server, &["get", "workloads"]);
+    assert_eq!(list.matches("two-").count(), 20, "{list}");
+}
