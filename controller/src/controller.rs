@@ -601,7 +601,7 @@ impl Controller {
                 let spec = WorkloadSpec { revision: 1, ..v.spec };
                 store.save_workload(tenant, &v.manifest, &spec, 1, now)?;
                 store.save_revision(&spec, &[], now)?;
-                self.event(&store, tenant, "workload", &name, format!("created with image {}", spec.image), now);
+                self.event(store, tenant, "workload", &name, format!("created with image {}", spec.image), now);
                 let entry = Entry {
                     tenant: tenant.into(),
                     manifest: v.manifest,
