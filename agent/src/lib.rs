@@ -9,6 +9,7 @@ pub mod engine;
 pub mod image;
 pub mod join;
 pub mod link;
+pub mod lograte;
 pub mod node;
 pub mod probe;
 pub mod reconcile;

@@ -21,6 +21,23 @@ use crate::engine::{EngineHandle, Input};
 use crate::node::{self, HeartbeatSampler};
 use crate::runtime::layout::write_atomic;
 
+/// Reconnect delays grow to this (with jitter): a fleet is back within
+/// seconds of its broker or controller coming back.
+const RECONNECT_CAP: Duration = Duration::from_secs(10);
+
+/// How often a warning of one kind that others can trigger is logged (`LogRate`).
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Logs a warning unless one of `kind` went out within `WARN_EVERY`; then at debug.
+macro_rules! warn_limited {
+    ($link:expr, $kind:literal, $($field:tt)*) => {
+        match $link.quiet.allow($kind, std::time::Instant::now()) {
+            Some(held_back) => warn!(held_back, $($field)*),
+            None => debug!($($field)*),
+        }
+    };
+}
+
 /// Requests the session may queue while the broker is unreachable; beyond
 /// that, heartbeats are dropped rather than memory grown.
 const REQUEST_QUEUE: usize = 64;
@@ -56,6 +73,8 @@ pub struct Link {
     clock: crate::clock::ControllerClock,
     /// The origin of the monotonic milliseconds the clock is kept in.
     mono_origin: std::time::Instant,
+    /// Warnings others can trigger at any rate, limited.
+    quiet: crate::lograte::LogRate,
 }
 
 fn qos(kind: TopicKind) -> QoS {
@@ -136,13 +155,14 @@ impl Link {
             accepted,
             clock: crate::clock::ControllerClock::starting_at(floor, 0),
             mono_origin: std::time::Instant::now(),
+            quiet: crate::lograte::LogRate::new(WARN_EVERY),
         };
         if let Some(d) = persisted {
             link.desired_generation = d.generation;
             link.persisted_workloads = Some(d.workloads);
         }
 
-        let mut backoff = Backoff::with_entropy(Duration::from_millis(500), Duration::from_secs(60));
+        let mut backoff = Backoff::with_entropy(Duration::from_millis(500), RECONNECT_CAP);
         let mut ticker = tokio::time::interval(link.config.heartbeat_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut connected = false;
@@ -182,7 +202,7 @@ impl Link {
                         if connected {
                             warn!(error = %e, "lost the broker; reconnecting");
                         } else {
-                            warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the broker");
+                            warn_limited!(link, "unreachable", error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the broker");
                         }
                         connected = false;
                         tokio::select! {
@@ -245,10 +265,10 @@ impl Link {
 
     fn on_publish(&mut self, topic: &str, payload: &[u8]) {
         let Some((device, kind)) = TopicKind::parse(topic) else {
-            return warn!(topic, "message on a foreign topic ignored");
+            return warn_limited!(self, "foreign", topic, "message on a foreign topic ignored");
         };
         if device != self.config.device_id {
-            return warn!(topic, "message for another device ignored");
+            return warn_limited!(self, "misaddressed", topic, "message for another device ignored");
         }
         if kind == TopicKind::Desired {
             return self.on_desired(payload);
@@ -256,7 +276,9 @@ impl Link {
         match decode_on(kind, payload) {
             Ok((_, Message::Command(cmd))) => self.on_command(cmd),
             Ok((_, other)) => debug!(kind = ?other.kind(), "ignoring message"),
-            Err(e) => warn!(topic, error = %e, len = payload.len(), "undecodable message ignored"),
+            Err(e) => {
+                warn_limited!(self, "undecodable", topic, error = %e, len = payload.len(), "undecodable message ignored")
+            }
         }
     }
 
@@ -310,8 +332,8 @@ impl Link {
         let _ = engine.tx.send(Input::Desired(d));
     }
 
-    fn refuse(&self, why: String) {
-        warn!(error = %why, "desired document refused");
+    fn refuse(&mut self, why: String) {
+        warn_limited!(self, "refused-document", error = %why, "desired document refused");
         let refused =
             baton_protocol::Report { generation: self.applied_generation, workloads: Vec::new(), refused: Some(why) };
         self.publish(TopicKind::Report, &Message::Report(refused));
@@ -329,7 +351,7 @@ impl Link {
                 self.accepted.admit(&cmd, now)
             });
         if let Err(why) = checked {
-            warn!(id = cmd.id, error = %why, "command refused");
+            warn_limited!(self, "refused-command", id = cmd.id, error = %why, "command refused");
             let res = CommandResult { id: cmd.id, seq: 0, body: CommandOutput::Error(format!("refused: {why}")) };
             return self.publish(TopicKind::CmdRes, &Message::CommandResult(res));
         }

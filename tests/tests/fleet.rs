@@ -154,3 +154,33 @@ fn cli_without_a_controller_says_how_to_point_at_one() {
     assert!(err.contains(&format!("cannot reach the Baton controller at http://127.0.0.1:{port}")), "{err}");
     assert!(err.contains("--server") && err.contains("BATON_SERVER"), "{err}");
 }
+
+/// Symptom: `baton get devices | head` panicked ("failed printing to stdout:
+/// Broken pipe"). Every command's output now ends quietly, with success,
+/// when its reader goes away.
+#[test]
+fn cli_output_ends_quietly_when_the_reader_goes_away() {
+    use std::io::{BufRead, BufReader};
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    // JSON of 100 devices is well over a pipe's 64 KiB buffer: the CLI is still writing when the reader goes.
+    let _sim = start_simulator(&world, "p", 100, &controller.broker_url(), &[]);
+    wait_for("100 devices", Duration::from_secs(60), || (controller.devices().len() == 100).then_some(()));
+    let json = get_text(controller.http, "/api/v1/devices").expect("devices");
+    assert!(json.len() > 80 << 10, "only {} bytes: the pipe would not fill", json.len());
+    for args in [&["get", "devices", "-o", "json"][..], &["get", "devices", "-o", "yaml"]] {
+        let mut child = std::process::Command::new(bin("baton"))
+            .args(args)
+            .env("BATON_SERVER", controller.server_url())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("baton");
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut first).expect("a line");
+        // The reader is gone (as `head` would be, after one line).
+        let out = child.wait_with_output().expect("baton");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && stderr.is_empty(), "{args:?}: {:?} {stderr}", out.status);
+    }
+}

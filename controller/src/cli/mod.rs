@@ -501,7 +501,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Scale { workload, replicas } => {
             let req = crate::view::ScaleRequest { replicas };
             let w: crate::view::WorkloadView = client().post(&format!("/api/v1/workloads/{workload}/scale"), &req)?;
-            println!("workload/{} scaled to {} replicas ({} unplaced)", w.name, replicas, w.unplaced);
+            crate::outln!("workload/{} scaled to {} replicas ({} unplaced)", w.name, replicas, w.unplaced);
             Ok(())
         }
         Command::Describe { resource: Resource::Workloads, id, output } => {
@@ -524,7 +524,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Delete { resource: Resource::Workloads, name } => {
             let _: serde_json::Value = client().delete(&format!("/api/v1/workloads/{name}"))?;
-            println!("workload/{name} deleted");
+            crate::outln!("workload/{name} deleted");
             Ok(())
         }
         Command::Delete { resource: Resource::Devices | Resource::Events, .. }
@@ -549,7 +549,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Exec { device, workload, command } => {
             let req = crate::view::ExecRequest { workload, argv: command };
             let res: crate::view::ExecResponse = client().post(&format!("/api/v1/devices/{device}/exec"), &req)?;
-            print!("{}", res.stdout);
+            crate::out!("{}", res.stdout);
             eprint!("{}", res.stderr);
             if res.exit_code != 0 {
                 std::process::exit(res.exit_code.clamp(1, 255));
@@ -559,7 +559,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restart { workload, device } => {
             let _: serde_json::Value = client()
                 .post(&format!("/api/v1/devices/{device}/workloads/{workload}/restart"), &serde_json::json!({}))?;
-            println!("workload/{workload} on {device} restarting");
+            crate::outln!("workload/{workload} on {device} restarting");
             Ok(())
         }
         Command::Secret(cmd) => secret(&client(), cmd),
@@ -571,13 +571,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let req = crate::view::TokenRequest { ttl_s: parse_duration(&ttl)?, uses, labels: map };
             let t: crate::view::TokenView = client().post("/api/v1/tokens", &req)?;
-            println!("{}", t.token);
+            crate::outln!("{}", t.token);
             Ok(())
         }
         Command::Apitoken(ApiTokenCmd::Create { role, name }) => {
             let v: serde_json::Value =
                 client().post("/api/v1/apitokens", &serde_json::json!({"role": role, "name": name}))?;
-            println!("{}", v["token"].as_str().unwrap_or_default());
+            crate::outln!("{}", v["token"].as_str().unwrap_or_default());
             Ok(())
         }
         Command::Apitoken(ApiTokenCmd::List { output }) => {
@@ -595,7 +595,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Apitoken(ApiTokenCmd::Revoke { id }) => {
             let _: serde_json::Value = client().delete(&format!("/api/v1/apitokens/{id}"))?;
-            println!("apitoken/{id} revoked");
+            crate::outln!("apitoken/{id} revoked");
             Ok(())
         }
         Command::Token(TokenCmd::List { output }) => {
@@ -604,30 +604,30 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Token(TokenCmd::Delete { id }) => {
             let _: serde_json::Value = client().delete(&format!("/api/v1/tokens/{id}"))?;
-            println!("token/{id} deleted");
+            crate::outln!("token/{id} deleted");
             Ok(())
         }
         Command::Device(DeviceCmd::Credentials { id }) => {
             let c: crate::view::CredentialsView =
                 client().post(&format!("/api/v1/devices/{id}/credentials"), &serde_json::json!({}))?;
-            println!("{}", c.password);
+            crate::outln!("{}", c.password);
             Ok(())
         }
         Command::Device(DeviceCmd::Revoke { id }) => {
             let _: serde_json::Value =
                 client().post(&format!("/api/v1/devices/{id}/revoke"), &serde_json::json!({}))?;
-            println!("device/{id} revoked");
+            crate::outln!("device/{id} revoked");
             Ok(())
         }
         Command::Device(DeviceCmd::Assign { id, to }) => {
             let d: DeviceView =
                 client().put(&format!("/api/v1/devices/{id}/tenant"), &serde_json::json!({ "tenant": to }))?;
-            println!("device/{} now in tenant {}", d.id, d.tenant);
+            crate::outln!("device/{} now in tenant {}", d.id, d.tenant);
             Ok(())
         }
         Command::Trust => {
             let t: crate::view::TrustView = client().get("/api/v1/trust")?;
-            println!("{}", t.signing_key);
+            crate::outln!("{}", t.signing_key);
             Ok(())
         }
         Command::Restore { backup, data_dir } => {
@@ -636,7 +636,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let db = dir.join("baton.db");
             crate::store::Store::restore(&backup, &db)
                 .with_context(|| format!("cannot restore {} into {}", backup.display(), db.display()))?;
-            println!(
+            crate::outln!(
                 "restored {} into {}; start the controller: devices that ran newer documents are given the restored ones",
                 backup.display(),
                 db.display()
@@ -649,7 +649,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             std::fs::write(&tmp, &bytes)
                 .and_then(|()| std::fs::rename(&tmp, &output))
                 .with_context(|| format!("cannot write {}", output.display()))?;
-            println!(
+            crate::outln!(
                 "store backed up to {} ({}); keep the controller's signing.key and secrets.key with it \
                  (they are not in the store, and never change)",
                 output.display(),
@@ -681,7 +681,7 @@ fn secret(client: &Client, cmd: SecretCmd) -> anyhow::Result<()> {
             let s: SecretView = client.put_bytes(&format!("/api/v1/secrets/{name}"), &value)?;
             let users =
                 if s.used_by.is_empty() { String::new() } else { format!("; rolling out {}", s.used_by.join(", ")) };
-            println!("secret/{} version {}{users}", s.name, s.version);
+            crate::outln!("secret/{} version {}{users}", s.name, s.version);
             Ok(())
         }
         SecretCmd::List { output } => {
@@ -690,7 +690,7 @@ fn secret(client: &Client, cmd: SecretCmd) -> anyhow::Result<()> {
         }
         SecretCmd::Delete { name } => {
             let _: serde_json::Value = client.delete(&format!("/api/v1/secrets/{name}"))?;
-            println!("secret/{name} deleted");
+            crate::outln!("secret/{name} deleted");
             Ok(())
         }
     }
@@ -713,13 +713,13 @@ fn rollout(client: &Client, cmd: RolloutCmd) -> anyhow::Result<()> {
         RolloutCmd::Undo { workload } => (workload, "undo"),
     };
     let r: RolloutView = client.post(&format!("/api/v1/workloads/{name}/rollout/{action}"), &serde_json::json!({}))?;
-    print!("{}", output::rollout_status(&r));
+    crate::out!("{}", output::rollout_status(&r));
     Ok(())
 }
 
 fn print<T: serde::Serialize>(format: Format, value: &T, table: impl FnOnce() -> String) -> anyhow::Result<()> {
     let text = output::structured(format, value)?.unwrap_or_else(table);
-    print!("{text}");
+    crate::out!("{text}");
     Ok(())
 }
 

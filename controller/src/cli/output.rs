@@ -217,6 +217,33 @@ fn state_name(s: crate::rollout::State) -> String {
 }
 
 /// One line of rollout progress, as `rollout status` prints it.
+/// Writes to standard output; a reader that went away (`baton … | head`)
+/// ends the command quietly with success, as ripgrep does, never a panic.
+pub fn emit(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("baton: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `print!` through `emit`.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::cli::output::emit(format_args!($($arg)*)) };
+}
+
+/// `println!` through `emit`.
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::cli::output::emit(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::cli::output::emit(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 pub fn rollout_line(r: &RolloutView) -> String {
     let c = &r.counts;
     // Updated = reported the new revision healthy; released devices that
@@ -250,7 +277,7 @@ pub fn rollout_status(r: &RolloutView) -> String {
 /// `rollout status --watch`: a redrawn progress bar on a terminal, one line
 /// per change otherwise; returns when the rollout is no longer active.
 pub fn watch_rollout(mut r: RolloutView, mut fetch: impl FnMut() -> anyhow::Result<RolloutView>) -> anyhow::Result<()> {
-    use std::io::{IsTerminal, Write as _};
+    use std::io::IsTerminal;
     let tty = std::io::stdout().is_terminal();
     let mut last = String::new();
     loop {
@@ -260,17 +287,16 @@ pub fn watch_rollout(mut r: RolloutView, mut fetch: impl FnMut() -> anyhow::Resu
             let width = 30;
             let filled = ((c.ready + c.failed) * width).checked_div(c.devices).unwrap_or(width).min(width);
             let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
-            print!("\r\x1b[2K[{bar}] {line}");
-            std::io::stdout().flush()?;
+            crate::out!("\r\x1b[2K[{bar}] {line}");
         } else if line != last {
-            println!("{line}");
+            crate::outln!("{line}");
         }
         last = line;
         if !r.state.active() {
             if tty {
-                println!();
+                crate::outln!();
             }
-            print!("{}", rollout_status(&r).split_once('\n').map_or("", |(_, rest)| rest));
+            crate::out!("{}", rollout_status(&r).split_once('\n').map_or("", |(_, rest)| rest));
             return if matches!(r.state, crate::rollout::State::Succeeded) {
                 Ok(())
             } else {
