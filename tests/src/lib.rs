@@ -227,6 +227,9 @@ pub enum BrokerKind {
 struct ServerSpec {
     http: u16,
     mqtt: u16,
+    /// The address the embedded broker listens on (loopback unless a test's
+    /// devices live in network namespaces).
+    mqtt_host: String,
     external: bool,
     data_dir: PathBuf,
     log_dir: PathBuf,
@@ -245,7 +248,7 @@ impl ServerSpec {
         if self.external {
             args.extend(["--broker".into(), format!("mqtt://127.0.0.1:{}", self.mqtt)]);
         } else {
-            args.extend(["--mqtt-listen".into(), format!("127.0.0.1:{}", self.mqtt)]);
+            args.extend(["--mqtt-listen".into(), format!("{}:{}", self.mqtt_host, self.mqtt)]);
         }
         // Tests name images that exist only in devices' local stores (loaded
         // from files) or in a loopback registry: only tests that ask resolve
@@ -274,9 +277,22 @@ pub struct Controller {
 impl Controller {
     /// Starts `baton server`; with `mqtt_external`, uses that broker port instead of embedding one.
     pub fn start(world: &World, mqtt_external: Option<u16>, extra: &[&str]) -> Controller {
+        Self::start_with_broker_on(world, "127.0.0.1", mqtt_external, extra)
+    }
+
+    /// As `start`, the embedded broker listening on `host` (a network
+    /// namespace's gateway address: off loopback, so a lab setting).
+    pub fn start_for_namespaces(world: &World, host: &str, extra: &[&str]) -> Controller {
+        let mut extra = extra.to_vec();
+        extra.push("--allow-insecure-mqtt");
+        Self::start_with_broker_on(world, host, None, &extra)
+    }
+
+    fn start_with_broker_on(world: &World, host: &str, mqtt_external: Option<u16>, extra: &[&str]) -> Controller {
         let spec = ServerSpec {
             http: free_port(),
             mqtt: mqtt_external.unwrap_or_else(free_port),
+            mqtt_host: host.to_string(),
             external: mqtt_external.is_some(),
             data_dir: world.path().join("controller"),
             log_dir: world.path().to_path_buf(),
@@ -305,7 +321,7 @@ impl Controller {
     }
 
     pub fn broker_url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.mqtt)
+        format!("mqtt://{}:{}", self.spec.mqtt_host, self.mqtt)
     }
 
     pub fn devices(&self) -> Vec<DeviceView> {
@@ -687,4 +703,84 @@ pub fn container_logs(data_dir: &Path) -> String {
         .flatten()
         .filter_map(|e| std::fs::read_to_string(e.path().join("container.log")).ok())
         .collect()
+}
+
+/// A "device" host: a network namespace joined to this machine by a veth
+/// pair, addresses only inside it (`10.231.N.2`, this side `10.231.N.1`).
+/// Removed, with its links and rules, when dropped.
+pub struct NetNs {
+    pub name: String,
+    /// This machine's end of the link: where the device reaches the controller.
+    pub host_ip: String,
+    pub device_ip: String,
+}
+
+impl NetNs {
+    pub fn new() -> NetNs {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        // A subnet per namespace: 5 per test process (test binaries run one at a time).
+        let n = 1 + (std::process::id() % 50) * 5 + N.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 5;
+        let name = format!("baton-{}-{n}", std::process::id());
+        let (host_if, dev_if) =
+            (format!("bh{n}x{}", std::process::id() % 1000), format!("bd{n}x{}", std::process::id() % 1000));
+        let ns = NetNs { name: name.clone(), host_ip: format!("10.231.{n}.1"), device_ip: format!("10.231.{n}.2") };
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("ip (iproute2)");
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ip(&["netns", "add", &name]);
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &dev_if]);
+        ip(&["link", "set", &dev_if, "netns", &name]);
+        ip(&["addr", "add", &format!("{}/24", ns.host_ip), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ns.run(&["ip", "addr", "add", &format!("{}/24", ns.device_ip), "dev", &dev_if]);
+        ns.run(&["ip", "link", "set", &dev_if, "up"]);
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `nsenter` arguments that run the next program in this namespace's
+    /// network only (`ip netns exec` would also remount /sys, hiding cgroups).
+    pub fn enter(&self) -> Vec<String> {
+        vec![format!("--net=/run/netns/{}", self.name)]
+    }
+
+    /// Runs a command in the namespace; panics with its stderr if it fails.
+    pub fn run(&self, argv: &[&str]) {
+        let out = Command::new("nsenter").args(self.enter()).args(argv).output().expect("nsenter (util-linux)");
+        assert!(out.status.success(), "{argv:?} in {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Cuts the device off: every packet in or out is dropped.
+    pub fn partition(&self) {
+        self.run(&["iptables", "-I", "INPUT", "-j", "DROP"]);
+        self.run(&["iptables", "-I", "OUTPUT", "-j", "DROP"]);
+    }
+
+    pub fn heal(&self) {
+        self.run(&["iptables", "-D", "INPUT", "-j", "DROP"]);
+        self.run(&["iptables", "-D", "OUTPUT", "-j", "DROP"]);
+    }
+}
+
+impl Default for NetNs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the veth, and with it ours.
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Starts `baton-agent` for device `id` inside `ns`'s network.
+pub fn start_agent_in(world: &World, ns: &NetNs, id: &str, broker: &str, extra: &[&str]) -> Proc {
+    let mut args = ns.enter();
+    args.push(bin("baton-agent").display().to_string());
+    args.extend(agent_args(world, id, broker, extra));
+    let nsenter = which("nsenter").expect("nsenter (util-linux)");
+    Proc::spawn(&format!("agent-{id}"), &nsenter, &args, world.path())
 }
