@@ -196,10 +196,17 @@ pub async fn run(
                 Err(_) => CommandOutput::Error("exec task failed".into()),
             }
         }
-        CommandAction::Restart { workload } => match &ctx.engine {
-            Some(engine) if engine.send(Input::Restart(workload)).is_ok() => CommandOutput::Done,
-            _ => CommandOutput::Error("this agent runs no workloads".into()),
-        },
+        CommandAction::Restart { workload } => {
+            let (done, restarted) = tokio::sync::oneshot::channel();
+            match &ctx.engine {
+                Some(engine) if engine.send(Input::Restart(workload.clone(), done)).is_ok() => match restarted.await {
+                    Ok(true) => CommandOutput::Done,
+                    Ok(false) => CommandOutput::Error(format!("workload {workload} is not running on this device")),
+                    Err(_) => CommandOutput::Error("the agent is stopping".into()),
+                },
+                _ => CommandOutput::Error("this agent runs no workloads".into()),
+            }
+        }
         CommandAction::Diagnostics | CommandAction::Cancel { .. } => return,
     };
     let _ = out.send(end).await;

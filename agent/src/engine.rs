@@ -33,7 +33,8 @@ const GC_EVERY_MS: u64 = 60_000;
 
 pub enum Input {
     Desired(Desired),
-    Restart(String),
+    /// An operator's restart; answered with whether the workload runs here.
+    Restart(String, tokio::sync::oneshot::Sender<bool>),
 }
 
 /// The link's side of the engine.
@@ -156,6 +157,7 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
     engine.write_services();
     std::thread::Builder::new().name("workloads".into()).spawn(move || {
         let mut last = None;
+        let mut restarts = Vec::new();
         loop {
             match rx.recv_timeout(TICK) {
                 Ok(Input::Desired(d)) => {
@@ -168,10 +170,9 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
                     engine.write_services();
                     engine.refresh_consumers();
                 }
-                Ok(Input::Restart(name)) => {
-                    engine.refresh_spec(&name);
-                    engine.sup.restart_now(&name);
-                }
+                // Done after this tick's reconcile: right after a start, what the
+                // persisted document names is supervised only from then on.
+                Ok(Input::Restart(name, done)) => restarts.push((name, done)),
                 Err(RecvTimeoutError::Timeout) => {}
                 // The agent is shutting down; the containers carry on without us.
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -180,6 +181,10 @@ pub fn spawn<R: ContainerRuntime + Send + 'static>(
             engine.take_pull_results(now);
             engine.effective = engine.guard.effective(&engine.desired.workloads);
             engine.reconcile(now);
+            for (name, done) in restarts.drain(..) {
+                engine.refresh_spec(&name);
+                let _ = done.send(engine.sup.restart_now(&name));
+            }
             engine.sup.tick(now);
             // One status per tick (it reads every container's cgroup usage).
             let status = engine.sup.status();

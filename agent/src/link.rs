@@ -111,6 +111,9 @@ impl Link {
             }
             Err(e) => warn!(error = %e, "no TLS configuration; the broker will be unreachable"),
         }
+        // Acknowledged only once handled (a document persisted, a command
+        // admitted): an agent killed in between gets the message again.
+        opts.set_manual_acks(true);
         opts.set_keep_alive(config.keepalive)
             .set_clean_session(false)
             .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
@@ -195,7 +198,12 @@ impl Link {
                         }
                         ticker.reset_immediately();
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => link.on_publish(&p.topic, &p.payload),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        link.on_publish(&p.topic, &p.payload);
+                        if let Err(e) = link.client.try_ack(&p) {
+                            debug!(error = %e, "cannot queue an acknowledgement; the broker will send it again");
+                        }
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         let delay = backoff.next_delay();

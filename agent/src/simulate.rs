@@ -73,11 +73,14 @@ impl SimDevice {
         loop {
             match self.inputs.try_recv() {
                 Ok(Input::Desired(d)) => self.desired = d,
-                Ok(Input::Restart(name)) => {
-                    if let Some(u) = self.units.get_mut(&name) {
+                Ok(Input::Restart(name, done)) => {
+                    let unit = self.units.get_mut(&name);
+                    let found = unit.is_some();
+                    if let Some(u) = unit {
                         u.started_ms = now;
                         u.restarts += 1;
                     }
+                    let _ = done.send(found);
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return false,

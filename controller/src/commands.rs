@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use baton_protocol::{Command, CommandAction, CommandResult, DeviceId};
+use baton_protocol::{Command, CommandAction, CommandOutput, CommandResult, DeviceId};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 /// What the controller publishes to devices; ingest's MQTT loop sends it.
@@ -91,20 +91,26 @@ impl CommandRouter {
     }
 
     /// Routes an answer; false when nobody waits for it or it came from the
-    /// wrong device (a device cannot answer another device's request).
+    /// wrong device (a device cannot answer another device's request). The
+    /// final answer (exit, done, error) ends the request: nothing is left for
+    /// dropping it to cancel.
     pub fn deliver(&self, from: &DeviceId, result: CommandResult) -> bool {
-        let pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match pending.get(&result.id) {
-            Some((device, tx)) if device == from => tx.send(result).is_ok(),
-            _ => false,
+        let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last = matches!(result.body, CommandOutput::Exit(_) | CommandOutput::Done | CommandOutput::Error(_));
+        let delivered = match pending.get(&result.id) {
+            Some((device, tx)) if device == from => tx.send(result.clone()).is_ok(),
+            _ => return false,
+        };
+        if last {
+            pending.remove(&result.id);
         }
+        delivered
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use baton_protocol::CommandOutput;
 
     #[test]
     fn answers_are_routed_by_id_and_device_and_dropping_cancels() {
@@ -118,7 +124,7 @@ mod tests {
         let Outgoing::Command(to, cmd) = outbox.try_recv().unwrap() else { panic!("not a command") };
         assert_eq!((to, cmd.id), (a.clone(), p.id));
         assert_eq!(baton_protocol::crypto::verify_command(&trusted, "a", &cmd), Ok(()), "sent unsigned");
-        let answer = |seq| CommandResult { id: cmd.id, seq, body: CommandOutput::Done };
+        let answer = |seq| CommandResult { id: cmd.id, seq, body: CommandOutput::Stdout(b"line".to_vec()) };
         assert!(!router.deliver(&b, answer(0)), "accepted an answer from the wrong device");
         assert!(router.deliver(&a, answer(1)));
         assert_eq!(p.answers.try_recv().unwrap().seq, 1);
@@ -127,5 +133,12 @@ mod tests {
         assert_eq!(cancel.action, CommandAction::Cancel { id: cmd.id });
         assert_eq!(baton_protocol::crypto::verify_command(&trusted, "a", &cancel), Ok(()), "cancel sent unsigned");
         assert!(!router.deliver(&a, answer(2)), "delivered after the request was dropped");
+
+        // A request that got its final answer is over: dropping it cancels nothing.
+        let p = router.send(a.clone(), CommandAction::Diagnostics, 0);
+        let _ = outbox.try_recv();
+        assert!(router.deliver(&a, CommandResult { id: p.id, seq: 0, body: CommandOutput::Done }));
+        drop(p);
+        assert!(outbox.try_recv().is_err(), "a Cancel for a request that had ended");
     }
 }

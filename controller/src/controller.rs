@@ -123,7 +123,12 @@ struct State {
     sealed: SealCache,
     /// When a device's document was last published again over a foreign one.
     reasserted: BTreeMap<String, Millis>,
+    /// Devices online but behind their document: since when (or when it was last sent again).
+    behind: BTreeMap<String, Millis>,
 }
+
+/// An online device still behind its document this long gets it again.
+const RESEND_BEHIND_MS: Millis = 60_000;
 
 pub fn now_ms() -> Millis {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -265,6 +270,7 @@ impl Controller {
                 gone: BTreeSet::new(),
                 sealed,
                 reasserted: BTreeMap::new(),
+                behind: BTreeMap::new(),
             }),
             fleet: Mutex::new(fleet),
             store: Mutex::new(store),
@@ -1262,6 +1268,7 @@ impl Controller {
             changed |= fleet
                 .devices()
                 .any(|d| st.desired.get(&d.id).is_some_and(|doc| d.applied_generation() > doc.generation));
+            self.resend_to_devices_behind(&fleet, &mut st, now);
             // Endpoints moved (an instance turned healthy or stopped being so),
             // for services some workload uses.
             if st.workloads.values().any(|e| !e.manifest.uses.is_empty()) {
@@ -1270,6 +1277,36 @@ impl Controller {
         }
         if changed {
             self.sync_desired(now);
+        }
+    }
+
+    /// An online device that has not applied the document it was given for a
+    /// minute gets it again (a message lost on the way: an agent killed
+    /// between receiving and keeping it, a broker that lost its retained copy).
+    /// Every minute while it stays behind; a refusal shows as an event.
+    fn resend_to_devices_behind(&self, fleet: &Fleet, st: &mut State, now: Millis) {
+        let behind: BTreeSet<&str> = fleet
+            .devices()
+            .filter(|d| d.status(now, &self.liveness) == Status::Online)
+            .filter(|d| st.desired.get(&d.id).is_some_and(|doc| d.applied_generation() < doc.generation))
+            .map(|d| d.id.as_str())
+            .collect();
+        st.behind.retain(|id, _| behind.contains(id.as_str()));
+        for id in behind {
+            let since = st.behind.entry(id.to_string()).or_insert(now);
+            if now.saturating_sub(*since) < RESEND_BEHIND_MS {
+                continue;
+            }
+            *since = now;
+            let (Some(doc), Ok(device)) = (st.desired.get(id), DeviceId::new(id)) else { continue };
+            if let Ok(payload) = self.sign(id, doc) {
+                tracing::info!(
+                    device = id,
+                    generation = doc.generation,
+                    "device still behind its document: sending it again"
+                );
+                let _ = self.outbox.send(Outgoing::Desired(device, payload));
+            }
         }
     }
 

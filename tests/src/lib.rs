@@ -70,10 +70,16 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Proc {
+        Self::spawn_with_env(name, program, args, log_dir, &[])
+    }
+
+    /// As `spawn`, with these variables added to the environment.
+    pub fn spawn_with_env(name: &str, program: &Path, args: &[String], log_dir: &Path, env: &[(&str, &str)]) -> Proc {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::options().create(true).append(true).open(&log).expect("log file");
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .env("BATON_LOG", "debug,rumqttd=warn,rumqttc=info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
@@ -213,6 +219,11 @@ impl Drop for World {
                 }
             }
         }
+        // `BATON_KEEP_WORLD=1`: a failed test's dir (logs, data) stays for a look.
+        if std::env::var_os("BATON_KEEP_WORLD").is_some() {
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
+            eprintln!("kept {}", kept.display());
+        }
     }
 }
 
@@ -348,6 +359,19 @@ impl Controller {
 /// Starts `baton-agent` for device `id` against `broker`.
 pub fn start_agent(world: &World, id: &str, broker: &str, extra: &[&str]) -> Proc {
     Proc::spawn(&format!("agent-{id}"), &bin("baton-agent"), &agent_args(world, id, broker, extra), world.path())
+}
+
+/// As `start_agent`, with a kill point armed (`BATON_FAILPOINT=FILE:STAGE`,
+/// see the agent's `write_atomic`): it SIGKILLs itself there.
+pub fn start_agent_to_die_at(world: &World, id: &str, broker: &str, failpoint: &str) -> Proc {
+    let args = agent_args(world, id, broker, &[]);
+    Proc::spawn_with_env(
+        &format!("agent-{id}"),
+        &bin("baton-agent"),
+        &args,
+        world.path(),
+        &[("BATON_FAILPOINT", failpoint)],
+    )
 }
 
 /// Starts `baton-agent` for device `id` with its wall clock shifted by

@@ -95,3 +95,96 @@ fn a_device_that_died_while_the_controller_was_down_goes_offline_and_holds_no_ro
     let (ok, events, _) = baton_cli(&server, &["get", "events"]);
     assert!(ok && events.contains("no goodbye and no Last Will received"), "{events}");
 }
+
+/// kill -9 of the agent while it writes each of its state files, at each
+/// stage of the write (half the temp file written; the temp file whole but
+/// not renamed): every time it comes back with whole state and reaches what
+/// is desired. `exit.json` is the shim's: killed writing it, the container is
+/// lost and started again.
+#[test]
+fn an_agent_killed_while_writing_each_state_file_comes_back_whole() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let broker = controller.broker_url();
+    let registry = RegistryServer::start(&world);
+    let rootfs = baton_tests::fixtures::busybox_rootfs(&world.path().join("bb")).expect("rootfs");
+    let layout = baton_tests::fixtures::oci_layout(&world.path().join("layout"), &rootfs, "kp").expect("layout");
+    let data = world.path().join(format!("agent-{DEVICE}"));
+    give_busybox(&world, DEVICE, "busybox:field");
+    let revision = std::cell::Cell::new(0);
+    let apply = |image: &str, text: &str| {
+        revision.set(revision.get() + 1);
+        let yaml = format!(
+            "name: web\nimage: {image}\nhealth_deadline: 3\ncommand: [/bin/sh, -c, \"trap 'exit 0' TERM; echo {text}; while true; do sleep 0.2; done\"]\nrollout: {{min_ready: 1}}\n"
+        );
+        apply_yaml(&server, &world, "web.yaml", &yaml);
+        revision.get()
+    };
+    let mut agent = start_agent(&world, DEVICE, &broker, &[]);
+    let r = apply("busybox:field", "start");
+    wait_for("the first revision", Duration::from_secs(30), || settled(&server, "web", r, 1));
+    agent.terminate();
+
+    for stage in ["torn", "written"] {
+        for file in ["desired.bin", "proven.bin", "commands.seen", "images.json", "exit.json"] {
+            let point = format!("{file}:{stage}");
+            let mut doomed = start_agent_to_die_at(&world, DEVICE, &broker, &point);
+            wait_for("online", Duration::from_secs(20), || {
+                (controller.device(DEVICE)?.status == baton_controller::fleet::Status::Online).then_some(())
+            });
+            // Make the agent (or a shim) write the file.
+            let mut want = revision.get();
+            match file {
+                "desired.bin" | "proven.bin" => want = apply("busybox:field", &point),
+                "commands.seen" => {
+                    let _ = baton_cli(&server, &["exec", "--device", DEVICE, "web", "--", "true"]);
+                }
+                "images.json" => {
+                    let tag = format!("kp-{stage}");
+                    registry.push(&layout, "kp", &format!("field/busybox:{tag}"));
+                    want = apply(&format!("{}/field/busybox:{tag}", registry.host), &point);
+                }
+                _ => {
+                    let (ok, _, err) = baton_cli(&server, &["restart", "web", "--device", DEVICE]);
+                    assert!(ok, "{err}");
+                }
+            }
+            if file == "exit.json" {
+                // The shim died writing the exit record: the agent finds the container lost and starts another.
+                wait_for("the container started again", Duration::from_secs(30), || {
+                    let w = settled(&server, "web", want, 1)?;
+                    (w.devices[0].reported.as_ref()?.restarts >= 1).then_some(())
+                });
+                doomed.terminate();
+            } else {
+                wait_for(&format!("the agent killed at {point}"), Duration::from_secs(30), || {
+                    (!doomed.is_running()).then_some(())
+                });
+            }
+            // Started again, unarmed: whole state, and what is desired runs.
+            let killed_at = baton_controller::controller::now_ms();
+            let mut agent = start_agent(&world, DEVICE, &broker, &[]);
+            wait_for("online again", Duration::from_secs(20), || {
+                let d = controller.device(DEVICE)?;
+                (d.status == baton_controller::fleet::Status::Online && d.last_seen_ms > killed_at).then_some(())
+            });
+            wait_for(&format!("revision {want} after the kill at {point}"), Duration::from_secs(40), || {
+                settled(&server, "web", want, 1)
+            });
+            let (ok, out, err) = baton_cli(&server, &["exec", "--device", DEVICE, "web", "--", "echo", "whole"]);
+            assert!(ok && out.contains("whole"), "after {point}: {out}{err}");
+            for state in ["state/desired.bin", "state/proven.bin"] {
+                // (proven.bin appears once the revision has settled healthy.)
+                if let Ok(bytes) = std::fs::read(data.join(state)) {
+                    assert!(baton_protocol::decode(&bytes).is_ok(), "{state} unreadable after {point}");
+                }
+            }
+            let images: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(data.join("images/images.json")).expect("images.json"))
+                    .unwrap_or_else(|e| panic!("images.json unreadable after {point}: {e}"));
+            assert!(images["images"].is_object());
+            agent.terminate();
+        }
+    }
+}

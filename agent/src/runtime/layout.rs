@@ -100,14 +100,33 @@ pub fn is_tmpfs(dir: &Path) -> bool {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp"));
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        f.write_all(&bytes[..bytes.len() / 2])?;
+        failpoint(name, "torn");
+        f.write_all(&bytes[bytes.len() / 2..])?;
         f.sync_all()?;
     }
+    failpoint(name, "written");
     std::fs::rename(&tmp, path)?;
+    failpoint(name, "renamed");
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Test-only kill points: with `BATON_FAILPOINT=FILE:STAGE` in its
+/// environment, a process writing FILE through `write_atomic` kills itself
+/// (SIGKILL, as a power cut or `kill -9` would) at STAGE — `torn` (half the
+/// temp file written), `written` (temp file whole, not renamed) or `renamed`
+/// (in place, directory not synced). Unset (always, on a device): nothing.
+fn failpoint(file: &str, stage: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("BATON_FAILPOINT").ok());
+    if point.as_deref().is_some_and(|p| p.split_once(':') == Some((file, stage))) {
+        // SAFETY: kill(2) on our own pid.
+        unsafe { libc::kill(std::process::id() as i32, libc::SIGKILL) };
+    }
 }
 
 #[cfg(test)]
