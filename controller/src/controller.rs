@@ -581,6 +581,7 @@ impl Controller {
                 return Err(e);
             }
         };
+        crate::datadir::failpoint("apply:committed");
         drop(store);
         self.publish(&mut st, schedule, &snap);
         Ok(results)

@@ -32,6 +32,18 @@ impl DataDirLock {
     }
 }
 
+/// Test-only kill points: with `BATON_FAILPOINT=NAME` in its environment
+/// the controller kills itself (SIGKILL, as a crash or `kill -9` would) when
+/// it reaches NAME — e.g. `apply:committed` (an apply stored, its documents
+/// not yet published). Unset (always, in production): nothing.
+pub fn failpoint(name: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if POINT.get_or_init(|| std::env::var("BATON_FAILPOINT").ok()).as_deref() == Some(name) {
+        // SAFETY: kill(2) on our own pid.
+        unsafe { libc::kill(std::process::id() as i32, libc::SIGKILL) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,6 +143,10 @@ pub async fn serve(
     if cfg.api_auth {
         controller.ensure_admin_token(&cfg.data_dir.join("admin.token"), now_ms())?;
     }
+    // Documents are derived from the store: a controller that stopped between
+    // storing a change and publishing its documents publishes them now
+    // (unchanged documents are not touched; ingest sends what is queued once connected).
+    controller.sync_desired(now_ms());
     let controller = Arc::new(controller);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 

@@ -245,6 +245,8 @@ struct ServerSpec {
     data_dir: PathBuf,
     log_dir: PathBuf,
     extra: Vec<String>,
+    /// Added to the environment (a kill point, `BATON_FAILPOINT`).
+    env: Vec<(String, String)>,
 }
 
 impl ServerSpec {
@@ -268,7 +270,8 @@ impl ServerSpec {
             args.extend(["--resolve-digests".into(), "false".into()]);
         }
         args.extend(self.extra.iter().cloned());
-        let proc = Proc::spawn("controller", &bin("baton"), &args, &self.log_dir);
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let proc = Proc::spawn_with_env("controller", &bin("baton"), &args, &self.log_dir, &env);
         let http = self.http;
         wait_for("controller health", Duration::from_secs(20), || {
             get_json::<serde_json::Value>(http, "/healthz").ok().filter(|h| h["broker_connected"] == true)
@@ -308,8 +311,22 @@ impl Controller {
             data_dir: world.path().join("controller"),
             log_dir: world.path().to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         };
         Controller { proc: spec.launch(), http: spec.http, mqtt: spec.mqtt, spec }
+    }
+
+    /// Stops it (SIGKILL if `kill9`, else SIGTERM) and starts it again on the
+    /// same ports and data, with a kill point armed (`BATON_FAILPOINT`, see
+    /// the controller's `datadir::failpoint`), or none.
+    pub fn restart_armed(&mut self, kill9: bool, failpoint: Option<&str>) {
+        if kill9 {
+            self.proc.kill9();
+        } else {
+            self.proc.terminate();
+        }
+        self.spec.env = failpoint.map(|f| vec![("BATON_FAILPOINT".to_string(), f.to_string())]).unwrap_or_default();
+        self.proc = self.spec.launch();
     }
 
     /// Stops the server (SIGTERM, clean) and starts it again on the same ports and data.
@@ -467,6 +484,25 @@ impl Mosquitto {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
         Mosquitto { proc, port }
+    }
+}
+
+impl Mosquitto {
+    /// Kills it and starts it again on the same port (with its config).
+    pub fn restart(&mut self) {
+        self.proc.kill9();
+        let conf = self.proc.log.with_file_name("mosquitto.conf");
+        let mosquitto = which("mosquitto").expect("mosquitto");
+        self.proc = Proc::spawn(
+            "mosquitto",
+            &mosquitto,
+            &["-c".into(), conf.display().to_string()],
+            conf.parent().expect("dir"),
+        );
+        let port = self.port;
+        wait_for("mosquitto listening again", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
     }
 }
 

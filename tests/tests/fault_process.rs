@@ -188,3 +188,95 @@ fn an_agent_killed_while_writing_each_state_file_comes_back_whole() {
         }
     }
 }
+
+/// kill -9 of the controller right after an apply was stored, before its
+/// documents went out (devices on Mosquitto, so they stay connected and
+/// nothing on their side reminds the controller): the restarted controller
+/// publishes what its store says, and the fleet runs it.
+#[test]
+fn a_controller_killed_mid_apply_publishes_what_it_stored_when_it_restarts() {
+    let world = World::new();
+    let mosquitto = Mosquitto::start(&world);
+    let mut controller = Controller::start(&world, Some(mosquitto.port), &[]);
+    let server = controller.server_url();
+    let _sim = start_simulator(&world, "m", 3, &controller.broker_url(), &[]);
+    wait_for("3 devices", Duration::from_secs(30), || (controller.devices().len() == 3).then_some(()));
+    apply_yaml(&server, &world, "a.yaml", "name: a\nimage: 127.0.0.1:9/a:1\n");
+    wait_for("a on 3", Duration::from_secs(30), || settled(&server, "a", 1, 3));
+
+    controller.restart_armed(false, Some("apply:committed"));
+    let path = world.path().join("b.yaml");
+    std::fs::write(&path, "name: b\nimage: 127.0.0.1:9/b:1\n").expect("manifest");
+    let (ok, _, _) = baton_cli(&server, &["apply", "-f", path.to_str().expect("utf-8")]);
+    assert!(!ok, "the controller answered an apply it should have died in");
+    wait_for("the controller dead", Duration::from_secs(10), || (!controller.proc.is_running()).then_some(()));
+    controller.restart_armed(true, None);
+    wait_for("b on 3 after the restart", Duration::from_secs(30), || settled(&server, "b", 1, 3));
+}
+
+/// kill -9 of the controller in the middle of a rollout: the restarted one
+/// resumes it from the store, and it ends as it would have.
+#[test]
+fn a_controller_killed_mid_rollout_resumes_it_to_the_same_end() {
+    let world = World::new();
+    let mosquitto = Mosquitto::start(&world);
+    let mut controller = Controller::start(&world, Some(mosquitto.port), &[]);
+    let server = controller.server_url();
+    let _sim = start_simulator(&world, "r", 12, &controller.broker_url(), &[]);
+    wait_for("12 devices", Duration::from_secs(30), || (controller.devices().len() == 12).then_some(()));
+    let app = |tag: &str| {
+        format!("name: app\nimage: 127.0.0.1:9/app:{tag}\nrollout: {{waves: [1, 25%, 100%], min_ready: 2}}\n")
+    };
+    apply_yaml(&server, &world, "app.yaml", &app("1"));
+    wait_for("revision 1", Duration::from_secs(30), || settled(&server, "app", 1, 12));
+    apply_yaml(&server, &world, "app.yaml", &app("2"));
+    wait_for("the second wave released", Duration::from_secs(30), || {
+        (describe_workload(&server, "app")?.rollout?.wave >= 2).then_some(())
+    });
+    controller.restart_armed(true, None);
+    let r = wait_for("the rollout to end", Duration::from_secs(60), || {
+        describe_workload(&server, "app")?.rollout.filter(|r| !r.state.active())
+    });
+    assert_eq!(r.state, baton_controller::rollout::State::Succeeded, "{r:?}");
+    assert_eq!((r.counts.ready, r.counts.failed), (12, 0), "{r:?}");
+    assert!(settled(&server, "app", 2, 12).is_some());
+}
+
+/// The broker restarted under a connected fleet (a real device with a
+/// container, simulated ones beside it): every device is back within
+/// seconds, and no container is touched.
+#[test]
+fn a_broker_restarted_under_a_connected_fleet_gets_every_device_back_and_touches_no_container() {
+    let world = World::new();
+    let mut mosquitto = Mosquitto::start(&world);
+    let controller = Controller::start(&world, Some(mosquitto.port), &[]);
+    let server = controller.server_url();
+    give_busybox(&world, DEVICE, "busybox:field");
+    let _agent = start_agent(&world, DEVICE, &controller.broker_url(), &[]);
+    let _sim = start_simulator(&world, "b", 20, &controller.broker_url(), &[]);
+    wait_for("21 devices", Duration::from_secs(30), || (controller.devices().len() == 21).then_some(()));
+    apply_yaml(
+        &server,
+        &world,
+        "web.yaml",
+        &web("while true; do sleep 0.2; done").replace("name: web", "name: web\nplacement: {selector: {}}"),
+    );
+    let run = world.path().join(format!("run-{DEVICE}"));
+    let pid = wait_for("the real container", Duration::from_secs(40), || running_pid(&run, "web-0"));
+
+    let restarted_at = baton_controller::controller::now_ms();
+    mosquitto.restart();
+    // Heard from since (reconnects are capped at 10 s, with jitter).
+    let back = |c: &Controller| {
+        c.devices()
+            .iter()
+            .filter(|d| d.status == baton_controller::fleet::Status::Online && d.last_seen_ms > restarted_at)
+            .count()
+    };
+    wait_for("every device back", Duration::from_secs(40), || (back(&controller) == 21).then_some(()));
+    wait_for("web running everywhere, reported again", Duration::from_secs(20), || settled(&server, "web", 1, 21));
+    assert!(alive(pid) && running_pid(&run, "web-0") == Some(pid), "the container was touched");
+    let w = describe_workload(&server, "web").expect("web");
+    let real = w.devices.iter().find(|d| d.device == DEVICE).expect("the real device");
+    assert_eq!(real.reported.as_ref().map(|r| r.restarts), Some(0), "{real:?}");
+}
