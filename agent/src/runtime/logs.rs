@@ -38,8 +38,14 @@ pub struct LogWriter {
     pending: Vec<u8>,
     /// When the oldest pending byte arrived.
     pending_since_ms: Option<u64>,
+    /// After a failed write (the disk full, the directory gone): when to try
+    /// again. The shim's loop sleeps until then instead of spinning.
+    retry_at_ms: Option<u64>,
     partial: [Vec<u8>; 2],
 }
+
+/// How long a failed log write waits before the next attempt.
+const RETRY_AFTER_MS: u64 = 5_000;
 
 impl LogWriter {
     pub fn new(path: &Path, max_bytes: u64, flush_every_ms: u64) -> Self {
@@ -52,6 +58,7 @@ impl LogWriter {
             size,
             pending: Vec::new(),
             pending_since_ms: None,
+            retry_at_ms: None,
             partial: [Vec::new(), Vec::new()],
         }
     }
@@ -86,18 +93,44 @@ impl LogWriter {
         self.pending.extend_from_slice(&line);
         self.pending.push(b'\n');
         self.pending_since_ms.get_or_insert(now_ms);
+        // Output that cannot be written (yet) is bounded like the file: the newest stays.
+        if self.pending.len() as u64 > 2 * self.max_bytes {
+            self.keep_newest(self.max_bytes as usize);
+        }
+    }
+
+    /// Drops the oldest pending lines, keeping at most `limit` bytes of whole lines.
+    fn keep_newest(&mut self, limit: usize) {
+        let excess = self.pending.len().saturating_sub(limit);
+        if excess == 0 {
+            return;
+        }
+        let cut =
+            self.pending[excess..].iter().position(|b| *b == b'\n').map_or(self.pending.len(), |p| excess + p + 1);
+        self.pending.drain(..cut);
     }
 
     /// Milliseconds until the next flush is due, if anything is pending.
     pub fn due_in_ms(&self, now_ms: u64) -> Option<u64> {
-        self.pending_since_ms.map(|t| (t + self.flush_every_ms).saturating_sub(now_ms))
+        let due = self.pending_since_ms.map(|t| t + self.flush_every_ms)?;
+        Some(due.max(self.retry_at_ms.unwrap_or(0)).saturating_sub(now_ms))
     }
 
-    /// Writes pending lines if they are old enough or the buffer is big.
+    /// Writes pending lines if they are old enough or the buffer is big (not
+    /// before the retry time of a failed write).
     pub fn maybe_flush(&mut self, now_ms: u64) -> std::io::Result<()> {
+        if self.retry_at_ms.is_some_and(|at| now_ms < at) {
+            return Ok(());
+        }
         let due = self.due_in_ms(now_ms) == Some(0) || self.pending.len() >= 64 * 1024;
         if due {
-            self.flush()?;
+            match self.flush() {
+                Ok(()) => self.retry_at_ms = None,
+                Err(e) => {
+                    self.retry_at_ms = Some(now_ms + RETRY_AFTER_MS);
+                    return Err(e);
+                }
+            }
         }
         Ok(())
     }
@@ -119,10 +152,7 @@ impl LogWriter {
         if self.pending.len() as u64 > self.max_bytes {
             // More output than a file holds arrived between two flushes: keep
             // the newest whole lines that fit; the rest would be rotated away anyway.
-            let excess = self.pending.len() - self.max_bytes as usize;
-            let cut =
-                self.pending[excess..].iter().position(|b| *b == b'\n').map_or(self.pending.len(), |p| excess + p + 1);
-            self.pending.drain(..cut);
+            self.keep_newest(self.max_bytes as usize);
             if self.pending.is_empty() {
                 self.pending_since_ms = None;
                 return Ok(());
@@ -174,6 +204,27 @@ pub fn rfc3339_ms(unix_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_that_cannot_be_written_waits_to_retry_and_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        // Its directory is gone (a full or failing disk does the same to a write).
+        let mut log = LogWriter::new(&dir.path().join("gone/container.log"), 4096, 100);
+        log.push(Stream::Stdout, b"one\n", 1_000);
+        assert!(log.maybe_flush(1_100).is_err());
+        // The shim's loop would spin on a zero timeout: the next try waits.
+        assert_eq!(log.due_in_ms(1_100), Some(RETRY_AFTER_MS));
+        assert!(log.maybe_flush(1_200).is_ok(), "tried again before its time");
+        for i in 0..10_000 {
+            log.push(Stream::Stdout, format!("line {i}\n").as_bytes(), 2_000);
+        }
+        assert!(log.pending.len() <= 2 * 4096, "pending grew to {}", log.pending.len());
+        assert!(log.pending.ends_with(b"stdout line 9999\n"), "the newest output was dropped");
+        // The directory is back: the next try writes.
+        std::fs::create_dir(dir.path().join("gone")).unwrap();
+        assert!(log.maybe_flush(1_100 + RETRY_AFTER_MS).is_ok());
+        assert!(std::fs::read_to_string(dir.path().join("gone/container.log")).unwrap().contains("line 9999"));
+    }
 
     #[test]
     fn timestamps() {
