@@ -159,16 +159,25 @@ impl World {
     /// and unmounts the overlays beneath it.
     fn reap_containers(&self) {
         let root = self.path().display().to_string();
+        let ours = || {
+            std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|entry| {
+                let pid = entry.file_name().to_string_lossy().parse::<i32>().ok()?;
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd).into_owned();
+                cmd.contains(&root).then_some((pid, cmd.contains("\0shim\0")))
+            })
+        };
+        // Anything of this test still running that is not a shim (an agent a
+        // wrapper kept alive) goes first, or it would start containers again.
+        for (pid, _) in ours().filter(|(pid, shim)| !shim && *pid != std::process::id() as i32) {
+            // SAFETY: kill(2) on a process running from this test's dir.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         let mut shims = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains("\0shim\0") && cmd.contains(&root) {
-                // SAFETY: kill(2) on a shim this test's agents started.
-                unsafe { libc::kill(pid, libc::SIGINT) };
-                shims.push(pid);
-            }
+        for (pid, _) in ours().filter(|(_, shim)| *shim) {
+            // SAFETY: kill(2) on a shim this test's agents started.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+            shims.push(pid);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while shims.iter().any(|p| Path::new(&format!("/proc/{p}")).exists()) && Instant::now() < deadline {
@@ -394,18 +403,24 @@ pub fn start_agent_to_die_at(world: &World, id: &str, broker: &str, failpoint: &
 /// Starts `baton-agent` for device `id` with its wall clock shifted by
 /// `offset` (libfaketime's relative syntax: `-3d`, `+3d`), as a Raspberry Pi
 /// without a real-time clock or NTP would run. Monotonic time is left alone.
+/// libfaketime is preloaded into the agent itself (its shims inherit it):
+/// the `faketime` command would fork it, and a `kill -9` of the test's
+/// process would then leave the agent running.
 pub fn start_agent_at_clock(world: &World, id: &str, broker: &str, extra: &[&str], offset: &str) -> Proc {
-    let mut args = faketime_args(offset);
-    args.push(bin("baton-agent").display().to_string());
-    args.extend(agent_args(world, id, broker, extra));
-    Proc::spawn(&format!("agent-{id}"), Path::new("/usr/bin/env"), &args, world.path())
+    let args = agent_args(world, id, broker, extra);
+    let env = faketime_env(offset);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Proc::spawn_with_env(&format!("agent-{id}"), &bin("baton-agent"), &args, world.path(), &env)
 }
 
-/// `env` arguments that run the next program under `faketime -f OFFSET`.
-pub fn faketime_args(offset: &str) -> Vec<String> {
-    let faketime =
-        which("faketime").expect("faketime is not installed: .ci/run installs it (apt-get install faketime)");
-    vec!["FAKETIME_DONT_FAKE_MONOTONIC=1".into(), faketime.display().to_string(), "-f".into(), offset.into()]
+/// The environment that shifts a process's wall clock by `offset` (libfaketime, preloaded).
+pub fn faketime_env(offset: &str) -> Vec<(&'static str, String)> {
+    let lib =
+        ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("libfaketime is not installed: .ci/run installs it (apt-get install faketime)");
+    vec![("LD_PRELOAD", lib.into()), ("FAKETIME", offset.into()), ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into())]
 }
 
 /// The flags `start_agent` runs an agent with: this world's dirs and cgroup

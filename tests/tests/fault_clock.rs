@@ -25,9 +25,8 @@ fn devices_days_behind_or_ahead_join_over_tls_run_and_answer_commands() {
     for (id, offset, _) in devices {
         give_busybox(&world, id, "busybox:clock");
         std::fs::write(world.path().join("empty.toml"), "").expect("config");
-        let out = Command::new("/usr/bin/env")
-            .args(faketime_args(offset))
-            .arg(bin("baton-agent"))
+        let out = Command::new(bin("baton-agent"))
+            .envs(faketime_env(offset))
             .args(["join", token.trim(), "--config"])
             .arg(world.path().join("empty.toml"))
             .args(["--broker", &broker, "--device-id", id, "--data-dir"])
