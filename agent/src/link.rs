@@ -345,6 +345,11 @@ impl Link {
         let refused =
             baton_protocol::Report { generation: self.applied_generation, workloads: Vec::new(), refused: Some(why) };
         self.publish(TopicKind::Report, &Message::Report(refused));
+        // Reports are retained: the broker's copy goes back to what runs.
+        if let Some(e) = &self.engine {
+            let runs = e.reports.borrow().clone();
+            self.publish(TopicKind::Report, &Message::Report(runs));
+        }
     }
 
     /// Only commands the controller signed for this device, before their

@@ -84,6 +84,57 @@ fn multi_arch_index_picks_this_platform_and_names_what_it_has_when_not() {
 }
 
 #[test]
+fn one_image_under_two_names_keeps_both_and_its_index_digest_finds_it() {
+    let fx = Fixture::new();
+    let dir = fx.dir.path().join("layout");
+    let mut manifests = Vec::new();
+    for arch in ["amd64", "arm64", "riscv64"] {
+        let l = put(&dir, &layer_from(None, &[("arch", arch.as_bytes())]));
+        manifests.push((image(&dir, arch, &[&l]), arch));
+    }
+    // A multi-arch image as registries serve it: the layout names an index
+    // blob (what a controller pins the tag to), which names each platform.
+    let platforms: Vec<_> = manifests
+        .iter()
+        .map(|(m, a)| serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": m.digest, "size": m.size, "platform": {"architecture": a, "os": "linux"}}))
+        .collect();
+    let idx = put(
+        &dir,
+        serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": platforms})
+            .to_string()
+            .as_bytes(),
+    );
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json", "digest": idx.digest, "size": idx.size}]}).to_string(),
+    )
+    .unwrap();
+    let store = ImageStore::open(fx.dir.path().join("images")).unwrap();
+    let first = store.import_layout(&dir, Some("app:1")).unwrap();
+    assert_eq!(first.index.as_ref().map(|d| d.as_str()), Some(idx.digest.as_str()));
+    assert_ne!(first.manifest.as_str(), idx.digest, "the platform's manifest is what is stored");
+    // `docker tag`: the same image under a second name.
+    let second = store.import_layout(&dir, Some("app:latest")).unwrap();
+    assert_eq!(second.manifest, first.manifest);
+    for name in ["app:1", "app:latest"] {
+        assert_eq!(store.resolve(name, None).unwrap().manifest, first.manifest, "{name} lost");
+    }
+    // Pinned by the index digest (what the controller resolves a multi-arch tag to) or the manifest's.
+    assert_eq!(store.resolve("app:1", Some(&idx.digest)).unwrap().manifest, first.manifest);
+    assert_eq!(store.resolve("x", Some(first.manifest.as_str())).unwrap().manifest, first.manifest);
+    let mut names: Vec<String> = store.images().into_iter().map(|r| r.reference).collect();
+    names.sort();
+    assert_eq!(names, ["app:1", "app:latest"]);
+    // GC keeps an image pinned by its index digest.
+    let keep = [idx.digest.clone()].into_iter().collect();
+    store.gc(&keep, &Default::default(), 0).unwrap();
+    assert!(store.resolve("app:1", None).is_ok(), "GC removed an image the desired state pins by index");
+    store.gc(&Default::default(), &Default::default(), 0).unwrap();
+    assert!(store.resolve("app:latest", None).is_err() && store.images().is_empty());
+}
+
+#[test]
 fn corrupt_blobs_are_refused_and_nothing_of_them_is_kept() {
     let fx = Fixture::new();
     let dir = fx.dir.path().join("layout");

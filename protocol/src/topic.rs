@@ -64,7 +64,7 @@ pub enum TopicKind {
     Inventory,
     /// agent → controller, QoS 0.
     Heartbeat,
-    /// agent → controller, QoS 1, sent when observed state changes.
+    /// agent → controller, QoS 1, retained; sent when observed state changes and on connect.
     Report,
     /// controller → agent, QoS 1, retained: the whole desired state.
     Desired,
@@ -114,9 +114,12 @@ impl TopicKind {
         }
     }
 
-    /// Whether the publisher sets the retain flag.
+    /// Whether the publisher sets the retain flag. A device's last report is
+    /// retained like its presence: a controller that (re)subscribes after a
+    /// broker lost its session learns what every device runs without waiting
+    /// for each to change something.
     pub fn retained(self) -> bool {
-        matches!(self, Self::Presence | Self::Inventory | Self::Desired)
+        matches!(self, Self::Presence | Self::Inventory | Self::Report | Self::Desired)
     }
 
     /// Filter matching this kind for every device: `baton/v1/dev/+/{suffix}`.

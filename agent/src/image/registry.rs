@@ -90,6 +90,8 @@ impl Registry {
         let r = Reference::parse(reference)?;
         let mut stats = PullStats::default();
         let (mut digest, mut media_type, mut bytes) = self.fetch_document(store, &r, &r.reference())?;
+        // What the tag (or pinned digest) names: an index, for a multi-arch image.
+        let top = digest.clone();
         let manifest = loop {
             match manifest::parse_document(&media_type, &bytes)? {
                 Document::Manifest(m) => break m,
@@ -124,6 +126,7 @@ impl Registry {
             .map_err(|e| ImageError::Invalid(format!("image config {}: {e}", manifest.config.digest)))?;
         let record = ImageRecord {
             reference: reference.to_string(),
+            index: (digest != top).then_some(top),
             manifest: digest,
             config,
             layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),

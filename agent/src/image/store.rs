@@ -26,9 +26,15 @@ const MAX_DOCUMENT: u64 = 4 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {
-    /// The name it was imported under (`registry/repo:tag`, or what the layout said).
+    /// The name it was last imported under (`registry/repo:tag`, or what the
+    /// layout said); every name that points at it is in the catalog's tags.
     pub reference: String,
+    /// This platform's manifest: what the image *is* here.
     pub manifest: Digest,
+    /// The multi-platform index (manifest list) it was chosen from, when it
+    /// was: the digest a controller pins a multi-arch tag to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<Digest>,
     pub config: ImageConfig,
     pub layers: Vec<Digest>,
     /// The config blob (kept by GC while the image is).
@@ -49,8 +55,43 @@ pub struct GcStats {
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Catalog {
-    /// Manifest digest → record.
+    /// Manifest digest (hex) → record.
     images: BTreeMap<String, ImageRecord>,
+    /// Name → manifest digest (hex). Several names may point at one image
+    /// (`docker tag`); one name points at one image (the last one recorded).
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+}
+
+impl Catalog {
+    /// Reads `images.json`; catalogs written before tags were kept get them
+    /// from their records.
+    fn parse(bytes: &[u8]) -> Option<Self> {
+        let mut c: Catalog = serde_json::from_slice(bytes).ok()?;
+        let untagged: Vec<(String, String)> = c
+            .images
+            .iter()
+            .filter(|(_, r)| !c.tags.contains_key(&r.reference))
+            .map(|(hex, r)| (r.reference.clone(), hex.clone()))
+            .collect();
+        c.tags.extend(untagged);
+        c.tags.retain(|_, hex| c.images.contains_key(hex));
+        Some(c)
+    }
+
+    /// The image a digest names: its manifest, or the index it was chosen from.
+    fn by_digest(&self, d: &Digest) -> Option<&ImageRecord> {
+        self.images.get(d.hex()).or_else(|| self.images.values().find(|r| r.index.as_ref() == Some(d)))
+    }
+
+    fn by_name(&self, reference: &str) -> Option<&ImageRecord> {
+        self.tags.get(reference).and_then(|hex| self.images.get(hex))
+    }
+
+    /// The names pointing at the image with manifest `hex`.
+    fn names_of<'a>(&'a self, hex: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+        self.tags.iter().filter(move |(_, h)| h.as_str() == hex).map(|(n, _)| n)
+    }
 }
 
 pub struct ImageStore {
@@ -304,38 +345,49 @@ impl ImageStore {
     }
 
     fn catalog(&self) -> Catalog {
-        fs::read(self.root.join("images.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+        fs::read(self.root.join("images.json")).ok().and_then(|b| Catalog::parse(&b)).unwrap_or_default()
     }
 
-    pub fn images(&self) -> Vec<ImageRecord> {
-        self.catalog().images.into_values().collect()
-    }
-
-    /// Records an image whose blobs are all in the store.
-    pub fn record_image(&self, record: &ImageRecord) -> Result<(), ImageError> {
-        let mut catalog = self.catalog();
-        // One reference names one image: a re-import under the same name replaces it.
-        catalog.images.retain(|_, r| r.reference != record.reference || r.manifest == record.manifest);
-        catalog.images.insert(record.manifest.hex().to_string(), record.clone());
-        let bytes = serde_json::to_vec_pretty(&catalog).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    fn write_catalog(&self, catalog: &Catalog) -> Result<(), ImageError> {
+        let bytes = serde_json::to_vec_pretty(catalog).map_err(|e| ImageError::Invalid(e.to_string()))?;
         write_atomic(&self.root.join("images.json"), &bytes).map_err(ImageError::io("write images.json"))
     }
 
-    /// Finds an imported image by manifest digest (preferred) or reference.
+    /// Every name with the image it points at (`baton-agent image list`).
+    pub fn images(&self) -> Vec<ImageRecord> {
+        let catalog = self.catalog();
+        catalog
+            .tags
+            .iter()
+            .filter_map(|(name, hex)| Some(ImageRecord { reference: name.clone(), ..catalog.images.get(hex)?.clone() }))
+            .collect()
+    }
+
+    /// Records an image whose blobs are all in the store, under its
+    /// reference. Other names pointing at the same image keep it; the name
+    /// stops pointing at whatever image it named before.
+    pub fn record_image(&self, record: &ImageRecord) -> Result<(), ImageError> {
+        let mut catalog = self.catalog();
+        let hex = record.manifest.hex().to_string();
+        let mut kept = record.clone();
+        if let Some(old) = catalog.images.get(&hex) {
+            // The same bytes pulled through an index and then by manifest keep both handles.
+            kept.index = kept.index.or_else(|| old.index.clone());
+        }
+        catalog.tags.insert(record.reference.clone(), hex.clone());
+        catalog.images.insert(hex, kept);
+        self.write_catalog(&catalog)
+    }
+
+    /// Finds a stored image by digest (its manifest's, or the multi-platform
+    /// index's it was chosen from) when one is given, else by name.
     pub fn resolve(&self, reference: &str, digest: Option<&str>) -> Result<ImageRecord, ImageError> {
         let catalog = self.catalog();
         if let Some(d) = digest.filter(|d| !d.is_empty()) {
             let d = Digest::parse(d)?;
-            if let Some(r) = catalog.images.get(d.hex()) {
-                return Ok(r.clone());
-            }
-            return Err(ImageError::NotFound(format!("{reference}@{d}")));
+            return catalog.by_digest(&d).cloned().ok_or_else(|| ImageError::NotFound(format!("{reference}@{d}")));
         }
-        catalog
-            .images
-            .into_values()
-            .find(|r| r.reference == reference)
-            .ok_or_else(|| ImageError::NotFound(reference.into()))
+        catalog.by_name(reference).cloned().ok_or_else(|| ImageError::NotFound(reference.into()))
     }
 
     /// Imports an OCI image layout: a directory, or a tarball of one
@@ -396,6 +448,7 @@ impl ImageStore {
         }
         let record = ImageRecord {
             reference,
+            index: (desc.digest != top.digest).then(|| top.digest.clone()),
             manifest: desc.digest,
             config,
             layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
@@ -459,8 +512,9 @@ impl ImageStore {
             .filter(|r| {
                 // A container runs on exactly its image's layers (other images may share some).
                 let running = !r.layers.is_empty() && r.layers.iter().all(|l| in_use.contains(&self.layer_path(l)));
-                !keep.contains(&r.reference)
+                !catalog.names_of(r.manifest.hex()).any(|n| keep.contains(n))
                     && !keep.contains(r.manifest.as_str())
+                    && !r.index.as_ref().is_some_and(|i| keep.contains(i.as_str()))
                     && !in_use.contains(&self.legacy_rootfs_path(r))
                     && !running
             })
@@ -472,6 +526,7 @@ impl ImageStore {
                 break;
             }
             catalog.images.remove(victim.manifest.hex());
+            catalog.tags.retain(|_, hex| hex != victim.manifest.hex());
             let _ = fs::remove_dir_all(self.legacy_rootfs_path(&victim));
             // Its layers that no remaining image shares and no container uses.
             for layer in &victim.layers {
@@ -487,8 +542,7 @@ impl ImageStore {
         if stats.images_removed.is_empty() {
             return Ok(stats);
         }
-        let bytes = serde_json::to_vec_pretty(&catalog).map_err(|e| ImageError::Invalid(e.to_string()))?;
-        write_atomic(&self.root.join("images.json"), &bytes).map_err(ImageError::io("write images.json"))?;
+        self.write_catalog(&catalog)?;
         let referenced: BTreeSet<String> = catalog
             .images
             .values()
