@@ -96,7 +96,8 @@ struct SimCli {
 
 #[derive(Subcommand)]
 enum ImageCmd {
-    /// Import an OCI image layout (directory or tarball).
+    /// Import an image: an OCI image layout (directory or tarball), or a
+    /// `docker save` / `podman save` archive.
     Load {
         file: PathBuf,
         /// The name to store it under (default: the layout's ref.name annotation).

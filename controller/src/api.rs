@@ -279,10 +279,30 @@ async fn apply_workloads(
     }
     // Tag → digest over HTTP: blocking, off the async workers.
     let results = tokio::task::spawn_blocking(move || {
-        let notes = c.pin_digests(&mut validated);
+        let pinned = c.pin_digests(&mut validated);
+        let images: Vec<String> = validated.iter().map(|v| v.spec.image.clone()).collect();
         c.apply_workloads(validated, now_ms(), &scope).map(|mut results| {
-            for (r, note) in results.iter_mut().zip(notes) {
-                r.note = note;
+            for ((r, pinned), image) in results.iter_mut().zip(pinned).zip(images) {
+                r.note = pinned.note;
+                let Some(platforms) = pinned.platforms else { continue };
+                let lacking = c.devices_without_platform(&r.name, &platforms, now_ms(), &scope);
+                if !lacking.is_empty() {
+                    let mut by_platform: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+                    for (device, platform) in lacking {
+                        by_platform.entry(platform).or_default().push(device);
+                    }
+                    let missing: Vec<String> =
+                        by_platform.into_iter().map(|(p, d)| format!("{p} (devices {})", d.join(", "))).collect();
+                    let warning = format!(
+                        "warning: {image} has no image for {}; it offers {}: those devices will fail to pull it",
+                        missing.join(", "),
+                        if platforms.is_empty() { "none".to_string() } else { platforms.join(", ") }
+                    );
+                    r.note = Some(match r.note.take() {
+                        Some(n) => format!("{n}; {warning}"),
+                        None => warning,
+                    });
+                }
             }
             results
         })

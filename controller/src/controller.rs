@@ -492,23 +492,25 @@ impl Controller {
     /// off the async workers. A registry that cannot answer does not fail the
     /// apply: the digest already pinned for the same image is kept, else
     /// devices pull the tag; the returned note says which.
-    pub fn pin_digests(&self, validated: &mut [Validated]) -> Vec<Option<String>> {
+    pub fn pin_digests(&self, validated: &mut [Validated]) -> Vec<Pinned> {
         let mut notes = Vec::new();
         for v in validated.iter_mut() {
             let spec = &mut v.spec;
             if let Some((_, digest)) = spec.image.split_once('@') {
                 spec.image_digest = digest.to_string();
-                notes.push(None);
+                notes.push(Pinned::default());
                 continue;
             }
             let Some(client) = &self.registry else {
-                notes.push(None);
+                notes.push(Pinned::default());
                 continue;
             };
-            let note = match client.resolve(&spec.image) {
-                Ok(digest) => {
+            let mut platforms = None;
+            let note = match client.resolve_platforms(&spec.image) {
+                Ok((digest, offered)) => {
                     let note = format!("{} → {digest}", spec.image);
                     spec.image_digest = digest;
+                    platforms = offered;
                     note
                 }
                 Err(e) => {
@@ -527,9 +529,50 @@ impl Controller {
                     }
                 }
             };
-            notes.push(Some(note));
+            notes.push(Pinned { note: Some(note), platforms });
         }
         notes
+    }
+
+    /// The devices `workload` is placed on whose platform `platforms` (what
+    /// its image's index offers) lacks, with that platform: they would only
+    /// fail at the pull. The apply says so; it still goes ahead (the missing
+    /// platform may be pushed next, and other devices run it meanwhile).
+    pub fn devices_without_platform(
+        &self,
+        workload: &str,
+        platforms: &[String],
+        now: Millis,
+        scope: &Scope,
+    ) -> Vec<(String, String)> {
+        let Ok(w) = self.workload(workload, now, scope) else { return Vec::new() };
+        let fleet = lock(&self.fleet);
+        w.devices
+            .iter()
+            .filter_map(|d| {
+                let inv = fleet.get(&DeviceId::new(d.device.clone()).ok()?)?.inventory.clone()?;
+                let arch = match inv.arch.as_str() {
+                    "x86_64" => "amd64",
+                    "aarch64" => "arm64",
+                    other => other,
+                };
+                let offered = platforms.iter().any(|p| {
+                    let mut parts = p.split('/');
+                    let (os, a, variant) = (parts.next(), parts.next(), parts.next());
+                    os == Some("linux")
+                        && a == Some(arch)
+                        && (variant.is_none()
+                            || inv.arch_variant.is_empty()
+                            || variant == Some(inv.arch_variant.as_str()))
+                });
+                let wanted = if inv.arch_variant.is_empty() {
+                    format!("linux/{arch}")
+                } else {
+                    format!("linux/{arch}/{}", inv.arch_variant)
+                };
+                (!offered).then(|| (d.device.clone(), wanted))
+            })
+            .collect()
     }
 
     /// Stores validated workloads (the caller validated every document first,
@@ -1764,4 +1807,12 @@ pub const ROLE_READ_ONLY: &str = "read-only";
 /// Compares every byte: no early exit on the first difference.
 fn same_hash(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What pinning an image's tag found: a note for the apply's output, and the
+/// platforms its index offers (None: a single-platform manifest, or unknown).
+#[derive(Debug, Default)]
+pub struct Pinned {
+    pub note: Option<String>,
+    pub platforms: Option<Vec<String>>,
 }

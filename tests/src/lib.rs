@@ -146,6 +146,13 @@ impl World {
         self.dir.path()
     }
 
+    /// Writes `text` to `name` in the world's dir; returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path().join(name);
+        std::fs::write(&path, text).expect("write a file in the test's dir");
+        path
+    }
+
     /// Agents of this world put their containers under cgroups named with this
     /// prefix: parallel tests reuse container names and must not share cgroups.
     pub fn cgroup_prefix(&self) -> String {

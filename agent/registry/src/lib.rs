@@ -77,6 +77,10 @@ impl Reference {
             _ => (name, "latest".to_string()),
         };
         let (registry, repository) = match name.split_once('/') {
+            // Docker Hub's names for itself all mean its registry.
+            Some(("docker.io" | "index.docker.io" | "registry-1.docker.io", rest)) => {
+                ("registry-1.docker.io".to_string(), rest.to_string())
+            }
             Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => {
                 (first.to_string(), rest.to_string())
             }
@@ -95,6 +99,15 @@ impl Reference {
             return Err(bad("bad tag"));
         }
         Ok(Self { registry, repository, tag, digest })
+    }
+
+    /// The one spelling of what this names (`busybox`, `docker.io/library/busybox:latest`
+    /// and `registry-1.docker.io/library/busybox` are the same image).
+    pub fn canonical(&self) -> String {
+        match &self.digest {
+            Some(d) => format!("{}/{}@{d}", self.registry, self.repository),
+            None => format!("{}/{}:{}", self.registry, self.repository, self.tag),
+        }
     }
 
     /// The tag or digest to ask the registry for.
@@ -326,8 +339,35 @@ impl Client {
     /// The digest `image` names right now (a tag's manifest or index; a
     /// reference that pins a digest is checked against the registry).
     pub fn resolve(&self, image: &str) -> Result<String, RegistryError> {
+        Ok(self.resolve_platforms(image)?.0)
+    }
+
+    /// As `resolve`, with the platforms (`os/arch[/variant]`) an index or
+    /// manifest list offers; `None` for a single-platform manifest. Entries
+    /// for `unknown/unknown` (buildx attestations) are not platforms.
+    pub fn resolve_platforms(&self, image: &str) -> Result<(String, Option<Vec<String>>), RegistryError> {
         let r = Reference::parse(image)?;
-        Ok(self.manifest(&r, &r.reference())?.digest)
+        let fetched = self.manifest(&r, &r.reference())?;
+        let platforms = serde_json::from_slice::<serde_json::Value>(&fetched.bytes)
+            .ok()
+            .and_then(|v| v.get("manifests").and_then(|m| m.as_array()).cloned())
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter_map(|e| {
+                        let p = e.get("platform")?;
+                        let (os, arch) = (p.get("os")?.as_str()?, p.get("architecture")?.as_str()?);
+                        if os == "unknown" || arch == "unknown" {
+                            return None;
+                        }
+                        Some(match p.get("variant").and_then(|v| v.as_str()).filter(|v| !v.is_empty()) {
+                            Some(v) => format!("{os}/{arch}/{v}"),
+                            None => format!("{os}/{arch}"),
+                        })
+                    })
+                    .collect()
+            });
+        Ok((fetched.digest, platforms))
     }
 }
 
@@ -349,6 +389,11 @@ mod tests {
         let r = Reference::parse(&format!("ghcr.io/o/app@{d}")).unwrap();
         assert_eq!((r.tag.as_str(), r.reference()), ("latest", d));
         assert!(Reference::parse("Bad/Upper").is_err());
+        for same in ["busybox", "busybox:latest", "docker.io/library/busybox", "index.docker.io/library/busybox:latest"]
+        {
+            assert_eq!(Reference::parse(same).unwrap().canonical(), "registry-1.docker.io/library/busybox:latest");
+        }
+        assert_eq!(Reference::parse("docker.io/apps/x:1").unwrap().canonical(), "registry-1.docker.io/apps/x:1");
         assert!(is_loopback("127.0.0.1:5000") && is_loopback("localhost") && !is_loopback("registry.lan:5000"));
     }
 

@@ -12,6 +12,8 @@ pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json
 pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// The whole image name `docker save` and containerd put beside a bare-tag ref.name.
+pub const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

@@ -6,11 +6,13 @@
 //!
 //! Registry pulls build on the same store (see the images issue).
 
+pub mod archive;
 pub mod manifest;
 pub mod registry;
 pub mod space;
 pub mod store;
 pub mod unpack;
+pub mod user;
 
 pub use store::{GcStats, ImageRecord, ImageStore};
 

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::manifest::{self, Descriptor, Document, ImageConfig, Platform, ANNOTATION_REF_NAME};
+use super::manifest::{
+    self, Descriptor, Document, ImageConfig, Platform, ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME,
+};
 use super::unpack::{apply_layer, unpack, Target};
 use super::{Digest, ImageError};
 use crate::runtime::layout::write_atomic;
@@ -63,6 +65,14 @@ struct Catalog {
     tags: BTreeMap<String, String>,
 }
 
+/// How names are compared: by Docker's one spelling of each (`busybox` is
+/// `registry-1.docker.io/library/busybox:latest`, so an image loaded as
+/// `docker.io/apps/x:1` runs for a workload that says `apps/x:1`); a name
+/// that is not a registry reference is compared as written.
+fn tag_key(name: &str) -> String {
+    baton_registry::Reference::parse(name).map_or_else(|_| name.to_string(), |r| r.canonical())
+}
+
 impl Catalog {
     /// Reads `images.json`; catalogs written before tags were kept get them
     /// from their records.
@@ -85,7 +95,11 @@ impl Catalog {
     }
 
     fn by_name(&self, reference: &str) -> Option<&ImageRecord> {
-        self.tags.get(reference).and_then(|hex| self.images.get(hex))
+        let hex = self.tags.get(reference).or_else(|| {
+            let key = tag_key(reference);
+            self.tags.iter().find(|(name, _)| tag_key(name) == key).map(|(_, hex)| hex)
+        })?;
+        self.images.get(hex)
     }
 
     /// The names pointing at the image with manifest `hex`.
@@ -374,6 +388,9 @@ impl ImageStore {
             // The same bytes pulled through an index and then by manifest keep both handles.
             kept.index = kept.index.or_else(|| old.index.clone());
         }
+        // One name, one image, however it is spelled.
+        let key = tag_key(&record.reference);
+        catalog.tags.retain(|name, _| tag_key(name) != key);
         catalog.tags.insert(record.reference.clone(), hex.clone());
         catalog.images.insert(hex, kept);
         self.write_catalog(&catalog)
@@ -399,19 +416,37 @@ impl ImageStore {
             let result = fs::File::open(path)
                 .map_err(ImageError::io(format!("open {}", path.display())))
                 .and_then(|f| apply_layer(f, &tmp).map(|_| ()))
-                .and_then(|()| self.import_layout(&tmp, name));
+                .and_then(|()| {
+                    if super::archive::is_docker_archive(&tmp) {
+                        super::archive::to_oci_layout(&tmp)?;
+                    }
+                    self.import_layout(&tmp, name)
+                });
             let _ = fs::remove_dir_all(&tmp);
             return result;
         }
-        let index_bytes = fs::read(path.join("index.json"))
-            .map_err(ImageError::io(format!("{} is not an OCI image layout (index.json)", path.display())))?;
+        if super::archive::is_docker_archive(path) {
+            return Err(ImageError::Invalid(format!(
+                "{} is an unpacked docker archive: load the .tar that `docker save` wrote",
+                path.display()
+            )));
+        }
+        let index_bytes = fs::read(path.join("index.json")).map_err(ImageError::io(format!(
+            "{} is neither an OCI image layout (index.json) nor a docker archive (manifest.json)",
+            path.display()
+        )))?;
         let index: manifest::Index = serde_json::from_slice(&index_bytes)
             .map_err(|e| ImageError::Invalid(format!("{}/index.json: {e}", path.display())))?;
         let top = manifest::select_platform(&index, &self.platform, &format!("{}/index.json", path.display()))?;
-        let reference =
-            name.map(str::to_string).or_else(|| top.annotations.get(ANNOTATION_REF_NAME).cloned()).ok_or_else(
-                || ImageError::Invalid("the layout names no image (ref.name annotation): pass a name".into()),
-            )?;
+        // `docker save` (25+) writes an OCI layout whose ref.name is the bare
+        // tag and whose containerd annotation has the whole name.
+        let reference = name
+            .map(str::to_string)
+            .or_else(|| top.annotations.get(ANNOTATION_CONTAINERD_NAME).cloned())
+            .or_else(|| top.annotations.get(ANNOTATION_REF_NAME).cloned())
+            .ok_or_else(|| {
+                ImageError::Invalid("the layout names no image (ref.name annotation): pass a name".into())
+            })?;
 
         let from_layout = |d: &Descriptor| -> Result<(), ImageError> {
             let src = path.join("blobs/sha256").join(d.digest.hex());
@@ -506,13 +541,15 @@ impl ImageStore {
             return Ok(stats);
         }
         let mut catalog = self.catalog();
+        let keep_names: BTreeSet<String> =
+            keep.iter().filter(|k| !k.starts_with("sha256:")).map(|k| tag_key(k)).collect();
         let mut candidates: Vec<ImageRecord> = catalog
             .images
             .values()
             .filter(|r| {
                 // A container runs on exactly its image's layers (other images may share some).
                 let running = !r.layers.is_empty() && r.layers.iter().all(|l| in_use.contains(&self.layer_path(l)));
-                !catalog.names_of(r.manifest.hex()).any(|n| keep.contains(n))
+                !catalog.names_of(r.manifest.hex()).any(|n| keep.contains(n) || keep_names.contains(&tag_key(n)))
                     && !keep.contains(r.manifest.as_str())
                     && !r.index.as_ref().is_some_and(|i| keep.contains(i.as_str()))
                     && !in_use.contains(&self.legacy_rootfs_path(r))

@@ -13,6 +13,17 @@
 //! the same way; device nodes are skipped (a container gets its devices from
 //! its spec); OCI whiteouts (`.wh.NAME`) delete from lower layers and opaque
 //! markers (`.wh..wh..opq`) hide a directory's lower contents.
+//!
+//! What is kept of each entry, as Docker and Podman keep it: owner, mode
+//! (setuid/setgid/sticky included), modification and access times (PAX
+//! precision; directories get theirs once their contents are written), and
+//! these extended attributes from PAX `SCHILY.xattr.*` records:
+//! `security.capability` (file capabilities, e.g. a server binding port 80
+//! as non-root), `user.*`, and POSIX ACLs (`system.posix_acl_*`). Never
+//! `trusted.*` (overlayfs's own markers: a layer must not forge opaque
+//! directories or redirects) nor `security.selinux`/`ima`/`evm` (host
+//! policy). A whiteout only hides what lower layers had: one under a path
+//! this layer made a non-directory has nothing left to hide and is skipped.
 
 use std::collections::HashSet;
 use std::fs;
@@ -151,6 +162,113 @@ fn find_in_lowers(lowers: &[PathBuf], rel: &Path) -> Option<PathBuf> {
     None
 }
 
+/// Whether an extended attribute from a layer is kept (see the module docs).
+pub fn xattr_kept(name: &str) -> bool {
+    name == "security.capability"
+        || name.starts_with("user.")
+        || name == "system.posix_acl_access"
+        || name == "system.posix_acl_default"
+}
+
+/// A file time: (seconds, nanoseconds) since the epoch.
+pub type Time = (i64, i64);
+
+/// Sets access and modification times on `path` itself (not through a symlink).
+pub fn set_times(path: &Path, atime: Time, mtime: Time) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let ts = |(s, ns): Time| libc::timespec { tv_sec: s as libc::time_t, tv_nsec: ns as _ };
+    let times = [ts(atime), ts(mtime)];
+    // SAFETY: a NUL-terminated path and an array of two timespecs, as utimensat(2) wants.
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The kept extended attributes of `path` itself, with their values.
+pub fn kept_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(p) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return Vec::new() };
+    let mut names = vec![0u8; 4096];
+    // SAFETY: a NUL-terminated path and a buffer of the length given.
+    let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if n <= 0 {
+        return Vec::new();
+    }
+    names.truncate(n as usize);
+    let mut out = Vec::new();
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let Ok(name) = std::str::from_utf8(name) else { continue };
+        if !xattr_kept(name) {
+            continue;
+        }
+        let Ok(cname) = std::ffi::CString::new(name) else { continue };
+        let mut value = vec![0u8; 64 * 1024];
+        // SAFETY: NUL-terminated strings and a buffer of the length given.
+        let len = unsafe { libc::lgetxattr(p.as_ptr(), cname.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+        if len >= 0 {
+            value.truncate(len as usize);
+            out.push((name.to_string(), value));
+        }
+    }
+    out
+}
+
+/// Gives `dst` the owner, mode, kept xattrs and times of `src` (a file of a
+/// lower layer copied into this one, or the copy fallback's merged tree).
+/// Owner first: chown(2) clears file capabilities.
+pub fn copy_meta(src: &fs::Metadata, src_path: &Path, dst: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dst, Some(src.uid()), Some(src.gid()))?;
+    if !src.file_type().is_symlink() {
+        fs::set_permissions(dst, fs::Permissions::from_mode(src.mode() & 0o7777))?;
+        for (name, value) in kept_xattrs(src_path) {
+            set_xattr(dst, &name, &value)?;
+        }
+    }
+    set_times(dst, (src.atime(), src.atime_nsec()), (src.mtime(), src.mtime_nsec()))
+}
+
+/// A PAX time (`1700000000.123456789`) as (seconds, nanoseconds).
+fn pax_time(v: &str) -> Option<Time> {
+    let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
+    let secs: i64 = secs.parse().ok()?;
+    let digits: String = frac.chars().take(9).collect();
+    let ns = if digits.is_empty() { 0 } else { format!("{digits:0<9}").parse().ok()? };
+    Some((secs, if secs < 0 && ns > 0 { -ns } else { ns }))
+}
+
+/// What a layer entry says beyond its header's fixed fields.
+#[derive(Default)]
+struct Extended {
+    xattrs: Vec<(String, Vec<u8>)>,
+    mtime: Option<Time>,
+    atime: Option<Time>,
+}
+
+fn extended<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Extended, ImageError> {
+    let mut ext = Extended::default();
+    let Some(records) = entry.pax_extensions().map_err(ImageError::io("read PAX header"))? else {
+        return Ok(ext);
+    };
+    for record in records {
+        let record = record.map_err(ImageError::io("read PAX record"))?;
+        let Ok(key) = record.key() else { continue };
+        if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+            if xattr_kept(name) {
+                ext.xattrs.push((name.to_string(), record.value_bytes().to_vec()));
+            }
+        } else if key == "mtime" {
+            ext.mtime = record.value().ok().and_then(pax_time);
+        } else if key == "atime" {
+            ext.atime = record.value().ok().and_then(pax_time);
+        }
+    }
+    Ok(ext)
+}
+
 /// Applies one uncompressed layer onto `root` (see `Target`).
 pub fn apply_layer(reader: impl Read, root: &Path) -> Result<LayerStats, ImageError> {
     unpack(reader, root, Target::Merged, &|_| Ok(()))
@@ -168,19 +286,34 @@ pub fn unpack(
     target: Target<'_>,
     guard: &dyn Fn(u64) -> Result<(), ImageError>,
 ) -> Result<LayerStats, ImageError> {
-    let mut archive = tar::Archive::new(reader);
+    let tail = Tail { inner: reader, pos: Default::default(), fill_until: Default::default() };
+    let (pos, fill_until) = (tail.pos.clone(), tail.fill_until.clone());
+    let mut archive = tar::Archive::new(tail);
     let mut stats = LayerStats::default();
     // Paths this layer created: an opaque marker hides lower layers only.
     let mut created: HashSet<PathBuf> = HashSet::new();
-    let entries = archive.entries().map_err(ImageError::io("read layer"))?;
-    for entry in entries {
+    // Directories' times, set once nothing more is written into them (deepest first).
+    let mut dir_times: Vec<(PathBuf, Time, Time)> = Vec::new();
+    let mut entries = archive.entries().map_err(ImageError::io("read layer"))?;
+    loop {
+        // Whatever was read of the stream is whole: it may end here without
+        // its last padding and end-of-archive blocks (see `Tail`).
+        fill_until.set(pos.get().next_multiple_of(512) + 1024);
+        let Some(entry) = entries.next() else { break };
         let mut entry = entry.map_err(ImageError::io("read layer entry"))?;
+        fill_until.set(pos.get()); // an entry's own data is never made up
         let raw = entry.path().map_err(ImageError::io("read entry path"))?.into_owned();
         let Some(rel) = normalise(&raw)? else { continue };
         stats.entries += 1;
         let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let kind = entry.header().entry_type();
 
+        if name.starts_with(WHITEOUT) && hidden_by_this_layer(root, &rel, &created) {
+            // e.g. umoci's dir2file: the file replaced the directory, whose
+            // lower contents are gone with it; the whiteout hides nothing more.
+            stats.whiteouts += 1;
+            continue;
+        }
         if name == OPAQUE {
             stats.whiteouts += 1;
             let dir = rel.parent().unwrap_or(Path::new(""));
@@ -228,6 +361,9 @@ pub fn unpack(
         }
         let mode = entry.header().mode().unwrap_or(0o644) & 0o7777;
         let (uid, gid) = (entry.header().uid().unwrap_or(0), entry.header().gid().unwrap_or(0));
+        let ext = extended(&mut entry)?;
+        let mtime = ext.mtime.unwrap_or((entry.header().mtime().unwrap_or(0) as i64, 0));
+        let atime = ext.atime.unwrap_or(mtime);
 
         match kind {
             tar::EntryType::Directory => {
@@ -242,8 +378,17 @@ pub fn unpack(
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&dest)
                     .map_err(ImageError::io(format!("create {}", dest.display())))?;
+                let size = entry.size();
+                let before = stats.bytes;
                 copy_guarded(&mut entry, &mut f, &mut stats.bytes, guard)
                     .map_err(|e| e.within(&format!("write {}", dest.display())))?;
+                if stats.bytes - before != size {
+                    return Err(ImageError::Invalid(format!(
+                        "layer ends inside {} ({} of its {size} bytes)",
+                        rel.display(),
+                        stats.bytes - before
+                    )));
+                }
             }
             tar::EntryType::Symlink => {
                 let target = entry
@@ -273,8 +418,8 @@ pub fn unpack(
                     stats.bytes +=
                         fs::copy(&lower, &dest).map_err(ImageError::io(format!("copy {}", dest.display())))?;
                     let m = fs::metadata(&lower).map_err(ImageError::io(format!("stat {}", lower.display())))?;
-                    std::os::unix::fs::lchown(&dest, Some(m.uid()), Some(m.gid()))
-                        .map_err(ImageError::io(format!("chown {}", dest.display())))?;
+                    copy_meta(&m, &lower, &dest)
+                        .map_err(ImageError::io(format!("copy metadata to {}", dest.display())))?;
                     created.insert(rel);
                     continue;
                 }
@@ -303,15 +448,64 @@ pub fn unpack(
             }
             _ => continue, // pax/GNU metadata entries are consumed by the tar reader
         }
+        // Owner, then mode, then xattrs: chown(2) clears file capabilities.
         std::os::unix::fs::lchown(&dest, Some(uid as u32), Some(gid as u32))
             .map_err(ImageError::io(format!("chown {}", dest.display())))?;
         if kind != tar::EntryType::Symlink {
             fs::set_permissions(&dest, fs::Permissions::from_mode(mode))
                 .map_err(ImageError::io(format!("chmod {}", dest.display())))?;
+            for (xname, value) in &ext.xattrs {
+                set_xattr(&dest, xname, value).map_err(ImageError::io(format!("set {xname} on {}", dest.display())))?;
+            }
+        }
+        if kind.is_dir() {
+            dir_times.push((dest, atime, mtime));
+        } else {
+            set_times(&dest, atime, mtime).map_err(ImageError::io(format!("set times of {}", dest.display())))?;
         }
         created.insert(rel);
     }
+    // Deepest first, so that setting a child's times does not move its parent's.
+    dir_times.sort_by_key(|(p, _, _)| std::cmp::Reverse(p.components().count()));
+    for (dir, atime, mtime) in dir_times {
+        set_times(&dir, atime, mtime).map_err(ImageError::io(format!("set times of {}", dir.display())))?;
+    }
     Ok(stats)
+}
+
+/// Whether a whiteout at `rel` falls under a path this layer made something
+/// other than a directory (so the lower tree it names is already hidden).
+fn hidden_by_this_layer(root: &Path, rel: &Path, created: &HashSet<PathBuf>) -> bool {
+    rel.ancestors()
+        .skip(1)
+        .filter(|a| !a.as_os_str().is_empty())
+        .any(|a| created.contains(a) && fs::symlink_metadata(root.join(a)).is_ok_and(|m| !m.is_dir()))
+}
+
+/// The layer stream, as Go's archive/tar (so Docker, containerd, Podman and
+/// umoci) reads it: a stream that ends right after its last entry's data,
+/// without the padding to 512 bytes and the two zero blocks that close a tar
+/// (umoci 0.4 writes such layers), ends there. Past the end of `inner`, it
+/// gives zeros up to `fill_until` — which the unpack sets, before asking for
+/// each next entry, to just past what a whole archive would still have —
+/// so a stream cut inside an entry's data still fails (its size is checked).
+struct Tail<R> {
+    inner: R,
+    pos: std::rc::Rc<std::cell::Cell<u64>>,
+    fill_until: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: Read> Read for Tail<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            let allowed = self.fill_until.get().saturating_sub(self.pos.get());
+            n = usize::try_from(allowed).unwrap_or(usize::MAX).min(buf.len());
+            buf[..n].fill(0);
+        }
+        self.pos.set(self.pos.get() + n as u64);
+        Ok(n)
+    }
 }
 
 /// Copies a file's bytes, asking `guard` each time the layer's total crosses
@@ -443,6 +637,20 @@ mod tests {
         let e = unpack(&layer(&[("x", H, "nowhere")])[..], &top, Target::Layer { lowers: &lowers }, &|_| Ok(()))
             .unwrap_err();
         assert!(matches!(e, ImageError::UnsafeLayer(_)), "{e}");
+    }
+
+    #[test]
+    fn a_layer_without_its_closing_blocks_reads_whole_and_one_cut_in_a_file_fails() {
+        let full = layer(&[("etc/", D, ""), ("etc/motd", F, "hello"), ("etc/z", F, "abc")]);
+        // As umoci writes a one-file layer: header and data, no padding, no end blocks.
+        let data_end = full.len() - 1024 - (512 - 3);
+        let dir = tempfile::tempdir().unwrap();
+        apply_layer(&full[..data_end], dir.path()).unwrap();
+        assert_eq!(fs::read_to_string(dir.path().join("etc/z")).unwrap(), "abc");
+        assert_eq!(fs::read_to_string(dir.path().join("etc/motd")).unwrap(), "hello");
+        let dir = tempfile::tempdir().unwrap();
+        let e = apply_layer(&full[..data_end - 2], dir.path()).unwrap_err();
+        assert!(e.to_string().contains("ends inside etc/z"), "{e}");
     }
 
     #[test]

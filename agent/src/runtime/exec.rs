@@ -36,10 +36,20 @@ pub fn run(args: ExecArgs) -> i32 {
             return 126;
         }
     };
+    // As `docker exec`: the container's user, groups and working directory.
+    let process = container_process(&args.root, &args.id);
     let built = ContainerBuilder::new(args.id.clone(), SyscallType::default())
         .with_root_path(&args.root)
         .map(|b| b.with_stdin(stdin).with_stdout(stdout).with_stderr(stderr).as_tenant())
-        .and_then(|b| b.with_container_args(args.argv.clone()).with_detach(true).build());
+        .and_then(|b| {
+            b.with_container_args(args.argv.clone())
+                .with_user(Some(process.uid))
+                .with_group(Some(process.gid))
+                .with_additional_gids(process.additional_gids.clone())
+                .with_cwd(process.cwd.clone())
+                .with_detach(true)
+                .build()
+        });
     let pid = match built {
         Ok(pid) => pid,
         Err(e) => {
@@ -65,5 +75,38 @@ pub fn run(args: ExecArgs) -> i32 {
             return 137;
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Who the container's own process runs as, and where.
+#[derive(Default)]
+struct ContainerProcess {
+    uid: u32,
+    gid: u32,
+    additional_gids: Vec<u32>,
+    cwd: Option<PathBuf>,
+}
+
+/// Read from the container's bundle (its config.json); root in / when unreadable.
+fn container_process(root: &std::path::Path, id: &str) -> ContainerProcess {
+    let Ok(container) = libcontainer::container::Container::load(root.join(id)) else {
+        return ContainerProcess::default();
+    };
+    let Some(config) = std::fs::read(container.bundle().join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    else {
+        return ContainerProcess::default();
+    };
+    let p = &config["process"];
+    let num = |v: &serde_json::Value| v.as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+    ContainerProcess {
+        uid: num(&p["user"]["uid"]),
+        gid: num(&p["user"]["gid"]),
+        additional_gids: p["user"]["additionalGids"]
+            .as_array()
+            .map(|a| a.iter().map(num).collect())
+            .unwrap_or_default(),
+        cwd: p["cwd"].as_str().map(PathBuf::from),
     }
 }

@@ -155,7 +155,22 @@ impl ContainerRuntime for LibcontainerRuntime {
             let _ = self.cleanup(id);
             return Err(RuntimeError::io(format!("prepare the rootfs of {id}"))(e));
         }
-        let config = oci::config_json(id, req.spec, &super::rootfs::merged(&bundle), &self.layout, &devices);
+        let merged = super::rootfs::merged(&bundle);
+        let setup = match process_setup(&merged, req.spec) {
+            Ok(s) => s,
+            Err(reason) => {
+                let _ = self.cleanup(id);
+                return Err(RuntimeError::Start { id: id.to_string(), reason });
+            }
+        };
+        let mut spec = req.spec.clone();
+        if let Some(home) = setup.home {
+            spec.env.push(("HOME".into(), home));
+        }
+        let mut config = oci::config_json(id, &spec, &merged, &self.layout, &devices);
+        if !setup.additional_gids.is_empty() {
+            config["process"]["user"]["additionalGids"] = serde_json::json!(setup.additional_gids);
+        }
         let prepared = std::fs::create_dir_all(&bundle)
             .and_then(|()| std::fs::create_dir_all(&state))
             .and_then(|()| std::fs::create_dir_all(self.layout.youki_root()))
@@ -300,4 +315,40 @@ impl ContainerRuntime for LibcontainerRuntime {
             .unwrap_or(0);
         Some(Usage { cpu_ns: cpu, memory_bytes: mem })
     }
+}
+
+/// What the container's process needs from its root tree, settled before it
+/// starts so that a failure names its cause (youki only says that a syscall
+/// failed): the working directory (made when the image lacks it, owned by
+/// the container's user, as Docker and Podman do), the program (found, and
+/// executable), the user's supplementary groups and HOME from the image's
+/// /etc/passwd and /etc/group.
+pub(crate) struct ProcessSetup {
+    pub additional_gids: Vec<u32>,
+    /// HOME to set (the spec and the image did not).
+    pub home: Option<String>,
+}
+
+pub(crate) fn process_setup(root: &Path, spec: &baton_protocol::spec::ContainerSpec) -> Result<ProcessSetup, String> {
+    use super::rootfs::{find_program, resolve_in};
+    let user = spec.user.unwrap_or_default();
+    if let Some(dir) = &spec.working_dir {
+        let p =
+            resolve_in(root, dir, Some((user.uid, user.gid))).map_err(|e| format!("working directory {dir}: {e}"))?;
+        if !p.is_dir() {
+            return Err(format!("working directory {dir} is not a directory in the image"));
+        }
+    }
+    let env = |k: &str| spec.env.iter().rev().find(|(ek, _)| ek == k).map(|(_, v)| v.clone());
+    let program = spec.command.first().or(spec.args.first()).map_or("/bin/sh", String::as_str);
+    let path = env("PATH").unwrap_or_else(|| oci::DEFAULT_PATH.trim_start_matches("PATH=").to_string());
+    find_program(root, program, &path).map_err(|e| format!("cannot run {e}"))?;
+    let read = |f: &str| resolve_in(root, f, None).ok().and_then(|p| std::fs::read_to_string(p).ok());
+    let (passwd, group) = (read("/etc/passwd"), read("/etc/group"));
+    let found =
+        crate::image::user::resolve(&user.uid.to_string(), passwd.as_deref(), group.as_deref()).unwrap_or_default();
+    let mut additional_gids = found.additional_gids;
+    additional_gids.retain(|g| *g != user.gid);
+    let home = env("HOME").is_none().then(|| if found.home.is_empty() { "/".to_string() } else { found.home });
+    Ok(ProcessSetup { additional_gids, home })
 }

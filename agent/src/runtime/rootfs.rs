@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-use crate::image::unpack::{is_opaque, is_whiteout, remove_any};
+use crate::image::unpack::{copy_meta, is_opaque, is_whiteout, remove_any};
 
 /// An image's filesystem: its unpacked layers, bottom first, in overlayfs's
 /// format (whiteouts are 0:0 character devices, opaque directories carry
@@ -131,8 +131,18 @@ pub fn discard(bundle: &Path) -> std::io::Result<()> {
 
 /// Copies one layer over `to` as overlayfs would show it: whiteouts delete,
 /// opaque directories replace, everything else overwrites (the fallback).
-/// Preserves symlinks, modes and ownership.
+/// Keeps symlinks, hard links (names of one file in the layer stay one file),
+/// owners, modes, kept xattrs (file capabilities) and times.
 fn merge_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    merge_dir(from, to, &mut std::collections::HashMap::new())
+}
+
+/// `links`: (dev, inode) of a multiply-linked file in the layer → its first copy.
+fn merge_dir(
+    from: &Path,
+    to: &Path,
+    links: &mut std::collections::HashMap<(u64, u64), PathBuf>,
+) -> std::io::Result<()> {
     for entry in fs::read_dir(from)? {
         let entry = entry?;
         let (src, dst) = (entry.path(), to.join(entry.file_name()));
@@ -148,7 +158,7 @@ fn merge_tree(from: &Path, to: &Path) -> std::io::Result<()> {
                 remove_any(&dst)?;
             }
             fs::create_dir_all(&dst)?;
-            merge_tree(&src, &dst)?;
+            merge_dir(&src, &dst, links)?;
         } else {
             if existing.is_some() {
                 remove_any(&dst)?;
@@ -156,17 +166,93 @@ fn merge_tree(from: &Path, to: &Path) -> std::io::Result<()> {
             if ft.is_symlink() {
                 std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
             } else if ft.is_file() {
+                if meta.nlink() > 1 {
+                    if let Some(first) = links.get(&(meta.dev(), meta.ino())) {
+                        fs::hard_link(first, &dst)?;
+                        continue;
+                    }
+                    links.insert((meta.dev(), meta.ino()), dst.clone());
+                }
                 fs::copy(&src, &dst)?;
             } else {
                 continue; // fifos and sockets are not worth a fallback copy
             }
         }
-        std::os::unix::fs::lchown(&dst, Some(meta.uid()), Some(meta.gid()))?;
-        if !ft.is_symlink() {
-            fs::set_permissions(&dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-        }
+        // A directory's times last: merging its contents moved them.
+        copy_meta(&meta, &src, &dst)?;
     }
     Ok(())
+}
+
+/// Resolves `path` inside the container's root tree `root` as the container
+/// would see it: symlinks are followed (at most 40) but never out of `root`
+/// (an absolute target starts again at `root`, `..` stops at it). With
+/// `create`, missing directories are made, owned by (uid, gid), mode 0755
+/// (a WORKDIR the image lacks, as Docker and Podman make it); without, a
+/// missing component is an error. Returns the host path.
+pub fn resolve_in(root: &Path, path: &str, create: Option<(u32, u32)>) -> Result<PathBuf, String> {
+    let mut pending: Vec<std::ffi::OsString> =
+        Path::new(path).components().rev().map(|c| c.as_os_str().to_os_string()).collect();
+    let mut cur: Vec<std::ffi::OsString> = Vec::new();
+    let mut hops = 0;
+    while let Some(part) = pending.pop() {
+        match part.to_str() {
+            Some("/") | Some(".") => continue,
+            Some("..") => {
+                cur.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let host: PathBuf =
+            std::iter::once(root.as_os_str().to_os_string()).chain(cur.iter().cloned()).chain([part.clone()]).collect();
+        let shown =
+            || format!("/{}", cur.iter().chain([&part]).map(|p| p.to_string_lossy()).collect::<Vec<_>>().join("/"));
+        match fs::symlink_metadata(&host) {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                if hops > 40 {
+                    return Err(format!("{path}: too many levels of symbolic links"));
+                }
+                let target = fs::read_link(&host).map_err(|e| format!("{}: {e}", shown()))?;
+                if target.is_absolute() {
+                    cur.clear();
+                }
+                pending.extend(target.components().rev().map(|c| c.as_os_str().to_os_string()));
+            }
+            Ok(m) if m.is_dir() || pending.is_empty() => cur.push(part),
+            Ok(_) => return Err(format!("{} is not a directory", shown())),
+            Err(_) => match create {
+                Some((uid, gid)) => {
+                    fs::create_dir(&host).map_err(|e| format!("create {}: {e}", shown()))?;
+                    std::os::unix::fs::lchown(&host, Some(uid), Some(gid))
+                        .and_then(|()| fs::set_permissions(&host, fs::Permissions::from_mode(0o755)))
+                        .map_err(|e| format!("create {}: {e}", shown()))?;
+                    cur.push(part);
+                }
+                None => return Err(format!("{} does not exist", shown())),
+            },
+        }
+    }
+    Ok(std::iter::once(root.as_os_str().to_os_string()).chain(cur).collect())
+}
+
+/// Finds the program a container would exec: `argv0` as a path (when it has
+/// a `/`) or through `path_env` (the container's PATH), inside `root`.
+pub fn find_program(root: &Path, argv0: &str, path_env: &str) -> Result<PathBuf, String> {
+    let executable = |p: &Path| fs::metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0);
+    if argv0.contains('/') {
+        let p = resolve_in(root, argv0, None)?;
+        return if executable(&p) { Ok(p) } else { Err(format!("{argv0} is not an executable file")) };
+    }
+    for dir in path_env.split(':').filter(|d| !d.is_empty()) {
+        if let Ok(p) = resolve_in(root, &format!("{dir}/{argv0}"), None) {
+            if executable(&p) {
+                return Ok(p);
+            }
+        }
+    }
+    Err(format!("{argv0}: not found in the image's PATH ({path_env})"))
 }
 
 #[cfg(test)]
@@ -212,5 +298,34 @@ mod tests {
         }
         assert!(!merged.join("etc/a").exists() && merged.join("etc/b").is_file());
         assert!(!merged.join("opt/x/old").exists() && merged.join("opt/x/new").is_file());
+    }
+
+    #[test]
+    fn paths_resolve_inside_the_root_and_a_missing_workdir_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("usr/bin")).unwrap();
+        fs::write(root.join("usr/bin/app"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(root.join("usr/bin/app"), fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+        // Escapes stay inside: an absolute target and a climb both land in root.
+        std::os::unix::fs::symlink("/", root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../../..", root.join("up")).unwrap();
+        assert_eq!(resolve_in(&root, "/bin/app", None).unwrap(), root.join("usr/bin/app"));
+        assert_eq!(resolve_in(&root, "/abs/usr/bin/app", None).unwrap(), root.join("usr/bin/app"));
+        assert_eq!(resolve_in(&root, "/up/up/usr", None).unwrap(), root.join("usr"));
+        assert!(resolve_in(&root, "/srv/app", None).unwrap_err().contains("/srv does not exist"));
+        assert_eq!(find_program(&root, "app", "/nowhere:/bin").unwrap(), root.join("usr/bin/app"));
+        assert!(find_program(&root, "nope", "/bin").unwrap_err().contains("not found in the image's PATH"));
+
+        let made = resolve_in(&root, "/up/srv/app/data", Some((1000, 1000))).unwrap();
+        assert_eq!(made, root.join("srv/app/data"));
+        let m = fs::metadata(&made).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1000, 1000, 0o755));
+        assert!(resolve_in(&root, "/usr/bin/app/x", Some((0, 0)))
+            .unwrap_err()
+            .contains("/usr/bin/app is not a directory"));
+        std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
+        assert!(resolve_in(&root, "/loop", None).unwrap_err().contains("too many levels"));
     }
 }

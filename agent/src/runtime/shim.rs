@@ -173,6 +173,20 @@ fn supervise(args: &ShimArgs, ready: File) -> i32 {
             return 1;
         }
     }
+    // A network namespace of its own (`network: none`) has its loopback up,
+    // as Docker and Podman give it: a server and its probes talk over it.
+    let own_netns = std::fs::read(args.bundle.join(files::CONFIG))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|c| c["linux"]["namespaces"].as_array().cloned())
+        .is_some_and(|ns| ns.iter().any(|n| n["type"] == "network" && n.get("path").is_none()));
+    if own_netns {
+        if let Err(e) = container.pid().map_or(Ok(()), |pid| loopback_up(pid.as_raw())) {
+            let _ = container.delete(true);
+            report(&mut ready, &format!("cannot bring up the container's loopback: {e}"));
+            return 1;
+        }
+    }
     // A failed start leaves init blocked on the notify socket: force-delete.
     if let Err(e) = container.start() {
         let _ = container.delete(true);
@@ -386,4 +400,33 @@ fn oom_kills(cgroup: &str) -> u64 {
         .filter_map(|p| std::fs::read_to_string(p).ok())
         .find_map(|text| text.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
         .unwrap_or(0)
+}
+
+/// Sets `lo` up in the network namespace of process `pid` (from a thread of
+/// its own: setns(2) moves only the calling thread).
+fn loopback_up(pid: i32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ns = File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::spawn(move || -> std::io::Result<()> {
+        let check = |r: libc::c_int| if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r) };
+        // SAFETY: a valid namespace fd; only this short-lived thread moves.
+        check(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) })?;
+        // SAFETY: plain socket(2); the fd is closed below.
+        let sock = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+        // SAFETY: an all-zero ifreq is valid; the name fits (NUL-terminated).
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq given; the union's flags member is what they use.
+        let result = check(unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut ifr) }).and_then(|_| {
+            unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+            check(unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr) })
+        });
+        // SAFETY: closing the socket opened above.
+        unsafe { libc::close(sock) };
+        result.map(|_| ())
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the loopback thread panicked"))?
 }
