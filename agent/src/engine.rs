@@ -448,14 +448,17 @@ impl<R: ContainerRuntime> Engine<R> {
         let image = self.images.resolve(&w.image, digest)?;
         let rootfs = self.images.rootfs(&image)?;
         let mut spec = container_spec(w, &image.config);
-        // The image's USER, unless the manifest says who: names are the image's.
-        if spec.user.is_none() {
-            if let Some(user) = image.config.config.user.as_deref().filter(|u| !u.is_empty()) {
-                let read = |f: &str| rootfs.lookup(f).and_then(|p| std::fs::read_to_string(p).ok());
-                let u = crate::image::user::resolve(user, read("etc/passwd").as_deref(), read("etc/group").as_deref())
-                    .map_err(|e| ImageError::Invalid(format!("the image's USER {user:?}: {e}")))?;
-                spec.user = Some(baton_protocol::spec::User { uid: u.uid, gid: u.gid });
-            }
+        // Who it runs as: the manifest's user (a name is the image's), else the image's USER.
+        let named = match (&spec.user_name, &spec.user) {
+            (Some(name), _) => Some((name.clone(), "user")),
+            (None, None) => image.config.config.user.clone().filter(|u| !u.is_empty()).map(|u| (u, "the image's USER")),
+            (None, Some(_)) => None,
+        };
+        if let Some((user, whose)) = named {
+            let read = |f: &str| rootfs.lookup(f).and_then(|p| std::fs::read_to_string(p).ok());
+            let u = crate::image::user::resolve(&user, read("etc/passwd").as_deref(), read("etc/group").as_deref())
+                .map_err(|e| ImageError::Invalid(format!("{whose} {user:?}: {e}")))?;
+            spec.user = Some(baton_protocol::spec::User { uid: u.uid, gid: u.gid });
         }
         self.add_services(&w.name, &mut spec);
         Ok((spec, rootfs))

@@ -39,7 +39,8 @@ pub enum Action {
 pub fn fingerprint(w: &WorkloadSpec) -> String {
     use sha2::Digest;
     let unnumbered = WorkloadSpec { revision: 0, ..w.clone() };
-    let bytes = postcard::to_allocvec(&unnumbered).unwrap_or_default();
+    // The wire's bytes: the same for a spec an older agent fingerprinted.
+    let bytes = baton_protocol::wire::workload_bytes(&unnumbered);
     let digest = sha2::Sha256::digest(&bytes);
     digest[..12].iter().map(|b| format!("{b:02x}")).collect()
 }

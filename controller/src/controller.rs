@@ -1698,8 +1698,17 @@ impl Controller {
             revisions: e
                 .revisions
                 .values()
+                .enumerate()
+                .map(|(i, s)| RevisionView {
+                    revision: s.revision,
+                    image: s.image.clone(),
+                    digest: s.image_digest.clone(),
+                    changes: match i.checked_sub(1).and_then(|p| e.revisions.values().nth(p)) {
+                        Some(before) => crate::workload::spec_changes(before, s),
+                        None => Vec::new(),
+                    },
+                })
                 .rev()
-                .map(|s| RevisionView { revision: s.revision, image: s.image.clone(), digest: s.image_digest.clone() })
                 .collect(),
             rollout: e.rollout.as_ref().map(RolloutView::new),
             devices,

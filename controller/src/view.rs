@@ -183,6 +183,9 @@ pub struct RevisionView {
     pub image: String,
     /// The digest the image was pinned to at apply (empty: devices pull the tag).
     pub digest: String,
+    /// What differs from the revision before it (`image`, `env`, …); empty for the first kept.
+    #[serde(default)]
+    pub changes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -30,7 +30,8 @@ pub struct Manifest {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub working_dir: Option<String>,
-    /// `uid` or `uid:gid`.
+    /// As Docker's `--user`: `uid:gid` (numbers), or with names from the
+    /// image (`app`, `app:staff`, `1000`, `1000:staff`) resolved on the device.
     pub user: Option<String>,
     pub hostname: Option<String>,
     #[serde(default)]
@@ -57,6 +58,10 @@ pub struct Manifest {
     pub cap_drop: Vec<String>,
     #[serde(default)]
     pub seccomp_unconfined: bool,
+    /// Lets setuid programs and file capabilities raise privileges (Docker's
+    /// and Kubernetes' default; Baton's is no).
+    #[serde(default)]
+    pub allow_privilege_escalation: bool,
     pub liveness: Option<ProbeManifest>,
     pub readiness: Option<ProbeManifest>,
     /// Seconds a new revision has to become healthy on a device.
@@ -423,13 +428,37 @@ pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
             return bad(&format!("env.{k}"), "invalid variable name".into());
         }
     }
-    let user = match &m.user {
-        None => None,
+    if m.allow_privilege_escalation && !m.privileged && !m.seccomp_unconfined {
+        return bad(
+            "allow_privilege_escalation",
+            "needs seccomp_unconfined: true as well (the runtime loads a seccomp filter only under no_new_privileges)"
+                .into(),
+        );
+    }
+    // `uid:gid` in numbers travels as numbers (every agent reads them);
+    // anything else is resolved on the device in the image's own files. An
+    // agent too old for names (protocol < 1.5) gets nobody, never root.
+    let (user, user_name) = match &m.user {
+        None => (None, None),
         Some(u) => {
-            let (uid, gid) = u.split_once(':').unwrap_or((u, u));
-            match (uid.parse(), gid.parse()) {
-                (Ok(uid), Ok(gid)) => Some(User { uid, gid }),
-                _ => return bad("user", format!("{u:?}: expected a numeric uid or uid:gid")),
+            let numbers =
+                u.split_once(':').and_then(|(uid, gid)| Some(User { uid: uid.parse().ok()?, gid: gid.parse().ok()? }));
+            let part_ok = |p: &str| {
+                !p.is_empty() && p.len() <= 32 && p.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            };
+            match numbers {
+                Some(numbers) => (Some(numbers), None),
+                None if u.split(':').count() <= 2 && u.split(':').all(part_ok) => {
+                    (Some(User { uid: 65534, gid: 65534 }), Some(u.clone()))
+                }
+                None => {
+                    return bad(
+                        "user",
+                        format!(
+                        "{u:?}: expected uid:gid, or a user (and group) of the image: NAME, NAME:GROUP, UID, UID:GROUP"
+                    ),
+                    )
+                }
             }
         }
     };
@@ -598,8 +627,38 @@ pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
             liveness,
             readiness,
             files,
+            user_name,
+            allow_privilege_escalation: m.allow_privilege_escalation,
         },
     })
+}
+
+/// The parts of a workload's spec that differ between two revisions, by the
+/// names a manifest uses (for `describe workload`'s history).
+pub fn spec_changes(before: &WorkloadSpec, after: &WorkloadSpec) -> Vec<String> {
+    let (b, a) = (&before.container, &after.container);
+    let fields: [(&str, bool); 19] = [
+        ("image", before.image != after.image || before.image_digest != after.image_digest),
+        ("command", b.command != a.command),
+        ("args", b.args != a.args),
+        ("env", b.env != a.env),
+        ("working_dir", b.working_dir != a.working_dir),
+        ("user", b.user != a.user || b.user_name != a.user_name),
+        ("hostname", b.hostname != a.hostname),
+        ("resources", b.resources != a.resources),
+        ("restart", b.restart != a.restart || b.backoff_cap_s != a.backoff_cap_s),
+        ("volumes", b.mounts != a.mounts),
+        ("devices", b.devices != a.devices),
+        ("network", b.network != a.network),
+        ("ports", b.ports != a.ports),
+        ("read_only", b.read_only_rootfs != a.read_only_rootfs),
+        ("security", b.security != a.security || b.allow_privilege_escalation != a.allow_privilege_escalation),
+        ("liveness", b.liveness != a.liveness),
+        ("readiness", b.readiness != a.readiness),
+        ("files", b.files != a.files),
+        ("health_deadline", before.health_deadline_s != after.health_deadline_s),
+    ];
+    fields.iter().filter(|(_, changed)| *changed).map(|(name, _)| name.to_string()).collect()
 }
 
 #[cfg(test)]
@@ -646,10 +705,31 @@ image: reg/other:1
             Resources { memory_bytes: Some(64 << 20), cpu_millis: Some(500), cpu_shares: None, pids: Some(32) }
         );
         assert_eq!(c.user, Some(User { uid: 1000, gid: 20 }));
+        assert_eq!(c.user_name, None);
+        // Names are the image's, resolved on the device; older agents get nobody.
+        for named in ["app", "app:staff", "1000", "1000:staff"] {
+            let v =
+                parse("w.yaml", &format!("name: a\nimage: x\nuser: \"{named}\"\nallow_privilege_escalation: true\nseccomp_unconfined: true\n"))
+                    .unwrap();
+            let c = &v[0].spec.container;
+            assert_eq!((c.user_name.as_deref(), c.user), (Some(named), Some(User { uid: 65534, gid: 65534 })));
+            assert!(c.allow_privilege_escalation);
+        }
         assert_eq!(c.restart, RestartPolicy::OnFailure);
         assert_eq!(c.mounts.len(), 3);
         assert_eq!(c.liveness.as_ref().map(|p| p.interval_s), Some(5));
         assert_eq!(v[0].manifest.placement.arch, vec!["arm64".to_string()]);
+    }
+
+    #[test]
+    fn revisions_say_what_changed() {
+        let v = parse("a.yaml", "name: a\nimage: x:1\nenv: {A: \"1\"}\n").unwrap();
+        let w = parse("a.yaml", "name: a\nimage: x:1\nenv: {A: \"2\"}\nresources: {memory: 64Mi}\n").unwrap();
+        assert_eq!(spec_changes(&v[0].spec, &w[0].spec), ["env", "resources"]);
+        let mut pinned = v[0].spec.clone();
+        pinned.image_digest = "sha256:ab".into();
+        assert_eq!(spec_changes(&v[0].spec, &pinned), ["image"], "a tag moved to other bytes is a change of image");
+        assert!(spec_changes(&w[0].spec, &w[0].spec).is_empty());
     }
 
     #[test]
@@ -669,7 +749,14 @@ image: reg/other:1
             ("name: a\nimage: x\nrestart: sometimes\n", "unknown variant `sometimes`", "sometimes", 1),
             ("name: a\nimage: x\nvolumes: [{path: /d}]\n", "exactly one of name", "volumes[0]", 1),
             ("name: a\nimage: x\nvolumes: [{path: ../d, name: v}]\n", "absolute path", "volumes[0].path", 1),
-            ("name: a\nimage: x\nuser: root\n", "numeric uid", "user", 1),
+            ("name: a\nimage: x\nuser: \"a:b:c\"\n", "NAME:GROUP", "user", 1),
+            ("name: a\nimage: x\nuser: \"app/x\"\n", "NAME:GROUP", "user", 1),
+            (
+                "name: a\nimage: x\nallow_privilege_escalation: true\n",
+                "seccomp_unconfined",
+                "allow_privilege_escalation",
+                1,
+            ),
             ("name: a\nimage: x\nliveness: {tcp: 80, exec: [x]}\n", "exactly one of exec", "liveness", 1),
             ("name: a\nimage: x\nnetwork: none\nreadiness: {tcp: 80}\n", "exec probe", "readiness", 1),
             ("name: a\nimage: x\n---\nname: a\nimage: y\n", "defined twice", "name", 2),

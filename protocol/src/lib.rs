@@ -13,6 +13,7 @@ pub mod message;
 pub mod samples;
 pub mod spec;
 pub mod topic;
+pub mod wire;
 
 pub use broker_url::{BrokerUrl, InvalidBrokerUrl};
 pub use codec::{decode, encode, DecodeError, Envelope, MessageKind};
@@ -24,4 +25,4 @@ pub use topic::{DeviceId, InvalidDeviceId, TopicKind};
 /// the topic root (`baton/v1/`), so a v2 fleet can share a broker with v1.
 pub const PROTOCOL_MAJOR: u8 = 1;
 /// Minor version: bumped when fields are appended (see `codec` for the rule).
-pub const PROTOCOL_MINOR: u8 = 4;
+pub const PROTOCOL_MINOR: u8 = 5;

@@ -123,8 +123,11 @@ pub enum Health {
 }
 
 /// `desired`: retained; the whole truth for one device, never a delta.
-/// Agents ignore a generation lower than the one they applied.
+/// Agents ignore a generation lower than the one they applied. On the wire
+/// it is a [`crate::wire::DesiredV1`] (workload specs in their 1.4 layout,
+/// later fields as extensions).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(try_from = "crate::wire::DesiredV1", into = "crate::wire::DesiredV1")]
 pub struct Desired {
     pub generation: u64,
     pub workloads: Vec<WorkloadSpec>,

@@ -121,6 +121,9 @@ pub fn desired() -> Desired {
                         contents: (0u8..55).collect(),
                     },
                 ],
+                // Since 1.5 (extensions).
+                user_name: Some("sensor:i2c".into()),
+                allow_privilege_escalation: true,
             },
         }],
         services: vec![ServiceEndpoints {

@@ -42,6 +42,16 @@ pub struct ContainerSpec {
     pub readiness: Option<Probe>,
     /// Files (config, secrets) written under the container, read-only.
     pub files: Vec<File>,
+    /// Since 1.5 (travels as an extension, see `wire`): the user as Docker
+    /// takes it — `NAME`, `NAME:GROUP`, `UID:GROUP`… — resolved on the device
+    /// in the image's /etc/passwd and /etc/group; wins over `user`.
+    #[serde(default)]
+    pub user_name: Option<String>,
+    /// Since 1.5: setuid programs and file capabilities may raise the
+    /// process's privileges (no_new_privileges off), as Docker and
+    /// Kubernetes allow by default. Off: Baton's default is stricter.
+    #[serde(default)]
+    pub allow_privilege_escalation: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]

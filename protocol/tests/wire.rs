@@ -59,6 +59,13 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
     use baton_protocol::{Command, Message};
     match msg {
         Message::Desired(mut d) => {
+            // 1.5 appended extensions: the container fields they carry.
+            if minor < 5 {
+                for w in &mut d.workloads {
+                    w.container.user_name = None;
+                    w.container.allow_privilege_escalation = false;
+                }
+            }
             // 1.4 appended `issued_ms`.
             if minor < 4 {
                 d.issued_ms = 0;
@@ -92,7 +99,11 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
                 unreachable!("a desired document stays one")
             };
             let mut document = encode(&Message::Desired(d)).expect("encodes");
-            // What 1.4 appended (`issued_ms`, a zero byte at its default) is not in older bytes.
+            // What 1.5 appended (no extensions: a zero byte) and 1.4 did
+            // (`issued_ms`, a zero byte at its default) is not in older bytes.
+            if minor < 5 {
+                document.pop();
+            }
             if minor < 4 {
                 document.pop();
             }

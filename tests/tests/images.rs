@@ -246,10 +246,22 @@ fn the_images_user_workdir_file_capabilities_and_mtimes_are_honoured() {
     assert_eq!(page, "served as app\n");
     assert_eq!(s.exec("app", &["/bin/busybox", "stat", "-c", "%Y", "/etc/motd"]).trim(), "978307200", "mtime lost");
 
-    // The manifest's user overrides the image's.
-    let root = yaml.replace("name: app", "name: asroot").replace("command:", "user: \"0:0\"\ncommand:");
+    assert!(
+        s.exec("app", &["/bin/busybox", "cat", "/proc/self/status"]).contains("NoNewPrivs:\t1"),
+        "no_new_privileges is Baton's default"
+    );
+
+    // The manifest's user overrides the image's: numbers, or the image's names.
+    let root = yaml
+        .replace("name: app", "name: asroot")
+        .replace("command:", "user: \"0:0\"\nallow_privilege_escalation: true\nseccomp_unconfined: true\ncommand:");
     s.run("asroot.yaml", &root, 1);
     assert_eq!(s.exec("asroot", &["/bin/busybox", "id", "-u"]).trim(), "0");
+    assert!(s.exec("asroot", &["/bin/busybox", "cat", "/proc/self/status"]).contains("NoNewPrivs:\t0"));
+    let named = yaml.replace("name: app", "name: named").replace("command:", "user: \"app:staff\"\ncommand:");
+    s.run("named.yaml", &named, 1);
+    assert_eq!(s.exec("named", &["/bin/busybox", "id", "-u"]).trim(), "1000");
+    assert_eq!(s.exec("named", &["/bin/busybox", "id", "-g"]).trim(), "50");
 
     // A USER the image does not have: a clear error, not a root container.
     umoci(&["config", "--image", &image, "--config.user", "ghost", "--tag", "ghost"]);

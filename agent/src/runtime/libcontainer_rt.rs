@@ -332,6 +332,14 @@ pub(crate) struct ProcessSetup {
 pub(crate) fn process_setup(root: &Path, spec: &baton_protocol::spec::ContainerSpec) -> Result<ProcessSetup, String> {
     use super::rootfs::{find_program, resolve_in};
     let user = spec.user.unwrap_or_default();
+    let sec = &spec.security;
+    if spec.allow_privilege_escalation && !sec.privileged && !sec.seccomp_unconfined {
+        // libcontainer 0.7 fails to load a seccomp filter without
+        // no_new_privileges (as root too): say so rather than retry forever.
+        return Err("allow_privilege_escalation needs seccomp_unconfined: true as well \
+                    (libcontainer loads a seccomp filter only under no_new_privileges)"
+            .into());
+    }
     if let Some(dir) = &spec.working_dir {
         let p =
             resolve_in(root, dir, Some((user.uid, user.gid))).map_err(|e| format!("working directory {dir}: {e}"))?;

@@ -351,7 +351,7 @@ pub fn config_json(
         super::seccomp::profile(&caps, std::env::consts::ARCH)
     };
 
-    json!({
+    let mut config = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -360,7 +360,7 @@ pub fn config_json(
             "env": env,
             "cwd": spec.working_dir.as_deref().unwrap_or("/"),
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "noNewPrivileges": !privileged,
+            "noNewPrivileges": true,
         },
         "root": {"path": rootfs, "readonly": spec.read_only_rootfs},
         "hostname": spec.hostname.as_deref().unwrap_or(id),
@@ -374,7 +374,17 @@ pub fn config_json(
             "readonlyPaths": if privileged { vec![] } else { READONLY_PATHS.to_vec() },
             "seccomp": seccomp,
         },
-    })
+    });
+    // Escalation allowed: the key is left out rather than false, because
+    // libcontainer loads the seccomp filter while still privileged only then
+    // (with `false` it loads it after the switch to a non-root user, where
+    // the kernel refuses a filter without no_new_privileges).
+    if privileged || spec.allow_privilege_escalation {
+        if let Some(p) = config["process"].as_object_mut() {
+            p.remove("noNewPrivileges");
+        }
+    }
+    config
 }
 
 fn all_capabilities() -> Vec<String> {
@@ -447,6 +457,11 @@ mod tests {
         let oci = parse(&v);
         let process = oci.process().as_ref().unwrap();
         assert_eq!(process.no_new_privileges(), Some(true));
+        // Escalation allowed: unset (not false), with the seccomp filter kept.
+        let open = ContainerSpec { allow_privilege_escalation: true, ..spec() };
+        let o = parse(&config_json("web", &open, Path::new("/rootfs"), &layout, &[]));
+        assert_eq!(o.process().as_ref().unwrap().no_new_privileges(), None);
+        assert!(o.linux().as_ref().unwrap().seccomp().is_some());
         let caps = process.capabilities().as_ref().unwrap().bounding().as_ref().unwrap();
         assert_eq!(caps.len(), DEFAULT_CAPS.len());
         assert_eq!(v["linux"]["cgroupsPath"], "/baton/web");

@@ -375,8 +375,14 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
     let replicas = w.replicas.map_or("every matching device".into(), |n| format!("{n} ({} unplaced)", w.unplaced));
     let _ = writeln!(o, "Replicas:      {replicas}");
     let _ = writeln!(o, "Stable:        revision {}", w.stable_revision);
-    let history: Vec<String> = w.revisions.iter().map(|r| format!("{} ({})", r.revision, r.image)).collect();
-    let _ = writeln!(o, "History:       {}", history.join(", "));
+    let _ = writeln!(o, "History:");
+    for r in &w.revisions {
+        // A tag alone cannot tell revisions apart: the digest it was pinned to can.
+        let pinned =
+            r.digest.strip_prefix("sha256:").map(|d| format!("@{}", &d[..d.len().min(12)])).unwrap_or_default();
+        let changed = if r.changes.is_empty() { String::new() } else { format!("  changed: {}", r.changes.join(", ")) };
+        let _ = writeln!(o, "  {:<5}{}{pinned}{changed}", r.revision, r.image);
+    }
     if let Some(r) = &w.rollout {
         let _ = writeln!(o, "Rollout:       {}", rollout_line(r));
         if let Some(why) = &r.reason {

@@ -1,0 +1,250 @@
+//! How a [`Desired`] document travels, so that workload specs can grow.
+//!
+//! postcard puts no field names or lengths on the wire, so only a top-level
+//! message may gain fields (appended, see `codec`). Workload and container
+//! specs sit in a list inside `Desired`: their 1.4 layout is frozen here
+//! ([`WorkloadV1`], [`ContainerV1`]) and fields added since travel in
+//! `Desired.extensions` (appended in 1.5): per workload, the encoded
+//! [`ContainerExt`] — itself a top-level postcard body that may gain
+//! fields at its end by the same rule (padded with zeros when shorter,
+//! trailing bytes ignored when longer). A 1.4 agent reads the document and
+//! ignores the extensions; the controller makes that safe where it matters
+//! (a user given by name also sets the numeric `user` to nobody, never root).
+//!
+//! In memory, [`WorkloadSpec`] and [`ContainerSpec`] carry every field;
+//! `Desired` converts through [`DesiredV1`] on (de)serialisation.
+
+use serde::{Deserialize, Serialize};
+
+use crate::message::{Desired, ServiceEndpoints};
+use crate::spec::*;
+
+/// The wire form of `Desired`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct DesiredV1 {
+    pub generation: u64,
+    pub workloads: Vec<WorkloadV1>,
+    pub services: Vec<ServiceEndpoints>,
+    pub issued_ms: u64,
+    /// Since 1.5: what workloads' specs gained after 1.4 (only those with any).
+    pub extensions: Vec<Extension>,
+}
+
+/// `WorkloadSpec` as of 1.4 — frozen.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct WorkloadV1 {
+    pub name: String,
+    pub revision: u64,
+    pub image: String,
+    pub image_digest: String,
+    pub container: ContainerV1,
+    pub health_deadline_s: u32,
+}
+
+/// `ContainerSpec` as of 1.4 — frozen.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct ContainerV1 {
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub user: Option<User>,
+    pub hostname: Option<String>,
+    pub resources: Resources,
+    pub restart: RestartPolicy,
+    pub backoff_cap_s: u32,
+    pub mounts: Vec<Mount>,
+    pub devices: Vec<DeviceMount>,
+    pub network: NetworkMode,
+    pub ports: Vec<Port>,
+    pub read_only_rootfs: bool,
+    pub security: Security,
+    pub liveness: Option<Probe>,
+    pub readiness: Option<Probe>,
+    pub files: Vec<File>,
+}
+
+/// Since 1.5: one workload's fields from after 1.4.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Extension {
+    pub workload: String,
+    /// An encoded [`ContainerExt`] (see [`ContainerExt::decode`]).
+    pub body: Vec<u8>,
+}
+
+/// Container fields added after 1.4, in the order they were added; each new
+/// one is appended and defaults to what encodes as zero bytes.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct ContainerExt {
+    /// 1.5: `ContainerSpec::user_name`.
+    pub user_name: Option<String>,
+    /// 1.5: `ContainerSpec::allow_privilege_escalation`.
+    pub allow_privilege_escalation: bool,
+}
+
+/// Zeros appended to a shorter (older) extension body: more than every field
+/// a later version may append encodes to at its default.
+const EXT_PADDING: usize = 64;
+
+impl ContainerExt {
+    fn of(c: &ContainerSpec) -> Self {
+        Self { user_name: c.user_name.clone(), allow_privilege_escalation: c.allow_privilege_escalation }
+    }
+
+    fn apply(self, c: &mut ContainerSpec) {
+        c.user_name = self.user_name;
+        c.allow_privilege_escalation = self.allow_privilege_escalation;
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Reads a body from any 1.x peer: an older (shorter) one gets defaults
+    /// for what it lacks, a newer one's extra fields are ignored.
+    pub fn decode(body: &[u8]) -> Result<Self, postcard::Error> {
+        let mut padded = Vec::with_capacity(body.len() + EXT_PADDING);
+        padded.extend_from_slice(body);
+        padded.resize(body.len() + EXT_PADDING, 0);
+        postcard::take_from_bytes(&padded).map(|(ext, _)| ext)
+    }
+}
+
+fn v1(w: &WorkloadSpec) -> WorkloadV1 {
+    let c = &w.container;
+    WorkloadV1 {
+        name: w.name.clone(),
+        revision: w.revision,
+        image: w.image.clone(),
+        image_digest: w.image_digest.clone(),
+        health_deadline_s: w.health_deadline_s,
+        container: ContainerV1 {
+            command: c.command.clone(),
+            args: c.args.clone(),
+            env: c.env.clone(),
+            working_dir: c.working_dir.clone(),
+            user: c.user,
+            hostname: c.hostname.clone(),
+            resources: c.resources,
+            restart: c.restart,
+            backoff_cap_s: c.backoff_cap_s,
+            mounts: c.mounts.clone(),
+            devices: c.devices.clone(),
+            network: c.network,
+            ports: c.ports.clone(),
+            read_only_rootfs: c.read_only_rootfs,
+            security: c.security.clone(),
+            liveness: c.liveness.clone(),
+            readiness: c.readiness.clone(),
+            files: c.files.clone(),
+        },
+    }
+}
+
+fn from_v1(w: WorkloadV1) -> WorkloadSpec {
+    let c = w.container;
+    WorkloadSpec {
+        name: w.name,
+        revision: w.revision,
+        image: w.image,
+        image_digest: w.image_digest,
+        health_deadline_s: w.health_deadline_s,
+        container: ContainerSpec {
+            command: c.command,
+            args: c.args,
+            env: c.env,
+            working_dir: c.working_dir,
+            user: c.user,
+            hostname: c.hostname,
+            resources: c.resources,
+            restart: c.restart,
+            backoff_cap_s: c.backoff_cap_s,
+            mounts: c.mounts,
+            devices: c.devices,
+            network: c.network,
+            ports: c.ports,
+            read_only_rootfs: c.read_only_rootfs,
+            security: c.security,
+            liveness: c.liveness,
+            readiness: c.readiness,
+            files: c.files,
+            ..Default::default()
+        },
+    }
+}
+
+/// A workload's spec as the wire carries it: its 1.4 layout, then its
+/// extension body when it has one. Equal specs give equal bytes, and a spec
+/// that uses nothing from after 1.4 gives the bytes a 1.4 peer would (agents
+/// fingerprint what runs with this: an upgrade must not look like a change).
+pub fn workload_bytes(w: &WorkloadSpec) -> Vec<u8> {
+    let mut bytes = postcard::to_allocvec(&v1(w)).unwrap_or_default();
+    let ext = ContainerExt::of(&w.container);
+    if ext != ContainerExt::default() {
+        bytes.extend(ext.encode());
+    }
+    bytes
+}
+
+impl From<Desired> for DesiredV1 {
+    fn from(d: Desired) -> Self {
+        let extensions = d
+            .workloads
+            .iter()
+            .map(|w| (w, ContainerExt::of(&w.container)))
+            .filter(|(_, ext)| *ext != ContainerExt::default())
+            .map(|(w, ext)| Extension { workload: w.name.clone(), body: ext.encode() })
+            .collect();
+        DesiredV1 {
+            generation: d.generation,
+            workloads: d.workloads.iter().map(v1).collect(),
+            services: d.services,
+            issued_ms: d.issued_ms,
+            extensions,
+        }
+    }
+}
+
+impl TryFrom<DesiredV1> for Desired {
+    type Error = String;
+
+    fn try_from(d: DesiredV1) -> Result<Self, String> {
+        let mut workloads: Vec<WorkloadSpec> = d.workloads.into_iter().map(from_v1).collect();
+        for e in d.extensions {
+            let ext = ContainerExt::decode(&e.body).map_err(|err| format!("extension of {}: {err}", e.workload))?;
+            let w = workloads
+                .iter_mut()
+                .find(|w| w.name == e.workload)
+                .ok_or_else(|| format!("an extension names {}, which the document does not have", e.workload))?;
+            ext.apply(&mut w.container);
+        }
+        Ok(Desired { generation: d.generation, workloads, services: d.services, issued_ms: d.issued_ms })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extension_bodies_read_across_minor_versions() {
+        let ext = ContainerExt { user_name: Some("app:staff".into()), allow_privilege_escalation: true };
+        let body = ext.encode();
+        assert_eq!(ContainerExt::decode(&body).unwrap(), ext);
+        // A newer peer's extra field is ignored; an older peer's shorter body reads as defaults.
+        let mut newer = body.clone();
+        newer.extend([1, 2, 3]);
+        assert_eq!(ContainerExt::decode(&newer).unwrap(), ext);
+        assert_eq!(ContainerExt::decode(&[]).unwrap(), ContainerExt::default());
+        assert!(ContainerExt::decode(&[1, 200]).is_err(), "a user name longer than the body must not read");
+    }
+
+    #[test]
+    fn a_spec_without_new_fields_has_its_1_4_bytes() {
+        let mut w = WorkloadSpec { name: "a".into(), revision: 3, image: "x".into(), ..Default::default() };
+        let old = postcard::to_allocvec(&v1(&w)).unwrap();
+        assert_eq!(workload_bytes(&w), old);
+        w.container.allow_privilege_escalation = true;
+        assert_ne!(workload_bytes(&w), old);
+    }
+}
