@@ -98,6 +98,15 @@ pub struct ImageConfig {
     pub os: String,
     #[serde(default)]
     pub config: RunConfig,
+    #[serde(default)]
+    pub rootfs: RootfsConfig,
+}
+
+/// The config's `rootfs`: each layer's uncompressed digest, in order.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RootfsConfig {
+    #[serde(default)]
+    pub diff_ids: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

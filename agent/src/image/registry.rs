@@ -101,17 +101,30 @@ impl Registry {
                 }
             }
         };
-        // Fail before downloading a byte when the image cannot fit: what is
-        // missing, plus (at least) as much again to unpack the layers.
-        let blobs = || std::iter::once(&manifest.config).chain(&manifest.layers);
-        let missing: u64 = blobs().filter(|d| !store.has_blob(&d.digest)).map(|d| d.size).sum();
-        let to_unpack: u64 =
-            manifest.layers.iter().filter(|l| !store.layer_path(&l.digest).is_dir()).map(|l| l.size).sum();
+        // The config first (small): its diff_ids say which layers are already
+        // unpacked here (from any image, compressed any way): those are not
+        // downloaded again.
+        self.fetch_blob(store, &r, &manifest.config.digest, manifest.config.size, &mut stats)?;
+        let config: ImageConfig = serde_json::from_slice(&store.read_document(&manifest.config.digest)?)
+            .map_err(|e| ImageError::Invalid(format!("image config {}: {e}", manifest.config.digest)))?;
+        let ids = super::store::diff_ids(&config, manifest.layers.len());
+        let unpacked = |i: usize| ids.get(i).is_some_and(|d| store.layer_path(d).is_dir());
+        let needed: Vec<&manifest::Descriptor> = manifest
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| !unpacked(*i) && !store.layer_path(&l.digest).is_dir())
+            .map(|(_, l)| l)
+            .collect();
+        // Fail before downloading a layer when the image cannot fit: what is
+        // missing, plus (at least) as much again to unpack it.
+        let missing: u64 = needed.iter().filter(|d| !store.has_blob(&d.digest)).map(|d| d.size).sum();
+        let to_unpack: u64 = needed.iter().map(|l| l.size).sum();
         store.room(missing.saturating_add(to_unpack), &format!("image {reference}"))?;
-        let written: Vec<Digest> = blobs().filter(|d| !store.has_blob(&d.digest)).map(|d| d.digest.clone()).collect();
+        let written: Vec<Digest> =
+            needed.iter().filter(|d| !store.has_blob(&d.digest)).map(|d| d.digest.clone()).collect();
         let fetched = (|| {
-            self.fetch_blob(store, &r, &manifest.config.digest, manifest.config.size, &mut stats)?;
-            for layer in &manifest.layers {
+            for layer in &needed {
                 self.fetch_blob(store, &r, &layer.digest, layer.size, &mut stats)?;
             }
             Ok(())
@@ -122,8 +135,6 @@ impl Registry {
             }
             return Err(e);
         }
-        let config: ImageConfig = serde_json::from_slice(&store.read_document(&manifest.config.digest)?)
-            .map_err(|e| ImageError::Invalid(format!("image config {}: {e}", manifest.config.digest)))?;
         let record = ImageRecord {
             reference: reference.to_string(),
             index: (digest != top).then_some(top),

@@ -38,6 +38,7 @@ pub struct ImageRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<Digest>,
     pub config: ImageConfig,
+    /// The layer blobs, as the manifest lists them (compressed digests).
     pub layers: Vec<Digest>,
     /// The config blob (kept by GC while the image is).
     #[serde(default)]
@@ -63,6 +64,17 @@ struct Catalog {
     /// (`docker tag`); one name points at one image (the last one recorded).
     #[serde(default)]
     tags: BTreeMap<String, String>,
+}
+
+/// The config's diff_ids when they are usable (one valid digest per layer);
+/// empty otherwise (layers are then keyed by their blob digest).
+pub fn diff_ids(config: &ImageConfig, layers: usize) -> Vec<Digest> {
+    let ids: Vec<Digest> = config.rootfs.diff_ids.iter().filter_map(|d| Digest::parse(d).ok()).collect();
+    if ids.len() == layers && config.rootfs.diff_ids.len() == layers {
+        ids
+    } else {
+        Vec::new()
+    }
 }
 
 /// How names are compared: by Docker's one spelling of each (`busybox` is
@@ -478,8 +490,12 @@ impl ImageStore {
                 available: format!("{}/{}", config.os, config.architecture),
             });
         }
-        for layer in &manifest.layers {
-            from_layout(layer)?;
+        // A layer already unpacked (from any image, compressed any way) is not copied again.
+        let ids = diff_ids(&config, manifest.layers.len());
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            if !ids.get(i).is_some_and(|d| self.layer_path(d).is_dir()) {
+                from_layout(layer)?;
+            }
         }
         let record = ImageRecord {
             reference,
@@ -501,6 +517,23 @@ impl ImageStore {
 
     pub fn layer_path(&self, layer: &Digest) -> PathBuf {
         self.root.join("layers").join(layer.hex())
+    }
+
+    /// Where each layer of `image` is unpacked, bottom first: by its
+    /// uncompressed digest (the config's diff_ids), so the same content
+    /// compressed two ways is stored once — or where an agent from before
+    /// that unpacked it (by its blob digest), when that is what is there.
+    pub fn layer_dirs(&self, image: &ImageRecord) -> Vec<PathBuf> {
+        let diff_ids = diff_ids(&image.config, image.layers.len());
+        image
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, blob)| match diff_ids.get(i) {
+                Some(d) if !self.layer_path(blob).is_dir() || self.layer_path(d).is_dir() => self.layer_path(d),
+                _ => self.layer_path(blob),
+            })
+            .collect()
     }
 
     /// Bytes the store holds (blobs, unpacked layers and legacy rootfs trees).
@@ -548,7 +581,7 @@ impl ImageStore {
             .values()
             .filter(|r| {
                 // A container runs on exactly its image's layers (other images may share some).
-                let running = !r.layers.is_empty() && r.layers.iter().all(|l| in_use.contains(&self.layer_path(l)));
+                let running = !r.layers.is_empty() && self.layer_dirs(r).iter().all(|l| in_use.contains(l));
                 !catalog.names_of(r.manifest.hex()).any(|n| keep.contains(n) || keep_names.contains(&tag_key(n)))
                     && !keep.contains(r.manifest.as_str())
                     && !r.index.as_ref().is_some_and(|i| keep.contains(i.as_str()))
@@ -566,9 +599,8 @@ impl ImageStore {
             catalog.tags.retain(|_, hex| hex != victim.manifest.hex());
             let _ = fs::remove_dir_all(self.legacy_rootfs_path(&victim));
             // Its layers that no remaining image shares and no container uses.
-            for layer in &victim.layers {
-                let path = self.layer_path(layer);
-                let shared = catalog.images.values().any(|r| r.layers.contains(layer));
+            for path in self.layer_dirs(&victim) {
+                let shared = catalog.images.values().any(|r| self.layer_dirs(r).contains(&path));
                 if !shared && !in_use.contains(&path) {
                     let _ = fs::remove_dir_all(&path);
                 }
@@ -604,12 +636,16 @@ impl ImageStore {
     /// (once for every image that shares it).
     pub fn rootfs(&self, image: &ImageRecord) -> Result<Rootfs, ImageError> {
         let mut layers: Vec<PathBuf> = Vec::with_capacity(image.layers.len());
-        for layer in &image.layers {
-            let dest = self.layer_path(layer);
+        let diff_ids = diff_ids(&image.config, image.layers.len());
+        for ((i, layer), dest) in image.layers.iter().enumerate().zip(self.layer_dirs(image)) {
             if !dest.is_dir() {
+                if !self.has_blob(layer) {
+                    // Unpacked once, its blob dropped, its directory since lost: pull it again.
+                    return Err(ImageError::NotFound(format!("layer {layer} of {}", image.reference)));
+                }
                 // The layers below, top first: a hard link to one of their files becomes a copy.
                 let lowers: Vec<PathBuf> = layers.iter().rev().cloned().collect();
-                self.unpack_layer(layer, &dest, &lowers)?;
+                self.unpack_layer(layer, diff_ids.get(i), &dest, &lowers)?;
             }
             layers.push(dest);
         }
@@ -618,7 +654,16 @@ impl ImageStore {
 
     /// Unpacks one layer blob (gzip, zstd or plain tar) into `dest`, through
     /// a temp dir: a failed unpack leaves nothing that looks complete.
-    fn unpack_layer(&self, layer: &Digest, dest: &Path, lowers: &[PathBuf]) -> Result<(), ImageError> {
+    /// With the layer's `diff_id`, the uncompressed stream is checked against
+    /// it, and once the layer is in place its blob is deleted: the device
+    /// keeps each layer once, unpacked.
+    fn unpack_layer(
+        &self,
+        layer: &Digest,
+        diff_id: Option<&Digest>,
+        dest: &Path,
+        lowers: &[PathBuf],
+    ) -> Result<(), ImageError> {
         let path = self.blob_path(layer);
         let mut magic = [0u8; 4];
         let n = fs::File::open(&path)
@@ -653,32 +698,55 @@ impl ImageStore {
                 self.room(0, &what)
                     .map_err(|_| super::space::full(&self.root, written.max(estimate), self.reserve, &what))
             };
-            match compression {
-                super::space::Compression::Gzip => {
-                    unpack(flate2::read::GzDecoder::new(std::io::BufReader::new(f)), &tmp, target, &guard)
-                        .map_err(named)?
-                }
-                super::space::Compression::Zstd => {
-                    let zstd = ruzstd::decoding::StreamingDecoder::new(std::io::BufReader::new(f))
-                        .map_err(|e| ImageError::Invalid(format!("layer {layer}: zstd: {e}")))?;
-                    unpack(zstd, &tmp, target, &guard).map_err(named)?
-                }
-                super::space::Compression::None => {
-                    unpack(std::io::BufReader::new(f), &tmp, target, &guard).map_err(named)?
-                }
+            let stream: Box<dyn Read> = match compression {
+                super::space::Compression::Gzip => Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f))),
+                super::space::Compression::Zstd => Box::new(
+                    ruzstd::decoding::StreamingDecoder::new(std::io::BufReader::new(f))
+                        .map_err(|e| ImageError::Invalid(format!("layer {layer}: zstd: {e}")))?,
+                ),
+                super::space::Compression::None => Box::new(std::io::BufReader::new(f)),
             };
+            let mut hashed = Hashing { inner: stream, hasher: Sha256::new() };
+            unpack(&mut hashed, &tmp, target, &guard).map_err(named)?;
+            // What follows the archive's end (zero blocks) is part of the digest.
+            std::io::copy(&mut hashed, &mut std::io::sink()).map_err(ImageError::io(format!("read layer {layer}")))?;
+            let actual = Digest::from_sha256(&hashed.hasher.finalize());
+            if let Some(expected) = diff_id.filter(|d| **d != actual) {
+                return Err(ImageError::Invalid(format!(
+                    "layer {layer} unpacks to {actual}, but the image config says {expected}"
+                )));
+            }
             match fs::rename(&tmp, dest) {
                 // Another thread unpacked the same layer meanwhile: theirs is as good.
                 Err(_) if dest.is_dir() => {
                     let _ = fs::remove_dir_all(&tmp);
-                    Ok(())
                 }
-                r => r.map_err(ImageError::io(format!("store layer {}", dest.display()))),
+                r => r.map_err(ImageError::io(format!("store layer {}", dest.display())))?,
             }
+            // Verified and in place: the compressed copy is not needed any more.
+            if diff_id.is_some() {
+                let _ = fs::File::open(dest.parent().unwrap_or(dest)).and_then(|d| d.sync_all());
+                let _ = fs::remove_file(&path);
+            }
+            Ok(())
         })();
         if result.is_err() {
             let _ = fs::remove_dir_all(&tmp);
         }
         result
+    }
+}
+
+/// A reader that hashes what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
 }

@@ -504,6 +504,7 @@ fn pull(runs: usize) {
         (0, 0, 0, 0, 0);
     let (mut unpack_first, mut unpack_update) = (Vec::new(), Vec::new());
     let (mut unpacked_first, mut unpacked_update, mut whole_update) = (0, 0, 0);
+    let (mut disk_first, mut peer_disk, mut peer_rootfs) = (0, 0, 0);
     for i in 0..runs {
         let store_dir = world.path().join(format!("store-{i}"));
         let store = ImageStore::open(&store_dir).expect("store");
@@ -521,6 +522,8 @@ fn pull(runs: usize) {
         store.rootfs(&first).expect("unpack v1");
         unpack_first.push(t.elapsed().as_secs_f64() * 1000.0);
         unpacked_first = dir_bytes(&store_dir.join("layers"));
+        // What the device keeps for tag 1: blobs dropped once unpacked and verified.
+        disk_first = store.size();
         let t = Instant::now();
         let rootfs = store.rootfs(&second).expect("unpack v2");
         unpack_update.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -542,6 +545,18 @@ fn pull(runs: usize) {
         };
         theirs.push(copy("1"));
         theirs_stored = dir_bytes(&oci_dir.join("blobs"));
+        // The peer's device-side equivalent: the OCI dir plus `umoci unpack` of it.
+        let bundle = world.path().join(format!("bundle-{i}"));
+        let unpacked = std::process::Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:app-1", oci_dir.display()))
+            .arg(&bundle)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if unpacked {
+            peer_rootfs = dir_bytes(&bundle.join("rootfs"));
+            peer_disk = dir_bytes(&oci_dir) + dir_bytes(&bundle);
+        }
         theirs_update.push(copy("2"));
         theirs_update_written = dir_bytes(&oci_dir.join("blobs")) - theirs_stored;
     }
@@ -570,6 +585,15 @@ fn pull(runs: usize) {
     println!("| tag 1, every layer | {:.0} ms | {unpacked_first} |", med(&unpack_first));
     println!("| tag 2, only its new layer | {:.1} ms | {unpacked_update} |", med(&unpack_update));
     println!("| (tag 2 unpacked whole, as one tree per image would) | | {whole_update} |\n");
+    println!("| disk used for tag 1, pulled and unpacked | Baton store | skopeo copy + umoci unpack |\n|---|---|---|");
+    println!("| total bytes | {disk_first} | {peer_disk} |");
+    println!("| of which the unpacked files | {unpacked_first} | {peer_rootfs} |");
+    let ratio = |total: u64, files: u64| if files == 0 { f64::NAN } else { total as f64 / files as f64 };
+    println!(
+        "| total / unpacked | {:.3} | {:.3} |\n",
+        ratio(disk_first, unpacked_first),
+        ratio(peer_disk, peer_rootfs)
+    );
 }
 
 /// The scheduler alone, on plain data: `instances` replicas over `devices`
