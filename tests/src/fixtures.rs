@@ -100,13 +100,17 @@ fn write_image(
 ) -> std::io::Result<(String, usize)> {
     use std::io::Write;
     let mut descriptors = Vec::new();
+    // Each layer's uncompressed digest, as every image builder writes them
+    // (none when a raw layer's content is not known to be a plain tar stream).
+    let mut diff_ids: Option<Vec<String>> = Some(Vec::new());
     for layer in layers {
         if let Layer::Raw(media_type, bytes) = layer {
             let (digest, size) = put_blob(dir, bytes)?;
             descriptors.push(serde_json::json!({"mediaType": media_type, "digest": digest, "size": size}));
+            diff_ids = None;
             continue;
         }
-        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut tar = tar::Builder::new(Vec::new());
         tar.follow_symlinks(false);
         match layer {
             Layer::Dir(d) => tar.append_dir_all(".", d)?,
@@ -122,12 +126,23 @@ fn write_image(
             }
             Layer::Raw(..) => unreachable!("raw layers are stored as they are"),
         }
-        let mut gz = tar.into_inner()?;
-        gz.flush()?;
+        let plain = tar.into_inner()?;
+        if let Some(ids) = diff_ids.as_mut() {
+            use sha2::Digest as _;
+            ids.push(format!(
+                "sha256:{}",
+                sha2::Sha256::digest(&plain).iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ));
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&plain)?;
         let (digest, size) = put_blob(dir, &gz.finish()?)?;
         descriptors.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size}));
     }
     let mut config = serde_json::json!({"architecture": arch, "os": "linux", "config": {"Env": ["PATH=/bin"]}});
+    if let Some(ids) = diff_ids {
+        config["rootfs"] = serde_json::json!({"type": "layers", "diff_ids": ids});
+    }
     if let Some(v) = variant {
         config["variant"] = serde_json::json!(v);
     }

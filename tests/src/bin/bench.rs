@@ -547,13 +547,15 @@ fn pull(runs: usize) {
         theirs_stored = dir_bytes(&oci_dir.join("blobs"));
         // The peer's device-side equivalent: the OCI dir plus `umoci unpack` of it.
         let bundle = world.path().join(format!("bundle-{i}"));
-        let unpacked = std::process::Command::new("umoci")
+        let out = std::process::Command::new("umoci")
             .args(["unpack", "--image"])
             .arg(format!("{}:app-1", oci_dir.display()))
             .arg(&bundle)
             .output()
-            .is_ok_and(|o| o.status.success());
-        if unpacked {
+            .expect("umoci");
+        if !out.status.success() {
+            eprintln!("umoci unpack: {}", String::from_utf8_lossy(&out.stderr));
+        } else {
             peer_rootfs = dir_bytes(&bundle.join("rootfs"));
             peer_disk = dir_bytes(&oci_dir) + dir_bytes(&bundle);
         }
