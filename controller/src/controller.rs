@@ -1,6 +1,9 @@
-//! The controller's state and operations, independent of transports: the HTTP
-//! API and MQTT ingest call these with plain values. Owns the fleet (in
-//! memory, behind a short-held lock) and the store (the durable truth).
+//! The controller's state and operations: the HTTP API and MQTT ingest call
+//! these with plain values. Owns the fleet (in memory, behind a short-held
+//! lock) and the store (the durable truth). Not yet independent of
+//! transports: it also composes, signs and publishes desired documents,
+//! resolves image tags over HTTP, and builds Mosquitto dynamic-security
+//! batches and gateway CONNECT decisions (issue 15 moves them to the edges).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};

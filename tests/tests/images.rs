@@ -276,6 +276,48 @@ fn the_images_user_workdir_file_capabilities_and_mtimes_are_honoured() {
         let e = w.devices.first()?.reported.as_ref()?.last_error.clone()?;
         e.contains("unable to find user ghost").then_some(())
     });
+
+    // A program the image lacks, a working directory that is a file: said as such.
+    for (name, extra, why) in [
+        ("nope", "command: [/bin/nope]\n", "cannot run /bin/nope"),
+        ("nodir", "working_dir: /etc/motd\ncommand: [/bin/sh]\n", "working directory /etc/motd"),
+    ] {
+        let yaml = format!("name: {name}\nimage: {}/apps/user:1\n{extra}", s.registry.host);
+        apply_yaml(&s.server(), &s.world, &format!("{name}.yaml"), &yaml);
+        wait_for(&format!("{name}'s start error"), Duration::from_secs(60), || {
+            let w = describe_workload(&s.server(), name)?;
+            let e = w.devices.first()?.reported.as_ref()?.last_error.clone()?;
+            e.contains(why).then_some(())
+        });
+    }
+}
+
+/// A tag moved to other bytes and the same manifest applied again: the
+/// controller pins the new digest, that is a new revision, the device runs
+/// the new image, and the history tells the two apart.
+#[test]
+fn a_tag_moved_and_reapplied_is_a_new_revision_running_the_new_image() {
+    let s = Setup::new();
+    let yaml = format!(
+        "name: moving\nimage: {}/apps/moving:latest\nnetwork: none\ncommand: [/bin/sh, -c, \"while true; do sleep 1; done\"]\n",
+        s.registry.host
+    );
+    for (revision, text) in [(1, "one\n"), (2, "two\n")] {
+        let dir = s.world.path().join(format!("moving-{revision}"));
+        let rootfs = busybox(&dir);
+        std::fs::write(rootfs.join("etc/motd"), text).expect("motd");
+        let layout = umoci_image(&dir, "app", &rootfs);
+        s.registry.push(&layout, "app", "apps/moving:latest");
+        s.run("moving.yaml", &yaml, revision);
+        assert_eq!(s.exec("moving", &["/bin/cat", "/etc/motd"]), text);
+    }
+    let w = describe_workload(&s.server(), "moving").expect("moving");
+    assert_eq!(w.revisions.len(), 2);
+    assert_ne!(w.revisions[0].digest, w.revisions[1].digest, "{:?}", w.revisions);
+    assert_eq!(w.revisions[0].changes, ["image"], "{:?}", w.revisions);
+    let (ok, text, _) = baton_cli(&s.server(), &["describe", "workload", "moving"]);
+    let short = w.revisions[0].digest.trim_start_matches("sha256:")[..12].to_string();
+    assert!(ok && text.contains(&short) && text.contains("changed: image"), "{text}");
 }
 
 /// Field reports 5 and 7: umoci's directory-replaced-by-a-file layer keeps

@@ -177,7 +177,7 @@ pub type Time = (i64, i64);
 pub fn set_times(path: &Path, atime: Time, mtime: Time) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let p = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let ts = |(s, ns): Time| libc::timespec { tv_sec: s as libc::time_t, tv_nsec: ns as _ };
+    let ts = |(s, ns): Time| libc::timespec { tv_sec: s as _, tv_nsec: ns as _ };
     let times = [ts(atime), ts(mtime)];
     // SAFETY: a NUL-terminated path and an array of two timespecs, as utimensat(2) wants.
     let r = unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };

@@ -89,7 +89,7 @@ struct ContainerProcess {
 
 /// Read from the container's bundle (its config.json); root in / when unreadable.
 fn container_process(root: &std::path::Path, id: &str) -> ContainerProcess {
-    let Ok(container) = libcontainer::container::Container::load(root.join(id)) else {
+    let Some(container) = super::libcontainer_state(&root.join(id)) else {
         return ContainerProcess::default();
     };
     let Some(config) = std::fs::read(container.bundle().join("config.json"))

@@ -81,7 +81,7 @@ impl LibcontainerRuntime {
     fn forget_libcontainer_state(&self, id: &str) {
         let state = self.layout.youki_root().join(id);
         if state.exists() {
-            if let Ok(mut c) = libcontainer::container::Container::load(state.clone()) {
+            if let Some(mut c) = super::libcontainer_state(&state) {
                 let _ = c.delete(true);
             }
             if let Err(e) = std::fs::remove_dir_all(&state) {

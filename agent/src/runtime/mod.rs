@@ -157,6 +157,16 @@ pub trait ContainerRuntime {
     fn exec(&self, id: &str, argv: &[String], timeout: std::time::Duration) -> Result<ExecOutput, RuntimeError>;
 }
 
+/// libcontainer's record of the container kept under `state_dir`, if there
+/// is one: asking libcontainer for one that is not there is not an error
+/// here, but it logs one (every removal did).
+pub fn libcontainer_state(state_dir: &std::path::Path) -> Option<libcontainer::container::Container> {
+    if !state_dir.join("state.json").is_file() {
+        return None;
+    }
+    libcontainer::container::Container::load(state_dir.to_path_buf()).ok()
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -242,7 +242,7 @@ pub fn resolve_in(root: &Path, path: &str, create: Option<(u32, u32)>) -> Result
 pub fn find_program(root: &Path, argv0: &str, path_env: &str) -> Result<PathBuf, String> {
     let executable = |p: &Path| fs::metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0);
     if argv0.contains('/') {
-        let p = resolve_in(root, argv0, None)?;
+        let p = resolve_in(root, argv0, None).map_err(|e| format!("{argv0}: not in the image ({e})"))?;
         return if executable(&p) { Ok(p) } else { Err(format!("{argv0} is not an executable file")) };
     }
     for dir in path_env.split(':').filter(|d| !d.is_empty()) {

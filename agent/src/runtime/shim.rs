@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
@@ -109,7 +108,7 @@ fn report(ready: &mut Option<File>, msg: &str) {
 
 /// Removes whatever a failed create left in libcontainer's state and cgroups.
 fn force_delete(args: &ShimArgs) {
-    if let Ok(mut c) = Container::load(args.root.join(&args.id)) {
+    if let Some(mut c) = super::libcontainer_state(&args.root.join(&args.id)) {
         let _ = c.delete(true);
     }
 }
@@ -419,9 +418,9 @@ fn loopback_up(pid: i32) -> std::io::Result<()> {
             *d = *s as libc::c_char;
         }
         // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq given; the union's flags member is what they use.
-        let result = check(unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut ifr) }).and_then(|_| {
+        let result = check(unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS as _, &mut ifr) }).and_then(|_| {
             unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-            check(unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr) })
+            check(unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS as _, &ifr) })
         });
         // SAFETY: closing the socket opened above.
         unsafe { libc::close(sock) };
