@@ -320,7 +320,7 @@ impl ContainerRuntime for LibcontainerRuntime {
 /// What the container's process needs from its root tree, settled before it
 /// starts so that a failure names its cause (youki only says that a syscall
 /// failed): the working directory (made when the image lacks it, owned by
-/// the container's user, as Docker and Podman do), the program (found, and
+/// the container's user, as Podman does; its missing parents too), the program (found, and
 /// executable), the user's supplementary groups and HOME from the image's
 /// /etc/passwd and /etc/group.
 pub(crate) struct ProcessSetup {

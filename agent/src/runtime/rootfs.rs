@@ -188,7 +188,7 @@ fn merge_dir(
 /// would see it: symlinks are followed (at most 40) but never out of `root`
 /// (an absolute target starts again at `root`, `..` stops at it). With
 /// `create`, missing directories are made, owned by (uid, gid), mode 0755
-/// (a WORKDIR the image lacks, as Docker and Podman make it); without, a
+/// (a WORKDIR the image lacks, as Podman makes it); without, a
 /// missing component is an error. Returns the host path.
 pub fn resolve_in(root: &Path, path: &str, create: Option<(u32, u32)>) -> Result<PathBuf, String> {
     let mut pending: Vec<std::ffi::OsString> =
