@@ -642,6 +642,16 @@ impl RegistryServer {
     }
 }
 
+/// Bytes of the files under `path` (apparent sizes; 0 for what cannot be read).
+pub fn dir_bytes(path: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(path).into_iter().flatten().flatten() {
+        let Ok(m) = e.metadata() else { continue };
+        total += if m.is_dir() { dir_bytes(&e.path()) } else { m.len() };
+    }
+    total
+}
+
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]).map(|d| d.join(name)).find(|p| p.exists())

@@ -480,22 +480,7 @@ fn a_layer_is_kept_once_unpacked_however_it_was_compressed() {
     let store = s.world.path().join(format!("agent-{DEVICE}/images"));
     let layers: Vec<_> = std::fs::read_dir(store.join("layers")).expect("layers").flatten().collect();
     assert_eq!(layers.len(), 1, "one layer, compressed two ways, unpacked {} times", layers.len());
-    let size = |p: &Path| -> u64 {
-        fn walk(p: &Path) -> u64 {
-            std::fs::read_dir(p)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => walk(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        }
-        walk(p)
-    };
-    let (blobs, unpacked) = (size(&store.join("blobs")), size(&store.join("layers")));
+    let (blobs, unpacked) = (dir_bytes(&store.join("blobs")), dir_bytes(&store.join("layers")));
     assert!(blobs < 64 << 10, "{blobs} bytes of blobs kept: a compressed layer stayed after its unpack");
     assert!(
         (blobs + unpacked) as f64 <= 1.05 * unpacked as f64,

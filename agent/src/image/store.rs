@@ -576,12 +576,16 @@ impl ImageStore {
         let mut catalog = self.catalog();
         let keep_names: BTreeSet<String> =
             keep.iter().filter(|k| !k.starts_with("sha256:")).map(|k| tag_key(k)).collect();
+        // Each image's layer directories, looked up once for the whole collection.
+        let mut dirs: BTreeMap<String, Vec<PathBuf>> =
+            catalog.images.values().map(|r| (r.manifest.hex().to_string(), self.layer_dirs(r))).collect();
         let mut candidates: Vec<ImageRecord> = catalog
             .images
             .values()
             .filter(|r| {
                 // A container runs on exactly its image's layers (other images may share some).
-                let running = !r.layers.is_empty() && self.layer_dirs(r).iter().all(|l| in_use.contains(l));
+                let running = !r.layers.is_empty()
+                    && dirs.get(r.manifest.hex()).is_some_and(|d| d.iter().all(|l| in_use.contains(l)));
                 !catalog.names_of(r.manifest.hex()).any(|n| keep.contains(n) || keep_names.contains(&tag_key(n)))
                     && !keep.contains(r.manifest.as_str())
                     && !r.index.as_ref().is_some_and(|i| keep.contains(i.as_str()))
@@ -599,8 +603,9 @@ impl ImageStore {
             catalog.tags.retain(|_, hex| hex != victim.manifest.hex());
             let _ = fs::remove_dir_all(self.legacy_rootfs_path(&victim));
             // Its layers that no remaining image shares and no container uses.
-            for path in self.layer_dirs(&victim) {
-                let shared = catalog.images.values().any(|r| self.layer_dirs(r).contains(&path));
+            let victim_dirs = dirs.remove(victim.manifest.hex()).unwrap_or_default();
+            for path in victim_dirs {
+                let shared = dirs.values().any(|d| d.contains(&path));
                 if !shared && !in_use.contains(&path) {
                     let _ = fs::remove_dir_all(&path);
                 }

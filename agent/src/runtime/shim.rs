@@ -155,15 +155,16 @@ fn supervise(args: &ShimArgs, ready: File) -> i32 {
             return 1;
         }
     };
+    // The bundle's config says what the container needs before it starts.
+    let config = std::fs::read(args.bundle.join(files::CONFIG))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
     // On cgroup v2 the device rules are an eBPF program, attached before the
     // container's own code runs (libcontainer's needs libbpf; see devfilter).
     if super::devfilter::cgroup_v2() {
-        let attached = std::fs::read(args.bundle.join(files::CONFIG))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .ok_or_else(|| std::io::Error::other("config.json unreadable"))
-            .and_then(|config| {
-                let prog = super::devfilter::program(&super::devfilter::rules(&config));
+        let attached =
+            config.as_ref().ok_or_else(|| std::io::Error::other("config.json unreadable")).and_then(|config| {
+                let prog = super::devfilter::program(&super::devfilter::rules(config));
                 super::devfilter::attach(Path::new(&format!("/sys/fs/cgroup{}", args.cgroup)), &prog)
             });
         if let Err(e) = attached {
@@ -174,10 +175,9 @@ fn supervise(args: &ShimArgs, ready: File) -> i32 {
     }
     // A network namespace of its own (`network: none`) has its loopback up,
     // as Docker and Podman give it: a server and its probes talk over it.
-    let own_netns = std::fs::read(args.bundle.join(files::CONFIG))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|c| c["linux"]["namespaces"].as_array().cloned())
+    let own_netns = config
+        .as_ref()
+        .and_then(|c| c["linux"]["namespaces"].as_array())
         .is_some_and(|ns| ns.iter().any(|n| n["type"] == "network" && n.get("path").is_none()));
     if own_netns {
         if let Err(e) = container.pid().map_or(Ok(()), |pid| loopback_up(pid.as_raw())) {

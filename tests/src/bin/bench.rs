@@ -454,15 +454,6 @@ fn remove_cgroup_tree(dir: &std::path::Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
-fn dir_bytes(path: &std::path::Path) -> u64 {
-    let mut total = 0;
-    for e in std::fs::read_dir(path).into_iter().flatten().flatten() {
-        let Ok(m) = e.metadata() else { continue };
-        total += if m.is_dir() { dir_bytes(&e.path()) } else { m.len() };
-    }
-    total
-}
-
 /// Pulling a 3-layer image from a local registry: Baton's registry client
 /// into a fresh store vs `skopeo copy` into a fresh OCI directory, then an
 /// update that changes one layer, both runs interleaved.
