@@ -75,6 +75,23 @@ impl LogLimiter {
     }
 }
 
+/// Runs a controller operation on the blocking pool (it may write SQLite
+/// and sign documents), as the API does; messages stay in order, one at a
+/// time. None if it panicked.
+async fn blocking<T: Send + 'static>(
+    c: &Arc<Controller>,
+    f: impl FnOnce(&Controller) -> T + Send + 'static,
+) -> Option<T> {
+    let c = c.clone();
+    match tokio::task::spawn_blocking(move || f(&c)).await {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(error = %e, "a controller operation failed");
+            None
+        }
+    }
+}
+
 /// Queues one outgoing message on the client (QoS 1).
 fn publish(client: &AsyncClient, out: Outgoing) {
     let (topic, retain, encoded) = match out {
@@ -152,7 +169,7 @@ pub async fn run(
                 }
                 // The store is the truth; retained desired documents are its cache
                 // in the broker, which an embedded broker loses on restart.
-                controller.republish_desired();
+                blocking(&controller, Controller::republish_desired).await;
             }
             // The controller's own documents, as the broker holds them: one
             // that is not ours (garbage, a forgery, a stale copy) is replaced.
@@ -160,7 +177,8 @@ pub async fn run(
                 if TopicKind::parse(&p.topic).is_some_and(|(_, k)| k == TopicKind::Desired) =>
             {
                 if let Some((id, _)) = TopicKind::parse(&p.topic) {
-                    controller.check_desired(&id, &p.payload, now_ms());
+                    let payload = p.payload.clone();
+                    blocking(&controller, move |c| c.check_desired(&id, &payload, now_ms())).await;
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == crate::dynsec::RESPONSES => {
@@ -171,7 +189,10 @@ pub async fn run(
             Ok(Event::Incoming(Packet::Publish(p))) => match classify(&p.topic, &p.payload) {
                 Ok((id, kind, Message::EnrollRequest(req))) => {
                     controller.metrics.received(kind);
-                    let res = controller.enroll(&id, &req, now_ms());
+                    let who = id.clone();
+                    let Some(res) = blocking(&controller, move |c| c.enroll(&who, &req, now_ms())).await else {
+                        continue;
+                    };
                     // What the enrollment queued (the device's Mosquitto account) goes out before the answer.
                     while let Ok(out) = outbox.try_recv() {
                         publish(&client, out);
@@ -190,7 +211,8 @@ pub async fn run(
                 Ok((id, kind, msg)) => {
                     controller.metrics.received(kind);
                     let delivery = if p.retain { Delivery::Retained } else { Delivery::Live };
-                    controller.apply(&id, fleet_event(&msg), delivery, now_ms());
+                    let (who, event) = (id.clone(), fleet_event(&msg));
+                    blocking(&controller, move |c| c.apply(&who, event, delivery, now_ms())).await;
                     if let Message::CommandResult(result) = msg {
                         if !controller.commands.deliver(&id, result) {
                             debug!(device = %id, "answer to no pending request (late, cancelled, or not for this device)");

@@ -117,36 +117,43 @@ pub async fn serve(
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let _lock = crate::datadir::DataDirLock::take(&cfg.data_dir)?;
-    let db = cfg.data_dir.join("baton.db");
-    let store = Store::open(&db)?;
     let (outbox_tx, outbox) = tokio::sync::mpsc::unbounded_channel();
-    let keys = crate::keys::Keys::load(&cfg.data_dir, cfg.signing_key.as_deref(), cfg.secrets_key.as_deref())?;
-    let signer = baton_protocol::crypto::SigningKey::from_seed(&keys.signing_seed);
-    let commands = crate::commands::CommandRouter::new(outbox_tx.clone(), signer);
-    tracing::info!(signing_key = %keys.signing_public(), "desired documents are signed with this key (agents: controller_keys)");
-    let liveness = crate::fleet::Liveness {
-        stale_after_ms: cfg.stale_after.as_millis() as u64,
-        offline_after_ms: cfg.offline_after.as_millis() as u64,
-        since_ms: now_ms(),
-    };
-    let mut controller = Controller::new(store, liveness, commands, outbox_tx, keys)?;
-    controller.reschedule_after_ms = cfg.reschedule_after.as_millis() as u64;
-    if cfg.resolve_digests {
-        controller.registry = Some(baton_registry::Client::new(baton_registry::RegistryConfig {
-            insecure: cfg.insecure_registries.clone(),
-            credentials: cfg.registry_credentials.clone(),
-            ca_pem: cfg.registry_ca.clone(),
-        }));
-    }
-    controller.api_auth = cfg.api_auth;
-    controller.dynsec = cfg.broker_dynsec;
-    if cfg.api_auth {
-        controller.ensure_admin_token(&cfg.data_dir.join("admin.token"), now_ms())?;
-    }
-    // Documents are derived from the store: a controller that stopped between
-    // storing a change and publishing its documents publishes them now
-    // (unchanged documents are not touched; ingest sends what is queued once connected).
-    controller.sync_desired(now_ms());
+    // Opening the store, loading the fleet and signing documents: off the async workers.
+    let startup = cfg.clone();
+    let controller = tokio::task::spawn_blocking(move || -> anyhow::Result<Controller> {
+        let cfg = startup;
+        let db = cfg.data_dir.join("baton.db");
+        let store = Store::open(&db)?;
+        let keys = crate::keys::Keys::load(&cfg.data_dir, cfg.signing_key.as_deref(), cfg.secrets_key.as_deref())?;
+        let signer = baton_protocol::crypto::SigningKey::from_seed(&keys.signing_seed);
+        let commands = crate::commands::CommandRouter::new(outbox_tx.clone(), signer);
+        tracing::info!(signing_key = %keys.signing_public(), "desired documents are signed with this key (agents: controller_keys)");
+        let liveness = crate::fleet::Liveness {
+            stale_after_ms: cfg.stale_after.as_millis() as u64,
+            offline_after_ms: cfg.offline_after.as_millis() as u64,
+            since_ms: now_ms(),
+        };
+        let mut controller = Controller::new(store, liveness, commands, outbox_tx, keys)?;
+        controller.reschedule_after_ms = cfg.reschedule_after.as_millis() as u64;
+        if cfg.resolve_digests {
+            controller.registry = Some(baton_registry::Client::new(baton_registry::RegistryConfig {
+                insecure: cfg.insecure_registries.clone(),
+                credentials: cfg.registry_credentials.clone(),
+                ca_pem: cfg.registry_ca.clone(),
+            }));
+        }
+        controller.api_auth = cfg.api_auth;
+        controller.dynsec = cfg.broker_dynsec;
+        if cfg.api_auth {
+            controller.ensure_admin_token(&cfg.data_dir.join("admin.token"), now_ms())?;
+        }
+        // Documents are derived from the store: a controller that stopped between
+        // storing a change and publishing its documents publishes them now
+        // (unchanged documents are not touched; ingest sends what is queued once connected).
+        controller.sync_desired(now_ms());
+        Ok(controller)
+    })
+    .await??;
     let controller = Arc::new(controller);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
@@ -229,7 +236,8 @@ pub async fn serve(
     let _ = ticker.await;
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
     // Whatever heartbeats moved since the last flush.
-    controller.flush_seen(0)?;
+    let c = controller.clone();
+    tokio::task::spawn_blocking(move || c.flush_seen(0)).await??;
     tracing::info!("controller stopped");
     Ok(())
 }
@@ -244,12 +252,15 @@ async fn flush_loop(controller: Arc<Controller>, every: Duration, mut stop: toki
             _ = tick.tick() => {}
         }
         let started = now_ms();
-        match controller.flush_seen(since) {
-            Ok(n) => {
+        // SQLite: off the async workers.
+        let c = controller.clone();
+        match tokio::task::spawn_blocking(move || c.flush_seen(since)).await {
+            Ok(Ok(n)) => {
                 since = started;
                 tracing::debug!(devices = n, "flushed last_seen");
             }
-            Err(e) => tracing::error!(error = %e, "cannot flush last_seen; will retry"),
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot flush last_seen; will retry"),
+            Err(e) => tracing::error!(error = %e, "the last_seen flush failed; will retry"),
         }
     }
 }

@@ -132,8 +132,7 @@ pub struct StoredWorkload {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ApiToken {
     pub id: String,
-    /// `admin` or `read-only`.
-    pub role: String,
+    pub role: crate::view::Role,
     pub name: String,
     pub created_at: u64,
     /// The tenant it acts for; `None`: fleet-wide.
@@ -655,7 +654,7 @@ impl Store {
     pub fn save_api_token(&self, t: &ApiToken, hash: &[u8]) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT INTO api_tokens (id, hash, role, name, created_at, tenant) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![t.id, hash, t.role, t.name, t.created_at as i64, t.tenant.as_deref().unwrap_or("")],
+            params![t.id, hash, t.role.as_str(), t.name, t.created_at as i64, t.tenant.as_deref().unwrap_or("")],
         )?;
         Ok(())
     }
@@ -669,7 +668,12 @@ impl Store {
             Ok((
                 ApiToken {
                     id: r.get(0)?,
-                    role: r.get(2)?,
+                    role: {
+                        let role: String = r.get(2)?;
+                        role.parse().map_err(|e: String| {
+                            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
+                        })?
+                    },
                     name: r.get(3)?,
                     created_at: r.get::<_, i64>(4)? as u64,
                     tenant: (!tenant.is_empty()).then_some(tenant),
@@ -838,7 +842,7 @@ mod tests {
         assert_eq!(s.token("t1").unwrap().unwrap().0, t);
         let a = ApiToken {
             id: "a1".into(),
-            role: "admin".into(),
+            role: crate::view::Role::Admin,
             name: "n".into(),
             created_at: 1,
             tenant: Some("acme".into()),

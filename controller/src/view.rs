@@ -126,7 +126,63 @@ pub struct TokenRequest {
 pub struct TokenView {
     pub token: String,
     #[serde(flatten)]
-    pub info: crate::store::StoredToken,
+    pub info: JoinTokenView,
+}
+
+/// A join token as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenView {
+    pub id: String,
+    pub expires_at: u64,
+    pub uses_left: u32,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: u64,
+    /// The tenant a device joining with it belongs to.
+    #[serde(default = "crate::tenant::default_tenant")]
+    pub tenant: String,
+}
+
+impl From<crate::store::StoredToken> for JoinTokenView {
+    fn from(t: crate::store::StoredToken) -> Self {
+        let crate::store::StoredToken { id, expires_at, uses_left, labels, created_at, tenant } = t;
+        Self { id, expires_at, uses_left, labels, created_at, tenant }
+    }
+}
+
+/// An operator API token as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenView {
+    pub id: String,
+    pub role: Role,
+    pub name: String,
+    pub created_at: u64,
+    /// The tenant it acts for; `None`: fleet-wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+impl From<crate::store::ApiToken> for ApiTokenView {
+    fn from(t: crate::store::ApiToken) -> Self {
+        let crate::store::ApiToken { id, role, name, created_at, tenant } = t;
+        Self { id, role, name, created_at, tenant }
+    }
+}
+
+/// `POST /api/v1/apitokens`: the token, shown once, and what it is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiTokenCreated {
+    pub token: String,
+    #[serde(flatten)]
+    pub info: ApiTokenView,
+}
+
+/// `POST /api/v1/apitokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiTokenRequest {
+    /// A `Role` by name (checked by the controller, which says what it takes).
+    pub role: String,
+    #[serde(default)]
+    pub name: String,
 }
 
 /// A device's newly issued MQTT password (shown once).
@@ -291,5 +347,77 @@ impl WorkloadView {
                 })
             })
             .count()
+    }
+}
+
+/// What an operator API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Everything its scope allows.
+    Admin,
+    /// GET and HEAD only.
+    ReadOnly,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::ReadOnly => "read-only",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "read-only" => Ok(Role::ReadOnly),
+            other => Err(format!("role {other:?}: use admin or read-only")),
+        }
+    }
+}
+
+/// `baton rollout pause|resume|abort|undo` (the last path segment of
+/// `POST /api/v1/workloads/{name}/rollout/{action}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutAction {
+    Pause,
+    Resume,
+    /// Every device back to the stable revision.
+    Abort,
+    /// Abort a running rollout, or roll out the revision before the stable one.
+    Undo,
+}
+
+impl RolloutAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutAction::Pause => "pause",
+            RolloutAction::Resume => "resume",
+            RolloutAction::Abort => "abort",
+            RolloutAction::Undo => "undo",
+        }
+    }
+}
+
+impl std::str::FromStr for RolloutAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pause" => Ok(RolloutAction::Pause),
+            "resume" => Ok(RolloutAction::Resume),
+            "abort" => Ok(RolloutAction::Abort),
+            "undo" => Ok(RolloutAction::Undo),
+            other => Err(format!("unknown rollout action {other:?}")),
+        }
     }
 }

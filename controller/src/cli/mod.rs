@@ -1,7 +1,6 @@
 //! The `baton` command line: `server` and `up` run a controller; every other
 //! verb is an HTTP client of one (`--server`, `BATON_SERVER`).
 
-pub mod client;
 pub mod output;
 mod up;
 
@@ -12,10 +11,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
+use crate::api::client::{Client, DEFAULT_SERVER};
 use crate::controller::now_ms;
 use crate::server::{BrokerMode, ServerConfig};
-use crate::view::{DeviceView, LabelChange};
-use client::{Client, DEFAULT_SERVER};
+use crate::view::LabelChange;
 use output::Format;
 
 #[derive(Parser)]
@@ -172,7 +171,7 @@ pub enum ApiTokenCmd {
     Create {
         /// admin or read-only.
         #[arg(long, default_value = "read-only")]
-        role: String,
+        role: crate::view::Role,
         #[arg(long, default_value = "")]
         name: String,
     },
@@ -471,7 +470,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up(args) => up::run(args),
         Command::Get { resource: Resource::Devices, output } => {
-            let devices: Vec<DeviceView> = client().get("/api/v1/devices")?;
+            let devices = client().devices()?;
             print(output, &devices, || {
                 if devices.is_empty() {
                     "No devices yet. Start an agent with `baton-agent --broker mqtt://CONTROLLER:1883`.\n".into()
@@ -481,7 +480,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Get { resource: Resource::Workloads, output } => {
-            let workloads: Vec<crate::view::WorkloadView> = client().get("/api/v1/workloads")?;
+            let workloads = client().workloads()?;
             print(output, &workloads, || {
                 if workloads.is_empty() {
                     "No workloads. Create one with `baton apply -f manifest.yaml`.\n".into()
@@ -491,7 +490,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Get { resource: Resource::Events, output } => {
-            let events: Vec<crate::view::Event> = client().get("/api/v1/events?limit=200")?;
+            let events = client().events(200)?;
             print(output, &events, || output::events_table(&events, now_ms()))
         }
         Command::Describe { resource: Resource::Events, .. } => {
@@ -499,19 +498,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rollout(cmd) => rollout(&client(), cmd),
         Command::Scale { workload, replicas } => {
-            let req = crate::view::ScaleRequest { replicas };
-            let w: crate::view::WorkloadView = client().post(&format!("/api/v1/workloads/{workload}/scale"), &req)?;
+            let w = client().scale(&workload, replicas)?;
             crate::outln!("workload/{} scaled to {} replicas ({} unplaced)", w.name, replicas, w.unplaced);
             Ok(())
         }
         Command::Describe { resource: Resource::Workloads, id, output } => {
-            let w: crate::view::WorkloadView = client().get(&format!("/api/v1/workloads/{id}"))?;
+            let w = client().workload(&id)?;
             print(output, &w, || output::workload_description(&w))
         }
         Command::Apply { file, output } => {
             let files = read_manifests(&file)?;
-            let results: Vec<crate::view::ApplyResult> =
-                client().post("/api/v1/workloads", &crate::view::ApplyRequest { files })?;
+            let results = client().apply(files)?;
             print(output, &results, || {
                 results
                     .iter()
@@ -523,7 +520,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Delete { resource: Resource::Workloads, name } => {
-            let _: serde_json::Value = client().delete(&format!("/api/v1/workloads/{name}"))?;
+            client().delete_workload(&name)?;
             crate::outln!("workload/{name} deleted");
             Ok(())
         }
@@ -534,21 +531,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Command::Describe { resource: Resource::Devices, id, output } => {
-            let device: DeviceView = client().get(&format!("/api/v1/devices/{id}"))?;
+            let device = client().device(&id)?;
             print(output, &device, || output::device_description(&device, now_ms()))
         }
         Command::Label { resource: Resource::Devices, id, changes, output } => {
             let change = parse_label_changes(&changes)?;
-            let device: DeviceView = client().patch(&format!("/api/v1/devices/{id}/labels"), &change)?;
+            let device = client().relabel(&id, &change)?;
             print(output, &device, || format!("device/{} labeled: {}\n", device.id, output::labels(&device.labels)))
         }
         Command::Logs { workload, device, tail, follow } => {
-            let path = format!("/api/v1/devices/{device}/logs/{workload}?tail={tail}&follow={follow}");
-            client().stream(&path, &mut std::io::stdout().lock())
+            client().logs(&device, &workload, tail, follow, &mut std::io::stdout().lock())
         }
         Command::Exec { device, workload, command } => {
             let req = crate::view::ExecRequest { workload, argv: command };
-            let res: crate::view::ExecResponse = client().post(&format!("/api/v1/devices/{device}/exec"), &req)?;
+            let res = client().exec(&device, &req)?;
             crate::out!("{}", res.stdout);
             eprint!("{}", res.stderr);
             if res.exit_code != 0 {
@@ -557,8 +553,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Restart { workload, device } => {
-            let _: serde_json::Value = client()
-                .post(&format!("/api/v1/devices/{device}/workloads/{workload}/restart"), &serde_json::json!({}))?;
+            client().restart(&device, &workload)?;
             crate::outln!("workload/{workload} on {device} restarting");
             Ok(())
         }
@@ -570,63 +565,59 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 map.insert(k.to_string(), v.to_string());
             }
             let req = crate::view::TokenRequest { ttl_s: parse_duration(&ttl)?, uses, labels: map };
-            let t: crate::view::TokenView = client().post("/api/v1/tokens", &req)?;
+            let t = client().create_token(&req)?;
             crate::outln!("{}", t.token);
             Ok(())
         }
         Command::Apitoken(ApiTokenCmd::Create { role, name }) => {
-            let v: serde_json::Value =
-                client().post("/api/v1/apitokens", &serde_json::json!({"role": role, "name": name}))?;
-            crate::outln!("{}", v["token"].as_str().unwrap_or_default());
+            let created = client().create_api_token(role, &name)?;
+            crate::outln!("{}", created.token);
             Ok(())
         }
         Command::Apitoken(ApiTokenCmd::List { output }) => {
-            let list: Vec<crate::store::ApiToken> = client().get("/api/v1/apitokens")?;
+            let list = client().api_tokens()?;
             print(output, &list, || {
                 let rows: Vec<Vec<String>> = list
                     .iter()
                     .map(|t| {
                         let tenant = t.tenant.clone().unwrap_or_else(|| "(fleet-wide)".into());
-                        vec![t.id.clone(), t.role.clone(), tenant, t.name.clone()]
+                        vec![t.id.clone(), t.role.to_string(), tenant, t.name.clone()]
                     })
                     .collect();
                 output::table(&["ID", "ROLE", "TENANT", "NAME"], &rows)
             })
         }
         Command::Apitoken(ApiTokenCmd::Revoke { id }) => {
-            let _: serde_json::Value = client().delete(&format!("/api/v1/apitokens/{id}"))?;
+            client().delete_api_token(&id)?;
             crate::outln!("apitoken/{id} revoked");
             Ok(())
         }
         Command::Token(TokenCmd::List { output }) => {
-            let list: Vec<crate::store::StoredToken> = client().get("/api/v1/tokens")?;
+            let list = client().tokens()?;
             print(output, &list, || output::tokens_table(&list, now_ms()))
         }
         Command::Token(TokenCmd::Delete { id }) => {
-            let _: serde_json::Value = client().delete(&format!("/api/v1/tokens/{id}"))?;
+            client().delete_token(&id)?;
             crate::outln!("token/{id} deleted");
             Ok(())
         }
         Command::Device(DeviceCmd::Credentials { id }) => {
-            let c: crate::view::CredentialsView =
-                client().post(&format!("/api/v1/devices/{id}/credentials"), &serde_json::json!({}))?;
+            let c = client().issue_credentials(&id)?;
             crate::outln!("{}", c.password);
             Ok(())
         }
         Command::Device(DeviceCmd::Revoke { id }) => {
-            let _: serde_json::Value =
-                client().post(&format!("/api/v1/devices/{id}/revoke"), &serde_json::json!({}))?;
+            client().revoke_device(&id)?;
             crate::outln!("device/{id} revoked");
             Ok(())
         }
         Command::Device(DeviceCmd::Assign { id, to }) => {
-            let d: DeviceView =
-                client().put(&format!("/api/v1/devices/{id}/tenant"), &serde_json::json!({ "tenant": to }))?;
+            let d = client().assign_device(&id, &to)?;
             crate::outln!("device/{} now in tenant {}", d.id, d.tenant);
             Ok(())
         }
         Command::Trust => {
-            let t: crate::view::TrustView = client().get("/api/v1/trust")?;
+            let t = client().trust()?;
             crate::outln!("{}", t.signing_key);
             Ok(())
         }
@@ -644,7 +635,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Backup { output } => {
-            let bytes = client().post_for_bytes("/api/v1/backup")?;
+            let bytes = client().backup()?;
             let tmp = output.with_extension("partial");
             std::fs::write(&tmp, &bytes)
                 .and_then(|()| std::fs::rename(&tmp, &output))
@@ -665,7 +656,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn secret(client: &Client, cmd: SecretCmd) -> anyhow::Result<()> {
-    use crate::view::SecretView;
     match cmd {
         SecretCmd::Create { name, from_file, from_literal } => {
             let value = match (from_file, from_literal) {
@@ -678,18 +668,18 @@ fn secret(client: &Client, cmd: SecretCmd) -> anyhow::Result<()> {
                 (Some(p), None) => std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?,
                 (None, None) => anyhow::bail!("give --from-file FILE or --from-literal VALUE"),
             };
-            let s: SecretView = client.put_bytes(&format!("/api/v1/secrets/{name}"), &value)?;
+            let s = client.put_secret(&name, &value)?;
             let users =
                 if s.used_by.is_empty() { String::new() } else { format!("; rolling out {}", s.used_by.join(", ")) };
             crate::outln!("secret/{} version {}{users}", s.name, s.version);
             Ok(())
         }
         SecretCmd::List { output } => {
-            let list: Vec<SecretView> = client.get("/api/v1/secrets")?;
+            let list = client.secrets()?;
             print(output, &list, || output::secrets_table(&list, now_ms()))
         }
         SecretCmd::Delete { name } => {
-            let _: serde_json::Value = client.delete(&format!("/api/v1/secrets/{name}"))?;
+            client.delete_secret(&name)?;
             crate::outln!("secret/{name} deleted");
             Ok(())
         }
@@ -697,22 +687,21 @@ fn secret(client: &Client, cmd: SecretCmd) -> anyhow::Result<()> {
 }
 
 fn rollout(client: &Client, cmd: RolloutCmd) -> anyhow::Result<()> {
-    use crate::view::RolloutView;
+    use crate::view::RolloutAction;
     let (name, action) = match cmd {
         RolloutCmd::Status { workload, watch, output } => {
-            let path = format!("/api/v1/workloads/{workload}/rollout");
-            let r: RolloutView = client.get(&path)?;
+            let r = client.rollout(&workload)?;
             if !watch {
                 return print(output, &r, || output::rollout_status(&r));
             }
-            return output::watch_rollout(r, || client.get(&path));
+            return output::watch_rollout(r, || client.rollout(&workload));
         }
-        RolloutCmd::Pause { workload } => (workload, "pause"),
-        RolloutCmd::Resume { workload } => (workload, "resume"),
-        RolloutCmd::Abort { workload } => (workload, "abort"),
-        RolloutCmd::Undo { workload } => (workload, "undo"),
+        RolloutCmd::Pause { workload } => (workload, RolloutAction::Pause),
+        RolloutCmd::Resume { workload } => (workload, RolloutAction::Resume),
+        RolloutCmd::Abort { workload } => (workload, RolloutAction::Abort),
+        RolloutCmd::Undo { workload } => (workload, RolloutAction::Undo),
     };
-    let r: RolloutView = client.post(&format!("/api/v1/workloads/{name}/rollout/{action}"), &serde_json::json!({}))?;
+    let r = client.rollout_action(&name, action)?;
     crate::out!("{}", output::rollout_status(&r));
     Ok(())
 }

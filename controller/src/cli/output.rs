@@ -317,7 +317,7 @@ pub fn events_table(events: &[Event], now: Millis) -> String {
     table(&["AGE", "KIND", "SUBJECT", "MESSAGE"], &rows)
 }
 
-pub fn tokens_table(tokens: &[crate::store::StoredToken], now: Millis) -> String {
+pub fn tokens_table(tokens: &[crate::view::JoinTokenView], now: Millis) -> String {
     if tokens.is_empty() {
         return "No tokens. Create one with `baton token create`.\n".into();
     }

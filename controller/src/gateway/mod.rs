@@ -9,6 +9,7 @@
 //! the gateway and the controller's own client know, so it cannot be used to
 //! go around this door.
 
+mod authority;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -155,7 +156,10 @@ impl Gateway {
         let (connect_len, connect) = tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut client, &mut buf))
             .await
             .map_err(|_| "no CONNECT within 10 s".to_string())??;
-        let identity = match self.admit(&connect) {
+        // The authority may read SQLite (join tokens): off the async workers.
+        let (gateway, asked) = (self.clone(), connect.clone());
+        let admitted = tokio::task::spawn_blocking(move || gateway.admit(&asked)).await;
+        let identity = match admitted.unwrap_or(Err(wire::SERVER_UNAVAILABLE)) {
             Ok(i) => i,
             Err(code) => {
                 self.refused_connects.fetch_add(1, Relaxed);

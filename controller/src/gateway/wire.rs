@@ -11,6 +11,8 @@ pub const SUBSCRIBE: u8 = 8;
 /// CONNACK return codes.
 pub const BAD_CREDENTIALS: u8 = 4;
 pub const NOT_AUTHORIZED: u8 = 5;
+/// CONNACK: the server cannot take the connection now.
+pub const SERVER_UNAVAILABLE: u8 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {

@@ -1,5 +1,8 @@
 //! HTTP/JSON API (axum): translation only. Handlers parse the request, call a
-//! `Controller` operation with plain values, and render its answer.
+//! `Controller` operation with plain values on the blocking pool (`op`), and
+//! render its answer.
+
+pub mod client;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +53,19 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .with_state(controller)
 }
 
+/// Runs a `Controller` operation on the blocking pool. One rule for every
+/// handler: operations take std mutexes, write SQLite and sign documents,
+/// none of which may stall an async worker.
+async fn op<T: Send + 'static>(
+    c: &Arc<Controller>,
+    f: impl FnOnce(&Controller) -> T + Send + 'static,
+) -> Result<T, Failure> {
+    let c = c.clone();
+    tokio::task::spawn_blocking(move || f(&c))
+        .await
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("operation failed: {e}")))
+}
+
 fn error(status: StatusCode, error: String) -> Response {
     (status, Json(ApiError { error })).into_response()
 }
@@ -87,19 +103,20 @@ async fn health(State(c): State<Arc<Controller>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(c): State<Arc<Controller>>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], c.render_metrics(now_ms()))
+    let text = op(&c, |c| c.render_metrics(now_ms())).await?;
+    Ok::<_, Failure>(([("content-type", "text/plain; version=0.0.4")], text))
 }
 
 async fn list_devices(State(c): State<Arc<Controller>>, Extension(scope): Extension<Scope>) -> impl IntoResponse {
-    Json(c.devices(now_ms(), &scope))
+    op(&c, move |c| c.devices(now_ms(), &scope)).await.map(Json)
 }
 
 async fn get_device(
     State(c): State<Arc<Controller>>,
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
-) -> Result<impl IntoResponse, OpError> {
-    c.device(&id, now_ms(), &scope).map(Json)
+) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(op(&c, move |c| c.device(&id, now_ms(), &scope)).await??))
 }
 
 async fn relabel(
@@ -109,7 +126,8 @@ async fn relabel(
     body: Result<Json<LabelChange>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, Response> {
     let Json(change) = body.map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))?;
-    c.relabel(&id, &change, now_ms(), &scope).map(Json).map_err(IntoResponse::into_response)
+    let view = op(&c, move |c| c.relabel(&id, &change, now_ms(), &scope)).await.map_err(IntoResponse::into_response)?;
+    view.map(Json).map_err(IntoResponse::into_response)
 }
 
 #[derive(serde::Deserialize)]
@@ -124,15 +142,16 @@ async fn assign_device(
     body: Result<Json<AssignRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, Failure> {
     let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
-    Ok(Json(c.assign_device(&id, &req.tenant, now_ms(), &scope)?))
+    Ok(Json(op(&c, move |c| c.assign_device(&id, &req.tenant, now_ms(), &scope)).await??))
 }
 
 /// How long a device has to give its first answer.
 const FIRST_ANSWER: Duration = Duration::from_secs(15);
 
 /// The device must be known (to this tenant) and online before we ask it anything.
-fn online_device(c: &Controller, id: &str, scope: &Scope) -> Result<DeviceId, Failure> {
-    let device = c.device(id, now_ms(), scope)?;
+async fn online_device(c: &Arc<Controller>, id: &str, scope: &Scope) -> Result<DeviceId, Failure> {
+    let (name, scope) = (id.to_string(), scope.clone());
+    let device = op(c, move |c| c.device(&name, now_ms(), &scope)).await??;
     if device.status == Status::Offline {
         return Err(Failure(StatusCode::CONFLICT, format!("device {id} is offline")));
     }
@@ -170,7 +189,7 @@ async fn logs(
     Path((id, workload)): Path<(String, String)>,
     axum::extract::Query(q): axum::extract::Query<LogsQuery>,
 ) -> Result<Response, Failure> {
-    let device = online_device(&c, &id, &scope)?;
+    let device = online_device(&c, &id, &scope).await?;
     let deadline = now_ms() + if q.follow { 12 * 3600 * 1000 } else { 60_000 };
     let action = CommandAction::Logs { workload, tail: q.tail.unwrap_or(100), follow: q.follow };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
@@ -221,7 +240,7 @@ async fn exec(
     if req.argv.is_empty() {
         return Err(Failure(StatusCode::BAD_REQUEST, "argv: nothing to run".into()));
     }
-    let device = online_device(&c, &id, &scope)?;
+    let device = online_device(&c, &id, &scope).await?;
     let action = CommandAction::Exec { workload: req.workload, argv: req.argv };
     let mut pending = c.commands.send(device, action, now_ms() + 90_000);
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -247,7 +266,7 @@ async fn restart(
     Extension(scope): Extension<Scope>,
     Path((id, workload)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, Failure> {
-    let device = online_device(&c, &id, &scope)?;
+    let device = online_device(&c, &id, &scope).await?;
     let mut pending = c.commands.send(device, CommandAction::Restart { workload: workload.clone() }, now_ms() + 30_000);
     answer(&mut pending.answers, &id, FIRST_ANSWER).await?;
     Ok(Json(serde_json::json!({"device": id, "workload": workload, "status": "restarting"})))
@@ -277,9 +296,9 @@ async fn apply_workloads(
     if validated.is_empty() {
         return Err(Failure(StatusCode::BAD_REQUEST, "no workloads to apply".into()));
     }
-    // Tag → digest over HTTP: blocking, off the async workers.
-    let results = tokio::task::spawn_blocking(move || {
-        let pinned = c.pin_digests(&mut validated);
+    // Tag → digest over HTTP, then the store: blocking, off the async workers.
+    let results = op(&c, move |c| {
+        let pinned = crate::pinning::pin_digests(c, &mut validated);
         let images: Vec<String> = validated.iter().map(|v| v.spec.image.clone()).collect();
         c.apply_workloads(validated, now_ms(), &scope).map(|mut results| {
             for ((r, pinned), image) in results.iter_mut().zip(pinned).zip(images) {
@@ -307,13 +326,12 @@ async fn apply_workloads(
             results
         })
     })
-    .await
-    .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    .await??;
     Ok(Json(results))
 }
 
 async fn list_workloads(State(c): State<Arc<Controller>>, Extension(scope): Extension<Scope>) -> impl IntoResponse {
-    Json(c.workloads(now_ms(), &scope))
+    op(&c, move |c| c.workloads(now_ms(), &scope)).await.map(Json)
 }
 
 async fn get_workload(
@@ -321,7 +339,7 @@ async fn get_workload(
     Extension(scope): Extension<Scope>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    Ok(Json(c.workload(&name, now_ms(), &scope)?))
+    Ok(Json(op(&c, move |c| c.workload(&name, now_ms(), &scope)).await??))
 }
 
 async fn delete_workload(
@@ -329,7 +347,8 @@ async fn delete_workload(
     Extension(scope): Extension<Scope>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    c.delete_workload(&name, now_ms(), &scope)?;
+    let n = name.clone();
+    op(&c, move |c| c.delete_workload(&n, now_ms(), &scope)).await??;
     Ok(Json(serde_json::json!({"deleted": name})))
 }
 
@@ -340,7 +359,7 @@ async fn scale(
     body: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, Failure> {
     let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
-    Ok(Json(c.scale(&name, req.replicas, now_ms(), &scope)?))
+    Ok(Json(op(&c, move |c| c.scale(&name, req.replicas, now_ms(), &scope)).await??))
 }
 
 async fn get_rollout(
@@ -348,7 +367,7 @@ async fn get_rollout(
     Extension(scope): Extension<Scope>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    Ok(Json(c.rollout(&name, &scope)?))
+    Ok(Json(op(&c, move |c| c.rollout(&name, &scope)).await??))
 }
 
 async fn rollout_action(
@@ -356,7 +375,8 @@ async fn rollout_action(
     Extension(scope): Extension<Scope>,
     Path((name, action)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, Failure> {
-    Ok(Json(c.rollout_action(&name, &action, now_ms(), &scope)?))
+    let action: crate::view::RolloutAction = action.parse().map_err(|e| Failure(StatusCode::BAD_REQUEST, e))?;
+    Ok(Json(op(&c, move |c| c.rollout_action(&name, action, now_ms(), &scope)).await??))
 }
 
 #[derive(serde::Deserialize)]
@@ -370,14 +390,15 @@ async fn events(
     Extension(scope): Extension<Scope>,
     Query(q): Query<EventQuery>,
 ) -> Result<impl IntoResponse, Failure> {
-    Ok(Json(c.events(q.subject.as_deref(), q.limit.unwrap_or(100).min(10_000), &scope)?))
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    Ok(Json(op(&c, move |c| c.events(q.subject.as_deref(), limit, &scope)).await??))
 }
 
 async fn list_secrets(
     State(c): State<Arc<Controller>>,
     Extension(scope): Extension<Scope>,
 ) -> Result<impl IntoResponse, Failure> {
-    Ok(Json(c.secrets(&scope)?))
+    Ok(Json(op(&c, move |c| c.secrets(&scope)).await??))
 }
 
 /// The body is the secret's value, as raw bytes.
@@ -387,9 +408,7 @@ async fn put_secret(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, Failure> {
-    let view = tokio::task::spawn_blocking(move || c.put_secret(&name, &body, now_ms(), &scope))
-        .await
-        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let view = op(&c, move |c| c.put_secret(&name, &body, now_ms(), &scope)).await??;
     Ok(Json(view))
 }
 
@@ -398,7 +417,8 @@ async fn delete_secret(
     Extension(scope): Extension<Scope>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    c.delete_secret(&name, now_ms(), &scope)?;
+    let n = name.clone();
+    op(&c, move |c| c.delete_secret(&n, now_ms(), &scope)).await??;
     Ok(Json(serde_json::json!({"deleted": name})))
 }
 
@@ -411,7 +431,8 @@ async fn issue_credentials(
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    let password = c.issue_credentials(&id, now_ms(), &scope)?;
+    let device = id.clone();
+    let password = op(&c, move |c| c.issue_credentials(&device, now_ms(), &scope)).await??;
     Ok(Json(crate::view::CredentialsView { device: id, password }))
 }
 
@@ -420,7 +441,8 @@ async fn revoke_device(
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    c.revoke_device(&id, now_ms(), &scope)?;
+    let device = id.clone();
+    op(&c, move |c| c.revoke_device(&device, now_ms(), &scope)).await??;
     Ok(Json(serde_json::json!({"revoked": id})))
 }
 
@@ -430,7 +452,7 @@ async fn create_token(
     body: Result<Json<crate::view::TokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, Failure> {
     let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let (token, info) = c.create_token(req.ttl_s, req.uses, req.labels, now_ms(), &scope)?;
+    let (token, info) = op(&c, move |c| c.create_token(req.ttl_s, req.uses, req.labels, now_ms(), &scope)).await??;
     Ok(Json(crate::view::TokenView { token, info }))
 }
 
@@ -438,7 +460,7 @@ async fn list_tokens(
     State(c): State<Arc<Controller>>,
     Extension(scope): Extension<Scope>,
 ) -> Result<impl IntoResponse, Failure> {
-    Ok(Json(c.tokens(&scope)?))
+    Ok(Json(op(&c, move |c| c.tokens(&scope)).await??))
 }
 
 async fn delete_token(
@@ -446,7 +468,8 @@ async fn delete_token(
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    c.delete_token(&id, now_ms(), &scope)?;
+    let token = id.clone();
+    op(&c, move |c| c.delete_token(&token, now_ms(), &scope)).await??;
     Ok(Json(serde_json::json!({"deleted": id})))
 }
 
@@ -474,10 +497,15 @@ async fn authenticate(
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        match c.authorize(bearer) {
+        let bearer = bearer.map(str::to_string);
+        let verdict = match op(&c, move |c| c.authorize(bearer.as_deref())).await {
+            Ok(v) => v,
+            Err(f) => return f.into_response(),
+        };
+        match verdict {
             Err(why) => return error(StatusCode::UNAUTHORIZED, why),
             Ok((role, _))
-                if role != crate::controller::ROLE_ADMIN
+                if role != crate::view::Role::Admin
                     && !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD) =>
             {
                 return error(StatusCode::FORBIDDEN, format!("a {role} token cannot change anything"));
@@ -505,33 +533,23 @@ async fn authenticate(
 /// A POST, so a read-only token cannot take it: the copy holds every
 /// token's hash and every (encrypted) secret.
 async fn backup(State(c): State<Arc<Controller>>, Extension(scope): Extension<Scope>) -> Result<Response, Failure> {
-    let bytes = tokio::task::spawn_blocking(move || c.backup(&scope))
-        .await
-        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let bytes = op(&c, move |c| c.backup(&scope)).await??;
     Ok(([("content-type", "application/vnd.sqlite3")], bytes).into_response())
-}
-
-#[derive(serde::Deserialize)]
-struct ApiTokenRequest {
-    role: String,
-    #[serde(default)]
-    name: String,
 }
 
 async fn create_api_token(
     State(c): State<Arc<Controller>>,
     Extension(scope): Extension<Scope>,
-    body: Result<Json<ApiTokenRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<crate::view::ApiTokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, Failure> {
     let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let (token, info) = c.create_api_token(&req.role, &req.name, now_ms(), &scope)?;
-    Ok(Json(serde_json::json!({
-        "token": token, "id": info.id, "role": info.role, "name": info.name, "tenant": info.tenant
-    })))
+    let role: crate::view::Role = req.role.parse().map_err(|e| Failure(StatusCode::BAD_REQUEST, e))?;
+    let (token, info) = op(&c, move |c| c.create_api_token(role, &req.name, now_ms(), &scope)).await??;
+    Ok(Json(crate::view::ApiTokenCreated { token, info }))
 }
 
 async fn list_api_tokens(State(c): State<Arc<Controller>>, Extension(scope): Extension<Scope>) -> impl IntoResponse {
-    Json(c.api_token_list(&scope))
+    op(&c, move |c| c.api_token_list(&scope)).await.map(Json)
 }
 
 async fn delete_api_token(
@@ -539,6 +557,7 @@ async fn delete_api_token(
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
-    c.delete_api_token(&id, now_ms(), &scope)?;
+    let token = id.clone();
+    op(&c, move |c| c.delete_api_token(&token, now_ms(), &scope)).await??;
     Ok(Json(serde_json::json!({"revoked": id})))
 }

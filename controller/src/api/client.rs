@@ -1,12 +1,18 @@
-//! The CLI's HTTP client: every operator verb goes through the API, and every
-//! failure says what went wrong and what to do about it.
+//! The API's typed client, beside the routes it calls (`super::router`):
+//! one method per route, taking and returning the `view` types; the CLI
+//! goes through it and never spells a URL. Every failure says what went
+//! wrong and what to do about it.
 
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::view::ApiError;
+use crate::view::{
+    ApiError, ApiTokenCreated, ApiTokenRequest, ApiTokenView, ApplyRequest, ApplyResult, CredentialsView, DeviceView,
+    Event, ExecRequest, ExecResponse, JoinTokenView, LabelChange, ManifestFile, Role, RolloutAction, RolloutView,
+    ScaleRequest, SecretView, TokenRequest, TokenView, TrustView, WorkloadView,
+};
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
 
@@ -61,19 +67,146 @@ impl Client {
         Self { base: base.trim_end_matches('/').to_string(), agent, auth: None, tenant: None }
     }
 
-    pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    // ---- One method per route, in the router's order. ----
+
+    pub fn devices(&self) -> anyhow::Result<Vec<DeviceView>> {
+        self.get("/api/v1/devices")
+    }
+
+    pub fn device(&self, id: &str) -> anyhow::Result<DeviceView> {
+        self.get(&format!("/api/v1/devices/{id}"))
+    }
+
+    pub fn relabel(&self, id: &str, change: &LabelChange) -> anyhow::Result<DeviceView> {
+        self.patch(&format!("/api/v1/devices/{id}/labels"), change)
+    }
+
+    pub fn assign_device(&self, id: &str, tenant: &str) -> anyhow::Result<DeviceView> {
+        self.put(&format!("/api/v1/devices/{id}/tenant"), &serde_json::json!({ "tenant": tenant }))
+    }
+
+    pub fn workloads(&self) -> anyhow::Result<Vec<WorkloadView>> {
+        self.get("/api/v1/workloads")
+    }
+
+    pub fn apply(&self, files: Vec<ManifestFile>) -> anyhow::Result<Vec<ApplyResult>> {
+        self.post("/api/v1/workloads", &ApplyRequest { files })
+    }
+
+    pub fn workload(&self, name: &str) -> anyhow::Result<WorkloadView> {
+        self.get(&format!("/api/v1/workloads/{name}"))
+    }
+
+    pub fn delete_workload(&self, name: &str) -> anyhow::Result<()> {
+        self.delete::<serde_json::Value>(&format!("/api/v1/workloads/{name}")).map(drop)
+    }
+
+    pub fn scale(&self, name: &str, replicas: u32) -> anyhow::Result<WorkloadView> {
+        self.post(&format!("/api/v1/workloads/{name}/scale"), &ScaleRequest { replicas })
+    }
+
+    pub fn rollout(&self, name: &str) -> anyhow::Result<RolloutView> {
+        self.get(&format!("/api/v1/workloads/{name}/rollout"))
+    }
+
+    pub fn rollout_action(&self, name: &str, action: RolloutAction) -> anyhow::Result<RolloutView> {
+        self.post(&format!("/api/v1/workloads/{name}/rollout/{}", action.as_str()), &serde_json::json!({}))
+    }
+
+    pub fn events(&self, limit: usize) -> anyhow::Result<Vec<Event>> {
+        self.get(&format!("/api/v1/events?limit={limit}"))
+    }
+
+    pub fn secrets(&self) -> anyhow::Result<Vec<SecretView>> {
+        self.get("/api/v1/secrets")
+    }
+
+    /// The value travels as the raw body: never JSON-encoded, never logged.
+    pub fn put_secret(&self, name: &str, value: &[u8]) -> anyhow::Result<SecretView> {
+        self.put_bytes(&format!("/api/v1/secrets/{name}"), value)
+    }
+
+    pub fn delete_secret(&self, name: &str) -> anyhow::Result<()> {
+        self.delete::<serde_json::Value>(&format!("/api/v1/secrets/{name}")).map(drop)
+    }
+
+    pub fn trust(&self) -> anyhow::Result<TrustView> {
+        self.get("/api/v1/trust")
+    }
+
+    pub fn issue_credentials(&self, id: &str) -> anyhow::Result<CredentialsView> {
+        self.post(&format!("/api/v1/devices/{id}/credentials"), &serde_json::json!({}))
+    }
+
+    pub fn tokens(&self) -> anyhow::Result<Vec<JoinTokenView>> {
+        self.get("/api/v1/tokens")
+    }
+
+    pub fn create_token(&self, req: &TokenRequest) -> anyhow::Result<TokenView> {
+        self.post("/api/v1/tokens", req)
+    }
+
+    pub fn delete_token(&self, id: &str) -> anyhow::Result<()> {
+        self.delete::<serde_json::Value>(&format!("/api/v1/tokens/{id}")).map(drop)
+    }
+
+    pub fn revoke_device(&self, id: &str) -> anyhow::Result<()> {
+        self.post::<_, serde_json::Value>(&format!("/api/v1/devices/{id}/revoke"), &serde_json::json!({})).map(drop)
+    }
+
+    /// Copies the log to `out` as it arrives; with `follow`, until interrupted.
+    pub fn logs(
+        &self,
+        device: &str,
+        workload: &str,
+        tail: u32,
+        follow: bool,
+        out: &mut dyn std::io::Write,
+    ) -> anyhow::Result<()> {
+        self.stream(&format!("/api/v1/devices/{device}/logs/{workload}?tail={tail}&follow={follow}"), out)
+    }
+
+    pub fn exec(&self, device: &str, req: &ExecRequest) -> anyhow::Result<ExecResponse> {
+        self.post(&format!("/api/v1/devices/{device}/exec"), req)
+    }
+
+    pub fn restart(&self, device: &str, workload: &str) -> anyhow::Result<()> {
+        let path = format!("/api/v1/devices/{device}/workloads/{workload}/restart");
+        self.post::<_, serde_json::Value>(&path, &serde_json::json!({})).map(drop)
+    }
+
+    pub fn api_tokens(&self) -> anyhow::Result<Vec<ApiTokenView>> {
+        self.get("/api/v1/apitokens")
+    }
+
+    pub fn create_api_token(&self, role: Role, name: &str) -> anyhow::Result<ApiTokenCreated> {
+        self.post("/api/v1/apitokens", &ApiTokenRequest { role: role.as_str().into(), name: name.into() })
+    }
+
+    pub fn delete_api_token(&self, id: &str) -> anyhow::Result<()> {
+        self.delete::<serde_json::Value>(&format!("/api/v1/apitokens/{id}")).map(drop)
+    }
+
+    /// A consistent copy of the store (SQLite bytes).
+    pub fn backup(&self) -> anyhow::Result<Vec<u8>> {
+        self.post_for_bytes("/api/v1/backup")
+    }
+
+    // ---- Transport. ----
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let res = self.authed(self.agent.get(format!("{}{path}", self.base))).call();
         self.finish(res)
     }
 
-    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
         let res = self.authed(self.agent.post(format!("{}{path}", self.base))).send_json(body);
         self.finish(res)
     }
 
     /// Copies a streamed response to `out` as it arrives (no overall timeout:
     /// `baton logs -f` runs until interrupted).
-    pub fn stream(&self, path: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    fn stream(&self, path: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
         let mut res = self.authed(agent.get(format!("{}{path}", self.base))).call().map_err(|e| self.unreachable(e))?;
         if !res.status().is_success() {
@@ -94,7 +227,7 @@ impl Client {
     }
 
     /// POST with no body; the answer's raw bytes (a backup).
-    pub fn post_for_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+    fn post_for_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
         let mut res =
             self.authed(agent.post(format!("{}{path}", self.base))).send_empty().map_err(|e| self.unreachable(e))?;
@@ -107,7 +240,7 @@ impl Client {
     }
 
     /// PUT with a raw body (secret values: never JSON-encoded, never logged).
-    pub fn put_bytes<T: DeserializeOwned>(&self, path: &str, body: &[u8]) -> anyhow::Result<T> {
+    fn put_bytes<T: DeserializeOwned>(&self, path: &str, body: &[u8]) -> anyhow::Result<T> {
         let res = self
             .authed(self.agent.put(format!("{}{path}", self.base)))
             .content_type("application/octet-stream")
@@ -115,17 +248,17 @@ impl Client {
         self.finish(res)
     }
 
-    pub fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
         let res = self.authed(self.agent.put(format!("{}{path}", self.base))).send_json(body);
         self.finish(res)
     }
 
-    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let res = self.authed(self.agent.delete(format!("{}{path}", self.base))).call();
         self.finish(res)
     }
 
-    pub fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
         let res = self.authed(self.agent.patch(format!("{}{path}", self.base))).send_json(body);
         self.finish(res)
     }

@@ -1,0 +1,176 @@
+//! Devices: what their MQTT messages change (`apply`, then stored when
+//! durable state moved), silence turned offline, labels, tenants, views.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use baton_protocol::{validate_label, DeviceId, PresenceState};
+
+use crate::fleet::{Change, Delivery, Device, Fleet, FleetEvent, Millis};
+use crate::metrics::Rejection;
+use crate::store::StoreError;
+use crate::tenant::Scope;
+use crate::view::{DeviceView, LabelChange};
+
+use super::{lock, parse_id, Controller, OpError};
+
+impl Controller {
+    /// Applies a decoded device event and persists it when durable state changed.
+    pub fn apply(&self, id: &DeviceId, event: FleetEvent, delivery: Delivery, now: Millis) -> Change {
+        let is_presence = matches!(event, FleetEvent::Presence(_));
+        let mut placement_relevant = matches!(event, FleetEvent::Presence(_) | FleetEvent::Inventory(_));
+        let (change, snapshot) = {
+            let mut fleet = lock(&self.fleet);
+            let before = fleet.get(id).map(|d| d.presence.state);
+            let refused_before = fleet.get(id).and_then(|d| d.refusal.clone());
+            let change = fleet.apply(id, event, delivery, now);
+            let after = fleet.get(id).map(|d| d.presence.state);
+            if let Some(d) = fleet.get(id) {
+                // A device that refuses its document says so to the operator, not
+                // only in its own log: an event when the reason is new (or old news
+                // from more than 10 minutes ago).
+                let refused = d.refusal.as_ref().filter(|r| r.at_ms == now);
+                let news = refused.is_some_and(|r| {
+                    refused_before.as_ref().is_none_or(|b| b.reason != r.reason || now - b.at_ms > 600_000)
+                });
+                if let Some(r) = refused.filter(|_| news) {
+                    let message = format!("refused its desired document: {}", r.reason);
+                    self.event(&lock(&self.store), &d.tenant, "device", id.as_str(), message, now);
+                }
+            }
+            if change == Change::Persist && before != after {
+                placement_relevant = true;
+                let what = match (before, after) {
+                    (None, _) => "registered".to_string(),
+                    (_, Some(PresenceState::Online)) if is_presence => "online".to_string(),
+                    (_, Some(PresenceState::Online)) => "online again (heard from it without a new connection)".into(),
+                    (_, _) => "offline".to_string(),
+                };
+                let tenant = fleet.get(id).map_or(crate::tenant::DEFAULT, |d| d.tenant.as_str());
+                self.event(&lock(&self.store), tenant, "device", id.as_str(), what, now);
+            }
+            let snapshot = (change == Change::Persist).then(|| fleet.get(id).cloned()).flatten();
+            (change, snapshot)
+        };
+        match change {
+            Change::UnknownDevice => self.metrics.rejected(Rejection::UnknownDevice),
+            Change::Persist => {
+                if let Some(device) = snapshot {
+                    self.persist(&device);
+                }
+                // A new device, or new labels or architecture: placement may change.
+                if placement_relevant {
+                    self.sync_desired(now);
+                }
+            }
+            Change::InMemory => {}
+        }
+        change
+    }
+
+    pub(super) fn persist(&self, device: &Device) {
+        match lock(&self.store).save_device(device) {
+            Ok(()) => {
+                self.metrics.store_writes.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                self.metrics.store_errors.fetch_add(1, Relaxed);
+                tracing::error!(device = %device.id, error = %e, "cannot persist device");
+            }
+        }
+    }
+
+    /// Writes `last_seen` and the last heartbeat of devices heard from since
+    /// `since`: heartbeats move them in memory only, so the store is written
+    /// in one batch per flush period, not once per heartbeat.
+    pub fn flush_seen(&self, since: Millis) -> Result<usize, StoreError> {
+        let devices: Vec<Device> = lock(&self.fleet).devices().filter(|d| d.last_seen >= since).cloned().collect();
+        if devices.is_empty() {
+            return Ok(0);
+        }
+        let n = lock(&self.store).save_devices(&devices)?;
+        self.metrics.store_writes.fetch_add(n as u64, Relaxed);
+        Ok(n)
+    }
+
+    pub fn devices(&self, now: Millis, scope: &Scope) -> Vec<DeviceView> {
+        lock(&self.fleet)
+            .devices()
+            .filter(|d| scope.sees(&d.tenant))
+            .map(|d| DeviceView::new(d, now, &self.liveness))
+            .collect()
+    }
+
+    pub fn device(&self, id: &str, now: Millis, scope: &Scope) -> Result<DeviceView, OpError> {
+        let id = parse_id(id)?;
+        let fleet = lock(&self.fleet);
+        let d = Self::visible_device(&fleet, &id, scope)?;
+        Ok(DeviceView::new(d, now, &self.liveness))
+    }
+
+    /// A device `scope` may see; another tenant's device is "not found", as an unknown one.
+    pub(super) fn visible_device<'f>(fleet: &'f Fleet, id: &DeviceId, scope: &Scope) -> Result<&'f Device, OpError> {
+        fleet
+            .get(id)
+            .filter(|d| scope.sees(&d.tenant))
+            .ok_or_else(|| OpError::NotFound(format!("device {id} not found")))
+    }
+
+    /// The tenant of a known device.
+    pub(super) fn device_tenant(&self, id: &DeviceId) -> Option<String> {
+        lock(&self.fleet).get(id).map(|d| d.tenant.clone())
+    }
+
+    pub fn relabel(&self, id: &str, change: &LabelChange, now: Millis, scope: &Scope) -> Result<DeviceView, OpError> {
+        let id = parse_id(id)?;
+        for (k, v) in &change.set {
+            validate_label(k, v).map_err(OpError::Invalid)?;
+        }
+        let device = {
+            let mut fleet = lock(&self.fleet);
+            Self::visible_device(&fleet, &id, scope)?;
+            fleet
+                .relabel(&id, &change.set, &change.remove)
+                .cloned()
+                .ok_or_else(|| OpError::NotFound(format!("device {id} not found")))?
+        };
+        lock(&self.store).save_device(&device)?;
+        self.metrics.store_writes.fetch_add(1, Relaxed);
+        self.sync_desired(now);
+        Ok(DeviceView::new(&device, now, &self.liveness))
+    }
+
+    /// `baton device assign ID TENANT`: moves a device to another tenant; its
+    /// workloads leave it and the new tenant's arrive. Fleet-wide operators only.
+    pub fn assign_device(&self, id: &str, tenant: &str, now: Millis, scope: &Scope) -> Result<DeviceView, OpError> {
+        if *scope != Scope::All {
+            return Err(OpError::Forbidden("only a fleet-wide token, acting for no tenant, moves devices".into()));
+        }
+        let id = parse_id(id)?;
+        crate::tenant::validate(tenant).map_err(OpError::Invalid)?;
+        let (device, from) = {
+            let mut fleet = lock(&self.fleet);
+            let from = fleet.get(&id).map(|d| d.tenant.clone());
+            let device = fleet.assign(&id, tenant).cloned();
+            (device.ok_or_else(|| OpError::NotFound(format!("device {id} not found")))?, from.unwrap_or_default())
+        };
+        let store = lock(&self.store);
+        store.save_device(&device)?;
+        self.event(&store, tenant, "device", id.as_str(), format!("moved from tenant {from} to tenant {tenant}"), now);
+        drop(store);
+        self.sync_desired(now);
+        Ok(DeviceView::new(&device, now, &self.liveness))
+    }
+
+    /// Devices silent past `offline_after` are offline, whatever the broker
+    /// said (it may have lost their Last Will): stored, and recorded as an event.
+    pub(super) fn expire_silent(&self, now: Millis) -> bool {
+        let expired = lock(&self.fleet).expire_silent(now, &self.liveness);
+        for d in &expired {
+            self.persist(d);
+            let silent_s = now.saturating_sub(d.last_seen.max(self.liveness.since_ms)) / 1000;
+            let why = format!("offline: silent for {silent_s} s (no goodbye and no Last Will received)");
+            self.event(&lock(&self.store), &d.tenant, "device", &d.id, why, now);
+        }
+        !expired.is_empty()
+    }
+}

@@ -1,0 +1,340 @@
+//! The controller's operations, which the HTTP API and MQTT ingest call with
+//! plain values; split by subject: `devices`, `workloads` (revisions and
+//! rollouts), `secrets`, `access` (device credentials, join and API tokens,
+//! enrollment), `publish` (desired documents out). This file holds the
+//! shared state: the fleet (in memory, short locks), the workloads, the last
+//! placement and published documents — a cache of the store, which is the
+//! truth and from which `new` rebuilds all of it — and the store itself.
+//! Decisions live in pure modules (`fleet`, `schedule`, `rollout`,
+//! `desired`, `workload`); transports (HTTP, MQTT, the gateway, registry
+//! lookups) call in from the edges.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use baton_protocol::{Desired, DeviceId, Message};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::commands::Outgoing;
+use crate::desired::{self, facts_of, is_gone, Entry, Serving};
+use crate::fleet::{Fleet, Liveness, Millis};
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+use crate::schedule::{DeviceFacts, Schedule};
+use crate::store::{Store, StoreError};
+use crate::tenant::Scope;
+use crate::view::{Event, Health};
+
+mod access;
+mod devices;
+mod publish;
+mod secrets;
+mod workloads;
+
+use publish::sign_desired;
+pub use secrets::secret_reference;
+
+/// What placement and service discovery need from the fleet, taken in one lock.
+struct Snapshot {
+    facts: Vec<DeviceFacts>,
+    serving: Serving,
+    /// Each device's X25519 key (from its inventory), for sealing secrets.
+    sealing: BTreeMap<String, [u8; 32]>,
+    /// The generation each device says it has in force.
+    applied: BTreeMap<String, u64>,
+    /// When it was taken.
+    now: Millis,
+}
+
+/// Sealed file contents by (device, workload, revision, path), with the device
+/// key they were sealed to: a seal is reused until one of those changes, so
+/// documents do not change (and containers do not restart) for nothing.
+type SealCache = BTreeMap<(String, String, u64, String), ([u8; 32], Vec<u8>)>;
+
+/// Workloads, where they run, and what each device was last given.
+#[derive(Default)]
+struct State {
+    workloads: BTreeMap<String, Entry>,
+    schedule: Schedule,
+    /// Device → the document last published.
+    desired: BTreeMap<String, Desired>,
+    /// The endpoints last published (only services someone uses matter).
+    serving: Serving,
+    /// Devices gone past the grace period when placement last ran.
+    gone: BTreeSet<String>,
+    sealed: SealCache,
+    /// When a device's document was last published again over a foreign one.
+    reasserted: BTreeMap<String, Millis>,
+    /// Devices online but behind their document: since when (or when it was last sent again).
+    behind: BTreeMap<String, Millis>,
+}
+
+pub fn now_ms() -> Millis {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct Controller {
+    pub commands: crate::commands::CommandRouter,
+    outbox: UnboundedSender<Outgoing>,
+    /// Lock order: fleet, then state, then store.
+    fleet: Mutex<Fleet>,
+    state: Mutex<State>,
+    store: Mutex<Store>,
+    pub metrics: Metrics,
+    /// When a silent device is stale, and when offline (`fleet::Liveness`).
+    pub liveness: Liveness,
+    /// An offline device's `replicas` workloads move elsewhere after this long.
+    pub reschedule_after_ms: Millis,
+    /// The registry `pinning` asks at apply to resolve image tags to
+    /// digests (None: devices pull tags).
+    pub registry: Option<baton_registry::Client>,
+    pub broker_connected: AtomicBool,
+    /// Signs every desired document; encrypts secrets at rest.
+    pub keys: Keys,
+    /// Device → SHA-256 of its MQTT password (checked by the gateway).
+    credentials: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Operator tokens required on the API (`--api-auth`).
+    pub api_auth: bool,
+    /// Device and join accounts kept on an external Mosquitto through its
+    /// dynamic-security plugin (`--broker-dynsec`).
+    pub dynsec: bool,
+    /// Join tokens whose Mosquitto account was removed (used up or expired),
+    /// and when tokens were last looked at for that.
+    swept_tokens: Mutex<(BTreeSet<String>, Millis)>,
+    /// API tokens and their secrets' hashes.
+    api_tokens: Mutex<Vec<(crate::store::ApiToken, Vec<u8>)>>,
+    /// The gateway in front of the embedded broker, when `--mqtt-auth` is on.
+    pub gateway: std::sync::OnceLock<std::sync::Arc<crate::gateway::Gateway>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock left plain data behind; keep serving it.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn parse_id(id: &str) -> Result<DeviceId, OpError> {
+    DeviceId::new(id).map_err(|e| OpError::Invalid(e.to_string()))
+}
+
+impl Controller {
+    /// Loads every stored device: the fleet is known before the broker says anything.
+    pub fn new(
+        store: Store,
+        liveness: Liveness,
+        commands: crate::commands::CommandRouter,
+        outbox: UnboundedSender<Outgoing>,
+        keys: Keys,
+    ) -> Result<Self, StoreError> {
+        let fleet = Fleet::from_devices(store.load_devices()?);
+        let workloads: BTreeMap<String, Entry> = store
+            .load_workloads()?
+            .into_iter()
+            .map(|w| {
+                let entry = Entry {
+                    tenant: w.tenant,
+                    manifest: w.manifest,
+                    revisions: w.revisions,
+                    latest: w.latest,
+                    stable: w.stable,
+                    rollout: w.rollout,
+                };
+                (entry.manifest.name.clone(), entry)
+            })
+            .collect();
+        // The documents as published (services included), and the seals in them.
+        let mut desired: BTreeMap<String, Desired> = BTreeMap::new();
+        let mut sealed = SealCache::new();
+        for (device, stored) in store.load_desired()? {
+            let published = stored.payload.as_deref().and_then(|p| match baton_protocol::decode(p) {
+                Ok((_, Message::SignedDesired(s))) => match baton_protocol::decode(&s.document) {
+                    // Republished today it would be other bytes (signed with
+                    // another key after a rotation, or encoded by an older
+                    // protocol version): the same generation in other bytes is
+                    // "not newer" to agents, so it is one generation on.
+                    Ok((_, Message::Desired(mut d))) => {
+                        if sign_desired(&keys, &device, &d).is_ok_and(|again| again != p) {
+                            d.generation += 1;
+                        }
+                        Some(d)
+                    }
+                    _ => None,
+                },
+                _ => None,
+            });
+            let doc = published.unwrap_or(Desired {
+                generation: stored.generation,
+                workloads: stored.workloads,
+                ..Default::default()
+            });
+            let key = fleet
+                .devices()
+                .find(|d| d.id == device)
+                .and_then(|d| d.inventory.as_ref())
+                .and_then(|i| <[u8; 32]>::try_from(i.sealing_key.as_slice()).ok());
+            for w in &doc.workloads {
+                for f in w.container.files.iter().filter(|f| f.is_sealed()) {
+                    if let Some(key) = key {
+                        let at = (device.clone(), w.name.clone(), w.revision, f.path.clone());
+                        sealed.insert(at, (key, f.contents.clone()));
+                    }
+                }
+            }
+            desired.insert(device, doc);
+        }
+        // Replicas stay where the last documents put them.
+        let mut schedule = Schedule::default();
+        for (device, Desired { workloads: specs, .. }) in &desired {
+            for s in specs {
+                schedule.assignment.entry(s.name.clone()).or_default().insert(device.clone());
+            }
+        }
+        let credentials = store.load_credentials()?;
+        let api_tokens = store.api_tokens()?;
+        tracing::info!(devices = fleet.len(), workloads = workloads.len(), "fleet loaded from store");
+        Ok(Self {
+            commands,
+            outbox,
+            state: Mutex::new(State {
+                workloads,
+                schedule,
+                desired,
+                serving: Serving::new(),
+                gone: BTreeSet::new(),
+                sealed,
+                reasserted: BTreeMap::new(),
+                behind: BTreeMap::new(),
+            }),
+            fleet: Mutex::new(fleet),
+            store: Mutex::new(store),
+            metrics: Metrics::default(),
+            liveness,
+            reschedule_after_ms: 300_000,
+            registry: None,
+            broker_connected: AtomicBool::new(false),
+            keys,
+            credentials: Mutex::new(credentials),
+            api_auth: false,
+            dynsec: false,
+            swept_tokens: Mutex::new((BTreeSet::new(), 0)),
+            api_tokens: Mutex::new(api_tokens),
+            gateway: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Records an event: the store's log and the controller's own. `tenant`
+    /// is the subject's (empty for fleet-wide subjects).
+    fn event(&self, store: &Store, tenant: &str, kind: &str, subject: &str, message: String, now: Millis) {
+        tracing::info!(kind, subject, tenant, "{message}");
+        let e = Event { at_ms: now, kind: kind.into(), subject: subject.into(), message, tenant: tenant.into() };
+        if let Err(err) = store.add_event(&e) {
+            self.metrics.store_errors.fetch_add(1, Relaxed);
+            tracing::error!(error = %err, "cannot record an event");
+        }
+    }
+
+    pub fn events(&self, subject: Option<&str>, limit: usize, scope: &Scope) -> Result<Vec<Event>, OpError> {
+        Ok(lock(&self.store).load_events(subject, scope.tenant(), limit)?)
+    }
+
+    fn snapshot(&self, now: Millis) -> Snapshot {
+        let fleet = lock(&self.fleet);
+        let facts = fleet.devices().map(|d| facts_of(d, now, &self.liveness, self.reschedule_after_ms)).collect();
+        let sealing = fleet
+            .devices()
+            .filter_map(|d| {
+                let key = d.inventory.as_ref().and_then(|i| <[u8; 32]>::try_from(i.sealing_key.as_slice()).ok())?;
+                Some((d.id.clone(), key))
+            })
+            .collect();
+        let applied = fleet.devices().map(|d| (d.id.clone(), d.applied_generation())).collect();
+        Snapshot { facts, serving: desired::serving(&fleet, now, &self.liveness), sealing, applied, now }
+    }
+
+    /// Advances every rollout on what devices reported, and moves replicas
+    /// off devices gone past the grace period. Called about once a second.
+    pub fn tick(&self, now: Millis) {
+        self.sweep_join_accounts(now);
+        let mut changed = self.expire_silent(now);
+        {
+            let fleet = lock(&self.fleet);
+            let mut st = lock(&self.state);
+            changed |= self.step_rollouts(&fleet, &mut st, now);
+            let gone: BTreeSet<String> =
+                fleet.devices().filter(|d| is_gone(d, now, self.reschedule_after_ms)).map(|d| d.id.clone()).collect();
+            changed |= gone != st.gone;
+            // A device ahead of the document this controller issued it (see `publish`).
+            changed |= fleet
+                .devices()
+                .any(|d| st.desired.get(&d.id).is_some_and(|doc| d.applied_generation() > doc.generation));
+            self.resend_to_devices_behind(&fleet, &mut st, now);
+            // Endpoints moved (an instance turned healthy or stopped being so),
+            // for services some workload uses.
+            if st.workloads.values().any(|e| !e.manifest.uses.is_empty()) {
+                changed |=
+                    desired::used_serving(&st.workloads, &desired::serving(&fleet, now, &self.liveness)) != st.serving;
+            }
+        }
+        if changed {
+            self.sync_desired(now);
+        }
+    }
+
+    /// `baton backup`: a consistent copy of the store (fleet-wide operators
+    /// only: it holds every tenant). Blocking: call off the async workers.
+    pub fn backup(&self, scope: &Scope) -> Result<Vec<u8>, OpError> {
+        if *scope != Scope::All {
+            return Err(OpError::Forbidden("only a fleet-wide token, acting for no tenant, backs up the store".into()));
+        }
+        Ok(lock(&self.store).backup()?)
+    }
+
+    pub fn status_counts(&self, now: Millis) -> BTreeMap<&'static str, usize> {
+        let mut counts = BTreeMap::from([("online", 0), ("stale", 0), ("offline", 0)]);
+        for d in lock(&self.fleet).devices() {
+            *counts.entry(d.status(now, &self.liveness).as_str()).or_default() += 1;
+        }
+        counts
+    }
+
+    pub fn health(&self) -> Health {
+        Health {
+            status: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            broker_connected: self.broker_connected.load(Relaxed),
+            devices: lock(&self.fleet).len(),
+        }
+    }
+
+    pub fn render_metrics(&self, now: Millis) -> String {
+        let counts: Vec<(&str, usize)> = self.status_counts(now).into_iter().collect();
+        let mut out = self.metrics.render(&counts);
+        if let Some(g) = self.gateway.get() {
+            use std::fmt::Write;
+            for (name, help, v) in [
+                ("baton_gateway_refused_total", "MQTT connections refused by the gateway.", &g.refused_connects),
+                (
+                    "baton_gateway_denied_total",
+                    "Devices disconnected for stepping outside their topics.",
+                    &g.denied_packets,
+                ),
+            ] {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,176 @@
+//! Desired documents out: placement and composition (`desired`, pure) →
+//! sealed, signed, stored, then sent through the outbox; re-sent to devices
+//! still behind after a minute, republished after a broker (re)connect, and
+//! reasserted over documents on the broker this controller did not issue.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering::Relaxed;
+
+use baton_protocol::{crypto, encode, Desired, DeviceId, Message};
+
+use crate::commands::Outgoing;
+use crate::desired;
+use crate::fleet::{Fleet, Millis, Status};
+use crate::keys::Keys;
+use crate::schedule::Schedule;
+
+use super::{lock, Controller, SealCache, Snapshot, State};
+
+/// An online device still behind its document this long gets it again.
+pub(super) const RESEND_BEHIND_MS: Millis = 60_000;
+
+/// A desired document as it travels: encoded, then signed for `device`.
+pub(super) fn sign_desired(
+    keys: &Keys,
+    device: &str,
+    doc: &Desired,
+) -> Result<Vec<u8>, baton_protocol::codec::EncodeError> {
+    let inner = encode(&Message::Desired(doc.clone()))?;
+    encode(&Message::SignedDesired(keys.signing.sign_desired(device, inner)))
+}
+
+impl Controller {
+    /// An online device that has not applied the document it was given for a
+    /// minute gets it again (a message lost on the way: an agent killed
+    /// between receiving and keeping it, a broker that lost its retained copy).
+    /// Every minute while it stays behind; a refusal shows as an event.
+    pub(super) fn resend_to_devices_behind(&self, fleet: &Fleet, st: &mut State, now: Millis) {
+        let behind: BTreeSet<&str> = fleet
+            .devices()
+            .filter(|d| d.status(now, &self.liveness) == Status::Online)
+            .filter(|d| st.desired.get(&d.id).is_some_and(|doc| d.applied_generation() < doc.generation))
+            .map(|d| d.id.as_str())
+            .collect();
+        st.behind.retain(|id, _| behind.contains(id.as_str()));
+        for id in behind {
+            let since = st.behind.entry(id.to_string()).or_insert(now);
+            if now.saturating_sub(*since) < RESEND_BEHIND_MS {
+                continue;
+            }
+            *since = now;
+            let (Some(doc), Ok(device)) = (st.desired.get(id), DeviceId::new(id)) else { continue };
+            if let Ok(payload) = self.sign(id, doc) {
+                tracing::info!(
+                    device = id,
+                    generation = doc.generation,
+                    "device still behind its document: sending it again"
+                );
+                let _ = self.outbox.send(Outgoing::Desired(device, payload));
+            }
+        }
+    }
+
+    /// Recomputes placement and every device's desired document; stores and
+    /// publishes the ones that changed, each with the next generation.
+    pub fn sync_desired(&self, now: Millis) {
+        let snap = self.snapshot(now);
+        let mut st = lock(&self.state);
+        let schedule = self.compute_schedule(&st, &snap.facts);
+        self.publish(&mut st, schedule, &snap);
+    }
+
+    /// Composes every device's document (`desired::compose`), seals its
+    /// secrets to the device, and stores then sends those `desired::issue`
+    /// calls new; remembers the placement and endpoints they were made from.
+    pub(super) fn publish(&self, st: &mut State, schedule: Schedule, snap: &Snapshot) {
+        let serving = desired::used_serving(&st.workloads, &snap.serving);
+        let endpoints = desired::endpoints(&st.workloads, &schedule, &serving);
+        for (name, n) in &schedule.unplaced {
+            if st.schedule.unplaced.get(name) != Some(n) {
+                tracing::warn!(workload = %name, replicas = n, "replicas fit on no device");
+            }
+        }
+        let docs = desired::compose(&st.workloads, &schedule, &snap.facts, &endpoints);
+        st.serving = serving;
+        st.gone = snap.facts.iter().filter(|d| d.gone).map(|d| d.id.clone()).collect();
+        st.schedule = schedule;
+        let store = lock(&self.store);
+        let mut cache = std::mem::take(&mut st.sealed);
+        let mut sealed = SealCache::new();
+        for desired::Composed { device, workloads, services } in docs {
+            let workloads = self.seal(&store, &mut cache, &mut sealed, &device, snap.sealing.get(&device), workloads);
+            let applied = snap.applied.get(&device).copied().unwrap_or(0);
+            let generation = match desired::issue(st.desired.get(&device), &workloads, &services, applied) {
+                desired::Issue::Unchanged => continue,
+                desired::Issue::New { generation, ahead } => {
+                    if let Some((applied, stored)) = ahead {
+                        let tenant = snap.facts.iter().find(|f| f.id == device).map_or("", |f| f.tenant.as_str());
+                        let message = format!(
+                            "has generation {applied} in force, newer than the {stored} this controller issued \
+                             (store restored from a backup?): its document is issued again as generation {generation}"
+                        );
+                        self.event(&store, tenant, "device", &device, message, snap.now);
+                    }
+                    generation
+                }
+            };
+            let doc = Desired { generation, workloads, services, issued_ms: snap.now };
+            let payload = match self.sign(&device, &doc) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(%device, error = %e, "cannot encode a desired document; not publishing it");
+                    continue;
+                }
+            };
+            if let Err(e) = store.save_desired(&device, generation, &doc.workloads, &payload) {
+                self.metrics.store_errors.fetch_add(1, Relaxed);
+                tracing::error!(%device, error = %e, "cannot store a desired document; not publishing it");
+                continue;
+            }
+            tracing::debug!(%device, generation, workloads = doc.workloads.len(), "desired document changed");
+            if let Ok(id) = DeviceId::new(device.clone()) {
+                let _ = self.outbox.send(Outgoing::Desired(id, payload));
+            }
+            st.desired.insert(device, doc);
+        }
+        // Seals of documents no longer published are dropped.
+        st.sealed = sealed;
+    }
+
+    /// The document as it travels: encoded, then signed for `device`.
+    pub(super) fn sign(&self, device: &str, doc: &Desired) -> Result<Vec<u8>, baton_protocol::codec::EncodeError> {
+        sign_desired(&self.keys, device, doc)
+    }
+
+    /// What the broker holds on a device's `desired` topic (the controller
+    /// subscribes to them): if it is not the document this controller issued
+    /// (garbage, a forgery, a copy from another store), it is published again,
+    /// at most once every 10 s per device (two publishers would otherwise
+    /// fight over the topic as fast as the broker goes).
+    pub fn check_desired(&self, id: &DeviceId, payload: &[u8], now: Millis) {
+        let mut st = lock(&self.state);
+        let Some(doc) = st.desired.get(id.as_str()) else { return };
+        let Ok(ours) = self.sign(id.as_str(), doc) else { return };
+        if ours == payload || self.own_older_document(id.as_str(), payload, doc.generation) {
+            return;
+        }
+        let last = st.reasserted.get(id.as_str()).copied().unwrap_or(0);
+        if now.saturating_sub(last) < 10_000 {
+            return;
+        }
+        st.reasserted.insert(id.to_string(), now);
+        tracing::warn!(device = %id, len = payload.len(), "the broker held a desired document this controller did not issue; publishing its own again");
+        let _ = self.outbox.send(Outgoing::Desired(id.clone(), ours));
+    }
+
+    /// Whether `payload` is one of this controller's own documents for
+    /// `device`, older than `generation`: the echo of a publish that a newer
+    /// one is already replacing.
+    pub(super) fn own_older_document(&self, device: &str, payload: &[u8], generation: u64) -> bool {
+        let Ok((_, Message::SignedDesired(signed))) = baton_protocol::decode(payload) else { return false };
+        let ours = [self.keys.signing.public()];
+        let Ok(document) = crypto::verify_desired(&ours, device, &signed) else { return false };
+        matches!(baton_protocol::decode(document), Ok((_, Message::Desired(d))) if d.generation < generation)
+    }
+
+    /// Publishes every stored desired document again (after a (re)connect:
+    /// an embedded broker keeps no retained messages across a restart).
+    pub fn republish_desired(&self) {
+        for (device, doc) in lock(&self.state).desired.iter() {
+            // Ed25519 and postcard are deterministic: the same bytes as first published.
+            if let (Ok(id), Ok(payload)) = (DeviceId::new(device.clone()), self.sign(device, doc)) {
+                let _ = self.outbox.send(Outgoing::Desired(id, payload));
+            }
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The controller as the gateway's `Authority`: which CONNECTs it admits.
+
+use baton_protocol::DeviceId;
+
+use super::wire::{Connect, BAD_CREDENTIALS, NOT_AUTHORIZED};
+use super::{Authority, Identity};
+use crate::controller::{now_ms, Controller};
+
+impl Authority for Controller {
+    /// A device connects with client id = username = its id, and the password
+    /// issued for it; a join session with username `join:<token id>` and the
+    /// token's secret as password.
+    fn authenticate(&self, c: &Connect) -> Result<Identity, u8> {
+        let (Some(user), Some(password)) = (&c.username, &c.password) else { return Err(NOT_AUTHORIZED) };
+        if let Some(token) = user.strip_prefix("join:") {
+            let id = DeviceId::new(c.client_id.clone()).map_err(|_| NOT_AUTHORIZED)?;
+            return match self.valid_token(token, password, now_ms()) {
+                Ok(_) => Ok(Identity::Joining(id)),
+                Err(why) => {
+                    tracing::info!(device = %id, %why, "join refused");
+                    Err(BAD_CREDENTIALS)
+                }
+            };
+        }
+        if *user != c.client_id {
+            return Err(NOT_AUTHORIZED);
+        }
+        let id = DeviceId::new(user.clone()).map_err(|_| BAD_CREDENTIALS)?;
+        if !self.password_matches(&id, password) {
+            return Err(BAD_CREDENTIALS);
+        }
+        Ok(Identity::Device(id))
+    }
+}
