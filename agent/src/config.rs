@@ -196,12 +196,12 @@ impl AgentConfig {
 
         let mut labels = file.labels;
         for (k, v) in &labels {
-            validate_label(k, v).map_err(|m| invalid("labels", false, m))?;
+            validate_label(k, v).map_err(|m| invalid("labels", false, m.to_string()))?;
         }
         for pair in cli.labels {
             let (k, v) =
                 pair.split_once('=').ok_or_else(|| invalid("label", true, format!("{pair:?} is not key=value")))?;
-            validate_label(k, v).map_err(|m| invalid("label", true, m))?;
+            validate_label(k, v).map_err(|m| invalid("label", true, m.to_string()))?;
             labels.insert(k.to_string(), v.to_string());
         }
 

@@ -135,6 +135,21 @@ pub struct Rollout {
     pub waiting: Option<String>,
 }
 
+/// An operator's step the rollout's state does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the rollout is {}, not progressing", lower(.0))]
+    NotProgressing(State),
+    #[error("the rollout is {}, not paused", lower(.0))]
+    NotPaused(State),
+    #[error("the rollout is already {}", lower(.0))]
+    Ended(State),
+}
+
+fn lower(s: &State) -> String {
+    format!("{s:?}").to_lowercase()
+}
+
 /// What a step changed, for the event log; empty when nothing did.
 pub type Events = Vec<String>;
 
@@ -213,29 +228,29 @@ impl Rollout {
         self.finished_ms = Some(now);
     }
 
-    pub fn pause(&mut self) -> Result<(), String> {
+    pub fn pause(&mut self) -> Result<(), Refused> {
         match self.state {
             State::Progressing | State::Paused => {
                 self.state = State::Paused;
                 Ok(())
             }
-            s => Err(format!("the rollout is {s:?}, not progressing").to_lowercase()),
+            s => Err(Refused::NotProgressing(s)),
         }
     }
 
-    pub fn resume(&mut self) -> Result<(), String> {
+    pub fn resume(&mut self) -> Result<(), Refused> {
         match self.state {
             State::Paused | State::Progressing => {
                 self.state = State::Progressing;
                 Ok(())
             }
-            s => Err(format!("the rollout is {s:?}, not paused").to_lowercase()),
+            s => Err(Refused::NotPaused(s)),
         }
     }
 
-    pub fn abort(&mut self, now: u64) -> Result<(), String> {
+    pub fn abort(&mut self, now: u64) -> Result<(), Refused> {
         if !self.state.active() {
-            return Err(format!("the rollout is already {:?}", self.state).to_lowercase());
+            return Err(Refused::Ended(self.state));
         }
         self.finish(State::Aborted, Some("aborted by the operator".into()), now);
         Ok(())

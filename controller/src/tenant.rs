@@ -7,6 +7,8 @@
 //! and topics are keyed by them), so a tenant cannot take a name another
 //! tenant uses; the refusal says only that the name is taken.
 
+use baton_protocol::{check_name, InvalidName, NameKind};
+
 /// The tenant everything belongs to unless said otherwise (and everything
 /// stored before tenants existed).
 pub const DEFAULT: &str = "default";
@@ -52,7 +54,7 @@ impl Scope {
     /// The scope of a request: a token's own tenant (`None`: fleet-wide),
     /// narrowed by the tenant the request names. A tenant's token naming
     /// another tenant is refused.
-    pub fn of(token_tenant: Option<&str>, named: Option<&str>) -> Result<Self, String> {
+    pub fn of(token_tenant: Option<&str>, named: Option<&str>) -> Result<Self, ScopeError> {
         if let Some(n) = named {
             validate(n)?;
         }
@@ -61,22 +63,23 @@ impl Scope {
             (None, Some(n)) => Ok(Self::Tenant(n.into())),
             (Some(t), None) => Ok(Self::Tenant(t.into())),
             (Some(t), Some(n)) if t == n => Ok(Self::Tenant(t.into())),
-            (Some(t), Some(n)) => Err(format!("this token belongs to tenant {t}; it cannot act for tenant {n}")),
+            (Some(t), Some(n)) => Err(ScopeError::OtherTenant { token: t.into(), named: n.into() }),
         }
     }
 }
 
-/// Tenant names: 1-32 characters of a-z 0-9 -, not starting with -.
-pub fn validate(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 32
-        && !name.starts_with('-')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("tenant {name:?}: tenant names are 1-32 characters of a-z 0-9 -"))
-    }
+/// Tenant names follow the one naming rule (`baton_protocol::name`).
+pub fn validate(name: &str) -> Result<(), InvalidName> {
+    check_name(NameKind::Tenant, name)
+}
+
+/// Why a request's scope cannot be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeError {
+    #[error(transparent)]
+    Name(#[from] InvalidName),
+    #[error("this token belongs to tenant {token}; it cannot act for tenant {named}")]
+    OtherTenant { token: String, named: String },
 }
 
 /// For serde defaults of stored documents from before tenants.
@@ -107,7 +110,7 @@ mod tests {
     fn a_tenant_token_stays_in_its_tenant() {
         assert_eq!(Scope::of(Some("acme"), None).unwrap(), Scope::Tenant("acme".into()));
         assert_eq!(Scope::of(Some("acme"), Some("acme")).unwrap(), Scope::Tenant("acme".into()));
-        let e = Scope::of(Some("acme"), Some("globex")).unwrap_err();
+        let e = Scope::of(Some("acme"), Some("globex")).unwrap_err().to_string();
         assert!(e.contains("acme") && e.contains("globex"), "{e}");
     }
 

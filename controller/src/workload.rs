@@ -373,11 +373,9 @@ pub fn parse_cpu(s: &str) -> Option<u32> {
     (1.0..=1_024_000.0).contains(&millis).then_some(millis.round() as u32)
 }
 
+/// Workload names follow the one naming rule (`baton_protocol::name`).
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && !name.starts_with('-')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    baton_protocol::check_name(baton_protocol::NameKind::Workload, name).is_ok()
 }
 
 fn probe(field: &str, p: &ProbeManifest) -> Result<Probe, (String, String)> {
@@ -417,8 +415,8 @@ fn probe(field: &str, p: &ProbeManifest) -> Result<Probe, (String, String)> {
 /// Checks a manifest and builds the device-side spec. Errors are (field, message).
 pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
     let bad = |field: &str, msg: String| Err((field.to_string(), msg));
-    if !valid_name(&m.name) {
-        return bad("name", format!("{:?}: use 1-63 characters of a-z 0-9 - (not starting with -)", m.name));
+    if let Err(e) = baton_protocol::check_name(baton_protocol::NameKind::Workload, &m.name) {
+        return bad("name", e.to_string());
     }
     if m.image.trim().is_empty() || m.image.contains(char::is_whitespace) {
         return bad("image", format!("{:?} is not an image reference", m.image));
@@ -539,7 +537,7 @@ pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
                 "values are not written in manifests (they would be stored and sent in plain text): run `baton secret create NAME --from-file FILE` and give `name: NAME` here".into(),
             );
         }
-        if !valid_name(&sec.name) {
+        if baton_protocol::check_name(baton_protocol::NameKind::Secret, &sec.name).is_err() {
             return bad(&format!("secrets[{i}].name"), format!("{:?}: name a secret (a-z 0-9 -)", sec.name));
         }
     }

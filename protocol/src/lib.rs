@@ -10,6 +10,7 @@ pub mod codec;
 pub mod crypto;
 pub mod label;
 pub mod message;
+pub mod name;
 pub mod samples;
 pub mod spec;
 pub mod topic;
@@ -17,8 +18,9 @@ pub mod wire;
 
 pub use broker_url::{BrokerUrl, InvalidBrokerUrl};
 pub use codec::{decode, encode, DecodeError, Envelope, MessageKind};
-pub use label::validate_label;
+pub use label::{validate_label, InvalidLabel};
 pub use message::*;
+pub use name::{check_name, InvalidName, NameKind, TenantName, WorkloadName};
 pub use topic::{DeviceId, InvalidDeviceId, TopicKind};
 
 /// Major version: bumped only for changes old peers cannot read. It is also in

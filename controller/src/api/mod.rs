@@ -526,7 +526,7 @@ async fn authenticate(
             req.extensions_mut().insert(scope);
             next.run(req).await
         }
-        Err(why) => error(StatusCode::FORBIDDEN, why),
+        Err(why) => error(StatusCode::FORBIDDEN, why.to_string()),
     }
 }
 

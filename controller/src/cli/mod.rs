@@ -741,10 +741,10 @@ pub fn parse_label_changes(args: &[String]) -> anyhow::Result<LabelChange> {
     let mut change = LabelChange::default();
     for arg in args {
         if let Some((k, v)) = arg.split_once('=') {
-            baton_protocol::validate_label(k, v).map_err(anyhow::Error::msg)?;
+            baton_protocol::validate_label(k, v)?;
             change.set.insert(k.to_string(), v.to_string());
         } else if let Some(k) = arg.strip_suffix('-') {
-            baton_protocol::validate_label(k, "").map_err(anyhow::Error::msg)?;
+            baton_protocol::validate_label(k, "")?;
             change.remove.push(k.to_string());
         } else {
             anyhow::bail!("{arg:?}: expected key=value to set a label or key- to remove one");

@@ -161,7 +161,7 @@ impl Controller {
             return Err(OpError::Invalid("a token needs at least one use and a lifetime".into()));
         }
         for (k, v) in &labels {
-            validate_label(k, v).map_err(OpError::Invalid)?;
+            validate_label(k, v).map_err(|e| OpError::Invalid(e.to_string()))?;
         }
         let (id, secret, hash) = crate::keys::new_secret().map_err(|e| OpError::Invalid(e.to_string()))?;
         let t = crate::store::StoredToken {

@@ -123,7 +123,7 @@ impl Controller {
     pub fn relabel(&self, id: &str, change: &LabelChange, now: Millis, scope: &Scope) -> Result<DeviceView, OpError> {
         let id = parse_id(id)?;
         for (k, v) in &change.set {
-            validate_label(k, v).map_err(OpError::Invalid)?;
+            validate_label(k, v).map_err(|e| OpError::Invalid(e.to_string()))?;
         }
         let device = {
             let mut fleet = lock(&self.fleet);
@@ -146,7 +146,7 @@ impl Controller {
             return Err(OpError::Forbidden("only a fleet-wide token, acting for no tenant, moves devices".into()));
         }
         let id = parse_id(id)?;
-        crate::tenant::validate(tenant).map_err(OpError::Invalid)?;
+        crate::tenant::validate(tenant).map_err(|e| OpError::Invalid(e.to_string()))?;
         let (device, from) = {
             let mut fleet = lock(&self.fleet);
             let from = fleet.get(&id).map(|d| d.tenant.clone());

@@ -55,9 +55,8 @@ impl Controller {
     /// `baton secret create`: stores a new version (encrypted) and rolls every
     /// workload that uses the secret to a new revision.
     pub fn put_secret(&self, name: &str, value: &[u8], now: Millis, scope: &Scope) -> Result<SecretView, OpError> {
-        if !crate::workload::valid_name(name) {
-            return Err(OpError::Invalid(format!("{name:?}: secret names are 1-63 characters of a-z 0-9 -")));
-        }
+        baton_protocol::check_name(baton_protocol::NameKind::Secret, name)
+            .map_err(|e| OpError::Invalid(e.to_string()))?;
         if value.len() > crate::workload::MAX_FILES_BYTES {
             return Err(OpError::Invalid(format!(
                 "secret of {} bytes; secrets travel inside desired documents, keep them under {}",

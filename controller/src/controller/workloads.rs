@@ -290,7 +290,7 @@ impl Controller {
                     RolloutAction::Resume => r.resume(),
                     _ => r.abort(now),
                 }
-                .map_err(OpError::Invalid)?;
+                .map_err(|e| OpError::Invalid(e.to_string()))?;
                 store.save_rollout(r)?;
                 match action {
                     RolloutAction::Pause => format!("rollout of revision {} paused", r.to),
@@ -300,7 +300,7 @@ impl Controller {
             }
             RolloutAction::Undo => {
                 if let Some(r) = e.rollout.as_mut().filter(|r| r.state.active()) {
-                    r.abort(now).map_err(OpError::Invalid)?;
+                    r.abort(now).map_err(|e| OpError::Invalid(e.to_string()))?;
                     store.save_rollout(r)?;
                     format!("rollout of revision {} undone: back to revision {}", r.to, r.from)
                 } else {
