@@ -10,13 +10,12 @@
 
 use std::collections::BTreeMap;
 
-use baton_protocol::spec::{
-    ContainerSpec, DeviceMount, File, Mount, MountSource, NetworkMode, Port, PortProtocol, Probe, ProbeCheck,
-    Resources, RestartPolicy, Security, User, WorkloadSpec,
-};
+use baton_protocol::spec::WorkloadSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::rollout::{Strategy, Wave};
+mod validate;
+
+pub use validate::{strategy, validate, FieldError};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -148,42 +147,6 @@ impl std::fmt::Display for Quantity {
             Quantity::Text(s) => f.write_str(s),
         }
     }
-}
-
-/// The rollout strategy of a validated manifest.
-pub fn strategy(m: &Manifest) -> Result<Strategy, (String, String)> {
-    let mut s = Strategy::default();
-    let deadline_s = u64::from(m.health_deadline.unwrap_or(DEFAULT_HEALTH_DEADLINE_S));
-    let Some(r) = &m.rollout else {
-        s.deadline_ms = (deadline_s + 60) * 1000 + s.min_ready_ms;
-        return Ok(s);
-    };
-    if !r.waves.is_empty() {
-        s.waves = Vec::new();
-        for (i, w) in r.waves.iter().enumerate() {
-            let wave = Wave::parse(&w.to_string()).ok_or_else(|| {
-                (
-                    format!("rollout.waves[{i}]"),
-                    format!("{:?}: use a device count (3) or a percentage (25%)", w.to_string()),
-                )
-            })?;
-            s.waves.push(wave);
-        }
-    }
-    if let Some(m) = r.min_ready {
-        s.min_ready_ms = u64::from(m) * 1000;
-    }
-    if let Some(q) = &r.max_failures {
-        let text = q.to_string();
-        s.max_failure_pct =
-            text.strip_suffix('%').unwrap_or(&text).trim().parse().ok().filter(|p| *p <= 100).ok_or_else(|| {
-                ("rollout.max_failures".to_string(), format!("{text:?}: use a percentage, 0% to 100%"))
-            })?;
-    }
-    // The device rolls back by itself after the health deadline; the
-    // controller gives it a minute more to say so over a slow link.
-    s.deadline_ms = (deadline_s + 60) * 1000 + s.min_ready_ms;
-    Ok(s)
 }
 
 /// Seconds a new revision has to become healthy on a device.
@@ -322,7 +285,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Validated>, ManifestError> {
         }
         let manifest: Manifest =
             serde_yaml::from_value(value).map_err(|e| err(file, n, &field_of(&e.to_string()), e.to_string()))?;
-        let spec = validate(&manifest).map_err(|(field, message)| err(file, n, &field, message))?;
+        let spec = validate(&manifest).map_err(|e| err(file, n, &e.field, e.message))?;
         if out.iter().any(|v: &Validated| v.manifest.name == manifest.name) {
             return Err(err(file, n, "name", format!("{:?} is defined twice", manifest.name)));
         }
@@ -378,259 +341,6 @@ pub fn valid_name(name: &str) -> bool {
     baton_protocol::check_name(baton_protocol::NameKind::Workload, name).is_ok()
 }
 
-fn probe(field: &str, p: &ProbeManifest) -> Result<Probe, (String, String)> {
-    let checks = [p.exec.is_some(), p.tcp.is_some(), p.http.is_some()].iter().filter(|b| **b).count();
-    if checks != 1 {
-        return Err((field.into(), "set exactly one of exec, tcp, http".into()));
-    }
-    let check = if let Some(argv) = &p.exec {
-        if argv.is_empty() {
-            return Err((format!("{field}.exec"), "empty command".into()));
-        }
-        ProbeCheck::Exec(argv.clone())
-    } else if let Some(port) = p.tcp {
-        ProbeCheck::Tcp { port }
-    } else if let Some(h) = &p.http {
-        if !h.path.starts_with('/') {
-            return Err((format!("{field}.http.path"), format!("{:?} must start with /", h.path)));
-        }
-        ProbeCheck::Http { port: h.port, path: h.path.clone() }
-    } else {
-        unreachable!("exactly one check is set")
-    };
-    for (name, v) in [("interval", p.interval), ("timeout", p.timeout), ("failure_threshold", p.failure_threshold)] {
-        if v == 0 {
-            return Err((format!("{field}.{name}"), "must be at least 1".into()));
-        }
-    }
-    Ok(Probe {
-        check,
-        interval_s: p.interval,
-        timeout_s: p.timeout,
-        failure_threshold: p.failure_threshold,
-        initial_delay_s: p.initial_delay,
-    })
-}
-
-/// Checks a manifest and builds the device-side spec. Errors are (field, message).
-pub fn validate(m: &Manifest) -> Result<WorkloadSpec, (String, String)> {
-    let bad = |field: &str, msg: String| Err((field.to_string(), msg));
-    if let Err(e) = baton_protocol::check_name(baton_protocol::NameKind::Workload, &m.name) {
-        return bad("name", e.to_string());
-    }
-    if m.image.trim().is_empty() || m.image.contains(char::is_whitespace) {
-        return bad("image", format!("{:?} is not an image reference", m.image));
-    }
-    for k in m.env.keys() {
-        if k.is_empty() || k.contains(['=', '\0']) {
-            return bad(&format!("env.{k}"), "invalid variable name".into());
-        }
-    }
-    if m.allow_privilege_escalation && !m.privileged && !m.seccomp_unconfined {
-        return bad(
-            "allow_privilege_escalation",
-            "needs seccomp_unconfined: true as well (the runtime loads a seccomp filter only under no_new_privileges)"
-                .into(),
-        );
-    }
-    // `uid:gid` in numbers travels as numbers (every agent reads them);
-    // anything else is resolved on the device in the image's own files. An
-    // agent too old for names (protocol < 1.5) gets nobody, never root.
-    let (user, user_name) = match &m.user {
-        None => (None, None),
-        Some(u) => {
-            let numbers =
-                u.split_once(':').and_then(|(uid, gid)| Some(User { uid: uid.parse().ok()?, gid: gid.parse().ok()? }));
-            let part_ok = |p: &str| {
-                !p.is_empty() && p.len() <= 32 && p.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-            };
-            match numbers {
-                Some(numbers) => (Some(numbers), None),
-                None if u.split(':').count() <= 2 && u.split(':').all(part_ok) => {
-                    (Some(User { uid: 65534, gid: 65534 }), Some(u.clone()))
-                }
-                None => {
-                    return bad(
-                        "user",
-                        format!(
-                        "{u:?}: expected uid:gid, or a user (and group) of the image: NAME, NAME:GROUP, UID, UID:GROUP"
-                    ),
-                    )
-                }
-            }
-        }
-    };
-    let r = &m.resources;
-    let memory_bytes = match &r.memory {
-        None => None,
-        Some(s) => match parse_bytes(s) {
-            Some(b) if b >= 4 << 20 => Some(b),
-            Some(_) => return bad("resources.memory", format!("{s:?} is below the 4Mi minimum")),
-            None => return bad("resources.memory", format!("{s:?}: use bytes or a unit: 64Mi, 1Gi, 500M")),
-        },
-    };
-    let cpu_millis = match &r.cpu {
-        None => None,
-        Some(s) => Some(
-            parse_cpu(s).ok_or_else(|| ("resources.cpu".to_string(), format!("{s:?}: use 500m, 0.5 or 2 (CPUs)")))?,
-        ),
-    };
-    if r.pids == Some(0) {
-        return bad("resources.pids", "must be at least 1".into());
-    }
-    let mut mounts = Vec::new();
-    for (i, v) in m.volumes.iter().enumerate() {
-        let field = format!("volumes[{i}]");
-        if !v.path.starts_with('/') || v.path.split('/').any(|c| c == "..") || v.path == "/" {
-            return bad(
-                &format!("{field}.path"),
-                format!("{:?} must be an absolute path other than / without '..'", v.path),
-            );
-        }
-        let source = match (&v.name, &v.host_path, &v.tmpfs) {
-            (Some(n), None, None) => MountSource::Volume(n.clone()),
-            (None, Some(h), None) => MountSource::Bind(h.clone()),
-            (None, None, Some(size)) => MountSource::Tmpfs(
-                parse_bytes(size)
-                    .filter(|b| *b > 0)
-                    .ok_or_else(|| (format!("{field}.tmpfs"), format!("{size:?} is not a size")))?,
-            ),
-            _ => return bad(&field, "set exactly one of name, host_path, tmpfs".into()),
-        };
-        mounts.push(Mount { target: v.path.clone(), source, read_only: v.read_only });
-    }
-    let devices = m
-        .devices
-        .iter()
-        .map(|d| DeviceMount { host_path: d.clone(), container_path: String::new(), permissions: "rwm".into() })
-        .collect();
-    let mut ports = Vec::new();
-    for (i, p) in m.ports.iter().enumerate() {
-        let protocol = match p.protocol.as_deref() {
-            None | Some("tcp") => PortProtocol::Tcp,
-            Some("udp") => PortProtocol::Udp,
-            Some(other) => return bad(&format!("ports[{i}].protocol"), format!("{other:?}: use tcp or udp")),
-        };
-        ports.push(Port { name: p.name.clone(), port: p.port, protocol });
-    }
-    let network = match m.network {
-        NetworkName::Host => NetworkMode::Host,
-        NetworkName::None => NetworkMode::None,
-    };
-    if m.replicas == Some(0) {
-        return bad("replicas", "must be at least 1 (delete the workload to run it nowhere)".into());
-    }
-    if m.placement.spread_by.is_some() && m.replicas.is_none() {
-        return bad("placement.spread_by", "only with replicas: a workload on every device is spread already".into());
-    }
-    strategy(m)?;
-    for (i, u) in m.uses.iter().enumerate() {
-        if !valid_name(u) || *u == m.name {
-            return bad(&format!("uses[{i}]"), format!("{u:?}: name another workload (a-z 0-9 -)"));
-        }
-    }
-    let mut files = Vec::new();
-    for (i, sec) in m.secrets.iter().enumerate() {
-        if sec.value.is_some() {
-            return bad(
-                &format!("secrets[{i}].value"),
-                "values are not written in manifests (they would be stored and sent in plain text): run `baton secret create NAME --from-file FILE` and give `name: NAME` here".into(),
-            );
-        }
-        if baton_protocol::check_name(baton_protocol::NameKind::Secret, &sec.name).is_err() {
-            return bad(&format!("secrets[{i}].name"), format!("{:?}: name a secret (a-z 0-9 -)", sec.name));
-        }
-    }
-    let secrets = m.secrets.iter().map(|s| FileManifest {
-        path: s.path.clone(),
-        content: String::new(),
-        mode: Some(s.mode.clone().unwrap_or_else(|| "0400".into())),
-    });
-    let all: Vec<(String, FileManifest)> = m
-        .files
-        .iter()
-        .cloned()
-        .enumerate()
-        .map(|(i, f)| (format!("files[{i}]"), f))
-        .chain(secrets.enumerate().map(|(i, f)| (format!("secrets[{i}]"), f)))
-        .collect();
-    for (i, (field, f)) in all.iter().enumerate() {
-        let field = field.clone();
-        if !f.path.starts_with('/') || f.path.ends_with('/') || f.path.split('/').any(|c| c == "..") {
-            return bad(&format!("{field}.path"), format!("{:?} must be an absolute file path without '..'", f.path));
-        }
-        if all[..i].iter().any(|(_, o)| o.path == f.path) {
-            return bad(&format!("{field}.path"), format!("{:?} appears twice", f.path));
-        }
-        let mode = match &f.mode {
-            None => 0o644,
-            Some(s) => {
-                u32::from_str_radix(s.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o7777).ok_or_else(|| {
-                    (format!("{field}.mode"), format!("{s:?}: use octal permission bits such as \"0640\""))
-                })?
-            }
-        };
-        let secret = i.checked_sub(m.files.len()).map(|j| &m.secrets[j]);
-        files.push(match secret {
-            Some(sec) => {
-                File { path: f.path.clone(), mode: mode | File::SEALED, contents: unversioned_secret(&sec.name) }
-            }
-            None => File { path: f.path.clone(), mode, contents: f.content.clone().into_bytes() },
-        });
-    }
-    let total: usize = files.iter().map(|f| f.contents.len()).sum();
-    if total > MAX_FILES_BYTES {
-        return bad("files", format!("{total} bytes in all; files travel to devices inside desired documents, keep them under {MAX_FILES_BYTES}"));
-    }
-    let liveness = m.liveness.as_ref().map(|p| probe("liveness", p)).transpose()?;
-    let readiness = m.readiness.as_ref().map(|p| probe("readiness", p)).transpose()?;
-    for (field, p) in [("liveness", &liveness), ("readiness", &readiness)] {
-        if network == NetworkMode::None
-            && matches!(p, Some(Probe { check: ProbeCheck::Tcp { .. } | ProbeCheck::Http { .. }, .. }))
-        {
-            return bad(field, "tcp and http probes need network: host; use an exec probe".into());
-        }
-    }
-    Ok(WorkloadSpec {
-        name: m.name.clone(),
-        revision: 0,
-        image: m.image.clone(),
-        image_digest: String::new(),
-        health_deadline_s: m.health_deadline.unwrap_or(DEFAULT_HEALTH_DEADLINE_S),
-        container: ContainerSpec {
-            command: m.command.clone(),
-            args: m.args.clone(),
-            env: m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            working_dir: m.working_dir.clone(),
-            user,
-            hostname: m.hostname.clone(),
-            resources: Resources { memory_bytes, cpu_millis, cpu_shares: r.cpu_shares, pids: r.pids },
-            restart: match m.restart {
-                RestartName::Always => RestartPolicy::Always,
-                RestartName::OnFailure => RestartPolicy::OnFailure,
-                RestartName::Never => RestartPolicy::Never,
-            },
-            backoff_cap_s: m.restart_backoff_cap.unwrap_or(0),
-            mounts,
-            devices,
-            network,
-            ports,
-            read_only_rootfs: m.read_only,
-            security: Security {
-                privileged: m.privileged,
-                cap_add: m.cap_add.clone(),
-                cap_drop: m.cap_drop.clone(),
-                seccomp_unconfined: m.seccomp_unconfined,
-            },
-            liveness,
-            readiness,
-            files,
-            user_name,
-            allow_privilege_escalation: m.allow_privilege_escalation,
-        },
-    })
-}
-
 /// The parts of a workload's spec that differ between two revisions, by the
 /// names a manifest uses (for `describe workload`'s history).
 pub fn spec_changes(before: &WorkloadSpec, after: &WorkloadSpec) -> Vec<String> {
@@ -662,6 +372,7 @@ pub fn spec_changes(before: &WorkloadSpec, after: &WorkloadSpec) -> Vec<String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use baton_protocol::spec::{NetworkMode, Resources, RestartPolicy, User};
 
     #[test]
     fn a_two_line_manifest_gets_every_default() {
@@ -800,7 +511,7 @@ image: reg/other:1
 
     #[test]
     fn the_manifests_in_the_readme_are_valid() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let blocks: Vec<&str> =
             readme.split("```yaml\n").skip(1).filter_map(|b| b.split_once("```").map(|(yaml, _)| yaml)).collect();
         assert!(blocks.len() >= 2, "README lost its manifest examples");

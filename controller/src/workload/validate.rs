@@ -1,0 +1,363 @@
+//! A manifest checked section by section, each section building its part of
+//! the device-side spec; an error names the field path (`volumes[2].path`)
+//! and says what to write instead. Pure.
+
+use baton_protocol::spec::{
+    ContainerSpec, DeviceMount, File, Mount, MountSource, NetworkMode, Port, PortProtocol, Probe, ProbeCheck,
+    Resources, RestartPolicy, Security, User, WorkloadSpec,
+};
+use baton_protocol::{check_name, NameKind};
+
+use super::{
+    parse_bytes, parse_cpu, unversioned_secret, valid_name, FileManifest, Manifest, NetworkName, ProbeManifest,
+    RestartName, DEFAULT_HEALTH_DEADLINE_S, MAX_FILES_BYTES,
+};
+use crate::rollout::{Strategy, Wave};
+
+/// What is wrong with a manifest, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// The field path, as the manifest spells it: `resources.memory`, `ports[1].protocol`.
+    pub field: String,
+    pub message: String,
+}
+
+type Checked<T> = Result<T, FieldError>;
+
+fn bad<T>(field: impl Into<String>, message: impl Into<String>) -> Checked<T> {
+    Err(FieldError { field: field.into(), message: message.into() })
+}
+
+/// Checks a manifest and builds the device-side spec (revision 0).
+pub fn validate(m: &Manifest) -> Checked<WorkloadSpec> {
+    identity(m)?;
+    security(m)?;
+    let (user, user_name) = user(m)?;
+    let resources = resources(m)?;
+    let mounts = volumes(m)?;
+    let devices = m
+        .devices
+        .iter()
+        .map(|d| DeviceMount { host_path: d.clone(), container_path: String::new(), permissions: "rwm".into() })
+        .collect();
+    let (network, ports) = network(m)?;
+    placement(m)?;
+    strategy(m)?;
+    references(m)?;
+    let files = files(m)?;
+    let (liveness, readiness) = probes(m, network)?;
+    Ok(WorkloadSpec {
+        name: m.name.clone(),
+        revision: 0,
+        image: m.image.clone(),
+        image_digest: String::new(),
+        health_deadline_s: m.health_deadline.unwrap_or(DEFAULT_HEALTH_DEADLINE_S),
+        container: ContainerSpec {
+            command: m.command.clone(),
+            args: m.args.clone(),
+            env: m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            working_dir: m.working_dir.clone(),
+            user,
+            hostname: m.hostname.clone(),
+            resources,
+            restart: match m.restart {
+                RestartName::Always => RestartPolicy::Always,
+                RestartName::OnFailure => RestartPolicy::OnFailure,
+                RestartName::Never => RestartPolicy::Never,
+            },
+            backoff_cap_s: m.restart_backoff_cap.unwrap_or(0),
+            mounts,
+            devices,
+            network,
+            ports,
+            read_only_rootfs: m.read_only,
+            security: Security {
+                privileged: m.privileged,
+                cap_add: m.cap_add.clone(),
+                cap_drop: m.cap_drop.clone(),
+                seccomp_unconfined: m.seccomp_unconfined,
+            },
+            liveness,
+            readiness,
+            files,
+            user_name,
+            allow_privilege_escalation: m.allow_privilege_escalation,
+        },
+    })
+}
+
+/// `name`, `image`, `env`.
+fn identity(m: &Manifest) -> Checked<()> {
+    if let Err(e) = check_name(NameKind::Workload, &m.name) {
+        return bad("name", e.to_string());
+    }
+    if m.image.trim().is_empty() || m.image.contains(char::is_whitespace) {
+        return bad("image", format!("{:?} is not an image reference", m.image));
+    }
+    for k in m.env.keys() {
+        if k.is_empty() || k.contains(['=', '\0']) {
+            return bad(format!("env.{k}"), "invalid variable name");
+        }
+    }
+    Ok(())
+}
+
+/// `user`: `uid:gid` in numbers travels as numbers (every agent reads
+/// them); anything else is resolved on the device in the image's own files.
+/// An agent too old for names (protocol < 1.5) gets nobody, never root.
+fn user(m: &Manifest) -> Checked<(Option<User>, Option<String>)> {
+    let Some(u) = &m.user else { return Ok((None, None)) };
+    let numbers =
+        u.split_once(':').and_then(|(uid, gid)| Some(User { uid: uid.parse().ok()?, gid: gid.parse().ok()? }));
+    let part_ok =
+        |p: &str| !p.is_empty() && p.len() <= 32 && p.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    match numbers {
+        Some(numbers) => Ok((Some(numbers), None)),
+        None if u.split(':').count() <= 2 && u.split(':').all(part_ok) => {
+            Ok((Some(User { uid: 65534, gid: 65534 }), Some(u.clone())))
+        }
+        None => bad(
+            "user",
+            format!("{u:?}: expected uid:gid, or a user (and group) of the image: NAME, NAME:GROUP, UID, UID:GROUP"),
+        ),
+    }
+}
+
+/// `allow_privilege_escalation` and what it needs.
+fn security(m: &Manifest) -> Checked<()> {
+    if m.allow_privilege_escalation && !m.privileged && !m.seccomp_unconfined {
+        return bad(
+            "allow_privilege_escalation",
+            "needs seccomp_unconfined: true as well (the runtime loads a seccomp filter only under no_new_privileges)",
+        );
+    }
+    Ok(())
+}
+
+/// `resources.*`.
+fn resources(m: &Manifest) -> Checked<Resources> {
+    let r = &m.resources;
+    let memory_bytes = match &r.memory {
+        None => None,
+        Some(s) => match parse_bytes(s) {
+            Some(b) if b >= 4 << 20 => Some(b),
+            Some(_) => return bad("resources.memory", format!("{s:?} is below the 4Mi minimum")),
+            None => return bad("resources.memory", format!("{s:?}: use bytes or a unit: 64Mi, 1Gi, 500M")),
+        },
+    };
+    let cpu_millis = match &r.cpu {
+        None => None,
+        Some(s) => match parse_cpu(s) {
+            Some(c) => Some(c),
+            None => return bad("resources.cpu", format!("{s:?}: use 500m, 0.5 or 2 (CPUs)")),
+        },
+    };
+    if r.pids == Some(0) {
+        return bad("resources.pids", "must be at least 1");
+    }
+    Ok(Resources { memory_bytes, cpu_millis, cpu_shares: r.cpu_shares, pids: r.pids })
+}
+
+/// `volumes[i]`: exactly one source each, at an absolute path.
+fn volumes(m: &Manifest) -> Checked<Vec<Mount>> {
+    let mut mounts = Vec::new();
+    for (i, v) in m.volumes.iter().enumerate() {
+        let field = format!("volumes[{i}]");
+        if !v.path.starts_with('/') || v.path.split('/').any(|c| c == "..") || v.path == "/" {
+            return bad(
+                format!("{field}.path"),
+                format!("{:?} must be an absolute path other than / without '..'", v.path),
+            );
+        }
+        let source = match (&v.name, &v.host_path, &v.tmpfs) {
+            (Some(n), None, None) => MountSource::Volume(n.clone()),
+            (None, Some(h), None) => MountSource::Bind(h.clone()),
+            (None, None, Some(size)) => match parse_bytes(size).filter(|b| *b > 0) {
+                Some(b) => MountSource::Tmpfs(b),
+                None => return bad(format!("{field}.tmpfs"), format!("{size:?} is not a size")),
+            },
+            _ => return bad(field, "set exactly one of name, host_path, tmpfs"),
+        };
+        mounts.push(Mount { target: v.path.clone(), source, read_only: v.read_only });
+    }
+    Ok(mounts)
+}
+
+/// `network` and `ports[i]`.
+fn network(m: &Manifest) -> Checked<(NetworkMode, Vec<Port>)> {
+    let mut ports = Vec::new();
+    for (i, p) in m.ports.iter().enumerate() {
+        let protocol = match p.protocol.as_deref() {
+            None | Some("tcp") => PortProtocol::Tcp,
+            Some("udp") => PortProtocol::Udp,
+            Some(other) => return bad(format!("ports[{i}].protocol"), format!("{other:?}: use tcp or udp")),
+        };
+        ports.push(Port { name: p.name.clone(), port: p.port, protocol });
+    }
+    let network = match m.network {
+        NetworkName::Host => NetworkMode::Host,
+        NetworkName::None => NetworkMode::None,
+    };
+    Ok((network, ports))
+}
+
+/// `replicas`, `placement`.
+fn placement(m: &Manifest) -> Checked<()> {
+    if m.replicas == Some(0) {
+        return bad("replicas", "must be at least 1 (delete the workload to run it nowhere)");
+    }
+    if m.placement.spread_by.is_some() && m.replicas.is_none() {
+        return bad("placement.spread_by", "only with replicas: a workload on every device is spread already");
+    }
+    Ok(())
+}
+
+/// The rollout strategy of a manifest (`rollout.*`, `health_deadline`).
+pub fn strategy(m: &Manifest) -> Checked<Strategy> {
+    let mut s = Strategy::default();
+    let deadline_s = u64::from(m.health_deadline.unwrap_or(DEFAULT_HEALTH_DEADLINE_S));
+    // The device rolls back by itself after the health deadline; the
+    // controller gives it a minute more to say so over a slow link.
+    let Some(r) = &m.rollout else {
+        s.deadline_ms = (deadline_s + 60) * 1000 + s.min_ready_ms;
+        return Ok(s);
+    };
+    if !r.waves.is_empty() {
+        s.waves = Vec::new();
+        for (i, w) in r.waves.iter().enumerate() {
+            let Some(wave) = Wave::parse(&w.to_string()) else {
+                let msg = format!("{:?}: use a device count (3) or a percentage (25%)", w.to_string());
+                return bad(format!("rollout.waves[{i}]"), msg);
+            };
+            s.waves.push(wave);
+        }
+    }
+    if let Some(m) = r.min_ready {
+        s.min_ready_ms = u64::from(m) * 1000;
+    }
+    if let Some(q) = &r.max_failures {
+        let text = q.to_string();
+        match text.strip_suffix('%').unwrap_or(&text).trim().parse().ok().filter(|p| *p <= 100) {
+            Some(pct) => s.max_failure_pct = pct,
+            None => return bad("rollout.max_failures", format!("{text:?}: use a percentage, 0% to 100%")),
+        }
+    }
+    s.deadline_ms = (deadline_s + 60) * 1000 + s.min_ready_ms;
+    Ok(s)
+}
+
+/// `uses[i]` and `secrets[i]`: names of other things.
+fn references(m: &Manifest) -> Checked<()> {
+    for (i, u) in m.uses.iter().enumerate() {
+        if !valid_name(u) || *u == m.name {
+            return bad(format!("uses[{i}]"), format!("{u:?}: name another workload (a-z 0-9 -)"));
+        }
+    }
+    for (i, sec) in m.secrets.iter().enumerate() {
+        if sec.value.is_some() {
+            return bad(
+                format!("secrets[{i}].value"),
+                "values are not written in manifests (they would be stored and sent in plain text): run `baton secret create NAME --from-file FILE` and give `name: NAME` here",
+            );
+        }
+        if check_name(NameKind::Secret, &sec.name).is_err() {
+            return bad(format!("secrets[{i}].name"), format!("{:?}: name a secret (a-z 0-9 -)", sec.name));
+        }
+    }
+    Ok(())
+}
+
+/// `files[i]` and the files of `secrets[i]`: one path each, octal modes,
+/// all of them under `MAX_FILES_BYTES`.
+fn files(m: &Manifest) -> Checked<Vec<File>> {
+    let secrets = m.secrets.iter().map(|s| FileManifest {
+        path: s.path.clone(),
+        content: String::new(),
+        mode: Some(s.mode.clone().unwrap_or_else(|| "0400".into())),
+    });
+    let all: Vec<(String, FileManifest)> = m
+        .files
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, f)| (format!("files[{i}]"), f))
+        .chain(secrets.enumerate().map(|(i, f)| (format!("secrets[{i}]"), f)))
+        .collect();
+    let mut files = Vec::new();
+    for (i, (field, f)) in all.iter().enumerate() {
+        if !f.path.starts_with('/') || f.path.ends_with('/') || f.path.split('/').any(|c| c == "..") {
+            return bad(format!("{field}.path"), format!("{:?} must be an absolute file path without '..'", f.path));
+        }
+        if all[..i].iter().any(|(_, o)| o.path == f.path) {
+            return bad(format!("{field}.path"), format!("{:?} appears twice", f.path));
+        }
+        let mode = match &f.mode {
+            None => 0o644,
+            Some(s) => match u32::from_str_radix(s.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o7777) {
+                Some(mode) => mode,
+                None => {
+                    return bad(format!("{field}.mode"), format!("{s:?}: use octal permission bits such as \"0640\""))
+                }
+            },
+        };
+        let secret = i.checked_sub(m.files.len()).map(|j| &m.secrets[j]);
+        files.push(match secret {
+            Some(sec) => {
+                File { path: f.path.clone(), mode: mode | File::SEALED, contents: unversioned_secret(&sec.name) }
+            }
+            None => File { path: f.path.clone(), mode, contents: f.content.clone().into_bytes() },
+        });
+    }
+    let total: usize = files.iter().map(|f| f.contents.len()).sum();
+    if total > MAX_FILES_BYTES {
+        return bad(
+            "files",
+            format!("{total} bytes in all; files travel to devices inside desired documents, keep them under {MAX_FILES_BYTES}"),
+        );
+    }
+    Ok(files)
+}
+
+/// `liveness` and `readiness`.
+fn probes(m: &Manifest, network: NetworkMode) -> Checked<(Option<Probe>, Option<Probe>)> {
+    let liveness = m.liveness.as_ref().map(|p| probe("liveness", p)).transpose()?;
+    let readiness = m.readiness.as_ref().map(|p| probe("readiness", p)).transpose()?;
+    for (field, p) in [("liveness", &liveness), ("readiness", &readiness)] {
+        if network == NetworkMode::None
+            && matches!(p, Some(Probe { check: ProbeCheck::Tcp { .. } | ProbeCheck::Http { .. }, .. }))
+        {
+            return bad(field, "tcp and http probes need network: host; use an exec probe");
+        }
+    }
+    Ok((liveness, readiness))
+}
+
+fn probe(field: &str, p: &ProbeManifest) -> Checked<Probe> {
+    let checks = [p.exec.is_some(), p.tcp.is_some(), p.http.is_some()].iter().filter(|b| **b).count();
+    if checks != 1 {
+        return bad(field, "set exactly one of exec, tcp, http");
+    }
+    let check = match (&p.exec, p.tcp, &p.http) {
+        (Some(argv), _, _) if argv.is_empty() => return bad(format!("{field}.exec"), "empty command"),
+        (Some(argv), _, _) => ProbeCheck::Exec(argv.clone()),
+        (None, Some(port), _) => ProbeCheck::Tcp { port },
+        (None, None, Some(h)) if !h.path.starts_with('/') => {
+            return bad(format!("{field}.http.path"), format!("{:?} must start with /", h.path))
+        }
+        (None, None, Some(h)) => ProbeCheck::Http { port: h.port, path: h.path.clone() },
+        (None, None, None) => return bad(field, "set exactly one of exec, tcp, http"),
+    };
+    for (name, v) in [("interval", p.interval), ("timeout", p.timeout), ("failure_threshold", p.failure_threshold)] {
+        if v == 0 {
+            return bad(format!("{field}.{name}"), "must be at least 1");
+        }
+    }
+    Ok(Probe {
+        check,
+        interval_s: p.interval,
+        timeout_s: p.timeout,
+        failure_threshold: p.failure_threshold,
+        initial_delay_s: p.initial_delay,
+    })
+}
