@@ -1,6 +1,7 @@
 //! The supervisor's tests, on the shared fake runtime (`runtime::fake`).
 
 use super::*;
+use crate::probe::Outcome;
 use crate::runtime::fake::FakeRuntime;
 use baton_protocol::spec::RestartPolicy;
 
