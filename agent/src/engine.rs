@@ -1,25 +1,36 @@
-//! The workloads engine: one std thread that owns the supervisor. It takes
-//! desired documents from the link, reconciles, ticks the supervisor, and
-//! hands back a `Report` whenever observed state changes. A thread, not a
-//! tokio task: runtime calls block (they launch shims and read files), and
-//! keeping them off the runtime keeps the MQTT session responsive. Image
-//! pulls run on a second thread so a slow registry never stalls supervision.
+//! The workloads engine. [`Engine::step`] is one turn of the loop: take the
+//! inputs (a new desired document, operators' restarts), let the rollback
+//! guard say what to run, plan against what the supervisor runs, carry the
+//! plan out (a workload whose image is missing waits for it — `step` decides
+//! what it reports), tick the supervisor, judge its statuses, and compose
+//! the report, handed back when it changed. The engine is generic over the
+//! container runtime and the image source: the device runs it on real
+//! containers and its image store ([`spawn`]: one std thread, ticking every
+//! 500 ms), the simulator on fakes (`simulate`), the same step either way.
+//!
+//! A thread, not a tokio task: runtime calls block (they launch shims and
+//! read files), and keeping them off the runtime keeps the MQTT session
+//! responsive. Image pulls run on their own thread (`image::puller`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use baton_protocol::spec::{ContainerSpec, Mount, MountSource, WorkloadSpec};
-use baton_protocol::{Desired, Health, Phase, Report, ServiceEndpoints, WorkloadStatus};
+use baton_protocol::{Desired, Report, ServiceEndpoints, WorkloadStatus};
 use tracing::{info, warn};
 
-use crate::image::registry::Registry;
-use crate::image::{ImageError, ImageStore};
-use crate::reconcile::{container_spec, fingerprint, plan, replace_start_first, Action};
+use crate::image::source::ImageSource;
+use crate::image::ImageError;
+use crate::reconcile::{fingerprint, plan, replace_start_first, Action};
 use crate::rollback::Guard;
+use crate::runtime::rootfs::Rootfs;
 use crate::runtime::{now_ms, ContainerRuntime};
+use crate::step::Waits;
 use crate::supervisor::{Supervisor, Version};
 
 /// The version a workload spec's containers are created and reported as.
@@ -45,171 +56,109 @@ pub struct EngineHandle {
     pub runtime: Option<Arc<dyn ContainerRuntime + Send + Sync>>,
 }
 
-/// Pulls images (and unpacks them) on its own thread.
-struct Puller {
-    requests: Sender<(String, Option<String>)>,
-    /// (image, outcome, whether it failed for want of disk space).
-    results: Receiver<(String, Result<(), String>, bool)>,
-    /// Image → (earliest retry time, failures so far) after a failed pull.
-    backoff: BTreeMap<String, (u64, u32)>,
-    in_flight: BTreeSet<String>,
+/// Owns the engine thread: [`EngineThread::shutdown`] (or a drop) stops it
+/// after its current step and joins it — and with it the pull thread. The
+/// containers carry on: stopping the agent never stops a container.
+pub struct EngineThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
 }
 
-impl Puller {
-    fn spawn(store: Arc<ImageStore>, registry: Registry) -> std::io::Result<Self> {
-        let (requests, rx) = channel::<(String, Option<String>)>();
-        let (tx, results) = channel();
-        std::thread::Builder::new().name("image-pull".into()).spawn(move || {
-            let platform = crate::image::manifest::Platform::current();
-            for (image, digest) in rx {
-                // A resolved digest pins the bytes; the reference names where to get them.
-                let reference = match &digest {
-                    Some(d) => format!("{}@{d}", image.split('@').next().unwrap_or(&image)),
-                    None => image.clone(),
-                };
-                let pulled = registry.pull(&store, &reference, &platform).and_then(|(record, stats)| {
-                    info!(%image, blobs = stats.blobs_fetched, bytes = stats.bytes_downloaded, "pulled");
-                    // Unpack it here, off the engine thread, then record it under the
-                    // name workloads use: a recorded image is one that can run.
-                    let record = crate::image::ImageRecord { reference: image.clone(), ..record };
-                    match store.rootfs(&record) {
-                        Ok(_) => store.record_image(&record),
-                        Err(e) => {
-                            if matches!(e, ImageError::NoSpace { .. }) {
-                                let blobs: Vec<_> = record
-                                    .layers
-                                    .iter()
-                                    .chain(&record.config_digest)
-                                    .chain([&record.manifest])
-                                    .cloned()
-                                    .collect();
-                                store.forget_unreferenced(&blobs);
-                            }
-                            Err(e)
-                        }
-                    }
-                });
-                let full = matches!(pulled, Err(ImageError::NoSpace { .. }));
-                if tx.send((image, pulled.map_err(|e| e.to_string()), full)).is_err() {
-                    return;
-                }
+impl EngineThread {
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                warn!("the workloads thread panicked");
             }
-        })?;
-        Ok(Self { requests, results, backoff: BTreeMap::new(), in_flight: BTreeSet::new() })
+        }
     }
 }
 
-struct Engine<R: ContainerRuntime> {
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// How an engine keeps what it learns and what it shares with containers.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Bytes the image store may hold before unused images are collected.
+    pub image_budget: u64,
+    /// Where the proven revisions are persisted (None: memory only, as the
+    /// simulator keeps them).
+    pub proven_path: Option<PathBuf>,
+    /// `run_dir/services`: one directory per consuming workload, bind-mounted
+    /// read-only at `/run/baton/services` (None: no service discovery).
+    pub services_dir: Option<PathBuf>,
+}
+
+pub struct Engine<R: ContainerRuntime, I: ImageSource> {
     sup: Supervisor<R>,
-    images: Arc<ImageStore>,
+    images: I,
     desired: Desired,
     /// Device-level rollback; `effective` is what it says to run.
     guard: Guard,
     effective: Vec<WorkloadSpec>,
-    proven_path: PathBuf,
-    /// `run_dir/services`: one directory per consuming workload, bind-mounted
-    /// read-only at `/run/baton/services` (None: no service discovery).
-    services_dir: Option<PathBuf>,
-    /// Workloads waiting for their image: (phase to report, reason).
-    waiting: BTreeMap<String, (Phase, String)>,
-    puller: Option<Puller>,
-    /// Bytes the image store may hold before unused images are collected.
-    image_budget: u64,
+    /// Workloads waiting for their image (or a spec that builds), and the pulls.
+    waits: Waits,
+    options: Options,
     next_gc_ms: u64,
+    /// Operators' restarts, carried out after the step's reconcile: right
+    /// after a start, what the document names is supervised only from then on.
+    restarts: Vec<(String, tokio::sync::oneshot::Sender<bool>)>,
+    /// The last report handed back, without usage.
+    last: Option<Report>,
 }
 
-/// Starts the engine with the desired document persisted in `data_dir`
-/// (offline first: the device runs its last known state with no network and
-/// no controller) and the revisions proven healthy here. Without a registry,
-/// images must be loaded locally.
-pub fn spawn<R: ContainerRuntime + Send + 'static>(
+/// Starts the engine thread with the desired document persisted in
+/// `data_dir` (offline first: the device runs its last known state with no
+/// network and no controller) and the revisions proven healthy here.
+pub fn spawn<R, I>(
     sup: Supervisor<R>,
-    images: ImageStore,
-    registry: Option<Registry>,
-    image_budget: u64,
+    images: I,
     data_dir: &std::path::Path,
+    image_budget: u64,
     services_dir: Option<PathBuf>,
-) -> std::io::Result<EngineHandle> {
+) -> std::io::Result<(EngineHandle, EngineThread)>
+where
+    R: ContainerRuntime + Send + 'static,
+    I: ImageSource + Send + 'static,
+{
     let initial = load_desired(data_dir).unwrap_or_default();
     if initial.generation > 0 {
         info!(generation = initial.generation, "starting the persisted desired state");
     }
     let proven_path = proven_path(data_dir);
-    let guard = Guard::with_proven(load_doc(&proven_path).map(|d| d.workloads).unwrap_or_default());
+    let proven = load_doc(&proven_path).map(|d| d.workloads).unwrap_or_default();
     let (tx, rx) = channel();
     let (report_tx, reports) =
         tokio::sync::watch::channel(Report { generation: initial.generation, ..Default::default() });
-    let images = Arc::new(images);
-    let puller = registry.map(|r| Puller::spawn(images.clone(), r)).transpose()?;
-    let mut engine = Engine {
-        sup,
-        images,
-        effective: guard.effective(&initial.workloads),
-        desired: initial,
-        guard,
-        proven_path,
-        services_dir,
-        waiting: BTreeMap::new(),
-        puller,
-        image_budget,
-        next_gc_ms: 0,
-    };
-    engine.write_services();
-    std::thread::Builder::new().name("workloads".into()).spawn(move || {
-        let mut last = None;
-        let mut restarts = Vec::new();
-        loop {
+    let options = Options { image_budget, proven_path: Some(proven_path), services_dir };
+    let mut engine = Engine::new(sup, images, initial, proven, options);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let thread = std::thread::Builder::new().name("workloads".into()).spawn(move || {
+        while !stopped.load(Ordering::Relaxed) {
             match rx.recv_timeout(TICK) {
-                Ok(Input::Desired(d)) => {
-                    info!(generation = d.generation, workloads = d.workloads.len(), "applying desired document");
-                    engine.desired = d;
-                    // A new document is the operator asking again: failed pulls retry now.
-                    if let Some(p) = engine.puller.as_mut() {
-                        p.backoff.clear();
-                    }
-                    engine.write_services();
-                    engine.refresh_consumers();
-                }
-                // Done after this tick's reconcile: right after a start, what the
-                // persisted document names is supervised only from then on.
-                Ok(Input::Restart(name, done)) => restarts.push((name, done)),
+                Ok(input) => engine.input(input),
                 Err(RecvTimeoutError::Timeout) => {}
-                // The agent is shutting down; the containers carry on without us.
+                // The link is gone; the containers carry on without us.
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-            let now = now_ms();
-            engine.take_pull_results(now);
-            engine.effective = engine.guard.effective(&engine.desired.workloads);
-            engine.reconcile(now);
-            for (name, done) in restarts.drain(..) {
-                engine.refresh_spec(&name);
-                let _ = done.send(engine.sup.restart_now(&name));
-            }
-            engine.sup.tick(now);
-            // One status per tick (it reads every container's cgroup usage).
-            let status = engine.sup.status();
-            engine.judge(&status, now);
-            engine.collect_images(now);
-            let report = engine.report(status);
-            if last.as_ref() != Some(&without_usage(&report)) {
-                last = Some(without_usage(&report));
+            if let Some(report) = engine.step(now_ms()) {
                 if report_tx.send(report).is_err() {
                     return;
                 }
             }
         }
     })?;
-    Ok(EngineHandle { tx, reports, runtime: None })
-}
-
-/// Usage moves every tick; a report is sent when anything else changes.
-fn without_usage(r: &Report) -> Report {
-    let mut r = r.clone();
-    for w in &mut r.workloads {
-        w.cpu_usage_ns = 0;
-        w.memory_bytes = 0;
-    }
-    r
+    Ok((EngineHandle { tx, reports, runtime: None }, EngineThread { stop, thread: Some(thread) }))
 }
 
 /// `BATON_SERVICE_<SERVICE>_<PORT>`: upper case, anything else than A-Z 0-9 → `_`.
@@ -225,12 +174,69 @@ fn service_file(s: &ServiceEndpoints) -> String {
     s.endpoints.iter().map(|e| format!("{}:{} {} {}\n", e.address, e.port, e.port_name, e.device)).collect()
 }
 
-impl<R: ContainerRuntime> Engine<R> {
+impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
+    /// An engine that starts from `initial` (the persisted document) and the
+    /// specs `proven` healthy here before.
+    pub fn new(sup: Supervisor<R>, images: I, initial: Desired, proven: Vec<WorkloadSpec>, options: Options) -> Self {
+        let guard = Guard::with_proven(proven);
+        let engine = Self {
+            waits: Waits::new(images.can_pull()),
+            sup,
+            images,
+            effective: guard.effective(&initial.workloads),
+            desired: initial,
+            guard,
+            options,
+            next_gc_ms: 0,
+            restarts: Vec::new(),
+            last: None,
+        };
+        engine.write_services();
+        engine
+    }
+
+    pub fn supervisor(&self) -> &Supervisor<R> {
+        &self.sup
+    }
+
+    /// Takes one input; it acts at the next [`Engine::step`].
+    pub fn input(&mut self, input: Input) {
+        match input {
+            Input::Desired(d) => {
+                info!(generation = d.generation, workloads = d.workloads.len(), "applying desired document");
+                self.desired = d;
+                self.waits.retry_pulls_now();
+                self.write_services();
+                self.refresh_consumers();
+            }
+            Input::Restart(name, done) => self.restarts.push((name, done)),
+        }
+    }
+
+    /// One turn: reconcile, restarts, supervise, judge, report. Returns the
+    /// report when it changed in more than usage since the last one returned.
+    pub fn step(&mut self, now: u64) -> Option<Report> {
+        self.take_pull_results(now);
+        self.effective = self.guard.effective(&self.desired.workloads);
+        self.reconcile(now);
+        for (name, done) in std::mem::take(&mut self.restarts) {
+            self.refresh_spec(&name);
+            let _ = done.send(self.sup.restart_now(&name));
+        }
+        self.sup.tick(now);
+        // One status per step (it reads every container's cgroup usage).
+        let status = self.sup.status();
+        self.judge(&status, now);
+        self.collect_images(now);
+        let report = crate::step::report(self.desired.generation, status, &self.effective, &self.waits, &self.guard);
+        crate::step::changed(&mut self.last, &report).then_some(report)
+    }
+
     /// Brings `services_dir/<consumer>/<service>` in line with the desired
     /// document: changed files rewritten (atomically: a reader sees the old
     /// or the new list), stale ones removed. tmpfs, so no flash wear.
     fn write_services(&self) {
-        let Some(dir) = &self.services_dir else { return };
+        let Some(dir) = &self.options.services_dir else { return };
         let mut want: BTreeMap<PathBuf, String> = BTreeMap::new();
         for s in &self.desired.services {
             for c in &s.consumers {
@@ -260,7 +266,7 @@ impl<R: ContainerRuntime> Engine<R> {
 
     /// The service mount and environment of a consuming workload.
     fn add_services(&self, name: &str, spec: &mut ContainerSpec) {
-        let Some(dir) = &self.services_dir else { return };
+        let Some(dir) = &self.options.services_dir else { return };
         let used: Vec<&ServiceEndpoints> =
             self.desired.services.iter().filter(|s| s.consumers.iter().any(|c| c == name)).collect();
         if used.is_empty() {
@@ -289,39 +295,29 @@ impl<R: ContainerRuntime> Engine<R> {
     /// Proves healthy revisions and rolls back those past their deadline;
     /// the proven set is written to flash only when it changes.
     fn judge(&mut self, status: &[WorkloadStatus], now: u64) {
-        if self.guard.observe(&self.desired.workloads, status, now) {
-            let doc = Desired { workloads: self.guard.proven(), ..Default::default() };
-            let written = baton_protocol::encode(&baton_protocol::Message::Desired(doc))
-                .map_err(|e| std::io::Error::other(e.to_string()))
-                .and_then(|bytes| {
-                    self.proven_path.parent().map_or(Ok(()), std::fs::create_dir_all)?;
-                    crate::runtime::layout::write_atomic(&self.proven_path, &bytes)
-                });
-            if let Err(e) = written {
-                warn!(error = %e, "cannot persist the proven revisions");
-            }
+        if !self.guard.observe(&self.desired.workloads, status, now) {
+            return;
+        }
+        let Some(path) = &self.options.proven_path else { return };
+        let doc = Desired { workloads: self.guard.proven(), ..Default::default() };
+        let written = baton_protocol::encode(&baton_protocol::Message::Desired(doc))
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|bytes| {
+                path.parent().map_or(Ok(()), std::fs::create_dir_all)?;
+                crate::runtime::layout::write_atomic(path, &bytes)
+            });
+        if let Err(e) = written {
+            warn!(error = %e, "cannot persist the proven revisions");
         }
     }
 
     fn take_pull_results(&mut self, now: u64) {
-        let Some(p) = self.puller.as_mut() else { return };
         let mut full = false;
-        while let Ok((image, result, no_space)) = p.results.try_recv() {
-            p.in_flight.remove(&image);
-            full |= no_space;
-            match result {
-                Ok(()) => {
-                    p.backoff.remove(&image);
-                }
-                Err(e) => {
-                    let failures = p.backoff.get(&image).map_or(0, |(_, f)| *f) + 1;
-                    let delay = crate::restart::Backoff::default().delay(failures - 1);
-                    warn!(%image, error = %e, retry_in_s = delay.as_secs(), "pull failed");
-                    p.backoff.insert(image.clone(), (now + delay.as_millis() as u64, failures));
-                    for w in self.effective.iter().filter(|w| w.image == image) {
-                        self.waiting.insert(w.name.clone(), (Phase::Failed, format!("pull {image}: {e}")));
-                    }
-                }
+        for outcome in self.images.finished_pulls() {
+            full |= outcome.no_space;
+            if let Some(delay) = self.waits.pull_finished(&outcome, &self.effective, now) {
+                let error = outcome.result.as_ref().err().map_or("", String::as_str);
+                warn!(image = %outcome.image, %error, retry_in_s = delay.as_secs(), "pull failed");
             }
         }
         // The disk is full: images nothing here needs go now, not at the next
@@ -332,21 +328,6 @@ impl<R: ContainerRuntime> Engine<R> {
         }
     }
 
-    /// Asks for `image` unless it is being pulled or waiting to retry; true
-    /// when a pull is (now) under way.
-    fn request_pull(&mut self, image: &str, digest: Option<&str>, now: u64) -> bool {
-        let Some(p) = self.puller.as_mut() else { return false };
-        if p.in_flight.contains(image) {
-            return true;
-        }
-        if p.backoff.get(image).is_some_and(|(until, _)| now < *until) {
-            return false;
-        }
-        p.in_flight.insert(image.to_string());
-        let _ = p.requests.send((image.to_string(), digest.map(str::to_string)));
-        true
-    }
-
     /// Keeps the store under budget without touching what the desired document
     /// names or what a supervised container stands on.
     fn collect_images(&mut self, now: u64) {
@@ -354,7 +335,7 @@ impl<R: ContainerRuntime> Engine<R> {
             return;
         }
         self.next_gc_ms = now + GC_EVERY_MS;
-        self.gc(self.image_budget);
+        self.gc(self.options.image_budget);
     }
 
     /// Removes unused images until the store is under `budget` bytes.
@@ -368,9 +349,7 @@ impl<R: ContainerRuntime> Engine<R> {
             .flat_map(|w| [w.image.clone(), w.image_digest.clone()])
             .filter(|s| !s.is_empty())
             .collect();
-        if let Err(e) = self.images.gc(&keep, &self.sup.rootfs_in_use(), budget) {
-            warn!(error = %e, "image GC failed");
-        }
+        self.images.gc(&keep, &self.sup.rootfs_in_use(), budget);
     }
 
     fn reconcile(&mut self, now: u64) {
@@ -381,36 +360,27 @@ impl<R: ContainerRuntime> Engine<R> {
                     self.sup.remove(&name);
                 }
                 Action::Replace(name) => {
-                    // A replacement waits for its image: the old revision keeps
-                    // running while the new one downloads (and if it never does).
                     let Some(next) = self.effective.iter().find(|w| w.name == name).cloned() else { continue };
-                    if !self.image_ready(&next, now) {
+                    // A replacement waits for its image (and a spec that builds): the
+                    // old revision keeps running meanwhile, and if it never comes.
+                    let Some((spec, rootfs)) = self.prepare(&next, now, "cannot replace; the running revision stays")
+                    else {
                         continue;
-                    }
-                    match self.spec_for(&next) {
-                        Ok((spec, rootfs))
-                            if self.sup.spec_of(&name).is_some_and(|old| replace_start_first(old, &spec)) =>
-                        {
-                            self.sup.replace(&name, version_of(&next), spec, rootfs, now);
-                        }
+                    };
+                    if self.sup.spec_of(&name).is_some_and(|old| replace_start_first(old, &spec)) {
+                        self.sup.replace(&name, version_of(&next), spec, rootfs, now);
+                    } else {
                         // Ports, devices or a volume held: stop first; the start follows once it is gone.
-                        Ok(_) => {
-                            info!(workload = %name, "stopping for replacement");
-                            self.sup.remove(&name);
-                        }
-                        // The new revision cannot be made (its image will not unpack):
-                        // what runs keeps running, and the report says why.
-                        Err(e) => {
-                            let msg = e.to_string();
-                            if self.waiting.insert(name.clone(), (Phase::Failed, msg.clone())).map(|(_, m)| m)
-                                != Some(msg.clone())
-                            {
-                                warn!(workload = %name, error = %msg, "cannot replace; the running revision stays");
-                            }
-                        }
+                        info!(workload = %name, "stopping for replacement");
+                        self.sup.remove(&name);
                     }
                 }
-                Action::Start(name) => self.start(name, now),
+                Action::Start(name) => {
+                    let Some(w) = self.effective.iter().find(|w| w.name == name).cloned() else { continue };
+                    if let Some((spec, rootfs)) = self.prepare(&w, now, "cannot start") {
+                        self.sup.ensure(&name, version_of(&w), spec, rootfs, now);
+                    }
+                }
                 Action::Relabel(name) => {
                     if let Some(w) = self.effective.iter().find(|w| w.name == name) {
                         self.sup.relabel(&name, version_of(w));
@@ -418,48 +388,38 @@ impl<R: ContainerRuntime> Engine<R> {
                 }
             }
         }
-        self.waiting.retain(|name, _| self.effective.iter().any(|w| &w.name == name));
+        self.waits.retain(&self.effective);
     }
 
-    /// Whether `w`'s image is in the store; if not, asks for it and records
-    /// that the workload waits for it.
-    fn image_ready(&mut self, w: &WorkloadSpec, now: u64) -> bool {
-        let digest = Some(w.image_digest.as_str()).filter(|d| !d.is_empty());
-        match self.images.resolve(&w.image, digest) {
-            Ok(_) => true,
-            Err(ImageError::NotFound(_)) => {
-                if self.request_pull(&w.image, digest, now) {
-                    self.waiting.insert(w.name.clone(), (Phase::Pulling, format!("pulling {}", w.image)));
-                } else if self.puller.is_none() {
-                    let why =
-                        format!("image {} is not in the local store; load it with `baton-agent image load`", w.image);
-                    self.waiting.insert(w.name.clone(), (Phase::Pending, why));
-                }
-                false
+    /// `w`'s spec and rootfs when its image is here and the spec builds.
+    /// Otherwise `w` waits, and says why: its image is pulled (asked once,
+    /// retried with backoff) or must be loaded; a spec that cannot be built
+    /// reports the error (logged with `what` when it is new).
+    fn prepare(&mut self, w: &WorkloadSpec, now: u64, what: &str) -> Option<(ContainerSpec, Rootfs)> {
+        match self.spec_for(w) {
+            Ok(built) => {
+                self.waits.ready(&w.name);
+                Some(built)
             }
-            // Anything else (a broken record) is the start's to report.
-            Err(_) => true,
+            Err(ImageError::NotFound(_)) => {
+                if let Some(request) = self.waits.image_missing(w, now) {
+                    self.images.request_pull(request);
+                }
+                None
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self.waits.cannot_build(&w.name, msg.clone()) {
+                    warn!(workload = %w.name, error = %msg, "{what}");
+                }
+                None
+            }
         }
     }
 
-    /// The container spec of `w` on this device (image config, services) and its rootfs.
-    fn spec_for(&self, w: &WorkloadSpec) -> Result<(ContainerSpec, crate::runtime::rootfs::Rootfs), ImageError> {
-        let digest = Some(w.image_digest.as_str()).filter(|d| !d.is_empty());
-        let image = self.images.resolve(&w.image, digest)?;
-        let rootfs = self.images.rootfs(&image)?;
-        let mut spec = container_spec(w, &image.config);
-        // Who it runs as: the manifest's user (a name is the image's), else the image's USER.
-        let named = match (&spec.user_name, &spec.user) {
-            (Some(name), _) => Some((name.clone(), "user")),
-            (None, None) => image.config.config.user.clone().filter(|u| !u.is_empty()).map(|u| (u, "the image's USER")),
-            (None, Some(_)) => None,
-        };
-        if let Some((user, whose)) = named {
-            let read = |f: &str| rootfs.lookup(f).and_then(|p| std::fs::read_to_string(p).ok());
-            let u = crate::image::user::resolve(&user, read("etc/passwd").as_deref(), read("etc/group").as_deref())
-                .map_err(|e| ImageError::Invalid(format!("{whose} {user:?}: {e}")))?;
-            spec.user = Some(baton_protocol::spec::User { uid: u.uid, gid: u.gid });
-        }
+    /// The container spec of `w` on this device (image config, user, services) and its rootfs.
+    fn spec_for(&self, w: &WorkloadSpec) -> Result<(ContainerSpec, Rootfs), ImageError> {
+        let (mut spec, rootfs) = self.images.build(w)?;
         self.add_services(&w.name, &mut spec);
         Ok((spec, rootfs))
     }
@@ -484,63 +444,6 @@ impl<R: ContainerRuntime> Engine<R> {
         for name in &consumers {
             self.refresh_spec(name);
         }
-    }
-
-    fn start(&mut self, name: String, now: u64) {
-        let Some(w) = self.effective.iter().find(|w| w.name == name).cloned() else { return };
-        let digest = Some(w.image_digest.as_str()).filter(|d| !d.is_empty());
-        match self.spec_for(&w) {
-            Ok((spec, rootfs)) => {
-                self.waiting.remove(&name);
-                self.sup.ensure(&name, version_of(&w), spec, rootfs, now);
-            }
-            Err(ImageError::NotFound(_)) => {
-                if self.request_pull(&w.image, digest, now) {
-                    self.waiting.insert(name, (Phase::Pulling, format!("pulling {}", w.image)));
-                } else if self.puller.is_none() {
-                    let why =
-                        format!("image {} is not in the local store; load it with `baton-agent image load`", w.image);
-                    self.waiting.insert(name, (Phase::Pending, why));
-                }
-                // Otherwise: waiting to retry a failed pull; its error stays reported.
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                if self.waiting.insert(name.clone(), (Phase::Failed, msg.clone())).map(|(_, m)| m) != Some(msg.clone())
-                {
-                    warn!(workload = %name, error = %msg, "cannot start");
-                }
-            }
-        }
-    }
-
-    fn report(&self, mut workloads: Vec<WorkloadStatus>) -> Report {
-        // An old revision still running while the new one waits (for its image): say why.
-        for st in &mut workloads {
-            let next = self.effective.iter().find(|w| w.name == st.name).map(|w| w.revision);
-            if let (Some(rev), Some((_, reason))) = (next, self.waiting.get(&st.name)) {
-                if rev != st.revision {
-                    st.last_error = Some(format!("revision {rev}: {reason}"));
-                }
-            }
-        }
-        for (name, (phase, reason)) in &self.waiting {
-            if workloads.iter().any(|w| &w.name == name) {
-                continue;
-            }
-            let revision = self.effective.iter().find(|w| &w.name == name).map_or(0, |w| w.revision);
-            workloads.push(WorkloadStatus {
-                name: name.clone(),
-                revision,
-                phase: *phase,
-                health: Health::Unknown,
-                last_error: Some(reason.clone()),
-                ..Default::default()
-            });
-        }
-        workloads.sort_by(|a, b| a.name.cmp(&b.name));
-        self.guard.annotate(&mut workloads);
-        Report { generation: self.desired.generation, workloads, refused: None }
     }
 }
 
@@ -573,3 +476,6 @@ fn load_doc(path: &std::path::Path) -> Option<Desired> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

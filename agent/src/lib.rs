@@ -1,6 +1,7 @@
 //! The Baton device agent as a library: `baton-agent` is a thin `main` over it,
 //! and end-to-end tests drive the same code.
 
+pub mod assemble;
 pub mod backoff;
 pub mod clock;
 pub mod commands;
@@ -17,6 +18,7 @@ pub mod restart;
 pub mod rollback;
 pub mod runtime;
 pub mod simulate;
+pub mod step;
 pub mod supervisor;
 pub mod tls;
 pub mod trust;

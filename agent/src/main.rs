@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use baton_agent::config::{AgentConfig, FileConfig, Overrides, DEFAULT_CONFIG_PATH};
-use baton_agent::link::Link;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -292,28 +291,10 @@ fn resolve_config(args: RunArgs) -> Result<AgentConfig, Box<dyn std::error::Erro
 }
 
 fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let config = resolve_config(args.clone())?;
     let no_workloads = args.no_workloads;
-    let mut config = resolve_config(args.clone())?;
-    // `join_token` in agent.toml: enroll once, at the first start, then run
-    // with what the join gave (the configuration is read again for it).
-    if let Some(token) = config.join_token.clone() {
-        if !baton_agent::join::password_path(&config.data_dir).exists() {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(baton_agent::join::join(&config, &token, std::time::Duration::from_secs(30)))
-                .map_err(|e| format!("join_token: {e}"))?;
-            tracing::info!(device = %config.device_id, "joined with the token in the configuration");
-            config = resolve_config(args)?;
-        }
-    }
-    // An mqtts:// broker with nothing to trust is a configuration error: say so now.
-    let trust = baton_agent::trust::Trust::load(config.controller_keys.clone(), &config.data_dir);
-    baton_agent::tls::transport(&config.broker, &trust.keys(), config.mqtt_ca_file.as_deref())?;
-
-    // One thread: the agent's work is I/O-bound and small, and every extra
-    // worker thread costs stack and RSS on a 512 MB device.
-    let engine = if no_workloads { None } else { Some(start_engine(&config)?) };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(Link::run(config, engine, shutdown_signal()));
+    let reload = move || resolve_config(args).map_err(|e| e.to_string());
+    baton_agent::assemble::run(config, reload, no_workloads, shutdown_signal())?;
     Ok(())
 }
 
@@ -357,48 +338,6 @@ fn simulate(args: SimCli) -> Result<(), Box<dyn std::error::Error>> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(baton_agent::simulate::run(cfg, shutdown_signal()))?;
     Ok(())
-}
-
-/// The workloads engine, started with the persisted desired document so the
-/// device runs its last known state with no network and no controller.
-fn start_engine(config: &AgentConfig) -> Result<baton_agent::engine::EngineHandle, Box<dyn std::error::Error>> {
-    use baton_agent::runtime::{Layout, LibcontainerRuntime};
-    let shim = std::env::current_exe()?;
-    let layout = Layout::new(&config.data_dir, &config.run_dir).with_cgroup_parent(config.cgroup_parent.clone());
-    let runtime = LibcontainerRuntime::new(layout, shim);
-    let prober = std::sync::Arc::new(baton_agent::probe::RuntimeProber(runtime.clone()));
-    let exec_runtime = runtime.clone();
-    // Secrets are opened only to be written under run_dir: it must be memory.
-    let identity = match baton_agent::trust::load_or_create_identity(&config.data_dir) {
-        Err(e) => Err(format!("device key unusable: {e}")),
-        Ok(_) if !baton_agent::runtime::layout::is_tmpfs(&config.run_dir) => {
-            tracing::warn!(run_dir = %config.run_dir.display(), "run_dir is not a tmpfs: workloads with secrets will not start");
-            Err(format!("run_dir {} is not a tmpfs; secrets are never written to disk", config.run_dir.display()))
-        }
-        Ok(key) => Ok((config.device_id.as_str().to_owned(), std::sync::Arc::new(key))),
-    };
-    let supervisor = baton_agent::supervisor::Supervisor::new(runtime).with_prober(prober).with_identity(identity);
-    let images =
-        baton_agent::image::ImageStore::open(config.data_dir.join("images"))?.with_reserve(config.disk_reserve_bytes);
-    let registry = baton_agent::image::registry::Registry::new(baton_agent::image::registry::RegistryConfig {
-        insecure: config.insecure_registries.clone(),
-        credentials: config
-            .registry_auth
-            .iter()
-            .map(|(h, a)| (h.clone(), (a.username.clone(), a.password.clone())))
-            .collect(),
-        ca_pem: config.registry_ca.clone(),
-    });
-    let mut handle = baton_agent::engine::spawn(
-        supervisor,
-        images,
-        Some(registry),
-        config.image_budget_bytes,
-        &config.data_dir,
-        Some(config.run_dir.join("services")),
-    )?;
-    handle.runtime = Some(std::sync::Arc::new(exec_runtime));
-    Ok(handle)
 }
 
 /// The data dir an image command works on: flag, else config file, else default.

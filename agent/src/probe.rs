@@ -20,6 +20,12 @@ pub enum Outcome {
 /// share across threads.
 pub trait Prober: Send + Sync + 'static {
     fn probe(&self, container: &str, check: &ProbeCheck, timeout: Duration) -> Outcome;
+
+    /// True when `probe` answers at once without I/O (a fake): the
+    /// supervisor then calls it on its own thread instead of starting one.
+    fn inline(&self) -> bool {
+        false
+    }
 }
 
 /// The real prober: TCP and HTTP from the host (containers probed this way use

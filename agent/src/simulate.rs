@@ -1,23 +1,28 @@
 //! `baton-agent simulate`: one process standing in for many devices. Each
 //! simulated device runs the real MQTT link (presence, Last Will, inventory,
-//! heartbeats, desired documents, reports, commands), the real reconcile
-//! planner and the real device-level rollback guard; only containers are
-//! fake: a start takes `start_ms`, and knobs make some images unhealthy or
-//! fail to start. Tests and benchmarks drive fleets with it; operators can
-//! try a rollout strategy on a few hundred fake devices before a real one.
+//! heartbeats, desired documents, reports, commands) and the real engine —
+//! the same `Engine::step` as a device: rollback guard, reconcile planner,
+//! supervisor with its restart policy, probes and start-first replacements,
+//! report composition. Only what is under the supervisor is fake
+//! (`runtime::fake`): containers in memory (a start takes `start_ms`),
+//! every image present, probes answered without I/O, and knobs that make
+//! some images unhealthy or fail to start. Proven revisions stay in memory.
+//! One thread steps every device every 100 ms; no thread per device.
+//! Tests and benchmarks drive fleets with it; operators can try a rollout
+//! strategy on a few hundred fake devices before a real one.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, TryRecvError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use baton_protocol::{Desired, DeviceId, Health, Phase, Report, WorkloadStatus};
+use baton_protocol::{DeviceId, Report};
 
 use crate::config::AgentConfig;
-use crate::engine::{EngineHandle, Input};
+use crate::engine::{Engine, EngineHandle, Input, Options};
 use crate::link::Link;
-use crate::reconcile::{plan, Action, Observed};
-use crate::rollback::Guard;
+use crate::runtime::fake::{FakeImages, FakeProber, FakeRuntime, Knobs};
+use crate::supervisor::Supervisor;
 
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -50,116 +55,60 @@ pub struct Offline {
     pub duration: Option<Duration>,
 }
 
-struct Unit {
-    revision: u64,
-    fingerprint: String,
-    image: String,
-    started_ms: u64,
-    restarts: u32,
-}
-
+/// One simulated device: the real engine on a fake runtime and fake images.
 struct SimDevice {
-    index: usize,
     inputs: Receiver<Input>,
     reports: tokio::sync::watch::Sender<Report>,
-    desired: Desired,
-    guard: Guard,
-    units: BTreeMap<String, Unit>,
-    last: Option<Report>,
+    runtime: FakeRuntime,
+    engine: Engine<FakeRuntime, FakeImages>,
 }
 
 impl SimDevice {
-    fn tick(&mut self, cfg: &SimConfig, now: u64) -> bool {
+    /// A device that starts, as a real one does, from the document persisted
+    /// in its data dir; its proven revisions stay in memory. Returns the
+    /// link's end of its reports too.
+    fn new(
+        cfg: &SimConfig,
+        index: usize,
+        config: &AgentConfig,
+        inputs: Receiver<Input>,
+    ) -> (Self, tokio::sync::watch::Receiver<Report>) {
+        let knobs = cfg.knob_devices.is_none_or(|n| index < n);
+        let pick = |pattern: &Option<String>| pattern.clone().filter(|_| knobs);
+        let runtime = FakeRuntime::new(Knobs {
+            failing: pick(&cfg.failing_image),
+            unhealthy: pick(&cfg.unhealthy_image),
+            start_ms: cfg.start_ms,
+        });
+        // Sealed files open in memory as on a device (the fake writes nothing).
+        let identity = crate::trust::load_or_create_identity(&config.data_dir)
+            .map(|key| (config.device_id.as_str().to_owned(), Arc::new(key)))
+            .map_err(|e| format!("device key unusable: {e}"));
+        let sup =
+            Supervisor::new(runtime.clone()).with_prober(Arc::new(FakeProber(runtime.clone()))).with_identity(identity);
+        let images = FakeImages { unhealthy: pick(&cfg.unhealthy_image) };
+        let initial = crate::engine::load_desired(&config.data_dir).unwrap_or_default();
+        let generation = initial.generation;
+        let options = Options { image_budget: u64::MAX, proven_path: None, services_dir: None };
+        let engine = Engine::new(sup, images, initial, Vec::new(), options);
+        let (reports, rx) = tokio::sync::watch::channel(Report { generation, ..Default::default() });
+        (Self { inputs, reports, runtime, engine }, rx)
+    }
+
+    /// Takes the device's inputs and runs one engine step; false once its link is gone.
+    fn step(&mut self, now: u64) -> bool {
         loop {
             match self.inputs.try_recv() {
-                Ok(Input::Desired(d)) => self.desired = d,
-                Ok(Input::Restart(name, done)) => {
-                    let unit = self.units.get_mut(&name);
-                    let found = unit.is_some();
-                    if let Some(u) = unit {
-                        u.started_ms = now;
-                        u.restarts += 1;
-                    }
-                    let _ = done.send(found);
-                }
+                Ok(input) => self.engine.input(input),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return false,
             }
         }
-        let effective = self.guard.effective(&self.desired.workloads);
-        let observed: Vec<Observed> = self
-            .units
-            .iter()
-            .map(|(name, u)| Observed {
-                name: name.clone(),
-                revision: u.revision,
-                fingerprint: u.fingerprint.clone(),
-                stopping: false,
-            })
-            .collect();
-        for action in plan(&effective, &observed) {
-            match action {
-                // Fake containers free nothing: a replacement is a stop then a start.
-                Action::Stop(name) | Action::Replace(name) => {
-                    self.units.remove(&name);
-                }
-                Action::Start(name) => {
-                    if let Some(w) = effective.iter().find(|w| w.name == name) {
-                        let unit = Unit {
-                            revision: w.revision,
-                            fingerprint: crate::reconcile::fingerprint(w),
-                            image: w.image.clone(),
-                            started_ms: now,
-                            restarts: 0,
-                        };
-                        self.units.insert(name, unit);
-                    }
-                }
-                Action::Relabel(name) => {
-                    if let (Some(u), Some(w)) = (self.units.get_mut(&name), effective.iter().find(|w| w.name == name)) {
-                        u.revision = w.revision;
-                    }
-                }
-            }
+        self.runtime.set_now(now);
+        match self.engine.step(now) {
+            Some(report) => self.reports.send(report).is_ok(),
+            None => true,
         }
-        let knobs = cfg.knob_devices.is_none_or(|n| self.index < n);
-        let matches =
-            |pattern: &Option<String>, image: &str| knobs && pattern.as_ref().is_some_and(|p| image.contains(p));
-        let mut workloads: Vec<WorkloadStatus> = self
-            .units
-            .iter()
-            .map(|(name, u)| {
-                let started = now.saturating_sub(u.started_ms) >= cfg.start_ms;
-                let (phase, health, error) = if matches(&cfg.failing_image, &u.image) {
-                    (Phase::Failed, Health::Unhealthy, Some("simulated start failure".to_string()))
-                } else if !started {
-                    (Phase::Starting, Health::Unknown, None)
-                } else if matches(&cfg.unhealthy_image, &u.image) {
-                    (Phase::Running, Health::Unhealthy, Some("simulated failing probe".to_string()))
-                } else {
-                    (Phase::Running, Health::Healthy, None)
-                };
-                WorkloadStatus {
-                    name: name.clone(),
-                    revision: u.revision,
-                    phase,
-                    health,
-                    restarts: u.restarts,
-                    last_error: error,
-                    ..Default::default()
-                }
-            })
-            .collect();
-        self.guard.observe(&self.desired.workloads, &workloads, now);
-        self.guard.annotate(&mut workloads);
-        let report = Report { generation: self.desired.generation, workloads, refused: None };
-        if self.last.as_ref() != Some(&report) {
-            self.last = Some(report.clone());
-            if self.reports.send(report).is_err() {
-                return false;
-            }
-        }
-        true
     }
 }
 
@@ -222,19 +171,9 @@ pub async fn run(cfg: SimConfig, shutdown: impl std::future::Future<Output = ()>
         if let Some((key, values)) = &cfg.label_cycle {
             config.labels.insert(key.clone(), values[index % values.len()].clone());
         }
-        let initial = crate::engine::load_desired(&config.data_dir).unwrap_or_default();
         let (tx, inputs) = channel();
-        let (reports_tx, reports) =
-            tokio::sync::watch::channel(Report { generation: initial.generation, ..Default::default() });
-        devices.push(SimDevice {
-            index,
-            inputs,
-            reports: reports_tx,
-            desired: initial,
-            guard: Guard::default(),
-            units: BTreeMap::new(),
-            last: None,
-        });
+        let (device, reports) = SimDevice::new(&cfg, index, &config, inputs);
+        devices.push(device);
         let offline = cfg.offline.filter(|o| index < o.devices);
         let stop = stop_rx.clone();
         links.spawn(device_link(config, tx, reports, offline, stop));
@@ -245,12 +184,11 @@ pub async fn run(cfg: SimConfig, shutdown: impl std::future::Future<Output = ()>
     }
     tracing::info!(devices = cfg.devices, prefix = %cfg.prefix, "simulated fleet started");
 
-    let sim_cfg = cfg.clone();
     let engine = std::thread::Builder::new().name("simulated-devices".into()).spawn(move || {
         let mut devices = devices;
         loop {
             let now = crate::runtime::now_ms();
-            devices.retain_mut(|d| d.tick(&sim_cfg, now));
+            devices.retain_mut(|d| d.step(now));
             if devices.is_empty() {
                 return;
             }

@@ -8,7 +8,9 @@
 
 pub mod archive;
 pub mod manifest;
+pub mod puller;
 pub mod registry;
+pub mod source;
 pub mod space;
 pub mod store;
 pub mod unpack;

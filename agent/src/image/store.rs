@@ -6,6 +6,10 @@
 //! layer that looks complete). `rootfs/<manifest hex>/` holds whole-image
 //! trees unpacked by agents before layers were shared; GC removes them with
 //! their image.
+//!
+//! One file although long: every function here keeps the same on-disk
+//! invariants (verified before kept, renamed into place, catalog and layer
+//! dirs in step), and a split would spread them over files that must change together.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

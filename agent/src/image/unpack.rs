@@ -24,6 +24,10 @@
 //! directories or redirects) nor `security.selinux`/`ima`/`evm` (host
 //! policy). A whiteout only hides what lower layers had: one under a path
 //! this layer made a non-directory has nothing left to hide and is skipped.
+//!
+//! One file although long (a quarter is tests): the escape rules above and
+//! both targets share one walk over the tar stream; split, rules that must
+//! hold together would live apart.
 
 use std::collections::HashSet;
 use std::fs;

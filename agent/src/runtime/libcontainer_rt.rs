@@ -247,7 +247,7 @@ impl ContainerRuntime for LibcontainerRuntime {
 
     fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         match self.state(id)? {
-            ContainerState::Running(_) => Err(RuntimeError::StillRunning(id.to_string())),
+            ContainerState::Running(_) | ContainerState::Created => Err(RuntimeError::StillRunning(id.to_string())),
             ContainerState::Missing => Err(RuntimeError::NotFound(id.to_string())),
             // A lost container may have left libcontainer state and a cgroup: cleanup removes them.
             ContainerState::Exited(_) | ContainerState::Lost => self.cleanup(id),

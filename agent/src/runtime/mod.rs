@@ -5,6 +5,7 @@
 
 pub mod devfilter;
 pub mod exec;
+pub mod fake;
 pub mod layout;
 pub mod libcontainer_rt;
 pub mod logs;
@@ -43,6 +44,10 @@ pub struct Running {
 pub enum ContainerState {
     /// Its shim is alive and the container runs.
     Running(Running),
+    /// Created, its process not started yet. The shims never report it
+    /// (their create returns once the process runs); the simulator's fake
+    /// runtime does, for the `start_ms` a simulated container takes.
+    Created,
     /// Ended; the exit status survived whatever happened to the agent.
     Exited(ExitStatus),
     /// A directory without a live shim or an exit record: the device rebooted

@@ -6,6 +6,9 @@
 //! capability set, no_new_privileges, masked and read-only /proc paths, a
 //! device allowlist, Docker's default seccomp profile (`super::seccomp`).
 //! `privileged` turns all of it off; `seccomp_unconfined` only the seccomp part.
+//!
+//! One file although long (a third is tests): it is one transformation,
+//! spec → config.json, with the host checks that refuse what it cannot express.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
