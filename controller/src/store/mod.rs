@@ -1,0 +1,318 @@
+//! Durable state in SQLite: the source of truth the controller rebuilds from
+//! after a restart. Schema changes are numbered migrations applied in order at
+//! open; `PRAGMA user_version` records how far a database has come.
+//! This file: the schema, the row types, opening, batches, backup and
+//! restore; the queries by subject in `fleet.rs` (devices, credentials,
+//! desired documents, events), `workloads.rs` (workloads, revisions,
+//! rollouts, secrets) and `access.rs` (join and API tokens).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use baton_protocol::spec::WorkloadSpec;
+use rusqlite::Connection;
+
+use crate::rollout::Rollout;
+use crate::workload::Manifest;
+
+mod access;
+mod fleet;
+mod workloads;
+
+/// Append only: never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: devices, each stored as one JSON document keyed by id.
+    "CREATE TABLE devices (
+        id TEXT PRIMARY KEY NOT NULL,
+        doc TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) STRICT;",
+    // 2: workloads (manifest and the device-side spec, as JSON), and the
+    // desired document each device was last given (its generation and workloads).
+    "CREATE TABLE workloads (
+        name TEXT PRIMARY KEY NOT NULL,
+        manifest TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE desired (
+        device TEXT PRIMARY KEY NOT NULL,
+        generation INTEGER NOT NULL,
+        workloads TEXT NOT NULL
+    ) STRICT;",
+    // 3: revision history, the revision the fleet settled on (`stable`),
+    // rollouts in progress or finished (one JSON document per workload), and
+    // the event log.
+    "CREATE TABLE revisions (
+        workload TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        spec TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (workload, revision)
+    ) STRICT;
+    ALTER TABLE workloads ADD COLUMN stable INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE rollouts (
+        workload TEXT PRIMARY KEY NOT NULL,
+        doc TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        message TEXT NOT NULL
+    ) STRICT;",
+    // 4: each device's document exactly as signed and published (so a
+    // restarted controller republishes the same bytes), and secrets: every
+    // kept version encrypted at rest (`crypto::encrypt` with the secrets key).
+    "ALTER TABLE desired ADD COLUMN payload BLOB;
+    CREATE TABLE secrets (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+    ) STRICT;",
+    // 5: per-device MQTT credentials (SHA-256 of a random password, checked
+    // by the gateway in front of the embedded broker) and revoked devices.
+    "CREATE TABLE credentials (
+        device TEXT PRIMARY KEY NOT NULL,
+        hash BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE revoked (
+        device TEXT PRIMARY KEY NOT NULL,
+        at INTEGER NOT NULL
+    ) STRICT;",
+    // 6: join tokens (SHA-256 of the secret), with expiry, uses left and the
+    // operator labels a device joining with them gets.
+    "CREATE TABLE tokens (
+        id TEXT PRIMARY KEY NOT NULL,
+        hash BLOB NOT NULL,
+        expires_at INTEGER NOT NULL,
+        uses_left INTEGER NOT NULL,
+        labels TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;",
+    // 7: operator API tokens (SHA-256 of the secret) with their role.
+    "CREATE TABLE api_tokens (
+        id TEXT PRIMARY KEY NOT NULL,
+        hash BLOB NOT NULL,
+        role TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;",
+    // 8: tenants. Everything from before belongs to the default tenant; an
+    // API token with an empty tenant is fleet-wide; an event's tenant is the
+    // one of its subject ('' for fleet-wide subjects).
+    "ALTER TABLE workloads ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE secrets ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE tokens ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE api_tokens ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
+    ALTER TABLE events ADD COLUMN tenant TEXT NOT NULL DEFAULT '';",
+];
+
+/// Versions kept per secret (revisions in history may still name older ones).
+pub const SECRET_HISTORY: i64 = 10;
+
+/// Revisions kept per workload besides the stable one and those of its rollout.
+pub const REVISION_HISTORY: usize = 10;
+/// Events kept; older ones are dropped as new ones arrive.
+const EVENT_HISTORY: i64 = 10_000;
+
+/// A stored workload: its manifest, every kept revision, the newest and the
+/// one the fleet settled on, and its last rollout.
+#[derive(Debug, Clone)]
+pub struct StoredWorkload {
+    pub tenant: String,
+    pub manifest: Manifest,
+    pub revisions: BTreeMap<u64, WorkloadSpec>,
+    pub latest: u64,
+    pub stable: u64,
+    pub rollout: Option<Rollout>,
+}
+
+/// An operator API token as stored (its secret only as a hash).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ApiToken {
+    pub id: String,
+    pub role: crate::view::Role,
+    pub name: String,
+    pub created_at: u64,
+    /// The tenant it acts for; `None`: fleet-wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+/// A join token as stored (its secret only as a hash).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredToken {
+    pub id: String,
+    pub expires_at: u64,
+    pub uses_left: u32,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: u64,
+    /// The tenant a device joining with it belongs to.
+    #[serde(default = "crate::tenant::default_tenant")]
+    pub tenant: String,
+}
+
+/// A secret's latest version, as listed (never its value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSecret {
+    pub name: String,
+    pub version: u64,
+    pub updated_at: u64,
+    pub tenant: String,
+}
+
+/// A device's last published document as stored.
+#[derive(Debug, Clone)]
+pub struct StoredDesired {
+    pub generation: u64,
+    pub workloads: Vec<WorkloadSpec>,
+    pub payload: Option<Vec<u8>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open { path: String, source: rusqlite::Error },
+    #[error(
+        "database {path} has schema version {found}, newer than this controller's {known}; upgrade the controller"
+    )]
+    TooNew { path: String, found: usize, known: usize },
+    #[error("database: {0}")]
+    Sql(rusqlite::Error),
+    #[error("the controller's data disk is full: nothing of this was stored (free space on it and retry)")]
+    Full,
+    #[error("backup through {path}: {source}")]
+    Backup { path: String, source: std::io::Error },
+    #[error("stored device {id} is unreadable: {source}")]
+    Corrupt { id: String, source: serde_json::Error },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full,
+            _ => StoreError::Sql(e),
+        }
+    }
+}
+
+/// Writes that land together or not at all: dropped without `commit`, none of them did.
+pub struct Batch<'a>(rusqlite::Transaction<'a>);
+
+impl Batch<'_> {
+    pub fn commit(self) -> Result<(), StoreError> {
+        Ok(self.0.commit()?)
+    }
+}
+
+pub struct Store {
+    conn: Connection,
+    /// The database file (backups are written beside it first).
+    path: std::path::PathBuf,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open { path: path.display().to_string(), source };
+        let conn = Connection::open(path).map_err(open_err)?;
+        // WAL: readers never block the ingest writer; NORMAL is durable across
+        // process crashes, and at worst loses the last commit on power loss.
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        let mut store = Self { conn, path: path.to_path_buf() };
+        store.migrate(path)?;
+        Ok(store)
+    }
+
+    /// Starts writes that must all land or none: every write through this
+    /// store until the batch is committed belongs to it.
+    pub fn batch(&self) -> Result<Batch<'_>, StoreError> {
+        Ok(Batch(self.conn.unchecked_transaction()?))
+    }
+
+    /// A consistent copy of the whole database, taken while it serves
+    /// (SQLite's `VACUUM INTO`: one read transaction, so no half-done apply is
+    /// in it). Restoring it is copying it over `baton.db` of a stopped controller.
+    pub fn backup(&self) -> Result<Vec<u8>, StoreError> {
+        let copy = self.path.with_extension(format!("backup-{}", std::process::id()));
+        let _ = std::fs::remove_file(&copy);
+        let io = |source: std::io::Error| StoreError::Backup { path: copy.display().to_string(), source };
+        let taken = self.conn.execute("VACUUM INTO ?1", [copy.display().to_string()]);
+        let bytes = taken.map_err(StoreError::from).and_then(|_| std::fs::read(&copy).map_err(io));
+        let _ = std::fs::remove_file(&copy);
+        bytes
+    }
+
+    /// Puts a backup in place of the database at `db` (the controller
+    /// stopped: hold its `DataDirLock`). The backup is checked first by opening
+    /// a copy as a store (an older schema is migrated, a newer one refused);
+    /// the write-ahead log of the database it replaces is removed with it, or
+    /// SQLite would replay it onto the restored file.
+    pub fn restore(backup: &Path, db: &Path) -> Result<(), StoreError> {
+        let staged = db.with_extension("restoring");
+        let io = |source: std::io::Error| StoreError::Backup { path: staged.display().to_string(), source };
+        std::fs::copy(backup, &staged).map_err(io)?;
+        if let Err(e) = Store::open(&staged) {
+            let _ = std::fs::remove_file(&staged);
+            return Err(e);
+        }
+        for suffix in ["-wal", "-shm"] {
+            let mut side = db.as_os_str().to_owned();
+            side.push(suffix);
+            match std::fs::remove_file(&side) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                _ => {}
+            }
+        }
+        std::fs::rename(&staged, db).map_err(io)
+    }
+
+    pub fn schema_version(&self) -> Result<usize, StoreError> {
+        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize)
+    }
+
+    fn migrate(&mut self, path: &Path) -> Result<(), StoreError> {
+        let found = self.schema_version()?;
+        if found > MIGRATIONS.len() {
+            return Err(StoreError::TooNew { path: path.display().to_string(), found, known: MIGRATIONS.len() });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+            tracing::info!(version = i + 1, "applied store migration");
+        }
+        Ok(())
+    }
+
+    fn json<T: serde::Serialize>(id: &str, v: &T) -> Result<String, StoreError> {
+        serde_json::to_string(v).map_err(|source| StoreError::Corrupt { id: id.into(), source })
+    }
+
+    /// The secret called `name` (every secret when `None`), latest versions.
+    fn secrets_named(&self, name: Option<&str>) -> Result<Vec<StoredSecret>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT name, MAX(version), MAX(created_at), MAX(tenant) FROM secrets WHERE ?1 IS NULL OR name = ?1
+             GROUP BY name ORDER BY name",
+        )?;
+        let rows = stmt.query_map([name], |r| {
+            Ok(StoredSecret {
+                name: r.get(0)?,
+                version: r.get::<_, i64>(1)? as u64,
+                updated_at: r.get::<_, i64>(2)? as u64,
+                tenant: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests;
