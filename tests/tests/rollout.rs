@@ -1,6 +1,6 @@
 //! Fleet rollouts and scheduling against simulated fleets (`baton-agent
-//! simulate`: the real MQTT link, reconcile planner and rollback guard, fake
-//! containers) and one real device: wave gating, the failure threshold and
+//! simulate`: the real MQTT link and the real engine step — reconcile,
+//! supervisor, rollback guard — on a fake container runtime) and one real device: wave gating, the failure threshold and
 //! automatic rollback, pause/resume/abort/undo, a controller restart in the
 //! middle, replicas moved only after the grace period, device-level rollback
 //! of real containers.

@@ -312,8 +312,11 @@ pub fn parse_label_changes(args: &[String]) -> anyhow::Result<LabelChange> {
     Ok(change)
 }
 
+/// Two async workers; controller operations go to the blocking pool, where
+/// they serialise on the controller's locks anyway: a few threads suffice,
+/// and each one more costs memory (a stack, and a malloc arena).
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(4).enable_all().build()
 }
 
 pub async fn shutdown_signal() {

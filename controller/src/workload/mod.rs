@@ -1,4 +1,5 @@
-//! Workload manifests: YAML as operators write it → validated `WorkloadSpec`s.
+//! Workload manifests: YAML as operators write it (Baton manifests, or
+//! Compose files through `compose`) → validated `WorkloadSpec`s.
 //! Pure. Every error names the file, the document and the field path, and a
 //! file with any bad document yields no workloads at all.
 //!
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 use baton_protocol::spec::WorkloadSpec;
 use serde::{Deserialize, Serialize};
 
+mod compose;
 mod validate;
 
 pub use validate::{strategy, validate, FieldError};
@@ -282,6 +284,18 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Validated>, ManifestError> {
         let value = serde_yaml::Value::deserialize(doc).map_err(|e| err(file, n, "(yaml)", e.to_string()))?;
         if value.is_null() {
             continue; // an empty document (a trailing `---`)
+        }
+        if compose::is_compose(&value) {
+            let manifests = compose::manifests(&value).map_err(|e| err(file, n, &e.field, e.message))?;
+            for manifest in manifests {
+                let at = format!("services.{}", manifest.name);
+                let spec = validate(&manifest).map_err(|e| err(file, n, &format!("{at}: {}", e.field), e.message))?;
+                if out.iter().any(|v: &Validated| v.manifest.name == manifest.name) {
+                    return Err(err(file, n, &at, format!("{:?} is defined twice", manifest.name)));
+                }
+                out.push(Validated { manifest, spec });
+            }
+            continue;
         }
         let manifest: Manifest =
             serde_yaml::from_value(value).map_err(|e| err(file, n, &field_of(&e.to_string()), e.to_string()))?;
