@@ -233,7 +233,7 @@ impl AgentConfig {
             .as_deref()
             .map(str::parse::<crate::join::Token>)
             .transpose()
-            .map_err(|e| invalid("join_token", false, e))?;
+            .map_err(|e| invalid("join_token", false, e.to_string()))?;
         let mut registry_ca = BTreeMap::new();
         for (host, path) in &file.registry_ca {
             let pem = std::fs::read(path)

@@ -19,41 +19,8 @@ pub fn password_path(data_dir: &Path) -> PathBuf {
     data_dir.join("state").join("mqtt.pw")
 }
 
-/// A parsed join token.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token {
-    pub id: String,
-    pub secret: String,
-    pub controller_key: [u8; 32],
-}
-
-/// The secret stays out of logs and error messages.
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Token({}, secret hidden)", self.id)
-    }
-}
-
-impl std::str::FromStr for Token {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || "not a Baton join token (expected baton1.<id>.<secret>.<key>, from `baton token create`)".to_string();
-        let mut parts = s.trim().split('.');
-        let (Some("baton1"), Some(id), Some(secret), Some(key), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(bad());
-        };
-        let hex = |t: &str, n: usize| t.len() == n && t.bytes().all(|b| b.is_ascii_hexdigit());
-        if !hex(id, 16) || !hex(secret, 64) {
-            return Err(bad());
-        }
-        let controller_key = crypto::parse_key(key).map_err(|_| bad())?;
-        Ok(Token { id: id.into(), secret: secret.into(), controller_key })
-    }
-}
+/// A parsed join token (the format is the protocol's).
+pub use baton_protocol::token::JoinToken as Token;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -82,7 +49,7 @@ pub async fn join(config: &AgentConfig, token: &Token, timeout: Duration) -> Res
     let mut opts = MqttOptions::new(id.as_str(), config.broker.host.clone(), config.broker.port);
     opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
-        .set_credentials(format!("join:{}", token.id), token.secret.clone());
+        .set_credentials(baton_protocol::token::join_username(&token.id), token.secret.clone());
     // Over TLS, the gateway must prove it holds the key the token names.
     opts.set_transport(
         crate::tls::transport(&config.broker, &[token.controller_key], config.mqtt_ca_file.as_deref())
@@ -137,27 +104,4 @@ pub async fn join(config: &AgentConfig, token: &Token, timeout: Duration) -> Res
     let pin = format!("ed25519:{}\n", crypto::hex(&token.controller_key));
     crate::runtime::layout::write_atomic(&crate::trust::pinned_key_path(&config.data_dir), pin.as_bytes())?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_parse_strictly() {
-        let key = crypto::hex(&[7; 32]);
-        let good = format!("baton1.{}.{}.{key}", "ab".repeat(8), "cd".repeat(32));
-        let t: Token = good.parse().unwrap();
-        assert_eq!((t.id.len(), t.secret.len(), t.controller_key), (16, 64, [7; 32]));
-        for bad in [
-            String::new(),
-            good.replace("baton1", "baton2"),
-            format!("{good}.x"),
-            format!("baton1.{}.{}.{key}", "zz".repeat(8), "cd".repeat(32)),
-            format!("baton1.{}.{}.{key}", "ab".repeat(8), "cd".repeat(31)),
-            format!("baton1.{}.{}.abc", "ab".repeat(8), "cd".repeat(32)),
-        ] {
-            assert!(bad.parse::<Token>().is_err(), "{bad}");
-        }
-    }
 }

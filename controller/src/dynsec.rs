@@ -86,13 +86,15 @@ pub fn remove_device(device: &str) -> Vec<u8> {
 
 /// The account a device joins with: username `join:<token id>`, the token's secret.
 pub fn join_token(id: &str, secret: &str) -> Vec<u8> {
-    batch(vec![json!({"command": "createClient", "username": format!("join:{id}"), "password": secret,
-                      "roles": [{"rolename": JOIN_ROLE, "priority": 0}]})])
+    batch(vec![
+        json!({"command": "createClient", "username": baton_protocol::token::join_username(id), "password": secret,
+                      "roles": [{"rolename": JOIN_ROLE, "priority": 0}]}),
+    ])
 }
 
 /// A token deleted, used up or expired: its account goes.
 pub fn remove_join(id: &str) -> Vec<u8> {
-    let username = format!("join:{id}");
+    let username = baton_protocol::token::join_username(id);
     batch(vec![
         json!({"command": "disableClient", "username": username}),
         json!({"command": "deleteClient", "username": username}),

@@ -13,6 +13,7 @@ pub mod message;
 pub mod name;
 pub mod samples;
 pub mod spec;
+pub mod token;
 pub mod topic;
 pub mod wire;
 

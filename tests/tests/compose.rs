@@ -85,7 +85,9 @@ volumes:
     wait_for("db healthy (its healthcheck is the readiness probe)", Duration::from_secs(60), || {
         describe(&server, "db").filter(|w| w.healthy() == 1).map(|_| ())
     });
-    wait_for("web running", Duration::from_secs(60), || describe(&server, "web").filter(|w| w.running() == 1).map(|_| ()));
+    wait_for("web running", Duration::from_secs(60), || {
+        describe(&server, "web").filter(|w| w.running() == 1).map(|_| ())
+    });
 
     // `$$ROLE` is Compose's escape for a literal `$`: the shell in the container expands it.
     let role = wait_for("db wrote its role into the named volume", Duration::from_secs(30), || {
@@ -99,7 +101,10 @@ volumes:
     // The tmpfs is a tmpfs, and depends_on made db a service web uses.
     let mounts = exec(&server, "web", "grep ' /www ' /proc/mounts").expect("mounts");
     assert!(mounts.contains("tmpfs"), "{mounts}");
-    assert_eq!(exec(&server, "web", "test -e /run/baton/services/db && echo yes").as_deref().map(str::trim), Some("yes"));
+    assert_eq!(
+        exec(&server, "web", "test -e /run/baton/services/db && echo yes").as_deref().map(str::trim),
+        Some("yes")
+    );
 
     // The named volume outlives a new revision: a changed environment restarts db, the data stays.
     let edited = std::fs::read_to_string(&compose).expect("read").replace("ROLE: primary", "ROLE: replica");

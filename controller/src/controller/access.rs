@@ -177,7 +177,8 @@ impl Controller {
         self.event(&store, &t.tenant, "token", &id, format!("created: {uses} use(s), expires in {ttl_s} s"), now);
         drop(store);
         self.dynsec_send(|| crate::dynsec::join_token(&id, &secret));
-        Ok((format!("baton1.{id}.{secret}.{}", crypto::hex(&self.keys.signing.public())), t.into()))
+        let token = baton_protocol::token::JoinToken { id, secret, controller_key: self.keys.signing.public() };
+        Ok((token.to_string(), t.into()))
     }
 
     pub fn tokens(&self, scope: &Scope) -> Result<Vec<JoinTokenView>, OpError> {

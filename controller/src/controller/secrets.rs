@@ -7,6 +7,8 @@ use baton_protocol::crypto;
 use baton_protocol::spec::{File, WorkloadSpec};
 
 use crate::fleet::Millis;
+use baton_protocol::token::SecretRef;
+
 use crate::store::Store;
 use crate::tenant::Scope;
 use crate::view::SecretView;
@@ -16,7 +18,7 @@ use super::{lock, Controller, OpError, SealCache};
 
 /// The contents a secret file has in a revision: which secret, which version.
 pub fn secret_reference(name: &str, version: u64) -> Vec<u8> {
-    format!("baton-secret:{name}:{version}").into_bytes()
+    SecretRef { name: name.to_string(), version }.to_bytes()
 }
 
 /// Binds a stored secret ciphertext to its name and version.
@@ -24,10 +26,8 @@ pub(super) fn secret_aad(name: &str, version: u64) -> Vec<u8> {
     format!("baton secret {name} v{version}").into_bytes()
 }
 
-pub(super) fn parse_secret_reference(contents: &[u8]) -> Option<(&str, u64)> {
-    let text = std::str::from_utf8(contents).ok()?.strip_prefix("baton-secret:")?;
-    let (name, version) = text.rsplit_once(':')?;
-    Some((name, version.parse().ok()?))
+pub(super) fn parse_secret_reference(contents: &[u8]) -> Option<(String, u64)> {
+    SecretRef::parse(contents).map(|r| (r.name, r.version))
 }
 
 impl Controller {
@@ -194,7 +194,7 @@ impl Controller {
     ) -> Result<Vec<u8>, String> {
         let (name, version) =
             parse_secret_reference(&file.contents).ok_or_else(|| "malformed secret reference".to_string())?;
-        let value = self.secret_value(store, name, version)?;
+        let value = self.secret_value(store, &name, version)?;
         crypto::seal(key, &crypto::secret_context(device, workload, &file.path), &value).map_err(|e| e.to_string())
     }
 

@@ -12,7 +12,7 @@ impl Authority for Controller {
     /// token's secret as password.
     fn authenticate(&self, c: &Connect) -> Result<Identity, u8> {
         let (Some(user), Some(password)) = (&c.username, &c.password) else { return Err(NOT_AUTHORIZED) };
-        if let Some(token) = user.strip_prefix("join:") {
+        if let Some(token) = baton_protocol::token::join_token_id(user) {
             let id = DeviceId::new(c.client_id.clone()).map_err(|_| NOT_AUTHORIZED)?;
             return match self.valid_token(token, password, now_ms()) {
                 Ok(_) => Ok(Identity::Joining(id)),

@@ -14,9 +14,7 @@ use std::collections::BTreeMap;
 use serde_yaml::{Mapping, Value};
 
 use super::validate::FieldError;
-use super::{
-    FileManifest, HttpProbe, Manifest, NetworkName, PortManifest, ProbeManifest, RestartName, VolumeManifest,
-};
+use super::{FileManifest, HttpProbe, Manifest, NetworkName, PortManifest, ProbeManifest, RestartName, VolumeManifest};
 
 type Checked<T> = Result<T, FieldError>;
 
@@ -376,9 +374,10 @@ fn restart(v: &Value, field: &str) -> Checked<RestartName> {
         "no" => Ok(RestartName::Never),
         "always" | "unless-stopped" => Ok(RestartName::Always),
         "on-failure" => Ok(RestartName::OnFailure),
-        other if other.starts_with("on-failure:") => {
-            bad(field, format!("{other:?}: Baton retries failures with a capped backoff, without a count; write on-failure"))
-        }
+        other if other.starts_with("on-failure:") => bad(
+            field,
+            format!("{other:?}: Baton retries failures with a capped backoff, without a count; write on-failure"),
+        ),
         other => bad(field, format!("{other:?}: use no, always, unless-stopped or on-failure")),
     }
 }
@@ -399,7 +398,9 @@ fn ports(v: &Value, field: &str) -> Checked<Vec<PortManifest>> {
                         return bad(format!("{at}.{k}"), format!("{k:?} is not supported for ports"));
                     }
                 }
-                let target = m.get("target").map_or_else(|| bad(format!("{at}.target"), "the container port"), |t| scalar(t, &at))?;
+                let target = m
+                    .get("target")
+                    .map_or_else(|| bad(format!("{at}.target"), "the container port"), |t| scalar(t, &at))?;
                 let published = m.get("published").map(|p| scalar(p, &at)).transpose()?;
                 let protocol = m.get("protocol").map(|p| string(p, &at)).transpose()?;
                 (target, published, protocol)
@@ -459,8 +460,10 @@ fn volumes(v: &Value, field: &str, named: &[String]) -> Checked<Vec<VolumeManife
                 }
                 let get = |k: &str| m.get(k).map(|v| string(v, &format!("{at}.{k}"))).transpose();
                 let kind = get("type")?.unwrap_or_else(|| "volume".into());
-                let target = get("target")?.map_or_else(|| bad(format!("{at}.target"), "the path in the container"), Ok)?;
-                let read_only = m.get("read_only").map(|v| boolean(v, &format!("{at}.read_only"))).transpose()?.unwrap_or(false);
+                let target =
+                    get("target")?.map_or_else(|| bad(format!("{at}.target"), "the path in the container"), Ok)?;
+                let read_only =
+                    m.get("read_only").map(|v| boolean(v, &format!("{at}.read_only"))).transpose()?.unwrap_or(false);
                 if kind == "tmpfs" {
                     let size = m
                         .get("tmpfs")
@@ -468,7 +471,13 @@ fn volumes(v: &Value, field: &str, named: &[String]) -> Checked<Vec<VolumeManife
                         .map(|s| scalar(s, &format!("{at}.tmpfs.size")).map(|s| compose_bytes(&s)))
                         .transpose()?
                         .unwrap_or_else(|| DEFAULT_TMPFS.into());
-                    out.push(VolumeManifest { path: target, name: None, host_path: None, tmpfs: Some(size), read_only });
+                    out.push(VolumeManifest {
+                        path: target,
+                        name: None,
+                        host_path: None,
+                        tmpfs: Some(size),
+                        read_only,
+                    });
                     continue;
                 }
                 (kind, get("source")?, target, read_only)
@@ -539,7 +548,13 @@ fn tmpfs(v: &Value, field: &str) -> Checked<Vec<VolumeManifest>> {
                 _ => return bad(format!("{field}[{i}]"), format!("{opt:?}: only size= is supported")),
             }
         }
-        out.push(VolumeManifest { path: path.to_string(), name: None, host_path: None, tmpfs: Some(size), read_only: false });
+        out.push(VolumeManifest {
+            path: path.to_string(),
+            name: None,
+            host_path: None,
+            tmpfs: Some(size),
+            read_only: false,
+        });
     }
     Ok(out)
 }
@@ -552,7 +567,9 @@ fn devices(v: &Value, field: &str) -> Checked<Vec<String>> {
         let host = match parts.as_slice() {
             [host] => *host,
             [host, container] | [host, container, _] if host == container => *host,
-            _ => return bad(format!("{field}[{i}]"), format!("{d:?}: a device appears at its own path (/dev/x:/dev/x)")),
+            _ => {
+                return bad(format!("{field}[{i}]"), format!("{d:?}: a device appears at its own path (/dev/x:/dev/x)"))
+            }
         };
         out.push(host.to_string());
     }
@@ -691,7 +708,9 @@ fn health(v: &Value, field: &str) -> Checked<Option<ProbeManifest>> {
                     val.as_u64().and_then(|n| u32::try_from(n).ok()).map_or_else(|| bad(&at, "a number"), Ok)?
             }
             "disable" => {}
-            other => return bad(at, format!("{other:?}: a healthcheck has test, interval, timeout, retries, start_period")),
+            other => {
+                return bad(at, format!("{other:?}: a healthcheck has test, interval, timeout, retries, start_period"))
+            }
         }
     }
     if p.exec.is_none() {
@@ -835,10 +854,10 @@ volumes:
         assert_eq!((r.interval, r.timeout, r.failure_threshold, r.initial_delay), (10, 5, 5, 60));
         assert_eq!(web.command, ["/app/web"]);
         assert_eq!(web.args, ["--port", "8080", "--db", "host=db user=postgres"]);
-        assert_eq!(web.ports.iter().map(|p| (p.port, p.protocol.clone())).collect::<Vec<_>>(), [
-            (8080, None),
-            (9090, Some("udp".into()))
-        ]);
+        assert_eq!(
+            web.ports.iter().map(|p| (p.port, p.protocol.clone())).collect::<Vec<_>>(),
+            [(8080, None), (9090, Some("udp".into()))]
+        );
         assert_eq!(web.env["MODE"], "production");
         assert_eq!(web.env["EMPTY"], "");
         assert_eq!(web.uses, ["db"]);
@@ -878,7 +897,11 @@ volumes:
             ("services: {a: {image: x, container_name: c}}", "services.a.container_name", "after its service"),
             ("services: {a: {image: x, stop_signal: SIGINT}}", "services.a.stop_signal", "not supported"),
             ("services: {a: {image: x, deploy: {placement: {}}}}", "services.a.deploy.placement", "x-baton"),
-            ("services: {a: {image: x, deploy: {resources: {reservations: {}}}}}", "services.a.deploy.resources.reservations", "limits"),
+            (
+                "services: {a: {image: x, deploy: {resources: {reservations: {}}}}}",
+                "services.a.deploy.resources.reservations",
+                "limits",
+            ),
             ("services: {a: {image: x, devices: ['/dev/a:/dev/b']}}", "services.a.devices[0]", "own path"),
             ("services: {a: {image: x, healthcheck: {test: [CMD]}}}", "services.a.healthcheck.test", "CMD"),
             ("services: {a: {image: x, x-baton: {bogus: 1}}}", "services.a.x-baton.bogus", "not a Baton setting"),

@@ -116,7 +116,7 @@ pub struct SecretManifest {
 /// What a secret file holds in a revision before the controller pins the
 /// version: the secret's name and version 0.
 pub fn unversioned_secret(name: &str) -> Vec<u8> {
-    format!("baton-secret:{name}:0").into_bytes()
+    baton_protocol::token::SecretRef { name: name.to_string(), version: 0 }.to_bytes()
 }
 
 /// What one workload's files may weigh in all (they travel in desired documents).
