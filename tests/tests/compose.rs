@@ -1,6 +1,6 @@
 //! Compose files applied as they are: `baton apply -f docker-compose.yml`
 //! runs each service as a workload on a real device (busybox containers):
-//! environment, a named volume, a tmpfs, a health check as readiness,
+//! environment (and an env file read by the CLI), a named volume, a tmpfs, a health check as readiness,
 //! `depends_on` as service discovery, a published port reached from the
 //! host; a key outside the subset is refused by name and stores nothing.
 //! Root only (CI is root).
@@ -62,9 +62,10 @@ services:
   web:
     image: busybox:compose
     entrypoint: ["/bin/sh", "-c"]
-    command: ["echo \"$$GREETING from web\" > /www/index.html; exec httpd -f -p {port} -h /www"]
+    command: ["echo \"$$GREETING $$SUFFIX\" > /www/index.html; exec httpd -f -p {port} -h /www"]
+    env_file: web.env
     environment:
-      - GREETING=hello
+      - SUFFIX=from web
     ports:
       - "{port}:{port}"
     tmpfs:
@@ -78,6 +79,8 @@ volumes:
         ),
     )
     .expect("compose file");
+    // Read where `baton apply` runs, as Compose reads it where it runs.
+    std::fs::write(world.path().join("web.env"), "# greeting\nGREETING=hello\n").expect("env file");
     let (ok, out, err) = baton_cli(&server, &["apply", "-f", compose.to_str().expect("utf-8")]);
     assert!(ok, "{err}");
     assert!(out.contains("workload/db created") && out.contains("workload/web created"), "{out}");

@@ -287,7 +287,15 @@ fn read_manifests(paths: &[PathBuf]) -> anyhow::Result<Vec<crate::view::Manifest
         };
         batch.sort();
         for p in batch {
-            let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            let mut text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            // Compose reads env files where it runs; so does the CLI.
+            let dir = p.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| e.to_string());
+            if let Some(inlined) = crate::workload::compose::inline_env_files(&text, read)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+            {
+                text = inlined;
+            }
             files.push(crate::view::ManifestFile { name: p.display().to_string(), text });
         }
     }

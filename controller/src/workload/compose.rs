@@ -132,6 +132,95 @@ pub fn interpolate(s: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// Compose reads `env_file`s where it runs; so does `baton apply`: this
+/// inlines each service's env files into its `environment` (which wins over
+/// them, as in Compose; a later file over an earlier one). `read` gets each
+/// path as written (the CLI resolves it against the Compose file's
+/// directory). None when the text is not a Compose file with env files.
+pub fn inline_env_files(text: &str, read: impl Fn(&str) -> Result<String, String>) -> Result<Option<String>, String> {
+    let Ok(mut doc) = serde_yaml::from_str::<Value>(text) else { return Ok(None) };
+    if !is_compose(&doc) {
+        return Ok(None);
+    }
+    let Some(services) = doc.get_mut("services").and_then(Value::as_mapping_mut) else { return Ok(None) };
+    let mut changed = false;
+    for (name, svc) in services.iter_mut() {
+        let name = name.as_str().unwrap_or("?").to_string();
+        let Some(svc) = svc.as_mapping_mut() else { continue };
+        let Some(files) = svc.remove("env_file") else { continue };
+        changed = true;
+        let paths: Vec<String> = match files {
+            Value::String(p) => vec![p],
+            Value::Sequence(seq) => seq
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(p) => Ok(p),
+                    Value::Mapping(m) => match m.get("path").and_then(Value::as_str) {
+                        Some(p) => Ok(p.to_string()),
+                        None => Err(format!("services.{name}.env_file: an entry without a path")),
+                    },
+                    _ => Err(format!("services.{name}.env_file: a path or a list of paths")),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err(format!("services.{name}.env_file: a path or a list of paths")),
+        };
+        let mut env = Mapping::new();
+        for path in &paths {
+            let text = read(path).map_err(|e| format!("services.{name}.env_file: {path}: {e}"))?;
+            for (k, v) in parse_env_file(&text).map_err(|e| format!("services.{name}.env_file: {path}: {e}"))? {
+                env.insert(Value::String(k), Value::String(v));
+            }
+        }
+        // What `environment` says wins.
+        match svc.get("environment") {
+            None | Some(Value::Null) => {}
+            Some(Value::Mapping(m)) => {
+                for (k, v) in m {
+                    env.insert(k.clone(), v.clone());
+                }
+            }
+            Some(Value::Sequence(seq)) => {
+                for item in seq {
+                    let Some(s) = item.as_str() else { continue };
+                    match s.split_once('=') {
+                        Some((k, v)) => env.insert(Value::String(k.into()), Value::String(v.into())),
+                        None => env.insert(Value::String(s.into()), Value::Null),
+                    };
+                }
+            }
+            Some(_) => return Err(format!("services.{name}.environment: a mapping or a list of KEY=VALUE")),
+        }
+        svc.insert(Value::String("environment".into()), Value::Mapping(env));
+    }
+    if !changed {
+        return Ok(None);
+    }
+    serde_yaml::to_string(&doc).map(Some).map_err(|e| e.to_string())
+}
+
+/// An env file: `KEY=VALUE` lines (an optional `export `, values optionally
+/// in single or double quotes), blank lines and `#` comments.
+pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(format!("line {}: {line:?} takes its value from the shell; write KEY=VALUE", i + 1));
+        };
+        let v = v.trim();
+        let v = match (v.chars().next(), v.chars().last()) {
+            (Some('"'), Some('"')) | (Some('\''), Some('\'')) if v.len() >= 2 => &v[1..v.len() - 1],
+            _ => v,
+        };
+        out.push((k.trim().to_string(), v.to_string()));
+    }
+    Ok(out)
+}
+
 fn key_str<'v>(k: &'v Value, at: &str) -> Checked<&'v str> {
     k.as_str().map_or_else(|| bad(at, format!("{k:?}: keys are strings")), Ok)
 }
@@ -176,7 +265,7 @@ fn service(name: &str, svc: &Value, named_volumes: &[String]) -> Checked<Manifes
             "env_file" => {
                 return bad(
                     field,
-                    "env files are read where Compose runs, not on devices: put the variables under environment:",
+                    "env files are read where `baton apply` runs (it inlines them): apply the file with the CLI, or put the variables under environment:",
                 )
             }
             "working_dir" => m.working_dir = Some(string(v, &field)?),
@@ -930,6 +1019,28 @@ volumes:
         }
         assert!(split_words("'open").is_err());
         assert!(split_words("\"open").is_err());
+    }
+
+    #[test]
+    fn env_files_are_inlined_under_environment() {
+        let text = "services:\n  web:\n    image: x\n    env_file: [a.env, {path: b.env}]\n    environment: {WINS: compose}\n  db:\n    image: y\n";
+        let read = |p: &str| match p {
+            "a.env" => Ok("# comment\nA=1\nexport B='two words'\nWINS=file\n\n".to_string()),
+            "b.env" => Ok("A=\"overridden\"\n".to_string()),
+            other => Err(format!("no {other}")),
+        };
+        let inlined = inline_env_files(text, read).expect("inlined").expect("had env files");
+        let ms = compose(&inlined).expect("valid");
+        let env = &ms.iter().find(|m| m.name == "web").expect("web").env;
+        assert_eq!(env.get("A").map(String::as_str), Some("overridden"));
+        assert_eq!(env.get("B").map(String::as_str), Some("two words"));
+        assert_eq!(env.get("WINS").map(String::as_str), Some("compose"), "environment wins");
+        assert_eq!(inline_env_files("services: {a: {image: x}}", read), Ok(None), "nothing to inline");
+        assert_eq!(inline_env_files("name: a\nimage: x\n", read), Ok(None), "not Compose");
+        let missing = inline_env_files("services: {a: {image: x, env_file: c.env}}", read).unwrap_err();
+        assert!(missing.contains("services.a.env_file: c.env: no c.env"), "{missing}");
+        let shell = parse_env_file("HOME\n").unwrap_err();
+        assert!(shell.contains("line 1") && shell.contains("KEY=VALUE"), "{shell}");
     }
 
     #[test]

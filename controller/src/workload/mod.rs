@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use baton_protocol::spec::WorkloadSpec;
 use serde::{Deserialize, Serialize};
 
-mod compose;
+pub mod compose;
 mod validate;
 
 pub use validate::{strategy, validate, FieldError};
