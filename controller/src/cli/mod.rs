@@ -296,6 +296,11 @@ fn read_manifests(paths: &[PathBuf]) -> anyhow::Result<Vec<crate::view::Manifest
             {
                 text = inlined;
             }
+            for warning in crate::workload::compose::unread_variables(&text, dir.join(".env").exists(), |v| {
+                std::env::var_os(v).is_some()
+            }) {
+                eprintln!("baton: warning: {}: {warning}", p.display());
+            }
             files.push(crate::view::ManifestFile { name: p.display().to_string(), text });
         }
     }

@@ -31,6 +31,8 @@ pub fn is_compose(doc: &Value) -> bool {
 /// The manifests of every service of a Compose document, in file order.
 pub fn manifests(doc: &Value) -> Checked<Vec<Manifest>> {
     let mut doc = doc.clone();
+    // YAML merge keys (`<<: *common`), which real Compose files use for shared settings.
+    doc.apply_merge().map_err(|e| FieldError { field: "(document)".into(), message: e.to_string() })?;
     interpolate_all(&mut doc, "")?;
     let Some(top) = doc.as_mapping() else { return bad("(document)", "a Compose file is a mapping") };
     let mut named_volumes: Vec<String> = Vec::new();
@@ -53,6 +55,12 @@ pub fn manifests(doc: &Value) -> Checked<Vec<Manifest>> {
                     "Baton runs containers on the device's own network (no bridge networks); remove networks",
                 )
             }
+            "name" => {
+                return bad(
+                    "name",
+                    "Baton has no projects: each service is a workload named after it, fleet-wide (two projects must not share a service name); remove name",
+                )
+            }
             k if k.starts_with("x-") => {}
             other => return bad(other, format!("{other:?} is not supported in Baton's Compose subset")),
         }
@@ -60,13 +68,35 @@ pub fn manifests(doc: &Value) -> Checked<Vec<Manifest>> {
     let Some(services) = top.get("services").and_then(Value::as_mapping) else {
         return bad("services", "a mapping of service name → service");
     };
-    let mut out = Vec::new();
+    let mut out: Vec<Manifest> = Vec::new();
     for (name, svc) in services {
         let name = key_str(name, "services")?;
         out.push(service(name, svc, &named_volumes)?);
     }
     if out.is_empty() {
         return bad("services", "no services");
+    }
+    for m in &out {
+        if let Some(d) = m.uses.iter().find(|d| !out.iter().any(|o| &o.name == *d)) {
+            return bad(format!("services.{}.depends_on", m.name), format!("{d:?} is not a service of this file"));
+        }
+        // Containers share their device's network: two services publishing
+        // one port would fight over it wherever they meet.
+        for p in &m.ports {
+            if let Some(o) = out
+                .iter()
+                .take_while(|o| o.name != m.name)
+                .find(|o| o.ports.iter().any(|q| q.port == p.port && q.protocol == p.protocol))
+            {
+                return bad(
+                    format!("services.{}.ports", m.name),
+                    format!(
+                        "port {} is published by {} too; on a device's network only one container can have it",
+                        p.port, o.name
+                    ),
+                );
+            }
+        }
     }
     Ok(out)
 }
@@ -105,17 +135,8 @@ pub fn interpolate(s: &str) -> Result<String, String> {
             out.push('$');
             rest = r;
         } else if let Some(r) = rest.strip_prefix('{') {
-            let end = r.find('}').ok_or_else(|| format!("{s:?}: unterminated ${{"))?;
-            let expr = &r[..end];
-            let default = expr.split_once(":-").or_else(|| expr.split_once('-')).map(|(_, d)| d);
-            match default {
-                Some(d) => out.push_str(d),
-                None => {
-                    return Err(format!(
-                        "${{{expr}}} is read from the shell where Compose runs, which Baton does not have: write the value, or ${{{expr}:-DEFAULT}}"
-                    ))
-                }
-            }
+            let end = matching_brace(r).ok_or_else(|| format!("{s:?}: unterminated ${{"))?;
+            out.push_str(&unset_variable(&r[..end])?);
             rest = &r[end + 1..];
         } else {
             let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
@@ -130,6 +151,45 @@ pub fn interpolate(s: &str) -> Result<String, String> {
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Where the `}` closing a `${` is (defaults may hold `${…}` themselves).
+fn matching_brace(r: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, c) in r.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => return Some(i),
+            '}' => depth -= 1,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// What `${expr}` is with its variable unset, as it always is here: the
+/// default of `:-` / `-`, nothing for `:+` / `+`, a refusal for `:?` / `?`
+/// and for a bare variable.
+fn unset_variable(expr: &str) -> Result<String, String> {
+    let len = expr.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(expr.len());
+    let (name, op) = expr.split_at(len);
+    if name.is_empty() {
+        return Err(format!("${{{expr}}}: expected ${{NAME}}, ${{NAME:-DEFAULT}} or $$"));
+    }
+    let shell = "is read from the shell where Compose runs, which Baton does not have";
+    if op.is_empty() {
+        return Err(format!("${{{name}}} {shell}: write the value, or ${{{name}:-DEFAULT}}"));
+    }
+    if let Some(default) = op.strip_prefix(":-").or_else(|| op.strip_prefix('-')) {
+        return interpolate(default);
+    }
+    if op.starts_with(":+") || op.starts_with('+') {
+        return Ok(String::new());
+    }
+    if let Some(message) = op.strip_prefix(":?").or_else(|| op.strip_prefix('?')) {
+        return Err(format!("${{{name}}} must be set ({message}); it {shell}: write the value"));
+    }
+    Err(format!("${{{expr}}}: use ${{{name}}}, ${{{name}:-DEFAULT}}, ${{{name}:+VALUE}} or ${{{name}:?MESSAGE}}"))
 }
 
 /// Compose reads `env_file`s where it runs; so does `baton apply`: this
@@ -198,6 +258,28 @@ pub fn inline_env_files(text: &str, read: impl Fn(&str) -> Result<String, String
     serde_yaml::to_string(&doc).map(Some).map_err(|e| e.to_string())
 }
 
+/// What a Compose user may expect to be read and is not: a `.env` beside
+/// the file, and variables set in the caller's shell that `${NAME…}` names
+/// (Baton interpolates with defaults only). Warnings, one per cause.
+pub fn unread_variables(text: &str, dot_env: bool, is_set: impl Fn(&str) -> bool) -> Vec<String> {
+    let Ok(doc) = serde_yaml::from_str::<Value>(text) else { return Vec::new() };
+    if !is_compose(&doc) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    if dot_env {
+        out.push("a .env file is beside it: Baton does not read it for ${…} (values come from defaults only; env_file is read)".to_string());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for part in text.split("${").skip(1) {
+        let name: String = part.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        if !name.is_empty() && is_set(&name) && seen.insert(name.clone()) {
+            out.push(format!("${{{name}…}} takes its default: your shell's {name} is not read"));
+        }
+    }
+    out
+}
+
 /// An env file: `KEY=VALUE` lines (an optional `export `, values optionally
 /// in single or double quotes), blank lines and `#` comments.
 pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, String> {
@@ -246,7 +328,8 @@ fn top_volumes(v: &Value) -> Checked<Vec<String>> {
 fn service(name: &str, svc: &Value, named_volumes: &[String]) -> Checked<Manifest> {
     let at = |field: &str| format!("services.{name}.{field}");
     let Some(svc) = svc.as_mapping() else { return bad(format!("services.{name}"), "a service is a mapping") };
-    let mut m = Manifest { name: name.to_string(), ..Manifest::default() };
+    // Compose's default restart policy is `no` (Baton's is `always`).
+    let mut m = Manifest { name: name.to_string(), restart: RestartName::Never, ..Manifest::default() };
     let mut healthcheck = None;
     for (k, v) in svc {
         let key = key_str(k, &format!("services.{name}"))?;
@@ -322,6 +405,15 @@ fn service(name: &str, svc: &Value, named_volumes: &[String]) -> Checked<Manifes
                 )
             }
             other if other.starts_with("x-") => {}
+            "mem_limit" => return bad(field, "write it as deploy.resources.limits.memory"),
+            "cpus" => return bad(field, "write it as deploy.resources.limits.cpus"),
+            "pids_limit" => return bad(field, "write it as deploy.resources.limits.pids"),
+            "init" | "tty" | "stdin_open" | "logging" | "stop_grace_period" | "stop_signal" | "pull_policy" => {
+                return bad(
+                    field,
+                    format!("{key:?} has no Baton equivalent (the agent keeps logs, stops with a grace period and pulls as the controller pins); remove it"),
+                )
+            }
             other => {
                 return bad(field, format!("{other:?} is not supported in Baton's Compose subset; remove it or write a Baton manifest"))
             }
@@ -329,6 +421,9 @@ fn service(name: &str, svc: &Value, named_volumes: &[String]) -> Checked<Manifes
     }
     if m.image.is_empty() {
         return bad(at("image"), "every service needs an image");
+    }
+    if m.network == NetworkName::None && !m.ports.is_empty() {
+        return bad(at("ports"), "network_mode: none has no network to publish a port on");
     }
     if let Some(h) = healthcheck {
         m.readiness = health(h, &at("healthcheck"))?;
@@ -479,6 +574,7 @@ fn ports(v: &Value, field: &str) -> Checked<Vec<PortManifest>> {
     let mut out = Vec::new();
     for (i, p) in seq.iter().enumerate() {
         let at = format!("{field}[{i}]");
+        let mut port_name = None;
         let (target, published, protocol) = match p {
             Value::Mapping(m) => {
                 for k in m.keys() {
@@ -492,6 +588,9 @@ fn ports(v: &Value, field: &str) -> Checked<Vec<PortManifest>> {
                     .map_or_else(|| bad(format!("{at}.target"), "the container port"), |t| scalar(t, &at))?;
                 let published = m.get("published").map(|p| scalar(p, &at)).transpose()?;
                 let protocol = m.get("protocol").map(|p| string(p, &at)).transpose()?;
+                if let Some(n) = m.get("name") {
+                    port_name = Some(string(n, &format!("{at}.name"))?);
+                }
                 (target, published, protocol)
             }
             _ => {
@@ -503,13 +602,16 @@ fn ports(v: &Value, field: &str) -> Checked<Vec<PortManifest>> {
                 let parts: Vec<&str> = text.split(':').collect();
                 match parts.as_slice() {
                     [target] => (target.to_string(), None, protocol),
-                    [published, target] => (target.to_string(), Some(published.to_string()), protocol),
-                    _ => {
+                    [published, target] | ["0.0.0.0", published, target] => {
+                        (target.to_string(), Some(published.to_string()), protocol)
+                    }
+                    [_, published, target] => {
                         return bad(
                             at,
-                            format!("{text:?}: a host address cannot be chosen; a container listens on every address of its device"),
+                            format!("{text:?}: a host address cannot be chosen, a container listens on every address of its device; write {published}:{target}"),
                         )
                     }
+                    _ => return bad(at, format!("{text:?}: expected PORT, PORT:PORT or 0.0.0.0:PORT:PORT")),
                 }
             }
         };
@@ -526,7 +628,7 @@ fn ports(v: &Value, field: &str) -> Checked<Vec<PortManifest>> {
         if let Some(proto) = protocol.as_deref().filter(|p| !matches!(*p, "tcp" | "udp")) {
             return bad(at, format!("{proto:?}: use tcp or udp"));
         }
-        out.push(PortManifest { name: format!("p{port}"), port, protocol });
+        out.push(PortManifest { name: port_name.unwrap_or_else(|| format!("p{port}")), port, protocol });
     }
     Ok(out)
 }
@@ -863,6 +965,7 @@ fn baton_extension(v: &Value, field: &str, m: &mut Manifest) -> Checked<()> {
                 m.allow_privilege_escalation = serde_yaml::from_value(val.clone()).map_err(parse_err)?
             }
             "liveness" => m.liveness = Some(serde_yaml::from_value(val.clone()).map_err(parse_err)?),
+            "replicas" => return bad(at, "write it as deploy.replicas"),
             other => return bad(at, format!("{other:?} is not a Baton setting x-baton takes")),
         }
     }
@@ -971,7 +1074,7 @@ volumes:
         for (text, field, says) in [
             ("services: {a: {image: x, build: .}}", "services.a.build", "build and push"),
             ("services: {a: {image: x, ports: ['8080:80']}}", "services.a.ports[0]", "80:80"),
-            ("services: {a: {image: x, ports: ['127.0.0.1:80:80']}}", "services.a.ports[0]", "host address"),
+            ("services: {a: {image: x, ports: ['127.0.0.1:80:80']}}", "services.a.ports[0]", "write 80:80"),
             ("services: {a: {image: x, ports: ['8000-8010']}}", "services.a.ports[0]", "ranges"),
             ("services: {a: {image: x, volumes: ['./data:/data']}}", "services.a.volumes[0]", "absolute path"),
             ("services: {a: {image: x, volumes: ['data:/data']}}", "services.a.volumes[0]", "not declared"),
@@ -984,7 +1087,8 @@ volumes:
             ("services: {a: {image: x, network_mode: bridge}}", "services.a.network_mode", "host"),
             ("services: {a: {image: x, labels: {k: v}}}", "services.a.labels", "selector"),
             ("services: {a: {image: x, container_name: c}}", "services.a.container_name", "after its service"),
-            ("services: {a: {image: x, stop_signal: SIGINT}}", "services.a.stop_signal", "not supported"),
+            ("services: {a: {image: x, stop_signal: SIGINT}}", "services.a.stop_signal", "no Baton equivalent"),
+            ("services: {a: {image: x, ulimits: {}}}", "services.a.ulimits", "not supported"),
             ("services: {a: {image: x, deploy: {placement: {}}}}", "services.a.deploy.placement", "x-baton"),
             (
                 "services: {a: {image: x, deploy: {resources: {reservations: {}}}}}",
@@ -999,11 +1103,40 @@ volumes:
             ("services: {a: {image: x}}\nsecrets: {s: {file: s}}", "secrets", "baton secret create"),
             ("services: {a: {image: x}}\nvolumes: {v: {driver: nfs}}", "volumes.v", "drivers"),
             ("services: {a: {image: x}}\nconfigs: {}", "configs", "not supported"),
+            ("name: shop\nservices: {a: {image: x}}", "name", "no projects"),
+            ("services: {a: {image: x, depends_on: [nosuch]}}", "services.a.depends_on", "not a service of this file"),
+            (
+                "services: {a: {image: x, ports: ['80:80']}, b: {image: y, ports: ['80']}}",
+                "services.b.ports",
+                "published by a",
+            ),
+            (
+                "services: {a: {image: x, network_mode: none, ports: ['80:80']}}",
+                "services.a.ports",
+                "network_mode: none",
+            ),
+            ("services: {a: {image: x, mem_limit: 64m}}", "services.a.mem_limit", "deploy.resources.limits.memory"),
+            ("services: {a: {image: x, init: true}}", "services.a.init", "remove it"),
+            ("services: {a: {image: x, x-baton: {replicas: 2}}}", "services.a.x-baton.replicas", "deploy.replicas"),
         ] {
             let e = refused(text);
             assert_eq!(e.field, field, "{text}");
             assert!(e.message.contains(says), "{text}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn compose_defaults_merge_keys_and_port_names() {
+        let text = "x-common: &common\n  image: app:1\n  environment: {LOG: info}\nservices:\n  a:\n    <<: *common\n    ports: ['0.0.0.0:8080:8080', {target: 9000, name: metrics}]\n  b:\n    <<: *common\n    restart: always\n";
+        let ms = compose(text).expect("merge keys apply");
+        let (a, b) = (&ms[0], &ms[1]);
+        assert_eq!((a.image.as_str(), a.env["LOG"].as_str()), ("app:1", "info"));
+        assert_eq!(a.restart, RestartName::Never, "Compose's default restart is no");
+        assert_eq!(b.restart, RestartName::Always);
+        assert_eq!(
+            a.ports.iter().map(|p| (p.name.as_str(), p.port)).collect::<Vec<_>>(),
+            [("p8080", 8080), ("metrics", 9000)]
+        );
     }
 
     #[test]
@@ -1044,6 +1177,16 @@ volumes:
     }
 
     #[test]
+    fn variables_a_compose_user_expects_read_are_named() {
+        let text = "services: {a: {image: \"app:${TAG:-1}\", environment: {L: \"${LOG:-info}\", M: \"${TAG:-2}\"}}}";
+        let w = unread_variables(text, true, |v| v == "TAG");
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains(".env") && w[1].contains("shell's TAG"), "{w:?}");
+        assert!(unread_variables(text, false, |_| false).is_empty());
+        assert!(unread_variables("name: a\nimage: \"${TAG:-1}\"\n", true, |_| true).is_empty(), "not Compose");
+    }
+
+    #[test]
     fn interpolation() {
         for (text, want) in [
             ("plain", Ok("plain")),
@@ -1051,12 +1194,16 @@ volumes:
             ("${TAG:-1.2}", Ok("1.2")),
             ("${TAG-latest}x", Ok("latestx")),
             ("cost: 5$", Ok("cost: 5$")),
+            ("${V:-${W:-nested}}", Ok("nested")),
+            ("a${V:+alt}b", Ok("ab")),
         ] {
             assert_eq!(interpolate(text).as_deref(), want.map_err(|_: ()| String::new()).as_deref(), "{text}");
         }
-        for text in ["$HOME", "${TAG}", "${TAG"] {
+        for text in ["$HOME", "${TAG}", "${TAG", "${V:-${W}}", "${}"] {
             assert!(interpolate(text).is_err(), "{text}");
         }
+        let e = interpolate("${DB:?set DB}").unwrap_err();
+        assert!(e.starts_with("${DB} must be set (set DB)"), "{e}");
         let e = refused("services: {a: {image: \"app:${TAG}\"}}");
         assert_eq!(e.field, "services.a.image");
         assert!(e.message.contains("TAG:-DEFAULT"), "{}", e.message);
