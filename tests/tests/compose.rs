@@ -119,6 +119,19 @@ volumes:
         exec(&server, "db", "cat /data/role").filter(|o| o.trim() == "replica").map(|_| ())
     });
 
+    // From stdin, as `cat docker-compose.yml | baton apply -f -`: the same file, nothing changes.
+    let out = std::process::Command::new(bin("baton"))
+        .args(["apply", "-f", "-"])
+        .env("BATON_SERVER", &server)
+        .env_remove("BATON_TOKEN")
+        .stdin(std::fs::File::open(&compose).expect("compose file"))
+        .current_dir(world.path())
+        .output()
+        .expect("baton apply -f -");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("workload/db unchanged") && stdout.contains("workload/web unchanged"), "{stdout}");
+
     // Outside the subset: refused by name, nothing stored.
     let bad = world.path().join("compose-bad.yml");
     std::fs::write(&bad, "services:\n  api:\n    image: busybox:compose\n    ports: ['8080:80']\n").expect("write");

@@ -54,7 +54,7 @@ pub enum Command {
     },
     /// Create or update workloads from manifest files (YAML, several documents per file).
     Apply {
-        /// A manifest file, or a directory of *.yaml / *.yml files.
+        /// A manifest or Compose file, a directory of *.yaml / *.yml files, or - (stdin).
         #[arg(long, short = 'f', required = true)]
         file: Vec<PathBuf>,
         #[arg(long, short, value_enum, default_value_t)]

@@ -275,6 +275,19 @@ fn print<T: serde::Serialize>(format: Format, value: &T, table: impl FnOnce() ->
 fn read_manifests(paths: &[PathBuf]) -> anyhow::Result<Vec<crate::view::ManifestFile>> {
     let mut files = Vec::new();
     for path in paths {
+        // `-f -`: the manifest on stdin (env files relative to the working directory).
+        if path.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("cannot read stdin")?;
+            let read = |f: &str| std::fs::read_to_string(f).map_err(|e| e.to_string());
+            if let Some(inlined) =
+                crate::workload::compose::inline_env_files(&text, read).map_err(|e| anyhow::anyhow!("stdin: {e}"))?
+            {
+                text = inlined;
+            }
+            files.push(crate::view::ManifestFile { name: "(stdin)".into(), text });
+            continue;
+        }
         let mut batch: Vec<PathBuf> = if path.is_dir() {
             std::fs::read_dir(path)
                 .with_context(|| format!("cannot read directory {}", path.display()))?
