@@ -39,6 +39,12 @@ impl<R: ContainerRuntime> Supervisor<R> {
             warn!(workload = %r.name, reason = %why, "liveness probe failed; stopping the container");
             unit.last_error = Some(format!("liveness probe failed: {why}"));
             let _ = self.rt.stop(&container_id(&r.name, unit.instance));
+        } else if turned_unhealthy && !unit.last_error.as_deref().is_some_and(|e| e.starts_with("liveness")) {
+            // Not ready: nothing is restarted, but the operator sees why (it
+            // clears once the container has been healthy for a while).
+            let why = tracker.last_failure.clone().unwrap_or_default();
+            warn!(workload = %r.name, reason = %why, "readiness probe failing");
+            unit.last_error = Some(format!("readiness probe failing: {why}"));
         }
     }
 

@@ -165,6 +165,27 @@ fn failing_liveness_restarts_and_readiness_sets_health() {
 }
 
 #[test]
+fn a_failing_readiness_probe_says_why_and_restarts_nothing() {
+    use baton_protocol::spec::{Probe, ProbeCheck};
+    let fake = FakeRuntime::default();
+    let scripted = Arc::new(Scripted(std::sync::Mutex::new(Outcome::Failure("exit status 1".into()))));
+    let mut sup = Supervisor::new(fake.clone()).with_prober(scripted.clone());
+    let mut s = spec(RestartPolicy::Always);
+    s.readiness = Some(Probe {
+        check: ProbeCheck::Exec(vec!["/bin/check".into()]),
+        interval_s: 1,
+        timeout_s: 1,
+        failure_threshold: 2,
+        initial_delay_s: 0,
+    });
+    sup.ensure("web", 1, s, "/r".into(), 0);
+    tick_until(&mut sup, 0, 100, |s| s.status()[0].health == Health::Unhealthy);
+    let st = &sup.status()[0];
+    assert_eq!(st.last_error.as_deref(), Some("readiness probe failing: exit status 1"), "{st:?}");
+    assert_eq!((st.restarts, st.phase), (0, Phase::Running), "readiness never restarts");
+}
+
+#[test]
 fn start_first_replacement_keeps_the_old_revision_until_the_new_one_is_ready() {
     use baton_protocol::spec::{Probe, ProbeCheck};
     let running = |fake: &FakeRuntime, id: &str| matches!(fake.state(id).unwrap(), ContainerState::Running(_));
