@@ -22,4 +22,5 @@ pub mod store;
 pub mod tenant;
 pub mod tls;
 pub mod view;
+pub mod webhook;
 pub mod workload;

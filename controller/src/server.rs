@@ -238,6 +238,9 @@ pub async fn serve(
     // Whatever heartbeats moved since the last flush.
     let c = controller.clone();
     tokio::task::spawn_blocking(move || c.flush_seen(0)).await??;
+    // Webhook threads: an attempt in flight ends within its timeout.
+    let c = controller.clone();
+    tokio::task::spawn_blocking(move || c.webhooks.stop_all()).await?;
     tracing::info!("controller stopped");
     Ok(())
 }

@@ -308,8 +308,12 @@ impl RolloutView {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Event {
     pub at_ms: Millis,
-    /// `workload`, `rollout`, `device`.
+    /// `workload`, `rollout`, `device`, `secret`, `token`, `apitoken`.
     pub kind: String,
+    /// `KIND.WHAT`: `device.offline`, `rollout.succeeded` (webhooks filter on it;
+    /// empty for events recorded before names existed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
     pub subject: String,
     pub message: String,
     /// The subject's tenant; empty for fleet-wide subjects.
@@ -420,4 +424,45 @@ impl std::str::FromStr for RolloutAction {
             other => Err(format!("unknown rollout action {other:?}")),
         }
     }
+}
+
+/// `POST /api/v1/webhooks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebhookRequest {
+    pub url: String,
+    /// Event names or patterns: `rollout.*`, `device.offline`, `*`.
+    pub events: Vec<String>,
+}
+
+/// A webhook as listed: where it posts, what, and how delivery goes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WebhookView {
+    pub id: String,
+    pub url: String,
+    pub events: Vec<String>,
+    /// `None`: fleet-wide (every tenant's events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub created_at_ms: Millis,
+    /// Events delivered (answered 2xx).
+    pub delivered: u64,
+    /// Attempts that failed (each is retried, with backoff, until it succeeds).
+    pub failed_attempts: u64,
+    /// Events waiting (the oldest is being retried when `last_error` is set).
+    pub queued: u64,
+    /// Events dropped because the queue was full (the endpoint was down too long).
+    pub dropped: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_delivered_ms: Option<Millis>,
+}
+
+/// `POST /api/v1/webhooks`: the webhook and its signing secret, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebhookCreated {
+    /// Receivers check `X-Baton-Signature: sha256=HEX(HMAC-SHA256(secret, body))`.
+    pub secret: String,
+    #[serde(flatten)]
+    pub webhook: WebhookView,
 }

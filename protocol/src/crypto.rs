@@ -60,6 +60,15 @@ pub fn random_seed() -> Result<[u8; 32], CryptoError> {
 }
 
 /// Lower-case hex.
+/// HMAC-SHA256 of `data` under `key` (webhook bodies, so receivers can
+/// check who sent them).
+pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), data);
+    let mut out = [0; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

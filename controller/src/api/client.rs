@@ -11,7 +11,8 @@ use serde::Serialize;
 use crate::view::{
     ApiError, ApiTokenCreated, ApiTokenRequest, ApiTokenView, ApplyRequest, ApplyResult, CredentialsView, DeviceView,
     Event, ExecRequest, ExecResponse, JoinTokenView, LabelChange, ManifestFile, Role, RolloutAction, RolloutView,
-    ScaleRequest, SecretView, TokenRequest, TokenView, TrustView, WorkloadView,
+    ScaleRequest, SecretView, TokenRequest, TokenView, TrustView, WebhookCreated, WebhookRequest, WebhookView,
+    WorkloadView,
 };
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
@@ -185,6 +186,18 @@ impl Client {
 
     pub fn delete_api_token(&self, id: &str) -> anyhow::Result<()> {
         self.delete::<serde_json::Value>(&format!("/api/v1/apitokens/{id}")).map(drop)
+    }
+
+    pub fn webhooks(&self) -> anyhow::Result<Vec<WebhookView>> {
+        self.get("/api/v1/webhooks")
+    }
+
+    pub fn create_webhook(&self, url: &str, events: Vec<String>) -> anyhow::Result<WebhookCreated> {
+        self.post("/api/v1/webhooks", &WebhookRequest { url: url.into(), events })
+    }
+
+    pub fn delete_webhook(&self, id: &str) -> anyhow::Result<()> {
+        self.delete::<serde_json::Value>(&format!("/api/v1/webhooks/{id}")).map(drop)
     }
 
     /// A consistent copy of the store (SQLite bytes).

@@ -48,6 +48,8 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/apitokens", get(list_api_tokens).post(create_api_token))
         .route("/api/v1/apitokens/{id}", axum::routing::delete(delete_api_token))
         .route("/api/v1/backup", post(backup))
+        .route("/api/v1/webhooks", get(list_webhooks).post(create_webhook))
+        .route("/api/v1/webhooks/{id}", axum::routing::delete(delete_webhook))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
@@ -560,4 +562,27 @@ async fn delete_api_token(
     let token = id.clone();
     op(&c, move |c| c.delete_api_token(&token, now_ms(), &scope)).await??;
     Ok(Json(serde_json::json!({"revoked": id})))
+}
+
+async fn list_webhooks(State(c): State<Arc<Controller>>, Extension(scope): Extension<Scope>) -> impl IntoResponse {
+    op(&c, move |c| c.webhooks(&scope)).await.map(Json)
+}
+
+async fn create_webhook(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    body: Result<Json<crate::view::WebhookRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    Ok(Json(op(&c, move |c| c.create_webhook(&req.url, req.events, now_ms(), &scope)).await??))
+}
+
+async fn delete_webhook(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    let hook = id.clone();
+    op(&c, move |c| c.delete_webhook(&hook, now_ms(), &scope)).await??;
+    Ok(Json(serde_json::json!({"deleted": id})))
 }

@@ -133,6 +133,9 @@ pub enum Command {
     /// Operator API tokens (admin, read-only), for a controller started with --api-auth.
     #[command(subcommand)]
     Apitoken(ApiTokenCmd),
+    /// Event webhooks: signed JSON POSTs of the events you pick.
+    #[command(subcommand)]
+    Webhook(WebhookCmd),
     /// Device identities on the broker: credentials and revocation.
     #[command(subcommand)]
     Device(DeviceCmd),
@@ -159,6 +162,26 @@ pub enum RolloutCmd {
     Abort { workload: String },
     /// Abort a running rollout, or roll out the revision before the current one.
     Undo { workload: String },
+}
+
+#[derive(Subcommand)]
+pub enum WebhookCmd {
+    /// POST the matching events to URL as they happen (the signing secret is printed once).
+    Create {
+        #[arg(long)]
+        url: String,
+        /// Comma-separated: `rollout.*`, `device.offline`, `*`.
+        #[arg(long, value_delimiter = ',', required = true)]
+        events: Vec<String>,
+    },
+    /// List webhooks with their delivery state.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Delete a webhook: nothing more is posted to it.
+    Delete { id: String },
 }
 
 #[derive(Subcommand)]

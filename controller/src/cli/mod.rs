@@ -133,6 +133,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             crate::outln!("{}", created.token);
             Ok(())
         }
+        Command::Webhook(WebhookCmd::Create { url, events }) => {
+            let w = client().create_webhook(&url, events)?;
+            crate::outln!("webhook/{} created; its signing secret (shown once): {}", w.webhook.id, w.secret);
+            Ok(())
+        }
+        Command::Webhook(WebhookCmd::List { output }) => {
+            let list = client().webhooks()?;
+            print(output, &list, || output::webhooks_table(&list))
+        }
+        Command::Webhook(WebhookCmd::Delete { id }) => {
+            client().delete_webhook(&id)?;
+            crate::outln!("webhook/{id} deleted");
+            Ok(())
+        }
         Command::Apitoken(ApiTokenCmd::List { output }) => {
             let list = client().api_tokens()?;
             print(output, &list, || {

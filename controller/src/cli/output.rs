@@ -312,9 +312,10 @@ pub fn events_table(events: &[Event], now: Millis) -> String {
     if events.is_empty() {
         return "No events.\n".into();
     }
+    let name = |e: &Event| if e.name.is_empty() { e.kind.clone() } else { e.name.clone() };
     let rows: Vec<Vec<String>> =
-        events.iter().map(|e| vec![ago(now, e.at_ms), e.kind.clone(), e.subject.clone(), e.message.clone()]).collect();
-    table(&["AGE", "KIND", "SUBJECT", "MESSAGE"], &rows)
+        events.iter().map(|e| vec![ago(now, e.at_ms), name(e), e.subject.clone(), e.message.clone()]).collect();
+    table(&["AGE", "EVENT", "SUBJECT", "MESSAGE"], &rows)
 }
 
 pub fn tokens_table(tokens: &[crate::view::JoinTokenView], now: Millis) -> String {
@@ -422,6 +423,27 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
         .collect();
     o.push_str(&table(&["DEVICE", "STATUS", "DESIRED", "RUNS", "PHASE", "HEALTH", "RESTARTS", "LAST ERROR"], &rows));
     o
+}
+
+pub fn webhooks_table(hooks: &[crate::view::WebhookView]) -> String {
+    if hooks.is_empty() {
+        return "No webhooks. Create one with `baton webhook create --url URL --events rollout.*`.\n".into();
+    }
+    let rows: Vec<Vec<String>> = hooks
+        .iter()
+        .map(|w| {
+            vec![
+                w.id.clone(),
+                w.url.clone(),
+                w.events.join(","),
+                w.delivered.to_string(),
+                w.queued.to_string(),
+                w.dropped.to_string(),
+                w.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(&["ID", "URL", "EVENTS", "DELIVERED", "QUEUED", "DROPPED", "LAST ERROR"], &rows)
 }
 
 #[cfg(test)]

@@ -64,7 +64,7 @@ impl Controller {
         let (_, password, hash) = crate::keys::new_secret().map_err(|e| OpError::Invalid(e.to_string()))?;
         let store = lock(&self.store);
         store.save_credentials(id.as_str(), &hash, now)?;
-        self.event(&store, tenant, "device", id.as_str(), "credentials issued".into(), now);
+        self.event(&store, tenant, "device.credentials", id.as_str(), "credentials issued".into(), now);
         drop(store);
         lock(&self.credentials).insert(id.as_str().to_owned(), hash);
         self.dynsec_send(|| crate::dynsec::device(id.as_str(), &password));
@@ -88,7 +88,7 @@ impl Controller {
         let store = lock(&self.store);
         store.save_api_token(&t, &hash)?;
         let tenant = t.tenant.as_deref().unwrap_or_default();
-        self.event(&store, tenant, "apitoken", &id, format!("{role} token {name:?} created"), now);
+        self.event(&store, tenant, "apitoken.created", &id, format!("{role} token {name:?} created"), now);
         drop(store);
         lock(&self.api_tokens).push((t.clone(), hash));
         Ok((format!("baton-api.{id}.{secret}"), t.into()))
@@ -111,7 +111,7 @@ impl Controller {
         if !store.delete_api_token(id)? {
             return Err(not_found());
         }
-        self.event(&store, &tenant, "apitoken", id, "revoked".into(), now);
+        self.event(&store, &tenant, "apitoken.revoked", id, "revoked".into(), now);
         drop(store);
         lock(&self.api_tokens).retain(|(t, _)| t.id != id);
         Ok(())
@@ -174,7 +174,14 @@ impl Controller {
         };
         let store = lock(&self.store);
         store.save_token(&t, &hash)?;
-        self.event(&store, &t.tenant, "token", &id, format!("created: {uses} use(s), expires in {ttl_s} s"), now);
+        self.event(
+            &store,
+            &t.tenant,
+            "token.created",
+            &id,
+            format!("created: {uses} use(s), expires in {ttl_s} s"),
+            now,
+        );
         drop(store);
         self.dynsec_send(|| crate::dynsec::join_token(&id, &secret));
         let token = baton_protocol::token::JoinToken { id, secret, controller_key: self.keys.signing.public() };
@@ -192,7 +199,7 @@ impl Controller {
         if !store.delete_token(id)? {
             return Err(not_found());
         }
-        self.event(&store, &t.tenant, "token", id, "deleted".into(), now);
+        self.event(&store, &t.tenant, "token.deleted", id, "deleted".into(), now);
         self.dynsec_send(|| crate::dynsec::remove_join(id));
         Ok(())
     }
@@ -300,7 +307,7 @@ impl Controller {
             self.persist(&d);
         }
         let message = format!("enrolled with token {}", token.id);
-        self.event(&lock(&self.store), &token.tenant, "device", id.as_str(), message, now);
+        self.event(&lock(&self.store), &token.tenant, "device.enrolled", id.as_str(), message, now);
         baton_protocol::EnrollResponse { sealed_password: sealed, error: None }
     }
 
@@ -317,7 +324,7 @@ impl Controller {
         };
         let store = lock(&self.store);
         let had = store.revoke(id.as_str(), now)?;
-        self.event(&store, &tenant, "device", id.as_str(), "revoked".into(), now);
+        self.event(&store, &tenant, "device.revoked", id.as_str(), "revoked".into(), now);
         drop(store);
         lock(&self.credentials).remove(id.as_str());
         if let Some(g) = self.gateway.get() {

@@ -34,19 +34,21 @@ impl Controller {
                 });
                 if let Some(r) = refused.filter(|_| news) {
                     let message = format!("refused its desired document: {}", r.reason);
-                    self.event(&lock(&self.store), &d.tenant, "device", id.as_str(), message, now);
+                    self.event(&lock(&self.store), &d.tenant, "device.refused", id.as_str(), message, now);
                 }
             }
             if change == Change::Persist && before != after {
                 placement_relevant = true;
-                let what = match (before, after) {
-                    (None, _) => "registered".to_string(),
-                    (_, Some(PresenceState::Online)) if is_presence => "online".to_string(),
-                    (_, Some(PresenceState::Online)) => "online again (heard from it without a new connection)".into(),
-                    (_, _) => "offline".to_string(),
+                let (name, what) = match (before, after) {
+                    (None, _) => ("device.registered", "registered".to_string()),
+                    (_, Some(PresenceState::Online)) if is_presence => ("device.online", "online".to_string()),
+                    (_, Some(PresenceState::Online)) => {
+                        ("device.online", "online again (heard from it without a new connection)".into())
+                    }
+                    (_, _) => ("device.offline", "offline".to_string()),
                 };
                 let tenant = fleet.get(id).map_or(crate::tenant::DEFAULT, |d| d.tenant.as_str());
-                self.event(&lock(&self.store), tenant, "device", id.as_str(), what, now);
+                self.event(&lock(&self.store), tenant, name, id.as_str(), what, now);
             }
             let snapshot = (change == Change::Persist).then(|| fleet.get(id).cloned()).flatten();
             (change, snapshot)
@@ -155,7 +157,14 @@ impl Controller {
         };
         let store = lock(&self.store);
         store.save_device(&device)?;
-        self.event(&store, tenant, "device", id.as_str(), format!("moved from tenant {from} to tenant {tenant}"), now);
+        self.event(
+            &store,
+            tenant,
+            "device.moved",
+            id.as_str(),
+            format!("moved from tenant {from} to tenant {tenant}"),
+            now,
+        );
         drop(store);
         self.sync_desired(now);
         Ok(DeviceView::new(&device, now, &self.liveness))
@@ -169,7 +178,7 @@ impl Controller {
             self.persist(d);
             let silent_s = now.saturating_sub(d.last_seen.max(self.liveness.since_ms)) / 1000;
             let why = format!("offline: silent for {silent_s} s (no goodbye and no Last Will received)");
-            self.event(&lock(&self.store), &d.tenant, "device", &d.id, why, now);
+            self.event(&lock(&self.store), &d.tenant, "device.offline", &d.id, why, now);
         }
         !expired.is_empty()
     }

@@ -31,6 +31,7 @@ mod access;
 mod devices;
 mod publish;
 mod secrets;
+mod webhooks;
 mod workloads;
 
 use publish::sign_desired;
@@ -117,6 +118,8 @@ pub struct Controller {
     swept_tokens: Mutex<(BTreeSet<String>, Millis)>,
     /// API tokens and their secrets' hashes.
     api_tokens: Mutex<Vec<(crate::store::ApiToken, Vec<u8>)>>,
+    /// Event webhooks: a queue and a delivery thread each (`crate::webhook`).
+    pub webhooks: crate::webhook::Hooks,
     /// The gateway in front of the embedded broker, when `--mqtt-auth` is on.
     pub gateway: std::sync::OnceLock<std::sync::Arc<crate::gateway::Gateway>>,
 }
@@ -203,6 +206,15 @@ impl Controller {
             }
         }
         let credentials = store.load_credentials()?;
+        let webhooks = crate::webhook::Hooks::default();
+        for w in store.webhooks()? {
+            match baton_protocol::crypto::decrypt(&keys.secrets, &webhooks::webhook_aad(&w.id), &w.secret) {
+                Ok(secret) => webhooks.start(webhooks::view_of(&w), secret),
+                Err(_) => {
+                    tracing::error!(webhook = %w.id, "a webhook's secret does not decrypt with this controller's secrets key; not delivering to it")
+                }
+            }
+        }
         let api_tokens = store.api_tokens()?;
         tracing::info!(devices = fleet.len(), workloads = workloads.len(), "fleet loaded from store");
         Ok(Self {
@@ -232,18 +244,29 @@ impl Controller {
             swept_tokens: Mutex::new((BTreeSet::new(), 0)),
             api_tokens: Mutex::new(api_tokens),
             gateway: std::sync::OnceLock::new(),
+            webhooks,
         })
     }
 
-    /// Records an event: the store's log and the controller's own. `tenant`
-    /// is the subject's (empty for fleet-wide subjects).
-    fn event(&self, store: &Store, tenant: &str, kind: &str, subject: &str, message: String, now: Millis) {
-        tracing::info!(kind, subject, tenant, "{message}");
-        let e = Event { at_ms: now, kind: kind.into(), subject: subject.into(), message, tenant: tenant.into() };
+    /// Records an event: the store's log, the controller's own, and the
+    /// webhooks that want it. `name` is `KIND.WHAT` (`device.offline`);
+    /// `tenant` is the subject's (empty for fleet-wide subjects).
+    fn event(&self, store: &Store, tenant: &str, name: &str, subject: &str, message: String, now: Millis) {
+        let kind = name.split('.').next().unwrap_or(name);
+        tracing::info!(event = name, subject, tenant, "{message}");
+        let e = Event {
+            at_ms: now,
+            kind: kind.into(),
+            name: name.into(),
+            subject: subject.into(),
+            message,
+            tenant: tenant.into(),
+        };
         if let Err(err) = store.add_event(&e) {
             self.metrics.store_errors.fetch_add(1, Relaxed);
             tracing::error!(error = %err, "cannot record an event");
         }
+        self.webhooks.offer(&e);
     }
 
     pub fn events(&self, subject: Option<&str>, limit: usize, scope: &Scope) -> Result<Vec<Event>, OpError> {

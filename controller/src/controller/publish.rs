@@ -99,7 +99,7 @@ impl Controller {
                             "has generation {applied} in force, newer than the {stored} this controller issued \
                              (store restored from a backup?): its document is issued again as generation {generation}"
                         );
-                        self.event(&store, tenant, "device", &device, message, snap.now);
+                        self.event(&store, tenant, "device.reissued", &device, message, snap.now);
                     }
                     generation
                 }

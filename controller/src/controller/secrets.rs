@@ -81,7 +81,7 @@ impl Controller {
             let data = crypto::encrypt(&self.keys.secrets, &secret_aad(name, version), value)
                 .map_err(|e| OpError::Invalid(e.to_string()))?;
             store.put_secret(tenant, name, version, &data, now)?;
-            self.event(&store, tenant, "secret", name, format!("version {version} set"), now);
+            self.event(&store, tenant, "secret.set", name, format!("version {version} set"), now);
             st.workloads
                 .values()
                 .filter(|e| e.tenant == tenant && e.manifest.secrets.iter().any(|s| s.name == name))
@@ -137,7 +137,7 @@ impl Controller {
         if !store.delete_secret(name)? {
             return Err(OpError::NotFound(format!("secret {name} not found")));
         }
-        self.event(&store, &secret.tenant, "secret", name, "deleted".into(), now);
+        self.event(&store, &secret.tenant, "secret.deleted", name, "deleted".into(), now);
         Ok(())
     }
 

@@ -125,7 +125,7 @@ impl Controller {
                 let spec = WorkloadSpec { revision: 1, ..v.spec };
                 store.save_workload(tenant, &v.manifest, &spec, 1, now)?;
                 store.save_revision(&spec, &[], now)?;
-                self.event(store, tenant, "workload", &name, format!("created with image {}", spec.image), now);
+                self.event(store, tenant, "workload.created", &name, format!("created with image {}", spec.image), now);
                 let entry = Entry {
                     tenant: tenant.into(),
                     manifest: v.manifest,
@@ -211,7 +211,7 @@ impl Controller {
             e.stable = to;
             store.save_workload(&e.tenant, &e.manifest, e.latest_spec(), e.stable, now)?;
             let message = format!("revision {to} in force (no device runs {name} yet)");
-            self.event(store, &e.tenant, "rollout", name, message, now);
+            self.event(store, &e.tenant, "rollout.in_force", name, message, now);
             return Ok(());
         }
         let strategy = crate::workload::strategy(&e.manifest).unwrap_or_default();
@@ -221,7 +221,7 @@ impl Controller {
         self.event(
             store,
             &e.tenant,
-            "rollout",
+            "rollout.started",
             name,
             format!(
                 "rollout of revision {to} (from {from}) started: {} devices in {} waves, first wave {}",
@@ -242,7 +242,7 @@ impl Controller {
             st.workloads.remove(name);
             let store = lock(&self.store);
             store.delete_workload(name)?;
-            self.event(&store, &tenant, "workload", name, "deleted".into(), now);
+            self.event(&store, &tenant, "workload.deleted", name, "deleted".into(), now);
         }
         self.sync_desired(now);
         Ok(())
@@ -261,7 +261,14 @@ impl Controller {
             let store = lock(&self.store);
             store.save_workload(&e.tenant, &e.manifest, e.latest_spec(), e.stable, now)?;
             let was = before.map_or_else(|| "every device".to_string(), |n| n.to_string());
-            self.event(&store, &e.tenant, "workload", name, format!("scaled from {was} to {replicas} replicas"), now);
+            self.event(
+                &store,
+                &e.tenant,
+                "workload.scaled",
+                name,
+                format!("scaled from {was} to {replicas} replicas"),
+                now,
+            );
         }
         self.sync_desired(now);
         self.workload(name, now, scope)
@@ -321,7 +328,13 @@ impl Controller {
                 }
             }
         };
-        self.event(&store, &tenant, "rollout", name, message, now);
+        let event = match action {
+            RolloutAction::Pause => "rollout.paused",
+            RolloutAction::Resume => "rollout.resumed",
+            RolloutAction::Abort => "rollout.aborted",
+            RolloutAction::Undo => "rollout.undone",
+        };
+        self.event(&store, &tenant, event, name, message, now);
         drop(store);
         let view = st.workloads.get(name).and_then(|e| e.rollout.as_ref()).map(RolloutView::new);
         let schedule = self.compute_schedule(&st, facts);
@@ -456,6 +469,11 @@ impl Controller {
             if let Err(err) = store.save_rollout(r) {
                 tracing::error!(workload = %name, error = %err, "cannot store rollout progress");
             }
+            let event = match r.state {
+                RolloutState::Succeeded => "rollout.succeeded",
+                RolloutState::RolledBack => "rollout.rolled_back",
+                _ => "rollout.progress",
+            };
             if r.state == RolloutState::Succeeded {
                 e.stable = r.to;
                 if let Err(err) = store.save_workload(&e.tenant, &e.manifest, e.latest_spec(), e.stable, now) {
@@ -463,7 +481,7 @@ impl Controller {
                 }
             }
             for message in events {
-                self.event(&store, &e.tenant, "rollout", name, message, now);
+                self.event(&store, &e.tenant, event, name, message, now);
             }
         }
         drop(store);

@@ -2,7 +2,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{ApiToken, Store, StoreError, StoredToken};
+use super::{ApiToken, Store, StoreError, StoredToken, StoredWebhook};
 
 impl Store {
     pub fn save_token(&self, t: &StoredToken, hash: &[u8]) -> Result<(), StoreError> {
@@ -108,5 +108,35 @@ impl Store {
 
     pub fn delete_api_token(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self.conn.execute("DELETE FROM api_tokens WHERE id = ?1", [id])? > 0)
+    }
+
+    pub fn save_webhook(&self, w: &StoredWebhook) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO webhooks (id, tenant, url, events, secret, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![w.id, w.tenant, w.url, w.events.join(","), w.secret, w.created_at as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn webhooks(&self) -> Result<Vec<StoredWebhook>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, tenant, url, events, secret, created_at FROM webhooks ORDER BY created_at")?;
+        let rows = stmt.query_map([], |r| {
+            let events: String = r.get(3)?;
+            Ok(StoredWebhook {
+                id: r.get(0)?,
+                tenant: r.get(1)?,
+                url: r.get(2)?,
+                events: events.split(',').filter(|e| !e.is_empty()).map(str::to_string).collect(),
+                secret: r.get(4)?,
+                created_at: r.get::<_, i64>(5)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn delete_webhook(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn.execute("DELETE FROM webhooks WHERE id = ?1", [id])? > 0)
     }
 }

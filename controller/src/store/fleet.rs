@@ -46,8 +46,8 @@ impl Store {
 
     pub fn add_event(&self, e: &Event) -> Result<(), StoreError> {
         let id: i64 = self.conn.query_row(
-            "INSERT INTO events (at, kind, subject, message, tenant) VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
-            params![e.at_ms as i64, e.kind, e.subject, e.message, e.tenant],
+            "INSERT INTO events (at, kind, subject, message, tenant, name) VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+            params![e.at_ms as i64, e.kind, e.subject, e.message, e.tenant, e.name],
             |r| r.get(0),
         )?;
         if id % 1000 == 0 {
@@ -65,7 +65,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT at, kind, subject, message, tenant FROM events
+            "SELECT at, kind, subject, message, tenant, name FROM events
              WHERE (?1 IS NULL OR subject = ?1) AND (?2 IS NULL OR tenant = ?2) ORDER BY id DESC LIMIT ?3",
         )?;
         let rows = stmt.query_map(params![subject, tenant, limit as i64], |r| {
@@ -75,6 +75,7 @@ impl Store {
                 subject: r.get(2)?,
                 message: r.get(3)?,
                 tenant: r.get(4)?,
+                name: r.get(5)?,
             })
         })?;
         let mut out: Vec<Event> = rows.collect::<Result<_, _>>()?;

@@ -110,6 +110,17 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE tokens ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
     ALTER TABLE api_tokens ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
     ALTER TABLE events ADD COLUMN tenant TEXT NOT NULL DEFAULT '';",
+    // 9: event names (`device.offline`) and webhooks (their signing secret
+    // encrypted with the secrets key; tenant '' = fleet-wide).
+    "ALTER TABLE events ADD COLUMN name TEXT NOT NULL DEFAULT '';
+    CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY NOT NULL,
+        tenant TEXT NOT NULL,
+        url TEXT NOT NULL,
+        events TEXT NOT NULL,
+        secret BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 /// Versions kept per secret (revisions in history may still name older ones).
@@ -155,6 +166,18 @@ pub struct StoredToken {
     /// The tenant a device joining with it belongs to.
     #[serde(default = "crate::tenant::default_tenant")]
     pub tenant: String,
+}
+
+/// A webhook as stored (its secret encrypted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredWebhook {
+    pub id: String,
+    /// '' = fleet-wide.
+    pub tenant: String,
+    pub url: String,
+    pub events: Vec<String>,
+    pub secret: Vec<u8>,
+    pub created_at: u64,
 }
 
 /// A secret's latest version, as listed (never its value).

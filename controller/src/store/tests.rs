@@ -130,8 +130,14 @@ fn tenants_round_trip_and_filter_events() {
     s.save_api_token(&a, b"h").unwrap();
     assert_eq!(s.api_tokens().unwrap()[0].0, a);
     for (tenant, subject) in [("acme", "web"), ("globex", "db"), ("", "first-admin")] {
-        let e =
-            Event { at_ms: 1, kind: "k".into(), subject: subject.into(), message: "m".into(), tenant: tenant.into() };
+        let e = Event {
+            at_ms: 1,
+            kind: "k".into(),
+            name: "k.m".into(),
+            subject: subject.into(),
+            message: "m".into(),
+            tenant: tenant.into(),
+        };
         s.add_event(&e).unwrap();
     }
     let subjects =
