@@ -227,12 +227,20 @@ fn a_foreign_desired_document_is_refused_visibly_and_replaced_by_the_controllers
     });
     let (ok, described, _) = baton_cli(&server, &["describe", "device", "g-0000"]);
     assert!(ok && described.contains("Last refusal:"), "{described}");
-    // What the broker holds again is the controller's own, signed document.
-    let mut fresh = RawClient::connect(controller.mqtt, "late-subscriber");
-    fresh.subscribe(topic);
-    let (_, payload, retained) = fresh.next_message(Duration::from_secs(10)).expect("a retained document");
-    assert!(retained);
-    let Ok((_, Message::SignedDesired(signed))) = decode(&payload) else { panic!("not a signed document") };
+    // What the broker holds again is the controller's own, signed document
+    // (the device's refusal can reach the controller before its republish
+    // reaches the broker: each look is a new late subscriber).
+    let mut n = 0;
+    let signed = wait_for("the controller's document retained again", Duration::from_secs(30), || {
+        n += 1;
+        let mut fresh = RawClient::connect(controller.mqtt, &format!("late-subscriber-{n}"));
+        fresh.subscribe(topic);
+        let (_, payload, retained) = fresh.next_message(Duration::from_secs(5))?;
+        match decode(&payload) {
+            Ok((_, Message::SignedDesired(signed))) if retained => Some(signed),
+            _ => None,
+        }
+    });
     let trust = baton_cli(&server, &["trust"]).1;
     assert!(trust.trim().ends_with(&baton_protocol::crypto::hex(&signed.key)), "signed by another key");
     // The device never stopped running what it ran.
