@@ -43,15 +43,6 @@ impl Entry {
         // `latest` is always in `revisions`: the history never drops it (`pinned`).
         &self.revisions[&self.latest]
     }
-
-    /// The revision `device` is to run: the stable one, or during a rollout
-    /// the new one once the device's wave is released.
-    pub fn revision_for(&self, device: &str) -> u64 {
-        match self.active_rollout() {
-            Some(r) => r.revision_for(r.released_set().contains(device)),
-            None => self.stable,
-        }
-    }
 }
 
 /// What placement sees of a device.
@@ -145,8 +136,9 @@ pub struct Composed {
 }
 
 /// Every device's workloads and services under `schedule`: each workload at
-/// the revision `Entry::revision_for` names (the latest if that one is gone
-/// from the history), each used service with `endpoints`.
+/// its stable revision, or during a rollout the new one once the device's
+/// wave is released (the latest if that one is gone from the history), each
+/// used service with `endpoints`.
 pub fn compose(
     workloads: &BTreeMap<String, Entry>,
     schedule: &Schedule,

@@ -36,6 +36,15 @@ impl Scope {
     }
 
     /// The one tenant this scope is narrowed to; `None`: every tenant.
+    /// Whether this scope sees something owned by `owner` (`None`:
+    /// fleet-wide, which only a fleet-wide scope sees): API tokens, webhooks.
+    pub fn sees_owned(&self, owner: Option<&str>) -> bool {
+        match self {
+            Self::All => true,
+            Self::Tenant(t) => owner == Some(t.as_str()),
+        }
+    }
+
     pub fn tenant(&self) -> Option<&str> {
         match self {
             Self::All => None,

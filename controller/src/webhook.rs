@@ -122,20 +122,16 @@ impl Hooks {
                 lock(&h.shared.view).dropped += 1;
             }
             q.push_back(e.clone());
-            lock(&h.shared.view).queued = q.len() as u64;
             h.shared.wake.notify_one();
         }
     }
 
-    /// Every webhook `scope` sees, with its delivery counts.
+    /// Every webhook `scope` sees, with its delivery counts and what waits.
     pub fn views(&self, scope: &Scope) -> Vec<WebhookView> {
         lock(&self.hooks)
             .iter()
-            .map(|h| lock(&h.shared.view).clone())
-            .filter(|v| match scope {
-                Scope::All => true,
-                Scope::Tenant(t) => v.tenant.as_deref() == Some(t.as_str()),
-            })
+            .map(|h| WebhookView { queued: lock(&h.shared.queue).len() as u64, ..lock(&h.shared.view).clone() })
+            .filter(|v| scope.sees_owned(v.tenant.as_deref()))
             .collect()
     }
 
@@ -200,10 +196,8 @@ fn deliver(shared: &Shared, secret: &[u8]) {
         match outcome {
             Ok(()) => {
                 failures = 0;
-                let mut q = lock(&shared.queue);
-                q.pop_front();
+                lock(&shared.queue).pop_front();
                 let mut v = lock(&shared.view);
-                v.queued = q.len() as u64;
                 v.delivered += 1;
                 v.last_error = None;
                 v.last_delivered_ms = Some(now_ms());

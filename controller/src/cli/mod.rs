@@ -293,13 +293,7 @@ fn read_manifests(paths: &[PathBuf]) -> anyhow::Result<Vec<crate::view::Manifest
         if path.as_os_str() == "-" {
             let mut text = String::new();
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("cannot read stdin")?;
-            let read = |f: &str| std::fs::read_to_string(f).map_err(|e| e.to_string());
-            if let Some(inlined) =
-                crate::workload::compose::inline_env_files(&text, read).map_err(|e| anyhow::anyhow!("stdin: {e}"))?
-            {
-                text = inlined;
-            }
-            files.push(crate::view::ManifestFile { name: "(stdin)".into(), text });
+            files.push(where_compose_runs("(stdin)", text, std::path::Path::new(""))?);
             continue;
         }
         let mut batch: Vec<PathBuf> = if path.is_dir() {
@@ -314,25 +308,34 @@ fn read_manifests(paths: &[PathBuf]) -> anyhow::Result<Vec<crate::view::Manifest
         };
         batch.sort();
         for p in batch {
-            let mut text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-            // Compose reads env files where it runs; so does the CLI.
-            let dir = p.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
-            let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| e.to_string());
-            if let Some(inlined) = crate::workload::compose::inline_env_files(&text, read)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
-            {
-                text = inlined;
-            }
-            for warning in crate::workload::compose::unread_variables(&text, dir.join(".env").exists(), |v| {
-                std::env::var_os(v).is_some()
-            }) {
-                eprintln!("baton: warning: {}: {warning}", p.display());
-            }
-            files.push(crate::view::ManifestFile { name: p.display().to_string(), text });
+            let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            let dir = p.parent().unwrap_or(std::path::Path::new(""));
+            files.push(where_compose_runs(&p.display().to_string(), text, dir)?);
         }
     }
     anyhow::ensure!(!files.is_empty(), "no manifest files found in {paths:?}");
     Ok(files)
+}
+
+/// What Compose does where it runs, done by the CLI for a Compose file
+/// found in `dir`: its env files inlined, and a warning for each variable
+/// source a Compose user expects read and Baton does not read.
+fn where_compose_runs(
+    name: &str,
+    mut text: String,
+    dir: &std::path::Path,
+) -> anyhow::Result<crate::view::ManifestFile> {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| e.to_string());
+    if let Some(inlined) =
+        crate::workload::compose::inline_env_files(&text, read).map_err(|e| anyhow::anyhow!("{name}: {e}"))?
+    {
+        text = inlined;
+    }
+    let dot_env = dir.join(".env").exists();
+    for warning in crate::workload::compose::unread_variables(&text, dot_env, |v| std::env::var_os(v).is_some()) {
+        eprintln!("baton: warning: {name}: {warning}");
+    }
+    Ok(crate::view::ManifestFile { name: name.into(), text })
 }
 
 /// `key=value` sets, `key-` removes; anything else is an error naming the argument.

@@ -13,13 +13,6 @@ use crate::view::{ApiTokenView, JoinTokenView, Role};
 
 use super::{lock, parse_id, Controller, OpError};
 
-pub(super) fn api_token_visible(t: &crate::store::ApiToken, scope: &Scope) -> bool {
-    match scope {
-        Scope::All => true,
-        Scope::Tenant(s) => t.tenant.as_deref() == Some(s.as_str()),
-    }
-}
-
 /// Compares every byte: no early exit on the first difference.
 pub(super) fn same_hash(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -97,14 +90,14 @@ impl Controller {
     /// A tenant's tokens, or (fleet-wide) every token.
     pub fn api_token_list(&self, scope: &Scope) -> Vec<ApiTokenView> {
         let tokens = lock(&self.api_tokens);
-        tokens.iter().filter(|(t, _)| api_token_visible(t, scope)).map(|(t, _)| t.clone().into()).collect()
+        tokens.iter().filter(|(t, _)| scope.sees_owned(t.tenant.as_deref())).map(|(t, _)| t.clone().into()).collect()
     }
 
     pub fn delete_api_token(&self, id: &str, now: Millis, scope: &Scope) -> Result<(), OpError> {
         let not_found = || OpError::NotFound(format!("API token {id} not found"));
         let tenant = lock(&self.api_tokens)
             .iter()
-            .find(|(t, _)| t.id == id && api_token_visible(t, scope))
+            .find(|(t, _)| t.id == id && scope.sees_owned(t.tenant.as_deref()))
             .map(|(t, _)| t.tenant.clone().unwrap_or_default())
             .ok_or_else(not_found)?;
         let store = lock(&self.store);

@@ -35,7 +35,6 @@ mod webhooks;
 mod workloads;
 
 use publish::sign_desired;
-pub use secrets::secret_reference;
 
 /// What placement and service discovery need from the fleet, taken in one lock.
 struct Snapshot {

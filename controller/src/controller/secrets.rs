@@ -16,18 +16,9 @@ use crate::workload::Validated;
 
 use super::{lock, Controller, OpError, SealCache};
 
-/// The contents a secret file has in a revision: which secret, which version.
-pub fn secret_reference(name: &str, version: u64) -> Vec<u8> {
-    SecretRef { name: name.to_string(), version }.to_bytes()
-}
-
 /// Binds a stored secret ciphertext to its name and version.
 pub(super) fn secret_aad(name: &str, version: u64) -> Vec<u8> {
     format!("baton secret {name} v{version}").into_bytes()
-}
-
-pub(super) fn parse_secret_reference(contents: &[u8]) -> Option<(String, u64)> {
-    SecretRef::parse(contents).map(|r| (r.name, r.version))
 }
 
 impl Controller {
@@ -38,8 +29,7 @@ impl Controller {
         spec: &mut WorkloadSpec,
     ) -> Result<(), OpError> {
         for f in spec.container.files.iter_mut().filter(|f| f.is_sealed()) {
-            let name = parse_secret_reference(&f.contents)
-                .map(|(n, _)| n.to_string())
+            let SecretRef { name, .. } = SecretRef::parse(&f.contents)
                 .ok_or_else(|| OpError::Invalid(format!("{}: malformed secret reference", f.path)))?;
             let version = versions.get(&name).ok_or_else(|| {
                 OpError::Invalid(format!(
@@ -47,7 +37,7 @@ impl Controller {
                     spec.name
                 ))
             })?;
-            f.contents = secret_reference(&name, *version);
+            f.contents = SecretRef { name, version: *version }.to_bytes();
         }
         Ok(())
     }
@@ -192,8 +182,8 @@ impl Controller {
         file: &File,
         key: &[u8; 32],
     ) -> Result<Vec<u8>, String> {
-        let (name, version) =
-            parse_secret_reference(&file.contents).ok_or_else(|| "malformed secret reference".to_string())?;
+        let SecretRef { name, version } =
+            SecretRef::parse(&file.contents).ok_or_else(|| "malformed secret reference".to_string())?;
         let value = self.secret_value(store, &name, version)?;
         crypto::seal(key, &crypto::secret_context(device, workload, &file.path), &value).map_err(|e| e.to_string())
     }
