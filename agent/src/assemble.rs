@@ -35,12 +35,16 @@ pub enum StartError {
 /// Runs the agent until `shutdown` resolves. `reload` gives the
 /// configuration again after a first-start join (it names the password the
 /// join wrote). With `no_workloads`, presence and inventory only.
+/// `on_trial`: the version this process was started to try (see `upgrade`).
+/// Returns `HandOver` when a new agent is staged: the caller replaces the
+/// process with it (`upgrade::switch::hand_over`).
 pub fn run(
     mut config: AgentConfig,
     reload: impl FnOnce() -> Result<AgentConfig, String>,
     no_workloads: bool,
+    on_trial: Option<String>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), StartError> {
+) -> Result<crate::link::LinkExit, StartError> {
     // `join_token` in agent.toml: enroll once, at the first start, then run
     // with what the join gave (the configuration is read again for it).
     if let Some(token) = config.join_token.clone() {
@@ -64,13 +68,13 @@ pub fn run(
     // One thread: the agent's work is I/O-bound and small, and every extra
     // worker thread costs stack and RSS on a 512 MB device.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(Link::run(config, handle, shutdown));
+    let exit = rt.block_on(Link::run_agent(config, handle, on_trial, shutdown));
     // The link said goodbye; the engine finishes its step and stops (the
     // containers carry on, and the next agent re-adopts them).
     if let Some(engine) = engine {
         engine.shutdown();
     }
-    Ok(())
+    Ok(exit)
 }
 
 /// The workloads engine, started with the persisted desired document so the

@@ -56,6 +56,12 @@ pub struct FileConfig {
     /// A join token (`baton token create`): the agent enrolls with it at start
     /// when it has no credentials yet, as `baton-agent join` would.
     pub join_token: Option<String>,
+    /// Whether the controller may upgrade this agent (default true; see
+    /// `upgrade`). Needs a service manager that restarts the agent when it exits.
+    pub self_update: Option<bool>,
+    /// Seconds a new agent has to come online before the device goes back
+    /// to the one it ran (default 120).
+    pub upgrade_deadline_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,6 +111,8 @@ pub struct AgentConfig {
     pub mqtt_ca_file: Option<PathBuf>,
     /// Enroll with this token at start when not enrolled yet.
     pub join_token: Option<crate::join::Token>,
+    pub self_update: bool,
+    pub upgrade_deadline: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -261,6 +269,8 @@ impl AgentConfig {
             heartbeat_interval,
             keepalive,
             labels,
+            self_update: file.self_update.unwrap_or(true),
+            upgrade_deadline: Duration::from_secs(file.upgrade_deadline_s.unwrap_or(120).clamp(10, 3600)),
         })
     }
 }

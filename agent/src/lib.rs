@@ -22,3 +22,5 @@ pub mod step;
 pub mod supervisor;
 pub mod tls;
 pub mod trust;
+pub mod upgrade;
+pub mod version;

@@ -75,6 +75,19 @@ pub struct Link {
     mono_origin: std::time::Instant,
     /// Warnings others can trigger at any rate, limited.
     quiet: crate::lograte::LogRate,
+    /// Agent self-update: targets, pieces, the trial's sign of life.
+    upgrade: crate::upgrade::Upgrader,
+    /// Set when a new agent is staged: the session ends and the agent hands over.
+    hand_over: bool,
+}
+
+/// Why the session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkExit {
+    /// Shutdown asked for.
+    Stopped,
+    /// A new agent is staged: replace this process with it (`upgrade::switch::hand_over`).
+    HandOver,
 }
 
 fn qos(kind: TopicKind) -> QoS {
@@ -93,13 +106,26 @@ impl Link {
     /// Runs the session until `shutdown` resolves, then says goodbye: a retained
     /// offline presence and a clean MQTT disconnect. Never gives up on the broker.
     pub async fn run(config: AgentConfig, engine: Option<EngineHandle>, shutdown: impl Future<Output = ()>) {
+        Self::run_agent(config, engine, None, shutdown).await;
+    }
+
+    /// `run`, for the device's own agent: `on_trial` is the version this
+    /// process was started to try (`upgrade::switch::TRIAL_ENV`). Ends with
+    /// `HandOver` when a new agent is staged (the session closed without an
+    /// offline presence: the next agent reconnects at once).
+    pub async fn run_agent(
+        config: AgentConfig,
+        engine: Option<EngineHandle>,
+        on_trial: Option<String>,
+        shutdown: impl Future<Output = ()>,
+    ) -> LinkExit {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
         let id = config.device_id.clone();
         let will = Presence {
             state: PresenceState::Offline,
-            agent_version: env!("CARGO_PKG_VERSION").into(),
+            agent_version: crate::version::version().into(),
             boot_id: boot_id.clone(),
             started_at: 0,
         };
@@ -141,8 +167,10 @@ impl Link {
         );
         // Where the controller's time stood when this device last knew it.
         let floor = accepted.floor_ms.max(persisted.as_ref().map_or(0, |d| d.issued_ms));
+        let upgrade = crate::upgrade::Upgrader::new(&config, on_trial);
         let mut link = Link {
-            config,
+            upgrade,
+            hand_over: false,
             client,
             boot_id,
             started_at: unix_now().as_secs(),
@@ -159,11 +187,18 @@ impl Link {
             clock: crate::clock::ControllerClock::starting_at(floor, 0),
             mono_origin: std::time::Instant::now(),
             quiet: crate::lograte::LogRate::new(WARN_EVERY),
+            config,
         };
         if let Some(d) = persisted {
             link.desired_generation = d.generation;
             link.persisted_workloads = Some(d.workloads);
+            // An upgrade under way before a restart goes on (or is judged done).
+            let fx = link.upgrade.on_target(d.agent.as_ref(), std::time::Instant::now());
+            link.upgrade_effects(fx);
         }
+        let mut upgrade_ticker = tokio::time::interval(Duration::from_secs(1));
+        upgrade_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut connected_at: Option<std::time::Instant> = None;
 
         let mut backoff = Backoff::with_entropy(Duration::from_millis(500), RECONNECT_CAP);
         let mut ticker = tokio::time::interval(link.config.heartbeat_interval);
@@ -176,9 +211,16 @@ impl Link {
         let (_idle_tx, idle_rx) = tokio::sync::watch::channel(baton_protocol::Report::default());
         let mut reports = link.engine.as_ref().map_or(idle_rx, |e| e.reports.clone());
         loop {
+            if link.hand_over {
+                break;
+            }
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = ticker.tick(), if connected => link.send_heartbeat(),
+                _ = upgrade_ticker.tick() => {
+                    let fx = link.upgrade.on_tick(std::time::Instant::now(), connected_at);
+                    link.upgrade_effects(fx);
+                }
                 Ok(()) = reports.changed() => {
                     let report = reports.borrow_and_update().clone();
                     link.applied_generation = report.generation;
@@ -190,8 +232,11 @@ impl Link {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         info!(session_present = ack.session_present, "connected to broker");
                         connected = true;
+                        connected_at = Some(std::time::Instant::now());
                         backoff.reset();
                         link.on_connect();
+                        let fx = link.upgrade.on_connect(std::time::Instant::now());
+                        link.upgrade_effects(fx);
                         if link.engine.is_some() {
                             // Whatever changed while we were away: the latest state, once.
                             link.publish(TopicKind::Report, &Message::Report(reports.borrow().clone()));
@@ -213,6 +258,7 @@ impl Link {
                             warn_limited!(link, "unreachable", error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the broker");
                         }
                         connected = false;
+                        connected_at = None;
                         tokio::select! {
                             () = &mut shutdown => break,
                             () = tokio::time::sleep(delay) => {}
@@ -222,10 +268,37 @@ impl Link {
             }
         }
 
+        if link.hand_over {
+            if connected {
+                link.close_quietly(&mut events).await;
+            }
+            info!("agent link closed for the hand-over to the new agent");
+            return LinkExit::HandOver;
+        }
         if connected {
             link.say_goodbye(&mut events).await;
         }
         info!("agent link stopped");
+        LinkExit::Stopped
+    }
+
+    /// Carries out what an upgrade step asked for.
+    fn upgrade_effects(&mut self, fx: crate::upgrade::Effects) {
+        if let Some(req) = fx.send {
+            self.publish(TopicKind::Release, &Message::ReleaseRequest(req));
+        }
+        if fx.report {
+            self.publish(TopicKind::Inventory, &Message::Inventory(self.inventory()));
+        }
+        self.hand_over |= fx.hand_over;
+    }
+
+    fn inventory(&self) -> baton_protocol::Inventory {
+        let mut inventory = node::inventory(&self.config);
+        inventory.sealing_key = self.identity.as_ref().map(|k| k.public().to_vec()).unwrap_or_default();
+        inventory.previous_agent_version = self.upgrade.previous_version().unwrap_or_default();
+        inventory.upgrade = self.upgrade.outcome();
+        inventory
     }
 
     fn mono_ms(&self) -> u64 {
@@ -246,7 +319,7 @@ impl Link {
     fn presence(&self, state: PresenceState) -> Message {
         Message::Presence(Presence {
             state,
-            agent_version: env!("CARGO_PKG_VERSION").into(),
+            agent_version: crate::version::version().into(),
             boot_id: self.boot_id.clone(),
             started_at: self.started_at,
         })
@@ -254,12 +327,10 @@ impl Link {
 
     fn on_connect(&mut self) {
         self.publish(TopicKind::Presence, &self.presence(PresenceState::Online));
-        let mut inventory = node::inventory(&self.config);
-        inventory.sealing_key = self.identity.as_ref().map(|k| k.public().to_vec()).unwrap_or_default();
-        self.publish(TopicKind::Inventory, &Message::Inventory(inventory));
+        self.publish(TopicKind::Inventory, &Message::Inventory(self.inventory()));
         // Subscribing again is harmless when the broker kept the session, and
         // needed when it did not (a restarted embedded broker keeps nothing).
-        for kind in [TopicKind::Desired, TopicKind::Cmd] {
+        for kind in [TopicKind::Desired, TopicKind::Cmd, TopicKind::ReleaseRes] {
             if let Err(e) = self.client.try_subscribe(self.config.device_id.topic(kind), QoS::AtLeastOnce) {
                 warn!(error = %e, "cannot queue subscription");
             }
@@ -283,6 +354,10 @@ impl Link {
         }
         match decode_on(kind, payload) {
             Ok((_, Message::Command(cmd))) => self.on_command(cmd),
+            Ok((_, Message::ReleaseChunk(chunk))) => {
+                let fx = self.upgrade.on_chunk(&chunk, std::time::Instant::now());
+                self.upgrade_effects(fx);
+            }
             Ok((_, other)) => debug!(kind = ?other.kind(), "ignoring message"),
             Err(e) => {
                 warn_limited!(self, "undecodable", topic, error = %e, len = payload.len(), "undecodable message ignored")
@@ -318,6 +393,8 @@ impl Link {
         if let Err(why) = crate::reconcile::validate(&d) {
             return self.refuse(format!("generation {}: {why}", d.generation));
         }
+        let fx = self.upgrade.on_target(d.agent.as_ref(), std::time::Instant::now());
+        self.upgrade_effects(fx);
         let Some(engine) = &self.engine else {
             return info!(generation = d.generation, "desired document received; this agent runs no workloads");
         };
@@ -413,6 +490,21 @@ impl Link {
             engine: self.engine.as_ref().map(|e| e.tx.clone()),
         };
         tokio::spawn(crate::commands::run(cmd, ctx, self.client.clone(), self.config.device_id.clone(), cancel));
+    }
+
+    /// Ends the session without saying goodbye: the retained presence stays
+    /// online and no Will is published, for the new agent that reconnects at once.
+    async fn close_quietly(&mut self, events: &mut rumqttc::EventLoop) {
+        let _ = self.client.try_disconnect();
+        let drain = async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), drain).await;
     }
 
     /// Marks the device offline on purpose (the broker would only publish the

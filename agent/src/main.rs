@@ -34,6 +34,14 @@ enum Cmd {
     Image(ImageCmd),
     /// Stand in for a fleet: N devices with the real MQTT link and reconcile, fake containers.
     Simulate(SimCli),
+    /// Watch a new agent on trial (started by the agent during an upgrade; not for people).
+    #[command(hide = true)]
+    UpgradeWatch {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        pid: u32,
+    },
     /// Enroll this device with a join token (`baton token create`), once.
     Join {
         token: String,
@@ -193,7 +201,13 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    // The version is the one stamped in this binary (`version`), not a constant.
+    let matches = Cli::command().version(baton_agent::version::version()).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let args = match cli.command {
         Some(Cmd::Run(args)) => args,
         // No tokio, no threads, no logging subscriber: the shim must stay single-threaded.
@@ -224,6 +238,15 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("baton-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Cmd::UpgradeWatch { data_dir, pid }) => {
+            return match baton_agent::upgrade::switch::watch(&data_dir, pid) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("baton-agent upgrade-watch: {e}");
                     ExitCode::FAILURE
                 }
             };
@@ -291,11 +314,25 @@ fn resolve_config(args: RunArgs) -> Result<AgentConfig, Box<dyn std::error::Erro
 }
 
 fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use baton_agent::upgrade::switch;
     let config = resolve_config(args.clone())?;
-    let no_workloads = args.no_workloads;
+    // Started by the agent before it to try this build: say so to this
+    // process only (shims and execs must not inherit it).
+    let on_trial = std::env::var(switch::TRIAL_ENV).ok();
+    std::env::remove_var(switch::TRIAL_ENV);
+    if config.self_update {
+        // Finish, roll back or start an upgrade left half-way, before anything runs.
+        switch::at_start(&config.data_dir, on_trial.is_some());
+    }
+    let (data_dir, no_workloads) = (config.data_dir.clone(), args.no_workloads);
     let reload = move || resolve_config(args).map_err(|e| e.to_string());
-    baton_agent::assemble::run(config, reload, no_workloads, shutdown_signal())?;
-    Ok(())
+    match baton_agent::assemble::run(config, reload, no_workloads, on_trial, shutdown_signal())? {
+        baton_agent::link::LinkExit::Stopped => Ok(()),
+        baton_agent::link::LinkExit::HandOver => {
+            let e = switch::hand_over(&switch::Paths::new(&data_dir), &data_dir);
+            Err(format!("cannot hand over to the new agent: {e}").into())
+        }
+    }
 }
 
 fn simulate(args: SimCli) -> Result<(), Box<dyn std::error::Error>> {

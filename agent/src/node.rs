@@ -13,7 +13,7 @@ pub fn inventory(config: &AgentConfig) -> Inventory {
     let disk_bytes = disk_usage(&config.data_dir).map_or(0, |(size, _)| size);
     let meminfo = read("/proc/meminfo");
     Inventory {
-        agent_version: env!("CARGO_PKG_VERSION").into(),
+        agent_version: crate::version::version().into(),
         arch: std::env::consts::ARCH.into(),
         arch_variant: if std::env::consts::ARCH == "arm" { "v7".into() } else { String::new() },
         os: os_pretty_name(&read("/etc/os-release")).unwrap_or_else(|| "Linux".into()),
@@ -25,8 +25,10 @@ pub fn inventory(config: &AgentConfig) -> Inventory {
         cgroup: cgroup_version(Path::new("/sys/fs/cgroup")),
         labels: config.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         addresses: addresses(),
-        // Filled in by the link, which holds the device key.
+        // Filled in by the link, which holds the device key and the upgrader.
         sealing_key: Vec::new(),
+        previous_agent_version: String::new(),
+        upgrade: None,
     }
 }
 

@@ -168,6 +168,8 @@ pub async fn run(cfg: SimConfig, shutdown: impl std::future::Future<Output = ()>
         let mut config = cfg.base.clone();
         config.data_dir = cfg.data_dir.join(&id);
         config.device_id = device_id;
+        // A simulated device has no binary of its own to replace.
+        config.self_update = false;
         if let Some((key, values)) = &cfg.label_cycle {
             config.labels.insert(key.clone(), values[index % values.len()].clone());
         }

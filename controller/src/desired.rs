@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use baton_protocol::release::AgentTarget;
 use baton_protocol::spec::WorkloadSpec;
 use baton_protocol::{Desired, Endpoint, ServiceEndpoints};
 
@@ -196,13 +197,19 @@ pub enum Issue {
 /// it is to get now, and the generation it says it has in force. A device
 /// ahead of the controller gets its document again past its generation:
 /// devices refuse anything numbered at or below what they have.
-pub fn issue(last: Option<&Desired>, composed: &[WorkloadSpec], services: &[ServiceEndpoints], applied: u64) -> Issue {
+pub fn issue(
+    last: Option<&Desired>,
+    composed: &[WorkloadSpec],
+    services: &[ServiceEndpoints],
+    agent: Option<&AgentTarget>,
+    applied: u64,
+) -> Issue {
     let stored = last.map_or(0, |d| d.generation);
     let ahead = applied > stored;
     let unchanged = match last {
-        Some(d) => d.workloads == composed && d.services == services && !ahead,
+        Some(d) => d.workloads == composed && d.services == services && d.agent.as_ref() == agent && !ahead,
         // A rebuilt store does not empty a device it knows nothing of.
-        None => composed.is_empty(),
+        None => composed.is_empty() && agent.is_none(),
     };
     if unchanged {
         return Issue::Unchanged;
@@ -391,13 +398,24 @@ mod tests {
             ),
         ];
         for (what, last, composed, applied, want) in table {
-            assert_eq!(issue(last.as_ref(), &composed, &[], applied), want, "{what}");
+            assert_eq!(issue(last.as_ref(), &composed, &[], None, applied), want, "{what}");
         }
         let services = [ServiceEndpoints { name: "api".into(), ..Default::default() }];
         assert_eq!(
-            issue(Some(&doc(4, web.clone())), &web, &services, 4),
+            issue(Some(&doc(4, web.clone())), &web, &services, None, 4),
             Issue::New { generation: 5, ahead: None },
             "a change of services alone is a new document"
+        );
+        let agent = AgentTarget { version: "2.0.0".into(), digest: vec![1; 32], size: 9, rollout: 1, downgrade: false };
+        assert_eq!(
+            issue(Some(&doc(4, web.clone())), &web, &[], Some(&agent), 4),
+            Issue::New { generation: 5, ahead: None },
+            "an agent to run is a new document"
+        );
+        assert_eq!(
+            issue(None, &[], &[], Some(&agent), 0),
+            Issue::New { generation: 1, ahead: None },
+            "a device without workloads still gets its agent"
         );
     }
 }

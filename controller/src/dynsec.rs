@@ -49,15 +49,25 @@ pub fn setup(controller_user: &str) -> Vec<u8> {
 }
 
 /// What a device may do: publish its own upstream topics, subscribe to its
-/// own `desired` and `cmd` (exact topics, no wildcards).
+/// own `desired`, `cmd` and `release/res` (exact topics, no wildcards).
 fn device_acls(device: &str) -> Vec<Value> {
     let topic = |k: TopicKind| format!("baton/v1/dev/{device}/{}", k.suffix());
-    let mut acls: Vec<Value> =
-        [TopicKind::Presence, TopicKind::Inventory, TopicKind::Heartbeat, TopicKind::Report, TopicKind::CmdRes]
+    let mut acls: Vec<Value> = [
+        TopicKind::Presence,
+        TopicKind::Inventory,
+        TopicKind::Heartbeat,
+        TopicKind::Report,
+        TopicKind::CmdRes,
+        TopicKind::Release,
+    ]
+    .into_iter()
+    .map(|k| acl("publishClientSend", &topic(k)))
+    .collect();
+    acls.extend(
+        [TopicKind::Desired, TopicKind::Cmd, TopicKind::ReleaseRes]
             .into_iter()
-            .map(|k| acl("publishClientSend", &topic(k)))
-            .collect();
-    acls.extend([TopicKind::Desired, TopicKind::Cmd].into_iter().map(|k| acl("subscribeLiteral", &topic(k))));
+            .map(|k| acl("subscribeLiteral", &topic(k))),
+    );
     acls
 }
 
@@ -145,7 +155,7 @@ mod tests {
         assert!(acls.iter().all(|a| !a["topic"].as_str().unwrap().contains(['+', '#'])), "wildcards: {acls:?}");
         let subs: Vec<&str> =
             acls.iter().filter(|a| a["acltype"] == "subscribeLiteral").map(|a| a["topic"].as_str().unwrap()).collect();
-        assert_eq!(subs, ["baton/v1/dev/pi-a/desired", "baton/v1/dev/pi-a/cmd"]);
+        assert_eq!(subs, ["baton/v1/dev/pi-a/desired", "baton/v1/dev/pi-a/cmd", "baton/v1/dev/pi-a/release/res"]);
         // The old client goes first (its connections with it), then the new one is made.
         let order: Vec<&str> = c.iter().map(|c| c["command"].as_str().unwrap()).collect();
         assert_eq!(order, ["disableClient", "deleteClient", "deleteRole", "createRole", "createClient"]);

@@ -142,7 +142,7 @@ impl Device {
 #[derive(Debug, Clone)]
 pub enum FleetEvent {
     Presence(Presence),
-    Inventory(Inventory),
+    Inventory(Box<Inventory>),
     Heartbeat(Heartbeat),
     Report(Report),
     /// Any other message from the device (a command result): proof of life.
@@ -247,7 +247,7 @@ impl Fleet {
                 _ => return Change::UnknownDevice,
             };
             let inventory = match event {
-                FleetEvent::Inventory(inv) => Some(inv),
+                FleetEvent::Inventory(inv) => Some(*inv),
                 _ => None,
             };
             let device = Device {
@@ -292,7 +292,7 @@ impl Fleet {
                     inv.sealing_key = pinned.clone();
                 }
                 let changed = device.inventory.as_ref() != Some(&inv);
-                device.inventory = Some(inv);
+                device.inventory = Some(*inv);
                 changed
             }
             FleetEvent::Heartbeat(hb) => {
@@ -420,10 +420,7 @@ mod tests {
             assert_eq!(f.apply(&id("ghost"), ev, Delivery::Live, 1), Change::UnknownDevice);
         }
         assert!(f.is_empty());
-        assert_eq!(
-            f.apply(&id("ghost"), FleetEvent::Inventory(Inventory::default()), Delivery::Live, 1),
-            Change::Persist
-        );
+        assert_eq!(f.apply(&id("ghost"), FleetEvent::Inventory(Box::default()), Delivery::Live, 1), Change::Persist);
         assert_eq!(f.len(), 1);
     }
 
@@ -454,7 +451,7 @@ mod tests {
             labels: vec![("site".into(), "lyon".into()), ("role".into(), "x".into())],
             ..Default::default()
         };
-        f.apply(&a, FleetEvent::Inventory(inv), Delivery::Live, 1);
+        f.apply(&a, FleetEvent::Inventory(Box::new(inv)), Delivery::Live, 1);
         let set = BTreeMap::from([("role".to_string(), "gateway".to_string()), ("tier".into(), "1".into())]);
         f.relabel(&a, &set, &[]).unwrap();
         let l = f.get(&a).unwrap().labels();

@@ -16,13 +16,14 @@ use crate::fleet::{Delivery, FleetEvent};
 use crate::metrics::Rejection;
 
 /// Topics the controller reads: everything agents publish.
-pub const UPSTREAM: [TopicKind; 6] = [
+pub const UPSTREAM: [TopicKind; 7] = [
     TopicKind::Presence,
     TopicKind::Inventory,
     TopicKind::Heartbeat,
     TopicKind::Report,
     TopicKind::CmdRes,
     TopicKind::Enroll,
+    TopicKind::Release,
 ];
 
 /// Larger than any broker limit we configure, so an oversize publish is
@@ -38,8 +39,14 @@ pub fn classify(topic: &str, payload: &[u8]) -> Result<(DeviceId, TopicKind, Mes
         _ => Rejection::Malformed,
     })?;
     // We subscribe to neither desired nor cmd; a message of theirs here was misrouted.
-    if matches!(msg, Message::Desired(_) | Message::SignedDesired(_) | Message::Command(_) | Message::EnrollResponse(_))
-    {
+    if matches!(
+        msg,
+        Message::Desired(_)
+            | Message::SignedDesired(_)
+            | Message::Command(_)
+            | Message::EnrollResponse(_)
+            | Message::ReleaseChunk(_)
+    ) {
         return Err(Rejection::BadTopic);
     }
     Ok((id, kind, msg))
@@ -49,7 +56,7 @@ pub fn classify(topic: &str, payload: &[u8]) -> Result<(DeviceId, TopicKind, Mes
 pub fn fleet_event(msg: &Message) -> FleetEvent {
     match msg {
         Message::Presence(p) => FleetEvent::Presence(p.clone()),
-        Message::Inventory(i) => FleetEvent::Inventory(i.clone()),
+        Message::Inventory(i) => FleetEvent::Inventory(Box::new(i.clone())),
         Message::Heartbeat(h) => FleetEvent::Heartbeat(h.clone()),
         Message::Report(r) => FleetEvent::Report(r.clone()),
         _ => FleetEvent::Seen,
@@ -206,6 +213,25 @@ pub async fn run(
                             }
                         }
                         Err(e) => warn!(device = %id, error = %e, "cannot encode an enrollment answer"),
+                    }
+                }
+                Ok((id, kind, Message::ReleaseRequest(req))) => {
+                    // A piece of an agent build: read from the store off the
+                    // async workers, sent back on the device's own topic.
+                    controller.metrics.received(kind);
+                    let who = id.clone();
+                    let Some(chunk) = blocking(&controller, move |c| c.release_chunk(&who, &req)).await else {
+                        continue;
+                    };
+                    match encode(&Message::ReleaseChunk(chunk)) {
+                        Ok(bytes) => {
+                            if let Err(e) =
+                                client.try_publish(id.topic(TopicKind::ReleaseRes), QoS::AtLeastOnce, false, bytes)
+                            {
+                                warn!(device = %id, error = %e, "cannot queue a piece of an agent build");
+                            }
+                        }
+                        Err(e) => warn!(device = %id, error = %e, "cannot encode a piece of an agent build"),
                     }
                 }
                 Ok((id, kind, msg)) => {

@@ -21,6 +21,7 @@ pub mod server;
 pub mod store;
 pub mod tenant;
 pub mod tls;
+pub mod upgrade;
 pub mod view;
 pub mod webhook;
 pub mod workload;

@@ -258,6 +258,33 @@ pub struct WorkloadOnDevice {
     pub refused: Option<String>,
 }
 
+/// `baton agent upgrade`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AgentUpgradeRequest {
+    pub version: String,
+    /// Devices whose labels include all of these (empty: every device).
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// `1`, `10%`, `100%`… (default 1, 25%, 100%).
+    #[serde(default)]
+    pub waves: Option<Vec<String>>,
+    #[serde(default)]
+    pub min_ready_s: Option<u64>,
+    #[serde(default)]
+    pub max_failure_pct: Option<u32>,
+    #[serde(default)]
+    pub deadline_s: Option<u64>,
+}
+
+/// An agent upgrade: its number (what devices see), target and progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentRolloutView {
+    pub id: u64,
+    pub version: String,
+    pub selector: BTreeMap<String, String>,
+    pub rollout: RolloutView,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RolloutView {
     pub workload: String,

@@ -48,10 +48,14 @@ pub enum MessageKind {
     EnrollRequest = 9,
     /// Since 1.2.
     EnrollResponse = 10,
+    /// Since 1.6.
+    ReleaseRequest = 11,
+    /// Since 1.6.
+    ReleaseChunk = 12,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 10] = [
+    pub const ALL: [MessageKind; 12] = [
         Self::Presence,
         Self::Inventory,
         Self::Heartbeat,
@@ -62,12 +66,15 @@ impl MessageKind {
         Self::SignedDesired,
         Self::EnrollRequest,
         Self::EnrollResponse,
+        Self::ReleaseRequest,
+        Self::ReleaseChunk,
     ];
 
     /// The minor version that introduced this kind.
     pub fn since_minor(self) -> u8 {
         match self {
             Self::SignedDesired | Self::EnrollRequest | Self::EnrollResponse => 2,
+            Self::ReleaseRequest | Self::ReleaseChunk => 6,
             _ => 0,
         }
     }
@@ -87,6 +94,8 @@ impl MessageKind {
             Self::Desired => MAX_MESSAGE_BYTES - 1024,
             Self::SignedDesired => MAX_MESSAGE_BYTES,
             Self::EnrollRequest | Self::EnrollResponse => 1024,
+            Self::ReleaseRequest => 256,
+            Self::ReleaseChunk => crate::release::CHUNK_BYTES as usize + 1024,
         }
     }
 
@@ -102,6 +111,8 @@ impl MessageKind {
             Self::CommandResult => TopicKind::CmdRes,
             Self::EnrollRequest => TopicKind::Enroll,
             Self::EnrollResponse => TopicKind::EnrollRes,
+            Self::ReleaseRequest => TopicKind::Release,
+            Self::ReleaseChunk => TopicKind::ReleaseRes,
         }
     }
 
@@ -117,6 +128,8 @@ impl MessageKind {
             Self::SignedDesired => "signed-desired",
             Self::EnrollRequest => "enroll-request",
             Self::EnrollResponse => "enroll-response",
+            Self::ReleaseRequest => "release-request",
+            Self::ReleaseChunk => "release-chunk",
         }
     }
 }
@@ -134,6 +147,8 @@ impl Message {
             Self::SignedDesired(_) => MessageKind::SignedDesired,
             Self::EnrollRequest(_) => MessageKind::EnrollRequest,
             Self::EnrollResponse(_) => MessageKind::EnrollResponse,
+            Self::ReleaseRequest(_) => MessageKind::ReleaseRequest,
+            Self::ReleaseChunk(_) => MessageKind::ReleaseChunk,
         }
     }
 }
@@ -185,6 +200,8 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
         Message::Command(m) => append(header, m),
         Message::CommandResult(m) => append(header, m),
         Message::SignedDesired(m) => append(header, m),
+        Message::ReleaseRequest(m) => append(header, m),
+        Message::ReleaseChunk(m) => append(header, m),
         Message::EnrollRequest(m) => append(header, m),
         Message::EnrollResponse(m) => append(header, m),
     }
@@ -232,6 +249,8 @@ pub fn decode(bytes: &[u8]) -> Result<(Envelope, Message), DecodeError> {
         MessageKind::SignedDesired => Message::SignedDesired(decode_body(env, body)?),
         MessageKind::EnrollRequest => Message::EnrollRequest(decode_body(env, body)?),
         MessageKind::EnrollResponse => Message::EnrollResponse(decode_body(env, body)?),
+        MessageKind::ReleaseRequest => Message::ReleaseRequest(decode_body(env, body)?),
+        MessageKind::ReleaseChunk => Message::ReleaseChunk(decode_body(env, body)?),
     };
     Ok((env, msg))
 }
@@ -371,6 +390,7 @@ mod tests {
         let big = Desired {
             services: Vec::new(),
             issued_ms: 0,
+            agent: None,
             generation: 1,
             workloads: vec![crate::spec::WorkloadSpec { name: "x".repeat(MAX_MESSAGE_BYTES), ..Default::default() }],
         };

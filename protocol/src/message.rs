@@ -57,6 +57,10 @@ pub struct Inventory {
     pub addresses: Vec<String>,
     /// Since 1.2: the device's X25519 public key; secrets are sealed to it.
     pub sealing_key: Vec<u8>,
+    /// Since 1.6: the agent version kept to go back to (empty: none yet).
+    pub previous_agent_version: String,
+    /// Since 1.6: how the last agent upgrade this device was asked for went.
+    pub upgrade: Option<crate::release::UpgradeOutcome>,
 }
 
 /// `heartbeat`: QoS 0, every `heartbeat_interval`. Kept small: it is most of
@@ -137,6 +141,9 @@ pub struct Desired {
     /// ms; signed with it): a lower bound on the controller's time for a
     /// device whose own clock cannot be trusted (see `Command::issued_ms`).
     pub issued_ms: u64,
+    /// Since 1.6: the agent build this device should run (None: keep the
+    /// one it runs). See `release`.
+    pub agent: Option<crate::release::AgentTarget>,
 }
 
 /// Since 1.2, what travels on `desired`: an encoded [`Desired`] message and the
@@ -268,4 +275,6 @@ pub enum Message {
     SignedDesired(SignedDesired),
     EnrollRequest(EnrollRequest),
     EnrollResponse(EnrollResponse),
+    ReleaseRequest(crate::release::ReleaseRequest),
+    ReleaseChunk(crate::release::ReleaseChunk),
 }

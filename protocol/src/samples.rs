@@ -28,6 +28,14 @@ pub fn inventory() -> Inventory {
         labels: vec![("site".into(), "lyon".into()), ("role".into(), "sensor".into())],
         addresses: vec!["192.0.2.17".into()],
         sealing_key: crate::crypto::DeviceKey::from_seed(&[1; 32]).public().to_vec(),
+        // Since 1.6.
+        previous_agent_version: "0.0.9".into(),
+        upgrade: Some(crate::release::UpgradeOutcome {
+            version: "0.1.1".into(),
+            rollout: 3,
+            state: crate::release::UpgradeState::RolledBack,
+            detail: "the new agent did not come online within 120 s".into(),
+        }),
     }
 }
 
@@ -137,6 +145,14 @@ pub fn desired() -> Desired {
             }],
         }],
         issued_ms: 1_795_000_000_000,
+        // Since 1.6.
+        agent: Some(crate::release::AgentTarget {
+            version: "0.1.1".into(),
+            digest: (0u8..32).collect(),
+            size: 5_300_000,
+            rollout: 3,
+            downgrade: false,
+        }),
     }
 }
 
@@ -181,5 +197,17 @@ pub fn all() -> Vec<Message> {
             sealing_key: crate::crypto::DeviceKey::from_seed(&[1; 32]).public().to_vec(),
         }),
         Message::EnrollResponse(EnrollResponse { sealed_password: (0u8..112).collect(), error: None }),
+        Message::ReleaseRequest(crate::release::ReleaseRequest {
+            digest: (0u8..32).collect(),
+            offset: 3 * 65_536,
+            len: crate::release::CHUNK_BYTES,
+        }),
+        Message::ReleaseChunk(crate::release::ReleaseChunk {
+            digest: (0u8..32).collect(),
+            offset: 3 * 65_536,
+            total: 5_300_000,
+            data: (0..200u8).collect(),
+            error: None,
+        }),
     ]
 }

@@ -77,10 +77,14 @@ pub enum TopicKind {
     Enroll,
     /// controller → agent, QoS 1, since 1.2: the answer (`EnrollResponse`).
     EnrollRes,
+    /// agent → controller, QoS 1, since 1.6: a piece of an agent release (`ReleaseRequest`).
+    Release,
+    /// controller → agent, QoS 1, since 1.6: the piece (`ReleaseChunk`).
+    ReleaseRes,
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 9] = [
+    pub const ALL: [TopicKind; 11] = [
         Self::Presence,
         Self::Inventory,
         Self::Heartbeat,
@@ -90,6 +94,8 @@ impl TopicKind {
         Self::CmdRes,
         Self::Enroll,
         Self::EnrollRes,
+        Self::Release,
+        Self::ReleaseRes,
     ];
 
     pub fn suffix(self) -> &'static str {
@@ -103,6 +109,8 @@ impl TopicKind {
             Self::CmdRes => "cmd/res",
             Self::Enroll => "enroll",
             Self::EnrollRes => "enroll/res",
+            Self::Release => "release",
+            Self::ReleaseRes => "release/res",
         }
     }
 

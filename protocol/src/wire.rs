@@ -28,6 +28,8 @@ pub struct DesiredV1 {
     pub issued_ms: u64,
     /// Since 1.5: what workloads' specs gained after 1.4 (only those with any).
     pub extensions: Vec<Extension>,
+    /// Since 1.6: the agent this device should run (`Desired::agent`).
+    pub agent: Option<crate::release::AgentTarget>,
 }
 
 /// `WorkloadSpec` as of 1.4 — frozen.
@@ -201,6 +203,7 @@ impl From<Desired> for DesiredV1 {
             services: d.services,
             issued_ms: d.issued_ms,
             extensions,
+            agent: d.agent,
         }
     }
 }
@@ -218,7 +221,13 @@ impl TryFrom<DesiredV1> for Desired {
                 .ok_or_else(|| format!("an extension names {}, which the document does not have", e.workload))?;
             ext.apply(&mut w.container);
         }
-        Ok(Desired { generation: d.generation, workloads, services: d.services, issued_ms: d.issued_ms })
+        Ok(Desired {
+            generation: d.generation,
+            workloads,
+            services: d.services,
+            issued_ms: d.issued_ms,
+            agent: d.agent,
+        })
     }
 }
 

@@ -59,6 +59,10 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
     use baton_protocol::{Command, Message};
     match msg {
         Message::Desired(mut d) => {
+            // 1.6 appended `agent`.
+            if minor < 6 {
+                d.agent = None;
+            }
             // 1.5 appended extensions: the container fields they carry.
             if minor < 5 {
                 for w in &mut d.workloads {
@@ -87,9 +91,13 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             h.unix_ms = 0;
             Message::Heartbeat(h)
         }
-        // 1.2 appended `sealing_key`.
-        Message::Inventory(mut i) if minor < 2 => {
-            i.sealing_key.clear();
+        // 1.2 appended `sealing_key`, 1.6 the agent's previous version and last upgrade.
+        Message::Inventory(mut i) if minor < 6 => {
+            if minor < 2 {
+                i.sealing_key.clear();
+            }
+            i.previous_agent_version.clear();
+            i.upgrade = None;
             Message::Inventory(i)
         }
         // The signed document inside carries its sender's version in its
@@ -99,8 +107,9 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
                 unreachable!("a desired document stays one")
             };
             let mut document = encode(&Message::Desired(d)).expect("encodes");
-            // What 1.5 appended (no extensions: a zero byte) and 1.4 did
+            // What 1.6 appended (no agent: a zero byte), 1.5 (no extensions: a zero byte) and 1.4
             // (`issued_ms`, a zero byte at its default) is not in older bytes.
+            document.pop();
             if minor < 5 {
                 document.pop();
             }
@@ -153,8 +162,8 @@ proptest! {
 
     #[test]
     fn decoding_random_bodies_behind_a_valid_header_never_panics(
-        kind in 1u8..=10,
-        minor in 0u8..6,
+        kind in 1u8..=12,
+        minor in 0u8..7,
         body in proptest::collection::vec(any::<u8>(), 0..1024),
     ) {
         let mut bytes = vec![PROTOCOL_MAJOR, minor, kind];
@@ -164,7 +173,7 @@ proptest! {
 
     #[test]
     fn decoding_mutated_messages_never_panics(
-        which in 0usize..10,
+        which in 0usize..12,
         edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
     ) {
         let mut bytes = valid_encodings().swap_remove(which);
@@ -186,7 +195,7 @@ proptest! {
     }
 
     #[test]
-    fn samples_round_trip(which in 0usize..10) {
+    fn samples_round_trip(which in 0usize..12) {
         let msg = samples()[which].clone();
         let (_, back) = decode(&encode(&msg).unwrap()).unwrap();
         prop_assert_eq!(back, msg);

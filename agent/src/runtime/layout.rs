@@ -120,7 +120,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// (SIGKILL, as a power cut or `kill -9` would) at STAGE — `torn` (half the
 /// temp file written), `written` (temp file whole, not renamed) or `renamed`
 /// (in place, directory not synced). Unset (always, on a device): nothing.
-fn failpoint(file: &str, stage: &str) {
+pub(crate) fn failpoint(file: &str, stage: &str) {
     static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let point = POINT.get_or_init(|| std::env::var("BATON_FAILPOINT").ok());
     if point.as_deref().is_some_and(|p| p.split_once(':') == Some((file, stage))) {

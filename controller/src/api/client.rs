@@ -8,11 +8,12 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::store::AgentRelease;
 use crate::view::{
-    ApiError, ApiTokenCreated, ApiTokenRequest, ApiTokenView, ApplyRequest, ApplyResult, CredentialsView, DeviceView,
-    Event, ExecRequest, ExecResponse, JoinTokenView, LabelChange, ManifestFile, Role, RolloutAction, RolloutView,
-    ScaleRequest, SecretView, TokenRequest, TokenView, TrustView, WebhookCreated, WebhookRequest, WebhookView,
-    WorkloadView,
+    AgentRolloutView, AgentUpgradeRequest, ApiError, ApiTokenCreated, ApiTokenRequest, ApiTokenView, ApplyRequest,
+    ApplyResult, CredentialsView, DeviceView, Event, ExecRequest, ExecResponse, JoinTokenView, LabelChange,
+    ManifestFile, Role, RolloutAction, RolloutView, ScaleRequest, SecretView, TokenRequest, TokenView, TrustView,
+    WebhookCreated, WebhookRequest, WebhookView, WorkloadView,
 };
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
@@ -239,6 +240,36 @@ impl Client {
         }
     }
 
+    pub fn releases(&self) -> anyhow::Result<Vec<AgentRelease>> {
+        self.get("/api/v1/agent/releases")
+    }
+
+    /// Uploads an agent build (its version from the stamp in it, or `version`).
+    pub fn publish_release(&self, data: &[u8], version: Option<&str>) -> anyhow::Result<AgentRelease> {
+        let query = version.map(|v| format!("?version={}", url_escape(v))).unwrap_or_default();
+        let path = format!("/api/v1/agent/releases{query}");
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build()
+            .into();
+        let res =
+            self.authed(agent.post(format!("{}{path}", self.base))).content_type("application/octet-stream").send(data);
+        self.finish(res)
+    }
+
+    pub fn agent_upgrade(&self, req: &AgentUpgradeRequest) -> anyhow::Result<AgentRolloutView> {
+        self.post("/api/v1/agent/upgrade", req)
+    }
+
+    pub fn agent_rollout(&self) -> anyhow::Result<AgentRolloutView> {
+        self.get("/api/v1/agent/rollout")
+    }
+
+    pub fn agent_rollout_action(&self, action: RolloutAction) -> anyhow::Result<AgentRolloutView> {
+        self.post(&format!("/api/v1/agent/rollout/{}", action.as_str()), &serde_json::json!({}))
+    }
+
     /// POST with no body; the answer's raw bytes (a backup).
     fn post_for_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
@@ -315,4 +346,14 @@ impl Client {
             self.base
         )
     }
+}
+
+/// A query value with everything but unreserved characters percent-encoded.
+fn url_escape(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -50,6 +50,15 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/backup", post(backup))
         .route("/api/v1/webhooks", get(list_webhooks).post(create_webhook))
         .route("/api/v1/webhooks/{id}", axum::routing::delete(delete_webhook))
+        .route(
+            "/api/v1/agent/releases",
+            get(list_releases)
+                .post(publish_release)
+                .layer(axum::extract::DefaultBodyLimit::max(crate::controller::MAX_RELEASE_BYTES)),
+        )
+        .route("/api/v1/agent/upgrade", post(agent_upgrade))
+        .route("/api/v1/agent/rollout", get(agent_rollout))
+        .route("/api/v1/agent/rollout/{action}", post(agent_rollout_action))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
@@ -379,6 +388,50 @@ async fn rollout_action(
 ) -> Result<impl IntoResponse, Failure> {
     let action: crate::view::RolloutAction = action.parse().map_err(|e| Failure(StatusCode::BAD_REQUEST, e))?;
     Ok(Json(op(&c, move |c| c.rollout_action(&name, action, now_ms(), &scope)).await??))
+}
+
+async fn list_releases(State(c): State<Arc<Controller>>) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(op(&c, |c| c.releases()).await??))
+}
+
+#[derive(serde::Deserialize)]
+struct PublishQuery {
+    version: Option<String>,
+}
+
+/// The build's bytes as the body (`application/octet-stream`).
+async fn publish_release(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Query(q): Query<PublishQuery>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(op(&c, move |c| c.publish_release(q.version.as_deref(), &body, now_ms(), &scope)).await??))
+}
+
+async fn agent_upgrade(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    body: Result<Json<crate::view::AgentUpgradeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    Ok(Json(op(&c, move |c| c.start_agent_upgrade(&req, now_ms(), &scope)).await??))
+}
+
+async fn agent_rollout(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+) -> Result<impl IntoResponse, Failure> {
+    Ok(Json(op(&c, move |c| c.agent_rollout(&scope)).await??))
+}
+
+async fn agent_rollout_action(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Path(action): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    let action: crate::view::RolloutAction = action.parse().map_err(|e| Failure(StatusCode::BAD_REQUEST, e))?;
+    Ok(Json(op(&c, move |c| c.agent_rollout_action(action, now_ms(), &scope)).await??))
 }
 
 #[derive(serde::Deserialize)]

@@ -139,6 +139,9 @@ pub enum Command {
     /// Device identities on the broker: credentials and revocation.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Agent self-update: publish builds, upgrade the fleet in waves, watch and steer it.
+    #[command(subcommand)]
+    Agent(AgentCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
 }
@@ -162,6 +165,68 @@ pub enum RolloutCmd {
     Abort { workload: String },
     /// Abort a running rollout, or roll out the revision before the current one.
     Undo { workload: String },
+}
+
+#[derive(Subcommand)]
+pub enum AgentCmd {
+    /// Store agent builds (one per architecture, read from each ELF header),
+    /// under the version stamped in them.
+    Publish {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// For builds without a version stamp; must match the stamp when there is one.
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// List published builds.
+    #[command(alias = "ls")]
+    Releases {
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Move devices to an agent version in health-gated waves; too many
+    /// failures send every device back to the version it ran.
+    Upgrade {
+        #[arg(long)]
+        version: String,
+        /// Only devices with these labels (k=v, repeatable or comma-separated).
+        #[arg(long, short = 'l', value_delimiter = ',')]
+        selector: Vec<String>,
+        /// Cumulative wave sizes: counts or shares (default 1,25%,100%).
+        #[arg(long, value_delimiter = ',')]
+        waves: Option<Vec<String>>,
+        /// Seconds a device must run the new agent, online, before it counts (default 10).
+        #[arg(long)]
+        min_ready: Option<u64>,
+        /// More failed devices than this share of those updated rolls everything back (default 10).
+        #[arg(long)]
+        max_failures: Option<u32>,
+        /// Seconds a device has to come back with the new agent before it counts as failed (default 180).
+        #[arg(long)]
+        deadline: Option<u64>,
+    },
+    /// Watch and steer the agent upgrade.
+    #[command(subcommand)]
+    Rollout(AgentRolloutCmd),
+}
+
+#[derive(Subcommand)]
+pub enum AgentRolloutCmd {
+    /// Show the last agent upgrade: waves, devices updated, failed.
+    Status {
+        #[arg(long, short)]
+        watch: bool,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Hold it at its current wave.
+    Pause,
+    /// Continue a paused upgrade.
+    Resume,
+    /// Stop it and send every updated device back to the version it ran.
+    Abort,
+    /// Send every device it covered back to the version it ran, finished or not.
+    Undo,
 }
 
 #[derive(Subcommand)]

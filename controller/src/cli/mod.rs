@@ -56,6 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::bail!("events have no details; `baton get events` lists them")
         }
         Command::Rollout(cmd) => rollout(&client(), cmd),
+        Command::Agent(cmd) => agent(&client(), cmd),
         Command::Scale { workload, replicas } => {
             let w = client().scale(&workload, replicas)?;
             crate::outln!("workload/{} scaled to {} replicas ({} unplaced)", w.name, replicas, w.unplaced);
@@ -276,6 +277,68 @@ fn rollout(client: &Client, cmd: RolloutCmd) -> anyhow::Result<()> {
     };
     let r = client.rollout_action(&name, action)?;
     crate::out!("{}", output::rollout_status(&r));
+    Ok(())
+}
+
+fn agent(client: &Client, cmd: AgentCmd) -> anyhow::Result<()> {
+    use crate::view::RolloutAction;
+    let action = match cmd {
+        AgentCmd::Publish { files, version } => {
+            for path in files {
+                let data = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                let r = client
+                    .publish_release(&data, version.as_deref())
+                    .with_context(|| format!("cannot publish {}", path.display()))?;
+                let hex: String = r.digest.iter().map(|b| format!("{b:02x}")).collect();
+                crate::outln!(
+                    "agent {} for {} published from {} ({} bytes, sha256:{hex})",
+                    r.version,
+                    r.arch,
+                    path.display(),
+                    r.size
+                );
+            }
+            return Ok(());
+        }
+        AgentCmd::Releases { output } => {
+            let list = client.releases()?;
+            return print(output, &list, || output::releases_table(&list, now_ms()));
+        }
+        AgentCmd::Upgrade { version, selector, waves, min_ready, max_failures, deadline } => {
+            let selector = selector
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow::anyhow!("--selector {kv:?}: expected key=value"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let req = crate::view::AgentUpgradeRequest {
+                version,
+                selector,
+                waves,
+                min_ready_s: min_ready,
+                max_failure_pct: max_failures,
+                deadline_s: deadline,
+            };
+            let r = client.agent_upgrade(&req)?;
+            crate::out!("{}", output::agent_rollout_status(&r));
+            return Ok(());
+        }
+        AgentCmd::Rollout(AgentRolloutCmd::Status { watch, output }) => {
+            let r = client.agent_rollout()?;
+            if !watch {
+                return print(output, &r, || output::agent_rollout_status(&r));
+            }
+            return output::watch_rollout(r, || client.agent_rollout());
+        }
+        AgentCmd::Rollout(AgentRolloutCmd::Pause) => RolloutAction::Pause,
+        AgentCmd::Rollout(AgentRolloutCmd::Resume) => RolloutAction::Resume,
+        AgentCmd::Rollout(AgentRolloutCmd::Abort) => RolloutAction::Abort,
+        AgentCmd::Rollout(AgentRolloutCmd::Undo) => RolloutAction::Undo,
+    };
+    let r = client.agent_rollout_action(action)?;
+    crate::out!("{}", output::agent_rollout_status(&r));
     Ok(())
 }
 

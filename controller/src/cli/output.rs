@@ -6,7 +6,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::fleet::Millis;
-use crate::view::{DeviceView, Event, RolloutView};
+use crate::view::{AgentRolloutView, DeviceView, Event, RolloutView};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum Format {
@@ -151,6 +151,15 @@ pub fn device_description(d: &DeviceView, now: Millis) -> String {
     kv("Tenant", d.tenant.clone());
     kv("Status", d.status.as_str().into());
     kv("Agent", d.agent_version.clone());
+    if let Some(i) = &d.inventory {
+        if !i.previous_agent_version.is_empty() {
+            kv("Previous agent", format!("{} (kept to go back to)", i.previous_agent_version));
+        }
+        if let Some(u) = &i.upgrade {
+            let detail = if u.detail.is_empty() { String::new() } else { format!(": {}", u.detail) };
+            kv("Last upgrade", format!("{} {} (agent upgrade {}){detail}", u.version, u.state.as_str(), u.rollout));
+        }
+    }
     kv("Boot ID", d.presence.boot_id.clone());
     kv("First seen", ago(now, d.first_seen_ms));
     kv("Last seen", ago(now, d.last_seen_ms));
@@ -264,7 +273,11 @@ pub fn rollout_line(r: &RolloutView) -> String {
 }
 
 pub fn rollout_status(r: &RolloutView) -> String {
-    let mut o = rollout_line(r) + "\n";
+    rollout_details(rollout_line(r), r)
+}
+
+fn rollout_details(line: String, r: &RolloutView) -> String {
+    let mut o = line + "\n";
     for why in r.reason.iter().chain(&r.waiting) {
         let _ = writeln!(o, "  {why}");
     }
@@ -274,16 +287,80 @@ pub fn rollout_status(r: &RolloutView) -> String {
     o
 }
 
+/// `baton agent rollout status`.
+pub fn agent_rollout_line(r: &AgentRolloutView) -> String {
+    let (v, c) = (&r.rollout, &r.rollout.counts);
+    let selector = if r.selector.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", r.selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+    };
+    format!(
+        "agent upgrade {} to {}{selector}: {} · wave {}/{} · {} of {} devices updated, {} failed, {} in progress",
+        r.id,
+        r.version,
+        state_name(v.state),
+        v.wave,
+        v.waves,
+        c.ready,
+        c.devices,
+        c.failed,
+        c.pending
+    )
+}
+
+pub fn agent_rollout_status(r: &AgentRolloutView) -> String {
+    rollout_details(agent_rollout_line(r), &r.rollout)
+}
+
+/// A rollout `status --watch` follows.
+pub trait Watched {
+    fn progress(&self) -> &RolloutView;
+    fn line(&self) -> String;
+    fn status(&self) -> String;
+    fn what(&self) -> String;
+}
+
+impl Watched for RolloutView {
+    fn progress(&self) -> &RolloutView {
+        self
+    }
+    fn line(&self) -> String {
+        rollout_line(self)
+    }
+    fn status(&self) -> String {
+        rollout_status(self)
+    }
+    fn what(&self) -> String {
+        format!("rollout of revision {}", self.to)
+    }
+}
+
+impl Watched for AgentRolloutView {
+    fn progress(&self) -> &RolloutView {
+        &self.rollout
+    }
+    fn line(&self) -> String {
+        agent_rollout_line(self)
+    }
+    fn status(&self) -> String {
+        agent_rollout_status(self)
+    }
+    fn what(&self) -> String {
+        format!("agent upgrade to {}", self.version)
+    }
+}
+
 /// `rollout status --watch`: a redrawn progress bar on a terminal, one line
 /// per change otherwise; returns when the rollout is no longer active.
-pub fn watch_rollout(mut r: RolloutView, mut fetch: impl FnMut() -> anyhow::Result<RolloutView>) -> anyhow::Result<()> {
+pub fn watch_rollout<T: Watched>(mut r: T, mut fetch: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let tty = std::io::stdout().is_terminal();
     let mut last = String::new();
     loop {
-        let line = rollout_line(&r);
+        let line = r.line();
         if tty {
-            let c = &r.counts;
+            let c = &r.progress().counts;
             let width = 30;
             let filled = ((c.ready + c.failed) * width).checked_div(c.devices).unwrap_or(width).min(width);
             let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
@@ -292,20 +369,42 @@ pub fn watch_rollout(mut r: RolloutView, mut fetch: impl FnMut() -> anyhow::Resu
             crate::outln!("{line}");
         }
         last = line;
-        if !r.state.active() {
+        let state = r.progress().state;
+        if !state.active() {
             if tty {
                 crate::outln!();
             }
-            crate::out!("{}", rollout_status(&r).split_once('\n').map_or("", |(_, rest)| rest));
-            return if matches!(r.state, crate::rollout::State::Succeeded) {
+            crate::out!("{}", r.status().split_once('\n').map_or("", |(_, rest)| rest));
+            return if matches!(state, crate::rollout::State::Succeeded) {
                 Ok(())
             } else {
-                Err(anyhow::anyhow!("rollout of revision {} {}", r.to, state_name(r.state)))
+                Err(anyhow::anyhow!("{} {}", r.what(), state_name(state)))
             };
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
         r = fetch()?;
     }
+}
+
+/// `baton agent releases`.
+pub fn releases_table(list: &[crate::store::AgentRelease], now: Millis) -> String {
+    if list.is_empty() {
+        return "No agent builds published (baton agent publish FILE…).\n".into();
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| {
+            let hex: String = r.digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+            vec![
+                r.version.clone(),
+                r.arch.clone(),
+                format!("{:.1} MiB", r.size as f64 / 1048576.0),
+                format!("sha256:{hex}…"),
+                ago(now, r.published_at),
+            ]
+        })
+        .collect();
+    table(&["VERSION", "ARCH", "SIZE", "DIGEST", "PUBLISHED"], &rows)
 }
 
 pub fn events_table(events: &[Event], now: Millis) -> String {

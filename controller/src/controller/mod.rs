@@ -28,12 +28,14 @@ use crate::tenant::Scope;
 use crate::view::{Event, Health};
 
 mod access;
+mod agents;
 mod devices;
 mod publish;
 mod secrets;
 mod webhooks;
 mod workloads;
 
+pub use agents::MAX_RELEASE_BYTES;
 use publish::sign_desired;
 
 /// What placement and service discovery need from the fleet, taken in one lock.
@@ -69,6 +71,9 @@ struct State {
     reasserted: BTreeMap<String, Millis>,
     /// Devices online but behind their document: since when (or when it was last sent again).
     behind: BTreeMap<String, Millis>,
+    /// The last agent upgrade (`upgrade`), and the agent builds published.
+    agent_rollout: Option<crate::upgrade::AgentRollout>,
+    releases: crate::upgrade::Releases,
 }
 
 pub fn now_ms() -> Millis {
@@ -215,6 +220,8 @@ impl Controller {
             }
         }
         let api_tokens = store.api_tokens()?;
+        let agent_rollout = store.load_agent_rollout()?;
+        let releases = agents::index(&store.releases()?);
         tracing::info!(devices = fleet.len(), workloads = workloads.len(), "fleet loaded from store");
         Ok(Self {
             commands,
@@ -228,6 +235,8 @@ impl Controller {
                 sealed,
                 reasserted: BTreeMap::new(),
                 behind: BTreeMap::new(),
+                agent_rollout,
+                releases,
             }),
             fleet: Mutex::new(fleet),
             store: Mutex::new(store),
@@ -295,6 +304,7 @@ impl Controller {
             let fleet = lock(&self.fleet);
             let mut st = lock(&self.state);
             changed |= self.step_rollouts(&fleet, &mut st, now);
+            changed |= self.step_agent_rollout(&fleet, &mut st, now);
             let gone: BTreeSet<String> =
                 fleet.devices().filter(|d| is_gone(d, now, self.reschedule_after_ms)).map(|d| d.id.clone()).collect();
             changed |= gone != st.gone;

@@ -3,7 +3,7 @@
 //! still behind after a minute, republished after a broker (re)connect, and
 //! reasserted over documents on the broker this controller did not issue.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering::Relaxed;
 
 use baton_protocol::{crypto, encode, Desired, DeviceId, Message};
@@ -87,24 +87,32 @@ impl Controller {
         let store = lock(&self.store);
         let mut cache = std::mem::take(&mut st.sealed);
         let mut sealed = SealCache::new();
+        let facts: BTreeMap<&str, &crate::schedule::DeviceFacts> =
+            snap.facts.iter().map(|f| (f.id.as_str(), f)).collect();
         for desired::Composed { device, workloads, services } in docs {
             let workloads = self.seal(&store, &mut cache, &mut sealed, &device, snap.sealing.get(&device), workloads);
             let applied = snap.applied.get(&device).copied().unwrap_or(0);
-            let generation = match desired::issue(st.desired.get(&device), &workloads, &services, applied) {
-                desired::Issue::Unchanged => continue,
-                desired::Issue::New { generation, ahead } => {
-                    if let Some((applied, stored)) = ahead {
-                        let tenant = snap.facts.iter().find(|f| f.id == device).map_or("", |f| f.tenant.as_str());
-                        let message = format!(
-                            "has generation {applied} in force, newer than the {stored} this controller issued \
+            let agent = st
+                .agent_rollout
+                .as_ref()
+                .zip(facts.get(device.as_str()))
+                .and_then(|(r, f)| r.target_for(f, &st.releases));
+            let generation =
+                match desired::issue(st.desired.get(&device), &workloads, &services, agent.as_ref(), applied) {
+                    desired::Issue::Unchanged => continue,
+                    desired::Issue::New { generation, ahead } => {
+                        if let Some((applied, stored)) = ahead {
+                            let tenant = snap.facts.iter().find(|f| f.id == device).map_or("", |f| f.tenant.as_str());
+                            let message = format!(
+                                "has generation {applied} in force, newer than the {stored} this controller issued \
                              (store restored from a backup?): its document is issued again as generation {generation}"
-                        );
-                        self.event(&store, tenant, "device.reissued", &device, message, snap.now);
+                            );
+                            self.event(&store, tenant, "device.reissued", &device, message, snap.now);
+                        }
+                        generation
                     }
-                    generation
-                }
-            };
-            let doc = Desired { generation, workloads, services, issued_ms: snap.now };
+                };
+            let doc = Desired { generation, workloads, services, issued_ms: snap.now, agent };
             let payload = match self.sign(&device, &doc) {
                 Ok(p) => p,
                 Err(e) => {

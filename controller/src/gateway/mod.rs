@@ -63,16 +63,20 @@ pub fn may_publish(identity: &Identity, topic: &str) -> bool {
                         | TopicKind::Heartbeat
                         | TopicKind::Report
                         | TopicKind::CmdRes
+                        | TopicKind::Release
                 )
         }
         Identity::Joining(id) => d == *id && kind == TopicKind::Enroll,
     }
 }
 
-/// Filters a device subscribes to: exactly its own documents and commands (no wildcards).
+/// Filters a device subscribes to: exactly its own documents, commands and
+/// pieces of agent builds (no wildcards).
 pub fn may_subscribe(identity: &Identity, filter: &str) -> bool {
     match identity {
-        Identity::Device(id) => filter == id.topic(TopicKind::Desired) || filter == id.topic(TopicKind::Cmd),
+        Identity::Device(id) => {
+            [TopicKind::Desired, TopicKind::Cmd, TopicKind::ReleaseRes].into_iter().any(|k| filter == id.topic(k))
+        }
         Identity::Joining(id) => filter == id.topic(TopicKind::EnrollRes),
     }
 }

@@ -4,7 +4,8 @@
 //! This file: the schema, the row types, opening, batches, backup and
 //! restore; the queries by subject in `fleet.rs` (devices, credentials,
 //! desired documents, events), `workloads.rs` (workloads, revisions,
-//! rollouts, secrets) and `access.rs` (join and API tokens).
+//! rollouts, secrets), `access.rs` (join and API tokens) and `releases.rs`
+//! (agent builds and agent upgrades).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,7 +18,10 @@ use crate::workload::Manifest;
 
 mod access;
 mod fleet;
+pub mod releases;
 mod workloads;
+
+pub use releases::AgentRelease;
 
 /// Append only: never edit a migration that has shipped.
 const MIGRATIONS: &[&str] = &[
@@ -120,6 +124,24 @@ const MIGRATIONS: &[&str] = &[
         events TEXT NOT NULL,
         secret BLOB NOT NULL,
         created_at INTEGER NOT NULL
+    ) STRICT;",
+    // 10: agent builds published for self-update (one per version and
+    // architecture; `seq` numbers versions in publishing order), and agent
+    // upgrades (the last one is in force; JSON `upgrade::AgentRollout`).
+    "CREATE TABLE agent_releases (
+        version TEXT NOT NULL,
+        arch TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        published_at INTEGER NOT NULL,
+        PRIMARY KEY (version, arch)
+    ) STRICT;
+    CREATE INDEX agent_releases_digest ON agent_releases (digest);
+    CREATE TABLE agent_rollouts (
+        id INTEGER PRIMARY KEY NOT NULL,
+        doc TEXT NOT NULL
     ) STRICT;",
 ];
 

@@ -1,0 +1,232 @@
+//! Agent self-update: the controller names a build in the desired document;
+//! the device fetches it over its MQTT link (`fetch`), checks it, stages it
+//! next to the running one and switches to it on trial, going back by itself
+//! when it does not come online (`switch`, with its decisions in the pure
+//! `plan`). [`Upgrader`] is the link's side of it: it turns targets, pieces
+//! and ticks into requests to send, inventories to republish, and the
+//! moment to hand over.
+
+pub mod fetch;
+pub mod plan;
+pub mod switch;
+
+use std::time::{Duration, Instant};
+
+use baton_protocol::release::{AgentTarget, ReleaseChunk, ReleaseRequest, UpgradeOutcome, UpgradeState};
+
+use crate::config::AgentConfig;
+use fetch::{Download, Progress};
+use plan::{Marker, MarkerPhase, Want};
+use switch::Paths;
+
+/// How long the new agent stays connected before it says it came online.
+pub const CONFIRM_AFTER: Duration = Duration::from_secs(5);
+
+/// What the link should do after an upgrade step.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub send: Option<ReleaseRequest>,
+    /// The inventory (which carries the upgrade's outcome) changed.
+    pub report: bool,
+    /// Stop and hand over to the staged build (`switch::hand_over`).
+    pub hand_over: bool,
+}
+
+pub struct Upgrader {
+    paths: Paths,
+    enabled: bool,
+    reserve: u64,
+    deadline_s: u64,
+    /// Some(version) while this process is the new agent on trial.
+    on_trial: Option<String>,
+    confirmed: bool,
+    last: Option<Marker>,
+    download: Option<Download>,
+}
+
+impl Upgrader {
+    pub fn new(config: &AgentConfig, on_trial: Option<String>) -> Self {
+        let paths = Paths::new(&config.data_dir);
+        let last = switch::read_marker(&paths);
+        Upgrader {
+            paths,
+            enabled: config.self_update,
+            reserve: config.disk_reserve_bytes,
+            deadline_s: config.upgrade_deadline.as_secs(),
+            on_trial,
+            confirmed: false,
+            last,
+            download: None,
+        }
+    }
+
+    /// The version kept to go back to.
+    pub fn previous_version(&self) -> Option<String> {
+        switch::linked(&self.paths.previous).and_then(|n| switch::version_of(&n).map(str::to_owned))
+    }
+
+    /// What the inventory says of upgrades: the previous version and the last outcome.
+    pub fn outcome(&self) -> Option<UpgradeOutcome> {
+        if let Some(d) = &self.download {
+            return Some(UpgradeOutcome {
+                version: d.target.version.clone(),
+                rollout: d.target.rollout,
+                state: UpgradeState::InProgress,
+                detail: format!("downloading: {} of {} bytes", d.offset, d.target.size),
+            });
+        }
+        self.last.as_ref().map(Marker::outcome)
+    }
+
+    fn refuse(&mut self, target: &AgentTarget, why: String) -> Effects {
+        tracing::warn!(version = %target.version, reason = %why, "agent upgrade refused");
+        self.download = None;
+        let m = Marker {
+            phase: MarkerPhase::Refused,
+            version: target.version.clone(),
+            rollout: target.rollout,
+            detail: why,
+            ..Default::default()
+        };
+        if let Err(e) = switch::write_marker(&self.paths, &m) {
+            tracing::warn!(error = %e, "cannot record the refusal; it will be reported until the agent restarts");
+        }
+        self.last = Some(m);
+        Effects { report: true, ..Default::default() }
+    }
+
+    /// The agent the newest desired document names (None: keep this one).
+    pub fn on_target(&mut self, target: Option<&AgentTarget>, now: Instant) -> Effects {
+        let Some(target) = target else {
+            if self.download.take().is_some() {
+                tracing::info!("agent upgrade withdrawn; the download stops (its part is kept)");
+                return Effects { report: true, ..Default::default() };
+            }
+            return Effects::default();
+        };
+        if !self.enabled || self.on_trial.is_some() {
+            return Effects::default();
+        }
+        if self.download.as_ref().is_some_and(|d| d.target == *target) {
+            return Effects::default();
+        }
+        self.download = None;
+        let previous = self.previous_version();
+        match plan::want(target, crate::version::version(), previous.as_deref(), self.last.as_ref()) {
+            Want::Nothing => Effects::default(),
+            Want::Refuse(why) => self.refuse(target, why),
+            Want::SwitchBack => {
+                let Some(to) = switch::linked(&self.paths.previous) else {
+                    return self.refuse(target, "the previous agent is gone".into());
+                };
+                self.stage_trial(target, to)
+            }
+            Want::Fetch => match Download::start(&self.paths, target.clone(), self.reserve) {
+                Err(why) => self.refuse(target, why),
+                Ok(mut d) => {
+                    tracing::info!(version = %target.version, size = target.size, resume_at = d.offset, "downloading a new agent");
+                    let send = d.request(now);
+                    let done = send.is_none();
+                    self.download = Some(d);
+                    if done {
+                        // Whole already (downloaded before a restart): check and stage it.
+                        return self.finish();
+                    }
+                    Effects { send, report: true, ..Default::default() }
+                }
+            },
+        }
+    }
+
+    /// A piece from the controller.
+    pub fn on_chunk(&mut self, chunk: &ReleaseChunk, now: Instant) -> Effects {
+        let Some(d) = &mut self.download else { return Effects::default() };
+        match d.accept(chunk, now) {
+            Ok(Progress::Next(r)) => Effects { send: Some(r), ..Default::default() },
+            Ok(Progress::Ignored) => Effects::default(),
+            Ok(Progress::Complete) => self.finish(),
+            Err(why) => {
+                let target = d.target.clone();
+                self.refuse(&target, why)
+            }
+        }
+    }
+
+    /// A download whose bytes are all there: verified by `accept`, or (after
+    /// a restart) checked here again.
+    fn finish(&mut self) -> Effects {
+        let Some(d) = self.download.take() else { return Effects::default() };
+        let target = d.target.clone();
+        match switch::sha256_file(&d.part) {
+            Ok(digest) if digest == target.digest => {}
+            _ => {
+                let _ = std::fs::remove_file(&d.part);
+                return self.refuse(&target, "the downloaded file does not match the signed digest".into());
+            }
+        }
+        let name = switch::release_name(&target.version, &target.digest);
+        if let Err(e) = switch::stage(&self.paths, &d.part, &name) {
+            return self.refuse(&target, format!("cannot stage the new agent: {e}"));
+        }
+        self.stage_trial(&target, name)
+    }
+
+    /// Records the trial of release `to` and asks the link to hand over.
+    fn stage_trial(&mut self, target: &AgentTarget, to: String) -> Effects {
+        let exe = match std::env::current_exe() {
+            Ok(p) => p,
+            Err(e) => return self.refuse(target, format!("cannot find the running agent's binary: {e}")),
+        };
+        let from = match switch::adopt(&self.paths, &exe, crate::version::version()) {
+            Ok(name) => name,
+            Err(e) => return self.refuse(target, format!("{e}; reinstall the agent with cross/install.sh")),
+        };
+        let m = Marker {
+            phase: MarkerPhase::Trying,
+            version: target.version.clone(),
+            rollout: target.rollout,
+            to,
+            from,
+            attempts: 0,
+            deadline_s: self.deadline_s,
+            detail: String::new(),
+        };
+        if let Err(e) = switch::write_marker(&self.paths, &m) {
+            return self.refuse(target, format!("cannot record the upgrade: {e}"));
+        }
+        tracing::info!(version = %m.version, to = %m.to, from = %m.from, "new agent staged; switching to it on trial");
+        self.last = Some(m);
+        Effects { hand_over: true, ..Default::default() }
+    }
+
+    /// Connected again: ask for the piece in flight once more.
+    pub fn on_connect(&mut self, now: Instant) -> Effects {
+        Effects { send: self.download.as_mut().and_then(|d| d.request(now)), ..Default::default() }
+    }
+
+    /// About once a second: pieces overdue are asked for again; the new agent
+    /// on trial says it came online once connected for `CONFIRM_AFTER`, then
+    /// reports the upgrade once the watcher made it current.
+    pub fn on_tick(&mut self, now: Instant, connected_since: Option<Instant>) -> Effects {
+        let mut fx = Effects { send: self.download.as_mut().and_then(|d| d.overdue(now)), ..Default::default() };
+        let Some(version) = self.on_trial.clone() else { return fx };
+        if !self.confirmed && connected_since.is_some_and(|t| now.duration_since(t) >= CONFIRM_AFTER) {
+            match switch::confirm(&self.paths, &version) {
+                Ok(()) => {
+                    tracing::info!(%version, "came online on trial; the watcher makes this agent current");
+                    self.confirmed = true;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot leave the sign of life; the upgrade will roll back"),
+            }
+        }
+        if self.confirmed {
+            if let Some(m) = switch::read_marker(&self.paths).filter(|m| m.phase != MarkerPhase::Trying) {
+                tracing::info!(%version, phase = ?m.phase, "agent upgrade finished");
+                self.last = Some(m);
+                self.on_trial = None;
+                fx.report = true;
+            }
+        }
+        fx
+    }
+}

@@ -1,0 +1,368 @@
+//! The A/B layout on disk and the steps that switch agents, each safe to
+//! cut at any point (power loss, `kill -9`): what a restart finds is either
+//! the old agent, the new one on trial, or the new one committed.
+//!
+//! ```text
+//! <data_dir>/bin/releases/baton-agent-<version>-<sha256 12 hex>   each build kept (current and previous)
+//! <data_dir>/bin/current  -> releases/…    what the service starts (the entry point links here)
+//! <data_dir>/bin/previous -> releases/…    the build before, to go back to
+//! <data_dir>/upgrade/state.json            `plan::Marker`: the last upgrade and where it stands
+//! <data_dir>/upgrade/ok                    the new agent's sign of life (its version)
+//! <data_dir>/upgrade/<sha256 hex>.part     a download in progress
+//! ```
+//!
+//! The service manager (systemd's unit from `cross/install.sh`, or any that
+//! restarts the agent when it exits) starts the entry point, which links to
+//! `current`; `current` moves to a new build only once that build came
+//! online. The switch: the old agent stages the new build, writes the marker
+//! (`Trying`), starts a watcher from its own binary, and replaces itself
+//! (`exec`, same pid) with the new build on trial. The new build leaves
+//! `upgrade/ok` once it is connected and running; the watcher then flips
+//! `previous` and `current` and marks `Upgraded`. If the new build exits,
+//! the service manager starts `current` — still the old build — which reads
+//! the marker and rolls back; if it hangs past the deadline, the watcher
+//! marks the rollback and kills it, with the same result. Nothing here
+//! depends on the new build working.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::plan::{AtStart, Marker, MarkerPhase, Watch};
+use crate::runtime::layout::{failpoint, write_atomic};
+
+/// Set in the new build's environment by the old one: "you are on trial".
+pub const TRIAL_ENV: &str = "BATON_UPGRADE_TRIAL";
+
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub bin: PathBuf,
+    pub releases: PathBuf,
+    pub current: PathBuf,
+    pub previous: PathBuf,
+    pub upgrade: PathBuf,
+    pub marker: PathBuf,
+    pub ok: PathBuf,
+}
+
+impl Paths {
+    pub fn new(data_dir: &Path) -> Self {
+        let bin = data_dir.join("bin");
+        let upgrade = data_dir.join("upgrade");
+        Paths {
+            releases: bin.join("releases"),
+            current: bin.join("current"),
+            previous: bin.join("previous"),
+            marker: upgrade.join("state.json"),
+            ok: upgrade.join("ok"),
+            bin,
+            upgrade,
+        }
+    }
+
+    pub fn part(&self, digest: &[u8]) -> PathBuf {
+        self.upgrade.join(format!("{}.part", hex(digest)))
+    }
+
+    pub fn release(&self, name: &str) -> PathBuf {
+        self.releases.join(name)
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `baton-agent-<version>-<first 12 hex digits of its SHA-256>`.
+pub fn release_name(version: &str, digest: &[u8]) -> String {
+    let h = hex(digest);
+    format!("baton-agent-{version}-{}", &h[..h.len().min(12)])
+}
+
+/// The version in a release's file name.
+pub fn version_of(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix("baton-agent-")?;
+    let (version, hash) = rest.rsplit_once('-')?;
+    (hash.len() == 12 && !version.is_empty()).then_some(version)
+}
+
+/// The release a link (`current`, `previous`) names, if any.
+pub fn linked(link: &Path) -> Option<String> {
+    let target = std::fs::read_link(link).ok()?;
+    target.file_name()?.to_str().map(str::to_owned)
+}
+
+pub fn read_marker(paths: &Paths) -> Option<Marker> {
+    let bytes = std::fs::read(&paths.marker).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+pub fn write_marker(paths: &Paths, m: &Marker) -> io::Result<()> {
+    std::fs::create_dir_all(&paths.upgrade)?;
+    write_atomic(&paths.marker, &serde_json::to_vec_pretty(m).map_err(io::Error::other)?)
+}
+
+/// Whether the new build `version` left its sign of life.
+pub fn confirmed(paths: &Paths, version: &str) -> bool {
+    std::fs::read_to_string(&paths.ok).is_ok_and(|v| v.trim() == version)
+}
+
+/// The new build's sign of life: it is connected and runs its workloads.
+pub fn confirm(paths: &Paths, version: &str) -> io::Result<()> {
+    write_atomic(&paths.ok, version.as_bytes())
+}
+
+pub fn sha256_file(path: &Path) -> io::Result<Vec<u8>> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    io::copy(&mut f, &mut h)?;
+    Ok(h.finalize().to_vec())
+}
+
+/// `path` with every link resolved, as /proc shows executables (or as given).
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Points `link` at `releases/<name>`: a new symlink renamed over the old
+/// one (atomic), then the directory synced. Kill points `<link>:linked`
+/// (the new link made, not in place) and `<link>:flipped` (in place, not synced).
+fn flip(link: &Path, name: &str) -> io::Result<()> {
+    let dir = link.parent().unwrap_or(Path::new("."));
+    let file = link.file_name().and_then(|n| n.to_str()).unwrap_or("link");
+    let tmp = dir.join(format!(".{file}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(Path::new("releases").join(name), &tmp)?;
+    failpoint(file, "linked");
+    std::fs::rename(&tmp, link)?;
+    failpoint(file, "flipped");
+    sync_dir(dir)
+}
+
+/// Makes sure the running agent is in the layout: its binary under
+/// `releases/`, `current` naming it, and `entry` (the path the service
+/// manager starts, when it is not a link into the layout already) a link to
+/// `current`. A device installed before the layout existed moves into it
+/// here, at its first upgrade. Returns the running build's release name.
+pub fn adopt(paths: &Paths, exe: &Path, version: &str) -> io::Result<String> {
+    std::fs::create_dir_all(&paths.releases)?;
+    if let Some(name) = exe.strip_prefix(&paths.releases).ok().and_then(|n| n.to_str()) {
+        if linked(&paths.current).is_none() {
+            flip(&paths.current, name)?;
+        }
+        return Ok(name.to_owned());
+    }
+    // Not started from the layout: copy this binary in (it may have been
+    // replaced on disk since it started: /proc/self/exe is the one running).
+    let digest = sha256_file(Path::new("/proc/self/exe"))?;
+    let name = release_name(version, &digest);
+    let dest = paths.release(&name);
+    if !dest.exists() {
+        let tmp = paths.releases.join(format!(".{name}.tmp"));
+        std::fs::copy("/proc/self/exe", &tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &dest)?;
+        sync_dir(&paths.releases)?;
+    }
+    flip(&paths.current, &name)?;
+    // The entry point becomes a link to `current`, renamed over the file (the
+    // running process keeps its inode).
+    let entry_dir = exe.parent().unwrap_or(Path::new("/"));
+    let entry_name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("baton-agent");
+    let tmp = entry_dir.join(format!(".{entry_name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&paths.current, &tmp)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot take over the entry point {}: {e}", exe.display())))?;
+    std::fs::rename(&tmp, exe)?;
+    sync_dir(entry_dir)?;
+    tracing::info!(entry = %exe.display(), release = %name, "moved into the A/B layout: the entry point now links to bin/current");
+    Ok(name)
+}
+
+/// Moves a verified download into `releases/` under `name`, executable.
+pub fn stage(paths: &Paths, part: &Path, name: &str) -> io::Result<PathBuf> {
+    std::fs::set_permissions(part, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::File::open(part)?.sync_all()?;
+    let dest = paths.release(name);
+    std::fs::rename(part, &dest)?;
+    sync_dir(&paths.releases)?;
+    Ok(dest)
+}
+
+/// Starts the trial of the staged build named in the marker: counts the
+/// attempt, starts the watcher from the old build's binary, and replaces
+/// this process with the new build (same pid, same arguments). Returns only
+/// if that could not be done.
+pub fn hand_over(paths: &Paths, data_dir: &Path) -> io::Error {
+    use std::os::unix::process::CommandExt;
+    let Some(mut m) = read_marker(paths).filter(|m| m.phase == MarkerPhase::Trying) else {
+        return io::Error::other("no upgrade staged");
+    };
+    let (from, to) = (paths.release(&m.from), paths.release(&m.to));
+    m.attempts += 1;
+    let _ = std::fs::remove_file(&paths.ok);
+    if let Err(e) = write_marker(paths, &m) {
+        return e;
+    }
+    let watcher = std::process::Command::new(&from)
+        .arg("upgrade-watch")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--pid")
+        .arg(std::process::id().to_string())
+        .stdin(std::process::Stdio::null())
+        .spawn();
+    if let Err(e) = watcher {
+        return io::Error::new(e.kind(), format!("cannot start the upgrade watcher {}: {e}", from.display()));
+    }
+    failpoint("handover", "watching");
+    tracing::info!(from = %m.from, to = %m.to, attempt = m.attempts, "handing over to the new agent on trial");
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    std::process::Command::new(&to).args(args).env(TRIAL_ENV, &m.version).exec()
+}
+
+/// Makes the tried build current (`previous` first, then `current`, then the
+/// marker: a cut anywhere is finished by the next start).
+pub fn commit(paths: &Paths, m: &mut Marker) -> io::Result<()> {
+    if linked(&paths.current).as_deref() != Some(&m.to) {
+        flip(&paths.previous, &m.from)?;
+    }
+    flip(&paths.current, &m.to)?;
+    m.phase = MarkerPhase::Upgraded;
+    m.detail.clear();
+    write_marker(paths, m)?;
+    let _ = std::fs::remove_file(&paths.ok);
+    prune(paths);
+    Ok(())
+}
+
+/// Marks the trial failed; `current` never moved, so the old build runs next.
+pub fn roll_back(paths: &Paths, m: &mut Marker, why: String) -> io::Result<()> {
+    m.phase = MarkerPhase::RolledBack;
+    m.detail = why;
+    write_marker(paths, m)
+}
+
+/// Deletes releases that are neither `current` nor `previous` (running
+/// shims started from them keep their inode).
+fn prune(paths: &Paths) {
+    let keep = [linked(&paths.current), linked(&paths.previous)];
+    let Ok(entries) = std::fs::read_dir(&paths.releases) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !keep.iter().any(|k| k.as_deref() == Some(name.as_str())) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// What a starting agent does first (before anything else runs): finish a
+/// switch that was cut, roll back a trial that failed, or start one that
+/// was staged. Returns only when this agent should run.
+pub fn at_start(data_dir: &Path, on_trial: bool) {
+    let paths = Paths::new(data_dir);
+    let Some(mut m) = read_marker(&paths) else { return };
+    let action = super::plan::at_start(Some(&m), on_trial, confirmed(&paths, &m.version));
+    let done = match action {
+        AtStart::Run => return,
+        AtStart::HandOver => Err(hand_over(&paths, data_dir)),
+        AtStart::Commit => commit(&paths, &mut m),
+        AtStart::RollBack(why) => {
+            tracing::warn!(version = %m.version, reason = %why, "agent upgrade rolled back");
+            roll_back(&paths, &mut m, why)
+        }
+    };
+    if let Err(e) = done {
+        tracing::error!(error = %e, "cannot finish the agent upgrade on record; running this agent");
+        return;
+    }
+    // Committed: run what `current` names, if that is not this process.
+    if m.phase == MarkerPhase::Upgraded {
+        let me = std::env::current_exe().ok();
+        if me.as_deref() != Some(canonical(&paths.release(&m.to)).as_path()) {
+            use std::os::unix::process::CommandExt;
+            let args: Vec<_> = std::env::args_os().skip(1).collect();
+            let e = std::process::Command::new(paths.release(&m.to)).args(args).exec();
+            tracing::error!(error = %e, "cannot start the committed agent; running this one");
+        }
+    }
+}
+
+/// `baton-agent upgrade-watch`: run from the old build's binary while the
+/// new one (pid `pid`) is on trial. Commits when it comes online; when it
+/// is gone or past the deadline, marks the rollback (and kills it) so the
+/// service manager brings the old build back.
+pub fn watch(data_dir: &Path, pid: u32) -> io::Result<()> {
+    let paths = Paths::new(data_dir);
+    let started = std::time::Instant::now();
+    loop {
+        let Some(mut m) = read_marker(&paths).filter(|m| m.phase == MarkerPhase::Trying) else {
+            return Ok(()); // finished by someone else (a restarted agent)
+        };
+        let to = canonical(&paths.release(&m.to));
+        let alive = std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == to);
+        let ok = confirmed(&paths, &m.version);
+        match super::plan::watch(ok, alive, started.elapsed().as_millis() as u64, m.deadline_s) {
+            Watch::Wait => std::thread::sleep(std::time::Duration::from_millis(500)),
+            Watch::Commit => {
+                commit(&paths, &mut m)?;
+                eprintln!("baton-agent upgrade-watch: {} came online; it is now current", m.version);
+                return Ok(());
+            }
+            Watch::Gone => {
+                let why = format!("the new agent ({}) exited before it came online", m.version);
+                eprintln!("baton-agent upgrade-watch: {why}; rolling back");
+                return roll_back(&paths, &mut m, why);
+            }
+            Watch::TimedOut => {
+                let why = format!("the new agent ({}) did not come online within {} s", m.version, m.deadline_s);
+                eprintln!("baton-agent upgrade-watch: {why}; rolling back");
+                roll_back(&paths, &mut m, why)?;
+                // SAFETY: kill(2); the pid was checked to run the new build just above.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_names_carry_the_version() {
+        let name = release_name("1.2.0-rc1", &[0xab; 32]);
+        assert_eq!(name, "baton-agent-1.2.0-rc1-abababababab");
+        assert_eq!(version_of(&name), Some("1.2.0-rc1"));
+        assert_eq!(version_of("baton-agent-1.0.0"), None);
+        assert_eq!(version_of("other"), None);
+    }
+
+    #[test]
+    fn flips_are_atomic_links_and_commit_keeps_the_previous_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path());
+        std::fs::create_dir_all(&paths.releases).unwrap();
+        for n in ["a", "b", "old"] {
+            std::fs::write(paths.release(n), n).unwrap();
+        }
+        flip(&paths.current, "a").unwrap();
+        let mut m = Marker { to: "b".into(), from: "a".into(), version: "2".into(), ..Default::default() };
+        commit(&paths, &mut m).unwrap();
+        assert_eq!((linked(&paths.current).unwrap(), linked(&paths.previous).unwrap()), ("b".into(), "a".into()));
+        assert_eq!(std::fs::read_to_string(&paths.current).unwrap(), "b");
+        assert!(!paths.release("old").exists(), "neither current nor previous: pruned");
+        assert_eq!(read_marker(&paths).unwrap().phase, MarkerPhase::Upgraded);
+        // Committing again (a cut after the marker write) changes nothing.
+        commit(&paths, &mut m).unwrap();
+        assert_eq!(linked(&paths.previous).unwrap(), "a");
+    }
+}
