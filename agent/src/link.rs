@@ -54,10 +54,10 @@ pub struct Link {
     desired_generation: u64,
     /// The encoded document in force, to recognise a redelivery of it.
     desired_bytes: Vec<u8>,
-    /// The workloads of the document on flash (None: nothing there yet): a
-    /// new document that changes only service endpoints is applied but not
-    /// written again.
-    persisted_workloads: Option<Vec<baton_protocol::spec::WorkloadSpec>>,
+    /// The workloads and agent of the document on flash (None: nothing
+    /// there yet): a new document that changes only service endpoints is
+    /// applied but not written again.
+    persisted: Option<Persisted>,
     applied_generation: u64,
     engine: Option<EngineHandle>,
     /// Controller keys whose documents are applied.
@@ -80,6 +80,10 @@ pub struct Link {
     /// Set when a new agent is staged: the session ends and the agent hands over.
     hand_over: bool,
 }
+
+/// What of a desired document is worth a flash write: its workloads and
+/// the agent it names (an upgrade resumes after a restart from it).
+type Persisted = (Vec<baton_protocol::spec::WorkloadSpec>, Option<baton_protocol::release::AgentTarget>);
 
 /// Why the session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,7 +181,7 @@ impl Link {
             heartbeat: HeartbeatSampler::default(),
             desired_generation: 0,
             desired_bytes,
-            persisted_workloads: None,
+            persisted: None,
             applied_generation: 0,
             engine,
             trust,
@@ -191,7 +195,7 @@ impl Link {
         };
         if let Some(d) = persisted {
             link.desired_generation = d.generation;
-            link.persisted_workloads = Some(d.workloads);
+            link.persisted = Some((d.workloads, d.agent.clone()));
             // An upgrade under way before a restart goes on (or is judged done).
             let fx = link.upgrade.on_target(d.agent.as_ref(), std::time::Instant::now());
             link.upgrade_effects(fx);
@@ -272,6 +276,12 @@ impl Link {
             if connected {
                 link.close_quietly(&mut events).await;
             }
+            // The socket closes with the event loop. rumqttd (the embedded
+            // broker) handles a DISCONNECT and the closed socket as two
+            // events; a client reconnecting with the same id between them
+            // has its new session torn down by the second: let both pass.
+            drop(events);
+            tokio::time::sleep(Duration::from_millis(500)).await;
             info!("agent link closed for the hand-over to the new agent");
             return LinkExit::HandOver;
         }
@@ -284,7 +294,7 @@ impl Link {
 
     /// Carries out what an upgrade step asked for.
     fn upgrade_effects(&mut self, fx: crate::upgrade::Effects) {
-        if let Some(req) = fx.send {
+        for req in fx.send {
             self.publish(TopicKind::Release, &Message::ReleaseRequest(req));
         }
         if fx.report {
@@ -400,12 +410,13 @@ impl Link {
         };
         // Endpoints move far more often than workloads; a boot with stale
         // endpoints gets fresh ones with the next document anyway.
-        if self.persisted_workloads.as_ref() != Some(&d.workloads) {
+        let kept = (d.workloads.clone(), d.agent.clone());
+        if self.persisted.as_ref() != Some(&kept) {
             let path = crate::engine::desired_path(&self.config.data_dir);
             let persisted =
                 path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| write_atomic(&path, payload));
             match persisted {
-                Ok(()) => self.persisted_workloads = Some(d.workloads.clone()),
+                Ok(()) => self.persisted = Some(kept),
                 // Still apply it: running the new state beats running the old one; it
                 // just will not survive a reboot without the network.
                 Err(e) => warn!(error = %e, "cannot persist the desired document"),
@@ -493,18 +504,18 @@ impl Link {
     }
 
     /// Ends the session without saying goodbye: the retained presence stays
-    /// online and no Will is published, for the new agent that reconnects at once.
+    /// online and no Will is published, for the new agent that reconnects at
+    /// once. Returns once the broker closed the connection (or after 3 s).
     async fn close_quietly(&mut self, events: &mut rumqttc::EventLoop) {
         let _ = self.client.try_disconnect();
-        let drain = async {
+        let closed = async {
             loop {
-                match events.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
+                if events.poll().await.is_err() {
+                    break;
                 }
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(3), drain).await;
+        let _ = tokio::time::timeout(Duration::from_secs(3), closed).await;
     }
 
     /// Marks the device offline on purpose (the broker would only publish the

@@ -7,9 +7,9 @@
 
 use std::sync::OnceLock;
 
-use baton_protocol::release::{VERSION_STAMP_LEN, VERSION_STAMP_PREFIX};
+use baton_protocol::release::{stamp_prefix, VERSION_STAMP_LEN, VERSION_STAMP_PREFIX_LEN};
 
-const PREFIX_LEN: usize = VERSION_STAMP_PREFIX.len();
+const PREFIX_LEN: usize = VERSION_STAMP_PREFIX_LEN;
 const VERSION: &str = match option_env!("BATON_AGENT_VERSION") {
     Some(v) => v,
     None => env!("CARGO_PKG_VERSION"),
@@ -17,9 +17,10 @@ const VERSION: &str = match option_env!("BATON_AGENT_VERSION") {
 
 const fn stamp() -> [u8; PREFIX_LEN + VERSION_STAMP_LEN] {
     let mut out = [0u8; PREFIX_LEN + VERSION_STAMP_LEN];
+    let prefix = stamp_prefix();
     let mut i = 0;
     while i < PREFIX_LEN {
-        out[i] = VERSION_STAMP_PREFIX[i];
+        out[i] = prefix[i];
         i += 1;
     }
     let v = VERSION.as_bytes();
@@ -51,5 +52,13 @@ mod tests {
     #[test]
     fn the_stamp_reads_back_as_the_build_version() {
         assert_eq!(super::version(), super::VERSION);
+    }
+
+    #[test]
+    fn the_binary_holds_its_stamp_once() {
+        let bin = std::fs::read("/proc/self/exe").unwrap();
+        let prefix = baton_protocol::release::version_stamp_prefix();
+        let found = bin.windows(prefix.len()).filter(|w| *w == prefix).count();
+        assert_eq!(found, 1, "a second copy of the prefix would be taken for the stamp");
     }
 }

@@ -115,16 +115,41 @@ pub fn compare_versions(a: &str, b: &str) -> Option<std::cmp::Ordering> {
     }))
 }
 
-/// Marks the agent's version inside its binary: these bytes, then the
-/// version, padded with NULs to [`VERSION_STAMP_LEN`] bytes. `baton agent
-/// publish` reads it from the file; the agent reports what is there.
-pub const VERSION_STAMP_PREFIX: &[u8] = b"\0baton-agent-version=";
+/// Marks the agent's version inside its binary: `\0baton-agent-version=`,
+/// then the version, padded with NULs to [`VERSION_STAMP_LEN`] bytes. `baton
+/// agent publish` reads it from the file; the agent reports what is there.
+/// Kept masked here so that the only copy of these bytes in any binary is a
+/// stamp: [`stamp_prefix`] builds them at compile time (for the stamp),
+/// [`version_stamp_prefix`] at run time (for the search).
+const PREFIX_MASKED: [u8; VERSION_STAMP_PREFIX_LEN] = mask(*b"\0baton-agent-version=", 0x5a);
+pub const VERSION_STAMP_PREFIX_LEN: usize = 21;
 pub const VERSION_STAMP_LEN: usize = 64;
+
+const fn mask(mut bytes: [u8; VERSION_STAMP_PREFIX_LEN], key: u8) -> [u8; VERSION_STAMP_PREFIX_LEN] {
+    let mut i = 0;
+    while i < bytes.len() {
+        bytes[i] ^= key;
+        i += 1;
+    }
+    bytes
+}
+
+/// The stamp's prefix, for a stamp built at compile time.
+pub const fn stamp_prefix() -> [u8; VERSION_STAMP_PREFIX_LEN] {
+    mask(PREFIX_MASKED, 0x5a)
+}
+
+/// The stamp's prefix, built at run time (the key is opaque to the
+/// optimiser, so the plain bytes are not a constant of the program).
+pub fn version_stamp_prefix() -> [u8; VERSION_STAMP_PREFIX_LEN] {
+    mask(PREFIX_MASKED, std::hint::black_box(0x5a))
+}
 
 /// The version stamped in an agent binary, if it has one.
 pub fn find_version_stamp(binary: &[u8]) -> Option<&str> {
-    let at = binary.windows(VERSION_STAMP_PREFIX.len()).position(|w| w == VERSION_STAMP_PREFIX)?;
-    let field = binary.get(at + VERSION_STAMP_PREFIX.len()..)?;
+    let prefix = version_stamp_prefix();
+    let at = binary.windows(prefix.len()).position(|w| w == prefix)?;
+    let field = binary.get(at + prefix.len()..)?;
     let field = &field[..field.len().min(VERSION_STAMP_LEN)];
     let end = field.iter().position(|b| *b == 0).unwrap_or(field.len());
     std::str::from_utf8(&field[..end]).ok().filter(|v| !v.is_empty())
@@ -154,13 +179,15 @@ mod tests {
 
     #[test]
     fn stamps_and_elf_headers_read_from_bytes() {
+        assert_eq!(&version_stamp_prefix(), b"\0baton-agent-version=");
+        assert_eq!(stamp_prefix(), version_stamp_prefix());
         let mut bin = b"junk".to_vec();
-        bin.extend_from_slice(VERSION_STAMP_PREFIX);
+        bin.extend_from_slice(&version_stamp_prefix());
         bin.extend_from_slice(b"1.2.3-rc1");
         bin.resize(bin.len() + 20, 0);
         assert_eq!(find_version_stamp(&bin), Some("1.2.3-rc1"));
         assert_eq!(find_version_stamp(b"no stamp here"), None);
-        let mut empty = VERSION_STAMP_PREFIX.to_vec();
+        let mut empty = version_stamp_prefix().to_vec();
         empty.push(0);
         assert_eq!(find_version_stamp(&empty), None);
         let mut elf = vec![0u8; 64];

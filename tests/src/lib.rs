@@ -80,7 +80,8 @@ impl Proc {
         let child = Command::new(program)
             .args(args)
             .envs(env.iter().copied())
-            .env("BATON_LOG", "debug,rumqttd=warn,rumqttc=info")
+            // `BATON_TEST_LOG=debug,rumqttd=debug` to see more of a failing test.
+            .env("BATON_LOG", std::env::var("BATON_TEST_LOG").unwrap_or_else(|_| "debug,rumqttd=warn,rumqttc=info".into()))
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)

@@ -12,23 +12,31 @@ use baton_protocol::release::{elf_arch, AgentTarget, ReleaseChunk, ReleaseReques
 
 use super::switch::{sha256_file, Paths};
 
-/// A piece asked for and not answered this long is asked for again (the
-/// controller or the link may have dropped it).
+/// No piece for this long: the ones in flight are asked for again (the
+/// controller or the link may have dropped them).
 const RETRY_AFTER: Duration = Duration::from_secs(15);
+
+/// Pieces asked for ahead of the one being written: enough to keep a link
+/// with a round trip of a few hundred ms busy, little memory on either side
+/// (the broker holds at most this many for the device).
+pub const WINDOW: u64 = 4;
 
 pub struct Download {
     pub target: AgentTarget,
     pub part: PathBuf,
     /// Bytes on disk so far.
     pub offset: u64,
-    asked: Option<Instant>,
+    /// Bytes asked for so far (pieces in flight end here).
+    asked_to: u64,
+    /// When the last piece arrived, or the first was asked for.
+    progress_at: Option<Instant>,
 }
 
 /// What a piece changed.
 #[derive(Debug)]
 pub enum Progress {
-    /// Ask for this next.
-    Next(ReleaseRequest),
+    /// Ask for these next.
+    Next(Vec<ReleaseRequest>),
     /// The whole file is there and checked.
     Complete,
     /// Not for this download, or a piece already written: nothing to do.
@@ -56,27 +64,38 @@ impl Download {
         if offset == 0 {
             std::fs::write(&part, b"").map_err(|e| format!("create {}: {e}", part.display()))?;
         }
-        Ok(Download { target, part, offset, asked: None })
+        Ok(Download { target, part, offset, asked_to: offset, progress_at: None })
     }
 
-    /// The next piece to ask for (None: all there).
-    pub fn request(&mut self, now: Instant) -> Option<ReleaseRequest> {
-        if self.offset >= self.target.size {
-            return None;
+    pub fn complete(&self) -> bool {
+        self.offset >= self.target.size
+    }
+
+    /// Asks for pieces from the first byte missing, up to the window
+    /// (again, for pieces in flight that may be lost: after a reconnect).
+    pub fn restart(&mut self, now: Instant) -> Vec<ReleaseRequest> {
+        self.asked_to = self.offset;
+        self.progress_at = Some(now);
+        self.fill()
+    }
+
+    /// Requests for what the window has room for.
+    fn fill(&mut self) -> Vec<ReleaseRequest> {
+        let mut out = Vec::new();
+        let chunk = u64::from(CHUNK_BYTES);
+        while self.asked_to < self.target.size && self.asked_to < self.offset + WINDOW * chunk {
+            let len = chunk.min(self.target.size - self.asked_to);
+            out.push(ReleaseRequest { digest: self.target.digest.clone(), offset: self.asked_to, len: len as u32 });
+            self.asked_to += len;
         }
-        self.asked = Some(now);
-        Some(ReleaseRequest {
-            digest: self.target.digest.clone(),
-            offset: self.offset,
-            len: CHUNK_BYTES.min((self.target.size - self.offset).min(u64::from(CHUNK_BYTES)) as u32),
-        })
+        out
     }
 
-    /// The request again when its answer is overdue.
-    pub fn overdue(&mut self, now: Instant) -> Option<ReleaseRequest> {
-        match self.asked {
-            Some(at) if now.duration_since(at) >= RETRY_AFTER => self.request(now),
-            _ => None,
+    /// Every piece in flight again when none arrived for a while.
+    pub fn overdue(&mut self, now: Instant) -> Vec<ReleaseRequest> {
+        match self.progress_at {
+            Some(at) if !self.complete() && now.duration_since(at) >= RETRY_AFTER => self.restart(now),
+            _ => Vec::new(),
         }
     }
 
@@ -106,8 +125,9 @@ impl Download {
             .and_then(|_| f.write_all(&chunk.data))
             .map_err(|e| format!("write {}: {e}", self.part.display()))?;
         self.offset += chunk.data.len() as u64;
-        if let Some(next) = self.request(now) {
-            return Ok(Progress::Next(next));
+        self.progress_at = Some(now);
+        if !self.complete() {
+            return Ok(Progress::Next(self.fill()));
         }
         f.sync_all().map_err(|e| format!("sync {}: {e}", self.part.display()))?;
         self.verify().inspect_err(|_| {
@@ -161,6 +181,20 @@ mod tests {
         }
     }
 
+    /// Serves every request in order from `bytes` until the download ends.
+    fn fetch_all(d: &mut Download, bytes: &[u8], digest: &[u8]) -> Result<(), String> {
+        let now = Instant::now();
+        let mut queue: std::collections::VecDeque<ReleaseRequest> = d.restart(now).into();
+        while let Some(req) = queue.pop_front() {
+            match d.accept(&chunk(bytes, digest, req.offset, req.len), now)? {
+                Progress::Next(r) => queue.extend(r),
+                Progress::Complete => return Ok(()),
+                Progress::Ignored => panic!("in-order piece ignored"),
+            }
+        }
+        panic!("the download never completed")
+    }
+
     #[test]
     fn a_download_cut_half_way_resumes_from_the_bytes_on_disk() {
         let dir = tempfile::tempdir().unwrap();
@@ -171,28 +205,26 @@ mod tests {
             AgentTarget { version: "2".into(), digest: digest.clone(), size: bytes.len() as u64, ..Default::default() };
         let now = Instant::now();
         let mut d = Download::start(&paths, target.clone(), 0).unwrap();
-        let first = d.request(now).unwrap();
-        assert_eq!((first.offset, first.len), (0, CHUNK_BYTES));
-        assert!(
-            matches!(d.accept(&chunk(&bytes, &digest, 0, first.len), now), Ok(Progress::Next(r)) if r.offset == u64::from(CHUNK_BYTES))
-        );
-        // A duplicate of the first piece changes nothing.
-        assert!(matches!(d.accept(&chunk(&bytes, &digest, 0, first.len), now), Ok(Progress::Ignored)));
+        let first = d.restart(now);
+        let offsets: Vec<u64> = first.iter().map(|r| r.offset).collect();
+        let c = u64::from(CHUNK_BYTES);
+        assert_eq!(offsets, [0, c, 2 * c], "150 000 bytes: three pieces, all in the window");
+        assert_eq!(u64::from(first[2].len), 150_000 - 2 * c);
+        let got = d.accept(&chunk(&bytes, &digest, 0, first[0].len), now);
+        assert!(matches!(got, Ok(Progress::Next(ref r)) if r.is_empty()), "{got:?}");
+        // A duplicate of the first piece, or one out of order, changes nothing.
+        assert!(matches!(d.accept(&chunk(&bytes, &digest, 0, first[0].len), now), Ok(Progress::Ignored)));
+        assert!(matches!(d.accept(&chunk(&bytes, &digest, 2 * c, first[2].len), now), Ok(Progress::Ignored)));
+        assert!(d.overdue(now + RETRY_AFTER / 2).is_empty(), "not overdue yet");
+        let again: Vec<u64> = d.overdue(now + RETRY_AFTER).iter().map(|r| r.offset).collect();
+        assert_eq!(again, [c, 2 * c], "pieces in flight asked for again");
         drop(d);
         // The link was cut; a new start resumes at the first missing byte.
         let mut d = Download::start(&paths, target, 0).unwrap();
-        let next = d.request(now).unwrap();
-        assert_eq!(next.offset, u64::from(CHUNK_BYTES));
-        let mut req = next;
-        loop {
-            match d.accept(&chunk(&bytes, &digest, req.offset, req.len), now).unwrap() {
-                Progress::Next(r) => req = r,
-                Progress::Complete => break,
-                Progress::Ignored => panic!("in-order piece ignored"),
-            }
-        }
+        assert_eq!(d.offset, c);
+        fetch_all(&mut d, &bytes, &digest).unwrap();
         assert_eq!(std::fs::read(&d.part).unwrap(), bytes);
-        assert!(d.overdue(now + RETRY_AFTER).is_none(), "nothing left to ask for");
+        assert!(d.overdue(now + RETRY_AFTER).is_empty(), "nothing left to ask for");
     }
 
     #[test]
@@ -204,16 +236,8 @@ mod tests {
         let target =
             AgentTarget { version: "2".into(), digest: digest.clone(), size: bytes.len() as u64, ..Default::default() };
         bytes[100_000] ^= 1; // corrupted on the way
-        let now = Instant::now();
         let mut d = Download::start(&paths, target, 0).unwrap();
-        let mut req = d.request(now).unwrap();
-        let err = loop {
-            match d.accept(&chunk(&bytes, &digest, req.offset, req.len), now) {
-                Ok(Progress::Next(r)) => req = r,
-                Ok(other) => panic!("{other:?}"),
-                Err(e) => break e,
-            }
-        };
+        let err = fetch_all(&mut d, &bytes, &digest).unwrap_err();
         assert!(err.contains("SHA-256"), "{err}");
         assert!(!d.part.exists());
 
@@ -228,14 +252,7 @@ mod tests {
             ..Default::default()
         };
         let mut d = Download::start(&paths, target, 0).unwrap();
-        let mut req = d.request(now).unwrap();
-        let err = loop {
-            match d.accept(&chunk(&foreign, &digest, req.offset, req.len), now) {
-                Ok(Progress::Next(r)) => req = r,
-                Ok(other) => panic!("{other:?}"),
-                Err(e) => break e,
-            }
-        };
+        let err = fetch_all(&mut d, &foreign, &digest).unwrap_err();
         if std::env::consts::ARCH != "aarch64" {
             assert!(err.contains("build for aarch64"), "{err}");
         }

@@ -25,7 +25,7 @@ pub const CONFIRM_AFTER: Duration = Duration::from_secs(5);
 /// What the link should do after an upgrade step.
 #[derive(Debug, Default)]
 pub struct Effects {
-    pub send: Option<ReleaseRequest>,
+    pub send: Vec<ReleaseRequest>,
     /// The inventory (which carries the upgrade's outcome) changed.
     pub report: bool,
     /// Stop and hand over to the staged build (`switch::hand_over`).
@@ -125,8 +125,8 @@ impl Upgrader {
                 Err(why) => self.refuse(target, why),
                 Ok(mut d) => {
                     tracing::info!(version = %target.version, size = target.size, resume_at = d.offset, "downloading a new agent");
-                    let send = d.request(now);
-                    let done = send.is_none();
+                    let send = d.restart(now);
+                    let done = d.complete();
                     self.download = Some(d);
                     if done {
                         // Whole already (downloaded before a restart): check and stage it.
@@ -142,7 +142,7 @@ impl Upgrader {
     pub fn on_chunk(&mut self, chunk: &ReleaseChunk, now: Instant) -> Effects {
         let Some(d) = &mut self.download else { return Effects::default() };
         match d.accept(chunk, now) {
-            Ok(Progress::Next(r)) => Effects { send: Some(r), ..Default::default() },
+            Ok(Progress::Next(r)) => Effects { send: r, ..Default::default() },
             Ok(Progress::Ignored) => Effects::default(),
             Ok(Progress::Complete) => self.finish(),
             Err(why) => {
@@ -201,14 +201,15 @@ impl Upgrader {
 
     /// Connected again: ask for the piece in flight once more.
     pub fn on_connect(&mut self, now: Instant) -> Effects {
-        Effects { send: self.download.as_mut().and_then(|d| d.request(now)), ..Default::default() }
+        Effects { send: self.download.as_mut().map(|d| d.restart(now)).unwrap_or_default(), ..Default::default() }
     }
 
     /// About once a second: pieces overdue are asked for again; the new agent
     /// on trial says it came online once connected for `CONFIRM_AFTER`, then
     /// reports the upgrade once the watcher made it current.
     pub fn on_tick(&mut self, now: Instant, connected_since: Option<Instant>) -> Effects {
-        let mut fx = Effects { send: self.download.as_mut().and_then(|d| d.overdue(now)), ..Default::default() };
+        let mut fx =
+            Effects { send: self.download.as_mut().map(|d| d.overdue(now)).unwrap_or_default(), ..Default::default() };
         let Some(version) = self.on_trial.clone() else { return fx };
         if !self.confirmed && connected_since.is_some_and(|t| now.duration_since(t) >= CONFIRM_AFTER) {
             match switch::confirm(&self.paths, &version) {

@@ -190,6 +190,7 @@ pub fn adopt(paths: &Paths, exe: &Path, version: &str) -> io::Result<String> {
 pub fn stage(paths: &Paths, part: &Path, name: &str) -> io::Result<PathBuf> {
     std::fs::set_permissions(part, std::fs::Permissions::from_mode(0o755))?;
     std::fs::File::open(part)?.sync_all()?;
+    std::fs::create_dir_all(&paths.releases)?;
     let dest = paths.release(name);
     std::fs::rename(part, &dest)?;
     sync_dir(&paths.releases)?;

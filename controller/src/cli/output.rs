@@ -145,7 +145,7 @@ fn tenant_table(header: &[&str], mut rows: Vec<Vec<String>>, tenants: &[&str]) -
 pub fn device_description(d: &DeviceView, now: Millis) -> String {
     let mut o = String::new();
     let mut kv = |k: &str, v: String| {
-        let _ = writeln!(o, "{:<15}{v}", format!("{k}:"));
+        let _ = writeln!(o, "{:<16}{v}", format!("{k}:"));
     };
     kv("ID", d.id.clone());
     kv("Tenant", d.tenant.clone());

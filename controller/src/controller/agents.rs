@@ -210,20 +210,25 @@ impl Controller {
     /// Steps the agent upgrade on what devices reported. True when it moved.
     pub(super) fn step_agent_rollout(&self, fleet: &Fleet, st: &mut State, now: Millis) -> bool {
         let Some(r) = st.agent_rollout.as_mut().filter(|r| r.rollout.state.active()) else { return false };
-        let observe = |id: &str| {
-            let d = DeviceId::new(id).ok().and_then(|id| fleet.get(&id));
-            r.observe(&AgentState {
-                online: d.is_some_and(|d| d.status(now, &self.liveness) == Status::Online),
-                version: d.map_or("", |d| d.presence.agent_version.as_str()),
-                inventory: d.and_then(|d| d.inventory.as_ref()),
+        let seen: std::collections::HashMap<String, crate::rollout::Observation> = r
+            .rollout
+            .devices
+            .iter()
+            .map(|id| {
+                let d = DeviceId::new(id.as_str()).ok().and_then(|id| fleet.get(&id));
+                let state = AgentState {
+                    online: d.is_some_and(|d| d.status(now, &self.liveness) == Status::Online),
+                    version: d.map_or("", |d| d.presence.agent_version.as_str()),
+                    inventory: d.and_then(|d| d.inventory.as_ref()),
+                };
+                (id.clone(), r.observe(&state))
             })
-        };
-        let mut rollout = r.rollout.clone();
-        let events = rollout.step(now, observe);
+            .collect();
+        // Judged progress (healthy since…) is kept in memory even when nothing was said.
+        let events = r.rollout.step(now, |id| seen.get(id).cloned().unwrap_or_default());
         if events.is_empty() {
             return false;
         }
-        r.rollout = rollout;
         let store = lock(&self.store);
         if let Err(err) = store.save_agent_rollout(r) {
             tracing::error!(error = %err, "cannot store the agent upgrade's progress");

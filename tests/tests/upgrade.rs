@@ -1,0 +1,172 @@
+//! Agent self-update end to end: a real agent, run the way a service
+//! manager runs it (restarted whenever it exits), running a real container,
+//! upgraded through the controller to another build, then offered builds
+//! that exit at start or never come online, which it rolls back by itself
+//! while the fleet upgrade stops. Kill points at every step of the switch.
+//! Root (containers). About 2 min.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baton_controller::rollout::State;
+use baton_controller::view::{AgentRolloutView, DeviceView};
+use baton_protocol::release::{version_stamp_prefix, UpgradeState, VERSION_STAMP_LEN};
+use baton_tests::*;
+
+const DEVICE: &str = "pi-ota";
+
+/// A copy of the agent with `version` stamped in place of its own: the
+/// binary `BATON_AGENT_VERSION=<version> cargo build` gives, without a
+/// second build of the workspace.
+fn stamped_build(world: &World, version: &str) -> PathBuf {
+    let mut bytes = std::fs::read(bin("baton-agent")).expect("the agent binary");
+    let prefix = version_stamp_prefix();
+    let at = bytes.windows(prefix.len()).position(|w| w == prefix).expect("the agent carries a version stamp")
+        + prefix.len();
+    let again = bytes[at..].windows(prefix.len()).any(|w| w == prefix);
+    assert!(!again, "the agent binary holds its version stamp twice");
+    let field = &mut bytes[at..at + VERSION_STAMP_LEN];
+    field.fill(0);
+    field[..version.len()].copy_from_slice(version.as_bytes());
+    let dir = world.path().join(format!("build-{version}"));
+    std::fs::create_dir_all(&dir).expect("build dir");
+    let path = dir.join("baton-agent");
+    std::fs::write(&path, bytes).expect("stamped build");
+    path
+}
+
+/// A native executable from C source (`cc`), standing in for a broken agent build.
+fn c_build(world: &World, name: &str, source: &str) -> PathBuf {
+    let dir = world.path().join(format!("build-{name}"));
+    std::fs::create_dir_all(&dir).expect("build dir");
+    let src = dir.join("main.c");
+    std::fs::write(&src, source).expect("source");
+    let out = dir.join("baton-agent");
+    let status = std::process::Command::new("cc").arg("-O2").arg("-o").arg(&out).arg(&src).status().expect("run cc");
+    assert!(status.success(), "cc failed");
+    out
+}
+
+/// The agent as a device runs it: a copy at its own entry path, restarted
+/// one second after it exits (systemd's `Restart=always`), with a short
+/// trial deadline.
+fn supervised_agent(world: &World, broker: &str) -> (Proc, PathBuf) {
+    let entry_dir = world.path().join("usr-local-bin");
+    std::fs::create_dir_all(&entry_dir).expect("entry dir");
+    let entry = entry_dir.join("baton-agent");
+    std::fs::copy(bin("baton-agent"), &entry).expect("install the agent");
+    let config = world.write("agent.toml", "upgrade_deadline_s = 12\n");
+    let mut args = agent_args(world, DEVICE, broker, &[]);
+    let at = args.iter().position(|a| a == "--config").expect("--config") + 1;
+    args[at] = config.display().to_string();
+    let mut sh = vec!["-c".to_string(), "while :; do \"$0\" \"$@\"; sleep 1; done".to_string()];
+    sh.push(entry.display().to_string());
+    sh.extend(args);
+    (Proc::spawn(&format!("agent-{DEVICE}"), Path::new("/bin/sh"), &sh, world.path()), entry)
+}
+
+fn agent_rollout(server: &str) -> Option<AgentRolloutView> {
+    let (ok, out, _) = baton_cli(server, &["agent", "rollout", "status", "-o", "json"]);
+    ok.then(|| serde_json::from_str(&out).expect("agent rollout json"))
+}
+
+fn device(server: &str) -> Option<DeviceView> {
+    let (ok, out, _) = baton_cli(server, &["describe", "device", DEVICE, "-o", "json"]);
+    ok.then(|| serde_json::from_str(&out).expect("device json"))
+}
+
+fn cli_ok(server: &str, args: &[&str]) -> String {
+    let (ok, out, err) = baton_cli(server, args);
+    assert!(ok, "baton {args:?}: {err}");
+    out
+}
+
+/// Runs an upgrade to `version` to its end; returns the finished rollout.
+fn upgrade(server: &str, version: &str) -> AgentRolloutView {
+    cli_ok(server, &["agent", "upgrade", "--version", version, "--min-ready", "2", "--deadline", "90"]);
+    wait_for(&format!("the upgrade to {version} to finish"), Duration::from_secs(120), || {
+        agent_rollout(server).filter(|r| r.version == version && !r.rollout.state.active())
+    })
+}
+
+#[test]
+fn an_agent_upgrades_in_place_and_rolls_back_builds_that_do_not_come_online() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let data = world.path().join(format!("agent-{DEVICE}"));
+    let run = world.path().join(format!("run-{DEVICE}"));
+    give_busybox(&world, DEVICE, "busybox:ota");
+    let (_agent, entry) = supervised_agent(&world, &controller.broker_url());
+    let yaml = "name: web\nimage: busybox:ota\ncommand: [/bin/sh, -c, \"trap 'exit 0' TERM; while true; do sleep 0.2; done\"]\n";
+    apply_yaml(&server, &world, "web.yaml", yaml);
+    wait_for("the workload healthy", Duration::from_secs(30), || settled(&server, "web", 1, 1));
+    let container = wait_for("the container's pid", Duration::from_secs(10), || running_pid(&run, "web-0"));
+    let old_version = device(&server).expect("device").agent_version;
+
+    // A build that is not an agent, and one that says it is another version, are refused.
+    let (ok, _, err) = baton_cli(&server, &["agent", "publish", world.write("notes.txt", "hello").to_str().unwrap()]);
+    assert!(!ok && err.contains("not an ELF executable"), "{err}");
+    let b = stamped_build(&world, "99.0.0");
+    let (ok, _, err) = baton_cli(&server, &["agent", "publish", b.to_str().unwrap(), "--version", "98.0.0"]);
+    assert!(!ok && err.contains("says it is version 99.0.0"), "{err}");
+
+    // Build B: published, rolled out, running — the container untouched.
+    let out = cli_ok(&server, &["agent", "publish", b.to_str().unwrap()]);
+    assert!(out.contains(&format!("agent 99.0.0 for {} published", std::env::consts::ARCH)), "{out}");
+    let (ok, _, err) = baton_cli(&server, &["agent", "upgrade", "--version", "97.0.0"]);
+    assert!(!ok && err.contains("not published"), "{err}");
+    let done = upgrade(&server, "99.0.0");
+    assert_eq!(done.rollout.state, State::Succeeded, "{done:?}");
+    let d = wait_for("the device to report 99.0.0 upgraded", Duration::from_secs(20), || {
+        let d = device(&server)?;
+        let inv = d.inventory.clone()?;
+        (d.agent_version == "99.0.0" && inv.upgrade.as_ref()?.state == UpgradeState::Upgraded).then_some(d)
+    });
+    assert_eq!(d.inventory.as_ref().unwrap().previous_agent_version, old_version);
+    assert!(alive(container), "the container died with the old agent");
+    assert_eq!(running_pid(&run, "web-0"), Some(container), "the container was replaced");
+    let w = settled(&server, "web", 1, 1).expect("still healthy under the new agent");
+    assert_eq!(w.devices[0].reported.as_ref().unwrap().restarts, 0);
+    // The A/B layout: the entry point links to `current`, which names the new build; the old one is kept.
+    let current = std::fs::read_link(data.join("bin/current")).expect("bin/current");
+    assert!(current.to_string_lossy().contains("baton-agent-99.0.0-"), "{current:?}");
+    let previous = std::fs::read_link(data.join("bin/previous")).expect("bin/previous");
+    assert!(previous.to_string_lossy().contains(&format!("baton-agent-{old_version}-")), "{previous:?}");
+    assert_eq!(std::fs::read_link(&entry).expect("entry is a link"), data.join("bin/current"));
+    let described = cli_ok(&server, &["describe", "device", DEVICE]);
+    assert!(described.contains(&format!("Previous agent: {old_version}")), "{described}");
+
+    // A build that exits at once: the service manager starts `current` (still
+    // 99.0.0) again, which rolls back; the fleet upgrade stops.
+    let crash = c_build(&world, "crash", "int main(void) { return 3; }\n");
+    cli_ok(&server, &["agent", "publish", crash.to_str().unwrap(), "--version", "100.0.0"]);
+    let done = upgrade(&server, "100.0.0");
+    assert_eq!(done.rollout.state, State::RolledBack, "{done:?}");
+    assert!(done.rollout.failed.iter().any(|(_, why)| why.contains("exited") || why.contains("stopped")), "{done:?}");
+    let d = wait_for("the device back on 99.0.0", Duration::from_secs(20), || {
+        device(&server).filter(|d| d.agent_version == "99.0.0" && d.status == baton_controller::fleet::Status::Online)
+    });
+    let outcome = d.inventory.unwrap().upgrade.unwrap();
+    assert_eq!((outcome.version.as_str(), outcome.state), ("100.0.0", UpgradeState::RolledBack), "{outcome:?}");
+
+    // A build that starts and never comes online: the watcher gives up after
+    // the trial deadline (12 s), stops it, and the old agent is back.
+    let hang = c_build(&world, "hang", "#include <unistd.h>\nint main(void) { for (;;) pause(); }\n");
+    cli_ok(&server, &["agent", "publish", hang.to_str().unwrap(), "--version", "101.0.0"]);
+    let done = upgrade(&server, "101.0.0");
+    assert_eq!(done.rollout.state, State::RolledBack, "{done:?}");
+    let d = wait_for("the device back on 99.0.0 after the hang", Duration::from_secs(30), || {
+        let d = device(&server)?;
+        let o = d.inventory.clone()?.upgrade?;
+        (d.agent_version == "99.0.0" && o.version == "101.0.0" && o.state == UpgradeState::RolledBack).then_some(o)
+    });
+    assert!(d.detail.contains("did not come online within 12 s"), "{d:?}");
+
+    // Through all of it: one container, never restarted.
+    assert_eq!(running_pid(&run, "web-0"), Some(container));
+    let w = wait_for("the workload healthy at the end", Duration::from_secs(20), || settled(&server, "web", 1, 1));
+    assert_eq!(w.devices[0].reported.as_ref().unwrap().restarts, 0);
+    let (_, events, _) = baton_cli(&server, &["get", "events"]);
+    assert!(events.contains("agent.upgrade_rolled_back"), "{events}");
+}
