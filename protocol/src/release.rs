@@ -49,8 +49,45 @@ pub struct ReleaseChunk {
     pub offset: u64,
     /// The whole release's size.
     pub total: u64,
+    /// As postcard bytes (the same encoding as a `Vec<u8>`), copied whole
+    /// rather than byte by byte.
+    #[serde(with = "bytes")]
     pub data: Vec<u8>,
     pub error: Option<String>,
+}
+
+/// `Vec<u8>` through serde's bytes methods: the wire form of a sequence of
+/// `u8` in postcard (a length, then the bytes), without a call per byte.
+mod bytes {
+    use serde::{de, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+        impl<'de> de::Visitor<'de> for Bytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_bytes(Bytes)
+    }
 }
 
 /// How the last upgrade a device was asked for went (in `Inventory::upgrade`).
@@ -176,6 +213,23 @@ pub fn elf_arch(binary: &[u8]) -> Option<&'static str> {
 mod tests {
     use super::*;
     use std::cmp::Ordering::*;
+
+    #[test]
+    fn chunk_data_encodes_as_a_byte_sequence_would() {
+        #[derive(Serialize)]
+        struct Plain {
+            digest: Vec<u8>,
+            offset: u64,
+            total: u64,
+            data: Vec<u8>,
+            error: Option<String>,
+        }
+        let chunk = ReleaseChunk { digest: vec![1; 32], offset: 7, total: 9, data: (0..=255).collect(), error: None };
+        let plain = Plain { digest: vec![1; 32], offset: 7, total: 9, data: (0..=255).collect(), error: None };
+        let bytes = postcard::to_allocvec(&chunk).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+        assert_eq!(postcard::from_bytes::<ReleaseChunk>(&bytes).unwrap(), chunk);
+    }
 
     #[test]
     fn stamps_and_elf_headers_read_from_bytes() {

@@ -81,7 +81,10 @@ impl Proc {
             .args(args)
             .envs(env.iter().copied())
             // `BATON_TEST_LOG=debug,rumqttd=debug` to see more of a failing test.
-            .env("BATON_LOG", std::env::var("BATON_TEST_LOG").unwrap_or_else(|_| "debug,rumqttd=warn,rumqttc=info".into()))
+            .env(
+                "BATON_LOG",
+                std::env::var("BATON_TEST_LOG").unwrap_or_else(|_| "debug,rumqttd=warn,rumqttc=info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)

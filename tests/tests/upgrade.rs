@@ -49,20 +49,42 @@ fn c_build(world: &World, name: &str, source: &str) -> PathBuf {
 
 /// The agent as a device runs it: a copy at its own entry path, restarted
 /// one second after it exits (systemd's `Restart=always`), with a short
-/// trial deadline.
-fn supervised_agent(world: &World, broker: &str) -> (Proc, PathBuf) {
-    let entry_dir = world.path().join("usr-local-bin");
+/// trial deadline. Each start arms the kill point named in `<world>/failpoint`
+/// (if any), to fire once.
+fn supervised_agent(world: &World, device: &str, broker: &str) -> (Proc, PathBuf) {
+    let entry_dir = world.path().join(format!("usr-local-bin-{device}"));
     std::fs::create_dir_all(&entry_dir).expect("entry dir");
     let entry = entry_dir.join("baton-agent");
     std::fs::copy(bin("baton-agent"), &entry).expect("install the agent");
     let config = world.write("agent.toml", "upgrade_deadline_s = 12\n");
-    let mut args = agent_args(world, DEVICE, broker, &[]);
+    let mut args = agent_args(world, device, broker, &[]);
     let at = args.iter().position(|a| a == "--config").expect("--config") + 1;
     args[at] = config.display().to_string();
-    let mut sh = vec!["-c".to_string(), "while :; do \"$0\" \"$@\"; sleep 1; done".to_string()];
+    let fp = world.path().join("failpoint");
+    let script = format!(
+        "while :; do BATON_FAILPOINT=\"$(cat {fp} 2>/dev/null)\" BATON_FAILPOINT_ONCE={fp}.fired \"$0\" \"$@\"; sleep 1; done",
+        fp = fp.display()
+    );
+    let mut sh = vec!["-c".to_string(), script];
     sh.push(entry.display().to_string());
     sh.extend(args);
-    (Proc::spawn(&format!("agent-{DEVICE}"), Path::new("/bin/sh"), &sh, world.path()), entry)
+    (Proc::spawn(&format!("agent-{device}"), Path::new("/bin/sh"), &sh, world.path()), entry)
+}
+
+/// Pids of `device`'s agent processes (not the supervising shell, not the
+/// upgrade watcher, not shims).
+fn agent_pids(device: &str) -> Vec<i32> {
+    let needle = format!("--device-id\0{device}\0");
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?).into_owned();
+            (cmd.contains(&needle) && !cmd.starts_with("/bin/sh\0")).then_some(pid)
+        })
+        .collect()
 }
 
 fn agent_rollout(server: &str) -> Option<AgentRolloutView> {
@@ -71,7 +93,11 @@ fn agent_rollout(server: &str) -> Option<AgentRolloutView> {
 }
 
 fn device(server: &str) -> Option<DeviceView> {
-    let (ok, out, _) = baton_cli(server, &["describe", "device", DEVICE, "-o", "json"]);
+    device_named(server, DEVICE)
+}
+
+fn device_named(server: &str, id: &str) -> Option<DeviceView> {
+    let (ok, out, _) = baton_cli(server, &["describe", "device", id, "-o", "json"]);
     ok.then(|| serde_json::from_str(&out).expect("device json"))
 }
 
@@ -97,7 +123,7 @@ fn an_agent_upgrades_in_place_and_rolls_back_builds_that_do_not_come_online() {
     let data = world.path().join(format!("agent-{DEVICE}"));
     let run = world.path().join(format!("run-{DEVICE}"));
     give_busybox(&world, DEVICE, "busybox:ota");
-    let (_agent, entry) = supervised_agent(&world, &controller.broker_url());
+    let (_agent, entry) = supervised_agent(&world, DEVICE, &controller.broker_url());
     let yaml = "name: web\nimage: busybox:ota\ncommand: [/bin/sh, -c, \"trap 'exit 0' TERM; while true; do sleep 0.2; done\"]\n";
     apply_yaml(&server, &world, "web.yaml", yaml);
     wait_for("the workload healthy", Duration::from_secs(30), || settled(&server, "web", 1, 1));
@@ -169,4 +195,93 @@ fn an_agent_upgrades_in_place_and_rolls_back_builds_that_do_not_come_online() {
     assert_eq!(w.devices[0].reported.as_ref().unwrap().restarts, 0);
     let (_, events, _) = baton_cli(&server, &["get", "events"]);
     assert!(events.contains("agent.upgrade_rolled_back"), "{events}");
+}
+
+/// Every step of the switch cut by a kill -9 (once, at a test-only kill
+/// point), the agent then started again by its service manager as after a
+/// power cut: each time the device comes back with a working agent (the new
+/// one or the old one, never neither), the upgrade on record settled, and
+/// its container never restarted. The builds are put on the device
+/// beforehand (as a download finished before the cut would have), so each
+/// round tests the switch, not the download.
+#[test]
+fn a_kill_at_any_step_of_the_switch_leaves_a_working_agent() {
+    const KILLED: &str = "pi-kill";
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let data = world.path().join(format!("agent-{KILLED}"));
+    let run = world.path().join(format!("run-{KILLED}"));
+    let paths = baton_agent::upgrade::switch::Paths::new(&data);
+    give_busybox(&world, KILLED, "busybox:ota");
+    let (_agent, _) = supervised_agent(&world, KILLED, &controller.broker_url());
+    let yaml = "name: web\nimage: busybox:ota\ncommand: [/bin/sh, -c, \"trap 'exit 0' TERM; while true; do sleep 0.2; done\"]\n";
+    apply_yaml(&server, &world, "web.yaml", yaml);
+    wait_for("the workload healthy", Duration::from_secs(30), || settled(&server, "web", 1, 1));
+    let container = wait_for("the container's pid", Duration::from_secs(10), || running_pid(&run, "web-0"));
+
+    let points = [
+        "state.json:written",
+        "state.json:renamed",
+        "handover:watching",
+        "ok:written",
+        "ok:renamed",
+        "current:linked",
+        "current:flipped",
+        "previous:flipped",
+    ];
+    let fp = world.path().join("failpoint");
+    let mut outcomes = Vec::new();
+    for (i, point) in points.iter().enumerate() {
+        let version = format!("99.1.{i}");
+        let build = stamped_build(&world, &version);
+        cli_ok(&server, &["agent", "publish", build.to_str().unwrap()]);
+        let digest = baton_agent::upgrade::switch::sha256_file(&build).expect("digest");
+        let name = baton_agent::upgrade::switch::release_name(&version, &digest);
+        std::fs::create_dir_all(&paths.releases).expect("releases dir");
+        std::fs::copy(&build, paths.release(&name)).expect("seed the build");
+        // Arm the point, then restart the agent so that it takes it.
+        std::fs::write(&fp, point).expect("failpoint file");
+        let _ = std::fs::remove_file(fp.with_extension("fired"));
+        for pid in agent_pids(KILLED) {
+            // SAFETY: kill(2) on this test's agent.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        wait_for("the agent back with the kill point armed", Duration::from_secs(30), || {
+            let pids = agent_pids(KILLED);
+            let armed = pids.iter().any(|p| {
+                std::fs::read(format!("/proc/{p}/environ"))
+                    .is_ok_and(|e| String::from_utf8_lossy(&e).contains(&format!("BATON_FAILPOINT={point}")))
+            });
+            let online = device_named(&server, KILLED)?.status == baton_controller::fleet::Status::Online;
+            (armed && online).then_some(())
+        });
+        cli_ok(&server, &["agent", "upgrade", "--version", &version, "--min-ready", "2", "--deadline", "60"]);
+        let r = wait_for(&format!("the upgrade cut at {point} to finish"), Duration::from_secs(90), || {
+            agent_rollout(&server).filter(|r| r.version == version && !r.rollout.state.active())
+        });
+        assert!(fp.with_extension("fired").exists(), "the kill point {point} was never reached");
+        // A working agent: online, running one of the two builds, the switch settled on disk.
+        let d = wait_for(&format!("a working agent after a kill at {point}"), Duration::from_secs(40), || {
+            let d = device_named(&server, KILLED)?;
+            let m = baton_agent::upgrade::switch::read_marker(&paths)?;
+            let settled = m.phase != baton_agent::upgrade::plan::MarkerPhase::Trying;
+            (d.status == baton_controller::fleet::Status::Online && settled).then_some(d)
+        });
+        let current = std::fs::canonicalize(&paths.current).expect("bin/current resolves");
+        assert!(current.is_file(), "bin/current names no build after a kill at {point}");
+        let runs = &d.agent_version;
+        let expected = if r.rollout.state == State::Succeeded { version.as_str() } else { runs.as_str() };
+        assert_eq!(runs, expected, "after a kill at {point}: {r:?}");
+        assert!(
+            std::fs::canonicalize(&paths.current).unwrap().to_string_lossy().contains(&format!("baton-agent-{runs}-")),
+            "bin/current is not the build that runs ({runs}) after a kill at {point}"
+        );
+        assert_eq!(running_pid(&run, "web-0"), Some(container), "the container was replaced at {point}");
+        outcomes.push(format!("{point}: {:?}, runs {runs}", r.rollout.state));
+    }
+    std::fs::remove_file(&fp).expect("disarm");
+    eprintln!("kill points: {outcomes:#?}");
+    let w = wait_for("the workload healthy at the end", Duration::from_secs(20), || settled(&server, "web", 1, 1));
+    assert_eq!(w.devices[0].reported.as_ref().unwrap().restarts, 0);
 }

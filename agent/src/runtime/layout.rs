@@ -119,11 +119,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// environment, a process writing FILE through `write_atomic` kills itself
 /// (SIGKILL, as a power cut or `kill -9` would) at STAGE — `torn` (half the
 /// temp file written), `written` (temp file whole, not renamed) or `renamed`
-/// (in place, directory not synced). Unset (always, on a device): nothing.
+/// (in place, directory not synced). With `BATON_FAILPOINT_ONCE=PATH` too,
+/// only the first process to reach it dies, and creates PATH (one power cut,
+/// not one per restart). Unset (always, on a device): nothing.
 pub(crate) fn failpoint(file: &str, stage: &str) {
     static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let point = POINT.get_or_init(|| std::env::var("BATON_FAILPOINT").ok());
     if point.as_deref().is_some_and(|p| p.split_once(':') == Some((file, stage))) {
+        if let Some(once) = std::env::var_os("BATON_FAILPOINT_ONCE") {
+            if std::fs::OpenOptions::new().write(true).create_new(true).open(once).is_err() {
+                return;
+            }
+        }
         // SAFETY: kill(2) on our own pid.
         unsafe { libc::kill(std::process::id() as i32, libc::SIGKILL) };
     }

@@ -22,6 +22,10 @@ use switch::Paths;
 /// How long the new agent stays connected before it says it came online.
 pub const CONFIRM_AFTER: Duration = Duration::from_secs(5);
 
+/// How long the new agent, online, waits for the watcher to make it
+/// current before doing so itself (the watcher was killed).
+pub const COMMIT_AFTER: Duration = Duration::from_secs(10);
+
 /// What the link should do after an upgrade step.
 #[derive(Debug, Default)]
 pub struct Effects {
@@ -39,7 +43,8 @@ pub struct Upgrader {
     deadline_s: u64,
     /// Some(version) while this process is the new agent on trial.
     on_trial: Option<String>,
-    confirmed: bool,
+    /// When this agent on trial left its sign of life.
+    confirmed: Option<Instant>,
     last: Option<Marker>,
     download: Option<Download>,
 }
@@ -54,7 +59,7 @@ impl Upgrader {
             reserve: config.disk_reserve_bytes,
             deadline_s: config.upgrade_deadline.as_secs(),
             on_trial,
-            confirmed: false,
+            confirmed: None,
             last,
             download: None,
         }
@@ -121,6 +126,10 @@ impl Upgrader {
                 };
                 self.stage_trial(target, to)
             }
+            Want::Fetch if self.kept(target) => {
+                tracing::info!(version = %target.version, "the new agent is on this device already (kept from before): no download");
+                self.stage_trial(target, switch::release_name(&target.version, &target.digest))
+            }
             Want::Fetch => match Download::start(&self.paths, target.clone(), self.reserve) {
                 Err(why) => self.refuse(target, why),
                 Ok(mut d) => {
@@ -136,6 +145,12 @@ impl Upgrader {
                 }
             },
         }
+    }
+
+    /// Whether `target`'s build is in `releases/` already, whole.
+    fn kept(&self, target: &AgentTarget) -> bool {
+        let path = self.paths.release(&switch::release_name(&target.version, &target.digest));
+        switch::sha256_file(&path).is_ok_and(|d| d == target.digest)
     }
 
     /// A piece from the controller.
@@ -181,6 +196,12 @@ impl Upgrader {
             Ok(name) => name,
             Err(e) => return self.refuse(target, format!("{e}; reinstall the agent with cross/install.sh")),
         };
+        // A build kept from before may have lost its mode (copied by hand, restored).
+        let executable =
+            std::fs::set_permissions(self.paths.release(&to), std::os::unix::fs::PermissionsExt::from_mode(0o755));
+        if let Err(e) = executable {
+            return self.refuse(target, format!("cannot make {to} executable: {e}"));
+        }
         let m = Marker {
             phase: MarkerPhase::Trying,
             version: target.version.clone(),
@@ -211,23 +232,32 @@ impl Upgrader {
         let mut fx =
             Effects { send: self.download.as_mut().map(|d| d.overdue(now)).unwrap_or_default(), ..Default::default() };
         let Some(version) = self.on_trial.clone() else { return fx };
-        if !self.confirmed && connected_since.is_some_and(|t| now.duration_since(t) >= CONFIRM_AFTER) {
+        if self.confirmed.is_none() && connected_since.is_some_and(|t| now.duration_since(t) >= CONFIRM_AFTER) {
             match switch::confirm(&self.paths, &version) {
                 Ok(()) => {
                     tracing::info!(%version, "came online on trial; the watcher makes this agent current");
-                    self.confirmed = true;
+                    self.confirmed = Some(now);
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot leave the sign of life; the upgrade will roll back"),
             }
         }
-        if self.confirmed {
-            if let Some(m) = switch::read_marker(&self.paths).filter(|m| m.phase != MarkerPhase::Trying) {
-                tracing::info!(%version, phase = ?m.phase, "agent upgrade finished");
-                self.last = Some(m);
-                self.on_trial = None;
-                fx.report = true;
+        let Some(confirmed) = self.confirmed else { return fx };
+        let Some(mut m) = switch::read_marker(&self.paths) else { return fx };
+        if m.phase == MarkerPhase::Trying {
+            if now.duration_since(confirmed) < COMMIT_AFTER {
+                return fx;
+            }
+            // Online, and nobody made it current: the watcher is gone.
+            tracing::warn!(%version, "the upgrade watcher did not finish the switch; this agent does");
+            if let Err(e) = switch::commit(&self.paths, &mut m) {
+                tracing::warn!(error = %e, "cannot finish the switch; the next start will");
+                return fx;
             }
         }
+        tracing::info!(%version, phase = ?m.phase, "agent upgrade finished");
+        self.last = Some(m);
+        self.on_trial = None;
+        fx.report = true;
         fx
     }
 }
