@@ -3,6 +3,12 @@
 # /etc/baton/agent.toml, a systemd unit and the data directory. Idempotent:
 # run it again to upgrade; the config and data are kept.
 #
+# The binary goes into the A/B layout the agent upgrades itself in (see
+# README, "Agent self-update"): /var/lib/baton/agent/bin/releases/baton-agent-<version>-<sha256 12>,
+# bin/current links to it (bin/previous to the one it replaces), and
+# /usr/local/bin/baton-agent links to bin/current. A device installed
+# before the layout existed moves into it at its first upgrade.
+#
 #   install.sh --binary ./baton-agent --broker mqtt://controller.lan:1883 --controller-key ed25519:HEX [--device-id ID] [--label k=v]…
 #   install.sh --uninstall [--purge]
 #
@@ -48,6 +54,7 @@ bin_path=$root/usr/local/bin/baton-agent
 conf_dir=$root/etc/baton
 unit_path=$root/etc/systemd/system/baton-agent.service
 data_dir=/var/lib/baton/agent
+bin_dir=$root$data_dir/bin
 systemd=false
 if [ -z "$root" ] && [ -d /run/systemd/system ]; then systemd=true; fi
 
@@ -57,9 +64,11 @@ if $uninstall; then
   fi
   if $purge && [ -z "$root" ]; then
     # Each shim stops its container (SIGTERM, then SIGKILL after its grace) and exits.
-    pkill -TERM -f '^/usr/local/bin/baton-agent shim' 2>/dev/null || true
+    # Shims run from whichever build started them (/usr/local/bin/… or bin/releases/…).
+    shims='/baton-agent[^ /]* shim '
+    pkill -TERM -f "$shims" 2>/dev/null || true
     i=0
-    while pgrep -f '^/usr/local/bin/baton-agent shim' >/dev/null 2>&1 && [ $i -lt 30 ]; do sleep 1; i=$((i + 1)); done
+    while pgrep -f "$shims" >/dev/null 2>&1 && [ $i -lt 30 ]; do sleep 1; i=$((i + 1)); done
   fi
   if $purge; then
     rm -rf "$conf_dir" "$root$data_dir" "$root/run/baton"
@@ -82,12 +91,28 @@ if [ -z "$binary" ]; then
 fi
 [ -n "$binary" ] && [ -f "$binary" ] || { echo "install.sh: no agent binary (use --binary PATH)" >&2; exit 1; }
 
-mkdir -p "$(dirname "$bin_path")" "$conf_dir" "$(dirname "$unit_path")" "$root$data_dir"
+mkdir -p "$(dirname "$bin_path")" "$conf_dir" "$(dirname "$unit_path")" "$root$data_dir" "$bin_dir/releases"
 chmod 700 "$root$data_dir"
-# Replace the binary atomically: a running agent keeps its old inode.
-cp "$binary" "$bin_path.new"
-chmod 755 "$bin_path.new"
-mv -f "$bin_path.new" "$bin_path"
+# The build's name: its stamped version (read from the file, so a build for
+# another CPU installs into a staging root too) and its digest.
+version=$(LC_ALL=C grep -a -o 'baton-agent-version=[A-Za-z0-9.+_-]*' "$binary" | head -n 1 | cut -d= -f2)
+[ -n "$version" ] || { echo "install.sh: $binary carries no Baton agent version stamp: not an agent build" >&2; exit 1; }
+sha=$(sha256sum "$binary" | cut -c1-12)
+release=baton-agent-$version-$sha
+# Copied under a temporary name, then renamed: a running agent keeps its inode.
+if [ ! -f "$bin_dir/releases/$release" ]; then
+  cp "$binary" "$bin_dir/releases/.$release.tmp"
+  chmod 755 "$bin_dir/releases/.$release.tmp"
+  mv -f "$bin_dir/releases/.$release.tmp" "$bin_dir/releases/$release"
+fi
+# bin/current -> this build (the one it replaces becomes bin/previous); each
+# link made under a temporary name and renamed over the old one.
+relink() { rm -f "$1.tmp" && ln -s "$2" "$1.tmp" && mv -f "$1.tmp" "$1"; }
+old=$(readlink "$bin_dir/current" 2>/dev/null || true)
+if [ -n "$old" ] && [ "$old" != "releases/$release" ]; then relink "$bin_dir/previous" "$old"; fi
+relink "$bin_dir/current" "releases/$release"
+# The entry point the unit starts links to bin/current (relative: right in a staging root too).
+relink "$bin_path" "../../..$data_dir/bin/current"
 
 if [ ! -f "$conf_dir/agent.toml" ] || $force_config; then
   [ -n "$broker" ] || { echo "install.sh: --broker mqtt://HOST:PORT is needed for a new agent.toml" >&2; exit 1; }
@@ -112,11 +137,14 @@ cat >"$unit_path.new" <<'UNIT'
 Description=Baton device agent
 Wants=network-online.target
 After=network-online.target
+# Never give up restarting: a new agent that fails its trial exits, and the
+# restart is what brings the previous one back (see README, "Agent self-update").
+StartLimitIntervalSec=0
 
 [Service]
 ExecStart=/usr/local/bin/baton-agent --config /etc/baton/agent.toml
 Restart=always
-RestartSec=5
+RestartSec=2
 # Stopping or upgrading the agent must never stop containers: only the agent
 # process is signalled; each container's shim (and the container) carries on
 # and the next agent re-adopts them.

@@ -51,11 +51,28 @@ fn install_upgrade_uninstall_and_purge_in_a_staging_root() {
     let config_path = root.join("etc/baton/agent.toml");
     let config = std::fs::read_to_string(&config_path).expect("config");
     assert!(root.join("usr/local/bin/baton-agent").exists() && root.join("var/lib/baton/agent").is_dir());
+    // The A/B layout the agent upgrades itself in: the entry point links to
+    // bin/current, which names this build by version and digest.
+    let version = std::process::Command::new(&agent).arg("--version").output().expect("--version").stdout;
+    let version = String::from_utf8_lossy(&version).trim().rsplit(' ').next().unwrap_or("").to_string();
+    let current = std::fs::read_link(root.join("var/lib/baton/agent/bin/current")).expect("bin/current");
+    assert!(current.to_string_lossy().starts_with(&format!("releases/baton-agent-{version}-")), "{current:?}");
+    let entry = std::fs::read_link(root.join("usr/local/bin/baton-agent")).expect("the entry point is a link");
+    assert_eq!(entry, Path::new("../../../var/lib/baton/agent/bin/current"));
+    assert!(std::fs::canonicalize(root.join("usr/local/bin/baton-agent")).expect("resolves").is_file());
     assert!(config.contains(&format!("controller_keys = [\"{key}\"]")), "{config}");
 
     // Again, with another broker: the binary is replaced, the config kept.
     install(&["--root", root_s, "--binary", agent_s, "--broker", "mqtt://elsewhere:1883"]);
     assert_eq!(std::fs::read_to_string(&config_path).expect("config"), config, "an upgrade rewrote the config");
+    assert!(!root.join("var/lib/baton/agent/bin/previous").exists(), "the same build again is no previous build");
+    // Not an agent build: refused, nothing changed.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cross/install.sh");
+    let junk = world.write("junk", "#!/bin/sh\n");
+    let out =
+        Command::new("sh").arg(script).args(["--root", root_s, "--binary", junk.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no Baton agent version stamp"));
+    assert_eq!(std::fs::read_link(root.join("var/lib/baton/agent/bin/current")).expect("bin/current"), current);
 
     // The installed agent runs with the written config.
     let data = world.path().join("agent-data");
