@@ -223,7 +223,9 @@ impl World {
 impl Drop for World {
     fn drop(&mut self) {
         self.reap_containers();
-        if !std::thread::panicking() {
+        // `BATON_KEEP_WORLD=always`: every world's dir stays (benches, debugging).
+        let keep_always = std::env::var("BATON_KEEP_WORLD").is_ok_and(|v| v == "always");
+        if !std::thread::panicking() && !keep_always {
             return;
         }
         let Ok(entries) = std::fs::read_dir(self.path()) else {
@@ -458,6 +460,67 @@ pub fn agent_args(world: &World, id: &str, broker: &str, extra: &[&str]) -> Vec<
     // The config file is named explicitly: write an empty one so only flags apply.
     std::fs::write(world.path().join("no-such-agent.toml"), "").expect("empty config");
     args
+}
+
+/// A copy of `agent` with `version` stamped in place of its own: the
+/// binary `BATON_AGENT_VERSION=<version> cargo build` gives, without a
+/// second build of the workspace.
+pub fn stamped_agent(world: &World, agent: &Path, version: &str) -> PathBuf {
+    use baton_protocol::release::{version_stamp_prefix, VERSION_STAMP_LEN};
+    let mut bytes = std::fs::read(agent).expect("the agent binary");
+    let prefix = version_stamp_prefix();
+    let at = bytes.windows(prefix.len()).position(|w| w == prefix).expect("the agent carries a version stamp")
+        + prefix.len();
+    let again = bytes[at..].windows(prefix.len()).any(|w| w == prefix);
+    assert!(!again, "the agent binary holds its version stamp twice");
+    let field = &mut bytes[at..at + VERSION_STAMP_LEN];
+    field.fill(0);
+    field[..version.len()].copy_from_slice(version.as_bytes());
+    let dir = world.path().join(format!("build-{version}"));
+    std::fs::create_dir_all(&dir).expect("build dir");
+    let path = dir.join("baton-agent");
+    std::fs::write(&path, bytes).expect("stamped build");
+    path
+}
+
+/// The agent as a device runs it: a copy at its own entry path, restarted
+/// one second after it exits (systemd's `Restart=always`), with a short
+/// trial deadline. Each start arms the kill point named in `<world>/failpoint`
+/// (if any), to fire once.
+pub fn start_supervised_agent(world: &World, device: &str, broker: &str) -> (Proc, PathBuf) {
+    let entry_dir = world.path().join(format!("usr-local-bin-{device}"));
+    std::fs::create_dir_all(&entry_dir).expect("entry dir");
+    let entry = entry_dir.join("baton-agent");
+    std::fs::copy(bin("baton-agent"), &entry).expect("install the agent");
+    let config = world.write("agent.toml", "upgrade_deadline_s = 12\n");
+    let mut args = agent_args(world, device, broker, &[]);
+    let at = args.iter().position(|a| a == "--config").expect("--config") + 1;
+    args[at] = config.display().to_string();
+    let fp = world.path().join("failpoint");
+    let script = format!(
+        "while :; do BATON_FAILPOINT=\"$(cat {fp} 2>/dev/null)\" BATON_FAILPOINT_ONCE={fp}.fired \"$0\" \"$@\"; sleep 1; done",
+        fp = fp.display()
+    );
+    let mut sh = vec!["-c".to_string(), script];
+    sh.push(entry.display().to_string());
+    sh.extend(args);
+    (Proc::spawn(&format!("agent-{device}"), Path::new("/bin/sh"), &sh, world.path()), entry)
+}
+
+/// Pids of `device`'s agent processes (not the supervising shell, not the
+/// upgrade watcher, not shims).
+pub fn agent_pids(device: &str) -> Vec<i32> {
+    let needle = format!("--device-id\0{device}\0");
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?).into_owned();
+            (cmd.contains(&needle) && !cmd.starts_with("/bin/sh\0")).then_some(pid)
+        })
+        .collect()
 }
 
 /// Starts `baton-agent simulate`: `devices` fake devices named `{prefix}-0000`…

@@ -5,35 +5,15 @@
 //! while the fleet upgrade stops. Kill points at every step of the switch.
 //! Root (containers). About 2 min.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use baton_controller::rollout::State;
 use baton_controller::view::{AgentRolloutView, DeviceView};
-use baton_protocol::release::{version_stamp_prefix, UpgradeState, VERSION_STAMP_LEN};
+use baton_protocol::release::UpgradeState;
 use baton_tests::*;
 
 const DEVICE: &str = "pi-ota";
-
-/// A copy of the agent with `version` stamped in place of its own: the
-/// binary `BATON_AGENT_VERSION=<version> cargo build` gives, without a
-/// second build of the workspace.
-fn stamped_build(world: &World, version: &str) -> PathBuf {
-    let mut bytes = std::fs::read(bin("baton-agent")).expect("the agent binary");
-    let prefix = version_stamp_prefix();
-    let at = bytes.windows(prefix.len()).position(|w| w == prefix).expect("the agent carries a version stamp")
-        + prefix.len();
-    let again = bytes[at..].windows(prefix.len()).any(|w| w == prefix);
-    assert!(!again, "the agent binary holds its version stamp twice");
-    let field = &mut bytes[at..at + VERSION_STAMP_LEN];
-    field.fill(0);
-    field[..version.len()].copy_from_slice(version.as_bytes());
-    let dir = world.path().join(format!("build-{version}"));
-    std::fs::create_dir_all(&dir).expect("build dir");
-    let path = dir.join("baton-agent");
-    std::fs::write(&path, bytes).expect("stamped build");
-    path
-}
 
 /// A native executable from C source (`cc`), standing in for a broken agent build.
 fn c_build(world: &World, name: &str, source: &str) -> PathBuf {
@@ -45,46 +25,6 @@ fn c_build(world: &World, name: &str, source: &str) -> PathBuf {
     let status = std::process::Command::new("cc").arg("-O2").arg("-o").arg(&out).arg(&src).status().expect("run cc");
     assert!(status.success(), "cc failed");
     out
-}
-
-/// The agent as a device runs it: a copy at its own entry path, restarted
-/// one second after it exits (systemd's `Restart=always`), with a short
-/// trial deadline. Each start arms the kill point named in `<world>/failpoint`
-/// (if any), to fire once.
-fn supervised_agent(world: &World, device: &str, broker: &str) -> (Proc, PathBuf) {
-    let entry_dir = world.path().join(format!("usr-local-bin-{device}"));
-    std::fs::create_dir_all(&entry_dir).expect("entry dir");
-    let entry = entry_dir.join("baton-agent");
-    std::fs::copy(bin("baton-agent"), &entry).expect("install the agent");
-    let config = world.write("agent.toml", "upgrade_deadline_s = 12\n");
-    let mut args = agent_args(world, device, broker, &[]);
-    let at = args.iter().position(|a| a == "--config").expect("--config") + 1;
-    args[at] = config.display().to_string();
-    let fp = world.path().join("failpoint");
-    let script = format!(
-        "while :; do BATON_FAILPOINT=\"$(cat {fp} 2>/dev/null)\" BATON_FAILPOINT_ONCE={fp}.fired \"$0\" \"$@\"; sleep 1; done",
-        fp = fp.display()
-    );
-    let mut sh = vec!["-c".to_string(), script];
-    sh.push(entry.display().to_string());
-    sh.extend(args);
-    (Proc::spawn(&format!("agent-{device}"), Path::new("/bin/sh"), &sh, world.path()), entry)
-}
-
-/// Pids of `device`'s agent processes (not the supervising shell, not the
-/// upgrade watcher, not shims).
-fn agent_pids(device: &str) -> Vec<i32> {
-    let needle = format!("--device-id\0{device}\0");
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?).into_owned();
-            (cmd.contains(&needle) && !cmd.starts_with("/bin/sh\0")).then_some(pid)
-        })
-        .collect()
 }
 
 fn agent_rollout(server: &str) -> Option<AgentRolloutView> {
@@ -123,7 +63,7 @@ fn an_agent_upgrades_in_place_and_rolls_back_builds_that_do_not_come_online() {
     let data = world.path().join(format!("agent-{DEVICE}"));
     let run = world.path().join(format!("run-{DEVICE}"));
     give_busybox(&world, DEVICE, "busybox:ota");
-    let (_agent, entry) = supervised_agent(&world, DEVICE, &controller.broker_url());
+    let (_agent, entry) = start_supervised_agent(&world, DEVICE, &controller.broker_url());
     let yaml = "name: web\nimage: busybox:ota\ncommand: [/bin/sh, -c, \"trap 'exit 0' TERM; while true; do sleep 0.2; done\"]\n";
     apply_yaml(&server, &world, "web.yaml", yaml);
     wait_for("the workload healthy", Duration::from_secs(30), || settled(&server, "web", 1, 1));
@@ -133,7 +73,7 @@ fn an_agent_upgrades_in_place_and_rolls_back_builds_that_do_not_come_online() {
     // A build that is not an agent, and one that says it is another version, are refused.
     let (ok, _, err) = baton_cli(&server, &["agent", "publish", world.write("notes.txt", "hello").to_str().unwrap()]);
     assert!(!ok && err.contains("not an ELF executable"), "{err}");
-    let b = stamped_build(&world, "99.0.0");
+    let b = stamped_agent(&world, &bin("baton-agent"), "99.0.0");
     let (ok, _, err) = baton_cli(&server, &["agent", "publish", b.to_str().unwrap(), "--version", "98.0.0"]);
     assert!(!ok && err.contains("says it is version 99.0.0"), "{err}");
 
@@ -214,7 +154,7 @@ fn a_kill_at_any_step_of_the_switch_leaves_a_working_agent() {
     let run = world.path().join(format!("run-{KILLED}"));
     let paths = baton_agent::upgrade::switch::Paths::new(&data);
     give_busybox(&world, KILLED, "busybox:ota");
-    let (_agent, _) = supervised_agent(&world, KILLED, &controller.broker_url());
+    let (_agent, _) = start_supervised_agent(&world, KILLED, &controller.broker_url());
     let yaml = "name: web\nimage: busybox:ota\ncommand: [/bin/sh, -c, \"trap 'exit 0' TERM; while true; do sleep 0.2; done\"]\n";
     apply_yaml(&server, &world, "web.yaml", yaml);
     wait_for("the workload healthy", Duration::from_secs(30), || settled(&server, "web", 1, 1));
@@ -234,7 +174,7 @@ fn a_kill_at_any_step_of_the_switch_leaves_a_working_agent() {
     let mut outcomes = Vec::new();
     for (i, point) in points.iter().enumerate() {
         let version = format!("99.1.{i}");
-        let build = stamped_build(&world, &version);
+        let build = stamped_agent(&world, &bin("baton-agent"), &version);
         cli_ok(&server, &["agent", "publish", build.to_str().unwrap()]);
         let digest = baton_agent::upgrade::switch::sha256_file(&build).expect("digest");
         let name = baton_agent::upgrade::switch::release_name(&version, &digest);

@@ -47,6 +47,9 @@ pub struct Upgrader {
     confirmed: Option<Instant>,
     last: Option<Marker>,
     download: Option<Download>,
+    /// The agent the newest document names: looked at again once a trial
+    /// ends (the fleet may have rolled back meanwhile).
+    wanted: Option<AgentTarget>,
 }
 
 impl Upgrader {
@@ -62,6 +65,7 @@ impl Upgrader {
             confirmed: None,
             last,
             download: None,
+            wanted: None,
         }
     }
 
@@ -102,6 +106,7 @@ impl Upgrader {
 
     /// The agent the newest desired document names (None: keep this one).
     pub fn on_target(&mut self, target: Option<&AgentTarget>, now: Instant) -> Effects {
+        self.wanted = target.cloned();
         let Some(target) = target else {
             if self.download.take().is_some() {
                 tracing::info!("agent upgrade withdrawn; the download stops (its part is kept)");
@@ -229,7 +234,7 @@ impl Upgrader {
     /// on trial says it came online once connected for `CONFIRM_AFTER`, then
     /// reports the upgrade once the watcher made it current.
     pub fn on_tick(&mut self, now: Instant, connected_since: Option<Instant>) -> Effects {
-        let mut fx =
+        let fx =
             Effects { send: self.download.as_mut().map(|d| d.overdue(now)).unwrap_or_default(), ..Default::default() };
         let Some(version) = self.on_trial.clone() else { return fx };
         if self.confirmed.is_none() && connected_since.is_some_and(|t| now.duration_since(t) >= CONFIRM_AFTER) {
@@ -257,7 +262,10 @@ impl Upgrader {
         tracing::info!(%version, phase = ?m.phase, "agent upgrade finished");
         self.last = Some(m);
         self.on_trial = None;
-        fx.report = true;
-        fx
+        // What the controller asked while this agent was on trial (an abort,
+        // a rollback of the fleet) is for this agent now.
+        let wanted = self.wanted.clone();
+        let next = self.on_target(wanted.as_ref(), now);
+        Effects { send: [fx.send, next.send].concat(), report: true, hand_over: next.hand_over }
     }
 }

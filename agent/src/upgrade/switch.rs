@@ -33,6 +33,9 @@ use sha2::{Digest, Sha256};
 use super::plan::{AtStart, Marker, MarkerPhase, Watch};
 use crate::runtime::layout::{failpoint, write_atomic};
 
+/// How long the watcher waits for the old agent to become the new one (`exec`).
+const EXEC_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Set in the new build's environment by the old one: "you are on trial".
 pub const TRIAL_ENV: &str = "BATON_UPGRADE_TRIAL";
 
@@ -308,7 +311,10 @@ pub fn watch(data_dir: &Path, pid: u32) -> io::Result<()> {
             return Ok(()); // finished by someone else (a restarted agent)
         };
         let to = canonical(&paths.release(&m.to));
-        let alive = std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == to);
+        // The old agent may not have replaced itself yet when this starts:
+        // its pid runs another binary for a moment (never 10 s).
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"));
+        let alive = exe.is_ok_and(|exe| exe == to || started.elapsed() < EXEC_GRACE);
         let ok = confirmed(&paths, &m.version);
         match super::plan::watch(ok, alive, started.elapsed().as_millis() as u64, m.deadline_s) {
             Watch::Wait => std::thread::sleep(std::time::Duration::from_millis(500)),

@@ -201,7 +201,7 @@ pub enum AgentCmd {
         /// More failed devices than this share of those updated rolls everything back (default 10).
         #[arg(long)]
         max_failures: Option<u32>,
-        /// Seconds a device has to come back with the new agent before it counts as failed (default 180).
+        /// Seconds a device has to come back with the new agent before it counts as failed (default 600).
         #[arg(long)]
         deadline: Option<u64>,
     },

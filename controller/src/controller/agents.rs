@@ -91,7 +91,9 @@ impl Controller {
         scope: &Scope,
     ) -> Result<AgentRolloutView, OpError> {
         fleet_wide(scope, "upgrades agents")?;
-        let defaults = Strategy::default();
+        // An agent comes over the device's own link, often a slow one: ten
+        // minutes before a device that never ran it counts as failed.
+        let defaults = Strategy { deadline_ms: 600_000, ..Strategy::default() };
         let waves = match &req.waves {
             None => defaults.waves,
             Some(w) => w

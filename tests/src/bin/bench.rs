@@ -10,7 +10,9 @@
 //! RSS/PSS after 60 s connected), `ingest` (heartbeats/s the controller
 //! absorbs through the embedded broker and through Mosquitto, same run),
 //! `runtime`, `pull`, `schedule` (placing 100,000 instances on 10,000
-//! devices), `rollout` (a 4-wave rollout to 1,000 simulated devices).
+//! devices), `rollout` (a 4-wave rollout to 1,000 simulated devices),
+//! `upgrade` (one real agent upgraded over MQTT: bytes, time, the link's
+//! silence during the switch; the same build fetched over HTTP beside it).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -32,6 +34,7 @@ fn main() {
         "pull" => pull(secs("BENCH_PULLS", 5) as usize),
         "schedule" => schedule(secs("BENCH_SCHED_DEVICES", 10_000) as usize, secs("BENCH_INSTANCES", 100_000) as usize),
         "rollout" => rollout(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5)),
+        "upgrade" => upgrade(secs("BENCH_UPGRADES", 3) as usize),
         "all" => {
             sizes();
             footprint(secs("BENCH_IDLE_SECS", 60));
@@ -40,9 +43,12 @@ fn main() {
             pull(secs("BENCH_PULLS", 5) as usize);
             schedule(secs("BENCH_SCHED_DEVICES", 10_000) as usize, secs("BENCH_INSTANCES", 100_000) as usize);
             rollout(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5));
+            upgrade(secs("BENCH_UPGRADES", 3) as usize);
         }
         other => {
-            eprintln!("usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|all] (got {other:?})");
+            eprintln!(
+                "usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|upgrade|all] (got {other:?})"
+            );
             std::process::exit(2);
         }
     }
@@ -738,4 +744,139 @@ fn rollout(devices: usize, gate_s: u64) {
         desired_bytes / devices as u64,
         report_bytes / devices as u64
     );
+}
+
+/// One real agent (supervised as systemd would, running a busybox
+/// container) upgraded `runs` times, each to a new stamped copy of the
+/// release agent: bytes that cross the broker for it, time from `baton
+/// agent upgrade` to the device reporting the new version, the download's
+/// time, and the longest silence of the device on MQTT (heartbeats every
+/// second) around the switch. Beside it, the same file fetched over HTTP
+/// on loopback (`busybox httpd` → `busybox wget`), the plain way to ship a
+/// binary.
+fn upgrade(runs: usize) {
+    use baton_controller::view::AgentRolloutView;
+    let world = World::new();
+    // `BENCH_MOSQUITTO=1`: through Mosquitto instead of the embedded broker.
+    let mosquitto = std::env::var_os("BENCH_MOSQUITTO").map(|_| Mosquitto::start(&world));
+    let broker = if mosquitto.is_some() { "Mosquitto" } else { "the embedded broker" };
+    println!("## Agent self-update: one real device, {runs} upgrades, through {broker}\n");
+    let controller = Controller::start(&world, mosquitto.as_ref().map(|m| m.port), &[]);
+    let server = controller.server_url();
+    let device = "pi-bench";
+    give_busybox(&world, device, "busybox:bench");
+    let (_agent, _) = start_supervised_agent(&world, device, &controller.broker_url());
+    let yaml = world.write(
+        "web.yaml",
+        "name: web\nimage: busybox:bench\ncommand: [/bin/sh, -c, \"trap 'exit 0' TERM; while true; do sleep 1; done\"]\n",
+    );
+    let (ok, _, err) = baton_cli(&server, &["apply", "-f", yaml.to_str().expect("utf-8")]);
+    assert!(ok, "{err}");
+    wait_for("the workload healthy", Duration::from_secs(60), || settled(&server, "web", 1, 1));
+    let size = std::fs::metadata(bin("baton-agent")).map(|m| m.len()).unwrap_or(0);
+    let mut rows = Vec::new();
+    for run in 0..runs {
+        let version = format!("99.0.{run}");
+        let build = stamped_agent(&world, &bin("baton-agent"), &version);
+        let (ok, _, err) = baton_cli(&server, &["agent", "publish", build.to_str().expect("utf-8")]);
+        assert!(ok, "{err}");
+        let mut tap = baton_tests::mqtt::RawClient::connect(controller.mqtt, &format!("bench-tap-{run}"));
+        tap.subscribe(&format!("baton/v1/dev/{device}/#"));
+        while tap.next_message(Duration::from_millis(300)).is_some() {} // retained ones
+        let started = Instant::now();
+        let (ok, _, err) = baton_cli(&server, &["agent", "upgrade", "--version", &version, "--min-ready", "1"]);
+        assert!(ok, "{err}");
+        let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
+        let (mut first_piece, mut last_piece) = (None, None);
+        let mut last_seen = Instant::now();
+        let mut longest_silence = Duration::ZERO;
+        let done: AgentRolloutView = loop {
+            while let Some((topic, payload, _)) = tap.next_message(Duration::from_millis(50)) {
+                let now = Instant::now();
+                let wire = (payload.len() + topic.len()) as u64;
+                if topic.ends_with("/release/res") {
+                    bytes_in += wire;
+                    first_piece.get_or_insert(now);
+                    last_piece = Some(now);
+                } else if topic.ends_with("/desired") {
+                    bytes_in += wire;
+                } else {
+                    // The device's own messages: the gaps between them are its silence.
+                    bytes_out += wire;
+                    longest_silence = longest_silence.max(now - last_seen);
+                    last_seen = now;
+                }
+            }
+            let r: AgentRolloutView = get_json(controller.http, "/api/v1/agent/rollout").expect("agent rollout");
+            if r.version == version && !r.rollout.state.active() {
+                break r;
+            }
+            assert!(started.elapsed() < Duration::from_secs(300), "upgrade did not finish: {r:?}");
+        };
+        let wall = started.elapsed().as_secs_f64();
+        let download = match (first_piece, last_piece) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64(),
+            _ => 0.0,
+        };
+        assert_eq!(done.rollout.state, baton_controller::rollout::State::Succeeded, "{done:?}");
+        rows.push((wall, download, longest_silence.as_secs_f64(), bytes_in, bytes_out));
+    }
+    let w = settled(&server, "web", 1, 1).expect("the container healthy after the upgrades");
+    let restarts = w.devices[0].reported.as_ref().map_or(0, |r| r.restarts);
+
+    // The same bytes over HTTP on loopback.
+    let www = world.path().join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    std::fs::copy(bin("baton-agent"), www.join("baton-agent")).expect("copy");
+    let port = free_port();
+    let mut httpd = std::process::Command::new("busybox")
+        .args(["httpd", "-f", "-p", &format!("127.0.0.1:{port}"), "-h"])
+        .arg(&www)
+        .spawn()
+        .expect("busybox httpd");
+    wait_for("busybox httpd", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    let mut http = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let st = std::process::Command::new("busybox")
+            .args(["wget", "-q", "-O", "/dev/null", &format!("http://127.0.0.1:{port}/baton-agent")])
+            .status()
+            .expect("busybox wget");
+        assert!(st.success(), "wget over loopback failed");
+        http.push(t.elapsed().as_secs_f64());
+    }
+    let _ = httpd.kill();
+    let _ = httpd.wait();
+
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let download = med(rows.iter().map(|r| r.1).collect());
+    let http_s = med(http);
+    println!("release agent: {size} bytes ({:.1} MiB); medians of {runs} upgrades\n", size as f64 / 1048576.0);
+    println!("| measure | value |\n|---|---|");
+    println!(
+        "| `baton agent upgrade` → device reports the new version (min_ready 1 s) | {:.1} s |",
+        med(rows.iter().map(|r| r.0).collect())
+    );
+    println!(
+        "| download over MQTT (first piece → last piece) | {download:.2} s ({:.1} MB/s) |",
+        size as f64 / download / 1e6
+    );
+    println!(
+        "| same file over HTTP on loopback (busybox httpd → wget) | {http_s:.2} s (MQTT / HTTP: {:.1}×) |",
+        download / http_s
+    );
+    println!(
+        "| bytes to the device per upgrade (pieces + documents, payload + topic) | {} ({:.4}× the build) |",
+        rows[0].3,
+        rows[0].3 as f64 / size as f64
+    );
+    println!("| bytes from the device per upgrade (requests, reports, heartbeats) | {} |", rows[0].4);
+    println!(
+        "| longest silence of the device on MQTT (heartbeat every 1 s) | {:.2} s |",
+        med(rows.iter().map(|r| r.2).collect())
+    );
+    println!("| container restarts over all upgrades | {restarts} |\n");
 }
