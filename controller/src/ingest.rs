@@ -117,6 +117,18 @@ fn publish(client: &AsyncClient, out: Outgoing) {
     }
 }
 
+/// Sends `msg` (QoS 1, not retained) to `device` on the topic its kind travels on.
+fn answer(client: &AsyncClient, device: &DeviceId, msg: &Message, what: &str) {
+    match encode(msg) {
+        Ok(bytes) => {
+            if let Err(e) = client.try_publish(device.topic(msg.kind().topic()), QoS::AtLeastOnce, false, bytes) {
+                warn!(%device, error = %e, "cannot queue {what}");
+            }
+        }
+        Err(e) => warn!(%device, error = %e, "cannot encode {what}"),
+    }
+}
+
 /// Runs until `shutdown` resolves. Reconnects forever; the API keeps serving
 /// the last known fleet meanwhile.
 pub async fn run(
@@ -204,16 +216,7 @@ pub async fn run(
                     while let Ok(out) = outbox.try_recv() {
                         publish(&client, out);
                     }
-                    match encode(&Message::EnrollResponse(res)) {
-                        Ok(bytes) => {
-                            if let Err(e) =
-                                client.try_publish(id.topic(TopicKind::EnrollRes), QoS::AtLeastOnce, false, bytes)
-                            {
-                                warn!(device = %id, error = %e, "cannot queue an enrollment answer");
-                            }
-                        }
-                        Err(e) => warn!(device = %id, error = %e, "cannot encode an enrollment answer"),
-                    }
+                    answer(&client, &id, &Message::EnrollResponse(res), "an enrollment answer");
                 }
                 Ok((id, kind, Message::ReleaseRequest(req))) => {
                     // A piece of an agent build: read from the store off the
@@ -223,16 +226,7 @@ pub async fn run(
                     let Some(chunk) = blocking(&controller, move |c| c.release_chunk(&who, &req)).await else {
                         continue;
                     };
-                    match encode(&Message::ReleaseChunk(chunk)) {
-                        Ok(bytes) => {
-                            if let Err(e) =
-                                client.try_publish(id.topic(TopicKind::ReleaseRes), QoS::AtLeastOnce, false, bytes)
-                            {
-                                warn!(device = %id, error = %e, "cannot queue a piece of an agent build");
-                            }
-                        }
-                        Err(e) => warn!(device = %id, error = %e, "cannot encode a piece of an agent build"),
-                    }
+                    answer(&client, &id, &Message::ReleaseChunk(chunk), "a piece of an agent build");
                 }
                 Ok((id, kind, msg)) => {
                     controller.metrics.received(kind);

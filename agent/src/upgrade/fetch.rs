@@ -138,13 +138,13 @@ impl Download {
 
     /// The whole file: its SHA-256 is the signed one, and it is an
     /// executable for this CPU.
-    fn verify(&self) -> Result<(), String> {
+    pub fn verify(&self) -> Result<(), String> {
         let digest = sha256_file(&self.part).map_err(|e| format!("read {}: {e}", self.part.display()))?;
         if digest != self.target.digest {
             return Err(format!(
                 "the download's SHA-256 is {}, the signed document says {}",
-                super::switch::hex(&digest),
-                super::switch::hex(&self.target.digest)
+                baton_protocol::crypto::hex(&digest),
+                baton_protocol::crypto::hex(&self.target.digest)
             ));
         }
         let mut head = [0u8; 64];

@@ -144,6 +144,10 @@ impl Upgrader {
                     self.download = Some(d);
                     if done {
                         // Whole already (downloaded before a restart): check and stage it.
+                        if let Err(why) = self.download.as_ref().map_or(Ok(()), Download::verify) {
+                            let _ = std::fs::remove_file(self.paths.part(&target.digest));
+                            return self.refuse(target, why);
+                        }
                         return self.finish();
                     }
                     Effects { send, report: true, ..Default::default() }
@@ -172,18 +176,11 @@ impl Upgrader {
         }
     }
 
-    /// A download whose bytes are all there: verified by `accept`, or (after
-    /// a restart) checked here again.
+    /// A download whose bytes are all there and verified (by `accept`, or
+    /// after a restart by `Download::verify`): staged and tried.
     fn finish(&mut self) -> Effects {
         let Some(d) = self.download.take() else { return Effects::default() };
         let target = d.target.clone();
-        match switch::sha256_file(&d.part) {
-            Ok(digest) if digest == target.digest => {}
-            _ => {
-                let _ = std::fs::remove_file(&d.part);
-                return self.refuse(&target, "the downloaded file does not match the signed digest".into());
-            }
-        }
         let name = switch::release_name(&target.version, &target.digest);
         if let Err(e) = switch::stage(&self.paths, &d.part, &name) {
             return self.refuse(&target, format!("cannot stage the new agent: {e}"));

@@ -28,6 +28,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use baton_protocol::crypto::hex;
 use sha2::{Digest, Sha256};
 
 use super::plan::{AtStart, Marker, MarkerPhase, Watch};
@@ -72,10 +73,6 @@ impl Paths {
     pub fn release(&self, name: &str) -> PathBuf {
         self.releases.join(name)
     }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `baton-agent-<version>-<first 12 hex digits of its SHA-256>`.

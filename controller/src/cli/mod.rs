@@ -289,7 +289,7 @@ fn agent(client: &Client, cmd: AgentCmd) -> anyhow::Result<()> {
                 let r = client
                     .publish_release(&data, version.as_deref())
                     .with_context(|| format!("cannot publish {}", path.display()))?;
-                let hex: String = r.digest.iter().map(|b| format!("{b:02x}")).collect();
+                let hex = baton_protocol::crypto::hex(&r.digest);
                 crate::outln!(
                     "agent {} for {} published from {} ({} bytes, sha256:{hex})",
                     r.version,

@@ -394,7 +394,7 @@ pub fn releases_table(list: &[crate::store::AgentRelease], now: Millis) -> Strin
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|r| {
-            let hex: String = r.digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+            let hex = baton_protocol::crypto::hex(&r.digest[..r.digest.len().min(6)]);
             vec![
                 r.version.clone(),
                 r.arch.clone(),
