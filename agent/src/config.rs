@@ -113,6 +113,9 @@ pub struct AgentConfig {
     pub join_token: Option<crate::join::Token>,
     pub self_update: bool,
     pub upgrade_deadline: Duration,
+    /// Set by `simulate` only (no config key): upgrades are downloaded and
+    /// checked for real, and the switch is pretended in memory.
+    pub simulated_upgrades: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -271,6 +274,7 @@ impl AgentConfig {
             labels,
             self_update: file.self_update.unwrap_or(true),
             upgrade_deadline: Duration::from_secs(file.upgrade_deadline_s.unwrap_or(120).clamp(10, 3600)),
+            simulated_upgrades: false,
         })
     }
 }

@@ -127,9 +127,10 @@ impl Link {
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
         let id = config.device_id.clone();
+        let upgrade = crate::upgrade::Upgrader::new(&config, on_trial);
         let will = Presence {
             state: PresenceState::Offline,
-            agent_version: crate::version::version().into(),
+            agent_version: upgrade.running().into(),
             boot_id: boot_id.clone(),
             started_at: 0,
         };
@@ -171,7 +172,6 @@ impl Link {
         );
         // Where the controller's time stood when this device last knew it.
         let floor = accepted.floor_ms.max(persisted.as_ref().map_or(0, |d| d.issued_ms));
-        let upgrade = crate::upgrade::Upgrader::new(&config, on_trial);
         let mut link = Link {
             upgrade,
             hand_over: false,
@@ -306,6 +306,7 @@ impl Link {
     fn inventory(&self) -> baton_protocol::Inventory {
         let mut inventory = node::inventory(&self.config);
         inventory.sealing_key = self.identity.as_ref().map(|k| k.public().to_vec()).unwrap_or_default();
+        inventory.agent_version = self.upgrade.running().into();
         inventory.previous_agent_version = self.upgrade.previous_version().unwrap_or_default();
         inventory.upgrade = self.upgrade.outcome();
         inventory
@@ -329,7 +330,7 @@ impl Link {
     fn presence(&self, state: PresenceState) -> Message {
         Message::Presence(Presence {
             state,
-            agent_version: crate::version::version().into(),
+            agent_version: self.upgrade.running().into(),
             boot_id: self.boot_id.clone(),
             started_at: self.started_at,
         })
@@ -458,7 +459,7 @@ impl Link {
         }
         let body = match &cmd.action {
             CommandAction::Diagnostics => {
-                let inv = node::inventory(&self.config);
+                let inv = self.inventory();
                 let hb = self.heartbeat.sample(&self.config.data_dir, self.applied_generation);
                 CommandOutput::Text(format!(
                     "device {}\nagent {} (started {})\nboot {}\n{} {} {}\nuptime {}s load {:.2} mem {}/{} KiB disk free {} MiB\ndesired generation {} applied {}\n",

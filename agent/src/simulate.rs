@@ -7,6 +7,10 @@
 //! (`runtime::fake`): containers in memory (a start takes `start_ms`),
 //! every image present, probes answered without I/O, and knobs that make
 //! some images unhealthy or fail to start. Proven revisions stay in memory.
+//! Agent upgrades are downloaded over the link and verified as on a device;
+//! only the switch is pretended (the new version is reported, the old one
+//! kept to go back to — in memory, so a restarted simulator runs its own
+//! version again).
 //! One thread steps every device every 100 ms; no thread per device.
 //! Tests and benchmarks drive fleets with it; operators can try a rollout
 //! strategy on a few hundred fake devices before a real one.
@@ -168,8 +172,10 @@ pub async fn run(cfg: SimConfig, shutdown: impl std::future::Future<Output = ()>
         let mut config = cfg.base.clone();
         config.data_dir = cfg.data_dir.join(&id);
         config.device_id = device_id;
-        // A simulated device has no binary of its own to replace.
-        config.self_update = false;
+        // A simulated device has no binary of its own to replace: it
+        // downloads and checks a new agent for real, then pretends the switch.
+        config.self_update = true;
+        config.simulated_upgrades = true;
         if let Some((key, values)) = &cfg.label_cycle {
             config.labels.insert(key.clone(), values[index % values.len()].clone());
         }

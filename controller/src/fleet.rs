@@ -291,7 +291,13 @@ impl Fleet {
                     tracing::warn!(device = %device.id, "device reported a different sealing key; keeping the first one (see SECURITY.md: re-keying a device)");
                     inv.sealing_key = pinned.clone();
                 }
-                let changed = device.inventory.as_ref() != Some(&inv);
+                let mut changed = device.inventory.as_ref() != Some(&inv);
+                // It names the agent that runs (a simulated device's changes
+                // without a new session).
+                if !inv.agent_version.is_empty() && inv.agent_version != device.presence.agent_version {
+                    device.presence.agent_version = inv.agent_version.clone();
+                    changed = true;
+                }
                 device.inventory = Some(*inv);
                 changed
             }
@@ -441,6 +447,19 @@ mod tests {
         assert_eq!(f.get(&a).unwrap().status(63_000, &LIVENESS), Status::Offline);
         // A Will does not count as being heard from.
         assert_eq!(f.get(&a).unwrap().last_seen, 61_500);
+    }
+
+    #[test]
+    fn an_inventory_names_the_agent_that_runs() {
+        let mut f = Fleet::default();
+        let a = id("a");
+        f.apply(&a, FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Live, 1);
+        let inv = Inventory { agent_version: "0.2.0".into(), ..Default::default() };
+        assert_eq!(f.apply(&a, FleetEvent::Inventory(Box::new(inv)), Delivery::Live, 2), Change::Persist);
+        assert_eq!(f.get(&a).unwrap().presence.agent_version, "0.2.0");
+        // An inventory that names none (an old agent's) leaves it.
+        f.apply(&a, FleetEvent::Inventory(Box::default()), Delivery::Live, 3);
+        assert_eq!(f.get(&a).unwrap().presence.agent_version, "0.2.0");
     }
 
     #[test]

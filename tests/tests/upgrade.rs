@@ -3,7 +3,9 @@
 //! upgraded through the controller to another build, then offered builds
 //! that exit at start or never come online, which it rolls back by itself
 //! while the fleet upgrade stops. Kill points at every step of the switch.
-//! Root (containers). About 2 min.
+//! A download cut by a kill -9 resumes where it stopped; a build whose bytes
+//! are not the signed ones is refused with nothing changed. A simulated
+//! fleet upgraded in waves and undone. Root (containers). About 4 min.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -224,4 +226,133 @@ fn a_kill_at_any_step_of_the_switch_leaves_a_working_agent() {
     eprintln!("kill points: {outcomes:#?}");
     let w = wait_for("the workload healthy at the end", Duration::from_secs(20), || settled(&server, "web", 1, 1));
     assert_eq!(w.devices[0].reported.as_ref().unwrap().restarts, 0);
+}
+
+/// The device's download cut by a kill -9 half-way goes on from where it
+/// stopped once the agent is back; a build whose stored bytes were damaged
+/// (flipped in the controller's database) is refused by the device — the
+/// SHA-256 is not the signed one — with the running agent, `bin/` and the
+/// upgrade's scratch files as they were.
+#[test]
+fn a_cut_download_resumes_and_a_damaged_build_is_refused_with_nothing_changed() {
+    const DEV: &str = "pi-cut";
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let data = world.path().join(format!("agent-{DEV}"));
+    let paths = baton_agent::upgrade::switch::Paths::new(&data);
+    let (agent, _) = start_supervised_agent(&world, DEV, &controller.broker_url());
+    wait_for("the device online", Duration::from_secs(30), || {
+        device_named(&server, DEV).filter(|d| d.status == baton_controller::fleet::Status::Online)
+    });
+
+    let build = stamped_agent(&world, &bin("baton-agent"), "99.2.0");
+    let size = std::fs::metadata(&build).expect("build").len();
+    cli_ok(&server, &["agent", "publish", build.to_str().unwrap()]);
+    let digest = baton_agent::upgrade::switch::sha256_file(&build).expect("digest");
+    let part = paths.part(&digest);
+    cli_ok(&server, &["agent", "upgrade", "--version", "99.2.0", "--min-ready", "2", "--deadline", "120"]);
+    // Half-way (a quarter of the build at least, not all of it): the power goes.
+    let cut_at = wait_for("the download under way", Duration::from_secs(60), || {
+        let n = std::fs::metadata(&part).ok()?.len();
+        (n >= size / 4 && n < size).then_some(n)
+    });
+    for pid in agent_pids(DEV) {
+        // SAFETY: kill(2) on this test's agent.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let done = wait_for("the upgrade to 99.2.0 to finish", Duration::from_secs(120), || {
+        agent_rollout(&server).filter(|r| r.version == "99.2.0" && !r.rollout.state.active())
+    });
+    assert_eq!(done.rollout.state, State::Succeeded, "{done:?}");
+    let log = std::fs::read_to_string(&agent.log).expect("agent log");
+    let resumed: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("downloading a new agent"))
+        .filter_map(|l| l.split("resume_at=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(
+        resumed.len() >= 2 && resumed[0] == 0 && resumed[1] > 0 && resumed[1] < size,
+        "the download did not resume from the part kept (cut at {cut_at} of {size}): {resumed:?}"
+    );
+    assert!(!part.exists(), "the finished download's part file is left behind");
+
+    // A build whose bytes in the controller's store are damaged after publishing.
+    let damaged = stamped_agent(&world, &bin("baton-agent"), "99.3.0");
+    cli_ok(&server, &["agent", "publish", damaged.to_str().unwrap()]);
+    {
+        let db = rusqlite::Connection::open(world.path().join("controller/baton.db")).expect("open the store");
+        db.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+        let mut bytes: Vec<u8> = db
+            .query_row("SELECT data FROM agent_releases WHERE version = '99.3.0'", [], |r| r.get(0))
+            .expect("the build");
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        let n = db.execute("UPDATE agent_releases SET data = ?1 WHERE version = '99.3.0'", [bytes]).expect("damage it");
+        assert_eq!(n, 1);
+    }
+    let before = (
+        std::fs::read_link(&paths.current).expect("bin/current"),
+        std::fs::read_link(&paths.previous).expect("bin/previous"),
+        std::fs::read_dir(&paths.releases).expect("releases").count(),
+    );
+    let done = upgrade(&server, "99.3.0");
+    assert_eq!(done.rollout.state, State::RolledBack, "{done:?}");
+    let outcome = wait_for("the device to report the refusal", Duration::from_secs(20), || {
+        let d = device_named(&server, DEV)?;
+        let o = d.inventory?.upgrade?;
+        (o.version == "99.3.0" && d.agent_version == "99.2.0").then_some(o)
+    });
+    assert_eq!(outcome.state, UpgradeState::Refused, "{outcome:?}");
+    assert!(outcome.detail.contains("SHA-256"), "{outcome:?}");
+    let after = (
+        std::fs::read_link(&paths.current).expect("bin/current"),
+        std::fs::read_link(&paths.previous).expect("bin/previous"),
+        std::fs::read_dir(&paths.releases).expect("releases").count(),
+    );
+    assert_eq!(before, after, "a refused build changed bin/");
+    let parts = std::fs::read_dir(&paths.upgrade).expect("upgrade dir").flatten();
+    let parts: Vec<_> = parts.filter(|e| e.file_name().to_string_lossy().ends_with(".part")).collect();
+    assert!(parts.is_empty(), "the damaged download is kept: {parts:?}");
+    let described = cli_ok(&server, &["describe", "device", DEV]);
+    assert!(described.contains("SHA-256"), "describe does not say why: {described}");
+}
+
+/// Twenty simulated devices (`baton-agent simulate`: real links, real
+/// downloads and checks, the switch pretended) upgraded in waves to a small
+/// build, every one then reporting it with its old version kept; `undo`
+/// takes every one back.
+#[test]
+fn a_simulated_fleet_upgrades_in_waves_and_goes_back_on_undo() {
+    const N: usize = 20;
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let _sim = start_simulator(&world, "ota", N, &controller.broker_url(), &[]);
+    wait_for("the simulated fleet online", Duration::from_secs(60), || {
+        (controller.devices().iter().filter(|d| d.status == baton_controller::fleet::Status::Online).count() == N)
+            .then_some(())
+    });
+    let before = device_named(&server, "ota-0000").expect("a device").agent_version;
+    let small = c_build(&world, "small", "int main(void) { return 0; }\n");
+    cli_ok(&server, &["agent", "publish", small.to_str().unwrap(), "--version", "99.7.0"]);
+    cli_ok(&server, &["agent", "upgrade", "--version", "99.7.0", "--waves", "1,50%,100%", "--min-ready", "1"]);
+    let done = wait_for("the fleet upgrade to finish", Duration::from_secs(120), || {
+        agent_rollout(&server).filter(|r| r.version == "99.7.0" && !r.rollout.state.active())
+    });
+    assert_eq!(done.rollout.state, State::Succeeded, "{done:?}");
+    let all_on = |version: &str, previous: &str| {
+        (0..N).all(|i| {
+            device_named(&server, &format!("ota-{i:04}")).is_some_and(|d| {
+                d.agent_version == version && d.inventory.is_some_and(|inv| inv.previous_agent_version == previous)
+            })
+        })
+    };
+    wait_for("every device on 99.7.0, keeping its old version", Duration::from_secs(30), || {
+        all_on("99.7.0", &before).then_some(())
+    });
+    cli_ok(&server, &["agent", "rollout", "undo"]);
+    wait_for("every device back on its old version", Duration::from_secs(60), || {
+        all_on(&before, "99.7.0").then_some(())
+    });
 }

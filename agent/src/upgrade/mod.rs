@@ -50,6 +50,11 @@ pub struct Upgrader {
     /// The agent the newest document names: looked at again once a trial
     /// ends (the fleet may have rolled back meanwhile).
     wanted: Option<AgentTarget>,
+    /// The version this agent reports: its own, or a simulated device's.
+    running: String,
+    /// A simulated device (`simulate`): the version it would go back to.
+    /// Its switches happen in memory; its downloads are real.
+    simulated: Option<Option<String>>,
 }
 
 impl Upgrader {
@@ -66,11 +71,21 @@ impl Upgrader {
             last,
             download: None,
             wanted: None,
+            running: crate::version::version().to_owned(),
+            simulated: config.simulated_upgrades.then_some(None),
         }
+    }
+
+    /// The version this agent reports as running.
+    pub fn running(&self) -> &str {
+        &self.running
     }
 
     /// The version kept to go back to.
     pub fn previous_version(&self) -> Option<String> {
+        if let Some(previous) = &self.simulated {
+            return previous.clone();
+        }
         switch::linked(&self.paths.previous).and_then(|n| switch::version_of(&n).map(str::to_owned))
     }
 
@@ -122,9 +137,10 @@ impl Upgrader {
         }
         self.download = None;
         let previous = self.previous_version();
-        match plan::want(target, crate::version::version(), previous.as_deref(), self.last.as_ref()) {
+        match plan::want(target, &self.running, previous.as_deref(), self.last.as_ref()) {
             Want::Nothing => Effects::default(),
             Want::Refuse(why) => self.refuse(target, why),
+            Want::SwitchBack if self.simulated.is_some() => self.simulate_switch(target),
             Want::SwitchBack => {
                 let Some(to) = switch::linked(&self.paths.previous) else {
                     return self.refuse(target, "the previous agent is gone".into());
@@ -158,6 +174,9 @@ impl Upgrader {
 
     /// Whether `target`'s build is in `releases/` already, whole.
     fn kept(&self, target: &AgentTarget) -> bool {
+        if self.simulated.is_some() {
+            return false;
+        }
         let path = self.paths.release(&switch::release_name(&target.version, &target.digest));
         switch::sha256_file(&path).is_ok_and(|d| d == target.digest)
     }
@@ -181,11 +200,31 @@ impl Upgrader {
     fn finish(&mut self) -> Effects {
         let Some(d) = self.download.take() else { return Effects::default() };
         let target = d.target.clone();
+        if self.simulated.is_some() {
+            let _ = std::fs::remove_file(&d.part);
+            return self.simulate_switch(&target);
+        }
         let name = switch::release_name(&target.version, &target.digest);
         if let Err(e) = switch::stage(&self.paths, &d.part, &name) {
             return self.refuse(&target, format!("cannot stage the new agent: {e}"));
         }
         self.stage_trial(&target, name)
+    }
+
+    /// A simulated device "switches" to a verified build: it reports the new
+    /// version, keeps the old one to go back to, and the upgrade as done.
+    fn simulate_switch(&mut self, target: &AgentTarget) -> Effects {
+        let from = std::mem::replace(&mut self.running, target.version.clone());
+        self.simulated = Some(Some(from.clone()));
+        self.last = Some(Marker {
+            phase: MarkerPhase::Upgraded,
+            version: target.version.clone(),
+            rollout: target.rollout,
+            from,
+            to: target.version.clone(),
+            ..Default::default()
+        });
+        Effects { report: true, ..Default::default() }
     }
 
     /// Records the trial of release `to` and asks the link to hand over.
@@ -194,7 +233,7 @@ impl Upgrader {
             Ok(p) => p,
             Err(e) => return self.refuse(target, format!("cannot find the running agent's binary: {e}")),
         };
-        let from = match switch::adopt(&self.paths, &exe, crate::version::version()) {
+        let from = match switch::adopt(&self.paths, &exe, &self.running) {
             Ok(name) => name,
             Err(e) => return self.refuse(target, format!("{e}; reinstall the agent with cross/install.sh")),
         };

@@ -35,6 +35,7 @@ fn main() {
         "schedule" => schedule(secs("BENCH_SCHED_DEVICES", 10_000) as usize, secs("BENCH_INSTANCES", 100_000) as usize),
         "rollout" => rollout(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5)),
         "upgrade" => upgrade(secs("BENCH_UPGRADES", 3) as usize),
+        "fleet-upgrade" => fleet_upgrade(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5)),
         "all" => {
             sizes();
             footprint(secs("BENCH_IDLE_SECS", 60));
@@ -44,10 +45,11 @@ fn main() {
             schedule(secs("BENCH_SCHED_DEVICES", 10_000) as usize, secs("BENCH_INSTANCES", 100_000) as usize);
             rollout(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5));
             upgrade(secs("BENCH_UPGRADES", 3) as usize);
+            fleet_upgrade(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5));
         }
         other => {
             eprintln!(
-                "usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|upgrade|all] (got {other:?})"
+                "usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|all] (got {other:?})"
             );
             std::process::exit(2);
         }
@@ -879,4 +881,84 @@ fn upgrade(runs: usize) {
         med(rows.iter().map(|r| r.2).collect())
     );
     println!("| container restarts over all upgrades | {restarts} |\n");
+}
+
+/// A simulated fleet (`baton-agent simulate`: real links, real downloads
+/// and checks of the build, the switch pretended) upgraded in waves [1,
+/// 10%, 50%, 100%] with a `gate_s` gate: time from `baton agent upgrade`
+/// to the rollout succeeded against the waves' floor, the bytes of build
+/// pieces that crossed the broker, the controller's CPU and memory. The
+/// build is `BENCH_BUILD` (a path; give the release agent to see a real
+/// size) or, by default, a small C program (`cc`), so that the rollout
+/// machinery, not the download, is what is timed.
+fn fleet_upgrade(devices: usize, gate_s: u64) {
+    use baton_controller::view::AgentRolloutView;
+    let world = World::new();
+    let build = match std::env::var_os("BENCH_BUILD") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let src = world.write("small.c", "int main(void) { return 0; }\n");
+            let out = world.path().join("small");
+            let st = std::process::Command::new("cc").arg("-O2").arg("-o").arg(&out).arg(&src).status().expect("cc");
+            assert!(st.success(), "cc failed");
+            out
+        }
+    };
+    let size = std::fs::metadata(&build).expect("the build").len();
+    println!(
+        "## Agent upgrade of {devices} simulated devices, waves [1, 10%, 50%, 100%], min_ready {gate_s} s, a build of {size} bytes\n"
+    );
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let _sim = start_simulator(&world, "sim", devices, &controller.broker_url(), &["--heartbeat-interval", "15"]);
+    wait_for("simulated fleet", Duration::from_secs(120), || (controller.devices().len() == devices).then_some(()));
+    let (ok, _, err) = baton_cli(&server, &["agent", "publish", build.to_str().expect("utf-8"), "--version", "99.0.0"]);
+    assert!(ok, "{err}");
+    let mut tap = baton_tests::mqtt::RawClient::connect(controller.mqtt, "bench-tap");
+    tap.subscribe("baton/v1/dev/+/release/res");
+    tap.subscribe("baton/v1/dev/+/desired");
+    while tap.next_message(Duration::from_millis(500)).is_some() {} // the retained documents
+    let (ticks0, _, _) = cpu_and_rss(controller.proc.pid());
+    let started = Instant::now();
+    let gate = gate_s.to_string();
+    let (ok, _, err) = baton_cli(
+        &server,
+        &["agent", "upgrade", "--version", "99.0.0", "--waves", "1,10%,50%,100%", "--min-ready", &gate],
+    );
+    assert!(ok, "{err}");
+    let (mut piece_bytes, mut desired_bytes, mut peak_rss) = (0u64, 0u64, 0);
+    let done: AgentRolloutView = loop {
+        while let Some((topic, payload, _)) = tap.next_message(Duration::from_millis(100)) {
+            let wire = (payload.len() + topic.len()) as u64;
+            if topic.ends_with("/release/res") {
+                piece_bytes += wire;
+            } else {
+                desired_bytes += wire;
+            }
+        }
+        peak_rss = peak_rss.max(cpu_and_rss(controller.proc.pid()).1);
+        let r: AgentRolloutView = get_json(controller.http, "/api/v1/agent/rollout").expect("agent rollout");
+        if r.version == "99.0.0" && !r.rollout.state.active() {
+            break r;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1800), "upgrade did not finish: {r:?}");
+    };
+    let wall = started.elapsed().as_secs_f64();
+    let (ticks1, _, hwm) = cpu_and_rss(controller.proc.pid());
+    let cpu_s = (ticks1 - ticks0) as f64 / 100.0; // USER_HZ
+    let upgraded = controller.devices().iter().filter(|d| d.agent_version == "99.0.0").count();
+    let floor = 4.0 * gate_s as f64;
+    println!("| measure | value |\n|---|---|");
+    println!("| outcome | {:?}, {upgraded} of {devices} devices report 99.0.0 |", done.rollout.state);
+    println!("| wall time, `baton agent upgrade` → succeeded | {wall:.1} s |");
+    println!("| floor (4 waves × {gate_s} s gate) | {floor:.0} s |");
+    println!("| wall / floor | {:.2} |", wall / floor);
+    println!("| controller CPU during the upgrade | {cpu_s:.2} s ({:.0} % of one core) |", cpu_s / wall * 100.0);
+    println!("| controller RSS, peak during / high-water mark | {peak_rss} / {hwm} KiB |");
+    println!(
+        "| bytes to each device: build pieces / desired documents (payload + topic) | {} ({:.4}× the build) / {} |\n",
+        piece_bytes / devices as u64,
+        piece_bytes as f64 / devices as f64 / size as f64,
+        desired_bytes / devices as u64
+    );
 }
