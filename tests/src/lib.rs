@@ -488,11 +488,23 @@ pub fn stamped_agent(world: &World, agent: &Path, version: &str) -> PathBuf {
 /// trial deadline. Each start arms the kill point named in `<world>/failpoint`
 /// (if any), to fire once.
 pub fn start_supervised_agent(world: &World, device: &str, broker: &str) -> (Proc, PathBuf) {
+    start_supervised_build(world, device, broker, &bin("baton-agent"), 12)
+}
+
+/// `start_supervised_agent` with this agent build (another architecture's,
+/// run through binfmt_misc) and trial deadline.
+pub fn start_supervised_build(
+    world: &World,
+    device: &str,
+    broker: &str,
+    build: &Path,
+    deadline_s: u64,
+) -> (Proc, PathBuf) {
     let entry_dir = world.path().join(format!("usr-local-bin-{device}"));
     std::fs::create_dir_all(&entry_dir).expect("entry dir");
     let entry = entry_dir.join("baton-agent");
-    std::fs::copy(bin("baton-agent"), &entry).expect("install the agent");
-    let config = world.write("agent.toml", "upgrade_deadline_s = 12\n");
+    std::fs::copy(build, &entry).expect("install the agent");
+    let config = world.write(&format!("agent-{device}.toml"), &format!("upgrade_deadline_s = {deadline_s}\n"));
     let mut args = agent_args(world, device, broker, &[]);
     let at = args.iter().position(|a| a == "--config").expect("--config") + 1;
     args[at] = config.display().to_string();

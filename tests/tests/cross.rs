@@ -1,6 +1,9 @@
 //! The Raspberry Pi agents built by `cross/build.sh` (static aarch64-musl and
 //! armv7 hard-float) run under qemu-user against a controller on loopback,
-//! come online, and report their architecture and heartbeats.
+//! come online, and report their architecture and heartbeats; the aarch64
+//! one upgrades itself over the air to another build of itself, run as
+//! a device runs it (binfmt_misc hands every aarch64 exec to qemu, as the
+//! switch execs the new build and its watcher).
 //!
 //! The binaries come from `BATON_CROSS_DIR` (default `target/cross`). Where
 //! they were not built, the test says so and checks nothing — unless
@@ -58,4 +61,51 @@ fn cross_built_agents_come_online_under_qemu() {
         ran += 1;
     }
     eprintln!("{ran} cross-built agent(s) checked");
+}
+
+/// Whether the kernel hands aarch64 executables to qemu (binfmt_misc;
+/// `cross/binfmt.sh` registers it).
+fn aarch64_binfmt() -> bool {
+    std::fs::read_to_string("/proc/sys/fs/binfmt_misc/qemu-aarch64").is_ok_and(|s| s.starts_with("enabled"))
+}
+
+#[test]
+fn the_aarch64_agent_upgrades_itself_under_qemu() {
+    use baton_controller::view::AgentRolloutView;
+    let required = std::env::var("BATON_REQUIRE_CROSS").is_ok_and(|v| v == "1");
+    let agent = cross_dir().join("aarch64-unknown-linux-musl/baton-agent");
+    if !agent.exists() || !aarch64_binfmt() {
+        assert!(!required, "needs {} (cross/build.sh) and aarch64 in binfmt_misc (cross/binfmt.sh)", agent.display());
+        eprintln!("skipping: the aarch64 agent is not built or binfmt_misc does not run aarch64 (cross/binfmt.sh)");
+        return;
+    }
+    const DEV: &str = "pi-arm64";
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    // Emulated, the agent is slow to start: a generous trial deadline.
+    let (_agent, _) = start_supervised_build(&world, DEV, &controller.broker_url(), &agent, 90);
+    let online = |version: Option<&str>| {
+        controller.device(DEV).filter(|d| {
+            d.status.as_str() == "online" && version.is_none_or(|v| d.agent_version == v) && d.inventory.is_some()
+        })
+    };
+    let before = wait_for("the aarch64 agent online", Duration::from_secs(90), || online(None));
+    assert_eq!(before.inventory.as_ref().map(|i| i.arch.as_str()), Some("aarch64"));
+    let build = stamped_agent(&world, &agent, "99.8.0");
+    let (ok, out, err) = baton_cli(&server, &["agent", "publish", build.to_str().unwrap()]);
+    assert!(ok && out.contains("for aarch64"), "{out}{err}");
+    let (ok, _, err) = baton_cli(&server, &["agent", "upgrade", "--version", "99.8.0", "--min-ready", "2"]);
+    assert!(ok, "{err}");
+    let done = wait_for("the aarch64 upgrade to finish", Duration::from_secs(300), || {
+        let (ok, out, _) = baton_cli(&server, &["agent", "rollout", "status", "-o", "json"]);
+        let r: AgentRolloutView = ok.then(|| serde_json::from_str(&out).ok()).flatten()?;
+        (r.version == "99.8.0" && !r.rollout.state.active()).then_some(r)
+    });
+    assert_eq!(done.rollout.state, baton_controller::rollout::State::Succeeded, "{done:?}");
+    let after = wait_for("the device on 99.8.0", Duration::from_secs(60), || online(Some("99.8.0")));
+    let inv = after.inventory.expect("inventory");
+    assert_eq!(inv.previous_agent_version, before.agent_version);
+    let current = std::fs::canonicalize(world.path().join(format!("agent-{DEV}/bin/current"))).expect("bin/current");
+    assert!(current.to_string_lossy().contains("baton-agent-99.8.0-"), "{current:?}");
 }
