@@ -320,6 +320,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     // process only (shims and execs must not inherit it).
     let on_trial = std::env::var(switch::TRIAL_ENV).ok();
     std::env::remove_var(switch::TRIAL_ENV);
+    switch::take_watcher_env();
     if config.self_update {
         // Finish, roll back or start an upgrade left half-way, before anything runs.
         switch::at_start(&config.data_dir, on_trial.is_some());

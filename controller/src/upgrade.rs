@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use baton_protocol::release::{AgentTarget, UpgradeState};
+use baton_protocol::release::{compare_versions, AgentTarget, UpgradeState};
 use baton_protocol::{Health, Inventory, Phase, WorkloadStatus};
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +54,17 @@ pub enum Refused {
     Unpublished { version: String, arch: String, devices: String },
     #[error("the agent upgrade to {0} is still in progress: pause, abort or undo it first")]
     Busy(String),
+    #[error(
+        "version {version} is older than the agent devices {devices} run: a device never downgrades by a new upgrade (each would refuse it); `baton agent rollout undo` takes devices back from the last upgrade"
+    )]
+    Older { version: String, devices: String },
+}
+
+/// "a, b, c, d, e and 3 more".
+fn some_of(ids: &[&str]) -> String {
+    let shown: Vec<&str> = ids.iter().take(5).copied().collect();
+    let more = if ids.len() > 5 { format!(" and {} more", ids.len() - 5) } else { String::new() };
+    format!("{}{more}", shown.join(", "))
 }
 
 impl AgentRollout {
@@ -83,13 +94,21 @@ impl AgentRollout {
             }
         }
         if let Some((arch, ids)) = missing.into_iter().next() {
-            let shown: Vec<&str> = ids.iter().take(5).copied().collect();
-            let more = if ids.len() > 5 { format!(" and {} more", ids.len() - 5) } else { String::new() };
             return Err(Refused::Unpublished {
                 version: version.into(),
                 arch: if arch.is_empty() { "an unknown architecture".into() } else { arch.into() },
-                devices: format!("{}{more}", shown.join(", ")),
+                devices: some_of(&ids),
             });
+        }
+        let newer: Vec<&str> = picked
+            .iter()
+            .filter(|d| {
+                versions.get(&d.id).is_some_and(|v| compare_versions(version, v) == Some(std::cmp::Ordering::Less))
+            })
+            .map(|d| d.id.as_str())
+            .collect();
+        if !newer.is_empty() {
+            return Err(Refused::Older { version: version.into(), devices: some_of(&newer) });
         }
         picked.sort_by(|a, b| (!a.reachable, &a.id).cmp(&(!b.reachable, &b.id)));
         let before = picked.iter().map(|d| (d.id.clone(), versions.get(&d.id).cloned().unwrap_or_default())).collect();
@@ -222,6 +241,19 @@ mod tests {
             AgentRollout::start(1, "2.0.0", 7, none, &fleet(), &versions(), &releases(), strategy(), 0).unwrap_err(),
             Refused::NoDevices
         );
+    }
+
+    #[test]
+    fn an_upgrade_to_a_version_older_than_a_device_runs_is_refused_up_front() {
+        let lyon = BTreeMap::from([("site".to_string(), "lyon".to_string())]);
+        let mut versions = versions();
+        versions.insert("b".into(), "3.1.0".into());
+        let err = AgentRollout::start(1, "2.0.0", 7, lyon.clone(), &fleet(), &versions, &releases(), strategy(), 0);
+        assert_eq!(err.unwrap_err(), Refused::Older { version: "2.0.0".into(), devices: "b".into() });
+        // Unknown versions (never reported) and the same version do not stop it.
+        versions.insert("b".into(), String::new());
+        versions.insert("a".into(), "2.0.0".into());
+        assert!(AgentRollout::start(1, "2.0.0", 7, lyon, &fleet(), &versions, &releases(), strategy(), 0).is_ok());
     }
 
     #[test]

@@ -29,6 +29,20 @@ fn c_build(world: &World, name: &str, source: &str) -> PathBuf {
     out
 }
 
+/// Children of `device`'s agent that exited and were never reaped.
+fn zombies_of(device: &str) -> Vec<i32> {
+    let parents = agent_pids(device);
+    let children = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // pid (comm) state ppid …: comm may hold spaces, so read after its ')'.
+        let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+        let (state, ppid) = (rest.next()?, rest.next()?.parse::<i32>().ok()?);
+        (state == "Z" && parents.contains(&ppid)).then_some(pid)
+    });
+    children.collect()
+}
+
 fn agent_rollout(server: &str) -> Option<AgentRolloutView> {
     let (ok, out, _) = baton_cli(server, &["agent", "rollout", "status", "-o", "json"]);
     ok.then(|| serde_json::from_str(&out).expect("agent rollout json"))
@@ -92,6 +106,15 @@ fn an_agent_upgrades_in_place_and_rolls_back_builds_that_do_not_come_online() {
         (d.agent_version == "99.0.0" && inv.upgrade.as_ref()?.state == UpgradeState::Upgraded).then_some(d)
     });
     assert_eq!(d.inventory.as_ref().unwrap().previous_agent_version, old_version);
+    // The watcher, a child of the process the new agent replaced, is reaped once done.
+    wait_for("the watcher gone, and reaped", Duration::from_secs(15), || {
+        let watching = std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c).contains(&format!("upgrade-watch\0--data-dir\0{}", data.display()))
+            })
+        });
+        (!watching && zombies_of(DEVICE).is_empty()).then_some(())
+    });
     assert!(alive(container), "the container died with the old agent");
     assert_eq!(running_pid(&run, "web-0"), Some(container), "the container was replaced");
     let w = settled(&server, "web", 1, 1).expect("still healthy under the new agent");

@@ -129,7 +129,18 @@ impl Upgrader {
             }
             return Effects::default();
         };
-        if !self.enabled || self.on_trial.is_some() {
+        if !self.enabled {
+            // Said once per upgrade, so that the controller counts this
+            // device out at once rather than at its deadline.
+            let said = self.last.as_ref().is_some_and(|m| {
+                m.phase == MarkerPhase::Refused && m.rollout == target.rollout && m.version == target.version
+            });
+            if target.version == self.running || said {
+                return Effects::default();
+            }
+            return self.refuse(target, "self-update is off on this device (self_update = false in its config)".into());
+        }
+        if self.on_trial.is_some() {
             return Effects::default();
         }
         if self.download.as_ref().is_some_and(|d| d.target == *target) {
@@ -270,6 +281,7 @@ impl Upgrader {
     /// on trial says it came online once connected for `CONFIRM_AFTER`, then
     /// reports the upgrade once the watcher made it current.
     pub fn on_tick(&mut self, now: Instant, connected_since: Option<Instant>) -> Effects {
+        switch::reap_watcher();
         let fx =
             Effects { send: self.download.as_mut().map(|d| d.overdue(now)).unwrap_or_default(), ..Default::default() };
         let Some(version) = self.on_trial.clone() else { return fx };
@@ -303,5 +315,59 @@ impl Upgrader {
         let wanted = self.wanted.clone();
         let next = self.on_target(wanted.as_ref(), now);
         Effects { send: [fx.send, next.send].concat(), report: true, hand_over: next.hand_over }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AgentConfig, FileConfig, Overrides};
+
+    fn config(dir: &std::path::Path, toml: &str) -> AgentConfig {
+        let mid = dir.join("machine-id");
+        std::fs::write(&mid, "4f1c0b7e9d2a4c6b8e0f1a2b3c4d5e6f\n").unwrap();
+        let path = dir.join("agent.toml");
+        let cli = Overrides { data_dir: Some(dir.join("data")), ..Default::default() };
+        AgentConfig::resolve(FileConfig::parse(&path, toml).unwrap(), &path, cli, &mid).unwrap()
+    }
+
+    fn target(version: &str, rollout: u64) -> AgentTarget {
+        AgentTarget { version: version.into(), digest: vec![7; 32], size: 10, rollout, downgrade: false }
+    }
+
+    #[test]
+    fn a_device_with_self_update_off_refuses_each_upgrade_once_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = Upgrader::new(&config(dir.path(), "self_update = false\n"), None);
+        let now = Instant::now();
+        let fx = u.on_target(Some(&target("99.0.0", 1)), now);
+        assert!(fx.report && fx.send.is_empty() && !fx.hand_over, "{fx:?}");
+        let o = u.outcome().unwrap();
+        assert_eq!((o.state, o.rollout), (UpgradeState::Refused, 1));
+        assert!(o.detail.contains("self_update = false"), "{o:?}");
+        // The same upgrade again (every document repeats it): said already.
+        assert!(!u.on_target(Some(&target("99.0.0", 1)), now).report);
+        // A new upgrade: said again. The version it runs: nothing to say.
+        assert!(u.on_target(Some(&target("99.0.0", 2)), now).report);
+        let running = u.running().to_owned();
+        assert!(!u.on_target(Some(&target(&running, 3)), now).report);
+    }
+
+    #[test]
+    fn a_simulated_device_switches_in_memory_and_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), "");
+        cfg.simulated_upgrades = true;
+        let mut u = Upgrader::new(&cfg, None);
+        let before = u.running().to_owned();
+        let t = target("99.0.0", 1);
+        u.simulate_switch(&t);
+        assert_eq!((u.running(), u.previous_version().as_deref()), ("99.0.0", Some(before.as_str())));
+        assert_eq!(u.outcome().unwrap().state, UpgradeState::Upgraded);
+        // Undo: the version kept, by name only (no digest), downgrade allowed.
+        let back = AgentTarget { version: before.clone(), digest: Vec::new(), size: 0, rollout: 1, downgrade: true };
+        let fx = u.on_target(Some(&back), Instant::now());
+        assert!(fx.report && fx.send.is_empty(), "{fx:?}");
+        assert_eq!((u.running(), u.previous_version().as_deref()), (before.as_str(), Some("99.0.0")));
     }
 }

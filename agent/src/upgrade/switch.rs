@@ -220,13 +220,44 @@ pub fn hand_over(paths: &Paths, data_dir: &Path) -> io::Error {
         .arg(std::process::id().to_string())
         .stdin(std::process::Stdio::null())
         .spawn();
-    if let Err(e) = watcher {
-        return io::Error::new(e.kind(), format!("cannot start the upgrade watcher {}: {e}", from.display()));
-    }
+    let watcher = match watcher {
+        Ok(child) => child.id(),
+        Err(e) => return io::Error::new(e.kind(), format!("cannot start the upgrade watcher {}: {e}", from.display())),
+    };
     failpoint("handover", "watching");
     tracing::info!(from = %m.from, to = %m.to, attempt = m.attempts, "handing over to the new agent on trial");
     let args: Vec<_> = std::env::args_os().skip(1).collect();
-    std::process::Command::new(&to).args(args).env(TRIAL_ENV, &m.version).exec()
+    std::process::Command::new(&to).args(args).env(TRIAL_ENV, &m.version).env(WATCHER_ENV, watcher.to_string()).exec()
+}
+
+/// The watcher's pid, for the new agent: the watcher is its child (started
+/// by the process it replaced), and it reaps it once it exits.
+pub const WATCHER_ENV: &str = "BATON_UPGRADE_WATCHER";
+
+static WATCHER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Takes the watcher's pid from the environment (call once, at start,
+/// before threads: shims and execs must not inherit it).
+pub fn take_watcher_env() {
+    if let Some(pid) = std::env::var(WATCHER_ENV).ok().and_then(|v| v.parse::<i32>().ok()) {
+        WATCHER.store(pid, std::sync::atomic::Ordering::Relaxed);
+    }
+    std::env::remove_var(WATCHER_ENV);
+}
+
+/// Reaps the watcher if it has exited (no zombie left behind it); cheap
+/// and idempotent, called about once a second.
+pub fn reap_watcher() {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let pid = WATCHER.load(std::sync::atomic::Ordering::Relaxed);
+    if pid <= 0 {
+        return;
+    }
+    match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => {}
+        // Exited and reaped, or not (or no longer) this process's child.
+        _ => WATCHER.store(0, std::sync::atomic::Ordering::Relaxed),
+    }
 }
 
 /// Makes the tried build current (`previous` first, then `current`, then the
