@@ -344,7 +344,7 @@ fn a_cut_download_resumes_and_a_damaged_build_is_refused_with_nothing_changed() 
 /// Twenty simulated devices (`baton-agent simulate`: real links, real
 /// downloads and checks, the switch pretended) upgraded in waves to a small
 /// build, every one then reporting it with its old version kept; `undo`
-/// takes every one back.
+/// takes every one back; the build is unpublished once no upgrade stands on it.
 #[test]
 fn a_simulated_fleet_upgrades_in_waves_and_goes_back_on_undo() {
     const N: usize = 20;
@@ -374,8 +374,16 @@ fn a_simulated_fleet_upgrades_in_waves_and_goes_back_on_undo() {
     wait_for("every device on 99.7.0, keeping its old version", Duration::from_secs(30), || {
         all_on("99.7.0", &before).then_some(())
     });
+    // Devices that join later fetch it: it stays published while the upgrade stands.
+    let (ok, _, err) = baton_cli(&server, &["agent", "unpublish", "99.7.0"]);
+    assert!(!ok && err.contains("last agent upgrade"), "{err}");
     cli_ok(&server, &["agent", "rollout", "undo"]);
     wait_for("every device back on its old version", Duration::from_secs(60), || {
         all_on(&before, "99.7.0").then_some(())
     });
+    let out = cli_ok(&server, &["agent", "unpublish", "99.7.0"]);
+    assert!(out.contains("1 build(s) unpublished"), "{out}");
+    assert!(!cli_ok(&server, &["agent", "releases"]).contains("99.7.0"));
+    let (ok, _, err) = baton_cli(&server, &["agent", "unpublish", "99.7.0"]);
+    assert!(!ok && err.contains("not published"), "{err}");
 }

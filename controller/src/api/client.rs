@@ -258,6 +258,13 @@ impl Client {
         self.finish(res)
     }
 
+    /// Deletes a version's builds (of `arch`, or all); returns how many went.
+    pub fn unpublish_release(&self, version: &str, arch: Option<&str>) -> anyhow::Result<u64> {
+        let query = arch.map(|a| format!("?arch={}", url_escape(a))).unwrap_or_default();
+        let v: serde_json::Value = self.delete(&format!("/api/v1/agent/releases/{}{query}", url_escape(version)))?;
+        Ok(v["builds"].as_u64().unwrap_or(0))
+    }
+
     pub fn agent_upgrade(&self, req: &AgentUpgradeRequest) -> anyhow::Result<AgentRolloutView> {
         self.post("/api/v1/agent/upgrade", req)
     }

@@ -56,6 +56,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
                 .post(publish_release)
                 .layer(axum::extract::DefaultBodyLimit::max(crate::controller::MAX_RELEASE_BYTES)),
         )
+        .route("/api/v1/agent/releases/{version}", axum::routing::delete(unpublish_release))
         .route("/api/v1/agent/upgrade", post(agent_upgrade))
         .route("/api/v1/agent/rollout", get(agent_rollout))
         .route("/api/v1/agent/rollout/{action}", post(agent_rollout_action))
@@ -407,6 +408,22 @@ async fn publish_release(
     body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, Failure> {
     Ok(Json(op(&c, move |c| c.publish_release(q.version.as_deref(), &body, now_ms(), &scope)).await??))
+}
+
+#[derive(serde::Deserialize)]
+struct ArchQuery {
+    arch: Option<String>,
+}
+
+async fn unpublish_release(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Path(version): Path<String>,
+    Query(q): Query<ArchQuery>,
+) -> Result<impl IntoResponse, Failure> {
+    let v = version.clone();
+    let n = op(&c, move |c| c.unpublish_release(&v, q.arch.as_deref(), now_ms(), &scope)).await??;
+    Ok(Json(serde_json::json!({"unpublished": version, "builds": n})))
 }
 
 async fn agent_upgrade(

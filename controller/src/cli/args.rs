@@ -178,6 +178,13 @@ pub enum AgentCmd {
         #[arg(long)]
         version: Option<String>,
     },
+    /// Delete a version's builds from the controller (devices keep what they run).
+    Unpublish {
+        version: String,
+        /// Only this architecture's build (x86_64, aarch64, arm).
+        #[arg(long)]
+        arch: Option<String>,
+    },
     /// List published builds.
     #[command(alias = "ls")]
     Releases {

@@ -300,6 +300,11 @@ fn agent(client: &Client, cmd: AgentCmd) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        AgentCmd::Unpublish { version, arch } => {
+            let n = client.unpublish_release(&version, arch.as_deref())?;
+            crate::outln!("agent {version}: {n} build(s) unpublished");
+            return Ok(());
+        }
         AgentCmd::Releases { output } => {
             let list = client.releases()?;
             return print(output, &list, || output::releases_table(&list, now_ms()));

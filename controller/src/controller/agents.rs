@@ -78,6 +78,41 @@ impl Controller {
         Ok(release)
     }
 
+    /// `baton agent unpublish`: deletes a version's builds (one
+    /// architecture's, or all). Refused for the version of the last upgrade
+    /// while it runs or once it succeeded (devices that join later fetch it).
+    pub fn unpublish_release(
+        &self,
+        version: &str,
+        arch: Option<&str>,
+        now: Millis,
+        scope: &Scope,
+    ) -> Result<usize, OpError> {
+        fleet_wide(scope, "unpublishes agent builds")?;
+        let st = lock(&self.state);
+        if let Some(r) = st.agent_rollout.as_ref().filter(|r| r.version == version) {
+            if r.rollout.state.active() || r.rollout.state == crate::rollout::State::Succeeded {
+                return Err(OpError::Invalid(format!(
+                    "version {version} is the last agent upgrade's ({:?}): devices fetch it from here; upgrade to another version first",
+                    r.rollout.state
+                )));
+            }
+        }
+        let store = lock(&self.store);
+        let n = store.remove_release(version, arch)?;
+        if n == 0 {
+            let what = arch.map_or(String::new(), |a| format!(" for {a}"));
+            return Err(OpError::NotFound(format!("agent version {version}{what} is not published")));
+        }
+        let all = store.releases()?;
+        let what = arch.map_or("every architecture".to_string(), str::to_owned);
+        self.event(&store, "", "agent.unpublished", version, format!("agent {version} for {what} unpublished"), now);
+        drop(store);
+        drop(st);
+        lock(&self.state).releases = index(&all);
+        Ok(n)
+    }
+
     pub fn releases(&self) -> Result<Vec<AgentRelease>, OpError> {
         Ok(lock(&self.store).releases()?)
     }

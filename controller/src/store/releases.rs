@@ -74,6 +74,15 @@ impl Store {
             .expect("the release was just stored"))
     }
 
+    /// Deletes the builds of `version` (of one architecture, or all);
+    /// returns how many went. SQLite reuses their pages for later writes.
+    pub fn remove_release(&self, version: &str, arch: Option<&str>) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM agent_releases WHERE version = ?1 AND (?2 IS NULL OR arch = ?2)",
+            params![version, arch],
+        )?)
+    }
+
     pub fn releases(&self) -> Result<Vec<AgentRelease>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT version, arch, seq, digest, size, published_at FROM agent_releases ORDER BY seq, arch",
