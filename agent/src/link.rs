@@ -157,6 +157,11 @@ impl Link {
             opts.set_last_will(LastWill::new(id.topic(TopicKind::Presence), payload, QoS::AtLeastOnce, true));
         }
         let (client, mut events) = AsyncClient::new(opts, REQUEST_QUEUE);
+        // Small messages (acks, requests for pieces of a build) go out at
+        // once rather than waiting for Nagle to fill a segment.
+        let mut net = events.network_options();
+        net.set_tcp_nodelay(true);
+        events.set_network_options(net);
         let desired_bytes = std::fs::read(crate::engine::desired_path(&config.data_dir)).unwrap_or_default();
         let identity = match crate::trust::load_or_create_identity(&config.data_dir) {
             Ok(k) => Some(k),

@@ -149,6 +149,10 @@ pub async fn run(
         opts.set_credentials(user, password);
     }
     let (client, mut events) = AsyncClient::new(opts, 1024);
+    // Answers (pieces of builds, enrollments) go out at once, not after Nagle.
+    let mut net = events.network_options();
+    net.set_tcp_nodelay(true);
+    events.set_network_options(net);
     let mut limiter = LogLimiter { last: [None; 5], every: Duration::from_secs(10) };
     let mut failures = 0u32;
     info!(%broker, "ingest connecting");

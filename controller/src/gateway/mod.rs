@@ -135,6 +135,9 @@ impl Gateway {
                     }
                 },
             };
+            // A relay: each side's bytes go on at once (no Nagle wait on the
+            // small packets of MQTT: acks, requests, heartbeats).
+            let _ = stream.set_nodelay(true);
             let gw = self.clone();
             tokio::spawn(async move {
                 let result = match gw.tls.clone() {
@@ -173,6 +176,7 @@ impl Gateway {
         };
         let device = identity.device();
         let mut upstream = TcpStream::connect(self.upstream).await.map_err(|e| format!("broker: {e}"))?;
+        let _ = upstream.set_nodelay(true);
         let inner = Connect {
             username: Some(self.internal.0.clone()),
             password: Some(self.internal.1.clone().into_bytes()),
