@@ -574,7 +574,7 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\n{auth}persistence false\n\
-                 max_queued_messages 100000\nmax_inflight_messages 1000\nmessage_size_limit 307200\nlog_dest stderr\n"
+                 max_queued_messages 100000\nmax_inflight_messages 1000\nmessage_size_limit 307200\nset_tcp_nodelay true\nlog_dest stderr\n"
             ),
         )
         .expect("mosquitto.conf");
