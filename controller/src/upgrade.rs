@@ -122,6 +122,13 @@ impl AgentRollout {
         })
     }
 
+    /// The rollout engine's words (revisions) in an upgrade's (versions).
+    pub fn say(&self, message: &str) -> String {
+        message
+            .replace(&format!("revision {}", self.rollout.to), &format!("version {}", self.version))
+            .replace("revision 0", "the version each ran before")
+    }
+
     /// The agent `device` (of architecture `arch`, with `labels`) is told to
     /// run; None: whatever it runs.
     pub fn target_for(&self, d: &DeviceFacts, releases: &Releases) -> Option<AgentTarget> {
@@ -268,6 +275,10 @@ mod tests {
             ("2.0.0", vec![2; 32], 200, 4, false)
         );
         assert_eq!(r.target_for(b, &releases()), None, "second wave: not released yet");
+        assert_eq!(
+            r.say("device a failed revision 7: exited; rolled back to revision 0"),
+            "device a failed version 2.0.0: exited; rolled back to the version each ran before"
+        );
         assert_eq!(r.target_for(c, &releases()), None, "not selected");
         r.undo(5);
         let back = r.target_for(a, &releases()).unwrap();

@@ -276,10 +276,7 @@ impl Controller {
             _ => "agent.upgrade_progress",
         };
         for message in events {
-            // The engine speaks of revisions: say versions.
-            let message = message
-                .replace(&format!("revision {}", r.rollout.to), &r.version)
-                .replace("revision 0", "the version each ran before");
+            let message = r.say(&message);
             self.event(&store, "", name, &r.version, format!("agent upgrade {}: {message}", r.id), now);
         }
         true
@@ -308,6 +305,10 @@ impl AgentRolloutView {
     pub fn new(r: &AgentRollout) -> Self {
         let mut rollout = RolloutView::new(&r.rollout);
         rollout.workload = "agent".into();
+        rollout.reason = rollout.reason.map(|why| r.say(&why));
+        for (_, why) in &mut rollout.failed {
+            *why = r.say(why);
+        }
         AgentRolloutView { id: r.id, version: r.version.clone(), selector: r.selector.clone(), rollout }
     }
 }
