@@ -19,7 +19,7 @@ use baton_protocol::spec::WorkloadSpec;
 use crate::workload::Placement;
 
 /// What placement looks at on a device.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceFacts {
     pub id: String,
     /// A workload goes only to devices of its own tenant.

@@ -17,13 +17,26 @@ impl Controller {
     /// Applies a decoded device event and persists it when durable state changed.
     pub fn apply(&self, id: &DeviceId, event: FleetEvent, delivery: Delivery, now: Millis) -> Change {
         let is_presence = matches!(event, FleetEvent::Presence(_));
-        let mut placement_relevant = matches!(event, FleetEvent::Presence(_) | FleetEvent::Inventory(_));
-        let (change, snapshot) = {
+        // What documents are made from: placement's facts, the address
+        // services are reached at, the key secrets are sealed to. Only a
+        // change there recomputes every device's document (an inventory
+        // that says an upgrade moved on does not).
+        let relevant = |d: &Device| {
+            let inv = d.inventory.as_ref();
+            (
+                crate::desired::facts_of(d, now, &self.liveness, self.reschedule_after_ms),
+                inv.and_then(|i| i.addresses.first().cloned()),
+                inv.map(|i| i.sealing_key.clone()),
+            )
+        };
+        let (change, snapshot, placement_relevant) = {
             let mut fleet = lock(&self.fleet);
+            let relevant_before = fleet.get(id).map(relevant);
             let before = fleet.get(id).map(|d| d.presence.state);
             let refused_before = fleet.get(id).and_then(|d| d.refusal.clone());
             let change = fleet.apply(id, event, delivery, now);
             let after = fleet.get(id).map(|d| d.presence.state);
+            let placement_relevant = fleet.get(id).map(relevant) != relevant_before;
             if let Some(d) = fleet.get(id) {
                 // A device that refuses its document says so to the operator, not
                 // only in its own log: an event when the reason is new (or old news
@@ -38,7 +51,6 @@ impl Controller {
                 }
             }
             if change == Change::Persist && before != after {
-                placement_relevant = true;
                 let (name, what) = match (before, after) {
                     (None, _) => ("device.registered", "registered".to_string()),
                     (_, Some(PresenceState::Online)) if is_presence => ("device.online", "online".to_string()),
@@ -51,7 +63,7 @@ impl Controller {
                 self.event(&lock(&self.store), tenant, name, id.as_str(), what, now);
             }
             let snapshot = (change == Change::Persist).then(|| fleet.get(id).cloned()).flatten();
-            (change, snapshot)
+            (change, snapshot, placement_relevant)
         };
         match change {
             Change::UnknownDevice => self.metrics.rejected(Rejection::UnknownDevice),
