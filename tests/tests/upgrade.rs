@@ -343,7 +343,8 @@ fn a_cut_download_resumes_and_a_damaged_build_is_refused_with_nothing_changed() 
 
 /// Twenty simulated devices (`baton-agent simulate`: real links, real
 /// downloads and checks, the switch pretended) upgraded in waves to a small
-/// build, every one then reporting it with its old version kept; `undo`
+/// build, every one then reporting it with its old version kept; two that
+/// were away during the upgrade get it when they come back; `undo`
 /// takes every one back; the build is unpublished once no upgrade stands on it.
 #[test]
 fn a_simulated_fleet_upgrades_in_waves_and_goes_back_on_undo() {
@@ -352,10 +353,12 @@ fn a_simulated_fleet_upgrades_in_waves_and_goes_back_on_undo() {
     let controller = Controller::start(&world, None, &[]);
     let server = controller.server_url();
     let _sim = start_simulator(&world, "ota", N, &controller.broker_url(), &[]);
-    wait_for("the simulated fleet online", Duration::from_secs(60), || {
-        (controller.devices().iter().filter(|d| d.status == baton_controller::fleet::Status::Online).count() == N)
-            .then_some(())
-    });
+    // Two more devices that are away (powered off) while the upgrade runs.
+    let mut away = start_simulator(&world, "away", 2, &controller.broker_url(), &[]);
+    let online = || controller.devices().iter().filter(|d| d.status == baton_controller::fleet::Status::Online).count();
+    wait_for("the simulated fleet online", Duration::from_secs(60), || (online() == N + 2).then_some(()));
+    away.terminate();
+    wait_for("two devices offline", Duration::from_secs(30), || (online() == N).then_some(()));
     let before = device_named(&server, "ota-0000").expect("a device").agent_version;
     let small = c_build(&world, "small", "int main(void) { return 0; }\n");
     cli_ok(&server, &["agent", "publish", small.to_str().unwrap(), "--version", "99.7.0"]);
@@ -373,6 +376,13 @@ fn a_simulated_fleet_upgrades_in_waves_and_goes_back_on_undo() {
     };
     wait_for("every device on 99.7.0, keeping its old version", Duration::from_secs(30), || {
         all_on("99.7.0", &before).then_some(())
+    });
+    // The devices that were away upgrade when they come back.
+    let _back = start_simulator(&world, "away", 2, &controller.broker_url(), &[]);
+    wait_for("the devices that were away on 99.7.0", Duration::from_secs(60), || {
+        (0..2)
+            .all(|i| device_named(&server, &format!("away-{i:04}")).is_some_and(|d| d.agent_version == "99.7.0"))
+            .then_some(())
     });
     // Devices that join later fetch it: it stays published while the upgrade stands.
     let (ok, _, err) = baton_cli(&server, &["agent", "unpublish", "99.7.0"]);
