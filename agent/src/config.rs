@@ -12,6 +12,8 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/baton/agent.toml";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/baton/agent";
 /// Runtime state that must not outlive a reboot: on tmpfs.
 pub const DEFAULT_RUN_DIR: &str = "/run/baton";
+/// Where install.sh puts the agent the service manager starts.
+pub const DEFAULT_AGENT_ENTRY: &str = "/usr/local/bin/baton-agent";
 
 /// The file as written by people. Unknown keys are errors: a typo must not
 /// silently fall back to a default.
@@ -62,6 +64,10 @@ pub struct FileConfig {
     /// Seconds a new agent has to come online before the device goes back
     /// to the one it ran (default 120).
     pub upgrade_deadline_s: Option<u64>,
+    /// The file the service manager starts (default `/usr/local/bin/baton-agent`,
+    /// install.sh's): the only file outside its data dir an upgrade replaces
+    /// (with a link to `bin/current`).
+    pub agent_entry: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,6 +119,7 @@ pub struct AgentConfig {
     pub join_token: Option<crate::join::Token>,
     pub self_update: bool,
     pub upgrade_deadline: Duration,
+    pub agent_entry: PathBuf,
     /// Set by `simulate` only (no config key): upgrades are downloaded and
     /// checked for real, and the switch is pretended in memory.
     pub simulated_upgrades: bool,
@@ -274,6 +281,7 @@ impl AgentConfig {
             labels,
             self_update: file.self_update.unwrap_or(true),
             upgrade_deadline: Duration::from_secs(file.upgrade_deadline_s.unwrap_or(120).clamp(10, 3600)),
+            agent_entry: file.agent_entry.clone().unwrap_or_else(|| DEFAULT_AGENT_ENTRY.into()),
             simulated_upgrades: false,
         })
     }

@@ -48,10 +48,9 @@ pub fn selected(selector: &BTreeMap<String, String>, d: &DeviceFacts) -> bool {
 pub enum Refused {
     #[error("no device matches the selector")]
     NoDevices,
-    #[error(
-        "version {version} is not published for {arch} (devices {devices}): run `baton agent publish` with that build"
-    )]
-    Unpublished { version: String, arch: String, devices: String },
+    /// `missing`: "aarch64 (devices a, b); arm (devices c)".
+    #[error("version {version} is not published for {missing}: run `baton agent publish` with those builds")]
+    Unpublished { version: String, missing: String },
     #[error("the agent upgrade to {0} is still in progress: pause, abort or undo it first")]
     Busy(String),
     #[error(
@@ -93,12 +92,12 @@ impl AgentRollout {
                 missing.entry(d.arch.as_str()).or_default().push(d.id.as_str());
             }
         }
-        if let Some((arch, ids)) = missing.into_iter().next() {
-            return Err(Refused::Unpublished {
-                version: version.into(),
-                arch: if arch.is_empty() { "an unknown architecture".into() } else { arch.into() },
-                devices: some_of(&ids),
+        if !missing.is_empty() {
+            let each = missing.into_iter().map(|(arch, ids)| {
+                let arch = if arch.is_empty() { "an unknown architecture" } else { arch };
+                format!("{arch} (devices {})", some_of(&ids))
             });
+            return Err(Refused::Unpublished { version: version.into(), missing: each.collect::<Vec<_>>().join("; ") });
         }
         let newer: Vec<&str> = picked
             .iter()
@@ -241,8 +240,12 @@ mod tests {
             AgentRollout::start(1, "2.0.0", 7, BTreeMap::new(), &fleet(), &versions(), &releases(), strategy(), 0);
         assert_eq!(
             err.unwrap_err().to_string(),
-            "version 2.0.0 is not published for x86_64 (devices c): run `baton agent publish` with that build"
+            "version 2.0.0 is not published for x86_64 (devices c): run `baton agent publish` with those builds"
         );
+        let mut two = fleet();
+        two.push(device("d", "mips", "rome"));
+        let err = AgentRollout::start(1, "2.0.0", 7, BTreeMap::new(), &two, &versions(), &releases(), strategy(), 0);
+        assert!(err.unwrap_err().to_string().contains("mips (devices d); x86_64 (devices c)"), "every arch named");
         let none = BTreeMap::from([("site".to_string(), "oslo".to_string())]);
         assert_eq!(
             AgentRollout::start(1, "2.0.0", 7, none, &fleet(), &versions(), &releases(), strategy(), 0).unwrap_err(),

@@ -504,7 +504,10 @@ pub fn start_supervised_build(
     std::fs::create_dir_all(&entry_dir).expect("entry dir");
     let entry = entry_dir.join("baton-agent");
     std::fs::copy(build, &entry).expect("install the agent");
-    let config = world.write(&format!("agent-{device}.toml"), &format!("upgrade_deadline_s = {deadline_s}\n"));
+    let config = world.write(
+        &format!("agent-{device}.toml"),
+        &format!("upgrade_deadline_s = {deadline_s}\nagent_entry = {:?}\n", entry.display().to_string()),
+    );
     let mut args = agent_args(world, device, broker, &[]);
     let at = args.iter().position(|a| a == "--config").expect("--config") + 1;
     args[at] = config.display().to_string();

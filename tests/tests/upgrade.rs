@@ -397,3 +397,46 @@ fn a_simulated_fleet_upgrades_in_waves_and_goes_back_on_undo() {
     let (ok, _, err) = baton_cli(&server, &["agent", "unpublish", "99.7.0"]);
     assert!(!ok && err.contains("not published"), "{err}");
 }
+
+/// A build that comes online, is made current, then keeps stopping (here:
+/// a wrapper that starts the real new agent with a 12 s alarm) is on
+/// probation: at its third start before it has run 60 s the device goes
+/// back to the old build by itself, says why, and the fleet upgrade
+/// (watching with a long `--min-ready`) rolls back.
+#[test]
+fn a_build_that_keeps_stopping_after_it_came_online_is_given_up() {
+    const DEV: &str = "pi-shaky";
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let data = world.path().join(format!("agent-{DEV}"));
+    let (_agent, _) = start_supervised_agent(&world, DEV, &controller.broker_url());
+    let old = wait_for("the device online", Duration::from_secs(30), || {
+        device_named(&server, DEV).filter(|d| d.status == baton_controller::fleet::Status::Online)
+    })
+    .agent_version;
+    let real = stamped_agent(&world, &bin("baton-agent"), "99.9.0");
+    std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let source = format!(
+        "#include <unistd.h>\nint main(int argc, char **argv) {{ (void)argc; alarm(12); execv({path:?}, argv); return 127; }}\n",
+        path = real.display().to_string()
+    );
+    let shaky = c_build(&world, "shaky", &source);
+    cli_ok(&server, &["agent", "publish", shaky.to_str().unwrap(), "--version", "99.9.0"]);
+    cli_ok(&server, &["agent", "upgrade", "--version", "99.9.0", "--min-ready", "90", "--deadline", "300"]);
+    let done = wait_for("the upgrade to 99.9.0 to end", Duration::from_secs(240), || {
+        agent_rollout(&server).filter(|r| r.version == "99.9.0" && !r.rollout.state.active())
+    });
+    assert_eq!(done.rollout.state, State::RolledBack, "{done:?}");
+    let outcome = wait_for("the device back on its old build", Duration::from_secs(60), || {
+        let d = device_named(&server, DEV)?;
+        let o = d.inventory?.upgrade?;
+        (d.agent_version == old && o.version == "99.9.0").then_some(o)
+    });
+    assert_eq!(outcome.state, UpgradeState::RolledBack, "{outcome:?}");
+    assert!(outcome.detail.contains("stopped 3 times"), "{outcome:?}");
+    let current = std::fs::canonicalize(data.join("bin/current")).expect("bin/current");
+    assert!(current.to_string_lossy().contains(&format!("baton-agent-{old}-")), "{current:?}");
+    let (_, events, _) = baton_cli(&server, &["get", "events"]);
+    assert!(events.contains("agent.device_rolled_back"), "{events}");
+}

@@ -52,6 +52,10 @@ pub struct Upgrader {
     wanted: Option<AgentTarget>,
     /// The version this agent reports: its own, or a simulated device's.
     running: String,
+    /// When this process started (a new agent's probation counts from it).
+    started: Instant,
+    /// The file the service manager starts (`agent_entry`).
+    entry: std::path::PathBuf,
     /// A simulated device (`simulate`): the version it would go back to.
     /// Its switches happen in memory; its downloads are real.
     simulated: Option<Option<String>>,
@@ -72,6 +76,8 @@ impl Upgrader {
             download: None,
             wanted: None,
             running: crate::version::version().to_owned(),
+            started: Instant::now(),
+            entry: config.agent_entry.clone(),
             simulated: config.simulated_upgrades.then_some(None),
         }
     }
@@ -162,6 +168,10 @@ impl Upgrader {
                 tracing::info!(version = %target.version, "the new agent is on this device already (kept from before): no download");
                 self.stage_trial(target, switch::release_name(&target.version, &target.digest))
             }
+            Want::Fetch if self.simulated.is_none() && self.entry_refusal().is_some() => {
+                let why = self.entry_refusal().unwrap_or_default();
+                self.refuse(target, why)
+            }
             Want::Fetch => match Download::start(&self.paths, target.clone(), self.reserve) {
                 Err(why) => self.refuse(target, why),
                 Ok(mut d) => {
@@ -181,6 +191,31 @@ impl Upgrader {
                 }
             },
         }
+    }
+
+    /// A new agent that came online and has now run `STABLE_AFTER` in this
+    /// process is kept for good: its restarts no longer count.
+    fn prove_stable(&mut self, now: Instant) {
+        let on_probation = self.last.as_ref().is_some_and(|m| m.phase == MarkerPhase::Upgraded && !m.stable);
+        if !on_probation || self.simulated.is_some() || now.duration_since(self.started) < plan::STABLE_AFTER {
+            return;
+        }
+        let Some(mut m) = switch::read_marker(&self.paths).filter(|m| m.phase == MarkerPhase::Upgraded) else {
+            return;
+        };
+        m.stable = true;
+        match switch::write_marker(&self.paths, &m) {
+            Ok(()) => tracing::info!(version = %m.version, "the new agent is stable; kept for good"),
+            Err(e) => tracing::warn!(error = %e, "cannot record that the new agent is stable"),
+        }
+        self.last = Some(m);
+    }
+
+    /// Why this agent could not switch builds (it runs from a file its
+    /// service manager does not start), before anything is downloaded.
+    fn entry_refusal(&self) -> Option<String> {
+        let exe = std::env::current_exe().ok()?;
+        switch::check_entry(&self.paths, &exe, &self.entry).err()
     }
 
     /// Whether `target`'s build is in `releases/` already, whole.
@@ -233,6 +268,7 @@ impl Upgrader {
             rollout: target.rollout,
             from,
             to: target.version.clone(),
+            stable: true,
             ..Default::default()
         });
         Effects { report: true, ..Default::default() }
@@ -244,7 +280,7 @@ impl Upgrader {
             Ok(p) => p,
             Err(e) => return self.refuse(target, format!("cannot find the running agent's binary: {e}")),
         };
-        let from = match switch::adopt(&self.paths, &exe, &self.running) {
+        let from = match switch::adopt(&self.paths, &exe, &self.entry, &self.running) {
             Ok(name) => name,
             Err(e) => return self.refuse(target, format!("{e}; reinstall the agent with cross/install.sh")),
         };
@@ -254,6 +290,8 @@ impl Upgrader {
         if let Err(e) = executable {
             return self.refuse(target, format!("cannot make {to} executable: {e}"));
         }
+        let same = |m: &&Marker| m.rollout == target.rollout && m.version == target.version;
+        let tries = self.last.as_ref().filter(same).map_or(0, |m| m.tries + 1);
         let m = Marker {
             phase: MarkerPhase::Trying,
             version: target.version.clone(),
@@ -263,6 +301,10 @@ impl Upgrader {
             attempts: 0,
             deadline_s: self.deadline_s,
             detail: String::new(),
+            tries,
+            restarts: 0,
+            // Set on probation by the commit.
+            stable: true,
         };
         if let Err(e) = switch::write_marker(&self.paths, &m) {
             return self.refuse(target, format!("cannot record the upgrade: {e}"));
@@ -282,6 +324,7 @@ impl Upgrader {
     /// reports the upgrade once the watcher made it current.
     pub fn on_tick(&mut self, now: Instant, connected_since: Option<Instant>) -> Effects {
         switch::reap_watcher();
+        self.prove_stable(now);
         let fx =
             Effects { send: self.download.as_mut().map(|d| d.overdue(now)).unwrap_or_default(), ..Default::default() };
         let Some(version) = self.on_trial.clone() else { return fx };

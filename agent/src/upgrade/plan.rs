@@ -23,7 +23,35 @@ pub struct Marker {
     pub deadline_s: u64,
     /// Why, when it did not go through.
     pub detail: String,
+    /// Earlier trials of this same request that rolled back (a way back
+    /// cut by a power loss is tried again, up to `WAY_BACK_TRIES`).
+    #[serde(default)]
+    pub tries: u32,
+    /// Starts of the new agent after it came online, before it was stable.
+    #[serde(default)]
+    pub restarts: u32,
+    /// The new agent stayed up `STABLE_AFTER` after it came online (markers
+    /// written before this field existed read as stable).
+    #[serde(default = "stable_by_default")]
+    pub stable: bool,
 }
+
+fn stable_by_default() -> bool {
+    true
+}
+
+/// How long a new agent, once it came online, must stay up (or, after each
+/// restart, stay up again) to be kept for good.
+pub const STABLE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Starts of a new agent that came online but keeps stopping before it is
+/// stable, after which the device goes back to the one it ran before.
+pub const PROBATION_STARTS: u32 = 3;
+
+/// Trials of a way back (`AgentTarget::downgrade`: an undo, a fleet
+/// rollback) before the device gives up on it: the version it goes back to
+/// ran here before, so a failed trial was more likely cut than broken.
+pub const WAY_BACK_TRIES: u32 = 3;
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -74,6 +102,8 @@ pub fn want(target: &AgentTarget, running: &str, previous: Option<&str>, last: O
     let same_request = |m: &Marker| m.rollout == target.rollout && m.version == target.version;
     if let Some(m) = last.filter(|m| same_request(m)) {
         match m.phase {
+            // A way back that did not come through: tried again, a few times.
+            MarkerPhase::RolledBack if target.downgrade && m.tries + 1 < WAY_BACK_TRIES => {}
             // Failed here for this upgrade: tried again only when a new one asks.
             MarkerPhase::RolledBack | MarkerPhase::Refused => return Want::Nothing,
             // Staged or tried already: the start-up logic owns it.
@@ -117,6 +147,10 @@ pub enum AtStart {
     Commit,
     /// The new agent was tried and did not come online: the old one stays.
     RollBack(String),
+    /// The new agent came online but stopped before it was stable: count this start.
+    CountStart,
+    /// … for the `PROBATION_STARTS`th time: go back to the old one.
+    GoBack(String),
 }
 
 /// `on_trial`: this process is the new agent, started for its trial.
@@ -134,6 +168,18 @@ pub fn at_start(last: Option<&Marker>, on_trial: bool, confirmed: bool) -> AtSta
                     "the new agent ({}) stopped before it came online: it exited, was killed, or the device restarted",
                     m.version
                 ))
+            }
+        }
+        Some(m) if m.phase == MarkerPhase::Upgraded && !m.stable => {
+            if m.restarts + 1 >= PROBATION_STARTS {
+                AtStart::GoBack(format!(
+                    "the new agent ({}) came online, then stopped {} times before it had run {} s",
+                    m.version,
+                    m.restarts + 1,
+                    STABLE_AFTER.as_secs()
+                ))
+            } else {
+                AtStart::CountStart
             }
         }
         _ => AtStart::Run,
@@ -173,12 +219,13 @@ mod tests {
     }
 
     fn marker(phase: MarkerPhase, version: &str, rollout: u64, attempts: u32) -> Marker {
-        Marker { phase, version: version.into(), rollout, attempts, ..Default::default() }
+        Marker { phase, version: version.into(), rollout, attempts, stable: true, ..Default::default() }
     }
 
     #[test]
     fn what_a_device_does_with_a_named_agent() {
         let rolled_back = marker(MarkerPhase::RolledBack, "1.1.0", 4, 1);
+        let tried_twice = Marker { tries: 2, ..rolled_back.clone() };
         let cases: Vec<(AgentTarget, Option<&str>, Option<&Marker>, Want)> = vec![
             (target("1.0.0", 32, 4), None, None, Want::Nothing),
             (target("1.1.0", 32, 4), None, None, Want::Fetch),
@@ -191,6 +238,9 @@ mod tests {
             (AgentTarget { downgrade: true, ..target("0.8.0", 32, 4) }, Some("0.9.0"), None, Want::Fetch),
             // Versions that do not compare are not downgrades.
             (target("nightly", 32, 4), None, None, Want::Fetch),
+            // A way back that rolled back (cut by a power loss) is tried again, three times in all.
+            (AgentTarget { downgrade: true, ..target("1.1.0", 32, 4) }, None, Some(&rolled_back), Want::Fetch),
+            (AgentTarget { downgrade: true, ..target("1.1.0", 32, 4) }, None, Some(&tried_twice), Want::Nothing),
         ];
         for (t, previous, last, expected) in cases {
             assert_eq!(want(&t, "1.0.0", previous, last), expected, "{t:?} {previous:?} {last:?}");
@@ -209,6 +259,17 @@ mod tests {
         for phase in [MarkerPhase::Upgraded, MarkerPhase::RolledBack, MarkerPhase::Refused] {
             assert_eq!(at_start(Some(&marker(phase, "1.1.0", 1, 1)), false, false), AtStart::Run);
         }
+        // Came online, then keeps stopping before it is stable: counted, then given up.
+        let shaky = |restarts| Marker { stable: false, restarts, ..marker(MarkerPhase::Upgraded, "1.1.0", 1, 1) };
+        assert_eq!(at_start(Some(&shaky(0)), false, false), AtStart::CountStart);
+        assert_eq!(at_start(Some(&shaky(1)), false, false), AtStart::CountStart);
+        assert!(
+            matches!(at_start(Some(&shaky(2)), false, false), AtStart::GoBack(why) if why.contains("stopped 3 times"))
+        );
+        // A marker from before probation existed reads as stable.
+        let old: Marker = serde_json::from_str(r#"{"phase":"upgraded","version":"1.1.0","rollout":1,"to":"a","from":"b","attempts":1,"deadline_s":60,"detail":""}"#).unwrap();
+        assert!(old.stable);
+        assert_eq!(at_start(Some(&old), false, false), AtStart::Run);
     }
 
     #[test]

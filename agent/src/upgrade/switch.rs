@@ -150,7 +150,7 @@ fn flip(link: &Path, name: &str) -> io::Result<()> {
 /// manager starts, when it is not a link into the layout already) a link to
 /// `current`. A device installed before the layout existed moves into it
 /// here, at its first upgrade. Returns the running build's release name.
-pub fn adopt(paths: &Paths, exe: &Path, version: &str) -> io::Result<String> {
+pub fn adopt(paths: &Paths, exe: &Path, entry: &Path, version: &str) -> io::Result<String> {
     std::fs::create_dir_all(&paths.releases)?;
     if let Some(name) = exe.strip_prefix(&paths.releases).ok().and_then(|n| n.to_str()) {
         if linked(&paths.current).is_none() {
@@ -158,6 +158,7 @@ pub fn adopt(paths: &Paths, exe: &Path, version: &str) -> io::Result<String> {
         }
         return Ok(name.to_owned());
     }
+    check_entry(paths, exe, entry).map_err(io::Error::other)?;
     // Not started from the layout: copy this binary in (it may have been
     // replaced on disk since it started: /proc/self/exe is the one running).
     let digest = sha256_file(Path::new("/proc/self/exe"))?;
@@ -184,6 +185,22 @@ pub fn adopt(paths: &Paths, exe: &Path, version: &str) -> io::Result<String> {
     sync_dir(entry_dir)?;
     tracing::info!(entry = %exe.display(), release = %name, "moved into the A/B layout: the entry point now links to bin/current");
     Ok(name)
+}
+
+/// Whether an agent running from `exe` can move into the A/B layout: it
+/// runs from it already, or from `entry`, the file its service manager
+/// starts. Never a build tree's output, nor a binary other agents run too.
+pub fn check_entry(paths: &Paths, exe: &Path, entry: &Path) -> Result<(), String> {
+    let same = |a: &Path, b: &Path| a == b || std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok();
+    if exe.starts_with(&paths.releases) || same(exe, entry) {
+        return Ok(());
+    }
+    Err(format!(
+        "this agent runs from {}, which is neither its A/B layout ({}) nor agent_entry ({}): an upgrade replaces only the file the service manager starts; set agent_entry to that file, or install with cross/install.sh",
+        exe.display(),
+        paths.releases.display(),
+        entry.display()
+    ))
 }
 
 /// Moves a verified download into `releases/` under `name`, executable.
@@ -269,10 +286,23 @@ pub fn commit(paths: &Paths, m: &mut Marker) -> io::Result<()> {
     flip(&paths.current, &m.to)?;
     m.phase = MarkerPhase::Upgraded;
     m.detail.clear();
+    // On probation until it has stayed up a while (`plan::STABLE_AFTER`).
+    m.restarts = 0;
+    m.stable = false;
     write_marker(paths, m)?;
     let _ = std::fs::remove_file(&paths.ok);
     prune(paths);
     Ok(())
+}
+
+/// A new build that came online but kept stopping: `current` goes back to
+/// the old build (kept as `from`), `previous` names the new one.
+pub fn go_back(paths: &Paths, m: &mut Marker, why: String) -> io::Result<()> {
+    flip(&paths.previous, &m.to)?;
+    flip(&paths.current, &m.from)?;
+    m.phase = MarkerPhase::RolledBack;
+    m.detail = why;
+    write_marker(paths, m)
 }
 
 /// Marks the trial failed; `current` never moved, so the old build runs next.
@@ -302,6 +332,7 @@ pub fn at_start(data_dir: &Path, on_trial: bool) {
     let paths = Paths::new(data_dir);
     let Some(mut m) = read_marker(&paths) else { return };
     let action = super::plan::at_start(Some(&m), on_trial, confirmed(&paths, &m.version));
+    let (going_back, committing) = (matches!(action, AtStart::GoBack(_)), action == AtStart::Commit);
     let done = match action {
         AtStart::Run => return,
         AtStart::HandOver => Err(hand_over(&paths, data_dir)),
@@ -310,19 +341,34 @@ pub fn at_start(data_dir: &Path, on_trial: bool) {
             tracing::warn!(version = %m.version, reason = %why, "agent upgrade rolled back");
             roll_back(&paths, &mut m, why)
         }
+        AtStart::CountStart => {
+            m.restarts += 1;
+            tracing::warn!(version = %m.version, restarts = m.restarts, "the new agent stopped before it was stable; on probation");
+            write_marker(&paths, &m)
+        }
+        AtStart::GoBack(why) => {
+            tracing::warn!(version = %m.version, reason = %why, "agent upgrade rolled back after it came online");
+            go_back(&paths, &mut m, why)
+        }
     };
     if let Err(e) = done {
         tracing::error!(error = %e, "cannot finish the agent upgrade on record; running this agent");
         return;
     }
-    // Committed: run what `current` names, if that is not this process.
-    if m.phase == MarkerPhase::Upgraded {
+    // Run what `current` names, if that is not this process: the committed
+    // build, or the old one gone back to.
+    let run = match m.phase {
+        MarkerPhase::Upgraded if committing => Some(&m.to),
+        MarkerPhase::RolledBack if going_back => Some(&m.from),
+        _ => None,
+    };
+    if let Some(name) = run {
         let me = std::env::current_exe().ok();
-        if me.as_deref() != Some(canonical(&paths.release(&m.to)).as_path()) {
+        if me.as_deref() != Some(canonical(&paths.release(name)).as_path()) {
             use std::os::unix::process::CommandExt;
             let args: Vec<_> = std::env::args_os().skip(1).collect();
-            let e = std::process::Command::new(paths.release(&m.to)).args(args).exec();
-            tracing::error!(error = %e, "cannot start the committed agent; running this one");
+            let e = std::process::Command::new(paths.release(name)).args(args).exec();
+            tracing::error!(error = %e, "cannot start the agent `current` names; running this one");
         }
     }
 }
@@ -371,6 +417,21 @@ pub fn watch(data_dir: &Path, pid: u32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_entry_the_service_manager_starts_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("data"));
+        let exe = dir.path().join("target/release/baton-agent");
+        std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+        std::fs::write(&exe, b"agent").unwrap();
+        let entry = dir.path().join("usr/local/bin/baton-agent");
+        let err = adopt(&paths, &exe, &entry, "1.0.0").unwrap_err().to_string();
+        assert!(err.contains("neither its A/B layout") && err.contains("agent_entry"), "{err}");
+        assert!(!std::fs::symlink_metadata(&exe).unwrap().file_type().is_symlink(), "the file was taken over");
+        assert_eq!(check_entry(&paths, &paths.release("baton-agent-1.0.0-ab"), &entry), Ok(()));
+        assert_eq!(check_entry(&paths, &entry, &entry), Ok(()));
+    }
 
     #[test]
     fn release_names_carry_the_version() {

@@ -310,14 +310,17 @@ fn agent(client: &Client, cmd: AgentCmd) -> anyhow::Result<()> {
             return print(output, &list, || output::releases_table(&list, now_ms()));
         }
         AgentCmd::Upgrade { version, selector, waves, min_ready, max_failures, deadline } => {
-            let selector = selector
-                .iter()
-                .map(|kv| {
-                    kv.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .ok_or_else(|| anyhow::anyhow!("--selector {kv:?}: expected key=value"))
-                })
-                .collect::<anyhow::Result<_>>()?;
+            let mut picked = std::collections::BTreeMap::new();
+            for kv in &selector {
+                let (k, v) =
+                    kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--selector {kv:?}: expected key=value"))?;
+                if let Some(first) = picked.insert(k.to_string(), v.to_string()) {
+                    anyhow::bail!(
+                        "--selector names {k} twice ({k}={first}, {k}={v}): a device matches when it has every label given, so one value per key"
+                    );
+                }
+            }
+            let selector = picked;
             let req = crate::view::AgentUpgradeRequest {
                 version,
                 selector,

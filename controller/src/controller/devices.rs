@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use baton_protocol::release::UpgradeState;
 use baton_protocol::{validate_label, DeviceId, PresenceState};
 
 use crate::fleet::{Change, Delivery, Device, Fleet, FleetEvent, Millis};
@@ -32,11 +33,30 @@ impl Controller {
         let (change, snapshot, placement_relevant) = {
             let mut fleet = lock(&self.fleet);
             let relevant_before = fleet.get(id).map(relevant);
+            let upgrade_before = fleet.get(id).and_then(|d| d.inventory.as_ref()?.upgrade.clone());
             let before = fleet.get(id).map(|d| d.presence.state);
             let refused_before = fleet.get(id).and_then(|d| d.refusal.clone());
             let change = fleet.apply(id, event, delivery, now);
             let after = fleet.get(id).map(|d| d.presence.state);
             let placement_relevant = fleet.get(id).map(relevant) != relevant_before;
+            // A device's agent upgrade that did not go through, said as an
+            // event whether or not a fleet upgrade is still watching (an
+            // undo cut by a power loss, a refusal after the upgrade ended).
+            if let Some(d) = fleet.get(id) {
+                let outcome = d.inventory.as_ref().and_then(|i| i.upgrade.as_ref());
+                let failed = outcome.filter(|o| {
+                    matches!(o.state, UpgradeState::RolledBack | UpgradeState::Refused)
+                        && upgrade_before.as_ref() != Some(*o)
+                });
+                if let Some(o) = failed {
+                    let name = match o.state {
+                        UpgradeState::Refused => "agent.device_refused",
+                        _ => "agent.device_rolled_back",
+                    };
+                    let message = format!("agent {} (agent upgrade {}): {}", o.version, o.rollout, o.detail);
+                    self.event(&lock(&self.store), &d.tenant, name, id.as_str(), message, now);
+                }
+            }
             if let Some(d) = fleet.get(id) {
                 // A device that refuses its document says so to the operator, not
                 // only in its own log: an event when the reason is new (or old news
