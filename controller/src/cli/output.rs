@@ -398,7 +398,7 @@ pub fn releases_table(list: &[crate::store::AgentRelease], now: Millis) -> Strin
             vec![
                 r.version.clone(),
                 r.arch.clone(),
-                format!("{:.1} MiB", r.size as f64 / 1048576.0),
+                bytes(r.size),
                 format!("sha256:{hex}…"),
                 ago(now, r.published_at),
             ]
