@@ -282,7 +282,22 @@ pub struct AgentRolloutView {
     pub id: u64,
     pub version: String,
     pub selector: BTreeMap<String, String>,
+    /// As it was when it ended (or now, while it runs).
     pub rollout: RolloutView,
+    /// Where its devices stand now (the counts above stop at its end).
+    #[serde(default)]
+    pub now: AgentFleetNow,
+}
+
+/// The devices an agent upgrade covered, as they report now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentFleetNow {
+    /// Running the upgrade's version.
+    pub on_version: usize,
+    /// Running the version they ran before it.
+    pub on_before: usize,
+    /// Running something else, or never heard of.
+    pub other: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

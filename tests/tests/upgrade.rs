@@ -391,6 +391,11 @@ fn a_simulated_fleet_upgrades_in_waves_and_goes_back_on_undo() {
     wait_for("every device back on its old version", Duration::from_secs(60), || {
         all_on(&before, "99.7.0").then_some(())
     });
+    // The upgrade's status says where its devices stand now, not only where they stood at its end.
+    wait_for("the status to show every device back", Duration::from_secs(30), || {
+        let (ok, out, _) = baton_cli(&server, &["agent", "rollout", "status"]);
+        (ok && out.contains(&format!("Now: 0 on 99.7.0, {} back on the version they ran before", N + 2))).then_some(())
+    });
     let out = cli_ok(&server, &["agent", "unpublish", "99.7.0"]);
     assert!(out.contains("1 build(s) unpublished"), "{out}");
     assert!(!cli_ok(&server, &["agent", "releases"]).contains("99.7.0"));

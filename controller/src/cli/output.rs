@@ -310,7 +310,15 @@ pub fn agent_rollout_line(r: &AgentRolloutView) -> String {
 }
 
 pub fn agent_rollout_status(r: &AgentRolloutView) -> String {
-    rollout_details(agent_rollout_line(r), &r.rollout)
+    let mut out = rollout_details(agent_rollout_line(r), &r.rollout);
+    if !r.rollout.state.active() {
+        let n = &r.now;
+        out.push_str(&format!(
+            "Now: {} on {}, {} back on the version they ran before, {} on another or unknown\n",
+            n.on_version, r.version, n.on_before, n.other
+        ));
+    }
+    out
 }
 
 /// A rollout `status --watch` follows.
@@ -395,13 +403,7 @@ pub fn releases_table(list: &[crate::store::AgentRelease], now: Millis) -> Strin
         .iter()
         .map(|r| {
             let hex = baton_protocol::crypto::hex(&r.digest[..r.digest.len().min(6)]);
-            vec![
-                r.version.clone(),
-                r.arch.clone(),
-                bytes(r.size),
-                format!("sha256:{hex}…"),
-                ago(now, r.published_at),
-            ]
+            vec![r.version.clone(), r.arch.clone(), bytes(r.size), format!("sha256:{hex}…"), ago(now, r.published_at)]
         })
         .collect();
     table(&["VERSION", "ARCH", "SIZE", "DIGEST", "PUBLISHED"], &rows)

@@ -193,11 +193,25 @@ impl Controller {
 
     pub fn agent_rollout(&self, scope: &Scope) -> Result<AgentRolloutView, OpError> {
         fleet_wide(scope, "watches agent upgrades")?;
-        lock(&self.state)
+        let mut view = lock(&self.state)
             .agent_rollout
             .as_ref()
             .map(AgentRolloutView::new)
-            .ok_or_else(|| OpError::NotFound("no agent upgrade yet (baton agent upgrade --version V)".into()))
+            .ok_or_else(|| OpError::NotFound("no agent upgrade yet (baton agent upgrade --version V)".into()))?;
+        let before = lock(&self.state).agent_rollout.as_ref().map(|r| r.before.clone()).unwrap_or_default();
+        let fleet = lock(&self.fleet);
+        for (id, was) in &before {
+            let runs = DeviceId::new(id.as_str())
+                .ok()
+                .and_then(|id| fleet.get(&id))
+                .map(|d| d.presence.agent_version.as_str());
+            match runs {
+                Some(v) if v == view.version => view.now.on_version += 1,
+                Some(v) if v == was => view.now.on_before += 1,
+                _ => view.now.other += 1,
+            }
+        }
+        Ok(view)
     }
 
     /// `baton agent rollout pause|resume|abort|undo`.
@@ -309,6 +323,12 @@ impl AgentRolloutView {
         for (_, why) in &mut rollout.failed {
             *why = r.say(why);
         }
-        AgentRolloutView { id: r.id, version: r.version.clone(), selector: r.selector.clone(), rollout }
+        AgentRolloutView {
+            id: r.id,
+            version: r.version.clone(),
+            selector: r.selector.clone(),
+            rollout,
+            now: Default::default(),
+        }
     }
 }
