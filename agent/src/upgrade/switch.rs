@@ -247,6 +247,9 @@ pub fn hand_over(paths: &Paths, data_dir: &Path) -> io::Error {
     std::process::Command::new(&to).args(args).env(TRIAL_ENV, &m.version).env(WATCHER_ENV, watcher.to_string()).exec()
 }
 
+/// Set on the build `at_start` execs: that process's start is the same start.
+const EXECD_ENV: &str = "BATON_UPGRADE_EXECD";
+
 /// The watcher's pid, for the new agent: the watcher is its child (started
 /// by the process it replaced), and it reaps it once it exits.
 pub const WATCHER_ENV: &str = "BATON_UPGRADE_WATCHER";
@@ -330,8 +333,11 @@ fn prune(paths: &Paths) {
 /// was staged. Returns only when this agent should run.
 pub fn at_start(data_dir: &Path, on_trial: bool) {
     let paths = Paths::new(data_dir);
+    // Exec'd by the start just before this one (below): not a start of its own.
+    let execd = std::env::var_os(EXECD_ENV).is_some();
+    std::env::remove_var(EXECD_ENV);
     let Some(mut m) = read_marker(&paths) else { return };
-    let action = super::plan::at_start(Some(&m), on_trial, confirmed(&paths, &m.version));
+    let action = super::plan::at_start(Some(&m), on_trial || execd, confirmed(&paths, &m.version));
     let (going_back, committing) = (matches!(action, AtStart::GoBack(_)), action == AtStart::Commit);
     let done = match action {
         AtStart::Run => return,
@@ -367,7 +373,7 @@ pub fn at_start(data_dir: &Path, on_trial: bool) {
         if me.as_deref() != Some(canonical(&paths.release(name)).as_path()) {
             use std::os::unix::process::CommandExt;
             let args: Vec<_> = std::env::args_os().skip(1).collect();
-            let e = std::process::Command::new(paths.release(name)).args(args).exec();
+            let e = std::process::Command::new(paths.release(name)).args(args).env(EXECD_ENV, "1").exec();
             tracing::error!(error = %e, "cannot start the agent `current` names; running this one");
         }
     }
