@@ -168,28 +168,32 @@ impl Upgrader {
                 tracing::info!(version = %target.version, "the new agent is on this device already (kept from before): no download");
                 self.stage_trial(target, switch::release_name(&target.version, &target.digest))
             }
-            Want::Fetch if self.simulated.is_none() && self.entry_refusal().is_some() => {
-                let why = self.entry_refusal().unwrap_or_default();
-                self.refuse(target, why)
-            }
-            Want::Fetch => match Download::start(&self.paths, target.clone(), self.reserve) {
-                Err(why) => self.refuse(target, why),
-                Ok(mut d) => {
-                    tracing::info!(version = %target.version, size = target.size, resume_at = d.offset, "downloading a new agent");
-                    let send = d.restart(now);
-                    let done = d.complete();
-                    self.download = Some(d);
-                    if done {
-                        // Whole already (downloaded before a restart): check and stage it.
-                        if let Err(why) = self.download.as_ref().map_or(Ok(()), Download::verify) {
-                            let _ = std::fs::remove_file(self.paths.part(&target.digest));
-                            return self.refuse(target, why);
-                        }
-                        return self.finish();
-                    }
-                    Effects { send, report: true, ..Default::default() }
-                }
+            Want::Fetch => match self.entry_refusal() {
+                Some(why) => self.refuse(target, why),
+                None => self.fetch(target, now),
             },
+        }
+    }
+
+    /// Starts (or resumes) the download of `target`.
+    fn fetch(&mut self, target: &AgentTarget, now: Instant) -> Effects {
+        match Download::start(&self.paths, target.clone(), self.reserve) {
+            Err(why) => self.refuse(target, why),
+            Ok(mut d) => {
+                tracing::info!(version = %target.version, size = target.size, resume_at = d.offset, "downloading a new agent");
+                let send = d.restart(now);
+                let done = d.complete();
+                self.download = Some(d);
+                if done {
+                    // Whole already (downloaded before a restart): check and stage it.
+                    if let Err(why) = self.download.as_ref().map_or(Ok(()), Download::verify) {
+                        let _ = std::fs::remove_file(self.paths.part(&target.digest));
+                        return self.refuse(target, why);
+                    }
+                    return self.finish();
+                }
+                Effects { send, report: true, ..Default::default() }
+            }
         }
     }
 
@@ -214,6 +218,9 @@ impl Upgrader {
     /// Why this agent could not switch builds (it runs from a file its
     /// service manager does not start), before anything is downloaded.
     fn entry_refusal(&self) -> Option<String> {
+        if self.simulated.is_some() {
+            return None;
+        }
         let exe = std::env::current_exe().ok()?;
         switch::check_entry(&self.paths, &exe, &self.entry).err()
     }
