@@ -68,6 +68,12 @@ pub struct FileConfig {
     /// install.sh's): the only file outside its data dir an upgrade replaces
     /// (with a link to `bin/current`).
     pub agent_entry: Option<PathBuf>,
+    /// The bridge bridged containers join (default `baton0`); also names the
+    /// agent's nftables tables.
+    pub bridge_name: Option<String>,
+    /// The bridge's IPv4 subnet (default `10.88.0.0/24`): its first address
+    /// is the bridge's, containers get the others.
+    pub bridge_subnet: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +91,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub run_dir: Option<PathBuf>,
     pub cgroup_parent: Option<String>,
+    pub bridge_name: Option<String>,
+    pub bridge_subnet: Option<String>,
     pub heartbeat_interval_s: Option<u64>,
     pub keepalive_s: Option<u64>,
     /// `key=value` pairs, added to (and overriding) the file's labels.
@@ -120,6 +128,7 @@ pub struct AgentConfig {
     pub self_update: bool,
     pub upgrade_deadline: Duration,
     pub agent_entry: PathBuf,
+    pub network: crate::net::NetConfig,
     /// Set by `simulate` only (no config key): upgrades are downloaded and
     /// checked for real, and the switch is pretended in memory.
     pub simulated_upgrades: bool,
@@ -261,7 +270,22 @@ impl AgentConfig {
             registry_ca.insert(host.clone(), pem);
         }
 
+        let bridge_cli = cli.bridge_name.is_some();
+        let bridge = cli.bridge_name.or(file.bridge_name.clone()).unwrap_or_else(|| crate::net::DEFAULT_BRIDGE.into());
+        // An interface name (15 bytes) that is also an nftables table name.
+        if bridge.is_empty() || bridge.len() > 15 || !bridge.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(invalid("bridge_name", bridge_cli, format!("{bridge:?}: 1-15 letters, digits or _")));
+        }
+        let subnet_cli = cli.bridge_subnet.is_some();
+        let subnet = cli
+            .bridge_subnet
+            .or(file.bridge_subnet.clone())
+            .unwrap_or_else(|| crate::net::DEFAULT_SUBNET.into())
+            .parse()
+            .map_err(|e: String| invalid("bridge_subnet", subnet_cli, e))?;
+
         Ok(Self {
+            network: crate::net::NetConfig { bridge, subnet },
             broker,
             mqtt_credentials,
             registry_ca,

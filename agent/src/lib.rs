@@ -11,6 +11,7 @@ pub mod image;
 pub mod join;
 pub mod link;
 pub mod lograte;
+pub mod net;
 pub mod node;
 pub mod probe;
 pub mod reconcile;

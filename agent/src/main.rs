@@ -177,6 +177,12 @@ struct RunArgs {
     /// Parent cgroup of this agent's containers (default /baton); agents sharing a host need distinct ones.
     #[arg(long)]
     cgroup_parent: Option<String>,
+    /// The bridge of `network: bridge` containers (default baton0); agents sharing a host need distinct ones.
+    #[arg(long)]
+    bridge_name: Option<String>,
+    /// The bridge's IPv4 subnet (default 10.88.0.0/24).
+    #[arg(long)]
+    bridge_subnet: Option<String>,
     /// Report presence and inventory only; run no workloads (no root needed).
     #[arg(long)]
     no_workloads: bool,
@@ -304,6 +310,8 @@ fn resolve_config(args: RunArgs) -> Result<AgentConfig, Box<dyn std::error::Erro
         data_dir: args.data_dir,
         run_dir: args.run_dir,
         cgroup_parent: args.cgroup_parent,
+        bridge_name: args.bridge_name,
+        bridge_subnet: args.bridge_subnet,
         heartbeat_interval_s: args.heartbeat_interval,
         keepalive_s: args.keepalive,
         labels: args.labels,

@@ -35,8 +35,8 @@ pub struct RuntimeProber<R>(pub R);
 impl<R: ContainerRuntime + Send + Sync + 'static> Prober for RuntimeProber<R> {
     fn probe(&self, container: &str, check: &ProbeCheck, timeout: Duration) -> Outcome {
         match check {
-            ProbeCheck::Tcp { port } => tcp(*port, timeout),
-            ProbeCheck::Http { port, path } => http(*port, path, timeout),
+            ProbeCheck::Tcp { port } => tcp(self.at(container, *port), timeout),
+            ProbeCheck::Http { port, path } => http(self.at(container, *port), path, timeout),
             ProbeCheck::Exec(argv) => match self.0.exec(container, argv, timeout) {
                 Ok(out) if out.code == 0 => Outcome::Success,
                 Ok(out) => Outcome::Failure(format!(
@@ -51,25 +51,31 @@ impl<R: ContainerRuntime + Send + Sync + 'static> Prober for RuntimeProber<R> {
     }
 }
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
+impl<R: ContainerRuntime> RuntimeProber<R> {
+    /// Where a container's port is reached from the host: its own address
+    /// when it has a network of its own (bridge), else loopback.
+    fn at(&self, container: &str, port: u16) -> SocketAddr {
+        SocketAddr::new(self.0.address(container).unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()), port)
+    }
 }
 
-pub fn tcp(port: u16, timeout: Duration) -> Outcome {
-    match TcpStream::connect_timeout(&loopback(port), timeout) {
+pub fn tcp(addr: SocketAddr, timeout: Duration) -> Outcome {
+    let port = addr.port();
+    match TcpStream::connect_timeout(&addr, timeout) {
         Ok(_) => Outcome::Success,
         Err(e) => Outcome::Failure(format!("tcp :{port}: {e}")),
     }
 }
 
 /// HTTP/1.0 GET; any 2xx or 3xx status is healthy, as in Kubernetes.
-pub fn http(port: u16, path: &str, timeout: Duration) -> Outcome {
+pub fn http(addr: SocketAddr, path: &str, timeout: Duration) -> Outcome {
+    let port = addr.port();
     let attempt = || -> std::io::Result<u16> {
-        let mut s = TcpStream::connect_timeout(&loopback(port), timeout)?;
+        let mut s = TcpStream::connect_timeout(&addr, timeout)?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
         // One write: some servers answer (and close) after the first segment.
-        let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: baton-probe\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: baton-probe\r\n\r\n");
         s.write_all(request.as_bytes())?;
         let mut head = [0u8; 64];
         let mut n = 0;
@@ -206,12 +212,13 @@ mod tests {
             }
         });
         let t = Duration::from_secs(2);
-        assert_eq!(tcp(port, t), Outcome::Success);
-        assert_eq!(http(port, "/ok", t), Outcome::Success);
-        assert!(matches!(http(port, "/healthz", t), Outcome::Failure(m) if m.contains("status 503")));
+        let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(tcp(at(port), t), Outcome::Success);
+        assert_eq!(http(at(port), "/ok", t), Outcome::Success);
+        assert!(matches!(http(at(port), "/healthz", t), Outcome::Failure(m) if m.contains("status 503")));
         server.join().unwrap();
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        assert!(matches!(tcp(closed, t), Outcome::Failure(_)));
+        assert!(matches!(tcp(at(closed), t), Outcome::Failure(_)));
         assert_eq!(parse_status(b"HTTP/1.0 302 Found"), Some(302));
         assert_eq!(parse_status(b"SSH-2.0-Open"), None);
     }

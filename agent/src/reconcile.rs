@@ -97,6 +97,7 @@ pub fn plan(desired: &[WorkloadSpec], observed: &[Observed]) -> Vec<Action> {
 pub fn replace_start_first(old: &ContainerSpec, new: &ContainerSpec) -> bool {
     let exclusive = |s: &ContainerSpec| {
         (s.network == NetworkMode::Host && !s.ports.is_empty())
+            || !s.publish.is_empty()
             || !s.devices.is_empty()
             || s.mounts.iter().any(|m| matches!(m.source, MountSource::Volume(_)) && !m.read_only)
     };

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use baton_protocol::release::AgentTarget;
-use baton_protocol::spec::WorkloadSpec;
+use baton_protocol::spec::{NetworkMode, PortProtocol, WorkloadSpec};
 use baton_protocol::{Desired, Endpoint, ServiceEndpoints};
 
 use crate::fleet::{Device, Fleet, Liveness, Millis, Status};
@@ -111,18 +111,73 @@ pub fn endpoints(
                 continue;
             }
             let spec = e.revisions.get(revision).or_else(|| e.revisions.get(&e.latest));
-            for p in spec.iter().flat_map(|s| &s.container.ports) {
-                endpoints.push(Endpoint {
-                    device: device.clone(),
-                    address: address.clone(),
-                    port_name: p.name.clone(),
-                    port: p.port,
-                });
+            if let Some(s) = spec {
+                for p in &s.container.ports {
+                    // A bridged instance is reached at the device port
+                    // published to it; a port it does not publish is not
+                    // reachable at the device's address.
+                    let port = match s.container.network {
+                        NetworkMode::Bridge => {
+                            match s.container.publish.iter().find(|q| q.port == p.port && q.protocol == p.protocol) {
+                                Some(q) => q.host_port,
+                                None => continue,
+                            }
+                        }
+                        _ => p.port,
+                    };
+                    endpoints.push(Endpoint {
+                        device: device.clone(),
+                        address: address.clone(),
+                        port_name: p.name.clone(),
+                        port,
+                    });
+                }
             }
         }
         out.insert(name.clone(), endpoints);
     }
     out
+}
+
+/// Device ports a workload's newest revision holds: those it publishes
+/// from the bridge, and (to meet those) a host-network one's declared ports.
+fn device_ports(spec: &WorkloadSpec) -> Vec<(u16, PortProtocol, bool)> {
+    let c = &spec.container;
+    match c.network {
+        NetworkMode::Bridge => c.publish.iter().map(|p| (p.host_port, p.protocol, true)).collect(),
+        NetworkMode::Host => c.ports.iter().map(|p| (p.port, p.protocol, false)).collect(),
+        NetworkMode::None => Vec::new(),
+    }
+}
+
+/// A device port that two workloads placed on one device both want, one of
+/// them in `names` (those just applied), at least one publishing it from
+/// the bridge: said as the refusal of the apply.
+pub fn port_clash(workloads: &BTreeMap<String, Entry>, schedule: &Schedule, names: &[String]) -> Option<String> {
+    for (device, placed) in schedule.by_device() {
+        let mut held: BTreeMap<(u16, PortProtocol), (&str, bool)> = BTreeMap::new();
+        for w in placed {
+            let Some(e) = workloads.get(w) else { continue };
+            for (port, proto, published) in device_ports(e.latest_spec()) {
+                match held.get(&(port, proto)) {
+                    Some((other, other_published))
+                        if (published || *other_published)
+                            && (names.iter().any(|n| n == w) || names.iter().any(|n| n == other)) =>
+                    {
+                        let p = if proto == PortProtocol::Udp { "udp" } else { "tcp" };
+                        return Some(format!(
+                            "device port {port}/{p} is wanted by both {other} and {w}, which are placed together on {device}: publish another port, or place them apart"
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        held.insert((port, proto), (w, published));
+                    }
+                }
+            }
+        }
+    }
+    None
 }
 
 /// What one device is to run, before secrets are sealed to it.

@@ -108,7 +108,7 @@ pub fn desired() -> Desired {
                     container_path: String::new(),
                     permissions: "rw".into(),
                 }],
-                network: NetworkMode::Host,
+                network: NetworkMode::Bridge,
                 ports: vec![Port { name: "metrics".into(), port: 9100, protocol: PortProtocol::Tcp }],
                 read_only_rootfs: true,
                 security: Security::default(),
@@ -132,6 +132,10 @@ pub fn desired() -> Desired {
                 // Since 1.5 (extensions).
                 user_name: Some("sensor:i2c".into()),
                 allow_privilege_escalation: true,
+                // Since 1.7 (extensions).
+                publish: vec![Publish { host_port: 9100, port: 9100, protocol: PortProtocol::Tcp }],
+                bandwidth: Bandwidth { egress_bps: 2_000_000, ingress_bps: 0 },
+                allow_from: Some(vec!["dashboard".into()]),
             },
         }],
         services: vec![ServiceEndpoints {

@@ -52,6 +52,17 @@ pub struct ContainerSpec {
     /// Kubernetes allow by default. Off: Baton's default is stricter.
     #[serde(default)]
     pub allow_privilege_escalation: bool,
+    /// Since 1.7 (with [`NetworkMode::Bridge`]): host ports forwarded to the
+    /// container's own ports.
+    #[serde(default)]
+    pub publish: Vec<Publish>,
+    /// Since 1.7: traffic limits of a bridged container.
+    #[serde(default)]
+    pub bandwidth: Bandwidth,
+    /// Since 1.7: the workloads on the device that may open connections to
+    /// this bridged one (None: every workload; published ports stay open).
+    #[serde(default)]
+    pub allow_from: Option<Vec<String>>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -109,6 +120,28 @@ pub enum NetworkMode {
     #[default]
     Host,
     None,
+    /// Since 1.7: its own network namespace on the device's bridge, with an
+    /// address of the agent's subnet, NAT to the outside and published
+    /// ports. Travels in the extension (the 1.4 layout says `None`, so a 1.6
+    /// agent runs it with no network rather than on the host's).
+    Bridge,
+}
+
+/// A host port forwarded to a bridged container (`ports: 8080:80`).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publish {
+    pub host_port: u16,
+    pub port: u16,
+    pub protocol: PortProtocol,
+}
+
+/// Bits per second; 0 is no limit.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Bandwidth {
+    /// What the container sends.
+    pub egress_bps: u64,
+    /// What it receives.
+    pub ingress_bps: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -118,7 +151,7 @@ pub struct Port {
     pub protocol: PortProtocol,
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum PortProtocol {
     #[default]
     Tcp,

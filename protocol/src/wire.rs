@@ -82,6 +82,14 @@ pub struct ContainerExt {
     pub user_name: Option<String>,
     /// 1.5: `ContainerSpec::allow_privilege_escalation`.
     pub allow_privilege_escalation: bool,
+    /// 1.7: `ContainerSpec::network` is `Bridge` (the 1.4 layout says `None`).
+    pub bridge: bool,
+    /// 1.7: `ContainerSpec::publish`.
+    pub publish: Vec<Publish>,
+    /// 1.7: `ContainerSpec::bandwidth`.
+    pub bandwidth: Bandwidth,
+    /// 1.7: `ContainerSpec::allow_from`.
+    pub allow_from: Option<Vec<String>>,
 }
 
 /// Zeros appended to a shorter (older) extension body: more than every field
@@ -90,16 +98,37 @@ const EXT_PADDING: usize = 64;
 
 impl ContainerExt {
     fn of(c: &ContainerSpec) -> Self {
-        Self { user_name: c.user_name.clone(), allow_privilege_escalation: c.allow_privilege_escalation }
+        Self {
+            user_name: c.user_name.clone(),
+            allow_privilege_escalation: c.allow_privilege_escalation,
+            bridge: c.network == NetworkMode::Bridge,
+            publish: c.publish.clone(),
+            bandwidth: c.bandwidth,
+            allow_from: c.allow_from.clone(),
+        }
     }
 
     fn apply(self, c: &mut ContainerSpec) {
         c.user_name = self.user_name;
         c.allow_privilege_escalation = self.allow_privilege_escalation;
+        if self.bridge {
+            c.network = NetworkMode::Bridge;
+        }
+        c.publish = self.publish;
+        c.bandwidth = self.bandwidth;
+        c.allow_from = self.allow_from;
     }
 
+    /// The fields of each minor version are written only when one of them
+    /// is set (those of 1.5 always): a spec that uses nothing of 1.7 has the
+    /// bytes a 1.6 peer gives it, so its fingerprint survives an agent upgrade.
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).unwrap_or_default()
+        let mut out = postcard::to_allocvec(&(&self.user_name, self.allow_privilege_escalation)).unwrap_or_default();
+        let v1_7 = (self.bridge, &self.publish, self.bandwidth, &self.allow_from);
+        if v1_7 != (false, &Vec::new(), Bandwidth::default(), &None) {
+            out.extend(postcard::to_allocvec(&v1_7).unwrap_or_default());
+        }
+        out
     }
 
     /// Reads a body from any 1.x peer: an older (shorter) one gets defaults
@@ -132,7 +161,9 @@ fn v1(w: &WorkloadSpec) -> WorkloadV1 {
             backoff_cap_s: c.backoff_cap_s,
             mounts: c.mounts.clone(),
             devices: c.devices.clone(),
-            network: c.network,
+            // A bridged container travels as one with no network: a 1.6
+            // agent must not put it on the host's (the extension says bridge).
+            network: if c.network == NetworkMode::Bridge { NetworkMode::None } else { c.network },
             ports: c.ports.clone(),
             read_only_rootfs: c.read_only_rootfs,
             security: c.security.clone(),
@@ -237,7 +268,14 @@ mod tests {
 
     #[test]
     fn extension_bodies_read_across_minor_versions() {
-        let ext = ContainerExt { user_name: Some("app:staff".into()), allow_privilege_escalation: true };
+        let ext = ContainerExt {
+            user_name: Some("app:staff".into()),
+            allow_privilege_escalation: true,
+            bridge: true,
+            publish: vec![Publish { host_port: 8080, port: 80, protocol: PortProtocol::Tcp }],
+            bandwidth: Bandwidth { egress_bps: 2_000_000, ingress_bps: 0 },
+            allow_from: Some(vec!["web".into()]),
+        };
         let body = ext.encode();
         assert_eq!(ContainerExt::decode(&body).unwrap(), ext);
         // A newer peer's extra field is ignored; an older peer's shorter body reads as defaults.
@@ -246,6 +284,24 @@ mod tests {
         assert_eq!(ContainerExt::decode(&newer).unwrap(), ext);
         assert_eq!(ContainerExt::decode(&[]).unwrap(), ContainerExt::default());
         assert!(ContainerExt::decode(&[1, 200]).is_err(), "a user name longer than the body must not read");
+        // A 1.5 body (user name, escalation) reads with 1.7's fields at their defaults.
+        let old = postcard::to_allocvec(&(Some("app".to_string()), true)).unwrap();
+        let read = ContainerExt::decode(&old).unwrap();
+        assert_eq!(
+            (read.user_name.as_deref(), read.allow_privilege_escalation, read.bridge),
+            (Some("app"), true, false)
+        );
+    }
+
+    #[test]
+    fn a_bridged_container_reads_as_one_with_no_network_on_the_1_4_layout() {
+        let mut w = WorkloadSpec { name: "a".into(), revision: 1, image: "x".into(), ..Default::default() };
+        w.container.network = NetworkMode::Bridge;
+        w.container.publish = vec![Publish { host_port: 8080, port: 80, protocol: PortProtocol::Tcp }];
+        assert_eq!(v1(&w).container.network, NetworkMode::None);
+        let d = Desired { generation: 1, workloads: vec![w.clone()], ..Default::default() };
+        let back = Desired::try_from(DesiredV1::from(d)).unwrap();
+        assert_eq!(back.workloads, vec![w]);
     }
 
     #[test]
@@ -254,6 +310,9 @@ mod tests {
         let old = postcard::to_allocvec(&v1(&w)).unwrap();
         assert_eq!(workload_bytes(&w), old);
         w.container.allow_privilege_escalation = true;
-        assert_ne!(workload_bytes(&w), old);
+        let with_1_5 = workload_bytes(&w);
+        assert_ne!(with_1_5, old);
+        // The 1.5 body alone, as a 1.6 peer encodes it: 1.7's fields add nothing.
+        assert_eq!(with_1_5[old.len()..], postcard::to_allocvec(&(None::<String>, true)).unwrap()[..]);
     }
 }

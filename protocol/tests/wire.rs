@@ -59,6 +59,16 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
     use baton_protocol::{Command, Message};
     match msg {
         Message::Desired(mut d) => {
+            // 1.7's extensions: bridge networking (the 1.4 layout says `None`
+            // for it; the sample was on the host's network before).
+            if minor < 7 {
+                for w in &mut d.workloads {
+                    w.container.network = baton_protocol::spec::NetworkMode::Host;
+                    w.container.publish.clear();
+                    w.container.bandwidth = Default::default();
+                    w.container.allow_from = None;
+                }
+            }
             // 1.6 appended `agent`.
             if minor < 6 {
                 d.agent = None;
@@ -109,7 +119,9 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             let mut document = encode(&Message::Desired(d)).expect("encodes");
             // What 1.6 appended (no agent: a zero byte), 1.5 (no extensions: a zero byte) and 1.4
             // (`issued_ms`, a zero byte at its default) is not in older bytes.
-            document.pop();
+            if minor < 6 {
+                document.pop();
+            }
             if minor < 5 {
                 document.pop();
             }

@@ -157,6 +157,21 @@ impl World {
         path
     }
 
+    /// The bridge and subnet `start_agent` gives device `id`: named after
+    /// the world (so that its end can find them) and the device; the subnet
+    /// is in 10.100–199.x (NetNs links use 10.231.x).
+    pub fn bridge(&self, id: &str) -> (String, String) {
+        let h = fnv(id.as_bytes());
+        let subnet =
+            format!("10.{}.{}.0/24", 100 + (h % 100), ((h >> 8) % 256) ^ (fnv(self.bridge_prefix().as_bytes()) % 256));
+        (format!("{}{:04x}", self.bridge_prefix(), h & 0xffff), subnet)
+    }
+
+    /// `bw` and six hex digits of the world's dir name.
+    fn bridge_prefix(&self) -> String {
+        format!("bw{:06x}", fnv(self.cgroup_prefix().as_bytes()) & 0xff_ffff)
+    }
+
     /// Agents of this world put their containers under cgroups named with this
     /// prefix: parallel tests reuse container names and must not share cgroups.
     pub fn cgroup_prefix(&self) -> String {
@@ -202,6 +217,18 @@ impl World {
             if let Ok(c) = std::ffi::CString::new(t) {
                 // SAFETY: umount2(2) with a valid C string.
                 unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        // The bridges (and nftables tables) of this world's agents on the
+        // host's network; the containers' veths went with their namespaces.
+        let bridges = self.bridge_prefix();
+        for link in std::fs::read_dir("/sys/class/net").into_iter().flatten().flatten() {
+            let name = link.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&bridges) {
+                let _ = std::process::Command::new("ip").args(["link", "del", &name]).output();
+                for family in ["ip", "bridge"] {
+                    let _ = std::process::Command::new("nft").args(["delete", "table", family, &name]).output();
+                }
             }
         }
         let prefix = self.cgroup_prefix();
@@ -453,6 +480,11 @@ pub fn agent_args(world: &World, id: &str, broker: &str, extra: &[&str]) -> Vec<
         "--cgroup-parent".into(),
         format!("/{}-{id}", world.cgroup_prefix()),
     ];
+    // Agents on the host's network (not in a device namespace) must not share a bridge.
+    if !extra.contains(&"--bridge-name") {
+        let (name, subnet) = world.bridge(id);
+        args.extend(["--bridge-name".into(), name, "--bridge-subnet".into(), subnet]);
+    }
     if !extra.contains(&"--heartbeat-interval") {
         args.extend(["--heartbeat-interval".into(), "1".into()]);
     }
@@ -957,4 +989,9 @@ pub fn start_agent_in(world: &World, ns: &NetNs, id: &str, broker: &str, extra: 
     args.extend(agent_args(world, id, broker, extra));
     let nsenter = which("nsenter").expect("nsenter (util-linux)");
     Proc::spawn(&format!("agent-{id}"), &nsenter, &args, world.path())
+}
+
+/// FNV-1a: names derived from paths and ids.
+fn fnv(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
 }

@@ -1,8 +1,8 @@
 //! Compose files applied as they are: `baton apply -f docker-compose.yml`
 //! runs each service as a workload on a real device (busybox containers):
 //! environment (and an env file read by the CLI), a named volume, a tmpfs, a health check as readiness,
-//! `depends_on` as service discovery, a published port reached from the
-//! host; a key outside the subset is refused by name and stores nothing.
+//! `depends_on` as service discovery, the services on the device's bridge
+//! (Compose's default network) with a published port reached from the host; a key outside the subset is refused by name and stores nothing.
 //! Root only (CI is root).
 
 use std::io::{Read, Write};
@@ -134,10 +134,11 @@ volumes:
 
     // Outside the subset: refused by name, nothing stored.
     let bad = world.path().join("compose-bad.yml");
-    std::fs::write(&bad, "services:\n  api:\n    image: busybox:compose\n    ports: ['8080:80']\n").expect("write");
+    std::fs::write(&bad, "services:\n  api:\n    image: busybox:compose\n    ports: ['127.0.0.1:8080:80']\n")
+        .expect("write");
     let (ok, _, err) = baton_cli(&server, &["apply", "-f", bad.to_str().expect("utf-8")]);
     assert!(!ok, "a port mapping Baton cannot honour was accepted");
-    assert!(err.contains("services.api.ports[0]") && err.contains("80:80"), "{err}");
+    assert!(err.contains("services.api.ports[0]") && err.contains("write 8080:80"), "{err}");
     assert!(describe(&server, "api").is_none(), "a refused file stored a workload");
     assert!(agent.is_running(), "the agent died");
 }

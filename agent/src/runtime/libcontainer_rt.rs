@@ -6,8 +6,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
+use baton_protocol::spec::NetworkMode;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -16,6 +18,7 @@ use super::{
     oci, validate_id, ContainerRuntime, ContainerState, CreateRequest, ExecOutput, ExitStatus, Running, RuntimeError,
     Usage, EXEC_OUTPUT_CAP,
 };
+use crate::net::Network;
 
 #[derive(Debug, Clone)]
 pub struct LibcontainerRuntime {
@@ -25,6 +28,8 @@ pub struct LibcontainerRuntime {
     pub stop_grace: Duration,
     pub log_max_bytes: u64,
     pub log_flush: Duration,
+    /// The device's bridge network (None: bridged containers are refused).
+    net: Option<Arc<Network>>,
 }
 
 impl LibcontainerRuntime {
@@ -35,7 +40,16 @@ impl LibcontainerRuntime {
             stop_grace: Duration::from_secs(10),
             log_max_bytes: 1 << 20,
             log_flush: Duration::from_secs(1),
+            net: None,
         }
+    }
+
+    /// Bridged containers join `net`; the addresses of containers that are
+    /// gone are freed and the rules of those still here loaded again.
+    pub fn with_network(mut self, net: Arc<Network>) -> Self {
+        net.recover(&self.list().unwrap_or_default());
+        self.net = Some(net);
+        self
     }
 
     pub fn layout(&self) -> &Layout {
@@ -71,6 +85,9 @@ impl LibcontainerRuntime {
         let _ = std::fs::remove_dir_all(&bundle);
         let _ = std::fs::remove_dir_all(self.run_state(id));
         self.forget_libcontainer_state(id);
+        if let Some(net) = &self.net {
+            net.detach(id);
+        }
         Ok(())
     }
 
@@ -170,6 +187,19 @@ impl ContainerRuntime for LibcontainerRuntime {
         let mut config = oci::config_json(id, &spec, &merged, &self.layout, &devices);
         if !setup.additional_gids.is_empty() {
             config["process"]["user"]["additionalGids"] = serde_json::json!(setup.additional_gids);
+        }
+        if spec.network == NetworkMode::Bridge {
+            let wired = match &self.net {
+                Some(net) => net.attach(id, &spec),
+                None => Err("this agent has no bridge network".to_string()),
+            };
+            match wired {
+                Ok(w) => crate::net::into_config(&mut config, &w),
+                Err(reason) => {
+                    let _ = self.cleanup(id);
+                    return Err(RuntimeError::Start { id: id.to_string(), reason });
+                }
+            }
         }
         let prepared = std::fs::create_dir_all(&bundle)
             .and_then(|()| std::fs::create_dir_all(&state))
@@ -297,6 +327,10 @@ impl ContainerRuntime for LibcontainerRuntime {
             v
         };
         Ok(ExecOutput { code: out.status.code().unwrap_or(255), stdout: cap(out.stdout), stderr: cap(out.stderr) })
+    }
+
+    fn address(&self, id: &str) -> Option<std::net::IpAddr> {
+        self.net.as_ref()?.address(id).map(std::net::IpAddr::V4)
     }
 
     fn usage(&self, id: &str) -> Option<Usage> {

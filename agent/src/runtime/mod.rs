@@ -160,6 +160,11 @@ pub trait ContainerRuntime {
     fn usage(&self, id: &str) -> Option<Usage>;
     /// Runs `argv` inside the running container `id`, killing it after `timeout`.
     fn exec(&self, id: &str, argv: &[String], timeout: std::time::Duration) -> Result<ExecOutput, RuntimeError>;
+    /// The address of a container with a network of its own (bridge);
+    /// None for one on the host's network (probes then use loopback).
+    fn address(&self, _id: &str) -> Option<std::net::IpAddr> {
+        None
+    }
 }
 
 /// libcontainer's record of the container kept under `state_dir`, if there

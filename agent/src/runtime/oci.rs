@@ -271,7 +271,8 @@ pub fn config_json(
 
     let mut namespaces =
         vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"})];
-    if spec.network == NetworkMode::None {
+    // Bridge: the runtime gives it the path of the namespace `net` made.
+    if matches!(spec.network, NetworkMode::None | NetworkMode::Bridge) {
         namespaces.push(json!({"type": "network"}));
     }
 

@@ -181,6 +181,10 @@ impl Controller {
             results.push(ApplyResult { name, revision: e.latest, action: action.into(), note: None });
         }
         let schedule = self.compute_schedule(st, facts);
+        let applied: Vec<String> = results.iter().map(|r| r.name.clone()).collect();
+        if let Some(clash) = crate::desired::port_clash(&st.workloads, &schedule, &applied) {
+            return Err(OpError::Invalid(clash));
+        }
         for (name, from, to) in roll {
             self.start_rollout(st, store, &schedule, facts, &name, from, to, now)?;
         }

@@ -49,6 +49,10 @@ pub struct Manifest {
     pub devices: Vec<String>,
     #[serde(default)]
     pub network: NetworkName,
+    /// With `network: bridge`: the workloads on a device that may connect
+    /// to this one (absent: all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_from: Option<Vec<String>>,
     #[serde(default)]
     pub read_only: bool,
     #[serde(default)]
@@ -169,6 +173,8 @@ pub enum NetworkName {
     #[default]
     Host,
     None,
+    /// The device's bridge: an address of its own, NAT out, `ports[].publish`.
+    Bridge,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -180,6 +186,18 @@ pub struct ResourcesManifest {
     pub cpu: Option<String>,
     pub cpu_shares: Option<u32>,
     pub pids: Option<u32>,
+    /// Bandwidth of a bridged container: `{egress: 2mbit, ingress: 10mbit}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<BandwidthManifest>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BandwidthManifest {
+    /// What it sends: `2mbit`, `500kbit`, `1gbit`, `64000bit`.
+    pub egress: Option<String>,
+    /// What it receives.
+    pub ingress: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -189,6 +207,9 @@ pub struct PortManifest {
     pub port: u16,
     #[serde(default)]
     pub protocol: Option<String>,
+    /// With `network: bridge`: the device's port forwarded to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

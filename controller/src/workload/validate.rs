@@ -3,8 +3,8 @@
 //! and says what to write instead. Pure.
 
 use baton_protocol::spec::{
-    ContainerSpec, DeviceMount, File, Mount, MountSource, NetworkMode, Port, PortProtocol, Probe, ProbeCheck,
-    Resources, RestartPolicy, Security, User, WorkloadSpec,
+    Bandwidth, ContainerSpec, DeviceMount, File, Mount, MountSource, NetworkMode, Port, PortProtocol, Probe,
+    ProbeCheck, Publish, Resources, RestartPolicy, Security, User, WorkloadSpec,
 };
 use baton_protocol::{check_name, NameKind};
 
@@ -42,6 +42,7 @@ pub fn validate(m: &Manifest) -> Checked<WorkloadSpec> {
         .map(|d| DeviceMount { host_path: d.clone(), container_path: String::new(), permissions: "rwm".into() })
         .collect();
     let (network, ports) = network(m)?;
+    let (publish, bandwidth) = bridge(m)?;
     placement(m)?;
     strategy(m)?;
     references(m)?;
@@ -83,6 +84,9 @@ pub fn validate(m: &Manifest) -> Checked<WorkloadSpec> {
             files,
             user_name,
             allow_privilege_escalation: m.allow_privilege_escalation,
+            publish,
+            bandwidth,
+            allow_from: m.allow_from.clone(),
         },
     })
 }
@@ -198,8 +202,78 @@ fn network(m: &Manifest) -> Checked<(NetworkMode, Vec<Port>)> {
     let network = match m.network {
         NetworkName::Host => NetworkMode::Host,
         NetworkName::None => NetworkMode::None,
+        NetworkName::Bridge => NetworkMode::Bridge,
     };
     Ok((network, ports))
+}
+
+/// `ports[i].publish`, `resources.network`, `allow_from`: what only a
+/// bridged container has.
+fn bridge(m: &Manifest) -> Checked<(Vec<Publish>, Bandwidth)> {
+    let bridged = m.network == NetworkName::Bridge;
+    let mut publish: Vec<Publish> = Vec::new();
+    for (i, p) in m.ports.iter().enumerate() {
+        let Some(host_port) = p.publish else { continue };
+        if !bridged {
+            return bad(
+                format!("ports[{i}].publish"),
+                "publishing forwards a device port to a bridged container (network: bridge); on the host's network the port is the device's already",
+            );
+        }
+        if host_port == 0 {
+            return bad(format!("ports[{i}].publish"), "must be a port number from 1 to 65535");
+        }
+        let protocol = if p.protocol.as_deref() == Some("udp") { PortProtocol::Udp } else { PortProtocol::Tcp };
+        if let Some(q) = publish.iter().find(|q| q.host_port == host_port && q.protocol == protocol) {
+            return bad(
+                format!("ports[{i}].publish"),
+                format!("device port {host_port} is published twice (to {} and {})", q.port, p.port),
+            );
+        }
+        publish.push(Publish { host_port, port: p.port, protocol });
+    }
+    let rate = |field: &str, v: &Option<String>| -> Checked<u64> {
+        match v.as_deref() {
+            None => Ok(0),
+            Some(s) => match parse_rate(s) {
+                Some(bps) if bps >= 8_000 => Ok(bps),
+                Some(_) => bad(field, format!("{s:?} is below the 8kbit minimum")),
+                None => bad(field, format!("{s:?}: write bits per second with a unit: 500kbit, 2mbit, 1gbit")),
+            },
+        }
+    };
+    let bandwidth = match &m.resources.network {
+        None => Bandwidth::default(),
+        Some(_) if !bridged => {
+            return bad("resources.network", "bandwidth limits apply to a bridged container (network: bridge)")
+        }
+        Some(b) => Bandwidth {
+            egress_bps: rate("resources.network.egress", &b.egress)?,
+            ingress_bps: rate("resources.network.ingress", &b.ingress)?,
+        },
+    };
+    if let Some(names) = &m.allow_from {
+        if !bridged {
+            return bad("allow_from", "only a bridged container (network: bridge) can tell who connects to it");
+        }
+        for (i, n) in names.iter().enumerate() {
+            if let Err(e) = check_name(NameKind::Workload, n) {
+                return bad(format!("allow_from[{i}]"), e.to_string());
+            }
+        }
+    }
+    Ok((publish, bandwidth))
+}
+
+/// `2mbit`, `500kbit`, `1gbit`, `64000bit` (or a bare number of bits) per second.
+pub fn parse_rate(s: &str) -> Option<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult) = [("gbit", 1_000_000_000u64), ("mbit", 1_000_000), ("kbit", 1_000), ("bit", 1)]
+        .iter()
+        .find_map(|(u, m)| t.strip_suffix(u).map(|n| (n.trim().to_string(), *m)))
+        .unwrap_or((t.clone(), 1));
+    let v: f64 = num.parse().ok().filter(|v: &f64| v.is_finite() && *v > 0.0)?;
+    Some((v * mult as f64).round() as u64)
 }
 
 /// `replicas`, `placement`.
@@ -327,7 +401,7 @@ fn probes(m: &Manifest, network: NetworkMode) -> Checked<(Option<Probe>, Option<
         if network == NetworkMode::None
             && matches!(p, Some(Probe { check: ProbeCheck::Tcp { .. } | ProbeCheck::Http { .. }, .. }))
         {
-            return bad(field, "tcp and http probes need network: host; use an exec probe");
+            return bad(field, "tcp and http probes need a network (host or bridge); use an exec probe");
         }
     }
     Ok((liveness, readiness))

@@ -140,9 +140,12 @@ pub(super) fn restart(v: &Value, field: &str) -> Checked<RestartName> {
     }
 }
 
-/// `ports:`: `"80"`, `"80:80"`, `"127.0.0.1:80:80"` is refused (the device's
-/// addresses are its own), `"8080:80"` too (no port mapping on the device's
-/// network), and the long form `{target, published, protocol}`.
+/// `ports:`: `"8080:80"`, `"80"` (published on the same device port: Compose
+/// would pick a random one, a device's should be known), `"0.0.0.0:8080:80"`,
+/// `"5353:53/udp"`, and the long form `{target, published, protocol}`;
+/// `"127.0.0.1:80:80"` is refused (a published port is on every address of
+/// the device). With `network_mode: host` the service checks that each
+/// published port equals its container port.
 pub(super) fn ports(v: &Value, field: &str) -> Checked<Vec<PortManifest>> {
     let Some(seq) = v.as_sequence() else { return bad(field, "a list") };
     let mut out = Vec::new();
@@ -193,16 +196,25 @@ pub(super) fn ports(v: &Value, field: &str) -> Checked<Vec<PortManifest>> {
             return bad(at, format!("{target:?}: port ranges are not supported; list each port"));
         }
         let Ok(port) = target.parse::<u16>() else { return bad(at, format!("{target:?} is not a port")) };
-        if let Some(p) = published.filter(|p| !p.is_empty() && *p != target) {
-            return bad(
-                at,
-                format!("{p}:{target}: containers share the device's network, so port {target} is published as {target}; map {target}:{target} or make the app listen on {p}"),
-            );
-        }
+        let publish = match published.filter(|p| !p.is_empty()) {
+            None => port,
+            Some(p) if p.contains('-') => {
+                return bad(at, format!("{p:?}: port ranges are not supported; list each port"))
+            }
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 => n,
+                _ => return bad(at, format!("{p:?} is not a port")),
+            },
+        };
         if let Some(proto) = protocol.as_deref().filter(|p| !matches!(*p, "tcp" | "udp")) {
             return bad(at, format!("{proto:?}: use tcp or udp"));
         }
-        out.push(PortManifest { name: port_name.unwrap_or_else(|| format!("p{port}")), port, protocol });
+        out.push(PortManifest {
+            name: port_name.unwrap_or_else(|| format!("p{port}")),
+            port,
+            protocol,
+            publish: Some(publish),
+        });
     }
     Ok(out)
 }
@@ -341,7 +353,7 @@ pub(super) fn devices(v: &Value, field: &str) -> Checked<Vec<String>> {
     Ok(out)
 }
 
-/// `networks:` of a service: only the default network, which is the device's.
+/// `networks:` of a service: only the default network, the device's bridge.
 pub(super) fn networks(v: &Value, field: &str) -> Checked<()> {
     let names: Vec<String> = match v {
         Value::Sequence(_) => strings(v, field)?,
@@ -349,7 +361,10 @@ pub(super) fn networks(v: &Value, field: &str) -> Checked<()> {
         _ => return bad(field, "a list"),
     };
     match names.iter().find(|n| *n != "default") {
-        Some(n) => bad(field, format!("{n:?}: Baton runs containers on the device's own network; remove networks")),
+        Some(n) => bad(
+            field,
+            format!("{n:?}: a device has one bridge network its services share (they reach each other by name); named networks are not supported, remove networks"),
+        ),
         None => Ok(()),
     }
 }

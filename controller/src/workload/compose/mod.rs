@@ -4,8 +4,9 @@
 //! and saying what to write instead — never silently ignored, since a
 //! setting that quietly does nothing is worse than a refusal.
 //!
-//! Baton runs containers on the device's network (`network_mode: host`
-//! semantics), so a published port must equal its container port. Baton-only
+//! Services run as Compose runs them: on a bridge network of their device
+//! (`network: bridge`), reaching each other by name, with `ports:` published
+//! on the device; `network_mode: host` and `none` are kept. Baton-only
 //! settings (placement, rollout waves) go under a service's `x-baton` key,
 //! written as in a Baton manifest.
 
@@ -57,7 +58,7 @@ pub fn manifests(doc: &Value) -> Checked<Vec<Manifest>> {
             "networks" => {
                 return bad(
                     "networks",
-                    "Baton runs containers on the device's own network (no bridge networks); remove networks",
+                    "a device has one bridge network its services share (they reach each other by name); named networks are not supported, remove networks",
                 )
             }
             "name" => {
@@ -85,25 +86,36 @@ pub fn manifests(doc: &Value) -> Checked<Vec<Manifest>> {
         if let Some(d) = m.uses.iter().find(|d| !out.iter().any(|o| &o.name == *d)) {
             return bad(format!("services.{}.depends_on", m.name), format!("{d:?} is not a service of this file"));
         }
-        // Containers share their device's network: two services publishing
-        // one port would fight over it wherever they meet.
-        for p in &m.ports {
-            if let Some(o) = out
-                .iter()
-                .take_while(|o| o.name != m.name)
-                .find(|o| o.ports.iter().any(|q| q.port == p.port && q.protocol == p.protocol))
+        // Two services holding one device port would fight over it wherever they meet.
+        for (port, proto) in device_ports(m) {
+            if let Some(o) =
+                out.iter().take_while(|o| o.name != m.name).find(|o| device_ports(o).contains(&(port, proto)))
             {
                 return bad(
                     format!("services.{}.ports", m.name),
                     format!(
-                        "port {} is published by {} too; on a device's network only one container can have it",
-                        p.port, o.name
+                        "device port {port} is published by {} too; on a device only one container can have it",
+                        o.name
                     ),
                 );
             }
         }
     }
     Ok(out)
+}
+
+/// The device ports a service holds: those it publishes on the bridge,
+/// every port on the host's network.
+fn device_ports(m: &Manifest) -> Vec<(u16, bool)> {
+    let udp = |p: &PortManifest| p.protocol.as_deref() == Some("udp");
+    m.ports
+        .iter()
+        .filter_map(|p| match m.network {
+            NetworkName::Bridge => p.publish.map(|h| (h, udp(p))),
+            NetworkName::Host => Some((p.port, udp(p))),
+            NetworkName::None => None,
+        })
+        .collect()
 }
 
 fn key_str<'v>(k: &'v Value, at: &str) -> Checked<&'v str> {
@@ -131,8 +143,14 @@ fn top_volumes(v: &Value) -> Checked<Vec<String>> {
 fn service(name: &str, svc: &Value, named_volumes: &[String]) -> Checked<Manifest> {
     let at = |field: &str| format!("services.{name}.{field}");
     let Some(svc) = svc.as_mapping() else { return bad(format!("services.{name}"), "a service is a mapping") };
-    // Compose's default restart policy is `no` (Baton's is `always`).
-    let mut m = Manifest { name: name.to_string(), restart: RestartName::Never, ..Manifest::default() };
+    // Compose's default restart policy is `no` (Baton's is `always`), its
+    // default network a bridge (Baton manifests' is the host's).
+    let mut m = Manifest {
+        name: name.to_string(),
+        restart: RestartName::Never,
+        network: NetworkName::Bridge,
+        ..Manifest::default()
+    };
     let mut healthcheck = None;
     for (k, v) in svc {
         let key = key_str(k, &format!("services.{name}"))?;
@@ -160,11 +178,10 @@ fn service(name: &str, svc: &Value, named_volumes: &[String]) -> Checked<Manifes
             "restart" => m.restart = restart(v, &field)?,
             "ports" => m.ports = ports(v, &field)?,
             "expose" => {
-                // Documentation of the ports the service listens on; on the
-                // device's network they are reachable anyway.
+                // Ports other services on the device reach by name: not published.
                 for p in ports(v, &field)? {
                     if !m.ports.iter().any(|q| q.port == p.port) {
-                        m.ports.push(p);
+                        m.ports.push(PortManifest { publish: None, ..p });
                     }
                 }
             }
@@ -173,9 +190,10 @@ fn service(name: &str, svc: &Value, named_volumes: &[String]) -> Checked<Manifes
             "devices" => m.devices = devices(v, &field)?,
             "network_mode" => {
                 m.network = match string(v, &field)?.as_str() {
+                    "bridge" => NetworkName::Bridge,
                     "host" => NetworkName::Host,
                     "none" => NetworkName::None,
-                    other => return bad(field, format!("{other:?}: Baton runs containers on the device's network (host) or with none")),
+                    other => return bad(field, format!("{other:?}: use bridge (the default), host or none")),
                 }
             }
             "networks" => networks(v, &field)?,
@@ -225,8 +243,25 @@ fn service(name: &str, svc: &Value, named_volumes: &[String]) -> Checked<Manifes
     if m.image.is_empty() {
         return bad(at("image"), "every service needs an image");
     }
-    if m.network == NetworkName::None && !m.ports.is_empty() {
-        return bad(at("ports"), "network_mode: none has no network to publish a port on");
+    match m.network {
+        NetworkName::None if !m.ports.is_empty() => {
+            return bad(at("ports"), "network_mode: none has no network to publish a port on");
+        }
+        NetworkName::Host => {
+            // On the device's own network a port is published as itself.
+            for p in &mut m.ports {
+                match p.publish.take() {
+                    Some(h) if h != p.port => {
+                        return bad(
+                            at("ports"),
+                            format!("{h}:{}: with network_mode: host the container's port {} is the device's; map {}:{} or drop network_mode", p.port, p.port, p.port, p.port),
+                        )
+                    }
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
     }
     if let Some(h) = healthcheck {
         m.readiness = health(h, &at("healthcheck"))?;

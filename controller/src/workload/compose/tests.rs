@@ -100,7 +100,11 @@ volumes:
 fn what_is_refused_is_named() {
     for (text, field, says) in [
         ("services: {a: {image: x, build: .}}", "services.a.build", "build and push"),
-        ("services: {a: {image: x, ports: ['8080:80']}}", "services.a.ports[0]", "80:80"),
+        (
+            "services: {a: {image: x, network_mode: host, ports: ['8080:80']}}",
+            "services.a.ports",
+            "map 80:80 or drop network_mode",
+        ),
         ("services: {a: {image: x, ports: ['127.0.0.1:80:80']}}", "services.a.ports[0]", "write 80:80"),
         ("services: {a: {image: x, ports: ['8000-8010']}}", "services.a.ports[0]", "ranges"),
         ("services: {a: {image: x, volumes: ['./data:/data']}}", "services.a.volumes[0]", "absolute path"),
@@ -110,8 +114,8 @@ fn what_is_refused_is_named() {
         ("services: {a: {image: x, environment: {HOME: }}}", "services.a.environment.HOME", "give a value"),
         ("services: {a: {image: x, env_file: .env}}", "services.a.env_file", "environment:"),
         ("services: {a: {image: x, restart: 'on-failure:3'}}", "services.a.restart", "on-failure"),
-        ("services: {a: {image: x, networks: [backend]}}", "services.a.networks", "own network"),
-        ("services: {a: {image: x, network_mode: bridge}}", "services.a.network_mode", "host"),
+        ("services: {a: {image: x, networks: [backend]}}", "services.a.networks", "one bridge network"),
+        ("services: {a: {image: x, network_mode: 'container:b'}}", "services.a.network_mode", "bridge (the default)"),
         ("services: {a: {image: x, labels: {k: v}}}", "services.a.labels", "selector"),
         ("services: {a: {image: x, container_name: c}}", "services.a.container_name", "after its service"),
         ("services: {a: {image: x, stop_signal: SIGINT}}", "services.a.stop_signal", "no Baton equivalent"),
@@ -126,7 +130,7 @@ fn what_is_refused_is_named() {
         ("services: {a: {image: x, healthcheck: {test: [CMD]}}}", "services.a.healthcheck.test", "CMD"),
         ("services: {a: {image: x, x-baton: {bogus: 1}}}", "services.a.x-baton.bogus", "not a Baton setting"),
         ("services: {a: {command: x}}", "services.a.image", "needs an image"),
-        ("services: {a: {image: x}}\nnetworks: {n: {}}", "networks", "own network"),
+        ("services: {a: {image: x}}\nnetworks: {n: {}}", "networks", "one bridge network"),
         ("services: {a: {image: x}}\nsecrets: {s: {file: s}}", "secrets", "baton secret create"),
         ("services: {a: {image: x}}\nvolumes: {v: {driver: nfs}}", "volumes.v", "drivers"),
         ("services: {a: {image: x}}\nconfigs: {}", "configs", "not supported"),
@@ -135,7 +139,12 @@ fn what_is_refused_is_named() {
         (
             "services: {a: {image: x, ports: ['80:80']}, b: {image: y, ports: ['80']}}",
             "services.b.ports",
-            "published by a",
+            "device port 80 is published by a",
+        ),
+        (
+            "services: {a: {image: x, network_mode: host, ports: ['80']}, b: {image: y, ports: ['80']}}",
+            "services.b.ports",
+            "device port 80 is published by a",
         ),
         ("services: {a: {image: x, network_mode: none, ports: ['80:80']}}", "services.a.ports", "network_mode: none"),
         ("services: {a: {image: x, mem_limit: 64m}}", "services.a.mem_limit", "deploy.resources.limits.memory"),
@@ -245,4 +254,19 @@ fn durations_and_sizes() {
     for (text, want) in [("256m", "256Mi"), ("1g", "1Gi"), ("1gb", "1Gi"), ("512k", "512Ki"), ("1000", "1000")] {
         assert_eq!(compose_bytes(text), want);
     }
+}
+
+#[test]
+fn services_run_on_the_bridge_with_their_ports_published_as_written() {
+    let text = "services:\n  web:\n    image: x\n    ports: ['8080:80', '5353:53/udp', '9000']\n    expose: ['7000']\n  cache:\n    image: y\n    network_mode: host\n    ports: ['6379:6379']\n";
+    let out = compose(text).expect("compose");
+    let web = out.iter().find(|m| m.name == "web").expect("web");
+    assert_eq!(web.network, NetworkName::Bridge);
+    let ports: Vec<(u16, Option<u16>)> = web.ports.iter().map(|p| (p.port, p.publish)).collect();
+    assert_eq!(ports, vec![(80, Some(8080)), (53, Some(5353)), (9000, Some(9000)), (7000, None)]);
+    let spec = super::super::validate(web).expect("valid");
+    assert_eq!(spec.container.network, baton_protocol::spec::NetworkMode::Bridge);
+    assert_eq!(spec.container.publish.len(), 3);
+    let cache = out.iter().find(|m| m.name == "cache").expect("cache");
+    assert_eq!((cache.network, cache.ports[0].publish), (NetworkName::Host, None));
 }

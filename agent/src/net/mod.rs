@@ -1,0 +1,533 @@
+//! Bridge networking (`network: bridge`), done by the agent itself — no
+//! daemon, no CNI plugin processes: a bridge per device, a network namespace
+//! and a veth pair per container (rtnetlink, `netlink`), an address from the
+//! device's subnet (`ipam`, kept on flash so it survives an agent restart),
+//! NAT and published ports in the agent's own nftables tables (`rules`,
+//! loaded whole by one `nft -f -`), names in a hosts file kept current, and
+//! bandwidth limits with `tc` (tbf) where a workload asks for them.
+//!
+//! A container's namespace is a bind mount under `run_dir/net/<id>/netns`
+//! (tmpfs: a reboot takes it with the container), so it outlives the agent
+//! and the shim: a restarted agent re-adopts a container with its address,
+//! and a restarted container of the same instance keeps it.
+
+pub mod ipam;
+pub mod netlink;
+pub mod rules;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use baton_protocol::spec::{Bandwidth, ContainerSpec, NetworkMode, Publish};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+pub use ipam::Subnet;
+
+pub const DEFAULT_BRIDGE: &str = "baton0";
+pub const DEFAULT_SUBNET: &str = "10.88.0.0/24";
+
+/// The device's bridge network, from the agent's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The bridge's name; also the name of the agent's nftables tables, so
+    /// two agents on one host (with two bridges) keep apart.
+    pub bridge: String,
+    pub subnet: Subnet,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self { bridge: DEFAULT_BRIDGE.into(), subnet: DEFAULT_SUBNET.parse().expect("the default subnet parses") }
+    }
+}
+
+/// What the runtime needs to start a bridged container.
+#[derive(Debug, Clone)]
+pub struct Wired {
+    pub address: Ipv4Addr,
+    /// The namespace to join (OCI `linux.namespaces[network].path`).
+    pub netns: PathBuf,
+    /// Bind-mounted read-only at /etc/hosts and /etc/resolv.conf.
+    pub hosts: PathBuf,
+    pub resolv: PathBuf,
+}
+
+/// Kept beside each bridged container (tmpfs): what the rules and hosts
+/// files need of it, read back by a restarted agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    workload: String,
+    hostname: String,
+    address: Ipv4Addr,
+    publish: Vec<Publish>,
+    allow_from: Option<Vec<String>>,
+    bandwidth: Bandwidth,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    leases: ipam::Leases,
+    records: BTreeMap<String, Record>,
+    bridge_ready: bool,
+    /// The ruleset last loaded (reloaded only when it changes).
+    loaded: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Network {
+    cfg: NetConfig,
+    leases_path: PathBuf,
+    run: PathBuf,
+    resolv: String,
+    state: Mutex<State>,
+}
+
+/// The workload a container id (`NAME-INSTANCE`) belongs to.
+pub fn workload_of(id: &str) -> &str {
+    id.rsplit_once('-').map_or(id, |(name, _)| name)
+}
+
+impl Network {
+    /// The network of an agent with this data and run dir; leases that do
+    /// not parse or lie outside the subnet (it was changed) are dropped.
+    pub fn open(cfg: NetConfig, data_dir: &Path, run_dir: &Path) -> Self {
+        let leases_path = data_dir.join("net").join("leases");
+        let text = std::fs::read_to_string(&leases_path).unwrap_or_default();
+        let (leases, dropped) = ipam::Leases::parse(&text, &cfg.subnet);
+        if !dropped.is_empty() {
+            warn!(subnet = %cfg.subnet, ?dropped, "address leases dropped");
+        }
+        let resolv = resolv_conf();
+        let state = Mutex::new(State { leases, ..Default::default() });
+        Self { cfg, leases_path, run: run_dir.join("net"), resolv, state }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.run.join(id)
+    }
+
+    /// The host end of `id`'s veth pair: `bt` and a hash of bridge and id
+    /// (interface names have 15 bytes; container ids are longer).
+    fn host_if(&self, id: &str) -> String {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in self.cfg.bridge.bytes().chain([0]).chain(id.bytes()) {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        format!("bt{h:08x}")
+    }
+
+    /// After a restart: addresses of containers that are gone (a kill
+    /// between lease and start, a removal cut short) are torn down and
+    /// freed; the rules of those still there are loaded again.
+    pub fn recover(&self, containers: &[String]) {
+        let ids: Vec<String> = self.lock().leases.iter().map(|(_, id)| id.to_string()).collect();
+        for id in ids {
+            if !containers.contains(&id) {
+                info!(container = %id, "freeing the address of a container that is gone");
+                self.detach(&id);
+                continue;
+            }
+            let record = std::fs::read(self.dir(&id).join("record.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok());
+            if let Some(r) = record {
+                self.lock().records.insert(id, r);
+            }
+        }
+        let mut st = self.lock();
+        if !st.records.is_empty() {
+            if let Err(e) = self.ensure_bridge(&mut st).and_then(|()| self.sync(&mut st)) {
+                warn!(error = %e, "cannot restore the bridge network");
+            }
+        }
+    }
+
+    /// The address of a bridged container.
+    pub fn address(&self, id: &str) -> Option<Ipv4Addr> {
+        self.lock().records.get(id).map(|r| r.address)
+    }
+
+    /// Gives `id` its namespace, address, rules and files. On error nothing
+    /// of it is left (its address is free again).
+    pub fn attach(&self, id: &str, spec: &ContainerSpec) -> Result<Wired, String> {
+        debug_assert_eq!(spec.network, NetworkMode::Bridge);
+        let workload = workload_of(id).to_string();
+        let mut st = self.lock();
+        for p in &spec.publish {
+            let taken = st.records.iter().find(|(other, r)| {
+                workload_of(other) != workload
+                    && r.publish.iter().any(|q| q.host_port == p.host_port && q.protocol == p.protocol)
+            });
+            if let Some((_, r)) = taken {
+                return Err(format!(
+                    "host port {}/{} is published by workload {} on this device",
+                    p.host_port,
+                    proto(p),
+                    r.workload
+                ));
+            }
+        }
+        let address = st.leases.lease(&self.cfg.subnet, id)?;
+        let wired = self.save_leases(&st).and_then(|()| self.ensure_bridge(&mut st)).and_then(|()| {
+            let record = Record {
+                workload,
+                hostname: spec.hostname.clone().unwrap_or_else(|| id.to_string()),
+                address,
+                publish: spec.publish.clone(),
+                allow_from: spec.allow_from.clone(),
+                bandwidth: spec.bandwidth,
+            };
+            self.wire(id, &record)?;
+            let json = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
+            std::fs::write(self.dir(id).join("record.json"), json).map_err(|e| format!("record: {e}"))?;
+            st.records.insert(id.to_string(), record);
+            self.sync(&mut st)
+        });
+        match wired {
+            Ok(()) => Ok(Wired {
+                address,
+                netns: self.dir(id).join("netns"),
+                hosts: self.dir(id).join("hosts"),
+                resolv: self.dir(id).join("resolv.conf"),
+            }),
+            Err(e) => {
+                drop(st);
+                self.detach(id);
+                Err(format!("bridge network: {e}"))
+            }
+        }
+    }
+
+    /// Takes down what `id` had (veth, namespace, address, rules, files);
+    /// nothing when it had none.
+    pub fn detach(&self, id: &str) {
+        let mut st = self.lock();
+        let had_record = st.records.remove(id).is_some();
+        let had_lease = st.leases.release(id);
+        let dir = self.dir(id);
+        if !had_record && !had_lease && !dir.exists() {
+            return;
+        }
+        if let Some(index) = netlink::index(&self.host_if(id)) {
+            if let Err(e) = netlink::Socket::open().and_then(|mut s| s.delete_link(index)) {
+                warn!(container = id, error = %e, "cannot delete the container's veth");
+            }
+        }
+        let netns = dir.join("netns");
+        if netns.exists() {
+            let _ = nix::mount::umount2(&netns, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        if had_lease {
+            if let Err(e) = self.save_leases(&st) {
+                warn!(error = %e, "cannot save address leases");
+            }
+        }
+        if had_record {
+            if let Err(e) = self.sync(&mut st) {
+                warn!(error = %e, "cannot update the bridge network's rules");
+            }
+        }
+    }
+
+    fn save_leases(&self, st: &State) -> Result<(), String> {
+        if let Some(dir) = self.leases_path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        crate::runtime::layout::write_atomic(&self.leases_path, st.leases.render().as_bytes())
+            .map_err(|e| format!("save leases {}: {e}", self.leases_path.display()))
+    }
+
+    /// The bridge with the gateway address, forwarding on: made once per
+    /// agent start (kept if it is there).
+    fn ensure_bridge(&self, st: &mut State) -> Result<(), String> {
+        if st.bridge_ready {
+            return Ok(());
+        }
+        let bridge = &self.cfg.bridge;
+        let mut s = netlink::Socket::open().map_err(|e| format!("netlink: {e}"))?;
+        match s.create_bridge(bridge) {
+            Ok(()) => info!(bridge = %bridge, subnet = %self.cfg.subnet, "bridge created"),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("create bridge {bridge}: {e}")),
+        }
+        let index = netlink::index(bridge).ok_or_else(|| format!("bridge {bridge} vanished"))?;
+        s.add_address(index, self.cfg.subnet.gateway(), self.cfg.subnet.prefix())
+            .and_then(|()| s.set_up(index))
+            .map_err(|e| format!("bring up bridge {bridge}: {e}"))?;
+        for (path, value) in [
+            ("/proc/sys/net/ipv4/ip_forward".to_string(), "1"),
+            // Published ports reached at 127.0.0.1 from the device itself.
+            (format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet"), "1"),
+        ] {
+            std::fs::write(&path, value).map_err(|e| format!("set {path}: {e}"))?;
+        }
+        st.bridge_ready = true;
+        Ok(())
+    }
+
+    /// Makes `id`'s namespace and veth pair, address and routes, then its limits.
+    fn wire(&self, id: &str, r: &Record) -> Result<(), String> {
+        let dir = self.dir(id);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let master = netlink::index(&self.cfg.bridge).ok_or_else(|| format!("no bridge {}", self.cfg.bridge))?;
+        let (netns, host_if, subnet, address) = (dir.join("netns"), self.host_if(id), self.cfg.subnet, r.address);
+        std::thread::spawn(move || wire_namespace(&netns, &host_if, master, address, &subnet))
+            .join()
+            .map_err(|_| "the namespace thread panicked".to_string())?
+            .map_err(|e| format!("wire the container's namespace: {e}"))?;
+        let b = r.bandwidth;
+        if b.egress_bps > 0 {
+            tc(Some(&dir.join("netns")), "eth0", b.egress_bps)?;
+        }
+        if b.ingress_bps > 0 {
+            tc(None, &self.host_if(id), b.ingress_bps)?;
+        }
+        Ok(())
+    }
+
+    /// Brings the rules and every hosts file in line with the records.
+    fn sync(&self, st: &mut State) -> Result<(), String> {
+        let by_workload = |name: &str| {
+            st.records.iter().filter(|(_, r)| r.workload == name).max_by_key(|(id, _)| instance(id)).map(|(_, r)| r)
+        };
+        let attached: Vec<rules::Attached<'_>> =
+            st.records
+                .values()
+                .map(|r| rules::Attached {
+                    address: r.address,
+                    publish: &r.publish,
+                    allowed: r.allow_from.as_ref().map(|names| {
+                        names.iter().filter_map(|n| by_workload(n)).map(|a| a.address).collect::<Vec<_>>()
+                    }),
+                })
+                .collect();
+        let ruleset = rules::render(&self.cfg.bridge, &self.cfg.subnet, &attached);
+        if st.loaded.as_deref() != Some(ruleset.as_str()) {
+            nft(&ruleset)?;
+            st.loaded = Some(ruleset);
+        }
+        let names: BTreeMap<&str, Ipv4Addr> = st
+            .records
+            .values()
+            .filter_map(|r| Some((r.workload.as_str(), by_workload(&r.workload)?.address)))
+            .collect();
+        for (id, r) in &st.records {
+            let dir = self.dir(id);
+            write_if_changed(&dir.join("hosts"), &hosts_file(r, &names))?;
+            write_if_changed(&dir.join("resolv.conf"), &self.resolv)?;
+        }
+        Ok(())
+    }
+}
+
+fn proto(p: &Publish) -> &'static str {
+    match p.protocol {
+        baton_protocol::spec::PortProtocol::Tcp => "tcp",
+        baton_protocol::spec::PortProtocol::Udp => "udp",
+    }
+}
+
+fn instance(id: &str) -> u32 {
+    id.rsplit_once('-').and_then(|(_, n)| n.parse().ok()).unwrap_or(0)
+}
+
+/// Rewrites a bind-mounted file in place (a rename would leave the
+/// container reading the old inode), only when it changes.
+fn write_if_changed(path: &Path, text: &str) -> Result<(), String> {
+    if std::fs::read_to_string(path).ok().as_deref() == Some(text) {
+        return Ok(());
+    }
+    std::fs::write(path, text).map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// A container's /etc/hosts: itself, then every bridged workload on the
+/// device by name (its newest instance).
+fn hosts_file(me: &Record, names: &BTreeMap<&str, Ipv4Addr>) -> String {
+    let mut text = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    let own = if me.hostname == me.workload { me.hostname.clone() } else { format!("{} {}", me.hostname, me.workload) };
+    text.push_str(&format!("{}\t{own}\n", me.address));
+    for (name, ip) in names {
+        if *name != me.workload {
+            text.push_str(&format!("{ip}\t{name}\n"));
+        }
+    }
+    text
+}
+
+/// The nameservers containers use: the host's, without loopback ones
+/// (systemd-resolved's stub is unreachable from a container: its upstream
+/// list is used), else public resolvers, as Docker does.
+fn resolv_conf() -> String {
+    let text = ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    let mut out = String::new();
+    let mut servers = 0;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("nameserver"), Some(ip)) if ip.starts_with("127.") || ip == "::1" => continue,
+            (Some("nameserver"), Some(_)) => servers += 1,
+            (Some("search" | "options" | "domain"), _) => {}
+            _ => continue,
+        }
+        out.push_str(line.trim());
+        out.push('\n');
+    }
+    if servers == 0 {
+        out.push_str("nameserver 8.8.8.8\nnameserver 8.8.4.4\n");
+    }
+    out
+}
+
+/// In a thread of its own (namespaces are per thread): a new network
+/// namespace bind-mounted at `netns`, a veth pair from the host's bridge
+/// into it as `eth0`, its address, `lo` and `eth0` up, the default route.
+fn wire_namespace(netns: &Path, host_if: &str, master: u32, address: Ipv4Addr, subnet: &Subnet) -> std::io::Result<()> {
+    let mut host = netlink::Socket::open()?;
+    // SAFETY: unshare(2) moves only this thread, which ends after this.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::fs::File::create(netns)?;
+    nix::mount::mount(
+        Some("/proc/thread-self/ns/net"),
+        netns,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(std::io::Error::from)?;
+    let ns = std::fs::File::open(netns)?;
+    host.create_veth(host_if, master, "eth0", ns.as_raw_fd())?;
+    let mut inner = netlink::Socket::open()?;
+    let lo = netlink::index("lo").ok_or_else(|| std::io::Error::other("no lo in the new namespace"))?;
+    let eth0 = netlink::index("eth0").ok_or_else(|| std::io::Error::other("eth0 did not arrive"))?;
+    inner.set_up(lo)?;
+    inner.add_address(eth0, address, subnet.prefix())?;
+    inner.set_up(eth0)?;
+    inner.add_default_route(subnet.gateway())
+}
+
+/// Loads a ruleset (`nft -f -`).
+fn nft(ruleset: &str) -> Result<(), String> {
+    let child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                "bridge networking needs the nft tool (Debian: apt install nftables)".into()
+            }
+            _ => format!("run nft: {e}"),
+        })?;
+    let mut child = child;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(ruleset.as_bytes()).map_err(|e| format!("nft: {e}"))?;
+    }
+    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("nft refused the rules: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// A token bucket of `bps` on `dev` (in the namespace at `netns`, else the host's).
+fn tc(netns: Option<&Path>, dev: &str, bps: u64) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let burst = (bps / 8 / 100).max(16 * 1024);
+    let mut cmd = Command::new("tc");
+    cmd.args(["qdisc", "replace", "dev", dev, "root", "tbf"])
+        .args(["rate", &format!("{bps}bit"), "burst", &format!("{burst}b"), "latency", "100ms"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    if let Some(path) = netns {
+        let ns = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let fd = ns.as_raw_fd();
+        // SAFETY: setns(2) is async-signal-safe; the fd stays open until the child execs.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().map_err(|e| tc_error(&e))?;
+        drop(ns);
+        return tc_result(out, dev);
+    }
+    let out = cmd.output().map_err(|e| tc_error(&e))?;
+    tc_result(out, dev)
+}
+
+fn tc_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "bandwidth limits need the tc tool (Debian: apt install iproute2)".into(),
+        _ => format!("run tc: {e}"),
+    }
+}
+
+fn tc_result(out: std::process::Output, dev: &str) -> Result<(), String> {
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("tc on {dev}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// Writes the namespace and files of `w` into an OCI config made by
+/// `oci::config_json` (which gave it a network namespace of its own).
+pub fn into_config(config: &mut serde_json::Value, w: &Wired) {
+    if let Some(ns) =
+        config["linux"]["namespaces"].as_array_mut().and_then(|list| list.iter_mut().find(|n| n["type"] == "network"))
+    {
+        ns["path"] = serde_json::json!(w.netns);
+    }
+    if let Some(mounts) = config["mounts"].as_array_mut() {
+        for (file, target) in [(&w.hosts, "/etc/hosts"), (&w.resolv, "/etc/resolv.conf")] {
+            mounts.push(serde_json::json!({
+                "destination": target, "type": "bind", "source": file,
+                "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_files_name_every_workload_once_by_its_newest_instance() {
+        let rec = |w: &str, ip: u8| Record {
+            workload: w.into(),
+            hostname: format!("{w}-0"),
+            address: Ipv4Addr::new(10, 88, 0, ip),
+            publish: vec![],
+            allow_from: None,
+            bandwidth: Bandwidth::default(),
+        };
+        let names = BTreeMap::from([("web", Ipv4Addr::new(10, 88, 0, 2)), ("db", Ipv4Addr::new(10, 88, 0, 5))]);
+        let text = hosts_file(&rec("web", 2), &names);
+        assert!(text.contains("10.88.0.2\tweb-0 web\n") && text.contains("10.88.0.5\tdb\n"), "{text}");
+        assert_eq!(text.matches("web").count(), 2, "{text}");
+        assert_eq!(workload_of("my-app-12"), "my-app");
+        assert_eq!(instance("my-app-12"), 12);
+    }
+}

@@ -1,0 +1,105 @@
+//! The device's nftables rules for bridged containers, rendered whole from
+//! what is attached: NAT to the outside, published ports, and who may
+//! connect to a workload that limits it. Pure; `net` loads the text with one
+//! `nft -f -`, which replaces the agent's two tables in one transaction —
+//! nothing else on the host (Docker's, the firewall's tables) is touched.
+
+use std::fmt::Write;
+// `core::net`: addresses as data (the std path would also offer sockets).
+use core::net::Ipv4Addr;
+
+use baton_protocol::spec::{PortProtocol, Publish};
+
+use super::ipam::Subnet;
+
+/// What one attached container asks of the rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached<'a> {
+    pub address: Ipv4Addr,
+    pub publish: &'a [Publish],
+    /// Only these addresses may open connections to it (None: any).
+    pub allowed: Option<Vec<Ipv4Addr>>,
+}
+
+/// The two tables, `ip baton` (NAT, published ports) and `bridge baton`
+/// (connections between containers on the bridge), each deleted and made
+/// again in the same transaction.
+pub fn render(bridge: &str, subnet: &Subnet, attached: &[Attached<'_>]) -> String {
+    let mut t = String::new();
+    let _ = writeln!(t, "table ip baton {{}}\ndelete table ip baton\ntable ip baton {{");
+    // Published ports, for packets from outside and from the device itself
+    // (to any of its own addresses, loopback too).
+    let _ = writeln!(t, "\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;");
+    let _ = writeln!(t, "\t\tfib daddr type local jump published\n\t}}");
+    let _ = writeln!(t, "\tchain output {{\n\t\ttype nat hook output priority -100; policy accept;");
+    let _ = writeln!(t, "\t\tfib daddr type local jump published\n\t}}");
+    let _ = writeln!(t, "\tchain published {{");
+    for a in attached {
+        for p in a.publish {
+            let proto = match p.protocol {
+                PortProtocol::Tcp => "tcp",
+                PortProtocol::Udp => "udp",
+            };
+            let _ = writeln!(t, "\t\t{proto} dport {} dnat to {}:{}", p.host_port, a.address, p.port);
+        }
+    }
+    let _ = writeln!(t, "\t}}");
+    // Out to the world as the device; a published port reached from the
+    // device's loopback or from a container on the same bridge (hairpin)
+    // is answered through the device too.
+    let _ = writeln!(t, "\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;");
+    let _ = writeln!(t, "\t\tip saddr {subnet} ip daddr != {subnet} masquerade");
+    let _ = writeln!(t, "\t\toifname \"{bridge}\" ip saddr 127.0.0.0/8 masquerade");
+    let _ = writeln!(t, "\t\toifname \"{bridge}\" ip saddr {subnet} ct status dnat masquerade");
+    let _ = writeln!(t, "\t}}\n}}");
+
+    let _ = writeln!(t, "table bridge baton {{}}\ndelete table bridge baton\ntable bridge baton {{");
+    let _ = writeln!(t, "\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;");
+    for a in attached {
+        let Some(allowed) = &a.allowed else { continue };
+        // A new TCP connection, or a UDP datagram to a server port (below
+        // the kernel's ephemeral range), from a container not allowed; the
+        // answers to its own connections still reach it. (The bridge family
+        // has no conntrack on many kernels, so the rule reads the packet.)
+        let from = if allowed.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = allowed.iter().map(Ipv4Addr::to_string).collect();
+            format!(" ip saddr != {{ {} }}", list.join(", "))
+        };
+        let _ = writeln!(t, "\t\tip daddr {}{from} tcp flags & (syn | ack) == syn drop", a.address);
+        let _ = writeln!(t, "\t\tip daddr {}{from} udp dport < 32768 drop", a.address);
+    }
+    let _ = writeln!(t, "\t}}\n}}");
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ruleset_publishes_nats_and_guards() {
+        let subnet: Subnet = "10.88.0.0/24".parse().unwrap();
+        let web = [Publish { host_port: 8080, port: 80, protocol: PortProtocol::Tcp }];
+        let dns = [Publish { host_port: 5353, port: 53, protocol: PortProtocol::Udp }];
+        let attached = [
+            Attached { address: Ipv4Addr::new(10, 88, 0, 2), publish: &web, allowed: None },
+            Attached {
+                address: Ipv4Addr::new(10, 88, 0, 3),
+                publish: &dns,
+                allowed: Some(vec![Ipv4Addr::new(10, 88, 0, 2)]),
+            },
+            Attached { address: Ipv4Addr::new(10, 88, 0, 4), publish: &[], allowed: Some(vec![]) },
+        ];
+        let text = render("baton0", &subnet, &attached);
+        assert!(text.starts_with("table ip baton {}\ndelete table ip baton\n"), "{text}");
+        assert!(text.contains("\t\ttcp dport 8080 dnat to 10.88.0.2:80\n"), "{text}");
+        assert!(text.contains("\t\tudp dport 5353 dnat to 10.88.0.3:53\n"), "{text}");
+        assert!(text.contains("ip saddr 10.88.0.0/24 ip daddr != 10.88.0.0/24 masquerade"), "{text}");
+        assert!(text.contains("ip daddr 10.88.0.3 ip saddr != { 10.88.0.2 } tcp flags & (syn | ack) == syn drop"));
+        assert!(text.contains("ip daddr 10.88.0.4 tcp flags & (syn | ack) == syn drop"), "{text}");
+        assert!(!text.contains("ip daddr 10.88.0.2 "), "an open workload gets no rule: {text}");
+        assert_eq!(text.matches('{').count(), text.matches('}').count());
+    }
+}
