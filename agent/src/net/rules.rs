@@ -21,12 +21,13 @@ pub struct Attached<'a> {
     pub allowed: Option<Vec<Ipv4Addr>>,
 }
 
-/// The two tables, `ip baton` (NAT, published ports) and `bridge baton`
+/// The two tables, named after the bridge (two agents on one host keep
+/// apart): `ip <bridge>` (NAT, published ports) and `bridge <bridge>`
 /// (connections between containers on the bridge), each deleted and made
 /// again in the same transaction.
 pub fn render(bridge: &str, subnet: &Subnet, attached: &[Attached<'_>]) -> String {
     let mut t = String::new();
-    let _ = writeln!(t, "table ip baton {{}}\ndelete table ip baton\ntable ip baton {{");
+    let _ = writeln!(t, "table ip {bridge} {{}}\ndelete table ip {bridge}\ntable ip {bridge} {{");
     // Published ports, for packets from outside and from the device itself
     // (to any of its own addresses, loopback too).
     let _ = writeln!(t, "\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;");
@@ -53,7 +54,7 @@ pub fn render(bridge: &str, subnet: &Subnet, attached: &[Attached<'_>]) -> Strin
     let _ = writeln!(t, "\t\toifname \"{bridge}\" ip saddr {subnet} ct status dnat masquerade");
     let _ = writeln!(t, "\t}}\n}}");
 
-    let _ = writeln!(t, "table bridge baton {{}}\ndelete table bridge baton\ntable bridge baton {{");
+    let _ = writeln!(t, "table bridge {bridge} {{}}\ndelete table bridge {bridge}\ntable bridge {bridge} {{");
     let _ = writeln!(t, "\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;");
     for a in attached {
         let Some(allowed) = &a.allowed else { continue };
@@ -93,7 +94,8 @@ mod tests {
             Attached { address: Ipv4Addr::new(10, 88, 0, 4), publish: &[], allowed: Some(vec![]) },
         ];
         let text = render("baton0", &subnet, &attached);
-        assert!(text.starts_with("table ip baton {}\ndelete table ip baton\n"), "{text}");
+        assert!(text.starts_with("table ip baton0 {}\ndelete table ip baton0\n"), "{text}");
+        assert!(text.contains("table bridge baton0 {\n"), "{text}");
         assert!(text.contains("\t\ttcp dport 8080 dnat to 10.88.0.2:80\n"), "{text}");
         assert!(text.contains("\t\tudp dport 5353 dnat to 10.88.0.3:53\n"), "{text}");
         assert!(text.contains("ip saddr 10.88.0.0/24 ip daddr != 10.88.0.0/24 masquerade"), "{text}");
