@@ -82,7 +82,8 @@ pub fn run(
 pub fn start_engine(config: &AgentConfig) -> Result<(EngineHandle, EngineThread), StartError> {
     let shim = std::env::current_exe()?;
     let layout = Layout::new(&config.data_dir, &config.run_dir).with_cgroup_parent(config.cgroup_parent.clone());
-    let network = crate::net::Network::open(config.network.clone(), &config.data_dir, &config.run_dir);
+    let network =
+        crate::net::Network::open(config.network.clone(), config.device_id.as_str(), &config.data_dir, &config.run_dir);
     let runtime = LibcontainerRuntime::new(layout, shim).with_network(Arc::new(network));
     let prober = Arc::new(crate::probe::RuntimeProber(runtime.clone()));
     let exec_runtime = runtime.clone();

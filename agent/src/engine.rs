@@ -236,6 +236,7 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
     /// document: changed files rewritten (atomically: a reader sees the old
     /// or the new list), stale ones removed. tmpfs, so no flash wear.
     fn write_services(&self) {
+        self.sup.runtime().route_services(&self.desired.services, &self.desired.service_ports);
         let Some(dir) = &self.options.services_dir else { return };
         let mut want: BTreeMap<PathBuf, String> = BTreeMap::new();
         for s in &self.desired.services {

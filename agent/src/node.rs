@@ -24,7 +24,8 @@ pub fn inventory(config: &AgentConfig) -> Inventory {
         disk_bytes,
         cgroup: cgroup_version(Path::new("/sys/fs/cgroup")),
         labels: config.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        addresses: addresses(),
+        // Not the bridge's (the gateway of its containers, service addresses).
+        addresses: addresses(&config.network.bridge),
         // Filled in by the link, which holds the device key and the upgrader.
         sealing_key: Vec::new(),
         previous_agent_version: String::new(),
@@ -135,7 +136,7 @@ pub fn disk_usage(path: &Path) -> Option<(u64, u64)> {
 }
 
 /// Non-loopback IPv4 and IPv6 addresses of the device's interfaces.
-pub fn addresses() -> Vec<String> {
+pub fn addresses(except_on: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list we only read and then free with freeifaddrs;
@@ -159,6 +160,11 @@ pub fn addresses() -> Vec<String> {
                     }
                     _ => None,
                 };
+                let name = std::ffi::CStr::from_ptr((*cur).ifa_name).to_bytes();
+                if name == except_on.as_bytes() {
+                    cur = (*cur).ifa_next;
+                    continue;
+                }
                 if let Some(ip) = ip.filter(|ip| !ip.is_loopback() && !is_link_local(ip)) {
                     out.push(ip.to_string());
                 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use baton_protocol::release::AgentTarget;
 use baton_protocol::spec::{NetworkMode, PortProtocol, WorkloadSpec};
-use baton_protocol::{Desired, Endpoint, ServiceEndpoints};
+use baton_protocol::{Desired, Endpoint, ServiceEndpoints, ServicePort};
 
 use crate::fleet::{Device, Fleet, Liveness, Millis, Status};
 use crate::rollout::Rollout;
@@ -189,6 +189,9 @@ pub struct Composed {
     /// The services its workloads use, with their endpoints (another
     /// tenant's workload of that name is no service of this one: no endpoints).
     pub services: Vec<ServiceEndpoints>,
+    /// The ports those services declare (their newest revision's), for
+    /// bridged consumers' service addresses.
+    pub service_ports: Vec<ServicePort>,
 }
 
 /// Every device's workloads and services under `schedule`: each workload at
@@ -232,7 +235,26 @@ pub fn compose(
                 entry.consumers.push(spec.name.clone());
             }
         }
-        out.push(Composed { device: d.id.clone(), workloads: specs, services: services.into_values().collect() });
+        let service_ports = services
+            .values()
+            .filter(|s| !s.endpoints.is_empty())
+            .filter_map(|s| workloads.get(&s.name))
+            .flat_map(|e| {
+                let spec = e.latest_spec();
+                spec.container.ports.iter().map(|p| ServicePort {
+                    service: spec.name.clone(),
+                    name: p.name.clone(),
+                    port: p.port,
+                    protocol: p.protocol,
+                })
+            })
+            .collect();
+        out.push(Composed {
+            device: d.id.clone(),
+            workloads: specs,
+            services: services.into_values().collect(),
+            service_ports,
+        });
     }
     out
 }
@@ -256,13 +278,20 @@ pub fn issue(
     last: Option<&Desired>,
     composed: &[WorkloadSpec],
     services: &[ServiceEndpoints],
+    service_ports: &[ServicePort],
     agent: Option<&AgentTarget>,
     applied: u64,
 ) -> Issue {
     let stored = last.map_or(0, |d| d.generation);
     let ahead = applied > stored;
     let unchanged = match last {
-        Some(d) => d.workloads == composed && d.services == services && d.agent.as_ref() == agent && !ahead,
+        Some(d) => {
+            d.workloads == composed
+                && d.services == services
+                && d.service_ports == service_ports
+                && d.agent.as_ref() == agent
+                && !ahead
+        }
         // A rebuilt store does not empty a device it knows nothing of.
         None => composed.is_empty() && agent.is_none(),
     };
@@ -453,22 +482,28 @@ mod tests {
             ),
         ];
         for (what, last, composed, applied, want) in table {
-            assert_eq!(issue(last.as_ref(), &composed, &[], None, applied), want, "{what}");
+            assert_eq!(issue(last.as_ref(), &composed, &[], &[], None, applied), want, "{what}");
         }
         let services = [ServiceEndpoints { name: "api".into(), ..Default::default() }];
         assert_eq!(
-            issue(Some(&doc(4, web.clone())), &web, &services, None, 4),
+            issue(Some(&doc(4, web.clone())), &web, &services, &[], None, 4),
             Issue::New { generation: 5, ahead: None },
             "a change of services alone is a new document"
         );
+        let ports = [ServicePort { service: "api".into(), name: "http".into(), port: 80, ..Default::default() }];
+        assert_eq!(
+            issue(Some(&doc(4, web.clone())), &web, &[], &ports, None, 4),
+            Issue::New { generation: 5, ahead: None },
+            "a change of service ports alone is a new document"
+        );
         let agent = AgentTarget { version: "2.0.0".into(), digest: vec![1; 32], size: 9, rollout: 1, downgrade: false };
         assert_eq!(
-            issue(Some(&doc(4, web.clone())), &web, &[], Some(&agent), 4),
+            issue(Some(&doc(4, web.clone())), &web, &[], &[], Some(&agent), 4),
             Issue::New { generation: 5, ahead: None },
             "an agent to run is a new document"
         );
         assert_eq!(
-            issue(None, &[], &[], Some(&agent), 0),
+            issue(None, &[], &[], &[], Some(&agent), 0),
             Issue::New { generation: 1, ahead: None },
             "a device without workloads still gets its agent"
         );

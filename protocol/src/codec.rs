@@ -391,6 +391,7 @@ mod tests {
             services: Vec::new(),
             issued_ms: 0,
             agent: None,
+            service_ports: Vec::new(),
             generation: 1,
             workloads: vec![crate::spec::WorkloadSpec { name: "x".repeat(MAX_MESSAGE_BYTES), ..Default::default() }],
         };

@@ -144,6 +144,20 @@ pub struct Desired {
     /// Since 1.6: the agent build this device should run (None: keep the
     /// one it runs). See `release`.
     pub agent: Option<crate::release::AgentTarget>,
+    /// Since 1.7: the ports the services in `services` declare. A bridged
+    /// consumer reaches a service at its name on this port, and the device
+    /// spreads the connections over the service's endpoints.
+    pub service_ports: Vec<ServicePort>,
+}
+
+/// A port a service declares: its container port, by name.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServicePort {
+    pub service: String,
+    /// The port's name, as in `Endpoint::port_name`.
+    pub name: String,
+    pub port: u16,
+    pub protocol: crate::spec::PortProtocol,
 }
 
 /// Since 1.2, what travels on `desired`: an encoded [`Desired`] message and the

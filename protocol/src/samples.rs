@@ -157,6 +157,13 @@ pub fn desired() -> Desired {
             rollout: 3,
             downgrade: false,
         }),
+        // Since 1.7.
+        service_ports: vec![ServicePort {
+            service: "broker".into(),
+            name: "mqtt".into(),
+            port: 1883,
+            protocol: PortProtocol::Tcp,
+        }],
     }
 }
 

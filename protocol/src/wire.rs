@@ -30,6 +30,8 @@ pub struct DesiredV1 {
     pub extensions: Vec<Extension>,
     /// Since 1.6: the agent this device should run (`Desired::agent`).
     pub agent: Option<crate::release::AgentTarget>,
+    /// Since 1.7: `Desired::service_ports`.
+    pub service_ports: Vec<crate::message::ServicePort>,
 }
 
 /// `WorkloadSpec` as of 1.4 — frozen.
@@ -235,6 +237,7 @@ impl From<Desired> for DesiredV1 {
             issued_ms: d.issued_ms,
             extensions,
             agent: d.agent,
+            service_ports: d.service_ports,
         }
     }
 }
@@ -258,6 +261,7 @@ impl TryFrom<DesiredV1> for Desired {
             services: d.services,
             issued_ms: d.issued_ms,
             agent: d.agent,
+            service_ports: d.service_ports,
         })
     }
 }

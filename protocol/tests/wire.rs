@@ -62,6 +62,7 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             // 1.7's extensions: bridge networking (the 1.4 layout says `None`
             // for it; the sample was on the host's network before).
             if minor < 7 {
+                d.service_ports.clear();
                 for w in &mut d.workloads {
                     w.container.network = baton_protocol::spec::NetworkMode::Host;
                     w.container.publish.clear();
@@ -119,6 +120,8 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             let mut document = encode(&Message::Desired(d)).expect("encodes");
             // What 1.6 appended (no agent: a zero byte), 1.5 (no extensions: a zero byte) and 1.4
             // (`issued_ms`, a zero byte at its default) is not in older bytes.
+            // 1.7 appended service ports (none: a zero byte).
+            document.pop();
             if minor < 6 {
                 document.pop();
             }

@@ -165,3 +165,115 @@ fn bridged_workloads_get_addresses_names_nat_published_ports_and_policies_and_le
     assert!(left.is_empty(), "left under run/net: {left:?}");
     drop(agent);
 }
+
+/// The address that answered, from the page an `api` instance serves.
+fn who(page: &str) -> Option<&str> {
+    page.split_whitespace().skip_while(|w| *w != "inet").nth(1).map(|a| a.split('/').next().unwrap_or(a))
+}
+
+/// `n` connections from `client` (on device `pi-a`) to the service name
+/// `api`: how many each instance answered.
+fn spread(server: &str, n: u32) -> std::collections::BTreeMap<String, u32> {
+    let script = format!(
+        "for i in $(seq {n}); do printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 3 api 80 | grep inet; done; true"
+    );
+    let (ok, out, err) = baton_cli(server, &["exec", "--device", "pi-a", "client", "--", "/bin/sh", "-c", &script]);
+    assert!(ok, "{err}");
+    let mut counts = std::collections::BTreeMap::new();
+    for line in out.lines() {
+        if let Some(ip) = who(line) {
+            *counts.entry(ip.to_string()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// A service with an instance on each of three devices (one per device, as
+/// Baton places replicas), a consumer on one of them: the consumer reaches
+/// `api:80` by name, its connections are spread evenly over all three
+/// (its own device's instance straight to the container, the others
+/// through their devices' published ports), and an instance that turns
+/// unhealthy gets no new connection once its device has said so.
+#[test]
+fn connections_to_a_service_name_are_spread_over_its_healthy_instances_on_every_device() {
+    let world = World::new();
+    let devices: Vec<(&str, NetNs)> = ["pi-a", "pi-b", "pi-c"].into_iter().map(|d| (d, NetNs::new())).collect();
+    // Devices reach each other through this machine, as hosts on one LAN would.
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
+    for (_, ns) in &devices {
+        ns.run(&["ip", "route", "add", "default", "via", &ns.host_ip]);
+    }
+    let controller = Controller::start_for_namespaces(&world, "0.0.0.0", &[]);
+    let server_url = controller.server_url();
+    let port = controller.broker_url().rsplit(':').next().expect("port").to_string();
+    let mut agents = Vec::new();
+    for (id, ns) in &devices {
+        give_busybox(&world, id, "busybox:net");
+        let broker = format!("mqtt://{}:{port}", ns.host_ip);
+        let role = if *id == "pi-a" { "role=client" } else { "role=server" };
+        agents.push(start_agent_in(&world, ns, id, &broker, &["--label", role]));
+    }
+    wait_for("three devices", Duration::from_secs(30), || (controller.devices().len() == 3).then_some(()));
+
+    // Each instance serves its own address; readiness is that page.
+    apply_yaml(
+        &server_url,
+        &world,
+        "api.yaml",
+        "name: api\nimage: busybox:net\nnetwork: bridge\nreplicas: 3\n\
+         command: [/bin/sh, -c, \"mkdir -p /www; ip -o -4 addr show eth0 > /www/index.html; exec httpd -f -p 80 -h /www\"]\n\
+         ports: [{name: http, port: 80, publish: 8080}]\n\
+         readiness: {http: {port: 80, path: /index.html}, interval: 1, failure_threshold: 1}\n\
+         rollout: {min_ready: 1}\n",
+    );
+    apply_yaml(
+        &server_url,
+        &world,
+        "client.yaml",
+        "name: client\nimage: busybox:net\nnetwork: bridge\nuses: [api]\nplacement: {selector: {role: client}}\n\
+         command: [/bin/sh, -c, \"while true; do sleep 1; done\"]\n",
+    );
+    wait_for("api on three devices", Duration::from_secs(90), || settled(&server_url, "api", 1, 3));
+    wait_for("client", Duration::from_secs(60), || settled(&server_url, "client", 1, 1));
+
+    // `api` is one stable address on the consumer's device, none of the instances'.
+    let (ok, hosts, err) = baton_cli(&server_url, &["exec", "--device", "pi-a", "client", "--", "cat", "/etc/hosts"]);
+    assert!(ok, "{err}");
+    let vip = hosts.lines().find(|l| l.ends_with("\tapi")).and_then(|l| l.split('\t').next()).expect("api in hosts");
+
+    // Every instance has its endpoint in the consumer's rules once the
+    // three reported healthy; then 300 connections.
+    let counts = wait_for("three instances answering", Duration::from_secs(30), || {
+        let c = spread(&server_url, 30);
+        (c.len() == 3).then_some(c)
+    });
+    assert!(!counts.contains_key(vip), "{counts:?}");
+    let counts = spread(&server_url, 300);
+    assert_eq!(counts.values().sum::<u32>(), 300, "connections failed: {counts:?}");
+    for (instance, n) in &counts {
+        assert!((80..=120).contains(n), "{instance} answered {n} of 300: {counts:?}");
+    }
+
+    // pi-c's instance turns unhealthy (its page goes): within seconds no new
+    // connection reaches it, and none fails.
+    let c_addr = {
+        let (ok, out, err) =
+            baton_cli(&server_url, &["exec", "--device", "pi-c", "api", "--", "/bin/sh", "-c", "cat /www/index.html"]);
+        assert!(ok, "{err}");
+        who(&out).expect("pi-c's address").to_string()
+    };
+    let (ok, _, err) =
+        baton_cli(&server_url, &["exec", "--device", "pi-c", "api", "--", "/bin/sh", "-c", "rm /www/index.html"]);
+    assert!(ok, "{err}");
+    let cut = Instant::now();
+    wait_for("pi-c's instance out of the rotation", Duration::from_secs(30), || {
+        let c = spread(&server_url, 20);
+        (!c.contains_key(&c_addr) && c.values().sum::<u32>() == 20).then_some(())
+    });
+    eprintln!("pi-c's instance left the rotation within {:?}", cut.elapsed());
+    let counts = spread(&server_url, 100);
+    assert_eq!(counts.values().sum::<u32>(), 100, "{counts:?}");
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert!(!counts.contains_key(&c_addr), "{counts:?}");
+    drop(agents);
+}

@@ -15,7 +15,7 @@ pub mod ipam;
 pub mod netlink;
 pub mod rules;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
@@ -24,6 +24,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use baton_protocol::spec::{Bandwidth, ContainerSpec, NetworkMode, Publish};
+use baton_protocol::{Endpoint, ServiceEndpoints, ServicePort};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -70,18 +71,38 @@ struct Record {
     bandwidth: Bandwidth,
 }
 
+/// A service some workload on this device uses, as the desired document
+/// gives it, with the address it is reached at here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Service {
+    name: String,
+    vip: Ipv4Addr,
+    consumers: Vec<String>,
+    ports: Vec<ServicePort>,
+    endpoints: Vec<Endpoint>,
+}
+
 #[derive(Debug, Default)]
 struct State {
     leases: ipam::Leases,
     records: BTreeMap<String, Record>,
+    services: Vec<Service>,
     bridge_ready: bool,
+    /// Service addresses put on the bridge.
+    vips: BTreeSet<Ipv4Addr>,
     /// The ruleset last loaded (reloaded only when it changes).
     loaded: Option<String>,
 }
 
+/// Leases of service addresses are held under this prefix (never a container id).
+const SERVICE_LEASE: &str = "svc:";
+
 #[derive(Debug)]
 pub struct Network {
     cfg: NetConfig,
+    /// This device's id: its own endpoints of a service are reached at the
+    /// container's address, not through the device's published port.
+    device: String,
     leases_path: PathBuf,
     run: PathBuf,
     resolv: String,
@@ -96,7 +117,7 @@ pub fn workload_of(id: &str) -> &str {
 impl Network {
     /// The network of an agent with this data and run dir; leases that do
     /// not parse or lie outside the subnet (it was changed) are dropped.
-    pub fn open(cfg: NetConfig, data_dir: &Path, run_dir: &Path) -> Self {
+    pub fn open(cfg: NetConfig, device: &str, data_dir: &Path, run_dir: &Path) -> Self {
         let leases_path = data_dir.join("net").join("leases");
         let text = std::fs::read_to_string(&leases_path).unwrap_or_default();
         let (leases, dropped) = ipam::Leases::parse(&text, &cfg.subnet);
@@ -105,7 +126,7 @@ impl Network {
         }
         let resolv = resolv_conf();
         let state = Mutex::new(State { leases, ..Default::default() });
-        Self { cfg, leases_path, run: run_dir.join("net"), resolv, state }
+        Self { cfg, device: device.to_string(), leases_path, run: run_dir.join("net"), resolv, state }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -132,6 +153,9 @@ impl Network {
     pub fn recover(&self, containers: &[String]) {
         let ids: Vec<String> = self.lock().leases.iter().map(|(_, id)| id.to_string()).collect();
         for id in ids {
+            if id.starts_with(SERVICE_LEASE) {
+                continue; // the next desired document says whether it is still used
+            }
             if !containers.contains(&id) {
                 info!(container = %id, "freeing the address of a container that is gone");
                 self.detach(&id);
@@ -155,6 +179,61 @@ impl Network {
     /// The address of a bridged container.
     pub fn address(&self, id: &str) -> Option<Ipv4Addr> {
         self.lock().records.get(id).map(|r| r.address)
+    }
+
+    /// The services of the desired document: each used service gets an
+    /// address on the bridge (kept while it is used), its name resolves to
+    /// it in its consumers' hosts files, and connections to it are spread
+    /// over its endpoints. Services no longer used give their address back.
+    pub fn route_services(&self, services: &[ServiceEndpoints], ports: &[ServicePort]) {
+        let mut st = self.lock();
+        let mut routed = Vec::new();
+        let mut leased = false;
+        for s in services {
+            let ports: Vec<ServicePort> = ports.iter().filter(|p| p.service == s.name).cloned().collect();
+            if ports.is_empty() {
+                continue;
+            }
+            let id = format!("{SERVICE_LEASE}{}", s.name);
+            let had = st.leases.address_of(&id).is_some();
+            match st.leases.lease(&self.cfg.subnet, &id) {
+                Ok(vip) => {
+                    leased |= !had;
+                    routed.push(Service {
+                        name: s.name.clone(),
+                        vip,
+                        consumers: s.consumers.clone(),
+                        ports,
+                        endpoints: s.endpoints.clone(),
+                    });
+                }
+                Err(e) => warn!(service = %s.name, error = %e, "no address for the service"),
+            }
+        }
+        let stale: Vec<String> = st
+            .leases
+            .iter()
+            .filter_map(|(_, id)| id.strip_prefix(SERVICE_LEASE))
+            .filter(|name| !routed.iter().any(|s| s.name == *name))
+            .map(|name| format!("{SERVICE_LEASE}{name}"))
+            .collect();
+        for id in &stale {
+            st.leases.release(id);
+        }
+        if leased || !stale.is_empty() {
+            if let Err(e) = self.save_leases(&st) {
+                warn!(error = %e, "cannot save address leases");
+            }
+        }
+        if st.services == routed {
+            return;
+        }
+        st.services = routed;
+        if st.bridge_ready {
+            if let Err(e) = self.sync(&mut st) {
+                warn!(error = %e, "cannot route the services");
+            }
+        }
     }
 
     /// Gives `id` its namespace, address, rules and files. On error nothing
@@ -296,11 +375,39 @@ impl Network {
         Ok(())
     }
 
-    /// Brings the rules and every hosts file in line with the records.
+    /// Brings the service addresses on the bridge, the rules and every
+    /// hosts file in line with the records and services.
     fn sync(&self, st: &mut State) -> Result<(), String> {
+        self.sync_vips(st);
         let by_workload = |name: &str| {
             st.records.iter().filter(|(_, r)| r.workload == name).max_by_key(|(id, _)| instance(id)).map(|(_, r)| r)
         };
+        let services: Vec<rules::Service> = st
+            .services
+            .iter()
+            .map(|s| rules::Service {
+                vip: s.vip,
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let mut backends: Vec<(Ipv4Addr, u16)> = Vec::new();
+                        for e in s.endpoints.iter().filter(|e| e.port_name == p.name) {
+                            // Here: straight to the container, when it is bridged.
+                            let local = (e.device == self.device).then(|| by_workload(&s.name)).flatten();
+                            let to = match local {
+                                Some(r) => Some((r.address, p.port)),
+                                None => e.address.parse::<Ipv4Addr>().ok().map(|ip| (ip, e.port)),
+                            };
+                            if let Some(to) = to.filter(|to| !backends.contains(to)) {
+                                backends.push(to);
+                            }
+                        }
+                        rules::ServicePort { protocol: p.protocol, port: p.port, backends }
+                    })
+                    .collect(),
+            })
+            .collect();
         let attached: Vec<rules::Attached<'_>> =
             st.records
                 .values()
@@ -312,7 +419,7 @@ impl Network {
                     }),
                 })
                 .collect();
-        let ruleset = rules::render(&self.cfg.bridge, &self.cfg.subnet, &attached);
+        let ruleset = rules::render(&self.cfg.bridge, &self.cfg.subnet, &attached, &services);
         if st.loaded.as_deref() != Some(ruleset.as_str()) {
             nft(&ruleset)?;
             st.loaded = Some(ruleset);
@@ -324,10 +431,43 @@ impl Network {
             .collect();
         for (id, r) in &st.records {
             let dir = self.dir(id);
+            // A service it uses is reached at the service's address, even
+            // when an instance runs here: the connections are spread.
+            let mut names = names.clone();
+            for s in st.services.iter().filter(|s| s.consumers.contains(&r.workload)) {
+                names.insert(s.name.as_str(), s.vip);
+            }
             write_if_changed(&dir.join("hosts"), &hosts_file(r, &names))?;
             write_if_changed(&dir.join("resolv.conf"), &self.resolv)?;
         }
         Ok(())
+    }
+}
+
+impl Network {
+    /// Service addresses on the bridge (a /32 each: the host answers for
+    /// them, then NAT sends the connection on).
+    fn sync_vips(&self, st: &mut State) {
+        if !st.bridge_ready {
+            return;
+        }
+        let want: BTreeSet<Ipv4Addr> = st.services.iter().map(|s| s.vip).collect();
+        if want == st.vips {
+            return;
+        }
+        let Some(index) = netlink::index(&self.cfg.bridge) else { return };
+        let Ok(mut sock) = netlink::Socket::open() else { return };
+        for vip in want.difference(&st.vips) {
+            if let Err(e) = sock.add_address(index, *vip, 32) {
+                warn!(%vip, error = %e, "cannot add a service address to the bridge");
+            }
+        }
+        for vip in st.vips.difference(&want) {
+            if let Err(e) = sock.delete_address(index, *vip, 32) {
+                warn!(%vip, error = %e, "cannot remove a service address from the bridge");
+            }
+        }
+        st.vips = want;
     }
 }
 

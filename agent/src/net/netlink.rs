@@ -15,6 +15,7 @@ const NLMSG_ERROR: u16 = 2;
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
 const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
 const RTM_NEWROUTE: u16 = 24;
 
 const NLM_F_REQUEST: u16 = 0x1;
@@ -209,6 +210,15 @@ impl Socket {
         let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
         let broadcast = Ipv4Addr::from(u32::from(ip) | !mask);
         m.attr(IFA_LOCAL, &ip.octets()).attr(IFA_ADDRESS, &ip.octets()).attr(IFA_BROADCAST, &broadcast.octets());
+        self.request(m)
+    }
+
+    /// Removes `ip/prefix` from a link.
+    pub fn delete_address(&mut self, index: u32, ip: Ipv4Addr, prefix: u8) -> io::Result<()> {
+        let mut m = Msg::new(RTM_DELADDR, 0);
+        m.buf.extend([libc::AF_INET as u8, prefix, 0, RT_SCOPE_UNIVERSE]);
+        m.buf.extend(index.to_ne_bytes());
+        m.attr(IFA_LOCAL, &ip.octets()).attr(IFA_ADDRESS, &ip.octets());
         self.request(m)
     }
 

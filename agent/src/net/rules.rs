@@ -21,26 +21,68 @@ pub struct Attached<'a> {
     pub allowed: Option<Vec<Ipv4Addr>>,
 }
 
+/// A service's address on the device and, per declared port, the
+/// endpoints connections to it are spread over (round robin).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub vip: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub protocol: PortProtocol,
+    pub port: u16,
+    pub backends: Vec<(Ipv4Addr, u16)>,
+}
+
+fn proto(p: PortProtocol) -> &'static str {
+    match p {
+        PortProtocol::Tcp => "tcp",
+        PortProtocol::Udp => "udp",
+    }
+}
+
 /// The two tables, named after the bridge (two agents on one host keep
 /// apart): `ip <bridge>` (NAT, published ports) and `bridge <bridge>`
 /// (connections between containers on the bridge), each deleted and made
 /// again in the same transaction.
-pub fn render(bridge: &str, subnet: &Subnet, attached: &[Attached<'_>]) -> String {
+pub fn render(bridge: &str, subnet: &Subnet, attached: &[Attached<'_>], services: &[Service]) -> String {
     let mut t = String::new();
     let _ = writeln!(t, "table ip {bridge} {{}}\ndelete table ip {bridge}\ntable ip {bridge} {{");
-    // Published ports, for packets from outside and from the device itself
-    // (to any of its own addresses, loopback too).
+    // Service addresses, then published ports, for packets from containers,
+    // from outside and from the device itself (to any of its own
+    // addresses, loopback too).
     let _ = writeln!(t, "\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;");
-    let _ = writeln!(t, "\t\tfib daddr type local jump published\n\t}}");
+    let _ = writeln!(t, "\t\tjump services\n\t\tfib daddr type local jump published\n\t}}");
     let _ = writeln!(t, "\tchain output {{\n\t\ttype nat hook output priority -100; policy accept;");
-    let _ = writeln!(t, "\t\tfib daddr type local jump published\n\t}}");
+    let _ = writeln!(t, "\t\tjump services\n\t\tfib daddr type local jump published\n\t}}");
+    // A new connection to a service goes to its next endpoint (round
+    // robin); with none, it is refused at once rather than left to time out.
+    let _ = writeln!(t, "\tchain services {{");
+    for s in services {
+        for p in &s.ports {
+            let (vip, proto, port) = (s.vip, proto(p.protocol), p.port);
+            if p.backends.is_empty() {
+                let how = if p.protocol == PortProtocol::Tcp { " with tcp reset" } else { "" };
+                let _ = writeln!(t, "\t\tip daddr {vip} {proto} dport {port} reject{how}");
+                continue;
+            }
+            let map: Vec<String> =
+                p.backends.iter().enumerate().map(|(i, (ip, port))| format!("{i} : {ip} . {port}")).collect();
+            let n = p.backends.len();
+            let _ = writeln!(
+                t,
+                "\t\tip daddr {vip} {proto} dport {port} dnat ip to numgen inc mod {n} map {{ {} }}",
+                map.join(", ")
+            );
+        }
+    }
+    let _ = writeln!(t, "\t}}");
     let _ = writeln!(t, "\tchain published {{");
     for a in attached {
         for p in a.publish {
-            let proto = match p.protocol {
-                PortProtocol::Tcp => "tcp",
-                PortProtocol::Udp => "udp",
-            };
+            let proto = proto(p.protocol);
             let _ = writeln!(t, "\t\t{proto} dport {} dnat to {}:{}", p.host_port, a.address, p.port);
         }
     }
@@ -93,7 +135,26 @@ mod tests {
             },
             Attached { address: Ipv4Addr::new(10, 88, 0, 4), publish: &[], allowed: Some(vec![]) },
         ];
-        let text = render("baton0", &subnet, &attached);
+        let services = [
+            Service {
+                vip: Ipv4Addr::new(10, 88, 0, 9),
+                ports: vec![ServicePort {
+                    protocol: PortProtocol::Tcp,
+                    port: 80,
+                    backends: vec![(Ipv4Addr::new(10, 88, 0, 2), 80), (Ipv4Addr::new(192, 168, 1, 7), 8080)],
+                }],
+            },
+            Service {
+                vip: Ipv4Addr::new(10, 88, 0, 10),
+                ports: vec![ServicePort { protocol: PortProtocol::Tcp, port: 5432, backends: vec![] }],
+            },
+        ];
+        let text = render("baton0", &subnet, &attached, &services);
+        assert!(
+            text.contains("ip daddr 10.88.0.9 tcp dport 80 dnat ip to numgen inc mod 2 map { 0 : 10.88.0.2 . 80, 1 : 192.168.1.7 . 8080 }"),
+            "{text}"
+        );
+        assert!(text.contains("ip daddr 10.88.0.10 tcp dport 5432 reject with tcp reset"), "{text}");
         assert!(text.starts_with("table ip baton0 {}\ndelete table ip baton0\n"), "{text}");
         assert!(text.contains("table bridge baton0 {\n"), "{text}");
         assert!(text.contains("\t\ttcp dport 8080 dnat to 10.88.0.2:80\n"), "{text}");

@@ -329,6 +329,12 @@ impl ContainerRuntime for LibcontainerRuntime {
         Ok(ExecOutput { code: out.status.code().unwrap_or(255), stdout: cap(out.stdout), stderr: cap(out.stderr) })
     }
 
+    fn route_services(&self, services: &[baton_protocol::ServiceEndpoints], ports: &[baton_protocol::ServicePort]) {
+        if let Some(net) = &self.net {
+            net.route_services(services, ports);
+        }
+    }
+
     fn address(&self, id: &str) -> Option<std::net::IpAddr> {
         self.net.as_ref()?.address(id).map(std::net::IpAddr::V4)
     }

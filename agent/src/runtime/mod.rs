@@ -165,6 +165,9 @@ pub trait ContainerRuntime {
     fn address(&self, _id: &str) -> Option<std::net::IpAddr> {
         None
     }
+    /// The services the desired document gives this device, for a runtime
+    /// that routes them (bridge networking); the others ignore them.
+    fn route_services(&self, _services: &[baton_protocol::ServiceEndpoints], _ports: &[baton_protocol::ServicePort]) {}
 }
 
 /// libcontainer's record of the container kept under `state_dir`, if there

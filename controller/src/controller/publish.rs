@@ -89,7 +89,7 @@ impl Controller {
         let mut sealed = SealCache::new();
         let facts: BTreeMap<&str, &crate::schedule::DeviceFacts> =
             snap.facts.iter().map(|f| (f.id.as_str(), f)).collect();
-        for desired::Composed { device, workloads, services } in docs {
+        for desired::Composed { device, workloads, services, service_ports } in docs {
             let workloads = self.seal(&store, &mut cache, &mut sealed, &device, snap.sealing.get(&device), workloads);
             let applied = snap.applied.get(&device).copied().unwrap_or(0);
             let agent = st
@@ -97,22 +97,28 @@ impl Controller {
                 .as_ref()
                 .zip(facts.get(device.as_str()))
                 .and_then(|(r, f)| r.target_for(f, &st.releases));
-            let generation =
-                match desired::issue(st.desired.get(&device), &workloads, &services, agent.as_ref(), applied) {
-                    desired::Issue::Unchanged => continue,
-                    desired::Issue::New { generation, ahead } => {
-                        if let Some((applied, stored)) = ahead {
-                            let tenant = snap.facts.iter().find(|f| f.id == device).map_or("", |f| f.tenant.as_str());
-                            let message = format!(
-                                "has generation {applied} in force, newer than the {stored} this controller issued \
+            let generation = match desired::issue(
+                st.desired.get(&device),
+                &workloads,
+                &services,
+                &service_ports,
+                agent.as_ref(),
+                applied,
+            ) {
+                desired::Issue::Unchanged => continue,
+                desired::Issue::New { generation, ahead } => {
+                    if let Some((applied, stored)) = ahead {
+                        let tenant = snap.facts.iter().find(|f| f.id == device).map_or("", |f| f.tenant.as_str());
+                        let message = format!(
+                            "has generation {applied} in force, newer than the {stored} this controller issued \
                              (store restored from a backup?): its document is issued again as generation {generation}"
-                            );
-                            self.event(&store, tenant, "device.reissued", &device, message, snap.now);
-                        }
-                        generation
+                        );
+                        self.event(&store, tenant, "device.reissued", &device, message, snap.now);
                     }
-                };
-            let doc = Desired { generation, workloads, services, issued_ms: snap.now, agent };
+                    generation
+                }
+            };
+            let doc = Desired { generation, workloads, services, issued_ms: snap.now, agent, service_ports };
             let payload = match self.sign(&device, &doc) {
                 Ok(p) => p,
                 Err(e) => {
