@@ -277,3 +277,75 @@ fn connections_to_a_service_name_are_spread_over_its_healthy_instances_on_every_
     assert!(!counts.contains_key(&c_addr), "{counts:?}");
     drop(agents);
 }
+
+/// `resources.network` limits, measured with real transfers between a
+/// bridged container and this machine: each rate within ±20 % of its limit.
+#[test]
+fn bandwidth_limits_hold_within_a_fifth_of_their_rate() {
+    let world = World::new();
+    let ns = NetNs::new();
+    let controller = Controller::start_for_namespaces(&world, &ns.host_ip, &[]);
+    let server_url = controller.server_url();
+    give_busybox(&world, DEVICE, "busybox:net");
+    let _agent = start_agent_in(&world, &ns, DEVICE, &controller.broker_url(), &[]);
+    apply_yaml(
+        &server_url,
+        &world,
+        "shaped.yaml",
+        "name: shaped\nimage: busybox:net\nnetwork: bridge\nresources: {network: {egress: 2mbit, ingress: 4mbit}}\n\
+         command: [/bin/sh, -c, \"while true; do sleep 1; done\"]\nrollout: {min_ready: 1}\n",
+    );
+    wait_for("shaped running", Duration::from_secs(60), || settled(&server_url, "shaped", 1, 1));
+    let mbit = |bytes: usize, took: Duration| bytes as f64 * 8.0 / took.as_secs_f64() / 1e6;
+
+    // Egress: the container sends 1.5 MB to a listener here.
+    let listener = TcpListener::bind((ns.host_ip.as_str(), 0)).expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    let (host, url) = (ns.host_ip.clone(), server_url.clone());
+    let sender = std::thread::spawn(move || {
+        let script = format!("dd if=/dev/zero bs=1024 count=1500 2>/dev/null | nc {host} {port}; true");
+        exec(&url, "shaped", &script)
+    });
+    let (mut conn, _) = listener.accept().expect("the container's connection");
+    let total = 1500 * 1024;
+    let mut buf = vec![0u8; 64 * 1024];
+    // Timed from the first bytes (the connection's setup is not the limit's).
+    let first_read = conn.read(&mut buf).expect("first bytes");
+    let first = Instant::now();
+    let mut got = first_read;
+    while got < total {
+        match conn.read(&mut buf).expect("read") {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let egress = mbit(got - first_read, first.elapsed());
+    drop(conn);
+    let _ = sender.join();
+    assert_eq!(got, total, "the transfer was cut");
+    eprintln!("egress: {egress:.2} Mbit/s (limit 2)");
+    assert!((1.6..=2.4).contains(&egress), "egress {egress:.2} Mbit/s, limit 2");
+
+    // Ingress: the container downloads 3 MB from a server here.
+    let listener = TcpListener::bind((ns.host_ip.as_str(), 0)).expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    let (host, url) = (ns.host_ip.clone(), server_url.clone());
+    let receiver = std::thread::spawn(move || {
+        let done = exec(&url, "shaped", &format!("nc {host} {port} | wc -c"));
+        (done, Instant::now())
+    });
+    let (mut conn, _) = listener.accept().expect("the container's connection");
+    let total = 3_000_000;
+    let start = Instant::now();
+    conn.write_all(&vec![7u8; total]).expect("send");
+    conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    // Done when the container's nc has read it all and exited: the exec
+    // returns then (its own latency, tens of ms, is in the time). The
+    // connection's end says nothing: nc closes its side at once (its
+    // stdin is empty).
+    let ((ok, out), end) = receiver.join().expect("receiver");
+    assert!(ok && out.trim() == total.to_string(), "received: {out}");
+    let ingress = mbit(total, end - start);
+    eprintln!("ingress: {ingress:.2} Mbit/s (limit 4)");
+    assert!((3.2..=4.8).contains(&ingress), "ingress {ingress:.2} Mbit/s, limit 4");
+}
