@@ -12,7 +12,10 @@
 //! `runtime`, `pull`, `schedule` (placing 100,000 instances on 10,000
 //! devices), `rollout` (a 4-wave rollout to 1,000 simulated devices),
 //! `upgrade` (one real agent upgraded over MQTT: bytes, time, the link's
-//! silence during the switch; the same build fetched over HTTP beside it).
+//! silence during the switch; the same build fetched over HTTP beside it),
+//! `net` (bridge networking: setup vs the CNI bridge plugin, start in bridge
+//! vs host mode, the load-balanced service address vs direct; in a network
+//! namespace of its own) and `net-memory` (the agent with N bridged containers).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -36,6 +39,8 @@ fn main() {
         "rollout" => rollout(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5)),
         "upgrade" => upgrade(secs("BENCH_UPGRADES", 3) as usize),
         "fleet-upgrade" => fleet_upgrade(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5)),
+        "net" => net(secs("BENCH_ITERS", 50) as usize),
+        "net-memory" => net_memory(secs("BENCH_CONTAINERS", 20) as usize),
         "all" => {
             sizes();
             footprint(secs("BENCH_IDLE_SECS", 60));
@@ -46,10 +51,12 @@ fn main() {
             rollout(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5));
             upgrade(secs("BENCH_UPGRADES", 3) as usize);
             fleet_upgrade(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5));
+            net(secs("BENCH_ITERS", 50) as usize);
+            net_memory(secs("BENCH_CONTAINERS", 20) as usize);
         }
         other => {
             eprintln!(
-                "usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|all] (got {other:?})"
+                "usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|net|net-memory|all] (got {other:?})"
             );
             std::process::exit(2);
         }
@@ -956,4 +963,310 @@ fn fleet_upgrade(devices: usize, gate_s: u64) {
     println!("| controller RSS, peak during / high-water mark | {peak_rss} / {hwm} KiB |");
     let pieces = (asked() - asked0) as f64 / devices as f64;
     println!("| pieces of the build asked for per device (≤ 64 KiB each) | {pieces:.2} |\n");
+}
+
+/// Bridge networking, in a network namespace of the bench's own (nothing
+/// on the host is touched): the agent's setup per container vs the
+/// standard CNI bridge plugin doing the same for runc-style runtimes; a
+/// container's start in bridge vs host mode; throughput and connection
+/// latency through a load-balanced service address vs straight to the
+/// instance; the agent's memory with 20 bridged containers.
+fn net(iters: usize) {
+    use baton_agent::net::{NetConfig, Network};
+    use baton_agent::runtime::{ContainerRuntime, ContainerState, CreateRequest, Layout, LibcontainerRuntime};
+    use baton_protocol::spec::{ContainerSpec, NetworkMode};
+    use std::process::{Command, Stdio};
+
+    // SAFETY: unshare(2) before any thread exists: every thread and child after this is in the new namespace.
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare: {}", std::io::Error::last_os_error());
+    let mut sock = baton_agent::net::netlink::Socket::open().expect("netlink");
+    sock.set_up(baton_agent::net::netlink::index("lo").expect("lo")).expect("lo up");
+
+    let world = World::new();
+    let run_dir = PathBuf::from(format!("/run/baton-bench-net-{}", std::process::id()));
+    let cfg = NetConfig { bridge: "bbench0".into(), subnet: "10.77.0.0/24".parse().expect("subnet") };
+    let net = Arc::new(Network::open(cfg, "bench", &world.path().join("data"), &run_dir));
+    let bridged = ContainerSpec { network: NetworkMode::Bridge, ..Default::default() };
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    let stats = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (percentile(v, 0.5), percentile(v, 0.9))
+    };
+
+    // 1. Setup and teardown of one container's network.
+    let cni_dir = world.path().join("cni");
+    std::fs::create_dir_all(&cni_dir).expect("cni dir");
+    let cni_conf = format!(
+        r#"{{"cniVersion":"1.0.0","name":"cbench","type":"bridge","bridge":"cbench0","isGateway":true,"ipMasq":true,"ipam":{{"type":"host-local","subnet":"10.78.0.0/24","dataDir":"{}"}}}}"#,
+        cni_dir.join("ipam").display()
+    );
+    let plugin = Path::new("/usr/lib/cni/bridge");
+    let cni = |command: &str, id: &str, netns: &Path| -> bool {
+        let mut child = Command::new(plugin)
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("CNI bridge plugin (containernetworking-plugins)");
+        use std::io::Write;
+        let _ = child.stdin.take().expect("stdin").write_all(cni_conf.as_bytes());
+        child.wait().is_ok_and(|s| s.success())
+    };
+    // The namespace a runtime makes before calling CNI: made the way the agent makes its own.
+    let make_netns = |path: &Path| {
+        let path = path.to_path_buf();
+        std::thread::spawn(move || {
+            // SAFETY: unshare(2) moves only this short-lived thread.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            std::fs::File::create(&path).expect("netns file");
+            let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+            // SAFETY: mount(2) with valid C strings.
+            let r = unsafe {
+                libc::mount(
+                    c"/proc/thread-self/ns/net".as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(r, 0, "bind the namespace: {}", std::io::Error::last_os_error());
+        })
+        .join()
+        .expect("netns thread");
+    };
+    // Warm-up: the bridges exist and each side's first-time work is done.
+    net.attach("warm-0", &bridged).expect("attach");
+    net.detach("warm-0");
+    let warm = cni_dir.join("warm");
+    make_netns(&warm);
+    assert!(cni("ADD", "warm", &warm), "the CNI bridge plugin failed");
+    cni("DEL", "warm", &warm);
+    umount(&warm);
+    let (mut ours_up, mut ours_down, mut cni_up, mut cni_add, mut cni_down) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..iters {
+        let id = format!("c-{i}");
+        let t = Instant::now();
+        net.attach(&id, &bridged).expect("attach");
+        ours_up.push(ms(t));
+        let t = Instant::now();
+        net.detach(&id);
+        ours_down.push(ms(t));
+
+        let ns = cni_dir.join(format!("ns-{i}"));
+        let t = Instant::now();
+        make_netns(&ns);
+        let t_add = Instant::now();
+        assert!(cni("ADD", &id, &ns), "CNI ADD failed");
+        cni_add.push(ms(t_add));
+        cni_up.push(ms(t));
+        let t = Instant::now();
+        cni("DEL", &id, &ns);
+        umount(&ns);
+        let _ = std::fs::remove_file(&ns);
+        cni_down.push(ms(t));
+    }
+    println!("## Bridge networking: one container's network, {iters} runs each, interleaved\n");
+    println!("| | median ms | p90 ms |\n|---|---|---|");
+    let (a, a90) = stats(&mut ours_up);
+    let (b, b90) = stats(&mut cni_up);
+    let (c, c90) = stats(&mut cni_add);
+    let (d, d90) = stats(&mut ours_down);
+    let (e, e90) = stats(&mut cni_down);
+    println!("| Baton: namespace, veth, address, route, hosts files (`Network::attach`) | {a:.2} | {a90:.2} |");
+    println!(
+        "| CNI bridge plugin: namespace (same code) + `bridge` ADD (host-local IPAM, ipMasq) | {b:.2} | {b90:.2} |"
+    );
+    println!("| … of which the plugin's ADD | {c:.2} | {c90:.2} |");
+    println!("| Baton teardown (`detach`) | {d:.2} | {d90:.2} |");
+    println!("| CNI DEL + unmount | {e:.2} | {e90:.2} |");
+    println!("\nCNI / Baton (setup): {:.2}×\n", b / a);
+
+    // 2. A container's start, host vs bridge: create + start + wait + delete of /bin/true.
+    let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");
+    let layout = Layout::new(world.path().join("data"), &run_dir)
+        .with_cgroup_parent(format!("/baton-bench-net-{}", std::process::id()));
+    let mut rt = LibcontainerRuntime::new(layout, bin("baton-agent")).with_network(net.clone());
+    rt.log_flush = Duration::from_millis(0);
+    let run = |id: &str, spec: &ContainerSpec| -> f64 {
+        let t = Instant::now();
+        rt.create(&CreateRequest { id, spec, rootfs: rootfs.clone().into(), provenance: Default::default() })
+            .expect("create");
+        while !matches!(rt.state(id).expect("state"), ContainerState::Exited(_)) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // The shim unmounts the rootfs as it exits, just after its exit
+        // record: a removal racing it finds the mount busy, and is retried.
+        let mut tries = 0;
+        while let Err(e) = rt.remove(id) {
+            tries += 1;
+            assert!(tries < 100, "remove {id}: {e}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        ms(t)
+    };
+    let host = ContainerSpec { command: vec!["/bin/true".into()], ..Default::default() };
+    let bridge_true = ContainerSpec { network: NetworkMode::Bridge, ..host.clone() };
+    let (mut t_host, mut t_bridge) = (Vec::new(), Vec::new());
+    for i in 0..iters {
+        t_host.push(run(&format!("h-{i}"), &host));
+        t_bridge.push(run(&format!("b-{i}"), &bridge_true));
+    }
+    let (h, h90) = stats(&mut t_host);
+    let (b, b90) = stats(&mut t_bridge);
+    println!("## Container start, host vs bridge network: create + start + wait + delete of `/bin/true`, {iters} runs each\n");
+    println!("| network | median ms | p90 ms |\n|---|---|---|");
+    println!("| host | {h:.1} | {h90:.1} |\n| bridge | {b:.1} | {b90:.1} |");
+    println!("\nBridge adds {:.1} ms ({:.2}×).\n", b - h, b / h);
+
+    // 3. Through the service address vs straight to the instance.
+    let server = net.attach("server-0", &bridged).expect("server");
+    let client = net.attach("client-0", &bridged).expect("client");
+    net.route_services(
+        &[baton_protocol::ServiceEndpoints {
+            name: "server".into(),
+            consumers: vec!["client".into()],
+            endpoints: vec![baton_protocol::Endpoint {
+                device: "bench".into(),
+                address: String::new(),
+                port_name: "p".into(),
+                port: 5201,
+            }],
+        }],
+        &[baton_protocol::ServicePort { service: "server".into(), name: "p".into(), port: 5201, ..Default::default() }],
+    );
+    let hosts = std::fs::read_to_string(&client.hosts).expect("client's hosts");
+    let vip: std::net::Ipv4Addr = hosts
+        .lines()
+        .find(|l| l.ends_with("\tserver"))
+        .and_then(|l| l.split('\t').next()?.parse().ok())
+        .expect("the service's address");
+    let in_ns = |path: &Path| {
+        let ns = std::fs::File::open(path).expect("netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns(2) on this thread only.
+        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    };
+    let server_ns = server.netns.clone();
+    let (listening_tx, listening) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        in_ns(&server_ns);
+        let listener = std::net::TcpListener::bind("0.0.0.0:5201").expect("listen");
+        let _ = listening_tx.send(());
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut conn = conn;
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut first = true;
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    // A one-byte request is a ping: answered.
+                    if first && n == 1 {
+                        let _ = conn.write_all(&buf[..1]);
+                    }
+                    first = false;
+                }
+            });
+        }
+    });
+    listening.recv().expect("the server listens");
+    let client_ns = client.netns.clone();
+    let measure = move |target: std::net::Ipv4Addr| -> (f64, f64) {
+        let client_ns = client_ns.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            in_ns(&client_ns);
+            let addr = std::net::SocketAddr::from((target, 5201));
+            // Connection latency: connect, one byte there and back, close.
+            let mut lat = Vec::new();
+            for _ in 0..500 {
+                let t = Instant::now();
+                let mut c = std::net::TcpStream::connect(addr).expect("connect");
+                c.set_nodelay(true).expect("nodelay");
+                c.write_all(&[1]).expect("ping");
+                let mut b = [0u8; 1];
+                c.read_exact(&mut b).expect("pong");
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            lat.sort_by(f64::total_cmp);
+            // Throughput: 2 GiB on one connection.
+            let mut c = std::net::TcpStream::connect(addr).expect("connect");
+            let chunk = vec![0u8; 256 * 1024];
+            c.write_all(&[0, 0]).expect("start");
+            let t = Instant::now();
+            for _ in 0..8192 {
+                c.write_all(&chunk).expect("send");
+            }
+            let gbit = 2.0 * 8.0 * 1.073_741_824 / t.elapsed().as_secs_f64();
+            (gbit, percentile(&lat, 0.5))
+        })
+        .join()
+        .expect("client thread")
+    };
+    println!("## Load-balanced service address vs straight to the instance (one device, both bridged)\n");
+    println!("| round | direct Gbit/s | service Gbit/s | ratio | direct connect+ping µs | service µs |\n|---|---|---|---|---|---|");
+    for round in 1..=3 {
+        let (dg, dl) = measure(server.address);
+        let (sg, sl) = measure(vip);
+        println!("| {round} | {dg:.2} | {sg:.2} | {:.2} | {dl:.0} | {sl:.0} |", sg / dg);
+    }
+    println!();
+    net.detach("server-0");
+    net.detach("client-0");
+    let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+fn umount(path: &Path) {
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: umount2(2) with a valid C string.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// The agent's memory with `n` bridged containers (each its own workload,
+/// `sleep`), against the same agent with as many host-network ones: what
+/// the network state costs the agent.
+fn net_memory(n: usize) {
+    // SAFETY: unshare(2), as `net` does: the controller and agent run in a namespace of their own.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
+        let mut sock = baton_agent::net::netlink::Socket::open().expect("netlink");
+        sock.set_up(baton_agent::net::netlink::index("lo").expect("lo")).expect("lo up");
+    }
+    println!("## Agent memory with {n} containers, host vs bridge network\n");
+    println!("| containers | agent RSS KiB | anonymous KiB |\n|---|---|---|");
+    for network in ["host", "bridge"] {
+        let world = World::new();
+        let controller = Controller::start(&world, None, &[]);
+        let server = controller.server_url();
+        give_busybox(&world, "bench-net", "busybox:bench");
+        let agent = start_agent(&world, "bench-net", &controller.broker_url(), &[]);
+        wait_for("agent online", Duration::from_secs(30), || {
+            controller.device("bench-net").filter(|d| d.inventory.is_some())
+        });
+        let mut yaml = String::new();
+        for i in 0..n {
+            yaml.push_str(&format!(
+                "---\nname: w{i}\nimage: busybox:bench\nnetwork: {network}\ncommand: [/bin/sleep, \"3600\"]\n"
+            ));
+        }
+        apply_yaml(&server, &world, "many.yaml", &yaml);
+        wait_for(&format!("{n} containers running"), Duration::from_secs(180), || {
+            (0..n).all(|i| settled(&server, &format!("w{i}"), 1, 1).is_some()).then_some(())
+        });
+        std::thread::sleep(Duration::from_secs(5)); // settled: the agent's steady state is what is measured
+        let pid = agent.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        println!("| {n} × {network} | {} | {} |", kib_field(&status, "VmRSS:"), kib_field(&rollup, "Anonymous:"));
+    }
+    println!();
 }
