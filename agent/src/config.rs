@@ -71,7 +71,7 @@ pub struct FileConfig {
     /// The bridge bridged containers join (default `baton0`); also names the
     /// agent's nftables tables.
     pub bridge_name: Option<String>,
-    /// The bridge's IPv4 subnet (default `10.88.0.0/24`): its first address
+    /// The bridge's IPv4 subnet (default `10.47.0.0/24`): its first address
     /// is the bridge's, containers get the others.
     pub bridge_subnet: Option<String>,
 }

@@ -180,7 +180,7 @@ struct RunArgs {
     /// The bridge of `network: bridge` containers (default baton0); agents sharing a host need distinct ones.
     #[arg(long)]
     bridge_name: Option<String>,
-    /// The bridge's IPv4 subnet (default 10.88.0.0/24).
+    /// The bridge's IPv4 subnet (default 10.47.0.0/24).
     #[arg(long)]
     bridge_subnet: Option<String>,
     /// Report presence and inventory only; run no workloads (no root needed).

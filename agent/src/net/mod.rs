@@ -31,7 +31,7 @@ use tracing::{info, warn};
 pub use ipam::Subnet;
 
 pub const DEFAULT_BRIDGE: &str = "baton0";
-pub const DEFAULT_SUBNET: &str = "10.88.0.0/24";
+pub const DEFAULT_SUBNET: &str = "10.47.0.0/24";
 
 /// The device's bridge network, from the agent's config.
 #[derive(Debug, Clone, PartialEq, Eq)]
