@@ -228,7 +228,9 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
         let status = self.sup.status();
         self.judge(&status, now);
         self.collect_images(now);
-        let report = crate::step::report(self.desired.generation, status, &self.effective, &self.waits, &self.guard);
+        let mut report =
+            crate::step::report(self.desired.generation, status, &self.effective, &self.waits, &self.guard);
+        report.addresses = self.sup.addresses();
         crate::step::changed(&mut self.last, &report).then_some(report)
     }
 

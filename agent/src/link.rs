@@ -437,7 +437,7 @@ impl Link {
     fn refuse(&mut self, why: String) {
         warn_limited!(self, "refused-document", error = %why, "desired document refused");
         let refused =
-            baton_protocol::Report { generation: self.applied_generation, workloads: Vec::new(), refused: Some(why) };
+            baton_protocol::Report { generation: self.applied_generation, refused: Some(why), ..Default::default() };
         self.publish(TopicKind::Report, &Message::Report(refused));
         // Reports are retained: the broker's copy goes back to what runs.
         if let Some(e) = &self.engine {

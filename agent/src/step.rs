@@ -161,7 +161,7 @@ pub fn report(
     }
     workloads.sort_by(|a, b| a.name.cmp(&b.name));
     guard.annotate(&mut workloads);
-    Report { generation, workloads, refused: None }
+    Report { generation, workloads, refused: None, addresses: Vec::new() }
 }
 
 /// Usage moves every step; a report is sent when anything else changes.
@@ -360,7 +360,7 @@ mod tests {
     #[test]
     fn a_report_that_changed_only_in_usage_is_not_sent() {
         let mut last = None;
-        let r = Report { generation: 1, workloads: vec![running("a", 1)], refused: None };
+        let r = Report { generation: 1, workloads: vec![running("a", 1)], ..Default::default() };
         assert!(changed(&mut last, &r), "the first report is not sent");
         let mut busier = r.clone();
         busier.workloads[0].cpu_usage_ns = 5_000;

@@ -580,6 +580,15 @@ impl<R: ContainerRuntime> Supervisor<R> {
             .collect()
     }
 
+    /// (workload, address) of each running container with an address of its own.
+    pub fn addresses(&self) -> Vec<(String, String)> {
+        self.units
+            .iter()
+            .filter(|(_, u)| u.state == UnitState::Running)
+            .filter_map(|(name, u)| Some((name.clone(), self.rt.address(&container_id(name, u.instance))?.to_string())))
+            .collect()
+    }
+
     /// The container whose log `baton logs` shows: the current instance.
     pub fn current_container(&self, name: &str) -> Option<String> {
         self.units.get(name).map(|u| container_id(name, u.instance))

@@ -503,9 +503,9 @@ mod tests {
         let mut f = Fleet::default();
         let a = id("a");
         f.apply(&a, FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Live, 1);
-        let runs = Report { generation: 3, workloads: vec![Default::default()], refused: None };
+        let runs = Report { generation: 3, workloads: vec![Default::default()], ..Default::default() };
         f.apply(&a, FleetEvent::Report(runs.clone()), Delivery::Live, 2);
-        let refused = Report { generation: 3, workloads: vec![], refused: Some("generation 2 is not newer".into()) };
+        let refused = Report { generation: 3, refused: Some("generation 2 is not newer".into()), ..Default::default() };
         assert_eq!(f.apply(&a, FleetEvent::Report(refused.clone()), Delivery::Live, 3), Change::Persist);
         let d = f.get(&a).unwrap();
         assert_eq!(d.report.as_ref(), Some(&runs), "a refusal erased what the device runs");

@@ -252,6 +252,9 @@ pub struct WorkloadOnDevice {
     pub desired_revision: u64,
     /// What the device last reported for this workload (None: nothing yet).
     pub reported: Option<baton_protocol::WorkloadStatus>,
+    /// Its container's address on the device's bridge (bridged workloads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     /// Why the device refused the document that asks it for this workload,
     /// while that document is not in force there.
     #[serde(default)]

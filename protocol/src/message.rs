@@ -90,6 +90,9 @@ pub struct Report {
     pub workloads: Vec<WorkloadStatus>,
     /// Set when a desired document was refused (bad signature, bad spec…).
     pub refused: Option<String>,
+    /// Since 1.7: (workload, address) of each running container with an
+    /// address of its own on the device's bridge.
+    pub addresses: Vec<(String, String)>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]

@@ -68,6 +68,8 @@ pub fn report() -> Report {
             memory_bytes: 3_200_000,
         }],
         refused: None,
+        // Since 1.7.
+        addresses: vec![("sensor-reader".into(), "10.47.0.2".into())],
     }
 }
 

@@ -97,6 +97,11 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             }
             Message::Desired(d)
         }
+        // 1.7 appended the bridged containers' addresses.
+        Message::Report(mut r) if minor < 7 => {
+            r.addresses.clear();
+            Message::Report(r)
+        }
         // 1.4 appended the clocks: the device's in heartbeats, the controller's in documents and commands.
         Message::Heartbeat(mut h) if minor < 4 => {
             h.unix_ms = 0;

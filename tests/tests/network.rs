@@ -91,6 +91,13 @@ fn bridged_workloads_get_addresses_names_nat_published_ports_and_policies_and_le
     let (_, subnet) = world.bridge(DEVICE);
     let prefix = subnet.rsplit_once(".0/").map(|(p, _)| p).expect("subnet");
     assert!(addr.contains(&format!("inet {prefix}.")) && addr.contains("default via"), "{addr}");
+    // … which the device reports: `describe workload` shows it.
+    let reported = wait_for("web's address reported", Duration::from_secs(20), || {
+        describe_workload(&server_url, "web")?.devices.first()?.address.clone()
+    });
+    assert!(addr.contains(&format!("inet {reported}/")), "reported {reported}, has {addr}");
+    let (_, text, _) = baton_cli(&server_url, &["describe", "workload", "web"]);
+    assert!(text.contains("ADDRESS") && text.contains(&reported), "{text}");
 
     // Names: web reaches api and guarded by workload name.
     let (ok, page) = exec(&server_url, "web", &get("api"));

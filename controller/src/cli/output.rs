@@ -522,7 +522,16 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
             ],
         })
         .collect();
-    o.push_str(&table(&["DEVICE", "STATUS", "DESIRED", "RUNS", "PHASE", "HEALTH", "RESTARTS", "LAST ERROR"], &rows));
+    let mut header = vec!["DEVICE", "STATUS", "DESIRED", "RUNS", "PHASE", "HEALTH", "RESTARTS", "LAST ERROR"];
+    // Bridged containers' addresses, when there are any (before the last error, which runs long).
+    let mut rows = rows;
+    if w.devices.iter().any(|d| d.address.is_some()) {
+        header.insert(7, "ADDRESS");
+        for (row, d) in rows.iter_mut().zip(&w.devices) {
+            row.insert(7, d.address.clone().unwrap_or_else(|| "-".into()));
+        }
+    }
+    o.push_str(&table(&header, &rows));
     o
 }
 

@@ -402,6 +402,10 @@ impl Controller {
                     .active_rollout()
                     .map_or(e.stable, |r| r.revision_for(released.contains(d.id.as_str()))),
                 reported: d.report.as_ref().and_then(|r| r.workloads.iter().find(|w| w.name == name).cloned()),
+                address: d
+                    .report
+                    .as_ref()
+                    .and_then(|r| r.addresses.iter().find(|(w, _)| w == name).map(|(_, a)| a.clone())),
                 refused: d
                     .refusal
                     .as_ref()
