@@ -223,10 +223,15 @@ pub fn compose(
         }
         specs.sort_by(|a, b| a.name.cmp(&b.name));
         let mut services: BTreeMap<&str, ServiceEndpoints> = BTreeMap::new();
+        // Services of the consumer's own tenant (another tenant's name is no service).
+        let mut owned: BTreeSet<&str> = BTreeSet::new();
         for spec in &specs {
             let Some(consumer) = workloads.get(&spec.name) else { continue };
             for service in &consumer.manifest.uses {
                 let own = workloads.get(service).is_some_and(|e| e.tenant == consumer.tenant);
+                if own {
+                    owned.insert(service.as_str());
+                }
                 let entry = services.entry(service.as_str()).or_insert_with(|| ServiceEndpoints {
                     name: service.clone(),
                     consumers: Vec::new(),
@@ -235,9 +240,12 @@ pub fn compose(
                 entry.consumers.push(spec.name.clone());
             }
         }
+        // Every used service's ports, with instances answering or not: its
+        // address on the device stays put while none does (connections to
+        // it are refused then).
         let service_ports = services
             .values()
-            .filter(|s| !s.endpoints.is_empty())
+            .filter(|s| owned.contains(s.name.as_str()))
             .filter_map(|s| workloads.get(&s.name))
             .flat_map(|e| {
                 let spec = e.latest_spec();

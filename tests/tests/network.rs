@@ -78,7 +78,12 @@ fn bridged_workloads_get_addresses_names_nat_published_ports_and_policies_and_le
         &server("api", 80, "from-api", "ports: [{name: http, port: 80, publish: 8080}]\n"),
     );
     apply_yaml(&server_url, &world, "web.yaml", &server("web", 80, "from-web", ""));
-    apply_yaml(&server_url, &world, "guarded.yaml", &server("guarded", 80, "from-guarded", "allow_from: [web]\n"));
+    apply_yaml(
+        &server_url,
+        &world,
+        "guarded.yaml",
+        &server("guarded", 80, "from-guarded", "allow_from: [web]\nports: [{name: http, port: 80, publish: 8081}]\n"),
+    );
     for name in ["api", "web", "guarded"] {
         wait_for(&format!("{name} healthy (its tcp probe reaches its own address)"), Duration::from_secs(60), || {
             settled(&server_url, name, 1, 1)
@@ -107,11 +112,31 @@ fn bridged_workloads_get_addresses_names_nat_published_ports_and_policies_and_le
     // The policy: api is not on guarded's list, its connection fails.
     let (ok, page) = exec(&server_url, "api", &get("guarded"));
     assert!(!ok && !page.contains("from-guarded"), "api reached guarded: {page}");
+    // Nor through the device: its published port, from a container, is routed
+    // (not bridged) and meets the same policy; web still gets through.
+    let via_device = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {} 8081", ns.device_ip);
+    let (ok, page) = exec(&server_url, "api", &via_device);
+    assert!(!ok && !page.contains("from-guarded"), "api reached guarded through the device: {page}");
+    let (ok, page) = exec(&server_url, "web", &via_device);
+    assert!(ok && page.contains("from-guarded"), "web through the device: {page}");
+    // From outside, guarded's published port is open (allow_from is for the device's workloads).
+    assert!(http_get(&format!("{}:8081", ns.device_ip)).is_some_and(|p| p.contains("from-guarded")));
 
     // The published port, from outside the device, at the device's address.
     let page =
         wait_for("api at the device's 8080", Duration::from_secs(10), || http_get(&format!("{}:8080", ns.device_ip)));
     assert!(page.contains("from-api"), "{page}");
+
+    // A LAN host that routes the device's container subnet through it gets
+    // nowhere but the published ports.
+    let web_ip =
+        describe_workload(&server_url, "web").and_then(|w| w.devices.first()?.address.clone()).expect("web's address");
+    let route = format!("{prefix}.0/24");
+    let added = Command::new("ip").args(["route", "add", &route, "via", &ns.device_ip]).status().expect("ip route");
+    assert!(added.success());
+    let direct = http_get(&format!("{web_ip}:80"));
+    let _ = Command::new("ip").args(["route", "del", &route]).status();
+    assert!(direct.is_none(), "a container's unpublished port answered the LAN: {direct:?}");
 
     // Out through NAT: a listener on this machine sees the device's address.
     let listener = TcpListener::bind((ns.host_ip.as_str(), 0)).expect("listener");
@@ -127,6 +152,32 @@ fn bridged_workloads_get_addresses_names_nat_published_ports_and_policies_and_le
     let (peer, line) = accepted.join().expect("listener thread");
     assert_eq!(&line, b"hello\n");
     assert_eq!(peer.ip().to_string(), ns.device_ip, "not masqueraded as the device");
+
+    // A device port a process of the device listens on is not taken from it:
+    // the workload fails, saying why, and the process keeps its port.
+    let mut squatter = Command::new("nsenter")
+        .args(ns.enter())
+        .args(["busybox", "nc", "-l", "-p", "9099"])
+        .spawn()
+        .expect("a listener on the device");
+    wait_for("the device's own listener", Duration::from_secs(10), || {
+        let out = Command::new("nsenter").args(ns.enter()).args(["ss", "-Htln", "sport = :9099"]).output().ok()?;
+        (!out.stdout.is_empty()).then_some(())
+    });
+    apply_yaml(
+        &server_url,
+        &world,
+        "steal.yaml",
+        &server("steal", 80, "x", "ports: [{name: h, port: 80, publish: 9099}]\n"),
+    );
+    let why = wait_for("steal refused on the device", Duration::from_secs(30), || {
+        describe_workload(&server_url, "steal")?.devices.first()?.reported.as_ref()?.last_error.clone()
+    });
+    assert!(why.contains("device port 9099/tcp is in use by a process on the device"), "{why}");
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    let (ok, _, err) = baton_cli(&server_url, &["delete", "workload", "steal"]);
+    assert!(ok, "{err}");
 
     // A second workload wanting device port 8080 is refused at apply.
     let clash = world.write("clash.yaml", &server("clash", 81, "x", "ports: [{name: h, port: 81, publish: 8080}]\n"));
@@ -152,6 +203,20 @@ fn bridged_workloads_get_addresses_names_nat_published_ports_and_policies_and_le
     assert_eq!(before, after, "api's address changed");
     assert!(http_get(&format!("{}:8080", ns.device_ip)).is_some_and(|p| p.contains("from-api")));
 
+    // A restarted container is a new instance: the port forward follows it,
+    // and the one that ended holds no address.
+    let leases_file = world.path().join(format!("agent-{DEVICE}/net/leases"));
+    let (ok, _, err) = baton_cli(&server_url, &["restart", "api", "--device", DEVICE]);
+    assert!(ok, "{err}");
+    let restarted = Instant::now();
+    // httpd as PID 1 ignores SIGTERM: the old instance goes at the end of its 10 s grace.
+    wait_for("api-1 serving the published port", Duration::from_secs(60), || {
+        let leases = std::fs::read_to_string(&leases_file).ok()?;
+        let page = http_get(&format!("{}:8080", ns.device_ip))?;
+        (leases.contains(" api-1\n") && !leases.contains(" api-0\n") && page.contains("from-api")).then_some(())
+    });
+    eprintln!("api-1 served the published port {:?} after the restart", restarted.elapsed());
+
     // Deleted: nothing of them is left on the device.
     assert!(device_links(&ns).iter().any(|l| l.starts_with("bt")), "no veths while running?");
     for name in ["api", "web", "guarded"] {
@@ -165,7 +230,8 @@ fn bridged_workloads_get_addresses_names_nat_published_ports_and_policies_and_le
         let clean = !links.iter().any(|l| l.starts_with("bt"))
             && std::fs::read_to_string(&leases).is_ok_and(|l| l.trim().is_empty())
             && !rules.contains("dnat to")
-            && !rules.contains("drop");
+            && !rules.contains("ct state new drop")
+            && !rules.contains("== syn drop");
         clean.then_some(())
     });
     let left: Vec<_> = std::fs::read_dir(run.join("net")).map(|d| d.flatten().collect()).unwrap_or_default();
@@ -282,6 +348,9 @@ fn connections_to_a_service_name_are_spread_over_its_healthy_instances_on_every_
     assert_eq!(counts.values().sum::<u32>(), 100, "{counts:?}");
     assert_eq!(counts.len(), 2, "{counts:?}");
     assert!(!counts.contains_key(&c_addr), "{counts:?}");
+    // The service's address stayed put through all this.
+    let (_, hosts, _) = baton_cli(&server_url, &["exec", "--device", "pi-a", "client", "--", "cat", "/etc/hosts"]);
+    assert!(hosts.contains(&format!("{vip}\tapi")), "the service address moved: {hosts}");
     drop(agents);
 }
 

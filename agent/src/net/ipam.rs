@@ -40,7 +40,7 @@ impl Subnet {
     }
 
     /// Addresses containers may have: not the network, the gateway or the broadcast.
-    fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+    fn hosts(&self) -> impl DoubleEndedIterator<Item = Ipv4Addr> {
         let first = u32::from(self.network) + 2;
         let broadcast = u32::from(self.network) | !self.mask();
         (first..broadcast).map(Ipv4Addr::from)
@@ -117,6 +117,19 @@ impl Leases {
         Ok(free)
     }
 
+    /// `id`'s address: the one it holds, else the highest free one (service
+    /// addresses: far from the containers', which take the lowest).
+    pub fn lease_high(&mut self, subnet: &Subnet, id: &str) -> Result<Ipv4Addr, String> {
+        if let Some(ip) = self.address_of(id) {
+            return Ok(ip);
+        }
+        let free = subnet.hosts().rev().find(|ip| !self.by_address.contains_key(ip)).ok_or_else(|| {
+            format!("no free address left in {subnet} ({} containers hold one)", self.by_address.len())
+        })?;
+        self.by_address.insert(free, id.to_string());
+        Ok(free)
+    }
+
     /// Frees `id`'s address; true when it held one.
     pub fn release(&mut self, id: &str) -> bool {
         let before = self.by_address.len();
@@ -158,6 +171,8 @@ mod tests {
         assert!(full.contains("no free address left in 10.0.0.0/29"), "{full}");
         assert!(l.release("a-0") && !l.release("a-0"));
         assert_eq!(l.lease(&s, "f-0").unwrap(), a);
+        assert!(l.release("e-0"));
+        assert_eq!(l.lease_high(&s, "svc:api").unwrap(), Ipv4Addr::new(10, 0, 0, 6), "services from the top");
     }
 
     #[test]

@@ -196,7 +196,7 @@ impl Network {
             }
             let id = format!("{SERVICE_LEASE}{}", s.name);
             let had = st.leases.address_of(&id).is_some();
-            match st.leases.lease(&self.cfg.subnet, &id) {
+            match st.leases.lease_high(&self.cfg.subnet, &id) {
                 Ok(vip) => {
                     leased |= !had;
                     routed.push(Service {
@@ -255,6 +255,9 @@ impl Network {
                     r.workload
                 ));
             }
+        }
+        for p in &spec.publish {
+            host_port_free(p)?;
         }
         let address = st.leases.lease(&self.cfg.subnet, id)?;
         let wired = self.save_leases(&st).and_then(|()| self.ensure_bridge(&mut st)).and_then(|()| {
@@ -336,6 +339,13 @@ impl Network {
         }
         let bridge = &self.cfg.bridge;
         let mut s = netlink::Socket::open().map_err(|e| format!("netlink: {e}"))?;
+        // With nothing attached, a bridge left from before (another subnet,
+        // stale service addresses) is made afresh.
+        if st.records.is_empty() {
+            if let Some(old) = netlink::index(bridge) {
+                let _ = s.delete_link(old);
+            }
+        }
         match s.create_bridge(bridge) {
             Ok(()) => info!(bridge = %bridge, subnet = %self.cfg.subnet, "bridge created"),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -472,6 +482,24 @@ impl Network {
             }
         }
         st.vips = want;
+    }
+}
+
+/// Refuses a device port a process of the device listens on: a forward
+/// would take its connections away from it silently (Docker's proxy fails
+/// the start the same way).
+fn host_port_free(p: &Publish) -> Result<(), String> {
+    let taken = match p.protocol {
+        baton_protocol::spec::PortProtocol::Tcp => std::net::TcpListener::bind(("0.0.0.0", p.host_port)).err(),
+        baton_protocol::spec::PortProtocol::Udp => std::net::UdpSocket::bind(("0.0.0.0", p.host_port)).err(),
+    };
+    match taken {
+        Some(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(format!(
+            "device port {}/{} is in use by a process on the device; publish another port",
+            p.host_port,
+            proto(p)
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -94,6 +94,21 @@ pub fn render(bridge: &str, subnet: &Subnet, attached: &[Attached<'_>], services
     let _ = writeln!(t, "\t\tip saddr {subnet} ip daddr != {subnet} masquerade");
     let _ = writeln!(t, "\t\toifname \"{bridge}\" ip saddr 127.0.0.0/8 masquerade");
     let _ = writeln!(t, "\t\toifname \"{bridge}\" ip saddr {subnet} ct status dnat masquerade");
+    let _ = writeln!(t, "\t}}");
+    // From outside, only what is published (or answers) reaches a container:
+    // a host of the LAN that routes the subnet through the device gets no
+    // further. Containers connecting through the device (a service address,
+    // a published port, the gateway) meet `allow_from` here, before their
+    // source is masqueraded.
+    let _ = writeln!(t, "\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;");
+    let _ = writeln!(t, "\t\toifname \"{bridge}\" iifname != \"{bridge}\" ct state established,related accept");
+    let _ = writeln!(t, "\t\toifname \"{bridge}\" iifname != \"{bridge}\" ct status dnat accept");
+    let _ = writeln!(t, "\t\toifname \"{bridge}\" iifname != \"{bridge}\" drop");
+    for a in attached {
+        let Some(allowed) = &a.allowed else { continue };
+        let from = source_filter(allowed);
+        let _ = writeln!(t, "\t\tiifname \"{bridge}\" ip daddr {}{from} ct state new drop", a.address);
+    }
     let _ = writeln!(t, "\t}}\n}}");
 
     let _ = writeln!(t, "table bridge {bridge} {{}}\ndelete table bridge {bridge}\ntable bridge {bridge} {{");
@@ -104,17 +119,21 @@ pub fn render(bridge: &str, subnet: &Subnet, attached: &[Attached<'_>], services
         // the kernel's ephemeral range), from a container not allowed; the
         // answers to its own connections still reach it. (The bridge family
         // has no conntrack on many kernels, so the rule reads the packet.)
-        let from = if allowed.is_empty() {
-            String::new()
-        } else {
-            let list: Vec<String> = allowed.iter().map(Ipv4Addr::to_string).collect();
-            format!(" ip saddr != {{ {} }}", list.join(", "))
-        };
+        let from = source_filter(allowed);
         let _ = writeln!(t, "\t\tip daddr {}{from} tcp flags & (syn | ack) == syn drop", a.address);
         let _ = writeln!(t, "\t\tip daddr {}{from} udp dport < 32768 drop", a.address);
     }
     let _ = writeln!(t, "\t}}\n}}");
     t
+}
+
+/// ` ip saddr != { … }` for a list of allowed sources (nothing: none allowed).
+fn source_filter(allowed: &[Ipv4Addr]) -> String {
+    if allowed.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = allowed.iter().map(Ipv4Addr::to_string).collect();
+    format!(" ip saddr != {{ {} }}", list.join(", "))
 }
 
 #[cfg(test)]
@@ -163,6 +182,8 @@ mod tests {
         assert!(text.contains("ip daddr 10.88.0.3 ip saddr != { 10.88.0.2 } tcp flags & (syn | ack) == syn drop"));
         assert!(text.contains("ip daddr 10.88.0.4 tcp flags & (syn | ack) == syn drop"), "{text}");
         assert!(!text.contains("ip daddr 10.88.0.2 "), "an open workload gets no rule: {text}");
+        assert!(text.contains("iifname \"baton0\" ip daddr 10.88.0.3 ip saddr != { 10.88.0.2 } ct state new drop"));
+        assert!(text.contains("oifname \"baton0\" iifname != \"baton0\" drop"), "{text}");
         assert_eq!(text.matches('{').count(), text.matches('}').count());
     }
 }

@@ -138,6 +138,28 @@ impl LibcontainerRuntime {
             None => Err(RuntimeError::NotFound(id.to_string())),
         }
     }
+
+    /// What the shim's records say of `id`.
+    fn read_state(&self, id: &str) -> Result<ContainerState, RuntimeError> {
+        validate_id(id)?;
+        let bundle = self.layout.container(id);
+        if let Some(exit) = read_json::<ExitStatus>(&bundle.join(files::EXIT)) {
+            return Ok(ContainerState::Exited(exit));
+        }
+        if !bundle.exists() {
+            return Ok(ContainerState::Missing);
+        }
+        if self.live_shim(id).is_some() {
+            if let Some(running) = read_json::<Running>(&self.run_state(id).join(files::RUNNING)) {
+                return Ok(ContainerState::Running(running));
+            }
+        }
+        // The shim may have written its exit record between our two reads.
+        Ok(match read_json::<ExitStatus>(&bundle.join(files::EXIT)) {
+            Some(exit) => ContainerState::Exited(exit),
+            None => ContainerState::Lost,
+        })
+    }
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
@@ -247,24 +269,16 @@ impl ContainerRuntime for LibcontainerRuntime {
     }
 
     fn state(&self, id: &str) -> Result<ContainerState, RuntimeError> {
-        validate_id(id)?;
-        let bundle = self.layout.container(id);
-        if let Some(exit) = read_json::<ExitStatus>(&bundle.join(files::EXIT)) {
-            return Ok(ContainerState::Exited(exit));
+        let state = self.read_state(id)?;
+        // A container that has ended gives its address, port forwards and
+        // names back at once (its instance stays for its log and exit code;
+        // a restart is a new instance with a network of its own).
+        if let (Some(net), ContainerState::Exited(_) | ContainerState::Lost | ContainerState::Missing) =
+            (&self.net, &state)
+        {
+            net.detach(id);
         }
-        if !bundle.exists() {
-            return Ok(ContainerState::Missing);
-        }
-        if self.live_shim(id).is_some() {
-            if let Some(running) = read_json::<Running>(&self.run_state(id).join(files::RUNNING)) {
-                return Ok(ContainerState::Running(running));
-            }
-        }
-        // The shim may have written its exit record between our two reads.
-        Ok(match read_json::<ExitStatus>(&bundle.join(files::EXIT)) {
-            Some(exit) => ContainerState::Exited(exit),
-            None => ContainerState::Lost,
-        })
+        Ok(state)
     }
 
     fn stop(&self, id: &str) -> Result<(), RuntimeError> {

@@ -182,6 +182,15 @@ impl Controller {
         }
         let schedule = self.compute_schedule(st, facts);
         let applied: Vec<String> = results.iter().map(|r| r.name.clone()).collect();
+        // A name in allow_from that is no workload (a typo) would shut out every client: said.
+        for r in &mut results {
+            let Some(names) = st.workloads.get(&r.name).and_then(|e| e.manifest.allow_from.as_ref()) else { continue };
+            let unknown: Vec<&str> =
+                names.iter().filter(|n| !st.workloads.contains_key(*n)).map(String::as_str).collect();
+            if !unknown.is_empty() && r.note.is_none() {
+                r.note = Some(format!("allow_from names {}, which is no workload (yet)", unknown.join(", ")));
+            }
+        }
         if let Some(clash) = crate::desired::port_clash(&st.workloads, &schedule, &applied) {
             return Err(OpError::Invalid(clash));
         }

@@ -407,7 +407,7 @@ pub fn spec_changes(before: &WorkloadSpec, after: &WorkloadSpec) -> Vec<String> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use baton_protocol::spec::{NetworkMode, Resources, RestartPolicy, User};
+    use baton_protocol::spec::{NetworkMode, PortProtocol, Publish, Resources, RestartPolicy, User};
 
     #[test]
     fn a_two_line_manifest_gets_every_default() {
@@ -514,6 +514,30 @@ image: reg/other:1
             ("name: a\nimage: x\nuses: [a]\n", "another workload", "uses[0]", 1),
             ("name: a\nimage: x\nfiles: [{path: etc/x, content: y}]\n", "absolute file path", "files[0].path", 1),
             ("name: a\nimage: x\nfiles: [{path: /x, content: y, mode: rw}]\n", "octal", "files[0].mode", 1),
+            ("name: a\nimage: x\nports: [{name: h, port: 80, publish: 8080}]\n", "network: bridge", "ports[0].publish", 1),
+            (
+                "name: a\nimage: x\nnetwork: bridge\nports: [{name: h, port: 80, publish: 8080}, {name: i, port: 81, publish: 8080}]\n",
+                "published twice",
+                "ports[1].publish",
+                1,
+            ),
+            ("name: a\nimage: x\nports: [{name: h, port: 0}]\n", "1 to 65535", "ports[0].port", 1),
+            ("name: a\nimage: x\nports: [{name: h, port: 80}, {name: h, port: 81}]\n", "two ports", "ports[1].name", 1),
+            (
+                "name: a\nimage: x\nnetwork: bridge\nresources: {network: {egress: fast}}\n",
+                "500kbit",
+                "resources.network.egress",
+                1,
+            ),
+            (
+                "name: a\nimage: x\nnetwork: bridge\nresources: {network: {ingress: 4000gbit}}\n",
+                "100gbit maximum",
+                "resources.network.ingress",
+                1,
+            ),
+            ("name: a\nimage: x\nresources: {network: {egress: 2mbit}}\n", "network: bridge", "resources.network", 1),
+            ("name: a\nimage: x\nallow_from: [web]\n", "network: bridge", "allow_from", 1),
+            ("name: a\nimage: x\nnetwork: bridge\nallow_from: [Web]\n", "a-z 0-9", "allow_from[0]", 1),
         ];
         for (yaml, message, field, doc) in cases {
             let e = parse("bad.yaml", yaml).expect_err(yaml);
@@ -553,6 +577,26 @@ image: reg/other:1
         for yaml in blocks {
             parse("README.md", yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
         }
+    }
+
+    #[test]
+    fn a_bridged_manifest_translates() {
+        let v = &parse(
+            "b.yaml",
+            "name: api\nimage: x\nnetwork: bridge\nports: [{name: http, port: 80, publish: 8080}, {name: dns, port: 53, protocol: udp, publish: 5353}]\nresources: {network: {egress: 2mbit, ingress: 1.5mbit}}\nallow_from: [web]\n",
+        )
+        .expect("valid")[0];
+        let c = &v.spec.container;
+        assert_eq!(c.network, NetworkMode::Bridge);
+        assert_eq!(
+            c.publish,
+            vec![
+                Publish { host_port: 8080, port: 80, protocol: PortProtocol::Tcp },
+                Publish { host_port: 5353, port: 53, protocol: PortProtocol::Udp }
+            ]
+        );
+        assert_eq!((c.bandwidth.egress_bps, c.bandwidth.ingress_bps), (2_000_000, 1_500_000));
+        assert_eq!(c.allow_from, Some(vec!["web".to_string()]));
     }
 
     #[test]

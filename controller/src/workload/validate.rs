@@ -190,8 +190,14 @@ fn volumes(m: &Manifest) -> Checked<Vec<Mount>> {
 
 /// `network` and `ports[i]`.
 fn network(m: &Manifest) -> Checked<(NetworkMode, Vec<Port>)> {
-    let mut ports = Vec::new();
+    let mut ports: Vec<Port> = Vec::new();
     for (i, p) in m.ports.iter().enumerate() {
+        if p.port == 0 {
+            return bad(format!("ports[{i}].port"), "must be a port number from 1 to 65535");
+        }
+        if ports.iter().any(|q| q.name == p.name) {
+            return bad(format!("ports[{i}].name"), format!("{:?} names two ports; give each its own name", p.name));
+        }
         let protocol = match p.protocol.as_deref() {
             None | Some("tcp") => PortProtocol::Tcp,
             Some("udp") => PortProtocol::Udp,
@@ -217,7 +223,7 @@ fn bridge(m: &Manifest) -> Checked<(Vec<Publish>, Bandwidth)> {
         if !bridged {
             return bad(
                 format!("ports[{i}].publish"),
-                "publishing forwards a device port to a bridged container (network: bridge); on the host's network the port is the device's already",
+                "publishing forwards a device port to a bridged container: it needs network: bridge (on the host's network the port is the device's already)",
             );
         }
         if host_port == 0 {
@@ -236,8 +242,9 @@ fn bridge(m: &Manifest) -> Checked<(Vec<Publish>, Bandwidth)> {
         match v.as_deref() {
             None => Ok(0),
             Some(s) => match parse_rate(s) {
-                Some(bps) if bps >= 8_000 => Ok(bps),
-                Some(_) => bad(field, format!("{s:?} is below the 8kbit minimum")),
+                Some(bps) if (8_000..=100_000_000_000).contains(&bps) => Ok(bps),
+                Some(bps) if bps < 8_000 => bad(field, format!("{s:?} is below the 8kbit minimum")),
+                Some(_) => bad(field, format!("{s:?} is above the 100gbit maximum")),
                 None => bad(field, format!("{s:?}: write bits per second with a unit: 500kbit, 2mbit, 1gbit")),
             },
         }

@@ -554,8 +554,13 @@ pub(super) fn baton_extension(v: &Value, field: &str, m: &mut Manifest) -> Check
                 m.allow_privilege_escalation = serde_yaml::from_value(val.clone()).map_err(parse_err)?
             }
             "liveness" => m.liveness = Some(serde_yaml::from_value(val.clone()).map_err(parse_err)?),
+            "allow_from" => m.allow_from = Some(serde_yaml::from_value(val.clone()).map_err(parse_err)?),
+            "bandwidth" => m.resources.network = Some(serde_yaml::from_value(val.clone()).map_err(parse_err)?),
             "replicas" => return bad(at, "write it as deploy.replicas"),
-            other => return bad(at, format!("{other:?} is not a Baton setting x-baton takes")),
+            other => return bad(
+                at,
+                format!("{other:?} is not a Baton setting x-baton takes (it takes placement, rollout, health_deadline, secrets, files, uses, restart_backoff_cap, allow_privilege_escalation, liveness, allow_from, bandwidth)"),
+            ),
         }
     }
     Ok(())
