@@ -196,7 +196,10 @@ fn from_v1(w: WorkloadV1) -> WorkloadSpec {
             backoff_cap_s: c.backoff_cap_s,
             mounts: c.mounts,
             devices: c.devices,
-            network: c.network,
+            // Bridge travels only in the extension: one said in the 1.4
+            // layout (no 1.x encoder writes it there) reads as none, so
+            // what is read encodes back to the same bytes.
+            network: if c.network == NetworkMode::Bridge { NetworkMode::None } else { c.network },
             ports: c.ports,
             read_only_rootfs: c.read_only_rootfs,
             security: c.security,
@@ -295,6 +298,23 @@ mod tests {
             (read.user_name.as_deref(), read.allow_privilege_escalation, read.bridge),
             (Some("app"), true, false)
         );
+    }
+
+    #[test]
+    fn bridge_said_in_the_1_4_layout_reads_as_none_and_round_trips() {
+        // Found by fuzzing: two workloads of one name, the second bridged in
+        // its 1.4 layout, came back with the first one bridged.
+        let mut w = WorkloadV1 { name: "a".into(), ..Default::default() };
+        let plain = w.clone();
+        w.container.network = NetworkMode::Bridge;
+        let d = DesiredV1 { generation: 1, workloads: vec![plain, w], ..Default::default() };
+        let read = Desired::try_from(d).unwrap();
+        assert!(read
+            .workloads
+            .iter()
+            .all(|w| w.container.network == NetworkMode::None || w.container.network == NetworkMode::Host));
+        let again = Desired::try_from(DesiredV1::from(read.clone())).unwrap();
+        assert_eq!(again, read);
     }
 
     #[test]
