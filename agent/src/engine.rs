@@ -170,8 +170,14 @@ fn service_env_name(service: &str, port: &str) -> String {
 }
 
 /// One line per endpoint: `ADDRESS:PORT PORT_NAME DEVICE`.
+/// Port 0: an endpoint reachable on its own device only (a bridged
+/// instance's unpublished port); routed by `net`, not listed.
 fn service_file(s: &ServiceEndpoints) -> String {
-    s.endpoints.iter().map(|e| format!("{}:{} {} {}\n", e.address, e.port, e.port_name, e.device)).collect()
+    s.endpoints
+        .iter()
+        .filter(|e| e.port != 0)
+        .map(|e| format!("{}:{} {} {}\n", e.address, e.port, e.port_name, e.device))
+        .collect()
 }
 
 impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
@@ -286,7 +292,7 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
         });
         for s in used {
             let mut by_port: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-            for e in &s.endpoints {
+            for e in s.endpoints.iter().filter(|e| e.port != 0) {
                 by_port.entry(&e.port_name).or_default().push(format!("{}:{}", e.address, e.port));
             }
             for (port, addrs) in by_port {

@@ -114,15 +114,16 @@ pub fn endpoints(
             if let Some(s) = spec {
                 for p in &s.container.ports {
                     // A bridged instance is reached at the device port
-                    // published to it; a port it does not publish is not
-                    // reachable at the device's address.
+                    // published to it; a port it does not publish is
+                    // reachable on its own device only (port 0: bridged
+                    // consumers there reach it by the service's name).
                     let port = match s.container.network {
-                        NetworkMode::Bridge => {
-                            match s.container.publish.iter().find(|q| q.port == p.port && q.protocol == p.protocol) {
-                                Some(q) => q.host_port,
-                                None => continue,
-                            }
-                        }
+                        NetworkMode::Bridge => s
+                            .container
+                            .publish
+                            .iter()
+                            .find(|q| q.port == p.port && q.protocol == p.protocol)
+                            .map_or(0, |q| q.host_port),
                         _ => p.port,
                     };
                     endpoints.push(Endpoint {

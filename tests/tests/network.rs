@@ -77,14 +77,22 @@ fn bridged_workloads_get_addresses_names_nat_published_ports_and_policies_and_le
         "api.yaml",
         &server("api", 80, "from-api", "ports: [{name: http, port: 80, publish: 8080}]\n"),
     );
-    apply_yaml(&server_url, &world, "web.yaml", &server("web", 80, "from-web", ""));
+    // web uses db, whose port is not published: reached by name on the device.
+    apply_yaml(&server_url, &world, "web.yaml", &server("web", 80, "from-web", "uses: [db]\n"));
+    apply_yaml(
+        &server_url,
+        &world,
+        "db.yaml",
+        "name: db\nimage: busybox:net\nnetwork: bridge\nports: [{name: pg, port: 5432}]\nreadiness: {tcp: 5432}\n\
+         command: [/bin/sh, -c, \"while true; do echo db-here | nc -l -p 5432; done\"]\nrollout: {min_ready: 1}\n",
+    );
     apply_yaml(
         &server_url,
         &world,
         "guarded.yaml",
         &server("guarded", 80, "from-guarded", "allow_from: [web]\nports: [{name: http, port: 80, publish: 8081}]\n"),
     );
-    for name in ["api", "web", "guarded"] {
+    for name in ["api", "web", "guarded", "db"] {
         wait_for(&format!("{name} healthy (its tcp probe reaches its own address)"), Duration::from_secs(60), || {
             settled(&server_url, name, 1, 1)
         });
@@ -109,6 +117,15 @@ fn bridged_workloads_get_addresses_names_nat_published_ports_and_policies_and_le
     assert!(ok && page.contains("from-api"), "{page}");
     let (ok, page) = exec(&server_url, "web", &get("guarded"));
     assert!(ok && page.contains("from-guarded"), "web is allowed: {page}");
+    // A service it uses, by name, on a port that is not published.
+    let page = wait_for("web reaching db by name", Duration::from_secs(20), || {
+        let (ok, out) = exec(&server_url, "web", "nc -w 3 db 5432 < /dev/null");
+        (ok && out.contains("db-here")).then_some(out)
+    });
+    assert!(page.contains("db-here"));
+    // No IPv6 in a bridged container: link-local addresses would go around the rules.
+    let (_, v6) = exec(&server_url, "web", "cat /proc/sys/net/ipv6/conf/all/disable_ipv6");
+    assert_eq!(v6.trim(), "1", "{v6}");
     // The policy: api is not on guarded's list, its connection fails.
     let (ok, page) = exec(&server_url, "api", &get("guarded"));
     assert!(!ok && !page.contains("from-guarded"), "api reached guarded: {page}");
@@ -176,6 +193,12 @@ fn bridged_workloads_get_addresses_names_nat_published_ports_and_policies_and_le
     assert!(why.contains("device port 9099/tcp is in use by a process on the device"), "{why}");
     let _ = squatter.kill();
     let _ = squatter.wait();
+    // The other way round: a published port is held, a process of the device
+    // that wants it later is told it is in use.
+    let late =
+        Command::new("nsenter").args(ns.enter()).args(["busybox", "nc", "-l", "-p", "8080"]).output().expect("nc");
+    assert!(!late.status.success(), "a device process took api's published port");
+    assert!(String::from_utf8_lossy(&late.stderr).contains("in use"), "{}", String::from_utf8_lossy(&late.stderr));
     let (ok, _, err) = baton_cli(&server_url, &["delete", "workload", "steal"]);
     assert!(ok, "{err}");
 
@@ -219,7 +242,7 @@ fn bridged_workloads_get_addresses_names_nat_published_ports_and_policies_and_le
 
     // Deleted: nothing of them is left on the device.
     assert!(device_links(&ns).iter().any(|l| l.starts_with("bt")), "no veths while running?");
-    for name in ["api", "web", "guarded"] {
+    for name in ["api", "web", "guarded", "db"] {
         let (ok, _, err) = baton_cli(&server_url, &["delete", "workload", name]);
         assert!(ok, "{err}");
     }

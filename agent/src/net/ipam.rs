@@ -111,7 +111,7 @@ impl Leases {
             return Ok(ip);
         }
         let free = subnet.hosts().find(|ip| !self.by_address.contains_key(ip)).ok_or_else(|| {
-            format!("no free address left in {subnet} ({} containers hold one)", self.by_address.len())
+            format!("no free address left in {subnet} ({} in use by containers and services)", self.by_address.len())
         })?;
         self.by_address.insert(free, id.to_string());
         Ok(free)
@@ -124,7 +124,7 @@ impl Leases {
             return Ok(ip);
         }
         let free = subnet.hosts().rev().find(|ip| !self.by_address.contains_key(ip)).ok_or_else(|| {
-            format!("no free address left in {subnet} ({} containers hold one)", self.by_address.len())
+            format!("no free address left in {subnet} ({} in use by containers and services)", self.by_address.len())
         })?;
         self.by_address.insert(free, id.to_string());
         Ok(free)

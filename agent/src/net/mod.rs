@@ -90,6 +90,10 @@ struct State {
     bridge_ready: bool,
     /// Service addresses put on the bridge.
     vips: BTreeSet<Ipv4Addr>,
+    /// Sockets bound to each container's published ports, held while it
+    /// runs: a process of the device that starts listening later is told
+    /// the port is in use, instead of losing its connections to the forward.
+    held: BTreeMap<String, Vec<std::os::fd::OwnedFd>>,
     /// The ruleset last loaded (reloaded only when it changes).
     loaded: Option<String>,
 }
@@ -165,7 +169,14 @@ impl Network {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Record>(&b).ok());
             if let Some(r) = record {
-                self.lock().records.insert(id, r);
+                let mut st = self.lock();
+                let held = r
+                    .publish
+                    .iter()
+                    .filter_map(|p| hold_port(p).map_err(|e| warn!(container = %id, error = %e, "published port")).ok())
+                    .collect();
+                st.held.insert(id.clone(), held);
+                st.records.insert(id, r);
             }
         }
         let mut st = self.lock();
@@ -256,10 +267,9 @@ impl Network {
                 ));
             }
         }
-        for p in &spec.publish {
-            host_port_free(p)?;
-        }
+        let held = spec.publish.iter().map(hold_port).collect::<Result<Vec<_>, _>>()?;
         let address = st.leases.lease(&self.cfg.subnet, id)?;
+        st.held.insert(id.to_string(), held);
         let wired = self.save_leases(&st).and_then(|()| self.ensure_bridge(&mut st)).and_then(|()| {
             let record = Record {
                 workload,
@@ -295,6 +305,7 @@ impl Network {
     pub fn detach(&self, id: &str) {
         let mut st = self.lock();
         let had_record = st.records.remove(id).is_some();
+        st.held.remove(id);
         let had_lease = st.leases.release(id);
         let dir = self.dir(id);
         if !had_record && !had_lease && !dir.exists() {
@@ -409,8 +420,10 @@ impl Network {
                         for e in s.endpoints.iter().filter(|e| e.port_name == p.name) {
                             // Here: straight to the container, when it is bridged.
                             let local = (e.device == self.device).then(|| by_workload(&s.name)).flatten();
+                            // Port 0: not published, reachable on its own device only.
                             let to = match local {
                                 Some(r) => Some((r.address, p.port)),
+                                None if e.port == 0 => None,
                                 None => e.address.parse::<Ipv4Addr>().ok().map(|ip| (ip, e.port)),
                             };
                             if let Some(to) = to.filter(|to| !backends.contains(to)) {
@@ -485,22 +498,43 @@ impl Network {
     }
 }
 
-/// Refuses a device port a process of the device listens on: a forward
-/// would take its connections away from it silently (Docker's proxy fails
-/// the start the same way).
-fn host_port_free(p: &Publish) -> Result<(), String> {
-    let taken = match p.protocol {
-        baton_protocol::spec::PortProtocol::Tcp => std::net::TcpListener::bind(("0.0.0.0", p.host_port)).err(),
-        baton_protocol::spec::PortProtocol::Udp => std::net::UdpSocket::bind(("0.0.0.0", p.host_port)).err(),
+/// Binds (without listening) a socket to a published port of the device,
+/// held while the container runs, as Docker's proxy holds it: a port a
+/// process of the device listens on is refused (the forward would take its
+/// connections away silently), and one that tries later is told it is in use.
+fn hold_port(p: &Publish) -> Result<std::os::fd::OwnedFd, String> {
+    use std::os::fd::FromRawFd;
+    let kind = match p.protocol {
+        baton_protocol::spec::PortProtocol::Tcp => libc::SOCK_STREAM,
+        baton_protocol::spec::PortProtocol::Udp => libc::SOCK_DGRAM,
     };
-    match taken {
-        Some(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(format!(
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_in is valid: 0.0.0.0, the port set below.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    addr.sin_family = libc::AF_INET as libc::sa_family_t;
+    addr.sin_port = p.host_port.to_be();
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_in of `len` bytes.
+    let r =
+        unsafe { libc::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr as *const _ as *const libc::sockaddr, len) };
+    if r == 0 {
+        return Ok(fd);
+    }
+    let e = std::io::Error::last_os_error();
+    Err(match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
             "device port {}/{} is in use by a process on the device; publish another port",
             p.host_port,
             proto(p)
-        )),
-        _ => Ok(()),
-    }
+        ),
+        _ => format!("device port {}/{}: {e}", p.host_port, proto(p)),
+    })
 }
 
 fn proto(p: &Publish) -> &'static str {
@@ -582,8 +616,13 @@ fn wire_namespace(netns: &Path, host_if: &str, master: u32, address: Ipv4Addr, s
         None::<&str>,
     )
     .map_err(std::io::Error::from)?;
+    // No IPv6 inside: the rules are IPv4's, and link-local IPv6 between
+    // containers would go around them (`allow_from`, unpublished ports).
+    for knob in ["all", "default"] {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6"), "1");
+    }
     let ns = std::fs::File::open(netns)?;
-    host.create_veth(host_if, master, "eth0", ns.as_raw_fd())?;
+    host.create_veth(host_if, master, "eth0", ns.as_raw_fd(), mac_of(address))?;
     let mut inner = netlink::Socket::open()?;
     let lo = netlink::index("lo").ok_or_else(|| std::io::Error::other("no lo in the new namespace"))?;
     let eth0 = netlink::index("eth0").ok_or_else(|| std::io::Error::other("eth0 did not arrive"))?;
@@ -600,6 +639,14 @@ fn delete_link(name: &str) {
             warn!(link = name, error = %e, "cannot delete a veth");
         }
     }
+}
+
+/// A container's MAC address, made from its IPv4 address (locally
+/// administered, as Docker does): an address that passes to a new instance
+/// keeps its MAC, so neighbours' ARP caches stay right.
+fn mac_of(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x62, o[0], o[1], o[2], o[3]]
 }
 
 /// Loads a ruleset (`nft -f -`).

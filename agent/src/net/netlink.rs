@@ -24,6 +24,7 @@ const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 
+const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
@@ -223,8 +224,16 @@ impl Socket {
     }
 
     /// Creates a veth pair, both ends up: `host` here, attached to the
-    /// bridge `master`; `peer` in the namespace `peer_netns`.
-    pub fn create_veth(&mut self, host: &str, master: u32, peer: &str, peer_netns: RawFd) -> io::Result<()> {
+    /// bridge `master`; `peer` in the namespace `peer_netns`, with the MAC
+    /// address `peer_mac`.
+    pub fn create_veth(
+        &mut self,
+        host: &str,
+        master: u32,
+        peer: &str,
+        peer_netns: RawFd,
+        peer_mac: [u8; 6],
+    ) -> io::Result<()> {
         let mut m = Msg::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL).ifinfo(0, IFF_UP, IFF_UP);
         m.attr_str(IFLA_IFNAME, host).attr_u32(IFLA_MASTER, master);
         let info = m.begin(IFLA_LINKINFO);
@@ -232,7 +241,7 @@ impl Socket {
         let data = m.begin(IFLA_INFO_DATA);
         let peer_info = m.begin(VETH_INFO_PEER);
         m.ifinfo_raw(0, 0, 0);
-        m.attr_str(IFLA_IFNAME, peer).attr_u32(IFLA_NET_NS_FD, peer_netns as u32);
+        m.attr_str(IFLA_IFNAME, peer).attr_u32(IFLA_NET_NS_FD, peer_netns as u32).attr(IFLA_ADDRESS, &peer_mac);
         m.end(peer_info);
         m.end(data);
         m.end(info);

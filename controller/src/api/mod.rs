@@ -314,7 +314,11 @@ async fn apply_workloads(
         let images: Vec<String> = validated.iter().map(|v| v.spec.image.clone()).collect();
         c.apply_workloads(validated, now_ms(), &scope).map(|mut results| {
             for ((r, pinned), image) in results.iter_mut().zip(pinned).zip(images) {
-                r.note = pinned.note;
+                // The apply's own note (allow_from names no workload…) stays.
+                r.note = match (pinned.note, r.note.take()) {
+                    (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                    (a, b) => a.or(b),
+                };
                 let Some(platforms) = pinned.platforms else { continue };
                 let lacking = c.devices_without_platform(&r.name, &platforms, now_ms(), &scope);
                 if !lacking.is_empty() {
