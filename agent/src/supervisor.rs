@@ -58,9 +58,15 @@ pub fn container_id(name: &str, instance: u32) -> String {
     format!("{name}-{instance}")
 }
 
+/// The workload and instance number of a container id (`container_id`'s inverse).
+pub fn parse_container_id(id: &str) -> Option<(&str, u32)> {
+    let (name, instance) = id.rsplit_once('-')?;
+    Some((name, instance.parse().ok()?))
+}
+
 /// The instance number of `id` if it belongs to workload `name`.
 fn instance_of(name: &str, id: &str) -> Option<u32> {
-    id.strip_prefix(name)?.strip_prefix('-')?.parse().ok()
+    parse_container_id(id).filter(|(n, _)| *n == name).map(|(_, i)| i)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

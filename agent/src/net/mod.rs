@@ -115,7 +115,7 @@ pub struct Network {
 
 /// The workload a container id (`NAME-INSTANCE`) belongs to.
 pub fn workload_of(id: &str) -> &str {
-    id.rsplit_once('-').map_or(id, |(name, _)| name)
+    crate::supervisor::parse_container_id(id).map_or(id, |(name, _)| name)
 }
 
 impl Network {
@@ -262,7 +262,7 @@ impl Network {
                 return Err(format!(
                     "host port {}/{} is published by workload {} on this device",
                     p.host_port,
-                    proto(p),
+                    rules::proto(p.protocol),
                     r.workload
                 ));
             }
@@ -531,21 +531,14 @@ fn hold_port(p: &Publish) -> Result<std::os::fd::OwnedFd, String> {
         std::io::ErrorKind::AddrInUse => format!(
             "device port {}/{} is in use by a process on the device; publish another port",
             p.host_port,
-            proto(p)
+            rules::proto(p.protocol)
         ),
-        _ => format!("device port {}/{}: {e}", p.host_port, proto(p)),
+        _ => format!("device port {}/{}: {e}", p.host_port, rules::proto(p.protocol)),
     })
 }
 
-fn proto(p: &Publish) -> &'static str {
-    match p.protocol {
-        baton_protocol::spec::PortProtocol::Tcp => "tcp",
-        baton_protocol::spec::PortProtocol::Udp => "udp",
-    }
-}
-
 fn instance(id: &str) -> u32 {
-    id.rsplit_once('-').and_then(|(_, n)| n.parse().ok()).unwrap_or(0)
+    crate::supervisor::parse_container_id(id).map_or(0, |(_, n)| n)
 }
 
 /// Rewrites a bind-mounted file in place (a rename would leave the
@@ -684,9 +677,9 @@ fn tc(netns: Option<&Path>, dev: &str, bps: u64) -> Result<(), String> {
         .args(["rate", &format!("{bps}bit"), "burst", &format!("{burst}b"), "latency", "100ms"])
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    if let Some(path) = netns {
-        let ns = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let fd = ns.as_raw_fd();
+    // Held open until the child has run (its fd is what the child joins).
+    let ns = netns.map(|path| std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))).transpose()?;
+    if let Some(fd) = ns.as_ref().map(AsRawFd::as_raw_fd) {
         // SAFETY: setns(2) is async-signal-safe; the fd stays open until the child execs.
         unsafe {
             cmd.pre_exec(move || {
@@ -696,22 +689,12 @@ fn tc(netns: Option<&Path>, dev: &str, bps: u64) -> Result<(), String> {
                 Ok(())
             });
         }
-        let out = cmd.output().map_err(|e| tc_error(&e))?;
-        drop(ns);
-        return tc_result(out, dev);
     }
-    let out = cmd.output().map_err(|e| tc_error(&e))?;
-    tc_result(out, dev)
-}
-
-fn tc_error(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::NotFound => "bandwidth limits need the tc tool (Debian: apt install iproute2)".into(),
+    let out = cmd.output().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "bandwidth limits need the tc tool (Debian: apt install iproute2)".to_string(),
         _ => format!("run tc: {e}"),
-    }
-}
-
-fn tc_result(out: std::process::Output, dev: &str) -> Result<(), String> {
+    })?;
+    drop(ns);
     if out.status.success() {
         Ok(())
     } else {

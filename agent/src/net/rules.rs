@@ -36,7 +36,7 @@ pub struct ServicePort {
     pub backends: Vec<(Ipv4Addr, u16)>,
 }
 
-fn proto(p: PortProtocol) -> &'static str {
+pub(super) fn proto(p: PortProtocol) -> &'static str {
     match p {
         PortProtocol::Tcp => "tcp",
         PortProtocol::Udp => "udp",
