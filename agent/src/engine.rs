@@ -54,6 +54,8 @@ pub struct EngineHandle {
     pub reports: tokio::sync::watch::Receiver<Report>,
     /// For operators' `exec` (run off the engine thread, which must keep ticking).
     pub runtime: Option<Arc<dyn ContainerRuntime + Send + Sync>>,
+    /// The engine's newest load samples, for heartbeats.
+    pub loads: crate::load::LoadBoard,
 }
 
 /// Owns the engine thread: [`EngineThread::shutdown`] (or a drop) stops it
@@ -96,6 +98,9 @@ pub struct Options {
     /// `run_dir/services`: one directory per consuming workload, bind-mounted
     /// read-only at `/run/baton/services` (None: no service discovery).
     pub services_dir: Option<PathBuf>,
+    /// Where the samples of workloads in `Desired::load_reports` go, for the
+    /// link's heartbeats.
+    pub loads: crate::load::LoadBoard,
 }
 
 pub struct Engine<R: ContainerRuntime, I: ImageSource> {
@@ -114,6 +119,9 @@ pub struct Engine<R: ContainerRuntime, I: ImageSource> {
     restarts: Vec<(String, tokio::sync::oneshot::Sender<bool>)>,
     /// The last report handed back, without usage.
     last: Option<Report>,
+    /// Whether the last step sampled loads (so the board is emptied once
+    /// when the document stops asking).
+    sampling: bool,
 }
 
 /// Starts the engine thread with the desired document persisted in
@@ -139,7 +147,8 @@ where
     let (tx, rx) = channel();
     let (report_tx, reports) =
         tokio::sync::watch::channel(Report { generation: initial.generation, ..Default::default() });
-    let options = Options { image_budget, proven_path: Some(proven_path), services_dir };
+    let loads = crate::load::LoadBoard::default();
+    let options = Options { image_budget, proven_path: Some(proven_path), services_dir, loads: loads.clone() };
     let mut engine = Engine::new(sup, images, initial, proven, options);
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
@@ -158,7 +167,7 @@ where
             }
         }
     })?;
-    Ok((EngineHandle { tx, reports, runtime: None }, EngineThread { stop, thread: Some(thread) }))
+    Ok((EngineHandle { tx, reports, runtime: None, loads }, EngineThread { stop, thread: Some(thread) }))
 }
 
 /// `BATON_SERVICE_<SERVICE>_<PORT>`: upper case, anything else than A-Z 0-9 → `_`.
@@ -196,6 +205,7 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
             next_gc_ms: 0,
             restarts: Vec::new(),
             last: None,
+            sampling: false,
         };
         engine.write_services();
         engine
@@ -237,7 +247,38 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
         let mut report =
             crate::step::report(self.desired.generation, status, &self.effective, &self.waits, &self.guard);
         report.addresses = self.sup.addresses();
+        self.sample_loads(&report.workloads, now);
         crate::step::changed(&mut self.last, &report).then_some(report)
+    }
+
+    /// Leaves the load of each workload the document asks about (running
+    /// ones) on the board: its usage from `status`, and what it says in
+    /// `/run/baton/load`.
+    fn sample_loads(&mut self, status: &[baton_protocol::WorkloadStatus], now: u64) {
+        if self.desired.load_reports.is_empty() && !self.sampling {
+            return;
+        }
+        self.sampling = !self.desired.load_reports.is_empty();
+        let samples = self
+            .desired
+            .load_reports
+            .iter()
+            .filter_map(|name| {
+                let st = status.iter().find(|s| &s.name == name && s.phase == baton_protocol::Phase::Running)?;
+                let id = self.sup.current_container(name)?;
+                let (_, instance) = crate::supervisor::parse_container_id(&id)?;
+                let said = self.sup.runtime().signal(&id, crate::load::LOAD_FILE);
+                Some(crate::load::LoadSample {
+                    workload: name.clone(),
+                    instance,
+                    cpu_ns: st.cpu_usage_ns,
+                    memory_bytes: st.memory_bytes,
+                    load_milli: said.as_deref().and_then(crate::load::parse_load),
+                    at_ms: now,
+                })
+            })
+            .collect();
+        crate::load::publish(&self.options.loads, samples);
     }
 
     /// Brings `services_dir/<consumer>/<service>` in line with the desired

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod image;
 pub mod join;
 pub mod link;
+pub mod load;
 pub mod lograte;
 pub mod net;
 pub mod node;

@@ -50,6 +50,8 @@ pub struct Link {
     boot_id: String,
     started_at: u64,
     heartbeat: HeartbeatSampler,
+    /// Each autoscaled workload's sample at the last heartbeat (CPU rates).
+    rates: crate::load::Rates,
     /// Generation of the desired document in force (persisted, handed to the engine).
     desired_generation: u64,
     /// The encoded document in force, to recognise a redelivery of it.
@@ -184,6 +186,7 @@ impl Link {
             boot_id,
             started_at: unix_now().as_secs(),
             heartbeat: HeartbeatSampler::default(),
+            rates: crate::load::Rates::default(),
             desired_generation: 0,
             desired_bytes,
             persisted: None,
@@ -354,7 +357,19 @@ impl Link {
     }
 
     fn send_heartbeat(&mut self) {
-        let hb = self.heartbeat.sample(&self.config.data_dir, self.applied_generation);
+        let mut hb = self.heartbeat.sample(&self.config.data_dir, self.applied_generation);
+        if let Some(e) = &self.engine {
+            hb.loads = self.rates.loads(&crate::load::read(&e.loads));
+            // Loads that would take it past its limit stay out (a device
+            // with dozens of autoscaled workloads): the heartbeat must go.
+            let before = hb.loads.len();
+            while !hb.loads.is_empty() && encode(&Message::Heartbeat(hb.clone())).is_err() {
+                hb.loads.pop();
+            }
+            if hb.loads.len() < before {
+                warn_limited!(self, "loads", left_out = before - hb.loads.len(), "loads left out of a full heartbeat");
+            }
+        }
         self.publish(TopicKind::Heartbeat, &Message::Heartbeat(hb));
     }
 

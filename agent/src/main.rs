@@ -97,6 +97,12 @@ struct SimCli {
     /// MQTT keepalive, seconds.
     #[arg(long, default_value_t = 30)]
     keepalive: u64,
+    /// NAME=SECS:MILLICPU,…: the workload's total demand over the run (from
+    /// SECS seconds on), shared by its running instances across the fleet,
+    /// as their CPU use and as the load they say they have (in CPUs); e.g.
+    /// web=0:500,60:4000,180:500 (repeatable).
+    #[arg(long = "load", value_parser = baton_agent::simulate::LoadWave::parse)]
+    load: Vec<baton_agent::simulate::LoadWave>,
     #[arg(long)]
     log_json: bool,
 }
@@ -380,6 +386,7 @@ fn simulate(args: SimCli) -> Result<(), Box<dyn std::error::Error>> {
             after: std::time::Duration::from_secs(args.offline_after),
             duration: (args.offline_for > 0).then(|| std::time::Duration::from_secs(args.offline_for)),
         }),
+        load: args.load,
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(baton_agent::simulate::run(cfg, shutdown_signal()))?;

@@ -62,6 +62,7 @@ impl HeartbeatSampler {
             temp_milli_c: cpu_temperature(Path::new("/sys/class/thermal")),
             applied_generation,
             unix_ms: crate::runtime::now_ms(),
+            loads: Vec::new(),
         }
     }
 }

@@ -50,6 +50,44 @@ pub struct SimConfig {
     /// The first `devices` go offline (a clean goodbye) `after` into the run,
     /// for `duration` (None: until the end), then reconnect.
     pub offline: Option<Offline>,
+    /// Demand on workloads, shared by their running instances across the
+    /// simulated fleet (see [`LoadWave`]).
+    pub load: Vec<LoadWave>,
+}
+
+/// A workload's total demand over the run, in thousandths of a CPU: from
+/// `steps[i].0` seconds into the run on, `steps[i].1` (0 before the first).
+/// Each started instance in the simulated fleet gets an equal share, as
+/// CPU use and as the load it says it has (in CPUs) — what a load balancer
+/// in front of them would make of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadWave {
+    pub workload: String,
+    pub steps: Vec<(u64, u64)>,
+}
+
+impl LoadWave {
+    /// `NAME=SECS:MILLI,SECS:MILLI…`, e.g. `web=0:500,60:4000,180:500`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (workload, steps) =
+            text.split_once('=').ok_or_else(|| format!("{text:?}: expected NAME=SECS:MILLICPU,…"))?;
+        let mut parsed = Vec::new();
+        for step in steps.split(',') {
+            let (at, milli) = step.split_once(':').ok_or_else(|| format!("{step:?}: expected SECS:MILLICPU"))?;
+            let at: u64 = at.trim().parse().map_err(|_| format!("{at:?}: not a number of seconds"))?;
+            let milli: u64 = milli.trim().parse().map_err(|_| format!("{milli:?}: not a number of millicpus"))?;
+            parsed.push((at, milli));
+        }
+        if !parsed.windows(2).all(|w| w[0].0 < w[1].0) {
+            return Err(format!("{text:?}: the times must increase"));
+        }
+        Ok(Self { workload: workload.trim().into(), steps: parsed })
+    }
+
+    /// The total demand `secs` into the run.
+    pub fn at(&self, secs: u64) -> u64 {
+        self.steps.iter().take_while(|(at, _)| *at <= secs).last().map_or(0, |(_, m)| *m)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +103,8 @@ struct SimDevice {
     reports: tokio::sync::watch::Sender<Report>,
     runtime: FakeRuntime,
     engine: Engine<FakeRuntime, FakeImages>,
+    /// The engine's load samples, which the link reads.
+    loads: crate::load::LoadBoard,
 }
 
 impl SimDevice {
@@ -93,10 +133,11 @@ impl SimDevice {
         let images = FakeImages { unhealthy: pick(&cfg.unhealthy_image) };
         let initial = crate::engine::load_desired(&config.data_dir).unwrap_or_default();
         let generation = initial.generation;
-        let options = Options { image_budget: u64::MAX, proven_path: None, services_dir: None };
+        let loads = crate::load::LoadBoard::default();
+        let options = Options { image_budget: u64::MAX, proven_path: None, services_dir: None, loads: loads.clone() };
         let engine = Engine::new(sup, images, initial, Vec::new(), options);
         let (reports, rx) = tokio::sync::watch::channel(Report { generation, ..Default::default() });
-        (Self { inputs, reports, runtime, engine }, rx)
+        (Self { inputs, reports, runtime, engine, loads }, rx)
     }
 
     /// Takes the device's inputs and runs one engine step; false once its link is gone.
@@ -121,10 +162,11 @@ async fn device_link(
     config: AgentConfig,
     tx: std::sync::mpsc::Sender<Input>,
     reports: tokio::sync::watch::Receiver<Report>,
+    loads: crate::load::LoadBoard,
     offline: Option<Offline>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let handle = || EngineHandle { tx: tx.clone(), reports: reports.clone(), runtime: None };
+    let handle = || EngineHandle { tx: tx.clone(), reports: reports.clone(), runtime: None, loads: loads.clone() };
     let Some(o) = offline else {
         let mut s = stop.clone();
         return Link::run(config, Some(handle()), async move {
@@ -160,6 +202,22 @@ async fn device_link(
     .await;
 }
 
+/// Gives each started instance of a loaded workload its share of the
+/// workload's demand now.
+fn share_load(waves: &[LoadWave], secs: u64, devices: &[SimDevice]) {
+    if waves.is_empty() {
+        return;
+    }
+    let started: Vec<_> = devices.iter().map(|d| d.runtime.started()).collect();
+    for w in waves {
+        let instances: usize = started.iter().filter_map(|s| s.get(&w.workload)).sum();
+        let share = w.at(secs) / instances.max(1) as u64;
+        for d in devices {
+            d.runtime.set_load(&w.workload, share);
+        }
+    }
+}
+
 /// Runs the simulated fleet until `shutdown` resolves.
 pub async fn run(cfg: SimConfig, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
     let mut devices = Vec::with_capacity(cfg.devices);
@@ -181,10 +239,11 @@ pub async fn run(cfg: SimConfig, shutdown: impl std::future::Future<Output = ()>
         }
         let (tx, inputs) = channel();
         let (device, reports) = SimDevice::new(&cfg, index, &config, inputs);
+        let loads = device.loads.clone();
         devices.push(device);
         let offline = cfg.offline.filter(|o| index < o.devices);
         let stop = stop_rx.clone();
-        links.spawn(device_link(config, tx, reports, offline, stop));
+        links.spawn(device_link(config, tx, reports, loads, offline, stop));
         // Connect at a pace the broker takes without a thundering herd.
         if index % 50 == 49 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -192,10 +251,13 @@ pub async fn run(cfg: SimConfig, shutdown: impl std::future::Future<Output = ()>
     }
     tracing::info!(devices = cfg.devices, prefix = %cfg.prefix, "simulated fleet started");
 
+    let waves = cfg.load.clone();
     let engine = std::thread::Builder::new().name("simulated-devices".into()).spawn(move || {
         let mut devices = devices;
+        let began = std::time::Instant::now();
         loop {
             let now = crate::runtime::now_ms();
+            share_load(&waves, began.elapsed().as_secs(), &devices);
             devices.retain_mut(|d| d.step(now));
             if devices.is_empty() {
                 return;
@@ -210,4 +272,20 @@ pub async fn run(cfg: SimConfig, shutdown: impl std::future::Future<Output = ()>
     // The links are gone, and with them the input channels: the thread ends.
     let _ = engine.join();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LoadWave;
+
+    #[test]
+    fn load_waves_parse_and_step() {
+        let w = LoadWave::parse("web=0:500,60:4000,180:500").unwrap();
+        assert_eq!(w.workload, "web");
+        assert_eq!([w.at(0), w.at(59), w.at(60), w.at(179), w.at(1000)], [500, 500, 4000, 4000, 500]);
+        assert_eq!(LoadWave::parse("web=10:100").unwrap().at(5), 0);
+        for bad in ["web", "web=10", "web=a:1", "web=1:x", "web=60:1,30:2"] {
+            assert!(LoadWave::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use baton_protocol::release::AgentTarget;
 use baton_protocol::spec::{NetworkMode, PortProtocol, WorkloadSpec};
 use baton_protocol::{Desired, Endpoint, ServiceEndpoints, ServicePort};
 
@@ -193,6 +192,8 @@ pub struct Composed {
     /// The ports those services declare (their newest revision's), for
     /// bridged consumers' service addresses.
     pub service_ports: Vec<ServicePort>,
+    /// Its autoscaled workloads, whose load its heartbeats carry.
+    pub load_reports: Vec<String>,
 }
 
 /// Every device's workloads and services under `schedule`: each workload at
@@ -258,11 +259,17 @@ pub fn compose(
                 })
             })
             .collect();
+        let load_reports = specs
+            .iter()
+            .filter(|s| workloads.get(&s.name).is_some_and(|e| e.manifest.autoscale.is_some()))
+            .map(|s| s.name.clone())
+            .collect();
         out.push(Composed {
             device: d.id.clone(),
             workloads: specs,
             services: services.into_values().collect(),
             service_ports,
+            load_reports,
         });
     }
     out
@@ -283,26 +290,14 @@ pub enum Issue {
 /// it is to get now, and the generation it says it has in force. A device
 /// ahead of the controller gets its document again past its generation:
 /// devices refuse anything numbered at or below what they have.
-pub fn issue(
-    last: Option<&Desired>,
-    composed: &[WorkloadSpec],
-    services: &[ServiceEndpoints],
-    service_ports: &[ServicePort],
-    agent: Option<&AgentTarget>,
-    applied: u64,
-) -> Issue {
+pub fn issue(last: Option<&Desired>, next: &Desired, applied: u64) -> Issue {
     let stored = last.map_or(0, |d| d.generation);
     let ahead = applied > stored;
     let unchanged = match last {
-        Some(d) => {
-            d.workloads == composed
-                && d.services == services
-                && d.service_ports == service_ports
-                && d.agent.as_ref() == agent
-                && !ahead
-        }
+        // Everything but the generation and when it was issued.
+        Some(d) => Desired { generation: next.generation, issued_ms: next.issued_ms, ..d.clone() } == *next && !ahead,
         // A rebuilt store does not empty a device it knows nothing of.
-        None => composed.is_empty() && agent.is_none(),
+        None => next.workloads.is_empty() && next.agent.is_none(),
     };
     if unchanged {
         return Issue::Unchanged;
@@ -314,6 +309,7 @@ pub fn issue(
 mod tests {
     use super::*;
     use crate::rollout::Rollout;
+    use baton_protocol::release::AgentTarget;
     use baton_protocol::spec::{ContainerSpec, Port, PortProtocol};
 
     fn spec(name: &str, revision: u64, ports: &[(&str, u16)]) -> WorkloadSpec {
@@ -491,28 +487,45 @@ mod tests {
             ),
         ];
         for (what, last, composed, applied, want) in table {
-            assert_eq!(issue(last.as_ref(), &composed, &[], &[], None, applied), want, "{what}");
+            let next = Desired { workloads: composed, ..Default::default() };
+            assert_eq!(issue(last.as_ref(), &next, applied), want, "{what}");
         }
-        let services = [ServiceEndpoints { name: "api".into(), ..Default::default() }];
+        let next = |d: Desired| Desired { workloads: web.clone(), ..d };
+        let services = vec![ServiceEndpoints { name: "api".into(), ..Default::default() }];
         assert_eq!(
-            issue(Some(&doc(4, web.clone())), &web, &services, &[], None, 4),
+            issue(Some(&doc(4, web.clone())), &next(Desired { services, ..Default::default() }), 4),
             Issue::New { generation: 5, ahead: None },
             "a change of services alone is a new document"
         );
-        let ports = [ServicePort { service: "api".into(), name: "http".into(), port: 80, ..Default::default() }];
+        let service_ports =
+            vec![ServicePort { service: "api".into(), name: "http".into(), port: 80, ..Default::default() }];
         assert_eq!(
-            issue(Some(&doc(4, web.clone())), &web, &[], &ports, None, 4),
+            issue(Some(&doc(4, web.clone())), &next(Desired { service_ports, ..Default::default() }), 4),
             Issue::New { generation: 5, ahead: None },
             "a change of service ports alone is a new document"
         );
         let agent = AgentTarget { version: "2.0.0".into(), digest: vec![1; 32], size: 9, rollout: 1, downgrade: false };
         assert_eq!(
-            issue(Some(&doc(4, web.clone())), &web, &[], &[], Some(&agent), 4),
+            issue(Some(&doc(4, web.clone())), &next(Desired { agent: Some(agent.clone()), ..Default::default() }), 4),
             Issue::New { generation: 5, ahead: None },
             "an agent to run is a new document"
         );
         assert_eq!(
-            issue(None, &[], &[], &[], Some(&agent), 0),
+            issue(
+                Some(&doc(4, web.clone())),
+                &next(Desired { load_reports: vec!["web".into()], ..Default::default() }),
+                4
+            ),
+            Issue::New { generation: 5, ahead: None },
+            "a load to report is a new document"
+        );
+        assert_eq!(
+            issue(Some(&doc(4, web.clone())), &next(Desired { issued_ms: 99, ..Default::default() }), 4),
+            Issue::Unchanged,
+            "the time alone is no change"
+        );
+        assert_eq!(
+            issue(None, &Desired { agent: Some(agent), ..Default::default() }, 0),
             Issue::New { generation: 1, ahead: None },
             "a device without workloads still gets its agent"
         );

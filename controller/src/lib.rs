@@ -2,6 +2,7 @@
 //! thin `main` over it, and end-to-end tests drive the same code.
 
 pub mod api;
+pub mod autoscale;
 pub mod broker;
 pub mod cli;
 pub mod commands;

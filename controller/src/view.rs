@@ -231,6 +231,30 @@ pub struct WorkloadView {
     pub rollout: Option<RolloutView>,
     pub devices: Vec<WorkloadOnDevice>,
     pub manifest: crate::workload::Manifest,
+    /// The autoscaler's state (autoscaled workloads, in `describe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleView>,
+}
+
+/// An autoscaled workload: its range, count, what the load calls for now
+/// and the last decision (since the controller started).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AutoscaleView {
+    pub min: u32,
+    pub max: u32,
+    pub current: u32,
+    /// What the instances' load calls for now (None: no load reported yet).
+    pub recommended: Option<u32>,
+    pub reason: Option<String>,
+    pub last_decision: Option<ScaleDecision>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ScaleDecision {
+    pub at_ms: u64,
+    pub from: u32,
+    pub to: u32,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -252,6 +276,9 @@ pub struct WorkloadOnDevice {
     pub desired_revision: u64,
     /// What the device last reported for this workload (None: nothing yet).
     pub reported: Option<baton_protocol::WorkloadStatus>,
+    /// Its load at the device's last heartbeat (autoscaled workloads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<baton_protocol::WorkloadLoad>,
     /// Its container's address on the device's bridge (bridged workloads).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,

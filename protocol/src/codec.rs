@@ -87,7 +87,8 @@ impl MessageKind {
     pub fn max_size(self) -> usize {
         match self {
             Self::Presence => 1024,
-            Self::Heartbeat => 512,
+            // 512 B before 1.8; loads of autoscaled workloads take more.
+            Self::Heartbeat => 8 * 1024,
             Self::Inventory | Self::Command => 16 * 1024,
             Self::Report | Self::CommandResult => 64 * 1024,
             // Room for the signature wrapper around a desired document.
@@ -304,6 +305,7 @@ mod tests {
         temp_milli_c: Option<i32>,
         applied_generation: u64,
         unix_ms: u64,
+        loads: Vec<WorkloadLoad>,
         // Appended in the imaginary next minor:
         throttled: Option<u32>,
         zones: Vec<String>,
@@ -320,6 +322,7 @@ mod tests {
             temp_milli_c: Some(51_000),
             applied_generation: 3,
             unix_ms: 1_700_000_000_000,
+            loads: Vec::new(),
         }
     }
 
@@ -335,6 +338,7 @@ mod tests {
             temp_milli_c: Some(51_000),
             applied_generation: 3,
             unix_ms: 1_700_000_000_000,
+            loads: Vec::new(),
             throttled: Some(1),
             zones: vec!["cpu".into()],
         };
@@ -367,8 +371,8 @@ mod tests {
     #[test]
     fn oversize_is_refused_before_decoding() {
         let mut bytes = vec![PROTOCOL_MAJOR, PROTOCOL_MINOR, MessageKind::Heartbeat as u8];
-        bytes.resize(513, 0);
-        assert!(matches!(decode(&bytes), Err(DecodeError::TooLarge { max: 512, .. })));
+        bytes.resize(8 * 1024 + 1, 0);
+        assert!(matches!(decode(&bytes), Err(DecodeError::TooLarge { max: 8192, .. })));
         let huge = vec![0u8; MAX_MESSAGE_BYTES + 1];
         assert!(matches!(decode(&huge), Err(DecodeError::TooLarge { .. })));
     }
@@ -392,6 +396,7 @@ mod tests {
             issued_ms: 0,
             agent: None,
             service_ports: Vec::new(),
+            load_reports: Vec::new(),
             generation: 1,
             workloads: vec![crate::spec::WorkloadSpec { name: "x".repeat(MAX_MESSAGE_BYTES), ..Default::default() }],
         };

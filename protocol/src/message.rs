@@ -80,6 +80,23 @@ pub struct Heartbeat {
     /// Since 1.4: the device's wall clock when it sampled this (Unix ms), so
     /// the controller can show how far off it is. Nothing depends on it.
     pub unix_ms: u64,
+    /// Since 1.8: the load of each workload the document asks about
+    /// (`Desired::load_reports`), for autoscaling. Empty otherwise, so an
+    /// ordinary heartbeat stays as small as before.
+    pub loads: Vec<WorkloadLoad>,
+}
+
+/// Since 1.8: one workload's load on the device, sampled for a heartbeat.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct WorkloadLoad {
+    pub workload: String,
+    /// CPU used since the previous heartbeat, in thousandths of a CPU (None:
+    /// no earlier sample of this instance yet).
+    pub cpu_milli: Option<u32>,
+    pub memory_bytes: u64,
+    /// What the workload says its load is (`/run/baton/load` in the
+    /// container: one decimal number), × 1000; None when it says nothing.
+    pub load_milli: Option<u64>,
 }
 
 /// `report`: observed state of every workload, sent when it changes.
@@ -151,6 +168,9 @@ pub struct Desired {
     /// consumer reaches a service at its name on this port, and the device
     /// spreads the connections over the service's endpoints.
     pub service_ports: Vec<ServicePort>,
+    /// Since 1.8: the workloads whose load the device puts in its
+    /// heartbeats (autoscaled ones). Changing it restarts nothing.
+    pub load_reports: Vec<String>,
 }
 
 /// A port a service declares: its container port, by name.

@@ -50,6 +50,13 @@ pub fn heartbeat() -> Heartbeat {
         temp_milli_c: Some(48_312),
         applied_generation: 17,
         unix_ms: 1_795_000_000_000,
+        // Since 1.8.
+        loads: vec![WorkloadLoad {
+            workload: "web".into(),
+            cpu_milli: Some(350),
+            memory_bytes: 24 << 20,
+            load_milli: Some(12_500),
+        }],
     }
 }
 
@@ -166,6 +173,8 @@ pub fn desired() -> Desired {
             port: 1883,
             protocol: PortProtocol::Tcp,
         }],
+        // Since 1.8.
+        load_reports: vec!["sensor-reader".into()],
     }
 }
 

@@ -32,6 +32,8 @@ pub struct DesiredV1 {
     pub agent: Option<crate::release::AgentTarget>,
     /// Since 1.7: `Desired::service_ports`.
     pub service_ports: Vec<crate::message::ServicePort>,
+    /// Since 1.8: `Desired::load_reports`.
+    pub load_reports: Vec<String>,
 }
 
 /// `WorkloadSpec` as of 1.4 — frozen.
@@ -241,6 +243,7 @@ impl From<Desired> for DesiredV1 {
             extensions,
             agent: d.agent,
             service_ports: d.service_ports,
+            load_reports: d.load_reports,
         }
     }
 }
@@ -265,6 +268,7 @@ impl TryFrom<DesiredV1> for Desired {
             issued_ms: d.issued_ms,
             agent: d.agent,
             service_ports: d.service_ports,
+            load_reports: d.load_reports,
         })
     }
 }

@@ -59,6 +59,10 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
     use baton_protocol::{Command, Message};
     match msg {
         Message::Desired(mut d) => {
+            // 1.8 appended the workloads whose load heartbeats carry.
+            if minor < 8 {
+                d.load_reports.clear();
+            }
             // 1.7's extensions: bridge networking (the 1.4 layout says `None`
             // for it; the sample was on the host's network before).
             if minor < 7 {
@@ -102,9 +106,13 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             r.addresses.clear();
             Message::Report(r)
         }
-        // 1.4 appended the clocks: the device's in heartbeats, the controller's in documents and commands.
-        Message::Heartbeat(mut h) if minor < 4 => {
-            h.unix_ms = 0;
+        // 1.4 appended the clocks: the device's in heartbeats, the controller's
+        // in documents and commands; 1.8 the workloads' loads.
+        Message::Heartbeat(mut h) if minor < 8 => {
+            h.loads.clear();
+            if minor < 4 {
+                h.unix_ms = 0;
+            }
             Message::Heartbeat(h)
         }
         // 1.2 appended `sealing_key`, 1.6 the agent's previous version and last upgrade.
@@ -125,8 +133,11 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             let mut document = encode(&Message::Desired(d)).expect("encodes");
             // What 1.6 appended (no agent: a zero byte), 1.5 (no extensions: a zero byte) and 1.4
             // (`issued_ms`, a zero byte at its default) is not in older bytes.
-            // 1.7 appended service ports (none: a zero byte).
+            // 1.7 appended service ports, 1.8 load reports (none: a zero byte each).
             document.pop();
+            if minor < 7 {
+                document.pop();
+            }
             if minor < 6 {
                 document.pop();
             }
@@ -158,8 +169,13 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
 
 #[test]
 fn heartbeat_fits_in_64_bytes() {
-    let bytes = encode(&baton_protocol::Message::Heartbeat(samples::heartbeat())).unwrap();
+    // An ordinary heartbeat: no autoscaled workload on the device.
+    let plain = baton_protocol::Heartbeat { loads: Vec::new(), ..samples::heartbeat() };
+    let bytes = encode(&baton_protocol::Message::Heartbeat(plain)).unwrap();
     assert!(bytes.len() <= 64, "heartbeat is {} bytes", bytes.len());
+    // Each autoscaled workload adds its name and about a dozen bytes.
+    let bytes = encode(&baton_protocol::Message::Heartbeat(samples::heartbeat())).unwrap();
+    assert!(bytes.len() <= 64 + 24, "heartbeat with one load is {} bytes", bytes.len());
 }
 
 /// Built once: the samples include a signature and key derivations, slow in debug builds.
@@ -183,7 +199,7 @@ proptest! {
     #[test]
     fn decoding_random_bodies_behind_a_valid_header_never_panics(
         kind in 1u8..=12,
-        minor in 0u8..7,
+        minor in 0u8..=PROTOCOL_MINOR,
         body in proptest::collection::vec(any::<u8>(), 0..1024),
     ) {
         let mut bytes = vec![PROTOCOL_MAJOR, minor, kind];

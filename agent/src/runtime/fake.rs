@@ -9,6 +9,10 @@
 //! those containing `unhealthy` run but fail every probe — their image
 //! declares a readiness check (as a Docker image's HEALTHCHECK would), so
 //! the supervisor judges them unhealthy the way it judges real containers.
+//!
+//! Load: [`FakeRuntime::set_load`] gives each started container of a
+//! workload a share of CPU (its counter grows by it as `set_now` moves the
+//! time) and the same share, in CPUs, as what it says in `/run/baton/load`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -47,6 +51,8 @@ struct Container {
     provenance: Provenance,
     created_ms: u64,
     unhealthy: bool,
+    /// CPU used so far (cgroup counter).
+    cpu_ns: u64,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +62,8 @@ struct State {
     refuse: Option<String>,
     /// The time as the fake's owner last said (`set_now`).
     now_ms: u64,
+    /// Thousandths of a CPU each started container of a workload uses.
+    load: BTreeMap<String, u64>,
 }
 
 /// Containers as a map, shared by its clones (the supervisor's, the prober's, a test's).
@@ -66,6 +74,10 @@ pub struct FakeRuntime {
 }
 
 /// The image a fake container runs: [`FakeImages`] names its one layer after it.
+fn workload_of(id: &str) -> Option<&str> {
+    crate::supervisor::parse_container_id(id).map(|(name, _)| name)
+}
+
 fn image_of(rootfs: &Rootfs) -> String {
     rootfs.layers.first().map(|l| l.display().to_string()).unwrap_or_default()
 }
@@ -80,9 +92,41 @@ impl FakeRuntime {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The time containers' starts are judged by (the fake reads no clock).
+    /// The time containers' starts are judged by (the fake reads no clock);
+    /// started containers with a load use CPU for the time that passed.
     pub fn set_now(&self, now_ms: u64) {
-        self.lock().now_ms = now_ms;
+        let mut s = self.lock();
+        let passed = now_ms.saturating_sub(s.now_ms);
+        let start_ms = self.knobs.start_ms;
+        let State { containers, load, .. } = &mut *s;
+        for (id, c) in containers.iter_mut() {
+            let Some(milli) = workload_of(id).and_then(|w| load.get(w)) else { continue };
+            if matches!(c.state, ContainerState::Running(_)) && now_ms >= c.created_ms + start_ms {
+                // A thousandth of a CPU for a millisecond is a microsecond.
+                c.cpu_ns = c.cpu_ns.saturating_add(milli * passed * 1000);
+            }
+        }
+        s.now_ms = now_ms;
+    }
+
+    /// Each started container of `workload` uses `milli` thousandths of a
+    /// CPU from now on, and says so as its load.
+    pub fn set_load(&self, workload: &str, milli: u64) {
+        self.lock().load.insert(workload.into(), milli);
+    }
+
+    /// Running (started) containers per workload.
+    pub fn started(&self) -> BTreeMap<String, usize> {
+        let s = self.lock();
+        let mut out = BTreeMap::new();
+        for (id, c) in &s.containers {
+            if matches!(c.state, ContainerState::Running(_)) && s.now_ms >= c.created_ms + self.knobs.start_ms {
+                if let Some(w) = workload_of(id) {
+                    *out.entry(w.to_string()).or_default() += 1;
+                }
+            }
+        }
+        out
     }
 
     /// Makes a container exit as if its process ended with `code` at `at_ms`.
@@ -99,8 +143,10 @@ impl FakeRuntime {
             Some(c) => c.state = exited,
             None => {
                 let provenance = Provenance::default();
-                s.containers
-                    .insert(id.into(), Container { state: exited, provenance, created_ms: 0, unhealthy: false });
+                s.containers.insert(
+                    id.into(),
+                    Container { state: exited, provenance, created_ms: 0, unhealthy: false, cpu_ns: 0 },
+                );
             }
         }
     }
@@ -132,6 +178,7 @@ impl ContainerRuntime for FakeRuntime {
             provenance: req.provenance.clone(),
             created_ms,
             unhealthy: matches(&self.knobs.unhealthy, &image),
+            cpu_ns: 0,
         };
         s.containers.insert(req.id.into(), c);
         Ok(())
@@ -173,8 +220,19 @@ impl ContainerRuntime for FakeRuntime {
         self.lock().containers.get(id).map(|c| c.provenance.clone())
     }
 
-    fn usage(&self, _: &str) -> Option<Usage> {
-        None
+    fn usage(&self, id: &str) -> Option<Usage> {
+        let s = self.lock();
+        let c = s.containers.get(id)?;
+        // A small service's memory, and the CPU its load made it use.
+        Some(Usage { cpu_ns: c.cpu_ns, memory_bytes: 16 << 20 })
+    }
+
+    fn signal(&self, id: &str, file: &str) -> Option<String> {
+        let s = self.lock();
+        let c = s.containers.get(id)?;
+        let milli = s.load.get(workload_of(id)?)?;
+        let started = matches!(c.state, ContainerState::Running(_)) && s.now_ms >= c.created_ms + self.knobs.start_ms;
+        (file == crate::load::LOAD_FILE && started).then(|| format!("{}.{:03}", milli / 1000, milli % 1000))
     }
 
     fn exec(&self, id: &str, _: &[String], _: Duration) -> Result<ExecOutput, RuntimeError> {

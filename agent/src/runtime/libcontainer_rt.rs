@@ -369,6 +369,51 @@ impl ContainerRuntime for LibcontainerRuntime {
             .unwrap_or(0);
         Some(Usage { cpu_ns: cpu, memory_bytes: mem })
     }
+
+    fn signal(&self, id: &str, file: &str) -> Option<String> {
+        validate_id(id).ok()?;
+        let cg = self.layout.cgroup(id);
+        let procs = std::fs::read_to_string(format!("/sys/fs/cgroup{cg}/cgroup.procs"))
+            .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/pids{cg}/cgroup.procs")))
+            .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/memory{cg}/cgroup.procs")))
+            .ok()?;
+        let pid: u32 = procs.lines().next()?.trim().parse().ok()?;
+        read_in_root(&format!("/proc/{pid}/root"), &["run", "baton", file], 64)
+    }
+}
+
+/// Reads at most `max` bytes of the regular file at `path` (components)
+/// under the directory `root`, following no symlink on the way: a container's
+/// `/run/baton` → `/etc` must not make the agent read its own host's files
+/// (its absolute targets would resolve against the agent's root).
+fn read_in_root(root: &str, path: &[&str], max: usize) -> Option<String> {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let open = |dir: libc::c_int, name: &str, flags: libc::c_int| -> Option<OwnedFd> {
+        let c = std::ffi::CString::new(name).ok()?;
+        // SAFETY: a valid C string; the fd returned (if any) is owned here.
+        let fd = unsafe { libc::openat(dir, c.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) };
+        // SAFETY: a fresh descriptor nobody else owns.
+        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let dir_flags = libc::O_RDONLY | libc::O_DIRECTORY;
+    let c = std::ffi::CString::new(root).ok()?;
+    // SAFETY: as above; the root itself is /proc's magic link, followed on purpose.
+    let fd = unsafe { libc::open(c.as_ptr(), dir_flags | libc::O_CLOEXEC) };
+    let mut dir = (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })?;
+    let (last, parents) = path.split_last()?;
+    for name in parents {
+        dir = open(std::os::fd::AsRawFd::as_raw_fd(&dir), name, dir_flags)?;
+    }
+    // Non-blocking: a FIFO there must not hang the engine.
+    let fd = open(std::os::fd::AsRawFd::as_raw_fd(&dir), last, libc::O_RDONLY | libc::O_NONBLOCK)?;
+    let mut file = std::fs::File::from(fd);
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut buf = Vec::with_capacity(max);
+    file.by_ref().take(max as u64).read_to_end(&mut buf).ok()?;
+    String::from_utf8(buf).ok()
 }
 
 /// What the container's process needs from its root tree, settled before it
@@ -413,4 +458,33 @@ pub(crate) fn process_setup(root: &Path, spec: &baton_protocol::spec::ContainerS
     additional_gids.retain(|g| *g != user.gid);
     let home = env("HOME").is_none().then(|| if found.home.is_empty() { "/".to_string() } else { found.home });
     Ok(ProcessSetup { additional_gids, home })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_in_root;
+
+    #[test]
+    fn signals_are_read_without_following_symlinks() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path().to_str().unwrap();
+        let dir = root.path().join("run/baton");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("load"), "12.5\n").unwrap();
+        assert_eq!(read_in_root(r, &["run", "baton", "load"], 64).as_deref(), Some("12.5\n"));
+        // At most `max` bytes.
+        std::fs::write(dir.join("big"), "9".repeat(1000)).unwrap();
+        assert_eq!(read_in_root(r, &["run", "baton", "big"], 64).map(|s| s.len()), Some(64));
+        // A symlink anywhere on the way is not followed, nor a non-file read.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "1").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.join("link")).unwrap();
+        assert_eq!(read_in_root(r, &["run", "baton", "link"], 64), None);
+        std::os::unix::fs::symlink(outside.path(), root.path().join("etc")).unwrap();
+        assert_eq!(read_in_root(r, &["etc", "secret"], 64), None);
+        assert_eq!(read_in_root(r, &["run", "baton"], 64), None, "a directory is no signal");
+        assert_eq!(read_in_root(r, &["run", "baton", "missing"], 64), None);
+        nix::unistd::mkfifo(&dir.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert_eq!(read_in_root(r, &["run", "baton", "fifo"], 64), None, "a FIFO must not hang the agent");
+    }
 }

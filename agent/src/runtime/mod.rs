@@ -168,6 +168,11 @@ pub trait ContainerRuntime {
     /// The services the desired document gives this device, for a runtime
     /// that routes them (bridge networking); the others ignore them.
     fn route_services(&self, _services: &[baton_protocol::ServiceEndpoints], _ports: &[baton_protocol::ServicePort]) {}
+    /// What the running container `id` wrote in `/run/baton/<file>` (at most
+    /// 64 bytes; None: no such regular file, or no such container).
+    fn signal(&self, _id: &str, _file: &str) -> Option<String> {
+        None
+    }
 }
 
 /// libcontainer's record of the container kept under `state_dir`, if there

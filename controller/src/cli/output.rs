@@ -476,6 +476,21 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
     }
     let replicas = w.replicas.map_or("every matching device".into(), |n| format!("{n} ({} unplaced)", w.unplaced));
     let _ = writeln!(o, "Replicas:      {replicas}");
+    if let Some(a) = &w.autoscale {
+        let now = crate::controller::now_ms();
+        let _ = writeln!(o, "Autoscale:     {} to {}, now {}", a.min, a.max, a.current);
+        match (&a.recommended, &a.reason) {
+            (Some(n), Some(why)) => {
+                let _ = writeln!(o, "  load calls for {n}: {why}");
+            }
+            _ => {
+                let _ = writeln!(o, "  no load reported yet");
+            }
+        }
+        if let Some(d) = &a.last_decision {
+            let _ = writeln!(o, "  last decision {}: {} → {}: {}", ago(now, d.at_ms), d.from, d.to, d.reason);
+        }
+    }
     let _ = writeln!(o, "Stable:        revision {}", w.stable_revision);
     let _ = writeln!(o, "History:");
     for r in &w.revisions {
@@ -525,6 +540,18 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
     let mut header = vec!["DEVICE", "STATUS", "DESIRED", "RUNS", "PHASE", "HEALTH", "RESTARTS", "LAST ERROR"];
     // Bridged containers' addresses, when there are any (before the last error, which runs long).
     let mut rows = rows;
+    // Autoscaled workloads' load per instance.
+    if w.devices.iter().any(|d| d.load.is_some()) {
+        header.insert(7, "LOAD");
+        header.insert(7, "CPU");
+        for (row, d) in rows.iter_mut().zip(&w.devices) {
+            let l = d.load.as_ref();
+            let cpu = l.and_then(|l| l.cpu_milli).map_or_else(|| "-".into(), |m| format!("{m}m"));
+            let load = l.and_then(|l| l.load_milli).map_or_else(|| "-".into(), |m| format!("{:.2}", m as f64 / 1000.0));
+            row.insert(7, load);
+            row.insert(7, cpu);
+        }
+    }
     if w.devices.iter().any(|d| d.address.is_some()) {
         header.insert(7, "ADDRESS");
         for (row, d) in rows.iter_mut().zip(&w.devices) {

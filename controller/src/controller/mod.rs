@@ -29,6 +29,7 @@ use crate::view::{Event, Health};
 
 mod access;
 mod agents;
+mod autoscale;
 mod devices;
 mod publish;
 mod secrets;
@@ -74,6 +75,9 @@ struct State {
     /// The last agent upgrade (`upgrade`), and the agent builds published.
     agent_rollout: Option<crate::upgrade::AgentRollout>,
     releases: crate::upgrade::Releases,
+    /// Each autoscaled workload's autoscaler (memory only: a restarted
+    /// controller watches a whole window again before scaling down).
+    scalers: BTreeMap<String, crate::autoscale::Scaler>,
 }
 
 pub fn now_ms() -> Millis {
@@ -237,6 +241,7 @@ impl Controller {
                 behind: BTreeMap::new(),
                 agent_rollout,
                 releases,
+                scalers: BTreeMap::new(),
             }),
             fleet: Mutex::new(fleet),
             store: Mutex::new(store),
@@ -305,6 +310,7 @@ impl Controller {
             let mut st = lock(&self.state);
             changed |= self.step_rollouts(&fleet, &mut st, now);
             changed |= self.step_agent_rollout(&fleet, &mut st, now);
+            changed |= self.autoscale(&fleet, &mut st, now);
             let gone: BTreeSet<String> =
                 fleet.devices().filter(|d| is_gone(d, now, self.reschedule_after_ms)).map(|d| d.id.clone()).collect();
             changed |= gone != st.gone;

@@ -89,7 +89,7 @@ impl Controller {
         let mut sealed = SealCache::new();
         let facts: BTreeMap<&str, &crate::schedule::DeviceFacts> =
             snap.facts.iter().map(|f| (f.id.as_str(), f)).collect();
-        for desired::Composed { device, workloads, services, service_ports } in docs {
+        for desired::Composed { device, workloads, services, service_ports, load_reports } in docs {
             let workloads = self.seal(&store, &mut cache, &mut sealed, &device, snap.sealing.get(&device), workloads);
             let applied = snap.applied.get(&device).copied().unwrap_or(0);
             let agent = st
@@ -97,14 +97,9 @@ impl Controller {
                 .as_ref()
                 .zip(facts.get(device.as_str()))
                 .and_then(|(r, f)| r.target_for(f, &st.releases));
-            let generation = match desired::issue(
-                st.desired.get(&device),
-                &workloads,
-                &services,
-                &service_ports,
-                agent.as_ref(),
-                applied,
-            ) {
+            let mut doc =
+                Desired { generation: 0, workloads, services, issued_ms: snap.now, agent, service_ports, load_reports };
+            doc.generation = match desired::issue(st.desired.get(&device), &doc, applied) {
                 desired::Issue::Unchanged => continue,
                 desired::Issue::New { generation, ahead } => {
                     if let Some((applied, stored)) = ahead {
@@ -118,7 +113,7 @@ impl Controller {
                     generation
                 }
             };
-            let doc = Desired { generation, workloads, services, issued_ms: snap.now, agent, service_ports };
+            let generation = doc.generation;
             let payload = match self.sign(&device, &doc) {
                 Ok(p) => p,
                 Err(e) => {

@@ -119,8 +119,18 @@ impl Controller {
         let mut results = Vec::new();
         // Workloads whose revision must now reach the fleet: (name, from, to).
         let mut roll = Vec::new();
-        for v in validated {
+        for mut v in validated {
             let name = v.spec.name.clone();
+            // An autoscaled workload keeps the count its autoscaler reached
+            // (within the new range); `replicas` is only where it starts.
+            if let Some(a) = &v.manifest.autoscale {
+                let current = st
+                    .workloads
+                    .get(&name)
+                    .filter(|e| e.manifest.autoscale.is_some())
+                    .and_then(|e| e.manifest.replicas);
+                v.manifest.replicas = Some(current.or(v.manifest.replicas).unwrap_or(a.min).clamp(a.min, a.max));
+            }
             let Some(e) = st.workloads.get_mut(&name) else {
                 let spec = WorkloadSpec { revision: 1, ..v.spec };
                 store.save_workload(tenant, &v.manifest, &spec, 1, now)?;
@@ -269,6 +279,13 @@ impl Controller {
         {
             let mut st = lock(&self.state);
             let e = Self::visible_workload_mut(&mut st, name, scope)?;
+            if let Some(a) = &e.manifest.autoscale {
+                return Err(OpError::Invalid(format!(
+                    "workload {name} is autoscaled between {} and {} replicas: change autoscale in its manifest \
+                     (or remove it) to set the count by hand",
+                    a.min, a.max
+                )));
+            }
             let before = e.manifest.replicas;
             e.manifest.replicas = Some(replicas);
             let store = lock(&self.store);
@@ -415,6 +432,7 @@ impl Controller {
                     .report
                     .as_ref()
                     .and_then(|r| r.addresses.iter().find(|(w, _)| w == name).map(|(_, a)| a.clone())),
+                load: d.heartbeat.as_ref().and_then(|h| h.loads.iter().find(|l| l.workload == name).cloned()),
                 refused: d
                     .refusal
                     .as_ref()
@@ -449,6 +467,7 @@ impl Controller {
             rollout: e.rollout.as_ref().map(RolloutView::new),
             devices,
             manifest: e.manifest.clone(),
+            autoscale: Self::autoscale_view(&st, name),
         })
     }
 

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub mod compose;
 mod validate;
 
-pub use validate::{strategy, validate, FieldError};
+pub use validate::{autoscale, strategy, validate, FieldError};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +87,10 @@ pub struct Manifest {
     /// How many devices run it; absent = every device that matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
+    /// With `replicas`: the controller moves the count between `min` and
+    /// `max` to keep the instances' load near the targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleManifest>,
     /// How a new revision reaches the devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutManifest>,
@@ -125,6 +129,26 @@ pub fn unversioned_secret(name: &str) -> Vec<u8> {
 
 /// What one workload's files may weigh in all (they travel in desired documents).
 pub const MAX_FILES_BYTES: usize = 128 * 1024;
+
+/// `autoscale:` — at least one target.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AutoscaleManifest {
+    pub min: u32,
+    pub max: u32,
+    /// Average CPU per instance to keep, % of `resources.cpu`.
+    pub cpu_percent: Option<u32>,
+    /// Average memory per instance to keep, % of `resources.memory`.
+    pub memory_percent: Option<u32>,
+    /// Average of what the instances write in `/run/baton/load` to keep
+    /// (e.g. a queue depth per instance).
+    pub load: Option<f64>,
+    /// Seconds: scale down only to the highest count recommended over this
+    /// long (default 300).
+    pub window: Option<u32>,
+    /// Seconds between two decisions (default 30).
+    pub cooldown: Option<u32>,
+}
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -288,10 +288,64 @@ fn placement(m: &Manifest) -> Checked<()> {
     if m.replicas == Some(0) {
         return bad("replicas", "must be at least 1 (delete the workload to run it nowhere)");
     }
-    if m.placement.spread_by.is_some() && m.replicas.is_none() {
+    if m.placement.spread_by.is_some() && m.replicas.is_none() && m.autoscale.is_none() {
         return bad("placement.spread_by", "only with replicas: a workload on every device is spread already");
     }
-    Ok(())
+    autoscale(m).map(|_| ())
+}
+
+/// Default `autoscale.window` and `autoscale.cooldown`, seconds.
+pub const AUTOSCALE_WINDOW_S: u32 = 300;
+pub const AUTOSCALE_COOLDOWN_S: u32 = 30;
+
+/// The autoscaling policy of a manifest (`autoscale.*`), checked; None without one.
+pub fn autoscale(m: &Manifest) -> Checked<Option<crate::autoscale::Policy>> {
+    let Some(a) = &m.autoscale else { return Ok(None) };
+    if a.min == 0 {
+        return bad("autoscale.min", "must be at least 1 (delete the workload to run it nowhere)");
+    }
+    if a.max < a.min || a.max > 10_000 {
+        return bad("autoscale.max", format!("must be between min ({}) and 10000", a.min));
+    }
+    if a.cpu_percent.is_none() && a.memory_percent.is_none() && a.load.is_none() {
+        return bad("autoscale", "needs a target: cpu_percent, memory_percent or load");
+    }
+    if let Some(p) = a.cpu_percent {
+        if !(1..=1000).contains(&p) {
+            return bad("autoscale.cpu_percent", "must be between 1 and 1000 (% of resources.cpu)");
+        }
+        if m.resources.cpu.is_none() {
+            return bad("autoscale.cpu_percent", "is a share of resources.cpu, which this workload does not set");
+        }
+    }
+    if let Some(p) = a.memory_percent {
+        if !(1..=100).contains(&p) {
+            return bad("autoscale.memory_percent", "must be between 1 and 100 (% of resources.memory)");
+        }
+        if m.resources.memory.is_none() {
+            return bad("autoscale.memory_percent", "is a share of resources.memory, which this workload does not set");
+        }
+    }
+    let load_milli = match a.load {
+        None => None,
+        Some(l) if l.is_finite() && l > 0.0 && l <= 1e12 => Some((l * 1000.0).round().max(1.0) as u64),
+        Some(_) => return bad("autoscale.load", "must be a number above 0 (the load per instance to keep)"),
+    };
+    let seconds = |v: Option<u32>, default: u32, field: &str| -> Checked<u64> {
+        match v.unwrap_or(default) {
+            s if s <= 3600 => Ok(u64::from(s) * 1000),
+            _ => bad(field, "must be at most 3600 seconds"),
+        }
+    };
+    Ok(Some(crate::autoscale::Policy {
+        min: a.min,
+        max: a.max,
+        cpu_percent: a.cpu_percent,
+        memory_percent: a.memory_percent,
+        load_milli,
+        window_ms: seconds(a.window, AUTOSCALE_WINDOW_S, "autoscale.window")?,
+        cooldown_ms: seconds(a.cooldown, AUTOSCALE_COOLDOWN_S, "autoscale.cooldown")?,
+    }))
 }
 
 /// The rollout strategy of a manifest (`rollout.*`, `health_deadline`).

@@ -81,6 +81,7 @@ fn sizes() {
         temp_milli_c: Some(i32::MIN),
         applied_generation: u64::MAX,
         unix_ms: u64::MAX,
+        loads: Vec::new(),
     };
     let worst = encode(&Message::Heartbeat(worst)).map(|b| b.len()).unwrap_or(0);
     println!("| heartbeat, every field at its maximum | {worst} |\n");
