@@ -122,6 +122,23 @@ pub struct Engine<R: ContainerRuntime, I: ImageSource> {
     /// Whether the last step sampled loads (so the board is emptied once
     /// when the document stops asking).
     sampling: bool,
+    /// Replacements held back by their update policy (windows, locks).
+    holds: BTreeMap<String, Hold>,
+    /// The controller's time, from the documents' signed `issued_ms`: what
+    /// windows are judged by when this device's wall clock is behind it.
+    clock: crate::clock::ControllerClock,
+    /// The origin of the monotonic milliseconds `clock` is kept in.
+    origin: std::time::Instant,
+}
+
+/// A replacement held back, since when, and why.
+#[derive(Debug, Clone)]
+struct Hold {
+    revision: u64,
+    since_mono: u64,
+    /// Since when the running container holds its update lock.
+    lock_since_mono: Option<u64>,
+    verdict: crate::gate::Verdict,
 }
 
 /// Starts the engine thread with the desired document persisted in
@@ -194,7 +211,7 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
     /// specs `proven` healthy here before.
     pub fn new(sup: Supervisor<R>, images: I, initial: Desired, proven: Vec<WorkloadSpec>, options: Options) -> Self {
         let guard = Guard::with_proven(proven);
-        let engine = Self {
+        let mut engine = Self {
             waits: Waits::new(images.can_pull()),
             sup,
             images,
@@ -206,7 +223,12 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
             restarts: Vec::new(),
             last: None,
             sampling: false,
+            holds: BTreeMap::new(),
+            clock: crate::clock::ControllerClock::default(),
+            origin: std::time::Instant::now(),
         };
+        let mono = engine.mono_ms();
+        engine.clock.learn(engine.desired.issued_ms, mono);
         engine.write_services();
         engine
     }
@@ -220,6 +242,8 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
         match input {
             Input::Desired(d) => {
                 info!(generation = d.generation, workloads = d.workloads.len(), "applying desired document");
+                let mono = self.mono_ms();
+                self.clock.learn(d.issued_ms, mono);
                 self.desired = d;
                 self.waits.retry_pulls_now();
                 self.write_services();
@@ -247,6 +271,7 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
         let mut report =
             crate::step::report(self.desired.generation, status, &self.effective, &self.waits, &self.guard);
         report.addresses = self.sup.addresses();
+        report.waiting = self.waiting();
         self.sample_loads(&report.workloads, now);
         crate::step::changed(&mut self.last, &report).then_some(report)
     }
@@ -403,6 +428,7 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
     }
 
     fn reconcile(&mut self, now: u64) {
+        let mut held = BTreeSet::new();
         for action in plan(&self.effective, &self.sup.observed()) {
             match action {
                 Action::Stop(name) => {
@@ -411,6 +437,14 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
                 }
                 Action::Replace(name) => {
                     let Some(next) = self.effective.iter().find(|w| w.name == name).cloned() else { continue };
+                    if let Some(download) = self.held(&next, now) {
+                        // The running revision stays; its successor's image may come meanwhile.
+                        if download {
+                            let _ = self.prepare(&next, now, "cannot prepare a held replacement");
+                        }
+                        held.insert(name);
+                        continue;
+                    }
                     // A replacement waits for its image (and a spec that builds): the
                     // old revision keeps running meanwhile, and if it never comes.
                     let Some((spec, rootfs)) = self.prepare(&next, now, "cannot replace; the running revision stays")
@@ -439,6 +473,89 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
             }
         }
         self.waits.retain(&self.effective);
+        self.holds.retain(|name, _| held.contains(name));
+    }
+
+    fn mono_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    /// Whether the replacement of a running workload by `next` must wait
+    /// (`Desired::updates`): Some(whether its image may be downloaded
+    /// meanwhile). A device-level rollback (the guard runs an older
+    /// revision than the document) is never held.
+    fn held(&mut self, next: &WorkloadSpec, now: u64) -> Option<bool> {
+        let policy = self.desired.updates.iter().find(|u| u.workload == next.name)?;
+        let asked = self.desired.workloads.iter().find(|w| w.name == next.name)?;
+        if asked.revision != next.revision {
+            return None;
+        }
+        let mono = self.mono_ms();
+        let lock_held = policy.lock.is_some()
+            && self
+                .sup
+                .current_container(&next.name)
+                .and_then(|id| self.sup.runtime().signal(&id, crate::gate::LOCK_FILE))
+                .is_some();
+        let hold = self.holds.entry(next.name.clone()).or_insert(Hold {
+            revision: next.revision,
+            since_mono: mono,
+            lock_since_mono: None,
+            verdict: crate::gate::Verdict::Go,
+        });
+        if hold.revision != next.revision {
+            *hold = Hold {
+                revision: next.revision,
+                since_mono: mono,
+                lock_since_mono: None,
+                verdict: crate::gate::Verdict::Go,
+            };
+        }
+        hold.lock_since_mono = lock_held.then(|| hold.lock_since_mono.unwrap_or(mono));
+        // The best time this device knows: its own clock, unless the
+        // controller's signed time says it is behind.
+        let real_now = now.max(self.clock.now(mono).unwrap_or(0));
+        let held =
+            crate::gate::Held { waited_ms: mono - hold.since_mono, lock_ms: hold.lock_since_mono.map(|s| mono - s) };
+        let verdict = crate::gate::judge(policy, real_now, held);
+        let download = match (&verdict, &hold.verdict) {
+            (crate::gate::Verdict::Go, crate::gate::Verdict::Go) => return None,
+            (crate::gate::Verdict::Go, crate::gate::Verdict::Hold { .. }) => {
+                info!(workload = %next.name, revision = next.revision, "held replacement goes ahead");
+                return None;
+            }
+            (crate::gate::Verdict::Hold { reason, until_ms, download }, old) => {
+                let same = matches!(old, crate::gate::Verdict::Hold { reason: r, .. } if r == reason);
+                if !same {
+                    info!(workload = %next.name, revision = next.revision, %reason, "replacement held");
+                }
+                // The same reason keeps the time it first gave (reports do not churn).
+                let until = match old {
+                    crate::gate::Verdict::Hold { until_ms: u, .. } if same => *u,
+                    _ => *until_ms,
+                };
+                hold.verdict =
+                    crate::gate::Verdict::Hold { reason: reason.clone(), until_ms: until, download: *download };
+                *download
+            }
+        };
+        Some(download)
+    }
+
+    /// The replacements held back, for the report.
+    fn waiting(&self) -> Vec<baton_protocol::Waiting> {
+        self.holds
+            .iter()
+            .filter_map(|(name, h)| match &h.verdict {
+                crate::gate::Verdict::Hold { reason, until_ms, .. } => Some(baton_protocol::Waiting {
+                    workload: name.clone(),
+                    revision: h.revision,
+                    reason: reason.clone(),
+                    until_ms: *until_ms,
+                }),
+                crate::gate::Verdict::Go => None,
+            })
+            .collect()
     }
 
     /// `w`'s spec and rootfs when its image is here and the spec builds.

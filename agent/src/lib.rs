@@ -7,6 +7,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod engine;
+pub mod gate;
 pub mod image;
 pub mod join;
 pub mod link;

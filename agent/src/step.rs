@@ -161,7 +161,7 @@ pub fn report(
     }
     workloads.sort_by(|a, b| a.name.cmp(&b.name));
     guard.annotate(&mut workloads);
-    Report { generation, workloads, refused: None, addresses: Vec::new() }
+    Report { generation, workloads, refused: None, addresses: Vec::new(), waiting: Vec::new() }
 }
 
 /// Usage moves every step; a report is sent when anything else changes.

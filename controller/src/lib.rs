@@ -25,4 +25,5 @@ pub mod tls;
 pub mod upgrade;
 pub mod view;
 pub mod webhook;
+pub mod windows;
 pub mod workload;

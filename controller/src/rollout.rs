@@ -101,9 +101,13 @@ pub struct DeviceProgress {
     pub released_ms: u64,
     pub healthy_since_ms: Option<u64>,
     pub outcome: Outcome,
-    /// Since when it has been away (not online), while pending.
+    /// Since when it has been away (not online, or holding the revision
+    /// back for its update window or lock), while pending.
     #[serde(default)]
     pub away_since_ms: Option<u64>,
+    /// Why it holds the revision back, while it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// What the controller knows of one device for this workload.
@@ -111,6 +115,9 @@ pub struct DeviceProgress {
 pub struct Observation {
     pub online: bool,
     pub status: Option<WorkloadStatus>,
+    /// Why the device holds the new revision back (its update window or
+    /// lock): waiting, like being away, is neither failing nor blocking.
+    pub waiting: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,6 +199,7 @@ impl Rollout {
                 healthy_since_ms: None,
                 outcome: Outcome::Pending,
                 away_since_ms: None,
+                waiting: None,
             });
         }
     }
@@ -281,8 +289,10 @@ impl Rollout {
                 continue;
             }
             let o = observe(d);
-            if !o.online {
-                // Away: not judged, not blocking, and its deadline waits for it.
+            p.waiting.clone_from(&o.waiting);
+            if !o.online || o.waiting.is_some() {
+                // Away (or waiting for its window or lock): not judged, not
+                // blocking, and its deadline waits for it.
                 p.released_ms = now;
                 p.healthy_since_ms = None;
                 if now.saturating_sub(*p.away_since_ms.get_or_insert(now)) >= away_grace {
@@ -340,6 +350,7 @@ impl Rollout {
                     healthy_since_ms: None,
                     outcome: Outcome::Pending,
                     away_since_ms: None,
+                    waiting: None,
                 },
             );
             events.push(format!(
@@ -365,8 +376,17 @@ impl Rollout {
             && c.ready == 0
             && c.released > 0
             && !self.devices[self.released()..].iter().any(|d| observe(d).online);
-        let waiting = stuck
-            .then(|| format!("waiting for a device to come online: none of the {} released devices is", c.released));
+        let held = self.devices[..self.released()]
+            .iter()
+            .filter(|d| self.progress.get(*d).is_some_and(|p| p.waiting.is_some()))
+            .count();
+        let waiting = stuck.then(|| match held {
+            0 => format!("waiting for a device to come online: none of the {} released devices is", c.released),
+            n => format!(
+                "waiting for update windows or locks: {n} of the {} released devices hold the revision back",
+                c.released
+            ),
+        });
         if waiting != self.waiting {
             if let Some(w) = &waiting {
                 events.push(format!("rollout of revision {to} {w}"));
@@ -434,7 +454,42 @@ mod tests {
         Observation {
             online: true,
             status: Some(WorkloadStatus { revision, phase: Phase::Running, health, ..Default::default() }),
+            waiting: None,
         }
+    }
+
+    #[test]
+    fn a_device_waiting_for_its_window_is_neither_failed_nor_blocking() {
+        let mut r = Rollout::new("w", 1, 2, devices(3), strategy(&["1", "100%"]), 0);
+        let held = |_: &str| Observation {
+            online: true,
+            status: Some(WorkloadStatus {
+                revision: 1,
+                phase: Phase::Running,
+                health: Health::Healthy,
+                ..Default::default()
+            }),
+            waiting: Some("outside its install window (0 2 * * * for 2h UTC)".into()),
+        };
+        // Far past the deadline: still pending, not failed.
+        r.step(10_000_000, held);
+        assert_eq!(r.counts().failed, 0);
+        // With nobody online to stand in, the rollout says what it waits for.
+        let none_else = |d: &str| if d == r_first() { held(d) } else { Observation::default() };
+        let events = r.step(20_000_000, none_else);
+        assert!(r.progress.values().next().is_some_and(|p| p.waiting.is_some()));
+        assert!(
+            events.iter().any(|e| e.contains("waiting for update windows or locks: 1 of the 1 released devices")),
+            "{events:?}"
+        );
+        // The window opens: the device runs it healthy and the rollout goes on.
+        r.step(20_001_000, |_| running(2, Health::Healthy));
+        r.step(20_100_000, |_| running(2, Health::Healthy));
+        assert!(r.released() > 1 || r.state == State::Succeeded, "{r:?}");
+    }
+
+    fn r_first() -> &'static str {
+        "d00"
     }
 
     #[test]
@@ -485,6 +540,7 @@ mod tests {
     fn a_device_rollback_trips_the_threshold_and_rolls_everyone_back() {
         let mut r = Rollout::new("w", 1, 2, devices(10), strategy(&["1", "100%"]), 0);
         let rolled_back = Observation {
+            waiting: None,
             online: true,
             status: Some(WorkloadStatus {
                 revision: 1,

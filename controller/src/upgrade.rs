@@ -175,7 +175,7 @@ impl AgentRollout {
             }
             _ => {}
         }
-        Observation { online: a.online, status: Some(status) }
+        Observation { online: a.online, status: Some(status), waiting: None }
     }
 
     /// `undo`: every covered device goes back to the version it ran before,

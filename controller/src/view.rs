@@ -279,6 +279,9 @@ pub struct WorkloadOnDevice {
     /// Its load at the device's last heartbeat (autoscaled workloads).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<baton_protocol::WorkloadLoad>,
+    /// A new revision the device holds back (update window, update lock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<baton_protocol::Waiting>,
     /// Its container's address on the device's bridge (bridged workloads).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
@@ -348,6 +351,10 @@ pub struct RolloutView {
     pub waiting: Option<String>,
     /// Devices that failed the new revision, with why.
     pub failed: Vec<(String, String)>,
+    /// Released devices that hold the new revision back (update window or
+    /// lock), with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<(String, String)>,
 }
 
 impl RolloutView {
@@ -371,6 +378,12 @@ impl RolloutView {
                     crate::rollout::Outcome::Failed(why) => Some((d.clone(), why.clone())),
                     _ => None,
                 })
+                .collect(),
+            held: r
+                .progress
+                .iter()
+                .filter(|(_, p)| p.outcome == crate::rollout::Outcome::Pending)
+                .filter_map(|(d, p)| Some((d.clone(), p.waiting.clone()?)))
                 .collect(),
         }
     }

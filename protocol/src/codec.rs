@@ -397,6 +397,7 @@ mod tests {
             agent: None,
             service_ports: Vec::new(),
             load_reports: Vec::new(),
+            updates: Vec::new(),
             generation: 1,
             workloads: vec![crate::spec::WorkloadSpec { name: "x".repeat(MAX_MESSAGE_BYTES), ..Default::default() }],
         };

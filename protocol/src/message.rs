@@ -110,6 +110,20 @@ pub struct Report {
     /// Since 1.7: (workload, address) of each running container with an
     /// address of its own on the device's bridge.
     pub addresses: Vec<(String, String)>,
+    /// Since 1.8: workloads whose new revision the device holds back
+    /// (outside its install window, or under the application's update lock).
+    pub waiting: Vec<Waiting>,
+}
+
+/// Since 1.8: a revision a device has been given but holds back, and why.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Waiting {
+    pub workload: String,
+    /// The revision held back (the running one is in `workloads`).
+    pub revision: u64,
+    pub reason: String,
+    /// When the device expects to go ahead (Unix ms; 0: it cannot tell).
+    pub until_ms: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
@@ -171,6 +185,51 @@ pub struct Desired {
     /// Since 1.8: the workloads whose load the device puts in its
     /// heartbeats (autoscaled ones). Changing it restarts nothing.
     pub load_reports: Vec<String>,
+    /// Since 1.8: when workloads may change on this device (update windows,
+    /// update locks). The device enforces them itself, so they hold while
+    /// the controller is unreachable. Changing them restarts nothing.
+    pub updates: Vec<UpdatePolicy>,
+}
+
+/// Since 1.8: when a running workload may be replaced by another revision
+/// on this device. A workload not running yet starts at once, and a
+/// device-level rollback is never held.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpdatePolicy {
+    pub workload: String,
+    /// When it may switch (None: any time).
+    pub install: Option<Windows>,
+    /// When its new image may be downloaded ahead of the switch (None: any
+    /// time; the install window always allows it).
+    pub download: Option<Windows>,
+    /// Switch anyway once a change has waited this long for a window (0: never).
+    pub max_delay_s: u32,
+    /// Honour `/run/baton/update.lock` in the running container.
+    pub lock: Option<UpdateLock>,
+}
+
+/// Time windows as the controller computed them (it knows the time zone):
+/// spans in Unix ms over the period `from_ms..until_ms` (two weeks). Past
+/// that period a device repeats its last week, so the windows hold while it
+/// hears nothing (a daylight-saving change can move them by an hour then).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Windows {
+    /// As the operator wrote it (`0 2 * * * for 2h Europe/Paris`), for messages.
+    pub text: String,
+    pub from_ms: u64,
+    pub until_ms: u64,
+    /// Sorted, disjoint (start, end) spans.
+    pub spans: Vec<(u64, u64)>,
+}
+
+/// The application's own hold on updates: while `/run/baton/update.lock`
+/// exists in its running container, it is not replaced.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UpdateLock {
+    /// How long a lock is honoured (0: for as long as it is held).
+    pub max_s: u32,
+    /// Past `max_s`: switch anyway (else go on waiting, and say so).
+    pub override_after_max: bool,
 }
 
 /// A port a service declares: its container port, by name.

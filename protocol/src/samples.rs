@@ -77,6 +77,13 @@ pub fn report() -> Report {
         refused: None,
         // Since 1.7.
         addresses: vec![("sensor-reader".into(), "10.47.0.2".into())],
+        // Since 1.8.
+        waiting: vec![Waiting {
+            workload: "sensor-reader".into(),
+            revision: 4,
+            reason: "outside its install window (0 2 * * * for 2h Europe/Paris)".into(),
+            until_ms: 1_795_050_000_000,
+        }],
     }
 }
 
@@ -175,6 +182,18 @@ pub fn desired() -> Desired {
         }],
         // Since 1.8.
         load_reports: vec!["sensor-reader".into()],
+        updates: vec![UpdatePolicy {
+            workload: "sensor-reader".into(),
+            install: Some(Windows {
+                text: "0 2 * * * for 2h Europe/Paris".into(),
+                from_ms: 1_794_960_000_000,
+                until_ms: 1_796_169_600_000,
+                spans: vec![(1_794_963_600_000, 1_794_970_800_000), (1_795_050_000_000, 1_795_057_200_000)],
+            }),
+            download: None,
+            max_delay_s: 7 * 86_400,
+            lock: Some(UpdateLock { max_s: 3600, override_after_max: true }),
+        }],
     }
 }
 

@@ -34,6 +34,8 @@ pub struct DesiredV1 {
     pub service_ports: Vec<crate::message::ServicePort>,
     /// Since 1.8: `Desired::load_reports`.
     pub load_reports: Vec<String>,
+    /// Since 1.8: `Desired::updates`.
+    pub updates: Vec<crate::message::UpdatePolicy>,
 }
 
 /// `WorkloadSpec` as of 1.4 — frozen.
@@ -244,6 +246,7 @@ impl From<Desired> for DesiredV1 {
             agent: d.agent,
             service_ports: d.service_ports,
             load_reports: d.load_reports,
+            updates: d.updates,
         }
     }
 }
@@ -269,6 +272,7 @@ impl TryFrom<DesiredV1> for Desired {
             agent: d.agent,
             service_ports: d.service_ports,
             load_reports: d.load_reports,
+            updates: d.updates,
         })
     }
 }

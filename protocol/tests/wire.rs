@@ -62,6 +62,7 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             // 1.8 appended the workloads whose load heartbeats carry.
             if minor < 8 {
                 d.load_reports.clear();
+                d.updates.clear();
             }
             // 1.7's extensions: bridge networking (the 1.4 layout says `None`
             // for it; the sample was on the host's network before).
@@ -101,9 +102,12 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             }
             Message::Desired(d)
         }
-        // 1.7 appended the bridged containers' addresses.
-        Message::Report(mut r) if minor < 7 => {
-            r.addresses.clear();
+        // 1.7 appended the bridged containers' addresses, 1.8 what waits.
+        Message::Report(mut r) if minor < 8 => {
+            r.waiting.clear();
+            if minor < 7 {
+                r.addresses.clear();
+            }
             Message::Report(r)
         }
         // 1.4 appended the clocks: the device's in heartbeats, the controller's
@@ -133,7 +137,9 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             let mut document = encode(&Message::Desired(d)).expect("encodes");
             // What 1.6 appended (no agent: a zero byte), 1.5 (no extensions: a zero byte) and 1.4
             // (`issued_ms`, a zero byte at its default) is not in older bytes.
-            // 1.7 appended service ports, 1.8 load reports (none: a zero byte each).
+            // 1.7 appended service ports, 1.8 load reports and update
+            // policies (none: a zero byte each).
+            document.pop();
             document.pop();
             if minor < 7 {
                 document.pop();

@@ -284,6 +284,9 @@ fn rollout_details(line: String, r: &RolloutView) -> String {
     for (device, why) in &r.failed {
         let _ = writeln!(o, "  failed: {device}: {why}");
     }
+    for (device, why) in &r.held {
+        let _ = writeln!(o, "  waiting: {device}: {why}");
+    }
     o
 }
 
@@ -559,7 +562,32 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
         }
     }
     o.push_str(&table(&header, &rows));
+    // Devices holding a new revision back, and until when they expect to.
+    for d in &w.devices {
+        if let Some(h) = &d.waiting {
+            let until = if h.until_ms > 0 {
+                format!(" (until {})", ago_or_in(crate::controller::now_ms(), h.until_ms))
+            } else {
+                String::new()
+            };
+            let _ = writeln!(o, "{} holds revision {} back: {}{until}", d.device, h.revision, h.reason);
+        }
+    }
     o
+}
+
+/// `in 5m` for a time ahead, `5m ago` for one past.
+fn ago_or_in(now: Millis, at: Millis) -> String {
+    if at <= now {
+        return ago(now, at);
+    }
+    let s = (at - now) / 1000;
+    match s {
+        0..=119 => format!("in {s}s"),
+        120..=7199 => format!("in {}m", s / 60),
+        7200..=172_799 => format!("in {}h", s / 3600),
+        _ => format!("in {}d", s / 86_400),
+    }
 }
 
 pub fn webhooks_table(hooks: &[crate::view::WebhookView]) -> String {

@@ -78,6 +78,9 @@ struct State {
     /// Each autoscaled workload's autoscaler (memory only: a restarted
     /// controller watches a whole window again before scaling down).
     scalers: BTreeMap<String, crate::autoscale::Scaler>,
+    /// The week update windows were last computed for (`windows`): when it
+    /// turns, documents with windows are composed again.
+    windows_week: u64,
 }
 
 pub fn now_ms() -> Millis {
@@ -242,6 +245,7 @@ impl Controller {
                 agent_rollout,
                 releases,
                 scalers: BTreeMap::new(),
+                windows_week: now_ms() / crate::windows::WEEK_MS,
             }),
             fleet: Mutex::new(fleet),
             store: Mutex::new(store),
@@ -311,6 +315,12 @@ impl Controller {
             changed |= self.step_rollouts(&fleet, &mut st, now);
             changed |= self.step_agent_rollout(&fleet, &mut st, now);
             changed |= self.autoscale(&fleet, &mut st, now);
+            // A new week: update windows are sent for the next two.
+            let week = now / crate::windows::WEEK_MS;
+            if week != st.windows_week {
+                st.windows_week = week;
+                changed |= st.workloads.values().any(|e| e.manifest.updates.is_some());
+            }
             let gone: BTreeSet<String> =
                 fleet.devices().filter(|d| is_gone(d, now, self.reschedule_after_ms)).map(|d| d.id.clone()).collect();
             changed |= gone != st.gone;

@@ -89,6 +89,8 @@ impl Controller {
         let mut sealed = SealCache::new();
         let facts: BTreeMap<&str, &crate::schedule::DeviceFacts> =
             snap.facts.iter().map(|f| (f.id.as_str(), f)).collect();
+        // Each window's spans, computed once for every device it applies to.
+        let mut windows = BTreeMap::new();
         for desired::Composed { device, workloads, services, service_ports, load_reports } in docs {
             let workloads = self.seal(&store, &mut cache, &mut sealed, &device, snap.sealing.get(&device), workloads);
             let applied = snap.applied.get(&device).copied().unwrap_or(0);
@@ -97,8 +99,24 @@ impl Controller {
                 .as_ref()
                 .zip(facts.get(device.as_str()))
                 .and_then(|(r, f)| r.target_for(f, &st.releases));
-            let mut doc =
-                Desired { generation: 0, workloads, services, issued_ms: snap.now, agent, service_ports, load_reports };
+            let updates = workloads
+                .iter()
+                .filter_map(|w| {
+                    let u = st.workloads.get(&w.name)?.manifest.updates.as_ref()?;
+                    let labels = facts.get(device.as_str()).map(|f| &f.labels)?;
+                    Some(crate::windows::policy_for(&w.name, u, labels, snap.now, &mut windows))
+                })
+                .collect();
+            let mut doc = Desired {
+                generation: 0,
+                workloads,
+                services,
+                issued_ms: snap.now,
+                agent,
+                service_ports,
+                load_reports,
+                updates,
+            };
             doc.generation = match desired::issue(st.desired.get(&device), &doc, applied) {
                 desired::Issue::Unchanged => continue,
                 desired::Issue::New { generation, ahead } => {

@@ -77,6 +77,12 @@ impl Controller {
                 }));
             }
         }
+        // Time zones are looked up in the system's tz database here, not in validation.
+        for v in &validated {
+            if let Some(e) = v.manifest.updates.as_ref().and_then(crate::windows::unknown_zones) {
+                return Err(OpError::Invalid(format!("workload {}: {e}", v.spec.name)));
+            }
+        }
         // Read once: every workload of this apply pins against the same
         // versions, of this tenant's secrets only.
         let versions: BTreeMap<String, u64> =
@@ -433,6 +439,7 @@ impl Controller {
                     .as_ref()
                     .and_then(|r| r.addresses.iter().find(|(w, _)| w == name).map(|(_, a)| a.clone())),
                 load: d.heartbeat.as_ref().and_then(|h| h.loads.iter().find(|l| l.workload == name).cloned()),
+                waiting: d.report.as_ref().and_then(|r| r.waiting.iter().find(|w| w.workload == name).cloned()),
                 refused: d
                     .refusal
                     .as_ref()
@@ -490,11 +497,17 @@ impl Controller {
         let store = lock(&self.store);
         for (name, e) in st.workloads.iter_mut().filter(|(_, e)| e.active_rollout().is_some()) {
             let Some(r) = e.rollout.as_mut().filter(|r| r.state.active()) else { continue };
+            let to = r.to;
             let observe = |id: &str| -> Observation {
                 let Some(d) = devices.get(id) else { return Observation::default() };
                 Observation {
                     online: d.status(now, &self.liveness) == Status::Online,
                     status: d.report.as_ref().and_then(|r| r.workloads.iter().find(|w| &w.name == name).cloned()),
+                    waiting: d
+                        .report
+                        .as_ref()
+                        .and_then(|rep| rep.waiting.iter().find(|w| &w.workload == name && w.revision == to))
+                        .map(|w| w.reason.clone()),
                 }
             };
             let events = r.step(now, observe);

@@ -91,6 +91,10 @@ pub struct Manifest {
     /// `max` to keep the instances' load near the targets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<AutoscaleManifest>,
+    /// When a running instance may be replaced by a new revision on a
+    /// device: windows, the application's update lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updates: Option<UpdatesManifest>,
     /// How a new revision reaches the devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutManifest>,
@@ -129,6 +133,68 @@ pub fn unversioned_secret(name: &str) -> Vec<u8> {
 
 /// What one workload's files may weigh in all (they travel in desired documents).
 pub const MAX_FILES_BYTES: usize = 128 * 1024;
+
+/// `updates:` — when a device may switch a running workload to a new revision.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatesManifest {
+    /// When it may switch: one window, or a list whose first entry with a
+    /// matching `selector` applies to a device (none matching: any time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install: Option<OneOrMany<WindowManifest>>,
+    /// When the new image may be downloaded ahead of the switch (default: any time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<OneOrMany<WindowManifest>>,
+    /// Switch anyway once a revision has waited this long for its window (`3d`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay: Option<String>,
+    /// Honour the application's `/run/baton/update.lock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockManifest>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub fn items(&self) -> &[T] {
+        match self {
+            Self::One(t) => std::slice::from_ref(t),
+            Self::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WindowManifest {
+    /// Only devices with these labels (default: every device).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+    /// When it opens: `MIN HOUR * * DAY-OF-WEEK` (`0 2 * * *`: 02:00 every day).
+    pub at: String,
+    /// How long it stays open (`2h`).
+    #[serde(rename = "for")]
+    pub length: String,
+    /// IANA time zone of `at` (default UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LockManifest {
+    /// Honour a held lock this long at most (`10m`; default: as long as it is held).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<String>,
+    /// Past `max`: switch anyway (default false: go on waiting, and say so).
+    #[serde(default, rename = "override")]
+    pub override_after_max: bool,
+}
 
 /// `autoscale:` — at least one target.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

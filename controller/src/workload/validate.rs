@@ -44,6 +44,7 @@ pub fn validate(m: &Manifest) -> Checked<WorkloadSpec> {
     let (network, ports) = network(m)?;
     let (publish, bandwidth) = bridge(m)?;
     placement(m)?;
+    updates(m)?;
     strategy(m)?;
     references(m)?;
     let files = files(m)?;
@@ -292,6 +293,66 @@ fn placement(m: &Manifest) -> Checked<()> {
         return bad("placement.spread_by", "only with replicas: a workload on every device is spread already");
     }
     autoscale(m).map(|_| ())
+}
+
+/// `updates.*`: cron times, lengths and durations (time zone names are
+/// looked up at apply, in the system's tz database).
+fn updates(m: &Manifest) -> Checked<()> {
+    let Some(u) = &m.updates else { return Ok(()) };
+    for (key, list) in [("install", &u.install), ("download", &u.download)] {
+        let Some(list) = list else { continue };
+        let many = matches!(list, super::OneOrMany::Many(_));
+        for (i, w) in list.items().iter().enumerate() {
+            let at = if many { format!("updates.{key}[{i}]") } else { format!("updates.{key}") };
+            for (k, v) in &w.selector {
+                baton_protocol::validate_label(k, v)
+                    .map_err(|e| FieldError { field: format!("{at}.selector"), message: e.to_string() })?;
+            }
+            let cron = crate::windows::parse_cron(&w.at).or_else(|e| bad(format!("{at}.at"), e))?;
+            let length = crate::windows::parse_duration(&w.length).or_else(|e| bad(format!("{at}.for"), e))?;
+            if length > crate::windows::WEEK_MS {
+                return bad(format!("{at}.for"), "must be at most 7 days (a window opens at least once a week)");
+            }
+            let spans = crate::windows::spans(&cron, length, &jiff::tz::TimeZone::UTC, 0, crate::windows::PERIOD_MS);
+            if spans.len() > crate::windows::MAX_SPANS {
+                return bad(
+                    format!("{at}.at"),
+                    format!(
+                        "opens {} separate windows in two weeks (at most {}): use fewer, longer ones",
+                        spans.len(),
+                        crate::windows::MAX_SPANS
+                    ),
+                );
+            }
+            if let Some(z) = &w.time_zone {
+                if z.is_empty() || z.len() > 64 || !z.chars().all(|c| c.is_ascii_alphanumeric() || "/_-+".contains(c)) {
+                    return bad(
+                        format!("{at}.time_zone"),
+                        format!("{z:?} is no IANA time zone name (e.g. Europe/Paris)"),
+                    );
+                }
+            }
+        }
+    }
+    if let Some(d) = &u.max_delay {
+        let ms = crate::windows::parse_duration(d).or_else(|e| bad("updates.max_delay", e))?;
+        if ms / 1000 > u64::from(u32::MAX) {
+            return bad("updates.max_delay", "too long");
+        }
+        if u.install.is_none() {
+            return bad("updates.max_delay", "only with updates.install (it bounds the wait for a window)");
+        }
+    }
+    if let Some(d) = u.lock.as_ref().and_then(|l| l.max.as_ref()) {
+        let ms = crate::windows::parse_duration(d).or_else(|e| bad("updates.lock.max", e))?;
+        if ms / 1000 > u64::from(u32::MAX) {
+            return bad("updates.lock.max", "too long");
+        }
+    }
+    if u.lock.as_ref().is_some_and(|l| l.override_after_max && l.max.is_none()) {
+        return bad("updates.lock.override", "only with updates.lock.max (after how long to override)");
+    }
+    Ok(())
 }
 
 /// Default `autoscale.window` and `autoscale.cooldown`, seconds.
