@@ -137,8 +137,16 @@ pub struct Scaler {
 
 impl Scaler {
     /// Takes this moment's recommendation (None: no data) and decides
-    /// whether `current` replicas must change.
-    pub fn step(&mut self, p: &Policy, current: u32, rec: Option<Recommendation>, now: Millis) -> Option<Decision> {
+    /// whether `current` replicas must change; a scale-down removes at most
+    /// `max_down` (a disruption budget's allowance).
+    pub fn step(
+        &mut self,
+        p: &Policy,
+        current: u32,
+        rec: Option<Recommendation>,
+        max_down: u32,
+        now: Millis,
+    ) -> Option<Decision> {
         // Outside the range (the policy changed, or the count was set before it): into it at once.
         if current < p.min || current > p.max {
             let to = current.clamp(p.min, p.max);
@@ -165,8 +173,12 @@ impl Scaler {
         }
         let highest = self.history.iter().map(|&(_, r)| r).max().unwrap_or(rec.replicas);
         if highest < current && now >= watching_since + p.window_ms {
-            let reason = format!("{} (the highest recommendation in {} s)", rec.reason, p.window_ms / 1000);
-            return Some(self.decide(current, highest, reason, now));
+            let to = highest.max(current.saturating_sub(max_down.max(1)));
+            let mut reason = format!("{} (the highest recommendation in {} s)", rec.reason, p.window_ms / 1000);
+            if to > highest {
+                reason.push_str(&format!("; at most {max_down} at a time (disruption budget)"));
+            }
+            return Some(self.decide(current, to, reason, now));
         }
         None
     }
@@ -258,11 +270,11 @@ mod tests {
     fn scale_ups_are_at_once_but_bounded_and_cooled_down() {
         let p = policy();
         let mut s = Scaler::default();
-        let d = s.step(&p, 2, r(10), 0).unwrap();
+        let d = s.step(&p, 2, r(10), u32::MAX, 0).unwrap();
         assert_eq!((d.from, d.to), (2, 6), "at most +4 (or ×2) per decision");
-        assert_eq!(s.step(&p, 6, r(10), 5_000), None, "cooling down");
-        assert_eq!(s.step(&p, 6, r(10), 10_000).map(|d| d.to), Some(10));
-        assert_eq!(s.step(&p, 10, None, 30_000), None, "no data: nothing");
+        assert_eq!(s.step(&p, 6, r(10), u32::MAX, 5_000), None, "cooling down");
+        assert_eq!(s.step(&p, 6, r(10), u32::MAX, 10_000).map(|d| d.to), Some(10));
+        assert_eq!(s.step(&p, 10, None, u32::MAX, 30_000), None, "no data: nothing");
     }
 
     #[test]
@@ -270,33 +282,48 @@ mod tests {
         let p = policy();
         let mut s = Scaler::default();
         // Watching from 0 at 6; load drops at 20 s.
-        assert_eq!(s.step(&p, 6, r(6), 0), None);
-        assert_eq!(s.step(&p, 6, r(3), 20_000), None);
-        assert_eq!(s.step(&p, 6, r(3), 59_000), None, "6 was recommended within the window");
+        assert_eq!(s.step(&p, 6, r(6), u32::MAX, 0), None);
+        assert_eq!(s.step(&p, 6, r(3), u32::MAX, 20_000), None);
+        assert_eq!(s.step(&p, 6, r(3), u32::MAX, 59_000), None, "6 was recommended within the window");
         // A brief spike resets nothing but is remembered.
-        assert_eq!(s.step(&p, 6, r(4), 70_000), None, "the 6 of before 20 s is still in force at the window's start");
-        let d = s.step(&p, 6, r(3), 80_001).unwrap();
+        assert_eq!(
+            s.step(&p, 6, r(4), u32::MAX, 70_000),
+            None,
+            "the 6 of before 20 s is still in force at the window's start"
+        );
+        let d = s.step(&p, 6, r(3), u32::MAX, 80_001).unwrap();
         assert_eq!((d.from, d.to), (6, 4), "the highest of the window (the spike's 4)");
         // The spike's 4 was in force until 80 s: 3 once that left the window.
-        assert_eq!(s.step(&p, 4, r(3), 131_000), None);
-        assert_eq!(s.step(&p, 4, r(3), 140_002).map(|d| d.to), Some(3));
+        assert_eq!(s.step(&p, 4, r(3), u32::MAX, 131_000), None);
+        assert_eq!(s.step(&p, 4, r(3), u32::MAX, 140_002).map(|d| d.to), Some(3));
+    }
+
+    #[test]
+    fn a_disruption_budget_bounds_each_scale_down() {
+        let p = Policy { cooldown_ms: 0, ..policy() };
+        let mut s = Scaler::default();
+        assert_eq!(s.step(&p, 10, r(2), 2, 0), None);
+        let d = s.step(&p, 10, r(2), 2, 60_000).unwrap();
+        assert_eq!((d.from, d.to), (10, 8));
+        assert!(d.reason.ends_with("at most 2 at a time (disruption budget)"), "{}", d.reason);
+        assert_eq!(s.step(&p, 8, r(2), 2, 60_001).map(|d| d.to), Some(6));
     }
 
     #[test]
     fn a_fresh_scaler_does_not_scale_down_before_it_watched_a_window() {
         let p = policy();
         let mut s = Scaler::default();
-        assert_eq!(s.step(&p, 8, r(2), 1_000_000), None);
-        assert_eq!(s.step(&p, 8, r(2), 1_059_999), None);
-        assert_eq!(s.step(&p, 8, r(2), 1_060_000).map(|d| d.to), Some(2));
+        assert_eq!(s.step(&p, 8, r(2), u32::MAX, 1_000_000), None);
+        assert_eq!(s.step(&p, 8, r(2), u32::MAX, 1_059_999), None);
+        assert_eq!(s.step(&p, 8, r(2), u32::MAX, 1_060_000).map(|d| d.to), Some(2));
     }
 
     #[test]
     fn counts_outside_the_range_are_brought_into_it() {
         let p = policy();
         let mut s = Scaler::default();
-        assert_eq!(s.step(&p, 1, None, 0).map(|d| d.to), Some(2));
-        assert_eq!(s.step(&p, 12, None, 0).map(|d| d.to), Some(10));
+        assert_eq!(s.step(&p, 1, None, u32::MAX, 0).map(|d| d.to), Some(2));
+        assert_eq!(s.step(&p, 12, None, u32::MAX, 0).map(|d| d.to), Some(10));
     }
 
     /// A load wave, sampled every 15 s: decisions follow it without flapping
@@ -314,7 +341,7 @@ mod tests {
             let noise = if step % 2 == 0 { 1.15 } else { 0.85 };
             let each = (demand * noise / f64::from(current)) as u32;
             let rec = recommend(&p, REQ, current, &cpu(&vec![each; current as usize]));
-            if let Some(d) = s.step(&p, current, rec, now) {
+            if let Some(d) = s.step(&p, current, rec, u32::MAX, now) {
                 decisions.push((step, d.from, d.to));
                 current = d.to;
             }

@@ -68,6 +68,58 @@ pub fn wave_ends(waves: &[Wave], n: usize) -> Vec<usize> {
     ends
 }
 
+/// A disruption budget: per group of devices (a label's value), how many
+/// may be updating at once.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Budget {
+    /// Each device's group.
+    pub group: BTreeMap<String, String>,
+    /// Each group's allowance (at least 1).
+    pub allowance: BTreeMap<String, usize>,
+}
+
+impl Budget {
+    fn group_of(&self, device: &str) -> &str {
+        self.group.get(device).map_or("", String::as_str)
+    }
+
+    fn allows(&self, group: &str) -> usize {
+        self.allowance.get(group).copied().unwrap_or(1).max(1)
+    }
+
+    /// Reorders `devices` and cuts the waves `ends` so that no wave holds
+    /// more of a group than its allowance: a wave that cannot be filled
+    /// without that is split (waves are released one after another, so at
+    /// most that many of a group update at once).
+    pub fn shape(&self, devices: Vec<String>, ends: &[usize]) -> (Vec<String>, Vec<usize>) {
+        let mut remaining: std::collections::VecDeque<String> = devices.into();
+        let mut out: Vec<String> = Vec::with_capacity(remaining.len());
+        let mut new_ends = Vec::new();
+        for &target in ends {
+            while out.len() < target && !remaining.is_empty() {
+                let need = target - out.len();
+                let mut taken: BTreeMap<&str, usize> = BTreeMap::new();
+                let mut wave = Vec::new();
+                let mut rest = std::collections::VecDeque::new();
+                while let Some(d) = remaining.pop_front() {
+                    let g = self.group_of(&d);
+                    let n = taken.get(g).copied().unwrap_or(0);
+                    if wave.len() < need && n < self.allows(g) {
+                        taken.insert(self.group.get(&d).map_or("", String::as_str), n + 1);
+                        wave.push(d);
+                    } else {
+                        rest.push_back(d);
+                    }
+                }
+                remaining = rest;
+                out.extend(wave);
+                new_ends.push(out.len());
+            }
+        }
+        (out, new_ends)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum State {
@@ -140,6 +192,10 @@ pub struct Rollout {
     /// judge is away), for `rollout status`.
     #[serde(default)]
     pub waiting: Option<String>,
+    /// The workload's disruption budget, when it has one: waves were cut to
+    /// it, and a stand-in for an away device keeps to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
 }
 
 /// An operator's step the rollout's state does not allow.
@@ -162,7 +218,24 @@ pub type Events = Vec<String>;
 
 impl Rollout {
     pub fn new(workload: &str, from: u64, to: u64, devices: Vec<String>, strategy: Strategy, now: u64) -> Self {
+        Self::with_budget(workload, from, to, devices, strategy, None, now)
+    }
+
+    /// As `new`, with the waves cut to a disruption budget.
+    pub fn with_budget(
+        workload: &str,
+        from: u64,
+        to: u64,
+        devices: Vec<String>,
+        strategy: Strategy,
+        budget: Option<Budget>,
+        now: u64,
+    ) -> Self {
         let ends = wave_ends(&strategy.waves, devices.len());
+        let (devices, ends) = match &budget {
+            Some(b) => b.shape(devices, &ends),
+            None => (devices, ends),
+        };
         let mut r = Rollout {
             workload: workload.into(),
             from,
@@ -177,6 +250,7 @@ impl Rollout {
             reason: None,
             progress: BTreeMap::new(),
             waiting: None,
+            budget,
         };
         r.release(now);
         r
@@ -337,8 +411,15 @@ impl Rollout {
         }
 
         for i in long_away {
-            let Some(j) = (self.released()..self.devices.len()).find(|&j| observe(&self.devices[j]).online) else {
-                break;
+            // With a budget: a stand-in of the same group (the wave stays
+            // within it); without one, the first online device.
+            let same_group = |j: usize| {
+                self.budget.as_ref().is_none_or(|b| b.group_of(&self.devices[j]) == b.group_of(&self.devices[i]))
+            };
+            let Some(j) = (self.released()..self.devices.len()).find(|&j| {
+                same_group(j) && observe(&self.devices[j]).online && observe(&self.devices[j]).waiting.is_none()
+            }) else {
+                continue;
             };
             let (gone, stand_in) = (self.devices[i].clone(), self.devices[j].clone());
             self.devices.swap(i, j);
@@ -456,6 +537,27 @@ mod tests {
             status: Some(WorkloadStatus { revision, phase: Phase::Running, health, ..Default::default() }),
             waiting: None,
         }
+    }
+
+    #[test]
+    fn a_disruption_budget_cuts_waves_to_its_allowance_per_group() {
+        // Six devices on two sites, one wave of all: at most one per site at a time.
+        let group: BTreeMap<String, String> =
+            devices(6).into_iter().enumerate().map(|(i, d)| (d, ["a", "b"][i / 3].to_string())).collect();
+        let b = Budget { group, allowance: BTreeMap::from([("a".into(), 1), ("b".into(), 1)]) };
+        let (order, ends) = b.shape(devices(6), &[6]);
+        assert_eq!(ends, [2, 4, 6]);
+        assert_eq!(order, ["d00", "d03", "d01", "d04", "d02", "d05"]);
+        // Waves [1, 100%]: the canary alone, then the rest within the budget.
+        let (order, ends) = b.shape(devices(6), &[1, 6]);
+        assert_eq!(ends, [1, 3, 5, 6]);
+        assert_eq!(order[..3], ["d00", "d01", "d03"]);
+        // An allowance of 2 on site a.
+        let b = Budget { allowance: BTreeMap::from([("a".into(), 2), ("b".into(), 1)]), ..b };
+        assert_eq!(b.shape(devices(6), &[6]).1, [3, 5, 6]);
+        // A rollout made with it keeps the shape.
+        let r = Rollout::with_budget("w", 1, 2, devices(6), strategy(&["100%"]), Some(b), 0);
+        assert_eq!((r.released(), r.wave_ends.len()), (3, 3));
     }
 
     #[test]

@@ -174,3 +174,76 @@ fn a_real_container_reports_its_cpu_and_its_own_load() {
         w.devices.first()?.load.as_ref().filter(|l| l.load_milli.is_none() && l.cpu_milli.is_some()).map(|_| ())
     });
 }
+
+#[test]
+fn a_disruption_budget_paces_rollouts_and_scale_downs_per_site() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let n = 12;
+    // Device n is on site a, b or c (n mod 3); `web` has no load at all.
+    let _sim = start_simulator(
+        &world,
+        "db",
+        n,
+        &controller.broker_url(),
+        &["--heartbeat-interval", "1", "--label-cycle", "site=a,b,c", "--load", "web=0:0"],
+    );
+    wait_for("simulated devices", Duration::from_secs(60), || (controller.devices().len() == n).then_some(()));
+    let site = |device: &str| {
+        ["a", "b", "c"][device.rsplit('-').next().and_then(|i| i.parse::<usize>().ok()).unwrap_or(0) % 3]
+    };
+
+    // A rollout of one wave over all 12, with one device per site at a time.
+    let agent = |version: u32| {
+        format!(
+            "name: agentd\nimage: 127.0.0.1:9/agentd:{version}\nrollout: {{waves: [100%], min_ready: 1}}\n\
+             disruption: {{max_unavailable: 1, per: site}}\n"
+        )
+    };
+    apply_yaml(&server, &world, "agentd.yaml", &agent(1));
+    wait_for("revision 1 everywhere", Duration::from_secs(60), || settled(&server, "agentd", 1, n));
+    apply_yaml(&server, &world, "agentd.yaml", &agent(2));
+    let mut most_per_site = 0;
+    let mut waves = 0;
+    let done = wait_for("the rollout of revision 2", Duration::from_secs(120), || {
+        let w = describe_workload(&server, "agentd")?;
+        let r = w.rollout.clone()?;
+        waves = waves.max(r.waves);
+        // Given revision 2 and not yet running it healthy, per site.
+        let mut updating = std::collections::BTreeMap::new();
+        for d in w.devices.iter().filter(|d| d.desired_revision == 2) {
+            let ready =
+                d.reported.as_ref().is_some_and(|s| s.revision == 2 && s.health == baton_protocol::Health::Healthy);
+            if !ready {
+                *updating.entry(site(&d.device)).or_insert(0) += 1;
+            }
+        }
+        most_per_site = most_per_site.max(updating.values().copied().max().unwrap_or(0));
+        (!r.state.active()).then_some(r)
+    });
+    assert_eq!(done.state, baton_controller::rollout::State::Succeeded, "{done:?}");
+    assert_eq!(waves, 4, "12 devices, 3 sites, one per site a wave");
+    assert!(most_per_site <= 1, "{most_per_site} devices of one site updating at once");
+
+    // A scale-down from 9 to the minimum of 3 (no load): at most one instance
+    // (the smallest site allowance) per decision.
+    apply_yaml(
+        &server,
+        &world,
+        "web.yaml",
+        "name: web\nimage: 127.0.0.1:9/web:1\nresources: {cpu: 500m}\nreplicas: 9\nplacement: {spread_by: site}\n\
+         autoscale: {min: 3, max: 9, cpu_percent: 50, window: 2, cooldown: 1}\n\
+         disruption: {max_unavailable: 1, per: site}\n",
+    );
+    wait_for("web down to 3", Duration::from_secs(90), || {
+        describe_workload(&server, "web").filter(|w| w.replicas == Some(3) && w.devices.len() == 3)
+    });
+    let ds = decisions(&controller, "web");
+    assert_eq!(ds.len(), 6, "{ds:?}");
+    assert!(ds.iter().all(|(f, t)| f - t == 1), "one at a time: {ds:?}");
+    // Spread by site all along: one instance on each at the end.
+    let w = describe_workload(&server, "web").expect("web");
+    let sites: std::collections::BTreeSet<&str> = w.devices.iter().map(|d| site(&d.device)).collect();
+    assert_eq!(sites.len(), 3, "{:?}", w.devices.iter().map(|d| &d.device).collect::<Vec<_>>());
+}

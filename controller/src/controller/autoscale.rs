@@ -30,8 +30,21 @@ impl Controller {
                 .map(|l| Sample { cpu_milli: l.cpu_milli, memory_bytes: l.memory_bytes, load_milli: l.load_milli })
                 .collect();
             let rec = recommend(&policy, req, current, &samples);
+            // A disruption budget bounds how many instances one scale-down removes.
+            let max_down = e.manifest.disruption.as_ref().map_or(u32::MAX, |d| {
+                let placed: Vec<crate::schedule::DeviceFacts> = schedule
+                    .assignment
+                    .get(name)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| fleet.get(&DeviceId::new(id.clone()).ok()?))
+                    .map(|d| crate::desired::facts_of(d, now, &self.liveness, self.reschedule_after_ms))
+                    .collect();
+                let b = super::workloads::budget(d, &placed.iter().collect::<Vec<_>>());
+                b.allowance.values().copied().min().unwrap_or(1) as u32
+            });
             let scaler = scalers.entry(name.clone()).or_default();
-            if let Some(d) = scaler.step(&policy, current, rec, now) {
+            if let Some(d) = scaler.step(&policy, current, rec, max_down, now) {
                 if d.to != current {
                     decisions.push((name.clone(), d));
                 }

@@ -245,7 +245,8 @@ impl Controller {
         }
         let strategy = crate::workload::strategy(&e.manifest).unwrap_or_default();
         let ids = devices.iter().map(|d| d.id.clone()).collect();
-        let r = Rollout::new(name, from, to, ids, strategy, now);
+        let budget = e.manifest.disruption.as_ref().map(|d| budget(d, &devices));
+        let r = Rollout::with_budget(name, from, to, ids, strategy, budget, now);
         store.save_rollout(&r)?;
         self.event(
             store,
@@ -536,4 +537,19 @@ impl Controller {
         drop(store);
         changed
     }
+}
+
+/// A workload's disruption budget over `devices`: each device's group (its
+/// value of the `per` label), each group's allowance.
+pub(super) fn budget(d: &crate::workload::DisruptionManifest, devices: &[&DeviceFacts]) -> crate::rollout::Budget {
+    let group: BTreeMap<String, String> = devices
+        .iter()
+        .map(|f| (f.id.clone(), d.per.as_ref().and_then(|k| f.labels.get(k)).cloned().unwrap_or_default()))
+        .collect();
+    let mut sizes: BTreeMap<String, usize> = BTreeMap::new();
+    for g in group.values() {
+        *sizes.entry(g.clone()).or_default() += 1;
+    }
+    let allowance = sizes.into_iter().map(|(g, n)| (g, crate::workload::allowance(d, n))).collect();
+    crate::rollout::Budget { group, allowance }
 }

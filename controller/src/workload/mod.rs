@@ -91,6 +91,10 @@ pub struct Manifest {
     /// `max` to keep the instances' load near the targets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<AutoscaleManifest>,
+    /// How many of its instances may be down at once (updating, or removed
+    /// by a scale-down), per group of devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disruption: Option<DisruptionManifest>,
     /// When a running instance may be replaced by a new revision on a
     /// device: windows, the application's update lock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,6 +137,26 @@ pub fn unversioned_secret(name: &str) -> Vec<u8> {
 
 /// What one workload's files may weigh in all (they travel in desired documents).
 pub const MAX_FILES_BYTES: usize = 128 * 1024;
+
+/// `disruption:` — a disruption budget.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DisruptionManifest {
+    /// A count (`1`) or a share of the group's devices (`25%`, at least one).
+    pub max_unavailable: Quantity,
+    /// The device label whose values make the groups (`site`; default: one group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<String>,
+}
+
+/// A disruption budget's allowance for a group of `size` devices.
+pub fn allowance(d: &DisruptionManifest, size: usize) -> usize {
+    let text = d.max_unavailable.to_string();
+    match text.trim().strip_suffix('%') {
+        Some(p) => (size * p.trim().parse::<usize>().unwrap_or(0) / 100).max(1),
+        None => text.trim().parse::<usize>().unwrap_or(1).max(1),
+    }
+}
 
 /// `updates:` — when a device may switch a running workload to a new revision.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

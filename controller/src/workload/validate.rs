@@ -45,6 +45,7 @@ pub fn validate(m: &Manifest) -> Checked<WorkloadSpec> {
     let (publish, bandwidth) = bridge(m)?;
     placement(m)?;
     updates(m)?;
+    disruption(m)?;
     strategy(m)?;
     references(m)?;
     let files = files(m)?;
@@ -293,6 +294,24 @@ fn placement(m: &Manifest) -> Checked<()> {
         return bad("placement.spread_by", "only with replicas: a workload on every device is spread already");
     }
     autoscale(m).map(|_| ())
+}
+
+/// `disruption.*`: a count of at least 1 or a share 1–100 %, a label key.
+fn disruption(m: &Manifest) -> Checked<()> {
+    let Some(d) = &m.disruption else { return Ok(()) };
+    let text = d.max_unavailable.to_string();
+    let ok = match text.trim().strip_suffix('%') {
+        Some(p) => p.trim().parse::<u32>().is_ok_and(|p| (1..=100).contains(&p)),
+        None => text.trim().parse::<u32>().is_ok_and(|n| n >= 1),
+    };
+    if !ok {
+        return bad("disruption.max_unavailable", format!("{text:?}: a count of at least 1, or a share like 25%"));
+    }
+    if let Some(key) = &d.per {
+        baton_protocol::validate_label(key, "")
+            .map_err(|e| FieldError { field: "disruption.per".into(), message: e.to_string() })?;
+    }
+    Ok(())
 }
 
 /// `updates.*`: cron times, lengths and durations (time zone names are
