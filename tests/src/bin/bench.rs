@@ -41,6 +41,8 @@ fn main() {
         "fleet-upgrade" => fleet_upgrade(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5)),
         "net" => net(secs("BENCH_ITERS", 50) as usize),
         "net-memory" => net_memory(secs("BENCH_CONTAINERS", 20) as usize),
+        "autoscale" => autoscale(secs("BENCH_SIM_DEVICES", 1000) as usize),
+        "autoscale-cpu" => autoscale_cpu(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_SECS", 60)),
         "all" => {
             sizes();
             footprint(secs("BENCH_IDLE_SECS", 60));
@@ -53,10 +55,12 @@ fn main() {
             fleet_upgrade(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5));
             net(secs("BENCH_ITERS", 50) as usize);
             net_memory(secs("BENCH_CONTAINERS", 20) as usize);
+            autoscale(secs("BENCH_SIM_DEVICES", 1000) as usize);
+            autoscale_cpu(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_SECS", 60));
         }
         other => {
             eprintln!(
-                "usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|net|net-memory|all] (got {other:?})"
+                "usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|net|net-memory|autoscale|autoscale-cpu|all] (got {other:?})"
             );
             std::process::exit(2);
         }
@@ -674,6 +678,151 @@ fn cpu_and_rss(pid: u32) -> (u64, u64, u64) {
         + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     (ticks, kib_field(&status, "VmRSS:"), kib_field(&status, "VmHWM:"))
+}
+
+/// The autoscaler's reaction to a load step on `devices` simulated devices
+/// (heartbeats every 5 s): `web` (1 CPU requested, 50 % target, 10–200
+/// replicas, window 30 s, cooldown 10 s) under 5 CPUs of demand, 50 CPUs
+/// from 90 s into the simulator's run, 5 again from 300 s. Times from each
+/// step to the first decision and to the count the load calls for, running.
+fn autoscale(devices: usize) {
+    use baton_controller::view::{Event, WorkloadView};
+    let (hb, window, cooldown) = (5, 30, 10);
+    println!(
+        "## Autoscaling: {devices} simulated devices, heartbeat {hb} s, window {window} s, cooldown {cooldown} s\n"
+    );
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let started = Instant::now();
+    let hb_arg = hb.to_string();
+    let _sim = start_simulator(
+        &world,
+        "as",
+        devices,
+        &controller.broker_url(),
+        &["--heartbeat-interval", &hb_arg, "--load", "web=0:5000,90:50000,300:5000"],
+    );
+    wait_for("simulated fleet", Duration::from_secs(120), || (controller.devices().len() == devices).then_some(()));
+    let path = world.path().join("web.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "name: web\nimage: 127.0.0.1:9/web:1\nresources: {{cpu: 1000m}}\nreplicas: 10\n\
+             autoscale: {{min: 10, max: 200, cpu_percent: 50, window: {window}, cooldown: {cooldown}}}\n"
+        ),
+    )
+    .expect("manifest");
+    let (ok, _, err) = baton_cli(&server, &["apply", "-f", path.to_str().expect("utf-8")]);
+    assert!(ok, "{err}");
+    let (ticks0, _, _) = cpu_and_rss(controller.proc.pid());
+    let state = || -> Option<(u32, usize)> {
+        let w: WorkloadView = get_json(controller.http, "/api/v1/workloads/web").ok()?;
+        Some((w.replicas.unwrap_or(0), w.healthy()))
+    };
+    let first_decision_after = |at: Duration| -> Option<f64> {
+        let events: Vec<Event> = get_json(controller.http, "/api/v1/events?subject=web&limit=1000").ok()?;
+        let t0 = controller_epoch_ms(started) + at.as_millis() as u64;
+        events
+            .iter()
+            .filter(|e| e.name == "workload.autoscaled" && e.at_ms >= t0)
+            .map(|e| (e.at_ms - t0) as f64 / 1000.0)
+            .reduce(f64::min)
+    };
+    // (first decision, the count running healthy), in seconds after the step at `at`.
+    let step = |at: u64, want: u32| -> (f64, f64) {
+        let at = Duration::from_secs(at);
+        assert!(started.elapsed() < at, "the fleet took too long to settle before the step");
+        while started.elapsed() < at {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        loop {
+            let (replicas, healthy) = state().unwrap_or_default();
+            let now = started.elapsed().saturating_sub(at).as_secs_f64();
+            if replicas == want && healthy == want as usize {
+                return (first_decision_after(at).unwrap_or(f64::NAN), now);
+            }
+            assert!(now < 240.0, "no {want} replicas 240 s after the step: {replicas}, {healthy} healthy");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    wait_for("10 replicas", Duration::from_secs(60), || (state()? == (10, 10)).then_some(()));
+    let (up_first, up_done) = step(90, 100);
+    let (down_first, down_done) = step(300, 10);
+    let (ticks1, _, hwm) = cpu_and_rss(controller.proc.pid());
+    let events: Vec<Event> = get_json(controller.http, "/api/v1/events?subject=web&limit=1000").expect("events");
+    let decisions: Vec<String> = events
+        .iter()
+        .filter(|e| e.name == "workload.autoscaled")
+        .map(|e| e.message.split(':').next().unwrap_or("").replace("autoscaled from ", "").replace(" replicas", ""))
+        .rev()
+        .collect();
+    println!("| measure | value |\n|---|---|");
+    println!("| load step 5 → 50 CPUs (10 → 100 replicas): first decision | {up_first:.1} s |");
+    println!("| … 100 replicas running healthy | {up_done:.1} s |");
+    println!("| load step 50 → 5 CPUs (100 → 10): first decision (window {window} s) | {down_first:.1} s |");
+    println!("| … back to 10 replicas | {down_done:.1} s |");
+    println!("| decisions | {} ({}) |", decisions.len(), decisions.join(", "));
+    println!(
+        "| controller CPU, apply → end ({:.0} s) / RSS high-water mark | {:.2} s / {hwm} KiB |\n",
+        started.elapsed().as_secs_f64(),
+        (ticks1 - ticks0) as f64 / 100.0
+    );
+}
+
+/// The controller's clock when the simulator run began (Unix ms).
+fn controller_epoch_ms(started: Instant) -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    now - started.elapsed().as_millis() as u64
+}
+
+/// Controller CPU with 1,000 workloads autoscaled (one replica each, steady:
+/// nothing to decide, but every one judged every 500 ms tick from its
+/// instance's heartbeats), against the same workloads without autoscale,
+/// on `devices` simulated devices with heartbeats every 15 s.
+fn autoscale_cpu(devices: usize, secs: u64) {
+    let workloads = devices;
+    println!("## Autoscaling {workloads} workloads: controller CPU over {secs} s, {devices} simulated devices\n");
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let _sim = start_simulator(&world, "ac", devices, &controller.broker_url(), &["--heartbeat-interval", "15"]);
+    wait_for("simulated fleet", Duration::from_secs(120), || (controller.devices().len() == devices).then_some(()));
+    let path = world.path().join("many.yaml");
+    let apply = |autoscaled: bool| {
+        let mut text = String::new();
+        for i in 0..workloads {
+            let scale = if autoscaled { "autoscale: {min: 1, max: 3, cpu_percent: 50}\n" } else { "" };
+            text.push_str(&format!(
+                "---\nname: w{i:04}\nimage: 127.0.0.1:9/w:1\nresources: {{cpu: 100m}}\nreplicas: 1\n{scale}"
+            ));
+        }
+        std::fs::write(&path, text).expect("manifest");
+        let (ok, _, err) = baton_cli(&server, &["apply", "-f", path.to_str().expect("utf-8"), "-o", "json"]);
+        assert!(ok, "{err}");
+    };
+    let measure = |what: &str| {
+        // Settle: every workload placed and running, a heartbeat or two in.
+        wait_for("every workload running", Duration::from_secs(180), || {
+            let ws: Vec<baton_controller::view::WorkloadView> = get_json(controller.http, "/api/v1/workloads").ok()?;
+            (ws.len() == workloads && ws.iter().all(|w| w.healthy() == 1)).then_some(())
+        });
+        std::thread::sleep(Duration::from_secs(30));
+        let (t0, _, _) = cpu_and_rss(controller.proc.pid());
+        let began = Instant::now();
+        std::thread::sleep(Duration::from_secs(secs));
+        let (t1, rss, _) = cpu_and_rss(controller.proc.pid());
+        let cpu = (t1 - t0) as f64 / 100.0;
+        let pct = cpu / began.elapsed().as_secs_f64() * 100.0;
+        println!("| {what} | {cpu:.2} s ({pct:.1} % of one core) | {rss} KiB |");
+        pct
+    };
+    println!("| {workloads} workloads, one replica each | controller CPU over {secs} s | RSS |\n|---|---|---|");
+    apply(false);
+    let plain = measure("without autoscale");
+    apply(true);
+    let scaled = measure("autoscaled (min 1, max 3, cpu 50 %)");
+    println!("\nAutoscaling {workloads} workloads costs {:.1} % of one core more.\n", scaled - plain);
 }
 
 /// A rollout of a new revision to `devices` simulated devices in 4 waves
