@@ -114,7 +114,8 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
             'd' => 86_400,
             _ => return Err(format!("{text:?}: expected a duration like 90s, 10m, 2h, 1d or 1h30m")),
         };
-        let n: u64 = digits.parse().map_err(|_| format!("{text:?}: a number must come before {c:?}"))?;
+        let n: u64 =
+            digits.parse().map_err(|_| format!("{text:?}: expected a duration like 90s, 10m, 2h, 1d or 1h30m"))?;
         total = total.saturating_add(n.saturating_mul(unit * 1000));
         digits.clear();
     }

@@ -177,11 +177,25 @@ pub struct UpdatesManifest {
     pub lock: Option<LockManifest>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
     One(T),
     Many(Vec<T>),
+}
+
+/// By hand: serde's untagged enums lose the inner error ("did not match
+/// any variant"); this one says which field was wrong.
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_yaml::Value::deserialize(d)?;
+        let parsed = if v.is_sequence() {
+            serde_yaml::from_value(v).map(Self::Many)
+        } else {
+            serde_yaml::from_value(v).map(Self::One)
+        };
+        parsed.map_err(serde::de::Error::custom)
+    }
 }
 
 impl<T> OneOrMany<T> {
@@ -652,6 +666,12 @@ image: reg/other:1
             ("name: a\nimage: x\nresources: {network: {egress: 2mbit}}\n", "network: bridge", "resources.network", 1),
             ("name: a\nimage: x\nallow_from: [web]\n", "network: bridge", "allow_from", 1),
             ("name: a\nimage: x\nnetwork: bridge\nallow_from: [Web]\n", "a-z 0-9", "allow_from[0]", 1),
+            ("name: a\nimage: x\nautoscale: {min: 1, max: 3, load: 2, step: 1}\n", "unknown field `step`", "step", 1),
+            ("name: a\nimage: x\nupdates: {install: {at: '0 2 * * *', fro: 2h}}\n", "fro", "fro", 1),
+            ("name: a\nimage: x\nupdates: {install: {at: '0 2 * * *', for: 2h}, lock: {max: soon}}\n", "1h30m", "updates.lock.max", 1),
+            ("name: a\nimage: x\ndisruption: {max_unavailable: 0}\n", "at least 1", "disruption.max_unavailable", 1),
+            ("name: a\nimage: x\ndisruption: {max_unavailable: 150%}\n", "25%", "disruption.max_unavailable", 1),
+            ("name: a\nimage: x\ndisruption: {max_unavailable: 1, per: 'a b'}\n", "", "disruption.per", 1),
         ];
         for (yaml, message, field, doc) in cases {
             let e = parse("bad.yaml", yaml).expect_err(yaml);
