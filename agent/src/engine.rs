@@ -292,13 +292,14 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
                 let st = status.iter().find(|s| &s.name == name && s.phase == baton_protocol::Phase::Running)?;
                 let id = self.sup.current_container(name)?;
                 let (_, instance) = crate::supervisor::parse_container_id(&id)?;
-                let said = self.sup.runtime().signal(&id, crate::load::LOAD_FILE);
+                let said = self.sup.runtime().signal(&id, crate::load::LOAD_FILE).map(|t| crate::load::parse_load(&t));
                 Some(crate::load::LoadSample {
                     workload: name.clone(),
                     instance,
                     cpu_ns: st.cpu_usage_ns,
                     memory_bytes: st.memory_bytes,
-                    load_milli: said.as_deref().and_then(crate::load::parse_load),
+                    load_milli: said.as_ref().and_then(|r| r.as_ref().ok().copied()),
+                    load_error: said.and_then(Result::err),
                     at_ms: now,
                 })
             })
@@ -515,8 +516,12 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
         // The best time this device knows: its own clock, unless the
         // controller's signed time says it is behind.
         let real_now = now.max(self.clock.now(mono).unwrap_or(0));
-        let held =
-            crate::gate::Held { waited_ms: mono - hold.since_mono, lock_ms: hold.lock_since_mono.map(|s| mono - s) };
+        let held = crate::gate::Held {
+            waited_ms: mono - hold.since_mono,
+            lock_ms: hold.lock_since_mono.map(|s| mono - s),
+            // Only a download window asks; building the spec finds the image.
+            image_here: policy.download.is_none() || self.images.build(next).is_ok(),
+        };
         let verdict = crate::gate::judge(policy, real_now, held);
         let download = match (&verdict, &hold.verdict) {
             (crate::gate::Verdict::Go, crate::gate::Verdict::Go) => return None,

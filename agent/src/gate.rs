@@ -35,6 +35,8 @@ pub struct Held {
     pub waited_ms: u64,
     /// How long the running container has held its lock (None: not held).
     pub lock_ms: Option<u64>,
+    /// Whether the new revision's image is on the device already.
+    pub image_here: bool,
 }
 
 /// Judges one replacement at `now_ms` (Unix ms).
@@ -52,6 +54,9 @@ pub fn judge(p: &UpdatePolicy, now_ms: u64, held: Held) -> Verdict {
                     0 => opens,
                     d => {
                         let give_up = now_ms + (u64::from(d) * 1000).saturating_sub(held.waited_ms);
+                        if opens == 0 || give_up < opens {
+                            reason.push_str(&format!("; switches anyway at {} (max_delay)", utc(give_up)));
+                        }
                         if opens == 0 {
                             give_up
                         } else {
@@ -73,10 +78,21 @@ pub fn judge(p: &UpdatePolicy, now_ms: u64, held: Held) -> Verdict {
         }
         if !lock.override_after_max {
             let reason = format!(
-                "the workload holds its update lock (/run/baton/update.lock) past its maximum ({} s); waiting on",
+                "the workload holds its update lock (/run/baton/update.lock) past its maximum ({} s); still \
+                 waiting (override is off)",
                 lock.max_s
             );
             return Verdict::Hold { reason, until_ms: 0, download: true };
+        }
+    }
+    // Free to switch, but the image must come first, and only in its window.
+    if let (false, Some(w)) = (held.image_here, &p.download) {
+        if let Err(opens) = open(w, now_ms) {
+            let mut reason = format!("its new image waits for its download window ({})", w.text);
+            if opens > 0 {
+                reason.push_str(&format!("; opens {}", utc(opens)));
+            }
+            return Verdict::Hold { reason, until_ms: opens, download: false };
         }
     }
     Verdict::Go
@@ -145,6 +161,10 @@ mod tests {
         }
     }
 
+    fn here() -> Held {
+        Held { image_here: true, ..Held::default() }
+    }
+
     fn policy() -> UpdatePolicy {
         UpdatePolicy { workload: "web".into(), install: Some(nightly()), ..Default::default() }
     }
@@ -165,7 +185,7 @@ mod tests {
     #[test]
     fn a_replacement_waits_for_its_window_and_no_longer_than_max_delay() {
         let p = policy();
-        assert_eq!(judge(&p, 3 * H, Held::default()), Verdict::Go);
+        assert_eq!(judge(&p, 3 * H, here()), Verdict::Go);
         let Verdict::Hold { reason, until_ms, download } = judge(&p, 5 * H, Held::default()) else {
             panic!("held outside the window")
         };
@@ -174,13 +194,19 @@ mod tests {
         assert_eq!(reason, "outside its install window (0 2 * * * for 2h); opens 1970-01-02 02:00 UTC");
         // A maximum delay: once waited that long, it goes.
         let p = UpdatePolicy { max_delay_s: 3600, ..policy() };
-        assert!(
-            matches!(judge(&p, 5 * H, Held { waited_ms: 0, lock_ms: None }), Verdict::Hold { until_ms, .. } if until_ms == 6 * H)
-        );
-        assert_eq!(judge(&p, 6 * H, Held { waited_ms: H, lock_ms: None }), Verdict::Go);
+        let Verdict::Hold { reason, until_ms, .. } = judge(&p, 5 * H, here()) else { panic!("held") };
+        assert_eq!(until_ms, 6 * H);
+        assert!(reason.ends_with("; switches anyway at 1970-01-01 06:00 UTC (max_delay)"), "{reason}");
+        assert_eq!(judge(&p, 6 * H, Held { waited_ms: H, ..here() }), Verdict::Go);
         // A download window closed: the image waits too.
         let p = UpdatePolicy { download: Some(Windows { spans: vec![(0, H)], ..nightly() }), ..policy() };
         assert!(matches!(judge(&p, 5 * H, Held::default()), Verdict::Hold { download: false, .. }));
+        // A download window alone: the switch waits only for an image not here yet.
+        let p = UpdatePolicy { install: None, ..p };
+        let Verdict::Hold { reason, download: false, .. } = judge(&p, 5 * H, Held::default()) else { panic!() };
+        assert!(reason.starts_with("its new image waits for its download window"), "{reason}");
+        assert_eq!(judge(&p, 5 * H, here()), Verdict::Go);
+        assert_eq!(judge(&p, H / 2, Held::default()), Verdict::Go, "in the download window");
     }
 
     #[test]
@@ -190,12 +216,12 @@ mod tests {
             lock: Some(UpdateLock { max_s, override_after_max: over }),
             ..policy()
         };
-        let held = |s: u64| Held { waited_ms: 0, lock_ms: Some(s * 1000) };
-        assert_eq!(judge(&lock(60, true), 0, Held::default()), Verdict::Go, "no lock held");
+        let held = |s: u64| Held { lock_ms: Some(s * 1000), ..here() };
+        assert_eq!(judge(&lock(60, true), 0, here()), Verdict::Go, "no lock held");
         assert!(matches!(judge(&lock(60, true), 1000, held(10)), Verdict::Hold { until_ms: 51_000, .. }));
         assert_eq!(judge(&lock(60, true), 0, held(60)), Verdict::Go, "overridden at its maximum");
         let Verdict::Hold { reason, until_ms: 0, .. } = judge(&lock(60, false), 0, held(61)) else { panic!() };
-        assert!(reason.contains("past its maximum (60 s); waiting on"), "{reason}");
+        assert!(reason.contains("past its maximum (60 s); still waiting (override is off)"), "{reason}");
         assert!(matches!(judge(&lock(0, true), 0, held(100_000)), Verdict::Hold { until_ms: 0, .. }));
         // No lock in the policy: a lock file changes nothing.
         assert_eq!(judge(&UpdatePolicy { install: None, ..policy() }, 0, held(5)), Verdict::Go);

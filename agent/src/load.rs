@@ -26,6 +26,8 @@ pub struct LoadSample {
     pub memory_bytes: u64,
     /// The workload's own load × 1000 (None: it says nothing).
     pub load_milli: Option<u64>,
+    /// Why what it wrote is no load.
+    pub load_error: Option<String>,
     /// Monotonic milliseconds when sampled.
     pub at_ms: u64,
 }
@@ -45,11 +47,19 @@ pub fn publish(board: &LoadBoard, samples: Vec<LoadSample>) {
     }
 }
 
-/// What a workload wrote as its load: a finite, non-negative decimal number
-/// (surrounding whitespace allowed), × 1000, saturating. Anything else: None.
-pub fn parse_load(text: &str) -> Option<u64> {
-    let v: f64 = text.trim().parse().ok()?;
-    (v.is_finite() && v >= 0.0).then(|| (v * 1000.0).round().min(u64::MAX as f64) as u64)
+/// The largest load a workload may say it has.
+pub const MAX_LOAD: f64 = 1e12;
+
+/// What a workload wrote as its load: a decimal number from 0 to
+/// [`MAX_LOAD`] (surrounding whitespace allowed), × 1000; else why not.
+pub fn parse_load(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let shown: String = t.chars().take(24).collect();
+    let v: f64 = t.parse().map_err(|_| format!("/run/baton/load: not a number: {shown:?}"))?;
+    if !(v.is_finite() && (0.0..=MAX_LOAD).contains(&v)) {
+        return Err(format!("/run/baton/load: {shown} is outside 0 to 1e12"));
+    }
+    Ok((v * 1000.0).round() as u64)
 }
 
 /// The previous heartbeat's sample of each workload, to rate CPU between two.
@@ -81,6 +91,7 @@ impl Rates {
                 cpu_milli,
                 memory_bytes: s.memory_bytes,
                 load_milli: s.load_milli,
+                load_error: s.load_error.clone(),
             });
             next.insert(s.workload.clone(), base);
         }
@@ -100,6 +111,7 @@ mod tests {
             cpu_ns: cpu_ms * 1_000_000,
             memory_bytes: 1 << 20,
             load_milli: Some(2500),
+            load_error: None,
             at_ms,
         }
     }
@@ -130,12 +142,14 @@ mod tests {
 
     #[test]
     fn loads_are_decimal_numbers() {
-        assert_eq!(parse_load("12.5\n"), Some(12_500));
-        assert_eq!(parse_load(" 3 "), Some(3000));
-        assert_eq!(parse_load("0"), Some(0));
-        assert_eq!(parse_load("1e30"), Some(u64::MAX));
-        for bad in ["", "-1", "NaN", "inf", "12 requests", "0x10"] {
-            assert_eq!(parse_load(bad), None, "{bad:?}");
+        assert_eq!(parse_load("12.5\n"), Ok(12_500));
+        assert_eq!(parse_load(" 3 "), Ok(3000));
+        assert_eq!(parse_load("0"), Ok(0));
+        assert_eq!(parse_load("1e12"), Ok(1_000_000_000_000_000));
+        assert_eq!(parse_load("1e30"), Err("/run/baton/load: 1e30 is outside 0 to 1e12".into()));
+        assert_eq!(parse_load("12 requests"), Err("/run/baton/load: not a number: \"12 requests\"".into()));
+        for bad in ["", "-1", "NaN", "inf", "0x10"] {
+            assert!(parse_load(bad).is_err(), "{bad:?}");
         }
     }
 }

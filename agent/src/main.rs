@@ -246,7 +246,8 @@ fn main() -> ExitCode {
             return ExitCode::from(code.clamp(0, 255) as u8);
         }
         Some(Cmd::Image(cmd)) => {
-            return match image_command(cmd) {
+            // `baton-agent --data-dir D image load …` means D too (the agent's own flags).
+            return match image_command(cmd, cli.run.data_dir.clone(), cli.run.config.clone()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("baton-agent: {e}");
@@ -404,16 +405,23 @@ fn data_dir_for(data_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<Pa
     Ok(file.data_dir.unwrap_or_else(|| baton_agent::config::DEFAULT_DATA_DIR.into()))
 }
 
-fn image_command(cmd: ImageCmd) -> Result<(), Box<dyn std::error::Error>> {
+fn image_command(
+    cmd: ImageCmd,
+    agent_data_dir: Option<PathBuf>,
+    agent_config: Option<PathBuf>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = |data_dir: Option<PathBuf>, config: Option<PathBuf>| {
+        data_dir_for(data_dir.or(agent_data_dir.clone()), config.or(agent_config.clone()))
+    };
     match cmd {
         ImageCmd::Load { file, name, data_dir, config } => {
-            let store = baton_agent::image::ImageStore::open(data_dir_for(data_dir, config)?.join("images"))?;
+            let store = baton_agent::image::ImageStore::open(dir(data_dir, config)?.join("images"))?;
             let record = store.import_layout(&file, name.as_deref())?;
             store.rootfs(&record)?;
             println!("loaded {} ({}, {} layers)", record.reference, record.manifest, record.layers.len());
         }
         ImageCmd::Ls { data_dir, config } => {
-            let store = baton_agent::image::ImageStore::open(data_dir_for(data_dir, config)?.join("images"))?;
+            let store = baton_agent::image::ImageStore::open(dir(data_dir, config)?.join("images"))?;
             for r in store.images() {
                 println!("{}\t{}\t{} layers", r.reference, r.manifest, r.layers.len());
             }

@@ -425,6 +425,12 @@ impl WorkloadView {
             .count()
     }
 
+    /// Devices that hold the desired revision back (window, lock) while
+    /// an older one runs.
+    pub fn holding(&self) -> usize {
+        self.devices.iter().filter(|d| d.waiting.as_ref().is_some_and(|h| h.revision == d.desired_revision)).count()
+    }
+
     pub fn healthy(&self) -> usize {
         self.devices
             .iter()

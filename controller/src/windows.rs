@@ -228,9 +228,12 @@ pub fn policy_for(
 /// Time zones of `u` that the system does not know, named as the manifest does.
 pub fn unknown_zones(u: &crate::workload::UpdatesManifest) -> Option<String> {
     for (key, list) in [("install", &u.install), ("download", &u.download)] {
-        for w in list.iter().flat_map(|l| l.items()) {
+        let Some(list) = list else { continue };
+        let many = matches!(list, crate::workload::OneOrMany::Many(_));
+        for (i, w) in list.items().iter().enumerate() {
             if let Some(Err(e)) = w.time_zone.as_deref().map(zone) {
-                return Some(format!("updates.{key}.time_zone: {e}"));
+                let at = if many { format!("updates.{key}[{i}]") } else { format!("updates.{key}") };
+                return Some(format!("{at}.time_zone: {e}"));
             }
         }
     }

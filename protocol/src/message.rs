@@ -97,6 +97,8 @@ pub struct WorkloadLoad {
     /// What the workload says its load is (`/run/baton/load` in the
     /// container: one decimal number), × 1000; None when it says nothing.
     pub load_milli: Option<u64>,
+    /// Why what it wrote there is no load (not a number, out of range).
+    pub load_error: Option<String>,
 }
 
 /// `report`: observed state of every workload, sent when it changes.

@@ -56,6 +56,7 @@ pub fn heartbeat() -> Heartbeat {
             cpu_milli: Some(350),
             memory_bytes: 24 << 20,
             load_milli: Some(12_500),
+            load_error: None,
         }],
     }
 }

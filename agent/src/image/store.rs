@@ -134,6 +134,29 @@ pub struct ImageStore {
 /// A partial download untouched this long is abandoned (GC removes it).
 const ABANDONED_PARTIAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+/// The entry of a layout of several tags that `name` (or its tag) names by
+/// its `ref.name`; any of them when they are all one image.
+fn by_ref_name<'a>(index: &'a manifest::Index, name: Option<&str>, what: &str) -> Result<&'a Descriptor, ImageError> {
+    let first = &index.manifests[0];
+    if index.manifests.iter().all(|d| d.digest == first.digest) {
+        return Ok(first);
+    }
+    let refs: Vec<&str> =
+        index.manifests.iter().filter_map(|d| d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str)).collect();
+    let tag = name.map(|n| n.rsplit_once(':').filter(|(_, t)| !t.contains('/')).map_or(n, |(_, t)| t));
+    let wanted = |d: &&Descriptor| {
+        d.annotations.get(ANNOTATION_REF_NAME).is_some_and(|r| Some(r.as_str()) == name || Some(r.as_str()) == tag)
+    };
+    index.manifests.iter().find(wanted).ok_or_else(|| {
+        ImageError::Invalid(format!(
+            "{what}/index.json holds {} different images (tags {}): load a layout with one tag, or pass --name \
+             NAME:TAG with one of those tags",
+            index.manifests.len(),
+            refs.join(", ")
+        ))
+    })
+}
+
 impl ImageStore {
     /// Opens (or creates) the store. What a process that died left in `tmp/`
     /// goes (temp names carry their writer's pid); partial downloads stay,
@@ -453,7 +476,12 @@ impl ImageStore {
         )))?;
         let index: manifest::Index = serde_json::from_slice(&index_bytes)
             .map_err(|e| ImageError::Invalid(format!("{}/index.json: {e}", path.display())))?;
-        let top = manifest::select_platform(&index, &self.platform, &format!("{}/index.json", path.display()))?;
+        let top = if index.manifests.len() > 1 && index.manifests.iter().all(|d| d.platform.is_none()) {
+            // A layout of several tags (umoci, skopeo), not a multi-platform index.
+            by_ref_name(&index, name, &path.display().to_string())?
+        } else {
+            manifest::select_platform(&index, &self.platform, &format!("{}/index.json", path.display()))?
+        };
         // `docker save` (25+) writes an OCI layout whose ref.name is the bare
         // tag and whose containerd annotation has the whole name.
         let reference = name
@@ -757,5 +785,41 @@ impl<R: Read> Read for Hashing<R> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(entries: &[(&str, char)]) -> manifest::Index {
+        let manifests = entries
+            .iter()
+            .map(|(tag, d)| {
+                let digest = Digest::parse(&format!("sha256:{}", d.to_string().repeat(64))).expect("digest");
+                Descriptor {
+                    media_type: manifest::MEDIA_OCI_MANIFEST.into(),
+                    digest,
+                    size: 1,
+                    platform: None,
+                    annotations: BTreeMap::from([(ANNOTATION_REF_NAME.to_string(), tag.to_string())]),
+                }
+            })
+            .collect();
+        manifest::Index { media_type: None, manifests }
+    }
+
+    #[test]
+    fn a_layout_of_several_tags_is_read_by_the_tag_named() {
+        // umoci: two tags of one image.
+        let same = index(&[("v1", 'a'), ("v2", 'a')]);
+        assert_eq!(by_ref_name(&same, Some("x:y"), "l").expect("one image").annotations[ANNOTATION_REF_NAME], "v1");
+        let two = index(&[("v1", 'a'), ("v2", 'b')]);
+        let pick = |n| by_ref_name(&two, n, "l").map(|d| d.annotations[ANNOTATION_REF_NAME].clone());
+        assert_eq!(pick(Some("registry.local:5000/app:v2")).expect("by tag"), "v2");
+        assert_eq!(pick(Some("v1")).expect("by ref name"), "v1");
+        let e = pick(Some("registry.local:5000/app")).expect_err("no tag matches").to_string();
+        assert!(e.contains("holds 2 different images (tags v1, v2)"), "{e}");
+        assert!(pick(None).is_err());
     }
 }

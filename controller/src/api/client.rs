@@ -115,8 +115,15 @@ impl Client {
         self.post(&format!("/api/v1/workloads/{name}/rollout/{}", action.as_str()), &serde_json::json!({}))
     }
 
-    pub fn events(&self, limit: usize) -> anyhow::Result<Vec<Event>> {
-        self.get(&format!("/api/v1/events?limit={limit}"))
+    pub fn events(&self, subject: Option<&str>, limit: usize) -> anyhow::Result<Vec<Event>> {
+        match subject {
+            // Subjects are device ids and workload names: nothing to escape.
+            Some(s) if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) => {
+                self.get(&format!("/api/v1/events?limit={limit}&subject={s}"))
+            }
+            Some(s) => anyhow::bail!("{s:?} is no device id or workload name"),
+            None => self.get(&format!("/api/v1/events?limit={limit}")),
+        }
     }
 
     pub fn secrets(&self) -> anyhow::Result<Vec<SecretView>> {

@@ -296,6 +296,10 @@ async fn apply_workloads(
         let docs = crate::workload::parse(&file.name, &file.text)
             .map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
         for v in docs {
+            // Time zones are looked up here, at the edge (validation is pure).
+            if let Some(e) = v.manifest.updates.as_ref().and_then(crate::windows::unknown_zones) {
+                return Err(Failure(StatusCode::BAD_REQUEST, format!("{}: workload {}: {e}", file.name, v.spec.name)));
+            }
             if validated.iter().any(|o: &crate::workload::Validated| o.spec.name == v.spec.name) {
                 return Err(Failure(
                     StatusCode::BAD_REQUEST,

@@ -44,6 +44,12 @@ pub enum Command {
         resource: Resource,
         #[arg(long, short, value_enum, default_value_t)]
         output: Format,
+        /// Events: only those about this device or workload.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Events: at most this many, newest first.
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
     },
     /// Show one resource in detail.
     Describe {

@@ -28,7 +28,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(crate::server::serve(cfg, shutdown_signal(), None))
         }
         Command::Up(args) => up::run(args),
-        Command::Get { resource: Resource::Devices, output } => {
+        Command::Get { resource: Resource::Devices, output, .. } => {
             let devices = client().devices()?;
             print(output, &devices, || {
                 if devices.is_empty() {
@@ -38,7 +38,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             })
         }
-        Command::Get { resource: Resource::Workloads, output } => {
+        Command::Get { resource: Resource::Workloads, output, .. } => {
             let workloads = client().workloads()?;
             print(output, &workloads, || {
                 if workloads.is_empty() {
@@ -48,8 +48,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             })
         }
-        Command::Get { resource: Resource::Events, output } => {
-            let events = client().events(200)?;
+        Command::Get { resource: Resource::Events, output, subject, limit } => {
+            let events = client().events(subject.as_deref(), limit)?;
             print(output, &events, || output::events_table(&events, now_ms()))
         }
         Command::Describe { resource: Resource::Events, .. } => {

@@ -213,7 +213,14 @@ pub fn workloads_table(workloads: &[crate::view::WorkloadView]) -> String {
                 w.devices.len().to_string(),
                 format!("{}/{}", w.running(), w.devices.len()),
                 format!("{}/{}", w.healthy(), w.devices.len()),
-                w.rollout.as_ref().map_or("-".into(), |r| format!("{} → {} {}", r.from, r.to, state_name(r.state))),
+                match (w.rollout.as_ref().filter(|r| r.state.active()), w.holding()) {
+                    (Some(r), 0) => format!("{} → {} {}", r.from, r.to, state_name(r.state)),
+                    (Some(r), n) => format!("{} → {} {} ({n} holding back)", r.from, r.to, state_name(r.state)),
+                    (None, _) => w
+                        .rollout
+                        .as_ref()
+                        .map_or("-".into(), |r| format!("{} → {} {}", r.from, r.to, state_name(r.state))),
+                },
             ]
         })
         .collect();
@@ -477,7 +484,10 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
     if let Some(spread) = &w.placement.spread_by {
         let _ = writeln!(o, "Spread by:     {spread}");
     }
-    let replicas = w.replicas.map_or("every matching device".into(), |n| format!("{n} ({} unplaced)", w.unplaced));
+    let replicas = w.replicas.map_or("every matching device".into(), |n| match w.unplaced {
+        0 => n.to_string(),
+        u => format!("{n} ({u} fit on no device: none left that matches with room)"),
+    });
     let _ = writeln!(o, "Replicas:      {replicas}");
     if let Some(a) = &w.autoscale {
         let now = crate::controller::now_ms();
@@ -509,7 +519,11 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
             let _ = writeln!(o, "               {why}");
         }
     }
-    let _ = writeln!(o, "Running:       {}/{} as asked\n", w.running(), w.devices.len());
+    let holding = match w.holding() {
+        0 => String::new(),
+        n => format!(" ({n} running an older revision, holding the new one back)"),
+    };
+    let _ = writeln!(o, "Running:       {}/{} as asked{holding}\n", w.running(), w.devices.len());
     let rows: Vec<Vec<String>> = w
         .devices
         .iter()
@@ -550,7 +564,10 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
         for (row, d) in rows.iter_mut().zip(&w.devices) {
             let l = d.load.as_ref();
             let cpu = l.and_then(|l| l.cpu_milli).map_or_else(|| "-".into(), |m| format!("{m}m"));
-            let load = l.and_then(|l| l.load_milli).map_or_else(|| "-".into(), |m| format!("{:.2}", m as f64 / 1000.0));
+            let load = match l {
+                Some(l) if l.load_error.is_some() => "bad".into(),
+                _ => l.and_then(|l| l.load_milli).map_or_else(|| "-".into(), |m| format!("{:.2}", m as f64 / 1000.0)),
+            };
             row.insert(7, load);
             row.insert(7, cpu);
         }
@@ -562,6 +579,12 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
         }
     }
     o.push_str(&table(&header, &rows));
+    // What instances wrote in /run/baton/load that is no load.
+    for d in &w.devices {
+        if let Some(e) = d.load.as_ref().and_then(|l| l.load_error.as_ref()) {
+            let _ = writeln!(o, "{}: {e}", d.device);
+        }
+    }
     // Devices holding a new revision back, and until when they expect to.
     for d in &w.devices {
         if let Some(h) = &d.waiting {

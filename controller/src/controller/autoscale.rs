@@ -67,6 +67,21 @@ impl Controller {
         true
     }
 
+    /// The newest `workload.autoscaled` event of `name`, as a decision.
+    pub(super) fn last_scale_event(&self, name: &str, tenant: &str) -> Option<crate::view::ScaleDecision> {
+        let events = super::lock(&self.store).load_events(Some(name), Some(tenant), 50).ok()?;
+        let e = events.into_iter().filter(|e| e.name == "workload.autoscaled").max_by_key(|e| e.at_ms)?;
+        let rest = e.message.strip_prefix("autoscaled from ")?;
+        let (from, rest) = rest.split_once(" to ")?;
+        let (to, reason) = rest.split_once(" replicas: ")?;
+        Some(crate::view::ScaleDecision {
+            at_ms: e.at_ms,
+            from: from.parse().ok()?,
+            to: to.parse().ok()?,
+            reason: reason.to_string(),
+        })
+    }
+
     /// What `describe workload` shows of a workload's autoscaler.
     pub(super) fn autoscale_view(st: &State, name: &str) -> Option<crate::view::AutoscaleView> {
         let e = st.workloads.get(name)?;

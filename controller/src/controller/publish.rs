@@ -75,16 +75,26 @@ impl Controller {
     pub(super) fn publish(&self, st: &mut State, schedule: Schedule, snap: &Snapshot) {
         let serving = desired::used_serving(&st.workloads, &snap.serving);
         let endpoints = desired::endpoints(&st.workloads, &schedule, &serving);
-        for (name, n) in &schedule.unplaced {
-            if st.schedule.unplaced.get(name) != Some(n) {
-                tracing::warn!(workload = %name, replicas = n, "replicas fit on no device");
-            }
-        }
+        let unplaced_changed: Vec<(String, u32)> = schedule
+            .unplaced
+            .iter()
+            .filter(|(name, n)| st.schedule.unplaced.get(*name) != Some(*n))
+            .map(|(name, n)| (name.clone(), *n))
+            .collect();
         let docs = desired::compose(&st.workloads, &schedule, &snap.facts, &endpoints);
         st.serving = serving;
         st.gone = snap.facts.iter().filter(|d| d.gone).map(|d| d.id.clone()).collect();
         st.schedule = schedule;
         let store = lock(&self.store);
+        // Replicas that fit nowhere are a symptom an operator must see, not only a log line.
+        for (name, n) in unplaced_changed {
+            tracing::warn!(workload = %name, replicas = n, "replicas fit on no device");
+            let tenant = st.workloads.get(&name).map_or("", |e| e.tenant.as_str());
+            let message = format!(
+                "{n} replica(s) fit on no device: no other reachable device matches its placement with room for its requests"
+            );
+            self.event(&store, tenant, "workload.unplaced", &name, message, snap.now);
+        }
         let mut cache = std::mem::take(&mut st.sealed);
         let mut sealed = SealCache::new();
         let facts: BTreeMap<&str, &crate::schedule::DeviceFacts> =

@@ -127,15 +127,26 @@ impl Controller {
         let mut roll = Vec::new();
         for mut v in validated {
             let name = v.spec.name.clone();
-            // An autoscaled workload keeps the count its autoscaler reached
-            // (within the new range); `replicas` is only where it starts.
+            // An autoscaled workload keeps the count it runs at (within the
+            // new range); `replicas` is only where a new one starts.
+            let mut note = None;
             if let Some(a) = &v.manifest.autoscale {
-                let current = st
-                    .workloads
-                    .get(&name)
-                    .filter(|e| e.manifest.autoscale.is_some())
-                    .and_then(|e| e.manifest.replicas);
-                v.manifest.replicas = Some(current.or(v.manifest.replicas).unwrap_or(a.min).clamp(a.min, a.max));
+                let current = st.workloads.get(&name).and_then(|e| e.manifest.replicas);
+                let given = v.manifest.replicas;
+                let wanted = current.or(given).unwrap_or(a.min);
+                let count = wanted.clamp(a.min, a.max);
+                v.manifest.replicas = Some(count);
+                if count != wanted {
+                    let why = format!("{wanted} replicas is outside autoscale's range {}..={}: {count}", a.min, a.max);
+                    if current.is_some() {
+                        let message =
+                            format!("autoscaled from {wanted} to {count} replicas: the range changed ({why})");
+                        self.event(store, tenant, "workload.autoscaled", &name, message, now);
+                    }
+                    note = Some(why);
+                } else if current.is_none() && given.is_none() {
+                    note = Some(format!("autoscaled: starts at min, {count} replica(s)"));
+                }
             }
             let Some(e) = st.workloads.get_mut(&name) else {
                 let spec = WorkloadSpec { revision: 1, ..v.spec };
@@ -151,7 +162,7 @@ impl Controller {
                     rollout: None,
                 };
                 st.workloads.insert(name.clone(), entry);
-                results.push(ApplyResult { name, revision: 1, action: "created".into(), note: None });
+                results.push(ApplyResult { name, revision: 1, action: "created".into(), note });
                 continue;
             };
             let same_spec = e
@@ -194,7 +205,7 @@ impl Controller {
                 roll.push((name.clone(), e.stable, revision));
                 "updated"
             };
-            results.push(ApplyResult { name, revision: e.latest, action: action.into(), note: None });
+            results.push(ApplyResult { name, revision: e.latest, action: action.into(), note });
         }
         let schedule = self.compute_schedule(st, facts);
         let applied: Vec<String> = results.iter().map(|r| r.name.clone()).collect();
@@ -475,7 +486,13 @@ impl Controller {
             rollout: e.rollout.as_ref().map(RolloutView::new),
             devices,
             manifest: e.manifest.clone(),
-            autoscale: Self::autoscale_view(&st, name),
+            autoscale: Self::autoscale_view(&st, name).map(|mut a| {
+                // The scalers live in memory: after a restart, the last decision is the event's.
+                if a.last_decision.is_none() {
+                    a.last_decision = self.last_scale_event(name, &e.tenant);
+                }
+                a
+            }),
         })
     }
 

@@ -184,26 +184,34 @@ pub enum OneOrMany<T> {
     Many(Vec<T>),
 }
 
-/// By hand: serde's untagged enums lose the inner error ("did not match
-/// any variant"); this one says which field was wrong.
-impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for OneOrMany<T> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = serde_yaml::Value::deserialize(d)?;
-        let parsed = if v.is_sequence() {
-            serde_yaml::from_value(v).map(Self::Many)
-        } else {
-            serde_yaml::from_value(v).map(Self::One)
-        };
-        parsed.map_err(serde::de::Error::custom)
-    }
-}
-
 impl<T> OneOrMany<T> {
     pub fn items(&self) -> &[T] {
         match self {
             Self::One(t) => std::slice::from_ref(t),
             Self::Many(v) => v,
         }
+    }
+}
+
+/// By hand: serde's untagged enums lose the inner error ("did not match
+/// any variant"); this one reads a mapping or a sequence in place, so the
+/// error names the field under it.
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Either<T> {
+            type Value = OneOrMany<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a mapping or a list of them")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(OneOrMany::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Vec::<T>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(OneOrMany::Many)
+            }
+        }
+        d.deserialize_any(Either(std::marker::PhantomData))
     }
 }
 
@@ -267,11 +275,40 @@ pub struct RolloutManifest {
 }
 
 /// A number or a string in YAML (`3`, `25%`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum Quantity {
     Number(u64),
     Text(String),
+}
+
+/// By hand, so that `-1` or `1.5` say what is expected instead of serde's
+/// "did not match any variant"; the sections check the text further.
+impl<'de> Deserialize<'de> for Quantity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Q;
+        impl serde::de::Visitor<'_> for Q {
+            type Value = Quantity;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a count (3) or a share (25%)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Quantity, E> {
+                Ok(Quantity::Number(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Quantity, E> {
+                u64::try_from(n)
+                    .map(Quantity::Number)
+                    .map_err(|_| E::custom(format!("expected a count (3) or a share (25%), not {n}")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Quantity, E> {
+                Err(E::custom(format!("expected a count (3) or a share (25%), not {n}")))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Quantity, E> {
+                Ok(Quantity::Text(s.to_string()))
+            }
+        }
+        d.deserialize_any(Q)
+    }
 }
 
 impl std::fmt::Display for Quantity {
@@ -446,8 +483,10 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Validated>, ManifestError> {
             }
             continue;
         }
-        let manifest: Manifest =
-            serde_yaml::from_value(value).map_err(|e| err(file, n, &field_of(&e.to_string()), e.to_string()))?;
+        let manifest: Manifest = serde_yaml::from_value(value.clone()).map_err(|e| {
+            let (field, message) = locate(&value, &e.to_string());
+            err(file, n, &field, message)
+        })?;
         let spec = validate(&manifest).map_err(|e| err(file, n, &e.field, e.message))?;
         if out.iter().any(|v: &Validated| v.manifest.name == manifest.name) {
             return Err(err(file, n, "name", format!("{:?} is defined twice", manifest.name)));
@@ -467,6 +506,28 @@ fn err(file: &str, doc: usize, field: &str, message: String) -> ManifestError {
 /// serde names the offending field in its message: "unknown field `x`" / "missing field `x`".
 fn field_of(message: &str) -> String {
     message.split('`').nth(1).map_or_else(|| "(document)".into(), str::to_string)
+}
+
+/// The field path of a serde error in `value` (`disruption.max_unavailable`)
+/// and its message: deserialised again from text, serde_yaml names the path
+/// (from a `Value` it does not); an unknown or missing field is named under it.
+fn locate(value: &serde_yaml::Value, message: &str) -> (String, String) {
+    let again = serde_yaml::to_string(value).ok().and_then(|t| serde_yaml::from_str::<Manifest>(&t).err());
+    let path = again.as_ref().map(ToString::to_string).and_then(|m| {
+        let (path, _) = m.split_once(": ")?;
+        let is_path = !path.is_empty() && path.chars().all(|c| c.is_ascii_alphanumeric() || "_.[]-".contains(c));
+        is_path.then(|| path.to_string())
+    });
+    let named = message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.starts_with("missing field") || message.starts_with("unknown field"));
+    let field = match (path, named) {
+        (Some(p), Some(f)) => format!("{p}.{f}"),
+        (Some(p), None) => p,
+        (None, _) => field_of(message),
+    };
+    (field, message.to_string())
 }
 
 /// `64Mi`, `1G`, `512k`, `1000` → bytes.
@@ -618,7 +679,7 @@ image: reg/other:1
             ),
             ("name: a\nimage: x\nresources: {memory: 1Mi}\n", "4Mi minimum", "resources.memory", 1),
             ("name: a\nimage: x\nresources: {cpu: fast}\n", "500m", "resources.cpu", 1),
-            ("name: a\nimage: x\nrestart: sometimes\n", "unknown variant `sometimes`", "sometimes", 1),
+            ("name: a\nimage: x\nrestart: sometimes\n", "unknown variant `sometimes`", "restart", 1),
             ("name: a\nimage: x\nvolumes: [{path: /d}]\n", "exactly one of name", "volumes[0]", 1),
             ("name: a\nimage: x\nvolumes: [{path: ../d, name: v}]\n", "absolute path", "volumes[0].path", 1),
             ("name: a\nimage: x\nuser: \"a:b:c\"\n", "NAME:GROUP", "user", 1),
@@ -638,7 +699,7 @@ image: reg/other:1
             ("name: a\nimage: x\nplacement: {spread_by: site}\n", "only with replicas", "placement.spread_by", 1),
             ("name: a\nimage: x\nrollout: {waves: [1, 0%]}\n", "a percentage (25%)", "rollout.waves[1]", 1),
             ("name: a\nimage: x\nrollout: {max_failures: lots}\n", "0% to 100%", "rollout.max_failures", 1),
-            ("name: a\nimage: x\nrollout: {wave: [1]}\n", "unknown field `wave`", "wave", 1),
+            ("name: a\nimage: x\nrollout: {wave: [1]}\n", "unknown field `wave`", "rollout.wave", 1),
             ("name: a\nimage: x\nuses: [a]\n", "another workload", "uses[0]", 1),
             ("name: a\nimage: x\nfiles: [{path: etc/x, content: y}]\n", "absolute file path", "files[0].path", 1),
             ("name: a\nimage: x\nfiles: [{path: /x, content: y, mode: rw}]\n", "octal", "files[0].mode", 1),
@@ -666,12 +727,15 @@ image: reg/other:1
             ("name: a\nimage: x\nresources: {network: {egress: 2mbit}}\n", "network: bridge", "resources.network", 1),
             ("name: a\nimage: x\nallow_from: [web]\n", "network: bridge", "allow_from", 1),
             ("name: a\nimage: x\nnetwork: bridge\nallow_from: [Web]\n", "a-z 0-9", "allow_from[0]", 1),
-            ("name: a\nimage: x\nautoscale: {min: 1, max: 3, load: 2, step: 1}\n", "unknown field `step`", "step", 1),
-            ("name: a\nimage: x\nupdates: {install: {at: '0 2 * * *', fro: 2h}}\n", "fro", "fro", 1),
+            ("name: a\nimage: x\nautoscale: {min: 1, max: 3, load: 2, step: 1}\n", "unknown field `step`", "autoscale.step", 1),
+            ("name: a\nimage: x\nupdates: {install: {at: '0 2 * * *', fro: 2h}}\n", "fro", "updates.install.fro", 1),
             ("name: a\nimage: x\nupdates: {install: {at: '0 2 * * *', for: 2h}, lock: {max: soon}}\n", "1h30m", "updates.lock.max", 1),
             ("name: a\nimage: x\ndisruption: {max_unavailable: 0}\n", "at least 1", "disruption.max_unavailable", 1),
             ("name: a\nimage: x\ndisruption: {max_unavailable: 150%}\n", "25%", "disruption.max_unavailable", 1),
             ("name: a\nimage: x\ndisruption: {max_unavailable: 1, per: 'a b'}\n", "", "disruption.per", 1),
+            ("name: a\nimage: x\ndisruption: {max_unavailable: -1}\n", "a count (3) or a share (25%), not -1", "disruption.max_unavailable", 1),
+            ("name: a\nimage: x\nupdates: {install: {at: '0 2 * * *'}}\n", "missing field `for`", "updates.install.for", 1),
+            ("name: a\nimage: x\ndisruption: {per: site}\n", "missing field", "disruption.max_unavailable", 1),
         ];
         for (yaml, message, field, doc) in cases {
             let e = parse("bad.yaml", yaml).expect_err(yaml);

@@ -321,6 +321,14 @@ fn updates(m: &Manifest) -> Checked<()> {
     for (key, list) in [("install", &u.install), ("download", &u.download)] {
         let Some(list) = list else { continue };
         let many = matches!(list, super::OneOrMany::Many(_));
+        if let Some(first) = list.items().iter().position(|w| w.selector.is_empty()) {
+            if first + 1 < list.items().len() {
+                return bad(
+                    format!("updates.{key}[{}]", first + 1),
+                    format!("can never apply: updates.{key}[{first}] before it has no selector, so it applies to every device"),
+                );
+            }
+        }
         for (i, w) in list.items().iter().enumerate() {
             let at = if many { format!("updates.{key}[{i}]") } else { format!("updates.{key}") };
             for (k, v) in &w.selector {
