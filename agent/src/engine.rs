@@ -139,6 +139,8 @@ struct Hold {
     /// Since when the running container holds its update lock.
     lock_since_mono: Option<u64>,
     verdict: crate::gate::Verdict,
+    /// The new revision's image is on the device (its spec built once).
+    image_here: bool,
 }
 
 /// Starts the engine thread with the desired document persisted in
@@ -438,9 +440,9 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
                 }
                 Action::Replace(name) => {
                     let Some(next) = self.effective.iter().find(|w| w.name == name).cloned() else { continue };
-                    if let Some(download) = self.held(&next, now) {
+                    if let Some(fetch) = self.held(&next, now) {
                         // The running revision stays; its successor's image may come meanwhile.
-                        if download {
+                        if fetch {
                             let _ = self.prepare(&next, now, "cannot prepare a held replacement");
                         }
                         held.insert(name);
@@ -482,8 +484,8 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
     }
 
     /// Whether the replacement of a running workload by `next` must wait
-    /// (`Desired::updates`): Some(whether its image may be downloaded
-    /// meanwhile). A device-level rollback (the guard runs an older
+    /// (`Desired::updates`): Some(whether its image, not here yet, may be
+    /// downloaded meanwhile). A device-level rollback (the guard runs an older
     /// revision than the document) is never held.
     fn held(&mut self, next: &WorkloadSpec, now: u64) -> Option<bool> {
         let policy = self.desired.updates.iter().find(|u| u.workload == next.name)?;
@@ -498,32 +500,32 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
                 .current_container(&next.name)
                 .and_then(|id| self.sup.runtime().signal(&id, crate::gate::LOCK_FILE))
                 .is_some();
-        let hold = self.holds.entry(next.name.clone()).or_insert(Hold {
-            revision: next.revision,
-            since_mono: mono,
-            lock_since_mono: None,
-            verdict: crate::gate::Verdict::Go,
-        });
-        if hold.revision != next.revision {
-            *hold = Hold {
+        if self.holds.get(&next.name).is_none_or(|h| h.revision != next.revision) {
+            let fresh = Hold {
                 revision: next.revision,
                 since_mono: mono,
                 lock_since_mono: None,
                 verdict: crate::gate::Verdict::Go,
+                image_here: false,
             };
+            self.holds.insert(next.name.clone(), fresh);
         }
+        let hold = self.holds.get_mut(&next.name)?;
         hold.lock_since_mono = lock_held.then(|| hold.lock_since_mono.unwrap_or(mono));
+        // Building the spec finds the image; once here it is not looked for again.
+        if !hold.image_here {
+            hold.image_here = self.images.build(next).is_ok();
+        }
         // The best time this device knows: its own clock, unless the
         // controller's signed time says it is behind.
         let real_now = now.max(self.clock.now(mono).unwrap_or(0));
         let held = crate::gate::Held {
             waited_ms: mono - hold.since_mono,
             lock_ms: hold.lock_since_mono.map(|s| mono - s),
-            // Only a download window asks; building the spec finds the image.
-            image_here: policy.download.is_none() || self.images.build(next).is_ok(),
+            image_here: hold.image_here,
         };
         let verdict = crate::gate::judge(policy, real_now, held);
-        let download = match (&verdict, &hold.verdict) {
+        let fetch = match (&verdict, &hold.verdict) {
             (crate::gate::Verdict::Go, crate::gate::Verdict::Go) => return None,
             (crate::gate::Verdict::Go, crate::gate::Verdict::Hold { .. }) => {
                 info!(workload = %next.name, revision = next.revision, "held replacement goes ahead");
@@ -541,10 +543,10 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
                 };
                 hold.verdict =
                     crate::gate::Verdict::Hold { reason: reason.clone(), until_ms: until, download: *download };
-                *download
+                *download && !hold.image_here
             }
         };
-        Some(download)
+        Some(fetch)
     }
 
     /// The replacements held back, for the report.

@@ -294,8 +294,27 @@ pub fn issue(last: Option<&Desired>, next: &Desired, applied: u64) -> Issue {
     let stored = last.map_or(0, |d| d.generation);
     let ahead = applied > stored;
     let unchanged = match last {
-        // Everything but the generation and when it was issued.
-        Some(d) => Desired { generation: next.generation, issued_ms: next.issued_ms, ..d.clone() } == *next && !ahead,
+        // Everything but the generation and when it was issued (field by
+        // field: no copy of the document on every publish).
+        Some(d) => {
+            let Desired {
+                generation: _,
+                workloads,
+                services,
+                issued_ms: _,
+                agent,
+                service_ports,
+                load_reports,
+                updates,
+            } = next;
+            d.workloads == *workloads
+                && d.services == *services
+                && d.agent == *agent
+                && d.service_ports == *service_ports
+                && d.load_reports == *load_reports
+                && d.updates == *updates
+                && !ahead
+        }
         // A rebuilt store does not empty a device it knows nothing of.
         None => next.workloads.is_empty() && next.agent.is_none(),
     };

@@ -296,7 +296,8 @@ async fn apply_workloads(
         let docs = crate::workload::parse(&file.name, &file.text)
             .map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
         for v in docs {
-            // Time zones are looked up here, at the edge (validation is pure).
+            // Time zones are looked up here, at the edge (validation is pure;
+            // documents re-applied from the store passed this when they came).
             if let Some(e) = v.manifest.updates.as_ref().and_then(crate::windows::unknown_zones) {
                 return Err(Failure(StatusCode::BAD_REQUEST, format!("{}: workload {}: {e}", file.name, v.spec.name)));
             }

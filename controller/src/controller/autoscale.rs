@@ -19,12 +19,15 @@ impl Controller {
             let current = e.manifest.replicas.unwrap_or(policy.min);
             let r = e.latest_spec().container.resources;
             let req = Requests { cpu_milli: r.cpu_millis.unwrap_or(0), memory_bytes: r.memory_bytes.unwrap_or(0) };
-            let samples: Vec<Sample> = schedule
+            let placed: Vec<&crate::fleet::Device> = schedule
                 .assignment
                 .get(name)
                 .into_iter()
                 .flatten()
                 .filter_map(|id| fleet.get(&DeviceId::new(id.clone()).ok()?))
+                .collect();
+            let samples: Vec<Sample> = placed
+                .iter()
                 .filter(|d| d.status(now, &self.liveness) == Status::Online)
                 .filter_map(|d| d.heartbeat.as_ref()?.loads.iter().find(|l| &l.workload == name))
                 .map(|l| Sample { cpu_milli: l.cpu_milli, memory_bytes: l.memory_bytes, load_milli: l.load_milli })
@@ -32,15 +35,11 @@ impl Controller {
             let rec = recommend(&policy, req, current, &samples);
             // A disruption budget bounds how many instances one scale-down removes.
             let max_down = e.manifest.disruption.as_ref().map_or(u32::MAX, |d| {
-                let placed: Vec<crate::schedule::DeviceFacts> = schedule
-                    .assignment
-                    .get(name)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|id| fleet.get(&DeviceId::new(id.clone()).ok()?))
+                let facts: Vec<crate::schedule::DeviceFacts> = placed
+                    .iter()
                     .map(|d| crate::desired::facts_of(d, now, &self.liveness, self.reschedule_after_ms))
                     .collect();
-                let b = super::workloads::budget(d, &placed.iter().collect::<Vec<_>>());
+                let b = super::workloads::budget(d, &facts.iter().collect::<Vec<_>>());
                 b.allowance.values().copied().min().unwrap_or(1) as u32
             });
             let scaler = scalers.entry(name.clone()).or_default();

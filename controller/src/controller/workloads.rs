@@ -77,12 +77,6 @@ impl Controller {
                 }));
             }
         }
-        // Time zones are looked up in the system's tz database here, not in validation.
-        for v in &validated {
-            if let Some(e) = v.manifest.updates.as_ref().and_then(crate::windows::unknown_zones) {
-                return Err(OpError::Invalid(format!("workload {}: {e}", v.spec.name)));
-            }
-        }
         // Read once: every workload of this apply pins against the same
         // versions, of this tenant's secrets only.
         let versions: BTreeMap<String, u64> =
