@@ -299,6 +299,36 @@ fn default_seccomp_profile_blocks_a_denied_syscall_and_can_be_opted_out() {
     create(&fx, &rt, &unconfined, &spec).unwrap();
     assert_eq!(wait_exit(&rt, &unconfined, T).code, 0, "{}", fx.log(&unconfined));
     assert!(fx.log(&unconfined).contains("stdout unshared"));
+
+    // The profile lives beside config.json (compiled once, runtime/filter.rs),
+    // and what `exec` runs in the container is filtered as its init is.
+    let bundle = fx.layout.container(&confined);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    assert!(config["linux"]["seccomp"].is_null(), "libcontainer would compile it again");
+    assert_eq!(config["annotations"]["org.baton.seccomp"], "seccomp.json");
+    assert!(bundle.join("seccomp.json").is_file());
+    let cached = std::fs::read_dir(fx.layout.run_dir.join("seccomp")).unwrap().count();
+    assert_eq!(cached, 1, "one program for one profile");
+    let busy = cid("seccomp-exec");
+    create(&fx, &rt, &busy, &sh("while true; do sleep 0.1; done")).unwrap();
+    let unshare = ["/bin/sh".to_string(), "-c".into(), "unshare -U true && echo unshared".into()];
+    let mut refused = None;
+    wait_until("exec in the running container", T, || {
+        refused = rt.exec(&busy, &unshare, T).ok().filter(|o| o.code != 126);
+        refused.is_some()
+    });
+    let refused = refused.unwrap();
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("Operation not permitted"), "{refused:?}");
+    assert_eq!(std::fs::read_dir(fx.layout.run_dir.join("seccomp")).unwrap().count(), cached);
+    // A bundle that names a profile it lacks runs nothing unfiltered.
+    std::fs::remove_file(fx.layout.container(&busy).join("seccomp.json")).unwrap();
+    let out = rt.exec(&busy, &["/bin/true".into()], T).unwrap();
+    assert_eq!(out.code, 126, "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("seccomp.json"), "{out:?}");
+    rt.kill(&busy).unwrap();
+    wait_exit(&rt, &busy, T);
 }
 
 /// A static C program in the container: `probe NR` makes raw syscall NR

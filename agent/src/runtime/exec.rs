@@ -38,9 +38,28 @@ pub fn run(args: ExecArgs) -> i32 {
     };
     // As `docker exec`: the container's user, groups and working directory.
     let process = container_process(&args.root, &args.id);
+    // The container's own seccomp filter, for what runs beside it too.
+    let program = match &process.bundle {
+        Some(bundle) => {
+            match super::filter::for_bundle(bundle, process.filtered, Some(&super::filter::cache_beside(&args.root))) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("exec in {}: {e}", args.id);
+                    return 126;
+                }
+            }
+        }
+        None => None,
+    };
     let built = ContainerBuilder::new(args.id.clone(), SyscallType::default())
         .with_root_path(&args.root)
-        .map(|b| b.with_stdin(stdin).with_stdout(stdout).with_stderr(stderr).as_tenant())
+        .map(|b| {
+            b.with_stdin(stdin)
+                .with_stdout(stdout)
+                .with_stderr(stderr)
+                .with_executor(super::filter::Filtered(program))
+                .as_tenant()
+        })
         .and_then(|b| {
             b.with_container_args(args.argv.clone())
                 .with_user(Some(process.uid))
@@ -85,6 +104,10 @@ struct ContainerProcess {
     gid: u32,
     additional_gids: Vec<u32>,
     cwd: Option<PathBuf>,
+    /// The container's bundle (where its seccomp profile is).
+    bundle: Option<PathBuf>,
+    /// Whether its config.json names a seccomp profile.
+    filtered: bool,
 }
 
 /// Read from the container's bundle (its config.json); root in / when unreadable.
@@ -92,11 +115,13 @@ fn container_process(root: &std::path::Path, id: &str) -> ContainerProcess {
     let Some(container) = super::libcontainer_state(&root.join(id)) else {
         return ContainerProcess::default();
     };
-    let Some(config) = std::fs::read(container.bundle().join("config.json"))
+    let bundle = container.bundle().to_path_buf();
+    let Some(config) = std::fs::read(bundle.join("config.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
     else {
-        return ContainerProcess::default();
+        // An unreadable config: the exec fails in libcontainer, which reads it too.
+        return ContainerProcess { bundle: Some(bundle), filtered: true, ..Default::default() };
     };
     let p = &config["process"];
     let num = |v: &serde_json::Value| v.as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
@@ -108,5 +133,7 @@ fn container_process(root: &std::path::Path, id: &str) -> ContainerProcess {
             .map(|a| a.iter().map(num).collect())
             .unwrap_or_default(),
         cwd: p["cwd"].as_str().map(PathBuf::from),
+        bundle: Some(bundle),
+        filtered: super::filter::named_in(&config),
     }
 }

@@ -229,6 +229,19 @@ impl ContainerRuntime for LibcontainerRuntime {
             .and_then(|()| self.write_files(id, req.spec))
             // No fsync: after a power loss a half-written bundle is a lost
             // container, which reconcile recreates; only exit records must be durable.
+            .and_then(|()| {
+                // The seccomp profile goes beside config.json, where the shim
+                // finds its compiled program (super::filter), not in it, where
+                // libcontainer would compile it again on every start and exec.
+                let profile = config["linux"].as_object_mut().and_then(|l| l.remove("seccomp"));
+                match profile.filter(|p| !p.is_null()) {
+                    Some(p) => {
+                        config["annotations"][super::filter::ANNOTATION] = super::filter::PROFILE.into();
+                        std::fs::write(bundle.join(super::filter::PROFILE), p.to_string())
+                    }
+                    None => Ok(()),
+                }
+            })
             .and_then(|()| std::fs::write(bundle.join(files::CONFIG), config.to_string()))
             .and_then(|()| {
                 let provenance = serde_json::to_vec(&req.provenance).map_err(std::io::Error::other)?;

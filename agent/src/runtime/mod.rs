@@ -6,6 +6,7 @@
 pub mod devfilter;
 pub mod exec;
 pub mod fake;
+pub mod filter;
 pub mod layout;
 pub mod libcontainer_rt;
 pub mod logs;

@@ -136,12 +136,27 @@ fn supervise(args: &ShimArgs, ready: File) -> i32 {
         }
     };
 
+    // The bundle's config says what the container needs before it starts.
+    let config = std::fs::read(args.bundle.join(files::CONFIG))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    // The container's seccomp program, compiled once per profile (see filter).
+    let named = config.as_ref().is_some_and(super::filter::named_in);
+    let cache = super::filter::cache_beside(&args.root);
+    let program = match super::filter::for_bundle(&args.bundle, named, Some(&cache)) {
+        Ok(p) => p,
+        Err(e) => {
+            report(&mut ready, &e);
+            return 1;
+        }
+    };
     let built = ContainerBuilder::new(args.id.clone(), SyscallType::default())
         .with_root_path(&args.root)
         .map(|b| {
             b.with_stdin(OwnedFd::from(devnull))
                 .with_stdout(out_w)
                 .with_stderr(err_w)
+                .with_executor(super::filter::Filtered(program))
                 .as_init(&args.bundle)
                 .with_systemd(false)
                 .with_detach(true)
@@ -155,10 +170,6 @@ fn supervise(args: &ShimArgs, ready: File) -> i32 {
             return 1;
         }
     };
-    // The bundle's config says what the container needs before it starts.
-    let config = std::fs::read(args.bundle.join(files::CONFIG))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
     // On cgroup v2 the device rules are an eBPF program, attached before the
     // container's own code runs (libcontainer's needs libbpf; see devfilter).
     if super::devfilter::cgroup_v2() {

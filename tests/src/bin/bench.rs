@@ -381,9 +381,14 @@ fn runtime(iters: usize) {
         t.elapsed().as_secs_f64() * 1000.0
     };
     let (mut ours, mut t_runc, mut t_crun, mut t_unconfined) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut t_cold = Vec::new();
     for i in 0..iters {
         ours.push(ours_run(&format!("bench-{i}"), &spec));
         t_unconfined.push(ours_run(&format!("bench-u-{i}"), &unconfined_spec));
+        // The seccomp program compiled again (its cache emptied first): a
+        // profile's first start, and every start before the cache existed.
+        let _ = std::fs::remove_dir_all(run_dir.join("seccomp"));
+        t_cold.push(ours_run(&format!("bench-c-{i}"), &spec));
         if let Some(ms) = runc.as_ref().and_then(|a| run_peer(a)) {
             t_runc.push(ms);
         }
@@ -398,6 +403,7 @@ fn runtime(iters: usize) {
         ("runc run", &mut t_runc),
         ("crun run (in unshare -m)", &mut t_crun),
         ("Baton, seccomp off (`seccomp_unconfined`)", &mut t_unconfined),
+        ("Baton, seccomp program compiled on this start (cache emptied)", &mut t_cold),
     ] {
         if v.is_empty() {
             println!("| {name} | not installed or failed | | |");
@@ -411,6 +417,11 @@ fn runtime(iters: usize) {
             percentile(v, 0.9),
             percentile(v, 0.5) / medians[0]
         );
+    }
+    for (peer, v) in [("runc", &t_runc), ("crun", &t_crun)] {
+        if !v.is_empty() {
+            println!("\nBaton / {peer} (medians): {:.2}", percentile(&ours, 0.5) / percentile(v, 0.5));
+        }
     }
     println!("\nPolling for the exit record adds at most 0.2 ms to Baton's times.\n");
 
