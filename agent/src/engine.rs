@@ -260,12 +260,15 @@ impl<R: ContainerRuntime, I: ImageSource> Engine<R, I> {
     pub fn step(&mut self, now: u64) -> Option<Report> {
         self.take_pull_results(now);
         self.effective = self.guard.effective(&self.desired.workloads);
+        // Every start this step calls for is made side by side at its end.
+        self.sup.begin_batch();
         self.reconcile(now);
         for (name, done) in std::mem::take(&mut self.restarts) {
             self.refresh_spec(&name);
             let _ = done.send(self.sup.restart_now(&name));
         }
         self.sup.tick(now);
+        self.sup.end_batch(now);
         // One status per step (it reads every container's cgroup usage).
         let status = self.sup.status();
         self.judge(&status, now);

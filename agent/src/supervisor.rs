@@ -136,8 +136,33 @@ impl Unit {
     }
 }
 
+/// One container start, worked out: what `make` hands the runtime.
+struct Start {
+    id: String,
+    n: u32,
+    /// The spec with its sealed files opened, or why it cannot start.
+    spec: Result<ContainerSpec, String>,
+    rootfs: Rootfs,
+    provenance: Provenance,
+}
+
+impl Start {
+    fn make(&self, rt: &impl ContainerRuntime) -> Result<(), RuntimeError> {
+        let spec =
+            self.spec.as_ref().map_err(|reason| RuntimeError::Start { id: self.id.clone(), reason: reason.clone() })?;
+        rt.create(&CreateRequest {
+            id: &self.id,
+            spec,
+            rootfs: self.rootfs.clone(),
+            provenance: self.provenance.clone(),
+        })
+    }
+}
+
 pub struct Supervisor<R: ContainerRuntime> {
     rt: R,
+    /// Open batch: the workloads whose start fell due (see `begin_batch`).
+    batch: Option<Vec<String>>,
     units: BTreeMap<String, Unit>,
     /// Backoff base; the cap comes from each spec. Tests shorten it.
     pub backoff_base: Duration,
@@ -154,6 +179,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
         let (results_tx, results_rx) = channel();
         Self {
             rt,
+            batch: None,
             units: BTreeMap::new(),
             backoff_base: crate::restart::DEFAULT_BASE,
             prober: None,
@@ -471,7 +497,11 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 true
             }
             UnitState::BackingOff { until_ms } if now_ms >= until_ms => {
-                self.start_next(name, &mut unit, now_ms);
+                match &mut self.batch {
+                    Some(due) if !due.iter().any(|d| d == name) => due.push(name.to_string()),
+                    Some(_) => {}
+                    None => self.start_next(name, &mut unit, now_ms),
+                }
                 true
             }
             UnitState::BackingOff { .. } | UnitState::Done => true,
@@ -512,24 +542,86 @@ impl<R: ContainerRuntime> Supervisor<R> {
     }
 
     fn start_next(&mut self, name: &str, unit: &mut Unit, now_ms: u64) {
+        let start = self.prepare_start(name, unit);
+        let created = start.make(&self.rt);
+        self.finish_start(name, unit, start, created, now_ms);
+    }
+
+    /// What the next instance of `unit` is made from; the one before the
+    /// previous instance goes (the previous one stays for its log).
+    fn prepare_start(&self, name: &str, unit: &Unit) -> Start {
         let n = unit.next_instance;
-        let id = container_id(name, n);
-        // Keep the previous instance for its log; drop the one before it.
         if n >= 2 {
             let _ = self.rt.remove(&container_id(name, n - 2));
         }
-        let created = match self.opened(name, &unit.spec) {
-            Ok(opened) => {
-                let spec = opened.as_ref().unwrap_or(&unit.spec);
-                let provenance = Provenance {
-                    revision: unit.version.revision,
-                    fingerprint: unit.version.fingerprint.clone(),
-                    restarts: unit.restarts,
-                };
-                self.rt.create(&CreateRequest { id: &id, spec, rootfs: unit.rootfs.clone(), provenance })
-            }
-            Err(reason) => Err(RuntimeError::Start { id: id.clone(), reason }),
+        let provenance = Provenance {
+            revision: unit.version.revision,
+            fingerprint: unit.version.fingerprint.clone(),
+            restarts: unit.restarts,
         };
+        Start {
+            id: container_id(name, n),
+            n,
+            spec: self.opened(name, &unit.spec).map(|opened| opened.unwrap_or_else(|| unit.spec.clone())),
+            rootfs: unit.rootfs.clone(),
+            provenance,
+        }
+    }
+
+    /// From now on, starts that fall due wait for [`Self::end_batch`].
+    pub fn begin_batch(&mut self) {
+        self.batch.get_or_insert_with(Vec::new);
+    }
+
+    /// Makes the starts that fell due since [`Self::begin_batch`] side by
+    /// side (as many at once as the runtime says it can take): a device booting with
+    /// twenty workloads starts them in about the time of a few, not twenty
+    /// one after another. Each start is a shim process doing mostly kernel
+    /// work (mounts, cgroups, namespaces), so they overlap well even on two cores.
+    pub fn end_batch(&mut self, now_ms: u64) {
+        let Some(names) = self.batch.take() else { return };
+        let mut due = Vec::new();
+        for name in names {
+            let Some(unit) = self.units.remove(&name) else { continue };
+            if matches!(unit.state, UnitState::BackingOff { until_ms } if now_ms >= until_ms) {
+                let start = self.prepare_start(&name, &unit);
+                due.push((name, unit, start));
+            } else {
+                self.units.insert(name, unit);
+            }
+        }
+        let mut made = Vec::with_capacity(due.len());
+        let at_once = self.rt.starts_at_once().max(1);
+        for group in due.chunks(at_once) {
+            let rt = &self.rt;
+            if let [(_, _, start)] = group {
+                made.push(start.make(rt));
+                continue;
+            }
+            std::thread::scope(|scope| {
+                let running: Vec<_> = group.iter().map(|(_, _, start)| scope.spawn(move || start.make(rt))).collect();
+                for (handle, (_, _, start)) in running.into_iter().zip(group) {
+                    made.push(handle.join().unwrap_or_else(|_| {
+                        Err(RuntimeError::Start { id: start.id.clone(), reason: "the start panicked".into() })
+                    }));
+                }
+            });
+        }
+        for ((name, mut unit, start), created) in due.into_iter().zip(made) {
+            self.finish_start(&name, &mut unit, start, created, now_ms);
+            self.units.insert(name, unit);
+        }
+    }
+
+    fn finish_start(
+        &mut self,
+        name: &str,
+        unit: &mut Unit,
+        start: Start,
+        created: Result<(), RuntimeError>,
+        now_ms: u64,
+    ) {
+        let (id, n) = (start.id, start.n);
         match created {
             Ok(()) => {
                 info!(workload = name, container = %id, restarts = unit.restarts, "container started");

@@ -99,8 +99,19 @@ pub fn for_bundle(bundle: &Path, named: bool, cache: Option<&Path>) -> Result<Op
     }
     let program = compile_json(&profile)?;
     // A cache that cannot be written costs the next start a compile, nothing else.
-    let _ = std::fs::create_dir_all(cache).and_then(|()| super::layout::write_atomic(&path, &frame(&program)));
+    let _ = store(cache, &path, &frame(&program));
     Ok(Some(program))
+}
+
+/// Writes a cache entry whole or not at all. Shims starting side by side
+/// may compile one profile at once: each writes its own temp file (tmpfs:
+/// no fsync), and the last rename wins with the same bytes.
+fn store(cache: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(cache)?;
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// The cache key: the profile's bytes, the kernel, the architecture and the

@@ -167,6 +167,12 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
 }
 
 impl ContainerRuntime for LibcontainerRuntime {
+    /// Each start is a shim process doing kernel work (mounts, cgroups,
+    /// namespaces) and waiting on it: eight overlap well even on one or two cores.
+    fn starts_at_once(&self) -> usize {
+        8
+    }
+
     fn create(&self, req: &CreateRequest<'_>) -> Result<(), RuntimeError> {
         let id = req.id;
         validate_id(id)?;

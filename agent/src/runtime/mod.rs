@@ -144,9 +144,14 @@ pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
 }
 
 /// The agent's view of running containers; reconcile code talks only to this.
-pub trait ContainerRuntime {
+/// Shared by threads: the supervisor makes a batch of starts side by side.
+pub trait ContainerRuntime: Sync {
     /// Creates and starts a container. On error nothing of it is left behind.
     fn create(&self, req: &CreateRequest<'_>) -> Result<(), RuntimeError>;
+    /// How many `create`s may run side by side (from as many threads).
+    fn starts_at_once(&self) -> usize {
+        1
+    }
     fn state(&self, id: &str) -> Result<ContainerState, RuntimeError>;
     /// Asks the container to stop: SIGTERM, then SIGKILL after its grace period.
     fn stop(&self, id: &str) -> Result<(), RuntimeError>;

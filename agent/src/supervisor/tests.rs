@@ -317,3 +317,83 @@ fn remove_stops_then_deletes_every_instance() {
     assert!(fake.ids().is_empty());
     assert!(!sup.is_supervising("web"));
 }
+
+/// A runtime whose starts each wait (up to 3 s) for the rest of their
+/// group of `gate` to arrive: made one after another, they would time out.
+struct Gated {
+    inner: FakeRuntime,
+    gate: usize,
+    arrived: std::sync::Mutex<usize>,
+    moved: std::sync::Condvar,
+}
+
+impl ContainerRuntime for Gated {
+    fn create(&self, req: &CreateRequest<'_>) -> Result<(), RuntimeError> {
+        let mut arrived = self.arrived.lock().expect("lock");
+        *arrived += 1;
+        let group_full = (*arrived).div_ceil(self.gate) * self.gate;
+        self.moved.notify_all();
+        let (arrived, waited) = self
+            .moved
+            .wait_timeout_while(arrived, std::time::Duration::from_secs(3), |n| *n < group_full)
+            .expect("lock");
+        drop(arrived);
+        if waited.timed_out() {
+            return Err(RuntimeError::Start { id: req.id.into(), reason: "started alone".into() });
+        }
+        self.inner.create(req)
+    }
+    fn starts_at_once(&self) -> usize {
+        self.gate
+    }
+    fn state(&self, id: &str) -> Result<ContainerState, RuntimeError> {
+        self.inner.state(id)
+    }
+    fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        self.inner.stop(id)
+    }
+    fn kill(&self, id: &str) -> Result<(), RuntimeError> {
+        self.inner.kill(id)
+    }
+    fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.inner.remove(id)
+    }
+    fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        self.inner.list()
+    }
+    fn provenance(&self, id: &str) -> Option<Provenance> {
+        self.inner.provenance(id)
+    }
+    fn usage(&self, id: &str) -> Option<crate::runtime::Usage> {
+        self.inner.usage(id)
+    }
+    fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: std::time::Duration,
+    ) -> Result<crate::runtime::ExecOutput, RuntimeError> {
+        self.inner.exec(id, argv, timeout)
+    }
+}
+
+#[test]
+fn a_batch_starts_its_containers_side_by_side() {
+    let fake = FakeRuntime::default();
+    let gated = Gated { inner: fake.clone(), gate: 4, arrived: Default::default(), moved: Default::default() };
+    let mut sup = Supervisor::new(gated);
+    sup.begin_batch();
+    for name in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+        sup.ensure(name, 1, spec(RestartPolicy::Always), "/r".into(), 0);
+    }
+    assert!(fake.ids().is_empty(), "nothing starts before the batch ends");
+    sup.end_batch(0);
+    // Two groups of four, each four at once: none started alone.
+    let status = sup.status();
+    assert!(status.iter().all(|w| w.last_error.is_none()), "{status:?}");
+    assert_eq!(fake.ids().len(), 8, "{:?}", fake.ids());
+    // The batch is closed: the next due start is made at once (and, alone, times out here).
+    sup.ensure("late", 1, spec(RestartPolicy::Always), "/r".into(), 0);
+    let late = sup.status().into_iter().find(|w| w.name == "late").expect("late");
+    assert!(late.last_error.is_some_and(|e| e.contains("started alone")));
+}

@@ -9,7 +9,9 @@
 //! Sections: `sizes` (encoded message sizes), `footprint` (agent binary size,
 //! RSS/PSS after 60 s connected), `ingest` (heartbeats/s the controller
 //! absorbs through the embedded broker and through Mosquitto, same run),
-//! `runtime`, `pull`, `schedule` (placing 100,000 instances on 10,000
+//! `runtime`, `starts` (N containers at once, as a busy device boots: the
+//! agent's supervisor vs its one-after-another path vs `runc run -d` in
+//! parallel from a shell), `pull`, `schedule` (placing 100,000 instances on 10,000
 //! devices), `rollout` (a 4-wave rollout to 1,000 simulated devices),
 //! `upgrade` (one real agent upgraded over MQTT: bytes, time, the link's
 //! silence during the switch; the same build fetched over HTTP beside it),
@@ -34,6 +36,7 @@ fn main() {
         "footprint" => footprint(secs("BENCH_IDLE_SECS", 60)),
         "ingest" => ingest(secs("BENCH_DEVICES", 200) as usize, secs("BENCH_SECS", 10)),
         "runtime" => runtime(secs("BENCH_ITERS", 50) as usize),
+        "starts" => starts(secs("BENCH_CONTAINERS", 20) as usize, secs("BENCH_ROUNDS", 5) as usize),
         "pull" => pull(secs("BENCH_PULLS", 5) as usize),
         "schedule" => schedule(secs("BENCH_SCHED_DEVICES", 10_000) as usize, secs("BENCH_INSTANCES", 100_000) as usize),
         "rollout" => rollout(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5)),
@@ -48,6 +51,7 @@ fn main() {
             footprint(secs("BENCH_IDLE_SECS", 60));
             ingest(secs("BENCH_DEVICES", 200) as usize, secs("BENCH_SECS", 10));
             runtime(secs("BENCH_ITERS", 50) as usize);
+            starts(secs("BENCH_CONTAINERS", 20) as usize, secs("BENCH_ROUNDS", 5) as usize);
             pull(secs("BENCH_PULLS", 5) as usize);
             schedule(secs("BENCH_SCHED_DEVICES", 10_000) as usize, secs("BENCH_INSTANCES", 100_000) as usize);
             rollout(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_GATE_SECS", 5));
@@ -295,6 +299,116 @@ struct Flood {
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// N `sleep` containers started at once, as a busy device boots: the
+/// agent's supervisor (one batch: starts side by side) and the same
+/// supervisor starting them one after another (the path before batches),
+/// vs a shell starting `runc run -d` for each in the background and waiting.
+/// Time from the first start until every container runs. Rounds interleaved.
+fn starts(n: usize, rounds: usize) {
+    use baton_agent::runtime::{ContainerRuntime, ContainerState, Layout, LibcontainerRuntime};
+    use baton_agent::supervisor::Supervisor;
+    use baton_protocol::spec::ContainerSpec;
+    use std::process::{Command, Stdio};
+
+    println!("## {n} containers started at once, {rounds} rounds\n");
+    let world = World::new();
+    let rootfs = baton_tests::fixtures::busybox_rootfs(world.path()).expect("rootfs");
+    let run_dir = PathBuf::from(format!("/run/baton-bench-starts-{}", std::process::id()));
+    let layout = Layout::new(world.path().join("data"), &run_dir)
+        .with_cgroup_parent(format!("/baton-bench-starts-{}", std::process::id()));
+    let spec = ContainerSpec { command: vec!["/bin/sleep".into(), "600".into()], ..Default::default() };
+    let peer_root = world.path().join("peer-root");
+    for i in 0..n {
+        let bundle = world.path().join(format!("bundle-{i}"));
+        std::fs::create_dir_all(&bundle).expect("bundle");
+        let config = baton_agent::runtime::oci::config_json(&format!("peer-{i}"), &spec, &rootfs, &layout, &[]);
+        std::fs::write(bundle.join("config.json"), config.to_string()).expect("config.json");
+    }
+
+    let ours = |round: usize, batch: bool| -> f64 {
+        let mut rt = LibcontainerRuntime::new(layout.clone(), bin("baton-agent"));
+        rt.stop_grace = Duration::from_millis(100);
+        let mut sup = Supervisor::new(rt);
+        let names: Vec<String> = (0..n).map(|i| format!("w{round}{}-{i}", if batch { "b" } else { "s" })).collect();
+        let t = Instant::now();
+        if batch {
+            sup.begin_batch();
+        }
+        for name in &names {
+            sup.ensure(name, 1, spec.clone(), rootfs.clone().into(), 0);
+        }
+        sup.end_batch(0);
+        let ids: Vec<String> = names.iter().filter_map(|w| sup.current_container(w)).collect();
+        assert_eq!(ids.len(), n, "every workload has a container");
+        while !ids.iter().all(|id| matches!(sup.runtime().state(id), Ok(ContainerState::Running(_)))) {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        for id in &ids {
+            let _ = sup.runtime().kill(id);
+        }
+        for id in &ids {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !matches!(sup.runtime().state(id), Ok(ContainerState::Exited(_))) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = sup.runtime().remove(id);
+        }
+        ms
+    };
+    let runc = which("runc");
+    let peer = |runc: &Path| -> Option<f64> {
+        let script = format!(
+            "for i in $(seq 0 {last}); do {runc} --root {root} run -d -b {dir}/bundle-$i peer-$i >/dev/null 2>&1 </dev/null & done; wait",
+            last = n - 1,
+            runc = runc.display(),
+            root = peer_root.display(),
+            dir = world.path().display()
+        );
+        let t = Instant::now();
+        let ok = Command::new("sh").args(["-c", &script]).stdout(Stdio::null()).status().ok()?.success();
+        let list = Command::new(runc).arg("--root").arg(&peer_root).args(["list", "-q"]).output().ok()?;
+        let running = String::from_utf8_lossy(&list.stdout).lines().count();
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        for i in 0..n {
+            let _ = Command::new(runc)
+                .arg("--root")
+                .arg(&peer_root)
+                .args(["delete", "-f", &format!("peer-{i}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        (ok && running == n).then_some(ms)
+    };
+    let (mut batched, mut serial, mut t_runc) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        batched.push(ours(round, true));
+        serial.push(ours(round, false));
+        if let Some(ms) = runc.as_deref().and_then(&peer) {
+            t_runc.push(ms);
+        }
+    }
+    println!("| how | median ms to all {n} running | min | max |\n|---|---|---|---|");
+    for (name, v) in [
+        ("Baton, one batch (side by side)", &mut batched),
+        ("Baton, one after another", &mut serial),
+        ("runc run -d, all in the background of one shell", &mut t_runc),
+    ] {
+        if v.is_empty() {
+            println!("| {name} | not installed or failed | | |");
+            continue;
+        }
+        v.sort_by(f64::total_cmp);
+        println!("| {name} | {:.0} | {:.0} | {:.0} |", percentile(v, 0.5), v[0], v[v.len() - 1]);
+    }
+    if !t_runc.is_empty() {
+        println!("\nBaton (batch) / runc (medians): {:.2}", percentile(&batched, 0.5) / percentile(&t_runc, 0.5));
+    }
+    println!("Baton (batch) / Baton one after another: {:.2}\n", percentile(&batched, 0.5) / percentile(&serial, 0.5));
+    let _ = std::fs::remove_dir_all(&run_dir);
 }
 
 /// create+start+wait+delete of `/bin/true`: Baton's runtime path (shim
