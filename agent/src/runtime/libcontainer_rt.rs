@@ -452,10 +452,11 @@ pub(crate) fn process_setup(root: &Path, spec: &baton_protocol::spec::ContainerS
     let user = spec.user.unwrap_or_default();
     let sec = &spec.security;
     if spec.allow_privilege_escalation && !sec.privileged && !sec.seccomp_unconfined {
-        // libcontainer 0.7 fails to load a seccomp filter without
-        // no_new_privileges (as root too): say so rather than retry forever.
+        // The filter is loaded after the capabilities are dropped
+        // (runtime/filter.rs), which the kernel refuses without
+        // no_new_privileges: say so rather than retry forever.
         return Err("allow_privilege_escalation needs seccomp_unconfined: true as well \
-                    (libcontainer loads a seccomp filter only under no_new_privileges)"
+                    (a seccomp filter is loaded only under no_new_privileges)"
             .into());
     }
     if let Some(dir) = &spec.working_dir {

@@ -379,10 +379,11 @@ pub fn config_json(
             "seccomp": seccomp,
         },
     });
-    // Escalation allowed: the key is left out rather than false, because
-    // libcontainer loads the seccomp filter while still privileged only then
-    // (with `false` it loads it after the switch to a non-root user, where
-    // the kernel refuses a filter without no_new_privileges).
+    // Escalation allowed: the key is left out rather than false (as runc
+    // reads a bundle, that is "leave the bit alone"). Such a container has
+    // no seccomp filter: the agent loads filters after the switch to the
+    // container's user, where the kernel refuses one without
+    // no_new_privileges, so escalation needs `seccomp_unconfined`.
     if privileged || spec.allow_privilege_escalation {
         if let Some(p) = config["process"].as_object_mut() {
             p.remove("noNewPrivileges");
