@@ -327,8 +327,55 @@ fn default_seccomp_profile_blocks_a_denied_syscall_and_can_be_opted_out() {
     let out = rt.exec(&busy, &["/bin/true".into()], T).unwrap();
     assert_eq!(out.code, 126, "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("seccomp.json"), "{out:?}");
+    // Nor one whose config stopped naming it: its init runs filtered.
+    let config_path = fx.layout.container(&busy).join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["annotations"].as_object_mut().unwrap().remove("org.baton.seccomp");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let out = rt.exec(&busy, &["/bin/true".into()], T).unwrap();
+    assert_eq!(out.code, 126, "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("seccomp.json"), "{out:?}");
+    // A bundle without its config.json says so.
+    std::fs::remove_file(&config_path).unwrap();
+    let out = rt.exec(&busy, &["/bin/true".into()], T).unwrap();
+    assert_eq!(out.code, 126, "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config.json"), "{out:?}");
     rt.kill(&busy).unwrap();
     wait_exit(&rt, &busy, T);
+}
+
+/// Privileged means every capability the agent itself holds (a host whose
+/// root lacks one, like this machine kind's, which has no SYS_RESOURCE,
+/// could not start a privileged container at all); naming a missing one in
+/// `cap_add` is refused with its name.
+#[test]
+fn privileged_gets_what_the_agent_holds_and_a_missing_capability_is_named() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let held = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap();
+    let known = (1u64 << baton_protocol::spec::CAPABILITIES.len()) - 1;
+    let mut spec = sh("grep CapEff /proc/self/status");
+    spec.security.privileged = true;
+    let id = cid("priv");
+    create(&fx, &rt, &id, &spec).unwrap();
+    assert_eq!(wait_exit(&rt, &id, T).code, 0, "{}", fx.log(&id));
+    let log = fx.log(&id);
+    assert!(log.contains(&format!("CapEff:\t{:016x}", held & known)), "{log}");
+    match (0..baton_protocol::spec::CAPABILITIES.len()).find(|b| held & (1 << b) == 0) {
+        Some(bit) => {
+            let name = baton_protocol::spec::CAPABILITIES[bit];
+            let mut spec = sh("true");
+            spec.security.cap_add = vec![name.to_string()];
+            let e = create(&fx, &rt, &cid("missingcap"), &spec).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains("cannot give"), "{e}");
+        }
+        None => eprintln!("this host's root holds every capability: nothing to refuse"),
+    }
 }
 
 /// A static C program in the container: `probe NR` makes raw syscall NR

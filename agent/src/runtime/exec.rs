@@ -37,7 +37,13 @@ pub fn run(args: ExecArgs) -> i32 {
         }
     };
     // As `docker exec`: the container's user, groups and working directory.
-    let process = container_process(&args.root, &args.id);
+    let process = match container_process(&args.root, &args.id) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("exec in {}: {e}", args.id);
+            return 126;
+        }
+    };
     // The container's own seccomp filter, for what runs beside it too.
     let program = match &process.bundle {
         Some(bundle) => {
@@ -106,26 +112,32 @@ struct ContainerProcess {
     cwd: Option<PathBuf>,
     /// The container's bundle (where its seccomp profile is).
     bundle: Option<PathBuf>,
-    /// Whether its config.json names a seccomp profile.
+    /// Whether it must run under a seccomp program: its config.json names
+    /// one, or the container's init runs under one.
     filtered: bool,
 }
 
-/// Read from the container's bundle (its config.json); root in / when unreadable.
-fn container_process(root: &std::path::Path, id: &str) -> ContainerProcess {
+/// Read from the container's bundle (its config.json); root in / for a
+/// container libcontainer does not know (the exec then fails there, saying so).
+fn container_process(root: &std::path::Path, id: &str) -> Result<ContainerProcess, String> {
     let Some(container) = super::libcontainer_state(&root.join(id)) else {
-        return ContainerProcess::default();
+        return Ok(ContainerProcess::default());
     };
     let bundle = container.bundle().to_path_buf();
-    let Some(config) = std::fs::read(bundle.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-    else {
-        // An unreadable config: the exec fails in libcontainer, which reads it too.
-        return ContainerProcess { bundle: Some(bundle), filtered: true, ..Default::default() };
-    };
+    let path = bundle.join("config.json");
+    let config = std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string()))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    // What runs beside a filtered init is filtered too, whatever the
+    // bundle says now: a profile gone from it stops the exec.
+    let init_filtered = container.pid().is_some_and(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .is_ok_and(|s| s.lines().any(|l| l.strip_prefix("Seccomp:").is_some_and(|v| v.trim() != "0")))
+    });
     let p = &config["process"];
     let num = |v: &serde_json::Value| v.as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
-    ContainerProcess {
+    Ok(ContainerProcess {
         uid: num(&p["user"]["uid"]),
         gid: num(&p["user"]["gid"]),
         additional_gids: p["user"]["additionalGids"]
@@ -134,6 +146,8 @@ fn container_process(root: &std::path::Path, id: &str) -> ContainerProcess {
             .unwrap_or_default(),
         cwd: p["cwd"].as_str().map(PathBuf::from),
         bundle: Some(bundle),
-        filtered: super::filter::named_in(&config),
-    }
+        // (A bundle from an agent before the cache keeps its profile in
+        // config.json, where libcontainer applies it to the exec itself.)
+        filtered: super::filter::named_in(&config) || (init_filtered && config["linux"]["seccomp"].is_null()),
+    })
 }

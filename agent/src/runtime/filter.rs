@@ -12,7 +12,8 @@
 //! right before `execve` — where libcontainer loads its own (after
 //! `no_new_privileges`, after the capabilities are dropped).
 //!
-//! A cached file carries a magic and the program's SHA-256: a damaged one is
+//! A cached file carries a magic and the SHA-256 of its key and program
+//! together: a damaged one, or one copied under another profile's name, is
 //! compiled again, never loaded. The cache lives on tmpfs, so a new kernel
 //! (a reboot) starts it empty.
 
@@ -93,13 +94,14 @@ pub fn for_bundle(bundle: &Path, named: bool, cache: Option<&Path>) -> Result<Op
         Err(e) => return Err(format!("cannot read {PROFILE}: {e}")),
     };
     let Some(cache) = cache else { return compile_json(&profile).map(Some) };
-    let path = cache.join(format!("{}.bpf", key(&profile)));
-    if let Some(program) = std::fs::read(&path).ok().and_then(|b| unframe(&b)) {
+    let key = key(&profile);
+    let path = cache.join(format!("{key}.bpf"));
+    if let Some(program) = std::fs::read(&path).ok().and_then(|b| unframe(&key, &b)) {
         return Ok(Some(program));
     }
     let program = compile_json(&profile)?;
     // A cache that cannot be written costs the next start a compile, nothing else.
-    let _ = store(cache, &path, &frame(&program));
+    let _ = store(cache, &path, &frame(&key, &program));
     Ok(Some(program))
 }
 
@@ -128,17 +130,27 @@ fn key(profile: &[u8]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn frame(program: &Program) -> Vec<u8> {
+/// The seal of a cache entry: its key and its program hashed together, so
+/// that an entry copied under another profile's name is not taken for it.
+fn seal(key: &str, program: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(key.as_bytes());
+    h.update([0]);
+    h.update(program);
+    h.finalize().into()
+}
+
+fn frame(key: &str, program: &Program) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&Sha256::digest(program.bytes()));
+    out.extend_from_slice(&seal(key, program.bytes()));
     out.extend_from_slice(program.bytes());
     out
 }
 
-fn unframe(bytes: &[u8]) -> Option<Program> {
+fn unframe(key: &str, bytes: &[u8]) -> Option<Program> {
     let rest = bytes.strip_prefix(MAGIC)?;
     let (digest, program) = rest.split_at_checked(32)?;
-    (Sha256::digest(program).as_slice() == digest).then(|| Program::checked(program.to_vec()).ok())?
+    (seal(key, program) == digest).then(|| Program::checked(program.to_vec()).ok())?
 }
 
 /// Compiles an OCI `linux.seccomp` value (JSON).

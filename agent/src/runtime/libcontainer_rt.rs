@@ -216,6 +216,10 @@ impl ContainerRuntime for LibcontainerRuntime {
         if !setup.additional_gids.is_empty() {
             config["process"]["user"]["additionalGids"] = serde_json::json!(setup.additional_gids);
         }
+        if let Err(reason) = oci::fit_capabilities(&mut config, &req.spec.security, &held_capabilities()) {
+            let _ = self.cleanup(id);
+            return Err(RuntimeError::Start { id: id.to_string(), reason });
+        }
         if spec.network == NetworkMode::Bridge {
             let wired = match &self.net {
                 Some(net) => net.attach(id, &spec),
@@ -433,6 +437,21 @@ fn read_in_root(root: &str, path: &[&str], max: usize) -> Option<String> {
     let mut buf = Vec::with_capacity(max);
     file.by_ref().take(max as u64).read_to_end(&mut buf).ok()?;
     String::from_utf8(buf).ok()
+}
+
+/// The capabilities this agent can give a container: its own bounding set
+/// (`CapBnd` in /proc/self/status). All of them when it cannot be read.
+fn held_capabilities() -> Vec<String> {
+    let bounding = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines().find_map(|l| l.strip_prefix("CapBnd:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    });
+    let bounding = bounding.unwrap_or(u64::MAX);
+    baton_protocol::spec::CAPABILITIES
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| bounding & (1 << bit) != 0)
+        .map(|(_, c)| format!("CAP_{c}"))
+        .collect()
 }
 
 /// What the container's process needs from its root tree, settled before it

@@ -93,6 +93,11 @@ pub fn validate(spec: &ContainerSpec) -> Result<(), String> {
             return Err(format!("command/args[{i}]: contains a NUL byte"));
         }
     }
+    for (field, names) in [("cap_add", &spec.security.cap_add), ("cap_drop", &spec.security.cap_drop)] {
+        if let Some(c) = names.iter().find(|c| baton_protocol::spec::capability(c).is_none()) {
+            return Err(format!("{field}: {c:?} is not a Linux capability"));
+        }
+    }
     for (k, v) in &spec.env {
         if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
             return Err(format!("env: invalid variable name {k:?}"));
@@ -256,11 +261,12 @@ pub fn config_json(
         all_capabilities()
     } else {
         let mut caps: Vec<String> = DEFAULT_CAPS.iter().map(|c| c.to_string()).collect();
-        let norm =
-            |c: &String| if c.starts_with("CAP_") { c.to_uppercase() } else { format!("CAP_{}", c.to_uppercase()) };
+        let norm = |c: &String| baton_protocol::spec::capability(c).unwrap_or_else(|| c.to_uppercase());
         let drop: Vec<String> = spec.security.cap_drop.iter().map(norm).collect();
-        caps.retain(|c| !drop.contains(c) && !drop.iter().any(|d| d == "CAP_ALL"));
-        for c in spec.security.cap_add.iter().map(norm) {
+        caps.retain(|c| !drop.contains(c) && !drop.iter().any(|d| d == "ALL"));
+        let add: Vec<String> = spec.security.cap_add.iter().map(norm).collect();
+        let add = if add.iter().any(|c| c == "ALL") { all_capabilities() } else { add };
+        for c in add {
             if !caps.contains(&c) {
                 caps.push(c);
             }
@@ -393,53 +399,38 @@ pub fn config_json(
 }
 
 fn all_capabilities() -> Vec<String> {
-    // The capabilities of Linux 5.9+, in kernel order.
-    [
-        "CHOWN",
-        "DAC_OVERRIDE",
-        "DAC_READ_SEARCH",
-        "FOWNER",
-        "FSETID",
-        "KILL",
-        "SETGID",
-        "SETUID",
-        "SETPCAP",
-        "LINUX_IMMUTABLE",
-        "NET_BIND_SERVICE",
-        "NET_BROADCAST",
-        "NET_ADMIN",
-        "NET_RAW",
-        "IPC_LOCK",
-        "IPC_OWNER",
-        "SYS_MODULE",
-        "SYS_RAWIO",
-        "SYS_CHROOT",
-        "SYS_PTRACE",
-        "SYS_PACCT",
-        "SYS_ADMIN",
-        "SYS_BOOT",
-        "SYS_NICE",
-        "SYS_RESOURCE",
-        "SYS_TIME",
-        "SYS_TTY_CONFIG",
-        "MKNOD",
-        "LEASE",
-        "AUDIT_WRITE",
-        "AUDIT_CONTROL",
-        "SETFCAP",
-        "MAC_OVERRIDE",
-        "MAC_ADMIN",
-        "SYSLOG",
-        "WAKE_ALARM",
-        "BLOCK_SUSPEND",
-        "AUDIT_READ",
-        "PERFMON",
-        "BPF",
-        "CHECKPOINT_RESTORE",
-    ]
-    .iter()
-    .map(|c| format!("CAP_{c}"))
-    .collect()
+    baton_protocol::spec::CAPABILITIES.iter().map(|c| format!("CAP_{c}")).collect()
+}
+
+/// Keeps a container's capabilities within `held` (the agent's own bounding
+/// set): `privileged` and `cap_add: [ALL]` mean "all the device can give",
+/// as Docker and Podman read them; a capability named in `cap_add` that the
+/// device cannot give refuses the start, naming it.
+pub fn fit_capabilities(
+    config: &mut Value,
+    security: &baton_protocol::spec::Security,
+    held: &[String],
+) -> Result<(), String> {
+    if !security.privileged {
+        for c in &security.cap_add {
+            match baton_protocol::spec::capability(c) {
+                Some(cap) if cap != "ALL" && !held.contains(&cap) => {
+                    return Err(format!(
+                        "cap_add {c}: this device cannot give it (its agent's bounding set lacks {cap})"
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Some(sets) = config["process"]["capabilities"].as_object_mut() {
+        for set in sets.values_mut() {
+            if let Some(list) = set.as_array_mut() {
+                list.retain(|c| c.as_str().is_some_and(|c| held.iter().any(|h| h == c)));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -610,5 +601,40 @@ mod tests {
         };
         let d = resolve_devices(&null).unwrap();
         assert_eq!((d[0].kind, d[0].major, d[0].minor), ("c", 1, 3));
+    }
+
+    #[test]
+    fn capabilities_stay_within_what_the_device_holds() {
+        let layout = Layout::new("/data", "/run/baton");
+        let held: Vec<String> = baton_protocol::spec::CAPABILITIES
+            .iter()
+            .filter(|c| **c != "SYS_RESOURCE")
+            .map(|c| format!("CAP_{c}"))
+            .collect();
+        let caps = |v: &Value| v["process"]["capabilities"]["permitted"].as_array().unwrap().clone();
+        // Privileged and cap_add: [ALL]: everything the device holds, nothing more.
+        let mut s = spec();
+        s.security.privileged = true;
+        let mut v = config_json("p", &s, Path::new("/r"), &layout, &[]);
+        assert!(caps(&v).contains(&json!("CAP_SYS_RESOURCE")));
+        fit_capabilities(&mut v, &s.security, &held).unwrap();
+        assert_eq!(caps(&v).len(), held.len());
+        assert!(!caps(&v).contains(&json!("CAP_SYS_RESOURCE")));
+        let mut s = spec();
+        s.security.cap_add = vec!["all".into()];
+        let mut v = config_json("p", &s, Path::new("/r"), &layout, &[]);
+        fit_capabilities(&mut v, &s.security, &held).unwrap();
+        assert_eq!(caps(&v).len(), held.len());
+        // Named in cap_add but not held: refused, naming it.
+        s.security.cap_add = vec!["sys_time".into(), "SYS_RESOURCE".into()];
+        let mut v = config_json("p", &s, Path::new("/r"), &layout, &[]);
+        let e = fit_capabilities(&mut v, &s.security, &held).unwrap_err();
+        assert!(e.contains("SYS_RESOURCE") && !e.contains("SYS_TIME"), "{e}");
+        // Names Linux does not have are refused before anything is made.
+        s.security.cap_add = vec!["BOGUS".into()];
+        assert!(validate(&s).unwrap_err().contains("BOGUS"));
+        assert_eq!(baton_protocol::spec::capability("cap_net_admin").as_deref(), Some("CAP_NET_ADMIN"));
+        assert_eq!(baton_protocol::spec::capability(" All ").as_deref(), Some("ALL"));
+        assert_eq!(baton_protocol::spec::capability("CAP_"), None);
     }
 }

@@ -690,6 +690,8 @@ image: reg/other:1
                 "allow_privilege_escalation",
                 1,
             ),
+            ("name: a\nimage: x\ncap_add: [NET_ADMIN, BOGUS]\n", "not a Linux capability", "cap_add[1]", 1),
+            ("name: a\nimage: x\ncap_drop: [cap_chwon]\n", "not a Linux capability", "cap_drop[0]", 1),
             ("name: a\nimage: x\nliveness: {tcp: 80, exec: [x]}\n", "exactly one of exec", "liveness", 1),
             ("name: a\nimage: x\nnetwork: none\nreadiness: {tcp: 80}\n", "exec probe", "readiness", 1),
             ("name: a\nimage: x\n---\nname: a\nimage: y\n", "defined twice", "name", 2),

@@ -149,21 +149,26 @@ fn a_cached_program_is_used_and_a_damaged_one_is_made_again() {
     let first = for_bundle(&bundle, true, Some(&cache)).expect("compile").expect("a program");
     let cached: Vec<PathBuf> = std::fs::read_dir(&cache).expect("cache").map(|e| e.expect("entry").path()).collect();
     assert_eq!(cached.len(), 1, "{cached:?}");
-    assert_eq!(unframe(&std::fs::read(&cached[0]).expect("read")), Some(first.clone()));
+    let key = cached[0].file_stem().and_then(|s| s.to_str()).expect("key").to_string();
+    assert_eq!(unframe(&key, &std::fs::read(&cached[0]).expect("read")), Some(first.clone()));
 
-    // A cached program is taken as it is (a different valid one shows it was read)…
+    // A cached program is taken as it is (a different one sealed under this
+    // key shows that it was read, not compiled again)…
     let other = compile(&profile_for(&["CAP_SYS_ADMIN"])).expect("compile");
-    std::fs::write(&cached[0], frame(&other)).expect("write");
-    assert_eq!(for_bundle(&bundle, true, Some(&cache)).expect("cached"), Some(other));
-    // …unless it is damaged: then it is compiled again and replaced.
-    let mut bytes = frame(&first);
+    std::fs::write(&cached[0], frame(&key, &other)).expect("write");
+    assert_eq!(for_bundle(&bundle, true, Some(&cache)).expect("cached"), Some(other.clone()));
+    // …unless it is damaged, or is another profile's entry copied under
+    // this name: then it is compiled again and replaced.
+    let mut bytes = frame(&key, &first);
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&cached[0], &bytes).expect("write");
     assert_eq!(for_bundle(&bundle, true, Some(&cache)).expect("recompiled"), Some(first.clone()));
-    std::fs::write(&cached[0], &frame(&first)[..20]).expect("truncate");
+    std::fs::write(&cached[0], &frame(&key, &first)[..20]).expect("truncate");
     assert_eq!(for_bundle(&bundle, true, Some(&cache)).expect("recompiled"), Some(first.clone()));
-    assert_eq!(unframe(&std::fs::read(&cached[0]).expect("read")), Some(first));
+    std::fs::write(&cached[0], frame("another profile's key", &other)).expect("write");
+    assert_eq!(for_bundle(&bundle, true, Some(&cache)).expect("recompiled"), Some(first.clone()));
+    assert_eq!(unframe(&key, &std::fs::read(&cached[0]).expect("read")), Some(first));
 
     // Another profile, another entry; a bad profile is an error, not an empty filter.
     std::fs::write(bundle.join(PROFILE), serde_json::to_vec(&profile_for(&["CAP_SYS_ADMIN"])).expect("json"))
