@@ -226,6 +226,14 @@ pub fn capability(name: &str) -> Option<String> {
     CAPABILITIES.contains(&bare).then(|| format!("CAP_{bare}"))
 }
 
+/// The first name in `cap_add` / `cap_drop` that is no capability: the
+/// field, its index and the name.
+pub fn unknown_capability<'a>(cap_add: &'a [String], cap_drop: &'a [String]) -> Option<(&'static str, usize, &'a str)> {
+    [("cap_add", cap_add), ("cap_drop", cap_drop)].into_iter().find_map(|(field, names)| {
+        names.iter().enumerate().find(|(_, c)| capability(c).is_none()).map(|(i, c)| (field, i, c.as_str()))
+    })
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
     pub check: ProbeCheck,

@@ -47,7 +47,7 @@ pub fn run(args: ExecArgs) -> i32 {
     // The container's own seccomp filter, for what runs beside it too.
     let program = match &process.bundle {
         Some(bundle) => {
-            match super::filter::for_bundle(bundle, process.filtered, Some(&super::filter::cache_beside(&args.root))) {
+            match super::filter::for_bundle(bundle, process.filtered, &super::filter::cache_beside(&args.root)) {
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("exec in {}: {e}", args.id);
@@ -131,10 +131,8 @@ fn container_process(root: &std::path::Path, id: &str) -> Result<ContainerProces
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     // What runs beside a filtered init is filtered too, whatever the
     // bundle says now: a profile gone from it stops the exec.
-    let init_filtered = container.pid().is_some_and(|pid| {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .is_ok_and(|s| s.lines().any(|l| l.strip_prefix("Seccomp:").is_some_and(|v| v.trim() != "0")))
-    });
+    let init_filtered =
+        container.pid().and_then(|pid| super::proc_status(&pid.to_string(), "Seccomp")).is_some_and(|mode| mode != "0");
     let p = &config["process"];
     let num = |v: &serde_json::Value| v.as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
     Ok(ContainerProcess {

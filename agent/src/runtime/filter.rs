@@ -85,15 +85,13 @@ pub fn named_in(config: &serde_json::Value) -> bool {
 }
 
 /// The program for the profile in `bundle`, if the bundle has one (it must
-/// when `named`): from the cache in `cache` (when given), else compiled
-/// (and kept there).
-pub fn for_bundle(bundle: &Path, named: bool, cache: Option<&Path>) -> Result<Option<Program>, String> {
+/// when `named`): from the cache in `cache`, else compiled (and kept there).
+pub fn for_bundle(bundle: &Path, named: bool, cache: &Path) -> Result<Option<Program>, String> {
     let profile = match std::fs::read(bundle.join(PROFILE)) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !named => return Ok(None),
         Err(e) => return Err(format!("cannot read {PROFILE}: {e}")),
     };
-    let Some(cache) = cache else { return compile_json(&profile).map(Some) };
     let key = key(&profile);
     let path = cache.join(format!("{key}.bpf"));
     if let Some(program) = std::fs::read(&path).ok().and_then(|b| unframe(&key, &b)) {

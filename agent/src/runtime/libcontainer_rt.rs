@@ -216,7 +216,7 @@ impl ContainerRuntime for LibcontainerRuntime {
         if !setup.additional_gids.is_empty() {
             config["process"]["user"]["additionalGids"] = serde_json::json!(setup.additional_gids);
         }
-        if let Err(reason) = oci::fit_capabilities(&mut config, &req.spec.security, &held_capabilities()) {
+        if let Err(reason) = oci::fit_capabilities(&mut config, &req.spec.security, held_capabilities()) {
             let _ = self.cleanup(id);
             return Err(RuntimeError::Start { id: id.to_string(), reason });
         }
@@ -440,18 +440,20 @@ fn read_in_root(root: &str, path: &[&str], max: usize) -> Option<String> {
 }
 
 /// The capabilities this agent can give a container: its own bounding set
-/// (`CapBnd` in /proc/self/status). All of them when it cannot be read.
-fn held_capabilities() -> Vec<String> {
-    let bounding = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
-        s.lines().find_map(|l| l.strip_prefix("CapBnd:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-    });
-    let bounding = bounding.unwrap_or(u64::MAX);
-    baton_protocol::spec::CAPABILITIES
-        .iter()
-        .enumerate()
-        .filter(|(bit, _)| bounding & (1 << bit) != 0)
-        .map(|(_, c)| format!("CAP_{c}"))
-        .collect()
+/// (`CapBnd` in /proc/self/status, read once: it never grows). All of them
+/// when it cannot be read.
+fn held_capabilities() -> &'static [String] {
+    static HELD: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    HELD.get_or_init(|| {
+        let bounding = super::proc_status("self", "CapBnd").and_then(|v| u64::from_str_radix(&v, 16).ok());
+        let bounding = bounding.unwrap_or(u64::MAX);
+        baton_protocol::spec::CAPABILITIES
+            .iter()
+            .enumerate()
+            .filter(|(bit, _)| bounding & (1 << bit) != 0)
+            .map(|(_, c)| format!("CAP_{c}"))
+            .collect()
+    })
 }
 
 /// What the container's process needs from its root tree, settled before it

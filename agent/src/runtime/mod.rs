@@ -191,6 +191,12 @@ pub fn libcontainer_state(state_dir: &std::path::Path) -> Option<libcontainer::c
     libcontainer::container::Container::load(state_dir.to_path_buf()).ok()
 }
 
+/// A field of `/proc/<pid>/status` (`pid`: a number or `self`), trimmed.
+pub fn proc_status(pid: &str, field: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).map(|v| v.trim().to_string())
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

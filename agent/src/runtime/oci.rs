@@ -93,10 +93,9 @@ pub fn validate(spec: &ContainerSpec) -> Result<(), String> {
             return Err(format!("command/args[{i}]: contains a NUL byte"));
         }
     }
-    for (field, names) in [("cap_add", &spec.security.cap_add), ("cap_drop", &spec.security.cap_drop)] {
-        if let Some(c) = names.iter().find(|c| baton_protocol::spec::capability(c).is_none()) {
-            return Err(format!("{field}: {c:?} is not a Linux capability"));
-        }
+    let sec = &spec.security;
+    if let Some((field, _, c)) = baton_protocol::spec::unknown_capability(&sec.cap_add, &sec.cap_drop) {
+        return Err(format!("{field}: {c:?} is not a Linux capability"));
     }
     for (k, v) in &spec.env {
         if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {

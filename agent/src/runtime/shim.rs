@@ -143,7 +143,7 @@ fn supervise(args: &ShimArgs, ready: File) -> i32 {
     // The container's seccomp program, compiled once per profile (see filter).
     let named = config.as_ref().is_some_and(super::filter::named_in);
     let cache = super::filter::cache_beside(&args.root);
-    let program = match super::filter::for_bundle(&args.bundle, named, Some(&cache)) {
+    let program = match super::filter::for_bundle(&args.bundle, named, &cache) {
         Ok(p) => p,
         Err(e) => {
             report(&mut ready, &e);

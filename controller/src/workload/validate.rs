@@ -133,15 +133,11 @@ fn user(m: &Manifest) -> Checked<(Option<User>, Option<String>)> {
 /// `cap_add` / `cap_drop` name capabilities Linux has;
 /// `allow_privilege_escalation` and what it needs.
 fn security(m: &Manifest) -> Checked<()> {
-    for (field, names) in [("cap_add", &m.cap_add), ("cap_drop", &m.cap_drop)] {
-        for (i, c) in names.iter().enumerate() {
-            if baton_protocol::spec::capability(c).is_none() {
-                return bad(
-                    format!("{field}[{i}]"),
-                    format!("{c:?} is not a Linux capability (e.g. NET_ADMIN, SYS_TIME, or ALL)"),
-                );
-            }
-        }
+    if let Some((field, i, c)) = baton_protocol::spec::unknown_capability(&m.cap_add, &m.cap_drop) {
+        return bad(
+            format!("{field}[{i}]"),
+            format!("{c:?} is not a Linux capability (e.g. NET_ADMIN, SYS_TIME, or ALL)"),
+        );
     }
     if m.allow_privilege_escalation && !m.privileged && !m.seccomp_unconfined {
         return bad(

@@ -141,12 +141,12 @@ fn a_cached_program_is_used_and_a_damaged_one_is_made_again() {
     let bundle = dir.path().join("bundle");
     let cache = dir.path().join("cache");
     std::fs::create_dir_all(&bundle).expect("bundle");
-    assert_eq!(for_bundle(&bundle, false, Some(&cache)).expect("no profile"), None);
-    let e = for_bundle(&bundle, true, Some(&cache)).expect_err("a named profile is missing");
+    assert_eq!(for_bundle(&bundle, false, &cache).expect("no profile"), None);
+    let e = for_bundle(&bundle, true, &cache).expect_err("a named profile is missing");
     assert!(e.contains("seccomp.json"), "{e}");
     let json = serde_json::to_vec(&profile_for(&[])).expect("json");
     std::fs::write(bundle.join(PROFILE), &json).expect("profile");
-    let first = for_bundle(&bundle, true, Some(&cache)).expect("compile").expect("a program");
+    let first = for_bundle(&bundle, true, &cache).expect("compile").expect("a program");
     let cached: Vec<PathBuf> = std::fs::read_dir(&cache).expect("cache").map(|e| e.expect("entry").path()).collect();
     assert_eq!(cached.len(), 1, "{cached:?}");
     let key = cached[0].file_stem().and_then(|s| s.to_str()).expect("key").to_string();
@@ -156,27 +156,27 @@ fn a_cached_program_is_used_and_a_damaged_one_is_made_again() {
     // key shows that it was read, not compiled again)…
     let other = compile(&profile_for(&["CAP_SYS_ADMIN"])).expect("compile");
     std::fs::write(&cached[0], frame(&key, &other)).expect("write");
-    assert_eq!(for_bundle(&bundle, true, Some(&cache)).expect("cached"), Some(other.clone()));
+    assert_eq!(for_bundle(&bundle, true, &cache).expect("cached"), Some(other.clone()));
     // …unless it is damaged, or is another profile's entry copied under
     // this name: then it is compiled again and replaced.
     let mut bytes = frame(&key, &first);
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&cached[0], &bytes).expect("write");
-    assert_eq!(for_bundle(&bundle, true, Some(&cache)).expect("recompiled"), Some(first.clone()));
+    assert_eq!(for_bundle(&bundle, true, &cache).expect("recompiled"), Some(first.clone()));
     std::fs::write(&cached[0], &frame(&key, &first)[..20]).expect("truncate");
-    assert_eq!(for_bundle(&bundle, true, Some(&cache)).expect("recompiled"), Some(first.clone()));
+    assert_eq!(for_bundle(&bundle, true, &cache).expect("recompiled"), Some(first.clone()));
     std::fs::write(&cached[0], frame("another profile's key", &other)).expect("write");
-    assert_eq!(for_bundle(&bundle, true, Some(&cache)).expect("recompiled"), Some(first.clone()));
+    assert_eq!(for_bundle(&bundle, true, &cache).expect("recompiled"), Some(first.clone()));
     assert_eq!(unframe(&key, &std::fs::read(&cached[0]).expect("read")), Some(first));
 
     // Another profile, another entry; a bad profile is an error, not an empty filter.
     std::fs::write(bundle.join(PROFILE), serde_json::to_vec(&profile_for(&["CAP_SYS_ADMIN"])).expect("json"))
         .expect("profile");
-    for_bundle(&bundle, true, Some(&cache)).expect("compile");
+    for_bundle(&bundle, true, &cache).expect("compile");
     assert_eq!(std::fs::read_dir(&cache).expect("cache").count(), 2);
     std::fs::write(bundle.join(PROFILE), b"{\"defaultAction\": \"SCMP_ACT_NOPE\"}").expect("profile");
-    let e = for_bundle(&bundle, true, None).expect_err("bad profile");
+    let e = for_bundle(&bundle, true, &cache).expect_err("bad profile");
     assert!(e.contains("seccomp.json"), "{e}");
 }
 
