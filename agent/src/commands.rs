@@ -207,7 +207,12 @@ pub async fn run(
                 _ => CommandOutput::Error("this agent runs no workloads".into()),
             }
         }
-        CommandAction::Diagnostics | CommandAction::Cancel { .. } => return,
+        CommandAction::Diagnostics
+        | CommandAction::Cancel { .. }
+        | CommandAction::Session { .. }
+        | CommandAction::Input { .. }
+        | CommandAction::Resize { .. }
+        | CommandAction::Ack { .. } => return,
     };
     let _ = out.send(end).await;
 }

@@ -74,6 +74,15 @@ pub struct FileConfig {
     /// The bridge's IPv4 subnet (default `10.47.0.0/24`): its first address
     /// is the bridge's, containers get the others.
     pub bridge_subnet: Option<String>,
+    /// Whether an admin may open a shell on this device's host through the
+    /// controller (`baton exec -it --host`; default false).
+    pub remote_host_shell: Option<bool>,
+    /// Interactive sessions open at once at most (default 4).
+    pub max_sessions: Option<usize>,
+    /// A session without input or output this long ends (default 900 s).
+    pub session_idle_timeout_s: Option<u64>,
+    /// A session ends after this long whatever it does (default 8 h).
+    pub session_max_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +138,8 @@ pub struct AgentConfig {
     pub upgrade_deadline: Duration,
     pub agent_entry: PathBuf,
     pub network: crate::net::NetConfig,
+    /// What interactive sessions may do here.
+    pub sessions: crate::session::Limits,
     /// Set by `simulate` only (no config key): upgrades are downloaded and
     /// checked for real, and the switch is pretended in memory.
     pub simulated_upgrades: bool,
@@ -306,6 +317,12 @@ impl AgentConfig {
             self_update: file.self_update.unwrap_or(true),
             upgrade_deadline: Duration::from_secs(file.upgrade_deadline_s.unwrap_or(120).clamp(10, 3600)),
             agent_entry: file.agent_entry.clone().unwrap_or_else(|| DEFAULT_AGENT_ENTRY.into()),
+            sessions: crate::session::Limits {
+                host: file.remote_host_shell.unwrap_or(false),
+                max_sessions: file.max_sessions.unwrap_or(4).min(64),
+                idle: Duration::from_secs(file.session_idle_timeout_s.unwrap_or(900).max(1)),
+                max: Duration::from_secs(file.session_max_s.unwrap_or(8 * 3600).max(1)),
+            },
             simulated_upgrades: false,
         })
     }

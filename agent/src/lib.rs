@@ -20,6 +20,7 @@ pub mod reconcile;
 pub mod restart;
 pub mod rollback;
 pub mod runtime;
+pub mod session;
 pub mod simulate;
 pub mod step;
 pub mod supervisor;

@@ -68,6 +68,8 @@ pub struct Link {
     identity: Option<baton_protocol::crypto::DeviceKey>,
     /// Long-running commands (log follows), by id, for `Cancel`.
     running: std::collections::HashMap<u64, tokio::sync::watch::Sender<bool>>,
+    /// Interactive sessions (`baton exec -i/-t`).
+    sessions: crate::session::Sessions,
     /// Ids of commands accepted, until their deadline (kept in `state/commands.seen`): a replay is refused.
     accepted: crate::trust::SeenCommands,
     /// The controller's time as learned from its signed messages: command
@@ -195,6 +197,7 @@ impl Link {
             trust,
             identity,
             running: std::collections::HashMap::new(),
+            sessions: crate::session::Sessions::new(config.sessions.clone()),
             accepted,
             clock: crate::clock::ControllerClock::starting_at(floor, 0),
             mono_origin: std::time::Instant::now(),
@@ -266,6 +269,7 @@ impl Link {
                         let delay = backoff.next_delay();
                         if connected {
                             warn!(error = %e, "lost the broker; reconnecting");
+                            link.sessions.end_all("session ended: the device lost its broker connection");
                         } else {
                             warn_limited!(link, "unreachable", error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the broker");
                         }
@@ -470,7 +474,12 @@ impl Link {
             .and_then(|issued| self.clock.judge(&cmd, issued, mono, wall))
             .and_then(|now| {
                 self.accepted.floor_ms = self.clock.now(mono).unwrap_or(0);
-                self.accepted.admit(&cmd, now)
+                // Within a session, offsets and sequence numbers stop
+                // replays; each keystroke is not a write to flash.
+                match cmd.action.in_session() {
+                    Some(_) => Ok(()),
+                    None => self.accepted.admit(&cmd, now),
+                }
             });
         if let Err(why) = checked {
             warn_limited!(self, "refused-command", id = cmd.id, error = %why, "command refused");
@@ -503,7 +512,47 @@ impl Link {
                 if let Some(stop) = self.running.remove(id) {
                     let _ = stop.send(true);
                 }
+                self.sessions.end(*id, "session ended by the operator");
                 CommandOutput::Done
+            }
+            CommandAction::Session { workload, host, argv, tty, rows, cols } => {
+                let open = crate::session::Open {
+                    id: cmd.id,
+                    workload: workload.clone(),
+                    host: *host,
+                    argv: argv.clone(),
+                    tty: *tty,
+                    rows: *rows,
+                    cols: *cols,
+                };
+                let out = crate::session::Out {
+                    client: self.client.clone(),
+                    topic: self.config.device_id.topic(TopicKind::CmdRes),
+                    rt: tokio::runtime::Handle::current(),
+                };
+                let runtime = self.engine.as_ref().and_then(|e| e.runtime.clone());
+                match self.sessions.open(open, runtime.as_ref(), &self.config.data_dir, out) {
+                    // Said at once: a quiet process (`cat`) shows nothing for a while.
+                    Ok(()) => CommandOutput::Text("session opened".into()),
+                    Err(why) => {
+                        warn!(id = cmd.id, error = %why, "session refused");
+                        CommandOutput::Error(why)
+                    }
+                }
+            }
+            CommandAction::Input { session, offset, data, eof } => {
+                match self.sessions.input(cmd.id, *session, *offset, data.clone(), *eof) {
+                    Some(answer) => answer,
+                    None => return,
+                }
+            }
+            CommandAction::Resize { session, seq, rows, cols } => {
+                self.sessions.resize(*session, *seq, *rows, *cols);
+                return;
+            }
+            CommandAction::Ack { session, received } => {
+                self.sessions.ack(*session, *received);
+                return;
             }
             _ => return self.spawn_command(cmd),
         };

@@ -139,6 +139,15 @@ struct ExecCli {
     root: PathBuf,
     #[arg(long, default_value_t = 10_000)]
     timeout_ms: u64,
+    /// Pass stdin on (an interactive session).
+    #[arg(long)]
+    stdin: bool,
+    /// Stdin is a terminal the command takes as its controlling one.
+    #[arg(long)]
+    tty: bool,
+    /// NAME=VALUE set in the command's environment.
+    #[arg(long)]
+    env: Vec<String>,
     #[arg(last = true, required = true)]
     argv: Vec<String>,
 }
@@ -242,6 +251,9 @@ fn main() -> ExitCode {
                 root: e.root,
                 timeout: std::time::Duration::from_millis(e.timeout_ms),
                 argv: e.argv,
+                stdin: e.stdin,
+                tty: e.tty,
+                env: e.env.iter().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect(),
             });
             return ExitCode::from(code.clamp(0, 255) as u8);
         }

@@ -90,6 +90,13 @@ impl CommandRouter {
         Pending { router: self, device, id, answers }
     }
 
+    /// Sends `action` to `device` expecting no answer (a session's resizes
+    /// and acknowledgements).
+    pub fn notify(&self, device: &DeviceId, action: CommandAction, deadline_ms: u64) {
+        let cmd = self.signed(device, self.fresh_id(), deadline_ms, action);
+        let _ = self.outbox.send(Outgoing::Command(device.clone(), cmd));
+    }
+
     /// Routes an answer; false when nobody waits for it or it came from the
     /// wrong device (a device cannot answer another device's request). The
     /// final answer (exit, done, error) ends the request: nothing is left for

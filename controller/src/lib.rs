@@ -19,6 +19,7 @@ pub mod pinning;
 pub mod rollout;
 pub mod schedule;
 pub mod server;
+pub mod sessions;
 pub mod store;
 pub mod tenant;
 pub mod tls;

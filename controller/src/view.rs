@@ -82,6 +82,33 @@ pub struct ExecRequest {
     pub argv: Vec<String>,
 }
 
+/// Body of `POST /api/v1/devices/{id}/sessions`: an interactive session
+/// (`baton exec -i/-t`); the answer streams `sessions::Frame`s.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SessionRequest {
+    /// The workload whose newest container it runs in (empty with `host`).
+    #[serde(default)]
+    pub workload: String,
+    /// On the device's host (an admin of the whole fleet, and a device that allows it).
+    #[serde(default)]
+    pub host: bool,
+    pub argv: Vec<String>,
+    /// A pseudo-terminal of this size.
+    #[serde(default)]
+    pub tty: bool,
+    #[serde(default)]
+    pub rows: u16,
+    #[serde(default)]
+    pub cols: u16,
+}
+
+/// Body of `POST /api/v1/sessions/{id}/resize`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ResizeRequest {
+    pub rows: u16,
+    pub cols: u16,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecResponse {
     pub exit_code: i32,

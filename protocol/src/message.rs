@@ -313,10 +313,61 @@ pub enum CommandAction {
         workload: String,
     },
     Diagnostics,
-    /// Ends a `follow` stream early.
+    /// Ends a `follow` stream early, or a session.
     Cancel {
         id: u64,
     },
+    /// Since 1.9: an interactive session — a process on the device whose
+    /// output is answered on `cmd/res` under this command's id (`Stdout`,
+    /// `Stderr`, then `Exit` or `Error`) and whose input arrives as `Input`.
+    /// `workload` empty with `host` set: on the device's host (the agent
+    /// must allow it in its configuration). The device sends at most its
+    /// window of output ahead of the controller's `Ack`s.
+    Session {
+        workload: String,
+        host: bool,
+        argv: Vec<String>,
+        /// A pseudo-terminal (`-t`): one output stream, its size below.
+        tty: bool,
+        rows: u16,
+        cols: u16,
+    },
+    /// Since 1.9: bytes for a session's stdin, starting at byte `offset` of
+    /// its input (the device takes only the next one in order, so a replay
+    /// changes nothing); `eof` closes stdin after them. Answered `Done` once
+    /// written.
+    Input {
+        session: u64,
+        offset: u64,
+        data: Vec<u8>,
+        eof: bool,
+    },
+    /// Since 1.9: a session's terminal size changed; `seq` increases with each.
+    Resize {
+        session: u64,
+        seq: u32,
+        rows: u16,
+        cols: u16,
+    },
+    /// Since 1.9: the controller has passed on `received` bytes of a
+    /// session's output; the device may send up to its window beyond that.
+    /// Not answered.
+    Ack {
+        session: u64,
+        received: u64,
+    },
+}
+
+impl CommandAction {
+    /// Part of a session already admitted: carried out without being
+    /// remembered as a command (each keystroke would otherwise be a write to
+    /// flash); `Input`'s offsets and `Resize`'s sequence stop replays.
+    pub fn in_session(&self) -> Option<u64> {
+        match self {
+            Self::Input { session, .. } | Self::Resize { session, .. } | Self::Ack { session, .. } => Some(*session),
+            _ => None,
+        }
+    }
 }
 
 /// `cmd/res`: one response message; a request may get several (`seq` orders them).

@@ -139,8 +139,10 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             // (`issued_ms`, a zero byte at its default) is not in older bytes.
             // 1.7 appended service ports, 1.8 load reports and update
             // policies (none: a zero byte each).
-            document.pop();
-            document.pop();
+            if minor < 8 {
+                document.pop();
+                document.pop();
+            }
             if minor < 7 {
                 document.pop();
             }

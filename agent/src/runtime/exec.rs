@@ -18,6 +18,20 @@ pub struct ExecArgs {
     pub root: PathBuf,
     pub timeout: Duration,
     pub argv: Vec<String>,
+    /// Pass this process's stdin on (an interactive session) instead of /dev/null.
+    pub stdin: bool,
+    /// Stdin is a terminal: the command gets it as its controlling terminal,
+    /// in a session of its own (job control, Ctrl-C, window size).
+    pub tty: bool,
+    /// Set in the command's environment, over the container's own.
+    pub env: Vec<(String, String)>,
+}
+
+/// Set by SIGTERM or SIGHUP: the session is over (the agent ended it, or died).
+static ENDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_end(_: libc::c_int) {
+    ENDED.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Exit code of the command (128 + signal if killed, 137 on timeout); the
@@ -29,8 +43,13 @@ pub fn run(args: ExecArgs) -> i32 {
             unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) }
         })
     };
-    let (stdin, stdout, stderr) = match (std::fs::File::open("/dev/null"), dup(1), dup(2)) {
-        (Ok(i), Ok(o), Ok(e)) => (OwnedFd::from(i), o, e),
+    let stdin = if args.stdin {
+        dup(0)
+    } else {
+        std::fs::File::open("/dev/null").map(OwnedFd::from).map_err(|_| nix::Error::EBADF)
+    };
+    let (stdin, stdout, stderr) = match (stdin, dup(1), dup(2)) {
+        (Ok(i), Ok(o), Ok(e)) => (i, o, e),
         _ => {
             eprintln!("exec: cannot set up stdio");
             return 126;
@@ -63,7 +82,7 @@ pub fn run(args: ExecArgs) -> i32 {
             b.with_stdin(stdin)
                 .with_stdout(stdout)
                 .with_stderr(stderr)
-                .with_executor(super::filter::Filtered(program))
+                .with_executor(Session { tty: args.tty, filter: super::filter::Filtered(program) })
                 .as_tenant()
         })
         .and_then(|b| {
@@ -72,6 +91,7 @@ pub fn run(args: ExecArgs) -> i32 {
                 .with_group(Some(process.gid))
                 .with_additional_gids(process.additional_gids.clone())
                 .with_cwd(process.cwd.clone())
+                .with_env(args.env.iter().cloned().collect())
                 .with_detach(true)
                 .build()
         });
@@ -82,6 +102,17 @@ pub fn run(args: ExecArgs) -> i32 {
             return 126;
         }
     };
+    // The agent ends a session with SIGTERM, and its death with SIGHUP
+    // (PR_SET_PDEATHSIG): the command and what it started go with it.
+    for sig in [Signal::SIGTERM, Signal::SIGHUP] {
+        let action = nix::sys::signal::SigAction::new(
+            nix::sys::signal::SigHandler::Handler(on_end),
+            nix::sys::signal::SaFlags::empty(),
+            nix::sys::signal::SigSet::empty(),
+        );
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        let _ = unsafe { nix::sys::signal::sigaction(sig, &action) };
+    }
     let deadline = Instant::now() + args.timeout;
     loop {
         match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
@@ -93,13 +124,51 @@ pub fn run(args: ExecArgs) -> i32 {
                 return 126;
             }
         }
-        if Instant::now() >= deadline {
+        let ended = ENDED.load(std::sync::atomic::Ordering::Relaxed);
+        if ended || Instant::now() >= deadline {
+            // A terminal session's command leads its own process group.
+            if args.tty {
+                let _ = kill(nix::unistd::Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
+            }
             let _ = kill(pid, Signal::SIGKILL);
             let _ = waitpid(pid, None);
-            eprintln!("exec: timed out after {:?}", args.timeout);
+            if !ended {
+                eprintln!("exec: timed out after {:?}", args.timeout);
+            }
             return 137;
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The container's executor for an exec: with a terminal, the command
+/// (which libcontainer made a session leader) takes the terminal on its
+/// stdin as its controlling one, as under `docker exec -t`: job control,
+/// Ctrl-C and window sizes reach it. Then the seccomp program, then `execve`.
+#[derive(Clone)]
+struct Session {
+    tty: bool,
+    filter: super::filter::Filtered,
+}
+
+impl libcontainer::workload::Executor for Session {
+    fn exec(&self, spec: &libcontainer::oci_spec::runtime::Spec) -> Result<(), libcontainer::workload::ExecutorError> {
+        if self.tty {
+            let other =
+                |what: &str, e: nix::Error| libcontainer::workload::ExecutorError::Other(format!("{what}: {e}"));
+            // SAFETY: TIOCSCTTY on fd 0 takes an integer argument, no pointer.
+            if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+                return Err(other("cannot take the terminal", nix::Error::last()));
+            }
+        }
+        self.filter.exec(spec)
+    }
+
+    fn validate(
+        &self,
+        spec: &libcontainer::oci_spec::runtime::Spec,
+    ) -> Result<(), libcontainer::workload::ExecutorValidationError> {
+        self.filter.validate(spec)
     }
 }
 

@@ -366,6 +366,23 @@ impl ContainerRuntime for LibcontainerRuntime {
         Ok(ExecOutput { code: out.status.code().unwrap_or(255), stdout: cap(out.stdout), stderr: cap(out.stderr) })
     }
 
+    fn session(&self, id: &str, argv: &[String], tty: bool, max: Duration) -> Result<Command, RuntimeError> {
+        if argv.is_empty() {
+            return Err(RuntimeError::InvalidSpec("exec: empty command".into()));
+        }
+        if !matches!(self.state(id)?, ContainerState::Running(_)) {
+            return Err(RuntimeError::Start { id: id.to_string(), reason: "exec: container is not running".into() });
+        }
+        let mut cmd = Command::new(&self.shim_exe);
+        cmd.arg("exec").args(["--id", id]).arg("--root").arg(self.layout.youki_root());
+        cmd.args(["--timeout-ms", &max.as_millis().to_string(), "--stdin"]);
+        if tty {
+            cmd.args(["--tty", "--env", "TERM=xterm-256color"]);
+        }
+        cmd.arg("--").args(argv);
+        Ok(cmd)
+    }
+
     fn route_services(&self, services: &[baton_protocol::ServiceEndpoints], ports: &[baton_protocol::ServicePort]) {
         if let Some(net) = &self.net {
             net.route_services(services, ports);

@@ -166,6 +166,19 @@ pub trait ContainerRuntime: Sync {
     fn usage(&self, id: &str) -> Option<Usage>;
     /// Runs `argv` inside the running container `id`, killing it after `timeout`.
     fn exec(&self, id: &str, argv: &[String], timeout: std::time::Duration) -> Result<ExecOutput, RuntimeError>;
+    /// The process that runs `argv` inside the running container `id` for an
+    /// interactive session, its stdio left to the caller: stdin passed on,
+    /// taken as the controlling terminal when `tty`; ended by SIGTERM, or
+    /// after `max`.
+    fn session(
+        &self,
+        id: &str,
+        _argv: &[String],
+        _tty: bool,
+        _max: std::time::Duration,
+    ) -> Result<std::process::Command, RuntimeError> {
+        Err(RuntimeError::Start { id: id.into(), reason: "this runtime runs no sessions".into() })
+    }
     /// The address of a container with a network of its own (bridge);
     /// None for one on the host's network (probes then use loopback).
     fn address(&self, _id: &str) -> Option<std::net::IpAddr> {

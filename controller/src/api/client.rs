@@ -12,8 +12,8 @@ use crate::store::AgentRelease;
 use crate::view::{
     AgentRolloutView, AgentUpgradeRequest, ApiError, ApiTokenCreated, ApiTokenRequest, ApiTokenView, ApplyRequest,
     ApplyResult, CredentialsView, DeviceView, Event, ExecRequest, ExecResponse, JoinTokenView, LabelChange,
-    ManifestFile, Role, RolloutAction, RolloutView, ScaleRequest, SecretView, TokenRequest, TokenView, TrustView,
-    WebhookCreated, WebhookRequest, WebhookView, WorkloadView,
+    ManifestFile, ResizeRequest, Role, RolloutAction, RolloutView, ScaleRequest, SecretView, SessionRequest,
+    TokenRequest, TokenView, TrustView, WebhookCreated, WebhookRequest, WebhookView, WorkloadView,
 };
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
@@ -179,6 +179,51 @@ impl Client {
         self.post(&format!("/api/v1/devices/{device}/exec"), req)
     }
 
+    /// Opens an interactive session; its id and its stream of frames
+    /// (`sessions::Frame`), the `Opened` one already read.
+    pub fn session_open(
+        &self,
+        device: &str,
+        req: &SessionRequest,
+    ) -> anyhow::Result<(u64, crate::sessions::FrameReader, Box<dyn std::io::Read + Send>)> {
+        let url = format!("{}/api/v1/devices/{device}/sessions", self.base);
+        let req_builder = self.agent.post(url).config().timeout_global(None).build();
+        let mut res = self.authed(req_builder).send_json(req).map_err(|e| self.unreachable(e))?;
+        if !res.status().is_success() {
+            let status = res.status();
+            let msg = res.body_mut().read_json::<ApiError>().map(|e| e.error).unwrap_or_else(|_| status.to_string());
+            anyhow::bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        let mut reader: Box<dyn std::io::Read + Send> = Box::new(res.into_body().into_reader());
+        let mut frames = crate::sessions::FrameReader::default();
+        let mut buf = [0u8; 64];
+        loop {
+            if let Some(f) = frames.next_frame().map_err(|e| anyhow::anyhow!("{e}"))? {
+                let crate::sessions::Frame::Opened(id) = f else {
+                    anyhow::bail!("the controller's session stream did not start with its id")
+                };
+                return Ok((id, frames, reader));
+            }
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                anyhow::bail!("the controller closed the session before it opened");
+            }
+            frames.push(&buf[..n]);
+        }
+    }
+
+    /// Bytes for a session's stdin; returns once the device wrote them.
+    pub fn session_input(&self, session: u64, data: &[u8], eof: bool) -> anyhow::Result<()> {
+        let url = format!("{}/api/v1/sessions/{session}/input?eof={eof}", self.base);
+        let res = self.authed(self.agent.post(url)).content_type("application/octet-stream").send(data);
+        self.finish::<serde_json::Value>(res).map(drop)
+    }
+
+    pub fn session_resize(&self, session: u64, rows: u16, cols: u16) -> anyhow::Result<()> {
+        self.post::<_, serde_json::Value>(&format!("/api/v1/sessions/{session}/resize"), &ResizeRequest { rows, cols })
+            .map(drop)
+    }
+
     pub fn restart(&self, device: &str, workload: &str) -> anyhow::Result<()> {
         let path = format!("/api/v1/devices/{device}/workloads/{workload}/restart");
         self.post::<_, serde_json::Value>(&path, &serde_json::json!({})).map(drop)
@@ -228,8 +273,8 @@ impl Client {
     /// Copies a streamed response to `out` as it arrives (no overall timeout:
     /// `baton logs -f` runs until interrupted).
     fn stream(&self, path: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
-        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        let mut res = self.authed(agent.get(format!("{}{path}", self.base))).call().map_err(|e| self.unreachable(e))?;
+        let req = self.agent.get(format!("{}{path}", self.base)).config().timeout_global(None).build();
+        let mut res = self.authed(req).call().map_err(|e| self.unreachable(e))?;
         if !res.status().is_success() {
             let status = res.status();
             let msg = res.body_mut().read_json::<ApiError>().map(|e| e.error).unwrap_or_else(|_| status.to_string());
@@ -255,13 +300,13 @@ impl Client {
     pub fn publish_release(&self, data: &[u8], version: Option<&str>) -> anyhow::Result<AgentRelease> {
         let query = version.map(|v| format!("?version={}", url_escape(v))).unwrap_or_default();
         let path = format!("/api/v1/agent/releases{query}");
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
+        let req = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .config()
             .timeout_global(Some(Duration::from_secs(600)))
-            .build()
-            .into();
-        let res =
-            self.authed(agent.post(format!("{}{path}", self.base))).content_type("application/octet-stream").send(data);
+            .build();
+        let res = self.authed(req).content_type("application/octet-stream").send(data);
         self.finish(res)
     }
 
@@ -286,9 +331,8 @@ impl Client {
 
     /// POST with no body; the answer's raw bytes (a backup).
     fn post_for_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        let mut res =
-            self.authed(agent.post(format!("{}{path}", self.base))).send_empty().map_err(|e| self.unreachable(e))?;
+        let req = self.agent.post(format!("{}{path}", self.base)).config().timeout_global(None).build();
+        let mut res = self.authed(req).send_empty().map_err(|e| self.unreachable(e))?;
         if !res.status().is_success() {
             let status = res.status();
             let msg = res.body_mut().read_json::<ApiError>().map(|e| e.error).unwrap_or_else(|_| status.to_string());

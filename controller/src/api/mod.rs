@@ -3,6 +3,7 @@
 //! render its answer.
 
 pub mod client;
+mod session;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +45,9 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/devices/{id}/revoke", post(revoke_device))
         .route("/api/v1/devices/{id}/logs/{workload}", get(logs))
         .route("/api/v1/devices/{id}/exec", post(exec))
+        .route("/api/v1/devices/{id}/sessions", post(session::open))
+        .route("/api/v1/sessions/{session}/input", post(session::input))
+        .route("/api/v1/sessions/{session}/resize", post(session::resize))
         .route("/api/v1/devices/{id}/workloads/{workload}/restart", post(restart))
         .route("/api/v1/apitokens", get(list_api_tokens).post(create_api_token))
         .route("/api/v1/apitokens/{id}", axum::routing::delete(delete_api_token))
@@ -64,6 +68,10 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .layer(axum::middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
 }
+
+/// Who sent the request (for audit events): `token NAME (ID)`.
+#[derive(Clone)]
+struct Caller(String);
 
 /// Runs a `Controller` operation on the blocking pool. One rule for every
 /// handler: operations take std mutexes, write SQLite and sign documents,
@@ -585,21 +593,25 @@ async fn authenticate(
         };
         match verdict {
             Err(why) => return error(StatusCode::UNAUTHORIZED, why),
-            Ok((role, _))
+            Ok((role, _, _))
                 if role != crate::view::Role::Admin
                     && !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD) =>
             {
                 return error(StatusCode::FORBIDDEN, format!("a {role} token cannot change anything"));
             }
-            Ok((_, Some(tenant))) if req.uri().path() == "/metrics" => {
+            Ok((_, Some(tenant), _)) if req.uri().path() == "/metrics" => {
                 return error(
                     StatusCode::FORBIDDEN,
                     format!("/metrics counts the whole fleet: a token of tenant {tenant} cannot read it"),
                 );
             }
-            Ok((_, tenant)) => tenant,
+            Ok((_, tenant, who)) => {
+                req.extensions_mut().insert(Caller(who));
+                tenant
+            }
         }
     } else {
+        req.extensions_mut().insert(Caller("an operator (no --api-auth)".into()));
         None
     };
     match Scope::of(token_tenant.as_deref(), named.as_deref()) {

@@ -90,11 +90,25 @@ pub enum Command {
         #[arg(long, short)]
         follow: bool,
     },
-    /// Run a command inside a workload's container on a device (non-interactive).
+    /// Run a command inside a workload's container on a device: at once
+    /// with its output (by default), or as an interactive session (-i, -t)
+    /// carried through the device's own MQTT connection.
     Exec {
         #[arg(long, short)]
         device: String,
-        workload: String,
+        /// The workload whose newest container it runs in (none with --host).
+        #[arg(required_unless_present = "host")]
+        workload: Option<String>,
+        /// Keep stdin open and pass it on (an interactive session).
+        #[arg(long, short)]
+        interactive: bool,
+        /// Give the command a terminal (window size, Ctrl-C, job control).
+        #[arg(long, short)]
+        tty: bool,
+        /// Run on the device's host instead of in a container: needs a
+        /// fleet-wide admin token and `remote_host_shell = true` in the agent's config.
+        #[arg(long, conflicts_with = "workload")]
+        host: bool,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },

@@ -3,6 +3,7 @@
 
 mod args;
 pub mod output;
+mod session;
 mod up;
 
 pub use args::*;
@@ -102,8 +103,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logs { workload, device, tail, follow } => {
             client().logs(&device, &workload, tail, follow, &mut std::io::stdout().lock())
         }
-        Command::Exec { device, workload, command } => {
-            let req = crate::view::ExecRequest { workload, argv: command };
+        Command::Exec { device, workload, interactive, tty, host, command } => {
+            if interactive || tty || host {
+                let req = crate::view::SessionRequest {
+                    workload: workload.unwrap_or_default(),
+                    host,
+                    argv: command,
+                    tty,
+                    rows: 0,
+                    cols: 0,
+                };
+                return session::run(&client(), &device, req, interactive || tty);
+            }
+            let req = crate::view::ExecRequest { workload: workload.unwrap_or_default(), argv: command };
             let res = client().exec(&device, &req)?;
             crate::out!("{}", res.stdout);
             eprint!("{}", res.stderr);

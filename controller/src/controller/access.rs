@@ -111,7 +111,8 @@ impl Controller {
     }
 
     /// The role and tenant (`None`: fleet-wide) of a bearer token, or why it is not accepted.
-    pub fn authorize(&self, bearer: Option<&str>) -> Result<(Role, Option<String>), String> {
+    /// The token's role, tenant, and who it is (`token NAME (ID)`, for audit events).
+    pub fn authorize(&self, bearer: Option<&str>) -> Result<(Role, Option<String>, String), String> {
         let token = bearer.ok_or("this controller requires an API token: pass --token or set BATON_TOKEN")?;
         let mut parts = token.trim().split('.');
         let (Some("baton-api"), Some(id), Some(secret), None) =
@@ -123,7 +124,7 @@ impl Controller {
         lock(&self.api_tokens)
             .iter()
             .find(|(t, h)| t.id == id && same_hash(h, &hash))
-            .map(|(t, _)| (t.role, t.tenant.clone()))
+            .map(|(t, _)| (t.role, t.tenant.clone(), format!("token {} ({})", t.name, t.id)))
             .ok_or_else(|| "unknown or revoked API token".into())
     }
 

@@ -133,6 +133,8 @@ pub struct Controller {
     pub webhooks: crate::webhook::Hooks,
     /// The gateway in front of the embedded broker, when `--mqtt-auth` is on.
     pub gateway: std::sync::OnceLock<std::sync::Arc<crate::gateway::Gateway>>,
+    /// Interactive sessions open through this controller.
+    pub sessions: crate::sessions::Registry,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -261,6 +263,7 @@ impl Controller {
             swept_tokens: Mutex::new((BTreeSet::new(), 0)),
             api_tokens: Mutex::new(api_tokens),
             gateway: std::sync::OnceLock::new(),
+            sessions: crate::sessions::Registry::default(),
             webhooks,
         })
     }
@@ -284,6 +287,11 @@ impl Controller {
             tracing::error!(error = %err, "cannot record an event");
         }
         self.webhooks.offer(&e);
+    }
+
+    /// Records an event about what an operator did on a device (sessions).
+    pub fn audit(&self, tenant: &str, name: &str, subject: &str, message: String) {
+        self.event(&lock(&self.store), tenant, name, subject, message, now_ms());
     }
 
     pub fn events(&self, subject: Option<&str>, limit: usize, scope: &Scope) -> Result<Vec<Event>, OpError> {

@@ -1,0 +1,541 @@
+//! Interactive sessions (`baton exec -i/-t`): a process in a container, or
+//! on the host when the device allows it, whose output goes to the
+//! controller on `cmd/res` under the opening command's id and whose input
+//! comes back as `Input` commands — all through the device's own outbound
+//! MQTT connection.
+//!
+//! Each session is one thread that polls the process's output (a
+//! pseudo-terminal, or stdout and stderr pipes) and one that writes its
+//! input, so the link's loop never waits on a process. Bounded everywhere:
+//! at most `WINDOW` bytes of output are sent ahead of the controller's
+//! `Ack`s (so a fast process cannot fill the broker's queues or this
+//! device's memory, and the link's request queue keeps room for heartbeats),
+//! input waits in a short queue and each piece is answered once written, and
+//! a session ends after `Limits::idle` without traffic, after `Limits::max`,
+//! when the operator goes away (`Cancel`), or when the broker connection is
+//! lost — its process and everything it started are killed, nothing stays.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use baton_protocol::{encode, CommandOutput, CommandResult, Message};
+use rumqttc::{AsyncClient, QoS};
+use tracing::{info, warn};
+
+/// Output sent ahead of the controller's acknowledgements.
+pub const WINDOW: u64 = 128 * 1024;
+/// Output per message: 8 of them fill the window, so four sessions leave
+/// half the link's request queue to heartbeats and reports.
+const CHUNK: usize = 16 * 1024;
+/// Input pieces waiting to be written (each at most a command's size).
+const INPUT_QUEUE: usize = 8;
+/// How often a session looks at its end conditions while its process is quiet.
+const TICK: Duration = Duration::from_millis(200);
+
+/// What the device allows (agent configuration).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Sessions on the host itself (`--host`): off unless configured.
+    pub host: bool,
+    pub max_sessions: usize,
+    pub idle: Duration,
+    pub max: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { host: false, max_sessions: 4, idle: Duration::from_secs(15 * 60), max: Duration::from_secs(8 * 3600) }
+    }
+}
+
+/// What a session needs to open.
+pub struct Open {
+    pub id: u64,
+    pub workload: String,
+    pub host: bool,
+    pub argv: Vec<String>,
+    pub tty: bool,
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// Where a session's messages go: `cmd/res`, from any thread.
+#[derive(Clone)]
+pub struct Out {
+    pub client: AsyncClient,
+    pub topic: String,
+    pub rt: tokio::runtime::Handle,
+}
+
+impl Out {
+    /// False when it could not be queued within 10 s (the link is gone).
+    fn send(&self, id: u64, seq: u32, body: CommandOutput) -> bool {
+        let Ok(bytes) = encode(&Message::CommandResult(CommandResult { id, seq, body })) else { return false };
+        let publish = self.client.publish(&self.topic, QoS::AtLeastOnce, false, bytes);
+        matches!(self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), publish).await }), Ok(Ok(())))
+    }
+}
+
+/// State a session's threads and the link share.
+struct Shared {
+    /// Output bytes the controller has passed on.
+    acked: Mutex<u64>,
+    moved: Condvar,
+    /// Why it must end (set once; the session thread acts on it).
+    end: Mutex<Option<String>>,
+    /// Milliseconds since `opened` of the last input or output.
+    active_ms: AtomicU64,
+    opened: Instant,
+}
+
+impl Shared {
+    fn touch(&self) {
+        self.active_ms.store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn end(&self, why: &str) {
+        let mut end = self.end.lock().unwrap_or_else(PoisonError::into_inner);
+        if end.is_none() {
+            *end = Some(why.to_string());
+        }
+        self.moved.notify_all();
+    }
+
+    fn ended(&self) -> Option<String> {
+        self.end.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// One piece of input, answered on `cmd/res` under `id` once written.
+struct Piece {
+    id: u64,
+    data: Vec<u8>,
+    eof: bool,
+}
+
+struct Handle {
+    input: std::sync::mpsc::SyncSender<Piece>,
+    /// Offset of the next input byte taken.
+    next_offset: u64,
+    resize_seq: u32,
+    /// The terminal's controlling side, for resizes.
+    terminal: Option<Arc<OwnedFd>>,
+    shared: Arc<Shared>,
+}
+
+/// The device's open sessions.
+#[derive(Clone)]
+pub struct Sessions {
+    limits: Limits,
+    open: Arc<Mutex<HashMap<u64, Handle>>>,
+}
+
+impl Sessions {
+    pub fn new(limits: Limits) -> Self {
+        Self { limits, open: Arc::new(Mutex::new(HashMap::new())) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Starts a session; its output and end are answered under `req.id`.
+    /// Err: why not (answered by the caller).
+    pub fn open(
+        &self,
+        req: Open,
+        runtime: Option<&Arc<dyn crate::runtime::ContainerRuntime + Send + Sync>>,
+        data_dir: &std::path::Path,
+        out: Out,
+    ) -> Result<(), String> {
+        if req.argv.is_empty() {
+            return Err("a session needs a command to run".into());
+        }
+        if self.count() >= self.limits.max_sessions {
+            return Err(format!(
+                "this device already has {} sessions open, its limit (max_sessions in the agent's configuration)",
+                self.limits.max_sessions
+            ));
+        }
+        let mut cmd = if req.host {
+            if !self.limits.host {
+                return Err(
+                    "this device does not allow sessions on its host (remote_host_shell = true in the agent's configuration)"
+                        .into(),
+                );
+            }
+            let mut cmd = Command::new(&req.argv[0]);
+            cmd.args(&req.argv[1..]).current_dir("/");
+            if req.tty {
+                cmd.env("TERM", "xterm-256color");
+            }
+            cmd
+        } else {
+            let Some(rt) = runtime else { return Err("this agent runs no workloads".into()) };
+            let Some(dir) = crate::commands::newest_container(data_dir, &req.workload) else {
+                return Err(format!("workload {} is not running on this device", req.workload));
+            };
+            let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            rt.session(&id, &req.argv, req.tty, self.limits.max).map_err(|e| e.to_string())?
+        };
+        let host = req.host;
+        let tty = req.tty;
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                // The agent's death ends the session (the exec helper kills
+                // its command on SIGHUP; a host shell gets it directly).
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP);
+                if host {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let (child, io) = if req.tty {
+            let (master, slave) = open_terminal(req.rows, req.cols).map_err(|e| format!("no terminal: {e}"))?;
+            let dup = |fd: &OwnedFd| fd.try_clone().map(Stdio::from);
+            let (i, o, e) = (dup(&slave), dup(&slave), dup(&slave));
+            let (Ok(i), Ok(o), Ok(e)) = (i, o, e) else { return Err("no terminal: cannot share it".into()) };
+            cmd.stdin(i).stdout(o).stderr(e);
+            let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", req.argv[0]))?;
+            drop(slave);
+            (child, Io::Terminal(Arc::new(master)))
+        } else {
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", req.argv[0]))?;
+            let (Some(i), Some(o), Some(e)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
+                return Err("the process has no stdio".into());
+            };
+            (child, Io::Pipes { stdin: i.into(), stdout: o.into(), stderr: e.into() })
+        };
+        let shared = Arc::new(Shared {
+            acked: Mutex::new(0),
+            moved: Condvar::new(),
+            end: Mutex::new(None),
+            active_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        });
+        let (input, pieces) = std::sync::mpsc::sync_channel(INPUT_QUEUE);
+        let (writer, readers, terminal) = match io {
+            Io::Terminal(master) => {
+                let w = master.try_clone().map_err(|e| format!("no terminal: {e}"))?;
+                (w, vec![(master.clone(), false)], Some(master))
+            }
+            Io::Pipes { stdin, stdout, stderr } => {
+                (stdin, vec![(Arc::new(stdout), false), (Arc::new(stderr), true)], None)
+            }
+        };
+        let what = if req.host { "the host".to_string() } else { format!("workload {}", req.workload) };
+        info!(session = req.id, %what, tty, argv = ?req.argv, "session opened");
+        self.lock().insert(req.id, Handle { input, next_offset: 0, resize_seq: 0, terminal, shared: shared.clone() });
+        let limits = self.limits.clone();
+        let sessions = self.clone();
+        let spawned = std::thread::Builder::new().name(format!("session-{}", req.id)).spawn({
+            let (out, shared) = (out.clone(), shared.clone());
+            move || {
+                let written = std::thread::Builder::new()
+                    .name("session-input".into())
+                    .spawn({
+                        let (out, shared) = (out.clone(), shared.clone());
+                        move || write_input(writer, pieces, &out, &shared)
+                    })
+                    .is_ok();
+                if !written {
+                    shared.end("cannot start the session's input thread");
+                }
+                let end = run(child, host, &readers, &out, req.id, &shared, &limits);
+                sessions.lock().remove(&req.id);
+                info!(session = req.id, seconds = shared.opened.elapsed().as_secs(), outcome = ?end, "session closed");
+                let _ = out.send(req.id, u32::MAX, end);
+            }
+        });
+        if let Err(e) = spawned {
+            self.lock().remove(&req.id);
+            return Err(format!("cannot start the session's thread: {e}"));
+        }
+        Ok(())
+    }
+
+    /// Input for a session: None when it was queued (the writer answers
+    /// once written), else the answer now.
+    pub fn input(&self, id: u64, session: u64, offset: u64, data: Vec<u8>, eof: bool) -> Option<CommandOutput> {
+        let mut open = self.lock();
+        let Some(h) = open.get_mut(&session) else { return Some(CommandOutput::Error("no such session".into())) };
+        if offset != h.next_offset {
+            // A replay, or a piece after a lost one: never written twice or out of order.
+            return Some(CommandOutput::Error(format!(
+                "input at byte {offset}, but the session's input is at byte {}",
+                h.next_offset
+            )));
+        }
+        let len = data.len() as u64;
+        match h.input.try_send(Piece { id, data, eof }) {
+            Ok(()) => {
+                h.next_offset += len;
+                h.shared.touch();
+                None
+            }
+            Err(_) => Some(CommandOutput::Error("the session's input is full or closed; send it again".into())),
+        }
+    }
+
+    pub fn resize(&self, session: u64, seq: u32, rows: u16, cols: u16) {
+        let mut open = self.lock();
+        let Some(h) = open.get_mut(&session) else { return };
+        if seq <= h.resize_seq && h.resize_seq != 0 {
+            return;
+        }
+        h.resize_seq = seq;
+        if let Some(t) = &h.terminal {
+            let _ = set_size(t, rows, cols);
+        }
+    }
+
+    pub fn ack(&self, session: u64, received: u64) {
+        let open = self.lock();
+        let Some(h) = open.get(&session) else { return };
+        let mut acked = h.shared.acked.lock().unwrap_or_else(PoisonError::into_inner);
+        if received > *acked {
+            *acked = received;
+            h.shared.moved.notify_all();
+        }
+        drop(acked);
+        h.shared.touch();
+    }
+
+    /// Ends a session; false when there is none of that id.
+    pub fn end(&self, session: u64, why: &str) -> bool {
+        match self.lock().get(&session) {
+            Some(h) => {
+                h.shared.end(why);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn end_all(&self, why: &str) {
+        for h in self.lock().values() {
+            h.shared.end(why);
+        }
+    }
+}
+
+enum Io {
+    Terminal(Arc<OwnedFd>),
+    Pipes { stdin: OwnedFd, stdout: OwnedFd, stderr: OwnedFd },
+}
+
+/// A pseudo-terminal pair, both ends close-on-exec (no other child of the
+/// agent inherits them), of this size.
+fn open_terminal(rows: u16, cols: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: plain syscalls; each descriptor is owned as soon as it exists.
+    unsafe {
+        let raw = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let master = OwnedFd::from_raw_fd(raw);
+        if libc::grantpt(raw) != 0 || libc::unlockpt(raw) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The peer by descriptor (Linux 4.13+), not by a path in /dev/pts.
+        let peer = libc::ioctl(raw, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if peer < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let slave = OwnedFd::from_raw_fd(peer);
+        set_size(&master, rows, cols)?;
+        Ok((master, slave))
+    }
+}
+
+fn set_size(terminal: &OwnedFd, rows: u16, cols: u16) -> std::io::Result<()> {
+    let size = libc::winsize { ws_row: rows.max(1), ws_col: cols.max(1), ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which outlives the call.
+    if unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ, &size) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes input pieces in order, answering each; ends when the session does.
+fn write_input(to: OwnedFd, pieces: std::sync::mpsc::Receiver<Piece>, out: &Out, shared: &Shared) {
+    let mut to = Some(std::fs::File::from(to));
+    while let Ok(piece) = pieces.recv() {
+        let written = match &mut to {
+            Some(f) => f.write_all(&piece.data),
+            None => Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stdin was closed")),
+        };
+        if piece.eof {
+            to = None;
+        }
+        shared.touch();
+        let answer = match written {
+            Ok(()) => CommandOutput::Done,
+            Err(e) => CommandOutput::Error(format!("the session's input is closed: {e}")),
+        };
+        if !out.send(piece.id, 0, answer) {
+            break;
+        }
+    }
+}
+
+/// The session's life: output sent within the window until the process
+/// ends (then what it left is drained) or the session must end (then the
+/// process and what it started are killed). Returns the final answer.
+fn run(
+    mut child: Child,
+    host: bool,
+    readers: &[(Arc<OwnedFd>, bool)],
+    out: &Out,
+    id: u64,
+    shared: &Shared,
+    limits: &Limits,
+) -> CommandOutput {
+    let mut open: Vec<bool> = vec![true; readers.len()];
+    let (mut sent, mut seq) = (0u64, 0u32);
+    let mut buf = vec![0u8; CHUNK];
+    let mut exited: Option<i32> = None;
+    let mut why: Option<String> = None;
+    loop {
+        let must_end = || {
+            shared.ended().or_else(|| {
+                let active = Duration::from_millis(shared.active_ms.load(Ordering::Relaxed));
+                if shared.opened.elapsed().saturating_sub(active) >= limits.idle {
+                    Some(format!("session ended: idle for {} s (the device's limit)", limits.idle.as_secs()))
+                } else if shared.opened.elapsed() >= limits.max {
+                    Some(format!("session ended: open for {} s (the device's limit)", limits.max.as_secs()))
+                } else {
+                    None
+                }
+            })
+        };
+        if exited.is_none() {
+            if let Some(reason) = must_end() {
+                stop(&mut child, host);
+                why = Some(reason);
+            }
+            match child.try_wait() {
+                Ok(Some(status)) => exited = Some(code_of(status)),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(session = id, error = %e, "cannot wait for the session's process");
+                    exited = Some(255);
+                }
+            }
+        }
+        if !open.iter().any(|o| *o) && exited.is_some() {
+            break;
+        }
+        // A window ahead of the controller at most: wait for it to catch up
+        // (also after the process ended, so its last words are not lost).
+        let acked = shared.acked.lock().unwrap_or_else(PoisonError::into_inner);
+        if sent.saturating_sub(*acked) >= WINDOW {
+            if why.is_some() || (exited.is_some() && must_end().is_some()) {
+                break; // the output the controller did not take goes with the session
+            }
+            let _ = shared.moved.wait_timeout(acked, TICK);
+            continue;
+        }
+        drop(acked);
+        let timeout = if exited.is_some() { 0u16 } else { TICK.as_millis() as u16 };
+        let mut fds: Vec<nix::poll::PollFd> = readers
+            .iter()
+            .zip(&open)
+            .filter(|(_, o)| **o)
+            .map(|((fd, _), _)| nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN))
+            .collect();
+        let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(timeout));
+        let revents: Vec<bool> = fds.iter().map(|p| p.revents().is_some_and(|r| !r.is_empty())).collect();
+        drop(fds);
+        match ready {
+            Ok(0) if exited.is_some() => break, // drained: nothing more came
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => {
+                warn!(session = id, error = %e, "cannot poll the session's output");
+                break;
+            }
+        }
+        let mut which = revents.into_iter();
+        for (i, (fd, stderr)) in readers.iter().enumerate() {
+            if !open[i] || !which.next().unwrap_or(false) {
+                continue;
+            }
+            let mut f = std::mem::ManuallyDrop::new(unsafe_file(fd));
+            match f.read(&mut buf) {
+                Ok(0) | Err(_) => open[i] = false, // EOF, or EIO: the terminal's last user left
+                Ok(n) => {
+                    let body = if *stderr {
+                        CommandOutput::Stderr(buf[..n].to_vec())
+                    } else {
+                        CommandOutput::Stdout(buf[..n].to_vec())
+                    };
+                    sent += n as u64;
+                    shared.touch();
+                    if !out.send(id, seq, body) {
+                        shared.end("the link is gone");
+                    }
+                    seq += 1;
+                }
+            }
+        }
+    }
+    if exited.is_none() {
+        stop(&mut child, host);
+    }
+    match why {
+        Some(reason) => CommandOutput::Error(reason),
+        None => CommandOutput::Exit(exited.unwrap_or(255)),
+    }
+}
+
+/// A `File` view of a descriptor someone else owns (never dropped as a File).
+fn unsafe_file(fd: &OwnedFd) -> std::fs::File {
+    // SAFETY: wrapped in ManuallyDrop by the caller, so `fd` is never closed twice.
+    unsafe { std::fs::File::from_raw_fd(fd.as_raw_fd()) }
+}
+
+/// Ends the process and what it started: the exec helper kills its command
+/// on SIGTERM; a host session leads its own process group.
+fn stop(child: &mut Child, host: bool) {
+    let pid = child.id() as i32;
+    // SAFETY: kill(2) with our own child's pid (or its process group).
+    unsafe {
+        if host {
+            libc::kill(-pid, libc::SIGKILL);
+        } else {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn code_of(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}

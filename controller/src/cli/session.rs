@@ -1,0 +1,156 @@
+//! `baton exec -i/-t`: the operator's end of an interactive session. The
+//! local terminal goes raw (every key, Ctrl-C included, goes to the remote
+//! terminal, which decides what it means) and comes back as it was however
+//! the session ends; stdin is passed on piece by piece, each piece once the
+//! device wrote the one before; a change of window size follows.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use crate::api::client::Client;
+use crate::sessions::Frame;
+use crate::view::SessionRequest;
+
+/// How often the window's size is looked at.
+const SIZE_EVERY: Duration = Duration::from_millis(250);
+
+/// Runs the session to its end and exits with the remote command's exit
+/// code (255 when the session ended otherwise, saying why on stderr).
+pub fn run(client: &Client, device: &str, mut req: SessionRequest, pass_stdin: bool) -> anyhow::Result<()> {
+    let local_tty = is_terminal(0);
+    if req.tty {
+        let (rows, cols) = window_size().unwrap_or((24, 80));
+        (req.rows, req.cols) = (rows, cols);
+    }
+    let tty = req.tty;
+    let (session, mut frames, mut stream) = client.session_open(device, &req)?;
+    // Raw only once the session is open: an error above prints normally.
+    let _raw = if tty && local_tty { Raw::enter() } else { None };
+    std::thread::scope(|scope| {
+        if pass_stdin {
+            scope.spawn(move || {
+                let mut buf = vec![0u8; crate::sessions::INPUT_CHUNK];
+                let mut stdin = std::io::stdin().lock();
+                loop {
+                    match stdin.read(&mut buf) {
+                        Ok(0) => {
+                            // End of input: the remote stdin closes (a terminal has none to close).
+                            if !tty {
+                                let _ = client.session_input(session, &[], true);
+                            }
+                            return;
+                        }
+                        Ok(n) => {
+                            if client.session_input(session, &buf[..n], false).is_err() {
+                                return; // the session ended; the output side says why
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+        if tty && local_tty {
+            scope.spawn(move || {
+                let mut last = window_size();
+                loop {
+                    std::thread::sleep(SIZE_EVERY);
+                    let now = window_size();
+                    if now != last {
+                        if let Some((rows, cols)) = now {
+                            if client.session_resize(session, rows, cols).is_err() {
+                                return;
+                            }
+                        }
+                        last = now;
+                    }
+                }
+            });
+        }
+        let code = relay(&mut frames, &mut stream);
+        drop(_raw);
+        // The other threads block on stdin or sleep: the exit ends them
+        // (a scope would wait for them).
+        std::process::exit(code.unwrap_or_else(|e| {
+            eprintln!("baton: {e}");
+            255
+        }))
+    })
+}
+
+/// Copies output frames to stdout and stderr until the session ends.
+fn relay(frames: &mut crate::sessions::FrameReader, stream: &mut dyn Read) -> anyhow::Result<i32> {
+    let mut buf = vec![0u8; 32 * 1024];
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr());
+    loop {
+        while let Some(frame) = frames.next_frame().map_err(|e| anyhow::anyhow!("{e}"))? {
+            match frame {
+                Frame::Stdout(b) => {
+                    out.write_all(&b)?;
+                    out.flush()?;
+                }
+                Frame::Stderr(b) => {
+                    err.write_all(&b)?;
+                    err.flush()?;
+                }
+                Frame::Exit(code) => return Ok(code.clamp(0, 255)),
+                Frame::Error(why) => {
+                    let _ = out.flush();
+                    eprint!("\r\nbaton: {why}\r\n");
+                    return Ok(255);
+                }
+                Frame::Opened(_) => {}
+            }
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            eprint!("\r\nbaton: the controller ended the session\r\n");
+            return Ok(255);
+        }
+        frames.push(&buf[..n]);
+    }
+}
+
+fn is_terminal(fd: i32) -> bool {
+    // SAFETY: isatty only reads the descriptor's type.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+/// The local terminal's rows and columns (None: stdout is no terminal).
+fn window_size() -> Option<(u16, u16)> {
+    let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one winsize to a pointer that outlives the call.
+    let ok = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut size) } == 0 && size.ws_row > 0;
+    ok.then_some((size.ws_row, size.ws_col))
+}
+
+/// The local terminal in raw mode, restored when dropped.
+struct Raw(libc::termios);
+
+impl Raw {
+    fn enter() -> Option<Self> {
+        // SAFETY: tcgetattr/tcsetattr on stdin with termios values we own.
+        unsafe {
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut saved) != 0 {
+                return None;
+            }
+            let mut raw = saved;
+            libc::cfmakeraw(&mut raw);
+            if libc::tcsetattr(0, libc::TCSANOW, &raw) != 0 {
+                return None;
+            }
+            Some(Self(saved))
+        }
+    }
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `enter`.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.0);
+        }
+    }
+}

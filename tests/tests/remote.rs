@@ -1,0 +1,313 @@
+//! Remote access through the device's own MQTT link: `baton exec -i/-t`
+//! driven as an operator drives it — the CLI on a real pseudo-terminal the
+//! test holds (it types, resizes the window, presses Ctrl-C), real agents,
+//! real containers, the embedded broker. About 40 s.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_tests::*;
+
+/// The CLI's terminal, from the operator's side.
+struct Terminal {
+    master: std::fs::File,
+    seen: Arc<Mutex<Vec<u8>>>,
+    /// Output already matched by `expect` (each expectation looks past it).
+    mark: usize,
+}
+
+impl Terminal {
+    /// Starts `baton ARGS` on a new terminal of 24×80, as its controlling one.
+    fn spawn(server: &str, args: &[&str]) -> (Terminal, Child) {
+        let (mut master, mut slave) = (0, 0);
+        let size = libc::winsize { ws_row: 24, ws_col: 80, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: openpty writes two descriptors we then own.
+        let rc = unsafe {
+            libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size as *const _ as *mut _)
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: just opened, owned here only.
+        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let mut cmd = Command::new(bin("baton"));
+        cmd.args(args).env("BATON_SERVER", server).env_remove("BATON_TOKEN");
+        cmd.stdin(Stdio::from(slave.try_clone().expect("dup terminal")))
+            .stdout(Stdio::from(slave.try_clone().expect("dup terminal")))
+            .stderr(Stdio::from(slave));
+        // SAFETY: setsid and ioctl are async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY, 0);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("baton exec -it");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut reader = std::fs::File::from(master.try_clone().expect("dup terminal"));
+        let sink = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().expect("terminal buffer").extend_from_slice(&buf[..n]);
+            }
+        });
+        (Terminal { master: master.into(), seen, mark: 0 }, child)
+    }
+
+    fn send(&mut self, keys: &str) {
+        self.master.write_all(keys.as_bytes()).expect("type");
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen.lock().expect("terminal buffer")).into_owned()
+    }
+
+    /// Waits until `what` appears after what was already matched.
+    fn expect(&mut self, what: &str, within: Duration) {
+        let found = wait_until(within, || {
+            let seen = self.seen.lock().expect("terminal buffer");
+            let tail = String::from_utf8_lossy(&seen[self.mark.min(seen.len())..]).into_owned();
+            tail.find(what).map(|i| self.mark + i + what.len())
+        });
+        match found {
+            Some(end) => self.mark = end,
+            None => panic!("{what:?} never appeared on the terminal; it shows:\n{}", self.text()),
+        }
+    }
+
+    fn resize(&self, rows: u16, cols: u16) {
+        let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCSWINSZ reads one winsize.
+        assert_eq!(unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &size) }, 0);
+    }
+}
+
+/// Pids of processes whose command line contains `needle` (the CLI that
+/// names it excepted).
+fn processes_with(needle: &str) -> Vec<u32> {
+    processes_with_except(needle, 0)
+}
+
+fn processes_with_except(needle: &str, except: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains(needle) && pid != except).then_some(pid)
+        })
+        .collect()
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> i32 {
+    let status = wait_for("the CLI to exit", within, || child.try_wait().ok().flatten());
+    status.code().unwrap_or(-1)
+}
+
+/// An agent whose config file is `config` (the usual test flags otherwise).
+fn start_agent_with_config(world: &World, id: &str, broker: &str, config: &str) -> Proc {
+    let mut args = agent_args(world, id, broker, &[]);
+    args[1] = world.write(&format!("agent-{id}.toml"), config).display().to_string();
+    Proc::spawn(&format!("agent-{id}"), &bin("baton-agent"), &args, world.path())
+}
+
+/// Symptom this answers: Baton had only a one-shot `baton exec`; reaching a
+/// device behind NAT interactively needed ssh and an open port.
+#[test]
+fn an_interactive_shell_in_a_container_through_a_real_terminal() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let broker = controller.broker_url();
+    give_busybox(&world, "pi-term", "busybox:term");
+    let _agent = start_agent(&world, "pi-term", &broker, &[]);
+    apply_yaml(
+        &server,
+        &world,
+        "web.yaml",
+        "name: web\nimage: busybox:term\ncommand: [/bin/sh, -c, \"while true; do sleep 1; done\"]\n",
+    );
+    wait_for("web running", Duration::from_secs(40), || settled(&server, "web", 1, 1));
+
+    let (mut term, mut cli) = Terminal::spawn(&server, &["exec", "-it", "--device", "pi-term", "web", "--", "/bin/sh"]);
+    term.expect("# ", Duration::from_secs(20));
+    // Typed commands run, their echo and output come back.
+    term.send("echo $((6*7))-ok\r");
+    term.expect("42-ok", Duration::from_secs(10));
+    term.send("[ -t 0 ] && [ -t 1 ] && echo on-a-terminal\r");
+    term.expect("on-a-terminal", Duration::from_secs(10));
+    term.send("stty size\r");
+    term.expect("24 80", Duration::from_secs(10));
+    // The operator's window grows: the remote terminal follows.
+    term.resize(33, 101);
+    wait_for("the new size on the remote terminal", Duration::from_secs(15), || {
+        term.send("stty size\r");
+        wait_until(Duration::from_millis(700), || term.text()[term.mark..].contains("33 101").then_some(()))
+    });
+    term.mark = term.text().len();
+    // Ctrl-C reaches the remote foreground process, not the CLI.
+    term.send("sleep 4242\r");
+    wait_for("sleep running in the container", Duration::from_secs(10), || {
+        (!processes_with("sleep 4242").is_empty()).then_some(())
+    });
+    term.send("\x03");
+    wait_for("sleep interrupted", Duration::from_secs(10), || processes_with("sleep 4242").is_empty().then_some(()));
+    term.send("echo rc=$?\r");
+    term.expect("rc=130", Duration::from_secs(10));
+    assert!(cli.try_wait().expect("remote test step").is_none(), "Ctrl-C ended the CLI itself:\n{}", term.text());
+    // The remote exit code is the CLI's.
+    term.send("exit 7\r");
+    assert_eq!(wait_exit(&mut cli, Duration::from_secs(15)), 7, "{}", term.text());
+    // Nothing stays behind on the device.
+    wait_for("the exec helper gone", Duration::from_secs(10), || {
+        processes_with("exec --id web").is_empty().then_some(())
+    });
+    // Audited: who, where, what, how it ended, how much moved.
+    let events = wait_for("the session's events", Duration::from_secs(10), || {
+        let (_, out, _) = baton_cli(&server, &["get", "events", "--subject", "pi-term"]);
+        (out.contains("session.opened") && out.contains("session.closed")).then_some(out)
+    });
+    assert!(events.contains("exit code 7") && events.contains("bytes in"), "{events}");
+
+    // Not a terminal: stdin passed through and closed at its end, stdout
+    // and stderr apart, the exit code kept; a megabyte each way, unchanged.
+    let input: Vec<u8> = (0..1_048_576u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let mut cmd = Command::new(bin("baton"));
+    cmd.args(["exec", "-i", "--device", "pi-term", "web", "--", "/bin/sh", "-c"])
+        .arg("sha256sum; echo to-stderr >&2; head -c 3000000 /dev/zero; exit 3")
+        .env("BATON_SERVER", &server)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("baton exec -i");
+    let mut stdin = child.stdin.take().expect("remote test step");
+    let feeder = std::thread::spawn(move || stdin.write_all(&input).map(|()| input));
+    let out = child.wait_with_output().expect("baton exec -i");
+    let input = feeder.join().expect("remote test step").expect("stdin taken");
+    let digest = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&input));
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let stdout = &out.stdout;
+    let first_line = stdout.split(|b| *b == b'\n').next().map(|l| String::from_utf8_lossy(l).into_owned());
+    assert!(first_line.as_deref().is_some_and(|l| l.starts_with(&hex)), "digest {hex} vs {first_line:?}");
+    assert_eq!(stdout.len() - first_line.expect("remote test step").len() - 1, 3_000_000, "stdout bytes");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("to-stderr"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(3));
+}
+
+/// Sessions are an admin's, bounded by the device, and end cleanly from
+/// either side: a read-only token is refused, a tenant's token cannot reach
+/// a host, a device that does not allow host sessions says so, the device's
+/// session limit and idle timeout hold, and an operator who vanishes
+/// (kill -9 of the CLI) leaves nothing running.
+#[test]
+fn sessions_are_authorised_bounded_and_end_cleanly() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &["--api-auth"]);
+    let server = controller.server_url();
+    let broker = controller.broker_url();
+    let admin = std::fs::read_to_string(world.path().join("controller/admin.token")).expect("first admin token");
+    let admin = admin.trim();
+    let run = |token: &str, args: &[&str]| baton_cli_as(&server, Some(token), args);
+    // Devices without workloads get no document to learn the key from: configured, as `baton trust` says.
+    let (ok, trust, err) = run(admin, &["trust"]);
+    let key = trust.split_whitespace().find(|w| w.starts_with("ed25519:")).unwrap_or_else(|| panic!("{trust}{err}"));
+    assert!(ok);
+    let _open = start_agent_with_config(
+        &world,
+        "pi-open",
+        &broker,
+        &format!(
+            "controller_keys = [\"{key}\"]\nremote_host_shell = true\nmax_sessions = 1\nsession_idle_timeout_s = 4\n"
+        ),
+    );
+    let _closed = start_agent_with_config(&world, "pi-closed", &broker, &format!("controller_keys = [\"{key}\"]\n"));
+    wait_for("both online", Duration::from_secs(30), || {
+        let (_, table, _) = run(admin, &["get", "devices"]);
+        (table.lines().filter(|l| l.starts_with("pi-") && l.contains("online")).count() == 2).then_some(())
+    });
+
+    // A host session on the host: the host's own PID namespace.
+    // (Once the device has its first document, and with it the controller's key.)
+    let ours = std::fs::read_link("/proc/self/ns/pid").expect("remote test step").display().to_string();
+    let theirs = wait_for("a host session", Duration::from_secs(20), || {
+        let (ok, out, _) =
+            run(admin, &["exec", "-i", "--host", "--device", "pi-open", "--", "readlink", "/proc/self/ns/pid"]);
+        ok.then_some(out)
+    });
+    assert_eq!(theirs.trim(), ours);
+
+    let (ok, reader, err) = run(admin, &["apitoken", "create", "--role", "read-only", "--name", "viewer"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(reader.trim(), &["exec", "-i", "--host", "--device", "pi-open", "--", "true"]);
+    assert!(!ok && err.contains("cannot change anything"), "{err}");
+    let (ok, _, err) = baton_cli_as(
+        &server,
+        Some(admin),
+        &["--tenant", "acme", "exec", "-i", "--host", "--device", "pi-open", "--", "true"],
+    );
+    assert!(!ok && err.contains("403"), "a tenant reached a host: {err}");
+    let (ok, _, err) = run(admin, &["exec", "-i", "--host", "--device", "pi-closed", "--", "true"]);
+    assert!(!ok && err.contains("remote_host_shell"), "{err}");
+
+    // One session at most on pi-open: a second is refused while the first
+    // waits; the first ends by itself once idle for 4 s.
+    let marker = "held-open-session";
+    let mut first = Command::new(bin("baton"))
+        .args(["exec", "-i", "--host", "--device", "pi-open", "--", "/bin/sh", "-c"])
+        .arg(format!("cat; echo {marker}"))
+        .env("BATON_SERVER", &server)
+        .env("BATON_TOKEN", admin)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("baton exec -i");
+    let cli = first.id();
+    wait_for("the first session's process", Duration::from_secs(15), || {
+        (!processes_with_except(marker, cli).is_empty()).then_some(())
+    });
+    let (ok, _, err) = run(admin, &["exec", "-i", "--host", "--device", "pi-open", "--", "true"]);
+    assert!(!ok && err.contains("1 sessions open"), "{err}");
+    let code = wait_exit(&mut first, Duration::from_secs(30));
+    let mut err = String::new();
+    first.stderr.take().expect("remote test step").read_to_string(&mut err).expect("remote test step");
+    assert!(code == 255 && err.contains("idle for 4 s"), "{code} {err}");
+    wait_for("the idle session's process gone", Duration::from_secs(10), || {
+        processes_with(marker).is_empty().then_some(())
+    });
+
+    // The operator vanishes: the device ends the session.
+    let marker = "abandoned-session";
+    let mut gone = Command::new(bin("baton"))
+        .args(["exec", "-i", "--host", "--device", "pi-open", "--", "/bin/sh", "-c"])
+        .arg(format!("while true; do echo {marker}; sleep 0.5; done"))
+        .env("BATON_SERVER", &server)
+        .env("BATON_TOKEN", admin)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("baton exec -i");
+    let cli = gone.id();
+    wait_for("the abandoned session's process", Duration::from_secs(15), || {
+        (!processes_with_except(marker, cli).is_empty()).then_some(())
+    });
+    gone.kill().expect("remote test step");
+    let _ = gone.wait();
+    wait_for("the abandoned session's process gone", Duration::from_secs(15), || {
+        processes_with(marker).is_empty().then_some(())
+    });
+    let events = wait_for("the audit trail", Duration::from_secs(10), || {
+        let (_, out, _) = run(admin, &["get", "events", "--subject", "pi-open", "--limit", "50"]);
+        (out.matches("session.closed").count() >= 3).then_some(out)
+    });
+    assert!(events.contains("token first admin") && events.contains("the operator went away"), "{events}");
+    assert!(events.contains("session.refused") && events.contains("idle for 4 s"), "{events}");
+}
