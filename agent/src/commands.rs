@@ -212,7 +212,8 @@ pub async fn run(
         | CommandAction::Session { .. }
         | CommandAction::Input { .. }
         | CommandAction::Resize { .. }
-        | CommandAction::Ack { .. } => return,
+        | CommandAction::Ack { .. }
+        | CommandAction::Connect { .. } => return,
     };
     let _ = out.send(end).await;
 }

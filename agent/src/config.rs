@@ -79,6 +79,8 @@ pub struct FileConfig {
     pub remote_host_shell: Option<bool>,
     /// Interactive sessions open at once at most (default 4).
     pub max_sessions: Option<usize>,
+    /// Port-forwarded connections open at once at most (default 32).
+    pub max_forwarded_connections: Option<usize>,
     /// A session without input or output this long ends (default 900 s).
     pub session_idle_timeout_s: Option<u64>,
     /// A session ends after this long whatever it does (default 8 h).
@@ -320,6 +322,7 @@ impl AgentConfig {
             sessions: crate::session::Limits {
                 host: file.remote_host_shell.unwrap_or(false),
                 max_sessions: file.max_sessions.unwrap_or(4).min(64),
+                max_connections: file.max_forwarded_connections.unwrap_or(32).min(256),
                 idle: Duration::from_secs(file.session_idle_timeout_s.unwrap_or(900).max(1)),
                 max: Duration::from_secs(file.session_max_s.unwrap_or(8 * 3600).max(1)),
             },

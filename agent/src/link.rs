@@ -540,6 +540,19 @@ impl Link {
                     }
                 }
             }
+            CommandAction::Connect { workload, port } => {
+                let out = crate::session::Out {
+                    client: self.client.clone(),
+                    topic: self.config.device_id.topic(TopicKind::CmdRes),
+                    rt: tokio::runtime::Handle::current(),
+                };
+                let runtime = self.engine.as_ref().and_then(|e| e.runtime.clone());
+                match self.sessions.connect(cmd.id, workload, *port, runtime.as_ref(), &self.config.data_dir, out) {
+                    // Said by the connection's thread once connected.
+                    Ok(()) => return,
+                    Err(why) => CommandOutput::Error(why),
+                }
+            }
             CommandAction::Input { session, offset, data, eof } => {
                 match self.sessions.input(cmd.id, *session, *offset, data.clone(), *eof) {
                     Some(answer) => answer,

@@ -43,13 +43,21 @@ pub struct Limits {
     /// Sessions on the host itself (`--host`): off unless configured.
     pub host: bool,
     pub max_sessions: usize,
+    /// Port-forwarded connections open at once (`Connect`).
+    pub max_connections: usize,
     pub idle: Duration,
     pub max: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { host: false, max_sessions: 4, idle: Duration::from_secs(15 * 60), max: Duration::from_secs(8 * 3600) }
+        Self {
+            host: false,
+            max_sessions: 4,
+            max_connections: 32,
+            idle: Duration::from_secs(15 * 60),
+            max: Duration::from_secs(8 * 3600),
+        }
     }
 }
 
@@ -125,6 +133,8 @@ struct Handle {
     resize_seq: u32,
     /// The terminal's controlling side, for resizes.
     terminal: Option<Arc<OwnedFd>>,
+    /// A port-forwarded connection (counted apart from processes).
+    connection: bool,
     shared: Arc<Shared>,
 }
 
@@ -144,8 +154,11 @@ impl Sessions {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn count(&self) -> usize {
-        self.lock().len()
+    /// Open sessions: (processes, connections).
+    pub fn count(&self) -> (usize, usize) {
+        let open = self.lock();
+        let connections = open.values().filter(|h| h.connection).count();
+        (open.len() - connections, connections)
     }
 
     /// Starts a session; its output and end are answered under `req.id`.
@@ -160,7 +173,7 @@ impl Sessions {
         if req.argv.is_empty() {
             return Err("a session needs a command to run".into());
         }
-        if self.count() >= self.limits.max_sessions {
+        if self.count().0 >= self.limits.max_sessions {
             return Err(format!(
                 "this device already has {} sessions open, its limit (max_sessions in the agent's configuration)",
                 self.limits.max_sessions
@@ -242,7 +255,10 @@ impl Sessions {
         };
         let what = if req.host { "the host".to_string() } else { format!("workload {}", req.workload) };
         info!(session = req.id, %what, tty, argv = ?req.argv, "session opened");
-        self.lock().insert(req.id, Handle { input, next_offset: 0, resize_seq: 0, terminal, shared: shared.clone() });
+        self.lock().insert(
+            req.id,
+            Handle { input, next_offset: 0, resize_seq: 0, terminal, connection: false, shared: shared.clone() },
+        );
         let limits = self.limits.clone();
         let sessions = self.clone();
         let spawned = std::thread::Builder::new().name(format!("session-{}", req.id)).spawn({
@@ -252,13 +268,13 @@ impl Sessions {
                     .name("session-input".into())
                     .spawn({
                         let (out, shared) = (out.clone(), shared.clone());
-                        move || write_input(writer, pieces, &out, &shared)
+                        move || write_input(writer, false, pieces, &out, &shared)
                     })
                     .is_ok();
                 if !written {
                     shared.end("cannot start the session's input thread");
                 }
-                let end = run(child, host, &readers, &out, req.id, &shared, &limits);
+                let end = run(Some(child), host, &readers, &out, req.id, &shared, &limits);
                 sessions.lock().remove(&req.id);
                 info!(session = req.id, seconds = shared.opened.elapsed().as_secs(), outcome = ?end, "session closed");
                 let _ = out.send(req.id, u32::MAX, end);
@@ -267,6 +283,86 @@ impl Sessions {
         if let Err(e) = spawned {
             self.lock().remove(&req.id);
             return Err(format!("cannot start the session's thread: {e}"));
+        }
+        Ok(())
+    }
+
+    /// Opens a port-forwarded connection to `port` of a workload's newest
+    /// container, or of this device (`workload` empty), answered under `id`:
+    /// `Text` once connected, then what the other side sends, `Exit(0)`
+    /// when it closes, or `Error`.
+    pub fn connect(
+        &self,
+        id: u64,
+        workload: &str,
+        port: u16,
+        runtime: Option<&Arc<dyn crate::runtime::ContainerRuntime + Send + Sync>>,
+        data_dir: &std::path::Path,
+        out: Out,
+    ) -> Result<(), String> {
+        if port == 0 {
+            return Err("port 0: which port to connect to".into());
+        }
+        if self.count().1 >= self.limits.max_connections {
+            return Err(format!(
+                "this device already has {} forwarded connections open, its limit",
+                self.limits.max_connections
+            ));
+        }
+        let ip = if workload.is_empty() {
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+        } else {
+            let Some(dir) = crate::commands::newest_container(data_dir, workload) else {
+                return Err(format!("workload {workload} is not running on this device"));
+            };
+            let container = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            // A container on the host's network listens on the host's loopback.
+            runtime.and_then(|rt| rt.address(&container)).unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+        };
+        let addr = std::net::SocketAddr::new(ip, port);
+        let shared = Arc::new(Shared {
+            acked: Mutex::new(0),
+            moved: Condvar::new(),
+            end: Mutex::new(None),
+            active_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        });
+        let (input, pieces) = std::sync::mpsc::sync_channel(INPUT_QUEUE);
+        self.lock().insert(
+            id,
+            Handle { input, next_offset: 0, resize_seq: 0, terminal: None, connection: true, shared: shared.clone() },
+        );
+        let (limits, sessions) = (self.limits.clone(), self.clone());
+        let spawned = std::thread::Builder::new().name(format!("forward-{id}")).spawn(move || {
+            let end = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Err(e) => CommandOutput::Error(format!("cannot connect to {addr}: {e}")),
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    let socket = OwnedFd::from(stream);
+                    match socket.try_clone() {
+                        Err(e) => CommandOutput::Error(format!("cannot share the connection: {e}")),
+                        Ok(writer) => {
+                            info!(session = id, %addr, "forwarded connection opened");
+                            let _ = out.send(id, 0, CommandOutput::Text(format!("connected to {addr}")));
+                            let started = std::thread::Builder::new().name("forward-input".into()).spawn({
+                                let (out, shared) = (out.clone(), shared.clone());
+                                move || write_input(writer, true, pieces, &out, &shared)
+                            });
+                            if started.is_err() {
+                                shared.end("cannot start the connection's input thread");
+                            }
+                            run(None, false, &[(Arc::new(socket), false)], &out, id, &shared, &limits)
+                        }
+                    }
+                }
+            };
+            sessions.lock().remove(&id);
+            info!(session = id, %addr, seconds = shared.opened.elapsed().as_secs(), outcome = ?end, "forwarded connection closed");
+            let _ = out.send(id, u32::MAX, end);
+        });
+        if let Err(e) = spawned {
+            self.lock().remove(&id);
+            return Err(format!("cannot start the connection's thread: {e}"));
         }
         Ok(())
     }
@@ -375,7 +471,9 @@ fn set_size(terminal: &OwnedFd, rows: u16, cols: u16) -> std::io::Result<()> {
 }
 
 /// Writes input pieces in order, answering each; ends when the session does.
-fn write_input(to: OwnedFd, pieces: std::sync::mpsc::Receiver<Piece>, out: &Out, shared: &Shared) {
+/// `socket`: the end of input half-closes the connection (its reading side
+/// holds the descriptor open).
+fn write_input(to: OwnedFd, socket: bool, pieces: std::sync::mpsc::Receiver<Piece>, out: &Out, shared: &Shared) {
     let mut to = Some(std::fs::File::from(to));
     while let Ok(piece) = pieces.recv() {
         let written = match &mut to {
@@ -383,6 +481,10 @@ fn write_input(to: OwnedFd, pieces: std::sync::mpsc::Receiver<Piece>, out: &Out,
             None => Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stdin was closed")),
         };
         if piece.eof {
+            if let (true, Some(f)) = (socket, &to) {
+                // SAFETY: shutdown(2) on a socket we hold.
+                unsafe { libc::shutdown(f.as_raw_fd(), libc::SHUT_WR) };
+            }
             to = None;
         }
         shared.touch();
@@ -400,7 +502,7 @@ fn write_input(to: OwnedFd, pieces: std::sync::mpsc::Receiver<Piece>, out: &Out,
 /// ends (then what it left is drained) or the session must end (then the
 /// process and what it started are killed). Returns the final answer.
 fn run(
-    mut child: Child,
+    mut child: Option<Child>,
     host: bool,
     readers: &[(Arc<OwnedFd>, bool)],
     out: &Out,
@@ -428,16 +530,23 @@ fn run(
         };
         if exited.is_none() {
             if let Some(reason) = must_end() {
-                stop(&mut child, host);
                 why = Some(reason);
+                match &mut child {
+                    Some(c) => stop(c, host),
+                    // A connection: closed with the session, nothing to drain.
+                    None => break,
+                }
             }
-            match child.try_wait() {
-                Ok(Some(status)) => exited = Some(code_of(status)),
-                Ok(None) => {}
-                Err(e) => {
+            match child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => exited = Some(code_of(status)),
+                Some(Ok(None)) => {}
+                Some(Err(e)) => {
                     warn!(session = id, error = %e, "cannot wait for the session's process");
                     exited = Some(255);
                 }
+                // A connection ends when the other side closed it.
+                None if !open.iter().any(|o| *o) => exited = Some(0),
+                None => {}
             }
         }
         if !open.iter().any(|o| *o) && exited.is_some() {
@@ -497,8 +606,8 @@ fn run(
             }
         }
     }
-    if exited.is_none() {
-        stop(&mut child, host);
+    if let (None, Some(c)) = (exited, &mut child) {
+        stop(c, host);
     }
     match why {
         Some(reason) => CommandOutput::Error(reason),

@@ -19,6 +19,9 @@ use baton_protocol::DeviceId;
 pub const ACK_EVERY: u64 = 32 * 1024;
 /// Input per command: well under a command's 16 KiB limit.
 pub const INPUT_CHUNK: usize = 8 * 1024;
+/// Input commands in flight at once: the device queues 8
+/// (`baton_agent::session`'s input queue).
+pub const INPUT_IN_FLIGHT: usize = 8;
 /// The largest frame a decoder takes (output comes in 16 KiB pieces).
 const MAX_FRAME: usize = 1 << 20;
 

@@ -102,6 +102,16 @@ pub struct SessionRequest {
     pub cols: u16,
 }
 
+/// Body of `POST /api/v1/devices/{id}/connections`: one connection of
+/// `baton port-forward` (the answer streams like a session's).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectRequest {
+    /// The workload whose newest container to reach (empty: the device's host).
+    #[serde(default)]
+    pub workload: String,
+    pub port: u16,
+}
+
 /// Body of `POST /api/v1/sessions/{id}/resize`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct ResizeRequest {

@@ -349,6 +349,16 @@ pub enum CommandAction {
         rows: u16,
         cols: u16,
     },
+    /// Since 1.9: a TCP connection from the device to `port` of a
+    /// workload's newest container (its bridge address, or loopback on the
+    /// host's network), or of the device itself (`workload` empty) — one
+    /// connection of `baton port-forward`. A session without a process:
+    /// `Input` is what the connection sends, its replies come as `Stdout`,
+    /// its close as `Exit(0)`, and `Input { eof }` half-closes it.
+    Connect {
+        workload: String,
+        port: u16,
+    },
     /// Since 1.9: the controller has passed on `received` bytes of a
     /// session's output; the device may send up to its window beyond that.
     /// Not answered.

@@ -311,3 +311,163 @@ fn sessions_are_authorised_bounded_and_end_cleanly() {
     assert!(events.contains("token first admin") && events.contains("the operator went away"), "{events}");
     assert!(events.contains("session.refused") && events.contains("idle for 4 s"), "{events}");
 }
+
+/// `baton port-forward` to an HTTP server in a container: two requests at
+/// once, a 50 MiB download whose digest matches the container's file while
+/// the agent's memory stays flat and its heartbeats keep coming, and a
+/// workload that is not there named.
+#[test]
+fn port_forward_carries_http_and_a_big_download_with_flat_memory() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let broker = controller.broker_url();
+    give_busybox(&world, "pi-fwd", "busybox:fwd");
+    let mut agent = start_agent(&world, "pi-fwd", &broker, &[]);
+    let port = free_port();
+    apply_yaml(
+        &server,
+        &world,
+        "files.yaml",
+        &format!(
+            "name: files\nimage: busybox:fwd\ncommand: [/bin/sh, -c, \"mkdir -p /tmp/www && head -c 52428800 /dev/urandom > /tmp/www/big && echo hello > /tmp/www/index.html && exec httpd -f -p {port} -h /tmp/www\"]\n"
+        ),
+    );
+    wait_for("files running", Duration::from_secs(40), || settled(&server, "files", 1, 1));
+    let mut forward = Command::new(bin("baton"))
+        .args(["port-forward", "--device", "pi-fwd", "files", &format!("0:{port}")])
+        .env("BATON_SERVER", &server)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("baton port-forward");
+    let mut banner = String::new();
+    let mut stderr = forward.stderr.take().expect("stderr");
+    let mut byte = [0u8; 1];
+    while !banner.ends_with('\n') && stderr.read(&mut byte).expect("banner") == 1 {
+        banner.push(byte[0] as char);
+    }
+    let local: std::net::SocketAddr = banner
+        .split_whitespace()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {banner:?}"));
+    // What the forward says from here on (shown when a check fails).
+    let said = Arc::new(Mutex::new(String::new()));
+    std::thread::spawn({
+        let said = said.clone();
+        move || {
+            let mut rest = String::new();
+            let _ = stderr.read_to_string(&mut rest);
+            said.lock().expect("forward's stderr").push_str(&rest);
+        }
+    });
+    let url = format!("http://{local}");
+    let get = |path: &str| -> anyhow::Result<Vec<u8>> {
+        let mut res = ureq::get(format!("{url}{path}")).call()?;
+        Ok(res.body_mut().with_config().limit(u64::MAX).read_to_vec()?)
+    };
+    // httpd listens once the container wrote its files.
+    wait_for("httpd through the forward", Duration::from_secs(30), || get("/index.html").ok());
+    let digest = wait_for("the file's digest in the container", Duration::from_secs(30), || {
+        let (ok, out, _) = baton_cli(
+            &server,
+            &["exec", "--device", "pi-fwd", "files", "--", "/bin/sh", "-c", "sha256sum /tmp/www/big"],
+        );
+        let hex = out.split_whitespace().next().unwrap_or_default().to_string();
+        (ok && hex.len() == 64).then_some(hex)
+    });
+
+    let both = std::thread::scope(|s| {
+        let a = s.spawn(|| get("/index.html"));
+        let b = s.spawn(|| get("/index.html"));
+        (a.join().expect("thread"), b.join().expect("thread"))
+    });
+    for r in [both.0, both.1] {
+        match r {
+            Ok(body) => assert_eq!(body, b"hello\n"),
+            Err(e) => {
+                let _ = forward.kill();
+                let _ = forward.wait();
+                std::thread::sleep(Duration::from_millis(200));
+                panic!("GET through the forward: {e}; it said: {}", said.lock().expect("said"));
+            }
+        }
+    }
+
+    // The big one, the agent's resident memory and heartbeats watched meanwhile.
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+                })?
+            })
+            .unwrap_or(0)
+    };
+    let pid = agent.pid();
+    let before = rss(pid);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (body, samples) = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut samples = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let seq = controller.device("pi-fwd").and_then(|d| d.heartbeat.map(|h| h.seq));
+                samples.push((std::time::Instant::now(), rss(pid), seq));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            samples
+        });
+        let body = get("/big");
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (body, watcher.join().expect("watcher"))
+    });
+    let body = body.expect("50 MiB through the forward");
+    assert_eq!(body.len(), 52_428_800);
+    let got: String = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&body))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(got, digest, "the download differs from the container's file");
+    let peak = samples.iter().map(|(_, r, _)| *r).max().unwrap_or(0);
+    assert!(peak < before + 16 * 1024, "the agent grew from {before} kB to {peak} kB during the download");
+    // Heartbeats (every second here) kept coming: no gap of 5 s between two.
+    let mut last: Option<(std::time::Instant, u32)> = None;
+    let mut longest = Duration::ZERO;
+    for (at, _, seq) in &samples {
+        let Some(seq) = seq else { continue };
+        match last {
+            Some((since, prev)) if prev == *seq => longest = longest.max(at.duration_since(since)),
+            _ => last = Some((*at, *seq)),
+        }
+    }
+    assert!(longest < Duration::from_secs(5), "no heartbeat for {longest:?} during the download");
+
+    // A workload that is not there: the connection says so, the forward lives on.
+    let mut other = Command::new(bin("baton"))
+        .args(["port-forward", "--device", "pi-fwd", "nothing-here", &format!("0:{port}")])
+        .env("BATON_SERVER", &server)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("baton port-forward");
+    let mut banner = String::new();
+    let mut stderr2 = other.stderr.take().expect("stderr");
+    while !banner.ends_with('\n') && stderr2.read(&mut byte).expect("banner") == 1 {
+        banner.push(byte[0] as char);
+    }
+    let addr: std::net::SocketAddr = banner.split_whitespace().nth(1).and_then(|a| a.parse().ok()).expect("address");
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the forward");
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    let mut line = String::new();
+    while !line.ends_with('\n') && stderr2.read(&mut byte).expect("error line") == 1 {
+        line.push(byte[0] as char);
+    }
+    assert!(line.contains("nothing-here is not running"), "{line}");
+    for mut cli in [other, forward] {
+        let _ = cli.kill();
+        let _ = cli.wait();
+    }
+    let _ = agent.terminate();
+}

@@ -11,12 +11,15 @@ use serde::Serialize;
 use crate::store::AgentRelease;
 use crate::view::{
     AgentRolloutView, AgentUpgradeRequest, ApiError, ApiTokenCreated, ApiTokenRequest, ApiTokenView, ApplyRequest,
-    ApplyResult, CredentialsView, DeviceView, Event, ExecRequest, ExecResponse, JoinTokenView, LabelChange,
-    ManifestFile, ResizeRequest, Role, RolloutAction, RolloutView, ScaleRequest, SecretView, SessionRequest,
-    TokenRequest, TokenView, TrustView, WebhookCreated, WebhookRequest, WebhookView, WorkloadView,
+    ApplyResult, ConnectRequest, CredentialsView, DeviceView, Event, ExecRequest, ExecResponse, JoinTokenView,
+    LabelChange, ManifestFile, ResizeRequest, Role, RolloutAction, RolloutView, ScaleRequest, SecretView,
+    SessionRequest, TokenRequest, TokenView, TrustView, WebhookCreated, WebhookRequest, WebhookView, WorkloadView,
 };
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
+/// An open session: its id, the frames read so far, the rest of its stream.
+pub type SessionStream = (u64, crate::sessions::FrameReader, Box<dyn std::io::Read + Send>);
 
 pub struct Client {
     base: String,
@@ -181,12 +184,18 @@ impl Client {
 
     /// Opens an interactive session; its id and its stream of frames
     /// (`sessions::Frame`), the `Opened` one already read.
-    pub fn session_open(
-        &self,
-        device: &str,
-        req: &SessionRequest,
-    ) -> anyhow::Result<(u64, crate::sessions::FrameReader, Box<dyn std::io::Read + Send>)> {
-        let url = format!("{}/api/v1/devices/{device}/sessions", self.base);
+    pub fn session_open(&self, device: &str, req: &SessionRequest) -> anyhow::Result<SessionStream> {
+        self.open_stream(&format!("/api/v1/devices/{device}/sessions"), req)
+    }
+
+    /// Opens one forwarded connection (`baton port-forward`), a session
+    /// whose input and output are the connection's bytes.
+    pub fn connect(&self, device: &str, req: &ConnectRequest) -> anyhow::Result<SessionStream> {
+        self.open_stream(&format!("/api/v1/devices/{device}/connections"), req)
+    }
+
+    fn open_stream<B: Serialize>(&self, path: &str, req: &B) -> anyhow::Result<SessionStream> {
+        let url = format!("{}{path}", self.base);
         let req_builder = self.agent.post(url).config().timeout_global(None).build();
         let mut res = self.authed(req_builder).send_json(req).map_err(|e| self.unreachable(e))?;
         if !res.status().is_success() {

@@ -16,9 +16,9 @@ use baton_protocol::{CommandAction, CommandOutput, DeviceId};
 use super::{answer, op, Caller, Failure, FIRST_ANSWER};
 use crate::controller::{now_ms, Controller};
 use crate::fleet::Status;
-use crate::sessions::{Frame, Session, ACK_EVERY, INPUT_CHUNK};
+use crate::sessions::{Frame, Session, ACK_EVERY, INPUT_CHUNK, INPUT_IN_FLIGHT};
 use crate::tenant::Scope;
-use crate::view::{ResizeRequest, SessionRequest};
+use crate::view::{ConnectRequest, ResizeRequest, SessionRequest};
 
 /// How often an open session checks that its device is still online.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -48,15 +48,67 @@ pub(super) async fn open(
     } else if req.workload.is_empty() {
         return bad("workload: which workload's container to run in (or host, for the device itself)");
     }
-    let (name, view_scope) = (id.clone(), scope.clone());
+    let what = if req.host { "the host".to_string() } else { format!("workload {}", req.workload) };
+    let shown = format!("{what}: {}{}", req.argv.join(" "), if req.tty { " (terminal)" } else { "" });
+    let action = CommandAction::Session {
+        workload: req.workload,
+        host: req.host,
+        argv: req.argv,
+        tty: req.tty,
+        rows: req.rows,
+        cols: req.cols,
+    };
+    begin(c, scope, &id, action, shown, caller).await
+}
+
+/// `baton port-forward`: one TCP connection from the device to a port of a
+/// workload's container (or of the device itself: fleet-wide admins only),
+/// carried as a session.
+pub(super) async fn connect(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<ConnectRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if req.port == 0 {
+        return Err(Failure(StatusCode::BAD_REQUEST, "port: which port to connect to".into()));
+    }
+    if req.workload.is_empty() && scope != Scope::All {
+        return Err(Failure(
+            StatusCode::FORBIDDEN,
+            "only an admin of the whole fleet may forward to a port of a device's host".into(),
+        ));
+    }
+    let shown = if req.workload.is_empty() {
+        format!("port-forward to the host's port {}", req.port)
+    } else {
+        format!("port-forward to workload {} port {}", req.workload, req.port)
+    };
+    let action = CommandAction::Connect { workload: req.workload, port: req.port };
+    begin(c, scope, &id, action, shown, caller).await
+}
+
+/// Sends the opening command from a relay task and answers with the
+/// session's stream once the device said it opened (or the error).
+async fn begin(
+    c: Arc<Controller>,
+    scope: Scope,
+    id: &str,
+    action: CommandAction,
+    shown: String,
+    caller: String,
+) -> Result<Response, Failure> {
+    let (name, view_scope) = (id.to_string(), scope.clone());
     let view = op(&c, move |c| c.device(&name, now_ms(), &view_scope)).await??;
     if view.status == Status::Offline {
         return Err(Failure(StatusCode::CONFLICT, format!("device {id} is offline")));
     }
-    let device = DeviceId::new(&id).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let device = DeviceId::new(id).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(8);
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Result<(), Failure>>();
-    tokio::spawn(relay(c, scope, device, view.tenant, req, caller, tx, first_tx));
+    tokio::spawn(relay(c, scope, device, view.tenant, action, shown, caller, tx, first_tx));
     match first_rx.await {
         Ok(Ok(())) => {}
         Ok(Err(f)) => return Err(f),
@@ -75,21 +127,12 @@ async fn relay(
     scope: Scope,
     device: DeviceId,
     tenant: String,
-    req: SessionRequest,
+    action: CommandAction,
+    shown: String,
     caller: String,
     tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
     first_tx: tokio::sync::oneshot::Sender<Result<(), Failure>>,
 ) {
-    let what = if req.host { "the host".to_string() } else { format!("workload {}", req.workload) };
-    let shown = format!("{what}: {}{}", req.argv.join(" "), if req.tty { " (terminal)" } else { "" });
-    let action = CommandAction::Session {
-        workload: req.workload,
-        host: req.host,
-        argv: req.argv,
-        tty: req.tty,
-        rows: req.rows,
-        cols: req.cols,
-    };
     let mut pending = c.commands.send(device.clone(), action, now_ms() + 30_000);
     let sid = pending.id;
     // The device answers at once: opened (or output already), or why not.
@@ -234,13 +277,25 @@ pub(super) async fn input(
         pieces.push(&[]);
     }
     let last = pieces.len() - 1;
-    for (i, data) in pieces.into_iter().enumerate() {
-        let action =
-            CommandAction::Input { session: sid, offset: *offset, data: data.to_vec(), eof: q.eof && i == last };
-        let mut pending = c.commands.send(s.device.clone(), action, now_ms() + 30_000);
-        super::answer(&mut pending.answers, s.device.as_str(), Duration::from_secs(30)).await?;
-        *offset += data.len() as u64;
-        s.bytes_in.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    // Up to the device's input queue in flight at once (they arrive in
+    // order on one topic), then their answers in order.
+    let numbered: Vec<(usize, &[u8])> = pieces.into_iter().enumerate().collect();
+    for group in numbered.chunks(INPUT_IN_FLIGHT) {
+        let mut sent = Vec::with_capacity(group.len());
+        for (i, data) in group {
+            let action = CommandAction::Input {
+                session: sid,
+                offset: *offset + sent.iter().map(|(_, n)| *n).sum::<u64>(),
+                data: data.to_vec(),
+                eof: q.eof && *i == last,
+            };
+            sent.push((c.commands.send(s.device.clone(), action, now_ms() + 30_000), data.len() as u64));
+        }
+        for (mut pending, n) in sent {
+            super::answer(&mut pending.answers, s.device.as_str(), Duration::from_secs(30)).await?;
+            *offset += n;
+            s.bytes_in.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
     }
     Ok(Json(serde_json::json!({ "written": body.len() })))
 }

@@ -112,6 +112,21 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Forward local TCP connections to a port on a device (in a workload's
+    /// container, or the device's own with no workload), through the
+    /// device's MQTT connection. Runs until interrupted.
+    PortForward {
+        #[arg(long, short)]
+        device: String,
+        /// `[WORKLOAD] LOCAL:REMOTE`: the workload whose newest container to
+        /// reach (none: the device itself) and the ports (LOCAL 0: any free
+        /// port, printed; REMOTE alone: the same port locally).
+        #[arg(num_args = 1..=2, required = true, value_names = ["WORKLOAD", "LOCAL:REMOTE"])]
+        target: Vec<String>,
+        /// Local address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        address: std::net::IpAddr,
+    },
     /// Restart a workload's container on a device, whatever its restart policy.
     Restart {
         workload: String,
@@ -567,4 +582,27 @@ pub fn default_data_dir() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
         .unwrap_or_else(|| PathBuf::from("."))
         .join("baton")
+}
+
+/// `[WORKLOAD] LOCAL:REMOTE` of `baton port-forward`.
+pub fn forward_target(target: &[String]) -> anyhow::Result<(String, (u16, u16))> {
+    let (workload, ports) = match target {
+        [ports] => (String::new(), ports),
+        [workload, ports] => (workload.clone(), ports),
+        _ => anyhow::bail!("expected [WORKLOAD] LOCAL:REMOTE"),
+    };
+    Ok((workload, parse_ports(ports).map_err(|e| anyhow::anyhow!("{e}"))?))
+}
+
+/// `LOCAL:REMOTE` (REMOTE alone: the same port locally).
+fn parse_ports(s: &str) -> Result<(u16, u16), String> {
+    let port = |p: &str| p.parse::<u16>().map_err(|_| format!("{p:?} is not a port number (0-65535)"));
+    let (local, remote) = match s.split_once(':') {
+        Some((l, r)) => (port(l)?, port(r)?),
+        None => (port(s)?, port(s)?),
+    };
+    if remote == 0 {
+        return Err("the remote port cannot be 0".into());
+    }
+    Ok((local, remote))
 }

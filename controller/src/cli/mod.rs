@@ -124,6 +124,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::PortForward { device, target, address } => {
+            let (workload, (local, remote)) = args::forward_target(&target)?;
+            session::forward(&client(), &device, workload, std::net::SocketAddr::new(address, local), remote)
+        }
         Command::Restart { workload, device } => {
             client().restart(&device, &workload)?;
             crate::outln!("workload/{workload} on {device} restarting");
@@ -472,6 +476,17 @@ pub fn init_logging(json: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed_and_port_forward_targets_parse() {
+        // clap checks its definitions only when a verb is used: check them all.
+        Cli::command().debug_assert();
+        let t = |v: &[&str]| args::forward_target(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(t(&["web", "0:80"]).unwrap(), ("web".to_string(), (0, 80)));
+        assert_eq!(t(&["8080"]).unwrap(), (String::new(), (8080, 8080)));
+        assert!(t(&["web", "80:0"]).unwrap_err().to_string().contains("cannot be 0"));
+        assert!(t(&["web", "x:80"]).unwrap_err().to_string().contains("not a port"));
+    }
 
     #[test]
     fn label_arguments() {

@@ -154,3 +154,99 @@ impl Drop for Raw {
         }
     }
 }
+
+/// `baton port-forward`: every connection accepted on `listen` becomes one
+/// forwarded connection to `port` on the device, in both directions, until
+/// either side closes it. Runs until interrupted.
+pub fn forward(
+    client: &Client,
+    device: &str,
+    workload: String,
+    listen: std::net::SocketAddr,
+    port: u16,
+) -> anyhow::Result<()> {
+    let listener =
+        std::net::TcpListener::bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let local = listener.local_addr()?;
+    let target =
+        if workload.is_empty() { format!("{device} port {port}") } else { format!("{device} {workload} port {port}") };
+    eprintln!("Forwarding {local} -> {target} (Ctrl-C to stop)");
+    std::thread::scope(|scope| {
+        for conn in listener.incoming() {
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("baton: accept: {e}");
+                    continue;
+                }
+            };
+            let req = crate::view::ConnectRequest { workload: workload.clone(), port };
+            scope.spawn(move || {
+                if let Err(e) = carry(client, device, &req, conn) {
+                    eprintln!("baton: connection to {device} port {}: {e}", req.port);
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// One forwarded connection: the local socket's bytes become the session's
+/// input (its end half-closes the remote connection), the session's output
+/// the socket's.
+fn carry(
+    client: &Client,
+    device: &str,
+    req: &crate::view::ConnectRequest,
+    conn: std::net::TcpStream,
+) -> anyhow::Result<()> {
+    let _ = conn.set_nodelay(true);
+    let (session, mut frames, mut stream) = client.connect(device, req)?;
+    let mut reader = conn.try_clone()?;
+    let writer = conn;
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let mut buf = vec![0u8; 8 * crate::sessions::INPUT_CHUNK];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = client.session_input(session, &[], true);
+                        return;
+                    }
+                    Ok(n) => {
+                        if client.session_input(session, &buf[..n], false).is_err() {
+                            let _ = reader.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let mut out = &writer;
+        let mut buf = vec![0u8; 32 * 1024];
+        let result = 'relay: loop {
+            loop {
+                match frames.next_frame() {
+                    Ok(Some(Frame::Stdout(b) | Frame::Stderr(b))) => {
+                        if let Err(e) = out.write_all(&b) {
+                            break 'relay Err(e.into());
+                        }
+                    }
+                    Ok(Some(Frame::Exit(_))) => break 'relay Ok(()),
+                    Ok(Some(Frame::Error(why))) => break 'relay Err(anyhow::anyhow!("{why}")),
+                    Ok(Some(Frame::Opened(_))) => {}
+                    Ok(None) => break,
+                    Err(e) => break 'relay Err(anyhow::anyhow!("{e}")),
+                }
+            }
+            match stream.read(&mut buf) {
+                Ok(0) => break Err(anyhow::anyhow!("the controller ended the connection")),
+                Ok(n) => frames.push(&buf[..n]),
+                Err(e) => break Err(e.into()),
+            }
+        };
+        // Both ways closed: the input thread's read ends too.
+        let _ = writer.shutdown(std::net::Shutdown::Both);
+        result
+    })
+}
