@@ -225,7 +225,14 @@ pub async fn serve(
             let listener = crate::tls::TlsListener::new(listener, config)?;
             tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(stopped).await })
         }
-        None => tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(stopped).await }),
+        None => {
+            use axum::serve::ListenerExt;
+            // Keystrokes and session output are small writes: no Nagle delay.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(stopped).await })
+        }
     };
 
     shutdown.await;

@@ -97,6 +97,8 @@ impl TlsListener {
                 if tx.is_closed() {
                     return;
                 }
+                // Keystrokes and session output are small writes: no Nagle delay.
+                let _ = stream.set_nodelay(true);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {

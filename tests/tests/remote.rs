@@ -4,89 +4,12 @@
 //! real containers, the embedded broker. About 40 s.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use baton_tests::pty::Terminal;
 use baton_tests::*;
-
-/// The CLI's terminal, from the operator's side.
-struct Terminal {
-    master: std::fs::File,
-    seen: Arc<Mutex<Vec<u8>>>,
-    /// Output already matched by `expect` (each expectation looks past it).
-    mark: usize,
-}
-
-impl Terminal {
-    /// Starts `baton ARGS` on a new terminal of 24×80, as its controlling one.
-    fn spawn(server: &str, args: &[&str]) -> (Terminal, Child) {
-        let (mut master, mut slave) = (0, 0);
-        let size = libc::winsize { ws_row: 24, ws_col: 80, ws_xpixel: 0, ws_ypixel: 0 };
-        // SAFETY: openpty writes two descriptors we then own.
-        let rc = unsafe {
-            libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size as *const _ as *mut _)
-        };
-        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-        // SAFETY: just opened, owned here only.
-        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-        let mut cmd = Command::new(bin("baton"));
-        cmd.args(args).env("BATON_SERVER", server).env_remove("BATON_TOKEN");
-        cmd.stdin(Stdio::from(slave.try_clone().expect("dup terminal")))
-            .stdout(Stdio::from(slave.try_clone().expect("dup terminal")))
-            .stderr(Stdio::from(slave));
-        // SAFETY: setsid and ioctl are async-signal-safe.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::setsid();
-                libc::ioctl(0, libc::TIOCSCTTY, 0);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("baton exec -it");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let mut reader = std::fs::File::from(master.try_clone().expect("dup terminal"));
-        let sink = seen.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().expect("terminal buffer").extend_from_slice(&buf[..n]);
-            }
-        });
-        (Terminal { master: master.into(), seen, mark: 0 }, child)
-    }
-
-    fn send(&mut self, keys: &str) {
-        self.master.write_all(keys.as_bytes()).expect("type");
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.seen.lock().expect("terminal buffer")).into_owned()
-    }
-
-    /// Waits until `what` appears after what was already matched.
-    fn expect(&mut self, what: &str, within: Duration) {
-        let found = wait_until(within, || {
-            let seen = self.seen.lock().expect("terminal buffer");
-            let tail = String::from_utf8_lossy(&seen[self.mark.min(seen.len())..]).into_owned();
-            tail.find(what).map(|i| self.mark + i + what.len())
-        });
-        match found {
-            Some(end) => self.mark = end,
-            None => panic!("{what:?} never appeared on the terminal; it shows:\n{}", self.text()),
-        }
-    }
-
-    fn resize(&self, rows: u16, cols: u16) {
-        let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
-        // SAFETY: TIOCSWINSZ reads one winsize.
-        assert_eq!(unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &size) }, 0);
-    }
-}
 
 /// Pids of processes whose command line contains `needle` (the CLI that
 /// names it excepted).
@@ -137,7 +60,8 @@ fn an_interactive_shell_in_a_container_through_a_real_terminal() {
     );
     wait_for("web running", Duration::from_secs(40), || settled(&server, "web", 1, 1));
 
-    let (mut term, mut cli) = Terminal::spawn(&server, &["exec", "-it", "--device", "pi-term", "web", "--", "/bin/sh"]);
+    let (mut term, mut cli) =
+        Terminal::spawn(&bin("baton"), &server, &["exec", "-it", "--device", "pi-term", "web", "--", "/bin/sh"]);
     term.expect("# ", Duration::from_secs(20));
     // Typed commands run, their echo and output come back.
     term.send("echo $((6*7))-ok\r");

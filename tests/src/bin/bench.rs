@@ -17,7 +17,10 @@
 //! silence during the switch; the same build fetched over HTTP beside it),
 //! `net` (bridge networking: setup vs the CNI bridge plugin, start in bridge
 //! vs host mode, the load-balanced service address vs direct; in a network
-//! namespace of its own) and `net-memory` (the agent with N bridged containers).
+//! namespace of its own), `net-memory` (the agent with N bridged containers)
+//! and `remote` (`baton exec -it` keystroke round trips and `baton
+//! port-forward` throughput and request latency, beside a direct connection
+//! and OpenSSH's `ssh -tt` / `ssh -L` to the same server in the same run).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -46,6 +49,7 @@ fn main() {
         "net-memory" => net_memory(secs("BENCH_CONTAINERS", 20) as usize),
         "autoscale" => autoscale(secs("BENCH_SIM_DEVICES", 1000) as usize),
         "autoscale-cpu" => autoscale_cpu(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_SECS", 60)),
+        "remote" => remote(secs("BENCH_KEYS", 100) as usize, secs("BENCH_ROUNDS", 5) as usize),
         "all" => {
             sizes();
             footprint(secs("BENCH_IDLE_SECS", 60));
@@ -61,10 +65,11 @@ fn main() {
             net_memory(secs("BENCH_CONTAINERS", 20) as usize);
             autoscale(secs("BENCH_SIM_DEVICES", 1000) as usize);
             autoscale_cpu(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_SECS", 60));
+            remote(secs("BENCH_KEYS", 100) as usize, secs("BENCH_ROUNDS", 5) as usize);
         }
         other => {
             eprintln!(
-                "usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|net|net-memory|autoscale|autoscale-cpu|all] (got {other:?})"
+                "usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|net|net-memory|autoscale|autoscale-cpu|remote|all] (got {other:?})"
             );
             std::process::exit(2);
         }
@@ -1544,4 +1549,220 @@ fn net_memory(n: usize) {
         println!("| {n} × {network} | {} | {} |", kib_field(&status, "VmRSS:"), kib_field(&rollup, "Anonymous:"));
     }
     println!();
+}
+
+/// OpenSSH's server on a loopback port, root's key only: the peer for `remote`.
+struct Sshd {
+    port: u16,
+    key: PathBuf,
+    _proc: Proc,
+}
+
+impl Sshd {
+    fn start(world: &World) -> Sshd {
+        use std::process::Command;
+        let dir = world.path().join("ssh");
+        std::fs::create_dir_all(&dir).expect("ssh dir");
+        std::fs::create_dir_all("/run/sshd").expect("/run/sshd (sshd's privilege separation dir)");
+        for name in ["host", "client"] {
+            let ok = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.join(name))
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "ssh-keygen (openssh-client)");
+        }
+        std::fs::copy(dir.join("client.pub"), dir.join("authorized_keys")).expect("authorized_keys");
+        let port = free_port();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\nStrictModes no\n\
+             PidFile {d}/sshd.pid\nAllowTcpForwarding yes\n",
+            d = dir.display()
+        );
+        let config_path = world.write("ssh/sshd_config", &config);
+        let proc = Proc::spawn(
+            "sshd",
+            Path::new("/usr/sbin/sshd"),
+            &["-D".into(), "-e".into(), "-f".into(), config_path.display().to_string()],
+            world.path(),
+        );
+        wait_for("sshd listening", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop)
+        });
+        Sshd { port, key: dir.join("client"), _proc: proc }
+    }
+
+    /// `ssh` to root@127.0.0.1 with this server's key, no host key checks.
+    fn args(&self) -> Vec<String> {
+        [
+            "-p",
+            &self.port.to_string(),
+            "-i",
+            &self.key.display().to_string(),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+/// One HTTP/1.0 GET on a new connection; the body's length.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<usize> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        match conn.read(&mut buf)? {
+            0 => return Ok(total),
+            n => total += n,
+        }
+    }
+}
+
+/// Keystroke round trips on `term`: a key typed, its echo read back.
+fn keystrokes(term: &mut baton_tests::pty::Terminal, keys: usize) -> Vec<f64> {
+    let mut rtts = Vec::with_capacity(keys);
+    for i in 0..keys {
+        let key = [b'a' + (i % 26) as u8];
+        let before = term.seen.lock().expect("terminal").len();
+        let t = Instant::now();
+        std::io::Write::write_all(&mut term.master, &key).expect("type");
+        let deadline = t + Duration::from_secs(5);
+        loop {
+            if term.seen.lock().expect("terminal")[before..].contains(&key[0]) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no echo of key {i}");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        rtts.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    rtts.sort_by(f64::total_cmp);
+    rtts
+}
+
+fn remote(keys: usize, rounds: usize) {
+    use baton_tests::pty::Terminal;
+    use std::process::{Command, Stdio};
+    let world = World::new();
+    // BENCH_BROKER=mosquitto: the same through Mosquitto.
+    let mosquitto = (std::env::var("BENCH_BROKER").as_deref() == Ok("mosquitto")).then(|| Mosquitto::start(&world));
+    let controller = Controller::start(&world, mosquitto.as_ref().map(|m| m.port), &[]);
+    let server = controller.server_url();
+    let broker = controller.broker_url();
+    let device = "bench-remote";
+    give_busybox(&world, device, "busybox:remote");
+    let _agent = start_agent(&world, device, &broker, &[]);
+    let port = free_port();
+    apply_yaml(
+        &server,
+        &world,
+        "files.yaml",
+        &format!(
+            "name: files\nimage: busybox:remote\ncommand: [/bin/sh, -c, \"mkdir -p /tmp/www && head -c 52428800 /dev/zero > /tmp/www/big && echo hello > /tmp/www/small && exec httpd -f -p {port} -h /tmp/www\"]\n"
+        ),
+    );
+    wait_for("files running", Duration::from_secs(60), || settled(&server, "files", 1, 1));
+    let direct: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    wait_for("httpd", Duration::from_secs(30), || http_get(direct, "/small").ok());
+    let sshd = Sshd::start(&world);
+
+    // Keystrokes: a shell in the container through Baton; a shell on this host through ssh -tt.
+    println!("\n## Remote access: keystroke round trip ({keys} keys, echo by the remote terminal)\n");
+    println!("| path | p50 | p90 | max |");
+    println!("|---|---|---|---|");
+    let (mut term, mut cli) =
+        Terminal::spawn(&bin("baton"), &server, &["exec", "-it", "--device", device, "files", "--", "/bin/sh"]);
+    term.expect("# ", Duration::from_secs(20));
+    let baton = keystrokes(&mut term, keys);
+    let _ = cli.kill();
+    let _ = cli.wait();
+    let mut ssh_args = sshd.args();
+    ssh_args.extend(["-tt".into(), "root@127.0.0.1".into(), "/bin/sh".into()]);
+    let ssh_args: Vec<&str> = ssh_args.iter().map(String::as_str).collect();
+    let (mut term, mut ssh) = Terminal::spawn(Path::new("/usr/bin/ssh"), &server, &ssh_args);
+    term.expect("# ", Duration::from_secs(20));
+    let peer = keystrokes(&mut term, keys);
+    let _ = ssh.kill();
+    let _ = ssh.wait();
+    for (name, v) in [("baton exec -it (embedded broker)", &baton), ("ssh -tt over loopback", &peer)] {
+        println!(
+            "| {name} | {:.2} ms | {:.2} ms | {:.2} ms |",
+            percentile(v, 0.5),
+            percentile(v, 0.9),
+            v.last().copied().unwrap_or(0.0)
+        );
+    }
+    println!("\nBaton / ssh p50: {:.2}x", percentile(&baton, 0.5) / percentile(&peer, 0.5));
+
+    // Port forwards: baton port-forward and ssh -L to the same httpd.
+    let mut forward = Command::new(bin("baton"))
+        .args(["port-forward", "--device", device, "files", &format!("0:{port}")])
+        .env("BATON_SERVER", &server)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("baton port-forward");
+    let mut banner = String::new();
+    let mut stderr = forward.stderr.take().expect("stderr");
+    let mut byte = [0u8; 1];
+    while !banner.ends_with('\n') && std::io::Read::read(&mut stderr, &mut byte).expect("banner") == 1 {
+        banner.push(byte[0] as char);
+    }
+    let via_baton: std::net::SocketAddr =
+        banner.split_whitespace().nth(1).and_then(|a| a.parse().ok()).expect("forward's address");
+    let ssh_local = free_port();
+    let mut tunnel_args = sshd.args();
+    tunnel_args.extend(["-N".into(), "-L".into(), format!("{ssh_local}:127.0.0.1:{port}"), "root@127.0.0.1".into()]);
+    let mut tunnel = Command::new("ssh").args(&tunnel_args).stdin(Stdio::null()).spawn().expect("ssh -L");
+    let via_ssh: std::net::SocketAddr = format!("127.0.0.1:{ssh_local}").parse().expect("address");
+    wait_for("ssh -L", Duration::from_secs(10), || http_get(via_ssh, "/small").ok());
+    wait_for("baton port-forward", Duration::from_secs(10), || http_get(via_baton, "/small").ok());
+
+    println!("\n## Remote access: port forwarding to busybox httpd in a container ({rounds} downloads of 50 MiB, 200 requests)\n");
+    println!("| path | download MiB/s (median) | request p50 | request p90 |");
+    println!("|---|---|---|---|");
+    let mut results = Vec::new();
+    for (name, addr) in [("direct", direct), ("baton port-forward", via_baton), ("ssh -L", via_ssh)] {
+        let mut rates: Vec<f64> = (0..rounds)
+            .map(|_| {
+                let t = Instant::now();
+                let n = http_get(addr, "/big").expect("download");
+                // The body and httpd's header.
+                assert!((52_428_800..52_428_800 + 4096).contains(&n), "{name}: {n} bytes");
+                52_428_800.0 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+            })
+            .collect();
+        rates.sort_by(f64::total_cmp);
+        let mut lat: Vec<f64> = (0..200)
+            .map(|_| {
+                let t = Instant::now();
+                http_get(addr, "/small").expect("request");
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        let row = (percentile(&rates, 0.5), percentile(&lat, 0.5), percentile(&lat, 0.9));
+        println!("| {name} | {:.1} | {:.2} ms | {:.2} ms |", row.0, row.1, row.2);
+        results.push(row);
+    }
+    println!(
+        "\nBaton / direct: {:.3}x throughput, {:.1}x request time; Baton / ssh -L: {:.2}x throughput, {:.1}x request time",
+        results[1].0 / results[0].0,
+        results[1].1 / results[0].1,
+        results[1].0 / results[2].0,
+        results[1].1 / results[2].1
+    );
+    for child in [&mut forward, &mut tunnel] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
