@@ -213,7 +213,9 @@ pub async fn run(
         | CommandAction::Input { .. }
         | CommandAction::Resize { .. }
         | CommandAction::Ack { .. }
-        | CommandAction::Connect { .. } => return,
+        | CommandAction::Connect { .. }
+        | CommandAction::ReadFile { .. }
+        | CommandAction::WriteFile { .. } => return,
     };
     let _ = out.send(end).await;
 }

@@ -525,11 +525,7 @@ impl Link {
                     rows: *rows,
                     cols: *cols,
                 };
-                let out = crate::session::Out {
-                    client: self.client.clone(),
-                    topic: self.config.device_id.topic(TopicKind::CmdRes),
-                    rt: tokio::runtime::Handle::current(),
-                };
+                let out = self.session_out();
                 let runtime = self.engine.as_ref().and_then(|e| e.runtime.clone());
                 match self.sessions.open(open, runtime.as_ref(), &self.config.data_dir, out) {
                     // Said at once: a quiet process (`cat`) shows nothing for a while.
@@ -541,14 +537,39 @@ impl Link {
                 }
             }
             CommandAction::Connect { workload, port } => {
-                let out = crate::session::Out {
-                    client: self.client.clone(),
-                    topic: self.config.device_id.topic(TopicKind::CmdRes),
-                    rt: tokio::runtime::Handle::current(),
-                };
+                let out = self.session_out();
                 let runtime = self.engine.as_ref().and_then(|e| e.runtime.clone());
                 match self.sessions.connect(cmd.id, workload, *port, runtime.as_ref(), &self.config.data_dir, out) {
                     // Said by the connection's thread once connected.
+                    Ok(()) => return,
+                    Err(why) => CommandOutput::Error(why),
+                }
+            }
+            CommandAction::ReadFile { workload, host, path, offset } => {
+                let out = self.session_out();
+                let runtime = self.engine.as_ref().and_then(|e| e.runtime.clone());
+                let dir = self.config.data_dir.clone();
+                match self.sessions.read_file(cmd.id, workload, *host, path, *offset, runtime.as_ref(), &dir, out) {
+                    Ok(()) => return,
+                    Err(why) => CommandOutput::Error(why),
+                }
+            }
+            CommandAction::WriteFile { workload, host, path, mode, sha256 } => {
+                let out = self.session_out();
+                let runtime = self.engine.as_ref().and_then(|e| e.runtime.clone());
+                let dir = self.config.data_dir.clone();
+                let started = self.sessions.write_file(
+                    cmd.id,
+                    workload,
+                    *host,
+                    path,
+                    *mode,
+                    sha256.clone(),
+                    runtime.as_ref(),
+                    &dir,
+                    out,
+                );
+                match started {
                     Ok(()) => return,
                     Err(why) => CommandOutput::Error(why),
                 }
@@ -571,6 +592,15 @@ impl Link {
         };
         let res = CommandResult { id: cmd.id, seq: 0, body };
         self.publish(TopicKind::CmdRes, &Message::CommandResult(res));
+    }
+
+    /// Where a session's threads answer.
+    fn session_out(&self) -> crate::session::Out {
+        crate::session::Out {
+            client: self.client.clone(),
+            topic: self.config.device_id.topic(TopicKind::CmdRes),
+            rt: tokio::runtime::Handle::current(),
+        }
     }
 
     /// Logs, exec and restart run on their own tasks and answer as they go.

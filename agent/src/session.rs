@@ -367,6 +367,158 @@ impl Sessions {
         Ok(())
     }
 
+    /// The root a file transfer resolves its path in: the workload's newest
+    /// container's, or the host's when host sessions are allowed.
+    fn file_root(
+        &self,
+        workload: &str,
+        host: bool,
+        runtime: Option<&Arc<dyn crate::runtime::ContainerRuntime + Send + Sync>>,
+        data_dir: &std::path::Path,
+    ) -> Result<std::path::PathBuf, String> {
+        if host {
+            if !self.limits.host {
+                return Err(
+                    "this device does not allow file copies on its host (remote_host_shell = true in the agent's configuration)"
+                        .into(),
+                );
+            }
+            return Ok("/".into());
+        }
+        let Some(dir) = crate::commands::newest_container(data_dir, workload) else {
+            return Err(format!("workload {workload} is not running on this device"));
+        };
+        let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        runtime
+            .and_then(|rt| rt.root_of(&id))
+            .ok_or_else(|| format!("workload {workload} is not running on this device"))
+    }
+
+    fn new_shared() -> Arc<Shared> {
+        Arc::new(Shared {
+            acked: Mutex::new(0),
+            moved: Condvar::new(),
+            end: Mutex::new(None),
+            active_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        })
+    }
+
+    /// `baton cp` from the device: the file's bytes from `offset` as output,
+    /// windowed like any session's, then its whole digest and `Exit(0)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn read_file(
+        &self,
+        id: u64,
+        workload: &str,
+        host: bool,
+        path: &str,
+        offset: u64,
+        runtime: Option<&Arc<dyn crate::runtime::ContainerRuntime + Send + Sync>>,
+        data_dir: &std::path::Path,
+        out: Out,
+    ) -> Result<(), String> {
+        if self.count().1 >= self.limits.max_connections {
+            return Err(format!("this device already has {} transfers open, its limit", self.limits.max_connections));
+        }
+        let root = self.file_root(workload, host, runtime, data_dir)?;
+        let mut file = open_in_root(&root, path, libc::O_RDONLY, 0).map_err(|e| format!("cannot open {path}: {e}"))?;
+        let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("{path} is not a regular file"));
+        }
+        if offset > meta.len() {
+            return Err(format!("{path} has {} bytes; cannot resume at byte {offset}", meta.len()));
+        }
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(offset)).map_err(|e| format!("{path}: {e}"))?;
+        let shared = Self::new_shared();
+        let (input, _pieces) = std::sync::mpsc::sync_channel(1);
+        self.lock().insert(
+            id,
+            Handle { input, next_offset: 0, resize_seq: 0, terminal: None, connection: true, shared: shared.clone() },
+        );
+        let (limits, sessions, path) = (self.limits.clone(), self.clone(), path.to_string());
+        let spawned = std::thread::Builder::new().name(format!("read-{id}")).spawn(move || {
+            let digest_of = file.try_clone().map_err(|e| e.to_string());
+            let end = match run(None, false, &[(Arc::new(OwnedFd::from(file)), false)], &out, id, &shared, &limits) {
+                CommandOutput::Exit(_) => match digest_of.and_then(|f| sha256_hex(f).map_err(|e| e.to_string())) {
+                    Ok(hex) => {
+                        let _ = out.send(id, u32::MAX - 1, CommandOutput::Text(format!("sha256:{hex}")));
+                        CommandOutput::Exit(0)
+                    }
+                    Err(e) => CommandOutput::Error(format!("cannot read {path} again for its digest: {e}")),
+                },
+                other => other,
+            };
+            sessions.lock().remove(&id);
+            info!(session = id, %path, outcome = ?end, "file sent");
+            let _ = out.send(id, u32::MAX, end);
+        });
+        if let Err(e) = spawned {
+            self.lock().remove(&id);
+            return Err(format!("cannot start the transfer's thread: {e}"));
+        }
+        Ok(())
+    }
+
+    /// `baton cp` to the device: the input appended to `PATH.baton-part`
+    /// (kept between attempts: the first answer says how much it holds),
+    /// checked against `sha256` at the end and renamed over `path`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_file(
+        &self,
+        id: u64,
+        workload: &str,
+        host: bool,
+        path: &str,
+        mode: u32,
+        sha256: Vec<u8>,
+        runtime: Option<&Arc<dyn crate::runtime::ContainerRuntime + Send + Sync>>,
+        data_dir: &std::path::Path,
+        out: Out,
+    ) -> Result<(), String> {
+        if self.count().1 >= self.limits.max_connections {
+            return Err(format!("this device already has {} transfers open, its limit", self.limits.max_connections));
+        }
+        if sha256.len() != 32 {
+            return Err("a copy needs the file's SHA-256 (32 bytes)".into());
+        }
+        if path.ends_with('/') || path.is_empty() {
+            return Err(format!("{path:?} names no file"));
+        }
+        let root = self.file_root(workload, host, runtime, data_dir)?;
+        let part = format!("{path}.baton-part");
+        let file = open_in_root(&root, &part, libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o600)
+            .map_err(|e| format!("cannot write {part}: {e}"))?;
+        let have = file.metadata().map_err(|e| format!("{part}: {e}"))?.len();
+        let shared = Self::new_shared();
+        let (input, pieces) = std::sync::mpsc::sync_channel(INPUT_QUEUE);
+        self.lock().insert(
+            id,
+            Handle { input, next_offset: 0, resize_seq: 0, terminal: None, connection: true, shared: shared.clone() },
+        );
+        let (limits, sessions, path) = (self.limits.clone(), self.clone(), path.to_string());
+        let spawned = std::thread::Builder::new().name(format!("write-{id}")).spawn(move || {
+            let _ = out.send(id, 0, CommandOutput::Text(format!("offset {have}")));
+            let end = receive_file(
+                file,
+                &pieces,
+                &out,
+                &shared,
+                &limits,
+                &FileTarget { root, path: &path, part: &part, mode, sha256 },
+            );
+            sessions.lock().remove(&id);
+            info!(session = id, %path, outcome = ?end, "file received");
+            let _ = out.send(id, u32::MAX, end);
+        });
+        if let Err(e) = spawned {
+            self.lock().remove(&id);
+            return Err(format!("cannot start the transfer's thread: {e}"));
+        }
+        Ok(())
+    }
+
     /// Input for a session: None when it was queued (the writer answers
     /// once written), else the answer now.
     pub fn input(&self, id: u64, session: u64, offset: u64, data: Vec<u8>, eof: bool) -> Option<CommandOutput> {
@@ -647,4 +799,165 @@ fn stop(child: &mut Child, host: bool) {
 fn code_of(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// Where a received file goes.
+struct FileTarget<'a> {
+    root: std::path::PathBuf,
+    path: &'a str,
+    part: &'a str,
+    mode: u32,
+    sha256: Vec<u8>,
+}
+
+/// Writes a transfer's pieces to its partial copy, answering each; at the
+/// end checks the digest and puts the copy in place.
+fn receive_file(
+    mut file: std::fs::File,
+    pieces: &std::sync::mpsc::Receiver<Piece>,
+    out: &Out,
+    shared: &Shared,
+    limits: &Limits,
+    target: &FileTarget<'_>,
+) -> CommandOutput {
+    let discard = || {
+        let _ = remove_in_root(&target.root, target.part);
+    };
+    loop {
+        let piece = match pieces.recv_timeout(TICK) {
+            Ok(p) => p,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(why) = shared.ended() {
+                    return CommandOutput::Error(why);
+                }
+                let active = Duration::from_millis(shared.active_ms.load(Ordering::Relaxed));
+                if shared.opened.elapsed().saturating_sub(active) >= limits.idle {
+                    return CommandOutput::Error(format!(
+                        "copy ended: idle for {} s (the device's limit)",
+                        limits.idle.as_secs()
+                    ));
+                }
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return CommandOutput::Error(shared.ended().unwrap_or_else(|| "copy ended".into()));
+            }
+        };
+        let written = file.write_all(&piece.data);
+        shared.touch();
+        let answer = match &written {
+            Ok(()) => CommandOutput::Done,
+            Err(e) => CommandOutput::Error(format!("cannot write {}: {e}", target.part)),
+        };
+        if !out.send(piece.id, 0, answer) || written.is_err() {
+            return CommandOutput::Error(format!("copy to {} stopped", target.path));
+        }
+        if !piece.eof {
+            continue;
+        }
+        if let Err(e) = file.sync_all() {
+            return CommandOutput::Error(format!("cannot write {}: {e}", target.part));
+        }
+        let digest = open_in_root(&target.root, target.part, libc::O_RDONLY, 0).and_then(sha256_hex);
+        let want: String = target.sha256.iter().map(|b| format!("{b:02x}")).collect();
+        return match digest {
+            Ok(hex) if hex == want => match finish_in_root(&target.root, target.part, target.path, target.mode) {
+                Ok(()) => CommandOutput::Exit(0),
+                Err(e) => CommandOutput::Error(format!("cannot put {} in place: {e}", target.path)),
+            },
+            Ok(hex) => {
+                discard();
+                CommandOutput::Error(format!(
+                    "the copy's SHA-256 is {hex}, not {want}: it was discarded (copy again from the start)"
+                ))
+            }
+            Err(e) => CommandOutput::Error(format!("cannot read {} back: {e}", target.part)),
+        };
+    }
+}
+
+fn sha256_hex(mut file: std::fs::File) -> std::io::Result<String> {
+    use sha2::Digest;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match file.read(&mut buf)? {
+            0 => break,
+            n => hasher.update(&buf[..n]),
+        }
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Opens `path` as seen from `root` (a container's `/proc/PID/root`, or
+/// `/`): absolute symlinks and `..` resolve inside it (openat2
+/// RESOLVE_IN_ROOT), so no path a container's files name can reach the
+/// host's. Linux 5.6+.
+fn open_in_root(root: &std::path::Path, path: &str, flags: i32, mode: u32) -> std::io::Result<std::fs::File> {
+    let dir = std::fs::File::open(root)?;
+    let rel = std::ffi::CString::new(path.trim_start_matches('/').as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    let rel = if rel.as_bytes().is_empty() { std::ffi::CString::new(".").unwrap_or_default() } else { rel };
+    // SAFETY: open_how is plain data, zeroed then filled.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.mode = if flags & libc::O_CREAT != 0 { u64::from(mode) } else { 0 };
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 reads `how` (its size given) and the NUL-terminated path.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            rel.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openat2 just returned this descriptor; we own it.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) })
+}
+
+/// The directory holding `path` inside `root`, opened the same safe way, and the file's name.
+fn parent_in_root(root: &std::path::Path, path: &str) -> std::io::Result<(std::fs::File, std::ffi::CString)> {
+    let trimmed = path.trim_start_matches('/');
+    let (dir, name) = match trimmed.rsplit_once('/') {
+        Some((d, n)) => (d, n),
+        None => ("", trimmed),
+    };
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file"));
+    }
+    let parent = open_in_root(root, dir, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    let name = std::ffi::CString::new(name)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    Ok((parent, name))
+}
+
+fn remove_in_root(root: &std::path::Path, path: &str) -> std::io::Result<()> {
+    let (dir, name) = parent_in_root(root, path)?;
+    // SAFETY: unlinkat relative to a directory we hold open.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Gives the partial copy its mode and renames it over `path` (both in one directory).
+fn finish_in_root(root: &std::path::Path, part: &str, path: &str, mode: u32) -> std::io::Result<()> {
+    let (dir, part_name) = parent_in_root(root, part)?;
+    let (dir2, name) = parent_in_root(root, path)?;
+    // SAFETY: fchmodat and renameat relative to directories we hold open.
+    unsafe {
+        if libc::fchmodat(dir.as_raw_fd(), part_name.as_ptr(), (mode & 0o7777) as libc::mode_t, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::renameat(dir.as_raw_fd(), part_name.as_ptr(), dir2.as_raw_fd(), name.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

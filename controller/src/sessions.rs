@@ -4,7 +4,8 @@
 //!
 //! Frame: a tag byte, a big-endian u32 length, then that many bytes.
 //! Tags: 1 opened (u64 session id), 2 stdout, 3 stderr, 4 exit (i32 code),
-//! 5 error (UTF-8 text, the session's end). A decoder takes any split of
+//! 5 error (UTF-8 text, the session's end), 6 text (what the device says
+//! along the way: a copy's offset or digest). A decoder takes any split of
 //! the stream and refuses what is not a frame.
 
 use std::collections::HashMap;
@@ -32,6 +33,7 @@ pub enum Frame {
     Stderr(Vec<u8>),
     Exit(i32),
     Error(String),
+    Text(String),
 }
 
 impl Frame {
@@ -42,6 +44,7 @@ impl Frame {
             Self::Stderr(b) => (3, b.clone()),
             Self::Exit(code) => (4, code.to_be_bytes().to_vec()),
             Self::Error(text) => (5, text.as_bytes().to_vec()),
+            Self::Text(text) => (6, text.as_bytes().to_vec()),
         };
         let mut out = Vec::with_capacity(5 + body.len());
         out.push(tag);
@@ -85,6 +88,7 @@ impl FrameReader {
                 Frame::Exit(i32::from_be_bytes(body.try_into().map_err(|_| "bad exit code")?))
             }
             5 => Frame::Error(String::from_utf8_lossy(body).into_owned()),
+            6 => Frame::Text(String::from_utf8_lossy(body).into_owned()),
             other => return Err(format!("unknown session frame tag {other}")),
         };
         self.buf.drain(..5 + len);
@@ -148,6 +152,7 @@ mod tests {
             Frame::Stdout(Vec::new()),
             Frame::Exit(-3),
             Frame::Error("idle".into()),
+            Frame::Text("offset 42".into()),
         ];
         let bytes: Vec<u8> = frames.iter().flat_map(Frame::encode).collect();
         for step in [1, 2, 3, 7, 4096, bytes.len()] {

@@ -112,6 +112,26 @@ pub struct ConnectRequest {
     pub port: u16,
 }
 
+/// Body of `POST /api/v1/devices/{id}/files/read|write` (`baton cp`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FileRequest {
+    #[serde(default)]
+    pub workload: String,
+    #[serde(default)]
+    pub host: bool,
+    /// Absolute, inside the container (or on the host).
+    pub path: String,
+    /// Read: the byte to start from (a resumed copy).
+    #[serde(default)]
+    pub offset: u64,
+    /// Write: the file's mode bits.
+    #[serde(default)]
+    pub mode: u32,
+    /// Write: the whole file's SHA-256, hex.
+    #[serde(default)]
+    pub sha256: String,
+}
+
 /// Body of `POST /api/v1/sessions/{id}/resize`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct ResizeRequest {

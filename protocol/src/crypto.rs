@@ -59,7 +59,6 @@ pub fn random_seed() -> Result<[u8; 32], CryptoError> {
     Ok(seed)
 }
 
-/// Lower-case hex.
 /// HMAC-SHA256 of `data` under `key` (webhook bodies, so receivers can
 /// check who sent them).
 pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
@@ -69,6 +68,7 @@ pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
     out
 }
 
+/// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

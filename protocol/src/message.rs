@@ -359,6 +359,30 @@ pub enum CommandAction {
         workload: String,
         port: u16,
     },
+    /// Since 1.9: `baton cp` from the device: the file at `path` in a
+    /// workload's newest container (or on the host, `host`, when the agent
+    /// allows host sessions), resolved inside that root (symlinks cannot
+    /// leave it), sent from byte `offset` as a session's output (`Stdout`),
+    /// then `Text("sha256:HEX")` of the whole file and `Exit(0)`.
+    ReadFile {
+        workload: String,
+        host: bool,
+        path: String,
+        offset: u64,
+    },
+    /// Since 1.9: `baton cp` to the device: a session whose input is written
+    /// to `path`'s partial copy (`PATH.baton-part`, kept between attempts).
+    /// The device first answers `Text("offset N")`: how much of the copy it
+    /// already has (the input continues from there). At the input's end the
+    /// copy must have SHA-256 `sha256`; then it replaces `path` with mode
+    /// `mode` and the answer is `Exit(0)`, else `Error` (and the copy goes).
+    WriteFile {
+        workload: String,
+        host: bool,
+        path: String,
+        mode: u32,
+        sha256: Vec<u8>,
+    },
     /// Since 1.9: the controller has passed on `received` bytes of a
     /// session's output; the device may send up to its window beyond that.
     /// Not answered.

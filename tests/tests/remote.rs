@@ -368,6 +368,8 @@ fn port_forward_carries_http_and_a_big_download_with_flat_memory() {
     }
     assert!(longest < Duration::from_secs(5), "no heartbeat for {longest:?} during the download");
 
+    copies_resume_after_a_cut_and_are_checked(&world, &server, port, &digest);
+
     // A workload that is not there: the connection says so, the forward lives on.
     let mut other = Command::new(bin("baton"))
         .args(["port-forward", "--device", "pi-fwd", "nothing-here", &format!("0:{port}")])
@@ -394,4 +396,79 @@ fn port_forward_carries_http_and_a_big_download_with_flat_memory() {
         let _ = cli.wait();
     }
     let _ = agent.terminate();
+}
+
+/// Starts `baton ARGS`, and once `grown` says the copy is under way, cuts it:
+/// SIGSTOP (so it goes no further), then kill -9.
+fn cut_copy(server: &str, args: &[&str], mut grown: impl FnMut() -> bool) {
+    let mut cli = Command::new(bin("baton"))
+        .args(args)
+        .env("BATON_SERVER", server)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("baton cp");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !grown() {
+        assert!(std::time::Instant::now() < deadline, "the copy never got under way");
+        assert!(cli.try_wait().expect("cp").is_none(), "the copy ended before it could be cut");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(cli.id() as i32, libc::SIGSTOP) };
+    cli.kill().expect("kill -9 baton cp");
+    let _ = cli.wait();
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(bytes))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `baton cp` both ways, each cut (SIGSTOP + kill -9 of the CLI) once a
+/// megabyte moved, then run again: it resumes, and the digests match.
+fn copies_resume_after_a_cut_and_are_checked(world: &World, server: &str, port: u16, big_digest: &str) {
+    let httpd = processes_with(&format!("httpd -f -p {port}"));
+    let root = format!("/proc/{}/root", httpd.first().expect("httpd's pid"));
+    let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+
+    // Up: 20 MiB.
+    let blob: Vec<u8> = (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let local = world.path().join("up.bin");
+    std::fs::write(&local, &blob).expect("blob");
+    let local_s = local.display().to_string();
+    let part = std::path::PathBuf::from(format!("{root}/tmp/up.bin.baton-part"));
+    cut_copy(server, &["cp", "--device", "pi-fwd", &local_s, "files:/tmp/up.bin"], || size(&part) >= 1 << 20);
+    let (ok, _, err) = baton_cli(server, &["cp", "--device", "pi-fwd", &local_s, "files:/tmp/up.bin"]);
+    assert!(ok && err.contains("resuming at byte"), "{err}");
+    let (ok, out, err) = baton_cli(
+        server,
+        &["exec", "--device", "pi-fwd", "files", "--", "/bin/sh", "-c", "sha256sum /tmp/up.bin; ls /tmp"],
+    );
+    assert!(ok && out.starts_with(&sha256_hex(&blob)), "{out}{err}");
+    assert!(!out.contains("baton-part"), "the partial copy stayed: {out}");
+
+    // Down: the 50 MiB file.
+    let down = world.path().join("big.bin");
+    let down_part = world.path().join("big.bin.baton-part");
+    let down_s = down.display().to_string();
+    cut_copy(server, &["cp", "--device", "pi-fwd", "files:/tmp/www/big", &down_s], || size(&down_part) >= 1 << 20);
+    let (ok, _, err) = baton_cli(server, &["cp", "--device", "pi-fwd", "files:/tmp/www/big", &down_s]);
+    assert!(ok && err.contains("resuming at byte"), "{err}");
+    assert_eq!(sha256_hex(&std::fs::read(&down).expect("the copy")), big_digest);
+    assert!(!down_part.exists(), "the partial copy stayed");
+
+    // A symlink in the container to a host path: resolved inside the container.
+    let secret = world.write("host-secret", "host-secret-2b7e");
+    let link = format!("ln -sf {} /tmp/escape", secret.display());
+    let (ok, _, err) = baton_cli(server, &["exec", "--device", "pi-fwd", "files", "--", "/bin/sh", "-c", &link]);
+    assert!(ok, "{err}");
+    let out = world.path().join("escape");
+    let (ok, _, err) =
+        baton_cli(server, &["cp", "--device", "pi-fwd", "files:/tmp/escape", &out.display().to_string()]);
+    let got = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(!ok && !got.contains("host-secret"), "read a host file through a container's symlink: {got}{err}");
+    assert!(err.contains("No such file"), "{err}");
 }

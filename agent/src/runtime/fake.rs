@@ -235,6 +235,10 @@ impl ContainerRuntime for FakeRuntime {
         (file == crate::load::LOAD_FILE && started).then(|| format!("{}.{:03}", milli / 1000, milli % 1000))
     }
 
+    fn root_of(&self, _: &str) -> Option<std::path::PathBuf> {
+        None // a simulated container has no files
+    }
+
     fn exec(&self, id: &str, _: &[String], _: Duration) -> Result<ExecOutput, RuntimeError> {
         Err(RuntimeError::Start { id: id.into(), reason: "a simulated container runs no commands".into() })
     }

@@ -179,6 +179,15 @@ pub trait ContainerRuntime: Sync {
     ) -> Result<std::process::Command, RuntimeError> {
         Err(RuntimeError::Start { id: id.into(), reason: "this runtime runs no sessions".into() })
     }
+    /// The root directory the running container `id` sees (its init's
+    /// `/proc/PID/root`: its mounts and volumes included); None when it
+    /// does not run here.
+    fn root_of(&self, id: &str) -> Option<std::path::PathBuf> {
+        match self.state(id).ok()? {
+            ContainerState::Running(r) if r.pid > 0 => Some(format!("/proc/{}/root", r.pid).into()),
+            _ => None,
+        }
+    }
     /// The address of a container with a network of its own (bridge);
     /// None for one on the host's network (probes then use loopback).
     fn address(&self, _id: &str) -> Option<std::net::IpAddr> {

@@ -11,9 +11,10 @@ use serde::Serialize;
 use crate::store::AgentRelease;
 use crate::view::{
     AgentRolloutView, AgentUpgradeRequest, ApiError, ApiTokenCreated, ApiTokenRequest, ApiTokenView, ApplyRequest,
-    ApplyResult, ConnectRequest, CredentialsView, DeviceView, Event, ExecRequest, ExecResponse, JoinTokenView,
-    LabelChange, ManifestFile, ResizeRequest, Role, RolloutAction, RolloutView, ScaleRequest, SecretView,
-    SessionRequest, TokenRequest, TokenView, TrustView, WebhookCreated, WebhookRequest, WebhookView, WorkloadView,
+    ApplyResult, ConnectRequest, CredentialsView, DeviceView, Event, ExecRequest, ExecResponse, FileRequest,
+    JoinTokenView, LabelChange, ManifestFile, ResizeRequest, Role, RolloutAction, RolloutView, ScaleRequest,
+    SecretView, SessionRequest, TokenRequest, TokenView, TrustView, WebhookCreated, WebhookRequest, WebhookView,
+    WorkloadView,
 };
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
@@ -192,6 +193,16 @@ impl Client {
     /// whose input and output are the connection's bytes.
     pub fn connect(&self, device: &str, req: &ConnectRequest) -> anyhow::Result<SessionStream> {
         self.open_stream(&format!("/api/v1/devices/{device}/connections"), req)
+    }
+
+    /// `baton cp` from the device: its bytes from `req.offset`, then its digest.
+    pub fn read_file(&self, device: &str, req: &FileRequest) -> anyhow::Result<SessionStream> {
+        self.open_stream(&format!("/api/v1/devices/{device}/files/read"), req)
+    }
+
+    /// `baton cp` to the device: a session whose input is the file.
+    pub fn write_file(&self, device: &str, req: &FileRequest) -> anyhow::Result<SessionStream> {
+        self.open_stream(&format!("/api/v1/devices/{device}/files/write"), req)
     }
 
     fn open_stream<B: Serialize>(&self, path: &str, req: &B) -> anyhow::Result<SessionStream> {

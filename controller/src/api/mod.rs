@@ -47,6 +47,8 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/devices/{id}/exec", post(exec))
         .route("/api/v1/devices/{id}/sessions", post(session::open))
         .route("/api/v1/devices/{id}/connections", post(session::connect))
+        .route("/api/v1/devices/{id}/files/read", post(session::read_file))
+        .route("/api/v1/devices/{id}/files/write", post(session::write_file))
         .route("/api/v1/sessions/{session}/input", post(session::input))
         .route("/api/v1/sessions/{session}/resize", post(session::resize))
         .route("/api/v1/devices/{id}/workloads/{workload}/restart", post(restart))

@@ -18,7 +18,7 @@ use crate::controller::{now_ms, Controller};
 use crate::fleet::Status;
 use crate::sessions::{Frame, Session, ACK_EVERY, INPUT_CHUNK, INPUT_IN_FLIGHT};
 use crate::tenant::Scope;
-use crate::view::{ConnectRequest, ResizeRequest, SessionRequest};
+use crate::view::{ConnectRequest, FileRequest, ResizeRequest, SessionRequest};
 
 /// How often an open session checks that its device is still online.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -88,6 +88,68 @@ pub(super) async fn connect(
     };
     let action = CommandAction::Connect { workload: req.workload, port: req.port };
     begin(c, scope, &id, action, shown, caller).await
+}
+
+/// `baton cp` from the device: a file's bytes from an offset, then its digest.
+pub(super) async fn read_file(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<FileRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let shown = file_target(&req, &scope)?;
+    let action = CommandAction::ReadFile { workload: req.workload, host: req.host, path: req.path, offset: req.offset };
+    begin(c, scope, &id, action, format!("copy from {shown}"), caller).await
+}
+
+/// `baton cp` to the device: the session's input becomes the file.
+pub(super) async fn write_file(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<FileRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let shown = file_target(&req, &scope)?;
+    // (64 hex digits, as a key is written.)
+    let sha256 = baton_protocol::crypto::parse_key(&req.sha256)
+        .map_err(|_| Failure(StatusCode::BAD_REQUEST, "sha256: the file's SHA-256 in hex (64 digits)".into()))?
+        .to_vec();
+    let action =
+        CommandAction::WriteFile { workload: req.workload, host: req.host, path: req.path, mode: req.mode, sha256 };
+    begin(c, scope, &id, action, format!("copy to {shown}"), caller).await
+}
+
+/// Where a copy goes or comes from, checked: a path, and the host for fleet-wide admins only.
+fn file_target(req: &FileRequest, scope: &Scope) -> Result<String, Failure> {
+    if !req.path.starts_with('/') {
+        return Err(Failure(StatusCode::BAD_REQUEST, format!("path {:?}: an absolute path", req.path)));
+    }
+    if req.host {
+        if !req.workload.is_empty() {
+            return Err(Failure(
+                StatusCode::BAD_REQUEST,
+                "a copy is on the device's host or in a workload, not both".into(),
+            ));
+        }
+        if *scope != Scope::All {
+            return Err(Failure(
+                StatusCode::FORBIDDEN,
+                "only an admin of the whole fleet may copy files on a device's host".into(),
+            ));
+        }
+        return Ok(format!("the host's {}", req.path));
+    }
+    if req.workload.is_empty() {
+        return Err(Failure(
+            StatusCode::BAD_REQUEST,
+            "workload: whose container (or host, for the device itself)".into(),
+        ));
+    }
+    Ok(format!("workload {}'s {}", req.workload, req.path))
 }
 
 /// Sends the opening command from a relay task and answers with the
@@ -213,7 +275,8 @@ async fn relay(
                     let _ = tx.send(Ok(Frame::Error(why.clone()).encode())).await;
                     break 'relay why;
                 }
-                CommandOutput::Text(_) | CommandOutput::Done => continue,
+                CommandOutput::Text(text) => Frame::Text(text),
+                CommandOutput::Done => continue,
             };
             let len = match &frame {
                 Frame::Stdout(b) | Frame::Stderr(b) => b.len() as u64,

@@ -127,6 +127,19 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1")]
         address: std::net::IpAddr,
     },
+    /// Copy a file to or from a workload's container on a device
+    /// (`WORKLOAD:/PATH`), or its host (`:/PATH` with --host): resumable,
+    /// checked with SHA-256.
+    Cp {
+        #[arg(long, short)]
+        device: String,
+        /// The device side is the host's file system (needs a fleet-wide
+        /// admin and `remote_host_shell = true` on the device).
+        #[arg(long)]
+        host: bool,
+        src: String,
+        dst: String,
+    },
     /// Restart a workload's container on a device, whatever its restart policy.
     Restart {
         workload: String,

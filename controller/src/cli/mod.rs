@@ -128,6 +128,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let (workload, (local, remote)) = args::forward_target(&target)?;
             session::forward(&client(), &device, workload, std::net::SocketAddr::new(address, local), remote)
         }
+        Command::Cp { device, host, src, dst } => session::copy(&client(), &device, host, &src, &dst),
         Command::Restart { workload, device } => {
             client().restart(&device, &workload)?;
             crate::outln!("workload/{workload} on {device} restarting");

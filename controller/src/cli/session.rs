@@ -100,7 +100,7 @@ fn relay(frames: &mut crate::sessions::FrameReader, stream: &mut dyn Read) -> an
                     eprint!("\r\nbaton: {why}\r\n");
                     return Ok(255);
                 }
-                Frame::Opened(_) => {}
+                Frame::Opened(_) | Frame::Text(_) => {}
             }
         }
         let n = stream.read(&mut buf)?;
@@ -202,11 +202,12 @@ fn carry(
 ) -> anyhow::Result<()> {
     let _ = conn.set_nodelay(true);
     let (session, mut frames, mut stream) = client.connect(device, req)?;
-    let mut reader = conn.try_clone()?;
+    let reader = conn.try_clone()?;
     let writer = conn;
     std::thread::scope(|scope| {
         scope.spawn(move || {
             let mut buf = vec![0u8; 8 * crate::sessions::INPUT_CHUNK];
+            let mut reader = &reader;
             loop {
                 match reader.read(&mut buf) {
                     Ok(0) | Err(_) => {
@@ -234,7 +235,7 @@ fn carry(
                     }
                     Ok(Some(Frame::Exit(_))) => break 'relay Ok(()),
                     Ok(Some(Frame::Error(why))) => break 'relay Err(anyhow::anyhow!("{why}")),
-                    Ok(Some(Frame::Opened(_))) => {}
+                    Ok(Some(Frame::Opened(_) | Frame::Text(_))) => {}
                     Ok(None) => break,
                     Err(e) => break 'relay Err(anyhow::anyhow!("{e}")),
                 }
@@ -249,4 +250,194 @@ fn carry(
         let _ = writer.shutdown(std::net::Shutdown::Both);
         result
     })
+}
+
+/// One side of `baton cp`: a local path, or `WORKLOAD:/PATH` on the device
+/// (`:/PATH` on its host with `--host`).
+#[derive(Debug, PartialEq)]
+pub enum CopySide {
+    Local(std::path::PathBuf),
+    Remote { workload: String, path: String },
+}
+
+pub fn copy_side(text: &str) -> CopySide {
+    match text.split_once(':') {
+        Some((workload, path)) if path.starts_with('/') && !workload.contains('/') => {
+            CopySide::Remote { workload: workload.to_string(), path: path.to_string() }
+        }
+        _ => CopySide::Local(text.into()),
+    }
+}
+
+/// `baton cp`: a file to or from a container (or the device's host),
+/// resumable — a copy cut short continues where it stopped when run again —
+/// and checked end to end with SHA-256.
+pub fn copy(client: &Client, device: &str, host: bool, src: &str, dst: &str) -> anyhow::Result<()> {
+    use crate::view::FileRequest;
+    let request = |workload: String, path: String| -> anyhow::Result<FileRequest> {
+        match (host, workload.is_empty()) {
+            (true, false) => anyhow::bail!("with --host the device side is written :/PATH (no workload)"),
+            (false, true) => anyhow::bail!("the device side is WORKLOAD:/PATH (or :/PATH with --host)"),
+            _ => Ok(FileRequest { workload, host, path, ..Default::default() }),
+        }
+    };
+    match (copy_side(src), copy_side(dst)) {
+        (CopySide::Remote { workload, path }, CopySide::Local(local)) => {
+            download(client, device, request(workload, path)?, &local)
+        }
+        (CopySide::Local(local), CopySide::Remote { workload, path }) => {
+            upload(client, device, request(workload, path)?, &local)
+        }
+        _ => anyhow::bail!("one side of a copy is on the device (WORKLOAD:/PATH), the other here"),
+    }
+}
+
+fn sha256_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match f.read(&mut buf)? {
+            0 => break,
+            n => ctx.update(&buf[..n]),
+        }
+    }
+    Ok(baton_protocol::crypto::hex(ctx.finish().as_ref()))
+}
+
+fn download(
+    client: &Client,
+    device: &str,
+    mut req: crate::view::FileRequest,
+    local: &std::path::Path,
+) -> anyhow::Result<()> {
+    let local = if local.is_dir() {
+        local.join(req.path.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("file"))
+    } else {
+        local.to_path_buf()
+    };
+    let part = std::path::PathBuf::from(format!("{}.baton-part", local.display()));
+    req.offset = std::fs::metadata(&part).map_or(0, |m| m.len());
+    if req.offset > 0 {
+        eprintln!("baton: resuming at byte {} ({} holds them)", req.offset, part.display());
+    }
+    let (_, mut frames, mut stream) = client.read_file(device, &req)?;
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&part)?;
+    let mut digest = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while let Some(frame) = frames.next_frame().map_err(|e| anyhow::anyhow!("{e}"))? {
+            match frame {
+                Frame::Stdout(b) | Frame::Stderr(b) => file.write_all(&b)?,
+                Frame::Text(t) => digest = t.strip_prefix("sha256:").map(str::to_string).or(digest),
+                Frame::Exit(_) => {
+                    file.sync_all()?;
+                    let got = sha256_file(&part)?;
+                    if digest.as_deref() != Some(got.as_str()) {
+                        std::fs::remove_file(&part)?;
+                        anyhow::bail!(
+                            "the copy's SHA-256 {got} is not the device's {}: discarded, copy again",
+                            digest.unwrap_or_default()
+                        );
+                    }
+                    std::fs::rename(&part, &local)?;
+                    let len = std::fs::metadata(&local)?.len();
+                    eprintln!("baton: {len} bytes to {} (sha256 {got})", local.display());
+                    return Ok(());
+                }
+                Frame::Error(why) => {
+                    anyhow::bail!("{why} (what arrived is in {}: run the same command to resume)", part.display())
+                }
+                Frame::Opened(_) => {}
+            }
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            anyhow::bail!(
+                "the copy was cut short ({} holds what arrived: run the same command to resume)",
+                part.display()
+            );
+        }
+        frames.push(&buf[..n]);
+    }
+}
+
+fn upload(
+    client: &Client,
+    device: &str,
+    mut req: crate::view::FileRequest,
+    local: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(local).map_err(|e| anyhow::anyhow!("{}: {e}", local.display()))?;
+    if !meta.is_file() {
+        anyhow::bail!("{} is not a regular file", local.display());
+    }
+    if req.path.ends_with('/') {
+        let name = local.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+        req.path = format!("{}{name}", req.path);
+    }
+    req.mode = meta.permissions().mode() & 0o7777;
+    req.sha256 = sha256_file(local)?;
+    let (session, mut frames, mut stream) = client.write_file(device, &req)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    // The device says first how much of the file it already holds.
+    let have: u64 = loop {
+        if let Some(frame) = frames.next_frame().map_err(|e| anyhow::anyhow!("{e}"))? {
+            match frame {
+                Frame::Text(t) => {
+                    if let Some(n) = t.strip_prefix("offset ").and_then(|n| n.parse().ok()) {
+                        break n;
+                    }
+                }
+                Frame::Error(why) => anyhow::bail!("{why}"),
+                _ => {}
+            }
+            continue;
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            anyhow::bail!("the controller ended the copy before it started");
+        }
+        frames.push(&buf[..n]);
+    };
+    if have > 0 && have <= meta.len() {
+        eprintln!("baton: resuming at byte {have} (the device holds them)");
+    }
+    let from = if have > meta.len() { meta.len() } else { have };
+    let sender = std::thread::scope(|scope| {
+        let sending = scope.spawn(|| -> anyhow::Result<()> {
+            let mut f = std::fs::File::open(local)?;
+            std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(from))?;
+            let mut chunk = vec![0u8; 8 * crate::sessions::INPUT_CHUNK];
+            loop {
+                let n = f.read(&mut chunk)?;
+                client.session_input(session, &chunk[..n], n == 0)?;
+                if n == 0 {
+                    return Ok(());
+                }
+            }
+        });
+        let end = (|| -> anyhow::Result<()> {
+            loop {
+                while let Some(frame) = frames.next_frame().map_err(|e| anyhow::anyhow!("{e}"))? {
+                    match frame {
+                        Frame::Exit(_) => return Ok(()),
+                        Frame::Error(why) => anyhow::bail!("{why}"),
+                        _ => {}
+                    }
+                }
+                let n = stream.read(&mut buf)?;
+                if n == 0 {
+                    anyhow::bail!("the copy was cut short: run the same command to resume");
+                }
+                frames.push(&buf[..n]);
+            }
+        })();
+        let sent = sending.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the sending thread failed")));
+        end.and(sent.or_else(|e| if e.to_string().contains("no session") { Ok(()) } else { Err(e) }))
+    });
+    sender?;
+    eprintln!("baton: {} bytes to {}:{} (sha256 {})", meta.len(), req.workload, req.path, req.sha256);
+    Ok(())
 }
