@@ -166,6 +166,24 @@ mod tests {
             }
             assert_eq!(got, frames, "split every {step} bytes");
         }
+        // Any bytes in any pieces: frames or a refusal, never a panic.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..2000 {
+            let len = (next() % 64) as usize;
+            let junk: Vec<u8> =
+                (0..len).map(|_| if next() % 3 == 0 { (next() % 7) as u8 } else { next() as u8 }).collect();
+            let mut r = FrameReader::default();
+            for piece in junk.chunks(1 + (next() % 8) as usize) {
+                r.push(piece);
+                while let Ok(Some(_)) = r.next_frame() {}
+            }
+        }
         for bad in [&[9u8, 0, 0, 0, 0][..], &[4, 0, 0, 0, 2, 0, 0], &[1, 0xff, 0xff, 0xff, 0xff]] {
             let mut r = FrameReader::default();
             r.push(bad);
