@@ -236,13 +236,7 @@ impl Sessions {
             };
             (child, Io::Pipes { stdin: i.into(), stdout: o.into(), stderr: e.into() })
         };
-        let shared = Arc::new(Shared {
-            acked: Mutex::new(0),
-            moved: Condvar::new(),
-            end: Mutex::new(None),
-            active_ms: AtomicU64::new(0),
-            opened: Instant::now(),
-        });
+        let shared = Self::new_shared();
         let (input, pieces) = std::sync::mpsc::sync_channel(INPUT_QUEUE);
         let (writer, readers, terminal) = match io {
             Io::Terminal(master) => {
@@ -255,36 +249,12 @@ impl Sessions {
         };
         let what = if req.host { "the host".to_string() } else { format!("workload {}", req.workload) };
         info!(session = req.id, %what, tty, argv = ?req.argv, "session opened");
-        self.lock().insert(
-            req.id,
-            Handle { input, next_offset: 0, resize_seq: 0, terminal, connection: false, shared: shared.clone() },
-        );
-        let limits = self.limits.clone();
-        let sessions = self.clone();
-        let spawned = std::thread::Builder::new().name(format!("session-{}", req.id)).spawn({
-            let (out, shared) = (out.clone(), shared.clone());
-            move || {
-                let written = std::thread::Builder::new()
-                    .name("session-input".into())
-                    .spawn({
-                        let (out, shared) = (out.clone(), shared.clone());
-                        move || write_input(writer, false, pieces, &out, &shared)
-                    })
-                    .is_ok();
-                if !written {
-                    shared.end("cannot start the session's input thread");
-                }
-                let end = run(Some(child), host, &readers, &out, req.id, &shared, &limits);
-                sessions.lock().remove(&req.id);
-                info!(session = req.id, seconds = shared.opened.elapsed().as_secs(), outcome = ?end, "session closed");
-                let _ = out.send(req.id, u32::MAX, end);
-            }
-        });
-        if let Err(e) = spawned {
-            self.lock().remove(&req.id);
-            return Err(format!("cannot start the session's thread: {e}"));
-        }
-        Ok(())
+        let handle = Handle { input, next_offset: 0, resize_seq: 0, terminal, connection: false, shared };
+        let (limits, id) = (self.limits.clone(), req.id);
+        self.start(id, "session", handle, out, move |out, shared| {
+            Self::start_input(writer, false, pieces, out, shared);
+            run(Some(child), host, &readers, out, id, shared, &limits)
+        })
     }
 
     /// Opens a port-forwarded connection to `port` of a workload's newest
@@ -320,51 +290,32 @@ impl Sessions {
             runtime.and_then(|rt| rt.address(&container)).unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
         };
         let addr = std::net::SocketAddr::new(ip, port);
-        let shared = Arc::new(Shared {
-            acked: Mutex::new(0),
-            moved: Condvar::new(),
-            end: Mutex::new(None),
-            active_ms: AtomicU64::new(0),
-            opened: Instant::now(),
-        });
         let (input, pieces) = std::sync::mpsc::sync_channel(INPUT_QUEUE);
-        self.lock().insert(
-            id,
-            Handle { input, next_offset: 0, resize_seq: 0, terminal: None, connection: true, shared: shared.clone() },
-        );
-        let (limits, sessions) = (self.limits.clone(), self.clone());
-        let spawned = std::thread::Builder::new().name(format!("forward-{id}")).spawn(move || {
-            let end = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-                Err(e) => CommandOutput::Error(format!("cannot connect to {addr}: {e}")),
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    let socket = OwnedFd::from(stream);
-                    match socket.try_clone() {
-                        Err(e) => CommandOutput::Error(format!("cannot share the connection: {e}")),
-                        Ok(writer) => {
-                            info!(session = id, %addr, "forwarded connection opened");
-                            let _ = out.send(id, 0, CommandOutput::Text(format!("connected to {addr}")));
-                            let started = std::thread::Builder::new().name("forward-input".into()).spawn({
-                                let (out, shared) = (out.clone(), shared.clone());
-                                move || write_input(writer, true, pieces, &out, &shared)
-                            });
-                            if started.is_err() {
-                                shared.end("cannot start the connection's input thread");
-                            }
-                            run(None, false, &[(Arc::new(socket), false)], &out, id, &shared, &limits)
-                        }
-                    }
-                }
+        let handle = Handle {
+            input,
+            next_offset: 0,
+            resize_seq: 0,
+            terminal: None,
+            connection: true,
+            shared: Self::new_shared(),
+        };
+        let limits = self.limits.clone();
+        self.start(id, "forward", handle, out, move |out, shared| {
+            let stream = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(s) => s,
+                Err(e) => return CommandOutput::Error(format!("cannot connect to {addr}: {e}")),
             };
-            sessions.lock().remove(&id);
-            info!(session = id, %addr, seconds = shared.opened.elapsed().as_secs(), outcome = ?end, "forwarded connection closed");
-            let _ = out.send(id, u32::MAX, end);
-        });
-        if let Err(e) = spawned {
-            self.lock().remove(&id);
-            return Err(format!("cannot start the connection's thread: {e}"));
-        }
-        Ok(())
+            let _ = stream.set_nodelay(true);
+            let socket = OwnedFd::from(stream);
+            let writer = match socket.try_clone() {
+                Ok(w) => w,
+                Err(e) => return CommandOutput::Error(format!("cannot share the connection: {e}")),
+            };
+            info!(session = id, %addr, "forwarded connection opened");
+            let _ = out.send(id, 0, CommandOutput::Text(format!("connected to {addr}")));
+            Self::start_input(writer, true, pieces, out, shared);
+            run(None, false, &[(Arc::new(socket), false)], out, id, shared, &limits)
+        })
     }
 
     /// The root a file transfer resolves its path in: the workload's newest
@@ -392,6 +343,49 @@ impl Sessions {
         runtime
             .and_then(|rt| rt.root_of(&id))
             .ok_or_else(|| format!("workload {workload} is not running on this device"))
+    }
+
+    /// Registers a session and runs `body` on a thread of its own; when it
+    /// returns, the session is forgotten and its final answer sent.
+    fn start(
+        &self,
+        id: u64,
+        kind: &'static str,
+        handle: Handle,
+        out: Out,
+        body: impl FnOnce(&Out, &Arc<Shared>) -> CommandOutput + Send + 'static,
+    ) -> Result<(), String> {
+        let shared = handle.shared.clone();
+        self.lock().insert(id, handle);
+        let sessions = self.clone();
+        let spawned = std::thread::Builder::new().name(format!("{kind}-{id}")).spawn(move || {
+            let end = body(&out, &shared);
+            sessions.lock().remove(&id);
+            info!(session = id, kind, seconds = shared.opened.elapsed().as_secs(), outcome = ?end, "session closed");
+            let _ = out.send(id, u32::MAX, end);
+        });
+        if let Err(e) = spawned {
+            self.lock().remove(&id);
+            return Err(format!("cannot start the {kind}'s thread: {e}"));
+        }
+        Ok(())
+    }
+
+    /// Starts the thread that writes a session's input.
+    fn start_input(
+        to: OwnedFd,
+        socket: bool,
+        pieces: std::sync::mpsc::Receiver<Piece>,
+        out: &Out,
+        shared: &Arc<Shared>,
+    ) {
+        let (out, shared2) = (out.clone(), shared.clone());
+        let started = std::thread::Builder::new()
+            .name("session-input".into())
+            .spawn(move || write_input(to, socket, pieces, &out, &shared2));
+        if started.is_err() {
+            shared.end("cannot start the session's input thread");
+        }
     }
 
     fn new_shared() -> Arc<Shared> {
@@ -431,16 +425,19 @@ impl Sessions {
             return Err(format!("{path} has {} bytes; cannot resume at byte {offset}", meta.len()));
         }
         std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(offset)).map_err(|e| format!("{path}: {e}"))?;
-        let shared = Self::new_shared();
         let (input, _pieces) = std::sync::mpsc::sync_channel(1);
-        self.lock().insert(
-            id,
-            Handle { input, next_offset: 0, resize_seq: 0, terminal: None, connection: true, shared: shared.clone() },
-        );
-        let (limits, sessions, path) = (self.limits.clone(), self.clone(), path.to_string());
-        let spawned = std::thread::Builder::new().name(format!("read-{id}")).spawn(move || {
+        let handle = Handle {
+            input,
+            next_offset: 0,
+            resize_seq: 0,
+            terminal: None,
+            connection: true,
+            shared: Self::new_shared(),
+        };
+        let (limits, path) = (self.limits.clone(), path.to_string());
+        self.start(id, "read", handle, out, move |out, shared| {
             let digest_of = file.try_clone().map_err(|e| e.to_string());
-            let end = match run(None, false, &[(Arc::new(OwnedFd::from(file)), false)], &out, id, &shared, &limits) {
+            match run(None, false, &[(Arc::new(OwnedFd::from(file)), false)], out, id, shared, &limits) {
                 CommandOutput::Exit(_) => match digest_of.and_then(|f| sha256_hex(f).map_err(|e| e.to_string())) {
                     Ok(hex) => {
                         let _ = out.send(id, u32::MAX - 1, CommandOutput::Text(format!("sha256:{hex}")));
@@ -449,16 +446,8 @@ impl Sessions {
                     Err(e) => CommandOutput::Error(format!("cannot read {path} again for its digest: {e}")),
                 },
                 other => other,
-            };
-            sessions.lock().remove(&id);
-            info!(session = id, %path, outcome = ?end, "file sent");
-            let _ = out.send(id, u32::MAX, end);
-        });
-        if let Err(e) = spawned {
-            self.lock().remove(&id);
-            return Err(format!("cannot start the transfer's thread: {e}"));
-        }
-        Ok(())
+            }
+        })
     }
 
     /// `baton cp` to the device: the input appended to `PATH.baton-part`
@@ -491,32 +480,21 @@ impl Sessions {
         let file = open_in_root(&root, &part, libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o600)
             .map_err(|e| format!("cannot write {part}: {e}"))?;
         let have = file.metadata().map_err(|e| format!("{part}: {e}"))?.len();
-        let shared = Self::new_shared();
         let (input, pieces) = std::sync::mpsc::sync_channel(INPUT_QUEUE);
-        self.lock().insert(
-            id,
-            Handle { input, next_offset: 0, resize_seq: 0, terminal: None, connection: true, shared: shared.clone() },
-        );
-        let (limits, sessions, path) = (self.limits.clone(), self.clone(), path.to_string());
-        let spawned = std::thread::Builder::new().name(format!("write-{id}")).spawn(move || {
+        let handle = Handle {
+            input,
+            next_offset: 0,
+            resize_seq: 0,
+            terminal: None,
+            connection: true,
+            shared: Self::new_shared(),
+        };
+        let (limits, path) = (self.limits.clone(), path.to_string());
+        self.start(id, "write", handle, out, move |out, shared| {
             let _ = out.send(id, 0, CommandOutput::Text(format!("offset {have}")));
-            let end = receive_file(
-                file,
-                &pieces,
-                &out,
-                &shared,
-                &limits,
-                &FileTarget { root, path: &path, part: &part, mode, sha256 },
-            );
-            sessions.lock().remove(&id);
-            info!(session = id, %path, outcome = ?end, "file received");
-            let _ = out.send(id, u32::MAX, end);
-        });
-        if let Err(e) = spawned {
-            self.lock().remove(&id);
-            return Err(format!("cannot start the transfer's thread: {e}"));
-        }
-        Ok(())
+            let target = FileTarget { root, path: &path, part: &part, mode, sha256 };
+            receive_file(file, &pieces, out, shared, &limits, &target)
+        })
     }
 
     /// Input for a session: None when it was queued (the writer answers
