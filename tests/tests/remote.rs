@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baton_tests::pty::Terminal;
@@ -28,6 +27,16 @@ fn processes_with_except(needle: &str, except: u32) -> Vec<u32> {
             (cmdline.contains(needle) && pid != except).then_some(pid)
         })
         .collect()
+}
+
+/// A child killed (and reaped) however the test ends.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn wait_exit(child: &mut Child, within: Duration) -> i32 {
@@ -60,8 +69,9 @@ fn an_interactive_shell_in_a_container_through_a_real_terminal() {
     );
     wait_for("web running", Duration::from_secs(40), || settled(&server, "web", 1, 1));
 
-    let (mut term, mut cli) =
+    let (mut term, cli) =
         Terminal::spawn(&bin("baton"), &server, &["exec", "-it", "--device", "pi-term", "web", "--", "/bin/sh"]);
+    let mut cli = Reap(cli);
     term.expect("# ", Duration::from_secs(20));
     // Typed commands run, their echo and output come back.
     term.send("echo $((6*7))-ok\r");
@@ -86,10 +96,10 @@ fn an_interactive_shell_in_a_container_through_a_real_terminal() {
     wait_for("sleep interrupted", Duration::from_secs(10), || processes_with("sleep 4242").is_empty().then_some(()));
     term.send("echo rc=$?\r");
     term.expect("rc=130", Duration::from_secs(10));
-    assert!(cli.try_wait().expect("remote test step").is_none(), "Ctrl-C ended the CLI itself:\n{}", term.text());
+    assert!(cli.0.try_wait().expect("remote test step").is_none(), "Ctrl-C ended the CLI itself:\n{}", term.text());
     // The remote exit code is the CLI's.
     term.send("exit 7\r");
-    assert_eq!(wait_exit(&mut cli, Duration::from_secs(15)), 7, "{}", term.text());
+    assert_eq!(wait_exit(&mut cli.0, Duration::from_secs(15)), 7, "{}", term.text());
     // Nothing stays behind on the device.
     wait_for("the exec helper gone", Duration::from_secs(10), || {
         processes_with("exec --id web").is_empty().then_some(())
@@ -184,25 +194,27 @@ fn sessions_are_authorised_bounded_and_end_cleanly() {
     // One session at most on pi-open: a second is refused while the first
     // waits; the first ends by itself once idle for 4 s.
     let marker = "held-open-session";
-    let mut first = Command::new(bin("baton"))
-        .args(["exec", "-i", "--host", "--device", "pi-open", "--", "/bin/sh", "-c"])
-        .arg(format!("cat; echo {marker}"))
-        .env("BATON_SERVER", &server)
-        .env("BATON_TOKEN", admin)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("baton exec -i");
-    let cli = first.id();
+    let mut first = Reap(
+        Command::new(bin("baton"))
+            .args(["exec", "-i", "--host", "--device", "pi-open", "--", "/bin/sh", "-c"])
+            .arg(format!("cat; echo {marker}"))
+            .env("BATON_SERVER", &server)
+            .env("BATON_TOKEN", admin)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("baton exec -i"),
+    );
+    let cli = first.0.id();
     wait_for("the first session's process", Duration::from_secs(15), || {
         (!processes_with_except(marker, cli).is_empty()).then_some(())
     });
     let (ok, _, err) = run(admin, &["exec", "-i", "--host", "--device", "pi-open", "--", "true"]);
     assert!(!ok && err.contains("1 sessions open"), "{err}");
-    let code = wait_exit(&mut first, Duration::from_secs(30));
+    let code = wait_exit(&mut first.0, Duration::from_secs(30));
     let mut err = String::new();
-    first.stderr.take().expect("remote test step").read_to_string(&mut err).expect("remote test step");
+    first.0.stderr.take().expect("remote test step").read_to_string(&mut err).expect("remote test step");
     assert!(code == 255 && err.contains("idle for 4 s"), "{code} {err}");
     wait_for("the idle session's process gone", Duration::from_secs(10), || {
         processes_with(marker).is_empty().then_some(())
@@ -210,21 +222,23 @@ fn sessions_are_authorised_bounded_and_end_cleanly() {
 
     // The operator vanishes: the device ends the session.
     let marker = "abandoned-session";
-    let mut gone = Command::new(bin("baton"))
-        .args(["exec", "-i", "--host", "--device", "pi-open", "--", "/bin/sh", "-c"])
-        .arg(format!("while true; do echo {marker}; sleep 0.5; done"))
-        .env("BATON_SERVER", &server)
-        .env("BATON_TOKEN", admin)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("baton exec -i");
-    let cli = gone.id();
+    let mut gone = Reap(
+        Command::new(bin("baton"))
+            .args(["exec", "-i", "--host", "--device", "pi-open", "--", "/bin/sh", "-c"])
+            .arg(format!("while true; do echo {marker}; sleep 0.5; done"))
+            .env("BATON_SERVER", &server)
+            .env("BATON_TOKEN", admin)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("baton exec -i"),
+    );
+    let cli = gone.0.id();
     wait_for("the abandoned session's process", Duration::from_secs(15), || {
         (!processes_with_except(marker, cli).is_empty()).then_some(())
     });
-    gone.kill().expect("remote test step");
-    let _ = gone.wait();
+    gone.0.kill().expect("remote test step");
+    let _ = gone.0.wait();
     wait_for("the abandoned session's process gone", Duration::from_secs(15), || {
         processes_with(marker).is_empty().then_some(())
     });
@@ -258,34 +272,11 @@ fn port_forward_carries_http_and_a_big_download_with_flat_memory() {
         ),
     );
     wait_for("files running", Duration::from_secs(40), || settled(&server, "files", 1, 1));
-    let mut forward = Command::new(bin("baton"))
-        .args(["port-forward", "--device", "pi-fwd", "files", &format!("0:{port}")])
-        .env("BATON_SERVER", &server)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("baton port-forward");
-    let mut banner = String::new();
-    let mut stderr = forward.stderr.take().expect("stderr");
-    let mut byte = [0u8; 1];
-    while !banner.ends_with('\n') && stderr.read(&mut byte).expect("banner") == 1 {
-        banner.push(byte[0] as char);
-    }
-    let local: std::net::SocketAddr = banner
-        .split_whitespace()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {banner:?}"));
-    // What the forward says from here on (shown when a check fails).
-    let said = Arc::new(Mutex::new(String::new()));
-    std::thread::spawn({
-        let said = said.clone();
-        move || {
-            let mut rest = String::new();
-            let _ = stderr.read_to_string(&mut rest);
-            said.lock().expect("forward's stderr").push_str(&rest);
-        }
-    });
+    // (A `Proc`: killed however the test ends; what it says is in its log.)
+    let forward_args = ["port-forward", "--device", "pi-fwd", "files", &format!("0:{port}")].map(String::from);
+    let forward =
+        Proc::spawn_with_env("port-forward", &bin("baton"), &forward_args, world.path(), &[("BATON_SERVER", &server)]);
+    let local = forward_address(&forward);
     let url = format!("http://{local}");
     let get = |path: &str| -> anyhow::Result<Vec<u8>> {
         let mut res = ureq::get(format!("{url}{path}")).call()?;
@@ -310,12 +301,7 @@ fn port_forward_carries_http_and_a_big_download_with_flat_memory() {
     for r in [both.0, both.1] {
         match r {
             Ok(body) => assert_eq!(body, b"hello\n"),
-            Err(e) => {
-                let _ = forward.kill();
-                let _ = forward.wait();
-                std::thread::sleep(Duration::from_millis(200));
-                panic!("GET through the forward: {e}; it said: {}", said.lock().expect("said"));
-            }
+            Err(e) => panic!("GET through the forward: {e}; it said: {}", said(&forward)),
         }
     }
 
@@ -371,53 +357,54 @@ fn port_forward_carries_http_and_a_big_download_with_flat_memory() {
     copies_resume_after_a_cut_and_are_checked(&world, &server, port, &digest);
 
     // A workload that is not there: the connection says so, the forward lives on.
-    let mut other = Command::new(bin("baton"))
-        .args(["port-forward", "--device", "pi-fwd", "nothing-here", &format!("0:{port}")])
-        .env("BATON_SERVER", &server)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("baton port-forward");
-    let mut banner = String::new();
-    let mut stderr2 = other.stderr.take().expect("stderr");
-    while !banner.ends_with('\n') && stderr2.read(&mut byte).expect("banner") == 1 {
-        banner.push(byte[0] as char);
-    }
-    let addr: std::net::SocketAddr = banner.split_whitespace().nth(1).and_then(|a| a.parse().ok()).expect("address");
+    let other_args = ["port-forward", "--device", "pi-fwd", "nothing-here", &format!("0:{port}")].map(String::from);
+    let other =
+        Proc::spawn_with_env("port-forward-2", &bin("baton"), &other_args, world.path(), &[("BATON_SERVER", &server)]);
+    let addr = forward_address(&other);
     let mut conn = std::net::TcpStream::connect(addr).expect("connect to the forward");
     let mut rest = Vec::new();
     let _ = conn.read_to_end(&mut rest);
-    let mut line = String::new();
-    while !line.ends_with('\n') && stderr2.read(&mut byte).expect("error line") == 1 {
-        line.push(byte[0] as char);
-    }
-    assert!(line.contains("nothing-here is not running"), "{line}");
-    for mut cli in [other, forward] {
-        let _ = cli.kill();
-        let _ = cli.wait();
-    }
+    assert!(rest.is_empty(), "bytes from a connection that never was");
+    wait_for("the forward to name what is missing", Duration::from_secs(10), || {
+        said(&other).contains("nothing-here is not running").then_some(())
+    });
+    drop((other, forward));
     let _ = agent.terminate();
+}
+
+/// What a `baton port-forward` said so far (its log).
+fn said(forward: &Proc) -> String {
+    std::fs::read_to_string(&forward.log).unwrap_or_default()
+}
+
+/// The local address a `baton port-forward` listens on, from its first line.
+fn forward_address(forward: &Proc) -> std::net::SocketAddr {
+    wait_for("the forward's address", Duration::from_secs(10), || {
+        said(forward).lines().find_map(|l| l.strip_prefix("Forwarding ")?.split_whitespace().next()?.parse().ok())
+    })
 }
 
 /// Starts `baton ARGS`, and once `grown` says the copy is under way, cuts it:
 /// SIGSTOP (so it goes no further), then kill -9.
 fn cut_copy(server: &str, args: &[&str], mut grown: impl FnMut() -> bool) {
-    let mut cli = Command::new(bin("baton"))
-        .args(args)
-        .env("BATON_SERVER", server)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("baton cp");
+    let mut cli = Reap(
+        Command::new(bin("baton"))
+            .args(args)
+            .env("BATON_SERVER", server)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("baton cp"),
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !grown() {
         assert!(std::time::Instant::now() < deadline, "the copy never got under way");
-        assert!(cli.try_wait().expect("cp").is_none(), "the copy ended before it could be cut");
+        assert!(cli.0.try_wait().expect("cp").is_none(), "the copy ended before it could be cut");
         std::thread::sleep(Duration::from_millis(2));
     }
     // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(cli.id() as i32, libc::SIGSTOP) };
-    cli.kill().expect("kill -9 baton cp");
-    let _ = cli.wait();
+    unsafe { libc::kill(cli.0.id() as i32, libc::SIGSTOP) };
+    drop(cli); // kill -9
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
