@@ -515,7 +515,7 @@ impl Link {
                 self.sessions.end(*id, "session ended by the operator");
                 CommandOutput::Done
             }
-            CommandAction::Session { workload, host, argv, tty, rows, cols } => {
+            CommandAction::Session { workload, host, argv, tty, rows, cols, term } => {
                 let open = crate::session::Open {
                     id: cmd.id,
                     workload: workload.clone(),
@@ -524,6 +524,7 @@ impl Link {
                     tty: *tty,
                     rows: *rows,
                     cols: *cols,
+                    term: term.clone(),
                 };
                 let out = self.session_out();
                 let runtime = self.engine.as_ref().and_then(|e| e.runtime.clone());

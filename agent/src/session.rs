@@ -70,6 +70,21 @@ pub struct Open {
     pub tty: bool,
     pub rows: u16,
     pub cols: u16,
+    /// The operator's terminal type.
+    pub term: String,
+}
+
+/// The terminal type a session's process gets: the operator's when it looks
+/// like one, else xterm-256color.
+pub fn terminal_type(term: &str) -> &str {
+    let plausible = !term.is_empty()
+        && term.len() <= 64
+        && term.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'+'));
+    if plausible {
+        term
+    } else {
+        "xterm-256color"
+    }
 }
 
 /// Where a session's messages go: `cmd/res`, from any thread.
@@ -182,14 +197,20 @@ impl Sessions {
         let mut cmd = if req.host {
             if !self.limits.host {
                 return Err(
-                    "this device does not allow sessions on its host (remote_host_shell = true in the agent's configuration)"
+                    "this device does not allow sessions on its host (set remote_host_shell = true in its agent configuration)"
                         .into(),
                 );
             }
+            // A login's environment, not the agent's.
             let mut cmd = Command::new(&req.argv[0]);
-            cmd.args(&req.argv[1..]).current_dir("/");
+            cmd.args(&req.argv[1..]).current_dir("/").env_clear().envs([
+                ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+                ("HOME", "/root"),
+                ("USER", "root"),
+                ("LOGNAME", "root"),
+            ]);
             if req.tty {
-                cmd.env("TERM", "xterm-256color");
+                cmd.env("TERM", terminal_type(&req.term));
             }
             cmd
         } else {
@@ -198,7 +219,8 @@ impl Sessions {
                 return Err(format!("workload {} is not running on this device", req.workload));
             };
             let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-            rt.session(&id, &req.argv, req.tty, self.limits.max).map_err(|e| e.to_string())?
+            let term = req.tty.then(|| terminal_type(&req.term));
+            rt.session(&id, &req.argv, term, self.limits.max).map_err(|e| e.to_string())?
         };
         let host = req.host;
         let tty = req.tty;
@@ -275,7 +297,7 @@ impl Sessions {
         }
         if self.count().1 >= self.limits.max_connections {
             return Err(format!(
-                "this device already has {} forwarded connections open, its limit",
+                "this device already has {} forwarded connections open, its limit (max_forwarded_connections)",
                 self.limits.max_connections
             ));
         }
@@ -330,7 +352,7 @@ impl Sessions {
         if host {
             if !self.limits.host {
                 return Err(
-                    "this device does not allow file copies on its host (remote_host_shell = true in the agent's configuration)"
+                    "this device does not allow file copies on its host (set remote_host_shell = true in its agent configuration)"
                         .into(),
                 );
             }
@@ -413,7 +435,7 @@ impl Sessions {
         out: Out,
     ) -> Result<(), String> {
         if self.count().1 >= self.limits.max_connections {
-            return Err(format!("this device already has {} transfers open, its limit", self.limits.max_connections));
+            return Err(format!("this device already has {} forwarded connections and copies open, its limit (max_forwarded_connections)", self.limits.max_connections));
         }
         let root = self.file_root(workload, host, runtime, data_dir)?;
         let mut file = open_in_root(&root, path, libc::O_RDONLY, 0).map_err(|e| format!("cannot open {path}: {e}"))?;
@@ -467,7 +489,7 @@ impl Sessions {
         out: Out,
     ) -> Result<(), String> {
         if self.count().1 >= self.limits.max_connections {
-            return Err(format!("this device already has {} transfers open, its limit", self.limits.max_connections));
+            return Err(format!("this device already has {} forwarded connections and copies open, its limit (max_forwarded_connections)", self.limits.max_connections));
         }
         if sha256.len() != 32 {
             return Err("a copy needs the file's SHA-256 (32 bytes)".into());
@@ -738,6 +760,11 @@ fn run(
     }
     if let (None, Some(c)) = (exited, &mut child) {
         stop(c, host);
+    }
+    // What a host session started goes with it (background jobs included);
+    // the exec helper does the same in a container.
+    if let (true, Some(c)) = (host, &child) {
+        crate::runtime::kill_session(c.id() as i32);
     }
     match why {
         Some(reason) => CommandOutput::Error(reason),

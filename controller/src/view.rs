@@ -100,6 +100,9 @@ pub struct SessionRequest {
     pub rows: u16,
     #[serde(default)]
     pub cols: u16,
+    /// The operator's `TERM` (a terminal session's type).
+    #[serde(default)]
+    pub term: String,
 }
 
 /// Body of `POST /api/v1/devices/{id}/connections`: one connection of
@@ -110,6 +113,9 @@ pub struct ConnectRequest {
     #[serde(default)]
     pub workload: String,
     pub port: u16,
+    /// Only check that the connection would be allowed (no device asked).
+    #[serde(default)]
+    pub check: bool,
 }
 
 /// Body of `POST /api/v1/devices/{id}/files/read|write` (`baton cp`).

@@ -331,6 +331,8 @@ pub enum CommandAction {
         tty: bool,
         rows: u16,
         cols: u16,
+        /// The operator's terminal type (`TERM`; empty: xterm-256color).
+        term: String,
     },
     /// Since 1.9: bytes for a session's stdin, starting at byte `offset` of
     /// its input (the device takes only the next one in order, so a replay

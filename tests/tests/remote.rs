@@ -97,9 +97,14 @@ fn an_interactive_shell_in_a_container_through_a_real_terminal() {
     term.send("echo rc=$?\r");
     term.expect("rc=130", Duration::from_secs(10));
     assert!(cli.0.try_wait().expect("remote test step").is_none(), "Ctrl-C ended the CLI itself:\n{}", term.text());
-    // The remote exit code is the CLI's.
+    // The remote exit code is the CLI's; what the shell left running goes with it.
+    term.send("sleep 4343 &\r");
+    wait_for("a background job", Duration::from_secs(10), || (!processes_with("sleep 4343").is_empty()).then_some(()));
     term.send("exit 7\r");
     assert_eq!(wait_exit(&mut cli.0, Duration::from_secs(15)), 7, "{}", term.text());
+    wait_for("the background job gone", Duration::from_secs(10), || {
+        processes_with("sleep 4343").is_empty().then_some(())
+    });
     // Nothing stays behind on the device.
     wait_for("the exec helper gone", Duration::from_secs(10), || {
         processes_with("exec --id web").is_empty().then_some(())
@@ -110,6 +115,15 @@ fn an_interactive_shell_in_a_container_through_a_real_terminal() {
         (out.contains("session.opened") && out.contains("session.closed")).then_some(out)
     });
     assert!(events.contains("exit code 7") && events.contains("bytes in"), "{events}");
+    // A command that is not there: a shell's code and words. One-shot execs are audited too.
+    let (ok, _, err) = baton_cli(&server, &["exec", "-i", "--device", "pi-term", "web", "--", "/no/such"]);
+    assert!(!ok && err.contains("/no/such: command not found"), "{err}");
+    let (ok, out, err) = baton_cli(&server, &["exec", "--device", "pi-term", "web", "--", "/bin/sh", "-c", "exit 4"]);
+    assert!(!ok, "{out}{err}");
+    wait_for("the one-shot exec's event", Duration::from_secs(10), || {
+        let (_, out, _) = baton_cli(&server, &["get", "events", "--subject", "pi-term"]);
+        (out.contains("session.exec") && out.contains("exit code 4")).then_some(())
+    });
 
     // Not a terminal: stdin passed through and closed at its end, stdout
     // and stderr apart, the exit code kept; a megabyte each way, unchanged.
@@ -356,19 +370,10 @@ fn port_forward_carries_http_and_a_big_download_with_flat_memory() {
 
     copies_resume_after_a_cut_and_are_checked(&world, &server, port, &digest);
 
-    // A workload that is not there: the connection says so, the forward lives on.
-    let other_args = ["port-forward", "--device", "pi-fwd", "nothing-here", &format!("0:{port}")].map(String::from);
-    let other =
-        Proc::spawn_with_env("port-forward-2", &bin("baton"), &other_args, world.path(), &[("BATON_SERVER", &server)]);
-    let addr = forward_address(&other);
-    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the forward");
-    let mut rest = Vec::new();
-    let _ = conn.read_to_end(&mut rest);
-    assert!(rest.is_empty(), "bytes from a connection that never was");
-    wait_for("the forward to name what is missing", Duration::from_secs(10), || {
-        said(&other).contains("nothing-here is not running").then_some(())
-    });
-    drop((other, forward));
+    // A workload that is not there: refused before anything listens.
+    let (ok, _, err) = baton_cli(&server, &["port-forward", "--device", "pi-fwd", "nothing-here", "0:80"]);
+    assert!(!ok && err.contains("nothing-here") && err.contains("404"), "refused only later: {err}");
+    drop(forward);
     let _ = agent.terminate();
 }
 

@@ -97,6 +97,11 @@ pub fn run(args: ExecArgs) -> i32 {
         });
     let pid = match built {
         Ok(pid) => pid,
+        // As a shell says it, with its code.
+        Err(e) if e.to_string().contains("not found in $PATH") => {
+            eprintln!("exec: {}: command not found", args.argv.first().map_or("", String::as_str));
+            return 127;
+        }
         Err(e) => {
             eprintln!("exec in {}: {e}", args.id);
             return 126;
@@ -113,6 +118,16 @@ pub fn run(args: ExecArgs) -> i32 {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
         let _ = unsafe { nix::sys::signal::sigaction(sig, &action) };
     }
+    // libcontainer made the command a session leader: what it started
+    // (background jobs included) ends with it, whichever way it ends.
+    let code = wait_for_command(pid, &args);
+    if args.stdin {
+        super::kill_session(pid.as_raw());
+    }
+    code
+}
+
+fn wait_for_command(pid: nix::unistd::Pid, args: &ExecArgs) -> i32 {
     let deadline = Instant::now() + args.timeout;
     loop {
         match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {

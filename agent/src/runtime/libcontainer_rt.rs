@@ -366,7 +366,13 @@ impl ContainerRuntime for LibcontainerRuntime {
         Ok(ExecOutput { code: out.status.code().unwrap_or(255), stdout: cap(out.stdout), stderr: cap(out.stderr) })
     }
 
-    fn session(&self, id: &str, argv: &[String], tty: bool, max: Duration) -> Result<Command, RuntimeError> {
+    fn session(
+        &self,
+        id: &str,
+        argv: &[String],
+        terminal: Option<&str>,
+        max: Duration,
+    ) -> Result<Command, RuntimeError> {
         if argv.is_empty() {
             return Err(RuntimeError::InvalidSpec("exec: empty command".into()));
         }
@@ -376,8 +382,8 @@ impl ContainerRuntime for LibcontainerRuntime {
         let mut cmd = Command::new(&self.shim_exe);
         cmd.arg("exec").args(["--id", id]).arg("--root").arg(self.layout.youki_root());
         cmd.args(["--timeout-ms", &max.as_millis().to_string(), "--stdin"]);
-        if tty {
-            cmd.args(["--tty", "--env", "TERM=xterm-256color"]);
+        if let Some(term) = terminal {
+            cmd.args(["--tty", "--env", &format!("TERM={term}")]);
         }
         cmd.arg("--").args(argv);
         Ok(cmd)

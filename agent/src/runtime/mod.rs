@@ -168,13 +168,13 @@ pub trait ContainerRuntime: Sync {
     fn exec(&self, id: &str, argv: &[String], timeout: std::time::Duration) -> Result<ExecOutput, RuntimeError>;
     /// The process that runs `argv` inside the running container `id` for an
     /// interactive session, its stdio left to the caller: stdin passed on,
-    /// taken as the controlling terminal when `tty`; ended by SIGTERM, or
-    /// after `max`.
+    /// taken as the controlling terminal of type `terminal` when there is
+    /// one; ended by SIGTERM, or after `max`.
     fn session(
         &self,
         id: &str,
         _argv: &[String],
-        _tty: bool,
+        _terminal: Option<&str>,
         _max: std::time::Duration,
     ) -> Result<std::process::Command, RuntimeError> {
         Err(RuntimeError::Start { id: id.into(), reason: "this runtime runs no sessions".into() })
@@ -219,6 +219,47 @@ pub fn proc_status(pid: &str, field: &str) -> Option<String> {
     status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).map(|v| v.trim().to_string())
 }
 
+/// SIGKILLs every process of session `sid` (what a session's command
+/// started: background jobs sit in process groups of their own but stay in
+/// its session), until none is left or after a few rounds (a process that
+/// keeps forking). Processes that made sessions of their own (daemons) are
+/// not found. Returns how many were killed. A session id is not reused
+/// while any process of it lives, so `sid` cannot name a stranger.
+pub fn kill_session(sid: i32) -> usize {
+    let mut killed = 0;
+    for _ in 0..5 {
+        let members: Vec<i32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| session_of(*pid) == Some(sid))
+            .collect();
+        if members.is_empty() {
+            break;
+        }
+        for pid in members {
+            // SAFETY: kill(2); the pid is a member of a session we own.
+            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                killed += 1;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    killed
+}
+
+/// The session id of the live process `pid` (field 6 of `/proc/PID/stat`,
+/// after the command name); None for a zombie, dead already.
+fn session_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    fields.nth(2)?.parse().ok()
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -226,6 +267,43 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_is_killed_whole_and_nothing_else() {
+        // A shell leading its own session, a background job in another
+        // process group of it; a process outside it.
+        let mut leader = std::process::Command::new("/bin/sh");
+        leader.args(["-c", "set -m; sleep 300 & sleep 301"]);
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut leader, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut leader = leader.spawn().unwrap();
+        let mut outsider = std::process::Command::new("sleep").arg("302").spawn().unwrap();
+        let sid = leader.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let members = || {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|p| session_of(*p) == Some(sid))
+                .count()
+        };
+        while members() < 3 {
+            assert!(std::time::Instant::now() < deadline, "the session's jobs never started");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(kill_session(sid) >= 3);
+        let _ = leader.wait();
+        assert_eq!(members(), 0, "a member of the session survived");
+        assert!(outsider.try_wait().unwrap().is_none(), "a process outside the session was killed");
+        let _ = outsider.kill();
+        let _ = outsider.wait();
+    }
 
     #[test]
     fn container_ids_are_safe_names() {

@@ -205,6 +205,13 @@ impl Client {
         self.open_stream(&format!("/api/v1/devices/{device}/files/write"), req)
     }
 
+    /// Whether a forwarded connection would be allowed (token, tenant,
+    /// device online, workload), without opening one.
+    pub fn check_connect(&self, device: &str, req: &ConnectRequest) -> anyhow::Result<()> {
+        let req = ConnectRequest { check: true, ..req.clone() };
+        self.post::<_, serde_json::Value>(&format!("/api/v1/devices/{device}/connections"), &req).map(drop)
+    }
+
     fn open_stream<B: Serialize>(&self, path: &str, req: &B) -> anyhow::Result<SessionStream> {
         let url = format!("{}{path}", self.base);
         let req_builder = self.agent.post(url).config().timeout_global(None).build();

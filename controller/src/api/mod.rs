@@ -173,12 +173,27 @@ const FIRST_ANSWER: Duration = Duration::from_secs(15);
 
 /// The device must be known (to this tenant) and online before we ask it anything.
 async fn online_device(c: &Arc<Controller>, id: &str, scope: &Scope) -> Result<DeviceId, Failure> {
+    online_device_of(c, id, scope).await.map(|(device, _)| device)
+}
+
+/// As `online_device`, with the device's tenant.
+async fn online_device_of(c: &Arc<Controller>, id: &str, scope: &Scope) -> Result<(DeviceId, String), Failure> {
     let (name, scope) = (id.to_string(), scope.clone());
     let device = op(c, move |c| c.device(&name, now_ms(), &scope)).await??;
     if device.status == Status::Offline {
         return Err(Failure(StatusCode::CONFLICT, format!("device {id} is offline")));
     }
-    DeviceId::new(id).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))
+    let id = DeviceId::new(id).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok((id, device.tenant))
+}
+
+/// A workload the caller's scope sees, or 404: a device moved to another
+/// tenant may still run (or be stopping) the old tenant's containers, and
+/// a device-level check alone would let the new tenant into them.
+async fn visible_workload(c: &Arc<Controller>, name: &str, scope: &Scope) -> Result<(), Failure> {
+    let (name, scope) = (name.to_string(), scope.clone());
+    op(c, move |c| c.workload(&name, now_ms(), &scope).map(drop)).await??;
+    Ok(())
 }
 
 /// The next answer, or a gateway error when the device is silent for `within`.
@@ -213,6 +228,7 @@ async fn logs(
     axum::extract::Query(q): axum::extract::Query<LogsQuery>,
 ) -> Result<Response, Failure> {
     let device = online_device(&c, &id, &scope).await?;
+    visible_workload(&c, &workload, &scope).await?;
     let deadline = now_ms() + if q.follow { 12 * 3600 * 1000 } else { 60_000 };
     let action = CommandAction::Logs { workload, tail: q.tail.unwrap_or(100), follow: q.follow };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
@@ -256,6 +272,7 @@ async fn logs(
 async fn exec(
     State(c): State<Arc<Controller>>,
     Extension(scope): Extension<Scope>,
+    Extension(Caller(caller)): Extension<Caller>,
     Path(id): Path<String>,
     body: Result<Json<ExecRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<ExecResponse>, Failure> {
@@ -263,21 +280,37 @@ async fn exec(
     if req.argv.is_empty() {
         return Err(Failure(StatusCode::BAD_REQUEST, "argv: nothing to run".into()));
     }
-    let device = online_device(&c, &id, &scope).await?;
+    let (device, tenant) = online_device_of(&c, &id, &scope).await?;
+    visible_workload(&c, &req.workload, &scope).await?;
+    // Audited as sessions are: who ran what where, and how it ended.
+    let shown = format!("{caller} ran `{}` in workload {} on {id}", req.argv.join(" "), req.workload);
+    let audit = |outcome: String| {
+        let (c, tenant, subject, message) = (c.clone(), tenant.clone(), id.clone(), format!("{shown}: {outcome}"));
+        // On the blocking pool (a store write), not waited for.
+        tokio::task::spawn_blocking(move || c.audit(&tenant, "session.exec", &subject, message));
+    };
     let action = CommandAction::Exec { workload: req.workload, argv: req.argv };
     let mut pending = c.commands.send(device, action, now_ms() + 90_000);
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     loop {
         // The agent's exec timeout is 60 s: allow for it plus the round trip.
-        match answer(&mut pending.answers, &id, Duration::from_secs(75)).await?.body {
+        let next = match answer(&mut pending.answers, &id, Duration::from_secs(75)).await {
+            Ok(a) => a,
+            Err(f) => {
+                audit(format!("failed: {}", f.1));
+                return Err(f);
+            }
+        };
+        match next.body {
             CommandOutput::Stdout(b) => stdout.extend(b),
             CommandOutput::Stderr(b) => stderr.extend(b),
             CommandOutput::Exit(code) => {
+                audit(format!("exit code {code}"));
                 return Ok(Json(ExecResponse {
                     exit_code: code,
                     stdout: String::from_utf8_lossy(&stdout).into(),
                     stderr: String::from_utf8_lossy(&stderr).into(),
-                }))
+                }));
             }
             CommandOutput::Done | CommandOutput::Text(_) | CommandOutput::Error(_) => {}
         }
@@ -290,6 +323,7 @@ async fn restart(
     Path((id, workload)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, Failure> {
     let device = online_device(&c, &id, &scope).await?;
+    visible_workload(&c, &workload, &scope).await?;
     let mut pending = c.commands.send(device, CommandAction::Restart { workload: workload.clone() }, now_ms() + 30_000);
     answer(&mut pending.answers, &id, FIRST_ANSWER).await?;
     Ok(Json(serde_json::json!({"device": id, "workload": workload, "status": "restarting"})))

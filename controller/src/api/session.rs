@@ -57,6 +57,7 @@ pub(super) async fn open(
         tty: req.tty,
         rows: req.rows,
         cols: req.cols,
+        term: req.term,
     };
     begin(c, scope, &id, action, shown, caller).await
 }
@@ -87,6 +88,11 @@ pub(super) async fn connect(
         format!("port-forward to workload {} port {}", req.workload, req.port)
     };
     let action = CommandAction::Connect { workload: req.workload, port: req.port };
+    if req.check {
+        // `baton port-forward` asks before it listens: refusals come at once.
+        prepare(&c, &scope, &id, &action).await?;
+        return Ok(Json(serde_json::json!({ "device": id, "port": req.port })).into_response());
+    }
     begin(c, scope, &id, action, shown, caller).await
 }
 
@@ -162,15 +168,10 @@ async fn begin(
     shown: String,
     caller: String,
 ) -> Result<Response, Failure> {
-    let (name, view_scope) = (id.to_string(), scope.clone());
-    let view = op(&c, move |c| c.device(&name, now_ms(), &view_scope)).await??;
-    if view.status == Status::Offline {
-        return Err(Failure(StatusCode::CONFLICT, format!("device {id} is offline")));
-    }
-    let device = DeviceId::new(id).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let (device, tenant) = prepare(&c, &scope, id, &action).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(8);
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Result<(), Failure>>();
-    tokio::spawn(relay(c, scope, device, view.tenant, action, shown, caller, tx, first_tx));
+    tokio::spawn(relay(c, scope, device, tenant, action, shown, caller, tx, first_tx));
     match first_rx.await {
         Ok(Ok(())) => {}
         Ok(Err(f)) => return Err(f),
@@ -178,6 +179,33 @@ async fn begin(
     }
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
     Ok(([("content-type", "application/vnd.baton.session")], axum::body::Body::from_stream(stream)).into_response())
+}
+
+/// What every session checks before the device is asked: the workload is
+/// the caller's, the device is theirs and online. Its id and tenant.
+async fn prepare(
+    c: &Arc<Controller>,
+    scope: &Scope,
+    id: &str,
+    action: &CommandAction,
+) -> Result<(DeviceId, String), Failure> {
+    let workload = match action {
+        CommandAction::Session { workload, .. }
+        | CommandAction::Connect { workload, .. }
+        | CommandAction::ReadFile { workload, .. }
+        | CommandAction::WriteFile { workload, .. } => workload.clone(),
+        _ => String::new(),
+    };
+    if !workload.is_empty() {
+        super::visible_workload(c, &workload, scope).await?;
+    }
+    let (name, view_scope) = (id.to_string(), scope.clone());
+    let view = op(c, move |c| c.device(&name, now_ms(), &view_scope)).await??;
+    if view.status == Status::Offline {
+        return Err(Failure(StatusCode::CONFLICT, format!("device {id} is offline")));
+    }
+    let device = DeviceId::new(id).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok((device, view.tenant))
 }
 
 /// Owns the session's request: opens it, passes its output on (and the
@@ -201,10 +229,13 @@ async fn relay(
     let first = match answer(&mut pending.answers, device.as_str(), FIRST_ANSWER).await {
         Ok(first) => first,
         Err(Failure(status, why)) => {
-            let why = if status == StatusCode::GATEWAY_TIMEOUT {
-                format!("{why} (sessions need an agent of protocol 1.9 or later)")
-            } else {
-                why
+            let (status, why) = match status {
+                StatusCode::GATEWAY_TIMEOUT => {
+                    (status, format!("{why} (sessions need an agent of protocol 1.9 or later)"))
+                }
+                // The device said no (its settings, its limits): not a gateway's failure.
+                StatusCode::BAD_GATEWAY => (StatusCode::CONFLICT, why),
+                _ => (status, why),
             };
             let message = format!("{caller} could not open a session on {device} ({shown}): {why}");
             let audit = c.clone();

@@ -112,6 +112,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     tty,
                     rows: 0,
                     cols: 0,
+                    term: std::env::var("TERM").unwrap_or_default(),
                 };
                 return session::run(&client(), &device, req, interactive || tty);
             }

@@ -29,8 +29,10 @@ pub fn run(client: &Client, device: &str, mut req: SessionRequest, pass_stdin: b
     std::thread::scope(|scope| {
         if pass_stdin {
             scope.spawn(move || {
-                let mut buf = vec![0u8; crate::sessions::INPUT_CHUNK];
+                // Up to as much as the controller sends the device at once.
+                let mut buf = vec![0u8; 8 * crate::sessions::INPUT_CHUNK];
                 let mut stdin = std::io::stdin().lock();
+                let mut escape = Escape::default();
                 loop {
                     match stdin.read(&mut buf) {
                         Ok(0) => {
@@ -41,7 +43,14 @@ pub fn run(client: &Client, device: &str, mut req: SessionRequest, pass_stdin: b
                             return;
                         }
                         Ok(n) => {
-                            if client.session_input(session, &buf[..n], false).is_err() {
+                            let keys =
+                                if tty && local_tty { escape.filter(&buf[..n]) } else { Some(buf[..n].to_vec()) };
+                            let Some(keys) = keys else {
+                                restore_terminal();
+                                eprint!("\r\nbaton: session left (~.); it ends on the device\r\n");
+                                std::process::exit(255);
+                            };
+                            if !keys.is_empty() && client.session_input(session, &keys, false).is_err() {
                                 return; // the session ended; the output side says why
                             }
                         }
@@ -103,7 +112,7 @@ fn relay(frames: &mut crate::sessions::FrameReader, stream: &mut dyn Read) -> an
                 Frame::Opened(_) | Frame::Text(_) => {}
             }
         }
-        let n = stream.read(&mut buf)?;
+        let n = stream.read(&mut buf).map_err(|e| anyhow::anyhow!("the connection to the controller broke: {e}"))?;
         if n == 0 {
             eprint!("\r\nbaton: the controller ended the session\r\n");
             return Ok(255);
@@ -125,8 +134,19 @@ fn window_size() -> Option<(u16, u16)> {
     ok.then_some((size.ws_row, size.ws_col))
 }
 
+/// The local terminal's settings before it went raw (restored from any thread).
+static SAVED: std::sync::OnceLock<libc::termios> = std::sync::OnceLock::new();
+
+/// Puts the local terminal back as it was (when it was made raw).
+fn restore_terminal() {
+    if let Some(saved) = SAVED.get() {
+        // SAFETY: restores settings tcgetattr gave.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, saved) };
+    }
+}
+
 /// The local terminal in raw mode, restored when dropped.
-struct Raw(libc::termios);
+struct Raw;
 
 impl Raw {
     fn enter() -> Option<Self> {
@@ -138,20 +158,84 @@ impl Raw {
             }
             let mut raw = saved;
             libc::cfmakeraw(&mut raw);
+            let _ = SAVED.set(saved);
             if libc::tcsetattr(0, libc::TCSANOW, &raw) != 0 {
                 return None;
             }
-            Some(Self(saved))
+            Some(Self)
         }
     }
 }
 
 impl Drop for Raw {
     fn drop(&mut self) {
-        // SAFETY: restores the settings read in `enter`.
-        unsafe {
-            libc::tcsetattr(0, libc::TCSANOW, &self.0);
+        restore_terminal();
+    }
+}
+
+/// ssh's escape: `~.` at the start of a line leaves the session even when
+/// nothing answers (every other key, Ctrl-C included, goes to the remote
+/// side); `~~` sends one `~`.
+#[derive(Default)]
+struct Escape {
+    /// Not at the start of a line.
+    mid_line: bool,
+    /// A `~` at the start of a line, held back.
+    tilde: bool,
+}
+
+impl Escape {
+    /// The keys to send; None: leave.
+    fn filter(&mut self, keys: &[u8]) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for &k in keys {
+            if self.tilde {
+                self.tilde = false;
+                match k {
+                    b'.' => return None,
+                    b'~' => {
+                        out.push(b'~');
+                        self.mid_line = true;
+                        continue;
+                    }
+                    _ => out.push(b'~'),
+                }
+            } else if k == b'~' && !self.mid_line {
+                self.tilde = true;
+                continue;
+            }
+            out.push(k);
+            self.mid_line = !matches!(k, b'\r' | b'\n');
         }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tilde_dot_at_a_line_start_leaves_and_nothing_else_does() {
+        let mut e = Escape::default();
+        assert_eq!(e.filter(b"ls ~/x\r"), Some(b"ls ~/x\r".to_vec()));
+        assert_eq!(e.filter(b"~"), Some(Vec::new()), "held back");
+        assert_eq!(e.filter(b"~"), Some(b"~".to_vec()), "~~ is one ~");
+        assert_eq!(e.filter(b"a.\r~x"), Some(b"a.\r~x".to_vec()));
+        assert_eq!(e.filter(b"\r~."), None);
+        let mut fresh = Escape::default();
+        assert_eq!(fresh.filter(b"~."), None, "at the very start");
+        let mut mid = Escape::default();
+        assert_eq!(mid.filter(b"echo ~."), Some(b"echo ~.".to_vec()));
+    }
+
+    #[test]
+    fn the_device_side_of_a_copy_is_workload_colon_absolute_path() {
+        assert_eq!(copy_side("web:/etc/x"), CopySide::Remote { workload: "web".into(), path: "/etc/x".into() });
+        assert_eq!(copy_side(":/etc/x"), CopySide::Remote { workload: String::new(), path: "/etc/x".into() });
+        assert_eq!(copy_side("./a:b"), CopySide::Local("./a:b".into()));
+        assert_eq!(copy_side("dir/web:/x"), CopySide::Local("dir/web:/x".into()));
+        assert_eq!(copy_side("C:relative"), CopySide::Local("C:relative".into()));
     }
 }
 
@@ -165,6 +249,8 @@ pub fn forward(
     listen: std::net::SocketAddr,
     port: u16,
 ) -> anyhow::Result<()> {
+    // Refusals (token, tenant, device, workload) now, not at the first connection.
+    client.check_connect(device, &crate::view::ConnectRequest { workload: workload.clone(), port, check: true })?;
     let listener =
         std::net::TcpListener::bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let local = listener.local_addr()?;
@@ -180,7 +266,7 @@ pub fn forward(
                     continue;
                 }
             };
-            let req = crate::view::ConnectRequest { workload: workload.clone(), port };
+            let req = crate::view::ConnectRequest { workload: workload.clone(), port, check: false };
             scope.spawn(move || {
                 if let Err(e) = carry(client, device, &req, conn) {
                     eprintln!("baton: connection to {device} port {}: {e}", req.port);
