@@ -1694,7 +1694,8 @@ fn remote(keys: usize, rounds: usize) {
     let peer = keystrokes(&mut term, keys);
     let _ = ssh.kill();
     let _ = ssh.wait();
-    for (name, v) in [("baton exec -it (embedded broker)", &baton), ("ssh -tt over loopback", &peer)] {
+    let through = if mosquitto.is_some() { "baton exec -it (Mosquitto)" } else { "baton exec -it (embedded broker)" };
+    for (name, v) in [(through, &baton), ("ssh -tt over loopback", &peer)] {
         println!(
             "| {name} | {:.2} ms | {:.2} ms | {:.2} ms |",
             percentile(v, 0.5),
