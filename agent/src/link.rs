@@ -284,6 +284,16 @@ impl Link {
             }
         }
 
+        // Sessions end with this agent (the next one does not know them):
+        // their processes go and their operators are told.
+        link.sessions.end_all("session ended: the agent is stopping");
+        let ended = std::time::Instant::now();
+        while link.sessions.count() != (0, 0) && ended.elapsed() < Duration::from_secs(3) {
+            tokio::select! {
+                _ = events.poll() => {}
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
         if link.hand_over {
             if connected {
                 link.close_quietly(&mut events).await;

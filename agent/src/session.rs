@@ -27,8 +27,13 @@ use baton_protocol::{encode, CommandOutput, CommandResult, Message};
 use rumqttc::{AsyncClient, QoS};
 use tracing::{info, warn};
 
-/// Output sent ahead of the controller's acknowledgements.
+/// Output sent ahead of the controller's acknowledgements, per session.
 pub const WINDOW: u64 = 128 * 1024;
+/// … and by all sessions together, beyond one message each: with the
+/// default limits (4 sessions, 32 connections) at most 16 + 36 messages sit
+/// in the link's 64-slot request queue, so heartbeats and reports always
+/// find room.
+const DEVICE_WINDOW: u64 = 256 * 1024;
 /// Output per message: 8 of them fill the window, so four sessions leave
 /// half the link's request queue to heartbeats and reports.
 const CHUNK: usize = 16 * 1024;
@@ -114,6 +119,17 @@ struct Shared {
     /// Milliseconds since `opened` of the last input or output.
     active_ms: AtomicU64,
     opened: Instant,
+    /// Output bytes sent.
+    sent: AtomicU64,
+    /// Output of all the device's sessions not acknowledged yet.
+    device: Arc<AtomicU64>,
+}
+
+impl Shared {
+    /// Forgets `bytes` of this session's output from the device's count.
+    fn settle(&self, bytes: u64) {
+        let _ = self.device.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(bytes)));
+    }
 }
 
 impl Shared {
@@ -158,11 +174,13 @@ struct Handle {
 pub struct Sessions {
     limits: Limits,
     open: Arc<Mutex<HashMap<u64, Handle>>>,
+    /// Output of all sessions not acknowledged yet (`DEVICE_WINDOW`).
+    in_flight: Arc<AtomicU64>,
 }
 
 impl Sessions {
     pub fn new(limits: Limits) -> Self {
-        Self { limits, open: Arc::new(Mutex::new(HashMap::new())) }
+        Self { limits, open: Arc::new(Mutex::new(HashMap::new())), in_flight: Arc::new(AtomicU64::new(0)) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
@@ -258,7 +276,7 @@ impl Sessions {
             };
             (child, Io::Pipes { stdin: i.into(), stdout: o.into(), stderr: e.into() })
         };
-        let shared = Self::new_shared();
+        let shared = self.new_shared();
         let (input, pieces) = std::sync::mpsc::sync_channel(INPUT_QUEUE);
         let (writer, readers, terminal) = match io {
             Io::Terminal(master) => {
@@ -308,8 +326,18 @@ impl Sessions {
                 return Err(format!("workload {workload} is not running on this device"));
             };
             let container = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-            // A container on the host's network listens on the host's loopback.
-            runtime.and_then(|rt| rt.address(&container)).unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+            let Some(rt) = runtime else { return Err("this agent runs no workloads".into()) };
+            // The host's loopback only for a container that runs on the
+            // host's network (it reaches it itself): a stopped, restarting or
+            // network-less one is refused, never sent to the host's ports.
+            match (rt.on_host_network(&container), rt.address(&container)) {
+                (Some(true), _) => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                (Some(false), Some(ip)) => ip,
+                (Some(false), None) => {
+                    return Err(format!("workload {workload} has no address on this device (network: none?)"))
+                }
+                (None, _) => return Err(format!("workload {workload} is not running on this device")),
+            }
         };
         let addr = std::net::SocketAddr::new(ip, port);
         let (input, pieces) = std::sync::mpsc::sync_channel(INPUT_QUEUE);
@@ -319,7 +347,7 @@ impl Sessions {
             resize_seq: 0,
             terminal: None,
             connection: true,
-            shared: Self::new_shared(),
+            shared: self.new_shared(),
         };
         let limits = self.limits.clone();
         self.start(id, "forward", handle, out, move |out, shared| {
@@ -336,13 +364,32 @@ impl Sessions {
             info!(session = id, %addr, "forwarded connection opened");
             let _ = out.send(id, 0, CommandOutput::Text(format!("connected to {addr}")));
             Self::start_input(writer, true, pieces, out, shared);
-            run(None, false, &[(Arc::new(socket), false)], out, id, shared, &limits)
+            let socket = Arc::new(socket);
+            let end = run(None, false, &[(socket.clone(), false)], out, id, shared, &limits);
+            // Both ways: an input thread blocked writing to a peer that stopped
+            // reading wakes up and ends with the session.
+            // SAFETY: shutdown(2) on a socket we hold.
+            unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+            end
         })
     }
 
     /// The root a file transfer resolves its path in: the workload's newest
     /// container's, or the host's when host sessions are allowed.
     fn file_root(
+        &self,
+        workload: &str,
+        host: bool,
+        runtime: Option<&Arc<dyn crate::runtime::ContainerRuntime + Send + Sync>>,
+        data_dir: &std::path::Path,
+    ) -> Result<std::fs::File, String> {
+        // Opened once: a container that restarts during a long copy cannot
+        // lend its pid (and `/proc/PID/root`) to another process's root.
+        let path = self.file_root_path(workload, host, runtime, data_dir)?;
+        std::fs::File::open(&path).map_err(|e| format!("cannot open the root of {workload}: {e}"))
+    }
+
+    fn file_root_path(
         &self,
         workload: &str,
         host: bool,
@@ -383,6 +430,9 @@ impl Sessions {
         let spawned = std::thread::Builder::new().name(format!("{kind}-{id}")).spawn(move || {
             let end = body(&out, &shared);
             sessions.lock().remove(&id);
+            // What it sent and nobody acknowledged no longer counts against the others.
+            let acked = *shared.acked.lock().unwrap_or_else(PoisonError::into_inner);
+            shared.settle(shared.sent.load(Ordering::Relaxed).saturating_sub(acked));
             info!(session = id, kind, seconds = shared.opened.elapsed().as_secs(), outcome = ?end, "session closed");
             let _ = out.send(id, u32::MAX, end);
         });
@@ -410,13 +460,15 @@ impl Sessions {
         }
     }
 
-    fn new_shared() -> Arc<Shared> {
+    fn new_shared(&self) -> Arc<Shared> {
         Arc::new(Shared {
             acked: Mutex::new(0),
             moved: Condvar::new(),
             end: Mutex::new(None),
             active_ms: AtomicU64::new(0),
             opened: Instant::now(),
+            sent: AtomicU64::new(0),
+            device: self.in_flight.clone(),
         })
     }
 
@@ -438,7 +490,9 @@ impl Sessions {
             return Err(format!("this device already has {} forwarded connections and copies open, its limit (max_forwarded_connections)", self.limits.max_connections));
         }
         let root = self.file_root(workload, host, runtime, data_dir)?;
-        let mut file = open_in_root(&root, path, libc::O_RDONLY, 0).map_err(|e| format!("cannot open {path}: {e}"))?;
+        // Non-blocking: a FIFO the container planted opens at once (and is refused below).
+        let mut file = open_in_root(&root, path, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+            .map_err(|e| format!("cannot open {path}: {e}"))?;
         let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;
         if !meta.is_file() {
             return Err(format!("{path} is not a regular file"));
@@ -454,7 +508,7 @@ impl Sessions {
             resize_seq: 0,
             terminal: None,
             connection: true,
-            shared: Self::new_shared(),
+            shared: self.new_shared(),
         };
         let (limits, path) = (self.limits.clone(), path.to_string());
         self.start(id, "read", handle, out, move |out, shared| {
@@ -499,8 +553,14 @@ impl Sessions {
         }
         let root = self.file_root(workload, host, runtime, data_dir)?;
         let part = format!("{path}.baton-part");
-        let file = open_in_root(&root, &part, libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o600)
-            .map_err(|e| format!("cannot write {part}: {e}"))?;
+        // Never through a symlink, never a FIFO or device: a regular file of
+        // ours, read back (for the digest) and given its mode through this
+        // same descriptor, whatever the container does to the name meanwhile.
+        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_APPEND | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        let file = open_in_root(&root, &part, flags, 0o600).map_err(|e| format!("cannot write {part}: {e}"))?;
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(format!("{part} is not a regular file"));
+        }
         let have = file.metadata().map_err(|e| format!("{part}: {e}"))?.len();
         let (input, pieces) = std::sync::mpsc::sync_channel(INPUT_QUEUE);
         let handle = Handle {
@@ -509,7 +569,7 @@ impl Sessions {
             resize_seq: 0,
             terminal: None,
             connection: true,
-            shared: Self::new_shared(),
+            shared: self.new_shared(),
         };
         let (limits, path) = (self.limits.clone(), path.to_string());
         self.start(id, "write", handle, out, move |out, shared| {
@@ -558,7 +618,10 @@ impl Sessions {
         let open = self.lock();
         let Some(h) = open.get(&session) else { return };
         let mut acked = h.shared.acked.lock().unwrap_or_else(PoisonError::into_inner);
+        // (Never beyond what was sent: a bogus ack cannot free the device's budget.)
+        let received = received.min(h.shared.sent.load(Ordering::Relaxed));
         if received > *acked {
+            h.shared.settle(received - *acked);
             *acked = received;
             h.shared.moved.notify_all();
         }
@@ -704,10 +767,18 @@ fn run(
         if !open.iter().any(|o| *o) && exited.is_some() {
             break;
         }
+        // What escaped the process (a daemon still writing) does not keep the session past its limits.
+        if exited.is_some() {
+            if let Some(reason) = must_end() {
+                why.get_or_insert(reason);
+                break;
+            }
+        }
         // A window ahead of the controller at most: wait for it to catch up
         // (also after the process ended, so its last words are not lost).
         let acked = shared.acked.lock().unwrap_or_else(PoisonError::into_inner);
-        if sent.saturating_sub(*acked) >= WINDOW {
+        let own = sent.saturating_sub(*acked);
+        if own >= WINDOW || (own > 0 && shared.device.load(Ordering::Relaxed) >= DEVICE_WINDOW) {
             if why.is_some() || (exited.is_some() && must_end().is_some()) {
                 break; // the output the controller did not take goes with the session
             }
@@ -749,6 +820,8 @@ fn run(
                         CommandOutput::Stdout(buf[..n].to_vec())
                     };
                     sent += n as u64;
+                    shared.sent.store(sent, Ordering::Relaxed);
+                    shared.device.fetch_add(n as u64, Ordering::Relaxed);
                     shared.touch();
                     if !out.send(id, seq, body) {
                         shared.end("the link is gone");
@@ -808,7 +881,7 @@ fn code_of(status: std::process::ExitStatus) -> i32 {
 
 /// Where a received file goes.
 struct FileTarget<'a> {
-    root: std::path::PathBuf,
+    root: std::fs::File,
     path: &'a str,
     part: &'a str,
     mode: u32,
@@ -863,13 +936,15 @@ fn receive_file(
         if let Err(e) = file.sync_all() {
             return CommandOutput::Error(format!("cannot write {}: {e}", target.part));
         }
-        let digest = open_in_root(&target.root, target.part, libc::O_RDONLY, 0).and_then(sha256_hex);
+        let digest = file.try_clone().and_then(sha256_hex);
         let want: String = target.sha256.iter().map(|b| format!("{b:02x}")).collect();
         return match digest {
-            Ok(hex) if hex == want => match finish_in_root(&target.root, target.part, target.path, target.mode) {
-                Ok(()) => CommandOutput::Exit(0),
-                Err(e) => CommandOutput::Error(format!("cannot put {} in place: {e}", target.path)),
-            },
+            Ok(hex) if hex == want => {
+                match finish_in_root(&file, &target.root, target.part, target.path, target.mode) {
+                    Ok(()) => CommandOutput::Exit(0),
+                    Err(e) => CommandOutput::Error(format!("cannot put {} in place: {e}", target.path)),
+                }
+            }
             Ok(hex) => {
                 discard();
                 CommandOutput::Error(format!(
@@ -899,8 +974,7 @@ fn sha256_hex(mut file: std::fs::File) -> std::io::Result<String> {
 /// `/`): absolute symlinks and `..` resolve inside it (openat2
 /// RESOLVE_IN_ROOT), so no path a container's files name can reach the
 /// host's. Linux 5.6+.
-fn open_in_root(root: &std::path::Path, path: &str, flags: i32, mode: u32) -> std::io::Result<std::fs::File> {
-    let dir = std::fs::File::open(root)?;
+fn open_in_root(dir: &std::fs::File, path: &str, flags: i32, mode: u32) -> std::io::Result<std::fs::File> {
     let rel = std::ffi::CString::new(path.trim_start_matches('/').as_bytes())
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
     let rel = if rel.as_bytes().is_empty() { std::ffi::CString::new(".").unwrap_or_default() } else { rel };
@@ -927,7 +1001,7 @@ fn open_in_root(root: &std::path::Path, path: &str, flags: i32, mode: u32) -> st
 }
 
 /// The directory holding `path` inside `root`, opened the same safe way, and the file's name.
-fn parent_in_root(root: &std::path::Path, path: &str) -> std::io::Result<(std::fs::File, std::ffi::CString)> {
+fn parent_in_root(root: &std::fs::File, path: &str) -> std::io::Result<(std::fs::File, std::ffi::CString)> {
     let trimmed = path.trim_start_matches('/');
     let (dir, name) = match trimmed.rsplit_once('/') {
         Some((d, n)) => (d, n),
@@ -942,7 +1016,7 @@ fn parent_in_root(root: &std::path::Path, path: &str) -> std::io::Result<(std::f
     Ok((parent, name))
 }
 
-fn remove_in_root(root: &std::path::Path, path: &str) -> std::io::Result<()> {
+fn remove_in_root(root: &std::fs::File, path: &str) -> std::io::Result<()> {
     let (dir, name) = parent_in_root(root, path)?;
     // SAFETY: unlinkat relative to a directory we hold open.
     if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } != 0 {
@@ -951,18 +1025,31 @@ fn remove_in_root(root: &std::path::Path, path: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Gives the partial copy its mode and renames it over `path` (both in one directory).
-fn finish_in_root(root: &std::path::Path, part: &str, path: &str, mode: u32) -> std::io::Result<()> {
+/// Gives the partial copy (`file`) its mode and renames it over `path`,
+/// once sure the name still holds that file (not a link put there since).
+fn finish_in_root(
+    file: &std::fs::File,
+    root: &std::fs::File,
+    part: &str,
+    path: &str,
+    mode: u32,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
     let (dir, part_name) = parent_in_root(root, part)?;
     let (dir2, name) = parent_in_root(root, path)?;
-    // SAFETY: fchmodat and renameat relative to directories we hold open.
-    unsafe {
-        if libc::fchmodat(dir.as_raw_fd(), part_name.as_ptr(), (mode & 0o7777) as libc::mode_t, 0) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if libc::renameat(dir.as_raw_fd(), part_name.as_ptr(), dir2.as_raw_fd(), name.as_ptr()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+    let ours = file.metadata()?;
+    // SAFETY: stat is plain data; fstatat writes one and does not follow a link.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatat(dir.as_raw_fd(), part_name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if st.st_dev != ours.dev() || st.st_ino != ours.ino() {
+        return Err(std::io::Error::other(format!("{part} was replaced during the copy")));
+    }
+    // SAFETY: renameat relative to directories we hold open.
+    if unsafe { libc::renameat(dir.as_raw_fd(), part_name.as_ptr(), dir2.as_raw_fd(), name.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

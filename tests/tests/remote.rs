@@ -463,4 +463,19 @@ fn copies_resume_after_a_cut_and_are_checked(world: &World, server: &str, port: 
     let got = std::fs::read_to_string(&out).unwrap_or_default();
     assert!(!ok && !got.contains("host-secret"), "read a host file through a container's symlink: {got}{err}");
     assert!(err.contains("No such file"), "{err}");
+
+    // A FIFO to read, and a partial copy that is a symlink: refused, and the
+    // agent (which opens them) goes on answering.
+    let plant = "mkfifo /tmp/fifo && ln -s /etc/passwd /tmp/evil.baton-part && cat /etc/passwd | sha256sum";
+    let (ok, before, err) = baton_cli(server, &["exec", "--device", "pi-fwd", "files", "--", "/bin/sh", "-c", plant]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = baton_cli(server, &["cp", "--device", "pi-fwd", "files:/tmp/fifo", &out.display().to_string()]);
+    assert!(!ok && err.contains("not a regular file"), "{err}");
+    let (ok, _, err) = baton_cli(server, &["cp", "--device", "pi-fwd", &local_s, "files:/tmp/evil"]);
+    assert!(!ok && err.contains("evil.baton-part"), "{err}");
+    let (ok, after, err) = baton_cli(
+        server,
+        &["exec", "--device", "pi-fwd", "files", "--", "/bin/sh", "-c", "cat /etc/passwd | sha256sum"],
+    );
+    assert!(ok && after == before, "the copy went through the symlink: {after} vs {before} {err}");
 }

@@ -239,6 +239,10 @@ impl ContainerRuntime for FakeRuntime {
         None // a simulated container has no files
     }
 
+    fn on_host_network(&self, _: &str) -> Option<bool> {
+        None // nor a network
+    }
+
     fn exec(&self, id: &str, _: &[String], _: Duration) -> Result<ExecOutput, RuntimeError> {
         Err(RuntimeError::Start { id: id.into(), reason: "a simulated container runs no commands".into() })
     }

@@ -188,6 +188,18 @@ pub trait ContainerRuntime: Sync {
             _ => None,
         }
     }
+    /// Whether the running container `id` shares this agent's network
+    /// namespace (the host's network); None when it does not run.
+    fn on_host_network(&self, id: &str) -> Option<bool> {
+        match self.state(id).ok()? {
+            ContainerState::Running(r) if r.pid > 0 => {
+                let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+                let (theirs, ours) = (ns(&r.pid.to_string())?, ns("self")?);
+                Some(theirs == ours)
+            }
+            _ => None,
+        }
+    }
     /// The address of a container with a network of its own (bridge);
     /// None for one on the host's network (probes then use loopback).
     fn address(&self, _id: &str) -> Option<std::net::IpAddr> {

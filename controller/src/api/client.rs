@@ -242,7 +242,9 @@ impl Client {
     /// Bytes for a session's stdin; returns once the device wrote them.
     pub fn session_input(&self, session: u64, data: &[u8], eof: bool) -> anyhow::Result<()> {
         let url = format!("{}/api/v1/sessions/{session}/input?eof={eof}", self.base);
-        let res = self.authed(self.agent.post(url)).content_type("application/octet-stream").send(data);
+        // Answered once the device wrote it: as long as the remote process takes to read it.
+        let req = self.agent.post(url).config().timeout_global(None).build();
+        let res = self.authed(req).content_type("application/octet-stream").send(data);
         self.finish::<serde_json::Value>(res).map(drop)
     }
 

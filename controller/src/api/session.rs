@@ -22,6 +22,9 @@ use crate::view::{ConnectRequest, FileRequest, ResizeRequest, SessionRequest};
 
 /// How often an open session checks that its device is still online.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
+/// How long a piece of input may wait to be written (the device's own idle
+/// timeout ends a session that stops reading long before).
+const INPUT_WAIT: Duration = Duration::from_secs(3600);
 
 pub(super) async fn open(
     State(c): State<Arc<Controller>>,
@@ -124,8 +127,9 @@ pub(super) async fn write_file(
     let sha256 = baton_protocol::crypto::parse_key(&req.sha256)
         .map_err(|_| Failure(StatusCode::BAD_REQUEST, "sha256: the file's SHA-256 in hex (64 digits)".into()))?
         .to_vec();
-    let action =
-        CommandAction::WriteFile { workload: req.workload, host: req.host, path: req.path, mode: req.mode, sha256 };
+    // No mode given (an API caller): rw-r--r--, not 000.
+    let mode = if req.mode == 0 { 0o644 } else { req.mode };
+    let action = CommandAction::WriteFile { workload: req.workload, host: req.host, path: req.path, mode, sha256 };
     begin(c, scope, &id, action, format!("copy to {shown}"), caller).await
 }
 
@@ -386,7 +390,14 @@ pub(super) async fn input(
             sent.push((c.commands.send(s.device.clone(), action, now_ms() + 30_000), data.len() as u64));
         }
         for (mut pending, n) in sent {
-            super::answer(&mut pending.answers, s.device.as_str(), Duration::from_secs(30)).await?;
+            // Answered once written: a process that reads its stdin slowly
+            // holds this request, which is the sender's backpressure.
+            if let Err(f) = super::answer(&mut pending.answers, s.device.as_str(), INPUT_WAIT).await {
+                // A piece lost leaves the two sides' offsets apart for good:
+                // the session ends, saying why, rather than losing input silently.
+                c.commands.notify(&s.device, CommandAction::Cancel { id: sid }, 0);
+                return Err(Failure(f.0, format!("{}; the session was ended (its input would have a gap)", f.1)));
+            }
             *offset += n;
             s.bytes_in.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }

@@ -50,8 +50,15 @@ pub fn run(client: &Client, device: &str, mut req: SessionRequest, pass_stdin: b
                                 eprint!("\r\nbaton: session left (~.); it ends on the device\r\n");
                                 std::process::exit(255);
                             };
-                            if !keys.is_empty() && client.session_input(session, &keys, false).is_err() {
-                                return; // the session ended; the output side says why
+                            if !keys.is_empty() {
+                                if let Err(e) = client.session_input(session, &keys, false) {
+                                    // Usually the session ended (the output side says so);
+                                    // if it did not, say why typing stopped working.
+                                    std::thread::sleep(Duration::from_secs(1));
+                                    restore_terminal();
+                                    eprint!("\r\nbaton: input refused: {e}\r\n");
+                                    std::process::exit(255);
+                                }
                             }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -407,7 +414,17 @@ fn download(
     if req.offset > 0 {
         eprintln!("baton: resuming at byte {} ({} holds them)", req.offset, part.display());
     }
-    let (_, mut frames, mut stream) = client.read_file(device, &req)?;
+    let opened = match client.read_file(device, &req) {
+        // The file changed since the cut copy began: start over.
+        Err(e) if req.offset > 0 && e.to_string().contains("cannot resume") => {
+            eprintln!("baton: the device's file is shorter than {}: starting again", part.display());
+            std::fs::remove_file(&part)?;
+            req.offset = 0;
+            client.read_file(device, &req)?
+        }
+        other => other?,
+    };
+    let (_, mut frames, mut stream) = opened;
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&part)?;
     let mut digest = None;
     let mut buf = vec![0u8; 64 * 1024];
