@@ -76,6 +76,19 @@ pub fn run(args: ExecArgs) -> i32 {
         }
         None => None,
     };
+    // The agent ends a session with SIGTERM, and its death with SIGHUP
+    // (PR_SET_PDEATHSIG): the command and what it started go with it.
+    // Installed before the command exists, so an end that comes while it is
+    // being made is not lost (the helper would die and leave it running).
+    for sig in [Signal::SIGTERM, Signal::SIGHUP] {
+        let action = nix::sys::signal::SigAction::new(
+            nix::sys::signal::SigHandler::Handler(on_end),
+            nix::sys::signal::SaFlags::empty(),
+            nix::sys::signal::SigSet::empty(),
+        );
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        let _ = unsafe { nix::sys::signal::sigaction(sig, &action) };
+    }
     let built = ContainerBuilder::new(args.id.clone(), SyscallType::default())
         .with_root_path(&args.root)
         .map(|b| {
@@ -107,17 +120,6 @@ pub fn run(args: ExecArgs) -> i32 {
             return 126;
         }
     };
-    // The agent ends a session with SIGTERM, and its death with SIGHUP
-    // (PR_SET_PDEATHSIG): the command and what it started go with it.
-    for sig in [Signal::SIGTERM, Signal::SIGHUP] {
-        let action = nix::sys::signal::SigAction::new(
-            nix::sys::signal::SigHandler::Handler(on_end),
-            nix::sys::signal::SaFlags::empty(),
-            nix::sys::signal::SigSet::empty(),
-        );
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        let _ = unsafe { nix::sys::signal::sigaction(sig, &action) };
-    }
     // libcontainer made the command a session leader: what it started
     // (background jobs included) ends with it, whichever way it ends.
     let code = wait_for_command(pid, &args);
