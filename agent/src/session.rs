@@ -980,7 +980,9 @@ fn open_in_root(dir: &std::fs::File, path: &str, flags: i32, mode: u32) -> std::
     let rel = if rel.as_bytes().is_empty() { std::ffi::CString::new(".").unwrap_or_default() } else { rel };
     // SAFETY: open_how is plain data, zeroed then filled.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    // (openat2 refuses any flag O_PATH does not take, O_NOCTTY included.)
+    let extra = if flags & libc::O_PATH != 0 { libc::O_CLOEXEC } else { libc::O_CLOEXEC | libc::O_NOCTTY };
+    how.flags = (flags | extra) as u64;
     how.mode = if flags & libc::O_CREAT != 0 { u64::from(mode) } else { 0 };
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: openat2 reads `how` (its size given) and the NUL-terminated path.
@@ -1039,12 +1041,9 @@ fn finish_in_root(
     let (dir, part_name) = parent_in_root(root, part)?;
     let (dir2, name) = parent_in_root(root, path)?;
     let ours = file.metadata()?;
-    // SAFETY: stat is plain data; fstatat writes one and does not follow a link.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstatat(dir.as_raw_fd(), part_name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if st.st_dev != ours.dev() || st.st_ino != ours.ino() {
+    // What the name holds now (a link itself, not followed): it must be our file.
+    let now = open_in_root(root, part, libc::O_PATH | libc::O_NOFOLLOW, 0)?.metadata()?;
+    if now.dev() != ours.dev() || now.ino() != ours.ino() {
         return Err(std::io::Error::other(format!("{part} was replaced during the copy")));
     }
     // SAFETY: renameat relative to directories we hold open.
