@@ -90,9 +90,15 @@ pub(super) async fn connect(
     } else {
         format!("port-forward to workload {} port {}", req.workload, req.port)
     };
+    let req_workload = req.workload.clone();
     let action = CommandAction::Connect { workload: req.workload, port: req.port };
     if req.check {
-        // `baton port-forward` asks before it listens: refusals come at once.
+        // `baton port-forward` asks before it listens: refusals come at once,
+        // a workload the controller does not know included.
+        if !req_workload.is_empty() {
+            let (name, scope) = (req_workload.clone(), scope.clone());
+            op(&c, move |c| c.workload(&name, now_ms(), &scope).map(drop)).await??;
+        }
         prepare(&c, &scope, &id, &action).await?;
         return Ok(Json(serde_json::json!({ "device": id, "port": req.port })).into_response());
     }
