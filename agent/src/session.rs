@@ -341,14 +341,7 @@ impl Sessions {
         };
         let addr = std::net::SocketAddr::new(ip, port);
         let (input, pieces) = std::sync::mpsc::sync_channel(INPUT_QUEUE);
-        let handle = Handle {
-            input,
-            next_offset: 0,
-            resize_seq: 0,
-            terminal: None,
-            connection: true,
-            shared: self.new_shared(),
-        };
+        let handle = self.stream_handle(input);
         let limits = self.limits.clone();
         self.start(id, "forward", handle, out, move |out, shared| {
             let stream = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
@@ -460,6 +453,12 @@ impl Sessions {
         }
     }
 
+    /// The handle of a session without a terminal or process: a forwarded
+    /// connection or a copy (counted against `max_connections`).
+    fn stream_handle(&self, input: std::sync::mpsc::SyncSender<Piece>) -> Handle {
+        Handle { input, next_offset: 0, resize_seq: 0, terminal: None, connection: true, shared: self.new_shared() }
+    }
+
     fn new_shared(&self) -> Arc<Shared> {
         Arc::new(Shared {
             acked: Mutex::new(0),
@@ -502,14 +501,7 @@ impl Sessions {
         }
         std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(offset)).map_err(|e| format!("{path}: {e}"))?;
         let (input, _pieces) = std::sync::mpsc::sync_channel(1);
-        let handle = Handle {
-            input,
-            next_offset: 0,
-            resize_seq: 0,
-            terminal: None,
-            connection: true,
-            shared: self.new_shared(),
-        };
+        let handle = self.stream_handle(input);
         let (limits, path) = (self.limits.clone(), path.to_string());
         self.start(id, "read", handle, out, move |out, shared| {
             let digest_of = file.try_clone().map_err(|e| e.to_string());
@@ -563,14 +555,7 @@ impl Sessions {
         }
         let have = file.metadata().map_err(|e| format!("{part}: {e}"))?.len();
         let (input, pieces) = std::sync::mpsc::sync_channel(INPUT_QUEUE);
-        let handle = Handle {
-            input,
-            next_offset: 0,
-            resize_seq: 0,
-            terminal: None,
-            connection: true,
-            shared: self.new_shared(),
-        };
+        let handle = self.stream_handle(input);
         let (limits, path) = (self.limits.clone(), path.to_string());
         self.start(id, "write", handle, out, move |out, shared| {
             let _ = out.send(id, 0, CommandOutput::Text(format!("offset {have}")));
