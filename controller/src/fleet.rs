@@ -98,6 +98,9 @@ pub struct Device {
     /// ms), from its last heartbeat (agents from 1.4 on). Shown, never relied on.
     #[serde(default)]
     pub clock_offset_ms: Option<i64>,
+    /// Its last hour of heartbeats, for the dashboard (memory only).
+    #[serde(skip)]
+    pub history: crate::dashboard::History,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,6 +228,7 @@ impl Fleet {
             offline_since: Some(now),
             refusal: None,
             clock_offset_ms: None,
+            history: Default::default(),
         };
         self.devices.insert(id.clone(), device);
     }
@@ -263,6 +267,7 @@ impl Fleet {
                 offline_since: None,
                 refusal: None,
                 clock_offset_ms: None,
+                history: Default::default(),
             };
             self.devices.insert(id.clone(), device);
             return Change::Persist;
@@ -304,6 +309,9 @@ impl Fleet {
             FleetEvent::Heartbeat(hb) => {
                 if hb.unix_ms != 0 && delivery == Delivery::Live {
                     device.clock_offset_ms = Some(hb.unix_ms as i64 - now as i64);
+                }
+                if delivery == Delivery::Live {
+                    device.history.record(now, &hb);
                 }
                 device.heartbeat = Some(hb);
                 false

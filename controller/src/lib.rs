@@ -7,6 +7,7 @@ pub mod broker;
 pub mod cli;
 pub mod commands;
 pub mod controller;
+pub mod dashboard;
 pub mod datadir;
 pub mod desired;
 pub mod dynsec;

@@ -13,6 +13,7 @@ use baton_controller::view::{DeviceView, WorkloadView};
 pub mod fixtures;
 pub mod mqtt;
 pub mod pty;
+pub mod webdriver;
 
 /// Where cargo put the workspace binaries: next to the test executable's `deps/`.
 pub fn bin(name: &str) -> PathBuf {

@@ -3,6 +3,7 @@
 //! render its answer.
 
 pub mod client;
+pub mod dashboard;
 mod session;
 
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use crate::tenant::Scope;
 use crate::view::{ApiError, ApplyRequest, ExecRequest, ExecResponse, LabelChange, ScaleRequest};
 
 pub fn router(controller: Arc<Controller>) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
         .route("/api/v1/devices", get(list_devices))
@@ -66,10 +67,13 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/api/v1/agent/releases/{version}", axum::routing::delete(unpublish_release))
         .route("/api/v1/agent/upgrade", post(agent_upgrade))
         .route("/api/v1/agent/rollout", get(agent_rollout))
-        .route("/api/v1/agent/rollout/{action}", post(agent_rollout_action))
+        .route("/api/v1/agent/rollout/{action}", post(agent_rollout_action));
+    dashboard::routes(api)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
+        // The dashboard's page and assets hold no data: no token for them.
+        .merge(dashboard::assets())
 }
 
 /// Who sent the request (for audit events): `token NAME (ID)`.
@@ -130,8 +134,18 @@ async fn metrics(State(c): State<Arc<Controller>>) -> impl IntoResponse {
     Ok::<_, Failure>(([("content-type", "text/plain; version=0.0.4")], text))
 }
 
-async fn list_devices(State(c): State<Arc<Controller>>, Extension(scope): Extension<Scope>) -> impl IntoResponse {
-    op(&c, move |c| c.devices(now_ms(), &scope)).await.map(Json)
+/// Every device the scope sees, or the part a query asks for (filtered,
+/// sorted, one page: `crate::dashboard::DeviceQuery`); `x-total-count` says
+/// how many passed the filter.
+async fn list_devices(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    query: Result<Query<crate::dashboard::DeviceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Failure> {
+    let Query(query) = query.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let filter = query.check().map_err(|e| Failure(StatusCode::BAD_REQUEST, e))?;
+    let (total, page) = op(&c, move |c| c.devices_page(&filter, now_ms(), &scope)).await?;
+    Ok(([("x-total-count", total.to_string())], Json(page)).into_response())
 }
 
 async fn get_device(
@@ -647,13 +661,15 @@ async fn authenticate(
                     format!("/metrics counts the whole fleet: a token of tenant {tenant} cannot read it"),
                 );
             }
-            Ok((_, tenant, who)) => {
+            Ok((role, tenant, who)) => {
                 req.extensions_mut().insert(Caller(who));
+                req.extensions_mut().insert(role);
                 tenant
             }
         }
     } else {
         req.extensions_mut().insert(Caller("an operator (no --api-auth)".into()));
+        req.extensions_mut().insert(crate::view::Role::Admin);
         None
     };
     match Scope::of(token_tenant.as_deref(), named.as_deref()) {

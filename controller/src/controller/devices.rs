@@ -1,13 +1,16 @@
 //! Devices: what their MQTT messages change (`apply`, then stored when
 //! durable state moved), silence turned offline, labels, tenants, views.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 
 use baton_protocol::release::UpgradeState;
-use baton_protocol::{validate_label, DeviceId, PresenceState};
+use baton_protocol::{validate_label, DeviceId, Health, Phase, PresenceState};
 
-use crate::fleet::{Change, Delivery, Device, Fleet, FleetEvent, Millis};
+use crate::dashboard::{FailingWorkload, Filter, Overview, Row, Sample, StoppedRollout};
+use crate::fleet::{Change, Delivery, Device, Fleet, FleetEvent, Liveness, Millis};
 use crate::metrics::Rejection;
+use crate::rollout::State as RolloutState;
 use crate::store::StoreError;
 use crate::tenant::Scope;
 use crate::view::{DeviceView, LabelChange};
@@ -134,6 +137,70 @@ impl Controller {
             .collect()
     }
 
+    /// One page of the devices `scope` sees that pass `filter`, and how many
+    /// pass it in all. Views are built for the page only.
+    pub fn devices_page(&self, filter: &Filter, now: Millis, scope: &Scope) -> (usize, Vec<DeviceView>) {
+        let fleet = lock(&self.fleet);
+        let labels: Vec<(&Device, BTreeMap<String, String>)> =
+            fleet.devices().filter(|d| scope.sees(&d.tenant)).map(|d| (d, d.labels())).collect();
+        let mut rows: Vec<(Row<'_>, &Device)> = labels
+            .iter()
+            .map(|(d, l)| (row(d, l, now, &self.liveness), *d))
+            .filter(|(r, _)| filter.matches(r))
+            .collect();
+        let total = rows.len();
+        let range = filter.order_by(&mut rows, |(r, _)| r);
+        let page = rows[range].iter().map(|(_, d)| DeviceView::new(d, now, &self.liveness)).collect();
+        (total, page)
+    }
+
+    /// The fleet at a glance (`scope`'s part of it), grouped by label `group`.
+    pub fn overview(&self, group: Option<&str>, now: Millis, scope: &Scope) -> Overview {
+        let mut o = {
+            let fleet = lock(&self.fleet);
+            let labels: Vec<(&Device, BTreeMap<String, String>)> =
+                fleet.devices().filter(|d| scope.sees(&d.tenant)).map(|d| (d, d.labels())).collect();
+            crate::dashboard::overview(labels.iter().map(|(d, l)| row(d, l, now, &self.liveness)), group)
+        };
+        for w in self.workloads(now, scope) {
+            let mut failing = Vec::new();
+            let mut reason = String::new();
+            for d in &w.devices {
+                let Some(r) = &d.reported else { continue };
+                let bad = matches!(r.phase, Phase::Failed | Phase::BackingOff | Phase::RolledBack)
+                    || r.health == Health::Unhealthy;
+                if bad {
+                    failing.push(d.device.clone());
+                    if reason.is_empty() {
+                        reason = r.last_error.clone().unwrap_or_else(|| format!("{:?}, {:?}", r.phase, r.health));
+                    }
+                }
+            }
+            if !failing.is_empty() {
+                o.attention.failing.push(FailingWorkload { workload: w.name.clone(), devices: failing, reason });
+            }
+            if let Some(r) = w
+                .rollout
+                .filter(|r| matches!(r.state, RolloutState::Paused | RolloutState::RolledBack | RolloutState::Aborted))
+            {
+                o.attention.stopped_rollouts.push(StoppedRollout {
+                    workload: w.name,
+                    state: r.state,
+                    to: r.to,
+                    reason: r.reason,
+                });
+            }
+        }
+        o
+    }
+
+    /// A device's last hour of heartbeats.
+    pub fn samples(&self, id: &str, now: Millis, scope: &Scope) -> Result<Vec<Sample>, OpError> {
+        let id = parse_id(id)?;
+        let fleet = lock(&self.fleet);
+        Ok(Self::visible_device(&fleet, &id, scope)?.history.last_hour(now))
+    }
+
     pub fn device(&self, id: &str, now: Millis, scope: &Scope) -> Result<DeviceView, OpError> {
         let id = parse_id(id)?;
         let fleet = lock(&self.fleet);
@@ -213,5 +280,18 @@ impl Controller {
             self.event(&lock(&self.store), &d.tenant, "device.offline", &d.id, why, now);
         }
         !expired.is_empty()
+    }
+}
+
+/// What lists and the overview filter a device on.
+fn row<'a>(d: &'a Device, labels: &'a BTreeMap<String, String>, now: Millis, liveness: &Liveness) -> Row<'a> {
+    Row {
+        id: &d.id,
+        tenant: &d.tenant,
+        status: d.status(now, liveness),
+        labels,
+        agent_version: &d.presence.agent_version,
+        arch: d.inventory.as_ref().map_or("", |i| i.arch.as_str()),
+        last_seen: d.last_seen,
     }
 }

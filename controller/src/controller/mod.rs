@@ -135,7 +135,13 @@ pub struct Controller {
     pub gateway: std::sync::OnceLock<std::sync::Arc<crate::gateway::Gateway>>,
     /// Interactive sessions open through this controller.
     pub sessions: crate::sessions::Registry,
+    /// Every event as it is recorded, for live feeds (the dashboard's). A
+    /// reader that falls behind the last `LIVE_EVENTS` is told it lagged.
+    pub live: tokio::sync::broadcast::Sender<Event>,
 }
+
+/// How many events a live feed may fall behind.
+pub const LIVE_EVENTS: usize = 1024;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock left plain data behind; keep serving it.
@@ -264,6 +270,7 @@ impl Controller {
             api_tokens: Mutex::new(api_tokens),
             gateway: std::sync::OnceLock::new(),
             sessions: crate::sessions::Registry::default(),
+            live: tokio::sync::broadcast::channel(LIVE_EVENTS).0,
             webhooks,
         })
     }
@@ -287,6 +294,8 @@ impl Controller {
             tracing::error!(error = %err, "cannot record an event");
         }
         self.webhooks.offer(&e);
+        // No reader is the usual case, not an error.
+        let _ = self.live.send(e);
     }
 
     /// Records an event about what an operator did on a device (sessions).

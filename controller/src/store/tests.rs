@@ -25,6 +25,7 @@ fn device(id: &str) -> Device {
         offline_since: None,
         refusal: None,
         clock_offset_ms: None,
+        history: Default::default(),
     }
 }
 
