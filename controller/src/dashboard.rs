@@ -14,7 +14,7 @@ use crate::fleet::{Millis, Status};
 pub const MAX_PAGE: usize = 500;
 
 /// One minute of a device's heartbeats (the last one heard in that minute).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Sample {
     pub at_ms: Millis,
     /// 1-minute load average × 100.
@@ -84,7 +84,7 @@ impl std::str::FromStr for SortKey {
 /// `GET /api/v1/devices?q=&status=&label=K=V&sort=&desc=&offset=&limit=`,
 /// as the query string says it. Every field is optional: none at all is
 /// the whole fleet, as before these existed.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 pub struct DeviceQuery {
     /// Text found in the id, a label's value or the agent version (any case).
     pub q: Option<String>,
@@ -216,7 +216,7 @@ fn status_rank(s: Status) -> u8 {
 }
 
 /// Devices in each state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StatusCounts {
     pub online: usize,
     pub stale: usize,
@@ -234,7 +234,7 @@ impl StatusCounts {
 }
 
 /// `GET /api/v1/overview?group=LABEL`: the fleet at a glance.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Overview {
     pub devices: usize,
     pub status: StatusCounts,
@@ -249,7 +249,7 @@ pub struct Overview {
 }
 
 /// What needs an operator.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Attention {
     /// Offline or stale devices, longest silent first (at most `ATTENTION_ROWS`).
     pub silent: Vec<SilentDevice>,
@@ -262,21 +262,21 @@ pub struct Attention {
 
 pub const ATTENTION_ROWS: usize = 20;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct SilentDevice {
     pub id: String,
     pub status: Status,
     pub last_seen_ms: Millis,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct FailingWorkload {
     pub workload: String,
     pub devices: Vec<String>,
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct StoppedRollout {
     pub workload: String,
     pub state: crate::rollout::State,

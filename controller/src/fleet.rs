@@ -44,7 +44,7 @@ impl Liveness {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Connected, and heard from within the stale window.
@@ -68,7 +68,7 @@ impl Status {
 }
 
 /// Everything known about one device; the store persists it as is.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Device {
     pub id: String,
     pub first_seen: Millis,
@@ -103,7 +103,7 @@ pub struct Device {
     pub history: crate::dashboard::History,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Refusal {
     pub at_ms: Millis,
     pub reason: String,

@@ -10,7 +10,7 @@ use baton_protocol::{Health, Phase, WorkloadStatus};
 use serde::{Deserialize, Serialize};
 
 /// How much of the fleet a wave covers, cumulatively.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Wave {
     Devices(u32),
     Percent(u32),
@@ -27,7 +27,7 @@ impl Wave {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Strategy {
     pub waves: Vec<Wave>,
     /// A device counts once it has run the new revision healthy this long.
@@ -70,7 +70,7 @@ pub fn wave_ends(waves: &[Wave], n: usize) -> Vec<usize> {
 
 /// A disruption budget: per group of devices (a label's value), how many
 /// may be updating at once.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Budget {
     /// Each device's group.
     pub group: BTreeMap<String, String>,
@@ -120,7 +120,7 @@ impl Budget {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum State {
     Progressing,
@@ -140,14 +140,14 @@ impl State {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Outcome {
     Pending,
     Ready,
     Failed(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DeviceProgress {
     /// When the device was given the new revision (moved while it is away).
     pub released_ms: u64,
@@ -172,7 +172,7 @@ pub struct Observation {
     pub waiting: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Rollout {
     pub workload: String,
     pub from: u64,
@@ -505,7 +505,7 @@ impl Rollout {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Counts {
     pub devices: usize,
     pub released: usize,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fleet::{Device, Liveness, Millis, Status};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DeviceView {
     pub id: String,
     pub tenant: String,
@@ -54,7 +54,7 @@ impl DeviceView {
 }
 
 /// Body of `PATCH /api/v1/devices/{id}/labels`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct LabelChange {
     #[serde(default)]
     pub set: BTreeMap<String, String>,
@@ -62,7 +62,7 @@ pub struct LabelChange {
     pub remove: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Health {
     pub status: String,
     pub version: String,
@@ -70,13 +70,13 @@ pub struct Health {
     pub devices: usize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ApiError {
     pub error: String,
 }
 
 /// Body of `POST /api/v1/devices/{id}/exec`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ExecRequest {
     pub workload: String,
     pub argv: Vec<String>,
@@ -84,7 +84,7 @@ pub struct ExecRequest {
 
 /// Body of `POST /api/v1/devices/{id}/sessions`: an interactive session
 /// (`baton exec -i/-t`); the answer streams `sessions::Frame`s.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SessionRequest {
     /// The workload whose newest container it runs in (empty with `host`).
     #[serde(default)]
@@ -107,7 +107,7 @@ pub struct SessionRequest {
 
 /// Body of `POST /api/v1/devices/{id}/connections`: one connection of
 /// `baton port-forward` (the answer streams like a session's).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ConnectRequest {
     /// The workload whose newest container to reach (empty: the device's host).
     #[serde(default)]
@@ -119,7 +119,7 @@ pub struct ConnectRequest {
 }
 
 /// Body of `POST /api/v1/devices/{id}/files/read|write` (`baton cp`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FileRequest {
     #[serde(default)]
     pub workload: String,
@@ -139,13 +139,13 @@ pub struct FileRequest {
 }
 
 /// Body of `POST /api/v1/sessions/{id}/resize`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ResizeRequest {
     pub rows: u16,
     pub cols: u16,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ExecResponse {
     pub exit_code: i32,
     pub stdout: String,
@@ -153,20 +153,20 @@ pub struct ExecResponse {
 }
 
 /// One manifest file sent by `baton apply`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ManifestFile {
     pub name: String,
     pub text: String,
 }
 
 /// Body of `POST /api/v1/workloads`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ApplyRequest {
     pub files: Vec<ManifestFile>,
 }
 
 /// A secret as the API shows it: never its value.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct SecretView {
     pub name: String,
     pub tenant: String,
@@ -176,7 +176,7 @@ pub struct SecretView {
 }
 
 /// `POST /api/v1/tokens`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct TokenRequest {
     pub ttl_s: u64,
     pub uses: u32,
@@ -185,7 +185,7 @@ pub struct TokenRequest {
 }
 
 /// A new join token: the whole `token` is shown once.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct TokenView {
     pub token: String,
     #[serde(flatten)]
@@ -193,7 +193,7 @@ pub struct TokenView {
 }
 
 /// A join token as listed (never its secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JoinTokenView {
     pub id: String,
     pub expires_at: u64,
@@ -213,7 +213,7 @@ impl From<crate::store::StoredToken> for JoinTokenView {
 }
 
 /// An operator API token as listed (never its secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ApiTokenView {
     pub id: String,
     pub role: Role,
@@ -232,7 +232,7 @@ impl From<crate::store::ApiToken> for ApiTokenView {
 }
 
 /// `POST /api/v1/apitokens`: the token, shown once, and what it is.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ApiTokenCreated {
     pub token: String,
     #[serde(flatten)]
@@ -240,7 +240,7 @@ pub struct ApiTokenCreated {
 }
 
 /// `POST /api/v1/apitokens`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ApiTokenRequest {
     /// A `Role` by name (checked by the controller, which says what it takes).
     pub role: String,
@@ -249,7 +249,7 @@ pub struct ApiTokenRequest {
 }
 
 /// A device's newly issued MQTT password (shown once).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct CredentialsView {
     pub device: String,
     /// The MQTT username is the device id.
@@ -257,13 +257,13 @@ pub struct CredentialsView {
 }
 
 /// The controller's public signing key.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct TrustView {
     /// `ed25519:HEX`: what agents put in `controller_keys`.
     pub signing_key: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct ApplyResult {
     pub name: String,
     pub revision: u64,
@@ -275,7 +275,7 @@ pub struct ApplyResult {
 }
 
 /// A workload and how it is doing on each device it is placed on.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct WorkloadView {
     pub name: String,
     pub tenant: String,
@@ -301,7 +301,7 @@ pub struct WorkloadView {
 
 /// An autoscaled workload: its range, count, what the load calls for now
 /// and the last decision (since the controller started).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct AutoscaleView {
     pub min: u32,
     pub max: u32,
@@ -312,7 +312,7 @@ pub struct AutoscaleView {
     pub last_decision: Option<ScaleDecision>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct ScaleDecision {
     pub at_ms: u64,
     pub from: u32,
@@ -320,7 +320,7 @@ pub struct ScaleDecision {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RevisionView {
     pub revision: u64,
     pub image: String,
@@ -331,7 +331,7 @@ pub struct RevisionView {
     pub changes: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct WorkloadOnDevice {
     pub device: String,
     pub device_status: Status,
@@ -355,7 +355,7 @@ pub struct WorkloadOnDevice {
 }
 
 /// `baton agent upgrade`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AgentUpgradeRequest {
     pub version: String,
     /// Devices whose labels include all of these (empty: every device).
@@ -373,7 +373,7 @@ pub struct AgentUpgradeRequest {
 }
 
 /// An agent upgrade: its number (what devices see), target and progress.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AgentRolloutView {
     pub id: u64,
     pub version: String,
@@ -386,7 +386,7 @@ pub struct AgentRolloutView {
 }
 
 /// The devices an agent upgrade covered, as they report now.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AgentFleetNow {
     /// Running the upgrade's version.
     pub on_version: usize,
@@ -396,7 +396,7 @@ pub struct AgentFleetNow {
     pub other: usize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RolloutView {
     pub workload: String,
     pub from: u64,
@@ -453,7 +453,7 @@ impl RolloutView {
 }
 
 /// One entry of the event log (`baton get events`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct Event {
     pub at_ms: Millis,
     /// `workload`, `rollout`, `device`, `secret`, `token`, `apitoken`.
@@ -470,7 +470,7 @@ pub struct Event {
 }
 
 /// Body of `POST /api/v1/workloads/{name}/scale`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ScaleRequest {
     pub replicas: u32,
 }
@@ -509,7 +509,7 @@ impl WorkloadView {
 }
 
 /// What an operator API token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// Everything its scope allows.
@@ -581,7 +581,7 @@ impl std::str::FromStr for RolloutAction {
 }
 
 /// `POST /api/v1/webhooks`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct WebhookRequest {
     pub url: String,
     /// Event names or patterns: `rollout.*`, `device.offline`, `*`.
@@ -589,7 +589,7 @@ pub struct WebhookRequest {
 }
 
 /// A webhook as listed: where it posts, what, and how delivery goes.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct WebhookView {
     pub id: String,
     pub url: String,
@@ -613,7 +613,7 @@ pub struct WebhookView {
 }
 
 /// `POST /api/v1/webhooks`: the webhook and its signing secret, shown once.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct WebhookCreated {
     /// Receivers check `X-Baton-Signature: sha256=HEX(HMAC-SHA256(secret, body))`.
     pub secret: String,

@@ -8,6 +8,7 @@ use crate::spec::WorkloadSpec;
 /// `presence`: retained; the broker publishes the agent's Last Will
 /// (`state: Offline`) when its connection dies.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Presence {
     pub state: PresenceState,
     pub agent_version: String,
@@ -18,12 +19,14 @@ pub struct Presence {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum PresenceState {
     Offline,
     Online,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum CgroupVersion {
     #[default]
     Unknown,
@@ -34,6 +37,7 @@ pub enum CgroupVersion {
 
 /// `inventory`: retained; what the device is. Republished on every connect.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Inventory {
     pub agent_version: String,
     /// Rust target-arch name (`aarch64`, `arm`, `x86_64`).
@@ -66,6 +70,7 @@ pub struct Inventory {
 /// `heartbeat`: QoS 0, every `heartbeat_interval`. Kept small: it is most of
 /// the fleet's steady-state traffic (target ≤ 64 bytes encoded).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Heartbeat {
     pub seq: u32,
     pub uptime_s: u32,
@@ -88,6 +93,7 @@ pub struct Heartbeat {
 
 /// Since 1.8: one workload's load on the device, sampled for a heartbeat.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct WorkloadLoad {
     pub workload: String,
     /// CPU used since the previous heartbeat, in thousandths of a CPU (None:
@@ -103,6 +109,7 @@ pub struct WorkloadLoad {
 
 /// `report`: observed state of every workload, sent when it changes.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Report {
     /// The desired generation the agent has applied.
     pub generation: u64,
@@ -119,6 +126,7 @@ pub struct Report {
 
 /// Since 1.8: a revision a device has been given but holds back, and why.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Waiting {
     pub workload: String,
     /// The revision held back (the running one is in `workloads`).
@@ -129,6 +137,7 @@ pub struct Waiting {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct WorkloadStatus {
     pub name: String,
     pub revision: u64,
@@ -142,6 +151,7 @@ pub struct WorkloadStatus {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Phase {
     #[default]
     Pending,
@@ -155,6 +165,7 @@ pub enum Phase {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Health {
     #[default]
     Unknown,
@@ -197,6 +208,7 @@ pub struct Desired {
 /// on this device. A workload not running yet starts at once, and a
 /// device-level rollback is never held.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct UpdatePolicy {
     pub workload: String,
     /// When it may switch (None: any time).
@@ -215,6 +227,7 @@ pub struct UpdatePolicy {
 /// that period a device repeats its last week, so the windows hold while it
 /// hears nothing (a daylight-saving change can move them by an hour then).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Windows {
     /// As the operator wrote it (`0 2 * * * for 2h Europe/Paris`), for messages.
     pub text: String,
@@ -227,6 +240,7 @@ pub struct Windows {
 /// The application's own hold on updates: while `/run/baton/update.lock`
 /// exists in its running container, it is not replaced.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct UpdateLock {
     /// How long a lock is honoured (0: for as long as it is held).
     pub max_s: u32,
@@ -236,6 +250,7 @@ pub struct UpdateLock {
 
 /// A port a service declares: its container port, by name.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ServicePort {
     pub service: String,
     /// The port's name, as in `Endpoint::port_name`.
@@ -248,6 +263,7 @@ pub struct ServicePort {
 /// controller's Ed25519 signature over it and the device id (see `crypto`).
 /// Agents refuse unsigned, unknown-key, forged and older documents.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SignedDesired {
     /// The signer's Ed25519 public key (32 bytes); it must be one the agent trusts.
     pub key: Vec<u8>,
@@ -259,6 +275,7 @@ pub struct SignedDesired {
 /// Where a service (a workload with named ports) can be reached right now:
 /// its healthy instances.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ServiceEndpoints {
     /// The workload that serves.
     pub name: String,
@@ -268,6 +285,7 @@ pub struct ServiceEndpoints {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Endpoint {
     pub device: String,
     /// The device's address (from its inventory).
@@ -278,6 +296,7 @@ pub struct Endpoint {
 
 /// `cmd`: a request to one device, answered on `cmd/res` with the same id.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Command {
     /// Correlation id chosen by the controller, unique per device.
     pub id: u64,
@@ -299,6 +318,7 @@ pub struct Command {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum CommandAction {
     Logs {
         workload: String,
@@ -408,6 +428,7 @@ impl CommandAction {
 
 /// `cmd/res`: one response message; a request may get several (`seq` orders them).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CommandResult {
     pub id: u64,
     pub seq: u32,
@@ -415,6 +436,7 @@ pub struct CommandResult {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum CommandOutput {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
@@ -431,6 +453,7 @@ pub enum CommandOutput {
 /// the broker admitted with the token (username `join:<id>`), and carrying it
 /// again so the controller can spend one of its uses.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EnrollRequest {
     pub token_id: String,
     pub token_secret: String,
@@ -442,6 +465,7 @@ pub struct EnrollRequest {
 /// `enroll/res` (since 1.2): the device's MQTT password, sealed to its key
 /// under `crypto::secret_context(device, "enroll", "password")`, or why not.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EnrollResponse {
     pub sealed_password: Vec<u8>,
     pub error: Option<String>,

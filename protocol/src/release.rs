@@ -18,6 +18,7 @@ pub const CHUNK_BYTES: u32 = 64 * 1024;
 
 /// In `Desired::agent`: the agent this device should run.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct AgentTarget {
     pub version: String,
     /// SHA-256 of the binary for this device's architecture. Empty: a
@@ -35,6 +36,7 @@ pub struct AgentTarget {
 
 /// `release`, device → controller: `len` bytes of the release `digest` from `offset`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ReleaseRequest {
     pub digest: Vec<u8>,
     pub offset: u64,
@@ -92,6 +94,7 @@ mod bytes {
 
 /// How the last upgrade a device was asked for went (in `Inventory::upgrade`).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct UpgradeOutcome {
     /// The version it was asked to run.
     pub version: String,
@@ -103,6 +106,7 @@ pub struct UpgradeOutcome {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum UpgradeState {
     /// Fetching or trying it.
     #[default]

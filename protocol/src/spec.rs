@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct WorkloadSpec {
     pub name: String,
     /// Increases with every change of the spec; reports echo it.
@@ -19,6 +20,7 @@ pub struct WorkloadSpec {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ContainerSpec {
     /// Replaces the image's entrypoint when not empty.
     pub command: Vec<String>,
@@ -66,12 +68,14 @@ pub struct ContainerSpec {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct User {
     pub uid: u32,
     pub gid: u32,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Resources {
     pub memory_bytes: Option<u64>,
     /// CPU limit in thousandths of a CPU (cgroup quota over a 100 ms period).
@@ -81,6 +85,7 @@ pub struct Resources {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum RestartPolicy {
     #[default]
     Always,
@@ -89,6 +94,7 @@ pub enum RestartPolicy {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Mount {
     pub target: String,
     pub source: MountSource,
@@ -96,6 +102,7 @@ pub struct Mount {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum MountSource {
     /// Persistent directory under the agent's data dir, kept across revisions.
     Volume(String),
@@ -106,6 +113,7 @@ pub enum MountSource {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DeviceMount {
     /// Host device node, e.g. `/dev/ttyUSB0`.
     pub host_path: String,
@@ -116,6 +124,7 @@ pub struct DeviceMount {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum NetworkMode {
     #[default]
     Host,
@@ -129,6 +138,7 @@ pub enum NetworkMode {
 
 /// A host port forwarded to a bridged container (`ports: 8080:80`).
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Publish {
     pub host_port: u16,
     pub port: u16,
@@ -137,6 +147,7 @@ pub struct Publish {
 
 /// Bits per second; 0 is no limit.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Bandwidth {
     /// What the container sends.
     pub egress_bps: u64,
@@ -145,6 +156,7 @@ pub struct Bandwidth {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Port {
     pub name: String,
     pub port: u16,
@@ -152,6 +164,7 @@ pub struct Port {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum PortProtocol {
     #[default]
     Tcp,
@@ -159,6 +172,7 @@ pub enum PortProtocol {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Security {
     /// All capabilities, no seccomp, no masked paths. Off by default.
     pub privileged: bool,
@@ -235,6 +249,7 @@ pub fn unknown_capability<'a>(cap_add: &'a [String], cap_drop: &'a [String]) -> 
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Probe {
     pub check: ProbeCheck,
     pub interval_s: u32,
@@ -244,6 +259,7 @@ pub struct Probe {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum ProbeCheck {
     Exec(Vec<String>),
     Tcp { port: u16 },
@@ -251,6 +267,7 @@ pub enum ProbeCheck {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct File {
     /// Absolute path inside the container.
     pub path: String,

@@ -164,6 +164,29 @@ impl Browser {
         self.call("POST", "/execute/sync", Some(json!({"script": script, "args": []}))).expect("script")
     }
 
+    /// Runs `script` with `args` (a function body whose last argument is a
+    /// callback); the value it calls back with.
+    pub fn script_async(&self, script: &str, args: Vec<Value>) -> Value {
+        self.call("POST", "/execute/async", Some(json!({"script": script, "args": args}))).expect("async script")
+    }
+
+    /// Loads `url` afresh (through a blank page, so a change of `#…` alone
+    /// is a whole new load too) and returns the page's clock, in ms since it
+    /// started loading, when an element `css` selects first holds `text`.
+    pub fn load_until(&self, url: &str, css: &str, text: &str) -> f64 {
+        self.goto("about:blank");
+        self.goto(url);
+        let v = self.script_async(
+            "const [sel, want, done] = arguments;
+             const ok = () => { const e = document.querySelector(sel); return e && e.textContent.includes(want); };
+             if (ok()) return done(performance.now());
+             const mo = new MutationObserver(() => { if (ok()) { mo.disconnect(); done(performance.now()); } });
+             mo.observe(document.body, { subtree: true, childList: true, characterData: true });",
+            vec![json!(css), json!(text)],
+        );
+        v.as_f64().unwrap_or_else(|| panic!("{css:?} with {text:?} never showed on {url}: {v}"))
+    }
+
     /// With `BATON_SCREENSHOTS=1`, a screenshot of the page as it is now
     /// (to look at the pages a passing test went through).
     pub fn checkpoint(&self, what: &str) {

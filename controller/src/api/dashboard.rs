@@ -63,17 +63,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// The API routes of the dashboard (under `authenticate`).
-pub fn routes(router: Router<Arc<Controller>>) -> Router<Arc<Controller>> {
-    router
-        .route("/api/v1/whoami", get(whoami))
-        .route("/api/v1/overview", get(overview))
-        .route("/api/v1/devices/{id}/samples", get(samples))
-        .route("/api/v1/events/stream", get(event_stream))
-        .route("/api/v1/workloads/{name}/rollout/watch", get(rollout_watch))
-}
-
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq, schemars::JsonSchema)]
 pub struct WhoAmI {
     pub name: String,
     pub role: Role,
@@ -83,7 +73,7 @@ pub struct WhoAmI {
     pub api_auth: bool,
 }
 
-async fn whoami(
+pub(super) async fn whoami(
     State(c): State<Arc<Controller>>,
     Extension(scope): Extension<Scope>,
     Extension(Caller(name)): Extension<Caller>,
@@ -92,12 +82,12 @@ async fn whoami(
     Json(WhoAmI { name, role, tenant: scope.tenant().map(str::to_string), api_auth: c.api_auth })
 }
 
-#[derive(serde::Deserialize)]
-struct OverviewQuery {
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+pub(super) struct OverviewQuery {
     group: Option<String>,
 }
 
-async fn overview(
+pub(super) async fn overview(
     State(c): State<Arc<Controller>>,
     Extension(scope): Extension<Scope>,
     Query(q): Query<OverviewQuery>,
@@ -106,7 +96,7 @@ async fn overview(
     Ok(Json(op(&c, move |c| c.overview(group.as_deref(), now_ms(), &scope)).await?))
 }
 
-async fn samples(
+pub(super) async fn samples(
     State(c): State<Arc<Controller>>,
     Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
@@ -134,8 +124,8 @@ fn frame(kind: &str, data: &str) -> String {
     format!("event: {kind}\ndata: {data}\n\n")
 }
 
-#[derive(serde::Deserialize)]
-struct StreamQuery {
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+pub(super) struct StreamQuery {
     /// Only events about this subject (a device id, a workload name).
     subject: Option<String>,
 }
@@ -143,7 +133,7 @@ struct StreamQuery {
 /// `GET /api/v1/events/stream`: every event the caller's scope sees, as it
 /// is recorded (`event: event`), from the moment of the request; `event:
 /// lagged` says how many this reader missed when it fell behind.
-async fn event_stream(
+pub(super) async fn event_stream(
     State(c): State<Arc<Controller>>,
     Extension(scope): Extension<Scope>,
     Query(q): Query<StreamQuery>,
@@ -172,7 +162,7 @@ async fn event_stream(
 /// `GET /api/v1/workloads/{name}/rollout/watch`: the workload's rollout
 /// (`event: rollout`, the `RolloutView`; `null` before its first) now and at
 /// every change, until the client goes away or the workload does (`event: gone`).
-async fn rollout_watch(
+pub(super) async fn rollout_watch(
     State(c): State<Arc<Controller>>,
     Extension(scope): Extension<Scope>,
     Path(name): Path<String>,

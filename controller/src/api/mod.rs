@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod dashboard;
+pub mod openapi;
 mod session;
 
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch, post};
+use axum::routing::MethodRouter;
 use axum::{Json, Router};
 
 use baton_protocol::{CommandAction, CommandOutput, CommandResult, DeviceId};
@@ -22,54 +23,128 @@ use crate::controller::{now_ms, Controller, OpError};
 use crate::fleet::Status;
 use crate::tenant::Scope;
 use crate::view::{ApiError, ApplyRequest, ExecRequest, ExecResponse, LabelChange, ScaleRequest};
+use openapi::Doc;
+
+/// One operation of the API: its route and its description, from one entry.
+pub struct Operation {
+    doc: Doc,
+    route: MethodRouter<Arc<Controller>>,
+}
+
+/// `doc`, served by `handler` (with the method the description names).
+fn serve<H, T>(doc: Doc, handler: H) -> Operation
+where
+    H: axum::handler::Handler<T, Arc<Controller>>,
+    T: 'static,
+{
+    let filter = axum::routing::MethodFilter::try_from(doc.method.clone()).expect("a method axum routes");
+    Operation { route: axum::routing::on(filter, handler), doc }
+}
+
+/// Every operation of the API, in the order the description lists them.
+fn operations() -> Vec<Operation> {
+    use crate::store::AgentRelease;
+    use crate::view::*;
+    use axum::http::Method;
+    use openapi::{json, Body};
+    const GET: Method = Method::GET;
+    const POST: Method = Method::POST;
+    const PUT: Method = Method::PUT;
+    const PATCH: Method = Method::PATCH;
+    const DELETE: Method = Method::DELETE;
+    let at = openapi::Doc::at;
+    let frames = Body::Raw(
+        "application/octet-stream",
+        "the session's frames (`baton_controller::sessions::Frame`), for its whole life",
+    );
+    let done = json::<serde_json::Value>;
+    vec![
+        serve(at(GET, "/healthz", "Liveness: the controller answers and whether its broker is connected").gives(json::<Health>()), health),
+        serve(at(GET, "/metrics", "Prometheus metrics of the whole fleet (fleet-wide tokens)").gives(Body::Raw("text/plain", "Prometheus text format 0.0.4")), metrics),
+        serve(at(GET, "/api/v1/openapi.json", "This description").gives(json::<serde_json::Value>()), openapi_json),
+        serve(at(GET, "/api/v1/whoami", "The token's name, role and tenant").gives(json::<dashboard::WhoAmI>()), dashboard::whoami),
+        serve(at(GET, "/api/v1/overview", "The fleet at a glance: status counts, counts by a label, agent versions, architectures, what needs attention").query::<dashboard::OverviewQuery>().gives(json::<crate::dashboard::Overview>()), dashboard::overview),
+        serve(at(GET, "/api/v1/devices", "Devices, all or filtered, sorted and paged (`x-total-count`: how many passed the filter)").query::<crate::dashboard::DeviceQuery>().gives(json::<Vec<DeviceView>>()), list_devices),
+        serve(at(GET, "/api/v1/devices/{id}", "One device").gives(json::<DeviceView>()), get_device),
+        serve(at(GET, "/api/v1/devices/{id}/samples", "A device's last hour of heartbeats, a sample a minute").gives(json::<Vec<crate::dashboard::Sample>>()), dashboard::samples),
+        serve(at(PATCH, "/api/v1/devices/{id}/labels", "Set and remove a device's operator labels").takes(json::<LabelChange>()).gives(json::<DeviceView>()), relabel),
+        serve(at(PUT, "/api/v1/devices/{id}/tenant", "Move a device to another tenant (fleet-wide admins)").takes(json::<AssignRequest>()).gives(json::<DeviceView>()), assign_device),
+        serve(at(POST, "/api/v1/devices/{id}/credentials", "Issue a device's MQTT password").gives(json::<CredentialsView>()), issue_credentials),
+        serve(at(POST, "/api/v1/devices/{id}/revoke", "Revoke a device: its credentials, its connection").gives(done()), revoke_device),
+        serve(at(GET, "/api/v1/devices/{id}/logs/{workload}", "A workload's log on a device, streamed; `follow` keeps it open").query::<LogsQuery>().gives(Body::Raw("text/plain", "log lines as the device sends them")), logs),
+        serve(at(POST, "/api/v1/devices/{id}/exec", "Run a command in a workload's container and wait for its end").takes(json::<ExecRequest>()).gives(json::<ExecResponse>()), exec),
+        serve(at(POST, "/api/v1/devices/{id}/sessions", "Open an interactive session in a container or on the device").takes(json::<SessionRequest>()).gives(frames), session::open),
+        serve(at(POST, "/api/v1/devices/{id}/connections", "One forwarded TCP connection to a container's or the device's port").takes(json::<ConnectRequest>()).gives(frames), session::connect),
+        serve(at(POST, "/api/v1/devices/{id}/files/read", "Copy a file from a container or the device").takes(json::<FileRequest>()).gives(frames), session::read_file),
+        serve(at(POST, "/api/v1/devices/{id}/files/write", "Copy a file to a container or the device").takes(json::<FileRequest>()).gives(frames), session::write_file),
+        serve(at(POST, "/api/v1/sessions/{session}/input", "Bytes for a session's stdin, answered once written").query::<session::InputQuery>().takes(Body::Raw("application/octet-stream", "the bytes")).gives(done()), session::input),
+        serve(at(POST, "/api/v1/sessions/{session}/resize", "A session's new window size").takes(json::<ResizeRequest>()).gives(done()), session::resize),
+        serve(at(POST, "/api/v1/devices/{id}/workloads/{workload}/restart", "Restart a workload's container on a device").gives(done()), restart),
+        serve(at(GET, "/api/v1/workloads", "Workloads").gives(json::<Vec<WorkloadView>>()), list_workloads),
+        serve(at(POST, "/api/v1/workloads", "Apply manifests (or Compose files): all valid, or nothing stored").takes(json::<ApplyRequest>()).gives(json::<Vec<ApplyResult>>()), apply_workloads),
+        serve(at(GET, "/api/v1/workloads/{name}", "One workload: revisions, placement, every device's state").gives(json::<WorkloadView>()), get_workload),
+        serve(at(DELETE, "/api/v1/workloads/{name}", "Delete a workload").gives(done()), delete_workload),
+        serve(at(POST, "/api/v1/workloads/{name}/scale", "Set a workload's replicas").takes(json::<ScaleRequest>()).gives(json::<WorkloadView>()), scale),
+        serve(at(GET, "/api/v1/workloads/{name}/rollout", "A workload's last rollout").gives(json::<RolloutView>()), get_rollout),
+        serve(at(GET, "/api/v1/workloads/{name}/rollout/watch", "A workload's rollout at every change (server-sent events `rollout`, `gone`)").gives(Body::Raw("text/event-stream", "`event: rollout` with a RolloutView (or null) at each change")), dashboard::rollout_watch),
+        serve(at(POST, "/api/v1/workloads/{name}/rollout/{action}", "pause, resume, abort or undo a workload's rollout").gives(json::<RolloutView>()), rollout_action),
+        serve(at(GET, "/api/v1/events", "Events, oldest first").query::<EventQuery>().gives(json::<Vec<Event>>()), events),
+        serve(at(GET, "/api/v1/events/stream", "Events as they are recorded (server-sent events `event`, `lagged`)").query::<dashboard::StreamQuery>().gives(Body::Raw("text/event-stream", "`event: event` with an Event each")), dashboard::event_stream),
+        serve(at(GET, "/api/v1/secrets", "Secrets (names and versions, never values)").gives(json::<Vec<SecretView>>()), list_secrets),
+        serve(at(PUT, "/api/v1/secrets/{name}", "Set a secret; the body is its value").takes(Body::Raw("application/octet-stream", "the secret's value")).gives(json::<SecretView>()), put_secret),
+        serve(at(DELETE, "/api/v1/secrets/{name}", "Delete a secret").gives(done()), delete_secret),
+        serve(at(GET, "/api/v1/trust", "The key devices pin: desired documents and commands are signed with it").gives(json::<TrustView>()), trust),
+        serve(at(GET, "/api/v1/tokens", "Join tokens").gives(json::<Vec<JoinTokenView>>()), list_tokens),
+        serve(at(POST, "/api/v1/tokens", "Make a join token").takes(json::<TokenRequest>()).gives(json::<TokenView>()), create_token),
+        serve(at(DELETE, "/api/v1/tokens/{id}", "Delete a join token").gives(done()), delete_token),
+        serve(at(GET, "/api/v1/apitokens", "API tokens").gives(json::<Vec<ApiTokenView>>()), list_api_tokens),
+        serve(at(POST, "/api/v1/apitokens", "Make an API token").takes(json::<ApiTokenRequest>()).gives(json::<ApiTokenCreated>()), create_api_token),
+        serve(at(DELETE, "/api/v1/apitokens/{id}", "Revoke an API token").gives(done()), delete_api_token),
+        serve(at(POST, "/api/v1/backup", "A consistent copy of the controller's store").gives(Body::Raw("application/vnd.sqlite3", "an SQLite database")), backup),
+        serve(at(GET, "/api/v1/webhooks", "Webhooks, with delivery counts and the last error").gives(json::<Vec<WebhookView>>()), list_webhooks),
+        serve(at(POST, "/api/v1/webhooks", "Make a webhook (its secret is shown once)").takes(json::<WebhookRequest>()).gives(json::<WebhookCreated>()), create_webhook),
+        serve(at(DELETE, "/api/v1/webhooks/{id}", "Delete a webhook").gives(done()), delete_webhook),
+        serve(at(GET, "/api/v1/agent/releases", "Published agent builds").gives(json::<Vec<AgentRelease>>()), list_releases),
+        serve(at(POST, "/api/v1/agent/releases", "Publish an agent build; the body is the binary").query::<PublishQuery>().takes(Body::Raw("application/octet-stream", "the agent binary")).gives(json::<AgentRelease>()), publish_release)
+            .limit(crate::controller::MAX_RELEASE_BYTES),
+        serve(at(DELETE, "/api/v1/agent/releases/{version}", "Unpublish an agent version (or one architecture's build)").query::<ArchQuery>().gives(done()), unpublish_release),
+        serve(at(POST, "/api/v1/agent/upgrade", "Upgrade the fleet's agents in waves").takes(json::<AgentUpgradeRequest>()).gives(json::<AgentRolloutView>()), agent_upgrade),
+        serve(at(GET, "/api/v1/agent/rollout", "The fleet's agent upgrade").gives(json::<AgentRolloutView>()), agent_rollout),
+        serve(at(POST, "/api/v1/agent/rollout/{action}", "pause, resume, abort or undo the agent upgrade").gives(json::<AgentRolloutView>()), agent_rollout_action),
+    ]
+}
+
+impl Operation {
+    /// A body limit of its own (agent builds are larger than any other body).
+    fn limit(mut self, bytes: usize) -> Self {
+        self.route = self.route.layer(axum::extract::DefaultBodyLimit::max(bytes));
+        self
+    }
+}
+
+/// What `GET /api/v1/openapi.json` describes: every operation the router serves.
+pub fn operation_docs() -> Vec<Doc> {
+    operations().into_iter().map(|o| o.doc).collect()
+}
+
+async fn openapi_json() -> Response {
+    static SPEC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = SPEC.get_or_init(|| openapi::describe(&operation_docs()).to_string());
+    ([("content-type", "application/json")], text.as_str()).into_response()
+}
 
 pub fn router(controller: Arc<Controller>) -> Router {
-    let api = Router::new()
-        .route("/healthz", get(health))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/devices", get(list_devices))
-        .route("/api/v1/devices/{id}", get(get_device))
-        .route("/api/v1/devices/{id}/labels", patch(relabel))
-        .route("/api/v1/devices/{id}/tenant", axum::routing::put(assign_device))
-        .route("/api/v1/workloads", get(list_workloads).post(apply_workloads))
-        .route("/api/v1/workloads/{name}", get(get_workload).delete(delete_workload))
-        .route("/api/v1/workloads/{name}/scale", post(scale))
-        .route("/api/v1/workloads/{name}/rollout", get(get_rollout))
-        .route("/api/v1/workloads/{name}/rollout/{action}", post(rollout_action))
-        .route("/api/v1/events", get(events))
-        .route("/api/v1/secrets", get(list_secrets))
-        .route("/api/v1/secrets/{name}", axum::routing::put(put_secret).delete(delete_secret))
-        .route("/api/v1/trust", get(trust))
-        .route("/api/v1/devices/{id}/credentials", post(issue_credentials))
-        .route("/api/v1/tokens", get(list_tokens).post(create_token))
-        .route("/api/v1/tokens/{id}", axum::routing::delete(delete_token))
-        .route("/api/v1/devices/{id}/revoke", post(revoke_device))
-        .route("/api/v1/devices/{id}/logs/{workload}", get(logs))
-        .route("/api/v1/devices/{id}/exec", post(exec))
-        .route("/api/v1/devices/{id}/sessions", post(session::open))
-        .route("/api/v1/devices/{id}/connections", post(session::connect))
-        .route("/api/v1/devices/{id}/files/read", post(session::read_file))
-        .route("/api/v1/devices/{id}/files/write", post(session::write_file))
-        .route("/api/v1/sessions/{session}/input", post(session::input))
-        .route("/api/v1/sessions/{session}/resize", post(session::resize))
-        .route("/api/v1/devices/{id}/workloads/{workload}/restart", post(restart))
-        .route("/api/v1/apitokens", get(list_api_tokens).post(create_api_token))
-        .route("/api/v1/apitokens/{id}", axum::routing::delete(delete_api_token))
-        .route("/api/v1/backup", post(backup))
-        .route("/api/v1/webhooks", get(list_webhooks).post(create_webhook))
-        .route("/api/v1/webhooks/{id}", axum::routing::delete(delete_webhook))
-        .route(
-            "/api/v1/agent/releases",
-            get(list_releases)
-                .post(publish_release)
-                .layer(axum::extract::DefaultBodyLimit::max(crate::controller::MAX_RELEASE_BYTES)),
-        )
-        .route("/api/v1/agent/releases/{version}", axum::routing::delete(unpublish_release))
-        .route("/api/v1/agent/upgrade", post(agent_upgrade))
-        .route("/api/v1/agent/rollout", get(agent_rollout))
-        .route("/api/v1/agent/rollout/{action}", post(agent_rollout_action));
-    dashboard::routes(api)
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such API endpoint".into()) })
+    // Operations on one path share its route.
+    let mut paths: std::collections::BTreeMap<&'static str, MethodRouter<Arc<Controller>>> = Default::default();
+    for o in operations() {
+        let route = match paths.remove(o.doc.path) {
+            Some(r) => r.merge(o.route),
+            None => o.route,
+        };
+        paths.insert(o.doc.path, route);
+    }
+    let api = paths.into_iter().fold(Router::new(), |r, (path, route)| r.route(path, route));
+    api.fallback(|| async { error(StatusCode::NOT_FOUND, "no such API endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(controller.clone(), authenticate))
         .with_state(controller)
         // The dashboard's page and assets hold no data: no token for them.
@@ -167,7 +242,7 @@ async fn relabel(
     view.map(Json).map_err(IntoResponse::into_response)
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 struct AssignRequest {
     tenant: String,
 }
@@ -230,7 +305,7 @@ async fn answer(
     }
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 struct LogsQuery {
     #[serde(default)]
     tail: Option<u32>,
@@ -468,7 +543,7 @@ async fn list_releases(State(c): State<Arc<Controller>>) -> Result<impl IntoResp
     Ok(Json(op(&c, |c| c.releases()).await??))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 struct PublishQuery {
     version: Option<String>,
 }
@@ -483,7 +558,7 @@ async fn publish_release(
     Ok(Json(op(&c, move |c| c.publish_release(q.version.as_deref(), &body, now_ms(), &scope)).await??))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 struct ArchQuery {
     arch: Option<String>,
 }
@@ -524,7 +599,7 @@ async fn agent_rollout_action(
     Ok(Json(op(&c, move |c| c.agent_rollout_action(action, now_ms(), &scope)).await??))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 struct EventQuery {
     subject: Option<String>,
     limit: Option<usize>,
@@ -628,7 +703,7 @@ async fn authenticate(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if req.uri().path() == "/healthz" {
+    if openapi::public(req.uri().path()) {
         return next.run(req).await;
     }
     let headers = req.headers();

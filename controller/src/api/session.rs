@@ -359,7 +359,7 @@ fn owned(c: &Controller, sid: u64, caller: &str) -> Result<Arc<Session>, Failure
     Ok(s)
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 pub(super) struct InputQuery {
     #[serde(default)]
     eof: bool,

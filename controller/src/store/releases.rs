@@ -6,7 +6,7 @@ use super::{Store, StoreError};
 use crate::upgrade::AgentRollout;
 
 /// A published agent build (its bytes stay in the store).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct AgentRelease {
     pub version: String,
     pub arch: String,

@@ -19,7 +19,7 @@ mod validate;
 
 pub use validate::{autoscale, strategy, validate, FieldError};
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub name: String,
@@ -104,7 +104,7 @@ pub struct Manifest {
     pub rollout: Option<RolloutManifest>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileManifest {
     /// Absolute path inside the container.
@@ -114,7 +114,7 @@ pub struct FileManifest {
     pub mode: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretManifest {
     /// The stored secret (`baton secret create NAME`).
@@ -139,7 +139,7 @@ pub fn unversioned_secret(name: &str) -> Vec<u8> {
 pub const MAX_FILES_BYTES: usize = 128 * 1024;
 
 /// `disruption:` — a disruption budget.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DisruptionManifest {
     /// A count (`1`) or a share of the group's devices (`25%`, at least one).
@@ -159,7 +159,7 @@ pub fn allowance(d: &DisruptionManifest, size: usize) -> usize {
 }
 
 /// `updates:` — when a device may switch a running workload to a new revision.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdatesManifest {
     /// When it may switch: one window, or a list whose first entry with a
@@ -177,7 +177,7 @@ pub struct UpdatesManifest {
     pub lock: Option<LockManifest>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
     One(T),
@@ -215,7 +215,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WindowManifest {
     /// Only devices with these labels (default: every device).
@@ -231,7 +231,7 @@ pub struct WindowManifest {
     pub time_zone: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LockManifest {
     /// Honour a held lock this long at most (`10m`; default: as long as it is held).
@@ -243,7 +243,7 @@ pub struct LockManifest {
 }
 
 /// `autoscale:` — at least one target.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AutoscaleManifest {
     pub min: u32,
@@ -262,7 +262,7 @@ pub struct AutoscaleManifest {
     pub cooldown: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutManifest {
     /// Cumulative wave sizes: device counts or percentages (`[1, 10%, 50%, 100%]`).
@@ -275,7 +275,7 @@ pub struct RolloutManifest {
 }
 
 /// A number or a string in YAML (`3`, `25%`).
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum Quantity {
     Number(u64),
@@ -323,7 +323,7 @@ impl std::fmt::Display for Quantity {
 /// Seconds a new revision has to become healthy on a device.
 pub const DEFAULT_HEALTH_DEADLINE_S: u32 = 120;
 
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartName {
     #[default]
@@ -332,7 +332,7 @@ pub enum RestartName {
     Never,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkName {
     #[default]
@@ -342,7 +342,7 @@ pub enum NetworkName {
     Bridge,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourcesManifest {
     /// `64Mi`, `1G`, `500000` (bytes).
@@ -356,7 +356,7 @@ pub struct ResourcesManifest {
     pub network: Option<BandwidthManifest>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BandwidthManifest {
     /// What it sends: `2mbit`, `500kbit`, `1gbit`, `64000bit`.
@@ -365,7 +365,7 @@ pub struct BandwidthManifest {
     pub ingress: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortManifest {
     pub name: String,
@@ -377,7 +377,7 @@ pub struct PortManifest {
     pub publish: Option<u16>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeManifest {
     /// Where it appears in the container.
@@ -392,7 +392,7 @@ pub struct VolumeManifest {
     pub read_only: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeManifest {
     pub exec: Option<Vec<String>>,
@@ -418,7 +418,7 @@ fn default_threshold() -> u32 {
     3
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpProbe {
     pub port: u16,
@@ -431,7 +431,7 @@ fn default_path() -> String {
 }
 
 /// Where a workload runs. Today: one instance on every device that matches.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Placement {
     /// Labels a device must have (all of them).

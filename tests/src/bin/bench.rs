@@ -20,7 +20,10 @@
 //! namespace of its own), `net-memory` (the agent with N bridged containers)
 //! and `remote` (`baton exec -it` keystroke round trips and `baton
 //! port-forward` throughput and request latency, beside a direct connection
-//! and OpenSSH's `ssh -tt` / `ssh -L` to the same server in the same run).
+//! and OpenSSH's `ssh -tt` / `ssh -L` to the same server in the same run)
+//! and `dashboard` (the dashboard's pages and API calls on a 10,000-device
+//! simulated fleet in headless chromium, beside the whole-fleet listing the
+//! CLI reads).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -50,6 +53,7 @@ fn main() {
         "autoscale" => autoscale(secs("BENCH_SIM_DEVICES", 1000) as usize),
         "autoscale-cpu" => autoscale_cpu(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_SECS", 60)),
         "remote" => remote(secs("BENCH_KEYS", 100) as usize, secs("BENCH_ROUNDS", 5) as usize),
+        "dashboard" => dashboard(secs("BENCH_SIM_DEVICES", 10_000) as usize, secs("BENCH_ROUNDS", 5) as usize),
         "all" => {
             sizes();
             footprint(secs("BENCH_IDLE_SECS", 60));
@@ -66,10 +70,11 @@ fn main() {
             autoscale(secs("BENCH_SIM_DEVICES", 1000) as usize);
             autoscale_cpu(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_SECS", 60));
             remote(secs("BENCH_KEYS", 100) as usize, secs("BENCH_ROUNDS", 5) as usize);
+            dashboard(secs("BENCH_SIM_DEVICES", 10_000) as usize, secs("BENCH_ROUNDS", 5) as usize);
         }
         other => {
             eprintln!(
-                "usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|net|net-memory|autoscale|autoscale-cpu|remote|all] (got {other:?})"
+                "usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|net|net-memory|autoscale|autoscale-cpu|remote|dashboard|all] (got {other:?})"
             );
             std::process::exit(2);
         }
@@ -1766,4 +1771,98 @@ fn remote(keys: usize, rounds: usize) {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// The dashboard on a fleet of `devices` simulated devices (a label `site`
+/// of 20 values, one workload on all): each API call the pages make, timed
+/// and sized, beside `GET /api/v1/devices` for the whole fleet (what `baton
+/// get devices` reads, and what a page would fetch without server-side
+/// paging); then each page loaded afresh in headless chromium, from the
+/// start of navigation to its data drawn.
+fn dashboard(devices: usize, rounds: usize) {
+    println!("## Dashboard: {devices} simulated devices, {rounds} rounds (median)\n");
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let sites: Vec<String> = (0..20).map(|i| format!("site-{i:02}")).collect();
+    let cycle = format!("site={}", sites.join(","));
+    let _sim = start_simulator(
+        &world,
+        "sim",
+        devices,
+        &controller.broker_url(),
+        &["--heartbeat-interval", "30", "--label-cycle", &cycle],
+    );
+    let count = || -> Option<usize> {
+        let r = ureq::get(format!("http://127.0.0.1:{}/api/v1/devices?limit=1", controller.http)).call().ok()?;
+        r.headers().get("x-total-count")?.to_str().ok()?.parse().ok()
+    };
+    wait_for("simulated fleet", Duration::from_secs(300), || (count()? == devices).then_some(()));
+    let path = world.path().join("app.yaml");
+    std::fs::write(&path, "name: app\nimage: 127.0.0.1:9/app:1\n").expect("manifest");
+    let (ok, _, err) = baton_cli(&server, &["apply", "-f", path.to_str().expect("utf-8")]);
+    assert!(ok, "{err}");
+    wait_for("app everywhere", Duration::from_secs(300), || {
+        let w: baton_controller::view::WorkloadView = get_json(controller.http, "/api/v1/workloads/app").ok()?;
+        (w.healthy() == devices).then_some(())
+    });
+
+    println!("| API call | median | bytes |\n|---|---|---|");
+    let calls = [
+        ("overview, grouped by site", "/api/v1/overview?group=site".to_string()),
+        ("devices, first page of 50", "/api/v1/devices?offset=0&limit=50".to_string()),
+        (
+            "devices, searched and sorted (page of 50)",
+            "/api/v1/devices?q=site-07&sort=last_seen&desc=true&limit=50".to_string(),
+        ),
+        ("one device", "/api/v1/devices/sim-0042".to_string()),
+        ("one device's last hour", "/api/v1/devices/sim-0042/samples".to_string()),
+        ("the workload (every device's state)", "/api/v1/workloads/app".to_string()),
+        ("**whole fleet** (`baton get devices`)", "/api/v1/devices".to_string()),
+    ];
+    let mut page_ms = 0.0;
+    let mut whole_ms = 0.0;
+    for (name, path) in &calls {
+        let mut times = Vec::new();
+        let mut size = 0;
+        for _ in 0..rounds.max(3) {
+            let t = Instant::now();
+            let body = get_text(controller.http, path).expect("API call");
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            size = body.len();
+        }
+        times.sort_by(f64::total_cmp);
+        let median = percentile(&times, 0.5);
+        if path.ends_with("limit=50") && path.contains("offset") {
+            page_ms = median;
+        }
+        if path == "/api/v1/devices" {
+            whole_ms = median;
+        }
+        println!("| {name} | {median:.1} ms | {size} |");
+    }
+    println!("| whole fleet / first page | {:.0}× |\n", whole_ms / page_ms.max(0.001));
+
+    let b = baton_tests::webdriver::Browser::start(&world, "bench", 1280, 900);
+    let base = format!("http://127.0.0.1:{}/ui/", controller.http);
+    let total = devices.to_string();
+    let pages = [
+        ("overview", "#/".to_string(), "#status-cards", total.clone()),
+        ("devices (first 50)", "#/devices".to_string(), "#count", format!("of {devices}")),
+        ("devices searched", "#/devices?q=site-07".to_string(), "#count", format!("of {}", devices / 20)),
+        ("a device (inventory, charts, events)", "#/devices/sim-0042".to_string(), "#charts", "Load".to_string()),
+        (
+            "the workload (10,000 rows capped to 200)",
+            "#/workloads/app".to_string(),
+            "#workload-devices",
+            "sim-".to_string(),
+        ),
+    ];
+    println!("| page, navigation → data drawn | median | max |\n|---|---|---|");
+    for (name, hash, css, text) in pages {
+        let mut times: Vec<f64> = (0..rounds).map(|_| b.load_until(&format!("{base}{hash}"), css, &text)).collect();
+        times.sort_by(f64::total_cmp);
+        println!("| {name} | {:.0} ms | {:.0} ms |", percentile(&times, 0.5), times[times.len() - 1]);
+    }
+    println!();
 }
