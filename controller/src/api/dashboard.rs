@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{op, Caller, Failure};
-use crate::controller::{now_ms, Controller, OpError};
+use crate::controller::{now_ms, Controller};
 use crate::tenant::Scope;
 use crate::view::Role;
 
@@ -168,13 +168,7 @@ pub(super) async fn rollout_watch(
     Path(name): Path<String>,
 ) -> Result<Response, Failure> {
     let look = |c: Arc<Controller>, name: String, scope: Scope| async move {
-        op(&c, move |c| match c.rollout(&name, &scope) {
-            Ok(r) => Ok(serde_json::to_string(&r).unwrap_or_default()),
-            // No rollout yet, or a workload the scope does not see.
-            Err(OpError::NotFound(_)) if c.workload(&name, now_ms(), &scope).is_ok() => Ok("null".to_string()),
-            Err(e) => Err(e),
-        })
-        .await
+        op(&c, move |c| c.last_rollout(&name, &scope).map(|r| serde_json::to_string(&r).unwrap_or_default())).await
     };
     // The first look answers as a request would: an unknown workload is a 404.
     let first = look(c.clone(), name.clone(), scope.clone()).await??;

@@ -499,6 +499,13 @@ impl Controller {
             .ok_or_else(|| OpError::NotFound(format!("workload {name} has had no rollout")))
     }
 
+    /// A workload's last rollout, None before its first (the dashboard's
+    /// watch: cheap enough to ask twice a second).
+    pub fn last_rollout(&self, name: &str, scope: &Scope) -> Result<Option<RolloutView>, OpError> {
+        let st = lock(&self.state);
+        Ok(Self::visible_workload(&st, name, scope)?.rollout.as_ref().map(RolloutView::new))
+    }
+
     /// Steps every active rollout on what devices reported; a success moves
     /// the stable revision. True when any moved.
     pub(super) fn step_rollouts(&self, fleet: &Fleet, st: &mut State, now: Millis) -> bool {
