@@ -83,6 +83,13 @@ impl Browser {
         Ok(v["value"].clone())
     }
 
+    /// Opens a new tab and makes it the current one.
+    pub fn new_tab(&self) {
+        let v = self.call("POST", "/window/new", Some(json!({ "type": "tab" }))).expect("new tab");
+        let handle = v["handle"].as_str().expect("handle").to_string();
+        self.call("POST", "/window", Some(json!({ "handle": handle }))).expect("switch tab");
+    }
+
     /// Sets the window's outer size (a phone: 390×844).
     pub fn set_window_size(&self, width: u32, height: u32) {
         self.call("POST", "/window/rect", Some(json!({ "width": width, "height": height }))).expect("window size");

@@ -58,14 +58,18 @@ impl Api {
     }
 }
 
-/// Logs the page in with `token` (from wherever it is).
-fn log_in(b: &Browser, base: &str, token: &str) {
+/// Logs the page in with `token` (from wherever it is); `remember`: for
+/// every tab of the browser.
+fn log_in(b: &Browser, base: &str, token: &str, remember: bool) {
     b.goto(&format!("{base}/ui/"));
     if let Some(out) = b.find("#logout:not([hidden])") {
         b.click(&out);
     }
     let input = b.wait("#token", T);
     b.type_into(&input, token);
+    if remember {
+        b.click_on("#remember", T);
+    }
     b.click_on("#login", T);
 }
 
@@ -108,12 +112,12 @@ fn operators_see_and_steer_the_fleet_in_a_browser() {
     let b = Browser::start(&world, "dashboard", 1280, 900);
 
     // A wrong token is refused, on the page.
-    log_in(&b, &base, "baton-api.wrong");
+    log_in(&b, &base, "baton-api.wrong", false);
     b.wait_text(".login .error", T, |t| !t.is_empty());
     assert!(b.find("#status-cards").is_none(), "a refused token saw the overview");
 
     // The fleet admin: seven devices at a glance.
-    log_in(&b, &base, &root);
+    log_in(&b, &base, &root, true);
     b.wait_text("#who", T, |t| t.contains("admin"));
     let cards = b.wait_text("#status-cards", T, |t| t.contains("7\ndevices"));
     assert!(cards.contains("online"), "{cards}");
@@ -194,6 +198,18 @@ fn operators_see_and_steer_the_fleet_in_a_browser() {
     b.type_into(&filter, "pi-real");
     b.wait_text("#events", T, |t| !t.contains("revision 3") && t.contains("pi-real"));
 
+    // Many tabs at once (the token remembered for them): a browser gives a
+    // host six connections, and no page may hold one for itself (the tenth
+    // tab loads like the first).
+    for i in 0..9 {
+        b.new_tab();
+        let page = if i % 2 == 0 { "#/workloads/app" } else { "#/events" };
+        b.goto(&format!("{base}/ui/{page}"));
+        b.wait(if i % 2 == 0 { "#rollout" } else { "#events li" }, T);
+    }
+    b.goto(&format!("{base}/ui/#/devices"));
+    b.wait_text("#count", T, |t| t == "1–7 of 7");
+
     // Phone-sized: the navigation is there and nothing scrolls sideways.
     b.goto(&format!("{base}/ui/#/"));
     b.wait("#status-cards", T);
@@ -207,7 +223,7 @@ fn operators_see_and_steer_the_fleet_in_a_browser() {
     b.set_window_size(1280, 900);
 
     // A read-only token: the same pages, no buttons that change anything.
-    log_in(&b, &base, &reader);
+    log_in(&b, &base, &reader, false);
     b.wait_text("#who", T, |t| t.contains("read-only"));
     b.goto(&format!("{base}/ui/#/workloads/app"));
     b.wait("#rollout", T);
@@ -218,7 +234,7 @@ fn operators_see_and_steer_the_fleet_in_a_browser() {
     assert!(b.find("#add-label").is_none(), "a read-only token was offered label editing");
 
     // A tenant's token: its own device only.
-    log_in(&b, &base, &acme);
+    log_in(&b, &base, &acme, false);
     b.wait_text("#who", T, |t| t.contains("tenant acme"));
     b.goto(&format!("{base}/ui/#/devices"));
     b.wait_text("#count", T, |t| t == "1–1 of 1");
