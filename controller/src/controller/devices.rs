@@ -94,9 +94,12 @@ impl Controller {
                 if let Some(device) = snapshot {
                     self.persist(&device);
                 }
-                // A new device, or new labels or architecture: placement may change.
+                // A new device, or new labels or architecture: placement may
+                // change. Recomputed by the next tick (within a second), once
+                // for every device that changed since: a fleet coming online
+                // together is one recomputation a second, not one per device.
                 if placement_relevant {
-                    self.sync_desired(now);
+                    self.desired_stale.store(true, Relaxed);
                 }
             }
             Change::InMemory => {}

@@ -138,6 +138,9 @@ pub struct Controller {
     /// Every event as it is recorded, for live feeds (the dashboard's). A
     /// reader that falls behind the last `LIVE_EVENTS` is told it lagged.
     pub live: tokio::sync::broadcast::Sender<Event>,
+    /// A device changed what placement is made from (`apply`): the next
+    /// `tick` recomputes every document.
+    desired_stale: AtomicBool,
 }
 
 /// How many events a live feed may fall behind.
@@ -271,6 +274,7 @@ impl Controller {
             gateway: std::sync::OnceLock::new(),
             sessions: crate::sessions::Registry::default(),
             live: tokio::sync::broadcast::channel(LIVE_EVENTS).0,
+            desired_stale: AtomicBool::new(false),
             webhooks,
         })
     }
@@ -325,7 +329,8 @@ impl Controller {
     /// off devices gone past the grace period. Called about once a second.
     pub fn tick(&self, now: Millis) {
         self.sweep_join_accounts(now);
-        let mut changed = self.expire_silent(now);
+        let mut changed = self.desired_stale.swap(false, Relaxed);
+        changed |= self.expire_silent(now);
         {
             let fleet = lock(&self.fleet);
             let mut st = lock(&self.state);
