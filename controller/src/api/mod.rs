@@ -694,7 +694,8 @@ async fn delete_token(
 }
 
 /// Gives every request its `Scope`. With `--api-auth`, every request but
-/// `/healthz` carries `Authorization: Bearer <token>`; a read-only token may
+/// `openapi::public` ones (`/healthz`, the description) carries
+/// `Authorization: Bearer <token>`; a read-only token may
 /// only read, a tenant's token acts for its tenant only, and `/metrics`
 /// (counts over the whole fleet) needs a fleet-wide token.
 /// The `baton-tenant` header narrows a fleet-wide caller to one tenant.
