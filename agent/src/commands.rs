@@ -72,6 +72,30 @@ pub fn newest_container(data_dir: &Path, workload: &str) -> Option<PathBuf> {
         .map(|(_, p)| p)
 }
 
+/// Why `workload`'s newest container `id` cannot be entered (exec,
+/// sessions, copies): None when it runs. A crash-looping workload is said
+/// to be one, not "container is not running" from deep in the runtime.
+pub fn not_running(rt: &dyn crate::runtime::ContainerRuntime, id: &str, workload: &str) -> Option<String> {
+    use crate::runtime::ContainerState;
+    let why = match rt.state(id) {
+        Ok(ContainerState::Running(_)) => return None,
+        Ok(ContainerState::Exited(e)) if e.oom_killed => {
+            "its container was killed for memory; it may be restarting".to_string()
+        }
+        Ok(ContainerState::Exited(e)) => match e.signal {
+            Some(sig) => format!("its container was killed by signal {sig}; it may be restarting"),
+            None => format!("its container exited with code {}; it may be restarting", e.code),
+        },
+        Ok(ContainerState::Created) => "its container is starting".into(),
+        Ok(ContainerState::Lost) => "its container was lost (the device rebooted or its shim died)".into(),
+        Ok(ContainerState::Missing) => "it has no container".into(),
+        Err(e) => format!("its container's state cannot be read: {e}"),
+    };
+    Some(format!(
+        "workload {workload} is not running on this device right now: {why} (see `baton describe workload {workload}`)"
+    ))
+}
+
 /// The last `lines` lines of a container's log (its rotated file included),
 /// at most `MAX_TAIL_BYTES`.
 pub fn tail(container: &Path, lines: usize) -> std::io::Result<Vec<u8>> {
@@ -185,6 +209,10 @@ pub async fn run(
                 return;
             };
             let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if let Some(why) = not_running(rt.as_ref(), &id, &workload) {
+                let _ = out.send(CommandOutput::Error(why)).await;
+                return;
+            }
             match tokio::task::spawn_blocking(move || rt.exec(&id, &argv, EXEC_TIMEOUT)).await {
                 Ok(Ok(o)) => {
                     if !out.send_bytes(&o.stdout, false).await || !out.send_bytes(&o.stderr, true).await {

@@ -116,7 +116,11 @@ pub struct Overrides {
 /// The validated configuration the agent runs with.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The first of `brokers` (where a join enrolls).
     pub broker: BrokerUrl,
+    /// Every node the device may connect to, in the order given: when the
+    /// one in use cannot be reached, the next is tried.
+    pub brokers: Vec<BrokerUrl>,
     pub device_id: DeviceId,
     pub data_dir: PathBuf,
     pub run_dir: PathBuf,
@@ -194,10 +198,14 @@ impl AgentConfig {
         };
 
         let broker_cli = cli.broker.is_some();
-        let broker = cli.broker.or(file.broker).unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
-        let broker = broker
-            .parse()
+        let brokers = cli.broker.or(file.broker).unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
+        // Several nodes of one broker cluster, comma-separated: tried in turn.
+        let brokers = brokers
+            .split(',')
+            .map(|url| url.trim().parse())
+            .collect::<Result<Vec<BrokerUrl>, _>>()
             .map_err(|e: baton_protocol::InvalidBrokerUrl| invalid("broker", broker_cli, e.to_string()))?;
+        let broker = brokers[0].clone();
 
         let id_cli = cli.device_id.is_some();
         let device_id = match cli.device_id.or(file.device_id) {
@@ -300,6 +308,7 @@ impl AgentConfig {
         Ok(Self {
             network: crate::net::NetConfig { bridge, subnet },
             broker,
+            brokers,
             mqtt_credentials,
             registry_ca,
             mqtt_ca_file: file.mqtt_ca_file.clone(),
@@ -398,6 +407,14 @@ mod tests {
         let e =
             resolve("", Overrides { broker: Some("http://x".into()), ..Default::default() }).unwrap_err().to_string();
         assert!(e.contains("--broker") && e.contains("unknown scheme"), "{e}");
+
+        // Nodes of a cluster, tried in turn; one bad one is named.
+        let c = resolve("broker = \"mqtts://a.example:8883, mqtts://b.example:8883\"\n", Overrides::default()).unwrap();
+        let nodes: Vec<String> = c.brokers.iter().map(ToString::to_string).collect();
+        assert_eq!(nodes, ["mqtts://a.example:8883", "mqtts://b.example:8883"]);
+        assert_eq!(c.broker, c.brokers[0]);
+        let e = resolve("broker = \"mqtt://a,ftp://b\"\n", Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("field `broker`") && e.contains("ftp://b") && e.contains("unknown scheme"), "{e}");
 
         let e = resolve("[labels]\n\"bad key\" = \"v\"\n", Overrides::default()).unwrap_err().to_string();
         assert!(e.contains("labels") && e.contains("bad key"), "{e}");

@@ -110,6 +110,33 @@ fn unix_now() -> Duration {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
+/// How to reach broker node `node` of the configuration's list.
+fn mqtt_options(config: &AgentConfig, node: usize, trust: &crate::trust::Trust, will: Option<Vec<u8>>) -> MqttOptions {
+    let broker = &config.brokers[node];
+    let mut opts = MqttOptions::new(config.device_id.as_str(), broker.host.clone(), broker.port);
+    match crate::tls::transport(broker, &trust.keys(), config.mqtt_ca_file.as_deref()) {
+        Ok(t) => {
+            opts.set_transport(t);
+        }
+        Err(e) => warn!(%broker, error = %e, "no TLS configuration; the broker will be unreachable"),
+    }
+    // Acknowledged only once handled (a document persisted, a command
+    // admitted): an agent killed in between gets the message again.
+    opts.set_manual_acks(true);
+    opts.set_keep_alive(config.keepalive)
+        .set_clean_session(false)
+        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
+        .set_request_channel_capacity(REQUEST_QUEUE)
+        .set_inflight(16);
+    if let Some((user, password)) = &config.mqtt_credentials {
+        opts.set_credentials(user.clone(), password.clone());
+    }
+    if let Some(payload) = will {
+        opts.set_last_will(LastWill::new(config.device_id.topic(TopicKind::Presence), payload, QoS::AtLeastOnce, true));
+    }
+    opts
+}
+
 impl Link {
     /// Runs the session until `shutdown` resolves, then says goodbye: a retained
     /// offline presence and a clean MQTT disconnect. Never gives up on the broker.
@@ -139,28 +166,9 @@ impl Link {
             started_at: 0,
         };
         let trust = crate::trust::Trust::load(config.controller_keys.clone(), &config.data_dir);
-        let mut opts = MqttOptions::new(id.as_str(), config.broker.host.clone(), config.broker.port);
-        match crate::tls::transport(&config.broker, &trust.keys(), config.mqtt_ca_file.as_deref()) {
-            Ok(t) => {
-                opts.set_transport(t);
-            }
-            Err(e) => warn!(error = %e, "no TLS configuration; the broker will be unreachable"),
-        }
-        // Acknowledged only once handled (a document persisted, a command
-        // admitted): an agent killed in between gets the message again.
-        opts.set_manual_acks(true);
-        opts.set_keep_alive(config.keepalive)
-            .set_clean_session(false)
-            .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
-            .set_request_channel_capacity(REQUEST_QUEUE)
-            .set_inflight(16);
-        if let Some((user, password)) = &config.mqtt_credentials {
-            opts.set_credentials(user.clone(), password.clone());
-        }
-        if let Ok(payload) = encode(&Message::Presence(will)) {
-            opts.set_last_will(LastWill::new(id.topic(TopicKind::Presence), payload, QoS::AtLeastOnce, true));
-        }
-        let (client, mut events) = AsyncClient::new(opts, REQUEST_QUEUE);
+        let will = encode(&Message::Presence(will)).ok();
+        let mut node = 0;
+        let (client, mut events) = AsyncClient::new(mqtt_options(&config, node, &trust, will.clone()), REQUEST_QUEUE);
         // Small messages (acks, requests for pieces of a build) go out at
         // once rather than waiting for Nagle to fill a segment.
         let mut net = events.network_options();
@@ -220,7 +228,8 @@ impl Link {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut connected = false;
         tokio::pin!(shutdown);
-        info!(device = %id, broker = %link.config.broker, "agent link starting");
+        let brokers: Vec<String> = link.config.brokers.iter().map(ToString::to_string).collect();
+        info!(device = %id, brokers = %brokers.join(","), "agent link starting");
 
         // A receiver that never changes when there is no engine (presence-only agents).
         let (_idle_tx, idle_rx) = tokio::sync::watch::channel(baton_protocol::Report::default());
@@ -245,7 +254,7 @@ impl Link {
                 }
                 event = events.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        info!(session_present = ack.session_present, "connected to broker");
+                        info!(broker = %link.config.brokers[node], session_present = ack.session_present, "connected to broker");
                         connected = true;
                         connected_at = Some(std::time::Instant::now());
                         backoff.reset();
@@ -267,11 +276,19 @@ impl Link {
                     Ok(_) => {}
                     Err(e) => {
                         let delay = backoff.next_delay();
+                        let broker = &link.config.brokers[node];
                         if connected {
-                            warn!(error = %e, "lost the broker; reconnecting");
+                            warn!(%broker, error = %e, "lost the broker; reconnecting");
                             link.sessions.end_all("session ended: the device lost its broker connection");
                         } else {
-                            warn_limited!(link, "unreachable", error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the broker");
+                            warn_limited!(link, "unreachable", %broker, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the broker");
+                        }
+                        // Another node of the cluster, if there is one: what
+                        // is queued (reports, results) goes out through it.
+                        if link.config.brokers.len() > 1 {
+                            node = (node + 1) % link.config.brokers.len();
+                            events.mqtt_options = mqtt_options(&link.config, node, &link.trust, will.clone());
+                            info!(broker = %link.config.brokers[node], "trying the next broker node");
                         }
                         connected = false;
                         connected_at = None;
@@ -485,10 +502,13 @@ impl Link {
             .and_then(|now| {
                 self.accepted.floor_ms = self.clock.now(mono).unwrap_or(0);
                 // Within a session, offsets and sequence numbers stop
-                // replays; each keystroke is not a write to flash.
-                match cmd.action.in_session() {
-                    Some(_) => Ok(()),
-                    None => self.accepted.admit(&cmd, now),
+                // replays; each keystroke is not a write to flash. A
+                // `Cancel` is not remembered either: its target's id is
+                // never used again, so a replay stops what already stopped
+                // (and every ended log follow or session was a flash write).
+                match (cmd.action.in_session(), &cmd.action) {
+                    (Some(_), _) | (None, CommandAction::Cancel { .. }) => Ok(()),
+                    (None, _) => self.accepted.admit(&cmd, now),
                 }
             });
         if let Err(why) = checked {

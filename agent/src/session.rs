@@ -148,6 +148,21 @@ impl Shared {
     fn ended(&self) -> Option<String> {
         self.end.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
+
+    /// Why `what` (a session, a copy) must end now: told to, idle too long,
+    /// or open too long.
+    fn must_end(&self, limits: &Limits, what: &str) -> Option<String> {
+        self.ended().or_else(|| {
+            let active = Duration::from_millis(self.active_ms.load(Ordering::Relaxed));
+            if self.opened.elapsed().saturating_sub(active) >= limits.idle {
+                Some(format!("{what} ended: idle for {} s (the device's limit)", limits.idle.as_secs()))
+            } else if self.opened.elapsed() >= limits.max {
+                Some(format!("{what} ended: open for {} s (the device's limit)", limits.max.as_secs()))
+            } else {
+                None
+            }
+        })
+    }
 }
 
 /// One piece of input, answered on `cmd/res` under `id` once written.
@@ -237,6 +252,9 @@ impl Sessions {
                 return Err(format!("workload {} is not running on this device", req.workload));
             };
             let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if let Some(why) = crate::commands::not_running(rt.as_ref(), &id, &req.workload) {
+                return Err(why);
+            }
             let term = req.tty.then(|| terminal_type(&req.term));
             rt.session(&id, &req.argv, term, self.limits.max).map_err(|e| e.to_string())?
         };
@@ -259,7 +277,7 @@ impl Sessions {
                 Ok(())
             });
         }
-        let (child, io) = if req.tty {
+        let (mut child, io) = if req.tty {
             let (master, slave) = open_terminal(req.rows, req.cols).map_err(|e| format!("no terminal: {e}"))?;
             let dup = |fd: &OwnedFd| fd.try_clone().map(Stdio::from);
             let (i, o, e) = (dup(&slave), dup(&slave), dup(&slave));
@@ -267,11 +285,13 @@ impl Sessions {
             cmd.stdin(i).stdout(o).stderr(e);
             let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", req.argv[0]))?;
             drop(slave);
-            (child, Io::Terminal(Arc::new(master)))
+            (Spawned { child: Some(child), host }, Io::Terminal(Arc::new(master)))
         } else {
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-            let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", req.argv[0]))?;
-            let (Some(i), Some(o), Some(e)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
+            let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", req.argv[0]))?;
+            let mut child = Spawned { child: Some(child), host };
+            let stdio = child.child.as_mut().map(|c| (c.stdin.take(), c.stdout.take(), c.stderr.take()));
+            let Some((Some(i), Some(o), Some(e))) = stdio else {
                 return Err("the process has no stdio".into());
             };
             (child, Io::Pipes { stdin: i.into(), stdout: o.into(), stderr: e.into() })
@@ -293,7 +313,7 @@ impl Sessions {
         let (limits, id) = (self.limits.clone(), req.id);
         self.start(id, "session", handle, out, move |out, shared| {
             Self::start_input(writer, false, pieces, out, shared);
-            run(Some(child), host, &readers, out, id, shared, &limits)
+            run(child.child.take(), host, &readers, out, id, shared, &limits)
         })
     }
 
@@ -716,18 +736,7 @@ fn run(
     let mut exited: Option<i32> = None;
     let mut why: Option<String> = None;
     loop {
-        let must_end = || {
-            shared.ended().or_else(|| {
-                let active = Duration::from_millis(shared.active_ms.load(Ordering::Relaxed));
-                if shared.opened.elapsed().saturating_sub(active) >= limits.idle {
-                    Some(format!("session ended: idle for {} s (the device's limit)", limits.idle.as_secs()))
-                } else if shared.opened.elapsed() >= limits.max {
-                    Some(format!("session ended: open for {} s (the device's limit)", limits.max.as_secs()))
-                } else {
-                    None
-                }
-            })
-        };
+        let must_end = || shared.must_end(limits, "session");
         if exited.is_none() {
             if let Some(reason) = must_end() {
                 why = Some(reason);
@@ -838,6 +847,26 @@ fn unsafe_file(fd: &OwnedFd) -> std::fs::File {
 
 /// Ends the process and what it started: the exec helper kills its command
 /// on SIGTERM; a host session leads its own process group.
+/// A session's process until its thread takes it over. Dropped on any way
+/// out before that (a step that failed after the spawn, a thread that could
+/// not start), it is stopped with what it started, so nothing is left
+/// running on the device for an operator nobody answers.
+struct Spawned {
+    child: Option<Child>,
+    host: bool,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop(&mut c, self.host);
+            if self.host {
+                crate::runtime::kill_session(c.id() as i32);
+            }
+        }
+    }
+}
+
 fn stop(child: &mut Child, host: bool) {
     let pid = child.id() as i32;
     // SAFETY: kill(2) with our own child's pid (or its process group).
@@ -887,21 +916,13 @@ fn receive_file(
         let _ = remove_in_root(&target.root, target.part);
     };
     loop {
+        // Also while pieces keep coming: a copy stays within session_max_s.
+        if let Some(why) = shared.must_end(limits, "copy") {
+            return CommandOutput::Error(why);
+        }
         let piece = match pieces.recv_timeout(TICK) {
             Ok(p) => p,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if let Some(why) = shared.ended() {
-                    return CommandOutput::Error(why);
-                }
-                let active = Duration::from_millis(shared.active_ms.load(Ordering::Relaxed));
-                if shared.opened.elapsed().saturating_sub(active) >= limits.idle {
-                    return CommandOutput::Error(format!(
-                        "copy ended: idle for {} s (the device's limit)",
-                        limits.idle.as_secs()
-                    ));
-                }
-                continue;
-            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 return CommandOutput::Error(shared.ended().unwrap_or_else(|| "copy ended".into()));
             }
@@ -1036,4 +1057,57 @@ fn finish_in_root(
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared_opened(ago: Duration) -> Shared {
+        Shared {
+            acked: Mutex::new(0),
+            moved: Condvar::new(),
+            end: Mutex::new(None),
+            active_ms: AtomicU64::new(0),
+            opened: Instant::now().checked_sub(ago).unwrap(),
+            sent: AtomicU64::new(0),
+            device: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    #[test]
+    fn sessions_and_copies_end_when_idle_open_too_long_or_told() {
+        let limits = Limits { idle: Duration::from_secs(5), max: Duration::from_secs(60), ..Limits::default() };
+        // Nothing moved for 10 s: idle.
+        let s = shared_opened(Duration::from_secs(10));
+        assert_eq!(s.must_end(&limits, "copy").unwrap(), "copy ended: idle for 5 s (the device's limit)");
+        // Busy, but open past the maximum (a copy that never stops sending).
+        let s = shared_opened(Duration::from_secs(61));
+        s.touch();
+        assert_eq!(s.must_end(&limits, "copy").unwrap(), "copy ended: open for 60 s (the device's limit)");
+        // Busy and young: goes on until told.
+        let s = shared_opened(Duration::from_secs(3));
+        s.touch();
+        assert_eq!(s.must_end(&limits, "session"), None);
+        s.end("session ended by the operator");
+        assert_eq!(s.must_end(&limits, "session").unwrap(), "session ended by the operator");
+    }
+
+    #[test]
+    fn a_process_no_session_took_over_is_stopped() {
+        let child = Command::new("sleep").arg("313").spawn().unwrap();
+        let pid = child.id();
+        let alive = || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok();
+        assert!(alive());
+        // The session's thread never ran: its closure, and this, dropped.
+        drop(Spawned { child: Some(child), host: false });
+        assert!(!alive(), "the session's process was left running");
+        // Taken over: left to the session.
+        let mut child = Spawned { child: Some(Command::new("sleep").arg("314").spawn().unwrap()), host: false };
+        let mut taken = child.child.take().unwrap();
+        drop(child);
+        assert!(taken.try_wait().unwrap().is_none(), "a process the session owns was stopped");
+        let _ = taken.kill();
+        let _ = taken.wait();
+    }
 }

@@ -202,7 +202,7 @@ impl SeenCommands {
                 self.by_id.remove(&oldest);
             }
         }
-        // A `Cancel` without a deadline is remembered for the longest window.
+        // A command without a deadline is remembered for the longest window.
         let deadline = if cmd.deadline_ms == 0 { now_ms + MAX_COMMAND_WINDOW_MS } else { cmd.deadline_ms };
         self.by_id.insert(cmd.id, deadline);
         self.save();

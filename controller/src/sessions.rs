@@ -96,6 +96,40 @@ impl FrameReader {
     }
 }
 
+/// Output pieces in the order the device numbered them (`seq` counts a
+/// session's stdout and stderr messages from 0). A QoS 1 redelivery after a
+/// reconnect brings a piece again: it is dropped, not passed on twice (a
+/// forwarded connection would carry it twice). A piece that never came
+/// means the stream has a hole: the session must end rather than go on
+/// corrupted.
+#[derive(Debug, Default)]
+pub struct OutputOrder {
+    next: u32,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Order {
+    /// The next piece: pass it on.
+    Next,
+    /// Already passed on.
+    Again,
+    /// Pieces `expected..got` are missing.
+    Gap { expected: u32, got: u32 },
+}
+
+impl OutputOrder {
+    pub fn check(&mut self, seq: u32) -> Order {
+        if seq < self.next {
+            return Order::Again;
+        }
+        if seq > self.next {
+            return Order::Gap { expected: self.next, got: seq };
+        }
+        self.next = seq.saturating_add(1);
+        Order::Next
+    }
+}
+
 /// One open session.
 pub struct Session {
     pub device: DeviceId,
@@ -142,6 +176,21 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_passes_once_in_order_and_a_hole_is_seen() {
+        let mut o = OutputOrder::default();
+        assert_eq!(o.check(0), Order::Next);
+        assert_eq!(o.check(1), Order::Next);
+        // Redelivered after a reconnect: both already passed on.
+        assert_eq!(o.check(0), Order::Again);
+        assert_eq!(o.check(1), Order::Again);
+        assert_eq!(o.check(2), Order::Next);
+        assert_eq!(o.check(4), Order::Gap { expected: 3, got: 4 });
+        // A hole does not move the count on: what follows is still missing 3.
+        assert_eq!(o.check(5), Order::Gap { expected: 3, got: 5 });
+        assert_eq!(o.check(3), Order::Next);
+    }
 
     #[test]
     fn frames_survive_any_split_and_bad_ones_are_refused() {

@@ -596,6 +596,8 @@ pub fn start_simulator(world: &World, prefix: &str, devices: usize, broker: &str
 pub struct Mosquitto {
     pub proc: Proc,
     pub port: u16,
+    name: String,
+    conf: PathBuf,
 }
 
 impl Mosquitto {
@@ -605,23 +607,33 @@ impl Mosquitto {
 
     /// Starts Mosquitto with `auth` lines (allow_anonymous, password_file, acl_file…).
     pub fn start_with(world: &World, auth: &str) -> Mosquitto {
+        Self::start_as(world, "mosquitto", auth)
+    }
+
+    /// Starts a Mosquitto named `name` (its config and log files: several
+    /// brokers in one world) with `lines` added to Baton's documented config.
+    pub fn start_as(world: &World, name: &str, lines: &str) -> Mosquitto {
         let port = free_port();
-        let conf = world.path().join("mosquitto.conf");
+        let conf = world.path().join(format!("{name}.conf"));
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\n{auth}persistence false\n\
-                 max_queued_messages 100000\nmax_inflight_messages 1000\nmessage_size_limit 307200\nset_tcp_nodelay true\nlog_dest stderr\n"
+                "listener {port} 127.0.0.1\npersistence false\n\
+                 max_queued_messages 100000\nmax_inflight_messages 1000\nmessage_size_limit 307200\nset_tcp_nodelay true\nlog_dest stderr\n{lines}"
             ),
         )
         .expect("mosquitto.conf");
         let mosquitto =
             which("mosquitto").expect("mosquitto is not installed: .ci/run installs it (apt-get install mosquitto)");
-        let proc = Proc::spawn("mosquitto", &mosquitto, &["-c".into(), conf.display().to_string()], world.path());
+        let proc = Proc::spawn(name, &mosquitto, &["-c".into(), conf.display().to_string()], world.path());
         wait_for("mosquitto listening", Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
-        Mosquitto { proc, port }
+        Mosquitto { proc, port, name: name.into(), conf }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
     }
 }
 
@@ -629,13 +641,12 @@ impl Mosquitto {
     /// Kills it and starts it again on the same port (with its config).
     pub fn restart(&mut self) {
         self.proc.kill9();
-        let conf = self.proc.log.with_file_name("mosquitto.conf");
         let mosquitto = which("mosquitto").expect("mosquitto");
         self.proc = Proc::spawn(
-            "mosquitto",
+            &self.name,
             &mosquitto,
-            &["-c".into(), conf.display().to_string()],
-            conf.parent().expect("dir"),
+            &["-c".into(), self.conf.display().to_string()],
+            self.conf.parent().expect("dir"),
         );
         let port = self.port;
         wait_for("mosquitto listening again", Duration::from_secs(10), || {

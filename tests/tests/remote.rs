@@ -148,6 +148,27 @@ fn an_interactive_shell_in_a_container_through_a_real_terminal() {
     assert_eq!(stdout.len() - first_line.expect("remote test step").len() - 1, 3_000_000, "stdout bytes");
     assert!(String::from_utf8_lossy(&out.stderr).contains("to-stderr"), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(3));
+
+    // A crash-looping workload is said to be one (between its restarts it
+    // has no process to enter), for a session and a one-shot exec alike.
+    apply_yaml(
+        &server,
+        &world,
+        "crasher.yaml",
+        "name: crasher\nimage: busybox:term\ncommand: [/bin/sh, -c, \"sleep 1; exit 3\"]\n",
+    );
+    for session in [true, false] {
+        let mut args = vec!["exec"];
+        args.extend(session.then_some("-i"));
+        // `false`: landing in the second the container runs fails too, but says nothing.
+        args.extend(["--device", "pi-term", "crasher", "--", "/bin/false"]);
+        wait_for("a crash-looping workload named as one", Duration::from_secs(60), || {
+            let (_, _, err) = baton_cli(&server, &args);
+            (err.contains("workload crasher is not running on this device right now")
+                && err.contains("exited with code 3"))
+            .then_some(())
+        });
+    }
 }
 
 /// Sessions are an admin's, bounded by the device, and end cleanly from
@@ -251,11 +272,20 @@ fn sessions_are_authorised_bounded_and_end_cleanly() {
     wait_for("the abandoned session's process", Duration::from_secs(15), || {
         (!processes_with_except(marker, cli).is_empty()).then_some(())
     });
+    // The session's opening was remembered on flash (a replay is refused);
+    // the Cancel that ends it is not (it would be one more flash write for
+    // every session and log follow ended).
+    let seen = world.path().join("agent-pi-open/state/commands.seen");
+    let remembered = std::fs::read(&seen).expect("the device's accepted commands");
     gone.0.kill().expect("remote test step");
     let _ = gone.0.wait();
     wait_for("the abandoned session's process gone", Duration::from_secs(15), || {
         processes_with(marker).is_empty().then_some(())
     });
+    assert!(
+        std::fs::read(&seen).expect("the device's accepted commands") == remembered,
+        "ending the session wrote to the device's flash"
+    );
     let events = wait_for("the audit trail", Duration::from_secs(10), || {
         let (_, out, _) = run(admin, &["get", "events", "--subject", "pi-open", "--limit", "50"]);
         (out.matches("session.closed").count() >= 3).then_some(out)

@@ -16,7 +16,7 @@ use baton_protocol::{CommandAction, CommandOutput, DeviceId};
 use super::{answer, op, Caller, Failure, FIRST_ANSWER};
 use crate::controller::{now_ms, Controller};
 use crate::fleet::Status;
-use crate::sessions::{Frame, Session, ACK_EVERY, INPUT_CHUNK, INPUT_IN_FLIGHT};
+use crate::sessions::{Frame, Order, OutputOrder, Session, ACK_EVERY, INPUT_CHUNK, INPUT_IN_FLIGHT};
 use crate::tenant::Scope;
 use crate::view::{ConnectRequest, FileRequest, ResizeRequest, SessionRequest};
 
@@ -276,6 +276,7 @@ async fn relay(
     let opened = Instant::now();
     let mut next = Some(first);
     let (mut passed, mut acked) = (0u64, 0u64);
+    let mut order = OutputOrder::default();
     let mut check = tokio::time::interval(CHECK_EVERY);
     check.tick().await;
     let end = 'relay: {
@@ -305,6 +306,19 @@ async fn relay(
                     }
                 },
             };
+            if matches!(answer.body, CommandOutput::Stdout(_) | CommandOutput::Stderr(_)) {
+                match order.check(answer.seq) {
+                    Order::Next => {}
+                    Order::Again => continue,
+                    Order::Gap { expected, got } => {
+                        let why = format!(
+                            "output pieces {expected}..{got} from the device were lost on the way; the session was ended rather than go on with a hole"
+                        );
+                        let _ = tx.send(Ok(Frame::Error(why.clone()).encode())).await;
+                        break 'relay why;
+                    }
+                }
+            }
             let frame = match answer.body {
                 CommandOutput::Stdout(b) => Frame::Stdout(b),
                 CommandOutput::Stderr(b) => Frame::Stderr(b),
