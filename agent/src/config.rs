@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baton_protocol::{validate_label, BrokerUrl, DeviceId};
+use baton_protocol::{validate_label, BrokerNodes, BrokerUrl, DeviceId};
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/baton/agent.toml";
@@ -120,7 +120,7 @@ pub struct AgentConfig {
     pub broker: BrokerUrl,
     /// Every node the device may connect to, in the order given: when the
     /// one in use cannot be reached, the next is tried.
-    pub brokers: Vec<BrokerUrl>,
+    pub brokers: BrokerNodes,
     pub device_id: DeviceId,
     pub data_dir: PathBuf,
     pub run_dir: PathBuf,
@@ -200,12 +200,10 @@ impl AgentConfig {
         let broker_cli = cli.broker.is_some();
         let brokers = cli.broker.or(file.broker).unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
         // Several nodes of one broker cluster, comma-separated: tried in turn.
-        let brokers = brokers
-            .split(',')
-            .map(|url| url.trim().parse())
-            .collect::<Result<Vec<BrokerUrl>, _>>()
+        let brokers: BrokerNodes = brokers
+            .parse()
             .map_err(|e: baton_protocol::InvalidBrokerUrl| invalid("broker", broker_cli, e.to_string()))?;
-        let broker = brokers[0].clone();
+        let broker = brokers.first().clone();
 
         let id_cli = cli.device_id.is_some();
         let device_id = match cli.device_id.or(file.device_id) {
@@ -410,9 +408,8 @@ mod tests {
 
         // Nodes of a cluster, tried in turn; one bad one is named.
         let c = resolve("broker = \"mqtts://a.example:8883, mqtts://b.example:8883\"\n", Overrides::default()).unwrap();
-        let nodes: Vec<String> = c.brokers.iter().map(ToString::to_string).collect();
-        assert_eq!(nodes, ["mqtts://a.example:8883", "mqtts://b.example:8883"]);
-        assert_eq!(c.broker, c.brokers[0]);
+        assert_eq!(c.brokers.to_string(), "mqtts://a.example:8883,mqtts://b.example:8883");
+        assert_eq!(&c.broker, c.brokers.first());
         let e = resolve("broker = \"mqtt://a,ftp://b\"\n", Overrides::default()).unwrap_err().to_string();
         assert!(e.contains("field `broker`") && e.contains("ftp://b") && e.contains("unknown scheme"), "{e}");
 

@@ -112,7 +112,7 @@ fn unix_now() -> Duration {
 
 /// How to reach broker node `node` of the configuration's list.
 fn mqtt_options(config: &AgentConfig, node: usize, trust: &crate::trust::Trust, will: Option<Vec<u8>>) -> MqttOptions {
-    let broker = &config.brokers[node];
+    let broker = &config.brokers.all()[node];
     let mut opts = MqttOptions::new(config.device_id.as_str(), broker.host.clone(), broker.port);
     match crate::tls::transport(broker, &trust.keys(), config.mqtt_ca_file.as_deref()) {
         Ok(t) => {
@@ -228,8 +228,7 @@ impl Link {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut connected = false;
         tokio::pin!(shutdown);
-        let brokers: Vec<String> = link.config.brokers.iter().map(ToString::to_string).collect();
-        info!(device = %id, brokers = %brokers.join(","), "agent link starting");
+        info!(device = %id, brokers = %link.config.brokers, "agent link starting");
 
         // A receiver that never changes when there is no engine (presence-only agents).
         let (_idle_tx, idle_rx) = tokio::sync::watch::channel(baton_protocol::Report::default());
@@ -254,7 +253,7 @@ impl Link {
                 }
                 event = events.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        info!(broker = %link.config.brokers[node], session_present = ack.session_present, "connected to broker");
+                        info!(broker = %link.config.brokers.all()[node], session_present = ack.session_present, "connected to broker");
                         connected = true;
                         connected_at = Some(std::time::Instant::now());
                         backoff.reset();
@@ -276,7 +275,7 @@ impl Link {
                     Ok(_) => {}
                     Err(e) => {
                         let delay = backoff.next_delay();
-                        let broker = &link.config.brokers[node];
+                        let broker = &link.config.brokers.all()[node];
                         if connected {
                             warn!(%broker, error = %e, "lost the broker; reconnecting");
                             link.sessions.end_all("session ended: the device lost its broker connection");
@@ -285,10 +284,10 @@ impl Link {
                         }
                         // Another node of the cluster, if there is one: what
                         // is queued (reports, results) goes out through it.
-                        if link.config.brokers.len() > 1 {
-                            node = (node + 1) % link.config.brokers.len();
+                        if link.config.brokers.all().len() > 1 {
+                            node = link.config.brokers.next_after(node);
                             events.mqtt_options = mqtt_options(&link.config, node, &link.trust, will.clone());
-                            info!(broker = %link.config.brokers[node], "trying the next broker node");
+                            info!(broker = %link.config.brokers.all()[node], "trying the next broker node");
                         }
                         connected = false;
                         connected_at = None;

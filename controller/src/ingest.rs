@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_protocol::{codec::decode_on, encode, BrokerUrl, DecodeError, DeviceId, Message, TopicKind};
+use baton_protocol::{codec::decode_on, encode, BrokerNodes, BrokerUrl, DecodeError, DeviceId, Message, TopicKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tracing::{debug, info, warn};
 
@@ -133,22 +133,27 @@ fn answer(client: &AsyncClient, device: &DeviceId, msg: &Message, what: &str) {
 /// the last known fleet meanwhile.
 pub async fn run(
     controller: Arc<Controller>,
-    broker: BrokerUrl,
+    brokers: BrokerNodes,
     credentials: Option<(String, String)>,
     client_id: String,
     mut outbox: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
-    opts.set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(true)
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-        .set_inflight(1000);
+    let options = |broker: &BrokerUrl| {
+        let mut opts = MqttOptions::new(client_id.clone(), broker.host.clone(), broker.port);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true)
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+            .set_inflight(1000);
+        if let Some((user, password)) = &credentials {
+            opts.set_credentials(user.clone(), password.clone());
+        }
+        opts
+    };
     let user = credentials.as_ref().map(|(u, _)| u.clone()).unwrap_or_default();
-    if let Some((user, password)) = credentials {
-        opts.set_credentials(user, password);
-    }
-    let (client, mut events) = AsyncClient::new(opts, 1024);
+    let mut node = 0;
+    let mut broker = brokers.first().clone();
+    let (client, mut events) = AsyncClient::new(options(&broker), 1024);
     // Answers (pieces of builds, enrollments) go out at once, not after Nagle.
     let mut net = events.network_options();
     net.set_tcp_nodelay(true);
@@ -258,6 +263,14 @@ pub async fn run(
                 failures = failures.saturating_add(1);
                 let delay = Duration::from_millis(200u64.saturating_mul(1 << failures.min(5)));
                 warn!(%broker, error = %e, retry_in_ms = delay.as_millis() as u64, "ingest lost the broker");
+                // Another node of the cluster, if there is one (subscriptions
+                // and documents are set up again on its ConnAck).
+                if brokers.all().len() > 1 {
+                    node = brokers.next_after(node);
+                    broker = brokers.all()[node].clone();
+                    events.mqtt_options = options(&broker);
+                    info!(%broker, "ingest trying the next broker node");
+                }
                 tokio::select! {
                     _ = shutdown.changed() => break,
                     () = tokio::time::sleep(delay) => {}

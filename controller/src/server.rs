@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use baton_protocol::BrokerUrl;
+use baton_protocol::{BrokerNodes, BrokerUrl};
 
 use crate::controller::{now_ms, Controller};
 use crate::store::Store;
@@ -16,8 +16,9 @@ use crate::{api, broker, ingest};
 pub enum BrokerMode {
     /// Run rumqttd in-process, listening here.
     Embedded(SocketAddr),
-    /// Use a broker someone else runs.
-    External(BrokerUrl),
+    /// Use a broker someone else runs: the nodes of its cluster, tried in
+    /// turn (the first while it answers).
+    External(BrokerNodes),
 }
 
 #[derive(Debug, Clone)]
@@ -101,7 +102,7 @@ impl ServerConfig {
                 let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
                 BrokerUrl { host, port: addr.port(), tls: self.mqtt_tls }
             }
-            BrokerMode::External(url) => url.clone(),
+            BrokerMode::External(nodes) => nodes.first().clone(),
         }
     }
 }
@@ -177,13 +178,13 @@ pub async fn serve(
             let _ = controller.gateway.set(gateway.clone());
             tokio::spawn(gateway.serve(listener, stop_rx.clone()));
             tracing::info!(%addr, "MQTT gateway: devices authenticate and stay on their own topics");
-            (BrokerUrl { host: "127.0.0.1".into(), port: internal_addr.port(), tls: false }, Some(internal))
+            (BrokerUrl { host: "127.0.0.1".into(), port: internal_addr.port(), tls: false }.into(), Some(internal))
         }
         BrokerMode::Embedded(addr) => {
             broker::start(*addr, cfg.max_devices + 16, None)?;
-            (cfg.broker_url(), None)
+            (cfg.broker_url().into(), None)
         }
-        BrokerMode::External(url) => (url.clone(), cfg.broker_credentials.clone()),
+        BrokerMode::External(nodes) => (nodes.clone(), cfg.broker_credentials.clone()),
     };
     if cfg.mqtt_tls || cfg.api_tls {
         let ca = crate::tls::ca_pem(&controller.keys.signing_seed)?;

@@ -57,6 +57,67 @@ impl std::str::FromStr for BrokerUrl {
     }
 }
 
+/// One broker, or the nodes of one broker cluster (`URL,URL,…`), tried in
+/// turn: the first while it answers, then the next. Never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerNodes(Vec<BrokerUrl>);
+
+impl BrokerNodes {
+    /// The node tried first.
+    pub fn first(&self) -> &BrokerUrl {
+        &self.0[0]
+    }
+
+    pub fn all(&self) -> &[BrokerUrl] {
+        &self.0
+    }
+
+    /// The node after `i` (round the list).
+    pub fn next_after(&self, i: usize) -> usize {
+        (i + 1) % self.0.len()
+    }
+}
+
+impl From<BrokerUrl> for BrokerNodes {
+    fn from(url: BrokerUrl) -> Self {
+        Self(vec![url])
+    }
+}
+
+impl std::str::FromStr for BrokerNodes {
+    type Err = InvalidBrokerUrl;
+
+    fn from_str(list: &str) -> Result<Self, Self::Err> {
+        let mut nodes = Vec::new();
+        for entry in list.split(',').map(str::trim) {
+            if entry.is_empty() {
+                return Err(InvalidBrokerUrl {
+                    url: list.to_string(),
+                    reason: "an empty entry in a list of broker nodes",
+                });
+            }
+            let url: BrokerUrl = entry.parse()?;
+            if nodes.contains(&url) {
+                return Err(InvalidBrokerUrl { url: list.to_string(), reason: "a broker node listed twice" });
+            }
+            nodes.push(url);
+        }
+        Ok(Self(nodes))
+    }
+}
+
+impl fmt::Display for BrokerNodes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, url) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{url}")?;
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };
@@ -71,6 +132,26 @@ impl fmt::Display for BrokerUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_of_nodes_are_read_in_order_and_bad_entries_named() {
+        let nodes: BrokerNodes = "mqtts://b1:8883, mqtts://[::1]:8883,b3".parse().unwrap();
+        assert_eq!(nodes.to_string(), "mqtts://b1:8883,mqtts://[::1]:8883,mqtt://b3:1883");
+        assert_eq!(nodes.first().host, "b1");
+        assert_eq!((nodes.next_after(0), nodes.next_after(2)), (1, 0));
+        let one: BrokerNodes = "mqtt://solo".parse().unwrap();
+        assert_eq!((one.all().len(), one.next_after(0)), (1, 0));
+        for (bad, why) in [
+            ("mqtt://a,,mqtt://b", "an empty entry"),
+            ("mqtt://a,", "an empty entry"),
+            ("", "an empty entry"),
+            ("mqtt://a,ftp://b", "unknown scheme"),
+            ("mqtt://a:1883,a", "listed twice"),
+        ] {
+            let e = bad.parse::<BrokerNodes>().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn parses_the_forms_operators_write() {

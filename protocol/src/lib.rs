@@ -18,7 +18,7 @@ pub mod token;
 pub mod topic;
 pub mod wire;
 
-pub use broker_url::{BrokerUrl, InvalidBrokerUrl};
+pub use broker_url::{BrokerNodes, BrokerUrl, InvalidBrokerUrl};
 pub use codec::{decode, encode, DecodeError, Envelope, MessageKind};
 pub use label::{validate_label, InvalidLabel};
 pub use message::*;

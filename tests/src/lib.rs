@@ -309,7 +309,9 @@ impl ServerSpec {
             "--data-dir".into(),
             self.data_dir.display().to_string(),
         ];
-        if self.external {
+        if self.extra.iter().any(|a| a == "--broker") {
+            // The test names the broker nodes itself.
+        } else if self.external {
             args.extend(["--broker".into(), format!("mqtt://127.0.0.1:{}", self.mqtt)]);
         } else {
             args.extend(["--mqtt-listen".into(), format!("{}:{}", self.mqtt_host, self.mqtt)]);

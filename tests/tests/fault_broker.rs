@@ -1,8 +1,8 @@
-//! Field faults, broker nodes: a device given two nodes of a broker
-//! cluster loses the node it is on to kill -9 and carries on through the
-//! other. The cluster is two Debian Mosquitto brokers, the controller's
-//! node bridging every topic both ways to the device's first node (the
-//! simplest cluster Mosquitto makes). Real agent, real container. ~30 s.
+//! Field faults, broker nodes: a device, or the controller, given two
+//! nodes of a broker cluster loses the node it is on to kill -9 and
+//! carries on through the other. The cluster is two Debian Mosquitto
+//! brokers, one bridging every topic both ways to the other (the simplest
+//! cluster Mosquitto makes). Real agent, real container. ~15 s.
 
 use std::time::Duration;
 
@@ -11,10 +11,44 @@ use baton_tests::*;
 
 const DEVICE: &str = "pi-nodes";
 
-/// The agent's log says it connected through `url`.
-fn connected_through(agent: &Proc, url: &str) -> bool {
-    let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
-    log.lines().any(|l| l.contains("connected to broker") && l.contains(&format!("broker={url}")))
+/// `proc`'s log says it connected through `url` (`what`: the agent's or
+/// the controller's words for it).
+fn connected_through(proc: &Proc, what: &str, url: &str) -> bool {
+    let log = std::fs::read_to_string(&proc.log).unwrap_or_default();
+    log.lines().any(|l| l.contains(what) && l.contains(&format!("broker={url}")))
+}
+
+/// Two Mosquitto: `b` bridges every topic both ways to `a`.
+fn cluster(world: &World) -> (Mosquitto, Mosquitto) {
+    let a = Mosquitto::start_as(world, "node-a", "allow_anonymous true\n");
+    let b = Mosquitto::start_as(
+        world,
+        "node-b",
+        &format!(
+            "allow_anonymous true\nconnection to-node-a\naddress 127.0.0.1:{}\ntopic # both 1\nrestart_timeout 1\n",
+            a.port
+        ),
+    );
+    (a, b)
+}
+
+const STEADY: &str = "name: steady\nimage: busybox:nodes\ncommand: [/bin/sh, -c, \"while true; do sleep 0.2; done\"]\n";
+const STEADY_2: &str = "name: steady\nimage: busybox:nodes\nenv: {REV: \"2\"}\ncommand: [/bin/sh, -c, \"while true; do sleep 0.2; done\"]\n";
+
+/// After a node died: a command reaches the device, its container was not
+/// touched, a new revision lands, and it was never taken for offline.
+fn carries_on(server: &str, world: &World, controller: &Controller, pid: i32) {
+    let (ok, out, err) = baton_cli(server, &["exec", "--device", DEVICE, "steady", "--", "echo", "after-the-move"]);
+    assert!(ok && out.contains("after-the-move"), "{out}{err}");
+    let run = world.path().join(format!("run-{DEVICE}"));
+    assert_eq!(running_pid(&run, "steady-0"), Some(pid), "the container was replaced by the move");
+    let w = settled(server, "steady", 1, 1).expect("still revision 1, healthy");
+    assert_eq!(w.devices[0].reported.as_ref().map(|r| r.restarts), Some(0), "restarted by the move");
+    apply_yaml(server, world, "steady.yaml", STEADY_2);
+    wait_for("revision 2 after the move", Duration::from_secs(60), || settled(server, "steady", 2, 1));
+    assert_eq!(controller.device(DEVICE).map(|d| d.status), Some(Status::Online));
+    let (_, events, _) = baton_cli(server, &["get", "events", "--subject", DEVICE, "--limit", "200"]);
+    assert!(!events.contains("device.offline"), "the device went offline during the move:\n{events}");
 }
 
 /// Symptom this answers: an agent knew one broker URL; when that node of a
@@ -22,52 +56,51 @@ fn connected_through(agent: &Proc, url: &str) -> bool {
 #[test]
 fn a_device_moves_to_the_next_broker_node_when_its_node_dies_and_nothing_restarts() {
     let world = World::new();
-    let mut node_a = Mosquitto::start_as(&world, "node-a", "allow_anonymous true\n");
-    let node_b = Mosquitto::start_as(
-        &world,
-        "node-b",
-        &format!(
-            "allow_anonymous true\nconnection to-node-a\naddress 127.0.0.1:{}\ntopic # both 1\nrestart_timeout 1\n",
-            node_a.port
-        ),
-    );
-    // Quick to call a silent device offline: a slow failover would show.
+    let (mut node_a, node_b) = cluster(&world);
+    // Quick to call a silent device offline: a slow move would show.
     let controller = Controller::start(&world, Some(node_b.port), &["--stale-after", "3", "--offline-after", "10"]);
     let server = controller.server_url();
     give_busybox(&world, DEVICE, "busybox:nodes");
     let agent = start_agent(&world, DEVICE, &format!("{},{}", node_a.url(), node_b.url()), &[]);
-    apply_yaml(
-        &server,
-        &world,
-        "steady.yaml",
-        "name: steady\nimage: busybox:nodes\ncommand: [/bin/sh, -c, \"while true; do sleep 0.2; done\"]\n",
-    );
+    apply_yaml(&server, &world, "steady.yaml", STEADY);
     wait_for("revision 1 through the bridge", Duration::from_secs(60), || settled(&server, "steady", 1, 1));
     let run = world.path().join(format!("run-{DEVICE}"));
     let pid = wait_for("its pid", Duration::from_secs(10), || running_pid(&run, "steady-0"));
     // The first node given is the one it uses, so losing it is a loss.
-    assert!(connected_through(&agent, &node_a.url()), "the agent did not start on node a");
-    assert!(!connected_through(&agent, &node_b.url()), "the agent started on node b");
+    assert!(connected_through(&agent, "connected to broker", &node_a.url()), "the agent did not start on node a");
+    assert!(!connected_through(&agent, "connected to broker", &node_b.url()), "the agent started on node b");
 
     node_a.proc.kill9();
-    wait_for("the agent on node b", Duration::from_secs(20), || connected_through(&agent, &node_b.url()).then_some(()));
-    // Commands reach it through its new node; a new revision lands there.
-    let (ok, out, err) = baton_cli(&server, &["exec", "--device", DEVICE, "steady", "--", "echo", "via-node-b"]);
-    assert!(ok && out.contains("via-node-b"), "{out}{err}");
-    // The move cost the running container nothing.
-    assert_eq!(running_pid(&run, "steady-0"), Some(pid), "the container was replaced by the move");
-    let w = settled(&server, "steady", 1, 1).expect("still revision 1, healthy");
-    assert_eq!(w.devices[0].reported.as_ref().map(|r| r.restarts), Some(0), "restarted by the move");
-    apply_yaml(
-        &server,
-        &world,
-        "steady.yaml",
-        "name: steady\nimage: busybox:nodes\nenv: {REV: \"2\"}\ncommand: [/bin/sh, -c, \"while true; do sleep 0.2; done\"]\n",
-    );
-    wait_for("revision 2 on node b", Duration::from_secs(60), || settled(&server, "steady", 2, 1));
-    assert_eq!(controller.device(DEVICE).map(|d| d.status), Some(Status::Online));
+    wait_for("the agent on node b", Duration::from_secs(20), || {
+        connected_through(&agent, "connected to broker", &node_b.url()).then_some(())
+    });
+    carries_on(&server, &world, &controller, pid);
+}
 
-    // Never taken for offline on the way.
-    let (_, events, _) = baton_cli(&server, &["get", "events", "--subject", DEVICE, "--limit", "200"]);
-    assert!(!events.contains("device.offline"), "the device went offline while moving:\n{events}");
+/// Symptom this answers: the controller knew one broker URL; its node dying
+/// left the fleet unmanaged though the cluster's other node was up.
+#[test]
+fn the_controller_moves_to_the_next_broker_node_when_its_node_dies() {
+    let world = World::new();
+    let (mut node_a, node_b) = cluster(&world);
+    let nodes = format!("{},{}", node_a.url(), node_b.url());
+    let controller = Controller::start(
+        &world,
+        Some(node_a.port),
+        &["--broker", &nodes, "--stale-after", "3", "--offline-after", "10"],
+    );
+    let server = controller.server_url();
+    give_busybox(&world, DEVICE, "busybox:nodes");
+    let _agent = start_agent(&world, DEVICE, &node_b.url(), &[]);
+    apply_yaml(&server, &world, "steady.yaml", STEADY);
+    wait_for("revision 1 through the bridge", Duration::from_secs(60), || settled(&server, "steady", 1, 1));
+    let run = world.path().join(format!("run-{DEVICE}"));
+    let pid = wait_for("its pid", Duration::from_secs(10), || running_pid(&run, "steady-0"));
+    assert!(connected_through(&controller.proc, "ingest connected", &node_a.url()), "the controller is not on node a");
+
+    node_a.proc.kill9();
+    wait_for("the controller on node b", Duration::from_secs(20), || {
+        connected_through(&controller.proc, "ingest connected", &node_b.url()).then_some(())
+    });
+    carries_on(&server, &world, &controller, pid);
 }

@@ -451,7 +451,9 @@ pub struct ServerArgs {
     /// Embedded MQTT broker listen address (ignored with --broker).
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub mqtt_listen: SocketAddr,
-    /// Use this external MQTT broker (mqtt://HOST[:PORT]) instead of the embedded one.
+    /// Use this external MQTT broker (mqtt://HOST[:PORT]) instead of the
+    /// embedded one; the nodes of a broker cluster, comma-separated, are
+    /// tried in turn.
     #[arg(long)]
     pub broker: Option<String>,
     /// Where the store lives (default /var/lib/baton/controller as root, else ~/.local/share/baton/controller).
@@ -538,7 +540,18 @@ pub struct ServerArgs {
 impl ServerArgs {
     pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
         let broker = match &self.broker {
-            Some(url) => BrokerMode::External(url.parse().context("--broker")?),
+            Some(urls) => {
+                let nodes: baton_protocol::BrokerNodes = urls.parse().context("--broker")?;
+                // The controller's own MQTT client speaks plain MQTT: an
+                // mqtts:// node would fail its handshake forever.
+                if let Some(tls) = nodes.all().iter().find(|n| n.tls) {
+                    anyhow::bail!(
+                        "--broker {tls}: the controller connects to an external broker over plain MQTT only (TLS to it is not supported yet); \
+                         use a mqtt:// listener on the broker's machine or a private network for the controller, and mqtts:// for devices"
+                    );
+                }
+                BrokerMode::External(nodes)
+            }
             None => BrokerMode::Embedded(self.mqtt_listen),
         };
         anyhow::ensure!(self.stale_after > 0, "--stale-after must be at least 1 second");

@@ -478,6 +478,7 @@ pub fn init_logging(json: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     #[test]
     fn the_command_line_is_well_formed_and_port_forward_targets_parse() {
@@ -488,6 +489,24 @@ mod tests {
         assert_eq!(t(&["8080"]).unwrap(), (String::new(), (8080, 8080)));
         assert!(t(&["web", "80:0"]).unwrap_err().to_string().contains("cannot be 0"));
         assert!(t(&["web", "x:80"]).unwrap_err().to_string().contains("not a port"));
+    }
+
+    #[test]
+    fn server_broker_nodes_are_read_and_tls_to_them_is_refused() {
+        let server = |broker: &str| {
+            let Command::Server(a) = Cli::try_parse_from(["baton", "server", "--broker", broker]).unwrap().command
+            else {
+                panic!("not the server verb")
+            };
+            a.to_config()
+        };
+        let cfg = server("mqtt://b1:1883,mqtt://b2:1883").unwrap();
+        assert!(matches!(&cfg.broker, crate::server::BrokerMode::External(n) if n.all().len() == 2));
+        assert_eq!(cfg.broker_url().host, "b1");
+        let e = server("mqtt://b1,mqtts://b2").unwrap_err().to_string();
+        assert!(e.contains("mqtts://b2:8883") && e.contains("plain MQTT only"), "{e}");
+        let e = format!("{:#}", server("mqtt://b1,,mqtt://b2").unwrap_err());
+        assert!(e.contains("--broker") && e.contains("an empty entry"), "{e}");
     }
 
     #[test]
