@@ -57,7 +57,9 @@ pub fn run(
     }
     // An mqtts:// broker with nothing to trust is a configuration error: say so now.
     let trust = crate::trust::Trust::load(config.controller_keys.clone(), &config.data_dir);
-    crate::tls::transport(&config.broker, &trust.keys(), config.mqtt_ca_file.as_deref()).map_err(StartError::Broker)?;
+    for broker in config.brokers.all() {
+        crate::tls::transport(broker, &trust.keys(), config.mqtt_ca_file.as_deref()).map_err(StartError::Broker)?;
+    }
 
     let (handle, engine) = if no_workloads {
         (None, None)

@@ -13,6 +13,7 @@ use baton_protocol::{decode, encode, EnrollRequest, Message, TopicKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 use crate::config::AgentConfig;
+use tracing::warn;
 
 /// Where the password issued at enrollment is kept.
 pub fn password_path(data_dir: &Path) -> PathBuf {
@@ -36,23 +37,50 @@ pub enum JoinError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Other(String),
+    /// The controller answered, but what it gave cannot be used (not tried
+    /// again through another node: the token was spent).
+    #[error("{0}")]
+    Answer(String),
 }
 
-/// Enrolls; on success the password and the pinned key are on disk.
+/// Enrolls through the first broker node that answers (each given
+/// `timeout`); on success the password and the pinned key are on disk.
 pub async fn join(config: &AgentConfig, token: &Token, timeout: Duration) -> Result<(), JoinError> {
     let pw_path = password_path(&config.data_dir);
     if pw_path.exists() {
         return Err(JoinError::AlreadyJoined(pw_path));
     }
     let key = crate::trust::load_or_create_identity(&config.data_dir)?;
+    let mut last = None;
+    for broker in config.brokers.all() {
+        match join_through(config, broker, &key, token, timeout).await {
+            // A node that cannot be reached or does not answer: the next one.
+            Err(e @ (JoinError::Other(_) | JoinError::Timeout(_))) => {
+                warn!(%broker, error = %e, "cannot enroll through this broker node");
+                last = Some(e);
+            }
+            done => return done,
+        }
+    }
+    Err(last.unwrap_or_else(|| JoinError::Other("no broker node to enroll through".into())))
+}
+
+async fn join_through(
+    config: &AgentConfig,
+    broker: &baton_protocol::BrokerUrl,
+    key: &crypto::DeviceKey,
+    token: &Token,
+    timeout: Duration,
+) -> Result<(), JoinError> {
+    let pw_path = password_path(&config.data_dir);
     let id = &config.device_id;
-    let mut opts = MqttOptions::new(id.as_str(), config.broker.host.clone(), config.broker.port);
+    let mut opts = MqttOptions::new(id.as_str(), broker.host.clone(), broker.port);
     opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
         .set_credentials(baton_protocol::token::join_username(&token.id), token.secret.clone());
     // Over TLS, the gateway must prove it holds the key the token names.
     opts.set_transport(
-        crate::tls::transport(&config.broker, &[token.controller_key], config.mqtt_ca_file.as_deref())
+        crate::tls::transport(broker, &[token.controller_key], config.mqtt_ca_file.as_deref())
             .map_err(JoinError::Other)?,
     );
     let (client, mut events) = AsyncClient::new(opts, 8);
@@ -87,7 +115,7 @@ pub async fn join(config: &AgentConfig, token: &Token, timeout: Duration) -> Res
                 Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
                     return Err(JoinError::Refused(format!("{code:?}")))
                 }
-                Err(e) => return Err(JoinError::Other(format!("broker {}: {e}", config.broker))),
+                Err(e) => return Err(JoinError::Other(format!("broker {broker}: {e}"))),
             }
         }
     })
@@ -99,7 +127,7 @@ pub async fn join(config: &AgentConfig, token: &Token, timeout: Duration) -> Res
     }
     let password = key
         .unseal(&crypto::secret_context(id.as_str(), "enroll", "password"), &answer.sealed_password)
-        .map_err(|e| JoinError::Other(format!("cannot open the issued password: {e}")))?;
+        .map_err(|e| JoinError::Answer(format!("cannot open the issued password: {e}")))?;
     crate::runtime::layout::write_private(&pw_path, &password)?;
     let pin = format!("ed25519:{}\n", crypto::hex(&token.controller_key));
     crate::runtime::layout::write_atomic(&crate::trust::pinned_key_path(&config.data_dir), pin.as_bytes())?;

@@ -240,16 +240,18 @@ impl Link {
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = ticker.tick(), if connected => link.send_heartbeat(),
-                _ = upgrade_ticker.tick() => {
+                // Only while connected: a tick or a report would cancel a
+                // connection attempt under way, which then restarts and never
+                // reaches its timeout (a silent node kept the agent forever).
+                // Each failed attempt ticks the upgrade once instead.
+                _ = upgrade_ticker.tick(), if connected => {
                     let fx = link.upgrade.on_tick(std::time::Instant::now(), connected_at);
                     link.upgrade_effects(fx);
                 }
-                Ok(()) = reports.changed() => {
+                Ok(()) = reports.changed(), if connected => {
                     let report = reports.borrow_and_update().clone();
                     link.applied_generation = report.generation;
-                    if connected {
-                        link.publish(TopicKind::Report, &Message::Report(report));
-                    }
+                    link.publish(TopicKind::Report, &Message::Report(report));
                 }
                 event = events.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -262,7 +264,9 @@ impl Link {
                         link.upgrade_effects(fx);
                         if link.engine.is_some() {
                             // Whatever changed while we were away: the latest state, once.
-                            link.publish(TopicKind::Report, &Message::Report(reports.borrow().clone()));
+                            let report = reports.borrow_and_update().clone();
+                            link.applied_generation = report.generation;
+                            link.publish(TopicKind::Report, &Message::Report(report));
                         }
                         ticker.reset_immediately();
                     }
@@ -275,6 +279,8 @@ impl Link {
                     Ok(_) => {}
                     Err(e) => {
                         let delay = backoff.next_delay();
+                        let fx = link.upgrade.on_tick(std::time::Instant::now(), None);
+                        link.upgrade_effects(fx);
                         let broker = &link.config.brokers.all()[node];
                         if connected {
                             warn!(%broker, error = %e, "lost the broker; reconnecting");

@@ -177,7 +177,8 @@ struct RunArgs {
     /// Config file; a missing file at the default path means defaults.
     #[arg(long, short = 'c', env = "BATON_AGENT_CONFIG")]
     config: Option<PathBuf>,
-    /// MQTT broker, mqtt://HOST[:PORT].
+    /// MQTT broker, mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; the nodes of
+    /// one cluster comma-separated (tried in turn).
     #[arg(long)]
     broker: Option<String>,
     /// Device id (default: derived from /etc/machine-id).

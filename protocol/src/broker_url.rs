@@ -27,23 +27,36 @@ impl std::str::FromStr for BrokerUrl {
     fn from_str(url: &str) -> Result<Self, Self::Err> {
         let bad = |reason| InvalidBrokerUrl { url: url.to_string(), reason };
         let (rest, tls) = match url.split_once("://") {
-            Some(("mqtt" | "tcp", rest)) => (rest, false),
-            Some(("mqtts" | "ssl", rest)) => (rest, true),
-            Some(_) => return Err(bad("unknown scheme")),
+            Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
+                "mqtt" | "tcp" => (rest, false),
+                "mqtts" | "ssl" => (rest, true),
+                _ => return Err(bad("unknown scheme")),
+            },
             None => (url, false),
         };
         let rest = rest.trim_end_matches('/');
+        if rest.contains(|c: char| c.is_whitespace() || c == ';') {
+            return Err(bad("a space or ';' in it (separate the nodes of a cluster with commas)"));
+        }
         if rest.contains('/') || rest.contains('@') {
             return Err(bad("paths and credentials do not belong in the URL"));
         }
         let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
             let (host, tail) = v6.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
-            (host, tail.strip_prefix(':'))
+            let port = match tail {
+                "" => None,
+                _ => Some(tail.strip_prefix(':').ok_or_else(|| bad("only ':PORT' may follow ']'"))?),
+            };
+            (host, port)
         } else {
-            match rest.rsplit_once(':') {
+            let (host, port) = match rest.rsplit_once(':') {
                 Some((h, p)) => (h, Some(p)),
                 None => (rest, None),
+            };
+            if host.contains(':') {
+                return Err(bad("an IPv6 address needs brackets, as in mqtt://[fd00::2]:1883"));
             }
+            (host, port)
         };
         if host.is_empty() {
             return Err(bad("missing host"));
@@ -138,6 +151,7 @@ mod tests {
         let nodes: BrokerNodes = "mqtts://b1:8883, mqtts://[::1]:8883,b3".parse().unwrap();
         assert_eq!(nodes.to_string(), "mqtts://b1:8883,mqtts://[::1]:8883,mqtt://b3:1883");
         assert_eq!(nodes.first().host, "b1");
+        assert_eq!("MQTTS://Up:1".parse::<BrokerUrl>().unwrap().to_string(), "mqtts://Up:1");
         assert_eq!((nodes.next_after(0), nodes.next_after(2)), (1, 0));
         let one: BrokerNodes = "mqtt://solo".parse().unwrap();
         assert_eq!((one.all().len(), one.next_after(0)), (1, 0));
@@ -147,6 +161,11 @@ mod tests {
             ("", "an empty entry"),
             ("mqtt://a,ftp://b", "unknown scheme"),
             ("mqtt://a:1883,a", "listed twice"),
+            ("mqtt://a mqtt://b", "separate the nodes of a cluster with commas"),
+            ("mqtt://a;mqtt://b", "separate the nodes of a cluster with commas"),
+            ("mqtt://::1", "needs brackets"),
+            ("mqtt://fd00::2:1883", "needs brackets"),
+            ("mqtt://[::1]junk", "only ':PORT' may follow ']'"),
         ] {
             let e = bad.parse::<BrokerNodes>().unwrap_err().to_string();
             assert!(e.contains(why), "{bad:?}: {e}");

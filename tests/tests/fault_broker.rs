@@ -103,4 +103,36 @@ fn the_controller_moves_to_the_next_broker_node_when_its_node_dies() {
         connected_through(&controller.proc, "ingest connected", &node_b.url()).then_some(())
     });
     carries_on(&server, &world, &controller, pid);
+
+    // No node left: a command is refused at once, saying why, rather than
+    // waiting out its deadline as if the device were slow.
+    let mut node_b = node_b;
+    node_b.proc.kill9();
+    wait_for("the controller without a broker", Duration::from_secs(10), || {
+        get_json::<serde_json::Value>(controller.http, "/healthz").ok().filter(|h| h["broker_connected"] == false)
+    });
+    let (ok, out, err) = baton_cli(&server, &["exec", "--device", DEVICE, "steady", "--", "true"]);
+    assert!(!ok && err.contains("lost its MQTT broker"), "{out}{err}");
+}
+
+/// Symptom this answers: a node whose host is silent (a firewall dropping
+/// packets, a wedged broker) answered no CONNECT; the agent's connection
+/// attempt was restarted by its own timers every second, never timed out,
+/// and the next node was never tried.
+#[test]
+fn a_silent_first_node_is_given_up_for_the_next() {
+    let world = World::new();
+    // Takes connections (the kernel's backlog) and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("a silent node");
+    let silent_url = format!("mqtt://127.0.0.1:{}", silent.local_addr().expect("its port").port());
+    let controller = Controller::start(&world, None, &[]);
+    let agent = start_agent(&world, DEVICE, &format!("{silent_url},{}", controller.broker_url()), &["--no-workloads"]);
+    wait_for("the agent on the controller's broker", Duration::from_secs(30), || {
+        connected_through(&agent, "connected to broker", &controller.broker_url()).then_some(())
+    });
+    wait_for("the device online", Duration::from_secs(10), || {
+        (controller.device(DEVICE).map(|d| d.status) == Some(Status::Online)).then_some(())
+    });
+    let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+    assert!(log.contains("trying the next broker node"), "{log}");
 }

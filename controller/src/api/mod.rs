@@ -272,8 +272,22 @@ async fn online_device_of(c: &Arc<Controller>, id: &str, scope: &Scope) -> Resul
     if device.status == Status::Offline {
         return Err(Failure(StatusCode::CONFLICT, format!("device {id} is offline")));
     }
+    broker_up(c)?;
     let id = DeviceId::new(id).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
     Ok((id, device.tenant))
+}
+
+/// Commands travel through the broker: without it they would wait out
+/// their deadline and the operator would blame the device.
+fn broker_up(c: &Controller) -> Result<(), Failure> {
+    if c.broker_connected.load(std::sync::atomic::Ordering::Relaxed) {
+        Ok(())
+    } else {
+        Err(Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller has lost its MQTT broker: commands cannot reach devices until it is back (see /healthz and the controller's log)".into(),
+        ))
+    }
 }
 
 /// A workload the caller's scope sees, or 404: a device moved to another

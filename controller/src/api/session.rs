@@ -214,6 +214,7 @@ async fn prepare(
     if view.status == Status::Offline {
         return Err(Failure(StatusCode::CONFLICT, format!("device {id} is offline")));
     }
+    super::broker_up(c)?;
     let device = DeviceId::new(id).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
     Ok((device, view.tenant))
 }
