@@ -288,8 +288,10 @@ impl Link {
                         } else {
                             warn_limited!(link, "unreachable", %broker, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the broker");
                         }
-                        // Another node of the cluster, if there is one: what
-                        // is queued (reports, results) goes out through it.
+                        // Another node of the cluster, if there is one. What
+                        // was in flight at the break is dropped by rumqttc when
+                        // that node holds no session for us; presence, inventory
+                        // and the report go out again on its ConnAck.
                         if link.config.brokers.all().len() > 1 {
                             node = link.config.brokers.next_after(node);
                             events.mqtt_options = mqtt_options(&link.config, node, &link.trust, will.clone());
