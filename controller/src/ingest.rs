@@ -152,15 +152,14 @@ pub async fn run(
     };
     let user = credentials.as_ref().map(|(u, _)| u.clone()).unwrap_or_default();
     let mut node = 0;
-    let mut broker = brokers.first().clone();
-    let (client, mut events) = AsyncClient::new(options(&broker), 1024);
+    let (client, mut events) = AsyncClient::new(options(brokers.first()), 1024);
     // Answers (pieces of builds, enrollments) go out at once, not after Nagle.
     let mut net = events.network_options();
     net.set_tcp_nodelay(true);
     events.set_network_options(net);
     let mut limiter = LogLimiter { last: [None; 5], every: Duration::from_secs(10) };
     let mut failures = 0u32;
-    info!(%broker, "ingest connecting");
+    info!(%brokers, "ingest connecting");
     loop {
         let event = tokio::select! {
             _ = shutdown.changed() => break,
@@ -172,7 +171,7 @@ pub async fn run(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                info!(%broker, "ingest connected");
+                info!(broker = %brokers.all()[node], "ingest connected");
                 failures = 0;
                 controller.broker_connected.store(true, Relaxed);
                 controller.metrics.broker_connects.fetch_add(1, Relaxed);
@@ -262,14 +261,13 @@ pub async fn run(
                 controller.broker_connected.store(false, Relaxed);
                 failures = failures.saturating_add(1);
                 let delay = Duration::from_millis(200u64.saturating_mul(1 << failures.min(5)));
-                warn!(%broker, error = %e, retry_in_ms = delay.as_millis() as u64, "ingest lost the broker");
+                warn!(broker = %brokers.all()[node], error = %e, retry_in_ms = delay.as_millis() as u64, "ingest lost the broker");
                 // Another node of the cluster, if there is one (subscriptions
                 // and documents are set up again on its ConnAck).
                 if brokers.all().len() > 1 {
                     node = brokers.next_after(node);
-                    broker = brokers.all()[node].clone();
-                    events.mqtt_options = options(&broker);
-                    info!(%broker, "ingest trying the next broker node");
+                    events.mqtt_options = options(&brokers.all()[node]);
+                    info!(broker = %brokers.all()[node], "ingest trying the next broker node");
                 }
                 tokio::select! {
                     _ = shutdown.changed() => break,

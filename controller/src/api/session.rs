@@ -209,14 +209,7 @@ async fn prepare(
     if !workload.is_empty() {
         super::visible_workload(c, &workload, scope).await?;
     }
-    let (name, view_scope) = (id.to_string(), scope.clone());
-    let view = op(c, move |c| c.device(&name, now_ms(), &view_scope)).await??;
-    if view.status == Status::Offline {
-        return Err(Failure(StatusCode::CONFLICT, format!("device {id} is offline")));
-    }
-    super::broker_up(c)?;
-    let device = DeviceId::new(id).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
-    Ok((device, view.tenant))
+    super::online_device_of(c, id, scope).await
 }
 
 /// Owns the session's request: opens it, passes its output on (and the

@@ -491,12 +491,7 @@ impl Controller {
     }
 
     pub fn rollout(&self, name: &str, scope: &Scope) -> Result<RolloutView, OpError> {
-        let st = lock(&self.state);
-        let e = Self::visible_workload(&st, name, scope)?;
-        e.rollout
-            .as_ref()
-            .map(RolloutView::new)
-            .ok_or_else(|| OpError::NotFound(format!("workload {name} has had no rollout")))
+        self.last_rollout(name, scope)?.ok_or_else(|| OpError::NotFound(format!("workload {name} has had no rollout")))
     }
 
     /// A workload's last rollout, None before its first (the dashboard's
