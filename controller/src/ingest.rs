@@ -161,14 +161,22 @@ pub async fn run(
     let mut failures = 0u32;
     info!(%brokers, "ingest connecting");
     loop {
-        let event = tokio::select! {
-            _ = shutdown.changed() => break,
-            Some(out) = outbox.recv() => {
-                publish(&client, out);
-                continue;
+        // One poll is awaited to its end while the outbox is served beside
+        // it: a poll dropped half-way through a connection attempt starts it
+        // again, so a node that never answers was never given up while the
+        // controller had something to send.
+        let event = {
+            let poll = events.poll();
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => break None,
+                    Some(out) = outbox.recv() => publish(&client, out),
+                    e = &mut poll => break Some(e),
+                }
             }
-            e = events.poll() => e,
         };
+        let Some(event) = event else { break };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 info!(broker = %brokers.all()[node], "ingest connected");

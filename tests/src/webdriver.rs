@@ -144,10 +144,6 @@ impl Browser {
         self.find("body").map(|b| self.text_of(&b)).unwrap_or_default()
     }
 
-    pub fn click(&self, e: &Element) {
-        self.call("POST", &format!("/element/{}/click", e.0), None).expect("click");
-    }
-
     /// Clicks what `css` selects, once it is there.
     pub fn click_on(&self, css: &str, timeout: Duration) {
         // An element re-rendered between finding and clicking is found again.
@@ -158,8 +154,18 @@ impl Browser {
         .unwrap_or_else(|| panic!("could not click {css:?} within {timeout:?}"));
     }
 
-    pub fn type_into(&self, e: &Element, text: &str) {
-        self.call("POST", &format!("/element/{}/value", e.0), Some(json!({ "text": text }))).expect("type");
+    /// Empties what `css` selects and types `text` into it, once it is
+    /// there; found and typed again if the page re-rendered it meanwhile,
+    /// until the field holds `text`.
+    pub fn fill(&self, css: &str, text: &str, timeout: Duration) {
+        wait_until(timeout, || {
+            let e = self.find(css)?;
+            self.call("POST", &format!("/element/{}/clear", e.0), None).ok()?;
+            self.call("POST", &format!("/element/{}/value", e.0), Some(json!({ "text": text }))).ok()?;
+            let now = self.call("GET", &format!("/element/{}/property/value", e.0), None).ok()?;
+            (now.as_str() == Some(text)).then_some(())
+        })
+        .unwrap_or_else(|| panic!("could not type into {css:?} within {timeout:?}"));
     }
 
     pub fn attribute(&self, e: &Element, name: &str) -> Option<String> {

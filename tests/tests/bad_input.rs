@@ -246,3 +246,61 @@ fn a_foreign_desired_document_is_refused_visibly_and_replaced_by_the_controllers
     // The device never stopped running what it ran.
     assert!(settled(&server, "app", 1, 1).is_some());
 }
+
+/// The generation of the controller's signed document in `payload`.
+fn generation_of(payload: &[u8]) -> Option<u64> {
+    let Ok((_, Message::SignedDesired(signed))) = decode(payload) else { return None };
+    match decode(&signed.document) {
+        Ok((_, Message::Desired(d))) => Some(d.generation),
+        _ => None,
+    }
+}
+
+/// What a late subscriber is given on `topic` (retained), looked at afresh.
+fn retained_on(port: u16, topic: &str, n: &mut u32) -> Option<Vec<u8>> {
+    *n += 1;
+    let mut fresh = RawClient::connect(port, &format!("look-{n}"));
+    fresh.subscribe(topic);
+    let (_, payload, retained) = fresh.next_message(Duration::from_secs(5))?;
+    retained.then_some(payload)
+}
+
+/// Symptom: a Mosquitto bridge that reconnects replays the retained copies
+/// it kept, and an old desired document of the controller's own spread back
+/// onto a device's topic. The controller took it for the echo of its own
+/// publish and left it there, so a device that subscribed again (a reflashed
+/// one) was given the old revision. Now an older document of its own that
+/// stays on the topic is replaced by the current one.
+#[test]
+fn an_older_document_replayed_onto_a_devices_topic_is_replaced() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let _sim = start_simulator(&world, "r", 1, &controller.broker_url(), &[]);
+    wait_for("the device", Duration::from_secs(30), || (controller.devices().len() == 1).then_some(()));
+    let topic = "baton/v1/dev/r-0000/desired";
+    apply_yaml(&server, &world, "app.yaml", "name: app\nimage: 127.0.0.1:9/app:1\n");
+    wait_for("revision 1", Duration::from_secs(30), || settled(&server, "app", 1, 1));
+    let mut n = 0;
+    let old =
+        wait_for("revision 1's document", Duration::from_secs(20), || retained_on(controller.mqtt, topic, &mut n));
+    let old_generation = generation_of(&old).expect("a document of the controller's");
+    apply_yaml(&server, &world, "app.yaml", "name: app\nimage: 127.0.0.1:9/app:2\n");
+    wait_for("revision 2", Duration::from_secs(30), || settled(&server, "app", 2, 1));
+    let current = wait_for("revision 2's document", Duration::from_secs(20), || {
+        retained_on(controller.mqtt, topic, &mut n).and_then(|p| generation_of(&p)).filter(|g| *g > old_generation)
+    });
+
+    // The replay: the old copy, retained, as a bridge republishes it.
+    let mut bridge = RawClient::connect(controller.mqtt, "a-bridge");
+    bridge.publish(topic, old, true);
+    wait_for("the controller seeing the old copy stay", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(&controller.proc.log).unwrap_or_default();
+        log.contains("still holds an older document").then_some(())
+    });
+    wait_for("the current document on the topic again", Duration::from_secs(30), || {
+        retained_on(controller.mqtt, topic, &mut n).and_then(|p| generation_of(&p)).filter(|g| *g == current)
+    });
+    // The device kept what it ran.
+    assert!(settled(&server, "app", 2, 1).is_some());
+}

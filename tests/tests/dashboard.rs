@@ -62,11 +62,19 @@ impl Api {
 /// every tab of the browser.
 fn log_in(b: &Browser, base: &str, token: &str, remember: bool) {
     b.goto(&format!("{base}/ui/"));
-    if let Some(out) = b.find("#logout:not([hidden])") {
-        b.click(&out);
+    // The page settles on one of the two once it has asked who it is.
+    let logged_in = wait_until(T, || {
+        if b.find("#logout:not([hidden])").is_some() {
+            Some(true)
+        } else {
+            b.find("#token").map(|_| false)
+        }
+    })
+    .expect("neither the login form nor a logged-in page");
+    if logged_in {
+        b.click_on("#logout", T);
     }
-    let input = b.wait("#token", T);
-    b.type_into(&input, token);
+    b.fill("#token", token, T);
     if remember {
         b.click_on("#remember", T);
     }
@@ -126,16 +134,14 @@ fn operators_see_and_steer_the_fleet_in_a_browser() {
     // The device list: counted, searchable on the server.
     b.goto(&format!("{base}/ui/#/devices"));
     b.wait_text("#count", T, |t| t == "1–7 of 7");
-    let search = b.wait("#search", T);
-    b.type_into(&search, "pi-re");
+    b.fill("#search", "pi-re", T);
     b.wait_text("#count", T, |t| t == "1–1 of 1");
     assert_eq!(b.find_all("#devices tr[data-device]").len(), 1);
     b.checkpoint("devices");
 
     // A device page: set a label from the page; the controller has it.
     b.click_on("#devices a[href='#/devices/pi-real']", T);
-    let label = b.wait("#add-label input", T);
-    b.type_into(&label, "site=lyon");
+    b.fill("#add-label input", "site=lyon", T);
     b.click_on("#add-label button", T);
     b.wait_text("#labels", T, |t| t.contains("site=lyon"));
     let d: DeviceView =
@@ -194,8 +200,7 @@ fn operators_see_and_steer_the_fleet_in_a_browser() {
     api.apply(&world, "app.yaml", &app("3"));
     b.wait_text("#events", T, |t| t.contains("revision 3"));
     b.checkpoint("events");
-    let filter = b.wait("#event-filter", T);
-    b.type_into(&filter, "pi-real");
+    b.fill("#event-filter", "pi-real", T);
     b.wait_text("#events", T, |t| !t.contains("revision 3") && t.contains("pi-real"));
 
     // Many tabs at once (the token remembered for them): a browser gives a

@@ -136,3 +136,50 @@ fn a_silent_first_node_is_given_up_for_the_next() {
     let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
     assert!(log.contains("trying the next broker node"), "{log}");
 }
+
+/// Symptom this answers: the controller's connection attempt was started
+/// again by every message it had to send, so while it was busy (documents
+/// going out for a rollout) a silent first node kept it off the broker for
+/// good, and its start-up never ended.
+#[test]
+fn a_busy_controller_gives_up_a_silent_node_too() {
+    let world = World::new();
+    let broker = Mosquitto::start(&world);
+    let mut controller = Controller::start(&world, Some(broker.port), &[]);
+    let server = controller.server_url();
+    let _fleet = start_simulator(&world, "busy", 3, &broker.url(), &[]);
+    wait_for("three devices online", Duration::from_secs(30), || {
+        let online = controller.devices().iter().filter(|d| d.status == Status::Online).count();
+        (online == 3).then_some(())
+    });
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("a silent node");
+    let silent_url = format!("mqtt://127.0.0.1:{}", silent.local_addr().expect("its port").port());
+
+    // A new revision every 200 ms, each a new document for the devices, for
+    // as long as the controller is coming back.
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let applier = {
+        let (busy, server, path) = (busy.clone(), server.clone(), world.path().join("busy.yaml"));
+        std::thread::spawn(move || {
+            let mut applied = 0;
+            while busy.load(std::sync::atomic::Ordering::Relaxed) {
+                let rev =
+                    format!("name: busy\nimage: busybox:busy\nenv: {{N: \"{applied}\"}}\ncommand: [sleep, \"1000\"]\n");
+                std::fs::write(&path, rev).expect("manifest");
+                if baton_cli(&server, &["apply", "-f", path.to_str().expect("utf-8")]).0 {
+                    applied += 1;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            applied
+        })
+    };
+    // Returns once the controller says it has a broker (or panics after 20 s).
+    controller.restart_with(&["--broker", &format!("{silent_url},{}", broker.url())]);
+    busy.store(false, std::sync::atomic::Ordering::Relaxed);
+    let applied = applier.join().expect("the applier");
+    assert!(applied > 10, "only {applied} revisions applied: the controller was not kept busy");
+    assert!(connected_through(&controller.proc, "ingest connected", &broker.url()));
+    let log = std::fs::read_to_string(&controller.proc.log).unwrap_or_default();
+    assert!(log.contains("ingest trying the next broker node"), "{log}");
+}

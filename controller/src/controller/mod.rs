@@ -70,6 +70,9 @@ struct State {
     sealed: SealCache,
     /// When a device's document was last published again over a foreign one.
     reasserted: BTreeMap<String, Millis>,
+    /// Devices whose topic last showed an older document of this
+    /// controller's, and since when (see `reassert_stale_copies`).
+    older_on_topic: BTreeMap<String, Millis>,
     /// Devices online but behind their document: since when (or when it was last sent again).
     behind: BTreeMap<String, Millis>,
     /// The last agent upgrade (`upgrade`), and the agent builds published.
@@ -252,6 +255,7 @@ impl Controller {
                 gone: BTreeSet::new(),
                 sealed,
                 reasserted: BTreeMap::new(),
+                older_on_topic: BTreeMap::new(),
                 behind: BTreeMap::new(),
                 agent_rollout,
                 releases,
@@ -351,6 +355,7 @@ impl Controller {
                 .devices()
                 .any(|d| st.desired.get(&d.id).is_some_and(|doc| d.applied_generation() > doc.generation));
             self.resend_to_devices_behind(&fleet, &mut st, now);
+            self.reassert_stale_copies(&mut st, now);
             // Endpoints moved (an instance turned healthy or stopped being so),
             // for services some workload uses.
             if st.workloads.values().any(|e| !e.manifest.uses.is_empty()) {

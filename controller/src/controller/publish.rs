@@ -1,7 +1,8 @@
 //! Desired documents out: placement and composition (`desired`, pure) →
 //! sealed, signed, stored, then sent through the outbox; re-sent to devices
 //! still behind after a minute, republished after a broker (re)connect, and
-//! reasserted over documents on the broker this controller did not issue.
+//! reasserted over documents on the broker this controller did not issue and
+//! over its own older ones that stay there.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering::Relaxed;
@@ -18,6 +19,10 @@ use super::{lock, Controller, SealCache, Snapshot, State};
 
 /// An online device still behind its document this long gets it again.
 pub(super) const RESEND_BEHIND_MS: Millis = 60_000;
+
+/// An older document of this controller's still the last one seen on a
+/// device's topic this long after is a stale copy, not an echo.
+pub(super) const ECHO_MS: Millis = 5_000;
 
 /// A desired document as it travels: encoded, then signed for `device`.
 pub(super) fn sign_desired(
@@ -171,28 +176,73 @@ impl Controller {
 
     /// What the broker holds on a device's `desired` topic (the controller
     /// subscribes to them): if it is not the document this controller issued
-    /// (garbage, a forgery, a copy from another store), it is published again,
-    /// at most once every 10 s per device (two publishers would otherwise
-    /// fight over the topic as fast as the broker goes).
+    /// (garbage, a forgery, a copy from another store), it is published again
+    /// (see `reassert`); an older one of its own, if it stays (see
+    /// `reassert_stale_copies`).
     pub fn check_desired(&self, id: &DeviceId, payload: &[u8], now: Millis) {
         let mut st = lock(&self.state);
         let Some(doc) = st.desired.get(id.as_str()) else { return };
         let Ok(ours) = self.sign(id.as_str(), doc) else { return };
-        if ours == payload || self.own_older_document(id.as_str(), payload, doc.generation) {
+        if ours == payload {
+            st.older_on_topic.remove(id.as_str());
             return;
         }
+        if self.own_older_document(id.as_str(), payload, doc.generation) {
+            // The echo of a publish a newer one is replacing, or a stale copy
+            // (a bridge or a restored broker replaying what it kept): told
+            // apart by whether the newer one follows (see `reassert_stale_copies`).
+            st.older_on_topic.entry(id.to_string()).or_insert(now);
+            return;
+        }
+        if self.reassert(&mut st, id, ours, now) {
+            tracing::warn!(device = %id, len = payload.len(), "the broker held a desired document this controller did not issue; publishing its own again");
+        }
+    }
+
+    /// Publishes `ours` over what the broker holds for `id`, at most once
+    /// every 10 s per device (two publishers would otherwise fight over the
+    /// topic as fast as the broker goes).
+    /// Whether it was published.
+    fn reassert(&self, st: &mut State, id: &DeviceId, ours: Vec<u8>, now: Millis) -> bool {
         let last = st.reasserted.get(id.as_str()).copied().unwrap_or(0);
         if now.saturating_sub(last) < 10_000 {
-            return;
+            return false;
         }
         st.reasserted.insert(id.to_string(), now);
-        tracing::warn!(device = %id, len = payload.len(), "the broker held a desired document this controller did not issue; publishing its own again");
         let _ = self.outbox.send(Outgoing::Desired(id.clone(), ours));
+        true
+    }
+
+    /// Devices whose topic still shows an older document of this
+    /// controller's `ECHO_MS` after it was seen get the current one again:
+    /// a bridge that reconnects, or a broker restored from a backup, replays
+    /// old retained copies, and a device that (re)subscribes would be given
+    /// one (it refuses an older generation, but a reflashed device takes it).
+    pub(super) fn reassert_stale_copies(&self, st: &mut State, now: Millis) {
+        let stale: Vec<String> = st
+            .older_on_topic
+            .iter()
+            .filter(|(_, since)| now.saturating_sub(**since) >= ECHO_MS)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for device in stale {
+            let (Some(doc), Ok(id)) = (st.desired.get(&device), DeviceId::new(device.clone())) else {
+                st.older_on_topic.remove(&device);
+                continue;
+            };
+            let generation = doc.generation;
+            let Ok(ours) = self.sign(&device, doc) else { continue };
+            // Kept until published (another reassert may have just gone out).
+            if self.reassert(st, &id, ours, now) {
+                st.older_on_topic.remove(&device);
+                tracing::warn!(%device, generation, "the broker still holds an older document of this controller's (replayed by a bridge or a restored broker); publishing the current one again");
+            }
+        }
     }
 
     /// Whether `payload` is one of this controller's own documents for
     /// `device`, older than `generation`: the echo of a publish that a newer
-    /// one is already replacing.
+    /// one is already replacing, or a stale copy.
     pub(super) fn own_older_document(&self, device: &str, payload: &[u8], generation: u64) -> bool {
         let Ok((_, Message::SignedDesired(signed))) = baton_protocol::decode(payload) else { return false };
         let ours = [self.keys.signing.public()];

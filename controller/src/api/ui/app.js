@@ -234,8 +234,11 @@ document.getElementById('logout').addEventListener('click', () => {
   localStorage.removeItem('baton-token');
   S.token = '';
   S.who = null;
-  location.hash = '#/';
-  login(null);
+  // One render of the login form: through route(), which also stops the
+  // page's polling; replaceState fires no hashchange (a second route()
+  // would draw the form again under the operator's typing).
+  history.replaceState(null, '', '#/');
+  route();
 });
 window.addEventListener('hashchange', route);
 route();
