@@ -220,7 +220,7 @@ impl AgentConfig {
             }
         };
         let heartbeat_interval =
-            seconds("heartbeat_interval_s", cli.heartbeat_interval_s, file.heartbeat_interval_s, 15, 3600)?;
+            seconds("heartbeat_interval_s", cli.heartbeat_interval_s, file.heartbeat_interval_s, 300, 3600)?;
         let keepalive = seconds("keepalive_s", cli.keepalive_s, file.keepalive_s, 30, 3600)?;
 
         let cgroup_cli = cli.cgroup_parent.is_some();
@@ -371,7 +371,7 @@ mod tests {
         let c = resolve("", Overrides::default()).unwrap();
         assert_eq!(c.device_id.as_str(), "dev-4f1c0b7e9d2a4c6b");
         assert_eq!(c.broker.to_string(), "mqtt://127.0.0.1:1883");
-        assert_eq!(c.heartbeat_interval, Duration::from_secs(15));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(300));
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct Link {
     boot_id: String,
     started_at: u64,
     heartbeat: HeartbeatSampler,
+    /// When the last heartbeat went out on this connection (None: none yet).
+    last_heartbeat: Option<std::time::Instant>,
     /// Each autoscaled workload's sample at the last heartbeat (CPU rates).
     rates: crate::load::Rates,
     /// Generation of the desired document in force (persisted, handed to the engine).
@@ -96,6 +98,17 @@ pub enum LinkExit {
     Stopped,
     /// A new agent is staged: replace this process with it (`upgrade::switch::hand_over`).
     HandOver,
+}
+
+/// How often heartbeats go out at most: while the document asks for
+/// workloads' loads, autoscaling decides on them.
+const LOAD_HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// The heartbeat timer's period for `interval`: `interval` divided evenly
+/// into ticks of at most `LOAD_HEARTBEAT` (300 s: 15 s ticks; 20 s: 10 s).
+fn heartbeat_tick(interval: Duration) -> Duration {
+    let n = interval.as_millis().div_ceil(LOAD_HEARTBEAT.as_millis()).max(1);
+    interval / n as u32
 }
 
 fn qos(kind: TopicKind) -> QoS {
@@ -196,6 +209,7 @@ impl Link {
             boot_id,
             started_at: unix_now().as_secs(),
             heartbeat: HeartbeatSampler::default(),
+            last_heartbeat: None,
             rates: crate::load::Rates::default(),
             desired_generation: 0,
             desired_bytes,
@@ -224,7 +238,7 @@ impl Link {
         let mut connected_at: Option<std::time::Instant> = None;
 
         let mut backoff = Backoff::with_entropy(Duration::from_millis(500), RECONNECT_CAP);
-        let mut ticker = tokio::time::interval(link.config.heartbeat_interval);
+        let mut ticker = tokio::time::interval(heartbeat_tick(link.config.heartbeat_interval));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut connected = false;
         tokio::pin!(shutdown);
@@ -239,7 +253,7 @@ impl Link {
             }
             tokio::select! {
                 () = &mut shutdown => break,
-                _ = ticker.tick(), if connected => link.send_heartbeat(),
+                _ = ticker.tick(), if connected => link.on_heartbeat_tick(),
                 // Only while connected: a tick or a report would cancel a
                 // connection attempt under way, which then restarts and never
                 // reaches its timeout (a silent node kept the agent forever).
@@ -260,6 +274,8 @@ impl Link {
                         connected_at = Some(std::time::Instant::now());
                         backoff.reset();
                         link.on_connect();
+                        // A heartbeat on every connect, then at the interval.
+                        link.last_heartbeat = None;
                         let fx = link.upgrade.on_connect(std::time::Instant::now());
                         link.upgrade_effects(fx);
                         if link.engine.is_some() {
@@ -391,6 +407,19 @@ impl Link {
             if let Err(e) = self.client.try_subscribe(self.config.device_id.topic(kind), QoS::AtLeastOnce) {
                 warn!(error = %e, "cannot queue subscription");
             }
+        }
+    }
+
+    /// Sends a heartbeat when one is due: every `heartbeat_interval`, or at
+    /// each tick (`LOAD_HEARTBEAT` at most) while the document asks for
+    /// workloads' loads (autoscaling decides on them).
+    fn on_heartbeat_tick(&mut self) {
+        let tick = heartbeat_tick(self.config.heartbeat_interval);
+        let due = self.last_heartbeat.is_none_or(|t| t.elapsed() + tick / 2 >= self.config.heartbeat_interval);
+        let loads_asked = self.engine.as_ref().is_some_and(|e| !crate::load::read(&e.loads).is_empty());
+        if due || loads_asked {
+            self.last_heartbeat = Some(std::time::Instant::now());
+            self.send_heartbeat();
         }
     }
 
@@ -685,5 +714,20 @@ impl Link {
         if tokio::time::timeout(Duration::from_secs(3), drain).await.is_err() {
             warn!("broker did not take the goodbye within 3 s");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_ticks_divide_the_interval_evenly_and_are_at_most_15_s() {
+        let s = Duration::from_secs;
+        for (interval, tick) in [(s(300), s(15)), (s(20), s(10)), (s(16), s(8)), (s(1), s(1)), (s(15), s(15))] {
+            assert_eq!(heartbeat_tick(interval), tick, "{interval:?}");
+        }
+        assert_eq!(heartbeat_tick(s(3600)), s(15));
+        assert_eq!(heartbeat_tick(Duration::from_millis(22_500)), Duration::from_millis(11_250));
     }
 }

@@ -202,7 +202,9 @@ struct RunArgs {
     /// Report presence and inventory only; run no workloads (no root needed).
     #[arg(long)]
     no_workloads: bool,
-    /// Seconds between heartbeats (default 15).
+    /// Seconds between heartbeats (default 300; every 15 s at most while an
+    /// autoscaled workload asks for its load). Liveness between them is the
+    /// MQTT keepalive.
     #[arg(long)]
     heartbeat_interval: Option<u64>,
     /// MQTT keepalive in seconds (default 30); the broker declares the device offline after 1.5×.

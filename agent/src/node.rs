@@ -30,6 +30,7 @@ pub fn inventory(config: &AgentConfig) -> Inventory {
         sealing_key: Vec::new(),
         previous_agent_version: String::new(),
         upgrade: None,
+        heartbeat_interval_s: config.heartbeat_interval.as_secs().min(u64::from(u32::MAX)) as u32,
     }
 }
 

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 pub type Millis = u64;
 
 /// What a device's status means, one rule for every consumer:
+/// Silences are the device's own when it heartbeats more rarely than these
+/// windows allow: see `Liveness::stale_after` and `offline_after`.
 /// - `online`: connected, and heard from within `stale_after`. Only online
 ///   devices are given new replicas, lead a rollout's waves, and are judged
 ///   by rollouts.
@@ -41,6 +43,20 @@ impl Liveness {
     /// Silence that counts towards `offline`.
     fn silence(&self, d: &Device, now: Millis) -> Millis {
         now.saturating_sub(d.last_seen.max(self.since_ms))
+    }
+
+    /// The silence after which `d` is stale: `stale_after`, or two of its
+    /// own heartbeat intervals if that is longer (an agent from 1.10 on
+    /// says its interval; between heartbeats a quiet device's liveness is
+    /// its MQTT keepalive, and the broker publishes its Will when that lapses).
+    pub fn stale_after(&self, d: &Device) -> Millis {
+        self.stale_after_ms.max(2 * d.heartbeat_interval_ms())
+    }
+
+    /// The silence after which `d` is taken for offline without a Will:
+    /// `offline_after`, or three of its heartbeat intervals if that is longer.
+    pub fn offline_after(&self, d: &Device) -> Millis {
+        self.offline_after_ms.max(3 * d.heartbeat_interval_ms())
     }
 }
 
@@ -113,9 +129,15 @@ impl Device {
     pub fn status(&self, now: Millis, liveness: &Liveness) -> Status {
         match self.presence.state {
             PresenceState::Offline => Status::Offline,
-            PresenceState::Online if now.saturating_sub(self.last_seen) > liveness.stale_after_ms => Status::Stale,
+            PresenceState::Online if now.saturating_sub(self.last_seen) > liveness.stale_after(self) => Status::Stale,
             PresenceState::Online => Status::Online,
         }
+    }
+
+    /// The heartbeat interval its agent says it keeps (0: not said, an agent
+    /// before 1.10).
+    pub fn heartbeat_interval_ms(&self) -> Millis {
+        self.inventory.as_ref().map_or(0, |i| Millis::from(i.heartbeat_interval_s) * 1000)
     }
 
     /// The generation of the desired document it has in force, as it last said.
@@ -363,7 +385,7 @@ impl Fleet {
     pub fn expire_silent(&mut self, now: Millis, liveness: &Liveness) -> Vec<Device> {
         let mut expired = Vec::new();
         for d in self.devices.values_mut() {
-            if d.presence.state == PresenceState::Online && liveness.silence(d, now) > liveness.offline_after_ms {
+            if d.presence.state == PresenceState::Online && liveness.silence(d, now) > liveness.offline_after(d) {
                 d.presence.state = PresenceState::Offline;
                 d.offline_since = Some(now);
                 expired.push(d.clone());
@@ -455,6 +477,32 @@ mod tests {
         assert_eq!(f.get(&a).unwrap().status(63_000, &LIVENESS), Status::Offline);
         // A Will does not count as being heard from.
         assert_eq!(f.get(&a).unwrap().last_seen, 61_500);
+    }
+
+    #[test]
+    fn a_device_that_heartbeats_rarely_is_judged_by_its_own_interval() {
+        let mut f = Fleet::default();
+        let a = id("a");
+        f.apply(&a, FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Live, 0);
+        let inv = Inventory { heartbeat_interval_s: 300, ..Default::default() };
+        f.apply(&a, FleetEvent::Inventory(Box::new(inv)), Delivery::Live, 1_000);
+        let d = f.get(&a).unwrap();
+        // Quiet for four minutes is normal for it; past two intervals it is stale.
+        assert_eq!(d.status(1_000 + 240_000, &LIVENESS), Status::Online);
+        assert_eq!(d.status(1_000 + 600_000, &LIVENESS), Status::Online);
+        assert_eq!(d.status(1_000 + 600_001, &LIVENESS), Status::Stale);
+        // Taken for offline without a Will past three intervals, not two minutes.
+        assert!(f.expire_silent(1_000 + 900_000, &LIVENESS).is_empty());
+        assert_eq!(f.expire_silent(1_000 + 900_001, &LIVENESS).len(), 1);
+        // A fast one keeps the controller's settings: they are the floor.
+        let mut g = Fleet::default();
+        g.apply(
+            &a,
+            FleetEvent::Inventory(Box::new(Inventory { heartbeat_interval_s: 1, ..Default::default() })),
+            Delivery::Live,
+            0,
+        );
+        assert_eq!(g.get(&a).unwrap().status(60_001, &LIVENESS), Status::Stale);
     }
 
     #[test]

@@ -29,4 +29,4 @@ pub use topic::{DeviceId, InvalidDeviceId, TopicKind};
 /// the topic root (`baton/v1/`), so a v2 fleet can share a broker with v1.
 pub const PROTOCOL_MAJOR: u8 = 1;
 /// Minor version: bumped when fields are appended (see `codec` for the rule).
-pub const PROTOCOL_MINOR: u8 = 9;
+pub const PROTOCOL_MINOR: u8 = 10;

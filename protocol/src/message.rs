@@ -65,6 +65,11 @@ pub struct Inventory {
     pub previous_agent_version: String,
     /// Since 1.6: how the last agent upgrade this device was asked for went.
     pub upgrade: Option<crate::release::UpgradeOutcome>,
+    /// Since 1.10: seconds between this agent's heartbeats when no
+    /// autoscaled workload asks for faster ones (its liveness between them
+    /// is the MQTT keepalive and its Last Will); the controller lets it be
+    /// silent that long. 0: an agent before 1.10, which did not say.
+    pub heartbeat_interval_s: u32,
 }
 
 /// `heartbeat`: QoS 0, every `heartbeat_interval`. Kept small: it is most of

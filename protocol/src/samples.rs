@@ -36,6 +36,8 @@ pub fn inventory() -> Inventory {
             state: crate::release::UpgradeState::RolledBack,
             detail: "the new agent did not come online within 120 s".into(),
         }),
+        // Since 1.10.
+        heartbeat_interval_s: 300,
     }
 }
 

@@ -119,13 +119,17 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             }
             Message::Heartbeat(h)
         }
-        // 1.2 appended `sealing_key`, 1.6 the agent's previous version and last upgrade.
-        Message::Inventory(mut i) if minor < 6 => {
-            if minor < 2 {
-                i.sealing_key.clear();
+        // 1.2 appended `sealing_key`, 1.6 the agent's previous version and
+        // last upgrade, 1.10 its heartbeat interval.
+        Message::Inventory(mut i) if minor < 10 => {
+            i.heartbeat_interval_s = 0;
+            if minor < 6 {
+                if minor < 2 {
+                    i.sealing_key.clear();
+                }
+                i.previous_agent_version.clear();
+                i.upgrade = None;
             }
-            i.previous_agent_version.clear();
-            i.upgrade = None;
             Message::Inventory(i)
         }
         // The signed document inside carries its sender's version in its

@@ -85,21 +85,71 @@ fn three_agents_presence_crash_restart_with_mosquitto() {
     presence_scenario(BrokerKind::Mosquitto);
 }
 
+/// `kill -SIG pid`.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
 #[test]
 fn silent_device_turns_stale_then_recovers() {
     let world = World::new();
     let controller = Controller::start(&world, None, &["--stale-after", "2"]);
-    let mut agent = start_agent(&world, "quiet", &controller.broker_url(), &["--heartbeat-interval", "60"]);
+    let mut agent = start_agent(&world, "quiet", &controller.broker_url(), &["--heartbeat-interval", "1"]);
     wait_for("quiet online", Duration::from_secs(20), || {
         (controller.device("quiet")?.status == Status::Online).then_some(())
     });
-    // Connected but silent (heartbeats every 60 s): stale after 2 s.
+    // A wedged agent: its connection open (the broker's keepalive has 45 s
+    // to run), nothing sent. Stale after two of its 1 s intervals.
+    signal(agent.pid(), "-STOP");
     wait_for("quiet stale", Duration::from_secs(10), || {
         (controller.device("quiet")?.status == Status::Stale).then_some(())
+    });
+    signal(agent.pid(), "-CONT");
+    wait_for("quiet online again", Duration::from_secs(10), || {
+        (controller.device("quiet")?.status == Status::Online).then_some(())
     });
     agent.kill9();
     wait_for("quiet offline", Duration::from_secs(10), || {
         (controller.device("quiet")?.status == Status::Offline).then_some(())
+    });
+}
+
+/// Issue 21 (idle traffic): an agent says how rarely it heartbeats (300 s
+/// by default) and the controller does not take its quiet for silence; a
+/// device that does go away is still caught by its keepalive, through the
+/// broker's Last Will, as fast as before.
+#[test]
+fn a_device_that_heartbeats_rarely_stays_online_and_its_keepalive_still_catches_it() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &["--stale-after", "2", "--offline-after", "4"]);
+    let agent = start_agent(
+        &world,
+        "rare",
+        &controller.broker_url(),
+        &["--heartbeat-interval", "300", "--keepalive", "2", "--no-workloads"],
+    );
+    let d = wait_for("rare online", Duration::from_secs(20), || {
+        controller.device("rare").filter(|d| d.status == Status::Online && d.heartbeat.is_some())
+    });
+    assert_eq!(d.inventory.map(|i| i.heartbeat_interval_s), Some(300));
+    // Three times the controller's floors pass without a word from it but
+    // its keepalive: it stays online throughout.
+    let quiet_until = std::time::Instant::now() + Duration::from_secs(12);
+    while std::time::Instant::now() < quiet_until {
+        let d = controller.device("rare").expect("rare");
+        assert_eq!(d.status, Status::Online, "a quiet device taken for silent: {d:?}");
+        assert_eq!(d.heartbeat.map(|h| h.seq), Some(1), "a heartbeat before its interval");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Wedged: no keepalive either. The broker's Will says so (1.5 × 2 s).
+    signal(agent.pid(), "-STOP");
+    wait_for("rare offline through its Will", Duration::from_secs(15), || {
+        (controller.device("rare")?.status == Status::Offline).then_some(())
+    });
+    signal(agent.pid(), "-CONT");
+    wait_for("rare back", Duration::from_secs(30), || {
+        (controller.device("rare")?.status == Status::Online).then_some(())
     });
 }
 

@@ -40,6 +40,7 @@ fn main() {
     match what.as_str() {
         "sizes" => sizes(),
         "footprint" => footprint(secs("BENCH_IDLE_SECS", 60)),
+        "traffic" => traffic(secs("BENCH_TRAFFIC_SECS", 600)),
         "ingest" => ingest(secs("BENCH_DEVICES", 200) as usize, secs("BENCH_SECS", 10)),
         "runtime" => runtime(secs("BENCH_ITERS", 50) as usize),
         "starts" => starts(secs("BENCH_CONTAINERS", 20) as usize, secs("BENCH_ROUNDS", 5) as usize),
@@ -57,6 +58,7 @@ fn main() {
         "all" => {
             sizes();
             footprint(secs("BENCH_IDLE_SECS", 60));
+            traffic(secs("BENCH_TRAFFIC_SECS", 600));
             ingest(secs("BENCH_DEVICES", 200) as usize, secs("BENCH_SECS", 10));
             runtime(secs("BENCH_ITERS", 50) as usize);
             starts(secs("BENCH_CONTAINERS", 20) as usize, secs("BENCH_ROUNDS", 5) as usize);
@@ -74,7 +76,7 @@ fn main() {
         }
         other => {
             eprintln!(
-                "usage: bench [sizes|footprint|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|net|net-memory|autoscale|autoscale-cpu|remote|dashboard|all] (got {other:?})"
+                "usage: bench [sizes|footprint|traffic|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|net|net-memory|autoscale|autoscale-cpu|remote|dashboard|all] (got {other:?})"
             );
             std::process::exit(2);
         }
@@ -186,6 +188,94 @@ fn idle(world: &World, controller: &Controller, agent_bin: &Path, broker: &str, 
         kib_field(&status, "VmHWM:"),
         kib_field(&status, "Threads:"),
     );
+}
+
+/// The bytes on `pid`'s TCP connections to `port`, (sent, received), as
+/// the kernel counts them (TCP payload: MQTT, or TLS records carrying it).
+fn tcp_bytes(pid: u32, port: u16) -> (u64, u64) {
+    let out = std::process::Command::new("ss")
+        .args(["-tinpH", "state", "established", "dport", &format!("= :{port}")])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field =
+        |l: &str, k: &str| -> u64 { l.split_whitespace().find_map(|w| w.strip_prefix(k)?.parse().ok()).unwrap_or(0) };
+    let (mut sent, mut received, mut ours) = (0, 0, false);
+    for line in text.lines() {
+        if !line.starts_with(char::is_whitespace) {
+            ours = line.contains(&format!("pid={pid},"));
+        } else if ours {
+            sent += field(line, "bytes_sent:");
+            received += field(line, "bytes_received:");
+        }
+    }
+    (sent, received)
+}
+
+/// Issue 21: what an idle device with five running containers costs on its
+/// MQTT connection, both ways, plain and over TLS, with the heartbeat
+/// interval before 1.10 (15 s) and the default since (300 s), at the
+/// default keepalive (30 s) and at 120 s. All six agents are measured over
+/// the same `secs`.
+fn traffic(secs: u64) {
+    println!("## Idle MQTT traffic per device\n");
+    let agent_bin = bin("baton-agent");
+    let mut rows = Vec::new();
+    let mut worlds = Vec::new();
+    for tls in [false, true] {
+        let world = World::new();
+        let extra: &[&str] = if tls { &["--mqtt-auth", "--mqtt-tls"] } else { &[] };
+        let controller = Controller::start(&world, None, extra);
+        let server = controller.server_url();
+        let broker = if tls { format!("mqtts://127.0.0.1:{}", controller.mqtt) } else { controller.broker_url() };
+        let mut agents = Vec::new();
+        for (every, keepalive) in [("15", "30"), ("300", "30"), ("300", "120")] {
+            let id = format!("idle-{every}-{keepalive}");
+            if tls {
+                let (ok, token, err) = baton_cli(&server, &["token", "create"]);
+                assert!(ok, "token create: {err}");
+                let out = std::process::Command::new(&agent_bin)
+                    .args(["join", token.trim(), "--broker", &broker, "--device-id", &id, "--data-dir"])
+                    .arg(world.path().join(format!("agent-{id}")))
+                    .args(["--config", "/dev/null"])
+                    .output()
+                    .expect("join");
+                assert!(out.status.success(), "join: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            give_busybox(&world, &id, "busybox:idle");
+            let agent = start_agent(&world, &id, &broker, &["--heartbeat-interval", every, "--keepalive", keepalive]);
+            agents.push((every, keepalive, agent));
+        }
+        for i in 0..5 {
+            let manifest = format!("name: idle-{i}\nimage: busybox:idle\ncommand: [sleep, \"1000000\"]\n");
+            apply_yaml(&server, &world, &format!("idle-{i}.yaml"), &manifest);
+        }
+        for i in 0..5 {
+            wait_for("five containers on every device", Duration::from_secs(120), || {
+                settled(&server, &format!("idle-{i}"), 1, 3)
+            });
+        }
+        let port = controller.mqtt;
+        for (every, keepalive, agent) in agents {
+            rows.push((tls, every, keepalive, port, agent));
+        }
+        worlds.push((world, controller));
+    }
+    let before: Vec<(u64, u64)> = rows.iter().map(|(_, _, _, port, a)| tcp_bytes(a.pid(), *port)).collect();
+    std::thread::sleep(Duration::from_secs(secs)); // the measured idle period itself
+    println!("{secs} s of five idle containers per device, bytes on the device's MQTT connection (TCP payload):\n");
+    println!(
+        "| link | heartbeat every | keepalive (Will after 1.5×) | device → broker | broker → device | per day, both ways |\n|---|---|---|---|---|---|"
+    );
+    for ((tls, every, keepalive, port, agent), (s0, r0)) in rows.iter().zip(before) {
+        let (s1, r1) = tcp_bytes(agent.pid(), *port);
+        let (sent, received) = (s1.saturating_sub(s0), r1.saturating_sub(r0));
+        let per_day = (sent + received) as f64 * 86_400.0 / secs as f64 / 1024.0;
+        let link = if *tls { "MQTT over TLS" } else { "plain MQTT" };
+        println!("| {link} | {every} s | {keepalive} s | {sent} B | {received} B | {per_day:.1} KiB |");
+    }
+    println!();
+    drop(worlds);
 }
 
 /// `devices` MQTT connections each register, then publish heartbeats at a
