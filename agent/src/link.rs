@@ -371,6 +371,7 @@ impl Link {
         inventory.agent_version = self.upgrade.running().into();
         inventory.previous_agent_version = self.upgrade.previous_version().unwrap_or_default();
         inventory.upgrade = self.upgrade.outcome();
+        inventory.no_workloads = self.engine.is_none();
         inventory
     }
 
@@ -494,7 +495,15 @@ impl Link {
         let fx = self.upgrade.on_target(d.agent.as_ref(), std::time::Instant::now());
         self.upgrade_effects(fx);
         let Some(engine) = &self.engine else {
-            return info!(generation = d.generation, "desired document received; this agent runs no workloads");
+            if d.workloads.is_empty() {
+                return info!(generation = d.generation, "desired document received; this agent runs no workloads");
+            }
+            // A controller before 1.10 does not know: say so where it shows.
+            return self.refuse(format!(
+                "generation {}: this agent runs no workloads (started with --no-workloads); {} not run",
+                d.generation,
+                d.workloads.iter().map(|w| w.name.as_str()).collect::<Vec<_>>().join(", ")
+            ));
         };
         // Endpoints move far more often than workloads; a boot with stale
         // endpoints gets fresh ones with the next document anyway.

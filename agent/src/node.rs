@@ -31,6 +31,8 @@ pub fn inventory(config: &AgentConfig) -> Inventory {
         previous_agent_version: String::new(),
         upgrade: None,
         heartbeat_interval_s: config.heartbeat_interval.as_secs().min(u64::from(u32::MAX)) as u32,
+        // Filled in by the link, which knows whether an engine runs.
+        no_workloads: false,
     }
 }
 

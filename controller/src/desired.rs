@@ -58,6 +58,7 @@ pub fn facts_of(d: &Device, now: Millis, liveness: &Liveness, grace_ms: Millis) 
         cpu_millis: inv.map_or(0, |i| u64::from(i.cpus) * 1000),
         reachable: status == Status::Online,
         gone: is_gone(d, now, grace_ms),
+        no_workloads: inv.is_some_and(|i| i.no_workloads),
     }
 }
 

@@ -34,6 +34,8 @@ pub struct DeviceFacts {
     pub reachable: bool,
     /// Offline for longer than the grace period: its replicas move elsewhere.
     pub gone: bool,
+    /// Its agent runs no workloads (`--no-workloads`): nothing goes there.
+    pub no_workloads: bool,
 }
 
 /// A stored workload: the spec (with its revision) and where it goes.
@@ -78,12 +80,13 @@ pub fn oci_arch(rust_arch: &str) -> &str {
     }
 }
 
-/// Whether `w` may run on `d`: same tenant, selector and architecture match.
+/// Whether `w` may run on `d`: it runs workloads, same tenant, selector and
+/// architecture match.
 pub fn fits(w: &Placed, d: &DeviceFacts) -> bool {
     let p = &w.placement;
     let labels_ok = p.selector.iter().all(|(k, v)| d.labels.get(k) == Some(v));
     let arch_ok = p.arch.is_empty() || p.arch.iter().any(|a| a == oci_arch(&d.arch));
-    w.tenant == d.tenant && labels_ok && arch_ok
+    !d.no_workloads && w.tenant == d.tenant && labels_ok && arch_ok
 }
 
 /// Requests of one replica: (memory bytes, CPU millis).
@@ -327,6 +330,14 @@ mod tests {
         assert_eq!(by["pi4"], vec!["everywhere", "lyon-only", "sensors-64"]);
         assert_eq!(by["pi2"], vec!["arm32", "everywhere", "lyon-only"]);
         assert_eq!(by["nuc"], vec!["everywhere"]);
+    }
+
+    #[test]
+    fn a_device_whose_agent_runs_no_workloads_gets_none() {
+        let watcher = DeviceFacts { no_workloads: true, ..dev("watcher", "aarch64", &[]) };
+        let w = wl("app", &[], &[]);
+        assert!(!fits(&w, &watcher));
+        assert!(fits(&w, &dev("pi", "aarch64", &[])));
     }
 
     #[test]

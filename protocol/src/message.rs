@@ -70,6 +70,9 @@ pub struct Inventory {
     /// is the MQTT keepalive and its Last Will); the controller lets it be
     /// silent that long. 0: an agent before 1.10, which did not say.
     pub heartbeat_interval_s: u32,
+    /// Since 1.10: this agent runs no workloads (`--no-workloads`: presence
+    /// and inventory only); the controller places none on it.
+    pub no_workloads: bool,
 }
 
 /// `heartbeat`: QoS 0, every `heartbeat_interval`. Kept small: it is most of

@@ -38,6 +38,7 @@ pub fn inventory() -> Inventory {
         }),
         // Since 1.10.
         heartbeat_interval_s: 300,
+        no_workloads: false,
     }
 }
 

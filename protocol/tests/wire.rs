@@ -120,9 +120,10 @@ fn as_of_minor(msg: baton_protocol::Message, minor: u8) -> baton_protocol::Messa
             Message::Heartbeat(h)
         }
         // 1.2 appended `sealing_key`, 1.6 the agent's previous version and
-        // last upgrade, 1.10 its heartbeat interval.
+        // last upgrade, 1.10 its heartbeat interval and whether it runs workloads.
         Message::Inventory(mut i) if minor < 10 => {
             i.heartbeat_interval_s = 0;
+            i.no_workloads = false;
             if minor < 6 {
                 if minor < 2 {
                     i.sealing_key.clear();

@@ -153,6 +153,36 @@ fn a_device_that_heartbeats_rarely_stays_online_and_its_keepalive_still_catches_
     });
 }
 
+/// Symptom: an agent started with `--no-workloads` (presence and
+/// inventory only) was a target of every every-device workload; it never
+/// ran one nor said so, and rollouts counted it as a device still to update.
+#[test]
+fn an_agent_that_runs_no_workloads_is_given_none() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let _watcher = start_agent(&world, "watcher", &controller.broker_url(), &["--no-workloads"]);
+    let _sim = start_simulator(&world, "w", 1, &controller.broker_url(), &[]);
+    wait_for("both devices", Duration::from_secs(30), || {
+        let devices = controller.devices();
+        (devices.len() == 2 && devices.iter().all(|d| d.inventory.is_some())).then_some(())
+    });
+    apply_yaml(
+        &server,
+        &world,
+        "app.yaml",
+        "name: app
+image: 127.0.0.1:9/app:1
+",
+    );
+    let w = wait_for("revision 1 on the device that runs workloads", Duration::from_secs(30), || {
+        settled(&server, "app", 1, 1)
+    });
+    assert_eq!(w.devices.iter().map(|d| d.device.as_str()).collect::<Vec<_>>(), ["w-0000"], "{w:?}");
+    let (ok, out, err) = baton_cli(&server, &["describe", "device", "watcher"]);
+    assert!(ok && out.contains("this agent runs none (--no-workloads)"), "{out}{err}");
+}
+
 #[test]
 fn cli_lists_describes_and_labels_devices() {
     let world = World::new();

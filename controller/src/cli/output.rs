@@ -175,6 +175,12 @@ pub fn device_description(d: &DeviceView, now: Millis) -> String {
         kv("Disk", format!("{free} free of {}", bytes(i.disk_bytes)));
         kv("Cgroup", format!("{:?}", i.cgroup));
         kv("Addresses", if i.addresses.is_empty() { "<none>".into() } else { i.addresses.join(", ") });
+        if i.heartbeat_interval_s != 0 {
+            kv("Heartbeats", format!("every {} s", i.heartbeat_interval_s));
+        }
+        if i.no_workloads {
+            kv("Workloads", "none: this agent runs none (--no-workloads), so nothing is placed on it".into());
+        }
     }
     let marked: BTreeMap<String, String> = d
         .labels

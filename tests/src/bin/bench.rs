@@ -852,6 +852,7 @@ fn schedule(devices: usize, instances: usize) {
             cpu_millis: 4000,
             reachable: true,
             gone: false,
+            no_workloads: false,
         })
         .collect();
     let per_workload = 1000.min(instances);
