@@ -34,11 +34,17 @@ pub struct Liveness {
     pub offline_after_ms: Millis,
     /// When this controller started listening.
     pub since_ms: Millis,
+    /// Its broker started with it (the embedded one): every device alive
+    /// reconnects after a start and is heard at once, so one not heard
+    /// since is judged by the controller's own windows, however rarely it
+    /// heartbeats.
+    pub broker_started_with_us: bool,
 }
 
 impl Liveness {
     /// Defaults: stale after 60 s of silence, offline after 120 s.
-    pub const DEFAULT: Liveness = Liveness { stale_after_ms: 60_000, offline_after_ms: 120_000, since_ms: 0 };
+    pub const DEFAULT: Liveness =
+        Liveness { stale_after_ms: 60_000, offline_after_ms: 120_000, since_ms: 0, broker_started_with_us: false };
 
     /// Silence that counts towards `offline`.
     fn silence(&self, d: &Device, now: Millis) -> Millis {
@@ -50,13 +56,24 @@ impl Liveness {
     /// says its interval; between heartbeats a quiet device's liveness is
     /// its MQTT keepalive, and the broker publishes its Will when that lapses).
     pub fn stale_after(&self, d: &Device) -> Millis {
-        self.stale_after_ms.max(2 * d.heartbeat_interval_ms())
+        self.stale_after_ms.max(2 * self.interval_ms(d))
     }
 
     /// The silence after which `d` is taken for offline without a Will:
     /// `offline_after`, or three of its heartbeat intervals if that is longer.
     pub fn offline_after(&self, d: &Device) -> Millis {
-        self.offline_after_ms.max(3 * d.heartbeat_interval_ms())
+        self.offline_after_ms.max(3 * self.interval_ms(d))
+    }
+
+    /// `d`'s heartbeat interval, as far as its windows go: none for a device
+    /// not heard since a start that restarted the broker too (see
+    /// `broker_started_with_us`).
+    fn interval_ms(&self, d: &Device) -> Millis {
+        if self.broker_started_with_us && d.last_seen < self.since_ms {
+            0
+        } else {
+            d.heartbeat_interval_ms()
+        }
     }
 }
 
@@ -481,11 +498,15 @@ mod tests {
 
     #[test]
     fn a_device_that_heartbeats_rarely_is_judged_by_its_own_interval() {
-        let mut f = Fleet::default();
         let a = id("a");
-        f.apply(&a, FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Live, 0);
-        let inv = Inventory { heartbeat_interval_s: 300, ..Default::default() };
-        f.apply(&a, FleetEvent::Inventory(Box::new(inv)), Delivery::Live, 1_000);
+        let quiet = || {
+            let mut f = Fleet::default();
+            f.apply(&a, FleetEvent::Presence(presence(PresenceState::Online)), Delivery::Live, 0);
+            let inv = Inventory { heartbeat_interval_s: 300, ..Default::default() };
+            f.apply(&a, FleetEvent::Inventory(Box::new(inv)), Delivery::Live, 1_000);
+            f
+        };
+        let mut f = quiet();
         let d = f.get(&a).unwrap();
         // Quiet for four minutes is normal for it; past two intervals it is stale.
         assert_eq!(d.status(1_000 + 240_000, &LIVENESS), Status::Online);
@@ -494,6 +515,21 @@ mod tests {
         // Taken for offline without a Will past three intervals, not two minutes.
         assert!(f.expire_silent(1_000 + 900_000, &LIVENESS).is_empty());
         assert_eq!(f.expire_silent(1_000 + 900_001, &LIVENESS).len(), 1);
+
+        // After a start that restarted the broker too (the embedded one),
+        // every live device reconnects: one not heard since gets no more
+        // than the controller's own windows. With an external broker it
+        // keeps its own (it has no reason to reconnect).
+        let restarted = Liveness { since_ms: 2_000, broker_started_with_us: true, ..LIVENESS };
+        let external = Liveness { broker_started_with_us: false, ..restarted };
+        let mut f = quiet();
+        assert_eq!(f.get(&a).unwrap().status(2_000 + 60_001, &restarted), Status::Stale);
+        assert_eq!(f.get(&a).unwrap().status(2_000 + 60_001, &external), Status::Online);
+        assert!(f.expire_silent(2_000 + 120_001, &external).is_empty());
+        f.apply(&a, FleetEvent::Heartbeat(Heartbeat::default()), Delivery::Live, 3_000);
+        assert_eq!(f.get(&a).unwrap().status(3_000 + 600_000, &restarted), Status::Online);
+        assert_eq!(quiet().expire_silent(2_000 + 120_001, &restarted).len(), 1);
+
         // A fast one keeps the controller's settings: they are the floor.
         let mut g = Fleet::default();
         g.apply(

@@ -133,6 +133,7 @@ pub async fn serve(
             stale_after_ms: cfg.stale_after.as_millis() as u64,
             offline_after_ms: cfg.offline_after.as_millis() as u64,
             since_ms: now_ms(),
+            broker_started_with_us: matches!(cfg.broker, BrokerMode::Embedded(_)),
         };
         let mut controller = Controller::new(store, liveness, commands, outbox_tx, keys)?;
         controller.reschedule_after_ms = cfg.reschedule_after.as_millis() as u64;

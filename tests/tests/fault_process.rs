@@ -62,8 +62,11 @@ fn a_device_that_died_while_the_controller_was_down_goes_offline_and_holds_no_ro
     let server = controller.server_url();
     let broker = controller.broker_url();
     // `a-0000` sorts first: the canary of any rollout, if it were taken for reachable.
-    let mut doomed = start_simulator(&world, "a", 1, &broker, &["--heartbeat-interval", "1"]);
-    let _alive = start_simulator(&world, "b", 2, &broker, &["--heartbeat-interval", "1"]);
+    // Heartbeats every 300 s (the agent's default): between them the
+    // controller lets a device be quiet for 10 min, but not one it has not
+    // heard since a start that restarted its (embedded) broker.
+    let mut doomed = start_simulator(&world, "a", 1, &broker, &["--heartbeat-interval", "300"]);
+    let _alive = start_simulator(&world, "b", 2, &broker, &["--heartbeat-interval", "300"]);
     wait_for("3 devices", Duration::from_secs(30), || (controller.devices().len() == 3).then_some(()));
     let manifest =
         |tag: &str| format!("name: app\nimage: 127.0.0.1:9/app:{tag}\nrollout: {{waves: [1, 100%], min_ready: 1}}\n");
