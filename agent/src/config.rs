@@ -187,7 +187,8 @@ impl AgentConfig {
     pub fn resolve(file: FileConfig, file_path: &Path, cli: Overrides, machine_id: &Path) -> Result<Self, ConfigError> {
         let origin = |field: &str, from_cli: bool| {
             if from_cli {
-                format!("command line --{}", field.replace('_', "-"))
+                // The file's `keepalive_s` is the flag `--keepalive`.
+                format!("command line --{}", field.strip_suffix("_s").unwrap_or(field).replace('_', "-"))
             } else {
                 format!("config file {}: field `{field}`", file_path.display())
             }

@@ -52,6 +52,10 @@ pub struct Link {
     heartbeat: HeartbeatSampler,
     /// When the last heartbeat went out on this connection (None: none yet).
     last_heartbeat: Option<std::time::Instant>,
+    /// The protocol minor version of the controller's last document (None:
+    /// none yet): one before 1.10 does not read the heartbeat interval in
+    /// the inventory, and would take a quiet device for a silent one.
+    controller_minor: Option<u8>,
     /// Each autoscaled workload's sample at the last heartbeat (CPU rates).
     rates: crate::load::Rates,
     /// Generation of the desired document in force (persisted, handed to the engine).
@@ -109,6 +113,16 @@ const LOAD_HEARTBEAT: Duration = Duration::from_secs(15);
 fn heartbeat_tick(interval: Duration) -> Duration {
     let n = interval.as_millis().div_ceil(LOAD_HEARTBEAT.as_millis()).max(1);
     interval / n as u32
+}
+
+/// The interval heartbeats go out at: the configured one, but no more than
+/// `LOAD_HEARTBEAT` (the old default) for a controller before 1.10, which
+/// judges devices by its own stale window alone.
+fn heartbeat_interval(configured: Duration, controller_minor: Option<u8>) -> Duration {
+    match controller_minor {
+        Some(minor) if minor < 10 => configured.min(LOAD_HEARTBEAT),
+        _ => configured,
+    }
 }
 
 fn qos(kind: TopicKind) -> QoS {
@@ -210,6 +224,7 @@ impl Link {
             started_at: unix_now().as_secs(),
             heartbeat: HeartbeatSampler::default(),
             last_heartbeat: None,
+            controller_minor: baton_protocol::codec::peek(&desired_bytes).ok().map(|e| e.minor),
             rates: crate::load::Rates::default(),
             desired_generation: 0,
             desired_bytes,
@@ -415,8 +430,9 @@ impl Link {
     /// each tick (`LOAD_HEARTBEAT` at most) while the document asks for
     /// workloads' loads (autoscaling decides on them).
     fn on_heartbeat_tick(&mut self) {
+        let interval = heartbeat_interval(self.config.heartbeat_interval, self.controller_minor);
         let tick = heartbeat_tick(self.config.heartbeat_interval);
-        let due = self.last_heartbeat.is_none_or(|t| t.elapsed() + tick / 2 >= self.config.heartbeat_interval);
+        let due = self.last_heartbeat.is_none_or(|t| t.elapsed() + tick / 2 >= interval);
         let loads_asked = self.engine.as_ref().is_some_and(|e| !crate::load::read(&e.loads).is_empty());
         if due || loads_asked {
             self.last_heartbeat = Some(std::time::Instant::now());
@@ -492,6 +508,7 @@ impl Link {
         if let Err(why) = crate::reconcile::validate(&d) {
             return self.refuse(format!("generation {}: {why}", d.generation));
         }
+        self.controller_minor = baton_protocol::codec::peek(payload).ok().map(|e| e.minor);
         let fx = self.upgrade.on_target(d.agent.as_ref(), std::time::Instant::now());
         self.upgrade_effects(fx);
         let Some(engine) = &self.engine else {
@@ -738,5 +755,14 @@ mod tests {
         }
         assert_eq!(heartbeat_tick(s(3600)), s(15));
         assert_eq!(heartbeat_tick(Duration::from_millis(22_500)), Duration::from_millis(11_250));
+    }
+
+    #[test]
+    fn a_controller_before_1_10_gets_heartbeats_at_the_old_rate() {
+        let s = Duration::from_secs;
+        assert_eq!(heartbeat_interval(s(300), Some(9)), s(15));
+        assert_eq!(heartbeat_interval(s(5), Some(9)), s(5));
+        assert_eq!(heartbeat_interval(s(300), Some(10)), s(300));
+        assert_eq!(heartbeat_interval(s(300), None), s(300));
     }
 }

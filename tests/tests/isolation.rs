@@ -46,7 +46,8 @@ fn devices_speak_only_for_themselves_read_only_their_documents_and_revoked_ones_
     let mut agents = Vec::new();
     for id in ["pi-a", "pi-b"] {
         let pw = dir.join(format!("{id}.pw")).display().to_string();
-        agents.push(start_agent(&world, id, &broker, &["--no-workloads", "--mqtt-password-file", &pw]));
+        // They run workloads: a presence-only agent is given no document.
+        agents.push(start_agent(&world, id, &broker, &["--mqtt-password-file", &pw]));
     }
     for id in ["pi-a", "pi-b"] {
         wait_for(&format!("{id} online"), Duration::from_secs(30), || {
@@ -129,7 +130,7 @@ fn with_the_embedded_broker_the_gateway_keeps_devices_apart_and_revocation_cuts_
         std::fs::write(&file, &out).expect("password file");
         passwords.insert(id, out.trim().to_string());
         let file = file.display().to_string();
-        agents.push(start_agent(&world, id, &broker, &["--no-workloads", "--mqtt-password-file", &file]));
+        agents.push(start_agent(&world, id, &broker, &["--mqtt-password-file", &file]));
     }
     for id in ["pi-a", "pi-b"] {
         wait_for(&format!("{id} online through the gateway"), Duration::from_secs(30), || {
