@@ -232,12 +232,8 @@ fn a_foreign_desired_document_is_refused_visibly_and_replaced_by_the_controllers
     // reaches the broker: each look is a new late subscriber).
     let mut n = 0;
     let signed = wait_for("the controller's document retained again", Duration::from_secs(30), || {
-        n += 1;
-        let mut fresh = RawClient::connect(controller.mqtt, &format!("late-subscriber-{n}"));
-        fresh.subscribe(topic);
-        let (_, payload, retained) = fresh.next_message(Duration::from_secs(5))?;
-        match decode(&payload) {
-            Ok((_, Message::SignedDesired(signed))) if retained => Some(signed),
+        match decode(&retained_on(controller.mqtt, topic, &mut n)?) {
+            Ok((_, Message::SignedDesired(signed))) => Some(signed),
             _ => None,
         }
     });

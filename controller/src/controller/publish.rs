@@ -201,8 +201,7 @@ impl Controller {
 
     /// Publishes `ours` over what the broker holds for `id`, at most once
     /// every 10 s per device (two publishers would otherwise fight over the
-    /// topic as fast as the broker goes).
-    /// Whether it was published.
+    /// topic as fast as the broker goes); whether it did.
     fn reassert(&self, st: &mut State, id: &DeviceId, ours: Vec<u8>, now: Millis) -> bool {
         let last = st.reasserted.get(id.as_str()).copied().unwrap_or(0);
         if now.saturating_sub(last) < 10_000 {
