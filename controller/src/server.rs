@@ -26,6 +26,8 @@ pub struct ServerConfig {
     pub http_listen: SocketAddr,
     pub broker: BrokerMode,
     pub data_dir: PathBuf,
+    /// The database (SQLite in the data dir, or PostgreSQL).
+    pub store: crate::store::StoreAt,
     /// A device online but silent for longer is reported `stale`.
     pub stale_after: Duration,
     /// A device silent for longer is `offline`, Last Will or not.
@@ -123,8 +125,7 @@ pub async fn serve(
     let startup = cfg.clone();
     let controller = tokio::task::spawn_blocking(move || -> anyhow::Result<Controller> {
         let cfg = startup;
-        let db = cfg.data_dir.join("baton.db");
-        let store = Store::open(&db)?;
+        let store = Store::open_at(&cfg.store)?;
         let keys = crate::keys::Keys::load(&cfg.data_dir, cfg.signing_key.as_deref(), cfg.secrets_key.as_deref())?;
         let signer = baton_protocol::crypto::SigningKey::from_seed(&keys.signing_seed);
         let commands = crate::commands::CommandRouter::new(outbox_tx.clone(), signer);
@@ -301,6 +302,7 @@ mod tests {
             http_listen: http.parse().unwrap(),
             broker: BrokerMode::Embedded(mqtt.parse().unwrap()),
             data_dir: PathBuf::from("/nonexistent"),
+            store: crate::store::StoreAt::Sqlite(PathBuf::from("/nonexistent/baton.db")),
             stale_after: Duration::from_secs(60),
             offline_after: Duration::from_secs(120),
             flush_every: Duration::from_secs(30),

@@ -134,6 +134,9 @@ impl Drop for Proc {
 
 /// One test's world: a temp dir for data and logs; logs are printed if the test fails.
 pub struct World {
+    /// The world's PostgreSQL, started by the first controller that needs one
+    /// (`BATON_TEST_STORE=postgres`, or `World::postgres`); stopped first.
+    postgres: std::sync::OnceLock<Postgres>,
     pub dir: tempfile::TempDir,
 }
 
@@ -145,7 +148,26 @@ impl Default for World {
 
 impl World {
     pub fn new() -> Self {
-        Self { dir: tempfile::Builder::new().prefix("baton-e2e-").tempdir().expect("tempdir") }
+        Self {
+            postgres: std::sync::OnceLock::new(),
+            dir: tempfile::Builder::new().prefix("baton-e2e-").tempdir().expect("tempdir"),
+        }
+    }
+
+    /// This world's PostgreSQL server, started on first use.
+    pub fn postgres(&self) -> &Postgres {
+        self.postgres.get_or_init(|| Postgres::start(self))
+    }
+
+    /// The `--store` a controller of this world is given: the world's
+    /// PostgreSQL when the run asks for it (`BATON_TEST_STORE=postgres`:
+    /// every end-to-end suite on PostgreSQL), else the default (SQLite).
+    pub fn store_args(&self) -> Vec<String> {
+        match std::env::var("BATON_TEST_STORE").as_deref() {
+            Ok("postgres") => vec!["--store".into(), self.postgres().url()],
+            Ok("sqlite") | Ok("") | Err(_) => Vec::new(),
+            Ok(other) => panic!("BATON_TEST_STORE={other}: expected postgres or sqlite"),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -356,6 +378,10 @@ impl Controller {
     }
 
     fn start_with_broker_on(world: &World, host: &str, mqtt_external: Option<u16>, extra: &[&str]) -> Controller {
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if !extra.iter().any(|a| a == "--store") {
+            extra.extend(world.store_args());
+        }
         let spec = ServerSpec {
             http: free_port(),
             mqtt: mqtt_external.unwrap_or_else(free_port),
@@ -363,7 +389,7 @@ impl Controller {
             external: mqtt_external.is_some(),
             data_dir: world.path().join("controller"),
             log_dir: world.path().to_path_buf(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
             env: Vec::new(),
         };
         Controller { proc: spec.launch(), http: spec.http, mqtt: spec.mqtt, spec }
@@ -394,10 +420,15 @@ impl Controller {
         self.proc = self.spec.launch();
     }
 
-    /// As `restart`, with these extra flags instead of the first start's.
+    /// As `restart`, with these extra flags instead of the first start's
+    /// (the same store).
     pub fn restart_with(&mut self, extra: &[&str]) {
         assert_eq!(self.proc.terminate(), Some(0), "controller did not exit cleanly");
-        self.spec.extra = extra.iter().map(|s| s.to_string()).collect();
+        let store: Vec<String> = match self.spec.extra.iter().position(|a| a == "--store") {
+            Some(i) if !extra.contains(&"--store") => self.spec.extra[i..i + 2].to_vec(),
+            _ => Vec::new(),
+        };
+        self.spec.extra = extra.iter().map(|s| s.to_string()).chain(store).collect();
         self.proc = self.spec.launch();
     }
 
@@ -655,6 +686,157 @@ impl Mosquitto {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
     }
+}
+
+/// Debian's PostgreSQL on a free loopback port, its cluster in a temp dir
+/// of its own (`initdb`, trust authentication on loopback, no fsync: a test
+/// store), with a database `baton` for the controllers of one world. As
+/// root the server runs as the `postgres` user: PostgreSQL refuses root.
+pub struct Postgres {
+    /// Behind a lock: a test stops and starts the server its world owns.
+    proc: std::sync::Mutex<Proc>,
+    pub port: u16,
+    bin: PathBuf,
+    data: tempfile::TempDir,
+    log_dir: PathBuf,
+    user: Option<(u32, u32)>,
+}
+
+impl Postgres {
+    pub fn start(world: &World) -> Postgres {
+        let bin = postgres_bin().expect(
+            "PostgreSQL is not installed: .ci/run installs it (apt-get install postgresql; its binaries are in /usr/lib/postgresql/VERSION/bin)",
+        );
+        let user = postgres_user();
+        let data = tempfile::Builder::new().prefix("baton-pg-").tempdir_in("/tmp").expect("postgres dir");
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(data.path(), Some(uid), Some(gid)).expect("chown the postgres dir");
+        }
+        let cluster = data.path().join("cluster");
+        let out = as_user(Command::new(bin.join("initdb")), user)
+            .args(["-D", &cluster.display().to_string(), "-U", "baton", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .output()
+            .expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let proc = Self::launch(&bin, data.path(), port, world.path(), user);
+        let pg = Postgres { proc: proc.into(), port, bin, data, log_dir: world.path().to_path_buf(), user };
+        let created = Command::new(pg.bin.join("createdb"))
+            .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "baton", "baton"])
+            .output()
+            .expect("run createdb");
+        assert!(created.status.success(), "createdb failed: {}", String::from_utf8_lossy(&created.stderr));
+        pg
+    }
+
+    fn launch(bin: &Path, data: &Path, port: u16, log_dir: &Path, user: Option<(u32, u32)>) -> Proc {
+        let cluster = data.join("cluster").display().to_string();
+        let log = log_dir.join("postgres.log");
+        let out = File::options().create(true).append(true).open(&log).expect("postgres log");
+        let mut cmd = as_user(Command::new(bin.join("postgres")), user);
+        let settings = [
+            "listen_addresses=127.0.0.1".to_string(),
+            format!("port={port}"),
+            format!("unix_socket_directories={}", data.display()),
+            "fsync=off".into(),
+            "full_page_writes=off".into(),
+            "max_connections=100".into(),
+            "shared_buffers=32MB".into(),
+        ];
+        cmd.args(["-D", &cluster]);
+        for s in &settings {
+            cmd.args(["-c", s]);
+        }
+        let child =
+            cmd.stdin(Stdio::null()).stdout(out.try_clone().expect("dup")).stderr(out).spawn().expect("spawn postgres");
+        wait_for("postgres accepting connections", Duration::from_secs(30), || {
+            Command::new(bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-U", "baton", "-p", &port.to_string()])
+                .status()
+                .ok()
+                .filter(|s| s.success())
+        });
+        Proc { name: "postgres".into(), child, log }
+    }
+
+    /// The URL a controller is given.
+    pub fn url(&self) -> String {
+        format!("postgres://baton@127.0.0.1:{}/baton", self.port)
+    }
+
+    /// A new empty database `name`; its URL.
+    pub fn database(&self, name: &str) -> String {
+        self.psql(&format!("CREATE DATABASE {name}"));
+        format!("postgres://baton@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Stops it as an operator restarting it does (fast shutdown: clients
+    /// are disconnected, the data is flushed).
+    pub fn stop(&self) {
+        let mut proc = self.proc.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(proc.pid() as i32, libc::SIGINT) };
+        let _ = proc.child.wait();
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn start_again(&self) {
+        let new = Self::launch(&self.bin, self.data.path(), self.port, &self.log_dir, self.user);
+        *self.proc.lock().unwrap_or_else(|e| e.into_inner()) = new;
+    }
+
+    /// Runs SQL through psql; its output (unaligned, tuples only).
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "baton", "-d", "baton", "-At", "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let running = self.proc.get_mut().map(|p| p.is_running()).unwrap_or(false);
+        if running {
+            self.stop();
+        }
+    }
+}
+
+/// The newest PostgreSQL's binaries (Debian: /usr/lib/postgresql/VERSION/bin).
+fn postgres_bin() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin): &(u32, PathBuf)| bin.join("postgres").exists())
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+/// As root: the `postgres` user's uid and gid (the server refuses root).
+fn postgres_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let id = |flag: &str| -> u32 {
+        let out = Command::new("id").args([flag, "postgres"]).output().expect("run id");
+        assert!(out.status.success(), "no postgres user (Debian's postgresql package makes it)");
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("a numeric id")
+    };
+    Some((id("-u"), id("-g")))
+}
+
+fn as_user(mut cmd: Command, user: Option<(u32, u32)>) -> Command {
+    use std::os::unix::process::CommandExt;
+    if let Some((uid, gid)) = user {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
 }
 
 /// Debian's docker-registry (the CNCF distribution registry) on a free

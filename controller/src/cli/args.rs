@@ -459,6 +459,11 @@ pub struct ServerArgs {
     /// Where the store lives (default /var/lib/baton/controller as root, else ~/.local/share/baton/controller).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// The database: `sqlite` (baton.db in the data dir, the default) or a
+    /// PostgreSQL URL, postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (keys
+    /// and certificates stay in the data dir either way).
+    #[arg(long, env = "BATON_STORE")]
+    pub store: Option<String>,
     /// Seconds of silence after which an online device is reported stale.
     #[arg(long, default_value_t = 60)]
     pub stale_after: u64,
@@ -562,10 +567,12 @@ impl ServerArgs {
             self.stale_after
         );
         anyhow::ensure!(self.flush_every > 0, "--flush-every must be at least 1 second");
+        let data_dir = self.data_dir.clone().unwrap_or_else(|| default_data_dir().join("controller"));
         Ok(ServerConfig {
             http_listen: self.listen,
             broker,
-            data_dir: self.data_dir.clone().unwrap_or_else(|| default_data_dir().join("controller")),
+            store: crate::store::StoreAt::parse(self.store.as_deref(), &data_dir).map_err(anyhow::Error::msg)?,
+            data_dir,
             stale_after: Duration::from_secs(self.stale_after),
             offline_after: Duration::from_secs(self.offline_after),
             flush_every: Duration::from_secs(self.flush_every),

@@ -57,7 +57,7 @@ impl Controller {
         let tenant = scope.owner();
         let users: Vec<Validated> = {
             let st = lock(&self.state);
-            let mut store = lock(&self.store);
+            let store = lock(&self.store);
             let latest = store.secret_latest(name)?;
             if let Some(other) = latest.as_ref().filter(|s| s.tenant != tenant) {
                 return Err(OpError::Invalid(match scope {

@@ -1,6 +1,8 @@
-//! Durable state in SQLite: the source of truth the controller rebuilds from
-//! after a restart. Schema changes are numbered migrations applied in order at
-//! open; `PRAGMA user_version` records how far a database has come.
+//! Durable state in SQLite (the default) or PostgreSQL: the source of truth
+//! the controller rebuilds from after a restart. Schema changes are numbered
+//! migrations applied in order at open (`PRAGMA user_version`, or the
+//! `baton_schema` table, records how far a database has come); `sql.rs` is
+//! the interface both databases are spoken through.
 //! This file: the schema, the row types, opening, batches, backup and
 //! restore; the queries by subject in `fleet.rs` (devices, credentials,
 //! desired documents, events), `workloads.rs` (workloads, revisions,
@@ -8,7 +10,7 @@
 //! (agent builds and agent upgrades).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use baton_protocol::spec::WorkloadSpec;
 use rusqlite::Connection;
@@ -19,7 +21,10 @@ use crate::workload::Manifest;
 mod access;
 mod fleet;
 pub mod releases;
+pub(crate) mod sql;
 mod workloads;
+
+use sql::{args, Db};
 
 pub use releases::AgentRelease;
 
@@ -228,7 +233,11 @@ pub enum StoreError {
     )]
     TooNew { path: String, found: usize, known: usize },
     #[error("database: {0}")]
-    Sql(rusqlite::Error),
+    Sql(String),
+    #[error("another controller holds the store at {0} (several controllers on one PostgreSQL store need leader election, which this controller does not do yet): stop it first")]
+    InUse(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
     #[error("the controller's data disk is full: nothing of this was stored (free space on it and retry)")]
     Full,
     #[error("backup through {path}: {source}")]
@@ -241,24 +250,49 @@ impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full,
-            _ => StoreError::Sql(e),
+            _ => StoreError::Sql(e.to_string()),
         }
     }
 }
 
 /// Writes that land together or not at all: dropped without `commit`, none of them did.
-pub struct Batch<'a>(rusqlite::Transaction<'a>);
+pub struct Batch<'a>(sql::Tx<'a>);
 
 impl Batch<'_> {
     pub fn commit(self) -> Result<(), StoreError> {
-        Ok(self.0.commit()?)
+        self.0.commit()
+    }
+}
+
+/// Where a store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreAt {
+    /// A SQLite file (the default: `baton.db` in the data dir).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, by connection URL (`postgres://user:pw@host/db`).
+    Postgres(String),
+}
+
+impl StoreAt {
+    /// `--store`: a `postgres://` (or `postgresql://`) URL; `sqlite` or
+    /// nothing is the file in the data dir.
+    pub fn parse(arg: Option<&str>, data_dir: &Path) -> Result<Self, String> {
+        match arg {
+            None | Some("sqlite") => Ok(StoreAt::Sqlite(data_dir.join("baton.db"))),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(StoreAt::Postgres(url.to_owned()))
+            }
+            Some(other) => Err(format!(
+                "--store {other}: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE, or sqlite (the default: baton.db in the data dir)"
+            )),
+        }
     }
 }
 
 pub struct Store {
-    conn: Connection,
-    /// The database file (backups are written beside it first).
-    path: std::path::PathBuf,
+    db: Db,
+    /// The SQLite file (backups are written beside it first); None on PostgreSQL.
+    path: Option<PathBuf>,
 }
 
 impl Store {
@@ -270,25 +304,42 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
-        let mut store = Self { conn, path: path.to_path_buf() };
-        store.migrate(path)?;
+        let store = Self { db: Db::sqlite(conn), path: Some(path.to_path_buf()) };
+        store.migrate(&path.display().to_string())?;
         Ok(store)
+    }
+
+    /// Opens (and migrates) the store wherever it lives.
+    pub fn open_at(at: &StoreAt) -> Result<Self, StoreError> {
+        match at {
+            StoreAt::Sqlite(path) => Self::open(path),
+            StoreAt::Postgres(url) => {
+                let store = Self { db: Db::postgres(url)?, path: None };
+                store.migrate("the PostgreSQL store")?;
+                Ok(store)
+            }
+        }
     }
 
     /// Starts writes that must all land or none: every write through this
     /// store until the batch is committed belongs to it.
     pub fn batch(&self) -> Result<Batch<'_>, StoreError> {
-        Ok(Batch(self.conn.unchecked_transaction()?))
+        Ok(Batch(self.db.begin()?))
     }
 
     /// A consistent copy of the whole database, taken while it serves
     /// (SQLite's `VACUUM INTO`: one read transaction, so no half-done apply is
     /// in it). Restoring it is copying it over `baton.db` of a stopped controller.
     pub fn backup(&self) -> Result<Vec<u8>, StoreError> {
-        let copy = self.path.with_extension(format!("backup-{}", std::process::id()));
+        let (Some(path), Some(conn)) = (&self.path, self.db.sqlite_conn()) else {
+            return Err(StoreError::Unsupported(
+                "a PostgreSQL store is backed up with PostgreSQL's own tools (pg_dump, or its base backups); baton backup copies SQLite stores",
+            ));
+        };
+        let copy = path.with_extension(format!("backup-{}", std::process::id()));
         let _ = std::fs::remove_file(&copy);
         let io = |source: std::io::Error| StoreError::Backup { path: copy.display().to_string(), source };
-        let taken = self.conn.execute("VACUUM INTO ?1", [copy.display().to_string()]);
+        let taken = conn.execute("VACUUM INTO ?1", [copy.display().to_string()]);
         let bytes = taken.map_err(StoreError::from).and_then(|_| std::fs::read(&copy).map_err(io));
         let _ = std::fs::remove_file(&copy);
         bytes
@@ -319,18 +370,17 @@ impl Store {
     }
 
     pub fn schema_version(&self) -> Result<usize, StoreError> {
-        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize)
+        self.db.schema_version()
     }
 
-    fn migrate(&mut self, path: &Path) -> Result<(), StoreError> {
+    fn migrate(&self, what: &str) -> Result<(), StoreError> {
         let found = self.schema_version()?;
         if found > MIGRATIONS.len() {
-            return Err(StoreError::TooNew { path: path.display().to_string(), found, known: MIGRATIONS.len() });
+            return Err(StoreError::TooNew { path: what.to_owned(), found, known: MIGRATIONS.len() });
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(found) {
-            let tx = self.conn.transaction()?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            let tx = self.db.begin()?;
+            self.db.migrate_to(i + 1, sql)?;
             tx.commit()?;
             tracing::info!(version = i + 1, "applied store migration");
         }
@@ -343,19 +393,21 @@ impl Store {
 
     /// The secret called `name` (every secret when `None`), latest versions.
     fn secrets_named(&self, name: Option<&str>) -> Result<Vec<StoredSecret>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT name, MAX(version), MAX(created_at), MAX(tenant) FROM secrets WHERE ?1 IS NULL OR name = ?1
+        let rows = self.db.query(
+            "SELECT name, MAX(version), MAX(created_at), MAX(tenant) FROM secrets WHERE CAST(?1 AS TEXT) IS NULL OR name = ?1
              GROUP BY name ORDER BY name",
+            args![name],
         )?;
-        let rows = stmt.query_map([name], |r| {
-            Ok(StoredSecret {
-                name: r.get(0)?,
-                version: r.get::<_, i64>(1)? as u64,
-                updated_at: r.get::<_, i64>(2)? as u64,
-                tenant: r.get(3)?,
+        rows.into_iter()
+            .map(|mut r| {
+                Ok(StoredSecret {
+                    name: r.text(0)?,
+                    version: r.int(1)? as u64,
+                    updated_at: r.int(2)? as u64,
+                    tenant: r.text(3)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
     }
 }
 

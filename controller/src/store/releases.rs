@@ -1,8 +1,6 @@
 //! Agent builds published for self-update, and agent upgrades.
 
-use rusqlite::{params, OptionalExtension};
-
-use super::{Store, StoreError};
+use super::{args, Store, StoreError};
 use crate::upgrade::AgentRollout;
 
 /// A published agent build (its bytes stay in the store).
@@ -36,35 +34,25 @@ impl Store {
         data: &[u8],
         now: u64,
     ) -> Result<AgentRelease, PublishError> {
-        let existing: Option<Vec<u8>> = self
-            .conn
-            .query_row(
-                "SELECT digest FROM agent_releases WHERE version = ?1 AND arch = ?2",
-                params![version, arch],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(StoreError::from)?;
+        let existing = self
+            .db
+            .query_opt("SELECT digest FROM agent_releases WHERE version = ?1 AND arch = ?2", args![version, arch])?;
+        let existing = existing.map(|mut r| r.blob(0)).transpose()?;
         match existing {
             Some(d) if d == digest => {}
             Some(_) => return Err(PublishError::Conflict { version: version.into(), arch: arch.into() }),
             None => {
-                let seq: i64 = self
-                    .conn
-                    .query_row(
-                        "SELECT COALESCE((SELECT seq FROM agent_releases WHERE version = ?1 LIMIT 1),
-                                         (SELECT COALESCE(MAX(seq), 0) + 1 FROM agent_releases))",
-                        [version],
-                        |r| r.get(0),
-                    )
-                    .map_err(StoreError::from)?;
-                self.conn
-                    .execute(
-                        "INSERT INTO agent_releases (version, arch, seq, digest, size, data, published_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![version, arch, seq, digest, data.len() as i64, data, now as i64],
-                    )
-                    .map_err(StoreError::from)?;
+                let seq = self.db.query_opt(
+                    "SELECT COALESCE((SELECT seq FROM agent_releases WHERE version = ?1 LIMIT 1),
+                                     (SELECT COALESCE(MAX(seq), 0) + 1 FROM agent_releases))",
+                    args![version],
+                )?;
+                let seq = seq.map(|mut r| r.int(0)).transpose()?.unwrap_or(1);
+                self.db.execute(
+                    "INSERT INTO agent_releases (version, arch, seq, digest, size, data, published_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    args![version, arch, seq, digest, data.len() as i64, data, now as i64],
+                )?;
             }
         }
         Ok(self
@@ -75,65 +63,72 @@ impl Store {
     }
 
     /// Deletes the builds of `version` (of one architecture, or all);
-    /// returns how many went. SQLite reuses their pages for later writes.
+    /// returns how many went. The database reuses their pages for later writes.
     pub fn remove_release(&self, version: &str, arch: Option<&str>) -> Result<usize, StoreError> {
-        Ok(self.conn.execute(
-            "DELETE FROM agent_releases WHERE version = ?1 AND (?2 IS NULL OR arch = ?2)",
-            params![version, arch],
-        )?)
+        self.db.execute(
+            "DELETE FROM agent_releases WHERE version = ?1 AND (CAST(?2 AS TEXT) IS NULL OR arch = ?2)",
+            args![version, arch],
+        )
     }
 
     pub fn releases(&self) -> Result<Vec<AgentRelease>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        let rows = self.db.query(
             "SELECT version, arch, seq, digest, size, published_at FROM agent_releases ORDER BY seq, arch",
+            args![],
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(AgentRelease {
-                version: r.get(0)?,
-                arch: r.get(1)?,
-                seq: r.get::<_, i64>(2)? as u64,
-                digest: r.get(3)?,
-                size: r.get::<_, i64>(4)? as u64,
-                published_at: r.get::<_, i64>(5)? as u64,
+        rows.into_iter()
+            .map(|mut r| {
+                Ok(AgentRelease {
+                    version: r.text(0)?,
+                    arch: r.text(1)?,
+                    seq: r.int(2)? as u64,
+                    digest: r.blob(3)?,
+                    size: r.int(4)? as u64,
+                    published_at: r.int(5)? as u64,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
     }
 
     /// Up to `len` bytes of the build `digest` from `offset`, and its whole
-    /// size; None when no build has that digest. Reads only those bytes.
+    /// size; None when no build has that digest. Reads only those bytes
+    /// (SQLite: through its blob handle; PostgreSQL: `substr` on the server).
     pub fn release_chunk(&self, digest: &[u8], offset: u64, len: usize) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         use std::io::{Read, Seek, SeekFrom};
-        let row: Option<i64> = self
-            .conn
-            .query_row("SELECT rowid FROM agent_releases WHERE digest = ?1 LIMIT 1", [digest], |r| r.get(0))
-            .optional()?;
-        let Some(rowid) = row else { return Ok(None) };
-        let mut blob = self.conn.blob_open(rusqlite::MAIN_DB, "agent_releases", "data", rowid, true)?;
+        let Some(conn) = self.db.sqlite_conn() else {
+            let row = self.db.query_opt(
+                "SELECT length(data), substr(data, ?2, ?3) FROM agent_releases WHERE digest = ?1 LIMIT 1",
+                args![digest, offset.saturating_add(1).min(i32::MAX as u64) as i64, len.min(i32::MAX as usize) as i64],
+            )?;
+            let Some(mut r) = row else { return Ok(None) };
+            return Ok(Some((r.int(0)? as u64, r.blob(1)?)));
+        };
+        let row = self.db.query_opt("SELECT rowid FROM agent_releases WHERE digest = ?1 LIMIT 1", args![digest])?;
+        let Some(mut row) = row else { return Ok(None) };
+        let rowid = row.int(0)?;
+        let mut blob = conn.blob_open(rusqlite::MAIN_DB, "agent_releases", "data", rowid, true)?;
         let total = blob.len() as u64;
         let mut data = vec![0; len.min(total.saturating_sub(offset) as usize)];
         if data.is_empty() {
             return Ok(Some((total, data)));
         }
         let read = blob.seek(SeekFrom::Start(offset)).and_then(|_| blob.read_exact(&mut data));
-        read.map_err(|e| StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        read.map_err(|e| StoreError::Sql(format!("reading an agent build: {e}")))?;
         Ok(Some((total, data)))
     }
 
     pub fn save_agent_rollout(&self, r: &AgentRollout) -> Result<(), StoreError> {
-        self.conn.execute(
+        self.db.execute(
             "INSERT INTO agent_rollouts (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
-            params![r.id as i64, Self::json("agent upgrade", r)?],
+            args![r.id as i64, Self::json("agent upgrade", r)?],
         )?;
         Ok(())
     }
 
     /// The last agent upgrade, if any.
     pub fn load_agent_rollout(&self) -> Result<Option<AgentRollout>, StoreError> {
-        let doc: Option<String> = self
-            .conn
-            .query_row("SELECT doc FROM agent_rollouts ORDER BY id DESC LIMIT 1", [], |r| r.get(0))
-            .optional()?;
+        let doc = self.db.query_opt("SELECT doc FROM agent_rollouts ORDER BY id DESC LIMIT 1", args![])?;
+        let doc = doc.map(|mut r| r.text(0)).transpose()?;
         doc.map(|d| {
             serde_json::from_str(&d).map_err(|source| StoreError::Corrupt { id: "agent upgrade".into(), source })
         })

@@ -1,4 +1,5 @@
-//! The store against a real SQLite file: migrations, round trips, refusals.
+//! The store against a real SQLite file: migrations, round trips, refusals
+//! (the same queries on PostgreSQL: `tests/tests/store.rs`).
 
 use super::*;
 use crate::fleet::Device;
@@ -54,7 +55,7 @@ fn migrates_once_and_round_trips_devices_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("baton.db");
     {
-        let mut s = Store::open(&path).unwrap();
+        let s = Store::open(&path).unwrap();
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
         s.save_device(&device("a")).unwrap();
         let mut b = device("b");
@@ -108,7 +109,7 @@ fn a_database_from_before_tenants_puts_everything_in_the_default_tenant() {
 #[test]
 fn tenants_round_trip_and_filter_events() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Store::open(&dir.path().join("baton.db")).unwrap();
+    let s = Store::open(&dir.path().join("baton.db")).unwrap();
     s.put_secret("acme", "db-password", 1, b"sealed", 5).unwrap();
     assert_eq!(s.list_secrets().unwrap()[0].tenant, "acme");
     let t = StoredToken {
@@ -152,7 +153,7 @@ fn tenants_round_trip_and_filter_events() {
 fn refuses_a_database_from_a_newer_controller() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("baton.db");
-    Store::open(&path).unwrap().conn.pragma_update(None, "user_version", 999).unwrap();
+    Store::open(&path).unwrap().db.sqlite_conn().unwrap().pragma_update(None, "user_version", 999).unwrap();
     let e = Store::open(&path).err().unwrap().to_string();
     assert!(e.contains("schema version 999"), "{e}");
 }
@@ -161,7 +162,7 @@ fn refuses_a_database_from_a_newer_controller() {
 fn a_corrupt_row_is_an_error_naming_the_device() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(&dir.path().join("baton.db")).unwrap();
-    s.conn.execute("INSERT INTO devices VALUES ('x', '{not json', 0)", []).unwrap();
+    s.db.execute("INSERT INTO devices VALUES ('x', '{not json', 0)", vec![]).unwrap();
     let e = s.load_devices().unwrap_err().to_string();
     assert!(e.contains("stored device x"), "{e}");
 }

@@ -1,0 +1,615 @@
+//! The two databases a store lives in, behind one small interface: SQLite
+//! (the default: `baton.db` in the data dir) and PostgreSQL (`--store
+//! postgres://…`). Queries are written once, in the SQL both speak, with
+//! `?N` placeholders (rendered `$N` for PostgreSQL); migrations once, in
+//! SQLite's types (rendered by `postgres_ddl`). Values cross as `Value`
+//! (integer, text, bytes, null), which is all the store keeps.
+//!
+//! PostgreSQL is spoken through the synchronous `postgres` client on a thread
+//! of its own (`Postgres`): that client runs its own runtime and must not be
+//! called from the controller's async workers, which do call the store. The
+//! thread reconnects when the server went away (once per call outside a
+//! transaction; inside one, the transaction fails as a whole and is never
+//! continued on a new connection) and holds a session advisory lock, so two
+//! controllers never write one store unknowingly.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+
+use super::StoreError;
+
+/// One SQL value as the store uses them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+impl From<u32> for Value {
+    fn from(v: u32) -> Self {
+        Value::Int(i64::from(v))
+    }
+}
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(v.to_owned())
+    }
+}
+impl From<&String> for Value {
+    fn from(v: &String) -> Self {
+        Value::Text(v.clone())
+    }
+}
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(v)
+    }
+}
+impl From<&[u8]> for Value {
+    fn from(v: &[u8]) -> Self {
+        Value::Blob(v.to_vec())
+    }
+}
+impl From<&Vec<u8>> for Value {
+    fn from(v: &Vec<u8>) -> Self {
+        Value::Blob(v.clone())
+    }
+}
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+/// The arguments of one statement, each converted by `Value::from`.
+macro_rules! args {
+    ($($v:expr),* $(,)?) => { vec![$($crate::store::sql::Value::from($v)),*] };
+}
+pub(crate) use args;
+
+/// One result row; columns are taken out by position.
+#[derive(Debug)]
+pub struct Row(Vec<Value>);
+
+impl Row {
+    fn take(&mut self, i: usize) -> Value {
+        self.0.get_mut(i).map(|v| std::mem::replace(v, Value::Null)).unwrap_or(Value::Null)
+    }
+
+    fn mismatch(i: usize, want: &str, found: &Value) -> StoreError {
+        let found = match found {
+            Value::Null => "null",
+            Value::Int(_) => "an integer",
+            Value::Text(_) => "text",
+            Value::Blob(_) => "bytes",
+        };
+        StoreError::Sql(format!("column {i} is {found} where {want} was expected"))
+    }
+
+    pub fn int(&mut self, i: usize) -> Result<i64, StoreError> {
+        match self.take(i) {
+            Value::Int(v) => Ok(v),
+            other => Err(Self::mismatch(i, "an integer", &other)),
+        }
+    }
+
+    pub fn text(&mut self, i: usize) -> Result<String, StoreError> {
+        match self.take(i) {
+            Value::Text(v) => Ok(v),
+            other => Err(Self::mismatch(i, "text", &other)),
+        }
+    }
+
+    pub fn blob(&mut self, i: usize) -> Result<Vec<u8>, StoreError> {
+        match self.take(i) {
+            Value::Blob(v) => Ok(v),
+            other => Err(Self::mismatch(i, "bytes", &other)),
+        }
+    }
+
+    pub fn opt_blob(&mut self, i: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.take(i) {
+            Value::Null => Ok(None),
+            Value::Blob(v) => Ok(Some(v)),
+            other => Err(Self::mismatch(i, "bytes or null", &other)),
+        }
+    }
+}
+
+/// A database connection of either kind, and how deep the open transactions are.
+pub struct Db {
+    kind: Kind,
+    depth: Cell<u32>,
+}
+
+enum Kind {
+    Sqlite(rusqlite::Connection),
+    Postgres(Postgres),
+}
+
+impl Db {
+    pub fn sqlite(conn: rusqlite::Connection) -> Self {
+        conn.set_prepared_statement_cache_capacity(64);
+        Db { kind: Kind::Sqlite(conn), depth: Cell::new(0) }
+    }
+
+    pub fn postgres(url: &str) -> Result<Self, StoreError> {
+        Ok(Db { kind: Kind::Postgres(Postgres::connect(url)?), depth: Cell::new(0) })
+    }
+
+    /// The SQLite connection (for what only SQLite does: backups, blob reads).
+    pub fn sqlite_conn(&self) -> Option<&rusqlite::Connection> {
+        match &self.kind {
+            Kind::Sqlite(c) => Some(c),
+            Kind::Postgres(_) => None,
+        }
+    }
+
+    /// Runs one statement; how many rows it changed.
+    pub fn execute(&self, sql: &str, args: Vec<Value>) -> Result<usize, StoreError> {
+        match &self.kind {
+            Kind::Sqlite(c) => Ok(c.prepare_cached(sql)?.execute(rusqlite::params_from_iter(args.iter()))?),
+            Kind::Postgres(p) => p.execute(placeholders(sql), args).map(|n| n as usize),
+        }
+    }
+
+    /// Every row a query answers.
+    pub fn query(&self, sql: &str, args: Vec<Value>) -> Result<Vec<Row>, StoreError> {
+        match &self.kind {
+            Kind::Sqlite(c) => {
+                let mut stmt = c.prepare_cached(sql)?;
+                let width = stmt.column_count();
+                let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                    (0..width).map(|i| r.get_ref(i).map(from_sqlite)).collect::<Result<Vec<_>, _>>().map(Row)
+                })?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            }
+            Kind::Postgres(p) => p.query(placeholders(sql), args),
+        }
+    }
+
+    /// The first row a query answers, if any.
+    pub fn query_opt(&self, sql: &str, args: Vec<Value>) -> Result<Option<Row>, StoreError> {
+        Ok(self.query(sql, args)?.into_iter().next())
+    }
+
+    /// Starts writes that land together: a transaction, or a savepoint inside one.
+    pub fn begin(&self) -> Result<Tx<'_>, StoreError> {
+        let depth = self.depth.get();
+        self.control(&if depth == 0 { "BEGIN".to_owned() } else { format!("SAVEPOINT baton_{depth}") })?;
+        self.depth.set(depth + 1);
+        Ok(Tx { db: self, depth, done: false })
+    }
+
+    fn control(&self, sql: &str) -> Result<(), StoreError> {
+        match &self.kind {
+            Kind::Sqlite(c) => Ok(c.execute_batch(sql)?),
+            Kind::Postgres(p) => p.batch(sql.to_owned()),
+        }
+    }
+
+    /// How far the schema has come (0: empty database).
+    pub fn schema_version(&self) -> Result<usize, StoreError> {
+        match &self.kind {
+            Kind::Sqlite(c) => Ok(c.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize),
+            Kind::Postgres(p) => {
+                p.batch("CREATE TABLE IF NOT EXISTS baton_schema (version BIGINT NOT NULL)".into())?;
+                let mut rows = p.query("SELECT COALESCE(MAX(version), 0) FROM baton_schema".into(), vec![])?;
+                Ok(rows.first_mut().map(|r| r.int(0)).transpose()?.unwrap_or(0) as usize)
+            }
+        }
+    }
+
+    /// Applies migration `version` (its SQLite text) inside the open transaction.
+    pub fn migrate_to(&self, version: usize, sql: &str) -> Result<(), StoreError> {
+        match &self.kind {
+            Kind::Sqlite(c) => {
+                c.execute_batch(sql)?;
+                Ok(c.pragma_update(None, "user_version", version as i64)?)
+            }
+            Kind::Postgres(p) => {
+                p.batch(postgres_ddl(sql))?;
+                p.batch(format!("DELETE FROM baton_schema; INSERT INTO baton_schema (version) VALUES ({version})"))
+            }
+        }
+    }
+}
+
+/// A transaction (or savepoint) in progress: dropped without `commit`,
+/// none of its writes land.
+pub struct Tx<'a> {
+    db: &'a Db,
+    depth: u32,
+    done: bool,
+}
+
+impl Tx<'_> {
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        let sql = if self.depth == 0 { "COMMIT".to_owned() } else { format!("RELEASE SAVEPOINT baton_{}", self.depth) };
+        self.db.control(&sql)?;
+        self.done = true;
+        self.db.depth.set(self.depth);
+        Ok(())
+    }
+}
+
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let sql = if self.depth == 0 {
+            "ROLLBACK".to_owned()
+        } else {
+            format!("ROLLBACK TO SAVEPOINT baton_{0}; RELEASE SAVEPOINT baton_{0}", self.depth)
+        };
+        if let Err(e) = self.db.control(&sql) {
+            tracing::warn!(error = %e, "rolling back a store transaction failed");
+        }
+        self.db.depth.set(self.depth);
+    }
+}
+
+fn from_sqlite(v: rusqlite::types::ValueRef<'_>) -> Value {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Int(i),
+        // The store writes no REAL; should one appear, it is read as its integer part.
+        ValueRef::Real(f) => Value::Int(f as i64),
+        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+    }
+}
+
+impl rusqlite::ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(ToSqlOutput::Borrowed(match self {
+            Value::Null => ValueRef::Null,
+            Value::Int(i) => ValueRef::Integer(*i),
+            Value::Text(t) => ValueRef::Text(t.as_bytes()),
+            Value::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
+/// `?N` → `$N`: the same query for PostgreSQL.
+pub fn placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '?' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('$');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A migration written for SQLite, in PostgreSQL's types: 64-bit integers
+/// (SQLite's are), `BYTEA` for blobs, a sequence for the autoincrementing
+/// key, no `STRICT` (PostgreSQL's columns always are).
+pub fn postgres_ddl(sql: &str) -> String {
+    sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+        .replace("INTEGER", "BIGINT")
+        .replace("BLOB", "BYTEA")
+        .replace(") STRICT;", ");")
+}
+
+/// The session-level advisory lock a controller holds on its PostgreSQL store ("baton").
+const STORE_LOCK: i64 = 0x0062_6174_6f6e;
+
+type Job = Box<dyn FnOnce(&mut Session) + Send>;
+
+/// A PostgreSQL connection served by a thread of its own.
+struct Postgres {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl Postgres {
+    fn connect(url: &str) -> Result<Self, StoreError> {
+        let mut config: postgres::Config =
+            url.parse().map_err(|e| StoreError::Sql(format!("--store {}: {e}", redact(url))))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(5));
+        }
+        config.application_name("baton-controller");
+        let mut session = Session {
+            config,
+            url: redact(url),
+            client: None,
+            statements: HashMap::new(),
+            lost_in_tx: false,
+            in_tx: false,
+        };
+        session.client()?; // the first connection and the lock, before anything is served
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("store-postgres".into())
+            .spawn(move || {
+                for job in rx {
+                    job(&mut session);
+                }
+            })
+            .map_err(|e| StoreError::Sql(format!("cannot start the PostgreSQL thread: {e}")))?;
+        Ok(Postgres { jobs })
+    }
+
+    fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Session) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let gone = || StoreError::Sql("the PostgreSQL thread is gone".into());
+        self.jobs.send(Box::new(move |s| drop(tx.send(f(s))))).map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
+    }
+
+    fn execute(&self, sql: String, args: Vec<Value>) -> Result<u64, StoreError> {
+        self.run(move |s| {
+            s.retrying(|c, st| {
+                let stmt = st.prepare(c, &sql)?;
+                c.execute(&stmt, &refs(&args)).map_err(pg_error)
+            })
+        })
+    }
+
+    fn query(&self, sql: String, args: Vec<Value>) -> Result<Vec<Row>, StoreError> {
+        self.run(move |s| {
+            let rows = s.retrying(|c, st| {
+                let stmt = st.prepare(c, &sql)?;
+                c.query(&stmt, &refs(&args)).map_err(pg_error)
+            })?;
+            rows.iter()
+                .map(|r| {
+                    (0..r.len()).map(|i| r.try_get::<_, Value>(i).map_err(pg_error)).collect::<Result<_, _>>().map(Row)
+                })
+                .collect()
+        })
+    }
+
+    fn batch(&self, sql: String) -> Result<(), StoreError> {
+        self.run(move |s| s.control(&sql))
+    }
+}
+
+fn refs(args: &[Value]) -> Vec<&(dyn postgres::types::ToSql + Sync)> {
+    args.iter().map(|a| a as &(dyn postgres::types::ToSql + Sync)).collect()
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn pg_error(e: postgres::Error) -> StoreError {
+    if e.code() == Some(&postgres::error::SqlState::DISK_FULL) {
+        return StoreError::Full;
+    }
+    match e.as_db_error() {
+        Some(db) => StoreError::Sql(format!("PostgreSQL: {}", db.message())),
+        None => StoreError::Sql(format!("PostgreSQL: {e}")),
+    }
+}
+
+/// Prepared statements of the current connection, by text.
+struct Statements(HashMap<String, postgres::Statement>);
+
+impl Statements {
+    fn prepare(&mut self, c: &mut postgres::Client, sql: &str) -> Result<postgres::Statement, StoreError> {
+        if let Some(s) = self.0.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = c.prepare(sql).map_err(pg_error)?;
+        self.0.insert(sql.to_owned(), s.clone());
+        Ok(s)
+    }
+}
+
+/// The connection thread's state.
+struct Session {
+    config: postgres::Config,
+    url: String,
+    client: Option<postgres::Client>,
+    statements: HashMap<String, postgres::Statement>,
+    /// A transaction is open on the server.
+    in_tx: bool,
+    /// The connection went away inside a transaction: everything until its
+    /// end fails, so none of it lands half (or on a new connection).
+    lost_in_tx: bool,
+}
+
+impl Session {
+    /// The live connection, made (and the store's lock taken) when there is none.
+    fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
+        if self.client.as_ref().is_some_and(postgres::Client::is_closed) {
+            self.client = None;
+            self.statements.clear();
+        }
+        if self.client.is_none() {
+            let mut c = self
+                .config
+                .connect(postgres::NoTls)
+                .map_err(|e| StoreError::Sql(format!("cannot reach PostgreSQL at {}: {e}", self.url)))?;
+            let row = c.query_one("SELECT pg_try_advisory_lock($1)", &[&STORE_LOCK]).map_err(pg_error)?;
+            if !row.get::<_, bool>(0) {
+                return Err(StoreError::InUse(self.url.clone()));
+            }
+            tracing::info!(store = %self.url, "connected to the PostgreSQL store");
+            self.client = Some(c);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    /// Runs `f` on the connection; when the connection had gone away
+    /// (outside a transaction), once more on a new one.
+    fn retrying<R>(
+        &mut self,
+        mut f: impl FnMut(&mut postgres::Client, &mut Statements) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        if self.lost_in_tx {
+            return Err(Self::lost());
+        }
+        for attempt in 0..2 {
+            self.client()?; // (re)connected first: that forgets the old connection's statements
+            let mut statements = Statements(std::mem::take(&mut self.statements));
+            let client = self.client.as_mut().expect("connected above");
+            let out = f(client, &mut statements);
+            let closed = client.is_closed();
+            self.statements = statements.0;
+            match out {
+                Err(_) if closed && self.in_tx => {
+                    self.lost_in_tx = true;
+                    return Err(Self::lost());
+                }
+                Err(_) if closed && attempt == 0 => continue,
+                out => return out,
+            }
+        }
+        unreachable!("the second attempt returns")
+    }
+
+    fn lost() -> StoreError {
+        StoreError::Sql("the connection to PostgreSQL was lost inside a transaction: none of it was stored".into())
+    }
+
+    /// BEGIN, COMMIT, ROLLBACK, savepoints and DDL.
+    fn control(&mut self, sql: &str) -> Result<(), StoreError> {
+        let ends = sql == "COMMIT" || sql.starts_with("ROLLBACK") && !sql.starts_with("ROLLBACK TO");
+        if self.lost_in_tx {
+            if ends {
+                self.lost_in_tx = false;
+                self.in_tx = false;
+            }
+            // A rollback of what is gone anyway succeeds; anything else fails.
+            return if sql == "ROLLBACK" { Ok(()) } else { Err(Self::lost()) };
+        }
+        let out = self.retrying(|c, _| c.batch_execute(sql).map_err(pg_error));
+        if sql == "BEGIN" && out.is_ok() {
+            self.in_tx = true;
+        }
+        if ends {
+            self.in_tx = false;
+        }
+        out
+    }
+}
+
+impl postgres::types::ToSql for Value {
+    fn to_sql(
+        &self,
+        ty: &postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use postgres::types::Type;
+        match self {
+            Value::Null => Ok(postgres::types::IsNull::Yes),
+            Value::Int(i) => match *ty {
+                Type::INT4 => i32::try_from(*i)?.to_sql(ty, out),
+                Type::INT2 => i16::try_from(*i)?.to_sql(ty, out),
+                _ => i.to_sql(ty, out),
+            },
+            Value::Text(t) => t.as_str().to_sql(ty, out),
+            Value::Blob(b) => b.as_slice().to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &postgres::types::Type) -> bool {
+        true // checked per value in `to_sql`
+    }
+
+    postgres::types::to_sql_checked!();
+}
+
+impl<'a> postgres::types::FromSql<'a> for Value {
+    fn from_sql(ty: &postgres::types::Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        use postgres::types::Type;
+        Ok(match *ty {
+            Type::INT8 => Value::Int(i64::from_sql(ty, raw)?),
+            Type::INT4 => Value::Int(i32::from_sql(ty, raw)?.into()),
+            Type::INT2 => Value::Int(i16::from_sql(ty, raw)?.into()),
+            Type::BOOL => Value::Int(bool::from_sql(ty, raw)?.into()),
+            Type::BYTEA => Value::Blob(Vec::<u8>::from_sql(ty, raw)?),
+            _ => Value::Text(String::from_sql(ty, raw)?),
+        })
+    }
+
+    fn from_sql_null(_: &postgres::types::Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Value::Null)
+    }
+
+    fn accepts(_: &postgres::types::Type) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_and_migrations_render_for_postgres() {
+        assert_eq!(
+            placeholders("SELECT a FROM t WHERE (?1 IS NULL OR b = ?1) AND c = ?12 AND d = '?'"),
+            "SELECT a FROM t WHERE ($1 IS NULL OR b = $1) AND c = $12 AND d = '?'"
+        );
+        assert_eq!(
+            postgres_ddl("CREATE TABLE e (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, b BLOB) STRICT;"),
+            "CREATE TABLE e (id BIGSERIAL PRIMARY KEY, at BIGINT NOT NULL, b BYTEA);"
+        );
+        assert_eq!(redact("postgres://baton:hunter2@db:5432/baton"), "postgres://baton:***@db:5432/baton");
+        assert_eq!(redact("postgres://db/baton"), "postgres://db/baton");
+    }
+
+    #[test]
+    fn rows_say_which_column_is_not_what_was_asked() {
+        let mut row = Row(vec![Value::Int(1), Value::Text("x".into()), Value::Null]);
+        assert_eq!(row.int(0).unwrap(), 1);
+        assert!(row.int(1).unwrap_err().to_string().contains("column 1 is text"));
+        assert_eq!(row.opt_blob(2).unwrap(), None);
+    }
+
+    #[test]
+    fn savepoints_nest_and_a_dropped_one_undoes_only_its_own() {
+        let db = Db::sqlite(rusqlite::Connection::open_in_memory().unwrap());
+        db.execute("CREATE TABLE t (v INTEGER)", vec![]).unwrap();
+        let outer = db.begin().unwrap();
+        db.execute("INSERT INTO t VALUES (?1)", args![1i64]).unwrap();
+        {
+            let inner = db.begin().unwrap();
+            db.execute("INSERT INTO t VALUES (?1)", args![2i64]).unwrap();
+            drop(inner);
+        }
+        let inner = db.begin().unwrap();
+        db.execute("INSERT INTO t VALUES (?1)", args![3i64]).unwrap();
+        inner.commit().unwrap();
+        outer.commit().unwrap();
+        let got: Vec<i64> = db
+            .query("SELECT v FROM t ORDER BY v", vec![])
+            .unwrap()
+            .into_iter()
+            .map(|mut r| r.int(0).unwrap())
+            .collect();
+        assert_eq!(got, [1, 3]);
+        let dropped = db.begin().unwrap();
+        db.execute("DELETE FROM t", vec![]).unwrap();
+        drop(dropped);
+        assert_eq!(db.query("SELECT v FROM t", vec![]).unwrap().len(), 2);
+    }
+}
