@@ -123,9 +123,11 @@ pub async fn serve(
     let (outbox_tx, outbox) = tokio::sync::mpsc::unbounded_channel();
     // Opening the store, loading the fleet and signing documents: off the async workers.
     let startup = cfg.clone();
-    let controller = tokio::task::spawn_blocking(move || -> anyhow::Result<Controller> {
+    let startup = tokio::task::spawn_blocking(move || -> anyhow::Result<Controller> {
         let cfg = startup;
-        let store = Store::open_at(&cfg.store)?;
+        // On a PostgreSQL store another controller holds, this waits as a
+        // standby until that one is gone.
+        let store = Store::open_leading(&cfg.store)?;
         let keys = crate::keys::Keys::load(&cfg.data_dir, cfg.signing_key.as_deref(), cfg.secrets_key.as_deref())?;
         let signer = baton_protocol::crypto::SigningKey::from_seed(&keys.signing_seed);
         let commands = crate::commands::CommandRouter::new(outbox_tx.clone(), signer);
@@ -155,8 +157,17 @@ pub async fn serve(
         // (unchanged documents are not touched; ingest sends what is queued once connected).
         controller.sync_desired(now_ms());
         Ok(controller)
-    })
-    .await??;
+    });
+    // A standby waits in the startup for the store; a stop meanwhile ends it
+    // there (the waiting thread cannot be interrupted, so the process exits).
+    let mut shutdown = std::pin::pin!(shutdown);
+    let controller = tokio::select! {
+        started = startup => started??,
+        () = &mut shutdown => {
+            tracing::info!("stopped before this controller held its store");
+            std::process::exit(0);
+        }
+    };
     let controller = Arc::new(controller);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 

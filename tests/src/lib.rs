@@ -309,6 +309,8 @@ pub enum BrokerKind {
 
 /// How a `baton server` is launched: kept so a test can restart it identically.
 struct ServerSpec {
+    /// Its log file's and process's name ("controller" but for replicas).
+    name: String,
     http: u16,
     mqtt: u16,
     /// The address the embedded broker listens on (loopback unless a test's
@@ -324,6 +326,15 @@ struct ServerSpec {
 
 impl ServerSpec {
     fn launch(&self) -> Proc {
+        let proc = self.spawn();
+        let http = self.http;
+        wait_for("controller health", Duration::from_secs(20), || {
+            get_json::<serde_json::Value>(http, "/healthz").ok().filter(|h| h["broker_connected"] == true)
+        });
+        proc
+    }
+
+    fn spawn(&self) -> Proc {
         let mut args = vec![
             "server".to_string(),
             "--listen".into(),
@@ -346,12 +357,7 @@ impl ServerSpec {
         }
         args.extend(self.extra.iter().cloned());
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let proc = Proc::spawn_with_env("controller", &bin("baton"), &args, &self.log_dir, &env);
-        let http = self.http;
-        wait_for("controller health", Duration::from_secs(20), || {
-            get_json::<serde_json::Value>(http, "/healthz").ok().filter(|h| h["broker_connected"] == true)
-        });
-        proc
+        Proc::spawn_with_env(&self.name, &bin("baton"), &args, &self.log_dir, &env)
     }
 }
 
@@ -383,6 +389,7 @@ impl Controller {
             extra.extend(world.store_args());
         }
         let spec = ServerSpec {
+            name: "controller".into(),
             http: free_port(),
             mqtt: mqtt_external.unwrap_or_else(free_port),
             mqtt_host: host.to_string(),
@@ -393,6 +400,43 @@ impl Controller {
             env: Vec::new(),
         };
         Controller { proc: spec.launch(), http: spec.http, mqtt: spec.mqtt, spec }
+    }
+
+    /// Another `baton server` on `leader`'s store and external broker, with
+    /// its own data dir (`world/NAME`) and HTTP port and the leader's keys
+    /// (replicas sign with one key). On PostgreSQL it stands by until the
+    /// leader's session ends: this returns without waiting for it to serve.
+    pub fn start_replica(world: &World, leader: &Controller, name: &str) -> Controller {
+        assert!(leader.spec.external, "replicas share an external broker");
+        let keys = &leader.spec.data_dir;
+        let mut extra = leader.spec.extra.clone();
+        if extra.iter().any(|a| a == "--signing-key") {
+            // The leader is a replica itself: its keys are named already.
+        } else {
+            extra.extend([
+                "--signing-key".into(),
+                keys.join("signing.key").display().to_string(),
+                "--secrets-key".into(),
+                keys.join("secrets.key").display().to_string(),
+            ]);
+        }
+        let spec = ServerSpec {
+            name: name.into(),
+            http: free_port(),
+            mqtt: leader.spec.mqtt,
+            mqtt_host: leader.spec.mqtt_host.clone(),
+            external: true,
+            data_dir: world.path().join(name),
+            log_dir: world.path().to_path_buf(),
+            extra,
+            env: Vec::new(),
+        };
+        Controller { proc: spec.spawn(), http: spec.http, mqtt: spec.mqtt, spec }
+    }
+
+    /// Whether it serves (its `/healthz` answers with the broker connected).
+    pub fn serving(&self) -> bool {
+        get_json::<serde_json::Value>(self.http, "/healthz").is_ok_and(|h| h["broker_connected"] == true)
     }
 
     /// Stops it (SIGKILL if `kill9`, else SIGTERM) and starts it again on the

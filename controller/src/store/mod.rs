@@ -234,7 +234,7 @@ pub enum StoreError {
     TooNew { path: String, found: usize, known: usize },
     #[error("database: {0}")]
     Sql(String),
-    #[error("another controller holds the store at {0} (several controllers on one PostgreSQL store need leader election, which this controller does not do yet): stop it first")]
+    #[error("another controller holds the store at {0}")]
     InUse(String),
     #[error("{0}")]
     Unsupported(&'static str),
@@ -309,12 +309,24 @@ impl Store {
         Ok(store)
     }
 
-    /// Opens (and migrates) the store wherever it lives.
+    /// Opens (and migrates) the store wherever it lives; refused when
+    /// another controller holds a PostgreSQL store.
     pub fn open_at(at: &StoreAt) -> Result<Self, StoreError> {
+        Self::open_as(at, false)
+    }
+
+    /// As `open_at`, but a controller that finds a PostgreSQL store held by
+    /// another stands by: it returns once that one's session has ended and
+    /// this one holds the store (a SQLite store is held by the data dir's lock).
+    pub fn open_leading(at: &StoreAt) -> Result<Self, StoreError> {
+        Self::open_as(at, true)
+    }
+
+    fn open_as(at: &StoreAt, standby: bool) -> Result<Self, StoreError> {
         match at {
             StoreAt::Sqlite(path) => Self::open(path),
             StoreAt::Postgres(url) => {
-                let store = Self { db: Db::postgres(url)?, path: None };
+                let store = Self { db: Db::postgres(url, standby)?, path: None };
                 store.migrate("the PostgreSQL store")?;
                 Ok(store)
             }

@@ -11,7 +11,9 @@
 //! thread reconnects when the server went away (once per call outside a
 //! transaction; inside one, the transaction fails as a whole and is never
 //! continued on a new connection) and holds a session advisory lock, so two
-//! controllers never write one store unknowingly.
+//! controllers never act on one store: a second one is refused, or (the
+//! server's `open_leading`) stands by until the first one's session ends and
+//! then takes over; one that finds its lock taken after a lost connection exits.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -140,8 +142,9 @@ impl Db {
         Db { kind: Kind::Sqlite(conn), depth: Cell::new(0) }
     }
 
-    pub fn postgres(url: &str) -> Result<Self, StoreError> {
-        Ok(Db { kind: Kind::Postgres(Postgres::connect(url)?), depth: Cell::new(0) })
+    /// `standby`: wait for another controller's hold on the store to end.
+    pub fn postgres(url: &str, standby: bool) -> Result<Self, StoreError> {
+        Ok(Db { kind: Kind::Postgres(Postgres::connect(url, standby)?), depth: Cell::new(0) })
     }
 
     /// The SQLite connection (for what only SQLite does: backups, blob reads).
@@ -316,13 +319,24 @@ struct Postgres {
 }
 
 impl Postgres {
-    fn connect(url: &str) -> Result<Self, StoreError> {
+    /// `standby`: when another controller holds the store, wait until its
+    /// session ends and take over (else: refuse).
+    fn connect(url: &str, standby: bool) -> Result<Self, StoreError> {
         let mut config: postgres::Config =
             url.parse().map_err(|e| StoreError::Sql(format!("--store {}: {e}", redact(url))))?;
+        if config.get_ssl_mode() == postgres::config::SslMode::Require {
+            return Err(StoreError::Sql(format!(
+                "--store {}: sslmode=require, but this controller speaks to PostgreSQL without TLS (not supported yet): \
+                 keep the database on this machine or a private network and drop sslmode",
+                redact(url)
+            )));
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(std::time::Duration::from_secs(5));
         }
         config.application_name("baton-controller");
+        // A dead PostgreSQL machine is noticed in seconds, not hours.
+        config.keepalives_idle(std::time::Duration::from_secs(5));
         let mut session = Session {
             config,
             url: redact(url),
@@ -330,8 +344,25 @@ impl Postgres {
             statements: HashMap::new(),
             lost_in_tx: false,
             in_tx: false,
+            standby,
+            waited: false,
+            led: false,
         };
-        session.client()?; // the first connection and the lock, before anything is served
+        // The first connection and the lock, before anything is served. A
+        // standby that loses its connection while it waits connects again.
+        let mut wait = std::time::Duration::from_secs(1);
+        loop {
+            let outcome = session.client().map(|_| ());
+            match outcome {
+                Ok(()) => break,
+                Err(e) if session.standby && session.waited => {
+                    tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "standing by: lost PostgreSQL while waiting for the store");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("store-postgres".into())
@@ -433,6 +464,13 @@ struct Session {
     /// The connection went away inside a transaction: everything until its
     /// end fails, so none of it lands half (or on a new connection).
     lost_in_tx: bool,
+    /// Wait for the store's lock rather than refuse.
+    standby: bool,
+    /// Has waited for the lock (so a lost connection is retried).
+    waited: bool,
+    /// Has held the store's lock: finding it taken now means another
+    /// controller took over while this one's connection was down.
+    led: bool,
 }
 
 impl Session {
@@ -447,11 +485,29 @@ impl Session {
                 .config
                 .connect(postgres::NoTls)
                 .map_err(|e| StoreError::Sql(format!("cannot reach PostgreSQL at {}: {e}", self.url)))?;
+            // The server drops a dead controller's session (and its lock) in
+            // ~11 s even when its machine vanished without closing the socket.
+            c.batch_execute(
+                "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3",
+            )
+            .map_err(pg_error)?;
             let row = c.query_one("SELECT pg_try_advisory_lock($1)", &[&STORE_LOCK]).map_err(pg_error)?;
             if !row.get::<_, bool>(0) {
-                return Err(StoreError::InUse(self.url.clone()));
+                if self.led {
+                    // Fencing: two controllers must never act on one fleet.
+                    tracing::error!(store = %self.url, "another controller took over the store while this one's connection to it was down: exiting, so that only one controller acts on the fleet");
+                    std::process::exit(3);
+                }
+                if !self.standby {
+                    return Err(StoreError::InUse(self.url.clone()));
+                }
+                tracing::warn!(store = %self.url, "another controller holds the store: standing by (this one takes over when that one's session ends)");
+                self.waited = true;
+                c.query_one("SELECT pg_advisory_lock($1)", &[&STORE_LOCK]).map_err(pg_error)?;
+                tracing::warn!(store = %self.url, "the controller that held the store is gone: taking over");
             }
             tracing::info!(store = %self.url, "connected to the PostgreSQL store");
+            self.led = true;
             self.client = Some(c);
         }
         Ok(self.client.as_mut().expect("connected above"))

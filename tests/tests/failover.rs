@@ -1,0 +1,84 @@
+//! Several controllers on one PostgreSQL store and one broker (Mosquitto):
+//! one leads, the others stand by, and one takes over when the leader dies.
+//! Real processes: PostgreSQL, Mosquitto, two controllers, a real agent with
+//! containers and twelve simulated devices. About 40 s.
+
+use std::time::{Duration, Instant};
+
+use baton_controller::rollout::State;
+use baton_tests::*;
+
+const DEVICE: &str = "pi-ha";
+
+fn loop_forever(name: &str, word: &str, rollout: &str) -> String {
+    format!(
+        "name: {name}\nimage: busybox:ha\ncommand: [/bin/sh, -c, \"echo {word}; while true; do sleep 0.2; done\"]\n{rollout}"
+    )
+}
+
+fn log_of(world: &World, name: &str) -> String {
+    std::fs::read_to_string(world.path().join(format!("{name}.log"))).unwrap_or_default()
+}
+
+/// kill -9 of the leading controller in the middle of a rollout: the standby
+/// takes the store, serves the API, resumes the rollout to the same end, and
+/// no device notices (a container of another workload is not touched).
+#[test]
+fn a_standby_controller_takes_over_a_rollout_when_the_leader_is_killed() {
+    let world = World::new();
+    let mosquitto = Mosquitto::start(&world);
+    let store = world.postgres().url();
+    let mut leader = Controller::start(&world, Some(mosquitto.port), &["--store", &store]);
+    let standby = Controller::start_replica(&world, &leader, "controller-b");
+    wait_for("the replica standing by", Duration::from_secs(20), || {
+        log_of(&world, "controller-b").contains("standing by").then_some(())
+    });
+    assert!(!standby.serving(), "a standby serves the API beside the leader");
+
+    give_busybox(&world, DEVICE, "busybox:ha");
+    let _agent = start_agent(&world, DEVICE, &leader.broker_url(), &[]);
+    let _sim = start_simulator(&world, "h", 12, &leader.broker_url(), &[]);
+    wait_for("13 devices", Duration::from_secs(30), || (leader.devices().len() == 13).then_some(()));
+    let server = leader.server_url();
+    apply_yaml(&server, &world, "steady.yaml", &loop_forever("steady", "steady", ""));
+    let waves = "rollout: {waves: [1, 25%, 100%], min_ready: 2}\n";
+    apply_yaml(&server, &world, "app.yaml", &loop_forever("app", "one", waves));
+    wait_for("steady everywhere", Duration::from_secs(40), || settled(&server, "steady", 1, 13));
+    wait_for("app revision 1 everywhere", Duration::from_secs(40), || settled(&server, "app", 1, 13));
+    let run = world.path().join(format!("run-{DEVICE}"));
+    let steady = wait_for("the real steady container", Duration::from_secs(10), || running_pid(&run, "steady-0"));
+
+    apply_yaml(&server, &world, "app.yaml", &loop_forever("app", "two", waves));
+    wait_for("the second wave released", Duration::from_secs(30), || {
+        (describe_workload(&server, "app")?.rollout?.wave >= 2).then_some(())
+    });
+    leader.proc.kill9();
+    let killed = Instant::now();
+    wait_for("the standby serving", Duration::from_secs(30), || standby.serving().then_some(()));
+    eprintln!("the standby served {:?} after the leader was killed", killed.elapsed());
+    assert!(log_of(&world, "controller-b").contains("taking over"), "the standby did not say it took over");
+
+    let server = standby.server_url();
+    let r = wait_for("the rollout to end under the new leader", Duration::from_secs(60), || {
+        describe_workload(&server, "app")?.rollout.filter(|r| !r.state.active())
+    });
+    assert_eq!(r.state, State::Succeeded, "{r:?}");
+    assert_eq!((r.counts.ready, r.counts.failed), (13, 0), "{r:?}");
+    assert!(settled(&server, "app", 2, 13).is_some());
+    wait_for("every device online at the new leader", Duration::from_secs(30), || {
+        let online = standby.devices().iter().filter(|d| d.status == baton_controller::fleet::Status::Online).count();
+        (online == 13).then_some(())
+    });
+    assert!(alive(steady) && running_pid(&run, "steady-0") == Some(steady), "the takeover touched a container");
+    let w = describe_workload(&server, "steady").expect("steady");
+    let real = w.devices.iter().find(|d| d.device == DEVICE).expect("the real device");
+    assert_eq!(real.reported.as_ref().map(|r| r.restarts), Some(0), "{real:?}");
+    assert_eq!(w.revision, 1, "the takeover made a new revision of an unchanged workload");
+
+    // The old leader started again is now the one standing by.
+    let again = Controller::start_replica(&world, &standby, "controller-a2");
+    wait_for("the old leader back as a standby", Duration::from_secs(20), || {
+        log_of(&world, "controller-a2").contains("standing by").then_some(())
+    });
+    assert!(!again.serving());
+}
