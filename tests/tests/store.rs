@@ -252,16 +252,30 @@ fn contract(at: &StoreAt) {
     assert_eq!(s.load_desired().expect("the store answers")["a"].generation, 4);
 }
 
+/// A flush bigger than one statement's rows, with an id given twice (the last one wins).
+fn big_flush(at: &StoreAt) {
+    let s = Store::open_at(at).expect("open a new store");
+    let many: Vec<Device> = (0..1203).map(|i| device(&format!("m{i:04}"), i)).chain([device("m0007", 999)]).collect();
+    assert_eq!(s.save_devices(many.iter()).expect("a big flush"), 1203);
+    let loaded = s.load_devices().expect("the store answers");
+    assert_eq!(loaded.len(), 1203);
+    let seven = loaded.iter().find(|(id, _)| id.as_str() == "m0007").expect("m0007");
+    assert_eq!(seven.1.last_seen, 999);
+    assert_eq!(loaded.last().map(|(_, d)| d.last_seen), Some(1202));
+}
+
 #[test]
 fn the_store_keeps_the_same_things_in_sqlite() {
     let world = World::new();
     contract(&StoreAt::Sqlite(world.path().join("baton.db")));
+    big_flush(&StoreAt::Sqlite(world.path().join("flush.db")));
 }
 
 #[test]
 fn the_store_keeps_the_same_things_in_postgresql() {
     let world = World::new();
     contract(&StoreAt::Postgres(world.postgres().database("contract")));
+    big_flush(&StoreAt::Postgres(world.postgres().database("flush")));
 }
 
 #[test]

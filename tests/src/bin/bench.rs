@@ -23,7 +23,9 @@
 //! and OpenSSH's `ssh -tt` / `ssh -L` to the same server in the same run)
 //! and `dashboard` (the dashboard's pages and API calls on a 10,000-device
 //! simulated fleet in headless chromium, beside the whole-fleet listing the
-//! CLI reads).
+//! CLI reads), `store` (the store's calls on SQLite and on PostgreSQL, same
+//! run) and `failover` (kill -9 of the leading controller on PostgreSQL:
+//! until the standby serves, and until the rollout moves again).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -55,6 +57,8 @@ fn main() {
         "autoscale-cpu" => autoscale_cpu(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_SECS", 60)),
         "remote" => remote(secs("BENCH_KEYS", 100) as usize, secs("BENCH_ROUNDS", 5) as usize),
         "dashboard" => dashboard(secs("BENCH_SIM_DEVICES", 10_000) as usize, secs("BENCH_ROUNDS", 5) as usize),
+        "store" => store(secs("BENCH_STORE_DEVICES", 10_000) as usize),
+        "failover" => failover(secs("BENCH_ROUNDS", 5) as usize),
         "all" => {
             sizes();
             footprint(secs("BENCH_IDLE_SECS", 60));
@@ -73,10 +77,12 @@ fn main() {
             autoscale_cpu(secs("BENCH_SIM_DEVICES", 1000) as usize, secs("BENCH_SECS", 60));
             remote(secs("BENCH_KEYS", 100) as usize, secs("BENCH_ROUNDS", 5) as usize);
             dashboard(secs("BENCH_SIM_DEVICES", 10_000) as usize, secs("BENCH_ROUNDS", 5) as usize);
+            store(secs("BENCH_STORE_DEVICES", 10_000) as usize);
+            failover(secs("BENCH_ROUNDS", 5) as usize);
         }
         other => {
             eprintln!(
-                "usage: bench [sizes|footprint|traffic|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|net|net-memory|autoscale|autoscale-cpu|remote|dashboard|all] (got {other:?})"
+                "usage: bench [sizes|footprint|traffic|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|net|net-memory|autoscale|autoscale-cpu|remote|dashboard|store|failover|all] (got {other:?})"
             );
             std::process::exit(2);
         }
@@ -1970,4 +1976,144 @@ fn dashboard(devices: usize, rounds: usize) {
         println!("| {name} | {:.0} ms | {:.0} ms |", percentile(&times, 0.5), times[times.len() - 1]);
     }
     println!();
+}
+
+/// The store's heavy calls, on SQLite (a file in a temp dir) and on
+/// PostgreSQL (Debian's, on loopback, started here like the tests do).
+fn store(devices: usize) {
+    use baton_controller::fleet::Device;
+    use baton_controller::store::{Store, StoreAt};
+    use baton_controller::view::Event;
+    println!("## Store: SQLite vs PostgreSQL, {devices} devices\n");
+    let world = World::new();
+    let device = |i: usize, seen: u64| -> Device {
+        serde_json::from_value(serde_json::json!({
+            "id": format!("dev-{i:05}"), "first_seen": 1, "last_seen": seen,
+            "presence": {"state": "Online", "agent_version": "1.0.0", "boot_id": "b", "started_at": 1},
+            "inventory": null, "heartbeat": null, "operator_labels": {"site": format!("site-{}", i % 20)},
+        }))
+        .expect("a device")
+    };
+    let fleet: Vec<Device> = (0..devices).map(|i| device(i, 2)).collect();
+    let spec = baton_protocol::spec::WorkloadSpec { name: "web".into(), revision: 1, ..Default::default() };
+    let payload = vec![7u8; 600];
+    let ones = 1000.min(devices);
+    let mut rows: Vec<(String, [Duration; 2])> = Vec::new();
+    let mut add = |name: String, i: usize, d: Duration| {
+        if let Some(r) = rows.iter_mut().find(|r| r.0 == name) {
+            r.1[i] = d;
+        } else {
+            let mut both = [Duration::ZERO; 2];
+            both[i] = d;
+            rows.push((name, both));
+        }
+    };
+    let ats = [StoreAt::Sqlite(world.path().join("bench.db")), StoreAt::Postgres(world.postgres().database("bench"))];
+    for (i, at) in ats.iter().enumerate() {
+        let s = Store::open_at(at).expect("open the store");
+        let t = Instant::now();
+        s.save_devices(fleet.iter()).expect("save devices");
+        add(format!("flush: {devices} devices in one transaction"), i, t.elapsed());
+        let t = Instant::now();
+        s.save_devices(fleet.iter()).expect("save devices");
+        add(format!("flush again (updates): {devices} devices"), i, t.elapsed());
+        let t = Instant::now();
+        let n = s.load_devices().expect("load").len();
+        assert_eq!(n, devices);
+        add(format!("start-up: load {devices} devices"), i, t.elapsed());
+        let t = Instant::now();
+        for d in &fleet[..ones] {
+            s.save_device(d).expect("save a device");
+        }
+        add(format!("{ones} presence changes, one write each"), i, t.elapsed());
+        let t = Instant::now();
+        for k in 0..ones {
+            let e = Event {
+                at_ms: k as u64,
+                kind: "device".into(),
+                name: "device.online".into(),
+                subject: format!("dev-{k:05}"),
+                message: "online".into(),
+                tenant: String::new(),
+            };
+            s.add_event(&e).expect("event");
+        }
+        add(format!("{ones} events"), i, t.elapsed());
+        let t = Instant::now();
+        for d in &fleet[..ones] {
+            s.save_desired(&d.id, 2, std::slice::from_ref(&spec), &payload).expect("desired");
+        }
+        add(format!("{ones} desired documents stored (a rollout wave)"), i, t.elapsed());
+        let t = Instant::now();
+        let n = s.load_desired().expect("load desired").len();
+        assert_eq!(n, ones);
+        add(format!("start-up: load {ones} desired documents"), i, t.elapsed());
+    }
+    println!("| operation | SQLite | PostgreSQL | PostgreSQL / SQLite |");
+    println!("|---|---|---|---|");
+    for (name, [sqlite, pg]) in &rows {
+        println!(
+            "| {name} | {:.1} ms | {:.1} ms | {:.1}x |",
+            sqlite.as_secs_f64() * 1e3,
+            pg.as_secs_f64() * 1e3,
+            pg.as_secs_f64() / sqlite.as_secs_f64().max(1e-9)
+        );
+    }
+    println!("\n(SQLite: WAL, synchronous=NORMAL, on this machine's disk; PostgreSQL: loopback TCP, fsync off as in the tests.)\n");
+}
+
+/// kill -9 of the leading controller mid-rollout, `rounds` times: how long
+/// until the standby serves its API, and until the rollout moves again.
+fn failover(rounds: usize) {
+    use baton_controller::rollout::State;
+    println!("## Failover: two controllers on PostgreSQL, the leader killed mid-rollout ({rounds} rounds)\n");
+    let mut serve = Vec::new();
+    let mut moved = Vec::new();
+    for round in 0..rounds {
+        let world = World::new();
+        let mosquitto = Mosquitto::start(&world);
+        let store = world.postgres().url();
+        let mut leader = Controller::start(&world, Some(mosquitto.port), &["--store", &store]);
+        let standby = Controller::start_replica(&world, &leader, "controller-b");
+        let _sim = start_simulator(&world, "f", 50, &leader.broker_url(), &[]);
+        wait_for("50 devices", Duration::from_secs(60), || (leader.devices().len() == 50).then_some(()));
+        let server = leader.server_url();
+        let app = |tag: &str| {
+            format!("name: app\nimage: 127.0.0.1:9/app:{tag}\nrollout: {{waves: [1, 10%, 50%, 100%], min_ready: 1}}\n")
+        };
+        apply_yaml(&server, &world, "app.yaml", &app("1"));
+        wait_for("revision 1", Duration::from_secs(60), || settled(&server, "app", 1, 50));
+        apply_yaml(&server, &world, "app.yaml", &app("2"));
+        let before = wait_for("the second wave", Duration::from_secs(60), || {
+            describe_workload(&server, "app")?.rollout.filter(|r| r.wave >= 2 && r.state == State::Progressing)
+        });
+        leader.proc.kill9();
+        let killed = Instant::now();
+        wait_for("the standby serving", Duration::from_secs(60), || standby.serving().then_some(()));
+        serve.push(killed.elapsed());
+        let server = standby.server_url();
+        wait_for("the rollout moving again", Duration::from_secs(60), || {
+            let r = describe_workload(&server, "app")?.rollout?;
+            (r.wave > before.wave || r.counts.ready > before.counts.ready || !r.state.active()).then_some(())
+        });
+        moved.push(killed.elapsed());
+        eprintln!("round {round}: served after {:?}, rollout moved after {:?}", serve[round], moved[round]);
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    println!("| leader killed → | median | worst |");
+    println!("|---|---|---|");
+    let (s, m) = (median(&mut serve), median(&mut moved));
+    println!(
+        "| standby serves the API | {:.0} ms | {:.0} ms |",
+        s.as_secs_f64() * 1e3,
+        serve.last().expect("a round").as_secs_f64() * 1e3
+    );
+    println!(
+        "| the rollout moves again | {:.0} ms | {:.0} ms |\n",
+        m.as_secs_f64() * 1e3,
+        moved.last().expect("a round").as_secs_f64() * 1e3
+    );
 }
