@@ -422,8 +422,10 @@ fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let creds = &url[scheme + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
         }
         _ => url.to_owned(),
     }
@@ -631,6 +633,7 @@ mod tests {
         );
         assert_eq!(redact("postgres://baton:hunter2@db:5432/baton"), "postgres://baton:***@db:5432/baton");
         assert_eq!(redact("postgres://db/baton"), "postgres://db/baton");
+        assert_eq!(redact("postgres://baton@db/baton"), "postgres://baton@db/baton");
     }
 
     #[test]

@@ -1,0 +1,173 @@
+//! The highly available control plane of `deploy/cluster/` brought up on
+//! loopback by its own `up.sh`: PostgreSQL, a three-node NATS cluster (MQTT
+//! with JetStream) and three controllers. A real agent with a container and
+//! twelve simulated devices run on it; a NATS node and then the leading
+//! controller are killed with kill -9. About 60 s.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use baton_controller::fleet::Status;
+use baton_tests::*;
+
+const DEVICE: &str = "pi-cl";
+
+/// What `up.sh` started, stopped by `down.sh` however the test ends.
+struct Cluster {
+    dir: tempfile::TempDir,
+    env: BTreeMap<String, String>,
+    mqtt: Vec<u16>,
+    api: Vec<u16>,
+}
+
+impl Cluster {
+    fn up() -> Cluster {
+        // Outside the world's private dir: PostgreSQL runs as its own user.
+        let dir = tempfile::Builder::new().prefix("baton-cluster-").tempdir_in("/tmp").expect("cluster dir");
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let ports = |n: usize| (0..n).map(|_| free_port()).collect::<Vec<u16>>();
+        let (nats, mqtt, routes, api) = (ports(3), ports(3), ports(3), ports(3));
+        let list = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
+        let out = Command::new(script("up.sh"))
+            .env("DIR", dir.path())
+            .env("PG_PORT", free_port().to_string())
+            .env("NATS_PORTS", list(&nats))
+            .env("MQTT_PORTS", list(&mqtt))
+            .env("ROUTE_PORTS", list(&routes))
+            .env("API_PORTS", list(&api))
+            .env("BATON", bin("baton"))
+            .env("BATON_SERVER_ARGS", "--resolve-digests false")
+            .output()
+            .expect("run deploy/cluster/up.sh");
+        let mut cluster = Cluster { env: BTreeMap::new(), dir, mqtt, api };
+        assert!(
+            out.status.success(),
+            "up.sh failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            cluster.logs()
+        );
+        let env = std::fs::read_to_string(cluster.dir.path().join("cluster.env")).expect("cluster.env");
+        cluster.env = env
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            .collect();
+        cluster
+    }
+
+    fn pid(&self, name: &str) -> i32 {
+        let pid = std::fs::read_to_string(self.dir.path().join("pids").join(name)).expect("a pid file");
+        pid.trim().parse().expect("a pid")
+    }
+
+    fn kill9(&self, name: &str) {
+        let pid = self.pid(name);
+        // SAFETY: kill(2) on a process up.sh started for this test.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        wait_for(name, Duration::from_secs(10), || (!alive(pid)).then_some(()));
+    }
+
+    /// The controllers' ports that answer `/healthz` with their broker connected.
+    fn serving(&self) -> Vec<u16> {
+        self.api
+            .iter()
+            .copied()
+            .filter(|p| get_json::<serde_json::Value>(*p, "/healthz").is_ok_and(|h| h["broker_connected"] == true))
+            .collect()
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.dir.path().join("logs")).into_iter().flatten().flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            out += &format!("----- {} -----\n", e.path().display());
+            for l in tail.iter().rev() {
+                out += l;
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        let _ = Command::new(script("down.sh")).env("DIR", self.dir.path()).status();
+    }
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cluster").join(name)
+}
+
+fn devices(api: u16) -> Vec<baton_controller::view::DeviceView> {
+    get_json(api, "/api/v1/devices").unwrap_or_default()
+}
+
+#[test]
+fn the_deployed_cluster_survives_a_broker_node_and_its_leader_killed() {
+    let world = World::new();
+    let cluster = Cluster::up();
+    let leaders = cluster.serving();
+    assert_eq!(leaders.len(), 1, "exactly one controller serves: {leaders:?}");
+    let leader = leaders[0];
+    assert_eq!(cluster.env["BATON_LEADER"], format!("http://127.0.0.1:{leader}"));
+    let node = |i: usize| format!("mqtt://127.0.0.1:{}", cluster.mqtt[i]);
+
+    // The real device on node 1 (where the first controller is too), the
+    // simulated ones on node 2.
+    give_busybox(&world, DEVICE, "busybox:cl");
+    let _agent = start_agent(&world, DEVICE, &format!("{},{},{}", node(0), node(1), node(2)), &[]);
+    let _sim = start_simulator(&world, "c", 12, &format!("{},{},{}", node(1), node(2), node(0)), &[]);
+    let online = |api: u16| devices(api).iter().filter(|d| d.status == Status::Online).count();
+    wait_for("13 devices online", Duration::from_secs(60), || (online(leader) == 13).then_some(()));
+    let server = format!("http://127.0.0.1:{leader}");
+    let forever = |name: &str, word: &str| {
+        format!(
+            "name: {name}\nimage: busybox:cl\ncommand: [/bin/sh, -c, \"echo {word}; while true; do sleep 0.2; done\"]\nrollout: {{waves: [1, 50%, 100%], min_ready: 1}}\n"
+        )
+    };
+    apply_yaml(&server, &world, "steady.yaml", &forever("steady", "steady"));
+    apply_yaml(&server, &world, "app.yaml", &forever("app", "one"));
+    wait_for("steady everywhere", Duration::from_secs(60), || settled(&server, "steady", 1, 13));
+    wait_for("app everywhere", Duration::from_secs(60), || settled(&server, "app", 1, 13));
+    let run = world.path().join(format!("run-{DEVICE}"));
+    let steady = wait_for("the real steady container", Duration::from_secs(10), || running_pid(&run, "steady-0"));
+
+    // A broker node dies: the real device and the leading controller were on it.
+    let killed_at = baton_controller::controller::now_ms();
+    cluster.kill9("nats-1");
+    wait_for("every device heard again through the other nodes", Duration::from_secs(60), || {
+        let back = devices(leader).iter().filter(|d| d.status == Status::Online && d.last_seen_ms > killed_at).count();
+        (back == 13).then_some(())
+    });
+    apply_yaml(&server, &world, "app.yaml", &forever("app", "two"));
+    let r = wait_for("the rollout through the remaining nodes", Duration::from_secs(90), || {
+        baton_tests::describe_workload(&server, "app")?.rollout.filter(|r| !r.state.active())
+    });
+    assert_eq!(r.state, baton_controller::rollout::State::Succeeded, "{r:?}");
+    assert_eq!((r.counts.ready, r.counts.failed), (13, 0), "{r:?}");
+
+    // The leading controller dies: another one serves, with the same fleet.
+    let index = cluster.api.iter().position(|p| *p == leader).expect("the leader's port");
+    cluster.kill9(&format!("controller-{}", index + 1));
+    let next = wait_for("another controller serving", Duration::from_secs(30), || cluster.serving().first().copied());
+    assert_ne!(next, leader);
+    let server = format!("http://127.0.0.1:{next}");
+    wait_for("13 devices online at the new leader", Duration::from_secs(60), || (online(next) == 13).then_some(()));
+    apply_yaml(&server, &world, "app.yaml", &forever("app", "three"));
+    wait_for("revision 3 everywhere", Duration::from_secs(90), || settled(&server, "app", 3, 13));
+
+    assert!(alive(steady) && running_pid(&run, "steady-0") == Some(steady), "a container was touched");
+    let w = describe_workload(&server, "steady").expect("steady");
+    let real = w.devices.iter().find(|d| d.device == DEVICE).expect("the real device");
+    assert_eq!(real.reported.as_ref().map(|r| r.restarts), Some(0), "{real:?}");
+    assert_eq!(w.revision, 1);
+}
