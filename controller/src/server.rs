@@ -109,6 +109,47 @@ impl ServerConfig {
     }
 }
 
+/// Until the controller holds its store (a standby waiting for it), the
+/// API's port answers every request 503, `/healthz` with `"standby"`:
+/// load balancers and the CLI see why it does not serve. Not with
+/// `--api-tls` (the port then just waits). Stopped through the sender.
+#[allow(clippy::type_complexity)]
+fn standby_page(
+    socket: &std::net::TcpListener,
+    api_tls: bool,
+) -> anyhow::Result<(tokio::sync::oneshot::Sender<()>, Option<tokio::task::JoinHandle<std::io::Result<()>>>)> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    if api_tls {
+        return Ok((stop, None));
+    }
+    let listener = tokio::net::TcpListener::from_std(socket.try_clone()?)?;
+    let answer = || async {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({
+                "status": "standby",
+                "error": "this controller is standing by: another controller holds the store and serves the fleet; this one takes over when that one is gone",
+            })),
+        )
+    };
+    let router = axum::Router::new().route("/healthz", axum::routing::get(answer)).fallback(answer);
+    let page = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    Ok((stop, Some(page)))
+}
+
+/// This machine's name, for messages that tell controllers apart.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "controller".into())
+}
+
 /// Runs the controller until `shutdown` resolves. Returns the bound HTTP
 /// address through `ready` as soon as it serves.
 pub async fn serve(
@@ -120,15 +161,26 @@ pub async fn serve(
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let _lock = crate::datadir::DataDirLock::take(&cfg.data_dir)?;
+    // The API's port, taken before anything else: a standby with a port
+    // that is not free says so now, not when it takes over.
+    let http_socket = std::net::TcpListener::bind(cfg.http_listen)
+        .with_context(|| format!("cannot listen for HTTP on {} (use --listen ADDR)", cfg.http_listen))?;
+    http_socket.set_nonblocking(true)?;
     let (outbox_tx, outbox) = tokio::sync::mpsc::unbounded_channel();
     // Opening the store, loading the fleet and signing documents: off the async workers.
     let startup = cfg.clone();
     let startup = tokio::task::spawn_blocking(move || -> anyhow::Result<Controller> {
         let cfg = startup;
+        let keys = crate::keys::Keys::load(&cfg.data_dir, cfg.signing_key.as_deref(), cfg.secrets_key.as_deref())?;
+        let fleet = crate::store::FleetKeys {
+            signing: keys.signing_public(),
+            secrets_digest: baton_protocol::crypto::hex(
+                &ring::digest::digest(&ring::digest::SHA256, &keys.secrets).as_ref()[..8],
+            ),
+        };
         // On a PostgreSQL store another controller holds, this waits as a
         // standby until that one is gone.
-        let store = Store::open_leading(&cfg.store)?;
-        let keys = crate::keys::Keys::load(&cfg.data_dir, cfg.signing_key.as_deref(), cfg.secrets_key.as_deref())?;
+        let store = Store::open_leading(&cfg.store, Some(fleet))?;
         let signer = baton_protocol::crypto::SigningKey::from_seed(&keys.signing_seed);
         let commands = crate::commands::CommandRouter::new(outbox_tx.clone(), signer);
         tracing::info!(signing_key = %keys.signing_public(), "desired documents are signed with this key (agents: controller_keys)");
@@ -138,7 +190,12 @@ pub async fn serve(
             since_ms: now_ms(),
             broker_started_with_us: matches!(cfg.broker, BrokerMode::Embedded(_)),
         };
+        let took_over = store.took_over();
         let mut controller = Controller::new(store, liveness, commands, outbox_tx, keys)?;
+        if took_over {
+            let me = format!("{}:{}", hostname(), cfg.http_listen);
+            controller.record_takeover(&me, now_ms());
+        }
         controller.reschedule_after_ms = cfg.reschedule_after.as_millis() as u64;
         if cfg.resolve_digests {
             controller.registry = Some(baton_registry::Client::new(baton_registry::RegistryConfig {
@@ -160,6 +217,8 @@ pub async fn serve(
     });
     // A standby waits in the startup for the store; a stop meanwhile ends it
     // there (the waiting thread cannot be interrupted, so the process exits).
+    // Meanwhile the API's port answers 503 (`/healthz` says "standby").
+    let (standby_stop, standby) = standby_page(&http_socket, cfg.api_tls)?;
     let mut shutdown = std::pin::pin!(shutdown);
     let controller = tokio::select! {
         started = startup => started??,
@@ -168,6 +227,10 @@ pub async fn serve(
             std::process::exit(0);
         }
     };
+    let _ = standby_stop.send(());
+    if let Some(page) = standby {
+        let _ = page.await;
+    }
     let controller = Arc::new(controller);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
@@ -203,9 +266,7 @@ pub async fn serve(
         let ca = crate::tls::ca_pem(&controller.keys.signing_seed)?;
         std::fs::write(cfg.data_dir.join("ca.crt"), ca).context("cannot write ca.crt")?;
     }
-    let listener = tokio::net::TcpListener::bind(cfg.http_listen)
-        .await
-        .with_context(|| format!("cannot listen for HTTP on {} (use --listen ADDR)", cfg.http_listen))?;
+    let listener = tokio::net::TcpListener::from_std(http_socket)?;
     let http_addr = listener.local_addr()?;
     let tls_config = if cfg.api_tls {
         Some(crate::tls::server_config(&controller.keys.signing_seed, &cfg.tls_names)?)

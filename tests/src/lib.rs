@@ -123,6 +123,12 @@ impl Proc {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Its exit code once it has exited on its own; None while it runs (or
+    /// when a signal ended it).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child.try_wait().ok().flatten().and_then(|s| s.code())
+    }
 }
 
 impl Drop for Proc {
@@ -883,6 +889,106 @@ fn as_user(mut cmd: Command, user: Option<(u32, u32)>) -> Command {
     cmd
 }
 
+/// `deploy/cluster/` brought up by its `up.sh` on free loopback ports
+/// (PostgreSQL, three NATS nodes, three controllers), stopped by its
+/// `down.sh` however the test ends.
+pub struct DeployedCluster {
+    dir: tempfile::TempDir,
+    /// What `up.sh` wrote to `cluster.env`.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The NATS nodes' MQTT ports.
+    pub mqtt: Vec<u16>,
+    /// The controllers' HTTP ports.
+    pub api: Vec<u16>,
+}
+
+impl DeployedCluster {
+    /// `server_args`: more flags for every controller.
+    pub fn up(server_args: &[&str]) -> DeployedCluster {
+        // Outside the world's private dir: PostgreSQL runs as its own user.
+        let dir = tempfile::Builder::new().prefix("baton-cluster-").tempdir_in("/tmp").expect("cluster dir");
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let ports = |n: usize| (0..n).map(|_| free_port()).collect::<Vec<u16>>();
+        let (nats, mqtt, routes, api) = (ports(3), ports(3), ports(3), ports(3));
+        let list = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
+        let out = Command::new(cluster_script("up.sh"))
+            .env("DIR", dir.path())
+            .env("PG_PORT", free_port().to_string())
+            .env("NATS_PORTS", list(&nats))
+            .env("MQTT_PORTS", list(&mqtt))
+            .env("ROUTE_PORTS", list(&routes))
+            .env("API_PORTS", list(&api))
+            .env("BATON", bin("baton"))
+            .env("BATON_SERVER_ARGS", server_args.join(" "))
+            .output()
+            .expect("run deploy/cluster/up.sh");
+        let mut cluster = DeployedCluster { env: Default::default(), dir, mqtt, api };
+        assert!(
+            out.status.success(),
+            "up.sh failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            cluster.logs()
+        );
+        let env = std::fs::read_to_string(cluster.dir.path().join("cluster.env")).expect("cluster.env");
+        cluster.env = env
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            .collect();
+        cluster
+    }
+
+    pub fn pid(&self, name: &str) -> i32 {
+        let pid = std::fs::read_to_string(self.dir.path().join("pids").join(name)).expect("a pid file");
+        pid.trim().parse().expect("a pid")
+    }
+
+    /// SIGKILL to `name` (`nats-1`, `controller-2`, `postgres`).
+    pub fn kill9(&self, name: &str) {
+        let pid = self.pid(name);
+        // SAFETY: kill(2) on a process up.sh started for this test.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        wait_for(name, Duration::from_secs(10), || (!alive(pid)).then_some(()));
+    }
+
+    /// The controllers' ports that answer `/healthz` with their broker connected.
+    pub fn serving(&self) -> Vec<u16> {
+        self.api
+            .iter()
+            .copied()
+            .filter(|p| get_json::<serde_json::Value>(*p, "/healthz").is_ok_and(|h| h["broker_connected"] == true))
+            .collect()
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.dir.path().join("logs")).into_iter().flatten().flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            out += &format!("----- {} -----\n", e.path().display());
+            for l in tail.iter().rev() {
+                out += l;
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for DeployedCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        let _ = Command::new(cluster_script("down.sh")).env("DIR", self.dir.path()).status();
+    }
+}
+
+fn cluster_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cluster").join(name)
+}
+
 /// Debian's docker-registry (the CNCF distribution registry) on a free
 /// loopback port, storing under the world's temp dir.
 pub struct RegistryServer {
@@ -1022,6 +1128,13 @@ pub fn get_json<T: serde::de::DeserializeOwned>(port: u16, path: &str) -> anyhow
 
 pub fn get_text(port: u16, path: &str) -> anyhow::Result<String> {
     get_text_as(port, path, None)
+}
+
+/// Status and body of a GET, whatever the status.
+pub fn get_status(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut res =
+        agent().get(format!("http://127.0.0.1:{port}{path}")).config().http_status_as_error(false).build().call()?;
+    Ok((res.status().as_u16(), res.body_mut().read_to_string()?))
 }
 
 /// `get_text` with `Authorization: Bearer <token>` when a token is given.

@@ -4,108 +4,12 @@
 //! twelve simulated devices run on it; a NATS node and then the leading
 //! controller are killed with kill -9. About 60 s.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use baton_controller::fleet::Status;
 use baton_tests::*;
 
 const DEVICE: &str = "pi-cl";
-
-/// What `up.sh` started, stopped by `down.sh` however the test ends.
-struct Cluster {
-    dir: tempfile::TempDir,
-    env: BTreeMap<String, String>,
-    mqtt: Vec<u16>,
-    api: Vec<u16>,
-}
-
-impl Cluster {
-    fn up() -> Cluster {
-        // Outside the world's private dir: PostgreSQL runs as its own user.
-        let dir = tempfile::Builder::new().prefix("baton-cluster-").tempdir_in("/tmp").expect("cluster dir");
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-        let ports = |n: usize| (0..n).map(|_| free_port()).collect::<Vec<u16>>();
-        let (nats, mqtt, routes, api) = (ports(3), ports(3), ports(3), ports(3));
-        let list = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
-        let out = Command::new(script("up.sh"))
-            .env("DIR", dir.path())
-            .env("PG_PORT", free_port().to_string())
-            .env("NATS_PORTS", list(&nats))
-            .env("MQTT_PORTS", list(&mqtt))
-            .env("ROUTE_PORTS", list(&routes))
-            .env("API_PORTS", list(&api))
-            .env("BATON", bin("baton"))
-            .env("BATON_SERVER_ARGS", "--resolve-digests false")
-            .output()
-            .expect("run deploy/cluster/up.sh");
-        let mut cluster = Cluster { env: BTreeMap::new(), dir, mqtt, api };
-        assert!(
-            out.status.success(),
-            "up.sh failed: {}{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            cluster.logs()
-        );
-        let env = std::fs::read_to_string(cluster.dir.path().join("cluster.env")).expect("cluster.env");
-        cluster.env = env
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-            .collect();
-        cluster
-    }
-
-    fn pid(&self, name: &str) -> i32 {
-        let pid = std::fs::read_to_string(self.dir.path().join("pids").join(name)).expect("a pid file");
-        pid.trim().parse().expect("a pid")
-    }
-
-    fn kill9(&self, name: &str) {
-        let pid = self.pid(name);
-        // SAFETY: kill(2) on a process up.sh started for this test.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        wait_for(name, Duration::from_secs(10), || (!alive(pid)).then_some(()));
-    }
-
-    /// The controllers' ports that answer `/healthz` with their broker connected.
-    fn serving(&self) -> Vec<u16> {
-        self.api
-            .iter()
-            .copied()
-            .filter(|p| get_json::<serde_json::Value>(*p, "/healthz").is_ok_and(|h| h["broker_connected"] == true))
-            .collect()
-    }
-
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for e in std::fs::read_dir(self.dir.path().join("logs")).into_iter().flatten().flatten() {
-            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
-            out += &format!("----- {} -----\n", e.path().display());
-            for l in tail.iter().rev() {
-                out += l;
-                out.push('\n');
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("{}", self.logs());
-        }
-        let _ = Command::new(script("down.sh")).env("DIR", self.dir.path()).status();
-    }
-}
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cluster").join(name)
-}
 
 fn devices(api: u16) -> Vec<baton_controller::view::DeviceView> {
     get_json(api, "/api/v1/devices").unwrap_or_default()
@@ -114,7 +18,7 @@ fn devices(api: u16) -> Vec<baton_controller::view::DeviceView> {
 #[test]
 fn the_deployed_cluster_survives_a_broker_node_and_its_leader_killed() {
     let world = World::new();
-    let cluster = Cluster::up();
+    let cluster = DeployedCluster::up(&["--resolve-digests", "false"]);
     let leaders = cluster.serving();
     assert_eq!(leaders.len(), 1, "exactly one controller serves: {leaders:?}");
     let leader = leaders[0];

@@ -82,3 +82,82 @@ fn a_standby_controller_takes_over_a_rollout_when_the_leader_is_killed() {
     });
     assert!(!again.serving());
 }
+
+/// The leader's database session is cut (its backend terminated, as a
+/// network cut or an idle timeout would): the standby takes the store at
+/// once, and the old leader, which still runs and has not written
+/// anything, notices within a second, finds another controller leading and
+/// exits with status 3 instead of acting on the fleet beside it. Then a
+/// PostgreSQL restart: the leader keeps the store and goes on.
+#[test]
+fn a_leader_whose_session_is_cut_stops_and_a_postgresql_restart_keeps_the_leader() {
+    let world = World::new();
+    let mosquitto = Mosquitto::start(&world);
+    let store = world.postgres().url();
+    let mut first = Controller::start(&world, Some(mosquitto.port), &["--store", &store]);
+    let second = Controller::start_replica(&world, &first, "controller-b");
+    wait_for("the replica standing by", Duration::from_secs(20), || {
+        log_of(&world, "controller-b").contains("standing by").then_some(())
+    });
+    // A replica without the fleet's keys is refused at its start, before it could take over.
+    let args: Vec<String> = [
+        "server",
+        "--store",
+        &store,
+        "--broker",
+        &first.broker_url(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--data-dir",
+        &world.path().join("controller-keyless").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut keyless = Proc::spawn("controller-keyless", &bin("baton"), &args, world.path());
+    let code = wait_for("the keyless replica refused", Duration::from_secs(20), || keyless.exit_code());
+    assert_ne!(code, 0);
+    assert!(
+        log_of(&world, "controller-keyless").contains("keys are not the fleet's"),
+        "{}",
+        log_of(&world, "controller-keyless")
+    );
+    let (status, health) = get_status(second.http, "/healthz").expect("a standby answers on its port");
+    assert_eq!(status, 503, "{health}");
+    assert!(health.contains("\"standby\""), "a standby's /healthz says so: {health}");
+    let _sim = start_simulator(&world, "s", 5, &first.broker_url(), &[]);
+    wait_for("5 devices", Duration::from_secs(30), || (first.devices().len() == 5).then_some(()));
+
+    // Cut the leader's session, as PostgreSQL's side would.
+    let cut = world
+        .postgres()
+        .psql("SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted");
+    assert_eq!(cut, "1", "one session held the store's lock");
+    wait_for("the standby serving", Duration::from_secs(30), || second.serving().then_some(()));
+    let code = wait_for("the old leader to stop", Duration::from_secs(15), || first.proc.exit_code());
+    assert_eq!(code, 3, "a deposed leader exits with status 3");
+    assert!(log_of(&world, "controller").contains("another controller"), "the old leader did not say why it stopped");
+    let server = second.server_url();
+    apply_yaml(&server, &world, "a.yaml", "name: a\nimage: 127.0.0.1:9/a:1\n");
+    wait_for("a on 5 through the new leader", Duration::from_secs(30), || settled(&server, "a", 1, 5));
+    let events: Vec<serde_json::Value> = get_json(second.http, "/api/v1/events?limit=200").expect("events");
+    assert!(
+        events.iter().any(|e| e["name"] == "controller.took_over"),
+        "no event says a controller took over: {events:?}"
+    );
+
+    // A PostgreSQL restart under the (new) leader, with the old one back as a standby.
+    let third = Controller::start_replica(&world, &second, "controller-c");
+    wait_for("the third standing by", Duration::from_secs(20), || {
+        log_of(&world, "controller-c").contains("standing by").then_some(())
+    });
+    world.postgres().stop();
+    world.postgres().start_again();
+    wait_for("the leader back on the store", Duration::from_secs(20), || {
+        log_of(&world, "controller-b").contains("still leading").then_some(())
+    });
+    apply_yaml(&server, &world, "a.yaml", "name: a\nimage: 127.0.0.1:9/a:2\n");
+    wait_for("a revision 2 through the same leader", Duration::from_secs(30), || settled(&server, "a", 2, 5));
+    assert!(!third.serving(), "the standby took over a leader that was still there");
+    assert!(log_of(&world, "controller-b").contains("still leading"));
+}

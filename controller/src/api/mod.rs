@@ -194,6 +194,7 @@ impl From<OpError> for Failure {
             OpError::Invalid(_) => StatusCode::BAD_REQUEST,
             OpError::Forbidden(_) => StatusCode::FORBIDDEN,
             OpError::Store(crate::store::StoreError::Full) => StatusCode::INSUFFICIENT_STORAGE,
+            OpError::Store(crate::store::StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             OpError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Failure(status, e.to_string())

@@ -144,6 +144,9 @@ pub struct Controller {
     /// A device changed what placement is made from (`apply`): the next
     /// `tick` recomputes every document.
     desired_stale: AtomicBool,
+    /// The store is held (`Store::acting_flag`): while it is not, nothing
+    /// is published from memory (reasserted documents).
+    acting: std::sync::Arc<AtomicBool>,
 }
 
 /// How many events a live feed may fall behind.
@@ -167,6 +170,7 @@ impl Controller {
         outbox: UnboundedSender<Outgoing>,
         keys: Keys,
     ) -> Result<Self, StoreError> {
+        let store_acting = store.acting_flag();
         let fleet = Fleet::from_devices(store.load_devices()?);
         let workloads: BTreeMap<String, Entry> = store
             .load_workloads()?
@@ -279,8 +283,17 @@ impl Controller {
             sessions: crate::sessions::Registry::default(),
             live: tokio::sync::broadcast::channel(LIVE_EVENTS).0,
             desired_stale: AtomicBool::new(false),
+            acting: store_acting,
             webhooks,
         })
+    }
+
+    /// Records that this controller took the store over from another
+    /// (`controller.took_over`, fleet-wide).
+    pub fn record_takeover(&self, me: &str, now: Millis) {
+        let store = lock(&self.store);
+        let message = format!("{me} took the store over from the controller that held it, and leads the fleet now");
+        self.event(&store, "", "controller.took_over", me, message, now);
     }
 
     /// Records an event: the store's log, the controller's own, and the

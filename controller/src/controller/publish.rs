@@ -106,6 +106,7 @@ impl Controller {
             snap.facts.iter().map(|f| (f.id.as_str(), f)).collect();
         // Each window's spans, computed once for every device it applies to.
         let mut windows = BTreeMap::new();
+        let mut unstored = false;
         for desired::Composed { device, workloads, services, service_ports, load_reports } in docs {
             let workloads = self.seal(&store, &mut cache, &mut sealed, &device, snap.sealing.get(&device), workloads);
             let applied = snap.applied.get(&device).copied().unwrap_or(0);
@@ -156,7 +157,10 @@ impl Controller {
             };
             if let Err(e) = store.save_desired(&device, generation, &doc.workloads, &payload) {
                 self.metrics.store_errors.fetch_add(1, Relaxed);
-                tracing::error!(%device, error = %e, "cannot store a desired document; not publishing it");
+                if !unstored {
+                    tracing::error!(%device, error = %e, "cannot store a desired document; not publishing it (every document not stored is tried again on the next tick)");
+                }
+                unstored = true;
                 continue;
             }
             tracing::debug!(%device, generation, workloads = doc.workloads.len(), "desired document changed");
@@ -167,6 +171,11 @@ impl Controller {
         }
         // Seals of documents no longer published are dropped.
         st.sealed = sealed;
+        if unstored {
+            // The next tick computes them again (a store that was away: a
+            // rollout's wave must still reach its devices).
+            self.desired_stale.store(true, Relaxed);
+        }
     }
 
     /// The document as it travels: encoded, then signed for `device`.
@@ -180,6 +189,9 @@ impl Controller {
     /// (see `reassert`); an older one of its own, if it stays (see
     /// `reassert_stale_copies`).
     pub fn check_desired(&self, id: &DeviceId, payload: &[u8], now: Millis) {
+        if !self.acting.load(Relaxed) {
+            return; // another controller may hold the store now: publish nothing from memory
+        }
         let mut st = lock(&self.state);
         let Some(doc) = st.desired.get(id.as_str()) else { return };
         let Ok(ours) = self.sign(id.as_str(), doc) else { return };
@@ -218,6 +230,9 @@ impl Controller {
     /// old retained copies, and a device that (re)subscribes would be given
     /// one (it refuses an older generation, but a reflashed device takes it).
     pub(super) fn reassert_stale_copies(&self, st: &mut State, now: Millis) {
+        if !self.acting.load(Relaxed) {
+            return;
+        }
         let stale: Vec<String> = st
             .older_on_topic
             .iter()

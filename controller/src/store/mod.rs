@@ -24,6 +24,7 @@ pub mod releases;
 pub(crate) mod sql;
 mod workloads;
 
+pub use sql::FleetKeys;
 use sql::{args, Db};
 
 pub use releases::AgentRelease;
@@ -234,8 +235,17 @@ pub enum StoreError {
     TooNew { path: String, found: usize, known: usize },
     #[error("database: {0}")]
     Sql(String),
+    /// The database cannot be reached now (nothing of the request was stored).
+    #[error("the store is unavailable: {0}; nothing was stored, try again")]
+    Unavailable(String),
     #[error("another controller holds the store at {0}")]
     InUse(String),
+    #[error(
+        "this controller's keys are not the fleet's: it signs with {} (secrets key {}), the store's first controller with {} (secrets key {}); \
+         give every controller of one store the same --signing-key and --secrets-key files",
+        mine.signing, mine.secrets_digest, fleet.signing, fleet.secrets_digest
+    )]
+    OtherKeys { mine: sql::FleetKeys, fleet: sql::FleetKeys },
     #[error("{0}")]
     Unsupported(&'static str),
     #[error("the controller's data disk is full: nothing of this was stored (free space on it and retry)")]
@@ -282,9 +292,13 @@ impl StoreAt {
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
                 Ok(StoreAt::Postgres(url.to_owned()))
             }
-            Some(other) => Err(format!(
-                "--store {other}: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE, or sqlite (the default: baton.db in the data dir)"
-            )),
+            Some(other) => {
+                // Never echoed whole: it may hold a password.
+                let shown = if other.contains("://") { sql::redact(other) } else { "(not a URL)".to_string() };
+                Err(format!(
+                    "--store {shown}: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE, or sqlite (the default: baton.db in the data dir)"
+                ))
+            }
         }
     }
 }
@@ -312,25 +326,39 @@ impl Store {
     /// Opens (and migrates) the store wherever it lives; refused when
     /// another controller holds a PostgreSQL store.
     pub fn open_at(at: &StoreAt) -> Result<Self, StoreError> {
-        Self::open_as(at, false)
+        Self::open_as(at, false, None)
     }
 
     /// As `open_at`, but a controller that finds a PostgreSQL store held by
     /// another stands by: it returns once that one's session has ended and
     /// this one holds the store (a SQLite store is held by the data dir's lock).
-    pub fn open_leading(at: &StoreAt) -> Result<Self, StoreError> {
-        Self::open_as(at, true)
+    /// `fleet`: this controller's keys; on PostgreSQL they must be those the
+    /// store's first controller recorded (checked before standing by).
+    pub fn open_leading(at: &StoreAt, fleet: Option<sql::FleetKeys>) -> Result<Self, StoreError> {
+        Self::open_as(at, true, fleet)
     }
 
-    fn open_as(at: &StoreAt, standby: bool) -> Result<Self, StoreError> {
+    fn open_as(at: &StoreAt, standby: bool, fleet: Option<sql::FleetKeys>) -> Result<Self, StoreError> {
         match at {
             StoreAt::Sqlite(path) => Self::open(path),
             StoreAt::Postgres(url) => {
-                let store = Self { db: Db::postgres(url, standby)?, path: None };
+                let store = Self { db: Db::postgres(url, standby, fleet)?, path: None };
                 store.migrate("the PostgreSQL store")?;
                 Ok(store)
             }
         }
+    }
+
+    /// Whether this controller holds its store now: false while a
+    /// PostgreSQL session is lost (nothing may be published then that was
+    /// not stored; see `sql.rs`).
+    pub fn acting_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.db.acting_flag()
+    }
+
+    /// Whether this controller stood by before it got its store.
+    pub fn took_over(&self) -> bool {
+        self.db.took_over()
     }
 
     /// Starts writes that must all land or none: every write through this

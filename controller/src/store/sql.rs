@@ -17,6 +17,10 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::StoreError;
 
@@ -143,8 +147,24 @@ impl Db {
     }
 
     /// `standby`: wait for another controller's hold on the store to end.
-    pub fn postgres(url: &str, standby: bool) -> Result<Self, StoreError> {
-        Ok(Db { kind: Kind::Postgres(Postgres::connect(url, standby)?), depth: Cell::new(0) })
+    /// `fleet`: this controller's keys, checked against those the store
+    /// recorded (see `Session::client`).
+    pub fn postgres(url: &str, standby: bool, fleet: Option<FleetKeys>) -> Result<Self, StoreError> {
+        Ok(Db { kind: Kind::Postgres(Postgres::connect(url, standby, fleet)?), depth: Cell::new(0) })
+    }
+
+    /// Whether this controller holds its store now (PostgreSQL: false while
+    /// its session is lost; SQLite: always).
+    pub fn acting_flag(&self) -> Arc<AtomicBool> {
+        match &self.kind {
+            Kind::Sqlite(_) => Arc::new(AtomicBool::new(true)),
+            Kind::Postgres(p) => p.connected.clone(),
+        }
+    }
+
+    /// Whether this controller stood by before it got its store.
+    pub fn took_over(&self) -> bool {
+        matches!(&self.kind, Kind::Postgres(p) if p.took_over)
     }
 
     /// The SQLite connection (for what only SQLite does: backups, blob reads).
@@ -313,15 +333,22 @@ const STORE_LOCK: i64 = 0x0062_6174_6f6e;
 
 type Job = Box<dyn FnOnce(&mut Session) + Send>;
 
+/// How often an idle leader checks that it still holds its store.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
 /// A PostgreSQL connection served by a thread of its own.
 struct Postgres {
     jobs: std::sync::mpsc::Sender<Job>,
+    /// The session is up and holds the store (false while reconnecting).
+    connected: Arc<AtomicBool>,
+    /// This controller stood by before it got the store.
+    took_over: bool,
 }
 
 impl Postgres {
     /// `standby`: when another controller holds the store, wait until its
     /// session ends and take over (else: refuse).
-    fn connect(url: &str, standby: bool) -> Result<Self, StoreError> {
+    fn connect(url: &str, standby: bool, fleet: Option<FleetKeys>) -> Result<Self, StoreError> {
         let mut config: postgres::Config =
             url.parse().map_err(|e| StoreError::Sql(format!("--store {}: {e}", redact(url))))?;
         if config.get_ssl_mode() == postgres::config::SslMode::Require {
@@ -332,11 +359,16 @@ impl Postgres {
             )));
         }
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(std::time::Duration::from_secs(5));
+            config.connect_timeout(Duration::from_secs(5));
         }
         config.application_name("baton-controller");
-        // A dead PostgreSQL machine is noticed in seconds, not hours.
-        config.keepalives_idle(std::time::Duration::from_secs(5));
+        // A dead or unreachable PostgreSQL is noticed in seconds, not hours
+        // (keepalives while idle; a write that is never acknowledged, too).
+        config.keepalives_idle(Duration::from_secs(5));
+        config.keepalives_interval(Duration::from_secs(2));
+        config.keepalives_retries(3);
+        config.tcp_user_timeout(Duration::from_secs(10));
+        let connected = Arc::new(AtomicBool::new(false));
         let mut session = Session {
             config,
             url: redact(url),
@@ -347,10 +379,15 @@ impl Postgres {
             standby,
             waited: false,
             led: false,
+            epoch: 0,
+            connected: connected.clone(),
+            fleet,
         };
         // The first connection and the lock, before anything is served. A
         // standby that loses its connection while it waits connects again.
-        let mut wait = std::time::Duration::from_secs(1);
+        // A standby waits 3 s before trying again, so that after a
+        // PostgreSQL restart the leader (which tries every second) keeps the store.
+        let mut wait = Duration::from_secs(3);
         loop {
             let outcome = session.client().map(|_| ());
             match outcome {
@@ -358,21 +395,34 @@ impl Postgres {
                 Err(e) if session.standby && session.waited => {
                     tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "standing by: lost PostgreSQL while waiting for the store");
                     std::thread::sleep(wait);
-                    wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                    wait = (wait * 2).min(Duration::from_secs(10));
                 }
                 Err(e) => return Err(e),
             }
         }
+        let took_over = session.waited;
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("store-postgres".into())
             .spawn(move || {
-                for job in rx {
-                    job(&mut session);
+                // Between jobs, and at least every second, the session is
+                // checked: a leader learns that it lost the store at once,
+                // not at its next write.
+                let mut checked = Instant::now();
+                loop {
+                    match rx.recv_timeout(WATCH_EVERY) {
+                        Ok(job) => job(&mut session),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                    if checked.elapsed() >= WATCH_EVERY {
+                        session.watch();
+                        checked = Instant::now();
+                    }
                 }
             })
             .map_err(|e| StoreError::Sql(format!("cannot start the PostgreSQL thread: {e}")))?;
-        Ok(Postgres { jobs })
+        Ok(Postgres { jobs, connected, took_over })
     }
 
     fn run<R: Send + 'static>(
@@ -413,12 +463,29 @@ impl Postgres {
     }
 }
 
+/// Fencing: a controller that is no longer the store's leader stops at
+/// once (exit status 3, for its supervisor to start it again as a standby),
+/// so that two never act on one fleet.
+fn fence(url: &str, why: &str) -> ! {
+    tracing::error!(store = %url, "{why}: exiting, so that only one controller acts on the fleet");
+    std::process::exit(3);
+}
+
 fn refs(args: &[Value]) -> Vec<&(dyn postgres::types::ToSql + Sync)> {
     args.iter().map(|a| a as &(dyn postgres::types::ToSql + Sync)).collect()
 }
 
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
+/// The URL without its password (in the user part or as a `password=`
+/// parameter), for messages.
+pub fn redact(url: &str) -> String {
+    let url = match url.find("password=") {
+        Some(at) => {
+            let value_end = url[at..].find('&').map_or(url.len(), |e| at + e);
+            format!("{}password=***{}", &url[..at], &url[value_end..])
+        }
+        None => url.to_owned(),
+    };
+    let url = url.as_str();
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let creds = &url[scheme + 3..at];
@@ -431,7 +498,26 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// What went wrong, with its cause: the server's own message when it sent
+/// one ("password authentication failed for user …"), else the chain of
+/// causes ("invalid configuration: password missing").
+fn describe(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_string();
+    }
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        out = format!("{out}: {c}");
+        cause = c.source();
+    }
+    out
+}
+
 fn pg_error(e: postgres::Error) -> StoreError {
+    if e.is_closed() {
+        return StoreError::Unavailable(format!("PostgreSQL: {}", describe(&e)));
+    }
     if e.code() == Some(&postgres::error::SqlState::DISK_FULL) {
         return StoreError::Full;
     }
@@ -473,6 +559,21 @@ struct Session {
     /// Has held the store's lock: finding it taken now means another
     /// controller took over while this one's connection was down.
     led: bool,
+    /// The leadership epoch this controller got with the lock (`baton_leader`).
+    epoch: i64,
+    connected: Arc<AtomicBool>,
+    /// This controller's keys, to compare with the fleet's.
+    fleet: Option<FleetKeys>,
+}
+
+/// What identifies a fleet's keys without revealing them: the signing key's
+/// public half and a digest of the secrets key. Every controller of one
+/// store must have the same (devices trust the signing key; secrets are
+/// sealed with the other).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetKeys {
+    pub signing: String,
+    pub secrets_digest: String,
 }
 
 impl Session {
@@ -483,22 +584,25 @@ impl Session {
             self.statements.clear();
         }
         if self.client.is_none() {
-            let mut c = self
-                .config
-                .connect(postgres::NoTls)
-                .map_err(|e| StoreError::Sql(format!("cannot reach PostgreSQL at {}: {e}", self.url)))?;
+            let mut c = self.config.connect(postgres::NoTls).map_err(|e| {
+                StoreError::Unavailable(format!("cannot reach PostgreSQL at {}: {}", self.url, describe(&e)))
+            })?;
             // The server drops a dead controller's session (and its lock) in
             // ~11 s even when its machine vanished without closing the socket.
             c.batch_execute(
-                "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3",
+                "SET client_min_messages = warning; SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
+                 SET tcp_keepalives_count = 3; \
+                 CREATE TABLE IF NOT EXISTS baton_leader (id INTEGER PRIMARY KEY, epoch BIGINT NOT NULL); \
+                 CREATE TABLE IF NOT EXISTS baton_fleet_keys (id INTEGER PRIMARY KEY, signing TEXT NOT NULL, secrets_digest TEXT NOT NULL)",
             )
             .map_err(pg_error)?;
+            // Checked before standing by: a replica with other keys would
+            // take over and sign documents every device refuses.
+            self.check_keys(&mut c, false)?;
             let row = c.query_one("SELECT pg_try_advisory_lock($1)", &[&STORE_LOCK]).map_err(pg_error)?;
             if !row.get::<_, bool>(0) {
                 if self.led {
-                    // Fencing: two controllers must never act on one fleet.
-                    tracing::error!(store = %self.url, "another controller took over the store while this one's connection to it was down: exiting, so that only one controller acts on the fleet");
-                    std::process::exit(3);
+                    fence(&self.url, "another controller holds the store now");
                 }
                 if !self.standby {
                     return Err(StoreError::InUse(self.url.clone()));
@@ -508,11 +612,80 @@ impl Session {
                 c.query_one("SELECT pg_advisory_lock($1)", &[&STORE_LOCK]).map_err(pg_error)?;
                 tracing::warn!(store = %self.url, "the controller that held the store is gone: taking over");
             }
-            tracing::info!(store = %self.url, "connected to the PostgreSQL store");
+            if self.led {
+                // Back after a lost connection: still the leader only if no
+                // other controller led meanwhile.
+                let row = c.query_one("SELECT epoch FROM baton_leader WHERE id = 1", &[]).map_err(pg_error)?;
+                if row.get::<_, i64>(0) != self.epoch {
+                    fence(&self.url, "another controller led the fleet while this one's connection was down");
+                }
+                tracing::info!(store = %self.url, "reconnected to the PostgreSQL store, still leading");
+            } else {
+                let row = c
+                    .query_one(
+                        "INSERT INTO baton_leader (id, epoch) VALUES (1, 1)
+                         ON CONFLICT (id) DO UPDATE SET epoch = baton_leader.epoch + 1 RETURNING epoch",
+                        &[],
+                    )
+                    .map_err(pg_error)?;
+                self.epoch = row.get(0);
+                self.check_keys(&mut c, true)?;
+                tracing::info!(store = %self.url, epoch = self.epoch, "connected to the PostgreSQL store, leading");
+            }
             self.led = true;
             self.client = Some(c);
+            self.connected.store(true, Ordering::Relaxed);
         }
         Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    /// This controller's keys against the fleet's, as the store recorded
+    /// them; `record`: the first leader writes its own.
+    fn check_keys(&self, c: &mut postgres::Client, record: bool) -> Result<(), StoreError> {
+        let Some(mine) = &self.fleet else { return Ok(()) };
+        let row =
+            c.query_opt("SELECT signing, secrets_digest FROM baton_fleet_keys WHERE id = 1", &[]).map_err(pg_error)?;
+        match row {
+            Some(row) => {
+                let fleet = FleetKeys { signing: row.get(0), secrets_digest: row.get(1) };
+                if &fleet != mine {
+                    return Err(StoreError::OtherKeys { mine: mine.clone(), fleet });
+                }
+            }
+            None if record => {
+                c.execute(
+                    "INSERT INTO baton_fleet_keys (id, signing, secrets_digest) VALUES (1, $1, $2) ON CONFLICT (id) DO NOTHING",
+                    &[&mine.signing, &mine.secrets_digest],
+                )
+                .map_err(pg_error)?;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// The idle check: a lost connection is made again now (and the
+    /// leadership checked, see `client`), not at the next write.
+    fn watch(&mut self) {
+        if !self.led || self.lost_in_tx {
+            return;
+        }
+        let alive = match self.client.as_mut() {
+            Some(c) if !c.is_closed() => c.simple_query("SELECT 1").map_err(|e| describe(&e)),
+            _ => Err("closed".to_string()),
+        };
+        let Err(why) = alive else { return };
+        tracing::warn!(store = %self.url, why, "the PostgreSQL session is gone; connecting again");
+        self.connected.store(false, Ordering::Relaxed);
+        if self.in_tx {
+            self.lost_in_tx = true;
+            return;
+        }
+        self.client = None;
+        self.statements.clear();
+        if let Err(e) = self.client() {
+            tracing::warn!(error = %e, "lost the PostgreSQL store; acting on nothing until it is back (trying every second)");
+        }
     }
 
     /// Runs `f` on the connection; when the connection had gone away
@@ -530,6 +703,9 @@ impl Session {
             let client = self.client.as_mut().expect("connected above");
             let out = f(client, &mut statements);
             let closed = client.is_closed();
+            if closed {
+                self.connected.store(false, Ordering::Relaxed);
+            }
             self.statements = statements.0;
             match out {
                 Err(_) if closed && self.in_tx => {
@@ -544,7 +720,7 @@ impl Session {
     }
 
     fn lost() -> StoreError {
-        StoreError::Sql("the connection to PostgreSQL was lost inside a transaction: none of it was stored".into())
+        StoreError::Unavailable("the connection to PostgreSQL was lost inside a transaction".into())
     }
 
     /// BEGIN, COMMIT, ROLLBACK, savepoints and DDL.
@@ -634,6 +810,11 @@ mod tests {
         assert_eq!(redact("postgres://baton:hunter2@db:5432/baton"), "postgres://baton:***@db:5432/baton");
         assert_eq!(redact("postgres://db/baton"), "postgres://db/baton");
         assert_eq!(redact("postgres://baton@db/baton"), "postgres://baton@db/baton");
+        assert_eq!(
+            redact("postgres://baton@db/baton?password=pw&sslmode=disable"),
+            "postgres://baton@db/baton?password=***&sslmode=disable"
+        );
+        assert_eq!(redact("mysql://root:pw@db/x"), "mysql://root:***@db/x");
     }
 
     #[test]

@@ -295,40 +295,58 @@ fn ingest(devices: usize, secs: u64) {
     println!("## Controller ingest: {devices} concurrent device connections, {secs} s per step, heartbeats at QoS 0\n");
     println!("| broker | offered/s | sent/s | absorbed by controller/s | delivered/sent |\n|---|---|---|---|---|");
     let mut best = Vec::new();
-    for kind in [BrokerKind::Embedded, BrokerKind::Mosquitto] {
-        let world = World::new();
-        let mosquitto = matches!(kind, BrokerKind::Mosquitto).then(|| Mosquitto::start(&world));
-        let controller = Controller::start(&world, mosquitto.as_ref().map(|m| m.port), &[]);
+    let steps = |name: &str, ports: &[u16], http: u16| -> f64 {
         let mut max_absorbed: f64 = 0.0;
         for rate in rates.iter().copied().map(Some).chain([None]) {
-            let f = flood(&controller, devices, rate, Duration::from_secs(secs));
+            let f = flood(ports, http, devices, rate, Duration::from_secs(secs));
             let offered = rate.map_or("unthrottled".to_string(), |r| r.to_string());
-            println!("| {kind:?} | {offered} | {:.0} | {:.0} | {:.3} |", f.sent_per_s, f.absorbed_per_s, f.delivered);
+            println!("| {name} | {offered} | {:.0} | {:.0} | {:.3} |", f.sent_per_s, f.absorbed_per_s, f.delivered);
             // "Best" counts only steps where (nearly) everything sent arrived.
             if f.delivered >= 0.99 {
                 max_absorbed = max_absorbed.max(f.absorbed_per_s);
             }
         }
-        best.push(max_absorbed);
+        max_absorbed
+    };
+    for kind in [BrokerKind::Embedded, BrokerKind::Mosquitto] {
+        let world = World::new();
+        let mosquitto = matches!(kind, BrokerKind::Mosquitto).then(|| Mosquitto::start(&world));
+        let controller = Controller::start(&world, mosquitto.as_ref().map(|m| m.port), &[]);
+        best.push(steps(&format!("{kind:?}"), &[controller.mqtt], controller.http));
     }
-    if let [embedded, mosquitto] = best[..] {
+    // deploy/cluster/: three NATS nodes (devices spread over them), three
+    // controllers on PostgreSQL, one of which leads and ingests.
+    let cluster = DeployedCluster::up(&[]);
+    let leader = cluster.serving()[0];
+    best.push(steps("NATS ×3 + 3 controllers on PostgreSQL", &cluster.mqtt, leader));
+    drop(cluster);
+    if let [embedded, mosquitto, nats] = best[..] {
         println!(
-            "\nHighest rate absorbed with ≥ 99 % delivered, embedded / Mosquitto: {embedded:.0} / {mosquitto:.0} = {:.2}\n",
-            embedded / mosquitto.max(1.0)
+            "\nHighest rate absorbed with ≥ 99 % delivered: embedded {embedded:.0}, Mosquitto {mosquitto:.0}, NATS cluster {nats:.0}; \
+             embedded / Mosquitto = {:.2}, NATS cluster / Mosquitto = {:.2}\n",
+            embedded / mosquitto.max(1.0),
+            nats / mosquitto.max(1.0)
         );
     }
 }
 
-fn flood(controller: &Controller, devices: usize, rate: Option<u64>, window: Duration) -> Flood {
+fn metric(http: u16, series: &str) -> u64 {
+    let text = get_text(http, "/metrics").expect("metrics");
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
+}
+
+/// `devices` MQTT connections spread over the broker `ports`, heartbeating
+/// at `rate` in all; what the controller serving on `http` counted.
+fn flood(ports: &[u16], http: u16, devices: usize, rate: Option<u64>, window: Duration) -> Flood {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let sent = Arc::new(AtomicU64::new(0));
     let running = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let port = controller.mqtt;
     // Each device's share of the offered rate, as a publish interval.
     let period = rate.map(|r| Duration::from_secs_f64(devices as f64 / r.max(1) as f64));
     for i in 0..devices {
         let (sent, running, stop) = (sent.clone(), running.clone(), stop.clone());
+        let port = ports[i % ports.len()];
         rt.spawn(async move {
             let id = baton_protocol::DeviceId::new(format!("sim-{i:05}")).expect("id");
             let mut opts = MqttOptions::new(format!("{}-{}", id, std::process::id()), "127.0.0.1", port);
@@ -364,10 +382,11 @@ fn flood(controller: &Controller, devices: usize, rate: Option<u64>, window: Dur
         });
     }
     wait_for("all simulated devices registered", Duration::from_secs(60), || {
-        (controller.devices().len() >= devices).then_some(())
+        let known: Vec<serde_json::Value> = get_json(http, "/api/v1/devices").unwrap_or_default();
+        (known.len() >= devices).then_some(())
     });
     let series = "baton_mqtt_messages_total{kind=\"heartbeat\"}";
-    let start_count = controller.metric(series);
+    let start_count = metric(http, series);
     let started = Instant::now();
     running.store(true, Relaxed);
     std::thread::sleep(window); // the measured window itself
@@ -375,11 +394,11 @@ fn flood(controller: &Controller, devices: usize, rate: Option<u64>, window: Dur
     let sending = started.elapsed().as_secs_f64();
     // Let what is queued arrive: the absorbed rate counts the time until the
     // controller's count stops moving, not just the sending window.
-    let mut last = controller.metric(series);
+    let mut last = metric(http, series);
     let mut last_moved = started.elapsed();
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        let now = controller.metric(series);
+        let now = metric(http, series);
         if now == last {
             break;
         }
