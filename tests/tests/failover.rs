@@ -20,19 +20,26 @@ fn log_of(world: &World, name: &str) -> String {
     std::fs::read_to_string(world.path().join(format!("{name}.log"))).unwrap_or_default()
 }
 
+/// Mosquitto, a controller on the world's PostgreSQL, and a second one
+/// (`controller-b`) standing by.
+fn leader_and_standby(world: &World) -> (Mosquitto, Controller, Controller) {
+    let mosquitto = Mosquitto::start(world);
+    let store = world.postgres().url();
+    let leader = Controller::start(world, Some(mosquitto.port), &["--store", &store]);
+    let standby = Controller::start_replica(world, &leader, "controller-b");
+    wait_for("the replica standing by", Duration::from_secs(20), || {
+        log_of(world, "controller-b").contains("standing by").then_some(())
+    });
+    (mosquitto, leader, standby)
+}
+
 /// kill -9 of the leading controller in the middle of a rollout: the standby
 /// takes the store, serves the API, resumes the rollout to the same end, and
 /// no device notices (a container of another workload is not touched).
 #[test]
 fn a_standby_controller_takes_over_a_rollout_when_the_leader_is_killed() {
     let world = World::new();
-    let mosquitto = Mosquitto::start(&world);
-    let store = world.postgres().url();
-    let mut leader = Controller::start(&world, Some(mosquitto.port), &["--store", &store]);
-    let standby = Controller::start_replica(&world, &leader, "controller-b");
-    wait_for("the replica standing by", Duration::from_secs(20), || {
-        log_of(&world, "controller-b").contains("standing by").then_some(())
-    });
+    let (_mosquitto, mut leader, standby) = leader_and_standby(&world);
     assert!(!standby.serving(), "a standby serves the API beside the leader");
 
     give_busybox(&world, DEVICE, "busybox:ha");
@@ -92,13 +99,8 @@ fn a_standby_controller_takes_over_a_rollout_when_the_leader_is_killed() {
 #[test]
 fn a_leader_whose_session_is_cut_stops_and_a_postgresql_restart_keeps_the_leader() {
     let world = World::new();
-    let mosquitto = Mosquitto::start(&world);
+    let (_mosquitto, mut first, second) = leader_and_standby(&world);
     let store = world.postgres().url();
-    let mut first = Controller::start(&world, Some(mosquitto.port), &["--store", &store]);
-    let second = Controller::start_replica(&world, &first, "controller-b");
-    wait_for("the replica standing by", Duration::from_secs(20), || {
-        log_of(&world, "controller-b").contains("standing by").then_some(())
-    });
     // A replica without the fleet's keys is refused at its start, before it could take over.
     let args: Vec<String> = [
         "server",
