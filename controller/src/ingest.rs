@@ -195,13 +195,7 @@ pub async fn run(
                         warn!(error = %e, "cannot subscribe to dynamic-security answers");
                     }
                 }
-                let filters = UPSTREAM
-                    .into_iter()
-                    .chain([TopicKind::Desired])
-                    .map(|k| rumqttc::SubscribeFilter::new(k.filter_all_devices(), QoS::AtLeastOnce));
-                if let Err(e) = client.try_subscribe_many(filters) {
-                    warn!(error = %e, "cannot queue subscriptions");
-                }
+                subscribe_all(&client);
                 // The store is the truth; retained desired documents are its cache
                 // in the broker, which an embedded broker loses on restart.
                 blocking(&controller, Controller::republish_desired).await;
@@ -264,6 +258,17 @@ pub async fn run(
                     }
                 }
             },
+            // A broker may refuse a subscription it could not set up (NATS,
+            // when a JetStream consumer times out while a node is lost): the
+            // controller would not hear those topics, so it asks again.
+            Ok(Event::Incoming(Packet::SubAck(ack)))
+                if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+            {
+                let refused =
+                    ack.return_codes.iter().filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)).count();
+                warn!(broker = %brokers.all()[node], refused, "the broker refused some of the controller's subscriptions; subscribing again");
+                subscribe_all(&client);
+            }
             Ok(_) => {}
             Err(e) => {
                 controller.broker_connected.store(false, Relaxed);
@@ -286,6 +291,17 @@ pub async fn run(
     }
     let _ = client.try_disconnect();
     controller.broker_connected.store(false, Relaxed);
+}
+
+/// Every device's upstream topics and the `desired` topics, at QoS 1.
+fn subscribe_all(client: &AsyncClient) {
+    let filters = UPSTREAM
+        .into_iter()
+        .chain([TopicKind::Desired])
+        .map(|k| rumqttc::SubscribeFilter::new(k.filter_all_devices(), QoS::AtLeastOnce));
+    if let Err(e) = client.try_subscribe_many(filters) {
+        warn!(error = %e, "cannot queue subscriptions");
+    }
 }
 
 #[cfg(test)]

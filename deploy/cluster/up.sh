@@ -35,6 +35,10 @@ pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 [[ -n $pg_bin && -x $pg_bin/initdb ]] || { echo "up.sh: PostgreSQL is not installed (apt-get install postgresql)" >&2; exit 1; }
 
 mkdir -p "$DIR/pids" "$DIR/logs" "$DIR/keys"
+for pidfile in "$DIR"/pids/*; do
+  [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null &&
+    { echo "up.sh: $(basename "$pidfile") of $DIR is running already: stop it with down.sh first" >&2; exit 1; }
+done
 start() { # name, command...: runs it in the background, its output in logs/NAME.log
   local name=$1; shift
   "$@" >>"$DIR/logs/$name.log" 2>&1 &
@@ -99,6 +103,11 @@ serving() {
 }
 wait_for "a leading controller" 60 serving
 leader=$(serving)
+# The others stand by (their port answers 503 "standby"); one that died says why in its log.
+for i in 0 1 2; do
+  [[ ${api[$i]} == "$leader" ]] && continue
+  wait_for "controller-$((i + 1)) standing by" 30 bash -c "curl -s http://127.0.0.1:${api[$i]}/healthz | grep -q standby"
+done
 
 cat >"$DIR/cluster.env" <<ENV
 BATON_BROKERS=$brokers

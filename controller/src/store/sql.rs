@@ -591,9 +591,7 @@ impl Session {
             // ~11 s even when its machine vanished without closing the socket.
             c.batch_execute(
                 "SET client_min_messages = warning; SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
-                 SET tcp_keepalives_count = 3; \
-                 CREATE TABLE IF NOT EXISTS baton_leader (id INTEGER PRIMARY KEY, epoch BIGINT NOT NULL); \
-                 CREATE TABLE IF NOT EXISTS baton_fleet_keys (id INTEGER PRIMARY KEY, signing TEXT NOT NULL, secrets_digest TEXT NOT NULL)",
+                 SET tcp_keepalives_count = 3",
             )
             .map_err(pg_error)?;
             // Checked before standing by: a replica with other keys would
@@ -612,6 +610,13 @@ impl Session {
                 c.query_one("SELECT pg_advisory_lock($1)", &[&STORE_LOCK]).map_err(pg_error)?;
                 tracing::warn!(store = %self.url, "the controller that held the store is gone: taking over");
             }
+            // Made under the lock: controllers starting together on an empty
+            // database would otherwise race on CREATE TABLE IF NOT EXISTS.
+            c.batch_execute(
+                "CREATE TABLE IF NOT EXISTS baton_leader (id INTEGER PRIMARY KEY, epoch BIGINT NOT NULL); \
+                 CREATE TABLE IF NOT EXISTS baton_fleet_keys (id INTEGER PRIMARY KEY, signing TEXT NOT NULL, secrets_digest TEXT NOT NULL)",
+            )
+            .map_err(pg_error)?;
             if self.led {
                 // Back after a lost connection: still the leader only if no
                 // other controller led meanwhile.
@@ -643,6 +648,10 @@ impl Session {
     /// them; `record`: the first leader writes its own.
     fn check_keys(&self, c: &mut postgres::Client, record: bool) -> Result<(), StoreError> {
         let Some(mine) = &self.fleet else { return Ok(()) };
+        let exists = c.query_one("SELECT to_regclass('baton_fleet_keys') IS NOT NULL", &[]).map_err(pg_error)?;
+        if !exists.get::<_, bool>(0) {
+            return Ok(()); // a new store: the first leader records its keys
+        }
         let row =
             c.query_opt("SELECT signing, secrets_digest FROM baton_fleet_keys WHERE id = 1", &[]).map_err(pg_error)?;
         match row {
