@@ -373,7 +373,7 @@ impl Postgres {
             config,
             url: redact(url),
             client: None,
-            statements: HashMap::new(),
+            statements: Statements(HashMap::new()),
             lost_in_tx: false,
             in_tx: false,
             standby,
@@ -546,7 +546,8 @@ struct Session {
     config: postgres::Config,
     url: String,
     client: Option<postgres::Client>,
-    statements: HashMap<String, postgres::Statement>,
+    /// Prepared on `client`; forgotten with it.
+    statements: Statements,
     /// A transaction is open on the server.
     in_tx: bool,
     /// The connection went away inside a transaction: everything until its
@@ -581,7 +582,7 @@ impl Session {
     fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
         if self.client.as_ref().is_some_and(postgres::Client::is_closed) {
             self.client = None;
-            self.statements.clear();
+            self.statements.0.clear();
         }
         if self.client.is_none() {
             let mut c = self.config.connect(postgres::NoTls).map_err(|e| {
@@ -691,7 +692,7 @@ impl Session {
             return;
         }
         self.client = None;
-        self.statements.clear();
+        self.statements.0.clear();
         if let Err(e) = self.client() {
             tracing::warn!(error = %e, "lost the PostgreSQL store; acting on nothing until it is back (trying every second)");
         }
@@ -708,14 +709,12 @@ impl Session {
         }
         for attempt in 0..2 {
             self.client()?; // (re)connected first: that forgets the old connection's statements
-            let mut statements = Statements(std::mem::take(&mut self.statements));
             let client = self.client.as_mut().expect("connected above");
-            let out = f(client, &mut statements);
+            let out = f(client, &mut self.statements);
             let closed = client.is_closed();
             if closed {
                 self.connected.store(false, Ordering::Relaxed);
             }
-            self.statements = statements.0;
             match out {
                 Err(_) if closed && self.in_tx => {
                     self.lost_in_tx = true;
