@@ -738,6 +738,32 @@ impl Mosquitto {
     }
 }
 
+/// A device record as the controller stores it (online, tenant `acme`,
+/// label `site=lab`), for store tests and benchmarks.
+pub fn stored_device(id: &str, last_seen: u64) -> baton_controller::fleet::Device {
+    use baton_protocol::{Presence, PresenceState};
+    baton_controller::fleet::Device {
+        id: id.into(),
+        first_seen: 1,
+        last_seen,
+        presence: Presence {
+            state: PresenceState::Online,
+            agent_version: "0.1.0".into(),
+            boot_id: "b".into(),
+            started_at: 3,
+        },
+        inventory: None,
+        heartbeat: None,
+        operator_labels: [("site".to_string(), "lab".to_string())].into(),
+        report: None,
+        tenant: "acme".into(),
+        offline_since: None,
+        refusal: None,
+        clock_offset_ms: None,
+        history: Default::default(),
+    }
+}
+
 /// Debian's PostgreSQL on a free loopback port, its cluster in a temp dir
 /// of its own (`initdb`, trust authentication on loopback, no fsync: a test
 /// store), with a database `baton` for the controllers of one world. As

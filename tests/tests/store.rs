@@ -12,31 +12,8 @@ use baton_controller::upgrade::AgentRollout;
 use baton_controller::view::{Event, Role};
 use baton_controller::workload::Manifest;
 use baton_protocol::spec::WorkloadSpec;
-use baton_protocol::{DeviceId, Presence, PresenceState};
-use baton_tests::World;
-
-fn device(id: &str, last_seen: u64) -> Device {
-    Device {
-        id: id.into(),
-        first_seen: 1,
-        last_seen,
-        presence: Presence {
-            state: PresenceState::Online,
-            agent_version: "0.1.0".into(),
-            boot_id: "b".into(),
-            started_at: 3,
-        },
-        inventory: None,
-        heartbeat: None,
-        operator_labels: [("site".to_string(), "lab".to_string())].into(),
-        report: None,
-        tenant: "acme".into(),
-        offline_since: None,
-        refusal: None,
-        clock_offset_ms: None,
-        history: Default::default(),
-    }
-}
+use baton_protocol::DeviceId;
+use baton_tests::{stored_device, World};
 
 fn event(tenant: &str, subject: &str, at_ms: u64) -> Event {
     Event {
@@ -61,8 +38,8 @@ fn contract(at: &StoreAt) {
     assert!(migrated > 0);
 
     // Devices: one at a time, many at once, read back by id and all.
-    s.save_device(&device("b", 2)).expect("the store answers");
-    assert_eq!(s.save_devices([&device("a", 5), &device("b", 7)]).expect("the store answers"), 2);
+    s.save_device(&stored_device("b", 2)).expect("the store answers");
+    assert_eq!(s.save_devices([&stored_device("a", 5), &stored_device("b", 7)]).expect("the store answers"), 2);
     let all = s.load_devices().expect("the store answers");
     assert_eq!(
         all.iter().map(|(id, d)| (id.to_string(), d.last_seen)).collect::<Vec<_>>(),
@@ -70,7 +47,7 @@ fn contract(at: &StoreAt) {
     );
     assert_eq!(
         s.load_device(&DeviceId::new("a").expect("a device id")).expect("the store answers"),
-        Some(device("a", 5))
+        Some(stored_device("a", 5))
     );
     assert_eq!(s.load_device(&DeviceId::new("zz").expect("a device id")).expect("the store answers"), None);
 
@@ -232,14 +209,14 @@ fn contract(at: &StoreAt) {
     // A batch dropped without commit leaves nothing; a committed one all.
     {
         let batch = s.batch().expect("the store answers");
-        s.save_device(&device("gone", 1)).expect("the store answers");
-        s.save_devices([&device("gone2", 1)]).expect("the store answers"); // its own transaction, inside the batch
+        s.save_device(&stored_device("gone", 1)).expect("the store answers");
+        s.save_devices([&stored_device("gone2", 1)]).expect("the store answers"); // its own transaction, inside the batch
         drop(batch);
     }
     assert!(s.load_device(&DeviceId::new("gone").expect("a device id")).expect("the store answers").is_none());
     assert!(s.load_device(&DeviceId::new("gone2").expect("a device id")).expect("the store answers").is_none());
     let batch = s.batch().expect("the store answers");
-    s.save_device(&device("kept", 1)).expect("the store answers");
+    s.save_device(&stored_device("kept", 1)).expect("the store answers");
     s.add_event(&event("", "kept", 99)).expect("the store answers");
     batch.commit().expect("the store answers");
     drop(s);
@@ -255,7 +232,8 @@ fn contract(at: &StoreAt) {
 /// A flush bigger than one statement's rows, with an id given twice (the last one wins).
 fn big_flush(at: &StoreAt) {
     let s = Store::open_at(at).expect("open a new store");
-    let many: Vec<Device> = (0..1203).map(|i| device(&format!("m{i:04}"), i)).chain([device("m0007", 999)]).collect();
+    let many: Vec<Device> =
+        (0..1203).map(|i| stored_device(&format!("m{i:04}"), i)).chain([stored_device("m0007", 999)]).collect();
     assert_eq!(s.save_devices(many.iter()).expect("a big flush"), 1203);
     let loaded = s.load_devices().expect("the store answers");
     assert_eq!(loaded.len(), 1203);
@@ -295,24 +273,24 @@ fn a_postgresql_store_survives_the_server_restarting_between_writes() {
     let world = World::new();
     let at = StoreAt::Postgres(world.postgres().database("restarted"));
     let s = Store::open_at(&at).expect("open");
-    s.save_device(&device("a", 1)).expect("the store answers");
+    s.save_device(&stored_device("a", 1)).expect("the store answers");
     let pg = world.postgres();
     pg.stop();
-    let e = s.save_device(&device("b", 1)).unwrap_err().to_string();
+    let e = s.save_device(&stored_device("b", 1)).unwrap_err().to_string();
     assert!(e.contains("PostgreSQL"), "a write while the server is down says where it failed: {e}");
     pg.start_again();
-    s.save_device(&device("c", 1)).expect("the next write reconnects");
+    s.save_device(&stored_device("c", 1)).expect("the next write reconnects");
     let ids: Vec<String> =
         s.load_devices().expect("the store answers").into_iter().map(|(id, _)| id.to_string()).collect();
     assert_eq!(ids, ["a", "c"], "nothing written twice, nothing lost that was acknowledged");
     // A transaction the server went away in does not land in part.
     let batch = s.batch().expect("the store answers");
-    s.save_device(&device("d", 1)).expect("the store answers");
+    s.save_device(&stored_device("d", 1)).expect("the store answers");
     pg.stop();
     pg.start_again();
-    assert!(s.save_device(&device("e", 1)).is_err(), "the rest of a lost transaction fails");
+    assert!(s.save_device(&stored_device("e", 1)).is_err(), "the rest of a lost transaction fails");
     assert!(batch.commit().is_err());
-    s.save_device(&device("f", 1)).expect("after the lost transaction ends, writes go on");
+    s.save_device(&stored_device("f", 1)).expect("after the lost transaction ends, writes go on");
     let ids: Vec<String> =
         s.load_devices().expect("the store answers").into_iter().map(|(id, _)| id.to_string()).collect();
     assert_eq!(ids, ["a", "c", "f"]);

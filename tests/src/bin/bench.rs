@@ -2006,12 +2006,9 @@ fn store(devices: usize) {
     println!("## Store: SQLite vs PostgreSQL, {devices} devices\n");
     let world = World::new();
     let device = |i: usize, seen: u64| -> Device {
-        serde_json::from_value(serde_json::json!({
-            "id": format!("dev-{i:05}"), "first_seen": 1, "last_seen": seen,
-            "presence": {"state": "Online", "agent_version": "1.0.0", "boot_id": "b", "started_at": 1},
-            "inventory": null, "heartbeat": null, "operator_labels": {"site": format!("site-{}", i % 20)},
-        }))
-        .expect("a device")
+        let mut d = stored_device(&format!("dev-{i:05}"), seen);
+        d.operator_labels.insert("site".into(), format!("site-{}", i % 20));
+        d
     };
     let fleet: Vec<Device> = (0..devices).map(|i| device(i, 2)).collect();
     let spec = baton_protocol::spec::WorkloadSpec { name: "web".into(), revision: 1, ..Default::default() };
