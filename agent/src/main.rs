@@ -23,9 +23,13 @@ struct Cli {
 enum Cmd {
     /// Run the agent (the default).
     Run(RunArgs),
-    /// Own one container (started by the agent; not for people).
+    /// Fork containers' shims (started by the agent; not for people).
     #[command(hide = true)]
-    Shim(ShimCli),
+    Spawner {
+        /// Room in the command line for the shims' titles.
+        #[arg(long)]
+        title_room: Option<String>,
+    },
     /// Run a command inside a running container (used by the agent).
     #[command(hide = true)]
     Exec(ExecCli),
@@ -152,26 +156,6 @@ struct ExecCli {
     argv: Vec<String>,
 }
 
-#[derive(clap::Args)]
-struct ShimCli {
-    #[arg(long)]
-    id: String,
-    #[arg(long)]
-    bundle: PathBuf,
-    #[arg(long)]
-    root: PathBuf,
-    #[arg(long)]
-    state: PathBuf,
-    #[arg(long)]
-    cgroup: String,
-    #[arg(long, default_value_t = 10_000)]
-    stop_grace_ms: u64,
-    #[arg(long, default_value_t = 1 << 20)]
-    log_max_bytes: u64,
-    #[arg(long, default_value_t = 1000)]
-    log_flush_ms: u64,
-}
-
 #[derive(clap::Args, Default, Clone)]
 struct RunArgs {
     /// Config file; a missing file at the default path means defaults.
@@ -234,19 +218,10 @@ fn main() -> ExitCode {
     };
     let args = match cli.command {
         Some(Cmd::Run(args)) => args,
-        // No tokio, no threads, no logging subscriber: the shim must stay single-threaded.
-        Some(Cmd::Shim(s)) => {
-            let code = baton_agent::runtime::shim::launch(baton_agent::runtime::shim::ShimArgs {
-                id: s.id,
-                bundle: s.bundle,
-                root: s.root,
-                state: s.state,
-                cgroup: s.cgroup,
-                stop_grace: std::time::Duration::from_millis(s.stop_grace_ms),
-                log_max_bytes: s.log_max_bytes,
-                log_flush: std::time::Duration::from_millis(s.log_flush_ms),
-            });
-            return ExitCode::from(code.clamp(0, 255) as u8);
+        // No tokio, no threads, no logging subscriber: the spawner and the
+        // shims it forks must stay single-threaded.
+        Some(Cmd::Spawner { .. }) => {
+            return ExitCode::from(baton_agent::runtime::spawner::serve().clamp(0, 255) as u8);
         }
         Some(Cmd::Exec(e)) => {
             let code = baton_agent::runtime::exec::run(baton_agent::runtime::exec::ExecArgs {

@@ -1,7 +1,7 @@
 //! The real [`ContainerRuntime`]: each container gets a bundle directory and a
-//! `baton-agent shim` process (see `shim`). This side never creates or starts
-//! a container through libcontainer: it writes the bundle, launches the
-//! shim, and reads what the shim records; it only deletes libcontainer's
+//! shim process (see `shim`), forked by the spawner (see `spawner`). This
+//! side never creates or starts a container through libcontainer: it writes
+//! the bundle, has the shim launched, and reads what the shim records; it only deletes libcontainer's
 //! state of containers whose shim is gone.
 
 use std::path::{Path, PathBuf};
@@ -14,6 +14,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::layout::{files, Layout};
+use super::shim::ShimArgs;
+use super::spawner::Spawner;
 use super::{
     oci, validate_id, ContainerRuntime, ContainerState, CreateRequest, ExecOutput, ExitStatus, Running, RuntimeError,
     Usage, EXEC_OUTPUT_CAP,
@@ -23,8 +25,10 @@ use crate::net::Network;
 #[derive(Debug, Clone)]
 pub struct LibcontainerRuntime {
     layout: Layout,
-    /// The executable that provides `shim` (the agent binary itself).
+    /// The executable that provides `spawner` and `exec` (the agent binary itself).
     shim_exe: PathBuf,
+    /// Forks the containers' shims (started on the first create).
+    spawner: Arc<Spawner>,
     pub stop_grace: Duration,
     pub log_max_bytes: u64,
     pub log_flush: Duration,
@@ -36,6 +40,7 @@ impl LibcontainerRuntime {
     pub fn new(layout: Layout, shim_exe: PathBuf) -> Self {
         Self {
             layout,
+            spawner: Arc::new(Spawner::new(shim_exe.clone())),
             shim_exe,
             stop_grace: Duration::from_secs(10),
             log_max_bytes: 1 << 20,
@@ -114,7 +119,9 @@ impl LibcontainerRuntime {
     }
 
     /// The live shim of `id`, if any: its recorded pid must still be a
-    /// `baton-agent shim` for this id (pids get reused after a reboot).
+    /// `baton-agent shim` for this id (pids get reused after a reboot) — the
+    /// title a forked shim gives itself, or the command line of a shim an
+    /// older agent exec'd.
     fn live_shim(&self, id: &str) -> Option<Pid> {
         let pid: i32 = std::fs::read_to_string(self.run_state(id).join(files::SHIM_PID)).ok()?.trim().parse().ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
@@ -261,34 +268,20 @@ impl ContainerRuntime for LibcontainerRuntime {
             let _ = self.cleanup(id);
             return Err(RuntimeError::io(format!("prepare bundle {}", bundle.display()))(e));
         }
-        let out = Command::new(&self.shim_exe)
-            .arg("shim")
-            .args(["--id", id])
-            .arg("--bundle")
-            .arg(&bundle)
-            .arg("--root")
-            .arg(self.layout.youki_root())
-            .arg("--state")
-            .arg(&state)
-            .args(["--cgroup", &self.layout.cgroup(id)])
-            .args(["--stop-grace-ms", &self.stop_grace.as_millis().to_string()])
-            .args(["--log-max-bytes", &self.log_max_bytes.to_string()])
-            .args(["--log-flush-ms", &self.log_flush.as_millis().to_string()])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(RuntimeError::io(format!("run shim {}", self.shim_exe.display())));
-        match out {
-            Ok(out) if out.status.success() => Ok(()),
-            Ok(out) => {
-                let _ = self.cleanup(id);
-                let reason = String::from_utf8_lossy(&out.stderr).trim().to_string();
-                Err(RuntimeError::Start { id: id.to_string(), reason })
-            }
-            Err(e) => {
-                let _ = self.cleanup(id);
-                Err(e)
-            }
-        }
+        let args = ShimArgs {
+            id: id.to_string(),
+            bundle,
+            root: self.layout.youki_root(),
+            state,
+            cgroup: self.layout.cgroup(id),
+            stop_grace: self.stop_grace,
+            log_max_bytes: self.log_max_bytes,
+            log_flush: self.log_flush,
+        };
+        self.spawner.launch(&args).map_err(|reason| {
+            let _ = self.cleanup(id);
+            RuntimeError::Start { id: id.to_string(), reason }
+        })
     }
 
     fn state(&self, id: &str) -> Result<ContainerState, RuntimeError> {

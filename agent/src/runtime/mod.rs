@@ -14,6 +14,7 @@ pub mod oci;
 pub mod rootfs;
 pub mod seccomp;
 pub mod shim;
+pub mod spawner;
 
 use baton_protocol::spec::ContainerSpec;
 use serde::{Deserialize, Serialize};

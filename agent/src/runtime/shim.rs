@@ -1,4 +1,4 @@
-//! `baton-agent shim`: one short, single-threaded process per container.
+//! The shim: one small, single-threaded process per container.
 //!
 //! Why a separate process: libcontainer is unsafe in a multi-threaded process
 //! (it `chdir()`s process-wide and forks while other threads may hold locks),
@@ -8,14 +8,14 @@
 //! the log. It runs in its own session, so the agent can die, restart or be
 //! upgraded without touching it.
 //!
-//! Lifecycle: the launcher forks; the child (the shim) creates and starts the
-//! container and reports "ok" or the error over a pipe; the launcher prints
-//! that and exits, so the agent knows the outcome synchronously. Signals to
+//! Lifecycle: the spawner (see `spawner`) forks the shim, which creates and
+//! starts the container and reports "ok" or the error over a pipe the agent
+//! reads, so the agent knows the outcome synchronously. Signals to
 //! the shim: SIGTERM = stop (SIGTERM to the container, SIGKILL after the grace
 //! period), SIGINT = kill now. No tokio here.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,7 +26,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::unistd::Pid;
 
 use super::layout::{files, write_atomic};
 use super::logs::{LogWriter, Stream};
@@ -48,43 +48,17 @@ pub struct ShimArgs {
     pub log_flush: Duration,
 }
 
-/// Entry point of `baton-agent shim`; returns the launcher's exit code.
-pub fn launch(args: ShimArgs) -> i32 {
-    let (ready_r, ready_w) = match nix::unistd::pipe() {
-        Ok(p) => p,
-        Err(e) => return fail(&format!("pipe: {e}")),
-    };
-    // SAFETY: this process is single-threaded (the `shim` subcommand starts no
-    // runtime and no threads), so the child may run arbitrary code after fork.
-    match unsafe { fork() } {
-        Err(e) => fail(&format!("fork: {e}")),
-        Ok(ForkResult::Parent { .. }) => {
-            drop(ready_w);
-            let mut msg = String::new();
-            let _ = File::from(ready_r).read_to_string(&mut msg);
-            match msg.strip_prefix("ok") {
-                Some(_) => 0,
-                None if msg.is_empty() => fail("shim exited without reporting"),
-                None => fail(msg.trim()),
-            }
-        }
-        Ok(ForkResult::Child) => {
-            drop(ready_r);
-            let _ = nix::unistd::setsid();
-            redirect_stdio(&args.state.join(files::SHIM_LOG));
-            let code = supervise(&args, File::from(ready_w));
-            std::process::exit(code);
-        }
-    }
+/// The shim's life, in the grandchild the spawner forked for it: a session
+/// of its own, output to a file on tmpfs, the container supervised until it
+/// ends; `ready` gets "ok" once it runs, or the error.
+pub fn run_detached(args: &ShimArgs, ready: File) -> ! {
+    let _ = nix::unistd::setsid();
+    redirect_stdio(&args.state.join(files::SHIM_LOG));
+    let code = supervise(args, ready);
+    std::process::exit(code);
 }
 
-fn fail(msg: &str) -> i32 {
-    eprintln!("{msg}");
-    1
-}
-
-/// Detaches from the launcher's pipes (the agent waits for their EOF) and
-/// keeps the shim's own messages in a file on tmpfs.
+/// Detaches from the spawner's standard streams and keeps the shim's own messages in a file on tmpfs.
 fn redirect_stdio(log: &Path) {
     let devnull = File::open("/dev/null");
     let out = File::options().create(true).append(true).open(log);

@@ -678,14 +678,21 @@ fn runtime(iters: usize) {
     }
     std::thread::sleep(Duration::from_secs(2)); // let the shims settle before sampling
     let mut rows = Vec::new();
+    let mut spawner = None;
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let pid = entry.file_name().to_string_lossy().to_string();
         let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(" shim ") && cmd.contains("--id mem-") {
+        let mem = || {
             let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
             let private = kib_field(&rollup, "Private_Clean:") + kib_field(&rollup, "Private_Dirty:");
-            rows.push((kib_field(&rollup, "Rss:"), kib_field(&rollup, "Pss:"), private));
+            (kib_field(&rollup, "Rss:"), kib_field(&rollup, "Pss:"), private)
+        };
+        if cmd.contains(" shim ") && cmd.contains("--id mem-") {
+            rows.push(mem());
+        } else if cmd.contains(" spawner --title-room ") {
+            // The one process that forks the shims (this bench's runtime's).
+            spawner = Some(mem());
         }
     }
     for i in 0..n {
@@ -698,6 +705,12 @@ fn runtime(iters: usize) {
     let avg = |f: fn(&(u64, u64, u64)) -> u64| rows.iter().map(f).sum::<u64>() / rows.len() as u64;
     println!("| per shim (mean of {}) | KiB |\n|---|---|", rows.len());
     println!("| RSS | {} |\n| PSS | {} |\n| private (USS) | {} |\n", avg(|r| r.0), avg(|r| r.1), avg(|r| r.2));
+    if let Some((rss, pss, private)) = spawner {
+        println!("| the spawner (one per device) | KiB |\n|---|---|");
+        println!("| RSS | {rss} |\n| PSS | {pss} |\n| private (USS) | {private} |\n");
+        let total: u64 = rows.iter().map(|r| r.1).sum::<u64>() + pss;
+        println!("Shims and spawner, PSS per container: {} KiB\n", total / rows.len() as u64);
+    }
     for i in 0..n {
         let id = format!("mem-{i}");
         let deadline = Instant::now() + Duration::from_secs(10);
