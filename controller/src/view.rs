@@ -62,12 +62,26 @@ pub struct LabelChange {
     pub remove: Vec<String>,
 }
 
+/// `GET /healthz`: always 200 from a serving controller (a standby answers
+/// 503 `{"status":"standby"}`); `status` is "ok", or "degraded" with the
+/// reasons in `problems`.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Health {
     pub status: String,
     pub version: String,
     pub broker_connected: bool,
+    /// It holds its store (PostgreSQL: its session is up and still leads;
+    /// SQLite: always).
+    #[serde(default = "yes")]
+    pub store_connected: bool,
     pub devices: usize,
+    /// Why `status` is "degraded" (empty when "ok").
+    #[serde(default)]
+    pub problems: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]

@@ -154,10 +154,20 @@ fn a_leader_whose_session_is_cut_stops_and_a_postgresql_restart_keeps_the_leader
         log_of(&world, "controller-c").contains("standing by").then_some(())
     });
     world.postgres().stop();
+    // Meanwhile the leader says so where probes look (and stays up: 200).
+    let health = wait_for("the leader degraded while its store is down", Duration::from_secs(10), || {
+        get_json::<serde_json::Value>(second.http, "/healthz").ok().filter(|h| h["store_connected"] == false)
+    });
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(health["problems"].to_string().contains("store is unavailable"), "{health}");
     world.postgres().start_again();
     wait_for("the leader back on the store", Duration::from_secs(20), || {
         log_of(&world, "controller-b").contains("still leading").then_some(())
     });
+    let health = wait_for("the leader healthy again", Duration::from_secs(10), || {
+        get_json::<serde_json::Value>(second.http, "/healthz").ok().filter(|h| h["status"] == "ok")
+    });
+    assert_eq!(health["store_connected"], true, "{health}");
     apply_yaml(&server, &world, "a.yaml", "name: a\nimage: 127.0.0.1:9/a:2\n");
     wait_for("a revision 2 through the same leader", Duration::from_secs(30), || settled(&server, "a", 2, 5));
     assert!(!third.serving(), "the standby took over a leader that was still there");

@@ -399,11 +399,24 @@ impl Controller {
     }
 
     pub fn health(&self) -> Health {
+        let (broker_connected, store_connected) = (self.broker_connected.load(Relaxed), self.acting.load(Relaxed));
+        let mut problems = Vec::new();
+        if !broker_connected {
+            problems.push("the MQTT broker is not connected: devices are neither heard nor reached".to_string());
+        }
+        if !store_connected {
+            problems.push(
+                "the store is unavailable (PostgreSQL session lost): nothing is stored or published until it is back"
+                    .to_string(),
+            );
+        }
         Health {
-            status: "ok".into(),
+            status: if problems.is_empty() { "ok" } else { "degraded" }.into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            broker_connected: self.broker_connected.load(Relaxed),
+            broker_connected,
+            store_connected,
             devices: lock(&self.fleet).len(),
+            problems,
         }
     }
 
