@@ -1,7 +1,8 @@
 //! Several controllers on one PostgreSQL store and one broker (Mosquitto):
 //! one leads, the others stand by, and one takes over when the leader dies.
 //! Real processes: PostgreSQL, Mosquitto, two controllers, a real agent with
-//! containers and twelve simulated devices. About 40 s.
+//! containers and twelve simulated devices. About 30 s, the three tests
+//! side by side.
 
 use std::time::{Duration, Instant};
 
@@ -172,4 +173,33 @@ fn a_leader_whose_session_is_cut_stops_and_a_postgresql_restart_keeps_the_leader
     wait_for("a revision 2 through the same leader", Duration::from_secs(30), || settled(&server, "a", 2, 5));
     assert!(!third.serving(), "the standby took over a leader that was still there");
     assert!(log_of(&world, "controller-b").contains("still leading"));
+}
+
+/// A frozen leader (SIGSTOP; a hung machine whose kernel still answers TCP
+/// keepalives is the same) keeps its database session and lock, but stops
+/// renewing its lease: a standby ends its session and serves. Thawed, the
+/// old leader finds another epoch in the store and exits with status 3.
+#[test]
+fn a_frozen_leader_is_replaced_and_stops_when_it_thaws() {
+    let world = World::new();
+    let (_mosquitto, mut first, second) = leader_and_standby(&world);
+    let _sim = start_simulator(&world, "f", 3, &first.broker_url(), &[]);
+    wait_for("3 devices", Duration::from_secs(30), || (first.devices().len() == 3).then_some(()));
+    let leader = first.proc.pid() as i32;
+    // SAFETY: kill(2) on the controller this test started.
+    assert_eq!(unsafe { libc::kill(leader, libc::SIGSTOP) }, 0);
+    wait_for("the standby serving", Duration::from_secs(40), || second.serving().then_some(()));
+    assert!(
+        log_of(&world, "controller-b").contains("has not renewed its lease"),
+        "the standby took over without finding the lease lapsed: {}",
+        log_of(&world, "controller-b")
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(leader, libc::SIGCONT) }, 0);
+    let code = wait_for("the thawed leader to stop", Duration::from_secs(20), || first.proc.exit_code());
+    assert_eq!(code, 3, "a deposed leader exits with status 3");
+    let server = second.server_url();
+    apply_yaml(&server, &world, "a.yaml", "name: a\nimage: 127.0.0.1:9/a:1\n");
+    wait_for("a on 3 through the new leader", Duration::from_secs(30), || settled(&server, "a", 1, 3));
+    assert!(!first.serving(), "the old leader serves again");
 }

@@ -333,8 +333,18 @@ const STORE_LOCK: i64 = 0x0062_6174_6f6e;
 
 type Job = Box<dyn FnOnce(&mut Session) + Send>;
 
-/// How often an idle leader checks that it still holds its store.
+/// How often an idle leader checks that it still holds its store (and
+/// renews its lease).
 const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// A leader that has not renewed its lease for this long (by the
+/// database's clock) is taken for frozen — a stopped process, a hung
+/// machine whose kernel still answers TCP keepalives, so its session and
+/// lock never end — and a standby ends its session.
+const LEASE: Duration = Duration::from_secs(10);
+
+/// How long a standby waits on the lock before it looks at the leader's lease.
+const LEASE_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// A PostgreSQL connection served by a thread of its own.
 struct Postgres {
@@ -461,6 +471,45 @@ impl Postgres {
     fn batch(&self, sql: String) -> Result<(), StoreError> {
         self.run(move |s| s.control(&sql))
     }
+}
+
+/// A standby's wait for the store's lock: every `LEASE_CHECK_EVERY` it
+/// looks at the leader's lease, and ends the session of a leader that has
+/// not renewed it for `LEASE` (frozen: see there), which frees the lock.
+/// That leader, if it ever runs again, finds its session gone and another
+/// epoch in the store, and exits (`fence`).
+fn wait_for_lock(c: &mut postgres::Client, url: &str) -> Result<(), StoreError> {
+    c.batch_execute(&format!("SET lock_timeout = {}", LEASE_CHECK_EVERY.as_millis())).map_err(pg_error)?;
+    loop {
+        match c.query_one("SELECT pg_advisory_lock($1)", &[&STORE_LOCK]) {
+            Ok(_) => break,
+            Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
+            Err(e) => return Err(pg_error(e)),
+        }
+        // The lease counts only while the session that wrote it holds the
+        // lock (a leader that just took the lock has not written its own yet).
+        let stale = c.query_opt(
+            "SELECT l.pid, EXTRACT(EPOCH FROM now() - b.renewed_at)::float8 FROM baton_leader b
+             JOIN pg_locks l ON l.pid = b.backend_pid
+             WHERE b.id = 1 AND l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+               AND l.classid::bigint = $1 AND l.objid::bigint = $2 AND b.renewed_at < now() - make_interval(secs => $3)",
+            &[&(STORE_LOCK >> 32), &(STORE_LOCK & 0xffff_ffff), &LEASE.as_secs_f64()],
+        );
+        match stale {
+            Ok(Some(row)) => {
+                let (pid, age): (i32, f64) = (row.get(0), row.get(1));
+                tracing::warn!(store = %url, backend_pid = pid, lease_age_s = age.round(),
+                    "the leading controller has not renewed its lease (frozen?): ending its database session to take over");
+                c.query_one("SELECT pg_terminate_backend($1)", &[&pid]).map_err(pg_error)?;
+            }
+            Ok(None) => {}
+            // A store made before leases (no such columns yet): wait on.
+            Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_COLUMN) => {}
+            Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) => {}
+            Err(e) => return Err(pg_error(e)),
+        }
+    }
+    c.batch_execute("SET lock_timeout = 0").map_err(pg_error)
 }
 
 /// Fencing: a controller that is no longer the store's leader stops at
@@ -606,31 +655,41 @@ impl Session {
                 if !self.standby {
                     return Err(StoreError::InUse(self.url.clone()));
                 }
-                tracing::warn!(store = %self.url, "another controller holds the store: standing by (this one takes over when that one's session ends)");
+                tracing::warn!(store = %self.url, "another controller holds the store: standing by (this one takes over when that one's session ends, or its lease lapses)");
                 self.waited = true;
-                c.query_one("SELECT pg_advisory_lock($1)", &[&STORE_LOCK]).map_err(pg_error)?;
+                wait_for_lock(&mut c, &self.url)?;
                 tracing::warn!(store = %self.url, "the controller that held the store is gone: taking over");
             }
             // Made under the lock: controllers starting together on an empty
             // database would otherwise race on CREATE TABLE IF NOT EXISTS.
+            // The lease's columns are added to stores made before it.
             c.batch_execute(
                 "CREATE TABLE IF NOT EXISTS baton_leader (id INTEGER PRIMARY KEY, epoch BIGINT NOT NULL); \
+                 ALTER TABLE baton_leader ADD COLUMN IF NOT EXISTS backend_pid INTEGER; \
+                 ALTER TABLE baton_leader ADD COLUMN IF NOT EXISTS renewed_at TIMESTAMPTZ; \
                  CREATE TABLE IF NOT EXISTS baton_fleet_keys (id INTEGER PRIMARY KEY, signing TEXT NOT NULL, secrets_digest TEXT NOT NULL)",
             )
             .map_err(pg_error)?;
             if self.led {
                 // Back after a lost connection: still the leader only if no
-                // other controller led meanwhile.
-                let row = c.query_one("SELECT epoch FROM baton_leader WHERE id = 1", &[]).map_err(pg_error)?;
-                if row.get::<_, i64>(0) != self.epoch {
+                // other controller led meanwhile; the lease is this session's now.
+                let renewed = c
+                    .execute(
+                        "UPDATE baton_leader SET backend_pid = pg_backend_pid(), renewed_at = now() WHERE id = 1 AND epoch = $1",
+                        &[&self.epoch],
+                    )
+                    .map_err(pg_error)?;
+                if renewed != 1 {
                     fence(&self.url, "another controller led the fleet while this one's connection was down");
                 }
                 tracing::info!(store = %self.url, "reconnected to the PostgreSQL store, still leading");
             } else {
                 let row = c
                     .query_one(
-                        "INSERT INTO baton_leader (id, epoch) VALUES (1, 1)
-                         ON CONFLICT (id) DO UPDATE SET epoch = baton_leader.epoch + 1 RETURNING epoch",
+                        "INSERT INTO baton_leader (id, epoch, backend_pid, renewed_at) VALUES (1, 1, pg_backend_pid(), now())
+                         ON CONFLICT (id) DO UPDATE SET epoch = baton_leader.epoch + 1,
+                           backend_pid = pg_backend_pid(), renewed_at = now()
+                         RETURNING epoch",
                         &[],
                     )
                     .map_err(pg_error)?;
@@ -680,10 +739,22 @@ impl Session {
         if !self.led || self.lost_in_tx {
             return;
         }
+        // The check renews the lease (see `LEASE`), except inside a
+        // transaction, where the renewal would be seen only at its commit.
+        let (epoch, in_tx) = (self.epoch, self.in_tx);
         let alive = match self.client.as_mut() {
-            Some(c) if !c.is_closed() => c.simple_query("SELECT 1").map_err(|e| describe(&e)),
+            Some(c) if !c.is_closed() && in_tx => c.simple_query("SELECT 1").map(|_| 1).map_err(|e| describe(&e)),
+            Some(c) if !c.is_closed() => c
+                .execute("UPDATE baton_leader SET renewed_at = now() WHERE id = 1 AND epoch = $1", &[&epoch])
+                .map_err(|e| describe(&e)),
             _ => Err("closed".to_string()),
         };
+        if let Ok(renewed) = alive {
+            if renewed != 1 {
+                fence(&self.url, "another controller's epoch is in the store");
+            }
+            return;
+        }
         let Err(why) = alive else { return };
         tracing::warn!(store = %self.url, why, "the PostgreSQL session is gone; connecting again");
         self.connected.store(false, Ordering::Relaxed);
