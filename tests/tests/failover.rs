@@ -173,6 +173,17 @@ fn a_leader_whose_session_is_cut_stops_and_a_postgresql_restart_keeps_the_leader
     wait_for("a revision 2 through the same leader", Duration::from_secs(30), || settled(&server, "a", 2, 5));
     assert!(!third.serving(), "the standby took over a leader that was still there");
     assert!(log_of(&world, "controller-b").contains("still leading"));
+
+    // The CLI given every replica uses the one that serves; given none that
+    // does, it says what each answered.
+    let all = format!("{},{},{}", first.server_url(), third.server_url(), server);
+    let (ok, out, err) = baton_cli(&all, &["get", "workloads", "-o", "json"]);
+    assert!(ok, "{err}");
+    let names: Vec<serde_json::Value> = serde_json::from_str(&out).expect("workloads JSON");
+    assert!(names.iter().any(|w| w["name"] == "a"), "{out}");
+    let (ok, _, err) = baton_cli(&format!("{},{}", first.server_url(), third.server_url()), &["get", "workloads"]);
+    assert!(!ok);
+    assert!(err.contains("none of the controllers serves") && err.contains("standing by"), "{err}");
 }
 
 /// A frozen leader (SIGSTOP; a hung machine whose kernel still answers TCP

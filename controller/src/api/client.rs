@@ -23,7 +23,12 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
 pub type SessionStream = (u64, crate::sessions::FrameReader, Box<dyn std::io::Read + Send>);
 
 pub struct Client {
-    base: String,
+    /// The controllers to try, in order (`--server` takes several,
+    /// comma-separated: the replicas of one store).
+    servers: Vec<String>,
+    /// The one that serves (the leader), found at the first request when
+    /// there are several.
+    chosen: std::sync::OnceLock<String>,
     agent: ureq::Agent,
     /// `Authorization` header value, when the controller wants a token.
     auth: Option<String>,
@@ -68,9 +73,51 @@ impl Client {
         ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(30)))
     }
 
+    /// `base`: one controller's URL, or several comma-separated.
     pub fn new(base: &str) -> Self {
         let agent = Self::builder().build().into();
-        Self { base: base.trim_end_matches('/').to_string(), agent, auth: None, tenant: None }
+        let servers: Vec<String> =
+            base.split(',').map(|s| s.trim().trim_end_matches('/').to_string()).filter(|s| !s.is_empty()).collect();
+        Self { servers, chosen: std::sync::OnceLock::new(), agent, auth: None, tenant: None }
+    }
+
+    /// The controller requests go to: the only one given, or the first of
+    /// several whose `/healthz` answers as serving (standbys answer 503).
+    fn base(&self) -> anyhow::Result<&str> {
+        if let [only] = &self.servers[..] {
+            return Ok(only);
+        }
+        if let Some(chosen) = self.chosen.get() {
+            return Ok(chosen);
+        }
+        let mut answers = Vec::new();
+        for server in &self.servers {
+            let probe = self
+                .agent
+                .get(format!("{server}/healthz"))
+                .config()
+                .timeout_global(Some(Duration::from_secs(5)))
+                .build();
+            match probe.call() {
+                Ok(res) if res.status().is_success() => return Ok(self.chosen.get_or_init(|| server.clone())),
+                Ok(res) if res.status().as_u16() == 503 => answers.push(format!("{server}: standing by")),
+                Ok(res) => answers.push(format!("{server}: HTTP {}", res.status().as_u16())),
+                Err(e) => answers.push(format!("{server}: {e}")),
+            }
+        }
+        if self.servers.is_empty() {
+            anyhow::bail!("no controller URL given (--server URL[,URL…] or BATON_SERVER)");
+        }
+        anyhow::bail!("none of the controllers serves:\n  {}", answers.join("\n  "))
+    }
+
+    fn url(&self, path: &str) -> anyhow::Result<String> {
+        Ok(format!("{}{path}", self.base()?))
+    }
+
+    /// The controller named in messages.
+    fn shown(&self) -> String {
+        self.chosen.get().cloned().unwrap_or_else(|| self.servers.join(","))
     }
 
     // ---- One method per route, in the router's order. ----
@@ -213,7 +260,7 @@ impl Client {
     }
 
     fn open_stream<B: Serialize>(&self, path: &str, req: &B) -> anyhow::Result<SessionStream> {
-        let url = format!("{}{path}", self.base);
+        let url = self.url(path)?;
         let req_builder = self.agent.post(url).config().timeout_global(None).build();
         let mut res = self.authed(req_builder).send_json(req).map_err(|e| self.unreachable(e))?;
         if !res.status().is_success() {
@@ -241,7 +288,7 @@ impl Client {
 
     /// Bytes for a session's stdin; returns once the device wrote them.
     pub fn session_input(&self, session: u64, data: &[u8], eof: bool) -> anyhow::Result<()> {
-        let url = format!("{}/api/v1/sessions/{session}/input?eof={eof}", self.base);
+        let url = self.url(&format!("/api/v1/sessions/{session}/input?eof={eof}"))?;
         // Answered once the device wrote it: as long as the remote process takes to read it.
         let req = self.agent.post(url).config().timeout_global(None).build();
         let res = self.authed(req).content_type("application/octet-stream").send(data);
@@ -290,19 +337,19 @@ impl Client {
     // ---- Transport. ----
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let res = self.authed(self.agent.get(format!("{}{path}", self.base))).call();
+        let res = self.authed(self.agent.get(self.url(path)?)).call();
         self.finish(res)
     }
 
     fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
-        let res = self.authed(self.agent.post(format!("{}{path}", self.base))).send_json(body);
+        let res = self.authed(self.agent.post(self.url(path)?)).send_json(body);
         self.finish(res)
     }
 
     /// Copies a streamed response to `out` as it arrives (no overall timeout:
     /// `baton logs -f` runs until interrupted).
     fn stream(&self, path: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
-        let req = self.agent.get(format!("{}{path}", self.base)).config().timeout_global(None).build();
+        let req = self.agent.get(self.url(path)?).config().timeout_global(None).build();
         let mut res = self.authed(req).call().map_err(|e| self.unreachable(e))?;
         if !res.status().is_success() {
             let status = res.status();
@@ -329,12 +376,7 @@ impl Client {
     pub fn publish_release(&self, data: &[u8], version: Option<&str>) -> anyhow::Result<AgentRelease> {
         let query = version.map(|v| format!("?version={}", url_escape(v))).unwrap_or_default();
         let path = format!("/api/v1/agent/releases{query}");
-        let req = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .config()
-            .timeout_global(Some(Duration::from_secs(600)))
-            .build();
+        let req = self.agent.post(self.url(&path)?).config().timeout_global(Some(Duration::from_secs(600))).build();
         let res = self.authed(req).content_type("application/octet-stream").send(data);
         self.finish(res)
     }
@@ -360,7 +402,7 @@ impl Client {
 
     /// POST with no body; the answer's raw bytes (a backup).
     fn post_for_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        let req = self.agent.post(format!("{}{path}", self.base)).config().timeout_global(None).build();
+        let req = self.agent.post(self.url(path)?).config().timeout_global(None).build();
         let mut res = self.authed(req).send_empty().map_err(|e| self.unreachable(e))?;
         if !res.status().is_success() {
             let status = res.status();
@@ -372,25 +414,22 @@ impl Client {
 
     /// PUT with a raw body (secret values: never JSON-encoded, never logged).
     fn put_bytes<T: DeserializeOwned>(&self, path: &str, body: &[u8]) -> anyhow::Result<T> {
-        let res = self
-            .authed(self.agent.put(format!("{}{path}", self.base)))
-            .content_type("application/octet-stream")
-            .send(body);
+        let res = self.authed(self.agent.put(self.url(path)?)).content_type("application/octet-stream").send(body);
         self.finish(res)
     }
 
     fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
-        let res = self.authed(self.agent.put(format!("{}{path}", self.base))).send_json(body);
+        let res = self.authed(self.agent.put(self.url(path)?)).send_json(body);
         self.finish(res)
     }
 
     fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let res = self.authed(self.agent.delete(format!("{}{path}", self.base))).call();
+        let res = self.authed(self.agent.delete(self.url(path)?)).call();
         self.finish(res)
     }
 
     fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
-        let res = self.authed(self.agent.patch(format!("{}{path}", self.base))).send_json(body);
+        let res = self.authed(self.agent.patch(self.url(path)?)).send_json(body);
         self.finish(res)
     }
 
@@ -415,7 +454,7 @@ impl Client {
             return res
                 .body_mut()
                 .read_json()
-                .map_err(|e| anyhow::anyhow!("the controller at {} sent a response this CLI cannot read: {e} (are the CLI and controller versions compatible?)", self.base));
+                .map_err(|e| anyhow::anyhow!("the controller at {} sent a response this CLI cannot read: {e} (are the CLI and controller versions compatible?)", self.shown()));
         }
         let msg = res
             .body_mut()
@@ -430,7 +469,7 @@ impl Client {
             "cannot reach the Baton controller at {}: {e}\n\
              Start one with `baton server` (or `baton up` for a controller plus a local agent),\n\
              or point the CLI at yours with --server URL or BATON_SERVER=URL.",
-            self.base
+            self.shown()
         )
     }
 }

@@ -16,7 +16,8 @@ use crate::server::{BrokerMode, ServerConfig};
 #[derive(Parser)]
 #[command(name = "baton", version, about = "Baton: orchestrate containers on fleets of small Linux devices")]
 pub struct Cli {
-    /// Controller API URL.
+    /// Controller API URL; the replicas of one store comma-separated (the
+    /// CLI uses the first that serves: standbys answer 503).
     #[arg(long, global = true, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
     /// API token, for a controller started with --api-auth.
