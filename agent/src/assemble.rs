@@ -82,7 +82,9 @@ pub fn run(
 /// The workloads engine, started with the persisted desired document so the
 /// device runs its last known state with no network and no controller.
 pub fn start_engine(config: &AgentConfig) -> Result<(EngineHandle, EngineThread), StartError> {
-    let shim = std::env::current_exe()?;
+    // The build that runs, even if its file was replaced since it started:
+    // the spawner and exec helpers must speak this agent's protocol.
+    let shim = std::path::PathBuf::from("/proc/self/exe");
     let layout = Layout::new(&config.data_dir, &config.run_dir).with_cgroup_parent(config.cgroup_parent.clone());
     let network =
         crate::net::Network::open(config.network.clone(), config.device_id.as_str(), &config.data_dir, &config.run_dir);

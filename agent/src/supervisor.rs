@@ -295,8 +295,11 @@ impl<R: ContainerRuntime> Supervisor<R> {
                     info!(workload = name, container = %id, code = exit.code, "found exited container");
                     unit.state = self.after_exit(name, &mut unit, exit, now_ms);
                 }
-                // Lost (e.g. after a reboot) or vanished: start the next instance now.
-                _ => {}
+                // Lost (a reboot, or its shim died) or vanished: whatever of
+                // it still runs is ended, and the next instance starts now.
+                _ => {
+                    let _ = self.rt.kill(&id);
+                }
             }
         }
         self.units.insert(name.to_string(), unit);
@@ -488,6 +491,8 @@ impl<R: ContainerRuntime> Supervisor<R> {
                     Ok(ContainerState::Exited(exit)) => unit.state = self.after_exit(name, &mut unit, exit, now_ms),
                     Ok(ContainerState::Lost | ContainerState::Missing) => {
                         warn!(workload = name, container = %id, "container lost; starting a new one");
+                        // Its shim died: what it left running must not run beside the next one.
+                        let _ = self.rt.kill(&id);
                         unit.last_error = Some("container lost (shim gone without an exit record)".into());
                         unit.restarts = unit.restarts.saturating_add(1);
                         unit.state = UnitState::BackingOff { until_ms: now_ms };

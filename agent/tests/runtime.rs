@@ -471,6 +471,55 @@ fn exec_runs_inside_the_container_and_returns_output_and_code() {
     assert!(rt.exec(&id, &["/bin/true".into()], T).is_err(), "exec into an exited container");
 }
 
+/// A shim killed with kill -9 leaves its container running, unsupervised:
+/// the container is reported lost, and killing it (what the supervisor does
+/// before it starts the next instance) ends what was left in its cgroup, so
+/// that no replacement ever runs beside it.
+#[test]
+fn a_container_whose_shim_died_is_lost_and_killing_it_ends_what_it_left() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let id = cid("orphan");
+    create(&fx, &rt, &id, &sh("sleep 300 & while true; do sleep 0.1; done")).unwrap();
+    wait_until("running", T, || matches!(rt.state(&id), Ok(ContainerState::Running(_))));
+    let Ok(ContainerState::Running(running)) = rt.state(&id) else { panic!("not running") };
+    // Alive: in /proc and not a zombie.
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+    };
+    let shim: i32 = std::fs::read_to_string(fx.layout.run_state(&id).join("shim.pid")).unwrap().trim().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until("reported lost", T, || rt.state(&id).ok() == Some(ContainerState::Lost));
+    assert!(alive(running.pid), "the container died with its shim");
+    rt.kill(&id).unwrap();
+    wait_until("the orphaned container gone", T, || !alive(running.pid));
+    rt.remove(&id).unwrap();
+    assert_eq!(rt.state(&id).unwrap(), ContainerState::Missing);
+}
+
+/// Workloads start as under Docker, with no signal ignored (the agent's
+/// Rust runtime ignores SIGPIPE, and ignored signals survive exec): a pipe
+/// whose reader left ends its writer quietly, by SIGPIPE. In an exec too.
+#[test]
+fn containers_and_execs_start_with_no_signal_ignored() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    let id = cid("signals");
+    let probe = "grep SigIgn /proc/self/status; (yes; echo yes-rc=$? >&2) | head -1 >/dev/null";
+    create(&fx, &rt, &id, &sh(&format!("{probe}; while true; do sleep 0.1; done"))).unwrap();
+    wait_until("the probe's lines", T, || fx.log(&id).contains("yes-rc="));
+    let log = fx.log(&id);
+    assert!(log.contains("SigIgn:\t0000000000000000"), "{log}");
+    assert!(log.contains("yes-rc=141"), "yes did not end by SIGPIPE: {log}");
+    let out = rt.exec(&id, &["/bin/sh".into(), "-c".into(), probe.into()], T).unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("SigIgn:\t0000000000000000"), "{stdout}");
+    assert!(stderr.contains("yes-rc=141"), "{stderr}");
+    rt.kill(&id).unwrap();
+    wait_exit(&rt, &id, T);
+}
+
 #[test]
 fn user_workdir_env_hostname_and_cpu_limit_are_applied() {
     let fx = Fixture::new();

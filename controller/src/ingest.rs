@@ -135,6 +135,7 @@ pub async fn run(
     controller: Arc<Controller>,
     brokers: BrokerNodes,
     credentials: Option<(String, String)>,
+    qos: QoS,
     client_id: String,
     mut outbox: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -195,7 +196,7 @@ pub async fn run(
                         warn!(error = %e, "cannot subscribe to dynamic-security answers");
                     }
                 }
-                subscribe_all(&client);
+                subscribe_all(&client, qos);
                 // The store is the truth; retained desired documents are its cache
                 // in the broker, which an embedded broker loses on restart.
                 blocking(&controller, Controller::republish_desired).await;
@@ -267,7 +268,7 @@ pub async fn run(
                 let refused =
                     ack.return_codes.iter().filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)).count();
                 warn!(broker = %brokers.all()[node], refused, "the broker refused some of the controller's subscriptions; subscribing again");
-                subscribe_all(&client);
+                subscribe_all(&client, qos);
             }
             Ok(_) => {}
             Err(e) => {
@@ -293,12 +294,12 @@ pub async fn run(
     controller.broker_connected.store(false, Relaxed);
 }
 
-/// Every device's upstream topics and the `desired` topics, at QoS 1.
-fn subscribe_all(client: &AsyncClient) {
+/// Every device's upstream topics and the `desired` topics, at `qos`.
+fn subscribe_all(client: &AsyncClient, qos: QoS) {
     let filters = UPSTREAM
         .into_iter()
         .chain([TopicKind::Desired])
-        .map(|k| rumqttc::SubscribeFilter::new(k.filter_all_devices(), QoS::AtLeastOnce));
+        .map(|k| rumqttc::SubscribeFilter::new(k.filter_all_devices(), qos));
     if let Err(e) = client.try_subscribe_many(filters) {
         warn!(error = %e, "cannot queue subscriptions");
     }

@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub offline_after: Duration,
     /// How often heartbeat-only changes (`last_seen`) are written to the store.
     pub flush_every: Duration,
+    /// QoS of the controller's subscriptions (`--ingest-qos`).
+    pub ingest_qos: rumqttc::QoS,
     pub max_devices: usize,
     /// An offline device's `replicas` workloads move elsewhere after this long.
     pub reschedule_after: Duration,
@@ -279,6 +281,7 @@ pub async fn serve(
         controller.clone(),
         ingest_broker,
         ingest_credentials,
+        cfg.ingest_qos,
         client_id,
         outbox,
         stop_rx.clone(),
@@ -378,6 +381,7 @@ mod tests {
             stale_after: Duration::from_secs(60),
             offline_after: Duration::from_secs(120),
             flush_every: Duration::from_secs(30),
+            ingest_qos: rumqttc::QoS::AtLeastOnce,
             max_devices: 10,
             reschedule_after: Duration::from_secs(300),
             resolve_digests: false,

@@ -92,7 +92,7 @@ for i in 0 1 2; do
   order="mqtt://127.0.0.1:${mqtt[$i]},mqtt://127.0.0.1:${mqtt[$(((i + 1) % 3))]},mqtt://127.0.0.1:${mqtt[$(((i + 2) % 3))]}"
   # shellcheck disable=SC2086 # BATON_SERVER_ARGS is a list of flags
   start "controller-$((i + 1))" "$BATON" server --listen "127.0.0.1:${api[$i]}" --data-dir "$DIR/controller-$((i + 1))" \
-    --store "$store" --broker "$order" --signing-key "$DIR/keys/signing.key" --secrets-key "$DIR/keys/secrets.key" \
+    --store "$store" --broker "$order" --ingest-qos 0 --signing-key "$DIR/keys/signing.key" --secrets-key "$DIR/keys/secrets.key" \
     ${BATON_SERVER_ARGS:-}
 done
 serving() {

@@ -72,10 +72,20 @@ fn the_deployed_cluster_survives_a_broker_node_killed_under_its_devices() {
     assert_eq!(r.state, baton_controller::rollout::State::Succeeded, "{r:?}");
     assert_eq!((r.counts.ready, r.counts.failed), (13, 0), "{r:?}");
 
-    // The leading controller killed here too is not tested: with a node
-    // already gone, the new leader's subscriptions are sometimes refused by
-    // NATS (the known bug in deploy/cluster/README.md); failover.rs tests
-    // the takeover itself on Mosquitto.
+    // The leading controller dies, with a node still down: another one
+    // serves, with the same fleet, and its subscriptions work.
+    let index = cluster.api.iter().position(|p| *p == leader).expect("the leader's port");
+    cluster.kill9(&format!("controller-{}", index + 1));
+    let next = wait_for("another controller serving", Duration::from_secs(30), || cluster.serving().first().copied());
+    assert_ne!(next, leader);
+    let server = format!("http://127.0.0.1:{next}");
+    wait_for("13 devices online at the new leader", Duration::from_secs(60), || {
+        let online = devices(next).iter().filter(|d| d.status == Status::Online).count();
+        (online == 13).then_some(())
+    });
+    apply_yaml(&server, &world, "app.yaml", &forever("app", "three"));
+    wait_for("revision 3 everywhere", Duration::from_secs(90), || settled(&server, "app", 3, 13));
+
     assert!(alive(steady) && running_pid(&run, "steady-0") == Some(steady), "a container was touched");
     let w = describe_workload(&server, "steady").expect("steady");
     let real = w.devices.iter().find(|d| d.device == DEVICE).expect("the real device");

@@ -268,6 +268,7 @@ pub struct Filtered(pub Option<Program>);
 
 impl Executor for Filtered {
     fn exec(&self, spec: &libcontainer::oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
+        default_signals();
         if let Some(program) = &self.0 {
             program.install().map_err(|e| ExecutorError::Other(format!("cannot load the seccomp filter: {e}")))?;
         }
@@ -276,6 +277,28 @@ impl Executor for Filtered {
 
     fn validate(&self, spec: &libcontainer::oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
         DefaultExecutor {}.validate(spec)
+    }
+}
+
+/// The container's process starts with every signal at its default, as
+/// under Docker: ignored dispositions survive exec, and the agent's (Rust
+/// ignores SIGPIPE; `nohup` adds SIGHUP) would otherwise reach the workload
+/// — `yes | head -1` would not end on SIGPIPE. Runs in the container's
+/// process, just before its exec.
+/// Through the system call, not libc's `signal`: glibc refuses to touch
+/// the two real-time signals it keeps for itself (32, 33), which can be
+/// inherited ignored too.
+fn default_signals() {
+    // The kernel's sigaction, all zero: SIG_DFL, no flags, nothing masked
+    // (the same layout on every Linux architecture for this value).
+    let default = [0u64; 4];
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: rt_sigaction reads `default` (large enough for the
+            // kernel's struct) and writes nothing back (old = null); this
+            // process is about to exec, so no handler of ours is needed.
+            unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, default.as_ptr(), std::ptr::null_mut::<u8>(), 8usize) };
+        }
     }
 }
 

@@ -38,9 +38,10 @@ pub struct LibcontainerRuntime {
 
 impl LibcontainerRuntime {
     pub fn new(layout: Layout, shim_exe: PathBuf) -> Self {
+        let spawner = Spawner::new(shim_exe.clone(), |id| layout.container(id));
         Self {
             layout,
-            spawner: Arc::new(Spawner::new(shim_exe.clone())),
+            spawner: Arc::new(spawner),
             shim_exe,
             stop_grace: Duration::from_secs(10),
             log_max_bytes: 1 << 20,
@@ -141,8 +142,54 @@ impl LibcontainerRuntime {
                 context: format!("signal shim of {id}"),
                 source: std::io::Error::from(e),
             }),
-            None if self.layout.container(id).exists() => Ok(()), // already ended
+            None if self.layout.container(id).exists() => {
+                // Ended — or its shim died (kill -9, OOM) and left the
+                // container running unsupervised: end what is left of it, so
+                // that a replacement never runs beside it.
+                self.kill_orphans(id);
+                Ok(())
+            }
             None => Err(RuntimeError::NotFound(id.to_string())),
+        }
+    }
+
+    /// SIGKILL to every process left in `id`'s cgroup (in each hierarchy),
+    /// until none is left or 2 s passed. Only for a container with no live shim.
+    fn kill_orphans(&self, id: &str) {
+        let cgroup = self.layout.cgroup(id);
+        let cgroup = cgroup.trim_start_matches('/');
+        let v1 = std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|c| c.path());
+        let procs: Vec<PathBuf> = v1
+            .chain([PathBuf::from("/sys/fs/cgroup")])
+            .map(|h| h.join(cgroup).join("cgroup.procs"))
+            .filter(|p| p.exists())
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut killed = 0usize;
+        loop {
+            let pids: std::collections::BTreeSet<i32> = procs
+                .iter()
+                .filter_map(|p| std::fs::read_to_string(p).ok())
+                .flat_map(|t| t.lines().filter_map(|l| l.trim().parse::<i32>().ok()).collect::<Vec<_>>())
+                .filter(|p| *p > 1)
+                .collect();
+            if pids.is_empty() || std::time::Instant::now() >= deadline {
+                if killed > 0 {
+                    tracing::warn!(
+                        container = id,
+                        processes = killed,
+                        left = pids.len(),
+                        "its shim was gone: killed what was left running in its cgroup"
+                    );
+                }
+                return;
+            }
+            for pid in pids {
+                if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+                    killed += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -373,6 +420,7 @@ impl ContainerRuntime for LibcontainerRuntime {
             return Err(RuntimeError::Start { id: id.to_string(), reason: "exec: container is not running".into() });
         }
         let mut cmd = Command::new(&self.shim_exe);
+        std::os::unix::process::CommandExt::arg0(&mut cmd, "baton-agent");
         cmd.arg("exec").args(["--id", id]).arg("--root").arg(self.layout.youki_root());
         cmd.args(["--timeout-ms", &max.as_millis().to_string(), "--stdin"]);
         if let Some(term) = terminal {

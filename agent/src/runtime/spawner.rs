@@ -49,16 +49,23 @@ use super::shim::ShimArgs;
 
 /// The spawner's end of the socket in its own process.
 pub const SOCKET_FD: RawFd = 3;
-/// Bytes of command line the spawner is started with, for its shims' titles
-/// (`baton-agent shim --id ID --bundle PATH`; ids are at most 100 bytes).
-const TITLE_ROOM: usize = 1024;
+/// Longest container id (`validate_id`), for the room titles need.
+const LONGEST_ID: usize = 100;
 /// Largest request: eight fields, paths included.
 const MAX_REQUEST: usize = 16 * 1024;
+/// How long a shim may take to report its container started. Creating one
+/// takes milliseconds to seconds; past this the spawner or the shim is
+/// stuck (stopped, or wedged in the kernel), and both are ended so that the
+/// agent's loop goes on and says so.
+const REPORT_WITHIN: Duration = Duration::from_secs(120);
 
 /// The runtime's side: starts the spawner when needed and asks it for shims.
 #[derive(Debug)]
 pub struct Spawner {
     exe: PathBuf,
+    /// Bytes of command line the spawner is started with, for its shims'
+    /// titles: the longest title any container of this layout gets.
+    title_room: usize,
     link: Mutex<Option<Link>>,
 }
 
@@ -66,12 +73,18 @@ pub struct Spawner {
 struct Link {
     /// Closing it ends the spawner.
     socket: OwnedFd,
+    /// The spawner's pid (its first packet says it).
+    pid: i32,
 }
 
 impl Spawner {
-    /// `exe` provides the `spawner` subcommand (the agent binary itself).
-    pub fn new(exe: PathBuf) -> Self {
-        Self { exe, link: Mutex::new(None) }
+    /// `exe` provides the `spawner` subcommand (the agent binary itself:
+    /// `/proc/self/exe`, the build that runs even if its file was replaced);
+    /// `bundle_of` names a container's bundle directory.
+    pub fn new(exe: PathBuf, bundle_of: impl Fn(&str) -> PathBuf) -> Self {
+        let longest = "a".repeat(LONGEST_ID);
+        let title_room = title_bytes(&longest, Some(&bundle_of(&longest))).len();
+        Self { exe, title_room, link: Mutex::new(None) }
     }
 
     /// Starts the shim of `args`; returns once it reported the container
@@ -86,7 +99,9 @@ impl Spawner {
             // A spawner that died (killed, or its binary replaced) is started again, once.
             for _ in 0..2 {
                 if link.is_none() {
-                    *link = Some(self.start()?);
+                    let started = self.start()?;
+                    tracing::info!(pid = started.pid, "started the shim spawner");
+                    *link = Some(started);
                 }
                 let Some(l) = link.as_ref() else { break };
                 let fds = [ready_w.as_raw_fd()];
@@ -102,13 +117,33 @@ impl Spawner {
                 if sent.is_ok() {
                     break;
                 }
-                *link = None;
+                if let Some(gone) = link.take() {
+                    tracing::warn!(pid = gone.pid, error = %sent.as_ref().err().map_or("", String::as_str), "the shim spawner is gone; starting another");
+                }
             }
             sent?;
         }
         drop(ready_w);
-        let mut msg = String::new();
-        let _ = File::from(ready_r).read_to_string(&mut msg);
+        let msg = match read_to_eof(ready_r, REPORT_WITHIN) {
+            Ok(msg) => msg,
+            Err(()) => {
+                // Stuck: end the spawner (started again on the next request)
+                // and the shim, if it got as far as recording its pid.
+                let spawner = self.link.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(l) = &spawner {
+                    let _ =
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(l.pid), nix::sys::signal::Signal::SIGKILL);
+                }
+                if let Some(pid) = shim_pid(args) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+                tracing::warn!(container = %args.id, spawner = ?spawner.map(|l| l.pid), "the shim did not report within {} s: ended it and the spawner", REPORT_WITHIN.as_secs());
+                return Err(format!(
+                    "the shim did not report within {} s (the spawner or the shim was stuck; both were ended)",
+                    REPORT_WITHIN.as_secs()
+                ));
+            }
+        };
         match msg.strip_prefix("ok") {
             Some(_) => Ok(()),
             None if msg.is_empty() => Err("shim exited without reporting".into()),
@@ -121,9 +156,9 @@ impl Spawner {
             .map_err(|e| format!("cannot create the spawner's socket: {e}"))?;
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(&self.exe);
-        // Blank room for its shims' titles: invisible in `ps`.
-        cmd.arg("spawner").arg("--title-room").arg(" ".repeat(TITLE_ROOM));
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        // Blank room for its shims' titles (see `title_room`).
+        cmd.arg0("baton-agent").arg("spawner").arg("--title-room").arg(" ".repeat(self.title_room));
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).current_dir("/");
         // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl).
         unsafe {
             cmd.pre_exec(move || {
@@ -141,8 +176,76 @@ impl Spawner {
             return Err(format!("the shim spawner {} did not start: {status}", self.exe.display()));
         }
         drop(theirs);
-        Ok(Link { socket: ours })
+        // Its first packet is its pid (to end it if it gets stuck).
+        let hello = recv_within(&ours, Duration::from_secs(10))
+            .map_err(|e| format!("the shim spawner {} did not say hello: {e}", self.exe.display()))?;
+        let pid = std::str::from_utf8(&hello)
+            .ok()
+            .and_then(|h| h.strip_prefix("pid "))
+            .and_then(|p| p.parse::<i32>().ok())
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("the shim spawner {} said something else than its pid", self.exe.display()))?;
+        Ok(Link { socket: ours, pid })
     }
+}
+
+/// Reads `fd` until EOF; Err(()) when `within` passed first.
+fn read_to_eof(fd: OwnedFd, within: Duration) -> Result<String, ()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = std::time::Instant::now() + within;
+    let mut file = File::from(fd);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(());
+        }
+        let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(&file), PollFlags::POLLIN)];
+        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, ms) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return Err(()),
+            Ok(_) => {}
+        }
+        match file.read(&mut buf) {
+            Ok(0) => return Ok(String::from_utf8_lossy(&out).into_owned()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Ok(String::from_utf8_lossy(&out).into_owned()),
+        }
+    }
+}
+
+/// One packet from `socket`, waiting at most `within`.
+fn recv_within(socket: &OwnedFd, within: Duration) -> Result<Vec<u8>, String> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(socket), PollFlags::POLLIN)];
+    let ms = PollTimeout::try_from(within.as_millis() as i32).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, ms) {
+        Ok(0) => return Err(format!("nothing within {} s", within.as_secs())),
+        Err(e) => return Err(e.to_string()),
+        Ok(_) => {}
+    }
+    let mut buf = [0u8; 64];
+    let n = nix::sys::socket::recv(socket.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Err("it exited".into());
+    }
+    Ok(buf[..n].to_vec())
+}
+
+/// The pid the shim of `args` recorded, if that process is still that shim.
+fn shim_pid(args: &ShimArgs) -> Option<i32> {
+    let pid: i32 =
+        std::fs::read_to_string(args.state.join(super::layout::files::SHIM_PID)).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let ours = cmdline
+        .split(|b| *b == 0)
+        .collect::<Vec<_>>()
+        .windows(2)
+        .any(|w| w[0] == b"--id" && w[1] == args.id.as_bytes());
+    ours.then_some(pid)
 }
 
 /// Entry point of `baton-agent spawner`: forks the spawner proper, which
@@ -162,6 +265,12 @@ pub fn serve() -> i32 {
         Ok(ForkResult::Child) => {
             let _ = nix::unistd::setsid();
         }
+    }
+    // `top`, `pidof baton-agent` and `killall baton-agent` tell it from the agent.
+    set_comm(c"baton-spawner");
+    let hello = format!("pid {}", std::process::id());
+    if nix::sys::socket::send(socket.as_raw_fd(), hello.as_bytes(), MsgFlags::MSG_NOSIGNAL).is_err() {
+        return 1;
     }
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
@@ -212,6 +321,7 @@ pub fn serve() -> i32 {
                 // SAFETY: still single-threaded; the middle process only forks and exits.
                 match unsafe { fork() } {
                     Ok(ForkResult::Child) => {
+                        set_comm(c"baton-shim");
                         if let Err(e) = set_title(&args.id, &args.bundle) {
                             let _ = ready.write_all(format!("cannot set the shim's process title: {e}").as_bytes());
                             std::process::exit(1);
@@ -262,6 +372,13 @@ fn set_title(id: &str, bundle: &Path) -> Result<(), String> {
     } else {
         Err("the kernel does not show the new command line".into())
     }
+}
+
+/// The process's name in `/proc/PID/comm` (what `top`, `pidof` and
+/// `killall` match), at most 15 bytes.
+fn set_comm(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
 }
 
 fn title_bytes(id: &str, bundle: Option<&Path>) -> Vec<u8> {
@@ -364,7 +481,19 @@ mod tests {
 
     #[test]
     fn the_title_fits_the_room_for_the_longest_id() {
-        assert!(title_bytes(&"a".repeat(100), None).len() <= TITLE_ROOM);
+        let spawner = Spawner::new("/proc/self/exe".into(), |id| Path::new("/var/lib/baton/containers").join(id));
+        assert!(
+            title_bytes(&"a".repeat(100), Some(Path::new("/var/lib/baton/containers/a"))).len() <= spawner.title_room
+        );
+        assert_eq!(
+            spawner.title_room,
+            title_bytes(&"a".repeat(100), None).len()
+                + "--bundle".len()
+                + 1
+                + "/var/lib/baton/containers/".len()
+                + 100
+                + 1
+        );
         let bundle = Path::new("/var/lib/baton/containers/web-1");
         assert_eq!(
             title_bytes("web-1", Some(bundle)),

@@ -457,6 +457,13 @@ pub struct ServerArgs {
     /// tried in turn.
     #[arg(long)]
     pub broker: Option<String>,
+    /// QoS of the controller's subscriptions to every device's topics: 1
+    /// (the default) or 0. Its MQTT session is clean either way, so QoS 1
+    /// keeps nothing across a lost connection; on NATS, QoS 1 subscriptions
+    /// are JetStream consumers, which NATS 2.9 may fail to create under
+    /// load, and QoS 0 ones are plain NATS subscriptions: use 0 there.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub ingest_qos: u8,
     /// Where the store lives (default /var/lib/baton/controller as root, else ~/.local/share/baton/controller).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -577,6 +584,7 @@ impl ServerArgs {
             stale_after: Duration::from_secs(self.stale_after),
             offline_after: Duration::from_secs(self.offline_after),
             flush_every: Duration::from_secs(self.flush_every),
+            ingest_qos: if self.ingest_qos == 0 { rumqttc::QoS::AtMostOnce } else { rumqttc::QoS::AtLeastOnce },
             max_devices: self.max_devices,
             reschedule_after: Duration::from_secs(self.reschedule_after),
             resolve_digests: self.resolve_digests,
