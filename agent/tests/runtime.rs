@@ -494,6 +494,11 @@ fn a_container_whose_shim_died_is_lost_and_killing_it_ends_what_it_left() {
     assert!(alive(running.pid), "the container died with its shim");
     rt.kill(&id).unwrap();
     wait_until("the orphaned container gone", T, || !alive(running.pid));
+    // And what its shim would have given back at its end: the rootfs mount.
+    let bundle = fx.layout.container(&id);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&bundle.display().to_string()), "the lost container's rootfs is still mounted");
+    assert_eq!(rt.state(&id).unwrap(), ContainerState::Lost, "a lost container stays lost (no exit record made up)");
     rt.remove(&id).unwrap();
     assert_eq!(rt.state(&id).unwrap(), ContainerState::Missing);
 }

@@ -4,7 +4,7 @@
 //! changes process-wide state.
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use libcontainer::container::builder::ContainerBuilder;
@@ -120,6 +120,7 @@ pub fn run(args: ExecArgs) -> i32 {
             return 126;
         }
     };
+    sweep_notify_sockets(&args.root.join(&args.id));
     // libcontainer made the command a session leader: what it started
     // (background jobs included) ends with it, whichever way it ends.
     let code = wait_for_command(pid, &args);
@@ -127,6 +128,25 @@ pub fn run(args: ExecArgs) -> i32 {
         super::kill_session(pid.as_raw());
     }
     code
+}
+
+/// libcontainer leaves each exec's `tenant-notify-*.sock` in the
+/// container's state directory (tmpfs): one file per exec and per exec
+/// probe, for as long as the container runs. Those older than a minute are
+/// long done with (an exec's process connects within milliseconds).
+fn sweep_notify_sockets(state: &Path) {
+    let Ok(entries) = std::fs::read_dir(state) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(60)));
+        if name.starts_with("tenant-notify-") && name.ends_with(".sock") && stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn wait_for_command(pid: nix::unistd::Pid, args: &ExecArgs) -> i32 {

@@ -87,6 +87,11 @@ impl LibcontainerRuntime {
     /// unmount fails, the bundle stays (deleting through a live mount is never safe).
     fn cleanup(&self, id: &str) -> Result<(), RuntimeError> {
         let bundle = self.layout.container(id);
+        // A create that failed half-way (its shim killed, say) may have left
+        // the container's init running: nothing of it may outlive this.
+        if self.live_shim(id).is_none() {
+            self.kill_orphans(id);
+        }
         super::rootfs::release(&bundle).map_err(RuntimeError::io(format!("unmount rootfs of {id}")))?;
         let _ = std::fs::remove_dir_all(&bundle);
         let _ = std::fs::remove_dir_all(self.run_state(id));
@@ -120,7 +125,7 @@ impl LibcontainerRuntime {
     }
 
     /// The live shim of `id`, if any: its recorded pid must still be a
-    /// `baton-agent shim` for this id (pids get reused after a reboot) — the
+    /// shim for this id (pids get reused after a reboot) — the
     /// title a forked shim gives itself, or the command line of a shim an
     /// older agent exec'd.
     fn live_shim(&self, id: &str) -> Option<Pid> {
@@ -145,11 +150,28 @@ impl LibcontainerRuntime {
             None if self.layout.container(id).exists() => {
                 // Ended — or its shim died (kill -9, OOM) and left the
                 // container running unsupervised: end what is left of it, so
-                // that a replacement never runs beside it.
+                // that a replacement never runs beside it, and give back what
+                // its shim would have at its end (mount, writable layer,
+                // cgroups, run state); the bundle stays for its log.
                 self.kill_orphans(id);
+                if !self.layout.container(id).join(files::EXIT).exists() {
+                    self.release_lost(id);
+                }
                 Ok(())
             }
             None => Err(RuntimeError::NotFound(id.to_string())),
+        }
+    }
+
+    /// What a lost container's shim would have released at its end.
+    fn release_lost(&self, id: &str) {
+        if let Err(e) = super::rootfs::discard(&self.layout.container(id)) {
+            tracing::warn!(container = id, error = %e, "cannot release the rootfs of a lost container");
+        }
+        self.forget_libcontainer_state(id);
+        let _ = std::fs::remove_dir_all(self.run_state(id));
+        if let Some(net) = &self.net {
+            net.detach(id);
         }
     }
 

@@ -1,6 +1,6 @@
 //! Containers on the device. The rest of the agent sees only the
 //! [`ContainerRuntime`] trait; the libcontainer implementation runs every
-//! container under its own `baton-agent shim` process, so containers outlive
+//! container under its own shim process, so containers outlive
 //! the agent and a restarted agent re-adopts them from the files the shims keep.
 
 pub mod devfilter;

@@ -25,7 +25,7 @@
 //! are not its children and do not notice. A spawner that died is started
 //! again on the next create (its socket refuses the request).
 //!
-//! Each shim rewrites its command line to `baton-agent shim --id ID --bundle
+//! Each shim rewrites its command line to `baton-shim shim --id ID --bundle
 //! PATH` (see `set_title`): the runtime recognises a live shim by it, as it
 //! recognises shims exec'd by older agents, and `ps` says whose it is.
 
@@ -57,7 +57,11 @@ const MAX_REQUEST: usize = 16 * 1024;
 /// takes milliseconds to seconds; past this the spawner or the shim is
 /// stuck (stopped, or wedged in the kernel), and both are ended so that the
 /// agent's loop goes on and says so.
-const REPORT_WITHIN: Duration = Duration::from_secs(120);
+const REPORT_WITHIN: Duration = Duration::from_secs(30);
+/// The line the middle process writes into the report pipe first: the
+/// shim's pid, so the runtime notices a shim that dies before it reports
+/// (a process it forked may keep the pipe open).
+const PID_LINE: &str = "shim-pid ";
 
 /// The runtime's side: starts the spawner when needed and asks it for shims.
 #[derive(Debug)]
@@ -124,9 +128,13 @@ impl Spawner {
             sent?;
         }
         drop(ready_w);
-        let msg = match read_to_eof(ready_r, REPORT_WITHIN) {
+        let msg = match read_report(ready_r, REPORT_WITHIN) {
             Ok(msg) => msg,
-            Err(()) => {
+            Err(Unreported::ShimDied(pid)) => {
+                tracing::warn!(container = %args.id, shim = pid, "the shim died before it reported");
+                return Err(format!("the shim (pid {pid}) died before it reported (killed?)"));
+            }
+            Err(Unreported::TimedOut) => {
                 // Stuck: end the spawner (started again on the next request)
                 // and the shim, if it got as far as recording its pid.
                 let spawner = self.link.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -157,7 +165,7 @@ impl Spawner {
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(&self.exe);
         // Blank room for its shims' titles (see `title_room`).
-        cmd.arg0("baton-agent").arg("spawner").arg("--title-room").arg(" ".repeat(self.title_room));
+        cmd.arg0("baton-spawner").arg("spawner").arg("--title-room").arg(" ".repeat(self.title_room));
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).current_dir("/");
         // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl).
         unsafe {
@@ -189,32 +197,59 @@ impl Spawner {
     }
 }
 
-/// Reads `fd` until EOF; Err(()) when `within` passed first.
-fn read_to_eof(fd: OwnedFd, within: Duration) -> Result<String, ()> {
+/// Why a report did not come.
+enum Unreported {
+    TimedOut,
+    /// The shim (this pid) is gone without a word.
+    ShimDied(i32),
+}
+
+/// Reads the report pipe until EOF, without the pid line; gives up when
+/// `within` passed, or as soon as the shim died without reporting.
+fn read_report(fd: OwnedFd, within: Duration) -> Result<String, Unreported> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let deadline = std::time::Instant::now() + within;
     let mut file = File::from(fd);
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
+    let report = |out: &[u8]| {
+        let text = String::from_utf8_lossy(out);
+        text.lines().filter(|l| !l.starts_with(PID_LINE)).collect::<Vec<_>>().join("\n")
+    };
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
-            return Err(());
+            return Err(Unreported::TimedOut);
         }
         let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(&file), PollFlags::POLLIN)];
-        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
+        let ms = PollTimeout::try_from(left.as_millis().min(250) as i32).unwrap_or(PollTimeout::MAX);
         match poll(&mut fds, ms) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return Err(()),
+            Ok(0) => {
+                let shim = String::from_utf8_lossy(&out)
+                    .lines()
+                    .find_map(|l| l.strip_prefix(PID_LINE)?.trim().parse::<i32>().ok());
+                if let Some(pid) = shim.filter(|p| !alive(*p)) {
+                    return Err(Unreported::ShimDied(pid));
+                }
+                continue;
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return Err(Unreported::TimedOut),
             Ok(_) => {}
         }
         match file.read(&mut buf) {
-            Ok(0) => return Ok(String::from_utf8_lossy(&out).into_owned()),
+            Ok(0) => return Ok(report(&out)),
             Ok(n) => out.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return Ok(String::from_utf8_lossy(&out).into_owned()),
+            Err(_) => return Ok(report(&out)),
         }
     }
+}
+
+/// In /proc and not a zombie.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
 }
 
 /// One packet from `socket`, waiting at most `within`.
@@ -328,7 +363,9 @@ pub fn serve() -> i32 {
                         }
                         super::shim::run_detached(&args, ready)
                     }
-                    Ok(ForkResult::Parent { .. }) => {}
+                    Ok(ForkResult::Parent { child }) => {
+                        let _ = ready.write_all(format!("{PID_LINE}{child}\n").as_bytes());
+                    }
                     Err(e) => {
                         let _ = ready.write_all(format!("fork: {e}").as_bytes());
                     }
@@ -341,7 +378,7 @@ pub fn serve() -> i32 {
 }
 
 /// Rewrites this process's command line (the bytes the kernel shows in
-/// `/proc/PID/cmdline`, on its stack) to `baton-agent shim --id ID --bundle
+/// `/proc/PID/cmdline`, on its stack) to `baton-shim shim --id ID --bundle
 /// PATH` (without the bundle if it does not fit), and reads it back: the
 /// runtime finds live shims by it.
 fn set_title(id: &str, bundle: &Path) -> Result<(), String> {
@@ -382,7 +419,10 @@ fn set_comm(name: &std::ffi::CStr) {
 }
 
 fn title_bytes(id: &str, bundle: Option<&Path>) -> Vec<u8> {
-    let mut words: Vec<&[u8]> = vec![b"baton-agent", b"shim", b"--id", id.as_bytes()];
+    // `baton-shim` for `pidof`/`killall` (they match argv[0]); `shim` and
+    // `--id ID` for the agents that recognise live shims by them, older
+    // ones included (after a rollback).
+    let mut words: Vec<&[u8]> = vec![b"baton-shim", b"shim", b"--id", id.as_bytes()];
     if let Some(b) = bundle {
         words.extend([b"--bundle".as_slice(), b.as_os_str().as_bytes()]);
     }
@@ -480,6 +520,32 @@ mod tests {
     }
 
     #[test]
+    fn a_shim_that_died_without_reporting_is_noticed_though_the_pipe_stays_open() {
+        let mut gone = std::process::Command::new("true").spawn().expect("spawn true");
+        let pid = gone.id() as i32;
+        gone.wait().expect("wait");
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        let mut w = File::from(w);
+        w.write_all(format!("{PID_LINE}{pid}\n").as_bytes()).expect("write");
+        // `w` stays open, as a process the shim forked would keep it.
+        let started = std::time::Instant::now();
+        assert!(matches!(read_report(r, Duration::from_secs(20)), Err(Unreported::ShimDied(p)) if p == pid));
+        assert!(started.elapsed() < Duration::from_secs(10), "noticed only at the deadline");
+        drop(w);
+
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        let mut w = File::from(w);
+        let me = std::process::id();
+        w.write_all(format!("{PID_LINE}{me}\nok").as_bytes()).expect("write");
+        drop(w);
+        assert_eq!(
+            read_report(r, Duration::from_secs(5)).ok().as_deref(),
+            Some("ok"),
+            "the pid line is not the report"
+        );
+    }
+
+    #[test]
     fn the_title_fits_the_room_for_the_longest_id() {
         let spawner = Spawner::new("/proc/self/exe".into(), |id| Path::new("/var/lib/baton/containers").join(id));
         assert!(
@@ -497,7 +563,7 @@ mod tests {
         let bundle = Path::new("/var/lib/baton/containers/web-1");
         assert_eq!(
             title_bytes("web-1", Some(bundle)),
-            b"baton-agent\0shim\0--id\0web-1\0--bundle\0/var/lib/baton/containers/web-1\0"
+            b"baton-shim\0shim\0--id\0web-1\0--bundle\0/var/lib/baton/containers/web-1\0"
         );
     }
 }
