@@ -94,12 +94,25 @@ impl LibcontainerRuntime {
         }
         super::rootfs::release(&bundle).map_err(RuntimeError::io(format!("unmount rootfs of {id}")))?;
         let _ = std::fs::remove_dir_all(&bundle);
+        self.forget_run(id);
+        Ok(())
+    }
+
+    /// What outlives a container's processes but not the container: its
+    /// run state, libcontainer's state and cgroups, its network attachment.
+    fn forget_run(&self, id: &str) {
         let _ = std::fs::remove_dir_all(self.run_state(id));
         self.forget_libcontainer_state(id);
         if let Some(net) = &self.net {
             net.detach(id);
         }
-        Ok(())
+    }
+
+    /// `id`'s cgroup directory in each hierarchy (v1 controllers, then the v2 root).
+    fn cgroup_dirs(&self, id: &str) -> impl Iterator<Item = PathBuf> {
+        let cgroup = self.layout.cgroup(id).trim_start_matches('/').to_string();
+        let v1 = std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|c| c.path());
+        v1.chain([PathBuf::from("/sys/fs/cgroup")]).map(move |h| h.join(&cgroup))
     }
 
     /// libcontainer's own state of a container that has no shim: a create
@@ -116,11 +129,9 @@ impl LibcontainerRuntime {
                 tracing::warn!(container = id, error = %e, "cannot remove libcontainer state");
             }
         }
-        let cgroup = self.layout.cgroup(id);
-        let v1 = std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|c| c.path());
-        for hierarchy in v1.chain([PathBuf::from("/sys/fs/cgroup")]) {
+        for dir in self.cgroup_dirs(id) {
             // rmdir: only an empty cgroup goes; one with processes stays.
-            let _ = std::fs::remove_dir(hierarchy.join(cgroup.trim_start_matches('/')));
+            let _ = std::fs::remove_dir(dir);
         }
     }
 
@@ -135,9 +146,7 @@ impl LibcontainerRuntime {
         let is_ours =
             args.iter().any(|a| *a == b"shim") && args.windows(2).any(|w| w[0] == b"--id" && w[1] == id.as_bytes());
         // A zombie shim has exited: only the exit record counts then.
-        let status = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let zombie = status.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'));
-        (is_ours && !zombie).then_some(Pid::from_raw(pid))
+        (is_ours && super::alive(pid)).then_some(Pid::from_raw(pid))
     }
 
     fn signal_shim(&self, id: &str, sig: Signal) -> Result<(), RuntimeError> {
@@ -168,24 +177,13 @@ impl LibcontainerRuntime {
         if let Err(e) = super::rootfs::discard(&self.layout.container(id)) {
             tracing::warn!(container = id, error = %e, "cannot release the rootfs of a lost container");
         }
-        self.forget_libcontainer_state(id);
-        let _ = std::fs::remove_dir_all(self.run_state(id));
-        if let Some(net) = &self.net {
-            net.detach(id);
-        }
+        self.forget_run(id);
     }
 
     /// SIGKILL to every process left in `id`'s cgroup (in each hierarchy),
     /// until none is left or 2 s passed. Only for a container with no live shim.
     fn kill_orphans(&self, id: &str) {
-        let cgroup = self.layout.cgroup(id);
-        let cgroup = cgroup.trim_start_matches('/');
-        let v1 = std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|c| c.path());
-        let procs: Vec<PathBuf> = v1
-            .chain([PathBuf::from("/sys/fs/cgroup")])
-            .map(|h| h.join(cgroup).join("cgroup.procs"))
-            .filter(|p| p.exists())
-            .collect();
+        let procs: Vec<PathBuf> = self.cgroup_dirs(id).map(|d| d.join("cgroup.procs")).filter(|p| p.exists()).collect();
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         let mut killed = 0usize;
         loop {

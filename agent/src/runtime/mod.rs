@@ -273,6 +273,12 @@ fn session_of(pid: i32) -> Option<i32> {
     fields.nth(2)?.parse().ok()
 }
 
+/// `pid` is a running process: in /proc and not a zombie.
+pub(crate) fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

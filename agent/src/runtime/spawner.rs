@@ -134,15 +134,15 @@ impl Spawner {
                 tracing::warn!(container = %args.id, shim = pid, "the shim died before it reported");
                 return Err(format!("the shim (pid {pid}) died before it reported (killed?)"));
             }
-            Err(Unreported::TimedOut) => {
+            Err(Unreported::TimedOut(shim)) => {
                 // Stuck: end the spawner (started again on the next request)
-                // and the shim, if it got as far as recording its pid.
+                // and the shim, if it was forked.
                 let spawner = self.link.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if let Some(l) = &spawner {
                     let _ =
                         nix::sys::signal::kill(nix::unistd::Pid::from_raw(l.pid), nix::sys::signal::Signal::SIGKILL);
                 }
-                if let Some(pid) = shim_pid(args) {
+                if let Some(pid) = shim.filter(|p| super::alive(*p)) {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
                 }
                 tracing::warn!(container = %args.id, spawner = ?spawner.map(|l| l.pid), "the shim did not report within {} s: ended it and the spawner", REPORT_WITHIN.as_secs());
@@ -199,7 +199,8 @@ impl Spawner {
 
 /// Why a report did not come.
 enum Unreported {
-    TimedOut,
+    /// Nothing by the deadline; the shim's pid, if the pipe said it.
+    TimedOut(Option<i32>),
     /// The shim (this pid) is gone without a word.
     ShimDied(i32),
 }
@@ -216,25 +217,25 @@ fn read_report(fd: OwnedFd, within: Duration) -> Result<String, Unreported> {
         let text = String::from_utf8_lossy(out);
         text.lines().filter(|l| !l.starts_with(PID_LINE)).collect::<Vec<_>>().join("\n")
     };
+    let shim = |out: &[u8]| {
+        String::from_utf8_lossy(out).lines().find_map(|l| l.strip_prefix(PID_LINE)?.trim().parse::<i32>().ok())
+    };
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
-            return Err(Unreported::TimedOut);
+            return Err(Unreported::TimedOut(shim(&out)));
         }
         let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(&file), PollFlags::POLLIN)];
         let ms = PollTimeout::try_from(left.as_millis().min(250) as i32).unwrap_or(PollTimeout::MAX);
         match poll(&mut fds, ms) {
             Ok(0) => {
-                let shim = String::from_utf8_lossy(&out)
-                    .lines()
-                    .find_map(|l| l.strip_prefix(PID_LINE)?.trim().parse::<i32>().ok());
-                if let Some(pid) = shim.filter(|p| !alive(*p)) {
+                if let Some(pid) = shim(&out).filter(|p| !super::alive(*p)) {
                     return Err(Unreported::ShimDied(pid));
                 }
                 continue;
             }
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return Err(Unreported::TimedOut),
+            Err(_) => return Err(Unreported::TimedOut(shim(&out))),
             Ok(_) => {}
         }
         match file.read(&mut buf) {
@@ -244,12 +245,6 @@ fn read_report(fd: OwnedFd, within: Duration) -> Result<String, Unreported> {
             Err(_) => return Ok(report(&out)),
         }
     }
-}
-
-/// In /proc and not a zombie.
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
 }
 
 /// One packet from `socket`, waiting at most `within`.
@@ -268,19 +263,6 @@ fn recv_within(socket: &OwnedFd, within: Duration) -> Result<Vec<u8>, String> {
         return Err("it exited".into());
     }
     Ok(buf[..n].to_vec())
-}
-
-/// The pid the shim of `args` recorded, if that process is still that shim.
-fn shim_pid(args: &ShimArgs) -> Option<i32> {
-    let pid: i32 =
-        std::fs::read_to_string(args.state.join(super::layout::files::SHIM_PID)).ok()?.trim().parse().ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let ours = cmdline
-        .split(|b| *b == 0)
-        .collect::<Vec<_>>()
-        .windows(2)
-        .any(|w| w[0] == b"--id" && w[1] == args.id.as_bytes());
-    ours.then_some(pid)
 }
 
 /// Entry point of `baton-agent spawner`: forks the spawner proper, which
