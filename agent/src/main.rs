@@ -433,12 +433,52 @@ async fn shutdown_signal() {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| "info".into());
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = log_filter(std::env::var("BATON_LOG").ok().as_deref());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder =
+        tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_max_level(tracing::Level::TRACE);
     if json {
-        builder.json().init();
+        builder.json().finish().with(filter).init();
     } else {
-        builder.init();
+        builder.finish().with(filter).init();
+    }
+}
+
+/// `BATON_LOG`'s `target=level` list (`info`, `warn,baton_agent::link=debug`).
+/// The agent takes targets and levels only — not the span and field
+/// directives of the controller's filter, whose regex engine was ~300 KiB of
+/// the binary. A value it cannot read is said on stderr, and `info` applies.
+fn log_filter(var: Option<&str>) -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::Targets;
+    let default = Targets::new().with_default(tracing::Level::INFO);
+    match var.map(str::trim).filter(|v| !v.is_empty()) {
+        None => default,
+        Some(v) => v.parse().unwrap_or_else(|e| {
+            eprintln!("BATON_LOG={v:?} is not a list of target=level ({e}); logging at info");
+            default
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn baton_log_takes_targets_and_levels_and_falls_back_to_info() {
+        let f = log_filter(Some("warn,baton_agent::link=debug"));
+        assert!(f.would_enable("baton_agent::link", &Level::DEBUG));
+        assert!(!f.would_enable("baton_agent::engine", &Level::INFO));
+        assert!(f.would_enable("baton_agent::engine", &Level::WARN));
+        for unreadable in [None, Some(""), Some("baton_agent=loud")] {
+            let f = log_filter(unreadable);
+            assert!(
+                f.would_enable("rumqttc", &Level::INFO) && !f.would_enable("rumqttc", &Level::DEBUG),
+                "{unreadable:?}"
+            );
+        }
     }
 }

@@ -503,6 +503,33 @@ fn a_container_whose_shim_died_is_lost_and_killing_it_ends_what_it_left() {
     assert_eq!(rt.state(&id).unwrap(), ContainerState::Missing);
 }
 
+/// A shim someone stopped (SIGSTOP) still stops and kills its container
+/// when asked: it is woken to act on the signal.
+#[test]
+fn a_stopped_shim_still_stops_its_container() {
+    let fx = Fixture::new();
+    let rt = fx.runtime();
+    for (name, end) in [("stopped-stop", "stop"), ("stopped-kill", "kill")] {
+        let id = cid(name);
+        create(&fx, &rt, &id, &sh("while true; do sleep 0.1; done")).unwrap();
+        wait_until("running", T, || matches!(rt.state(&id), Ok(ContainerState::Running(_))));
+        let shim: i32 =
+            std::fs::read_to_string(fx.layout.run_state(&id).join("shim.pid")).unwrap().trim().parse().unwrap();
+        let shim = nix::unistd::Pid::from_raw(shim);
+        nix::sys::signal::kill(shim, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        wait_until("the shim stopped", T, || {
+            std::fs::read_to_string(format!("/proc/{shim}/stat"))
+                .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T')))
+        });
+        match end {
+            "stop" => rt.stop(&id).unwrap(),
+            _ => rt.kill(&id).unwrap(),
+        }
+        // Ends within the deadline, or wait_exit fails the test.
+        wait_exit(&rt, &id, T);
+    }
+}
+
 /// Workloads start as under Docker, with no signal ignored (the agent's
 /// Rust runtime ignores SIGPIPE, and ignored signals survive exec): a pipe
 /// whose reader left ends its writer quietly, by SIGPIPE. In an exec too.

@@ -152,10 +152,17 @@ impl LibcontainerRuntime {
     fn signal_shim(&self, id: &str, sig: Signal) -> Result<(), RuntimeError> {
         validate_id(id)?;
         match self.live_shim(id) {
-            Some(pid) => kill(pid, sig).map_err(|e| RuntimeError::Io {
-                context: format!("signal shim of {id}"),
-                source: std::io::Error::from(e),
-            }),
+            Some(pid) => {
+                kill(pid, sig).map_err(|e| RuntimeError::Io {
+                    context: format!("signal shim of {id}"),
+                    source: std::io::Error::from(e),
+                })?;
+                // A stopped shim (SIGSTOP, a debugger that let go) would hold
+                // the signal pending and its container would never stop:
+                // it is woken to act on it.
+                let _ = kill(pid, Signal::SIGCONT);
+                Ok(())
+            }
             None if self.layout.container(id).exists() => {
                 // Ended — or its shim died (kill -9, OOM) and left the
                 // container running unsupervised: end what is left of it, so

@@ -636,4 +636,39 @@ mod tests {
         assert_eq!(baton_protocol::spec::capability(" All ").as_deref(), Some("ALL"));
         assert_eq!(baton_protocol::spec::capability("CAP_"), None);
     }
+
+    /// The `regex` libcontainer and oci-spec call is regex-lite here (the
+    /// workspace's patch): their patterns must still compile and decide.
+    #[test]
+    fn the_patterns_of_oci_spec_decide_the_same_under_regex_lite() {
+        use libcontainer::oci_spec::distribution::Reference;
+        use libcontainer::oci_spec::runtime::Process;
+        let digest = format!("sha256:{}", "a1".repeat(32));
+        for (text, registry, repository, tag) in [
+            ("busybox", "docker.io", "library/busybox", Some("latest")),
+            ("ghcr.io/org/app:v1.2_rc-3", "ghcr.io", "org/app", Some("v1.2_rc-3")),
+            ("localhost:5000/a/b/c:1", "localhost:5000", "a/b/c", Some("1")),
+        ] {
+            let r = Reference::try_from(text).expect(text);
+            assert_eq!((r.registry(), r.repository(), r.tag()), (registry, repository, tag), "{text}");
+        }
+        let pinned = Reference::try_from(format!("registry.example:443/app@{digest}").as_str()).expect("a digest");
+        assert_eq!(pinned.digest(), Some(digest.as_str()));
+        for bad in ["app/UPPER", "app:", "app@sha256:xyz", "a//b", "app:tag with space", "app:\u{e9}t\u{e9}"] {
+            assert!(Reference::try_from(bad).is_err(), "{bad} was accepted");
+        }
+        let affinity = |v: &str| {
+            let p = serde_json::json!({"cwd": "/", "user": {"uid": 0, "gid": 0}, "execCPUAffinity": {"initial": v}});
+            serde_json::from_value::<Process>(p)
+        };
+        for ok in ["0", "0-3,7", "1,2,3", "0-1,4-5"] {
+            if let Err(e) = affinity(ok) {
+                panic!("{ok} refused: {e}");
+            }
+        }
+        for bad in ["", "x", "0-", ",1", "1,,2", "0 -3"] {
+            let refused = affinity(bad).expect_err(bad).to_string();
+            assert!(refused.contains("execCPUAffinity"), "{bad:?}: {refused}");
+        }
+    }
 }
