@@ -6,6 +6,10 @@
 #   armv7-unknown-linux-gnueabihf       32-bit Raspberry Pi OS (Pi 2/3/4 on armhf)
 #     + crt-static                      Debian's arm-linux-gnueabihf gcc; glibc linked in
 #
+# and, only when named, the same static build for x86_64 devices (and for
+# measuring the device build's memory on this machine, `bench footprint`):
+#   x86_64-unknown-linux-gnu            + crt-static, Debian's libseccomp.a (libseccomp-dev)
+#
 # libseccomp (Debian's 2.5.4 source) is built as a static library for each
 # target and linked in: without it the agent would silently skip seccomp.
 #
@@ -48,7 +52,7 @@ log() { printf '\033[1mcross:\033[0m %s\n' "$*" >&2; }
 if $setup; then
   log "installing cross toolchains"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user-static gperf file \
+  apt-get install -y -q gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user-static gperf file libseccomp-dev \
     python3-venv make >/dev/null
   rustup target add "${targets[@]}" >/dev/null
   if ! command -v zig >/dev/null; then
@@ -155,7 +159,13 @@ build_target() {
       cp "$OUT/Cargo.lock.committed" "$ROOT/Cargo.lock"
       trap - EXIT
       ;;
-    *) echo "cross: unknown target $target (known: ${ALL_TARGETS[*]})" >&2; exit 2 ;;
+    x86_64-unknown-linux-gnu)
+      log "building baton-agent for $target (static)"
+      (cd "$ROOT" && LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu LIBSECCOMP_LINK_TYPE=static \
+        CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --locked -q --profile release-small -p baton-agent --target "$target")
+      ;;
+    *) echo "cross: unknown target $target (known: ${ALL_TARGETS[*]} x86_64-unknown-linux-gnu)" >&2; exit 2 ;;
   esac
   cp "$bin" "$OUT/$target/baton-agent"
 }
@@ -168,7 +178,7 @@ cd "$OUT"
 sha256sum */baton-agent >SHA256SUMS
 for t in "${targets[@]}"; do
   size=$(stat -c %s "$t/baton-agent")
-  printf "%-32s %6.2f MiB  %s\n" "$t" "$(awk "BEGIN{print $size/1048576}")" "$(file -b "$t/baton-agent" | grep -o 'statically linked' || echo 'NOT STATIC')"
+  printf "%-32s %6.2f MiB  %s\n" "$t" "$(awk "BEGIN{print $size/1048576}")" "$(file -b "$t/baton-agent" | grep -oE 'statically linked|static-pie linked' || echo 'NOT STATIC')"
 done
 echo "checksums: $OUT/SHA256SUMS"
 

@@ -120,40 +120,82 @@ fn kib_field(text: &str, key: &str) -> u64 {
 fn footprint(idle_secs: u64) {
     println!("## Agent footprint\n");
     let release = bin("baton-agent");
-    let small = release.parent().and_then(|p| p.parent()).map(|t| t.join("release-small/baton-agent"));
+    let target = release.parent().and_then(|p| p.parent()).map(Path::to_path_buf).unwrap_or_default();
+    let small = target.join("release-small/baton-agent");
+    // The Pi builds are static; this is the same build for x86_64 (see BENCHMARKS.md).
+    let fixed = target.join("x86_64-unknown-linux-gnu/release-small/baton-agent");
     println!("| build | size |\n|---|---|");
     for (name, path) in [
-        ("release (x86_64, glibc, dynamic)", Some(release.clone())),
-        ("release-small (opt-level z, LTO, panic=abort, stripped)", small.clone()),
+        ("release (x86_64, glibc, dynamic)", &release),
+        ("release-small (opt-level z, LTO, panic=abort, stripped)", &small),
+        ("release-small, static (+crt-static, libseccomp.a)", &fixed),
     ] {
-        match path.and_then(|p| std::fs::metadata(&p).ok()) {
-            Some(m) => println!("| {name} | {:.2} MiB |", m.len() as f64 / (1 << 20) as f64),
-            None => println!("| {name} | not built |"),
+        match std::fs::metadata(path) {
+            Ok(m) => println!("| {name} | {:.2} MiB |", m.len() as f64 / (1 << 20) as f64),
+            Err(_) => println!("| {name} | not built |"),
         }
     }
     println!();
 
-    let agent_bin = small.filter(|p| p.exists()).unwrap_or(release);
+    let mut builds: Vec<(&str, PathBuf)> = Vec::new();
+    if small.exists() {
+        builds.push(("release-small", small));
+    }
+    if fixed.exists() {
+        builds.push(("release-small static", fixed));
+    }
+    if builds.is_empty() {
+        builds.push(("release", release));
+    }
+    for (build, agent_bin) in &builds {
+        // Plain MQTT to the embedded broker.
+        let world = World::new();
+        let controller = Controller::start(&world, None, &[]);
+        idle(&world, &controller, agent_bin, &controller.broker_url(), &format!("{build}, plain MQTT"), idle_secs);
 
-    // Plain MQTT to the embedded broker.
-    let world = World::new();
-    let controller = Controller::start(&world, None, &[]);
-    idle(&world, &controller, &agent_bin, &controller.broker_url(), "plain MQTT", idle_secs);
+        // MQTT over TLS through the gateway, enrolled with a join token.
+        let world = World::new();
+        let controller = Controller::start(&world, None, &["--mqtt-auth", "--mqtt-tls"]);
+        let (ok, token, err) = baton_cli(&controller.server_url(), &["token", "create"]);
+        assert!(ok, "token create: {err}");
+        let broker = format!("mqtts://127.0.0.1:{}", controller.mqtt);
+        let out = std::process::Command::new(agent_bin)
+            .args(["join", token.trim(), "--broker", &broker, "--device-id", "bench-idle", "--data-dir"])
+            .arg(world.path().join("agent"))
+            .args(["--config", "/dev/null"])
+            .output()
+            .expect("join");
+        assert!(out.status.success(), "join: {}", String::from_utf8_lossy(&out.stderr));
+        idle(
+            &world,
+            &controller,
+            agent_bin,
+            &broker,
+            &format!("{build}, MQTT over TLS (gateway, enrolled)"),
+            idle_secs,
+        );
+    }
+}
 
-    // MQTT over TLS through the gateway, enrolled with a join token.
-    let world = World::new();
-    let controller = Controller::start(&world, None, &["--mqtt-auth", "--mqtt-tls"]);
-    let (ok, token, err) = baton_cli(&controller.server_url(), &["token", "create"]);
-    assert!(ok, "token create: {err}");
-    let broker = format!("mqtts://127.0.0.1:{}", controller.mqtt);
-    let out = std::process::Command::new(&agent_bin)
-        .args(["join", token.trim(), "--broker", &broker, "--device-id", "bench-idle", "--data-dir"])
-        .arg(world.path().join("agent"))
-        .args(["--config", "/dev/null"])
-        .output()
-        .expect("join");
-    assert!(out.status.success(), "join: {}", String::from_utf8_lossy(&out.stderr));
-    idle(&world, &controller, &agent_bin, &broker, "MQTT over TLS (gateway, enrolled)", idle_secs);
+/// Resident KiB per mapping of `pid` (the binary, each library, heap,
+/// stacks, anonymous), largest first.
+fn rss_by_mapping(pid: u32) -> Vec<(String, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut by: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut current = String::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let name = line.split_whitespace().nth(5).unwrap_or("[anonymous]");
+            current = Path::new(name).file_name().map_or(name.to_string(), |n| n.to_string_lossy().into_owned());
+        } else if first == "Rss:" {
+            *by.entry(current.clone()).or_default() += words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    let mut v: Vec<(String, u64)> = by.into_iter().filter(|(_, k)| *k > 0).collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v
 }
 
 /// Runs the agent against `broker` for `idle_secs` and prints its memory.
@@ -194,6 +236,8 @@ fn idle(world: &World, controller: &Controller, agent_bin: &Path, broker: &str, 
         kib_field(&status, "VmHWM:"),
         kib_field(&status, "Threads:"),
     );
+    let parts: Vec<String> = rss_by_mapping(pid).iter().map(|(n, k)| format!("{n} {k}")).collect();
+    println!("RSS by mapping (KiB): {}.\n", parts.join(", "));
 }
 
 /// The bytes on `pid`'s TCP connections to `port`, (sent, received), as
