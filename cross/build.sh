@@ -12,6 +12,7 @@
 #
 # libseccomp (Debian's 2.5.4 source) is built as a static library for each
 # target and linked in: without it the agent would silently skip seccomp.
+# The aarch64 and x86_64 builds leave out unwind tables (no-unwind-tables.ld).
 #
 # libcontainer 0.7.0 does not compile for 32-bit targets (it compares
 # rlimits, inode numbers and filesystem magics as 64-bit values). For armv7
@@ -125,6 +126,10 @@ patch_libcontainer() {
   echo "$dst"
 }
 
+# Linked without unwind tables (the build aborts on panic; see the script).
+# armv7 keeps its small ARM exception index: glibc's own unwinder reads it.
+NO_UNWIND_TABLES="-C link-arg=-Wl,-T,$ROOT/cross/no-unwind-tables.ld"
+
 build_target() {
   local target=$1
   local bin=$ROOT/target/$target/release-small/baton-agent
@@ -139,6 +144,7 @@ build_target() {
       build_seccomp "$target" aarch64-linux-musl "$wrap" "$wrap-ar"
       log "building baton-agent for $target"
       (cd "$ROOT" && LIBSECCOMP_LIB_PATH=$OUT/$target/seccomp/lib LIBSECCOMP_LINK_TYPE=static \
+        CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="$NO_UNWIND_TABLES" \
         cargo zigbuild --locked -q --profile release-small -p baton-agent --target "$target")
       ;;
     armv7-unknown-linux-gnueabihf)
@@ -162,7 +168,7 @@ build_target() {
     x86_64-unknown-linux-gnu)
       log "building baton-agent for $target (static)"
       (cd "$ROOT" && LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu LIBSECCOMP_LINK_TYPE=static \
-        CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+        CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static $NO_UNWIND_TABLES" \
         cargo build --locked -q --profile release-small -p baton-agent --target "$target")
       ;;
     *) echo "cross: unknown target $target (known: ${ALL_TARGETS[*]} x86_64-unknown-linux-gnu)" >&2; exit 2 ;;

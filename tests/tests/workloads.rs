@@ -125,6 +125,21 @@ fn missing_image_and_bad_documents_are_reported_not_fatal() {
         r.workloads.iter().any(|w| w.phase == Phase::Failed && w.last_error.as_deref().unwrap_or("").contains(&missing))
     });
     assert_eq!(r.generation, 1);
+    // The operator hears of it as an event on the device, once per reason.
+    let workload_errors = || -> Vec<String> {
+        let events: Vec<serde_json::Value> =
+            get_json(controller.http, "/api/v1/events?subject=pi-x&limit=200").expect("events");
+        events
+            .iter()
+            .filter(|e| e["name"] == "device.workload_error")
+            .filter_map(|e| e["message"].as_str().map(str::to_string))
+            .collect()
+    };
+    let said = wait_for("a device.workload_error event", Duration::from_secs(20), || {
+        let said = workload_errors();
+        said.iter().any(|m| m.contains("workload web") && m.contains(&missing)).then_some(said)
+    });
+    assert_eq!(said.len(), 1, "the same failure said twice: {said:?}");
     let mut bad = web(1, "true");
     bad.name = "Bad Name".into();
     op.publish("baton/v1/dev/pi-x/desired", desired_for("pi-x", 2, vec![bad]), true);

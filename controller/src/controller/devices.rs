@@ -39,6 +39,7 @@ impl Controller {
             let upgrade_before = fleet.get(id).and_then(|d| d.inventory.as_ref()?.upgrade.clone());
             let before = fleet.get(id).map(|d| d.presence.state);
             let refused_before = fleet.get(id).and_then(|d| d.refusal.clone());
+            let errors_before = workload_errors(fleet.get(id));
             let change = fleet.apply(id, event, delivery, now);
             let after = fleet.get(id).map(|d| d.presence.state);
             let placement_relevant = fleet.get(id).map(relevant) != relevant_before;
@@ -71,6 +72,18 @@ impl Controller {
                 if let Some(r) = refused.filter(|_| news) {
                     let message = format!("refused its desired document: {}", r.reason);
                     self.event(&lock(&self.store), &d.tenant, "device.refused", id.as_str(), message, now);
+                }
+            }
+            if let Some(d) = fleet.get(id) {
+                // A workload that cannot run on a device (a pull, a create,
+                // a start that failed or stuck, a container lost) says so as
+                // an event when its reason is new, not only in describe.
+                for (workload, error) in workload_errors(Some(d)) {
+                    let old = errors_before.iter().find(|(w, _)| *w == workload).map(|(_, e)| e.as_str());
+                    if old.is_none_or(|o| shape(o) != shape(&error)) {
+                        let message = format!("workload {workload}: {error}");
+                        self.event(&lock(&self.store), &d.tenant, "device.workload_error", id.as_str(), message, now);
+                    }
                 }
             }
             if change == Change::Persist && before != after {
@@ -297,4 +310,22 @@ fn row<'a>(d: &'a Device, labels: &'a BTreeMap<String, String>, now: Millis, liv
         arch: d.inventory.as_ref().map_or("", |i| i.arch.as_str()),
         last_seen: d.last_seen,
     }
+}
+
+/// (workload, last error) for each workload a device's last report names
+/// with one. While it is pending, pulling or starting, the text is where it
+/// stands ("pulling IMAGE"), not an error.
+fn workload_errors(device: Option<&Device>) -> Vec<(String, String)> {
+    let workloads = device.and_then(|d| d.report.as_ref()).map(|r| r.workloads.as_slice()).unwrap_or_default();
+    workloads
+        .iter()
+        .filter(|w| !matches!(w.phase, Phase::Pending | Phase::Pulling | Phase::Starting))
+        .filter_map(|w| Some((w.name.clone(), w.last_error.clone()?)))
+        .collect()
+}
+
+/// An error's text without its numbers: the same failure again with another
+/// pid, port or attempt count is not news.
+fn shape(error: &str) -> String {
+    error.chars().filter(|c| !c.is_ascii_digit()).collect()
 }
