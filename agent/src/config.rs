@@ -187,8 +187,13 @@ impl AgentConfig {
     pub fn resolve(file: FileConfig, file_path: &Path, cli: Overrides, machine_id: &Path) -> Result<Self, ConfigError> {
         let origin = |field: &str, from_cli: bool| {
             if from_cli {
-                // The file's `keepalive_s` is the flag `--keepalive`.
-                format!("command line --{}", field.strip_suffix("_s").unwrap_or(field).replace('_', "-"))
+                // The file's `keepalive_s` is the flag `--keepalive`; its
+                // `controller_keys` list is `--controller-key`, repeated.
+                let flag = match field {
+                    "controller_keys" => "controller_key",
+                    f => f.strip_suffix("_s").unwrap_or(f),
+                };
+                format!("command line --{}", flag.replace('_', "-"))
             } else {
                 format!("config file {}: field `{field}`", file_path.display())
             }

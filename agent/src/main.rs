@@ -455,6 +455,14 @@ fn log_filter(var: Option<&str>) -> tracing_subscriber::filter::Targets {
     let default = Targets::new().with_default(tracing::Level::INFO);
     match var.map(str::trim).filter(|v| !v.is_empty()) {
         None => default,
+        // `Targets` would read `target[span]` as a target name, and a list
+        // naming no real target turns every log off.
+        Some(v) if v.contains(['[', '{', '"']) => {
+            eprintln!(
+                "BATON_LOG={v:?}: the agent takes target=level lists only (no [span] or {{field}} directives); logging at info"
+            );
+            default
+        }
         Some(v) => v.parse().unwrap_or_else(|e| {
             eprintln!("BATON_LOG={v:?} is not a list of target=level ({e}); logging at info");
             default
@@ -473,7 +481,9 @@ mod tests {
         assert!(f.would_enable("baton_agent::link", &Level::DEBUG));
         assert!(!f.would_enable("baton_agent::engine", &Level::INFO));
         assert!(f.would_enable("baton_agent::engine", &Level::WARN));
-        for unreadable in [None, Some(""), Some("baton_agent=loud")] {
+        for unreadable in
+            [None, Some(""), Some("baton_agent=loud"), Some("baton_agent[span]=debug"), Some("x[{a=1}]=trace")]
+        {
             let f = log_filter(unreadable);
             assert!(
                 f.would_enable("rumqttc", &Level::INFO) && !f.would_enable("rumqttc", &Level::DEBUG),

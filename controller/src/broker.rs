@@ -17,7 +17,9 @@ pub const MAX_PAYLOAD: usize = 300 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot listen for MQTT on {addr}: {source} (another broker running? use --mqtt-listen ADDR, or --broker URL to use it)")]
+    #[error(
+        "cannot listen for MQTT on {addr} (another broker running? use --mqtt-listen ADDR, or --broker URL to use it)"
+    )]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("embedded broker did not start listening on {0} within 10 s")]
     NotListening(SocketAddr),

@@ -50,6 +50,32 @@ fn an_agent_down_during_an_update_runs_the_new_revision_when_it_returns() {
     });
 }
 
+/// Symptom: a device reflashed under its old id (a fresh data dir) while
+/// the broker still held its session got no document for a minute: its
+/// repeated subscription was not handed the retained document, and it
+/// waited for the controller to send it again.
+#[test]
+fn a_reflashed_device_gets_its_document_at_once_from_the_session_it_left() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let data = world.path().join(format!("agent-{DEVICE}"));
+    let run = world.path().join(format!("run-{DEVICE}"));
+    let mut agent = start_agent(&world, DEVICE, &controller.broker_url(), &[]);
+    // An image nobody serves: the document is applied and nothing runs.
+    let image = format!("127.0.0.1:{}/nowhere/app:1", free_port());
+    apply_yaml(&server, &world, "ghost.yaml", &format!("name: ghost\nimage: {image}\n"));
+    let desired = data.join("state").join("desired.bin");
+    wait_for("the document kept by the first agent", Duration::from_secs(30), || desired.exists().then_some(()));
+
+    agent.kill9();
+    std::fs::remove_dir_all(&data).expect("reflash: the data dir");
+    let _ = std::fs::remove_dir_all(&run);
+    let _agent = start_agent(&world, DEVICE, &controller.broker_url(), &[]);
+    // Well inside the controller's one-minute resend.
+    wait_for("the document kept by the reflashed agent", Duration::from_secs(20), || desired.exists().then_some(()));
+}
+
 /// Symptom: a device that died while the controller was restarting (its
 /// embedded broker lost the Last Will) stayed `stale` forever, was chosen as
 /// the canary of the next rollout and held it in wave 1 forever; rollouts

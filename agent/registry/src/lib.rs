@@ -310,7 +310,7 @@ impl Client {
         let what = format!("{}/{}", r.registry, r.repository);
         Err(match status.as_u16() {
             401 | 403 => RegistryError::Invalid(format!("{what}: access denied (check the registry credentials)")),
-            404 => RegistryError::NotFound(format!("{what}/{path}")),
+            404 => RegistryError::NotFound(format!("{what}: {path}")),
             code => RegistryError::Invalid(format!("{what}/{path}: HTTP {code}")),
         })
     }

@@ -88,6 +88,9 @@ pub enum ImageError {
     UnsafeLayer(String),
     #[error("image {0} is not in the local store")]
     NotFound(String),
+    /// The registry answered 404 (a repository, tag or blob it does not have).
+    #[error("the registry has no {0}")]
+    NotInRegistry(String),
     #[error(
         "no space on the data disk for {what}: it needs {} MiB, {} MiB are free and {} MiB of them are kept for the agent's own state (free space, or lower what runs here)",
         mib(*needed), mib(*free), mib(*reserve)

@@ -14,7 +14,7 @@ use super::{Digest, ImageError, ImageRecord, ImageStore};
 impl From<RegistryError> for ImageError {
     fn from(e: RegistryError) -> Self {
         match e {
-            RegistryError::NotFound(what) => ImageError::NotFound(what),
+            RegistryError::NotFound(what) => ImageError::NotInRegistry(what),
             RegistryError::DigestMismatch { expected, actual } => {
                 match (Digest::parse(&expected), Digest::parse(&actual)) {
                     (Ok(expected), Ok(actual)) => ImageError::DigestMismatch { expected, actual },
@@ -154,8 +154,8 @@ mod tests {
 
     #[test]
     fn registry_errors_keep_their_meaning() {
-        let e: ImageError = RegistryError::NotFound("r/x".into()).into();
-        assert!(matches!(e, ImageError::NotFound(_)));
+        let e: ImageError = RegistryError::NotFound("r/x: manifests/1".into()).into();
+        assert_eq!(e.to_string(), "the registry has no r/x: manifests/1");
         let (a, b) = (format!("sha256:{}", "a".repeat(64)), format!("sha256:{}", "b".repeat(64)));
         let e: ImageError = RegistryError::DigestMismatch { expected: a, actual: b }.into();
         assert!(matches!(e, ImageError::DigestMismatch { .. }));

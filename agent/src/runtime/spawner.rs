@@ -213,13 +213,8 @@ fn read_report(fd: OwnedFd, within: Duration) -> Result<String, Unreported> {
     let mut file = File::from(fd);
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
-    let report = |out: &[u8]| {
-        let text = String::from_utf8_lossy(out);
-        text.lines().filter(|l| !l.starts_with(PID_LINE)).collect::<Vec<_>>().join("\n")
-    };
-    let shim = |out: &[u8]| {
-        String::from_utf8_lossy(out).lines().find_map(|l| l.strip_prefix(PID_LINE)?.trim().parse::<i32>().ok())
-    };
+    let report = |out: &[u8]| split_pid_line(out).1;
+    let shim = |out: &[u8]| split_pid_line(out).0;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
@@ -245,6 +240,20 @@ fn read_report(fd: OwnedFd, within: Duration) -> Result<String, Unreported> {
             Err(_) => return Ok(report(&out)),
         }
     }
+}
+
+/// The shim's pid from the report pipe, and the report without that line.
+/// The two writers race — the middle process writes the pid line, the shim
+/// its report — so the line may come after a report with no newline of its
+/// own (each write is whole: both are far under `PIPE_BUF`).
+fn split_pid_line(out: &[u8]) -> (Option<i32>, String) {
+    let text = String::from_utf8_lossy(out);
+    let Some(at) = text.find(PID_LINE) else { return (None, text.into_owned()) };
+    let rest = &text[at + PID_LINE.len()..];
+    let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let after = &rest[digits..];
+    let after = after.strip_prefix('\n').unwrap_or(after);
+    (rest[..digits].parse().ok(), format!("{}{after}", &text[..at]))
 }
 
 /// One packet from `socket`, waiting at most `within`.
@@ -525,6 +534,11 @@ mod tests {
             Some("ok"),
             "the pid line is not the report"
         );
+        // The shim's report first, with no newline, then the pid line.
+        let why = "cannot set the shim's process title: no arg_start/arg_end in /proc/self/stat";
+        assert_eq!(split_pid_line(format!("{why}{PID_LINE}5674\n").as_bytes()), (Some(5674), why.to_string()));
+        assert_eq!(split_pid_line(format!("{PID_LINE}12\nok").as_bytes()), (Some(12), "ok".to_string()));
+        assert_eq!(split_pid_line(b"ok"), (None, "ok".to_string()));
     }
 
     #[test]

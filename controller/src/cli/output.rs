@@ -546,7 +546,10 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
                 format!("{:?}", r.phase).to_lowercase(),
                 format!("{:?}", r.health).to_lowercase(),
                 r.restarts.to_string(),
-                refused.or_else(|| r.last_error.clone()).unwrap_or_default(),
+                refused
+                    .or_else(|| r.last_error.clone())
+                    .or_else(|| r.last_exit_code.filter(|c| *c != 0).map(|c| format!("last exit: code {c}")))
+                    .unwrap_or_default(),
             ],
             None => vec![
                 d.device.clone(),

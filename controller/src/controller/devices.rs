@@ -21,6 +21,7 @@ impl Controller {
     /// Applies a decoded device event and persists it when durable state changed.
     pub fn apply(&self, id: &DeviceId, event: FleetEvent, delivery: Delivery, now: Millis) -> Change {
         let is_presence = matches!(event, FleetEvent::Presence(_));
+        let is_report = matches!(event, FleetEvent::Report(_));
         // What documents are made from: placement's facts, the address
         // services are reached at, the key secrets are sealed to. Only a
         // change there recomputes every device's document (an inventory
@@ -39,7 +40,6 @@ impl Controller {
             let upgrade_before = fleet.get(id).and_then(|d| d.inventory.as_ref()?.upgrade.clone());
             let before = fleet.get(id).map(|d| d.presence.state);
             let refused_before = fleet.get(id).and_then(|d| d.refusal.clone());
-            let errors_before = workload_errors(fleet.get(id));
             let change = fleet.apply(id, event, delivery, now);
             let after = fleet.get(id).map(|d| d.presence.state);
             let placement_relevant = fleet.get(id).map(relevant) != relevant_before;
@@ -74,16 +74,23 @@ impl Controller {
                     self.event(&lock(&self.store), &d.tenant, "device.refused", id.as_str(), message, now);
                 }
             }
-            if let Some(d) = fleet.get(id) {
+            if let Some(d) = fleet.get(id).filter(|_| is_report && change != Change::UnknownDevice) {
                 // A workload that cannot run on a device (a pull, a create,
-                // a start that failed or stuck, a container lost) says so as
-                // an event when its reason is new, not only in describe.
-                for (workload, error) in workload_errors(Some(d)) {
-                    let old = errors_before.iter().find(|(w, _)| *w == workload).map(|(_, e)| e.as_str());
-                    if old.is_none_or(|o| shape(o) != shape(&error)) {
-                        let message = format!("workload {workload}: {error}");
-                        self.event(&lock(&self.store), &d.tenant, "device.workload_error", id.as_str(), message, now);
+                // a start that failed or stuck, a container lost, a crash
+                // loop) says so as an event when its reason is new, not only
+                // in describe.
+                let news = {
+                    let mut said = lock(&self.said_errors);
+                    let known = said.entry(id.as_str().to_owned()).or_default();
+                    let news = news_of(known, d.report.as_ref());
+                    if known.is_empty() {
+                        said.remove(id.as_str());
                     }
+                    news
+                };
+                for (workload, error) in news {
+                    let message = format!("workload {workload}: {error}");
+                    self.event(&lock(&self.store), &d.tenant, "device.workload_error", id.as_str(), message, now);
                 }
             }
             if change == Change::Persist && before != after {
@@ -312,20 +319,88 @@ fn row<'a>(d: &'a Device, labels: &'a BTreeMap<String, String>, now: Millis, liv
     }
 }
 
-/// (workload, last error) for each workload a device's last report names
-/// with one. While it is pending, pulling or starting, the text is where it
-/// stands ("pulling IMAGE"), not an error.
-fn workload_errors(device: Option<&Device>) -> Vec<(String, String)> {
-    let workloads = device.and_then(|d| d.report.as_ref()).map(|r| r.workloads.as_slice()).unwrap_or_default();
-    workloads
-        .iter()
-        .filter(|w| !matches!(w.phase, Phase::Pending | Phase::Pulling | Phase::Starting))
-        .filter_map(|w| Some((w.name.clone(), w.last_error.clone()?)))
-        .collect()
+/// The workload errors in `report` not yet said, remembering them in
+/// `said` (workload → the error without its digits: the same failure again
+/// with another pid, port or attempt count is not news). While a workload
+/// is pending, pulling or starting, its text is where it stands ("pulling
+/// IMAGE"), and what was said stays remembered, so each retry of a failing
+/// pull is not news; a workload that runs without an error, or is gone,
+/// is forgotten. A crash loop with no error text is said by its exit code.
+fn news_of(said: &mut BTreeMap<String, String>, report: Option<&baton_protocol::Report>) -> Vec<(String, String)> {
+    let workloads = report.map(|r| r.workloads.as_slice()).unwrap_or_default();
+    said.retain(|name, _| workloads.iter().any(|w| w.name == *name));
+    let mut news = Vec::new();
+    for w in workloads {
+        if matches!(w.phase, Phase::Pending | Phase::Pulling | Phase::Starting) {
+            continue;
+        }
+        let error = w.last_error.clone().or_else(|| {
+            let code = w.last_exit_code.filter(|c| *c != 0)?;
+            matches!(w.phase, Phase::BackingOff | Phase::Failed)
+                .then(|| format!("exited with code {code}; {} restarts so far", w.restarts))
+        });
+        let Some(error) = error else {
+            said.remove(&w.name);
+            continue;
+        };
+        let shape: String = error.chars().filter(|c| !c.is_ascii_digit()).collect();
+        if said.get(&w.name) != Some(&shape) {
+            said.insert(w.name.clone(), shape);
+            news.push((w.name.clone(), error));
+        }
+    }
+    news
 }
 
-/// An error's text without its numbers: the same failure again with another
-/// pid, port or attempt count is not news.
-fn shape(error: &str) -> String {
-    error.chars().filter(|c| !c.is_ascii_digit()).collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_protocol::{Report, WorkloadStatus};
+
+    /// (name, phase, last error, last exit code, restarts)
+    type Row<'a> = (&'a str, Phase, Option<&'a str>, Option<i32>, u32);
+
+    fn report(workloads: &[Row<'_>]) -> Report {
+        Report {
+            workloads: workloads
+                .iter()
+                .map(|(name, phase, error, code, restarts)| WorkloadStatus {
+                    name: (*name).into(),
+                    phase: *phase,
+                    last_error: error.map(Into::into),
+                    last_exit_code: *code,
+                    restarts: *restarts,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_workload_error_is_news_once_per_reason() {
+        let mut said = BTreeMap::new();
+        let refused = "pull reg:5000/app:1: reg:5000: io: Connection refused (os error 111)";
+        let mut news =
+            |r: Report| news_of(&mut said, Some(&r)).into_iter().map(|(w, e)| format!("{w}: {e}")).collect::<Vec<_>>();
+        // A failing pull retried: pulling, failed, pulling, failed — said once.
+        assert!(news(report(&[("web", Phase::Pulling, Some("pulling reg:5000/app:1"), None, 0)])).is_empty());
+        assert_eq!(news(report(&[("web", Phase::BackingOff, Some(refused), None, 0)])), [format!("web: {refused}")]);
+        assert!(news(report(&[("web", Phase::Pulling, Some("pulling reg:5000/app:1"), None, 0)])).is_empty());
+        assert!(news(report(&[("web", Phase::BackingOff, Some(refused), None, 1)])).is_empty());
+        // Another pid or port is the same failure; another reason is news.
+        assert!(news(report(&[("web", Phase::BackingOff, Some(&refused.replace("5000", "5001")), None, 1)])).is_empty());
+        assert_eq!(news(report(&[("web", Phase::BackingOff, Some("no space on the data disk"), None, 1)])).len(), 1);
+        // Running clean forgets it: the same failure later is news again.
+        assert!(news(report(&[("web", Phase::Running, None, None, 1)])).is_empty());
+        assert_eq!(news(report(&[("web", Phase::BackingOff, Some(refused), None, 1)])).len(), 1);
+        // A crash loop with no error text: said by its exit code, once.
+        let crash = news(report(&[("job", Phase::BackingOff, None, Some(3), 1)]));
+        assert_eq!(crash, ["job: exited with code 3; 1 restarts so far"]);
+        assert!(news(report(&[("job", Phase::BackingOff, None, Some(3), 7)])).is_empty());
+        // A clean exit is not an error; a workload gone is forgotten.
+        assert!(news(report(&[("done", Phase::Exited, None, Some(0), 0)])).is_empty());
+        assert!(news(report(&[])).is_empty());
+        assert!(said.is_empty(), "{said:?}");
+    }
 }

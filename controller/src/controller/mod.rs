@@ -130,6 +130,9 @@ pub struct Controller {
     /// Join tokens whose Mosquitto account was removed (used up or expired),
     /// and when tokens were last looked at for that.
     swept_tokens: Mutex<(BTreeSet<String>, Millis)>,
+    /// The last workload errors said as events, per device (workload →
+    /// the error without its digits): a leaf lock, taken alone.
+    said_errors: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
     /// API tokens and their secrets' hashes.
     api_tokens: Mutex<Vec<(crate::store::ApiToken, Vec<u8>)>>,
     /// Event webhooks: a queue and a delivery thread each (`crate::webhook`).
@@ -278,6 +281,7 @@ impl Controller {
             api_auth: false,
             dynsec: false,
             swept_tokens: Mutex::new((BTreeSet::new(), 0)),
+            said_errors: Mutex::new(BTreeMap::new()),
             api_tokens: Mutex::new(api_tokens),
             gateway: std::sync::OnceLock::new(),
             sessions: crate::sessions::Registry::default(),
