@@ -138,14 +138,7 @@ fn unix_now() -> Duration {
 }
 
 /// How to reach broker node `node` of the configuration's list.
-/// `clean`: start a new session (an agent with no document yet: see `run_agent`).
-fn mqtt_options(
-    config: &AgentConfig,
-    node: usize,
-    trust: &crate::trust::Trust,
-    will: Option<Vec<u8>>,
-    clean: bool,
-) -> MqttOptions {
+fn mqtt_options(config: &AgentConfig, node: usize, trust: &crate::trust::Trust, will: Option<Vec<u8>>) -> MqttOptions {
     let broker = &config.brokers.all()[node];
     let mut opts = MqttOptions::new(config.device_id.as_str(), broker.host.clone(), broker.port);
     match crate::tls::transport(broker, &trust.keys(), config.mqtt_ca_file.as_deref()) {
@@ -158,7 +151,7 @@ fn mqtt_options(
     // admitted): an agent killed in between gets the message again.
     opts.set_manual_acks(true);
     opts.set_keep_alive(config.keepalive)
-        .set_clean_session(clean)
+        .set_clean_session(false)
         .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
         .set_request_channel_capacity(REQUEST_QUEUE)
         .set_inflight(16);
@@ -202,21 +195,13 @@ impl Link {
         let trust = crate::trust::Trust::load(config.controller_keys.clone(), &config.data_dir);
         let will = encode(&Message::Presence(will)).ok();
         let mut node = 0;
-        let desired_bytes = std::fs::read(crate::engine::desired_path(&config.data_dir)).unwrap_or_default();
-        // An agent with no document (a first start, a reflashed device under
-        // an id the broker still holds a session for) starts a clean session:
-        // a broker that kept the old one does not hand a repeated
-        // subscription the retained document, and the agent would wait for
-        // the controller to send it again. Once it has one, its sessions persist.
-        let (client, mut events) = AsyncClient::new(
-            mqtt_options(&config, node, &trust, will.clone(), desired_bytes.is_empty()),
-            REQUEST_QUEUE,
-        );
+        let (client, mut events) = AsyncClient::new(mqtt_options(&config, node, &trust, will.clone()), REQUEST_QUEUE);
         // Small messages (acks, requests for pieces of a build) go out at
         // once rather than waiting for Nagle to fill a segment.
         let mut net = events.network_options();
         net.set_tcp_nodelay(true);
         events.set_network_options(net);
+        let desired_bytes = std::fs::read(crate::engine::desired_path(&config.data_dir)).unwrap_or_default();
         let identity = match crate::trust::load_or_create_identity(&config.data_dir) {
             Ok(k) => Some(k),
             Err(e) => {
@@ -338,11 +323,9 @@ impl Link {
                         // was in flight at the break is dropped by rumqttc when
                         // that node holds no session for us; presence, inventory
                         // and the report go out again on its ConnAck.
-                        events.mqtt_options.set_clean_session(link.desired_bytes.is_empty());
                         if link.config.brokers.all().len() > 1 {
                             node = link.config.brokers.next_after(node);
-                            let clean = link.desired_bytes.is_empty();
-                            events.mqtt_options = mqtt_options(&link.config, node, &link.trust, will.clone(), clean);
+                            events.mqtt_options = mqtt_options(&link.config, node, &link.trust, will.clone());
                             info!(broker = %link.config.brokers.all()[node], "trying the next broker node");
                         }
                         connected = false;

@@ -53,7 +53,8 @@ fn an_agent_down_during_an_update_runs_the_new_revision_when_it_returns() {
 /// Symptom: a device reflashed under its old id (a fresh data dir) while
 /// the broker still held its session got no document for a minute: its
 /// repeated subscription was not handed the retained document, and it
-/// waited for the controller to send it again.
+/// waited for the controller's once-a-minute resend. A device that reports
+/// no document at all now gets it again after 5 s.
 #[test]
 fn a_reflashed_device_gets_its_document_at_once_from_the_session_it_left() {
     let world = World::new();

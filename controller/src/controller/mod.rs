@@ -73,8 +73,9 @@ struct State {
     /// Devices whose topic last showed an older document of this
     /// controller's, and since when (see `reassert_stale_copies`).
     older_on_topic: BTreeMap<String, Millis>,
-    /// Devices online but behind their document: since when (or when it was last sent again).
-    behind: BTreeMap<String, Millis>,
+    /// Devices online but behind their document: since when (or when it was
+    /// last sent again), and how many times it was sent again.
+    behind: BTreeMap<String, (Millis, u32)>,
     /// The last agent upgrade (`upgrade`), and the agent builds published.
     agent_rollout: Option<crate::upgrade::AgentRollout>,
     releases: crate::upgrade::Releases,

@@ -4,7 +4,7 @@
 //! reasserted over documents on the broker this controller did not issue and
 //! over its own older ones that stay there.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 
 use baton_protocol::{crypto, encode, Desired, DeviceId, Message};
@@ -19,6 +19,13 @@ use super::{lock, Controller, SealCache, Snapshot, State};
 
 /// An online device still behind its document this long gets it again.
 pub(super) const RESEND_BEHIND_MS: Millis = 60_000;
+
+/// An online device that says it holds no document at all (a reflashed
+/// device under its old id, whose broker session outlived its data) gets
+/// its document again this soon: the broker will not hand its kept
+/// subscription the retained copy, and nothing on the device can be in
+/// the middle of applying one.
+pub(super) const RESEND_EMPTY_MS: Millis = 5_000;
 
 /// An older document of this controller's still the last one seen on a
 /// device's topic this long after is a stale copy, not an echo.
@@ -40,19 +47,22 @@ impl Controller {
     /// between receiving and keeping it, a broker that lost its retained copy).
     /// Every minute while it stays behind; a refusal shows as an event.
     pub(super) fn resend_to_devices_behind(&self, fleet: &Fleet, st: &mut State, now: Millis) {
-        let behind: BTreeSet<&str> = fleet
+        let behind: BTreeMap<&str, bool> = fleet
             .devices()
             .filter(|d| d.status(now, &self.liveness) == Status::Online)
             .filter(|d| st.desired.get(&d.id).is_some_and(|doc| d.applied_generation() < doc.generation))
-            .map(|d| d.id.as_str())
+            .map(|d| (d.id.as_str(), d.applied_generation() == 0))
             .collect();
-        st.behind.retain(|id, _| behind.contains(id.as_str()));
-        for id in behind {
-            let since = st.behind.entry(id.to_string()).or_insert(now);
-            if now.saturating_sub(*since) < RESEND_BEHIND_MS {
+        st.behind.retain(|id, _| behind.contains_key(id.as_str()));
+        for (id, empty) in behind {
+            let (since, sent) = st.behind.entry(id.to_string()).or_insert((now, 0));
+            // Once soon for a device with no document, then every minute.
+            let wait = if empty && *sent == 0 { RESEND_EMPTY_MS } else { RESEND_BEHIND_MS };
+            if now.saturating_sub(*since) < wait {
                 continue;
             }
             *since = now;
+            *sent += 1;
             let (Some(doc), Ok(device)) = (st.desired.get(id), DeviceId::new(id)) else { continue };
             if let Ok(payload) = self.sign(id, doc) {
                 tracing::info!(
