@@ -212,6 +212,18 @@ fn operators_read_logs_exec_and_restart_through_the_controller() {
     wait_report(&mut watch, "a restart", |r| {
         r.workloads.iter().any(|w| w.name == "web" && w.restarts == 1 && w.phase == Phase::Running)
     });
+    // Who restarted what, where: an event on the device.
+    wait_for("a workload.restarted event", Duration::from_secs(10), || {
+        let events: Vec<serde_json::Value> =
+            get_json(controller.http, &format!("/api/v1/events?subject={device}&limit=100")).expect("events");
+        events
+            .iter()
+            .any(|e| {
+                e["name"] == "workload.restarted"
+                    && e["message"].as_str().is_some_and(|m| m.contains("restarted workload web on pi-l"))
+            })
+            .then_some(())
+    });
 
     let (ok, _, err) = baton_cli(&server, &["logs", "nope", "--device", device]);
     assert!(!ok && err.contains("workload nope has no containers"), "{err}");

@@ -429,12 +429,17 @@ async fn exec(
 async fn restart(
     State(c): State<Arc<Controller>>,
     Extension(scope): Extension<Scope>,
+    Extension(Caller(caller)): Extension<Caller>,
     Path((id, workload)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, Failure> {
-    let device = online_device(&c, &id, &scope).await?;
+    let (device, tenant) = online_device_of(&c, &id, &scope).await?;
     visible_workload(&c, &workload, &scope).await?;
     let mut pending = c.commands.send(device, CommandAction::Restart { workload: workload.clone() }, now_ms() + 30_000);
     answer(&mut pending.answers, &id, FIRST_ANSWER).await?;
+    // Audited: who restarted what where (a store write, not waited for).
+    let message = format!("{caller} restarted workload {workload} on {id}");
+    let (audit, subject) = (c.clone(), id.clone());
+    tokio::task::spawn_blocking(move || audit.audit(&tenant, "workload.restarted", &subject, message));
     Ok(Json(serde_json::json!({"device": id, "workload": workload, "status": "restarting"})))
 }
 
