@@ -494,6 +494,11 @@ impl Controller {
         get_json(self.http, &format!("/api/v1/devices/{id}")).ok()
     }
 
+    /// The last 200 events about `subject`, as the API gives them.
+    pub fn events(&self, subject: &str) -> Vec<serde_json::Value> {
+        get_json(self.http, &format!("/api/v1/events?subject={subject}&limit=200")).expect("events")
+    }
+
     /// The value of one Prometheus sample line, e.g. `baton_mqtt_rejected_total{reason="malformed"}`.
     pub fn metric(&self, series: &str) -> u64 {
         let text = get_text(self.http, "/metrics").expect("metrics");

@@ -127,9 +127,8 @@ fn missing_image_and_bad_documents_are_reported_not_fatal() {
     assert_eq!(r.generation, 1);
     // The operator hears of it as an event on the device, once per reason.
     let workload_errors = || -> Vec<String> {
-        let events: Vec<serde_json::Value> =
-            get_json(controller.http, "/api/v1/events?subject=pi-x&limit=200").expect("events");
-        events
+        controller
+            .events("pi-x")
             .iter()
             .filter(|e| e["name"] == "device.workload_error")
             .filter_map(|e| e["message"].as_str().map(str::to_string))
@@ -214,9 +213,8 @@ fn operators_read_logs_exec_and_restart_through_the_controller() {
     });
     // Who restarted what, where: an event on the device.
     wait_for("a workload.restarted event", Duration::from_secs(10), || {
-        let events: Vec<serde_json::Value> =
-            get_json(controller.http, &format!("/api/v1/events?subject={device}&limit=100")).expect("events");
-        events
+        controller
+            .events(device)
             .iter()
             .any(|e| {
                 e["name"] == "workload.restarted"

@@ -393,11 +393,7 @@ async fn exec(
     visible_workload(&c, &req.workload, &scope).await?;
     // Audited as sessions are: who ran what where, and how it ended.
     let shown = format!("{caller} ran `{}` in workload {} on {id}", req.argv.join(" "), req.workload);
-    let audit = |outcome: String| {
-        let (c, tenant, subject, message) = (c.clone(), tenant.clone(), id.clone(), format!("{shown}: {outcome}"));
-        // On the blocking pool (a store write), not waited for.
-        tokio::task::spawn_blocking(move || c.audit(&tenant, "session.exec", &subject, message));
-    };
+    let audit = |outcome: String| audit_later(&c, &tenant, "session.exec", &id, format!("{shown}: {outcome}"));
     let action = CommandAction::Exec { workload: req.workload, argv: req.argv };
     let mut pending = c.commands.send(device, action, now_ms() + 90_000);
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -426,6 +422,12 @@ async fn exec(
     }
 }
 
+/// Records an audit event on the blocking pool (a store write), not waited for.
+fn audit_later(c: &Arc<Controller>, tenant: &str, name: &'static str, subject: &str, message: String) {
+    let (c, tenant, subject) = (c.clone(), tenant.to_owned(), subject.to_owned());
+    tokio::task::spawn_blocking(move || c.audit(&tenant, name, &subject, message));
+}
+
 async fn restart(
     State(c): State<Arc<Controller>>,
     Extension(scope): Extension<Scope>,
@@ -436,10 +438,8 @@ async fn restart(
     visible_workload(&c, &workload, &scope).await?;
     let mut pending = c.commands.send(device, CommandAction::Restart { workload: workload.clone() }, now_ms() + 30_000);
     answer(&mut pending.answers, &id, FIRST_ANSWER).await?;
-    // Audited: who restarted what where (a store write, not waited for).
-    let message = format!("{caller} restarted workload {workload} on {id}");
-    let (audit, subject) = (c.clone(), id.clone());
-    tokio::task::spawn_blocking(move || audit.audit(&tenant, "workload.restarted", &subject, message));
+    // Audited: who restarted what where.
+    audit_later(&c, &tenant, "workload.restarted", &id, format!("{caller} restarted workload {workload} on {id}"));
     Ok(Json(serde_json::json!({"device": id, "workload": workload, "status": "restarting"})))
 }
 

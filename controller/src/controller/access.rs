@@ -321,6 +321,7 @@ impl Controller {
         self.event(&store, &tenant, "device.revoked", id.as_str(), "revoked".into(), now);
         drop(store);
         lock(&self.credentials).remove(id.as_str());
+        lock(&self.said_errors).remove(id.as_str());
         if let Some(g) = self.gateway.get() {
             g.disconnect(id.as_str());
         }

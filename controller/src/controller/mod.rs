@@ -74,8 +74,8 @@ struct State {
     /// controller's, and since when (see `reassert_stale_copies`).
     older_on_topic: BTreeMap<String, Millis>,
     /// Devices online but behind their document: since when (or when it was
-    /// last sent again), and how many times it was sent again.
-    behind: BTreeMap<String, (Millis, u32)>,
+    /// last sent again), and whether it was sent again already.
+    behind: BTreeMap<String, (Millis, bool)>,
     /// The last agent upgrade (`upgrade`), and the agent builds published.
     agent_rollout: Option<crate::upgrade::AgentRollout>,
     releases: crate::upgrade::Releases,

@@ -55,14 +55,13 @@ impl Controller {
             .collect();
         st.behind.retain(|id, _| behind.contains_key(id.as_str()));
         for (id, empty) in behind {
-            let (since, sent) = st.behind.entry(id.to_string()).or_insert((now, 0));
+            let (since, sent) = st.behind.entry(id.to_string()).or_insert((now, false));
             // Once soon for a device with no document, then every minute.
-            let wait = if empty && *sent == 0 { RESEND_EMPTY_MS } else { RESEND_BEHIND_MS };
+            let wait = if empty && !*sent { RESEND_EMPTY_MS } else { RESEND_BEHIND_MS };
             if now.saturating_sub(*since) < wait {
                 continue;
             }
-            *since = now;
-            *sent += 1;
+            (*since, *sent) = (now, true);
             let (Some(doc), Ok(device)) = (st.desired.get(id), DeviceId::new(id)) else { continue };
             if let Ok(payload) = self.sign(id, doc) {
                 tracing::info!(
