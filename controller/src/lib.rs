@@ -12,7 +12,6 @@ pub mod datadir;
 pub mod desired;
 pub mod dynsec;
 pub mod fleet;
-pub mod gateway;
 pub mod ingest;
 pub mod keys;
 pub mod metrics;

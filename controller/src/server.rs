@@ -14,7 +14,7 @@ use crate::{api, broker, ingest};
 
 #[derive(Debug, Clone)]
 pub enum BrokerMode {
-    /// Run rumqttd in-process, listening here.
+    /// Run the embedded broker in-process, listening here.
     Embedded(SocketAddr),
     /// Use a broker someone else runs: the nodes of its cluster, tried in
     /// turn (the first while it answers).
@@ -52,11 +52,11 @@ pub struct ServerConfig {
     /// (username, password) for an external broker that wants them.
     pub broker_credentials: Option<(String, String)>,
     /// Embedded broker: every client authenticates (device credentials) and
-    /// stays on its own topics, through the gateway.
+    /// stays on its own topics.
     pub mqtt_auth: bool,
     /// Operator API tokens required.
     pub api_auth: bool,
-    /// The gateway speaks MQTT over TLS (certificates from the controller's own CA).
+    /// The embedded broker speaks MQTT over TLS (certificates from the controller's own CA).
     pub mqtt_tls: bool,
     /// Extra names the MQTT and API server certificates are valid for.
     pub tls_names: Vec<String>,
@@ -238,29 +238,31 @@ pub async fn serve(
 
     // Where the controller's own client connects, and as whom.
     let (ingest_broker, ingest_credentials) = match &cfg.broker {
-        BrokerMode::Embedded(addr) if cfg.mqtt_auth => {
-            // rumqttd on a loopback port with one internal account; devices reach it through the gateway.
-            let internal_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-            let password = baton_protocol::crypto::hex(&baton_protocol::crypto::random_seed()?);
-            let internal = ("baton-internal".to_string(), password);
-            broker::start(internal_addr, cfg.max_devices + 16, Some(internal.clone()))?;
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for MQTT on {addr} (use --mqtt-listen ADDR)"))?;
-            let authority: Arc<dyn crate::gateway::Authority> = controller.clone();
-            let mut gateway = crate::gateway::Gateway::new(internal_addr, internal.clone(), authority);
-            if cfg.mqtt_tls {
-                gateway = gateway.with_tls(crate::tls::server_config(&controller.keys.signing_seed, &cfg.tls_names)?);
-            }
-            let gateway = Arc::new(gateway);
-            let _ = controller.gateway.set(gateway.clone());
-            tokio::spawn(gateway.serve(listener, stop_rx.clone()));
-            tracing::info!(%addr, "MQTT gateway: devices authenticate and stay on their own topics");
-            (BrokerUrl { host: "127.0.0.1".into(), port: internal_addr.port(), tls: false }.into(), Some(internal))
-        }
         BrokerMode::Embedded(addr) => {
-            broker::start(*addr, cfg.max_devices + 16, None)?;
-            (cfg.broker_url().into(), None)
+            let broker = broker::Broker::new(cfg.max_devices + 16);
+            let _ = controller.broker.set(broker.clone());
+            if cfg.mqtt_auth {
+                // Devices authenticate on ADDR; the controller's own client
+                // connects on a loopback port with a one-time internal account.
+                let password = baton_protocol::crypto::hex(&baton_protocol::crypto::random_seed()?);
+                let internal = ("baton-internal".to_string(), password);
+                let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+                let account = broker::Admission::Account(internal.0.clone(), internal.1.clone());
+                let internal_addr = broker.listen(loopback, account, None, stop_rx.clone()).await?;
+                let tls = if cfg.mqtt_tls {
+                    Some(crate::tls::server_config(&controller.keys.signing_seed, &cfg.tls_names)?)
+                } else {
+                    None
+                };
+                let authority: Arc<dyn broker::access::Authority> = controller.clone();
+                broker.listen(*addr, broker::Admission::Devices(authority), tls, stop_rx.clone()).await?;
+                tracing::info!(%addr, "embedded MQTT broker listening: devices authenticate and stay on their own topics");
+                (BrokerUrl { host: "127.0.0.1".into(), port: internal_addr.port(), tls: false }.into(), Some(internal))
+            } else {
+                broker.listen(*addr, broker::Admission::Anyone, None, stop_rx.clone()).await?;
+                tracing::info!(%addr, "embedded MQTT broker listening");
+                (cfg.broker_url().into(), None)
+            }
         }
         BrokerMode::External(nodes) => (nodes.clone(), cfg.broker_credentials.clone()),
     };

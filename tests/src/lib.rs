@@ -82,11 +82,8 @@ impl Proc {
         let child = Command::new(program)
             .args(args)
             .envs(env.iter().copied())
-            // `BATON_TEST_LOG=debug,rumqttd=debug` to see more of a failing test.
-            .env(
-                "BATON_LOG",
-                std::env::var("BATON_TEST_LOG").unwrap_or_else(|_| "debug,rumqttd=warn,rumqttc=info".into()),
-            )
+            // `BATON_TEST_LOG=debug,rumqttc=debug` to see more of a failing test.
+            .env("BATON_LOG", std::env::var("BATON_TEST_LOG").unwrap_or_else(|_| "debug,rumqttc=info".into()))
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)

@@ -172,7 +172,7 @@ fn with_the_embedded_broker_the_gateway_keeps_devices_apart_and_revocation_cuts_
         controller.device("pi-b").filter(|d| d.status == Status::Offline)
     });
     assert_eq!(controller.device("pi-a").map(|d| d.status), Some(Status::Online), "B spoke for A");
-    assert!(controller.metric("baton_gateway_denied_total") >= 3);
+    assert!(controller.metric("baton_mqtt_denied_total") >= 3);
 
     // Revoke B: its connections are cut and it cannot come back; A is untouched.
     let (ok, _, err) = baton_cli(&server, &["device", "revoke", "pi-b"]);
@@ -269,7 +269,7 @@ fn a_device_joins_with_a_token_once_and_a_revoked_one_stays_out() {
     });
     let back = wait_until(Duration::from_secs(5), || controller.device("pi-j").filter(|d| d.status == Status::Online));
     assert!(back.is_none(), "a revoked device came back online");
-    assert!(controller.metric("baton_gateway_refused_total") >= 1);
+    assert!(controller.metric("baton_mqtt_refused_total") >= 1);
 }
 
 #[test]

@@ -463,9 +463,7 @@ pub async fn shutdown_signal() {
 }
 
 pub fn init_logging(json: bool) {
-    // rumqttd logs every ordinary disconnect at ERROR; its own log is opt-in
-    // (BATON_LOG=info,rumqttd=info), the controller reports broker trouble itself.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| "info,rumqttd=off".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| "info".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if json {

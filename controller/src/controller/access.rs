@@ -46,7 +46,7 @@ impl Controller {
             self.persist(&d);
         }
         let password = self.new_credentials(&device, &tenant, now)?;
-        if let Some(g) = self.gateway.get() {
+        if let Some(g) = self.broker.get() {
             g.disconnect(id);
         }
         Ok(password)
@@ -322,7 +322,7 @@ impl Controller {
         drop(store);
         lock(&self.credentials).remove(id.as_str());
         lock(&self.said_errors).remove(id.as_str());
-        if let Some(g) = self.gateway.get() {
+        if let Some(g) = self.broker.get() {
             g.disconnect(id.as_str());
         }
         self.dynsec_send(|| crate::dynsec::remove_device(id.as_str()));

@@ -138,8 +138,8 @@ pub struct Controller {
     api_tokens: Mutex<Vec<(crate::store::ApiToken, Vec<u8>)>>,
     /// Event webhooks: a queue and a delivery thread each (`crate::webhook`).
     pub webhooks: crate::webhook::Hooks,
-    /// The gateway in front of the embedded broker, when `--mqtt-auth` is on.
-    pub gateway: std::sync::OnceLock<std::sync::Arc<crate::gateway::Gateway>>,
+    /// The embedded broker, when this controller runs one.
+    pub broker: std::sync::OnceLock<std::sync::Arc<crate::broker::Broker>>,
     /// Interactive sessions open through this controller.
     pub sessions: crate::sessions::Registry,
     /// Every event as it is recorded, for live feeds (the dashboard's). A
@@ -284,7 +284,7 @@ impl Controller {
             swept_tokens: Mutex::new((BTreeSet::new(), 0)),
             said_errors: Mutex::new(BTreeMap::new()),
             api_tokens: Mutex::new(api_tokens),
-            gateway: std::sync::OnceLock::new(),
+            broker: std::sync::OnceLock::new(),
             sessions: crate::sessions::Registry::default(),
             live: tokio::sync::broadcast::channel(LIVE_EVENTS).0,
             desired_stale: AtomicBool::new(false),
@@ -428,17 +428,41 @@ impl Controller {
     pub fn render_metrics(&self, now: Millis) -> String {
         let counts: Vec<(&str, usize)> = self.status_counts(now).into_iter().collect();
         let mut out = self.metrics.render(&counts);
-        if let Some(g) = self.gateway.get() {
+        if let Some(b) = self.broker.get() {
             use std::fmt::Write;
             for (name, help, v) in [
-                ("baton_gateway_refused_total", "MQTT connections refused by the gateway.", &g.refused_connects),
+                ("baton_mqtt_refused_total", "MQTT connections the embedded broker refused.", &b.refused_connects),
                 (
-                    "baton_gateway_denied_total",
+                    "baton_mqtt_denied_total",
                     "Devices disconnected for stepping outside their topics.",
-                    &g.denied_packets,
+                    &b.denied_packets,
+                ),
+                (
+                    "baton_mqtt_slow_consumers_total",
+                    "Clients disconnected for leaving too many messages unread.",
+                    &b.slow_consumers,
                 ),
             ] {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+            }
+            let (connections, sessions, retained, dropped) = b.stats();
+            for (name, kind, help, v) in [
+                (
+                    "baton_mqtt_connections",
+                    "gauge",
+                    "Live MQTT connections to the embedded broker.",
+                    connections as u64,
+                ),
+                ("baton_mqtt_sessions", "gauge", "MQTT sessions the embedded broker keeps.", sessions as u64),
+                ("baton_mqtt_retained", "gauge", "Retained messages the embedded broker holds.", retained as u64),
+                (
+                    "baton_mqtt_offline_dropped_total",
+                    "counter",
+                    "Messages an offline session had no room left to keep.",
+                    dropped,
+                ),
+            ] {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
             }
         }
         out

@@ -59,6 +59,7 @@ fn main() {
         "dashboard" => dashboard(secs("BENCH_SIM_DEVICES", 10_000) as usize, secs("BENCH_ROUNDS", 5) as usize),
         "store" => store(secs("BENCH_STORE_DEVICES", 10_000) as usize),
         "failover" => failover(secs("BENCH_ROUNDS", 5) as usize),
+        "fleet-memory" => fleet_memory(secs("BENCH_SIM_DEVICES", 10_000) as usize, secs("BENCH_IDLE_SECS", 30)),
         "all" => {
             sizes();
             footprint(secs("BENCH_IDLE_SECS", 60));
@@ -79,10 +80,11 @@ fn main() {
             dashboard(secs("BENCH_SIM_DEVICES", 10_000) as usize, secs("BENCH_ROUNDS", 5) as usize);
             store(secs("BENCH_STORE_DEVICES", 10_000) as usize);
             failover(secs("BENCH_ROUNDS", 5) as usize);
+            fleet_memory(secs("BENCH_SIM_DEVICES", 10_000) as usize, secs("BENCH_IDLE_SECS", 30));
         }
         other => {
             eprintln!(
-                "usage: bench [sizes|footprint|traffic|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|net|net-memory|autoscale|autoscale-cpu|remote|dashboard|store|failover|all] (got {other:?})"
+                "usage: bench [sizes|footprint|traffic|ingest|runtime|pull|schedule|rollout|upgrade|fleet-upgrade|net|net-memory|autoscale|autoscale-cpu|remote|dashboard|store|failover|fleet-memory|all] (got {other:?})"
             );
             std::process::exit(2);
         }
@@ -2189,4 +2191,47 @@ fn failover(rounds: usize) {
         m.as_secs_f64() * 1e3,
         moved.last().expect("a round").as_secs_f64() * 1e3
     );
+}
+
+/// Memory of the controller holding `devices` connected idle simulated
+/// devices (heartbeats every 300 s), with its embedded broker and with
+/// Mosquitto beside it: resident set once every device is online and
+/// `idle_secs` have passed, per device.
+fn fleet_memory(devices: usize, idle_secs: u64) {
+    println!("## Controller memory per connected idle device: {devices} simulated devices\n");
+    println!(
+        "| broker | controller RSS before | controller RSS with the fleet | broker process RSS | per device, all told | registered in |\n|---|---|---|---|---|---|"
+    );
+    for kind in [BrokerKind::Embedded, BrokerKind::Mosquitto] {
+        let world = World::new();
+        let mosquitto = matches!(kind, BrokerKind::Mosquitto).then(|| Mosquitto::start(&world));
+        let controller = Controller::start(&world, mosquitto.as_ref().map(|m| m.port), &[]);
+        let before = cpu_and_rss(controller.proc.pid()).1;
+        let registering = Instant::now();
+        // At most 2,500 connections per simulator process (its descriptors).
+        let per = 2_500;
+        let _sims: Vec<Proc> = (0..devices.div_ceil(per))
+            .map(|i| {
+                let n = per.min(devices - i * per);
+                start_simulator(&world, &format!("m{i}"), n, &controller.broker_url(), &["--heartbeat-interval", "300"])
+            })
+            .collect();
+        wait_for("fleet online", Duration::from_secs(1800), || {
+            (metric(controller.http, "baton_devices{status=\"online\"}") as usize >= devices).then_some(())
+        });
+        let took = registering.elapsed();
+        // Idle: what stays resident, not the registration's peak.
+        std::thread::sleep(Duration::from_secs(idle_secs));
+        let with = cpu_and_rss(controller.proc.pid()).1;
+        let broker_rss = mosquitto.as_ref().map_or(0, |m| cpu_and_rss(m.proc.pid()).1);
+        let per_device = (with + broker_rss) as f64 / devices as f64;
+        println!(
+            "| {kind:?} | {:.1} MiB | {:.1} MiB | {} | {per_device:.1} KiB | {:.0} s |",
+            before as f64 / 1024.0,
+            with as f64 / 1024.0,
+            if broker_rss == 0 { "–".to_string() } else { format!("{:.1} MiB", broker_rss as f64 / 1024.0) },
+            took.as_secs_f64()
+        );
+    }
+    println!();
 }

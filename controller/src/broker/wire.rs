@@ -1,12 +1,29 @@
-//! Just enough of MQTT 3.1.1 framing for the gateway: split a byte stream
-//! into packets, read CONNECT, PUBLISH topics and SUBSCRIBE filters, and
-//! write a CONNECT and a CONNACK. Pure; never panics on any input.
+//! MQTT 3.1.1 framing for the embedded broker: split a byte stream into
+//! packets, read each kind a client sends, write each kind a server sends.
+//! Pure; never panics on any input.
 
 /// Control packet types (high nibble of the first byte).
 pub const CONNECT: u8 = 1;
 pub const CONNACK: u8 = 2;
 pub const PUBLISH: u8 = 3;
+pub const PUBACK: u8 = 4;
+pub const PUBREC: u8 = 5;
+pub const PUBREL: u8 = 6;
+pub const PUBCOMP: u8 = 7;
 pub const SUBSCRIBE: u8 = 8;
+pub const SUBACK: u8 = 9;
+pub const UNSUBSCRIBE: u8 = 10;
+pub const UNSUBACK: u8 = 11;
+pub const PINGREQ: u8 = 12;
+pub const PINGRESP: u8 = 13;
+pub const DISCONNECT: u8 = 14;
+
+/// CONNACK: the client's protocol level is not 3.1.1.
+pub const BAD_PROTOCOL: u8 = 1;
+/// CONNACK: the client id is not acceptable.
+pub const BAD_CLIENT_ID: u8 = 2;
+/// SUBACK: the subscription is refused.
+pub const SUBSCRIBE_FAILED: u8 = 0x80;
 
 /// CONNACK return codes.
 pub const BAD_CREDENTIALS: u8 = 4;
@@ -183,29 +200,107 @@ pub fn encode_connect(c: &Connect) -> Vec<u8> {
     out
 }
 
-pub fn connack(code: u8) -> [u8; 4] {
-    [CONNACK << 4, 2, 0, code]
+pub fn connack(session_present: bool, code: u8) -> [u8; 4] {
+    [CONNACK << 4, 2, u8::from(session_present && code == 0), code]
 }
 
-/// The topic of a whole PUBLISH packet.
-pub fn publish_topic(packet: &[u8], header: usize) -> Result<String, WireError> {
+/// PUBACK, PUBREC, PUBREL, PUBCOMP or UNSUBACK for packet `id`.
+pub fn ack(kind: u8, id: u16) -> [u8; 4] {
+    // PUBREL's fixed header has the reserved bits 0010.
+    let flags = if kind == PUBREL { 0x02 } else { 0 };
+    let [hi, lo] = id.to_be_bytes();
+    [kind << 4 | flags, 2, hi, lo]
+}
+
+pub const PINGRESP_BYTES: [u8; 2] = [PINGRESP << 4, 0];
+
+/// SUBACK for packet `id`: one return code per filter, in order.
+pub fn suback(id: u16, codes: &[u8]) -> Vec<u8> {
+    let mut out = vec![SUBACK << 4];
+    encode_len(2 + codes.len(), &mut out);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(codes);
+    out
+}
+
+/// A PUBLISH packet's fields. `payload` shares the packet's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub topic: String,
+    pub qos: u8,
+    pub retain: bool,
+    pub dup: bool,
+    /// 0 at QoS 0 (which has none).
+    pub id: u16,
+    pub payload: bytes::Bytes,
+}
+
+/// Parses a whole PUBLISH packet whose fixed header is `header` bytes.
+pub fn parse_publish(packet: &bytes::Bytes, header: usize) -> Result<Publish, WireError> {
+    let first = *packet.first().ok_or(WireError::Malformed("PUBLISH"))?;
+    let qos = (first >> 1) & 0x03;
+    if qos == 3 {
+        return Err(WireError::Malformed("PUBLISH"));
+    }
     let mut r = Reader { buf: &packet[header.min(packet.len())..], what: "PUBLISH" };
-    r.string()
+    let topic = r.string()?;
+    let id = if qos > 0 { r.u16()? } else { 0 };
+    if qos > 0 && id == 0 {
+        return Err(WireError::Malformed("PUBLISH"));
+    }
+    let start = packet.len() - r.buf.len();
+    Ok(Publish { topic, qos, retain: first & 0x01 != 0, dup: first & 0x08 != 0, id, payload: packet.slice(start..) })
 }
 
-/// The topic filters of a whole SUBSCRIBE packet.
-pub fn subscribe_filters(packet: &[u8], header: usize) -> Result<Vec<String>, WireError> {
+/// Appends a PUBLISH packet to `out`.
+pub fn encode_publish(out: &mut Vec<u8>, topic: &str, payload: &[u8], qos: u8, retain: bool, id: u16) {
+    let id_len = if qos > 0 { 2 } else { 0 };
+    out.push(PUBLISH << 4 | (qos & 0x03) << 1 | u8::from(retain));
+    encode_len(2 + topic.len() + id_len + payload.len(), out);
+    put_bytes(out, topic.as_bytes());
+    if qos > 0 {
+        out.extend_from_slice(&id.to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
+/// The packet id of a whole PUBACK, PUBREC, PUBREL or PUBCOMP.
+pub fn packet_id(packet: &[u8], header: usize) -> Result<u16, WireError> {
+    let mut r = Reader { buf: &packet[header.min(packet.len())..], what: "acknowledgement" };
+    r.u16()
+}
+
+/// The packet id and (filter, requested QoS) pairs of a whole SUBSCRIBE packet.
+pub fn parse_subscribe(packet: &[u8], header: usize) -> Result<(u16, Vec<(String, u8)>), WireError> {
     let mut r = Reader { buf: &packet[header.min(packet.len())..], what: "SUBSCRIBE" };
-    r.u16()?;
+    let id = r.u16()?;
     let mut filters = Vec::new();
     while !r.buf.is_empty() {
-        filters.push(r.string()?);
-        r.u8()?;
+        let filter = r.string()?;
+        let qos = r.u8()?;
+        if qos > 2 {
+            return Err(WireError::Malformed("SUBSCRIBE"));
+        }
+        filters.push((filter, qos));
     }
     if filters.is_empty() {
         return Err(WireError::Malformed("SUBSCRIBE"));
     }
-    Ok(filters)
+    Ok((id, filters))
+}
+
+/// The packet id and filters of a whole UNSUBSCRIBE packet.
+pub fn parse_unsubscribe(packet: &[u8], header: usize) -> Result<(u16, Vec<String>), WireError> {
+    let mut r = Reader { buf: &packet[header.min(packet.len())..], what: "UNSUBSCRIBE" };
+    let id = r.u16()?;
+    let mut filters = Vec::new();
+    while !r.buf.is_empty() {
+        filters.push(r.string()?);
+    }
+    if filters.is_empty() {
+        return Err(WireError::Malformed("UNSUBSCRIBE"));
+    }
+    Ok((id, filters))
 }
 
 #[cfg(test)]
@@ -236,11 +331,25 @@ mod tests {
     #[test]
     fn rumqttc_style_packets_parse() {
         // PUBLISH QoS 1 "a/b", id 7, payload "x"; SUBSCRIBE id 1 "a/+" QoS 1.
-        let publish = [0x32, 8, 0, 3, b'a', b'/', b'b', 0, 7, b'x'];
+        let publish = bytes::Bytes::from_static(&[0x33, 8, 0, 3, b'a', b'/', b'b', 0, 7, b'x']);
         assert_eq!(frame(&publish, 100).unwrap(), Some((2, 10)));
-        assert_eq!(publish_topic(&publish, 2).unwrap(), "a/b");
+        let p = parse_publish(&publish, 2).unwrap();
+        assert_eq!(
+            (p.topic.as_str(), p.qos, p.retain, p.dup, p.id, &p.payload[..]),
+            ("a/b", 1, true, false, 7, &b"x"[..])
+        );
+        let mut again = Vec::new();
+        encode_publish(&mut again, "a/b", b"x", 1, true, 7);
+        assert_eq!(again, publish.to_vec());
         let subscribe = [0x82, 8, 0, 1, 0, 3, b'a', b'/', b'+', 1];
-        assert_eq!(subscribe_filters(&subscribe, 2).unwrap(), vec!["a/+".to_string()]);
+        assert_eq!(parse_subscribe(&subscribe, 2).unwrap(), (1, vec![("a/+".to_string(), 1)]));
+        let unsubscribe = [0xa2, 7, 0, 2, 0, 3, b'a', b'/', b'+'];
+        assert_eq!(parse_unsubscribe(&unsubscribe, 2).unwrap(), (2, vec!["a/+".to_string()]));
+        assert_eq!(packet_id(&ack(PUBACK, 0x1234), 2).unwrap(), 0x1234);
+        assert_eq!(ack(PUBREL, 1)[0], 0x62);
+        assert_eq!(suback(3, &[1, SUBSCRIBE_FAILED]), vec![0x90, 4, 0, 3, 1, 0x80]);
+        assert_eq!(connack(true, 0), [0x20, 2, 1, 0]);
+        assert_eq!(connack(true, BAD_CREDENTIALS), [0x20, 2, 0, 4], "a refusal never says a session is present");
     }
 
     #[test]
@@ -251,12 +360,20 @@ mod tests {
             let mut bytes = encode_connect(&sample());
             bytes.truncate(n);
             let _ = parse_connect(&bytes);
-            let _ = publish_topic(&bytes, 2);
-            let _ = subscribe_filters(&bytes, 2);
+            let b = bytes::Bytes::from(bytes.clone());
+            let _ = parse_publish(&b, 2);
+            let _ = parse_publish(&b, 200);
+            let _ = parse_subscribe(&bytes, 2);
+            let _ = parse_unsubscribe(&bytes, 2);
+            let _ = packet_id(&bytes, 2);
         }
+        // QoS 3, and QoS 1 with packet id 0, are malformed.
+        assert!(parse_publish(&bytes::Bytes::from_static(&[0x36, 5, 0, 1, b'a', 0, 1]), 2).is_err());
+        assert!(parse_publish(&bytes::Bytes::from_static(&[0x32, 5, 0, 1, b'a', 0, 0]), 2).is_err());
         let mut v3 = encode_connect(&sample());
         v3[8] = 3;
         assert!(matches!(parse_connect(&v3), Err(WireError::Protocol(_, 3))));
-        assert!(subscribe_filters(&[0x82, 2, 0, 1], 2).is_err());
+        assert!(parse_subscribe(&[0x82, 2, 0, 1], 2).is_err());
+        assert!(parse_subscribe(&[0x82, 6, 0, 1, 0, 1, b'a', 3], 2).is_err(), "QoS 3 asked");
     }
 }

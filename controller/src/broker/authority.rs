@@ -1,9 +1,9 @@
-//! The controller as the gateway's `Authority`: which CONNECTs it admits.
+//! The controller as the broker's `Authority`: which CONNECTs it admits.
 
 use baton_protocol::DeviceId;
 
+use super::access::{Authority, Identity};
 use super::wire::{Connect, BAD_CREDENTIALS, NOT_AUTHORIZED};
-use super::{Authority, Identity};
 use crate::controller::{now_ms, Controller};
 
 impl Authority for Controller {

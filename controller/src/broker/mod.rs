@@ -1,0 +1,581 @@
+//! The embedded MQTT 3.1.1 broker, so one command runs a whole controller.
+//!
+//! The controller's own client reaches it over TCP like any other client:
+//! the ingest code is the same whether the broker is this one or an external
+//! Mosquitto or NATS. Built for many idle devices in little memory — one
+//! task per connection, buffers only while bytes are moving, payloads shared
+//! between subscribers — and for overload without loss: publishers wait
+//! while the controller's queue is long (`router::TRUNK_HIGH`), and a device
+//! that does not read what is sent to it is disconnected, not buffered for.
+//!
+//! With `--mqtt-auth` it is also the front door: every CONNECT on the
+//! public listener is authenticated (`access::Authority`: the device's id
+//! and the password issued at enrollment, or a join token), and every
+//! PUBLISH and SUBSCRIBE is checked against the device's own topics; a step
+//! outside them disconnects the device. The controller then connects on a
+//! second, loopback-only listener with a one-time internal account.
+//!
+//! QoS: messages go out at QoS 0 or 1. A QoS 2 PUBLISH is taken (PUBREC,
+//! PUBREL, PUBCOMP answered) and delivered at least once; Baton never sends one.
+
+pub mod access;
+mod authority;
+pub mod router;
+pub mod topic;
+pub mod wire;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use access::{may_publish, may_subscribe, Authority, Identity};
+use router::{Close, Message, Out, Outbox, Router};
+use wire::{Connect, WireError};
+
+/// Largest MQTT payload the broker accepts: a max-size desired document plus headroom.
+/// The controller's own client accepts more, so an oversize publish can never
+/// break the controller's connection, only the sender's.
+pub const MAX_PAYLOAD: usize = 300 * 1024;
+/// Largest packet: the payload limit plus topic and headers.
+const MAX_PACKET: usize = MAX_PAYLOAD + 4096;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// QoS 1 messages sent to one connection and not yet acknowledged.
+const MAX_INFLIGHT: usize = 1000;
+/// Bytes gathered for one write before the socket is asked to take them.
+const WRITE_BATCH: usize = 64 * 1024;
+/// Read buffer while waiting for bytes; it grows for a large packet and is
+/// given back once that packet is handled.
+const READ_CHUNK: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(
+        "cannot listen for MQTT on {addr} (another broker running? use --mqtt-listen ADDR, or --broker URL to use it)"
+    )]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Who a listener lets in.
+pub enum Admission {
+    /// Any client, any topic (loopback, or an operator who chose so).
+    Anyone,
+    /// Only this (username, password): the controller's own connection.
+    Account(String, String),
+    /// Enrolled devices and join sessions, each on its own topics.
+    Devices(Arc<dyn Authority>),
+}
+
+/// Who a connection turned out to be.
+enum Who {
+    Anyone,
+    Internal,
+    Device(Identity),
+}
+
+pub struct Broker {
+    router: Mutex<Router>,
+    max_connections: usize,
+    connections: AtomicUsize,
+    next_conn: AtomicU64,
+    pub refused_connects: AtomicU64,
+    pub denied_packets: AtomicU64,
+    pub slow_consumers: AtomicU64,
+}
+
+impl Broker {
+    pub fn new(max_connections: usize) -> Arc<Self> {
+        Arc::new(Self {
+            router: Mutex::new(Router::default()),
+            max_connections,
+            connections: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+            refused_connects: AtomicU64::new(0),
+            denied_packets: AtomicU64::new(0),
+            slow_consumers: AtomicU64::new(0),
+        })
+    }
+
+    fn router(&self) -> std::sync::MutexGuard<'_, Router> {
+        self.router.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Binds `addr` and serves MQTT there (over TLS when `tls` is set) until `stop` changes.
+    pub async fn listen(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        admission: Admission,
+        tls: Option<rustls::ServerConfig>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<SocketAddr, BrokerError> {
+        let listener = TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { addr, source })?;
+        let local = listener.local_addr().map_err(|source| BrokerError::Bind { addr, source })?;
+        let tls = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
+        tokio::spawn(self.clone().serve(listener, Arc::new(admission), tls, stop));
+        Ok(local)
+    }
+
+    async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        admission: Arc<Admission>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = stop.changed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors, most likely: say so, and give the others a moment.
+                        tracing::warn!(error = %e, "MQTT accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            // MQTT's packets are small (acks, keystrokes of a session): no Nagle wait.
+            let _ = stream.set_nodelay(true);
+            let (broker, admission, tls) = (self.clone(), admission.clone(), tls.clone());
+            tokio::spawn(async move {
+                let result = match tls {
+                    Some(tls) => match tokio::time::timeout(CONNECT_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok(s)) => broker.connection(s, &admission).await,
+                        Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                        Err(_) => Err("no TLS handshake within 10 s".into()),
+                    },
+                    None => broker.connection(stream, &admission).await,
+                };
+                if let Err(why) = result {
+                    tracing::debug!(%peer, %why, "MQTT connection closed");
+                }
+            });
+        }
+    }
+
+    /// Closes every connection of `device` and forgets its session (its credentials were revoked).
+    pub fn disconnect(&self, device: &str) {
+        self.router().remove(device, Close::Revoked);
+    }
+
+    /// Connections now, sessions kept, retained messages, messages offline sessions could not keep.
+    pub fn stats(&self) -> (usize, usize, usize, u64) {
+        let r = self.router();
+        (self.connections.load(Relaxed), r.sessions(), r.retained(), r.dropped)
+    }
+
+    /// Routes a message; a publisher that is not a trunk then waits while
+    /// any trunk it went to has too much queued.
+    async fn route(&self, m: Message, wait: bool) {
+        let live = self.router().publish(Arc::new(m));
+        if !wait {
+            return;
+        }
+        for target in live {
+            loop {
+                let space = target.space.notified();
+                tokio::pin!(space);
+                space.as_mut().enable();
+                if !target.full() {
+                    break;
+                }
+                space.await;
+            }
+        }
+    }
+
+    async fn connection<S>(self: &Arc<Self>, stream: S, admission: &Admission) -> Result<(), String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let mut rbuf = Vec::with_capacity(READ_CHUNK);
+        let read = tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut rd, &mut rbuf))
+            .await
+            .map_err(|_| "no CONNECT within 10 s".to_string())?;
+        let (connect_len, mut connect) = match read {
+            Ok(c) => c,
+            Err(Some(WireError::Protocol(name, level))) => {
+                self.refused_connects.fetch_add(1, Relaxed);
+                let _ = wr.write_all(&wire::connack(false, wire::BAD_PROTOCOL)).await;
+                let _ = wr.flush().await;
+                return Err(WireError::Protocol(name, level).to_string());
+            }
+            Err(Some(e)) => return Err(e.to_string()),
+            Err(None) => return Err("closed before CONNECT".into()),
+        };
+        rbuf.drain(..connect_len);
+        let who = match self.admit(admission, &connect).await {
+            Ok(who) => who,
+            Err(code) => {
+                self.refused_connects.fetch_add(1, Relaxed);
+                let _ = wr.write_all(&wire::connack(false, code)).await;
+                let _ = wr.flush().await;
+                return Err(format!("client {:?} refused (CONNACK {code})", connect.client_id));
+            }
+        };
+        let conn = self.next_conn.fetch_add(1, Relaxed);
+        if connect.client_id.is_empty() {
+            connect.client_id = format!("baton-auto-{conn}");
+        }
+        if self.connections.fetch_add(1, Relaxed) >= self.max_connections {
+            self.connections.fetch_sub(1, Relaxed);
+            self.refused_connects.fetch_add(1, Relaxed);
+            let _ = wr.write_all(&wire::connack(false, wire::SERVER_UNAVAILABLE)).await;
+            let _ = wr.flush().await;
+            return Err(format!(
+                "client {:?} refused: {} connections already",
+                connect.client_id, self.max_connections
+            ));
+        }
+        let (outbox, rx) = Outbox::new(conn, matches!(who, Who::Internal));
+        let session_present = self.router().connect(&connect.client_id, connect.clean_session, &outbox).session_present;
+        let mut link = Link {
+            broker: self,
+            who: &who,
+            client: &connect.client_id,
+            outbox: &outbox,
+            rx,
+            inflight: VecDeque::new(),
+            next_id: 0,
+            wbuf: wire::connack(session_present, 0).to_vec(),
+            graceful: false,
+        };
+        let ended = link.run(&mut rd, &mut wr, rbuf, connect.keep_alive).await;
+        let (graceful, unacked) = link.finish();
+        self.connections.fetch_sub(1, Relaxed);
+        self.router().disconnected(&connect.client_id, conn, unacked);
+        let taken_over = matches!(ended, Ended::Closed(Close::TakenOver));
+        if let Ended::Closed(Close::SlowConsumer) = ended {
+            self.slow_consumers.fetch_add(1, Relaxed);
+            tracing::warn!(client = %connect.client_id, "MQTT client disconnected: it left too many messages unread");
+        }
+        if !graceful && !taken_over {
+            if let Some((topic, payload, qos, retain)) = connect.will.take() {
+                let will = Message { topic, payload: payload.into(), qos: qos.min(1), retain };
+                self.route(will, false).await;
+            }
+        }
+        match ended {
+            Ended::Error(e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Who may connect; the CONNACK code refusing it otherwise.
+    async fn admit(&self, admission: &Admission, connect: &Connect) -> Result<Who, u8> {
+        if connect.client_id.is_empty() && !connect.clean_session {
+            return Err(wire::BAD_CLIENT_ID);
+        }
+        if let Some((topic, ..)) = &connect.will {
+            if !topic::valid_name(topic) {
+                return Err(wire::NOT_AUTHORIZED);
+            }
+        }
+        match admission {
+            Admission::Anyone => Ok(Who::Anyone),
+            Admission::Account(user, password) => {
+                let matches = connect.username.as_deref() == Some(user.as_str())
+                    && connect.password.as_deref().is_some_and(|p| constant_time_eq(p, password.as_bytes()));
+                if matches {
+                    Ok(Who::Internal)
+                } else {
+                    Err(wire::BAD_CREDENTIALS)
+                }
+            }
+            Admission::Devices(authority) => {
+                // The authority may read the store (join tokens): off the async workers.
+                let (authority, asked) = (authority.clone(), connect.clone());
+                let identity = tokio::task::spawn_blocking(move || authority.authenticate(&asked))
+                    .await
+                    .unwrap_or(Err(wire::SERVER_UNAVAILABLE))?;
+                if let Some((topic, ..)) = &connect.will {
+                    if !may_publish(&identity, topic) {
+                        return Err(wire::NOT_AUTHORIZED);
+                    }
+                }
+                Ok(Who::Device(identity))
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Why a connection's loop ended.
+enum Ended {
+    /// The client hung up (after DISCONNECT or not).
+    Hangup,
+    Closed(Close),
+    KeepAlive,
+    Error(String),
+}
+
+/// One live connection's state.
+struct Link<'a> {
+    broker: &'a Arc<Broker>,
+    who: &'a Who,
+    client: &'a str,
+    outbox: &'a Arc<Outbox>,
+    rx: mpsc::UnboundedReceiver<Out>,
+    /// QoS 1 messages sent and not yet acknowledged, oldest first.
+    inflight: VecDeque<(u16, Arc<Message>, u8)>,
+    next_id: u16,
+    /// Bytes for the client, not yet taken by the socket.
+    wbuf: Vec<u8>,
+    graceful: bool,
+}
+
+impl Link<'_> {
+    async fn run<R, W>(&mut self, rd: &mut R, wr: &mut W, mut rbuf: Vec<u8>, keep_alive: u16) -> Ended
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        // MQTT 3.1.1 §3.1.2.10: one and a half keep-alive periods without a packet.
+        let grace = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let mut deadline = grace.map(|g| tokio::time::Instant::now() + g);
+        loop {
+            // Whatever is buffered may already hold whole packets (the CONNECT's read).
+            match self.handle(&mut rbuf).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    let _ = self.flush(wr).await;
+                    return Ended::Hangup;
+                }
+                Err(e) => {
+                    let _ = self.flush(wr).await;
+                    return e;
+                }
+            }
+            if rbuf.is_empty() && rbuf.capacity() > 4 * READ_CHUNK {
+                rbuf = Vec::new();
+            }
+            if rbuf.capacity() - rbuf.len() < READ_CHUNK {
+                rbuf.reserve(READ_CHUNK);
+            }
+            if self.wbuf.is_empty() && self.wbuf.capacity() > WRITE_BATCH {
+                self.wbuf = Vec::new();
+            }
+            let room = self.wbuf.len() < WRITE_BATCH && self.inflight.len() < MAX_INFLIGHT;
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                read = rd.read_buf(&mut rbuf) => match read {
+                    Ok(0) => return Ended::Hangup,
+                    Ok(_) => deadline = grace.map(|g| tokio::time::Instant::now() + g),
+                    Err(e) => return Ended::Error(e.to_string()),
+                },
+                written = wr.write(&self.wbuf), if !self.wbuf.is_empty() => match written {
+                    Ok(0) => return Ended::Hangup,
+                    Ok(n) => {
+                        self.wbuf.drain(..n);
+                        if self.wbuf.is_empty() {
+                            if let Err(e) = wr.flush().await {
+                                return Ended::Error(e.to_string());
+                            }
+                        }
+                    }
+                    Err(e) => return Ended::Error(e.to_string()),
+                },
+                out = self.rx.recv(), if room => match out {
+                    Some(out) => {
+                        if let Some(why) = self.take(out) {
+                            let _ = self.flush(wr).await;
+                            return Ended::Closed(why);
+                        }
+                        // Gather what else is queued into the same write.
+                        while self.wbuf.len() < WRITE_BATCH && self.inflight.len() < MAX_INFLIGHT {
+                            let Ok(out) = self.rx.try_recv() else { break };
+                            if let Some(why) = self.take(out) {
+                                let _ = self.flush(wr).await;
+                                return Ended::Closed(why);
+                            }
+                        }
+                    }
+                    None => return Ended::Hangup,
+                },
+                _ = sleep => return Ended::KeepAlive,
+            }
+        }
+    }
+
+    /// Writes out what is buffered (on the way out: best effort, bounded).
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
+        let write = async {
+            wr.write_all(&self.wbuf).await?;
+            wr.flush().await
+        };
+        let r = tokio::time::timeout(Duration::from_secs(2), write).await.unwrap_or(Ok(()));
+        self.wbuf.clear();
+        r
+    }
+
+    /// Puts a message from the outbox into the write buffer; `Some` to close.
+    fn take(&mut self, out: Out) -> Option<Close> {
+        self.outbox.taken(&out);
+        match out {
+            Out::Close(why) => Some(why),
+            Out::Publish(m, qos, retain) => {
+                let id = if qos > 0 {
+                    let id = self.free_id();
+                    self.inflight.push_back((id, m.clone(), qos));
+                    id
+                } else {
+                    0
+                };
+                wire::encode_publish(&mut self.wbuf, &m.topic, &m.payload, qos, retain, id);
+                None
+            }
+        }
+    }
+
+    fn free_id(&mut self) -> u16 {
+        loop {
+            self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+            if !self.inflight.iter().any(|(i, ..)| *i == self.next_id) {
+                return self.next_id;
+            }
+        }
+    }
+
+    /// Handles every whole packet in `rbuf`. Ok(false): the client said DISCONNECT.
+    async fn handle(&mut self, rbuf: &mut Vec<u8>) -> Result<bool, Ended> {
+        let mut used = 0;
+        let result = loop {
+            let (header, total) = match wire::frame(&rbuf[used..], MAX_PACKET) {
+                Ok(Some(f)) => f,
+                Ok(None) => break Ok(true),
+                Err(e) => break Err(Ended::Error(e.to_string())),
+            };
+            let packet = &rbuf[used..used + total];
+            used += total;
+            match self.packet(packet, header).await {
+                Ok(true) => {}
+                other => break other,
+            }
+        };
+        rbuf.drain(..used);
+        result
+    }
+
+    async fn packet(&mut self, packet: &[u8], header: usize) -> Result<bool, Ended> {
+        let malformed = |e: WireError| Ended::Error(e.to_string());
+        match packet[0] >> 4 {
+            wire::PUBLISH => {
+                let bytes = bytes::Bytes::copy_from_slice(packet);
+                let p = wire::parse_publish(&bytes, header).map_err(malformed)?;
+                if !topic::valid_name(&p.topic) {
+                    return Err(Ended::Error(format!("PUBLISH on {:?}: not a topic name", p.topic)));
+                }
+                if !self.permits(|id| may_publish(id, &p.topic)) {
+                    return Err(self.deny(format!("publish on {}", p.topic)));
+                }
+                let wait = !matches!(self.who, Who::Internal) && !self.outbox.trunk.load(Relaxed);
+                let message = Message { topic: p.topic, payload: p.payload, qos: p.qos.min(1), retain: p.retain };
+                self.broker.route(message, wait).await;
+                match p.qos {
+                    1 => self.wbuf.extend_from_slice(&wire::ack(wire::PUBACK, p.id)),
+                    2 => self.wbuf.extend_from_slice(&wire::ack(wire::PUBREC, p.id)),
+                    _ => {}
+                }
+            }
+            wire::PUBACK => {
+                let id = wire::packet_id(packet, header).map_err(malformed)?;
+                if let Some(i) = self.inflight.iter().position(|(i, ..)| *i == id) {
+                    self.inflight.remove(i);
+                }
+            }
+            wire::PUBREL => {
+                let id = wire::packet_id(packet, header).map_err(malformed)?;
+                self.wbuf.extend_from_slice(&wire::ack(wire::PUBCOMP, id));
+            }
+            // Never asked for: Baton sends at most QoS 1.
+            wire::PUBREC | wire::PUBCOMP => {}
+            wire::SUBSCRIBE => {
+                let (id, filters) = wire::parse_subscribe(packet, header).map_err(malformed)?;
+                if let Some((f, _)) = filters.iter().find(|(f, _)| !self.permits(|i| may_subscribe(i, f))) {
+                    return Err(self.deny(format!("subscribe to {f}")));
+                }
+                // The retained messages it brings are queued, so they follow the SUBACK.
+                let codes = self.broker.router().subscribe(self.client, &filters);
+                self.wbuf.extend_from_slice(&wire::suback(id, &codes));
+            }
+            wire::UNSUBSCRIBE => {
+                let (id, filters) = wire::parse_unsubscribe(packet, header).map_err(malformed)?;
+                self.broker.router().unsubscribe(self.client, &filters);
+                self.wbuf.extend_from_slice(&wire::ack(wire::UNSUBACK, id));
+            }
+            wire::PINGREQ => self.wbuf.extend_from_slice(&wire::PINGRESP_BYTES),
+            wire::DISCONNECT => {
+                self.graceful = true;
+                return Ok(false);
+            }
+            wire::CONNECT => return Err(Ended::Error("a second CONNECT".into())),
+            other => return Err(Ended::Error(format!("packet type {other} from a client"))),
+        }
+        Ok(true)
+    }
+
+    /// Whether the connection's identity permits a step (anyone else may do anything).
+    fn permits(&self, check: impl FnOnce(&Identity) -> bool) -> bool {
+        match self.who {
+            Who::Device(identity) => check(identity),
+            Who::Anyone | Who::Internal => true,
+        }
+    }
+
+    /// A device stepped outside its topics: counted, said, and the connection ends.
+    fn deny(&self, what: String) -> Ended {
+        self.broker.denied_packets.fetch_add(1, Relaxed);
+        tracing::warn!(device = %self.client, %what, "device stepped outside its topics; disconnected");
+        Ended::Error(format!("denied: {what}"))
+    }
+
+    /// Ends the link: whether it said DISCONNECT, and the QoS 1 messages it
+    /// took without an acknowledgement (sent or still queued), oldest first.
+    fn finish(mut self) -> (bool, Vec<(Arc<Message>, u8)>) {
+        self.outbox.close(Close::TakenOver);
+        let mut unacked: Vec<(Arc<Message>, u8)> = self.inflight.drain(..).map(|(_, m, q)| (m, q)).collect();
+        while let Ok(out) = self.rx.try_recv() {
+            self.outbox.taken(&out);
+            if let Out::Publish(m, qos, _) = out {
+                if qos > 0 {
+                    unacked.push((m, qos));
+                }
+            }
+        }
+        (self.graceful, unacked)
+    }
+}
+
+/// Reads until a whole first packet is in `buf`; it must be a CONNECT.
+/// `Err(None)`: the client hung up or the socket failed first.
+async fn read_connect(
+    client: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> Result<(usize, Connect), Option<WireError>> {
+    loop {
+        if let Some((_, total)) = wire::frame(buf, 64 * 1024).map_err(Some)? {
+            return Ok((total, wire::parse_connect(&buf[..total]).map_err(Some)?));
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK {
+            buf.reserve(READ_CHUNK);
+        }
+        if client.read_buf(buf).await.map_err(|_| None)? == 0 {
+            return Err(None);
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! The embedded broker's shared state: sessions, who subscribes to what,
+//! retained messages, and each live connection's outbox. One `Router` sits
+//! behind one mutex; every operation is short and never waits.
+//!
+//! Delivery rules (MQTT 3.1.1, at most QoS 1 out):
+//! - a message goes to each session with a matching subscription once, at
+//!   the lower of its QoS and the highest granted among those subscriptions;
+//! - a persistent session (clean_session = false) that is offline keeps
+//!   QoS 1 messages for its next connection, at most `OFFLINE_LIMIT` (the
+//!   oldest give way, counted in `dropped`);
+//! - QoS 1 messages a connection of a persistent session took but never saw
+//!   acknowledged go back to the session (`disconnected`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Notify};
+
+use super::topic;
+
+/// QoS 1 messages an offline persistent session keeps.
+pub const OFFLINE_LIMIT: usize = 100;
+/// A subscriber that is not a trunk (devices) and lets this many messages,
+/// or `QUEUE_BYTES_LIMIT` bytes, pile up unread is disconnected: it will
+/// reconnect and get its retained document again.
+pub const QUEUE_LIMIT: usize = 1000;
+pub const QUEUE_BYTES_LIMIT: usize = 4 << 20;
+/// Publishers that are not trunks wait while a trunk subscriber (the
+/// controller) has more than this queued: overload slows devices down
+/// instead of losing their messages.
+pub const TRUNK_HIGH: usize = 20_000;
+pub const TRUNK_HIGH_BYTES: usize = 64 << 20;
+
+/// One published message, shared by every subscriber it goes to.
+#[derive(Debug)]
+pub struct Message {
+    pub topic: String,
+    pub payload: bytes::Bytes,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+/// What a connection's task is handed to do.
+#[derive(Debug)]
+pub enum Out {
+    /// Send this message at this QoS, with this RETAIN flag.
+    Publish(Arc<Message>, u8, bool),
+    /// Close the connection, for this reason.
+    Close(Close),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Another connection took over the client id (no Last Will).
+    TakenOver,
+    /// The device's credentials were revoked.
+    Revoked,
+    /// It let too much pile up unread.
+    SlowConsumer,
+}
+
+/// The sending side of a live connection.
+#[derive(Debug)]
+pub struct Outbox {
+    pub id: u64,
+    tx: mpsc::UnboundedSender<Out>,
+    /// Messages (and their bytes) sent here and not yet taken by the connection's task.
+    pub queued: AtomicUsize,
+    pub queued_bytes: AtomicUsize,
+    /// Told when the queue shrinks below the trunk mark, or closes.
+    pub space: Notify,
+    /// The controller's own connection, or one holding a wildcard
+    /// subscription: never waits, never disconnected for being slow.
+    pub trunk: AtomicBool,
+    pub closed: AtomicBool,
+}
+
+impl Outbox {
+    pub fn new(id: u64, trunk: bool) -> (Arc<Self>, mpsc::UnboundedReceiver<Out>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let outbox = Self {
+            id,
+            tx,
+            queued: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
+            space: Notify::new(),
+            trunk: AtomicBool::new(trunk),
+            closed: AtomicBool::new(false),
+        };
+        (Arc::new(outbox), rx)
+    }
+
+    /// Queues a message; false if the connection is closing. A slow
+    /// subscriber that is not a trunk is told to close instead.
+    pub fn publish(&self, m: &Arc<Message>, qos: u8, retain: bool) -> bool {
+        if self.closed.load(Relaxed) {
+            return false;
+        }
+        let queued = self.queued.fetch_add(1, Relaxed) + 1;
+        let bytes = self.queued_bytes.fetch_add(m.payload.len(), Relaxed) + m.payload.len();
+        if !self.trunk.load(Relaxed) && (queued > QUEUE_LIMIT || bytes > QUEUE_BYTES_LIMIT) {
+            self.queued.fetch_sub(1, Relaxed);
+            self.queued_bytes.fetch_sub(m.payload.len(), Relaxed);
+            self.close(Close::SlowConsumer);
+            return false;
+        }
+        if self.tx.send(Out::Publish(m.clone(), qos, retain)).is_err() {
+            self.queued.fetch_sub(1, Relaxed);
+            self.queued_bytes.fetch_sub(m.payload.len(), Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Tells the connection to close (once).
+    pub fn close(&self, why: Close) {
+        if !self.closed.swap(true, Relaxed) {
+            let _ = self.tx.send(Out::Close(why));
+        }
+        self.space.notify_waiters();
+    }
+
+    /// The connection's task took `out` off the queue.
+    pub fn taken(&self, out: &Out) {
+        if let Out::Publish(m, ..) = out {
+            let queued = self.queued.fetch_sub(1, Relaxed) - 1;
+            let bytes = self.queued_bytes.fetch_sub(m.payload.len(), Relaxed) - m.payload.len();
+            if queued <= TRUNK_HIGH && bytes <= TRUNK_HIGH_BYTES && queued % 256 == 0 {
+                self.space.notify_waiters();
+            }
+        }
+    }
+
+    /// Whether a publisher that is not a trunk should wait before sending more here.
+    pub fn full(&self) -> bool {
+        self.trunk.load(Relaxed)
+            && !self.closed.load(Relaxed)
+            && (self.queued.load(Relaxed) > TRUNK_HIGH || self.queued_bytes.load(Relaxed) > TRUNK_HIGH_BYTES)
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    clean: bool,
+    /// (filter, granted QoS).
+    subs: Vec<(String, u8)>,
+    conn: Option<Arc<Outbox>>,
+    offline: VecDeque<(Arc<Message>, u8)>,
+}
+
+#[derive(Debug, Default)]
+pub struct Router {
+    sessions: HashMap<Arc<str>, Session>,
+    /// Filters without wildcards: filter → (client, granted QoS).
+    exact: HashMap<String, Vec<(Arc<str>, u8)>>,
+    /// Filters with wildcards: (filter, client, granted QoS).
+    wild: Vec<(String, Arc<str>, u8)>,
+    retained: HashMap<String, Arc<Message>>,
+    /// Messages an offline session could not keep.
+    pub dropped: u64,
+}
+
+/// What `connect` found.
+pub struct Connected {
+    pub session_present: bool,
+    /// The connection this one replaces, told to close.
+    pub replaced: Option<Arc<Outbox>>,
+}
+
+impl Router {
+    /// A connection for `client` was accepted: it takes over the session
+    /// (or a new one), and gets what the session kept while offline.
+    pub fn connect(&mut self, client: &str, clean: bool, outbox: &Arc<Outbox>) -> Connected {
+        let mut replaced = None;
+        if let Some(s) = self.sessions.get_mut(client) {
+            replaced = s.conn.take();
+            if let Some(old) = &replaced {
+                old.close(Close::TakenOver);
+            }
+        }
+        if clean || self.sessions.get(client).is_some_and(|s| s.clean) {
+            self.forget(client);
+        }
+        let present = self.sessions.contains_key(client);
+        let key: Arc<str> = Arc::from(client);
+        let s = self.sessions.entry(key).or_insert_with(|| Session {
+            clean,
+            subs: Vec::new(),
+            conn: None,
+            offline: VecDeque::new(),
+        });
+        s.conn = Some(outbox.clone());
+        for (m, qos) in std::mem::take(&mut s.offline) {
+            outbox.publish(&m, qos, false);
+        }
+        if s.subs.iter().any(|(f, _)| topic::is_wildcard(f)) {
+            outbox.trunk.store(true, Relaxed);
+        }
+        Connected { session_present: present, replaced }
+    }
+
+    /// Connection `conn` of `client` ended. `unacked`: QoS 1 messages it
+    /// took and never saw acknowledged, oldest first; for a persistent
+    /// session they go to its live connection, or wait for the next one.
+    pub fn disconnected(&mut self, client: &str, conn: u64, unacked: Vec<(Arc<Message>, u8)>) {
+        let Some(s) = self.sessions.get_mut(client) else { return };
+        if s.conn.as_ref().is_some_and(|c| c.id == conn) {
+            s.conn = None;
+            if s.clean {
+                self.forget(client);
+                return;
+            }
+        }
+        if s.clean {
+            return;
+        }
+        match &s.conn {
+            Some(live) => {
+                for (m, qos) in unacked {
+                    live.publish(&m, qos, false);
+                }
+            }
+            None => {
+                for (m, qos) in unacked.into_iter().rev() {
+                    s.offline.push_front((m, qos));
+                }
+                while s.offline.len() > OFFLINE_LIMIT {
+                    s.offline.pop_front();
+                    self.dropped += 1;
+                }
+            }
+        }
+    }
+
+    /// Removes a session and its subscriptions; its connection, if any, is closed.
+    pub fn remove(&mut self, client: &str, why: Close) {
+        if let Some(c) = self.sessions.get_mut(client).and_then(|s| s.conn.take()) {
+            c.close(why);
+        }
+        self.forget(client);
+    }
+
+    fn forget(&mut self, client: &str) {
+        let Some(s) = self.sessions.remove(client) else { return };
+        for (filter, _) in &s.subs {
+            self.unindex(client, filter);
+        }
+    }
+
+    fn unindex(&mut self, client: &str, filter: &str) {
+        if topic::is_wildcard(filter) {
+            self.wild.retain(|(f, c, _)| !(f == filter && &**c == client));
+        } else if let Some(v) = self.exact.get_mut(filter) {
+            v.retain(|(c, _)| &**c != client);
+            if v.is_empty() {
+                self.exact.remove(filter);
+            }
+        }
+    }
+
+    /// Adds (or replaces) subscriptions; returns the SUBACK codes, and
+    /// queues the retained messages they match on the session's connection.
+    pub fn subscribe(&mut self, client: &str, filters: &[(String, u8)]) -> Vec<u8> {
+        let Some(key) = self.sessions.get_key_value(client).map(|(k, _)| k.clone()) else {
+            return vec![super::wire::SUBSCRIBE_FAILED; filters.len()];
+        };
+        let Some(s) = self.sessions.get_mut(client) else { return Vec::new() };
+        let conn = s.conn.clone();
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut added = Vec::new();
+        for (filter, asked) in filters {
+            if !topic::valid_filter(filter) {
+                codes.push(super::wire::SUBSCRIBE_FAILED);
+                continue;
+            }
+            let granted = (*asked).min(1);
+            codes.push(granted);
+            match s.subs.iter_mut().find(|(f, _)| f == filter) {
+                Some(sub) => sub.1 = granted,
+                None => s.subs.push((filter.clone(), granted)),
+            }
+            added.push((filter.clone(), granted));
+        }
+        for (filter, granted) in &added {
+            self.unindex(client, filter);
+            if topic::is_wildcard(filter) {
+                self.wild.push((filter.clone(), key.clone(), *granted));
+                if let Some(c) = &conn {
+                    c.trunk.store(true, Relaxed);
+                }
+            } else {
+                self.exact.entry(filter.clone()).or_default().push((key.clone(), *granted));
+            }
+        }
+        if let Some(c) = conn {
+            for (filter, granted) in &added {
+                let mut send = |m: &Arc<Message>| {
+                    c.publish(m, m.qos.min(*granted), true);
+                };
+                if topic::is_wildcard(filter) {
+                    self.retained.values().filter(|m| topic::matches(filter, &m.topic)).for_each(&mut send);
+                } else if let Some(m) = self.retained.get(filter) {
+                    send(m);
+                }
+            }
+        }
+        codes
+    }
+
+    pub fn unsubscribe(&mut self, client: &str, filters: &[String]) {
+        let Some(s) = self.sessions.get_mut(client) else { return };
+        s.subs.retain(|(f, _)| !filters.contains(f));
+        for f in filters {
+            self.unindex(client, f);
+        }
+    }
+
+    /// Routes a message: keeps (or, empty, clears) it when retained, and
+    /// queues it for every matching session. Returns the live connections
+    /// it was queued on.
+    pub fn publish(&mut self, m: Arc<Message>) -> Vec<Arc<Outbox>> {
+        if m.retain {
+            if m.payload.is_empty() {
+                self.retained.remove(&m.topic);
+            } else {
+                self.retained.insert(m.topic.clone(), m.clone());
+            }
+        }
+        let mut targets: Vec<(Arc<str>, u8)> = Vec::new();
+        let mut add = |c: &Arc<str>, q: u8| match targets.iter_mut().find(|(t, _)| t == c) {
+            Some(t) => t.1 = t.1.max(q),
+            None => targets.push((c.clone(), q)),
+        };
+        if let Some(v) = self.exact.get(&m.topic) {
+            v.iter().for_each(|(c, q)| add(c, *q));
+        }
+        self.wild.iter().filter(|(f, ..)| topic::matches(f, &m.topic)).for_each(|(_, c, q)| add(c, *q));
+        let mut live = Vec::with_capacity(targets.len());
+        for (client, granted) in targets {
+            let Some(s) = self.sessions.get_mut(&client) else { continue };
+            let qos = m.qos.min(granted);
+            match &s.conn {
+                Some(c) if c.publish(&m, qos, false) => live.push(c.clone()),
+                // Offline, or its connection is closing: a persistent session keeps it.
+                _ if !s.clean && qos > 0 => {
+                    s.offline.push_back((m.clone(), qos));
+                    if s.offline.len() > OFFLINE_LIMIT {
+                        s.offline.pop_front();
+                        self.dropped += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        live
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn retained(&self) -> usize {
+        self.retained.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(topic: &str, payload: &str, qos: u8, retain: bool) -> Arc<Message> {
+        Arc::new(Message { topic: topic.into(), payload: payload.to_owned().into(), qos, retain })
+    }
+
+    fn drain(rx: &mut mpsc::UnboundedReceiver<Out>) -> Vec<(String, String, u8, bool)> {
+        let mut got = Vec::new();
+        while let Ok(out) = rx.try_recv() {
+            match out {
+                Out::Publish(m, q, r) => {
+                    got.push((m.topic.clone(), String::from_utf8_lossy(&m.payload).into_owned(), q, r))
+                }
+                Out::Close(c) => got.push(("CLOSE".into(), format!("{c:?}"), 0, false)),
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn subscribers_get_matching_messages_once_at_the_lower_qos() {
+        let mut r = Router::default();
+        let (ctl, mut ctl_rx) = Outbox::new(1, false);
+        let (dev, mut dev_rx) = Outbox::new(2, false);
+        r.connect("ctl", true, &ctl);
+        r.connect("pi", false, &dev);
+        assert_eq!(
+            r.subscribe("ctl", &[("d/+/presence".into(), 1), ("d/#".into(), 0), ("a/#/b".into(), 1)]),
+            [1, 0, 0x80]
+        );
+        assert!(ctl.trunk.load(Relaxed), "a wildcard subscriber is a trunk");
+        assert_eq!(r.subscribe("pi", &[("d/pi/desired".into(), 2)]), [1], "QoS 2 is granted as 1");
+        r.publish(msg("d/pi/presence", "on", 1, true));
+        r.publish(msg("d/pi/desired", "doc", 1, true));
+        r.publish(msg("x/y", "nobody", 1, false));
+        assert_eq!(
+            drain(&mut ctl_rx),
+            [("d/pi/presence".into(), "on".into(), 1, false), ("d/pi/desired".into(), "doc".into(), 0, false)],
+            "overlapping subscriptions deliver once, at the highest granted; QoS 0 granted, QoS 0 sent"
+        );
+        assert_eq!(drain(&mut dev_rx), [("d/pi/desired".into(), "doc".into(), 1, false)]);
+    }
+
+    #[test]
+    fn retained_messages_go_to_new_subscriptions_and_an_empty_one_clears_them() {
+        let mut r = Router::default();
+        r.publish(msg("d/a/presence", "on", 1, true));
+        r.publish(msg("d/b/presence", "on", 0, true));
+        r.publish(msg("d/c/presence", "on", 1, true));
+        r.publish(msg("d/c/presence", "", 1, true));
+        let (ctl, mut rx) = Outbox::new(1, false);
+        r.connect("ctl", true, &ctl);
+        r.subscribe("ctl", &[("d/+/presence".into(), 1)]);
+        let mut got = drain(&mut rx);
+        got.sort();
+        assert_eq!(got, [("d/a/presence".into(), "on".into(), 1, true), ("d/b/presence".into(), "on".into(), 0, true)]);
+        // Subscribing again sends them again (MQTT 3.1.1 §3.8.4).
+        r.subscribe("ctl", &[("d/a/presence".into(), 1)]);
+        assert_eq!(drain(&mut rx), [("d/a/presence".into(), "on".into(), 1, true)]);
+        assert_eq!(r.retained(), 2);
+    }
+
+    #[test]
+    fn a_persistent_session_keeps_its_subscriptions_and_qos1_messages_while_offline() {
+        let mut r = Router::default();
+        let (first, _rx) = Outbox::new(1, false);
+        assert!(!r.connect("pi", false, &first).session_present);
+        r.subscribe("pi", &[("d/pi/cmd".into(), 1)]);
+        // Connection 1 took a command and went away before acknowledging it.
+        r.disconnected("pi", 1, vec![(msg("d/pi/cmd", "unacked", 1, false), 1)]);
+        r.publish(msg("d/pi/cmd", "while away", 1, false));
+        r.publish(msg("d/pi/cmd", "qos0 is not kept", 0, false));
+        let (second, mut rx) = Outbox::new(2, false);
+        assert!(r.connect("pi", false, &second).session_present);
+        assert_eq!(
+            drain(&mut rx),
+            [("d/pi/cmd".into(), "unacked".into(), 1, false), ("d/pi/cmd".into(), "while away".into(), 1, false)]
+        );
+        r.publish(msg("d/pi/cmd", "live", 1, false));
+        assert_eq!(drain(&mut rx), [("d/pi/cmd".into(), "live".into(), 1, false)]);
+        // A clean session starts from nothing.
+        let (third, mut rx) = Outbox::new(3, false);
+        let c = r.connect("pi", true, &third);
+        assert!(!c.session_present && c.replaced.is_some_and(|o| o.id == 2));
+        r.publish(msg("d/pi/cmd", "no subscription", 1, false));
+        assert!(drain(&mut rx).is_empty());
+        r.disconnected("pi", 3, Vec::new());
+        assert_eq!(r.sessions(), 0, "a clean session ends with its connection");
+    }
+
+    #[test]
+    fn an_offline_session_keeps_a_bounded_number_and_a_taken_over_connection_closes() {
+        let mut r = Router::default();
+        let (first, mut first_rx) = Outbox::new(1, false);
+        r.connect("pi", false, &first);
+        r.subscribe("pi", &[("t".into(), 1)]);
+        let (second, mut rx) = Outbox::new(2, false);
+        r.connect("pi", false, &second);
+        assert_eq!(drain(&mut first_rx), [("CLOSE".into(), "TakenOver".into(), 0, false)]);
+        // The old connection's unacked message goes to the new one.
+        r.disconnected("pi", 1, vec![(msg("t", "old", 1, false), 1)]);
+        assert_eq!(drain(&mut rx), [("t".into(), "old".into(), 1, false)]);
+        r.disconnected("pi", 2, Vec::new());
+        for i in 0..OFFLINE_LIMIT + 5 {
+            r.publish(msg("t", &i.to_string(), 1, false));
+        }
+        assert_eq!(r.dropped, 5);
+        let (third, mut rx) = Outbox::new(3, false);
+        r.connect("pi", false, &third);
+        let got = drain(&mut rx);
+        assert_eq!((got.len(), got[0].1.as_str()), (OFFLINE_LIMIT, "5"), "the oldest gave way");
+    }
+
+    #[test]
+    fn a_slow_device_is_closed_and_a_full_trunk_makes_publishers_wait() {
+        let (dev, mut rx) = Outbox::new(1, false);
+        let m = msg("t", "x", 1, false);
+        for _ in 0..QUEUE_LIMIT {
+            assert!(dev.publish(&m, 1, false));
+        }
+        assert!(!dev.publish(&m, 1, false), "one past the limit");
+        assert!(!dev.full(), "a device never makes others wait");
+        let got = drain(&mut rx);
+        assert_eq!(got.last().map(|g| g.1.as_str()), Some("SlowConsumer"));
+        let (trunk, mut rx) = Outbox::new(2, true);
+        for _ in 0..=TRUNK_HIGH {
+            assert!(trunk.publish(&m, 1, false), "a trunk is never closed for being slow");
+        }
+        assert!(trunk.full());
+        while let Ok(out) = rx.try_recv() {
+            trunk.taken(&out);
+        }
+        assert!(!trunk.full() && trunk.queued.load(Relaxed) == 0);
+    }
+
+    #[test]
+    fn removing_a_session_closes_its_connection_and_drops_its_subscriptions() {
+        let mut r = Router::default();
+        let (dev, mut rx) = Outbox::new(1, false);
+        r.connect("pi", false, &dev);
+        r.subscribe("pi", &[("t".into(), 1), ("u/+".into(), 1)]);
+        r.remove("pi", Close::Revoked);
+        assert_eq!(drain(&mut rx), [("CLOSE".into(), "Revoked".into(), 0, false)]);
+        assert!(r.publish(msg("t", "x", 1, false)).is_empty() && r.publish(msg("u/v", "x", 1, false)).is_empty());
+        assert!(r.exact.is_empty() && r.wild.is_empty() && r.sessions() == 0);
+        r.disconnected("pi", 1, vec![(msg("t", "x", 1, false), 1)]);
+        assert_eq!(r.sessions(), 0, "a removed session is not brought back");
+    }
+}
