@@ -17,7 +17,7 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 host=$(rustc -vV | sed -n 's/^host: //p')
 cargo build --profile fuzz --locked --bins --target "$host"
 mkdir -p artifacts
-for target in protocol_decode workload_manifest layer_unpack image_manifest agent_config; do
+for target in protocol_decode workload_manifest layer_unpack image_manifest agent_config broker_wire; do
   mkdir -p "corpus/$target" "artifacts/$target"
   work=$(mktemp -d)
   cp -r "corpus/$target/." "$work/"

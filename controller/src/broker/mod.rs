@@ -32,7 +32,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
 use access::{may_publish, may_subscribe, Authority, Identity};
 use router::{Close, Message, Out, Outbox, Router};
@@ -49,8 +48,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_INFLIGHT: usize = 1000;
 /// Bytes gathered for one write before the socket is asked to take them.
 const WRITE_BATCH: usize = 64 * 1024;
-/// Read buffer while waiting for bytes; it grows for a large packet and is
-/// given back once that packet is handled.
+/// Bytes read at a time: into a small array in the connection's task while
+/// no packet is under way, else into a buffer with room for the rest of
+/// the packet (at least `READ_CHUNK`), given back once the packet is handled.
+const SMALL_READ: usize = 128;
 const READ_CHUNK: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +87,9 @@ pub struct Broker {
     pub refused_connects: AtomicU64,
     pub denied_packets: AtomicU64,
     pub slow_consumers: AtomicU64,
+    /// Keep-alive is checked by one sweep for all connections, not a timer each.
+    sweeping: std::sync::atomic::AtomicBool,
+    started: std::time::Instant,
 }
 
 impl Broker {
@@ -98,7 +102,33 @@ impl Broker {
             refused_connects: AtomicU64::new(0),
             denied_packets: AtomicU64::new(0),
             slow_consumers: AtomicU64::new(0),
+            sweeping: std::sync::atomic::AtomicBool::new(false),
+            started: std::time::Instant::now(),
         })
+    }
+
+    /// Milliseconds since the broker started (connections' last packet).
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Closes, once a second, every connection silent for one and a half
+    /// keep-alive periods (MQTT 3.1.1 §3.1.2.10).
+    async fn sweep(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = every.tick() => {}
+            }
+            let now = self.now_ms();
+            self.router().each_live(|o| {
+                let grace = o.grace_ms.load(Relaxed);
+                if grace > 0 && now.saturating_sub(o.heard_ms.load(Relaxed)) > grace {
+                    o.close(Close::KeepAlive);
+                }
+            });
+        }
     }
 
     fn router(&self) -> std::sync::MutexGuard<'_, Router> {
@@ -116,6 +146,9 @@ impl Broker {
         let listener = TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { addr, source })?;
         let local = listener.local_addr().map_err(|source| BrokerError::Bind { addr, source })?;
         let tls = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
+        if !self.sweeping.swap(true, Relaxed) {
+            tokio::spawn(self.clone().sweep(stop.clone()));
+        }
         tokio::spawn(self.clone().serve(listener, Arc::new(admission), tls, stop));
         Ok(local)
     }
@@ -142,20 +175,26 @@ impl Broker {
             };
             // MQTT's packets are small (acks, keystrokes of a session): no Nagle wait.
             let _ = stream.set_nodelay(true);
-            let (broker, admission, tls) = (self.clone(), admission.clone(), tls.clone());
-            tokio::spawn(async move {
-                let result = match tls {
-                    Some(tls) => match tokio::time::timeout(CONNECT_TIMEOUT, tls.accept(stream)).await {
+            let (broker, admission) = (self.clone(), admission.clone());
+            // Two kinds of task: a plain connection's does not carry the
+            // room a TLS session needs (most of a connection's memory).
+            match tls.clone() {
+                Some(tls) => tokio::spawn(async move {
+                    let result = match tokio::time::timeout(CONNECT_TIMEOUT, tls.accept(stream)).await {
                         Ok(Ok(s)) => broker.connection(s, &admission).await,
                         Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
                         Err(_) => Err("no TLS handshake within 10 s".into()),
-                    },
-                    None => broker.connection(stream, &admission).await,
-                };
-                if let Err(why) = result {
-                    tracing::debug!(%peer, %why, "MQTT connection closed");
-                }
-            });
+                    };
+                    if let Err(why) = result {
+                        tracing::debug!(%peer, %why, "MQTT connection closed");
+                    }
+                }),
+                None => tokio::spawn(async move {
+                    if let Err(why) = broker.connection(stream, &admission).await {
+                        tracing::debug!(%peer, %why, "MQTT connection closed");
+                    }
+                }),
+            };
         }
     }
 
@@ -170,22 +209,26 @@ impl Broker {
         (self.connections.load(Relaxed), r.sessions(), r.retained(), r.dropped)
     }
 
-    /// Routes a message; a publisher that is not a trunk then waits while
-    /// any trunk it went to has too much queued.
-    async fn route(&self, m: Message, wait: bool) {
+    /// Routes a message. A publisher that is not a trunk (`waiter`: its own
+    /// outbox) then waits while any trunk it went to has too much queued, or
+    /// until its own connection is told to close (taken over, revoked).
+    async fn route(&self, m: Message, waiter: Option<&Outbox>) {
         let live = self.router().publish(Arc::new(m));
-        if !wait {
-            return;
-        }
+        let Some(own) = waiter else { return };
         for target in live {
             loop {
                 let space = target.space.notified();
-                tokio::pin!(space);
+                let closing = own.space.notified();
+                tokio::pin!(space, closing);
                 space.as_mut().enable();
-                if !target.full() {
+                closing.as_mut().enable();
+                if !target.full() || own.closed.load(Relaxed) {
                     break;
                 }
-                space.await;
+                tokio::select! {
+                    _ = space => {}
+                    _ = closing => {}
+                }
             }
         }
     }
@@ -234,20 +277,24 @@ impl Broker {
                 connect.client_id, self.max_connections
             ));
         }
-        let (outbox, rx) = Outbox::new(conn, matches!(who, Who::Internal));
+        // The credentials are not needed past here.
+        connect.password = None;
+        connect.username = None;
+        let outbox = Outbox::new(conn, matches!(who, Who::Internal));
+        outbox.heard_ms.store(self.now_ms(), Relaxed);
+        outbox.grace_ms.store(u64::from(connect.keep_alive) * 1500, Relaxed);
         let session_present = self.router().connect(&connect.client_id, connect.clean_session, &outbox).session_present;
         let mut link = Link {
             broker: self,
             who: &who,
             client: &connect.client_id,
             outbox: &outbox,
-            rx,
             inflight: VecDeque::new(),
             next_id: 0,
             wbuf: wire::connack(session_present, 0).to_vec(),
             graceful: false,
         };
-        let ended = link.run(&mut rd, &mut wr, rbuf, connect.keep_alive).await;
+        let ended = link.run(&mut rd, &mut wr, rbuf).await;
         let (graceful, unacked) = link.finish();
         self.connections.fetch_sub(1, Relaxed);
         self.router().disconnected(&connect.client_id, conn, unacked);
@@ -258,8 +305,8 @@ impl Broker {
         }
         if !graceful && !taken_over {
             if let Some((topic, payload, qos, retain)) = connect.will.take() {
-                let will = Message { topic, payload: payload.into(), qos: qos.min(1), retain };
-                self.route(will, false).await;
+                let will = Message { topic: topic.into(), payload: payload.into(), qos: qos.min(1), retain };
+                Box::pin(self.route(will, None)).await;
             }
         }
         match ended {
@@ -315,7 +362,6 @@ enum Ended {
     /// The client hung up (after DISCONNECT or not).
     Hangup,
     Closed(Close),
-    KeepAlive,
     Error(String),
 }
 
@@ -325,7 +371,6 @@ struct Link<'a> {
     who: &'a Who,
     client: &'a str,
     outbox: &'a Arc<Outbox>,
-    rx: mpsc::UnboundedReceiver<Out>,
     /// QoS 1 messages sent and not yet acknowledged, oldest first.
     inflight: VecDeque<(u16, Arc<Message>, u8)>,
     next_id: u16,
@@ -335,47 +380,41 @@ struct Link<'a> {
 }
 
 impl Link<'_> {
-    async fn run<R, W>(&mut self, rd: &mut R, wr: &mut W, mut rbuf: Vec<u8>, keep_alive: u16) -> Ended
+    /// Moves bytes both ways until the connection ends. Every await point
+    /// here is small (what an idle connection's task holds): handling
+    /// packets, which may wait on a full trunk, and the last flush are boxed.
+    async fn run<R, W>(&mut self, rd: &mut R, wr: &mut W, mut rbuf: Vec<u8>) -> Ended
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        // MQTT 3.1.1 §3.1.2.10: one and a half keep-alive periods without a packet.
-        let grace = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-        let mut deadline = grace.map(|g| tokio::time::Instant::now() + g);
-        loop {
+        // Where a read lands while no packet is under way: an idle
+        // connection holds no buffer on the heap.
+        let mut small = [0u8; SMALL_READ];
+        let outbox = self.outbox;
+        let ended = 'link: loop {
             // Whatever is buffered may already hold whole packets (the CONNECT's read).
-            match self.handle(&mut rbuf).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    let _ = self.flush(wr).await;
-                    return Ended::Hangup;
-                }
-                Err(e) => {
-                    let _ = self.flush(wr).await;
-                    return e;
+            if !matches!(wire::frame(&rbuf, MAX_PACKET), Ok(None)) {
+                match Box::pin(self.handle(&mut rbuf)).await {
+                    Ok(true) => {}
+                    Ok(false) => break Ended::Hangup,
+                    Err(e) => break e,
                 }
             }
-            if rbuf.is_empty() && rbuf.capacity() > 4 * READ_CHUNK {
+            if rbuf.is_empty() {
                 rbuf = Vec::new();
             }
-            if rbuf.capacity() - rbuf.len() < READ_CHUNK {
-                rbuf.reserve(READ_CHUNK);
-            }
-            if self.wbuf.is_empty() && self.wbuf.capacity() > WRITE_BATCH {
+            if self.wbuf.is_empty() {
                 self.wbuf = Vec::new();
             }
+            if self.inflight.is_empty() && self.inflight.capacity() > 16 {
+                self.inflight = VecDeque::new();
+            }
             let room = self.wbuf.len() < WRITE_BATCH && self.inflight.len() < MAX_INFLIGHT;
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
-                read = rd.read_buf(&mut rbuf) => match read {
+                read = read_some(rd, &mut rbuf, &mut small) => match read {
                     Ok(0) => return Ended::Hangup,
-                    Ok(_) => deadline = grace.map(|g| tokio::time::Instant::now() + g),
+                    Ok(_) => outbox.heard_ms.store(self.broker.now_ms(), Relaxed),
                     Err(e) => return Ended::Error(e.to_string()),
                 },
                 written = wr.write(&self.wbuf), if !self.wbuf.is_empty() => match written {
@@ -390,26 +429,22 @@ impl Link<'_> {
                     }
                     Err(e) => return Ended::Error(e.to_string()),
                 },
-                out = self.rx.recv(), if room => match out {
-                    Some(out) => {
+                out = outbox.next(), if room => {
+                    if let Some(why) = self.take(out) {
+                        break 'link Ended::Closed(why);
+                    }
+                    // Gather what else is queued into the same write.
+                    while self.wbuf.len() < WRITE_BATCH && self.inflight.len() < MAX_INFLIGHT {
+                        let Some(out) = self.outbox.try_next() else { break };
                         if let Some(why) = self.take(out) {
-                            let _ = self.flush(wr).await;
-                            return Ended::Closed(why);
-                        }
-                        // Gather what else is queued into the same write.
-                        while self.wbuf.len() < WRITE_BATCH && self.inflight.len() < MAX_INFLIGHT {
-                            let Ok(out) = self.rx.try_recv() else { break };
-                            if let Some(why) = self.take(out) {
-                                let _ = self.flush(wr).await;
-                                return Ended::Closed(why);
-                            }
+                            break 'link Ended::Closed(why);
                         }
                     }
-                    None => return Ended::Hangup,
-                },
-                _ = sleep => return Ended::KeepAlive,
+                }
             }
-        }
+        };
+        let _ = Box::pin(self.flush(wr)).await;
+        ended
     }
 
     /// Writes out what is buffered (on the way out: best effort, bounded).
@@ -425,7 +460,6 @@ impl Link<'_> {
 
     /// Puts a message from the outbox into the write buffer; `Some` to close.
     fn take(&mut self, out: Out) -> Option<Close> {
-        self.outbox.taken(&out);
         match out {
             Out::Close(why) => Some(why),
             Out::Publish(m, qos, retain) => {
@@ -475,17 +509,17 @@ impl Link<'_> {
         let malformed = |e: WireError| Ended::Error(e.to_string());
         match packet[0] >> 4 {
             wire::PUBLISH => {
-                let bytes = bytes::Bytes::copy_from_slice(packet);
-                let p = wire::parse_publish(&bytes, header).map_err(malformed)?;
-                if !topic::valid_name(&p.topic) {
+                let p = wire::parse_publish(packet, header).map_err(malformed)?;
+                if !topic::valid_name(p.topic) {
                     return Err(Ended::Error(format!("PUBLISH on {:?}: not a topic name", p.topic)));
                 }
-                if !self.permits(|id| may_publish(id, &p.topic)) {
+                if !self.permits(|id| may_publish(id, p.topic)) {
                     return Err(self.deny(format!("publish on {}", p.topic)));
                 }
-                let wait = !matches!(self.who, Who::Internal) && !self.outbox.trunk.load(Relaxed);
-                let message = Message { topic: p.topic, payload: p.payload, qos: p.qos.min(1), retain: p.retain };
-                self.broker.route(message, wait).await;
+                let waits = !matches!(self.who, Who::Internal) && !self.outbox.trunk.load(Relaxed);
+                let message =
+                    Message { topic: p.topic.into(), payload: p.payload.into(), qos: p.qos.min(1), retain: p.retain };
+                self.broker.route(message, waits.then_some(&**self.outbox)).await;
                 match p.qos {
                     1 => self.wbuf.extend_from_slice(&wire::ack(wire::PUBACK, p.id)),
                     2 => self.wbuf.extend_from_slice(&wire::ack(wire::PUBREC, p.id)),
@@ -549,8 +583,7 @@ impl Link<'_> {
     fn finish(mut self) -> (bool, Vec<(Arc<Message>, u8)>) {
         self.outbox.close(Close::TakenOver);
         let mut unacked: Vec<(Arc<Message>, u8)> = self.inflight.drain(..).map(|(_, m, q)| (m, q)).collect();
-        while let Ok(out) = self.rx.try_recv() {
-            self.outbox.taken(&out);
+        while let Some(out) = self.outbox.try_next() {
             if let Out::Publish(m, qos, _) = out {
                 if qos > 0 {
                     unacked.push((m, qos));
@@ -559,6 +592,19 @@ impl Link<'_> {
         }
         (self.graceful, unacked)
     }
+}
+
+/// Reads what is there: into `small` when no packet is under way, else
+/// straight into `rbuf` with room for the rest of the packet.
+async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, rbuf: &mut Vec<u8>, small: &mut [u8]) -> std::io::Result<usize> {
+    if rbuf.is_empty() {
+        let n = rd.read(small).await?;
+        rbuf.extend_from_slice(&small[..n]);
+        return Ok(n);
+    }
+    let rest = wire::declared_len(rbuf).map_or(0, |total| total.saturating_sub(rbuf.len()));
+    rbuf.reserve(rest.clamp(READ_CHUNK, MAX_PACKET));
+    rd.read_buf(rbuf).await
 }
 
 /// Reads until a whole first packet is in `buf`; it must be a CONNECT.

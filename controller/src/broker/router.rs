@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use super::topic;
 
@@ -35,8 +35,9 @@ pub const TRUNK_HIGH_BYTES: usize = 64 << 20;
 /// One published message, shared by every subscriber it goes to.
 #[derive(Debug)]
 pub struct Message {
-    pub topic: String,
-    pub payload: bytes::Bytes,
+    /// Shared with the retained map's key.
+    pub topic: Arc<str>,
+    pub payload: Box<[u8]>,
     pub qos: u8,
     pub retain: bool,
 }
@@ -58,13 +59,18 @@ pub enum Close {
     Revoked,
     /// It let too much pile up unread.
     SlowConsumer,
+    /// Nothing heard for one and a half keep-alive periods.
+    KeepAlive,
 }
 
-/// The sending side of a live connection.
+/// What is queued for a live connection, and its counters. The queue is a
+/// plain deque (no memory while empty, unlike a channel's first block).
 #[derive(Debug)]
 pub struct Outbox {
     pub id: u64,
-    tx: mpsc::UnboundedSender<Out>,
+    queue: std::sync::Mutex<VecDeque<Out>>,
+    /// Told when something is queued.
+    ready: Notify,
     /// Messages (and their bytes) sent here and not yet taken by the connection's task.
     pub queued: AtomicUsize,
     pub queued_bytes: AtomicUsize,
@@ -74,21 +80,62 @@ pub struct Outbox {
     /// subscription: never waits, never disconnected for being slow.
     pub trunk: AtomicBool,
     pub closed: AtomicBool,
+    /// When the connection's last packet came (the broker's clock, ms), and
+    /// how long it may stay silent (0: forever).
+    pub heard_ms: std::sync::atomic::AtomicU64,
+    pub grace_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Outbox {
-    pub fn new(id: u64, trunk: bool) -> (Arc<Self>, mpsc::UnboundedReceiver<Out>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let outbox = Self {
+    pub fn new(id: u64, trunk: bool) -> Arc<Self> {
+        Arc::new(Self {
             id,
-            tx,
+            queue: std::sync::Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
             queued: AtomicUsize::new(0),
             queued_bytes: AtomicUsize::new(0),
             space: Notify::new(),
             trunk: AtomicBool::new(trunk),
             closed: AtomicBool::new(false),
-        };
-        (Arc::new(outbox), rx)
+            heard_ms: Default::default(),
+            grace_ms: Default::default(),
+        })
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Out>> {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(&self, out: Out) {
+        self.queue().push_back(out);
+        self.ready.notify_one();
+    }
+
+    /// The next thing queued, if any (counted as taken).
+    pub fn try_next(&self) -> Option<Out> {
+        let out = {
+            let mut q = self.queue();
+            let out = q.pop_front();
+            if q.is_empty() && q.capacity() > 16 {
+                *q = VecDeque::new();
+            }
+            out
+        }?;
+        self.taken(&out);
+        Some(out)
+    }
+
+    /// Waits for the next thing queued.
+    pub async fn next(&self) -> Out {
+        loop {
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            if let Some(out) = self.try_next() {
+                return out;
+            }
+            ready.await;
+        }
     }
 
     /// Queues a message; false if the connection is closing. A slow
@@ -105,24 +152,20 @@ impl Outbox {
             self.close(Close::SlowConsumer);
             return false;
         }
-        if self.tx.send(Out::Publish(m.clone(), qos, retain)).is_err() {
-            self.queued.fetch_sub(1, Relaxed);
-            self.queued_bytes.fetch_sub(m.payload.len(), Relaxed);
-            return false;
-        }
+        self.push(Out::Publish(m.clone(), qos, retain));
         true
     }
 
     /// Tells the connection to close (once).
     pub fn close(&self, why: Close) {
         if !self.closed.swap(true, Relaxed) {
-            let _ = self.tx.send(Out::Close(why));
+            self.push(Out::Close(why));
         }
         self.space.notify_waiters();
     }
 
-    /// The connection's task took `out` off the queue.
-    pub fn taken(&self, out: &Out) {
+    /// `out` was taken off the queue.
+    fn taken(&self, out: &Out) {
         if let Out::Publish(m, ..) = out {
             let queued = self.queued.fetch_sub(1, Relaxed) - 1;
             let bytes = self.queued_bytes.fetch_sub(m.payload.len(), Relaxed) - m.payload.len();
@@ -143,8 +186,8 @@ impl Outbox {
 #[derive(Debug)]
 struct Session {
     clean: bool,
-    /// (filter, granted QoS).
-    subs: Vec<(String, u8)>,
+    /// (filter, granted QoS); the filter shared with the index's key.
+    subs: Vec<(Arc<str>, u8)>,
     conn: Option<Arc<Outbox>>,
     offline: VecDeque<(Arc<Message>, u8)>,
 }
@@ -153,10 +196,10 @@ struct Session {
 pub struct Router {
     sessions: HashMap<Arc<str>, Session>,
     /// Filters without wildcards: filter → (client, granted QoS).
-    exact: HashMap<String, Vec<(Arc<str>, u8)>>,
+    exact: HashMap<Arc<str>, Vec<(Arc<str>, u8)>>,
     /// Filters with wildcards: (filter, client, granted QoS).
-    wild: Vec<(String, Arc<str>, u8)>,
-    retained: HashMap<String, Arc<Message>>,
+    wild: Vec<(Arc<str>, Arc<str>, u8)>,
+    retained: HashMap<Arc<str>, Arc<Message>>,
     /// Messages an offline session could not keep.
     pub dropped: u64,
 }
@@ -250,7 +293,7 @@ impl Router {
 
     fn unindex(&mut self, client: &str, filter: &str) {
         if topic::is_wildcard(filter) {
-            self.wild.retain(|(f, c, _)| !(f == filter && &**c == client));
+            self.wild.retain(|(f, c, _)| !(&**f == filter && &**c == client));
         } else if let Some(v) = self.exact.get_mut(filter) {
             v.retain(|(c, _)| &**c != client);
             if v.is_empty() {
@@ -268,7 +311,7 @@ impl Router {
         let Some(s) = self.sessions.get_mut(client) else { return Vec::new() };
         let conn = s.conn.clone();
         let mut codes = Vec::with_capacity(filters.len());
-        let mut added = Vec::new();
+        let mut added: Vec<(Arc<str>, u8)> = Vec::new();
         for (filter, asked) in filters {
             if !topic::valid_filter(filter) {
                 codes.push(super::wire::SUBSCRIBE_FAILED);
@@ -276,12 +319,24 @@ impl Router {
             }
             let granted = (*asked).min(1);
             codes.push(granted);
-            match s.subs.iter_mut().find(|(f, _)| f == filter) {
-                Some(sub) => sub.1 = granted,
-                None => s.subs.push((filter.clone(), granted)),
-            }
-            added.push((filter.clone(), granted));
+            let shared = match s.subs.iter_mut().find(|(f, _)| **f == **filter) {
+                Some(sub) => {
+                    sub.1 = granted;
+                    sub.0.clone()
+                }
+                None => {
+                    // One allocation per filter, shared by session and index.
+                    let shared = self
+                        .exact
+                        .get_key_value(filter.as_str())
+                        .map_or_else(|| Arc::from(filter.as_str()), |(k, _)| k.clone());
+                    s.subs.push((shared.clone(), granted));
+                    shared
+                }
+            };
+            added.push((shared, granted));
         }
+        s.subs.shrink_to_fit();
         for (filter, granted) in &added {
             self.unindex(client, filter);
             if topic::is_wildcard(filter) {
@@ -290,7 +345,7 @@ impl Router {
                     c.trunk.store(true, Relaxed);
                 }
             } else {
-                self.exact.entry(filter.clone()).or_default().push((key.clone(), *granted));
+                self.exact.entry(filter.clone()).or_insert_with(|| Vec::with_capacity(1)).push((key.clone(), *granted));
             }
         }
         if let Some(c) = conn {
@@ -310,7 +365,7 @@ impl Router {
 
     pub fn unsubscribe(&mut self, client: &str, filters: &[String]) {
         let Some(s) = self.sessions.get_mut(client) else { return };
-        s.subs.retain(|(f, _)| !filters.contains(f));
+        s.subs.retain(|(f, _)| !filters.iter().any(|u| **u == **f));
         for f in filters {
             self.unindex(client, f);
         }
@@ -332,7 +387,7 @@ impl Router {
             Some(t) => t.1 = t.1.max(q),
             None => targets.push((c.clone(), q)),
         };
-        if let Some(v) = self.exact.get(&m.topic) {
+        if let Some(v) = self.exact.get(&*m.topic) {
             v.iter().for_each(|(c, q)| add(c, *q));
         }
         self.wild.iter().filter(|(f, ..)| topic::matches(f, &m.topic)).for_each(|(_, c, q)| add(c, *q));
@@ -356,6 +411,11 @@ impl Router {
         live
     }
 
+    /// Calls `f` with every live connection's outbox.
+    pub fn each_live(&self, mut f: impl FnMut(&Outbox)) {
+        self.sessions.values().filter_map(|s| s.conn.as_deref()).for_each(&mut f);
+    }
+
     pub fn sessions(&self) -> usize {
         self.sessions.len()
     }
@@ -370,15 +430,15 @@ mod tests {
     use super::*;
 
     fn msg(topic: &str, payload: &str, qos: u8, retain: bool) -> Arc<Message> {
-        Arc::new(Message { topic: topic.into(), payload: payload.to_owned().into(), qos, retain })
+        Arc::new(Message { topic: topic.into(), payload: payload.as_bytes().into(), qos, retain })
     }
 
-    fn drain(rx: &mut mpsc::UnboundedReceiver<Out>) -> Vec<(String, String, u8, bool)> {
+    fn drain(rx: &Arc<Outbox>) -> Vec<(String, String, u8, bool)> {
         let mut got = Vec::new();
-        while let Ok(out) = rx.try_recv() {
+        while let Some(out) = rx.try_next() {
             match out {
                 Out::Publish(m, q, r) => {
-                    got.push((m.topic.clone(), String::from_utf8_lossy(&m.payload).into_owned(), q, r))
+                    got.push((m.topic.to_string(), String::from_utf8_lossy(&m.payload).into_owned(), q, r))
                 }
                 Out::Close(c) => got.push(("CLOSE".into(), format!("{c:?}"), 0, false)),
             }
@@ -389,8 +449,10 @@ mod tests {
     #[test]
     fn subscribers_get_matching_messages_once_at_the_lower_qos() {
         let mut r = Router::default();
-        let (ctl, mut ctl_rx) = Outbox::new(1, false);
-        let (dev, mut dev_rx) = Outbox::new(2, false);
+        let ctl_rx = Outbox::new(1, false);
+        let ctl = ctl_rx.clone();
+        let dev_rx = Outbox::new(2, false);
+        let dev = dev_rx.clone();
         r.connect("ctl", true, &ctl);
         r.connect("pi", false, &dev);
         assert_eq!(
@@ -403,11 +465,11 @@ mod tests {
         r.publish(msg("d/pi/desired", "doc", 1, true));
         r.publish(msg("x/y", "nobody", 1, false));
         assert_eq!(
-            drain(&mut ctl_rx),
+            drain(&ctl_rx),
             [("d/pi/presence".into(), "on".into(), 1, false), ("d/pi/desired".into(), "doc".into(), 0, false)],
             "overlapping subscriptions deliver once, at the highest granted; QoS 0 granted, QoS 0 sent"
         );
-        assert_eq!(drain(&mut dev_rx), [("d/pi/desired".into(), "doc".into(), 1, false)]);
+        assert_eq!(drain(&dev_rx), [("d/pi/desired".into(), "doc".into(), 1, false)]);
     }
 
     #[test]
@@ -417,42 +479,45 @@ mod tests {
         r.publish(msg("d/b/presence", "on", 0, true));
         r.publish(msg("d/c/presence", "on", 1, true));
         r.publish(msg("d/c/presence", "", 1, true));
-        let (ctl, mut rx) = Outbox::new(1, false);
+        let rx = Outbox::new(1, false);
+        let ctl = rx.clone();
         r.connect("ctl", true, &ctl);
         r.subscribe("ctl", &[("d/+/presence".into(), 1)]);
-        let mut got = drain(&mut rx);
+        let mut got = drain(&rx);
         got.sort();
         assert_eq!(got, [("d/a/presence".into(), "on".into(), 1, true), ("d/b/presence".into(), "on".into(), 0, true)]);
         // Subscribing again sends them again (MQTT 3.1.1 §3.8.4).
         r.subscribe("ctl", &[("d/a/presence".into(), 1)]);
-        assert_eq!(drain(&mut rx), [("d/a/presence".into(), "on".into(), 1, true)]);
+        assert_eq!(drain(&rx), [("d/a/presence".into(), "on".into(), 1, true)]);
         assert_eq!(r.retained(), 2);
     }
 
     #[test]
     fn a_persistent_session_keeps_its_subscriptions_and_qos1_messages_while_offline() {
         let mut r = Router::default();
-        let (first, _rx) = Outbox::new(1, false);
+        let first = Outbox::new(1, false);
         assert!(!r.connect("pi", false, &first).session_present);
         r.subscribe("pi", &[("d/pi/cmd".into(), 1)]);
         // Connection 1 took a command and went away before acknowledging it.
         r.disconnected("pi", 1, vec![(msg("d/pi/cmd", "unacked", 1, false), 1)]);
         r.publish(msg("d/pi/cmd", "while away", 1, false));
         r.publish(msg("d/pi/cmd", "qos0 is not kept", 0, false));
-        let (second, mut rx) = Outbox::new(2, false);
+        let rx = Outbox::new(2, false);
+        let second = rx.clone();
         assert!(r.connect("pi", false, &second).session_present);
         assert_eq!(
-            drain(&mut rx),
+            drain(&rx),
             [("d/pi/cmd".into(), "unacked".into(), 1, false), ("d/pi/cmd".into(), "while away".into(), 1, false)]
         );
         r.publish(msg("d/pi/cmd", "live", 1, false));
-        assert_eq!(drain(&mut rx), [("d/pi/cmd".into(), "live".into(), 1, false)]);
+        assert_eq!(drain(&rx), [("d/pi/cmd".into(), "live".into(), 1, false)]);
         // A clean session starts from nothing.
-        let (third, mut rx) = Outbox::new(3, false);
+        let rx = Outbox::new(3, false);
+        let third = rx.clone();
         let c = r.connect("pi", true, &third);
         assert!(!c.session_present && c.replaced.is_some_and(|o| o.id == 2));
         r.publish(msg("d/pi/cmd", "no subscription", 1, false));
-        assert!(drain(&mut rx).is_empty());
+        assert!(drain(&rx).is_empty());
         r.disconnected("pi", 3, Vec::new());
         assert_eq!(r.sessions(), 0, "a clean session ends with its connection");
     }
@@ -460,56 +525,60 @@ mod tests {
     #[test]
     fn an_offline_session_keeps_a_bounded_number_and_a_taken_over_connection_closes() {
         let mut r = Router::default();
-        let (first, mut first_rx) = Outbox::new(1, false);
+        let first_rx = Outbox::new(1, false);
+        let first = first_rx.clone();
         r.connect("pi", false, &first);
         r.subscribe("pi", &[("t".into(), 1)]);
-        let (second, mut rx) = Outbox::new(2, false);
+        let rx = Outbox::new(2, false);
+        let second = rx.clone();
         r.connect("pi", false, &second);
-        assert_eq!(drain(&mut first_rx), [("CLOSE".into(), "TakenOver".into(), 0, false)]);
+        assert_eq!(drain(&first_rx), [("CLOSE".into(), "TakenOver".into(), 0, false)]);
         // The old connection's unacked message goes to the new one.
         r.disconnected("pi", 1, vec![(msg("t", "old", 1, false), 1)]);
-        assert_eq!(drain(&mut rx), [("t".into(), "old".into(), 1, false)]);
+        assert_eq!(drain(&rx), [("t".into(), "old".into(), 1, false)]);
         r.disconnected("pi", 2, Vec::new());
         for i in 0..OFFLINE_LIMIT + 5 {
             r.publish(msg("t", &i.to_string(), 1, false));
         }
         assert_eq!(r.dropped, 5);
-        let (third, mut rx) = Outbox::new(3, false);
+        let rx = Outbox::new(3, false);
+        let third = rx.clone();
         r.connect("pi", false, &third);
-        let got = drain(&mut rx);
+        let got = drain(&rx);
         assert_eq!((got.len(), got[0].1.as_str()), (OFFLINE_LIMIT, "5"), "the oldest gave way");
     }
 
     #[test]
     fn a_slow_device_is_closed_and_a_full_trunk_makes_publishers_wait() {
-        let (dev, mut rx) = Outbox::new(1, false);
+        let rx = Outbox::new(1, false);
+        let dev = rx.clone();
         let m = msg("t", "x", 1, false);
         for _ in 0..QUEUE_LIMIT {
             assert!(dev.publish(&m, 1, false));
         }
         assert!(!dev.publish(&m, 1, false), "one past the limit");
         assert!(!dev.full(), "a device never makes others wait");
-        let got = drain(&mut rx);
+        let got = drain(&rx);
         assert_eq!(got.last().map(|g| g.1.as_str()), Some("SlowConsumer"));
-        let (trunk, mut rx) = Outbox::new(2, true);
+        let rx = Outbox::new(2, true);
+        let trunk = rx.clone();
         for _ in 0..=TRUNK_HIGH {
             assert!(trunk.publish(&m, 1, false), "a trunk is never closed for being slow");
         }
         assert!(trunk.full());
-        while let Ok(out) = rx.try_recv() {
-            trunk.taken(&out);
-        }
+        while rx.try_next().is_some() {}
         assert!(!trunk.full() && trunk.queued.load(Relaxed) == 0);
     }
 
     #[test]
     fn removing_a_session_closes_its_connection_and_drops_its_subscriptions() {
         let mut r = Router::default();
-        let (dev, mut rx) = Outbox::new(1, false);
+        let rx = Outbox::new(1, false);
+        let dev = rx.clone();
         r.connect("pi", false, &dev);
         r.subscribe("pi", &[("t".into(), 1), ("u/+".into(), 1)]);
         r.remove("pi", Close::Revoked);
-        assert_eq!(drain(&mut rx), [("CLOSE".into(), "Revoked".into(), 0, false)]);
+        assert_eq!(drain(&rx), [("CLOSE".into(), "Revoked".into(), 0, false)]);
         assert!(r.publish(msg("t", "x", 1, false)).is_empty() && r.publish(msg("u/v", "x", 1, false)).is_empty());
         assert!(r.exact.is_empty() && r.wild.is_empty() && r.sessions() == 0);
         r.disconnected("pi", 1, vec![(msg("t", "x", 1, false), 1)]);

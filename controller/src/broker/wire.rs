@@ -62,6 +62,19 @@ pub fn frame(buf: &[u8], max: usize) -> Result<Option<(usize, usize)>, WireError
     Err(WireError::BadLength)
 }
 
+/// The whole length of the packet `buf` starts with, once its fixed header is in.
+pub fn declared_len(buf: &[u8]) -> Option<usize> {
+    let mut len: usize = 0;
+    for i in 0..4 {
+        let b = *buf.get(1 + i)?;
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(2 + i + len);
+        }
+    }
+    None
+}
+
 fn encode_len(mut len: usize, out: &mut Vec<u8>) {
     loop {
         let mut b = (len % 128) as u8;
@@ -223,33 +236,32 @@ pub fn suback(id: u16, codes: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A PUBLISH packet's fields. `payload` shares the packet's bytes.
+/// A PUBLISH packet's fields, borrowed from the packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Publish {
-    pub topic: String,
+pub struct Publish<'a> {
+    pub topic: &'a str,
     pub qos: u8,
     pub retain: bool,
     pub dup: bool,
     /// 0 at QoS 0 (which has none).
     pub id: u16,
-    pub payload: bytes::Bytes,
+    pub payload: &'a [u8],
 }
 
 /// Parses a whole PUBLISH packet whose fixed header is `header` bytes.
-pub fn parse_publish(packet: &bytes::Bytes, header: usize) -> Result<Publish, WireError> {
+pub fn parse_publish(packet: &[u8], header: usize) -> Result<Publish<'_>, WireError> {
     let first = *packet.first().ok_or(WireError::Malformed("PUBLISH"))?;
     let qos = (first >> 1) & 0x03;
     if qos == 3 {
         return Err(WireError::Malformed("PUBLISH"));
     }
     let mut r = Reader { buf: &packet[header.min(packet.len())..], what: "PUBLISH" };
-    let topic = r.string()?;
+    let topic = std::str::from_utf8(r.bytes()?).map_err(|_| WireError::Malformed("PUBLISH"))?;
     let id = if qos > 0 { r.u16()? } else { 0 };
     if qos > 0 && id == 0 {
         return Err(WireError::Malformed("PUBLISH"));
     }
-    let start = packet.len() - r.buf.len();
-    Ok(Publish { topic, qos, retain: first & 0x01 != 0, dup: first & 0x08 != 0, id, payload: packet.slice(start..) })
+    Ok(Publish { topic, qos, retain: first & 0x01 != 0, dup: first & 0x08 != 0, id, payload: r.buf })
 }
 
 /// Appends a PUBLISH packet to `out`.
@@ -323,6 +335,8 @@ mod tests {
         let bytes = encode_connect(&sample());
         assert_eq!(frame(&bytes, 1 << 20).unwrap(), Some((2, bytes.len())));
         assert_eq!(frame(&bytes[..bytes.len() - 1], 1 << 20).unwrap(), None);
+        assert_eq!(declared_len(&bytes[..2]), Some(bytes.len()));
+        assert_eq!(declared_len(&[0x30, 0x80]), None, "the length goes on");
         assert_eq!(parse_connect(&bytes).unwrap(), sample());
         let bare = Connect { will: None, username: None, password: None, ..sample() };
         assert_eq!(parse_connect(&encode_connect(&bare)).unwrap(), bare);
@@ -331,13 +345,10 @@ mod tests {
     #[test]
     fn rumqttc_style_packets_parse() {
         // PUBLISH QoS 1 "a/b", id 7, payload "x"; SUBSCRIBE id 1 "a/+" QoS 1.
-        let publish = bytes::Bytes::from_static(&[0x33, 8, 0, 3, b'a', b'/', b'b', 0, 7, b'x']);
+        let publish = [0x33, 8, 0, 3, b'a', b'/', b'b', 0, 7, b'x'];
         assert_eq!(frame(&publish, 100).unwrap(), Some((2, 10)));
         let p = parse_publish(&publish, 2).unwrap();
-        assert_eq!(
-            (p.topic.as_str(), p.qos, p.retain, p.dup, p.id, &p.payload[..]),
-            ("a/b", 1, true, false, 7, &b"x"[..])
-        );
+        assert_eq!((p.topic, p.qos, p.retain, p.dup, p.id, p.payload), ("a/b", 1, true, false, 7, &b"x"[..]));
         let mut again = Vec::new();
         encode_publish(&mut again, "a/b", b"x", 1, true, 7);
         assert_eq!(again, publish.to_vec());
@@ -360,16 +371,15 @@ mod tests {
             let mut bytes = encode_connect(&sample());
             bytes.truncate(n);
             let _ = parse_connect(&bytes);
-            let b = bytes::Bytes::from(bytes.clone());
-            let _ = parse_publish(&b, 2);
-            let _ = parse_publish(&b, 200);
+            let _ = parse_publish(&bytes, 2);
+            let _ = parse_publish(&bytes, 200);
             let _ = parse_subscribe(&bytes, 2);
             let _ = parse_unsubscribe(&bytes, 2);
             let _ = packet_id(&bytes, 2);
         }
         // QoS 3, and QoS 1 with packet id 0, are malformed.
-        assert!(parse_publish(&bytes::Bytes::from_static(&[0x36, 5, 0, 1, b'a', 0, 1]), 2).is_err());
-        assert!(parse_publish(&bytes::Bytes::from_static(&[0x32, 5, 0, 1, b'a', 0, 0]), 2).is_err());
+        assert!(parse_publish(&[0x36, 5, 0, 1, b'a', 0, 1], 2).is_err());
+        assert!(parse_publish(&[0x32, 5, 0, 1, b'a', 0, 0], 2).is_err());
         let mut v3 = encode_connect(&sample());
         v3[8] = 3;
         assert!(matches!(parse_connect(&v3), Err(WireError::Protocol(_, 3))));
