@@ -239,7 +239,7 @@ pub async fn serve(
     // Where the controller's own client connects, and as whom.
     let (ingest_broker, ingest_credentials) = match &cfg.broker {
         BrokerMode::Embedded(addr) => {
-            let broker = broker::Broker::new(cfg.max_devices + 16);
+            let broker = broker::Broker::start(cfg.max_devices + 16, stop_rx.clone())?;
             let _ = controller.broker.set(broker.clone());
             if cfg.mqtt_auth {
                 // Devices authenticate on ADDR; the controller's own client
@@ -248,18 +248,18 @@ pub async fn serve(
                 let internal = ("baton-internal".to_string(), password);
                 let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
                 let account = broker::Admission::Account(internal.0.clone(), internal.1.clone());
-                let internal_addr = broker.listen(loopback, account, None, stop_rx.clone()).await?;
+                let internal_addr = broker.listen(loopback, account, None, stop_rx.clone())?;
                 let tls = if cfg.mqtt_tls {
                     Some(crate::tls::server_config(&controller.keys.signing_seed, &cfg.tls_names)?)
                 } else {
                     None
                 };
                 let authority: Arc<dyn broker::access::Authority> = controller.clone();
-                broker.listen(*addr, broker::Admission::Devices(authority), tls, stop_rx.clone()).await?;
+                broker.listen(*addr, broker::Admission::Devices(authority), tls, stop_rx.clone())?;
                 tracing::info!(%addr, "embedded MQTT broker listening: devices authenticate and stay on their own topics");
                 (BrokerUrl { host: "127.0.0.1".into(), port: internal_addr.port(), tls: false }.into(), Some(internal))
             } else {
-                broker.listen(*addr, broker::Admission::Anyone, None, stop_rx.clone()).await?;
+                broker.listen(*addr, broker::Admission::Anyone, None, stop_rx.clone())?;
                 tracing::info!(%addr, "embedded MQTT broker listening");
                 (cfg.broker_url().into(), None)
             }

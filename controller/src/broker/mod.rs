@@ -60,6 +60,8 @@ pub enum BrokerError {
         "cannot listen for MQTT on {addr} (another broker running? use --mqtt-listen ADDR, or --broker URL to use it)"
     )]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start the embedded broker's thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Who a listener lets in.
@@ -88,13 +90,28 @@ pub struct Broker {
     pub denied_packets: AtomicU64,
     pub slow_consumers: AtomicU64,
     /// Keep-alive is checked by one sweep for all connections, not a timer each.
-    sweeping: std::sync::atomic::AtomicBool,
     started: std::time::Instant,
+    /// The broker's own runtime: one thread, like Mosquitto's event loop.
+    /// Its tasks wake each other without crossing threads, and the
+    /// controller's workers are left to the controller.
+    rt: tokio::runtime::Handle,
 }
 
 impl Broker {
-    pub fn new(max_connections: usize) -> Arc<Self> {
-        Arc::new(Self {
+    /// Starts the broker's thread; it serves until `stop` changes.
+    pub fn start(max_connections: usize, stop: tokio::sync::watch::Receiver<bool>) -> Result<Arc<Self>, BrokerError> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(BrokerError::Thread)?;
+        let handle = rt.handle().clone();
+        let mut until = stop.clone();
+        std::thread::Builder::new()
+            .name("mqtt-broker".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let _ = until.changed().await;
+                });
+            })
+            .map_err(BrokerError::Thread)?;
+        let broker = Arc::new(Self {
             router: Mutex::new(Router::default()),
             max_connections,
             connections: AtomicUsize::new(0),
@@ -102,9 +119,11 @@ impl Broker {
             refused_connects: AtomicU64::new(0),
             denied_packets: AtomicU64::new(0),
             slow_consumers: AtomicU64::new(0),
-            sweeping: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
-        })
+            rt: handle,
+        });
+        broker.rt.spawn(broker.clone().sweep(stop));
+        Ok(broker)
     }
 
     /// Milliseconds since the broker started (connections' last packet).
@@ -136,20 +155,26 @@ impl Broker {
     }
 
     /// Binds `addr` and serves MQTT there (over TLS when `tls` is set) until `stop` changes.
-    pub async fn listen(
+    pub fn listen(
         self: &Arc<Self>,
         addr: SocketAddr,
         admission: Admission,
         tls: Option<rustls::ServerConfig>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<SocketAddr, BrokerError> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { addr, source })?;
-        let local = listener.local_addr().map_err(|source| BrokerError::Bind { addr, source })?;
+        let bind = |source| BrokerError::Bind { addr, source };
+        let listener = std::net::TcpListener::bind(addr).map_err(bind)?;
+        let local = listener.local_addr().map_err(bind)?;
+        listener.set_nonblocking(true).map_err(bind)?;
         let tls = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
-        if !self.sweeping.swap(true, Relaxed) {
-            tokio::spawn(self.clone().sweep(stop.clone()));
-        }
-        tokio::spawn(self.clone().serve(listener, Arc::new(admission), tls, stop));
+        let broker = self.clone();
+        self.rt.spawn(async move {
+            // Registered with the broker's own runtime, on its thread.
+            match TcpListener::from_std(listener) {
+                Ok(listener) => broker.serve(listener, Arc::new(admission), tls, stop).await,
+                Err(e) => tracing::error!(%addr, error = %e, "the embedded broker cannot serve its listener"),
+            }
+        });
         Ok(local)
     }
 

@@ -107,8 +107,16 @@ impl Outbox {
     }
 
     fn push(&self, out: Out) {
-        self.queue().push_back(out);
-        self.ready.notify_one();
+        let was_empty = {
+            let mut q = self.queue();
+            q.push_back(out);
+            q.len() == 1
+        };
+        // The connection's task looks at the queue before it waits: only
+        // the first of a batch needs to wake it.
+        if was_empty {
+            self.ready.notify_one();
+        }
     }
 
     /// The next thing queued, if any (counted as taken).

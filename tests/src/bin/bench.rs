@@ -439,17 +439,17 @@ fn flood(ports: &[u16], http: u16, devices: usize, rate: Option<u64>, window: Du
     running.store(false, Relaxed);
     let sending = started.elapsed().as_secs_f64();
     // Let what is queued arrive: the absorbed rate counts the time until the
-    // controller's count stops moving, not just the sending window.
+    // controller's count stops moving (2 s without a change), not just the
+    // sending window.
     let mut last = metric(http, series);
     let mut last_moved = started.elapsed();
-    loop {
+    while started.elapsed() - last_moved < Duration::from_secs(2) {
         std::thread::sleep(Duration::from_millis(200));
         let now = metric(http, series);
-        if now == last {
-            break;
+        if now != last {
+            last = now;
+            last_moved = started.elapsed();
         }
-        last = now;
-        last_moved = started.elapsed();
     }
     stop.store(true, Relaxed);
     rt.shutdown_timeout(Duration::from_secs(2));
