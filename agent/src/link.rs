@@ -353,10 +353,11 @@ impl Link {
             if connected {
                 link.close_quietly(&mut events).await;
             }
-            // The socket closes with the event loop. rumqttd (the embedded
-            // broker) handles a DISCONNECT and the closed socket as two
-            // events; a client reconnecting with the same id between them
-            // has its new session torn down by the second: let both pass.
+            // The socket closes with the event loop. A broker may handle a
+            // DISCONNECT and the closed socket as two events (rumqttd, once
+            // Baton's embedded broker, did); a client reconnecting
+            // with the same id between them would have its new session torn
+            // down by the second: let both pass.
             drop(events);
             tokio::time::sleep(Duration::from_millis(500)).await;
             info!("agent link closed for the hand-over to the new agent");

@@ -7,7 +7,8 @@
 //!   the lower of its QoS and the highest granted among those subscriptions;
 //! - a persistent session (clean_session = false) that is offline keeps
 //!   QoS 1 messages for its next connection, at most `OFFLINE_LIMIT` (the
-//!   oldest give way, counted in `dropped`);
+//!   oldest give way, counted in `dropped`), and of retained messages only
+//!   the newest per topic;
 //! - QoS 1 messages a connection of a persistent session took but never saw
 //!   acknowledged go back to the session (`disconnected`).
 
@@ -407,6 +408,12 @@ impl Router {
                 Some(c) if c.publish(&m, qos, false) => live.push(c.clone()),
                 // Offline, or its connection is closing: a persistent session keeps it.
                 _ if !s.clean && qos > 0 => {
+                    // A newer retained message on a topic replaces the one
+                    // kept for it: a device that was away gets its latest
+                    // document, not every one it missed, in order.
+                    if m.retain {
+                        s.offline.retain(|(o, _)| !(o.retain && o.topic == m.topic));
+                    }
                     s.offline.push_back((m.clone(), qos));
                     if s.offline.len() > OFFLINE_LIMIT {
                         s.offline.pop_front();
@@ -510,12 +517,20 @@ mod tests {
         r.disconnected("pi", 1, vec![(msg("d/pi/cmd", "unacked", 1, false), 1)]);
         r.publish(msg("d/pi/cmd", "while away", 1, false));
         r.publish(msg("d/pi/cmd", "qos0 is not kept", 0, false));
+        r.subscribe("pi", &[("d/pi/desired".into(), 1)]);
+        r.publish(msg("d/pi/desired", "generation 1", 1, true));
+        r.publish(msg("d/pi/desired", "generation 2", 1, true));
         let rx = Outbox::new(2, false);
         let second = rx.clone();
         assert!(r.connect("pi", false, &second).session_present);
         assert_eq!(
             drain(&rx),
-            [("d/pi/cmd".into(), "unacked".into(), 1, false), ("d/pi/cmd".into(), "while away".into(), 1, false)]
+            [
+                ("d/pi/cmd".into(), "unacked".into(), 1, false),
+                ("d/pi/cmd".into(), "while away".into(), 1, false),
+                ("d/pi/desired".into(), "generation 2".into(), 1, false)
+            ],
+            "the newest retained document only"
         );
         r.publish(msg("d/pi/cmd", "live", 1, false));
         assert_eq!(drain(&rx), [("d/pi/cmd".into(), "live".into(), 1, false)]);
