@@ -241,11 +241,14 @@ pub async fn serve(
         BrokerMode::Embedded(addr) => {
             let broker = broker::Broker::start(cfg.max_devices + 16, stop_rx.clone())?;
             let _ = controller.broker.set(broker.clone());
+            // The controller's own client signs in with a one-time internal
+            // account: the broker makes devices wait for that connection
+            // (never for another client), and with --mqtt-auth it is the
+            // only account that is not a device.
+            let password = baton_protocol::crypto::hex(&baton_protocol::crypto::random_seed()?);
+            let internal = ("baton-internal".to_string(), password);
             if cfg.mqtt_auth {
-                // Devices authenticate on ADDR; the controller's own client
-                // connects on a loopback port with a one-time internal account.
-                let password = baton_protocol::crypto::hex(&baton_protocol::crypto::random_seed()?);
-                let internal = ("baton-internal".to_string(), password);
+                // Devices authenticate on ADDR; the controller connects on a loopback port.
                 let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
                 let account = broker::Admission::Account(internal.0.clone(), internal.1.clone());
                 let internal_addr = broker.listen(loopback, account, None, stop_rx.clone())?;
@@ -259,9 +262,9 @@ pub async fn serve(
                 tracing::info!(%addr, "embedded MQTT broker listening: devices authenticate and stay on their own topics");
                 (BrokerUrl { host: "127.0.0.1".into(), port: internal_addr.port(), tls: false }.into(), Some(internal))
             } else {
-                broker.listen(*addr, broker::Admission::Anyone, None, stop_rx.clone())?;
+                broker.listen(*addr, broker::Admission::Anyone(Some(internal.clone())), None, stop_rx.clone())?;
                 tracing::info!(%addr, "embedded MQTT broker listening");
-                (cfg.broker_url().into(), None)
+                (cfg.broker_url().into(), Some(internal))
             }
         }
         BrokerMode::External(nodes) => (nodes.clone(), cfg.broker_credentials.clone()),

@@ -203,3 +203,58 @@ fn a_silent_client_is_closed_after_its_keep_alive_and_its_will_published() {
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "timed out");
 }
+
+/// A client subscribed to everything that never reads its socket: the
+/// broker disconnects it once 4 MiB wait for it, and nobody else is held up.
+#[test]
+fn a_subscriber_that_never_reads_is_disconnected_and_holds_nobody_up() {
+    use std::io::{Read, Write};
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let port = controller.mqtt;
+    let connect = baton_controller::broker::wire::Connect {
+        client_id: "sleeper".into(),
+        clean_session: true,
+        keep_alive: 0,
+        will: None,
+        username: None,
+        password: None,
+    };
+    let mut sleeper = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    sleeper.write_all(&baton_controller::broker::wire::encode_connect(&connect)).expect("CONNECT");
+    // SUBSCRIBE id 1, "#" at QoS 0; then never read again.
+    sleeper.write_all(&[0x82, 6, 0, 1, 0, 1, b'#', 0]).expect("SUBSCRIBE");
+    let mut connack = [0u8; 4];
+    sleeper.read_exact(&mut connack).expect("CONNACK");
+    wait_for("the sleeper subscribed", Duration::from_secs(10), || {
+        (controller.metric("baton_mqtt_connections") >= 2).then_some(())
+    });
+
+    // 40 MiB of QoS 0 messages on a topic nobody else wants.
+    let payload = "x".repeat(1024);
+    let mut flood = Command::new(tool("mosquitto_pub"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "bulk/data", "-l", "-q", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("mosquitto_pub -l");
+    {
+        let mut stdin = flood.stdin.take().expect("stdin");
+        for _ in 0..40_000 {
+            if writeln!(stdin, "{payload}").is_err() {
+                break;
+            }
+        }
+    }
+    let status = flood.wait().expect("mosquitto_pub");
+    assert!(status.success(), "the flooding publisher failed: {status}");
+    wait_for("the sleeper disconnected as a slow consumer", Duration::from_secs(20), || {
+        (controller.metric("baton_mqtt_slow_consumers_total") >= 1).then_some(())
+    });
+    // Others are served at once.
+    let (ok, _, err) = run("mosquitto_pub", port, &["-q", "1", "-r", "-t", "probe/x", "-m", "still-here"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run("mosquitto_sub", port, &["-t", "probe/x", "-q", "1", "-C", "1", "-W", "10"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "still-here");
+}

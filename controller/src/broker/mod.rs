@@ -66,8 +66,9 @@ pub enum BrokerError {
 
 /// Who a listener lets in.
 pub enum Admission {
-    /// Any client, any topic (loopback, or an operator who chose so).
-    Anyone,
+    /// Any client, any topic (loopback, or an operator who chose so); with
+    /// these (username, password), the controller's own connection.
+    Anyone(Option<(String, String)>),
     /// Only this (username, password): the controller's own connection.
     Account(String, String),
     /// Enrolled devices and join sessions, each on its own topics.
@@ -234,27 +235,31 @@ impl Broker {
         (self.connections.load(Relaxed), r.sessions(), r.retained(), r.dropped)
     }
 
-    /// Routes a message. A publisher that is not a trunk (`waiter`: its own
-    /// outbox) then waits while any trunk it went to has too much queued, or
-    /// until its own connection is told to close (taken over, revoked).
+    /// Routes a message. A publisher that is not the trunk (`waiter`: its
+    /// own outbox) then waits, at most `TRUNK_WAIT`, while the trunk has too
+    /// much queued, or until its own connection is told to close.
     async fn route(&self, m: Message, waiter: Option<&Outbox>) {
         let live = self.router().publish(Arc::new(m));
         let Some(own) = waiter else { return };
         for target in live {
-            loop {
-                let space = target.space.notified();
-                let closing = own.space.notified();
-                tokio::pin!(space, closing);
-                space.as_mut().enable();
-                closing.as_mut().enable();
-                if !target.full() || own.closed.load(Relaxed) {
-                    break;
+            let wait = async {
+                loop {
+                    let space = target.space.notified();
+                    let closing = own.space.notified();
+                    tokio::pin!(space, closing);
+                    space.as_mut().enable();
+                    closing.as_mut().enable();
+                    if !target.full() || own.closed.load(Relaxed) {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = space => {}
+                        _ = closing => {}
+                    }
                 }
-                tokio::select! {
-                    _ = space => {}
-                    _ = closing => {}
-                }
-            }
+            };
+            // A controller that stopped reading does not hold devices for good.
+            let _ = tokio::time::timeout(router::TRUNK_WAIT, wait).await;
         }
     }
 
@@ -351,7 +356,13 @@ impl Broker {
             }
         }
         match admission {
-            Admission::Anyone => Ok(Who::Anyone),
+            Admission::Anyone(internal) => {
+                let is_internal = internal.as_ref().is_some_and(|(user, password)| {
+                    connect.username.as_deref() == Some(user.as_str())
+                        && connect.password.as_deref().is_some_and(|p| constant_time_eq(p, password.as_bytes()))
+                });
+                Ok(if is_internal { Who::Internal } else { Who::Anyone })
+            }
             Admission::Account(user, password) => {
                 let matches = connect.username.as_deref() == Some(user.as_str())
                     && connect.password.as_deref().is_some_and(|p| constant_time_eq(p, password.as_bytes()));
@@ -454,6 +465,9 @@ impl Link<'_> {
                     }
                     Err(e) => return Ended::Error(e.to_string()),
                 },
+                // Told to close while it cannot take from its queue (a
+                // client that does not read): close now, not when it reads.
+                why = outbox.closing(), if !room => break 'link Ended::Closed(why),
                 out = outbox.next(), if room => {
                     if let Some(why) = self.take(out) {
                         break 'link Ended::Closed(why);
@@ -532,6 +546,19 @@ impl Link<'_> {
 
     async fn packet(&mut self, packet: &[u8], header: usize) -> Result<bool, Ended> {
         let malformed = |e: WireError| Ended::Error(e.to_string());
+        // §2.2.2: the fixed header's flag bits are fixed for all but PUBLISH.
+        let flags = match packet[0] >> 4 {
+            wire::PUBLISH => packet[0] & 0x0f,
+            wire::PUBREL | wire::SUBSCRIBE | wire::UNSUBSCRIBE => 0x02,
+            _ => 0,
+        };
+        if packet[0] & 0x0f != flags {
+            return Err(Ended::Error(format!(
+                "reserved flags {:#04x} in a packet of type {}",
+                packet[0] & 0x0f,
+                packet[0] >> 4
+            )));
+        }
         match packet[0] >> 4 {
             wire::PUBLISH => {
                 let p = wire::parse_publish(packet, header).map_err(malformed)?;
@@ -541,7 +568,7 @@ impl Link<'_> {
                 if !self.permits(|id| may_publish(id, p.topic)) {
                     return Err(self.deny(format!("publish on {}", p.topic)));
                 }
-                let waits = !matches!(self.who, Who::Internal) && !self.outbox.trunk.load(Relaxed);
+                let waits = !matches!(self.who, Who::Internal);
                 let message =
                     Message { topic: p.topic.into(), payload: p.payload.into(), qos: p.qos.min(1), retain: p.retain };
                 self.broker.route(message, waits.then_some(&**self.outbox)).await;

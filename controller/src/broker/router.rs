@@ -22,16 +22,24 @@ use super::topic;
 
 /// QoS 1 messages an offline persistent session keeps.
 pub const OFFLINE_LIMIT: usize = 100;
-/// A subscriber that is not a trunk (devices) and lets this many messages,
-/// or `QUEUE_BYTES_LIMIT` bytes, pile up unread is disconnected: it will
-/// reconnect and get its retained document again.
+/// A subscriber that is not the trunk (devices, any other client) and lets
+/// this many messages, or `QUEUE_BYTES_LIMIT` bytes, pile up unread is
+/// disconnected: it will reconnect and get its retained document again.
 pub const QUEUE_LIMIT: usize = 1000;
 pub const QUEUE_BYTES_LIMIT: usize = 4 << 20;
-/// Publishers that are not trunks wait while a trunk subscriber (the
-/// controller) has more than this queued: overload slows devices down
-/// instead of losing their messages.
+/// Publishers wait while the trunk (the controller's own connection) has
+/// more than this queued: overload slows devices down instead of losing
+/// their messages. Each waits at most `TRUNK_WAIT` per message, so a
+/// controller that stops reading does not hold devices up for good.
 pub const TRUNK_HIGH: usize = 20_000;
 pub const TRUNK_HIGH_BYTES: usize = 64 << 20;
+pub const TRUNK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Past this the trunk itself is closed as a slow consumer (the controller
+/// reconnects and reads the retained state again): memory stays bounded.
+pub const TRUNK_LIMIT: usize = 1_000_000;
+pub const TRUNK_BYTES_LIMIT: usize = 256 << 20;
+/// Bytes of messages an offline session keeps (at least the newest one).
+pub const OFFLINE_BYTES_LIMIT: usize = 1 << 20;
 
 /// One published message, shared by every subscriber it goes to.
 #[derive(Debug)]
@@ -53,6 +61,7 @@ pub enum Out {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Close {
     /// Another connection took over the client id (no Last Will).
     TakenOver,
@@ -77,10 +86,12 @@ pub struct Outbox {
     pub queued_bytes: AtomicUsize,
     /// Told when the queue shrinks below the trunk mark, or closes.
     pub space: Notify,
-    /// The controller's own connection, or one holding a wildcard
-    /// subscription: never waits, never disconnected for being slow.
+    /// The controller's own connection (the internal account): publishers
+    /// wait for it, and it never waits for anyone.
     pub trunk: AtomicBool,
     pub closed: AtomicBool,
+    /// Why it was closed (a `Close` as u8, 0 = not closed).
+    why: std::sync::atomic::AtomicU8,
     /// When the connection's last packet came (the broker's clock, ms), and
     /// how long it may stay silent (0: forever).
     pub heard_ms: std::sync::atomic::AtomicU64,
@@ -98,6 +109,7 @@ impl Outbox {
             space: Notify::new(),
             trunk: AtomicBool::new(trunk),
             closed: AtomicBool::new(false),
+            why: Default::default(),
             heard_ms: Default::default(),
             grace_ms: Default::default(),
         })
@@ -155,7 +167,9 @@ impl Outbox {
         }
         let queued = self.queued.fetch_add(1, Relaxed) + 1;
         let bytes = self.queued_bytes.fetch_add(m.payload.len(), Relaxed) + m.payload.len();
-        if !self.trunk.load(Relaxed) && (queued > QUEUE_LIMIT || bytes > QUEUE_BYTES_LIMIT) {
+        let (limit, bytes_limit) =
+            if self.trunk.load(Relaxed) { (TRUNK_LIMIT, TRUNK_BYTES_LIMIT) } else { (QUEUE_LIMIT, QUEUE_BYTES_LIMIT) };
+        if queued > limit || bytes > bytes_limit {
             self.queued.fetch_sub(1, Relaxed);
             self.queued_bytes.fetch_sub(m.payload.len(), Relaxed);
             self.close(Close::SlowConsumer);
@@ -168,6 +182,7 @@ impl Outbox {
     /// Tells the connection to close (once).
     pub fn close(&self, why: Close) {
         if !self.closed.swap(true, Relaxed) {
+            self.why.store(why as u8 + 1, Relaxed);
             self.push(Out::Close(why));
         }
         self.space.notify_waiters();
@@ -181,6 +196,30 @@ impl Outbox {
             if queued <= TRUNK_HIGH && bytes <= TRUNK_HIGH_BYTES && queued % 256 == 0 {
                 self.space.notify_waiters();
             }
+        }
+    }
+
+    /// Why it was told to close, if it was.
+    pub fn closed_for(&self) -> Option<Close> {
+        match self.why.load(Relaxed) {
+            0 => None,
+            1 => Some(Close::TakenOver),
+            2 => Some(Close::Revoked),
+            3 => Some(Close::SlowConsumer),
+            _ => Some(Close::KeepAlive),
+        }
+    }
+
+    /// Waits until the connection is told to close.
+    pub async fn closing(&self) -> Close {
+        loop {
+            let told = self.space.notified();
+            tokio::pin!(told);
+            told.as_mut().enable();
+            if let Some(why) = self.closed_for() {
+                return why;
+            }
+            told.await;
         }
     }
 
@@ -246,9 +285,6 @@ impl Router {
         for (m, qos) in std::mem::take(&mut s.offline) {
             outbox.publish(&m, qos, false);
         }
-        if s.subs.iter().any(|(f, _)| topic::is_wildcard(f)) {
-            outbox.trunk.store(true, Relaxed);
-        }
         Connected { session_present: present, replaced }
     }
 
@@ -277,10 +313,7 @@ impl Router {
                 for (m, qos) in unacked.into_iter().rev() {
                     s.offline.push_front((m, qos));
                 }
-                while s.offline.len() > OFFLINE_LIMIT {
-                    s.offline.pop_front();
-                    self.dropped += 1;
-                }
+                self.dropped += trim(&mut s.offline);
             }
         }
     }
@@ -350,9 +383,6 @@ impl Router {
             self.unindex(client, filter);
             if topic::is_wildcard(filter) {
                 self.wild.push((filter.clone(), key.clone(), *granted));
-                if let Some(c) = &conn {
-                    c.trunk.store(true, Relaxed);
-                }
             } else {
                 self.exact.entry(filter.clone()).or_insert_with(|| Vec::with_capacity(1)).push((key.clone(), *granted));
             }
@@ -415,10 +445,7 @@ impl Router {
                         s.offline.retain(|(o, _)| !(o.retain && o.topic == m.topic));
                     }
                     s.offline.push_back((m.clone(), qos));
-                    if s.offline.len() > OFFLINE_LIMIT {
-                        s.offline.pop_front();
-                        self.dropped += 1;
-                    }
+                    self.dropped += trim(&mut s.offline);
                 }
                 _ => {}
             }
@@ -438,6 +465,21 @@ impl Router {
     pub fn retained(&self) -> usize {
         self.retained.len()
     }
+}
+
+/// Drops the oldest of what an offline session keeps until it is within
+/// `OFFLINE_LIMIT` messages and `OFFLINE_BYTES_LIMIT` bytes (the newest
+/// message stays, whatever its size); returns how many went.
+fn trim(offline: &mut VecDeque<(Arc<Message>, u8)>) -> u64 {
+    let mut bytes: usize = offline.iter().map(|(m, _)| m.payload.len()).sum();
+    let mut dropped = 0;
+    while offline.len() > OFFLINE_LIMIT || (offline.len() > 1 && bytes > OFFLINE_BYTES_LIMIT) {
+        if let Some((m, _)) = offline.pop_front() {
+            bytes -= m.payload.len();
+            dropped += 1;
+        }
+    }
+    dropped
 }
 
 #[cfg(test)]
@@ -474,7 +516,7 @@ mod tests {
             r.subscribe("ctl", &[("d/+/presence".into(), 1), ("d/#".into(), 0), ("a/#/b".into(), 1)]),
             [1, 0, 0x80]
         );
-        assert!(ctl.trunk.load(Relaxed), "a wildcard subscriber is a trunk");
+        assert!(!ctl.trunk.load(Relaxed), "a wildcard subscriber is no trunk: only the controller's account is");
         assert_eq!(r.subscribe("pi", &[("d/pi/desired".into(), 2)]), [1], "QoS 2 is granted as 1");
         r.publish(msg("d/pi/presence", "on", 1, true));
         r.publish(msg("d/pi/desired", "doc", 1, true));
@@ -569,6 +611,15 @@ mod tests {
         r.connect("pi", false, &third);
         let got = drain(&rx);
         assert_eq!((got.len(), got[0].1.as_str()), (OFFLINE_LIMIT, "5"), "the oldest gave way");
+        // And by bytes: three 400 KiB messages while away, two kept (1 MiB).
+        r.disconnected("pi", 3, Vec::new());
+        let big = "x".repeat(400 << 10);
+        for _ in 0..3 {
+            r.publish(msg("t", &big, 1, false));
+        }
+        let fourth = Outbox::new(4, false);
+        r.connect("pi", false, &fourth);
+        assert_eq!(drain(&fourth).len(), 2);
     }
 
     #[test]
@@ -586,7 +637,7 @@ mod tests {
         let rx = Outbox::new(2, true);
         let trunk = rx.clone();
         for _ in 0..=TRUNK_HIGH {
-            assert!(trunk.publish(&m, 1, false), "a trunk is never closed for being slow");
+            assert!(trunk.publish(&m, 1, false), "a trunk is not closed below its own limit");
         }
         assert!(trunk.full());
         while rx.try_next().is_some() {}

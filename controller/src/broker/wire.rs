@@ -149,6 +149,16 @@ pub fn parse_connect(packet: &[u8]) -> Result<Connect, WireError> {
         return Err(WireError::Protocol(name, level));
     }
     let flags = r.u8()?;
+    // §3.1.2.3: the reserved bit is 0; §3.1.2.6: no Will, no Will QoS or
+    // retain; QoS 3 does not exist; §3.1.2.9: no password without a username.
+    let will_bits = flags & 0x38;
+    if flags & 0x01 != 0
+        || (flags & 0x04 == 0 && will_bits != 0)
+        || (flags >> 3) & 0x03 == 3
+        || (flags & 0x40 != 0 && flags & 0x80 == 0)
+    {
+        return Err(WireError::Malformed("CONNECT"));
+    }
     let keep_alive = r.u16()?;
     let client_id = r.string()?;
     let will = if flags & 0x04 != 0 {
@@ -252,7 +262,8 @@ pub struct Publish<'a> {
 pub fn parse_publish(packet: &[u8], header: usize) -> Result<Publish<'_>, WireError> {
     let first = *packet.first().ok_or(WireError::Malformed("PUBLISH"))?;
     let qos = (first >> 1) & 0x03;
-    if qos == 3 {
+    // QoS 3 does not exist; a QoS 0 message is never a duplicate (§3.3.1.1).
+    if qos == 3 || (qos == 0 && first & 0x08 != 0) {
         return Err(WireError::Malformed("PUBLISH"));
     }
     let mut r = Reader { buf: &packet[header.min(packet.len())..], what: "PUBLISH" };
@@ -286,6 +297,9 @@ pub fn packet_id(packet: &[u8], header: usize) -> Result<u16, WireError> {
 pub fn parse_subscribe(packet: &[u8], header: usize) -> Result<(u16, Vec<(String, u8)>), WireError> {
     let mut r = Reader { buf: &packet[header.min(packet.len())..], what: "SUBSCRIBE" };
     let id = r.u16()?;
+    if id == 0 || packet.first() != Some(&(SUBSCRIBE << 4 | 0x02)) {
+        return Err(WireError::Malformed("SUBSCRIBE"));
+    }
     let mut filters = Vec::new();
     while !r.buf.is_empty() {
         let filter = r.string()?;
@@ -305,6 +319,9 @@ pub fn parse_subscribe(packet: &[u8], header: usize) -> Result<(u16, Vec<(String
 pub fn parse_unsubscribe(packet: &[u8], header: usize) -> Result<(u16, Vec<String>), WireError> {
     let mut r = Reader { buf: &packet[header.min(packet.len())..], what: "UNSUBSCRIBE" };
     let id = r.u16()?;
+    if id == 0 || packet.first() != Some(&(UNSUBSCRIBE << 4 | 0x02)) {
+        return Err(WireError::Malformed("UNSUBSCRIBE"));
+    }
     let mut filters = Vec::new();
     while !r.buf.is_empty() {
         filters.push(r.string()?);
@@ -384,6 +401,17 @@ mod tests {
         v3[8] = 3;
         assert!(matches!(parse_connect(&v3), Err(WireError::Protocol(_, 3))));
         assert!(parse_subscribe(&[0x82, 2, 0, 1], 2).is_err());
+        // What Mosquitto refuses too: reserved and contradictory CONNECT flags,
+        // DUP at QoS 0, SUBSCRIBE with the wrong fixed-header flags or id 0.
+        for (mask, set) in [(0xff, 0x01), (0xfb, 0x08), (0xff, 0x1c), (0x7f, 0x40)] {
+            let mut bad = encode_connect(&sample());
+            bad[9] = (bad[9] & mask) | set;
+            assert!(parse_connect(&bad).is_err(), "flags {:#04x} accepted", bad[9]);
+        }
+        assert!(parse_publish(&[0x38, 3, 0, 1, b'a'], 2).is_err());
+        assert!(parse_subscribe(&[0x80, 6, 0, 1, 0, 1, b'a', 0], 2).is_err());
+        assert!(parse_subscribe(&[0x82, 6, 0, 0, 0, 1, b'a', 0], 2).is_err());
+        assert!(parse_unsubscribe(&[0xa2, 5, 0, 0, 0, 1, b'a'], 2).is_err());
         assert!(parse_subscribe(&[0x82, 6, 0, 1, 0, 1, b'a', 3], 2).is_err(), "QoS 3 asked");
     }
 }

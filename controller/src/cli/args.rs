@@ -482,7 +482,8 @@ pub struct ServerArgs {
     /// Seconds between writes of heartbeat-only changes to the store.
     #[arg(long, default_value_t = 30)]
     pub flush_every: u64,
-    /// Connections the embedded broker accepts (devices + operators).
+    /// Device connections the embedded broker accepts; 16 more are kept for
+    /// the controller itself and other clients (monitoring, `mosquitto_sub`).
     #[arg(long, default_value_t = 10_000)]
     pub max_devices: usize,
     /// Pin image tags to digests when workloads are applied, so a fleet runs identical bytes
