@@ -148,15 +148,7 @@ impl Outbox {
 
     /// Waits for the next thing queued.
     pub async fn next(&self) -> Out {
-        loop {
-            let ready = self.ready.notified();
-            tokio::pin!(ready);
-            ready.as_mut().enable();
-            if let Some(out) = self.try_next() {
-                return out;
-            }
-            ready.await;
-        }
+        until(&self.ready, || self.try_next()).await
     }
 
     /// Queues a message; false if the connection is closing. A slow
@@ -212,15 +204,7 @@ impl Outbox {
 
     /// Waits until the connection is told to close.
     pub async fn closing(&self) -> Close {
-        loop {
-            let told = self.space.notified();
-            tokio::pin!(told);
-            told.as_mut().enable();
-            if let Some(why) = self.closed_for() {
-                return why;
-            }
-            told.await;
-        }
+        until(&self.space, || self.closed_for()).await
     }
 
     /// Whether a publisher that is not a trunk should wait before sending more here.
@@ -464,6 +448,20 @@ impl Router {
 
     pub fn retained(&self) -> usize {
         self.retained.len()
+    }
+}
+
+/// Waits until `check` has an answer, looking again each time `notify` is told.
+async fn until<T>(notify: &Notify, mut check: impl FnMut() -> Option<T>) -> T {
+    loop {
+        let told = notify.notified();
+        tokio::pin!(told);
+        // Registered before looking, so a notification in between is not missed.
+        told.as_mut().enable();
+        if let Some(answer) = check() {
+            return answer;
+        }
+        told.await;
     }
 }
 
