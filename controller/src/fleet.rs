@@ -147,6 +147,13 @@ impl Device {
         match self.presence.state {
             PresenceState::Offline => Status::Offline,
             PresenceState::Online if now.saturating_sub(self.last_seen) > liveness.stale_after(self) => Status::Stale,
+            // Its broker restarted with this controller, so a live device
+            // reconnects and is heard within seconds: until then, what the
+            // store remembers (online a moment before the restart) proves
+            // nothing. A frozen or dead device is not online meanwhile.
+            PresenceState::Online if liveness.broker_started_with_us && self.last_seen < liveness.since_ms => {
+                Status::Stale
+            }
             PresenceState::Online => Status::Online,
         }
     }
@@ -189,6 +196,19 @@ pub enum FleetEvent {
     Report(Report),
     /// Any other message from the device (a command result): proof of life.
     Seen,
+}
+
+impl FleetEvent {
+    /// What kind of message it came in, as the event log names it.
+    pub fn what(&self) -> &'static str {
+        match self {
+            FleetEvent::Presence(_) => "presence",
+            FleetEvent::Inventory(_) => "inventory",
+            FleetEvent::Heartbeat(_) => "heartbeat",
+            FleetEvent::Report(_) => "report",
+            FleetEvent::Seen => "message",
+        }
+    }
 }
 
 /// How a message reached the controller. A retained one (delivered because
@@ -523,6 +543,9 @@ mod tests {
         let restarted = Liveness { since_ms: 2_000, broker_started_with_us: true, ..LIVENESS };
         let external = Liveness { broker_started_with_us: false, ..restarted };
         let mut f = quiet();
+        // Stale from the start until heard, not only past the window: the
+        // store's "online" is from before the restart.
+        assert_eq!(f.get(&a).unwrap().status(2_000 + 1, &restarted), Status::Stale);
         assert_eq!(f.get(&a).unwrap().status(2_000 + 60_001, &restarted), Status::Stale);
         assert_eq!(f.get(&a).unwrap().status(2_000 + 60_001, &external), Status::Online);
         assert!(f.expire_silent(2_000 + 120_001, &external).is_empty());

@@ -126,6 +126,48 @@ fn a_device_that_died_while_the_controller_was_down_goes_offline_and_holds_no_ro
     assert!(ok && events.contains("no goodbye and no Last Will received"), "{events}");
 }
 
+/// Symptom (a new user's trial): a device frozen (SIGSTOP) across a
+/// controller restart showed `online … 6s ago` after the restart — the
+/// store's last word from before it — although the embedded broker had
+/// restarted too and the device had not reconnected; README says such a
+/// device is `stale` until heard. Default windows (60 s stale): the old
+/// rule kept it `online` for a minute.
+#[test]
+fn a_device_frozen_across_a_controller_restart_is_stale_until_heard() {
+    let world = World::new();
+    let mut controller = Controller::start(&world, None, &[]);
+    let broker = controller.broker_url();
+    let frozen = start_simulator(&world, "f", 1, &broker, &[]);
+    let _alive = start_simulator(&world, "g", 1, &broker, &[]);
+    let status = |c: &Controller, id: &str| c.device(id).map(|d| d.status);
+    use baton_controller::fleet::Status;
+    wait_for("2 devices online", Duration::from_secs(30), || {
+        (status(&controller, "f-0000") == Some(Status::Online) && status(&controller, "g-0000") == Some(Status::Online))
+            .then_some(())
+    });
+
+    let pid = frozen.pid().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, &pid]).status().expect("kill").success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    controller.restart();
+    // The live one reconnects and is heard; the frozen one is never shown
+    // online meanwhile.
+    wait_for("g-0000 online again", Duration::from_secs(30), || {
+        let f = status(&controller, "f-0000");
+        assert_ne!(f, Some(Status::Online), "a device not heard since the restart shown online");
+        (status(&controller, "g-0000") == Some(Status::Online)).then_some(())
+    });
+    assert_eq!(status(&controller, "f-0000"), Some(Status::Stale));
+
+    signal("-CONT");
+    wait_for("f-0000 online once heard", Duration::from_secs(30), || {
+        (status(&controller, "f-0000") == Some(Status::Online)).then_some(())
+    });
+}
+
 /// kill -9 of the agent while it writes each of its state files, at each
 /// stage of the write (half the temp file written; the temp file whole but
 /// not renamed): every time it comes back with whole state and reaches what
