@@ -30,6 +30,41 @@ pub const UPSTREAM: [TopicKind; 7] = [
 /// refused by the codec, never by a broken controller connection.
 const MAX_PACKET: usize = 1024 * 1024;
 
+/// Device messages received and not yet applied. Past this the MQTT loop
+/// stops reading, and the broker holds devices back (the embedded one
+/// makes publishers wait; an external one queues per its own limits).
+const APPLY_QUEUE: usize = 4096;
+
+/// A device's message, checked, on its way to the fleet.
+struct Received {
+    id: DeviceId,
+    event: FleetEvent,
+    delivery: Delivery,
+    /// The answer to a command someone awaits, handed over once applied.
+    result: Option<baton_protocol::CommandResult>,
+}
+
+/// Applies device messages in the order they arrived, on one thread of its
+/// own (applying may write SQLite): a busy fleet keeps it running through
+/// its queue instead of paying a hand-off and a wake-up per message, which
+/// was what bounded the rate the controller absorbed.
+fn apply_all(controller: &Controller, mut queue: tokio::sync::mpsc::Receiver<Received>) {
+    while let Some(r) = queue.blocking_recv() {
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            controller.apply(&r.id, r.event, r.delivery, now_ms());
+        }));
+        if applied.is_err() {
+            tracing::error!(device = %r.id, "applying a device message failed");
+            continue;
+        }
+        if let Some(result) = r.result {
+            if !controller.commands.deliver(&r.id, result) {
+                debug!(device = %r.id, "answer to no pending request (late, cancelled, or not for this device)");
+            }
+        }
+    }
+}
+
 /// Checks a publish: a Baton device topic and a message of the kind it carries. Pure.
 pub fn classify(topic: &str, payload: &[u8]) -> Result<(DeviceId, TopicKind, Message), Rejection> {
     let (id, kind) = TopicKind::parse(topic).ok_or(Rejection::BadTopic)?;
@@ -53,12 +88,12 @@ pub fn classify(topic: &str, payload: &[u8]) -> Result<(DeviceId, TopicKind, Mes
 }
 
 /// What a device message means for the fleet registry.
-pub fn fleet_event(msg: &Message) -> FleetEvent {
+pub fn fleet_event(msg: Message) -> FleetEvent {
     match msg {
-        Message::Presence(p) => FleetEvent::Presence(p.clone()),
-        Message::Inventory(i) => FleetEvent::Inventory(Box::new(i.clone())),
-        Message::Heartbeat(h) => FleetEvent::Heartbeat(h.clone()),
-        Message::Report(r) => FleetEvent::Report(r.clone()),
+        Message::Presence(p) => FleetEvent::Presence(p),
+        Message::Inventory(i) => FleetEvent::Inventory(Box::new(i)),
+        Message::Heartbeat(h) => FleetEvent::Heartbeat(h),
+        Message::Report(r) => FleetEvent::Report(r),
         _ => FleetEvent::Seen,
     }
 }
@@ -160,6 +195,11 @@ pub async fn run(
     events.set_network_options(net);
     let mut limiter = LogLimiter { last: [None; 5], every: Duration::from_secs(10) };
     let mut failures = 0u32;
+    let (applier, queue) = tokio::sync::mpsc::channel(APPLY_QUEUE);
+    let worker = {
+        let c = controller.clone();
+        tokio::task::spawn_blocking(move || apply_all(&c, queue))
+    };
     info!(%brokers, "ingest connecting");
     loop {
         // One poll is awaited to its end while the outbox is served beside
@@ -242,12 +282,15 @@ pub async fn run(
                 Ok((id, kind, msg)) => {
                     controller.metrics.received(kind);
                     let delivery = if p.retain { Delivery::Retained } else { Delivery::Live };
-                    let (who, event) = (id.clone(), fleet_event(&msg));
-                    blocking(&controller, move |c| c.apply(&who, event, delivery, now_ms())).await;
-                    if let Message::CommandResult(result) = msg {
-                        if !controller.commands.deliver(&id, result) {
-                            debug!(device = %id, "answer to no pending request (late, cancelled, or not for this device)");
-                        }
+                    let (event, result) = match msg {
+                        Message::CommandResult(result) => (FleetEvent::Seen, Some(result)),
+                        msg => (fleet_event(msg), None),
+                    };
+                    // Waits while the queue is full: reading stops, so the
+                    // broker holds the devices back instead of us growing.
+                    if applier.send(Received { id, event, delivery, result }).await.is_err() {
+                        tracing::error!("the thread applying device messages is gone; ingest stops");
+                        break;
                     }
                 }
                 Err(why) => {
@@ -292,6 +335,11 @@ pub async fn run(
     }
     let _ = client.try_disconnect();
     controller.broker_connected.store(false, Relaxed);
+    // What was received is applied before the controller's last flush.
+    drop(applier);
+    if let Err(e) = worker.await {
+        tracing::error!(error = %e, "the thread applying device messages failed");
+    }
 }
 
 /// Every device's upstream topics and the `desired` topics, at `qos`.
