@@ -258,3 +258,36 @@ fn a_subscriber_that_never_reads_is_disconnected_and_holds_nobody_up() {
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "still-here");
 }
+
+/// Clients making up persistent sessions (a new client id each time, as a
+/// misconfigured tool or a device reflashed under new ids would) cannot make
+/// the broker keep sessions for ever: past twice the connection limit, the
+/// longest offline ones are dropped, and a recent one keeps what came for it.
+#[test]
+fn persistent_sessions_past_the_cap_are_dropped_longest_offline_first() {
+    let world = World::new();
+    // Connections allowed: 2 + 16, so at most 36 sessions.
+    let controller = Controller::start(&world, None, &["--max-devices", "2"]);
+    let port = controller.mqtt;
+    for i in 0..50 {
+        let (id, topic) = (format!("ghost-{i}"), format!("ghost/{i}"));
+        let (ok, _, err) = run("mosquitto_sub", port, &["-i", &id, "-c", "-q", "1", "-t", &topic, "-E"]);
+        assert!(ok, "{err}");
+    }
+    wait_for("sessions back under the cap", Duration::from_secs(10), || {
+        (controller.metric("baton_mqtt_sessions") <= 36).then_some(())
+    });
+    assert!(controller.metric("baton_mqtt_sessions_expired_total") >= 14);
+
+    // The newest kept its subscription and what came while it was away; the oldest did not.
+    for i in [0, 49] {
+        let (ok, _, err) = run("mosquitto_pub", port, &["-q", "1", "-t", &format!("ghost/{i}"), "-m", "kept"]);
+        assert!(ok, "{err}");
+    }
+    let got = |i: u32, wait: &str| {
+        let (id, topic) = (format!("ghost-{i}"), format!("ghost/{i}"));
+        run("mosquitto_sub", port, &["-i", &id, "-c", "-q", "1", "-t", &topic, "-C", "1", "-W", wait]).1
+    };
+    assert_eq!(got(49, "10"), "kept\n");
+    assert_eq!(got(0, "2"), "", "a dropped session still held a message");
+}

@@ -136,18 +136,28 @@ impl Broker {
     /// keep-alive periods (MQTT 3.1.1 §3.1.2.10).
     async fn sweep(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut every = tokio::time::interval(Duration::from_secs(1));
+        let mut next_expiry = 60_000;
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
                 _ = every.tick() => {}
             }
             let now = self.now_ms();
-            self.router().each_live(|o| {
+            let mut router = self.router();
+            router.each_live(|o| {
                 let grace = o.grace_ms.load(Relaxed);
                 if grace > 0 && now.saturating_sub(o.heard_ms.load(Relaxed)) > grace {
                     o.close(Close::KeepAlive);
                 }
             });
+            // Sessions: at most twice the connections allowed, so offline
+            // ones (a fleet's away devices) fit beside the live ones; the
+            // scan of offline sessions runs once a minute or when over.
+            let cap = self.max_connections.saturating_mul(2);
+            if router.sessions() > cap || now >= next_expiry {
+                next_expiry = now + 60_000;
+                router.expire(now, router::SESSION_EXPIRY_MS, cap);
+            }
         }
     }
 
@@ -229,10 +239,11 @@ impl Broker {
         self.router().remove(device, Close::Revoked);
     }
 
-    /// Connections now, sessions kept, retained messages, messages offline sessions could not keep.
-    pub fn stats(&self) -> (usize, usize, usize, u64) {
+    /// Connections now, sessions kept, retained messages, messages offline
+    /// sessions could not keep, offline sessions dropped.
+    pub fn stats(&self) -> (usize, usize, usize, u64, u64) {
         let r = self.router();
-        (self.connections.load(Relaxed), r.sessions(), r.retained(), r.dropped)
+        (self.connections.load(Relaxed), r.sessions(), r.retained(), r.dropped, r.expired)
     }
 
     /// Routes a message. A publisher that is not the trunk (`waiter`: its
@@ -327,7 +338,8 @@ impl Broker {
         let ended = link.run(&mut rd, &mut wr, rbuf).await;
         let (graceful, unacked) = link.finish();
         self.connections.fetch_sub(1, Relaxed);
-        self.router().disconnected(&connect.client_id, conn, unacked);
+        let now = self.now_ms();
+        self.router().disconnected(&connect.client_id, conn, unacked, now);
         let taken_over = matches!(ended, Ended::Closed(Close::TakenOver));
         if let Ended::Closed(Close::SlowConsumer) = ended {
             self.slow_consumers.fetch_add(1, Relaxed);

@@ -10,7 +10,12 @@
 //!   oldest give way, counted in `dropped`), and of retained messages only
 //!   the newest per topic;
 //! - QoS 1 messages a connection of a persistent session took but never saw
-//!   acknowledged go back to the session (`disconnected`).
+//!   acknowledged go back to the session (`disconnected`);
+//! - a persistent session offline for `SESSION_EXPIRY` is dropped, and the
+//!   longest offline ones first while there are more sessions than the
+//!   broker's cap (`expire`): a client that never comes back, or one
+//!   making up client ids, holds nothing for ever. A device that returns
+//!   after that subscribes again and gets its retained document.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -40,6 +45,10 @@ pub const TRUNK_LIMIT: usize = 1_000_000;
 pub const TRUNK_BYTES_LIMIT: usize = 256 << 20;
 /// Bytes of messages an offline session keeps (at least the newest one).
 pub const OFFLINE_BYTES_LIMIT: usize = 1 << 20;
+/// How long a persistent session is kept offline (as AWS IoT's default:
+/// what it holds is for a flaky link's short absences; desired documents
+/// are retained and commands time out at the controller long before).
+pub const SESSION_EXPIRY_MS: u64 = 3_600_000;
 
 /// One published message, shared by every subscriber it goes to.
 #[derive(Debug)]
@@ -222,6 +231,8 @@ struct Session {
     subs: Vec<(Arc<str>, u8)>,
     conn: Option<Arc<Outbox>>,
     offline: VecDeque<(Arc<Message>, u8)>,
+    /// When its last connection ended (the broker's clock), while it has none.
+    offline_since: u64,
 }
 
 #[derive(Debug, Default)]
@@ -234,6 +245,8 @@ pub struct Router {
     retained: HashMap<Arc<str>, Arc<Message>>,
     /// Messages an offline session could not keep.
     pub dropped: u64,
+    /// Offline sessions dropped for their age or the cap on sessions.
+    pub expired: u64,
 }
 
 /// What `connect` found.
@@ -264,6 +277,7 @@ impl Router {
             subs: Vec::new(),
             conn: None,
             offline: VecDeque::new(),
+            offline_since: 0,
         });
         s.conn = Some(outbox.clone());
         for (m, qos) in std::mem::take(&mut s.offline) {
@@ -275,10 +289,12 @@ impl Router {
     /// Connection `conn` of `client` ended. `unacked`: QoS 1 messages it
     /// took and never saw acknowledged, oldest first; for a persistent
     /// session they go to its live connection, or wait for the next one.
-    pub fn disconnected(&mut self, client: &str, conn: u64, unacked: Vec<(Arc<Message>, u8)>) {
+    /// `now`: the broker's clock, from which its offline time counts.
+    pub fn disconnected(&mut self, client: &str, conn: u64, unacked: Vec<(Arc<Message>, u8)>, now: u64) {
         let Some(s) = self.sessions.get_mut(client) else { return };
         if s.conn.as_ref().is_some_and(|c| c.id == conn) {
             s.conn = None;
+            s.offline_since = now;
             if s.clean {
                 self.forget(client);
                 return;
@@ -437,6 +453,31 @@ impl Router {
         live
     }
 
+    /// Drops persistent sessions offline for longer than `after` ms, then,
+    /// while more than `cap` sessions remain, the longest offline ones.
+    /// Returns how many went.
+    pub fn expire(&mut self, now: u64, after: u64, cap: usize) -> usize {
+        let mut offline: Vec<(u64, Arc<str>)> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.conn.is_none())
+            .map(|(client, s)| (s.offline_since, client.clone()))
+            .collect();
+        offline.sort_unstable();
+        let over = self.sessions.len().saturating_sub(cap);
+        let gone: Vec<Arc<str>> = offline
+            .into_iter()
+            .enumerate()
+            .take_while(|(i, (since, _))| *i < over || now.saturating_sub(*since) > after)
+            .map(|(_, (_, client))| client)
+            .collect();
+        for client in &gone {
+            self.forget(client);
+        }
+        self.expired += gone.len() as u64;
+        gone.len()
+    }
+
     /// Calls `f` with every live connection's outbox.
     pub fn each_live(&self, mut f: impl FnMut(&Outbox)) {
         self.sessions.values().filter_map(|s| s.conn.as_deref()).for_each(&mut f);
@@ -554,7 +595,7 @@ mod tests {
         assert!(!r.connect("pi", false, &first).session_present);
         r.subscribe("pi", &[("d/pi/cmd".into(), 1)]);
         // Connection 1 took a command and went away before acknowledging it.
-        r.disconnected("pi", 1, vec![(msg("d/pi/cmd", "unacked", 1, false), 1)]);
+        r.disconnected("pi", 1, vec![(msg("d/pi/cmd", "unacked", 1, false), 1)], 0);
         r.publish(msg("d/pi/cmd", "while away", 1, false));
         r.publish(msg("d/pi/cmd", "qos0 is not kept", 0, false));
         r.subscribe("pi", &[("d/pi/desired".into(), 1)]);
@@ -581,7 +622,7 @@ mod tests {
         assert!(!c.session_present && c.replaced.is_some_and(|o| o.id == 2));
         r.publish(msg("d/pi/cmd", "no subscription", 1, false));
         assert!(drain(&rx).is_empty());
-        r.disconnected("pi", 3, Vec::new());
+        r.disconnected("pi", 3, Vec::new(), 0);
         assert_eq!(r.sessions(), 0, "a clean session ends with its connection");
     }
 
@@ -597,9 +638,9 @@ mod tests {
         r.connect("pi", false, &second);
         assert_eq!(drain(&first_rx), [("CLOSE".into(), "TakenOver".into(), 0, false)]);
         // The old connection's unacked message goes to the new one.
-        r.disconnected("pi", 1, vec![(msg("t", "old", 1, false), 1)]);
+        r.disconnected("pi", 1, vec![(msg("t", "old", 1, false), 1)], 0);
         assert_eq!(drain(&rx), [("t".into(), "old".into(), 1, false)]);
-        r.disconnected("pi", 2, Vec::new());
+        r.disconnected("pi", 2, Vec::new(), 0);
         for i in 0..OFFLINE_LIMIT + 5 {
             r.publish(msg("t", &i.to_string(), 1, false));
         }
@@ -610,7 +651,7 @@ mod tests {
         let got = drain(&rx);
         assert_eq!((got.len(), got[0].1.as_str()), (OFFLINE_LIMIT, "5"), "the oldest gave way");
         // And by bytes: three 400 KiB messages while away, two kept (1 MiB).
-        r.disconnected("pi", 3, Vec::new());
+        r.disconnected("pi", 3, Vec::new(), 0);
         let big = "x".repeat(400 << 10);
         for _ in 0..3 {
             r.publish(msg("t", &big, 1, false));
@@ -643,6 +684,34 @@ mod tests {
     }
 
     #[test]
+    fn offline_sessions_expire_with_age_and_the_longest_offline_go_first_past_the_cap() {
+        let mut r = Router::default();
+        let live = Outbox::new(9, false);
+        r.connect("live", false, &live);
+        for (i, client) in ["a", "b", "c"].into_iter().enumerate() {
+            let o = Outbox::new(i as u64 + 1, false);
+            r.connect(client, false, &o);
+            r.subscribe(client, &[(format!("d/{client}/cmd"), 1)]);
+            r.disconnected(client, i as u64 + 1, Vec::new(), 1_000 * (i as u64 + 1));
+        }
+        assert_eq!(r.expire(2_000, 10_000, 10), 0, "nothing old enough, under the cap");
+        // Past the cap by one: the longest offline ("a") goes, never a live one.
+        assert_eq!(r.expire(2_000, 10_000, 3), 1);
+        assert!(!r.sessions.contains_key("a") && r.sessions.contains_key("live"));
+        assert!(r.publish(msg("d/a/cmd", "x", 1, false)).is_empty() && r.exact.len() == 2);
+        // Offline longer than the expiry: "b" (since 2 s) at 12.5 s, then "c".
+        assert_eq!(r.expire(12_500, 10_000, 10), 1);
+        assert_eq!(r.expire(13_001, 10_000, 10), 1);
+        assert_eq!((r.sessions(), r.expired), (1, 3));
+        // A session that reconnected is live again whatever its age.
+        let o = Outbox::new(20, false);
+        r.connect("d", false, &o);
+        r.disconnected("d", 20, Vec::new(), 20_000);
+        r.connect("d", false, &o);
+        assert_eq!(r.expire(1_000_000, 10_000, 0), 0, "a live session expired");
+    }
+
+    #[test]
     fn removing_a_session_closes_its_connection_and_drops_its_subscriptions() {
         let mut r = Router::default();
         let rx = Outbox::new(1, false);
@@ -653,7 +722,7 @@ mod tests {
         assert_eq!(drain(&rx), [("CLOSE".into(), "Revoked".into(), 0, false)]);
         assert!(r.publish(msg("t", "x", 1, false)).is_empty() && r.publish(msg("u/v", "x", 1, false)).is_empty());
         assert!(r.exact.is_empty() && r.wild.is_empty() && r.sessions() == 0);
-        r.disconnected("pi", 1, vec![(msg("t", "x", 1, false), 1)]);
+        r.disconnected("pi", 1, vec![(msg("t", "x", 1, false), 1)], 0);
         assert_eq!(r.sessions(), 0, "a removed session is not brought back");
     }
 }

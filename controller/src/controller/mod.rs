@@ -445,7 +445,7 @@ impl Controller {
             ] {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
             }
-            let (connections, sessions, retained, dropped) = b.stats();
+            let (connections, sessions, retained, dropped, expired) = b.stats();
             for (name, kind, help, v) in [
                 (
                     "baton_mqtt_connections",
@@ -460,6 +460,12 @@ impl Controller {
                     "counter",
                     "Messages an offline session had no room left to keep.",
                     dropped,
+                ),
+                (
+                    "baton_mqtt_sessions_expired_total",
+                    "counter",
+                    "Persistent sessions dropped after an hour offline, or the longest offline past the cap.",
+                    expired,
                 ),
             ] {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
