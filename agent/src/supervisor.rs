@@ -276,6 +276,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
             let recorded = self.rt.provenance(&id);
             // Containers from agents that kept no record: their instance number.
             unit.restarts = recorded.as_ref().map_or(n, |p| p.restarts);
+            unit.failures = recorded.as_ref().map_or(0, |p| p.failures);
             match self.rt.state(&id) {
                 Ok(ContainerState::Running(r)) => {
                     if let Some(p) = recorded.filter(|p| !p.fingerprint.is_empty()) {
@@ -563,6 +564,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
             revision: unit.version.revision,
             fingerprint: unit.version.fingerprint.clone(),
             restarts: unit.restarts,
+            failures: unit.failures,
         };
         Start {
             id: container_id(name, n),

@@ -73,6 +73,11 @@ pub struct Provenance {
     /// Restarts of the workload before this instance (replacements by a new
     /// revision are not restarts).
     pub restarts: u32,
+    /// Failed runs in a row before this instance (the restart back-off's
+    /// step): an agent restarted under a crash loop goes on backing off
+    /// where it was instead of starting again from the shortest delay.
+    #[serde(default)]
+    pub failures: u32,
 }
 
 /// CPU and memory use from the container's cgroup.

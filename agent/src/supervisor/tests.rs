@@ -31,6 +31,35 @@ fn restarts_with_backoff_keeping_one_previous_instance() {
     assert_eq!((st.restarts, st.phase, st.last_exit_code), (3, Phase::Running, Some(1)));
 }
 
+/// Symptom: a crash-looping container backed off 1, 2, 4… s, and every
+/// agent restart (an upgrade, a power cut) started it over from 1 s.
+#[test]
+fn an_agent_restarted_under_a_crash_loop_keeps_backing_off_where_it_was() {
+    let fake = FakeRuntime::default();
+    let mut now = 100;
+    {
+        let mut sup = Supervisor::new(fake.clone());
+        sup.ensure("web", 1, spec(RestartPolicy::Always), "/r".into(), 0);
+        for (n, delay) in [(0, 1000), (1, 2000), (2, 4000)] {
+            fake.exit(&container_id("web", n), 1, now);
+            sup.tick(now);
+            now += delay;
+            sup.tick(now);
+        }
+        assert!(matches!(fake.state("web-3").unwrap(), ContainerState::Running(_)));
+    } // the agent dies; web-3 exits too while it is away
+    fake.exit("web-3", 1, now + 10);
+    now += 20;
+    let mut sup = Supervisor::new(fake.clone());
+    sup.ensure("web", 1, spec(RestartPolicy::Always), "/r".into(), now);
+    // The fourth failure in a row: 8 s, not the first step's 1 s.
+    sup.tick(now + 7_999);
+    assert_eq!(fake.state("web-4").unwrap(), ContainerState::Missing, "the back-off started over");
+    sup.tick(now + 8_000);
+    assert!(matches!(fake.state("web-4").unwrap(), ContainerState::Running(_)));
+    assert_eq!(sup.status()[0].restarts, 4);
+}
+
 #[test]
 fn on_failure_and_never_policies_stop_when_satisfied() {
     let fake = FakeRuntime::default();
@@ -271,7 +300,7 @@ fn a_readopted_container_of_another_spec_is_reported_as_what_it_runs() {
     assert_eq!((sup.status()[0].revision, sup.status()[0].restarts), (3, 0));
     assert_eq!(
         fake.provenance("web-2").unwrap(),
-        Provenance { revision: 3, fingerprint: "spec-three".into(), restarts: 0 }
+        Provenance { revision: 3, fingerprint: "spec-three".into(), restarts: 0, failures: 0 }
     );
 
     // The same spec adopted again keeps its restart count and is left alone.
