@@ -90,6 +90,8 @@ pub struct Broker {
     pub refused_connects: AtomicU64,
     pub denied_packets: AtomicU64,
     pub slow_consumers: AtomicU64,
+    /// When a refused CONNECT was last logged at warn (ms since start).
+    refusal_logged_ms: AtomicU64,
     /// Keep-alive is checked by one sweep for all connections, not a timer each.
     started: std::time::Instant,
     /// The broker's own runtime: one thread, like Mosquitto's event loop.
@@ -120,6 +122,7 @@ impl Broker {
             refused_connects: AtomicU64::new(0),
             denied_packets: AtomicU64::new(0),
             slow_consumers: AtomicU64::new(0),
+            refusal_logged_ms: AtomicU64::new(0),
             started: std::time::Instant::now(),
             rt: handle,
         });
@@ -297,11 +300,22 @@ impl Broker {
         rbuf.drain(..connect_len);
         let who = match self.admit(admission, &connect).await {
             Ok(who) => who,
-            Err(code) => {
+            Err((code, why)) => {
                 self.refused_connects.fetch_add(1, Relaxed);
+                // Said where an operator looks, at most once per 10 s (a
+                // fleet with a bad password must not flood the log).
+                let now = self.now_ms();
+                let last = self.refusal_logged_ms.load(Relaxed);
+                if (last == 0 || now.saturating_sub(last) >= 10_000)
+                    && self.refusal_logged_ms.compare_exchange(last, now.max(1), Relaxed, Relaxed).is_ok()
+                {
+                    tracing::warn!(client = %connect.client_id, code, reason = why, "refused an MQTT connection (further refusals for 10 s at debug; baton_mqtt_refused_total counts them)");
+                } else {
+                    tracing::debug!(client = %connect.client_id, code, reason = why, "refused an MQTT connection");
+                }
                 let _ = wr.write_all(&wire::connack(false, code)).await;
                 let _ = wr.flush().await;
-                return Err(format!("client {:?} refused (CONNACK {code})", connect.client_id));
+                return Err(format!("client {:?} refused (CONNACK {code}): {why}", connect.client_id));
             }
         };
         let conn = self.next_conn.fetch_add(1, Relaxed);
@@ -357,14 +371,14 @@ impl Broker {
         }
     }
 
-    /// Who may connect; the CONNACK code refusing it otherwise.
-    async fn admit(&self, admission: &Admission, connect: &Connect) -> Result<Who, u8> {
+    /// Who may connect; otherwise the CONNACK code refusing it, and why.
+    async fn admit(&self, admission: &Admission, connect: &Connect) -> Result<Who, (u8, &'static str)> {
         if connect.client_id.is_empty() && !connect.clean_session {
-            return Err(wire::BAD_CLIENT_ID);
+            return Err((wire::BAD_CLIENT_ID, "an empty client id asks for a persistent session"));
         }
         if let Some((topic, ..)) = &connect.will {
             if !topic::valid_name(topic) {
-                return Err(wire::NOT_AUTHORIZED);
+                return Err((wire::NOT_AUTHORIZED, "its Last Will's topic is not a valid topic name"));
             }
         }
         match admission {
@@ -381,7 +395,7 @@ impl Broker {
                 if matches {
                     Ok(Who::Internal)
                 } else {
-                    Err(wire::BAD_CREDENTIALS)
+                    Err((wire::BAD_CREDENTIALS, "wrong user name or password for the internal listener"))
                 }
             }
             Admission::Devices(authority) => {
@@ -389,10 +403,18 @@ impl Broker {
                 let (authority, asked) = (authority.clone(), connect.clone());
                 let identity = tokio::task::spawn_blocking(move || authority.authenticate(&asked))
                     .await
-                    .unwrap_or(Err(wire::SERVER_UNAVAILABLE))?;
+                    .unwrap_or(Err(wire::SERVER_UNAVAILABLE))
+                    .map_err(|code| {
+                        let why = match code {
+                            wire::BAD_CREDENTIALS => "unknown device, wrong password, or a spent or expired join token",
+                            wire::NOT_AUTHORIZED => "no credentials, or a user name that is not its client id",
+                            _ => "the controller could not check its credentials",
+                        };
+                        (code, why)
+                    })?;
                 if let Some((topic, ..)) = &connect.will {
                     if !may_publish(&identity, topic) {
-                        return Err(wire::NOT_AUTHORIZED);
+                        return Err((wire::NOT_AUTHORIZED, "its Last Will is for a topic it may not publish to"));
                     }
                 }
                 Ok(Who::Device(identity))
