@@ -12,7 +12,9 @@
 #
 # libseccomp (Debian's 2.5.4 source) is built as a static library for each
 # target and linked in: without it the agent would silently skip seccomp.
-# The aarch64 and x86_64 builds leave out unwind tables (no-unwind-tables.ld).
+# The aarch64 and x86_64 builds leave out unwind tables (the rule of no-unwind-tables.ld).
+# All lay out the functions an idle agent runs together (hot-text.ld, made
+# by cross/hot-text.sh).
 #
 # libcontainer 0.7.0 does not compile for 32-bit targets (it compares
 # rlimits, inode numbers and filesystem magics as 64-bit values). For armv7
@@ -128,12 +130,28 @@ patch_libcontainer() {
 
 # Linked without unwind tables (the build aborts on panic; see the script).
 # armv7 keeps its small ARM exception index: glibc's own unwinder reads it.
-NO_UNWIND_TABLES="-C link-arg=-Wl,-T,$ROOT/cross/no-unwind-tables.ld"
+# And every build lays out the functions an idle agent runs together
+# (hot-text.ld, made by cross/hot-text.sh): fewer of its pages resident.
+# One script per target: given the two as separate INSERT scripts, zig's
+# lld kept .eh_frame, so the discard rule goes into the same SECTIONS.
+link_script() { # TARGET [no-unwind]
+  local script=$OUT/$1/link.ld
+  if [ "${2:-}" = no-unwind ]; then
+    sed 's|^} INSERT BEFORE \.text;$|  /DISCARD/ : { *(.eh_frame) *(.eh_frame_hdr) }\n} INSERT BEFORE .text;|' \
+      "$ROOT/cross/hot-text.ld" >"$script"
+    grep -q DISCARD "$script" || { echo "cross: could not add the unwind-table rule to $script" >&2; exit 1; }
+  else
+    cp "$ROOT/cross/hot-text.ld" "$script"
+  fi
+  echo "-C link-arg=-Wl,-T,$script"
+}
 
 build_target() {
   local target=$1
   local bin=$ROOT/target/$target/release-small/baton-agent
   mkdir -p "$OUT/$target"
+  # Linked again every time: cargo does not see the linker scripts change.
+  rm -f "$bin" "$ROOT/target/$target/release-small/deps/baton_agent-"*
   case $target in
     aarch64-unknown-linux-musl)
       # zig cc as a plain C compiler for libseccomp (cargo-zigbuild does the same for Rust).
@@ -144,7 +162,7 @@ build_target() {
       build_seccomp "$target" aarch64-linux-musl "$wrap" "$wrap-ar"
       log "building baton-agent for $target"
       (cd "$ROOT" && LIBSECCOMP_LIB_PATH=$OUT/$target/seccomp/lib LIBSECCOMP_LINK_TYPE=static \
-        CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="$NO_UNWIND_TABLES" \
+        CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="$(link_script "$target" no-unwind)" \
         cargo zigbuild --locked -q --profile release-small -p baton-agent --target "$target")
       ;;
     armv7-unknown-linux-gnueabihf)
@@ -157,7 +175,7 @@ build_target() {
       trap 'cp "$OUT/Cargo.lock.committed" "$ROOT/Cargo.lock"' EXIT
       (cd "$ROOT" && LIBSECCOMP_LIB_PATH=$OUT/$target/seccomp/lib LIBSECCOMP_LINK_TYPE=static \
         CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_LINKER=arm-linux-gnueabihf-gcc \
-        CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_RUSTFLAGS="-C target-feature=+crt-static" \
+        CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_RUSTFLAGS="-C target-feature=+crt-static $(link_script "$target")" \
         CC_armv7_unknown_linux_gnueabihf=arm-linux-gnueabihf-gcc \
         AR_armv7_unknown_linux_gnueabihf=arm-linux-gnueabihf-ar \
         cargo build -q --profile release-small -p baton-agent --target "$target" \
@@ -168,7 +186,7 @@ build_target() {
     x86_64-unknown-linux-gnu)
       log "building baton-agent for $target (static)"
       (cd "$ROOT" && LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu LIBSECCOMP_LINK_TYPE=static \
-        CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static $NO_UNWIND_TABLES" \
+        CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static $(link_script "$target" no-unwind)" \
         cargo build --locked -q --profile release-small -p baton-agent --target "$target")
       ;;
     *) echo "cross: unknown target $target (known: ${ALL_TARGETS[*]} x86_64-unknown-linux-gnu)" >&2; exit 2 ;;

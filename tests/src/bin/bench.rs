@@ -215,6 +215,15 @@ fn idle(world: &World, controller: &Controller, agent_bin: &Path, broker: &str, 
     let cfg = world.path().join("agent.toml");
     std::fs::write(&cfg, "").expect("config");
     args.extend(["--config".into(), cfg.display().to_string()]);
+    // `BENCH_COLD=1` (root): the page cache emptied first, as after a
+    // device's reboot (a binary just written measured up to ~300 KiB more
+    // on its first run than from a cold cache; BENCHMARKS.md).
+    if std::env::var("BENCH_COLD").is_ok_and(|v| v == "1") {
+        let _ = std::process::Command::new("sync").status();
+        if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "3") {
+            eprintln!("BENCH_COLD: cannot drop the page cache: {e}");
+        }
+    }
     let agent = Proc::spawn("agent", agent_bin, &args, world.path());
     wait_for("agent online", Duration::from_secs(20), || {
         controller.device("bench-idle").filter(|d| d.heartbeat.is_some())
