@@ -182,6 +182,10 @@ fn operators_read_logs_exec_and_restart_through_the_controller() {
     assert!(tail.lines().all(|l| l.contains(" stdout line-")), "{tail}");
     let (ok, out, err) = baton_cli(&server, &["logs", "job", "--device", device]);
     assert!(ok && out.contains("stdout job-finished"), "logs of an exited container: {out} {err}");
+    // A workload the device does not have: not found (was 502), in the device's words.
+    let (status, body) = get_status(controller.http, &format!("/api/v1/devices/{device}/logs/nosuch")).expect("logs");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no containers"), "{body}");
 
     // Follow: new lines keep arriving on a live stream.
     let mut follow = std::process::Command::new(bin("baton"))

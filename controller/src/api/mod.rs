@@ -339,9 +339,11 @@ async fn logs(
     let device = online_device(&c, &id, &scope).await?;
     visible_workload(&c, &workload, &scope).await?;
     let deadline = now_ms() + if q.follow { 12 * 3600 * 1000 } else { 60_000 };
+    let asked = workload.clone();
     let action = CommandAction::Logs { workload, tail: q.tail.unwrap_or(100), follow: q.follow };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Result<(), Failure>>();
+    let controller = c.clone();
     // The relay task owns the pending request; when the client goes away the
     // send fails, the request is dropped, and that cancels the device's follow.
     tokio::spawn(async move {
@@ -371,6 +373,15 @@ async fn logs(
     });
     match first_rx.await {
         Ok(Ok(())) => {}
+        // The device has nothing of that name (it says so as an error):
+        // not found, unless its last report lists the workload.
+        Ok(Err(Failure(StatusCode::BAD_GATEWAY, why))) => {
+            let (name, scope) = (id.clone(), scope.clone());
+            let view = op(&controller, move |c| c.device(&name, now_ms(), &scope)).await?.ok();
+            let listed = view.and_then(|v| v.report).is_some_and(|r| r.workloads.iter().any(|w| w.name == asked));
+            let status = if listed { StatusCode::BAD_GATEWAY } else { StatusCode::NOT_FOUND };
+            return Err(Failure(status, why));
+        }
         Ok(Err(f)) => return Err(f),
         Err(_) => return Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, "log relay failed".into())),
     }
