@@ -118,8 +118,9 @@ impl LogLimiter {
 }
 
 /// Runs a controller operation on the blocking pool (it may write SQLite
-/// and sign documents), as the API does; messages stay in order, one at a
-/// time. None if it panicked.
+/// and sign documents), as the API does, and waits for it: the rarer
+/// messages (enrollments, pieces of builds, documents to check) that need
+/// an answer. None if it panicked.
 async fn blocking<T: Send + 'static>(
     c: &Arc<Controller>,
     f: impl FnOnce(&Controller) -> T + Send + 'static,

@@ -24,8 +24,8 @@ impl Identity {
 
 /// Decides who may connect.
 pub trait Authority: Send + Sync + 'static {
-    /// The identity behind a CONNECT, or the CONNACK code refusing it.
-    fn authenticate(&self, connect: &Connect) -> Result<Identity, u8>;
+    /// The identity behind a CONNECT, or the CONNACK code refusing it and why.
+    fn authenticate(&self, connect: &Connect) -> Result<Identity, (u8, &'static str)>;
 }
 
 /// Topics a device publishes on: its own state, nothing else.

@@ -403,15 +403,7 @@ impl Broker {
                 let (authority, asked) = (authority.clone(), connect.clone());
                 let identity = tokio::task::spawn_blocking(move || authority.authenticate(&asked))
                     .await
-                    .unwrap_or(Err(wire::SERVER_UNAVAILABLE))
-                    .map_err(|code| {
-                        let why = match code {
-                            wire::BAD_CREDENTIALS => "unknown device, wrong password, or a spent or expired join token",
-                            wire::NOT_AUTHORIZED => "no credentials, or a user name that is not its client id",
-                            _ => "the controller could not check its credentials",
-                        };
-                        (code, why)
-                    })?;
+                    .unwrap_or(Err((wire::SERVER_UNAVAILABLE, "the controller could not check its credentials")))?;
                 if let Some((topic, ..)) = &connect.will {
                     if !may_publish(&identity, topic) {
                         return Err((wire::NOT_AUTHORIZED, "its Last Will is for a topic it may not publish to"));

@@ -21,7 +21,7 @@ impl Controller {
     /// Applies a decoded device event and persists it when durable state changed.
     pub fn apply(&self, id: &DeviceId, event: FleetEvent, delivery: Delivery, now: Millis) -> Change {
         let is_presence = matches!(event, FleetEvent::Presence(_));
-        let what = event.what();
+        let came_as = event.what();
         let is_report = matches!(event, FleetEvent::Report(_));
         // What documents are made from: placement's facts, the address
         // services are reached at, the key secrets are sealed to. Only a
@@ -101,7 +101,9 @@ impl Controller {
                     // A partition healed on the same connection, or a
                     // message queued before a reconnect that overtook the
                     // new presence: either way it is alive.
-                    (_, Some(PresenceState::Online)) => ("device.online", format!("online again (a {what} arrived)")),
+                    (_, Some(PresenceState::Online)) => {
+                        ("device.online", format!("online again (a {came_as} arrived)"))
+                    }
                     (_, _) => ("device.offline", "offline".to_string()),
                 };
                 let tenant = fleet.get(id).map_or(crate::tenant::DEFAULT, |d| d.tenant.as_str());
