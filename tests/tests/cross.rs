@@ -1,6 +1,8 @@
 //! The Raspberry Pi agents built by `cross/build.sh` (static aarch64-musl and
-//! armv7 hard-float) run under qemu-user against a controller on loopback,
-//! come online, and report their architecture and heartbeats; the aarch64
+//! armv7 hard-float, Thumb-2) run under qemu-user against a controller on
+//! loopback: each joins with a token over TLS (the handshake, certificate
+//! and token checks run the build's own crypto code), comes online over TLS,
+//! and reports its architecture and heartbeats; the aarch64
 //! one upgrades itself over the air to another build of itself, run as
 //! a device runs it (binfmt_misc hands every aarch64 exec to qemu, as the
 //! switch execs the new build and its watcher).
@@ -31,7 +33,9 @@ fn cross_dir() -> PathBuf {
 fn cross_built_agents_come_online_under_qemu() {
     let required = std::env::var("BATON_REQUIRE_CROSS").is_ok_and(|v| v == "1");
     let world = World::new();
-    let controller = Controller::start(&world, None, &[]);
+    let controller = Controller::start(&world, None, &["--mqtt-auth", "--mqtt-tls"]);
+    let server = controller.server_url();
+    let tls_broker = format!("mqtts://127.0.0.1:{}", controller.mqtt);
     let mut ran = 0;
     for (target, qemu, arch, variant) in TARGETS {
         let agent = cross_dir().join(target).join("baton-agent");
@@ -46,10 +50,21 @@ fn cross_built_agents_come_online_under_qemu() {
         assert!(file.contains("statically linked"), "{target}: {file}");
 
         let id = format!("qemu-{arch}");
+        let (ok, token, err) = baton_cli(&server, &["token", "create", "--uses", "1"]);
+        assert!(ok, "{err}");
         let mut args = vec![agent.display().to_string()];
-        args.extend(agent_args(&world, &id, &controller.broker_url(), &[]));
+        args.extend(agent_args(&world, &id, &tls_broker, &[]));
+        // `join` takes the same --config/--broker/--device-id/--data-dir.
+        let join = Command::new(&qemu)
+            .arg(&agent)
+            .args(["join", token.trim()])
+            .args(&args[1..9])
+            .output()
+            .expect("join under qemu");
+        let said = format!("{}{}", String::from_utf8_lossy(&join.stdout), String::from_utf8_lossy(&join.stderr));
+        assert!(join.status.success() && said.contains(&format!("joined as {id}")), "{target} join over TLS: {said}");
         let mut proc = Proc::spawn(&id, &qemu, &args, world.path());
-        let device = wait_for(&format!("{target} online with heartbeats"), Duration::from_secs(60), || {
+        let device = wait_for(&format!("{target} online over TLS with heartbeats"), Duration::from_secs(60), || {
             controller
                 .device(&id)
                 .filter(|d| d.status.as_str() == "online" && d.heartbeat.as_ref().is_some_and(|h| h.seq >= 2))

@@ -30,8 +30,15 @@ fn sources(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-const CRATES: [&str; 6] =
-    ["agent/src", "controller/src", "protocol/src", "agent/registry/src", "agent/regex-lite-as-regex/src", "tests/src"];
+const CRATES: [&str; 7] = [
+    "agent/src",
+    "controller/src",
+    "protocol/src",
+    "agent/registry/src",
+    "agent/regex-lite-as-regex/src",
+    "agent/nc-sched/src",
+    "tests/src",
+];
 
 /// What a pure module must not touch (outside `#[cfg(test)]`).
 const IMPURE: [&str; 13] = [
