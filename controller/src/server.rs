@@ -68,6 +68,10 @@ pub struct ServerConfig {
     /// An external Mosquitto whose dynamic-security plugin the controller
     /// keeps device and join accounts in.
     pub broker_dynsec: bool,
+    /// HOST:PORT at which the other controllers of a PostgreSQL store reach
+    /// this one's API (default: the listen address; this machine's name when
+    /// listening on every address). Standbys forward API requests there.
+    pub advertise: Option<String>,
 }
 
 impl ServerConfig {
@@ -111,38 +115,137 @@ impl ServerConfig {
     }
 }
 
-/// Until the controller holds its store (a standby waiting for it), the
-/// API's port answers every request 503, `/healthz` with `"standby"`:
-/// load balancers and the CLI see why it does not serve. Not with
-/// `--api-tls` (the port then just waits). Stopped through the sender.
+/// Until the controller holds its store (a standby waiting for it), its
+/// API's port forwards each connection, bytes as they come, to the
+/// leader's API (the address the leader recorded in the store), so that any
+/// replica serves the API, the CLI and the dashboard, with the leader's
+/// state (read-your-writes through any of them). `/healthz` and `/metrics`
+/// it answers itself, 503 `{"status":"standby","leader":…}`: load
+/// balancers and the CLI tell replicas apart by it, and a scrape of every
+/// replica counts the leader's numbers once. While the leader is not known or not
+/// reachable, or a forward comes back to this controller (a leader
+/// advertising an address that reaches this one), every request gets that
+/// 503 with the reason. Not with `--api-tls` (the port then just waits).
+/// Stopped through the sender; connections being forwarded then end with
+/// the leader's.
 #[allow(clippy::type_complexity)]
 fn standby_page(
     socket: &std::net::TcpListener,
     api_tls: bool,
-) -> anyhow::Result<(tokio::sync::oneshot::Sender<()>, Option<tokio::task::JoinHandle<std::io::Result<()>>>)> {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    leader: Arc<std::sync::Mutex<Option<String>>>,
+) -> anyhow::Result<(tokio::sync::oneshot::Sender<()>, Option<tokio::task::JoinHandle<()>>)> {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     if api_tls {
         return Ok((stop, None));
     }
     let listener = tokio::net::TcpListener::from_std(socket.try_clone()?)?;
-    let answer = || async {
-        (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({
-                "status": "standby",
-                "error": "this controller is standing by: another controller holds the store and serves the fleet; this one takes over when that one is gone",
-            })),
-        )
-    };
-    let router = axum::Router::new().route("/healthz", axum::routing::get(answer)).fallback(answer);
+    // The local addresses of this controller's own forwards: one arriving
+    // back here is a loop.
+    let forwards: Arc<std::sync::Mutex<std::collections::HashSet<SocketAddr>>> = Arc::default();
     let page = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((conn, peer)) => {
+                        tokio::spawn(standby_connection(conn, peer, leader.clone(), forwards.clone()));
+                    }
+                    // Out of file descriptors, say: the next accept may work.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                },
+            }
+        }
     });
     Ok((stop, Some(page)))
+}
+
+/// One connection to a standby's API port (see `standby_page`).
+async fn standby_connection(
+    mut conn: tokio::net::TcpStream,
+    peer: SocketAddr,
+    leader: Arc<std::sync::Mutex<Option<String>>>,
+    forwards: Arc<std::sync::Mutex<std::collections::HashSet<SocketAddr>>>,
+) {
+    // The request line, peeked (not read): a forwarded request reaches the leader whole.
+    let mut head = [0u8; 256];
+    let peeked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let n = conn.peek(&mut head).await?;
+            if n == 0 || n == head.len() || head[..n].contains(&b'\n') {
+                return Ok::<_, std::io::Error>(n);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let Ok(Ok(n)) = peeked else { return };
+    let line = String::from_utf8_lossy(&head[..n]);
+    // Its own health and metrics a standby answers itself (a scrape of every
+    // replica must not count the leader's numbers three times).
+    let own = ["GET /healthz", "HEAD /healthz", "GET /metrics", "HEAD /metrics"];
+    let health = own.iter().any(|p| line.starts_with(p) && matches!(line.as_bytes().get(p.len()), Some(b' ' | b'?')));
+    let leader = leader.lock().ok().and_then(|l| l.clone());
+    let looped = forwards.lock().is_ok_and(|f| f.contains(&peer));
+    let why = match &leader {
+        _ if health => None,
+        _ if looped => Some(format!(
+            "the leader records its API at {}, which reaches this standby itself: give each controller --advertise HOST:PORT that the others reach it at",
+            leader.as_deref().unwrap_or("?")
+        )),
+        None => Some("the leading controller's API address is not known yet (a leader older than this version, or none)".to_string()),
+        Some(addr) => match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr.as_str())).await {
+            Ok(Ok(mut up)) => {
+                let local = up.local_addr().ok();
+                if let (Some(l), Ok(mut f)) = (local, forwards.lock()) {
+                    f.insert(l);
+                }
+                let _ = up.set_nodelay(true);
+                let _ = conn.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                if let (Some(l), Ok(mut f)) = (local, forwards.lock()) {
+                    f.remove(&l);
+                }
+                return;
+            }
+            Ok(Err(e)) => Some(format!("cannot reach the leading controller's API at {addr}: {e}")),
+            Err(_) => Some(format!("cannot reach the leading controller's API at {addr}: no answer in 3 s")),
+        },
+    };
+    let mut body = serde_json::json!({
+        "status": "standby",
+        "leader": leader,
+        "error": "this controller is standing by: another controller holds the store and serves the fleet; this one takes over when that one is gone",
+    });
+    if let Some(why) = why {
+        body["error"] = format!("this controller is standing by and cannot forward to the leader: {why}").into();
+    }
+    let body = bytes::Bytes::from(body.to_string());
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let body = body.clone();
+        async move {
+            // Read what was sent, so that closing does not reset the connection under the answer.
+            let _ = axum::body::to_bytes(axum::body::Body::new(req.into_body()), 1 << 20).await;
+            axum::http::Response::builder()
+                .status(axum::http::StatusCode::SERVICE_UNAVAILABLE)
+                .header(axum::http::header::CONTENT_TYPE, "application/json")
+                .body(axum::body::Body::from(body))
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(conn), service)
+        .await;
+}
+
+/// HOST:PORT at which the other controllers reach this one's API:
+/// `--advertise`, else the listen address (this machine's name in place of
+/// an unspecified address).
+fn advertised_api(cfg: &ServerConfig, socket: &std::net::TcpListener) -> anyhow::Result<String> {
+    if let Some(a) = &cfg.advertise {
+        return Ok(a.clone());
+    }
+    let bound = socket.local_addr()?;
+    Ok(if bound.ip().is_unspecified() { format!("{}:{}", hostname(), bound.port()) } else { bound.to_string() })
 }
 
 /// This machine's name, for messages that tell controllers apart.
@@ -169,6 +272,10 @@ pub async fn serve(
         .with_context(|| format!("cannot listen for HTTP on {} (use --listen ADDR)", cfg.http_listen))?;
     http_socket.set_nonblocking(true)?;
     let (outbox_tx, outbox) = tokio::sync::mpsc::unbounded_channel();
+    // Where the other replicas reach this one's API, and where this one
+    // forwards while it stands by.
+    let replica = crate::store::Replica { api: Some(advertised_api(&cfg, &http_socket)?), ..Default::default() };
+    let leader_api = replica.leader_api.clone();
     // Opening the store, loading the fleet and signing documents: off the async workers.
     let startup = cfg.clone();
     let startup = tokio::task::spawn_blocking(move || -> anyhow::Result<Controller> {
@@ -182,7 +289,7 @@ pub async fn serve(
         };
         // On a PostgreSQL store another controller holds, this waits as a
         // standby until that one is gone.
-        let store = Store::open_leading(&cfg.store, Some(fleet))?;
+        let store = Store::open_leading(&cfg.store, Some(fleet), replica)?;
         let signer = baton_protocol::crypto::SigningKey::from_seed(&keys.signing_seed);
         let commands = crate::commands::CommandRouter::new(outbox_tx.clone(), signer);
         tracing::info!(signing_key = %keys.signing_public(), "desired documents are signed with this key (agents: controller_keys)");
@@ -220,7 +327,7 @@ pub async fn serve(
     // A standby waits in the startup for the store; a stop meanwhile ends it
     // there (the waiting thread cannot be interrupted, so the process exits).
     // Meanwhile the API's port answers 503 (`/healthz` says "standby").
-    let (standby_stop, standby) = standby_page(&http_socket, cfg.api_tls)?;
+    let (standby_stop, standby) = standby_page(&http_socket, cfg.api_tls, leader_api)?;
     let mut shutdown = std::pin::pin!(shutdown);
     let controller = tokio::select! {
         started = startup => started??,
@@ -403,6 +510,7 @@ mod tests {
             api_tls: false,
             allow_insecure_mqtt: false,
             broker_dynsec: false,
+            advertise: None,
         }
     }
 

@@ -63,7 +63,8 @@ pub struct LabelChange {
 }
 
 /// `GET /healthz`: always 200 from a serving controller (a standby answers
-/// 503 `{"status":"standby"}`); `status` is "ok", or "degraded" with the
+/// 503 `{"status":"standby","leader":"HOST:PORT"}` itself, and forwards
+/// other requests to the leader); `status` is "ok", or "degraded" with the
 /// reasons in `problems`.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Health {

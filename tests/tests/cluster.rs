@@ -32,6 +32,9 @@ fn the_deployed_cluster_survives_a_broker_node_and_its_leader_killed() {
         let (status, body) = get_status(*other, "/healthz").expect("every controller is up");
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("standby"), "{body}");
+        // Yet it serves the API, forwarded to the leader.
+        let (status, body) = get_status(*other, "/api/v1/devices").expect("a standby forwards");
+        assert_eq!(status, 200, "{body}");
     }
     assert_eq!(cluster.env["BATON_LEADER"], format!("http://127.0.0.1:{leader}"));
     let node = |i: usize| format!("mqtt://127.0.0.1:{}", cluster.mqtt[i]);

@@ -1,7 +1,7 @@
 //! Several controllers on one PostgreSQL store and one broker (Mosquitto):
 //! one leads, the others stand by, and one takes over when the leader dies.
 //! Real processes: PostgreSQL, Mosquitto, two controllers, a real agent with
-//! containers and twelve simulated devices. About 30 s, the three tests
+//! containers and twelve simulated devices. About 30 s, the four tests
 //! side by side.
 
 use std::time::{Duration, Instant};
@@ -32,6 +32,45 @@ fn leader_and_standby(world: &World) -> (Mosquitto, Controller, Controller) {
         log_of(world, "controller-b").contains("standing by").then_some(())
     });
     (mosquitto, leader, standby)
+}
+
+/// Any replica serves the API: a standby forwards requests to the leader's
+/// API (the address the leader records in the store), so what is written
+/// through one replica is read back at once through the other, and
+/// `/healthz` still tells them apart. A leader recorded at an address that
+/// reaches the standby itself gets a 503 that says so, not a loop.
+#[test]
+fn any_replica_serves_the_api_and_reads_its_own_writes() {
+    let world = World::new();
+    let (_mosquitto, leader, standby) = leader_and_standby(&world);
+    let (status, health) = get_status(standby.http, "/healthz").expect("the standby answers");
+    assert_eq!(status, 503, "{health}");
+    let at = format!("127.0.0.1:{}", leader.http);
+    assert!(health.contains("\"standby\"") && health.contains(&at), "the standby names the leader: {health}");
+    let (status, metrics) = get_status(standby.http, "/metrics").expect("the standby answers");
+    assert_eq!(status, 503, "a standby's /metrics is its own, not the leader's: {metrics}");
+
+    // Writes through either replica, each read back at once through both.
+    let (via_standby, via_leader) = (standby.server_url(), leader.server_url());
+    for (i, through) in [&via_standby, &via_leader, &via_standby].into_iter().enumerate() {
+        let yaml = format!("name: app\nimage: busybox:ha\ncommand: [/bin/sleep, \"{}\"]\n", 1000 + i);
+        apply_yaml(through, &world, "app.yaml", &yaml);
+        for read in [&via_standby, &via_leader] {
+            let w = describe_workload(read, "app").unwrap_or_else(|| panic!("app through {read}"));
+            assert_eq!(w.revision, i as u64 + 1, "revision {} written through {through}, read through {read}", i + 1);
+        }
+    }
+    let (status, listed) = get_status(standby.http, "/api/v1/workloads").expect("the standby forwards");
+    assert_eq!(status, 200, "{listed}");
+    assert!(listed.contains("\"app\""), "{listed}");
+
+    // The leader recorded at the standby's own address: a 503 that says why.
+    world.postgres().psql(&format!("UPDATE baton_leader SET api = '127.0.0.1:{}'", standby.http));
+    let refused = wait_for("the standby refusing to forward to itself", Duration::from_secs(20), || {
+        get_status(standby.http, "/api/v1/workloads").ok().filter(|(s, _)| *s == 503)
+    });
+    assert!(refused.1.contains("reaches this standby itself"), "{}", refused.1);
+    assert!(leader.serving(), "the leader was disturbed");
 }
 
 /// kill -9 of the leading controller in the middle of a rollout: the standby

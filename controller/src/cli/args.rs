@@ -536,6 +536,12 @@ pub struct ServerArgs {
     /// join accounts there (`baton token create`, `baton-agent join`, revoke).
     #[arg(long, requires_all = ["broker", "broker_username"])]
     pub broker_dynsec: bool,
+    /// HOST:PORT at which the other controllers of a PostgreSQL store reach
+    /// this one's API: recorded while it leads, so that standbys forward
+    /// API requests to it (default: --listen, with this machine's name for
+    /// an unspecified address).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
     /// Username for an external broker with per-client credentials (see `deploy/mosquitto/`).
     #[arg(long, requires = "broker_password_file")]
     pub broker_username: Option<String>,
@@ -576,6 +582,13 @@ impl ServerArgs {
             self.stale_after
         );
         anyhow::ensure!(self.flush_every > 0, "--flush-every must be at least 1 second");
+        if let Some(a) = &self.advertise {
+            anyhow::ensure!(
+                a.rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)),
+                "--advertise {a}: expected HOST:PORT (where the other controllers reach this one's API)"
+            );
+        }
         let data_dir = self.data_dir.clone().unwrap_or_else(|| default_data_dir().join("controller"));
         Ok(ServerConfig {
             http_listen: self.listen,
@@ -606,6 +619,7 @@ impl ServerArgs {
             api_tls: self.api_tls,
             allow_insecure_mqtt: self.allow_insecure_mqtt,
             broker_dynsec: self.broker_dynsec,
+            advertise: self.advertise.clone(),
             tls_names: self.tls_names.clone(),
             signing_key: self.signing_key.clone(),
             secrets_key: self.secrets_key.clone(),

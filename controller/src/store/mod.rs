@@ -24,8 +24,8 @@ pub mod releases;
 pub(crate) mod sql;
 mod workloads;
 
-pub use sql::FleetKeys;
 use sql::{args, Db};
+pub use sql::{FleetKeys, Replica};
 
 pub use releases::AgentRelease;
 
@@ -326,7 +326,7 @@ impl Store {
     /// Opens (and migrates) the store wherever it lives; refused when
     /// another controller holds a PostgreSQL store.
     pub fn open_at(at: &StoreAt) -> Result<Self, StoreError> {
-        Self::open_as(at, false, None)
+        Self::open_as(at, false, None, sql::Replica::default())
     }
 
     /// As `open_at`, but a controller that finds a PostgreSQL store held by
@@ -334,15 +334,26 @@ impl Store {
     /// this one holds the store (a SQLite store is held by the data dir's lock).
     /// `fleet`: this controller's keys; on PostgreSQL they must be those the
     /// store's first controller recorded (checked before standing by).
-    pub fn open_leading(at: &StoreAt, fleet: Option<sql::FleetKeys>) -> Result<Self, StoreError> {
-        Self::open_as(at, true, fleet)
+    /// `replica`: where this one's API is reached (recorded while it leads)
+    /// and, while it stands by, where the leader's is.
+    pub fn open_leading(
+        at: &StoreAt,
+        fleet: Option<sql::FleetKeys>,
+        replica: sql::Replica,
+    ) -> Result<Self, StoreError> {
+        Self::open_as(at, true, fleet, replica)
     }
 
-    fn open_as(at: &StoreAt, standby: bool, fleet: Option<sql::FleetKeys>) -> Result<Self, StoreError> {
+    fn open_as(
+        at: &StoreAt,
+        standby: bool,
+        fleet: Option<sql::FleetKeys>,
+        replica: sql::Replica,
+    ) -> Result<Self, StoreError> {
         match at {
             StoreAt::Sqlite(path) => Self::open(path),
             StoreAt::Postgres(url) => {
-                let store = Self { db: Db::postgres(url, standby, fleet)?, path: None };
+                let store = Self { db: Db::postgres(url, standby, fleet, replica)?, path: None };
                 store.migrate("the PostgreSQL store")?;
                 Ok(store)
             }

@@ -148,9 +148,10 @@ impl Db {
 
     /// `standby`: wait for another controller's hold on the store to end.
     /// `fleet`: this controller's keys, checked against those the store
-    /// recorded (see `Session::client`).
-    pub fn postgres(url: &str, standby: bool, fleet: Option<FleetKeys>) -> Result<Self, StoreError> {
-        Ok(Db { kind: Kind::Postgres(Postgres::connect(url, standby, fleet)?), depth: Cell::new(0) })
+    /// recorded (see `Session::client`). `replica`: where this one's API is
+    /// reached, and where it learns the leader's while it stands by.
+    pub fn postgres(url: &str, standby: bool, fleet: Option<FleetKeys>, replica: Replica) -> Result<Self, StoreError> {
+        Ok(Db { kind: Kind::Postgres(Postgres::connect(url, standby, fleet, replica)?), depth: Cell::new(0) })
     }
 
     /// Whether this controller holds its store now (PostgreSQL: false while
@@ -346,6 +347,17 @@ const LEASE: Duration = Duration::from_secs(10);
 /// How long a standby waits on the lock before it looks at the leader's lease.
 const LEASE_CHECK_EVERY: Duration = Duration::from_secs(2);
 
+/// What the replicas of one store tell each other through it: the leader
+/// records where its API is reached (`baton_leader.api`), and a standby
+/// reads it while it waits, to forward the API requests it gets there.
+#[derive(Debug, Clone, Default)]
+pub struct Replica {
+    /// This controller's API address as the others reach it (HOST:PORT).
+    pub api: Option<String>,
+    /// The leader's, as last read while standing by (None: not known).
+    pub leader_api: Arc<std::sync::Mutex<Option<String>>>,
+}
+
 /// A PostgreSQL connection served by a thread of its own.
 struct Postgres {
     jobs: std::sync::mpsc::Sender<Job>,
@@ -358,7 +370,7 @@ struct Postgres {
 impl Postgres {
     /// `standby`: when another controller holds the store, wait until its
     /// session ends and take over (else: refuse).
-    fn connect(url: &str, standby: bool, fleet: Option<FleetKeys>) -> Result<Self, StoreError> {
+    fn connect(url: &str, standby: bool, fleet: Option<FleetKeys>, replica: Replica) -> Result<Self, StoreError> {
         let mut config: postgres::Config =
             url.parse().map_err(|e| StoreError::Sql(format!("--store {}: {e}", redact(url))))?;
         if config.get_ssl_mode() == postgres::config::SslMode::Require {
@@ -392,6 +404,7 @@ impl Postgres {
             epoch: 0,
             connected: connected.clone(),
             fleet,
+            replica,
         };
         // The first connection and the lock, before anything is served. A
         // standby that loses its connection while it waits connects again.
@@ -478,9 +491,23 @@ impl Postgres {
 /// not renewed it for `LEASE` (frozen: see there), which frees the lock.
 /// That leader, if it ever runs again, finds its session gone and another
 /// epoch in the store, and exits (`fence`).
-fn wait_for_lock(c: &mut postgres::Client, url: &str) -> Result<(), StoreError> {
+fn wait_for_lock(
+    c: &mut postgres::Client,
+    url: &str,
+    leader_api: &std::sync::Mutex<Option<String>>,
+) -> Result<(), StoreError> {
     c.batch_execute(&format!("SET lock_timeout = {}", LEASE_CHECK_EVERY.as_millis())).map_err(pg_error)?;
     loop {
+        // Where the leader's API is (a store made before the column has none).
+        let api = match c.query_opt("SELECT api FROM baton_leader WHERE id = 1", &[]) {
+            Ok(row) => row.and_then(|r| r.get::<_, Option<String>>(0)),
+            Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_COLUMN) => None,
+            Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) => None,
+            Err(e) => return Err(pg_error(e)),
+        };
+        if let Ok(mut known) = leader_api.lock() {
+            *known = api;
+        }
         match c.query_one("SELECT pg_advisory_lock($1)", &[&STORE_LOCK]) {
             Ok(_) => break,
             Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
@@ -614,6 +641,7 @@ struct Session {
     connected: Arc<AtomicBool>,
     /// This controller's keys, to compare with the fleet's.
     fleet: Option<FleetKeys>,
+    replica: Replica,
 }
 
 /// What identifies a fleet's keys without revealing them: the signing key's
@@ -657,7 +685,10 @@ impl Session {
                 }
                 tracing::warn!(store = %self.url, "another controller holds the store: standing by (this one takes over when that one's session ends, or its lease lapses)");
                 self.waited = true;
-                wait_for_lock(&mut c, &self.url)?;
+                wait_for_lock(&mut c, &self.url, &self.replica.leader_api)?;
+                if let Ok(mut known) = self.replica.leader_api.lock() {
+                    *known = None;
+                }
                 tracing::warn!(store = %self.url, "the controller that held the store is gone: taking over");
             }
             // Made under the lock: controllers starting together on an empty
@@ -667,6 +698,7 @@ impl Session {
                 "CREATE TABLE IF NOT EXISTS baton_leader (id INTEGER PRIMARY KEY, epoch BIGINT NOT NULL); \
                  ALTER TABLE baton_leader ADD COLUMN IF NOT EXISTS backend_pid INTEGER; \
                  ALTER TABLE baton_leader ADD COLUMN IF NOT EXISTS renewed_at TIMESTAMPTZ; \
+                 ALTER TABLE baton_leader ADD COLUMN IF NOT EXISTS api TEXT; \
                  CREATE TABLE IF NOT EXISTS baton_fleet_keys (id INTEGER PRIMARY KEY, signing TEXT NOT NULL, secrets_digest TEXT NOT NULL)",
             )
             .map_err(pg_error)?;
@@ -675,8 +707,9 @@ impl Session {
                 // other controller led meanwhile; the lease is this session's now.
                 let renewed = c
                     .execute(
-                        "UPDATE baton_leader SET backend_pid = pg_backend_pid(), renewed_at = now() WHERE id = 1 AND epoch = $1",
-                        &[&self.epoch],
+                        "UPDATE baton_leader SET backend_pid = pg_backend_pid(), renewed_at = now(), api = $2
+                         WHERE id = 1 AND epoch = $1",
+                        &[&self.epoch, &self.replica.api],
                     )
                     .map_err(pg_error)?;
                 if renewed != 1 {
@@ -686,11 +719,11 @@ impl Session {
             } else {
                 let row = c
                     .query_one(
-                        "INSERT INTO baton_leader (id, epoch, backend_pid, renewed_at) VALUES (1, 1, pg_backend_pid(), now())
+                        "INSERT INTO baton_leader (id, epoch, backend_pid, renewed_at, api) VALUES (1, 1, pg_backend_pid(), now(), $1)
                          ON CONFLICT (id) DO UPDATE SET epoch = baton_leader.epoch + 1,
-                           backend_pid = pg_backend_pid(), renewed_at = now()
+                           backend_pid = pg_backend_pid(), renewed_at = now(), api = $1
                          RETURNING epoch",
-                        &[],
+                        &[&self.replica.api],
                     )
                     .map_err(pg_error)?;
                 self.epoch = row.get(0);
