@@ -116,29 +116,28 @@ impl ServerConfig {
 }
 
 /// Until the controller holds its store (a standby waiting for it), its
-/// API's port forwards each connection, bytes as they come, to the
-/// leader's API (the address the leader recorded in the store), so that any
-/// replica serves the API, the CLI and the dashboard, with the leader's
-/// state (read-your-writes through any of them). `/healthz` and `/metrics`
-/// it answers itself, 503 `{"status":"standby","leader":…}`: load
-/// balancers and the CLI tell replicas apart by it, and a scrape of every
-/// replica counts the leader's numbers once. While the leader is not known or not
+/// API's port forwards each connection's requests to the leader's API (the
+/// address the leader recorded in the store), so that any replica serves
+/// the API, the CLI and the dashboard, with the leader's state
+/// (read-your-writes through any of them). `/healthz` and `/metrics` it
+/// answers itself, 503 `{"status":"standby","leader":…}`: load balancers
+/// and the CLI tell replicas apart by it, and a scrape of every replica
+/// counts the leader's numbers once. While the leader is not known or not
 /// reachable, or a forward comes back to this controller (a leader
 /// advertising an address that reaches this one), every request gets that
-/// 503 with the reason. Not with `--api-tls` (the port then just waits).
-/// Stopped through the sender; connections being forwarded then end with
-/// the leader's.
+/// 503 with the reason. With `--api-tls` the standby ends TLS with its own
+/// certificate and speaks TLS to the leader, whose certificate must chain
+/// to the fleet's CA. Stopped through the sender; connections being
+/// forwarded then end with the leader's.
 #[allow(clippy::type_complexity)]
 fn standby_page(
     socket: &std::net::TcpListener,
-    api_tls: bool,
+    tls: Option<StandbyTls>,
     leader: Arc<std::sync::Mutex<Option<String>>>,
-) -> anyhow::Result<(tokio::sync::oneshot::Sender<()>, Option<tokio::task::JoinHandle<()>>)> {
+) -> anyhow::Result<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)> {
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-    if api_tls {
-        return Ok((stop, None));
-    }
     let listener = tokio::net::TcpListener::from_std(socket.try_clone()?)?;
+    let tls = tls.map(Arc::new);
     // The local addresses of this controller's own forwards: one arriving
     // back here is a loop.
     let forwards: Arc<std::sync::Mutex<std::collections::HashSet<SocketAddr>>> = Arc::default();
@@ -148,7 +147,7 @@ fn standby_page(
                 _ = &mut stopped => break,
                 accepted = listener.accept() => match accepted {
                     Ok((conn, peer)) => {
-                        tokio::spawn(standby_connection(conn, peer, leader.clone(), forwards.clone()));
+                        tokio::spawn(standby_connection(conn, peer, tls.clone(), leader.clone(), forwards.clone()));
                     }
                     // Out of file descriptors, say: the next accept may work.
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -156,30 +155,118 @@ fn standby_page(
             }
         }
     });
-    Ok((stop, Some(page)))
+    Ok((stop, page))
+}
+
+/// A standby's TLS (`--api-tls`): its own API certificate toward clients,
+/// and the fleet's CA to check the leader's.
+struct StandbyTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl StandbyTls {
+    fn new(signing_seed: &[u8; 32], names: &[String]) -> anyhow::Result<Self> {
+        let server = crate::tls::server_config(signing_seed, names)?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(crate::tls::ca(signing_seed)?.0.der().clone())?;
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        })
+    }
+}
+
+/// A byte stream either side of a standby's forward (TCP, or TLS over it).
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Replayed {
+    first: Vec<u8>,
+    at: usize,
+    rest: Box<dyn Stream>,
+}
+
+impl tokio::io::AsyncRead for Replayed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.at < self.first.len() {
+            let n = buf.remaining().min(self.first.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.first[at..at + n]);
+            self.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.rest).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Replayed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.rest).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.rest).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.rest).poll_shutdown(cx)
+    }
 }
 
 /// One connection to a standby's API port (see `standby_page`).
 async fn standby_connection(
-    mut conn: tokio::net::TcpStream,
+    conn: tokio::net::TcpStream,
     peer: SocketAddr,
+    tls: Option<Arc<StandbyTls>>,
     leader: Arc<std::sync::Mutex<Option<String>>>,
     forwards: Arc<std::sync::Mutex<std::collections::HashSet<SocketAddr>>>,
 ) {
-    // The request line, peeked (not read): a forwarded request reaches the leader whole.
-    let mut head = [0u8; 256];
-    let peeked = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let n = conn.peek(&mut head).await?;
-            if n == 0 || n == head.len() || head[..n].contains(&b'\n') {
-                return Ok::<_, std::io::Error>(n);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const WAIT: Duration = Duration::from_secs(10);
+    let _ = conn.set_nodelay(true);
+    let mut client: Box<dyn Stream> = match &tls {
+        Some(t) => match tokio::time::timeout(WAIT, t.acceptor.accept(conn)).await {
+            Ok(Ok(s)) => Box::new(s),
+            _ => return,
+        },
+        None => Box::new(conn),
+    };
+    // The request line (what was read with it is forwarded or answered too).
+    let mut first = Vec::with_capacity(256);
+    let read = tokio::time::timeout(WAIT, async {
+        let mut buf = [0u8; 256];
+        while !first.contains(&b'\n') && first.len() < buf.len() {
+            let n = client.read(&mut buf[..256 - first.len()]).await?;
+            if n == 0 {
+                break;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            first.extend_from_slice(&buf[..n]);
         }
+        Ok::<_, std::io::Error>(())
     })
     .await;
-    let Ok(Ok(n)) = peeked else { return };
-    let line = String::from_utf8_lossy(&head[..n]);
+    if !matches!(read, Ok(Ok(()))) || first.is_empty() {
+        return;
+    }
+    let line = String::from_utf8_lossy(&first);
     // Its own health and metrics a standby answers itself (a scrape of every
     // replica must not count the leader's numbers three times).
     let own = ["GET /healthz", "HEAD /healthz", "GET /metrics", "HEAD /metrics"];
@@ -193,17 +280,13 @@ async fn standby_connection(
             leader.as_deref().unwrap_or("?")
         )),
         None => Some("the leading controller's API address is not known yet (a leader older than this version, or none)".to_string()),
-        Some(addr) => match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr.as_str())).await {
-            Ok(Ok(mut up)) => {
-                let local = up.local_addr().ok();
-                if let (Some(l), Ok(mut f)) = (local, forwards.lock()) {
-                    f.insert(l);
+        Some(addr) => match tokio::time::timeout(Duration::from_secs(3), leader_connection(addr, tls.as_deref(), &forwards)).await {
+            Ok(Ok((mut up, local))) => {
+                if up.write_all(&first).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
                 }
-                let _ = up.set_nodelay(true);
-                let _ = conn.set_nodelay(true);
-                let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
-                if let (Some(l), Ok(mut f)) = (local, forwards.lock()) {
-                    f.remove(&l);
+                if let Ok(mut f) = forwards.lock() {
+                    f.remove(&local);
                 }
                 return;
             }
@@ -231,10 +314,46 @@ async fn standby_connection(
                 .body(axum::body::Body::from(body))
         }
     });
+    let replayed = Replayed { first, at: 0, rest: client };
     let _ = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
-        .serve_connection(hyper_util::rt::TokioIo::new(conn), service)
+        .serve_connection(hyper_util::rt::TokioIo::new(replayed), service)
         .await;
+}
+
+/// A connection to the leader's API (TLS when this standby's is), and its
+/// local address, recorded in `forwards` until the forward ends.
+async fn leader_connection(
+    addr: &str,
+    tls: Option<&StandbyTls>,
+    forwards: &std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
+) -> std::io::Result<(Box<dyn Stream>, SocketAddr)> {
+    let up = tokio::net::TcpStream::connect(addr).await?;
+    let _ = up.set_nodelay(true);
+    let local = up.local_addr()?;
+    if let Ok(mut f) = forwards.lock() {
+        f.insert(local);
+    }
+    let up: Box<dyn Stream> = match tls {
+        // Any certificate of this fleet's CA is a controller of this fleet
+        // (only they hold its key); every one names localhost, which is the
+        // name checked, so the advertised host need not be in the leader's
+        // --tls-name list.
+        Some(t) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("a valid name");
+            match t.connector.connect(name, up).await {
+                Ok(s) => Box::new(s),
+                Err(e) => {
+                    if let Ok(mut f) = forwards.lock() {
+                        f.remove(&local);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        None => Box::new(up),
+    };
+    Ok((up, local))
 }
 
 /// HOST:PORT at which the other controllers reach this one's API:
@@ -277,10 +396,11 @@ pub async fn serve(
     let replica = crate::store::Replica { api: Some(advertised_api(&cfg, &http_socket)?), ..Default::default() };
     let leader_api = replica.leader_api.clone();
     // Opening the store, loading the fleet and signing documents: off the async workers.
+    let keys = crate::keys::Keys::load(&cfg.data_dir, cfg.signing_key.as_deref(), cfg.secrets_key.as_deref())?;
+    let standby_tls = if cfg.api_tls { Some(StandbyTls::new(&keys.signing_seed, &cfg.tls_names)?) } else { None };
     let startup = cfg.clone();
     let startup = tokio::task::spawn_blocking(move || -> anyhow::Result<Controller> {
         let cfg = startup;
-        let keys = crate::keys::Keys::load(&cfg.data_dir, cfg.signing_key.as_deref(), cfg.secrets_key.as_deref())?;
         let fleet = crate::store::FleetKeys {
             signing: keys.signing_public(),
             secrets_digest: baton_protocol::crypto::hex(
@@ -327,7 +447,7 @@ pub async fn serve(
     // A standby waits in the startup for the store; a stop meanwhile ends it
     // there (the waiting thread cannot be interrupted, so the process exits).
     // Meanwhile the API's port answers 503 (`/healthz` says "standby").
-    let (standby_stop, standby) = standby_page(&http_socket, cfg.api_tls, leader_api)?;
+    let (standby_stop, standby) = standby_page(&http_socket, standby_tls, leader_api)?;
     let mut shutdown = std::pin::pin!(shutdown);
     let controller = tokio::select! {
         started = startup => started??,
@@ -337,9 +457,7 @@ pub async fn serve(
         }
     };
     let _ = standby_stop.send(());
-    if let Some(page) = standby {
-        let _ = page.await;
-    }
+    let _ = standby.await;
     let controller = Arc::new(controller);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 

@@ -1,7 +1,7 @@
 //! Several controllers on one PostgreSQL store and one broker (Mosquitto):
 //! one leads, the others stand by, and one takes over when the leader dies.
 //! Real processes: PostgreSQL, Mosquitto, two controllers, a real agent with
-//! containers and twelve simulated devices. About 30 s, the four tests
+//! containers and twelve simulated devices. About 30 s, the five tests
 //! side by side.
 
 use std::time::{Duration, Instant};
@@ -71,6 +71,73 @@ fn any_replica_serves_the_api_and_reads_its_own_writes() {
     });
     assert!(refused.1.contains("reaches this standby itself"), "{}", refused.1);
     assert!(leader.serving(), "the leader was disturbed");
+}
+
+/// Over HTTPS too (`--api-tls --api-auth`): a standby ends TLS with its
+/// own certificate (of the fleet's CA, as the leader's) and forwards over
+/// TLS to the leader; the CLI, trusting the fleet's CA, writes through the
+/// standby and reads it back through the leader.
+#[test]
+fn over_https_a_standby_forwards_to_the_leader() {
+    let world = World::new();
+    let mosquitto = Mosquitto::start(&world);
+    let store = world.postgres().url();
+    let (a, b) = (world.path().join("controller-a"), world.path().join("controller-b"));
+    let start = |name: &str, port: u16, data: &std::path::Path, keys: &[String]| {
+        let mut args: Vec<String> = [
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--broker",
+            &format!("mqtt://127.0.0.1:{}", mosquitto.port),
+            "--store",
+            &store,
+            "--resolve-digests",
+            "false",
+            "--api-tls",
+            "--api-auth",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(keys.iter().cloned());
+        Proc::spawn(name, &bin("baton"), &args, world.path())
+    };
+    let (pa, pb) = (free_port(), free_port());
+    let _leader = start("controller-a", pa, &a, &[]);
+    let ca = a.join("ca.crt");
+    let ca = ca.to_str().expect("utf-8");
+    let (via_leader, via_standby) = (format!("https://127.0.0.1:{pa}"), format!("https://127.0.0.1:{pb}"));
+    let token = wait_for("the leader's HTTPS API", Duration::from_secs(20), || {
+        let token = std::fs::read_to_string(a.join("admin.token")).ok()?;
+        baton_cli_as(&via_leader, Some(token.trim()), &["--ca-file", ca, "get", "devices"]).0.then_some(token)
+    });
+    let token = Some(token.trim());
+    let keys = ["signing.key", "secrets.key"].map(|k| a.join(k).display().to_string());
+    let keys = ["--signing-key".to_string(), keys[0].clone(), "--secrets-key".into(), keys[1].clone()];
+    let _standby = start("controller-b", pb, &b, &keys);
+    wait_for("the replica standing by", Duration::from_secs(20), || {
+        log_of(&world, "controller-b").contains("standing by").then_some(())
+    });
+
+    let manifest = world.path().join("app.yaml");
+    std::fs::write(&manifest, "name: app\nimage: busybox:ha\ncommand: [/bin/sleep, \"1000\"]\n").expect("manifest");
+    let applied = wait_for("an apply through the HTTPS standby", Duration::from_secs(20), || {
+        let (ok, out, err) = baton_cli_as(&via_standby, token, &["--ca-file", ca, "apply", "-f", manifest.to_str()?]);
+        if !ok {
+            eprintln!("not yet: {err}");
+        }
+        ok.then_some(out)
+    });
+    assert!(applied.contains("app"), "{applied}");
+    let (ok, out, err) =
+        baton_cli_as(&via_leader, token, &["--ca-file", ca, "describe", "workload", "app", "-o", "json"]);
+    assert!(ok, "{err}");
+    let w: baton_controller::view::WorkloadView = serde_json::from_str(&out).expect("json");
+    assert_eq!(w.revision, 1);
+    assert!(!log_of(&world, "controller-b").contains("taking over"), "the standby took over instead of forwarding");
 }
 
 /// kill -9 of the leading controller in the middle of a rollout: the standby
