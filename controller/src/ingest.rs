@@ -165,12 +165,20 @@ fn answer(client: &AsyncClient, device: &DeviceId, msg: &Message, what: &str) {
     }
 }
 
+/// How the controller's client signs in to its broker.
+pub struct BrokerAccess {
+    /// (username, password), when the broker wants them.
+    pub credentials: Option<(String, String)>,
+    /// For the nodes given as mqtts:// (an external broker).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
 /// Runs until `shutdown` resolves. Reconnects forever; the API keeps serving
 /// the last known fleet meanwhile.
 pub async fn run(
     controller: Arc<Controller>,
     brokers: BrokerNodes,
-    credentials: Option<(String, String)>,
+    access: BrokerAccess,
     qos: QoS,
     client_id: String,
     mut outbox: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
@@ -182,12 +190,15 @@ pub async fn run(
             .set_clean_session(true)
             .set_max_packet_size(MAX_PACKET, MAX_PACKET)
             .set_inflight(1000);
-        if let Some((user, password)) = &credentials {
+        if let Some((user, password)) = &access.credentials {
             opts.set_credentials(user.clone(), password.clone());
+        }
+        if let (true, Some(tls)) = (broker.tls, &access.tls) {
+            opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
         }
         opts
     };
-    let user = credentials.as_ref().map(|(u, _)| u.clone()).unwrap_or_default();
+    let user = access.credentials.as_ref().map(|(u, _)| u.clone()).unwrap_or_default();
     let mut node = 0;
     let (client, mut events) = AsyncClient::new(options(brokers.first()), 1024);
     // Answers (pieces of builds, enrollments) go out at once, not after Nagle.

@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub secrets_key: Option<PathBuf>,
     /// (username, password) for an external broker that wants them.
     pub broker_credentials: Option<(String, String)>,
+    /// The CA file for an external broker's TLS (mqtts://; default: web PKI roots).
+    pub broker_ca: Option<PathBuf>,
     /// Embedded broker: every client authenticates (device credentials) and
     /// stays on its own topics.
     pub mqtt_auth: bool,
@@ -462,7 +464,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     // Where the controller's own client connects, and as whom.
-    let (ingest_broker, ingest_credentials) = match &cfg.broker {
+    let (ingest_broker, ingest_credentials, ingest_tls) = match &cfg.broker {
         BrokerMode::Embedded(addr) => {
             let broker = broker::Broker::start(cfg.max_devices + 16, stop_rx.clone())?;
             let _ = controller.broker.set(broker.clone());
@@ -485,14 +487,26 @@ pub async fn serve(
                 let authority: Arc<dyn broker::access::Authority> = controller.clone();
                 broker.listen(*addr, broker::Admission::Devices(authority), tls, stop_rx.clone())?;
                 tracing::info!(%addr, "embedded MQTT broker listening: devices authenticate and stay on their own topics");
-                (BrokerUrl { host: "127.0.0.1".into(), port: internal_addr.port(), tls: false }.into(), Some(internal))
+                (
+                    BrokerUrl { host: "127.0.0.1".into(), port: internal_addr.port(), tls: false }.into(),
+                    Some(internal),
+                    None,
+                )
             } else {
                 broker.listen(*addr, broker::Admission::Anyone(Some(internal.clone())), None, stop_rx.clone())?;
                 tracing::info!(%addr, "embedded MQTT broker listening");
-                (cfg.broker_url().into(), Some(internal))
+                (cfg.broker_url().into(), Some(internal), None)
             }
         }
-        BrokerMode::External(nodes) => (nodes.clone(), cfg.broker_credentials.clone()),
+        BrokerMode::External(nodes) => {
+            // TLS to the nodes given as mqtts://, checked against --broker-ca (or the web PKI).
+            let tls = if nodes.all().iter().any(|n| n.tls) {
+                Some(Arc::new(crate::tls::client_config(cfg.broker_ca.as_deref(), "--broker-ca")?))
+            } else {
+                None
+            };
+            (nodes.clone(), cfg.broker_credentials.clone(), tls)
+        }
     };
     if cfg.mqtt_tls || cfg.api_tls {
         let ca = crate::tls::ca_pem(&controller.keys.signing_seed)?;
@@ -510,7 +524,7 @@ pub async fn serve(
     let ingest = tokio::spawn(ingest::run(
         controller.clone(),
         ingest_broker,
-        ingest_credentials,
+        ingest::BrokerAccess { credentials: ingest_credentials, tls: ingest_tls },
         cfg.ingest_qos,
         client_id,
         outbox,
@@ -629,6 +643,7 @@ mod tests {
             allow_insecure_mqtt: false,
             broker_dynsec: false,
             advertise: None,
+            broker_ca: None,
         }
     }
 

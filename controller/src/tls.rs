@@ -67,6 +67,31 @@ pub fn server_config(signing_seed: &[u8; 32], names: &[String]) -> anyhow::Resul
     Ok(config)
 }
 
+/// A TLS client configuration for a service the controller connects to (an
+/// external MQTT broker, PostgreSQL): trusting the CA certificates in the
+/// PEM file `ca_file`, or without one the web PKI's roots. `what` names the
+/// setting in messages.
+pub fn client_config(ca_file: Option<&std::path::Path>, what: &str) -> anyhow::Result<rustls::ClientConfig> {
+    use anyhow::Context;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).with_context(|| format!("{what} {}", path.display()))?;
+            for der in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                let der = der.map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))?;
+                roots.add(der).with_context(|| format!("{what} {}", path.display()))?;
+            }
+            anyhow::ensure!(!roots.is_empty(), "{what} {}: no PEM certificate in it", path.display());
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// The CA certificate as PEM (what `--ca-file` and `mqtt_ca_file` take).
 pub fn ca_pem(signing_seed: &[u8; 32]) -> anyhow::Result<String> {
     Ok(ca(signing_seed)?.0.pem())

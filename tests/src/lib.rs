@@ -863,6 +863,26 @@ impl Postgres {
         *self.proc.lock().unwrap_or_else(|e| e.into_inner()) = new;
     }
 
+    /// Turns TLS on (a certificate for 127.0.0.1 from a fresh CA; plain
+    /// connections are still accepted) and returns the CA's PEM file.
+    pub fn enable_tls(&self) -> PathBuf {
+        let dir = self.data.path().join("tls");
+        std::fs::create_dir_all(&dir).expect("tls dir");
+        let (ca, cert, key) = test_certificates(&dir, "127.0.0.1".parse().expect("ip"));
+        for f in [&cert, &key] {
+            std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+            if let Some((uid, gid)) = self.user {
+                std::os::unix::fs::chown(f, Some(uid), Some(gid)).expect("chown");
+            }
+        }
+        self.psql(&format!("ALTER SYSTEM SET ssl_cert_file = '{}'", cert.display()));
+        self.psql(&format!("ALTER SYSTEM SET ssl_key_file = '{}'", key.display()));
+        self.psql("ALTER SYSTEM SET ssl = on");
+        self.psql("SELECT pg_reload_conf()");
+        wait_for("PostgreSQL speaking TLS", Duration::from_secs(10), || (self.psql("SHOW ssl") == "on").then_some(()));
+        ca
+    }
+
     /// Runs SQL through psql; its output (unaligned, tuples only).
     pub fn psql(&self, sql: &str) -> String {
         let out = Command::new(self.bin.join("psql"))

@@ -451,3 +451,51 @@ fn a_join_token_in_agent_toml_enrolls_at_the_first_start_only() {
     online();
     assert!(again.is_running());
 }
+
+/// The controller and its devices reach an external Mosquitto over TLS
+/// (`--broker mqtts://…` with `--broker-ca`; agents with `mqtt_ca_file`).
+/// Without the broker's CA (the web PKI's roots instead) the controller
+/// refuses its certificate and says so.
+#[test]
+fn the_controller_and_devices_reach_mosquitto_over_tls() {
+    let world = World::new();
+    let dir = world.path().join("mqtt-tls");
+    std::fs::create_dir_all(&dir).expect("tls dir");
+    let (ca, cert, key) = test_certificates(&dir, "127.0.0.1".parse().expect("ip"));
+    let tls_port = free_port();
+    let mosquitto = Mosquitto::start_with(
+        &world,
+        &format!(
+            "allow_anonymous true\nlistener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let tls_broker = format!("mqtts://127.0.0.1:{tls_port}");
+    let ca = ca.to_str().expect("utf-8");
+    // `start` waits until the controller says its broker is connected.
+    let controller = Controller::start(&world, Some(mosquitto.port), &["--broker", &tls_broker, "--broker-ca", ca]);
+    let args = agent_args(&world, "pi-tls", &tls_broker, &["--no-workloads"]);
+    std::fs::write(world.path().join("no-such-agent.toml"), format!("mqtt_ca_file = \"{ca}\"\n")).expect("config");
+    let _agent = Proc::spawn("pi-tls", &bin("baton-agent"), &args, world.path());
+    wait_for("pi-tls online through Mosquitto over TLS", Duration::from_secs(30), || {
+        controller.device("pi-tls").filter(|d| d.status == Status::Online)
+    });
+
+    // The web PKI does not vouch for this broker: refused, and said.
+    let data = world.path().join("controller-untrusting");
+    let port = free_port();
+    let args: Vec<String> =
+        ["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", data.to_str().expect("utf-8")]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--broker".to_string(), tls_broker.clone()])
+            .collect();
+    let _untrusting = Proc::spawn("controller-untrusting", &bin("baton"), &args, world.path());
+    let log = wait_for("the untrusting controller refusing the certificate", Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(world.path().join("controller-untrusting.log")).ok()?;
+        log.contains("UnknownIssuer").then_some(log)
+    });
+    let (_, health) = get_status(port, "/healthz").expect("it serves its API");
+    assert!(health.contains("\"broker_connected\":false"), "{health}\n{log}");
+}

@@ -297,3 +297,32 @@ fn a_postgresql_store_survives_the_server_restarting_between_writes() {
         s.load_devices().expect("the store answers").into_iter().map(|(id, _)| id.to_string()).collect();
     assert_eq!(ids, ["a", "c", "f"]);
 }
+
+/// `sslmode=require` (here libpq's `verify-full`): the store speaks TLS to
+/// PostgreSQL, the server's certificate checked against `sslrootcert`, and
+/// refused without it (the web PKI does not vouch for a private CA);
+/// `sslrootcert` without `sslmode=require` is refused, not ignored.
+#[test]
+fn a_postgresql_store_over_tls_checks_the_server_certificate() {
+    let world = World::new();
+    let pg = world.postgres();
+    let ca = pg.enable_tls();
+    let url = pg.database("tls");
+    let at = StoreAt::Postgres(format!("{url}?sslmode=verify-full&sslrootcert={}", ca.display()));
+    let s = Store::open_at(&at).expect("a store over TLS");
+    s.save_device(&stored_device("a", 1)).expect("a write over TLS");
+    let sessions = pg.psql(
+        "SELECT string_agg(s.ssl::text, ',') FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'baton-controller'",
+    );
+    assert_eq!(sessions, "true", "the controller's session is not over TLS");
+    drop(s);
+
+    let e = Store::open_at(&StoreAt::Postgres(format!("{url}?sslmode=require"))).err().expect("refused").to_string();
+    assert!(e.contains("UnknownIssuer"), "{e}");
+    let e = Store::open_at(&StoreAt::Postgres(format!("{url}?sslrootcert={}", ca.display())))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("sslrootcert is used with sslmode=require"), "{e}");
+}

@@ -548,6 +548,10 @@ pub struct ServerArgs {
     /// File holding that user's password.
     #[arg(long, requires = "broker_username")]
     pub broker_password_file: Option<PathBuf>,
+    /// The CA certificates (PEM) an external broker's TLS certificate
+    /// chains to, for `--broker mqtts://…` (default: the web PKI's roots).
+    #[arg(long, requires = "broker", value_name = "FILE")]
+    pub broker_ca: Option<PathBuf>,
     /// File with the key secrets are encrypted with at rest (64 hex digits;
     /// default: DATA_DIR/secrets.key, created on first start).
     #[arg(long)]
@@ -562,14 +566,6 @@ impl ServerArgs {
         let broker = match &self.broker {
             Some(urls) => {
                 let nodes: baton_protocol::BrokerNodes = urls.parse().context("--broker")?;
-                // The controller's own MQTT client speaks plain MQTT: an
-                // mqtts:// node would fail its handshake forever.
-                if let Some(tls) = nodes.all().iter().find(|n| n.tls) {
-                    anyhow::bail!(
-                        "--broker {tls}: the controller connects to an external broker over plain MQTT only (TLS to it is not supported yet); \
-                         use a mqtt:// listener on the broker's machine or a private network for the controller, and mqtts:// for devices"
-                    );
-                }
                 BrokerMode::External(nodes)
             }
             None => BrokerMode::Embedded(self.mqtt_listen),
@@ -619,6 +615,7 @@ impl ServerArgs {
             api_tls: self.api_tls,
             allow_insecure_mqtt: self.allow_insecure_mqtt,
             broker_dynsec: self.broker_dynsec,
+            broker_ca: self.broker_ca.clone(),
             advertise: self.advertise.clone(),
             tls_names: self.tls_names.clone(),
             signing_key: self.signing_key.clone(),

@@ -490,7 +490,7 @@ mod tests {
     }
 
     #[test]
-    fn server_broker_nodes_are_read_and_tls_to_them_is_refused() {
+    fn server_broker_nodes_are_read_with_their_tls() {
         let server = |broker: &str| {
             let Command::Server(a) = Cli::try_parse_from(["baton", "server", "--broker", broker]).unwrap().command
             else {
@@ -501,8 +501,9 @@ mod tests {
         let cfg = server("mqtt://b1:1883,mqtt://b2:1883").unwrap();
         assert!(matches!(&cfg.broker, crate::server::BrokerMode::External(n) if n.all().len() == 2));
         assert_eq!(cfg.broker_url().host, "b1");
-        let e = server("mqtt://b1,mqtts://b2").unwrap_err().to_string();
-        assert!(e.contains("mqtts://b2:8883") && e.contains("plain MQTT only"), "{e}");
+        let cfg = server("mqtt://b1,mqtts://b2").unwrap();
+        let crate::server::BrokerMode::External(nodes) = &cfg.broker else { panic!("external") };
+        assert_eq!(nodes.all().iter().map(|n| (n.port, n.tls)).collect::<Vec<_>>(), [(1883, false), (8883, true)]);
         let e = format!("{:#}", server("mqtt://b1,,mqtt://b2").unwrap_err());
         assert!(e.contains("--broker") && e.contains("an empty entry"), "{e}");
     }

@@ -20,6 +20,7 @@ use crate::workload::Manifest;
 
 mod access;
 mod fleet;
+mod pg_tls;
 pub mod releases;
 pub(crate) mod sql;
 mod workloads;

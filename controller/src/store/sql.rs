@@ -371,15 +371,25 @@ impl Postgres {
     /// `standby`: when another controller holds the store, wait until its
     /// session ends and take over (else: refuse).
     fn connect(url: &str, standby: bool, fleet: Option<FleetKeys>, replica: Replica) -> Result<Self, StoreError> {
+        let (parsed, root_ca) = super::pg_tls::split_url(url);
         let mut config: postgres::Config =
-            url.parse().map_err(|e| StoreError::Sql(format!("--store {}: {e}", redact(url))))?;
-        if config.get_ssl_mode() == postgres::config::SslMode::Require {
+            parsed.parse().map_err(|e| StoreError::Sql(format!("--store {}: {e}", redact(url))))?;
+        // TLS when asked for, the server's certificate always checked;
+        // otherwise plain (the client's default `prefer` cannot be honoured
+        // without checking certificates nobody configured).
+        let tls = if config.get_ssl_mode() == postgres::config::SslMode::Require {
+            let tls = crate::tls::client_config(root_ca.as_deref().map(std::path::Path::new), "sslrootcert")
+                .map_err(|e| StoreError::Sql(format!("--store {}: {e:#}", redact(url))))?;
+            Some(super::pg_tls::Rustls(Arc::new(tls)))
+        } else if root_ca.is_some() {
             return Err(StoreError::Sql(format!(
-                "--store {}: sslmode=require, but this controller speaks to PostgreSQL without TLS (not supported yet): \
-                 keep the database on this machine or a private network and drop sslmode",
+                "--store {}: sslrootcert is used with sslmode=require (or verify-ca, verify-full) only: add it, \
+                 or this controller would speak to PostgreSQL in the clear",
                 redact(url)
             )));
-        }
+        } else {
+            None
+        };
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
@@ -405,6 +415,7 @@ impl Postgres {
             connected: connected.clone(),
             fleet,
             replica,
+            tls,
         };
         // The first connection and the lock, before anything is served. A
         // standby that loses its connection while it waits connects again.
@@ -642,6 +653,8 @@ struct Session {
     /// This controller's keys, to compare with the fleet's.
     fleet: Option<FleetKeys>,
     replica: Replica,
+    /// With `sslmode=require`: TLS, the server's certificate checked.
+    tls: Option<super::pg_tls::Rustls>,
 }
 
 /// What identifies a fleet's keys without revealing them: the signing key's
@@ -662,7 +675,11 @@ impl Session {
             self.statements.0.clear();
         }
         if self.client.is_none() {
-            let mut c = self.config.connect(postgres::NoTls).map_err(|e| {
+            let connected = match &self.tls {
+                Some(tls) => self.config.connect(tls.clone()),
+                None => self.config.connect(postgres::NoTls),
+            };
+            let mut c = connected.map_err(|e| {
                 StoreError::Unavailable(format!("cannot reach PostgreSQL at {}: {}", self.url, describe(&e)))
             })?;
             // The server drops a dead controller's session (and its lock) in
