@@ -134,6 +134,11 @@ pub struct Device {
     /// Its last hour of heartbeats, for the dashboard (memory only).
     #[serde(skip)]
     pub history: crate::dashboard::History,
+    /// When its last live "online" presence (a new connection) or its
+    /// registration arrived, by this controller's clock (memory only: 0
+    /// after a restart until it connects again).
+    #[serde(skip)]
+    pub connected_at: Millis,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -288,6 +293,7 @@ impl Fleet {
             refusal: None,
             clock_offset_ms: None,
             history: Default::default(),
+            connected_at: 0,
         };
         self.devices.insert(id.clone(), device);
     }
@@ -327,6 +333,7 @@ impl Fleet {
                 refusal: None,
                 clock_offset_ms: None,
                 history: Default::default(),
+                connected_at: if delivery == Delivery::Live { now } else { 0 },
             };
             self.devices.insert(id.clone(), device);
             return Change::Persist;
@@ -342,6 +349,9 @@ impl Fleet {
                 // from now (a live heartbeat follows within one interval).
                 if delivery == Delivery::Retained && was == PresenceState::Offline && p.state == PresenceState::Online {
                     device.last_seen = now;
+                }
+                if delivery == Delivery::Live && p.state == PresenceState::Online {
+                    device.connected_at = now;
                 }
                 device.presence = p;
                 changed

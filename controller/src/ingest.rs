@@ -135,33 +135,126 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Queues one outgoing message on the client (QoS 1).
-fn publish(client: &AsyncClient, out: Outgoing) {
-    let (topic, retain, encoded) = match out {
-        Outgoing::Command(device, cmd) => (device.topic(TopicKind::Cmd), false, encode(&Message::Command(cmd))),
-        Outgoing::Desired(device, payload) => (device.topic(TopicKind::Desired), true, Ok(payload)),
-        Outgoing::Dynsec(batch) => (crate::dynsec::TOPIC.to_string(), false, Ok(batch)),
-        Outgoing::Retained(topic, bytes) => (topic, true, Ok(bytes)),
-    };
-    match encoded {
-        Ok(bytes) => {
-            if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, retain, bytes) {
-                warn!(topic, error = %e, "cannot queue a message to a device");
+/// A message or subscription for the broker, as the controller's MQTT
+/// client takes it.
+enum Unsent {
+    /// QoS 1.
+    Publish {
+        topic: String,
+        retain: bool,
+        payload: Vec<u8>,
+    },
+    Subscribe(Vec<rumqttc::SubscribeFilter>),
+}
+
+impl Unsent {
+    /// `out` encoded (None, said, when it cannot be).
+    fn of(out: Outgoing) -> Option<Unsent> {
+        let (topic, retain, encoded) = match out {
+            Outgoing::Command(device, cmd) => (device.topic(TopicKind::Cmd), false, encode(&Message::Command(cmd))),
+            Outgoing::Desired(device, payload) => (device.topic(TopicKind::Desired), true, Ok(payload)),
+            Outgoing::Dynsec(batch) => (crate::dynsec::TOPIC.to_string(), false, Ok(batch)),
+            Outgoing::Retained(topic, bytes) => (topic, true, Ok(bytes)),
+        };
+        match encoded {
+            Ok(payload) => Some(Unsent::Publish { topic, retain, payload }),
+            Err(e) => {
+                warn!(topic, error = %e, "cannot encode a message to a device");
+                None
             }
         }
-        Err(e) => warn!(topic, error = %e, "cannot encode a message to a device"),
+    }
+
+    /// `msg` (QoS 1, not retained) for `device`, on the topic its kind travels on.
+    fn answer(device: &DeviceId, msg: &Message, what: &str) -> Option<Unsent> {
+        match encode(msg) {
+            Ok(payload) => Some(Unsent::Publish { topic: device.topic(msg.kind().topic()), retain: false, payload }),
+            Err(e) => {
+                warn!(%device, error = %e, "cannot encode {what}");
+                None
+            }
+        }
+    }
+
+    /// A device's desired document (republished from the store on every connect).
+    fn is_document(&self) -> bool {
+        matches!(self, Unsent::Publish { topic, .. } if TopicKind::parse(topic).is_some_and(|(_, k)| k == TopicKind::Desired))
+    }
+
+    /// Handed to the client, or given back when its queue is full.
+    fn try_send(self, client: &AsyncClient) -> Result<(), Unsent> {
+        use rumqttc::{ClientError, Request};
+        match self {
+            Unsent::Publish { topic, retain, payload } => {
+                match client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
+                    Ok(()) => Ok(()),
+                    // Full (a topic with a wildcard is refused the same way, and never fits).
+                    Err(ClientError::TryRequest(Request::Publish(p))) if !p.topic.contains(['+', '#']) => {
+                        Err(Unsent::Publish { topic: p.topic, retain: p.retain, payload: p.payload.into() })
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot queue a message to a device");
+                        Ok(())
+                    }
+                }
+            }
+            Unsent::Subscribe(filters) => match client.try_subscribe_many(filters.clone()) {
+                Ok(()) => Ok(()),
+                Err(_) => Err(Unsent::Subscribe(filters)),
+            },
+        }
     }
 }
 
-/// Sends `msg` (QoS 1, not retained) to `device` on the topic its kind travels on.
-fn answer(client: &AsyncClient, device: &DeviceId, msg: &Message, what: &str) {
-    match encode(msg) {
-        Ok(bytes) => {
-            if let Err(e) = client.try_publish(device.topic(msg.kind().topic()), QoS::AtLeastOnce, false, bytes) {
-                warn!(%device, error = %e, "cannot queue {what}");
+/// What goes to the broker, in order, none of it dropped for want of room:
+/// what the client's queue (1,024 requests) has no room for waits here,
+/// and meanwhile the outbox is not read, so a rollout's 10,000 documents
+/// go out as fast as the connection takes them instead of most being
+/// refused and sent again a minute later. While the broker is lost,
+/// documents waiting here are forgotten (the next connect republishes every
+/// document from the store).
+#[derive(Default)]
+struct Outbound {
+    waiting: std::collections::VecDeque<Unsent>,
+}
+
+impl Outbound {
+    fn send(&mut self, client: &AsyncClient, u: Option<Unsent>) {
+        let Some(u) = u else { return };
+        if !self.waiting.is_empty() {
+            self.waiting.push_back(u);
+        } else if let Err(u) = u.try_send(client) {
+            self.waiting.push_back(u);
+        }
+    }
+
+    /// Before anything waiting (subscriptions on a new connection).
+    fn send_first(&mut self, client: &AsyncClient, first: Vec<Unsent>) {
+        for u in first.into_iter().rev() {
+            self.waiting.push_front(u);
+        }
+        self.flush(client);
+    }
+
+    /// Hands the client what it has room for.
+    fn flush(&mut self, client: &AsyncClient) {
+        while let Some(u) = self.waiting.pop_front() {
+            if let Err(u) = u.try_send(client) {
+                self.waiting.push_front(u);
+                break;
             }
         }
-        Err(e) => warn!(%device, error = %e, "cannot encode {what}"),
+    }
+
+    fn idle(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Forgets the documents waiting (the broker is lost); how many.
+    fn forget_documents(&mut self) -> usize {
+        let before = self.waiting.len();
+        self.waiting.retain(|u| !u.is_document());
+        before - self.waiting.len()
     }
 }
 
@@ -207,6 +300,7 @@ pub async fn run(
     events.set_network_options(net);
     let mut limiter = LogLimiter { last: [None; 5], every: Duration::from_secs(10) };
     let mut failures = 0u32;
+    let mut outbound = Outbound::default();
     let (applier, queue) = tokio::sync::mpsc::channel(APPLY_QUEUE);
     let worker = {
         let c = controller.clone();
@@ -218,17 +312,20 @@ pub async fn run(
         // it: a poll dropped half-way through a connection attempt starts it
         // again, so a node that never answers was never given up while the
         // controller had something to send.
+        // The outbox is read only while nothing waits for room in the client.
         let event = {
             let poll = events.poll();
             tokio::pin!(poll);
             loop {
                 tokio::select! {
                     _ = shutdown.changed() => break None,
-                    Some(out) = outbox.recv() => publish(&client, out),
+                    Some(out) = outbox.recv(), if outbound.idle() => outbound.send(&client, Unsent::of(out)),
                     e = &mut poll => break Some(e),
                 }
             }
         };
+        // Each poll took a request from the client's queue or handled a packet: room, perhaps.
+        outbound.flush(&client);
         let Some(event) = event else { break };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -236,19 +333,24 @@ pub async fn run(
                 failures = 0;
                 controller.broker_connected.store(true, Relaxed);
                 controller.metrics.broker_connects.fetch_add(1, Relaxed);
+                // Before anything that waits: a subscription given up
+                // for want of room would leave the controller deaf.
+                let mut first = Vec::new();
                 if controller.dynsec {
                     // Our own role first: Mosquitto handles a client's packets in order,
                     // so the subscriptions below are checked against it.
-                    if let Err(e) =
-                        client.try_publish(crate::dynsec::TOPIC, QoS::AtLeastOnce, false, crate::dynsec::setup(&user))
-                    {
-                        warn!(error = %e, "cannot queue the dynamic-security setup");
-                    }
-                    if let Err(e) = client.try_subscribe(crate::dynsec::RESPONSES, QoS::AtLeastOnce) {
-                        warn!(error = %e, "cannot subscribe to dynamic-security answers");
-                    }
+                    first.push(Unsent::Publish {
+                        topic: crate::dynsec::TOPIC.into(),
+                        retain: false,
+                        payload: crate::dynsec::setup(&user),
+                    });
+                    first.push(Unsent::Subscribe(vec![rumqttc::SubscribeFilter::new(
+                        crate::dynsec::RESPONSES.into(),
+                        QoS::AtLeastOnce,
+                    )]));
                 }
-                subscribe_all(&client, qos);
+                first.push(subscriptions(qos));
+                outbound.send_first(&client, first);
                 // The store is the truth; retained desired documents are its cache
                 // in the broker, which an embedded broker loses on restart.
                 blocking(&controller, Controller::republish_desired).await;
@@ -277,9 +379,9 @@ pub async fn run(
                     };
                     // What the enrollment queued (the device's Mosquitto account) goes out before the answer.
                     while let Ok(out) = outbox.try_recv() {
-                        publish(&client, out);
+                        outbound.send(&client, Unsent::of(out));
                     }
-                    answer(&client, &id, &Message::EnrollResponse(res), "an enrollment answer");
+                    outbound.send(&client, Unsent::answer(&id, &Message::EnrollResponse(res), "an enrollment answer"));
                 }
                 Ok((id, kind, Message::ReleaseRequest(req))) => {
                     // A piece of an agent build: read from the store off the
@@ -289,7 +391,8 @@ pub async fn run(
                     let Some(chunk) = blocking(&controller, move |c| c.release_chunk(&who, &req)).await else {
                         continue;
                     };
-                    answer(&client, &id, &Message::ReleaseChunk(chunk), "a piece of an agent build");
+                    outbound
+                        .send(&client, Unsent::answer(&id, &Message::ReleaseChunk(chunk), "a piece of an agent build"));
                 }
                 Ok((id, kind, msg)) => {
                     controller.metrics.received(kind);
@@ -323,11 +426,15 @@ pub async fn run(
                 let refused =
                     ack.return_codes.iter().filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)).count();
                 warn!(broker = %brokers.all()[node], refused, "the broker refused some of the controller's subscriptions; subscribing again");
-                subscribe_all(&client, qos);
+                outbound.send_first(&client, vec![subscriptions(qos)]);
             }
             Ok(_) => {}
             Err(e) => {
                 controller.broker_connected.store(false, Relaxed);
+                let forgot = outbound.forget_documents();
+                if forgot > 0 {
+                    debug!(forgot, "documents not yet sent when the broker was lost: republished from the store on the next connect");
+                }
                 failures = failures.saturating_add(1);
                 let delay = Duration::from_millis(200u64.saturating_mul(1 << failures.min(5)));
                 warn!(broker = %brokers.all()[node], error = %e, retry_in_ms = delay.as_millis() as u64, "ingest lost the broker");
@@ -355,14 +462,14 @@ pub async fn run(
 }
 
 /// Every device's upstream topics and the `desired` topics, at `qos`.
-fn subscribe_all(client: &AsyncClient, qos: QoS) {
-    let filters = UPSTREAM
-        .into_iter()
-        .chain([TopicKind::Desired])
-        .map(|k| rumqttc::SubscribeFilter::new(k.filter_all_devices(), qos));
-    if let Err(e) = client.try_subscribe_many(filters) {
-        warn!(error = %e, "cannot queue subscriptions");
-    }
+fn subscriptions(qos: QoS) -> Unsent {
+    Unsent::Subscribe(
+        UPSTREAM
+            .into_iter()
+            .chain([TopicKind::Desired])
+            .map(|k| rumqttc::SubscribeFilter::new(k.filter_all_devices(), qos))
+            .collect(),
+    )
 }
 
 #[cfg(test)]

@@ -763,6 +763,7 @@ pub fn stored_device(id: &str, last_seen: u64) -> baton_controller::fleet::Devic
         refusal: None,
         clock_offset_ms: None,
         history: Default::default(),
+        connected_at: 0,
     }
 }
 

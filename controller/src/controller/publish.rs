@@ -20,11 +20,11 @@ use super::{lock, Controller, SealCache, Snapshot, State};
 /// An online device still behind its document this long gets it again.
 pub(super) const RESEND_BEHIND_MS: Millis = 60_000;
 
-/// An online device that says it holds no document at all (a reflashed
-/// device under its old id, whose broker session outlived its data) gets
-/// its document again this soon: the broker will not hand its kept
-/// subscription the retained copy, and nothing on the device can be in
-/// the middle of applying one.
+/// An online device that says it holds no document at all and connected
+/// after its document was issued (a reflashed device under its old id,
+/// whose broker session outlived its data) gets its document again this
+/// soon: the broker will not hand its kept subscription the retained copy,
+/// and nothing on the device can be in the middle of applying one.
 pub(super) const RESEND_EMPTY_MS: Millis = 5_000;
 
 /// An older document of this controller's still the last one seen on a
@@ -47,11 +47,16 @@ impl Controller {
     /// between receiving and keeping it, a broker that lost its retained copy).
     /// Every minute while it stays behind; a refusal shows as an event.
     pub(super) fn resend_to_devices_behind(&self, fleet: &Fleet, st: &mut State, now: Millis) {
+        // "Holds none" counts only for a device that connected after its
+        // document was issued (a reflashed one): one connected before gets it
+        // from its subscription, however long a push to the whole fleet takes.
         let behind: BTreeMap<&str, bool> = fleet
             .devices()
             .filter(|d| d.status(now, &self.liveness) == Status::Online)
-            .filter(|d| st.desired.get(&d.id).is_some_and(|doc| d.applied_generation() < doc.generation))
-            .map(|d| (d.id.as_str(), d.applied_generation() == 0))
+            .filter_map(|d| {
+                let doc = st.desired.get(&d.id).filter(|doc| d.applied_generation() < doc.generation)?;
+                Some((d.id.as_str(), d.applied_generation() == 0 && d.connected_at > doc.issued_ms))
+            })
             .collect();
         st.behind.retain(|id, _| behind.contains_key(id.as_str()));
         for (id, empty) in behind {

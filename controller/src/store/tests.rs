@@ -27,6 +27,7 @@ fn device(id: &str) -> Device {
         refusal: None,
         clock_offset_ms: None,
         history: Default::default(),
+        connected_at: 0,
     }
 }
 
