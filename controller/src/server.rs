@@ -298,6 +298,7 @@ async fn standby_connection(
     };
     let mut body = serde_json::json!({
         "status": "standby",
+        "version": env!("CARGO_PKG_VERSION"),
         "leader": leader,
         "error": "this controller is standing by: another controller holds the store and serves the fleet; this one takes over when that one is gone",
     });
@@ -395,12 +396,19 @@ pub async fn serve(
     let (outbox_tx, outbox) = tokio::sync::mpsc::unbounded_channel();
     // Where the other replicas reach this one's API, and where this one
     // forwards while it stands by.
-    let replica = crate::store::Replica { api: Some(advertised_api(&cfg, &http_socket)?), ..Default::default() };
+    let advertised = advertised_api(&cfg, &http_socket)?;
+    let replica = crate::store::Replica { api: Some(advertised.clone()), ..Default::default() };
     let leader_api = replica.leader_api.clone();
     // Opening the store, loading the fleet and signing documents: off the async workers.
     let keys = crate::keys::Keys::load(&cfg.data_dir, cfg.signing_key.as_deref(), cfg.secrets_key.as_deref())?;
     let standby_tls = if cfg.api_tls { Some(StandbyTls::new(&keys.signing_seed, &cfg.tls_names)?) } else { None };
     let startup = cfg.clone();
+    let me_advertised = advertised.clone();
+    // A standby's copy of the fleet's CA too (the same bytes on every replica).
+    if cfg.mqtt_tls || cfg.api_tls {
+        let ca = crate::tls::ca_pem(&keys.signing_seed)?;
+        std::fs::write(cfg.data_dir.join("ca.crt"), ca).context("cannot write ca.crt")?;
+    }
     let startup = tokio::task::spawn_blocking(move || -> anyhow::Result<Controller> {
         let cfg = startup;
         let fleet = crate::store::FleetKeys {
@@ -424,7 +432,7 @@ pub async fn serve(
         let took_over = store.took_over();
         let mut controller = Controller::new(store, liveness, commands, outbox_tx, keys)?;
         if took_over {
-            let me = format!("{}:{}", hostname(), cfg.http_listen);
+            let me = format!("{}:{}", hostname(), me_advertised);
             controller.record_takeover(&me, now_ms());
         }
         controller.reschedule_after_ms = cfg.reschedule_after.as_millis() as u64;
@@ -508,10 +516,6 @@ pub async fn serve(
             (nodes.clone(), cfg.broker_credentials.clone(), tls)
         }
     };
-    if cfg.mqtt_tls || cfg.api_tls {
-        let ca = crate::tls::ca_pem(&controller.keys.signing_seed)?;
-        std::fs::write(cfg.data_dir.join("ca.crt"), ca).context("cannot write ca.crt")?;
-    }
     let listener = tokio::net::TcpListener::from_std(http_socket)?;
     let http_addr = listener.local_addr()?;
     let tls_config = if cfg.api_tls {
@@ -533,7 +537,13 @@ pub async fn serve(
     let flusher = tokio::spawn(flush_loop(controller.clone(), cfg.flush_every, stop_rx.clone()));
     let ticker = tokio::spawn(tick_loop(controller.clone(), stop_rx.clone()));
 
-    tracing::info!(http = %http_addr, broker = %cfg.broker_url(), data = %cfg.data_dir.display(), "controller serving");
+    tracing::info!(
+        api = %format!("{}://{http_addr}", if cfg.api_tls { "https" } else { "http" }),
+        advertised = %advertised,
+        broker = %cfg.broker_url(),
+        data = %cfg.data_dir.display(),
+        "controller serving (standbys of its store forward API requests to the advertised address)"
+    );
     if let Some(ready) = ready {
         let _ = ready.send(http_addr);
     }

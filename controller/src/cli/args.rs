@@ -452,9 +452,9 @@ pub struct ServerArgs {
     /// Embedded MQTT broker listen address (ignored with --broker).
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub mqtt_listen: SocketAddr,
-    /// Use this external MQTT broker (mqtt://HOST[:PORT]) instead of the
-    /// embedded one; the nodes of a broker cluster, comma-separated, are
-    /// tried in turn.
+    /// Use this external MQTT broker (mqtt://HOST[:PORT], or mqtts:// for
+    /// TLS, see --broker-ca) instead of the embedded one; the nodes of a
+    /// broker cluster, comma-separated, are tried in turn.
     #[arg(long)]
     pub broker: Option<String>,
     /// QoS of the controller's subscriptions to every device's topics: 1
@@ -579,10 +579,16 @@ impl ServerArgs {
         );
         anyhow::ensure!(self.flush_every > 0, "--flush-every must be at least 1 second");
         if let Some(a) = &self.advertise {
+            let unspecified = |host: &str| {
+                host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified())
+            };
             anyhow::ensure!(
-                a.rsplit_once(':')
-                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)),
-                "--advertise {a}: expected HOST:PORT (where the other controllers reach this one's API)"
+                !a.contains("://")
+                    && a.rsplit_once(':').is_some_and(|(host, port)| {
+                        !host.is_empty() && !unspecified(host) && port.parse::<u16>().is_ok_and(|p| p > 0)
+                    }),
+                "--advertise {a}: expected HOST:PORT, an address the other controllers reach this one's API at \
+                 (no scheme, not 0.0.0.0)"
             );
         }
         let data_dir = self.data_dir.clone().unwrap_or_else(|| default_data_dir().join("controller"));

@@ -509,6 +509,23 @@ mod tests {
     }
 
     #[test]
+    fn advertise_takes_an_address_others_reach() {
+        let advertise = |a: &str| {
+            let Command::Server(args) = Cli::try_parse_from(["baton", "server", "--advertise", a]).unwrap().command
+            else {
+                panic!("not the server verb")
+            };
+            args.to_config().map(|c| c.advertise).map_err(|e| e.to_string())
+        };
+        assert_eq!(advertise("c1.lan:8443").unwrap().as_deref(), Some("c1.lan:8443"));
+        assert_eq!(advertise("[fd00::1]:8080").unwrap().as_deref(), Some("[fd00::1]:8080"));
+        for bad in ["http://c1:8080", "0.0.0.0:8080", "[::]:8080", "c1", ":8080", "c1:0"] {
+            let e = advertise(bad).unwrap_err();
+            assert!(e.contains("expected HOST:PORT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn label_arguments() {
         let c = parse_label_changes(&["site=lyon".into(), "role-".into()]).unwrap();
         assert_eq!(c.set["site"], "lyon");

@@ -25,7 +25,12 @@
 //! simulated fleet in headless chromium, beside the whole-fleet listing the
 //! CLI reads), `store` (the store's calls on SQLite and on PostgreSQL, same
 //! run) and `failover` (kill -9 of the leading controller on PostgreSQL:
-//! until the standby serves, and until the rollout moves again).
+//! until the standby serves, and until the rollout moves again), and
+//! `fleet-scale` (15,000 simulated devices on one controller with its
+//! embedded broker, on one with Mosquitto, and on the deployed cluster of
+//! three controllers on PostgreSQL and three NATS nodes: memory, time to
+//! register, time until a workload given to every device runs on each,
+//! and for the cluster the leader killed: until another serves).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -60,6 +65,7 @@ fn main() {
         "store" => store(secs("BENCH_STORE_DEVICES", 10_000) as usize),
         "failover" => failover(secs("BENCH_ROUNDS", 5) as usize),
         "fleet-memory" => fleet_memory(secs("BENCH_SIM_DEVICES", 10_000) as usize, secs("BENCH_IDLE_SECS", 30)),
+        "fleet-scale" => fleet_scale(secs("BENCH_SIM_DEVICES", 15_000) as usize, secs("BENCH_IDLE_SECS", 30)),
         "all" => {
             sizes();
             footprint(secs("BENCH_IDLE_SECS", 60));
@@ -2240,6 +2246,103 @@ fn fleet_memory(devices: usize, idle_secs: u64) {
             with as f64 / 1024.0,
             if broker_rss == 0 { "–".to_string() } else { format!("{:.1} MiB", broker_rss as f64 / 1024.0) },
             took.as_secs_f64()
+        );
+    }
+    println!();
+}
+
+/// Issue 18's three setups side by side with `devices` simulated devices
+/// (2,500 per simulator process, heartbeats every 300 s): (a) one
+/// controller with its embedded broker, (b) one with Mosquitto, (c)
+/// `deploy/cluster` (three controllers on PostgreSQL, three NATS nodes,
+/// devices spread over the nodes). For each: the time until all are
+/// online, the resident memory once idle for `idle_secs`, the time from
+/// applying a workload to every device until each reports it running; for
+/// (c) also the leader killed with kill -9: until another controller serves,
+/// and until a second revision runs on every device through it.
+fn fleet_scale(devices: usize, idle_secs: u64) {
+    println!("## Fleet at scale: {devices} simulated devices, three setups\n");
+    println!("| setup | online in | controller RSS | broker RSS | per device, all told | workload on all in | leader killed → another serves | revision 2 on all through it |\n|---|---|---|---|---|---|---|---|");
+    let per = 2_500;
+    let sims = |world: &World, nodes: &[String]| -> Vec<Proc> {
+        (0..devices.div_ceil(per))
+            .map(|i| {
+                let n = per.min(devices - i * per);
+                // Each process starts on another node (the list is tried in order).
+                let mut list = nodes.to_vec();
+                list.rotate_left(i % nodes.len());
+                start_simulator(world, &format!("s{i}"), n, &list.join(","), &["--heartbeat-interval", "300"])
+            })
+            .collect()
+    };
+    let app = |tag: &str| format!("name: wide\nimage: busybox:wide\ncommand: [/bin/sleep, \"{tag}\"]\n");
+    let online = |api: u16| metric(api, "baton_devices{status=\"online\"}") as usize;
+    let everywhere = |server: &str, revision: u64| {
+        wait_for("the workload on every device", Duration::from_secs(1800), || {
+            settled(server, "wide", revision, devices)
+        })
+    };
+    for kind in ["embedded", "Mosquitto", "NATS ×3 + 3 controllers on PostgreSQL"] {
+        let world = World::new();
+        let max = (devices + 100).to_string();
+        let (mosquitto, controller, cluster) = match kind {
+            "embedded" => (None, Some(Controller::start(&world, None, &["--max-devices", &max])), None),
+            "Mosquitto" => {
+                let m = Mosquitto::start(&world);
+                let c = Controller::start(&world, Some(m.port), &[]);
+                (Some(m), Some(c), None)
+            }
+            _ => (None, None, Some(DeployedCluster::up(&["--resolve-digests", "false"]))),
+        };
+        let (api, nodes) = match (&controller, &cluster) {
+            (Some(c), _) => (c.http, vec![c.broker_url()]),
+            (_, Some(cl)) => (cl.serving()[0], cl.mqtt.iter().map(|p| format!("mqtt://127.0.0.1:{p}")).collect()),
+            _ => unreachable!("one setup or the other"),
+        };
+        let registering = Instant::now();
+        let _sims = sims(&world, &nodes);
+        wait_for("fleet online", Duration::from_secs(1800), || (online(api) >= devices).then_some(()));
+        let registered = registering.elapsed();
+        std::thread::sleep(Duration::from_secs(idle_secs));
+        let controller_rss = match (&controller, &cluster) {
+            (Some(c), _) => cpu_and_rss(c.proc.pid()).1,
+            (_, Some(cl)) => {
+                let leader = cl.api.iter().position(|p| *p == api).expect("the leader's port");
+                cpu_and_rss(cl.pid(&format!("controller-{}", leader + 1)) as u32).1
+            }
+            _ => 0,
+        };
+        let broker_rss = match (&mosquitto, &cluster) {
+            (Some(m), _) => cpu_and_rss(m.proc.pid()).1,
+            (_, Some(cl)) => (1..=3).map(|i| cpu_and_rss(cl.pid(&format!("nats-{i}")) as u32).1).sum(),
+            _ => 0,
+        };
+        let server = format!("http://127.0.0.1:{api}");
+        let pushing = Instant::now();
+        apply_yaml(&server, &world, "wide.yaml", &app("1000"));
+        everywhere(&server, 1);
+        let pushed = pushing.elapsed();
+        let (mut serves, mut again) = ("–".to_string(), "–".to_string());
+        if let Some(cl) = &cluster {
+            let leader = cl.api.iter().position(|p| *p == api).expect("the leader's port");
+            cl.kill9(&format!("controller-{}", leader + 1));
+            let killed = Instant::now();
+            let next =
+                wait_for("another controller serving", Duration::from_secs(120), || cl.serving().first().copied());
+            serves = format!("{:.1} s", killed.elapsed().as_secs_f64());
+            let server = format!("http://127.0.0.1:{next}");
+            let rolling = Instant::now();
+            apply_yaml(&server, &world, "wide.yaml", &app("2000"));
+            everywhere(&server, 2);
+            again = format!("{:.1} s", rolling.elapsed().as_secs_f64());
+        }
+        let per_device = (controller_rss + broker_rss) as f64 / devices as f64;
+        println!(
+            "| {kind} | {:.0} s | {:.1} MiB | {} | {per_device:.1} KiB | {:.1} s | {serves} | {again} |",
+            registered.as_secs_f64(),
+            controller_rss as f64 / 1024.0,
+            if broker_rss == 0 { "–".to_string() } else { format!("{:.1} MiB", broker_rss as f64 / 1024.0) },
+            pushed.as_secs_f64(),
         );
     }
     println!();
