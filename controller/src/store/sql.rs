@@ -520,6 +520,12 @@ fn wait_for_lock(
             *known = api;
         }
         match c.query_one("SELECT pg_advisory_lock($1)", &[&STORE_LOCK]) {
+            Ok(_) if leader_may_return(c)? => {
+                c.query_one("SELECT pg_advisory_unlock($1)", &[&STORE_LOCK]).map_err(pg_error)?;
+                tracing::debug!(store = %url, "the leading controller's lease is still fresh, and it was renewed before PostgreSQL started: leaving it the store");
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
             Ok(_) => break,
             Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
             Err(e) => return Err(pg_error(e)),
@@ -548,6 +554,48 @@ fn wait_for_lock(
         }
     }
     c.batch_execute("SET lock_timeout = 0").map_err(pg_error)
+}
+
+/// Whether the store's lock, just taken, was free only because PostgreSQL
+/// restarted under a leader that may still come back: its lease was renewed
+/// before the server started and has not lapsed. A standby then leaves it
+/// the store until the lease lapses (a leader killed with the server is
+/// replaced then); a leader whose own session ended (killed, cut off) is
+/// replaced at once, as before.
+fn leader_may_return(c: &mut postgres::Client) -> Result<bool, StoreError> {
+    let row = c.query_opt(
+        "SELECT renewed_at > now() - make_interval(secs => $1) AND renewed_at < pg_postmaster_start_time()
+         FROM baton_leader WHERE id = 1",
+        &[&LEASE.as_secs_f64()],
+    );
+    match row {
+        Ok(row) => Ok(row.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false)),
+        Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_COLUMN) => Ok(false),
+        Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) => Ok(false),
+        Err(e) => Err(pg_error(e)),
+    }
+}
+
+/// A leader back after an outage takes its lock again, waiting up to a
+/// lease for a standby that holds it a moment (see `leader_may_return`);
+/// false when another controller led meanwhile (its epoch is in the store)
+/// or the lock stayed taken.
+fn reclaim(c: &mut postgres::Client, epoch: i64) -> Result<bool, StoreError> {
+    let since = Instant::now();
+    c.batch_execute("SET lock_timeout = 1000").map_err(pg_error)?;
+    let held = loop {
+        match c.query_one("SELECT pg_advisory_lock($1)", &[&STORE_LOCK]) {
+            Ok(_) => break true,
+            Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
+            Err(e) => return Err(pg_error(e)),
+        }
+        let current = c.query_opt("SELECT epoch FROM baton_leader WHERE id = 1", &[]).map_err(pg_error)?;
+        if current.is_some_and(|r| r.get::<_, i64>(0) != epoch) || since.elapsed() > LEASE {
+            break false;
+        }
+    };
+    c.batch_execute("SET lock_timeout = 0").map_err(pg_error)?;
+    Ok(held)
 }
 
 /// Fencing: a controller that is no longer the store's leader stops at
@@ -693,14 +741,32 @@ impl Session {
             // take over and sign documents every device refuses.
             self.check_keys(&mut c, false)?;
             let row = c.query_one("SELECT pg_try_advisory_lock($1)", &[&STORE_LOCK]).map_err(pg_error)?;
-            if !row.get::<_, bool>(0) {
-                if self.led {
+            let mut held = row.get::<_, bool>(0);
+            if !held && self.led {
+                // Back after PostgreSQL went away: a standby that came
+                // back too may hold the lock a moment before it leaves it
+                // to this leader (`leader_may_return`). Gone for good only
+                // if another leader's epoch is in the store.
+                held = reclaim(&mut c, self.epoch)?;
+                if !held {
                     fence(&self.url, "another controller holds the store now");
                 }
+            }
+            // The lock was free because PostgreSQL restarted under a leader
+            // that may be reconnecting: leave it the store, as a standby.
+            let leave = held && !self.led && self.standby && leader_may_return(&mut c)?;
+            if leave {
+                c.query_one("SELECT pg_advisory_unlock($1)", &[&STORE_LOCK]).map_err(pg_error)?;
+            }
+            if !held || leave {
                 if !self.standby {
                     return Err(StoreError::InUse(self.url.clone()));
                 }
-                tracing::warn!(store = %self.url, "another controller holds the store: standing by (this one takes over when that one's session ends, or its lease lapses)");
+                if leave {
+                    tracing::warn!(store = %self.url, "PostgreSQL restarted under the leading controller, whose lease is still fresh: standing by (this one takes over if it does not come back before its lease lapses)");
+                } else {
+                    tracing::warn!(store = %self.url, "another controller holds the store: standing by (this one takes over when that one's session ends, or its lease lapses)");
+                }
                 self.waited = true;
                 wait_for_lock(&mut c, &self.url, &self.replica.leader_api)?;
                 if let Ok(mut known) = self.replica.leader_api.lock() {
