@@ -300,6 +300,8 @@ pub async fn run(
     events.set_network_options(net);
     let mut limiter = LogLimiter { last: [None; 5], every: Duration::from_secs(10) };
     let mut failures = 0u32;
+    // Connected since the last failure (a failure then is a loss, not a refusal).
+    let mut up = false;
     let mut outbound = Outbound::default();
     let (applier, queue) = tokio::sync::mpsc::channel(APPLY_QUEUE);
     let worker = {
@@ -331,6 +333,7 @@ pub async fn run(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 info!(broker = %brokers.all()[node], "ingest connected");
                 failures = 0;
+                up = true;
                 controller.broker_connected.store(true, Relaxed);
                 controller.metrics.broker_connects.fetch_add(1, Relaxed);
                 // Before anything that waits: a subscription given up
@@ -435,9 +438,17 @@ pub async fn run(
                 if forgot > 0 {
                     debug!(forgot, "documents not yet sent when the broker was lost: republished from the store on the next connect");
                 }
+                let was_connected = std::mem::replace(&mut up, false);
                 failures = failures.saturating_add(1);
+                if let Ok(mut last) = controller.broker_error.lock() {
+                    *last = Some(format!("{}: {e}", brokers.all()[node]));
+                }
                 let delay = Duration::from_millis(200u64.saturating_mul(1 << failures.min(5)));
-                warn!(broker = %brokers.all()[node], error = %e, retry_in_ms = delay.as_millis() as u64, "ingest lost the broker");
+                if was_connected {
+                    warn!(broker = %brokers.all()[node], error = %e, retry_in_ms = delay.as_millis() as u64, "ingest lost the broker");
+                } else {
+                    warn!(broker = %brokers.all()[node], error = %e, retry_in_ms = delay.as_millis() as u64, "ingest cannot reach the broker");
+                }
                 // Another node of the cluster, if there is one (subscriptions
                 // and documents are set up again on its ConnAck).
                 if brokers.all().len() > 1 {

@@ -498,4 +498,6 @@ fn the_controller_and_devices_reach_mosquitto_over_tls() {
     });
     let (_, health) = get_status(port, "/healthz").expect("it serves its API");
     assert!(health.contains("\"broker_connected\":false"), "{health}\n{log}");
+    assert!(health.contains("UnknownIssuer"), "/healthz says why the broker is not connected: {health}");
+    assert!(log.contains("cannot reach the broker"), "it never connected, so nothing was lost: {log}");
 }

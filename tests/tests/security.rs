@@ -370,7 +370,7 @@ fn the_api_over_https_is_trusted_through_the_controller_ca_and_plain_listeners_s
     let token = token.trim();
     // Without the CA the CLI refuses the certificate; plain HTTP gets no answer.
     let (ok, _, err) = baton_cli_as(&url, Some(token), &["get", "devices"]);
-    assert!(!ok && err.to_lowercase().contains("certificate"), "{err}");
+    assert!(!ok && err.to_lowercase().contains("certificate") && err.contains("--ca-file"), "{err}");
     let (ok, _, _) = baton_cli_as(&format!("http://127.0.0.1:{http}"), Some(token), &["get", "devices"]);
     assert!(!ok, "plain HTTP was answered on the HTTPS port");
 

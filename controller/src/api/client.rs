@@ -465,6 +465,16 @@ impl Client {
     }
 
     fn unreachable(&self, e: ureq::Error) -> anyhow::Error {
+        let said = e.to_string();
+        // It answered, but over TLS with a certificate this CLI does not trust.
+        if said.contains("certificate") {
+            return anyhow::anyhow!(
+                "cannot trust the Baton controller at {}: {said}\n\
+                 Give the CLI the controller's CA: --ca-file DATA_DIR/ca.crt (or BATON_CA_FILE), \
+                 from the controller's data dir or `baton trust`'s machine.",
+                self.shown()
+            );
+        }
         anyhow::anyhow!(
             "cannot reach the Baton controller at {}: {e}\n\
              Start one with `baton server` (or `baton up` for a controller plus a local agent),\n\

@@ -119,6 +119,8 @@ pub struct Controller {
     /// digests (None: devices pull tags).
     pub registry: Option<baton_registry::Client>,
     pub broker_connected: AtomicBool,
+    /// Why the last connection to the broker failed or ended (for `/healthz`).
+    pub broker_error: Mutex<Option<String>>,
     /// Signs every desired document; encrypts secrets at rest.
     pub keys: Keys,
     /// Device → SHA-256 of its MQTT password (checked by the gateway).
@@ -277,6 +279,7 @@ impl Controller {
             reschedule_after_ms: 300_000,
             registry: None,
             broker_connected: AtomicBool::new(false),
+            broker_error: Mutex::new(None),
             keys,
             credentials: Mutex::new(credentials),
             api_auth: false,
@@ -407,7 +410,8 @@ impl Controller {
         let (broker_connected, store_connected) = (self.broker_connected.load(Relaxed), self.acting.load(Relaxed));
         let mut problems = Vec::new();
         if !broker_connected {
-            problems.push("the MQTT broker is not connected: devices are neither heard nor reached".to_string());
+            let why = lock(&self.broker_error).clone().map(|e| format!(" (last error: {e})")).unwrap_or_default();
+            problems.push(format!("the MQTT broker is not connected: devices are neither heard nor reached{why}"));
         }
         if !store_connected {
             problems.push(
