@@ -210,9 +210,9 @@ impl Unsent {
 /// what the client's queue (1,024 requests) has no room for waits here,
 /// and meanwhile the outbox is not read, so a rollout's 10,000 documents
 /// go out as fast as the connection takes them instead of most being
-/// refused and sent again a minute later. While the broker is lost,
-/// documents waiting here are forgotten (the next connect republishes every
-/// document from the store).
+/// refused and sent again a minute later. Each time the broker is lost,
+/// documents waiting here or in the outbox are forgotten (the next connect
+/// republishes every document from the store), so they never pile up.
 #[derive(Default)]
 struct Outbound {
     waiting: std::collections::VecDeque<Unsent>,
@@ -434,7 +434,16 @@ pub async fn run(
             Ok(_) => {}
             Err(e) => {
                 controller.broker_connected.store(false, Relaxed);
-                let forgot = outbound.forget_documents();
+                let mut forgot = outbound.forget_documents();
+                // And those queued meanwhile: while the broker is lost,
+                // documents do not pile up; anything else waits in order.
+                while let Ok(out) = outbox.try_recv() {
+                    if matches!(out, Outgoing::Desired(..)) {
+                        forgot += 1;
+                    } else {
+                        outbound.send(&client, Unsent::of(out));
+                    }
+                }
                 if forgot > 0 {
                     debug!(forgot, "documents not yet sent when the broker was lost: republished from the store on the next connect");
                 }
