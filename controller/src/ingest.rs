@@ -250,11 +250,24 @@ impl Outbound {
         self.waiting.is_empty()
     }
 
-    /// Forgets the documents waiting (the broker is lost); how many.
-    fn forget_documents(&mut self) -> usize {
+    /// The broker is lost: forgets the documents waiting here and in the
+    /// outbox (anything else from the outbox waits, in order); how many.
+    fn forget_documents(
+        &mut self,
+        client: &AsyncClient,
+        outbox: &mut tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
+    ) -> usize {
         let before = self.waiting.len();
         self.waiting.retain(|u| !u.is_document());
-        before - self.waiting.len()
+        let mut forgot = before - self.waiting.len();
+        while let Ok(out) = outbox.try_recv() {
+            if matches!(out, Outgoing::Desired(..)) {
+                forgot += 1;
+            } else {
+                self.send(client, Unsent::of(out));
+            }
+        }
+        forgot
     }
 }
 
@@ -300,8 +313,6 @@ pub async fn run(
     events.set_network_options(net);
     let mut limiter = LogLimiter { last: [None; 5], every: Duration::from_secs(10) };
     let mut failures = 0u32;
-    // Connected since the last failure (a failure then is a loss, not a refusal).
-    let mut up = false;
     let mut outbound = Outbound::default();
     let (applier, queue) = tokio::sync::mpsc::channel(APPLY_QUEUE);
     let worker = {
@@ -333,7 +344,6 @@ pub async fn run(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 info!(broker = %brokers.all()[node], "ingest connected");
                 failures = 0;
-                up = true;
                 controller.broker_connected.store(true, Relaxed);
                 controller.metrics.broker_connects.fetch_add(1, Relaxed);
                 // Before anything that waits: a subscription given up
@@ -433,21 +443,12 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) => {
-                controller.broker_connected.store(false, Relaxed);
-                let mut forgot = outbound.forget_documents();
-                // And those queued meanwhile: while the broker is lost,
-                // documents do not pile up; anything else waits in order.
-                while let Ok(out) = outbox.try_recv() {
-                    if matches!(out, Outgoing::Desired(..)) {
-                        forgot += 1;
-                    } else {
-                        outbound.send(&client, Unsent::of(out));
-                    }
-                }
+                // Connected until now: a loss, not a refusal.
+                let was_connected = controller.broker_connected.swap(false, Relaxed);
+                let forgot = outbound.forget_documents(&client, &mut outbox);
                 if forgot > 0 {
                     debug!(forgot, "documents not yet sent when the broker was lost: republished from the store on the next connect");
                 }
-                let was_connected = std::mem::replace(&mut up, false);
                 failures = failures.saturating_add(1);
                 if let Ok(mut last) = controller.broker_error.lock() {
                     *last = Some(format!("{}: {e}", brokers.all()[node]));

@@ -142,7 +142,7 @@ fn standby_page(
     let tls = tls.map(Arc::new);
     // The local addresses of this controller's own forwards: one arriving
     // back here is a loop.
-    let forwards: Arc<std::sync::Mutex<std::collections::HashSet<SocketAddr>>> = Arc::default();
+    let forwards = Forwards::default();
     let page = tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -160,6 +160,9 @@ fn standby_page(
     Ok((stop, page))
 }
 
+/// The local addresses of a standby's forwards to the leader.
+type Forwards = Arc<std::sync::Mutex<std::collections::HashSet<SocketAddr>>>;
+
 /// A standby's TLS (`--api-tls`): its own API certificate toward clients,
 /// and the fleet's CA to check the leader's.
 struct StandbyTls {
@@ -168,14 +171,10 @@ struct StandbyTls {
 }
 
 impl StandbyTls {
-    fn new(signing_seed: &[u8; 32], names: &[String]) -> anyhow::Result<Self> {
-        let server = crate::tls::server_config(signing_seed, names)?;
+    fn new(signing_seed: &[u8; 32], server: rustls::ServerConfig) -> anyhow::Result<Self> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(crate::tls::ca(signing_seed)?.0.der().clone())?;
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let client = crate::tls::trusting(roots)?;
         Ok(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
@@ -239,7 +238,7 @@ async fn standby_connection(
     peer: SocketAddr,
     tls: Option<Arc<StandbyTls>>,
     leader: Arc<std::sync::Mutex<Option<String>>>,
-    forwards: Arc<std::sync::Mutex<std::collections::HashSet<SocketAddr>>>,
+    forwards: Forwards,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const WAIT: Duration = Duration::from_secs(10);
@@ -283,12 +282,9 @@ async fn standby_connection(
         )),
         None => Some("the leading controller's API address is not known yet (a leader older than this version, or none)".to_string()),
         Some(addr) => match tokio::time::timeout(Duration::from_secs(3), leader_connection(addr, tls.as_deref(), &forwards)).await {
-            Ok(Ok((mut up, local))) => {
+            Ok(Ok((mut up, _own))) => {
                 if up.write_all(&first).await.is_ok() {
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
-                }
-                if let Ok(mut f) = forwards.lock() {
-                    f.remove(&local);
                 }
                 return;
             }
@@ -324,18 +320,32 @@ async fn standby_connection(
         .await;
 }
 
-/// A connection to the leader's API (TLS when this standby's is), and its
-/// local address, recorded in `forwards` until the forward ends.
+/// One of this standby's forwards, its local address known as its own (a
+/// loop) while the forward lasts.
+struct OwnForward {
+    local: SocketAddr,
+    forwards: Forwards,
+}
+
+impl Drop for OwnForward {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.forwards.lock() {
+            f.remove(&self.local);
+        }
+    }
+}
+
+/// A connection to the leader's API (TLS when this standby's is).
 async fn leader_connection(
     addr: &str,
     tls: Option<&StandbyTls>,
-    forwards: &std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
-) -> std::io::Result<(Box<dyn Stream>, SocketAddr)> {
+    forwards: &Forwards,
+) -> std::io::Result<(Box<dyn Stream>, OwnForward)> {
     let up = tokio::net::TcpStream::connect(addr).await?;
     let _ = up.set_nodelay(true);
-    let local = up.local_addr()?;
+    let own = OwnForward { local: up.local_addr()?, forwards: forwards.clone() };
     if let Ok(mut f) = forwards.lock() {
-        f.insert(local);
+        f.insert(own.local);
     }
     let up: Box<dyn Stream> = match tls {
         // Any certificate of this fleet's CA is a controller of this fleet
@@ -344,19 +354,11 @@ async fn leader_connection(
         // --tls-name list.
         Some(t) => {
             let name = rustls::pki_types::ServerName::try_from("localhost").expect("a valid name");
-            match t.connector.connect(name, up).await {
-                Ok(s) => Box::new(s),
-                Err(e) => {
-                    if let Ok(mut f) = forwards.lock() {
-                        f.remove(&local);
-                    }
-                    return Err(e);
-                }
-            }
+            Box::new(t.connector.connect(name, up).await?)
         }
         None => Box::new(up),
     };
-    Ok((up, local))
+    Ok((up, own))
 }
 
 /// HOST:PORT at which the other controllers reach this one's API:
@@ -399,9 +401,14 @@ pub async fn serve(
     let advertised = advertised_api(&cfg, &http_socket)?;
     let replica = crate::store::Replica { api: Some(advertised.clone()), ..Default::default() };
     let leader_api = replica.leader_api.clone();
-    // Opening the store, loading the fleet and signing documents: off the async workers.
     let keys = crate::keys::Keys::load(&cfg.data_dir, cfg.signing_key.as_deref(), cfg.secrets_key.as_deref())?;
-    let standby_tls = if cfg.api_tls { Some(StandbyTls::new(&keys.signing_seed, &cfg.tls_names)?) } else { None };
+    // The API's certificate, served while standing by and then while leading.
+    let tls_config =
+        if cfg.api_tls { Some(crate::tls::server_config(&keys.signing_seed, &cfg.tls_names)?) } else { None };
+    let standby_tls = match &tls_config {
+        Some(server) => Some(StandbyTls::new(&keys.signing_seed, server.clone())?),
+        None => None,
+    };
     let startup = cfg.clone();
     let me_advertised = advertised.clone();
     // A standby's copy of the fleet's CA too (the same bytes on every replica).
@@ -409,6 +416,7 @@ pub async fn serve(
         let ca = crate::tls::ca_pem(&keys.signing_seed)?;
         std::fs::write(cfg.data_dir.join("ca.crt"), ca).context("cannot write ca.crt")?;
     }
+    // Opening the store, loading the fleet and signing documents: off the async workers.
     let startup = tokio::task::spawn_blocking(move || -> anyhow::Result<Controller> {
         let cfg = startup;
         let fleet = crate::store::FleetKeys {
@@ -456,7 +464,7 @@ pub async fn serve(
     });
     // A standby waits in the startup for the store; a stop meanwhile ends it
     // there (the waiting thread cannot be interrupted, so the process exits).
-    // Meanwhile the API's port answers 503 (`/healthz` says "standby").
+    // Meanwhile the API's port forwards to the leader (`standby_page`).
     let (standby_stop, standby) = standby_page(&http_socket, standby_tls, leader_api)?;
     let mut shutdown = std::pin::pin!(shutdown);
     let controller = tokio::select! {
@@ -518,11 +526,6 @@ pub async fn serve(
     };
     let listener = tokio::net::TcpListener::from_std(http_socket)?;
     let http_addr = listener.local_addr()?;
-    let tls_config = if cfg.api_tls {
-        Some(crate::tls::server_config(&controller.keys.signing_seed, &cfg.tls_names)?)
-    } else {
-        None
-    };
 
     let client_id = format!("baton-controller-{}", std::process::id());
     let ingest = tokio::spawn(ingest::run(

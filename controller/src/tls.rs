@@ -86,6 +86,11 @@ pub fn client_config(ca_file: Option<&std::path::Path>, what: &str) -> anyhow::R
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
+    trusting(roots)
+}
+
+/// A TLS client configuration (rustls with ring) trusting `roots`.
+pub fn trusting(roots: rustls::RootCertStore) -> anyhow::Result<rustls::ClientConfig> {
     Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)

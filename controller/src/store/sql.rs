@@ -509,13 +509,9 @@ fn wait_for_lock(
 ) -> Result<(), StoreError> {
     c.batch_execute(&format!("SET lock_timeout = {}", LEASE_CHECK_EVERY.as_millis())).map_err(pg_error)?;
     loop {
-        // Where the leader's API is (a store made before the column has none).
-        let api = match c.query_opt("SELECT api FROM baton_leader WHERE id = 1", &[]) {
-            Ok(row) => row.and_then(|r| r.get::<_, Option<String>>(0)),
-            Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_COLUMN) => None,
-            Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) => None,
-            Err(e) => return Err(pg_error(e)),
-        };
+        // Where the leader's API is.
+        let api = lease_row(c.query_opt("SELECT api FROM baton_leader WHERE id = 1", &[]))?
+            .and_then(|r| r.get::<_, Option<String>>(0));
         if let Ok(mut known) = leader_api.lock() {
             *known = api;
         }
@@ -539,18 +535,11 @@ fn wait_for_lock(
                AND l.classid::bigint = $1 AND l.objid::bigint = $2 AND b.renewed_at < now() - make_interval(secs => $3)",
             &[&(STORE_LOCK >> 32), &(STORE_LOCK & 0xffff_ffff), &LEASE.as_secs_f64()],
         );
-        match stale {
-            Ok(Some(row)) => {
-                let (pid, age): (i32, f64) = (row.get(0), row.get(1));
-                tracing::warn!(store = %url, backend_pid = pid, lease_age_s = age.round(),
-                    "the leading controller has not renewed its lease (frozen?): ending its database session to take over");
-                c.query_one("SELECT pg_terminate_backend($1)", &[&pid]).map_err(pg_error)?;
-            }
-            Ok(None) => {}
-            // A store made before leases (no such columns yet): wait on.
-            Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_COLUMN) => {}
-            Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) => {}
-            Err(e) => return Err(pg_error(e)),
+        if let Some(row) = lease_row(stale)? {
+            let (pid, age): (i32, f64) = (row.get(0), row.get(1));
+            tracing::warn!(store = %url, backend_pid = pid, lease_age_s = age.round(),
+                "the leading controller has not renewed its lease (frozen?): ending its database session to take over");
+            c.query_one("SELECT pg_terminate_backend($1)", &[&pid]).map_err(pg_error)?;
         }
     }
     c.batch_execute("SET lock_timeout = 0").map_err(pg_error)
@@ -568,10 +557,16 @@ fn leader_may_return(c: &mut postgres::Client) -> Result<bool, StoreError> {
          FROM baton_leader WHERE id = 1",
         &[&LEASE.as_secs_f64()],
     );
+    Ok(lease_row(row)?.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false))
+}
+
+/// A row of `baton_leader`, as a query found it; none in a store made before
+/// leases (no such table or column yet).
+fn lease_row(row: Result<Option<postgres::Row>, postgres::Error>) -> Result<Option<postgres::Row>, StoreError> {
     match row {
-        Ok(row) => Ok(row.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false)),
-        Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_COLUMN) => Ok(false),
-        Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) => Ok(false),
+        Ok(row) => Ok(row),
+        Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_COLUMN) => Ok(None),
+        Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) => Ok(None),
         Err(e) => Err(pg_error(e)),
     }
 }
