@@ -59,9 +59,13 @@ struct SimCli {
     /// How many devices.
     #[arg(long, default_value_t = 100)]
     devices: usize,
-    /// MQTT broker, mqtt://HOST[:PORT].
+    /// MQTT broker, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (comma-separated nodes).
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
+    /// The CA an mqtts:// broker's certificate must chain to (e.g. a
+    /// controller's ca.crt, or your own broker's CA).
+    #[arg(long)]
+    mqtt_ca_file: Option<PathBuf>,
     /// Device ids are PREFIX-0000, PREFIX-0001, …
     #[arg(long, default_value = "sim")]
     prefix: String,
@@ -350,7 +354,9 @@ fn simulate(args: SimCli) -> Result<(), Box<dyn std::error::Error>> {
         labels: args.labels,
         ..Overrides::default()
     };
-    let base = AgentConfig::resolve(FileConfig::default(), "(none)".as_ref(), overrides, "/etc/machine-id".as_ref())?;
+    let mut base =
+        AgentConfig::resolve(FileConfig::default(), "(none)".as_ref(), overrides, "/etc/machine-id".as_ref())?;
+    base.mqtt_ca_file = args.mqtt_ca_file;
     let label_cycle = match args.label_cycle {
         None => None,
         Some(spec) => {

@@ -9,7 +9,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use baton_protocol::crypto;
@@ -61,20 +61,44 @@ pub struct Keys {
     /// The signing key's seed: the TLS CA is made from it (`tls`).
     pub signing_seed: [u8; 32],
     pub secrets: [u8; 32],
+    /// The key files this start made (none existed): a replica that a
+    /// shared store then refuses for other keys removes them
+    /// (`forget_created`), so its data dir is as the operator left it.
+    pub created: Vec<PathBuf>,
 }
 
 impl Keys {
     /// The operator's files, else `signing.key` and `secrets.key` in the data dir.
     pub fn load(data_dir: &Path, signing: Option<&Path>, secrets: Option<&Path>) -> anyhow::Result<Self> {
+        let mut created = Vec::new();
+        let mut own = |name: &str| -> anyhow::Result<[u8; 32]> {
+            let path = data_dir.join(name);
+            let existed = path.exists();
+            let seed = load_or_create(&path, true)?;
+            if !existed {
+                created.push(path);
+            }
+            Ok(seed)
+        };
         let signing = match signing {
             Some(p) => load_or_create(p, false)?,
-            None => load_or_create(&data_dir.join("signing.key"), true)?,
+            None => own("signing.key")?,
         };
         let secrets = match secrets {
             Some(p) => load_or_create(p, false)?,
-            None => load_or_create(&data_dir.join("secrets.key"), true)?,
+            None => own("secrets.key")?,
         };
-        Ok(Self { signing: crypto::SigningKey::from_seed(&signing), signing_seed: signing, secrets })
+        Ok(Self { signing: crypto::SigningKey::from_seed(&signing), signing_seed: signing, secrets, created })
+    }
+
+    /// Removes the key files this start made; returns their names for the
+    /// error that says why.
+    pub fn forget_created(created: &[PathBuf]) -> Vec<String> {
+        created
+            .iter()
+            .filter(|path| std::fs::remove_file(path).is_ok())
+            .map(|path| path.display().to_string())
+            .collect()
     }
 
     /// For tests and tools: fixed keys.
@@ -83,6 +107,7 @@ impl Keys {
             signing: crypto::SigningKey::from_seed(&[seed; 32]),
             signing_seed: [seed; 32],
             secrets: [seed.wrapping_add(1); 32],
+            created: Vec::new(),
         }
     }
 

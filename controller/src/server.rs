@@ -412,9 +412,14 @@ pub async fn serve(
     let startup = cfg.clone();
     let me_advertised = advertised.clone();
     // A standby's copy of the fleet's CA too (the same bytes on every replica).
+    let mut created = keys.created.clone();
     if cfg.mqtt_tls || cfg.api_tls {
         let ca = crate::tls::ca_pem(&keys.signing_seed)?;
-        std::fs::write(cfg.data_dir.join("ca.crt"), ca).context("cannot write ca.crt")?;
+        let path = cfg.data_dir.join("ca.crt");
+        std::fs::write(&path, ca).context("cannot write ca.crt")?;
+        if !created.is_empty() {
+            created.push(path); // made from the new keys
+        }
     }
     // Opening the store, loading the fleet and signing documents: off the async workers.
     let startup = tokio::task::spawn_blocking(move || -> anyhow::Result<Controller> {
@@ -427,7 +432,16 @@ pub async fn serve(
         };
         // On a PostgreSQL store another controller holds, this waits as a
         // standby until that one is gone.
-        let store = Store::open_leading(&cfg.store, Some(fleet), replica)?;
+        // A replica refused for other keys leaves no key files of its own
+        // behind: the operator's next try with the fleet's files finds the
+        // data dir as it was.
+        let store = match Store::open_leading(&cfg.store, Some(fleet), replica) {
+            Err(e @ crate::store::StoreError::OtherKeys { .. }) if !created.is_empty() => {
+                let removed = crate::keys::Keys::forget_created(&created);
+                anyhow::bail!("{e} (the key files this start made are removed again: {})", removed.join(", "));
+            }
+            other => other?,
+        };
         let signer = baton_protocol::crypto::SigningKey::from_seed(&keys.signing_seed);
         let commands = crate::commands::CommandRouter::new(outbox_tx.clone(), signer);
         tracing::info!(signing_key = %keys.signing_public(), "desired documents are signed with this key (agents: controller_keys)");

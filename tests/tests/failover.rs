@@ -231,6 +231,11 @@ fn a_leader_whose_session_is_cut_stops_and_a_postgresql_restart_keeps_the_leader
         "{}",
         log_of(&world, "controller-keyless")
     );
+    // and leaves no keys of its own behind for a next try to pick up
+    for file in ["signing.key", "secrets.key"] {
+        let path = world.path().join("controller-keyless").join(file);
+        assert!(!path.exists(), "{} left behind", path.display());
+    }
     let (status, health) = get_status(second.http, "/healthz").expect("a standby answers on its port");
     assert_eq!(status, 503, "{health}");
     assert!(health.contains("\"standby\""), "a standby's /healthz says so: {health}");

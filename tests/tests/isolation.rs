@@ -481,6 +481,13 @@ fn the_controller_and_devices_reach_mosquitto_over_tls() {
     wait_for("pi-tls online through Mosquitto over TLS", Duration::from_secs(30), || {
         controller.device("pi-tls").filter(|d| d.status == Status::Online)
     });
+    // The simulator, told the CA, too.
+    let _sim = start_simulator(&world, "tls", 3, &tls_broker, &["--mqtt-ca-file", ca]);
+    wait_for("3 simulated devices online over TLS", Duration::from_secs(30), || {
+        let online =
+            controller.devices().iter().filter(|d| d.id.starts_with("tls-") && d.status == Status::Online).count();
+        (online == 3).then_some(())
+    });
 
     // The web PKI does not vouch for this broker: refused, and said.
     let data = world.path().join("controller-untrusting");

@@ -33,6 +33,12 @@ fn waves_gate_on_health_and_a_failing_revision_rolls_the_fleet_back() {
     wait_for("300 simulated devices", Duration::from_secs(60), || (controller.devices().len() == n).then_some(()));
 
     apply_yaml(&server, &world, "web.yaml", &web("1"));
+    // A first revision has no rollout: `rollout status --watch` follows it onto the devices.
+    let (ok, out, err) = baton_cli(&server, &["rollout", "status", "web", "--watch"]);
+    assert!(
+        ok && out.contains("no rollout yet") && out.contains("revision 1 · 300 of 300 devices running"),
+        "{out}{err}"
+    );
     wait_for("revision 1 everywhere", Duration::from_secs(60), || settled(&server, "web", 1, n));
 
     // Revision 2: watch every wave. A device is asked to run 2 only once its

@@ -200,7 +200,8 @@ pub enum RolloutCmd {
     /// Show the latest rollout: waves, devices updated, healthy, failed.
     Status {
         workload: String,
-        /// Follow it until it finishes (a progress bar on a terminal, a line per change otherwise).
+        /// Follow it until it finishes (a progress bar on a terminal, a line per change otherwise);
+        /// a workload that has had no rollout yet: until its first revision runs everywhere it is placed.
         #[arg(long, short)]
         watch: bool,
         #[arg(long, short, value_enum, default_value_t)]

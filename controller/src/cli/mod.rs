@@ -282,6 +282,14 @@ fn rollout(client: &Client, cmd: RolloutCmd) -> anyhow::Result<()> {
     use crate::view::RolloutAction;
     let (name, action) = match cmd {
         RolloutCmd::Status { workload, watch, output } => {
+            // A workload's first revision goes to its devices without a
+            // rollout: `--watch` follows that deployment instead of failing.
+            if watch {
+                let w = client.workload(&workload)?;
+                if w.rollout.is_none() {
+                    return output::watch_first_revision(w, || client.workload(&workload));
+                }
+            }
             let r = client.rollout(&workload)?;
             if !watch {
                 return print(output, &r, || output::rollout_status(&r));

@@ -410,6 +410,99 @@ pub fn watch_rollout<T: Watched>(mut r: T, mut fetch: impl FnMut() -> anyhow::Re
     }
 }
 
+/// Where a workload's first revision stands on its devices (no rollout
+/// carries it): how many run it healthy, how many failed or refused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FirstRevision {
+    pub placed: usize,
+    pub ready: usize,
+    pub failed: usize,
+    /// Running it but reported unhealthy (still in progress: it may recover).
+    pub unhealthy: usize,
+    pub unplaced: u32,
+}
+
+impl FirstRevision {
+    pub fn of(w: &crate::view::WorkloadView) -> Self {
+        use baton_protocol::{Health, Phase};
+        let mut c = FirstRevision { unplaced: w.unplaced, ..Default::default() };
+        for d in w.devices.iter().filter(|d| d.desired_revision == w.revision) {
+            c.placed += 1;
+            let now = d.reported.as_ref().filter(|s| s.revision == w.revision);
+            if now.is_some_and(|s| s.phase == Phase::Running && s.health != Health::Unhealthy) {
+                c.ready += 1;
+            } else if now.is_some_and(|s| s.phase == Phase::Running) {
+                c.unhealthy += 1;
+            } else if d.refused.is_some() || now.is_some_and(|s| matches!(s.phase, Phase::Failed | Phase::RolledBack)) {
+                c.failed += 1;
+            }
+        }
+        c
+    }
+
+    /// Settled: every placed device ready or failed, and none waits for room.
+    pub fn settled(&self) -> bool {
+        self.placed > 0 && self.ready + self.failed == self.placed && self.unplaced == 0
+    }
+}
+
+/// `rollout status --watch` of a workload that has had no rollout: follows
+/// its first revision until every device it is placed on runs it (exit 0)
+/// or has failed or refused it (an error naming them).
+pub fn watch_first_revision(
+    mut w: crate::view::WorkloadView,
+    mut fetch: impl FnMut() -> anyhow::Result<crate::view::WorkloadView>,
+) -> anyhow::Result<()> {
+    crate::outln!("{}: no rollout yet; following revision {} onto its devices", w.name, w.revision);
+    let mut last = String::new();
+    loop {
+        let c = FirstRevision::of(&w);
+        let mut line = format!(
+            "{}: revision {} · {} of {} devices running, {} failed, {} in progress",
+            w.name,
+            w.revision,
+            c.ready,
+            c.placed,
+            c.failed,
+            c.placed - c.ready - c.failed
+        );
+        if c.unhealthy > 0 {
+            line += &format!(" ({} of them running unhealthy)", c.unhealthy);
+        }
+        if c.unplaced > 0 {
+            line += &format!(" · {} replicas fit on no device", c.unplaced);
+        }
+        if line != last {
+            crate::outln!("{line}");
+            last = line;
+        }
+        if c.settled() {
+            if c.failed == 0 {
+                return Ok(());
+            }
+            let failed: Vec<String> = w
+                .devices
+                .iter()
+                .filter(|d| d.desired_revision == w.revision)
+                .filter_map(|d| {
+                    let why = d.refused.clone().or_else(|| {
+                        d.reported
+                            .as_ref()
+                            .filter(|s| {
+                                matches!(s.phase, baton_protocol::Phase::Failed | baton_protocol::Phase::RolledBack)
+                            })
+                            .map(|s| s.last_error.clone().unwrap_or_else(|| format!("{:?}", s.phase).to_lowercase()))
+                    })?;
+                    Some(format!("{}: {why}", d.device))
+                })
+                .collect();
+            anyhow::bail!("revision {} of {} failed on {}", w.revision, w.name, failed.join("; "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        w = fetch()?;
+    }
+}
+
 /// `baton agent releases`.
 pub fn releases_table(list: &[crate::store::AgentRelease], now: Millis) -> String {
     if list.is_empty() {
