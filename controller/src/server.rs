@@ -531,7 +531,7 @@ pub async fn serve(
         BrokerMode::External(nodes) => {
             // TLS to the nodes given as mqtts://, checked against --broker-ca (or the web PKI).
             let tls = if nodes.all().iter().any(|n| n.tls) {
-                Some(Arc::new(crate::tls::client_config(cfg.broker_ca.as_deref(), "--broker-ca")?))
+                Some(Arc::new(crate::tls::client_config(cfg.broker_ca.as_deref(), "--broker-ca", None)?))
             } else {
                 None
             };

@@ -71,7 +71,11 @@ pub fn server_config(signing_seed: &[u8; 32], names: &[String]) -> anyhow::Resul
 /// external MQTT broker, PostgreSQL): trusting the CA certificates in the
 /// PEM file `ca_file`, or without one the web PKI's roots. `what` names the
 /// setting in messages.
-pub fn client_config(ca_file: Option<&std::path::Path>, what: &str) -> anyhow::Result<rustls::ClientConfig> {
+pub fn client_config(
+    ca_file: Option<&std::path::Path>,
+    what: &str,
+    identity: Option<(Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
+) -> anyhow::Result<rustls::ClientConfig> {
     use anyhow::Context;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -86,15 +90,23 @@ pub fn client_config(ca_file: Option<&std::path::Path>, what: &str) -> anyhow::R
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    trusting(roots)
+    match identity {
+        None => trusting(roots),
+        Some((chain, key)) => Ok(builder()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| anyhow::anyhow!("the client certificate and key do not go together: {e}"))?),
+    }
+}
+
+fn builder() -> anyhow::Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?)
 }
 
 /// A TLS client configuration (rustls with ring) trusting `roots`.
 pub fn trusting(roots: rustls::RootCertStore) -> anyhow::Result<rustls::ClientConfig> {
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(builder()?.with_root_certificates(roots).with_no_client_auth())
 }
 
 /// The CA certificate as PEM (what `--ca-file` and `mqtt_ca_file` take).

@@ -884,10 +884,33 @@ impl Postgres {
         ca
     }
 
-    /// Runs SQL through psql; its output (unaligned, tuples only).
+    /// Accepts TCP clients only over TLS and with a client certificate
+    /// (pg_hba `cert`: its common name is the user) from `enable_tls`'s
+    /// CA; `psql` still gets in through the Unix socket. The client's
+    /// certificate and key files.
+    pub fn require_client_certificates(&self) -> (PathBuf, PathBuf) {
+        let tls = self.data.path().join("tls");
+        let ca = tls.join("ca.pem");
+        if let Some((uid, gid)) = self.user {
+            std::os::unix::fs::chown(&ca, Some(uid), Some(gid)).expect("chown");
+        }
+        let hba = self.data.path().join("cluster/pg_hba.conf");
+        let rest = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+        let lines = "local all all trust\nhostssl all all 127.0.0.1/32 cert\nhost all all 127.0.0.1/32 reject\n";
+        std::fs::write(&hba, format!("{lines}{rest}")).expect("pg_hba.conf");
+        self.psql(&format!("ALTER SYSTEM SET ssl_ca_file = '{}'", ca.display()));
+        self.psql("SELECT pg_reload_conf()");
+        wait_for("PostgreSQL asking for client certificates", Duration::from_secs(10), || {
+            (self.psql("SHOW ssl_ca_file") == ca.display().to_string()).then_some(())
+        });
+        (tls.join("client.pem"), tls.join("client.key"))
+    }
+
+    /// Runs SQL through psql (on the Unix socket); its output (unaligned, tuples only).
     pub fn psql(&self, sql: &str) -> String {
+        let socket = self.data.path().display().to_string();
         let out = Command::new(self.bin.join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "baton", "-d", "baton", "-At", "-c", sql])
+            .args(["-h", &socket, "-p", &self.port.to_string(), "-U", "baton", "-d", "baton", "-At", "-c", sql])
             .output()
             .expect("run psql");
         assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
@@ -1073,7 +1096,22 @@ pub fn test_certificates(dir: &Path, ip: std::net::IpAddr) -> (PathBuf, PathBuf,
     std::fs::write(&paths.0, ca_cert.pem()).expect("ca.pem");
     std::fs::write(&paths.1, cert.pem()).expect("cert.pem");
     std::fs::write(&paths.2, key.serialize_pem()).expect("key.pem");
+    // A client certificate from the same CA, for the user "baton"
+    // (PostgreSQL's `cert` authentication matches its common name).
+    let client_key = KeyPair::generate().expect("client key");
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("client params");
+    p.distinguished_name.push(rcgen::DnType::CommonName, "baton");
+    let client = p.signed_by(&client_key, &ca_cert, &ca_key).expect("client certificate");
+    std::fs::write(dir.join("client.pem"), client.pem()).expect("client.pem");
+    write_private(&dir.join("client.key"), &client_key.serialize_pem());
     paths
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = File::options().write(true).create(true).truncate(true).mode(0o600).open(path).expect("private file");
+    f.write_all(text.as_bytes()).expect("write private file");
 }
 
 impl RegistryServer {

@@ -324,5 +324,28 @@ fn a_postgresql_store_over_tls_checks_the_server_certificate() {
         .err()
         .expect("refused")
         .to_string();
-    assert!(e.contains("sslrootcert is used with sslmode=require"), "{e}");
+    assert!(e.contains("sslrootcert, sslcert and sslkey are used with sslmode=require"), "{e}");
+}
+
+/// A PostgreSQL that authenticates clients by certificate (pg_hba `cert`):
+/// the controller presents `sslcert`/`sslkey` and gets in; without them it
+/// is refused by the server, and says so.
+#[test]
+fn a_postgresql_store_authenticates_with_a_client_certificate() {
+    let world = World::new();
+    let pg = world.postgres();
+    let ca = pg.enable_tls();
+    let url = pg.database("certs");
+    let (cert, key) = pg.require_client_certificates();
+    let tls = format!("{url}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let e = Store::open_at(&StoreAt::Postgres(tls.clone())).err().expect("refused without a certificate").to_string();
+    assert!(e.contains("requires a valid client certificate"), "{e}");
+    let at = StoreAt::Postgres(format!("{tls}&sslcert={}&sslkey={}", cert.display(), key.display()));
+    let s = Store::open_at(&at).expect("a store with a client certificate");
+    s.save_device(&stored_device("a", 1)).expect("a write");
+    let sessions = pg.psql(
+        "SELECT string_agg(s.client_dn, ',') FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'baton-controller'",
+    );
+    assert_eq!(sessions, "/CN=baton", "the controller's session did not present its certificate");
 }

@@ -371,19 +371,22 @@ impl Postgres {
     /// `standby`: when another controller holds the store, wait until its
     /// session ends and take over (else: refuse).
     fn connect(url: &str, standby: bool, fleet: Option<FleetKeys>, replica: Replica) -> Result<Self, StoreError> {
-        let (parsed, root_ca) = super::pg_tls::split_url(url);
+        let (parsed, files) = super::pg_tls::split_url(url);
         let mut config: postgres::Config =
             parsed.parse().map_err(|e| StoreError::Sql(format!("--store {}: {e}", redact(url))))?;
         // TLS when asked for, the server's certificate always checked;
         // otherwise plain (the client's default `prefer` cannot be honoured
         // without checking certificates nobody configured).
         let tls = if config.get_ssl_mode() == postgres::config::SslMode::Require {
-            let tls = crate::tls::client_config(root_ca.as_deref().map(std::path::Path::new), "sslrootcert")
+            let tls = super::pg_tls::client_identity(&files)
+                .and_then(|identity| {
+                    crate::tls::client_config(files.root.as_deref().map(std::path::Path::new), "sslrootcert", identity)
+                })
                 .map_err(|e| StoreError::Sql(format!("--store {}: {e:#}", redact(url))))?;
             Some(super::pg_tls::Rustls(Arc::new(tls)))
-        } else if root_ca.is_some() {
+        } else if files.any() {
             return Err(StoreError::Sql(format!(
-                "--store {}: sslrootcert is used with sslmode=require (or verify-ca, verify-full) only: add it, \
+                "--store {}: sslrootcert, sslcert and sslkey are used with sslmode=require (or verify-ca, verify-full) only: add it, \
                  or this controller would speak to PostgreSQL in the clear",
                 redact(url)
             )));
