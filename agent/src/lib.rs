@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod gate;
 pub mod image;
+pub mod instance;
 pub mod join;
 pub mod link;
 pub mod load;

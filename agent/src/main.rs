@@ -330,6 +330,14 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let on_trial = std::env::var(switch::TRIAL_ENV).ok();
     std::env::remove_var(switch::TRIAL_ENV);
     switch::take_watcher_env();
+    // One agent per data dir and cgroup parent: a second is refused here,
+    // before it touches the device's state, upgrade, session or containers
+    // (held until this process exits or execs its successor).
+    let _instance = baton_agent::instance::InstanceLock::take(
+        &config.data_dir,
+        &config.cgroup_parent,
+        std::time::Duration::from_secs(10),
+    )?;
     if config.self_update {
         // Finish, roll back or start an upgrade left half-way, before anything runs.
         switch::at_start(&config.data_dir, on_trial.is_some());

@@ -1,6 +1,6 @@
 //! Field faults, processes: agents and controllers killed at the worst
 //! moments. Real processes and real containers (root; CI is root).
-//! About 1 min.
+//! About 1.5 min.
 
 use std::time::Duration;
 
@@ -48,6 +48,50 @@ fn an_agent_down_during_an_update_runs_the_new_revision_when_it_returns() {
         let r = describe_workload(&server, "web")?.rollout?;
         (r.state == baton_controller::rollout::State::Succeeded && r.counts.ready == 1).then_some(())
     });
+}
+
+/// Symptom: a second agent started by hand on a device whose service
+/// already runs one (to "have a look") fought the first over the MQTT
+/// session and the same containers; one on another data dir but the same
+/// cgroup parent would kill the first's containers as orphans. Both are
+/// refused now, naming the pid that runs, and nothing of the first is touched.
+#[test]
+fn a_second_agent_on_one_device_is_refused_and_touches_nothing() {
+    let world = World::new();
+    let controller = Controller::start(&world, None, &[]);
+    let server = controller.server_url();
+    let run = world.path().join(format!("run-{DEVICE}"));
+    give_busybox(&world, DEVICE, "busybox:field");
+    let mut agent = start_agent(&world, DEVICE, &controller.broker_url(), &[]);
+    let log_of = |name: &str| std::fs::read_to_string(world.path().join(format!("{name}.log"))).unwrap_or_default();
+    apply_yaml(&server, &world, "web.yaml", &web("while true; do sleep 0.2; done"));
+    wait_for("revision 1 healthy", Duration::from_secs(30), || settled(&server, "web", 1, 1));
+    let pid = wait_for("its pid", Duration::from_secs(10), || running_pid(&run, "web-0"));
+
+    // The same flags again: the same data dir and cgroup parent.
+    let args = agent_args(&world, DEVICE, &controller.broker_url(), &[]);
+    let mut again = Proc::spawn("agent-again", &bin("baton-agent"), &args, world.path());
+    let code = wait_for("the second agent refused", Duration::from_secs(30), || again.exit_code());
+    assert_ne!(code, 0);
+    let log = log_of("agent-again");
+    assert!(log.contains(&format!("another baton-agent (pid {})", agent.pid())) && log.contains("data dir"), "{log}");
+
+    // Its own data dir, but the first one's cgroup parent.
+    let mut args = agent_args(&world, "pi-other", &controller.broker_url(), &[]);
+    let parent = args.iter().position(|a| a == "--cgroup-parent").expect("--cgroup-parent") + 1;
+    args[parent] = format!("/{}-{DEVICE}", world.cgroup_prefix());
+    let mut other = Proc::spawn("agent-other", &bin("baton-agent"), &args, world.path());
+    let code = wait_for("the agent on the same cgroup parent refused", Duration::from_secs(30), || other.exit_code());
+    assert_ne!(code, 0);
+    let log = log_of("agent-other");
+    assert!(log.contains("cgroup parent") && log.contains(&format!("pid {}", agent.pid())), "{log}");
+
+    assert!(agent.is_running(), "the first agent stopped");
+    assert_eq!(running_pid(&run, "web-0"), Some(pid), "the container was replaced");
+    assert!(alive(pid));
+    let d = controller.device(DEVICE).expect("the device");
+    assert_eq!(d.status, baton_controller::fleet::Status::Online, "{d:?}");
+    assert!(controller.device("pi-other").is_none(), "the refused agent reached the broker");
 }
 
 /// Symptom: a device reflashed under its old id (a fresh data dir) while
