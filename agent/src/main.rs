@@ -220,6 +220,24 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    // `baton-agent --data-dir X join TOKEN` would join with the defaults
+    // (another data dir, the machine's id) and spend the token: refused.
+    if let Some(name) = matches.subcommand_name() {
+        let command = Cli::command();
+        let before: Vec<String> = command
+            .get_arguments()
+            .filter(|a| matches.value_source(a.get_id().as_str()) == Some(clap::parser::ValueSource::CommandLine))
+            .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+            .collect();
+        if !before.is_empty() {
+            eprintln!(
+                "baton-agent: {} given before `{name}` would not be used: put them after it (baton-agent {name} … {})",
+                before.join(", "),
+                before[0]
+            );
+            return ExitCode::from(2);
+        }
+    }
     let args = match cli.command {
         Some(Cmd::Run(args)) => args,
         // No tokio, no threads, no logging subscriber: the spawner and the

@@ -34,6 +34,13 @@ fn a_controller_restored_from_an_older_backup_takes_its_fleet_back() {
     let backup = world.path().join("fleet.backup");
     let (ok, out, err) = baton_cli(&server, &["backup", "-o", backup.to_str().expect("utf-8")]);
     assert!(ok && out.contains("signing.key"), "{out}{err}");
+    // The store and its copy hold workload specs and events: owner only (a trial found 0644).
+    use std::os::unix::fs::PermissionsExt;
+    let db = world.path().join("controller").join("baton.db");
+    for file in [&backup, &db, &db.with_extension("db-wal")] {
+        let mode = std::fs::metadata(file).expect("the file").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is {mode:o}", file.display());
+    }
     for tag in ["2", "3"] {
         apply_yaml(&server, &world, "app.yaml", &manifest(tag));
     }

@@ -174,6 +174,24 @@ fn with_the_embedded_broker_the_gateway_keeps_devices_apart_and_revocation_cuts_
     assert_eq!(controller.device("pi-a").map(|d| d.status), Some(Status::Online), "B spoke for A");
     assert!(controller.metric("baton_mqtt_denied_total") >= 3);
 
+    // A join token's holder naming A's client id (a trial found it took A's
+    // session over: A's commands, A cut off in a loop) is refused, and A
+    // keeps its connection; both kinds of refusal are events.
+    let agent_log = || std::fs::read_to_string(dir.join("agent-pi-a.log")).unwrap_or_default();
+    let cuts = agent_log().matches("lost the broker").count();
+    let (ok, token, err) = baton_cli(&server, &["token", "create", "--uses", "5"]);
+    assert!(ok, "{err}");
+    let parts: Vec<&str> = token.trim().split('.').collect();
+    let user = format!("join:{}", parts[1]);
+    assert!(RawClient::try_connect(port, "pi-a", Some((&user, parts[2]))).is_err(), "a join token took A's session");
+    // (the same token under a fresh id still gets in: it is valid)
+    assert!(RawClient::try_connect(port, "pi-fresh", Some((&user, parts[2]))).is_ok(), "the token itself was refused");
+    let (ok, out, _) = baton_cli(&server, &["get", "events", "-o", "json"]);
+    assert!(ok && out.contains("device.denied") && out.contains("take over"), "{out}");
+    assert!(out.contains("outside its topics"), "B's reach for A's topics is no event: {out}");
+    assert_eq!(agent_log().matches("lost the broker").count(), cuts, "A was cut off: {}", agent_log());
+    assert_eq!(controller.device("pi-a").map(|d| d.status), Some(Status::Online));
+
     // Revoke B: its connections are cut and it cannot come back; A is untouched.
     let (ok, _, err) = baton_cli(&server, &["device", "revoke", "pi-b"]);
     assert!(ok, "revoke: {err}");
@@ -231,6 +249,14 @@ fn a_device_joins_with_a_token_once_and_a_revoked_one_stays_out() {
     assert!(ok && token.starts_with("baton1."), "token create: {token}{err}");
     let token = token.trim();
 
+    // Options before the subcommand are refused, not ignored (a trial's join
+    // used the defaults instead, and spent the token).
+    let out = Command::new(bin("baton-agent"))
+        .args(["--device-id", "pi-j", "join", token, "--broker", &broker])
+        .output()
+        .expect("baton-agent");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && text.contains("--device-id given before `join`"), "{text}");
     let (ok, out) = join(&world, "pi-j", &broker, token);
     assert!(ok && out.contains("joined as pi-j"), "{out}");
     let data = world.path().join("agent-pi-j");

@@ -124,6 +124,26 @@ fn an_interactive_shell_in_a_container_through_a_real_terminal() {
         let (_, out, _) = baton_cli(&server, &["get", "events", "--subject", "pi-term"]);
         (out.contains("session.exec") && out.contains("exit code 4")).then_some(())
     });
+    // A caller that hangs up before the device answers is audited too.
+    {
+        use std::io::Write;
+        let addr = server.trim_start_matches("http://");
+        let mut http = std::net::TcpStream::connect(addr).expect("connect to the API");
+        let body = r#"{"workload":"web","argv":["/bin/sh","-c","sleep 20 # hung-up-caller"]}"#;
+        write!(
+            http,
+            "POST /api/v1/devices/pi-term/exec HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send the request");
+        wait_for("the exec running on the device", Duration::from_secs(10), || {
+            (!processes_with("hung-up-caller").is_empty()).then_some(())
+        });
+    }
+    wait_for("the abandoned exec's event", Duration::from_secs(10), || {
+        let (_, out, _) = baton_cli(&server, &["get", "events", "--subject", "pi-term", "-o", "json"]);
+        (out.contains("hung-up-caller") && out.contains("the caller went away")).then_some(())
+    });
 
     // Not a terminal: stdin passed through and closed at its end, stdout
     // and stderr apart, the exit code kept; a megabyte each way, unchanged.

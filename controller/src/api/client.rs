@@ -227,7 +227,13 @@ impl Client {
     }
 
     pub fn exec(&self, device: &str, req: &ExecRequest) -> anyhow::Result<ExecResponse> {
-        self.post(&format!("/api/v1/devices/{device}/exec"), req)
+        // Past the controller's own wait for the device (75 s: the agent's
+        // 60 s exec timeout and the round trip), so a silent device is
+        // answered by the controller's 504 naming it, not by this timeout.
+        let url = self.url(&format!("/api/v1/devices/{device}/exec"))?;
+        let req_builder = self.agent.post(url).config().timeout_global(Some(Duration::from_secs(90))).build();
+        let res = self.authed(req_builder).send_json(req);
+        self.finish(res)
     }
 
     /// Opens an interactive session; its id and its stream of frames

@@ -402,9 +402,10 @@ async fn exec(
     }
     let (device, tenant) = online_device_of(&c, &id, &scope).await?;
     visible_workload(&c, &req.workload, &scope).await?;
-    // Audited as sessions are: who ran what where, and how it ended.
+    // Audited as sessions are: who ran what where, and how it ended — also
+    // when it never ended here (the caller went away first).
     let shown = format!("{caller} ran `{}` in workload {} on {id}", req.argv.join(" "), req.workload);
-    let audit = |outcome: String| audit_later(&c, &tenant, "session.exec", &id, format!("{shown}: {outcome}"));
+    let mut audit = ExecAudit { c: c.clone(), tenant, id: id.clone(), shown, said: false };
     let action = CommandAction::Exec { workload: req.workload, argv: req.argv };
     let mut pending = c.commands.send(device, action, now_ms() + 90_000);
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -413,7 +414,7 @@ async fn exec(
         let next = match answer(&mut pending.answers, &id, Duration::from_secs(75)).await {
             Ok(a) => a,
             Err(f) => {
-                audit(format!("failed: {}", f.1));
+                audit.say(format!("failed: {}", f.1));
                 return Err(f);
             }
         };
@@ -421,7 +422,7 @@ async fn exec(
             CommandOutput::Stdout(b) => stdout.extend(b),
             CommandOutput::Stderr(b) => stderr.extend(b),
             CommandOutput::Exit(code) => {
-                audit(format!("exit code {code}"));
+                audit.say(format!("exit code {code}"));
                 return Ok(Json(ExecResponse {
                     exit_code: code,
                     stdout: String::from_utf8_lossy(&stdout).into(),
@@ -433,10 +434,40 @@ async fn exec(
     }
 }
 
+/// A one-shot exec's `session.exec` event: said once with its outcome, or,
+/// if the request is dropped before one (the client hung up or timed
+/// out), as that.
+struct ExecAudit {
+    c: Arc<Controller>,
+    tenant: String,
+    id: String,
+    shown: String,
+    said: bool,
+}
+
+impl ExecAudit {
+    fn say(&mut self, outcome: String) {
+        self.said = true;
+        audit_later(&self.c, &self.tenant, "session.exec", &self.id, format!("{}: {outcome}", self.shown));
+    }
+}
+
+impl Drop for ExecAudit {
+    fn drop(&mut self) {
+        if !self.said {
+            self.say("no outcome: the caller went away before the device answered".into());
+        }
+    }
+}
+
 /// Records an audit event on the blocking pool (a store write), not waited for.
 fn audit_later(c: &Arc<Controller>, tenant: &str, name: &'static str, subject: &str, message: String) {
     let (c, tenant, subject) = (c.clone(), tenant.to_owned(), subject.to_owned());
-    tokio::task::spawn_blocking(move || c.audit(&tenant, name, &subject, message));
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(move || c.audit(&tenant, name, &subject, message))),
+        // (a request dropped as the runtime shuts down)
+        Err(_) => c.audit(&tenant, name, &subject, message),
+    }
 }
 
 async fn restart(

@@ -26,6 +26,11 @@ impl Identity {
 pub trait Authority: Send + Sync + 'static {
     /// The identity behind a CONNECT, or the CONNACK code refusing it and why.
     fn authenticate(&self, connect: &Connect) -> Result<Identity, (u8, &'static str)>;
+
+    /// The broker refused an admitted client a step (a topic outside its
+    /// own, another account's session): the authority says so where
+    /// operators look. May block (called off the async workers).
+    fn denied(&self, _client: &str, _what: &str) {}
 }
 
 /// Topics a device publishes on: its own state, nothing else.

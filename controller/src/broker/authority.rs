@@ -34,4 +34,8 @@ impl Authority for Controller {
         }
         Ok(Identity::Device(id))
     }
+
+    fn denied(&self, client: &str, what: &str) {
+        self.record_denial(client, what, now_ms());
+    }
 }

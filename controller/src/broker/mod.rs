@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use access::{may_publish, may_subscribe, Authority, Identity};
-use router::{Close, Message, Out, Outbox, Router};
+use router::{Close, Message, Out, Outbox, Owner, Router};
 use wire::{Connect, WireError};
 
 /// Largest MQTT payload the broker accepts: a max-size desired document plus headroom.
@@ -338,9 +338,31 @@ impl Broker {
         let outbox = Outbox::new(conn, matches!(who, Who::Internal));
         outbox.heard_ms.store(self.now_ms(), Relaxed);
         outbox.grace_ms.store(u64::from(connect.keep_alive) * 1500, Relaxed);
-        let session_present = self.router().connect(&connect.client_id, connect.clean_session, &outbox).session_present;
+        // A join token's session never outlives its connection.
+        let (owner, clean) = match &who {
+            Who::Anyone => (Owner::Anyone, connect.clean_session),
+            Who::Internal => (Owner::Internal, connect.clean_session),
+            Who::Device(Identity::Device(_)) => (Owner::Device, connect.clean_session),
+            Who::Device(Identity::Joining(_)) => (Owner::Joining, true),
+        };
+        let connected = self.router().connect_as(&connect.client_id, clean, owner, &outbox);
+        let Some(connected) = connected else {
+            self.connections.fetch_sub(1, Relaxed);
+            self.refused_connects.fetch_add(1, Relaxed);
+            tracing::debug!(client = %connect.client_id, account = ?owner, "refused an MQTT connection: its client id is another account's session");
+            let what = match owner {
+                Owner::Joining => "a join token's holder tried to take over this client id's session",
+                _ => "a client of another account tried to take over this client id's session",
+            };
+            denied(admission, &connect.client_id, what);
+            let _ = wr.write_all(&wire::connack(false, wire::NOT_AUTHORIZED)).await;
+            let _ = wr.flush().await;
+            return Err(format!("client {:?} refused: its client id is another account's session", connect.client_id));
+        };
+        let session_present = connected.session_present;
         let mut link = Link {
             broker: self,
+            admission,
             who: &who,
             client: &connect.client_id,
             outbox: &outbox,
@@ -415,6 +437,15 @@ impl Broker {
     }
 }
 
+/// Tells the listener's authority (devices' listeners only) that `client`
+/// was refused `what`; off the async workers (it records an event).
+fn denied(admission: &Admission, client: &str, what: &str) {
+    if let Admission::Devices(authority) = admission {
+        let (authority, client, what) = (authority.clone(), client.to_owned(), what.to_owned());
+        drop(tokio::task::spawn_blocking(move || authority.denied(&client, &what)));
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -430,6 +461,7 @@ enum Ended {
 /// One live connection's state.
 struct Link<'a> {
     broker: &'a Arc<Broker>,
+    admission: &'a Admission,
     who: &'a Who,
     client: &'a str,
     outbox: &'a Arc<Outbox>,
@@ -653,6 +685,7 @@ impl Link<'_> {
     fn deny(&self, what: String) -> Ended {
         self.broker.denied_packets.fetch_add(1, Relaxed);
         tracing::warn!(device = %self.client, %what, "device stepped outside its topics; disconnected");
+        denied(self.admission, self.client, &format!("{what} (outside its topics; disconnected)"));
         Ended::Error(format!("denied: {what}"))
     }
 

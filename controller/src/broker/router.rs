@@ -224,9 +224,37 @@ impl Outbox {
     }
 }
 
+/// The kind of account a session belongs to. A connection resumes or
+/// takes over only a session of its own kind: a session's subscriptions
+/// were checked against the account that made them, so a device resuming
+/// the controller's session, or a join token's holder resuming a device's,
+/// would receive what that account may read without ever being checked
+/// (and would cut its connection off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Owner {
+    /// A listener that checks no credentials (`--mqtt-auth` off).
+    #[default]
+    Anyone,
+    /// The controller's own clients.
+    Internal,
+    /// A device with its password (client id = its id).
+    Device,
+    /// A join token's holder, enrolling under the client id it names.
+    Joining,
+}
+
+impl Owner {
+    /// Whether a connection of this kind may take a session of `existing`'s:
+    /// its own kind, or a device over its own join session.
+    pub fn may_take(self, existing: Owner) -> bool {
+        self == existing || (self == Owner::Device && existing == Owner::Joining)
+    }
+}
+
 #[derive(Debug)]
 struct Session {
     clean: bool,
+    owner: Owner,
     /// (filter, granted QoS); the filter shared with the index's key.
     subs: Vec<(Arc<str>, u8)>,
     conn: Option<Arc<Outbox>>,
@@ -260,6 +288,15 @@ impl Router {
     /// A connection for `client` was accepted: it takes over the session
     /// (or a new one), and gets what the session kept while offline.
     pub fn connect(&mut self, client: &str, clean: bool, outbox: &Arc<Outbox>) -> Connected {
+        self.connect_as(client, clean, Owner::Anyone, outbox).expect("a session of anyone's")
+    }
+
+    /// `connect` for an account of kind `owner`; None (nothing touched) when
+    /// the client id is another kind of account's session.
+    pub fn connect_as(&mut self, client: &str, clean: bool, owner: Owner, outbox: &Arc<Outbox>) -> Option<Connected> {
+        if self.sessions.get(client).is_some_and(|s| !owner.may_take(s.owner)) {
+            return None;
+        }
         let mut replaced = None;
         if let Some(s) = self.sessions.get_mut(client) {
             replaced = s.conn.take();
@@ -267,13 +304,14 @@ impl Router {
                 old.close(Close::TakenOver);
             }
         }
-        if clean || self.sessions.get(client).is_some_and(|s| s.clean) {
+        if clean || self.sessions.get(client).is_some_and(|s| s.clean || s.owner != owner) {
             self.forget(client);
         }
         let present = self.sessions.contains_key(client);
         let key: Arc<str> = Arc::from(client);
         let s = self.sessions.entry(key).or_insert_with(|| Session {
             clean,
+            owner,
             subs: Vec::new(),
             conn: None,
             offline: VecDeque::new(),
@@ -283,7 +321,7 @@ impl Router {
         for (m, qos) in std::mem::take(&mut s.offline) {
             outbox.publish(&m, qos, false);
         }
-        Connected { session_present: present, replaced }
+        Some(Connected { session_present: present, replaced })
     }
 
     /// Connection `conn` of `client` ended. `unacked`: QoS 1 messages it
@@ -586,6 +624,39 @@ mod tests {
         r.subscribe("ctl", &[("d/a/presence".into(), 1)]);
         assert_eq!(drain(&rx), [("d/a/presence".into(), "on".into(), 1, true)]);
         assert_eq!(r.retained(), 2);
+    }
+
+    #[test]
+    fn a_session_is_taken_only_by_its_own_kind_of_account() {
+        let mut r = Router::default();
+        let ctl = Outbox::new(1, false);
+        r.connect_as("baton-controller-1", false, Owner::Internal, &ctl).expect("the controller");
+        r.subscribe("baton-controller-1", &[("d/+/report".into(), 1)]);
+        let pi = Outbox::new(2, false);
+        r.connect_as("pi", false, Owner::Device, &pi).expect("a device");
+        r.subscribe("pi", &[("d/pi/cmd".into(), 1)]);
+        r.disconnected("pi", 2, Vec::new(), 0);
+        // A device named like the controller's client, a join token's holder
+        // naming a device (online or away): refused, nothing touched.
+        let thief = Outbox::new(3, false);
+        assert!(r.connect_as("baton-controller-1", false, Owner::Device, &thief).is_none());
+        assert!(r.connect_as("pi", false, Owner::Joining, &thief).is_none());
+        assert!(r.connect_as("pi", true, Owner::Anyone, &thief).is_none());
+        assert!(ctl.closed_for().is_none(), "the controller's connection was cut");
+        r.publish(msg("d/pi/cmd", "for pi", 1, false));
+        r.publish(msg("d/x/report", "r", 1, false));
+        assert!(drain(&thief).is_empty(), "the refused client got messages");
+        assert_eq!(drain(&ctl), [("d/x/report".into(), "r".into(), 1, false)]);
+        let back = Outbox::new(4, false);
+        assert!(r.connect_as("pi", false, Owner::Device, &back).expect("the device itself").session_present);
+        assert_eq!(drain(&back), [("d/pi/cmd".into(), "for pi".into(), 1, false)]);
+        // A device takes over its own join session, inheriting none of it.
+        let joining = Outbox::new(5, false);
+        r.connect_as("pi-new", false, Owner::Joining, &joining).expect("a join");
+        r.subscribe("pi-new", &[("d/pi-new/enroll-res".into(), 1)]);
+        let enrolled = Outbox::new(6, false);
+        let c = r.connect_as("pi-new", false, Owner::Device, &enrolled).expect("the enrolled device");
+        assert!(!c.session_present && c.replaced.is_some_and(|o| o.id == 5));
     }
 
     #[test]

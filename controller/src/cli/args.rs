@@ -509,8 +509,8 @@ pub struct ServerArgs {
     /// (default: DATA_DIR/signing.key, created on first start).
     #[arg(long)]
     pub signing_key: Option<PathBuf>,
-    /// MQTT over TLS on the gateway (needs --mqtt-auth): a CA is created in
-    /// DATA_DIR/tls on first start; join tokens carry its fingerprint.
+    /// MQTT over TLS on the gateway (needs --mqtt-auth): its CA is made from
+    /// the signing key (written to DATA_DIR/ca.crt); agents that trust the key trust it.
     #[arg(long, requires = "mqtt_auth")]
     pub mqtt_tls: bool,
     /// The API over HTTPS, with a certificate from the controller's CA

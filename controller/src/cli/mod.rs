@@ -228,9 +228,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Backup { output } => {
             let bytes = client().backup()?;
-            let tmp = output.with_extension("partial");
-            std::fs::write(&tmp, &bytes)
-                .and_then(|()| std::fs::rename(&tmp, &output))
+            // As private as the store it copies (owner only), written whole or not at all.
+            crate::keys::write_private(&output, &bytes)
                 .with_context(|| format!("cannot write {}", output.display()))?;
             crate::outln!(
                 "store backed up to {} ({}); keep the controller's signing.key and secrets.key with it \

@@ -136,6 +136,9 @@ pub struct Controller {
     /// The last workload errors said as events, per device (workload →
     /// the error without its digits): a leaf lock, taken alone.
     said_errors: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
+    /// When a `device.denied` event was last recorded, per client id (at
+    /// most one a minute each: a client retrying in a loop is one line).
+    denials: Mutex<BTreeMap<String, Millis>>,
     /// API tokens and their secrets' hashes.
     api_tokens: Mutex<Vec<(crate::store::ApiToken, Vec<u8>)>>,
     /// Event webhooks: a queue and a delivery thread each (`crate::webhook`).
@@ -286,6 +289,7 @@ impl Controller {
             dynsec: false,
             swept_tokens: Mutex::new((BTreeSet::new(), 0)),
             said_errors: Mutex::new(BTreeMap::new()),
+            denials: Mutex::new(BTreeMap::new()),
             api_tokens: Mutex::new(api_tokens),
             broker: std::sync::OnceLock::new(),
             sessions: crate::sessions::Registry::default(),
@@ -325,6 +329,29 @@ impl Controller {
         self.webhooks.offer(&e);
         // No reader is the usual case, not an error.
         let _ = self.live.send(e);
+    }
+
+    /// `device.denied`: the embedded broker refused `client` a step
+    /// (`what`), as a possibly compromised device or a stolen token would
+    /// try. At most one event a minute per client id; the broker's counters
+    /// (`baton_mqtt_denied_total`, `baton_mqtt_refused_total`) count them all.
+    pub fn record_denial(&self, client: &str, what: &str, now: Millis) {
+        {
+            let mut said = lock(&self.denials);
+            if said.get(client).is_some_and(|at| now.saturating_sub(*at) < 60_000) {
+                return;
+            }
+            if said.len() >= 10_000 {
+                said.retain(|_, at| now.saturating_sub(*at) < 60_000);
+            }
+            said.insert(client.to_owned(), now);
+        }
+        let tenant = baton_protocol::DeviceId::new(client.to_owned())
+            .ok()
+            .and_then(|id| self.device_tenant(&id))
+            .unwrap_or_default();
+        let message = format!("the MQTT gateway refused a client as {client:?}: {what} (further refusals of it for a minute are counted, not recorded)");
+        self.event(&lock(&self.store), &tenant, "device.denied", client, message, now);
     }
 
     /// Records an event about what an operator did on a device (sessions).

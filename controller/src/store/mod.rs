@@ -304,6 +304,28 @@ impl StoreAt {
     }
 }
 
+/// The database holds workload specs (their environment), events and
+/// hashes: readable by its owner only. A new file is made 0600 (SQLite
+/// makes its -wal and -shm with the database's mode), an existing one and
+/// its side files are brought to 0600.
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if !path.exists() {
+        std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path)?;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        match std::fs::metadata(&file) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 pub struct Store {
     db: Db,
     /// The SQLite file (backups are written beside it first); None on PostgreSQL.
@@ -313,6 +335,8 @@ pub struct Store {
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let open_err = |source| StoreError::Open { path: path.display().to_string(), source };
+        owner_only(path)
+            .map_err(|e| StoreError::Sql(format!("database {}: cannot make it owner-only: {e}", path.display())))?;
         let conn = Connection::open(path).map_err(open_err)?;
         // WAL: readers never block the ingest writer; NORMAL is durable across
         // process crashes, and at worst loses the last commit on power loss.
