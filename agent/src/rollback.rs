@@ -102,7 +102,18 @@ impl Guard {
                     w.revision,
                     w.health_deadline_s,
                     s.map_or("never started".to_string(), |s| {
-                        let mut d = format!("{:?}", s.phase).to_lowercase();
+                        // What the new revision did, not what the old one does:
+                        // a status of another revision means the new one never ran.
+                        let mut d = if s.revision == w.revision {
+                            format!("{:?}", s.phase).to_lowercase()
+                        } else {
+                            format!("it never ran; revision {} still {:?}", s.revision, s.phase).to_lowercase()
+                        };
+                        if let (Some(code), Phase::BackingOff | Phase::Exited | Phase::Failed) =
+                            (s.last_exit_code, s.phase)
+                        {
+                            d = format!("{d}, last exit code {code}");
+                        }
                         if let Some(e) = &s.last_error {
                             d = format!("{d}: {e}");
                         }
@@ -201,6 +212,34 @@ mod tests {
         let mut report = status(1, Phase::BackingOff, Health::Unhealthy);
         g.annotate(&mut report);
         assert_eq!(report[0].phase, Phase::BackingOff);
+    }
+
+    /// The reason names what the new revision did (a trial read "(running)"
+    /// for a revision whose pull kept failing: that was the old one).
+    #[test]
+    fn the_reason_says_what_the_new_revision_did() {
+        let why = |s: WorkloadStatus| {
+            let mut g = Guard::with_proven(vec![spec(1, 30)]);
+            let d = [spec(2, 30)];
+            g.observe(&d, std::slice::from_ref(&s), 0);
+            g.observe(&d, std::slice::from_ref(&s), 30_000);
+            let mut report = vec![s];
+            g.annotate(&mut report);
+            report[0].last_error.clone().unwrap_or_default()
+        };
+        let pulling = WorkloadStatus {
+            last_error: Some("revision 2: pull img:2: connection refused".into()),
+            ..status(1, Phase::Running, Health::Healthy).remove(0)
+        };
+        let r = why(pulling);
+        assert!(
+            r.contains("it never ran; revision 1 still running: revision 2: pull img:2: connection refused"),
+            "{r}"
+        );
+        let crashing =
+            WorkloadStatus { last_exit_code: Some(3), ..status(2, Phase::BackingOff, Health::Unhealthy).remove(0) };
+        let r = why(crashing);
+        assert!(r.contains("(backingoff, last exit code 3)"), "{r}");
     }
 
     #[test]

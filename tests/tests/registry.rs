@@ -369,3 +369,78 @@ fn a_registry_with_a_private_ca_is_trusted_through_its_configured_ca_only() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("no PEM certificate"), "{text}");
 }
+
+/// Symptom (a new user's trial): the registry down during an update of a
+/// workload with a secret that must stop before its successor starts (a
+/// named volume): the pull kept failing and the old container kept running
+/// — until the health deadline, when the device went back to that very
+/// revision and the controller re-sealed its secret for the rollback: new
+/// bytes, another fingerprint, and the healthy container was stopped and
+/// started again. Now a seal is reused across revisions, and nothing of the
+/// running revision changes.
+#[test]
+fn a_registry_down_during_an_update_leaves_the_running_container_alone() {
+    let world = World::new();
+    let registry = RegistryServer::start(&world);
+    pushed_busybox(&world, &registry, "apps/busybox:1");
+    let controller = Controller::start(&world, None, &["--resolve-digests", "true"]);
+    let server = controller.server_url();
+    // Secrets are written only to a tmpfs run dir, as /run is on a device.
+    let run = world.path().join("run-pi-out");
+    std::fs::create_dir_all(&run).expect("run dir");
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(&run).status();
+    assert!(mounted.expect("mount").success(), "cannot mount a tmpfs (tests run as root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(run.clone());
+    let _agent = start_agent(&world, "pi-out", &controller.broker_url(), &[]);
+    wait_for("pi-out online with a sealing key", Duration::from_secs(30), || {
+        controller.device("pi-out").filter(|d| d.inventory.as_ref().is_some_and(|i| i.sealing_key.len() == 32))
+    });
+    let (ok, out, err) = baton_cli(&server, &["secret", "create", "app-token", "--from-literal", "s3cr3t"]);
+    assert!(ok, "{out}{err}");
+    let manifest = world.path().join("app.yaml");
+    let spec = |tag: &str| {
+        format!(
+            "name: app\nimage: 127.0.0.1:{}/apps/busybox:{tag}\ncommand: [/bin/sh, -c, 'while true; do sleep 0.2; done']\n\
+             volumes: [{{path: /data, name: app-data}}]\nsecrets: [{{name: app-token, path: /run/secrets/token}}]\n\
+             health_deadline: 12\n",
+            registry.port
+        )
+    };
+    std::fs::write(&manifest, spec("1")).expect("manifest");
+    let (ok, out, err) = baton_cli(&server, &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    assert!(ok, "{out}{err}");
+    wait_for("revision 1 healthy", Duration::from_secs(60), || settled(&server, "app", 1, 1));
+    let pid = wait_for("its pid", Duration::from_secs(10), || running_pid(&run, "app-0"));
+    // Proven on the device (it ran healthy past its settle time): what a rollback goes back to.
+    let proven = world.path().join("agent-pi-out/state/proven.bin");
+    wait_for("revision 1 proven", Duration::from_secs(30), || proven.exists().then_some(()));
+
+    // Revision 2's tag is nowhere: the pull fails until the health deadline.
+    std::fs::write(&manifest, spec("2")).expect("manifest");
+    let (ok, out, err) = baton_cli(&server, &["apply", "-f", manifest.to_str().expect("utf-8")]);
+    assert!(ok, "{out}{err}");
+    wait_for("the device to give revision 2 up", Duration::from_secs(60), || {
+        let w = describe_workload(&server, "app")?;
+        let r = w.devices.first()?.reported.clone()?;
+        (r.phase == baton_protocol::Phase::RolledBack).then_some(r)
+    });
+    // The controller sends the device back to revision 1 (the rollout stops).
+    wait_for("revision 1 asked again", Duration::from_secs(30), || {
+        let w = describe_workload(&server, "app")?;
+        let r = w.rollout.as_ref()?;
+        (w.devices.first()?.desired_revision == 1 && !r.state.active()).then_some(())
+    });
+    wait_for("revision 1 reported settled again", Duration::from_secs(30), || settled(&server, "app", 1, 1));
+    let log = std::fs::read_to_string(world.path().join("agent-pi-out.log")).unwrap_or_default();
+    assert!(!log.contains("stopping for replacement"), "revision 1's container was replaced:\n{log}");
+    assert_eq!(running_pid(&run, "app-0"), Some(pid), "revision 1's container was replaced");
+    assert!(alive(pid));
+    let r = describe_workload(&server, "app").and_then(|w| w.devices.first()?.reported.clone()).expect("report");
+    assert_eq!((r.revision, r.restarts), (1, 0), "{r:?}");
+}

@@ -343,7 +343,14 @@ fn news_of(said: &mut BTreeMap<String, String>, report: Option<&baton_protocol::
             matches!(w.phase, Phase::BackingOff | Phase::Failed)
                 .then(|| format!("exited with code {code}; {} restarts so far", w.restarts))
         });
-        let Some(error) = error else {
+        // A successor's pull under way (`revision N: pulling IMAGE`, the old
+        // revision running meanwhile) is progress, not an error: every
+        // update would page whoever listens for workload errors.
+        let progress = |e: &String| {
+            let rest = e.strip_prefix("revision ").and_then(|r| r.split_once(": ")).map_or(e.as_str(), |(_, r)| r);
+            rest.starts_with("pulling ")
+        };
+        let Some(error) = error.filter(|e| !progress(e)) else {
             said.remove(&w.name);
             continue;
         };
@@ -402,6 +409,13 @@ mod tests {
         let crash = news(report(&[("job", Phase::BackingOff, None, Some(3), 1)]));
         assert_eq!(crash, ["job: exited with code 3; 1 restarts so far"]);
         assert!(news(report(&[("job", Phase::BackingOff, None, Some(3), 7)])).is_empty());
+        // An update's pull under way beside the running revision is progress;
+        // its failure is news.
+        let pulling = "revision 2: pulling reg:5000/app:2";
+        assert!(news(report(&[("web", Phase::Running, Some(pulling), None, 0)])).is_empty());
+        let failed = "revision 2: pull reg:5000/app:2: refused";
+        assert_eq!(news(report(&[("web", Phase::Running, Some(failed), None, 0)])), [format!("web: {failed}")]);
+        assert!(news(report(&[("web", Phase::Running, None, None, 0)])).is_empty());
         // A clean exit is not an error; a workload gone is forgotten.
         assert!(news(report(&[("done", Phase::Exited, None, Some(0), 0)])).is_empty());
         assert!(news(report(&[])).is_empty());

@@ -51,10 +51,15 @@ struct Snapshot {
     now: Millis,
 }
 
-/// Sealed file contents by (device, workload, revision, path), with the device
-/// key they were sealed to: a seal is reused until one of those changes, so
-/// documents do not change (and containers do not restart) for nothing.
-type SealCache = BTreeMap<(String, String, u64, String), ([u8; 32], Vec<u8>)>;
+/// Sealed file contents by (device, workload, path, secret reference), with
+/// the device key they were sealed to: a seal is reused until one of those
+/// changes — across revisions too (a seal is bound to device, workload and
+/// path, not to a revision) — so documents do not change, and containers do
+/// not restart, for nothing. A revision the device ran before and is sent
+/// back to (a rollback) gets its very bytes again: a trial found a device
+/// that never left its stable revision (its successor's pull failed)
+/// restarted it when the rollback re-sealed its secret.
+type SealCache = BTreeMap<(String, String, String, Vec<u8>), ([u8; 32], Vec<u8>)>;
 
 /// Workloads, where they run, and what each device was last given.
 #[derive(Default)]
@@ -227,9 +232,14 @@ impl Controller {
                 .and_then(|d| d.inventory.as_ref())
                 .and_then(|i| <[u8; 32]>::try_from(i.sealing_key.as_slice()).ok());
             for w in &doc.workloads {
+                // The references behind the seals: the stored revision's spec.
+                let spec = workloads.get(&w.name).and_then(|e| e.revisions.get(&w.revision));
                 for f in w.container.files.iter().filter(|f| f.is_sealed()) {
-                    if let Some(key) = key {
-                        let at = (device.clone(), w.name.clone(), w.revision, f.path.clone());
+                    let reference = spec
+                        .and_then(|s| s.container.files.iter().find(|r| r.path == f.path))
+                        .map(|r| r.contents.clone());
+                    if let (Some(key), Some(reference)) = (key, reference) {
+                        let at = (device.clone(), w.name.clone(), f.path.clone(), reference);
                         sealed.insert(at, (key, f.contents.clone()));
                     }
                 }

@@ -183,7 +183,19 @@ impl Controller {
             }
             st.desired.insert(device, doc);
         }
-        // Seals of documents no longer published are dropped.
+        // Seals no document uses any more are dropped, except those of a
+        // workload's stable revision while the workload is on the device
+        // (its document names another revision now): a rollback to it sends
+        // the very bytes the running container came from.
+        for ((device, workload, path, reference), seal) in cache {
+            let stable = st.workloads.get(&workload).and_then(|e| e.revisions.get(&e.stable));
+            let keep = stable
+                .is_some_and(|spec| spec.container.files.iter().any(|f| f.path == path && f.contents == reference))
+                && st.desired.get(&device).is_some_and(|d| d.workloads.iter().any(|w| w.name == workload));
+            if keep {
+                sealed.entry((device, workload, path, reference)).or_insert(seal);
+            }
+        }
         st.sealed = sealed;
         if unstored {
             // The next tick computes them again (a store that was away: a

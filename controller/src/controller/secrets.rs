@@ -151,7 +151,7 @@ impl Controller {
                 if !file.is_sealed() {
                     continue;
                 }
-                let at = (device.to_string(), spec.name.clone(), spec.revision, file.path.clone());
+                let at = (device.to_string(), spec.name.clone(), file.path.clone(), file.contents.clone());
                 let Some(key) = key else {
                     tracing::warn!(%device, workload = %spec.name, "device reported no sealing key (agent too old?): workload with secrets not sent");
                     continue 'spec;
