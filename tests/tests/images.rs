@@ -220,6 +220,11 @@ fn the_images_user_workdir_file_capabilities_and_mtimes_are_honoured() {
         .expect("test fixture");
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\napp:x:1000:\nstaff:x:50:app\n").expect("test fixture");
     std::fs::create_dir_all(rootfs.join("srv/www")).expect("test fixture");
+    // A directory the USER owns, where its named volume goes.
+    std::fs::create_dir_all(rootfs.join("srv/state")).expect("test fixture");
+    std::os::unix::fs::chown(rootfs.join("srv/state"), Some(1000), Some(1000)).expect("test fixture");
+    std::fs::set_permissions(rootfs.join("srv/state"), std::os::unix::fs::PermissionsExt::from_mode(0o750))
+        .expect("test fixture");
     std::fs::write(rootfs.join("srv/www/index.html"), "served as app\n").expect("test fixture");
     std::fs::copy(fixtures::BUSYBOX, rootfs.join("bin/busybox-cap")).expect("test fixture");
     run("setcap", &["cap_net_bind_service+ep", rootfs.join("bin/busybox-cap").to_str().expect("utf-8 path")]);
@@ -234,7 +239,13 @@ fn the_images_user_workdir_file_capabilities_and_mtimes_are_honoured() {
         "name: app\nimage: {}/apps/user:1\nnetwork: none\ncommand: [/bin/busybox-cap, httpd, -f, -p, \"80\", -h, /srv/www]\n",
         s.registry.host
     );
-    s.run("app.yaml", &yaml, 1);
+    // Its own files (a secret's mode, 0400) and a fresh named volume are its
+    // user's (a trial found both root's: unreadable, unwritable as USER app).
+    let own = "volumes: [{path: /srv/state, name: app-state}]\nfiles: [{path: /etc/app.conf, mode: \"0400\", content: \"for app only\\n\"}]\n";
+    s.run("app.yaml", &format!("{yaml}{own}"), 1);
+    assert_eq!(s.exec("app", &["/bin/busybox", "cat", "/etc/app.conf"]), "for app only\n");
+    assert_eq!(s.exec("app", &["/bin/busybox", "stat", "-c", "%u:%g:%a", "/srv/state"]).trim(), "1000:1000:750");
+    assert_eq!(s.exec("app", &["/bin/sh", "-c", "echo kept > /srv/state/f && cat /srv/state/f"]), "kept\n");
     assert_eq!(s.exec("app", &["/bin/busybox", "id", "-u"]).trim(), "1000", "exec is not the image's user");
     let groups = s.exec("app", &["/bin/busybox", "id", "-G"]);
     assert!(groups.split_whitespace().any(|g| g == "50"), "the user's supplementary group is missing: {groups}");

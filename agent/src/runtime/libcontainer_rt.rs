@@ -67,7 +67,10 @@ impl LibcontainerRuntime {
         self.layout.run_state(id)
     }
 
-    /// Writes the spec's files where its bind mounts expect them.
+    /// Writes the spec's files where its bind mounts expect them, owned by
+    /// the user the container runs as: a secret's 0400 is then readable by
+    /// its process and nobody else (owned by root, an image with a USER
+    /// could not read its own secrets).
     fn write_files(&self, id: &str, spec: &baton_protocol::spec::ContainerSpec) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         if spec.files.is_empty() {
@@ -75,9 +78,13 @@ impl LibcontainerRuntime {
         }
         let dir = self.layout.container_files(id);
         std::fs::create_dir_all(&dir)?;
+        let user = spec.user.unwrap_or_default();
         for (i, f) in spec.files.iter().enumerate() {
             let path = dir.join(i.to_string());
             std::fs::write(&path, &f.contents)?;
+            if user.uid != 0 || user.gid != 0 {
+                std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))?;
+            }
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode & 0o7777))?;
         }
         Ok(())
@@ -272,7 +279,10 @@ impl ContainerRuntime for LibcontainerRuntime {
         for m in &req.spec.mounts {
             if let baton_protocol::spec::MountSource::Volume(name) = &m.source {
                 let dir = self.layout.volume(name);
-                std::fs::create_dir_all(&dir).map_err(RuntimeError::io(format!("create volume {}", dir.display())))?;
+                if !dir.exists() {
+                    new_volume(&dir, &req.rootfs, &m.target)
+                        .map_err(RuntimeError::io(format!("create volume {}", dir.display())))?;
+                }
             }
         }
         let state = self.run_state(id);
@@ -553,6 +563,28 @@ fn held_capabilities() -> &'static [String] {
 /// the container's user, as Podman does; its missing parents too), the program (found, and
 /// executable), the user's supplementary groups and HOME from the image's
 /// /etc/passwd and /etc/group.
+/// A named volume made on its first use takes the owner and mode of the
+/// image's directory at its mount point (as Docker does), so an image that
+/// runs as a USER owning, say, /data can write to its volume there; where
+/// the image has no such directory, root's 0755. Made under a temporary
+/// name and renamed, so a volume dir that exists is always whole.
+fn new_volume(dir: &Path, rootfs: &super::rootfs::Rootfs, target: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let parent = dir.parent().ok_or_else(|| std::io::Error::other("a volume dir with no parent"))?;
+    std::fs::create_dir_all(parent)?;
+    // A name no volume can have (they never start with '.').
+    let name = dir.file_name().ok_or_else(|| std::io::Error::other("a volume dir with no name"))?;
+    let staged = parent.join(format!(".{}.new", name.to_string_lossy()));
+    let _ = std::fs::remove_dir(&staged);
+    std::fs::create_dir(&staged)?;
+    let image_dir = rootfs.lookup(target.trim_start_matches('/')).and_then(|p| std::fs::symlink_metadata(p).ok());
+    if let Some(m) = image_dir.filter(|m| m.is_dir()) {
+        std::os::unix::fs::chown(&staged, Some(m.uid()), Some(m.gid()))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    }
+    std::fs::rename(&staged, dir)
+}
+
 pub(crate) struct ProcessSetup {
     pub additional_gids: Vec<u32>,
     /// HOME to set (the spec and the image did not).
