@@ -250,6 +250,11 @@ impl Fleet {
         self.devices.get(id)
     }
 
+    /// Forgets a device (`delete device`).
+    pub fn remove(&mut self, id: &DeviceId) -> Option<Device> {
+        self.devices.remove(id)
+    }
+
     pub fn devices(&self) -> impl Iterator<Item = &Device> {
         self.devices.values()
     }

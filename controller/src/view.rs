@@ -491,10 +491,14 @@ pub struct ScaleRequest {
 }
 
 impl WorkloadView {
-    /// Devices reporting the revision they are asked to run, running.
+    /// Devices reporting the revision they are asked to run, running; an
+    /// offline device's last report is no news of what runs there now, so
+    /// it does not count (a trial's revoked, dead device counted as running
+    /// and healthy for ever).
     pub fn running(&self) -> usize {
         self.devices
             .iter()
+            .filter(|d| d.device_status != crate::fleet::Status::Offline)
             .filter(|d| {
                 d.reported
                     .as_ref()
@@ -512,6 +516,7 @@ impl WorkloadView {
     pub fn healthy(&self) -> usize {
         self.devices
             .iter()
+            .filter(|d| d.device_status != crate::fleet::Status::Offline)
             .filter(|d| {
                 d.reported.as_ref().is_some_and(|r| {
                     r.revision == d.desired_revision
@@ -634,4 +639,47 @@ pub struct WebhookCreated {
     pub secret: String,
     #[serde(flatten)]
     pub webhook: WebhookView,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::Status;
+    use baton_protocol::{Health, Phase, WorkloadStatus};
+
+    #[test]
+    fn an_offline_devices_last_report_does_not_count_as_running() {
+        let on = |device: &str, device_status| WorkloadOnDevice {
+            device: device.into(),
+            device_status,
+            desired_revision: 1,
+            reported: Some(WorkloadStatus {
+                name: "w".into(),
+                revision: 1,
+                phase: Phase::Running,
+                health: Health::Healthy,
+                ..Default::default()
+            }),
+            load: None,
+            waiting: None,
+            address: None,
+            refused: None,
+        };
+        let w = WorkloadView {
+            name: "w".into(),
+            tenant: String::new(),
+            revision: 1,
+            stable_revision: 1,
+            image: "img".into(),
+            placement: Default::default(),
+            replicas: None,
+            unplaced: 0,
+            revisions: Vec::new(),
+            rollout: None,
+            devices: vec![on("a", Status::Online), on("b", Status::Stale), on("dead", Status::Offline)],
+            manifest: Default::default(),
+            autoscale: None,
+        };
+        assert_eq!((w.running(), w.healthy()), (2, 2));
+    }
 }

@@ -168,6 +168,28 @@ fn a_device_that_died_while_the_controller_was_down_goes_offline_and_holds_no_ro
     wait_for("a-0000 offline", Duration::from_secs(30), || (status("a-0000") == Some(Status::Offline)).then_some(()));
     let (ok, events, _) = baton_cli(&server, &["get", "events"]);
     assert!(ok && events.contains("no goodbye and no Last Will received"), "{events}");
+
+    // It never comes back: the operator deletes it (a connected device is
+    // refused), and it no longer counts anywhere, across a restart too.
+    let (ok, _, err) = baton_cli(&server, &["delete", "device", "b-0000"]);
+    assert!(!ok && err.contains("is connected"), "{err}");
+    let (ok, out, err) = baton_cli(&server, &["delete", "device", "a-0000"]);
+    assert!(ok && out.contains("device/a-0000 deleted"), "{out}{err}");
+    let gone = |c: &Controller| c.device("a-0000").is_none() && c.devices().len() == 2;
+    assert!(gone(&controller), "{:?}", controller.devices());
+    let w = describe_workload(&server, "app").expect("app");
+    assert_eq!(w.devices.len(), 2, "{:?}", w.devices);
+    controller.restart();
+    let status = |id: &str| controller.device(id).map(|d| d.status);
+    wait_for("the two others online", Duration::from_secs(30), || {
+        (status("b-0000") == Some(Status::Online) && status("b-0001") == Some(Status::Online)).then_some(())
+    });
+    assert!(gone(&controller), "the deleted device came back with the restart: {:?}", controller.devices());
+    let (ok, events, _) = baton_cli(&server, &["get", "events", "--subject", "a-0000"]);
+    assert!(ok && events.contains("device.deleted"), "{events}");
+    // An agent that does come back under the id registers anew.
+    let _back = start_simulator(&world, "a", 1, &broker, &["--heartbeat-interval", "300"]);
+    wait_for("a-0000 back", Duration::from_secs(30), || (status("a-0000") == Some(Status::Online)).then_some(()));
 }
 
 /// Symptom (a new user's trial): a device frozen (SIGSTOP) across a

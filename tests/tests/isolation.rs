@@ -37,7 +37,7 @@ fn devices_speak_only_for_themselves_read_only_their_documents_and_revoked_ones_
         &format!("allow_anonymous false\npassword_file {}\nacl_file {}\n", passwords.display(), acl.display()),
     );
     let controller_pw = dir.join("controller.pw").display().to_string();
-    let controller = Controller::start(
+    let mut controller = Controller::start(
         &world,
         Some(mosquitto.port),
         &["--broker-username", "baton-controller", "--broker-password-file", &controller_pw],
@@ -110,6 +110,30 @@ fn devices_speak_only_for_themselves_read_only_their_documents_and_revoked_ones_
     assert!(refused.is_some(), "a revoked device could still connect");
     // A is unaffected.
     assert!(RawClient::try_connect(mosquitto.port, "pi-a-2", Some(("pi-a", "a-pw"))).is_ok());
+
+    // B gone for good: deleted, with what Mosquitto retains for it (its
+    // presence, inventory, report, document), so the controller's next
+    // connection is not handed it back.
+    agents[1].kill9();
+    wait_for("pi-b offline", Duration::from_secs(60), || {
+        controller.device("pi-b").filter(|d| d.status == Status::Offline)
+    });
+    let (ok, out, err) = baton_cli(&controller.server_url(), &["delete", "device", "pi-b"]);
+    assert!(ok, "{out}{err}");
+    controller.restart();
+    wait_for("pi-a online again", Duration::from_secs(30), || {
+        controller.device("pi-a").filter(|d| d.status == Status::Online)
+    });
+    let mut watcher =
+        RawClient::try_connect(mosquitto.port, "baton-watch", Some(("baton-controller", "controller-pw")))
+            .expect("the controller's account");
+    watcher.subscribe("baton/v1/dev/pi-b/#");
+    let retained = watcher.next_message(Duration::from_secs(2));
+    assert!(
+        retained.as_ref().is_none_or(|(_, payload, _)| payload.is_empty()),
+        "still retained for pi-b: {retained:?}"
+    );
+    assert!(controller.device("pi-b").is_none(), "pi-b came back from the broker's retained messages");
 }
 
 /// The embedded broker behind the gateway (`--mqtt-auth`): the same promises,

@@ -150,6 +150,10 @@ impl Client {
         self.get(&format!("/api/v1/workloads/{name}"))
     }
 
+    pub fn delete_device(&self, id: &str) -> anyhow::Result<()> {
+        self.delete::<serde_json::Value>(&format!("/api/v1/devices/{id}")).map(drop)
+    }
+
     pub fn delete_workload(&self, name: &str) -> anyhow::Result<()> {
         self.delete::<serde_json::Value>(&format!("/api/v1/workloads/{name}")).map(drop)
     }

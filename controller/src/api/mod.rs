@@ -71,6 +71,7 @@ fn operations() -> Vec<Operation> {
         serve(at(PUT, "/api/v1/devices/{id}/tenant", "Move a device to another tenant (fleet-wide admins)").takes(json::<AssignRequest>()).gives(json::<DeviceView>()), assign_device),
         serve(at(POST, "/api/v1/devices/{id}/credentials", "Issue a device's MQTT password").gives(json::<CredentialsView>()), issue_credentials),
         serve(at(POST, "/api/v1/devices/{id}/revoke", "Revoke a device: its credentials, its connection").gives(done()), revoke_device),
+        serve(at(DELETE, "/api/v1/devices/{id}", "Forget a device that is not connected: its record and document (credentials and events stay)").gives(done()), delete_device),
         serve(at(GET, "/api/v1/devices/{id}/logs/{workload}", "A workload's log on a device, streamed; `follow` keeps it open").query::<LogsQuery>().gives(Body::Raw("text/plain", "log lines as the device sends them")), logs),
         serve(at(POST, "/api/v1/devices/{id}/exec", "Run a command in a workload's container and wait for its end").takes(json::<ExecRequest>()).gives(json::<ExecResponse>()), exec),
         serve(at(POST, "/api/v1/devices/{id}/sessions", "Open an interactive session in a container or on the device").takes(json::<SessionRequest>()).gives(frames), session::open),
@@ -562,6 +563,16 @@ async fn get_workload(
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, Failure> {
     Ok(Json(op(&c, move |c| c.workload(&name, now_ms(), &scope)).await??))
+}
+
+async fn delete_device(
+    State(c): State<Arc<Controller>>,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Failure> {
+    let i = id.clone();
+    op(&c, move |c| c.delete_device(&i, now_ms(), &scope)).await??;
+    Ok(Json(serde_json::json!({"deleted": id})))
 }
 
 async fn delete_workload(

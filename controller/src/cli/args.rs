@@ -67,7 +67,9 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t)]
         output: Format,
     },
-    /// Delete a workload: every device stops and removes it.
+    /// Delete a workload (every device stops and removes it), or forget a
+    /// device that is not connected (a dead one: its record and document go,
+    /// its credentials stay).
     Delete { resource: Resource, name: String },
     /// Set (key=value) or remove (key-) operator labels on a device.
     Label {

@@ -85,11 +85,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             crate::outln!("workload/{name} deleted");
             Ok(())
         }
-        Command::Delete { resource: Resource::Devices | Resource::Events, .. }
-        | Command::Label { resource: Resource::Workloads | Resource::Events, .. } => {
-            anyhow::bail!(
-                "not supported: devices leave the fleet when their agent is uninstalled; labels are for devices"
-            )
+        Command::Delete { resource: Resource::Devices, name } => {
+            client().delete_device(&name)?;
+            crate::outln!("device/{name} deleted (its credentials stay: `baton device revoke {name}` keeps it out)");
+            Ok(())
+        }
+        Command::Delete { resource: Resource::Events, .. } => {
+            anyhow::bail!("events are not deleted: they are the fleet's history (the store keeps the newest)")
+        }
+        Command::Label { resource: Resource::Workloads | Resource::Events, .. } => {
+            anyhow::bail!("not supported: labels are for devices")
         }
         Command::Describe { resource: Resource::Devices, id, output } => {
             let device = client().device(&id)?;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 
 use baton_protocol::release::UpgradeState;
-use baton_protocol::{validate_label, DeviceId, Health, Phase, PresenceState};
+use baton_protocol::{validate_label, DeviceId, Health, Phase, PresenceState, TopicKind};
 
 use crate::dashboard::{FailingWorkload, Filter, Overview, Row, Sample, StoppedRollout};
 use crate::fleet::{Change, Delivery, Device, Fleet, FleetEvent, Liveness, Millis};
@@ -15,7 +15,7 @@ use crate::store::StoreError;
 use crate::tenant::Scope;
 use crate::view::{DeviceView, LabelChange};
 
-use super::{lock, parse_id, Controller, OpError};
+use super::{lock, parse_id, Controller, OpError, Outgoing};
 
 impl Controller {
     /// Applies a decoded device event and persists it when durable state changed.
@@ -294,6 +294,41 @@ impl Controller {
         drop(store);
         self.sync_desired(now);
         Ok(DeviceView::new(&device, now, &self.liveness))
+    }
+
+    /// `baton delete device ID`: forgets an offline device — its record,
+    /// its document, what the broker retains for it (so no reconnect of
+    /// this controller brings it back) — and places its workloads again
+    /// without it: a dead Pi stops counting. Its credentials, revocation and
+    /// events stay (`revoke` is what keeps it out); an agent that comes back
+    /// under the id registers anew and gets a fresh document. A connected
+    /// device is refused: its agent would only register it again.
+    pub fn delete_device(&self, id: &str, now: Millis, scope: &Scope) -> Result<(), OpError> {
+        let id = parse_id(id)?;
+        let tenant = {
+            let mut fleet = lock(&self.fleet);
+            let d = Self::visible_device(&fleet, &id, scope)?;
+            if d.presence.state == PresenceState::Online {
+                return Err(OpError::Invalid(format!(
+                    "device {id} is connected: stop its agent (or revoke it: baton device revoke {id}), then delete it"
+                )));
+            }
+            let tenant = d.tenant.clone();
+            fleet.remove(&id);
+            tenant
+        };
+        let store = lock(&self.store);
+        store.delete_device(id.as_str())?;
+        self.event(&store, &tenant, "device.deleted", id.as_str(), "deleted: forgotten with its document".into(), now);
+        drop(store);
+        lock(&self.state).desired.remove(id.as_str());
+        lock(&self.said_errors).remove(id.as_str());
+        for kind in [TopicKind::Desired, TopicKind::Presence, TopicKind::Inventory, TopicKind::Report] {
+            let _ = self.outbox.send(Outgoing::Retained(id.topic(kind), Vec::new()));
+        }
+        self.desired_stale.store(true, Relaxed);
+        self.sync_desired(now);
+        Ok(())
     }
 
     /// Devices silent past `offline_after` are offline, whatever the broker

@@ -152,6 +152,16 @@ impl Store {
         Ok(had)
     }
 
+    /// Forgets a device's record and document (`delete device`); its
+    /// credentials, revocation and events stay. The document goes first: a
+    /// stop between the two leaves a device without one, which is
+    /// published again, never a document for a device that is gone.
+    pub fn delete_device(&self, device: &str) -> Result<(), StoreError> {
+        self.db.execute("DELETE FROM desired WHERE device = ?1", args![device])?;
+        self.db.execute("DELETE FROM devices WHERE id = ?1", args![device])?;
+        Ok(())
+    }
+
     pub fn load_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
         let doc = self.db.query_opt("SELECT doc FROM devices WHERE id = ?1", args![id.as_str()])?;
         let doc = doc.map(|mut r| r.text(0)).transpose()?;
