@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use baton_protocol::spec::WorkloadSpec;
-use baton_protocol::{Health, Phase, WorkloadStatus};
+use baton_protocol::{Phase, WorkloadStatus};
 
 /// How long a revision must run healthy to be proven (at most).
 const SETTLE_MS: u64 = 10_000;
@@ -75,8 +75,7 @@ impl Guard {
             }
             let proven_rev = self.proven.get(&w.name).map(|p| p.revision);
             let s = status.iter().find(|s| s.name == w.name);
-            let healthy =
-                s.is_some_and(|s| s.revision == w.revision && s.phase == Phase::Running && s.health == Health::Healthy);
+            let healthy = s.is_some_and(|s| s.proves(w.revision));
             let trial = self.trials.entry(w.name.clone()).or_insert(Trial {
                 revision: w.revision,
                 since_ms: now,
@@ -144,6 +143,7 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use baton_protocol::Health;
 
     fn spec(revision: u64, deadline_s: u32) -> WorkloadSpec {
         WorkloadSpec {
@@ -240,6 +240,26 @@ mod tests {
             WorkloadStatus { last_exit_code: Some(3), ..status(2, Phase::BackingOff, Health::Unhealthy).remove(0) };
         let r = why(crashing);
         assert!(r.contains("(backingoff, last exit code 3)"), "{r}");
+    }
+
+    /// A run-to-completion revision that finished with 0 is proven, not
+    /// rolled back at its deadline (a trial's abort then re-ran the old job).
+    #[test]
+    fn a_job_that_finished_cleanly_is_proven() {
+        let mut g = Guard::with_proven(vec![spec(1, 30)]);
+        let d = [spec(2, 30)];
+        let done =
+            vec![WorkloadStatus { last_exit_code: Some(0), ..status(2, Phase::Exited, Health::Unknown).remove(0) }];
+        g.observe(&d, &done, 0);
+        assert!(g.observe(&d, &done, 10_000), "proven: persist");
+        g.observe(&d, &done, 60_000);
+        assert_eq!(g.effective(&d)[0].revision, 2, "rolled back");
+        let failed =
+            vec![WorkloadStatus { last_exit_code: Some(3), ..status(2, Phase::Failed, Health::Unknown).remove(0) }];
+        let mut g = Guard::with_proven(vec![spec(1, 30)]);
+        g.observe(&d, &failed, 0);
+        g.observe(&d, &failed, 30_000);
+        assert_eq!(g.effective(&d)[0].revision, 1, "a failed job is rolled back");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use baton_protocol::{Health, Phase, WorkloadStatus};
+use baton_protocol::{Phase, WorkloadStatus};
 use serde::{Deserialize, Serialize};
 
 /// How much of the fleet a wave covers, cumulatively.
@@ -376,8 +376,7 @@ impl Rollout {
             }
             p.away_since_ms = None;
             let st = o.status.as_ref();
-            let healthy =
-                st.is_some_and(|s| s.revision == to && s.phase == Phase::Running && s.health == Health::Healthy);
+            let healthy = st.is_some_and(|s| s.proves(to));
             if healthy {
                 let since = *p.healthy_since_ms.get_or_insert(now);
                 if now.saturating_sub(since) >= min_ready {
@@ -517,6 +516,7 @@ pub struct Counts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use baton_protocol::Health;
 
     fn devices(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("d{i:02}")).collect()
@@ -588,6 +588,31 @@ mod tests {
         r.step(20_001_000, |_| running(2, Health::Healthy));
         r.step(20_100_000, |_| running(2, Health::Healthy));
         assert!(r.released() > 1 || r.state == State::Succeeded, "{r:?}");
+    }
+
+    /// A run-to-completion workload (a trial's `echo job done`, restart
+    /// on-failure) finishes with 0: that proves the revision; a non-zero
+    /// exit does not.
+    #[test]
+    fn a_job_that_finished_cleanly_is_updated() {
+        let exited = |code: i32| Observation {
+            online: true,
+            status: Some(WorkloadStatus {
+                revision: 2,
+                phase: Phase::Exited,
+                last_exit_code: Some(code),
+                ..Default::default()
+            }),
+            waiting: None,
+        };
+        let mut r = Rollout::new("w", 1, 2, devices(2), strategy(&["100%"]), 0);
+        r.step(0, |_| exited(0));
+        r.step(2_000, |_| exited(0));
+        assert_eq!((r.state, r.counts().ready), (State::Succeeded, 2), "{r:?}");
+        let mut r = Rollout::new("w", 1, 2, devices(2), strategy(&["100%"]), 0);
+        r.step(0, |_| exited(1));
+        r.step(2_000, |_| exited(1));
+        assert_eq!(r.counts().ready, 0, "{r:?}");
     }
 
     fn r_first() -> &'static str {

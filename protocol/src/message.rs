@@ -158,6 +158,18 @@ pub struct WorkloadStatus {
     pub memory_bytes: u64,
 }
 
+impl WorkloadStatus {
+    /// Whether this status proves `revision` good: running healthy, or —
+    /// a run-to-completion workload (`restart: on-failure` or `never`) —
+    /// finished with exit code 0 (a workload restarted always never stays
+    /// `Exited`). Rollouts and device rollbacks judge by this.
+    pub fn proves(&self, revision: u64) -> bool {
+        self.revision == revision
+            && ((self.phase == Phase::Running && self.health == Health::Healthy)
+                || (self.phase == Phase::Exited && self.last_exit_code == Some(0)))
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Phase {

@@ -429,7 +429,8 @@ impl FirstRevision {
         for d in w.devices.iter().filter(|d| d.desired_revision == w.revision) {
             c.placed += 1;
             let now = d.reported.as_ref().filter(|s| s.revision == w.revision);
-            if now.is_some_and(|s| s.phase == Phase::Running && s.health != Health::Unhealthy) {
+            if now.is_some_and(|s| (s.phase == Phase::Running && s.health != Health::Unhealthy) || s.proves(w.revision))
+            {
                 c.ready += 1;
             } else if now.is_some_and(|s| s.phase == Phase::Running) {
                 c.unhealthy += 1;
