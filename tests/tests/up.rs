@@ -23,6 +23,8 @@ fn up_args(world: &World, http: u16, mqtt: u16) -> Vec<String> {
         "false",
         "--heartbeat-interval",
         "1",
+        "--run-dir",
+        world.path().join("run-up").to_str().expect("utf-8"),
     ]
     .iter()
     .map(|s| s.to_string())

@@ -48,7 +48,7 @@ pub enum Command {
         /// Events: only those about this device or workload.
         #[arg(long)]
         subject: Option<String>,
-        /// Events: at most this many, newest first.
+        /// Events: the newest this many, listed oldest first (the newest last).
         #[arg(long, default_value_t = 200)]
         limit: usize,
     },

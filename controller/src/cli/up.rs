@@ -23,6 +23,9 @@ pub struct UpArgs {
     /// Seconds between the local agent's heartbeats.
     #[arg(long, default_value_t = 15)]
     pub heartbeat_interval: u64,
+    /// The local agent's run dir (default /run/baton); a tmpfs, or workloads with secrets do not start.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
 }
 
 fn agent_binary(explicit: Option<PathBuf>) -> PathBuf {
@@ -72,6 +75,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         if let Some(id) = &args.device_id {
             cmd.arg("--device-id").arg(id);
         }
+        if let Some(dir) = &args.run_dir {
+            cmd.arg("--run-dir").arg(dir);
+        }
         // If `baton up` itself dies (SIGKILL, a crash), its agent goes too.
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
@@ -87,7 +93,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         })?;
         eprintln!(
             "\nBaton is up: controller http://{http}, MQTT {broker}, local agent pid {}.\n\
-             In another terminal: `baton get devices`. Ctrl-C stops both.\n",
+             In another terminal: `baton get devices`. Ctrl-C stops both \
+             (containers keep running; the next `baton up` adopts them).\n",
             agent.id().unwrap_or(0)
         );
 
