@@ -550,6 +550,26 @@ pub fn faketime_env(offset: &str) -> Vec<(&'static str, String)> {
     vec![("LD_PRELOAD", lib.into()), ("FAKETIME", offset.into()), ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into())]
 }
 
+/// A tmpfs mounted on device `id`'s run dir (as /run is on a real device;
+/// an agent writes secrets only there), unmounted when dropped.
+pub struct TmpfsRunDir(pub PathBuf);
+
+impl TmpfsRunDir {
+    pub fn mount(world: &World, id: &str) -> TmpfsRunDir {
+        let run = world.path().join(format!("run-{id}"));
+        std::fs::create_dir_all(&run).expect("run dir");
+        let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(&run).status();
+        assert!(mounted.expect("mount").success(), "cannot mount a tmpfs (tests run as root)");
+        TmpfsRunDir(run)
+    }
+}
+
+impl Drop for TmpfsRunDir {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// The flags `start_agent` runs an agent with: this world's dirs and cgroup
 /// parent, an empty config file, heartbeats every second unless `extra` says.
 pub fn agent_args(world: &World, id: &str, broker: &str, extra: &[&str]) -> Vec<String> {

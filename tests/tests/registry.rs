@@ -386,17 +386,8 @@ fn a_registry_down_during_an_update_leaves_the_running_container_alone() {
     let controller = Controller::start(&world, None, &["--resolve-digests", "true"]);
     let server = controller.server_url();
     // Secrets are written only to a tmpfs run dir, as /run is on a device.
-    let run = world.path().join("run-pi-out");
-    std::fs::create_dir_all(&run).expect("run dir");
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(&run).status();
-    assert!(mounted.expect("mount").success(), "cannot mount a tmpfs (tests run as root)");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(run.clone());
+    let tmpfs = TmpfsRunDir::mount(&world, "pi-out");
+    let run = tmpfs.0.clone();
     let _agent = start_agent(&world, "pi-out", &controller.broker_url(), &[]);
     wait_for("pi-out online with a sealing key", Duration::from_secs(30), || {
         controller.device("pi-out").filter(|d| d.inventory.as_ref().is_some_and(|i| i.sealing_key.len() == 32))

@@ -133,21 +133,8 @@ fn secrets_reach_the_container_sealed_and_their_plaintext_is_nowhere_else() {
     };
 
     // The device's run dir is memory, as /run is on a real device.
-    let run = world.path().join(format!("run-{DEVICE}"));
-    std::fs::create_dir_all(&run).expect("run dir");
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(&run)
-        .status()
-        .expect("mount");
-    assert!(mounted.success(), "cannot mount a tmpfs (tests run as root)");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(run.clone());
+    let tmpfs = TmpfsRunDir::mount(&world, DEVICE);
+    let run = tmpfs.0.clone();
 
     give_busybox(&world, DEVICE, "busybox:sec");
     let _agent = start_agent(&world, DEVICE, &controller.broker_url(), &[]);
