@@ -383,10 +383,10 @@ pub async fn run(
                     warn!(%failure, "Mosquitto's dynamic-security plugin refused a change");
                 }
             }
-            // A retained message cleared (`delete device` clears a device's):
-            // no Baton message is empty, and this one means nothing.
-            Ok(Event::Incoming(Packet::Publish(p))) if p.payload.is_empty() => {
-                debug!(topic = %p.topic, "an empty message (a retained one cleared)");
+            // The echo of a retained message `delete device` cleared: expected.
+            // (Any other empty message is malformed, below.)
+            Ok(Event::Incoming(Packet::Publish(p))) if p.payload.is_empty() && controller.take_cleared(&p.topic) => {
+                debug!(topic = %p.topic, "a retained message cleared");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => match classify(&p.topic, &p.payload) {
                 Ok((id, kind, Message::EnrollRequest(req))) => {

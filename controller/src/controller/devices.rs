@@ -324,6 +324,10 @@ impl Controller {
         lock(&self.state).desired.remove(id.as_str());
         lock(&self.said_errors).remove(id.as_str());
         for kind in [TopicKind::Desired, TopicKind::Presence, TopicKind::Inventory, TopicKind::Report] {
+            // Ingest hears its own clearing of what it subscribes to: expected, not garbage.
+            if kind != TopicKind::Desired {
+                lock(&self.cleared).insert(id.topic(kind));
+            }
             let _ = self.outbox.send(Outgoing::Retained(id.topic(kind), Vec::new()));
         }
         self.desired_stale.store(true, Relaxed);

@@ -144,6 +144,9 @@ pub struct Controller {
     /// When a `device.denied` event was last recorded, per client id (at
     /// most one a minute each: a client retrying in a loop is one line).
     denials: Mutex<BTreeMap<String, Millis>>,
+    /// Topics whose retained message `delete_device` cleared, until ingest
+    /// sees the empty message come back (then it is no device's garbage).
+    cleared: Mutex<BTreeSet<String>>,
     /// API tokens and their secrets' hashes.
     api_tokens: Mutex<Vec<(crate::store::ApiToken, Vec<u8>)>>,
     /// Event webhooks: a queue and a delivery thread each (`crate::webhook`).
@@ -300,6 +303,7 @@ impl Controller {
             swept_tokens: Mutex::new((BTreeSet::new(), 0)),
             said_errors: Mutex::new(BTreeMap::new()),
             denials: Mutex::new(BTreeMap::new()),
+            cleared: Mutex::new(BTreeSet::new()),
             api_tokens: Mutex::new(api_tokens),
             broker: std::sync::OnceLock::new(),
             sessions: crate::sessions::Registry::default(),
@@ -362,6 +366,13 @@ impl Controller {
             .unwrap_or_default();
         let message = format!("the MQTT gateway refused a client as {client:?}: {what} (further refusals of it for a minute are counted, not recorded)");
         self.event(&lock(&self.store), &tenant, "device.denied", client, message, now);
+    }
+
+    /// Whether an empty message on `topic` is the echo of a retained
+    /// message `delete_device` cleared (once per clearing); any other empty
+    /// message is malformed.
+    pub fn take_cleared(&self, topic: &str) -> bool {
+        lock(&self.cleared).remove(topic)
     }
 
     /// Records an event about what an operator did on a device (sessions).
