@@ -202,6 +202,14 @@ fn replicas_spread_move_only_after_the_grace_period_and_scale() {
     let (ok, out, err) = baton_cli(&server, &["scale", "api", "--replicas", "4"]);
     assert!(ok && out.contains("1 unplaced"), "{out}{err}");
     wait_for("3 replicas", Duration::from_secs(30), || settled(&server, "api", 1, 3));
+    // Re-applying the file from before the scale sets its count again, and says so.
+    let out = apply_yaml(
+        &server,
+        &world,
+        "api.yaml",
+        "name: api\nimage: 127.0.0.1:9/api:1\nreplicas: 2\nplacement: {selector: {pool: edge}, spread_by: site}\n",
+    );
+    assert!(out.contains("replicas 4 → 2 (the file's)"), "{out}");
 }
 
 #[test]

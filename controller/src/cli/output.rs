@@ -623,7 +623,11 @@ pub fn workload_description(w: &crate::view::WorkloadView) -> String {
         0 => String::new(),
         n => format!(" ({n} running an older revision, holding the new one back)"),
     };
-    let _ = writeln!(o, "Running:       {}/{} as asked{holding}\n", w.running(), w.devices.len());
+    let unplaced = match w.unplaced {
+        0 => String::new(),
+        n => format!("; {n} more replica(s) fit on no device"),
+    };
+    let _ = writeln!(o, "Running:       {}/{} as asked{holding}{unplaced}\n", w.running(), w.devices.len());
     let rows: Vec<Vec<String>> = w
         .devices
         .iter()

@@ -159,6 +159,17 @@ impl Controller {
                 results.push(ApplyResult { name, revision: 1, action: "created".into(), note });
                 continue;
             };
+            // A file that sets another count than the workload runs at (say,
+            // one `baton scale` changed) says so: it is easy to undo a scale
+            // by re-applying the file that predates it.
+            if note.is_none() && e.manifest.replicas != v.manifest.replicas {
+                let shown = |r: Option<u32>| r.map_or("one per matching device".to_string(), |n| n.to_string());
+                note = Some(format!(
+                    "replicas {} → {} (the file's)",
+                    shown(e.manifest.replicas),
+                    shown(v.manifest.replicas)
+                ));
+            }
             let same_spec = e
                 .revisions
                 .get(&e.latest)
