@@ -32,9 +32,13 @@ fn the_deployed_cluster_survives_a_broker_node_and_its_leader_killed() {
         let (status, body) = get_status(*other, "/healthz").expect("every controller is up");
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("standby"), "{body}");
-        // Yet it serves the API, forwarded to the leader.
-        let (status, body) = get_status(*other, "/api/v1/devices").expect("a standby forwards");
-        assert_eq!(status, 200, "{body}");
+        // Yet it serves the API, forwarded to the leader — once it has read
+        // where the leader is: the three start together, and a standby that
+        // was already waiting for the store's lock reads the leader's address
+        // at its next try (every 2 s), answering 503 "not known yet" until then.
+        wait_for("a standby forwarding to the leader", Duration::from_secs(10), || {
+            get_status(*other, "/api/v1/devices").ok().filter(|(status, _)| *status == 200)
+        });
     }
     assert_eq!(cluster.env["BATON_LEADER"], format!("http://127.0.0.1:{leader}"));
     let node = |i: usize| format!("mqtt://127.0.0.1:{}", cluster.mqtt[i]);
