@@ -434,11 +434,23 @@ impl FirstRevision {
                 c.ready += 1;
             } else if now.is_some_and(|s| s.phase == Phase::Running) {
                 c.unhealthy += 1;
-            } else if d.refused.is_some() || now.is_some_and(|s| matches!(s.phase, Phase::Failed | Phase::RolledBack)) {
+            } else if Self::failure(d, w.revision).is_some() {
                 c.failed += 1;
             }
         }
         c
+    }
+
+    /// Why `d` failed `revision`: it refused the document, or reports the
+    /// revision failed or rolled back.
+    fn failure(d: &crate::view::WorkloadOnDevice, revision: u64) -> Option<String> {
+        use baton_protocol::Phase;
+        d.refused.clone().or_else(|| {
+            d.reported
+                .as_ref()
+                .filter(|s| s.revision == revision && matches!(s.phase, Phase::Failed | Phase::RolledBack))
+                .map(|s| s.last_error.clone().unwrap_or_else(|| format!("{:?}", s.phase).to_lowercase()))
+        })
     }
 
     /// Settled: every placed device ready or failed, and none waits for room.
@@ -485,17 +497,7 @@ pub fn watch_first_revision(
                 .devices
                 .iter()
                 .filter(|d| d.desired_revision == w.revision)
-                .filter_map(|d| {
-                    let why = d.refused.clone().or_else(|| {
-                        d.reported
-                            .as_ref()
-                            .filter(|s| {
-                                matches!(s.phase, baton_protocol::Phase::Failed | baton_protocol::Phase::RolledBack)
-                            })
-                            .map(|s| s.last_error.clone().unwrap_or_else(|| format!("{:?}", s.phase).to_lowercase()))
-                    })?;
-                    Some(format!("{}: {why}", d.device))
-                })
+                .filter_map(|d| Some(format!("{}: {}", d.device, FirstRevision::failure(d, w.revision)?)))
                 .collect();
             anyhow::bail!("revision {} of {} failed on {}", w.revision, w.name, failed.join("; "));
         }
